@@ -1,0 +1,30 @@
+"""Error types that carry the offending file and the fix, so every message a user sees names both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ASFDAError(Exception):
+    """Base class: a problem the user can act on (bad input, missing trust, wrong card)."""
+
+
+class VolumeError(ASFDAError):
+    """A volume that cannot be read or scored; ranking skips it and reports ``reason``."""
+
+    def __init__(self, path: Path | str, reason: str, fix: str = "") -> None:
+        self.path = Path(path)
+        self.reason = reason
+        self.fix = fix
+        message = f"{self.path}: {reason}"
+        if fix:
+            message += f" ({fix})"
+        super().__init__(message)
+
+
+class ModelError(ASFDAError):
+    """The model, its card or its weights cannot be used together."""
+
+
+class TrustRequiredError(ModelError):
+    """Loading this file would execute code from it; the user must say they trust it."""

@@ -1,0 +1,183 @@
+"""One sliding-window sweep of a volume that yields everything the query metrics need.
+
+Each window's logits are reduced on the spot to per-voxel entropy, foreground probability and class
+(stored as uint8 at model spacing, 3 bytes a voxel), while forward hooks fold features into running
+moments. No C-channel probability map is ever kept. Voxels covered by several windows take the value
+of the window whose centre is nearest, so no per-class accumulator is needed for overlap.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import scoring
+from .errors import ModelError
+from .features import LOGITS, FeatureSummary, FeatureTaps, RunningMoments
+from .modelcard import ModelCard
+
+FOREGROUND_FLAG = 128  # high bit of the class map: the overall argmax is a foreground class
+
+
+@dataclass
+class SweepConfig:
+    """How to run the sweep: device, AMP, sliding-window batch, and which extras to collect."""
+
+    device: str = "auto"
+    amp: bool = True
+    sw_batch_size: int | None = None
+    overlap: float | None = None
+    stages: list[str] | None = None
+    batchnorm_taps: bool = True
+    keep_energy: bool = False
+    keep_label: bool = False
+
+
+@dataclass
+class SweepResult:
+    """Per-volume reductions of one sweep: the raw material of every query strategy."""
+
+    asd: float
+    entropy: float
+    energy: float
+    fg_ml: float
+    otsu: float
+    class_fractions: np.ndarray
+    summary: FeatureSummary
+    shape: tuple[int, ...]
+    windows: int
+    label: np.ndarray | None = field(default=None, repr=False)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("CUDA was requested but no CUDA device is available; use --device cpu")
+    return torch.device(device)
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Window origins along one axis, covering [0, size) with the last window flush to the end."""
+    if size <= roi:
+        return [0]
+    step = max(1, int(roi * (1 - overlap)))
+    starts = list(range(0, size - roi + 1, step))
+    if starts[-1] != size - roi:
+        starts.append(size - roi)
+    return starts
+
+
+def core_bounds(starts: list[int], roi: int, size: int) -> list[tuple[int, int]]:
+    """The part of each window it owns: up to the midpoint between neighbouring window centres."""
+    centres = [s + roi / 2 for s in starts]
+    bounds = []
+    for i, start in enumerate(starts):
+        lo = 0 if i == 0 else math.ceil((centres[i - 1] + centres[i]) / 2)
+        hi = size if i == len(starts) - 1 else math.ceil((centres[i] + centres[i + 1]) / 2)
+        bounds.append((max(lo, start), min(hi, start + roi)))
+    return bounds
+
+
+def iter_windows(shape: tuple[int, int, int], roi: tuple[int, int, int], overlap: float) -> Iterator[tuple]:
+    """(window slices, core slices relative to the volume) for every window of a padded volume."""
+    per_axis = []
+    for size, r in zip(shape, roi, strict=True):
+        starts = window_starts(size, r, overlap)
+        per_axis.append(list(zip(starts, core_bounds(starts, r, size), strict=True)))
+    for combo in itertools.product(*per_axis):
+        window = tuple(slice(s, s + r) for (s, _), r in zip(combo, roi, strict=True))
+        core = tuple(slice(lo, hi) for _, (lo, hi) in combo)
+        yield window, core
+
+
+def sweep(
+    network: torch.nn.Module,
+    image: torch.Tensor,
+    card: ModelCard,
+    config: SweepConfig | None = None,
+    voxel_ml: float | None = None,
+    on_window: Callable[[int, int], None] | None = None,
+) -> SweepResult:
+    """Run the network over ``image`` (1, X, Y, Z) window by window and reduce everything on the fly."""
+    config = config or SweepConfig()
+    device = resolve_device(config.device)
+    roi = card.roi_size
+    overlap = card.overlap if config.overlap is None else config.overlap
+    batch = config.sw_batch_size or card.sw_batch_size
+    shape = tuple(int(s) for s in image.shape[1:])
+    padded = tuple(max(s, r) for s, r in zip(shape, roi, strict=True))
+    x = torch.as_tensor(image).as_subclass(torch.Tensor).float()
+    if padded != shape:
+        pad = [p for s, q in reversed(list(zip(shape, padded, strict=True))) for p in (0, q - s)]
+        x = torch.nn.functional.pad(x, pad, mode="constant", value=float(x.min()))
+    entropy_q = np.zeros(padded, np.uint8)
+    fgprob_q = np.zeros(padded, np.uint8)
+    classes = np.zeros(padded, np.uint8)
+    energy = np.zeros(padded, np.float16) if config.keep_energy else None
+    logit_moments = RunningMoments()
+    windows = list(iter_windows(padded, roi, overlap))
+    network = network.to(device).eval()
+    use_amp = config.amp and device.type == "cuda"
+    log_c = math.log(card.num_classes)
+    with FeatureTaps(network, config.stages, config.batchnorm_taps) as taps, torch.inference_mode():
+        for first in range(0, len(windows), batch):
+            chunk = windows[first : first + batch]
+            inputs = torch.stack([x[(slice(None), *w)] for w, _ in chunk]).to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                logits = network(inputs)
+            if isinstance(logits, (list, tuple)):
+                logits = logits[0]
+            logits = logits.float()
+            if logits.shape[1] != card.num_classes:
+                raise ModelError(
+                    f"the model outputs {logits.shape[1]} channels but its card lists {card.num_classes} classes"
+                )
+            logit_moments.update(logits)
+            logp = torch.log_softmax(logits, dim=1)
+            p = logp.exp()
+            ent = -(p * logp).sum(dim=1) / log_c
+            fg = 1.0 - p[:, 0]
+            fg_cls = p[:, 1:].argmax(dim=1) + 1
+            is_fg = p[:, 1:].amax(dim=1) > p[:, 0]
+            packed = (fg_cls + is_fg.to(fg_cls.dtype) * FOREGROUND_FLAG).to(torch.uint8)
+            e = -torch.logsumexp(logits, dim=1) if energy is not None else None
+            for i, (window, core) in enumerate(chunk):
+                local = tuple(slice(c.start - w.start, c.stop - w.start) for c, w in zip(core, window, strict=True))
+                ent_core = ent[(i, *local)]
+                entropy_q[core] = (ent_core.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+                fgprob_q[core] = (fg[(i, *local)].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+                classes[core] = packed[(i, *local)].cpu().numpy()
+                if energy is not None:
+                    energy[core] = e[(i, *local)].cpu().numpy().astype(np.float16)
+            if on_window:
+                on_window(min(first + batch, len(windows)), len(windows))
+        summary = taps.summary()
+    summary.layers[LOGITS] = logit_moments.result()
+    valid = tuple(slice(0, s) for s in shape)
+    entropy_q, fgprob_q, classes = entropy_q[valid], fgprob_q[valid], classes[valid]
+    fg_class = classes & (FOREGROUND_FLAG - 1)
+    region, otsu = scoring.adaptive_foreground(fgprob_q, scale=255)
+    asd_value = scoring.class_balanced_entropy(entropy_q, region, fg_class, scale=255)
+    foreground = (classes & FOREGROUND_FLAG) > 0
+    label = np.where(foreground, fg_class, 0).astype(np.uint8)
+    fractions = np.bincount(label.ravel(), minlength=card.num_classes)[: card.num_classes] / label.size
+    ml = voxel_ml if voxel_ml is not None else float(np.prod(card.spacing)) / 1000.0
+    energy_value = float(energy[valid][region].astype(np.float64).mean()) if energy is not None else float("nan")
+    return SweepResult(
+        asd=asd_value,
+        entropy=float(np.mean(entropy_q, dtype=np.float64)) / 255.0,
+        energy=energy_value,
+        fg_ml=float(foreground.sum()) * ml,
+        otsu=otsu,
+        class_fractions=fractions.astype(np.float64),
+        summary=summary,
+        shape=shape,
+        windows=len(windows),
+        label=label if config.keep_label else None,
+    )
