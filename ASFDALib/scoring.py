@@ -30,7 +30,9 @@ def otsu_threshold(hist: np.ndarray, centers: np.ndarray) -> float:
     mean0 = np.divide(cum_mean, weight0, out=np.zeros_like(cum_mean), where=weight0 > 0)
     mean1 = np.divide(cum_mean[-1] - cum_mean, weight1, out=np.zeros_like(cum_mean), where=weight1 > 0)
     between = weight0 * weight1 * (mean0 - mean1) ** 2
-    return float(centers[int(np.argmax(between))])
+    # Between well-separated modes the criterion is flat across the gap: take the middle of the plateau.
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float((centers[best[0]] + centers[best[-1]]) / 2)
 
 
 def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:

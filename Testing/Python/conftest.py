@@ -1,0 +1,63 @@
+"""Shared fixtures: the shipped default model, small phantom pools, and writers for real file formats."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "Testing" / "Data"
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from ASFDALib.defaults import default_model_path
+    from ASFDALib.models import load_model
+
+    return load_model(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def mri_pool(tmp_path_factory) -> Path:
+    """Six MRI-like target phantoms with labels (images/ and labels/)."""
+    from ASFDALib.phantoms import write_phantoms
+
+    folder = tmp_path_factory.mktemp("mri_pool")
+    write_phantoms(folder, 6, "mri", seed=3)
+    return folder
+
+
+def write_dicom_series(folder: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0)) -> Path:
+    """Write an (i, j, k) array as one DICOM file per k-slice, with real geometry tags."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.4242"
+    for k in range(array.shape[2]):
+        slice_image = sitk.GetImageFromArray(np.ascontiguousarray(array[:, :, k].T.astype(np.int16))[None])
+        slice_image = slice_image[:, :, 0]
+        position = (origin[0], origin[1], origin[2] + k * spacing[2])
+        tags = {
+            "0008|0060": "MR",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1.4241",
+            "0020|000e": series_uid,
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0020|0032": "\\".join(f"{v:.4f}" for v in position),
+            "0020|0013": str(k + 1),
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0028|0030": f"{spacing[1]:.4f}\\{spacing[0]:.4f}",
+            "0018|0050": f"{spacing[2]:.4f}",
+        }
+        for tag, value in tags.items():
+            slice_image.SetMetaData(tag, value)
+        slice_image.SetSpacing(spacing[:2])
+        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        writer.Execute(slice_image)
+    return folder

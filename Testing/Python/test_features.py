@@ -1,0 +1,92 @@
+"""Feature taps: streaming moments, encoder stages of real MONAI networks, BatchNorm knowledge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ASFDALib.features import (
+    BN_PREFIX,
+    STAGE_PREFIX,
+    FeatureSummary,
+    FeatureTaps,
+    RunningMoments,
+    batchnorm_knowledge,
+    encoder_stages,
+    mean_summaries,
+)
+from ASFDALib.modelcard import NetworkSpec
+from ASFDALib.models import build_network
+
+
+def test_running_moments_equal_numpy_over_batches():
+    rng = np.random.default_rng(0)
+    chunks = [rng.normal(2.0, 3.0, (2, 3, 4, 5, 6)).astype(np.float32) for _ in range(4)]
+    moments = RunningMoments()
+    for chunk in chunks:
+        moments.update(torch.from_numpy(chunk))
+    every = np.concatenate([c.transpose(1, 0, 2, 3, 4).reshape(3, -1) for c in chunks], axis=1)
+    mean, var = moments.result()
+    np.testing.assert_allclose(mean, every.mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(var, every.var(axis=1), rtol=1e-4)
+
+
+def test_mean_summaries_are_mixture_moments():
+    a = FeatureSummary({"l": (np.array([0.0]), np.array([1.0]))})
+    b = FeatureSummary({"l": (np.array([2.0]), np.array([1.0]))})
+    mean, var = mean_summaries([a, b]).layers["l"]
+    assert mean[0] == pytest.approx(1.0)
+    assert var[0] == pytest.approx(2.0)
+
+
+def test_summary_round_trips_through_npz(tmp_path):
+    summary = FeatureSummary({"bn:a": (np.arange(3.0), np.ones(3)), "stage:b": (np.zeros(2), np.full(2, 4.0))})
+    loaded = FeatureSummary.load(summary.save(tmp_path / "s.npz"))
+    assert set(loaded.layers) == set(summary.layers)
+    np.testing.assert_array_equal(loaded.layers["stage:b"][1], [4.0, 4.0])
+
+
+NETWORKS = {
+    "UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 16], "strides": [2, 2],
+             "norm": "batch"},
+    "SegResNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "init_filters": 8},
+    "SwinUNETR": {"in_channels": 1, "out_channels": 3, "feature_size": 12, "spatial_dims": 3},
+    "DynUNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "kernel_size": [3, 3, 3],
+                "strides": [1, 2, 2], "upsample_kernel_size": [2, 2], "norm_name": "batch"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_encoder_stages_of_monai_networks_are_tapped(name):
+    network = build_network(NetworkSpec(name, NETWORKS[name])).eval()
+    stages = encoder_stages(network)
+    assert len(stages) >= 2
+    with FeatureTaps(network) as taps, torch.no_grad():
+        network(torch.randn(1, 1, 64, 64, 64))
+        summary = taps.summary()
+    stage_layers = [k for k in summary.layers if k.startswith(STAGE_PREFIX)]
+    assert len(stage_layers) == len(stages)
+    assert summary.embedding().ndim == 1
+    assert np.linalg.norm(summary.embedding()) == pytest.approx(1.0)
+    # hooks are removed afterwards
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in network.modules())
+
+
+def test_batchnorm_knowledge_ranks_an_intensity_shifted_copy_above_the_original(default_model):
+    """K_s from BatchNorm statistics: a shifted copy of a source volume is farther from the source."""
+    from ASFDALib import scoring
+    from ASFDALib.phantoms import make_phantom
+    from ASFDALib.preprocess import preprocess
+    from ASFDALib.sweep import sweep
+    from ASFDALib.volume_io import Volume
+
+    image, _, affine = make_phantom(12345)
+    original = preprocess(Volume(image, affine, "ct"), default_model.card)
+    shifted = original * 0.6 + 0.35
+    knowledge = batchnorm_knowledge(default_model.network)
+    layers = sorted(knowledge.layers)
+    assert layers and all(k.startswith(BN_PREFIX) for k in layers)
+    summaries = [sweep(default_model.network, x, default_model.card).summary for x in (original, shifted)]
+    d_src = scoring.skl_to_reference(summaries, knowledge, layers)
+    assert d_src[1] > 2 * d_src[0]

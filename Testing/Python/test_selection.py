@@ -1,0 +1,111 @@
+"""Query strategies: greedy DKD+ASD selection and the baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ASFDALib.features import FeatureSummary
+from ASFDALib.selection import STRATEGIES, Knowledge, Pool, select
+
+
+def _summary(mean: float, var: float = 1.0, channels: int = 4) -> FeatureSummary:
+    return FeatureSummary({"bn:x": (np.full(channels, mean), np.full(channels, var))})
+
+
+def _pool(means, asd=None, **kwargs) -> Pool:
+    n = len(means)
+    return Pool(
+        summaries=[_summary(m) for m in means],
+        asd=np.asarray(asd if asd is not None else np.linspace(0.1, 0.2, n)),
+        entropy=np.linspace(0.3, 0.1, n),
+        energy=np.linspace(-2, -1, n),
+        fg_ml=np.array([0.0] + [10.0] * (n - 1)),
+        **kwargs,
+    )
+
+
+SOURCE = Knowledge("bn", _summary(0.0))
+
+
+def test_greedy_diversity_never_picks_a_duplicate_volume_twice():
+    # volumes 0 and 1 are identical and farthest from the source; 2-4 differ from them
+    pool = _pool([3.0, 3.0, 1.0, 1.5, 2.0], asd=[0.9, 0.9, 0.1, 0.1, 0.1])
+    selection = select(pool, "asfda", SOURCE, alpha=0.5)
+    first_four = selection.order[:4]
+    assert not {0, 1} <= set(first_four)
+    assert sorted(selection.order) == list(range(5))
+
+
+def test_first_pick_has_no_diversity_penalty():
+    selection = select(_pool([1.0, 2.0, 3.0]), "dkd", SOURCE)
+    assert selection.s_div[selection.order[0]] == 1.0
+    assert selection.order[0] == 2  # the largest knowledge gap
+
+
+def test_alpha_zero_orders_by_asd():
+    pool = _pool([1.0, 2.0, 3.0, 4.0], asd=[0.4, 0.1, 0.3, 0.2])
+    assert select(pool, "asfda", SOURCE, alpha=0.0).order == [0, 2, 3, 1]
+    assert select(pool, "asd", SOURCE).order == [0, 2, 3, 1]
+
+
+def test_labelled_volumes_count_in_diversity():
+    labelled = [_summary(3.0)]
+    pool = _pool([3.0, 2.0, 1.0], labelled=labelled)
+    selection = select(pool, "dkd", SOURCE)
+    assert selection.order[0] != 0  # identical to an already-labelled volume
+    assert selection.order[-1] == 0
+
+
+def test_energy_fallback_ranks_the_highest_energy_first():
+    pool = _pool([0.0, 0.0, 0.0])
+    pool.summaries = [_summary(m) for m in (0.0, 1.0, 2.0)]
+    pool.energy = np.array([-5.0, -1.0, -3.0])
+    selection = select(pool, "dkd", Knowledge("energy"))
+    assert selection.order[0] == 1
+
+
+def test_random_is_seeded():
+    pool = _pool(np.arange(10.0))
+    assert select(pool, "random", seed=1).order == select(pool, "random", seed=1).order
+    assert select(pool, "random", seed=1).order != select(pool, "random", seed=2).order
+
+
+def test_foreground_random_puts_empty_predictions_last():
+    pool = _pool(np.arange(6.0))
+    assert select(pool, "fg-random", seed=0).order[-1] == 0
+
+
+def test_entropy_orders_by_whole_volume_entropy():
+    assert select(_pool(np.arange(4.0)), "entropy").order == [0, 1, 2, 3]
+
+
+def test_epistemic_needs_scores():
+    pool = _pool(np.arange(3.0))
+    with pytest.raises(ValueError, match="MC-dropout"):
+        select(pool, "epistemic")
+    pool.epistemic = np.array([0.1, 0.5, 0.3])
+    assert select(pool, "epistemic").order == [1, 2, 0]
+
+
+def test_coreset_spreads_over_the_embedding_space():
+    pool = _pool([0.0, 0.01, 5.0])
+    pool.summaries = [FeatureSummary({"stage:a": (np.array(v), np.ones(2))})
+                      for v in ([1.0, 0.0], [0.99, 0.01], [0.0, 1.0])]
+    order = select(pool, "coreset").order
+    assert {order[0], order[1]} in ({0, 2}, {1, 2})
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_returns_a_permutation(strategy):
+    pool = _pool(np.arange(5.0))
+    pool.epistemic = np.arange(5.0)
+    order = select(pool, strategy, SOURCE).order
+    assert sorted(order) == list(range(5))
+
+
+def test_bad_alpha_and_strategy_are_refused():
+    with pytest.raises(ValueError, match="alpha"):
+        select(_pool([1.0, 2.0]), "asfda", SOURCE, alpha=1.5)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        select(_pool([1.0, 2.0]), "magic")

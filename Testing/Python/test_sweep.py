@@ -1,0 +1,76 @@
+"""The one-pass sweep: window tiling, and agreement with a plain MONAI sliding-window inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ASFDALib import scoring
+from ASFDALib.sweep import SweepConfig, core_bounds, iter_windows, sweep, window_starts
+
+
+@pytest.mark.parametrize("size,roi,overlap", [(100, 48, 0.25), (48, 48, 0.5), (30, 48, 0.25), (97, 32, 0.0)])
+def test_window_cores_cover_every_voxel_exactly_once(size, roi, overlap):
+    starts = window_starts(max(size, roi), roi, overlap)
+    covered = np.zeros(max(size, roi), int)
+    for start, (lo, hi) in zip(starts, core_bounds(starts, roi, max(size, roi))):
+        assert start <= lo < hi <= start + roi
+        covered[lo:hi] += 1
+    assert np.all(covered == 1)
+
+
+def test_windows_in_3d_tile_the_volume():
+    covered = np.zeros((60, 50, 48), int)
+    for window, core in iter_windows((60, 50, 48), (32, 32, 32), 0.25):
+        assert all(w.stop - w.start == 32 for w in window)
+        covered[core] += 1
+    assert np.all(covered == 1)
+
+
+def test_sweep_matches_full_inference_when_windows_do_not_overlap(default_model):
+    """With overlap 0, ASD, entropy and the label map equal those computed from MONAI's stitched logits."""
+    from monai.inferers import sliding_window_inference
+
+    from ASFDALib.phantoms import domain_config, make_phantom
+    from ASFDALib.preprocess import preprocess
+    from ASFDALib.volume_io import Volume
+
+    card = default_model.card
+    image, _, affine = make_phantom(5, domain_config("mri"))
+    x = preprocess(Volume(image, affine, "mri"), card)[:, :48, :48, :48]
+    result = sweep(default_model.network, x, card, SweepConfig(overlap=0.0, keep_label=True, keep_energy=True))
+    with torch.no_grad():
+        logits = sliding_window_inference(x[None].as_subclass(torch.Tensor), card.roi_size, 1,
+                                          default_model.network, overlap=0.0)[0].numpy()
+    probs = torch.softmax(torch.from_numpy(logits), 0).numpy()
+    entropy = scoring.normalized_entropy(probs)
+    fg = 1 - probs[0]
+    fg_class = probs[1:].argmax(0).astype(np.uint8) + 1
+    region, _ = scoring.adaptive_foreground(fg)
+    expected_asd = scoring.class_balanced_entropy(entropy, region, fg_class)
+    assert result.asd == pytest.approx(expected_asd, abs=0.01)
+    assert result.entropy == pytest.approx(entropy.mean(), abs=0.003)
+    np.testing.assert_array_equal(result.label, probs.argmax(0))
+    energy = scoring.free_energy(logits)[region].mean()
+    assert result.energy == pytest.approx(energy, rel=0.01)
+    assert result.fg_ml == pytest.approx((probs.argmax(0) > 0).sum() * 8 / 1000)
+
+
+def test_sweep_pads_volumes_smaller_than_the_roi(default_model):
+    x = torch.rand(1, 20, 30, 40)
+    result = sweep(default_model.network, x, default_model.card, SweepConfig(keep_label=True))
+    assert result.label.shape == (20, 30, 40)
+    assert result.windows == 1
+    assert np.isfinite(result.asd)
+    assert result.class_fractions.sum() == pytest.approx(1.0)
+
+
+def test_sweep_refuses_a_card_with_the_wrong_class_count(default_model):
+    from dataclasses import replace
+
+    from ASFDALib.errors import ModelError
+
+    card = replace(default_model.card, class_names=["background", "organ"])
+    with pytest.raises(ModelError, match="4 channels but its card lists 2"):
+        sweep(default_model.network, torch.rand(1, 48, 48, 48), card)
