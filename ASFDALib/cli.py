@@ -39,8 +39,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
         help="MONAI bundle folder, TorchScript file, or state dict (.pt/.pth); default: the built-in small model",
     )
     group.add_argument(
-        "--card", type=Path, help="model card (JSON/YAML: class_names, spacing, roi_size, intensity); "
-        "default: <model>.card.json or asfda_card.json / model_card.json beside the model"
+        "--card",
+        type=Path,
+        help="model card (JSON/YAML: class_names, spacing, roi_size, intensity); "
+        "default: <model>.card.json or asfda_card.json / model_card.json beside the model",
     )
     group.add_argument("--network", help="MONAI network class for a state dict, e.g. UNet, SegResNet, SwinUNETR")
     group.add_argument("--network-args", default="{}", help="JSON constructor arguments for --network")
@@ -69,8 +71,14 @@ def _load_model(args: argparse.Namespace):
 
 def _progress(console, label: str):
     """A rich progress bar (volume i/N, elapsed, ETA) and the callback that drives it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.progress import TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(
         TextColumn(f"[bold]{label}"),
@@ -105,11 +113,19 @@ def cmd_rank(args: argparse.Namespace) -> int:
         images = sample_images(out / "sample_data")
         console.print(f"No --images given: using the built-in sample MRI-like pool in {images}")
     model = _load_model(args)
-    console.print(f"Model: {model.card.name} ({model.kind}, {model.card.num_classes} classes: "
-                  f"{', '.join(model.card.class_names[1:])})")
+    console.print(
+        f"Model: {model.card.name} ({model.kind}, {model.card.num_classes} classes: "
+        f"{', '.join(model.card.class_names[1:])})"
+    )
     config = RankConfig(
-        budget=args.budget, alpha=args.alpha, strategy=args.strategy, knowledge=args.knowledge,
-        device=args.device, seed=args.seed, recursive=args.recursive, mc_passes=args.mc_passes,
+        budget=args.budget,
+        alpha=args.alpha,
+        strategy=args.strategy,
+        knowledge=args.knowledge,
+        device=args.device,
+        seed=args.seed,
+        recursive=args.recursive,
+        mc_passes=args.mc_passes,
     )
     start = time.perf_counter()
     bar, update = _progress(console, "Scoring")
@@ -143,8 +159,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         pooled, skipped = compute_source_stats(model, args.images, args.out, args.device, args.recursive, update)
     for reason in skipped:
         console.print(f"[yellow]skipped {reason}[/yellow]")
-    console.print(f"Wrote {args.out}: {len(pooled.layers)} layers. Add \"source_stats\": \"{args.out.name}\" "
-                  "to the model card and keep the file beside the model.")
+    console.print(
+        f'Wrote {args.out}: {len(pooled.layers)} layers. Add "source_stats": "{args.out.name}" '
+        "to the model card and keep the file beside the model."
+    )
     return 0
 
 
@@ -152,8 +170,10 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     from .phantoms import write_phantoms
 
     paths = write_phantoms(args.out, args.count, args.domain, args.seed, labels=not args.no_labels)
-    print(f"Wrote {len(paths)} {args.domain} phantoms to {args.out / 'images'}"
-          + ("" if args.no_labels else f" and labels to {args.out / 'labels'}"))
+    print(
+        f"Wrote {len(paths)} {args.domain} phantoms to {args.out / 'images'}"
+        + ("" if args.no_labels else f" and labels to {args.out / 'labels'}")
+    )
     return 0
 
 
@@ -169,32 +189,55 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     rank = sub.add_parser(
-        "rank", help="rank a folder of unlabeled target volumes and pick the query",
+        "rank",
+        help="rank a folder of unlabeled target volumes and pick the query",
         description="Rank unlabeled target volumes by the combined DKD/ASD score and pick the ones to label.",
-        epilog=RANK_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=RANK_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_arguments(rank)
-    rank.add_argument("--images", type=Path, help="folder of volumes (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, "
-                      "DICOM series folders); default: a built-in sample pool")
+    rank.add_argument(
+        "--images",
+        type=Path,
+        help="folder of volumes (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, "
+        "DICOM series folders); default: a built-in sample pool",
+    )
     rank.add_argument("--recursive", action="store_true", help="also search sub-folders")
-    rank.add_argument("--out", type=Path, default=Path("asfda-session"),
-                      help="session folder for ranking.csv/json/png and the score cache (default: %(default)s)")
+    rank.add_argument(
+        "--out",
+        type=Path,
+        default=Path("asfda-session"),
+        help="session folder for ranking.csv/json/png and the score cache (default: %(default)s)",
+    )
     rank.add_argument("--budget", type=int, default=4, help="how many volumes to query (default: %(default)s)")
-    rank.add_argument("--alpha", type=float, default=0.5,
-                      help="weight of DKD against ASD in [0, 1]; 1 = DKD only (default: %(default)s)")
-    rank.add_argument("--strategy", choices=STRATEGIES, default="asfda",
-                      help="asfda (DKD+ASD, default), dkd, asd, or a baseline: random, fg-random (random among "
-                      "volumes with predicted foreground), entropy (whole volume), epistemic (MC dropout), coreset")
-    rank.add_argument("--knowledge", choices=("auto", "bn", "stats", "energy"), default="auto",
-                      help="source knowledge for DKD: BatchNorm statistics, the card's source-statistics file, "
-                      "or free energy; auto picks the first available (default: %(default)s)")
+    rank.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="weight of DKD against ASD in [0, 1]; 1 = DKD only (default: %(default)s)",
+    )
+    rank.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="asfda",
+        help="asfda (DKD+ASD, default), dkd, asd, or a baseline: random, fg-random (random among "
+        "volumes with predicted foreground), entropy (whole volume), epistemic (MC dropout), coreset",
+    )
+    rank.add_argument(
+        "--knowledge",
+        choices=("auto", "bn", "stats", "energy"),
+        default="auto",
+        help="source knowledge for DKD: BatchNorm statistics, the card's source-statistics file, "
+        "or free energy; auto picks the first available (default: %(default)s)",
+    )
     rank.add_argument("--mc-passes", type=int, default=5, help="MC-dropout passes for --strategy epistemic")
     rank.add_argument("--seed", type=int, default=0, help="seed of the random baselines (default: %(default)s)")
     rank.add_argument("--show", type=int, default=30, help="rows shown in the terminal table (default: %(default)s)")
     rank.set_defaults(func=cmd_rank)
 
     stats = sub.add_parser(
-        "stats", help="compute a source-statistics file from source-domain volumes (for model providers)",
+        "stats",
+        help="compute a source-statistics file from source-domain volumes (for model providers)",
         description="Summarise source-domain volumes into per-channel feature statistics (no images or labels "
         "leave your site) so that users of the model get DKD's knowledge-gap term.",
         epilog="example:\n  asfda stats --model unet.pt --images /data/source_ct --out source_stats.npz",
@@ -207,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=cmd_stats)
 
     phantoms = sub.add_parser(
-        "phantoms", help="generate labelled abdominal phantoms (CT-like source or MRI-like target)",
+        "phantoms",
+        help="generate labelled abdominal phantoms (CT-like source or MRI-like target)",
         epilog="example:\n  asfda phantoms --domain mri --count 20 --out pool/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -149,8 +149,11 @@ def encoder_stages(network: torch.nn.Module) -> list[str]:
     known = {
         "SegResNet": [n for n in names if n.count(".") == 1 and n.startswith("down_layers.")],
         "SwinUNETR": ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10"],
-        "DynUNet": ["input_block", *[n for n in names if n.count(".") == 1 and n.startswith("downsamples.")],
-                    "bottleneck"],
+        "DynUNet": [
+            "input_block",
+            *[n for n in names if n.count(".") == 1 and n.startswith("downsamples.")],
+            "bottleneck",
+        ],
         "BasicUNet": ["conv_0", "down_1", "down_2", "down_3", "down_4"],
         "BasicUNetPlusPlus": ["conv_0_0", "conv_1_0", "conv_2_0", "conv_3_0", "conv_4_0"],
     }
@@ -158,9 +161,7 @@ def encoder_stages(network: torch.nn.Module) -> list[str]:
         return [n for n in known[cls] if n in names]
     # Generic: the outputs of strided (downsampling) 3D convolutions.
     return [
-        n
-        for n, m in names.items()
-        if isinstance(m, torch.nn.Conv3d) and any(s > 1 for s in np.atleast_1d(m.stride))
+        n for n, m in names.items() if isinstance(m, torch.nn.Conv3d) and any(s > 1 for s in np.atleast_1d(m.stride))
     ]
 
 

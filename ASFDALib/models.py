@@ -63,7 +63,9 @@ def build_network(spec: NetworkSpec) -> torch.nn.Module:
     cls = getattr(nets, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, torch.nn.Module)):
         close = [n for n in monai_network_names() if n.lower().startswith(name.lower()[:3])]
-        raise ModelError(f"network {spec.name!r} is not a MONAI network" + (f"; did you mean {close}?" if close else ""))
+        raise ModelError(
+            f"network {spec.name!r} is not a MONAI network" + (f"; did you mean {close}?" if close else "")
+        )
     try:
         return cls(**spec.args)
     except TypeError as exc:
@@ -100,12 +102,12 @@ def load_weights(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:  # noqa: BLE001
             raise ModelError(f"{path}: cannot read weights ({exc2})") from None
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
     for key in ("state_dict", "model_state_dict", "model", "network", "net"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+        if isinstance(obj, dict) and isinstance(obj.get(key), (dict, torch.nn.Module)):
             obj = obj[key]
             break
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelError(f"{path}: no state dict (tensor mapping) found in this file")
     return {k.removeprefix("module."): v for k, v in obj.items()}
@@ -115,8 +117,11 @@ def _apply_weights(network: torch.nn.Module, state: dict[str, torch.Tensor], pat
     own = network.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs network {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs network {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         detail = "; ".join(
             part
@@ -163,8 +168,12 @@ def load_model(
         raise ModelError(f"{path}: model not found")
     if path.is_dir():
         return _load_bundle(path, card if isinstance(card, ModelCard) else None, explicit, trust)
-    loaded_card = card if isinstance(card, ModelCard) else _find_card(
-        [path.with_name(path.name.split(".")[0] + ".card.json")] + [path.parent / n for n in CARD_NAMES], explicit
+    loaded_card = (
+        card
+        if isinstance(card, ModelCard)
+        else _find_card(
+            [path.with_name(path.name.split(".")[0] + ".card.json")] + [path.parent / n for n in CARD_NAMES], explicit
+        )
     )
     digest = _file_digest(path, json.dumps(loaded_card.to_dict(), sort_keys=True).encode())
     if _is_torchscript(path):

@@ -41,8 +41,12 @@ def write_csv(ranking: Ranking, path: Path) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
     for row in ranking.rows:
-        writer.writerow({k: ("" if _clean(v) is None else (f"{v:.6g}" if isinstance(v, float) else v))
-                         for k, v in asdict(row).items()})
+        writer.writerow(
+            {
+                k: ("" if _clean(v) is None else (f"{v:.6g}" if isinstance(v, float) else v))
+                for k, v in asdict(row).items()
+            }
+        )
     return atomic_write_text(path, buffer.getvalue())
 
 
@@ -64,8 +68,14 @@ def write_scatter(ranking: Ranking, path: Path) -> Path | None:
         ax.scatter(*zip(*rest), c="#8c8c8c", s=28, label="not queried")
     chosen = [(x, r) for x, r in zip(xs, rows) if r.selected]
     if chosen:
-        ax.scatter([x for x, _ in chosen], [r.asd for _, r in chosen], c="#d62728", marker="*", s=160,
-                   label=f"queried (budget {ranking.budget})")
+        ax.scatter(
+            [x for x, _ in chosen],
+            [r.asd for _, r in chosen],
+            c="#d62728",
+            marker="*",
+            s=160,
+            label=f"queried (budget {ranking.budget})",
+        )
         for x, r in chosen:
             ax.annotate(f"#{r.rank}", (x, r.asd), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xlabel("DKD at pick time (knowledge gap x diversity)" if use_dkd else "whole-volume entropy")
@@ -97,9 +107,17 @@ def ranking_table(ranking: Ranking, limit: int = 30):
     from rich.table import Table
 
     table = Table(title=f"ASFDA ranking ({ranking.strategy}, alpha={ranking.alpha}, K_s: {ranking.knowledge.kind})")
-    for name, justify in (("rank", "right"), ("file", "left"), ("score", "right"), ("DKD", "right"),
-                          ("s_src", "right"), ("s_div", "right"), ("ASD", "right"), ("fg mL", "right"),
-                          ("status", "left")):
+    for name, justify in (
+        ("rank", "right"),
+        ("file", "left"),
+        ("score", "right"),
+        ("DKD", "right"),
+        ("s_src", "right"),
+        ("s_div", "right"),
+        ("ASD", "right"),
+        ("fg mL", "right"),
+        ("status", "left"),
+    ):
         table.add_column(name, justify=justify, no_wrap=name == "file")
 
     def num(v: float) -> str:
@@ -108,8 +126,18 @@ def ranking_table(ranking: Ranking, limit: int = 30):
     scored = [r for r in ranking.rows if r.status == "scored"]
     for row in scored[:limit]:
         style = "bold red" if row.selected else None
-        table.add_row(str(row.rank), row.file, num(row.score), num(row.dkd), num(row.s_src), num(row.s_div),
-                      num(row.asd), f"{row.fg_ml:.1f}", "query" if row.selected else "", style=style)
+        table.add_row(
+            str(row.rank),
+            row.file,
+            num(row.score),
+            num(row.dkd),
+            num(row.s_src),
+            num(row.s_div),
+            num(row.asd),
+            f"{row.fg_ml:.1f}",
+            "query" if row.selected else "",
+            style=style,
+        )
     if len(scored) > limit:
         table.add_row("…", f"{len(scored) - limit} more in ranking.csv", *[""] * 7)
     for row in ranking.skipped:

@@ -209,6 +209,8 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
 
     from .atomic import atomic_write_bytes
 
+    if array.dtype == np.int64:  # NIfTI readers widely reject int64; label maps fit in int32
+        array = array.astype(np.int32)
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm")
     data = image.to_bytes()

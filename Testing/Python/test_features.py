@@ -48,12 +48,25 @@ def test_summary_round_trips_through_npz(tmp_path):
 
 
 NETWORKS = {
-    "UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 16], "strides": [2, 2],
-             "norm": "batch"},
+    "UNet": {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 3,
+        "channels": [4, 8, 16],
+        "strides": [2, 2],
+        "norm": "batch",
+    },
     "SegResNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "init_filters": 8},
     "SwinUNETR": {"in_channels": 1, "out_channels": 3, "feature_size": 12, "spatial_dims": 3},
-    "DynUNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "kernel_size": [3, 3, 3],
-                "strides": [1, 2, 2], "upsample_kernel_size": [2, 2], "norm_name": "batch"},
+    "DynUNet": {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 3,
+        "kernel_size": [3, 3, 3],
+        "strides": [1, 2, 2],
+        "upsample_kernel_size": [2, 2],
+        "norm_name": "batch",
+    },
 }
 
 

@@ -90,8 +90,9 @@ def test_epistemic_needs_scores():
 
 def test_coreset_spreads_over_the_embedding_space():
     pool = _pool([0.0, 0.01, 5.0])
-    pool.summaries = [FeatureSummary({"stage:a": (np.array(v), np.ones(2))})
-                      for v in ([1.0, 0.0], [0.99, 0.01], [0.0, 1.0])]
+    pool.summaries = [
+        FeatureSummary({"stage:a": (np.array(v), np.ones(2))}) for v in ([1.0, 0.0], [0.99, 0.01], [0.0, 1.0])
+    ]
     order = select(pool, "coreset").order
     assert {order[0], order[1]} in ({0, 2}, {1, 2})
 

@@ -41,8 +41,9 @@ def test_sweep_matches_full_inference_when_windows_do_not_overlap(default_model)
     x = preprocess(Volume(image, affine, "mri"), card)[:, :48, :48, :48]
     result = sweep(default_model.network, x, card, SweepConfig(overlap=0.0, keep_label=True, keep_energy=True))
     with torch.no_grad():
-        logits = sliding_window_inference(x[None].as_subclass(torch.Tensor), card.roi_size, 1,
-                                          default_model.network, overlap=0.0)[0].numpy()
+        logits = sliding_window_inference(
+            x[None].as_subclass(torch.Tensor), card.roi_size, 1, default_model.network, overlap=0.0
+        )[0].numpy()
     probs = torch.softmax(torch.from_numpy(logits), 0).numpy()
     entropy = scoring.normalized_entropy(probs)
     fg = 1 - probs[0]

@@ -1,0 +1,187 @@
+"""Loading real models in all three forms, and the trust rules that keep loading safe by default."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ASFDALib.errors import ModelError, TrustRequiredError
+from ASFDALib.modelcard import ModelCard, NetworkSpec, load_card, save_card
+from ASFDALib.models import build_network, load_model
+
+CLASSES = ["background", "liver", "kidney", "gallbladder"]
+UNET_ARGS = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 4,
+    "channels": [4, 8, 16],
+    "strides": [2, 2],
+    "norm": "batch",
+}
+
+
+@pytest.fixture
+def unet():
+    torch.manual_seed(0)
+    return build_network(NetworkSpec("UNet", UNET_ARGS)).eval()
+
+
+@pytest.fixture
+def card():
+    return ModelCard(class_names=CLASSES, spacing=(2, 2, 2), roi_size=(32, 32, 32))
+
+
+def _same_output(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        return torch.allclose(a.eval()(x), b.eval()(x), atol=1e-6)
+
+
+def test_state_dict_with_network_from_the_card(tmp_path, unet, card):
+    torch.save(unet.state_dict(), tmp_path / "net.pt")
+    save_card(replace(card, network=NetworkSpec("UNet", UNET_ARGS)), tmp_path / "net.card.json")
+    model = load_model(tmp_path / "net.pt")
+    assert model.kind == "state_dict"
+    assert _same_output(model.network, unet)
+
+
+def test_state_dict_with_network_given_separately(tmp_path, unet, card):
+    torch.save({"state_dict": {f"module.{k}": v for k, v in unet.state_dict().items()}}, tmp_path / "ckpt.pth")
+    model = load_model(tmp_path / "ckpt.pth", card, NetworkSpec("UNet", UNET_ARGS))
+    assert _same_output(model.network, unet)
+
+
+def test_state_dict_without_a_network_says_how_to_give_one(tmp_path, unet, card):
+    torch.save(unet.state_dict(), tmp_path / "net.pt")
+    with pytest.raises(ModelError, match="--network"):
+        load_model(tmp_path / "net.pt", card)
+
+
+def test_pickled_checkpoint_needs_trust(tmp_path, unet, card):
+    torch.save({"model": unet}, tmp_path / "pickled.pt")  # a whole module: unpickling runs code
+    with pytest.raises(TrustRequiredError, match="trust"):
+        load_model(tmp_path / "pickled.pt", card, NetworkSpec("UNet", UNET_ARGS))
+    model = load_model(tmp_path / "pickled.pt", card, NetworkSpec("UNet", UNET_ARGS), trust=True)
+    assert _same_output(model.network, unet)
+
+
+def test_torchscript_needs_trust_and_then_loads(tmp_path, unet, card):
+    torch.jit.script(unet).save(str(tmp_path / "net.ts"))
+    with pytest.raises(TrustRequiredError, match="TorchScript runs code"):
+        load_model(tmp_path / "net.ts", card)
+    model = load_model(tmp_path / "net.ts", card, trust=True)
+    assert model.kind == "torchscript" and model.scripted
+    assert _same_output(model.network, unet)
+
+
+def test_class_count_mismatch_names_the_file_and_the_fix(tmp_path, unet):
+    torch.save(unet.state_dict(), tmp_path / "net.pt")
+    wrong = ModelCard(class_names=["background", "liver", "kidney"], network=NetworkSpec("UNet", UNET_ARGS))
+    with pytest.raises(ModelError, match=r"net.pt: the network has 4 output channels but the card lists 3"):
+        load_model(tmp_path / "net.pt", wrong)
+
+
+def test_weights_that_do_not_fit_the_network_are_explained(tmp_path, unet, card):
+    torch.save(unet.state_dict(), tmp_path / "net.pt")
+    other = dict(UNET_ARGS, channels=[8, 16, 32])
+    with pytest.raises(ModelError, match="weights do not fit MONAI UNet .*size mismatch"):
+        load_model(tmp_path / "net.pt", card, NetworkSpec("UNet", other))
+
+
+def test_unknown_network_suggests_close_names():
+    with pytest.raises(ModelError, match="did you mean"):
+        build_network(NetworkSpec("Unett", {}))
+
+
+def test_corrupt_weights_file(tmp_path, card):
+    (tmp_path / "net.pt").write_bytes(b"garbage")
+    with pytest.raises(ModelError):
+        load_model(tmp_path / "net.pt", card, NetworkSpec("UNet", UNET_ARGS))
+
+
+def test_card_errors_are_specific(tmp_path):
+    (tmp_path / "c.json").write_text('{"class_names": ["bg", "a"], "spacin": 1}')
+    with pytest.raises(ModelError, match="unknown keys \\['spacin'\\]"):
+        load_card(tmp_path / "c.json")
+    (tmp_path / "c.yaml").write_text("class_names: [bg]\n")
+    with pytest.raises(ModelError, match="background and at least one class"):
+        load_card(tmp_path / "c.yaml")
+    (tmp_path / "d.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        load_card(tmp_path / "d.json")
+
+
+def _write_bundle(folder: Path, network_def: dict, unet: torch.nn.Module) -> Path:
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    torch.save(unet.state_dict(), folder / "models" / "model.pt")
+    config = {
+        "network_def": network_def,
+        "preprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0]},
+                {
+                    "_target_": "ScaleIntensityRanged",
+                    "keys": "image",
+                    "a_min": -57,
+                    "a_max": 164,
+                    "b_min": 0.0,
+                    "b_max": 1.0,
+                    "clip": True,
+                },
+            ],
+        },
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 32], "sw_batch_size": 2},
+    }
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    meta = {
+        "name": "test bundle",
+        "network_data_format": {"outputs": {"pred": {"channel_def": {str(i): name for i, name in enumerate(CLASSES)}}}},
+    }
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_bundle_with_a_plain_monai_network_loads_without_trust(tmp_path, unet):
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet)
+    model = load_model(folder)
+    assert model.kind == "bundle"
+    assert model.card.class_names == CLASSES
+    assert model.card.spacing == (1.5, 1.5, 2.0)
+    assert model.card.roi_size == (32, 32, 32)
+    assert model.card.intensity.mode == "ct" and model.card.intensity.a_min == -57
+    assert _same_output(model.network, unet)
+
+
+def test_bundle_with_code_in_its_config_needs_trust(tmp_path, unet):
+    expression = {"_target_": "monai.networks.nets.UNet", **UNET_ARGS, "channels": "$[4, 8, 16]"}
+    folder = _write_bundle(tmp_path / "bundle", expression, unet)
+    with pytest.raises(TrustRequiredError, match="network_def is not a plain MONAI network"):
+        load_model(folder)
+    model = load_model(folder, trust=True)  # MONAI's own ConfigParser builds it
+    assert _same_output(model.network, unet)
+
+
+def test_bundle_card_file_overrides_metadata(tmp_path, unet, card):
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet)
+    save_card(replace(card, name="custom"), folder / "asfda_card.json")
+    assert load_model(folder).card.name == "custom"
+
+
+def test_bundle_without_weights_is_explained(tmp_path, unet):
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet)
+    shutil.rmtree(folder / "models")
+    with pytest.raises(ModelError, match="no weights"):
+        load_model(folder)
+
+
+def test_missing_card_lists_where_it_looked(tmp_path, unet):
+    torch.save(unet.state_dict(), tmp_path / "net.pt")
+    with pytest.raises(ModelError, match="no model card found .*net.card.json"):
+        load_model(tmp_path / "net.pt")

@@ -1,0 +1,186 @@
+"""`asfda rank` end to end on real files: formats, bad inputs, cache and resume, source knowledge."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import DATA, write_dicom_series
+
+from ASFDALib.cli import main
+from ASFDALib.phantoms import domain_config, make_phantom
+from ASFDALib.ranking import RankConfig, rank_folder
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "ranking.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_rank_on_the_embedded_default_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "session"
+    assert main(["rank", "--out", str(out), "--budget", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "BatchNorm running statistics" in printed
+    rows = _rows(out)
+    assert len(rows) == 12 and all(r["status"] == "scored" for r in rows)
+    assert [r["selected"] for r in rows[:4]] == ["True", "True", "True", "False"]
+    assert [int(r["rank"]) for r in rows] == list(range(1, 13))
+    for column in ("score", "dkd", "s_src", "s_div", "asd", "fg_ml", "knowledge"):
+        assert rows[0][column] != ""
+    report = json.loads((out / "ranking.json").read_text())
+    assert report["knowledge"] == "bn" and len(report["selected"]) == 3
+    assert (out / "ranking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(float(r["fg_ml"]) > 10 for r in rows)  # every phantom has organs the model finds
+
+
+def test_rerank_with_another_alpha_is_served_from_the_cache(tmp_path, default_model, mri_pool):
+    images = mri_pool / "images"
+    first = rank_folder(images, default_model, tmp_path / "cache", RankConfig(alpha=0.5))
+    second = rank_folder(images, default_model, tmp_path / "cache", RankConfig(alpha=0.9, budget=2))
+    assert not any(r.cached for r in first.records)
+    assert all(r.cached for r in second.records)
+    assert {r.file for r in first.rows} == {r.file for r in second.rows}
+    again = rank_folder(images, default_model, tmp_path / "cache", RankConfig(alpha=0.5))
+    assert [r.file for r in again.rows] == [r.file for r in first.rows]
+    assert [r.score for r in again.rows] == pytest.approx([r.score for r in first.rows])
+
+
+def test_interrupted_ranking_resumes_where_it_stopped(tmp_path, default_model, mri_pool):
+    def stop_after_three(done, total, name):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rank_folder(mri_pool / "images", default_model, tmp_path / "cache", RankConfig(), stop_after_three)
+    resumed = rank_folder(mri_pool / "images", default_model, tmp_path / "cache", RankConfig())
+    assert [r.cached for r in resumed.records] == [True] * 3 + [False] * 3
+    assert not list((tmp_path / "cache").glob(".*tmp"))  # no half-written entries
+
+
+def test_changed_file_content_is_rescored(tmp_path, default_model, mri_pool):
+    from ASFDALib.volume_io import write_nifti
+
+    images = tmp_path / "images"
+    shutil.copytree(mri_pool / "images", images)
+    rank_folder(images, default_model, tmp_path / "cache", RankConfig())
+    victim = sorted(images.iterdir())[0]
+    image, _, affine = make_phantom(999, domain_config("mri"))
+    write_nifti(victim, np.round(image).astype(np.uint16), affine)
+    again = rank_folder(images, default_model, tmp_path / "cache", RankConfig())
+    assert {r.name: r.cached for r in again.records} == {p.name: p != victim for p in sorted(images.iterdir())}
+
+
+def _mixed_folder(folder: Path) -> Path:
+    """Real formats side by side: tptbox CT and MRI (NIfTI), an NRRD, a DICOM series, and two bad files."""
+    folder.mkdir()
+    shutil.copy(DATA / "tptbox" / "sub-ct_label-22_ct.nii.gz", folder)
+    shutil.copy(DATA / "tptbox" / "sub-mri_label-6_T2w.nii.gz", folder)
+    image, _, _ = make_phantom(11, domain_config("mri"))
+    nrrd = sitk.GetImageFromArray(np.round(image).astype(np.int16).transpose(2, 1, 0))
+    nrrd.SetSpacing((2.0, 2.0, 2.0))
+    sitk.WriteImage(nrrd, str(folder / "phantom.nrrd"))
+    write_dicom_series(folder / "dicom_series", np.round(image[:, :, ::2]).astype(np.int16), spacing=(2.0, 2.0, 4.0))
+    (folder / "truncated.nii.gz").write_bytes((DATA / "tptbox" / "sub-ct_label-22_ct.nii.gz").read_bytes()[:5000])
+    (folder / "notes.nii.gz").write_text("not an image")
+    return folder
+
+
+def test_rank_reads_real_formats_and_skips_bad_files_with_reasons(tmp_path, capsys):
+    images = _mixed_folder(tmp_path / "images")
+    out = tmp_path / "session"
+    assert main(["rank", "--images", str(images), "--out", str(out), "--budget", "2"]) == 0
+    rows = {r["file"]: r for r in _rows(out)}
+    scored = {f for f, r in rows.items() if r["status"] == "scored"}
+    assert scored == {"sub-ct_label-22_ct.nii.gz", "sub-mri_label-6_T2w.nii.gz", "phantom.nrrd", "dicom_series"}
+    assert rows["truncated.nii.gz"]["status"] == "skipped"
+    assert "corrupt" in rows["truncated.nii.gz"]["reason"]
+    assert "corrupt" in rows["notes.nii.gz"]["reason"]
+    report = json.loads((out / "ranking.json").read_text())
+    assert {s["file"] for s in report["skipped"]} == {"truncated.nii.gz", "notes.nii.gz"}
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "truncated.nii.gz" in printed
+
+
+def test_rank_fails_only_when_nothing_could_be_scored(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.nii.gz").write_bytes(b"")
+    (images / "b.nii").write_text("nope")
+    assert main(["rank", "--images", str(images), "--out", str(tmp_path / "s")]) == 1
+    assert "No volume could be scored" in capsys.readouterr().out
+    rows = _rows(tmp_path / "s")
+    assert {r["file"]: r["reason"].split(" (")[0] for r in rows} == {
+        "a.nii.gz": "empty file",
+        "b.nii": "unreadable or corrupt",
+    }
+
+
+def test_empty_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["rank", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert "no volumes found" in err and "--recursive" in err
+
+
+def test_torchscript_model_uses_the_energy_fallback_and_says_so(tmp_path, default_model, mri_pool, capsys):
+    torch.jit.script(default_model.network.cpu()).save(str(tmp_path / "model.ts"))
+    card = default_model.path.with_name("asfda_default.card.json")
+    args = [
+        "rank",
+        "--model",
+        str(tmp_path / "model.ts"),
+        "--card",
+        str(card),
+        "--images",
+        str(mri_pool / "images"),
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    assert main(args) == 1
+    assert "TorchScript runs code" in capsys.readouterr().err
+    assert main([*args, "--trust"]) == 0
+    assert "free-energy fallback" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s" / "ranking.json").read_text())["knowledge"] == "energy"
+
+
+def test_source_statistics_file_is_computed_and_used(tmp_path, default_model, mri_pool):
+    from ASFDALib.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "source", 2, "ct", seed=9, labels=False)
+    stats = tmp_path / "stats.npz"
+    assert main(["stats", "--images", str(tmp_path / "source" / "images"), "--out", str(stats)]) == 0
+    assert stats.is_file()
+    ranking = rank_folder(mri_pool / "images", default_model, tmp_path / "cache", RankConfig(knowledge="stats"))
+    assert ranking.knowledge.kind == "stats"
+    assert all(np.isfinite(r.s_src) for r in ranking.rows)
+
+
+@pytest.mark.parametrize("strategy", ["random", "fg-random", "entropy", "coreset", "dkd", "asd"])
+def test_baseline_strategies_rank_the_whole_pool(tmp_path, default_model, mri_pool, strategy):
+    ranking = rank_folder(
+        mri_pool / "images", default_model, tmp_path / "cache", RankConfig(strategy=strategy, budget=2)
+    )
+    assert len(ranking.rows) == 6 and len(ranking.selected) == 2
+
+
+def test_epistemic_strategy_runs_mc_dropout_passes(tmp_path, default_model, mri_pool):
+    ranking = rank_folder(
+        mri_pool / "images", default_model, tmp_path / "cache", RankConfig(strategy="epistemic", budget=2, mc_passes=2)
+    )
+    values = [r.epistemic for r in ranking.records]
+    assert all(0 < v < 1 for v in values) and len(set(values)) == len(values)
+
+
+def test_help_teaches_with_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["rank", "--help"])
+    text = capsys.readouterr().out
+    for phrase in ("examples:", "--alpha", "--strategy", "--trust", "fg-random", "re-rank"):
+        assert phrase in text
