@@ -78,22 +78,34 @@ def mean_summaries(summaries: list[FeatureSummary]) -> FeatureSummary:
 
 
 class RunningMoments:
-    """Streaming per-channel count, mean and M2 over (N, C, *spatial) tensors, merged batch by batch."""
+    """Streaming per-channel count, mean and M2 over (N, C, *spatial) tensors, merged batch by batch.
 
-    def __init__(self) -> None:
+    Large maps are summarised on every ``stride``-th voxel along each spatial axis: thousands of samples
+    per window still pin a channel's mean and variance far below the differences DKD looks at, at a
+    fraction of the cost. A stride of 3 (odd) keeps the period-2 patterns of strided and transposed
+    convolutions from aliasing into the estimate.
+    """
+
+    def __init__(self, stride: int = 3, min_voxels: int = 24**3) -> None:
+        self.stride = stride
+        self.min_voxels = min_voxels
         self.count = 0
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
-        channels = x.shape[1]
-        flat = x.transpose(0, 1).reshape(channels, -1).float()
-        n = flat.shape[1]
+        if self.stride > 1 and x[0, 0].numel() >= self.min_voxels:
+            x = x[(slice(None), slice(None), *[slice(None, None, self.stride)] * (x.ndim - 2))]
+        x = x.float()
+        dims = [0, *range(2, x.ndim)]
+        n = x.numel() // x.shape[1]
         if n == 0:
             return
-        var, mean = torch.var_mean(flat, dim=1, correction=0)
-        mean, m2 = mean.double(), var.double() * n
+        # Shifted two-pass moments: several times faster than var_mean on CPU, and exact enough.
+        batch_mean = x.mean(dim=dims, keepdim=True)
+        m2 = (x - batch_mean).square().sum(dim=dims).double()
+        mean = batch_mean.flatten().double()
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return

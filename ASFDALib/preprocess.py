@@ -26,7 +26,10 @@ def intensity_transform(config: IntensityConfig):
 def spatial_transform(card: ModelCard, mode: str = "bilinear"):
     from monai.transforms import Compose, Orientation, Spacing
 
-    return Compose([Orientation(axcodes="RAS", labels=None), Spacing(pixdim=card.spacing, mode=mode)])
+    # float32 resampling: MONAI's default float64 would briefly need 3x the native volume's memory.
+    return Compose(
+        [Orientation(axcodes="RAS", labels=None), Spacing(pixdim=card.spacing, mode=mode, dtype=torch.float32)]
+    )
 
 
 def preprocess(volume: Volume, card: ModelCard):

@@ -59,8 +59,10 @@ def adaptive_foreground(
     probability. Falls back to the top 1% of voxels by foreground probability when the cut leaves nothing.
     """
     if np.issubdtype(fg_prob.dtype, np.integer):
-        hist = np.bincount(fg_prob.ravel(), minlength=int(scale) + 1)
-        centers = np.arange(hist.size) / scale
+        # np.histogram works in blocks; bincount would first widen the whole map to int64.
+        levels = int(scale) + 1
+        hist, _ = np.histogram(fg_prob, bins=levels, range=(-0.5, levels - 0.5))
+        centers = np.arange(levels) / scale
     else:
         hist, edges = np.histogram(fg_prob, bins=256, range=(0.0, scale))
         centers = (edges[:-1] + edges[1:]) / 2 / scale

@@ -32,6 +32,18 @@ def test_running_moments_equal_numpy_over_batches():
     np.testing.assert_allclose(var, every.var(axis=1), rtol=1e-4)
 
 
+def test_large_maps_are_summarised_on_a_subsample_that_matches_the_exact_moments():
+    rng = np.random.default_rng(1)
+    checker = (np.indices((48, 48, 48)).sum(axis=0) % 2).astype(np.float32)  # a period-2 pattern
+    x = rng.normal(0.0, 1.0, (2, 3, 48, 48, 48)).astype(np.float32) + 4 * checker
+    moments = RunningMoments()
+    moments.update(torch.from_numpy(x))
+    mean, var = moments.result()
+    exact = x.transpose(1, 0, 2, 3, 4).reshape(3, -1)
+    np.testing.assert_allclose(mean, exact.mean(axis=1), rtol=0.02)
+    np.testing.assert_allclose(var, exact.var(axis=1), rtol=0.03)
+
+
 def test_mean_summaries_are_mixture_moments():
     a = FeatureSummary({"l": (np.array([0.0]), np.array([1.0]))})
     b = FeatureSummary({"l": (np.array([2.0]), np.array([1.0]))})

@@ -1,0 +1,225 @@
+"""Scoring cost, measured side by side in one run (ratios, not absolute seconds).
+
+    python benchmarks/bench_scoring.py [--volumes 4] [--repeats 3] [--json results.json]
+
+1. Time on the same preprocessed volumes and model, interleaved and repeated (median):
+   plain MONAI sliding-window inference + argmax, the ASFDA sweep (DKD features + ASD + energy), and
+   5-pass MC-dropout epistemic scoring (as MONAI Label does it). Ratios: ASFDA / plain (goal <= 1.15)
+   and epistemic / ASFDA (goal >= 4).
+2. Peak memory of scoring one 512x512x300 CT-sized volume, in a fresh process: the high-water mark of
+   the sweep (reset just before it through /proc/self/clear_refs) against the float32 size of the volume
+   resampled to the model's spacing plus the model (goal: <= 2x volume + model), and the peak of the
+   whole read + preprocess + score pipeline for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+LARGE_UNET = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 4,
+    "channels": [32, 64, 128, 256],
+    "strides": [2, 2, 2],
+    "num_res_units": 2,
+    "norm": "batch",
+}
+
+
+def time_scoring(volumes: int, repeats: int, large: bool = False) -> dict:
+    from monai.inferers import sliding_window_inference
+
+    from ASFDALib.defaults import default_model_path
+    from ASFDALib.epistemic import epistemic_score
+    from ASFDALib.models import load_model
+    from ASFDALib.phantoms import domain_config, make_phantom
+    from ASFDALib.preprocess import preprocess
+    from ASFDALib.sweep import SweepConfig, sweep
+    from ASFDALib.volume_io import Volume
+
+    model = load_model(default_model_path())
+    card, net = model.card, model.network.eval()
+    if large:  # a foundation-model-sized encoder (timing only: random weights)
+        from ASFDALib.modelcard import NetworkSpec
+        from ASFDALib.models import build_network
+
+        net = build_network(NetworkSpec("UNet", LARGE_UNET)).eval()
+    images = []
+    for seed in range(volumes):
+        image, _, affine = make_phantom(seed, domain_config("mri"))
+        images.append(preprocess(Volume(image, affine, Path(f"v{seed}")), card))
+
+    def plain(x):
+        with torch.inference_mode():
+            return sliding_window_inference(
+                x[None].as_subclass(torch.Tensor), card.roi_size, card.sw_batch_size, net, card.overlap
+            )
+
+    def plain_label(x):
+        return plain(x).argmax(1)
+
+    def asfda(x):
+        return sweep(net, x, card, SweepConfig(keep_energy=True))
+
+    def epistemic(x):
+        return epistemic_score(net, x, card, passes=5)
+
+    methods = {
+        "plain_inference": plain,
+        "plain_inference_argmax": plain_label,
+        "asfda_scoring": asfda,
+        "epistemic_5_pass": epistemic,
+    }
+    for fn in methods.values():  # warm-up
+        fn(images[0])
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            for x in images:
+                fn(x)
+            times[name].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "network": "UNet " + str(LARGE_UNET["channels"]) if large else "default UNet [8, 16, 32, 64]",
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "volumes": volumes,
+        "repeats": repeats,
+        "volume_shape_at_model_spacing": list(images[0].shape[1:]),
+        "seconds_per_volume": {k: v / volumes for k, v in median.items()},
+        "asfda_over_plain": median["asfda_scoring"] / median["plain_inference"],
+        "epistemic_over_asfda": median["epistemic_5_pass"] / median["asfda_scoring"],
+    }
+
+
+def memory_child(path: str, mode: str) -> None:
+    """Runs in a fresh process: read and preprocess, then score (``sweep``) or infer (``plain``), with the
+    high-water mark reset in between so the figure is that step's own peak."""
+    from monai.inferers import sliding_window_inference
+
+    from ASFDALib.defaults import default_model_path
+    from ASFDALib.models import load_model
+    from ASFDALib.preprocess import preprocess
+    from ASFDALib.sweep import sweep
+    from ASFDALib.volume_io import read_volume
+
+    model = load_model(default_model_path())
+    card = model.card
+    base = _rss_kib("VmRSS")
+    volume = read_volume(path)
+    native_shape = list(volume.array.shape)
+    image = preprocess(volume, card)
+    del volume
+    preprocess_peak = _rss_kib("VmHWM") - base
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    before = _rss_kib("VmRSS")
+    if mode == "sweep":
+        sweep(model.network, image, card)
+    elif mode == "forward":  # the network's own working memory: one sliding-window batch
+        with torch.inference_mode():
+            model.network(torch.zeros(card.sw_batch_size, 1, *card.roi_size))
+    else:
+        with torch.inference_mode():
+            logits = sliding_window_inference(
+                image[None].as_subclass(torch.Tensor), card.roi_size, card.sw_batch_size, model.network, card.overlap
+            )
+            logits.argmax(1)
+    peak = _rss_kib("VmHWM") - before
+    model_bytes = sum(p.numel() * p.element_size() for p in model.network.state_dict().values())
+    print(
+        json.dumps(
+            {
+                "native_shape": native_shape,
+                "resampled_shape": list(image.shape[1:]),
+                "resampled_float32_mb": image.numel() * 4 / 2**20,
+                "model_mb": model_bytes / 2**20,
+                "peak_above_input_mb": peak / 1024,
+                "read_and_preprocess_peak_mb": preprocess_peak / 1024,
+            }
+        )
+    )
+
+
+def measure_memory() -> dict:
+    from ASFDALib.phantoms import make_phantom
+    from ASFDALib.volume_io import write_nifti
+
+    image, _, _ = make_phantom(0)
+    big = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=(512, 512, 300), mode="trilinear")[
+        0, 0
+    ].numpy()
+    affine = np.diag([0.8, 0.8, 1.0, 1.0])  # a typical abdominal CT grid: 41 x 41 x 30 cm
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_nifti(Path(tmp) / "ct_512x512x300.nii", np.round(big).astype(np.int16), affine)
+        del big
+        for mode in ("sweep", "plain", "forward"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", str(path), mode],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    result = {k: v for k, v in runs["sweep"].items() if k != "peak_above_input_mb"}
+    volume_mb = result["resampled_float32_mb"]
+    result["asfda_sweep_peak_incl_input_mb"] = runs["sweep"]["peak_above_input_mb"] + volume_mb
+    result["plain_inference_peak_incl_input_mb"] = runs["plain"]["peak_above_input_mb"] + volume_mb
+    result["network_forward_one_batch_mb"] = runs["forward"]["peak_above_input_mb"]
+    result["asfda_sweep_peak_less_network_working_memory_mb"] = (
+        result["asfda_sweep_peak_incl_input_mb"] - result["network_forward_one_batch_mb"]
+    )
+    result["goal_mb"] = 2 * volume_mb + result["model_mb"]
+    result["asfda_sweep_over_goal"] = result["asfda_sweep_peak_incl_input_mb"] / result["goal_mb"]
+    result["asfda_sweep_over_plain_inference"] = (
+        result["asfda_sweep_peak_incl_input_mb"] / result["plain_inference_peak_incl_input_mb"]
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--volumes", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    report = {
+        "torch": torch.__version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "timing_default_model": time_scoring(args.volumes, args.repeats),
+        "timing_large_model": time_scoring(args.volumes, args.repeats, large=True),
+        "memory": measure_memory(),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
