@@ -151,8 +151,10 @@ def score_volumes(
                     cache.put_scalar(ekey, record.epistemic)
         except VolumeError as exc:
             record.result, record.reason = None, exc.reason + (f" ({exc.fix})" if exc.fix else "")
-        except (ModelError, KeyboardInterrupt, MemoryError):
+        except (ModelError, KeyboardInterrupt):
             raise
+        except MemoryError:
+            record.result, record.reason = None, "does not fit in memory at the model's spacing (crop it first)"
         except Exception as exc:  # noqa: BLE001 - one volume's failure must not end the run
             record.result, record.reason = None, f"scoring failed: {type(exc).__name__}: {str(exc)[:160]}"
         records.append(record)

@@ -1,0 +1,30 @@
+# Two commands set up and run everything on a fresh machine (see README):
+#   make run    install into .venv, then rank the built-in sample pool with the built-in model
+#   make test   install into .venv, then lint and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+OUT ?= asfda-session
+BIN := $(VENV)/bin
+
+.PHONY: run test install bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+run: install
+	$(BIN)/asfda rank --out $(OUT)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/bench_scoring.py --json benchmarks/results/scoring.json
