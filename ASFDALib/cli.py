@@ -99,39 +99,63 @@ def _progress(console, label: str):
     return bar, update
 
 
+def _session_model(args: argparse.Namespace, session):
+    """The model to rank with: --model, or the session's (adapted) one; and the base model's knowledge."""
+    from .adapt import session_model
+    from .ranking import choose_knowledge
+
+    recorded = session.data.get("model")
+    if args.model is None and recorded:
+        model = session_model(session, adapted=True)
+        base = session_model(session, adapted=False) if session.adapted_checkpoint() else model
+        return model, choose_knowledge(base, args.knowledge)
+    model = _load_model(args)
+    if recorded and recorded["digest"] != model.digest:
+        raise ASFDAError(f"{session.root} was started with {recorded['path']}; use another --out for a new model")
+    return model, None
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .defaults import sample_images
     from .ranking import RankConfig, rank_folder
     from .report import ranking_table, write_ranking
+    from .session import Session
 
-    console = Console(stderr=False)
+    console = Console()
     out = Path(args.out)
-    images = args.images
-    if images is None:
-        images = sample_images(out / "sample_data")
-        console.print(f"No --images given: using the built-in sample MRI-like pool in {images}")
-    model = _load_model(args)
-    console.print(
-        f"Model: {model.card.name} ({model.kind}, {model.card.num_classes} classes: "
-        f"{', '.join(model.card.class_names[1:])})"
-    )
-    config = RankConfig(
-        budget=args.budget,
-        alpha=args.alpha,
-        strategy=args.strategy,
-        knowledge=args.knowledge,
-        device=args.device,
-        seed=args.seed,
-        recursive=args.recursive,
-        mc_passes=args.mc_passes,
-    )
-    start = time.perf_counter()
-    bar, update = _progress(console, "Scoring")
-    with bar:
-        ranking = rank_folder(Path(images), model, out / "cache", config, update)
-    written = write_ranking(ranking, out)
+    with Session.open(out, create=True) as session:
+        images = args.images
+        if images is None and session.data.get("images"):
+            images = session.image_root
+        if images is None:
+            images = sample_images(out / "sample_data")
+            console.print(f"No --images given: using the built-in sample MRI-like pool in {images}")
+        model, knowledge = _session_model(args, session)
+        adapted = "+" in model.digest
+        console.print(
+            f"Model: {model.card.name} ({model.kind}{', adapted in this session' if adapted else ''}, "
+            f"{model.card.num_classes} classes: {', '.join(model.card.class_names[1:])})"
+        )
+        config = RankConfig(
+            budget=args.budget,
+            alpha=args.alpha,
+            strategy=args.strategy,
+            knowledge=args.knowledge,
+            device=args.device,
+            seed=args.seed,
+            recursive=args.recursive,
+            mc_passes=args.mc_passes,
+        )
+        start = time.perf_counter()
+        bar, update = _progress(console, "Scoring")
+        with bar:
+            ranking = rank_folder(
+                Path(images), model, out / "cache", config, update, set(session.labelled()), knowledge
+            )
+        written = write_ranking(ranking, out)
+        _record_round(session, args, model, ranking, Path(images))
     console.print(ranking_table(ranking, args.show))
     scored = sum(r.status == "scored" for r in ranking.rows)
     cached = sum(r.cached for r in ranking.records)
@@ -141,10 +165,33 @@ def cmd_rank(args: argparse.Namespace) -> int:
     )
     console.print("Query: " + ", ".join(r.file for r in ranking.selected))
     console.print("Wrote " + ", ".join(str(p) for p in written.values()))
-    if scored == 0:
+    if scored == 0 and not any(r.status == "labelled" for r in ranking.rows):
         console.print("[red]No volume could be scored; see the reasons above.[/red]")
         return 1
+    console.print(
+        f"Next: label the query, then 'asfda labels import {out} --from LABEL_DIR' and 'asfda finetune {out}'."
+    )
     return 0
+
+
+def _record_round(session, args, model, ranking, images: Path) -> None:
+    """Keep the model, the pool and this query in session.json (re-ranking before fine-tuning replaces it)."""
+    if not session.data.get("model"):
+        session.set_model(model.path, model.digest, model.kind, model.card.to_dict(), bool(args.trust))
+    session.set_images(images, {r.name: r.sha256 for r in ranking.records if r.sha256}, args.recursive)
+    strategy = {
+        "name": args.strategy,
+        "alpha": args.alpha,
+        "budget": args.budget,
+        "seed": args.seed,
+        "knowledge": ranking.knowledge.kind,
+    }
+    query = [r.file for r in ranking.selected]
+    if session.rounds and not session.rounds[-1].get("checkpoint"):
+        session.rounds[-1].update({"query": query, "strategy": strategy, "model_digest": model.digest})
+    else:
+        session.add_round(query, strategy, model.digest)
+    session.save()
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -163,6 +210,171 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f'Wrote {args.out}: {len(pooled.layers)} layers. Add "source_stats": "{args.out.name}" '
         "to the model card and keep the file beside the model."
     )
+    return 0
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .labels import import_labels, parse_mapping
+    from .session import Session
+
+    words = list(args.words)
+    action = words.pop(0) if words and words[0] in ("import", "status") and len(words) > 1 else "status"
+    if len(words) != 1:
+        raise ASFDAError("usage: asfda labels SESSION | asfda labels import SESSION --from DIR_OR_FILE")
+    console = Console()
+    if action == "import":
+        if args.source is None:
+            raise ASFDAError("asfda labels import needs --from DIR_OR_FILE")
+        with Session.open(words[0]) as session:
+            class_names = session.data["model"]["card"]["class_names"]
+            stored, refused = import_labels(session, args.source, class_names, parse_mapping(args.map))
+            session.save()
+        for name, path in stored.items():
+            console.print(f"[green]imported[/green] {name} -> {path}")
+        for reason in refused:
+            console.print(f"[yellow]refused[/yellow] {reason}")
+        return 0 if stored or not refused else 1
+    session = Session.open(words[0])
+    labelled = session.labelled()
+    table = Table(title=f"Labels in {session.root}")
+    for column in ("round", "image", "label file"):
+        table.add_column(column)
+    queried = session.queried()
+    for entry in session.rounds:
+        for name in entry["query"]:
+            path = labelled.get(name)
+            table.add_row(str(entry["index"]), name, session.relative(path) if path else "[red]missing")
+    console.print(table)
+    missing = [n for n in queried if n not in labelled]
+    console.print(
+        f"{len(queried) - len(missing)} of {len(queried)} queried volumes labelled"
+        + (f"; missing: {', '.join(missing)}" if missing else "; ready for 'asfda finetune'")
+    )
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import threading
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .adapt import finetune_session
+    from .finetune import FinetuneConfig
+    from .session import Session
+
+    console = Console()
+    config = FinetuneConfig(
+        iterations=args.iterations,
+        pseudo_iterations=args.pseudo_iterations,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        device=args.device,
+        keep_fraction=args.keep_fraction,
+        confidence=args.confidence,
+    )
+    bar = Progress(
+        TextColumn("[bold]{task.fields[stage]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f} {task.fields[val]}"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    task = bar.add_task("finetune", total=None, stage="stage 1", loss=float("nan"), val="")
+
+    def progress(p) -> None:
+        val = "" if p.val_dice is None else f"val Dice {p.val_dice:.3f}"
+        stage = "stage 1 (labels)" if p.stage == "stage1" else "stage 2 (+ pseudo-labels)"
+        bar.update(task, completed=p.iteration, total=p.total, stage=stage, loss=p.loss, val=val)
+
+    cancel = threading.Event()
+    with Session.open(args.session) as session, bar:
+        try:
+            result = finetune_session(
+                session,
+                config,
+                pseudo=not args.no_pseudo,
+                resume=args.resume,
+                cancel=cancel,
+                progress=progress,
+                on_status=console.print,
+            )
+        except KeyboardInterrupt:
+            console.print("interrupted; the last checkpoint is kept: re-run with --resume to continue")
+            return 130
+    if result.kept:
+        console.print(f"Pseudo-labelled (most reliable first): {', '.join(result.kept)}")
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+    console.print(f"Fine-tuning {result.status} ({times}). Adapted weights: {result.checkpoint}")
+    console.print(
+        f"Next: 'asfda predict {args.session} --images DIR --out DIR', or 'asfda rank --out "
+        f"{args.session}' for the next round."
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .adapt import predict_folder, session_model
+    from .session import Session
+
+    console = Console()
+    model = session_model(Session.open(args.session), adapted=not args.source_model)
+    bar, update = _progress(console, "Predicting")
+    with bar:
+        written, skipped = predict_folder(model, args.images, args.out, args.device, update)
+    for reason in skipped:
+        console.print(f"[yellow]skipped {reason}[/yellow]")
+    console.print(f"Wrote {len(written)} label maps to {args.out}")
+    return 0 if written else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import math
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import evaluate_folders, summary_rows, write_csv
+    from .modelcard import load_card
+
+    names = load_card(args.card).class_names if args.card else None
+    scores = evaluate_folders(args.pred, args.labels, names)
+    if names is None:
+        names = ["background", *[f"class{i}" for i in range(1, max(len(s.dice) for s in scores) + 1)]]
+    rows = summary_rows(scores, names)
+    table = Table(title="Dice / HD95 (mm) per class")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            *[("" if math.isnan(v) else f"{v:.3f}") if isinstance(v, float) else str(v) for v in row.values()]
+        )
+    Console().print(table)
+    out = args.out or Path(args.pred) / "evaluation.csv"
+    print(f"Wrote {write_csv(rows, out)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .adapt import session_model
+    from .export import export_bundle, export_torchscript
+    from .session import Session
+
+    model = session_model(Session.open(args.session), adapted=True)
+    if args.format == "bundle":
+        path = export_bundle(model, args.out)
+    else:
+        path = export_torchscript(model, args.out if args.out.suffix else args.out / "model.ts")
+    print(f"Exported {args.format} to {path}")
     return 0
 
 
@@ -248,6 +460,89 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--out", type=Path, required=True, help="output .npz file")
     stats.add_argument("--recursive", action="store_true", help="also search sub-folders")
     stats.set_defaults(func=cmd_stats)
+
+    labels = sub.add_parser(
+        "labels",
+        help="show which queried volumes are labelled, or import label files into a session",
+        epilog="examples:\n  asfda labels ~/asfda/liver\n"
+        "  asfda labels import ~/asfda/liver --from ~/exports/labels --map 7=1,8=2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    labels.add_argument("words", nargs="+", metavar="[import] SESSION")
+    labels.add_argument("--from", dest="source", type=Path, help="label file or folder to import (names match images)")
+    labels.add_argument("--map", help="file label value = model class, e.g. 7=1,8=2")
+    labels.set_defaults(func=cmd_labels)
+
+    finetune = sub.add_parser(
+        "finetune",
+        help="fine-tune the session's model on its labels plus reliable pseudo-labels",
+        description="Stage 1 on the labelled volumes; then the most reliable unlabeled volumes get pseudo-labels "
+        "(low-confidence voxels ignored) and stage 2 trains on both. Checkpoints every --checkpoint-every "
+        "iterations; Ctrl-C keeps the last one and --resume continues with the same data order.",
+        epilog="examples:\n  asfda finetune ~/asfda/liver\n  asfda finetune ~/asfda/liver --iterations 500 --resume",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    finetune.add_argument("session", type=Path)
+    finetune.add_argument("--iterations", type=int, default=200, help="stage-1 iterations (default: %(default)s)")
+    finetune.add_argument(
+        "--pseudo-iterations", type=int, default=200, help="stage-2 iterations (default: %(default)s)"
+    )
+    finetune.add_argument("--no-pseudo", action="store_true", help="stage 1 only (no pseudo-labels)")
+    finetune.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    finetune.add_argument("--batch-size", type=int, default=2)
+    finetune.add_argument("--lr", type=float, default=1e-3, help="decoder learning rate; the encoder gets 0.1x")
+    finetune.add_argument("--checkpoint-every", type=int, default=50)
+    finetune.add_argument(
+        "--keep-fraction",
+        type=float,
+        default=0.5,
+        help="share of the unlabeled pool that gets pseudo-labels (default: %(default)s)",
+    )
+    finetune.add_argument(
+        "--confidence",
+        type=float,
+        default=0.9,
+        help="voxels below this probability are ignored in pseudo-labels (default: %(default)s)",
+    )
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--device", default="auto")
+    finetune.set_defaults(func=cmd_finetune)
+
+    predict = sub.add_parser(
+        "predict",
+        help="label maps for a folder, in each input's own grid and format",
+        epilog="example:\n  asfda predict ~/asfda/liver --images /data/new --out /data/pred",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_argument("session", type=Path)
+    predict.add_argument("--images", type=Path, required=True)
+    predict.add_argument("--out", type=Path, required=True)
+    predict.add_argument("--source-model", action="store_true", help="use the model before adaptation")
+    predict.add_argument("--device", default="auto")
+    predict.set_defaults(func=cmd_predict)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="Dice and HD95 per class of predictions against reference labels",
+        epilog="example:\n  asfda evaluate --pred /data/pred --labels /data/gt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("--pred", type=Path, required=True)
+    evaluate.add_argument("--labels", type=Path, required=True)
+    evaluate.add_argument("--card", type=Path, help="model card, for class names")
+    evaluate.add_argument("--out", type=Path, help="CSV path (default: PRED/evaluation.csv)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    export = sub.add_parser(
+        "export",
+        help="write the adapted model as a MONAI bundle or TorchScript",
+        epilog="example:\n  asfda export ~/asfda/liver --format bundle --out liver_bundle/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("session", type=Path)
+    export.add_argument("--format", choices=("bundle", "torchscript"), default="bundle")
+    export.add_argument("--out", type=Path, required=True)
+    export.set_defaults(func=cmd_export)
 
     phantoms = sub.add_parser(
         "phantoms",

@@ -33,6 +33,7 @@ class LoadedModel:
     kind: str
     path: Path
     digest: str
+    spec: NetworkSpec | None = None
 
     @property
     def scripted(self) -> bool:
@@ -187,7 +188,7 @@ def load_model(
     net = build_network(spec)
     _check_classes(net, loaded_card, path)
     _apply_weights(net, load_weights(path, trust), path, f"MONAI {spec.name}")
-    return LoadedModel(net.eval(), loaded_card, "state_dict", path, digest)
+    return LoadedModel(net.eval(), loaded_card, "state_dict", path, digest, spec)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -311,4 +312,4 @@ def _load_bundle(folder: Path, card: ModelCard | None, explicit: Path | None, tr
         net = parser.get_parsed_content("network_def")
     _check_classes(net, card, folder)
     _apply_weights(net, load_weights(weight_path, trust), weight_path, "the bundle's network_def")
-    return LoadedModel(net.eval(), card, "bundle", folder, digest)
+    return LoadedModel(net.eval(), card, "bundle", folder, digest, spec)

@@ -41,3 +41,35 @@ def preprocess(volume: Volume, card: ModelCard):
     image = spatial_transform(card)(image)
     image = intensity_transform(card.intensity)(image)
     return image.float()
+
+
+def preprocess_label(label: np.ndarray, affine: np.ndarray, card: ModelCard) -> np.ndarray:
+    """A label map on the same model-spacing grid as :func:`preprocess` gives its image (nearest neighbour)."""
+    from monai.data import MetaTensor
+
+    tensor = MetaTensor(
+        torch.from_numpy(np.asarray(label, dtype=np.float32))[None],
+        affine=torch.as_tensor(affine, dtype=torch.float64),
+    )
+    out = spatial_transform(card, mode="nearest")(tensor)
+    return np.asarray(out[0].numpy().round(), dtype=np.uint8)
+
+
+def labels_to_native(
+    label: np.ndarray, model_affine: np.ndarray, native_shape: tuple[int, ...], native_affine: np.ndarray
+) -> np.ndarray:
+    """Nearest-neighbour resampling of a model-space label map onto the input's own grid, slice by slice
+    (memory stays at one native slice of coordinates)."""
+    mapping = np.linalg.inv(np.asarray(model_affine, dtype=np.float64)) @ np.asarray(native_affine, dtype=np.float64)
+    out = np.zeros(native_shape, np.uint8)
+    ii, jj = np.meshgrid(np.arange(native_shape[0]), np.arange(native_shape[1]), indexing="ij")
+    plane = np.stack([ii, jj, np.zeros_like(ii), np.ones_like(ii)]).reshape(4, -1).astype(np.float64)
+    upper = np.array(label.shape) - 1
+    for k in range(native_shape[2]):
+        plane[2] = k
+        coords = np.rint(mapping[:3] @ plane).astype(np.int64)
+        inside = np.all((coords >= 0) & (coords <= upper[:, None]), axis=0)
+        values = np.zeros(coords.shape[1], np.uint8)
+        values[inside] = label[coords[0, inside], coords[1, inside], coords[2, inside]]
+        out[:, :, k] = values.reshape(native_shape[0], native_shape[1])
+    return out

@@ -48,6 +48,7 @@ class VolumeRecord:
     reason: str = ""
     cached: bool = False
     epistemic: float | None = None
+    sha256: str = ""
 
     @property
     def ok(self) -> bool:
@@ -133,7 +134,7 @@ def score_volumes(
             progress(i, len(paths), name)
         record = VolumeRecord(path, name)
         try:
-            file_hash = cache.file_hash(path)
+            file_hash = record.sha256 = cache.file_hash(path)
             key = cache.key(file_hash, model.digest, preprocessing, "energy" if sweep_config.keep_energy else "")
             record.result = cache.get(key)
             record.cached = record.result is not None
@@ -168,10 +169,15 @@ def rank_records(
     knowledge: Knowledge,
     config: RankConfig,
     model_name: str = "",
-    labelled: list[FeatureSummary] | None = None,
+    labelled_names: set[str] | None = None,
 ) -> Ranking:
-    """Order the scored records with the strategy; skipped ones follow, unranked, with their reason."""
-    scored = [r for r in records if r.ok]
+    """Order the scored records with the strategy; labelled and skipped ones follow, unranked.
+
+    Labelled volumes leave the pool but count in the diversity term (their summaries form L).
+    """
+    labelled_names = labelled_names or set()
+    scored = [r for r in records if r.ok and r.name not in labelled_names]
+    labelled = [r.result.summary for r in records if r.ok and r.name in labelled_names]
     rows: list[RankRow] = []
     if scored:
         pool = Pool(
@@ -181,7 +187,7 @@ def rank_records(
             energy=np.array([r.result.energy for r in scored]),
             fg_ml=np.array([r.result.fg_ml for r in scored]),
             epistemic=np.array([r.epistemic for r in scored]) if config.strategy == "epistemic" else None,
-            labelled=labelled or [],
+            labelled=labelled,
         )
         chosen = select(pool, config.strategy, knowledge, config.alpha, config.seed)
         for rank, i in enumerate(chosen.order, start=1):
@@ -203,6 +209,7 @@ def rank_records(
                     knowledge=knowledge.kind,
                 )
             )
+    rows += [RankRow(rank=None, file=r.name, status="labelled") for r in records if r.ok and r.name in labelled_names]
     rows += [RankRow(rank=None, file=r.name, status="skipped", reason=r.reason) for r in records if not r.ok]
     return Ranking(rows, knowledge, config.strategy, config.alpha, config.budget, model_name, records)
 
@@ -213,9 +220,14 @@ def rank_folder(
     cache_folder: Path,
     config: RankConfig,
     progress: Progress | None = None,
-    labelled: list[FeatureSummary] | None = None,
+    labelled_names: set[str] | None = None,
+    knowledge: Knowledge | None = None,
 ) -> Ranking:
-    """Discover, score and rank every volume under ``images``."""
+    """Discover, score and rank every volume under ``images``.
+
+    ``knowledge`` overrides the model's own source knowledge: an adapted model's BatchNorm statistics
+    describe the target by now, so later rounds pass the base model's.
+    """
     paths = discover_volumes(images, config.recursive)
     if not paths:
         raise ASFDAError(
@@ -223,6 +235,6 @@ def rank_folder(
             + ("" if config.recursive else "; add --recursive to search sub-folders")
             + ")"
         )
-    knowledge = choose_knowledge(model, config.knowledge)
+    knowledge = knowledge or choose_knowledge(model, config.knowledge)
     records = score_volumes(paths, model, ScoreCache(cache_folder), config, knowledge, Path(images), progress)
-    return rank_records(records, knowledge, config, model.card.name, labelled)
+    return rank_records(records, knowledge, config, model.card.name, labelled_names)

@@ -217,3 +217,28 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     if Path(path).name.lower().endswith(".gz"):
         data = gzip.compress(data, compresslevel=6, mtime=0)
     return atomic_write_bytes(Path(path), data)
+
+
+def write_volume(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write in the format the name asks for: NIfTI, or NRRD/MetaImage through SimpleITK (LPS on disk)."""
+    path = Path(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        return write_nifti(path, array, affine)
+    import SimpleITK as sitk
+
+    from .atomic import atomic_write
+
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
+    suffix = ".nrrd" if path.name.lower().endswith((".nrrd", ".nhdr")) else ".mha"
+
+    def write(tmp: Path) -> None:
+        staged = tmp.with_name(tmp.name + suffix)
+        sitk.WriteImage(image, str(staged), useCompression=True)
+        os.replace(staged, tmp)
+
+    return atomic_write(path.with_suffix(suffix) if path.suffix.lower() in (".nhdr", ".mhd") else path, write)
