@@ -1,0 +1,176 @@
+"""The second half of the mission end to end through the command line: rank -> label -> fine-tune ->
+predict -> evaluate -> export -> next round, on real files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ASFDALib.cli import main
+from ASFDALib.session import Session
+
+
+@pytest.fixture(scope="module")
+def adapted_session(tmp_path_factory, mri_pool):
+    """A session ranked on the MRI pool, its query labelled with ground truth, then fine-tuned briefly."""
+    root = tmp_path_factory.mktemp("adapt")
+    session = root / "session"
+    assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(session), "--budget", "2"]) == 0
+    query = json.loads((session / "ranking.json").read_text())["selected"]
+    (root / "gt").mkdir()
+    for name in query:
+        shutil.copy(mri_pool / "labels" / name, root / "gt" / name.replace(".nii.gz", "_seg.nii.gz"))
+    assert main(["labels", "import", str(session), "--from", str(root / "gt")]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(session),
+                "--iterations",
+                "60",
+                "--pseudo-iterations",
+                "30",
+                "--checkpoint-every",
+                "30",
+                "--batch-size",
+                "2",
+                "--lr",
+                "3e-3",
+            ]
+        )
+        == 0
+    )
+    return root, session, query
+
+
+def _mean_dice(csv_path):
+    import csv
+
+    rows = list(csv.DictReader(open(csv_path)))
+    return float(next(r for r in rows if r["case"] == "MEAN")["dice_mean"])
+
+
+def test_fine_tuning_really_improves_target_dice(adapted_session, mri_pool):
+    root, session, _ = adapted_session
+    card = "Resources/Model/asfda_default.card.json"
+    for flag, out in (([], "adapted"), (["--source-model"], "source")):
+        assert (
+            main(["predict", str(session), "--images", str(mri_pool / "images"), "--out", str(root / out), *flag]) == 0
+        )
+        assert main(["evaluate", "--pred", str(root / out), "--labels", str(mri_pool / "labels"), "--card", card]) == 0
+    source, adapted = _mean_dice(root / "source" / "evaluation.csv"), _mean_dice(root / "adapted" / "evaluation.csv")
+    assert adapted > source + 0.2, (source, adapted)
+
+
+def test_the_session_records_the_round_and_its_pseudo_labels(adapted_session):
+    _, session, query = adapted_session
+    data = json.loads((session / "session.json").read_text())
+    entry = data["rounds"][0]
+    assert entry["query"] == query and entry["checkpoint"] == "checkpoints/round1/final.pt"
+    assert sorted(entry["metrics"]["labelled"]) == sorted(query)
+    assert len(entry["metrics"]["pseudo_labelled"]) == 2  # half of the four unlabeled volumes
+    assert set(entry["metrics"]["seconds"]) == {"stage1", "pseudo_labels", "stage2"}
+    pseudo = json.loads((session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
+    assert pseudo["kept"] == entry["metrics"]["pseudo_labelled"]
+
+
+def test_predictions_are_in_the_input_grid_and_format(adapted_session, tmp_path):
+    import SimpleITK as sitk
+
+    from ASFDALib.phantoms import make_phantom
+    from ASFDALib.volume_io import read_volume
+
+    _, session, _ = adapted_session
+    image, _, _ = make_phantom(77, __import__("ASFDALib.phantoms", fromlist=["x"]).domain_config("mri"))
+    nrrd = sitk.GetImageFromArray(np.round(image[:, :, ::2]).astype(np.int16).transpose(2, 1, 0))
+    nrrd.SetSpacing((2.0, 2.0, 4.0))
+    nrrd.SetOrigin((5.0, -3.0, 10.0))
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(nrrd, str(tmp_path / "in" / "scan.nrrd"))
+    assert main(["predict", str(session), "--images", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
+    pred, src = read_volume(tmp_path / "out" / "scan.nrrd"), read_volume(tmp_path / "in" / "scan.nrrd")
+    assert pred.array.shape == src.array.shape
+    np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
+    assert set(np.unique(pred.array)) <= {0, 1, 2, 3} and pred.array.any()
+
+
+def test_exported_bundle_loads_through_monai_and_predicts_the_same_labels(adapted_session, mri_pool, tmp_path):
+    from monai.bundle import ConfigParser
+
+    from ASFDALib.adapt import session_model
+    from ASFDALib.finetune import predict_array
+    from ASFDALib.models import load_model
+    from ASFDALib.preprocess import preprocess
+    from ASFDALib.volume_io import read_volume
+
+    _, session, _ = adapted_session
+    assert main(["export", str(session), "--format", "bundle", "--out", str(tmp_path / "bundle")]) == 0
+    parser = ConfigParser()
+    parser.read_config(str(tmp_path / "bundle" / "configs" / "inference.json"))
+    parser.read_meta(str(tmp_path / "bundle" / "configs" / "metadata.json"))
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True))
+    data = parser.get_parsed_content("preprocessing")({"image": str(sorted((mri_pool / "images").iterdir())[0])})
+    inferer = parser.get_parsed_content("inferer")
+    with torch.no_grad():
+        monai_label = inferer(data["image"][None].float(), network.eval()).argmax(1)[0].numpy()
+    model = session_model(Session.open(session))
+    ours = preprocess(read_volume(sorted((mri_pool / "images").iterdir())[0]), model.card)
+    our_label = predict_array(model.network, ours, model.card, "cpu").argmax(0).numpy()
+    assert monai_label.shape == our_label.shape
+    assert (monai_label == our_label).mean() > 0.999
+    assert load_model(tmp_path / "bundle").card.class_names == model.card.class_names  # and ASFDA reads it back
+
+
+def test_torchscript_export_needs_trust_to_load_back(adapted_session, tmp_path):
+    from ASFDALib.errors import TrustRequiredError
+    from ASFDALib.models import load_model
+
+    _, session, _ = adapted_session
+    assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
+    with pytest.raises(TrustRequiredError):
+        load_model(tmp_path / "m.ts")
+    assert load_model(tmp_path / "m.ts", trust=True).card.num_classes == 4
+
+
+def test_next_round_ranks_with_the_adapted_model_and_counts_labels_in_diversity(adapted_session, capsys):
+    _, session, query = adapted_session
+    assert main(["rank", "--out", str(session), "--budget", "1"]) == 0
+    assert "adapted in this session" in capsys.readouterr().out
+    report = json.loads((session / "ranking.json").read_text())
+    statuses = {r["file"]: r["status"] for r in report["rows"]}
+    assert {f for f, s in statuses.items() if s == "labelled"} == set(query)
+    assert report["selected"][0] not in query
+    assert report["knowledge"] == "bn"  # the base model's BatchNorm statistics, not the adapted ones
+    rounds = json.loads((session / "session.json").read_text())["rounds"]
+    assert len(rounds) == 2 and rounds[1]["query"] == report["selected"]
+
+
+def test_labels_status_lists_missing_labels(adapted_session, capsys):
+    _, session, _ = adapted_session
+    assert main(["labels", str(session)]) == 0
+    assert "missing" in capsys.readouterr().out  # the round-2 query is not labelled yet
+
+
+def test_finetune_without_labels_says_what_to_do(tmp_path, mri_pool, capsys):
+    assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(tmp_path / "s")]) == 0
+    assert main(["finetune", str(tmp_path / "s")]) == 1
+    assert "no labels yet" in capsys.readouterr().err
+
+
+def test_a_refused_label_import_keeps_the_session_intact(tmp_path, mri_pool, capsys):
+    from ASFDALib.volume_io import write_nifti
+
+    assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(tmp_path / "s")]) == 0
+    before = (tmp_path / "s" / "session.json").read_text()
+    name = sorted((mri_pool / "images").iterdir())[0].name
+    (tmp_path / "bad").mkdir()
+    write_nifti(tmp_path / "bad" / name, np.zeros((5, 5, 5), np.uint8), np.eye(4))
+    assert main(["labels", "import", str(tmp_path / "s"), "--from", str(tmp_path / "bad")]) == 1
+    assert "differs from the image's" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s" / "session.json").read_text())["labels"] == json.loads(before)["labels"]
+    assert not (tmp_path / "s" / "labels").exists() or not list((tmp_path / "s" / "labels").iterdir())

@@ -1,0 +1,140 @@
+"""Fine-tuning: the loss, the reliability gate, exact resume, cancel, and a real gain in target Dice."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ASFDALib.finetune import IGNORE_INDEX, Case, FinetuneConfig, Trainer, dice_ce_loss, ramp
+from ASFDALib.models import load_model
+from ASFDALib.phantoms import domain_config, make_phantom
+from ASFDALib.preprocess import preprocess
+from ASFDALib.pseudo import keep_reliable, pseudo_label, reliability
+from ASFDALib.volume_io import Volume
+
+
+def test_ignored_voxels_contribute_no_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6, 6, requires_grad=True)
+    target = torch.randint(0, 4, (2, 6, 6, 6))
+    target[:, :3] = IGNORE_INDEX
+    dice_ce_loss(logits, target).backward()
+    assert torch.all(logits.grad[:, :, :3] == 0)
+    assert torch.any(logits.grad[:, :, 3:] != 0)
+
+
+def test_an_all_ignored_batch_has_zero_loss():
+    logits = torch.randn(1, 3, 4, 4, 4, requires_grad=True)
+    loss = dice_ce_loss(logits, torch.full((1, 4, 4, 4), IGNORE_INDEX))
+    assert loss.item() == 0.0
+
+
+def test_perfect_prediction_has_near_zero_loss():
+    target = torch.randint(0, 3, (1, 8, 8, 8))
+    logits = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float() * 50
+    assert dice_ce_loss(logits, target).item() < 1e-3
+
+
+def test_pseudo_weight_ramps_up_to_one():
+    assert ramp(0, 100, 0.3) == pytest.approx(np.exp(-5))
+    assert ramp(30, 100, 0.3) == 1.0 and ramp(90, 100, 0.3) == 1.0
+
+
+def test_low_confidence_voxels_become_ignore_not_background():
+    probs = torch.tensor([[0.95, 0.5, 0.05], [0.05, 0.5, 0.95]])
+    np.testing.assert_array_equal(pseudo_label(probs, 0.9), [0, IGNORE_INDEX, 1])
+
+
+def test_reliability_keeps_a_clean_volume_and_rejects_a_corrupted_one(default_model):
+    """Clean: a source-like volume; corrupted: the same anatomy with inverted contrast and heavy noise."""
+    from ASFDALib.pseudo import distance_to_labelled
+    from ASFDALib.sweep import sweep
+
+    card = default_model.card
+
+    def prepared(seed, corrupt=False):
+        image, _, affine = make_phantom(seed)
+        if corrupt:
+            rng = np.random.default_rng(seed)
+            image = -image + rng.normal(0, 400, image.shape).astype(np.float32)
+        return preprocess(Volume(image, affine, Path("x")), card)
+
+    labelled = [sweep(default_model.network, prepared(100), card).summary]
+    results = [sweep(default_model.network, prepared(101, corrupt), card) for corrupt in (False, True)]
+    scores = reliability(
+        np.array([r.asd for r in results]), distance_to_labelled([r.summary for r in results], labelled)
+    )
+    assert scores[0] > scores[1]
+    assert keep_reliable(scores, 0.5) == [0]
+
+
+def _cases(card, count=2, seed=0):
+    cases = []
+    for i in range(count):
+        image, label, affine = make_phantom(seed + i, domain_config("mri"))
+        x = preprocess(Volume(image, affine, Path(f"c{i}")), card).numpy()
+        cases.append(Case(f"c{i}", x, label))
+    return cases
+
+
+def _fresh(model_path):
+    return load_model(model_path).network
+
+
+SMALL = FinetuneConfig(iterations=6, batch_size=1, checkpoint_every=2, seed=3, device="cpu")
+
+
+def test_a_killed_and_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(tmp_path, default_model):
+    card, cases = default_model.card, _cases(default_model.card)
+    straight = Trainer(_fresh(default_model.path), card, SMALL, tmp_path / "a")
+    assert straight.run(cases, 6) == "done"
+
+    cancel = threading.Event()
+    first = Trainer(_fresh(default_model.path), card, SMALL, tmp_path / "b")
+    assert first.run(cases, 6, cancel=cancel, progress=lambda p: p.iteration == 3 and cancel.set()) == "cancelled"
+    resumed = Trainer(_fresh(default_model.path), card, SMALL, tmp_path / "b")  # a new process, in effect
+    assert resumed.load() and resumed.iteration == 3
+    assert resumed.run(cases, 6) == "done"
+    for key, value in straight.network.state_dict().items():
+        torch.testing.assert_close(resumed.network.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_cancel_stops_within_one_iteration_and_leaves_a_usable_checkpoint(tmp_path, default_model):
+    card = default_model.card
+    cancel = threading.Event()
+    seen = []
+
+    def progress(p):
+        seen.append(p.iteration)
+        if p.iteration == 2:
+            cancel.set()
+
+    trainer = Trainer(_fresh(default_model.path), card, replace(SMALL, checkpoint_every=100), tmp_path)
+    assert trainer.run(_cases(card, 1), 50, cancel=cancel, progress=progress) == "cancelled"
+    assert seen == [1, 2] and trainer.iteration == 2
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["iteration"] == 2
+    trainer.network.load_state_dict(state["network"])
+
+
+def test_progress_reports_loss_eta_and_validation_dice(tmp_path, default_model):
+    card = default_model.card
+    reports = []
+    trainer = Trainer(_fresh(default_model.path), card, SMALL, tmp_path)
+    trainer.run(_cases(card, 1), 2, progress=reports.append, validation=_cases(card, 1, seed=50))
+    assert [r.iteration for r in reports] == [1, 2]
+    assert all(np.isfinite(r.loss) and r.eta_s >= 0 for r in reports)
+    assert reports[-1].val_dice is not None and 0 <= reports[-1].val_dice <= 1
+
+
+def test_encoder_learns_more_slowly_than_the_decoder(default_model):
+    from ASFDALib.finetune import param_groups
+
+    groups = param_groups(_fresh(default_model.path), FinetuneConfig(lr=1e-3, encoder_lr_scale=0.1))
+    assert [g["lr"] for g in groups] == [1e-3, 1e-4]
+    assert all(len(g["params"]) for g in groups)

@@ -1,0 +1,84 @@
+"""The session folder: atomic, versioned, locked, and closed to paths that escape it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ASFDALib.session import SESSION_FILE, Session, SessionError, case_id, safe_path
+
+
+def test_new_session_is_saved_atomically_with_a_schema_version(tmp_path):
+    session = Session.open(tmp_path / "s", create=True)
+    session.add_round(["a.nii.gz"], {"name": "asfda"}, "digest")
+    session.save()
+    data = json.loads((tmp_path / "s" / SESSION_FILE).read_text())
+    assert data["schema"] == 1 and data["rounds"][0]["query"] == ["a.nii.gz"]
+    session.save()
+    assert (tmp_path / "s" / "session.json.bak").is_file()
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_opening_a_folder_that_is_not_a_session_says_what_to_run(tmp_path):
+    with pytest.raises(SessionError, match="asfda rank --out"):
+        Session.open(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{oops", "unreadable session file"),
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"schema": 99, "rounds": [], "labels": {}}', "schema version 99"),
+        ('{"schema": 1, "rounds": {}, "labels": {}}', "'rounds' must be a list"),
+        ('{"schema": 1, "rounds": [], "labels": {"a": "x"}}', "labels of 'a'"),
+    ],
+)
+def test_a_session_file_edited_into_nonsense_is_refused_clearly(tmp_path, content, message):
+    (tmp_path / SESSION_FILE).write_text(content)
+    with pytest.raises(SessionError, match=message):
+        Session.open(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["../outside.nii.gz", "/etc/passwd", "labels/../../x", ""])
+def test_paths_from_the_session_file_cannot_escape_it(tmp_path, bad):
+    with pytest.raises(SessionError):
+        safe_path(tmp_path, bad)
+
+
+def test_a_symlink_pointing_outside_is_refused(tmp_path):
+    (tmp_path / "s").mkdir()
+    os.symlink(tmp_path, tmp_path / "s" / "link")
+    with pytest.raises(SessionError, match="outside the session folder"):
+        safe_path(tmp_path / "s", "link/secret.nii.gz")
+    assert safe_path(tmp_path / "s", "labels/a.nii.gz") == (tmp_path / "s" / "labels" / "a.nii.gz").resolve()
+
+
+def test_a_second_writer_is_refused_with_a_clear_message(tmp_path):
+    first = Session.open(tmp_path, create=True).lock()
+    try:
+        with pytest.raises(SessionError, match=r"in use by pid \d+"):
+            Session.open(tmp_path, create=True).lock()
+    finally:
+        first.unlock()
+    Session.open(tmp_path, create=True).lock().unlock()  # free again
+
+
+def test_label_versions_never_overwrite(tmp_path):
+    session = Session.open(tmp_path, create=True)
+    first = session.next_label_path("case 1.nii.gz")
+    first.write_bytes(b"v1")
+    session.record_label("case 1.nii.gz", first, "h1", "test")
+    second = session.next_label_path("case 1.nii.gz")
+    assert (first.name, second.name) == ("case_1.v1.nii.gz", "case_1.v2.nii.gz")
+    second.write_bytes(b"v2")
+    session.record_label("case 1.nii.gz", second, "h2", "test")
+    assert session.labelled() == {"case 1.nii.gz": second.resolve()}
+    assert first.read_bytes() == b"v1"
+
+
+def test_case_ids_are_file_system_safe():
+    assert case_id("Patient Ä/01.nii.gz") == "Patient_01"
+    assert case_id("ct.seg.nrrd") == "ct.seg"
