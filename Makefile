@@ -28,3 +28,4 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_scoring.py --json benchmarks/results/scoring.json
+	$(BIN)/python benchmarks/bench_finetune.py --json benchmarks/results/finetune.json

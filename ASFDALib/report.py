@@ -140,6 +140,9 @@ def ranking_table(ranking: Ranking, limit: int = 30):
         )
     if len(scored) > limit:
         table.add_row("…", f"{len(scored) - limit} more in ranking.csv", *[""] * 7)
+    for row in ranking.rows:
+        if row.status == "labelled":
+            table.add_row("-", row.file, *[""] * 6, "labelled (counts in diversity)", style="green")
     for row in ranking.skipped:
         table.add_row("-", row.file, *[""] * 6, f"skipped: {row.reason}", style="yellow")
     return table
