@@ -99,28 +99,13 @@ def _progress(console, label: str):
     return bar, update
 
 
-def _session_model(args: argparse.Namespace, session):
-    """The model to rank with: --model, or the session's (adapted) one; and the base model's knowledge."""
-    from .adapt import session_model
-    from .ranking import choose_knowledge
-
-    recorded = session.data.get("model")
-    if args.model is None and recorded:
-        model = session_model(session, adapted=True)
-        base = session_model(session, adapted=False) if session.adapted_checkpoint() else model
-        return model, choose_knowledge(base, args.knowledge)
-    model = _load_model(args)
-    if recorded and recorded["digest"] != model.digest:
-        raise ASFDAError(f"{session.root} was started with {recorded['path']}; use another --out for a new model")
-    return model, None
-
-
 def cmd_rank(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .defaults import sample_images
     from .ranking import RankConfig, rank_folder
     from .report import ranking_table, write_ranking
+    from .rounds import ranking_model, record_round
     from .session import Session
 
     console = Console()
@@ -132,7 +117,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         if images is None:
             images = sample_images(out / "sample_data")
             console.print(f"No --images given: using the built-in sample MRI-like pool in {images}")
-        model, knowledge = _session_model(args, session)
+        model, knowledge = ranking_model(session, lambda: _load_model(args), args.model is not None, args.knowledge)
         adapted = "+" in model.digest
         console.print(
             f"Model: {model.card.name} ({model.kind}{', adapted in this session' if adapted else ''}, "
@@ -155,7 +140,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
                 Path(images), model, out / "cache", config, update, set(session.labelled()), knowledge
             )
         written = write_ranking(ranking, out)
-        _record_round(session, args, model, ranking, Path(images))
+        strategy = {"name": args.strategy, "alpha": args.alpha, "budget": args.budget, "seed": args.seed}
+        record_round(session, model, ranking, Path(images), strategy, bool(args.trust), args.recursive)
     console.print(ranking_table(ranking, args.show))
     scored = sum(r.status == "scored" for r in ranking.rows)
     cached = sum(r.cached for r in ranking.records)
@@ -172,26 +158,6 @@ def cmd_rank(args: argparse.Namespace) -> int:
         f"Next: label the query, then 'asfda labels import {out} --from LABEL_DIR' and 'asfda finetune {out}'."
     )
     return 0
-
-
-def _record_round(session, args, model, ranking, images: Path) -> None:
-    """Keep the model, the pool and this query in session.json (re-ranking before fine-tuning replaces it)."""
-    if not session.data.get("model"):
-        session.set_model(model.path, model.digest, model.kind, model.card.to_dict(), bool(args.trust))
-    session.set_images(images, {r.name: r.sha256 for r in ranking.records if r.sha256}, args.recursive)
-    strategy = {
-        "name": args.strategy,
-        "alpha": args.alpha,
-        "budget": args.budget,
-        "seed": args.seed,
-        "knowledge": ranking.knowledge.kind,
-    }
-    query = [r.file for r in ranking.selected]
-    if session.rounds and not session.rounds[-1].get("checkpoint"):
-        session.rounds[-1].update({"query": query, "strategy": strategy, "model_digest": model.digest})
-    else:
-        session.add_round(query, strategy, model.digest)
-    session.save()
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -1,0 +1,148 @@
+"""The Slicer panel's behaviour, driven as a user would drive the panel (no Qt needed)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from ASFDALib.volume_io import read_volume
+from ASFDALib.workflow import PanelSettings, Phase, Workflow
+
+
+@pytest.fixture
+def flow(tmp_path, mri_pool):
+    settings = PanelSettings(
+        images=str(mri_pool / "images"),
+        session=str(tmp_path / "session"),
+        budget=2,
+        iterations=10,
+        pseudo_iterations=6,
+        device="cpu",
+    )
+    return Workflow(settings)
+
+
+def _truth(mri_pool, name):
+    return read_volume(mri_pool / "labels" / name)
+
+
+def test_actions_explain_why_they_are_disabled(tmp_path):
+    flow = Workflow()
+    assert flow.check("rank") == (False, "choose a session folder")
+    flow.settings.session = str(tmp_path / "s")
+    assert flow.check("rank") == (False, "choose the folder of target volumes")
+    assert flow.check("next_case") == (False, "rank first")
+    assert flow.check("finetune") == (False, "save at least one label first")
+    assert flow.check("export") == (False, "fine-tune first")
+    assert flow.check("cancel") == (False, "nothing is running")
+
+
+def test_rank_runs_in_a_worker_and_fills_the_table(flow):
+    flow.start_rank()
+    assert flow.phase is Phase.RANKING and flow.busy
+    assert flow.check("rank")[0] is False and "wait for ranking" in flow.check("rank")[1]
+    flow.wait()
+    assert flow.phase is Phase.RANKED and not flow.busy
+    assert len(flow.rows) == 6 and len(flow.query) == 2
+    assert [r.selected for r in flow.rows] == [True, True, False, False, False, False]
+    assert all(r.status == "unlabelled" for r in flow.rows)
+    assert flow.progress == 1.0 and flow.progress_text.startswith("Ranked 6 volumes")
+
+
+def test_progress_reports_volume_and_eta_while_ranking(flow):
+    texts = []
+    flow.start_rank()
+    while flow.busy:
+        flow.poll()
+        texts.append(flow.progress_text)
+        time.sleep(0.01)
+    assert any(t.startswith("Scoring ") and "/6" in t for t in texts)
+
+
+def test_cancel_stops_ranking_and_keeps_finished_volumes(flow, tmp_path):
+    flow.start_rank()
+    flow.cancel()
+    flow.wait()
+    assert any("cancelled" in line for line in flow.log)
+    assert not flow.busy and flow.phase is Phase.SETUP
+
+
+def test_label_save_versions_and_end_state(flow, mri_pool):
+    flow.start_rank()
+    flow.wait()
+    first = flow.next_case()
+    assert first == flow.query[0]
+    prefill = flow.prefill(first)
+    volume = flow.case_volume(first)
+    assert prefill.shape == volume.array.shape and prefill.dtype == np.uint8
+    written = []
+    truth = _truth(mri_pool, first)
+    nifti, seg = flow.save_label(
+        first, truth.array, truth.affine, write_seg=lambda p: written.append(p) or p.write_bytes(b"seg")
+    )
+    assert nifti.name.endswith(".v1.nii.gz") and seg.name.endswith(".v1.seg.nrrd") and written == [seg]
+    np.testing.assert_array_equal(read_volume(nifti).array, truth.array)
+    again, _ = flow.save_label(first, truth.array, truth.affine)
+    assert again.name.endswith(".v2.nii.gz") and nifti.is_file()  # never overwritten
+    assert next(r for r in flow.rows if r.case == first).status == "labelled"
+    second = flow.next_case()
+    assert second == flow.query[1]
+    truth = _truth(mri_pool, second)
+    flow.save_label(second, truth.array, truth.affine)
+    assert flow.next_case() is None
+    assert flow.log[-1] == "All 2 queried cases are labelled. Fine-tune next."
+    assert flow.check("next_case") == (False, "every queried case is labelled: fine-tune next")
+
+
+def test_a_label_on_the_wrong_grid_is_refused(flow):
+    from ASFDALib.errors import VolumeError
+
+    flow.start_rank()
+    flow.wait()
+    with pytest.raises(VolumeError, match="differs from the image's"):
+        flow.save_label(flow.query[0], np.zeros((3, 3, 3), np.uint8), np.eye(4))
+
+
+def test_finetune_apply_export_and_reopen(flow, mri_pool, tmp_path):
+    flow.start_rank()
+    flow.wait()
+    for name in flow.query:
+        truth = _truth(mri_pool, name)
+        flow.save_label(name, truth.array, truth.affine)
+    flow.start_finetune()
+    seen = set()
+    while flow.busy:
+        flow.poll()
+        seen.add(flow.progress_text.split(":")[0])
+        time.sleep(0.02)
+    flow.poll()
+    assert any("fine-tuning done" in line for line in flow.log), flow.log[-5:]
+    assert "Fine-tuning stage 1" in seen
+    assert flow.check("apply")[0] and flow.check("export")[0] and flow.check("next_round")[0]
+    predictions = flow.apply(flow.remaining()[:1])
+    ((name, label),) = predictions.items()
+    assert label.shape == flow.case_volume(name).array.shape
+    bundle = flow.export(tmp_path / "bundle")
+    assert (bundle / "configs" / "inference.json").is_file()
+
+    reopened = Workflow(PanelSettings(session=flow.settings.session))
+    assert reopened.reopen()
+    assert reopened.settings.images == flow.settings.images
+    assert reopened.query == flow.query and reopened.phase is Phase.RANKED
+    assert {r.case: r.status for r in reopened.rows if r.case in flow.query} == dict.fromkeys(flow.query, "labelled")
+
+    reopened.start_next_round()
+    reopened.wait()
+    assert {r.status for r in reopened.rows if r.case in flow.query} == {"labelled"}
+    assert not set(reopened.query) & set(flow.query)
+
+
+def test_worker_errors_reach_the_log(tmp_path):
+    (tmp_path / "empty").mkdir()
+    flow = Workflow(PanelSettings(images=str(tmp_path / "empty"), session=str(tmp_path / "s")))
+    flow.start_rank()
+    flow.wait()
+    assert any(line.startswith("ranking failed:") and "no volumes found" in line for line in flow.log)
+    assert flow.phase is Phase.SETUP and not flow.busy
