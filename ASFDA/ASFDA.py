@@ -5,6 +5,7 @@ conversion is ``ASFDALib.mrml``; both are tested outside Slicer. torch, MONAI an
 only inside functions, after the dependency check.
 """
 
+import importlib.util
 import os
 import sys
 
@@ -317,19 +318,15 @@ class ASFDALogic(ScriptedLoadableModuleLogic):
         return ", ".join(parts) + f" — {device}"
 
     def ensureDependencies(self):
-        try:
-            import torch  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("torch") is None:
             try:
                 import PyTorchUtils
             except ImportError:
                 raise RuntimeError(
                     _("Install the PyTorch extension from the Extensions Manager, then restart.")
                 ) from None
-            if (
-                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=">=2.2")
-                is None
-            ):
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=">=2.2")
+            if torch is None:
                 raise RuntimeError(_("PyTorch is required."))
         if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
             slicer.packaging.pip_ensure(REQUIREMENTS, requester="ASFDA")
