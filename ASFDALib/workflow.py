@@ -247,6 +247,7 @@ class Workflow:
                 self._apply_ranking(payload[0])
             elif kind == "finished":
                 self.job = None
+                self.refresh_statuses()
                 if self.phase in (Phase.RANKING, Phase.FINETUNING):
                     self.phase = Phase.RANKED if self.rows else Phase.SETUP
 
@@ -306,14 +307,33 @@ class Workflow:
         self.progress, self.progress_text = 1.0, f"Ranked {len(ranking.rows)} volumes; query: {len(self.query)}"
         self.message(self.progress_text)
 
+    def _pseudo_labelled(self) -> set[str]:
+        from .session import Session, SessionError
+
+        try:
+            rounds = Session.open(self.session_path()).rounds
+        except (SessionError, TypeError):
+            return set()
+        return {n for r in rounds for n in (r.get("metrics") or {}).get("pseudo_labelled", [])}
+
+    def _status(self, name: str, done: dict, pseudo: set[str]) -> str:
+        return "labelled" if name in done else "pseudo-labelled" if name in pseudo else "unlabelled"
+
+    def refresh_statuses(self) -> None:
+        """Labelled / pseudo-labelled / unlabelled for every scored row, from the session on disk."""
+        done, pseudo = self.labelled(), self._pseudo_labelled()
+        for row in self.rows:
+            if not row.status.startswith("skipped"):
+                row.status = self._status(row.case, done, pseudo)
+
     def _rows_from_report(self, report: dict) -> None:
         self.query = list(report["selected"])
-        done = self.labelled()
+        done, pseudo = self.labelled(), self._pseudo_labelled()
         rows = []
         for row in report["rows"]:
             status = row["status"]
-            if status == "scored":
-                status = "labelled" if row["file"] in done else "unlabelled"
+            if status in ("scored", "labelled"):
+                status = self._status(row["file"], done, pseudo)
             elif status == "skipped":
                 status = f"skipped: {row['reason']}"
                 self.skipped[row["file"]] = row["reason"]

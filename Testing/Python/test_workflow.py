@@ -121,6 +121,8 @@ def test_finetune_apply_export_and_reopen(flow, mri_pool, tmp_path):
     assert any("fine-tuning done" in line for line in flow.log), flow.log[-5:]
     assert "Fine-tuning stage 1" in seen
     assert flow.check("apply")[0] and flow.check("export")[0] and flow.check("next_round")[0]
+    statuses = {r.status for r in flow.rows}
+    assert statuses == {"labelled", "pseudo-labelled", "unlabelled"}, statuses
     predictions = flow.apply(flow.remaining()[:1])
     ((name, label),) = predictions.items()
     assert label.shape == flow.case_volume(name).array.shape
