@@ -23,9 +23,8 @@ from .labels import read_volume_allow_constant
 from .modelcard import card_from_dict
 from .models import LoadedModel, load_model, load_weights
 from .preprocess import labels_to_native, preprocess, preprocess_label
-from .pseudo import distance_to_labelled, keep_reliable, pseudo_label, reliability
+from .pseudo import selective_pseudo_labels
 from .session import Session, SessionError, case_id
-from .sweep import SweepConfig, sweep
 from .volume_io import content_hash, discover_volumes, read_volume, write_volume
 
 
@@ -76,32 +75,26 @@ def build_pseudo_labels(
     session: Session, model: LoadedModel, cases: list[Case], folder: Path, config: FinetuneConfig
 ) -> tuple[list[str], dict[str, float]]:
     """Score the unlabeled pool with the stage-1 model, keep the reliable part and store its pseudo-labels."""
-    names, summaries, asd = [], [], []
-    sweep_config = SweepConfig(device=config.device)
+    pool = []
     for name in _pseudo_pool(session, {c.name for c in cases}, config.max_pseudo_volumes):
         try:
-            image = preprocess(read_volume(session.image_path(name)), model.card)
+            pool.append((name, preprocess(read_volume(session.image_path(name)), model.card)))
         except VolumeError:
             continue
-        result = sweep(model.network, image, model.card, sweep_config)
-        names.append(name)
-        summaries.append(result.summary)
-        asd.append(result.asd)
-    if not names:
-        return [], {}
-    labelled_summaries = [
-        sweep(model.network, torch.from_numpy(c.image), model.card, sweep_config).summary for c in cases
-    ]
-    scores = reliability(np.array(asd), distance_to_labelled(summaries, labelled_summaries))
-    kept = [names[i] for i in keep_reliable(scores, config.keep_fraction)]
+    kept, scores, labels = selective_pseudo_labels(
+        model.network,
+        model.card,
+        [c.image for c in cases],
+        pool,
+        config.keep_fraction,
+        config.confidence,
+        config.device,
+    )
     folder.mkdir(parents=True, exist_ok=True)
-    for name in kept:
-        image = preprocess(read_volume(session.image_path(name)), model.card)
-        label = pseudo_label(predict_array(model.network, image, model.card, config.device), config.confidence)
+    for name, label in labels.items():
         _save_array(folder / f"{case_id(name)}.npz", label)
-    table = {n: float(s) for n, s in zip(names, scores)}
-    atomic_write_json(folder / "pseudo.json", {"kept": kept, "reliability": table})
-    return kept, table
+    atomic_write_json(folder / "pseudo.json", {"kept": kept, "reliability": scores})
+    return kept, scores
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:

@@ -42,3 +42,33 @@ def pseudo_label(probs: torch.Tensor | np.ndarray, confidence: float = 0.9) -> n
     out = label.to(torch.uint8)
     out[best < confidence] = IGNORE_INDEX
     return out.numpy()
+
+
+def selective_pseudo_labels(
+    network: torch.nn.Module,
+    card,
+    labelled_images: list[np.ndarray],
+    pool: list[tuple[str, np.ndarray]],
+    keep_fraction: float = 0.5,
+    confidence: float = 0.9,
+    device: str = "auto",
+) -> tuple[list[str], dict[str, float], dict[str, np.ndarray]]:
+    """Score ``pool`` (name, model-space image) with the current model, keep the reliable part and label it.
+
+    Returns the kept names (most reliable first), every candidate's reliability, and the pseudo-labels
+    (uint8, IGNORE_INDEX where the model is not confident) of the kept ones.
+    """
+    from .finetune import predict_array
+    from .sweep import SweepConfig, sweep
+
+    if not pool:
+        return [], {}, {}
+    sweep_config = SweepConfig(device=device)
+    results = [sweep(network, torch.as_tensor(image), card, sweep_config) for _, image in pool]
+    labelled = [sweep(network, torch.as_tensor(image), card, sweep_config).summary for image in labelled_images]
+    scores = reliability(
+        np.array([r.asd for r in results]), distance_to_labelled([r.summary for r in results], labelled)
+    )
+    kept = keep_reliable(scores, keep_fraction)
+    labels = {pool[i][0]: pseudo_label(predict_array(network, pool[i][1], card, device), confidence) for i in kept}
+    return [pool[i][0] for i in kept], {name: float(s) for (name, _), s in zip(pool, scores)}, labels

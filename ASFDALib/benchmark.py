@@ -1,0 +1,281 @@
+"""The active-learning benchmark: every query strategy, the same fine-tuning recipe, budgets x seeds,
+Dice on a disjoint labelled test set; JSON, a Markdown table and a plot.
+
+Runs are appended to ``results.json`` as they finish, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_write, atomic_write_json, atomic_write_text
+from .finetune import Case, FinetuneConfig, Trainer, dice_per_class, predict_array
+from .models import LoadedModel, load_model
+from .preprocess import preprocess, preprocess_label
+from .pseudo import selective_pseudo_labels
+from .ranking import RankConfig, rank_folder
+from .volume_io import read_volume
+
+QUERY_ROWS = ("random", "fg-random", "entropy", "epistemic", "coreset", "dkd", "asd", "asfda")
+ROWS = ("source", *QUERY_ROWS, "asfda+ssft", "full")
+LABELS = {
+    "source": "source model, no adaptation",
+    "random": "random",
+    "fg-random": "foreground-aware random",
+    "entropy": "entropy (whole volume)",
+    "epistemic": "MC-dropout epistemic (5 passes)",
+    "coreset": "Core-set",
+    "dkd": "DKD only",
+    "asd": "ASD only",
+    "asfda": "ASFDA (DKD + ASD)",
+    "asfda+ssft": "ASFDA + selective semi-supervised fine-tuning",
+    "full": "fully supervised, whole pool (upper bound)",
+}
+
+
+@dataclass
+class BenchmarkConfig:
+    pool: int = 40
+    test: int = 20
+    budgets: tuple[int, ...] = (2, 4, 8)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    iterations: int = 300
+    rows: tuple[str, ...] = ROWS
+    device: str = "auto"
+    data_seed: int = 1000
+
+    @classmethod
+    def quick(cls) -> BenchmarkConfig:
+        return cls(pool=6, test=3, budgets=(2,), seeds=(0,), iterations=4)
+
+
+@dataclass
+class Run:
+    row: str
+    budget: int
+    seed: int
+    dice: list[float]
+    query: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _cases(folder: Path, card) -> list[Case]:
+    cases = []
+    for path in sorted((folder / "images").iterdir()):
+        volume = read_volume(path)
+        label = _label(folder, path.name)
+        image = preprocess(volume, card)
+        cases.append(Case(path.name, image.numpy(), preprocess_label(label, volume.affine, card)))
+    return cases
+
+
+def _label(folder: Path, name: str) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asanyarray(nib.load(str(folder / "labels" / name)).dataobj)
+
+
+def evaluate(model: LoadedModel, network: torch.nn.Module, cases: list[Case], device: str) -> list[float]:
+    """Mean Dice per foreground class over ``cases`` (a class absent from both maps is skipped)."""
+    per_class = []
+    for case in cases:
+        pred = predict_array(network, case.image, model.card, device).argmax(0).numpy()
+        per_class.append(dice_per_class(pred, case.label, model.card.num_classes))
+    values = np.array(per_class, dtype=np.float64)
+    return [
+        float(np.nanmean(values[:, c])) if np.isfinite(values[:, c]).any() else float("nan")
+        for c in range(values.shape[1])
+    ]
+
+
+def train(
+    model_path: Path,
+    card,
+    labelled: list[Case],
+    pool: list[Case],
+    iterations: int,
+    seed: int,
+    device: str,
+    ssft: bool,
+    workdir: Path,
+) -> torch.nn.Module:
+    """The same recipe for every row: ``iterations`` in all (split evenly between the stages for SSFT)."""
+    network = load_model(model_path).network
+    config = FinetuneConfig(seed=seed, device=device, checkpoint_every=10**9)
+    trainer = Trainer(network, card, config, workdir)
+    first = iterations // 2 if ssft else iterations
+    trainer.run(labelled, first)
+    if ssft:
+        names = {c.name for c in labelled}
+        candidates = [(c.name, c.image) for c in pool if c.name not in names]
+        _, _, labels = selective_pseudo_labels(
+            network, card, [c.image for c in labelled], candidates, config.keep_fraction, config.confidence, device
+        )
+        by_name = {c.name: c for c in pool}
+        pseudo = [Case(n, by_name[n].image, label) for n, label in labels.items()]
+        trainer.begin_stage("stage2")
+        trainer.run(labelled, iterations - first, pseudo or None)
+    return network.eval()
+
+
+def _summary(runs: list[Run], config: BenchmarkConfig) -> dict:
+    table: dict = {}
+    for row in config.rows:
+        for budget in (0,) if row in ("source", "full") else config.budgets:
+            dice = np.array([r.dice for r in runs if r.row == row and r.budget == budget], dtype=np.float64)
+            if dice.size == 0:
+                continue
+            overall = np.nanmean(dice, axis=1)
+            table[f"{row}@{budget}"] = {
+                "row": row,
+                "budget": budget,
+                "runs": len(dice),
+                "mean": [float(v) for v in np.nanmean(dice, axis=0)],
+                "sd": [float(v) for v in np.nanstd(dice, axis=0)],
+                "overall_mean": float(overall.mean()),
+                "overall_sd": float(overall.std()),
+            }
+    return table
+
+
+def markdown(summary: dict, class_names: list[str]) -> str:
+    head = "| method | budget | " + " | ".join(class_names[1:]) + " | mean Dice |"
+    lines = [head, "|" + "---|" * (len(class_names) + 2)]
+    ordered = sorted(summary.values(), key=lambda s: (s["row"] == "full", s["budget"], ROWS.index(s["row"])))
+    for s in ordered:
+        budget = "all" if s["row"] == "full" else ("0" if s["row"] == "source" else str(s["budget"]))
+        cells = [f"{100 * m:.1f} ± {100 * d:.1f}" for m, d in zip(s["mean"], s["sd"])]
+        lines.append(
+            f"| {LABELS[s['row']]} | {budget} | "
+            + " | ".join(cells)
+            + f" | **{100 * s['overall_mean']:.1f} ± {100 * s['overall_sd']:.1f}** |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, config: BenchmarkConfig, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    budgets = list(config.budgets)
+    for row in config.rows:
+        if row in ("source", "full"):
+            s = summary.get(f"{row}@0")
+            if s:
+                ax.axhline(
+                    100 * s["overall_mean"],
+                    ls="--" if row == "full" else ":",
+                    color="k" if row == "full" else "grey",
+                    label=LABELS[row],
+                )
+            continue
+        points = [summary.get(f"{row}@{b}") for b in budgets]
+        if not any(points):
+            continue
+        xs = [b for b, p in zip(budgets, points) if p]
+        ys = [100 * p["overall_mean"] for p in points if p]
+        es = [100 * p["overall_sd"] for p in points if p]
+        bold = row.startswith("asfda")
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, lw=2.5 if bold else 1.2, label=LABELS[row])
+    ax.set_xlabel(f"labelled volumes (of a pool of {config.pool})")
+    ax.set_ylabel(f"mean Dice on {config.test} test volumes (%)")
+    ax.set_xticks(budgets)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path
+
+
+def run_benchmark(
+    out: Path, config: BenchmarkConfig, model_path: Path, progress: Callable[[int, int, str], None] | None = None
+) -> dict:
+    """Run (or resume) the protocol into ``out``; returns the summary written to ``benchmark.json``."""
+    from .phantoms import write_pool
+
+    out = Path(out)
+    start = time.perf_counter()
+    data = out / "data"
+    if not (data / "pool" / "cases.json").is_file():
+        write_pool(data / "pool", config.pool, seed=config.data_seed, prefix="pool")
+    if not (data / "test" / "cases.json").is_file():
+        write_pool(data / "test", config.test, seed=config.data_seed + 1, prefix="test")
+    model = load_model(model_path)
+    card = model.card
+    pool, test = _cases(data / "pool", card), _cases(data / "test", card)
+    results_path = out / "results.json"
+    runs = [Run(**r) for r in json.loads(results_path.read_text())["runs"]] if results_path.is_file() else []
+    done = {(r.row, r.budget, r.seed) for r in runs}
+    plan = [("source", 0, 0)] if "source" in config.rows else []
+    plan += [
+        (row, b, s)
+        for s in config.seeds
+        for b in config.budgets
+        for row in config.rows
+        if row not in ("source", "full")
+    ]
+    plan += [("full", 0, s) for s in config.seeds] if "full" in config.rows else []
+    orders: dict[tuple[str, int], list[str]] = {}
+    for i, (row, budget, seed) in enumerate(plan):
+        if progress:
+            progress(i, len(plan), f"{row} budget {budget} seed {seed}")
+        if (row, budget, seed) in done:
+            continue
+        t0 = time.perf_counter()
+        query: list[str] = []
+        if row == "source":
+            network = model.network
+        elif row == "full":
+            network = train(model_path, card, pool, pool, config.iterations, seed, config.device, False, out / "work")
+        else:
+            strategy = "asfda" if row == "asfda+ssft" else row
+            key = (strategy, seed if strategy in ("random", "fg-random") else 0)
+            if key not in orders:
+                ranking = rank_folder(
+                    data / "pool" / "images",
+                    model,
+                    out / "cache",
+                    RankConfig(strategy=strategy, budget=max(config.budgets), seed=key[1], device=config.device),
+                )
+                orders[key] = [r.file for r in ranking.rows if r.status == "scored"]
+            query = orders[key][:budget]
+            labelled = [c for c in pool if c.name in query]
+            network = train(
+                model_path,
+                card,
+                labelled,
+                pool,
+                config.iterations,
+                seed,
+                config.device,
+                row == "asfda+ssft",
+                out / "work",
+            )
+        run = Run(row, budget, seed, evaluate(model, network, test, config.device), query, time.perf_counter() - t0)
+        runs.append(run)
+        atomic_write_json(results_path, {"config": asdict(config), "runs": [asdict(r) for r in runs]})
+    if progress:
+        progress(len(plan), len(plan), "")
+    summary = _summary(runs, config)
+    report = {
+        "config": asdict(config),
+        "class_names": card.class_names,
+        "summary": summary,
+        "wall_seconds": time.perf_counter() - start,
+        "run_seconds": sum(r.seconds for r in runs),
+    }
+    atomic_write_json(out / "benchmark.json", report)
+    atomic_write_text(out / "benchmark.md", markdown(summary, card.class_names))
+    plot(summary, config, out / "benchmark.png")
+    return report
