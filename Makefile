@@ -1,10 +1,10 @@
 # Two commands set up and run everything on a fresh machine (see README):
-#   make run    install into .venv, then rank the built-in sample pool with the built-in model
+#   make run    install into .venv, then run the demo on the built-in model (rank, label, fine-tune, compare)
 #   make test   install into .venv, then lint and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-OUT ?= asfda-session
+OUT ?= asfda-demo
 BIN := $(VENV)/bin
 
 .PHONY: run test install bench
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/asfda rank --out $(OUT)
+	$(BIN)/asfda demo --out $(OUT)
 
 test: install
 	$(BIN)/ruff check .
