@@ -6,6 +6,7 @@ half-written file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -13,22 +14,35 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import ASFDAError
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; session files are meant to be shared
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ASFDAError(
+                f"{path}: the disk is full ({exc.strerror}); nothing was changed, the previous version is intact. "
+                "Free some space and run the same command again."
+            ) from None
+        raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return path
 

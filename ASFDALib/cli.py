@@ -143,6 +143,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
         strategy = {"name": args.strategy, "alpha": args.alpha, "budget": args.budget, "seed": args.seed}
         record_round(session, model, ranking, Path(images), strategy, bool(args.trust), args.recursive)
     console.print(ranking_table(ranking, args.show))
+    for note in (n for r in ranking.records for n in r.notes):
+        console.print(f"[yellow]{note}[/yellow]")
     scored = sum(r.status == "scored" for r in ranking.rows)
     cached = sum(r.cached for r in ranking.records)
     console.print(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from .cache import ScoreCache
 from .epistemic import epistemic_score
 from .errors import ASFDAError, ModelError, VolumeError
 from .features import FeatureSummary, batchnorm_knowledge, batchnorm_layers
+from .memory import check_scoring_memory
 from .models import LoadedModel
 from .preprocess import preprocess
 from .selection import Knowledge, Pool, select
@@ -49,6 +50,7 @@ class VolumeRecord:
     cached: bool = False
     epistemic: float | None = None
     sha256: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -108,11 +110,29 @@ def choose_knowledge(model: LoadedModel, requested: str = "auto") -> Knowledge:
     return Knowledge("energy")
 
 
-def score_volume(model: LoadedModel, path: Path, sweep_config: SweepConfig) -> SweepResult:
+def score_volume(
+    model: LoadedModel, path: Path, sweep_config: SweepConfig, notes: list[str] | None = None
+) -> SweepResult:
+    """Read, check and sweep one volume. On CUDA out-of-memory: a smaller window batch, then the CPU."""
+    import torch
+
+    check_scoring_memory(path, model.card.spacing)
     volume = read_volume(path)
     image = preprocess(volume, model.card)
     del volume
-    return sweep(model.network, image, model.card, sweep_config)
+    attempts = [sweep_config, replace(sweep_config, sw_batch_size=1), replace(sweep_config, device="cpu")]
+    for i, attempt in enumerate(attempts):
+        try:
+            return sweep(model.network, image, model.card, attempt)
+        except torch.cuda.OutOfMemoryError:
+            if i == len(attempts) - 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            step = "with one window at a time" if i == 0 else "on the CPU"
+            if notes is not None:
+                notes.append(f"{path.name}: GPU out of memory; retrying {step}")
+    raise AssertionError("unreachable")
 
 
 def score_volumes(
@@ -139,7 +159,7 @@ def score_volumes(
             record.result = cache.get(key)
             record.cached = record.result is not None
             if record.result is None:
-                record.result = score_volume(model, path, sweep_config)
+                record.result = score_volume(model, path, sweep_config, record.notes)
                 cache.put(key, record.result)
             if config.strategy == "epistemic":
                 ekey = cache.key(file_hash, model.digest, preprocessing, f"epistemic{config.mc_passes}:{config.seed}")

@@ -134,8 +134,30 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     names = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     if len(names) < 2:
         raise VolumeError(folder, "DICOM series has a single slice", "ASFDA needs a 3D series")
+    _check_slice_positions(folder, names)
     reader.SetFileNames(names)
     return _sitk_to_ras(reader.Execute())
+
+
+def _check_slice_positions(folder: Path, names) -> None:
+    """Refuse a series whose slices are not evenly spaced (a missing slice, or mixed spacing)."""
+    import SimpleITK as sitk
+
+    positions = []
+    for name in names:
+        info = sitk.ImageFileReader()
+        info.SetFileName(name)
+        info.ReadImageInformation()
+        positions.append(np.asarray(info.GetOrigin(), dtype=np.float64))
+    steps = np.linalg.norm(np.diff(np.stack(positions), axis=0), axis=1)
+    if steps.size and (steps.min() <= 1e-6 or steps.max() - steps.min() > 0.01 * max(steps.max(), 1e-6)):
+        worst = int(np.argmax(np.abs(steps - np.median(steps))))
+        raise VolumeError(
+            folder,
+            f"uneven slice spacing ({steps.min():.2f} to {steps.max():.2f} mm; between "
+            f"{Path(names[worst]).name} and {Path(names[worst + 1]).name}): a missing or duplicated slice?",
+            "re-export the complete series",
+        )
 
 
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -57,8 +57,19 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
     assert main(["benchmark", "--quick", "--out", str(out)]) == 0
     report = json.loads((out / "benchmark.json").read_text())
     rows = {s["row"] for s in report["summary"].values()}
-    assert rows == {"source", "random", "fg-random", "entropy", "epistemic", "coreset", "dkd", "asd", "asfda",
-                    "asfda+ssft", "full"}
+    assert rows == {
+        "source",
+        "random",
+        "fg-random",
+        "entropy",
+        "epistemic",
+        "coreset",
+        "dkd",
+        "asd",
+        "asfda",
+        "asfda+ssft",
+        "full",
+    }
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
     assert "| ASFDA (DKD + ASD) | 2 |" in (out / "benchmark.md").read_text()
     runs = json.loads((out / "results.json").read_text())["runs"]
@@ -69,8 +80,10 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
 @pytest.mark.parametrize("budget", [2])
 def test_demo_runs_end_to_end(tmp_path, capsys, budget):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--pool", "6", "--test", "2", "--budget", str(budget),
-                 "--iterations", "4"]) == 0
+    assert (
+        main(["demo", "--out", str(out), "--pool", "6", "--test", "2", "--budget", str(budget), "--iterations", "4"])
+        == 0
+    )
     report = json.loads((out / "demo.json").read_text())
     assert set(report["dice"]) == {"source", "random", "asfda"} and len(report["query"]) == budget
     assert (out / "demo.png").is_file() and (out / "session" / "ranking.png").is_file()

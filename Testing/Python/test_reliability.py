@@ -1,0 +1,257 @@
+"""Faults and hostile input: full disks, kills, memory, GPU out-of-memory, no network, fuzzed files."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, write_dicom_series
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ASFDALib.atomic import atomic_write, atomic_write_json
+from ASFDALib.errors import ASFDAError, VolumeError
+from ASFDALib.session import Session, SessionError
+from ASFDALib.volume_io import read_volume, write_nifti
+
+
+# --- full disk -------------------------------------------------------------------------------------
+def test_an_injected_disk_full_error_is_clear_and_keeps_the_old_file(tmp_path):
+    target = atomic_write_json(tmp_path / "session.json", {"v": 1})
+
+    def full(tmp: Path) -> None:
+        tmp.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ASFDAError, match="disk is full.*previous version is intact"):
+        atomic_write(target, full)
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["session.json"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_real_full_disk_leaves_the_session_intact(tiny_disk):
+    session = Session.open(tiny_disk / "s", create=True)
+    session.add_round(["a.nii.gz"], {"name": "asfda"}, "d")
+    session.save()
+    before = (tiny_disk / "s" / "session.json").read_text()
+    session.add_round(["x" * 200_000], {"name": "asfda"}, "d")  # far more than the 64 kB disk holds
+    with pytest.raises(ASFDAError, match="disk is full"):
+        session.save()
+    assert (tiny_disk / "s" / "session.json").read_text() == before
+    assert Session.open(tiny_disk / "s").rounds[0]["query"] == ["a.nii.gz"]
+
+
+# --- memory ----------------------------------------------------------------------------------------
+def test_a_volume_too_large_for_memory_is_skipped_before_reading(tmp_path, default_model):
+    import nibabel as nib
+
+    from ASFDALib.cache import ScoreCache
+    from ASFDALib.ranking import RankConfig, choose_knowledge, score_volumes
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((3000, 3000, 3000))
+    header.set_data_dtype(np.int16)
+    header.set_zooms((0.5, 0.5, 0.5))
+    path = tmp_path / "huge.nii"
+    path.write_bytes(header.binaryblock + b"\0" * 4 + b"\0" * 1000)  # the header promises 54 GB of voxels
+    records = score_volumes(
+        [path], default_model, ScoreCache(tmp_path / "c"), RankConfig(), choose_knowledge(default_model)
+    )
+    assert "needs about" in records[0].reason and "GB are free" in records[0].reason
+
+
+# --- GPU out of memory -----------------------------------------------------------------------------
+class _SmallGPU(torch.nn.Module):
+    """Wraps a network and fails like a GPU with too little memory for more than one window."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(x)
+
+
+def test_gpu_out_of_memory_retries_with_one_window_at_a_time(tmp_path, default_model, mri_pool):
+    from dataclasses import replace
+
+    from ASFDALib.ranking import score_volume
+    from ASFDALib.sweep import SweepConfig
+
+    model = replace(default_model, network=_SmallGPU(default_model.network))
+    notes: list[str] = []
+    path = sorted((mri_pool / "images").iterdir())[0]
+    result = score_volume(model, path, SweepConfig(), notes)
+    assert np.isfinite(result.asd)
+    assert notes == [f"{path.name}: GPU out of memory; retrying with one window at a time"]
+
+
+# --- no network ------------------------------------------------------------------------------------
+def test_rank_and_finetune_open_no_socket(tmp_path, mri_pool, monkeypatch):
+    import socket
+
+    from ASFDALib.cli import main
+
+    attempts = []
+
+    def refuse(self, *args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access during a run")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: refuse(None, *a))
+    session = tmp_path / "s"
+    assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(session), "--budget", "1"]) == 0
+    query = json.loads((session / "ranking.json").read_text())["selected"]
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "gt" / query[0]).write_bytes((mri_pool / "labels" / query[0]).read_bytes())
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
+    assert main(["finetune", str(session), "--iterations", "2", "--pseudo-iterations", "2"]) == 0
+    assert attempts == []
+
+
+# --- DICOM -----------------------------------------------------------------------------------------
+def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path):
+    folder = write_dicom_series(tmp_path / "series", np.arange(8 * 8 * 6, dtype=np.int16).reshape(8, 8, 6))
+    sorted(folder.iterdir())[3].unlink()
+    with pytest.raises(VolumeError, match="uneven slice spacing .*missing"):
+        read_volume(folder)
+
+
+def test_extreme_values_are_scored_or_refused_never_crash(tmp_path, default_model):
+    from ASFDALib.cache import ScoreCache
+    from ASFDALib.ranking import RankConfig, choose_knowledge, score_volumes
+
+    big = np.zeros((20, 20, 20), np.float32)
+    big[5:15, 5:15, 5:15] = 3e38
+    path = write_nifti(tmp_path / "extreme.nii", big, np.eye(4))
+    (record,) = score_volumes(
+        [path], default_model, ScoreCache(tmp_path / "c"), RankConfig(), choose_knowledge(default_model)
+    )
+    assert record.ok or record.reason
+
+
+# --- kills -----------------------------------------------------------------------------------------
+def _python(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def test_killing_session_writes_at_random_points_never_leaves_a_broken_file(tmp_path):
+    code = (
+        "import sys; from ASFDALib.session import Session\n"
+        "s = Session.open(sys.argv[1], create=True)\n"
+        "i = 0\n"
+        "while True:\n"
+        "    i += 1; s.add_round([f'case{i}.nii.gz'] * 50, {'i': i}, 'd'); s.save()\n"
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        child = _python(code, str(tmp_path / "s"))
+        time.sleep(float(rng.uniform(1.0, 2.0)))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        session = Session.open(tmp_path / "s")  # always parseable: old or new, never half-written
+        assert all(len(r["query"]) == 50 for r in session.rounds)
+    leftovers = [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]
+    assert all(p.name.startswith(".session.json.") for p in leftovers)  # hidden scratch files, never the session
+
+
+def test_killing_a_ranking_loses_no_finished_volume_score(tmp_path, mri_pool, default_model):
+    from ASFDALib.ranking import RankConfig, rank_folder
+
+    code = "import sys; from ASFDALib.cli import main\nmain(['rank', '--images', sys.argv[1], '--out', sys.argv[2]])\n"
+    session = tmp_path / "s"
+    cache = session / "cache"
+    for delay in (4.0, 6.0):
+        child = _python(code, str(mri_pool / "images"), str(session))
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        for entry in cache.glob("*.npz") if cache.is_dir() else []:
+            np.load(entry)  # every entry on disk is complete
+    before = {p.name for p in cache.glob("*.npz")} if cache.is_dir() else set()
+    resumed = rank_folder(mri_pool / "images", default_model, cache, RankConfig())
+    after = {p.name for p in cache.glob("*.npz")}
+    assert before <= after and len(after) == 6
+    assert sum(r.cached for r in resumed.records) == len(before)
+    fresh = rank_folder(mri_pool / "images", default_model, tmp_path / "fresh", RankConfig())
+    assert [r.file for r in resumed.rows] == [r.file for r in fresh.rows]
+
+
+# --- fuzzing ---------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048), suffix=st.sampled_from([".nii", ".nii.gz", ".nrrd", ".mha"]))
+def test_arbitrary_bytes_never_escape_as_anything_but_a_volume_error(tmp_path, data, suffix):
+    path = tmp_path / f"fuzz{suffix}"
+    path.write_bytes(data)
+    try:
+        read_volume(path)
+    except VolumeError as exc:
+        assert exc.path == path and exc.reason
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.dictionaries(st.sampled_from(["schema", "rounds", "labels", "model", "images", "x"]), json_values))
+def test_any_session_file_is_opened_or_refused_clearly(tmp_path, data):
+    (tmp_path / "session.json").write_text(json.dumps(data))
+    try:
+        session = Session.open(tmp_path)
+    except SessionError:
+        return
+    for name in session.data["labels"]:  # whatever passed validation is safe to resolve
+        for entry in session.data["labels"][name]:
+            try:
+                assert session.path(entry["file"]).is_relative_to(tmp_path.resolve())
+            except SessionError:
+                pass
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(st.integers(min_value=-3, max_value=12), min_size=1, max_size=8))
+def test_label_validation_accepts_exactly_the_model_classes(tmp_path, values):
+    from ASFDALib.labels import LabelError, validate_label
+
+    affine = np.eye(4)
+    image = write_nifti(tmp_path / "img.nii", np.arange(64, dtype=np.int16).reshape(4, 4, 4), affine)
+    label = np.zeros((4, 4, 4), np.int16)
+    label.flat[: len(values)] = values
+    path = write_nifti(tmp_path / "lab.nii", label, affine)
+    classes = ["background", "a", "b", "c"]
+    if all(0 <= v < 4 for v in values):
+        out, _ = validate_label(path, image, classes)
+        np.testing.assert_array_equal(out, label)
+    else:
+        with pytest.raises(LabelError, match="not classes of the model"):
+            validate_label(path, image, classes)
