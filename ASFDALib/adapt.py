@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .atomic import atomic_write, atomic_write_json
 from .errors import VolumeError
 from .finetune import Case, FinetuneConfig, ProgressFn, Trainer, predict_array
@@ -139,7 +140,7 @@ def finetune_session(
     if resume:
         if not trainer.load():
             say("nothing to resume; starting from the beginning")
-    elif trainer.last_path.is_file():
+    elif trainer.last_path.is_file() and distributed.is_main():
         raise SessionError(f"{trainer.last_path}: an earlier run of this round exists; pass --resume to continue it")
     say(f"loading {len(labelled)} labelled volumes")
     cases = [_case(n, session.image_path(n), p, model) for n, p in sorted(labelled.items())]
@@ -151,16 +152,17 @@ def finetune_session(
         result.seconds["stage1"] = time.perf_counter() - timer
         if result.status == "cancelled":
             return result
-        atomic_write(folder / "stage1.pt", lambda tmp: torch.save(model.network.state_dict(), tmp))
+        if distributed.is_main():
+            atomic_write(folder / "stage1.pt", lambda tmp: torch.save(model.network.state_dict(), tmp))
     pseudo_cases: list[Case] = []
     if pseudo and config.pseudo_iterations > 0:
         timer = time.perf_counter()
+        if not (folder / "pseudo" / "pseudo.json").is_file() and distributed.is_main():
+            say("scoring the unlabeled pool for reliable pseudo-labels")
+            build_pseudo_labels(session, model, cases, folder / "pseudo", config)
+        distributed.barrier()  # under torchrun, rank 0 writes the pseudo-labels and every rank reads them
         if (folder / "pseudo" / "pseudo.json").is_file():
             pseudo_cases, result.kept, result.reliability = _load_pseudo(session, model, folder / "pseudo")
-        else:
-            say("scoring the unlabeled pool for reliable pseudo-labels")
-            result.kept, result.reliability = build_pseudo_labels(session, model, cases, folder / "pseudo", config)
-            pseudo_cases = _load_pseudo(session, model, folder / "pseudo")[0] if result.kept else []
         result.seconds["pseudo_labels"] = time.perf_counter() - timer
         if pseudo_cases:
             timer = time.perf_counter()
@@ -169,8 +171,11 @@ def finetune_session(
             result.seconds["stage2"] = time.perf_counter() - timer
             if result.status == "cancelled":
                 return result
-    final = atomic_write(folder / "final.pt", lambda tmp: torch.save(model.network.state_dict(), tmp))
+    final = folder / "final.pt"
     result.checkpoint = final
+    if not distributed.is_main():
+        return result
+    atomic_write(final, lambda tmp: torch.save(model.network.state_dict(), tmp))
     round_entry["checkpoint"] = session.relative(final)
     round_entry["metrics"] = {
         "labelled": sorted(labelled),

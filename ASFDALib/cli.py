@@ -100,35 +100,45 @@ def _progress(console, label: str):
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
     from rich.console import Console
 
+    from . import distributed
     from .defaults import sample_images
     from .ranking import RankConfig, rank_folder
     from .report import ranking_table, write_ranking
     from .rounds import ranking_model, record_round
     from .session import Session
 
-    console = Console()
+    distributed.init_from_env(args.device)
+    main_rank = distributed.is_main()
+    console = Console(quiet=not main_rank)
     out = Path(args.out)
-    with Session.open(out, create=True) as session:
+    session = Session.open(out, create=True)
+    with session if main_rank else nullcontext(session):  # only rank 0 writes the session
         images = args.images
         if images is None and session.data.get("images"):
             images = session.image_root
         if images is None:
-            images = sample_images(out / "sample_data")
+            if main_rank:
+                sample_images(out / "sample_data")
+            distributed.barrier()
+            images = out / "sample_data" / "images"
             console.print(f"No --images given: using the built-in sample MRI-like pool in {images}")
         model, knowledge = ranking_model(session, lambda: _load_model(args), args.model is not None, args.knowledge)
         adapted = "+" in model.digest
         console.print(
             f"Model: {model.card.name} ({model.kind}{', adapted in this session' if adapted else ''}, "
             f"{model.card.num_classes} classes: {', '.join(model.card.class_names[1:])})"
+            + (f"; {distributed.world()} processes" if distributed.world() > 1 else "")
         )
         config = RankConfig(
             budget=args.budget,
             alpha=args.alpha,
             strategy=args.strategy,
             knowledge=args.knowledge,
-            device=args.device,
+            device=distributed.device_for_rank(args.device),
             seed=args.seed,
             recursive=args.recursive,
             mc_passes=args.mc_passes,
@@ -139,6 +149,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
             ranking = rank_folder(
                 Path(images), model, out / "cache", config, update, set(session.labelled()), knowledge
             )
+        if not main_rank:
+            return 0
         written = write_ranking(ranking, out)
         strategy = {"name": args.strategy, "alpha": args.alpha, "budget": args.budget, "seed": args.seed}
         record_round(session, model, ranking, Path(images), strategy, bool(args.trust), args.recursive)
@@ -262,8 +274,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         stage = "stage 1 (labels)" if p.stage == "stage1" else "stage 2 (+ pseudo-labels)"
         bar.update(task, completed=p.iteration, total=p.total, stage=stage, loss=p.loss, val=val)
 
+    from contextlib import nullcontext
+
+    from . import distributed
+
+    distributed.init_from_env(args.device)
+    if not distributed.is_main():
+        console.quiet = True
     cancel = threading.Event()
-    with Session.open(args.session) as session, bar:
+    session = Session.open(args.session)
+    with session if distributed.is_main() else nullcontext(session), bar:
         try:
             result = finetune_session(
                 session,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .atomic import atomic_write
 from .features import encoder_stages
 from .modelcard import ModelCard
@@ -205,11 +206,21 @@ class Trainer:
         self.card = card
         self.config = config
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(distributed.device_for_rank(config.device))
         self.network.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels
+            self.network.to(memory_format=torch.channels_last_3d)
         self.optimizer = torch.optim.AdamW(param_groups(network, config), weight_decay=config.weight_decay)
-        self.rng = np.random.default_rng(config.seed)
+        # Each rank draws its own patches (a distributed sampler by construction); one process: seed alone.
+        self.rng = self._generator(0)
         torch.manual_seed(config.seed)
+        self.model = network
+        if distributed.world() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(network, device_ids=ids)
         self.stage = "stage1"
         self.iteration = 0
         self.amp_dtype = None
@@ -217,22 +228,32 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
+    def _generator(self, iteration: int) -> np.random.Generator:
+        if distributed.world() == 1 and iteration == 0:
+            return np.random.default_rng(self.config.seed)
+        return np.random.default_rng([self.config.seed, distributed.rank(), iteration])
+
     @property
     def last_path(self) -> Path:
         return self.checkpoint_dir / "last.pt"
 
     def save(self, path: Path | None = None) -> Path:
-        state = {
-            "stage": self.stage,
-            "iteration": self.iteration,
-            "network": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "numpy_rng": json.dumps(self.rng.bit_generator.state),
-            "torch_rng": torch.get_rng_state(),
-            "config": json.dumps(asdict(self.config)),
-        }
+        """Checkpoint atomically (rank 0 writes; every rank's data stream is kept for an exact resume)."""
+        streams = distributed.gather([self.rng.bit_generator.state])
         target = path or self.last_path
-        return atomic_write(target, lambda tmp: torch.save(state, tmp))
+        if distributed.is_main():
+            state = {
+                "stage": self.stage,
+                "iteration": self.iteration,
+                "network": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "numpy_rng": json.dumps([s[0] for s in streams]),
+                "torch_rng": torch.get_rng_state(),
+                "config": json.dumps(asdict(self.config)),
+            }
+            atomic_write(target, lambda tmp: torch.save(state, tmp))
+        distributed.barrier()
+        return target
 
     def load(self, path: Path | None = None) -> bool:
         """Restore the newest checkpoint; False when there is none."""
@@ -243,9 +264,13 @@ class Trainer:
         self.network.load_state_dict(state["network"])
         self.network.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.rng.bit_generator.state = json.loads(state["numpy_rng"])
-        torch.set_rng_state(state["torch_rng"])
         self.stage, self.iteration = state["stage"], int(state["iteration"])
+        streams = json.loads(state["numpy_rng"])
+        if len(streams) == distributed.world():
+            self.rng.bit_generator.state = streams[distributed.rank()]
+        else:  # resumed on another number of ranks: a fresh, deterministic stream per rank
+            self.rng = self._generator(self.iteration + 1)
+        torch.set_rng_state(state["torch_rng"])
         return True
 
     def begin_stage(self, stage: str) -> None:
@@ -254,9 +279,11 @@ class Trainer:
 
     def _loss(self, cases: list[Case]) -> torch.Tensor:
         x, y = sample_batch(cases, self.card.roi_size, self.config.batch_size, self.rng, self.config.foreground_ratio)
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":  # pinned host memory, asynchronous copies, channels-last convolutions
+            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            x = x.to(memory_format=torch.channels_last_3d)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.network(x)
+            logits = self.model(x)
         return dice_ce_loss(logits.float(), y)
 
     def run(
@@ -289,10 +316,10 @@ class Trainer:
             at_checkpoint = self.iteration % self.config.checkpoint_every == 0 or self.iteration == iterations
             if at_checkpoint:
                 self.save()
-                if validation:
+                if validation and distributed.is_main():
                     val_dice = self.validate(validation)
                     self.network.train()
-            if progress:
+            if progress and distributed.is_main():
                 done = self.iteration - first
                 rate = (time.perf_counter() - start) / max(done, 1)
                 progress(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import distributed
 from .cache import ScoreCache
 from .epistemic import epistemic_score
 from .errors import ASFDAError, ModelError, VolumeError
@@ -256,5 +257,17 @@ def rank_folder(
             + ")"
         )
     knowledge = knowledge or choose_knowledge(model, config.knowledge)
-    records = score_volumes(paths, model, ScoreCache(cache_folder), config, knowledge, Path(images), progress)
+    # Under torchrun each rank scores its share; every rank then ranks the same gathered pool.
+    mine = distributed.shard(paths)
+    local = score_volumes(
+        mine,
+        model,
+        ScoreCache(cache_folder),
+        config,
+        knowledge,
+        Path(images),
+        progress if distributed.is_main() else None,
+    )
+    by_path = {r.path: r for part in distributed.gather(local) for r in part}
+    records = [by_path[p] for p in paths]
     return rank_records(records, knowledge, config, model.card.name, labelled_names)
