@@ -59,6 +59,13 @@ def _quantise(values: torch.Tensor) -> np.ndarray:
     return (values.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy(force=True)
 
 
+def batch_for_memory(free_bytes: int, roi: tuple[int, int, int], bytes_per_voxel: int = 256, cap: int = 16) -> int:
+    """Windows per forward pass that fit in half the free GPU memory (a window costs roughly
+    ``bytes_per_voxel`` per voxel in activations for a typical 3D U-Net under AMP)."""
+    per_window = int(np.prod(roi)) * bytes_per_voxel
+    return int(max(1, min(cap, (free_bytes // 2) // max(per_window, 1))))
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,6 +122,8 @@ def sweep(
     roi = card.roi_size
     overlap = card.overlap if config.overlap is None else config.overlap
     batch = config.sw_batch_size or card.sw_batch_size
+    if config.sw_batch_size is None and device.type == "cuda":
+        batch = max(batch, batch_for_memory(torch.cuda.mem_get_info(device)[0], roi))
     shape = tuple(int(s) for s in image.shape[1:])
     padded = tuple(max(s, r) for s, r in zip(shape, roi, strict=True))
     x = torch.as_tensor(image).as_subclass(torch.Tensor).float()

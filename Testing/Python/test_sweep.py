@@ -75,3 +75,12 @@ def test_sweep_refuses_a_card_with_the_wrong_class_count(default_model):
     card = replace(default_model.card, class_names=["background", "organ"])
     with pytest.raises(ModelError, match="4 channels but its card lists 2"):
         sweep(default_model.network, torch.rand(1, 48, 48, 48), card)
+
+
+def test_window_batch_follows_free_gpu_memory():
+    from ASFDALib.sweep import batch_for_memory
+
+    roi = (96, 96, 96)  # 0.88 M voxels: about 226 MB a window at 256 B/voxel
+    assert batch_for_memory(1 * 2**30, roi) == 2
+    assert batch_for_memory(80 * 2**30, roi) == 16  # capped
+    assert batch_for_memory(10 * 2**20, roi) == 1  # never zero
