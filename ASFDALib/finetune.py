@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from . import distributed
 from .atomic import atomic_write
 from .features import encoder_stages
+from .memory import check_training_memory
 from .modelcard import ModelCard
 from .sweep import resolve_device
 
@@ -207,6 +208,7 @@ class Trainer:
         self.config = config
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = resolve_device(distributed.device_for_rank(config.device))
+        check_training_memory(config.batch_size, card.roi_size, str(self.device))
         self.network.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels

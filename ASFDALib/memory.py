@@ -70,3 +70,30 @@ def check_scoring_memory(path: Path, model_spacing, available: int | None = None
             f"{available / GB:.1f} GB are free",
             "crop or downsample it, or free memory",
         )
+
+
+def training_bytes(batch: int, roi: tuple[int, int, int], bytes_per_voxel: int = 600) -> int:
+    """Rough peak of one training step: activations and their gradients for ``batch`` patches, taken as
+    600 B per patch voxel (a generous figure for a small float32 3D U-Net; an estimate, not a measurement)."""
+    return int(batch * np.prod(roi) * bytes_per_voxel)
+
+
+def check_training_memory(batch: int, roi: tuple[int, int, int], device: str, available: int | None = None) -> None:
+    """Refuse a fine-tuning configuration that cannot fit, naming the setting to change."""
+    import torch
+
+    if available is None:
+        if device.startswith("cuda") and torch.cuda.is_available():
+            available = torch.cuda.mem_get_info(torch.device(device))[0]
+        else:
+            available = available_bytes()
+    if available is None:
+        return
+    needed = training_bytes(batch, roi)
+    if needed > available:
+        from .errors import ASFDAError
+
+        raise ASFDAError(
+            f"fine-tuning with batch {batch} of {'x'.join(map(str, roi))} patches needs about {needed / GB:.1f} GB, "
+            f"{available / GB:.1f} GB are free on {device}: use a smaller --batch-size"
+        )

@@ -138,6 +138,12 @@ def _apply_weights(network: torch.nn.Module, state: dict[str, torch.Tensor], pat
 
 
 def _check_classes(network: torch.nn.Module, card: ModelCard, path: Path) -> None:
+    channels = getattr(network, "in_channels", None)
+    if isinstance(channels, int) and channels != 1:
+        raise ModelError(
+            f"{path}: the network expects {channels} input channels; ASFDA feeds one image channel per volume "
+            "(multi-sequence models are not supported yet)"
+        )
     out = getattr(network, "out_channels", None)
     if isinstance(out, int) and out != card.num_classes:
         raise ModelError(

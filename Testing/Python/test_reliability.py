@@ -79,6 +79,26 @@ def test_a_volume_too_large_for_memory_is_skipped_before_reading(tmp_path, defau
     assert "needs about" in records[0].reason and "GB are free" in records[0].reason
 
 
+def test_a_training_batch_that_cannot_fit_is_refused_with_the_setting_to_change():
+    from ASFDALib.memory import check_training_memory
+
+    with pytest.raises(ASFDAError, match="use a smaller --batch-size"):
+        check_training_memory(64, (128, 128, 128), "cpu", available=2 * 1024**3)
+    check_training_memory(2, (48, 48, 48), "cpu", available=2 * 1024**3)
+
+
+def test_a_card_for_a_multi_channel_network_is_refused(tmp_path):
+    from ASFDALib.errors import ModelError
+    from ASFDALib.modelcard import ModelCard, NetworkSpec
+    from ASFDALib.models import build_network, load_model
+
+    args = {"spatial_dims": 3, "in_channels": 2, "out_channels": 4, "channels": [4, 8], "strides": [2]}
+    torch.save(build_network(NetworkSpec("UNet", args)).state_dict(), tmp_path / "net.pt")
+    card = ModelCard(class_names=["bg", "a", "b", "c"], network=NetworkSpec("UNet", args))
+    with pytest.raises(ModelError, match="expects 2 input channels"):
+        load_model(tmp_path / "net.pt", card)
+
+
 # --- GPU out of memory -----------------------------------------------------------------------------
 class _SmallGPU(torch.nn.Module):
     """Wraps a network and fails like a GPU with too little memory for more than one window."""
