@@ -199,13 +199,24 @@ def plot(summary: dict, config: BenchmarkConfig, path: Path) -> Path:
 
 
 def run_benchmark(
-    out: Path, config: BenchmarkConfig, model_path: Path, progress: Callable[[int, int, str], None] | None = None
+    out: Path,
+    config: BenchmarkConfig,
+    model_path: Path,
+    progress: Callable[[int, int, str], None] | None = None,
+    run: bool = True,
 ) -> dict:
-    """Run (or resume) the protocol into ``out``; returns the summary written to ``benchmark.json``."""
+    """Run (or resume) the protocol into ``out``; returns the summary written to ``benchmark.json``.
+
+    ``run=False`` only summarises the runs already in ``results.json`` (a partial benchmark's report).
+    """
     from .phantoms import write_pool
 
     out = Path(out)
     start = time.perf_counter()
+    if not run:
+        runs = [Run(**r) for r in json.loads((out / "results.json").read_text())["runs"]]
+        names = load_model(model_path).card.class_names
+        return _report(out, config, runs, names, start)
     data = out / "data"
     if not (data / "pool" / "cases.json").is_file():
         write_pool(data / "pool", config.pool, seed=config.data_seed, prefix="pool")
@@ -267,15 +278,20 @@ def run_benchmark(
         atomic_write_json(results_path, {"config": asdict(config), "runs": [asdict(r) for r in runs]})
     if progress:
         progress(len(plan), len(plan), "")
+    return _report(out, config, runs, card.class_names, start)
+
+
+def _report(out: Path, config: BenchmarkConfig, runs: list[Run], class_names: list[str], start: float) -> dict:
     summary = _summary(runs, config)
     report = {
         "config": asdict(config),
-        "class_names": card.class_names,
+        "class_names": class_names,
         "summary": summary,
+        "runs": len(runs),
         "wall_seconds": time.perf_counter() - start,
         "run_seconds": sum(r.seconds for r in runs),
     }
     atomic_write_json(out / "benchmark.json", report)
-    atomic_write_text(out / "benchmark.md", markdown(summary, card.class_names))
+    atomic_write_text(out / "benchmark.md", markdown(summary, class_names))
     plot(summary, config, out / "benchmark.png")
     return report

@@ -422,7 +422,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     config = replace(config, device=args.device, **overrides)
     bar, update = _progress(console, "Benchmark")
     with bar:
-        report = run_benchmark(args.out, config, args.model or default_model_path(), update)
+        report = run_benchmark(args.out, config, args.model or default_model_path(), update, not args.report_only)
     console.print((args.out / "benchmark.md").read_text())
     console.print(
         f"{report['wall_seconds'] / 60:.1f} min; wrote {args.out}/benchmark.json, benchmark.md, benchmark.png"
@@ -631,6 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, help="number of seeds")
     bench.add_argument("--iterations", type=int, help="fine-tuning iterations per run (default 300)")
     bench.add_argument("--device", default="auto")
+    bench.add_argument(
+        "--report-only",
+        action="store_true",
+        help="summarise the runs already in OUT/results.json (e.g. of an unfinished benchmark)",
+    )
     bench.set_defaults(func=cmd_benchmark)
 
     phantoms = sub.add_parser(

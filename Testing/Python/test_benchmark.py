@@ -75,6 +75,10 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert main(["benchmark", "--quick", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["runs"] == runs  # nothing was run twice
+    (out / "benchmark.md").unlink()
+    assert main(["benchmark", "--quick", "--out", str(out), "--report-only"]) == 0
+    assert json.loads((out / "benchmark.json").read_text())["summary"] == report["summary"]
+    assert (out / "benchmark.md").is_file()
 
 
 @pytest.mark.parametrize("budget", [2])
