@@ -125,6 +125,9 @@ class Session:
         handle.write(f"pid {os.getpid()} since {now()}")
         handle.flush()
         self._lock_handle = handle
+        # Scratch files of a writer that was killed mid-write; with the lock held nobody else is writing.
+        for scratch in [*self.root.glob(".*.tmp"), *self.root.glob("labels/.*.tmp")]:
+            scratch.unlink(missing_ok=True)
         return self
 
     def unlock(self) -> None:

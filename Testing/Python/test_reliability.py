@@ -198,6 +198,8 @@ def test_killing_session_writes_at_random_points_never_leaves_a_broken_file(tmp_
         assert all(len(r["query"]) == 50 for r in session.rounds)
     leftovers = [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]
     assert all(p.name.startswith(".session.json.") for p in leftovers)  # hidden scratch files, never the session
+    with Session.open(tmp_path / "s"):
+        assert not [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]  # the next writer cleans up
 
 
 def test_killing_a_ranking_loses_no_finished_volume_score(tmp_path, mri_pool, default_model):

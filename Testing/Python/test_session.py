@@ -82,3 +82,13 @@ def test_label_versions_never_overwrite(tmp_path):
 def test_case_ids_are_file_system_safe():
     assert case_id("Patient Ä/01.nii.gz") == "Patient_01"
     assert case_id("ct.seg.nrrd") == "ct.seg"
+
+
+def test_taking_the_lock_clears_scratch_files_of_a_killed_writer(tmp_path):
+    session = Session.open(tmp_path, create=True)
+    session.save()
+    (tmp_path / ".session.json.abc123.tmp").write_text("{half")
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / ".case.v1.nii.gz.x.tmp").write_bytes(b"half")
+    with Session.open(tmp_path):
+        assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "labels").glob(".*.tmp"))
