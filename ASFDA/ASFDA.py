@@ -69,16 +69,6 @@ class ASFDAParameterNode:
 
 
 class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    BUTTONS = {
-        "rankButton": "rank",
-        "nextCaseButton": "next_case",
-        "saveLabelButton": "save_label",
-        "finetuneButton": "finetune",
-        "applyButton": "apply",
-        "nextRoundButton": "next_round",
-        "exportButton": "export",
-    }
-
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -233,8 +223,10 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refresh()
 
     def refresh(self):
+        from ASFDALib.workflow import BUTTON_ACTIONS
+
         flow = self.logic.workflow(self._settings())
-        for name, action in self.BUTTONS.items():
+        for name, action in BUTTON_ACTIONS.items():
             enabled, why = flow.check(action)
             getattr(self.ui, name).enabled = enabled
             getattr(self.ui, name).toolTip = why

@@ -19,6 +19,16 @@ import numpy as np
 from .errors import ASFDAError
 
 LOG_LIMIT = 500
+# The panel's buttons (object names in Resources/UI/ASFDA.ui) and the workflow action each one runs.
+BUTTON_ACTIONS = {
+    "rankButton": "rank",
+    "nextCaseButton": "next_case",
+    "saveLabelButton": "save_label",
+    "finetuneButton": "finetune",
+    "applyButton": "apply",
+    "nextRoundButton": "next_round",
+    "exportButton": "export",
+}
 
 
 class Phase(str, Enum):

@@ -82,7 +82,7 @@ def main() -> None:
         QTableWidgetItem,
     )
 
-    from ASFDALib.workflow import PanelSettings, Workflow
+    from ASFDALib.workflow import BUTTON_ACTIONS, PanelSettings, Workflow
 
     app = QApplication.instance() or QApplication([])
     data = QByteArray(qt_ui(REPO / "Resources" / "UI" / "ASFDA.ui").encode())
@@ -111,16 +111,8 @@ def main() -> None:
                 item.setBackground(QColor(255, 236, 200))
             table.setItem(r, c, item)
     table.resizeColumnsToContents()
-    buttons = {
-        "rankButton": "rank",
-        "nextCaseButton": "next_case",
-        "saveLabelButton": "save_label",
-        "finetuneButton": "finetune",
-        "applyButton": "apply",
-        "nextRoundButton": "next_round",
-        "exportButton": "export",
-    }
-    for name, action in buttons.items():
+
+    for name, action in BUTTON_ACTIONS.items():
         enabled, why = flow.check(action)
         button = find(QPushButton, name)
         button.setEnabled(enabled)

@@ -112,3 +112,14 @@ def test_only_the_mrml_bridge_imports_slicer():
             if "slicer" in names or "qt" in names:
                 importers.append(path.name)
     assert set(importers) == {"mrml.py"}
+
+
+def test_every_panel_button_exists_and_names_a_workflow_action():
+    from ASFDALib.workflow import BUTTON_ACTIONS, Workflow
+
+    widgets = _ui_widgets()
+    flow = Workflow()
+    for name, action in BUTTON_ACTIONS.items():
+        assert widgets[name].get("class") == "QPushButton"
+        enabled, why = flow.check(action)
+        assert isinstance(enabled, bool) and why
