@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from .features import encoder_stages
@@ -63,9 +62,3 @@ def epistemic_score(
             handle.remove()
         network.eval()
         torch.random.set_rng_state(generator_state)
-
-
-def mean_entropy(probs: np.ndarray) -> float:
-    """Whole-volume mean normalised entropy of a (C, ...) probability array (for tests and reports)."""
-    p = np.clip(probs, 1e-12, 1)
-    return float((-(p * np.log(p)).sum(axis=0) / np.log(probs.shape[0])).mean())
