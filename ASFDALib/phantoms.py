@@ -75,7 +75,7 @@ def make_phantom(seed: int, config: PhantomConfig | None = None) -> tuple[np.nda
     rng = np.random.default_rng(seed)
     spacing = np.asarray(config.spacing, dtype=np.float64)
     extent = np.asarray(config.shape) * spacing
-    axes = [(np.arange(n) + 0.5) * s - e / 2 for n, s, e in zip(config.shape, spacing, extent, strict=True)]
+    axes = [(np.arange(n) + 0.5) * s - e / 2 for n, s, e in zip(config.shape, spacing, extent)]
     grid = np.stack(np.meshgrid(*axes, indexing="ij")).astype(np.float32)  # RAS mm, body centred at 0
 
     def jitter(scale: float, size: int = 3) -> np.ndarray:

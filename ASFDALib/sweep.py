@@ -99,11 +99,11 @@ def core_bounds(starts: list[int], roi: int, size: int) -> list[tuple[int, int]]
 def iter_windows(shape: tuple[int, int, int], roi: tuple[int, int, int], overlap: float) -> Iterator[tuple]:
     """(window slices, core slices relative to the volume) for every window of a padded volume."""
     per_axis = []
-    for size, r in zip(shape, roi, strict=True):
+    for size, r in zip(shape, roi):
         starts = window_starts(size, r, overlap)
-        per_axis.append(list(zip(starts, core_bounds(starts, r, size), strict=True)))
+        per_axis.append(list(zip(starts, core_bounds(starts, r, size))))
     for combo in itertools.product(*per_axis):
-        window = tuple(slice(s, s + r) for (s, _), r in zip(combo, roi, strict=True))
+        window = tuple(slice(s, s + r) for (s, _), r in zip(combo, roi))
         core = tuple(slice(lo, hi) for _, (lo, hi) in combo)
         yield window, core
 
@@ -125,10 +125,10 @@ def sweep(
     if config.sw_batch_size is None and device.type == "cuda":
         batch = max(batch, batch_for_memory(torch.cuda.mem_get_info(device)[0], roi))
     shape = tuple(int(s) for s in image.shape[1:])
-    padded = tuple(max(s, r) for s, r in zip(shape, roi, strict=True))
+    padded = tuple(max(s, r) for s, r in zip(shape, roi))
     x = torch.as_tensor(image).as_subclass(torch.Tensor).float()
     if padded != shape:
-        pad = [p for s, q in reversed(list(zip(shape, padded, strict=True))) for p in (0, q - s)]
+        pad = [p for s, q in reversed(list(zip(shape, padded))) for p in (0, q - s)]
         x = torch.nn.functional.pad(x, pad, mode="constant", value=float(x.min()))
     entropy_q = np.zeros(padded, np.uint8)
     fgprob_q = np.zeros(padded, np.uint8)
@@ -162,7 +162,7 @@ def sweep(
             fg_q = _quantise(1.0 - p[:, 0])
             e = (-torch.logsumexp(logits, dim=1)).to(torch.float16).numpy(force=True) if energy is not None else None
             for i, (window, core) in enumerate(chunk):
-                local = (i, *(slice(c.start - w.start, c.stop - w.start) for c, w in zip(core, window, strict=True)))
+                local = (i, *(slice(c.start - w.start, c.stop - w.start) for c, w in zip(core, window)))
                 entropy_q[core] = ent_q[local]
                 fgprob_q[core] = fg_q[local]
                 classes[core] = packed[local]

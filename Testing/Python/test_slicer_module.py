@@ -123,3 +123,13 @@ def test_every_panel_button_exists_and_names_a_workflow_action():
         assert widgets[name].get("class") == "QPushButton"
         enabled, why = flow.check(action)
         assert isinstance(enabled, bool) and why
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ASFDALib").glob("*.py")), ids=lambda p: p.name)
+def test_library_runs_on_the_python_of_slicer_5_4_to_5_8(path):
+    """Slicer <= 5.8 ships Python 3.9: 3.9 grammar, and no 3.10-only keyword arguments such as zip(strict=)."""
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source, feature_version=(3, 9))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "zip":
+            assert not node.keywords, f"{path.name}:{node.lineno} uses zip(strict=...), new in Python 3.10"
