@@ -3,6 +3,7 @@ model's source knowledge), and recording a query in session.json. Shared by the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ASFDAError
@@ -13,7 +14,7 @@ from .session import Session
 
 
 def ranking_model(
-    session: Session, load_given: callable, given: bool, knowledge: str = "auto"
+    session: Session, load_given: Callable[[], LoadedModel], given: bool, knowledge: str = "auto"
 ) -> tuple[LoadedModel, Knowledge | None]:
     """The model to rank with, and the source knowledge to use (None: the model's own).
 
