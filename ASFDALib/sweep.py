@@ -153,21 +153,20 @@ def sweep(
                     f"the model outputs {logits.shape[1]} channels but its card lists {card.num_classes} classes"
                 )
             logit_moments.update(logits)
-            logp = torch.log_softmax(logits, dim=1)
-            p = logp.exp()
-            # torch.max over channels is an order of magnitude faster than argmax on CPU.
-            fg_best, fg_index = logits[:, 1:].max(dim=1)
-            packed = (fg_index + 1 + (fg_best > logits[:, 0]) * FOREGROUND_FLAG).to(torch.uint8).numpy(force=True)
-            ent_q = _quantise(-(p * logp).sum(dim=1) / log_c)
-            fg_q = _quantise(1.0 - p[:, 0])
-            e = (-torch.logsumexp(logits, dim=1)).to(torch.float16).numpy(force=True) if energy is not None else None
             for i, (window, core) in enumerate(chunk):
-                local = (i, *(slice(c.start - w.start, c.stop - w.start) for c, w in zip(core, window)))
-                entropy_q[core] = ent_q[local]
-                fgprob_q[core] = fg_q[local]
-                classes[core] = packed[local]
+                # Reduce only the voxels this window owns: no work, and no temporaries, for overlaps.
+                local = (i, slice(None), *(slice(c.start - w.start, c.stop - w.start) for c, w in zip(core, window)))
+                owned = logits[local]
+                logp = torch.log_softmax(owned, dim=0)
+                p = logp.exp()
+                entropy_q[core] = _quantise(-(p * logp).sum(dim=0) / log_c)
+                fgprob_q[core] = _quantise(1.0 - p[0])
+                # torch.max over channels is an order of magnitude faster than argmax on CPU.
+                fg_best, fg_index = owned[1:].max(dim=0)
+                packed = fg_index + 1 + (fg_best > owned[0]) * FOREGROUND_FLAG
+                classes[core] = packed.to(torch.uint8).numpy(force=True)
                 if energy is not None:
-                    energy[core] = e[local]
+                    energy[core] = (-torch.logsumexp(owned, dim=0)).to(torch.float16).numpy(force=True)
             if on_window:
                 on_window(min(first + batch, len(windows)), len(windows))
         summary = taps.summary()
