@@ -17,13 +17,12 @@ import numpy as np
 import torch
 
 from . import distributed
-from .atomic import atomic_write, atomic_write_json
+from .atomic import atomic_write, atomic_write_json, atomic_write_npz
 from .errors import VolumeError
-from .finetune import Case, FinetuneConfig, ProgressFn, Trainer, predict_array
-from .labels import read_volume_allow_constant
+from .finetune import Case, FinetuneConfig, ProgressFn, Trainer, load_case, predict_array
 from .modelcard import card_from_dict
 from .models import LoadedModel, load_model, load_weights
-from .preprocess import labels_to_native, preprocess, preprocess_label
+from .preprocess import labels_to_native, preprocess
 from .pseudo import selective_pseudo_labels
 from .session import Session, SessionError, case_id
 from .volume_io import content_hash, discover_volumes, read_volume, write_volume
@@ -58,13 +57,6 @@ def session_model(session: Session, adapted: bool = True) -> LoadedModel:
     return model
 
 
-def _case(name: str, image_path: Path, label_path: Path, model: LoadedModel) -> Case:
-    volume = read_volume(image_path)
-    image = preprocess(volume, model.card)
-    label = read_volume_allow_constant(label_path)
-    return Case(name, image.numpy(), preprocess_label(label.array, label.affine, model.card))
-
-
 def _pseudo_pool(session: Session, labelled: set[str], limit: int) -> list[str]:
     names = [n for n in session.image_names() if n not in labelled]
     if len(names) > limit:  # an even spread over the pool, deterministic
@@ -93,17 +85,9 @@ def build_pseudo_labels(
     )
     folder.mkdir(parents=True, exist_ok=True)
     for name, label in labels.items():
-        _save_array(folder / f"{case_id(name)}.npz", label)
+        atomic_write_npz(folder / f"{case_id(name)}.npz", {"label": label}, compressed=True)
     atomic_write_json(folder / "pseudo.json", {"kept": kept, "reliability": scores})
     return kept, scores
-
-
-def _save_array(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, label=array)
-
-    atomic_write(path, write)
 
 
 def _load_pseudo(session: Session, model: LoadedModel, folder: Path) -> tuple[list[Case], list[str], dict]:
@@ -143,8 +127,8 @@ def finetune_session(
     elif trainer.last_path.is_file() and distributed.is_main():
         raise SessionError(f"{trainer.last_path}: an earlier run of this round exists; pass --resume to continue it")
     say(f"loading {len(labelled)} labelled volumes")
-    cases = [_case(n, session.image_path(n), p, model) for n, p in sorted(labelled.items())]
-    val_cases = [_case(case_id(i.name), i, lab, model) for i, lab in validation or []]
+    cases = [load_case(n, session.image_path(n), p, model.card) for n, p in sorted(labelled.items())]
+    val_cases = [load_case(case_id(i.name), i, lab, model.card) for i, lab in validation or []]
     result = AdaptResult("done", None)
     timer = time.perf_counter()
     if trainer.stage == "stage1":

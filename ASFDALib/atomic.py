@@ -57,3 +57,16 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 def atomic_write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def atomic_write_npz(path: Path, arrays: dict[str, Any], compressed: bool = False) -> Path:
+    """Arrays as ``.npz`` (no pickles, so ``np.load(allow_pickle=False)`` reads it back), atomically."""
+    import numpy as np
+
+    save = np.savez_compressed if compressed else np.savez
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle: np.savez would append ".npz" to a path
+            save(handle, **arrays)
+
+    return atomic_write(path, write)

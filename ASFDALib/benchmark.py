@@ -16,12 +16,10 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write, atomic_write_json, atomic_write_text
-from .finetune import Case, FinetuneConfig, Trainer, dice_per_class, predict_array
+from .finetune import Case, FinetuneConfig, Trainer, dice_per_class, load_case, predict_array
 from .models import LoadedModel, load_model
-from .preprocess import preprocess, preprocess_label
 from .pseudo import selective_pseudo_labels
 from .ranking import RankConfig, rank_folder
-from .volume_io import read_volume
 
 QUERY_ROWS = ("random", "fg-random", "entropy", "epistemic", "coreset", "dkd", "asd", "asfda")
 ROWS = ("source", *QUERY_ROWS, "asfda+ssft", "full")
@@ -66,20 +64,9 @@ class Run:
     seconds: float = 0.0
 
 
-def _cases(folder: Path, card) -> list[Case]:
-    cases = []
-    for path in sorted((folder / "images").iterdir()):
-        volume = read_volume(path)
-        label = _label(folder, path.name)
-        image = preprocess(volume, card)
-        cases.append(Case(path.name, image.numpy(), preprocess_label(label, volume.affine, card)))
-    return cases
-
-
-def _label(folder: Path, name: str) -> np.ndarray:
-    import nibabel as nib
-
-    return np.asanyarray(nib.load(str(folder / "labels" / name)).dataobj)
+def load_cases(folder: Path, card) -> list[Case]:
+    """Every image of ``folder/images`` with its label from ``folder/labels``, at the model's spacing."""
+    return [load_case(p.name, p, folder / "labels" / p.name, card) for p in sorted((folder / "images").iterdir())]
 
 
 def evaluate(model: LoadedModel, network: torch.nn.Module, cases: list[Case], device: str) -> list[float]:
@@ -224,7 +211,7 @@ def run_benchmark(
         write_pool(data / "test", config.test, seed=config.data_seed + 1, prefix="test")
     model = load_model(model_path)
     card = model.card
-    pool, test = _cases(data / "pool", card), _cases(data / "test", card)
+    pool, test = load_cases(data / "pool", card), load_cases(data / "test", card)
     results_path = out / "results.json"
     runs = [Run(**r) for r in json.loads(results_path.read_text())["runs"]] if results_path.is_file() else []
     done = {(r.row, r.budget, r.seed) for r in runs}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write, atomic_write_json
+from .atomic import atomic_write_json, atomic_write_npz
 from .features import FeatureSummary
 from .sweep import SweepResult
 from .volume_io import content_hash
@@ -89,12 +89,7 @@ class ScoreCache:
             "windows": np.int64(result.windows),
             **result.summary.to_arrays(),
         }
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, **arrays)
-
-        atomic_write(self._path(key), write)
+        atomic_write_npz(self._path(key), arrays)
 
     def get_scalar(self, key: str) -> float | None:
         path = self.folder / f"{key}.json"

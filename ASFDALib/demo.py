@@ -15,7 +15,7 @@ import numpy as np
 
 from .adapt import finetune_session, session_model
 from .atomic import atomic_write, atomic_write_json, atomic_write_text
-from .benchmark import _cases, evaluate, train
+from .benchmark import evaluate, load_cases, train
 from .finetune import FinetuneConfig
 from .labels import import_labels
 from .models import load_model
@@ -85,7 +85,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
         result = finetune_session(session, ft)
         adapted = session_model(session, adapted=True)
     say("random selection with the same budget, fine-tuned for as many iterations", 0.7)
-    pool_cases = _cases(data / "pool", model.card)
+    pool_cases = load_cases(data / "pool", model.card)
     rng = np.random.default_rng(config.seed)
     random_query = [pool_cases[i].name for i in rng.permutation(len(pool_cases))[: config.budget]]
     random_net = train(
@@ -100,7 +100,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
         out / "work",
     )
     say("evaluating on the test set", 0.9)
-    test_cases = _cases(data / "test", model.card)
+    test_cases = load_cases(data / "test", model.card)
     dice = {
         "source": evaluate(model, model.network, test_cases, config.device),
         "random": evaluate(model, random_net, test_cases, config.device),

@@ -12,8 +12,8 @@ import numpy as np
 
 from .atomic import atomic_write_text
 from .errors import VolumeError
-from .labels import check_grid, match_labels, read_volume_allow_constant
-from .volume_io import discover_volumes
+from .labels import check_grid, match_labels
+from .volume_io import discover_volumes, read_volume
 
 
 @dataclass
@@ -57,8 +57,8 @@ def evaluate_folders(pred_dir: Path, label_dir: Path, class_names: list[str] | N
     num_classes = len(class_names) if class_names else None
     for name, pred_path in sorted(preds.items()):
         try:
-            ref = read_volume_allow_constant(reference[name])
-            pred = read_volume_allow_constant(pred_path)
+            ref = read_volume(reference[name], allow_constant=True)
+            pred = read_volume(pred_path, allow_constant=True)
             check_grid(pred.array.shape, pred.affine, ref.array.shape, ref.affine, pred_path)
             classes = num_classes or int(max(ref.array.max(), pred.array.max())) + 1
             spacing = np.linalg.norm(ref.affine[:3, :3], axis=0)

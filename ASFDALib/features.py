@@ -51,13 +51,9 @@ class FeatureSummary:
 
     def save(self, path: Path) -> Path:
         """Write as ``.npz`` (no pickles), atomically: the source-statistics file format."""
-        from .atomic import atomic_write
+        from .atomic import atomic_write_npz
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, **self.to_arrays())
-
-        return atomic_write(path, write)
+        return atomic_write_npz(path, self.to_arrays())
 
     @classmethod
     def load(cls, path: Path) -> FeatureSummary:

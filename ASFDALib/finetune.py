@@ -67,6 +67,16 @@ class Case:
         self.foreground = fg
 
 
+def load_case(name: str, image_path: Path, label_path: Path, card: ModelCard) -> Case:
+    """An image and its label file as a training/evaluation case at the model's spacing."""
+    from .preprocess import preprocess, preprocess_label
+    from .volume_io import read_volume
+
+    image = preprocess(read_volume(image_path), card)
+    label = read_volume(label_path, allow_constant=True)
+    return Case(name, image.numpy(), preprocess_label(label.array, label.affine, card))
+
+
 @dataclass
 class Progress:
     stage: str

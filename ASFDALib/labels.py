@@ -57,7 +57,7 @@ def validate_label(
     label_path: Path, image_path: Path, class_names: list[str], mapping: dict[int, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The label as uint8 model classes on the image's grid, with the image's affine; or LabelError."""
-    label = read_volume_allow_constant(label_path)
+    label = read_volume(label_path, allow_constant=True)
     image = read_volume(image_path)
     check_grid(label.array.shape, label.affine, image.array.shape, image.affine, label_path)
     values = label.array
@@ -83,24 +83,6 @@ def validate_label(
         if target:
             out[values == value] = target
     return out, image.affine
-
-
-def read_volume_allow_constant(path: Path):
-    """Read a label map; an all-background label is legitimate, unlike a constant image."""
-    try:
-        return read_volume(path)
-    except VolumeError as exc:
-        if "constant image" not in exc.reason:
-            raise
-    import nibabel as nib
-
-    from .volume_io import Volume, _read_itk
-
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        image = nib.load(str(path))
-        return Volume(np.asanyarray(image.dataobj), np.asarray(image.affine), path)
-    array, affine = _read_itk(path)
-    return Volume(array, affine, path)
 
 
 def match_labels(label_paths: list[Path], image_names: list[str]) -> dict[str, Path]:

@@ -166,8 +166,9 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return _sitk_to_ras(sitk.ReadImage(str(path)))
 
 
-def validate_array(array: np.ndarray, path: Path) -> np.ndarray:
-    """Squeeze trailing singleton axes and check the array is a finite, non-constant 3D volume."""
+def validate_array(array: np.ndarray, path: Path, allow_constant: bool = False) -> np.ndarray:
+    """Squeeze trailing singleton axes and check the array is a finite 3D volume, non-constant unless
+    ``allow_constant`` (an all-background label map is legitimate; a constant image is not)."""
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.size == 0:
@@ -186,13 +187,16 @@ def validate_array(array: np.ndarray, path: Path) -> np.ndarray:
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if bad:
             raise VolumeError(path, f"{bad} NaN/Inf voxels", "replace them (e.g. with the background value)")
-    if array.min() == array.max():
+    if not allow_constant and array.min() == array.max():
         raise VolumeError(path, f"constant image (every voxel is {array.min()})", "check the export")
     return array
 
 
-def read_volume(path: Path | str) -> Volume:
-    """Read one volume to an (i, j, k) array with its RAS affine, or raise :class:`VolumeError`."""
+def read_volume(path: Path | str, allow_constant: bool = False) -> Volume:
+    """Read one volume to an (i, j, k) array with its RAS affine, or raise :class:`VolumeError`.
+
+    ``allow_constant`` accepts a constant array, as label maps may be.
+    """
     path = Path(path)
     try:
         if path.is_dir():
@@ -217,7 +221,7 @@ def read_volume(path: Path | str) -> Volume:
     except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable file
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VolumeError(path, f"unreadable or corrupt ({detail[:160]})", "re-export or re-copy the file") from None
-    array = validate_array(array, path)
+    array = validate_array(array, path, allow_constant)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise VolumeError(path, "invalid geometry (singular or non-finite affine)", "fix the header spacing/direction")
     return Volume(array=array, affine=affine, path=path)

@@ -116,14 +116,19 @@ class Workflow:
     def session_path(self) -> Path | None:
         return Path(self.settings.session) if self.settings.session else None
 
-    def labelled(self) -> dict[str, Path]:
+    def _open_session(self):
+        """The session on disk, or None when no folder is chosen or it is not (yet) a session."""
         from .session import Session, SessionError
 
         path = self.session_path()
         try:
-            return Session.open(path).labelled() if path else {}
+            return Session.open(path) if path else None
         except SessionError:
-            return {}
+            return None
+
+    def labelled(self) -> dict[str, Path]:
+        session = self._open_session()
+        return session.labelled() if session else {}
 
     def missing_labels(self) -> list[str]:
         done = self.labelled()
@@ -160,31 +165,20 @@ class Workflow:
         raise ValueError(f"unknown action {action!r}")
 
     def _session_has_images(self) -> bool:
-        from .session import Session, SessionError
-
-        try:
-            return bool(Session.open(self.session_path()).data.get("images"))
-        except (SessionError, TypeError):
-            return False
+        session = self._open_session()
+        return bool(session and session.data.get("images"))
 
     def _adapted(self) -> bool:
-        from .session import Session, SessionError
-
-        try:
-            return Session.open(self.session_path()).adapted_checkpoint() is not None
-        except (SessionError, TypeError):
-            return False
+        session = self._open_session()
+        return bool(session and session.adapted_checkpoint() is not None)
 
     # --- reopening ---------------------------------------------------------------------------------
     def reopen(self) -> bool:
         """Restore settings, query and table from an existing session folder; False if there is none."""
         import json
 
-        from .session import Session, SessionError
-
-        try:
-            session = Session.open(self.session_path())
-        except (SessionError, TypeError):
+        session = self._open_session()
+        if session is None:
             return False
         info = session.data
         if info.get("model") and not self.settings.model:
@@ -318,12 +312,8 @@ class Workflow:
         self.message(self.progress_text)
 
     def _pseudo_labelled(self) -> set[str]:
-        from .session import Session, SessionError
-
-        try:
-            rounds = Session.open(self.session_path()).rounds
-        except (SessionError, TypeError):
-            return set()
+        session = self._open_session()
+        rounds = session.rounds if session else []
         return {n for r in rounds for n in (r.get("metrics") or {}).get("pseudo_labelled", [])}
 
     def _status(self, name: str, done: dict, pseudo: set[str]) -> str:
