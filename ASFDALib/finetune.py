@@ -37,8 +37,8 @@ class FinetuneConfig:
     iterations: int = 200
     pseudo_iterations: int = 200
     batch_size: int = 2
-    lr: float = 1e-3
-    encoder_lr_scale: float = 0.1
+    lr: float = 3e-3
+    encoder_lr_scale: float = 0.3
     weight_decay: float = 1e-5
     foreground_ratio: float = 0.67
     checkpoint_every: int = 50

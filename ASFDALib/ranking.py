@@ -18,7 +18,7 @@ from .errors import ASFDAError, ModelError, VolumeError
 from .features import FeatureSummary, batchnorm_knowledge, batchnorm_layers
 from .memory import check_scoring_memory
 from .models import LoadedModel
-from .preprocess import preprocess
+from .preprocess import compact, preprocess
 from .selection import Knowledge, Pool, select
 from .sweep import SweepConfig, SweepResult, sweep
 from .volume_io import discover_volumes, read_volume
@@ -119,7 +119,7 @@ def score_volume(
 
     check_scoring_memory(path, model.card.spacing)
     volume = read_volume(path)
-    image = preprocess(volume, model.card)
+    image = compact(preprocess(volume, model.card))
     del volume
     attempts = [sweep_config, replace(sweep_config, sw_batch_size=1), replace(sweep_config, device="cpu")]
     for i, attempt in enumerate(attempts):
@@ -147,7 +147,7 @@ def score_volumes(
 ) -> list[VolumeRecord]:
     """Sweep every volume (cache first), recording a reason for each one that cannot be scored."""
     sweep_config = SweepConfig(device=config.device, keep_energy=knowledge.kind == "energy")
-    preprocessing = model.card.preprocessing_key()
+    preprocessing = model.card.preprocessing_key() + ":compact"  # the sweep reads a float16 volume
     records: list[VolumeRecord] = []
     for i, path in enumerate(paths):
         name = str(path.relative_to(root)) if root and path.is_relative_to(root) else path.name

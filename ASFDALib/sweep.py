@@ -116,7 +116,11 @@ def sweep(
     voxel_ml: float | None = None,
     on_window: Callable[[int, int], None] | None = None,
 ) -> SweepResult:
-    """Run the network over ``image`` (1, X, Y, Z) window by window and reduce everything on the fly."""
+    """Run the network over ``image`` (1, X, Y, Z) window by window and reduce everything on the fly.
+
+    ``image`` may be float16 (see :func:`preprocess.compact`): windows are widened to float32 one batch
+    at a time.
+    """
     config = config or SweepConfig()
     device = resolve_device(config.device)
     roi = card.roi_size
@@ -126,7 +130,9 @@ def sweep(
         batch = max(batch, batch_for_memory(torch.cuda.mem_get_info(device)[0], roi))
     shape = tuple(int(s) for s in image.shape[1:])
     padded = tuple(max(s, r) for s, r in zip(shape, roi))
-    x = torch.as_tensor(image).as_subclass(torch.Tensor).float()
+    x = torch.as_tensor(image).as_subclass(torch.Tensor)
+    if x.dtype not in (torch.float16, torch.float32):
+        x = x.float()
     if padded != shape:
         pad = [p for s, q in reversed(list(zip(shape, padded))) for p in (0, q - s)]
         x = torch.nn.functional.pad(x, pad, mode="constant", value=float(x.min()))
@@ -142,7 +148,7 @@ def sweep(
     with FeatureTaps(network, config.stages, config.batchnorm_taps) as taps, torch.inference_mode():
         for first in range(0, len(windows), batch):
             chunk = windows[first : first + batch]
-            inputs = torch.stack([x[(slice(None), *w)] for w, _ in chunk]).to(device, non_blocking=True)
+            inputs = torch.stack([x[(slice(None), *w)] for w, _ in chunk]).to(device, non_blocking=True).float()
             with torch.autocast(device.type, enabled=use_amp):
                 logits = network(inputs)
             if isinstance(logits, (list, tuple)):

@@ -140,22 +140,36 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_slice_positions(folder: Path, names) -> None:
-    """Refuse a series whose slices are not evenly spaced (a missing slice, or mixed spacing)."""
+    """Refuse a series whose slices disagree: uneven positions (a missing, duplicated or mixed-thickness
+    slice), or another pixel spacing, orientation or matrix size on some slices (SimpleITK would silently
+    take the first slice's geometry for all of them)."""
     import SimpleITK as sitk
 
-    positions = []
+    positions, geometry = [], []
     for name in names:
         info = sitk.ImageFileReader()
         info.SetFileName(name)
         info.ReadImageInformation()
         positions.append(np.asarray(info.GetOrigin(), dtype=np.float64))
+        geometry.append((info.GetSpacing()[:2], info.GetDirection(), info.GetSize()[:2]))
+    for what, index in (("pixel spacing", 0), ("slice orientation", 1), ("matrix size", 2)):
+        first = np.asarray(geometry[0][index], dtype=np.float64)
+        for name, geo in zip(names[1:], geometry[1:]):
+            if not np.allclose(np.asarray(geo[index], dtype=np.float64), first, rtol=1e-3, atol=1e-4):
+                raise VolumeError(
+                    folder,
+                    f"inconsistent {what} across slices ({Path(names[0]).name}: {tuple(first.round(4))}, "
+                    f"{Path(name).name}: {tuple(np.round(geo[index], 4))}): two series mixed in one folder?",
+                    "re-export the series, or put each acquisition in its own folder",
+                )
     steps = np.linalg.norm(np.diff(np.stack(positions), axis=0), axis=1)
     if steps.size and (steps.min() <= 1e-6 or steps.max() - steps.min() > 0.01 * max(steps.max(), 1e-6)):
         worst = int(np.argmax(np.abs(steps - np.median(steps))))
+        kind = "a duplicated slice" if steps.min() <= 1e-6 else "a missing slice or mixed slice thickness"
         raise VolumeError(
             folder,
             f"uneven slice spacing ({steps.min():.2f} to {steps.max():.2f} mm; between "
-            f"{Path(names[worst]).name} and {Path(names[worst + 1]).name}): a missing or duplicated slice?",
+            f"{Path(names[worst]).name} and {Path(names[worst + 1]).name}): {kind}?",
             "re-export the complete series",
         )
 

@@ -20,14 +20,18 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "Testing" / "Python"))
+from conftest import write_dicom_series  # noqa: E402  (the tests' DICOM writer, real geometry tags)
 
 
 def _nifti(array, affine=None) -> bytes:
@@ -62,7 +66,33 @@ def bad_volumes(folder: Path) -> dict[str, str]:
     (folder / "loop").mkdir()
     os.symlink(folder, folder / "loop" / "back")
     corpus["loop/back"] = (b"", "symlink loop (with --recursive)")
-    return {name: why for name, (_, why) in corpus.items()}
+    return {name: why for name, (_, why) in corpus.items()} | bad_dicom_series(folder)
+
+
+def bad_dicom_series(folder: Path) -> dict[str, str]:
+    """DICOM series folders whose slices disagree, each a variant the reader must refuse."""
+    array = np.random.default_rng(0).normal(100, 20, (12, 12, 8)).astype(np.int16)
+    edits = {
+        "dicom_missing_slice": (None, "DICOM series with a missing slice"),
+        "dicom_duplicate_slice": ({"ImagePositionPatient": [0.0, 0.0, 4.0]}, "DICOM slice at a duplicated position"),
+        "dicom_mixed_thickness": ({"ImagePositionPatient": [0.0, 0.0, 7.0]}, "DICOM series with mixed spacing"),
+        "dicom_pixel_spacing": ({"PixelSpacing": [0.5, 0.5]}, "DICOM slice with another pixel spacing"),
+        "dicom_orientation": (
+            {"ImageOrientationPatient": [1, 0, 0, 0, 0.9848, 0.1736]},
+            "DICOM slice with another orientation",
+        ),
+    }
+    for name, (tags, _) in edits.items():
+        series = write_dicom_series(folder / name, array)
+        third = sorted(series.iterdir())[3]
+        if tags is None:
+            third.unlink()
+            continue
+        ds = pydicom.dcmread(third)
+        for keyword, value in tags.items():
+            setattr(ds, keyword, value)
+        ds.save_as(third)
+    return {name: why for name, (_, why) in edits.items()}
 
 
 def run(args: list[str], **kw) -> subprocess.CompletedProcess:

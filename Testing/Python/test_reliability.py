@@ -160,6 +160,51 @@ def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path):
         read_volume(folder)
 
 
+def _edit_slice(folder: Path, index: int, **tags) -> None:
+    import pydicom
+
+    path = sorted(folder.iterdir())[index]
+    ds = pydicom.dcmread(path)
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path)
+
+
+def _series(tmp_path: Path) -> Path:
+    return write_dicom_series(tmp_path / "series", np.arange(8 * 8 * 6, dtype=np.int16).reshape(8, 8, 6))
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [
+        ({"ImagePositionPatient": [0.0, 0.0, 4.0]}, "uneven slice spacing .*duplicated slice"),
+        ({"ImagePositionPatient": [0.0, 0.0, 7.0]}, "uneven slice spacing .*mixed slice thickness"),
+        ({"PixelSpacing": [0.5, 0.5]}, "inconsistent pixel spacing .*slice_003.dcm"),
+        ({"ImageOrientationPatient": [1, 0, 0, 0, 0.9848, 0.1736]}, "inconsistent slice orientation"),
+    ],
+    ids=["duplicated-position", "mixed-thickness", "pixel-spacing", "orientation"],
+)
+def test_a_dicom_series_whose_slices_disagree_is_refused_naming_the_slice(tmp_path, tags, message):
+    folder = _series(tmp_path)
+    _edit_slice(folder, 3, **tags)
+    with pytest.raises(VolumeError, match=message) as error:
+        read_volume(folder)
+    assert "series" in str(error.value)
+
+
+def test_a_dicom_series_with_an_inconsistent_slice_is_skipped_in_a_ranking_and_the_rest_scored(tmp_path):
+    from ASFDALib.cli import main
+
+    pool = tmp_path / "pool"
+    write_dicom_series(pool / "good", np.random.default_rng(0).normal(100, 20, (24, 24, 16)).astype(np.int16))
+    bad = write_dicom_series(pool / "mixed", np.random.default_rng(1).normal(100, 20, (24, 24, 16)).astype(np.int16))
+    _edit_slice(bad, 5, PixelSpacing=[0.7, 0.7])
+    assert main(["rank", "--images", str(pool), "--budget", "1", "--out", str(tmp_path / "s")]) == 0
+    rows = {r["file"]: r for r in json.loads((tmp_path / "s" / "ranking.json").read_text())["rows"]}
+    assert rows["good"]["status"] == "scored"
+    assert rows["mixed"]["status"] == "skipped" and "inconsistent pixel spacing" in rows["mixed"]["reason"]
+
+
 def test_extreme_values_are_scored_or_refused_never_crash(tmp_path, default_model):
     from ASFDALib.cache import ScoreCache
     from ASFDALib.ranking import RankConfig, choose_knowledge, score_volumes

@@ -84,3 +84,27 @@ def test_window_batch_follows_free_gpu_memory():
     assert batch_for_memory(1 * 2**30, roi) == 2
     assert batch_for_memory(80 * 2**30, roi) == 16  # capped
     assert batch_for_memory(10 * 2**20, roi) == 1  # never zero
+
+
+def test_a_float16_volume_scores_as_its_float32_original(default_model):
+    """``asfda rank`` holds the resampled volume as float16 (half the memory); the scores barely move."""
+    from ASFDALib.phantoms import domain_config, make_phantom
+    from ASFDALib.preprocess import compact, preprocess
+    from ASFDALib.volume_io import Volume
+
+    image, _, affine = make_phantom(2, domain_config("mri"))
+    full = preprocess(Volume(image, affine, None), default_model.card)
+    half = compact(full)
+    assert half.dtype == torch.float16 and half.shape == full.shape
+    a = sweep(default_model.network, full, default_model.card, SweepConfig(device="cpu"))
+    b = sweep(default_model.network, half, default_model.card, SweepConfig(device="cpu"))
+    assert b.asd == pytest.approx(a.asd, rel=2e-3)
+    assert b.entropy == pytest.approx(a.entropy, rel=2e-3)
+    assert b.fg_ml == pytest.approx(a.fg_ml, rel=2e-3)
+
+
+def test_compact_keeps_float32_where_float16_would_overflow():
+    from ASFDALib.preprocess import compact
+
+    assert compact(torch.tensor([[0.0, 1.0]])).dtype == torch.float16
+    assert compact(torch.tensor([[0.0, 70000.0]])).dtype == torch.float32
