@@ -1,17 +1,20 @@
 """Fine-tuning: foreground-oversampled patches, 3D augmentation, Dice + CE with an ignore index, AdamW
 with a lower encoder learning rate, atomic checkpoints, exact resume, cancel and progress.
 
-Everything random comes from one seeded NumPy generator (data order, patches, augmentation) and torch's
-seeded generator, both stored in every checkpoint: a resumed run continues the same sequence, so on the
-CPU it ends in the same state as an uninterrupted one.
+Batch i of a stage comes from its own NumPy generator seeded by (seed, rank, stage, i): any data-loader
+worker process can make any batch, each rank of a DDP job draws its own patches, and a resumed run draws
+exactly the batches an uninterrupted one would, so on the CPU it ends in the same state (torch's
+generator is stored in every checkpoint too).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +53,7 @@ class FinetuneConfig:
     pseudo_weight: float = 1.0
     ramp_fraction: float = 0.3
     max_pseudo_volumes: int = 20
+    workers: int | None = None  # data-loader processes; None: none on the CPU, up to 4 beside a GPU
 
 
 @dataclass
@@ -152,6 +156,24 @@ def sample_batch(cases: list[Case], roi, batch_size: int, rng: np.random.Generat
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels).astype(np.int64))
 
 
+class PatchStream(torch.utils.data.Dataset):
+    """Item i is batch i of a stage (labelled, and pseudo-labelled when given), from its own generator."""
+
+    def __init__(self, labelled: list[Case], pseudo: list[Case] | None, roi, config: FinetuneConfig, stage: str):
+        self.labelled, self.pseudo, self.roi, self.config = labelled, pseudo, tuple(roi), config
+        self.key = [config.seed, distributed.rank(), zlib.crc32(stage.encode())]
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([*self.key, int(i)])
+        batch = sample_batch(self.labelled, self.roi, self.config.batch_size, rng, self.config.foreground_ratio)
+        if self.pseudo:
+            batch += sample_batch(self.pseudo, self.roi, self.config.batch_size, rng, self.config.foreground_ratio)
+        return batch
+
+
 def param_groups(network: torch.nn.Module, config: FinetuneConfig) -> list[dict]:
     """Pre-trained encoder at ``lr * encoder_lr_scale``, everything else (decoder, head) at ``lr``."""
     modules = dict(network.named_modules())
@@ -224,8 +246,6 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels
             self.network.to(memory_format=torch.channels_last_3d)
         self.optimizer = torch.optim.AdamW(param_groups(network, config), weight_decay=config.weight_decay)
-        # Each rank draws its own patches (a distributed sampler by construction); one process: seed alone.
-        self.rng = self._generator(0)
         torch.manual_seed(config.seed)
         self.model = network
         if distributed.world() > 1:
@@ -240,18 +260,19 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
-    def _generator(self, iteration: int) -> np.random.Generator:
-        if distributed.world() == 1 and iteration == 0:
-            return np.random.default_rng(self.config.seed)
-        return np.random.default_rng([self.config.seed, distributed.rank(), iteration])
+    @property
+    def workers(self) -> int:
+        if self.config.workers is not None:
+            return self.config.workers
+        # On the CPU the cores are busy with the network; beside a GPU, workers hide the sampling.
+        return min(4, (os.cpu_count() or 2) // 2) if self.device.type == "cuda" else 0
 
     @property
     def last_path(self) -> Path:
         return self.checkpoint_dir / "last.pt"
 
     def save(self, path: Path | None = None) -> Path:
-        """Checkpoint atomically (rank 0 writes; every rank's data stream is kept for an exact resume)."""
-        streams = distributed.gather([self.rng.bit_generator.state])
+        """Checkpoint atomically (rank 0 writes). Batches are seeded by iteration, so no data state is needed."""
         target = path or self.last_path
         if distributed.is_main():
             state = {
@@ -259,7 +280,6 @@ class Trainer:
                 "iteration": self.iteration,
                 "network": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(),
-                "numpy_rng": json.dumps([s[0] for s in streams]),
                 "torch_rng": torch.get_rng_state(),
                 "config": json.dumps(asdict(self.config)),
             }
@@ -277,11 +297,6 @@ class Trainer:
         self.network.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.stage, self.iteration = state["stage"], int(state["iteration"])
-        streams = json.loads(state["numpy_rng"])
-        if len(streams) == distributed.world():
-            self.rng.bit_generator.state = streams[distributed.rank()]
-        else:  # resumed on another number of ranks: a fresh, deterministic stream per rank
-            self.rng = self._generator(self.iteration + 1)
         torch.set_rng_state(state["torch_rng"])
         return True
 
@@ -289,14 +304,26 @@ class Trainer:
         if self.stage != stage:
             self.stage, self.iteration = stage, 0
 
-    def _loss(self, cases: list[Case]) -> torch.Tensor:
-        x, y = sample_batch(cases, self.card.roi_size, self.config.batch_size, self.rng, self.config.foreground_ratio)
-        if self.device.type == "cuda":  # pinned host memory, asynchronous copies, channels-last convolutions
-            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned host memory (the loader's), asynchronous copies, channels-last
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x = x.to(memory_format=torch.channels_last_3d)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.model(x)
         return dice_ce_loss(logits.float(), y)
+
+    def batches(self, labelled: list[Case], pseudo: list[Case] | None, iterations: int):
+        """Batches ``self.iteration`` .. ``iterations - 1`` of this stage, made by worker processes if any."""
+        stream = PatchStream(labelled, pseudo, self.card.roi_size, self.config, self.stage)
+        workers = self.workers
+        return torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            sampler=range(self.iteration, iterations),
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers else None,
+        )
 
     def run(
         self,
@@ -311,15 +338,15 @@ class Trainer:
         self.network.train()
         start, first = time.perf_counter(), self.iteration
         val_dice = None
-        while self.iteration < iterations:
+        for batch in self.batches(labelled, pseudo, iterations):
             if cancel is not None and cancel.is_set():
                 self.save()
                 return "cancelled"
-            loss = self._loss(labelled)
+            loss = self._loss(*batch[:2])
             if pseudo:
                 loss = loss + self.config.pseudo_weight * ramp(
                     self.iteration, iterations, self.config.ramp_fraction
-                ) * self._loss(pseudo)
+                ) * self._loss(*batch[2:])
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)

@@ -118,7 +118,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path, mri_pool):
     import torch
 
     state = torch.load(session / "checkpoints" / "round1" / "last.pt", weights_only=True)
-    assert state["iteration"] == 8 and len(json.loads(state["numpy_rng"])) == 1
+    assert state["iteration"] == 8 and state["stage"] == "stage1"
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

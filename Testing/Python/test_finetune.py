@@ -104,6 +104,28 @@ def test_a_killed_and_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one
         torch.testing.assert_close(resumed.network.state_dict()[key], value, rtol=0, atol=0)
 
 
+def test_worker_processes_make_the_same_batches_as_the_main_process(tmp_path, default_model):
+    """Batch i is seeded by (seed, rank, stage, i): two data-loader workers give the same training run."""
+    card, cases = default_model.card, _cases(default_model.card)
+    inline = Trainer(_fresh(default_model.path), card, replace(SMALL, workers=0), tmp_path / "a")
+    assert inline.workers == 0 and inline.run(cases, 4) == "done"
+    loaded = Trainer(_fresh(default_model.path), card, replace(SMALL, workers=2), tmp_path / "b")
+    assert loaded.workers == 2 and loaded.run(cases, 4) == "done"
+    for key, value in inline.network.state_dict().items():
+        torch.testing.assert_close(loaded.network.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_each_stage_and_rank_draws_its_own_batches(default_model):
+    from ASFDALib.finetune import PatchStream
+
+    cases = _cases(default_model.card, 1)
+    one = PatchStream(cases, None, default_model.card.roi_size, SMALL, "stage1")
+    again = PatchStream(cases, None, default_model.card.roi_size, SMALL, "stage1")
+    other = PatchStream(cases, None, default_model.card.roi_size, SMALL, "stage2")
+    torch.testing.assert_close(one[5][0], again[5][0], rtol=0, atol=0)
+    assert not torch.equal(one[5][0], one[6][0]) and not torch.equal(one[5][0], other[5][0])
+
+
 def test_cancel_stops_within_one_iteration_and_leaves_a_usable_checkpoint(tmp_path, default_model):
     card = default_model.card
     cancel = threading.Event()
