@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -125,10 +126,23 @@ class Session:
         handle.write(f"pid {os.getpid()} since {now()}")
         handle.flush()
         self._lock_handle = handle
-        # Scratch files of a writer that was killed mid-write; with the lock held nobody else is writing.
-        for scratch in [*self.root.glob(".*.tmp"), *self.root.glob("labels/.*.tmp")]:
-            scratch.unlink(missing_ok=True)
+        self._clear_scratch()
         return self
+
+    def _clear_scratch(self) -> None:
+        """Remove scratch files of writers killed mid-write. With the lock held nobody else writes the
+        session, its labels or checkpoints; the score cache may be shared with other ranks of a torchrun
+        job, so there only scratch files older than an hour go (a live write takes milliseconds)."""
+        for pattern in (".*.tmp", "labels/.*.tmp", "checkpoints/**/.*.tmp"):
+            for scratch in self.root.glob(pattern):
+                scratch.unlink(missing_ok=True)
+        stale = time.time() - 3600
+        for scratch in self.root.glob("cache/.*.tmp"):
+            try:
+                if scratch.stat().st_mtime < stale:
+                    scratch.unlink()
+            except FileNotFoundError:
+                pass
 
     def unlock(self) -> None:
         if self._lock_handle is not None:

@@ -92,3 +92,21 @@ def test_taking_the_lock_clears_scratch_files_of_a_killed_writer(tmp_path):
     (tmp_path / "labels" / ".case.v1.nii.gz.x.tmp").write_bytes(b"half")
     with Session.open(tmp_path):
         assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "labels").glob(".*.tmp"))
+
+
+def test_taking_the_lock_clears_checkpoint_scratch_and_only_stale_cache_scratch(tmp_path):
+    import os
+    import time
+
+    Session.open(tmp_path, create=True).save()
+    (tmp_path / "checkpoints" / "round1").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "round1" / ".last.pt.x1.tmp").write_bytes(b"half")
+    (tmp_path / "cache").mkdir()
+    old, fresh = tmp_path / "cache" / ".a.npz.x2.tmp", tmp_path / "cache" / ".b.npz.x3.tmp"
+    old.write_bytes(b"half")
+    fresh.write_bytes(b"being written by another rank")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    with Session.open(tmp_path):
+        assert not list((tmp_path / "checkpoints").rglob("*.tmp"))
+        assert not old.exists() and fresh.exists()
