@@ -215,15 +215,11 @@ def run_benchmark(
     results_path = out / "results.json"
     runs = [Run(**r) for r in json.loads(results_path.read_text())["runs"]] if results_path.is_file() else []
     done = {(r.row, r.budget, r.seed) for r in runs}
+    # Seed by seed, each with its upper bound: an interrupted benchmark leaves complete seeds behind.
     plan = [("source", 0, 0)] if "source" in config.rows else []
-    plan += [
-        (row, b, s)
-        for s in config.seeds
-        for b in config.budgets
-        for row in config.rows
-        if row not in ("source", "full")
-    ]
-    plan += [("full", 0, s) for s in config.seeds] if "full" in config.rows else []
+    for s in config.seeds:
+        plan += [(row, b, s) for b in config.budgets for row in config.rows if row not in ("source", "full")]
+        plan += [("full", 0, s)] if "full" in config.rows else []
     orders: dict[tuple[str, int], list[str]] = {}
     for i, (row, budget, seed) in enumerate(plan):
         if progress:
