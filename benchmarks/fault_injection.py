@@ -96,7 +96,9 @@ def bad_dicom_series(folder: Path) -> dict[str, str]:
 
 
 def run(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPO / ".venv" / "bin" / "asfda"), *args], capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [str(REPO / ".venv" / "bin" / "asfda"), *args], capture_output=True, encoding="utf-8", errors="replace", **kw
+    )
 
 
 def bad_input_trial(work: Path) -> dict:
