@@ -164,6 +164,18 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _checkpoint_progress(session: Path) -> tuple[int, int]:
+    """(stage number, iteration) of the newest checkpoint: with checkpoints every N iterations a kill
+    loses at most the N - 1 iterations since it, so this must never go backwards."""
+    import torch
+
+    best = (0, 0)
+    for path in (session / "checkpoints").glob("round*/last.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        best = max(best, (2 if state["stage"] == "stage2" else 1, int(state["iteration"])))
+    return best
+
+
 def kill_trial(work: Path, kills: int, seed: int = 0) -> dict:
     from ASFDALib.phantoms import write_pool
     from ASFDALib.session import Session
@@ -171,8 +183,9 @@ def kill_trial(work: Path, kills: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     write_pool(work / "pool", 8, seed=2)
     session = work / "s"
-    survived, injected, lost = 0, 0, 0
+    survived, injected, lost, scores_lost = 0, 0, 0, 0
     rank = ["rank", "--images", str(work / "pool" / "images"), "--out", str(session), "--budget", "2"]
+    finished: set[str] = set()
     for _ in range(kills):  # during ranking
         child = subprocess.Popen(
             [str(REPO / ".venv" / "bin" / "asfda"), *rank], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -183,6 +196,8 @@ def kill_trial(work: Path, kills: int, seed: int = 0) -> dict:
         injected += 1
         entries = list((session / "cache").glob("*.npz")) if (session / "cache").is_dir() else []
         ok = all(np.load(e) is not None for e in entries)
+        scores_lost += len(finished - {e.name for e in entries})  # a score finished before must still be there
+        finished |= {e.name for e in entries}
         survived += ok
     assert run(rank).returncode == 0
     query = json.loads((session / "ranking.json").read_text())["selected"]
@@ -192,14 +207,24 @@ def kill_trial(work: Path, kills: int, seed: int = 0) -> dict:
         shutil.copy(work / "pool" / "labels" / name, gt / name)
     assert run(["labels", "import", str(session), "--from", str(gt)]).returncode == 0
     labels = {p: _digest(p) for p in (session / "labels").iterdir()}
-    finetune = ["finetune", str(session), "--iterations", "60", "--pseudo-iterations", "20", "--checkpoint-every", "10"]
+    finetune = [
+        "finetune",
+        str(session),
+        "--iterations",
+        "300",
+        "--pseudo-iterations",
+        "100",
+        "--checkpoint-every",
+        "20",
+    ]
     first = True
+    progress: list[tuple[int, int]] = []  # (stage, iteration) of the newest checkpoint after each kill
     for _ in range(kills):  # during fine-tuning (and its session writes)
         args = finetune if first else [*finetune, "--resume"]
         child = subprocess.Popen(
             [str(REPO / ".venv" / "bin" / "asfda"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        time.sleep(float(rng.uniform(6.0, 14.0)))
+        time.sleep(float(rng.uniform(5.0, 12.0)))
         child.send_signal(signal.SIGKILL)
         child.wait()
         first = False
@@ -211,12 +236,16 @@ def kill_trial(work: Path, kills: int, seed: int = 0) -> dict:
             survived += intact
         except Exception:  # noqa: BLE001 - a broken session counts as not survived
             pass
+        progress.append(_checkpoint_progress(session))
     finished = run([*finetune, "--resume"])
     completed = finished.returncode == 0 and Session.open(session).adapted_checkpoint() is not None
     return {
         "kills_injected": injected,
         "kills_survived": survived,
         "labels_lost": lost,
+        "finished_scores_lost": scores_lost,
+        "checkpoint_progress_after_each_kill": progress,
+        "training_went_backwards": any(b < a for a, b in zip(progress, progress[1:])),
         "resumed_to_completion": bool(completed),
     }
 
