@@ -269,6 +269,44 @@ def test_killing_a_ranking_loses_no_finished_volume_score(tmp_path, mri_pool, de
     assert [r.file for r in resumed.rows] == [r.file for r in fresh.rows]
 
 
+def test_killing_fine_tuning_loses_at_most_one_checkpoint_interval(tmp_path):
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from ASFDALib.defaults import default_model_path\n"
+        "from ASFDALib.finetune import Case, FinetuneConfig, Trainer\n"
+        "from ASFDALib.models import load_model\n"
+        "from ASFDALib.phantoms import domain_config, make_phantom\n"
+        "from ASFDALib.preprocess import preprocess\n"
+        "from ASFDALib.volume_io import Volume\n"
+        "m = load_model(default_model_path())\n"
+        "image, label, affine = make_phantom(0, domain_config('mri'))\n"
+        "case = Case('c', preprocess(Volume(image, affine, Path('c')), m.card).numpy(), label)\n"
+        "config = FinetuneConfig(batch_size=1, checkpoint_every=5, device='cpu')\n"
+        "trainer = Trainer(m.network, m.card, config, Path(sys.argv[1]))\n"
+        "trainer.load()\n"
+        "log = open(sys.argv[2], 'a')\n"
+        "trainer.run([case], 10**6, progress=lambda p: (log.write(f'{p.iteration}\\n'), log.flush()))\n"
+    )
+    rng = np.random.default_rng(1)
+    log = tmp_path / "progress.txt"
+    checkpoints = []
+    for _ in range(3):
+        child = _python(code, str(tmp_path / "ckpt"), str(log))
+        deadline = time.time() + 120
+        while time.time() < deadline and len(log.read_text().split() if log.is_file() else []) < 6 * (
+            len(checkpoints) + 1
+        ):
+            time.sleep(0.2)
+        time.sleep(float(rng.uniform(0.0, 1.0)))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        reached = max(int(v) for v in log.read_text().split())
+        saved = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["iteration"]
+        assert 0 <= reached - saved < 5  # checkpoints every 5 iterations: a kill costs fewer than 5
+        checkpoints.append(saved)
+    assert checkpoints == sorted(checkpoints) and checkpoints[-1] > checkpoints[0]  # every resume went on
+
+
 # --- fuzzing ---------------------------------------------------------------------------------------
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=2048), suffix=st.sampled_from([".nii", ".nii.gz", ".nrrd", ".mha"]))
