@@ -49,9 +49,9 @@ HALF_LIMIT = 60000.0  # float16 overflows at 65504
 def compact(image: torch.Tensor) -> torch.Tensor:
     """The preprocessed volume held as float16 for the sweep, half the memory of float32.
 
-    float16 keeps 11 significant bits (a rounding error of at most 0.05% of the value), far below scanner noise and the
-    effect of resampling; each window is widened back to float32 before the network sees it. A volume
-    whose values would overflow stays float32.
+    float16 keeps 11 significant bits (a rounding error of at most 0.05% of the value), far below scanner
+    noise and the effect of resampling; each window is widened back to float32 before the network sees
+    it. A volume whose values would overflow stays float32.
     """
     plain = torch.as_tensor(image).as_subclass(torch.Tensor)
     if plain.numel() and float(plain.abs().max()) >= HALF_LIMIT:
