@@ -133,14 +133,14 @@ def _summary(runs: list[Run], config: BenchmarkConfig) -> dict:
 
 
 def markdown(summary: dict, class_names: list[str]) -> str:
-    head = "| method | budget | " + " | ".join(class_names[1:]) + " | mean Dice |"
-    lines = [head, "|" + "---|" * (len(class_names) + 2)]
+    head = "| method | budget | seeds | " + " | ".join(class_names[1:]) + " | mean Dice |"
+    lines = [head, "|" + "---|" * (len(class_names) + 3)]
     ordered = sorted(summary.values(), key=lambda s: (s["row"] == "full", s["budget"], ROWS.index(s["row"])))
     for s in ordered:
         budget = "all" if s["row"] == "full" else ("0" if s["row"] == "source" else str(s["budget"]))
         cells = [f"{100 * m:.1f} ± {100 * d:.1f}" for m, d in zip(s["mean"], s["sd"])]
         lines.append(
-            f"| {LABELS[s['row']]} | {budget} | "
+            f"| {LABELS[s['row']]} | {budget} | {s['runs']} | "
             + " | ".join(cells)
             + f" | **{100 * s['overall_mean']:.1f} ± {100 * s['overall_sd']:.1f}** |"
         )
