@@ -9,7 +9,6 @@ machine the same script also times GPU ranking against the CPU (volumes per minu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -18,6 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import emit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,10 +75,7 @@ def main() -> None:
         "volumes_per_minute": {k: 60 * args.volumes / v for k, v in seconds.items()},
         "two_over_one_process_speed": seconds["cpux1"] / seconds["cpux2"],
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

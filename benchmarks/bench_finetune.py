@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import emit
 
 
 def _cases(card, count: int):
@@ -163,10 +164,7 @@ def main() -> None:
         "speed": iteration_speed(args.iterations, args.repeats),
         "session": whole_session(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

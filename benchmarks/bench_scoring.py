@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import emit
 
 
 def _rss_kib(field: str) -> int:
@@ -229,10 +230,7 @@ def main() -> None:
         "timing_large_model": time_scoring(args.volumes, args.repeats, large=True),
         "memory": measure_memory(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

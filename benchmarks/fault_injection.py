@@ -28,6 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+from _common import emit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Testing" / "Python"))
@@ -258,10 +259,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report = {"bad_inputs": bad_input_trial(Path(tmp) / "bad")}
         report["kills"] = kill_trial(Path(tmp) / "kill", args.kills)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ MRI-only labels (cord 60, canal 61, endplate 62, disc 100) are ignored in traini
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import emit
 
 from ASFDALib.finetune import IGNORE_INDEX, Case, FinetuneConfig, Trainer, dice_per_class, predict_array
 from ASFDALib.modelcard import IntensityConfig, ModelCard, NetworkSpec
@@ -119,10 +119,7 @@ def main() -> None:
         "dice": rows,
         "seconds": time.perf_counter() - start,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":
