@@ -185,6 +185,16 @@ def plot(summary: dict, config: BenchmarkConfig, path: Path) -> Path:
     return path
 
 
+def write_data(data: Path, config: BenchmarkConfig) -> Path:
+    """The pool and the disjoint test set under ``data`` (kept when already there: they are deterministic)."""
+    from .phantoms import write_pool
+
+    for part, size, seed in (("pool", config.pool, config.data_seed), ("test", config.test, config.data_seed + 1)):
+        if not (data / part / "cases.json").is_file():
+            write_pool(data / part, size, seed=seed, prefix=part)
+    return data
+
+
 def run_benchmark(
     out: Path,
     config: BenchmarkConfig,
@@ -196,19 +206,13 @@ def run_benchmark(
 
     ``run=False`` only summarises the runs already in ``results.json`` (a partial benchmark's report).
     """
-    from .phantoms import write_pool
-
     out = Path(out)
     start = time.perf_counter()
     if not run:
         runs = [Run(**r) for r in json.loads((out / "results.json").read_text())["runs"]]
         names = load_model(model_path).card.class_names
         return _report(out, config, runs, names, start)
-    data = out / "data"
-    if not (data / "pool" / "cases.json").is_file():
-        write_pool(data / "pool", config.pool, seed=config.data_seed, prefix="pool")
-    if not (data / "test" / "cases.json").is_file():
-        write_pool(data / "test", config.test, seed=config.data_seed + 1, prefix="test")
+    data = write_data(out / "data", config)
     model = load_model(model_path)
     card = model.card
     pool, test = load_cases(data / "pool", card), load_cases(data / "test", card)

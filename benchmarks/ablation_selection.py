@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ASFDALib.atomic import atomic_write_json
-from ASFDALib.benchmark import BenchmarkConfig, evaluate, load_cases, train
+from ASFDALib.benchmark import BenchmarkConfig, evaluate, load_cases, train, write_data
 from ASFDALib.defaults import default_model_path
 from ASFDALib.models import load_model
-from ASFDALib.phantoms import write_pool
 from ASFDALib.ranking import RankConfig, rank_folder
 
 VARIANTS = {
@@ -42,10 +41,7 @@ def main() -> None:
     config = BenchmarkConfig()
     model_path = default_model_path()
     model = load_model(model_path)
-    data = args.out / "data"
-    for part, size, seed in (("pool", config.pool, config.data_seed), ("test", config.test, config.data_seed + 1)):
-        if not (data / part / "cases.json").is_file():
-            write_pool(data / part, size, seed=seed, prefix=part)
+    data = write_data(args.out / "data", config)
     sites = {c["name"]: c["site"] for c in json.loads((data / "pool" / "cases.json").read_text())["cases"]}
     pool, test = load_cases(data / "pool", model.card), load_cases(data / "test", model.card)
     path = args.out / "ablation.json"

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 from _common import emit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Testing" / "Python"))
-from conftest import write_dicom_series  # noqa: E402  (the tests' DICOM writer, real geometry tags)
+from conftest import edit_dicom_slice, write_dicom_series  # noqa: E402  (the tests' DICOM helpers)
 
 
 def _nifti(array, affine=None) -> bytes:
@@ -85,14 +84,10 @@ def bad_dicom_series(folder: Path) -> dict[str, str]:
     }
     for name, (tags, _) in edits.items():
         series = write_dicom_series(folder / name, array)
-        third = sorted(series.iterdir())[3]
         if tags is None:
-            third.unlink()
-            continue
-        ds = pydicom.dcmread(third)
-        for keyword, value in tags.items():
-            setattr(ds, keyword, value)
-        ds.save_as(third)
+            sorted(series.iterdir())[3].unlink()
+        else:
+            edit_dicom_slice(series, 3, **tags)
     return {name: why for name, (_, why) in edits.items()}
 
 

@@ -61,3 +61,15 @@ def write_dicom_series(folder: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0),
         writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
         writer.Execute(slice_image)
     return folder
+
+
+def edit_dicom_slice(folder: Path, index: int, **tags) -> Path:
+    """Overwrite DICOM attributes (pydicom keywords) of the ``index``-th slice file of a series folder."""
+    import pydicom
+
+    path = sorted(folder.iterdir())[index]
+    ds = pydicom.dcmread(path)
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path)
+    return path

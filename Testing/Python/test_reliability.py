@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, write_dicom_series
+from conftest import REPO, edit_dicom_slice, write_dicom_series
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -160,16 +160,6 @@ def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path):
         read_volume(folder)
 
 
-def _edit_slice(folder: Path, index: int, **tags) -> None:
-    import pydicom
-
-    path = sorted(folder.iterdir())[index]
-    ds = pydicom.dcmread(path)
-    for keyword, value in tags.items():
-        setattr(ds, keyword, value)
-    ds.save_as(path)
-
-
 def _series(tmp_path: Path) -> Path:
     return write_dicom_series(tmp_path / "series", np.arange(8 * 8 * 6, dtype=np.int16).reshape(8, 8, 6))
 
@@ -186,7 +176,7 @@ def _series(tmp_path: Path) -> Path:
 )
 def test_a_dicom_series_whose_slices_disagree_is_refused_naming_the_slice(tmp_path, tags, message):
     folder = _series(tmp_path)
-    _edit_slice(folder, 3, **tags)
+    edit_dicom_slice(folder, 3, **tags)
     with pytest.raises(VolumeError, match=message) as error:
         read_volume(folder)
     assert "series" in str(error.value)
@@ -198,7 +188,7 @@ def test_a_dicom_series_with_an_inconsistent_slice_is_skipped_in_a_ranking_and_t
     pool = tmp_path / "pool"
     write_dicom_series(pool / "good", np.random.default_rng(0).normal(100, 20, (24, 24, 16)).astype(np.int16))
     bad = write_dicom_series(pool / "mixed", np.random.default_rng(1).normal(100, 20, (24, 24, 16)).astype(np.int16))
-    _edit_slice(bad, 5, PixelSpacing=[0.7, 0.7])
+    edit_dicom_slice(bad, 5, PixelSpacing=[0.7, 0.7])
     assert main(["rank", "--images", str(pool), "--budget", "1", "--out", str(tmp_path / "s")]) == 0
     rows = {r["file"]: r for r in json.loads((tmp_path / "s" / "ranking.json").read_text())["rows"]}
     assert rows["good"]["status"] == "scored"
