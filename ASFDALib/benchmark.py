@@ -39,6 +39,15 @@ LABELS = {
 
 
 @dataclass
+class SSFTOptions:
+    """How the SSFT row splits its iterations and gates its pseudo-labels (the ablation's gate knobs)."""
+
+    stage1_fraction: float = 0.5
+    keep_fraction: float = 0.5
+    confidence: float = 0.9
+
+
+@dataclass
 class BenchmarkConfig:
     pool: int = 40
     test: int = 20
@@ -48,6 +57,7 @@ class BenchmarkConfig:
     rows: tuple[str, ...] = ROWS
     device: str = "auto"
     data_seed: int = 1000
+    ssft: SSFTOptions = field(default_factory=SSFTOptions)
 
     @classmethod
     def quick(cls) -> BenchmarkConfig:
@@ -90,20 +100,20 @@ def train(
     iterations: int,
     seed: int,
     device: str,
-    ssft: bool,
+    ssft: SSFTOptions | None,
     workdir: Path,
 ) -> torch.nn.Module:
-    """The same recipe for every row: ``iterations`` in all (split evenly between the stages for SSFT)."""
+    """The same recipe for every row: ``iterations`` in all (split between the stages for SSFT)."""
     network = load_model(model_path).network
     config = FinetuneConfig(seed=seed, device=device, checkpoint_every=10**9)
     trainer = Trainer(network, card, config, workdir)
-    first = iterations // 2 if ssft else iterations
+    first = round(iterations * ssft.stage1_fraction) if ssft else iterations
     trainer.run(labelled, first)
     if ssft:
         names = {c.name for c in labelled}
         candidates = [(c.name, c.image) for c in pool if c.name not in names]
         _, _, labels = selective_pseudo_labels(
-            network, card, [c.image for c in labelled], candidates, config.keep_fraction, config.confidence, device
+            network, card, [c.image for c in labelled], candidates, ssft.keep_fraction, ssft.confidence, device
         )
         by_name = {c.name: c for c in pool}
         pseudo = [Case(n, by_name[n].image, label) for n, label in labels.items()]
@@ -235,7 +245,7 @@ def run_benchmark(
         if row == "source":
             network = model.network
         elif row == "full":
-            network = train(model_path, card, pool, pool, config.iterations, seed, config.device, False, out / "work")
+            network = train(model_path, card, pool, pool, config.iterations, seed, config.device, None, out / "work")
         else:
             strategy = "asfda" if row == "asfda+ssft" else row
             key = (strategy, seed if strategy in ("random", "fg-random") else 0)
@@ -257,7 +267,7 @@ def run_benchmark(
                 config.iterations,
                 seed,
                 config.device,
-                row == "asfda+ssft",
+                config.ssft if row == "asfda+ssft" else None,
                 out / "work",
             )
         run = Run(row, budget, seed, evaluate(model, network, test, config.device), query, time.perf_counter() - t0)

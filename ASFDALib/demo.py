@@ -96,7 +96,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
         2 * config.iterations,
         config.seed,
         config.device,
-        False,
+        None,
         out / "work",
     )
     say("evaluating on the test set", 0.9)

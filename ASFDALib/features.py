@@ -93,14 +93,14 @@ class RunningMoments:
         x = x.detach()
         if self.stride > 1 and x[0, 0].numel() >= self.min_voxels:
             x = x[(slice(None), slice(None), *[slice(None, None, self.stride)] * (x.ndim - 2))]
-        x = x.float()
-        dims = [0, *range(2, x.ndim)]
         n = x.numel() // x.shape[1]
         if n == 0:
             return
-        # Shifted two-pass moments: several times faster than var_mean on CPU, and exact enough.
-        batch_mean = x.mean(dim=dims, keepdim=True)
-        m2 = (x - batch_mean).square().sum(dim=dims).double()
+        # One copy to a contiguous (C, N) float32 block, then shifted two-pass moments on rows: several
+        # times faster on CPU than reducing the strided (N, C, ...) view or than var_mean, and exact enough.
+        x = x.transpose(0, 1).reshape(x.shape[1], -1).float()
+        batch_mean = x.mean(dim=1, keepdim=True)
+        m2 = (x - batch_mean).square_().sum(dim=1).double()
         mean = batch_mean.flatten().double()
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2

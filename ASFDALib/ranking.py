@@ -38,6 +38,10 @@ class RankConfig:
     seed: int = 0
     recursive: bool = False
     mc_passes: int = 5
+    # The method's ablation switches (selection.select); the defaults are the method.
+    layers: str = "auto"
+    dynamic_temperature: bool = True
+    diversity: bool = True
 
 
 @dataclass
@@ -210,7 +214,16 @@ def rank_records(
             epistemic=np.array([r.epistemic for r in scored]) if config.strategy == "epistemic" else None,
             labelled=labelled,
         )
-        chosen = select(pool, config.strategy, knowledge, config.alpha, config.seed)
+        chosen = select(
+            pool,
+            config.strategy,
+            knowledge,
+            config.alpha,
+            config.seed,
+            config.layers,
+            config.dynamic_temperature,
+            config.diversity,
+        )
         for rank, i in enumerate(chosen.order, start=1):
             result = scored[i].result
             rows.append(

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import scoring
-from .features import BN_PREFIX, FeatureSummary
+from .features import BN_PREFIX, LOGITS, STAGE_PREFIX, FeatureSummary
 
 STRATEGIES = ("asfda", "dkd", "asd", "random", "fg-random", "entropy", "epistemic", "coreset")
 KNOWLEDGE = ("bn", "stats", "energy")
+LAYER_CHOICES = ("auto", "bn", "stages", "logits", "all")
 DUPLICATE_EPS = 1e-9
 
 
@@ -63,9 +64,19 @@ def _nan(n: int) -> np.ndarray:
     return np.full(n, np.nan)
 
 
-def divergence_layers(pool: Pool, knowledge: Knowledge) -> list[str]:
-    """Layers over which SKL is averaged: those K_s describes, or every tapped layer for energy."""
+def divergence_layers(pool: Pool, knowledge: Knowledge, choice: str = "auto") -> list[str]:
+    """Layers over which SKL is averaged.
+
+    ``auto``: those K_s describes (BatchNorm inputs for ``bn``), or every tapped layer for energy;
+    ``bn``, ``stages``, ``logits``: only that kind of tap; ``all``: every tap the summaries share.
+    """
+    if choice not in LAYER_CHOICES:
+        raise ValueError(f"unknown feature layers {choice!r}; choose from {', '.join(LAYER_CHOICES)}")
     everything = pool.summaries + pool.labelled
+    if choice != "auto":
+        shared = scoring.common_layers(everything)
+        prefix = {"bn": BN_PREFIX, "stages": STAGE_PREFIX, "logits": LOGITS, "all": ""}[choice]
+        return [n for n in shared if n.startswith(prefix)] or shared
     if knowledge.reference is not None:
         layers = scoring.common_layers(everything, knowledge.reference)
         if knowledge.kind == "bn":
@@ -76,8 +87,12 @@ def divergence_layers(pool: Pool, knowledge: Knowledge) -> list[str]:
 
 
 def knowledge_gap(pool: Pool, knowledge: Knowledge, layers: list[str]) -> np.ndarray:
-    """d_src: SKL to K_s, or the free energy shifted to start at zero (energy fallback)."""
-    if knowledge.kind == "energy" or knowledge.reference is None:
+    """d_src: SKL to K_s over those of ``layers`` it describes (all it describes if none), or the free
+    energy shifted to start at zero (energy fallback)."""
+    if knowledge.reference is not None and knowledge.kind != "energy":
+        described = [n for n in layers if n in knowledge.reference.layers]
+        layers = described or [n for n in divergence_layers(pool, knowledge) if n in knowledge.reference.layers]
+    if knowledge.kind == "energy" or knowledge.reference is None or not layers:
         energy = np.asarray(pool.energy, dtype=np.float64)
         finite = np.isfinite(energy)
         return np.where(finite, energy - (energy[finite].min() if finite.any() else 0.0), 0.0)
@@ -85,24 +100,36 @@ def knowledge_gap(pool: Pool, knowledge: Knowledge, layers: list[str]) -> np.nda
 
 
 def greedy_dkd_asd(
-    d_src: np.ndarray, pair: np.ndarray, d_labelled: np.ndarray, asd: np.ndarray, alpha: float
+    d_src: np.ndarray,
+    pair: np.ndarray,
+    d_labelled: np.ndarray,
+    asd: np.ndarray,
+    alpha: float,
+    dynamic: bool = True,
+    diversity: bool = True,
 ) -> Selection:
     """Greedy batch selection: pick the best score, add it to S, recompute diversity and temperatures.
 
     A candidate at zero divergence from a picked or labelled volume (a duplicate) adds nothing and is
-    only picked once every other candidate is.
+    only picked once every other candidate is. The ablations: ``dynamic=False`` fixes each temperature
+    at its value over the whole pool before the first pick; ``diversity=False`` sets s_div = 1 (DKD is
+    then the knowledge gap alone, and only exact duplicates are held back).
     """
     n = len(asd)
     remaining = list(range(n))
     d_min = d_labelled.astype(np.float64).copy()
     have_reference = bool(np.isfinite(d_min).any())
     out = Selection([], _nan(n), _nan(n), _nan(n), _nan(n), d_src.astype(np.float64))
+    tau_src = scoring.dynamic_temperature(d_src)
+    off_diagonal = pair[~np.eye(n, dtype=bool)]
+    tau_div = scoring.dynamic_temperature(off_diagonal) if off_diagonal.size else 1.0
     while remaining:
         r = np.asarray(remaining)
-        s_src = scoring.temperature_score(d_src[r], scoring.dynamic_temperature(d_src[r]))
+        s_src = scoring.temperature_score(d_src[r], scoring.dynamic_temperature(d_src[r]) if dynamic else tau_src)
         if have_reference:
             d_div = d_min[r]
-            s_div = scoring.temperature_score(d_div, scoring.dynamic_temperature(d_div))
+            tau = scoring.dynamic_temperature(d_div) if dynamic else tau_div
+            s_div = scoring.temperature_score(d_div, tau) if diversity else np.ones(len(r))
             duplicate = d_div <= DUPLICATE_EPS
         else:
             s_div = np.ones(len(r))
@@ -142,9 +169,20 @@ def _by_value(values: np.ndarray) -> list[int]:
 
 
 def select(
-    pool: Pool, strategy: str = "asfda", knowledge: Knowledge | None = None, alpha: float = 0.5, seed: int = 0
+    pool: Pool,
+    strategy: str = "asfda",
+    knowledge: Knowledge | None = None,
+    alpha: float = 0.5,
+    seed: int = 0,
+    layers: str = "auto",
+    dynamic: bool = True,
+    diversity: bool = True,
 ) -> Selection:
-    """Order the pool by ``strategy``; ASFDA-family strategies also report DKD and its parts."""
+    """Order the pool by ``strategy``; ASFDA-family strategies also report DKD and its parts.
+
+    ``layers``, ``dynamic`` and ``diversity`` are the method's ablation switches (see
+    :func:`divergence_layers` and :func:`greedy_dkd_asd`); the defaults are the method.
+    """
     n = len(pool)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
@@ -152,13 +190,14 @@ def select(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if strategy in ("asfda", "dkd", "asd"):
         knowledge = knowledge or Knowledge("energy")
-        layers = divergence_layers(pool, knowledge)
+        chosen = divergence_layers(pool, knowledge, layers)
         everything = pool.summaries + pool.labelled
-        full = scoring.pairwise_skl(everything, layers) if layers else np.zeros((len(everything),) * 2)
+        full = scoring.pairwise_skl(everything, chosen) if chosen else np.zeros((len(everything),) * 2)
         pair = full[:n, :n]
         d_lab = full[:n, n:].min(axis=1) if pool.labelled else np.full(n, np.inf)
         weight = {"asfda": alpha, "dkd": 1.0, "asd": 0.0}[strategy]
-        return greedy_dkd_asd(knowledge_gap(pool, knowledge, layers), pair, d_lab, np.asarray(pool.asd), weight)
+        d_src = knowledge_gap(pool, knowledge, chosen)
+        return greedy_dkd_asd(d_src, pair, d_lab, np.asarray(pool.asd), weight, dynamic, diversity)
     rng = np.random.default_rng(seed)
     if strategy == "random":
         order = [int(i) for i in rng.permutation(n)]

@@ -54,9 +54,11 @@ class SweepResult:
     label: np.ndarray | None = field(default=None, repr=False)
 
 
-def _quantise(values: torch.Tensor) -> np.ndarray:
-    """[0, 1] values to uint8 (1/255 steps): 4x less memory than float32, ample for entropy and Otsu."""
-    return (values.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy(force=True)
+def _quantise(values: torch.Tensor, scale: float = 1.0, offset: float = 0.0) -> np.ndarray:
+    """``offset + scale * values``, a quantity in [0, 1], to uint8 (1/255 steps, rounded): 4x less memory
+    than float32, ample for entropy and Otsu. One fused pass: this runs on every voxel of every window."""
+    q = values.mul(255.0 * scale).add_(255.0 * offset + 0.5).clamp_(0.0, 255.0)
+    return q.to(torch.uint8).numpy(force=True)
 
 
 def batch_for_memory(free_bytes: int, roi: tuple[int, int, int], bytes_per_voxel: int = 256, cap: int = 16) -> int:
@@ -165,14 +167,15 @@ def sweep(
                 owned = logits[local]
                 logp = torch.log_softmax(owned, dim=0)
                 p = logp.exp()
-                entropy_q[core] = _quantise(-(p * logp).sum(dim=0) / log_c)
-                fgprob_q[core] = _quantise(1.0 - p[0])
+                entropy_q[core] = _quantise((p * logp).sum(dim=0), -1.0 / log_c)
+                fgprob_q[core] = _quantise(p[0], -1.0, 1.0)
                 # torch.max over channels is an order of magnitude faster than argmax on CPU.
                 fg_best, fg_index = owned[1:].max(dim=0)
                 packed = fg_index + 1 + (fg_best > owned[0]) * FOREGROUND_FLAG
                 classes[core] = packed.to(torch.uint8).numpy(force=True)
                 if energy is not None:
-                    energy[core] = (-torch.logsumexp(owned, dim=0)).to(torch.float16).numpy(force=True)
+                    # log p_0 = logit_0 - logsumexp, so the free energy -logsumexp comes for free.
+                    energy[core] = (logp[0] - owned[0]).to(torch.float16).numpy(force=True)
             if on_window:
                 on_window(min(first + batch, len(windows)), len(windows))
         summary = taps.summary()

@@ -8,8 +8,10 @@
    and epistemic / ASFDA (goal >= 4).
 2. Peak memory of scoring one 512x512x300 CT-sized volume, in a fresh process: the high-water mark of
    the sweep (reset just before it through /proc/self/clear_refs) against the float32 size of the volume
-   resampled to the model's spacing plus the model (goal: <= 2x volume + model), and the peak of the
-   whole read + preprocess + score pipeline for reference.
+   resampled to the model's spacing plus the model (goal: <= 2x volume + model; "the model" is its
+   weights plus the working memory of one forward pass of a window batch, measured alone in another
+   fresh process, and the weights-only figure is reported too), and the peak of the whole
+   read + preprocess + score pipeline for reference.
 """
 
 from __future__ import annotations
@@ -128,6 +130,14 @@ def memory_child(path: str, mode: str) -> None:
     card = model.card
     with torch.inference_mode():
         model.network.eval()(torch.zeros(card.sw_batch_size, 1, *card.roi_size))
+    if mode.startswith("forward"):  # "forward:B": the model's own working memory for B windows, no volume
+        batch = torch.zeros(int(mode.partition(":")[2]), 1, *card.roi_size)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _rss_kib("VmRSS")
+        with torch.inference_mode():
+            model.network(batch)
+        print(json.dumps({"forward_peak_mb": (_rss_kib("VmHWM") - before) / 1024}))
+        return
     base = _rss_kib("VmRSS")
     volume = read_volume(path)
     native_shape = list(volume.array.shape)
@@ -164,6 +174,14 @@ def memory_child(path: str, mode: str) -> None:
     )
 
 
+def load_card_batch() -> int:
+    """Windows per forward pass on the CPU, as the default model's card sets it."""
+    from ASFDALib.defaults import default_model_path
+    from ASFDALib.models import load_model
+
+    return load_model(default_model_path()).card.sw_batch_size
+
+
 def measure_memory() -> dict:
     """Both pipelines on one CT-sized volume; each figure is the peak of live memory: glibc's default
     dynamic mmap threshold keeps freed buffers in the heap, so RSS would also count memory that is
@@ -183,7 +201,8 @@ def measure_memory() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_nifti(Path(tmp) / "ct_512x512x300.nii", np.round(big).astype(np.int16), affine)
         del big
-        for mode in ("sweep", "sweep:2", "plain"):
+        batch = load_card_batch()
+        for mode in ("sweep", "sweep:2", "plain", f"forward:{batch}", "forward:2"):
             out = subprocess.run(
                 [sys.executable, __file__, "--memory-child", str(path), mode],
                 capture_output=True,
@@ -201,8 +220,20 @@ def measure_memory() -> dict:
         runs["sweep:2"]["peak_above_input_mb"] + result["input_held_mb"]
     )
     result["asfda_maps_mb"] = 3 * voxels / 2**20  # entropy, foreground probability, class: uint8 each
-    result["goal_mb"] = 2 * volume_mb + result["model_mb"]
+    # "Plus the model": its weights and what one forward pass of a window batch needs, measured alone.
+    # No 3D network runs in its weights alone, so this is the part of the peak a volume cannot change.
+    result["model_forward_mb"] = runs[f"forward:{batch}"]["forward_peak_mb"]
+    result["model_forward_2_windows_mb"] = runs["forward:2"]["forward_peak_mb"]
+    result["goal_mb"] = 2 * volume_mb + result["model_mb"] + result["model_forward_mb"]
+    result["goal_2_windows_mb"] = 2 * volume_mb + result["model_mb"] + result["model_forward_2_windows_mb"]
+    result["goal_weights_only_mb"] = 2 * volume_mb + result["model_mb"]
     result["asfda_sweep_over_goal"] = result["asfda_sweep_peak_incl_input_mb"] / result["goal_mb"]
+    result["asfda_sweep_2_windows_over_goal"] = (
+        result["asfda_sweep_2_windows_peak_incl_input_mb"] / result["goal_2_windows_mb"]
+    )
+    result["asfda_sweep_over_weights_only_goal"] = (
+        result["asfda_sweep_peak_incl_input_mb"] / result["goal_weights_only_mb"]
+    )
     # What grows with the volume (the float16 copy and the uint8 maps) against the float32 volume.
     result["volume_dependent_mb"] = result["input_held_mb"] + result["asfda_maps_mb"]
     result["volume_dependent_over_float32_volume"] = result["volume_dependent_mb"] / volume_mb

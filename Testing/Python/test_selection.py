@@ -57,6 +57,42 @@ def test_labelled_volumes_count_in_diversity():
     assert selection.order[-1] == 0
 
 
+def test_without_diversity_dkd_is_the_knowledge_gap_alone():
+    # 0 and 1 are near-twins far from the source: diversity puts 2 between them, its absence does not
+    pool = _pool([3.0, 2.9, 1.0])
+    assert select(pool, "dkd", SOURCE).order == [0, 2, 1]
+    plain = select(pool, "dkd", SOURCE, diversity=False)
+    assert plain.order == [0, 1, 2]
+    assert np.all(plain.s_div == 1.0)
+
+
+def test_static_temperature_is_fixed_before_the_first_pick():
+    pool = _pool([1.0, 2.0, 3.0, 4.0])
+    static = select(pool, "dkd", SOURCE, dynamic=False)
+    d_src = static.d_src
+    tau = np.median(d_src)
+    first = static.order[0]
+    assert static.s_src[first] == pytest.approx(1 - np.exp(-d_src[first] / tau))
+    second = static.order[1]
+    assert static.s_src[second] == pytest.approx(1 - np.exp(-d_src[second] / tau))
+    dynamic = select(pool, "dkd", SOURCE)
+    rest = np.delete(d_src, first)
+    assert dynamic.s_src[second] == pytest.approx(1 - np.exp(-d_src[second] / np.median(rest)))
+
+
+def test_feature_layer_choice_picks_the_taps_that_measure_divergence():
+    def summary(bn: float, stage: float) -> FeatureSummary:
+        return FeatureSummary({"bn:x": (np.full(2, bn), np.ones(2)), "stage:y": (np.full(2, stage), np.ones(2))})
+
+    # the BatchNorm taps see volume 1 as new, the encoder stages see volume 2 as new
+    pool = Pool([summary(0, 0), summary(5, 0), summary(0, 5)], np.zeros(3), np.zeros(3), np.zeros(3), np.ones(3))
+    by_layers = {layers: select(pool, "dkd", Knowledge("energy"), layers=layers) for layers in ("bn", "stages")}
+    assert by_layers["bn"].order[:2] == [0, 1]
+    assert by_layers["stages"].order[:2] == [0, 2]
+    with pytest.raises(ValueError, match="feature layers"):
+        select(pool, "dkd", Knowledge("energy"), layers="decoder")
+
+
 def test_energy_fallback_ranks_the_highest_energy_first():
     pool = _pool([0.0, 0.0, 0.0])
     pool.summaries = [_summary(m) for m in (0.0, 1.0, 2.0)]
