@@ -54,8 +54,10 @@ def compact(image: torch.Tensor) -> torch.Tensor:
     it. A volume whose values would overflow stays float32.
     """
     plain = torch.as_tensor(image).as_subclass(torch.Tensor)
-    if plain.numel() and float(plain.abs().max()) >= HALF_LIMIT:
-        return plain.float()
+    if plain.numel():
+        low, high = torch.aminmax(plain)  # one pass, no temporary the size of the volume
+        if max(-float(low), float(high)) >= HALF_LIMIT:
+            return plain.float()
     return plain.half()
 
 

@@ -51,14 +51,22 @@ def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:
 
 
 def adaptive_foreground(
-    fg_prob: np.ndarray, clamp: tuple[float, float] = (0.05, 0.5), margin: int = 1, scale: float = 1.0
+    fg_prob: np.ndarray,
+    clamp: tuple[float, float] = (0.05, 0.5),
+    margin: int = 1,
+    scale: float = 1.0,
+    hist: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """Omega: voxels above the Otsu cut of the foreground-probability histogram (clamped), dilated.
 
     ``fg_prob`` may be quantised (e.g. uint8 with ``scale=255``); the threshold is returned as a
-    probability. Falls back to the top 1% of voxels by foreground probability when the cut leaves nothing.
+    probability. ``hist`` (counts of each quantised level, gathered while the map was written) saves a
+    pass over the map. Falls back to the top 1% of voxels by foreground probability when the cut leaves
+    nothing.
     """
-    if np.issubdtype(fg_prob.dtype, np.integer):
+    if hist is not None:
+        centers = np.arange(len(hist)) / scale
+    elif np.issubdtype(fg_prob.dtype, np.integer):
         # np.histogram works in blocks; bincount would first widen the whole map to int64.
         levels = int(scale) + 1
         hist, _ = np.histogram(fg_prob, bins=levels, range=(-0.5, levels - 0.5))

@@ -141,10 +141,13 @@ def sweep(
     entropy_q = np.zeros(padded, np.uint8)
     fgprob_q = np.zeros(padded, np.uint8)
     classes = np.zeros(padded, np.uint8)
+    fg_hist = np.zeros(256, np.int64)
     energy = np.zeros(padded, np.float16) if config.keep_energy else None
     logit_moments = RunningMoments()
     windows = list(iter_windows(padded, roi, overlap))
-    network = network.to(device).eval()
+    if any(t.device != device for t in network.parameters()):
+        network = network.to(device)
+    network = network.eval()
     use_amp = config.amp and device.type == "cuda"
     log_c = math.log(card.num_classes)
     with FeatureTaps(network, config.stages, config.batchnorm_taps) as taps, torch.inference_mode():
@@ -164,11 +167,14 @@ def sweep(
             for i, (window, core) in enumerate(chunk):
                 # Reduce only the voxels this window owns: no work, and no temporaries, for overlaps.
                 local = (i, slice(None), *(slice(c.start - w.start, c.stop - w.start) for c, w in zip(core, window)))
-                owned = logits[local]
+                owned = logits[local].contiguous()  # every op below runs faster on a dense block
                 logp = torch.log_softmax(owned, dim=0)
                 p = logp.exp()
                 entropy_q[core] = _quantise((p * logp).sum(dim=0), -1.0 / log_c)
-                fgprob_q[core] = _quantise(p[0], -1.0, 1.0)
+                fg_core = _quantise(p[0], -1.0, 1.0)
+                fgprob_q[core] = fg_core
+                # The Otsu histogram, a window at a time: only the window's counts are ever widened.
+                fg_hist += np.bincount(fg_core.ravel(), minlength=256)
                 # torch.max over channels is an order of magnitude faster than argmax on CPU.
                 fg_best, fg_index = owned[1:].max(dim=0)
                 packed = fg_index + 1 + (fg_best > owned[0]) * FOREGROUND_FLAG
@@ -183,7 +189,9 @@ def sweep(
     valid = tuple(slice(0, s) for s in shape)
     entropy_q, fgprob_q, classes = entropy_q[valid], fgprob_q[valid], classes[valid]
     fg_class = classes & (FOREGROUND_FLAG - 1)
-    region, otsu = scoring.adaptive_foreground(fgprob_q, scale=255)
+    # A volume smaller than the window was padded, and the padding is no part of its histogram.
+    hist = fg_hist if padded == shape else None
+    region, otsu = scoring.adaptive_foreground(fgprob_q, scale=255, hist=hist)
     asd_value = scoring.class_balanced_entropy(entropy_q, region, fg_class, scale=255)
     # Class counts one class at a time: a bincount would widen the whole map to int64 (8 bytes a voxel).
     counts = np.array([np.count_nonzero(classes == (c | FOREGROUND_FLAG)) for c in range(1, card.num_classes)])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,20 +42,23 @@ QUERY_VARIANTS = {
     "layers: logits": {**METHOD, "layers": "logits"},
     "source-statistics file": {**METHOD, "knowledge": "stats"},
 }
-SSFT_VARIANTS = {
-    "stage 1 only (no pseudo-labels)": None,
-    "SSFT, the method": SSFTOptions(),
-    "stage 1 for 3/4 of the iterations": SSFTOptions(stage1_fraction=0.75),
-    "keep 25% of the pool": SSFTOptions(keep_fraction=0.25),
-    "keep 100% (no volume gate)": SSFTOptions(keep_fraction=1.0),
-    "voxel gate 0.8": SSFTOptions(confidence=0.8),
-    "voxel gate 0.97": SSFTOptions(confidence=0.97),
+HALVES = SSFTOptions(stage1_fraction=0.5, extra_fraction=0.0)
+SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the protocol's)
+    "stage 1 only (no pseudo-labels)": (None, 1.0),
+    "SSFT in halves of one budget (the first protocol)": (HALVES, 1.0),
+    "stage 1 for 3/4 of the budget": (replace(HALVES, stage1_fraction=0.75), 1.0),
+    "halves, keep 25% of the pool": (replace(HALVES, keep_fraction=0.25), 1.0),
+    "halves, keep 100% (no volume gate)": (replace(HALVES, keep_fraction=1.0), 1.0),
+    "halves, voxel gate 0.8": (replace(HALVES, confidence=0.8), 1.0),
+    "halves, voxel gate 0.97": (replace(HALVES, confidence=0.97), 1.0),
+    "full stage 1, then 1/2 more with pseudo-labels (now the default)": (SSFTOptions(), 1.0),
+    "control: labels only for 1.5x the iterations": (None, 1.5),
 }
 SSFT_BUDGET = 4
 
 
-def _key(query: list[str], seed: int, ssft: SSFTOptions | None) -> str:
-    return json.dumps([sorted(query), seed, asdict(ssft) if ssft else None])
+def _key(query: list[str], seed: int, ssft: SSFTOptions | None, iterations: int) -> str:
+    return json.dumps([sorted(query), seed, asdict(ssft) if ssft else None, iterations])
 
 
 def _cell(values: list[float]) -> str:
@@ -81,13 +84,14 @@ def main() -> None:
     path = args.out / "ablation.json"
     trainings: dict[str, dict] = json.loads(path.read_text())["trainings"] if path.is_file() else {}
 
-    def dice_of(query: list[str], seed: int, ssft: SSFTOptions | None) -> float:
-        key = _key(query, seed, ssft)
+    def dice_of(query: list[str], seed: int, ssft: SSFTOptions | None, scale: float = 1.0) -> float:
+        iterations = round(config.iterations * scale)
+        key = _key(query, seed, ssft, iterations)
         if key not in trainings:
             t0 = time.perf_counter()
             labelled = [c for c in pool if c.name in query]
             work = args.out / "work"
-            network = train(model_path, model.card, labelled, pool, config.iterations, seed, "cpu", ssft, work)
+            network = train(model_path, model.card, labelled, pool, iterations, seed, "cpu", ssft, work)
             trainings[key] = {"dice": evaluate(model, network, val, "cpu"), "seconds": time.perf_counter() - t0}
             atomic_write_json(path, {"iterations": config.iterations, "trainings": trainings})
         return 100 * float(np.nanmean(trainings[key]["dice"]))
@@ -108,9 +112,9 @@ def main() -> None:
                 print(f"{name:34s} budget {budget} seed {seed}: {dice:5.1f} (sites {sites})", flush=True)
     ssft_rows = []
     method_query = query_of(METHOD, SSFT_BUDGET, 0)
-    for name, ssft in SSFT_VARIANTS.items():
+    for name, (ssft, scale) in SSFT_VARIANTS.items():
         for seed in args.seeds:
-            dice = dice_of(method_query, seed, ssft)
+            dice = dice_of(method_query, seed, ssft, scale)
             ssft_rows.append({"variant": name, "seed": seed, "dice": dice})
             print(f"{name:34s} seed {seed}: {dice:5.1f}", flush=True)
 
@@ -141,7 +145,8 @@ def main() -> None:
         "query": query_rows,
         "ssft": ssft_rows,
         "trainings": len(trainings),
-        "seconds": time.perf_counter() - start,
+        "training_seconds_total": sum(t["seconds"] for t in trainings.values()),
+        "seconds_this_invocation": time.perf_counter() - start,
         "table": table,
     }
     if args.json:

@@ -52,6 +52,16 @@ def test_adaptive_foreground_on_uint8_matches_float():
     assert (region_f != region_q).mean() < 0.02
 
 
+def test_adaptive_foreground_from_a_histogram_gathered_piece_by_piece_matches_the_map():
+    rng = np.random.default_rng(2)
+    quantised = (rng.random((16, 12, 12)) ** 3 * 255 + 0.5).astype(np.uint8)
+    hist = sum(np.bincount(part.ravel(), minlength=256) for part in np.split(quantised, 4))
+    region_map, t_map = scoring.adaptive_foreground(quantised, scale=255)
+    region_hist, t_hist = scoring.adaptive_foreground(quantised, scale=255, hist=hist)
+    assert t_hist == t_map
+    np.testing.assert_array_equal(region_hist, region_map)
+
+
 def test_empty_foreground_falls_back_to_the_top_percent():
     fg = np.zeros((10, 10, 10), np.float32)
     fg[0, 0, :] = 0.01  # nothing passes even the lowest clamp
