@@ -33,7 +33,7 @@ LABELS = {
     "dkd": "DKD only",
     "asd": "ASD only",
     "asfda": "ASFDA (DKD + ASD)",
-    "asfda+ssft": "ASFDA + selective semi-supervised fine-tuning",
+    "asfda+ssft": "ASFDA + selective semi-supervised fine-tuning (stage 2: +50% iterations)",
     "full": "fully supervised, whole pool (upper bound)",
 }
 

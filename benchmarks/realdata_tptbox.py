@@ -9,8 +9,9 @@ MRI-only labels (cord 60, canal 61, endplate 62, disc 100) are ignored in traini
 1. Source: a small MONAI UNet trained from scratch on the CT alone.
 2. The MRI is split at the middle of its superior-inferior axis: the cranial half plays the clinician-
    labelled volume, the caudal half is held out (never labelled) and is where Dice is measured.
-3. Rows: the source model; stage 1 (fine-tuned on the labelled half); stage 1 + selective pseudo-labels
-   on the held-out half (confident voxels only, gamma 0.9) as ASFDA's second stage does it.
+3. Rows: the source model; stage 1 (fine-tuned on the labelled half); stage 1 + half as many iterations
+   again with selective pseudo-labels on the held-out half (confident voxels only, gamma 0.9), as
+   ``asfda finetune`` runs its second stage; and a control that spends those iterations on the labels.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from _common import emit
 
 from ASFDALib.finetune import IGNORE_INDEX, Case, FinetuneConfig, Trainer, dice_per_class, predict_array
@@ -74,18 +76,54 @@ def dice(network, case: Case) -> list[float]:
     return dice_per_class(np.where(ignore, 0, pred), np.where(ignore, 0, case.label), CARD.num_classes)
 
 
-def train(network, cases: list[Case], iterations: int, workdir: Path, pseudo: list[Case] | None = None, **config):
+def train(
+    network, cases: list[Case], iterations: int, workdir: Path, pseudo: list[Case] | None = None, stage="", **config
+):
     trainer = Trainer(network, CARD, FinetuneConfig(device="cpu", checkpoint_every=10**9, **config), workdir)
+    if stage:  # a later stage draws batches of its own, not stage 1's again
+        trainer.begin_stage(stage)
     trainer.run(cases, iterations, pseudo)
     return network.eval()
 
 
-def main() -> None:
+def continued(state: dict) -> torch.nn.Module:
+    """A fresh copy of the network with these weights."""
+    network = build_network(CARD.network)
+    network.load_state_dict(state)
+    return network
+
+
+def adapt_once(ct: Case, held_out: Case, labelled: Case, seed: int, source_iterations: int, iterations: int) -> dict:
+    """Every row for one seed (the source network's initial weights and every stage's batches)."""
     import tempfile
 
+    torch.manual_seed(seed)  # the source network starts from random weights: make them repeatable
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        network = build_network(CARD.network)
+        source = train(network, [ct], source_iterations, Path(tmp) / "s", lr=3e-3, encoder_lr_scale=1.0, seed=seed)
+        state = {k: v.clone() for k, v in source.state_dict().items()}
+        rows["source model on its own CT (training data)"] = dice(source, ct)
+        rows["source model on the MRI, held-out half"] = dice(source, held_out)
+        stage1 = train(continued(state), [labelled], iterations, Path(tmp) / "a", seed=seed)
+        rows["stage 1: fine-tuned on the labelled half"] = dice(stage1, held_out)
+        # Stage 2 as `asfda finetune` runs it: stage 1 in full, then half as many iterations again with
+        # pseudo-labels; the control spends those iterations on the labelled half alone.
+        after_stage1 = {k: v.clone() for k, v in stage1.state_dict().items()}
+        extra = iterations // 2
+        pseudo = Case("pseudo", held_out.image, pseudo_label(predict_array(stage1, held_out.image, CARD, "cpu"), 0.9))
+        ssft = train(continued(after_stage1), [labelled], extra, Path(tmp) / "b", [pseudo], stage="stage2", seed=seed)
+        rows["stage 1 + selective pseudo-labels on the held-out half"] = dice(ssft, held_out)
+        control = train(continued(after_stage1), [labelled], extra, Path(tmp) / "c", stage="stage2", seed=seed)
+        rows["control: stage 1 + as many more iterations on the labelled half alone"] = dice(control, held_out)
+    return rows
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source-iterations", type=int, default=600)
     parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     start = time.perf_counter()
@@ -94,29 +132,17 @@ def main() -> None:
     mid = mri.image.shape[3] // 2  # RAS: the last axis runs inferior -> superior
     held_out = Case("caudal half", mri.image[..., :mid].copy(), mri.label[..., :mid].copy())
     labelled = Case("cranial half", mri.image[..., mid:].copy(), mri.label[..., mid:].copy())
-    rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        source = train(
-            build_network(CARD.network), [ct], args.source_iterations, Path(tmp) / "s", lr=3e-3, encoder_lr_scale=1.0
-        )
-        state = {k: v.clone() for k, v in source.state_dict().items()}
-        rows["source model on its own CT (training data)"] = dice(source, ct)
-        rows["source model on the MRI, held-out half"] = dice(source, held_out)
-        stage1 = build_network(CARD.network)
-        stage1.load_state_dict(state)
-        train(stage1, [labelled], args.iterations, Path(tmp) / "a")
-        rows["stage 1: fine-tuned on the labelled half"] = dice(stage1, held_out)
-        ssft = build_network(CARD.network)
-        ssft.load_state_dict(state)
-        train(ssft, [labelled], args.iterations // 2, Path(tmp) / "b")
-        pseudo = Case("pseudo", held_out.image, pseudo_label(predict_array(ssft, held_out.image, CARD, "cpu"), 0.9))
-        train(ssft, [labelled], args.iterations - args.iterations // 2, Path(tmp) / "c", [pseudo])
-        rows["stage 1 + selective pseudo-labels on the held-out half"] = dice(ssft, held_out)
+    runs = {s: adapt_once(ct, held_out, labelled, s, args.source_iterations, args.iterations) for s in args.seeds}
+    rows = list(runs[args.seeds[0]])
+    per_seed_mean = {row: [float(np.mean(runs[s][row])) for s in args.seeds] for row in rows}
     report = {
         "data": "tptbox 1.1.0 sample_ct (lumbar CT) -> sample_mri (cervical T2w MRI); one subject per domain",
         "classes": CARD.class_names[1:],
-        "iterations": {"source": args.source_iterations, "adaptation": args.iterations},
-        "dice": rows,
+        "seeds": args.seeds,
+        "iterations": {"source": args.source_iterations, "stage1": args.iterations, "stage2": args.iterations // 2},
+        "dice": {row: [float(np.mean([runs[s][row][c] for s in args.seeds])) for c in range(2)] for row in rows},
+        "mean_dice_per_seed": per_seed_mean,
+        "runs": {str(s): r for s, r in runs.items()},
         "seconds": time.perf_counter() - start,
     }
     emit(report, args.json)
