@@ -120,9 +120,10 @@ def greedy_dkd_asd(
     d_min = d_labelled.astype(np.float64).copy()
     have_reference = bool(np.isfinite(d_min).any())
     out = Selection([], _nan(n), _nan(n), _nan(n), _nan(n), d_src.astype(np.float64))
-    tau_src = scoring.dynamic_temperature(d_src)
-    off_diagonal = pair[~np.eye(n, dtype=bool)]
-    tau_div = scoring.dynamic_temperature(off_diagonal) if off_diagonal.size else 1.0
+    if not dynamic:  # the ablation's static temperatures, over the whole pool before the first pick
+        tau_src = scoring.dynamic_temperature(d_src)
+        off_diagonal = pair[~np.eye(n, dtype=bool)]
+        tau_div = scoring.dynamic_temperature(off_diagonal) if off_diagonal.size else 1.0
     while remaining:
         r = np.asarray(remaining)
         s_src = scoring.temperature_score(d_src[r], scoring.dynamic_temperature(d_src[r]) if dynamic else tau_src)
