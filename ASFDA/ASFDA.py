@@ -1,7 +1,7 @@
 """ASFDA: rank unlabeled volumes by DKD/ASD, label the query in the Segment Editor, fine-tune in-process.
 
-This file only binds Qt widgets: the panel's behaviour is ``ASFDALib.workflow.Workflow`` and all MRML
-conversion is ``ASFDALib.mrml``; both are tested outside Slicer. torch, MONAI and nibabel are imported
+This file only binds Qt widgets: the panel's behaviour is ``ASFDALib.app.workflow.Workflow`` and all MRML
+conversion is ``ASFDALib.app.mrml``; both are tested outside Slicer. torch, MONAI and nibabel are imported
 only inside functions, after the dependency check.
 """
 
@@ -124,7 +124,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- actions: each defers to the workflow -------------------------------------------------------
     def _settings(self):
-        from ASFDALib.workflow import PanelSettings
+        from ASFDALib.app.workflow import PanelSettings
 
         p = self._parameterNode
         return PanelSettings(
@@ -223,7 +223,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refresh()
 
     def refresh(self):
-        from ASFDALib.workflow import BUTTON_ACTIONS
+        from ASFDALib.app.workflow import BUTTON_ACTIONS
 
         flow = self.logic.workflow(self._settings())
         for name, action in BUTTON_ACTIONS.items():
@@ -272,7 +272,7 @@ class ASFDALogic(ScriptedLoadableModuleLogic):
         return ScriptedLoadableModuleLogic.getParameterNode(self)
 
     def workflow(self, settings):
-        from ASFDALib.workflow import Workflow
+        from ASFDALib.app.workflow import Workflow
 
         if self.flow is None or self.flow.settings.session != settings.session:
             self.flow = Workflow(settings)
@@ -332,7 +332,7 @@ class ASFDALogic(ScriptedLoadableModuleLogic):
 
     # --- cases ---------------------------------------------------------------------------------------
     def loadCase(self, name):
-        from ASFDALib import mrml
+        from ASFDALib.app import mrml
 
         volume = self.flow.case_volume(name)
         volumeNode = mrml.volume_to_node(slicer.mrmlScene, volume.array, volume.affine, name)
@@ -345,7 +345,7 @@ class ASFDALogic(ScriptedLoadableModuleLogic):
         return volumeNode, segmentation
 
     def saveCurrentLabel(self):
-        from ASFDALib import mrml
+        from ASFDALib.app import mrml
 
         if self.current is None:
             raise RuntimeError(_("Open a case first (Next case)"))
@@ -355,7 +355,7 @@ class ASFDALogic(ScriptedLoadableModuleLogic):
         return self.flow.save_label(name, label, affine, lambda path: mrml.save_segmentation(segmentation, path))
 
     def applyRemaining(self):
-        from ASFDALib import mrml
+        from ASFDALib.app import mrml
 
         nodes = []
         for name, label in self.flow.apply().items():
@@ -400,8 +400,8 @@ class ASFDATest(ScriptedLoadableModuleTest):
 
         import numpy as np
 
-        from ASFDALib.phantoms import domain_config, make_phantom
-        from ASFDALib.workflow import PanelSettings
+        from ASFDALib.app.workflow import PanelSettings
+        from ASFDALib.bench.phantoms import domain_config, make_phantom
 
         self.delayDisplay("Creating synthetic target volumes")
         work = tempfile.mkdtemp(prefix="asfda_selftest_")

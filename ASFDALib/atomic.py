@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import ASFDAError
+from ASFDALib.errors import ASFDAError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:

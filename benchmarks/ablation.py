@@ -22,11 +22,11 @@ import numpy as np
 from _common import emit
 
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
-from ASFDALib.benchmark import BenchmarkConfig, SSFTOptions, evaluate, load_cases, train, write_data
-from ASFDALib.defaults import default_model_path
-from ASFDALib.models import load_model
-from ASFDALib.phantoms import write_pool
-from ASFDALib.ranking import RankConfig, rank_folder
+from ASFDALib.bench.benchmark import BenchmarkConfig, SSFTOptions, evaluate, load_cases, train, write_data
+from ASFDALib.bench.phantoms import write_pool
+from ASFDALib.models.defaults import default_model_path
+from ASFDALib.models.loading import load_model
+from ASFDALib.query.ranking import RankConfig, rank_folder
 
 METHOD = {"strategy": "asfda"}
 QUERY_VARIANTS = {

@@ -32,7 +32,7 @@ def _port() -> int:
 def rank_once(images: Path, out: Path, nproc: int, device: str) -> float:
     if out.exists():
         shutil.rmtree(out)
-    rank = ["-m", "ASFDALib.cli", "rank", "--images", str(images), "--out", str(out), "--device", device]
+    rank = ["-m", "ASFDALib.app.cli", "rank", "--images", str(images), "--out", str(out), "--device", device]
     if nproc == 1:
         command = [sys.executable, *rank]
     else:
@@ -56,7 +56,7 @@ def rank_once(images: Path, out: Path, nproc: int, device: str) -> float:
 def main() -> None:
     import torch
 
-    from ASFDALib.phantoms import write_pool
+    from ASFDALib.bench.phantoms import write_pool
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--volumes", type=int, default=24)

@@ -26,10 +26,10 @@ from _common import emit
 
 
 def _cases(card, count: int):
-    from ASFDALib.finetune import Case
-    from ASFDALib.phantoms import domain_config, make_phantom
-    from ASFDALib.preprocess import preprocess
-    from ASFDALib.volume_io import Volume
+    from ASFDALib.adaptation.patches import Case
+    from ASFDALib.bench.phantoms import domain_config, make_phantom
+    from ASFDALib.data.preprocess import preprocess
+    from ASFDALib.data.volumes import Volume
 
     cases = []
     for i in range(count):
@@ -43,9 +43,10 @@ def iteration_speed(iterations: int, repeats: int) -> dict:
     from monai.losses import DiceCELoss
     from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 
-    from ASFDALib.defaults import default_model_path
-    from ASFDALib.finetune import FinetuneConfig, Trainer
-    from ASFDALib.models import load_model
+    from ASFDALib.adaptation.recipe import FinetuneConfig
+    from ASFDALib.adaptation.trainer import Trainer
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
 
     path = default_model_path()
     card = load_model(path).card
@@ -102,7 +103,7 @@ def iteration_speed(iterations: int, repeats: int) -> dict:
 
 
 def whole_session() -> dict:
-    from ASFDALib.cli import main
+    from ASFDALib.app.cli import main
 
     root = Path(tempfile.mkdtemp())
     session = root / "session"

@@ -51,19 +51,19 @@ LARGE_UNET = {
 def time_scoring(volumes: int, repeats: int, large: bool = False) -> dict:
     from monai.inferers import sliding_window_inference
 
-    from ASFDALib.defaults import default_model_path
-    from ASFDALib.epistemic import epistemic_score
-    from ASFDALib.models import load_model
-    from ASFDALib.phantoms import domain_config, make_phantom
-    from ASFDALib.preprocess import compact, preprocess
-    from ASFDALib.sweep import SweepConfig, sweep
-    from ASFDALib.volume_io import Volume
+    from ASFDALib.bench.phantoms import domain_config, make_phantom
+    from ASFDALib.data.preprocess import compact, preprocess
+    from ASFDALib.data.volumes import Volume
+    from ASFDALib.inference.epistemic import epistemic_score
+    from ASFDALib.inference.sweep import SweepConfig, sweep
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
 
     model = load_model(default_model_path())
     card, net = model.card, model.network.eval()
     if large:  # a foundation-model-sized encoder (timing only: random weights)
-        from ASFDALib.modelcard import NetworkSpec
-        from ASFDALib.models import build_network
+        from ASFDALib.models.card import NetworkSpec
+        from ASFDALib.models.loading import build_network
 
         net = build_network(NetworkSpec("UNet", LARGE_UNET)).eval()
     images = []
@@ -124,11 +124,11 @@ def memory_child(path: str, mode: str) -> None:
     one window first: thread pools and kernel caches are set up once per process, not per volume."""
     from monai.inferers import sliding_window_inference
 
-    from ASFDALib.defaults import default_model_path
-    from ASFDALib.models import load_model
-    from ASFDALib.preprocess import compact, preprocess
-    from ASFDALib.sweep import SweepConfig, sweep
-    from ASFDALib.volume_io import read_volume
+    from ASFDALib.data.preprocess import compact, preprocess
+    from ASFDALib.data.volumes import read_volume
+    from ASFDALib.inference.sweep import SweepConfig, sweep
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
 
     model = load_model(default_model_path())
     card = model.card
@@ -180,8 +180,8 @@ def memory_child(path: str, mode: str) -> None:
 
 def load_card_batch() -> int:
     """Windows per forward pass on the CPU, as the default model's card sets it."""
-    from ASFDALib.defaults import default_model_path
-    from ASFDALib.models import load_model
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
 
     return load_model(default_model_path()).card.sw_batch_size
 
@@ -192,8 +192,8 @@ def measure_memory() -> dict:
     free, and the threshold is fixed here (MALLOC_MMAP_THRESHOLD_) for both pipelines alike."""
     import os
 
-    from ASFDALib.phantoms import make_phantom
-    from ASFDALib.volume_io import write_nifti
+    from ASFDALib.bench.phantoms import make_phantom
+    from ASFDALib.data.volumes import write_nifti
 
     image, _, _ = make_phantom(0)
     big = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=(512, 512, 300), mode="trilinear")[

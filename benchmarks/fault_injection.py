@@ -98,7 +98,7 @@ def run(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def bad_input_trial(work: Path) -> dict:
-    from ASFDALib.phantoms import write_pool
+    from ASFDALib.bench.phantoms import write_pool
 
     write_pool(work / "pool", 3, seed=1)
     images = work / "pool" / "images"
@@ -173,8 +173,8 @@ def _checkpoint_progress(session: Path) -> tuple[int, int]:
 
 
 def kill_trial(work: Path, kills: int, seed: int = 0) -> dict:
-    from ASFDALib.phantoms import write_pool
-    from ASFDALib.session import Session
+    from ASFDALib.adaptation.session import Session
+    from ASFDALib.bench.phantoms import write_pool
 
     rng = np.random.default_rng(seed)
     write_pool(work / "pool", 8, seed=2)

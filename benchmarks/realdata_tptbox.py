@@ -24,12 +24,17 @@ import numpy as np
 import torch
 from _common import emit
 
-from ASFDALib.finetune import IGNORE_INDEX, Case, FinetuneConfig, Trainer, dice_per_class, predict_array
-from ASFDALib.modelcard import IntensityConfig, ModelCard, NetworkSpec
-from ASFDALib.models import build_network
-from ASFDALib.preprocess import preprocess, preprocess_label
-from ASFDALib.pseudo import pseudo_label
-from ASFDALib.volume_io import read_volume
+from ASFDALib.adaptation.loss import IGNORE_INDEX
+from ASFDALib.adaptation.patches import Case
+from ASFDALib.adaptation.pseudo import pseudo_label
+from ASFDALib.adaptation.recipe import FinetuneConfig
+from ASFDALib.adaptation.trainer import Trainer
+from ASFDALib.data.preprocess import preprocess, preprocess_label
+from ASFDALib.data.volumes import read_volume
+from ASFDALib.evaluation.metrics import dice_per_class
+from ASFDALib.inference.predict import predict_label, predict_probabilities
+from ASFDALib.models.card import IntensityConfig, ModelCard, NetworkSpec
+from ASFDALib.models.loading import build_network
 
 DATA = Path(__file__).resolve().parents[1] / "Testing" / "Data" / "tptbox"
 CARD = ModelCard(
@@ -71,7 +76,7 @@ def load(image: str, mask: str) -> Case:
 
 
 def dice(network, case: Case) -> list[float]:
-    pred = predict_array(network, case.image, CARD, "cpu").argmax(0).numpy()
+    pred = predict_label(network, case.image, CARD, "cpu")
     ignore = case.label == IGNORE_INDEX
     return dice_per_class(np.where(ignore, 0, pred), np.where(ignore, 0, case.label), CARD.num_classes)
 
@@ -111,7 +116,9 @@ def adapt_once(ct: Case, held_out: Case, labelled: Case, seed: int, source_itera
         # pseudo-labels; the control spends those iterations on the labelled half alone.
         after_stage1 = {k: v.clone() for k, v in stage1.state_dict().items()}
         extra = iterations // 2
-        pseudo = Case("pseudo", held_out.image, pseudo_label(predict_array(stage1, held_out.image, CARD, "cpu"), 0.9))
+        pseudo = Case(
+            "pseudo", held_out.image, pseudo_label(predict_probabilities(stage1, held_out.image, CARD, "cpu"), 0.9)
+        )
         ssft = train(continued(after_stage1), [labelled], extra, Path(tmp) / "b", [pseudo], stage="stage2", seed=seed)
         rows["stage 1 + selective pseudo-labels on the held-out half"] = dice(ssft, held_out)
         control = train(continued(after_stage1), [labelled], extra, Path(tmp) / "c", stage="stage2", seed=seed)

@@ -54,7 +54,7 @@ def qt_ui(source: Path) -> str:
 
 
 def sample_session() -> Path:
-    from ASFDALib.cli import main
+    from ASFDALib.app.cli import main
 
     folder = Path(tempfile.mkdtemp()) / "asfda-session"
     main(["rank", "--out", str(folder), "--budget", "3"])
@@ -82,7 +82,7 @@ def main() -> None:
         QTableWidgetItem,
     )
 
-    from ASFDALib.workflow import BUTTON_ACTIONS, PanelSettings, Workflow
+    from ASFDALib.app.workflow import BUTTON_ACTIONS, PanelSettings, Workflow
 
     app = QApplication.instance() or QApplication([])
     data = QByteArray(qt_ui(REPO / "Resources" / "UI" / "ASFDA.ui").encode())

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ASFDALib.modelcard import IntensityConfig, ModelCard, NetworkSpec, save_card
-from ASFDALib.models import build_network, load_model
-from ASFDALib.phantoms import CLASS_NAMES, make_phantom, write_phantoms
-from ASFDALib.preprocess import preprocess
-from ASFDALib.source_stats import compute_source_stats
-from ASFDALib.volume_io import Volume
+from ASFDALib.bench.phantoms import CLASS_NAMES, make_phantom, write_phantoms
+from ASFDALib.data.preprocess import preprocess
+from ASFDALib.data.volumes import Volume
+from ASFDALib.models.card import IntensityConfig, ModelCard, NetworkSpec, save_card
+from ASFDALib.models.loading import build_network, load_model
+from ASFDALib.query.source_stats import compute_source_stats
 
 OUT = Path(__file__).resolve().parents[1] / "Resources" / "Model"
 

@@ -16,8 +16,8 @@ DATA = REPO / "Testing" / "Data"
 
 @pytest.fixture(scope="session")
 def default_model():
-    from ASFDALib.defaults import default_model_path
-    from ASFDALib.models import load_model
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
 
     return load_model(default_model_path())
 
@@ -25,7 +25,7 @@ def default_model():
 @pytest.fixture(scope="session")
 def mri_pool(tmp_path_factory) -> Path:
     """Six MRI-like target phantoms with labels (images/ and labels/)."""
-    from ASFDALib.phantoms import write_phantoms
+    from ASFDALib.bench.phantoms import write_phantoms
 
     folder = tmp_path_factory.mktemp("mri_pool")
     write_phantoms(folder, 6, "mri", seed=3)

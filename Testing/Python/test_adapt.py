@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ASFDALib.cli import main
-from ASFDALib.session import Session
+from ASFDALib.adaptation.session import Session
+from ASFDALib.app.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +81,11 @@ def test_the_session_records_the_round_and_its_pseudo_labels(adapted_session):
 def test_predictions_are_in_the_input_grid_and_format(adapted_session, tmp_path):
     import SimpleITK as sitk
 
-    from ASFDALib.phantoms import make_phantom
-    from ASFDALib.volume_io import read_volume
+    from ASFDALib.bench.phantoms import make_phantom
+    from ASFDALib.data.volumes import read_volume
 
     _, session, _ = adapted_session
-    image, _, _ = make_phantom(77, __import__("ASFDALib.phantoms", fromlist=["x"]).domain_config("mri"))
+    image, _, _ = make_phantom(77, __import__("ASFDALib.bench.phantoms", fromlist=["x"]).domain_config("mri"))
     nrrd = sitk.GetImageFromArray(np.round(image[:, :, ::2]).astype(np.int16).transpose(2, 1, 0))
     nrrd.SetSpacing((2.0, 2.0, 4.0))
     nrrd.SetOrigin((5.0, -3.0, 10.0))
@@ -101,11 +101,11 @@ def test_predictions_are_in_the_input_grid_and_format(adapted_session, tmp_path)
 def test_exported_bundle_loads_through_monai_and_predicts_the_same_labels(adapted_session, mri_pool, tmp_path):
     from monai.bundle import ConfigParser
 
-    from ASFDALib.adapt import session_model
-    from ASFDALib.finetune import predict_array
-    from ASFDALib.models import load_model
-    from ASFDALib.preprocess import preprocess
-    from ASFDALib.volume_io import read_volume
+    from ASFDALib.adaptation.pipeline import session_model
+    from ASFDALib.data.preprocess import preprocess
+    from ASFDALib.data.volumes import read_volume
+    from ASFDALib.inference.predict import predict_label
+    from ASFDALib.models.loading import load_model
 
     _, session, _ = adapted_session
     assert main(["export", str(session), "--format", "bundle", "--out", str(tmp_path / "bundle")]) == 0
@@ -120,7 +120,7 @@ def test_exported_bundle_loads_through_monai_and_predicts_the_same_labels(adapte
         monai_label = inferer(data["image"][None].float(), network.eval()).argmax(1)[0].numpy()
     model = session_model(Session.open(session))
     ours = preprocess(read_volume(sorted((mri_pool / "images").iterdir())[0]), model.card)
-    our_label = predict_array(model.network, ours, model.card, "cpu").argmax(0).numpy()
+    our_label = predict_label(model.network, ours, model.card, "cpu")
     assert monai_label.shape == our_label.shape
     assert (monai_label == our_label).mean() > 0.999
     assert load_model(tmp_path / "bundle").card.class_names == model.card.class_names  # and ASFDA reads it back
@@ -128,7 +128,7 @@ def test_exported_bundle_loads_through_monai_and_predicts_the_same_labels(adapte
 
 def test_torchscript_export_needs_trust_to_load_back(adapted_session, tmp_path):
     from ASFDALib.errors import TrustRequiredError
-    from ASFDALib.models import load_model
+    from ASFDALib.models.loading import load_model
 
     _, session, _ = adapted_session
     assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
@@ -163,7 +163,7 @@ def test_finetune_without_labels_says_what_to_do(tmp_path, mri_pool, capsys):
 
 
 def test_a_refused_label_import_keeps_the_session_intact(tmp_path, mri_pool, capsys):
-    from ASFDALib.volume_io import write_nifti
+    from ASFDALib.data.volumes import write_nifti
 
     assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(tmp_path / "s")]) == 0
     before = (tmp_path / "s" / "session.json").read_text()

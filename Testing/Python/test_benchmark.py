@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from ASFDALib.cli import main
-from ASFDALib.phantoms import SITES, make_phantom, site_config, write_pool
+from ASFDALib.app.cli import main
+from ASFDALib.bench.phantoms import SITES, make_phantom, site_config, write_pool
 
 
 def test_sites_differ_in_contrast_slice_thickness_and_field_of_view():
@@ -36,7 +36,7 @@ def test_rare_subgroups_change_the_anatomy_but_not_the_rest():
 
 
 def test_the_source_domain_is_unchanged_by_site_options():
-    from ASFDALib.phantoms import domain_config
+    from ASFDALib.bench.phantoms import domain_config
 
     a, la, _ = make_phantom(3, domain_config("ct"))
     b, lb, _ = make_phantom(3)

@@ -18,12 +18,14 @@ TRAIN = """
 import json, sys
 from pathlib import Path
 from ASFDALib import distributed
-from ASFDALib.defaults import default_model_path
-from ASFDALib.finetune import Case, FinetuneConfig, Trainer
-from ASFDALib.models import load_model
-from ASFDALib.phantoms import domain_config, make_phantom
-from ASFDALib.preprocess import preprocess
-from ASFDALib.volume_io import Volume
+from ASFDALib.models.defaults import default_model_path
+from ASFDALib.adaptation.patches import Case
+from ASFDALib.adaptation.recipe import FinetuneConfig
+from ASFDALib.adaptation.trainer import Trainer
+from ASFDALib.models.loading import load_model
+from ASFDALib.bench.phantoms import domain_config, make_phantom
+from ASFDALib.data.preprocess import preprocess
+from ASFDALib.data.volumes import Volume
 
 distributed.init_from_env("cpu")
 model = load_model(default_model_path())
@@ -65,11 +67,11 @@ def _torchrun(args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProc
 
 
 def test_two_processes_give_the_same_ranking_as_one(tmp_path, mri_pool):
-    from ASFDALib.cli import main
+    from ASFDALib.app.cli import main
 
     assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(tmp_path / "one")]) == 0
     done = _torchrun(
-        ["-m", "ASFDALib.cli", "rank", "--images", str(mri_pool / "images"), "--out", str(tmp_path / "two")]
+        ["-m", "ASFDALib.app.cli", "rank", "--images", str(mri_pool / "images"), "--out", str(tmp_path / "two")]
     )
     assert done.returncode == 0, done.stderr[-2000:]
     one = json.loads((tmp_path / "one" / "ranking.json").read_text())["rows"]
@@ -102,7 +104,7 @@ def test_ddp_fine_tuning_loss_matches_one_process(tmp_path):
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path, mri_pool):
-    from ASFDALib.cli import main
+    from ASFDALib.app.cli import main
 
     session = tmp_path / "s"
     assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(session), "--budget", "1"]) == 0
@@ -111,7 +113,17 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path, mri_pool):
     shutil.copy(mri_pool / "labels" / query, tmp_path / "gt" / query)
     assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
     done = _torchrun(
-        ["-m", "ASFDALib.cli", "finetune", str(session), "--iterations", "4", "--no-pseudo", "--checkpoint-every", "2"]
+        [
+            "-m",
+            "ASFDALib.app.cli",
+            "finetune",
+            str(session),
+            "--iterations",
+            "4",
+            "--no-pseudo",
+            "--checkpoint-every",
+            "2",
+        ]
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert main(["finetune", str(session), "--iterations", "8", "--no-pseudo", "--resume"]) == 0

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ASFDALib.features import (
+from ASFDALib.models.card import NetworkSpec
+from ASFDALib.models.loading import build_network
+from ASFDALib.query.features import (
     BN_PREFIX,
     STAGE_PREFIX,
     FeatureSummary,
@@ -16,8 +18,6 @@ from ASFDALib.features import (
     encoder_stages,
     mean_summaries,
 )
-from ASFDALib.modelcard import NetworkSpec
-from ASFDALib.models import build_network
 
 
 def test_running_moments_equal_numpy_over_batches():
@@ -100,11 +100,11 @@ def test_encoder_stages_of_monai_networks_are_tapped(name):
 
 def test_batchnorm_knowledge_ranks_an_intensity_shifted_copy_above_the_original(default_model):
     """K_s from BatchNorm statistics: a shifted copy of a source volume is farther from the source."""
-    from ASFDALib import scoring
-    from ASFDALib.phantoms import make_phantom
-    from ASFDALib.preprocess import preprocess
-    from ASFDALib.sweep import sweep
-    from ASFDALib.volume_io import Volume
+    from ASFDALib.bench.phantoms import make_phantom
+    from ASFDALib.data.preprocess import preprocess
+    from ASFDALib.data.volumes import Volume
+    from ASFDALib.inference.sweep import sweep
+    from ASFDALib.query import scoring
 
     image, _, affine = make_phantom(12345)
     original = preprocess(Volume(image, affine, "ct"), default_model.card)

@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from ASFDALib.finetune import IGNORE_INDEX, Case, FinetuneConfig, Trainer, dice_ce_loss, ramp
-from ASFDALib.models import load_model
-from ASFDALib.phantoms import domain_config, make_phantom
-from ASFDALib.preprocess import preprocess
-from ASFDALib.pseudo import keep_reliable, pseudo_label, reliability
-from ASFDALib.volume_io import Volume
+from ASFDALib.adaptation.loss import IGNORE_INDEX, dice_ce_loss
+from ASFDALib.adaptation.patches import Case
+from ASFDALib.adaptation.pseudo import keep_reliable, pseudo_label, reliability
+from ASFDALib.adaptation.recipe import FinetuneConfig, ramp
+from ASFDALib.adaptation.trainer import Trainer
+from ASFDALib.bench.phantoms import domain_config, make_phantom
+from ASFDALib.data.preprocess import preprocess
+from ASFDALib.data.volumes import Volume
+from ASFDALib.models.loading import load_model
 
 
 def test_ignored_voxels_contribute_no_gradient():
@@ -52,8 +55,8 @@ def test_low_confidence_voxels_become_ignore_not_background():
 
 def test_reliability_keeps_a_clean_volume_and_rejects_a_corrupted_one(default_model):
     """Clean: a source-like volume; corrupted: the same anatomy with inverted contrast and heavy noise."""
-    from ASFDALib.pseudo import distance_to_labelled
-    from ASFDALib.sweep import sweep
+    from ASFDALib.adaptation.pseudo import distance_to_labelled
+    from ASFDALib.inference.sweep import sweep
 
     card = default_model.card
 
@@ -116,7 +119,7 @@ def test_worker_processes_make_the_same_batches_as_the_main_process(tmp_path, de
 
 
 def test_each_stage_and_rank_draws_its_own_batches(default_model):
-    from ASFDALib.finetune import PatchStream
+    from ASFDALib.adaptation.patches import PatchStream
 
     cases = _cases(default_model.card, 1)
     one = PatchStream(cases, None, default_model.card.roi_size, SMALL, "stage1")
@@ -155,7 +158,7 @@ def test_progress_reports_loss_eta_and_validation_dice(tmp_path, default_model):
 
 
 def test_encoder_learns_more_slowly_than_the_decoder(default_model):
-    from ASFDALib.finetune import param_groups
+    from ASFDALib.adaptation.recipe import param_groups
 
     groups = param_groups(_fresh(default_model.path), FinetuneConfig(lr=1e-3, encoder_lr_scale=0.1))
     assert [g["lr"] for g in groups] == [1e-3, 1e-4]

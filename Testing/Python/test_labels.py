@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ASFDALib.data.labels import LabelError, match_labels, parse_mapping, validate_label
+from ASFDALib.data.volumes import write_nifti
 from ASFDALib.errors import VolumeError
-from ASFDALib.labels import LabelError, match_labels, parse_mapping, validate_label
-from ASFDALib.volume_io import write_nifti
 
 CLASSES = ["background", "liver", "kidney", "gallbladder"]
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ASFDALib.errors import ModelError, TrustRequiredError
-from ASFDALib.modelcard import ModelCard, NetworkSpec, load_card, save_card
-from ASFDALib.models import build_network, load_model
+from ASFDALib.models.card import ModelCard, NetworkSpec, load_card, save_card
+from ASFDALib.models.loading import build_network, load_model
 
 CLASSES = ["background", "liver", "kidney", "gallbladder"]
 UNET_ARGS = {

@@ -7,8 +7,8 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (real Slicer MRML) is needed for the bridge tests")
 
-from ASFDALib import mrml  # noqa: E402
-from ASFDALib.volume_io import read_volume, write_nifti  # noqa: E402
+from ASFDALib.app import mrml  # noqa: E402
+from ASFDALib.data.volumes import read_volume, write_nifti  # noqa: E402
 
 CLASSES = ["background", "liver", "kidney", "gallbladder"]
 
@@ -75,16 +75,16 @@ def test_seg_nrrd_is_written_and_read_back(scene, tmp_path):
 
 def test_prediction_prefill_gives_an_editable_segment_per_class(scene, default_model):
     """A model prediction becomes the segmentation a clinician corrects, with the model's class names."""
-    from ASFDALib.finetune import predict_array
-    from ASFDALib.phantoms import make_phantom
-    from ASFDALib.preprocess import labels_to_native, preprocess
-    from ASFDALib.volume_io import Volume
+    from ASFDALib.bench.phantoms import make_phantom
+    from ASFDALib.data.preprocess import labels_to_native, preprocess
+    from ASFDALib.data.volumes import Volume
+    from ASFDALib.inference.predict import predict_label
 
     image, truth, affine = make_phantom(4)
     volume_node = mrml.volume_to_node(scene, image, affine, "case")
     array, node_affine = mrml.node_to_volume(volume_node)
     x = preprocess(Volume(array, node_affine, "case"), default_model.card)
-    label = predict_array(default_model.network, x, default_model.card, "cpu").argmax(0).numpy().astype(np.uint8)
+    label = predict_label(default_model.network, x, default_model.card, "cpu").astype(np.uint8)
     native = labels_to_native(label, x.affine.numpy(), array.shape, node_affine)
     seg = mrml.labelmap_to_segmentation(scene, native, node_affine, default_model.card.class_names, volume_node)
     back = mrml.segmentation_to_labelmap(seg, volume_node, default_model.card.class_names)

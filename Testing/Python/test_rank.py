@@ -13,9 +13,9 @@ import SimpleITK as sitk
 import torch
 from conftest import DATA, write_dicom_series
 
-from ASFDALib.cli import main
-from ASFDALib.phantoms import domain_config, make_phantom
-from ASFDALib.ranking import RankConfig, rank_folder
+from ASFDALib.app.cli import main
+from ASFDALib.bench.phantoms import domain_config, make_phantom
+from ASFDALib.query.ranking import RankConfig, rank_folder
 
 
 def _rows(out: Path) -> list[dict]:
@@ -65,7 +65,7 @@ def test_interrupted_ranking_resumes_where_it_stopped(tmp_path, default_model, m
 
 
 def test_changed_file_content_is_rescored(tmp_path, default_model, mri_pool):
-    from ASFDALib.volume_io import write_nifti
+    from ASFDALib.data.volumes import write_nifti
 
     images = tmp_path / "images"
     shutil.copytree(mri_pool / "images", images)
@@ -151,7 +151,7 @@ def test_torchscript_model_uses_the_energy_fallback_and_says_so(tmp_path, defaul
 
 
 def test_source_statistics_file_is_computed_and_used(tmp_path, default_model, mri_pool):
-    from ASFDALib.phantoms import write_phantoms
+    from ASFDALib.bench.phantoms import write_phantoms
 
     write_phantoms(tmp_path / "source", 2, "ct", seed=9, labels=False)
     stats = tmp_path / "stats.npz"

@@ -17,10 +17,10 @@ from conftest import REPO, edit_dicom_slice, write_dicom_series
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ASFDALib.adaptation.session import Session, SessionError
 from ASFDALib.atomic import atomic_write, atomic_write_json
+from ASFDALib.data.volumes import read_volume, write_nifti
 from ASFDALib.errors import ASFDAError, VolumeError
-from ASFDALib.session import Session, SessionError
-from ASFDALib.volume_io import read_volume, write_nifti
 
 
 # --- full disk -------------------------------------------------------------------------------------
@@ -64,8 +64,8 @@ def test_a_real_full_disk_leaves_the_session_intact(tiny_disk):
 def test_a_volume_too_large_for_memory_is_skipped_before_reading(tmp_path, default_model):
     import nibabel as nib
 
-    from ASFDALib.cache import ScoreCache
-    from ASFDALib.ranking import RankConfig, choose_knowledge, score_volumes
+    from ASFDALib.query.cache import ScoreCache
+    from ASFDALib.query.ranking import RankConfig, choose_knowledge, score_volumes
 
     header = nib.Nifti1Header()
     header.set_data_shape((3000, 3000, 3000))
@@ -80,7 +80,7 @@ def test_a_volume_too_large_for_memory_is_skipped_before_reading(tmp_path, defau
 
 
 def test_a_training_batch_that_cannot_fit_is_refused_with_the_setting_to_change():
-    from ASFDALib.memory import check_training_memory
+    from ASFDALib.inference.memory import check_training_memory
 
     with pytest.raises(ASFDAError, match="use a smaller --batch-size"):
         check_training_memory(64, (128, 128, 128), "cpu", available=2 * 1024**3)
@@ -89,8 +89,8 @@ def test_a_training_batch_that_cannot_fit_is_refused_with_the_setting_to_change(
 
 def test_a_card_for_a_multi_channel_network_is_refused(tmp_path):
     from ASFDALib.errors import ModelError
-    from ASFDALib.modelcard import ModelCard, NetworkSpec
-    from ASFDALib.models import build_network, load_model
+    from ASFDALib.models.card import ModelCard, NetworkSpec
+    from ASFDALib.models.loading import build_network, load_model
 
     args = {"spatial_dims": 3, "in_channels": 2, "out_channels": 4, "channels": [4, 8], "strides": [2]}
     torch.save(build_network(NetworkSpec("UNet", args)).state_dict(), tmp_path / "net.pt")
@@ -116,8 +116,8 @@ class _SmallGPU(torch.nn.Module):
 def test_gpu_out_of_memory_retries_with_one_window_at_a_time(tmp_path, default_model, mri_pool):
     from dataclasses import replace
 
-    from ASFDALib.ranking import score_volume
-    from ASFDALib.sweep import SweepConfig
+    from ASFDALib.inference.sweep import SweepConfig
+    from ASFDALib.query.ranking import score_volume
 
     model = replace(default_model, network=_SmallGPU(default_model.network))
     notes: list[str] = []
@@ -131,7 +131,7 @@ def test_gpu_out_of_memory_retries_with_one_window_at_a_time(tmp_path, default_m
 def test_rank_and_finetune_open_no_socket(tmp_path, mri_pool, monkeypatch):
     import socket
 
-    from ASFDALib.cli import main
+    from ASFDALib.app.cli import main
 
     attempts = []
 
@@ -183,7 +183,7 @@ def test_a_dicom_series_whose_slices_disagree_is_refused_naming_the_slice(tmp_pa
 
 
 def test_a_dicom_series_with_an_inconsistent_slice_is_skipped_in_a_ranking_and_the_rest_scored(tmp_path):
-    from ASFDALib.cli import main
+    from ASFDALib.app.cli import main
 
     pool = tmp_path / "pool"
     write_dicom_series(pool / "good", np.random.default_rng(0).normal(100, 20, (24, 24, 16)).astype(np.int16))
@@ -196,8 +196,8 @@ def test_a_dicom_series_with_an_inconsistent_slice_is_skipped_in_a_ranking_and_t
 
 
 def test_extreme_values_are_scored_or_refused_never_crash(tmp_path, default_model):
-    from ASFDALib.cache import ScoreCache
-    from ASFDALib.ranking import RankConfig, choose_knowledge, score_volumes
+    from ASFDALib.query.cache import ScoreCache
+    from ASFDALib.query.ranking import RankConfig, choose_knowledge, score_volumes
 
     big = np.zeros((20, 20, 20), np.float32)
     big[5:15, 5:15, 5:15] = 3e38
@@ -217,7 +217,7 @@ def _python(code: str, *args: str) -> subprocess.Popen:
 
 def test_killing_session_writes_at_random_points_never_leaves_a_broken_file(tmp_path):
     code = (
-        "import sys; from ASFDALib.session import Session\n"
+        "import sys; from ASFDALib.adaptation.session import Session\n"
         "s = Session.open(sys.argv[1], create=True)\n"
         "i = 0\n"
         "while True:\n"
@@ -238,9 +238,11 @@ def test_killing_session_writes_at_random_points_never_leaves_a_broken_file(tmp_
 
 
 def test_killing_a_ranking_loses_no_finished_volume_score(tmp_path, mri_pool, default_model):
-    from ASFDALib.ranking import RankConfig, rank_folder
+    from ASFDALib.query.ranking import RankConfig, rank_folder
 
-    code = "import sys; from ASFDALib.cli import main\nmain(['rank', '--images', sys.argv[1], '--out', sys.argv[2]])\n"
+    code = (
+        "import sys; from ASFDALib.app.cli import main\nmain(['rank', '--images', sys.argv[1], '--out', sys.argv[2]])\n"
+    )
     session = tmp_path / "s"
     cache = session / "cache"
     for delay in (4.0, 6.0):
@@ -262,12 +264,12 @@ def test_killing_a_ranking_loses_no_finished_volume_score(tmp_path, mri_pool, de
 def test_killing_fine_tuning_loses_at_most_one_checkpoint_interval(tmp_path):
     code = (
         "import sys; from pathlib import Path\n"
-        "from ASFDALib.defaults import default_model_path\n"
-        "from ASFDALib.finetune import Case, FinetuneConfig, Trainer\n"
-        "from ASFDALib.models import load_model\n"
-        "from ASFDALib.phantoms import domain_config, make_phantom\n"
-        "from ASFDALib.preprocess import preprocess\n"
-        "from ASFDALib.volume_io import Volume\n"
+        "from ASFDALib.models.defaults import default_model_path\n"
+        "from ASFDALib.adaptation.finetune import Case, FinetuneConfig, Trainer\n"
+        "from ASFDALib.models.loading import load_model\n"
+        "from ASFDALib.bench.phantoms import domain_config, make_phantom\n"
+        "from ASFDALib.data.preprocess import preprocess\n"
+        "from ASFDALib.data.volumes import Volume\n"
         "m = load_model(default_model_path())\n"
         "image, label, affine = make_phantom(0, domain_config('mri'))\n"
         "case = Case('c', preprocess(Volume(image, affine, Path('c')), m.card).numpy(), label)\n"
@@ -335,7 +337,7 @@ def test_any_session_file_is_opened_or_refused_clearly(tmp_path, data):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.lists(st.integers(min_value=-3, max_value=12), min_size=1, max_size=8))
 def test_label_validation_accepts_exactly_the_model_classes(tmp_path, values):
-    from ASFDALib.labels import LabelError, validate_label
+    from ASFDALib.data.labels import LabelError, validate_label
 
     affine = np.eye(4)
     image = write_nifti(tmp_path / "img.nii", np.arange(64, dtype=np.int16).reshape(4, 4, 4), affine)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ASFDALib import scoring
-from ASFDALib.features import FeatureSummary
+from ASFDALib.query import scoring
+from ASFDALib.query.features import FeatureSummary
 
 
 def test_entropy_of_uniform_prediction_is_one():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ASFDALib.features import FeatureSummary
-from ASFDALib.selection import STRATEGIES, Knowledge, Pool, select
+from ASFDALib.query.features import FeatureSummary
+from ASFDALib.query.selection import STRATEGIES, Knowledge, Pool, select
 
 
 def _summary(mean: float, var: float = 1.0, channels: int = 4) -> FeatureSummary:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ASFDALib.session import SESSION_FILE, Session, SessionError, case_id, safe_path
+from ASFDALib.adaptation.session import SESSION_FILE, Session, SessionError, case_id, safe_path
 
 
 def test_new_session_is_saved_atomically_with_a_schema_version(tmp_path):

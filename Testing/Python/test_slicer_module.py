@@ -115,7 +115,7 @@ def test_only_the_mrml_bridge_imports_slicer():
 
 
 def test_every_panel_button_exists_and_names_a_workflow_action():
-    from ASFDALib.workflow import BUTTON_ACTIONS, Workflow
+    from ASFDALib.app.workflow import BUTTON_ACTIONS, Workflow
 
     widgets = _ui_widgets()
     flow = Workflow()

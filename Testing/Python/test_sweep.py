@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ASFDALib import scoring
-from ASFDALib.sweep import SweepConfig, core_bounds, iter_windows, sweep, window_starts
+from ASFDALib.inference.sweep import SweepConfig, sweep
+from ASFDALib.inference.windows import core_bounds, iter_windows, window_starts
+from ASFDALib.query import scoring
 
 
 @pytest.mark.parametrize("size,roi,overlap", [(100, 48, 0.25), (48, 48, 0.5), (30, 48, 0.25), (97, 32, 0.0)])
@@ -32,9 +33,9 @@ def test_sweep_matches_full_inference_when_windows_do_not_overlap(default_model)
     """With overlap 0, ASD, entropy and the label map equal those computed from MONAI's stitched logits."""
     from monai.inferers import sliding_window_inference
 
-    from ASFDALib.phantoms import domain_config, make_phantom
-    from ASFDALib.preprocess import preprocess
-    from ASFDALib.volume_io import Volume
+    from ASFDALib.bench.phantoms import domain_config, make_phantom
+    from ASFDALib.data.preprocess import preprocess
+    from ASFDALib.data.volumes import Volume
 
     card = default_model.card
     image, _, affine = make_phantom(5, domain_config("mri"))
@@ -78,7 +79,7 @@ def test_sweep_refuses_a_card_with_the_wrong_class_count(default_model):
 
 
 def test_window_batch_follows_free_gpu_memory():
-    from ASFDALib.sweep import batch_for_memory
+    from ASFDALib.inference.windows import batch_for_memory
 
     roi = (96, 96, 96)  # 0.88 M voxels: about 226 MB a window at 256 B/voxel
     assert batch_for_memory(1 * 2**30, roi) == 2
@@ -88,9 +89,9 @@ def test_window_batch_follows_free_gpu_memory():
 
 def test_a_float16_volume_scores_as_its_float32_original(default_model):
     """``asfda rank`` holds the resampled volume as float16 (half the memory); the scores barely move."""
-    from ASFDALib.phantoms import domain_config, make_phantom
-    from ASFDALib.preprocess import compact, preprocess
-    from ASFDALib.volume_io import Volume
+    from ASFDALib.bench.phantoms import domain_config, make_phantom
+    from ASFDALib.data.preprocess import compact, preprocess
+    from ASFDALib.data.volumes import Volume
 
     image, _, affine = make_phantom(2, domain_config("mri"))
     full = preprocess(Volume(image, affine, None), default_model.card)
@@ -104,7 +105,63 @@ def test_a_float16_volume_scores_as_its_float32_original(default_model):
 
 
 def test_compact_keeps_float32_where_float16_would_overflow():
-    from ASFDALib.preprocess import compact
+    from ASFDALib.data.preprocess import compact
 
     assert compact(torch.tensor([[0.0, 1.0]])).dtype == torch.float16
     assert compact(torch.tensor([[0.0, 70000.0]])).dtype == torch.float32
+
+
+def test_the_label_map_asfda_predict_writes_equals_the_sweeps_argmax(default_model, tmp_path):
+    """Scoring and prediction share one window engine: the segmentation a clinician is shown for a case is
+    the sweep's own argmax, voxel for voxel, on the volume's own grid (overlapping windows included)."""
+    from ASFDALib.adaptation.session import Session
+    from ASFDALib.app.cli import main
+    from ASFDALib.bench.phantoms import write_phantoms
+    from ASFDALib.data.preprocess import labels_to_native, preprocess
+    from ASFDALib.data.volumes import read_volume
+
+    write_phantoms(tmp_path / "pool", 2, "mri", seed=11, labels=False)
+    images = tmp_path / "pool" / "images"
+    session = tmp_path / "session"
+    assert main(["rank", "--images", str(images), "--out", str(session), "--budget", "1", "--device", "cpu"]) == 0
+    assert main(["predict", str(session), "--images", str(images), "--out", str(tmp_path / "pred")]) == 0
+    model = default_model
+    for path in sorted(images.iterdir()):
+        volume = read_volume(path)
+        x = preprocess(volume, model.card)
+        label = sweep(model.network, x, model.card, SweepConfig(device="cpu", keep_label=True)).label
+        expected = labels_to_native(label, x.affine.numpy(), volume.array.shape, volume.affine)
+        written = read_volume(tmp_path / "pred" / path.name, allow_constant=True).array
+        np.testing.assert_array_equal(written, expected)
+    assert Session.open(session).adapted_checkpoint() is None
+
+
+def test_class_maps_widen_beyond_127_foreground_classes():
+    from ASFDALib.errors import ModelError
+    from ASFDALib.inference.sweep import class_map_layout
+
+    assert class_map_layout(128) == (np.uint8, 128)
+    assert class_map_layout(129) == (np.uint16, 1 << 15)
+    with pytest.raises(ModelError, match="at most 32768"):
+        class_map_layout(40000)
+
+
+def test_a_model_with_200_classes_keeps_every_class_in_the_sweep():
+    """A TotalSegmentator-sized head: classes above 127 are counted and labelled, not folded onto others."""
+    from ASFDALib.models.card import ModelCard
+
+    card = ModelCard(name="wide", class_names=["background", *[f"c{i}" for i in range(1, 200)]], roi_size=[16, 16, 16])
+
+    class Fixed(torch.nn.Module):
+        """Logits that make class 150 win in the left half and class 3 in the right half."""
+
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 200, *x.shape[2:])
+            logits[:, 150, :8] = 5.0
+            logits[:, 3, 8:] = 5.0
+            return logits
+
+    result = sweep(Fixed(), torch.rand(1, 16, 16, 16), card, SweepConfig(device="cpu", keep_label=True))
+    assert set(np.unique(result.label)) == {3, 150}
+    assert result.class_fractions[150] == pytest.approx(0.5)
+    assert result.class_fractions[3] == pytest.approx(0.5)

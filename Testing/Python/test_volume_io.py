@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import DATA, write_dicom_series
 
+from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume, write_nifti
 from ASFDALib.errors import ASFDAError, VolumeError
-from ASFDALib.volume_io import content_hash, discover_volumes, read_volume, write_nifti
 
 
 def _array(shape=(10, 12, 8)):
@@ -164,7 +164,7 @@ def test_unreadable_permissions_are_reported(tmp_path):
     path = write_nifti(tmp_path / "locked.nii.gz", _array(), np.eye(4))
     path.chmod(0)
     code = (
-        "import sys; from ASFDALib.volume_io import read_volume; from ASFDALib.errors import VolumeError\n"
+        "import sys; from ASFDALib.data.volumes import read_volume; from ASFDALib.errors import VolumeError\n"
         "try:\n    read_volume(sys.argv[1])\nexcept VolumeError as e:\n    print(e.reason)"
     )
     as_nobody = (lambda: os.setuid(65534)) if os.geteuid() == 0 else None

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from ASFDALib.volume_io import read_volume
-from ASFDALib.workflow import PanelSettings, Phase, Workflow
+from ASFDALib.app.workflow import PanelSettings, Phase, Workflow
+from ASFDALib.data.volumes import read_volume
 
 
 @pytest.fixture

@@ -1,0 +1,265 @@
+"""The session folder: the unit users keep for one adaptation project.
+
+``session.json`` (schema-versioned, written atomically) records the model, the image pool with content
+hashes, the strategy, every round's query, the label files and checkpoints. Labels live under
+``labels/`` as versioned NIfTI and are never overwritten. Paths stored in the file are relative to the
+session folder and are resolved so that none can escape it (``..``, absolute paths, symlinks). A lock
+file keeps two processes from writing one session.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ASFDALib.atomic import atomic_write_json
+from ASFDALib.errors import ASFDAError
+
+SCHEMA_VERSION = 1
+SESSION_FILE = "session.json"
+LOCK_FILE = ".asfda.lock"
+
+
+class SessionError(ASFDAError):
+    """The session folder or its file cannot be used as it is."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def safe_path(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing absolute paths and anything that resolves outside ``root``."""
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute() or "\x00" in relative:
+        raise SessionError(f"{root / SESSION_FILE}: path {relative!r} must be relative to the session folder")
+    resolved = (root / relative).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise SessionError(f"{root / SESSION_FILE}: path {relative!r} points outside the session folder; refused")
+    return resolved
+
+
+def case_id(name: str) -> str:
+    """A file-system-safe identifier for an image (its name without image suffixes)."""
+    stem = name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "case"
+
+
+@dataclass
+class Session:
+    """An open session folder; use :meth:`open` (and ``with`` to hold the write lock)."""
+
+    root: Path
+    data: dict[str, Any] = field(default_factory=dict)
+    _lock_handle: Any = None
+
+    # --- opening and locking -----------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: Path | str, create: bool = False) -> Session:
+        root = Path(root)
+        path = root / SESSION_FILE
+        if not path.is_file():
+            if not create:
+                raise SessionError(f"{root}: not an ASFDA session (no {SESSION_FILE}); run 'asfda rank --out {root}'")
+            root.mkdir(parents=True, exist_ok=True)
+            return cls(root, cls._new_data())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SessionError(f"{path}: unreadable session file ({exc}); restore it from session.json.bak") from None
+        cls._validate(data, path)
+        return cls(root, data)
+
+    @staticmethod
+    def _new_data() -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "created": now(),
+            "updated": now(),
+            "model": None,
+            "images": None,
+            "strategy": None,
+            "rounds": [],
+            "labels": {},
+        }
+
+    @staticmethod
+    def _validate(data: Any, path: Path) -> None:
+        if not isinstance(data, dict):
+            raise SessionError(f"{path}: the session file must hold a JSON object")
+        schema = data.get("schema")
+        if schema != SCHEMA_VERSION:
+            raise SessionError(f"{path}: schema version {schema!r}, this ASFDA reads version {SCHEMA_VERSION}")
+        expected = {"rounds": list, "labels": dict}
+        for key, kind in expected.items():
+            if not isinstance(data.get(key), kind):
+                raise SessionError(f"{path}: '{key}' must be a {kind.__name__}")
+        for name, versions in data["labels"].items():
+            if not isinstance(versions, list) or not all(isinstance(v, dict) and "file" in v for v in versions):
+                raise SessionError(f"{path}: labels of {name!r} must be a list of {{'file': ...}} entries")
+
+    def lock(self) -> Session:
+        """Take the write lock (non-blocking); a clear error when another process holds it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise SessionError(
+                f"{self.root}: session is in use by {holder}; wait for it to finish or stop it"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {now()}")
+        handle.flush()
+        self._lock_handle = handle
+        self._clear_scratch()
+        return self
+
+    def _clear_scratch(self) -> None:
+        """Remove scratch files of writers killed mid-write. With the lock held nobody else writes the
+        session, its labels or checkpoints; the score cache may be shared with other ranks of a torchrun
+        job, so there only scratch files older than an hour go (a live write takes milliseconds)."""
+        for pattern in (".*.tmp", "labels/.*.tmp", "checkpoints/**/.*.tmp"):
+            for scratch in self.root.glob(pattern):
+                scratch.unlink(missing_ok=True)
+        stale = time.time() - 3600
+        for scratch in self.root.glob("cache/.*.tmp"):
+            try:
+                if scratch.stat().st_mtime < stale:
+                    scratch.unlink()
+            except FileNotFoundError:
+                pass
+
+    def unlock(self) -> None:
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def __enter__(self) -> Session:
+        return self.lock()
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()
+
+    # --- saving ------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Write session.json atomically, keeping the previous version as session.json.bak."""
+        self.data["updated"] = now()
+        path = self.root / SESSION_FILE
+        if path.is_file():
+            atomic_write_json(self.root / (SESSION_FILE + ".bak"), json.loads(path.read_text(encoding="utf-8")))
+        return atomic_write_json(path, self.data)
+
+    def path(self, relative: str) -> Path:
+        return safe_path(self.root, relative)
+
+    def relative(self, path: Path) -> str:
+        return str(Path(path).resolve().relative_to(self.root.resolve()))
+
+    # --- model, images, rounds ---------------------------------------------------------------------
+    def set_model(self, path: Path, digest: str, kind: str, card: dict[str, Any], trust: bool) -> None:
+        self.data["model"] = {
+            "path": str(Path(path).resolve()),
+            "digest": digest,
+            "kind": kind,
+            "card": card,
+            "trust": trust,
+        }
+
+    def set_images(self, root: Path, files: dict[str, str], recursive: bool) -> None:
+        self.data["images"] = {
+            "root": str(Path(root).resolve()),
+            "recursive": recursive,
+            "files": [{"name": n, "sha256": h} for n, h in sorted(files.items())],
+        }
+
+    @property
+    def image_root(self) -> Path:
+        if not self.data.get("images"):
+            raise SessionError(
+                f"{self.root}: no image folder recorded; run 'asfda rank --images DIR --out {self.root}'"
+            )
+        return Path(self.data["images"]["root"])
+
+    def image_path(self, name: str) -> Path:
+        """An image of the pool by its recorded name; it must stay inside the recorded image folder."""
+        return safe_path(self.image_root, name)
+
+    def image_names(self) -> list[str]:
+        return [f["name"] for f in (self.data.get("images") or {}).get("files", [])]
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        return self.data["rounds"]
+
+    def add_round(self, query: list[str], strategy: dict[str, Any], model_digest: str) -> dict[str, Any]:
+        entry = {
+            "index": len(self.rounds) + 1,
+            "created": now(),
+            "query": list(query),
+            "strategy": strategy,
+            "model_digest": model_digest,
+            "checkpoint": None,
+            "metrics": {},
+        }
+        self.rounds.append(entry)
+        return entry
+
+    def queried(self) -> list[str]:
+        names: list[str] = []
+        for entry in self.rounds:
+            names += [n for n in entry["query"] if n not in names]
+        return names
+
+    def adapted_checkpoint(self) -> Path | None:
+        """The newest fine-tuned weights, if any round has them."""
+        for entry in reversed(self.rounds):
+            if entry.get("checkpoint"):
+                path = self.path(entry["checkpoint"])
+                if path.is_file():
+                    return path
+        return None
+
+    # --- labels ------------------------------------------------------------------------------------
+    def labelled(self) -> dict[str, Path]:
+        """Image name -> newest label file, for every image that has one on disk."""
+        out = {}
+        for name, versions in self.data["labels"].items():
+            for entry in reversed(versions):
+                path = self.path(entry["file"])
+                if path.is_file():
+                    out[name] = path
+                    break
+        return out
+
+    def next_label_path(self, name: str, suffix: str = ".nii.gz") -> Path:
+        """labels/<case>.v<N><suffix> with N one past every version on disk or recorded: never overwrites."""
+        folder = self.root / "labels"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = case_id(name)
+        taken = {p.name for p in folder.iterdir()}
+        taken |= {Path(v["file"]).name for v in self.data["labels"].get(name, [])}
+        version = 1
+        while any(t.startswith(f"{stem}.v{version}.") for t in taken):
+            version += 1
+        return folder / f"{stem}.v{version}{suffix}"
+
+    def record_label(self, name: str, path: Path, sha256: str, source: str) -> None:
+        self.data["labels"].setdefault(name, []).append(
+            {"file": self.relative(path), "sha256": sha256, "created": now(), "source": source}
+        )

@@ -1,0 +1,195 @@
+"""The trainer: runs one stage of fine-tuning with AdamW, atomic checkpoints, exact resume, cancel and
+progress, alone or under torchrun (DDP).
+
+Batches are seeded by iteration (:mod:`ASFDALib.adaptation.patches`), so a resumed run on the CPU ends in the
+same state as an uninterrupted one (torch's generator is stored in every checkpoint too).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ASFDALib import distributed
+from ASFDALib.adaptation.loss import dice_ce_loss
+from ASFDALib.adaptation.patches import Case, PatchStream
+from ASFDALib.adaptation.recipe import FinetuneConfig, param_groups, ramp
+from ASFDALib.atomic import atomic_write
+from ASFDALib.evaluation.metrics import dice_per_class
+from ASFDALib.inference.device import resolve_device
+from ASFDALib.inference.memory import check_training_memory
+from ASFDALib.inference.predict import predict_label
+from ASFDALib.models.card import ModelCard
+
+
+@dataclass
+class Progress:
+    stage: str
+    iteration: int
+    total: int
+    loss: float
+    eta_s: float
+    val_dice: float | None = None
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+class Trainer:
+    """Runs one stage of fine-tuning with checkpoints; ``state`` survives a kill through ``last.pt``."""
+
+    def __init__(self, network: torch.nn.Module, card: ModelCard, config: FinetuneConfig, checkpoint_dir: Path):
+        self.network = network
+        self.card = card
+        self.config = config
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.device = resolve_device(distributed.device_for_rank(config.device))
+        check_training_memory(config.batch_size, card.roi_size, str(self.device))
+        self.network.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels
+            self.network.to(memory_format=torch.channels_last_3d)
+        self.optimizer = torch.optim.AdamW(param_groups(network, config), weight_decay=config.weight_decay)
+        torch.manual_seed(config.seed)
+        self.model = network
+        if distributed.world() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(network, device_ids=ids)
+        self.stage = "stage1"
+        self.iteration = 0
+        self.amp_dtype = None
+        if config.amp and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    @property
+    def workers(self) -> int:
+        if self.config.workers is not None:
+            return self.config.workers
+        # On the CPU the cores are busy with the network; beside a GPU, workers hide the sampling.
+        return min(4, (os.cpu_count() or 2) // 2) if self.device.type == "cuda" else 0
+
+    @property
+    def last_path(self) -> Path:
+        return self.checkpoint_dir / "last.pt"
+
+    def save(self, path: Path | None = None) -> Path:
+        """Checkpoint atomically (rank 0 writes). Batches are seeded by iteration, so no data state is needed."""
+        target = path or self.last_path
+        if distributed.is_main():
+            state = {
+                "stage": self.stage,
+                "iteration": self.iteration,
+                "network": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "config": json.dumps(asdict(self.config)),
+            }
+            atomic_write(target, lambda tmp: torch.save(state, tmp))
+        distributed.barrier()
+        return target
+
+    def load(self, path: Path | None = None) -> bool:
+        """Restore the newest checkpoint; False when there is none."""
+        path = path or self.last_path
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.network.load_state_dict(state["network"])
+        self.network.to(self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stage, self.iteration = state["stage"], int(state["iteration"])
+        torch.set_rng_state(state["torch_rng"])
+        return True
+
+    def begin_stage(self, stage: str) -> None:
+        if self.stage != stage:
+            self.stage, self.iteration = stage, 0
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned host memory (the loader's), asynchronous copies, channels-last
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = x.to(memory_format=torch.channels_last_3d)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+        return dice_ce_loss(logits.float(), y)
+
+    def batches(self, labelled: list[Case], pseudo: list[Case] | None, iterations: int):
+        """Batches ``self.iteration`` .. ``iterations - 1`` of this stage, made by worker processes if any."""
+        stream = PatchStream(labelled, pseudo, self.card.roi_size, self.config, self.stage)
+        workers = self.workers
+        return torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            sampler=range(self.iteration, iterations),
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers else None,
+        )
+
+    def run(
+        self,
+        labelled: list[Case],
+        iterations: int,
+        pseudo: list[Case] | None = None,
+        cancel: threading.Event | None = None,
+        progress: ProgressFn | None = None,
+        validation: list[Case] | None = None,
+    ) -> str:
+        """Train the current stage up to ``iterations``; returns "done" or "cancelled" (checkpoint saved)."""
+        self.network.train()
+        start, first = time.perf_counter(), self.iteration
+        val_dice = None
+        for batch in self.batches(labelled, pseudo, iterations):
+            if cancel is not None and cancel.is_set():
+                self.save()
+                return "cancelled"
+            loss = self._loss(*batch[:2])
+            if pseudo:
+                loss = loss + self.config.pseudo_weight * ramp(
+                    self.iteration, iterations, self.config.ramp_fraction
+                ) * self._loss(*batch[2:])
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.iteration += 1
+            at_checkpoint = self.iteration % self.config.checkpoint_every == 0 or self.iteration == iterations
+            if at_checkpoint:
+                self.save()
+                if validation and distributed.is_main():
+                    val_dice = self.validate(validation)
+                    self.network.train()
+            if progress and distributed.is_main():
+                done = self.iteration - first
+                rate = (time.perf_counter() - start) / max(done, 1)
+                progress(
+                    Progress(
+                        self.stage,
+                        self.iteration,
+                        iterations,
+                        float(loss.detach()),
+                        rate * (iterations - self.iteration),
+                        val_dice,
+                    )
+                )
+        self.network.eval()
+        return "done"
+
+    def validate(self, cases: list[Case]) -> float:
+        scores = []
+        for case in cases:
+            pred = predict_label(self.network, case.image, self.card, str(self.device))
+            scores += [d for d in dice_per_class(pred, case.label, self.card.num_classes) if not math.isnan(d)]
+        return float(np.mean(scores)) if scores else float("nan")

@@ -1,0 +1,1 @@
+"""Evidence: synthetic phantoms, the active-learning benchmark and the demo."""

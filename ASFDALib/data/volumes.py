@@ -1,0 +1,284 @@
+"""Finding and reading target volumes: NIfTI, NRRD, MetaImage and DICOM series, to an array + RAS affine.
+
+Every failure becomes a :class:`VolumeError` naming the file, the reason and the fix, so a folder
+scan can skip one bad volume and carry on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ASFDALib.errors import ASFDAError, VolumeError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3D image in voxel order (i, j, k) with the 4x4 voxel-to-RAS (mm) affine it came with."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+
+def has_image_suffix(path: Path) -> bool:
+    return path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_dicom_dir(folder: Path, files: list[str]) -> bool:
+    return any(_is_dicom_file(folder / name) for name in sorted(files)[:3] if not name.startswith("."))
+
+
+def discover_volumes(folder: Path | str, recursive: bool = False) -> list[Path]:
+    """Image files and DICOM series folders under ``folder``, sorted; a DICOM folder counts as one volume.
+
+    Symbolic links to folders are not followed, so a link loop cannot trap the scan.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ASFDAError(f"{root}: not a folder (give the folder that holds the target volumes)")
+    found: list[Path] = []
+    for current, dirs, files in os.walk(root, followlinks=False):
+        here = Path(current)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if here != root and _is_dicom_dir(here, files):
+            found.append(here)
+            dirs[:] = []
+            continue
+        for name in sorted(files):
+            if not name.startswith(".") and has_image_suffix(here / name):
+                found.append(here / name)
+        if here == root and _is_dicom_dir(here, files):
+            found.append(here)
+        if not recursive:
+            # Direct sub-folders may still be DICOM series; look only one level down for those.
+            for d in dirs:
+                sub = here / d
+                try:
+                    sub_files = [p.name for p in sub.iterdir() if p.is_file()]
+                except OSError:
+                    continue
+                if _is_dicom_dir(sub, sub_files):
+                    found.append(sub)
+            dirs[:] = []
+    return sorted(set(found))
+
+
+def content_hash(path: Path | str) -> str:
+    """SHA-256 of a file's bytes, or of every file (name and bytes) in a DICOM folder."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    return np.asanyarray(image.dataobj), np.asarray(image.affine, dtype=np.float64)
+
+
+def _sitk_to_ras(image) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    if image.GetDimension() != 3:
+        array = sitk.GetArrayFromImage(image)
+        return array.T, np.eye(4)
+    array = sitk.GetArrayFromImage(image)  # (k, j, i) [, components]
+    array = np.moveaxis(array, (0, 1, 2), (2, 1, 0)) if array.ndim == 3 else array.transpose(2, 1, 0, 3)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction @ np.diag(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return np.ascontiguousarray(array), _LPS_TO_RAS @ lps
+
+
+def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise VolumeError(folder, "no readable DICOM series in this folder", "check that it holds image slices")
+    if len(series) > 1:
+        raise VolumeError(folder, f"{len(series)} DICOM series in one folder", "put each series in its own folder")
+    names = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    if len(names) < 2:
+        raise VolumeError(folder, "DICOM series has a single slice", "ASFDA needs a 3D series")
+    _check_slice_positions(folder, names)
+    reader.SetFileNames(names)
+    return _sitk_to_ras(reader.Execute())
+
+
+def _check_slice_positions(folder: Path, names) -> None:
+    """Refuse a series whose slices disagree: uneven positions (a missing, duplicated or mixed-thickness
+    slice), or another pixel spacing, orientation or matrix size on some slices (SimpleITK would silently
+    take the first slice's geometry for all of them)."""
+    import SimpleITK as sitk
+
+    positions, geometry = [], []
+    for name in names:
+        info = sitk.ImageFileReader()
+        info.SetFileName(name)
+        info.ReadImageInformation()
+        positions.append(np.asarray(info.GetOrigin(), dtype=np.float64))
+        geometry.append((info.GetSpacing()[:2], info.GetDirection(), info.GetSize()[:2]))
+    for what, index in (("pixel spacing", 0), ("slice orientation", 1), ("matrix size", 2)):
+        first = np.asarray(geometry[0][index], dtype=np.float64)
+        for name, geo in zip(names[1:], geometry[1:]):
+            if not np.allclose(np.asarray(geo[index], dtype=np.float64), first, rtol=1e-3, atol=1e-4):
+                raise VolumeError(
+                    folder,
+                    f"inconsistent {what} across slices ({Path(names[0]).name}: {tuple(first.round(4))}, "
+                    f"{Path(name).name}: {tuple(np.round(geo[index], 4))}): two series mixed in one folder?",
+                    "re-export the series, or put each acquisition in its own folder",
+                )
+    steps = np.linalg.norm(np.diff(np.stack(positions), axis=0), axis=1)
+    if steps.size and (steps.min() <= 1e-6 or steps.max() - steps.min() > 0.01 * max(steps.max(), 1e-6)):
+        worst = int(np.argmax(np.abs(steps - np.median(steps))))
+        kind = "a duplicated slice" if steps.min() <= 1e-6 else "a missing slice or mixed slice thickness"
+        raise VolumeError(
+            folder,
+            f"uneven slice spacing ({steps.min():.2f} to {steps.max():.2f} mm; between "
+            f"{Path(names[worst]).name} and {Path(names[worst + 1]).name}): {kind}?",
+            "re-export the complete series",
+        )
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    return _sitk_to_ras(sitk.ReadImage(str(path)))
+
+
+def validate_array(array: np.ndarray, path: Path, allow_constant: bool = False) -> np.ndarray:
+    """Squeeze trailing singleton axes and check the array is a finite 3D volume, non-constant unless
+    ``allow_constant`` (an all-background label map is legitimate; a constant image is not)."""
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.size == 0:
+        raise VolumeError(path, "image has no voxels", "re-export the volume")
+    if array.ndim < 3 or min(array.shape[:3]) < 2:
+        raise VolumeError(path, f"2D image of shape {array.shape}", "ASFDA scores 3D volumes; give the whole series")
+    if array.ndim > 3:
+        raise VolumeError(
+            path,
+            f"{array.ndim}D image of shape {array.shape}",
+            "split it into 3D volumes (one time point or channel each)",
+        )
+    if array.dtype.kind not in "biuf":
+        raise VolumeError(path, f"unsupported voxel type {array.dtype}", "convert to an integer or float image")
+    if array.dtype.kind == "f":
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise VolumeError(path, f"{bad} NaN/Inf voxels", "replace them (e.g. with the background value)")
+    if not allow_constant and array.min() == array.max():
+        raise VolumeError(path, f"constant image (every voxel is {array.min()})", "check the export")
+    return array
+
+
+def read_volume(path: Path | str, allow_constant: bool = False) -> Volume:
+    """Read one volume to an (i, j, k) array with its RAS affine, or raise :class:`VolumeError`.
+
+    ``allow_constant`` accepts a constant array, as label maps may be.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            array, affine = _read_dicom_series(path)
+        else:
+            if path.stat().st_size == 0:
+                raise VolumeError(path, "empty file (0 bytes)", "copy the file again")
+            name = path.name.lower()
+            if name.endswith((".nii", ".nii.gz")):
+                array, affine = _read_nifti(path)
+            elif name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+                array, affine = _read_itk(path)
+            else:
+                raise VolumeError(path, "unknown file type", f"supported: {', '.join(IMAGE_SUFFIXES)}, DICOM folders")
+            array = np.asarray(array)
+    except VolumeError:
+        raise
+    except PermissionError:
+        raise VolumeError(path, "permission denied", "make the file readable by this user") from None
+    except MemoryError:
+        raise VolumeError(path, "volume does not fit in memory", "crop or downsample it first") from None
+    except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable file
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VolumeError(path, f"unreadable or corrupt ({detail[:160]})", "re-export or re-copy the file") from None
+    array = validate_array(array, path, allow_constant)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeError(path, "invalid geometry (singular or non-finite affine)", "fix the header spacing/direction")
+    return Volume(array=array, affine=affine, path=path)
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write an (i, j, k) array with a RAS affine as NIfTI (gzipped for ``.nii.gz``), atomically."""
+    import gzip
+
+    import nibabel as nib
+
+    from ASFDALib.atomic import atomic_write_bytes
+
+    if array.dtype == np.int64:  # NIfTI readers widely reject int64; label maps fit in int32
+        array = array.astype(np.int32)
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm")
+    data = image.to_bytes()
+    if Path(path).name.lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    return atomic_write_bytes(Path(path), data)
+
+
+def write_volume(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write in the format the name asks for: NIfTI, or NRRD/MetaImage through SimpleITK (LPS on disk)."""
+    path = Path(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        return write_nifti(path, array, affine)
+    import SimpleITK as sitk
+
+    from ASFDALib.atomic import atomic_write
+
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
+    suffix = ".nrrd" if path.name.lower().endswith((".nrrd", ".nhdr")) else ".mha"
+
+    def write(tmp: Path) -> None:
+        staged = tmp.with_name(tmp.name + suffix)
+        sitk.WriteImage(image, str(staged), useCompression=True)
+        os.replace(staged, tmp)
+
+    return atomic_write(path.with_suffix(suffix) if path.suffix.lower() in (".nhdr", ".mhd") else path, write)

@@ -1,0 +1,45 @@
+"""Prediction: softmax probabilities and label maps from the same windows and logits the scoring sweep uses."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ASFDALib.inference.device import resolve_device
+from ASFDALib.inference.windows import run_windows
+from ASFDALib.models.card import ModelCard
+
+
+def predict_probabilities(
+    network: torch.nn.Module,
+    image: np.ndarray | torch.Tensor,
+    card: ModelCard,
+    device: str = "auto",
+    keep_mode: bool = False,
+) -> torch.Tensor:
+    """Softmax probabilities (C, X, Y, Z) at model spacing, float32 on the CPU, with gradients off.
+
+    The network runs in eval mode, unless ``keep_mode`` leaves the caller's (MC dropout turns dropout on).
+    """
+    dev = resolve_device(device)
+    network = network.to(dev)
+    if not keep_mode:
+        network.eval()
+    plan, batches = run_windows(
+        network, torch.as_tensor(image), card.roi_size, card.overlap, card.sw_batch_size, dev, card.num_classes
+    )
+    probs = torch.empty((card.num_classes, *plan.padded), dtype=torch.float32)
+    with torch.inference_mode():
+        for window_batch in batches:
+            for i in range(len(window_batch.windows)):
+                owned, core = window_batch.owned(i)
+                probs[(slice(None), *core)] = torch.softmax(owned, dim=0).cpu()
+    return probs[(slice(None), *plan.valid)]
+
+
+def predict_label(
+    network: torch.nn.Module, image: np.ndarray | torch.Tensor, card: ModelCard, device: str = "auto"
+) -> np.ndarray:
+    """The label map (X, Y, Z) at model spacing: the argmax of :func:`predict_probabilities`."""
+    label = predict_probabilities(network, image, card, device).argmax(0).numpy()
+    return label.astype(np.uint8 if card.num_classes <= 256 else np.uint16)

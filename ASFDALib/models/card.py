@@ -1,0 +1,138 @@
+"""The model card: what a Med-VFM's weights do not say (classes, spacing, ROI, intensity normalisation).
+
+A card is a small JSON or YAML file. Example::
+
+    {"name": "abdomen-unet", "class_names": ["background", "liver", "kidney", "gallbladder"],
+     "spacing": [2.0, 2.0, 2.0], "roi_size": [48, 48, 48],
+     "intensity": {"mode": "ct", "a_min": -200, "a_max": 300},
+     "network": {"name": "UNet", "args": {"spatial_dims": 3, ...}},
+     "source_stats": "source_stats.npz"}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ASFDALib.errors import ModelError
+
+INTENSITY_MODES = ("ct", "percentile", "zscore", "none")
+
+
+@dataclass
+class IntensityConfig:
+    """How raw intensities become network input.
+
+    ``ct``: clip to the window [a_min, a_max] and scale to [b_min, b_max];
+    ``percentile``: map the [lower, upper] percentiles of each volume to [b_min, b_max] (MRI);
+    ``zscore``: zero mean, unit variance over non-zero voxels; ``none``: as stored.
+    """
+
+    mode: str = "percentile"
+    a_min: float = -1000.0
+    a_max: float = 1000.0
+    lower: float = 0.5
+    upper: float = 99.5
+    b_min: float = 0.0
+    b_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in INTENSITY_MODES:
+            raise ModelError(f"intensity mode {self.mode!r} unknown; use one of {', '.join(INTENSITY_MODES)}")
+
+
+@dataclass
+class NetworkSpec:
+    """A MONAI network by class name (``monai.networks.nets.<name>``) and its constructor arguments."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelCard:
+    class_names: list[str]
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    name: str = "model"
+    network: NetworkSpec | None = None
+    source_stats: str | None = None
+    feature_layers: list[str] | None = None
+    overlap: float = 0.25
+    sw_batch_size: int = 2
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) < 2:
+            raise ModelError("model card: class_names needs the background and at least one class")
+        self.spacing = tuple(float(s) for s in _triple(self.spacing, "spacing"))
+        self.roi_size = tuple(int(s) for s in _triple(self.roi_size, "roi_size"))
+        if isinstance(self.intensity, dict):
+            self.intensity = IntensityConfig(**self.intensity)
+        if isinstance(self.network, dict):
+            self.network = NetworkSpec(**self.network)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spacing"] = list(self.spacing)
+        data["roi_size"] = list(self.roi_size)
+        return data
+
+    def preprocessing_key(self) -> str:
+        """The part of the card that changes the network input; part of every cache key."""
+        return json.dumps(
+            {"spacing": self.spacing, "roi": self.roi_size, "intensity": asdict(self.intensity), "ov": self.overlap},
+            sort_keys=True,
+        )
+
+
+def _triple(value: Any, name: str) -> list[Any]:
+    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
+    if len(values) != 3 or any(float(v) <= 0 for v in values):
+        raise ModelError(f"model card: {name} must be three positive numbers, got {value!r}")
+    return values
+
+
+def card_from_dict(data: dict[str, Any], source: str = "model card") -> ModelCard:
+    known = set(ModelCard.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ModelError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
+    if "class_names" not in data:
+        raise ModelError(f"{source}: 'class_names' is required (background first)")
+    try:
+        return ModelCard(**data)
+    except TypeError as exc:
+        raise ModelError(f"{source}: {exc}") from None
+
+
+def load_card(path: Path | str) -> ModelCard:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: model card not found") from None
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad card
+        raise ModelError(f"{path}: model card is not valid JSON/YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: model card must be a mapping of keys to values")
+    return card_from_dict(data, str(path))
+
+
+def save_card(card: ModelCard, path: Path) -> Path:
+    from ASFDALib.atomic import atomic_write_json
+
+    return atomic_write_json(path, card.to_dict())

@@ -1,0 +1,286 @@
+"""Ranking a folder of target volumes: score each one (from the cache when possible), then order the
+pool with the chosen strategy. One bad volume is skipped and reported; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ASFDALib import distributed
+from ASFDALib.data.preprocess import compact, preprocess
+from ASFDALib.data.volumes import discover_volumes, read_volume
+from ASFDALib.errors import ASFDAError, ModelError, VolumeError
+from ASFDALib.inference.epistemic import epistemic_score
+from ASFDALib.inference.memory import check_scoring_memory
+from ASFDALib.inference.sweep import SweepConfig, SweepResult, sweep
+from ASFDALib.models.loading import LoadedModel
+from ASFDALib.query.cache import ScoreCache
+from ASFDALib.query.features import FeatureSummary, batchnorm_knowledge, batchnorm_layers
+from ASFDALib.query.selection import Knowledge, Pool, select
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class RankConfig:
+    """Options of one ranking: the query (budget, alpha, strategy) and how to compute it."""
+
+    budget: int = 4
+    alpha: float = 0.5
+    strategy: str = "asfda"
+    knowledge: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    recursive: bool = False
+    mc_passes: int = 5
+    # The method's ablation switches (selection.select); the defaults are the method.
+    layers: str = "auto"
+    dynamic_temperature: bool = True
+    diversity: bool = True
+
+
+@dataclass
+class VolumeRecord:
+    """One candidate: its sweep result, or why it was skipped."""
+
+    path: Path
+    name: str
+    result: SweepResult | None = None
+    reason: str = ""
+    cached: bool = False
+    epistemic: float | None = None
+    sha256: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+
+@dataclass
+class RankRow:
+    rank: int | None
+    file: str
+    status: str
+    selected: bool = False
+    score: float = math.nan
+    dkd: float = math.nan
+    s_src: float = math.nan
+    s_div: float = math.nan
+    d_src: float = math.nan
+    asd: float = math.nan
+    entropy: float = math.nan
+    fg_ml: float = math.nan
+    knowledge: str = ""
+    reason: str = ""
+
+
+@dataclass
+class Ranking:
+    rows: list[RankRow]
+    knowledge: Knowledge
+    strategy: str
+    alpha: float
+    budget: int
+    model: str
+    records: list[VolumeRecord] = field(default_factory=list)
+
+    @property
+    def selected(self) -> list[RankRow]:
+        return [r for r in self.rows if r.selected]
+
+    @property
+    def skipped(self) -> list[RankRow]:
+        return [r for r in self.rows if r.status == "skipped"]
+
+
+def choose_knowledge(model: LoadedModel, requested: str = "auto") -> Knowledge:
+    """Source knowledge in the method's order of preference: BatchNorm stats, statistics file, energy."""
+    has_bn = not model.scripted and bool(batchnorm_layers(model.network))
+    stats_path = model.source_stats_path()
+    has_stats = stats_path is not None and stats_path.is_file()
+    if requested in ("auto", "bn") and has_bn:
+        return Knowledge("bn", batchnorm_knowledge(model.network))
+    if requested == "bn":
+        raise ModelError(f"{model.path}: the network has no BatchNorm statistics; use --knowledge stats or energy")
+    if requested in ("auto", "stats") and has_stats and not model.scripted:
+        return Knowledge("stats", FeatureSummary.load(stats_path))
+    if requested == "stats":
+        raise ModelError(f"{model.path}: no source-statistics file (set 'source_stats' in the card; see asfda stats)")
+    return Knowledge("energy")
+
+
+def score_volume(
+    model: LoadedModel, path: Path, sweep_config: SweepConfig, notes: list[str] | None = None
+) -> SweepResult:
+    """Read, check and sweep one volume. On CUDA out-of-memory: a smaller window batch, then the CPU."""
+    import torch
+
+    check_scoring_memory(path, model.card.spacing)
+    volume = read_volume(path)
+    image = compact(preprocess(volume, model.card))
+    del volume
+    attempts = [sweep_config, replace(sweep_config, sw_batch_size=1), replace(sweep_config, device="cpu")]
+    for i, attempt in enumerate(attempts):
+        try:
+            return sweep(model.network, image, model.card, attempt)
+        except torch.cuda.OutOfMemoryError:
+            if i == len(attempts) - 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            step = "with one window at a time" if i == 0 else "on the CPU"
+            if notes is not None:
+                notes.append(f"{path.name}: GPU out of memory; retrying {step}")
+    raise AssertionError("unreachable")
+
+
+def score_volumes(
+    paths: list[Path],
+    model: LoadedModel,
+    cache: ScoreCache,
+    config: RankConfig,
+    knowledge: Knowledge,
+    root: Path | None = None,
+    progress: Progress | None = None,
+) -> list[VolumeRecord]:
+    """Sweep every volume (cache first), recording a reason for each one that cannot be scored."""
+    sweep_config = SweepConfig(device=config.device, keep_energy=knowledge.kind == "energy")
+    preprocessing = model.card.preprocessing_key() + ":compact"  # the sweep reads a float16 volume
+    records: list[VolumeRecord] = []
+    for i, path in enumerate(paths):
+        name = str(path.relative_to(root)) if root and path.is_relative_to(root) else path.name
+        if progress:
+            progress(i, len(paths), name)
+        record = VolumeRecord(path, name)
+        try:
+            file_hash = record.sha256 = cache.file_hash(path)
+            key = cache.key(file_hash, model.digest, preprocessing, "energy" if sweep_config.keep_energy else "")
+            record.result = cache.get(key)
+            record.cached = record.result is not None
+            if record.result is None:
+                record.result = score_volume(model, path, sweep_config, record.notes)
+                cache.put(key, record.result)
+            if config.strategy == "epistemic":
+                ekey = cache.key(file_hash, model.digest, preprocessing, f"epistemic{config.mc_passes}:{config.seed}")
+                record.epistemic = cache.get_scalar(ekey)
+                if record.epistemic is None:
+                    image = preprocess(read_volume(path), model.card)
+                    record.epistemic = epistemic_score(
+                        model.network, image, model.card, config.mc_passes, device=config.device, seed=config.seed
+                    )
+                    cache.put_scalar(ekey, record.epistemic)
+        except VolumeError as exc:
+            record.result, record.reason = None, exc.reason + (f" ({exc.fix})" if exc.fix else "")
+        except (ModelError, KeyboardInterrupt):
+            raise
+        except MemoryError:
+            record.result, record.reason = None, "does not fit in memory at the model's spacing (crop it first)"
+        except Exception as exc:  # noqa: BLE001 - one volume's failure must not end the run
+            record.result, record.reason = None, f"scoring failed: {type(exc).__name__}: {str(exc)[:160]}"
+        records.append(record)
+    if progress:
+        progress(len(paths), len(paths), "")
+    return records
+
+
+def rank_records(
+    records: list[VolumeRecord],
+    knowledge: Knowledge,
+    config: RankConfig,
+    model_name: str = "",
+    labelled_names: set[str] | None = None,
+) -> Ranking:
+    """Order the scored records with the strategy; labelled and skipped ones follow, unranked.
+
+    Labelled volumes leave the pool but count in the diversity term (their summaries form L).
+    """
+    labelled_names = labelled_names or set()
+    scored = [r for r in records if r.ok and r.name not in labelled_names]
+    labelled = [r.result.summary for r in records if r.ok and r.name in labelled_names]
+    rows: list[RankRow] = []
+    if scored:
+        pool = Pool(
+            summaries=[r.result.summary for r in scored],
+            asd=np.array([r.result.asd for r in scored]),
+            entropy=np.array([r.result.entropy for r in scored]),
+            energy=np.array([r.result.energy for r in scored]),
+            fg_ml=np.array([r.result.fg_ml for r in scored]),
+            epistemic=np.array([r.epistemic for r in scored]) if config.strategy == "epistemic" else None,
+            labelled=labelled,
+        )
+        chosen = select(
+            pool,
+            config.strategy,
+            knowledge,
+            config.alpha,
+            config.seed,
+            config.layers,
+            config.dynamic_temperature,
+            config.diversity,
+        )
+        for rank, i in enumerate(chosen.order, start=1):
+            result = scored[i].result
+            rows.append(
+                RankRow(
+                    rank=rank,
+                    file=scored[i].name,
+                    status="scored",
+                    selected=rank <= config.budget,
+                    score=float(chosen.score[i]),
+                    dkd=float(chosen.dkd[i]),
+                    s_src=float(chosen.s_src[i]),
+                    s_div=float(chosen.s_div[i]),
+                    d_src=float(chosen.d_src[i]),
+                    asd=result.asd,
+                    entropy=result.entropy,
+                    fg_ml=result.fg_ml,
+                    knowledge=knowledge.kind,
+                )
+            )
+    rows += [RankRow(rank=None, file=r.name, status="labelled") for r in records if r.ok and r.name in labelled_names]
+    rows += [RankRow(rank=None, file=r.name, status="skipped", reason=r.reason) for r in records if not r.ok]
+    return Ranking(rows, knowledge, config.strategy, config.alpha, config.budget, model_name, records)
+
+
+def rank_folder(
+    images: Path,
+    model: LoadedModel,
+    cache_folder: Path,
+    config: RankConfig,
+    progress: Progress | None = None,
+    labelled_names: set[str] | None = None,
+    knowledge: Knowledge | None = None,
+) -> Ranking:
+    """Discover, score and rank every volume under ``images``.
+
+    ``knowledge`` overrides the model's own source knowledge: an adapted model's BatchNorm statistics
+    describe the target by now, so later rounds pass the base model's.
+    """
+    paths = discover_volumes(images, config.recursive)
+    if not paths:
+        raise ASFDAError(
+            f"{images}: no volumes found (looked for .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd and DICOM folders"
+            + ("" if config.recursive else "; add --recursive to search sub-folders")
+            + ")"
+        )
+    knowledge = knowledge or choose_knowledge(model, config.knowledge)
+    # Under torchrun each rank scores its share; every rank then ranks the same gathered pool.
+    mine = distributed.shard(paths)
+    local = score_volumes(
+        mine,
+        model,
+        ScoreCache(cache_folder),
+        config,
+        knowledge,
+        Path(images),
+        progress if distributed.is_main() else None,
+    )
+    by_path = {r.path: r for part in distributed.gather(local) for r in part}
+    records = [by_path[p] for p in paths]
+    return rank_records(records, knowledge, config, model.card.name, labelled_names)

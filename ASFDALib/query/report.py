@@ -1,0 +1,148 @@
+"""What a ranking leaves behind: ranking.csv, ranking.json, a DKD-vs-ASD scatter PNG, and a terminal table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import asdict, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
+from ASFDALib.query.ranking import Ranking, RankRow
+
+COLUMNS = [f.name for f in fields(RankRow)]
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def ranking_dict(ranking: Ranking) -> dict:
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": ranking.model,
+        "strategy": ranking.strategy,
+        "alpha": ranking.alpha,
+        "budget": ranking.budget,
+        "knowledge": ranking.knowledge.kind,
+        "knowledge_description": ranking.knowledge.describe(),
+        "selected": [r.file for r in ranking.selected],
+        "skipped": [{"file": r.file, "reason": r.reason} for r in ranking.skipped],
+        "rows": [{k: _clean(v) for k, v in asdict(r).items()} for r in ranking.rows],
+    }
+
+
+def write_csv(ranking: Ranking, path: Path) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in ranking.rows:
+        writer.writerow(
+            {
+                k: ("" if _clean(v) is None else (f"{v:.6g}" if isinstance(v, float) else v))
+                for k, v in asdict(row).items()
+            }
+        )
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def write_scatter(ranking: Ranking, path: Path) -> Path | None:
+    """DKD (or whole-volume entropy for baselines) against ASD, the query marked with its rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in ranking.rows if r.status == "scored"]
+    if not rows:
+        return None
+    use_dkd = any(math.isfinite(r.dkd) for r in rows)
+    xs = [r.dkd if use_dkd else r.entropy for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    rest = [(x, r.asd) for x, r in zip(xs, rows) if not r.selected]
+    if rest:
+        ax.scatter(*zip(*rest), c="#8c8c8c", s=28, label="not queried")
+    chosen = [(x, r) for x, r in zip(xs, rows) if r.selected]
+    if chosen:
+        ax.scatter(
+            [x for x, _ in chosen],
+            [r.asd for _, r in chosen],
+            c="#d62728",
+            marker="*",
+            s=160,
+            label=f"queried (budget {ranking.budget})",
+        )
+        for x, r in chosen:
+            ax.annotate(f"#{r.rank}", (x, r.asd), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.set_xlabel("DKD at pick time (knowledge gap x diversity)" if use_dkd else "whole-volume entropy")
+    ax.set_ylabel("ASD (class-balanced foreground entropy)")
+    ax.set_title(f"{ranking.strategy}: {len(rows)} volumes, K_s = {ranking.knowledge.kind}", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path
+
+
+def write_ranking(ranking: Ranking, folder: Path) -> dict[str, Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {
+        "csv": write_csv(ranking, folder / "ranking.csv"),
+        "json": atomic_write_json(folder / "ranking.json", ranking_dict(ranking)),
+    }
+    plot = write_scatter(ranking, folder / "ranking.png")
+    if plot:
+        written["png"] = plot
+    return written
+
+
+def ranking_table(ranking: Ranking, limit: int = 30):
+    """A rich Table of the ranking (the query first), skipped files at the end with their reason."""
+    from rich.table import Table
+
+    table = Table(title=f"ASFDA ranking ({ranking.strategy}, alpha={ranking.alpha}, K_s: {ranking.knowledge.kind})")
+    for name, justify in (
+        ("rank", "right"),
+        ("file", "left"),
+        ("score", "right"),
+        ("DKD", "right"),
+        ("s_src", "right"),
+        ("s_div", "right"),
+        ("ASD", "right"),
+        ("fg mL", "right"),
+        ("status", "left"),
+    ):
+        table.add_column(name, justify=justify, no_wrap=name == "file")
+
+    def num(v: float) -> str:
+        return "" if not math.isfinite(v) else f"{v:.3f}"
+
+    scored = [r for r in ranking.rows if r.status == "scored"]
+    for row in scored[:limit]:
+        style = "bold red" if row.selected else None
+        table.add_row(
+            str(row.rank),
+            row.file,
+            num(row.score),
+            num(row.dkd),
+            num(row.s_src),
+            num(row.s_div),
+            num(row.asd),
+            f"{row.fg_ml:.1f}",
+            "query" if row.selected else "",
+            style=style,
+        )
+    if len(scored) > limit:
+        table.add_row("…", f"{len(scored) - limit} more in ranking.csv", *[""] * 7)
+    for row in ranking.rows:
+        if row.status == "labelled":
+            table.add_row("-", row.file, *[""] * 6, "labelled (counts in diversity)", style="green")
+    for row in ranking.skipped:
+        table.add_row("-", row.file, *[""] * 6, f"skipped: {row.reason}", style="yellow")
+    return table
