@@ -33,8 +33,13 @@ from ASFDALib.models.loading import LoadedModel, load_model, load_weights
 
 @dataclass
 class AdaptResult:
+    """What a fine-tuning call did: its status, weights, mode, and the iterations that ran."""
+
     status: str
     checkpoint: Path | None
+    mode: str = "new"
+    iterations: dict[str, int] = field(default_factory=dict)
+    summary: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
     reliability: dict[str, float] = field(default_factory=dict)
@@ -103,17 +108,90 @@ def _load_pseudo(session: Session, model: LoadedModel, folder: Path) -> tuple[li
     return cases, info["kept"], info["reliability"]
 
 
+FINETUNE_MODES = ("new", "resume", "extend", "restart")
+MODE_HELP = {
+    "resume": "--resume continues an interrupted run to its own targets",
+    "extend": "--extend trains a finished run further, to the iteration counts you give",
+    "restart": "--restart trains this round again from its start (the earlier run is kept aside)",
+}
+
+
+def _read_run(folder: Path) -> dict | None:
+    """This round's run record (targets, iterations done, history), or None when no run started."""
+    path = folder / "run.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if (folder / "last.pt").is_file():  # a run from before run records: interrupted, targets unknown
+        return {"targets": None, "done": {"stage1": 0, "stage2": 0}, "finished": False, "history": []}
+    return None
+
+
+def _done_text(done: dict) -> str:
+    return f"stage 1: {done['stage1']} iterations, stage 2: {done['stage2']}"
+
+
+def _check_mode(mode: str, run: dict | None, config: FinetuneConfig, folder: Path, index: int) -> str:
+    """The mode that really applies, or a one-line refusal that names the user's real choices."""
+    if mode not in FINETUNE_MODES:
+        raise ValueError(f"unknown fine-tuning mode {mode!r}; choose from {', '.join(FINETUNE_MODES)}")
+    if run is None:
+        if mode in ("resume", "restart"):
+            return "new"  # nothing to continue or replace: the first run of the round
+        if mode == "extend":
+            raise SessionError(f"{folder}: round {index} has not been fine-tuned yet; run without --extend")
+        return "new"
+    state = "finished" if run["finished"] else "interrupted"
+    if mode == "new":
+        choices = ("extend", "restart") if run["finished"] else ("resume", "restart")
+        raise SessionError(
+            f"{folder}: round {index} already has a {state} run ({_done_text(run['done'])}); "
+            + "; ".join(MODE_HELP[c] for c in choices)
+        )
+    if mode == "resume" and run["finished"]:
+        raise SessionError(f"{folder}: round {index}'s run finished ({_done_text(run['done'])}); {MODE_HELP['extend']}")
+    if mode == "extend":
+        if not run["finished"]:
+            raise SessionError(f"{folder}: round {index}'s run was interrupted; {MODE_HELP['resume']} first")
+        done = run["done"]
+        if done["stage2"] > 0:
+            if config.pseudo_iterations <= done["stage2"]:
+                raise SessionError(
+                    f"{folder}: stage 2 already ran {done['stage2']} iterations; ask for more with "
+                    f"--pseudo-iterations N (N > {done['stage2']}), or --restart"
+                )
+        elif config.iterations <= done["stage1"]:
+            raise SessionError(
+                f"{folder}: stage 1 already ran {done['stage1']} iterations; ask for more with --iterations N "
+                f"(N > {done['stage1']}), or --restart"
+            )
+    return mode
+
+
+def _set_aside(folder: Path) -> Path:
+    """Move an earlier run of the round out of the way, never deleting it."""
+    k = 1
+    while (aside := folder.with_name(f"{folder.name}-replaced-{k}")).exists():
+        k += 1
+    folder.rename(aside)
+    return aside
+
+
 def finetune_session(
     session: Session,
     config: FinetuneConfig,
     pseudo: bool = True,
-    resume: bool = False,
+    mode: str = "new",
     cancel: threading.Event | None = None,
     progress: ProgressFn | None = None,
     on_status: Callable[[str], None] | None = None,
     validation: list[tuple[Path, Path]] | None = None,
 ) -> AdaptResult:
-    """Fine-tune the session's model on its labels (stage 1), then with selective pseudo-labels (stage 2)."""
+    """Fine-tune the session's model on its labels (stage 1), then with selective pseudo-labels (stage 2).
+
+    ``mode``: ``new`` (the round's first run), ``resume`` (an interrupted run, to its own targets),
+    ``extend`` (a finished run, further, to ``config``'s iteration counts) or ``restart`` (the round
+    again from its start). session.json records the iterations that ran, never the ones asked for.
+    """
     say = on_status or (lambda _msg: None)
     labelled = session.labelled()
     if not labelled:
@@ -121,28 +199,69 @@ def finetune_session(
     if not session.rounds:
         session.add_round([], {}, session.data["model"]["digest"])
     round_entry = session.rounds[-1]
-    folder = session.root / "checkpoints" / f"round{round_entry['index']}"
-    model = session_model(session, adapted=True)  # a later round warm-starts from the previous one
+    index = round_entry["index"]
+    folder = session.root / "checkpoints" / f"round{index}"
+    run = _read_run(folder)
+    mode = _check_mode(mode, run, config, folder, index)
+    if mode == "restart" and distributed.is_main():
+        aside = _set_aside(folder)
+        say(f"training round {index} again from its start; the earlier run is kept in {session.relative(aside)}")
+        round_entry["checkpoint"], round_entry["metrics"] = None, {}
+        session.save()
+        run = None
+    distributed.barrier()
+    if mode in ("new", "restart"):
+        targets = {"stage1": config.iterations, "stage2": config.pseudo_iterations if pseudo else 0}
+        run = {"targets": targets, "done": {"stage1": 0, "stage2": 0}, "finished": False, "history": []}
+    elif mode == "extend":
+        stage2_ran = run["done"]["stage2"] > 0
+        run["targets"] = {
+            "stage1": run["done"]["stage1"] if stage2_ran else config.iterations,
+            "stage2": config.pseudo_iterations if (stage2_ran or pseudo) else 0,
+        }
+    elif run["targets"] is None:  # resuming a run without a record: the targets it was started with are unknown
+        run["targets"] = {"stage1": config.iterations, "stage2": config.pseudo_iterations if pseudo else 0}
+    targets = run["targets"]
+    # A round starts from the previous round's weights (or the base model); resume and extend then load
+    # this round's own last checkpoint over them.
+    model = session_model(session, adapted=True)
     trainer = Trainer(model.network, model.card, config, folder)
-    if resume:
-        if not trainer.load():
-            say("nothing to resume; starting from the beginning")
-    elif trainer.last_path.is_file() and distributed.is_main():
-        raise SessionError(f"{trainer.last_path}: an earlier run of this round exists; pass --resume to continue it")
+    if mode in ("resume", "extend") and not trainer.load():
+        raise SessionError(f"{trainer.last_path}: the run's checkpoint is missing; {MODE_HELP['restart']}")
+    before = dict(run["done"])
+    entry = {"mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "running"}
+    run["history"].append(entry)
+
+    def record(status: str) -> None:
+        """What ran, as the trainer counted it, written before anything else can go wrong."""
+        entry["status"] = status
+        for stage in ("stage1", "stage2"):
+            if run["done"][stage] != before[stage]:
+                entry[stage] = [before[stage], run["done"][stage]]
+        if distributed.is_main():
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder / "run.json", run)
+
+    def count() -> None:
+        run["done"][trainer.stage] = trainer.iteration
+
+    record("running")
     say(f"loading {len(labelled)} labelled volumes")
     cases = [load_case(n, session.image_path(n), p, model.card) for n, p in sorted(labelled.items())]
     val_cases = [load_case(case_id(i.name), i, lab, model.card) for i, lab in validation or []]
-    result = AdaptResult("done", None)
+    result = AdaptResult("done", None, mode=mode)
     timer = time.perf_counter()
     if trainer.stage == "stage1":
-        result.status = trainer.run(cases, config.iterations, None, cancel, progress, val_cases)
+        result.status = trainer.run(cases, targets["stage1"], None, cancel, progress, val_cases)
+        count()
         result.seconds["stage1"] = time.perf_counter() - timer
         if result.status == "cancelled":
+            record("cancelled")
             return result
         if distributed.is_main():
             atomic_write(folder / "stage1.pt", lambda tmp: torch.save(model.network.state_dict(), tmp))
     pseudo_cases: list[Case] = []
-    if pseudo and config.pseudo_iterations > 0:
+    if targets["stage2"] > 0:
         timer = time.perf_counter()
         if not (folder / "pseudo" / "pseudo.json").is_file() and distributed.is_main():
             say("scoring the unlabeled pool for reliable pseudo-labels")
@@ -154,10 +273,16 @@ def finetune_session(
         if pseudo_cases:
             timer = time.perf_counter()
             trainer.begin_stage("stage2")
-            result.status = trainer.run(cases, config.pseudo_iterations, pseudo_cases, cancel, progress, val_cases)
+            result.status = trainer.run(cases, targets["stage2"], pseudo_cases, cancel, progress, val_cases)
+            count()
             result.seconds["stage2"] = time.perf_counter() - timer
             if result.status == "cancelled":
+                record("cancelled")
                 return result
+    run["finished"] = True
+    record("done")
+    result.iterations = dict(run["done"])
+    result.summary = _summary(mode, index, before, run["done"])
     final = folder / "final.pt"
     result.checkpoint = final
     if not distributed.is_main():
@@ -168,10 +293,21 @@ def finetune_session(
         "labelled": sorted(labelled),
         "pseudo_labelled": result.kept,
         "seconds": result.seconds,
-        "iterations": {"stage1": config.iterations, "stage2": config.pseudo_iterations if pseudo_cases else 0},
+        "iterations": dict(run["done"]),  # what ran, as counted by the trainer
+        "runs": [{k: v for k, v in h.items() if k != "started"} | {"started": h["started"]} for h in run["history"]],
     }
     session.save()
     return result
+
+
+def _summary(mode: str, index: int, before: dict, done: dict) -> str:
+    verb = {"new": "trained", "resume": "resumed", "extend": "extended", "restart": "trained again"}[mode]
+    parts = [
+        f"stage {s[-1]} {before[s]} -> {done[s]}" if before[s] else f"stage {s[-1]} {done[s]}"
+        for s in ("stage1", "stage2")
+        if done[s] != before[s]
+    ]
+    return f"round {index} {verb}: " + (", ".join(parts) + " iterations" if parts else "nothing left to run")
 
 
 def predict_folder(

@@ -1,17 +1,14 @@
 """The fine-tuning recipe, defined once: the defaults every caller (CLI, panel, demo, benchmark) starts from,
-the learning rates of pre-trained and new parameters, and the pseudo-label weight's ramp.
+the learning rates of pre-trained and new parameters, and the pseudo-label weight's ramp. Pure Python,
+so the command line's help reads its defaults without loading torch.
 
-The defaults were chosen on a validation set (docs/method.md, "Fine-tuning recipe").
+docs/method.md, "Fine-tuning recipe", records how the defaults were chosen.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
-
-from ASFDALib.query.features import encoder_stages
 
 
 @dataclass
@@ -35,18 +32,6 @@ class FinetuneConfig:
     ramp_fraction: float = 0.3
     max_pseudo_volumes: int = 20
     workers: int | None = None  # data-loader processes; None: none on the CPU, up to 4 beside a GPU
-
-
-def param_groups(network: torch.nn.Module, config: FinetuneConfig) -> list[dict]:
-    """Pre-trained encoder at ``lr * encoder_lr_scale``, everything else (decoder, head) at ``lr``."""
-    modules = dict(network.named_modules())
-    encoder_ids = {id(p) for name in encoder_stages(network) for p in modules[name].parameters()}
-    encoder = [p for p in network.parameters() if id(p) in encoder_ids]
-    rest = [p for p in network.parameters() if id(p) not in encoder_ids]
-    groups = [{"params": rest, "lr": config.lr}]
-    if encoder:
-        groups.append({"params": encoder, "lr": config.lr * config.encoder_lr_scale})
-    return groups
 
 
 def ramp(iteration: int, total: int, fraction: float) -> float:

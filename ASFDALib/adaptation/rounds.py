@@ -1,15 +1,19 @@
 """Rounds of a session: which model ranks (the given one, or the session's adapted one with the base
-model's source knowledge), and recording a query in session.json. Shared by the CLI and the panel."""
+model's source knowledge), ranking the pool and recording the query in session.json.
+
+:func:`rank_round` is the one rank orchestration: the CLI and the panel both call it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
+from ASFDALib import distributed
 from ASFDALib.adaptation.session import Session
 from ASFDALib.errors import ASFDAError
 from ASFDALib.models.loading import LoadedModel
-from ASFDALib.query.ranking import Ranking, choose_knowledge
+from ASFDALib.query.ranking import Progress, RankConfig, Ranking, choose_knowledge, rank_folder
+from ASFDALib.query.report import write_ranking
 from ASFDALib.query.selection import Knowledge
 
 
@@ -54,3 +58,29 @@ def record_round(
     else:
         session.add_round(query, strategy, model.digest)
     session.save()
+
+
+def rank_round(
+    session: Session,
+    images: Path,
+    load_given: Callable[[], LoadedModel],
+    given: bool,
+    config: RankConfig,
+    trust: bool,
+    progress: Progress | None = None,
+    on_model: Callable[[LoadedModel], None] | None = None,
+) -> tuple[Ranking, dict[str, Path]]:
+    """One round's ranking from start to end: choose the model, score and rank the pool, then (on rank 0
+    under torchrun) write ranking.csv/json/png and record the query. Returns the ranking and the files
+    written. ``on_model`` hears which model ranks before the long work starts."""
+    model, knowledge = ranking_model(session, load_given, given, config.knowledge)
+    if on_model:
+        on_model(model)
+    labelled = set(session.labelled())
+    ranking = rank_folder(Path(images), model, session.root / "cache", config, progress, labelled, knowledge)
+    if not distributed.is_main():
+        return ranking, {}
+    written = write_ranking(ranking, session.root)
+    strategy = {"name": config.strategy, "alpha": config.alpha, "budget": config.budget, "seed": config.seed}
+    record_round(session, model, ranking, Path(images), strategy, trust, config.recursive)
+    return ranking, written

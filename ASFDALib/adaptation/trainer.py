@@ -22,13 +22,14 @@ import torch
 from ASFDALib import distributed
 from ASFDALib.adaptation.loss import dice_ce_loss
 from ASFDALib.adaptation.patches import Case, PatchStream
-from ASFDALib.adaptation.recipe import FinetuneConfig, param_groups, ramp
+from ASFDALib.adaptation.recipe import FinetuneConfig, ramp
 from ASFDALib.atomic import atomic_write
 from ASFDALib.evaluation.metrics import dice_per_class
 from ASFDALib.inference.device import resolve_device
 from ASFDALib.inference.memory import check_training_memory
 from ASFDALib.inference.predict import predict_label
 from ASFDALib.models.card import ModelCard
+from ASFDALib.query.features import encoder_stages
 
 
 @dataclass
@@ -42,6 +43,18 @@ class Progress:
 
 
 ProgressFn = Callable[[Progress], None]
+
+
+def param_groups(network: torch.nn.Module, config: FinetuneConfig) -> list[dict]:
+    """Pre-trained encoder at ``lr * encoder_lr_scale``, everything else (decoder, head) at ``lr``."""
+    modules = dict(network.named_modules())
+    encoder_ids = {id(p) for name in encoder_stages(network) for p in modules[name].parameters()}
+    encoder = [p for p in network.parameters() if id(p) in encoder_ids]
+    rest = [p for p in network.parameters() if id(p) not in encoder_ids]
+    groups = [{"params": rest, "lr": config.lr}]
+    if encoder:
+        groups.append({"params": encoder, "lr": config.lr * config.encoder_lr_scale})
+    return groups
 
 
 class Trainer:

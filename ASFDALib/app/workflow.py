@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.errors import ASFDAError
 
 LOG_LIMIT = 500
@@ -51,8 +52,8 @@ class PanelSettings:
     budget: int = 4
     alpha: float = 0.5
     strategy: str = "asfda"
-    iterations: int = 200
-    pseudo_iterations: int = 200
+    iterations: int = FinetuneConfig.iterations
+    pseudo_iterations: int = FinetuneConfig.pseudo_iterations
     pseudo: bool = True
 
 
@@ -265,12 +266,11 @@ class Workflow:
         self.progress, self.progress_text = 0.0, "Scoring…"
 
         def work(cancel: threading.Event) -> None:
-            from ASFDALib.adaptation.rounds import ranking_model, record_round
+            from ASFDALib.adaptation.rounds import rank_round
             from ASFDALib.adaptation.session import Session
             from ASFDALib.models.defaults import default_model_path
             from ASFDALib.models.loading import load_model
-            from ASFDALib.query.ranking import RankConfig, rank_folder
-            from ASFDALib.query.report import write_ranking
+            from ASFDALib.query.ranking import RankConfig
 
             start = time.perf_counter()
 
@@ -287,18 +287,14 @@ class Workflow:
                 card = settings.card or None
                 return load_model(settings.model or default_model_path(), card, trust=settings.trust)
 
+            config = RankConfig(
+                budget=settings.budget, alpha=settings.alpha, strategy=settings.strategy, device=settings.device
+            )
             with Session.open(settings.session, create=True) as session:
-                model, knowledge = ranking_model(session, load_given, bool(settings.model))
                 images = Path(settings.images) if settings.images else session.image_root
-                config = RankConfig(
-                    budget=settings.budget, alpha=settings.alpha, strategy=settings.strategy, device=settings.device
+                ranking, _ = rank_round(
+                    session, images, load_given, bool(settings.model), config, settings.trust, progress
                 )
-                ranking = rank_folder(
-                    images, model, session.root / "cache", config, progress, set(session.labelled()), knowledge
-                )
-                write_ranking(ranking, session.root)
-                strategy = {"name": settings.strategy, "alpha": settings.alpha, "budget": settings.budget}
-                record_round(session, model, ranking, images, strategy, settings.trust)
             self._events.put(("ranked", ranking))
 
         self._start("ranking", work)
@@ -430,7 +426,6 @@ class Workflow:
 
         def work(cancel: threading.Event) -> None:
             from ASFDALib.adaptation.pipeline import finetune_session
-            from ASFDALib.adaptation.recipe import FinetuneConfig
             from ASFDALib.adaptation.session import Session
 
             def progress(p) -> None:

@@ -122,7 +122,9 @@ def test_exported_bundle_loads_through_monai_and_predicts_the_same_labels(adapte
     ours = preprocess(read_volume(sorted((mri_pool / "images").iterdir())[0]), model.card)
     our_label = predict_label(model.network, ours, model.card, "cpu")
     assert monai_label.shape == our_label.shape
-    assert (monai_label == our_label).mean() > 0.999
+    # MONAI averages overlapping windows; ASFDA takes each voxel from its most central window (the sweep's
+    # rule, so prediction equals the scored segmentation). They differ only near window borders.
+    assert (monai_label == our_label).mean() > 0.97
     assert load_model(tmp_path / "bundle").card.class_names == model.card.class_names  # and ASFDA reads it back
 
 

@@ -158,7 +158,7 @@ def test_progress_reports_loss_eta_and_validation_dice(tmp_path, default_model):
 
 
 def test_encoder_learns_more_slowly_than_the_decoder(default_model):
-    from ASFDALib.adaptation.recipe import param_groups
+    from ASFDALib.adaptation.trainer import param_groups
 
     groups = param_groups(_fresh(default_model.path), FinetuneConfig(lr=1e-3, encoder_lr_scale=0.1))
     assert [g["lr"] for g in groups] == [1e-3, 1e-4]

@@ -1,0 +1,355 @@
+"""What each ``asfda`` command does, once its arguments are parsed (:mod:`ASFDALib.app.cli` parses them).
+
+Engine modules are imported inside each command, so ``asfda --help`` and argument errors answer at
+once instead of after torch and MONAI have loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from ASFDALib import distributed
+from ASFDALib.app.progress import training_progress, volume_progress
+from ASFDALib.errors import ASFDAError
+
+
+def load_model_from_args(args: argparse.Namespace):
+    from ASFDALib.models.card import NetworkSpec
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
+
+    spec = None
+    if args.network:
+        try:
+            spec = NetworkSpec(args.network, json.loads(args.network_args))
+        except json.JSONDecodeError as exc:
+            raise ASFDAError(f"--network-args is not valid JSON ({exc})") from None
+    return load_model(args.model or default_model_path(), args.card, spec, args.trust)
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ASFDALib.adaptation.rounds import rank_round
+    from ASFDALib.adaptation.session import Session
+    from ASFDALib.models.defaults import sample_images
+    from ASFDALib.query.ranking import RankConfig
+    from ASFDALib.query.report import ranking_table
+
+    distributed.init_from_env(args.device)
+    main_rank = distributed.is_main()
+    console = Console(quiet=not main_rank)
+    out = Path(args.out)
+    session = Session.open(out, create=True)
+    with session if main_rank else nullcontext(session):  # only rank 0 writes the session
+        images = args.images
+        if images is None and session.data.get("images"):
+            images = session.image_root
+        if images is None:
+            if main_rank:
+                sample_images(out / "sample_data")
+            distributed.barrier()
+            images = out / "sample_data" / "images"
+            console.print(f"No --images given: using the built-in sample MRI-like pool in {images}")
+
+        def describe(model) -> None:
+            adapted = "+" in model.digest
+            console.print(
+                f"Model: {model.card.name} ({model.kind}{', adapted in this session' if adapted else ''}, "
+                f"{model.card.num_classes} classes: {', '.join(model.card.class_names[1:])})"
+                + (f"; {distributed.world()} processes" if distributed.world() > 1 else "")
+            )
+
+        config = RankConfig(
+            budget=args.budget,
+            alpha=args.alpha,
+            strategy=args.strategy,
+            knowledge=args.knowledge,
+            device=distributed.device_for_rank(args.device),
+            seed=args.seed,
+            recursive=args.recursive,
+            mc_passes=args.mc_passes,
+        )
+        start = time.perf_counter()
+        bar, update = volume_progress(console, "Scoring")
+        with bar:
+            ranking, written = rank_round(
+                session,
+                Path(images),
+                lambda: load_model_from_args(args),
+                args.model is not None,
+                config,
+                bool(args.trust),
+                update,
+                describe,
+            )
+        if not main_rank:
+            return 0
+    console.print(ranking_table(ranking, args.show))
+    for note in (n for r in ranking.records for n in r.notes):
+        console.print(f"[yellow]{note}[/yellow]")
+    scored = sum(r.status == "scored" for r in ranking.rows)
+    cached = sum(r.cached for r in ranking.records)
+    console.print(
+        f"Source knowledge: {ranking.knowledge.describe()}. {scored} scored ({cached} from cache), "
+        f"{len(ranking.skipped)} skipped, {time.perf_counter() - start:.1f} s."
+    )
+    console.print("Query: " + ", ".join(r.file for r in ranking.selected))
+    console.print("Wrote " + ", ".join(str(p) for p in written.values()))
+    if scored == 0 and not any(r.status == "labelled" for r in ranking.rows):
+        console.print("[red]No volume could be scored; see the reasons above.[/red]")
+        return 1
+    console.print(
+        f"Next: label the query, then 'asfda labels import {out} --from LABEL_DIR' and 'asfda finetune {out}'."
+    )
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ASFDALib.query.source_stats import compute_source_stats
+
+    console = Console()
+    model = load_model_from_args(args)
+    bar, update = volume_progress(console, "Summarising")
+    with bar:
+        pooled, skipped = compute_source_stats(model, args.images, args.out, args.device, args.recursive, update)
+    for reason in skipped:
+        console.print(f"[yellow]skipped {reason}[/yellow]")
+    console.print(
+        f'Wrote {args.out}: {len(pooled.layers)} layers. Add "source_stats": "{args.out.name}" '
+        "to the model card and keep the file beside the model."
+    )
+    return 0
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ASFDALib.adaptation.session import Session
+    from ASFDALib.data.labels import import_labels, parse_mapping
+
+    words = list(args.words)
+    action = words.pop(0) if words and words[0] in ("import", "status") and len(words) > 1 else "status"
+    if len(words) != 1:
+        raise ASFDAError("usage: asfda labels SESSION | asfda labels import SESSION --from DIR_OR_FILE")
+    console = Console()
+    if action == "import":
+        if args.source is None:
+            raise ASFDAError("asfda labels import needs --from DIR_OR_FILE")
+        with Session.open(words[0]) as session:
+            class_names = session.data["model"]["card"]["class_names"]
+            stored, refused = import_labels(session, args.source, class_names, parse_mapping(args.map))
+            session.save()
+        for name, path in stored.items():
+            console.print(f"[green]imported[/green] {name} -> {path}")
+        for reason in refused:
+            console.print(f"[yellow]refused[/yellow] {reason}")
+        return 0 if stored or not refused else 1
+    session = Session.open(words[0])
+    labelled = session.labelled()
+    table = Table(title=f"Labels in {session.root}")
+    for column in ("round", "image", "label file"):
+        table.add_column(column)
+    queried = session.queried()
+    for entry in session.rounds:
+        for name in entry["query"]:
+            path = labelled.get(name)
+            table.add_row(str(entry["index"]), name, session.relative(path) if path else "[red]missing")
+    console.print(table)
+    missing = [n for n in queried if n not in labelled]
+    console.print(
+        f"{len(queried) - len(missing)} of {len(queried)} queried volumes labelled"
+        + (f"; missing: {', '.join(missing)}" if missing else "; ready for 'asfda finetune'")
+    )
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ASFDALib.adaptation.pipeline import finetune_session
+    from ASFDALib.adaptation.recipe import FinetuneConfig
+    from ASFDALib.adaptation.session import Session
+
+    console = Console()
+    config = FinetuneConfig(
+        iterations=args.iterations,
+        pseudo_iterations=args.pseudo_iterations,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        device=args.device,
+        keep_fraction=args.keep_fraction,
+        confidence=args.confidence,
+    )
+    bar, progress = training_progress(console)
+    distributed.init_from_env(args.device)
+    if not distributed.is_main():
+        console.quiet = True
+    cancel = threading.Event()
+    session = Session.open(args.session)
+    with session if distributed.is_main() else nullcontext(session), bar:
+        try:
+            result = finetune_session(
+                session,
+                config,
+                pseudo=not args.no_pseudo,
+                resume=args.resume,
+                cancel=cancel,
+                progress=progress,
+                on_status=console.print,
+            )
+        except KeyboardInterrupt:
+            console.print("interrupted; the last checkpoint is kept: re-run with --resume to continue")
+            return 130
+    if result.kept:
+        console.print(f"Pseudo-labelled (most reliable first): {', '.join(result.kept)}")
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+    console.print(f"Fine-tuning {result.status} ({times}). Adapted weights: {result.checkpoint}")
+    console.print(
+        f"Next: 'asfda predict {args.session} --images DIR --out DIR', or 'asfda rank --out "
+        f"{args.session}' for the next round."
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ASFDALib.adaptation.pipeline import predict_folder, session_model
+    from ASFDALib.adaptation.session import Session
+
+    console = Console()
+    model = session_model(Session.open(args.session), adapted=not args.source_model)
+    bar, update = volume_progress(console, "Predicting")
+    with bar:
+        written, skipped = predict_folder(model, args.images, args.out, args.device, update)
+    for reason in skipped:
+        console.print(f"[yellow]skipped {reason}[/yellow]")
+    console.print(f"Wrote {len(written)} label maps to {args.out}")
+    return 0 if written else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import math
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ASFDALib.evaluation.evaluate import evaluate_folders, summary_rows, write_csv
+    from ASFDALib.models.card import load_card
+
+    names = load_card(args.card).class_names if args.card else None
+    scores = evaluate_folders(args.pred, args.labels, names)
+    if names is None:
+        names = ["background", *[f"class{i}" for i in range(1, max(len(s.dice) for s in scores) + 1)]]
+    rows = summary_rows(scores, names)
+    table = Table(title="Dice / HD95 (mm) per class")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            *[("" if math.isnan(v) else f"{v:.3f}") if isinstance(v, float) else str(v) for v in row.values()]
+        )
+    Console().print(table)
+    out = args.out or Path(args.pred) / "evaluation.csv"
+    print(f"Wrote {write_csv(rows, out)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ASFDALib.adaptation.pipeline import session_model
+    from ASFDALib.adaptation.session import Session
+    from ASFDALib.models.export import export_bundle, export_torchscript
+
+    model = session_model(Session.open(args.session), adapted=True)
+    if args.format == "bundle":
+        path = export_bundle(model, args.out)
+    else:
+        path = export_torchscript(model, args.out if args.out.suffix else args.out / "model.ts")
+    print(f"Exported {args.format} to {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ASFDALib.bench.demo import DemoConfig, run_demo
+    from ASFDALib.models.defaults import default_model_path
+
+    console = Console()
+    config = DemoConfig(
+        pool=args.pool, test=args.test, budget=args.budget, iterations=args.iterations, device=args.device
+    )
+    bar = Progress(
+        TextColumn("[bold]Demo"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+    )
+    task = bar.add_task("starting", total=1.0)
+    with bar:
+        report = run_demo(
+            args.out,
+            default_model_path(),
+            config,
+            lambda text, fraction: bar.update(task, completed=fraction, description=text),
+        )
+    console.print((args.out / "demo.md").read_text())
+    gain = 100 * (report["mean_dice"]["asfda"] - report["mean_dice"]["random"])
+    console.print(
+        f"ASFDA vs random selection with the same {config.budget} labels: {gain:+.1f} Dice points. "
+        f"{report['seconds'] / 60:.1f} min."
+    )
+    console.print(f"Plots: {args.out}/demo.png, {args.out}/session/ranking.png. Session: {args.out}/session")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from ASFDALib.bench.benchmark import BenchmarkConfig, run_benchmark
+    from ASFDALib.models.defaults import default_model_path
+
+    console = Console()
+    config = BenchmarkConfig.quick() if args.quick else BenchmarkConfig()
+    overrides = {
+        k: v
+        for k, v in (
+            ("pool", args.pool),
+            ("test", args.test),
+            ("iterations", args.iterations),
+            ("budgets", args.budgets and tuple(args.budgets)),
+            ("seeds", args.seeds and tuple(range(args.seeds))),
+        )
+        if v
+    }
+    config = replace(config, device=args.device, **overrides)
+    bar, update = volume_progress(console, "Benchmark")
+    with bar:
+        report = run_benchmark(args.out, config, args.model or default_model_path(), update, not args.report_only)
+    console.print((args.out / "benchmark.md").read_text())
+    console.print(
+        f"{report['wall_seconds'] / 60:.1f} min; wrote {args.out}/benchmark.json, benchmark.md, benchmark.png"
+    )
+    return 0
+
+
+def cmd_phantoms(args: argparse.Namespace) -> int:
+    from ASFDALib.bench.phantoms import write_phantoms
+
+    paths = write_phantoms(args.out, args.count, args.domain, args.seed, labels=not args.no_labels)
+    print(
+        f"Wrote {len(paths)} {args.domain} phantoms to {args.out / 'images'}"
+        + ("" if args.no_labels else f" and labels to {args.out / 'labels'}")
+    )
+    return 0

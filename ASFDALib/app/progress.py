@@ -1,0 +1,117 @@
+"""Progress on long work: a live bar in a terminal; plain periodic lines (step i/N, elapsed, ETA) where
+stdout is not a terminal (CI logs, ``nohup``, Slicer's Python console), so a log never goes silent."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+PLAIN_EVERY_S = 10.0  # seconds between plain progress lines: often enough to show life, rarely enough to read
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class PlainProgress(AbstractContextManager):
+    """Writes ``label i/N (p%), elapsed, ETA [detail]`` lines through ``console.print``: at the first step,
+    then at most every ``every_s`` seconds, and at the last step."""
+
+    def __init__(self, console, label: str, unit: str, every_s: float = PLAIN_EVERY_S) -> None:
+        self.console, self.label, self.unit, self.every_s = console, label, unit, every_s
+        self.start = time.perf_counter()
+        self.last = float("-inf")
+        self.first_done: int | None = None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def step(self, done: int, total: int | None, detail: str = "") -> None:
+        now = time.perf_counter()
+        if self.first_done is None:
+            self.first_done = done
+        final = total is not None and done >= total
+        if now - self.last < self.every_s and not final:
+            return
+        self.last = now
+        elapsed = now - self.start
+        text = f"{self.label} {done}/{total if total is not None else '?'} {self.unit}"
+        if total:
+            text += f" ({100 * done / total:.0f}%)"
+        text += f", elapsed {_clock(elapsed)}"
+        progressed = done - self.first_done
+        if total and progressed > 0 and not final:
+            text += f", ETA {_clock(elapsed / progressed * (total - done))}"
+        self.console.print(text + (f" {detail}" if detail else ""), highlight=False, markup=False)
+
+
+def volume_progress(console, label: str):
+    """A progress display for work over volumes (i/N, elapsed, ETA, current name) and the callback
+    ``update(done, total, name)`` that drives it: a rich bar in a terminal, plain lines elsewhere."""
+    if not console.is_terminal:
+        plain = PlainProgress(console, label, "volumes")
+        return plain, lambda done, total, name: plain.step(done, total, name)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("volumes"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[name]}"),
+        console=console,
+    )
+    task = bar.add_task(label, total=None, name="")
+
+    def update(done: int, total: int, name: str) -> None:
+        bar.update(task, completed=done, total=total, name=name)
+
+    return bar, update
+
+
+def _stage_name(stage: str) -> str:
+    return "stage 1 (labels)" if stage == "stage1" else "stage 2 (+ pseudo-labels)"
+
+
+def training_progress(console) -> tuple[AbstractContextManager, Callable]:
+    """A progress display for fine-tuning (stage, iteration i/N, loss, ETA) and the callback that drives it:
+    a rich bar in a terminal, plain lines elsewhere."""
+    if not console.is_terminal:
+        plains: dict[str, PlainProgress] = {}
+        outer = PlainProgress(console, "Fine-tuning", "iterations")
+
+        def plain_update(p) -> None:
+            stage = _stage_name(p.stage)
+            line = plains.setdefault(stage, PlainProgress(console, f"Fine-tuning {stage}", "iterations"))
+            line.step(p.iteration, p.total, f"loss {p.loss:.4f}")
+
+        return outer, plain_update
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.fields[stage]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    task = bar.add_task("finetune", total=None, stage="stage 1", loss=float("nan"))
+
+    def progress(p) -> None:
+        bar.update(task, completed=p.iteration, total=p.total, stage=_stage_name(p.stage), loss=p.loss)
+
+    return bar, progress
