@@ -226,8 +226,16 @@ def finetune_session(
     # this round's own last checkpoint over them.
     model = session_model(session, adapted=True)
     trainer = Trainer(model.network, model.card, config, folder)
-    if mode in ("resume", "extend") and not trainer.load():
+    if mode == "extend" and not trainer.load():
         raise SessionError(f"{trainer.last_path}: the run's checkpoint is missing; {MODE_HELP['restart']}")
+    if mode == "resume" and not trainer.load():
+        say("the interrupted run saved no checkpoint yet: it starts from the beginning")
+        run["done"] = {"stage1": 0, "stage2": 0}
+    if mode in ("resume", "extend") and trainer.iteration:
+        # The checkpoint is the truth after a kill: run.json is only rewritten at a run's start and end.
+        run["done"][trainer.stage] = trainer.iteration
+        if trainer.stage == "stage2" and not run["done"]["stage1"]:
+            run["done"]["stage1"] = targets["stage1"]
     before = dict(run["done"])
     entry = {"mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "running"}
     run["history"].append(entry)

@@ -146,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune the session's model on its labels plus reliable pseudo-labels",
         description="Stage 1 on the labelled volumes; then the most reliable unlabeled volumes get pseudo-labels "
         "(low-confidence voxels ignored) and stage 2 trains on both. Checkpoints every --checkpoint-every "
-        "iterations; Ctrl-C keeps the last one and --resume continues with the same data order.",
-        epilog="examples:\n  asfda finetune ~/asfda/liver\n  asfda finetune ~/asfda/liver --iterations 500 --resume",
+        "iterations; Ctrl-C keeps the last one. A round that has run already needs a choice: --resume an "
+        "interrupted run (same data order), --extend a finished one, or --restart the round. session.json "
+        "records the iterations that ran.",
+        epilog="examples:\n  asfda finetune ~/asfda/liver\n  asfda finetune ~/asfda/liver --resume"
+        "\n  asfda finetune ~/asfda/liver --extend --pseudo-iterations 400",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     finetune.add_argument("session", type=Path)
@@ -161,7 +164,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="stage-2 iterations (default: %(default)s)",
     )
     finetune.add_argument("--no-pseudo", action="store_true", help="stage 1 only (no pseudo-labels)")
-    finetune.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    again = finetune.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        dest="mode",
+        action="store_const",
+        const="resume",
+        help="continue an interrupted run of this round to its own iteration counts",
+    )
+    again.add_argument(
+        "--extend",
+        dest="mode",
+        action="store_const",
+        const="extend",
+        help="train a finished run further, to the --iterations / --pseudo-iterations you give",
+    )
+    again.add_argument(
+        "--restart",
+        dest="mode",
+        action="store_const",
+        const="restart",
+        help="train this round again from its start (the earlier run is kept aside, not deleted)",
+    )
+    finetune.set_defaults(mode="new")
     finetune.add_argument(
         "--batch-size", type=int, default=RECIPE.batch_size, help="patches per step (default: %(default)s)"
     )

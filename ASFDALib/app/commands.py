@@ -203,7 +203,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 session,
                 config,
                 pseudo=not args.no_pseudo,
-                resume=args.resume,
+                mode=args.mode,
                 cancel=cancel,
                 progress=progress,
                 on_status=console.print,
@@ -214,7 +214,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if result.kept:
         console.print(f"Pseudo-labelled (most reliable first): {', '.join(result.kept)}")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
-    console.print(f"Fine-tuning {result.status} ({times}). Adapted weights: {result.checkpoint}")
+    if result.status == "cancelled":
+        console.print(f"Fine-tuning cancelled ({times}); 'asfda finetune {args.session} --resume' continues it")
+        return 130
+    console.print(f"{result.summary[0].upper()}{result.summary[1:]} ({times}). Adapted weights: {result.checkpoint}")
     console.print(
         f"Next: 'asfda predict {args.session} --images DIR --out DIR', or 'asfda rank --out "
         f"{args.session}' for the next round."

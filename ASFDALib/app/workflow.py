@@ -416,7 +416,7 @@ class Workflow:
         return nifti, seg
 
     # --- fine-tune ---------------------------------------------------------------------------------
-    def start_finetune(self, resume: bool = False) -> None:
+    def start_finetune(self, mode: str = "new") -> None:
         ok, why = self.check("finetune")
         if not ok:
             raise ASFDAError(why)
@@ -442,16 +442,16 @@ class Workflow:
             )
             with Session.open(settings.session) as session:
                 try:
-                    result = finetune_session(session, config, settings.pseudo, resume, cancel, progress, status)
+                    result = finetune_session(session, config, settings.pseudo, mode, cancel, progress, status)
                 except RuntimeError as exc:
                     if "out of memory" not in str(exc).lower() or settings.device == "cpu":
                         raise
                     status("GPU out of memory: continuing on the CPU from the last checkpoint")
                     config.device = "cpu"
-                    result = finetune_session(session, config, settings.pseudo, True, cancel, progress, status)
+                    result = finetune_session(session, config, settings.pseudo, "resume", cancel, progress, status)
             if result.status == "cancelled":
                 raise Cancelled
-            status(f"fine-tuning done: {result.checkpoint}")
+            status(f"fine-tuning done, {result.summary}: {result.checkpoint}")
 
         self._start("fine-tuning", work)
 

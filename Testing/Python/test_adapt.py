@@ -47,6 +47,18 @@ def adapted_session(tmp_path_factory, mri_pool):
     return root, session, query
 
 
+@pytest.fixture
+def labelled_session(tmp_path, mri_pool):
+    """A fresh session ranked on the MRI pool with one queried volume labelled (ground truth)."""
+    session = tmp_path / "session"
+    assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(session), "--budget", "1"]) == 0
+    query = json.loads((session / "ranking.json").read_text())["selected"]
+    (tmp_path / "gt").mkdir()
+    shutil.copy(mri_pool / "labels" / query[0], tmp_path / "gt" / query[0])
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
+    return session
+
+
 def _mean_dice(csv_path):
     import csv
 
@@ -176,3 +188,30 @@ def test_a_refused_label_import_keeps_the_session_intact(tmp_path, mri_pool, cap
     assert "differs from the image's" in capsys.readouterr().out
     assert json.loads((tmp_path / "s" / "session.json").read_text())["labels"] == json.loads(before)["labels"]
     assert not (tmp_path / "s" / "labels").exists() or not list((tmp_path / "s" / "labels").iterdir())
+
+
+def _iterations(session) -> dict:
+    return json.loads((session / "session.json").read_text())["rounds"][-1]["metrics"]["iterations"]
+
+
+def test_finetuning_again_offers_the_real_choices_and_records_what_ran(labelled_session, capsys):
+    """A finished round is not silently re-run or mis-recorded: a second plain run is refused naming
+    --extend and --restart; --resume of a finished run is refused; --extend and --restart record what ran."""
+    session = labelled_session
+    base = ["finetune", str(session), "--checkpoint-every", "2", "--no-pseudo"]
+    assert main([*base, "--iterations", "2"]) == 0
+    assert _iterations(session) == {"stage1": 2, "stage2": 0}
+    capsys.readouterr()
+    assert main([*base, "--iterations", "4"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "already has a finished run" in err and "--extend" in err and "--restart" in err
+    assert main([*base, "--iterations", "4", "--resume"]) == 1
+    assert "--extend trains a finished run further" in " ".join(capsys.readouterr().err.split())
+    assert main([*base, "--iterations", "4", "--extend"]) == 0
+    assert "Round 1 extended: stage 1 2 -> 4 iterations" in " ".join(capsys.readouterr().out.split())
+    assert _iterations(session) == {"stage1": 4, "stage2": 0}
+    assert main([*base, "--iterations", "3", "--restart"]) == 0
+    assert _iterations(session) == {"stage1": 3, "stage2": 0}
+    assert (session / "checkpoints" / "round1-replaced-1" / "final.pt").is_file()  # the earlier run is kept
+    runs = json.loads((session / "session.json").read_text())["rounds"][-1]["metrics"]["runs"]
+    assert [(r["mode"], r["stage1"]) for r in runs] == [("restart", [0, 3])]

@@ -126,7 +126,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path, mri_pool):
         ]
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert main(["finetune", str(session), "--iterations", "8", "--no-pseudo", "--resume"]) == 0
+    assert main(["finetune", str(session), "--iterations", "8", "--no-pseudo", "--extend"]) == 0
     import torch
 
     state = torch.load(session / "checkpoints" / "round1" / "last.pt", weights_only=True)
