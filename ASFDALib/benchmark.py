@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_write, atomic_write_json, atomic_write_text
+from .atomic import atomic_write_json, atomic_write_text
 from .finetune import Case, FinetuneConfig, Trainer, dice_per_class, load_case, predict_array
 from .models import LoadedModel, load_model
+from .plotting import draw_or_explain, new_figure, save_figure
 from .pseudo import selective_pseudo_labels
 from .ranking import RankConfig, rank_folder
 
@@ -164,12 +165,7 @@ def markdown(summary: dict, class_names: list[str]) -> str:
 
 
 def plot(summary: dict, config: BenchmarkConfig, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    fig, ax = new_figure(7.5, 5)
     budgets = list(config.budgets)
     for row in config.rows:
         if row in ("source", "full"):
@@ -195,10 +191,7 @@ def plot(summary: dict, config: BenchmarkConfig, path: Path) -> Path:
     ax.set_xticks(budgets)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_data(data: Path, config: BenchmarkConfig) -> Path:
@@ -296,5 +289,6 @@ def _report(out: Path, config: BenchmarkConfig, runs: list[Run], class_names: li
     }
     atomic_write_json(out / "benchmark.json", report)
     atomic_write_text(out / "benchmark.md", markdown(summary, class_names))
-    plot(summary, config, out / "benchmark.png")
+    _, why = draw_or_explain(out / "benchmark.png", lambda path: plot(summary, config, path))
+    report["warnings"] = [why] if why else []  # a missing picture never costs the measured results
     return report

@@ -296,7 +296,8 @@ class Workflow:
                 ranking = rank_folder(
                     images, model, session.root / "cache", config, progress, set(session.labelled()), knowledge
                 )
-                write_ranking(ranking, session.root)
+                for warning in write_ranking(ranking, session.root).warnings:  # e.g. no plot: matplotlib missing
+                    self._events.put(("message", warning))
                 strategy = {"name": settings.strategy, "alpha": settings.alpha, "budget": settings.budget}
                 record_round(session, model, ranking, images, strategy, settings.trust)
             self._events.put(("ranked", ranking))
