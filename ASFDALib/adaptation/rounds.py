@@ -13,7 +13,7 @@ from ASFDALib.adaptation.session import Session
 from ASFDALib.errors import ASFDAError
 from ASFDALib.models.loading import LoadedModel
 from ASFDALib.query.ranking import Progress, RankConfig, Ranking, choose_knowledge, rank_folder
-from ASFDALib.query.report import write_ranking
+from ASFDALib.query.report import RankingOutputs, write_ranking
 from ASFDALib.query.selection import Knowledge
 
 
@@ -69,7 +69,7 @@ def rank_round(
     trust: bool,
     progress: Progress | None = None,
     on_model: Callable[[LoadedModel], None] | None = None,
-) -> tuple[Ranking, dict[str, Path]]:
+) -> tuple[Ranking, RankingOutputs]:
     """One round's ranking from start to end: choose the model, score and rank the pool, then (on rank 0
     under torchrun) write ranking.csv/json/png and record the query. Returns the ranking and the files
     written. ``on_model`` hears which model ranks before the long work starts."""
@@ -79,7 +79,7 @@ def rank_round(
     labelled = set(session.labelled())
     ranking = rank_folder(Path(images), model, session.root / "cache", config, progress, labelled, knowledge)
     if not distributed.is_main():
-        return ranking, {}
+        return ranking, RankingOutputs({}, [])
     written = write_ranking(ranking, session.root)
     strategy = {"name": config.strategy, "alpha": config.alpha, "budget": config.budget, "seed": config.seed}
     record_round(session, model, ranking, Path(images), strategy, trust, config.recursive)

@@ -5,26 +5,36 @@ hashes, the strategy, every round's query, the label files and checkpoints. Labe
 ``labels/`` as versioned NIfTI and are never overwritten. Paths stored in the file are relative to the
 session folder and are resolved so that none can escape it (``..``, absolute paths, symlinks). A lock
 file keeps two processes from writing one session.
+
+The lock is :mod:`filelock`'s, so the module loads where ``fcntl`` does not exist (Windows): an OS lock
+(``flock`` on Unix, ``msvcrt.locking`` on Windows) that the OS releases when its holder dies, so a killed
+writer's lock is reclaimed by the next one. Where neither exists filelock falls back to a lock file that
+records the holder's pid and host and is reclaimed when that pid is gone on the same host.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ASFDALib.atomic import atomic_write_json
+from filelock import FileLock, Timeout
+
+from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.errors import ASFDAError
 
 SCHEMA_VERSION = 1
 SESSION_FILE = "session.json"
 LOCK_FILE = ".asfda.lock"
+# Who holds the lock, beside the lock file: a Windows lock makes the locked file unreadable to others, and
+# the soft-lock fallback owns the lock file's content.
+HOLDER_FILE = ".asfda.lock.holder"
 
 
 class SessionError(ASFDAError):
@@ -111,23 +121,28 @@ class Session:
     def lock(self) -> Session:
         """Take the write lock (non-blocking); a clear error when another process holds it."""
         self.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.root / LOCK_FILE, "a+")
+        # thread_local=False: the panel may take the lock on one thread and release it on another.
+        handle = FileLock(str(self.root / LOCK_FILE), timeout=0, thread_local=False)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
+            handle.acquire()
+        except Timeout:
             raise SessionError(
-                f"{self.root}: session is in use by {holder}; wait for it to finish or stop it"
+                f"{self.root}: session is in use by {self._lock_holder()}; wait for it to finish or stop it"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} since {now()}")
-        handle.flush()
+        try:
+            atomic_write_text(self.root / HOLDER_FILE, f"pid {os.getpid()} on {socket.gethostname()} since {now()}")
+        except BaseException:
+            handle.release()
+            raise
         self._lock_handle = handle
         self._clear_scratch()
         return self
+
+    def _lock_holder(self) -> str:
+        try:
+            return (self.root / HOLDER_FILE).read_text(encoding="utf-8").strip() or "another process"
+        except OSError:  # not written yet, or being replaced (Windows)
+            return "another process"
 
     def _clear_scratch(self) -> None:
         """Remove scratch files of writers killed mid-write. With the lock held nobody else writes the
@@ -146,8 +161,9 @@ class Session:
 
     def unlock(self) -> None:
         if self._lock_handle is not None:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
-            self._lock_handle.close()
+            # The holder record goes first, while the lock still keeps the next writer from writing its own.
+            (self.root / HOLDER_FILE).unlink(missing_ok=True)
+            self._lock_handle.release()
             self._lock_handle = None
 
     def __enter__(self) -> Session:

@@ -101,6 +101,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
     )
     console.print("Query: " + ", ".join(r.file for r in ranking.selected))
     console.print("Wrote " + ", ".join(str(p) for p in written.values()))
+    for warning in written.warnings:  # e.g. no ranking.png: matplotlib missing; the ranking itself is written
+        console.print(warning, style="yellow", markup=False, highlight=False, soft_wrap=True)
     if scored == 0 and not any(r.status == "labelled" for r in ranking.rows):
         console.print("[red]No volume could be scored; see the reasons above.[/red]")
         return 1
@@ -312,6 +314,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{report['seconds'] / 60:.1f} min."
     )
     console.print(f"Plots: {args.out}/demo.png, {args.out}/session/ranking.png. Session: {args.out}/session")
+    for warning in report["warnings"]:  # a plot that could not be drawn (e.g. matplotlib missing)
+        console.print(warning, style="yellow", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
@@ -344,6 +348,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     console.print(
         f"{report['wall_seconds'] / 60:.1f} min; wrote {args.out}/benchmark.json, benchmark.md, benchmark.png"
     )
+    for warning in report["warnings"]:  # a plot that could not be drawn (e.g. matplotlib missing)
+        console.print(warning, style="yellow", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -292,9 +292,11 @@ class Workflow:
             )
             with Session.open(settings.session, create=True) as session:
                 images = Path(settings.images) if settings.images else session.image_root
-                ranking, _ = rank_round(
+                ranking, written = rank_round(
                     session, images, load_given, bool(settings.model), config, settings.trust, progress
                 )
+            for warning in written.warnings:  # e.g. no plot: matplotlib missing; the ranking itself is written
+                self._events.put(("message", warning))
             self._events.put(("ranked", ranking))
 
         self._start("ranking", work)

@@ -19,10 +19,11 @@ from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
 from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.adaptation.trainer import Trainer
-from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
+from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.evaluation.metrics import dice_per_class
 from ASFDALib.inference.predict import predict_label
 from ASFDALib.models.loading import LoadedModel, load_model
+from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
 from ASFDALib.query.ranking import RankConfig, rank_folder
 
 QUERY_ROWS = ("random", "fg-random", "entropy", "epistemic", "coreset", "dkd", "asd", "asfda")
@@ -168,12 +169,7 @@ def markdown(summary: dict, class_names: list[str]) -> str:
 
 
 def plot(summary: dict, config: BenchmarkConfig, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    fig, ax = new_figure(7.5, 5)
     budgets = list(config.budgets)
     for row in config.rows:
         if row in ("source", "full"):
@@ -199,10 +195,7 @@ def plot(summary: dict, config: BenchmarkConfig, path: Path) -> Path:
     ax.set_xticks(budgets)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_data(data: Path, config: BenchmarkConfig) -> Path:
@@ -300,5 +293,6 @@ def _report(out: Path, config: BenchmarkConfig, runs: list[Run], class_names: li
     }
     atomic_write_json(out / "benchmark.json", report)
     atomic_write_text(out / "benchmark.md", markdown(summary, class_names))
-    plot(summary, config, out / "benchmark.png")
+    _, why = draw_or_explain(out / "benchmark.png", lambda path: plot(summary, config, path))
+    report["warnings"] = [why] if why else []  # a missing picture never costs the measured results
     return report

@@ -17,11 +17,12 @@ from ASFDALib.adaptation.pipeline import finetune_session, session_model
 from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.adaptation.rounds import record_round
 from ASFDALib.adaptation.session import Session
-from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
+from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.bench.benchmark import evaluate, load_cases, train
 from ASFDALib.bench.phantoms import write_pool
 from ASFDALib.data.labels import import_labels
 from ASFDALib.models.loading import load_model
+from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
 from ASFDALib.query.ranking import RankConfig, Ranking, rank_folder
 from ASFDALib.query.report import write_ranking
 
@@ -61,7 +62,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
             session_dir / "cache",
             RankConfig(budget=config.budget, device=config.device),
         )
-        write_ranking(ranking, session_dir)
+        ranking_outputs = write_ranking(ranking, session_dir)
         record_round(
             session,
             model,
@@ -118,7 +119,9 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
     }
     atomic_write_json(out / "demo.json", report)
     atomic_write_text(out / "demo.md", demo_markdown(report))
-    demo_plot(report, out / "demo.png")
+    _, why = draw_or_explain(out / "demo.png", lambda path: demo_plot(report, path))
+    # a missing picture never costs the demo's results; the caller shows these lines
+    report["warnings"] = ranking_outputs.warnings + ([why] if why else [])
     say("done", 1.0)
     return report
 
@@ -138,13 +141,8 @@ def demo_markdown(report: dict) -> str:
 
 
 def demo_plot(report: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = report["class_names"][1:] + ["mean"]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig, ax = new_figure(7, 4)
     width = 0.27
     for k, (key, colour) in enumerate((("source", "#9e9e9e"), ("random", "#5b8db8"), ("asfda", "#d62728"))):
         values = [100 * v for v in report["dice"][key]] + [100 * report["mean_dice"][key]]
@@ -161,7 +159,4 @@ def demo_plot(report: dict, path: Path) -> Path:
     ax.set_title(f"{report['config']['budget']} labelled volumes of {report['config']['pool']}")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

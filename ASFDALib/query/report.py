@@ -9,7 +9,8 @@ from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
+from ASFDALib.atomic import atomic_write_json, atomic_write_text
+from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
 from ASFDALib.query.ranking import Ranking, RankRow
 
 COLUMNS = [f.name for f in fields(RankRow)]
@@ -52,17 +53,12 @@ def write_csv(ranking: Ranking, path: Path) -> Path:
 
 def write_scatter(ranking: Ranking, path: Path) -> Path | None:
     """DKD (or whole-volume entropy for baselines) against ASD, the query marked with its rank."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in ranking.rows if r.status == "scored"]
     if not rows:
         return None
     use_dkd = any(math.isfinite(r.dkd) for r in rows)
     xs = [r.dkd if use_dkd else r.entropy for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    fig, ax = new_figure(6.4, 4.8)
     rest = [(x, r.asd) for x, r in zip(xs, rows) if not r.selected]
     if rest:
         ax.scatter(*zip(*rest), c="#8c8c8c", s=28, label="not queried")
@@ -83,23 +79,31 @@ def write_scatter(ranking: Ranking, path: Path) -> Path | None:
     ax.set_title(f"{ranking.strategy}: {len(rows)} volumes, K_s = {ranking.knowledge.kind}", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
-def write_ranking(ranking: Ranking, folder: Path) -> dict[str, Path]:
+class RankingOutputs(dict):
+    """The files written (kind -> path, as a dict) and ``warnings``: one line per output not written."""
+
+    def __init__(self, files: dict[str, Path], warnings: list[str]) -> None:
+        super().__init__(files)
+        self.warnings = warnings
+
+
+def write_ranking(ranking: Ranking, folder: Path) -> RankingOutputs:
+    """ranking.csv and ranking.json, then the plot, which may fail (no matplotlib) without costing them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = {
         "csv": write_csv(ranking, folder / "ranking.csv"),
         "json": atomic_write_json(folder / "ranking.json", ranking_dict(ranking)),
     }
-    plot = write_scatter(ranking, folder / "ranking.png")
+    plot, why = draw_or_explain(folder / "ranking.png", lambda path: write_scatter(ranking, path))
     if plot:
         written["png"] = plot
-    return written
+    elif (folder / "ranking.png").is_file():  # an earlier round's picture must not pass for this ranking's
+        (folder / "ranking.png").unlink()
+    return RankingOutputs(written, [why] if why else [])
 
 
 def ranking_table(ranking: Ranking, limit: int = 30):

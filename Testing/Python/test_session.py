@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +67,66 @@ def test_a_second_writer_is_refused_with_a_clear_message(tmp_path):
     finally:
         first.unlock()
     Session.open(tmp_path, create=True).lock().unlock()  # free again
+
+
+# A writer in its own process: "hold" takes the lock and keeps it until killed, "try" takes and frees it.
+# With "no-fcntl" it first makes fcntl unimportable, as it is on Windows, before anything imports it.
+WRITER = """
+import sys
+if sys.argv[1] == "no-fcntl":
+    sys.modules["fcntl"] = None
+import time
+from ASFDALib.adaptation.session import Session, SessionError
+if sys.argv[1] == "no-fcntl":
+    assert sys.modules["fcntl"] is None
+try:
+    session = Session.open(sys.argv[3], create=True).lock()
+except SessionError as exc:
+    print("refused:", exc, flush=True)
+    sys.exit(0)
+print("locked", type(session._lock_handle).__name__, flush=True)
+if sys.argv[2] == "hold":
+    time.sleep(120)
+session.unlock()
+"""
+
+
+def _writer(tmp_path: Path, platform: str, action: str, session: Path) -> tuple[list[str], dict[str, str]]:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": repo, "PYTHONWARNINGS": "ignore"}
+    return [sys.executable, str(script), platform, action, str(session)], env
+
+
+@pytest.mark.parametrize("platform", ["fcntl", "no-fcntl"])
+def test_a_second_process_is_refused_naming_the_holder_and_a_killed_holders_lock_is_reclaimed(tmp_path, platform):
+    """Both with the OS lock and where fcntl cannot be imported (as on Windows; on Linux filelock then uses
+    its soft lock, which names the holder's pid and host and is reclaimed when that pid is gone)."""
+    session = tmp_path / "s"
+    command, env = _writer(tmp_path, platform, "hold", session)
+    holder = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        first = holder.stdout.readline().split()
+        assert first[0] == "locked"
+        assert first[1] == ("UnixFileLock" if platform == "fcntl" else "SoftFileLock")
+        command, env = _writer(tmp_path, platform, "try", session)
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert second.stdout.startswith("refused:") and f"in use by pid {holder.pid} on " in second.stdout
+    finally:
+        holder.kill()
+        holder.wait()
+    third = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert third.stdout.split()[0] == "locked", third.stdout + third.stderr
+    if platform == "fcntl":  # and in this process, which can import fcntl
+        Session.open(session, create=True).lock().unlock()
+
+
+def test_a_released_lock_leaves_no_holder_record(tmp_path):
+    session = Session.open(tmp_path, create=True).lock()
+    assert (tmp_path / ".asfda.lock.holder").read_text().startswith(f"pid {os.getpid()} on ")
+    session.unlock()
+    assert not (tmp_path / ".asfda.lock.holder").exists()
 
 
 def test_label_versions_never_overwrite(tmp_path):
