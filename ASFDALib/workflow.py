@@ -54,6 +54,7 @@ class PanelSettings:
     iterations: int = 200
     pseudo_iterations: int = 200
     pseudo: bool = True
+    workers: int | None = None  # DataLoader processes for fine-tuning; the Slicer panel passes 0 (none)
 
 
 @dataclass
@@ -443,7 +444,10 @@ class Workflow:
                 self._events.put(("message", text))
 
             config = FinetuneConfig(
-                iterations=settings.iterations, pseudo_iterations=settings.pseudo_iterations, device=settings.device
+                iterations=settings.iterations,
+                pseudo_iterations=settings.pseudo_iterations,
+                device=settings.device,
+                workers=settings.workers,
             )
             with Session.open(settings.session) as session:
                 try:
