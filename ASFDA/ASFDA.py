@@ -559,6 +559,7 @@ class ASFDATest(ScriptedLoadableModuleTest):
                 iterations=10,
                 pseudo_iterations=5,
                 device="cpu",
+                workers=0,  # as the panel: no DataLoader processes forked inside Slicer
             )
         )
         self.delayDisplay("Ranking")
