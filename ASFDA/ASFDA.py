@@ -5,13 +5,19 @@ conversion is ``ASFDALib.app.mrml``; both are tested outside Slicer. torch, MONA
 only inside functions, after the dependency check.
 """
 
-import importlib.util
+import importlib
 import os
+import pathlib
 import sys
+from typing import Annotated
 
 import qt
 import slicer
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+import vtk
+
+# The panel's own pure helpers: a package beside this file (Slicer puts a module's folder on sys.path).
+from ASFDAPanelLib import state
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -33,7 +39,11 @@ _ROOT = os.path.dirname(_HERE)  # a source checkout: ASFDALib and Resources sit 
 if not os.path.isdir(os.path.join(_HERE, "ASFDALib")) and _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
-REQUIREMENTS = ["monai>=1.4", "nibabel>=5.0", "einops>=0.6", "scipy>=1.10", "pyyaml>=6.0", "rich>=13.0"]
+# The combo boxes' items: Slicer's QComboBox connector refills the widget from Choice([...]), in this order.
+# Spelled out here (ASFDALib is imported only after the dependency check); a test checks STRATEGIES against
+# ASFDALib.selection.STRATEGIES, and both against the items of the .ui's combo boxes.
+DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("asfda", "dkd", "asd", "fg-random", "random", "entropy", "epistemic", "coreset")
 
 
 class ASFDA(ScriptedLoadableModule):
@@ -55,16 +65,25 @@ class ASFDA(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class ASFDAParameterNode:
-    model: str = ""
-    card: str = ""
+    """The Setup and Fine-tune settings: the one source of truth, bound to the widgets by SlicerParameterName.
+
+    Each field's type is what Slicer's GUI connector for its widget accepts
+    (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py): ctkPathLineEdit <-> pathlib.Path (empty is
+    Path(), read as "" by ASFDAPanelLib.state), QComboBox <-> Annotated[str, Choice], ctkSliderWidget <->
+    float bounded by WithinRange, QSpinBox <-> int (its range comes from WithinRange, not from the .ui),
+    QCheckBox <-> bool.
+    """
+
+    model: pathlib.Path
+    card: pathlib.Path
     trust: bool = False
-    images: str = ""
-    session: str = ""
-    device: str = "auto"
-    budget: int = 4
-    alpha: float = 0.5
-    strategy: str = "asfda"
-    iterations: int = 200
+    images: pathlib.Path
+    session: pathlib.Path
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    budget: Annotated[int, WithinRange(1, 500)] = 4
+    alpha: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    strategy: Annotated[str, Choice(list(STRATEGIES))] = "asfda"
+    iterations: Annotated[int, WithinRange(10, 100000)] = 200
     pseudo: bool = True
 
 
@@ -74,7 +93,12 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
-        self._guiConnection = None
+        self._guiTag = None  # connectGui's tag; Slicer < 5.10 returns None and cannot disconnect
+        self._boundNode = None  # the MRML node the widgets are bound to (never bound twice)
+        self._session = None  # the session path last acted on, to notice a change in the parameter node
+        self._carried = None  # settings kept across File -> Close Scene: the session lives on disk
+        self._shownRows = {}  # case -> cells now in the results table
+        self._shownLog = None
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
 
@@ -83,9 +107,10 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget = slicer.util.loadUI(_resource("UI/ASFDA.ui", self.resourcePath))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = ASFDALogic()
+        # The editor node first, so the selections made when the scene is set are kept (as Segment Editor does).
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.timer.connect("timeout()", self.onPoll)
         self.ui.rankButton.connect("clicked()", self.onRank)
         self.ui.nextCaseButton.connect("clicked()", self.onNextCase)
@@ -96,8 +121,10 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked()", self.onExport)
         self.ui.installButton.connect("clicked()", self.onInstall)
         self.ui.resultsTable.connect("cellDoubleClicked(int,int)", self.onRowActivated)
-        self.ui.sessionPathLineEdit.connect("currentPathChanged(QString)", self.onSessionChanged)
+        # No handler on the session widget's currentPathChanged: the parameter node is the one source of
+        # truth, and its ModifiedEvent (observed in setParameterNode) comes after the binding wrote the path.
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
         self.ui.dependencyLabel.text = self.logic.dependencyReport(install=False)
         self.refresh()
@@ -108,46 +135,108 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self):
         self.initializeParameterNode()
+        self.ui.segmentEditorWidget.installKeyboardShortcuts()
 
     def exit(self):
-        if self._parameterNode and self._guiConnection:
-            self._parameterNode.disconnectGui(self._guiConnection)
-            self._guiConnection = None
+        # As the Segment Editor module does: no effect stays active and no shortcut stays installed while
+        # another module is shown (they would act on views the user no longer sees as ours).
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.uninstallKeyboardShortcuts()
+        editor.removeViewObservations()
+        self._unbindGui()
 
     def onSceneStartClose(self, caller, event):
-        self.exit()
+        if self._parameterNode is not None:
+            self._carried = {name: getattr(self._parameterNode, name) for name in state.FIELDS}
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.setSegmentationNode(None)
+        editor.removeViewObservations()
+        self.logic.current = None  # its volume and segmentation nodes are being deleted
+        self.setParameterNode(None)
 
-    def initializeParameterNode(self):
-        self._parameterNode = ASFDAParameterNode(self.logic.getParameterNode())
-        if self._guiConnection is None:
-            self._guiConnection = self._parameterNode.connectGui(self.ui)
+    def onSceneEndClose(self, caller, event):
+        # The scene took the singleton editor node and our parameter node with it: make them again, and
+        # carry the settings over so the session (and any running job) goes on in the new scene.
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        self.ui.segmentEditorWidget.updateWidgetFromMRML()
+        self.initializeParameterNode(bind=self.parent.isEntered)
+        self.refresh()
+
+    def initializeParameterNode(self, bind=True):
+        node = self.logic.getParameterNode()
+        if self._parameterNode is None or self._parameterNode.parameterNode is not node:
+            self.setParameterNode(ASFDAParameterNode(node))
+            if self._carried is not None:
+                self._storeSettings(self._carried)
+                self._carried = None
+        if bind:
+            self._bindGui()
+        self.onParameterChanged()  # a parameter node that already names a session (a loaded scene) reopens it
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode is not None:
+            self._unbindGui()
+            node = self._parameterNode.parameterNode
+            self.removeObserver(node, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            self.addObserver(parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
+
+    def _bindGui(self):
+        node = self._parameterNode.parameterNode
+        if self._boundNode is node:
+            return
+        self._guiTag = self._parameterNode.connectGui(self.ui)
+        self._boundNode = node
+
+    def _unbindGui(self):
+        # Before Slicer 5.10 connectGui returned no tag, so the binding cannot be undone: keep it, and
+        # _bindGui will not add a second one to the same node.
+        if self._parameterNode is not None and self._guiTag is not None:
+            self._parameterNode.disconnectGui(self._guiTag)
+            self._guiTag = None
+            self._boundNode = None
+
+    def _storeSettings(self, values):
+        """Write settings into the parameter node (the widgets follow); a value it refuses is logged, not fatal."""
+        p = self._parameterNode
+        with slicer.util.NodeModify(p.parameterNode):
+            for name, value in values.items():
+                if getattr(p, name) == value:
+                    continue
+                try:
+                    setattr(p, name, value)
+                except (TypeError, ValueError) as exc:
+                    if self.logic.flow is not None:
+                        self.logic.flow.message(f"kept {name} = {getattr(p, name)!r}: the session's {value!r} {exc}")
+
+    def onParameterChanged(self, caller=None, event=None):
+        if self._parameterNode is None:
+            return
+        session = state.path_text(self._parameterNode.session)
+        if session != self._session:
+            self._session = session
+            self.onSessionChanged()
+        else:
+            self.refresh()  # e.g. choosing the images folder enables Rank
 
     # --- actions: each defers to the workflow -------------------------------------------------------
     def _settings(self):
         from ASFDALib.app.workflow import PanelSettings
 
-        p = self._parameterNode
-        return PanelSettings(
-            model=p.model,
-            card=p.card,
-            trust=p.trust,
-            images=p.images,
-            session=p.session,
-            device=p.device,
-            budget=p.budget,
-            alpha=p.alpha,
-            strategy=p.strategy,
-            iterations=p.iterations,
-            pseudo_iterations=p.iterations,
-            pseudo=p.pseudo,
-        )
+        return PanelSettings(**state.settings_values(self._parameterNode))
 
-    def onSessionChanged(self, path):
-        self.logic.workflow(self._settings()).reopen()
+    def onSessionChanged(self):
+        """A new session folder: if it holds a session, restore its settings into the parameter node."""
+        flow = self.logic.workflow(self._settings())
+        if not flow.busy and flow.reopen():
+            self._storeSettings(state.parameter_values(flow.settings))
         self.refresh()
 
     def onRank(self):
-        if self.logic.flow.busy:
+        if self.logic.flow is not None and self.logic.flow.busy:
             self.logic.flow.cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Ranking could not start"), waitCursor=True):
@@ -184,7 +273,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refresh()
 
     def onFinetune(self):
-        if self.logic.flow.busy:
+        if self.logic.flow is not None and self.logic.flow.busy:
             self.logic.flow.cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start")):
@@ -217,6 +306,9 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- reflecting the workflow --------------------------------------------------------------------
     def onPoll(self):
         flow = self.logic.flow
+        if flow is None:
+            self.timer.stop()
+            return
         flow.poll()
         if not flow.busy:
             self.timer.stop()
@@ -225,6 +317,8 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refresh(self):
         from ASFDALib.app.workflow import BUTTON_ACTIONS
 
+        if self._parameterNode is None:  # between scene close and its re-creation
+            return
         flow = self.logic.workflow(self._settings())
         for name, action in BUTTON_ACTIONS.items():
             enabled, why = flow.check(action)
@@ -243,21 +337,46 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         bar.value = int(100 * flow.progress)
         label.text = flow.progress_text
-        self.ui.logTextEdit.setPlainText("\n".join(flow.log[-200:]))
+        log = "\n".join(flow.log[-200:])
+        if log != self._shownLog:  # setting it again would reset the user's scroll position
+            self._shownLog = log
+            self.ui.logTextEdit.setPlainText(log)
         self._fillTable(flow.rows)
 
     def _fillTable(self, rows):
+        """Update the cells that changed in place (selection and sort order stay); rebuild for a new ranking."""
         table = self.ui.resultsTable
-        table.setSortingEnabled(False)
-        table.setRowCount(len(rows))
-        for r, row in enumerate(rows):
-            for c, value in enumerate((row.rank, row.case, row.score, row.dkd, row.asd, row.status)):
-                item = qt.QTableWidgetItem()
-                item.setData(qt.Qt.DisplayRole, float(value) if c in (0, 2, 3, 4) and value else value)
-                if row.selected:
-                    item.setBackground(qt.QColor(255, 236, 200))
-                table.setItem(r, c, item)
-        table.setSortingEnabled(True)
+        changes = state.table_plan(self._shownRows, rows)
+        if changes is None:
+            table.setSortingEnabled(False)
+            table.clearContents()
+            table.setRowCount(len(rows))
+            for r, row in enumerate(rows):
+                cells = state.row_cells(row)
+                for c in range(len(state.COLUMNS)):
+                    item = qt.QTableWidgetItem()
+                    item.setData(qt.Qt.DisplayRole, state.display_value(c, cells[c]))
+                    if cells[state.SELECTED]:
+                        item.setBackground(qt.QColor(255, 236, 200))
+                    table.setItem(r, c, item)
+            table.setSortingEnabled(True)
+            self._shownRows = {cells[1]: cells for cells in map(state.row_cells, rows)}
+            return
+        if not changes:
+            return
+        # Rows may have been sorted by the user: find each case's current row by its Case cell.
+        where = {table.item(r, 1).text(): r for r in range(table.rowCount) if table.item(r, 1) is not None}
+        table.setSortingEnabled(False)  # a sorted table would move rows while we write them
+        for case, column, value in changes:
+            r = where[case]
+            if column == state.SELECTED:
+                color = qt.QBrush(qt.QColor(255, 236, 200)) if value else qt.QBrush()
+                for c in range(len(state.COLUMNS)):
+                    table.item(r, c).setBackground(color)
+            else:
+                table.item(r, column).setData(qt.Qt.DisplayRole, state.display_value(column, value))
+        table.setSortingEnabled(True)  # re-applies the user's sort column and order
+        self._shownRows = {cells[1]: cells for cells in map(state.row_cells, rows)}
 
 
 class ASFDALogic(ScriptedLoadableModuleLogic):
@@ -274,9 +393,11 @@ class ASFDALogic(ScriptedLoadableModuleLogic):
     def workflow(self, settings):
         from ASFDALib.app.workflow import Workflow
 
+        if self.flow is not None and self.flow.busy:
+            return self.flow  # a running job keeps its session and settings until it ends
         if self.flow is None or self.flow.settings.session != settings.session:
             self.flow = Workflow(settings)
-        elif not self.flow.busy:
+        else:
             self.flow.settings = settings
         return self.flow
 
@@ -291,44 +412,68 @@ class ASFDALogic(ScriptedLoadableModuleLogic):
 
     # --- dependencies: torch through the PyTorch extension, the rest with one confirmation ----------
     def dependencyReport(self, install=False):
+        from ASFDAPanelLib import dependencies
+
         if install:
             self.ensureDependencies()
-        from importlib.metadata import PackageNotFoundError, version
-
-        parts = []
-        for package in ("torch", "monai", "nibabel"):
-            try:
-                parts.append(f"{package} {version(package)}")
-            except PackageNotFoundError:
-                parts.append(f"{package} missing")
+        text = dependencies.report()
+        if dependencies.torch_problem(dependencies.installed_version("torch")) is not None:
+            return text
         try:
             import torch
 
             device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
         except ImportError:
-            device = "torch not installed"
-        return ", ".join(parts) + f" — {device}"
+            device = "torch not importable"
+        return text + f" — {device}"
 
     def ensureDependencies(self):
-        if importlib.util.find_spec("torch") is None:
+        """torch >= the floor from the PyTorch extension; the rest checked by version, installed with torch pinned."""
+        import tempfile
+
+        from ASFDAPanelLib import dependencies
+
+        torchVersion = dependencies.installed_version("torch")
+        if torchVersion is None:
             try:
                 import PyTorchUtils
             except ImportError:
-                raise RuntimeError(
-                    _("Install the PyTorch extension from the Extensions Manager, then restart.")
-                ) from None
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=">=2.2")
+                raise RuntimeError(dependencies.torch_problem(None)) from None
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=True, torchVersionRequirement=dependencies.TORCH_REQUIREMENT
+            )
             if torch is None:
                 raise RuntimeError(_("PyTorch is required."))
-        if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
-            slicer.packaging.pip_ensure(REQUIREMENTS, requester="ASFDA")
+            importlib.invalidate_caches()
+            torchVersion = dependencies.installed_version("torch")
+        problem = dependencies.torch_problem(torchVersion)
+        if problem:
+            raise RuntimeError(problem)
+        missing = dependencies.unmet()
+        if not missing:
             return
-        missing = [r for r in REQUIREMENTS if not _installed(r)]
-        if missing and (
-            slicer.app.testingEnabled()
-            or slicer.util.confirmOkCancelDisplay(_("ASFDA needs: {p}. Install them now?").format(p=", ".join(missing)))
+        # pip must never move the PyTorch extension's torch build: it is pinned in a constraints file.
+        constraints = dependencies.write_constraints(tempfile.mkdtemp(prefix="asfda-pip-"), torchVersion)
+        try:
+            from slicer.packaging import pip_ensure  # Slicer >= 5.12: checks versions and asks once
+        except ImportError:
+            pip_ensure = None
+        if pip_ensure is not None:
+            pip_ensure(list(dependencies.REQUIREMENTS), constraints=str(constraints), requester="ASFDA")
+        elif slicer.app.testingEnabled() or slicer.util.confirmOkCancelDisplay(
+            _("ASFDA needs: {p}. Install them now?").format(p=", ".join(missing))
         ):
-            slicer.util.pip_install(missing)
+            slicer.util.pip_install(dependencies.pip_arguments(missing, constraints))
+        else:
+            raise RuntimeError(_("ASFDA needs: {p}.").format(p=", ".join(missing)))
+        importlib.invalidate_caches()
+        still = dependencies.unmet()
+        if still:
+            raise RuntimeError(
+                _("Still missing or too old after installing: {p}. Restart Slicer and press Check / install.").format(
+                    p=", ".join(still)
+                )
+            )
 
     # --- cases ---------------------------------------------------------------------------------------
     def loadCase(self, name):
@@ -367,16 +512,6 @@ class ASFDALogic(ScriptedLoadableModuleLogic):
                 )
             )
         return nodes
-
-
-def _installed(requirement):
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version(requirement.split(">=")[0])
-        return True
-    except PackageNotFoundError:
-        return False
 
 
 def _resource(relative, resourcePath):
@@ -424,6 +559,7 @@ class ASFDATest(ScriptedLoadableModuleTest):
                 iterations=10,
                 pseudo_iterations=5,
                 device="cpu",
+                workers=0,  # as the panel: no DataLoader processes forked inside Slicer
             )
         )
         self.delayDisplay("Ranking")

@@ -55,6 +55,7 @@ class PanelSettings:
     iterations: int = FinetuneConfig.iterations
     pseudo_iterations: int = FinetuneConfig.pseudo_iterations
     pseudo: bool = True
+    workers: int | None = None  # DataLoader processes for fine-tuning; the Slicer panel passes 0 (none)
 
 
 @dataclass
@@ -440,7 +441,10 @@ class Workflow:
                 self._events.put(("message", text))
 
             config = FinetuneConfig(
-                iterations=settings.iterations, pseudo_iterations=settings.pseudo_iterations, device=settings.device
+                iterations=settings.iterations,
+                pseudo_iterations=settings.pseudo_iterations,
+                device=settings.device,
+                workers=settings.workers,
             )
             with Session.open(settings.session) as session:
                 try:

@@ -69,6 +69,9 @@ def test_every_library_and_resource_file_is_listed_in_cmake_and_exists():
     listed = _cmake_list(text, "ASFDALIB_PYTHON_SCRIPTS")
     on_disk = sorted(p.name for p in (REPO / "ASFDALib").glob("*.py"))
     assert sorted(listed) == on_disk
+    module_scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    beside = sorted(str(p.relative_to(REPO / "ASFDA")) for p in (REPO / "ASFDA").rglob("*.py"))
+    assert sorted(s.replace("${MODULE_NAME}", "ASFDA") for s in module_scripts) == beside
     resources = _cmake_list(text, "ASFDA_RESOURCES")
     for item in resources:
         assert (REPO / "Resources" / item).is_file(), item
