@@ -41,7 +41,7 @@ if not os.path.isdir(os.path.join(_HERE, "ASFDALib")) and _ROOT not in sys.path:
 
 # The combo boxes' items: Slicer's QComboBox connector refills the widget from Choice([...]), in this order.
 # Spelled out here (ASFDALib is imported only after the dependency check); a test checks STRATEGIES against
-# ASFDALib.selection.STRATEGIES, and both against the items of the .ui's combo boxes.
+# ASFDALib.query.selection.STRATEGIES, and both against the items of the .ui's combo boxes.
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("asfda", "dkd", "asd", "fg-random", "random", "entropy", "epistemic", "coreset")
 

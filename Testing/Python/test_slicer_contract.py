@@ -420,7 +420,7 @@ def test_the_binding_check_fails_on_the_panel_before_issue_13():
 
 
 def test_combo_box_choices_are_the_engines():
-    from ASFDALib.selection import STRATEGIES
+    from ASFDALib.query.selection import STRATEGIES
 
     fields = wrapper_fields()
     strategy, device = (first(split(fields[n].datatype)[1], Choice) for n in ("strategy", "device"))

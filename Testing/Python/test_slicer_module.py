@@ -64,14 +64,50 @@ def _cmake_list(text: str, name: str) -> list[str]:
     return block.group(1).split()
 
 
-def test_every_library_and_resource_file_is_listed_in_cmake_and_exists():
+def _module_file(module: str):
+    path = REPO.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def _engine_imports(path) -> set[str]:
+    """Every ASFDALib module ``path`` imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ASFDALib":
+            found.add(node.module)
+            found.update(
+                f"{node.module}.{a.name}" for a in node.names if _module_file(f"{node.module}.{a.name}").is_file()
+            )
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "ASFDALib")
+    return found
+
+
+def _shipped_engine() -> list[str]:
+    """The engine files the panel and its self-test need: the import closure of the Slicer module's files,
+    with the package __init__ files on the way."""
+    todo = [m for path in (REPO / "ASFDA").rglob("*.py") for m in _engine_imports(path)]
+    seen: set[str] = set()
+    while todo:
+        parts = todo.pop().split(".")
+        for i in range(1, len(parts) + 1):
+            module = ".".join(parts[:i])
+            if module not in seen and _module_file(module).is_file():
+                seen.add(module)
+                todo.extend(_engine_imports(_module_file(module)))
+    return sorted(str(_module_file(m).relative_to(REPO / "ASFDALib")) for m in seen)
+
+
+def test_the_slicer_build_ships_exactly_the_engine_modules_the_panel_imports():
+    listed = _cmake_list(MODULE_CMAKE.read_text(), "ASFDALIB_PYTHON_SCRIPTS")
+    assert sorted(listed) == _shipped_engine()
+    assert "app/cli.py" not in listed and "bench/benchmark.py" not in listed  # headless-only parts stay out
+    for item in listed:
+        assert (REPO / "ASFDALib" / item).is_file(), item
+
+
+def test_every_resource_file_is_listed_in_cmake_and_exists():
     text = MODULE_CMAKE.read_text()
-    listed = _cmake_list(text, "ASFDALIB_PYTHON_SCRIPTS")
-    on_disk = sorted(p.name for p in (REPO / "ASFDALib").glob("*.py"))
-    assert sorted(listed) == on_disk
-    module_scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
-    beside = sorted(str(p.relative_to(REPO / "ASFDA")) for p in (REPO / "ASFDA").rglob("*.py"))
-    assert sorted(s.replace("${MODULE_NAME}", "ASFDA") for s in module_scripts) == beside
     resources = _cmake_list(text, "ASFDA_RESOURCES")
     for item in resources:
         assert (REPO / "Resources" / item).is_file(), item
@@ -105,7 +141,7 @@ def test_icon_is_a_128_pixel_png():
 
 def test_only_the_mrml_bridge_imports_slicer():
     importers = []
-    for path in sorted((REPO / "ASFDALib").glob("*.py")):
+    for path in sorted((REPO / "ASFDALib").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = []
             if isinstance(node, ast.Import):
@@ -113,8 +149,8 @@ def test_only_the_mrml_bridge_imports_slicer():
             elif isinstance(node, ast.ImportFrom):
                 names = [(node.module or "").split(".")[0]]
             if "slicer" in names or "qt" in names:
-                importers.append(path.name)
-    assert set(importers) == {"mrml.py"}
+                importers.append(str(path.relative_to(REPO / "ASFDALib")))
+    assert set(importers) == {"app/mrml.py"}
 
 
 def test_every_panel_button_exists_and_names_a_workflow_action():
@@ -128,7 +164,7 @@ def test_every_panel_button_exists_and_names_a_workflow_action():
         assert isinstance(enabled, bool) and why
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "ASFDALib").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "ASFDALib").rglob("*.py")), ids=lambda p: p.name)
 def test_library_runs_on_the_python_of_slicer_5_4_to_5_8(path):
     """Slicer <= 5.8 ships Python 3.9: 3.9 grammar, and no 3.10-only keyword arguments such as zip(strict=)."""
     source = path.read_text(encoding="utf-8")

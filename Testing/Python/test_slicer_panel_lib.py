@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "ASFDA"))  # Slicer puts the module's folder on sy
 
 from ASFDAPanelLib import dependencies, state  # noqa: E402
 
-from ASFDALib.workflow import PanelSettings, TableRow, Workflow  # noqa: E402
+from ASFDALib.app.workflow import PanelSettings, TableRow, Workflow  # noqa: E402
 
 
 # --- dependencies ----------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ def test_torch_floor_is_the_one_the_code_needs_everywhere():
     assert dependencies.TORCH_FLOOR == "2.3" and dependencies.TORCH_REQUIREMENT == ">=2.3"
     pyproject = (REPO / "pyproject.toml").read_text()
     assert re.search(r'"torch>=([\d.]+)"', pyproject).group(1) == dependencies.TORCH_FLOOR
-    assert "GradScaler" in (REPO / "ASFDALib" / "finetune.py").read_text()  # the reason for the floor
+    assert "GradScaler" in (REPO / "ASFDALib" / "adaptation" / "trainer.py").read_text()  # the reason for the floor
     assert dependencies.torch_problem("2.3.0") is None and dependencies.torch_problem("2.5.1+cu124") is None
     old = dependencies.torch_problem("2.2.2")
     assert "torch 2.2.2 is older than the 2.3 ASFDA needs" in old and "PyTorch Utils" in old
