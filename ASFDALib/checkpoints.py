@@ -65,12 +65,13 @@ def _is_tensor_mapping(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def state_dict_from(obj: Any) -> dict[str, torch.Tensor]:
+def state_dict_from(obj: Any, network: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The tensor mapping inside a loaded checkpoint, with wrapper prefixes shared by all keys removed.
 
     Unwraps nested containers (``net``, ``state_dict``, ``model``, ``network_weights``, ``model_state_dict``,
     ``module``; an ``nn.Module`` gives its ``state_dict()``), then strips ``module.``, ``backbone.``, ``model.``
-    and ``_orig_mod.`` as long as every key starts with the same one (so ``module.backbone.`` goes too).
+    and ``_orig_mod.`` as long as every key starts with the same one (so ``module.backbone.`` goes too). With
+    ``network``, a shared prefix that is part of the network's own names (MONAI UNet's ``model.``) is kept.
     Raises :class:`ModelError` naming the top-level keys when no tensor mapping is found.
     """
     node, path = obj, []
@@ -95,11 +96,15 @@ def state_dict_from(obj: Any) -> dict[str, torch.Tensor]:
             f"no state dict (a mapping of names to tensors) found in this checkpoint{inside}; top-level keys: {top}"
         )
     state = dict(node)
+    own = set(network.state_dict()) if network is not None else None
     while True:
         prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
         if prefix is None or any(k == prefix for k in state):
             return state
-        state = {k[len(prefix) :]: v for k, v in state.items()}
+        stripped = {k[len(prefix) :]: v for k, v in state.items()}
+        if own is not None and len(own.intersection(state)) > len(own.intersection(stripped)):
+            return state
+        state = stripped
 
 
 # --- the output head -------------------------------------------------------------------------------------
@@ -304,13 +309,15 @@ def load_pretrained(
     for the target classes; ``class_map`` ({target class index: checkpoint class index}) then copies the
     matching rows of the pre-trained head (weights, biases, a class-sized norm), and also forces that mapping
     when the class counts agree. A checkpoint whose tensors all land in one top-level sub-module (a
-    self-supervised Swin encoder into ``swinViT``) is encoder-only: the rest of the network is new.
+    self-supervised Swin encoder into ``swinViT``) is encoder-only: the rest of the network is new. "New" means
+    the network's own initialisation is kept, so pass a freshly built network. Copies are bitwise when the
+    checkpoint's dtype is the network's (a half-precision checkpoint is widened by the copy).
 
     Raises :class:`ModelError` naming the tensors when a tensor outside the head (outside the encoder, for an
     encoder-only checkpoint) is missing from the checkpoint or has another shape, when the network has no
     ``num_classes``-channel output layer, or when ``class_map`` points outside either head.
     """
-    ckpt = state_dict_from(state)
+    ckpt = state_dict_from(state, network)
     out = getattr(network, "out_channels", None)
     if isinstance(out, int) and out != num_classes:
         raise ModelError(
