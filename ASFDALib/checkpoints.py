@@ -441,6 +441,41 @@ def load_pretrained(
     return report
 
 
+# --- class maps --------------------------------------------------------------------------------------------
+
+
+def class_map_from_names(
+    target_names: list[str], source_names: list[str], spec: str | Mapping[str, str] | None = None
+) -> dict[int, int]:
+    """{target class index: source class index} for :func:`load_pretrained`'s ``class_map``.
+
+    ``spec`` is ``"liver=liver,kidney=right kidney"`` (target=source, as a ``--class-map`` option gives it) or
+    a mapping of the same; without it, classes whose names agree (case and surrounding spaces ignored) are
+    paired. Raises :class:`ModelError` naming any class that is not in its list.
+    """
+
+    def key(name: str) -> str:
+        return name.strip().lower()
+
+    targets = {key(n): i for i, n in enumerate(target_names)}
+    sources = {key(n): i for i, n in enumerate(source_names)}
+    if spec is None:
+        return {targets[n]: sources[n] for n in targets if n in sources}
+    if isinstance(spec, str):
+        items = [part.split("=", 1) for part in spec.split(",") if part.strip()]
+        if any(len(item) != 2 for item in items):
+            raise ModelError(f"class map {spec!r}: write it as target=source pairs separated by commas")
+        spec = {t: s for t, s in items}
+    unknown = [f"target {t!r}" for t in spec if key(t) not in targets]
+    unknown += [f"source {s!r}" for s in spec.values() if key(s) not in sources]
+    if unknown:
+        raise ModelError(
+            f"class map names {', '.join(unknown)} are not classes (target: {target_names}; source: "
+            f"{source_names}); fix the class map or the card's class_names/source_classes"
+        )
+    return {targets[key(t)]: sources[key(s)] for t, s in spec.items()}
+
+
 # --- fine-tuning learning rates --------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from monai.networks.nets import DynUNet, SegResNet, SwinUNETR, UNet
 
 from ASFDALib.checkpoints import (
     LoadReport,
+    class_map_from_names,
     load_pretrained,
     normalisation_info,
     normalisation_kinds,
@@ -374,6 +375,25 @@ def test_network_built_for_other_class_count_is_refused():
     # SegResNet does not say its output count; the head search says it instead
     with pytest.raises(ModelError, match="SegResNet has no layer with 4 output channels"):
         load_pretrained(segresnet(5), pair(segresnet)[0].state_dict(), num_classes=TARGET_CLASSES)
+
+
+# --- class maps by name ---------------------------------------------------------------------------------
+
+TARGET_NAMES = ["background", "liver", "kidney", "tumour"]
+SOURCE_NAMES = ["background", "spleen", "Kidney", "gallbladder", "liver"]
+
+
+def test_class_map_pairs_equal_names_by_default():
+    assert class_map_from_names(TARGET_NAMES, SOURCE_NAMES) == {0: 0, 1: 4, 2: 2}
+
+
+def test_class_map_from_option_text():
+    assert class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "liver=liver, tumour = gallbladder") == {1: 4, 3: 3}
+
+
+def test_class_map_with_unknown_name_is_refused_naming_it():
+    with pytest.raises(ModelError, match="source 'pancreas'"):
+        class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "liver=pancreas")
 
 
 # --- learning-rate groups --------------------------------------------------------------------------------
