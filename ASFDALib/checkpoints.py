@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelError
+from ASFDALib.errors import ModelError
 
 #: Keys under which checkpoints nest the state dict, in the order they are tried.
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "network_weights", "net", "model", "module")
