@@ -30,6 +30,13 @@ volume could be scored.
 """
 
 
+MAP_HELP = (
+    "file label values -> model classes: VALUE=CLASS terms separated by , or ; where VALUE is a number, "
+    "a range (41-48) or * (every value not listed) and CLASS a class number or name from the card; "
+    "values before an = share it, e.g. '41-48=2,49,50=vertebral body,*=0'"
+)
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -197,7 +204,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .labels import import_labels, parse_mapping
+    from .labels import import_labels, parse_mapping, resolve_cases
     from .session import Session
 
     words = list(args.words)
@@ -208,15 +215,23 @@ def cmd_labels(args: argparse.Namespace) -> int:
     if action == "import":
         if args.source is None:
             raise ASFDAError("asfda labels import needs --from DIR_OR_FILE")
+        if args.all and args.cases:
+            raise ASFDAError("give --all or --cases, not both")
         with Session.open(words[0]) as session:
             class_names = session.data["model"]["card"]["class_names"]
-            stored, refused = import_labels(session, args.source, class_names, parse_mapping(args.map))
+            mapping = parse_mapping(args.map, class_names)
+            cases = (
+                session.image_names()
+                if args.all
+                else resolve_cases(session, _split(args.cases))
+                if args.cases
+                else None
+            )
+            report = import_labels(session, args.source, class_names, mapping, cases)
             session.save()
-        for name, path in stored.items():
-            console.print(f"[green]imported[/green] {name} -> {path}")
-        for reason in refused:
-            console.print(f"[yellow]refused[/yellow] {reason}")
-        return 0 if stored or not refused else 1
+        for line in report.lines(queried_only=cases is None):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return 0 if report.imported or not (report.refused or report.skipped) else 1
     session = Session.open(words[0])
     labelled = session.labelled()
     table = Table(title=f"Labels in {session.root}")
@@ -234,6 +249,10 @@ def cmd_labels(args: argparse.Namespace) -> int:
         + (f"; missing: {', '.join(missing)}" if missing else "; ready for 'asfda finetune'")
     )
     return 0
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -329,15 +348,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import math
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from .evaluate import evaluate_folders, summary_rows, write_csv
+    from .evaluate import evaluate_folders, foreign_warning, summary_rows, write_csv
+    from .labels import parse_mapping
     from .modelcard import load_card
+    from .session import Session
 
-    names = load_card(args.card).class_names if args.card else None
-    scores = evaluate_folders(args.pred, args.labels, names)
+    if args.card:
+        names = load_card(args.card).class_names
+    elif args.session:
+        names = list(Session.open(args.session).data["model"]["card"]["class_names"])
+    else:
+        names = None
+    scores = evaluate_folders(args.pred, args.labels, names, parse_mapping(args.map, names))
+    console = Console()
     if names is None:
         names = ["background", *[f"class{i}" for i in range(1, max(len(s.dice) for s in scores) + 1)]]
+        console.print("no class names: give --session or --card (classes taken from the predictions' values)")
+    for score in scores:
+        if score.foreign:
+            console.print(f"[yellow]warning[/yellow] {escape(foreign_warning(score, names))}", soft_wrap=True)
     rows = summary_rows(scores, names)
     table = Table(title="Dice / HD95 (mm) per class")
     for column in rows[0]:
@@ -346,7 +378,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         table.add_row(
             *[("" if math.isnan(v) else f"{v:.3f}") if isinstance(v, float) else str(v) for v in row.values()]
         )
-    Console().print(table)
+    console.print(table)
     out = args.out or Path(args.pred) / "evaluation.csv"
     print(f"Wrote {write_csv(rows, out)}")
     return 0
@@ -521,8 +553,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     labels.add_argument("words", nargs="+", metavar="[import] SESSION")
-    labels.add_argument("--from", dest="source", type=Path, help="label file or folder to import (names match images)")
-    labels.add_argument("--map", help="file label value = model class, e.g. 7=1,8=2")
+    labels.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        help="label file or folder to import; names pair with images by case (case_seg, case_mask, "
+        "case.seg.nrrd, nnU-Net case_0000 images, BIDS sub-X_seg-Y_..._msk for sub-X_..._T2w)",
+    )
+    labels.add_argument("--map", help=MAP_HELP)
+    labels.add_argument("--all", action="store_true", help="import labels of every volume, not only the queried ones")
+    labels.add_argument(
+        "--cases", help="comma-separated images to import labels for (default: the volumes queried so far)"
+    )
     labels.set_defaults(func=cmd_labels)
 
     finetune = sub.add_parser(
@@ -576,12 +618,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate",
         help="Dice and HD95 per class of predictions against reference labels",
-        epilog="example:\n  asfda evaluate --pred /data/pred --labels /data/gt",
+        epilog="examples:\n  asfda evaluate --pred /data/pred --labels /data/gt --session ~/asfda/liver\n"
+        "  asfda evaluate --pred pred/ --labels raw_gt/ --card card.json --map '41-48=2,49,50=vertebral body,*=0'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    evaluate.add_argument("--pred", type=Path, required=True)
-    evaluate.add_argument("--labels", type=Path, required=True)
-    evaluate.add_argument("--card", type=Path, help="model card, for class names")
+    evaluate.add_argument("--pred", type=Path, required=True, help="folder of predicted label maps")
+    evaluate.add_argument("--labels", type=Path, required=True, help="folder of reference labels (paired by case name)")
+    classes = evaluate.add_mutually_exclusive_group()
+    classes.add_argument("--session", type=Path, help="session folder: class names from its model card")
+    classes.add_argument("--card", type=Path, help="model card, for class names")
+    evaluate.add_argument("--map", help="for the reference labels: " + MAP_HELP)
     evaluate.add_argument("--out", type=Path, help="CSV path (default: PRED/evaluation.csv)")
     evaluate.set_defaults(func=cmd_evaluate)
 
