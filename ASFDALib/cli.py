@@ -549,7 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
         "labels",
         help="show which queried volumes are labelled, or import label files into a session",
         epilog="examples:\n  asfda labels ~/asfda/liver\n"
-        "  asfda labels import ~/asfda/liver --from ~/exports/labels --map 7=1,8=2",
+        "  asfda labels import ~/asfda/liver --from ~/exports/labels --map 7=1,8=2\n"
+        "  asfda labels import ~/spine --from derivatives/ --map '41-48=2,49,50=vertebral body,*=0'\n"
+        "  asfda labels import ~/asfda/liver --from late_labels/ --cases case12.nii.gz   # one not queried\n\n"
+        "Only the labels of queried volumes are imported unless --all or --cases says otherwise: every other\n"
+        "unlabeled volume stays in the pool that fine-tuning pseudo-labels.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     labels.add_argument("words", nargs="+", metavar="[import] SESSION")
@@ -557,8 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--from",
         dest="source",
         type=Path,
-        help="label file or folder to import; names pair with images by case (case_seg, case_mask, "
-        "case.seg.nrrd, nnU-Net case_0000 images, BIDS sub-X_seg-Y_..._msk for sub-X_..._T2w)",
+        help="label file or folder to import; files pair with images by case name: case_seg, case_mask, "
+        "case.seg.nrrd for the image case; case for nnU-Net's case_0000; BIDS names by their entities "
+        "(the suffix and seg/desc entities ignored); a label that fits no image or several is refused",
     )
     labels.add_argument("--map", help=MAP_HELP)
     labels.add_argument("--all", action="store_true", help="import labels of every volume, not only the queried ones")

@@ -103,6 +103,7 @@ def test_a_label_with_no_matching_scan_names_the_expected_scan_and_the_closest(s
         "sub-mri_seg-subreg_label-7_msk.nii.gz: no image has this case name "
         f"(expected 'sub-mri_label-7_<modality>.nii.gz'; closest: {MRI}"
     ) in out
+    assert f"no label file for {MRI}" in out  # the queried scan is still waiting for its label
     assert _labels(session) == {}
 
 
