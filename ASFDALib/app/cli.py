@@ -29,6 +29,11 @@ greedily. Unreadable volumes are skipped and listed with the reason; the exit co
 volume could be scored.
 """
 
+MAP_HELP = (
+    "file label values -> model classes: VALUE=CLASS terms separated by , or ; where VALUE is a number, "
+    "a range (41-48) or * (every value not listed) and CLASS a class number or name from the card; "
+    "values before an = share it, e.g. '41-48=2,49,50=vertebral body,*=0'"
+)
 RECIPE = FinetuneConfig()  # the one recipe: the help shows its defaults
 
 
@@ -133,12 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
         "labels",
         help="show which queried volumes are labelled, or import label files into a session",
         epilog="examples:\n  asfda labels ~/asfda/liver\n"
-        "  asfda labels import ~/asfda/liver --from ~/exports/labels --map 7=1,8=2",
+        "  asfda labels import ~/asfda/liver --from ~/exports/labels --map 7=1,8=2\n"
+        "  asfda labels import ~/spine --from derivatives/ --map '41-48=2,49,50=vertebral body,*=0'\n"
+        "  asfda labels import ~/asfda/liver --from late_labels/ --cases case12.nii.gz   # one not queried\n\n"
+        "Only the labels of queried volumes are imported unless --all or --cases says otherwise: every other\n"
+        "unlabeled volume stays in the pool that fine-tuning pseudo-labels.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     labels.add_argument("words", nargs="+", metavar="[import] SESSION")
-    labels.add_argument("--from", dest="source", type=Path, help="label file or folder to import (names match images)")
-    labels.add_argument("--map", help="file label value = model class, e.g. 7=1,8=2")
+    labels.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        help="label file or folder to import; files pair with images by case name: case_seg, case_mask, "
+        "case.seg.nrrd for the image case; case for nnU-Net's case_0000; BIDS names by their entities "
+        "(the suffix and seg/desc entities ignored); a label that fits no image or several is refused",
+    )
+    labels.add_argument("--map", help=MAP_HELP)
+    labels.add_argument("--all", action="store_true", help="import labels of every volume, not only the queried ones")
+    labels.add_argument(
+        "--cases", help="comma-separated images to import labels for (default: the volumes queried so far)"
+    )
     labels.set_defaults(func=commands.cmd_labels)
 
     finetune = sub.add_parser(
@@ -235,12 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate",
         help="Dice and HD95 per class of predictions against reference labels",
-        epilog="example:\n  asfda evaluate --pred /data/pred --labels /data/gt",
+        epilog="examples:\n  asfda evaluate --pred /data/pred --labels /data/gt --session ~/asfda/liver\n"
+        "  asfda evaluate --pred pred/ --labels raw_gt/ --card card.json --map '41-48=2,49,50=vertebral body,*=0'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    evaluate.add_argument("--pred", type=Path, required=True)
-    evaluate.add_argument("--labels", type=Path, required=True)
-    evaluate.add_argument("--card", type=Path, help="model card, for class names")
+    evaluate.add_argument("--pred", type=Path, required=True, help="folder of predicted label maps")
+    evaluate.add_argument("--labels", type=Path, required=True, help="folder of reference labels (paired by case name)")
+    classes = evaluate.add_mutually_exclusive_group()
+    classes.add_argument("--session", type=Path, help="session folder: class names from its model card")
+    classes.add_argument("--card", type=Path, help="model card, for class names")
+    evaluate.add_argument("--map", help="for the reference labels: " + MAP_HELP)
     evaluate.add_argument("--out", type=Path, help="CSV path (default: PRED/evaluation.csv)")
     evaluate.set_defaults(func=commands.cmd_evaluate)
 

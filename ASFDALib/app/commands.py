@@ -136,7 +136,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ASFDALib.adaptation.session import Session
-    from ASFDALib.data.labels import import_labels, parse_mapping
+    from ASFDALib.data.labels import import_labels, parse_mapping, resolve_cases
 
     words = list(args.words)
     action = words.pop(0) if words and words[0] in ("import", "status") and len(words) > 1 else "status"
@@ -146,15 +146,23 @@ def cmd_labels(args: argparse.Namespace) -> int:
     if action == "import":
         if args.source is None:
             raise ASFDAError("asfda labels import needs --from DIR_OR_FILE")
+        if args.all and args.cases:
+            raise ASFDAError("give --all or --cases, not both")
         with Session.open(words[0]) as session:
             class_names = session.data["model"]["card"]["class_names"]
-            stored, refused = import_labels(session, args.source, class_names, parse_mapping(args.map))
+            mapping = parse_mapping(args.map, class_names)
+            cases = (
+                session.image_names()
+                if args.all
+                else resolve_cases(session, _split(args.cases))
+                if args.cases
+                else None
+            )
+            report = import_labels(session, args.source, class_names, mapping, cases)
             session.save()
-        for name, path in stored.items():
-            console.print(f"[green]imported[/green] {name} -> {path}")
-        for reason in refused:
-            console.print(f"[yellow]refused[/yellow] {reason}")
-        return 0 if stored or not refused else 1
+        for line in report.lines(queried_only=cases is None):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return 0 if report.imported or not (report.refused or report.skipped) else 1
     session = Session.open(words[0])
     labelled = session.labelled()
     table = Table(title=f"Labels in {session.root}")
@@ -172,6 +180,10 @@ def cmd_labels(args: argparse.Namespace) -> int:
         + (f"; missing: {', '.join(missing)}" if missing else "; ready for 'asfda finetune'")
     )
     return 0
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -248,15 +260,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import math
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from ASFDALib.evaluation.evaluate import evaluate_folders, summary_rows, write_csv
+    from ASFDALib.adaptation.session import Session
+    from ASFDALib.data.labels import parse_mapping
+    from ASFDALib.evaluation.evaluate import evaluate_folders, foreign_warning, summary_rows, write_csv
     from ASFDALib.models.card import load_card
 
-    names = load_card(args.card).class_names if args.card else None
-    scores = evaluate_folders(args.pred, args.labels, names)
+    if args.card:
+        names = load_card(args.card).class_names
+    elif args.session:
+        names = list(Session.open(args.session).data["model"]["card"]["class_names"])
+    else:
+        names = None
+    scores = evaluate_folders(args.pred, args.labels, names, parse_mapping(args.map, names))
+    console = Console()
     if names is None:
         names = ["background", *[f"class{i}" for i in range(1, max(len(s.dice) for s in scores) + 1)]]
+        console.print("no class names: give --session or --card (classes taken from the predictions' values)")
+    for score in scores:
+        if score.foreign:
+            console.print(f"[yellow]warning[/yellow] {escape(foreign_warning(score, names))}", soft_wrap=True)
     rows = summary_rows(scores, names)
     table = Table(title="Dice / HD95 (mm) per class")
     for column in rows[0]:
@@ -265,7 +290,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         table.add_row(
             *[("" if math.isnan(v) else f"{v:.3f}") if isinstance(v, float) else str(v) for v in row.values()]
         )
-    Console().print(table)
+    console.print(table)
     out = args.out or Path(args.pred) / "evaluation.csv"
     print(f"Wrote {write_csv(rows, out)}")
     return 0

@@ -1,66 +1,227 @@
 """Label maps checked against their image before they enter a session: same grid, known classes, no NaNs.
 
-Every refusal names the label file, what differs and by how much, and what to do about it.
+Every refusal names the label file, what differs and by how much, and what to do about it. Label files are
+paired with images by name (:func:`pair_names`: exact case names, ``_seg``/``_mask``-style suffixes, nnU-Net
+channel suffixes, BIDS entities); file values become model classes through a ``--map`` (:func:`parse_mapping`);
+a label stored in another axis order on the image's grid is reoriented (:func:`align_to_image`).
 """
 
 from __future__ import annotations
 
+import difflib
+import itertools
+import re
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ASFDALib.adaptation.session import Session, case_id
 from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume, write_nifti
-from ASFDALib.errors import VolumeError
+from ASFDALib.errors import ASFDAError, VolumeError
 
 AFFINE_TOLERANCE_MM = 0.01
+MAP_EXAMPLE = '--map "41-48=2,49,50=vertebral body,*=0"'
+MAX_RANGE = 65536  # a label range wider than any integer label type in practice: a typo, not a request
 
 
 class LabelError(VolumeError):
     """A label map that does not fit its image or the model's classes."""
 
 
-def parse_mapping(text: str | None) -> dict[int, int]:
-    """'7=1,8=2' -> {7: 1, 8: 2}: file label values to model class indices."""
+class LabelMapError(ASFDAError, ValueError):
+    """A ``--map`` text that cannot be read; the message names the bad term and shows an example."""
+
+    def __init__(self, term: str, problem: str) -> None:
+        self.term = term
+        super().__init__(f"--map term {term!r}: {problem} (example: {MAP_EXAMPLE})")
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """File label values -> model class indices; values not listed keep their number, or go to ``default``."""
+
+    values: dict[int, int] = field(default_factory=dict)
+    default: int | None = None
+
+    def target(self, value: int) -> int:
+        if value in self.values:
+            return self.values[value]
+        return value if self.default is None else self.default
+
+    def __bool__(self) -> bool:
+        return bool(self.values) or self.default is not None
+
+
+def _class_list(class_names: list[str]) -> str:
+    return ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
+
+
+def _normal_name(name: str) -> str:
+    return re.sub(r"[\s_-]+", " ", name.strip().lower())
+
+
+def _map_target(text: str, term: str, class_names: list[str] | None) -> int:
+    """A class index or a class name of the card -> the class index."""
+    if re.fullmatch(r"\d+", text):
+        index = int(text)
+        if class_names is not None and index >= len(class_names):
+            raise LabelMapError(term, f"class {index} is not a class of the model ({_class_list(class_names)})")
+        return index
     if not text:
-        return {}
-    mapping = {}
-    for part in text.split(","):
-        try:
-            source, target = (int(v) for v in part.split("="))
-        except ValueError:
-            raise ValueError(f"label mapping {part!r} must look like 7=1 (file value = model class)") from None
-        mapping[source] = target
-    return mapping
+        raise LabelMapError(term, "no class after '='")
+    if class_names is None:
+        raise LabelMapError(term, f"class name {text!r} needs the model's classes (give --session or --card)")
+    names = [_normal_name(n) for n in class_names]
+    if _normal_name(text) in names:
+        return names.index(_normal_name(text))
+    close = difflib.get_close_matches(_normal_name(text), names, n=1, cutoff=0.5)
+    hint = f"did you mean {class_names[names.index(close[0])]!r}? " if close else ""
+    raise LabelMapError(term, f"{text!r} is not a class of the model; {hint}classes: {_class_list(class_names)}")
 
 
-def check_grid(label_shape, label_affine, image_shape, image_affine, path: Path, tol: float = AFFINE_TOLERANCE_MM):
+def _map_sources(text: str, term: str) -> list[int] | None:
+    """'7' -> [7], '41-48' -> [41..48], '*' -> None (the default)."""
+    if text == "*":
+        return None
+    if re.fullmatch(r"\d+", text):
+        return [int(text)]
+    match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
+    if not match:
+        raise LabelMapError(term, f"{text!r} is not a label value (7), a range (41-48) or * (every other value)")
+    low, high = int(match[1]), int(match[2])
+    if low > high:
+        raise LabelMapError(term, f"range {text} runs backwards; write {high}-{low}")
+    if high - low >= MAX_RANGE:
+        raise LabelMapError(term, f"range {text} spans more than {MAX_RANGE} values")
+    return list(range(low, high + 1))
+
+
+def parse_mapping(text: str | None, class_names: list[str] | None = None) -> LabelMap:
+    """'41-48=2,49,50=vertebral body,*=0' -> a :class:`LabelMap`; or :class:`LabelMapError`.
+
+    Terms are separated by commas or semicolons; values before an ``=`` share its class, so ``49,50=1`` maps
+    both. A source is a value, a range ``a-b`` or ``*`` (every value not listed elsewhere, 0 included). A class
+    is an index or, with ``class_names``, a name from the card (case, spaces and underscores do not matter).
+    A value given two different classes is refused rather than resolved by order.
+    """
+    values: dict[int, int] = {}
+    default: int | None = None
+    pending: list[tuple[str, list[int] | None]] = []
+    for piece in re.split(r"[,;]", text or ""):
+        term = piece.strip()
+        if not term:
+            continue
+        left, equals, right = term.partition("=")
+        pending.append((term, _map_sources(left.strip(), term)))
+        if not equals:
+            continue
+        group = ",".join(t for t, _ in pending)  # '49,50=vertebral body' is one term to the user
+        if "=" in right:
+            raise LabelMapError(group, "more than one '='; separate terms with commas")
+        target = _map_target(right.strip(), group, class_names)
+        for source_term, sources in pending:
+            if sources is None:
+                if default is not None and default != target:
+                    raise LabelMapError(source_term, f"'*' is mapped twice (to {default} and {target})")
+                default = target
+                continue
+            for value in sources:
+                if values.get(value, target) != target:
+                    raise LabelMapError(source_term, f"value {value} is mapped twice (to {values[value]} and {target})")
+                values[value] = target
+        pending = []
+    if pending:
+        raise LabelMapError(pending[-1][0], "has no '=CLASS'")
+    return LabelMap(values, default)
+
+
+def value_ranges(values: list[int]) -> str:
+    """[41, 42, 43, 50, 60, 61] -> '41-43,50,60-61': how a user would write them in a --map."""
+    parts: list[str] = []
+    for _, group in itertools.groupby(enumerate(sorted(values)), key=lambda pair: pair[1] - pair[0]):
+        run = [v for _, v in group]
+        parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ",".join(parts)
+
+
+def _corners(shape) -> np.ndarray:
+    """Homogeneous voxel indices of the grid's 8 corners, (4, 8)."""
+    corners = np.array(list(itertools.product(*[(0, max(int(n) - 1, 0)) for n in shape[:3]])), dtype=np.float64)
+    return np.vstack([corners.T, np.ones(len(corners))])
+
+
+def check_grid(
+    label_shape, label_affine, image_shape, image_affine, path: Path, tol: float = AFFINE_TOLERANCE_MM, note: str = ""
+):
+    """Refuse a label whose voxels are not the image's voxels in world space (within ``tol`` mm)."""
+    note = f" {note}" if note else ""
     if tuple(label_shape) != tuple(image_shape):
         diffs = ", ".join(f"axis {i}: {a} vs {b}" for i, (a, b) in enumerate(zip(label_shape, image_shape)) if a != b)
         raise LabelError(
             path,
-            f"label grid {tuple(label_shape)} differs from the image's {tuple(image_shape)} ({diffs})",
+            f"label grid {tuple(label_shape)} differs from the image's {tuple(image_shape)} ({diffs}){note}",
             "export the label on the image's grid (same size and geometry)",
         )
-    delta = np.abs(np.asarray(label_affine) - np.asarray(image_affine))
-    if delta.max() > tol:
-        origin = float(np.abs(delta[:3, 3]).max())
+    label_affine, image_affine = np.asarray(label_affine, float), np.asarray(image_affine, float)
+    # World positions of the grid's corner voxels: an affine difference that moves no voxel centre by more
+    # than ``tol`` (float32 headers, rounding of direction cosines) is the same grid.
+    corners = _corners(image_shape)
+    apart = np.linalg.norm((label_affine @ corners - image_affine @ corners)[:3], axis=0).max()
+    if apart > tol:
+        delta = np.abs(label_affine - image_affine)
+        origin = float(delta[:3, 3].max())
         axes = float(delta[:3, :3].max())
         raise LabelError(
             path,
-            f"label geometry differs from the image's: origin by {origin:.3g} mm, spacing/direction by {axes:.3g} mm",
+            f"label geometry differs from the image's: origin by {origin:.3g} mm, spacing/direction by {axes:.3g} mm "
+            f"(voxel centres up to {apart:.3g} mm apart){note}",
             "resample the label onto the image or fix its header",
         )
 
 
+def align_to_image(
+    array: np.ndarray, affine: np.ndarray, image_shape, image_affine: np.ndarray, path: Path, tol=AFFINE_TOLERANCE_MM
+) -> tuple[np.ndarray, str]:
+    """The label in the image's storage order, and a note of what was done ('' when nothing).
+
+    A label written by another tool may store the same voxels in another axis order or direction (LPS vs
+    RAS, a transposed export): the affines then differ by a permutation/flip only. That is undone here;
+    whether the result is the image's grid is decided in world space by :func:`check_grid`.
+    """
+    from nibabel import orientations
+
+    source = orientations.io_orientation(affine)
+    target = orientations.io_orientation(image_affine)
+    if np.array_equal(source, target):
+        check_grid(array.shape, affine, image_shape, image_affine, path, tol)
+        return array, ""
+    transform = orientations.ornt_transform(source, target)
+    moved = orientations.apply_orientation(array, transform)
+    moved_affine = np.asarray(affine, float) @ orientations.inv_ornt_aff(transform, array.shape)
+    codes = "".join(orientations.ornt2axcodes(source)), "".join(orientations.ornt2axcodes(target))
+    note = f"reoriented from {codes[0]} to the image's {codes[1]} storage order"
+    check_grid(moved.shape, moved_affine, image_shape, image_affine, path, tol, note=f"(after it was {note})")
+    return np.ascontiguousarray(moved), note
+
+
 def validate_label(
-    label_path: Path, image_path: Path, class_names: list[str], mapping: dict[int, int] | None = None
+    label_path: Path,
+    image_path: Path,
+    class_names: list[str],
+    mapping: LabelMap | dict[int, int] | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The label as uint8 model classes on the image's grid, with the image's affine; or LabelError."""
+    """The label as uint8 model classes on the image's grid, with the image's affine; or LabelError.
+
+    What was changed on the way (a reorientation) is appended to ``notes``.
+    """
     label = read_volume(label_path, allow_constant=True)
     image = read_volume(image_path)
-    check_grid(label.array.shape, label.affine, image.array.shape, image.affine, label_path)
-    values = label.array
+    values, note = align_to_image(np.asarray(label.array), label.affine, image.array.shape, image.affine, label_path)
+    if note and notes is not None:
+        notes.append(note)
     if values.dtype.kind == "f":
         if not np.all(np.isfinite(values)):
             raise LabelError(label_path, "label has NaN/Inf voxels", "labels must be whole class numbers")
@@ -68,15 +229,17 @@ def validate_label(
             raise LabelError(label_path, "label has fractional values", "labels must be whole class numbers")
     values = values.astype(np.int64)
     present = np.unique(values)
-    mapping = mapping or {}
-    lut_values = {int(v): mapping.get(int(v), int(v)) for v in present}
+    mapping = mapping if isinstance(mapping, LabelMap) else LabelMap(dict(mapping or {}))
+    lut_values = {int(v): mapping.target(int(v)) for v in present}
     unknown = sorted(v for v, target in lut_values.items() if not 0 <= target < len(class_names))
     if unknown:
-        classes = ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
+        example = ",".join(f"{r}=1" for r in value_ranges(unknown).split(",")[:3])
+        if mapping.default is None and all(v in unknown for v in lut_values if v):
+            example += ",*=0"  # every foreground value is foreign: the rest can safely go to background
         raise LabelError(
             label_path,
-            f"label values {unknown} are not classes of the model ({classes})",
-            "give a mapping, e.g. --map " + ",".join(f"{v}=1" for v in unknown[:2]),
+            f"label values [{value_ranges(unknown)}] are not classes of the model ({_class_list(class_names)})",
+            f"give a mapping, e.g. --map {example}",
         )
     out = np.zeros(values.shape, np.uint8)
     for value, target in lut_values.items():
@@ -85,42 +248,206 @@ def validate_label(
     return out, image.affine
 
 
+# Name suffixes that mark a file as the label of an image (longest first: '_labels' before '_label').
+LABEL_SUFFIXES = ("_segmentation", "_labels", "-labels", "_label", "-label", "_seg", "-seg", ".seg")
+LABEL_SUFFIXES += ("_mask", "-mask", "_msk", "_gt")
+NNUNET_CHANNEL = re.compile(r"_\d{4}$")
+BIDS_ENTITY = re.compile(r"[a-z0-9]+-[a-z0-9]+")
+# Entities that say which segmentation/derivative a file is, not which scan: seg-vert, desc-brain, space-orig.
+BIDS_DERIVATIVE_ENTITIES = frozenset({"seg", "desc", "space", "res", "den", "mod"})
+
+
+def name_key(name: str) -> tuple[str, bool]:
+    """The case a file name stands for, lower-case, and whether it was read as a BIDS name.
+
+    ``case_0000.nii.gz`` (nnU-Net channel), ``case_seg.nrrd``, ``case-label.nii``, ``case.seg.nrrd`` -> 'case';
+    BIDS ``sub-mri_label-6_T2w`` and ``sub-mri_seg-subreg_label-6_msk`` -> 'sub-mri_label-6': the suffix
+    (modality or msk/dseg) and the derivative entities (seg-, desc-, ...) dropped, the rest kept in order.
+    """
+    stem = case_id(Path(name).name).lower()
+    for suffix in LABEL_SUFFIXES:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    stem = NNUNET_CHANNEL.sub("", stem)
+    tokens = stem.split("_")
+    if len(tokens) > 1 and tokens[0].startswith("sub-") and all(BIDS_ENTITY.fullmatch(t) for t in tokens[:-1]):
+        entities = tokens if BIDS_ENTITY.fullmatch(tokens[-1]) else tokens[:-1]
+        kept = [t for t in entities if t.split("-", 1)[0] not in BIDS_DERIVATIVE_ENTITIES]
+        return "_".join(kept), True
+    return stem, False
+
+
+@dataclass
+class Pairing:
+    """Label file name -> image name pairs, and a one-line reason for every label file left unpaired."""
+
+    pairs: dict[str, str] = field(default_factory=dict)  # image name -> label name
+    problems: dict[str, str] = field(default_factory=dict)  # label name -> why it has no image
+
+
+def _expected_image(label_name: str) -> str:
+    key, bids = name_key(label_name)
+    lower = Path(label_name).name.lower()
+    extension = next(
+        (e for e in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd") if lower.endswith(e)), ""
+    )
+    extension = ".nrrd" if extension == ".seg.nrrd" else extension
+    return f"'{key}_<modality>{extension}'" if bids else f"'{key}{extension}' (or '{key}_0000{extension}')"
+
+
+def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
+    """Pair label file names with image names; ambiguous pairs are refused, never guessed.
+
+    A label pairs with the image of the same case name, else with the one image of the same
+    :func:`name_key`. A label that fits several images, or an image that several labels fit (``seg-vert``
+    and ``seg-subreg`` of one scan), is refused with the names involved. An unpaired label's reason names
+    the image name it expected and the closest image names (difflib).
+    """
+    exact: dict[str, list[str]] = {}
+    keyed: dict[str, list[str]] = {}
+    for image in image_names:
+        exact.setdefault(case_id(Path(image).name).lower(), []).append(image)
+        keyed.setdefault(name_key(image)[0], []).append(image)
+    result = Pairing()
+    claims: dict[str, list[str]] = {}
+    for label in label_names:
+        candidates = exact.get(case_id(Path(label).name).lower()) or keyed.get(name_key(label)[0], [])
+        if len(candidates) == 1:
+            claims.setdefault(candidates[0], []).append(label)
+        elif candidates:
+            result.problems[label] = (
+                f"fits several images ({', '.join(sorted(candidates))}); import it alone with --from FILE --cases IMAGE"
+            )
+        else:
+            close = difflib.get_close_matches(name_key(label)[0], list(keyed), n=3, cutoff=0.5)
+            nearest = [keyed[k][0] for k in close]
+            closest = (
+                f"closest: {', '.join(nearest)}" if nearest else f"no similar name among {len(image_names)} images"
+            )
+            result.problems[label] = f"no image has this case name (expected {_expected_image(label)}; {closest})"
+    for image, labels in claims.items():
+        if len(labels) == 1:
+            result.pairs[image] = labels[0]
+            continue
+        for label in labels:
+            others = ", ".join(Path(other).name for other in labels if other != label)
+            result.problems[label] = (
+                f"several label files fit image {image} (also {others}); keep one in the folder or "
+                "import one with --from FILE"
+            )
+    return result
+
+
 def match_labels(label_paths: list[Path], image_names: list[str]) -> dict[str, Path]:
-    """Pair label files with images by case name (``case.nii.gz``, ``case_seg.nrrd``, ``case-label.nii``)."""
-    by_case = {case_id(Path(n).name): n for n in image_names}
-    pairs: dict[str, Path] = {}
-    for path in label_paths:
-        cid = case_id(path.name)
-        for suffix in ("", "_seg", "-seg", "_label", "-label", "_labels", "_mask", "_gt", ".seg"):
-            if suffix == "" or cid.endswith(suffix):
-                base = cid[: len(cid) - len(suffix)] if suffix else cid
-                if base in by_case:
-                    pairs[by_case[base]] = path
-                    break
-    return pairs
+    """Pair label files with images by case name (see :func:`pair_names`); unpaired files are left out."""
+    by_name = {str(p): p for p in label_paths}
+    return {image: by_name[label] for image, label in pair_names(list(by_name), image_names).pairs.items()}
+
+
+@dataclass
+class ImportReport:
+    """What ``labels import`` did: every label file is imported, skipped or refused, with the reason."""
+
+    imported: dict[str, Path] = field(default_factory=dict)  # image name -> stored label file
+    sources: dict[str, Path] = field(default_factory=dict)  # image name -> the file it came from
+    notes: dict[str, list[str]] = field(default_factory=dict)  # image name -> what was changed (reoriented)
+    skipped: list[str] = field(default_factory=list)  # valid labels of volumes that were not asked for
+    refused: list[str] = field(default_factory=list)  # files that cannot be used, with the fix
+    missing: list[str] = field(default_factory=list)  # asked-for volumes with no label file in the source
+    asked: list[str] = field(default_factory=list)
+    unlabeled: int = 0  # volumes of the pool without a label afterwards: the pseudo-label pool
+    pool: int = 0
+
+    def lines(self, queried_only: bool = True) -> list[str]:
+        """The report as the user reads it: one line per file, then what is left for pseudo-labels."""
+        out = []
+        for name, stored in self.imported.items():
+            notes = f" ({'; '.join(self.notes[name])})" if name in self.notes else ""
+            out.append(f"imported {name} <- {self.sources[name]}{notes} as {stored.parent.name}/{stored.name}")
+        out += [f"skipped {reason}" for reason in self.skipped]
+        out += [f"refused {reason}" for reason in self.refused]
+        if self.missing:
+            out.append(f"no label file for {', '.join(self.missing)}")
+        if not self.asked:
+            out.append("no volume has been queried yet: run 'asfda rank' first, or import with --all")
+        left = (
+            f"{self.unlabeled} of {self.pool} volumes stay unlabeled for pseudo-labels"
+            if self.unlabeled
+            else "No unlabeled volume is left for pseudo-labels; 'asfda finetune' will train on the labels only"
+        )
+        asked = "queried volumes" if queried_only else "asked-for volumes"
+        out.append(
+            f"Imported {len(self.imported)} of {len(self.asked)} {asked}; skipped {len(self.skipped)} "
+            f"(not asked for), refused {len(self.refused)}. {left}."
+        )
+        return out
+
+
+def resolve_cases(session: Session, cases: list[str]) -> list[str]:
+    """Image names of the pool for names given by the user (file name, case name or BIDS-style case)."""
+    names = session.image_names()
+    out = []
+    for given in cases:
+        hits = [n for n in names if given in (n, Path(n).name)] or [
+            n for n in names if case_id(Path(n).name).lower() == case_id(Path(given).name).lower()
+        ]
+        if len(hits) != 1:
+            hits = [n for n in names if name_key(n)[0] == name_key(given)[0]]
+        if len(hits) != 1:
+            close = difflib.get_close_matches(given, names, n=3, cutoff=0.4)
+            what = f"fits {len(hits)} images" if hits else "is not an image of the session"
+            raise ASFDAError(
+                f"--cases {given!r} {what}; give the file name"
+                + (f" (closest: {', '.join(close)})" if close else f" ('asfda labels {session.root}' lists them)")
+            )
+        out += [n for n in hits if n not in out]
+    return out
 
 
 def import_labels(
-    session: Session, source: Path, class_names: list[str], mapping: dict[int, int] | None = None
-) -> tuple[dict[str, Path], list[str]]:
-    """Validate label files against their images and copy them into ``labels/`` as new versions.
+    session: Session,
+    source: Path,
+    class_names: list[str],
+    mapping: LabelMap | dict[int, int] | None = None,
+    cases: Collection[str] | None = None,
+) -> ImportReport:
+    """Validate label files against their images and copy the asked-for ones into ``labels/`` as new versions.
 
-    Returns (image name -> stored file, reasons for files that were refused). Nothing already in the
-    session is overwritten.
+    ``cases`` are the image names asked for; None means the volumes queried so far (every round), so that a
+    folder holding labels of the whole pool does not silently empty the pseudo-label pool. Labels of other
+    volumes are still checked (a broken file is reported either way) and listed as skipped. With a single
+    label file and a single case, the two are paired whatever their names. Nothing already in the session
+    is overwritten.
     """
     source = Path(source)
     files = [source] if source.is_file() else discover_volumes(source)
-    pairs = match_labels(files, session.image_names())
-    refused = [f"{p}: no image of the session has this case name" for p in files if p not in pairs.values()]
-    stored: dict[str, Path] = {}
-    for name, label_path in sorted(pairs.items()):
+    asked = list(session.queried() if cases is None else cases)
+    report = ImportReport(asked=asked, pool=len(session.image_names()))
+    if source.is_file() and len(asked) == 1 and cases is not None:
+        pairing = Pairing({asked[0]: str(source)})
+    else:
+        pairing = pair_names([str(p) for p in files], session.image_names())
+    report.refused += [f"{label}: {reason}" for label, reason in pairing.problems.items()]
+    for name, label_name in sorted(pairing.pairs.items()):
+        label_path = Path(label_name)
+        notes: list[str] = []
         try:
-            label, affine = validate_label(label_path, session.image_path(name), class_names, mapping)
+            label, affine = validate_label(label_path, session.image_path(name), class_names, mapping, notes)
         except VolumeError as exc:
-            refused.append(str(exc))
+            report.refused.append(str(exc))
+            continue
+        if name not in asked:
+            why = "no round has queried it" if cases is None else "not among --cases"
+            report.skipped.append(f"{label_path}: image {name} was not asked for ({why}); import it with --cases")
             continue
         target = session.next_label_path(name)
         write_nifti(target, label, affine)
         session.record_label(name, target, content_hash(target), f"import:{label_path}")
-        stored[name] = target
-    return stored, refused
+        report.imported[name], report.sources[name] = target, label_path
+        if notes:
+            report.notes[name] = notes
+    labelled = session.labelled()
+    report.missing = [n for n in asked if n not in labelled and n not in pairing.pairs]
+    report.unlabeled = sum(1 for n in session.image_names() if n not in labelled)
+    return report

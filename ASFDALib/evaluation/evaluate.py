@@ -1,18 +1,21 @@
-"""Evaluating a folder of predictions against reference label maps, matched by case name: per-case scores,
-a summary table and its CSV."""
+"""Dice and HD95 per class between predicted and reference label maps, matched by case name.
+
+Reference labels may be raw exports (any label values): a ``--map`` turns them into model classes, and
+values that are still not classes are left out of the scores and reported, never turned into classes.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ASFDALib.atomic import atomic_write_text
-from ASFDALib.data.labels import check_grid, match_labels
+from ASFDALib.data.labels import LabelMap, align_to_image, pair_names, value_ranges
 from ASFDALib.data.volumes import discover_volumes, read_volume
 from ASFDALib.errors import VolumeError
 from ASFDALib.evaluation.metrics import score_case
@@ -24,34 +27,80 @@ class CaseScore:
     dice: list[float]
     hd95: list[float]
     reason: str = ""
+    foreign: list[int] = field(default_factory=list)  # reference values (after the map) that are not classes
 
 
-def evaluate_folders(pred_dir: Path, label_dir: Path, class_names: list[str] | None = None) -> list[CaseScore]:
+def _predicted_classes(paths: list[Path]) -> int:
+    """Without class names: the class count the predictions show (they are model output, so classes)."""
+    highest = 1
+    for path in paths:
+        try:
+            highest = max(highest, int(read_volume(path, allow_constant=True).array.max()))
+        except VolumeError:
+            continue
+    return highest + 1
+
+
+def evaluate_folders(
+    pred_dir: Path, label_dir: Path, class_names: list[str] | None = None, mapping: LabelMap | None = None
+) -> list[CaseScore]:
+    """Score each prediction against the reference label of the same case.
+
+    Reference values go through ``mapping``; those that are not classes afterwards (of ``class_names``, or
+    without names of what the predictions contain) are listed in ``CaseScore.foreign`` and their voxels
+    are left out of every class's score.
+    """
     labels = discover_volumes(label_dir)
-    preds = match_labels(discover_volumes(pred_dir), [p.name for p in labels])
-    if not preds:
-        raise VolumeError(pred_dir, "no prediction matches a reference label by case name", "use the same names")
-    scores = []
+    pairing = pair_names([str(p) for p in discover_volumes(pred_dir)], [str(p) for p in labels])
+    if not pairing.pairs:
+        first = next(iter(pairing.problems.items()), None)
+        detail = f" ({Path(first[0]).name}: {first[1]})" if first else ""
+        raise VolumeError(
+            pred_dir, f"no prediction matches a reference label by case name{detail}", "use the same names"
+        )
+    mapping = mapping or LabelMap()
+    pairs = {Path(ref).name: Path(pred) for ref, pred in pairing.pairs.items()}
     reference = {p.name: p for p in labels}
-    num_classes = len(class_names) if class_names else None
-    for name, pred_path in sorted(preds.items()):
+    num_classes = len(class_names) if class_names else _predicted_classes(list(pairs.values()))
+    scores = []
+    for name, pred_path in sorted(pairs.items()):
         try:
             ref = read_volume(reference[name], allow_constant=True)
             pred = read_volume(pred_path, allow_constant=True)
-            check_grid(pred.array.shape, pred.affine, ref.array.shape, ref.affine, pred_path)
-            classes = num_classes or int(max(ref.array.max(), pred.array.max())) + 1
+            pred_array, _ = align_to_image(np.asarray(pred.array), pred.affine, ref.array.shape, ref.affine, pred_path)
+            ref_array = np.asarray(ref.array).astype(np.int64)
+            present = [int(v) for v in np.unique(ref_array)]
+            lut = {v: mapping.target(v) for v in present}
+            foreign = sorted(v for v, target in lut.items() if not 0 <= target < num_classes)
+            mapped = np.zeros(ref_array.shape, np.int64)
+            for value, target in lut.items():
+                if target and value not in foreign:
+                    mapped[ref_array == value] = target
+            pred_array = np.asarray(pred_array).astype(np.int64)
+            if foreign:  # left out: such voxels count for no class, in the reference or the prediction
+                pred_array = np.where(np.isin(ref_array, foreign), 0, pred_array)
             spacing = np.linalg.norm(ref.affine[:3, :3], axis=0)
-            dice, distance = score_case(np.asarray(pred.array), np.asarray(ref.array), spacing, classes)
-            scores.append(CaseScore(name, dice, distance))
+            dice, distance = score_case(pred_array, mapped, spacing, num_classes)
+            scores.append(CaseScore(name, dice, distance, foreign=foreign))
         except VolumeError as exc:
             scores.append(CaseScore(name, [], [], exc.reason))
     return scores
 
 
+def foreign_warning(score: CaseScore, class_names: list[str]) -> str:
+    """One line for a case whose reference holds values that are not classes."""
+    classes = ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
+    return (
+        f"{score.case}: reference values [{value_ranges(score.foreign)}] are not classes ({classes}); their voxels "
+        f"are left out of the scores. Map them with --map, e.g. --map {value_ranges(score.foreign).split(',')[0]}=1"
+    )
+
+
 def summary_rows(scores: list[CaseScore], class_names: list[str]) -> list[dict]:
     rows = []
     for s in scores:
-        row = {"case": s.case, "reason": s.reason}
+        note = f"not classes, left out: {value_ranges(s.foreign)}" if s.foreign else ""
+        row = {"case": s.case, "reason": s.reason or note}
         for i, name in enumerate(class_names[1:]):
             row[f"dice_{name}"] = s.dice[i] if i < len(s.dice) else float("nan")
             row[f"hd95_{name}"] = s.hd95[i] if i < len(s.hd95) else float("nan")

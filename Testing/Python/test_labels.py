@@ -1,11 +1,26 @@
-"""Label import: each kind of mismatch is refused with its own message; good labels are stored as versions."""
+"""Label import: each kind of mismatch is refused with its own message; good labels are stored as versions.
+
+The pure parts are pinned here (name pairing, --map parsing, grid comparison in world space); the user's path
+on the real tptbox files is in test_labels_tptbox.py.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ASFDALib.data.labels import LabelError, match_labels, parse_mapping, validate_label
+from ASFDALib.data.labels import (
+    LabelError,
+    LabelMapError,
+    align_to_image,
+    check_grid,
+    match_labels,
+    name_key,
+    pair_names,
+    parse_mapping,
+    validate_label,
+    value_ranges,
+)
 from ASFDALib.data.volumes import write_nifti
 from ASFDALib.errors import VolumeError
 
@@ -80,5 +95,159 @@ def test_label_files_pair_with_images_by_case_name(tmp_path):
 
 
 def test_bad_mapping_text_is_explained():
-    with pytest.raises(ValueError, match="7=1"):
+    with pytest.raises(LabelMapError, match=r"--map term 'seven': 'seven' is not a label value \(7\)"):
         parse_mapping("seven")
+    with pytest.raises(ValueError):  # callers that caught ValueError still do
+        parse_mapping("seven")
+
+
+# --- name pairing ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("case7.nii.gz", "case7"),
+        ("case7_0000.nii.gz", "case7"),  # nnU-Net channel
+        ("case7_seg.nii.gz", "case7"),
+        ("Case7_Mask.nrrd", "case7"),
+        ("case7_msk.nii", "case7"),
+        ("case7_labels.nii.gz", "case7"),
+        ("case7.seg.nrrd", "case7"),
+        ("patient_001_label.mha", "patient_001"),
+        ("sub-mri_label-6_T2w.nii.gz", "sub-mri_label-6"),
+        ("sub-mri_seg-subreg_label-6_msk.nii.gz", "sub-mri_label-6"),
+        ("sub-01_ses-2_desc-tumor_dseg.nii.gz", "sub-01_ses-2"),
+        ("sub-01_ses-2_run-1_T1w.nii.gz", "sub-01_ses-2_run-1"),
+        ("sub-mri_label-6_T2w_seg.nii.gz", "sub-mri_label-6"),  # an asfda prediction of a BIDS scan
+    ],
+)
+def test_a_file_name_reduces_to_its_case(name, key):
+    assert name_key(name)[0] == key
+
+
+def test_labels_pair_with_scans_across_naming_schemes():
+    images = ["a_0000.nii.gz", "sub-01_ses-1_T1w.nii.gz", "sub-01_ses-2_T1w.nii.gz", "p1.nrrd"]
+    labels = ["a.nii.gz", "sub-01_ses-2_desc-lesion_mask.nii.gz", "p1.seg.nrrd"]
+    pairing = pair_names(labels, images)
+    assert pairing.pairs == {
+        "a_0000.nii.gz": "a.nii.gz",
+        "sub-01_ses-2_T1w.nii.gz": "sub-01_ses-2_desc-lesion_mask.nii.gz",
+        "p1.nrrd": "p1.seg.nrrd",
+    }
+    assert pairing.problems == {}
+
+
+def test_an_exact_case_name_wins_over_a_looser_match():
+    pairing = pair_names(["x_seg.nii.gz"], ["x_seg.nii.gz", "x.nii.gz"])
+    assert pairing.pairs == {"x_seg.nii.gz": "x_seg.nii.gz"}
+
+
+def test_a_label_that_fits_two_scans_is_refused_not_guessed():
+    pairing = pair_names(["sub-01_mask.nii.gz"], ["sub-01_T1w.nii.gz", "sub-01_T2w.nii.gz"])
+    assert pairing.pairs == {}
+    assert pairing.problems["sub-01_mask.nii.gz"] == (
+        "fits several images (sub-01_T1w.nii.gz, sub-01_T2w.nii.gz); import it alone with --from FILE --cases IMAGE"
+    )
+
+
+def test_two_labels_for_one_scan_are_both_refused_naming_each_other():
+    pairing = pair_names(["c_seg.nii.gz", "c_mask.nii.gz"], ["c.nii.gz"])
+    assert pairing.pairs == {}
+    assert "several label files fit image c.nii.gz (also c_mask.nii.gz)" in pairing.problems["c_seg.nii.gz"]
+    assert "(also c_seg.nii.gz)" in pairing.problems["c_mask.nii.gz"]
+
+
+def test_an_unpaired_label_names_the_expected_scan_and_the_closest_ones():
+    pairing = pair_names(["liver_12_seg.nii.gz", "zzz.nrrd"], ["liver_13.nii.gz", "liver_21.nii.gz", "brain.nii.gz"])
+    assert pairing.problems["liver_12_seg.nii.gz"] == (
+        "no image has this case name (expected 'liver_12.nii.gz' (or 'liver_12_0000.nii.gz'); "
+        "closest: liver_21.nii.gz, liver_13.nii.gz)"  # difflib's order, best first
+    )
+    assert pairing.problems["zzz.nrrd"].endswith("no similar name among 3 images)")
+
+
+# --- --map ----------------------------------------------------------------------------------------------------
+
+
+def test_a_map_takes_ranges_shared_classes_names_and_a_default():
+    mapping = parse_mapping("41-43=2; 49,50=Vertebral_Body, 7=1 ,*=0", ["background", "vertebral body", "arch"])
+    assert mapping.values == {41: 2, 42: 2, 43: 2, 49: 1, 50: 1, 7: 1}
+    assert mapping.default == 0
+    assert [mapping.target(v) for v in (0, 7, 42, 50, 60)] == [0, 1, 2, 1, 0]
+
+
+def test_without_a_default_unlisted_values_keep_their_number():
+    mapping = parse_mapping("7=1,8=2")
+    assert [mapping.target(v) for v in (0, 3, 7, 8)] == [0, 3, 1, 2]
+    assert not parse_mapping("") and not parse_mapping(None)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("7=1,8", "--map term '8': has no '=CLASS'"),
+        ("9-3=1", "--map term '9-3=1': range 9-3 runs backwards; write 3-9"),
+        ("7=1=2", "--map term '7=1=2': more than one '='"),
+        ("7=", "--map term '7=': no class after '='"),
+        ("0-99999=1", "spans more than 65536 values"),
+        ("7=1,7=0", "--map term '7=0': value 7 is mapped twice (to 1 and 0)"),
+        ("*=0,*=1", "--map term '*=1': '*' is mapped twice (to 0 and 1)"),
+        ("7=5", "--map term '7=5': class 5 is not a class of the model (0=background, 1=liver)"),
+        ("7=kidney", "--map term '7=kidney': 'kidney' is not a class of the model; classes: 0=background, 1=liver"),
+    ],
+)
+def test_a_malformed_map_names_the_term_and_shows_an_example(text, message):
+    with pytest.raises(LabelMapError) as caught:
+        parse_mapping(text, ["background", "liver"])
+    assert message in str(caught.value)
+    assert str(caught.value).endswith('(example: --map "41-48=2,49,50=vertebral body,*=0")')
+    assert "\n" not in str(caught.value)
+
+
+def test_class_names_need_the_card():
+    with pytest.raises(LabelMapError, match="needs the model's classes \\(give --session or --card\\)"):
+        parse_mapping("7=liver")
+
+
+def test_value_ranges_are_written_as_a_user_would():
+    assert value_ranges([100, 41, 42, 43, 45, 60, 61]) == "41-43,45,60-61,100"
+
+
+def test_a_label_of_foreign_values_suggests_a_map_with_ranges(tmp_path, image):
+    path, affine = image
+    values = np.zeros((10, 12, 8), np.uint8)
+    values[0, 0, :4] = [41, 42, 43, 100]
+    with pytest.raises(LabelError, match=r"values \[41-43,100\] are not classes .*--map 41-43=1,100=1,\*=0\)"):
+        validate_label(_label(tmp_path, values, affine), path, CLASSES)
+
+
+# --- geometry in world space ----------------------------------------------------------------------------------
+
+
+def test_header_rounding_well_under_the_tolerance_is_the_same_grid(tmp_path):
+    affine = np.array([[0, 0, 1.5, -55.729], [-1.5, 0, 0, 116.731], [0, -1.5, 0, 152.136], [0, 0, 0, 1]])
+    noisy = affine + np.float32(1e-6) * np.sign(affine)  # a float32 header's rounding
+    check_grid((68, 52, 67), noisy, (68, 52, 67), affine, tmp_path / "l.nii")
+
+
+def test_a_small_rotation_moves_far_voxels_and_is_refused(tmp_path):
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    angle = 1e-3  # 0.06 degrees: the affine barely changes, the far corner moves ~0.2 mm
+    rotated = affine.copy()
+    rotated[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    with pytest.raises(LabelError, match=r"voxel centres up to 0\.2\d* mm apart"):
+        check_grid((200, 200, 10), rotated, (200, 200, 10), affine, tmp_path / "l.nii")
+
+
+def test_a_flipped_and_transposed_label_comes_back_in_the_images_order(tmp_path):
+    image_affine = np.array([[0, 0, 2.0, 10], [-1.0, 0, 0, 20], [0, -3.0, 0, 30], [0, 0, 0, 1]])
+    values = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+    # the same voxels stored as RAS (axes permuted, two flipped)
+    import nibabel as nib
+
+    ras = nib.as_closest_canonical(nib.Nifti1Image(values.astype(np.int32), image_affine))
+    assert ras.shape != values.shape
+    back, note = align_to_image(np.asarray(ras.dataobj), ras.affine, values.shape, image_affine, tmp_path / "l.nii")
+    np.testing.assert_array_equal(back, values)
+    assert note == "reoriented from RAS to the image's PIR storage order"
