@@ -318,6 +318,11 @@ def _summary(mode: str, index: int, before: dict, done: dict) -> str:
     return f"round {index} {verb}: " + (", ".join(parts) + " iterations" if parts else "nothing left to run")
 
 
+def prediction_name(path: Path) -> str:
+    """The file a prediction of ``path`` is written to: the input's name and format (DICOM -> NIfTI)."""
+    return path.name if path.is_file() else f"{path.name}.nii.gz"
+
+
 def predict_folder(
     model: LoadedModel,
     images: Path,
@@ -339,8 +344,7 @@ def predict_folder(
         image = preprocess(volume, model.card)
         label = predict_label(model.network, image, model.card, device).astype(np.uint8)
         native = labels_to_native(label, image.affine.numpy(), volume.array.shape, volume.affine)
-        name = path.name if path.is_file() else f"{path.name}.nii.gz"
-        written.append(write_volume(Path(out) / name, native, volume.affine))
+        written.append(write_volume(Path(out) / prediction_name(path), native, volume.affine))
     if progress:
         progress(len(paths), len(paths), "")
     return written, skipped

@@ -11,6 +11,7 @@ from pathlib import Path
 from ASFDALib import distributed
 from ASFDALib.adaptation.session import Session
 from ASFDALib.errors import ASFDAError
+from ASFDALib.inference.predict import check_outputs
 from ASFDALib.models.loading import LoadedModel
 from ASFDALib.query.ranking import Progress, RankConfig, Ranking, choose_knowledge, rank_folder
 from ASFDALib.query.report import RankingOutputs, write_ranking
@@ -74,6 +75,7 @@ def rank_round(
     under torchrun) write ranking.csv/json/png and record the query. Returns the ranking and the files
     written. ``on_model`` hears which model ranks before the long work starts."""
     model, knowledge = ranking_model(session, load_given, given, config.knowledge)
+    check_outputs(model.network, model.card, str(model.path), config.device)
     if on_model:
         on_model(model)
     labelled = set(session.labelled())

@@ -66,7 +66,7 @@ class Trainer:
         self.config = config
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = resolve_device(distributed.device_for_rank(config.device))
-        check_training_memory(config.batch_size, card.roi_size, str(self.device))
+        check_training_memory(network, config.batch_size, card.roi_size, str(self.device))
         self.network.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels

@@ -8,6 +8,18 @@ from pathlib import Path
 
 from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.app import commands
+from ASFDALib.app.arguments import (
+    device,
+    existing_dir,
+    existing_path,
+    fraction,
+    json_object,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    unit_interval,
+)
 from ASFDALib.errors import ASFDAError
 
 RANK_EXAMPLES = """
@@ -29,6 +41,17 @@ greedily. Unreadable volumes are skipped and listed with the reason; the exit co
 volume could be scored.
 """
 
+WORKFLOW = """the workflow, one step after the other (after rank, S is all a step needs):
+  1. asfda rank --model M --images SCANS --out S   rank scans, pick the query
+  2. asfda labels import S --from LABELS           the clinician's labels
+  3. asfda finetune S                              adapt: labels + pseudo-labels
+  4. asfda predict S --images NEW --out PRED       segment with it
+     asfda evaluate --pred PRED --labels GT --session S      Dice and HD95
+  5. asfda export S --out BUNDLE                   a MONAI bundle of it
+     asfda rank --out S                            next round: re-rank the rest
+other commands: stats (for model providers), demo, benchmark, phantoms.
+'asfda COMMAND --help' shows the options and examples of each command."""
+
 MAP_HELP = (
     "file label values -> model classes: VALUE=CLASS terms separated by , or ; where VALUE is a number, "
     "a range (41-48) or * (every value not listed) and CLASS a class number or name from the card; "
@@ -37,39 +60,49 @@ MAP_HELP = (
 RECIPE = FinetuneConfig()  # the one recipe: the help shows its defaults
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message and where to read more, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
-        type=Path,
+        type=existing_path,
         required=required,
         help="MONAI bundle folder, TorchScript file, or state dict (.pt/.pth); default: the built-in small model",
     )
     group.add_argument(
         "--card",
-        type=Path,
+        type=existing_path,
         help="model card (JSON/YAML: class_names, spacing, roi_size, intensity); "
         "default: <model>.card.json or asfda_card.json / model_card.json beside the model",
     )
     group.add_argument("--network", help="MONAI network class for a state dict, e.g. UNet, SegResNet, SwinUNETR")
-    group.add_argument("--network-args", default="{}", help="JSON constructor arguments for --network")
+    group.add_argument("--network-args", type=json_object, default={}, help="JSON constructor arguments for --network")
     group.add_argument(
         "--trust",
         action="store_true",
         help="allow formats that run code from the file (TorchScript, pickled checkpoints, bundle configs with "
         "custom _target_); only for files from people you trust",
     )
-    group.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1")
+    group.add_argument(
+        "--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ASFDALib.query.selection import STRATEGIES
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="asfda",
-        description="Adapt a medical vision foundation model to a new hospital's scans with few labels: "
+        description="Adapt a medical vision foundation model to a new hospital's scans with few labels:\n"
         "rank unlabeled volumes by DKD + ASD, label the query, fine-tune.",
-        epilog="Run 'asfda COMMAND --help' for the options and examples of each command.",
+        epilog=WORKFLOW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -83,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(rank)
     rank.add_argument(
         "--images",
-        type=Path,
+        type=existing_dir,
         help="folder of volumes (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, "
         "DICOM series folders); default: a built-in sample pool",
     )
@@ -94,10 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("asfda-session"),
         help="session folder for ranking.csv/json/png and the score cache (default: %(default)s)",
     )
-    rank.add_argument("--budget", type=int, default=4, help="how many volumes to query (default: %(default)s)")
+    rank.add_argument("--budget", type=positive_int, default=4, help="how many volumes to query (default: %(default)s)")
     rank.add_argument(
         "--alpha",
-        type=float,
+        type=unit_interval,
         default=0.5,
         help="weight of DKD against ASD in [0, 1]; 1 = DKD only (default: %(default)s)",
     )
@@ -115,9 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="source knowledge for DKD: BatchNorm statistics, the card's source-statistics file, "
         "or free energy; auto picks the first available (default: %(default)s)",
     )
-    rank.add_argument("--mc-passes", type=int, default=5, help="MC-dropout passes for --strategy epistemic")
-    rank.add_argument("--seed", type=int, default=0, help="seed of the random baselines (default: %(default)s)")
-    rank.add_argument("--show", type=int, default=30, help="rows shown in the terminal table (default: %(default)s)")
+    rank.add_argument("--mc-passes", type=positive_int, default=5, help="MC-dropout passes for --strategy epistemic")
+    rank.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the random baselines (default: %(default)s)"
+    )
+    rank.add_argument(
+        "--show", type=non_negative_int, default=30, help="rows shown in the terminal table (default: %(default)s)"
+    )
     rank.set_defaults(func=commands.cmd_rank)
 
     stats = sub.add_parser(
@@ -129,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_arguments(stats)
-    stats.add_argument("--images", type=Path, required=True, help="folder of source-domain volumes")
+    stats.add_argument("--images", type=existing_dir, required=True, help="folder of source-domain volumes")
     stats.add_argument("--out", type=Path, required=True, help="output .npz file")
     stats.add_argument("--recursive", action="store_true", help="also search sub-folders")
     stats.set_defaults(func=commands.cmd_stats)
@@ -173,13 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         "\n  asfda finetune ~/asfda/liver --extend --pseudo-iterations 400",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    finetune.add_argument("session", type=Path)
+    finetune.add_argument("session", type=existing_dir, help="session folder with imported labels")
     finetune.add_argument(
-        "--iterations", type=int, default=RECIPE.iterations, help="stage-1 iterations (default: %(default)s)"
+        "--iterations", type=positive_int, default=RECIPE.iterations, help="stage-1 iterations (default: %(default)s)"
     )
     finetune.add_argument(
         "--pseudo-iterations",
-        type=int,
+        type=non_negative_int,
         default=RECIPE.pseudo_iterations,
         help="stage-2 iterations (default: %(default)s)",
     )
@@ -208,35 +245,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.set_defaults(mode="new")
     finetune.add_argument(
-        "--batch-size", type=int, default=RECIPE.batch_size, help="patches per step (default: %(default)s)"
+        "--batch-size", type=positive_int, default=RECIPE.batch_size, help="patches per step (default: %(default)s)"
     )
     finetune.add_argument(
         "--lr",
-        type=float,
+        type=positive_float,
         default=RECIPE.lr,
         help=f"learning rate of new layers (default: %(default)s); pre-trained layers get "
         f"{RECIPE.encoder_lr_scale:g}x of it",
     )
     finetune.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=positive_int,
         default=RECIPE.checkpoint_every,
         help="iterations between checkpoints (default: %(default)s)",
     )
     finetune.add_argument(
         "--keep-fraction",
-        type=float,
+        type=fraction,
         default=RECIPE.keep_fraction,
         help="share of the unlabeled pool that gets pseudo-labels (default: %(default)s)",
     )
     finetune.add_argument(
         "--confidence",
-        type=float,
+        type=probability,
         default=RECIPE.confidence,
         help="voxels below this probability are ignored in pseudo-labels (default: %(default)s)",
     )
-    finetune.add_argument("--seed", type=int, default=RECIPE.seed, help="seed of patches and augmentation")
-    finetune.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1")
+    finetune.add_argument("--seed", type=non_negative_int, default=RECIPE.seed, help="seed of patches and augmentation")
+    finetune.add_argument(
+        "--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1"
+    )
     finetune.set_defaults(func=commands.cmd_finetune)
 
     predict = sub.add_parser(
@@ -245,11 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  asfda predict ~/asfda/liver --images /data/new --out /data/pred",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    predict.add_argument("session", type=Path)
-    predict.add_argument("--images", type=Path, required=True)
-    predict.add_argument("--out", type=Path, required=True)
+    predict.add_argument("session", type=existing_dir, help="session folder (its adapted model is used)")
+    predict.add_argument("--images", type=existing_dir, required=True, help="folder of volumes to segment")
+    predict.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for the label maps (one per input, same name and format; DICOM series -> NIfTI); "
+        "never the --images folder, and never over a file the session uses",
+    )
     predict.add_argument("--source-model", action="store_true", help="use the model before adaptation")
-    predict.add_argument("--device", default="auto")
+    predict.add_argument(
+        "--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1"
+    )
     predict.set_defaults(func=commands.cmd_predict)
 
     evaluate = sub.add_parser(
@@ -259,11 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
         "  asfda evaluate --pred pred/ --labels raw_gt/ --card card.json --map '41-48=2,49,50=vertebral body,*=0'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    evaluate.add_argument("--pred", type=Path, required=True, help="folder of predicted label maps")
-    evaluate.add_argument("--labels", type=Path, required=True, help="folder of reference labels (paired by case name)")
+    evaluate.add_argument("--pred", type=existing_dir, required=True, help="folder of predicted label maps")
+    evaluate.add_argument(
+        "--labels", type=existing_dir, required=True, help="folder of reference labels (paired by case name)"
+    )
     classes = evaluate.add_mutually_exclusive_group()
     classes.add_argument("--session", type=Path, help="session folder: class names from its model card")
-    classes.add_argument("--card", type=Path, help="model card, for class names")
+    classes.add_argument("--card", type=existing_path, help="model card, for class names")
     evaluate.add_argument("--map", help="for the reference labels: " + MAP_HELP)
     evaluate.add_argument("--out", type=Path, help="CSV path (default: PRED/evaluation.csv)")
     evaluate.set_defaults(func=commands.cmd_evaluate)
@@ -274,9 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  asfda export ~/asfda/liver --format bundle --out liver_bundle/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    export.add_argument("session", type=Path)
-    export.add_argument("--format", choices=("bundle", "torchscript"), default="bundle")
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("session", type=existing_dir, help="session folder (its adapted model is exported)")
+    export.add_argument(
+        "--format",
+        choices=("bundle", "torchscript"),
+        default="bundle",
+        help="bundle: a MONAI bundle folder (MONAI Label, monai.bundle); torchscript: one file (default: %(default)s)",
+    )
+    export.add_argument("--out", type=Path, required=True, help="a new folder (bundle) or file (torchscript)")
+    export.add_argument(
+        "--source-model",
+        action="store_true",
+        help="export the model as it came (before adaptation); without it a session never fine-tuned is refused",
+    )
     export.set_defaults(func=commands.cmd_export)
 
     demo = sub.add_parser(
@@ -293,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--test", type=int, default=8)
     demo.add_argument("--budget", type=int, default=4)
     demo.add_argument("--iterations", type=int, default=200, help="per fine-tuning stage (default: %(default)s)")
-    demo.add_argument("--device", default="auto")
+    demo.add_argument("--device", type=device, default="auto")
     demo.set_defaults(func=commands.cmd_demo)
 
     bench = sub.add_parser(
@@ -313,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budgets", type=int, nargs="+")
     bench.add_argument("--seeds", type=int, help="number of seeds")
     bench.add_argument("--iterations", type=int, help="fine-tuning iterations per run (default 300)")
-    bench.add_argument("--device", default="auto")
+    bench.add_argument("--device", type=device, default="auto")
     bench.add_argument(
         "--report-only",
         action="store_true",

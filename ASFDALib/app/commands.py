@@ -7,7 +7,7 @@ once instead of after torch and MONAI have loaded.
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import threading
 import time
 from contextlib import nullcontext
@@ -23,28 +23,50 @@ def load_model_from_args(args: argparse.Namespace):
     from ASFDALib.models.defaults import default_model_path
     from ASFDALib.models.loading import load_model
 
-    spec = None
-    if args.network:
-        try:
-            spec = NetworkSpec(args.network, json.loads(args.network_args))
-        except json.JSONDecodeError as exc:
-            raise ASFDAError(f"--network-args is not valid JSON ({exc})") from None
+    spec = NetworkSpec(args.network, args.network_args) if args.network else None  # args parsed as JSON
     return load_model(args.model or default_model_path(), args.card, spec, args.trust)
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from ASFDALib.outputs import refuse_same_folder
+
+    distributed.init_from_env(args.device)
+    main_rank = distributed.is_main()
+    console = Console(quiet=not main_rank)
+    out = Path(args.out)
+    if args.images is not None:
+        refuse_same_folder(out, args.images, "--images", "give the session its own folder, e.g. --out asfda-session")
+    first_rank = not (out / "session.json").is_file()
+    before = set(out.iterdir()) if out.is_dir() else None
+    try:
+        return _rank(args, out, console, main_rank)
+    except ASFDAError:
+        if first_rank and main_rank:  # a failed first rank leaves no half-made session behind
+            _remove_new(out, before)
+        raise
+
+
+def _remove_new(folder: Path, before: set[Path] | None) -> None:
+    """Remove what a failed first rank created in ``folder`` (all of it when the folder itself is new)."""
+    if before is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in set(folder.iterdir()) - before:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
     from ASFDALib.adaptation.rounds import rank_round
     from ASFDALib.adaptation.session import Session
     from ASFDALib.models.defaults import sample_images
     from ASFDALib.query.ranking import RankConfig
     from ASFDALib.query.report import ranking_table
 
-    distributed.init_from_env(args.device)
-    main_rank = distributed.is_main()
-    console = Console(quiet=not main_rank)
-    out = Path(args.out)
     session = Session.open(out, create=True)
     with session if main_rank else nullcontext(session):  # only rank 0 writes the session
         images = args.images
@@ -115,10 +137,14 @@ def cmd_rank(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from ASFDALib.data.volumes import discover_volumes
+    from ASFDALib.outputs import refuse_overwrite
     from ASFDALib.query.source_stats import compute_source_stats
 
     console = Console()
     model = load_model_from_args(args)
+    protected = [*discover_volumes(args.images, args.recursive), model.path]
+    refuse_overwrite([args.out], protected, "an input", "choose another --out file (.npz)")
     bar, update = volume_progress(console, "Summarising")
     with bar:
         pooled, skipped = compute_source_stats(model, args.images, args.out, args.device, args.recursive, update)
@@ -242,11 +268,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ASFDALib.adaptation.pipeline import predict_folder, session_model
+    from ASFDALib.adaptation.pipeline import predict_folder, prediction_name, session_model
     from ASFDALib.adaptation.session import Session
+    from ASFDALib.data.volumes import discover_volumes
+    from ASFDALib.outputs import refuse_overwrite, refuse_same_folder, session_files
 
     console = Console()
-    model = session_model(Session.open(args.session), adapted=not args.source_model)
+    session = Session.open(args.session)
+    inputs = discover_volumes(args.images)
+    if not inputs:
+        raise ASFDAError(f"{args.images}: no volumes found; give the folder of scans to segment")
+    fix = "choose another --out folder, e.g. " + str(Path(args.images).with_name(Path(args.images).name + "_pred"))
+    refuse_same_folder(args.out, args.images, "--images", fix)
+    targets = [Path(args.out) / prediction_name(p) for p in inputs]
+    refuse_overwrite(targets, inputs, "the input scan", fix)
+    refuse_overwrite(targets, session_files(session), "a file the session references", fix)
+    adapted = session.adapted_checkpoint() is not None
+    if not args.source_model and not adapted:
+        console.print(
+            "This session has not been fine-tuned yet: predicting with the source model "
+            f"('asfda finetune {args.session}' adapts it first)."
+        )
+    model = session_model(session, adapted=not args.source_model)
     bar, update = volume_progress(console, "Predicting")
     with bar:
         written, skipped = predict_folder(model, args.images, args.out, args.device, update)
@@ -265,8 +308,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.labels import parse_mapping
+    from ASFDALib.data.volumes import discover_volumes
     from ASFDALib.evaluation.evaluate import evaluate_folders, foreign_warning, summary_rows, write_csv
     from ASFDALib.models.card import load_card
+    from ASFDALib.outputs import refuse_overwrite
 
     if args.card:
         names = load_card(args.card).class_names
@@ -292,6 +337,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     console.print(table)
     out = args.out or Path(args.pred) / "evaluation.csv"
+    inputs = [*discover_volumes(args.pred), *discover_volumes(args.labels)]
+    refuse_overwrite([out], inputs, "an input label map", "choose another --out file")
     print(f"Wrote {write_csv(rows, out)}")
     return 0
 
@@ -300,8 +347,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.pipeline import session_model
     from ASFDALib.adaptation.session import Session
     from ASFDALib.models.export import export_bundle, export_torchscript
+    from ASFDALib.outputs import refuse_folder_holding, refuse_overwrite, session_files
 
-    model = session_model(Session.open(args.session), adapted=True)
+    session = Session.open(args.session)
+    if session.adapted_checkpoint() is None and not args.source_model:
+        raise ASFDAError(
+            f"{args.session}: not fine-tuned yet, so there is no adapted model to export; run "
+            f"'asfda finetune {args.session}' first, or pass --source-model to export the model as it came"
+        )
+    protected = session_files(session) | {session.root / "session.json"}
+    fix = "choose a new folder for the export"
+    if args.format == "bundle":
+        refuse_folder_holding(args.out, protected, "a file the session references", fix)
+    else:
+        target = args.out if args.out.suffix else args.out / "model.ts"
+        refuse_overwrite([target], protected, "a file the session references", fix)
+    model = session_model(session, adapted=not args.source_model)
     if args.format == "bundle":
         path = export_bundle(model, args.out)
     else:

@@ -10,6 +10,10 @@ import numpy as np
 from ASFDALib.errors import VolumeError
 
 GB = 1024**3
+# Peak training memory per patch / the sum of layer outputs of one forward pass. Calibrated on the one
+# measurement we have: SwinUNETR (feature size 48) at 96^3 took 13 GB at batch 1 on the CPU, where layer
+# outputs sum to 8.95 GB and weights + AdamW state to 1.0 GB (ratio 1.34); 1.5 errs on the safe side.
+ACTIVATION_FACTOR = 1.5
 
 
 def available_bytes() -> int | None:
@@ -72,14 +76,56 @@ def check_scoring_memory(path: Path, model_spacing, available: int | None = None
         )
 
 
-def training_bytes(batch: int, roi: tuple[int, int, int], bytes_per_voxel: int = 600) -> int:
-    """Rough peak of one training step: activations and their gradients for ``batch`` patches, taken as
-    600 B per patch voxel (a generous figure for a small float32 3D U-Net; an estimate, not a measurement)."""
-    return int(batch * np.prod(roi) * bytes_per_voxel)
+def _probe_shape(roi: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A patch small enough to run quickly and shaped as networks need: the ROI itself up to 64 per axis,
+    else 64 (a multiple of 32, as every U-Net depth up to 5 needs, and large enough that SwinUNETR's
+    bottleneck keeps more than one voxel for its instance norm)."""
+    return tuple(min(r, 64) for r in roi)
 
 
-def check_training_memory(batch: int, roi: tuple[int, int, int], device: str, available: int | None = None) -> None:
-    """Refuse a fine-tuning configuration that cannot fit, naming the setting to change."""
+def activation_bytes_per_voxel(network, roi: tuple[int, int, int]) -> float:
+    """Bytes of layer outputs per input voxel in one forward pass, measured on a probe patch: the sum of
+    every leaf module's output (what autograd keeps for the backward pass, give or take)."""
+    import torch
+
+    probe = _probe_shape(roi)
+    total = 0
+
+    def hook(_module, _inputs, output) -> None:
+        nonlocal total
+        for out in output if isinstance(output, (list, tuple)) else (output,):
+            if isinstance(out, torch.Tensor):
+                total += out.numel() * out.element_size()
+
+    leaves = [m for m in network.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    device = next((p.device for p in network.parameters()), torch.device("cpu"))
+    training = network.training
+    try:
+        # Eval mode: a probe patch of one is too small for batch statistics, and no running statistic moves.
+        with torch.no_grad():
+            network.eval()(torch.zeros((1, 1, *probe), device=device))
+    finally:
+        network.train(training)
+        for handle in handles:
+            handle.remove()
+    return total / float(np.prod(probe))
+
+
+def training_bytes(network, batch: int, roi: tuple[int, int, int]) -> tuple[int, int]:
+    """Peak of one training step, estimated from the network itself, as (fixed bytes, bytes per patch):
+    weights, gradients and AdamW's two moments (4x the parameters), and for each patch the layer outputs
+    autograd keeps times ``ACTIVATION_FACTOR`` (the gradients alive during the backward pass)."""
+    per_patch = int(ACTIVATION_FACTOR * np.prod(roi) * activation_bytes_per_voxel(network, roi))
+    fixed = 4 * sum(p.numel() * p.element_size() for p in network.parameters())
+    return fixed, per_patch
+
+
+def check_training_memory(
+    network, batch: int, roi: tuple[int, int, int], device: str, available: int | None = None
+) -> None:
+    """Refuse a fine-tuning configuration that cannot fit, naming the setting to change (the largest
+    batch that fits, or the patch size when not even one patch does)."""
     import torch
 
     if available is None:
@@ -89,11 +135,19 @@ def check_training_memory(batch: int, roi: tuple[int, int, int], device: str, av
             available = available_bytes()
     if available is None:
         return
-    needed = training_bytes(batch, roi)
-    if needed > available:
-        from ASFDALib.errors import ASFDAError
+    fixed, per_patch = training_bytes(network, batch, roi)
+    needed = fixed + batch * per_patch
+    if needed <= available:
+        return
+    from ASFDALib.errors import ASFDAError
 
-        raise ASFDAError(
-            f"fine-tuning with batch {batch} of {'x'.join(map(str, roi))} patches needs about {needed / GB:.1f} GB, "
-            f"{available / GB:.1f} GB are free on {device}: use a smaller --batch-size"
-        )
+    fits = (available - fixed) // max(per_patch, 1)
+    fix = (
+        f"use --batch-size {fits} or less"
+        if fits >= 1
+        else "not even one patch fits: use a smaller roi_size in the model card, or a machine with more memory"
+    )
+    raise ASFDAError(
+        f"fine-tuning with batch {batch} of {'x'.join(map(str, roi))} patches needs about {needed / GB:.1f} GB, "
+        f"{available / GB:.1f} GB are free on {device}: {fix}"
+    )

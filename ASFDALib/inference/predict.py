@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ASFDALib.errors import ModelError
 from ASFDALib.inference.device import resolve_device
 from ASFDALib.inference.windows import run_windows
 from ASFDALib.models.card import ModelCard
@@ -43,3 +44,23 @@ def predict_label(
     """The label map (X, Y, Z) at model spacing: the argmax of :func:`predict_probabilities`."""
     label = predict_probabilities(network, image, card, device).argmax(0).numpy()
     return label.astype(np.uint8 if card.num_classes <= 256 else np.uint16)
+
+
+def check_outputs(network: torch.nn.Module, card: ModelCard, model_path: str, device: str = "auto") -> None:
+    """One window of zeros through the network: its output channels must be the card's classes.
+
+    Costs one forward pass, so a card that does not belong to the model is refused before any volume is
+    scored, not after the first one (minutes on a large volume).
+    """
+    dev = resolve_device(device)
+    network = network.to(dev).eval()
+    with torch.inference_mode():
+        out = network(torch.zeros((1, 1, *card.roi_size), device=dev))
+    if isinstance(out, (list, tuple)):
+        out = out[0]
+    channels = int(out.shape[1])
+    if channels != card.num_classes:
+        raise ModelError(
+            f"{model_path}: the network outputs {channels} channels but its card lists {card.num_classes} classes "
+            f"({', '.join(card.class_names)}); give the card that belongs to this model, with {channels} class names"
+        )

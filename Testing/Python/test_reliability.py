@@ -79,12 +79,32 @@ def test_a_volume_too_large_for_memory_is_skipped_before_reading(tmp_path, defau
     assert "needs about" in records[0].reason and "GB are free" in records[0].reason
 
 
-def test_a_training_batch_that_cannot_fit_is_refused_with_the_setting_to_change():
-    from ASFDALib.inference.memory import check_training_memory
+def test_a_training_batch_that_cannot_fit_is_refused_with_the_setting_to_change(default_model):
+    """The estimate comes from the network's own layer outputs: it names the largest batch that fits."""
+    from ASFDALib.inference.memory import check_training_memory, training_bytes
 
-    with pytest.raises(ASFDAError, match="use a smaller --batch-size"):
-        check_training_memory(64, (128, 128, 128), "cpu", available=2 * 1024**3)
-    check_training_memory(2, (48, 48, 48), "cpu", available=2 * 1024**3)
+    network, roi = default_model.network, default_model.card.roi_size
+    fixed, per_patch = training_bytes(network, 1, roi)
+    assert per_patch > 4 * int(np.prod(roi)) and fixed > 0  # at least the input itself, kept in float32
+    available = fixed + 3 * per_patch + per_patch // 2
+    with pytest.raises(ASFDAError, match="use --batch-size 3 or less"):
+        check_training_memory(network, 8, roi, "cpu", available=available)
+    check_training_memory(network, 3, roi, "cpu", available=available)
+    with pytest.raises(ASFDAError, match="not even one patch fits: use a smaller roi_size"):
+        check_training_memory(network, 1, roi, "cpu", available=fixed + per_patch // 2)
+
+
+def test_a_foundation_sized_network_gets_a_larger_estimate_than_the_small_default(default_model):
+    """SwinUNETR (feature size 24 here) keeps far more per patch than the built-in small U-Net."""
+    from monai.networks.nets import SwinUNETR
+
+    from ASFDALib.inference.memory import training_bytes
+
+    roi = (64, 64, 64)
+    swin = SwinUNETR(in_channels=1, out_channels=4, feature_size=24, spatial_dims=3)
+    _, small = training_bytes(default_model.network, 1, roi)
+    _, large = training_bytes(swin, 1, roi)
+    assert large > 5 * small
 
 
 def test_a_card_for_a_multi_channel_network_is_refused(tmp_path):

@@ -1,0 +1,100 @@
+"""Argument types for the command line: every value is checked while the arguments are parsed, so a
+wrong one is a one-line error (``asfda rank: error: argument --alpha: ...``) before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a budget, iterations, a batch size)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (1 or more)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (a seed, stage-2 iterations where 0 means none)."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; use 0 or more")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1] (a weight such as alpha)."""
+    value = _number(text, float)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share in (0, 1] (of a pool, say)."""
+    value = _number(text, float)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]")
+    return value
+
+
+def probability(text: str) -> float:
+    """A probability threshold in [0, 1)."""
+    value = _number(text, float)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1)")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number > 0 (a learning rate)."""
+    value = _number(text, float)
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def existing_dir(text: str) -> Path:
+    """A folder that exists."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is not a folder" + (" (it is a file)" if path.is_file() else ""))
+    return path
+
+
+def existing_path(text: str) -> Path:
+    """A file or folder that exists (a model, a card, labels to import)."""
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{path} does not exist")
+    return path
+
+
+def device(text: str) -> str:
+    """auto, cpu, cuda, cuda:N (or mps)."""
+    if not DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def json_object(text: str) -> dict:
+    """A JSON object (a network's constructor arguments)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('not a JSON object; write it as {"name": value, ...}')
+    return value
+
+
+def _number(text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None

@@ -1,0 +1,60 @@
+"""Where a command may write: never over one of its inputs, and never over a file a session references.
+
+Every command that writes checks its targets here before any long work starts, so a wrong ``--out``
+costs one line of error, not a folder of scans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from ASFDALib.errors import ASFDAError
+
+
+def _resolved(path: Path | str) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def session_files(session) -> set[Path]:
+    """Every file ``session`` (an :class:`ASFDALib.adaptation.session.Session`) refers to: its pool of
+    images, the model it was started with, its label versions and its round checkpoints."""
+    files: set[Path] = set()
+    data = session.data
+    if data.get("images"):
+        root = Path(data["images"]["root"])
+        files |= {_resolved(root / f["name"]) for f in data["images"].get("files", [])}
+    if data.get("model"):
+        files.add(_resolved(data["model"]["path"]))
+    files |= {_resolved(session.root / v["file"]) for versions in data.get("labels", {}).values() for v in versions}
+    files |= {_resolved(session.root / r["checkpoint"]) for r in data.get("rounds", []) if r.get("checkpoint")}
+    return files
+
+
+def refuse_overwrite(targets: Iterable[Path], protected: Iterable[Path], what: str, fix: str) -> None:
+    """Raise a one-line error naming the first target that is, or holds, a protected file.
+
+    ``what`` names the protected kind ("the input scan", "a file the session references"); ``fix`` says
+    what to do instead. A target folder is refused when a protected file lies inside it and the command
+    would write a file of the same name there (callers pass the files they will write).
+    """
+    guarded = {_resolved(p) for p in protected}
+    for target in targets:
+        resolved = _resolved(target)
+        if resolved in guarded:
+            raise ASFDAError(f"{target}: would write over {what} {resolved}; {fix}")
+
+
+def refuse_same_folder(out: Path, inputs: Path, what: str, fix: str) -> None:
+    """Refuse an output folder that is the input folder itself (its files would mix with the inputs)."""
+    if _resolved(out) == _resolved(inputs):
+        raise ASFDAError(f"{out}: is the {what} folder itself; {fix}")
+
+
+def refuse_folder_holding(folder: Path, protected: Iterable[Path], what: str, fix: str) -> None:
+    """Refuse an output folder that holds a protected file (a command that fills a folder with files of
+    its own naming, such as a bundle export, could otherwise write over it)."""
+    root = _resolved(folder)
+    for path in sorted(_resolved(p) for p in protected):
+        if path == root or root in path.parents:
+            raise ASFDAError(f"{folder}: holds {what} {path}; {fix}")
