@@ -1,0 +1,154 @@
+"""The researcher's command-line path, walked as a new user would (issue 15): wrong folders, wrong
+arguments, a card that does not fit, an unadapted session, a log file instead of a terminal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from ASFDALib.app.cli import build_parser, main
+from ASFDALib.data.volumes import content_hash
+
+CARD = "Resources/Model/asfda_default.card.json"
+
+
+def _digests(folder):
+    return {p.name: content_hash(p) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory, mri_pool):
+    """A session ranked on a copy of the MRI pool (its images/ and labels/), never fine-tuned."""
+    root = tmp_path_factory.mktemp("path")
+    shutil.copytree(mri_pool, root / "pool")
+    session = root / "session"
+    assert main(["rank", "--images", str(root / "pool" / "images"), "--out", str(session), "--budget", "2"]) == 0
+    return root, session
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_predict_into_the_images_folder_is_refused_and_the_scans_stay_as_they_were(ranked, capsys):
+    root, session = ranked
+    images = root / "pool" / "images"
+    before = _digests(images)
+    assert main(["predict", str(session), "--images", str(images), "--out", str(images)]) == 1
+    err = _one_line_error(capsys)
+    assert "--images folder itself" in err and "images_pred" in err
+    assert _digests(images) == before
+
+
+def test_predict_over_a_file_the_session_references_is_refused(ranked, capsys):
+    root, session = ranked
+    images = root / "pool" / "images"
+    # another folder that holds the session's own pool under the same names: a symlink to the images
+    alias = root / "alias"
+    alias.symlink_to(images, target_is_directory=True)
+    other = root / "other_scans"
+    shutil.copytree(images, other)
+    assert main(["predict", str(session), "--images", str(other), "--out", str(alias)]) == 1
+    assert "would write over a file the session references" in _one_line_error(capsys)
+
+
+def test_evaluate_stats_and_rank_refuse_to_write_over_their_inputs(ranked, capsys, tmp_path):
+    root, session = ranked
+    pool = root / "pool"
+    label = sorted((pool / "labels").iterdir())[0]
+    before = content_hash(label)
+    assert main(["evaluate", "--pred", str(pool / "labels"), "--labels", str(pool / "labels"), "--out", str(label)]) == 1
+    assert "would write over an input label map" in _one_line_error(capsys)
+    assert content_hash(label) == before
+    scan = sorted((pool / "images").iterdir())[0]
+    before = content_hash(scan)
+    assert main(["stats", "--images", str(pool / "images"), "--out", str(scan)]) == 1
+    assert "would write over an input" in _one_line_error(capsys)
+    assert content_hash(scan) == before
+    assert main(["rank", "--images", str(pool / "images"), "--out", str(pool / "images")]) == 1
+    assert "--images folder itself" in _one_line_error(capsys)
+    assert not (pool / "images" / "session.json").exists()
+
+
+def test_an_unadapted_session_says_so_on_predict_and_refuses_export_unless_asked(ranked, capsys, tmp_path):
+    root, session = ranked
+    assert main(["predict", str(session), "--images", str(root / "pool" / "images"), "--out", str(tmp_path / "p")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "has not been fine-tuned yet: predicting with the source model" in out
+    assert main(["export", str(session), "--out", str(tmp_path / "bundle")]) == 1
+    err = _one_line_error(capsys)
+    assert "not fine-tuned yet" in err and "--source-model" in err
+    assert not (tmp_path / "bundle").exists()
+    assert main(["export", str(session), "--out", str(tmp_path / "bundle"), "--source-model"]) == 0
+    assert (tmp_path / "bundle" / "configs" / "inference.json").is_file()
+
+
+def test_export_into_the_session_folder_is_refused(ranked, capsys):
+    _, session = ranked
+    assert main(["export", str(session), "--out", str(session), "--source-model"]) == 1
+    assert "holds a file the session references" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--alpha", "3"], "argument --alpha: 3 is outside [0, 1]"),
+        (["--budget", "0"], "argument --budget: 0 is not a positive integer"),
+        (["--budget", "-1"], "argument --budget: -1 is not a positive integer"),
+        (["--network", "UNet", "--network-args", "{bad"], "argument --network-args: not valid JSON"),
+        (["--device", "gpu0"], "argument --device: 'gpu0' is not a device"),
+        (["--images", "/no/such/folder"], "argument --images: /no/such/folder is not a folder"),
+    ],
+)
+def test_a_wrong_argument_is_one_line_before_any_work(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["rank", "--out", str(tmp_path / "s"), *args])
+    assert exc.value.code == 2
+    err = _one_line_error(capsys)
+    assert message in err and "(see 'asfda rank --help')" in err
+    assert not (tmp_path / "s").exists()  # nothing was started
+
+
+def test_a_card_that_does_not_fit_the_model_is_refused_before_scoring_and_leaves_no_session(
+    default_model, mri_pool, tmp_path, capsys
+):
+    """A TorchScript model's class count shows only when it runs: one probe window, before any volume."""
+    import torch
+
+    model = tmp_path / "net.ts"
+    torch.jit.script(default_model.network.cpu().eval()).save(str(model))
+    card = json.loads(open(CARD).read())
+    card["class_names"] = card["class_names"][:3]
+    (tmp_path / "net.card.json").write_text(json.dumps(card))
+    session = tmp_path / "s"
+    args = ["rank", "--model", str(model), "--trust", "--images", str(mri_pool / "images"), "--out", str(session)]
+    assert main(args) == 1
+    err = " ".join(_one_line_error(capsys).split())
+    assert "net.ts: the network outputs 4 channels but its card lists 3 classes" in err
+    assert "give the card that belongs to this model, with 4 class names" in err
+    assert not session.exists()
+
+
+def test_long_commands_print_plain_progress_lines_when_stdout_is_not_a_terminal(mri_pool, tmp_path, capsys):
+    assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(tmp_path / "s")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Scoring ")]
+    assert lines[0].startswith("Scoring 0/6 volumes (0%), elapsed")
+    assert lines[-1].startswith("Scoring 6/6 volumes (100%), elapsed")
+
+
+def test_the_help_shows_the_workflow_and_every_option_says_what_it_does():
+    parser = build_parser()
+    text = parser.format_help()
+    steps = ["asfda rank", "asfda labels import", "asfda finetune", "asfda predict", "asfda export"]
+    positions = [text.index(step) for step in steps]
+    assert positions == sorted(positions)
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("predict", "export", "evaluate", "finetune"):
+        for action in sub.choices[name]._actions:
+            assert action.help, f"asfda {name} {action.option_strings or action.dest} has no help"
+    lr = next(a for a in sub.choices["finetune"]._actions if a.dest == "lr")
+    assert lr.default == 3e-3 and "0.3x" in lr.help
