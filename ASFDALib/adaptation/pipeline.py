@@ -99,7 +99,7 @@ def build_pseudo_labels(
 
 
 def _load_pseudo(session: Session, model: LoadedModel, folder: Path) -> tuple[list[Case], list[str], dict]:
-    info = json.loads((folder / "pseudo.json").read_text())
+    info = json.loads((folder / "pseudo.json").read_text(encoding="utf-8"))
     cases = []
     for name in info["kept"]:
         image = preprocess(read_volume(session.image_path(name)), model.card)
@@ -120,7 +120,7 @@ def _read_run(folder: Path) -> dict | None:
     """This round's run record (targets, iterations done, history), or None when no run started."""
     path = folder / "run.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     if (folder / "last.pt").is_file():  # a run from before run records: interrupted, targets unknown
         return {"targets": None, "done": {"stage1": 0, "stage2": 0}, "finished": False, "history": []}
     return None

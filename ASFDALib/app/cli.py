@@ -36,9 +36,12 @@ examples:
 
 What is computed: one sliding-window pass per volume gives DKD (knowledge gap to the source model x
 diversity against the query and labelled volumes, temperature-scaled) and ASD (class-balanced entropy
-inside the adaptive foreground). score = alpha * pct(DKD) + (1 - alpha) * pct(ASD); the query is built
-greedily. Unreadable volumes are skipped and listed with the reason; the exit code is 1 only when no
-volume could be scored.
+inside the adaptive foreground). The query is built greedily: each pick maximises
+alpha * pct(DKD) + (1 - alpha) * pct(ASD) among the volumes left, then diversity is recomputed.
+Unreadable volumes are skipped and listed with the reason; the exit code is 1 only when no volume could
+be scored.
+
+columns of ranking.csv / ranking.json (the terminal shows priority, DKD, gap, div, ASD, fg mL):
 """
 
 WORKFLOW = """the workflow, one step after the other (after rank, S is all a step needs):
@@ -65,6 +68,12 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _rank_epilog() -> str:
+    from ASFDALib.query.columns import COLUMN_LEGEND
+
+    return RANK_EXAMPLES + "".join(f"  {name:<18} {meaning}\n" for name, meaning in COLUMN_LEGEND.items())
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -110,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rank",
         help="rank a folder of unlabeled target volumes and pick the query",
         description="Rank unlabeled target volumes by the combined DKD/ASD score and pick the ones to label.",
-        epilog=RANK_EXAMPLES,
+        epilog=_rank_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_arguments(rank)

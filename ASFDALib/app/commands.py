@@ -13,7 +13,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from ASFDALib import distributed
 from ASFDALib.app.progress import training_progress, volume_progress
 from ASFDALib.errors import ASFDAError
 
@@ -30,6 +29,7 @@ def load_model_from_args(args: argparse.Namespace):
 def cmd_rank(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from ASFDALib import distributed
     from ASFDALib.outputs import refuse_same_folder
 
     distributed.init_from_env(args.device)
@@ -61,6 +61,7 @@ def _remove_new(folder: Path, before: set[Path] | None) -> None:
 
 
 def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
+    from ASFDALib import distributed
     from ASFDALib.adaptation.rounds import rank_round
     from ASFDALib.adaptation.session import Session
     from ASFDALib.models.defaults import sample_images
@@ -215,6 +216,7 @@ def _split(text: str) -> list[str]:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from ASFDALib import distributed
     from ASFDALib.adaptation.pipeline import finetune_session
     from ASFDALib.adaptation.recipe import FinetuneConfig
     from ASFDALib.adaptation.session import Session
@@ -393,7 +395,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             config,
             lambda text, fraction: bar.update(task, completed=fraction, description=text),
         )
-    console.print((args.out / "demo.md").read_text())
+    console.print((args.out / "demo.md").read_text(encoding="utf-8"))
     gain = 100 * (report["mean_dice"]["asfda"] - report["mean_dice"]["random"])
     console.print(
         f"ASFDA vs random selection with the same {config.budget} labels: {gain:+.1f} Dice points. "
@@ -430,7 +432,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     bar, update = volume_progress(console, "Benchmark")
     with bar:
         report = run_benchmark(args.out, config, args.model or default_model_path(), update, not args.report_only)
-    console.print((args.out / "benchmark.md").read_text())
+    console.print((args.out / "benchmark.md").read_text(encoding="utf-8"))
     console.print(
         f"{report['wall_seconds'] / 60:.1f} min; wrote {args.out}/benchmark.json, benchmark.md, benchmark.png"
     )

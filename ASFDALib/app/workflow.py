@@ -340,7 +340,7 @@ class Workflow:
                 TableRow(
                     "" if row["rank"] is None else str(row["rank"]),
                     row["file"],
-                    _fmt(row["score"]),
+                    _fmt(row["priority"]),
                     _fmt(row["dkd"]),
                     _fmt(row["asd"]),
                     status,

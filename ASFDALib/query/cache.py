@@ -31,7 +31,7 @@ class ScoreCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._index_path = self.folder / "index.json"
         try:
-            self._index = json.loads(self._index_path.read_text())
+            self._index = json.loads(self._index_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             self._index = {}
 
@@ -94,7 +94,7 @@ class ScoreCache:
     def get_scalar(self, key: str) -> float | None:
         path = self.folder / f"{key}.json"
         try:
-            return float(json.loads(path.read_text())["value"])
+            return float(json.loads(path.read_text(encoding="utf-8"))["value"])
         except (OSError, ValueError, KeyError):
             return None
 

@@ -64,19 +64,22 @@ class VolumeRecord:
 
 @dataclass
 class RankRow:
+    """One volume's line of a ranking (:data:`ASFDALib.query.columns.COLUMN_LEGEND` says what each field means)."""
+
     rank: int | None
     file: str
     status: str
     selected: bool = False
-    score: float = math.nan
+    priority: float = math.nan
+    pick_score: float = math.nan
     dkd: float = math.nan
-    s_src: float = math.nan
-    s_div: float = math.nan
-    d_src: float = math.nan
+    knowledge_gap: float = math.nan
+    diversity: float = math.nan
+    source_divergence: float = math.nan
     asd: float = math.nan
     entropy: float = math.nan
-    fg_ml: float = math.nan
-    knowledge: str = ""
+    foreground_ml: float = math.nan
+    source_knowledge: str = ""
     reason: str = ""
 
 
@@ -224,6 +227,7 @@ def rank_records(
             config.dynamic_temperature,
             config.diversity,
         )
+        count = len(chosen.order)
         for rank, i in enumerate(chosen.order, start=1):
             result = scored[i].result
             rows.append(
@@ -232,15 +236,16 @@ def rank_records(
                     file=scored[i].name,
                     status="scored",
                     selected=rank <= config.budget,
-                    score=float(chosen.score[i]),
+                    priority=1.0 - (rank - 1) / count,
+                    pick_score=float(chosen.score[i]),
                     dkd=float(chosen.dkd[i]),
-                    s_src=float(chosen.s_src[i]),
-                    s_div=float(chosen.s_div[i]),
-                    d_src=float(chosen.d_src[i]),
+                    knowledge_gap=float(chosen.s_src[i]),
+                    diversity=float(chosen.s_div[i]),
+                    source_divergence=float(chosen.d_src[i]),
                     asd=result.asd,
                     entropy=result.entropy,
-                    fg_ml=result.fg_ml,
-                    knowledge=knowledge.kind,
+                    foreground_ml=result.fg_ml,
+                    source_knowledge=knowledge.kind,
                 )
             )
     rows += [RankRow(rank=None, file=r.name, status="labelled") for r in records if r.ok and r.name in labelled_names]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
+from ASFDALib.query.columns import COLUMN_LEGEND
 from ASFDALib.query.ranking import Ranking, RankRow
 
 COLUMNS = [f.name for f in fields(RankRow)]
@@ -33,6 +34,7 @@ def ranking_dict(ranking: Ranking) -> dict:
         "knowledge_description": ranking.knowledge.describe(),
         "selected": [r.file for r in ranking.selected],
         "skipped": [{"file": r.file, "reason": r.reason} for r in ranking.skipped],
+        "columns": COLUMN_LEGEND,
         "rows": [{k: _clean(v) for k, v in asdict(r).items()} for r in ranking.rows],
     }
 
@@ -107,22 +109,37 @@ def write_ranking(ranking: Ranking, folder: Path) -> RankingOutputs:
 
 
 def ranking_table(ranking: Ranking, limit: int = 30):
-    """A rich Table of the ranking (the query first), skipped files at the end with their reason."""
+    """A rich Table of the ranking (the query first), skipped files at the end with their reason.
+
+    It fits 80 columns: numbers never wrap or shrink; a long file name is cut with an ellipsis instead
+    (ranking.csv has it whole)."""
     from rich.table import Table
 
-    table = Table(title=f"ASFDA ranking ({ranking.strategy}, alpha={ranking.alpha}, K_s: {ranking.knowledge.kind})")
+    table = Table(
+        title=f"ASFDA ranking ({ranking.strategy}, alpha={ranking.alpha}, K_s: {ranking.knowledge.kind})",
+        caption="priority: 1 = label first; DKD = gap x div; full columns and legend in ranking.csv / .json",
+        padding=(0, 1),
+    )
     for name, justify in (
         ("rank", "right"),
         ("file", "left"),
-        ("score", "right"),
+        ("priority", "right"),
         ("DKD", "right"),
-        ("s_src", "right"),
-        ("s_div", "right"),
+        ("gap", "right"),
+        ("div", "right"),
         ("ASD", "right"),
         ("fg mL", "right"),
         ("status", "left"),
     ):
-        table.add_column(name, justify=justify, no_wrap=name == "file")
+        numeric = name not in ("file", "status")
+        table.add_column(
+            name,
+            justify=justify,
+            no_wrap=True,
+            overflow="ellipsis" if name == "file" else "fold",
+            min_width=len(name) if numeric else None,
+            ratio=1 if name == "file" else None,
+        )
 
     def num(v: float) -> str:
         return "" if not math.isfinite(v) else f"{v:.3f}"
@@ -133,12 +150,12 @@ def ranking_table(ranking: Ranking, limit: int = 30):
         table.add_row(
             str(row.rank),
             row.file,
-            num(row.score),
+            num(row.priority),
             num(row.dkd),
-            num(row.s_src),
-            num(row.s_div),
+            num(row.knowledge_gap),
+            num(row.diversity),
             num(row.asd),
-            f"{row.fg_ml:.1f}",
+            f"{row.foreground_ml:.1f}",
             "query" if row.selected else "",
             style=style,
         )
@@ -146,7 +163,7 @@ def ranking_table(ranking: Ranking, limit: int = 30):
         table.add_row("…", f"{len(scored) - limit} more in ranking.csv", *[""] * 7)
     for row in ranking.rows:
         if row.status == "labelled":
-            table.add_row("-", row.file, *[""] * 6, "labelled (counts in diversity)", style="green")
+            table.add_row("-", row.file, *[""] * 6, "labelled", style="green")
     for row in ranking.skipped:
         table.add_row("-", row.file, *[""] * 6, f"skipped: {row.reason}", style="yellow")
     return table

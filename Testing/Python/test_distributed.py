@@ -77,7 +77,7 @@ def test_two_processes_give_the_same_ranking_as_one(tmp_path, mri_pool):
     one = json.loads((tmp_path / "one" / "ranking.json").read_text())["rows"]
     two = json.loads((tmp_path / "two" / "ranking.json").read_text())["rows"]
     assert [r["file"] for r in one] == [r["file"] for r in two]
-    np.testing.assert_allclose([r["score"] for r in one], [r["score"] for r in two], atol=1e-9)
+    np.testing.assert_allclose([r["pick_score"] for r in one], [r["pick_score"] for r in two], atol=1e-9)
     assert "2\nprocesses" in done.stdout or "2 processes" in done.stdout  # rich wraps at 80 columns
 
 

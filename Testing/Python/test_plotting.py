@@ -27,11 +27,11 @@ def _ranking() -> Ranking:
             file=f"case{i}.nii.gz",
             status="scored",
             selected=i < 2,
-            score=1.0 - 0.2 * i,
+            priority=1.0 - 0.2 * i,
             dkd=0.9 - 0.15 * i,
             asd=0.3 + 0.05 * i,
-            fg_ml=120.0 + i,
-            knowledge="bn",
+            foreground_ml=120.0 + i,
+            source_knowledge="bn",
         )
         for i in range(5)
     ]
@@ -70,7 +70,10 @@ def test_without_matplotlib_the_ranking_is_written_and_the_reason_given_in_one_l
     written = write_ranking(_ranking(), tmp_path)
 
     assert sorted(written) == ["csv", "json"]
-    assert json.loads((tmp_path / "ranking.json").read_text())["selected"] == ["case0.nii.gz", "case1.nii.gz"]
+    assert json.loads((tmp_path / "ranking.json").read_text(encoding="utf-8"))["selected"] == [
+        "case0.nii.gz",
+        "case1.nii.gz",
+    ]
     assert len((tmp_path / "ranking.csv").read_text().splitlines()) == 7  # header, 5 scored, 1 skipped
     assert not (tmp_path / "ranking.png").exists()  # the earlier round's picture does not pass for this one
     (warning,) = written.warnings
@@ -100,7 +103,7 @@ def test_asfda_rank_without_matplotlib_succeeds_and_prints_why_there_is_no_plot(
     assert (out / "ranking.csv").is_file() and (out / "ranking.json").is_file()
     assert not (out / "ranking.png").exists()
     assert f"{out / 'ranking.png'}: not drawn, matplotlib cannot be imported" in printed
-    assert json.loads((out / "session.json").read_text())["rounds"][0]["query"]  # the round is recorded
+    assert json.loads((out / "session.json").read_text(encoding="utf-8"))["rounds"][0]["query"]  # the round is recorded
 
 
 SWITCHES = ("matplotlib.use", "plt.switch_backend", "pyplot.switch_backend", "matplotlib.pyplot.switch_backend")
@@ -150,7 +153,10 @@ def test_the_benchmark_draws_its_plot_and_keeps_its_results_without_matplotlib(t
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     report = _benchmark_report(tmp_path / "without")
-    assert json.loads((tmp_path / "without" / "benchmark.json").read_text())["summary"]["asfda@2"]["runs"] == 1
+    assert (
+        json.loads((tmp_path / "without" / "benchmark.json").read_text(encoding="utf-8"))["summary"]["asfda@2"]["runs"]
+        == 1
+    )
     assert "| ASFDA (DKD + ASD) | 2 |" in (tmp_path / "without" / "benchmark.md").read_text()
     assert not (tmp_path / "without" / "benchmark.png").exists()
     assert report["warnings"][0].startswith(f"{tmp_path / 'without' / 'benchmark.png'}: not drawn, matplotlib")

@@ -32,12 +32,21 @@ def test_rank_on_the_embedded_default_writes_every_output(tmp_path, capsys):
     assert len(rows) == 12 and all(r["status"] == "scored" for r in rows)
     assert [r["selected"] for r in rows[:4]] == ["True", "True", "True", "False"]
     assert [int(r["rank"]) for r in rows] == list(range(1, 13))
-    for column in ("score", "dkd", "s_src", "s_div", "asd", "fg_ml", "knowledge"):
+    for column in (
+        "priority",
+        "pick_score",
+        "dkd",
+        "knowledge_gap",
+        "diversity",
+        "asd",
+        "foreground_ml",
+        "source_knowledge",
+    ):
         assert rows[0][column] != ""
     report = json.loads((out / "ranking.json").read_text())
     assert report["knowledge"] == "bn" and len(report["selected"]) == 3
     assert (out / "ranking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert all(float(r["fg_ml"]) > 10 for r in rows)  # every phantom has organs the model finds
+    assert all(float(r["foreground_ml"]) > 10 for r in rows)  # every phantom has organs the model finds
 
 
 def test_rerank_with_another_alpha_is_served_from_the_cache(tmp_path, default_model, mri_pool):
@@ -49,7 +58,7 @@ def test_rerank_with_another_alpha_is_served_from_the_cache(tmp_path, default_mo
     assert {r.file for r in first.rows} == {r.file for r in second.rows}
     again = rank_folder(images, default_model, tmp_path / "cache", RankConfig(alpha=0.5))
     assert [r.file for r in again.rows] == [r.file for r in first.rows]
-    assert [r.score for r in again.rows] == pytest.approx([r.score for r in first.rows])
+    assert [r.pick_score for r in again.rows] == pytest.approx([r.pick_score for r in first.rows])
 
 
 def test_interrupted_ranking_resumes_where_it_stopped(tmp_path, default_model, mri_pool):
@@ -159,7 +168,7 @@ def test_source_statistics_file_is_computed_and_used(tmp_path, default_model, mr
     assert stats.is_file()
     ranking = rank_folder(mri_pool / "images", default_model, tmp_path / "cache", RankConfig(knowledge="stats"))
     assert ranking.knowledge.kind == "stats"
-    assert all(np.isfinite(r.s_src) for r in ranking.rows)
+    assert all(np.isfinite(r.knowledge_gap) for r in ranking.rows)
 
 
 @pytest.mark.parametrize("strategy", ["random", "fg-random", "entropy", "coreset", "dkd", "asd"])

@@ -61,7 +61,9 @@ def test_evaluate_stats_and_rank_refuse_to_write_over_their_inputs(ranked, capsy
     pool = root / "pool"
     label = sorted((pool / "labels").iterdir())[0]
     before = content_hash(label)
-    assert main(["evaluate", "--pred", str(pool / "labels"), "--labels", str(pool / "labels"), "--out", str(label)]) == 1
+    assert (
+        main(["evaluate", "--pred", str(pool / "labels"), "--labels", str(pool / "labels"), "--out", str(label)]) == 1
+    )
     assert "would write over an input label map" in _one_line_error(capsys)
     assert content_hash(label) == before
     scan = sorted((pool / "images").iterdir())[0]
