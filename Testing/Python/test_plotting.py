@@ -157,7 +157,7 @@ def test_the_benchmark_draws_its_plot_and_keeps_its_results_without_matplotlib(t
         json.loads((tmp_path / "without" / "benchmark.json").read_text(encoding="utf-8"))["summary"]["asfda@2"]["runs"]
         == 1
     )
-    assert "| ASFDA (DKD + ASD) | 2 |" in (tmp_path / "without" / "benchmark.md").read_text()
+    assert "| ASFDA (DKD + ASD) | 2 |" in (tmp_path / "without" / "benchmark.md").read_text(encoding="utf-8")
     assert not (tmp_path / "without" / "benchmark.png").exists()
     assert report["warnings"][0].startswith(f"{tmp_path / 'without' / 'benchmark.png'}: not drawn, matplotlib")
 
