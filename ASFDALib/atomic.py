@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ASFDALib.errors import ASFDAError
 
 
@@ -61,7 +63,6 @@ def atomic_write_json(path: Path, obj: Any) -> Path:
 
 def atomic_write_npz(path: Path, arrays: dict[str, Any], compressed: bool = False) -> Path:
     """Arrays as ``.npz`` (no pickles, so ``np.load(allow_pickle=False)`` reads it back), atomically."""
-    import numpy as np
 
     save = np.savez_compressed if compressed else np.savez
 

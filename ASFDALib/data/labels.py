@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from nibabel import orientations
 
 from ASFDALib.adaptation.session import Session, case_id
 from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume, write_nifti
@@ -190,7 +191,6 @@ def align_to_image(
     RAS, a transposed export): the affines then differ by a permutation/flip only. That is undone here;
     whether the result is the image's grid is decided in world space by :func:`check_grid`.
     """
-    from nibabel import orientations
 
     source = orientations.io_orientation(affine)
     target = orientations.io_orientation(image_affine)

@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    Identity,
+    NormalizeIntensity,
+    Orientation,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+    Spacing,
+)
 
 from ASFDALib.data.volumes import Volume
 from ASFDALib.models.card import IntensityConfig, ModelCard
 
 
 def intensity_transform(config: IntensityConfig):
-    from monai.transforms import Identity, NormalizeIntensity, ScaleIntensityRange, ScaleIntensityRangePercentiles
 
     if config.mode == "ct":
         return ScaleIntensityRange(config.a_min, config.a_max, config.b_min, config.b_max, clip=True)
@@ -24,7 +33,6 @@ def intensity_transform(config: IntensityConfig):
 
 
 def spatial_transform(card: ModelCard, mode: str = "bilinear"):
-    from monai.transforms import Compose, Orientation, Spacing
 
     # float32 resampling: MONAI's default float64 would briefly need 3x the native volume's memory.
     return Compose(
@@ -34,7 +42,6 @@ def spatial_transform(card: ModelCard, mode: str = "bilinear"):
 
 def preprocess(volume: Volume, card: ModelCard):
     """A (1, X, Y, Z) float32 MetaTensor at the model's spacing and intensity scale, RAS-oriented."""
-    from monai.data import MetaTensor
 
     array = np.asarray(volume.array, dtype=np.float32)
     image = MetaTensor(torch.from_numpy(array)[None], affine=torch.as_tensor(volume.affine, dtype=torch.float64))
@@ -63,7 +70,6 @@ def compact(image: torch.Tensor) -> torch.Tensor:
 
 def preprocess_label(label: np.ndarray, affine: np.ndarray, card: ModelCard) -> np.ndarray:
     """A label map on the same model-spacing grid as :func:`preprocess` gives its image (nearest neighbour)."""
-    from monai.data import MetaTensor
 
     tensor = MetaTensor(
         torch.from_numpy(np.asarray(label, dtype=np.float32))[None],

@@ -6,13 +6,17 @@ scan can skip one bad volume and carry on.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 
+from ASFDALib.atomic import atomic_write, atomic_write_bytes
 from ASFDALib.errors import ASFDAError, VolumeError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -101,14 +105,12 @@ def content_hash(path: Path | str) -> str:
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
 
     image = nib.load(str(path))
     return np.asanyarray(image.dataobj), np.asarray(image.affine, dtype=np.float64)
 
 
 def _sitk_to_ras(image) -> tuple[np.ndarray, np.ndarray]:
-    import SimpleITK as sitk
 
     if image.GetDimension() != 3:
         array = sitk.GetArrayFromImage(image)
@@ -123,7 +125,6 @@ def _sitk_to_ras(image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
@@ -143,7 +144,6 @@ def _check_slice_positions(folder: Path, names) -> None:
     """Refuse a series whose slices disagree: uneven positions (a missing, duplicated or mixed-thickness
     slice), or another pixel spacing, orientation or matrix size on some slices (SimpleITK would silently
     take the first slice's geometry for all of them)."""
-    import SimpleITK as sitk
 
     positions, geometry = [], []
     for name in names:
@@ -175,7 +175,6 @@ def _check_slice_positions(folder: Path, names) -> None:
 
 
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import SimpleITK as sitk
 
     return _sitk_to_ras(sitk.ReadImage(str(path)))
 
@@ -243,11 +242,6 @@ def read_volume(path: Path | str, allow_constant: bool = False) -> Volume:
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     """Write an (i, j, k) array with a RAS affine as NIfTI (gzipped for ``.nii.gz``), atomically."""
-    import gzip
-
-    import nibabel as nib
-
-    from ASFDALib.atomic import atomic_write_bytes
 
     if array.dtype == np.int64:  # NIfTI readers widely reject int64; label maps fit in int32
         array = array.astype(np.int32)
@@ -264,9 +258,6 @@ def write_volume(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     path = Path(path)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         return write_nifti(path, array, affine)
-    import SimpleITK as sitk
-
-    from ASFDALib.atomic import atomic_write
 
     lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
+import torch
 
-from ASFDALib.errors import VolumeError
+from ASFDALib.errors import ASFDAError, VolumeError
 
 GB = 1024**3
 # Peak training memory per patch / the sum of layer outputs of one forward pass. Calibrated on the one
@@ -32,14 +35,10 @@ def header_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray, int] | Non
     path = Path(path)
     try:
         if path.name.lower().endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
             header = nib.load(str(path)).header
             shape = tuple(int(s) for s in header.get_data_shape())
             return shape, np.asarray(header.get_zooms()[:3], dtype=np.float64), header.get_data_dtype().itemsize
         if path.name.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
-            import SimpleITK as sitk
-
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
@@ -86,7 +85,6 @@ def _probe_shape(roi: tuple[int, int, int]) -> tuple[int, int, int]:
 def activation_bytes_per_voxel(network, roi: tuple[int, int, int]) -> float:
     """Bytes of layer outputs per input voxel in one forward pass, measured on a probe patch: the sum of
     every leaf module's output (what autograd keeps for the backward pass, give or take)."""
-    import torch
 
     probe = _probe_shape(roi)
     total = 0
@@ -126,7 +124,6 @@ def check_training_memory(
 ) -> None:
     """Refuse a fine-tuning configuration that cannot fit, naming the setting to change (the largest
     batch that fits, or the patch size when not even one patch does)."""
-    import torch
 
     if available is None:
         if device.startswith("cuda") and torch.cuda.is_available():
@@ -139,7 +136,6 @@ def check_training_memory(
     needed = fixed + batch * per_patch
     if needed <= available:
         return
-    from ASFDALib.errors import ASFDAError
 
     fits = (available - fixed) // max(per_patch, 1)
     fix = (

@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from ASFDALib.atomic import atomic_write_json
 from ASFDALib.errors import ModelError
 
 INTENSITY_MODES = ("ct", "percentile", "zscore", "none")
@@ -118,8 +121,6 @@ def load_card(path: Path | str) -> ModelCard:
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
@@ -133,6 +134,5 @@ def load_card(path: Path | str) -> ModelCard:
 
 
 def save_card(card: ModelCard, path: Path) -> Path:
-    from ASFDALib.atomic import atomic_write_json
 
     return atomic_write_json(path, card.to_dict())

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.networks.layers.simplelayers import SkipConnection
+
+from ASFDALib.atomic import atomic_write_npz
 
 BN_PREFIX = "bn:"
 STAGE_PREFIX = "stage:"
@@ -51,7 +54,6 @@ class FeatureSummary:
 
     def save(self, path: Path) -> Path:
         """Write as ``.npz`` (no pickles), atomically: the source-statistics file format."""
-        from ASFDALib.atomic import atomic_write_npz
 
         return atomic_write_npz(path, self.to_arrays())
 
@@ -142,8 +144,6 @@ def encoder_stages(network: torch.nn.Module) -> list[str]:
     names = dict(network.named_modules())
     cls = type(network).__name__
     if cls == "UNet" and "model" in names:
-        from monai.networks.layers.simplelayers import SkipConnection
-
         stages, node, prefix = [], network.model, "model"
         while isinstance(node, torch.nn.Sequential) and len(node) == 3:
             stages.append(f"{prefix}.0")

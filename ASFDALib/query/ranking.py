@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ASFDALib import distributed
 from ASFDALib.data.preprocess import compact, preprocess
@@ -122,7 +123,6 @@ def score_volume(
     model: LoadedModel, path: Path, sweep_config: SweepConfig, notes: list[str] | None = None
 ) -> SweepResult:
     """Read, check and sweep one volume. On CUDA out-of-memory: a smaller window batch, then the CPU."""
-    import torch
 
     check_scoring_memory(path, model.card.spacing)
     volume = read_volume(path)
