@@ -130,11 +130,14 @@ def batchnorm_layers(network: torch.nn.Module) -> dict[str, torch.nn.modules.bat
     }
 
 
-def batchnorm_knowledge(network: torch.nn.Module) -> FeatureSummary:
+def batchnorm_knowledge(network: torch.nn.Module, names: list[str] | None = None) -> FeatureSummary:
+    """The running statistics of the BatchNorm layers ``names`` (default: all that carry them)."""
+    layers = batchnorm_layers(network)
     return FeatureSummary(
         {
             BN_PREFIX + name: (bn.running_mean.double().cpu().numpy(), bn.running_var.double().cpu().numpy())
-            for name, bn in batchnorm_layers(network).items()
+            for name, bn in layers.items()
+            if names is None or name in names
         }
     )
 

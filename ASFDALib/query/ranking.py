@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ASFDALib import distributed
+from ASFDALib.checkpoints import normalisation_info
 from ASFDALib.data.preprocess import compact, preprocess
 from ASFDALib.data.volumes import discover_volumes, read_volume
 from ASFDALib.errors import ASFDAError, ModelError, VolumeError
@@ -21,7 +22,7 @@ from ASFDALib.inference.memory import check_scoring_memory
 from ASFDALib.inference.sweep import SweepConfig, SweepResult, sweep
 from ASFDALib.models.loading import LoadedModel
 from ASFDALib.query.cache import ScoreCache
-from ASFDALib.query.features import FeatureSummary, batchnorm_knowledge, batchnorm_layers
+from ASFDALib.query.features import FeatureSummary, batchnorm_knowledge
 from ASFDALib.query.selection import Knowledge, Pool, select
 
 Progress = Callable[[int, int, str], None]
@@ -104,19 +105,27 @@ class Ranking:
 
 
 def choose_knowledge(model: LoadedModel, requested: str = "auto") -> Knowledge:
-    """Source knowledge in the method's order of preference: BatchNorm stats, statistics file, energy."""
-    has_bn = not model.scripted and bool(batchnorm_layers(model.network))
+    """Source knowledge in the method's order of preference: BatchNorm statistics the network really uses
+    in eval mode, a statistics file, the pre-trained head's free energy. Most foundation models normalise
+    with InstanceNorm, GroupNorm or LayerNorm, and some BatchNorm variants use batch statistics even in
+    eval mode (SuPreM's UNet): their running buffers are not the source's knowledge and are not used."""
+    norm = None if model.scripted else normalisation_info(model.network)
     stats_path = model.source_stats_path()
     has_stats = stats_path is not None and stats_path.is_file()
-    if requested in ("auto", "bn") and has_bn:
-        return Knowledge("bn", batchnorm_knowledge(model.network))
+    if requested in ("auto", "bn") and norm is not None and norm.uses_running_statistics:
+        return Knowledge("bn", batchnorm_knowledge(model.network, norm.running_stats))
+    kinds = ", ".join(sorted(norm.kinds)) if norm and norm.kinds else "no normalisation layers we recognise"
     if requested == "bn":
-        raise ModelError(f"{model.path}: the network has no BatchNorm statistics; use --knowledge stats or energy")
+        raise ModelError(
+            f"{model.path}: no BatchNorm in the network normalises with running statistics at inference "
+            f"({kinds}); use --knowledge stats or energy"
+        )
     if requested in ("auto", "stats") and has_stats and not model.scripted:
         return Knowledge("stats", FeatureSummary.load(stats_path))
     if requested == "stats":
         raise ModelError(f"{model.path}: no source-statistics file (set 'source_stats' in the card; see asfda stats)")
-    return Knowledge("energy")
+    note = "" if norm is None else f"the network normalises with {kinds}: no BatchNorm statistics to compare with"
+    return Knowledge("energy", note=note)
 
 
 def score_volume(

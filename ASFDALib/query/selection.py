@@ -41,13 +41,15 @@ class Knowledge:
 
     kind: str
     reference: FeatureSummary | None = None
+    note: str = ""  # why this kind, when it is a fallback
 
     def describe(self) -> str:
-        return {
+        text = {
             "bn": "BatchNorm running statistics in the weights",
             "stats": "source-statistics file",
             "energy": "free-energy fallback (no feature statistics available)",
         }[self.kind]
+        return f"{text}; {self.note}" if self.note else text
 
 
 @dataclass

@@ -115,3 +115,49 @@ def test_batchnorm_knowledge_ranks_an_intensity_shifted_copy_above_the_original(
     summaries = [sweep(default_model.network, x, default_model.card).summary for x in (original, shifted)]
     d_src = scoring.skl_to_reference(summaries, knowledge, layers)
     assert d_src[1] > 2 * d_src[0]
+
+
+def _loaded(network):
+    from pathlib import Path
+
+    from ASFDALib.models.card import ModelCard
+    from ASFDALib.models.loading import LoadedModel
+
+    card = ModelCard(class_names=["background", "a", "b", "c"], roi_size=(32, 32, 32))
+    return LoadedModel(network, card, "state_dict", Path("net.pt"), "digest")
+
+
+@pytest.mark.parametrize(
+    "norm,expected,note",
+    [
+        ("batch", "bn", ""),
+        ("instance", "energy", "the network normalises with InstanceNorm: no BatchNorm statistics to compare with"),
+        (("group", {"num_groups": 2}), "energy", "the network normalises with GroupNorm"),
+    ],
+)
+def test_source_knowledge_comes_from_batchnorm_only_when_the_network_uses_its_statistics(norm, expected, note):
+    from ASFDALib.query.ranking import choose_knowledge
+
+    args = {"spatial_dims": 3, "in_channels": 1, "out_channels": 4, "channels": [4, 8], "strides": [2], "norm": norm}
+    knowledge = choose_knowledge(_loaded(build_network(NetworkSpec("UNet", args))))
+    assert knowledge.kind == expected
+    assert note in knowledge.describe()
+
+
+def test_batchnorm_that_normalises_with_batch_statistics_in_eval_is_not_source_knowledge():
+    """SuPreM's UNet uses a BatchNorm subclass that always normalises with the batch's own statistics:
+    its running buffers are not what the network uses, so they are not K_s."""
+    from ASFDALib.errors import ModelError
+    from ASFDALib.query.ranking import choose_knowledge
+
+    class AlwaysBatchStats(torch.nn.BatchNorm3d):
+        def forward(self, x):
+            return torch.nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum, self.eps
+            )
+
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), AlwaysBatchStats(4), torch.nn.Conv3d(4, 4, 1))
+    knowledge = choose_knowledge(_loaded(network))
+    assert knowledge.kind == "energy"
+    with pytest.raises(ModelError, match="no BatchNorm in the network normalises with running statistics"):
+        choose_knowledge(_loaded(network), "bn")
