@@ -99,6 +99,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._carried = None  # settings kept across File -> Close Scene: the session lives on disk
         self._shownRows = {}  # case -> cells now in the results table
         self._shownLog = None
+        self._progressKind = None  # the kind of the job whose progress the panel shows
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
 
@@ -372,9 +373,11 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.finetuneAgainButton.visible = run is not None
         self.ui.finetuneRunLabel.text = flow.run_text()
+        if flow.busy:  # progress goes to the section of the job that runs, and stays there when it ends
+            self._progressKind = flow.job.kind
         bar, label = (
             (self.ui.finetuneProgressBar, self.ui.finetuneLabel)
-            if training
+            if self._progressKind == "fine-tuning"
             else (self.ui.progressBar, self.ui.progressLabel)
         )
         bar.value = int(100 * flow.progress)
