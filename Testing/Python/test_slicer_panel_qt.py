@@ -265,3 +265,13 @@ def test_a_signal_the_widget_lacks_is_refused_as_pythonqt_would(standins):
     label.text = "attribute-style"
     label.enabled = False
     assert (label.text, label.enabled) == ("attribute-style", False)
+
+
+def test_the_module_self_test_runs_with_the_panel_logic(standins):
+    """ASFDATest (Reload and Test in Slicer) on the same stand-ins: its code paths are the panel's."""
+    import unittest
+
+    module = slicer_standins.load_panel()
+    result = unittest.TextTestRunner(verbosity=0).run(module.ASFDATest("runTest"))
+    assert result.wasSuccessful(), result.errors + result.failures
+    slicer.mrmlScene.Clear(0)

@@ -1,8 +1,9 @@
 """Stands in for ``slicer.ScriptedLoadableModule`` (Base/Python/slicer/ScriptedLoadableModule.py) and for
 ``slicer.app`` (qSlicerApplication), with only what a module's widget, logic and test use: the module
 panel's layout and resource path, the logic's singleton parameter node (real MRML, made as Slicer makes
-it), ``testingEnabled()`` (on, as under ``Slicer --testing``: message boxes are logged, not shown) and
-the override cursor.
+it), ``testingEnabled()`` (on, as under ``Slicer --testing``: message boxes are logged, not shown), the
+override cursor, and ``coreIOManager()`` writing volumes as Slicer's VolumeFile writer does (ITK through
+vtkMRMLVolumeArchetypeStorageNode), for ``slicer.util.saveNode`` in the module's self-test.
 """
 
 from __future__ import annotations
@@ -36,6 +37,31 @@ class SlicerApplication:
 
     def layoutManager(self):  # noqa: N802
         return None
+
+    def coreIOManager(self):  # noqa: N802
+        return CoreIOManager()
+
+
+class CoreIOManager:
+    """qSlicerCoreIOManager: saving volume nodes only."""
+
+    def fileWriterFileType(self, node) -> str:  # noqa: N802
+        import slicer
+
+        if not isinstance(node, slicer.vtkMRMLVolumeNode):
+            raise NotImplementedError(f"the stand-in saves volumes only, not {node.GetClassName()}")
+        return "VolumeFile"
+
+    def saveNodes(self, fileType, properties, userMessages=None) -> bool:  # noqa: N802
+        import slicer
+
+        node = _scene().GetNodeByID(properties["nodeID"])
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        _scene().AddNode(storage)
+        storage.SetFileName(str(properties["fileName"]))
+        ok = bool(storage.WriteData(node))
+        _scene().RemoveNode(storage)
+        return ok
 
 
 def _scene():
