@@ -266,7 +266,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         starting label (saved label, prediction file or a fresh prediction) and onPoll loads it."""
         loaded = self.logic.loadedCase(name)
         if loaded is not None:
-            self._show(name, *loaded, _("already open"))
+            self._show(name, *loaded, _("its open segmentation, edits kept"))
             return
         self.logic.workflow(self._settings()).start_open(name)
         self.ui.labelStatusLabel.text = _("Opening {name}…").format(name=name)

@@ -185,6 +185,10 @@ def test_one_session_through_the_panel_buttons(standins, errors, tmp_path):
     run_until(lambda: widget.logic.current[0] == rest[0] and _idle(widget)())
     assert ui.labelStatusLabel.text.startswith(f"Labelling {rest[0]} (from prediction {rest[0]})")
     assert _volume_nodes() == 2
+    _double_click(ui.resultsTable, case)  # already in the scene: shown as it is, no job, no second copy
+    assert widget.logic.current[0] == case and not widget.logic.flow.busy and _volume_nodes() == 2
+    assert ui.labelStatusLabel.text.startswith(f"Labelling {case} (from its open segmentation, edits kept)")
+    assert ui.segmentEditorWidget.mrmlSegmentEditorNode().GetSegmentationNode() is segmentation
 
     # --- next round: re-rank the rest with the adapted model ----------------------------------------------
     ui.nextRoundButton.click()
