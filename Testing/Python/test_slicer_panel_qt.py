@@ -84,6 +84,8 @@ def _volume_nodes() -> int:
 
 
 def test_one_session_through_the_panel_buttons(standins, errors, tmp_path):
+    from PySide6 import QtCore
+
     from ASFDALib.app import mrml
     from ASFDALib.bench.phantoms import write_phantoms
     from ASFDALib.data.volumes import read_volume
@@ -173,9 +175,16 @@ def test_one_session_through_the_panel_buttons(standins, errors, tmp_path):
     assert (session / "checkpoints" / "round1-replaced-1").is_dir()
 
     # --- apply: predictions to files in the session, listed; none loaded until opened ---------------------
+    table = ui.resultsTable
+    table.sortItems(2, QtCore.Qt.DescendingOrder)  # the user sorts by score and selects a row
+    order = [table.item(r, 1).text() for r in range(table.rowCount)]
+    table.selectRow(2)
     ui.applyButton.click()
     assert ui.applyButton.text == "Cancel"
     run_until(_idle(widget))
+    # The statuses changed in place: the user's sort order and selection survived every refresh.
+    assert [table.item(r, 1).text() for r in range(table.rowCount)] == order
+    assert {item.row() for item in table.selectedItems()} == {2}
     rest = sorted(set(_rows(ui.resultsTable)) - {case})
     assert {c: _rows(ui.resultsTable)[c] for c in rest} == dict.fromkeys(rest, "predicted")
     files = sorted(p.name for p in (session / "predictions").glob("round1-*/*.nii.gz"))
