@@ -224,10 +224,12 @@ class Workflow:
 
     def finetune_run(self) -> dict | None:
         """This round's fine-tuning record (targets, iterations done, finished), or None when none ran."""
-        from ASFDALib.adaptation.pipeline import _read_run
-
         session = self._open_session()
         if session is None or not session.rounds:
+            return None
+        try:  # the engine's reader imports torch: not before the panel has installed the dependencies
+            from ASFDALib.adaptation.pipeline import _read_run
+        except ImportError:
             return None
         return _read_run(session.root / "checkpoints" / f"round{session.rounds[-1]['index']}")
 
