@@ -99,6 +99,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._carried = None  # settings kept across File -> Close Scene: the session lives on disk
         self._shownRows = {}  # case -> cells now in the results table
         self._shownLog = None
+        self._progressKind = None  # the kind of the job whose progress the panel shows
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
 
@@ -116,6 +117,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.nextCaseButton.connect("clicked()", self.onNextCase)
         self.ui.saveLabelButton.connect("clicked()", self.onSaveLabel)
         self.ui.finetuneButton.connect("clicked()", self.onFinetune)
+        self.ui.finetuneAgainButton.connect("clicked()", self.onFinetuneAgain)
         self.ui.applyButton.connect("clicked()", self.onApply)
         self.ui.nextRoundButton.connect("clicked()", self.onNextRound)
         self.ui.exportButton.connect("clicked()", self.onExport)
@@ -153,7 +155,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setActiveEffect(None)
         editor.setSegmentationNode(None)
         editor.removeViewObservations()
-        self.logic.current = None  # its volume and segmentation nodes are being deleted
+        self.logic.forgetCases()  # their volume and segmentation nodes are being deleted
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -246,7 +248,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refresh()
 
     def onNextCase(self):
-        with slicer.util.tryWithErrorDisplay(_("Could not open the next case"), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not open the next case")):
             name = self.logic.flow.next_case()
             if name is None:
                 self.ui.labelStatusLabel.text = self.logic.flow.log[-1]
@@ -255,15 +257,26 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refresh()
 
     def onRowActivated(self, row, column):
-        with slicer.util.tryWithErrorDisplay(_("Could not open the case"), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not open the case")):
             self._open(self.ui.resultsTable.item(row, 1).text())
+        self.refresh()
 
     def _open(self, name):
-        volume, segmentation = self.logic.loadCase(name)
+        """A case already in the scene is shown as it is (edits kept); otherwise the worker reads it and its
+        starting label (saved label, prediction file or a fresh prediction) and onPoll loads it."""
+        loaded = self.logic.loadedCase(name)
+        if loaded is not None:
+            self._show(name, *loaded, _("its open segmentation, edits kept"))
+            return
+        self.logic.workflow(self._settings()).start_open(name)
+        self.ui.labelStatusLabel.text = _("Opening {name}…").format(name=name)
+        self.timer.start()
+
+    def _show(self, name, volume, segmentation, source):
         self.ui.segmentEditorWidget.setSegmentationNode(segmentation)
         self.ui.segmentEditorWidget.setSourceVolumeNode(volume)
-        self.ui.labelStatusLabel.text = _("Labelling {name}: correct the model's prediction, then Save label.").format(
-            name=name
+        self.ui.labelStatusLabel.text = _("Labelling {name} (from {source}): correct it, then Save label.").format(
+            name=name, source=source
         )
 
     def onSaveLabel(self):
@@ -273,17 +286,33 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refresh()
 
     def onFinetune(self):
+        """Fine-tune, or when this round has a run, continue it (resume if interrupted, extend if finished)."""
         if self.logic.flow is not None and self.logic.flow.busy:
             self.logic.flow.cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start")):
-            self.logic.workflow(self._settings()).start_finetune(resume=True)
+            flow = self.logic.workflow(self._settings())
+            flow.start_finetune(flow.finetune_mode())
+            self.timer.start()
+        self.refresh()
+
+    def onFinetuneAgain(self):
+        """Train this round again from its start; the engine keeps the earlier run aside."""
+        with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start")):
+            flow = self.logic.workflow(self._settings())
+            flow.start_finetune(flow.finetune_mode(again=True))
             self.timer.start()
         self.refresh()
 
     def onApply(self):
-        with slicer.util.tryWithErrorDisplay(_("Prediction failed"), waitCursor=True):
-            self.logic.applyRemaining()
+        """Predict the remaining volumes into the session's predictions folder, in the worker."""
+        if self.logic.flow is not None and self.logic.flow.busy:
+            self.logic.flow.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Prediction could not start")):
+            self.logic.workflow(self._settings()).start_apply()
+            self.timer.start()
+        self.refresh()
 
     def onNextRound(self):
         with slicer.util.tryWithErrorDisplay(_("Next round could not start")):
@@ -310,6 +339,11 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.timer.stop()
             return
         flow.poll()
+        opened = flow.take_opened()
+        if opened is not None:
+            with slicer.util.tryWithErrorDisplay(_("Could not load the case")):
+                volume, segmentation = self.logic.showCase(opened)
+                self._show(opened.name, volume, segmentation, opened.source)
         if not flow.busy:
             self.timer.stop()
         self.refresh()
@@ -326,13 +360,24 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             getattr(self.ui, name).toolTip = why
         ranking = flow.busy and flow.job.kind == "ranking"
         training = flow.busy and flow.job.kind == "fine-tuning"
+        predicting = flow.busy and flow.job.kind == "predicting"
         self.ui.rankButton.enabled = True if ranking else self.ui.rankButton.enabled
         self.ui.rankButton.text = _("Cancel") if ranking else _("Rank volumes")
+        self.ui.applyButton.enabled = True if predicting else self.ui.applyButton.enabled
+        self.ui.applyButton.text = _("Cancel") if predicting else _("Predict remaining")
+        # With a run in this round the two choices are explicit: continue it, or train again from the start.
+        run = flow.finetune_run()
         self.ui.finetuneButton.enabled = True if training else self.ui.finetuneButton.enabled
-        self.ui.finetuneButton.text = _("Cancel") if training else _("Fine-tune")
+        self.ui.finetuneButton.text = (
+            _("Cancel") if training else _("Fine-tune") if run is None else _("Continue the last run")
+        )
+        self.ui.finetuneAgainButton.visible = run is not None
+        self.ui.finetuneRunLabel.text = flow.run_text()
+        if flow.busy:  # progress goes to the section of the job that runs, and stays there when it ends
+            self._progressKind = flow.job.kind
         bar, label = (
             (self.ui.finetuneProgressBar, self.ui.finetuneLabel)
-            if training
+            if self._progressKind == "fine-tuning"
             else (self.ui.progressBar, self.ui.progressLabel)
         )
         bar.value = int(100 * flow.progress)
@@ -385,7 +430,8 @@ class ASFDALogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.flow = None
-        self.current = None  # (case name, volume node, segmentation node)
+        self.current = None  # (case name, volume node, segmentation node) being labelled
+        self.loaded = {}  # case name -> (volume node, segmentation node): only the cases the user opened
 
     def getParameterNode(self):
         return ScriptedLoadableModuleLogic.getParameterNode(self)
@@ -476,18 +522,31 @@ class ASFDALogic(ScriptedLoadableModuleLogic):
             )
 
     # --- cases ---------------------------------------------------------------------------------------
-    def loadCase(self, name):
+    def showCase(self, opened):
+        """Nodes for a case the worker prepared (workflow.OpenedCase): MRML work only, on the GUI thread."""
         from ASFDALib.app import mrml
 
-        volume = self.flow.case_volume(name)
-        volumeNode = mrml.volume_to_node(slicer.mrmlScene, volume.array, volume.affine, name)
-        prefill = self.flow.prefill(name)
+        volumeNode = mrml.volume_to_node(slicer.mrmlScene, opened.array, opened.affine, opened.name)
         segmentation = mrml.labelmap_to_segmentation(
-            slicer.mrmlScene, prefill, volume.affine, self.flow.class_names(), volumeNode, f"{name} label"
+            slicer.mrmlScene, opened.label, opened.affine, self.flow.class_names(), volumeNode, f"{opened.name} label"
         )
         slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
-        self.current = (name, volumeNode, segmentation)
+        self.loaded[opened.name] = (volumeNode, segmentation)
+        self.current = (opened.name, volumeNode, segmentation)
         return volumeNode, segmentation
+
+    def loadedCase(self, name):
+        """The nodes of a case opened before and still in the scene (the user's edits in them), else None."""
+        nodes = self.loaded.get(name)
+        if nodes is None or any(n.GetScene() is None for n in nodes):  # deleted by the user or a scene close
+            self.loaded.pop(name, None)
+            return None
+        self.current = (name, *nodes)
+        return nodes
+
+    def forgetCases(self):
+        self.current = None
+        self.loaded = {}
 
     def saveCurrentLabel(self):
         from ASFDALib.app import mrml
@@ -499,20 +558,6 @@ class ASFDALogic(ScriptedLoadableModuleLogic):
         _array, affine = mrml.node_to_volume(volumeNode)
         return self.flow.save_label(name, label, affine, lambda path: mrml.save_segmentation(segmentation, path))
 
-    def applyRemaining(self):
-        from ASFDALib.app import mrml
-
-        nodes = []
-        for name, label in self.flow.apply().items():
-            volume = self.flow.case_volume(name)
-            volumeNode = mrml.volume_to_node(slicer.mrmlScene, volume.array, volume.affine, name)
-            nodes.append(
-                mrml.labelmap_to_segmentation(
-                    slicer.mrmlScene, label, volume.affine, self.flow.class_names(), volumeNode, f"{name} prediction"
-                )
-            )
-        return nodes
-
 
 def _resource(relative, resourcePath):
     """Installed modules keep Resources beside the module; a source checkout keeps it at the top level."""
@@ -521,7 +566,8 @@ def _resource(relative, resourcePath):
 
 
 class ASFDATest(ScriptedLoadableModuleTest):
-    """Synthetic volumes only, no network: rank, save a label, a short fine-tune, apply (under a minute)."""
+    """Synthetic volumes only, no network: rank, open a case, save a label, a short fine-tune, predict the
+    remaining volumes and open one of them, all through the workflow's worker (under a minute)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -567,15 +613,29 @@ class ASFDATest(ScriptedLoadableModuleTest):
         flow.wait()
         self.assertEqual(len(flow.query), 1)
         name = flow.next_case()
-        volumeNode, segmentation = logic.loadCase(name)
+        flow.start_open(name)  # the prediction runs in the worker; only showing it touches the scene
+        flow.wait()
+        volumeNode, segmentation = logic.showCase(flow.take_opened())
         self.assertGreater(segmentation.GetSegmentation().GetNumberOfSegments(), 0)
         self.delayDisplay("Saving a label")
         nifti, seg = logic.saveCurrentLabel()
         self.assertTrue(os.path.exists(nifti) and os.path.exists(seg))
         self.delayDisplay("Fine-tuning")
-        flow.start_finetune()
+        flow.start_finetune(flow.finetune_mode())
         flow.wait()
         self.assertTrue(flow.check("apply")[0], flow.log[-3:])
-        predictions = logic.applyRemaining()
-        self.assertEqual(len(predictions), 3)
+        self.assertTrue(flow.last_run.startswith("round 1 trained"), flow.last_run)
+        self.delayDisplay("Predicting the remaining volumes into the session")
+        volumes = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+        flow.start_apply()
+        flow.wait()
+        predicted = flow.predictions()
+        self.assertEqual(len(predicted), 3)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), volumes)
+        other = sorted(predicted)[0]
+        flow.start_open(other)
+        flow.wait()
+        opened = flow.take_opened()
+        self.assertEqual(opened.source, f"prediction {predicted[other].name}")
+        logic.showCase(opened)
         self.delayDisplay("Test passed")

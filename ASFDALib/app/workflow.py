@@ -1,11 +1,14 @@
 """The Slicer panel's behaviour as a pure-Python object: what each step does, which actions are enabled
-and why, table rows, progress text. Long work runs in a worker thread that reports through a queue; the
-panel (or a test) calls :meth:`Workflow.poll` to apply the reports on its own thread. No Qt, no MRML:
-only arrays and paths cross into here.
+and why, table rows, progress text. Long work (ranking, a case's prediction, predicting the remaining
+volumes, fine-tuning) runs in a worker thread that reports through a queue; the panel (or a test) calls
+:meth:`Workflow.poll` to apply the reports on its own thread. No Qt, no MRML: only arrays and paths cross
+into here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import queue
 import threading
 import time
@@ -26,6 +29,7 @@ BUTTON_ACTIONS = {
     "nextCaseButton": "next_case",
     "saveLabelButton": "save_label",
     "finetuneButton": "finetune",
+    "finetuneAgainButton": "finetune_again",
     "applyButton": "apply",
     "nextRoundButton": "next_round",
     "exportButton": "export",
@@ -37,6 +41,11 @@ class Phase(str, Enum):
     RANKING = "ranking"
     RANKED = "ranked"
     FINETUNING = "finetuning"
+    OPENING = "opening"
+    PREDICTING = "predicting"
+
+
+PREDICTIONS = "predictions"  # the session's subfolder for "Predict remaining": never beside the inputs
 
 
 @dataclass
@@ -69,6 +78,17 @@ class TableRow:
     selected: bool = False
 
 
+@dataclass
+class OpenedCase:
+    """A case ready to show: its image, the label to start from (on the image's grid), and where that came from."""
+
+    name: str
+    array: np.ndarray
+    affine: np.ndarray
+    label: np.ndarray
+    source: str  # "label <file>", "prediction <file>" or "model prediction"
+
+
 class Cancelled(Exception):
     """Raised inside a worker when the user pressed Cancel."""
 
@@ -83,6 +103,10 @@ class Job:
 
 def _fmt(value: float) -> str:
     return "" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
+def _done(run: dict) -> str:
+    return f"stage 1: {run['done']['stage1']} iterations, stage 2: {run['done']['stage2']}"
 
 
 def _eta(seconds: float) -> str:
@@ -105,6 +129,8 @@ class Workflow:
         self.job: Job | None = None
         self._events: queue.Queue = queue.Queue()
         self._model = None
+        self.opened: OpenedCase | None = None  # a case the worker prepared, until the panel takes it
+        self.last_run = ""  # what the last fine-tuning did (AdaptResult.summary), shown under its button
 
     # --- state the panel shows ---------------------------------------------------------------------
     def message(self, text: str) -> None:
@@ -154,17 +180,77 @@ class Workflow:
             if action == "next_case" and not self.missing_labels():
                 return False, "every queried case is labelled: fine-tune next"
             return True, "label the next queried case" if action == "next_case" else "save the current label"
-        if action == "finetune":
-            return (True, "fine-tune on the labels") if self.labelled() else (False, "save at least one label first")
+        if action == "open":
+            return (True, "load the case to label") if self._open_session() else (False, "rank first")
+        if action in ("finetune", "finetune_again"):
+            if not self.labelled():
+                return False, "save at least one label first"
+            return self._check_finetune(action == "finetune_again")
         if action in ("apply", "export", "next_round"):
             if not self._adapted():
                 return False, "fine-tune first"
+            if action == "apply" and not self._unpredicted():
+                return False, "every remaining volume has a prediction from this model: double-click a row to open it"
             return True, {
                 "apply": "predict the remaining volumes",
                 "export": "write a MONAI bundle",
                 "next_round": "re-rank the rest with the adapted model",
             }[action]
         raise ValueError(f"unknown action {action!r}")
+
+    def _check_finetune(self, again: bool) -> tuple[bool, str]:
+        """Continue the round's run (resume an interrupted one, extend a finished one) or train it again."""
+        run = self.finetune_run()
+        if again:
+            if run is None:
+                return False, "this round has no run yet: Fine-tune starts it"
+            return True, "train this round again from its start (the last run is kept aside in the session)"
+        if run is None:
+            return True, "fine-tune on the labels"
+        if not run["finished"]:
+            return True, f"continue the interrupted run ({_done(run)})"
+        done = run["done"]
+        # As the engine's extend: a run that reached stage 2 goes on in stage 2, else in stage 1.
+        if done["stage2"]:
+            stage, asked = "stage2", self.settings.pseudo_iterations
+        else:
+            stage, asked = "stage1", self.settings.iterations
+        if asked <= done[stage]:
+            return False, (
+                f"the last run finished ({_done(run)}): set the iterations above {done[stage]} to continue it, "
+                "or train again from the round's start"
+            )
+        return True, f"continue the finished run ({_done(run)}) to {asked} iterations"
+
+    def finetune_run(self) -> dict | None:
+        """This round's fine-tuning record (targets, iterations done, finished), or None when none ran."""
+        session = self._open_session()
+        if session is None or not session.rounds:
+            return None
+        try:  # the engine's reader imports torch: not before the panel has installed the dependencies
+            from ASFDALib.adaptation.pipeline import _read_run
+        except ImportError:
+            return None
+        return _read_run(session.root / "checkpoints" / f"round{session.rounds[-1]['index']}")
+
+    def finetune_mode(self, again: bool = False) -> str:
+        """The engine's mode for the panel's two explicit choices: never a silent resume of a finished run."""
+        if again:
+            return "restart"
+        run = self.finetune_run()
+        if run is None:
+            return "new"
+        return "extend" if run["finished"] else "resume"
+
+    def run_text(self) -> str:
+        """One line on the round's run for the Fine-tune section: what the two choices would act on."""
+        run = self.finetune_run()
+        if run is None:
+            return self.last_run
+        session = self._open_session()
+        state = "finished" if run["finished"] else "interrupted"
+        text = f"Round {session.rounds[-1]['index']} has a {state} run ({_done(run)})."
+        return f"{self.last_run}\n{text}" if self.last_run else text
 
     def _session_has_images(self) -> bool:
         session = self._open_session()
@@ -251,10 +337,16 @@ class Workflow:
                 self.message(f"{payload[0]} cancelled; finished work is kept")
             elif kind == "ranked":
                 self._apply_ranking(payload[0])
+            elif kind == "opened":
+                self.opened = payload[0]
+            elif kind == "predicted":
+                self._set_status(payload[0], "predicted")
+            elif kind == "finetuned":
+                self.last_run = self.progress_text = payload[0]
             elif kind == "finished":
                 self.job = None
                 self.refresh_statuses()
-                if self.phase in (Phase.RANKING, Phase.FINETUNING):
+                if self.phase in (Phase.RANKING, Phase.FINETUNING, Phase.OPENING, Phase.PREDICTING):
                     self.phase = Phase.RANKED if self.rows else Phase.SETUP
 
     # --- rank --------------------------------------------------------------------------------------
@@ -315,24 +407,33 @@ class Workflow:
         rounds = session.rounds if session else []
         return {n for r in rounds for n in (r.get("metrics") or {}).get("pseudo_labelled", [])}
 
-    def _status(self, name: str, done: dict, pseudo: set[str]) -> str:
-        return "labelled" if name in done else "pseudo-labelled" if name in pseudo else "unlabelled"
+    def _status(self, name: str, done: dict, pseudo: set[str], predicted: dict | None = None) -> str:
+        if name in done:
+            return "labelled"
+        if predicted and name in predicted:
+            return "predicted"  # a file in the session's predictions folder: opening the row loads it
+        return "pseudo-labelled" if name in pseudo else "unlabelled"
+
+    def _set_status(self, name: str, status: str) -> None:
+        for row in self.rows:
+            if row.case == name:
+                row.status = status
 
     def refresh_statuses(self) -> None:
-        """Labelled / pseudo-labelled / unlabelled for every scored row, from the session on disk."""
-        done, pseudo = self.labelled(), self._pseudo_labelled()
+        """Labelled / predicted / pseudo-labelled / unlabelled for every scored row, from the session on disk."""
+        done, pseudo, predicted = self.labelled(), self._pseudo_labelled(), self.predictions()
         for row in self.rows:
             if not row.status.startswith("skipped"):
-                row.status = self._status(row.case, done, pseudo)
+                row.status = self._status(row.case, done, pseudo, predicted)
 
     def _rows_from_report(self, report: dict) -> None:
         self.query = list(report["selected"])
-        done, pseudo = self.labelled(), self._pseudo_labelled()
+        done, pseudo, predicted = self.labelled(), self._pseudo_labelled(), self.predictions()
         rows = []
         for row in report["rows"]:
             status = row["status"]
             if status in ("scored", "labelled"):
-                status = self._status(row["file"], done, pseudo)
+                status = self._status(row["file"], done, pseudo, predicted)
             elif status == "skipped":
                 status = f"skipped: {row['reason']}"
                 self.skipped[row["file"]] = row["reason"]
@@ -363,12 +464,22 @@ class Workflow:
 
         return Session.open(self.session_path())
 
+    @staticmethod
+    def _model_key(session) -> str:
+        """Names the weights the session's model has now: the base model's digest and the adapted checkpoint's
+        file identity (training a round again rewrites the same final.pt, so its path alone is not enough)."""
+        checkpoint = session.adapted_checkpoint()
+        if checkpoint is None:
+            return session.data["model"]["digest"]
+        stat = checkpoint.stat()
+        return f"{session.data['model']['digest']}+{session.relative(checkpoint)}@{stat.st_mtime_ns}:{stat.st_size}"
+
     def model(self):
-        """The session's model (adapted when fine-tuned), loaded once per change."""
+        """The session's model (adapted when fine-tuned), loaded once per change of weights."""
         from ASFDALib.adaptation.pipeline import session_model
 
         session = self._session()
-        key = (session.data["model"]["digest"], str(session.adapted_checkpoint()))
+        key = self._model_key(session)
         if self._model is None or self._model[0] != key:
             self._model = (key, session_model(session, adapted=True))
         return self._model[1]
@@ -378,16 +489,57 @@ class Workflow:
 
         return read_volume(self._session().image_path(name))
 
-    def prefill(self, name: str) -> np.ndarray:
-        """The model's prediction for ``name`` on the volume's own grid: the label to start from."""
+    def prefill(self, name: str, volume=None) -> np.ndarray:
+        """The model's prediction for ``name`` on the volume's own grid: the label to start from.
+
+        Full inference: the panel calls it only from a worker (:meth:`start_open`, :meth:`start_apply`)."""
         from ASFDALib.data.preprocess import labels_to_native, preprocess
         from ASFDALib.inference.predict import predict_label
 
         model = self.model()
-        volume = self.case_volume(name)
+        volume = volume if volume is not None else self.case_volume(name)
         image = preprocess(volume, model.card)
         label = predict_label(model.network, image, model.card, self.settings.device)
         return labels_to_native(label.astype(np.uint8), image.affine.numpy(), volume.array.shape, volume.affine)
+
+    def start_open(self, name: str) -> None:
+        """Prepare ``name`` for labelling in the worker: its image and the label to start from, which is its
+        newest saved label, else this model's prediction file (Predict remaining), else a fresh prediction.
+        :meth:`poll` then holds it in :attr:`opened` for the panel to load into the scene."""
+        ok, why = self.check("open")
+        if not ok:
+            raise ASFDAError(why)
+        self.phase = Phase.OPENING
+        self.opened = None
+        self.progress, self.progress_text = 0.0, f"Opening {name}…"
+
+        def work(cancel: threading.Event) -> None:
+            from ASFDALib.data.volumes import read_volume
+
+            volume = self.case_volume(name)
+            if cancel.is_set():
+                raise Cancelled
+            label, source = None, "model prediction"
+            for kind, path in (("label", self.labelled().get(name)), ("prediction", self.predictions().get(name))):
+                if path is None:
+                    continue
+                stored = read_volume(path)
+                if stored.array.shape == volume.array.shape and np.allclose(stored.affine, volume.affine, atol=1e-3):
+                    label, source = stored.array.astype(np.uint8), f"{kind} {path.name}"
+                    break
+                self._events.put(("message", f"{path.name} is not on {name}'s grid: starting from the model instead"))
+            if label is None:
+                self._events.put(("progress", 0.5, f"Opening {name}: the model predicts it…"))
+                label = self.prefill(name, volume)
+            self._events.put(("opened", OpenedCase(name, volume.array, volume.affine, label, source)))
+            self._events.put(("progress", 1.0, f"Opened {name} ({source})"))
+
+        self._start("opening", work)
+
+    def take_opened(self) -> OpenedCase | None:
+        """The case the last :meth:`start_open` prepared, once (the panel loads it into the scene)."""
+        opened, self.opened = self.opened, None
+        return opened
 
     def class_names(self) -> list[str]:
         return list(self._session().data["model"]["card"]["class_names"])
@@ -420,11 +572,14 @@ class Workflow:
 
     # --- fine-tune ---------------------------------------------------------------------------------
     def start_finetune(self, mode: str = "new") -> None:
-        ok, why = self.check("finetune")
+        """Fine-tune in the worker with the engine's ``mode`` (new, resume, extend, restart); the panel's two
+        choices map onto it through :meth:`finetune_mode`, and what ran is shown from AdaptResult.summary."""
+        ok, why = self.check("finetune_again" if mode == "restart" else "finetune")
         if not ok:
             raise ASFDAError(why)
         settings = self.settings
         self.phase = Phase.FINETUNING
+        self.last_run = ""
         self.progress, self.progress_text = 0.0, "Fine-tuning…"
 
         def work(cancel: threading.Event) -> None:
@@ -454,9 +609,12 @@ class Workflow:
                         raise
                     status("GPU out of memory: continuing on the CPU from the last checkpoint")
                     config.device = "cpu"
-                    result = finetune_session(session, config, settings.pseudo, "resume", cancel, progress, status)
+                    # The run is now recorded as this round's: an extension goes on extending, the rest resumes.
+                    again = "extend" if mode == "extend" else "resume"
+                    result = finetune_session(session, config, settings.pseudo, again, cancel, progress, status)
             if result.status == "cancelled":
                 raise Cancelled
+            self._events.put(("finetuned", result.summary))
             status(f"fine-tuning done, {result.summary}: {result.checkpoint}")
 
         self._start("fine-tuning", work)
@@ -466,9 +624,68 @@ class Workflow:
         done = self.labelled()
         return [r.case for r in self.rows if r.case not in done and not r.status.startswith("skipped")]
 
-    def apply(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Adapted-model predictions (native grid) for the unlabelled volumes, for review."""
-        return {name: self.prefill(name) for name in (names if names is not None else self.remaining())}
+    def _predictions_folder(self, session) -> Path:
+        """predictions/<round>-<weights>: one folder per model state, so a later model never mixes with an
+        earlier one's files and nothing is overwritten."""
+        key = self._model_key(session)
+        checkpoint = session.adapted_checkpoint()
+        stem = checkpoint.parent.name if checkpoint is not None else "base"
+        return session.root / PREDICTIONS / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+    def predictions(self) -> dict[str, Path]:
+        """Case -> prediction file written by "Predict remaining" with the model the session has now."""
+        session = self._open_session()
+        if session is None or not session.data.get("model"):
+            return {}
+        manifest = self._predictions_folder(session) / "predictions.json"
+        if not manifest.is_file():
+            return {}
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        found = {name: session.path(relative) for name, relative in files.items()}
+        return {name: path for name, path in found.items() if path.is_file()}
+
+    def _unpredicted(self) -> list[str]:
+        predicted = self.predictions()
+        return [name for name in self.remaining() if name not in predicted]
+
+    def start_apply(self, names: list[str] | None = None) -> None:
+        """Predict the remaining volumes in the worker into the session's predictions folder (NIfTI on each
+        volume's own grid), listed in the table as "predicted"; nothing is loaded into the scene until a row
+        is opened. Volumes that already have a prediction from this model are skipped; Cancel keeps the
+        finished ones."""
+        ok, why = self.check("apply")
+        if not ok:
+            raise ASFDAError(why)
+        todo = list(names) if names is not None else self._unpredicted()
+        self.phase = Phase.PREDICTING
+        self.progress, self.progress_text = 0.0, "Predicting…"
+
+        def work(cancel: threading.Event) -> None:
+            from ASFDALib.adaptation.session import Session, case_id
+            from ASFDALib.atomic import atomic_write_json
+            from ASFDALib.data.volumes import write_nifti
+
+            start = time.perf_counter()
+            with Session.open(self.settings.session) as session:
+                folder = self._predictions_folder(session)
+                manifest = folder / "predictions.json"
+                info = {"model": self._model_key(session), "files": {}}
+                if manifest.is_file():
+                    info = json.loads(manifest.read_text(encoding="utf-8"))
+                for i, name in enumerate(todo):
+                    if cancel.is_set():
+                        raise Cancelled
+                    eta = f" — ETA {_eta((time.perf_counter() - start) / i * (len(todo) - i))}" if i else ""
+                    self._events.put(("progress", i / max(len(todo), 1), f"Predicting {i}/{len(todo)} — {name}{eta}"))
+                    volume = self.case_volume(name)
+                    path = write_nifti(folder / f"{case_id(name)}.nii.gz", self.prefill(name, volume), volume.affine)
+                    info["files"][name] = session.relative(path)
+                    atomic_write_json(manifest, info)  # after each volume: a cancel keeps what is written
+                    self._events.put(("predicted", name, path))
+            self._events.put(("progress", 1.0, f"Predicted {len(todo)} volumes into {folder}"))
+            self._events.put(("message", f"predictions written to {folder}: double-click a row to open one"))
+
+        self._start("predicting", work)
 
     def start_next_round(self) -> None:
         ok, why = self.check("next_round")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ASFDALib.app.workflow import PanelSettings, Phase, Workflow
-from ASFDALib.data.volumes import read_volume
+from ASFDALib.data.volumes import content_hash, read_volume
 
 
 @pytest.fixture
@@ -123,9 +124,6 @@ def test_finetune_apply_export_and_reopen(flow, mri_pool, tmp_path):
     assert flow.check("apply")[0] and flow.check("export")[0] and flow.check("next_round")[0]
     statuses = {r.status for r in flow.rows}
     assert statuses == {"labelled", "pseudo-labelled", "unlabelled"}, statuses
-    predictions = flow.apply(flow.remaining()[:1])
-    ((name, label),) = predictions.items()
-    assert label.shape == flow.case_volume(name).array.shape
     bundle = flow.export(tmp_path / "bundle")
     assert (bundle / "configs" / "inference.json").is_file()
 
@@ -148,3 +146,131 @@ def test_worker_errors_reach_the_log(tmp_path):
     flow.wait()
     assert any(line.startswith("ranking failed:") and "no volumes found" in line for line in flow.log)
     assert flow.phase is Phase.SETUP and not flow.busy
+
+
+def _ranked_and_labelled(flow, mri_pool, count=None):
+    flow.start_rank()
+    flow.wait()
+    for name in flow.query[:count]:
+        truth = _truth(mri_pool, name)
+        flow.save_label(name, truth.array, truth.affine)
+
+
+def test_opening_a_case_predicts_in_the_worker_and_reopening_starts_from_the_saved_label(flow, mri_pool):
+    flow.start_rank()
+    flow.wait()
+    name = flow.query[0]
+    flow.start_open(name)
+    assert flow.busy and flow.job.kind == "opening" and flow.job.thread.name == "asfda-opening"
+    assert flow.take_opened() is None  # nothing until the worker reports and poll() applies it
+    flow.wait()
+    opened = flow.take_opened()
+    assert opened.name == name and opened.source == "model prediction"
+    volume = flow.case_volume(name)
+    np.testing.assert_array_equal(opened.array, volume.array)
+    assert opened.label.shape == volume.array.shape and opened.label.dtype == np.uint8
+    assert flow.take_opened() is None  # handed over once
+    assert flow.progress_text == f"Opened {name} (model prediction)"
+
+    truth = _truth(mri_pool, name)
+    nifti, _ = flow.save_label(name, truth.array, truth.affine)
+    flow.start_open(name)
+    flow.wait()
+    again = flow.take_opened()
+    assert again.source == f"label {nifti.name}"
+    np.testing.assert_array_equal(again.label, truth.array)
+
+
+def test_predict_remaining_writes_files_in_the_session_and_opening_one_loads_it(flow, mri_pool):
+    flow.settings.pseudo = False
+    _ranked_and_labelled(flow, mri_pool)
+    flow.start_finetune()
+    flow.wait()
+    inputs = {p.name: content_hash(p) for p in (mri_pool / "images").iterdir()}
+    remaining = flow.remaining()
+    assert len(remaining) == 4 and flow.predictions() == {}
+    flow.start_apply(remaining[:1])
+    assert flow.busy and flow.job.kind == "predicting"
+    flow.wait()
+    assert set(flow.predictions()) == set(remaining[:1])
+    flow.start_apply()  # the rest only: the first has a prediction from this model
+    texts = []
+    while flow.busy:
+        flow.poll()
+        texts.append(flow.progress_text)
+        time.sleep(0.01)
+    flow.poll()
+    predicted = flow.predictions()
+    assert set(predicted) == set(remaining)
+    session = Path(flow.settings.session)
+    for name, path in predicted.items():
+        assert path.parent.parent == session / "predictions" and path.parent.name.startswith("round1-")
+        label, volume = read_volume(path), flow.case_volume(name)
+        assert label.array.shape == volume.array.shape
+        np.testing.assert_allclose(label.affine, volume.affine, atol=1e-4)
+    assert {p.name: content_hash(p) for p in (mri_pool / "images").iterdir()} == inputs  # inputs untouched
+    assert {r.case: r.status for r in flow.rows if r.case in remaining} == dict.fromkeys(remaining, "predicted")
+    assert any(t.startswith("Predicting ") for t in texts) and flow.progress_text.startswith("Predicted 3 volumes")
+    assert flow.check("apply") == (
+        False,
+        "every remaining volume has a prediction from this model: double-click a row to open it",
+    )
+    flow.start_open(remaining[1])
+    flow.wait()
+    opened = flow.take_opened()
+    assert opened.source == f"prediction {predicted[remaining[1]].name}"
+    np.testing.assert_array_equal(opened.label, read_volume(predicted[remaining[1]]).array)
+
+    # Training the round again makes new weights: the earlier predictions are no longer this model's.
+    flow.start_finetune(flow.finetune_mode(again=True))
+    flow.wait()
+    assert flow.predictions() == {} and flow.check("apply")[0]
+    assert "predicted" not in {r.status for r in flow.rows}
+
+
+def test_fine_tuning_again_is_an_explicit_choice_and_says_what_ran(flow, mri_pool):
+    flow.settings.pseudo = False
+    _ranked_and_labelled(flow, mri_pool, 1)
+    assert flow.finetune_run() is None and flow.finetune_mode() == "new"
+    assert flow.check("finetune_again") == (False, "this round has no run yet: Fine-tune starts it")
+    flow.start_finetune(flow.finetune_mode())
+    flow.wait()
+    assert flow.last_run == "round 1 trained: stage 1 10 iterations" == flow.progress_text
+    assert flow.finetune_run()["finished"] and flow.finetune_mode() == "extend"
+    # Continue a finished run only to more iterations than it ran: never a run that silently does nothing.
+    assert flow.check("finetune") == (
+        False,
+        "the last run finished (stage 1: 10 iterations, stage 2: 0): set the iterations above 10 to continue "
+        "it, or train again from the round's start",
+    )
+    assert flow.check("finetune_again")[0]
+    flow.settings.iterations = 14
+    assert flow.check("finetune") == (
+        True,
+        "continue the finished run (stage 1: 10 iterations, stage 2: 0) to 14 iterations",
+    )
+    flow.start_finetune(flow.finetune_mode())
+    flow.wait()
+    assert flow.last_run == "round 1 extended: stage 1 10 -> 14 iterations"
+    assert flow.run_text() == f"{flow.last_run}\nRound 1 has a finished run (stage 1: 14 iterations, stage 2: 0)."
+    flow.start_finetune(flow.finetune_mode(again=True))
+    flow.wait()
+    assert flow.last_run == "round 1 trained again: stage 1 14 iterations"
+    assert any(line.startswith("training round 1 again from its start") for line in flow.log)
+    assert (Path(flow.settings.session) / "checkpoints" / "round1-replaced-1" / "run.json").is_file()
+
+
+def test_a_cancelled_run_is_continued_not_restarted(flow, mri_pool):
+    flow.settings.pseudo = False
+    flow.settings.iterations = 100000
+    _ranked_and_labelled(flow, mri_pool, 1)
+    flow.start_finetune(flow.finetune_mode())
+    while flow.busy and not flow.progress_text.startswith("Fine-tuning stage 1: "):
+        flow.poll()
+        time.sleep(0.01)
+    flow.cancel()
+    flow.wait()
+    assert any(line == "fine-tuning cancelled; finished work is kept" for line in flow.log)
+    run = flow.finetune_run()
+    assert run is not None and not run["finished"] and flow.finetune_mode() == "resume"
+    assert flow.check("finetune")[1].startswith("continue the interrupted run (stage 1: ")

@@ -1,0 +1,290 @@
+"""The Slicer panel's own code (ASFDA/ASFDA.py) run in a real Qt event loop, driven through its buttons.
+
+Qt is PySide6 on the offscreen platform, MRML is slicer-core's, ``slicer.util`` is Slicer's own (shipped
+in slicer-core); only what the Slicer application alone provides is stood in (Testing/Python/
+slicer_standins: PythonQt's ``qt``, CTK and MRML widgets, ``slicer.app``, the scripted-module base
+classes, and a parameterNodeWrapper that binds by Slicer's connector rules). Jobs run in the workflow's
+worker thread and reach the panel through its 200 ms QTimer, as in Slicer.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("PySide6", reason="PySide6 (pip install PySide6-Essentials) runs the panel's Qt code")
+slicer = pytest.importorskip("slicer", reason="slicer-core gives the panel real MRML")
+
+import slicer_standins  # noqa: E402
+
+STATUS = 5  # the results table's Status column
+CAUGHT: list[BaseException] = []  # exceptions raised in the panel's slots, for failure messages
+
+
+@pytest.fixture(scope="module")
+def standins():
+    installed = slicer_standins.install()
+    yield installed
+    installed.uninstall()
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Exceptions raised in the panel's slots: Qt would only print them (Slicer shows them in its log)."""
+    CAUGHT.clear()
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: CAUGHT.append(value))
+    return CAUGHT
+
+
+def run_until(condition, timeout: float = 180.0) -> None:
+    """Run a Qt event loop (the panel's QTimer polls the worker in it) until ``condition()`` holds."""
+    from PySide6 import QtCore
+
+    loop = QtCore.QEventLoop()
+    check = QtCore.QTimer()
+    check.timeout.connect(lambda: loop.quit() if condition() else None)
+    check.start(20)
+    QtCore.QTimer.singleShot(int(timeout * 1000), loop.quit)
+    loop.exec()
+    check.stop()
+    assert condition(), f"not reached within {timeout} s; errors in the panel's slots: {CAUGHT}"
+
+
+def _idle(widget):
+    return lambda: widget.logic.flow is not None and not widget.logic.flow.busy and not widget.timer.isActive()
+
+
+def _open_panel(module):
+    widget = module.ASFDAWidget()
+    widget.setup()
+    widget.parent.show()
+    widget.parent.enter()
+    return widget
+
+
+def _rows(table) -> dict[str, str]:
+    return {table.item(r, 1).text(): table.item(r, STATUS).text() for r in range(table.rowCount)}
+
+
+def _double_click(table, case: str) -> None:
+    from PySide6 import QtCore, QtTest
+
+    row = next(r for r in range(table.rowCount) if table.item(r, 1).text() == case)
+    table.scrollToItem(table.item(row, 1))
+    center = table.visualItemRect(table.item(row, 1)).center()
+    # A user's double click is a click, then a double-click event (Qt 6's QTest.mouseDClick sends only the second).
+    QtTest.QTest.mouseClick(table.viewport(), QtCore.Qt.LeftButton, QtCore.Qt.NoModifier, center)
+    QtTest.QTest.mouseDClick(table.viewport(), QtCore.Qt.LeftButton, QtCore.Qt.NoModifier, center)
+
+
+def _volume_nodes() -> int:
+    return slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+
+
+def test_one_session_through_the_panel_buttons(standins, errors, tmp_path):
+    from PySide6 import QtCore
+
+    from ASFDALib.app import mrml
+    from ASFDALib.bench.phantoms import write_phantoms
+    from ASFDALib.data.volumes import read_volume
+
+    write_phantoms(tmp_path / "pool", 4, "mri", seed=7)
+    images, session = tmp_path / "pool" / "images", tmp_path / "session"
+    module = slicer_standins.load_panel()
+    widget = _open_panel(module)
+    ui, node = widget.ui, widget._parameterNode
+
+    # --- setup: every field through its widget, into the parameter node --------------------------------
+    assert [ui.deviceComboBox.itemText(i) for i in range(ui.deviceComboBox.count)] == ["auto", "cpu", "cuda"]
+    assert (ui.iterationsSpinBox.minimum, ui.iterationsSpinBox.maximum) == (10, 100000)
+    assert not ui.rankButton.enabled and ui.rankButton.toolTip == "choose a session folder"
+    assert ui.dependencyLabel.text.startswith("torch ")
+    ui.sessionPathLineEdit.currentPath = str(session)
+    assert node.session == session and ui.rankButton.toolTip == "choose the folder of target volumes"
+    ui.imagesPathLineEdit.currentPath = str(images)
+    ui.deviceComboBox.currentIndex = ui.deviceComboBox.findText("cpu")
+    ui.budgetSpinBox.value = 1
+    ui.iterationsSpinBox.value = 10
+    ui.pseudoCheckBox.checked = False
+    assert (node.images, node.device, node.budget, node.iterations, node.pseudo) == (images, "cpu", 1, 10, False)
+    assert ui.rankButton.enabled and str(node.model) == "."  # the built-in model
+
+    # --- rank: a worker thread, polled by the panel's timer ----------------------------------------------
+    ui.rankButton.click()
+    assert widget.logic.flow.busy and widget.timer.isActive() and ui.rankButton.text == "Cancel"
+    run_until(_idle(widget))
+    assert ui.rankButton.text == "Rank volumes" and ui.progressLabel.text.startswith("Ranked 4 volumes; query: 1")
+    assert ui.resultsTable.rowCount == 4 and set(_rows(ui.resultsTable).values()) == {"unlabelled"}
+    (case,) = widget.logic.flow.query
+    assert ui.nextCaseButton.enabled and not ui.finetuneButton.enabled
+
+    # --- open a case: predicted in the worker, loaded into the scene only now -----------------------------
+    ui.nextCaseButton.click()
+    assert ui.labelStatusLabel.text == f"Opening {case}…" and _volume_nodes() == 0
+    run_until(lambda: widget.logic.current is not None and _idle(widget)())
+    assert _volume_nodes() == 1
+    name, volume, segmentation = widget.logic.current
+    editor = ui.segmentEditorWidget.mrmlSegmentEditorNode()
+    assert name == case and editor.GetSegmentationNode() is segmentation and editor.GetSourceVolumeNode() is volume
+    assert ui.labelStatusLabel.text.startswith(f"Labelling {case} (from model prediction)")
+
+    # --- save a label: what the segmentation holds, written into the session ------------------------------
+    truth = read_volume(tmp_path / "pool" / "labels" / case)
+    mrml.labelmap_to_segmentation(
+        slicer.mrmlScene,
+        truth.array,
+        truth.affine,
+        widget.logic.flow.class_names(),
+        volume,
+        segmentation_node=segmentation,
+    )
+    ui.saveLabelButton.click()
+    saved = session / "labels" / f"{case.removesuffix('.nii.gz')}.v1.nii.gz"
+    np.testing.assert_array_equal(read_volume(saved).array, truth.array)
+    assert saved.with_name(saved.name.replace(".nii.gz", ".seg.nrrd")).is_file()
+    assert ui.labelStatusLabel.text.startswith("Saved ") and _rows(ui.resultsTable)[case] == "labelled"
+
+    # --- fine-tune: the round's first run ----------------------------------------------------------------
+    assert ui.finetuneButton.text == "Fine-tune" and not ui.finetuneAgainButton.visible
+    ui.finetuneButton.click()
+    assert ui.finetuneButton.text == "Cancel"
+    run_until(_idle(widget))
+    assert ui.finetuneLabel.text == "round 1 trained: stage 1 10 iterations", widget.logic.flow.log[-3:]
+    assert ui.finetuneButton.text == "Continue the last run" and ui.finetuneAgainButton.visible
+    assert ui.finetuneRunLabel.text.endswith("Round 1 has a finished run (stage 1: 10 iterations, stage 2: 0).")
+    assert not ui.finetuneButton.enabled and "set the iterations above 10" in ui.finetuneButton.toolTip
+
+    # --- cancel: continue the finished run to many more iterations, then Cancel ---------------------------
+    ui.iterationsSpinBox.value = 100000
+    assert ui.finetuneButton.enabled
+    ui.finetuneButton.click()
+    run_until(lambda: ui.finetuneLabel.text.startswith("Fine-tuning stage 1: "))
+    assert ui.finetuneButton.text == "Cancel"
+    ui.finetuneButton.click()
+    run_until(_idle(widget))
+    assert "fine-tuning cancelled; finished work is kept" in widget.logic.flow.log
+    assert ui.applyButton.enabled  # the finished run's weights are still the round's
+
+    # --- train again from the round's start: the other explicit choice ------------------------------------
+    ui.iterationsSpinBox.value = 12
+    ui.finetuneAgainButton.click()
+    run_until(_idle(widget))
+    assert ui.finetuneLabel.text == "round 1 trained again: stage 1 12 iterations"
+    assert (session / "checkpoints" / "round1-replaced-1").is_dir()
+
+    # --- apply: predictions to files in the session, listed; none loaded until opened ---------------------
+    table = ui.resultsTable
+    table.sortItems(2, QtCore.Qt.DescendingOrder)  # the user sorts by score and selects a row
+    order = [table.item(r, 1).text() for r in range(table.rowCount)]
+    table.selectRow(2)
+    ui.applyButton.click()
+    assert ui.applyButton.text == "Cancel"
+    run_until(_idle(widget))
+    # The statuses changed in place: the user's sort order and selection survived every refresh.
+    assert [table.item(r, 1).text() for r in range(table.rowCount)] == order
+    assert {item.row() for item in table.selectedItems()} == {2}
+    rest = sorted(set(_rows(ui.resultsTable)) - {case})
+    assert {c: _rows(ui.resultsTable)[c] for c in rest} == dict.fromkeys(rest, "predicted")
+    files = sorted(p.name for p in (session / "predictions").glob("round1-*/*.nii.gz"))
+    assert files == sorted(rest) and _volume_nodes() == 1
+    assert not ui.applyButton.enabled and ui.applyButton.text == "Predict remaining"
+    _double_click(ui.resultsTable, rest[0])
+    run_until(lambda: widget.logic.current[0] == rest[0] and _idle(widget)())
+    assert ui.labelStatusLabel.text.startswith(f"Labelling {rest[0]} (from prediction {rest[0]})")
+    assert _volume_nodes() == 2
+    _double_click(ui.resultsTable, case)  # already in the scene: shown as it is, no job, no second copy
+    assert widget.logic.current[0] == case and not widget.logic.flow.busy and _volume_nodes() == 2
+    assert ui.labelStatusLabel.text.startswith(f"Labelling {case} (from its open segmentation, edits kept)")
+    assert ui.segmentEditorWidget.mrmlSegmentEditorNode().GetSegmentationNode() is segmentation
+
+    # --- next round: re-rank the rest with the adapted model ----------------------------------------------
+    ui.nextRoundButton.click()
+    run_until(_idle(widget))
+    (second,) = widget.logic.flow.query
+    assert second != case and _rows(ui.resultsTable)[case] == "labelled"
+    assert ui.finetuneButton.text == "Fine-tune" and not ui.finetuneAgainButton.visible  # round 2 has no run
+
+    # --- File -> Close Scene: settings carried, the editor keeps working ----------------------------------
+    slicer.mrmlScene.Clear(0)
+    assert _volume_nodes() == 0 and widget.logic.current is None
+    node = widget._parameterNode
+    assert node.session == session and node.budget == 1 and node.device == "cpu"
+    assert ui.sessionPathLineEdit.currentPath == str(session) and ui.budgetSpinBox.value == 1
+    ui.nextCaseButton.click()
+    run_until(lambda: widget.logic.current is not None and _idle(widget)())
+    assert widget.logic.current[0] == second
+    assert ui.segmentEditorWidget.mrmlSegmentEditorNode().GetSegmentationNode() is widget.logic.current[2]
+
+    # --- leaving the module: no active effect, no shortcuts ------------------------------------------------
+    ui.segmentEditorWidget.setActiveEffect("Paint")
+    widget.parent.exit()
+    assert ui.segmentEditorWidget.activeEffect is None and not ui.segmentEditorWidget.shortcutsInstalled
+    widget.cleanup()
+
+    # --- reopen the session in a fresh panel and scene (as after restarting Slicer) -----------------------
+    slicer.mrmlScene.Clear(0)
+    again = _open_panel(module)
+    again.ui.sessionPathLineEdit.currentPath = str(session)
+    restored = again._parameterNode
+    assert (restored.images, restored.budget, restored.strategy) == (images, 1, "asfda")
+    assert again.ui.imagesPathLineEdit.currentPath == str(images) and again.ui.budgetSpinBox.value == 1
+    rows = _rows(again.ui.resultsTable)
+    assert len(rows) == 4 and rows[case] == "labelled" and again.logic.flow.query == [second]
+    assert again.ui.nextCaseButton.enabled
+    again.parent.exit()
+    again.cleanup()
+    assert errors == []
+
+
+@pytest.mark.parametrize(
+    ("field", "wrong", "message"),
+    [
+        ("    alpha: Annotated[float, WithinRange(0.0, 1.0)] = 0.5\n", "    alpha: float = 0.5\n", "unbounded"),
+        ("    session: pathlib.Path\n", '    session: str = ""\n', "Unable to create GUI connector"),
+        (
+            '    device: Annotated[str, Choice(list(DEVICES))] = "auto"\n',
+            '    device: str = "auto"\n',
+            "requires the Choice annotation",
+        ),
+    ],
+)
+def test_a_binding_slicer_refuses_fails_the_panel_setup_here_too(standins, field, wrong, message):
+    source = slicer_standins.MODULE.read_text(encoding="utf-8")
+    assert field in source
+    module = slicer_standins.load_panel(source.replace(field, wrong))
+    slicer.mrmlScene.Clear(0)
+    widget = module.ASFDAWidget()
+    with pytest.raises(RuntimeError, match=message):
+        widget.setup()
+    widget.cleanup()
+    slicer.mrmlScene.Clear(0)
+
+
+def test_a_signal_the_widget_lacks_is_refused_as_pythonqt_would(standins):
+    import qt
+
+    timer = qt.QTimer()
+    assert timer.connect("timeout()", lambda: None)
+    with pytest.raises(AttributeError, match="QTimer has no signal timeout\\(int\\)"):
+        timer.connect("timeout(int)", lambda: None)
+    table = qt.QTableWidget()
+    seen = []
+    table.connect("cellDoubleClicked(int,int)", lambda row, column: seen.append((row, column)))
+    table.cellDoubleClicked.emit(2, 3)
+    assert seen == [(2, 3)]
+    label = qt.QLabel()
+    label.text = "attribute-style"
+    label.enabled = False
+    assert (label.text, label.enabled) == ("attribute-style", False)
+
+
+def test_the_module_self_test_runs_with_the_panel_logic(standins):
+    """ASFDATest (Reload and Test in Slicer) on the same stand-ins: its code paths are the panel's."""
+    import unittest
+
+    module = slicer_standins.load_panel()
+    result = unittest.TextTestRunner(verbosity=0).run(module.ASFDATest("runTest"))
+    assert result.wasSuccessful(), result.errors + result.failures
+    slicer.mrmlScene.Clear(0)
