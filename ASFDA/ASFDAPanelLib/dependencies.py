@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable, Optional
 
-# torch.amp.GradScaler("cuda"), used by ASFDALib/finetune.py, is new in torch 2.3; pyproject.toml says the same.
+# torch.amp.GradScaler("cuda"), used by ASFDALib/adaptation/trainer.py, is new in torch 2.3;
+# pyproject.toml says the same.
 TORCH_FLOOR = "2.3"
 TORCH_REQUIREMENT = f">={TORCH_FLOOR}"  # the form PyTorchUtils' installTorch(torchVersionRequirement=) takes
 
@@ -26,6 +27,7 @@ REQUIREMENTS = (
     "pyyaml>=6.0",
     "rich>=13.0",
     "matplotlib>=3.7",
+    "filelock>=3.22",  # the session lock (torch brings it, but not every torch install)
 )
 
 _SPEC = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(>=|==)\s*([0-9][0-9A-Za-z.+!-]*)\s*$")

@@ -116,7 +116,7 @@ MODE_HELP = {
 }
 
 
-def _read_run(folder: Path) -> dict | None:
+def read_run(folder: Path) -> dict | None:
     """This round's run record (targets, iterations done, history), or None when no run started."""
     path = folder / "run.json"
     if path.is_file():
@@ -201,7 +201,7 @@ def finetune_session(
     round_entry = session.rounds[-1]
     index = round_entry["index"]
     folder = session.root / "checkpoints" / f"round{index}"
-    run = _read_run(folder)
+    run = read_run(folder)
     mode = _check_mode(mode, run, config, folder, index)
     if mode == "restart" and distributed.is_main():
         aside = _set_aside(folder)

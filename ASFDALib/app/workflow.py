@@ -228,10 +228,10 @@ class Workflow:
         if session is None or not session.rounds:
             return None
         try:  # the engine's reader imports torch: not before the panel has installed the dependencies
-            from ASFDALib.adaptation.pipeline import _read_run
+            from ASFDALib.adaptation.pipeline import read_run
         except ImportError:
             return None
-        return _read_run(session.root / "checkpoints" / f"round{session.rounds[-1]['index']}")
+        return read_run(session.root / "checkpoints" / f"round{session.rounds[-1]['index']}")
 
     def finetune_mode(self, again: bool = False) -> str:
         """The engine's mode for the panel's two explicit choices: never a silent resume of a finished run."""

@@ -33,13 +33,23 @@ def test_versions_are_compared_not_just_found():
 
 def test_unmet_lists_missing_and_too_old_packages_in_order():
     found = _versions(monai="1.3.2", nibabel="5.2.1", einops="0.8.0", scipy="1.13.1", pyyaml="6.0.1", rich="13.7")
-    assert dependencies.unmet(version_of=found) == ["monai>=1.4", "matplotlib>=3.7"]
-    everything = dict(monai="1.4", nibabel="5.0", einops="0.6", scipy="1.10", pyyaml="6.0", rich="13", matplotlib="3.7")
+    assert dependencies.unmet(version_of=found) == ["monai>=1.4", "matplotlib>=3.7", "filelock>=3.22"]
+    everything = dict(
+        monai="1.4",
+        nibabel="5.0",
+        einops="0.6",
+        scipy="1.10",
+        pyyaml="6.0",
+        rich="13",
+        matplotlib="3.7",
+        filelock="3.22",
+    )
     assert dependencies.unmet(version_of=_versions(**everything)) == []
 
 
-def test_matplotlib_is_installed_with_the_other_requirements():
+def test_matplotlib_and_filelock_are_installed_with_the_other_requirements():
     assert "matplotlib>=3.7" in dependencies.REQUIREMENTS
+    assert "filelock>=3.22" in dependencies.REQUIREMENTS  # the session lock
     assert not any(r.startswith("torch") for r in dependencies.REQUIREMENTS)  # torch never comes from PyPI here
 
 
@@ -76,7 +86,7 @@ def test_every_requirement_is_valid_pep_508_and_matches_pyproject():
 def test_report_names_versions_and_what_is_missing():
     found = _versions(torch="2.2.0", monai="1.4.0", nibabel="5.2.1", scipy="1.13.1")
     assert dependencies.report(found) == (
-        "torch 2.2.0 (needs >=2.3), monai 1.4.0, nibabel 5.2.1, to install: einops, pyyaml, rich, matplotlib"
+        "torch 2.2.0 (needs >=2.3), monai 1.4.0, nibabel 5.2.1, to install: einops, pyyaml, rich, matplotlib, filelock"
     )
 
 
