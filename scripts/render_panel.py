@@ -105,7 +105,7 @@ def main() -> None:
     table = find(QTableWidget, "resultsTable")
     table.setRowCount(len(flow.rows))
     for r, row in enumerate(flow.rows):
-        for c, value in enumerate((row.rank, row.case, row.score, row.dkd, row.asd, row.status)):
+        for c, value in enumerate((row.rank, row.case, row.priority, row.dkd, row.asd, row.status)):
             item = QTableWidgetItem(value)
             if row.selected:
                 item.setBackground(QColor(255, 236, 200))

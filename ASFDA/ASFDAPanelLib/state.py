@@ -26,7 +26,7 @@ FIELDS = (
     "iterations",
     "pseudo",
 )
-COLUMNS = ("rank", "case", "score", "dkd", "asd", "status")
+COLUMNS = ("rank", "case", "priority", "dkd", "asd", "status")
 SELECTED = len(COLUMNS)  # the "selected" flag rides after the visible columns
 
 
@@ -86,7 +86,7 @@ def table_plan(shown: dict[str, tuple], rows: Iterable[Any]) -> Optional[list[tu
 
 
 def display_value(column: int, value: Any) -> Any:
-    """Numbers sort as numbers (rank, score, DKD, ASD); anything else, e.g. "—", stays text."""
+    """Numbers sort as numbers (rank, priority, DKD, ASD); anything else, e.g. "—", stays text."""
     if column in (0, 2, 3, 4) and value not in (None, ""):
         try:
             return float(value)

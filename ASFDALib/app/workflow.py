@@ -71,7 +71,7 @@ class PanelSettings:
 class TableRow:
     rank: str
     case: str
-    score: str
+    priority: str
     dkd: str
     asd: str
     status: str

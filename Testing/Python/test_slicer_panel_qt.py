@@ -176,7 +176,7 @@ def test_one_session_through_the_panel_buttons(standins, errors, tmp_path):
 
     # --- apply: predictions to files in the session, listed; none loaded until opened ---------------------
     table = ui.resultsTable
-    table.sortItems(2, QtCore.Qt.DescendingOrder)  # the user sorts by score and selects a row
+    table.sortItems(2, QtCore.Qt.DescendingOrder)  # the user sorts by priority and selects a row
     order = [table.item(r, 1).text() for r in range(table.rowCount)]
     table.selectRow(2)
     ui.applyButton.click()
