@@ -34,6 +34,8 @@ def ranking_dict(ranking: Ranking) -> dict:
         "selected": [r.file for r in ranking.selected],
         "skipped": [{"file": r.file, "reason": r.reason} for r in ranking.skipped],
         "rows": [{k: _clean(v) for k, v in asdict(r).items()} for r in ranking.rows],
+        "notes": list(ranking.notes),
+        "model_load": ranking.load_report,
     }
 
 
