@@ -250,8 +250,6 @@ def test_an_encoder_only_checkpoint_ranks_by_dkd_alone_until_the_first_finetune(
     assert NEW_HEAD_NOTE in out
     first = json.loads((session / "ranking.json").read_text())
     assert first["alpha"] == 1.0 and first["notes"] == [NEW_HEAD_NOTE] and first["model_load"]["encoder_only"]
-    scored = [r for r in first["rows"] if r["status"] == "scored"]
-    assert [r["file"] for r in scored] == [r["file"] for r in sorted(scored, key=lambda r: -r["score"])]
     recorded = json.loads((session / "session.json").read_text())
     assert recorded["rounds"][0]["strategy"]["alpha"] == 1.0
     # The decoder is new and trains at the full rate; the encoder came from the checkpoint.
@@ -289,3 +287,30 @@ def test_a_class_map_without_source_classes_in_the_card_is_refused(pool, tmp_pat
     args = [*_rank_args(model_path, "unet-instance", pool, tmp_path / "s", "plain"), "--class-map", CLASS_MAP]
     assert main(args) == 1
     assert "add 'source_classes' to the card" in capsys.readouterr().err
+
+
+def test_round_one_ranks_by_dkd_alone_whenever_no_foreground_class_keeps_its_head_rows(pool, tmp_path):
+    from ASFDALib.adaptation.rounds import NEW_HEAD_ASD_NOTE, round_config
+    from ASFDALib.query.ranking import RankConfig
+
+    model_path, _ = _publish("unet-instance", tmp_path)
+    spec = NetworkSpec(*NETWORKS["unet-instance"])
+
+    def load(card: str, class_map: str | None = None):
+        return load_model(model_path, pool / f"{card}.json", spec, class_map=class_map)
+
+    by_name = load("card")  # no --class-map: classes with the same name keep their rows
+    assert by_name.load_report.mapped_classes == {0: 0, 1: 6, 3: 4} and not by_name.head_is_new
+    assert load("card", CLASS_MAP).load_report.mapped_classes == MAPPED
+    assert load("card", "background=background").head_is_new  # background alone segments nothing
+    unmapped = load("plain")
+    assert unmapped.load_report.head_reinitialised and unmapped.head_is_new
+
+    session = Session.open(tmp_path / "s", create=True)
+    assert round_config(session, unmapped, RankConfig(alpha=0.3)) == (RankConfig(alpha=1.0), [NEW_HEAD_NOTE])
+    assert round_config(session, unmapped, RankConfig(strategy="asd")) == (
+        RankConfig(strategy="asd"),
+        [NEW_HEAD_ASD_NOTE],
+    )
+    assert round_config(session, unmapped, RankConfig(strategy="dkd")) == (RankConfig(strategy="dkd"), [])
+    assert round_config(session, by_name, RankConfig(alpha=0.3)) == (RankConfig(alpha=0.3), [])
