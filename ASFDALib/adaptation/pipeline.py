@@ -27,8 +27,8 @@ from ASFDALib.data.preprocess import labels_to_native, preprocess
 from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume, write_volume
 from ASFDALib.errors import VolumeError
 from ASFDALib.inference.predict import predict_label
-from ASFDALib.models.card import card_from_dict
-from ASFDALib.models.loading import LoadedModel, load_model, load_weights
+from ASFDALib.models.card import NetworkSpec, card_from_dict
+from ASFDALib.models.loading import LoadedModel, load_model
 
 
 @dataclass
@@ -47,11 +47,23 @@ class AdaptResult:
 
 
 def session_model(session: Session, adapted: bool = True) -> LoadedModel:
-    """The session's model, with the newest fine-tuned weights when ``adapted`` and there are some."""
+    """The session's model, with the newest fine-tuned weights when ``adapted`` and there are some.
+
+    Rebuilt from what session.json recorded at the first rank (the network and its arguments, the card, trust,
+    the class map), so the same loading happens with the same report; the adapted checkpoint, a plain state
+    dict of this very network, then loads strictly over it.
+    """
     info = session.data.get("model")
     if not info:
         raise SessionError(f"{session.root}: no model recorded; run 'asfda rank --out {session.root}' first")
-    model = load_model(info["path"], card_from_dict(info["card"]), trust=bool(info.get("trust")))
+    network = NetworkSpec(**info["network"]) if info.get("network") else None
+    model = load_model(
+        info["path"],
+        card_from_dict(info["card"]),
+        network,
+        trust=bool(info.get("trust")),
+        class_map=info.get("class_map"),
+    )
     if model.digest != info["digest"]:
         raise SessionError(
             f"{info['path']}: the model changed since this session was started (digest {model.digest} vs "
@@ -59,7 +71,7 @@ def session_model(session: Session, adapted: bool = True) -> LoadedModel:
         )
     checkpoint = session.adapted_checkpoint() if adapted else None
     if checkpoint is not None:
-        model.network.load_state_dict(load_weights(checkpoint))
+        model.network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
         model.digest = f"{model.digest}+{content_hash(checkpoint)[:16]}"
         model.network.eval()
     return model
@@ -225,7 +237,7 @@ def finetune_session(
     # A round starts from the previous round's weights (or the base model); resume and extend then load
     # this round's own last checkpoint over them.
     model = session_model(session, adapted=True)
-    trainer = Trainer(model.network, model.card, config, folder)
+    trainer = Trainer(model.network, model.card, config, folder, model.load_report)
     if mode == "extend" and not trainer.load():
         raise SessionError(f"{trainer.last_path}: the run's checkpoint is missing; {MODE_HELP['restart']}")
     if mode == "resume" and not trainer.load():

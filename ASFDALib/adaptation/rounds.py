@@ -1,12 +1,17 @@
 """Rounds of a session: which model ranks (the given one, or the session's adapted one with the base
 model's source knowledge), ranking the pool and recording the query in session.json.
 
-:func:`rank_round` is the one rank orchestration: the CLI and the panel both call it."""
+:func:`rank_round` is the one rank orchestration: the CLI and the panel both call it. It also decides what
+a round can rank by: a model whose output head is new (an encoder-only checkpoint, or a head re-initialised
+for the target's classes with none mapped) has no segmentation for ASD to measure, so its first round ranks by
+DKD alone and ASD joins once a fine-tune has trained the head."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 from ASFDALib import distributed
 from ASFDALib.adaptation.session import Session
@@ -39,6 +44,38 @@ def ranking_model(
     return model, choose_knowledge(base, knowledge)
 
 
+NEW_HEAD_NOTE = "the model's head is new: round 1 ranks by DKD alone; ASD joins after the first fine-tune"
+NEW_HEAD_ASD_NOTE = (
+    "the model's head is new: ASD measures an untrained head until the first fine-tune; --strategy asfda "
+    "ranks round 1 by DKD alone"
+)
+
+
+def model_record(model: LoadedModel) -> dict[str, Any]:
+    """What session.json keeps beside path, card and trust so that later commands rebuild the same model from
+    the session alone: the MONAI network and its arguments, the class map, and what loading reported."""
+    return {
+        "network": asdict(model.spec) if model.spec is not None else None,
+        "class_map": model.class_map,
+        "load_report": model.load_report.to_dict() if model.load_report is not None else None,
+    }
+
+
+def round_config(session: Session, model: LoadedModel, config: RankConfig) -> tuple[RankConfig, list[str]]:
+    """The ranking this round can do, and notes saying why it differs from the one asked for.
+
+    A head the model has not been trained with gives no segmentation worth measuring: until the session has
+    an adapted checkpoint, DKD + ASD (``asfda``) ranks by DKD alone (alpha 1).
+    """
+    if not model.head_is_new or session.adapted_checkpoint() is not None:
+        return config, []
+    if config.strategy == "asfda":
+        return replace(config, alpha=1.0), [NEW_HEAD_NOTE]
+    if config.strategy == "asd":
+        return config, [NEW_HEAD_ASD_NOTE]
+    return config, []
+
+
 def record_round(
     session: Session,
     model: LoadedModel,
@@ -50,7 +87,7 @@ def record_round(
 ) -> None:
     """Keep the model, the pool and this query in session.json (re-ranking before fine-tuning replaces it)."""
     if not session.data.get("model"):
-        session.set_model(model.path, model.digest, model.kind, model.card.to_dict(), trust)
+        session.set_model(model.path, model.digest, model.kind, model.card.to_dict(), trust, model_record(model))
     session.set_images(images, {r.name: r.sha256 for r in ranking.records if r.sha256}, recursive)
     strategy = {**strategy, "knowledge": ranking.knowledge.kind}
     query = [r.file for r in ranking.selected]
@@ -78,11 +115,16 @@ def rank_round(
     check_outputs(model.network, model.card, str(model.path), config.device)
     if on_model:
         on_model(model)
+    config, notes = round_config(session, model, config)
     labelled = set(session.labelled())
     ranking = rank_folder(Path(images), model, session.root / "cache", config, progress, labelled, knowledge)
+    ranking.notes = notes
+    ranking.load_report = model.load_report.to_dict() if model.load_report is not None else None
     if not distributed.is_main():
         return ranking, RankingOutputs({}, [])
     written = write_ranking(ranking, session.root)
     strategy = {"name": config.strategy, "alpha": config.alpha, "budget": config.budget, "seed": config.seed}
+    if notes:
+        strategy["notes"] = notes
     record_round(session, model, ranking, Path(images), strategy, trust, config.recursive)
     return ranking, written

@@ -188,13 +188,17 @@ class Session:
         return str(Path(path).resolve().relative_to(self.root.resolve()))
 
     # --- model, images, rounds ---------------------------------------------------------------------
-    def set_model(self, path: Path, digest: str, kind: str, card: dict[str, Any], trust: bool) -> None:
+    def set_model(
+        self, path: Path, digest: str, kind: str, card: dict[str, Any], trust: bool, extra: dict[str, Any] | None = None
+    ) -> None:
+        """``extra``: more of what rebuilds the model (network, class map) and what its loading reported."""
         self.data["model"] = {
             "path": str(Path(path).resolve()),
             "digest": digest,
             "kind": kind,
             "card": card,
             "trust": trust,
+            **(extra or {}),
         }
 
     def set_images(self, root: Path, files: dict[str, str], recursive: bool) -> None:

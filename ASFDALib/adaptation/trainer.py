@@ -24,6 +24,7 @@ from ASFDALib.adaptation.loss import dice_ce_loss
 from ASFDALib.adaptation.patches import Case, PatchStream
 from ASFDALib.adaptation.recipe import FinetuneConfig, ramp
 from ASFDALib.atomic import atomic_write
+from ASFDALib.checkpoints import LoadReport, param_groups_from_report
 from ASFDALib.evaluation.metrics import dice_per_class
 from ASFDALib.inference.device import resolve_device
 from ASFDALib.inference.memory import check_training_memory
@@ -45,8 +46,15 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
-def param_groups(network: torch.nn.Module, config: FinetuneConfig) -> list[dict]:
-    """Pre-trained encoder at ``lr * encoder_lr_scale``, everything else (decoder, head) at ``lr``."""
+def param_groups(network: torch.nn.Module, config: FinetuneConfig, report: LoadReport | None = None) -> list[dict]:
+    """Pre-trained parameters at ``lr * encoder_lr_scale``, new ones at ``lr``.
+
+    With a load report, "pre-trained" is what came from the checkpoint (an encoder-only checkpoint's encoder,
+    everything but a re-initialised head); without one (TorchScript, a network built elsewhere) it falls back
+    to the encoder stages found in the network.
+    """
+    if report is not None:
+        return param_groups_from_report(network, report, config.lr, config.encoder_lr_scale)
     modules = dict(network.named_modules())
     encoder_ids = {id(p) for name in encoder_stages(network) for p in modules[name].parameters()}
     encoder = [p for p in network.parameters() if id(p) in encoder_ids]
@@ -57,10 +65,28 @@ def param_groups(network: torch.nn.Module, config: FinetuneConfig) -> list[dict]
     return groups
 
 
+def supervised_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Dice + CE of the network's output; with deep supervision (DynUNet in training stacks its full-size
+    output and upsampled lower-level outputs on dim 1, full size first) a weighted sum, halving per level as
+    nnU-Net does, normalised to sum to one."""
+    if logits.dim() == y.dim() + 2:
+        weights = [0.5**i for i in range(logits.shape[1])]
+        total = sum(weights)
+        return sum(w / total * dice_ce_loss(logits[:, i].float(), y) for i, w in enumerate(weights))
+    return dice_ce_loss(logits.float(), y)
+
+
 class Trainer:
     """Runs one stage of fine-tuning with checkpoints; ``state`` survives a kill through ``last.pt``."""
 
-    def __init__(self, network: torch.nn.Module, card: ModelCard, config: FinetuneConfig, checkpoint_dir: Path):
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        card: ModelCard,
+        config: FinetuneConfig,
+        checkpoint_dir: Path,
+        load_report: LoadReport | None = None,
+    ):
         self.network = network
         self.card = card
         self.config = config
@@ -71,7 +97,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels
             self.network.to(memory_format=torch.channels_last_3d)
-        self.optimizer = torch.optim.AdamW(param_groups(network, config), weight_decay=config.weight_decay)
+        groups = param_groups(network, config, load_report)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         torch.manual_seed(config.seed)
         self.model = network
         if distributed.world() > 1:
@@ -136,7 +163,7 @@ class Trainer:
             x = x.to(memory_format=torch.channels_last_3d)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.model(x)
-        return dice_ce_loss(logits.float(), y)
+        return supervised_loss(logits, y)
 
     def batches(self, labelled: list[Case], pseudo: list[Case] | None, iterations: int):
         """Batches ``self.iteration`` .. ``iterations - 1`` of this stage, made by worker processes if any."""

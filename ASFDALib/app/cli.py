@@ -91,7 +91,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
         "default: <model>.card.json or asfda_card.json / model_card.json beside the model",
     )
     group.add_argument("--network", help="MONAI network class for a state dict, e.g. UNet, SegResNet, SwinUNETR")
-    group.add_argument("--network-args", type=json_object, default={}, help="JSON constructor arguments for --network")
+    group.add_argument(
+        "--network-args",
+        type=json_object,
+        default={},
+        help="JSON constructor arguments for --network (out_channels becomes the card's class count)",
+    )
+    group.add_argument(
+        "--class-map",
+        help="which pre-trained head rows the target classes keep: TARGET=SOURCE class names separated by commas, "
+        "e.g. 'liver=liver,kidney=right kidney' (sources from the card's source_classes); default: classes "
+        "with the same name. Unmapped classes start from a new initialisation",
+    )
     group.add_argument(
         "--trust",
         action="store_true",

@@ -23,7 +23,8 @@ def load_model_from_args(args: argparse.Namespace):
     from ASFDALib.models.loading import load_model
 
     spec = NetworkSpec(args.network, args.network_args) if args.network else None  # args parsed as JSON
-    return load_model(args.model or default_model_path(), args.card, spec, args.trust)
+    class_map = getattr(args, "class_map", None)
+    return load_model(args.model or default_model_path(), args.card, spec, args.trust, class_map)
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
@@ -87,6 +88,8 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
                 f"{model.card.num_classes} classes: {', '.join(model.card.class_names[1:])})"
                 + (f"; {distributed.world()} processes" if distributed.world() > 1 else "")
             )
+            if model.load_report is not None:  # what the checkpoint gave: loaded, newly initialised, ignored
+                console.print(f"Weights: {model.load_report.summary}", markup=False, highlight=False, soft_wrap=True)
 
         config = RankConfig(
             budget=args.budget,
@@ -116,6 +119,8 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
     console.print(ranking_table(ranking, args.show))
     for note in (n for r in ranking.records for n in r.notes):
         console.print(f"[yellow]{note}[/yellow]")
+    for note in ranking.notes:  # e.g. a new head: round 1 ranks by DKD alone
+        console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
     scored = sum(r.status == "scored" for r in ranking.rows)
     cached = sum(r.cached for r in ranking.records)
     console.print(

@@ -7,6 +7,10 @@ A card is a small JSON or YAML file. Example::
      "intensity": {"mode": "ct", "a_min": -200, "a_max": 300},
      "network": {"name": "UNet", "args": {"spatial_dims": 3, ...}},
      "source_stats": "source_stats.npz"}
+
+``class_names`` are the target task's. ``source_classes`` (optional) names the classes of the pre-trained
+checkpoint's output head, in its order, when they differ: the head is then re-initialised for the target, and
+classes with the same name (or paired by ``--class-map liver=liver,...``) keep their pre-trained rows.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class ModelCard:
     overlap: float = 0.25
     sw_batch_size: int = 2
     description: str = ""
+    source_classes: list[str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.class_names) < 2:
@@ -77,6 +82,10 @@ class ModelCard:
             self.intensity = IntensityConfig(**self.intensity)
         if isinstance(self.network, dict):
             self.network = NetworkSpec(**self.network)
+        if self.source_classes is not None:
+            if isinstance(self.source_classes, str) or not all(isinstance(n, str) for n in self.source_classes):
+                raise ModelError("model card: source_classes must be a list of class names (the checkpoint's head)")
+            self.source_classes = list(self.source_classes)
 
     @property
     def num_classes(self) -> int:
@@ -86,6 +95,8 @@ class ModelCard:
         data = asdict(self)
         data["spacing"] = list(self.spacing)
         data["roi_size"] = list(self.roi_size)
+        if self.source_classes is None:  # absent rather than null: cards (and model digests) stay as they were
+            del data["source_classes"]
         return data
 
     def preprocessing_key(self) -> str:

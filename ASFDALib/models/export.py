@@ -104,7 +104,7 @@ def export_bundle(model: LoadedModel, folder: Path, version: str = "0.1.0") -> P
     atomic_write_json(folder / "configs" / "metadata.json", metadata)
     state = {k: v.detach().cpu() for k, v in model.network.state_dict().items()}
     atomic_write(folder / "models" / "model.pt", lambda tmp: torch.save(state, tmp))
-    card_data = card.to_dict()
+    card_data = _exported_card(card)
     card_data["network"] = {"name": model.spec.name, "args": model.spec.args}
     atomic_write_json(folder / "asfda_card.json", card_data)
     return folder
@@ -119,8 +119,16 @@ def export_torchscript(model: LoadedModel, path: Path) -> Path:
         scripted = torch.jit.trace(network, torch.zeros(1, 1, *model.card.roi_size))
     path = Path(path)
     atomic_write(path, lambda tmp: scripted.save(str(tmp)))
-    atomic_write_json(path.with_name(path.name.split(".")[0] + ".card.json"), model.card.to_dict())
+    atomic_write_json(path.with_name(path.name.split(".")[0] + ".card.json"), _exported_card(model.card))
     return path
+
+
+def _exported_card(card: ModelCard) -> dict:
+    """The card of the exported model: its head is the target's now, so the pre-trained head's
+    ``source_classes`` no longer describe it (kept, they would re-map the adapted head when loaded)."""
+    data = card.to_dict()
+    data.pop("source_classes", None)
+    return data
 
 
 def _monai_version() -> str:

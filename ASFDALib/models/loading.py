@@ -4,6 +4,11 @@ dict plus a MONAI network name.
 Safe by default: weights load with ``torch.load(weights_only=True)``. Formats that run code from the
 file (pickled checkpoints, TorchScript, bundle configs whose ``_target_`` is not a plain MONAI network
 with literal arguments) need ``trust=True``, and the refusal says why.
+
+Weights (a state dict file, a bundle's ``models/model.pt``) go through :func:`ASFDALib.checkpoints.load_pretrained`:
+a network built for the card's classes takes a published checkpoint in any layout, with a head for other
+classes (re-initialised, rows copied for mapped classes) or none (encoder-only), and the
+:class:`~ASFDALib.checkpoints.LoadReport` of what was loaded, new and ignored stays on the :class:`LoadedModel`.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ASFDALib.checkpoints import LoadReport, class_map_from_names, load_pretrained
 from ASFDALib.errors import ModelError, TrustRequiredError
 from ASFDALib.models.card import IntensityConfig, ModelCard, NetworkSpec, card_from_dict, load_card
 
@@ -34,10 +41,23 @@ class LoadedModel:
     path: Path
     digest: str
     spec: NetworkSpec | None = None
+    # What the weights loader did (None for TorchScript), and the --class-map it was given (names, as typed).
+    load_report: LoadReport | None = None
+    class_map: str | dict[str, str] | None = None
 
     @property
     def scripted(self) -> bool:
         return isinstance(self.network, torch.jit.ScriptModule)
+
+    @property
+    def head_is_new(self) -> bool:
+        """Whether the output head knows none of the target's classes: an encoder-only checkpoint, or a head
+        re-initialised for the target with no foreground class's rows copied from the checkpoint. Its
+        segmentation is then noise until the first fine-tune (ranking leaves ASD out of round 1)."""
+        report = self.load_report
+        if report is None:
+            return False
+        return report.encoder_only or (report.head_reinitialised and not any(t > 0 for t in report.mapped_classes))
 
     def source_stats_path(self) -> Path | None:
         if not self.card.source_stats:
@@ -56,8 +76,7 @@ def monai_network_names() -> list[str]:
     )
 
 
-def build_network(spec: NetworkSpec) -> torch.nn.Module:
-    """Instantiate ``monai.networks.nets.<name>(**args)``; only MONAI classes, so no foreign code runs."""
+def _network_class(spec: NetworkSpec) -> type[torch.nn.Module]:
     import monai.networks.nets as nets
 
     name = spec.name.rsplit(".", 1)[-1]
@@ -67,10 +86,32 @@ def build_network(spec: NetworkSpec) -> torch.nn.Module:
         raise ModelError(
             f"network {spec.name!r} is not a MONAI network" + (f"; did you mean {close}?" if close else "")
         )
+    return cls
+
+
+def build_network(spec: NetworkSpec, seed: int | None = None) -> torch.nn.Module:
+    """Instantiate ``monai.networks.nets.<name>(**args)``; only MONAI classes, so no foreign code runs.
+
+    With ``seed``, the initialisation is drawn from that seed without touching the caller's random state, so
+    tensors a checkpoint does not provide (a new head) are the same every time the model is rebuilt.
+    """
+    cls = _network_class(spec)
     try:
-        return cls(**spec.args)
+        if seed is None:
+            return cls(**spec.args)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(**spec.args)
     except TypeError as exc:
-        raise ModelError(f"network {name}: bad arguments {spec.args} ({exc})") from None
+        raise ModelError(f"network {cls.__name__}: bad arguments {spec.args} ({exc})") from None
+
+
+def spec_for_classes(spec: NetworkSpec, num_classes: int) -> NetworkSpec:
+    """``spec`` with its output channels set to the target's class count (a published network's arguments
+    name the pre-training classes; the head for the target's classes is then new)."""
+    if "out_channels" in inspect.signature(_network_class(spec)).parameters:
+        return NetworkSpec(spec.name, {**spec.args, "out_channels": num_classes})
+    return spec
 
 
 def _file_digest(*parts: Path | bytes) -> str:
@@ -87,10 +128,11 @@ def _file_digest(*parts: Path | bytes) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_weights(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.pt``/``.pth``/``.ckpt`` file; unwraps common checkpoint layouts and DDP prefixes."""
+def load_weights(path: Path, trust: bool = False) -> Any:
+    """The object stored in a ``.pt``/``.pth``/``.ckpt`` file, read with ``torch.load(weights_only=True)``;
+    a pickle that needs more (a whole module) only with ``trust``. Unwrapping is the checkpoint reader's job."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"{path}: weights file not found") from None
     except Exception as exc:  # noqa: BLE001 - weights_only refusal or corrupt file
@@ -100,55 +142,53 @@ def load_weights(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
                 f"code ({type(exc).__name__}). Re-save it as a state dict, or {_TRUST_HINT}"
             ) from None
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:  # noqa: BLE001
             raise ModelError(f"{path}: cannot read weights ({exc2})") from None
-    for key in ("state_dict", "model_state_dict", "model", "network", "net"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), (dict, torch.nn.Module)):
-            obj = obj[key]
-            break
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"{path}: no state dict (tensor mapping) found in this file")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _apply_weights(network: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    own = network.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs network {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        detail = "; ".join(
-            part
-            for part in (
-                f"size mismatch {shapes[:3]}" if shapes else "",
-                f"missing {missing[:3]}" if missing else "",
-                f"unexpected {unexpected[:3]}" if unexpected else "",
+def resolve_class_map(
+    card: ModelCard, class_map: str | Mapping[str, str] | None, source: Path | str
+) -> dict[int, int] | None:
+    """{target class index: checkpoint class index} from ``--class-map`` names and the card's ``source_classes``.
+
+    Without ``class_map``, classes whose names agree are paired; without ``source_classes`` there is nothing to
+    pair with, and a ``class_map`` is refused.
+    """
+    if not card.source_classes:
+        if class_map:
+            raise ModelError(
+                f"{source}: a class map needs the pre-trained head's class names; add 'source_classes' to the card"
             )
-            if part
+        return None
+    return class_map_from_names(card.class_names, card.source_classes, class_map or None) or None
+
+
+def _apply_weights(
+    network: torch.nn.Module,
+    obj: Any,
+    card: ModelCard,
+    class_map: str | Mapping[str, str] | None,
+    path: Path,
+) -> LoadReport:
+    """Load a checkpoint object into a network built for the card's classes; refuses tensors that do not fit."""
+    report = load_pretrained(
+        network, obj, num_classes=card.num_classes, class_map=resolve_class_map(card, class_map, path), source=str(path)
+    )
+    if card.source_classes and report.source_classes not in (None, len(card.source_classes)):
+        raise ModelError(
+            f"{path}: the card lists {len(card.source_classes)} source_classes but the checkpoint's head has "
+            f"{report.source_classes} classes; fix source_classes in the card"
         )
-        raise ModelError(f"{path}: weights do not fit {what} ({detail}); check the card's network and class_names")
-    network.load_state_dict(state)
+    return report
 
 
-def _check_classes(network: torch.nn.Module, card: ModelCard, path: Path) -> None:
+def _check_inputs(network: torch.nn.Module, path: Path) -> None:
     channels = getattr(network, "in_channels", None)
     if isinstance(channels, int) and channels != 1:
         raise ModelError(
             f"{path}: the network expects {channels} input channels; ASFDA feeds one image channel per volume "
             "(multi-sequence models are not supported yet)"
-        )
-    out = getattr(network, "out_channels", None)
-    if isinstance(out, int) and out != card.num_classes:
-        raise ModelError(
-            f"{path}: the network has {out} output channels but the card lists {card.num_classes} classes "
-            f"{card.class_names}; fix class_names in the card"
         )
 
 
@@ -167,14 +207,20 @@ def load_model(
     card: Path | str | ModelCard | None = None,
     network: NetworkSpec | None = None,
     trust: bool = False,
+    class_map: str | Mapping[str, str] | None = None,
 ) -> LoadedModel:
-    """Load a bundle folder, a TorchScript file (trust) or a state dict (+ network from ``network`` or card)."""
+    """Load a bundle folder, a TorchScript file (trust) or a state dict (+ network from ``network`` or card).
+
+    A network named by ``network`` or the card is built for the card's classes; ``class_map``
+    (``"liver=liver,kidney=right kidney"``: target=source names, sources from the card's ``source_classes``)
+    says which pre-trained head rows to copy. The report of what loaded is ``LoadedModel.load_report``.
+    """
     path = Path(path)
     explicit = Path(card) if isinstance(card, (str, Path)) else None
     if not path.exists():
         raise ModelError(f"{path}: model not found")
     if path.is_dir():
-        return _load_bundle(path, card if isinstance(card, ModelCard) else None, explicit, trust)
+        return _load_bundle(path, card if isinstance(card, ModelCard) else None, explicit, trust, class_map)
     loaded_card = (
         card
         if isinstance(card, ModelCard)
@@ -182,7 +228,7 @@ def load_model(
             [path.with_name(path.name.split(".")[0] + ".card.json")] + [path.parent / n for n in CARD_NAMES], explicit
         )
     )
-    digest = _file_digest(path, json.dumps(loaded_card.to_dict(), sort_keys=True).encode())
+    digest = _file_digest(path, *_digest_parts(loaded_card, class_map))
     if _is_torchscript(path):
         if not trust:
             raise TrustRequiredError(f"{path}: TorchScript runs code stored in the file; {_TRUST_HINT}")
@@ -191,10 +237,19 @@ def load_model(
     spec = network or loaded_card.network
     if spec is None:
         raise ModelError(f"{path}: a state dict needs a network; add 'network' to the card or pass --network")
-    net = build_network(spec)
-    _check_classes(net, loaded_card, path)
-    _apply_weights(net, load_weights(path, trust), path, f"MONAI {spec.name}")
-    return LoadedModel(net.eval(), loaded_card, "state_dict", path, digest, spec)
+    spec = spec_for_classes(spec, loaded_card.num_classes)
+    net = build_network(spec, seed=0)
+    _check_inputs(net, path)
+    report = _apply_weights(net, load_weights(path, trust), loaded_card, class_map, path)
+    return LoadedModel(net.eval(), loaded_card, "state_dict", path, digest, spec, report, class_map)
+
+
+def _digest_parts(card: ModelCard, class_map: str | Mapping[str, str] | None) -> list[bytes]:
+    """The card, and a class map when there is one (it changes the head's weights)."""
+    parts = [json.dumps(card.to_dict(), sort_keys=True).encode()]
+    if class_map:
+        parts.append(json.dumps(class_map, sort_keys=True).encode())
+    return parts
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -275,7 +330,13 @@ def _walk_dicts(node: Any):
             yield from _walk_dicts(value)
 
 
-def _load_bundle(folder: Path, card: ModelCard | None, explicit: Path | None, trust: bool) -> LoadedModel:
+def _load_bundle(
+    folder: Path,
+    card: ModelCard | None,
+    explicit: Path | None,
+    trust: bool,
+    class_map: str | Mapping[str, str] | None = None,
+) -> LoadedModel:
     configs = [folder / "configs" / n for n in ("inference.json", "inference.yaml", "inference.yml")]
     config_path = next((c for c in configs if c.is_file()), None)
     if config_path is None:
@@ -295,7 +356,7 @@ def _load_bundle(folder: Path, card: ModelCard | None, explicit: Path | None, tr
     weight_path = next((w for w in weights if w.is_file()), None)
     if weight_path is None:
         raise ModelError(f"{folder}: bundle has no weights (models/model.pt or models/model.ts)")
-    digest = _file_digest(config_path, weight_path, json.dumps(card.to_dict(), sort_keys=True).encode())
+    digest = _file_digest(config_path, weight_path, *_digest_parts(card, class_map))
     if weight_path.suffix == ".ts":
         if not trust:
             raise TrustRequiredError(f"{weight_path}: TorchScript runs code stored in the file; {_TRUST_HINT}")
@@ -303,7 +364,8 @@ def _load_bundle(folder: Path, card: ModelCard | None, explicit: Path | None, tr
         return LoadedModel(net.eval(), card, "bundle", folder, digest)
     spec = _safe_network_spec(config.get("network_def"))
     if spec is not None:
-        net = build_network(spec)
+        spec = spec_for_classes(spec, card.num_classes)
+        net = build_network(spec, seed=0)
     elif not trust:
         raise TrustRequiredError(
             f"{config_path}: network_def is not a plain MONAI network with literal arguments; building it would run "
@@ -315,7 +377,9 @@ def _load_bundle(folder: Path, card: ModelCard | None, explicit: Path | None, tr
         parser = ConfigParser()
         parser.read_config(str(config_path))
         parser["bundle_root"] = str(folder)
-        net = parser.get_parsed_content("network_def")
-    _check_classes(net, card, folder)
-    _apply_weights(net, load_weights(weight_path, trust), weight_path, "the bundle's network_def")
-    return LoadedModel(net.eval(), card, "bundle", folder, digest, spec)
+        with torch.random.fork_rng(devices=[]):  # a new head is the same every time the model is rebuilt
+            torch.manual_seed(0)
+            net = parser.get_parsed_content("network_def")
+    _check_inputs(net, folder)
+    report = _apply_weights(net, load_weights(weight_path, trust), card, class_map, weight_path)
+    return LoadedModel(net.eval(), card, "bundle", folder, digest, spec, report, class_map)

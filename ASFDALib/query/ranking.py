@@ -94,6 +94,10 @@ class Ranking:
     budget: int
     model: str
     records: list[VolumeRecord] = field(default_factory=list)
+    # Lines about the ranking as a whole (e.g. ASD left out of round 1 for a new head), and what loading the
+    # model's weights reported (LoadReport.to_dict()), both written to ranking.json.
+    notes: list[str] = field(default_factory=list)
+    load_report: dict | None = None
 
     @property
     def selected(self) -> list[RankRow]:

@@ -36,6 +36,8 @@ def ranking_dict(ranking: Ranking) -> dict:
         "skipped": [{"file": r.file, "reason": r.reason} for r in ranking.skipped],
         "columns": COLUMN_LEGEND,
         "rows": [{k: _clean(v) for k, v in asdict(r).items()} for r in ranking.rows],
+        "notes": list(ranking.notes),
+        "model_load": ranking.load_report,
     }
 
 

@@ -79,17 +79,29 @@ def test_torchscript_needs_trust_and_then_loads(tmp_path, unet, card):
     assert _same_output(model.network, unet)
 
 
-def test_class_count_mismatch_names_the_file_and_the_fix(tmp_path, unet):
+def test_a_card_with_other_classes_gets_a_new_head_and_says_so(tmp_path, unet):
     torch.save(unet.state_dict(), tmp_path / "net.pt")
-    wrong = ModelCard(class_names=["background", "liver", "kidney"], network=NetworkSpec("UNet", UNET_ARGS))
-    with pytest.raises(ModelError, match=r"net.pt: the network has 4 output channels but the card lists 3"):
-        load_model(tmp_path / "net.pt", wrong)
+    other = ModelCard(class_names=["background", "liver", "kidney"], network=NetworkSpec("UNet", UNET_ARGS))
+    model = load_model(tmp_path / "net.pt", other)
+    assert model.spec.args["out_channels"] == 3  # built for the card's classes, not the checkpoint's 4
+    report = model.load_report
+    assert report.head_reinitialised and report.source_classes == 4 and report.num_classes == 3
+    assert "model.2.conv.weight" in report.new and "model.2.conv.weight" in report.ignored
+    assert "output head re-initialised for 3 classes (checkpoint has 4)" in report.summary
+    assert model.head_is_new
+
+
+def test_a_model_card_matching_the_checkpoint_keeps_its_head(tmp_path, unet, card):
+    torch.save(unet.state_dict(), tmp_path / "net.pt")
+    model = load_model(tmp_path / "net.pt", card, NetworkSpec("UNet", UNET_ARGS))
+    assert not model.load_report.head_reinitialised and not model.load_report.new and not model.head_is_new
+    assert len(model.load_report.loaded) == len(unet.state_dict())
 
 
 def test_weights_that_do_not_fit_the_network_are_explained(tmp_path, unet, card):
     torch.save(unet.state_dict(), tmp_path / "net.pt")
     other = dict(UNET_ARGS, channels=[8, 16, 32])
-    with pytest.raises(ModelError, match="weights do not fit MONAI UNet .*size mismatch"):
+    with pytest.raises(ModelError, match=r"net.pt: tensors of the network .*do not load: wrong shape: model.0"):
         load_model(tmp_path / "net.pt", card, NetworkSpec("UNet", other))
 
 

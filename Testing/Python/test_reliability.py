@@ -285,7 +285,9 @@ def test_killing_fine_tuning_loses_at_most_one_checkpoint_interval(tmp_path):
     code = (
         "import sys; from pathlib import Path\n"
         "from ASFDALib.models.defaults import default_model_path\n"
-        "from ASFDALib.adaptation.finetune import Case, FinetuneConfig, Trainer\n"
+        "from ASFDALib.adaptation.patches import Case\n"
+        "from ASFDALib.adaptation.recipe import FinetuneConfig\n"
+        "from ASFDALib.adaptation.trainer import Trainer\n"
         "from ASFDALib.models.loading import load_model\n"
         "from ASFDALib.bench.phantoms import domain_config, make_phantom\n"
         "from ASFDALib.data.preprocess import preprocess\n"

@@ -1,0 +1,316 @@
+"""A researcher's published foundation-model checkpoint, end to end from the command line.
+
+Each network (UNet with BatchNorm or InstanceNorm, SegResNet, SwinUNETR, DynUNet with deep supervision) is
+pre-trained for 14 classes (random weights here) and saved in a published layout; the target task has 4 classes.
+``asfda rank`` gets the file, ``--network`` with the published arguments and a card, and every later command
+(``labels import``, ``finetune``, ``predict``, ``export``, a re-rank) gets only the session.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from ASFDALib.adaptation.pipeline import session_model
+from ASFDALib.adaptation.recipe import FinetuneConfig
+from ASFDALib.adaptation.rounds import NEW_HEAD_NOTE
+from ASFDALib.adaptation.session import Session
+from ASFDALib.adaptation.trainer import param_groups
+from ASFDALib.app.cli import main
+from ASFDALib.bench.phantoms import CLASS_NAMES
+from ASFDALib.models.card import NetworkSpec
+from ASFDALib.models.loading import build_network, load_model
+
+SOURCE_CLASSES = [
+    "background",
+    "spleen",
+    "right kidney",
+    "left kidney",
+    "gallbladder",
+    "esophagus",
+    "liver",
+    "stomach",
+    "aorta",
+    "inferior vena cava",
+    "portal vein",
+    "pancreas",
+    "right adrenal gland",
+    "left adrenal gland",
+]
+CLASS_MAP = "background=background,liver=liver,kidney=right kidney"
+MAPPED = {0: 0, 1: 6, 2: 2}  # target index <- source index, as CLASS_MAP names them
+
+# The published networks' constructor arguments, 14 output classes as they were pre-trained.
+NETWORKS = {
+    "unet-batch": (
+        "UNet",
+        dict(spatial_dims=3, in_channels=1, out_channels=14, channels=[8, 16, 32], strides=[2, 2], num_res_units=1),
+    ),
+    "unet-instance": (
+        "UNet",
+        dict(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=14,
+            channels=[8, 16, 32],
+            strides=[2, 2],
+            num_res_units=0,
+            norm="instance",
+        ),
+    ),
+    "segresnet": (
+        "SegResNet",
+        dict(spatial_dims=3, init_filters=8, in_channels=1, out_channels=14, blocks_down=[1, 1, 1], blocks_up=[1, 1]),
+    ),
+    "swinunetr": ("SwinUNETR", dict(in_channels=1, out_channels=14, feature_size=12, depths=[1, 1, 1, 1])),
+    "dynunet": (
+        "DynUNet",
+        dict(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=14,
+            kernel_size=[3, 3, 3],
+            strides=[1, 2, 2],
+            upsample_kernel_size=[2, 2],
+            filters=[8, 16, 32],
+            norm_name="instance",
+            deep_supervision=True,
+            deep_supr_num=1,
+        ),
+    ),
+}
+
+
+class Universal(torch.nn.Module):
+    """SuPreM's pre-training wrapper: the network as ``backbone`` beside its own text-driven head."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.controller = torch.nn.Conv3d(8, 8, 1)
+
+
+class SSLHead(torch.nn.Module):
+    """MONAI's Swin self-supervised pre-training model: the encoder as ``swin_vit`` and a pretext head."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.swin_vit = encoder
+        self.rotation_head = torch.nn.Linear(16, 4)
+
+
+# How each network's checkpoint is published (facts from the public loaders; see ASFDALib/checkpoints.py).
+LAYOUTS = {
+    "unet-batch": lambda net: {"net": torch.nn.DataParallel(Universal(net)).state_dict(), "epoch": 10},  # SuPreM
+    "unet-instance": lambda net: {"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}},  # Lightning
+    "segresnet": lambda net: {"model_state_dict": {f"_orig_mod.{k}": v for k, v in net.state_dict().items()}},
+    "swinunetr": lambda net: {"net": torch.nn.DataParallel(Universal(net)).state_dict()},  # SuPreM
+    "dynunet": lambda net: {"network_weights": net.state_dict(), "optimizer_state": {}, "current_epoch": 5},  # nnU-Net
+}
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Path:
+    """Three tiny MRI-like phantoms with labels, and cards for a 4-class task, with the checkpoint's
+    ``source_classes`` (card*.json) and without (plain*.json): 32^3 windows at 4 mm, and for SwinUNETR
+    32 x 32 x 64 windows at 5 x 5 x 2 mm (its InstanceNorm bottleneck at 1/32 of the window needs more than one
+    voxel; one window covers a phantom)."""
+    from ASFDALib.bench.phantoms import write_phantoms
+
+    folder = tmp_path_factory.mktemp("fm_pool")
+    write_phantoms(folder, 3, "mri", seed=11)
+    for kind, spacing, roi in (("", [4, 4, 4], [32, 32, 32]), ("-swin", [5, 5, 2], [32, 32, 64])):
+        card = {"name": "abdomen", "class_names": CLASS_NAMES, "spacing": spacing, "roi_size": roi}
+        (folder / f"card{kind}.json").write_text(json.dumps({**card, "source_classes": SOURCE_CLASSES}))
+        (folder / f"plain{kind}.json").write_text(json.dumps(card))
+    return folder
+
+
+def _publish(key: str, folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A pre-trained 14-class network saved as its authors publish it; its own state dict to compare with."""
+    name, args = NETWORKS[key]
+    torch.manual_seed(1)
+    net = build_network(NetworkSpec(name, args))
+    path = folder / f"{key}.pth"
+    torch.save(LAYOUTS[key](net), path)
+    return path, {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def _rank_args(model: Path, key: str, pool: Path, session: Path, card: str = "card") -> list[str]:
+    name, args = NETWORKS[key]
+    card_path = pool / f"{card}{'-swin' if key == 'swinunetr' else ''}.json"
+    return [
+        "rank",
+        *("--model", str(model), "--network", name, "--network-args", json.dumps(args)),
+        *("--card", str(card_path), "--images", str(pool / "images"), "--out", str(session), "--budget", "1"),
+    ]
+
+
+def _finetune(session: Path) -> list[str]:
+    return ["finetune", str(session), "--iterations", "1", "--no-pseudo", "--batch-size", "1", "--checkpoint-every=1"]
+
+
+def _bits(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().numpy().tobytes()
+
+
+def _assert_rows_copied(own: dict, source: dict, names: list[str], pairs: dict[int, int]) -> None:
+    """Every class-indexed dimension of the head's tensors holds the checkpoint's rows for the mapped classes."""
+    t = torch.tensor(sorted(pairs))
+    s = torch.tensor([pairs[i] for i in sorted(pairs)])
+    checked = 0
+    for name in names:
+        if name.endswith("num_batches_tracked") or name not in source:
+            continue
+        a, b = own[name], source[name]
+        dims = [d for d in range(min(2, a.dim())) if a.shape[d] == 4 and b.shape[d] == 14]
+        for d in dims:
+            a, b = a.index_select(d, t), b.index_select(d, s)
+        if dims:
+            assert torch.equal(a, b), name
+            checked += 1
+    assert checked, "no class-indexed tensor in the head"
+
+
+@pytest.mark.parametrize("key", list(NETWORKS))
+def test_a_published_checkpoint_with_another_label_set_runs_every_command(key, pool, tmp_path, capsys):
+    model_path, source = _publish(key, tmp_path)
+    session = tmp_path / "session"
+
+    assert main([*_rank_args(model_path, key, pool, session), "--class-map", CLASS_MAP]) == 0
+    out = capsys.readouterr().out
+    assert "output head re-initialised for 4 classes (checkpoint has 14)" in out
+    assert "pre-trained rows copied for classes 0<-0, 1<-6, 2<-2" in out
+    assert NEW_HEAD_NOTE not in out  # liver and kidney keep what the head knew: ASD ranks from round 1
+
+    recorded = json.loads((session / "session.json").read_text())["model"]
+    report = recorded["load_report"]
+    assert (
+        report["head_reinitialised"]
+        and report["source_classes"] == 14
+        and report["mapped_classes"]
+        == {
+            "0": 0,
+            "1": 6,
+            "2": 2,
+        }
+    )
+    assert report["head"] and set(report["head"]) <= set(report["new"])  # the head is named as newly made
+    assert recorded["network"] == {"name": NETWORKS[key][0], "args": {**NETWORKS[key][1], "out_channels": 4}}
+    assert recorded["class_map"] == CLASS_MAP
+    ranking = json.loads((session / "ranking.json").read_text())
+    assert ranking["model_load"]["head"] == report["head"] and ranking["alpha"] == 0.5 and ranking["notes"] == []
+
+    # The session alone rebuilds the same model: same report, checkpoint tensors bitwise, mapped rows copied.
+    base = session_model(Session.open(session), adapted=False)
+    assert base.load_report.to_dict() == report
+    own = base.network.state_dict()
+    assert all(_bits(own[n]) == _bits(source[n]) for n in report["loaded"])
+    _assert_rows_copied(own, source, report["head"], MAPPED)
+    # New head tensors train at the full rate, checkpoint tensors at the pre-trained rate.
+    groups = {g["name"]: g for g in param_groups(base.network, FinetuneConfig(lr=1e-3), base.load_report)}
+    head_params = {id(p) for n, p in base.network.named_parameters() if n in report["head"]}
+    assert head_params <= {id(p) for p in groups["new"]["params"]}
+    assert groups["pretrained"]["lr"] == pytest.approx(1e-3 * FinetuneConfig().encoder_lr_scale)
+
+    assert main(["labels", "import", str(session), "--from", str(pool / "labels")]) == 0
+    assert main(_finetune(session)) == 0
+    pred = tmp_path / "pred"
+    assert main(["predict", str(session), "--images", str(pool / "images"), "--out", str(pred)]) == 0
+    labels = [np.asarray(nib.load(p).dataobj) for p in sorted(pred.glob("*.nii.gz"))]
+    assert len(labels) == 3 and all(set(np.unique(lab)) <= {0, 1, 2, 3} for lab in labels)
+    assert main(["export", str(session), "--format", "bundle", "--out", str(tmp_path / "bundle")]) == 0
+
+    # The bundle holds the adapted 4-class head: it loads with its head kept and predicts as the session does.
+    exported = load_model(tmp_path / "bundle")
+    adapted = session_model(Session.open(session), adapted=True)
+    assert not exported.load_report.head_reinitialised and exported.card.class_names == CLASS_NAMES
+    x = torch.randn(1, 1, *exported.card.roi_size)
+    with torch.no_grad():
+        assert torch.allclose(exported.network.eval()(x), adapted.network.eval()(x), atol=1e-5)
+
+
+def test_an_encoder_only_checkpoint_ranks_by_dkd_alone_until_the_first_finetune(pool, tmp_path, capsys):
+    name, args = NETWORKS["swinunetr"]
+    torch.manual_seed(2)
+    pretrained = build_network(NetworkSpec(name, args))
+    ssl = torch.nn.DataParallel(SSLHead(pretrained.swinViT)).state_dict()
+    model_path = tmp_path / "ssl_swin.pt"
+    torch.save({"state_dict": ssl, "epoch": 100}, model_path)
+    session = tmp_path / "session"
+
+    assert main(_rank_args(model_path, "swinunetr", pool, session, "plain")) == 0
+    out = capsys.readouterr().out
+    assert "encoder-only checkpoint into 'swinViT'; decoder and head newly initialised" in out
+    assert NEW_HEAD_NOTE in out
+    first = json.loads((session / "ranking.json").read_text())
+    assert first["alpha"] == 1.0 and first["notes"] == [NEW_HEAD_NOTE] and first["model_load"]["encoder_only"]
+    recorded = json.loads((session / "session.json").read_text())
+    assert recorded["rounds"][0]["strategy"]["alpha"] == 1.0
+    # The decoder is new and trains at the full rate; the encoder came from the checkpoint.
+    base = session_model(Session.open(session), adapted=False)
+    groups = {g["name"]: g for g in param_groups(base.network, FinetuneConfig(lr=1e-3), base.load_report)}
+    encoder = {id(p) for p in base.network.swinViT.parameters()}
+    assert {id(p) for p in groups["pretrained"]["params"]} == encoder
+    assert not encoder & {id(p) for p in groups["new"]["params"]}
+
+    assert main(["labels", "import", str(session), "--from", str(pool / "labels")]) == 0
+    assert main(_finetune(session)) == 0
+    capsys.readouterr()
+    assert main(["rank", "--out", str(session), "--budget", "1"]) == 0  # round 2: only the session
+    assert NEW_HEAD_NOTE not in capsys.readouterr().out
+    second = json.loads((session / "ranking.json").read_text())
+    assert second["alpha"] == 0.5 and second["notes"] == [] and second["strategy"] == "asfda"
+    rounds = json.loads((session / "session.json").read_text())["rounds"]
+    assert [r["strategy"]["alpha"] for r in rounds] == [1.0, 0.5]
+
+
+def test_a_tensor_that_does_not_fit_is_refused_by_name(pool, tmp_path, capsys):
+    model_path, source = _publish("segresnet", tmp_path)
+    ckpt = torch.load(model_path, weights_only=True)
+    ckpt["model_state_dict"]["_orig_mod.convInit.conv.weight"] = torch.zeros(8, 1, 1, 3, 3)  # a 2-D stem
+    torch.save(ckpt, model_path)
+    session = tmp_path / "session"
+    assert main(_rank_args(model_path, "segresnet", pool, session)) == 1
+    err = capsys.readouterr().err
+    assert "convInit.conv.weight (checkpoint (8, 1, 1, 3, 3), network (8, 1, 3, 3, 3))" in err
+    assert f"{model_path}: tensors of the network (outside the output head) do not load" in err
+
+
+def test_a_class_map_without_source_classes_in_the_card_is_refused(pool, tmp_path, capsys):
+    model_path, _ = _publish("unet-instance", tmp_path)
+    args = [*_rank_args(model_path, "unet-instance", pool, tmp_path / "s", "plain"), "--class-map", CLASS_MAP]
+    assert main(args) == 1
+    assert "add 'source_classes' to the card" in capsys.readouterr().err
+
+
+def test_round_one_ranks_by_dkd_alone_whenever_no_foreground_class_keeps_its_head_rows(pool, tmp_path):
+    from ASFDALib.adaptation.rounds import NEW_HEAD_ASD_NOTE, round_config
+    from ASFDALib.query.ranking import RankConfig
+
+    model_path, _ = _publish("unet-instance", tmp_path)
+    spec = NetworkSpec(*NETWORKS["unet-instance"])
+
+    def load(card: str, class_map: str | None = None):
+        return load_model(model_path, pool / f"{card}.json", spec, class_map=class_map)
+
+    by_name = load("card")  # no --class-map: classes with the same name keep their rows
+    assert by_name.load_report.mapped_classes == {0: 0, 1: 6, 3: 4} and not by_name.head_is_new
+    assert load("card", CLASS_MAP).load_report.mapped_classes == MAPPED
+    assert load("card", "background=background").head_is_new  # background alone segments nothing
+    unmapped = load("plain")
+    assert unmapped.load_report.head_reinitialised and unmapped.head_is_new
+
+    session = Session.open(tmp_path / "s", create=True)
+    assert round_config(session, unmapped, RankConfig(alpha=0.3)) == (RankConfig(alpha=1.0), [NEW_HEAD_NOTE])
+    assert round_config(session, unmapped, RankConfig(strategy="asd")) == (
+        RankConfig(strategy="asd"),
+        [NEW_HEAD_ASD_NOTE],
+    )
+    assert round_config(session, unmapped, RankConfig(strategy="dkd")) == (RankConfig(strategy="dkd"), [])
+    assert round_config(session, by_name, RankConfig(alpha=0.3)) == (RankConfig(alpha=0.3), [])
