@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=STRATEGIES,
         default="asfda",
         help="asfda (DKD+ASD, default), dkd, asd, or a baseline: random, fg-random (random among "
-        "volumes with predicted foreground), entropy (whole volume), epistemic (MC dropout), coreset",
+        "volumes with predicted foreground), entropy (whole volume), epistemic (MC dropout), coreset, "
+        "typiclust (most typical volume of each uncovered k-means cluster of the embedding; Hacohen et al. 2022), "
+        "clasp-pe (class-stratified, Gumbel-noised predictive entropy; nnActive's ClaSP PE)",
     )
     rank.add_argument(
         "--knowledge",
