@@ -64,6 +64,8 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
         "entropy",
         "epistemic",
         "coreset",
+        "typiclust",
+        "clasp-pe",
         "dkd",
         "asd",
         "asfda",
@@ -72,6 +74,9 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
     }
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
     assert "| ASFDA (DKD + ASD) | 2 |" in (out / "benchmark.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert {s["row"] for s in summary} == rows
+    assert set(summary[0]["per_group"]) == {"site", "subgroup"}  # the phantom test set carries both
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert main(["benchmark", "--quick", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["runs"] == runs  # nothing was run twice
