@@ -415,6 +415,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         )
         if v
     }
+    if folders is None and args.scenario != "mri" and args.model is None:
+        raise ASFDAError(
+            f"--scenario {args.scenario} needs its source model (five classes): train it with "
+            "benchmarks/train_source_model.py and pass --model benchmarks/models/ct_source_instance.pt"
+        )
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)
     if config.eval_at and not (config.validation or val_dir):
         raise ASFDAError("--eval-at scores the validation set: give --validation DIR (or a phantom count)")
