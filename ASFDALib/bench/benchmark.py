@@ -378,6 +378,26 @@ def plot_differences(summary: list[dict], config: BenchmarkConfig, path: Path) -
     return save_figure(fig, path)
 
 
+def plot_curves(runs: list[Run], path: Path) -> Path:
+    """Validation Dice against stage-1 iterations (mean ± sd over seeds), one line per row and budget: is
+    training at its plateau (the upper bound above every budgeted row)?"""
+    fig, ax = new_figure(7.5, 5)
+    keys = sorted({(r.row, r.budget) for r in runs if r.curve}, key=lambda k: (k[0] == "full", k[1], k[0]))
+    for row, budget in keys:
+        curves = [r.curve for r in runs if (r.row, r.budget) == (row, budget) and r.curve]
+        steps = sorted({int(i) for c in curves for i in c})
+        values = [[c[str(i)] for c in curves if str(i) in c] for i in steps]
+        label = LABELS[row] + ("" if row == "full" else f", {budget} labelled")
+        ax.errorbar(
+            steps, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], marker="o", capsize=3, label=label
+        )
+    ax.set_xlabel("fine-tuning iterations (stage 1)")
+    ax.set_ylabel("mean Dice on the validation set (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return save_figure(fig, path)
+
+
 def write_data(data: Path, config: BenchmarkConfig) -> Path:
     """The pool, the disjoint test set (and validation set) under ``data``, for the config's scenario.
 
@@ -612,5 +632,8 @@ def _report(
     curves = {f"{r.row}@{r.budget}/seed{r.seed}": r.curve for r in runs if r.curve}
     if curves:
         atomic_write_json(out / "curves.json", curves)
+        _, why = draw_or_explain(out / "benchmark_curves.png", lambda path: plot_curves(runs, path))
+        if why:
+            warnings.append(why)
     report["warnings"] = warnings
     return report

@@ -138,6 +138,7 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     assert all(set(r["curve"]) == {"1", "2"} for r in runs if not r["shared_with"])
     assert "Δ vs random" in (out / "benchmark.md").read_text()
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG" and (out / "benchmark_diff.png").is_file()
+    assert (out / "benchmark_curves.png").is_file() and len(json.loads((out / "curves.json").read_text())) == 6
     # resuming with other iterations would mix protocols: refused, naming the file
     longer = list(argv)
     longer[argv.index("--iterations") + 1] = "3"
