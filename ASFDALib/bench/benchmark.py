@@ -441,6 +441,7 @@ def _protocol(config: BenchmarkConfig, folders: Folders) -> dict:
         "iterations": config.iterations,
         "ssft": asdict(config.ssft),
         "eval_at": list(config.eval_at),
+        "scenario": config.scenario,
         "pool": str(folders.pool.resolve()),
         "test": str(folders.test.resolve()),
         "validation": str(folders.validation.resolve()) if folders.validation else None,
@@ -485,6 +486,7 @@ def run_benchmark(
         data = folders or _phantom_folders(out / "data", config)
         return _report(out, config, runs, model.card.class_names, start, data)
     if folders is None:
+        _check_scenario(out / "data", config)
         write_data(out / "data", config)
         folders = _phantom_folders(out / "data", config)
     model = load_model(model_path, card)
@@ -589,6 +591,23 @@ def _twin(runs: list[Run], query: list[str], seed: int, ssft: bool) -> Run | Non
 
 def _results(config: BenchmarkConfig, protocol: dict, runs: list[Run]) -> dict:
     return {"config": asdict(config), "protocol": protocol, "runs": [asdict(r) for r in runs]}
+
+
+def _check_scenario(data: Path, config: BenchmarkConfig) -> None:
+    """Phantom data already under OUT/data must be the scenario asked for (it is reused, not rewritten)."""
+    marker = data / "scenario.json"
+    if marker.is_file():
+        made = json.loads(marker.read_text()).get("scenario")
+        if made != config.scenario:
+            raise ASFDAError(
+                f"{data}: holds the {made} scenario's data; use another --out for --scenario {config.scenario}"
+            )
+    elif (data / "pool").is_dir() and config.scenario != "mri":
+        raise ASFDAError(
+            f"{data}: holds data of an earlier benchmark; use another --out for --scenario {config.scenario}"
+        )
+    data.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"scenario": config.scenario})
 
 
 def _phantom_folders(data: Path, config: BenchmarkConfig) -> Folders:
