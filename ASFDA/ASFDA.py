@@ -43,7 +43,7 @@ if not os.path.isdir(os.path.join(_HERE, "ASFDALib")) and _ROOT not in sys.path:
 # Spelled out here (ASFDALib is imported only after the dependency check); a test checks STRATEGIES against
 # ASFDALib.query.selection.STRATEGIES, and both against the items of the .ui's combo boxes.
 DEVICES = ("auto", "cpu", "cuda")
-STRATEGIES = ("asfda", "dkd", "asd", "fg-random", "random", "entropy", "epistemic", "coreset")
+STRATEGIES = ("asfda", "dkd", "asd", "fg-random", "random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe")
 
 
 class ASFDA(ScriptedLoadableModule):

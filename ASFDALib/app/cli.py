@@ -114,6 +114,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
     )
 
 
+BENCH_ROWS = (
+    "source", "random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe", "dkd", "asd",
+    "asfda", "asfda+ssft", "full",
+)  # fmt: skip  # ASFDALib.bench.benchmark.ROWS, listed here so --help does not load torch (a test pins them equal)
+BENCH_SCENARIOS = ("mri", "ct-shift", "mri-rich")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ASFDALib.query.selection import STRATEGIES
 
@@ -159,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=STRATEGIES,
         default="asfda",
         help="asfda (DKD+ASD, default), dkd, asd, or a baseline: random, fg-random (random among "
-        "volumes with predicted foreground), entropy (whole volume), epistemic (MC dropout), coreset",
+        "volumes with predicted foreground), entropy (whole volume), epistemic (MC dropout), coreset, "
+        "typiclust (most typical volume of each uncovered k-means cluster of the embedding; Hacohen et al. 2022), "
+        "clasp-pe (class-stratified, Gumbel-noised predictive entropy; nnActive's ClaSP PE)",
     )
     rank.add_argument(
         "--knowledge",
@@ -377,22 +386,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "benchmark",
-        help="the active-learning benchmark: every strategy, budgets x seeds, on multi-site phantoms",
-        description="Pool of 40 MRI-like target volumes from three sites (10%% rare subgroups), 20 test volumes, "
-        "budgets 2/4/8, 5 seeds; every strategy fine-tuned with the same recipe. Resumes if interrupted.",
-        epilog="examples:\n  asfda benchmark --out bench/            # the full protocol (~1.5 h on 2 CPU cores)\n"
-        "  asfda benchmark --quick --out /tmp/b    # a smoke run (seconds)",
+        help="the active-learning benchmark: every strategy, budgets x seeds, on phantoms or on your own data",
+        description="Every query strategy fine-tuned with the same recipe, budgets x seeds, Dice on a disjoint "
+        "labelled test set; per row the paired difference to random (same seed) with a 95% bootstrap interval. "
+        "Phantom mode (no folders): a pool of 40 MRI-like target volumes from three sites (10% rare subgroups), "
+        "20 test volumes, budgets 2/4/8, 5 seeds. Your data: --pool DIR --test DIR [--validation DIR], each with "
+        "images/ and labels/ holding the same file names (the layout `asfda phantoms` writes; an optional "
+        "cases.json with each case's site and subgroup adds Dice per site). Writes OUT/results.json (every run, "
+        "as it finishes: an interrupted benchmark resumes), OUT/summary.json, benchmark.md and benchmark.png.",
+        epilog="examples:\n  asfda benchmark --out bench/            # the phantom protocol (~1.5 h on 2 CPU cores)\n"
+        "  asfda benchmark --quick --out /tmp/b    # a smoke run (seconds)\n"
+        "  asfda benchmark --model unet.pt --card card.json --pool data/pool --test data/test \\\n"
+        "      --validation data/val --budgets 2,4 --seeds 0,1,2 --rows random,typiclust,asfda --out my-bench/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument("--out", type=Path, required=True)
     bench.add_argument("--quick", action="store_true", help="1 seed, budget 2, a few iterations: checks that it runs")
-    bench.add_argument("--model", type=Path, help="state dict with a card (default: the built-in model)")
-    bench.add_argument("--pool", type=int)
-    bench.add_argument("--test", type=int)
-    bench.add_argument("--budgets", type=int, nargs="+")
-    bench.add_argument("--seeds", type=int, help="number of seeds")
+    bench.add_argument("--model", type=Path, help="model to adapt (required with your own folders; default: built-in)")
+    bench.add_argument("--card", type=Path, help="its model card (default: found beside the model)")
+    bench.add_argument("--pool", help="folder of the unlabelled pool (images/ + labels/), or a phantom count")
+    bench.add_argument("--test", help="folder of the test set, or a phantom count")
+    bench.add_argument(
+        "--validation",
+        help="folder of a validation set (or a phantom count): each run is also scored there, for choices",
+    )
+    bench.add_argument("--budgets", nargs="+", help="labelled volumes per run, e.g. 2,4,8")
+    bench.add_argument("--seeds", help="training seeds: a comma list (0,1,2) or a count N (seeds 0..N-1)")
+    bench.add_argument("--rows", help=f"comma list of rows (default: all): {', '.join(BENCH_ROWS)}")
     bench.add_argument("--iterations", type=int, help="fine-tuning iterations per run (default 300)")
-    bench.add_argument("--device", type=device, default="auto")
+    bench.add_argument(
+        "--eval-at",
+        help="with a validation set: also score it after these stage-1 iterations (learning curves), e.g. 100,200",
+    )
+    bench.add_argument(
+        "--scenario",
+        choices=BENCH_SCENARIOS,
+        default="mri",
+        help="phantom data: mri (CT model -> three MRI-like sites, the historical protocol), mri-rich (the same "
+        "sites with deformed five-organ anatomy), ct-shift (hospital shift within CT; give the source model "
+        "benchmarks/train_source_model.py writes) (default: %(default)s)",
+    )
+    bench.add_argument("--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda")
     bench.add_argument(
         "--report-only",
         action="store_true",

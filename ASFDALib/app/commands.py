@@ -412,34 +412,100 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(option: str, text: str | list[str] | None) -> tuple[int, ...] | None:
+    """``2,4 8`` -> (2, 4, 8); a one-line error naming the option otherwise."""
+    if not text:
+        return None
+    words = text if isinstance(text, list) else [text]
+    try:
+        return tuple(int(v) for w in words for v in w.replace(",", " ").split())
+    except ValueError:
+        raise ASFDAError(
+            f"{option} {' '.join(words)}: expected whole numbers separated by commas, e.g. 2,4,8"
+        ) from None
+
+
+def _count_or_folder(text: str | None) -> tuple[int | None, Path | None]:
+    """A phantom count (digits, and no folder of that name) or a folder."""
+    if text is None:
+        return None, None
+    if text.isdigit() and not Path(text).is_dir():
+        return int(text), None
+    return None, Path(text)
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from rich.console import Console
 
-    from ASFDALib.bench.benchmark import BenchmarkConfig, run_benchmark
+    from ASFDALib.bench.benchmark import ROWS, BenchmarkConfig, Folders, run_benchmark
     from ASFDALib.models.defaults import default_model_path
 
     console = Console()
     config = BenchmarkConfig.quick() if args.quick else BenchmarkConfig()
+    pool_count, pool_dir = _count_or_folder(args.pool)
+    test_count, test_dir = _count_or_folder(args.test)
+    val_count, val_dir = _count_or_folder(args.validation)
+    folders = None
+    if pool_dir or test_dir or val_dir:
+        if not (pool_dir and test_dir):
+            raise ASFDAError(
+                "benchmark on your own data needs both --pool DIR and --test DIR (--validation DIR optional)"
+            )
+        if args.model is None:
+            raise ASFDAError(
+                "benchmark on your own data needs --model (the model to adapt) and, if not beside it, --card"
+            )
+        folders = Folders(pool_dir, test_dir, val_dir)
+    seeds = None
+    if args.seeds:
+        listed = _int_list("--seeds", args.seeds)
+        seeds = listed if "," in args.seeds else tuple(range(listed[0]))
+    rows = None
+    if args.rows:
+        rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+        unknown = [r for r in rows if r not in ROWS]
+        if unknown:
+            raise ASFDAError(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+        rows = tuple(r for r in ROWS if r in rows)  # the table's order
     overrides = {
         k: v
         for k, v in (
-            ("pool", args.pool),
-            ("test", args.test),
+            ("pool", pool_count),
+            ("test", test_count),
+            ("validation", val_count),
             ("iterations", args.iterations),
-            ("budgets", args.budgets and tuple(args.budgets)),
-            ("seeds", args.seeds and tuple(range(args.seeds))),
+            ("budgets", _int_list("--budgets", args.budgets)),
+            ("seeds", seeds),
+            ("rows", rows),
+            ("eval_at", _int_list("--eval-at", args.eval_at)),
         )
         if v
     }
-    config = replace(config, device=args.device, **overrides)
+    if folders is None and args.scenario != "mri" and args.model is None:
+        raise ASFDAError(
+            f"--scenario {args.scenario} needs its source model (five classes): train it with "
+            "benchmarks/train_source_model.py and pass --model benchmarks/models/ct_source_instance.pt"
+        )
+    config = replace(config, device=args.device, scenario=args.scenario, **overrides)
+    if config.eval_at and not (config.validation or val_dir):
+        raise ASFDAError("--eval-at scores the validation set: give --validation DIR (or a phantom count)")
     bar, update = volume_progress(console, "Benchmark")
     with bar:
-        report = run_benchmark(args.out, config, args.model or default_model_path(), update, not args.report_only)
+        report = run_benchmark(
+            args.out,
+            config,
+            args.model or default_model_path(),
+            update,
+            not args.report_only,
+            folders=folders,
+            card=args.card,
+        )
     console.print((args.out / "benchmark.md").read_text(encoding="utf-8"))
     console.print(
-        f"{report['wall_seconds'] / 60:.1f} min; wrote {args.out}/benchmark.json, benchmark.md, benchmark.png"
+        f"{report['wall_seconds'] / 60:.1f} min; wrote {args.out}/results.json, summary.json, benchmark.json, "
+        "benchmark.md, benchmark.png, benchmark_diff.png"
     )
     for warning in report["warnings"]:  # a plot that could not be drawn (e.g. matplotlib missing)
         console.print(warning, style="yellow", markup=False, highlight=False, soft_wrap=True)

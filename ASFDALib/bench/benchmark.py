@@ -1,11 +1,20 @@
 """The active-learning benchmark: every query strategy, the same fine-tuning recipe, budgets x seeds,
 Dice on a disjoint labelled test set; JSON, a Markdown table and a plot.
 
-Runs are appended to ``results.json`` as they finish, so an interrupted benchmark resumes.
+Two kinds of data, one protocol: generated phantoms (``asfda benchmark --out OUT``; the scenario picks
+which), or a research group's own labelled folders (``asfda benchmark --model M --pool DIR --test DIR``),
+each holding ``images/`` and ``labels/`` with the same file names. A folder may carry ``cases.json``
+(``{"cases": [{"name", "site", "subgroup"}]}``, what the phantom writer puts there): Dice is then also
+reported per site and per subgroup. The statistics (paired difference to random per seed, bootstrap
+interval) are :mod:`ASFDALib.bench.statistics`.
+
+Runs are appended to ``results.json`` as they finish, so an interrupted benchmark resumes; a training
+whose query, seed and recipe equal one already run is not repeated (its result is reused and marked).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -20,13 +29,15 @@ from ASFDALib.adaptation.pseudo import selective_pseudo_labels
 from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.adaptation.trainer import Trainer
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
+from ASFDALib.bench import statistics
+from ASFDALib.errors import ASFDAError
 from ASFDALib.evaluation.metrics import dice_per_class
 from ASFDALib.inference.predict import predict_label
 from ASFDALib.models.loading import LoadedModel, load_model
 from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
 from ASFDALib.query.ranking import RankConfig, rank_folder
 
-QUERY_ROWS = ("random", "fg-random", "entropy", "epistemic", "coreset", "dkd", "asd", "asfda")
+QUERY_ROWS = ("random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe", "dkd", "asd", "asfda")
 ROWS = ("source", *QUERY_ROWS, "asfda+ssft", "full")
 LABELS = {
     "source": "source model, no adaptation",
@@ -35,12 +46,20 @@ LABELS = {
     "entropy": "entropy (whole volume)",
     "epistemic": "MC-dropout epistemic (5 passes)",
     "coreset": "Core-set",
+    "typiclust": "TypiClust (typical volume per uncovered cluster)",
+    "clasp-pe": "ClaSP PE (class-stratified noised entropy)",
     "dkd": "DKD only",
     "asd": "ASD only",
     "asfda": "ASFDA (DKD + ASD)",
     "asfda+ssft": "ASFDA + selective semi-supervised fine-tuning (stage 2: +50% iterations)",
     "full": "fully supervised, whole pool (upper bound)",
 }
+# Strategies whose query changes with the seed (so each seed ranks anew) and those whose query depends on
+# the budget (ranked once per budget instead of one ranking cut at every budget).
+SEEDED = ("random", "fg-random", "typiclust", "clasp-pe")
+PER_BUDGET = ("typiclust",)
+SCENARIOS = ("mri", "ct-shift", "mri-rich")
+LAYOUT_FIX = "each folder needs images/ and labels/ with the same file names (the layout `asfda phantoms` writes)"
 
 
 @dataclass
@@ -69,6 +88,9 @@ class BenchmarkConfig:
     device: str = "auto"
     data_seed: int = 1000
     ssft: SSFTOptions = field(default_factory=SSFTOptions)
+    validation: int = 0  # phantom validation volumes (0: none); the user's mode takes a folder instead
+    eval_at: tuple[int, ...] = ()  # stage-1 iterations at which validation Dice is recorded (learning curves)
+    scenario: str = "mri"  # phantom data: see SCENARIOS and write_data
 
     @classmethod
     def quick(cls) -> BenchmarkConfig:
@@ -83,6 +105,68 @@ class Run:
     dice: list[float]
     query: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    cases: dict[str, list[float]] = field(default_factory=dict)  # test case -> Dice per class
+    validation: list[float] | None = None  # Dice per class on the validation split, when there is one
+    curve: dict[str, float] = field(default_factory=dict)  # stage-1 iteration -> mean validation Dice
+    shared_with: str = ""  # "row@budget" whose identical training this run reused
+
+
+@dataclass
+class Folders:
+    """Where the labelled data of one benchmark lives (pool, test and optional validation folders)."""
+
+    pool: Path
+    test: Path
+    validation: Path | None = None
+
+
+def _pairs(folder: Path) -> list[str]:
+    return sorted(p.name for p in (folder / "images").iterdir() if not p.name.startswith("."))
+
+
+def validate_folders(folders: Folders, budgets: tuple[int, ...]) -> None:
+    """Refuse, before any work, folders the protocol cannot use; one line naming the folder and the fix."""
+    named = [("--pool", folders.pool), ("--test", folders.test)]
+    if folders.validation is not None:
+        named.append(("--validation", folders.validation))
+    for option, folder in named:
+        if not folder.is_dir():
+            raise ASFDAError(f"{folder}: {option} folder not found; {LAYOUT_FIX}")
+        for sub in ("images", "labels"):
+            if not (folder / sub).is_dir():
+                raise ASFDAError(f"{folder}: no {sub}/ folder; {LAYOUT_FIX}")
+        images = set(_pairs(folder))
+        labels = {p.name for p in (folder / "labels").iterdir() if not p.name.startswith(".")}
+        if not images:
+            raise ASFDAError(f"{folder / 'images'}: no volumes; {LAYOUT_FIX}")
+        if images - labels:
+            missing = sorted(images - labels)
+            raise ASFDAError(
+                f"{folder / 'labels'}: no label for {len(missing)} image(s) ({', '.join(missing[:3])}"
+                f"{', …' if len(missing) > 3 else ''}); add labels with the images' file names"
+            )
+        if labels - images:
+            extra = sorted(labels - images)
+            raise ASFDAError(
+                f"{folder / 'labels'}: {len(extra)} label(s) without an image ({', '.join(extra[:3])}"
+                f"{', …' if len(extra) > 3 else ''}); remove them or add their images"
+            )
+    pool = _pairs(folders.pool)
+    if max(budgets) >= len(pool):
+        raise ASFDAError(
+            f"{folders.pool}: {len(pool)} pool volumes cannot serve a budget of {max(budgets)} "
+            "(every budget must leave unlabelled volumes); use smaller --budgets or a larger pool"
+        )
+    for option, other in named[1:]:
+        for name in sorted(set(pool) & set(_pairs(other))):
+            if _digest(folders.pool / "images" / name) == _digest(other / "images" / name):
+                raise ASFDAError(
+                    f"{other / 'images' / name}: the same volume is in the pool; {option} must hold other cases"
+                )
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else str(path.stat().st_mtime_ns)
 
 
 def load_cases(folder: Path, card) -> list[Case]:
@@ -90,17 +174,46 @@ def load_cases(folder: Path, card) -> list[Case]:
     return [load_case(p.name, p, folder / "labels" / p.name, card) for p in sorted((folder / "images").iterdir())]
 
 
-def evaluate(model: LoadedModel, network: torch.nn.Module, cases: list[Case], device: str) -> list[float]:
-    """Mean Dice per foreground class over ``cases`` (a class absent from both maps is skipped)."""
-    per_class = []
-    for case in cases:
-        pred = predict_label(network, case.image, model.card, device)
-        per_class.append(dice_per_class(pred, case.label, model.card.num_classes))
-    values = np.array(per_class, dtype=np.float64)
+def case_groups(folders: list[Path]) -> dict[str, dict[str, str]]:
+    """{"site": {case: site}, "subgroup": {case: subgroup}} from the folders' ``cases.json`` (empty if none)."""
+    groups: dict[str, dict[str, str]] = {"site": {}, "subgroup": {}}
+    for folder in folders:
+        path = folder / "cases.json"
+        if not path.is_file():
+            continue
+        for case in json.loads(path.read_text()).get("cases", []):
+            for kind in groups:
+                if case.get(kind) is not None:
+                    groups[kind][case["name"]] = str(case[kind])
+    return {k: v for k, v in groups.items() if v}
+
+
+def evaluate_cases(
+    model: LoadedModel, network: torch.nn.Module, cases: list[Case], device: str
+) -> dict[str, list[float]]:
+    """Dice per foreground class of every case (NaN where a class is absent from both maps)."""
+    return {
+        case.name: [
+            float(v)
+            for v in dice_per_class(
+                predict_label(network, case.image, model.card, device), case.label, model.card.num_classes
+            )
+        ]
+        for case in cases
+    }
+
+
+def _class_means(per_case: dict[str, list[float]]) -> list[float]:
+    values = np.array(list(per_case.values()), dtype=np.float64)
     return [
         float(np.nanmean(values[:, c])) if np.isfinite(values[:, c]).any() else float("nan")
         for c in range(values.shape[1])
     ]
+
+
+def evaluate(model: LoadedModel, network: torch.nn.Module, cases: list[Case], device: str) -> list[float]:
+    """Mean Dice per foreground class over ``cases`` (a class absent from both maps is skipped)."""
+    return _class_means(evaluate_cases(model, network, cases, device))
 
 
 def train(
@@ -113,12 +226,22 @@ def train(
     device: str,
     ssft: SSFTOptions | None,
     workdir: Path,
+    eval_at: tuple[int, ...] = (),
+    on_eval: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> torch.nn.Module:
-    """The same recipe for every row: ``iterations`` on the labels; SSFT adds stage 2 as ``ssft`` says."""
-    network = load_model(model_path).network
+    """The same recipe for every row: ``iterations`` on the labels; SSFT adds stage 2 as ``ssft`` says.
+
+    ``on_eval(iteration, network)`` is called at each of ``eval_at`` during stage 1 (training continues
+    from there with the same batches an uninterrupted run draws, so the curve costs only its evaluations).
+    """
+    network = load_model(model_path, card).network
     config = FinetuneConfig(seed=seed, device=device, checkpoint_every=10**9)
     trainer = Trainer(network, card, config, workdir)
     first = round(iterations * ssft.stage1_fraction) if ssft else iterations
+    for stop in sorted(i for i in eval_at if 0 < i < first):
+        trainer.run(labelled, stop)
+        if on_eval:
+            on_eval(stop, network.eval())
     trainer.run(labelled, first)
     if ssft:
         names = {c.name for c in labelled}
@@ -134,6 +257,7 @@ def train(
 
 
 def _summary(runs: list[Run], config: BenchmarkConfig) -> dict:
+    """benchmark.json's summary (fractions, keyed "row@budget"); summary.json has the percent list."""
     table: dict = {}
     for row in config.rows:
         for budget in (0,) if row in ("source", "full") else config.budgets:
@@ -153,59 +277,188 @@ def _summary(runs: list[Run], config: BenchmarkConfig) -> dict:
     return table
 
 
-def markdown(summary: dict, class_names: list[str]) -> str:
-    head = "| method | budget | seeds | " + " | ".join(class_names[1:]) + " | mean Dice |"
-    lines = [head, "|" + "---|" * (len(class_names) + 3)]
-    ordered = sorted(summary.values(), key=lambda s: (s["row"] == "full", s["budget"], ROWS.index(s["row"])))
-    for s in ordered:
-        budget = "all" if s["row"] == "full" else ("0" if s["row"] == "source" else str(s["budget"]))
-        cells = [f"{100 * m:.1f} ± {100 * d:.1f}" for m, d in zip(s["mean"], s["sd"])]
+def _order(entries: list[dict]) -> list[dict]:
+    return sorted(entries, key=lambda s: (s["row"] == "full", s["budget"], ROWS.index(s["row"])))
+
+
+def markdown(summary: list[dict], class_names: list[str]) -> str:
+    """The table: mean ± sd over seeds per class and overall, and the paired difference to random."""
+    head = "| method | budget | seeds | " + " | ".join(class_names[1:]) + " | mean Dice | Δ vs random [95% CI] |"
+    lines = [head, "|" + "---|" * (len(class_names) + 4)]
+    for s in _order(summary):
+        budget = "all" if s["row"] == "full" else str(s["budget"])
+        cells = [f"{m:.1f}" for m in s["per_class"]]
+        diff = s.get("diff_vs_random")
+        delta = ""
+        if diff:
+            ci = diff["ci95"]
+            delta = f"{diff['mean']:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else " [1 seed]")
         lines.append(
-            f"| {LABELS[s['row']]} | {budget} | {s['runs']} | "
+            f"| {LABELS[s['row']]} | {budget} | {len(s['seeds'])} | "
             + " | ".join(cells)
-            + f" | **{100 * s['overall_mean']:.1f} ± {100 * s['overall_sd']:.1f}** |"
+            + f" | **{s['mean_dice']:.1f} ± {s['sd_dice']:.1f}** | {delta} |"
         )
+    groups = [
+        (kind, sorted({g for s in summary for g in s.get("per_group", {}).get(kind, {})}))
+        for kind in ("site", "subgroup")
+    ]
+    groups = [(k, names) for k, names in groups if names]
+    if groups:
+        cols = [(k, g) for k, names in groups for g in names]
+        lines += ["", "Mean Dice per site and subgroup of the test cases (mean over seeds):", ""]
+        lines.append("| method | budget | " + " | ".join(f"{k} {g}" for k, g in cols) + " |")
+        lines.append("|" + "---|" * (len(cols) + 2))
+        for s in _order(summary):
+            per = s.get("per_group", {})
+            cells = [f"{per[k][g]['mean']:.1f}" if g in per.get(k, {}) else "" for k, g in cols]
+            budget = "all" if s["row"] == "full" else str(s["budget"])
+            lines.append(f"| {LABELS[s['row']]} | {budget} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, config: BenchmarkConfig, path: Path) -> Path:
+def plot(summary: list[dict], config: BenchmarkConfig, path: Path, pool_size: int, test_size: int) -> Path:
+    """Mean Dice (± sd over seeds) against the budget, one line per query row; source and upper bound flat."""
     fig, ax = new_figure(7.5, 5)
     budgets = list(config.budgets)
+    by_key = {(s["row"], s["budget"]): s for s in summary}
     for row in config.rows:
         if row in ("source", "full"):
-            s = summary.get(f"{row}@0")
+            s = by_key.get((row, 0))
             if s:
                 ax.axhline(
-                    100 * s["overall_mean"],
+                    s["mean_dice"],
                     ls="--" if row == "full" else ":",
                     color="k" if row == "full" else "grey",
                     label=LABELS[row],
                 )
             continue
-        points = [summary.get(f"{row}@{b}") for b in budgets]
+        points = [by_key.get((row, b)) for b in budgets]
         if not any(points):
             continue
         xs = [b for b, p in zip(budgets, points) if p]
-        ys = [100 * p["overall_mean"] for p in points if p]
-        es = [100 * p["overall_sd"] for p in points if p]
+        ys = [p["mean_dice"] for p in points if p]
+        es = [p["sd_dice"] for p in points if p]
         bold = row.startswith("asfda")
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, lw=2.5 if bold else 1.2, label=LABELS[row])
-    ax.set_xlabel(f"labelled volumes (of a pool of {config.pool})")
-    ax.set_ylabel(f"mean Dice on {config.test} test volumes (%)")
+    ax.set_xlabel(f"labelled volumes (of a pool of {pool_size})")
+    ax.set_ylabel(f"mean Dice on {test_size} test volumes (%)")
     ax.set_xticks(budgets)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return save_figure(fig, path)
 
 
+def plot_differences(summary: list[dict], config: BenchmarkConfig, path: Path) -> Path:
+    """Paired difference to random with its 95% bootstrap interval, per row and budget."""
+    fig, ax = new_figure(7.5, 5)
+    rows = [r for r in config.rows if r not in ("source", "full", "random")]
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+        xs, ys, lo, hi = [], [], [], []
+        for j, budget in enumerate(config.budgets):
+            s = next(
+                (e for e in summary if e["row"] == row and e["budget"] == budget and e.get("diff_vs_random")), None
+            )
+            if not s:
+                continue
+            d = s["diff_vs_random"]
+            ci = d["ci95"] or [d["mean"], d["mean"]]
+            xs.append(j + (i - (len(rows) - 1) / 2) * width)
+            ys.append(d["mean"])
+            lo.append(d["mean"] - ci[0])
+            hi.append(ci[1] - d["mean"])
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=LABELS[row])
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(config.budgets)), [str(b) for b in config.budgets])
+    ax.set_xlabel("labelled volumes")
+    ax.set_ylabel("Dice − random, same seed (points; 95% bootstrap interval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_curves(runs: list[Run], path: Path) -> Path:
+    """Validation Dice against stage-1 iterations (mean ± sd over seeds), one line per row and budget: is
+    training at its plateau (the upper bound above every budgeted row)?"""
+    fig, ax = new_figure(7.5, 5)
+    keys = sorted({(r.row, r.budget) for r in runs if r.curve}, key=lambda k: (k[0] == "full", k[1], k[0]))
+    for row, budget in keys:
+        curves = [r.curve for r in runs if (r.row, r.budget) == (row, budget) and r.curve]
+        steps = sorted({int(i) for c in curves for i in c})
+        values = [[c[str(i)] for c in curves if str(i) in c] for i in steps]
+        label = LABELS[row] + ("" if row == "full" else f", {budget} labelled")
+        ax.errorbar(
+            steps, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], marker="o", capsize=3, label=label
+        )
+    ax.set_xlabel("fine-tuning iterations (stage 1)")
+    ax.set_ylabel("mean Dice on the validation set (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return save_figure(fig, path)
+
+
 def write_data(data: Path, config: BenchmarkConfig) -> Path:
-    """The pool and the disjoint test set under ``data`` (kept when already there: they are deterministic)."""
+    """The pool, the disjoint test set (and validation set) under ``data``, for the config's scenario.
+
+    Kept when already there: they are deterministic. ``mri`` is the historical protocol (CT-trained
+    model, three MRI-like sites, ellipsoid anatomy); ``mri-rich`` the same sites with the rich anatomy;
+    ``ct-shift`` the hospital shift within CT (:mod:`ASFDALib.bench.scenarios`).
+    """
     from ASFDALib.bench.phantoms import write_pool
 
-    for part, size, seed in (("pool", config.pool, config.data_seed), ("test", config.test, config.data_seed + 1)):
-        if not (data / part / "cases.json").is_file():
+    parts = [("pool", config.pool, config.data_seed), ("test", config.test, config.data_seed + 1)]
+    if config.validation:
+        parts.append(("validation", config.validation, config.data_seed + 2))
+    for part, size, seed in parts:
+        if (data / part / "cases.json").is_file():
+            continue
+        if config.scenario == "mri":
             write_pool(data / part, size, seed=seed, prefix=part)
+        elif config.scenario == "mri-rich":
+            write_pool(data / part, size, seed=seed, prefix=part, anatomy="rich")
+        elif config.scenario == "ct-shift":
+            from ASFDALib.bench.scenarios import write_target_split
+
+            write_target_split(data / part, size, seed=seed, prefix=part)
+        else:
+            raise ASFDAError(f"unknown benchmark scenario {config.scenario!r}; use one of {', '.join(SCENARIOS)}")
     return data
+
+
+def _plan(config: BenchmarkConfig) -> list[tuple[str, int, int]]:
+    # Seed by seed, each with its upper bound: an interrupted benchmark leaves complete seeds behind.
+    plan = [("source", 0, 0)] if "source" in config.rows else []
+    for s in config.seeds:
+        plan += [(row, b, s) for b in config.budgets for row in config.rows if row not in ("source", "full")]
+        plan += [("full", 0, s)] if "full" in config.rows else []
+    return plan
+
+
+def _protocol(config: BenchmarkConfig, folders: Folders) -> dict:
+    """What must match for earlier runs in results.json to be reused."""
+    return {
+        "iterations": config.iterations,
+        "ssft": asdict(config.ssft),
+        "eval_at": list(config.eval_at),
+        "scenario": config.scenario,
+        "pool": str(folders.pool.resolve()),
+        "test": str(folders.test.resolve()),
+        "validation": str(folders.validation.resolve()) if folders.validation else None,
+    }
+
+
+def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
+    if not results_path.is_file():
+        return []
+    stored = json.loads(results_path.read_text())
+    if protocol is not None and stored.get("protocol") not in (None, protocol):
+        changed = sorted(k for k in protocol if stored["protocol"].get(k) != protocol[k])
+        raise ASFDAError(
+            f"{results_path}: its runs were made with other {', '.join(changed)}; "
+            "use another --out, or the options of that run to resume it"
+        )
+    return [Run(**r) for r in stored["runs"]]
 
 
 def run_benchmark(
@@ -214,30 +467,38 @@ def run_benchmark(
     model_path: Path,
     progress: Callable[[int, int, str], None] | None = None,
     run: bool = True,
+    folders: Folders | None = None,
+    card: Path | None = None,
 ) -> dict:
-    """Run (or resume) the protocol into ``out``; returns the summary written to ``benchmark.json``.
+    """Run (or resume) the protocol into ``out``; returns the report written to ``benchmark.json``.
 
-    ``run=False`` only summarises the runs already in ``results.json`` (a partial benchmark's report).
+    ``folders`` is the user's data (validated before any work); without it the phantom data of
+    ``config.scenario`` are written to ``out/data``. ``run=False`` only summarises the runs already in
+    ``results.json`` (a partial benchmark's report).
     """
     out = Path(out)
     start = time.perf_counter()
+    if folders is not None:
+        validate_folders(folders, config.budgets)
     if not run:
-        runs = [Run(**r) for r in json.loads((out / "results.json").read_text())["runs"]]
-        names = load_model(model_path).card.class_names
-        return _report(out, config, runs, names, start)
-    data = write_data(out / "data", config)
-    model = load_model(model_path)
-    card = model.card
-    pool, test = load_cases(data / "pool", card), load_cases(data / "test", card)
+        runs = _load_runs(out / "results.json", None)
+        model = load_model(model_path, card)
+        data = folders or _phantom_folders(out / "data", config)
+        return _report(out, config, runs, model.card.class_names, start, data)
+    if folders is None:
+        _check_scenario(out / "data", config)
+        write_data(out / "data", config)
+        folders = _phantom_folders(out / "data", config)
+    model = load_model(model_path, card)
+    model_card = model.card
+    pool, test = load_cases(folders.pool, model_card), load_cases(folders.test, model_card)
+    validation = load_cases(folders.validation, model_card) if folders.validation else []
     results_path = out / "results.json"
-    runs = [Run(**r) for r in json.loads(results_path.read_text())["runs"]] if results_path.is_file() else []
+    protocol = _protocol(config, folders)
+    runs = _load_runs(results_path, protocol)
     done = {(r.row, r.budget, r.seed) for r in runs}
-    # Seed by seed, each with its upper bound: an interrupted benchmark leaves complete seeds behind.
-    plan = [("source", 0, 0)] if "source" in config.rows else []
-    for s in config.seeds:
-        plan += [(row, b, s) for b in config.budgets for row in config.rows if row not in ("source", "full")]
-        plan += [("full", 0, s)] if "full" in config.rows else []
-    orders: dict[tuple[str, int], list[str]] = {}
+    plan = _plan(config)
+    orders: dict[tuple[str, int, int], list[str]] = {}
     for i, (row, budget, seed) in enumerate(plan):
         if progress:
             progress(i, len(plan), f"{row} budget {budget} seed {seed}")
@@ -245,54 +506,153 @@ def run_benchmark(
             continue
         t0 = time.perf_counter()
         query: list[str] = []
+        curve: dict[str, float] = {}
+        ssft = config.ssft if row == "asfda+ssft" else None
+
+        def on_eval(iteration: int, network: torch.nn.Module, curve: dict[str, float] = curve) -> None:
+            curve[str(iteration)] = 100 * statistics.case_mean(evaluate(model, network, validation, config.device))
+
         if row == "source":
             network = model.network
-        elif row == "full":
-            network = train(model_path, card, pool, pool, config.iterations, seed, config.device, None, out / "work")
         else:
-            strategy = "asfda" if row == "asfda+ssft" else row
-            key = (strategy, seed if strategy in ("random", "fg-random") else 0)
-            if key not in orders:
-                ranking = rank_folder(
-                    data / "pool" / "images",
-                    model,
-                    out / "cache",
-                    RankConfig(strategy=strategy, budget=max(config.budgets), seed=key[1], device=config.device),
+            if row == "full":
+                query = [c.name for c in pool]
+            else:
+                strategy = "asfda" if row == "asfda+ssft" else row
+                key = (strategy, seed if strategy in SEEDED else 0, budget if strategy in PER_BUDGET else 0)
+                if key not in orders:
+                    ranking = rank_folder(
+                        folders.pool / "images",
+                        model,
+                        out / "cache",
+                        RankConfig(
+                            strategy=strategy,
+                            budget=budget if strategy in PER_BUDGET else max(config.budgets),
+                            seed=key[1],
+                            device=config.device,
+                        ),
+                    )
+                    orders[key] = [r.file for r in ranking.rows if r.status == "scored"]
+                query = orders[key][:budget]
+            twin = _twin(runs, query, seed, ssft is not None)
+            if twin is not None:
+                runs.append(
+                    Run(
+                        row,
+                        budget,
+                        seed,
+                        twin.dice,
+                        query,
+                        0.0,
+                        twin.cases,
+                        twin.validation,
+                        twin.curve,
+                        f"{twin.row}@{twin.budget}",
+                    )
                 )
-                orders[key] = [r.file for r in ranking.rows if r.status == "scored"]
-            query = orders[key][:budget]
+                atomic_write_json(results_path, _results(config, protocol, runs))
+                continue
             labelled = [c for c in pool if c.name in query]
             network = train(
                 model_path,
-                card,
+                model_card,
                 labelled,
                 pool,
                 config.iterations,
                 seed,
                 config.device,
-                config.ssft if row == "asfda+ssft" else None,
+                ssft,
                 out / "work",
+                config.eval_at if validation else (),
+                on_eval,
             )
-        run = Run(row, budget, seed, evaluate(model, network, test, config.device), query, time.perf_counter() - t0)
-        runs.append(run)
-        atomic_write_json(results_path, {"config": asdict(config), "runs": [asdict(r) for r in runs]})
+        per_case = evaluate_cases(model, network, test, config.device)
+        val = evaluate(model, network, validation, config.device) if validation else None
+        if validation and row != "source" and ssft is None and config.eval_at:
+            curve[str(config.iterations)] = 100 * statistics.case_mean(val)
+        runs.append(
+            Run(row, budget, seed, _class_means(per_case), query, time.perf_counter() - t0, per_case, val, curve)
+        )
+        atomic_write_json(results_path, _results(config, protocol, runs))
     if progress:
         progress(len(plan), len(plan), "")
-    return _report(out, config, runs, card.class_names, start)
+    return _report(out, config, runs, model_card.class_names, start, folders)
 
 
-def _report(out: Path, config: BenchmarkConfig, runs: list[Run], class_names: list[str], start: float) -> dict:
-    summary = _summary(runs, config)
+def _twin(runs: list[Run], query: list[str], seed: int, ssft: bool) -> Run | None:
+    """An earlier run with the same labelled set, seed and recipe: its training would be repeated exactly."""
+    for r in runs:
+        if r.row == "source" or r.shared_with or r.seed != seed or (r.row == "asfda+ssft") != ssft:
+            continue
+        if sorted(r.query) == sorted(query):
+            return r
+    return None
+
+
+def _results(config: BenchmarkConfig, protocol: dict, runs: list[Run]) -> dict:
+    return {"config": asdict(config), "protocol": protocol, "runs": [asdict(r) for r in runs]}
+
+
+def _check_scenario(data: Path, config: BenchmarkConfig) -> None:
+    """Phantom data already under OUT/data must be the scenario asked for (it is reused, not rewritten)."""
+    marker = data / "scenario.json"
+    if marker.is_file():
+        made = json.loads(marker.read_text()).get("scenario")
+        if made != config.scenario:
+            raise ASFDAError(
+                f"{data}: holds the {made} scenario's data; use another --out for --scenario {config.scenario}"
+            )
+    elif (data / "pool").is_dir() and config.scenario != "mri":
+        raise ASFDAError(
+            f"{data}: holds data of an earlier benchmark; use another --out for --scenario {config.scenario}"
+        )
+    data.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"scenario": config.scenario})
+
+
+def _phantom_folders(data: Path, config: BenchmarkConfig) -> Folders:
+    return Folders(data / "pool", data / "test", data / "validation" if config.validation else None)
+
+
+def _report(
+    out: Path,
+    config: BenchmarkConfig,
+    runs: list[Run],
+    class_names: list[str],
+    start: float,
+    folders: Folders | None = None,
+) -> dict:
+    groups = case_groups([folders.test]) if folders else {}
+    summary = statistics.summarise(runs, config.rows, config.budgets, groups)
+    pool_size = len(_pairs(folders.pool)) if folders and (folders.pool / "images").is_dir() else config.pool
+    test_size = len(_pairs(folders.test)) if folders and (folders.test / "images").is_dir() else config.test
     report = {
         "config": asdict(config),
         "class_names": class_names,
-        "summary": summary,
+        "summary": _summary(runs, config),
         "runs": len(runs),
         "wall_seconds": time.perf_counter() - start,
         "run_seconds": sum(r.seconds for r in runs),
+        "statistics": "paired difference to random per training seed; 95% percentile bootstrap over seeds "
+        f"({statistics.BOOTSTRAP_RESAMPLES} resamples, RNG seed {statistics.BOOTSTRAP_SEED}); "
+        "ASFDALib/bench/statistics.py",
     }
+    atomic_write_json(out / "summary.json", summary)
     atomic_write_json(out / "benchmark.json", report)
     atomic_write_text(out / "benchmark.md", markdown(summary, class_names))
-    _, why = draw_or_explain(out / "benchmark.png", lambda path: plot(summary, config, path))
-    report["warnings"] = [why] if why else []  # a missing picture never costs the measured results
+    warnings = []
+    for name, draw in (
+        ("benchmark.png", lambda path: plot(summary, config, path, pool_size, test_size)),
+        ("benchmark_diff.png", lambda path: plot_differences(summary, config, path)),
+    ):
+        _, why = draw_or_explain(out / name, draw)
+        if why:
+            warnings.append(why)  # a missing picture never costs the measured results
+    curves = {f"{r.row}@{r.budget}/seed{r.seed}": r.curve for r in runs if r.curve}
+    if curves:
+        atomic_write_json(out / "curves.json", curves)
+        _, why = draw_or_explain(out / "benchmark_curves.png", lambda path: plot_curves(runs, path))
+        if why:
+            warnings.append(why)
+    report["warnings"] = warnings
     return report

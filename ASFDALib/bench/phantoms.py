@@ -39,6 +39,14 @@ class PhantomConfig:
     subgroup: str = "none"  # the rare subgroup: "lesion" (cyst in the liver) or "missing_kidney"
     slice_factor: int = 1  # thick slices: this many 2 mm slices averaged into one (partial volume)
     fov_cut: float = 0.0  # up to this fraction of the slices cut at each end (field of view)
+    # The rich anatomy (ASFDALib.bench.anatomy) and the acquisition knobs only it reads; the defaults
+    # leave the ellipsoid phantoms, which the shipped default model was trained on, exactly as they were.
+    anatomy: str = "ellipsoid"  # or "rich": five deformed organs (RICH_CLASS_NAMES), body-size factor
+    body_scale: float = 1.0  # mean body-size factor (a site's patient population)
+    body_size_sd: float = 0.08  # sd of the log body-size factor between patients
+    deform: float = 5.0  # mm, largest displacement of the smooth deformation field
+    noise_corr: float = 0.0  # voxels: noise correlation length (a soft CT kernel correlates its noise)
+    fov_xy: float = 1.0  # fraction of the in-plane field of view kept (a smaller reconstruction circle)
 
 
 SITES = {
@@ -72,6 +80,10 @@ def _smooth(image: np.ndarray, sigma: float) -> np.ndarray:
 def make_phantom(seed: int, config: PhantomConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image float32, label uint8, RAS affine) of one phantom; the same seed gives the same anatomy."""
     config = config or domain_config("ct")
+    if config.anatomy == "rich":
+        return _make_rich_phantom(seed, config)
+    if config.anatomy != "ellipsoid":
+        raise ValueError(f"unknown phantom anatomy {config.anatomy!r}; use 'ellipsoid' or 'rich'")
     rng = np.random.default_rng(seed)
     spacing = np.asarray(config.spacing, dtype=np.float64)
     extent = np.asarray(config.shape) * spacing
@@ -132,6 +144,44 @@ def make_phantom(seed: int, config: PhantomConfig | None = None) -> tuple[np.nda
     return image, label, affine
 
 
+def _make_rich_phantom(seed: int, config: PhantomConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A phantom of the rich anatomy (ASFDALib.bench.anatomy), acquired as ``config`` says."""
+    from ASFDALib.bench.anatomy import ORGAN_VALUES, rich_anatomy, rich_tissue
+
+    rng = np.random.default_rng(seed)
+    spacing = np.asarray(config.spacing, dtype=np.float64)
+    extent = np.asarray(config.shape) * spacing
+    axes = [(np.arange(n) + 0.5) * s - e / 2 for n, s, e in zip(config.shape, spacing, extent)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij")).astype(np.float32)
+    label, occupancy, _ = rich_anatomy(grid, extent, spacing, config, rng, seed)
+    contrast = config.contrast or config.domain
+    body = CONTRASTS.get(contrast, CONTRASTS["ct" if contrast.startswith("ct") else config.domain])
+    tissue = rich_tissue(occupancy, body, ORGAN_VALUES[contrast], rng)
+    texture = _smooth(rng.normal(0, 1, config.shape).astype(np.float32), 1.5) * config.noise
+    image = _smooth(tissue + texture * (label > 0), config.blur)
+    if config.bias:
+        coefficients = rng.normal(0.0, config.bias, 3)
+        image *= np.exp((coefficients[:, None, None, None] * grid / extent[:, None, None, None]).sum(axis=0))
+    noise = rng.normal(0, 1, (2, *config.shape)).astype(np.float32)
+    if config.noise_corr > 0:  # correlated noise of a soft reconstruction kernel, at the same sd
+        noise = np.stack([_smooth(n, config.noise_corr) for n in noise])
+        noise /= noise.reshape(2, -1).std(axis=1)[:, None, None, None]
+    noise *= config.noise
+    if config.domain == "mri":
+        image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude noise
+    else:
+        image = image + noise[0]
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -extent / 2 + spacing / 2
+    if config.fov_xy < 1.0:  # a smaller reconstruction field: crop in-plane around a jittered centre
+        keep = [max(8, int(round(n * config.fov_xy))) for n in config.shape[:2]]
+        starts = [int(np.clip((n - k) // 2 + rng.integers(-2, 3), 0, n - k)) for n, k in zip(config.shape, keep)]
+        window = tuple(slice(s, s + k) for s, k in zip(starts, keep))
+        image, label = image[window], label[window]
+        affine[:2, 3] += spacing[:2] * np.array(starts)
+    return _acquire(image.astype(np.float32), label, affine, config, seed)
+
+
 def _acquire(image: np.ndarray, label: np.ndarray, affine: np.ndarray, config: PhantomConfig, seed: int):
     """Thick slices (averaged, so edges get partial volume) and a cut field of view along z."""
     factor = max(1, int(config.slice_factor))
@@ -161,11 +211,18 @@ def site_config(site: str, subgroup: str = "none") -> PhantomConfig:
 
 
 def write_pool(
-    folder: Path, count: int, seed: int = 0, sites: str = "ABC", rare_fraction: float = 0.1, prefix: str = "case"
+    folder: Path,
+    count: int,
+    seed: int = 0,
+    sites: str = "ABC",
+    rare_fraction: float = 0.1,
+    prefix: str = "case",
+    anatomy: str = "ellipsoid",
 ) -> list[dict]:
     """A multi-site MRI-like target pool with labels and ``cases.json`` (site and subgroup of each case).
 
     Sites take turns; ``rare_fraction`` of the cases (at least one) belong to the rare subgroups.
+    ``anatomy="rich"`` draws the rich anatomy (ASFDALib.bench.anatomy) at the same sites.
     """
     from ASFDALib.atomic import atomic_write_json
     from ASFDALib.data.volumes import write_nifti
@@ -177,7 +234,12 @@ def write_pool(
     for i in range(count):
         site = sites[i % len(sites)]
         subgroup = SUBGROUPS[1 + i % 2] if i in rare else "none"
-        image, label, affine = make_phantom(seed * 100_003 + 50_000 + i, site_config(site, subgroup))
+        config = site_config(site, subgroup)
+        if anatomy != "ellipsoid":
+            from dataclasses import replace
+
+            config = replace(config, anatomy=anatomy)
+        image, label, affine = make_phantom(seed * 100_003 + 50_000 + i, config)
         name = f"{prefix}_{i:03d}_site{site}.nii.gz"
         write_nifti(folder / "images" / name, np.round(image).astype(np.uint16), affine)
         write_nifti(folder / "labels" / name, label, affine)

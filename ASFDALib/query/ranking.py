@@ -56,6 +56,7 @@ class VolumeRecord:
     reason: str = ""
     cached: bool = False
     epistemic: float | None = None
+    class_entropy: np.ndarray | None = None  # ClaSP PE's scores (ASFDALib.query.class_entropy)
     sha256: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -191,6 +192,17 @@ def score_volumes(
                         model.network, image, model.card, config.mc_passes, device=config.device, seed=config.seed
                     )
                     cache.put_scalar(ekey, record.epistemic)
+            if config.strategy == "clasp-pe":
+                from ASFDALib.query import class_entropy
+
+                ckey = cache.key(file_hash, model.digest, preprocessing, "class-entropy")
+                record.class_entropy = class_entropy.cached(cache.folder, ckey)
+                if record.class_entropy is None:
+                    image = preprocess(read_volume(path), model.card)
+                    record.class_entropy = class_entropy.class_entropy_scores(
+                        model.network, image, model.card, config.device
+                    )
+                    class_entropy.store(cache.folder, ckey, record.class_entropy)
         except VolumeError as exc:
             record.result, record.reason = None, exc.reason + (f" ({exc.fix})" if exc.fix else "")
         except (ModelError, KeyboardInterrupt):
@@ -229,6 +241,7 @@ def rank_records(
             fg_ml=np.array([r.result.fg_ml for r in scored]),
             epistemic=np.array([r.epistemic for r in scored]) if config.strategy == "epistemic" else None,
             labelled=labelled,
+            class_entropy=np.stack([r.class_entropy for r in scored]) if config.strategy == "clasp-pe" else None,
         )
         chosen = select(
             pool,
@@ -239,6 +252,7 @@ def rank_records(
             config.layers,
             config.dynamic_temperature,
             config.diversity,
+            budget=config.budget,
         )
         count = len(chosen.order)
         for rank, i in enumerate(chosen.order, start=1):

@@ -13,7 +13,7 @@ import numpy as np
 from ASFDALib.query import scoring
 from ASFDALib.query.features import BN_PREFIX, LOGITS, STAGE_PREFIX, FeatureSummary
 
-STRATEGIES = ("asfda", "dkd", "asd", "random", "fg-random", "entropy", "epistemic", "coreset")
+STRATEGIES = ("asfda", "dkd", "asd", "random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe")
 KNOWLEDGE = ("bn", "stats", "energy")
 LAYER_CHOICES = ("auto", "bn", "stages", "logits", "all")
 DUPLICATE_EPS = 1e-9
@@ -30,6 +30,9 @@ class Pool:
     fg_ml: np.ndarray
     epistemic: np.ndarray | None = None
     labelled: list[FeatureSummary] = field(default_factory=list)
+    # ClaSP PE's scores, (n, C): column 0 the class-agnostic mean entropy, column c the mean of H * p_c
+    # (ASFDALib.query.class_entropy); only computed when that strategy is asked for.
+    class_entropy: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.summaries)
@@ -180,11 +183,13 @@ def select(
     layers: str = "auto",
     dynamic: bool = True,
     diversity: bool = True,
+    budget: int | None = None,
 ) -> Selection:
     """Order the pool by ``strategy``; ASFDA-family strategies also report DKD and its parts.
 
     ``layers``, ``dynamic`` and ``diversity`` are the method's ablation switches (see
-    :func:`divergence_layers` and :func:`greedy_dkd_asd`); the defaults are the method.
+    :func:`divergence_layers` and :func:`greedy_dkd_asd`); the defaults are the method. ``budget`` is
+    read only by TypiClust, whose clusters number |labelled| + budget (default: the whole pool).
     """
     n = len(pool)
     if strategy not in STRATEGIES:
@@ -214,6 +219,18 @@ def select(
         if pool.epistemic is None:
             raise ValueError("the epistemic strategy needs MC-dropout scores (run it with --strategy epistemic)")
         order = _by_value(np.asarray(pool.epistemic))
+    elif strategy == "typiclust":
+        from ASFDALib.query.baselines import typiclust_order
+
+        embeddings = np.stack([s.embedding() for s in pool.summaries])
+        labelled = np.stack([s.embedding() for s in pool.labelled]) if pool.labelled else np.zeros((0, 1))
+        order = typiclust_order(embeddings, labelled, n if budget is None else budget, seed)
+    elif strategy == "clasp-pe":
+        from ASFDALib.query.baselines import clasp_pe_order
+
+        if pool.class_entropy is None:
+            raise ValueError("the clasp-pe strategy needs class-wise entropy scores (run it with --strategy clasp-pe)")
+        order = clasp_pe_order(np.asarray(pool.class_entropy), seed)
     else:
         embeddings = np.stack([s.embedding() for s in pool.summaries])
         labelled = np.stack([s.embedding() for s in pool.labelled]) if pool.labelled else np.zeros((0, 1))

@@ -4,6 +4,7 @@ measured by the full protocol, not asserted here)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -64,6 +65,8 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
         "entropy",
         "epistemic",
         "coreset",
+        "typiclust",
+        "clasp-pe",
         "dkd",
         "asd",
         "asfda",
@@ -72,6 +75,9 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
     }
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
     assert "| ASFDA (DKD + ASD) | 2 |" in (out / "benchmark.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert {s["row"] for s in summary} == rows
+    assert set(summary[0]["per_group"]) == {"site", "subgroup"}  # the phantom test set carries both
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert main(["benchmark", "--quick", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["runs"] == runs  # nothing was run twice
@@ -92,3 +98,109 @@ def test_demo_runs_end_to_end(tmp_path, capsys, budget):
     assert set(report["dice"]) == {"source", "random", "asfda"} and len(report["query"]) == budget
     assert (out / "demo.png").is_file() and (out / "session" / "ranking.png").is_file()
     assert "ASFDA vs random selection" in capsys.readouterr().out
+
+
+def _user_folders(root):
+    """The layout `asfda phantoms` writes, as a research group would hand it over (with a site file)."""
+    write_pool(root / "pool", 4, seed=21, prefix="p")
+    write_pool(root / "test", 2, seed=22, prefix="t")
+    write_pool(root / "val", 2, seed=23, prefix="v")
+    return root
+
+
+def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plot(tmp_path, capsys):
+    from ASFDALib.models.defaults import default_model_path
+
+    data = _user_folders(tmp_path / "data")
+    out = tmp_path / "bench"
+    argv = [
+        "benchmark", "--model", str(default_model_path()), "--pool", str(data / "pool"), "--test", str(data / "test"),
+        "--validation", str(data / "val"), "--budgets", "1", "--seeds", "0,1", "--rows", "random,typiclust,clasp-pe",
+        "--iterations", "2", "--eval-at", "1", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(s["row"], s["budget"], s["seeds"]) for s in summary] == [
+        ("random", 1, [0, 1]),
+        ("typiclust", 1, [0, 1]),
+        ("clasp-pe", 1, [0, 1]),
+    ]
+    for entry in summary:
+        assert 0.0 <= entry["mean_dice"] <= 100.0 and len(entry["per_class"]) == 3
+        assert "validation_mean_dice" in entry and set(entry["per_group"]["site"]) <= {"A", "B", "C"}
+    typiclust = summary[1]["diff_vs_random"]
+    assert typiclust["seeds"] == [0, 1] and len(typiclust["ci95"]) == 2
+    assert typiclust["ci95"][0] <= typiclust["mean"] <= typiclust["ci95"][1]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 6 and all(
+        len(r["query"]) == 1 and set(r["cases"]) == {"t_000_siteA.nii.gz", "t_001_siteB.nii.gz"} for r in runs
+    )
+    assert all(set(r["curve"]) == {"1", "2"} for r in runs if not r["shared_with"])
+    assert "Δ vs random" in (out / "benchmark.md").read_text()
+    assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG" and (out / "benchmark_diff.png").is_file()
+    assert (out / "benchmark_curves.png").is_file() and len(json.loads((out / "curves.json").read_text())) == 6
+    # resuming with other iterations would mix protocols: refused, naming the file
+    longer = list(argv)
+    longer[argv.index("--iterations") + 1] = "3"
+    assert main(longer) == 1
+    assert "results.json: its runs were made with other iterations" in capsys.readouterr().err
+
+
+def _no_test_labels(d):
+    shutil.rmtree(d / "test" / "labels")
+
+
+def _one_label_missing(d):
+    (d / "pool" / "labels" / "p_001_siteB.nii.gz").unlink()
+
+
+def _pool_case_in_test(d):
+    for sub in ("images", "labels"):
+        shutil.copy(d / "pool" / sub / "p_000_siteA.nii.gz", d / "test" / sub / "p_000_siteA.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (_no_test_labels, "test: no labels/ folder; each folder needs images/ and labels/"),
+        (_one_label_missing, "no label for 1 image(s) (p_001_siteB.nii.gz)"),
+        (_pool_case_in_test, "p_000_siteA.nii.gz: the same volume is in the pool; --test must hold other cases"),
+        (lambda d: None, "4 pool volumes cannot serve a budget of 4"),
+    ],
+)
+def test_unusable_folders_are_refused_in_one_line_before_any_work(tmp_path, capsys, breakage, message):
+    from ASFDALib.models.defaults import default_model_path
+
+    data = tmp_path / "data"
+    write_pool(data / "pool", 4, seed=21, prefix="p")
+    write_pool(data / "test", 1, seed=22, prefix="t")
+    breakage(data)
+    out = tmp_path / "bench"
+    argv = [
+        "benchmark",
+        "--model",
+        str(default_model_path()),
+        "--pool",
+        str(data / "pool"),
+        "--test",
+        str(data / "test"),
+    ]
+    budgets = ["--budgets", "4" if "cannot serve" in message else "1"]
+    assert main([*argv, *budgets, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (out / "results.json").exists()
+
+
+def test_own_data_needs_a_model_and_both_folders(tmp_path, capsys):
+    assert main(["benchmark", "--pool", str(tmp_path), "--test", str(tmp_path), "--out", str(tmp_path / "b")]) == 1
+    assert "needs --model" in capsys.readouterr().err
+    assert main(["benchmark", "--model", "m.pt", "--pool", str(tmp_path), "--out", str(tmp_path / "b")]) == 1
+    assert "needs both --pool DIR and --test DIR" in capsys.readouterr().err
+
+
+def test_the_cli_lists_the_benchmark_rows_without_loading_torch():
+    from ASFDALib.app.cli import BENCH_ROWS, BENCH_SCENARIOS
+    from ASFDALib.bench.benchmark import ROWS, SCENARIOS
+
+    assert BENCH_ROWS == ROWS and BENCH_SCENARIOS == SCENARIOS

@@ -137,6 +137,7 @@ def test_coreset_spreads_over_the_embedding_space():
 def test_every_strategy_returns_a_permutation(strategy):
     pool = _pool(np.arange(5.0))
     pool.epistemic = np.arange(5.0)
+    pool.class_entropy = np.tile(np.arange(1.0, 6.0)[:, None], (1, 3))  # ClaSP PE's per-class scores
     order = select(pool, strategy, SOURCE).order
     assert sorted(order) == list(range(5))
 

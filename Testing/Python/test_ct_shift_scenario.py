@@ -1,0 +1,75 @@
+"""Scenario (a), hospital shift within CT: the sites differ as scanners and protocols do, the source set
+varies, and the source-model script plus `asfda benchmark --scenario ct-shift` run end to end (a handful
+of iterations: the real training is benchmarks/train_source_model.py's long run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ASFDALib.app.cli import main
+from ASFDALib.bench.phantoms import make_phantom
+from ASFDALib.bench.scenarios import TARGET_SITES, source_config, target_config, write_target_split
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_source_model.py"
+
+
+def test_target_hospitals_differ_in_noise_slices_phase_field_of_view_and_body_size():
+    volumes = {site: make_phantom(11, target_config(site)) for site in TARGET_SITES}
+    spacing_z = {site: float(np.diag(a)[2]) for site, (_, _, a) in volumes.items()}
+    assert spacing_z == {"H1": 2.0, "H2": 6.0, "H3": 4.0}
+    assert volumes["H2"][0].shape[0] < volumes["H1"][0].shape[0]  # H2's smaller reconstruction field
+    liver = {site: float(np.median(img[lab == 1])) for site, (img, lab, _) in volumes.items()}
+    kidney = {site: float(np.median(img[lab == 3])) for site, (img, lab, _) in volumes.items()}
+    assert kidney["H1"] - liver["H1"] > 80 and kidney["H2"] - liver["H2"] < 60  # arterial vs delayed phase
+    organ_ml = {site: (lab > 0).sum() * np.prod(np.diag(a)[:3]) / 1000 for site, (_, lab, a) in volumes.items()}
+    assert organ_ml["H3"] > 1.5 * organ_ml["H1"]  # bariatric population: organs scale with the body (x1.25)
+
+
+def test_source_protocols_vary_and_stay_inside_their_ranges():
+    configs = [source_config(s) for s in range(40)]
+    noises = [c.noise for c in configs]
+    assert 5 <= min(noises) and max(noises) <= 20 and np.std(noises) > 3
+    assert {c.contrast for c in configs} == {"ct_native", "ct_portal"}
+    assert {c.slice_factor for c in configs} == {1, 2}
+    assert 0 < sum(c.subgroup != "none" for c in configs) < 10
+
+
+def test_target_split_records_site_and_subgroup(tmp_path):
+    cases = write_target_split(tmp_path, 6, seed=3, prefix="pool")
+    assert [c["site"] for c in cases] == ["H1", "H2", "H3"] * 2
+    assert sum(c["subgroup"] != "none" for c in cases) == 1
+    assert json.loads((tmp_path / "cases.json").read_text())["scenario"] == "ct-shift"
+
+
+def test_source_model_script_and_ct_shift_benchmark_smoke(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("train_source_model", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    models = tmp_path / "models"
+    argv = ["--norm", "instance", "--volumes", "2", "--iterations", "2", "--check", "1", "--device", "cpu"]
+    assert script.main([*argv, "--out", str(models)]) == 0
+    check = json.loads((models / "ct_source_instance_check.json").read_text())
+    assert set(check["dice"]) == {"source", "H1", "H2", "H3"} and check["seconds_per_iteration"] > 0
+    assert check["weights_mb"] < 20  # small enough to ship in Resources/
+    card = json.loads((models / "ct_source_instance.card.json").read_text())
+    assert card["network"]["args"]["norm"] == "instance" and len(card["class_names"]) == 6
+    assert (models / "ct_source_instance_stats.npz").is_file()
+
+    out = tmp_path / "bench"
+    bench = ["benchmark", "--scenario", "ct-shift", "--model", str(models / "ct_source_instance.pt"), "--quick"]
+    assert (
+        main([*bench, "--rows", "source,random,asfda", "--validation", "3", "--device", "cpu", "--out", str(out)]) == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["row"] for s in summary] == ["source", "random", "asfda"]
+    assert set(summary[0]["per_group"]["site"]) == {"H1", "H2", "H3"}
+    assert all("validation_mean_dice" in s for s in summary)
+
+
+def test_rich_scenarios_refuse_the_default_model(tmp_path, capsys):
+    assert main(["benchmark", "--scenario", "ct-shift", "--quick", "--out", str(tmp_path)]) == 1
+    assert "needs its source model" in capsys.readouterr().err
