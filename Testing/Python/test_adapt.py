@@ -9,6 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ASFDALib.adaptation.session import Session
 from ASFDALib.app.cli import main
@@ -215,3 +217,72 @@ def test_finetuning_again_offers_the_real_choices_and_records_what_ran(labelled_
     assert (session / "checkpoints" / "round1-replaced-1" / "final.pt").is_file()  # the earlier run is kept
     runs = json.loads((session / "session.json").read_text())["rounds"][-1]["metrics"]["runs"]
     assert [(r["mode"], r["stage1"]) for r in runs] == [("restart", [0, 3])]
+
+
+@pytest.fixture(scope="module")
+def template_session(tmp_path_factory, mri_pool):
+    """A ranked session with one labelled volume, copied fresh for every example of the property test."""
+    root = tmp_path_factory.mktemp("template")
+    session = root / "session"
+    assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(session), "--budget", "1"]) == 0
+    query = json.loads((session / "ranking.json").read_text())["selected"]
+    (root / "gt").mkdir()
+    shutil.copy(mri_pool / "labels" / query[0], root / "gt" / query[0])
+    assert main(["labels", "import", str(session), "--from", str(root / "gt")]) == 0
+    return session
+
+
+OPS = st.tuples(
+    st.sampled_from(["new", "resume", "extend", "restart"]),
+    st.integers(1, 4),  # iterations asked for
+    st.one_of(st.none(), st.integers(1, 3)),  # interrupted after this many iterations of the call, or not
+)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(OPS, min_size=1, max_size=4))
+def test_session_records_exactly_the_iterations_run_after_any_sequence_of_finetunes(template_session, tmp_path, ops):
+    """Property: whatever the order of new / resume / extend / restart calls, some cancelled part-way,
+    run.json and session.json say how many iterations the round's model has really been trained for."""
+    import threading
+
+    from ASFDALib.adaptation.pipeline import finetune_session, read_run
+    from ASFDALib.adaptation.recipe import FinetuneConfig
+    from ASFDALib.adaptation.session import SessionError
+
+    root = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(template_session, root)
+    model = None  # the reference: None, or (iterations done, target, finished)
+    for mode, asked, stop_after in ops:
+        cancel = threading.Event()
+        ran = []
+
+        def progress(p, cancel=cancel, ran=ran, stop_after=stop_after) -> None:
+            ran.append(p.iteration)
+            if stop_after is not None and len(ran) >= stop_after:
+                cancel.set()
+
+        config = FinetuneConfig(iterations=asked, pseudo_iterations=0, batch_size=1, checkpoint_every=1, device="cpu")
+        refused = (
+            (mode == "new" and model is not None)
+            or (mode == "resume" and model is not None and model[2])
+            or (mode == "extend" and (model is None or not model[2] or asked <= model[0]))
+        )
+        with Session.open(root) as session:
+            if refused:
+                with pytest.raises(SessionError):
+                    finetune_session(session, config, False, mode, cancel, progress)
+                continue
+            result = finetune_session(session, config, False, mode, cancel, progress)
+        start = 0 if model is None or mode == "restart" else model[0]
+        target = model[1] if mode == "resume" and model is not None else asked
+        done = min(target, start + stop_after) if stop_after is not None else target
+        if stop_after is not None and start + stop_after >= target:
+            done = target  # the last iteration ran before the cancel was seen: the run finished
+        model = (done, target, done >= target and result.status == "done")
+        run = read_run(root / "checkpoints" / "round1")
+        assert run["done"]["stage1"] == done, (ops, run)
+        assert run["finished"] == model[2]
+        recorded = Session.open(root).rounds[-1]["metrics"]
+        if model[2]:
+            assert recorded["iterations"] == {"stage1": done, "stage2": 0}
