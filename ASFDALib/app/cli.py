@@ -270,12 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser(
         "export",
-        help="write the adapted model as a MONAI bundle or TorchScript",
-        epilog="example:\n  asfda export ~/asfda/liver --format bundle --out liver_bundle/",
+        help="write the adapted model as a MONAI bundle, a torch.export program (.pt2) or TorchScript",
+        epilog="examples:\n  asfda export ~/asfda/liver --format bundle --out liver_bundle/\n"
+        "  python -m monai.bundle run --config_file liver_bundle/configs/inference.json \\\n"
+        "      --meta_file liver_bundle/configs/metadata.json --bundle_root liver_bundle \\\n"
+        "      --dataset_dir /data/target_mri --output_dir ~/pred     # needs pytorch-ignite\n"
+        "  asfda export ~/asfda/liver --format pt2 --out liver.pt2   # load back: --model liver.pt2 --trust",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("session", type=Path)
-    export.add_argument("--format", choices=("bundle", "torchscript"), default="bundle")
+    export.add_argument(
+        "--format",
+        choices=("bundle", "pt2", "torchscript"),
+        default="bundle",
+        help="bundle: runs with MONAI's bundle runner, metadata records the adaptation (default); pt2: a "
+        "torch.export program, TorchScript's successor; torchscript: deprecated by torch",
+    )
     export.add_argument("--out", type=Path, required=True)
     export.set_defaults(func=commands.cmd_export)
 

@@ -299,13 +299,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.pipeline import session_model
     from ASFDALib.adaptation.session import Session
-    from ASFDALib.models.export import export_bundle, export_torchscript
+    from ASFDALib.models.export import export_session
 
-    model = session_model(Session.open(args.session), adapted=True)
-    if args.format == "bundle":
-        path = export_bundle(model, args.out)
-    else:
-        path = export_torchscript(model, args.out if args.out.suffix else args.out / "model.ts")
+    session = Session.open(args.session)
+    path = export_session(session, session_model(session, adapted=True), args.out, args.format)
     print(f"Exported {args.format} to {path}")
     return 0
 

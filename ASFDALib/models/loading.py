@@ -1,9 +1,9 @@
-"""Loading a Med-VFM in one of three real forms: a MONAI bundle folder, a TorchScript file, or a state
-dict plus a MONAI network name.
+"""Loading a Med-VFM in one of its real forms: a MONAI bundle folder, a TorchScript file, a ``torch.export``
+program (``.pt2``), or a state dict plus a MONAI network name.
 
 Safe by default: weights load with ``torch.load(weights_only=True)``. Formats that run code from the
-file (pickled checkpoints, TorchScript, bundle configs whose ``_target_`` is not a plain MONAI network
-with literal arguments) need ``trust=True``, and the refusal says why.
+file (pickled checkpoints, TorchScript, ``.pt2`` programs, bundle configs whose ``_target_`` is not a plain
+MONAI network with literal arguments) need ``trust=True``, and the refusal says why.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class LoadedModel:
 
     @property
     def scripted(self) -> bool:
-        return isinstance(self.network, torch.jit.ScriptModule)
+        return isinstance(self.network, torch.jit.ScriptModule) or self.kind == "pt2"  # opaque: no feature taps
 
     def source_stats_path(self) -> Path | None:
         if not self.card.source_stats:
@@ -183,6 +183,8 @@ def load_model(
         )
     )
     digest = _file_digest(path, json.dumps(loaded_card.to_dict(), sort_keys=True).encode())
+    if path.suffix.lower() == ".pt2":
+        return _load_exported_program(path, loaded_card, digest, trust)
     if _is_torchscript(path):
         if not trust:
             raise TrustRequiredError(f"{path}: TorchScript runs code stored in the file; {_TRUST_HINT}")
@@ -195,6 +197,20 @@ def load_model(
     _check_classes(net, loaded_card, path)
     _apply_weights(net, load_weights(path, trust), path, f"MONAI {spec.name}")
     return LoadedModel(net.eval(), loaded_card, "state_dict", path, digest, spec)
+
+
+def _load_exported_program(path: Path, card: ModelCard, digest: str, trust: bool) -> LoadedModel:
+    """A ``torch.export`` program (``.pt2``, :mod:`ASFDALib.models.program`); it needs trust because
+    ``torch.export.load`` unpickles parts of the archive."""
+    from ASFDALib.models.program import ExportedNetwork, check_program, load_program
+
+    if not trust:
+        raise TrustRequiredError(
+            f"{path}: loading a torch.export program unpickles parts of the file, which can run code; {_TRUST_HINT}"
+        )
+    program = load_program(path)
+    check_program(program, card.roi_size, card.num_classes, path)
+    return LoadedModel(ExportedNetwork(program.module()), card, "pt2", path, digest)
 
 
 def _is_torchscript(path: Path) -> bool:
