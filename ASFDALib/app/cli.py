@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  asfda export ~/asfda/liver --format bundle --out liver_bundle/\n"
         "  python -m monai.bundle run --config_file liver_bundle/configs/inference.json \\\n"
         "      --meta_file liver_bundle/configs/metadata.json --bundle_root liver_bundle \\\n"
-        "      --dataset_dir /data/target_mri --output_dir ~/pred     # needs pytorch-ignite\n"
+        "      --dataset_dir /data/target_mri --output_dir ~/pred   # pip install 'monai[ignite,fire]'\n"
         "  asfda export ~/asfda/liver --format pt2 --out liver.pt2   # load back: --model liver.pt2 --trust",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

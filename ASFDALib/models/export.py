@@ -10,11 +10,12 @@ The bundle runs as MONAI's model-zoo bundles do::
 ``configs/inference.json`` has their structure: a dataset and data loader over ``dataset_dir``
 (``datalist`` overrides the file list), the card's preprocessing (orientation, spacing, intensity), the
 sliding-window inferer, postprocessing that inverts the preprocessing (``Invertd``) so label maps land on
-each input's own grid, a ``SaveImaged`` writer into ``output_dir``, a ``SupervisedEvaluator`` (MONAI's
-evaluator needs ``pytorch-ignite``), and the ``initialize`` / ``run`` / ``finalize`` sections.
-``network_def``, ``preprocessing`` and ``inferer`` are MONAI components with literal arguments, so
-ASFDA reads the bundle back without ``--trust``; the only ``$`` expressions are MONAI's usual glue
-(device, file list, checkpoint path, ``evaluator.run()``), which ASFDA never evaluates.
+each input's own grid, a ``SaveImaged`` writer into ``output_dir``, a ``SupervisedEvaluator``, and the
+``initialize`` / ``run`` / ``finalize`` sections. MONAI's evaluator needs ``pytorch-ignite``, and
+``python -m monai.bundle`` needs ``fire`` (``pip install 'monai[ignite,fire]'``). ``network_def``,
+``preprocessing`` and ``inferer`` are MONAI components with literal arguments, so ASFDA reads the bundle
+back without ``--trust``; the only ``$`` expressions are MONAI's usual glue (device, file list,
+checkpoint path, ``evaluator.run()``), which ASFDA never evaluates.
 
 A bundle whose network needed ``--trust`` (code in its config) is re-exported as the same bundle with
 the adapted weights in place of its own, so it keeps running the way its authors made it run.
@@ -36,10 +37,9 @@ from ASFDALib.models.card import ModelCard
 from ASFDALib.models.loading import LoadedModel
 
 UNKNOWN = "unknown: see the base model"
-METHOD = (
-    "ASFDA active source-free domain adaptation: the target volumes were ranked by DKD (distance from the "
-    "pre-trained model's source knowledge, times diversity) + ASD (segmentation difficulty), the queried ones "
-    "labelled, and the model fine-tuned on them (stage 1), then with selective pseudo-labels (stage 2)"
+ASFDA_QUERY = (
+    "ranked by DKD (distance from the pre-trained model's source knowledge, times diversity) + ASD "
+    "(segmentation difficulty)"
 )
 BUILTIN_LICENCE = "Apache-2.0 (ASFDA's built-in model, trained by the ASFDA project on synthetic phantoms)"
 WEIGHT_NAMES = ("model.pt", "model.pth", "model.ts")  # the order ASFDA's bundle loader looks for them
@@ -105,11 +105,15 @@ def inference_config(card: ModelCard, network_def: dict[str, Any]) -> dict[str, 
             "shuffle": False,
             "num_workers": 0,  # no worker processes by default (Slicer, small machines); override to speed up
         },
+        # Centre-weighted blending: the nearest ASFDA's own rule (each voxel from its most central window) that
+        # a MONAI inferer has; plain averaging lets a voxel's border views outvote its central one.
         "inferer": {
             "_target_": "SlidingWindowInferer",
             "roi_size": list(card.roi_size),
             "sw_batch_size": card.sw_batch_size,
             "overlap": card.overlap,
+            "mode": "gaussian",
+            "sigma_scale": 0.125,
         },
         # argmax at model spacing, then nearest-neighbour back to each input's grid: what `asfda predict` does.
         "postprocessing": {
@@ -242,7 +246,7 @@ def provenance(session: Any, model: LoadedModel) -> dict[str, Any]:
         "asfda": {
             "version": ASFDALib.__version__,
             "adapted": bool(rounds),
-            "method": METHOD if rounds else "not fine-tuned: the base model's weights, exported by ASFDA",
+            "method": _method(rounds),
             "rounds": len(rounds),
             "labelled_count": len(labelled),
             "labelled": labelled,
@@ -262,6 +266,24 @@ def provenance(session: Any, model: LoadedModel) -> dict[str, Any]:
         },
         "base_model": base_model_info(model, data.get("model")),
     }
+
+
+def _method(rounds: list[dict[str, Any]]) -> str:
+    """What was done, from what the session recorded as run (strategy per round, stage-2 iterations)."""
+    if not rounds:
+        return "not fine-tuned: the base model's weights, exported by ASFDA"
+    names = sorted({str(r["strategy"].get("name", "asfda")) for r in rounds})
+    query = ASFDA_QUERY if names == ["asfda"] else f"chosen by the {'/'.join(names)} strategy"
+    pseudo = any(r["iterations"].get("stage2", 0) for r in rounds)
+    return (
+        f"ASFDA active source-free domain adaptation: target volumes {query}, the queried ones labelled, and the "
+        "model fine-tuned on them"
+        + (
+            ", then with selective pseudo-labels of the reliable unlabelled volumes"
+            if pseudo
+            else " (no pseudo-label stage)"
+        )
+    )
 
 
 def bundle_metadata(card: ModelCard, version: str, record: dict[str, Any] | None) -> dict[str, Any]:

@@ -38,15 +38,15 @@ def _adapt(root: Path, images: Path, labels: Path, model: list[str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def adapted(tmp_path_factory, mri_pool):
+def adapted(tmp_path_factory, small_pool):
     """A session on the built-in model, fine-tuned for 4 iterations on one labelled volume, and an input
     folder holding a real MRI volume and a phantom from the pool."""
     root = tmp_path_factory.mktemp("export")
-    session = _adapt(root, mri_pool / "images", mri_pool / "labels", [])
+    session = _adapt(root, small_pool / "images", small_pool / "labels", [])
     inputs = root / "inputs"
     inputs.mkdir()
     shutil.copy(REAL_MRI, inputs / REAL_MRI.name)
-    phantom = sorted((mri_pool / "images").iterdir())[-1]
+    phantom = sorted((small_pool / "images").iterdir())[-1]
     shutil.copy(phantom, inputs / phantom.name)
     _reoriented(phantom, inputs / "phantom_pir.nii.gz")
     return root, session, inputs
@@ -65,6 +65,16 @@ def _reoriented(source: Path, target: Path) -> Path:
     affine[:3, 3] += (12.5, -7.0, 30.0)
     nib.save(nib.Nifti1Image(apply_orientation(data, transform), affine), str(target))
     return target
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory) -> Path:
+    """Two MRI-like phantoms with labels, for sessions whose ranking is not what a test is about."""
+    from ASFDALib.bench.phantoms import write_phantoms
+
+    folder = tmp_path_factory.mktemp("small_pool")
+    write_phantoms(folder, 2, "mri", seed=5)
+    return folder
 
 
 def _needs_ignite() -> None:
@@ -117,8 +127,8 @@ def test_the_bundle_runs_with_monais_runner_and_matches_asfda_predict_on_each_in
         assert theirs.shape == source.shape == ours.shape
         np.testing.assert_allclose(their_affine, source_affine, atol=1e-4)  # back on the input's own grid
         np.testing.assert_allclose(our_affine, source_affine, atol=1e-4)
-        # MONAI averages overlapping windows; ASFDA takes each voxel from its most central window. They
-        # differ only near window borders.
+        # MONAI blends overlapping windows (centre-weighted); ASFDA takes each voxel from its most central
+        # window. They differ only near window borders.
         agreement = float((theirs == ours).mean())
         assert agreement > 0.97, (image.name, agreement)
         assert set(np.unique(theirs)) <= {0, 1, 2, 3}
@@ -129,9 +139,9 @@ def test_the_bundle_runs_with_monais_runner_and_matches_asfda_predict_on_each_in
         model_space = logits.argmax(1)[0].numpy().astype(np.uint8)
         expected = labels_to_native(model_space, data["image"].affine.numpy(), source.shape, source_affine)
         foreground = (expected > 0) | (theirs > 0)
+        assert (expected == theirs).mean() > 0.999, image.name
         if image.name != REAL_MRI.name:  # the phantoms hold the organs the model was adapted to
             assert foreground.sum() > 500, (image.name, foreground.sum())
-        if foreground.any():
             assert (expected == theirs)[foreground].mean() > 0.99, image.name
 
 
@@ -165,7 +175,7 @@ def test_the_bundle_has_monais_inference_properties_and_asfda_reads_it_back_with
         assert torch.equal(back.network.state_dict()[key], value), key
 
 
-def test_bundle_metadata_describes_the_adapted_model(adapted, tmp_path, mri_pool):
+def test_bundle_metadata_describes_the_adapted_model(adapted, tmp_path, small_pool):
     from ASFDALib.models.export import BUILTIN_LICENCE
 
     _, session, _ = adapted
@@ -180,11 +190,11 @@ def test_bundle_metadata_describes_the_adapted_model(adapted, tmp_path, mri_pool
     assert "pytorch-ignite" in meta["required_packages_version"]
     assert meta["asfda"]["adapted"] is True and meta["asfda"]["rounds"] == 1 and meta["asfda"]["labelled_count"] == 1
     assert meta["asfda"]["version"] == __import__("ASFDALib").__version__
-    assert "DKD" in meta["asfda"]["method"] and "pseudo-labels" in meta["asfda"]["method"]
+    assert "DKD" in meta["asfda"]["method"] and "(no pseudo-label stage)" in meta["asfda"]["method"]  # --no-pseudo
     assert meta["asfda"]["per_round"][0]["iterations"] == {"stage1": 4, "stage2": 0}
     assert meta["session"]["path"] == str(session.resolve())
-    assert meta["target_domain"]["images"] == str((mri_pool / "images").resolve())
-    assert meta["target_domain"]["volumes"] == 6
+    assert meta["target_domain"]["images"] == str((small_pool / "images").resolve())
+    assert meta["target_domain"]["volumes"] == 2
     assert meta["base_model"]["name"] == "asfda-default-unet" and meta["base_model"]["form"] == "state_dict"
     assert meta["base_model"]["license"] == meta["license"] == BUILTIN_LICENCE
     assert "adapted with ASFDA" in meta["description"] and "1 labelled volume" in meta["changelog"]["0.1.0"]
@@ -221,7 +231,7 @@ def _trusted_bundle(folder: Path) -> Path:
     return folder
 
 
-def test_a_trusted_bundle_is_re_exported_as_the_same_bundle_with_the_adapted_weights(tmp_path, mri_pool):
+def test_a_trusted_bundle_is_re_exported_as_the_same_bundle_with_the_adapted_weights(tmp_path, small_pool):
     from ASFDALib.adaptation.pipeline import session_model
     from ASFDALib.adaptation.session import Session
     from ASFDALib.errors import TrustRequiredError
@@ -229,7 +239,7 @@ def test_a_trusted_bundle_is_re_exported_as_the_same_bundle_with_the_adapted_wei
 
     _needs_ignite()
     base = _trusted_bundle(tmp_path / "base_bundle")
-    session = _adapt(tmp_path, mri_pool / "images", mri_pool / "labels", ["--model", str(base), "--trust"])
+    session = _adapt(tmp_path, small_pool / "images", small_pool / "labels", ["--model", str(base), "--trust"])
     out = tmp_path / "adapted_bundle"
     assert main(["export", str(session), "--out", str(out)]) == 0
     assert (out / "configs" / "inference.json").read_text() == (base / "configs" / "inference.json").read_text()
@@ -248,29 +258,18 @@ def test_a_trusted_bundle_is_re_exported_as_the_same_bundle_with_the_adapted_wei
         adapted_model.network.state_dict()["model.0.conv.unit0.conv.weight"],
         load_model(base, trust=True).network.state_dict()["model.0.conv.unit0.conv.weight"],
     )
-    run = _monai_bundle_run(out, mri_pool / "images", tmp_path / "pred")  # and it still runs as a bundle
+    (tmp_path / "one").mkdir()
+    shutil.copy(REAL_MRI, tmp_path / "one" / REAL_MRI.name)
+    run = _monai_bundle_run(out, tmp_path / "one", tmp_path / "pred")  # and it still runs as a bundle
     assert run.returncode == 0, run.stderr[-3000:]
-    assert len(list((tmp_path / "pred").glob("*_seg.nii.gz"))) == 6
+    assert [p.name for p in (tmp_path / "pred").iterdir()] == ["sub-mri_label-6_T2w_seg.nii.gz"]
 
 
-def test_export_never_writes_into_the_base_model(tmp_path, mri_pool, capsys):
+def test_export_never_writes_into_the_base_model(tmp_path, small_pool, capsys):
     base = _trusted_bundle(tmp_path / "base_bundle")
     before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file()}
-    assert (
-        main(
-            [
-                "rank",
-                "--model",
-                str(base),
-                "--trust",
-                "--images",
-                str(mri_pool / "images"),
-                "--out",
-                str(tmp_path / "s"),
-            ]
-        )
-        == 0
-    )
+    rank = ["rank", "--model", str(base), "--trust", "--images", str(small_pool / "images")]
+    assert main([*rank, "--out", str(tmp_path / "s")]) == 0
     assert main(["export", str(tmp_path / "s"), "--out", str(base / "adapted")]) == 1
     assert "would overwrite the base model" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
@@ -306,10 +305,10 @@ def test_a_pt2_program_round_trips_and_predicts_the_session_models_labels(adapte
     assert json.loads(extra[METADATA_ENTRY])["asfda"]["rounds"] == 1  # the provenance travels inside the program
 
 
-def test_a_pt2_program_is_a_model_form_asfda_ranks_with(adapted, tmp_path, mri_pool):
-    _, session, _ = adapted
+def test_a_pt2_program_is_a_model_form_asfda_ranks_with(adapted, tmp_path):
+    _, session, inputs = adapted
     assert main(["export", str(session), "--format", "pt2", "--out", str(tmp_path / "net.pt2")]) == 0
-    command = ["rank", "--model", str(tmp_path / "net.pt2"), "--trust", "--images", str(mri_pool / "images")]
+    command = ["rank", "--model", str(tmp_path / "net.pt2"), "--trust", "--images", str(inputs)]
     assert main([*command, "--out", str(tmp_path / "s"), "--budget", "1"]) == 0
     report = json.loads((tmp_path / "s" / "ranking.json").read_text())
     assert report["knowledge"] == "energy"  # a program's layers cannot be tapped, like TorchScript's
