@@ -210,7 +210,7 @@ def _load_exported_program(path: Path, card: ModelCard, digest: str, trust: bool
         )
     program = load_program(path)
     check_program(program, card.roi_size, card.num_classes, path)
-    return LoadedModel(ExportedNetwork(program.module()), card, "pt2", path, digest)
+    return LoadedModel(ExportedNetwork(program), card, "pt2", path, digest)
 
 
 def _is_torchscript(path: Path) -> bool:

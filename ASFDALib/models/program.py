@@ -33,11 +33,17 @@ MAX_BATCH = 1024
 
 
 class ExportedNetwork(torch.nn.Module):
-    """An exported program's module, callable like the network it was exported from."""
+    """An exported program's module, callable like the network it was exported from, and movable.
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    Moving it to another device goes through torch's ``move_to_device_pass``: a graph can hold device
+    literals from export time (SwinUNETR's attention masks are created on the export device), which a
+    plain ``.to()`` leaves behind. The current (possibly fine-tuned) weights are kept across the move.
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram) -> None:
         super().__init__()
-        self.program = module
+        self.program = program.module()
+        self._exported = program
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.program(x)
@@ -46,6 +52,32 @@ class ExportedNetwork(torch.nn.Module):
         # The exported module raises on train()/eval(); its mode was fixed when it was exported.
         self.training = mode
         return self
+
+    def to(self, *args: Any, **kwargs: Any) -> ExportedNetwork:
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            self._move(torch.device(device))
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device: int | torch.device | None = None) -> ExportedNetwork:
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def cpu(self) -> ExportedNetwork:
+        return self.to("cpu")
+
+    def _move(self, device: torch.device) -> None:
+        from torch.export.passes import move_to_device_pass
+
+        current = next(iter(self.program.state_dict().values()), None)
+        if current is None or (
+            current.device.type == device.type and device.index in (None, current.device.index or 0)
+        ):
+            return
+        state = {k: v.detach() for k, v in self.program.state_dict().items()}
+        moved = move_to_device_pass(self._exported, device)
+        module = moved.module()
+        module.load_state_dict(state)
+        self.program, self._exported = module, moved
 
 
 def io_shapes(program: torch.export.ExportedProgram) -> tuple[list[Any], list[Any]]:

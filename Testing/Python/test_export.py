@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -344,3 +345,23 @@ def test_pt2_needs_trust_because_torch_export_load_runs_pickled_code(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - whatever it fails with, the payload has already run
         torch.export.load(str(crafted))
     assert marker.exists()
+
+
+def test_a_pt2_program_with_device_literals_moves_to_another_device(tmp_path):
+    """SwinUNETR's exported graph creates its attention masks on the export device; the loaded program
+    still runs after a move (on the meta device here: it checks devices as CUDA would, without a GPU)."""
+    from monai.networks.nets import SwinUNETR
+
+    from ASFDALib.models.card import ModelCard
+    from ASFDALib.models.loading import load_model
+    from ASFDALib.models.program import export_program
+
+    network = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, depths=(1, 1, 1, 1), spatial_dims=3)
+    export_program(network, (64, 64, 64), tmp_path / "swin.pt2")
+    card = ModelCard(["background", "a", "b"], roi_size=(64, 64, 64))
+    model = load_model(tmp_path / "swin.pt2", card, trust=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "copying into a meta parameter is a no-op": meta only
+        moved = model.network.to("meta")
+    with torch.no_grad():
+        assert moved(torch.zeros(2, 1, 64, 64, 64, device="meta")).shape == (2, 3, 64, 64, 64)
