@@ -447,7 +447,17 @@ def _reexport_bundle(model: LoadedModel, folder: Path, record: dict[str, Any] | 
     base_version = str(meta.get("version", "0.0.0"))
     version = f"{base_version}+asfda" if "+" not in base_version else f"{base_version}.asfda"
     ours = bundle_metadata(model.card, version, record)
-    merged = {**meta, **{k: v for k, v in ours.items() if k not in ("network_data_format", "task", "authors")}}
+    # The base bundle's own fields stay (name, task, authors, licence, intended use, what its code needs);
+    # what changed with the adaptation is ours: version, description, versions it ran with, the record.
+    merged = dict(meta)
+    changed = ("version", "description", "monai_version", "pytorch_version", "numpy_version", "data_source")
+    merged.update({k: ours[k] for k in (*changed, "asfda", "session", "target_domain", "base_model") if k in ours})
+    for key in ("name", "license", "copyright", "authors", "task", "intended_use"):
+        merged.setdefault(key, ours[key])
+    merged["required_packages_version"] = {
+        **(meta.get("required_packages_version") or {}),
+        **ours["required_packages_version"],
+    }
     merged["network_data_format"] = meta.get("network_data_format") or ours["network_data_format"]
     merged["network_data_format"].setdefault("outputs", {}).setdefault("pred", {})["channel_def"] = ours[
         "network_data_format"

@@ -221,6 +221,7 @@ def _trusted_bundle(folder: Path) -> Path:
         "authors": "Example Lab",
         "license": "CC-BY-4.0",
         "changelog": {"1.2.0": "first release"},
+        "required_packages_version": {"einops": "0.7"},
         "network_data_format": {"outputs": {"pred": {"channel_def": dict(enumerate(base.card.class_names))}}},
     }
     (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
@@ -247,7 +248,10 @@ def test_a_trusted_bundle_is_re_exported_as_the_same_bundle_with_the_adapted_wei
     assert (out / "docs" / "README.md").is_file() and (out / "LICENSE").is_file()
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     assert meta["version"] == "1.2.0+asfda" and meta["changelog"]["1.2.0"] == "first release"
-    assert meta["authors"] == "Example Lab" and meta["asfda"]["rounds"] == 1
+    assert meta["authors"] == "Example Lab" and meta["name"] == "lab-abdomen" and meta["license"] == "CC-BY-4.0"
+    packages = meta["required_packages_version"]
+    assert packages["einops"] == "0.7" and "pytorch-ignite" in packages  # the base's needs, and MONAI's runner's
+    assert meta["asfda"]["rounds"] == 1 and meta["target_domain"]["volumes"] == 2
     assert meta["base_model"] == {**meta["base_model"], "name": "lab-abdomen", "license": "CC-BY-4.0", "form": "bundle"}
     with pytest.raises(TrustRequiredError):
         load_model(out)  # still the base bundle's code: the same trust as the base
