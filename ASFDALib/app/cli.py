@@ -348,18 +348,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser(
         "export",
-        help="write the adapted model as a MONAI bundle or TorchScript",
-        epilog="example:\n  asfda export ~/asfda/liver --format bundle --out liver_bundle/",
+        help="write the adapted model as a MONAI bundle, a torch.export program (.pt2) or TorchScript",
+        epilog="examples:\n  asfda export ~/asfda/liver --format bundle --out liver_bundle/\n"
+        "  python -m monai.bundle run --config_file liver_bundle/configs/inference.json \\\n"
+        "      --meta_file liver_bundle/configs/metadata.json --bundle_root liver_bundle \\\n"
+        "      --dataset_dir /data/target_mri --output_dir ~/pred   # pip install 'monai[ignite,fire]'\n"
+        "  asfda export ~/asfda/liver --format pt2 --out liver.pt2   # load back: --model liver.pt2 --trust",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("session", type=existing_dir, help="session folder (its adapted model is exported)")
     export.add_argument(
         "--format",
-        choices=("bundle", "torchscript"),
+        choices=("bundle", "pt2", "torchscript"),
         default="bundle",
-        help="bundle: a MONAI bundle folder (MONAI Label, monai.bundle); torchscript: one file (default: %(default)s)",
+        help="bundle: runs with MONAI's bundle runner, metadata records the adaptation (default); pt2: a "
+        "torch.export program, TorchScript's successor; torchscript: deprecated by torch",
     )
-    export.add_argument("--out", type=Path, required=True, help="a new folder (bundle) or file (torchscript)")
+    export.add_argument(
+        "--out", type=Path, required=True, help="a new folder (bundle) or file (pt2, torchscript; or a folder for it)"
+    )
     export.add_argument(
         "--source-model",
         action="store_true",

@@ -353,7 +353,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.pipeline import session_model
     from ASFDALib.adaptation.session import Session
-    from ASFDALib.models.export import export_bundle, export_torchscript
+    from ASFDALib.models.export import DEFAULT_NAMES, export_session
     from ASFDALib.outputs import refuse_folder_holding, refuse_overwrite, session_files
 
     session = Session.open(args.session)
@@ -367,13 +367,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "bundle":
         refuse_folder_holding(args.out, protected, "a file the session references", fix)
     else:
-        target = args.out if args.out.suffix else args.out / "model.ts"
+        target = args.out if args.out.suffix else args.out / DEFAULT_NAMES[args.format]
         refuse_overwrite([target], protected, "a file the session references", fix)
-    model = session_model(session, adapted=not args.source_model)
-    if args.format == "bundle":
-        path = export_bundle(model, args.out)
-    else:
-        path = export_torchscript(model, args.out if args.out.suffix else args.out / "model.ts")
+    path = export_session(session, session_model(session, adapted=not args.source_model), args.out, args.format)
     print(f"Exported {args.format} to {path}")
     return 0
 

@@ -694,6 +694,7 @@ class Workflow:
         self.start_rank()
 
     def export(self, folder: Path) -> Path:
-        from ASFDALib.models.export import export_bundle
+        """The adapted model as a runnable MONAI bundle whose metadata records the adaptation."""
+        from ASFDALib.models.export import export_session
 
-        return export_bundle(self.model(), folder)
+        return export_session(self._session(), self.model(), folder, "bundle")

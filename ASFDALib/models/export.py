@@ -1,9 +1,33 @@
-"""Export an adapted model as a MONAI bundle (loadable by MONAI's bundle API, hence MONAI Label) or as
-TorchScript, always with its model card."""
+"""Export an adapted model as a runnable MONAI bundle, a ``torch.export`` program (``.pt2``) or TorchScript,
+always with its model card, and with metadata saying what the model is and how it was adapted.
+
+The bundle runs as MONAI's model-zoo bundles do::
+
+    python -m monai.bundle run --config_file BUNDLE/configs/inference.json \\
+        --meta_file BUNDLE/configs/metadata.json --bundle_root BUNDLE \\
+        --dataset_dir /data/target --output_dir /data/predictions
+
+``configs/inference.json`` has their structure: a dataset and data loader over ``dataset_dir``
+(``datalist`` overrides the file list), the card's preprocessing (orientation, spacing, intensity), the
+sliding-window inferer, postprocessing that inverts the preprocessing (``Invertd``) so label maps land on
+each input's own grid, a ``SaveImaged`` writer into ``output_dir``, a ``SupervisedEvaluator``, and the
+``initialize`` / ``run`` / ``finalize`` sections. MONAI's evaluator needs ``pytorch-ignite``, and
+``python -m monai.bundle`` needs ``fire`` (``pip install 'monai[ignite,fire]'``). ``network_def``,
+``preprocessing`` and ``inferer`` are MONAI components with literal arguments, so ASFDA reads the bundle
+back without ``--trust``; the only ``$`` expressions are MONAI's usual glue (device, file list,
+checkpoint path, ``evaluator.run()``), which ASFDA never evaluates.
+
+A bundle whose network needed ``--trust`` (code in its config) is re-exported as the same bundle with
+the adapted weights in place of its own, so it keeps running the way its authors made it run.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -11,6 +35,14 @@ from ASFDALib.atomic import atomic_write, atomic_write_json
 from ASFDALib.errors import ModelError
 from ASFDALib.models.card import ModelCard
 from ASFDALib.models.loading import LoadedModel
+
+UNKNOWN = "unknown: see the base model"
+ASFDA_QUERY = (
+    "ranked by DKD (distance from the pre-trained model's source knowledge, times diversity) + ASD "
+    "(segmentation difficulty)"
+)
+BUILTIN_LICENCE = "Apache-2.0 (ASFDA's built-in model, trained by the ASFDA project on synthetic phantoms)"
+WEIGHT_NAMES = ("model.pt", "model.pth", "model.ts")  # the order ASFDA's bundle loader looks for them
 
 
 def _preprocessing(card: ModelCard) -> list[dict]:
@@ -39,74 +71,400 @@ def _preprocessing(card: ModelCard) -> list[dict]:
         scale = {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True}
     else:
         scale = {"_target_": "Identityd", "keys": "image"}
+    # The same transforms, with the same arguments, as ASFDALib.data.preprocess (float32 resampling too).
     return [
-        {"_target_": "LoadImaged", "keys": "image", "image_only": False},
+        {"_target_": "LoadImaged", "keys": "image"},
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
-        {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
-        {"_target_": "Spacingd", "keys": "image", "pixdim": list(card.spacing), "mode": "bilinear"},
+        {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": None},
+        {"_target_": "Spacingd", "keys": "image", "pixdim": list(card.spacing), "mode": "bilinear", "dtype": "float32"},
         scale,
-        {"_target_": "EnsureTyped", "keys": "image"},
+        {"_target_": "EnsureTyped", "keys": "image", "dtype": "float32"},
     ]
 
 
-def export_bundle(model: LoadedModel, folder: Path, version: str = "0.1.0") -> Path:
-    """A MONAI bundle folder: configs/{inference,metadata}.json, models/model.pt, asfda_card.json."""
-    if model.spec is None or model.scripted:
-        raise ModelError(f"{model.path}: a bundle needs a MONAI network by name; export this model as torchscript")
-    card = model.card
-    folder = Path(folder)
-    network_def = {"_target_": f"monai.networks.nets.{model.spec.name}", **model.spec.args}
-    inference = {
-        "imports": ["$import torch"],
+def inference_config(card: ModelCard, network_def: dict[str, Any]) -> dict[str, Any]:
+    """``configs/inference.json``: model-zoo structure, MONAI components only."""
+    return {
+        "imports": ["$import glob", "$import os", "$import torch"],
         "bundle_root": ".",
+        "dataset_dir": "$@bundle_root + '/data'",
+        "image_pattern": "*.nii*",  # MONAI's default readers; NRRD/MetaImage/DICOM need itk installed
+        "datalist": "$sorted(glob.glob(os.path.join(@dataset_dir, @image_pattern)))",
+        "output_dir": "$@bundle_root + '/eval'",
+        "output_postfix": "seg",
+        "output_ext": ".nii.gz",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "network_def": network_def,
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": _preprocessing(card)},
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]", "transform": "@preprocessing"},
+        "dataloader": {
+            "_target_": "DataLoader",
+            "dataset": "@dataset",
+            "batch_size": 1,
+            "shuffle": False,
+            "num_workers": 0,  # no worker processes by default (Slicer, small machines); override to speed up
+        },
+        # Centre-weighted blending: the nearest ASFDA's own rule (each voxel from its most central window) that
+        # a MONAI inferer has; plain averaging lets a voxel's border views outvote its central one.
         "inferer": {
             "_target_": "SlidingWindowInferer",
             "roi_size": list(card.roi_size),
             "sw_batch_size": card.sw_batch_size,
             "overlap": card.overlap,
+            "mode": "gaussian",
+            "sigma_scale": 0.125,
         },
+        # argmax at model spacing, then nearest-neighbour back to each input's grid: what `asfda predict` does.
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
                 {"_target_": "Activationsd", "keys": "pred", "softmax": True},
                 {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                {
+                    "_target_": "Invertd",
+                    "keys": "pred",
+                    "transform": "@preprocessing",
+                    "orig_keys": "image",
+                    "nearest_interp": True,
+                    "to_tensor": True,
+                },
+                {
+                    "_target_": "SaveImaged",
+                    "keys": "pred",
+                    "output_dir": "@output_dir",
+                    "output_postfix": "@output_postfix",
+                    "output_ext": "@output_ext",
+                    "output_dtype": "uint8" if card.num_classes <= 256 else "uint16",
+                    "resample": False,
+                    "separate_folder": False,
+                },
             ],
         },
+        "checkpoint": "$@bundle_root + '/models/model.pt'",
+        "handlers": [
+            {"_target_": "CheckpointLoader", "load_path": "@checkpoint", "load_dict": {"model": "@network"}},
+            {"_target_": "StatsHandler", "iteration_log": False},
+        ],
+        "evaluator": {
+            "_target_": "SupervisedEvaluator",
+            "device": "@device",
+            "val_data_loader": "@dataloader",
+            "network": "@network",
+            "inferer": "@inferer",
+            "postprocessing": "@postprocessing",
+            "val_handlers": "@handlers",
+            "amp": False,  # float32 as ASFDA scored and trained it on the CPU; --evaluator#amp true on a GPU
+        },
+        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@evaluator.run()"],
+        "finalize": ["$monai.utils.set_determinism(seed=None)"],
     }
-    metadata = {
+
+
+# --- provenance --------------------------------------------------------------------------------------
+
+
+def _package_version(name: str, fallback: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return fallback
+
+
+def _bundle_metadata(folder: Path) -> dict[str, Any]:
+    path = folder / "configs" / "metadata.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _licence(model: LoadedModel, meta: dict[str, Any]) -> str:
+    from ASFDALib.models.defaults import resources_dir
+
+    for key in ("license", "licence"):
+        if isinstance(meta.get(key), str) and meta[key].strip():
+            return meta[key].strip()
+    if model.path.is_dir():
+        for name in ("LICENSE", "LICENSE.txt", "LICENSE.md", "docs/LICENSE", "docs/LICENSE.txt"):
+            path = model.path / name
+            if path.is_file():
+                lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+                return f"{lines[0] if lines else 'see'} (the base bundle's {name})"
+    if model.path.resolve().parent == (resources_dir() / "Model").resolve():
+        return BUILTIN_LICENCE
+    return UNKNOWN
+
+
+def base_model_info(model: LoadedModel, session_model_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the adapted model started from: name, form, file, digest, licence, authors, version."""
+    meta = _bundle_metadata(model.path) if model.path.is_dir() else {}
+    info = session_model_info or {}
+    return {
+        "name": meta.get("name") or model.card.name,
+        "form": info.get("kind", model.kind),
+        "path": str(info.get("path", model.path)),
+        "digest": info.get("digest", model.digest),
+        "version": meta.get("version", UNKNOWN),
+        "authors": meta.get("authors", UNKNOWN),
+        "copyright": meta.get("copyright", UNKNOWN),
+        "license": _licence(model, meta),
+        "description": meta.get("description") or model.card.description or UNKNOWN,
+    }
+
+
+def provenance(session: Any, model: LoadedModel) -> dict[str, Any]:
+    """The adaptation record for metadata: ASFDA version and method, the session, the target domain, the
+    base model, and per fine-tuned round what it trained on (from ``session.json``)."""
+    import ASFDALib
+
+    data = session.data
+    images = data.get("images") or {}
+    files = images.get("files", [])
+    pool = hashlib.sha256("".join(f"{f['name']}:{f['sha256']};" for f in files).encode()).hexdigest()[:16]
+    rounds = []
+    for entry in data.get("rounds", []):
+        if not entry.get("checkpoint"):
+            continue
+        metrics = entry.get("metrics") or {}
+        rounds.append(
+            {
+                "round": entry["index"],
+                "query": entry.get("query", []),
+                "strategy": entry.get("strategy") or {},
+                "labelled": metrics.get("labelled", []),
+                "pseudo_labelled": metrics.get("pseudo_labelled", []),
+                "iterations": metrics.get("iterations", {}),
+            }
+        )
+    labelled = sorted({n for r in rounds for n in r["labelled"]})
+    return {
+        "asfda": {
+            "version": ASFDALib.__version__,
+            "adapted": bool(rounds),
+            "method": _method(rounds),
+            "rounds": len(rounds),
+            "labelled_count": len(labelled),
+            "labelled": labelled,
+            "per_round": rounds,
+        },
+        "session": {
+            "path": str(Path(session.root).resolve()),
+            "created": data.get("created"),
+            "updated": data.get("updated"),
+            "model_digest": model.digest,
+        },
+        "target_domain": {
+            "description": f"{len(files)} volumes in {images.get('root', UNKNOWN)}",
+            "images": images.get("root", UNKNOWN),
+            "volumes": len(files),
+            "pool_digest": pool,
+        },
+        "base_model": base_model_info(model, data.get("model")),
+    }
+
+
+def _method(rounds: list[dict[str, Any]]) -> str:
+    """What was done, from what the session recorded as run (strategy per round, stage-2 iterations)."""
+    if not rounds:
+        return "not fine-tuned: the base model's weights, exported by ASFDA"
+    names = sorted({str(r["strategy"].get("name", "asfda")) for r in rounds})
+    query = ASFDA_QUERY if names == ["asfda"] else f"chosen by the {'/'.join(names)} strategy"
+    pseudo = any(r["iterations"].get("stage2", 0) for r in rounds)
+    return (
+        f"ASFDA active source-free domain adaptation: target volumes {query}, the queried ones labelled, and the "
+        "model fine-tuned on them"
+        + (
+            ", then with selective pseudo-labels of the reliable unlabelled volumes"
+            if pseudo
+            else " (no pseudo-label stage)"
+        )
+    )
+
+
+def bundle_metadata(card: ModelCard, version: str, record: dict[str, Any] | None) -> dict[str, Any]:
+    """``configs/metadata.json``: MONAI's metadata fields plus ASFDA's adaptation record."""
+    import monai
+    import numpy
+
+    record = record or {}
+    base = record.get("base_model", {})
+    asfda = record.get("asfda", {})
+    target = record.get("target_domain", {})
+    classes = ", ".join(card.class_names[1:])
+    value_range = [card.intensity.b_min, card.intensity.b_max] if card.intensity.mode in ("ct", "percentile") else None
+    adapted = (
+        f"adapted with ASFDA {asfda.get('version')} to {target.get('description', 'a target domain')}: "
+        f"{asfda.get('rounds', 0)} round(s), {asfda.get('labelled_count', 0)} labelled volume(s)"
+        if asfda
+        else "exported by ASFDA"
+    )
+    image = {
+        "type": "image",
+        "format": card.intensity.mode,
+        "num_channels": 1,
+        "spatial_shape": list(card.roi_size),
+        "dtype": "float32",
+        "is_patch_data": True,
+        "channel_def": {"0": "image"},
+    }
+    if value_range:
+        image["value_range"] = value_range
+    return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
         "meta_schema_20220324.json",
         "version": version,
+        "changelog": {version: adapted},
         "name": card.name,
-        "description": card.description
-        or "Adapted with ASFDA (active learning + selective semi-supervised fine-tuning)",
-        "monai_version": _monai_version(),
+        "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": numpy.__version__,
+        "required_packages_version": {
+            "nibabel": _package_version("nibabel", "5.0"),
+            "pytorch-ignite": _package_version("pytorch-ignite", "0.4.11"),  # MONAI's evaluator needs it
+        },
+        "task": f"Segmentation of {classes}",
+        "description": f"{base.get('name', card.name)}, {adapted}. {card.description}".strip(),
+        "authors": base.get("authors", UNKNOWN),
+        "copyright": base.get("copyright", UNKNOWN),
+        "license": base.get("license", UNKNOWN),
+        "data_source": target.get("description", UNKNOWN),
+        "data_type": "nibabel",
+        "image_classes": f"single channel image, intensity normalised ({card.intensity.mode}) as the model card says",
+        "label_classes": f"single channel label map: {_class_list(card)}",
+        "pred_classes": f"{card.num_classes} channels of class scores: {_class_list(card)}",
+        "intended_use": "Research. Adapted from few labels: check it on your own labelled cases before relying on it.",
         "network_data_format": {
-            "inputs": {
-                "image": {"type": "image", "num_channels": 1, "spatial_shape": list(card.roi_size), "dtype": "float32"}
-            },
+            "inputs": {"image": image},
             "outputs": {
                 "pred": {
                     "type": "image",
+                    "format": "segmentation",
                     "num_channels": card.num_classes,
+                    "spatial_shape": list(card.roi_size),
                     "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": True,
                     "channel_def": {str(i): n for i, n in enumerate(card.class_names)},
                 }
             },
         },
+        **{k: record[k] for k in ("asfda", "session", "target_domain", "base_model") if k in record},
     }
-    atomic_write_json(folder / "configs" / "inference.json", inference)
-    atomic_write_json(folder / "configs" / "metadata.json", metadata)
-    state = {k: v.detach().cpu() for k, v in model.network.state_dict().items()}
-    atomic_write(folder / "models" / "model.pt", lambda tmp: torch.save(state, tmp))
-    card_data = _exported_card(card)
-    card_data["network"] = {"name": model.spec.name, "args": model.spec.args}
-    atomic_write_json(folder / "asfda_card.json", card_data)
+
+
+def _class_list(card: ModelCard) -> str:
+    return ", ".join(f"{i} is {n}" for i, n in enumerate(card.class_names))
+
+
+# --- writers -----------------------------------------------------------------------------------------
+
+
+def _write_weights(network: torch.nn.Module, path: Path) -> Path:
+    if isinstance(network, torch.jit.ScriptModule):
+        return atomic_write(path, lambda tmp: network.save(str(tmp)))
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _write_card(model: LoadedModel, path: Path) -> Path:
+    card_data = _exported_card(model.card)
+    if model.spec is not None:
+        card_data["network"] = {"name": model.spec.name, "args": model.spec.args}
+    return atomic_write_json(path, card_data)
+
+
+def _refuse_overwriting_the_base(model: LoadedModel, written: list[Path]) -> None:
+    """Never write over the base model, its card or anything inside a base bundle: the session refers to them."""
+    from ASFDALib.models.loading import CARD_NAMES
+
+    base = model.path.resolve()
+    protected = {base}
+    if base.is_file():
+        protected |= {base.with_name(base.name.split(".")[0] + ".card.json")} | {base.parent / n for n in CARD_NAMES}
+    for path in written:
+        target = Path(path).resolve()
+        if target in protected or base in target.parents:
+            raise ModelError(f"{path}: writing it would overwrite the base model {base}; export somewhere else")
+
+
+def export_bundle(
+    model: LoadedModel, folder: Path, version: str = "0.1.0", record: dict[str, Any] | None = None
+) -> Path:
+    """A runnable MONAI bundle: configs/{inference,metadata}.json, models/model.pt, asfda_card.json.
+
+    ``record`` (from :func:`provenance`) goes into the metadata. A trusted bundle (network built by its own
+    config) is copied with the adapted weights instead.
+    """
+    folder = Path(folder)
+    written = [folder / "configs" / "inference.json", folder / "configs" / "metadata.json", folder / "asfda_card.json"]
+    _refuse_overwriting_the_base(model, [*written, *(folder / "models" / n for n in WEIGHT_NAMES)])
+    if model.spec is None and model.kind == "bundle" and model.path.is_dir():
+        return _reexport_bundle(model, folder, record)
+    if model.spec is None or model.scripted:
+        raise ModelError(
+            f"{model.path}: a bundle needs a MONAI network by name ({model.kind} model); "
+            "export this model with --format pt2"
+        )
+    card = model.card
+    network_def = {"_target_": f"monai.networks.nets.{model.spec.name}", **model.spec.args}
+    atomic_write_json(folder / "configs" / "inference.json", inference_config(card, network_def))
+    atomic_write_json(folder / "configs" / "metadata.json", bundle_metadata(card, version, record))
+    _write_weights(model.network, folder / "models" / "model.pt")
+    _write_card(model, folder / "asfda_card.json")
+    stats = model.source_stats_path()
+    if stats is not None and stats.is_file():  # the base model's source knowledge, where the card says it is
+        (folder / model.card.source_stats).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(stats, folder / model.card.source_stats)
+    if model.path.is_dir():  # a literal bundle rebuilt: keep its licence text beside the weights derived from it
+        for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
+            if (model.path / name).is_file():
+                shutil.copy2(model.path / name, folder / name)
+    return folder
+
+
+def _reexport_bundle(model: LoadedModel, folder: Path, record: dict[str, Any] | None) -> Path:
+    """The base bundle as it was (configs, scripts, docs), with the adapted weights and merged metadata."""
+    source = model.path
+    weight = next((source / "models" / n for n in WEIGHT_NAMES if (source / "models" / n).is_file()), None)
+    if weight is None:
+        raise ModelError(f"{source}: the base bundle's weights are gone (models/model.pt); cannot re-export it")
+    for item in source.iterdir():
+        if item.name in ("models", "eval"):  # the base weights (and any other form of them) and old outputs
+            continue
+        destination = folder / item.name
+        if item.is_dir():
+            shutil.copytree(item, destination, dirs_exist_ok=True)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(item, destination)
+    _write_weights(model.network, folder / "models" / weight.name)
+    meta = _bundle_metadata(source)
+    base_version = str(meta.get("version", "0.0.0"))
+    version = f"{base_version}+asfda" if "+" not in base_version else f"{base_version}.asfda"
+    ours = bundle_metadata(model.card, version, record)
+    # The base bundle's own fields stay (name, task, authors, licence, intended use, what its code needs);
+    # what changed with the adaptation is ours: version, description, versions it ran with, the record.
+    merged = dict(meta)
+    changed = ("version", "description", "monai_version", "pytorch_version", "numpy_version", "data_source")
+    merged.update({k: ours[k] for k in (*changed, "asfda", "session", "target_domain", "base_model") if k in ours})
+    for key in ("name", "license", "copyright", "authors", "task", "intended_use"):
+        merged.setdefault(key, ours[key])
+    merged["required_packages_version"] = {
+        **(meta.get("required_packages_version") or {}),
+        **ours["required_packages_version"],
+    }
+    merged["network_data_format"] = meta.get("network_data_format") or ours["network_data_format"]
+    merged["network_data_format"].setdefault("outputs", {}).setdefault("pred", {})["channel_def"] = ours[
+        "network_data_format"
+    ]["outputs"]["pred"]["channel_def"]
+    merged["changelog"] = {**ours["changelog"], **(meta.get("changelog") or {})}
+    atomic_write_json(folder / "configs" / "metadata.json", merged)
+    _write_card(model, folder / "asfda_card.json")
     return folder
 
 
@@ -131,7 +489,34 @@ def _exported_card(card: ModelCard) -> dict:
     return data
 
 
-def _monai_version() -> str:
-    import monai
+def export_pt2(model: LoadedModel, path: Path, record: dict[str, Any] | None = None) -> Path:
+    """``model.pt2`` (a ``torch.export`` program for (batch, 1, *roi) windows, the metadata inside it) plus
+    ``model.card.json`` beside it; ``asfda`` loads it back with ``--trust`` (see :mod:`ASFDALib.models.program`)."""
+    from ASFDALib.models.program import export_program
 
-    return monai.__version__
+    path = Path(path)
+    if path.suffix.lower() != ".pt2":
+        raise ModelError(f"{path}: a torch.export program is loaded by its .pt2 suffix; name the file *.pt2")
+    _refuse_overwriting_the_base(model, [path, path.with_name(path.name.split(".")[0] + ".card.json")])
+    metadata = bundle_metadata(model.card, "0.1.0", record)
+    export_program(model.network, model.card.roi_size, path, metadata)
+    atomic_write_json(path.with_name(path.name.split(".")[0] + ".card.json"), _exported_card(model.card))
+    return path
+
+
+FORMATS = ("bundle", "pt2", "torchscript")
+DEFAULT_NAMES = {"pt2": "model.pt2", "torchscript": "model.ts"}
+
+
+def export_session(session: Any, model: LoadedModel, out: Path, fmt: str = "bundle") -> Path:
+    """Export the session's model (``model``, usually its adapted one) in ``fmt``, with its provenance."""
+    out = Path(out)
+    record = provenance(session, model)
+    if fmt == "bundle":
+        return export_bundle(model, out, record=record)
+    target = out if out.suffix else out / DEFAULT_NAMES[fmt]
+    if fmt == "pt2":
+        return export_pt2(model, target, record)
+    if fmt == "torchscript":
+        return export_torchscript(model, target)
+    raise ModelError(f"export format {fmt!r} unknown; use one of {', '.join(FORMATS)}")

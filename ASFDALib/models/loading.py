@@ -1,9 +1,9 @@
-"""Loading a Med-VFM in one of three real forms: a MONAI bundle folder, a TorchScript file, or a state
-dict plus a MONAI network name.
+"""Loading a Med-VFM in one of its real forms: a MONAI bundle folder, a TorchScript file, a ``torch.export``
+program (``.pt2``), or a state dict plus a MONAI network name.
 
 Safe by default: weights load with ``torch.load(weights_only=True)``. Formats that run code from the
-file (pickled checkpoints, TorchScript, bundle configs whose ``_target_`` is not a plain MONAI network
-with literal arguments) need ``trust=True``, and the refusal says why.
+file (pickled checkpoints, TorchScript, ``.pt2`` programs, bundle configs whose ``_target_`` is not a plain
+MONAI network with literal arguments) need ``trust=True``, and the refusal says why.
 
 Weights (a state dict file, a bundle's ``models/model.pt``) go through :func:`ASFDALib.checkpoints.load_pretrained`:
 a network built for the card's classes takes a published checkpoint in any layout, with a head for other
@@ -47,7 +47,7 @@ class LoadedModel:
 
     @property
     def scripted(self) -> bool:
-        return isinstance(self.network, torch.jit.ScriptModule)
+        return isinstance(self.network, torch.jit.ScriptModule) or self.kind == "pt2"  # opaque: no feature taps
 
     @property
     def head_is_new(self) -> bool:
@@ -229,6 +229,8 @@ def load_model(
         )
     )
     digest = _file_digest(path, *_digest_parts(loaded_card, class_map))
+    if path.suffix.lower() == ".pt2":
+        return _load_exported_program(path, loaded_card, digest, trust)
     if _is_torchscript(path):
         if not trust:
             raise TrustRequiredError(f"{path}: TorchScript runs code stored in the file; {_TRUST_HINT}")
@@ -250,6 +252,20 @@ def _digest_parts(card: ModelCard, class_map: str | Mapping[str, str] | None) ->
     if class_map:
         parts.append(json.dumps(class_map, sort_keys=True).encode())
     return parts
+
+
+def _load_exported_program(path: Path, card: ModelCard, digest: str, trust: bool) -> LoadedModel:
+    """A ``torch.export`` program (``.pt2``, :mod:`ASFDALib.models.program`); it needs trust because
+    ``torch.export.load`` unpickles parts of the archive."""
+    from ASFDALib.models.program import ExportedNetwork, check_program, load_program
+
+    if not trust:
+        raise TrustRequiredError(
+            f"{path}: loading a torch.export program unpickles parts of the file, which can run code; {_TRUST_HINT}"
+        )
+    program = load_program(path)
+    check_program(program, card.roi_size, card.num_classes, path)
+    return LoadedModel(ExportedNetwork(program), card, "pt2", path, digest)
 
 
 def _is_torchscript(path: Path) -> bool:

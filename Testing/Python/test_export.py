@@ -1,0 +1,371 @@
+"""What `asfda export` writes, used the way its users use it: the bundle run by MONAI's own bundle runner on
+real NIfTI volumes and compared with `asfda predict`, its metadata, a trusted bundle re-exported as a
+bundle, and torch.export programs (.pt2) loaded back under the trust rule torch's loader calls for."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ASFDALib.app.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+REAL_MRI = REPO / "Testing" / "Data" / "tptbox" / "sub-mri_label-6_T2w.nii.gz"  # stored P-I-R, 1.5 mm
+
+
+def _adapt(root: Path, images: Path, labels: Path, model: list[str]) -> Path:
+    """rank (budget 1) -> import the query's ground truth -> fine-tune a few iterations; the session folder."""
+    session = root / "session"
+    assert main(["rank", *model, "--images", str(images), "--out", str(session), "--budget", "1"]) == 0
+    query = json.loads((session / "ranking.json").read_text())["selected"]
+    (root / "gt").mkdir()
+    shutil.copy(labels / query[0], root / "gt" / query[0])
+    assert main(["labels", "import", str(session), "--from", str(root / "gt")]) == 0
+    finetune = ["finetune", str(session), "--iterations", "4", "--no-pseudo", "--batch-size", "1"]
+    assert main([*finetune, "--checkpoint-every", "2"]) == 0
+    return session
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, small_pool):
+    """A session on the built-in model, fine-tuned for 4 iterations on one labelled volume, and an input
+    folder holding a real MRI volume and a phantom from the pool."""
+    root = tmp_path_factory.mktemp("export")
+    session = _adapt(root, small_pool / "images", small_pool / "labels", [])
+    inputs = root / "inputs"
+    inputs.mkdir()
+    shutil.copy(REAL_MRI, inputs / REAL_MRI.name)
+    phantom = sorted((small_pool / "images").iterdir())[-1]
+    shutil.copy(phantom, inputs / phantom.name)
+    _reoriented(phantom, inputs / "phantom_pir.nii.gz")
+    return root, session, inputs
+
+
+def _reoriented(source: Path, target: Path) -> Path:
+    """The volume stored in P-I-R axis order on an anisotropic grid with an offset origin (as the real MRI is)."""
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+    image = nib.load(str(source))
+    data = np.asarray(image.dataobj)
+    transform = ornt_transform(io_orientation(image.affine), axcodes2ornt(("P", "I", "R")))
+    affine = image.affine @ inv_ornt_aff(transform, data.shape)
+    affine = affine @ np.diag([0.8, 1.2, 0.9, 1.0])  # voxel sizes 1.6 / 2.4 / 1.8 mm
+    affine[:3, 3] += (12.5, -7.0, 30.0)
+    nib.save(nib.Nifti1Image(apply_orientation(data, transform), affine), str(target))
+    return target
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory) -> Path:
+    """Two MRI-like phantoms with labels, for sessions whose ranking is not what a test is about."""
+    from ASFDALib.bench.phantoms import write_phantoms
+
+    folder = tmp_path_factory.mktemp("small_pool")
+    write_phantoms(folder, 2, "mri", seed=5)
+    return folder
+
+
+def _needs_ignite() -> None:
+    if importlib.util.find_spec("ignite") is None:
+        pytest.fail("pytorch-ignite is not installed: MONAI's SupervisedEvaluator needs it (add it to the test extras)")
+
+
+def _monai_bundle_run(bundle: Path, inputs: Path, out: Path) -> subprocess.CompletedProcess:
+    """MONAI's own entry point, ``monai.bundle.run`` (what ``python -m monai.bundle run`` calls once ``fire``
+    has parsed the command line), with the overrides a user gives, in a fresh interpreter."""
+    kwargs = {
+        "config_file": str(bundle / "configs" / "inference.json"),
+        "meta_file": str(bundle / "configs" / "metadata.json"),
+        "bundle_root": str(bundle),
+        "dataset_dir": str(inputs),
+        "output_dir": str(out),
+    }
+    code = "import json, sys; from monai.bundle import run; run(**json.loads(sys.argv[1]))"
+    command = [sys.executable, "-c", code, json.dumps(kwargs)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+
+
+def _label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    return np.asarray(image.dataobj), image.affine
+
+
+def test_the_bundle_runs_with_monais_runner_and_matches_asfda_predict_on_each_inputs_grid(adapted):
+    from monai.bundle import ConfigParser
+
+    from ASFDALib.data.preprocess import labels_to_native
+
+    _needs_ignite()
+    root, session, inputs = adapted
+    bundle = root / "bundle"
+    assert main(["export", str(session), "--format", "bundle", "--out", str(bundle)]) == 0
+    run = _monai_bundle_run(bundle, inputs, root / "monai_pred")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert main(["predict", str(session), "--images", str(inputs), "--out", str(root / "asfda_pred")]) == 0
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    for image in sorted(inputs.iterdir()):
+        source, source_affine = _label_map(image)
+        ours, our_affine = _label_map(root / "asfda_pred" / image.name)
+        theirs, their_affine = _label_map(root / "monai_pred" / image.name.replace(".nii.gz", "_seg.nii.gz"))
+        assert theirs.shape == source.shape == ours.shape
+        np.testing.assert_allclose(their_affine, source_affine, atol=1e-4)  # back on the input's own grid
+        np.testing.assert_allclose(our_affine, source_affine, atol=1e-4)
+        # MONAI blends overlapping windows (centre-weighted); ASFDA takes each voxel from its most central
+        # window. They differ only near window borders.
+        agreement = float((theirs == ours).mean())
+        assert agreement > 0.97, (image.name, agreement)
+        assert set(np.unique(theirs)) <= {0, 1, 2, 3}
+        # Invertd put each voxel where ASFDA's own resampling puts the bundle's model-space labels.
+        data = parser.get_parsed_content("preprocessing")({"image": str(image)})
+        with torch.no_grad():
+            logits = parser.get_parsed_content("inferer")(data["image"][None].as_tensor(), network.eval())
+        model_space = logits.argmax(1)[0].numpy().astype(np.uint8)
+        expected = labels_to_native(model_space, data["image"].affine.numpy(), source.shape, source_affine)
+        foreground = (expected > 0) | (theirs > 0)
+        assert (expected == theirs).mean() > 0.999, image.name
+        if image.name != REAL_MRI.name:  # the phantoms hold the organs the model was adapted to
+            assert foreground.sum() > 500, (image.name, foreground.sum())
+            assert (expected == theirs)[foreground].mean() > 0.99, image.name
+
+
+def test_the_bundle_has_monais_inference_properties_and_asfda_reads_it_back_without_trust(adapted, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    from ASFDALib.adaptation.pipeline import session_model
+    from ASFDALib.adaptation.session import Session
+    from ASFDALib.models.loading import load_model
+
+    _, session, _ = adapted
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(session), "--out", str(bundle)]) == 0
+    workflow = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "inference.json"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        workflow_type="infer",
+    )
+    workflow.initialize()  # parses the config and runs its 'initialize' section
+    assert workflow.check_properties() in (None, [])  # every required inference and metadata property is there
+    workflow.finalize()
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert config["run"] == ["$@evaluator.run()"] and "initialize" in config and "finalize" in config
+    assert config["evaluator"]["_target_"] == "SupervisedEvaluator"
+    post = [t["_target_"] for t in config["postprocessing"]["transforms"]]
+    assert post == ["Activationsd", "AsDiscreted", "Invertd", "SaveImaged"]
+    back = load_model(bundle)  # no trust: network_def, preprocessing and inferer are literal MONAI components
+    adapted_model = session_model(Session.open(session))
+    assert back.kind == "bundle" and back.spec is not None and back.card == adapted_model.card
+    for key, value in adapted_model.network.state_dict().items():
+        assert torch.equal(back.network.state_dict()[key], value), key
+
+
+def test_bundle_metadata_describes_the_adapted_model(adapted, tmp_path, small_pool):
+    from ASFDALib.models.export import BUILTIN_LICENCE
+
+    _, session, _ = adapted
+    assert main(["export", str(session), "--out", str(tmp_path / "bundle")]) == 0
+    meta = json.loads((tmp_path / "bundle" / "configs" / "metadata.json").read_text())
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["channel_def"] == {"0": "background", "1": "liver", "2": "kidney", "3": "gallbladder"}
+    assert pred["num_channels"] == 4
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [48, 48, 48]
+    for key in ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version"):
+        assert meta[key], key
+    assert "pytorch-ignite" in meta["required_packages_version"]
+    assert meta["asfda"]["adapted"] is True and meta["asfda"]["rounds"] == 1 and meta["asfda"]["labelled_count"] == 1
+    assert meta["asfda"]["version"] == __import__("ASFDALib").__version__
+    assert "DKD" in meta["asfda"]["method"] and "(no pseudo-label stage)" in meta["asfda"]["method"]  # --no-pseudo
+    assert meta["asfda"]["per_round"][0]["iterations"] == {"stage1": 4, "stage2": 0}
+    assert meta["session"]["path"] == str(session.resolve())
+    assert meta["target_domain"]["images"] == str((small_pool / "images").resolve())
+    assert meta["target_domain"]["volumes"] == 2
+    assert meta["base_model"]["name"] == "asfda-default-unet" and meta["base_model"]["form"] == "state_dict"
+    assert meta["base_model"]["license"] == meta["license"] == BUILTIN_LICENCE
+    assert "adapted with ASFDA" in meta["description"] and "1 labelled volume" in meta["changelog"]["0.1.0"]
+
+
+def _trusted_bundle(folder: Path) -> Path:
+    """A bundle whose network_def holds an expression (so it needs --trust), with its own licence,
+    metadata and a docs folder, built from the built-in model's weights."""
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.export import inference_config
+    from ASFDALib.models.loading import load_model
+
+    base = load_model(default_model_path())
+    network_def = {"_target_": "UNet", **base.spec.args, "channels": "$[8, 16, 32, 64]"}
+    config = inference_config(base.card, network_def)
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    (folder / "docs").mkdir()
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    meta = {
+        "version": "1.2.0",
+        "name": "lab-abdomen",
+        "authors": "Example Lab",
+        "license": "CC-BY-4.0",
+        "changelog": {"1.2.0": "first release"},
+        "required_packages_version": {"einops": "0.7"},
+        "network_data_format": {"outputs": {"pred": {"channel_def": dict(enumerate(base.card.class_names))}}},
+    }
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    (folder / "docs" / "README.md").write_text("how to use it\n")
+    (folder / "LICENSE").write_text("Creative Commons Attribution 4.0\n")
+    card = {k: v for k, v in base.card.to_dict().items() if k not in ("network", "source_stats")}
+    (folder / "asfda_card.json").write_text(json.dumps(card))
+    torch.save(base.network.state_dict(), folder / "models" / "model.pt")
+    return folder
+
+
+def test_a_trusted_bundle_is_re_exported_as_the_same_bundle_with_the_adapted_weights(tmp_path, small_pool):
+    from ASFDALib.adaptation.pipeline import session_model
+    from ASFDALib.adaptation.session import Session
+    from ASFDALib.errors import TrustRequiredError
+    from ASFDALib.models.loading import load_model
+
+    _needs_ignite()
+    base = _trusted_bundle(tmp_path / "base_bundle")
+    session = _adapt(tmp_path, small_pool / "images", small_pool / "labels", ["--model", str(base), "--trust"])
+    out = tmp_path / "adapted_bundle"
+    assert main(["export", str(session), "--out", str(out)]) == 0
+    assert (out / "configs" / "inference.json").read_text() == (base / "configs" / "inference.json").read_text()
+    assert (out / "docs" / "README.md").is_file() and (out / "LICENSE").is_file()
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    assert meta["version"] == "1.2.0+asfda" and meta["changelog"]["1.2.0"] == "first release"
+    assert meta["authors"] == "Example Lab" and meta["name"] == "lab-abdomen" and meta["license"] == "CC-BY-4.0"
+    packages = meta["required_packages_version"]
+    assert packages["einops"] == "0.7" and "pytorch-ignite" in packages  # the base's needs, and MONAI's runner's
+    assert meta["asfda"]["rounds"] == 1 and meta["target_domain"]["volumes"] == 2
+    assert meta["base_model"] == {**meta["base_model"], "name": "lab-abdomen", "license": "CC-BY-4.0", "form": "bundle"}
+    with pytest.raises(TrustRequiredError):
+        load_model(out)  # still the base bundle's code: the same trust as the base
+    adapted_model = session_model(Session.open(session))
+    back = load_model(out, trust=True)
+    for key, value in adapted_model.network.state_dict().items():
+        assert torch.equal(back.network.state_dict()[key], value), key
+    assert not torch.equal(
+        adapted_model.network.state_dict()["model.0.conv.unit0.conv.weight"],
+        load_model(base, trust=True).network.state_dict()["model.0.conv.unit0.conv.weight"],
+    )
+    (tmp_path / "one").mkdir()
+    shutil.copy(REAL_MRI, tmp_path / "one" / REAL_MRI.name)
+    run = _monai_bundle_run(out, tmp_path / "one", tmp_path / "pred")  # and it still runs as a bundle
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "pred").iterdir()] == ["sub-mri_label-6_T2w_seg.nii.gz"]
+
+
+def test_export_never_writes_into_the_base_model(tmp_path, small_pool, capsys):
+    base = _trusted_bundle(tmp_path / "base_bundle")
+    before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    rank = ["rank", "--model", str(base), "--trust", "--images", str(small_pool / "images")]
+    assert main([*rank, "--out", str(tmp_path / "s")]) == 0
+    assert main(["export", str(tmp_path / "s"), "--out", str(base / "adapted")]) == 1
+    assert "would overwrite the base model" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
+
+
+def test_a_pt2_program_round_trips_and_predicts_the_session_models_labels(adapted, tmp_path):
+    from ASFDALib.adaptation.pipeline import session_model
+    from ASFDALib.adaptation.session import Session
+    from ASFDALib.data.preprocess import preprocess
+    from ASFDALib.data.volumes import read_volume
+    from ASFDALib.errors import TrustRequiredError
+    from ASFDALib.inference.predict import predict_label
+    from ASFDALib.models.loading import load_model
+    from ASFDALib.models.program import METADATA_ENTRY
+
+    _, session, inputs = adapted
+    assert main(["export", str(session), "--format", "pt2", "--out", str(tmp_path)]) == 0
+    path = tmp_path / "model.pt2"
+    assert (tmp_path / "model.card.json").is_file()
+    with pytest.raises(TrustRequiredError, match="unpickles"):
+        load_model(path)
+    program = load_model(path, trust=True)
+    model = session_model(Session.open(session))
+    assert program.kind == "pt2" and program.scripted and program.card.class_names == model.card.class_names
+    for image in sorted(inputs.iterdir()):
+        volume = preprocess(read_volume(image), model.card)
+        np.testing.assert_array_equal(
+            predict_label(program.network, volume, program.card, "cpu"),
+            predict_label(model.network, volume, model.card, "cpu"),
+        )
+    extra = {METADATA_ENTRY: ""}
+    torch.export.load(str(path), extra_files=extra)
+    assert json.loads(extra[METADATA_ENTRY])["asfda"]["rounds"] == 1  # the provenance travels inside the program
+
+
+def test_a_pt2_program_is_a_model_form_asfda_ranks_with(adapted, tmp_path):
+    _, session, inputs = adapted
+    assert main(["export", str(session), "--format", "pt2", "--out", str(tmp_path / "net.pt2")]) == 0
+    command = ["rank", "--model", str(tmp_path / "net.pt2"), "--trust", "--images", str(inputs)]
+    assert main([*command, "--out", str(tmp_path / "s"), "--budget", "1"]) == 0
+    report = json.loads((tmp_path / "s" / "ranking.json").read_text())
+    assert report["knowledge"] == "energy"  # a program's layers cannot be tapped, like TorchScript's
+    assert len(report["selected"]) == 1
+
+
+def test_pt2_needs_trust_because_torch_export_load_runs_pickled_code(tmp_path):
+    """A crafted archive: torch.export.load runs its payload; ASFDA refuses it before reading a byte."""
+    from ASFDALib.errors import TrustRequiredError
+    from ASFDALib.models.loading import load_model
+
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    program = torch.export.export(torch.nn.Conv3d(1, 4, 3, padding=1), (torch.zeros(1, 1, 8, 8, 8),))
+    good = io.BytesIO()
+    torch.export.save(program, good)
+    payload = io.BytesIO()
+    torch.save(Payload(), payload)
+    crafted = tmp_path / "crafted.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(crafted, "w") as dst:
+        for item in src.infolist():
+            is_sample = item.filename.endswith("sample_inputs/model.pt")
+            dst.writestr(item, payload.getvalue() if is_sample else src.read(item.filename))
+    card = tmp_path / "crafted.card.json"
+    card.write_text(json.dumps({"class_names": ["background", "a", "b", "c"], "roi_size": [8, 8, 8]}))
+    with pytest.raises(TrustRequiredError):
+        load_model(crafted)
+    assert not marker.exists()
+    with pytest.raises(Exception):  # noqa: B017 - whatever it fails with, the payload has already run
+        torch.export.load(str(crafted))
+    assert marker.exists()
+
+
+def test_a_pt2_program_with_device_literals_moves_to_another_device(tmp_path):
+    """SwinUNETR's exported graph creates its attention masks on the export device; the loaded program
+    still runs after a move (on the meta device here: it checks devices as CUDA would, without a GPU)."""
+    from monai.networks.nets import SwinUNETR
+
+    from ASFDALib.models.card import ModelCard
+    from ASFDALib.models.loading import load_model
+    from ASFDALib.models.program import export_program
+
+    network = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, depths=(1, 1, 1, 1), spatial_dims=3)
+    export_program(network, (64, 64, 64), tmp_path / "swin.pt2")
+    card = ModelCard(["background", "a", "b"], roi_size=(64, 64, 64))
+    model = load_model(tmp_path / "swin.pt2", card, trust=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "copying into a meta parameter is a no-op": meta only
+        moved = model.network.to("meta")
+    with torch.no_grad():
+        assert moved(torch.zeros(2, 1, 64, 64, 64, device="meta")).shape == (2, 3, 64, 64, 64)
