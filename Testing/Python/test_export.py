@@ -275,7 +275,7 @@ def test_export_never_writes_into_the_base_model(tmp_path, small_pool, capsys):
     before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file()}
     rank = ["rank", "--model", str(base), "--trust", "--images", str(small_pool / "images")]
     assert main([*rank, "--out", str(tmp_path / "s")]) == 0
-    assert main(["export", str(tmp_path / "s"), "--out", str(base / "adapted")]) == 1
+    assert main(["export", str(tmp_path / "s"), "--out", str(base / "adapted"), "--source-model"]) == 1
     assert "would overwrite the base model" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
 
