@@ -234,6 +234,7 @@ def finetune_session(
     elif run["targets"] is None:  # resuming a run without a record: the targets it was started with are unknown
         run["targets"] = {"stage1": config.iterations, "stage2": config.pseudo_iterations if pseudo else 0}
     targets = run["targets"]
+    run["finished"] = False  # until this call reaches its targets (an extend cancelled half-way is unfinished)
     # A round starts from the previous round's weights (or the base model); resume and extend then load
     # this round's own last checkpoint over them.
     model = session_model(session, adapted=True)
