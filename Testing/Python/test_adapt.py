@@ -4,6 +4,7 @@ predict -> evaluate -> export -> next round, on real files."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -239,7 +240,11 @@ OPS = st.tuples(
 )
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("ASFDA_PROPERTY_EXAMPLES", "6")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(st.lists(OPS, min_size=1, max_size=4))
 def test_session_records_exactly_the_iterations_run_after_any_sequence_of_finetunes(template_session, tmp_path, ops):
     """Property: whatever the order of new / resume / extend / restart calls, some cancelled part-way,
