@@ -47,8 +47,7 @@ def test_the_ranking_plot_is_a_png_drawn_without_pyplot_or_a_backend_switch(tmp_
         "sys.path.insert(0, sys.argv[2])\n"
         "from test_plotting import _ranking\n"
         "written = write_ranking(_ranking(), sys.argv[1])\n"
-        "print(sorted(written), written.warnings, 'matplotlib.pyplot' in sys.modules,\n"
-        "      matplotlib.rcParams._get_backend_or_none())\n"
+        "print(sorted(written), written.warnings, matplotlib.rcParams._get_backend_or_none())\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path), str(Path(__file__).parent)],
@@ -58,7 +57,9 @@ def test_the_ranking_plot_is_a_png_drawn_without_pyplot_or_a_backend_switch(tmp_
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[0] == "['csv', 'json', 'png'] [] False None"
+    # No backend was chosen. (pyplot itself may be imported: MONAI's jupyter_utils imports it whenever MONAI
+    # is; that ASFDALib never imports pyplot is the AST scan below.)
+    assert done.stdout.split("\n")[0] == "['csv', 'json', 'png'] [] None"
     assert (tmp_path / "ranking.png").read_bytes()[:8] == PNG
 
 

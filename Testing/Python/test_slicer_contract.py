@@ -395,10 +395,20 @@ def test_the_binding_check_fails_on_the_panel_before_issue_13():
     import subprocess
 
     old = subprocess.run(
-        ["git", "show", "64a4a04:ASFDA/ASFDA.py"], cwd=REPO, capture_output=True, text=True, check=False
+        ["git", "show", "64a4a04:ASFDA/ASFDA.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        check=False,
     )
     old_ui = subprocess.run(
-        ["git", "show", "64a4a04:Resources/UI/ASFDA.ui"], cwd=REPO, capture_output=True, text=True, check=False
+        ["git", "show", "64a4a04:Resources/UI/ASFDA.ui"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        check=False,
     )
     if old.returncode or old_ui.returncode:
         pytest.skip("the pre-fix commit is not in this checkout's history")
