@@ -58,3 +58,26 @@ def refuse_folder_holding(folder: Path, protected: Iterable[Path], what: str, fi
     for path in sorted(_resolved(p) for p in protected):
         if path == root or root in path.parents:
             raise ASFDAError(f"{folder}: holds {what} {path}; {fix}")
+
+
+def session_folder_of(path: Path) -> Path | None:
+    """The session folder ``path`` lies in (a folder holding session.json, ``path`` itself or above it)."""
+    resolved = _resolved(path)
+    for folder in (resolved, *resolved.parents):
+        if (folder / "session.json").is_file():
+            return folder
+    return None
+
+
+def refuse_inside_session(target: Path, fix: str) -> None:
+    """Refuse writing ``target`` into a session folder: every file there is the session's own record."""
+    folder = session_folder_of(target if target.is_dir() else target.parent)
+    if folder is not None:
+        raise ASFDAError(f"{target}: is inside the session folder {folder}, whose files the session keeps; {fix}")
+
+
+def refuse_existing(target: Path, what: str, fix: str) -> None:
+    """Refuse an output that already exists (a file, or a folder with files in it): never replace it."""
+    path = Path(target)
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+        raise ASFDAError(f"{target}: {what} already exists; {fix}")

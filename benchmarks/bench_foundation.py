@@ -95,14 +95,15 @@ def child(kind: str, iterations: int) -> None:
             Trainer(network, card, config, Path(tempfile.mkdtemp())).run([case], iterations)
         else:
             from monai.losses import DiceCELoss
-            from monai.transforms import RandCropByPosNegLabeld, RandFlipd
+            from monai.transforms import RandCropByPosNegLabeld, RandFlipd, SpatialPadd
 
+            pad = SpatialPadd(["image", "label"], card.roi_size)  # the volume is thinner than a window in z
             crop = RandCropByPosNegLabeld(["image", "label"], "label", card.roi_size, pos=2, neg=1, num_samples=1)
             flip = RandFlipd(["image", "label"], prob=0.5, spatial_axis=0)
             optimizer = torch.optim.AdamW(network.parameters(), lr=3e-3, weight_decay=1e-5)
             loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
             network.train()
-            data = {"image": torch.as_tensor(case.image), "label": torch.as_tensor(case.label[None]).float()}
+            data = pad({"image": torch.as_tensor(case.image), "label": torch.as_tensor(case.label[None]).float()})
             for _ in range(iterations):
                 sample = flip(crop(data)[0])
                 loss = loss_fn(network(sample["image"][None]), sample["label"][None])

@@ -128,6 +128,16 @@ MODE_HELP = {
 }
 
 
+def round_start_checkpoint(session: Session) -> Path | None:
+    """The weights the current round starts from: the newest adapted checkpoint of an earlier round."""
+    for entry in reversed(session.rounds[:-1]):
+        if entry.get("checkpoint"):
+            path = session.path(entry["checkpoint"])
+            if path.is_file():
+                return path
+    return None
+
+
 def read_run(folder: Path) -> dict | None:
     """This round's run record (targets, iterations done, history), or None when no run started."""
     path = folder / "run.json"
@@ -156,8 +166,8 @@ def _check_mode(mode: str, run: dict | None, config: FinetuneConfig, folder: Pat
     if mode == "new":
         choices = ("extend", "restart") if run["finished"] else ("resume", "restart")
         raise SessionError(
-            f"{folder}: round {index} already has a {state} run ({_done_text(run['done'])}); "
-            + "; ".join(MODE_HELP[c] for c in choices)
+            f"{folder}: round {index} already has {'a' if state == 'finished' else 'an'} {state} run "
+            f"({_done_text(run['done'])}); " + "; ".join(MODE_HELP[c] for c in choices)
         )
     if mode == "resume" and run["finished"]:
         raise SessionError(f"{folder}: round {index}'s run finished ({_done_text(run['done'])}); {MODE_HELP['extend']}")
@@ -215,9 +225,24 @@ def finetune_session(
     folder = session.root / "checkpoints" / f"round{index}"
     run = read_run(folder)
     mode = _check_mode(mode, run, config, folder, index)
+    # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
+    # a refused --restart must leave the finished run where it was.
+    model = session_model(session, adapted=False)
+    start = round_start_checkpoint(session)  # a round starts from the previous round's weights
+    if start is not None:
+        model.network.load_state_dict(torch.load(start, map_location="cpu", weights_only=True))
+    trainer = Trainer(model.network, model.card, config, folder, model.load_report)
+    say(f"loading {len(labelled)} labelled volumes")
+    cases = [load_case(n, session.image_path(n), p, model.card) for n, p in sorted(labelled.items())]
+    val_cases = [load_case(case_id(i.name), i, lab, model.card) for i, lab in validation or []]
     if mode == "restart" and distributed.is_main():
         aside = _set_aside(folder)
         say(f"training round {index} again from its start; the earlier run is kept in {session.relative(aside)}")
+        replaced = {
+            "folder": session.relative(aside),
+            "iterations": (round_entry.get("metrics") or {}).get("iterations"),
+        }
+        round_entry.setdefault("replaced", []).append(replaced)
         round_entry["checkpoint"], round_entry["metrics"] = None, {}
         session.save()
         run = None
@@ -235,10 +260,7 @@ def finetune_session(
         run["targets"] = {"stage1": config.iterations, "stage2": config.pseudo_iterations if pseudo else 0}
     targets = run["targets"]
     run["finished"] = False  # until this call reaches its targets (an extend cancelled half-way is unfinished)
-    # A round starts from the previous round's weights (or the base model); resume and extend then load
-    # this round's own last checkpoint over them.
-    model = session_model(session, adapted=True)
-    trainer = Trainer(model.network, model.card, config, folder, model.load_report)
+    # Resume and extend load this round's own last checkpoint over the round's starting weights.
     if mode == "extend" and not trainer.load():
         raise SessionError(f"{trainer.last_path}: the run's checkpoint is missing; {MODE_HELP['restart']}")
     if mode == "resume" and not trainer.load():
@@ -267,58 +289,72 @@ def finetune_session(
         run["done"][trainer.stage] = trainer.iteration
 
     record("running")
-    say(f"loading {len(labelled)} labelled volumes")
-    cases = [load_case(n, session.image_path(n), p, model.card) for n, p in sorted(labelled.items())]
-    val_cases = [load_case(case_id(i.name), i, lab, model.card) for i, lab in validation or []]
     result = AdaptResult("done", None, mode=mode)
-    timer = time.perf_counter()
-    if trainer.stage == "stage1":
-        result.status = trainer.run(cases, targets["stage1"], None, cancel, progress, val_cases)
-        count()
-        result.seconds["stage1"] = time.perf_counter() - timer
-        if result.status == "cancelled":
-            record("cancelled")
-            return result
-        if distributed.is_main():
-            atomic_write(folder / "stage1.pt", lambda tmp: torch.save(model.network.state_dict(), tmp))
-    pseudo_cases: list[Case] = []
-    if targets["stage2"] > 0:
+    try:
         timer = time.perf_counter()
-        if not (folder / "pseudo" / "pseudo.json").is_file() and distributed.is_main():
-            say("scoring the unlabeled pool for reliable pseudo-labels")
-            build_pseudo_labels(session, model, cases, folder / "pseudo", config)
-        distributed.barrier()  # under torchrun, rank 0 writes the pseudo-labels and every rank reads them
-        if (folder / "pseudo" / "pseudo.json").is_file():
-            pseudo_cases, result.kept, result.reliability = _load_pseudo(session, model, folder / "pseudo")
-        result.seconds["pseudo_labels"] = time.perf_counter() - timer
-        if pseudo_cases:
-            timer = time.perf_counter()
-            trainer.begin_stage("stage2")
-            result.status = trainer.run(cases, targets["stage2"], pseudo_cases, cancel, progress, val_cases)
+        if trainer.stage == "stage1":
+            result.status = trainer.run(cases, targets["stage1"], None, cancel, progress, val_cases)
             count()
-            result.seconds["stage2"] = time.perf_counter() - timer
+            result.seconds["stage1"] = time.perf_counter() - timer
             if result.status == "cancelled":
                 record("cancelled")
                 return result
-    run["finished"] = True
-    record("done")
-    result.iterations = dict(run["done"])
-    result.summary = _summary(mode, index, before, run["done"])
-    final = folder / "final.pt"
-    result.checkpoint = final
-    if not distributed.is_main():
+            if distributed.is_main():
+                atomic_write(folder / "stage1.pt", lambda tmp: torch.save(model.network.state_dict(), tmp))
+        pseudo_cases: list[Case] = []
+        if targets["stage2"] > 0:
+            timer = time.perf_counter()
+            if not (folder / "pseudo" / "pseudo.json").is_file() and distributed.is_main():
+                say("scoring the unlabeled pool for reliable pseudo-labels")
+                build_pseudo_labels(session, model, cases, folder / "pseudo", config)
+            distributed.barrier()  # under torchrun, rank 0 writes the pseudo-labels and every rank reads them
+            if (folder / "pseudo" / "pseudo.json").is_file():
+                pseudo_cases, result.kept, result.reliability = _load_pseudo(session, model, folder / "pseudo")
+            result.seconds["pseudo_labels"] = time.perf_counter() - timer
+            if pseudo_cases:
+                timer = time.perf_counter()
+                trainer.begin_stage("stage2")
+                result.status = trainer.run(cases, targets["stage2"], pseudo_cases, cancel, progress, val_cases)
+                count()
+                result.seconds["stage2"] = time.perf_counter() - timer
+                if result.status == "cancelled":
+                    record("cancelled")
+                    return result
+        run["finished"] = True
+        record("done")
+        result.iterations = dict(run["done"])
+        result.summary = _summary(mode, index, before, run["done"])
+        final = folder / "final.pt"
+        result.checkpoint = final
+        if not distributed.is_main():
+            return result
+        atomic_write(final, lambda tmp: torch.save(model.network.state_dict(), tmp))
+        round_entry["checkpoint"] = session.relative(final)
+        previous_seconds = (round_entry.get("metrics") or {}).get("seconds") or {}
+        round_entry["metrics"] = {
+            "labelled": sorted(labelled),
+            "pseudo_labelled": result.kept,
+            # every run of the round adds its time: an extend does not erase stage 1's
+            "seconds": {
+                k: previous_seconds.get(k, 0.0) + result.seconds.get(k, 0.0)
+                for k in {*previous_seconds, *result.seconds}
+            },
+            "iterations": dict(run["done"]),  # what ran, as counted by the trainer
+            "runs": [
+                {k: v for k, v in h.items() if k != "started"} | {"started": h["started"]} for h in run["history"]
+            ],
+        }
+        session.save()
         return result
-    atomic_write(final, lambda tmp: torch.save(model.network.state_dict(), tmp))
-    round_entry["checkpoint"] = session.relative(final)
-    round_entry["metrics"] = {
-        "labelled": sorted(labelled),
-        "pseudo_labelled": result.kept,
-        "seconds": result.seconds,
-        "iterations": dict(run["done"]),  # what ran, as counted by the trainer
-        "runs": [{k: v for k, v in h.items() if k != "started"} | {"started": h["started"]} for h in run["history"]],
-    }
-    session.save()
-    return result
+    except KeyboardInterrupt:
+        # Ctrl-C: what the newest checkpoint holds is what ran (iterations after it are lost on a resume).
+        if trainer.saved is not None:
+            stage, iteration = trainer.saved
+            run["done"][stage] = iteration
+            if stage == "stage2" and not run["done"]["stage1"]:
+                run["done"]["stage1"] = targets["stage1"]
+        record("interrupted")
+        raise
 
 
 def _summary(mode: str, index: int, before: dict, done: dict) -> str:

@@ -108,6 +108,7 @@ class Trainer:
             self.model = DistributedDataParallel(network, device_ids=ids)
         self.stage = "stage1"
         self.iteration = 0
+        self.saved: tuple[str, int] | None = None  # (stage, iteration) of the newest checkpoint on disk
         self.amp_dtype = None
         if config.amp and self.device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -137,6 +138,8 @@ class Trainer:
                 "config": json.dumps(asdict(self.config)),
             }
             atomic_write(target, lambda tmp: torch.save(state, tmp))
+        if target == self.last_path:
+            self.saved = (self.stage, self.iteration)
         distributed.barrier()
         return target
 

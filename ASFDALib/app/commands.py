@@ -22,6 +22,8 @@ def load_model_from_args(args: argparse.Namespace):
     from ASFDALib.models.defaults import default_model_path
     from ASFDALib.models.loading import load_model
 
+    if args.network_args and not args.network:
+        raise ASFDAError("--network-args needs --network NAME (the MONAI network those arguments build)")
     spec = NetworkSpec(args.network, args.network_args) if args.network else None  # args parsed as JSON
     class_map = getattr(args, "class_map", None)
     return load_model(args.model or default_model_path(), args.card, spec, args.trust, class_map)
@@ -144,13 +146,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ASFDALib.data.volumes import discover_volumes
-    from ASFDALib.outputs import refuse_overwrite
+    from ASFDALib.outputs import refuse_inside_session, refuse_overwrite
     from ASFDALib.query.source_stats import compute_source_stats
 
     console = Console()
     model = load_model_from_args(args)
     protected = [*discover_volumes(args.images, args.recursive), model.path]
     refuse_overwrite([args.out], protected, "an input", "choose another --out file (.npz)")
+    refuse_inside_session(args.out, "choose another --out file (.npz)")
     bar, update = volume_progress(console, "Summarising")
     with bar:
         pooled, skipped = compute_source_stats(model, args.images, args.out, args.device, args.recursive, update)
@@ -278,7 +281,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.pipeline import predict_folder, prediction_name, session_model
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.volumes import discover_volumes
-    from ASFDALib.outputs import refuse_overwrite, refuse_same_folder, session_files
+    from ASFDALib.outputs import refuse_inside_session, refuse_overwrite, refuse_same_folder, session_files
 
     console = Console()
     session = Session.open(args.session)
@@ -287,6 +290,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ASFDAError(f"{args.images}: no volumes found; give the folder of scans to segment")
     fix = "choose another --out folder, e.g. " + str(Path(args.images).with_name(Path(args.images).name + "_pred"))
     refuse_same_folder(args.out, args.images, "--images", fix)
+    refuse_inside_session(args.out, fix)
     targets = [Path(args.out) / prediction_name(p) for p in inputs]
     refuse_overwrite(targets, inputs, "the input scan", fix)
     refuse_overwrite(targets, session_files(session), "a file the session references", fix)
@@ -318,8 +322,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ASFDALib.data.volumes import discover_volumes
     from ASFDALib.evaluation.evaluate import evaluate_folders, foreign_warning, summary_rows, write_csv
     from ASFDALib.models.card import load_card
-    from ASFDALib.outputs import refuse_overwrite
+    from ASFDALib.outputs import refuse_inside_session, refuse_overwrite
 
+    out = args.out or Path(args.pred) / "evaluation.csv"
+    if out.is_dir():
+        raise ASFDAError(f"{out}: is a folder; give --out a file name, e.g. {out / 'evaluation.csv'}")
+    inputs = [*discover_volumes(args.pred), *discover_volumes(args.labels)]
+    refuse_overwrite([out], inputs, "an input label map", "choose another --out file")
+    refuse_inside_session(out, "write the table elsewhere, e.g. --out evaluation.csv")
     if args.card:
         names = load_card(args.card).class_names
     elif args.session:
@@ -343,9 +353,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             *[("" if math.isnan(v) else f"{v:.3f}") if isinstance(v, float) else str(v) for v in row.values()]
         )
     console.print(table)
-    out = args.out or Path(args.pred) / "evaluation.csv"
-    inputs = [*discover_volumes(args.pred), *discover_volumes(args.labels)]
-    refuse_overwrite([out], inputs, "an input label map", "choose another --out file")
     print(f"Wrote {write_csv(rows, out)}")
     return 0
 
@@ -354,7 +361,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.pipeline import session_model
     from ASFDALib.adaptation.session import Session
     from ASFDALib.models.export import DEFAULT_NAMES, export_session
-    from ASFDALib.outputs import refuse_folder_holding, refuse_overwrite, session_files
+    from ASFDALib.outputs import (
+        refuse_existing,
+        refuse_folder_holding,
+        refuse_inside_session,
+        refuse_overwrite,
+        session_files,
+    )
 
     session = Session.open(args.session)
     if session.adapted_checkpoint() is None and not args.source_model:
@@ -366,9 +379,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     fix = "choose a new folder for the export"
     if args.format == "bundle":
         refuse_folder_holding(args.out, protected, "a file the session references", fix)
+        refuse_existing(args.out, "a folder with files in it", fix)
+        target = args.out
     else:
         target = args.out if args.out.suffix else args.out / DEFAULT_NAMES[args.format]
         refuse_overwrite([target], protected, "a file the session references", fix)
+        refuse_existing(target, "the file", "choose a new file name")
+    refuse_inside_session(target, fix)
     path = export_session(session, session_model(session, adapted=not args.source_model), args.out, args.format)
     print(f"Exported {args.format} to {path}")
     return 0
