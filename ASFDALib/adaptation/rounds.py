@@ -92,8 +92,13 @@ def record_round(
     strategy = {**strategy, "knowledge": ranking.knowledge.kind}
     query = [r.file for r in ranking.selected]
     if session.rounds and not session.rounds[-1].get("checkpoint"):
+        # A re-rank before fine-tuning replaces the round's query, but what was queried and labelled stays
+        # queried: those labels were asked for in this round.
+        labelled = session.labelled()
+        kept = [n for n in session.rounds[-1]["query"] if n in labelled]
+        query = kept + [n for n in query if n not in kept]
         session.rounds[-1].update({"query": query, "strategy": strategy, "model_digest": model.digest})
-    else:
+    elif query:  # nothing left to query (every volume labelled): no empty round
         session.add_round(query, strategy, model.digest)
     session.save()
 

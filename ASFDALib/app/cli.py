@@ -41,7 +41,7 @@ alpha * pct(DKD) + (1 - alpha) * pct(ASD) among the volumes left, then diversity
 Unreadable volumes are skipped and listed with the reason; the exit code is 1 only when no volume could
 be scored.
 
-columns of ranking.csv / ranking.json (the terminal shows priority, DKD, gap, div, ASD, fg mL):
+columns of ranking.csv / ranking.json (the terminal shows priority, DKD, ASD, fg mL):
 """
 
 WORKFLOW = """the workflow, one step after the other (after rank, S is all a step needs):
@@ -241,13 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.add_argument("session", type=existing_dir, help="session folder with imported labels")
     finetune.add_argument(
-        "--iterations", type=positive_int, default=RECIPE.iterations, help="stage-1 iterations (default: %(default)s)"
+        "--iterations",
+        type=positive_int,
+        help=f"stage-1 iterations (default: {RECIPE.iterations}; with --extend: the new total)",
     )
     finetune.add_argument(
         "--pseudo-iterations",
         type=non_negative_int,
-        default=RECIPE.pseudo_iterations,
-        help="stage-2 iterations (default: %(default)s)",
+        help=f"stage-2 iterations (default: {RECIPE.pseudo_iterations}; with --extend: the new total)",
     )
     finetune.add_argument("--no-pseudo", action="store_true", help="stage 1 only (no pseudo-labels)")
     again = finetune.add_mutually_exclusive_group()

@@ -136,6 +136,9 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
     if scored == 0 and not any(r.status == "labelled" for r in ranking.rows):
         console.print("[red]No volume could be scored; see the reasons above.[/red]")
         return 1
+    if not ranking.selected:
+        console.print(f"Every volume is labelled: nothing left to query. Next: 'asfda finetune {out}'.")
+        return 0
     console.print(
         f"Next: label the query, then 'asfda labels import {out} --from LABEL_DIR' and 'asfda finetune {out}'."
     )
@@ -230,9 +233,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.session import Session
 
     console = Console()
+    if args.mode == "extend" and args.iterations is None and args.pseudo_iterations is None:
+        raise ASFDAError(
+            "--extend needs the new length: --iterations N (stage 1, when only stage 1 ran) or "
+            "--pseudo-iterations N (stage 2), more than the run has done"
+        )
+    recipe = FinetuneConfig()
     config = FinetuneConfig(
-        iterations=args.iterations,
-        pseudo_iterations=args.pseudo_iterations,
+        iterations=recipe.iterations if args.iterations is None else args.iterations,
+        pseudo_iterations=recipe.pseudo_iterations if args.pseudo_iterations is None else args.pseudo_iterations,
         batch_size=args.batch_size,
         lr=args.lr,
         checkpoint_every=args.checkpoint_every,

@@ -119,27 +119,25 @@ def ranking_table(ranking: Ranking, limit: int = 30):
 
     table = Table(
         title=f"ASFDA ranking ({ranking.strategy}, alpha={ranking.alpha}, K_s: {ranking.knowledge.kind})",
-        caption="priority: 1 = label first; DKD = gap x div; full columns and legend in ranking.csv / .json",
+        caption="priority 1 = label first; every column in ranking.csv",
         padding=(0, 1),
     )
-    for name, justify in (
-        ("rank", "right"),
-        ("file", "left"),
-        ("priority", "right"),
-        ("DKD", "right"),
-        ("gap", "right"),
-        ("div", "right"),
-        ("ASD", "right"),
-        ("fg mL", "right"),
-        ("status", "left"),
+    # (name, justify, width the values need): numbers are never cut; the file name takes what is left
+    for name, justify, width in (
+        ("rank", "right", 4),
+        ("file", "left", None),
+        ("priority", "right", 8),
+        ("DKD", "right", 5),
+        ("ASD", "right", 5),
+        ("fg mL", "right", 6),
+        ("status", "left", 8),
     ):
-        numeric = name not in ("file", "status")
         table.add_column(
             name,
             justify=justify,
             no_wrap=True,
             overflow="ellipsis" if name == "file" else "fold",
-            min_width=len(name) if numeric else None,
+            min_width=width,
             ratio=1 if name == "file" else None,
         )
 
@@ -154,18 +152,16 @@ def ranking_table(ranking: Ranking, limit: int = 30):
             row.file,
             num(row.priority),
             num(row.dkd),
-            num(row.knowledge_gap),
-            num(row.diversity),
             num(row.asd),
             f"{row.foreground_ml:.1f}",
             "query" if row.selected else "",
             style=style,
         )
     if len(scored) > limit:
-        table.add_row("…", f"{len(scored) - limit} more in ranking.csv", *[""] * 7)
+        table.add_row("…", f"{len(scored) - limit} more in ranking.csv", *[""] * 5)
     for row in ranking.rows:
         if row.status == "labelled":
-            table.add_row("-", row.file, *[""] * 6, "labelled", style="green")
+            table.add_row("-", row.file, *[""] * 4, "labelled", style="green")
     for row in ranking.skipped:
-        table.add_row("-", row.file, *[""] * 6, f"skipped: {row.reason}", style="yellow")
+        table.add_row("-", row.file, *[""] * 4, f"skipped: {row.reason}", style="yellow")
     return table

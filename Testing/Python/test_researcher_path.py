@@ -154,3 +154,90 @@ def test_the_help_shows_the_workflow_and_every_option_says_what_it_does():
             assert action.help, f"asfda {name} {action.option_strings or action.dest} has no help"
     lr = next(a for a in sub.choices["finetune"]._actions if a.dest == "lr")
     assert lr.default == 3e-3 and "0.3x" in lr.help
+
+
+def test_the_ranking_table_fits_80_columns_without_cutting_a_number(mri_pool, tmp_path):
+    from rich.console import Console
+
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
+    from ASFDALib.query.ranking import RankConfig, rank_folder
+    from ASFDALib.query.report import ranking_table
+
+    ranking = rank_folder(mri_pool / "images", load_model(default_model_path()), tmp_path / "c", RankConfig())
+    console = Console(width=80, record=True, color_system=None)
+    console.print(ranking_table(ranking))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for row in ranking.rows:
+        for value in (row.priority, row.dkd, row.asd):
+            assert f"{value:.3f}" in text
+        assert f"{row.foreground_ml:.1f}" in text
+
+
+def test_outputs_inside_a_session_folder_or_over_an_existing_export_are_refused_before_work(ranked, capsys, tmp_path):
+    root, session = ranked
+    images = root / "pool" / "images"
+    assert main(["predict", str(session), "--images", str(images), "--out", str(session / "labels")]) == 1
+    assert "is inside the session folder" in _one_line_error(capsys)
+    labels = root / "pool" / "labels"
+    out = session / "session.json"
+    before = content_hash(out)
+    assert main(["evaluate", "--pred", str(labels), "--labels", str(labels), "--out", str(out)]) == 1
+    assert "is inside the session folder" in _one_line_error(capsys)
+    assert content_hash(out) == before
+    assert main(["evaluate", "--pred", str(labels), "--labels", str(labels), "--out", str(images)]) == 1
+    assert "is a folder; give --out a file name" in _one_line_error(capsys)
+    existing = tmp_path / "existing_bundle"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("someone's work")
+    assert main(["export", str(session), "--out", str(existing), "--source-model"]) == 1
+    assert "a folder with files in it already exists" in _one_line_error(capsys)
+    assert (existing / "keep.txt").read_text() == "someone's work"
+
+
+def test_network_args_without_a_network_is_refused(mri_pool, tmp_path, capsys):
+    args = ["rank", "--images", str(mri_pool / "images"), "--out", str(tmp_path / "s"), "--network-args", "{}"]
+    assert main([*args[:-1], '{"channels": [8]}']) == 1
+    assert "--network-args needs --network NAME" in _one_line_error(capsys)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_refused_restart_changes_nothing_and_ctrl_c_records_what_the_checkpoint_holds(ranked, tmp_path, capsys):
+    """A --restart refused for memory leaves the finished run where it was; a Ctrl-C in the middle of a
+    run records the iterations its newest checkpoint holds, as an interrupted run that --resume continues."""
+    import threading
+
+    from ASFDALib.adaptation.pipeline import finetune_session, read_run
+    from ASFDALib.adaptation.recipe import FinetuneConfig
+    from ASFDALib.adaptation.session import Session
+
+    root, template = ranked
+    session = tmp_path / "s"
+    shutil.copytree(template, session)
+    query = json.loads((session / "ranking.json").read_text())["selected"][0]
+    (tmp_path / "gt").mkdir()
+    shutil.copy(root / "pool" / "labels" / query, tmp_path / "gt" / query)
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
+    base = ["finetune", str(session), "--no-pseudo", "--checkpoint-every", "2", "--batch-size", "1"]
+    assert main([*base, "--iterations", "2"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--iterations", "2", "--restart", "--batch-size", "100000"]) == 1
+    assert "use --batch-size" in _one_line_error(capsys)
+    assert (session / "checkpoints" / "round1" / "final.pt").is_file()
+    assert not (session / "checkpoints" / "round1-replaced-1").exists()
+    assert Session.open(session).rounds[-1]["metrics"]["iterations"] == {"stage1": 2, "stage2": 0}
+
+    def interrupt(p) -> None:
+        if p.iteration == 5:
+            raise KeyboardInterrupt
+
+    config = FinetuneConfig(iterations=8, pseudo_iterations=0, batch_size=1, checkpoint_every=2, device="cpu")
+    with Session.open(session) as s, pytest.raises(KeyboardInterrupt):
+        finetune_session(s, config, False, "restart", threading.Event(), interrupt)
+    run = read_run(session / "checkpoints" / "round1")
+    assert run["done"]["stage1"] == 4 and not run["finished"]  # the checkpoint at 4; iteration 5 is lost
+    assert run["history"][-1]["status"] == "interrupted" and run["history"][-1]["stage1"] == [0, 4]
+    assert Session.open(session).rounds[-1]["replaced"][0]["iterations"] == {"stage1": 2, "stage2": 0}
+    assert main([*base, "--resume"]) == 0
+    assert Session.open(session).rounds[-1]["metrics"]["iterations"] == {"stage1": 8, "stage2": 0}
