@@ -13,10 +13,11 @@ import torch
 from ASFDALib.errors import ASFDAError, VolumeError
 
 GB = 1024**3
-# Peak training memory per patch / the sum of layer outputs of one forward pass. Calibrated on the one
-# measurement we have: SwinUNETR (feature size 48) at 96^3 took 13 GB at batch 1 on the CPU, where layer
-# outputs sum to 8.95 GB and weights + AdamW state to 1.0 GB (ratio 1.34); 1.5 errs on the safe side.
-ACTIVATION_FACTOR = 1.5
+# Peak training memory per patch / the sum of layer outputs of one forward pass. Calibrated on
+# benchmarks/bench_foundation.py: SwinUNETR (feature size 48) at 96^3, batch 1, on the CPU peaked 6.6 GB
+# above what the process held before (layer outputs sum to 8.95 GB, gradients + AdamW state 0.75 GB:
+# ratio 0.65; autograd keeps views and in-place results once). 0.75 errs on the safe side.
+ACTIVATION_FACTOR = 0.75
 
 
 def available_bytes() -> int | None:
