@@ -486,17 +486,26 @@ def pretrained_parameters(network: torch.nn.Module, report: LoadReport) -> list[
 
 
 def param_groups_from_report(
-    network: torch.nn.Module, report: LoadReport, lr: float, pretrained_scale: float
+    network: torch.nn.Module,
+    report: LoadReport,
+    lr: float,
+    pretrained_scale: float,
+    encoder: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Optimizer groups: checkpoint tensors at ``lr * pretrained_scale``, newly initialised ones at ``lr``.
 
-    Decided by what was loaded, not by which modules are called "encoder": an encoder-only checkpoint puts the
-    encoder in the pre-trained group and the decoder in the new one; a re-initialised head trains at the full
-    rate. Parameters that do not require gradients are left out; empty groups are dropped.
+    Decided by what was loaded: an encoder-only checkpoint puts the encoder in the pre-trained group and the
+    decoder in the full-rate one; a re-initialised head trains at the full rate. With ``encoder`` (module
+    names), only loaded tensors inside those modules take the lower rate and a loaded decoder adapts at the
+    full rate, as the recipe was chosen (an encoder-only checkpoint ignores ``encoder``: what it loaded is the
+    encoder). Parameters that do not require gradients are left out; empty groups are dropped.
     """
     pretrained = set(pretrained_parameters(network, report))
+    if encoder is not None and not report.encoder_only:
+        inside = {f"{m}.{n}" for m in encoder for n, _ in network.get_submodule(m).named_parameters()}
+        pretrained &= inside
     groups = [
-        {"params": [], "lr": lr, "name": "new"},
+        {"params": [], "lr": lr, "name": "full"},
         {"params": [], "lr": lr * pretrained_scale, "name": "pretrained"},
     ]
     for name, param in network.named_parameters():

@@ -47,14 +47,17 @@ ProgressFn = Callable[[Progress], None]
 
 
 def param_groups(network: torch.nn.Module, config: FinetuneConfig, report: LoadReport | None = None) -> list[dict]:
-    """Pre-trained parameters at ``lr * encoder_lr_scale``, new ones at ``lr``.
+    """Pre-trained encoder parameters at ``lr * encoder_lr_scale``; new ones and the decoder at ``lr``.
 
-    With a load report, "pre-trained" is what came from the checkpoint (an encoder-only checkpoint's encoder,
-    everything but a re-initialised head); without one (TorchScript, a network built elsewhere) it falls back
-    to the encoder stages found in the network.
+    With a load report, "pre-trained" is what came from the checkpoint inside the encoder (all of an
+    encoder-only checkpoint; the encoder stages, and SwinUNETR's ``swinViT``, of a full one), so a
+    re-initialised head or decoder always trains at the full rate; without one (TorchScript, a network built
+    elsewhere) the encoder stages found in the network take the lower rate.
     """
     if report is not None:
-        return param_groups_from_report(network, report, config.lr, config.encoder_lr_scale)
+        names = dict(network.named_modules())
+        encoder = [*encoder_stages(network), *(n for n in ("swinViT",) if n in names)]
+        return param_groups_from_report(network, report, config.lr, config.encoder_lr_scale, encoder)
     modules = dict(network.named_modules())
     encoder_ids = {id(p) for name in encoder_stages(network) for p in modules[name].parameters()}
     encoder = [p for p in network.parameters() if id(p) in encoder_ids]

@@ -234,9 +234,11 @@ def train(
     ``on_eval(iteration, network)`` is called at each of ``eval_at`` during stage 1 (training continues
     from there with the same batches an uninterrupted run draws, so the curve costs only its evaluations).
     """
-    network = load_model(model_path, card).network
+    model = load_model(model_path, card)
+    network = model.network
     config = FinetuneConfig(seed=seed, device=device, checkpoint_every=10**9)
-    trainer = Trainer(network, card, config, workdir)
+    # the learning rates the session path uses: by what the checkpoint loaded (one recipe for every row)
+    trainer = Trainer(network, card, config, workdir, model.load_report)
     first = round(iterations * ssft.stage1_fraction) if ssft else iterations
     for stop in sorted(i for i in eval_at if 0 < i < first):
         trainer.run(labelled, stop)

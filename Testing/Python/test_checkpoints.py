@@ -405,10 +405,10 @@ def test_param_groups_put_loaded_tensors_at_the_pretrained_rate():
         target, {f"module.swin_vit.{k}": v for k, v in source.swinViT.state_dict().items()}, num_classes=4
     )
     groups = {g["name"]: g for g in param_groups_from_report(target, report, lr=1e-3, pretrained_scale=0.1)}
-    assert groups["pretrained"]["lr"] == pytest.approx(1e-4) and groups["new"]["lr"] == 1e-3
+    assert groups["pretrained"]["lr"] == pytest.approx(1e-4) and groups["full"]["lr"] == 1e-3
     assert {id(p) for p in groups["pretrained"]["params"]} == {id(p) for p in target.swinViT.parameters()}
     head = target.out.conv.conv.weight
-    assert any(p is head for p in groups["new"]["params"])
+    assert any(p is head for p in groups["full"]["params"])
     assert sum(len(g["params"]) for g in groups.values()) == len(list(target.parameters()))
     torch.optim.AdamW(list(groups.values()))  # a valid optimizer configuration
 

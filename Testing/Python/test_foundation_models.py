@@ -215,7 +215,7 @@ def test_a_published_checkpoint_with_another_label_set_runs_every_command(key, p
     # New head tensors train at the full rate, checkpoint tensors at the pre-trained rate.
     groups = {g["name"]: g for g in param_groups(base.network, FinetuneConfig(lr=1e-3), base.load_report)}
     head_params = {id(p) for n, p in base.network.named_parameters() if n in report["head"]}
-    assert head_params <= {id(p) for p in groups["new"]["params"]}
+    assert head_params <= {id(p) for p in groups["full"]["params"]}
     assert groups["pretrained"]["lr"] == pytest.approx(1e-3 * FinetuneConfig().encoder_lr_scale)
 
     assert main(["labels", "import", str(session), "--from", str(pool / "labels")]) == 0
@@ -257,7 +257,7 @@ def test_an_encoder_only_checkpoint_ranks_by_dkd_alone_until_the_first_finetune(
     groups = {g["name"]: g for g in param_groups(base.network, FinetuneConfig(lr=1e-3), base.load_report)}
     encoder = {id(p) for p in base.network.swinViT.parameters()}
     assert {id(p) for p in groups["pretrained"]["params"]} == encoder
-    assert not encoder & {id(p) for p in groups["new"]["params"]}
+    assert not encoder & {id(p) for p in groups["full"]["params"]}
 
     assert main(["labels", "import", str(session), "--from", str(pool / "labels")]) == 0
     assert main(_finetune(session)) == 0
