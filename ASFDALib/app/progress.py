@@ -44,7 +44,7 @@ class PlainProgress(AbstractContextManager):
         progressed = done - self.first_done
         if total and progressed > 0 and not final:
             text += f", ETA {_clock(elapsed / progressed * (total - done))}"
-        self.console.print(text + (f" {detail}" if detail else ""), highlight=False, markup=False)
+        self.console.print(text + (f" {detail}" if detail else ""), highlight=False, markup=False, soft_wrap=True)
 
 
 def volume_progress(console, label: str):
