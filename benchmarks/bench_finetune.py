@@ -135,8 +135,8 @@ def whole_session() -> dict:
                 str(root / name),
                 "--labels",
                 str(held_out / "labels"),
-                "--card",
-                "Resources/Model/asfda_default.card.json",
+                "--session",
+                str(session),
             ]
         )
         import csv
