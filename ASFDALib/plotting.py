@@ -1,8 +1,8 @@
 """Figures for the engine's outputs, drawn so that a plot can never cost a result.
 
-Every figure is a :class:`matplotlib.figure.Figure` on its own Agg canvas: no pyplot, so no global
-figure registry and no backend switch inside a host application (3D Slicer has its own Qt backend and
-runs our jobs on worker threads). :func:`draw_or_explain` runs a drawing and turns any failure —
+Every figure is a :class:`matplotlib.figure.Figure` on its own Agg canvas, never matplotlib's state
+machine, so no global figure registry and no backend switch inside a host application (3D Slicer has
+its own Qt backend and runs our jobs on worker threads). :func:`draw_or_explain` runs a drawing and turns any failure —
 matplotlib not installed in Slicer's Python, a font or disk problem — into one line for the user, so
 the caller keeps the files that matter and says why the picture is missing.
 """
