@@ -181,7 +181,7 @@ def _check_mode(mode: str, run: dict | None, config: FinetuneConfig, folder: Pat
                     f"{folder}: stage 2 already ran {done['stage2']} iterations; ask for more with "
                     f"--pseudo-iterations N (N > {done['stage2']}), or --restart"
                 )
-        elif config.iterations <= done["stage1"]:
+        elif config.iterations <= done["stage1"] and config.pseudo_iterations <= 0:
             raise SessionError(
                 f"{folder}: stage 1 already ran {done['stage1']} iterations; ask for more with --iterations N "
                 f"(N > {done['stage1']}), or --restart"

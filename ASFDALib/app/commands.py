@@ -228,7 +228,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ASFDALib import distributed
-    from ASFDALib.adaptation.pipeline import finetune_session
+    from ASFDALib.adaptation.pipeline import finetune_session, read_run
     from ASFDALib.adaptation.recipe import FinetuneConfig
     from ASFDALib.adaptation.session import Session
 
@@ -239,8 +239,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "--pseudo-iterations N (stage 2), more than the run has done"
         )
     recipe = FinetuneConfig()
+    iterations = recipe.iterations if args.iterations is None else args.iterations
+    if args.mode == "extend":
+        opened = Session.open(args.session)
+        run = read_run(opened.root / "checkpoints" / f"round{opened.rounds[-1]['index']}") if opened.rounds else None
+        if run and args.iterations is None:
+            iterations = run["done"]["stage1"]  # extending stage 2 only: stage 1 stays as it ran
+        elif run and run["done"]["stage2"] > 0 and args.iterations != run["done"]["stage1"]:
+            raise ASFDAError(
+                f"{args.session}: stage 2 has run, so only stage 2 can be extended; use --pseudo-iterations N "
+                f"(N > {run['done']['stage2']}), or --restart to train stage 1 longer"
+            )
     config = FinetuneConfig(
-        iterations=recipe.iterations if args.iterations is None else args.iterations,
+        iterations=iterations,
         pseudo_iterations=recipe.pseudo_iterations if args.pseudo_iterations is None else args.pseudo_iterations,
         batch_size=args.batch_size,
         lr=args.lr,

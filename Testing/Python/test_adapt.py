@@ -213,6 +213,10 @@ def test_finetuning_again_offers_the_real_choices_and_records_what_ran(labelled_
     assert main([*base, "--iterations", "4", "--extend"]) == 0
     assert "Round 1 extended: stage 1 2 -> 4 iterations" in " ".join(capsys.readouterr().out.split())
     assert _iterations(session) == {"stage1": 4, "stage2": 0}
+    assert main(["finetune", str(session), "--extend", "--pseudo-iterations", "1"]) == 0  # stage 2 added
+    assert _iterations(session) == {"stage1": 4, "stage2": 1}
+    assert main(["finetune", str(session), "--extend", "--iterations", "6"]) == 1  # stage 1 cannot grow after stage 2
+    assert "only stage 2 can be extended" in " ".join(capsys.readouterr().err.split())
     assert main([*base, "--iterations", "3", "--restart"]) == 0
     assert _iterations(session) == {"stage1": 3, "stage2": 0}
     assert (session / "checkpoints" / "round1-replaced-1" / "final.pt").is_file()  # the earlier run is kept
