@@ -134,14 +134,24 @@ def make_phantom(seed: int, config: PhantomConfig | None = None) -> tuple[np.nda
         coefficients = jitter(config.bias, 3)
         image *= np.exp((coefficients[:, None, None, None] * grid / extent[:, None, None, None]).sum(axis=0))
     noise = rng.normal(0, config.noise, (2, *config.shape)).astype(np.float32)
-    if config.domain == "mri":
-        image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude noise
-    else:
-        image = image + noise[0]
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -extent / 2 + spacing / 2
+    image = _add_noise(image, noise, config.domain)
+    affine = _centred_affine(spacing, extent)
     image, label, affine = _acquire(image.astype(np.float32), label, affine, config, seed)
     return image, label, affine
+
+
+def _add_noise(image: np.ndarray, noise: np.ndarray, domain: str) -> np.ndarray:
+    """Magnitude (Rician) noise for MRI from two noise fields, additive noise for CT."""
+    if domain == "mri":
+        return np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)
+    return image + noise[0]
+
+
+def _centred_affine(spacing: np.ndarray, extent: np.ndarray) -> np.ndarray:
+    """Voxel-to-world for a grid centred on the origin."""
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -extent / 2 + spacing / 2
+    return affine
 
 
 def _make_rich_phantom(seed: int, config: PhantomConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,12 +177,8 @@ def _make_rich_phantom(seed: int, config: PhantomConfig) -> tuple[np.ndarray, np
         noise = np.stack([_smooth(n, config.noise_corr) for n in noise])
         noise /= noise.reshape(2, -1).std(axis=1)[:, None, None, None]
     noise *= config.noise
-    if config.domain == "mri":
-        image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude noise
-    else:
-        image = image + noise[0]
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -extent / 2 + spacing / 2
+    image = _add_noise(image, noise, config.domain)
+    affine = _centred_affine(spacing, extent)
     if config.fov_xy < 1.0:  # a smaller reconstruction field: crop in-plane around a jittered centre
         keep = [max(8, int(round(n * config.fov_xy))) for n in config.shape[:2]]
         starts = [int(np.clip((n - k) // 2 + rng.integers(-2, 3), 0, n - k)) for n, k in zip(config.shape, keep)]
