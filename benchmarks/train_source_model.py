@@ -1,18 +1,21 @@
 """Train the foundation-like source model of benchmark scenario (a), hospital shift within CT.
 
-    python benchmarks/train_source_model.py [--norm both] [--volumes 200] [--iterations 3000] [--out benchmarks/models]
+    python benchmarks/train_source_model.py [--norm both] [--arch unet] [--volumes 200] [--iterations 3000]
+        [--out benchmarks/models]
 
-A MONAI UNet (channels 16-32-64-128, two residual units per level, 5 foreground classes of the rich
-anatomy) trained from scratch on ``--volumes`` source CT volumes, each with its own simulated scanner
-and protocol (:func:`ASFDALib.bench.scenarios.source_config`), in two variants: ``batch`` (BatchNorm,
-so DKD reads its source knowledge from the running statistics) and ``instance`` (InstanceNorm, as most
-real foundation models: DKD then needs the source-statistics file written beside it). Training uses
-the engine's own trainer (foreground-oversampled 48³ patches, flips and intensity augmentation,
-Dice + cross-entropy, AdamW), checkpoints every 250 iterations and resumes from ``OUT/work/NORM`` when
-run again. Each variant writes ``ct_source_NORM.pt`` (state dict, about 5 MB), its card
-``ct_source_NORM.card.json`` and ``ct_source_NORM_stats.npz``; ``--check N`` then scores N fresh volumes
-of the source distribution and of each target hospital (H1-H3) and writes ``ct_source_NORM_check.json``
-(the issue wants 30-70 Dice on the targets before adaptation) with the measured seconds per iteration.
+A MONAI UNet (channels 16-32-64-128, two residual units per level, 5 foreground classes of the rich anatomy)
+trained from scratch on ``--volumes`` source CT volumes, each with its own simulated scanner and protocol
+(:func:`ASFDALib.bench.scenarios.source_config`), in two variants: ``batch`` (BatchNorm, so DKD reads its
+source knowledge from the running statistics) and ``instance`` (InstanceNorm, as most real foundation models:
+DKD then needs the source-statistics file written beside it). Training uses the engine's own trainer
+(foreground-oversampled 48³ patches, flips and intensity augmentation, Dice + cross-entropy, AdamW),
+checkpoints every 250 iterations and resumes from ``OUT/work/STEM`` when run again. ``--arch dynunet`` trains
+nnU-Net's layout instead (DynUNet, a pointwise output head: the network the prototype knowledge is measured
+on; files ``ct_source_dynunet_NORM.*``). Each variant writes ``ct_source_NORM.pt`` (state dict, about 5 MB),
+its card ``ct_source_NORM.card.json`` and ``ct_source_NORM_stats.npz``; ``--check N`` then scores N fresh
+volumes of the source distribution and of each target hospital (H1-H3) and writes
+``ct_source_NORM_check.json`` (the issue wants 30-70 Dice on the targets before adaptation) with the measured
+seconds per iteration.
 
 Use with the benchmark:
     asfda benchmark --scenario ct-shift --model benchmarks/models/ct_source_instance.pt --validation 20 --out bench-ct
@@ -47,27 +50,56 @@ INTENSITY = {
 }
 
 
-def make_card(norm: str, intensity: str) -> ModelCard:
+NETWORKS = {
+    # MONAI's UNet: residual units, a 3x3x3 transposed-convolution head.
+    "unet": lambda norm: NetworkSpec(
+        "UNet",
+        {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": len(RICH_CLASS_NAMES),
+            "channels": [16, 32, 64, 128],
+            "strides": [2, 2, 2],
+            "num_res_units": 2,
+            "norm": norm,
+        },
+    ),
+    # nnU-Net's layout (DynUNet): plain conv blocks and a pointwise (1x1x1) output head, the head whose weight
+    # rows the prototype knowledge reads (docs/method.md "Source knowledge without BatchNorm").
+    "dynunet": lambda norm: NetworkSpec(
+        "DynUNet",
+        {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": len(RICH_CLASS_NAMES),
+            "kernel_size": [3, 3, 3, 3],
+            "strides": [1, 2, 2, 2],
+            "upsample_kernel_size": [2, 2, 2],
+            "filters": [16, 32, 64, 128],
+            "norm_name": norm,
+        },
+    ),
+}
+
+
+def model_name(arch: str, norm: str) -> str:
+    """File stem of a trained variant: ``ct_source_NORM`` for the UNet (the benchmark's default), else
+    ``ct_source_ARCH_NORM``."""
+    return f"ct_source_{norm}" if arch == "unet" else f"ct_source_{arch}_{norm}"
+
+
+def make_card(norm: str, intensity: str, arch: str = "unet") -> ModelCard:
+    stem = model_name(arch, norm)
     return ModelCard(
-        name=f"ct-source-{norm}",
-        description=f"Foundation-like CT source model ({norm} norm), benchmarks/train_source_model.py, rich anatomy.",
+        name=stem.replace("_", "-"),
+        description=f"Foundation-like CT source model ({arch}, {norm} norm), benchmarks/train_source_model.py, "
+        "rich anatomy.",
         class_names=RICH_CLASS_NAMES,
         spacing=(2.0, 2.0, 2.0),
         roi_size=(48, 48, 48),
         intensity=INTENSITY[intensity],
-        network=NetworkSpec(
-            "UNet",
-            {
-                "spatial_dims": 3,
-                "in_channels": 1,
-                "out_channels": len(RICH_CLASS_NAMES),
-                "channels": [16, 32, 64, 128],
-                "strides": [2, 2, 2],
-                "num_res_units": 2,
-                "norm": norm,
-            },
-        ),
-        source_stats=f"ct_source_{norm}_stats.npz",
+        network=NETWORKS[arch](norm),
+        source_stats=f"{stem}_stats.npz",
         sw_batch_size=4,
     )
 
@@ -102,6 +134,7 @@ def check(network, card: ModelCard, count: int, seed: int, device: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--norm", choices=("batch", "instance", "both"), default="both")
+    parser.add_argument("--arch", choices=tuple(NETWORKS), default="unet", help="network layout (default: %(default)s)")
     parser.add_argument("--volumes", type=int, default=200, help="source volumes (default: %(default)s)")
     parser.add_argument("--iterations", type=int, default=3000, help="training iterations (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -118,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = [make_source_volume(args.seed * 10_000 + i) for i in range(args.volumes)]
     print(f"{args.volumes} source volumes generated ({time.perf_counter() - start:.0f} s)", flush=True)
     for norm in norms:
-        card = make_card(norm, args.intensity)
+        card, stem = make_card(norm, args.intensity, args.arch), model_name(args.arch, norm)
         cases = [to_case(f"source_{i:04d}", *volume, card) for i, volume in enumerate(raw)]
         network = build_network(card.network)
         config = FinetuneConfig(
@@ -129,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             device=args.device,
         )
-        trainer = Trainer(network, card, config, args.out / "work" / norm)
+        trainer = Trainer(network, card, config, args.out / "work" / stem)
         resumed = trainer.load()
         first = trainer.iteration
         t0 = time.perf_counter()
@@ -143,11 +176,11 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer.run(cases, args.iterations, progress=report)
         seconds_per_iteration = (time.perf_counter() - t0) / max(trainer.iteration - first, 1)
-        weights = args.out / f"ct_source_{norm}.pt"
+        weights = args.out / f"{stem}.pt"
         import torch
 
         torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, weights)
-        save_card(card, args.out / f"ct_source_{norm}.card.json")
+        save_card(card, args.out / f"{stem}.card.json")
         model = load_model(weights)
         from ASFDALib.query.source_stats import compute_source_stats
 
@@ -157,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_nifti(Path(tmp) / f"source_{i:03d}.nii.gz", np.round(image).astype(np.int16), affine)
             compute_source_stats(model, Path(tmp), args.out / card.source_stats, device=args.device)
         summary = {
+            "arch": args.arch,
             "norm": norm,
             "volumes": args.volumes,
             "iterations": args.iterations,
@@ -169,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.check:
             summary["dice"] = check(model.network, card, args.check, args.seed, args.device)
-        atomic_write_json(args.out / f"ct_source_{norm}_check.json", summary)
+        atomic_write_json(args.out / f"{stem}_check.json", summary)
         print(json.dumps(summary, indent=2), flush=True)
     print(f"wrote {args.out} ({(time.perf_counter() - start) / 60:.1f} min)")
     return 0

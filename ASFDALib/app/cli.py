@@ -172,10 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rank.add_argument(
         "--knowledge",
-        choices=("auto", "bn", "stats", "energy"),
+        choices=("auto", "bn", "stats", "prototype", "energy"),
         default="auto",
         help="source knowledge for DKD: BatchNorm statistics, the card's source-statistics file, "
-        "or free energy; auto picks the first available (default: %(default)s)",
+        "the pre-trained head's class prototypes (a pointwise head), or free energy; auto picks the first "
+        "available (default: %(default)s)",
     )
     rank.add_argument("--mc-passes", type=positive_int, default=5, help="MC-dropout passes for --strategy epistemic")
     rank.add_argument(

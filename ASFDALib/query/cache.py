@@ -72,6 +72,7 @@ class ScoreCache:
                 summary=FeatureSummary.from_arrays(arrays),
                 shape=tuple(int(s) for s in arrays["shape"]),
                 windows=int(arrays["windows"]),
+                prototype_gap=float(arrays.get("prototype_gap", np.nan)),
             )
         except Exception:  # noqa: BLE001 - a damaged cache entry is simply recomputed
             path.unlink(missing_ok=True)
@@ -87,6 +88,7 @@ class ScoreCache:
             "class_fractions": result.class_fractions,
             "shape": np.asarray(result.shape),
             "windows": np.int64(result.windows),
+            "prototype_gap": np.float64(result.prototype_gap),
             **result.summary.to_arrays(),
         }
         atomic_write_npz(self._path(key), arrays)

@@ -18,6 +18,6 @@ COLUMN_LEGEND = {
     "asd": "ASD: class-balanced entropy in the adaptive foreground (0..1)",
     "entropy": "whole-volume mean normalised entropy (0..1)",
     "foreground_ml": "predicted foreground volume in mL",
-    "source_knowledge": "K_s: what the source knowledge came from (bn, stats, energy)",
+    "source_knowledge": "K_s: what the source knowledge came from (bn, stats, prototype, energy)",
     "reason": "why a volume was skipped",
 }

@@ -15,6 +15,7 @@ import torch
 from monai.networks.layers.simplelayers import SkipConnection
 
 from ASFDALib.atomic import atomic_write_npz
+from ASFDALib.checkpoints import output_head
 
 BN_PREFIX = "bn:"
 STAGE_PREFIX = "stage:"
@@ -117,6 +118,71 @@ class RunningMoments:
         if self.mean is None:
             return np.zeros(0), np.zeros(0)
         return self.mean.cpu().numpy(), (self.m2 / max(self.count, 1)).cpu().numpy()
+
+
+def pointwise_head(network: torch.nn.Module, num_classes: int) -> tuple[str, str]:
+    """(name, "") of the network's output layer when it is pointwise — a 1×1×1 convolution or a Linear layer
+    mapping features to the ``num_classes`` logits, so its weight rows are class prototypes in the feature
+    space it reads — else ("", why not)."""
+    try:
+        name = output_head(network, num_classes)[0]
+    except Exception as exc:  # noqa: BLE001 - no head found is a reason, not an error, here
+        return "", str(exc)
+    module = dict(network.named_modules())[name]
+    if isinstance(module, torch.nn.Linear):
+        return name, ""
+    conv = isinstance(module, torch.nn.modules.conv._ConvNd) and not module.transposed
+    if conv and all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride) and module.groups == 1:
+        return name, ""
+    kernel = "x".join(str(k) for k in getattr(module, "kernel_size", ())) or "?"
+    return "", f"the output layer {name} is a {type(module).__name__} (kernel {kernel}), not a pointwise head"
+
+
+class PrototypeAlignment:
+    """Streaming alignment of a volume's features with the pre-trained head's class prototypes.
+
+    A pointwise head computes logit_c = w_c · f + b_c, so its weight row w_c is the direction in feature
+    space the pre-training taught for class c. Hooked on the head's input, this folds every ``stride``-th
+    voxel's cosine cos(f, w_ĉ) with its predicted class ĉ into sums (foreground voxels and all voxels):
+    a volume the source model understands has features that point where its head expects them. The gap
+    (:meth:`gap`) needs neither source data nor BatchNorm (docs/method.md).
+    """
+
+    def __init__(self, head: torch.nn.Module, stride: int = 2) -> None:
+        weight = head.weight.detach().float()
+        self.weight = weight.reshape(weight.shape[0], -1)  # (C, F)
+        self.bias = None if head.bias is None else head.bias.detach().float()
+        self.channels_last = isinstance(head, torch.nn.Linear)
+        self.stride = stride
+        self.sums = np.zeros(2)  # cosine sums: foreground voxels, all voxels
+        self.counts = np.zeros(2, np.int64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if self.channels_last:
+            f = x.reshape(-1, x.shape[-1])
+        else:
+            if self.stride > 1:
+                x = x[(slice(None), slice(None), *[slice(None, None, self.stride)] * (x.ndim - 2))]
+            f = x.movedim(1, -1).reshape(-1, x.shape[1])
+        f = f.float()
+        weight = self.weight.to(f.device)
+        logits = f @ weight.T
+        if self.bias is not None:
+            logits += self.bias.to(f.device)
+        predicted = logits.argmax(dim=1)
+        rows = weight[predicted]
+        cosine = (f * rows).sum(dim=1) / (f.norm(dim=1) * rows.norm(dim=1)).clamp_min(1e-12)
+        foreground = predicted > 0
+        self.sums += [float(cosine[foreground].sum()), float(cosine.sum())]
+        self.counts += [int(foreground.sum()), cosine.numel()]
+
+    def gap(self) -> float:
+        """1 − mean cosine over foreground voxels (over all voxels when none is foreground); NaN if unseen."""
+        for total, count in zip(self.sums, self.counts):
+            if count:
+                return float(1.0 - total / count)
+        return float("nan")
 
 
 def batchnorm_layers(network: torch.nn.Module) -> dict[str, torch.nn.modules.batchnorm._BatchNorm]:

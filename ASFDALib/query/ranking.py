@@ -22,7 +22,7 @@ from ASFDALib.inference.memory import check_scoring_memory
 from ASFDALib.inference.sweep import SweepConfig, SweepResult, sweep
 from ASFDALib.models.loading import LoadedModel
 from ASFDALib.query.cache import ScoreCache
-from ASFDALib.query.features import FeatureSummary, batchnorm_knowledge
+from ASFDALib.query.features import FeatureSummary, batchnorm_knowledge, pointwise_head
 from ASFDALib.query.selection import Knowledge, Pool, select
 
 Progress = Callable[[int, int, str], None]
@@ -111,9 +111,13 @@ class Ranking:
 
 def choose_knowledge(model: LoadedModel, requested: str = "auto") -> Knowledge:
     """Source knowledge in the method's order of preference: BatchNorm statistics the network really uses
-    in eval mode, a statistics file, the pre-trained head's free energy. Most foundation models normalise
-    with InstanceNorm, GroupNorm or LayerNorm, and some BatchNorm variants use batch statistics even in
-    eval mode (SuPreM's UNet): their running buffers are not the source's knowledge and are not used."""
+    in eval mode, a statistics file, the pre-trained head's class prototypes, the head's free energy.
+
+    Most foundation models normalise with InstanceNorm, GroupNorm or LayerNorm, and some BatchNorm variants
+    use batch statistics even in eval mode (SuPreM's UNet): their running buffers are not the source's
+    knowledge and are not used. Prototypes need a pointwise output head that came with the checkpoint
+    (a re-initialised head has learnt nothing yet).
+    """
     norm = None if model.scripted else normalisation_info(model.network)
     stats_path = model.source_stats_path()
     has_stats = stats_path is not None and stats_path.is_file()
@@ -123,13 +127,25 @@ def choose_knowledge(model: LoadedModel, requested: str = "auto") -> Knowledge:
     if requested == "bn":
         raise ModelError(
             f"{model.path}: no BatchNorm in the network normalises with running statistics at inference "
-            f"({kinds}); use --knowledge stats or energy"
+            f"({kinds}); use --knowledge stats, prototype or energy"
         )
     if requested in ("auto", "stats") and has_stats and not model.scripted:
         return Knowledge("stats", FeatureSummary.load(stats_path))
     if requested == "stats":
         raise ModelError(f"{model.path}: no source-statistics file (set 'source_stats' in the card; see asfda stats)")
-    note = "" if norm is None else f"the network normalises with {kinds}: no BatchNorm statistics to compare with"
+    why = "" if norm is None else f"the network normalises with {kinds}: no BatchNorm statistics to compare with"
+    head, not_pointwise = (
+        ("", "the model is opaque (no layers to read)")
+        if model.scripted
+        else pointwise_head(model.network, model.card.num_classes)
+    )
+    if head and model.head_is_new:
+        head, not_pointwise = "", "the output head is new (re-initialised for the target's classes)"
+    if requested in ("auto", "prototype") and head:
+        return Knowledge("prototype", note=why, head=head)
+    if requested == "prototype":
+        raise ModelError(f"{model.path}: no prototypes to compare with: {not_pointwise}; use --knowledge energy")
+    note = "; ".join(n for n in (why, f"no prototypes: {not_pointwise}" if not_pointwise else "") if n)
     return Knowledge("energy", note=note)
 
 
@@ -167,7 +183,9 @@ def score_volumes(
     progress: Progress | None = None,
 ) -> list[VolumeRecord]:
     """Sweep every volume (cache first), recording a reason for each one that cannot be scored."""
-    sweep_config = SweepConfig(device=config.device, keep_energy=knowledge.kind == "energy")
+    sweep_config = SweepConfig(
+        device=config.device, keep_energy=knowledge.kind == "energy", prototype_head=knowledge.head
+    )
     preprocessing = model.card.preprocessing_key() + ":compact"  # the sweep reads a float16 volume
     records: list[VolumeRecord] = []
     for i, path in enumerate(paths):
@@ -177,7 +195,10 @@ def score_volumes(
         record = VolumeRecord(path, name)
         try:
             file_hash = record.sha256 = cache.file_hash(path)
-            key = cache.key(file_hash, model.digest, preprocessing, "energy" if sweep_config.keep_energy else "")
+            extra = "energy" if sweep_config.keep_energy else ""
+            if knowledge.head:
+                extra += f"prototype:{knowledge.head}"
+            key = cache.key(file_hash, model.digest, preprocessing, extra)
             record.result = cache.get(key)
             record.cached = record.result is not None
             if record.result is None:
@@ -242,6 +263,7 @@ def rank_records(
             epistemic=np.array([r.epistemic for r in scored]) if config.strategy == "epistemic" else None,
             labelled=labelled,
             class_entropy=np.stack([r.class_entropy for r in scored]) if config.strategy == "clasp-pe" else None,
+            prototype=np.array([r.result.prototype_gap for r in scored]),
         )
         chosen = select(
             pool,

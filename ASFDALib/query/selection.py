@@ -14,7 +14,7 @@ from ASFDALib.query import scoring
 from ASFDALib.query.features import BN_PREFIX, LOGITS, STAGE_PREFIX, FeatureSummary
 
 STRATEGIES = ("asfda", "dkd", "asd", "random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe")
-KNOWLEDGE = ("bn", "stats", "energy")
+KNOWLEDGE = ("bn", "stats", "prototype", "energy")
 LAYER_CHOICES = ("auto", "bn", "stages", "logits", "all")
 DUPLICATE_EPS = 1e-9
 
@@ -33,6 +33,8 @@ class Pool:
     # ClaSP PE's scores, (n, C): column 0 the class-agnostic mean entropy, column c the mean of H * p_c
     # (ASFDALib.query.class_entropy); only computed when that strategy is asked for.
     class_entropy: np.ndarray | None = None
+    # PrototypeAlignment gaps (ASFDALib.query.features), when the knowledge is "prototype".
+    prototype: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.summaries)
@@ -40,16 +42,19 @@ class Pool:
 
 @dataclass
 class Knowledge:
-    """Where the source knowledge K_s comes from: BatchNorm statistics, a statistics file, or energy."""
+    """Where the source knowledge K_s comes from: BatchNorm statistics, a statistics file, the head's class
+    prototypes, or energy."""
 
     kind: str
     reference: FeatureSummary | None = None
     note: str = ""  # why this kind, when it is a fallback
+    head: str = ""  # the pointwise output layer whose weight rows are the prototypes ("prototype")
 
     def describe(self) -> str:
         text = {
             "bn": "BatchNorm running statistics in the weights",
             "stats": "source-statistics file",
+            "prototype": "the pre-trained head's class prototypes (feature alignment with its weight rows)",
             "energy": "free-energy fallback (no feature statistics available)",
         }[self.kind]
         return f"{text}; {self.note}" if self.note else text
@@ -91,16 +96,23 @@ def divergence_layers(pool: Pool, knowledge: Knowledge, choice: str = "auto") ->
     return scoring.common_layers(everything)
 
 
+def _from_zero(values: np.ndarray | None, n: int) -> np.ndarray:
+    """Per-volume gaps shifted so the pool's smallest is 0 (unknown values count as 0)."""
+    values = np.full(n, np.nan) if values is None else np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    return np.where(finite, values - (values[finite].min() if finite.any() else 0.0), 0.0)
+
+
 def knowledge_gap(pool: Pool, knowledge: Knowledge, layers: list[str]) -> np.ndarray:
-    """d_src: SKL to K_s over those of ``layers`` it describes (all it describes if none), or the free
-    energy shifted to start at zero (energy fallback)."""
+    """d_src: SKL to K_s over those of ``layers`` it describes (all it describes if none); the prototype
+    misalignment; or the free energy (fallback) — the last two shifted to start at zero."""
+    if knowledge.kind == "prototype":
+        return _from_zero(pool.prototype, len(pool))
     if knowledge.reference is not None and knowledge.kind != "energy":
         described = [n for n in layers if n in knowledge.reference.layers]
         layers = described or [n for n in divergence_layers(pool, knowledge) if n in knowledge.reference.layers]
     if knowledge.kind == "energy" or knowledge.reference is None or not layers:
-        energy = np.asarray(pool.energy, dtype=np.float64)
-        finite = np.isfinite(energy)
-        return np.where(finite, energy - (energy[finite].min() if finite.any() else 0.0), 0.0)
+        return _from_zero(pool.energy, len(pool))
     return scoring.skl_to_reference(pool.summaries, knowledge.reference, layers)
 
 

@@ -158,6 +158,77 @@ def test_batchnorm_that_normalises_with_batch_statistics_in_eval_is_not_source_k
 
     network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), AlwaysBatchStats(4), torch.nn.Conv3d(4, 4, 1))
     knowledge = choose_knowledge(_loaded(network))
-    assert knowledge.kind == "energy"
+    assert knowledge.kind == "prototype"  # its 1x1x1 head is next in the order, not the BatchNorm buffers
     with pytest.raises(ModelError, match="no BatchNorm in the network normalises with running statistics"):
         choose_knowledge(_loaded(network), "bn")
+
+
+def test_prototype_gap_is_one_minus_the_cosine_to_the_predicted_classs_weight_row():
+    """Known answer: head rows e0, e1, e2 (background, a, b). A voxel with features (0, 3, 4) predicts b
+    (logit 4) at cosine 4/5; one with (0, 2, 0) predicts a at cosine 1; one with (1, 0, 0) is background.
+    Foreground mean cosine (0.8 + 1) / 2 = 0.9: gap 0.1. With no foreground voxel every voxel counts."""
+    from ASFDALib.query.features import PrototypeAlignment
+
+    head = torch.nn.Conv3d(3, 3, 1, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3).reshape(3, 3, 1, 1, 1))
+    alignment = PrototypeAlignment(head, stride=1)
+    features = torch.tensor([[0.0, 3.0, 4.0], [0.0, 2.0, 0.0], [1.0, 0.0, 0.0]]).T.reshape(1, 3, 3, 1, 1)
+    alignment.update(features)
+    assert alignment.gap() == pytest.approx(0.1)
+    background_only = PrototypeAlignment(head, stride=1)
+    background_only.update(
+        torch.tensor([1.0, 1.0, 0.0]).reshape(1, 3, 1, 1, 1) * torch.tensor([1.0, 0.5, 0.0]).reshape(1, 3, 1, 1, 1)
+    )
+    assert background_only.gap() == pytest.approx(1 - 1 / 1.25**0.5)
+
+
+def test_prototype_gap_grows_as_features_turn_away_from_the_head():
+    from ASFDALib.query.features import PrototypeAlignment
+
+    head = torch.nn.Conv3d(2, 2, 1, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2).reshape(2, 2, 1, 1, 1))
+    gaps = []
+    for angle in (0.0, 0.3, 0.6):  # radians away from class 1's row, still predicted class 1
+        alignment = PrototypeAlignment(head, stride=1)
+        alignment.update(torch.tensor([np.sin(angle), np.cos(angle)], dtype=torch.float32).reshape(1, 2, 1, 1, 1))
+        gaps.append(alignment.gap())
+    assert gaps == pytest.approx([1 - np.cos(a) for a in (0.0, 0.3, 0.6)], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,args,head",
+    [
+        (
+            "DynUNet",
+            {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "upsample_kernel_size": [2, 2], "norm_name": "instance"},
+            "output_block.conv.conv",
+        ),
+        ("SegResNet", {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]}, "conv_final.2.conv"),
+        ("UNet", {"channels": [4, 8], "strides": [2], "norm": "instance"}, ""),
+    ],
+)
+def test_prototypes_are_read_only_from_a_pointwise_output_head(name, args, head):
+    from ASFDALib.query.features import pointwise_head
+
+    network = build_network(NetworkSpec(name, {"spatial_dims": 3, "in_channels": 1, "out_channels": 4, **args}))
+    found, why = pointwise_head(network, 4)
+    assert found == head
+    assert (why == "") == bool(head)
+    if not head:
+        assert "not a pointwise head" in why
+
+
+def test_an_instancenorm_network_with_a_pointwise_head_takes_its_knowledge_from_the_prototypes():
+    from ASFDALib.query.ranking import choose_knowledge
+
+    args = {"spatial_dims": 3, "in_channels": 1, "out_channels": 4}
+    dynunet = {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "upsample_kernel_size": [2, 2], "norm_name": "instance"}
+    network = build_network(NetworkSpec("DynUNet", {**args, **dynunet}))
+    knowledge = choose_knowledge(_loaded(network))
+    assert (knowledge.kind, knowledge.head) == ("prototype", "output_block.conv.conv")
+    assert "InstanceNorm" in knowledge.describe() and "class prototypes" in knowledge.describe()
+    unet = build_network(NetworkSpec("UNet", {**args, "channels": [4, 8], "strides": [2], "norm": "instance"}))
+    fallback = choose_knowledge(_loaded(unet))
+    assert fallback.kind == "energy" and "no prototypes: the output layer" in fallback.describe()
