@@ -193,3 +193,48 @@ def test_help_teaches_with_examples(capsys):
     text = capsys.readouterr().out
     for phrase in ("examples:", "--alpha", "--strategy", "--trust", "fg-random", "re-rank"):
         assert phrase in text
+
+
+def test_an_instancenorm_network_with_a_pointwise_head_ranks_by_its_prototypes_and_caches_them(
+    tmp_path, mri_pool, capsys
+):
+    """nnU-Net's layout (DynUNet, InstanceNorm, 1x1x1 head) with its own classes: no BatchNorm statistics
+    and no statistics file, so the knowledge gap is the misalignment with the head's weight rows; a second
+    ranking reads the same gaps from the cache."""
+    from ASFDALib.models.card import NetworkSpec
+    from ASFDALib.models.loading import build_network
+
+    args = {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 4,
+        "kernel_size": [3, 3, 3],
+        "strides": [1, 2, 2],
+        "upsample_kernel_size": [2, 2],
+        "filters": [8, 16, 32],
+        "norm_name": "instance",
+    }
+    torch.manual_seed(0)
+    torch.save(build_network(NetworkSpec("DynUNet", args)).state_dict(), tmp_path / "nnunet.pt")
+    card = {"class_names": ["background", "liver", "kidney", "gallbladder"], "spacing": [4, 4, 4]}
+    (tmp_path / "card.json").write_text(json.dumps({**card, "roi_size": [32, 32, 32]}))
+    command = ["rank", "--model", str(tmp_path / "nnunet.pt"), "--network", "DynUNet"]
+    command += ["--network-args", json.dumps(args), "--card", str(tmp_path / "card.json")]
+    command += ["--images", str(mri_pool / "images")]
+    assert main([*command, "--out", str(tmp_path / "first")]) == 0
+    assert "class prototypes" in capsys.readouterr().out
+    report = json.loads((tmp_path / "first" / "ranking.json").read_text())
+    assert report["knowledge"] == "prototype"
+    first = _rows(tmp_path / "first")
+    assert {r["source_knowledge"] for r in first} == {"prototype"}
+    gaps = [float(r["source_divergence"]) for r in first]
+    assert min(gaps) == 0.0 and max(gaps) > 0.0  # shifted to start at zero, and they differ
+    from ASFDALib.models.loading import load_model
+    from ASFDALib.query.ranking import choose_knowledge
+
+    model = load_model(tmp_path / "nnunet.pt", tmp_path / "card.json", NetworkSpec("DynUNet", args))
+    rankings = [rank_folder(mri_pool / "images", model, tmp_path / "cache", RankConfig()) for _ in range(2)]
+    assert rankings[0].knowledge.kind == choose_knowledge(model).kind == "prototype"
+    assert all(r.cached for r in rankings[1].records)
+    gaps = [[r.result.prototype_gap for r in ranking.records] for ranking in rankings]
+    assert np.isfinite(gaps[0]).all() and gaps[1] == gaps[0]
