@@ -423,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", help="training seeds: a comma list (0,1,2) or a count N (seeds 0..N-1)")
     bench.add_argument("--rows", help=f"comma list of rows (default: all): {', '.join(BENCH_ROWS)}")
     bench.add_argument("--iterations", type=int, help="fine-tuning iterations per run (default 300)")
+    bench.add_argument("--lr", type=positive_float, help="the recipe's learning rate (default: asfda finetune's)")
+    bench.add_argument(
+        "--encoder-lr-scale",
+        type=positive_float,
+        help="learning-rate factor of the pre-trained encoder (default: asfda finetune's); choose both on "
+        "--validation, never on --test",
+    )
     bench.add_argument(
         "--eval-at",
         help="with a validation set: also score it after these stage-1 iterations (learning curves), e.g. 100,200",

@@ -513,6 +513,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             ("seeds", seeds),
             ("rows", rows),
             ("eval_at", _int_list("--eval-at", args.eval_at)),
+            ("lr", args.lr),
+            ("encoder_lr_scale", args.encoder_lr_scale),
         )
         if v
     }

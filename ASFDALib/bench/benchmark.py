@@ -91,6 +91,9 @@ class BenchmarkConfig:
     validation: int = 0  # phantom validation volumes (0: none); the user's mode takes a folder instead
     eval_at: tuple[int, ...] = ()  # stage-1 iterations at which validation Dice is recorded (learning curves)
     scenario: str = "mri"  # phantom data: see SCENARIOS and write_data
+    # The recipe's learning rates (None: adaptation/recipe.py's defaults), to choose them on validation.
+    lr: float | None = None
+    encoder_lr_scale: float | None = None
 
     @classmethod
     def quick(cls) -> BenchmarkConfig:
@@ -228,15 +231,17 @@ def train(
     workdir: Path,
     eval_at: tuple[int, ...] = (),
     on_eval: Callable[[int, torch.nn.Module], None] | None = None,
+    rates: dict[str, float] | None = None,
 ) -> torch.nn.Module:
     """The same recipe for every row: ``iterations`` on the labels; SSFT adds stage 2 as ``ssft`` says.
 
-    ``on_eval(iteration, network)`` is called at each of ``eval_at`` during stage 1 (training continues
+    ``rates`` overrides the recipe's ``lr`` / ``encoder_lr_scale``. ``on_eval(iteration, network)`` is
+    called at each of ``eval_at`` during stage 1 (training continues
     from there with the same batches an uninterrupted run draws, so the curve costs only its evaluations).
     """
     model = load_model(model_path, card)
     network = model.network
-    config = FinetuneConfig(seed=seed, device=device, checkpoint_every=10**9)
+    config = FinetuneConfig(seed=seed, device=device, checkpoint_every=10**9, **(rates or {}))
     # the learning rates the session path uses: by what the checkpoint loaded (one recipe for every row)
     trainer = Trainer(network, card, config, workdir, model.load_report)
     first = round(iterations * ssft.stage1_fraction) if ssft else iterations
@@ -444,6 +449,7 @@ def _protocol(config: BenchmarkConfig, folders: Folders) -> dict:
         "ssft": asdict(config.ssft),
         "eval_at": list(config.eval_at),
         "scenario": config.scenario,
+        **_rates(config),
         "pool": str(folders.pool.resolve()),
         "test": str(folders.test.resolve()),
         "validation": str(folders.validation.resolve()) if folders.validation else None,
@@ -567,6 +573,7 @@ def run_benchmark(
                 out / "work",
                 config.eval_at if validation else (),
                 on_eval,
+                _rates(config),
             )
         per_case = evaluate_cases(model, network, test, config.device)
         val = evaluate(model, network, validation, config.device) if validation else None
@@ -579,6 +586,10 @@ def run_benchmark(
     if progress:
         progress(len(plan), len(plan), "")
     return _report(out, config, runs, model_card.class_names, start, folders)
+
+
+def _rates(config: BenchmarkConfig) -> dict[str, float]:
+    return {k: v for k, v in (("lr", config.lr), ("encoder_lr_scale", config.encoder_lr_scale)) if v is not None}
 
 
 def _twin(runs: list[Run], query: list[str], seed: int, ssft: bool) -> Run | None:

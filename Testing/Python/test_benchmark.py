@@ -144,6 +144,24 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     longer[argv.index("--iterations") + 1] = "3"
     assert main(longer) == 1
     assert "results.json: its runs were made with other iterations" in capsys.readouterr().err
+    # so would another recipe (a learning rate being chosen on --validation)
+    assert main([*argv, "--lr", "1e-3"]) == 1
+    assert "results.json: its runs were made with other lr" in capsys.readouterr().err
+
+
+def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, tmp_path):
+    from ASFDALib.adaptation import trainer as trainer_module
+    from ASFDALib.bench.benchmark import BenchmarkConfig, _rates, train
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
+
+    seen = []
+    monkeypatch.setattr(trainer_module.Trainer, "run", lambda self, *a, **k: seen.append(self.config))
+    model = load_model(default_model_path())
+    config = BenchmarkConfig(lr=1e-3, encoder_lr_scale=1.0)
+    train(default_model_path(), model.card, [], [], 1, 0, "cpu", None, tmp_path, rates=_rates(config))
+    assert (seen[0].lr, seen[0].encoder_lr_scale) == (1e-3, 1.0)
+    assert _rates(BenchmarkConfig()) == {}  # the recipe's own defaults
 
 
 def _no_test_labels(d):
