@@ -297,12 +297,13 @@ def bundle_metadata(card: ModelCard, version: str, record: dict[str, Any] | None
     target = record.get("target_domain", {})
     classes = ", ".join(card.class_names[1:])
     value_range = [card.intensity.b_min, card.intensity.b_max] if card.intensity.mode in ("ct", "percentile") else None
-    adapted = (
-        f"adapted with ASFDA {asfda.get('version')} to {target.get('description', 'a target domain')}: "
-        f"{asfda.get('rounds', 0)} round(s), {asfda.get('labelled_count', 0)} labelled volume(s)"
-        if asfda
-        else "exported by ASFDA"
-    )
+    if asfda.get("adapted"):
+        adapted = (
+            f"adapted with ASFDA {asfda.get('version')} to {target.get('description', 'a target domain')}: "
+            f"{asfda.get('rounds', 0)} round(s), {asfda.get('labelled_count', 0)} labelled volume(s)"
+        )
+    else:  # an unadapted session exported with --source-model: the base model's own weights
+        adapted = f"not adapted: the base model's weights, exported by ASFDA {asfda.get('version', '')}".strip()
     image = {
         "type": "image",
         "format": card.intensity.mode,

@@ -87,6 +87,8 @@ def test_an_unadapted_session_says_so_on_predict_and_refuses_export_unless_asked
     assert not (tmp_path / "bundle").exists()
     assert main(["export", str(session), "--out", str(tmp_path / "bundle"), "--source-model"]) == 0
     assert (tmp_path / "bundle" / "configs" / "inference.json").is_file()
+    meta = json.loads((tmp_path / "bundle" / "configs" / "metadata.json").read_text())
+    assert "not adapted" in meta["description"] and "adapted with" not in meta["description"]
 
 
 def test_export_into_the_session_folder_is_refused(ranked, capsys):
