@@ -279,7 +279,9 @@ class Session:
             version += 1
         return folder / f"{stem}.v{version}{suffix}"
 
-    def record_label(self, name: str, path: Path, sha256: str, source: str) -> None:
-        self.data["labels"].setdefault(name, []).append(
-            {"file": self.relative(path), "sha256": sha256, "created": now(), "source": source}
-        )
+    def record_label(self, name: str, path: Path, sha256: str, source: str, mapping: dict | None = None) -> None:
+        """Add a label version; ``mapping`` is how the source file's values became class indices, when not 1:1."""
+        entry = {"file": self.relative(path), "sha256": sha256, "created": now(), "source": source}
+        if mapping:
+            entry["map"] = mapping
+        self.data["labels"].setdefault(name, []).append(entry)

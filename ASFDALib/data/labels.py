@@ -405,6 +405,17 @@ def resolve_cases(session: Session, cases: list[str]) -> list[str]:
     return out
 
 
+def _mapping_record(mapping: LabelMap | dict[int, int] | None) -> dict | None:
+    """What session.json keeps of a ``--map``: file value -> class index, and the default for the rest."""
+    if not mapping:
+        return None
+    if isinstance(mapping, LabelMap):
+        values, default = mapping.values, mapping.default
+    else:
+        values, default = mapping, None
+    return {"values": {str(k): int(v) for k, v in sorted(values.items())}, "default": default}
+
+
 def import_labels(
     session: Session,
     source: Path,
@@ -443,7 +454,7 @@ def import_labels(
             continue
         target = session.next_label_path(name)
         write_nifti(target, label, affine)
-        session.record_label(name, target, content_hash(target), f"import:{label_path}")
+        session.record_label(name, target, content_hash(target), f"import:{label_path}", _mapping_record(mapping))
         report.imported[name], report.sources[name] = target, label_path
         if notes:
             report.notes[name] = notes

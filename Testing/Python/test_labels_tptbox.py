@@ -92,6 +92,10 @@ def test_a_bids_segmentation_pairs_with_its_scan(session, tmp_path, capsys):
     entry = _labels(session)[MRI]
     assert len(entry) == 1 and entry[0]["source"] == f"import:{gt / MRI_SUBREG}"
     np.testing.assert_array_equal(_stored(session, MRI), _spine(_raw(MRI_SUBREG)))
+    # session.json keeps how the file's values became classes (41-48 -> 2, 49/50 -> 1, 100 -> 3, the rest 0)
+    recorded = entry[0]["map"]
+    assert recorded["default"] == 0 and recorded["values"]["41"] == recorded["values"]["48"] == 2
+    assert (recorded["values"]["49"], recorded["values"]["50"], recorded["values"]["100"]) == (1, 1, 3)
 
 
 def test_a_label_with_no_matching_scan_names_the_expected_scan_and_the_closest(session, tmp_path, capsys):
