@@ -12,11 +12,12 @@ native or portal-venous phase, full to 85 % field of view, body-size factor arou
 
 **Targets** (:data:`TARGET_SITES`): three hospitals, each outside the source ranges in some respects,
 so that the source model should segment them only partly (the issue's 30–70 Dice before adaptation):
-H1 low-dose with a sharp kernel, arterial phase; H2 6 mm slices with a soft kernel, delayed phase, cut
-field of view; H3 a bariatric population (body ×1.25) in the portal phase with more lesions.
-The Dice window is a target, not a measured fact: `python benchmarks/train_source_model.py --check`
-prints the source model's Dice per site, and the site parameters below are what to tune (on validation)
-if it falls outside.
+H1 ultra-low-dose (noise 120 HU) with a sharp kernel, arterial phase; H2 6 mm slices with a soft kernel,
+delayed phase, cut field of view; H3 a bariatric population (body ×1.5, so more noise: 70 HU) in the portal
+phase with more lesions. `python benchmarks/train_source_model.py --check` prints the source model's Dice per
+site. Tuned 2026-12-01 on fresh volumes (never the test split) with the BatchNorm source model: at H1's
+first setting (45 HU) and H3's (body ×1.25, 30 HU) it segmented both better than its own source
+distribution (84 and 83 Dice), no shift worth adapting to; these settings bring them to about 50 and 65.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ASFDALib.bench.phantoms import SUBGROUPS, PhantomConfig, make_phantom
 CT_PHASES_SOURCE = ("ct_native", "ct_portal")
 TARGET_SITES = {
     "H1": PhantomConfig(
-        "ct", anatomy="rich", contrast="ct_arterial", noise=45.0, noise_corr=0.0, blur=0.3, slice_factor=1
+        "ct", anatomy="rich", contrast="ct_arterial", noise=120.0, noise_corr=0.0, blur=0.3, slice_factor=1
     ),
     "H2": PhantomConfig(
         "ct",
@@ -44,7 +45,7 @@ TARGET_SITES = {
         fov_cut=0.15,
         fov_xy=0.8,
     ),
-    "H3": PhantomConfig("ct", anatomy="rich", contrast="ct_portal", noise=30.0, body_scale=1.25, slice_factor=2),
+    "H3": PhantomConfig("ct", anatomy="rich", contrast="ct_portal", noise=70.0, body_scale=1.5, slice_factor=2),
 }
 TARGET_RARE_FRACTION = {"H1": 0.1, "H2": 0.1, "H3": 0.2}  # H3 sees more pathology
 
