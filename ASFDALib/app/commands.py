@@ -494,6 +494,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     seeds = None
     if args.seeds:
         listed = _int_list("--seeds", args.seeds)
+        if "," not in args.seeds and listed[0] < 1:
+            raise ASFDAError(
+                f"--seeds {args.seeds}: one number is a count of seeds (N: seeds 0..N-1); "
+                "use --seeds 1 for seed 0 alone, or a list such as 0,1"
+            )
         seeds = listed if "," in args.seeds else tuple(range(listed[0]))
     rows = None
     if args.rows:

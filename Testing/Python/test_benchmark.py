@@ -217,6 +217,12 @@ def test_own_data_needs_a_model_and_both_folders(tmp_path, capsys):
     assert "needs both --pool DIR and --test DIR" in capsys.readouterr().err
 
 
+def test_a_seed_count_of_zero_is_refused_not_read_as_the_default(tmp_path, capsys):
+    assert main(["benchmark", "--seeds", "0", "--out", str(tmp_path / "b")]) == 1
+    assert "use --seeds 1 for seed 0 alone" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_the_cli_lists_the_benchmark_rows_without_loading_torch():
     from ASFDALib.app.cli import BENCH_ROWS, BENCH_SCENARIOS
     from ASFDALib.bench.benchmark import ROWS, SCENARIOS
