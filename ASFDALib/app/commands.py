@@ -531,7 +531,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)
     if config.eval_at and not (config.validation or val_dir):
         raise ASFDAError("--eval-at scores the validation set: give --validation DIR (or a phantom count)")
-    bar, update = volume_progress(console, "Benchmark")
+    bar, update = volume_progress(console, "Benchmark", "runs")
     with bar:
         report = run_benchmark(
             args.out,

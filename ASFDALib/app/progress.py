@@ -47,11 +47,11 @@ class PlainProgress(AbstractContextManager):
         self.console.print(text + (f" {detail}" if detail else ""), highlight=False, markup=False, soft_wrap=True)
 
 
-def volume_progress(console, label: str):
-    """A progress display for work over volumes (i/N, elapsed, ETA, current name) and the callback
-    ``update(done, total, name)`` that drives it: a rich bar in a terminal, plain lines elsewhere."""
+def volume_progress(console, label: str, unit: str = "volumes"):
+    """A progress display for work over volumes (or other ``unit``s: i/N, elapsed, ETA, current name) and
+    the callback ``update(done, total, name)`` that drives it: a rich bar in a terminal, plain lines elsewhere."""
     if not console.is_terminal:
-        plain = PlainProgress(console, label, "volumes")
+        plain = PlainProgress(console, label, unit)
         return plain, lambda done, total, name: plain.step(done, total, name)
     from rich.progress import (
         BarColumn,
@@ -66,7 +66,7 @@ def volume_progress(console, label: str):
         TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("volumes"),
+        TextColumn(unit),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
