@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
         trainer.run(cases, args.iterations, progress=report)
-        seconds_per_iteration = (time.perf_counter() - t0) / max(trainer.iteration - first, 1)
+        ran = trainer.iteration - first
+        # a resumed run that had nothing left to train measured no iteration
+        seconds_per_iteration = (time.perf_counter() - t0) / ran if ran else None
         weights = args.out / f"{stem}.pt"
         import torch
 
