@@ -16,6 +16,8 @@ Per model and kind it reports
 - ``auc_source``: the probability that a target volume's gap exceeds a source volume's: does the gap
   separate the source distribution from the hospitals?
 - ``per_site``: mean gap and Dice per site, so a reader sees which shifts each kind sees.
+- ``dkd_first``: what it does to the query: the first four DKD picks (knowledge gap × diversity, the
+  method's greedy selection) among the target volumes, with each pick's site and source-model Dice.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from ASFDALib.models.loading import load_model
 from ASFDALib.query import scoring
 from ASFDALib.query.features import pointwise_head
 from ASFDALib.query.ranking import choose_knowledge
-from ASFDALib.query.selection import Knowledge, Pool, divergence_layers, knowledge_gap
+from ASFDALib.query.selection import Knowledge, Pool, divergence_layers, knowledge_gap, select
 
 VALIDATION_SEED = 1002  # the benchmark's validation split (BenchmarkConfig.data_seed + 2)
 
@@ -83,6 +85,17 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
 
 
+def _pool(results: list) -> Pool:
+    return Pool(
+        summaries=[r.summary for r in results],
+        asd=np.array([r.asd for r in results]),
+        entropy=np.array([r.entropy for r in results]),
+        energy=np.array([r.energy for r in results]),
+        fg_ml=np.array([r.fg_ml for r in results]),
+        prototype=np.array([r.prototype_gap for r in results]),
+    )
+
+
 def measure(model_path: Path, data: Path, cases: list[dict]) -> dict:
     model = load_model(model_path)
     offered = kinds_offered(model)
@@ -94,16 +107,11 @@ def measure(model_path: Path, data: Path, cases: list[dict]) -> dict:
         result = sweep(model.network, torch.from_numpy(loaded.image), model.card, config)
         results.append(result)
         dice.append(100 * float(np.nanmean(dice_per_class(result.label, loaded.label, model.card.num_classes))))
-    pool = Pool(
-        summaries=[r.summary for r in results],
-        asd=np.array([r.asd for r in results]),
-        entropy=np.array([r.entropy for r in results]),
-        energy=np.array([r.energy for r in results]),
-        fg_ml=np.array([r.fg_ml for r in results]),
-        prototype=np.array([r.prototype_gap for r in results]),
-    )
     sites = np.array([c["site"] for c in cases])
     target = sites != "source"
+    pool = _pool(results)
+    target_pool = _pool([r for r, t in zip(results, target) if t])
+    target_index = np.flatnonzero(target)
     dice = np.array(dice)
     report = {
         "model": str(model_path),
@@ -117,6 +125,14 @@ def measure(model_path: Path, data: Path, cases: list[dict]) -> dict:
             "spearman_error": spearman(gap[target], 100 - dice[target]),
             "auc_source": auc(gap[target], gap[~target]) if (~target).any() else None,
             "gap_per_site": {s: float(gap[sites == s].mean()) for s in sorted(set(sites))},
+            "dkd_first": [
+                {
+                    "case": cases[target_index[i]]["name"],
+                    "site": str(sites[target_index[i]]),
+                    "dice": dice[target_index[i]],
+                }
+                for i in select(target_pool, "dkd", knowledge).order[:4]
+            ],
         }
     return report
 
