@@ -174,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--knowledge",
         choices=("auto", "bn", "stats", "prototype", "energy"),
         default="auto",
-        help="source knowledge for DKD: BatchNorm statistics, the card's source-statistics file, "
-        "the pre-trained head's class prototypes (a pointwise head), or free energy; auto picks the first "
-        "available (default: %(default)s)",
+        help="source knowledge for DKD: BatchNorm statistics, the card's source-statistics file, or free "
+        "energy, auto picks the first available; prototype (the pointwise head's class prototypes) only when "
+        "asked (default: %(default)s)",
     )
     rank.add_argument("--mc-passes", type=positive_int, default=5, help="MC-dropout passes for --strategy epistemic")
     rank.add_argument(

@@ -111,7 +111,8 @@ class Ranking:
 
 def choose_knowledge(model: LoadedModel, requested: str = "auto") -> Knowledge:
     """Source knowledge in the method's order of preference: BatchNorm statistics the network really uses
-    in eval mode, a statistics file, the pre-trained head's class prototypes, the head's free energy.
+    in eval mode, a statistics file, the pre-trained head's free energy; the head's class prototypes only
+    when asked for (``prototype``: measured weaker than the energy, docs/method.md).
 
     Most foundation models normalise with InstanceNorm, GroupNorm or LayerNorm, and some BatchNorm variants
     use batch statistics even in eval mode (SuPreM's UNet): their running buffers are not the source's
@@ -133,19 +134,18 @@ def choose_knowledge(model: LoadedModel, requested: str = "auto") -> Knowledge:
         return Knowledge("stats", FeatureSummary.load(stats_path))
     if requested == "stats":
         raise ModelError(f"{model.path}: no source-statistics file (set 'source_stats' in the card; see asfda stats)")
-    why = "" if norm is None else f"the network normalises with {kinds}: no BatchNorm statistics to compare with"
-    head, not_pointwise = (
-        ("", "the model is opaque (no layers to read)")
-        if model.scripted
-        else pointwise_head(model.network, model.card.num_classes)
-    )
-    if head and model.head_is_new:
-        head, not_pointwise = "", "the output head is new (re-initialised for the target's classes)"
-    if requested in ("auto", "prototype") and head:
-        return Knowledge("prototype", note=why, head=head)
+    note = "" if norm is None else f"the network normalises with {kinds}: no BatchNorm statistics to compare with"
     if requested == "prototype":
-        raise ModelError(f"{model.path}: no prototypes to compare with: {not_pointwise}; use --knowledge energy")
-    note = "; ".join(n for n in (why, f"no prototypes: {not_pointwise}" if not_pointwise else "") if n)
+        head, why_not = (
+            ("", "the model is opaque (no layers to read)")
+            if model.scripted
+            else pointwise_head(model.network, model.card.num_classes)
+        )
+        if head and model.head_is_new:
+            head, why_not = "", "the output head is new (re-initialised for the target's classes)"
+        if not head:
+            raise ModelError(f"{model.path}: no prototypes to compare with: {why_not}; use --knowledge energy")
+        return Knowledge("prototype", note=note, head=head)
     return Knowledge("energy", note=note)
 
 

@@ -195,9 +195,7 @@ def test_help_teaches_with_examples(capsys):
         assert phrase in text
 
 
-def test_an_instancenorm_network_with_a_pointwise_head_ranks_by_its_prototypes_and_caches_them(
-    tmp_path, mri_pool, capsys
-):
+def test_asked_for_prototypes_an_instancenorm_network_ranks_by_them_and_caches_them(tmp_path, mri_pool, capsys):
     """nnU-Net's layout (DynUNet, InstanceNorm, 1x1x1 head) with its own classes: no BatchNorm statistics
     and no statistics file, so the knowledge gap is the misalignment with the head's weight rows; a second
     ranking reads the same gaps from the cache."""
@@ -220,7 +218,7 @@ def test_an_instancenorm_network_with_a_pointwise_head_ranks_by_its_prototypes_a
     (tmp_path / "card.json").write_text(json.dumps({**card, "roi_size": [32, 32, 32]}))
     command = ["rank", "--model", str(tmp_path / "nnunet.pt"), "--network", "DynUNet"]
     command += ["--network-args", json.dumps(args), "--card", str(tmp_path / "card.json")]
-    command += ["--images", str(mri_pool / "images")]
+    command += ["--images", str(mri_pool / "images"), "--knowledge", "prototype"]
     assert main([*command, "--out", str(tmp_path / "first")]) == 0
     assert "class prototypes" in capsys.readouterr().out
     report = json.loads((tmp_path / "first" / "ranking.json").read_text())
@@ -233,8 +231,9 @@ def test_an_instancenorm_network_with_a_pointwise_head_ranks_by_its_prototypes_a
     from ASFDALib.query.ranking import choose_knowledge
 
     model = load_model(tmp_path / "nnunet.pt", tmp_path / "card.json", NetworkSpec("DynUNet", args))
-    rankings = [rank_folder(mri_pool / "images", model, tmp_path / "cache", RankConfig()) for _ in range(2)]
-    assert rankings[0].knowledge.kind == choose_knowledge(model).kind == "prototype"
+    config = RankConfig(knowledge="prototype")
+    rankings = [rank_folder(mri_pool / "images", model, tmp_path / "cache", config) for _ in range(2)]
+    assert rankings[0].knowledge.kind == choose_knowledge(model, "prototype").kind == "prototype"
     assert all(r.cached for r in rankings[1].records)
     gaps = [[r.result.prototype_gap for r in ranking.records] for ranking in rankings]
     assert np.isfinite(gaps[0]).all() and gaps[1] == gaps[0]
