@@ -1,6 +1,6 @@
 """Which source knowledge tells how far a volume is from what the model knows? (issue 14, item 4)
 
-    python benchmarks/knowledge_gap.py --models benchmarks/models/ct_source_batch.pt ... [--volumes 24]
+    python benchmarks/knowledge_gap.py --models Resources/BenchmarkModels/ct_source_batch.pt ... [--volumes 24]
         [--source 6] [--json benchmarks/results/knowledge_gap.json]
 
 DKD's knowledge gap d_src is meant to grow as a volume moves away from the source the model learnt from.

@@ -1,7 +1,7 @@
 """Train the foundation-like source model of benchmark scenario (a), hospital shift within CT.
 
     python benchmarks/train_source_model.py [--norm both] [--arch unet] [--volumes 200] [--iterations 3000]
-        [--out benchmarks/models]
+        [--out Resources/BenchmarkModels]
 
 A MONAI UNet (channels 16-32-64-128, two residual units per level, 5 foreground classes of the rich anatomy)
 trained from scratch on ``--volumes`` source CT volumes, each with its own simulated scanner and protocol
@@ -9,7 +9,7 @@ trained from scratch on ``--volumes`` source CT volumes, each with its own simul
 source knowledge from the running statistics) and ``instance`` (InstanceNorm, as most real foundation models:
 DKD then needs the source-statistics file written beside it). Training uses the engine's own trainer
 (foreground-oversampled 48³ patches, flips and intensity augmentation, Dice + cross-entropy, AdamW),
-checkpoints every 250 iterations and resumes from ``OUT/work/STEM`` when run again. ``--arch dynunet`` trains
+checkpoints every 250 iterations and resumes from ``WORK/STEM`` when run again. ``--arch dynunet`` trains
 nnU-Net's layout instead (DynUNet, a pointwise output head: the network the prototype knowledge is measured
 on; files ``ct_source_dynunet_NORM.*``). Each variant writes ``ct_source_NORM.pt`` (state dict, about 5 MB),
 its card ``ct_source_NORM.card.json`` and ``ct_source_NORM_stats.npz``; ``--check N`` then scores N fresh
@@ -18,7 +18,8 @@ volumes of the source distribution and of each target hospital (H1-H3) and write
 seconds per iteration.
 
 Use with the benchmark:
-    asfda benchmark --scenario ct-shift --model benchmarks/models/ct_source_instance.pt --validation 20 --out bench-ct
+    asfda benchmark --scenario ct-shift --model Resources/BenchmarkModels/ct_source_batch.pt --validation 12 \
+        --lr 1e-3 --iterations 400 --out bench-ct
 """
 
 from __future__ import annotations
@@ -143,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=4321)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--check", type=int, default=4, help="volumes per site for the Dice check (0: none)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "models")
+    root = Path(__file__).resolve().parent.parent
+    parser.add_argument("--out", type=Path, default=root / "Resources" / "BenchmarkModels")
+    parser.add_argument(
+        "--work", type=Path, default=root / "runs" / "source-models", help="checkpoints to resume from (not shipped)"
+    )
     args = parser.parse_args(argv)
     norms = ("batch", "instance") if args.norm == "both" else (args.norm,)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             device=args.device,
         )
-        trainer = Trainer(network, card, config, args.out / "work" / stem)
+        trainer = Trainer(network, card, config, args.work / stem)
         resumed = trainer.load()
         first = trainer.iteration
         t0 = time.perf_counter()

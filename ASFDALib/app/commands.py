@@ -526,7 +526,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if folders is None and args.scenario != "mri" and args.model is None:
         raise ASFDAError(
             f"--scenario {args.scenario} needs its source model (five classes): train it with "
-            "benchmarks/train_source_model.py and pass --model benchmarks/models/ct_source_instance.pt"
+            "benchmarks/train_source_model.py and pass --model Resources/BenchmarkModels/ct_source_batch.pt"
         )
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)
     if config.eval_at and not (config.validation or val_dir):

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ASFDALib.app.cli import main
 from ASFDALib.bench.phantoms import make_phantom
@@ -51,7 +52,7 @@ def test_source_model_script_and_ct_shift_benchmark_smoke(tmp_path, capsys):
     spec.loader.exec_module(script)
     models = tmp_path / "models"
     argv = ["--norm", "instance", "--volumes", "2", "--iterations", "2", "--check", "1", "--device", "cpu"]
-    assert script.main([*argv, "--out", str(models)]) == 0
+    assert script.main([*argv, "--out", str(models), "--work", str(tmp_path / "work")]) == 0
     check = json.loads((models / "ct_source_instance_check.json").read_text())
     assert set(check["dice"]) == {"source", "H1", "H2", "H3"} and check["seconds_per_iteration"] > 0
     assert check["weights_mb"] < 20  # small enough to ship in Resources/
@@ -73,3 +74,19 @@ def test_source_model_script_and_ct_shift_benchmark_smoke(tmp_path, capsys):
 def test_rich_scenarios_refuse_the_default_model(tmp_path, capsys):
     assert main(["benchmark", "--scenario", "ct-shift", "--quick", "--out", str(tmp_path)]) == 1
     assert "needs its source model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stem,knowledge", [("ct_source_batch", "bn"), ("ct_source_dynunet_instance", "stats")])
+def test_the_shipped_source_models_load_with_their_cards_and_source_knowledge(stem, knowledge):
+    """The benchmark's trained source models (benchmarks/train_source_model.py) ship in Resources/BenchmarkModels:
+    five organs of the rich anatomy, the knowledge each gives DKD, and the check of their Dice per site."""
+    from ASFDALib.bench.anatomy import RICH_CLASS_NAMES
+    from ASFDALib.models.loading import load_model
+    from ASFDALib.query.ranking import choose_knowledge
+
+    folder = Path(__file__).resolve().parents[2] / "Resources" / "BenchmarkModels"
+    model = load_model(folder / f"{stem}.pt")
+    assert model.card.class_names == RICH_CLASS_NAMES
+    assert choose_knowledge(model).kind == knowledge
+    check = json.loads((folder / f"{stem}_check.json").read_text())
+    assert set(check["dice"]) == {"source", "H1", "H2", "H3"}
