@@ -34,11 +34,11 @@ from _common import emit
 from ASFDALib.adaptation.patches import load_case
 from ASFDALib.bench.scenarios import make_source_volume, write_target_split
 from ASFDALib.data.volumes import write_nifti
+from ASFDALib.errors import ModelError
 from ASFDALib.evaluation.metrics import dice_per_class
 from ASFDALib.inference.sweep import SweepConfig, sweep
 from ASFDALib.models.loading import load_model
 from ASFDALib.query import scoring
-from ASFDALib.query.features import pointwise_head
 from ASFDALib.query.ranking import choose_knowledge
 from ASFDALib.query.selection import Knowledge, Pool, divergence_layers, knowledge_gap, select
 
@@ -63,14 +63,11 @@ def write_data(folder: Path, volumes: int, source: int) -> list[dict]:
 def kinds_offered(model) -> dict[str, Knowledge]:
     """Every source knowledge the model can give (not only the one ``auto`` picks)."""
     offered = {"energy": Knowledge("energy")}
-    for kind in ("bn", "stats"):
+    for kind in ("bn", "stats", "prototype"):
         try:
             offered[kind] = choose_knowledge(model, kind)
-        except Exception:  # noqa: BLE001 - the model does not offer this kind
+        except ModelError:  # the model does not offer this kind
             pass
-    head, _ = pointwise_head(model.network, model.card.num_classes)
-    if head:
-        offered["prototype"] = Knowledge("prototype", head=head)
     return offered
 
 
