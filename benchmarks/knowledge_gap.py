@@ -39,8 +39,8 @@ from ASFDALib.evaluation.metrics import dice_per_class
 from ASFDALib.inference.sweep import SweepConfig, sweep
 from ASFDALib.models.loading import load_model
 from ASFDALib.query import scoring
-from ASFDALib.query.ranking import choose_knowledge
-from ASFDALib.query.selection import Knowledge, Pool, divergence_layers, knowledge_gap, select
+from ASFDALib.query.ranking import choose_knowledge, pool_from_results
+from ASFDALib.query.selection import Knowledge, divergence_layers, knowledge_gap, select
 
 VALIDATION_SEED = 1002  # the benchmark's validation split (BenchmarkConfig.data_seed + 2)
 
@@ -82,17 +82,6 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
 
 
-def _pool(results: list) -> Pool:
-    return Pool(
-        summaries=[r.summary for r in results],
-        asd=np.array([r.asd for r in results]),
-        entropy=np.array([r.entropy for r in results]),
-        energy=np.array([r.energy for r in results]),
-        fg_ml=np.array([r.fg_ml for r in results]),
-        prototype=np.array([r.prototype_gap for r in results]),
-    )
-
-
 def measure(model_path: Path, data: Path, cases: list[dict]) -> dict:
     model = load_model(model_path)
     offered = kinds_offered(model)
@@ -106,8 +95,8 @@ def measure(model_path: Path, data: Path, cases: list[dict]) -> dict:
         dice.append(100 * float(np.nanmean(dice_per_class(result.label, loaded.label, model.card.num_classes))))
     sites = np.array([c["site"] for c in cases])
     target = sites != "source"
-    pool = _pool(results)
-    target_pool = _pool([r for r, t in zip(results, target) if t])
+    pool = pool_from_results(results)
+    target_pool = pool_from_results([r for r, t in zip(results, target) if t])
     target_index = np.flatnonzero(target)
     dice = np.array(dice)
     report = {

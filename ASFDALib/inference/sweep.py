@@ -20,7 +20,7 @@ from ASFDALib.inference.device import resolve_device
 from ASFDALib.inference.windows import batch_for_memory, run_windows
 from ASFDALib.models.card import ModelCard
 from ASFDALib.query import scoring
-from ASFDALib.query.features import LOGITS, FeatureSummary, FeatureTaps, PrototypeAlignment, RunningMoments
+from ASFDALib.query.features import LOGITS, FeatureSummary, FeatureTaps, RunningMoments
 
 FOREGROUND_FLAG = 128  # high bit of a uint8 class map: the overall argmax is a foreground class
 WIDE_FOREGROUND_FLAG = 1 << 15  # the same bit of a uint16 map, for models with more than 127 foreground classes
@@ -106,12 +106,10 @@ def sweep(
     energy = np.zeros(padded, np.float16) if config.keep_energy else None
     logit_moments = RunningMoments()
     log_c = math.log(card.num_classes)
-    prototypes, hook = None, None
-    if config.prototype_head:
-        head = dict(network.named_modules())[config.prototype_head]
-        prototypes = PrototypeAlignment(head)
-        hook = head.register_forward_pre_hook(lambda _m, args: prototypes.update(args[0]))
-    with FeatureTaps(network, config.stages, config.batchnorm_taps) as taps, torch.inference_mode():
+    with (
+        FeatureTaps(network, config.stages, config.batchnorm_taps, config.prototype_head) as taps,
+        torch.inference_mode(),
+    ):
         for window_batch in batches:
             logit_moments.update(window_batch.logits)
             for i in range(len(window_batch.windows)):
@@ -132,8 +130,6 @@ def sweep(
                     # log p_0 = logit_0 - logsumexp, so the free energy -logsumexp comes for free.
                     energy[core] = (logp[0] - owned[0]).to(torch.float16).numpy(force=True)
         summary = taps.summary()
-    if hook is not None:
-        hook.remove()
     summary.layers[LOGITS] = logit_moments.result()
     shape, valid = plan.shape, plan.valid
     entropy_q, fgprob_q, classes = entropy_q[valid], fgprob_q[valid], classes[valid]
@@ -158,5 +154,5 @@ def sweep(
         shape=shape,
         windows=len(plan.windows),
         label=np.where(classes >= flag, fg_class, 0).astype(class_dtype) if config.keep_label else None,
-        prototype_gap=prototypes.gap() if prototypes is not None else math.nan,
+        prototype_gap=taps.prototypes.gap() if taps.prototypes is not None else math.nan,
     )

@@ -128,7 +128,7 @@ def pointwise_head(network: torch.nn.Module, num_classes: int) -> tuple[str, str
         name = output_head(network, num_classes)[0]
     except Exception as exc:  # noqa: BLE001 - no head found is a reason, not an error, here
         return "", str(exc)
-    module = dict(network.named_modules())[name]
+    module = network.get_submodule(name)
     if isinstance(module, torch.nn.Linear):
         return name, ""
     conv = isinstance(module, torch.nn.modules.conv._ConvNd) and not module.transposed
@@ -245,13 +245,24 @@ def encoder_stages(network: torch.nn.Module) -> list[str]:
 class FeatureTaps:
     """Context manager that hooks layers and accumulates their running moments during inference."""
 
-    def __init__(self, network: torch.nn.Module, stages: list[str] | None = None, batchnorm: bool = True) -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        stages: list[str] | None = None,
+        batchnorm: bool = True,
+        prototype_head: str = "",
+    ) -> None:
         self.network = network
         self.moments: dict[str, RunningMoments] = {}
+        self.prototypes: PrototypeAlignment | None = None  # with ``prototype_head``: the head's alignment
         self._handles: list = []
         self.enabled = not isinstance(network, torch.jit.ScriptModule)
         if not self.enabled:
             return
+        if prototype_head:
+            head = network.get_submodule(prototype_head)
+            self.prototypes = alignment = PrototypeAlignment(head)
+            self._handles.append(head.register_forward_pre_hook(lambda _m, args: alignment.update(args[0])))
         modules = dict(network.named_modules())
         for name in stages if stages is not None else encoder_stages(network):
             if name not in modules:

@@ -196,8 +196,8 @@ def score_volumes(
         try:
             file_hash = record.sha256 = cache.file_hash(path)
             extra = "energy" if sweep_config.keep_energy else ""
-            if knowledge.head:
-                extra += f"prototype:{knowledge.head}"
+            if sweep_config.prototype_head:
+                extra += f"prototype:{sweep_config.prototype_head}"
             key = cache.key(file_hash, model.digest, preprocessing, extra)
             record.result = cache.get(key)
             record.cached = record.result is not None
@@ -238,6 +238,19 @@ def score_volumes(
     return records
 
 
+def pool_from_results(results: list[SweepResult], **extra) -> Pool:
+    """The pool the strategies order, from its volumes' sweep results (``extra``: Pool's optional fields)."""
+    return Pool(
+        summaries=[r.summary for r in results],
+        asd=np.array([r.asd for r in results]),
+        entropy=np.array([r.entropy for r in results]),
+        energy=np.array([r.energy for r in results]),
+        fg_ml=np.array([r.fg_ml for r in results]),
+        prototype=np.array([r.prototype_gap for r in results]),
+        **extra,
+    )
+
+
 def rank_records(
     records: list[VolumeRecord],
     knowledge: Knowledge,
@@ -254,16 +267,11 @@ def rank_records(
     labelled = [r.result.summary for r in records if r.ok and r.name in labelled_names]
     rows: list[RankRow] = []
     if scored:
-        pool = Pool(
-            summaries=[r.result.summary for r in scored],
-            asd=np.array([r.result.asd for r in scored]),
-            entropy=np.array([r.result.entropy for r in scored]),
-            energy=np.array([r.result.energy for r in scored]),
-            fg_ml=np.array([r.result.fg_ml for r in scored]),
+        pool = pool_from_results(
+            [r.result for r in scored],
             epistemic=np.array([r.epistemic for r in scored]) if config.strategy == "epistemic" else None,
             labelled=labelled,
             class_entropy=np.stack([r.class_entropy for r in scored]) if config.strategy == "clasp-pe" else None,
-            prototype=np.array([r.result.prototype_gap for r in scored]),
         )
         chosen = select(
             pool,

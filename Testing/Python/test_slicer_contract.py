@@ -394,21 +394,11 @@ def test_the_binding_check_fails_on_the_panel_before_issue_13():
     and spin boxes whose .ui range the connector silently replaced with the full int range."""
     import subprocess
 
-    old = subprocess.run(
-        ["git", "show", "64a4a04:ASFDA/ASFDA.py"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        check=False,
-    )
-    old_ui = subprocess.run(
-        ["git", "show", "64a4a04:Resources/UI/ASFDA.ui"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        check=False,
+    old, old_ui = (
+        subprocess.run(
+            ["git", "show", f"64a4a04:{path}"], cwd=REPO, capture_output=True, text=True, encoding="utf-8", check=False
+        )
+        for path in ("ASFDA/ASFDA.py", "Resources/UI/ASFDA.ui")
     )
     if old.returncode or old_ui.returncode:
         pytest.skip("the pre-fix commit is not in this checkout's history")
