@@ -29,6 +29,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,6 +40,7 @@ from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.adaptation.trainer import Trainer
 from ASFDALib.atomic import atomic_write_json
 from ASFDALib.bench.anatomy import RICH_CLASS_NAMES
+from ASFDALib.bench.phantoms import SITES, PhantomConfig
 from ASFDALib.bench.scenarios import TARGET_SITES, make_source_volume, target_config
 from ASFDALib.data.preprocess import preprocess, preprocess_label
 from ASFDALib.data.volumes import Volume, write_nifti
@@ -83,14 +85,24 @@ NETWORKS = {
 }
 
 
-def model_name(arch: str, norm: str) -> str:
+def model_name(arch: str, norm: str, intensity: str = "ct") -> str:
     """File stem of a trained variant: ``ct_source_NORM`` for the UNet (the benchmark's default), else
-    ``ct_source_ARCH_NORM``."""
-    return f"ct_source_{norm}" if arch == "unet" else f"ct_source_{arch}_{norm}"
+    ``ct_source_ARCH_NORM``; ``_percentile`` appended for the CT -> MRI model (so it never replaces the
+    CT-windowed one)."""
+    stem = f"ct_source_{norm}" if arch == "unet" else f"ct_source_{arch}_{norm}"
+    return stem if intensity == "ct" else f"{stem}_{intensity}"
+
+
+def check_targets(intensity: str) -> dict[str, PhantomConfig]:
+    """The target sites a variant is checked on: the CT hospitals H1-H3 for the CT-windowed model, the
+    three MRI sites of the ``mri-rich`` scenario (rich anatomy) for the percentile-normalised one."""
+    if intensity == "ct":
+        return {site: target_config(site) for site in TARGET_SITES}
+    return {site: replace(config, anatomy="rich") for site, config in SITES.items()}
 
 
 def make_card(norm: str, intensity: str, arch: str = "unet") -> ModelCard:
-    stem = model_name(arch, norm)
+    stem = model_name(arch, norm, intensity)
     return ModelCard(
         name=stem.replace("_", "-"),
         description=f"Foundation-like CT source model ({arch}, {norm} norm), benchmarks/train_source_model.py, "
@@ -111,18 +123,18 @@ def to_case(name: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray,
     return Case(name, x, preprocess_label(label, affine, card))
 
 
-def check(network, card: ModelCard, count: int, seed: int, device: str) -> dict:
+def check(network, card: ModelCard, count: int, seed: int, device: str, targets: dict[str, PhantomConfig]) -> dict:
     """Mean Dice (percent) per foreground class and overall on ``count`` fresh volumes of the source
-    distribution and of each target hospital."""
+    distribution and of each target site in ``targets``."""
     from ASFDALib.bench.benchmark import evaluate
     from ASFDALib.bench.phantoms import make_phantom
     from ASFDALib.bench.statistics import case_mean
 
     holder = SimpleNamespace(card=card)  # evaluate() reads only the model's card
     groups = {"source": [to_case(f"s{i}", *make_source_volume(seed + 500_000 + i), card) for i in range(count)]}
-    for site in TARGET_SITES:
+    for site, config in targets.items():
         groups[site] = [
-            to_case(f"{site}{i}", *make_phantom(seed + 600_000 + 1000 * len(groups) + i, target_config(site)), card)
+            to_case(f"{site}{i}", *make_phantom(seed + 600_000 + 1000 * len(groups) + i, config), card)
             for i in range(count)
         ]
     report = {}
@@ -156,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = [make_source_volume(args.seed * 10_000 + i) for i in range(args.volumes)]
     print(f"{args.volumes} source volumes generated ({time.perf_counter() - start:.0f} s)", flush=True)
     for norm in norms:
-        card, stem = make_card(norm, args.intensity, args.arch), model_name(args.arch, norm)
+        card, stem = make_card(norm, args.intensity, args.arch), model_name(args.arch, norm, args.intensity)
         cases = [to_case(f"source_{i:04d}", *volume, card) for i, volume in enumerate(raw)]
         network = build_network(card.network)
         config = FinetuneConfig(
@@ -199,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "arch": args.arch,
             "norm": norm,
+            "intensity": args.intensity,
             "volumes": args.volumes,
             "iterations": args.iterations,
             "resumed_from": first if resumed else 0,
@@ -209,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         if args.check:
-            summary["dice"] = check(model.network, card, args.check, args.seed, args.device)
+            summary["dice"] = check(
+                model.network, card, args.check, args.seed, args.device, check_targets(args.intensity)
+            )
         atomic_write_json(args.out / f"{stem}_check.json", summary)
         print(json.dumps(summary, indent=2), flush=True)
     print(f"wrote {args.out} ({(time.perf_counter() - start) / 60:.1f} min)")

@@ -116,7 +116,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
 
 BENCH_ROWS = (
     "source", "random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe", "dkd", "asd",
-    "asfda", "asfda+ssft", "full",
+    "asfda", "asfda+ssft", "ssft-control", "full",
 )  # fmt: skip  # ASFDALib.bench.benchmark.ROWS, listed here so --help does not load torch (a test pins them equal)
 BENCH_SCENARIOS = ("mri", "ct-shift", "mri-rich")
 

@@ -38,7 +38,7 @@ from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
 from ASFDALib.query.ranking import RankConfig, rank_folder
 
 QUERY_ROWS = ("random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe", "dkd", "asd", "asfda")
-ROWS = ("source", *QUERY_ROWS, "asfda+ssft", "full")
+ROWS = ("source", *QUERY_ROWS, "asfda+ssft", "ssft-control", "full")
 LABELS = {
     "source": "source model, no adaptation",
     "random": "random",
@@ -52,11 +52,15 @@ LABELS = {
     "asd": "ASD only",
     "asfda": "ASFDA (DKD + ASD)",
     "asfda+ssft": "ASFDA + selective semi-supervised fine-tuning (stage 2: +50% iterations)",
+    "ssft-control": "ASFDA, labels only, as many iterations as ASFDA + SSFT (the pseudo-labels' control)",
     "full": "fully supervised, whole pool (upper bound)",
 }
 # Strategies whose query changes with the seed (so each seed ranks anew) and those whose query depends on
 # the budget (ranked once per budget instead of one ranking cut at every budget).
 SEEDED = ("random", "fg-random", "typiclust", "clasp-pe")
+# Rows that train on ASFDA's query with another recipe, and the row each is paired with in the summary.
+ASFDA_RECIPES = ("asfda+ssft", "ssft-control")
+CONTROLS = {"asfda+ssft": "ssft-control"}
 PER_BUDGET = ("typiclust",)
 SCENARIOS = ("mri", "ct-shift", "mri-rich")
 LAYOUT_FIX = "each folder needs images/ and labels/ with the same file names (the layout `asfda phantoms` writes)"
@@ -305,6 +309,16 @@ def markdown(summary: list[dict], class_names: list[str]) -> str:
             + " | ".join(cells)
             + f" | **{s['mean_dice']:.1f} ± {s['sd_dice']:.1f}** | {delta} |"
         )
+    controlled = [s for s in _order(summary) if s.get("diff_vs_control")]
+    if controlled:
+        lines += ["", "Paired difference to the row's control (same query, seed and iterations):", ""]
+        for s in controlled:
+            d = s["diff_vs_control"]
+            ci = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else " [1 seed]"
+            lines.append(
+                f"- {LABELS[s['row']]}, budget {s['budget']}: {d['mean']:+.1f}{ci} vs {LABELS[d['row']]}"
+                f" ({len(d['seeds'])} seeds)"
+            )
     groups = [
         (kind, sorted({g for s in summary for g in s.get("per_group", {}).get(kind, {})}))
         for kind in ("site", "subgroup")
@@ -516,6 +530,7 @@ def run_benchmark(
         query: list[str] = []
         curve: dict[str, float] = {}
         ssft = config.ssft if row == "asfda+ssft" else None
+        iterations = row_iterations(row, config)
 
         def on_eval(iteration: int, network: torch.nn.Module, curve: dict[str, float] = curve) -> None:
             curve[str(iteration)] = 100 * statistics.case_mean(evaluate(model, network, validation, config.device))
@@ -526,7 +541,7 @@ def run_benchmark(
             if row == "full":
                 query = [c.name for c in pool]
             else:
-                strategy = "asfda" if row == "asfda+ssft" else row
+                strategy = "asfda" if row in ASFDA_RECIPES else row
                 key = (strategy, seed if strategy in SEEDED else 0, budget if strategy in PER_BUDGET else 0)
                 if key not in orders:
                     ranking = rank_folder(
@@ -542,7 +557,7 @@ def run_benchmark(
                     )
                     orders[key] = [r.file for r in ranking.rows if r.status == "scored"]
                 query = orders[key][:budget]
-            twin = _twin(runs, query, seed, ssft is not None)
+            twin = _twin(runs, query, seed, row, config)
             if twin is not None:
                 runs.append(
                     Run(
@@ -566,7 +581,7 @@ def run_benchmark(
                 model_card,
                 labelled,
                 pool,
-                config.iterations,
+                iterations,
                 seed,
                 config.device,
                 ssft,
@@ -578,7 +593,7 @@ def run_benchmark(
         per_case = evaluate_cases(model, network, test, config.device)
         val = evaluate(model, network, validation, config.device) if validation else None
         if validation and row != "source" and ssft is None and config.eval_at:
-            curve[str(config.iterations)] = 100 * statistics.case_mean(val)
+            curve[str(iterations)] = 100 * statistics.case_mean(val)
         runs.append(
             Run(row, budget, seed, _class_means(per_case), query, time.perf_counter() - t0, per_case, val, curve)
         )
@@ -592,10 +607,21 @@ def _rates(config: BenchmarkConfig) -> dict[str, float]:
     return {k: v for k, v in (("lr", config.lr), ("encoder_lr_scale", config.encoder_lr_scale)) if v is not None}
 
 
-def _twin(runs: list[Run], query: list[str], seed: int, ssft: bool) -> Run | None:
+def row_iterations(row: str, config: BenchmarkConfig) -> int:
+    """Training iterations of a row: the protocol's, except the SSFT control, which trains on the labels as
+    long as ASFDA + SSFT trains in all (stage 1 + stage 2), so the pseudo-labels are the only difference."""
+    extra = round(config.iterations * config.ssft.extra_fraction) if row == "ssft-control" else 0
+    return config.iterations + extra
+
+
+def _recipe(row: str, config: BenchmarkConfig) -> tuple[bool, int]:
+    return row == "asfda+ssft", row_iterations(row, config)
+
+
+def _twin(runs: list[Run], query: list[str], seed: int, row: str, config: BenchmarkConfig) -> Run | None:
     """An earlier run with the same labelled set, seed and recipe: its training would be repeated exactly."""
     for r in runs:
-        if r.row == "source" or r.shared_with or r.seed != seed or (r.row == "asfda+ssft") != ssft:
+        if r.row == "source" or r.shared_with or r.seed != seed or _recipe(r.row, config) != _recipe(row, config):
             continue
         if sorted(r.query) == sorted(query):
             return r
@@ -636,7 +662,7 @@ def _report(
     folders: Folders | None = None,
 ) -> dict:
     groups = case_groups([folders.test]) if folders else {}
-    summary = statistics.summarise(runs, config.rows, config.budgets, groups)
+    summary = statistics.summarise(runs, config.rows, config.budgets, groups, controls=CONTROLS)
     pool_size = len(_pairs(folders.pool)) if folders and (folders.pool / "images").is_dir() else config.pool
     test_size = len(_pairs(folders.test)) if folders and (folders.test / "images").is_dir() else config.test
     report = {

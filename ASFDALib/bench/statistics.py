@@ -82,6 +82,7 @@ def summarise(
     groupings: Mapping[str, Mapping[str, str]] | None = None,
     reference: str = "random",
     fixed_rows: Sequence[str] = ("source", "full"),
+    controls: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """summary.json: one entry per (row, budget) that has runs, Dice in percent.
 
@@ -89,7 +90,9 @@ def summarise(
     each run's class-mean Dice), ``per_class`` (mean over seeds), ``per_group`` ({"site": {...},
     "subgroup": {...}} when the cases carry them), ``validation_mean_dice`` (when a validation split was
     evaluated) and ``diff_vs_random``: {"mean", "ci95", "seeds", "per_seed"} paired on seeds with random at
-    the same budget (None for rows without a budget, and for random itself).
+    the same budget (None for rows without a budget, and for random itself). A row with a control in
+    ``controls`` (row -> control row) also gets ``diff_vs_control``: the same paired difference to that row,
+    plus ``"row"`` naming it.
     """
     runs = list(runs)
     groupings = groupings or {}
@@ -123,17 +126,22 @@ def summarise(
                 entry["validation_mean_dice"] = float(np.nanmean([100 * case_mean(r.validation) for r in mine]))
             entry["diff_vs_random"] = None
             if row != reference and row not in fixed_rows:
-                ref = {r.seed: 100 * case_mean(r.dice) for r in runs if r.row == reference and r.budget == budget}
-                diffs = paired_differences(overall, ref)
-                if diffs:
-                    entry["diff_vs_random"] = {
-                        "mean": float(np.mean(list(diffs.values()))),
-                        "ci95": bootstrap_ci(list(diffs.values())),
-                        "seeds": list(diffs),
-                        "per_seed": list(diffs.values()),
-                    }
+                entry["diff_vs_random"] = _paired(overall, runs, reference, budget)
+            control = (controls or {}).get(row)
+            if control and (paired := _paired(overall, runs, control, budget)):
+                entry["diff_vs_control"] = {"row": control, **paired}
             out.append(entry)
     return out
+
+
+def _paired(overall: Mapping[int, float], runs: list, other: str, budget: int) -> dict | None:
+    """Mean, interval and per-seed values of the paired difference of a row's seeds to row ``other``'s."""
+    ref = {r.seed: 100 * case_mean(r.dice) for r in runs if r.row == other and r.budget == budget}
+    diffs = paired_differences(overall, ref)
+    if not diffs:
+        return None
+    values = list(diffs.values())
+    return {"mean": float(np.mean(values)), "ci95": bootstrap_ci(values), "seeds": list(diffs), "per_seed": values}
 
 
 def _group_summary(runs: list, groups: Mapping[str, str]) -> dict[str, dict]:

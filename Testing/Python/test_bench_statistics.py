@@ -93,3 +93,13 @@ def test_summary_entries_in_percent_with_the_paired_difference():
     assert by_row["source"]["budget"] == 0 and by_row["source"]["mean_dice"] == pytest.approx(40.0)
     assert by_row["full"]["diff_vs_random"] is None
     assert set(asfda) >= {"row", "budget", "seeds", "mean_dice", "sd_dice", "per_class", "diff_vs_random"}
+
+
+def test_a_row_with_a_control_gets_the_paired_difference_to_it():
+    runs = _runs() + [Run("ssft", 2, 0, [0.7, 0.7]), Run("ssft", 2, 1, [0.7, 0.7])]
+    summary = summarise(runs, ["random", "asfda", "ssft"], [2], controls={"ssft": "asfda"})
+    by_row = {s["row"]: s for s in summary}
+    control = by_row["ssft"]["diff_vs_control"]
+    assert control["row"] == "asfda"
+    assert control["per_seed"] == pytest.approx([10.0, -10.0]) and control["mean"] == pytest.approx(0.0)
+    assert "diff_vs_control" not in by_row["asfda"]

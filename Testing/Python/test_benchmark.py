@@ -71,6 +71,7 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
         "asd",
         "asfda",
         "asfda+ssft",
+        "ssft-control",
         "full",
     }
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
@@ -162,6 +163,18 @@ def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, t
     train(default_model_path(), model.card, [], [], 1, 0, "cpu", None, tmp_path, rates=_rates(config))
     assert (seen[0].lr, seen[0].encoder_lr_scale) == (1e-3, 1.0)
     assert _rates(BenchmarkConfig()) == {}  # the recipe's own defaults
+
+
+def test_the_ssft_control_trains_on_the_labels_as_long_as_ssft_trains_in_all():
+    from ASFDALib.bench.benchmark import BenchmarkConfig, Run, _twin, row_iterations
+
+    config = BenchmarkConfig(iterations=400)
+    assert row_iterations("asfda", config) == 400
+    assert row_iterations("ssft-control", config) == 400 + 200  # stage 1 (400) + stage 2 (+50%)
+    asfda = Run("asfda", 2, 0, [0.5], ["a", "b"])
+    # the same query and seed, but another recipe: not the same training
+    assert _twin([asfda], ["b", "a"], 0, "ssft-control", config) is None
+    assert _twin([asfda], ["b", "a"], 0, "dkd", config) is asfda
 
 
 def _no_test_labels(d):

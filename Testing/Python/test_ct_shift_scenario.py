@@ -71,6 +71,19 @@ def test_source_model_script_and_ct_shift_benchmark_smoke(tmp_path, capsys):
     assert all("validation_mean_dice" in s for s in summary)
 
 
+def test_the_ct_to_mri_source_model_is_named_apart_and_checked_on_the_mri_sites():
+    spec = importlib.util.spec_from_file_location("train_source_model", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.model_name("unet", "batch") == "ct_source_batch"
+    assert script.model_name("unet", "batch", "percentile") == "ct_source_batch_percentile"  # never replaces it
+    assert script.make_card("batch", "percentile").intensity.mode == "percentile"
+    mri = script.check_targets("percentile")
+    assert set(mri) == {"A", "B", "C"} and {c.domain for c in mri.values()} == {"mri"}
+    assert all(c.anatomy == "rich" for c in mri.values())
+    assert set(script.check_targets("ct")) == {"H1", "H2", "H3"}
+
+
 def test_rich_scenarios_refuse_the_default_model(tmp_path, capsys):
     assert main(["benchmark", "--scenario", "ct-shift", "--quick", "--out", str(tmp_path)]) == 1
     assert "needs its source model" in capsys.readouterr().err
