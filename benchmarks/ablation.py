@@ -1,19 +1,26 @@
-"""Why ASFDA falls short on the benchmark, knob by knob: alpha, temperature, diversity, feature layers
-(the query) and the pseudo-label gates (selective fine-tuning), one at a time from the method's defaults.
+"""Why ASFDA falls short on the benchmark, knob by knob: alpha, temperature, diversity, how DKD and ASD are
+combined, feature layers (the query) and the pseudo-label gates (selective fine-tuning), one at a time from
+the method's defaults.
 
     python benchmarks/ablation.py [--seeds 0 1] [--budgets 2 4 8] [--out bench-ablation]
+    python benchmarks/ablation.py --scenario ct-shift --model Resources/BenchmarkModels/ct_source_batch.pt \
+        --iterations 400 --lr 1e-3 --budgets 2 4 --seeds 0 1 2 3 4 --part query \
+        --reuse bench-ct/results.json --out bench-ablation-ct
 
-Choices are made on a **validation set** (20 more volumes from the same three sites, another data
-seed), never on the protocol's test set. Training is deterministic for a given query and seed, so a
-variant that picks the same volumes as another reuses its run. Trainings are appended to
-``OUT/ablation.json`` as they finish (an interrupted ablation resumes); the tables are printed at the end
-and written to ``OUT/ablation.md``.
+Choices are made on a **validation set**, never on the protocol's test set: for the historical ``mri``
+scenario 20 more volumes from the same three sites (data seed 1002); for the others the benchmark's own
+validation split (``--validation``, the same data seed). Training is deterministic for a given query and
+seed, so a variant that picks the same volumes as another reuses its run, and ``--reuse`` takes the
+validation Dice of a benchmark's ``results.json`` made with the same scenario, iterations and learning
+rates. Trainings are appended to ``OUT/ablation.json`` as they finish (an interrupted ablation resumes);
+the tables are printed at the end and written to ``OUT/ablation.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,7 +29,16 @@ import numpy as np
 from _common import emit
 
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
-from ASFDALib.bench.benchmark import BenchmarkConfig, SSFTOptions, evaluate, load_cases, train, write_data
+from ASFDALib.bench.benchmark import (
+    BenchmarkConfig,
+    SSFTOptions,
+    _rates,
+    evaluate,
+    load_cases,
+    row_iterations,
+    train,
+    write_data,
+)
 from ASFDALib.bench.phantoms import write_pool
 from ASFDALib.models.defaults import default_model_path
 from ASFDALib.models.loading import load_model
@@ -37,6 +53,8 @@ QUERY_VARIANTS = {
     "alpha 0.75": {**METHOD, "alpha": 0.75},
     "static temperature": {**METHOD, "dynamic_temperature": False},
     "no diversity": {**METHOD, "diversity": False},
+    "diversity gates ASD too (fusion gated)": {**METHOD, "fusion": "gated"},
+    "DKD only (alpha 1)": {"strategy": "dkd"},
     "layers: encoder stages": {**METHOD, "layers": "stages"},
     "layers: all taps": {**METHOD, "layers": "all"},
     "layers: logits": {**METHOD, "layers": "logits"},
@@ -65,35 +83,77 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else ""
 
 
+def _reused(path: Path, config: BenchmarkConfig, validation: Path) -> dict[str, dict]:
+    """Trainings of a benchmark run (``results.json``) whose validation Dice this ablation can take as its own:
+    same scenario, iterations and learning rates, and a validation split with the same cases."""
+    stored = json.loads(path.read_text())
+    protocol = stored["protocol"]
+    mine = {"scenario": config.scenario, "iterations": config.iterations, **_rates(config)}
+    theirs = {k: protocol.get(k) for k in ("scenario", "iterations", "lr", "encoder_lr_scale") if k in protocol}
+    theirs = {k: v for k, v in theirs.items() if v is not None}
+    if theirs != mine or not protocol.get("validation"):
+        made = f"{theirs}, validation {protocol.get('validation')}"
+        raise SystemExit(f"{path}: made with {made}; this ablation: {mine}")
+    if (Path(protocol["validation"]) / "cases.json").read_text() != (validation / "cases.json").read_text():
+        raise SystemExit(f"{path}: its validation split holds other cases than {validation}")
+    reused = {}
+    for run in stored["runs"]:
+        if run["row"] in ("source", "asfda+ssft") or run["shared_with"] or not run.get("validation"):
+            continue
+        key = _key(run["query"], run["seed"], None, row_iterations(run["row"], config))
+        reused[key] = {"dice": run["validation"], "seconds": run["seconds"], "from": f"{path}: {run['row']}"}
+    return reused
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--scenario", default="mri", help="benchmark scenario (default: %(default)s)")
+    parser.add_argument("--model", type=Path, help="source model (default: the built-in one; the mri scenario's)")
+    parser.add_argument("--validation", type=int, default=12, help="validation volumes of a non-mri scenario")
+    parser.add_argument("--iterations", type=int, default=BenchmarkConfig.iterations)
+    parser.add_argument("--lr", type=float, help="the recipe's learning rate (default: asfda finetune's)")
+    parser.add_argument("--part", choices=("query", "ssft", "all"), default="all", help="which table to make")
+    parser.add_argument("--variants", nargs="+", help="query variants to run (default: all)")
+    parser.add_argument("--reuse", type=Path, help="a benchmark's results.json to take validation Dice from")
     parser.add_argument("--out", type=Path, default=Path("bench-ablation"))
     parser.add_argument("--json", type=Path, help="also write the summary here (e.g. benchmarks/results/ablation.json)")
     args = parser.parse_args()
     start = time.perf_counter()
-    config = BenchmarkConfig()
-    model_path = default_model_path()
+    mri = args.scenario == "mri"
+    config = BenchmarkConfig(
+        scenario=args.scenario, iterations=args.iterations, lr=args.lr, validation=0 if mri else args.validation
+    )
+    model_path = args.model or default_model_path()
     model = load_model(model_path)
     data = write_data(args.out / "data", config)
-    if not (data / "val" / "cases.json").is_file():
-        write_pool(data / "val", config.test, seed=config.data_seed + 2, prefix="val")
+    val_folder = data / ("val" if mri else "validation")
+    if mri and not (val_folder / "cases.json").is_file():
+        write_pool(val_folder, config.test, seed=config.data_seed + 2, prefix="val")
     site = {c["name"]: c["site"] for c in json.loads((data / "pool" / "cases.json").read_text())["cases"]}
-    pool, val = load_cases(data / "pool", model.card), load_cases(data / "val", model.card)
+    pool, val = load_cases(data / "pool", model.card), load_cases(val_folder, model.card)
     path = args.out / "ablation.json"
     trainings: dict[str, dict] = json.loads(path.read_text())["trainings"] if path.is_file() else {}
+    reused = _reused(args.reuse, config, val_folder) if args.reuse else {}
+    variants = {k: v for k, v in QUERY_VARIANTS.items() if not args.variants or k in args.variants}
+    if args.variants and len(variants) != len(args.variants):
+        raise SystemExit(f"unknown variant among {args.variants}; choose from {list(QUERY_VARIANTS)}")
 
     def dice_of(query: list[str], seed: int, ssft: SSFTOptions | None, scale: float = 1.0) -> float:
         iterations = round(config.iterations * scale)
         key = _key(query, seed, ssft, iterations)
+        if key not in trainings and key in reused:
+            trainings[key] = reused[key]
         if key not in trainings:
             t0 = time.perf_counter()
             labelled = [c for c in pool if c.name in query]
             work = args.out / "work"
-            network = train(model_path, model.card, labelled, pool, iterations, seed, "cpu", ssft, work)
+            network = train(
+                model_path, model.card, labelled, pool, iterations, seed, "cpu", ssft, work, rates=_rates(config)
+            )
             trainings[key] = {"dice": evaluate(model, network, val, "cpu"), "seconds": time.perf_counter() - t0}
-            atomic_write_json(path, {"iterations": config.iterations, "trainings": trainings})
+        atomic_write_json(path, {"iterations": config.iterations, "trainings": trainings})
         return 100 * float(np.nanmean(trainings[key]["dice"]))
 
     def query_of(options: dict, budget: int, seed: int) -> list[str]:
@@ -102,7 +162,7 @@ def main() -> None:
         return [r.file for r in ranking.rows if r.status == "scored"][:budget]
 
     query_rows = []
-    for name, options in QUERY_VARIANTS.items():
+    for name, options in variants.items() if args.part != "ssft" else ():
         for budget in args.budgets:
             for seed in args.seeds:
                 query = query_of(options, budget, seed)
@@ -111,37 +171,40 @@ def main() -> None:
                 query_rows.append({"variant": name, "budget": budget, "seed": seed, "sites": sites, "dice": dice})
                 print(f"{name:34s} budget {budget} seed {seed}: {dice:5.1f} (sites {sites})", flush=True)
     ssft_rows = []
-    method_query = query_of(METHOD, SSFT_BUDGET, 0)
-    for name, (ssft, scale) in SSFT_VARIANTS.items():
+    method_query = query_of(METHOD, SSFT_BUDGET, 0) if args.part != "query" else []
+    for name, (ssft, scale) in SSFT_VARIANTS.items() if args.part != "query" else ():
         for seed in args.seeds:
             dice = dice_of(method_query, seed, ssft, scale)
             ssft_rows.append({"variant": name, "seed": seed, "dice": dice})
             print(f"{name:34s} seed {seed}: {dice:5.1f}", flush=True)
 
     lines = [
-        f"Validation Dice (%), mean ± sd over training seeds {args.seeds}; {config.iterations} iterations per run.",
+        f"Validation Dice (%), mean ± sd over training seeds {args.seeds}; {config.iterations} iterations per run"
+        f" ({args.scenario} scenario, {model_path.name}).",
         "",
         "| query variant | " + " | ".join(f"budget {b}: Dice (sites)" for b in args.budgets) + " |",
         "|---|" + "---|" * len(args.budgets),
     ]
-    for name in QUERY_VARIANTS:
+    for name in variants if query_rows else ():
         cells = []
         for b in args.budgets:
             rows = [r for r in query_rows if r["variant"] == name and r["budget"] == b]
             picks = sorted({r["sites"] for r in rows})
             cells.append(f"{_cell([r['dice'] for r in rows])} ({', '.join(picks)})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"| fine-tuning variant (ASFDA query, budget {SSFT_BUDGET}) | Dice |", "|---|---|"]
-    for name in SSFT_VARIANTS:
+    if ssft_rows:
+        lines += ["", f"| fine-tuning variant (ASFDA query, budget {SSFT_BUDGET}) | Dice |", "|---|---|"]
+    for name in SSFT_VARIANTS if ssft_rows else ():
         lines.append(f"| {name} | {_cell([r['dice'] for r in ssft_rows if r['variant'] == name])} |")
     table = "\n".join(lines) + "\n"
     atomic_write_text(args.out / "ablation.md", table)
     print("\n" + table)
     report = {
-        "command": f"python benchmarks/ablation.py --seeds {args.seeds} --budgets {args.budgets}",
+        "command": "python benchmarks/ablation.py " + " ".join(sys.argv[1:]),
         "iterations": config.iterations,
         "seeds": args.seeds,
-        "evaluated_on": "validation set (20 volumes, data seed 1002), not the protocol's test set",
+        "evaluated_on": f"validation set ({len(val)} volumes, data seed {config.data_seed + 2}), not the test set",
+        "reused_trainings": sum(1 for t in trainings.values() if "from" in t),
         "query": query_rows,
         "ssft": ssft_rows,
         "trainings": len(trainings),

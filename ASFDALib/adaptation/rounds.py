@@ -128,7 +128,13 @@ def rank_round(
     if not distributed.is_main():
         return ranking, RankingOutputs({}, [])
     written = write_ranking(ranking, session.root)
-    strategy = {"name": config.strategy, "alpha": config.alpha, "budget": config.budget, "seed": config.seed}
+    strategy = {
+        "name": config.strategy,
+        "alpha": config.alpha,
+        "fusion": config.fusion,
+        "budget": config.budget,
+        "seed": config.seed,
+    }
     if notes:
         strategy["notes"] = notes
     record_round(session, model, ranking, Path(images), strategy, trust, config.recursive)

@@ -122,7 +122,7 @@ BENCH_SCENARIOS = ("mri", "ct-shift", "mri-rich")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ASFDALib.query.selection import STRATEGIES
+    from ASFDALib.query.selection import DEFAULT_FUSION, FUSIONS, STRATEGIES
 
     parser = Parser(
         prog="asfda",
@@ -160,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=unit_interval,
         default=0.5,
         help="weight of DKD against ASD in [0, 1]; 1 = DKD only (default: %(default)s)",
+    )
+    rank.add_argument(
+        "--fusion",
+        choices=FUSIONS,
+        default=DEFAULT_FUSION,
+        help="how DKD and ASD are combined: sum = alpha * pct(DKD) + (1 - alpha) * pct(ASD), the paper's; gated = "
+        "s_div * (alpha * pct(s_src) + (1 - alpha) * pct(ASD)), diversity holding back near-duplicates of a pick "
+        "whichever term favours them (default: %(default)s; docs/method.md says which was chosen and why)",
     )
     rank.add_argument(
         "--strategy",
@@ -429,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         help="learning-rate factor of the pre-trained encoder (default: asfda finetune's); choose both on "
         "--validation, never on --test",
+    )
+    bench.add_argument(
+        "--fusion",
+        choices=FUSIONS,
+        help=f"how the ASFDA rows combine DKD and ASD (default: {DEFAULT_FUSION}, as asfda rank); part of the "
+        "protocol a results.json resumes with",
     )
     bench.add_argument(
         "--eval-at",

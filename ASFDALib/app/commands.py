@@ -96,6 +96,7 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
         config = RankConfig(
             budget=args.budget,
             alpha=args.alpha,
+            fusion=args.fusion,
             strategy=args.strategy,
             knowledge=args.knowledge,
             device=distributed.device_for_rank(args.device),
@@ -520,6 +521,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             ("eval_at", _int_list("--eval-at", args.eval_at)),
             ("lr", args.lr),
             ("encoder_lr_scale", args.encoder_lr_scale),
+            ("fusion", args.fusion),
         )
         if v
     }

@@ -36,6 +36,7 @@ from ASFDALib.inference.predict import predict_label
 from ASFDALib.models.loading import LoadedModel, load_model
 from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
 from ASFDALib.query.ranking import RankConfig, rank_folder
+from ASFDALib.query.selection import DEFAULT_FUSION
 
 QUERY_ROWS = ("random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe", "dkd", "asd", "asfda")
 ROWS = ("source", *QUERY_ROWS, "asfda+ssft", "ssft-control", "full")
@@ -98,6 +99,7 @@ class BenchmarkConfig:
     # The recipe's learning rates (None: adaptation/recipe.py's defaults), to choose them on validation.
     lr: float | None = None
     encoder_lr_scale: float | None = None
+    fusion: str = DEFAULT_FUSION  # how the ASFDA rows combine DKD and ASD (query.selection.FUSIONS)
 
     @classmethod
     def quick(cls) -> BenchmarkConfig:
@@ -463,6 +465,7 @@ def _protocol(config: BenchmarkConfig, folders: Folders) -> dict:
         "ssft": asdict(config.ssft),
         "eval_at": list(config.eval_at),
         "scenario": config.scenario,
+        "fusion": config.fusion,
         **_rates(config),
         "pool": str(folders.pool.resolve()),
         "test": str(folders.test.resolve()),
@@ -474,6 +477,9 @@ def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
     if not results_path.is_file():
         return []
     stored = json.loads(results_path.read_text())
+    if stored.get("protocol") is not None:
+        # runs recorded before the fusion was a choice combined DKD and ASD by the summed ranks
+        stored["protocol"].setdefault("fusion", "sum")
     if protocol is not None and stored.get("protocol") not in (None, protocol):
         changed = sorted(k for k in protocol if stored["protocol"].get(k) != protocol[k])
         raise ASFDAError(
@@ -553,6 +559,7 @@ def run_benchmark(
                             budget=budget if strategy in PER_BUDGET else max(config.budgets),
                             seed=key[1],
                             device=config.device,
+                            fusion=config.fusion,
                         ),
                     )
                     orders[key] = [r.file for r in ranking.rows if r.status == "scored"]

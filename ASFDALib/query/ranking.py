@@ -23,7 +23,7 @@ from ASFDALib.inference.sweep import SweepConfig, SweepResult, sweep
 from ASFDALib.models.loading import LoadedModel
 from ASFDALib.query.cache import ScoreCache
 from ASFDALib.query.features import FeatureSummary, batchnorm_knowledge, pointwise_head
-from ASFDALib.query.selection import Knowledge, Pool, select
+from ASFDALib.query.selection import DEFAULT_FUSION, Knowledge, Pool, select
 
 Progress = Callable[[int, int, str], None]
 
@@ -44,6 +44,7 @@ class RankConfig:
     layers: str = "auto"
     dynamic_temperature: bool = True
     diversity: bool = True
+    fusion: str = DEFAULT_FUSION
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Ranking:
     # model's weights reported (LoadReport.to_dict()), both written to ranking.json.
     notes: list[str] = field(default_factory=list)
     load_report: dict | None = None
+    fusion: str = DEFAULT_FUSION  # how DKD and ASD were combined (selection.FUSIONS)
 
     @property
     def selected(self) -> list[RankRow]:
@@ -283,6 +285,7 @@ def rank_records(
             config.dynamic_temperature,
             config.diversity,
             budget=config.budget,
+            fusion=config.fusion,
         )
         count = len(chosen.order)
         for rank, i in enumerate(chosen.order, start=1):
@@ -307,7 +310,9 @@ def rank_records(
             )
     rows += [RankRow(rank=None, file=r.name, status="labelled") for r in records if r.ok and r.name in labelled_names]
     rows += [RankRow(rank=None, file=r.name, status="skipped", reason=r.reason) for r in records if not r.ok]
-    return Ranking(rows, knowledge, config.strategy, config.alpha, config.budget, model_name, records)
+    return Ranking(
+        rows, knowledge, config.strategy, config.alpha, config.budget, model_name, records, fusion=config.fusion
+    )
 
 
 def rank_folder(

@@ -29,6 +29,7 @@ def ranking_dict(ranking: Ranking) -> dict:
         "model": ranking.model,
         "strategy": ranking.strategy,
         "alpha": ranking.alpha,
+        "fusion": ranking.fusion,
         "budget": ranking.budget,
         "knowledge": ranking.knowledge.kind,
         "knowledge_description": ranking.knowledge.describe(),

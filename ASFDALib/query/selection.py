@@ -14,6 +14,8 @@ from ASFDALib.query import scoring
 from ASFDALib.query.features import BN_PREFIX, LOGITS, STAGE_PREFIX, FeatureSummary
 
 STRATEGIES = ("asfda", "dkd", "asd", "random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe")
+FUSIONS = ("sum", "gated")  # how DKD and ASD are combined (greedy_dkd_asd)
+DEFAULT_FUSION = "sum"
 KNOWLEDGE = ("bn", "stats", "prototype", "energy")
 LAYER_CHOICES = ("auto", "bn", "stages", "logits", "all")
 DUPLICATE_EPS = 1e-9
@@ -124,8 +126,14 @@ def greedy_dkd_asd(
     alpha: float,
     dynamic: bool = True,
     diversity: bool = True,
+    fusion: str = DEFAULT_FUSION,
 ) -> Selection:
     """Greedy batch selection: pick the best score, add it to S, recompute diversity and temperatures.
+
+    ``fusion`` combines the terms: ``"sum"`` (the paper) ranks α·pct(DKD) + (1 − α)·pct(ASD), where the
+    diversity s_div sits inside DKD only, so a near-duplicate of a pick can come back on its ASD alone;
+    ``"gated"`` scores s_div · (α·pct(s_src) + (1 − α)·pct(ASD)): a volume close to one already picked
+    or labelled is held back whichever term favours it (docs/method.md "How DKD and ASD are combined").
 
     A candidate at zero divergence from a picked or labelled volume (a duplicate) adds nothing and is
     only picked once every other candidate is. The ablations: ``dynamic=False`` fixes each temperature
@@ -153,7 +161,10 @@ def greedy_dkd_asd(
             s_div = np.ones(len(r))
             duplicate = np.zeros(len(r), bool)
         dkd = s_src * s_div
-        score = alpha * scoring.percentile_rank(dkd) + (1 - alpha) * scoring.percentile_rank(asd[r])
+        if fusion == "gated":
+            score = s_div * (alpha * scoring.percentile_rank(s_src) + (1 - alpha) * scoring.percentile_rank(asd[r]))
+        else:
+            score = alpha * scoring.percentile_rank(dkd) + (1 - alpha) * scoring.percentile_rank(asd[r])
         eligible = np.where(duplicate & ~duplicate.all(), -np.inf, score)
         k = int(np.argmax(eligible))
         pick = int(r[k])
@@ -196,10 +207,11 @@ def select(
     dynamic: bool = True,
     diversity: bool = True,
     budget: int | None = None,
+    fusion: str = DEFAULT_FUSION,
 ) -> Selection:
     """Order the pool by ``strategy``; ASFDA-family strategies also report DKD and its parts.
 
-    ``layers``, ``dynamic`` and ``diversity`` are the method's ablation switches (see
+    ``layers``, ``dynamic``, ``diversity`` and ``fusion`` are the method's ablation switches (see
     :func:`divergence_layers` and :func:`greedy_dkd_asd`); the defaults are the method. ``budget`` is
     read only by TypiClust, whose clusters number |labelled| + budget (default: the whole pool).
     """
@@ -208,6 +220,8 @@ def select(
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; choose from {', '.join(FUSIONS)}")
     if strategy in ("asfda", "dkd", "asd"):
         knowledge = knowledge or Knowledge("energy")
         chosen = divergence_layers(pool, knowledge, layers)
@@ -217,7 +231,7 @@ def select(
         d_lab = full[:n, n:].min(axis=1) if pool.labelled else np.full(n, np.inf)
         weight = {"asfda": alpha, "dkd": 1.0, "asd": 0.0}[strategy]
         d_src = knowledge_gap(pool, knowledge, chosen)
-        return greedy_dkd_asd(d_src, pair, d_lab, np.asarray(pool.asd), weight, dynamic, diversity)
+        return greedy_dkd_asd(d_src, pair, d_lab, np.asarray(pool.asd), weight, dynamic, diversity, fusion)
     rng = np.random.default_rng(seed)
     if strategy == "random":
         order = [int(i) for i in rng.permutation(n)]

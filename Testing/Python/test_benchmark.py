@@ -11,6 +11,8 @@ import pytest
 
 from ASFDALib.app.cli import main
 from ASFDALib.bench.phantoms import SITES, make_phantom, site_config, write_pool
+from ASFDALib.errors import ASFDAError
+from ASFDALib.query.selection import DEFAULT_FUSION
 
 
 def test_sites_differ_in_contrast_slice_thickness_and_field_of_view():
@@ -148,6 +150,21 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     # so would another recipe (a learning rate being chosen on --validation)
     assert main([*argv, "--lr", "1e-3"]) == 1
     assert "results.json: its runs were made with other lr" in capsys.readouterr().err
+    # and another way of combining DKD and ASD
+    other = "gated" if DEFAULT_FUSION == "sum" else "sum"
+    assert main([*argv, "--fusion", other]) == 1
+    assert "results.json: its runs were made with other fusion" in capsys.readouterr().err
+
+
+def test_runs_recorded_before_the_fusion_was_a_choice_resume_as_the_summed_fusion(tmp_path):
+    from ASFDALib.bench.benchmark import _load_runs
+
+    protocol = {"iterations": 400, "scenario": "ct-shift"}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"protocol": protocol, "runs": []}))
+    assert _load_runs(path, {**protocol, "fusion": "sum"}) == []
+    with pytest.raises(ASFDAError, match="other fusion"):
+        _load_runs(path, {**protocol, "fusion": "gated"})
 
 
 def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, tmp_path):

@@ -61,6 +61,13 @@ def test_rerank_with_another_alpha_is_served_from_the_cache(tmp_path, default_mo
     assert [r.pick_score for r in again.rows] == pytest.approx([r.pick_score for r in first.rows])
 
 
+def test_the_ranking_and_the_session_record_how_dkd_and_asd_were_combined(tmp_path, mri_pool):
+    out = tmp_path / "s"
+    assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(out), "--fusion", "gated"]) == 0
+    assert json.loads((out / "ranking.json").read_text())["fusion"] == "gated"
+    assert json.loads((out / "session.json").read_text())["rounds"][-1]["strategy"]["fusion"] == "gated"
+
+
 def test_interrupted_ranking_resumes_where_it_stopped(tmp_path, default_model, mri_pool):
     def stop_after_three(done, total, name):
         if done == 3:

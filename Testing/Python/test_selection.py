@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ASFDALib.query.features import FeatureSummary
-from ASFDALib.query.selection import STRATEGIES, Knowledge, Pool, select
+from ASFDALib.query.selection import STRATEGIES, Knowledge, Pool, greedy_dkd_asd, select
 
 
 def _summary(mean: float, var: float = 1.0, channels: int = 4) -> FeatureSummary:
@@ -147,3 +147,36 @@ def test_bad_alpha_and_strategy_are_refused():
         select(_pool([1.0, 2.0]), "asfda", SOURCE, alpha=1.5)
     with pytest.raises(ValueError, match="unknown strategy"):
         select(_pool([1.0, 2.0]), "magic")
+
+
+def _two_clusters():
+    """Volumes 0-2 nearly identical (SKL 0.05), farthest from the source and most uncertain; 3 and 4 apart."""
+    d_src = np.array([1.0, 0.95, 0.9, 0.6, 0.3])
+    asd = np.array([0.9, 0.85, 0.8, 0.5, 0.1])
+    pair = np.full((5, 5), 1.0)
+    pair[:3, :3] = 0.05
+    pair[3, 4] = pair[4, 3] = 0.3
+    np.fill_diagonal(pair, 0.0)
+    return d_src, pair, np.full(5, np.inf), asd
+
+
+def test_summed_fusion_lets_a_near_duplicate_back_in_on_its_asd():
+    selection = greedy_dkd_asd(*_two_clusters(), alpha=0.5, fusion="sum")
+    assert selection.order[:2] == [0, 1]  # 1 is 0's near-twin: s_div 0.09, but the top ASD rank
+
+
+def test_gated_fusion_holds_back_near_duplicates_whichever_term_favours_them():
+    selection = greedy_dkd_asd(*_two_clusters(), alpha=0.5, fusion="gated")
+    assert selection.order[:2] == [0, 3]
+    # second pick: tau = median of d_div over {1, 2, 3, 4} = (0.05 + 1.0) / 2; volume 3 ranks 1 of 0..3
+    # on both s_src and ASD, so its relevance is 1/3
+    s_div = 1.0 - np.exp(-1.0 / 0.525)
+    assert selection.s_div[3] == pytest.approx(s_div)
+    assert selection.score[3] == pytest.approx(s_div * (0.5 / 3 + 0.5 / 3))
+
+
+def test_both_fusions_make_the_same_first_pick_and_an_unknown_one_is_refused():
+    pool = _pool([1.0, 2.0, 3.0], asd=[0.3, 0.1, 0.2])
+    assert select(pool, "asfda", SOURCE).order[0] == select(pool, "asfda", SOURCE, fusion="gated").order[0]
+    with pytest.raises(ValueError, match="unknown fusion 'product'"):
+        select(pool, "asfda", SOURCE, fusion="product")
