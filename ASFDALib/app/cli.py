@@ -37,7 +37,9 @@ examples:
 What is computed: one sliding-window pass per volume gives DKD (knowledge gap to the source model x
 diversity against the query and labelled volumes, temperature-scaled) and ASD (class-balanced entropy
 inside the adaptive foreground). The query is built greedily: each pick maximises
-alpha * pct(DKD) + (1 - alpha) * pct(ASD) among the volumes left, then diversity is recomputed.
+s_div * (alpha * pct(s_src) + (1 - alpha) * pct(ASD)) among the volumes left (pct: percentile rank; s_div
+holds back volumes like one already picked or labelled), then diversity is recomputed. --fusion sum ranks
+by the paper's alpha * pct(DKD) + (1 - alpha) * pct(ASD) instead.
 Unreadable volumes are skipped and listed with the reason; the exit code is 1 only when no volume could
 be scored.
 

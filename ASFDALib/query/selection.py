@@ -15,7 +15,7 @@ from ASFDALib.query.features import BN_PREFIX, LOGITS, STAGE_PREFIX, FeatureSumm
 
 STRATEGIES = ("asfda", "dkd", "asd", "random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe")
 FUSIONS = ("sum", "gated")  # how DKD and ASD are combined (greedy_dkd_asd)
-DEFAULT_FUSION = "sum"
+DEFAULT_FUSION = "gated"  # chosen on validation (docs/method.md "How DKD and ASD are combined")
 KNOWLEDGE = ("bn", "stats", "prototype", "energy")
 LAYER_CHOICES = ("auto", "bn", "stages", "logits", "all")
 DUPLICATE_EPS = 1e-9
@@ -231,7 +231,10 @@ def select(
         d_lab = full[:n, n:].min(axis=1) if pool.labelled else np.full(n, np.inf)
         weight = {"asfda": alpha, "dkd": 1.0, "asd": 0.0}[strategy]
         d_src = knowledge_gap(pool, knowledge, chosen)
-        return greedy_dkd_asd(d_src, pair, d_lab, np.asarray(pool.asd), weight, dynamic, diversity, fusion)
+        # DKD only and ASD only are one term each, ordered as the method defines that term; the fusion is how
+        # the asfda strategy combines the two
+        combine = fusion if strategy == "asfda" else "sum"
+        return greedy_dkd_asd(d_src, pair, d_lab, np.asarray(pool.asd), weight, dynamic, diversity, combine)
     rng = np.random.default_rng(seed)
     if strategy == "random":
         order = [int(i) for i in rng.permutation(n)]

@@ -180,3 +180,11 @@ def test_both_fusions_make_the_same_first_pick_and_an_unknown_one_is_refused():
     assert select(pool, "asfda", SOURCE).order[0] == select(pool, "asfda", SOURCE, fusion="gated").order[0]
     with pytest.raises(ValueError, match="unknown fusion 'product'"):
         select(pool, "asfda", SOURCE, fusion="product")
+
+
+def test_dkd_only_and_asd_only_keep_their_own_order_whatever_the_fusion():
+    pool = _pool([3.0, 2.9, 1.0], asd=[0.2, 0.3, 0.1])
+    for strategy in ("dkd", "asd"):
+        assert (
+            select(pool, strategy, SOURCE, fusion="gated").order == select(pool, strategy, SOURCE, fusion="sum").order
+        )
