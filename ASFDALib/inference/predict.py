@@ -43,7 +43,7 @@ def predict_label(
 ) -> np.ndarray:
     """The label map (X, Y, Z) at model spacing: the argmax of :func:`predict_probabilities`."""
     label = predict_probabilities(network, image, card, device).argmax(0).numpy()
-    return label.astype(np.uint8 if card.num_classes <= 256 else np.uint16)
+    return label.astype(np.uint8)  # the card allows at most 256 classes
 
 
 def check_outputs(network: torch.nn.Module, card: ModelCard, model_path: str, device: str = "auto") -> None:

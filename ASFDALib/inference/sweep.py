@@ -18,21 +18,21 @@ import torch
 from ASFDALib.errors import ModelError
 from ASFDALib.inference.device import resolve_device
 from ASFDALib.inference.windows import batch_for_memory, run_windows
-from ASFDALib.models.card import ModelCard
+from ASFDALib.models.card import MAX_CLASSES, ModelCard
 from ASFDALib.query import scoring
 from ASFDALib.query.features import LOGITS, FeatureSummary, FeatureTaps, RunningMoments
 
 FOREGROUND_FLAG = 128  # high bit of a uint8 class map: the overall argmax is a foreground class
-WIDE_FOREGROUND_FLAG = 1 << 15  # the same bit of a uint16 map, for models with more than 127 foreground classes
+WIDE_FOREGROUND_FLAG = 1 << 15  # the same bit of a uint16 map, for models with 128-255 foreground classes
 
 
 def class_map_layout(num_classes: int) -> tuple[type, int]:
     """The class map's dtype and flag bit: 1 byte a voxel up to 127 foreground classes, else 2 bytes."""
     if num_classes <= FOREGROUND_FLAG:
         return np.uint8, FOREGROUND_FLAG
-    if num_classes <= WIDE_FOREGROUND_FLAG:
+    if num_classes <= MAX_CLASSES:
         return np.uint16, WIDE_FOREGROUND_FLAG
-    raise ModelError(f"the model has {num_classes} classes; ASFDA supports at most {WIDE_FOREGROUND_FLAG}")
+    raise ModelError(f"the model has {num_classes} classes; ASFDA supports at most {MAX_CLASSES}")
 
 
 @dataclass

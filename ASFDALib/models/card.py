@@ -26,6 +26,7 @@ from ASFDALib.atomic import atomic_write_json
 from ASFDALib.errors import ModelError
 
 INTENSITY_MODES = ("ct", "percentile", "zscore", "none")
+MAX_CLASSES = 256  # background + 255: what an 8-bit label map holds
 
 
 @dataclass
@@ -76,6 +77,12 @@ class ModelCard:
     def __post_init__(self) -> None:
         if len(self.class_names) < 2:
             raise ModelError("model card: class_names needs the background and at least one class")
+        if len(self.class_names) > MAX_CLASSES:
+            raise ModelError(
+                f"model card: {len(self.class_names)} classes; ASFDA supports up to {MAX_CLASSES - 1} foreground "
+                "classes plus background (label maps are 8-bit, as Slicer's segmentations and most label files): "
+                "keep the target task's classes in class_names"
+            )
         self.spacing = tuple(float(s) for s in _triple(self.spacing, "spacing"))
         self.roi_size = tuple(int(s) for s in _triple(self.roi_size, "roi_size"))
         if isinstance(self.intensity, dict):

@@ -135,7 +135,7 @@ def inference_config(card: ModelCard, network_def: dict[str, Any]) -> dict[str, 
                     "output_dir": "@output_dir",
                     "output_postfix": "@output_postfix",
                     "output_ext": "@output_ext",
-                    "output_dtype": "uint8" if card.num_classes <= 256 else "uint16",
+                    "output_dtype": "uint8",  # the card allows at most 256 classes
                     "resample": False,
                     "separate_folder": False,
                 },

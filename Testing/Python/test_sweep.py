@@ -142,8 +142,18 @@ def test_class_maps_widen_beyond_127_foreground_classes():
 
     assert class_map_layout(128) == (np.uint8, 128)
     assert class_map_layout(129) == (np.uint16, 1 << 15)
-    with pytest.raises(ModelError, match="at most 32768"):
-        class_map_layout(40000)
+    with pytest.raises(ModelError, match="at most 256"):
+        class_map_layout(300)
+
+
+def test_a_card_with_more_classes_than_an_8_bit_label_map_holds_is_refused_in_one_line():
+    from ASFDALib.errors import ModelError
+    from ASFDALib.models.card import ModelCard
+
+    names = ["background", *[f"c{i}" for i in range(1, 300)]]
+    with pytest.raises(ModelError, match="300 classes; ASFDA supports up to 255 foreground classes plus background"):
+        ModelCard(name="too-wide", class_names=names)
+    assert ModelCard(name="widest", class_names=names[:256]).num_classes == 256
 
 
 def test_a_model_with_200_classes_keeps_every_class_in_the_sweep():
