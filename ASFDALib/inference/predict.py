@@ -54,8 +54,18 @@ def check_outputs(network: torch.nn.Module, card: ModelCard, model_path: str, de
     """
     dev = resolve_device(device)
     network = network.to(dev).eval()
-    with torch.inference_mode():
-        out = network(torch.zeros((1, 1, *card.roi_size), device=dev))
+    try:
+        with torch.inference_mode():
+            out = network(torch.zeros((1, 1, *card.roi_size), device=dev))
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError) as exc:  # a window the network's layers cannot take
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{model_path}: a window of the card's roi_size {list(card.roi_size)} does not run through the network "
+            f"({reason}); give a roi_size the network takes (SwinUNETR: a multiple of 32 and at least 64 per axis; "
+            "a U-Net: divisible by the product of its strides)"
+        ) from None
     if isinstance(out, (list, tuple)):
         out = out[0]
     channels = int(out.shape[1])

@@ -137,6 +137,25 @@ def test_a_card_that_does_not_fit_the_model_is_refused_before_scoring_and_leaves
     assert not session.exists()
 
 
+def test_a_window_the_network_cannot_take_is_refused_in_one_line_and_leaves_no_session(mri_pool, tmp_path, capsys):
+    """SwinUNETR's patch merging needs 64 voxels an axis or more: a card's 32³ window fails in the probe."""
+    import torch
+    from monai.networks.nets import SwinUNETR
+
+    args = {"in_channels": 1, "out_channels": 4, "feature_size": 12, "spatial_dims": 3}
+    model = tmp_path / "swin.pt"
+    torch.save(SwinUNETR(**args).state_dict(), model)
+    card = json.loads(open(CARD).read())
+    card.update(roi_size=[32, 32, 32], network={"name": "SwinUNETR", "args": args})
+    (tmp_path / "swin.card.json").write_text(json.dumps(card))
+    session = tmp_path / "s"
+    assert main(["rank", "--model", str(model), "--images", str(mri_pool / "images"), "--out", str(session)]) == 1
+    err = " ".join(_one_line_error(capsys).split())
+    assert "swin.pt: a window of the card's roi_size [32, 32, 32] does not run through the network" in err
+    assert "SwinUNETR: a multiple of 32 and at least 64 per axis" in err
+    assert not session.exists()
+
+
 def test_long_commands_print_plain_progress_lines_when_stdout_is_not_a_terminal(mri_pool, tmp_path, capsys):
     assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(tmp_path / "s")]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Scoring ")]
