@@ -190,6 +190,9 @@ class LoadReport:
     key_mapping: str = ""
     source_classes: int | None = None
     num_classes: int = 0
+    # class names of the target task and of the checkpoint's head, when the card gives them (for the summary)
+    class_names: list[str] = field(default_factory=list)
+    source_class_names: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
@@ -203,12 +206,17 @@ class LoadReport:
         else:
             parts.append(f"output head kept ({self.num_classes} classes)")
         if self.mapped_classes:
-            pairs = ", ".join(f"{t}<-{s}" for t, s in sorted(self.mapped_classes.items()))
+            pairs = ", ".join(self._pair(t, s) for t, s in sorted(self.mapped_classes.items()))
             parts.append(f"pre-trained rows copied for classes {pairs}")
         parts.append(f"{len(self.new)} newly initialised, {len(self.ignored)} checkpoint tensors ignored")
         if self.key_mapping:
             parts.append(f"keys mapped {self.key_mapping}")
         return "; ".join(parts)
+
+    def _pair(self, target: int, source: int) -> str:
+        if target < len(self.class_names) and source < len(self.source_class_names):
+            return f"{self.class_names[target]}<-{self.source_class_names[source]}"
+        return f"{target}<-{source}"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -449,9 +457,10 @@ def class_map_from_names(
 ) -> dict[int, int]:
     """{target class index: source class index} for :func:`load_pretrained`'s ``class_map``.
 
-    ``spec`` is ``"liver=liver,kidney=right kidney"`` (target=source, as a ``--class-map`` option gives it) or
-    a mapping of the same; without it, classes whose names agree (case and surrounding spaces ignored) are
-    paired. Raises :class:`ModelError` naming any class that is not in its list.
+    Classes whose names agree (case and surrounding spaces ignored) are paired; ``spec``,
+    ``"liver=liver,kidney=right kidney"`` (target=source, as a ``--class-map`` option gives it) or a mapping
+    of the same, adds pairs or overrides them for the targets it names, and ``"kidney="`` (no source) leaves
+    that target newly initialised. Raises :class:`ModelError` naming any class that is not in its list.
     """
 
     def key(name: str) -> str:
@@ -459,21 +468,27 @@ def class_map_from_names(
 
     targets = {key(n): i for i, n in enumerate(target_names)}
     sources = {key(n): i for i, n in enumerate(source_names)}
+    pairs = {targets[n]: sources[n] for n in targets if n in sources}
     if spec is None:
-        return {targets[n]: sources[n] for n in targets if n in sources}
+        return pairs
     if isinstance(spec, str):
         items = [part.split("=", 1) for part in spec.split(",") if part.strip()]
         if any(len(item) != 2 for item in items):
             raise ModelError(f"class map {spec!r}: write it as target=source pairs separated by commas")
         spec = {t: s for t, s in items}
     unknown = [f"target {t!r}" for t in spec if key(t) not in targets]
-    unknown += [f"source {s!r}" for s in spec.values() if key(s) not in sources]
+    unknown += [f"source {s!r}" for s in spec.values() if key(s) and key(s) not in sources]
     if unknown:
         raise ModelError(
             f"class map names {', '.join(unknown)} are not classes (target: {target_names}; source: "
             f"{source_names}); fix the class map or the card's class_names/source_classes"
         )
-    return {targets[key(t)]: sources[key(s)] for t, s in spec.items()}
+    for t, s in spec.items():
+        if key(s):
+            pairs[targets[key(t)]] = sources[key(s)]
+        else:
+            pairs.pop(targets[key(t)], None)
+    return pairs
 
 
 # --- fine-tuning learning rates --------------------------------------------------------------------------

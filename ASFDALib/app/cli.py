@@ -101,9 +101,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
     )
     group.add_argument(
         "--class-map",
-        help="which pre-trained head rows the target classes keep: TARGET=SOURCE class names separated by commas, "
-        "e.g. 'liver=liver,kidney=right kidney' (sources from the card's source_classes); default: classes "
-        "with the same name. Unmapped classes start from a new initialisation",
+        help="which pre-trained head rows the target classes keep. Classes with the same name as one of the card's "
+        "source_classes keep theirs; TARGET=SOURCE pairs separated by commas add or override pairs, e.g. "
+        "'kidney=right kidney', and 'kidney=' starts kidney anew. Unmapped classes start from a new "
+        "initialisation",
     )
     group.add_argument(
         "--trust",

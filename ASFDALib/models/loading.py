@@ -180,6 +180,7 @@ def _apply_weights(
             f"{path}: the card lists {len(card.source_classes)} source_classes but the checkpoint's head has "
             f"{report.source_classes} classes; fix source_classes in the card"
         )
+    report.class_names, report.source_class_names = list(card.class_names), list(card.source_classes or [])
     return report
 
 

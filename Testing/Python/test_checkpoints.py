@@ -387,8 +387,13 @@ def test_class_map_pairs_equal_names_by_default():
     assert class_map_from_names(TARGET_NAMES, SOURCE_NAMES) == {0: 0, 1: 4, 2: 2}
 
 
-def test_class_map_from_option_text():
-    assert class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "liver=liver, tumour = gallbladder") == {1: 4, 3: 3}
+def test_class_map_option_adds_to_and_overrides_the_name_pairs():
+    assert class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "tumour = gallbladder") == {0: 0, 1: 4, 2: 2, 3: 3}
+    assert class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "liver=spleen") == {0: 0, 1: 1, 2: 2}
+
+
+def test_class_map_entry_without_a_source_leaves_that_class_newly_initialised():
+    assert class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "kidney=") == {0: 0, 1: 4}
 
 
 def test_class_map_with_unknown_name_is_refused_naming_it():

@@ -42,8 +42,8 @@ SOURCE_CLASSES = [
     "right adrenal gland",
     "left adrenal gland",
 ]
-CLASS_MAP = "background=background,liver=liver,kidney=right kidney"
-MAPPED = {0: 0, 1: 6, 2: 2}  # target index <- source index, as CLASS_MAP names them
+CLASS_MAP = "kidney=right kidney"  # background, liver and gallbladder pair by name
+MAPPED = {0: 0, 1: 6, 2: 2, 3: 4}  # target index <- source index: the name pairs plus CLASS_MAP's
 
 # The published networks' constructor arguments, 14 output classes as they were pre-trained.
 NETWORKS = {
@@ -185,21 +185,14 @@ def test_a_published_checkpoint_with_another_label_set_runs_every_command(key, p
     assert main([*_rank_args(model_path, key, pool, session), "--class-map", CLASS_MAP]) == 0
     out = capsys.readouterr().out
     assert "output head re-initialised for 4 classes (checkpoint has 14)" in out
-    assert "pre-trained rows copied for classes 0<-0, 1<-6, 2<-2" in out
+    copied = "background<-background, liver<-liver, kidney<-right kidney, gallbladder<-gallbladder"
+    assert f"pre-trained rows copied for classes {copied}" in out
     assert NEW_HEAD_NOTE not in out  # liver and kidney keep what the head knew: ASD ranks from round 1
 
     recorded = json.loads((session / "session.json").read_text())["model"]
     report = recorded["load_report"]
-    assert (
-        report["head_reinitialised"]
-        and report["source_classes"] == 14
-        and report["mapped_classes"]
-        == {
-            "0": 0,
-            "1": 6,
-            "2": 2,
-        }
-    )
+    assert report["head_reinitialised"] and report["source_classes"] == 14
+    assert report["mapped_classes"] == {str(t): s for t, s in MAPPED.items()}
     assert report["head"] and set(report["head"]) <= set(report["new"])  # the head is named as newly made
     assert recorded["network"] == {"name": NETWORKS[key][0], "args": {**NETWORKS[key][1], "out_channels": 4}}
     assert recorded["class_map"] == CLASS_MAP
@@ -302,7 +295,7 @@ def test_round_one_ranks_by_dkd_alone_whenever_no_foreground_class_keeps_its_hea
     by_name = load("card")  # no --class-map: classes with the same name keep their rows
     assert by_name.load_report.mapped_classes == {0: 0, 1: 6, 3: 4} and not by_name.head_is_new
     assert load("card", CLASS_MAP).load_report.mapped_classes == MAPPED
-    assert load("card", "background=background").head_is_new  # background alone segments nothing
+    assert load("card", "liver=,gallbladder=").head_is_new  # background alone segments nothing
     unmapped = load("plain")
     assert unmapped.load_report.head_reinitialised and unmapped.head_is_new
 
