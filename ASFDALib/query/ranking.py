@@ -137,6 +137,14 @@ def choose_knowledge(model: LoadedModel, requested: str = "auto") -> Knowledge:
     if requested == "stats":
         raise ModelError(f"{model.path}: no source-statistics file (set 'source_stats' in the card; see asfda stats)")
     note = "" if norm is None else f"the network normalises with {kinds}: no BatchNorm statistics to compare with"
+    if model.head_is_new:  # energy and prototypes read a head that has learnt nothing yet
+        if requested in ("energy", "prototype"):
+            raise ModelError(
+                f"{model.path}: the output head is new (re-initialised for the target's classes), so its "
+                f"{requested} measures nothing the model learnt; use --knowledge auto, or stats with a "
+                "source-statistics file (asfda stats)"
+            )
+        return Knowledge("none")
     if requested == "prototype":
         head, why_not = (
             ("", "the model is opaque (no layers to read)")

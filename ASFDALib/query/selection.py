@@ -45,7 +45,7 @@ class Pool:
 @dataclass
 class Knowledge:
     """Where the source knowledge K_s comes from: BatchNorm statistics, a statistics file, the head's class
-    prototypes, or energy."""
+    prototypes, energy, or ``none`` (a new head and no statistics: DKD is its diversity term alone)."""
 
     kind: str
     reference: FeatureSummary | None = None
@@ -58,6 +58,9 @@ class Knowledge:
             "stats": "source-statistics file",
             "prototype": "the pre-trained head's class prototypes (feature alignment with its weight rows)",
             "energy": "free-energy fallback (no feature statistics available)",
+            "none": "none: no feature statistics, and a new head's free energy measures nothing the model learnt, "
+            "so DKD is its diversity term alone (the first pick is the pool's most typical volume); a "
+            "source-statistics file (asfda stats) gives DKD its knowledge gap",
         }[self.kind]
         return f"{text}; {self.note}" if self.note else text
 
@@ -119,7 +122,7 @@ def knowledge_gap(pool: Pool, knowledge: Knowledge, layers: list[str]) -> np.nda
 
 
 def greedy_dkd_asd(
-    d_src: np.ndarray,
+    d_src: np.ndarray | None,
     pair: np.ndarray,
     d_labelled: np.ndarray,
     asd: np.ndarray,
@@ -136,15 +139,22 @@ def greedy_dkd_asd(
     or labelled is held back whichever term favours it (docs/method.md "How DKD and ASD are combined").
 
     A candidate at zero divergence from a picked or labelled volume (a duplicate) adds nothing and is
-    only picked once every other candidate is. The ablations: ``dynamic=False`` fixes each temperature
-    at its value over the whole pool before the first pick; ``diversity=False`` sets s_div = 1 (DKD is
-    then the knowledge gap alone, and only exact duplicates are held back).
+    only picked once every other candidate is. ``d_src=None`` (no source knowledge) sets s_src = 1: DKD is
+    s_div alone, and a first pick with nothing picked or labelled goes to the most typical volume (smallest
+    mean divergence to the rest of the pool) rather than to whichever file comes first.
+
+    The ablations: ``dynamic=False`` fixes each temperature at its value over the whole pool before the
+    first pick; ``diversity=False`` sets s_div = 1 (DKD is then the knowledge gap alone, and only exact
+    duplicates are held back).
     """
     n = len(asd)
     remaining = list(range(n))
     d_min = d_labelled.astype(np.float64).copy()
     have_reference = bool(np.isfinite(d_min).any())
-    out = Selection([], _nan(n), _nan(n), _nan(n), _nan(n), d_src.astype(np.float64))
+    known = d_src is not None
+    d_src = np.asarray(d_src, dtype=np.float64) if known else np.zeros(n)
+    out = Selection([], _nan(n), _nan(n), _nan(n), _nan(n), d_src if known else _nan(n))
+    typical = 1.0 - scoring.percentile_rank(pair.mean(axis=1)) if n > 1 else np.ones(n)
     if not dynamic:  # the ablation's static temperatures, over the whole pool before the first pick
         tau_src = scoring.dynamic_temperature(d_src)
         off_diagonal = pair[~np.eye(n, dtype=bool)]
@@ -152,13 +162,18 @@ def greedy_dkd_asd(
     while remaining:
         r = np.asarray(remaining)
         s_src = scoring.temperature_score(d_src[r], scoring.dynamic_temperature(d_src[r]) if dynamic else tau_src)
+        if not known:
+            s_src = np.ones(len(r))
         if have_reference:
             d_div = d_min[r]
             tau = scoring.dynamic_temperature(d_div) if dynamic else tau_div
             s_div = scoring.temperature_score(d_div, tau) if diversity else np.ones(len(r))
             duplicate = d_div <= DUPLICATE_EPS
-        else:
+        elif known:
             s_div = np.ones(len(r))
+            duplicate = np.zeros(len(r), bool)
+        else:  # nothing to be diverse from and no gap: start from the most typical volume
+            s_div = typical[r]
             duplicate = np.zeros(len(r), bool)
         dkd = s_src * s_div
         if fusion == "gated":
@@ -230,7 +245,7 @@ def select(
         pair = full[:n, :n]
         d_lab = full[:n, n:].min(axis=1) if pool.labelled else np.full(n, np.inf)
         weight = {"asfda": alpha, "dkd": 1.0, "asd": 0.0}[strategy]
-        d_src = knowledge_gap(pool, knowledge, chosen)
+        d_src = None if knowledge.kind == "none" else knowledge_gap(pool, knowledge, chosen)
         # DKD only and ASD only are one term each, ordered as the method defines that term; the fusion is how
         # the asfda strategy combines the two
         combine = fusion if strategy == "asfda" else "sum"

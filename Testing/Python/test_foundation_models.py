@@ -241,8 +241,10 @@ def test_an_encoder_only_checkpoint_ranks_by_dkd_alone_until_the_first_finetune(
     out = capsys.readouterr().out
     assert "encoder-only checkpoint into 'swinViT'; decoder and head newly initialised" in out
     assert NEW_HEAD_NOTE in out
+    assert "DKD is its diversity term alone" in " ".join(out.split())  # a new head's energy knows nothing
     first = json.loads((session / "ranking.json").read_text())
     assert first["alpha"] == 1.0 and first["notes"] == [NEW_HEAD_NOTE] and first["model_load"]["encoder_only"]
+    assert first["knowledge"] == "none"
     recorded = json.loads((session / "session.json").read_text())
     assert recorded["rounds"][0]["strategy"]["alpha"] == 1.0
     # The decoder is new and trains at the full rate; the encoder came from the checkpoint.
@@ -259,6 +261,10 @@ def test_an_encoder_only_checkpoint_ranks_by_dkd_alone_until_the_first_finetune(
     assert NEW_HEAD_NOTE not in capsys.readouterr().out
     second = json.loads((session / "ranking.json").read_text())
     assert second["alpha"] == 0.5 and second["notes"] == [] and second["strategy"] == "asfda"
+    assert second["knowledge"] == "none"  # still the pre-trained model's knowledge: ASD joined, not a gap
+    energy = ["rank", "--out", str(session), "--knowledge", "energy"]
+    assert main(energy) == 1
+    assert "its energy measures nothing the model learnt" in " ".join(capsys.readouterr().err.split())
     rounds = json.loads((session / "session.json").read_text())["rounds"]
     assert [r["strategy"]["alpha"] for r in rounds] == [1.0, 0.5]
 

@@ -188,3 +188,22 @@ def test_dkd_only_and_asd_only_keep_their_own_order_whatever_the_fusion():
         assert (
             select(pool, strategy, SOURCE, fusion="gated").order == select(pool, strategy, SOURCE, fusion="sum").order
         )
+
+
+def test_without_source_knowledge_dkd_is_diversity_alone_from_the_most_typical_volume():
+    # 0 is an outlier; 1-3 sit together with 2 at their centre; nothing is labelled
+    pair = np.array(
+        [
+            [0.0, 2.0, 2.0, 2.0],
+            [2.0, 0.0, 0.1, 0.2],
+            [2.0, 0.1, 0.0, 0.1],
+            [2.0, 0.2, 0.1, 0.0],
+        ]
+    )
+    selection = greedy_dkd_asd(None, pair, np.full(4, np.inf), np.zeros(4), alpha=1.0)
+    assert selection.order[:2] == [2, 0]  # the most typical volume, then the farthest from it
+    assert np.all(selection.s_src[selection.order] == 1.0) and np.all(np.isnan(selection.d_src))
+
+
+def test_no_knowledge_is_said_so():
+    assert "DKD is its diversity term alone" in Knowledge("none").describe()
