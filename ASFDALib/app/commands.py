@@ -51,6 +51,13 @@ def cmd_rank(args: argparse.Namespace) -> int:
         raise
 
 
+def _names(names: list[str], shown: int = 8) -> str:
+    """Class names for one line: all of a few, the first ``shown`` and a count of the rest otherwise."""
+    if len(names) <= shown + 1:
+        return ", ".join(names)
+    return ", ".join(names[:shown]) + f" and {len(names) - shown} more"
+
+
 def _remove_new(folder: Path, before: set[Path] | None) -> None:
     """Remove what a failed first rank created in ``folder`` (all of it when the folder itself is new)."""
     if before is None:
@@ -87,7 +94,7 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
             adapted = "+" in model.digest
             console.print(
                 f"Model: {model.card.name} ({model.kind}{', adapted in this session' if adapted else ''}, "
-                f"{model.card.num_classes} classes: {', '.join(model.card.class_names[1:])})"
+                f"{model.card.num_classes} classes: background + {_names(model.card.class_names[1:])})"
                 + (f"; {distributed.world()} processes" if distributed.world() > 1 else "")
             )
             if model.load_report is not None:  # what the checkpoint gave: loaded, newly initialised, ignored

@@ -28,6 +28,7 @@ def test_rank_on_the_embedded_default_writes_every_output(tmp_path, capsys):
     assert main(["rank", "--out", str(out), "--budget", "3"]) == 0
     printed = capsys.readouterr().out
     assert "BatchNorm running statistics" in printed
+    assert "4 classes: background + liver, kidney, gallbladder" in " ".join(printed.split())
     rows = _rows(out)
     assert len(rows) == 12 and all(r["status"] == "scored" for r in rows)
     assert [r["selected"] for r in rows[:4]] == ["True", "True", "True", "False"]

@@ -262,3 +262,10 @@ def test_a_refused_restart_changes_nothing_and_ctrl_c_records_what_the_checkpoin
     assert Session.open(session).rounds[-1]["replaced"][0]["iterations"] == {"stage1": 2, "stage2": 0}
     assert main([*base, "--resume"]) == 0
     assert Session.open(session).rounds[-1]["metrics"]["iterations"] == {"stage1": 8, "stage2": 0}
+
+
+def test_a_long_class_list_is_shortened_to_one_line():
+    from ASFDALib.app.commands import _names
+
+    assert _names(["liver", "kidney"]) == "liver, kidney"
+    assert _names([f"c{i}" for i in range(1, 200)]) == "c1, c2, c3, c4, c5, c6, c7, c8 and 191 more"
