@@ -423,12 +423,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ASFDALib.bench.demo import DemoConfig, run_demo
-    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.bench.demo import DemoConfig, demo_model_path, run_demo
 
     console = Console()
     config = DemoConfig(
-        pool=args.pool, test=args.test, budget=args.budget, iterations=args.iterations, device=args.device
+        pool=args.pool,
+        test=args.test,
+        budget=args.budget,
+        iterations=args.iterations,
+        device=args.device,
+        scenario=args.scenario,
     )
     bar = Progress(
         TextColumn("[bold]Demo"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
@@ -437,7 +441,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with bar:
         report = run_demo(
             args.out,
-            default_model_path(),
+            demo_model_path(config.scenario),
             config,
             lambda text, fraction: bar.update(task, completed=fraction, description=text),
         )

@@ -90,15 +90,14 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
     assert (out / "benchmark.md").is_file()
 
 
-@pytest.mark.parametrize("budget", [2])
-def test_demo_runs_end_to_end(tmp_path, capsys, budget):
+@pytest.mark.parametrize("scenario, classes", [("ct-shift", 6), ("mri", 4)])
+def test_demo_runs_end_to_end_in_either_scenario(tmp_path, capsys, scenario, classes):
     out = tmp_path / "demo"
-    assert (
-        main(["demo", "--out", str(out), "--pool", "6", "--test", "2", "--budget", str(budget), "--iterations", "4"])
-        == 0
-    )
+    argv = ["demo", "--out", str(out), "--pool", "6", "--test", "2", "--budget", "2", "--iterations", "4"]
+    assert main([*argv, "--scenario", scenario]) == 0
     report = json.loads((out / "demo.json").read_text())
-    assert set(report["dice"]) == {"source", "random", "asfda"} and len(report["query"]) == budget
+    assert set(report["dice"]) == {"source", "random", "asfda"} and len(report["query"]) == 2
+    assert report["config"]["scenario"] == scenario and len(report["class_names"]) == classes
     assert (out / "demo.png").is_file() and (out / "session" / "ranking.png").is_file()
     assert "ASFDA vs random selection" in capsys.readouterr().out
 
