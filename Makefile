@@ -1,5 +1,5 @@
 # Two commands set up and run everything on a fresh machine (see README):
-#   make run    install into .venv, then run the demo on the built-in model (rank, label, fine-tune, compare)
+#   make run    install into .venv, then run the demo on a shipped CT model (rank, label, fine-tune, compare)
 #   make test   install into .venv, then lint and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
