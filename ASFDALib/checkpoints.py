@@ -401,7 +401,8 @@ def load_pretrained(
     head_keys = {n: source_of(n) for n in head if not n.endswith("num_batches_tracked")}
     head_fits = all(k is not None and ckpt[k].shape == own_vars[n].shape for n, k in head_keys.items())
     pairs = sorted((int(t), int(s)) for t, s in (class_map or {}).items())
-    identity = all(t == s for t, s in pairs)
+    # a class map that leaves a target class out ("kidney=") asks for that class's rows anew
+    identity = class_map is None or (all(t == s for t, s in pairs) and len(pairs) == num_classes)
     reinit = encoder_only or not head_fits or not identity
     if pairs:
         if encoder_only or source_classes is None:

@@ -60,6 +60,8 @@ def check_outputs(network: torch.nn.Module, card: ModelCard, model_path: str, de
     except torch.cuda.OutOfMemoryError:
         raise
     except (RuntimeError, ValueError) as exc:  # a window the network's layers cannot take
+        if "memory" in str(exc).lower() or "cuda" in str(exc).lower():
+            raise  # out of memory or a device fault: not the window's shape
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"{model_path}: a window of the card's roi_size {list(card.roi_size)} does not run through the network "

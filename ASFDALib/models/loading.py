@@ -161,7 +161,7 @@ def resolve_class_map(
                 f"{source}: a class map needs the pre-trained head's class names; add 'source_classes' to the card"
             )
         return None
-    return class_map_from_names(card.class_names, card.source_classes, class_map or None) or None
+    return class_map_from_names(card.class_names, card.source_classes, class_map or None)
 
 
 def _apply_weights(
@@ -248,10 +248,11 @@ def load_model(
 
 
 def _digest_parts(card: ModelCard, class_map: str | Mapping[str, str] | None) -> list[bytes]:
-    """The card, and a class map when there is one (it changes the head's weights)."""
+    """The card, and a class map when there is one (it changes the head's weights; "v2": a map adds to the
+    same-name pairs since 2026-12-01, so the same text no longer names the same weights as before)."""
     parts = [json.dumps(card.to_dict(), sort_keys=True).encode()]
     if class_map:
-        parts.append(json.dumps(class_map, sort_keys=True).encode())
+        parts.append(b"class-map-v2:" + json.dumps(class_map, sort_keys=True).encode())
     return parts
 
 

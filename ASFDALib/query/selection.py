@@ -185,6 +185,10 @@ def greedy_dkd_asd(
         pick = int(r[k])
         out.order.append(pick)
         out.score[pick], out.dkd[pick], out.s_src[pick], out.s_div[pick] = score[k], dkd[k], s_src[k], s_div[k]
+        if not known:  # no knowledge gap was measured, and a typicality pick had nothing to be diverse from
+            out.s_src[pick] = np.nan
+            if not have_reference:
+                out.s_div[pick] = np.nan
         d_min = np.minimum(d_min, pair[pick])
         have_reference = True
         remaining.remove(pick)

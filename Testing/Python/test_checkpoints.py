@@ -396,6 +396,20 @@ def test_class_map_entry_without_a_source_leaves_that_class_newly_initialised():
     assert class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "kidney=") == {0: 0, 1: 4}
 
 
+def test_blanking_a_class_re_initialises_its_rows_even_when_the_head_fits():
+    torch.manual_seed(0)
+    source, target = unet_batch(3), unet_batch(3)
+    names = ["background", "liver", "kidney"]
+    report = load_pretrained(
+        target, source.state_dict(), num_classes=3, class_map=class_map_from_names(names, names, "kidney=")
+    )
+    assert report.head_reinitialised and report.mapped_classes == {0: 0, 1: 1}
+    kept = load_pretrained(
+        unet_batch(3), source.state_dict(), num_classes=3, class_map=class_map_from_names(names, names)
+    )
+    assert not kept.head_reinitialised  # every class pairs with itself: the head is kept whole
+
+
 def test_class_map_with_unknown_name_is_refused_naming_it():
     with pytest.raises(ModelError, match="source 'pancreas'"):
         class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "liver=pancreas")

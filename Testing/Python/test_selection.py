@@ -202,7 +202,9 @@ def test_without_source_knowledge_dkd_is_diversity_alone_from_the_most_typical_v
     )
     selection = greedy_dkd_asd(None, pair, np.full(4, np.inf), np.zeros(4), alpha=1.0)
     assert selection.order[:2] == [2, 0]  # the most typical volume, then the farthest from it
-    assert np.all(selection.s_src[selection.order] == 1.0) and np.all(np.isnan(selection.d_src))
+    # nothing measured is reported as measured: no gap, and no diversity for the typicality pick
+    assert np.all(np.isnan(selection.s_src)) and np.all(np.isnan(selection.d_src))
+    assert np.isnan(selection.s_div[2]) and selection.s_div[0] > 0
 
 
 def test_no_knowledge_is_said_so():
