@@ -130,6 +130,9 @@ class Workflow:
         self._events: queue.Queue = queue.Queue()
         self._model = None
         self.opened: OpenedCase | None = None  # a case the worker prepared, until the panel takes it
+        # How DKD and ASD are combined: a reopened session keeps the fusion its rounds ranked with (not a panel
+        # setting; `asfda rank --fusion` chooses it)
+        self.fusion: str | None = None  # None: RankConfig's default
         self.last_run = ""  # what the last fine-tuning did (AdaptResult.summary), shown under its button
 
     # --- state the panel shows ---------------------------------------------------------------------
@@ -280,6 +283,8 @@ class Workflow:
             self.settings.budget = int(strategy.get("budget", self.settings.budget))
             self.settings.alpha = float(strategy.get("alpha", self.settings.alpha))
             self.settings.strategy = strategy.get("name", self.settings.strategy)
+            # rounds recorded before the fusion was a choice ranked with the summed form
+            self.fusion = strategy.get("fusion", "sum")
         ranking = session.root / "ranking.json"
         if ranking.is_file():
             self._rows_from_report(json.loads(ranking.read_text()))
@@ -381,7 +386,11 @@ class Workflow:
                 return load_model(settings.model or default_model_path(), card, trust=settings.trust)
 
             config = RankConfig(
-                budget=settings.budget, alpha=settings.alpha, strategy=settings.strategy, device=settings.device
+                budget=settings.budget,
+                alpha=settings.alpha,
+                strategy=settings.strategy,
+                device=settings.device,
+                **({"fusion": self.fusion} if self.fusion else {}),
             )
             with Session.open(settings.session, create=True) as session:
                 images = Path(settings.images) if settings.images else session.image_root

@@ -9,6 +9,7 @@ MRI-like sites, a cross-modality extreme where the source model segments nothing
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -66,6 +67,11 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
     ct = config.scenario == "ct-shift"
     say(f"generating a 3-site {'CT' if ct else 'MRI-like'} target pool and a test set", 0.0)
     write = write_target_split if ct else write_pool
+    marker = data / "scenario.json"
+    if data.exists() and (not marker.is_file() or json.loads(marker.read_text()).get("scenario") != config.scenario):
+        shutil.rmtree(data)  # another scenario's volumes (the demo's own data, regenerated deterministically)
+    data.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"scenario": config.scenario})
     for part, size, seed in (("pool", config.pool, config.seed + 10), ("test", config.test, config.seed + 11)):
         if not (data / part / "cases.json").is_file():
             write(data / part, size, seed=seed, prefix=part)
@@ -89,7 +95,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
             model,
             ranking,
             data / "pool" / "images",
-            {"name": "asfda", "alpha": 0.5, "budget": config.budget},
+            {"name": "asfda", "alpha": 0.5, "fusion": ranking.fusion, "budget": config.budget},
             trust=False,
         )
         query = [r.file for r in ranking.selected]

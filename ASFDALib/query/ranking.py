@@ -100,7 +100,7 @@ class Ranking:
     # model's weights reported (LoadReport.to_dict()), both written to ranking.json.
     notes: list[str] = field(default_factory=list)
     load_report: dict | None = None
-    fusion: str = DEFAULT_FUSION  # how DKD and ASD were combined (selection.FUSIONS)
+    fusion: str | None = DEFAULT_FUSION  # how DKD and ASD were combined (selection.FUSIONS); None: not combined
 
     @property
     def selected(self) -> list[RankRow]:
@@ -318,9 +318,8 @@ def rank_records(
             )
     rows += [RankRow(rank=None, file=r.name, status="labelled") for r in records if r.ok and r.name in labelled_names]
     rows += [RankRow(rank=None, file=r.name, status="skipped", reason=r.reason) for r in records if not r.ok]
-    return Ranking(
-        rows, knowledge, config.strategy, config.alpha, config.budget, model_name, records, fusion=config.fusion
-    )
+    fusion = config.fusion if config.strategy == "asfda" else None  # only asfda combines two terms
+    return Ranking(rows, knowledge, config.strategy, config.alpha, config.budget, model_name, records, fusion=fusion)
 
 
 def rank_folder(

@@ -67,6 +67,8 @@ def test_the_ranking_and_the_session_record_how_dkd_and_asd_were_combined(tmp_pa
     assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(out), "--fusion", "gated"]) == 0
     assert json.loads((out / "ranking.json").read_text())["fusion"] == "gated"
     assert json.loads((out / "session.json").read_text())["rounds"][-1]["strategy"]["fusion"] == "gated"
+    assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(out), "--strategy", "entropy"]) == 0
+    assert json.loads((out / "ranking.json").read_text())["fusion"] is None  # a baseline combines nothing
 
 
 def test_interrupted_ranking_resumes_where_it_stopped(tmp_path, default_model, mri_pool):

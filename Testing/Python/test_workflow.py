@@ -274,3 +274,22 @@ def test_a_cancelled_run_is_continued_not_restarted(flow, mri_pool):
     run = flow.finetune_run()
     assert run is not None and not run["finished"] and flow.finetune_mode() == "resume"
     assert flow.check("finetune")[1].startswith("continue the interrupted run (stage 1: ")
+
+
+@pytest.mark.parametrize("recorded, restored", [("sum", "sum"), (None, None), ("absent", "sum")])
+def test_reopening_a_session_keeps_the_fusion_its_rounds_ranked_with(tmp_path, recorded, restored):
+    """A session ranked with --fusion sum (or before the fusion was a choice) re-ranks the same way."""
+    import json
+
+    from ASFDALib.adaptation.session import Session
+
+    with Session.open(tmp_path / "s", create=True) as session:
+        strategy = {"name": "asfda", "alpha": 0.5, "budget": 2}
+        if recorded != "absent":
+            strategy["fusion"] = recorded
+        session.add_round(["a.nii.gz"], strategy, "digest")
+        session.save()
+    flow = Workflow(PanelSettings(session=str(tmp_path / "s")))
+    assert flow.reopen()
+    assert flow.fusion == restored
+    assert json.loads((tmp_path / "s" / "session.json").read_text())["rounds"][0]["strategy"] == strategy
