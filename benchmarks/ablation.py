@@ -32,6 +32,7 @@ from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.bench.benchmark import (
     BenchmarkConfig,
     SSFTOptions,
+    _check_scenario,
     _rates,
     evaluate,
     load_cases,
@@ -127,6 +128,7 @@ def main() -> None:
     )
     model_path = args.model or default_model_path()
     model = load_model(model_path)
+    _check_scenario(args.out / "data", config)  # another scenario's data under --out is refused, not reused
     data = write_data(args.out / "data", config)
     val_folder = data / ("val" if mri else "validation")
     if mri and not (val_folder / "cases.json").is_file():
@@ -134,7 +136,12 @@ def main() -> None:
     site = {c["name"]: c["site"] for c in json.loads((data / "pool" / "cases.json").read_text())["cases"]}
     pool, val = load_cases(data / "pool", model.card), load_cases(val_folder, model.card)
     path = args.out / "ablation.json"
-    trainings: dict[str, dict] = json.loads(path.read_text())["trainings"] if path.is_file() else {}
+    # what every stored training shares: resuming with another model, scenario or recipe would mix them
+    settings = {"scenario": args.scenario, "model": str(model_path.resolve()), **_rates(config)}
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    if stored and stored.get("settings", settings) != settings:
+        raise SystemExit(f"{path}: its trainings were made with {stored['settings']}; use another --out")
+    trainings: dict[str, dict] = stored.get("trainings", {})
     reused = _reused(args.reuse, config, val_folder) if args.reuse else {}
     variants = {k: v for k, v in QUERY_VARIANTS.items() if not args.variants or k in args.variants}
     if args.variants and len(variants) != len(args.variants):
@@ -153,7 +160,7 @@ def main() -> None:
                 model_path, model.card, labelled, pool, iterations, seed, "cpu", ssft, work, rates=_rates(config)
             )
             trainings[key] = {"dice": evaluate(model, network, val, "cpu"), "seconds": time.perf_counter() - t0}
-        atomic_write_json(path, {"iterations": config.iterations, "trainings": trainings})
+        atomic_write_json(path, {"iterations": config.iterations, "settings": settings, "trainings": trainings})
         return 100 * float(np.nanmean(trainings[key]["dice"]))
 
     def query_of(options: dict, budget: int, seed: int) -> list[str]:
