@@ -131,7 +131,7 @@ def rank_round(
     strategy = {
         "name": config.strategy,
         "alpha": config.alpha,
-        "fusion": config.fusion if config.strategy == "asfda" else None,
+        "fusion": ranking.fusion,
         "budget": config.budget,
         "seed": config.seed,
     }

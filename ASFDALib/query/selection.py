@@ -161,8 +161,9 @@ def greedy_dkd_asd(
         tau_div = scoring.dynamic_temperature(off_diagonal) if off_diagonal.size else 1.0
     while remaining:
         r = np.asarray(remaining)
-        s_src = scoring.temperature_score(d_src[r], scoring.dynamic_temperature(d_src[r]) if dynamic else tau_src)
-        if not known:
+        if known:
+            s_src = scoring.temperature_score(d_src[r], scoring.dynamic_temperature(d_src[r]) if dynamic else tau_src)
+        else:
             s_src = np.ones(len(r))
         if have_reference:
             d_div = d_min[r]
