@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from _common import emit
 
+from ASFDALib.adaptation.recipe import LOWER_RATE_FOR
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.bench.benchmark import (
     BenchmarkConfig,
@@ -90,7 +91,8 @@ def _reused(path: Path, config: BenchmarkConfig, validation: Path) -> dict[str, 
     stored = json.loads(path.read_text())
     protocol = stored["protocol"]
     mine = {"scenario": config.scenario, "iterations": config.iterations, **_rates(config)}
-    theirs = {k: protocol.get(k) for k in ("scenario", "iterations", "lr", "encoder_lr_scale") if k in protocol}
+    keys = ("scenario", "iterations", "lr", "encoder_lr_scale", "lower_rate_for")
+    theirs = {k: protocol.get(k) for k in keys if k in protocol}
     theirs = {k: v for k, v in theirs.items() if v is not None}
     if theirs != mine or not protocol.get("validation"):
         made = f"{theirs}, validation {protocol.get('validation')}"
@@ -115,6 +117,9 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=12, help="validation volumes of a non-mri scenario")
     parser.add_argument("--iterations", type=int, default=BenchmarkConfig.iterations)
     parser.add_argument("--lr", type=float, help="the recipe's learning rate (default: asfda finetune's)")
+    parser.add_argument(
+        "--lower-rate-for", choices=LOWER_RATE_FOR, help="which loaded tensors train at the lower rate (recipe's)"
+    )
     parser.add_argument("--part", choices=("query", "ssft", "all"), default="all", help="which table to make")
     parser.add_argument("--variants", nargs="+", help="query variants to run (default: all)")
     parser.add_argument("--reuse", type=Path, help="a benchmark's results.json to take validation Dice from")
@@ -124,7 +129,11 @@ def main() -> None:
     start = time.perf_counter()
     mri = args.scenario == "mri"
     config = BenchmarkConfig(
-        scenario=args.scenario, iterations=args.iterations, lr=args.lr, validation=0 if mri else args.validation
+        scenario=args.scenario,
+        iterations=args.iterations,
+        lr=args.lr,
+        lower_rate_for=args.lower_rate_for,
+        validation=0 if mri else args.validation,
     )
     model_path = args.model or default_model_path()
     model = load_model(model_path)

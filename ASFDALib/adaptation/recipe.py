@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+LOWER_RATE_FOR = ("encoder", "loaded")
+
 
 @dataclass
 class FinetuneConfig:
@@ -20,6 +22,9 @@ class FinetuneConfig:
     batch_size: int = 2
     lr: float = 3e-3
     encoder_lr_scale: float = 0.3
+    # Which checkpoint tensors train at lr * encoder_lr_scale: "encoder", those inside the encoder (a loaded
+    # decoder adapts at the full rate, as the method asks); "loaded", every one. New tensors: the full rate.
+    lower_rate_for: str = "encoder"
     weight_decay: float = 1e-5
     foreground_ratio: float = 0.67
     checkpoint_every: int = 50

@@ -47,22 +47,25 @@ ProgressFn = Callable[[Progress], None]
 
 
 def param_groups(network: torch.nn.Module, config: FinetuneConfig, report: LoadReport | None = None) -> list[dict]:
-    """Pre-trained encoder parameters at ``lr * encoder_lr_scale``; new ones and the decoder at ``lr``.
+    """Pre-trained parameters at ``lr * encoder_lr_scale``; new ones (and, by default, the decoder) at ``lr``.
 
-    With a load report, "pre-trained" is what came from the checkpoint inside the encoder (all of an
-    encoder-only checkpoint; the encoder stages, and SwinUNETR's ``swinViT``, of a full one), so a
-    re-initialised head or decoder always trains at the full rate; without one (TorchScript, a network built
-    elsewhere) the encoder stages found in the network take the lower rate.
+    With a load report, "pre-trained" is what came from the checkpoint: inside the encoder by default (all of
+    an encoder-only checkpoint; the encoder stages, and SwinUNETR's ``swinViT``, of a full one), every loaded
+    tensor with ``lower_rate_for="loaded"``; a re-initialised head or decoder always trains at the full rate.
+    Without one (TorchScript, a network built elsewhere) every parameter counts as loaded: the encoder stages
+    found in the network take the lower rate (all parameters with ``"loaded"``).
     """
+    every = config.lower_rate_for == "loaded"
     if report is not None:
         names = dict(network.named_modules())
-        encoder = [*encoder_stages(network), *(n for n in ("swinViT",) if n in names)]
+        encoder = None if every else [*encoder_stages(network), *(n for n in ("swinViT",) if n in names)]
         return param_groups_from_report(network, report, config.lr, config.encoder_lr_scale, encoder)
     modules = dict(network.named_modules())
-    encoder_ids = {id(p) for name in encoder_stages(network) for p in modules[name].parameters()}
+    stages = [""] if every else encoder_stages(network)
+    encoder_ids = {id(p) for name in stages for p in modules[name].parameters()}
     encoder = [p for p in network.parameters() if id(p) in encoder_ids]
     rest = [p for p in network.parameters() if id(p) not in encoder_ids]
-    groups = [{"params": rest, "lr": config.lr}]
+    groups = [{"params": rest, "lr": config.lr}] if rest else []
     if encoder:
         groups.append({"params": encoder, "lr": config.lr * config.encoder_lr_scale})
     return groups

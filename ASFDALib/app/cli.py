@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ASFDALib.adaptation.recipe import FinetuneConfig
+from ASFDALib.adaptation.recipe import LOWER_RATE_FOR, FinetuneConfig
 from ASFDALib.app import commands
 from ASFDALib.app.arguments import (
     device,
@@ -443,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         help="learning-rate factor of the pre-trained encoder (default: asfda finetune's); choose both on "
         "--validation, never on --test",
+    )
+    bench.add_argument(
+        "--lower-rate-for",
+        choices=LOWER_RATE_FOR,
+        help="which checkpoint tensors take that factor: those in the encoder (default, asfda finetune's) or "
+        "every loaded one",
     )
     bench.add_argument(
         "--fusion",

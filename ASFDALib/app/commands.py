@@ -532,6 +532,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             ("eval_at", _int_list("--eval-at", args.eval_at)),
             ("lr", args.lr),
             ("encoder_lr_scale", args.encoder_lr_scale),
+            ("lower_rate_for", args.lower_rate_for),
             ("fusion", args.fusion),
         )
         if v

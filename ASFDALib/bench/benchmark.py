@@ -99,6 +99,7 @@ class BenchmarkConfig:
     # The recipe's learning rates (None: adaptation/recipe.py's defaults), to choose them on validation.
     lr: float | None = None
     encoder_lr_scale: float | None = None
+    lower_rate_for: str | None = None  # None: the recipe's ("encoder"); part of the protocol only when set
     fusion: str = DEFAULT_FUSION  # how the ASFDA rows combine DKD and ASD (query.selection.FUSIONS)
 
     @classmethod
@@ -237,13 +238,13 @@ def train(
     workdir: Path,
     eval_at: tuple[int, ...] = (),
     on_eval: Callable[[int, torch.nn.Module], None] | None = None,
-    rates: dict[str, float] | None = None,
+    rates: dict[str, float | str] | None = None,
 ) -> torch.nn.Module:
     """The same recipe for every row: ``iterations`` on the labels; SSFT adds stage 2 as ``ssft`` says.
 
-    ``rates`` overrides the recipe's ``lr`` / ``encoder_lr_scale``. ``on_eval(iteration, network)`` is
-    called at each of ``eval_at`` during stage 1 (training continues
-    from there with the same batches an uninterrupted run draws, so the curve costs only its evaluations).
+    ``rates`` overrides the recipe's ``lr`` / ``encoder_lr_scale`` / ``lower_rate_for``.
+    ``on_eval(iteration, network)`` is called at each of ``eval_at`` during stage 1 (training continues from
+    there with the same batches an uninterrupted run draws, so the curve costs only its evaluations).
     """
     model = load_model(model_path, card)
     network = model.network
@@ -610,8 +611,13 @@ def run_benchmark(
     return _report(out, config, runs, model_card.class_names, start, folders)
 
 
-def _rates(config: BenchmarkConfig) -> dict[str, float]:
-    return {k: v for k, v in (("lr", config.lr), ("encoder_lr_scale", config.encoder_lr_scale)) if v is not None}
+def _rates(config: BenchmarkConfig) -> dict[str, float | str]:
+    rates = (
+        ("lr", config.lr),
+        ("encoder_lr_scale", config.encoder_lr_scale),
+        ("lower_rate_for", config.lower_rate_for),
+    )
+    return {k: v for k, v in rates if v is not None}
 
 
 def row_iterations(row: str, config: BenchmarkConfig) -> int:

@@ -175,9 +175,9 @@ def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, t
     seen = []
     monkeypatch.setattr(trainer_module.Trainer, "run", lambda self, *a, **k: seen.append(self.config))
     model = load_model(default_model_path())
-    config = BenchmarkConfig(lr=1e-3, encoder_lr_scale=1.0)
+    config = BenchmarkConfig(lr=1e-3, encoder_lr_scale=1.0, lower_rate_for="loaded")
     train(default_model_path(), model.card, [], [], 1, 0, "cpu", None, tmp_path, rates=_rates(config))
-    assert (seen[0].lr, seen[0].encoder_lr_scale) == (1e-3, 1.0)
+    assert (seen[0].lr, seen[0].encoder_lr_scale, seen[0].lower_rate_for) == (1e-3, 1.0, "loaded")
     assert _rates(BenchmarkConfig()) == {}  # the recipe's own defaults
 
 

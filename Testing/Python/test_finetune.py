@@ -163,3 +163,26 @@ def test_encoder_learns_more_slowly_than_the_decoder(default_model):
     groups = param_groups(_fresh(default_model.path), FinetuneConfig(lr=1e-3, encoder_lr_scale=0.1))
     assert [g["lr"] for g in groups] == [1e-3, 1e-4]
     assert all(len(g["params"]) for g in groups)
+
+
+def test_lower_rate_for_loaded_puts_every_checkpoint_tensor_at_the_lower_rate_and_a_new_head_at_the_full_rate():
+    from monai.networks.nets import UNet
+
+    from ASFDALib.adaptation.trainer import param_groups
+    from ASFDALib.checkpoints import load_pretrained
+
+    def unet(classes: int) -> torch.nn.Module:
+        return UNet(3, 1, classes, channels=(8, 16, 32), strides=(2, 2), num_res_units=1, norm="batch")
+
+    source, target = unet(6), unet(4)  # another class set: the head is re-initialised
+    report = load_pretrained(target, source.state_dict(), num_classes=4)
+    config = FinetuneConfig(lr=1e-3, encoder_lr_scale=0.1, lower_rate_for="loaded")
+    groups = {g["name"]: g for g in param_groups(target, config, report)}
+    slow = {n for n, p in target.named_parameters() if any(p is q for q in groups["pretrained"]["params"])}
+    fast = {n for n, p in target.named_parameters() if any(p is q for q in groups["full"]["params"])}
+    assert slow == {n for n, _ in target.named_parameters() if n in report.loaded}
+    assert fast == {n for n, _ in target.named_parameters() if n in report.head} != set()
+    assert groups["pretrained"]["lr"] == pytest.approx(1e-4) and groups["full"]["lr"] == 1e-3
+    # By default a loaded decoder adapts at the full rate: fewer tensors take the lower rate.
+    default = {g["name"]: g for g in param_groups(target, FinetuneConfig(lr=1e-3), report)}
+    assert 0 < len(default["pretrained"]["params"]) < len(groups["pretrained"]["params"])
