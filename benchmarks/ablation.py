@@ -50,7 +50,8 @@ METHOD = {"strategy": "asfda"}
 QUERY_VARIANTS = {
     "random": {"strategy": "random"},
     "ASD only (alpha 0)": {"strategy": "asd"},
-    "ASFDA, the method (alpha 0.5, gated fusion)": METHOD,
+    "ASFDA, the method (alpha 0.5, gap-first fusion)": METHOD,
+    "gated fusion (first pick gated too)": {**METHOD, "fusion": "gated"},
     "alpha 0.25": {**METHOD, "alpha": 0.25},
     "alpha 0.75": {**METHOD, "alpha": 0.75},
     "static temperature": {**METHOD, "dynamic_temperature": False},

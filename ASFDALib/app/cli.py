@@ -36,10 +36,12 @@ examples:
 
 What is computed: one sliding-window pass per volume gives DKD (knowledge gap to the source model x
 diversity against the query and labelled volumes, temperature-scaled) and ASD (class-balanced entropy
-inside the adaptive foreground). The query is built greedily: each pick maximises
+inside the adaptive foreground). The query is built greedily: with nothing labelled the first pick is the
+volume with the largest DKD (where the source model knows least); each further pick maximises
 s_div * (alpha * pct(s_src) + (1 - alpha) * pct(ASD)) among the volumes left (pct: percentile rank; s_div
-holds back volumes like one already picked or labelled), then diversity is recomputed. --fusion sum ranks
-by the paper's alpha * pct(DKD) + (1 - alpha) * pct(ASD) instead.
+holds back volumes like one already picked or labelled), then diversity is recomputed. --fusion gated
+scores the first pick that way too; --fusion sum ranks by the paper's alpha * pct(DKD) + (1 - alpha) *
+pct(ASD) instead.
 Unreadable volumes are skipped and listed with the reason; the exit code is 1 only when no volume could
 be scored.
 
@@ -170,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_FUSION,
         help="how DKD and ASD are combined: sum = alpha * pct(DKD) + (1 - alpha) * pct(ASD), the paper's; gated = "
         "s_div * (alpha * pct(s_src) + (1 - alpha) * pct(ASD)), diversity holding back near-duplicates of a pick "
-        "whichever term favours them (default: %(default)s; docs/method.md says which was chosen and why)",
+        "whichever term favours them; gap-first = gated, with a first pick by DKD alone when nothing is labelled "
+        "(default: %(default)s; docs/method.md says which was chosen and why)",
     )
     rank.add_argument(
         "--strategy",

@@ -11,7 +11,8 @@ COLUMN_LEGEND = {
     "selected": "in this round's query",
     "priority": "rank-consistent priority: 1 for the first pick down to 1/N for the last",
     "pick_score": "score when picked = diversity*(alpha*pct(knowledge_gap) + (1-alpha)*pct(ASD)) among the volumes "
-    "left then (--fusion sum: alpha*pct(DKD) + (1-alpha)*pct(ASD))",
+    "left then; a first pick with nothing labelled: its DKD (--fusion gated: the formula for it too; --fusion sum: "
+    "alpha*pct(DKD) + (1-alpha)*pct(ASD))",
     "dkd": "DKD = knowledge gap x diversity",
     "knowledge_gap": "s_src: how far the volume is from what the source model knows (0..1)",
     "diversity": "s_div: how far it is from the labelled and already picked volumes (0..1)",

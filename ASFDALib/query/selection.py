@@ -14,8 +14,8 @@ from ASFDALib.query import scoring
 from ASFDALib.query.features import BN_PREFIX, LOGITS, STAGE_PREFIX, FeatureSummary
 
 STRATEGIES = ("asfda", "dkd", "asd", "random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe")
-FUSIONS = ("sum", "gated")  # how DKD and ASD are combined (greedy_dkd_asd)
-DEFAULT_FUSION = "gated"  # chosen on validation (docs/method.md "How DKD and ASD are combined")
+FUSIONS = ("sum", "gated", "gap-first")  # how DKD and ASD are combined (greedy_dkd_asd)
+DEFAULT_FUSION = "gap-first"  # chosen on validation (docs/method.md "How DKD and ASD are combined")
 KNOWLEDGE = ("bn", "stats", "prototype", "energy")
 LAYER_CHOICES = ("auto", "bn", "stages", "logits", "all")
 DUPLICATE_EPS = 1e-9
@@ -136,7 +136,10 @@ def greedy_dkd_asd(
     ``fusion`` combines the terms: ``"sum"`` (the paper) ranks α·pct(DKD) + (1 − α)·pct(ASD), where the
     diversity s_div sits inside DKD only, so a near-duplicate of a pick can come back on its ASD alone;
     ``"gated"`` scores s_div · (α·pct(s_src) + (1 − α)·pct(ASD)): a volume close to one already picked
-    or labelled is held back whichever term favours it (docs/method.md "How DKD and ASD are combined").
+    or labelled is held back whichever term favours it (docs/method.md "How DKD and ASD are combined");
+    ``"gap-first"`` is gated, except that a first pick with nothing labelled goes by DKD alone (for α > 0):
+    with nothing yet to be diverse from, the query is anchored where the pre-trained model knows least, and
+    ASD joins from the second pick (in a later round, with labels to be diverse from, it is gated throughout).
 
     A candidate at zero divergence from a picked or labelled volume (a duplicate) adds nothing and is
     only picked once every other candidate is. ``d_src=None`` (no source knowledge) sets s_src = 1: DKD is
@@ -177,7 +180,9 @@ def greedy_dkd_asd(
             s_div = typical[r]
             duplicate = np.zeros(len(r), bool)
         dkd = s_src * s_div
-        if fusion == "gated":
+        if fusion == "gap-first" and not have_reference and alpha > 0:  # alpha 0 asks for ASD alone
+            score = dkd
+        elif fusion in ("gated", "gap-first"):
             score = s_div * (alpha * scoring.percentile_rank(s_src) + (1 - alpha) * scoring.percentile_rank(asd[r]))
         else:
             score = alpha * scoring.percentile_rank(dkd) + (1 - alpha) * scoring.percentile_rank(asd[r])

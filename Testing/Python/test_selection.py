@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ASFDALib.query import scoring
 from ASFDALib.query.features import FeatureSummary
 from ASFDALib.query.selection import STRATEGIES, Knowledge, Pool, greedy_dkd_asd, select
 
@@ -175,11 +176,37 @@ def test_gated_fusion_holds_back_near_duplicates_whichever_term_favours_them():
     assert selection.score[3] == pytest.approx(s_div * (0.5 / 3 + 0.5 / 3))
 
 
-def test_both_fusions_make_the_same_first_pick_and_an_unknown_one_is_refused():
+def test_summed_and_gated_fusions_make_the_same_first_pick_and_an_unknown_one_is_refused():
     pool = _pool([1.0, 2.0, 3.0], asd=[0.3, 0.1, 0.2])
-    assert select(pool, "asfda", SOURCE).order[0] == select(pool, "asfda", SOURCE, fusion="gated").order[0]
+    first = {fusion: select(pool, "asfda", SOURCE, fusion=fusion).order[0] for fusion in ("sum", "gated")}
+    assert first["sum"] == first["gated"]
     with pytest.raises(ValueError, match="unknown fusion 'product'"):
         select(pool, "asfda", SOURCE, fusion="product")
+
+
+def test_gap_first_fusion_makes_the_first_pick_by_dkd_alone_then_gates():
+    # gated starts at 0 (top on both terms); make 3 the largest knowledge gap with the lowest ASD
+    d_src, pair, d_labelled, asd = _two_clusters()
+    d_src = np.array([1.0, 0.95, 0.9, 1.2, 0.3])
+    gated = greedy_dkd_asd(d_src, pair, d_labelled, asd, alpha=0.5, fusion="gated")
+    selection = greedy_dkd_asd(d_src, pair, d_labelled, asd, alpha=0.5, fusion="gap-first")
+    assert gated.order[0] == 0 and selection.order[0] == 3
+    # the first pick's score is its DKD: s_div = 1 with nothing to be diverse from
+    assert selection.s_div[3] == 1.0 and selection.score[3] == pytest.approx(selection.dkd[3])
+    # from the second pick on, the gated score: s_div * (a pct(s_src) + (1 - a) pct(ASD)) over {0, 1, 2, 4};
+    # 0 is top on both terms and, at SKL 1.0 from 3, as diverse as any
+    r = np.array([0, 1, 2, 4])
+    s_src = scoring.temperature_score(d_src[r], scoring.dynamic_temperature(d_src[r]))
+    s_div = scoring.temperature_score(pair[3, r], scoring.dynamic_temperature(pair[3, r]))
+    gated_second = s_div * (0.5 * scoring.percentile_rank(s_src) + 0.5 * scoring.percentile_rank(asd[r]))
+    assert selection.order[:2] == [3, 0] and selection.score[0] == pytest.approx(gated_second[0])
+
+
+def test_gap_first_fusion_is_gated_throughout_once_volumes_are_labelled():
+    d_src, pair, _, asd = _two_clusters()
+    d_labelled = np.array([0.5, 0.5, 0.5, 0.2, 0.9])
+    for_gap = greedy_dkd_asd(d_src, pair, d_labelled, asd, alpha=0.5, fusion="gap-first")
+    assert for_gap.order == greedy_dkd_asd(d_src, pair, d_labelled, asd, alpha=0.5, fusion="gated").order
 
 
 def test_dkd_only_and_asd_only_keep_their_own_order_whatever_the_fusion():
