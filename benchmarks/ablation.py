@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from _common import emit
 
-from ASFDALib.adaptation.recipe import LOWER_RATE_FOR
+from ASFDALib.adaptation.recipe import LOWER_RATE_FOR, FinetuneConfig
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.bench.benchmark import (
     BenchmarkConfig,
@@ -91,10 +91,11 @@ def _reused(path: Path, config: BenchmarkConfig, validation: Path) -> dict[str, 
     same scenario, iterations and learning rates, and a validation split with the same cases."""
     stored = json.loads(path.read_text())
     protocol = stored["protocol"]
-    mine = {"scenario": config.scenario, "iterations": config.iterations, **_rates(config)}
-    keys = ("scenario", "iterations", "lr", "encoder_lr_scale", "lower_rate_for")
-    theirs = {k: protocol.get(k) for k in keys if k in protocol}
-    theirs = {k: v for k, v in theirs.items() if v is not None}
+    rule = {"lower_rate_for": config.lower_rate_for or FinetuneConfig.lower_rate_for}
+    mine = {"scenario": config.scenario, "iterations": config.iterations, **_rates(config), **rule}
+    keys = ("scenario", "iterations", "lr", "encoder_lr_scale")
+    theirs = {k: protocol.get(k) for k in keys if protocol.get(k) is not None}
+    theirs["lower_rate_for"] = protocol.get("lower_rate_for", "encoder")  # the rule before it was a choice
     if theirs != mine or not protocol.get("validation"):
         made = f"{theirs}, validation {protocol.get('validation')}"
         raise SystemExit(f"{path}: made with {made}; this ablation: {mine}")
@@ -147,8 +148,11 @@ def main() -> None:
     pool, val = load_cases(data / "pool", model.card), load_cases(val_folder, model.card)
     path = args.out / "ablation.json"
     # what every stored training shares: resuming with another model, scenario or recipe would mix them
-    settings = {"scenario": args.scenario, "model": str(model_path.resolve()), **_rates(config)}
+    rule = config.lower_rate_for or FinetuneConfig.lower_rate_for
+    settings = {"scenario": args.scenario, "model": str(model_path.resolve()), **_rates(config), "lower_rate_for": rule}
     stored = json.loads(path.read_text()) if path.is_file() else {}
+    if "settings" in stored:  # trainings stored before the lower-rate rule was a choice used the encoder rule
+        stored["settings"].setdefault("lower_rate_for", "encoder")
     if stored and stored.get("settings", settings) != settings:
         raise SystemExit(f"{path}: its trainings were made with {stored['settings']}; use another --out")
     trainings: dict[str, dict] = stored.get("trainings", {})

@@ -468,6 +468,8 @@ def _protocol(config: BenchmarkConfig, folders: Folders) -> dict:
         "scenario": config.scenario,
         "fusion": config.fusion,
         **_rates(config),
+        # which loaded tensors took the lower rate: recorded always, as the recipe's default may change
+        "lower_rate_for": config.lower_rate_for or FinetuneConfig.lower_rate_for,
         "pool": str(folders.pool.resolve()),
         "test": str(folders.test.resolve()),
         "validation": str(folders.validation.resolve()) if folders.validation else None,
@@ -481,6 +483,8 @@ def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
     if stored.get("protocol") is not None:
         # runs recorded before the fusion was a choice combined DKD and ASD by the summed ranks
         stored["protocol"].setdefault("fusion", "sum")
+        # and before the lower-rate rule was a choice, the loaded tensors of the encoder took it
+        stored["protocol"].setdefault("lower_rate_for", "encoder")
     if protocol is not None and stored.get("protocol") not in (None, protocol):
         changed = sorted(k for k in protocol if stored["protocol"].get(k) != protocol[k])
         raise ASFDAError(

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.app.cli import main
 from ASFDALib.bench.phantoms import SITES, make_phantom, site_config, write_pool
 from ASFDALib.errors import ASFDAError
@@ -153,17 +154,32 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     other = "gated" if DEFAULT_FUSION == "sum" else "sum"
     assert main([*argv, "--fusion", other]) == 1
     assert "results.json: its runs were made with other fusion" in capsys.readouterr().err
+    # and another rule for which loaded tensors learn at the lower rate
+    other = "loaded" if FinetuneConfig.lower_rate_for == "encoder" else "encoder"
+    assert main([*argv, "--lower-rate-for", other]) == 1
+    assert "results.json: its runs were made with other lower_rate_for" in capsys.readouterr().err
 
 
 def test_runs_recorded_before_the_fusion_was_a_choice_resume_as_the_summed_fusion(tmp_path):
     from ASFDALib.bench.benchmark import _load_runs
 
-    protocol = {"iterations": 400, "scenario": "ct-shift"}
+    protocol = {"iterations": 400, "scenario": "ct-shift", "lower_rate_for": "encoder"}
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"protocol": protocol, "runs": []}))
     assert _load_runs(path, {**protocol, "fusion": "sum"}) == []
     with pytest.raises(ASFDAError, match="other fusion"):
         _load_runs(path, {**protocol, "fusion": "gated"})
+
+
+def test_runs_recorded_before_the_lower_rate_rule_was_a_choice_resume_as_the_encoder_rule(tmp_path):
+    from ASFDALib.bench.benchmark import _load_runs
+
+    protocol = {"iterations": 400, "scenario": "ct-shift", "fusion": "gated"}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"protocol": protocol, "runs": []}))
+    assert _load_runs(path, {**protocol, "lower_rate_for": "encoder"}) == []
+    with pytest.raises(ASFDAError, match="other lower_rate_for"):
+        _load_runs(path, {**protocol, "lower_rate_for": "loaded"})
 
 
 def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, tmp_path):
