@@ -22,9 +22,10 @@ class FinetuneConfig:
     batch_size: int = 2
     lr: float = 3e-3
     encoder_lr_scale: float = 0.3
-    # Which checkpoint tensors train at lr * encoder_lr_scale: "encoder", those inside the encoder (a loaded
-    # decoder adapts at the full rate, as the method asks); "loaded", every one. New tensors: the full rate.
-    lower_rate_for: str = "encoder"
+    # Which checkpoint tensors train at lr * encoder_lr_scale: "loaded", every one; "encoder", only those
+    # inside the encoder (a loaded decoder then adapts at the full rate). New tensors: the full rate.
+    # docs/method.md "Learning rates by what was loaded" has the validation comparison behind the default.
+    lower_rate_for: str = "loaded"
     weight_decay: float = 1e-5
     foreground_ratio: float = 0.67
     checkpoint_every: int = 50

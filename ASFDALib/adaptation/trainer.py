@@ -47,13 +47,14 @@ ProgressFn = Callable[[Progress], None]
 
 
 def param_groups(network: torch.nn.Module, config: FinetuneConfig, report: LoadReport | None = None) -> list[dict]:
-    """Pre-trained parameters at ``lr * encoder_lr_scale``; new ones (and, by default, the decoder) at ``lr``.
+    """Pre-trained parameters at ``lr * encoder_lr_scale``, new ones at ``lr``.
 
-    With a load report, "pre-trained" is what came from the checkpoint: inside the encoder by default (all of
-    an encoder-only checkpoint; the encoder stages, and SwinUNETR's ``swinViT``, of a full one), every loaded
-    tensor with ``lower_rate_for="loaded"``; a re-initialised head or decoder always trains at the full rate.
-    Without one (TorchScript, a network built elsewhere) every parameter counts as loaded: the encoder stages
-    found in the network take the lower rate (all parameters with ``"loaded"``).
+    With a load report, "pre-trained" is what came from the checkpoint: every loaded tensor (the default,
+    ``lower_rate_for="loaded"``), or with ``"encoder"`` only those inside the encoder (all of an encoder-only
+    checkpoint; the encoder stages, and SwinUNETR's ``swinViT``, of a full one), so a loaded decoder adapts
+    at the full rate; a re-initialised head or decoder always trains at the full rate. Without one
+    (TorchScript, a network built elsewhere) every parameter counts as loaded, and ``"encoder"`` gives the
+    encoder stages found in the network the lower rate.
     """
     every = config.lower_rate_for == "loaded"
     if report is not None:

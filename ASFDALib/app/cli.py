@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=positive_float,
         default=RECIPE.lr,
-        help=f"learning rate of new layers (default: %(default)s); pre-trained layers get "
+        help=f"learning rate of new layers (default: %(default)s); tensors loaded from the checkpoint get "
         f"{RECIPE.encoder_lr_scale:g}x of it",
     )
     finetune.add_argument(
@@ -450,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--lower-rate-for",
         choices=LOWER_RATE_FOR,
-        help="which checkpoint tensors take that factor: those in the encoder (default, asfda finetune's) or "
-        "every loaded one",
+        help=f"which checkpoint tensors take that factor: every loaded one, or only those in the encoder "
+        f"(default: {RECIPE.lower_rate_for}, as asfda finetune; the CT and CT -> MRI tables ran with encoder)",
     )
     bench.add_argument(
         "--fusion",

@@ -157,12 +157,22 @@ def test_progress_reports_loss_eta_and_validation_dice(tmp_path, default_model):
     assert reports[-1].val_dice is not None and 0 <= reports[-1].val_dice <= 1
 
 
-def test_encoder_learns_more_slowly_than_the_decoder(default_model):
+def test_with_the_encoder_rule_the_encoder_learns_more_slowly_than_the_decoder(default_model):
     from ASFDALib.adaptation.trainer import param_groups
 
-    groups = param_groups(_fresh(default_model.path), FinetuneConfig(lr=1e-3, encoder_lr_scale=0.1))
+    config = FinetuneConfig(lr=1e-3, encoder_lr_scale=0.1, lower_rate_for="encoder")
+    groups = param_groups(_fresh(default_model.path), config)
     assert [g["lr"] for g in groups] == [1e-3, 1e-4]
     assert all(len(g["params"]) for g in groups)
+
+
+def test_by_default_every_pre_trained_parameter_learns_at_the_lower_rate(default_model):
+    from ASFDALib.adaptation.trainer import param_groups
+
+    network = _fresh(default_model.path)
+    groups = param_groups(network, FinetuneConfig(lr=1e-3, encoder_lr_scale=0.1))
+    assert [g["lr"] for g in groups] == [1e-4]
+    assert len(groups[0]["params"]) == len(list(network.parameters()))
 
 
 def test_lower_rate_for_loaded_puts_every_checkpoint_tensor_at_the_lower_rate_and_a_new_head_at_the_full_rate():
@@ -183,6 +193,6 @@ def test_lower_rate_for_loaded_puts_every_checkpoint_tensor_at_the_lower_rate_an
     assert slow == {n for n, _ in target.named_parameters() if n in report.loaded}
     assert fast == {n for n, _ in target.named_parameters() if n in report.head} != set()
     assert groups["pretrained"]["lr"] == pytest.approx(1e-4) and groups["full"]["lr"] == 1e-3
-    # By default a loaded decoder adapts at the full rate: fewer tensors take the lower rate.
-    default = {g["name"]: g for g in param_groups(target, FinetuneConfig(lr=1e-3), report)}
-    assert 0 < len(default["pretrained"]["params"]) < len(groups["pretrained"]["params"])
+    # The encoder rule lets a loaded decoder adapt at the full rate: fewer tensors take the lower rate.
+    encoder = {g["name"]: g for g in param_groups(target, FinetuneConfig(lr=1e-3, lower_rate_for="encoder"), report)}
+    assert 0 < len(encoder["pretrained"]["params"]) < len(groups["pretrained"]["params"])
