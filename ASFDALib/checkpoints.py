@@ -343,8 +343,29 @@ def load_pretrained(
     for name, tensor in own_vars.items():
         aliases.setdefault(id(tensor), []).append(name)
     modules = dict(network.named_modules())
+
+    def tensors_of(module: str) -> list[torch.Tensor]:
+        return [*modules[module].parameters(False), *modules[module].buffers(False)]
+
+    def source_of(name: str) -> str | None:
+        return next((by_name[a] for a in aliases[id(own_vars[name])] if a in by_name), None)
+
+    names_of = {id(t): n for n, t in own_vars.items()}
     head_modules = output_head(network, num_classes)
-    head_ids = {id(t) for m in head_modules for t in [*modules[m].parameters(False), *modules[m].buffers(False)]}
+    last_weight = getattr(modules[head_modules[0]], "weight", None)
+    last_key = source_of(names_of[id(last_weight)]) if last_weight is not None else None
+    if last_key is not None and ckpt[last_key].shape != last_weight.shape:
+        # The checkpoint's head has other classes, so a class-sized layer before the final one whose checkpoint
+        # tensors have the network's shapes is not class-sized there: a decoder as wide as the target has
+        # classes (UNet channels (4, ...) for 4 classes). The head ends before it; its tensors load.
+        for i, module in enumerate(head_modules[1:], start=1):
+            # only the tensors sized by the layer's channels (not a step counter or a shared PReLU slope)
+            sized = [t for t in tensors_of(module) if id(t) in names_of and num_classes in t.shape]
+            keys = [(source_of(names_of[id(t)]), t) for t in sized]
+            if any(k is not None and ckpt[k].shape == t.shape for k, t in keys):
+                head_modules = head_modules[:i]
+                break
+    head_ids = {id(t) for m in head_modules for t in tensors_of(m)}
     head = [n for n, t in own_vars.items() if id(t) in head_ids]
     body = [n for n in own if id(own_vars[n]) not in head_ids]
 
@@ -363,9 +384,6 @@ def load_pretrained(
         and not any(n.startswith(encoder + ".") for n in head)
     )
     required = [n for n in body if n.split(".", 1)[0] == encoder] if encoder_only else body
-
-    def source_of(name: str) -> str | None:
-        return next((by_name[a] for a in aliases[id(own_vars[name])] if a in by_name), None)
 
     missing, wrong = [], []
     for name in sorted(required):

@@ -272,6 +272,28 @@ def test_dynunet_compiled_layout_reinitialises_output_and_deep_supervision_heads
         assert bits(target.state_dict()[bias][3]) == bits(source.state_dict()[bias][13])
 
 
+@pytest.mark.parametrize(
+    "factory",
+    [
+        # decoders whose top width equals the target's class count (4): class-sized in the network, not in
+        # the 14-class checkpoint, so they are decoder, not head
+        lambda c: UNet(3, 1, c, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm="instance"),
+        lambda c: DynUNet(
+            3, 1, c, [3, 3, 3], [1, 2, 2], [2, 2], filters=[4, 8, 16], norm_name="instance", deep_supervision=True
+        ),
+    ],
+    ids=["unet", "dynunet"],
+)
+def test_a_decoder_as_wide_as_the_target_has_classes_loads_and_only_the_head_is_new(factory):
+    source, target = pair(factory)
+    report = load_pretrained(target, source.state_dict(), num_classes=TARGET_CLASSES)
+    fresh = {n for n, t in source.state_dict().items() if t.shape != target.state_dict()[n].shape}
+    assert set(report.new) == fresh != set()  # exactly the tensors whose shapes name the classes
+    assert set(report.ignored) == fresh
+    assert_loaded_bitwise(target, report, source.state_dict())
+    assert len(report.loaded) + len(fresh) == len(target.state_dict())
+
+
 def test_same_class_count_keeps_the_pretrained_head_bitwise(tmp_path):
     torch.manual_seed(0)
     source = segresnet(TARGET_CLASSES)
