@@ -6,10 +6,14 @@ costs one line of error, not a folder of scans.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from ASFDALib.atomic import atomic_write_json
 from ASFDALib.errors import ASFDAError
+
+PREDICTIONS_MANIFEST = "asfda_predictions.json"  # the label maps asfda predict wrote into a folder
 
 
 def _resolved(path: Path | str) -> Path:
@@ -81,3 +85,23 @@ def refuse_existing(target: Path, what: str, fix: str) -> None:
     path = Path(target)
     if path.is_file() or (path.is_dir() and any(path.iterdir())):
         raise ASFDAError(f"{target}: {what} already exists; {fix}")
+
+
+def claim_predictions(out: Path, targets: list[Path], fix: str) -> list[Path]:
+    """Refuse, naming the first, label maps about to be written over that an earlier ``asfda predict`` did not
+    write (a folder of reference labels given as ``--out``); then record the targets as predict's own before
+    any is written, so a rerun or a resumed run replaces them. Returns the targets an earlier run wrote."""
+    manifest = Path(out) / PREDICTIONS_MANIFEST
+    try:
+        ours = set(json.loads(manifest.read_text())["files"]) if manifest.is_file() else set()
+    except (ValueError, KeyError, TypeError):
+        ours = set()  # unreadable: nothing there counts as predict's own
+    foreign = [t for t in targets if t.exists() and t.name not in ours]
+    if foreign:
+        raise ASFDAError(
+            f"{foreign[0]}: exists and was not written by asfda predict ({len(foreign)} such file(s) in {out}); {fix}"
+        )
+    replaced = [t for t in targets if t.exists()]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(manifest, {"files": sorted(ours | {t.name for t in targets})})
+    return replaced

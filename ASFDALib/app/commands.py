@@ -309,7 +309,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.pipeline import predict_folder, prediction_name, session_model
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.volumes import discover_volumes
-    from ASFDALib.outputs import refuse_inside_session, refuse_overwrite, refuse_same_folder, session_files
+    from ASFDALib.outputs import (
+        claim_predictions,
+        refuse_inside_session,
+        refuse_overwrite,
+        refuse_same_folder,
+        session_files,
+    )
 
     console = Console()
     session = Session.open(args.session)
@@ -322,6 +328,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     targets = [Path(args.out) / prediction_name(p) for p in inputs]
     refuse_overwrite(targets, inputs, "the input scan", fix)
     refuse_overwrite(targets, session_files(session), "a file the session references", fix)
+    replaced = claim_predictions(Path(args.out), targets, fix)
+    if replaced:
+        console.print(f"Replacing {len(replaced)} label maps an earlier asfda predict wrote to {args.out}")
     adapted = session.adapted_checkpoint() is not None
     if not args.source_model and not adapted:
         console.print(

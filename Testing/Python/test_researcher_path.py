@@ -56,6 +56,22 @@ def test_predict_over_a_file_the_session_references_is_refused(ranked, capsys):
     assert "would write over a file the session references" in _one_line_error(capsys)
 
 
+def test_predict_refuses_to_write_over_reference_labels_it_did_not_write_and_replaces_its_own(ranked, capsys):
+    root, session = ranked
+    images, labels = root / "pool" / "images", root / "pool" / "labels"
+    before = _digests(labels)
+    assert main(["predict", str(session), "--images", str(images), "--out", str(labels)]) == 1
+    err = _one_line_error(capsys)
+    assert "exists and was not written by asfda predict" in err and "images_pred" in err
+    assert _digests(labels) == before
+    # its own earlier output is replaced on a second run, and says so
+    out = root / "pred"
+    assert main(["predict", str(session), "--images", str(images), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(session), "--images", str(images), "--out", str(out)]) == 0
+    assert f"Replacing {len(before)} label maps an earlier asfda predict wrote" in capsys.readouterr().out
+
+
 def test_evaluate_stats_and_rank_refuse_to_write_over_their_inputs(ranked, capsys, tmp_path):
     root, session = ranked
     pool = root / "pool"
