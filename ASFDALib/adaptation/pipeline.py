@@ -273,6 +273,20 @@ def finetune_session(
             run["done"]["stage1"] = targets["stage1"]
     before = dict(run["done"])
     entry = {"mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "running"}
+    # the learning rates the optimizer holds, so the record says what trained how fast
+    entry["learning_rates"] = [
+        {
+            "group": g.get("name", "pretrained" if g["lr"] < config.lr else "full"),
+            "lr": g["lr"],
+            "tensors": len(g["params"]),
+        }
+        for g in trainer.optimizer.param_groups
+    ]
+    entry["lower_rate_for"] = config.lower_rate_for
+    say(
+        "learning rates: "
+        + ", ".join(f"{r['lr']:.1e} for {r['tensors']} {r['group']} tensors" for r in entry["learning_rates"])
+    )
     run["history"].append(entry)
 
     def record(status: str) -> None:

@@ -93,6 +93,21 @@ def test_the_session_records_the_round_and_its_pseudo_labels(adapted_session):
     assert pseudo["kept"] == entry["metrics"]["pseudo_labelled"]
 
 
+def test_the_run_records_the_learning_rates_the_optimizer_used(adapted_session):
+    from ASFDALib.adaptation.recipe import FinetuneConfig
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
+
+    _, session, _ = adapted_session
+    run = json.loads((session / "checkpoints" / "round1" / "run.json").read_text())
+    rates = {r["group"]: r for r in run["history"][0]["learning_rates"]}
+    recipe, parameters = FinetuneConfig(), len(list(load_model(default_model_path()).network.parameters()))
+    # the built-in model loads whole: every parameter is pre-trained and takes the lower rate
+    lower = recipe.lr * recipe.encoder_lr_scale
+    assert rates == {"pretrained": {"group": "pretrained", "lr": lower, "tensors": parameters}}
+    assert run["history"][0]["lower_rate_for"] == "loaded"
+
+
 def test_predictions_are_in_the_input_grid_and_format(adapted_session, tmp_path):
     import SimpleITK as sitk
 
