@@ -40,6 +40,7 @@ is the number of classes, plus the layers just before it whose outputs are also 
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -209,6 +210,9 @@ class LoadReport:
             pairs = ", ".join(self._pair(t, s) for t, s in sorted(self.mapped_classes.items()))
             parts.append(f"pre-trained rows copied for classes {pairs}")
         parts.append(f"{len(self.new)} newly initialised, {len(self.ignored)} checkpoint tensors ignored")
+        beyond = [n for n in self.ignored if n not in self.head]  # a pre-training head, or tensors of no layer here
+        if beyond:
+            parts.append(f"ignored outside the head: {_names(beyond)}")
         if self.key_mapping:
             parts.append(f"keys mapped {self.key_mapping}")
         return "; ".join(parts)
@@ -495,8 +499,13 @@ def class_map_from_names(
         if any(len(item) != 2 for item in items):
             raise ModelError(f"class map {spec!r}: write it as target=source pairs separated by commas")
         spec = {t: s for t, s in items}
-    unknown = [f"target {t!r}" for t in spec if key(t) not in targets]
-    unknown += [f"source {s!r}" for s in spec.values() if key(s) and key(s) not in sources]
+
+    def named(kind: str, name: str, known: list[str]) -> str:
+        close = difflib.get_close_matches(name, known, n=1)
+        return f"{kind} {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+    unknown = [named("target", t, list(target_names)) for t in spec if key(t) not in targets]
+    unknown += [named("source", s, list(source_names)) for s in spec.values() if key(s) and key(s) not in sources]
     if unknown:
         raise ModelError(
             f"class map names {', '.join(unknown)} are not classes (target: {target_names}; source: "

@@ -228,6 +228,7 @@ def test_segresnet_lightning_layout_ignores_other_module_tensors(tmp_path):
 
     assert report.new == ["conv_final.2.conv.bias", "conv_final.2.conv.weight"]
     assert report.ignored == ["loss_fn.class_weight"]  # the pre-trained head's rows were used, not ignored
+    assert "ignored outside the head: loss_fn.class_weight" in report.summary  # named where users read it
     assert_loaded_bitwise(target, report, source.state_dict())
     w = target.state_dict()["conv_final.2.conv.weight"]
     assert torch.equal(w[[1, 2]], source.state_dict()["conv_final.2.conv.weight"][[1, 3]])
@@ -435,6 +436,8 @@ def test_blanking_a_class_re_initialises_its_rows_even_when_the_head_fits():
 def test_class_map_with_unknown_name_is_refused_naming_it():
     with pytest.raises(ModelError, match="source 'pancreas'"):
         class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "liver=pancreas")
+    with pytest.raises(ModelError, match="target 'kidny' \\(did you mean 'kidney'\\?\\)"):
+        class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "kidny=Kidney")
 
 
 # --- learning-rate groups --------------------------------------------------------------------------------
