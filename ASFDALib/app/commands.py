@@ -208,7 +208,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
             session.save()
         for line in report.lines(queried_only=cases is None):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
-        return 0 if report.imported or not (report.refused or report.skipped) else 1
+        return 0 if report.imported or report.unchanged or not (report.refused or report.skipped) else 1
     session = Session.open(words[0])
     labelled = session.labelled()
     table = Table(title=f"Labels in {session.root}")

@@ -352,6 +352,7 @@ class ImportReport:
     imported: dict[str, Path] = field(default_factory=dict)  # image name -> stored label file
     sources: dict[str, Path] = field(default_factory=dict)  # image name -> the file it came from
     notes: dict[str, list[str]] = field(default_factory=dict)  # image name -> what was changed (reoriented)
+    unchanged: dict[str, Path] = field(default_factory=dict)  # image name -> its current version, same content
     skipped: list[str] = field(default_factory=list)  # valid labels of volumes that were not asked for
     refused: list[str] = field(default_factory=list)  # files that cannot be used, with the fix
     missing: list[str] = field(default_factory=list)  # asked-for volumes with no label file in the source
@@ -365,6 +366,10 @@ class ImportReport:
         for name, stored in self.imported.items():
             notes = f" ({'; '.join(self.notes[name])})" if name in self.notes else ""
             out.append(f"imported {name} <- {self.sources[name]}{notes} as {stored.parent.name}/{stored.name}")
+        out += [
+            f"unchanged {name}: the same as its current version {stored.parent.name}/{stored.name}"
+            for name, stored in self.unchanged.items()
+        ]
         out += [f"skipped {reason}" for reason in self.skipped]
         out += [f"refused {reason}" for reason in self.refused]
         if self.missing:
@@ -378,8 +383,9 @@ class ImportReport:
         )
         asked = "queried volumes" if queried_only else "asked-for volumes"
         out.append(
-            f"Imported {len(self.imported)} of {len(self.asked)} {asked}; skipped {len(self.skipped)} "
-            f"(not asked for), refused {len(self.refused)}. {left}."
+            f"Imported {len(self.imported)} of {len(self.asked)} {asked}"
+            + (f" ({len(self.unchanged)} unchanged: already in the session)" if self.unchanged else "")
+            + f"; skipped {len(self.skipped)} (not asked for), refused {len(self.refused)}. {left}."
         )
         return out
 
@@ -414,6 +420,19 @@ def _mapping_record(mapping: LabelMap | dict[int, int] | None) -> dict | None:
     else:
         values, default = mapping, None
     return {"values": {str(k): int(v) for k, v in sorted(values.items())}, "default": default}
+
+
+def _same_label(stored: Path, label: np.ndarray, affine: np.ndarray) -> bool:
+    """Whether the session's stored label file holds exactly these voxels on this grid."""
+    try:
+        current = read_volume(stored, allow_constant=True)
+    except VolumeError:
+        return False
+    return bool(
+        current.array.shape == label.shape
+        and np.allclose(current.affine, affine, atol=1e-5)
+        and np.array_equal(current.array, label)
+    )
 
 
 def import_labels(
@@ -451,6 +470,10 @@ def import_labels(
         if name not in asked:
             why = "no round has queried it" if cases is None else "not among --cases"
             report.skipped.append(f"{label_path}: image {name} was not asked for ({why}); import it with --cases")
+            continue
+        current = session.labelled().get(name)
+        if current is not None and _same_label(current, label, affine):
+            report.unchanged[name] = current  # a second import of the same file adds no version
             continue
         target = session.next_label_path(name)
         write_nifti(target, label, affine)

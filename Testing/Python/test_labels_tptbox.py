@@ -84,6 +84,16 @@ def _raw(name: str) -> np.ndarray:
 # --- item 5: BIDS names pair; a label that pairs with nothing says what it expected --------------------------
 
 
+def test_importing_the_same_label_again_adds_no_version_and_says_unchanged(session, tmp_path, capsys):
+    gt = _folder(tmp_path, MRI_SUBREG)
+    assert main(["labels", "import", str(session), "--from", str(gt), "--map", SPINE_MAP]) == 0
+    capsys.readouterr()
+    assert main(["labels", "import", str(session), "--from", str(gt), "--map", SPINE_MAP]) == 0
+    out = capsys.readouterr().out
+    assert f"unchanged {MRI}: the same as its current version" in out and "1 unchanged" in out
+    assert len(_labels(session)[MRI]) == 1
+
+
 def test_a_bids_segmentation_pairs_with_its_scan(session, tmp_path, capsys):
     gt = _folder(tmp_path, MRI_SUBREG)
     assert main(["labels", "import", str(session), "--from", str(gt), "--map", SPINE_MAP]) == 0
