@@ -381,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
         "torch.export program, TorchScript's successor; torchscript: deprecated by torch",
     )
     export.add_argument(
-        "--out", type=Path, required=True, help="a new folder (bundle) or file (pt2, torchscript; or a folder for it)"
+        "--out",
+        type=Path,
+        required=True,
+        help="a new or empty folder (bundle) or a new file (pt2, torchscript; or a folder for it)",
     )
     export.add_argument(
         "--source-model",
