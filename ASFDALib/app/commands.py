@@ -382,15 +382,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if score.foreign:
             console.print(f"[yellow]warning[/yellow] {escape(foreign_warning(score, names))}", soft_wrap=True)
     rows = summary_rows(scores, names)
-    table = Table(title="Dice / HD95 (mm) per class")
-    for column in rows[0]:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(
-            *[("" if math.isnan(v) else f"{v:.3f}") if isinstance(v, float) else str(v) for v in row.values()]
-        )
-    console.print(table)
-    print(f"Wrote {write_csv(rows, out)}")
+
+    def cell(value: float) -> str:
+        return "" if math.isnan(value) else f"{value:.3f}"
+
+    # The terminal stays a few columns wide whatever the class count; the CSV has every case x class.
+    mean = rows[-1]
+    classes = Table(title=f"Mean over {len(rows) - 1} cases, per class")
+    for column in ("class", "Dice", "HD95 (mm)"):
+        classes.add_column(column)
+    for key in (k for k in mean if k.startswith("dice_") and k != "dice_mean"):
+        name = key.removeprefix("dice_")
+        classes.add_row(name, cell(mean[key]), cell(mean[f"hd95_{name}"]))
+    classes.add_row("mean", cell(mean["dice_mean"]), "")
+    cases = Table(title="Per case")
+    for column in ("case", "mean Dice", "note"):
+        cases.add_column(column)
+    for row in rows[:-1]:
+        cases.add_row(str(row["case"]), cell(row["dice_mean"]), str(row["reason"]))
+    console.print(classes)
+    console.print(cases)
+    print(f"Wrote {write_csv(rows, out)} (Dice and HD95 of every case and class)")
     return 0
 
 

@@ -279,7 +279,10 @@ def test_evaluate_with_the_map_scores_a_perfect_prediction_as_one(session, tmp_p
     for source in (["--session", str(session)], ["--card", str(card)]):
         args = ["evaluate", "--pred", str(tmp_path / "pred"), "--labels", str(gt), *source, "--map", SPINE_MAP]
         assert main(args) == 0
-        assert "warning" not in capsys.readouterr().out
+        printed = capsys.readouterr()
+        assert "warning" not in printed.out and "Warning" not in printed.err  # MONAI's own deprecation stays quiet
+        # the terminal: a row per class (full names, not cut), each with its Dice
+        assert all(f"│ {name}" in printed.out for name in ("vertebral body", "posterior elements", "disc"))
         rows = {r["case"]: r for r in _csv(tmp_path / "pred" / "evaluation.csv")}
         assert set(rows) == {MRI_SUBREG, CT_SUBREG, "MEAN"}
         assert rows[MRI_SUBREG]["dice_vertebral body"] == "1.0000" and rows[MRI_SUBREG]["dice_disc"] == "1.0000"
