@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from _common import emit
 
-from ASFDALib.adaptation.recipe import LOWER_RATE_FOR, FinetuneConfig
+from ASFDALib.adaptation.recipe import LOWER_RATE_FOR
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.bench.benchmark import (
     BenchmarkConfig,
@@ -37,6 +37,7 @@ from ASFDALib.bench.benchmark import (
     _rates,
     evaluate,
     load_cases,
+    lower_rate_rule,
     row_iterations,
     train,
     write_data,
@@ -91,7 +92,7 @@ def _reused(path: Path, config: BenchmarkConfig, validation: Path) -> dict[str, 
     same scenario, iterations and learning rates, and a validation split with the same cases."""
     stored = json.loads(path.read_text())
     protocol = stored["protocol"]
-    rule = {"lower_rate_for": config.lower_rate_for or FinetuneConfig.lower_rate_for}
+    rule = {"lower_rate_for": lower_rate_rule(config)}
     mine = {"scenario": config.scenario, "iterations": config.iterations, **_rates(config), **rule}
     keys = ("scenario", "iterations", "lr", "encoder_lr_scale")
     theirs = {k: protocol.get(k) for k in keys if protocol.get(k) is not None}
@@ -148,7 +149,7 @@ def main() -> None:
     pool, val = load_cases(data / "pool", model.card), load_cases(val_folder, model.card)
     path = args.out / "ablation.json"
     # what every stored training shares: resuming with another model, scenario or recipe would mix them
-    rule = config.lower_rate_for or FinetuneConfig.lower_rate_for
+    rule = lower_rate_rule(config)
     settings = {"scenario": args.scenario, "model": str(model_path.resolve()), **_rates(config), "lower_rate_for": rule}
     stored = json.loads(path.read_text()) if path.is_file() else {}
     if "settings" in stored:  # trainings stored before the lower-rate rule was a choice used the encoder rule

@@ -275,12 +275,7 @@ def finetune_session(
     entry = {"mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "running"}
     # the learning rates the optimizer holds, so the record says what trained how fast
     entry["learning_rates"] = [
-        {
-            "group": g.get("name", "pretrained" if g["lr"] < config.lr else "full"),
-            "lr": g["lr"],
-            "tensors": len(g["params"]),
-        }
-        for g in trainer.optimizer.param_groups
+        {"group": g["name"], "lr": g["lr"], "tensors": len(g["params"])} for g in trainer.optimizer.param_groups
     ]
     entry["lower_rate_for"] = config.lower_rate_for
     say(

@@ -66,9 +66,9 @@ def param_groups(network: torch.nn.Module, config: FinetuneConfig, report: LoadR
     encoder_ids = {id(p) for name in stages for p in modules[name].parameters()}
     encoder = [p for p in network.parameters() if id(p) in encoder_ids]
     rest = [p for p in network.parameters() if id(p) not in encoder_ids]
-    groups = [{"params": rest, "lr": config.lr}] if rest else []
+    groups = [{"params": rest, "lr": config.lr, "name": "full"}] if rest else []
     if encoder:
-        groups.append({"params": encoder, "lr": config.lr * config.encoder_lr_scale})
+        groups.append({"params": encoder, "lr": config.lr * config.encoder_lr_scale, "name": "pretrained"})
     return groups
 
 

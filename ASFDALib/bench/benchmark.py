@@ -469,7 +469,7 @@ def _protocol(config: BenchmarkConfig, folders: Folders) -> dict:
         "fusion": config.fusion,
         **_rates(config),
         # which loaded tensors took the lower rate: recorded always, as the recipe's default may change
-        "lower_rate_for": config.lower_rate_for or FinetuneConfig.lower_rate_for,
+        "lower_rate_for": lower_rate_rule(config),
         "pool": str(folders.pool.resolve()),
         "test": str(folders.test.resolve()),
         "validation": str(folders.validation.resolve()) if folders.validation else None,
@@ -622,6 +622,11 @@ def _rates(config: BenchmarkConfig) -> dict[str, float | str]:
         ("lower_rate_for", config.lower_rate_for),
     )
     return {k: v for k, v in rates if v is not None}
+
+
+def lower_rate_rule(config: BenchmarkConfig) -> str:
+    """Which loaded tensors take the lower rate in this protocol: the config's choice, else the recipe's."""
+    return config.lower_rate_for or FinetuneConfig.lower_rate_for
 
 
 def row_iterations(row: str, config: BenchmarkConfig) -> int:

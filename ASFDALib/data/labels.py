@@ -459,6 +459,7 @@ def import_labels(
     else:
         pairing = pair_names([str(p) for p in files], session.image_names())
     report.refused += [f"{label}: {reason}" for label, reason in pairing.problems.items()]
+    stored = session.labelled()  # each image pairs with one file: its current version does not move below
     for name, label_name in sorted(pairing.pairs.items()):
         label_path = Path(label_name)
         notes: list[str] = []
@@ -471,7 +472,7 @@ def import_labels(
             why = "no round has queried it" if cases is None else "not among --cases"
             report.skipped.append(f"{label_path}: image {name} was not asked for ({why}); import it with --cases")
             continue
-        current = session.labelled().get(name)
+        current = stored.get(name)
         if current is not None and _same_label(current, label, affine):
             report.unchanged[name] = current  # a second import of the same file adds no version
             continue

@@ -160,26 +160,22 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     assert "results.json: its runs were made with other lower_rate_for" in capsys.readouterr().err
 
 
-def test_runs_recorded_before_the_fusion_was_a_choice_resume_as_the_summed_fusion(tmp_path):
+@pytest.mark.parametrize(
+    ("setting", "then", "other", "rest"),
+    [
+        ("fusion", "sum", "gated", {"lower_rate_for": "encoder"}),  # DKD and ASD were summed
+        ("lower_rate_for", "encoder", "loaded", {"fusion": "gated"}),  # only the encoder was slowed
+    ],
+)
+def test_runs_recorded_before_a_setting_was_a_choice_resume_as_what_ran_then(tmp_path, setting, then, other, rest):
     from ASFDALib.bench.benchmark import _load_runs
 
-    protocol = {"iterations": 400, "scenario": "ct-shift", "lower_rate_for": "encoder"}
+    protocol = {"iterations": 400, "scenario": "ct-shift", **rest}
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"protocol": protocol, "runs": []}))
-    assert _load_runs(path, {**protocol, "fusion": "sum"}) == []
-    with pytest.raises(ASFDAError, match="other fusion"):
-        _load_runs(path, {**protocol, "fusion": "gated"})
-
-
-def test_runs_recorded_before_the_lower_rate_rule_was_a_choice_resume_as_the_encoder_rule(tmp_path):
-    from ASFDALib.bench.benchmark import _load_runs
-
-    protocol = {"iterations": 400, "scenario": "ct-shift", "fusion": "gated"}
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps({"protocol": protocol, "runs": []}))
-    assert _load_runs(path, {**protocol, "lower_rate_for": "encoder"}) == []
-    with pytest.raises(ASFDAError, match="other lower_rate_for"):
-        _load_runs(path, {**protocol, "lower_rate_for": "loaded"})
+    assert _load_runs(path, {**protocol, setting: then}) == []
+    with pytest.raises(ASFDAError, match=f"other {setting}"):
+        _load_runs(path, {**protocol, setting: other})
 
 
 def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, tmp_path):
