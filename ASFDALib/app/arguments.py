@@ -4,8 +4,10 @@ wrong one is a one-line error (``asfda rank: error: argument --alpha: ...``) bef
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -91,6 +93,59 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError('not a JSON object; write it as {"name": value, ...}')
     return value
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """Distinct integers >= 1, comma- or space-separated, in the order given (budgets, evaluation points)."""
+    values = tuple(_number(word, int) for word in text.replace(",", " ").split())
+    if not values:
+        raise argparse.ArgumentTypeError("empty; give numbers such as 2,4")
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]} is not a positive integer (1 or more)")
+    _refuse_repeats(values)
+    return values
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """Training seeds: a comma list of distinct integers >= 0 (0,1,2), or one count N >= 1 (seeds 0..N-1)."""
+    words = text.replace(",", " ").split()
+    values = tuple(_number(word, int) for word in words)
+    if len(values) == 1 and "," not in text:
+        if values[0] < 1:
+            raise argparse.ArgumentTypeError(
+                f"{text}: one number is a count of seeds (N: seeds 0..N-1); "
+                "use 1 for seed 0 alone, or a list such as 0,1"
+            )
+        return tuple(range(values[0]))
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds are integers 0 or more, e.g. 0,1,2")
+    _refuse_repeats(values)
+    return values
+
+
+def choice_list(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """A comma list of names from ``choices`` (at least one), returned in the order of ``choices``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = [w.strip() for w in text.split(",") if w.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"empty; choose from {', '.join(choices)}")
+        for name in names:
+            if name not in choices:
+                close = difflib.get_close_matches(name, choices, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise argparse.ArgumentTypeError(f"unknown {name!r}; {hint}choose from {', '.join(choices)}")
+        return tuple(c for c in choices if c in names)
+
+    return parse
+
+
+def _refuse_repeats(values: tuple[int, ...]) -> None:
+    # A repeated budget or seed would be counted as another run and narrow the interval falsely.
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{repeated[0]} is listed twice; give each value once")
 
 
 def _number(text: str, kind: type):

@@ -9,6 +9,7 @@ from pathlib import Path
 from ASFDALib.adaptation.recipe import LOWER_RATE_FOR, FinetuneConfig
 from ASFDALib.app import commands
 from ASFDALib.app.arguments import (
+    choice_list,
     device,
     existing_dir,
     existing_path,
@@ -17,7 +18,9 @@ from ASFDALib.app.arguments import (
     non_negative_int,
     positive_float,
     positive_int,
+    positive_ints,
     probability,
+    seed_list,
     unit_interval,
 )
 from ASFDALib.errors import ASFDAError
@@ -439,10 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--validation",
         help="folder of a validation set (or a phantom count): each run is also scored there, for choices",
     )
-    bench.add_argument("--budgets", nargs="+", help="labelled volumes per run, e.g. 2,4,8")
-    bench.add_argument("--seeds", help="training seeds: a comma list (0,1,2) or a count N (seeds 0..N-1)")
-    bench.add_argument("--rows", help=f"comma list of rows (default: all): {', '.join(BENCH_ROWS)}")
-    bench.add_argument("--iterations", type=int, help="fine-tuning iterations per run (default 300)")
+    bench.add_argument("--budgets", type=positive_ints, help="labelled volumes per run, e.g. 2,4,8")
+    bench.add_argument(
+        "--seeds", type=seed_list, help="training seeds: a comma list (0,1,2) or a count N (seeds 0..N-1)"
+    )
+    bench.add_argument(
+        "--rows", type=choice_list(BENCH_ROWS), help=f"comma list of rows (default: all): {', '.join(BENCH_ROWS)}"
+    )
+    bench.add_argument("--iterations", type=positive_int, help="fine-tuning iterations per run (default 300)")
     bench.add_argument("--lr", type=positive_float, help="the recipe's learning rate (default: asfda finetune's)")
     bench.add_argument(
         "--encoder-lr-scale",
@@ -464,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--eval-at",
+        type=positive_ints,
         help="with a validation set: also score it after these stage-1 iterations (learning curves), e.g. 100,200",
     )
     bench.add_argument(
@@ -506,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asfda {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; finished volumes are cached and a re-run resumes from there", file=sys.stderr)
+        done = "finished runs are in results.json" if args.command == "benchmark" else "finished volumes are cached"
+        print(f"interrupted; {done} and a re-run resumes from there", file=sys.stderr)
         return 130
 
 

@@ -478,19 +478,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(option: str, text: str | list[str] | None) -> tuple[int, ...] | None:
-    """``2,4 8`` -> (2, 4, 8); a one-line error naming the option otherwise."""
-    if not text:
-        return None
-    words = text if isinstance(text, list) else [text]
-    try:
-        return tuple(int(v) for w in words for v in w.replace(",", " ").split())
-    except ValueError:
-        raise ASFDAError(
-            f"{option} {' '.join(words)}: expected whole numbers separated by commas, e.g. 2,4,8"
-        ) from None
-
-
 def _count_or_folder(text: str | None) -> tuple[int | None, Path | None]:
     """A phantom count (digits, and no folder of that name) or a folder."""
     if text is None:
@@ -505,7 +492,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from ASFDALib.bench.benchmark import ROWS, BenchmarkConfig, Folders, run_benchmark
+    from ASFDALib.bench.benchmark import BenchmarkConfig, Folders, run_benchmark
     from ASFDALib.models.defaults import default_model_path
 
     console = Console()
@@ -524,22 +511,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                 "benchmark on your own data needs --model (the model to adapt) and, if not beside it, --card"
             )
         folders = Folders(pool_dir, test_dir, val_dir)
-    seeds = None
-    if args.seeds:
-        listed = _int_list("--seeds", args.seeds)
-        if "," not in args.seeds and listed[0] < 1:
-            raise ASFDAError(
-                f"--seeds {args.seeds}: one number is a count of seeds (N: seeds 0..N-1); "
-                "use --seeds 1 for seed 0 alone, or a list such as 0,1"
-            )
-        seeds = listed if "," in args.seeds else tuple(range(listed[0]))
-    rows = None
-    if args.rows:
-        rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-        unknown = [r for r in rows if r not in ROWS]
-        if unknown:
-            raise ASFDAError(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
-        rows = tuple(r for r in ROWS if r in rows)  # the table's order
+    for option, count in (("--pool", pool_count), ("--test", test_count)):
+        if count == 0:
+            raise ASFDAError(f"{option} 0: a phantom count must be 1 or more (or give a folder)")
     overrides = {
         k: v
         for k, v in (
@@ -547,16 +521,16 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             ("test", test_count),
             ("validation", val_count),
             ("iterations", args.iterations),
-            ("budgets", _int_list("--budgets", args.budgets)),
-            ("seeds", seeds),
-            ("rows", rows),
-            ("eval_at", _int_list("--eval-at", args.eval_at)),
+            ("budgets", args.budgets),
+            ("seeds", args.seeds),
+            ("rows", args.rows),
+            ("eval_at", args.eval_at),
             ("lr", args.lr),
             ("encoder_lr_scale", args.encoder_lr_scale),
             ("lower_rate_for", args.lower_rate_for),
             ("fusion", args.fusion),
         )
-        if v
+        if v is not None
     }
     if folders is None and args.scenario != "mri" and args.model is None:
         raise ASFDAError(
@@ -576,6 +550,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             not args.report_only,
             folders=folders,
             card=args.card,
+            say=console.print,
         )
     console.print((args.out / "benchmark.md").read_text(encoding="utf-8"))
     console.print(

@@ -10,6 +10,7 @@ interval) are :mod:`ASFDALib.bench.statistics`.
 
 Runs are appended to ``results.json`` as they finish, so an interrupted benchmark resumes; a training
 whose query, seed and recipe equal one already run is not repeated (its result is reused and marked).
+A resume requires the same protocol: options, and the same bytes of model, card and every data file.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.adaptation.trainer import Trainer
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.bench import statistics
+from ASFDALib.data.labels import validate_label
+from ASFDALib.data.volumes import content_hash, has_image_suffix
 from ASFDALib.errors import ASFDAError
 from ASFDALib.evaluation.metrics import dice_per_class
 from ASFDALib.inference.predict import predict_label
@@ -131,22 +134,34 @@ class Folders:
 
 
 def _pairs(folder: Path) -> list[str]:
-    return sorted(p.name for p in (folder / "images").iterdir() if not p.name.startswith("."))
+    """The volume file names of ``folder/images`` (other files, such as a README, are not cases)."""
+    return sorted(p.name for p in (folder / "images").iterdir() if not p.name.startswith(".") and has_image_suffix(p))
 
 
-def validate_folders(folders: Folders, budgets: tuple[int, ...]) -> None:
-    """Refuse, before any work, folders the protocol cannot use; one line naming the folder and the fix."""
+def _named(folders: Folders) -> list[tuple[str, Path]]:
     named = [("--pool", folders.pool), ("--test", folders.test)]
-    if folders.validation is not None:
-        named.append(("--validation", folders.validation))
+    return named + ([("--validation", folders.validation)] if folders.validation is not None else [])
+
+
+def validate_folders(
+    folders: Folders, budgets: tuple[int, ...], class_names: list[str] | None = None, out: Path | None = None
+) -> None:
+    """Refuse, before any work, folders the protocol cannot use; one line naming the folder and the fix.
+
+    With ``class_names`` every label is checked as ``asfda labels import`` checks it (the image's grid in
+    world space, values that are the model's classes); with ``out``, an output folder inside an input one.
+    """
+    named = _named(folders)
     for option, folder in named:
         if not folder.is_dir():
             raise ASFDAError(f"{folder}: {option} folder not found; {LAYOUT_FIX}")
         for sub in ("images", "labels"):
             if not (folder / sub).is_dir():
                 raise ASFDAError(f"{folder}: no {sub}/ folder; {LAYOUT_FIX}")
+        if out is not None and Path(out).resolve().is_relative_to(folder.resolve()):
+            raise ASFDAError(f"{out}: --out is inside the {option} folder {folder}; write the results elsewhere")
         images = set(_pairs(folder))
-        labels = {p.name for p in (folder / "labels").iterdir() if not p.name.startswith(".")}
+        labels = {p.name for p in (folder / "labels").iterdir() if not p.name.startswith(".") and has_image_suffix(p)}
         if not images:
             raise ASFDAError(f"{folder / 'images'}: no volumes; {LAYOUT_FIX}")
         if images - labels:
@@ -173,6 +188,10 @@ def validate_folders(folders: Folders, budgets: tuple[int, ...]) -> None:
                 raise ASFDAError(
                     f"{other / 'images' / name}: the same volume is in the pool; {option} must hold other cases"
                 )
+    if class_names is not None:
+        for _, folder in named:
+            for name in _pairs(folder):
+                validate_label(folder / "labels" / name, folder / "images" / name, class_names)
 
 
 def _digest(path: Path) -> str:
@@ -181,7 +200,28 @@ def _digest(path: Path) -> str:
 
 def load_cases(folder: Path, card) -> list[Case]:
     """Every image of ``folder/images`` with its label from ``folder/labels``, at the model's spacing."""
-    return [load_case(p.name, p, folder / "labels" / p.name, card) for p in sorted((folder / "images").iterdir())]
+    return [load_case(n, folder / "images" / n, folder / "labels" / n, card) for n in _pairs(folder)]
+
+
+def fingerprints(model_path: Path, card, folders: Folders) -> dict:
+    """What the runs were made from, by content: the model file, its card and every image and label file.
+
+    Part of the protocol, so a resume after a new model, an edited card or a corrected label is refused
+    (naming what changed) instead of reusing runs of the old inputs.
+    """
+    files = {
+        f"{role}/{sub}/{name}": content_hash(folder / sub / name)
+        for role, folder in (("pool", folders.pool), ("test", folders.test), ("validation", folders.validation))
+        if folder is not None
+        for name in _pairs(folder)
+        for sub in ("images", "labels")
+    }
+    card_text = json.dumps(asdict(card), sort_keys=True, default=str)
+    return {
+        "model": content_hash(model_path),
+        "card": hashlib.sha256(card_text.encode()).hexdigest(),
+        "files": files,
+    }
 
 
 def case_groups(folders: list[Path]) -> dict[str, dict[str, str]]:
@@ -271,7 +311,7 @@ def train(
 
 
 def _summary(runs: list[Run], config: BenchmarkConfig) -> dict:
-    """benchmark.json's summary (fractions, keyed "row@budget"); summary.json has the percent list."""
+    """benchmark.json's summary (fractions, keyed "row@budget"); summary.json has percent, per class by name."""
     table: dict = {}
     for row in config.rows:
         for budget in (0,) if row in ("source", "full") else config.budgets:
@@ -295,6 +335,14 @@ def _order(entries: list[dict]) -> list[dict]:
     return sorted(entries, key=lambda s: (s["row"] == "full", s["budget"], ROWS.index(s["row"])))
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def _no_interval(diff: dict) -> str:
+    return f" [{_seeds(len(diff['seeds']))}: no interval below {statistics.MIN_INTERVAL_VALUES}]"
+
+
 def markdown(summary: list[dict], class_names: list[str]) -> str:
     """The table: mean ± sd over seeds per class and overall, and the paired difference to random."""
     head = "| method | budget | seeds | " + " | ".join(class_names[1:]) + " | mean Dice | Δ vs random [95% CI] |"
@@ -306,7 +354,7 @@ def markdown(summary: list[dict], class_names: list[str]) -> str:
         delta = ""
         if diff:
             ci = diff["ci95"]
-            delta = f"{diff['mean']:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else " [1 seed]")
+            delta = f"{diff['mean']:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else _no_interval(diff))
         lines.append(
             f"| {LABELS[s['row']]} | {budget} | {len(s['seeds'])} | "
             + " | ".join(cells)
@@ -317,10 +365,10 @@ def markdown(summary: list[dict], class_names: list[str]) -> str:
         lines += ["", "Paired difference to the row's control (same query, seed and iterations):", ""]
         for s in controlled:
             d = s["diff_vs_control"]
-            ci = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else " [1 seed]"
+            ci = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else _no_interval(d)
             lines.append(
                 f"- {LABELS[s['row']]}, budget {s['budget']}: {d['mean']:+.1f}{ci} vs {LABELS[d['row']]}"
-                f" ({len(d['seeds'])} seeds)"
+                f" ({_seeds(len(d['seeds']))})"
             )
     groups = [
         (kind, sorted({g for s in summary for g in s.get("per_group", {}).get(kind, {})}))
@@ -398,7 +446,8 @@ def plot_differences(summary: list[dict], config: BenchmarkConfig, path: Path) -
     ax.set_xlabel("labelled volumes")
     ax.set_ylabel("Dice − random, same seed (points; 95% bootstrap interval)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # random alone has nothing to compare
+        ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
@@ -459,8 +508,8 @@ def _plan(config: BenchmarkConfig) -> list[tuple[str, int, int]]:
     return plan
 
 
-def _protocol(config: BenchmarkConfig, folders: Folders) -> dict:
-    """What must match for earlier runs in results.json to be reused."""
+def _protocol(config: BenchmarkConfig, folders: Folders, inputs: dict) -> dict:
+    """What must match for earlier runs in results.json to be reused (``inputs``: :func:`fingerprints`)."""
     return {
         "iterations": config.iterations,
         "ssft": asdict(config.ssft),
@@ -473,6 +522,7 @@ def _protocol(config: BenchmarkConfig, folders: Folders) -> dict:
         "pool": str(folders.pool.resolve()),
         "test": str(folders.test.resolve()),
         "validation": str(folders.validation.resolve()) if folders.validation else None,
+        **inputs,
     }
 
 
@@ -485,13 +535,35 @@ def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
         stored["protocol"].setdefault("fusion", "sum")
         # and before the lower-rate rule was a choice, the loaded tensors of the encoder took it
         stored["protocol"].setdefault("lower_rate_for", "encoder")
+        # runs recorded before inputs were fingerprinted are taken to be of these inputs
+        for key in ("model", "card", "files"):
+            if protocol is not None and key in protocol:
+                stored["protocol"].setdefault(key, protocol[key])
     if protocol is not None and stored.get("protocol") not in (None, protocol):
-        changed = sorted(k for k in protocol if stored["protocol"].get(k) != protocol[k])
         raise ASFDAError(
-            f"{results_path}: its runs were made with other {', '.join(changed)}; "
-            "use another --out, or the options of that run to resume it"
+            f"{results_path}: its runs were made with other {_changes(stored['protocol'], protocol)}; "
+            "use another --out, or the options and inputs of that run to resume it"
         )
     return [Run(**r) for r in stored["runs"]]
+
+
+def _changes(stored: dict, current: dict) -> str:
+    """What differs between two protocols, as a reader needs it: options with both values, files by name."""
+    parts = []
+    for key in sorted(k for k in current if stored.get(k) != current[k]):
+        if key == "files":
+            before, now = stored.get(key) or {}, current[key]
+            names = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
+            parts.append(f"data files ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
+        elif key in ("model", "card"):
+            parts.append(f"{key} file contents")
+        else:
+            parts.append(f"{key} ({stored.get(key)} here, {current[key]} now)")
+    return "; ".join(parts)
+
+
+def _stored_class_names(results_path: Path) -> list[str] | None:
+    return json.loads(results_path.read_text()).get("class_names") if results_path.is_file() else None
 
 
 def run_benchmark(
@@ -502,35 +574,44 @@ def run_benchmark(
     run: bool = True,
     folders: Folders | None = None,
     card: Path | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> dict:
     """Run (or resume) the protocol into ``out``; returns the report written to ``benchmark.json``.
 
     ``folders`` is the user's data (validated before any work); without it the phantom data of
     ``config.scenario`` are written to ``out/data``. ``run=False`` only summarises the runs already in
-    ``results.json`` (a partial benchmark's report).
+    ``results.json`` (a partial benchmark's report). ``say`` gets one-line notices (a resume).
     """
     out = Path(out)
     start = time.perf_counter()
-    if folders is not None:
-        validate_folders(folders, config.budgets)
+    results_path = out / "results.json"
+    model = load_model(model_path, card)
+    model_card = model.card
     if not run:
-        runs = _load_runs(out / "results.json", None)
-        model = load_model(model_path, card)
+        runs = _load_runs(results_path, None)
+        names = _stored_class_names(results_path) or model_card.class_names
         data = folders or _phantom_folders(out / "data", config)
-        return _report(out, config, runs, model.card.class_names, start, data)
-    if folders is None:
+        return _report(out, config, runs, names, start, data, user_data=folders is not None)
+    user_data = folders is not None
+    if folders is not None:
+        validate_folders(folders, config.budgets, model_card.class_names, out)
+    else:
         _check_scenario(out / "data", config)
         write_data(out / "data", config)
         folders = _phantom_folders(out / "data", config)
-    model = load_model(model_path, card)
-    model_card = model.card
-    pool, test = load_cases(folders.pool, model_card), load_cases(folders.test, model_card)
-    validation = load_cases(folders.validation, model_card) if folders.validation else []
-    results_path = out / "results.json"
-    protocol = _protocol(config, folders)
+    protocol = _protocol(config, folders, fingerprints(Path(model_path), model_card, folders))
     runs = _load_runs(results_path, protocol)
     done = {(r.row, r.budget, r.seed) for r in runs}
     plan = _plan(config)
+    already = sum(key in done for key in plan)
+    if already and say:
+        say(f"resuming: {already} of {len(plan)} runs are already in {results_path}; {len(plan) - already} to run")
+    pool, test = load_cases(folders.pool, model_card), load_cases(folders.test, model_card)
+    validation = load_cases(folders.validation, model_card) if folders.validation else []
+
+    def record() -> None:
+        atomic_write_json(results_path, _results(config, protocol, runs, model_card.class_names, user_data))
+
     orders: dict[tuple[str, int, int], list[str]] = {}
     for i, (row, budget, seed) in enumerate(plan):
         if progress:
@@ -585,7 +666,7 @@ def run_benchmark(
                         f"{twin.row}@{twin.budget}",
                     )
                 )
-                atomic_write_json(results_path, _results(config, protocol, runs))
+                record()
                 continue
             labelled = [c for c in pool if c.name in query]
             network = train(
@@ -609,10 +690,10 @@ def run_benchmark(
         runs.append(
             Run(row, budget, seed, _class_means(per_case), query, time.perf_counter() - t0, per_case, val, curve)
         )
-        atomic_write_json(results_path, _results(config, protocol, runs))
+        record()
     if progress:
         progress(len(plan), len(plan), "")
-    return _report(out, config, runs, model_card.class_names, start, folders)
+    return _report(out, config, runs, model_card.class_names, start, folders, user_data)
 
 
 def _rates(config: BenchmarkConfig) -> dict[str, float | str]:
@@ -650,8 +731,22 @@ def _twin(runs: list[Run], query: list[str], seed: int, row: str, config: Benchm
     return None
 
 
-def _results(config: BenchmarkConfig, protocol: dict, runs: list[Run]) -> dict:
-    return {"config": asdict(config), "protocol": protocol, "runs": [asdict(r) for r in runs]}
+def _config_record(config: BenchmarkConfig, user_data: bool) -> dict:
+    """The config as run: on the user's folders, without the phantom-only settings (counts, data seed)."""
+    record = asdict(config)
+    if user_data:
+        for key in ("pool", "test", "validation", "data_seed", "scenario"):
+            record.pop(key)
+    return record
+
+
+def _results(config: BenchmarkConfig, protocol: dict, runs: list[Run], class_names: list[str], user_data: bool) -> dict:
+    return {
+        "config": _config_record(config, user_data),
+        "protocol": protocol,
+        "class_names": class_names,
+        "runs": [asdict(r) for r in runs],
+    }
 
 
 def _check_scenario(data: Path, config: BenchmarkConfig) -> None:
@@ -682,13 +777,14 @@ def _report(
     class_names: list[str],
     start: float,
     folders: Folders | None = None,
+    user_data: bool = False,
 ) -> dict:
     groups = case_groups([folders.test]) if folders else {}
     summary = statistics.summarise(runs, config.rows, config.budgets, groups, controls=CONTROLS)
     pool_size = len(_pairs(folders.pool)) if folders and (folders.pool / "images").is_dir() else config.pool
     test_size = len(_pairs(folders.test)) if folders and (folders.test / "images").is_dir() else config.test
     report = {
-        "config": asdict(config),
+        "config": _config_record(config, user_data),
         "class_names": class_names,
         "summary": _summary(runs, config),
         "runs": len(runs),
@@ -698,7 +794,9 @@ def _report(
         f"({statistics.BOOTSTRAP_RESAMPLES} resamples, RNG seed {statistics.BOOTSTRAP_SEED}); "
         "ASFDALib/bench/statistics.py",
     }
-    atomic_write_json(out / "summary.json", summary)
+    # per class by name in the file (the table and plots read the list, in the card's order)
+    named = [{**s, "per_class": dict(zip(class_names[1:], s["per_class"]))} for s in summary]
+    atomic_write_json(out / "summary.json", named)
     atomic_write_json(out / "benchmark.json", report)
     atomic_write_text(out / "benchmark.md", markdown(summary, class_names))
     warnings = []

@@ -11,7 +11,8 @@ d_s is.
 **Interval.** A percentile bootstrap over seeds: draw the n paired differences with replacement
 ``resamples`` times (10 000) from a generator seeded with ``seed`` (0), take the mean of each draw, and
 report the 2.5th and 97.5th percentiles of those means (numpy's linear interpolation). With fewer than
-two seeds there is no spread to resample and the interval is ``None``. With few seeds a percentile
+three seeds the interval is ``None``: one seed has no spread, and two give resampled means of only three
+values, an "interval" that is just the two seeds' range. With few seeds a percentile
 bootstrap is too narrow (it cannot see beyond the seeds drawn); with 5 seeds read it as a rough guide,
 with 10 or more as a usable one.
 
@@ -28,6 +29,7 @@ import numpy as np
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
+MIN_INTERVAL_VALUES = 3
 
 
 def case_mean(per_class: Sequence[float]) -> float:
@@ -40,9 +42,9 @@ def case_mean(per_class: Sequence[float]) -> float:
 def bootstrap_ci(
     values: Sequence[float], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
 ) -> list[float] | None:
-    """Percentile-bootstrap interval of the mean of ``values`` (see the module docstring); None below 2 values."""
+    """Percentile-bootstrap interval of the mean of ``values`` (see the module docstring); None below 3 values."""
     x = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
-    if x.size < 2:
+    if x.size < MIN_INTERVAL_VALUES:
         return None
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, x.size, (resamples, x.size))].mean(axis=1)

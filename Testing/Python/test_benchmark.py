@@ -129,12 +129,17 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
         ("clasp-pe", 1, [0, 1]),
     ]
     for entry in summary:
-        assert 0.0 <= entry["mean_dice"] <= 100.0 and len(entry["per_class"]) == 3
+        assert 0.0 <= entry["mean_dice"] <= 100.0 and list(entry["per_class"]) == ["liver", "kidney", "gallbladder"]
         assert "validation_mean_dice" in entry and set(entry["per_group"]["site"]) <= {"A", "B", "C"}
     typiclust = summary[1]["diff_vs_random"]
-    assert typiclust["seeds"] == [0, 1] and len(typiclust["ci95"]) == 2
-    assert typiclust["ci95"][0] <= typiclust["mean"] <= typiclust["ci95"][1]
-    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert typiclust["seeds"] == [0, 1] and typiclust["ci95"] is None  # two seeds: no interval
+    assert "[2 seeds: no interval below 3]" in (out / "benchmark.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    # what ran on the user's folders: their fingerprints, not the phantom settings
+    assert results["class_names"] == ["background", "liver", "kidney", "gallbladder"]
+    assert not {"pool", "test", "data_seed", "scenario"} & set(results["config"])
+    assert len(results["protocol"]["files"]) == 2 * (4 + 2 + 2) and results["protocol"]["model"]
+    runs = results["runs"]
     assert len(runs) == 6 and all(
         len(r["query"]) == 1 and set(r["cases"]) == {"t_000_siteA.nii.gz", "t_001_siteB.nii.gz"} for r in runs
     )
@@ -142,11 +147,16 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     assert "Δ vs random" in (out / "benchmark.md").read_text()
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG" and (out / "benchmark_diff.png").is_file()
     assert (out / "benchmark_curves.png").is_file() and len(json.loads((out / "curves.json").read_text())) == 6
+    # the same command again runs nothing and says so
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "resuming: 6 of 6 runs are already in" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["runs"] == runs
     # resuming with other iterations would mix protocols: refused, naming the file
     longer = list(argv)
     longer[argv.index("--iterations") + 1] = "3"
     assert main(longer) == 1
-    assert "results.json: its runs were made with other iterations" in capsys.readouterr().err
+    assert "results.json: its runs were made with other iterations (2 here, 3 now)" in capsys.readouterr().err
     # so would another recipe (a learning rate being chosen on --validation)
     assert main([*argv, "--lr", "1e-3"]) == 1
     assert "results.json: its runs were made with other lr" in capsys.readouterr().err
@@ -158,6 +168,123 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     other = "loaded" if FinetuneConfig.lower_rate_for == "encoder" else "encoder"
     assert main([*argv, "--lower-rate-for", other]) == 1
     assert "results.json: its runs were made with other lower_rate_for" in capsys.readouterr().err
+
+
+def _tiny_run(data, out, model=None):
+    """One random run of one iteration on the user's folders (the cheapest complete benchmark)."""
+    from ASFDALib.models.defaults import default_model_path
+
+    return [
+        "benchmark", "--model", str(model or default_model_path()), "--pool", str(data / "pool"),
+        "--test", str(data / "test"), "--budgets", "1", "--seeds", "1", "--rows", "random", "--iterations", "1",
+        "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_a_resume_after_the_model_or_a_label_changed_is_refused_naming_what_changed(tmp_path, capsys):
+    from ASFDALib.models.defaults import default_model_path
+
+    data = _user_folders(tmp_path / "data")
+    out = tmp_path / "bench"
+    assert main(_tiny_run(data, out)) == 0
+    before = (out / "results.json").read_bytes()
+    # a fine-tuned copy of the model is another model: its runs would be mislabelled as the first one's
+    other = tmp_path / "other.pt"
+    shutil.copy(default_model_path(), other)
+    shutil.copy(default_model_path().with_suffix(".card.json"), tmp_path / "other.card.json")
+    with open(other, "ab") as handle:
+        handle.write(b"\0")
+    assert main(_tiny_run(data, out, other)) == 1
+    assert "its runs were made with other model file contents" in capsys.readouterr().err
+    # a corrected label
+    label = data / "test" / "labels" / "t_000_siteA.nii.gz"
+    nib = pytest.importorskip("nibabel")
+    img = nib.load(label)
+    array = np.asarray(img.dataobj).copy()
+    array[array == 1] = 0
+    nib.save(nib.Nifti1Image(array, img.affine), label)
+    assert main(_tiny_run(data, out)) == 1
+    assert "other data files (test/labels/t_000_siteA.nii.gz)" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+
+
+def _shifted_label(d):
+    nib = pytest.importorskip("nibabel")
+    path = d / "test" / "labels" / "t_000_siteA.nii.gz"
+    img = nib.load(path)
+    affine = img.affine.copy()
+    affine[0, 3] += 30.0
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), path)
+
+
+def _foreign_class(d):
+    nib = pytest.importorskip("nibabel")
+    path = d / "pool" / "labels" / "p_002_siteC.nii.gz"
+    img = nib.load(path)
+    array = np.asarray(img.dataobj).astype(np.uint8)
+    array[array == 1] = 7
+    nib.save(nib.Nifti1Image(array, img.affine), path)
+
+
+def _short_label(d):
+    nib = pytest.importorskip("nibabel")
+    path = d / "pool" / "labels" / "p_001_siteB.nii.gz"
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., :-4], img.affine), path)
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (_shifted_label, "t_000_siteA.nii.gz: label geometry differs from the image's: origin by 30 mm"),
+        (_foreign_class, "p_002_siteC.nii.gz: label values [7] are not classes of the model"),
+        (_short_label, "p_001_siteB.nii.gz: label grid"),
+    ],
+)
+def test_labels_the_model_cannot_use_are_refused_by_name_before_any_work(tmp_path, capsys, breakage, message):
+    data = _user_folders(tmp_path / "data")
+    breakage(data)
+    out = tmp_path / "bench"
+    assert main(_tiny_run(data, out)) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (out / "results.json").exists()
+
+
+def test_an_output_folder_inside_an_input_folder_is_refused(tmp_path, capsys):
+    data = _user_folders(tmp_path / "data")
+    assert main(_tiny_run(data, data / "pool" / "images")) == 1
+    assert "--out is inside the --pool folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (data / "pool" / "images").iterdir()) == [
+        f"p_00{i}_site{s}.nii.gz" for i, s in enumerate("ABCA")
+    ]
+
+
+def test_files_that_are_not_volumes_are_not_cases(tmp_path, capsys):
+    data = _user_folders(tmp_path / "data")
+    (data / "pool" / "images" / "README.txt").write_text("scans from site A")
+    assert main(_tiny_run(data, tmp_path / "bench")) == 0
+    runs = json.loads((tmp_path / "bench" / "results.json").read_text())["runs"]
+    assert all(name.endswith(".nii.gz") for r in runs for name in r["query"])
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--iterations", "0", "0 is not a positive integer"),
+        ("--budgets", "0", "0 is not a positive integer"),
+        ("--budgets", "2,2", "2 is listed twice"),
+        ("--seeds", "0,0", "0 is listed twice"),
+        ("--seeds", "0", "one number is a count of seeds"),
+        ("--rows", "", "empty; choose from"),
+        ("--rows", "random,asdfa", "unknown 'asdfa'; did you mean asfda?"),
+    ],
+)
+def test_benchmark_arguments_are_checked_while_parsed(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", option, value, "--out", str(tmp_path / "b")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize(
@@ -256,12 +383,6 @@ def test_own_data_needs_a_model_and_both_folders(tmp_path, capsys):
     assert "needs --model" in capsys.readouterr().err
     assert main(["benchmark", "--model", "m.pt", "--pool", str(tmp_path), "--out", str(tmp_path / "b")]) == 1
     assert "needs both --pool DIR and --test DIR" in capsys.readouterr().err
-
-
-def test_a_seed_count_of_zero_is_refused_not_read_as_the_default(tmp_path, capsys):
-    assert main(["benchmark", "--seeds", "0", "--out", str(tmp_path / "b")]) == 1
-    assert "use --seeds 1 for seed 0 alone" in capsys.readouterr().err
-    assert not (tmp_path / "b").exists()
 
 
 def test_the_cli_lists_the_benchmark_rows_without_loading_torch():
