@@ -48,7 +48,7 @@ pct(ASD) instead.
 Unreadable volumes are skipped and listed with the reason; the exit code is 1 only when no volume could
 be scored.
 
-columns of ranking.csv / ranking.json (the terminal shows priority, DKD, ASD, fg mL):
+columns of ranking.csv / ranking.json (the terminal shows the pick's score, gap, div, ASD, fg mL):
 """
 
 WORKFLOW = """the workflow, one step after the other (after rank, S is all a step needs):

@@ -111,24 +111,36 @@ def write_ranking(ranking: Ranking, folder: Path) -> RankingOutputs:
     return RankingOutputs(written, [why] if why else [])
 
 
+# How the terminal table's score column was computed, by fusion (None: a strategy without DKD and ASD).
+SCORE_CAPTIONS = {
+    "gap-first": "score: the first pick's DKD (gap x div), then div x (a*pct(gap) + (1-a)*pct(ASD))",
+    "gated": "score = div x (a*pct(gap) + (1-a)*pct(ASD))",
+    "sum": "score = a*pct(DKD) + (1-a)*pct(ASD), DKD = gap x div",
+    None: "score: the strategy's own",
+}
+
+
 def ranking_table(ranking: Ranking, limit: int = 30):
     """A rich Table of the ranking (the query first), skipped files at the end with their reason.
 
-    It fits 80 columns: numbers never wrap or shrink; a long file name is cut with an ellipsis instead
-    (ranking.csv has it whole)."""
+    Each pick is explained by the terms it was made by: its score, the knowledge gap s_src, the diversity
+    s_div to the volumes labelled or picked before it, and ASD. It fits 80 columns: numbers never wrap or
+    shrink; a long file name is cut with an ellipsis instead (ranking.csv has it whole)."""
     from rich.table import Table
 
     table = Table(
         title=f"ASFDA ranking ({ranking.strategy}, alpha={ranking.alpha}, K_s: {ranking.knowledge.kind})",
-        caption="priority 1 = label first; every column in ranking.csv",
+        caption=f"rank 1 = label first; {SCORE_CAPTIONS.get(ranking.fusion, SCORE_CAPTIONS[None])}, "
+        "percentiles among the volumes left at that pick; every column in ranking.csv",
         padding=(0, 1),
     )
     # (name, justify, width the values need): numbers are never cut; the file name takes what is left
     for name, justify, width in (
         ("rank", "right", 4),
         ("file", "left", None),
-        ("priority", "right", 8),
-        ("DKD", "right", 5),
+        ("score", "right", 5),
+        ("gap", "right", 5),
+        ("div", "right", 5),
         ("ASD", "right", 5),
         ("fg mL", "right", 6),
         ("status", "left", 8),
@@ -151,18 +163,19 @@ def ranking_table(ranking: Ranking, limit: int = 30):
         table.add_row(
             str(row.rank),
             row.file,
-            num(row.priority),
-            num(row.dkd),
+            num(row.pick_score),
+            num(row.knowledge_gap),
+            num(row.diversity),
             num(row.asd),
             f"{row.foreground_ml:.1f}",
             "query" if row.selected else "",
             style=style,
         )
     if len(scored) > limit:
-        table.add_row("…", f"{len(scored) - limit} more in ranking.csv", *[""] * 5)
+        table.add_row("…", f"{len(scored) - limit} more in ranking.csv", *[""] * 6)
     for row in ranking.rows:
         if row.status == "labelled":
-            table.add_row("-", row.file, *[""] * 4, "labelled", style="green")
+            table.add_row("-", row.file, *[""] * 5, "labelled", style="green")
     for row in ranking.skipped:
-        table.add_row("-", row.file, *[""] * 4, f"skipped: {row.reason}", style="yellow")
+        table.add_row("-", row.file, *[""] * 5, f"skipped: {row.reason}", style="yellow")
     return table

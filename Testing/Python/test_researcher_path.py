@@ -193,7 +193,7 @@ def test_the_help_shows_the_workflow_and_every_option_says_what_it_does():
     assert lr.default == 3e-3 and "0.3x" in lr.help
 
 
-def test_the_ranking_table_fits_80_columns_without_cutting_a_number(mri_pool, tmp_path):
+def test_the_ranking_table_explains_each_pick_in_80_columns_without_cutting_a_number(mri_pool, tmp_path):
     from rich.console import Console
 
     from ASFDALib.models.defaults import default_model_path
@@ -207,9 +207,10 @@ def test_the_ranking_table_fits_80_columns_without_cutting_a_number(mri_pool, tm
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     for row in ranking.rows:
-        for value in (row.priority, row.dkd, row.asd):
+        for value in (row.pick_score, row.knowledge_gap, row.diversity, row.asd):
             assert f"{value:.3f}" in text
         assert f"{row.foreground_ml:.1f}" in text
+    assert "the first pick's DKD (gap x div)" in " ".join(text.split())  # the default gap-first fusion
 
 
 def test_outputs_inside_a_session_folder_or_over_an_existing_export_are_refused_before_work(ranked, capsys, tmp_path):
