@@ -74,9 +74,10 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
     "halves, voxel gate 0.8": (replace(HALVES, confidence=0.8), 1.0),
     "halves, voxel gate 0.97": (replace(HALVES, confidence=0.97), 1.0),
     "full stage 1, then 1/2 more with pseudo-labels (now the default)": (SSFTOptions(), 1.0),
+    "full stage 1, then 1/2 more, keep 25% of the pool": (SSFTOptions(keep_fraction=0.25), 1.0),
+    "full stage 1, then 1/2 more, voxel gate 0.97": (SSFTOptions(confidence=0.97), 1.0),
     "control: labels only for 1.5x the iterations": (None, 1.5),
 }
-SSFT_BUDGET = 4
 
 
 def _key(query: list[str], seed: int, ssft: SSFTOptions | None, iterations: int) -> str:
@@ -102,11 +103,16 @@ def _reused(path: Path, config: BenchmarkConfig, validation: Path) -> dict[str, 
         raise SystemExit(f"{path}: made with {made}; this ablation: {mine}")
     if (Path(protocol["validation"]) / "cases.json").read_text() != (validation / "cases.json").read_text():
         raise SystemExit(f"{path}: its validation split holds other cases than {validation}")
+    # the SSFT row is reusable when it ran the default options (the ablation's key names them)
+    ssft = SSFTOptions() if protocol.get("ssft") == asdict(SSFTOptions()) else None
     reused = {}
     for run in stored["runs"]:
-        if run["row"] in ("source", "asfda+ssft") or run["shared_with"] or not run.get("validation"):
+        if run["row"] == "source" or run["shared_with"] or not run.get("validation"):
             continue
-        key = _key(run["query"], run["seed"], None, row_iterations(run["row"], config))
+        if run["row"] == "asfda+ssft" and ssft is None:
+            continue
+        options = ssft if run["row"] == "asfda+ssft" else None
+        key = _key(run["query"], run["seed"], options, row_iterations(run["row"], config))
         reused[key] = {"dice": run["validation"], "seconds": run["seconds"], "from": f"{path}: {run['row']}"}
     return reused
 
@@ -125,6 +131,8 @@ def main() -> None:
     )
     parser.add_argument("--part", choices=("query", "ssft", "all"), default="all", help="which table to make")
     parser.add_argument("--variants", nargs="+", help="query variants to run (default: all)")
+    parser.add_argument("--ssft-variants", nargs="+", help="fine-tuning variants to run (default: all)")
+    parser.add_argument("--ssft-budget", type=int, default=4, help="labels of the fine-tuning table's query")
     parser.add_argument("--reuse", type=Path, help="a benchmark's results.json to take validation Dice from")
     parser.add_argument("--out", type=Path, default=Path("bench-ablation"))
     parser.add_argument("--json", type=Path, help="also write the summary here (e.g. benchmarks/results/ablation.json)")
@@ -193,8 +201,11 @@ def main() -> None:
                 query_rows.append({"variant": name, "budget": budget, "seed": seed, "sites": sites, "dice": dice})
                 print(f"{name:34s} budget {budget} seed {seed}: {dice:5.1f} (sites {sites})", flush=True)
     ssft_rows = []
-    method_query = query_of(METHOD, SSFT_BUDGET, 0) if args.part != "query" else []
-    for name, (ssft, scale) in SSFT_VARIANTS.items() if args.part != "query" else ():
+    ssft_variants = {k: v for k, v in SSFT_VARIANTS.items() if not args.ssft_variants or k in args.ssft_variants}
+    if args.ssft_variants and len(ssft_variants) != len(args.ssft_variants):
+        raise SystemExit(f"unknown variant among {args.ssft_variants}; choose from {list(SSFT_VARIANTS)}")
+    method_query = query_of(METHOD, args.ssft_budget, 0) if args.part != "query" else []
+    for name, (ssft, scale) in ssft_variants.items() if args.part != "query" else ():
         for seed in args.seeds:
             dice = dice_of(method_query, seed, ssft, scale)
             ssft_rows.append({"variant": name, "seed": seed, "dice": dice})
@@ -215,8 +226,8 @@ def main() -> None:
             cells.append(f"{_cell([r['dice'] for r in rows])} ({', '.join(picks)})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if ssft_rows:
-        lines += ["", f"| fine-tuning variant (ASFDA query, budget {SSFT_BUDGET}) | Dice |", "|---|---|"]
-    for name in SSFT_VARIANTS if ssft_rows else ():
+        lines += ["", f"| fine-tuning variant (ASFDA query, budget {args.ssft_budget}) | Dice |", "|---|---|"]
+    for name in ssft_variants if ssft_rows else ():
         lines.append(f"| {name} | {_cell([r['dice'] for r in ssft_rows if r['variant'] == name])} |")
     table = "\n".join(lines) + "\n"
     atomic_write_text(args.out / "ablation.md", table)
