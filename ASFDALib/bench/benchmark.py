@@ -370,6 +370,15 @@ def markdown(summary: list[dict], class_names: list[str]) -> str:
                 f"- {LABELS[s['row']]}, budget {s['budget']}: {d['mean']:+.1f}{ci} vs {LABELS[d['row']]}"
                 f" ({_seeds(len(d['seeds']))})"
             )
+    challenged = [s for s in _order(summary) if s.get("diff_vs_queries")]
+    if challenged:
+        lines += ["", "ASFDA against every other query row (paired by seed: ASFDA minus the row):", ""]
+        for s in challenged:
+            pairs = []
+            for other, d in sorted(s["diff_vs_queries"].items(), key=lambda kv: kv[1]["mean"]):
+                ci = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else _no_interval(d)
+                pairs.append(f"{LABELS[other]} {d['mean']:+.1f}{ci}")
+            lines.append(f"- budget {s['budget']}: " + "; ".join(pairs))
     groups = [
         (kind, sorted({g for s in summary for g in s.get("per_group", {}).get(kind, {})}))
         for kind in ("site", "subgroup")
@@ -780,7 +789,9 @@ def _report(
     user_data: bool = False,
 ) -> dict:
     groups = case_groups([folders.test]) if folders else {}
-    summary = statistics.summarise(runs, config.rows, config.budgets, groups, controls=CONTROLS)
+    summary = statistics.summarise(
+        runs, config.rows, config.budgets, groups, controls=CONTROLS, challenger="asfda", rivals=QUERY_ROWS
+    )
     pool_size = len(_pairs(folders.pool)) if folders and (folders.pool / "images").is_dir() else config.pool
     test_size = len(_pairs(folders.test)) if folders and (folders.test / "images").is_dir() else config.test
     report = {

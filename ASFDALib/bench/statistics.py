@@ -85,6 +85,8 @@ def summarise(
     reference: str = "random",
     fixed_rows: Sequence[str] = ("source", "full"),
     controls: Mapping[str, str] | None = None,
+    challenger: str | None = None,
+    rivals: Sequence[str] = (),
 ) -> list[dict]:
     """summary.json: one entry per (row, budget) that has runs, Dice in percent.
 
@@ -94,7 +96,9 @@ def summarise(
     evaluated) and ``diff_vs_random``: {"mean", "ci95", "seeds", "per_seed"} paired on seeds with random at
     the same budget (None for rows without a budget, and for random itself). A row with a control in
     ``controls`` (row -> control row) also gets ``diff_vs_control``: the same paired difference to that row,
-    plus ``"row"`` naming it.
+    plus ``"row"`` naming it. The ``challenger`` row (the method) also gets ``diff_vs_queries``: {rival row:
+    the challenger minus that row, paired on seeds at the same budget} for every row of ``rivals`` that ran
+    at that budget — the question "is the method at or above every other query?" answered by seed.
     """
     runs = list(runs)
     groupings = groupings or {}
@@ -132,6 +136,9 @@ def summarise(
             control = (controls or {}).get(row)
             if control and (paired := _paired(overall, runs, control, budget)):
                 entry["diff_vs_control"] = {"row": control, **paired}
+            if row == challenger:
+                versus = {other: _paired(overall, runs, other, budget) for other in rivals if other != row}
+                entry["diff_vs_queries"] = {other: d for other, d in versus.items() if d}
             out.append(entry)
     return out
 

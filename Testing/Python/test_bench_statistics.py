@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from ASFDALib.bench.benchmark import Run
+from ASFDALib.bench.benchmark import Run, markdown
 from ASFDALib.bench.statistics import bootstrap_ci, case_mean, group_means, paired_differences, summarise
 
 
@@ -103,3 +103,25 @@ def test_a_row_with_a_control_gets_the_paired_difference_to_it():
     assert control["row"] == "asfda"
     assert control["per_seed"] == pytest.approx([10.0, -10.0]) and control["mean"] == pytest.approx(0.0)
     assert "diff_vs_control" not in by_row["asfda"]
+
+
+def test_the_method_is_paired_against_every_other_query_row_that_ran():
+    runs = _runs() + [Run("coreset", 2, 0, [0.7, 0.7]), Run("coreset", 2, 1, [0.7, 0.7])]
+    summary = summarise(
+        runs, ["random", "coreset", "asfda"], [2], challenger="asfda", rivals=["random", "coreset", "entropy"]
+    )
+    by_row = {s["row"]: s for s in summary}
+    versus = by_row["asfda"]["diff_vs_queries"]
+    assert set(versus) == {"random", "coreset"}  # entropy did not run: nothing to pair with
+    assert versus["random"]["per_seed"] == pytest.approx([10.0, 20.0])
+    assert versus["coreset"]["per_seed"] == pytest.approx([-10.0, 10.0]) and versus["coreset"]["mean"] == 0.0
+    assert "diff_vs_queries" not in by_row["coreset"]
+
+
+def test_the_table_lists_the_method_against_each_query_closest_rival_first():
+    runs = _runs() + [Run("coreset", 2, 0, [0.7, 0.7]), Run("coreset", 2, 1, [0.7, 0.7])]
+    summary = summarise(runs, ["random", "coreset", "asfda"], [2], challenger="asfda", rivals=["random", "coreset"])
+    text = markdown(summary, ["background", "liver", "kidney"])
+    assert (
+        "- budget 2: Core-set +0.0 [2 seeds: no interval below 3]; random +15.0 [2 seeds: no interval below 3]" in text
+    )
