@@ -26,7 +26,7 @@ FIELDS = (
     "iterations",
     "pseudo",
 )
-COLUMNS = ("rank", "case", "priority", "dkd", "asd", "status")
+COLUMNS = ("rank", "case", "pick_score", "knowledge_gap", "diversity", "asd", "status")
 SELECTED = len(COLUMNS)  # the "selected" flag rides after the visible columns
 
 
@@ -86,8 +86,8 @@ def table_plan(shown: dict[str, tuple], rows: Iterable[Any]) -> Optional[list[tu
 
 
 def display_value(column: int, value: Any) -> Any:
-    """Numbers sort as numbers (rank, priority, DKD, ASD); anything else, e.g. "—", stays text."""
-    if column in (0, 2, 3, 4) and value not in (None, ""):
+    """Numbers sort as numbers (rank, score, gap, diversity, ASD); anything else, e.g. "—", stays text."""
+    if column in (0, 2, 3, 4, 5) and value not in (None, ""):
         try:
             return float(value)
         except (TypeError, ValueError):

@@ -69,10 +69,14 @@ class PanelSettings:
 
 @dataclass
 class TableRow:
+    """One line of the panel's results table: each pick explained by the terms it was made by (as in
+    ``asfda rank``'s table): its score, the knowledge gap s_src, the diversity s_div and ASD."""
+
     rank: str
     case: str
-    priority: str
-    dkd: str
+    pick_score: str
+    knowledge_gap: str
+    diversity: str
     asd: str
     status: str
     selected: bool = False
@@ -450,9 +454,10 @@ class Workflow:
                 TableRow(
                     "" if row["rank"] is None else str(row["rank"]),
                     row["file"],
-                    _fmt(row["priority"]),
-                    _fmt(row["dkd"]),
-                    _fmt(row["asd"]),
+                    _fmt(row.get("pick_score")),
+                    _fmt(row.get("knowledge_gap")),
+                    _fmt(row.get("diversity")),
+                    _fmt(row.get("asd")),
                     status,
                     bool(row["selected"]),
                 )

@@ -156,15 +156,15 @@ def test_reopening_a_session_restores_its_settings_into_the_parameter_node(mri_p
 # --- state: the results table ------------------------------------------------------------------------------
 def _rows(status="unlabelled", selected=True):
     return [
-        TableRow("1", "a.nii.gz", "0.91", "0.5", "0.4", status, selected),
-        TableRow("2", "b.nii.gz", "0.72", "0.3", "0.4", "unlabelled", False),
+        TableRow("1", "a.nii.gz", "0.91", "0.5", "1.0", "0.4", status, selected),
+        TableRow("2", "b.nii.gz", "0.72", "0.3", "0.8", "0.4", "unlabelled", False),
     ]
 
 
 def test_an_unchanged_table_is_not_touched_and_a_change_is_one_cell():
     shown = {cells[1]: cells for cells in map(state.row_cells, _rows())}
     assert state.table_plan(shown, _rows()) == []
-    assert state.table_plan(shown, _rows(status="labelled")) == [("a.nii.gz", 5, "labelled")]
+    assert state.table_plan(shown, _rows(status="labelled")) == [("a.nii.gz", 6, "labelled")]
     assert state.table_plan(shown, _rows(selected=False)) == [("a.nii.gz", state.SELECTED, False)]
 
 
@@ -178,3 +178,19 @@ def test_a_new_ranking_rebuilds_the_table():
 def test_numbers_sort_as_numbers_and_placeholders_stay_text():
     assert state.display_value(2, "0.91") == 0.91 and state.display_value(0, "10") == 10.0
     assert state.display_value(3, "—") == "—" and state.display_value(1, "12.nii.gz") == "12.nii.gz"
+
+
+def test_the_results_table_has_a_header_with_a_tooltip_for_every_number_it_shows():
+    import xml.etree.ElementTree as ET
+
+    from conftest import REPO
+
+    table = ET.parse(REPO / "Resources" / "UI" / "ASFDA.ui").getroot().find(".//widget[@name='resultsTable']")
+    headers = [c.find("./property[@name='text']/string").text for c in table.findall("column")]
+    assert headers == ["Rank", "Case", "Score", "Gap", "Div.", "ASD", "Status"]
+    assert len(headers) == len(state.COLUMNS)
+    tips = {
+        c.find("./property[@name='text']/string").text: c.find("./property[@name='toolTip']")
+        for c in table.findall("column")
+    }
+    assert all(tips[h] is not None for h in ("Score", "Gap", "Div.", "ASD"))

@@ -19,7 +19,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core gives the panel real 
 
 import slicer_standins  # noqa: E402
 
-STATUS = 5  # the results table's Status column
+STATUS = 6  # the results table's Status column (ASFDAPanelLib.state.COLUMNS)
 CAUGHT: list[BaseException] = []  # exceptions raised in the panel's slots, for failure messages
 
 
@@ -117,6 +117,8 @@ def test_one_session_through_the_panel_buttons(standins, errors, tmp_path):
     run_until(_idle(widget))
     assert ui.rankButton.text == "Rank volumes" and ui.progressLabel.text.startswith("Ranked 4 volumes; query: 1")
     assert ui.resultsTable.rowCount == 4 and set(_rows(ui.resultsTable).values()) == {"unlabelled"}
+    # each pick explained by its score, knowledge gap, diversity and ASD, as numbers the table sorts by
+    assert all(0.0 <= float(ui.resultsTable.item(r, c).text()) for r in range(4) for c in (2, 3, 4, 5))
     (case,) = widget.logic.flow.query
     assert ui.nextCaseButton.enabled and not ui.finetuneButton.enabled
 
