@@ -419,22 +419,37 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "benchmark",
         help="the active-learning benchmark: every strategy, budgets x seeds, on phantoms or on your own data",
-        description="Every query strategy fine-tuned with the same recipe, budgets x seeds, Dice on a disjoint "
-        "labelled test set; per row the paired difference to random (same seed) with a 95% bootstrap interval. "
-        "Phantom mode (no folders): a pool of 40 MRI-like target volumes from three sites (10% rare subgroups), "
-        "20 test volumes, budgets 2/4/8, 5 seeds. Your data: --pool DIR --test DIR [--validation DIR], each with "
-        "images/ and labels/ holding the same file names (the layout `asfda phantoms` writes; an optional "
-        "cases.json with each case's site and subgroup adds Dice per site). Writes OUT/results.json (every run, "
-        "as it finishes: an interrupted benchmark resumes), OUT/summary.json, benchmark.md and benchmark.png.",
-        epilog="examples:\n  asfda benchmark --out bench/            # the phantom protocol (~1.5 h on 2 CPU cores)\n"
+        description="Every query strategy fine-tuned with the same recipe, budgets x seeds, Dice on a disjoint\n"
+        "labelled test set; per row the paired difference to random (same seed) with a 95% bootstrap interval\n"
+        "(3 seeds at least; 5 or more to tell a few points apart), and ASFDA paired against every other query.\n\n"
+        "Phantoms (no folders): --scenario ct-shift (hospital shift within CT) or mri-rich (CT -> MRI), each\n"
+        "fine-tuning its shipped source model; the default, mri, is the earlier protocol, kept for the record.\n\n"
+        "Your data: --pool DIR --test DIR [--validation DIR], each with images/ and labels/ holding the same\n"
+        "file names (the layout `asfda phantoms` writes). Every pool volume needs its label: the benchmark plays\n"
+        'the clinician. An optional cases.json in the test folder, {"cases": [{"name", "site", "subgroup"}]},\n'
+        "adds Dice per site.\n\n"
+        "Writes OUT/results.json (every run as it finishes: the same command resumes it; rows, seeds or budgets\n"
+        "can be added later), summary.json, benchmark.json, benchmark.md, benchmark.png, benchmark_diff.png\n"
+        "(with --eval-at also curves.json, benchmark_curves.png). It trains seeds x (budgets x budgeted rows +\n"
+        "full) models; rows whose query and seed are the same share one training.",
+        epilog="examples:\n"
+        "  asfda benchmark --scenario ct-shift --validation 12 --budgets 2,4 --iterations 400 --lr 1e-3 \\\n"
+        "      --rows source,random,typiclust,asfda,full --out bench-ct/   # hours on 2 CPU cores; resumes\n"
         "  asfda benchmark --quick --out /tmp/b    # a smoke run (seconds)\n"
         "  asfda benchmark --model unet.pt --card card.json --pool data/pool --test data/test \\\n"
-        "      --validation data/val --budgets 2,4 --seeds 0,1,2 --rows random,typiclust,asfda --out my-bench/",
+        "      --validation data/val --budgets 2,4 --seeds 0,1,2 --rows random,typiclust,asfda --out my-bench/\n"
+        "  (choose --iterations and --lr on the validation curves first: --rows random,full --eval-at 100,200,400)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("--out", type=Path, required=True)
+    bench.add_argument(
+        "--out", type=Path, required=True, help="the benchmark's folder (not inside an input folder); it resumes"
+    )
     bench.add_argument("--quick", action="store_true", help="1 seed, budget 2, a few iterations: checks that it runs")
-    bench.add_argument("--model", type=Path, help="model to adapt (required with your own folders; default: built-in)")
+    bench.add_argument(
+        "--model",
+        type=Path,
+        help="model to adapt (required with your own folders; default: the scenario's shipped source model)",
+    )
     bench.add_argument("--card", type=Path, help="its model card (default: found beside the model)")
     bench.add_argument("--pool", help="folder of the unlabelled pool (images/ + labels/), or a phantom count")
     bench.add_argument("--test", help="folder of the test set, or a phantom count")
@@ -442,20 +457,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--validation",
         help="folder of a validation set (or a phantom count): each run is also scored there, for choices",
     )
-    bench.add_argument("--budgets", type=positive_ints, help="labelled volumes per run, e.g. 2,4,8")
     bench.add_argument(
-        "--seeds", type=seed_list, help="training seeds: a comma list (0,1,2) or a count N (seeds 0..N-1)"
+        "--budgets", type=positive_ints, help="labelled volumes per run (default 2,4,8; each below the pool's size)"
+    )
+    bench.add_argument(
+        "--seeds", type=seed_list, help="training seeds: a comma list (0,1,2) or a count N (seeds 0..N-1; default 5)"
     )
     bench.add_argument(
         "--rows", type=choice_list(BENCH_ROWS), help=f"comma list of rows (default: all): {', '.join(BENCH_ROWS)}"
     )
-    bench.add_argument("--iterations", type=positive_int, help="fine-tuning iterations per run (default 300)")
-    bench.add_argument("--lr", type=positive_float, help="the recipe's learning rate (default: asfda finetune's)")
+    bench.add_argument(
+        "--iterations",
+        type=positive_int,
+        help="fine-tuning iterations per run (default 300; asfda+ssft and ssft-control train 1.5x as long)",
+    )
+    bench.add_argument(
+        "--lr", type=positive_float, help=f"the recipe's learning rate (default {RECIPE.lr:g}, asfda finetune's)"
+    )
     bench.add_argument(
         "--encoder-lr-scale",
         type=positive_float,
-        help="learning-rate factor of the pre-trained encoder (default: asfda finetune's); choose both on "
-        "--validation, never on --test",
+        help=f"learning-rate factor of the pre-trained tensors (default {RECIPE.encoder_lr_scale:g}, as asfda "
+        "finetune); choose both on --validation, never on --test",
     )
     bench.add_argument(
         "--lower-rate-for",
@@ -478,15 +501,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario",
         choices=BENCH_SCENARIOS,
         default="mri",
-        help="phantom data: mri (CT model -> three MRI-like sites, the historical protocol), mri-rich (the same "
-        "sites with deformed five-organ anatomy), ct-shift (hospital shift within CT; give the source model "
-        "benchmarks/train_source_model.py writes) (default: %(default)s)",
+        help="phantom data: ct-shift (hospital shift within CT; --model Resources/BenchmarkModels/"
+        "ct_source_batch.pt), mri-rich (CT -> three MRI-like sites, deformed five-organ anatomy; --model "
+        "Resources/BenchmarkModels/ct_source_batch_percentile.pt), mri (the built-in model on ellipsoid organs: "
+        "the earlier protocol, kept for the record) (default: %(default)s)",
     )
-    bench.add_argument("--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda")
+    bench.add_argument(
+        "--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1"
+    )
     bench.add_argument(
         "--report-only",
         action="store_true",
-        help="summarise the runs already in OUT/results.json (e.g. of an unfinished benchmark)",
+        help="summarise the runs already in OUT/results.json (e.g. of an unfinished benchmark); give the "
+        "--budgets and --rows to report, and with your own data --model, --pool and --test again",
     )
     bench.set_defaults(func=commands.cmd_benchmark)
 

@@ -492,8 +492,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from ASFDALib.bench.benchmark import BenchmarkConfig, Folders, run_benchmark
-    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.bench.benchmark import SCENARIO_MODELS, BenchmarkConfig, Folders, run_benchmark
+    from ASFDALib.models.defaults import default_model_path, resources_dir
 
     console = Console()
     config = BenchmarkConfig.quick() if args.quick else BenchmarkConfig()
@@ -532,11 +532,17 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         )
         if v is not None
     }
-    if folders is None and args.scenario != "mri" and args.model is None:
-        raise ASFDAError(
-            f"--scenario {args.scenario} needs its source model (five classes): train it with "
-            "benchmarks/train_source_model.py and pass --model Resources/BenchmarkModels/ct_source_batch.pt"
-        )
+    model_path = args.model
+    if model_path is None:
+        # each five-class scenario has its own shipped source model; the earlier mri protocol the built-in one
+        model_path = default_model_path()
+        if folders is None and args.scenario in SCENARIO_MODELS:
+            model_path = resources_dir() / "BenchmarkModels" / SCENARIO_MODELS[args.scenario]
+            if not model_path.is_file():
+                raise ASFDAError(
+                    f"{model_path}: --scenario {args.scenario}'s source model is missing; install ASFDA from its "
+                    "source tree or pass --model (benchmarks/train_source_model.py trains it)"
+                )
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)
     if config.eval_at and not (config.validation or val_dir):
         raise ASFDAError("--eval-at scores the validation set: give --validation DIR (or a phantom count)")
@@ -545,7 +551,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         report = run_benchmark(
             args.out,
             config,
-            args.model or default_model_path(),
+            model_path,
             update,
             not args.report_only,
             folders=folders,
@@ -553,9 +559,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             say=console.print,
         )
     console.print((args.out / "benchmark.md").read_text(encoding="utf-8"))
+    curves = ", curves.json, benchmark_curves.png" if (args.out / "curves.json").is_file() else ""
     console.print(
         f"{report['wall_seconds'] / 60:.1f} min; wrote {args.out}/results.json, summary.json, benchmark.json, "
-        "benchmark.md, benchmark.png, benchmark_diff.png"
+        f"benchmark.md, benchmark.png, benchmark_diff.png{curves}"
     )
     for warning in report["warnings"]:  # a plot that could not be drawn (e.g. matplotlib missing)
         console.print(warning, style="yellow", markup=False, highlight=False, soft_wrap=True)

@@ -67,6 +67,8 @@ ASFDA_RECIPES = ("asfda+ssft", "ssft-control")
 CONTROLS = {"asfda+ssft": "ssft-control"}
 PER_BUDGET = ("typiclust",)
 SCENARIOS = ("mri", "ct-shift", "mri-rich")
+# the source model each five-class scenario was built for (shipped in Resources/BenchmarkModels)
+SCENARIO_MODELS = {"ct-shift": "ct_source_batch.pt", "mri-rich": "ct_source_batch_percentile.pt"}
 LAYOUT_FIX = "each folder needs images/ and labels/ with the same file names (the layout `asfda phantoms` writes)"
 
 
@@ -102,7 +104,7 @@ class BenchmarkConfig:
     # The recipe's learning rates (None: adaptation/recipe.py's defaults), to choose them on validation.
     lr: float | None = None
     encoder_lr_scale: float | None = None
-    lower_rate_for: str | None = None  # None: the recipe's ("encoder"); part of the protocol only when set
+    lower_rate_for: str | None = None  # None: the recipe's (RECIPE.lower_rate_for); in the protocol only when set
     fusion: str = DEFAULT_FUSION  # how the ASFDA rows combine DKD and ASD (query.selection.FUSIONS)
 
     @classmethod
@@ -559,15 +561,16 @@ def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
 def _changes(stored: dict, current: dict) -> str:
     """What differs between two protocols, as a reader needs it: options with both values, files by name."""
     parts = []
-    for key in sorted(k for k in current if stored.get(k) != current[k]):
+    # a key in only one of them counts too: a rate given on one run and left to the default on the other
+    for key in sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k)):
         if key == "files":
-            before, now = stored.get(key) or {}, current[key]
+            before, now = stored.get(key) or {}, current.get(key) or {}
             names = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
             parts.append(f"data files ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
         elif key in ("model", "card"):
             parts.append(f"{key} file contents")
         else:
-            parts.append(f"{key} ({stored.get(key)} here, {current[key]} now)")
+            parts.append(f"{key} ({stored.get(key, 'default')} here, {current.get(key, 'default')} now)")
     return "; ".join(parts)
 
 
@@ -600,7 +603,7 @@ def run_benchmark(
         runs = _load_runs(results_path, None)
         names = _stored_class_names(results_path) or model_card.class_names
         data = folders or _phantom_folders(out / "data", config)
-        return _report(out, config, runs, names, start, data, user_data=folders is not None)
+        return _report(out, config, runs, names, start, Path(model_path), data, user_data=folders is not None)
     user_data = folders is not None
     if folders is not None:
         validate_folders(folders, config.budgets, model_card.class_names, out)
@@ -702,7 +705,7 @@ def run_benchmark(
         record()
     if progress:
         progress(len(plan), len(plan), "")
-    return _report(out, config, runs, model_card.class_names, start, folders, user_data)
+    return _report(out, config, runs, model_card.class_names, start, Path(model_path), folders, user_data)
 
 
 def _rates(config: BenchmarkConfig) -> dict[str, float | str]:
@@ -785,6 +788,7 @@ def _report(
     runs: list[Run],
     class_names: list[str],
     start: float,
+    model_path: Path,
     folders: Folders | None = None,
     user_data: bool = False,
 ) -> dict:
@@ -796,6 +800,7 @@ def _report(
     test_size = len(_pairs(folders.test)) if folders and (folders.test / "images").is_dir() else config.test
     report = {
         "config": _config_record(config, user_data),
+        "model": str(model_path.resolve()),
         "class_names": class_names,
         "summary": _summary(runs, config),
         "runs": len(runs),

@@ -208,6 +208,15 @@ def test_a_resume_after_the_model_or_a_label_changed_is_refused_naming_what_chan
     assert (out / "results.json").read_bytes() == before
 
 
+def test_a_resume_without_a_rate_the_runs_were_given_is_refused_naming_it(tmp_path, capsys):
+    data = _user_folders(tmp_path / "data")
+    out = tmp_path / "bench"
+    assert main([*_tiny_run(data, out), "--lr", "1e-3"]) == 0
+    # the same command without --lr would train at the recipe's default rate: other runs, said so
+    assert main(_tiny_run(data, out)) == 1
+    assert "its runs were made with other lr (0.001 here, default now)" in capsys.readouterr().err
+
+
 def _shifted_label(d):
     nib = pytest.importorskip("nibabel")
     path = d / "test" / "labels" / "t_000_siteA.nii.gz"

@@ -84,9 +84,27 @@ def test_the_ct_to_mri_source_model_is_named_apart_and_checked_on_the_mri_sites(
     assert set(script.check_targets("ct")) == {"H1", "H2", "H3"}
 
 
-def test_rich_scenarios_refuse_the_default_model(tmp_path, capsys):
-    assert main(["benchmark", "--scenario", "ct-shift", "--quick", "--out", str(tmp_path)]) == 1
-    assert "needs its source model" in capsys.readouterr().err
+@pytest.mark.parametrize("scenario,stem", [("ct-shift", "ct_source_batch"), ("mri-rich", "ct_source_batch_percentile")])
+def test_a_rich_scenario_without_a_model_fine_tunes_its_shipped_source_model(tmp_path, scenario, stem):
+    out = tmp_path / "bench"
+    argv = [
+        "benchmark",
+        "--scenario",
+        scenario,
+        "--report-only",
+        "--budgets",
+        "2",
+        "--rows",
+        "random",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    report = json.loads((out / "benchmark.json").read_text())
+    assert report["class_names"] == ["background", "liver", "spleen", "kidney", "pancreas", "gallbladder"]
+    # the model that was loaded is the scenario's: its digest is the shipped file's
+    shipped = Path(__file__).resolve().parents[2] / "Resources" / "BenchmarkModels" / f"{stem}.pt"
+    assert report["model"] == str(shipped)
 
 
 @pytest.mark.parametrize(
