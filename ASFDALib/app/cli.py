@@ -461,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets", type=positive_ints, help="labelled volumes per run (default 2,4,8; each below the pool's size)"
     )
     bench.add_argument(
-        "--seeds", type=seed_list, help="training seeds: a comma list (0,1,2) or a count N (seeds 0..N-1; default 5)"
+        "--seeds",
+        type=seed_list,
+        help="training seeds: a comma list (0,1,2; one seed alone: 2,) or a count N (seeds 0..N-1; default 5)",
     )
     bench.add_argument(
         "--rows", type=choice_list(BENCH_ROWS), help=f"comma list of rows (default: all): {', '.join(BENCH_ROWS)}"
