@@ -533,16 +533,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         if v is not None
     }
     model_path = args.model
-    if model_path is None:
+    if model_path is None and folders is None and args.scenario in SCENARIO_MODELS:
         # each five-class scenario has its own shipped source model; the earlier mri protocol the built-in one
-        model_path = default_model_path()
-        if folders is None and args.scenario in SCENARIO_MODELS:
-            model_path = resources_dir() / "BenchmarkModels" / SCENARIO_MODELS[args.scenario]
-            if not model_path.is_file():
-                raise ASFDAError(
-                    f"{model_path}: --scenario {args.scenario}'s source model is missing; install ASFDA from its "
-                    "source tree or pass --model (benchmarks/train_source_model.py trains it)"
-                )
+        model_path = resources_dir() / "BenchmarkModels" / SCENARIO_MODELS[args.scenario]
+        if not model_path.is_file():
+            raise ASFDAError(
+                f"{model_path}: --scenario {args.scenario}'s source model is missing; install ASFDA from its "
+                "source tree or pass --model (benchmarks/train_source_model.py trains it)"
+            )
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)
     if config.eval_at and not (config.validation or val_dir):
         raise ASFDAError("--eval-at scores the validation set: give --validation DIR (or a phantom count)")
@@ -551,7 +549,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         report = run_benchmark(
             args.out,
             config,
-            model_path,
+            model_path or default_model_path(),
             update,
             not args.report_only,
             folders=folders,

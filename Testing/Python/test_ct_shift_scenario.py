@@ -88,21 +88,12 @@ def test_the_ct_to_mri_source_model_is_named_apart_and_checked_on_the_mri_sites(
 def test_a_rich_scenario_without_a_model_fine_tunes_its_shipped_source_model(tmp_path, scenario, stem):
     out = tmp_path / "bench"
     argv = [
-        "benchmark",
-        "--scenario",
-        scenario,
-        "--report-only",
-        "--budgets",
-        "2",
-        "--rows",
-        "random",
-        "--out",
-        str(out),
-    ]
+        "benchmark", "--scenario", scenario, "--report-only", "--budgets", "2", "--rows", "random", "--out", str(out),
+    ]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "benchmark.json").read_text())
     assert report["class_names"] == ["background", "liver", "spleen", "kidney", "pancreas", "gallbladder"]
-    # the model that was loaded is the scenario's: its digest is the shipped file's
+    # the model that was loaded is the scenario's shipped source model
     shipped = Path(__file__).resolve().parents[2] / "Resources" / "BenchmarkModels" / f"{stem}.pt"
     assert report["model"] == str(shipped)
 
