@@ -214,10 +214,13 @@ def main() -> None:
     lines = [
         f"Validation Dice (%), mean ± sd over training seeds {args.seeds}; {config.iterations} iterations per run"
         f" ({args.scenario} scenario, {model_path.name}).",
-        "",
-        "| query variant | " + " | ".join(f"budget {b}: Dice (sites)" for b in args.budgets) + " |",
-        "|---|" + "---|" * len(args.budgets),
     ]
+    if query_rows:
+        lines += [
+            "",
+            "| query variant | " + " | ".join(f"budget {b}: Dice (sites)" for b in args.budgets) + " |",
+            "|---|" + "---|" * len(args.budgets),
+        ]
     for name in variants if query_rows else ():
         cells = []
         for b in args.budgets:
