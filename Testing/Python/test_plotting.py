@@ -142,10 +142,11 @@ def test_baseline_rankings_plot_entropy_when_there_is_no_dkd(tmp_path):
 
 def _benchmark_report(out: Path) -> dict:
     from ASFDALib.bench.benchmark import BenchmarkConfig, Run, _report
+    from ASFDALib.models.defaults import default_model_path
 
     config = BenchmarkConfig.quick()
     runs = [Run("source", 0, 0, [0.5, 0.4]), Run("random", 2, 0, [0.6, 0.5]), Run("asfda", 2, 0, [0.7, 0.65])]
-    return _report(out, config, runs, ["background", "liver", "kidney"], 0.0)
+    return _report(out, config, runs, ["background", "liver", "kidney"], 0.0, default_model_path())
 
 
 def test_the_benchmark_draws_its_plot_and_keeps_its_results_without_matplotlib(tmp_path, monkeypatch):
