@@ -23,7 +23,7 @@ from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.adaptation.rounds import record_round
 from ASFDALib.adaptation.session import Session
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
-from ASFDALib.bench.benchmark import evaluate, load_cases, train
+from ASFDALib.bench.benchmark import SCENARIO_MODELS, evaluate, load_cases, train
 from ASFDALib.bench.phantoms import write_pool
 from ASFDALib.bench.scenarios import write_target_split
 from ASFDALib.data.labels import import_labels
@@ -55,7 +55,7 @@ def demo_model_path(scenario: str) -> Path:
 
     if scenario == "mri":
         return default_model_path()
-    return resources_dir() / "BenchmarkModels" / "ct_source_batch.pt"
+    return resources_dir() / "BenchmarkModels" / SCENARIO_MODELS["ct-shift"]
 
 
 def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None = None) -> dict:
