@@ -31,6 +31,7 @@ from _common import emit
 from ASFDALib.adaptation.recipe import LOWER_RATE_FOR
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.bench.benchmark import (
+    SSFT_LATER_FIELDS,
     BenchmarkConfig,
     SSFTOptions,
     _check_scenario,
@@ -76,12 +77,17 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
     "full stage 1, then 1/2 more with pseudo-labels (now the default)": (SSFTOptions(), 1.0),
     "full stage 1, then 1/2 more, keep 25% of the pool": (SSFTOptions(keep_fraction=0.25), 1.0),
     "full stage 1, then 1/2 more, voxel gate 0.97": (SSFTOptions(confidence=0.97), 1.0),
+    "full stage 1, then 1/2 more, where flips agree": (SSFTOptions(reliability="flips"), 1.0),
+    "full stage 1, then 1/2 more, where the source model agrees": (SSFTOptions(reliability="rounds"), 1.0),
     "control: labels only for 1.5x the iterations": (None, 1.5),
 }
 
 
 def _key(query: list[str], seed: int, ssft: SSFTOptions | None, iterations: int) -> str:
-    return json.dumps([sorted(query), seed, asdict(ssft) if ssft else None, iterations])
+    # a field added later, at the value earlier trainings ran with, is left out so that their keys still match
+    later = SSFT_LATER_FIELDS
+    options = {k: v for k, v in asdict(ssft).items() if k not in later or v != later[k]} if ssft else None
+    return json.dumps([sorted(query), seed, options, iterations])
 
 
 def _cell(values: list[float]) -> str:
@@ -104,7 +110,7 @@ def _reused(path: Path, config: BenchmarkConfig, validation: Path) -> dict[str, 
     if (Path(protocol["validation"]) / "cases.json").read_text() != (validation / "cases.json").read_text():
         raise SystemExit(f"{path}: its validation split holds other cases than {validation}")
     # the SSFT row is reusable when it ran the default options (the ablation's key names them)
-    ssft = SSFTOptions() if protocol.get("ssft") == asdict(SSFTOptions()) else None
+    ssft = SSFTOptions() if {**SSFT_LATER_FIELDS, **protocol.get("ssft", {})} == asdict(SSFTOptions()) else None
     reused = {}
     for run in stored["runs"]:
         if run["row"] == "source" or run["shared_with"] or not run.get("validation"):

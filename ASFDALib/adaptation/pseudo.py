@@ -1,8 +1,14 @@
-"""Selective pseudo-labels: a volume gate (reliability) and a voxel gate (confidence), as the method says.
+"""Selective pseudo-labels: a volume gate (reliability) and a voxel gate, as the method says.
 
-r(u) = (1 - ASD(u)) * exp(-d_min(u, L) / tau): confident and close to what was labelled. The top
-``keep_fraction`` of the unlabeled pool is kept; inside a kept volume, voxels whose highest probability
-is below ``confidence`` get the ignore index, so they teach nothing rather than teaching background.
+``confidence`` (the method's): r(u) = (1 - ASD(u)) * exp(-d_min(u, L) / tau), confident and close to what
+was labelled; inside a kept volume, voxels whose highest probability is below ``confidence`` get the ignore
+index, so they teach nothing rather than teaching background.
+
+``flips`` and ``rounds`` do not rest on the model's confidence, which a model trained on two volumes
+overstates: a volume's reliability is how well two views of it agree (class-balanced Dice), and only the
+voxels where every view agrees are labelled. ``flips`` compares the prediction with those of the volume
+flipped along each axis; ``rounds`` with the prediction of the model the round started from (the source
+model in round 1). Either way the top ``keep_fraction`` of the pool is kept, and none below ``min_agreement``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import torch
 from ASFDALib.adaptation.loss import IGNORE_INDEX
 from ASFDALib.query import scoring
 from ASFDALib.query.features import FeatureSummary
+
+RELIABILITY = ("confidence", "flips", "rounds")
 
 
 def reliability(asd: np.ndarray, d_min: np.ndarray) -> np.ndarray:
@@ -44,6 +52,60 @@ def pseudo_label(probs: torch.Tensor | np.ndarray, confidence: float = 0.9) -> n
     return out.numpy()
 
 
+def class_agreement(first: np.ndarray, second: np.ndarray) -> float:
+    """Mean Dice over the foreground classes either label map holds (1.0 when neither holds one)."""
+    classes = [int(c) for c in np.union1d(np.unique(first), np.unique(second)) if c > 0 and c != IGNORE_INDEX]
+    if not classes:
+        return 1.0
+    dice = [2.0 * np.sum((first == c) & (second == c)) / (np.sum(first == c) + np.sum(second == c)) for c in classes]
+    return float(np.mean(dice))
+
+
+def agreed_label(views: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    """The first view where every view agrees (IGNORE_INDEX elsewhere), and its least agreement with another."""
+    first = views[0]
+    label = first.astype(np.uint8)
+    for other in views[1:]:
+        label[other != first] = IGNORE_INDEX
+    return label, min(class_agreement(first, other) for other in views[1:])
+
+
+def flipped_views(network: torch.nn.Module, image: np.ndarray, card, device: str = "auto") -> list[np.ndarray]:
+    """Label maps of a (C, X, Y, Z) image as it is and flipped along each spatial axis (each flipped back)."""
+    from ASFDALib.inference.predict import predict_label
+
+    views = [predict_label(network, image, card, device)]
+    for axis in range(3):
+        flipped = np.ascontiguousarray(np.flip(image, axis + 1))
+        views.append(np.ascontiguousarray(np.flip(predict_label(network, flipped, card, device), axis)))
+    return views
+
+
+def agreement_pseudo_labels(
+    network: torch.nn.Module,
+    card,
+    pool: list[tuple[str, np.ndarray]],
+    keep_fraction: float,
+    min_agreement: float,
+    reference: torch.nn.Module | None = None,
+    device: str = "auto",
+) -> tuple[list[str], dict[str, float], dict[str, np.ndarray]]:
+    """Pseudo-labels where two views agree: the flipped volume's (``reference`` None) or ``reference``'s."""
+    from ASFDALib.inference.predict import predict_label
+
+    agreed = {}
+    for name, image in pool:
+        if reference is None:
+            views = flipped_views(network, image, card, device)
+        else:
+            views = [predict_label(network, image, card, device), predict_label(reference, image, card, device)]
+        agreed[name] = agreed_label(views)
+    scores = np.array([agreed[name][1] for name, _ in pool])
+    kept = [i for i in keep_reliable(scores, keep_fraction) if scores[i] >= min_agreement]
+    names = [pool[i][0] for i in kept]
+    return names, {name: float(s) for (name, _), s in zip(pool, scores)}, {n: agreed[n][0] for n in names}
+
+
 def selective_pseudo_labels(
     network: torch.nn.Module,
     card,
@@ -52,17 +114,27 @@ def selective_pseudo_labels(
     keep_fraction: float = 0.5,
     confidence: float = 0.9,
     device: str = "auto",
+    reliability: str = "confidence",
+    min_agreement: float = 0.5,
+    reference: torch.nn.Module | None = None,
 ) -> tuple[list[str], dict[str, float], dict[str, np.ndarray]]:
     """Score ``pool`` (name, model-space image) with the current model, keep the reliable part and label it.
 
     Returns the kept names (most reliable first), every candidate's reliability, and the pseudo-labels
-    (uint8, IGNORE_INDEX where the model is not confident) of the kept ones.
+    (uint8, IGNORE_INDEX where the model is not confident, or where the views disagree) of the kept ones.
+    ``reliability`` is one of RELIABILITY; ``rounds`` needs ``reference``, the model the round started from.
     """
     from ASFDALib.inference.predict import predict_probabilities
     from ASFDALib.inference.sweep import SweepConfig, sweep
 
     if not pool:
         return [], {}, {}
+    if reliability not in RELIABILITY:
+        raise ValueError(f"unknown reliability {reliability!r}; use one of {', '.join(RELIABILITY)}")
+    if reliability != "confidence":
+        if (reliability == "rounds") != (reference is not None):
+            raise ValueError("reliability 'rounds', and only it, takes the reference model")
+        return agreement_pseudo_labels(network, card, pool, keep_fraction, min_agreement, reference, device)
     sweep_config = SweepConfig(device=device)
     results = [sweep(network, torch.as_tensor(image), card, sweep_config) for _, image in pool]
     labelled = [sweep(network, torch.as_tensor(image), card, sweep_config).summary for image in labelled_images]

@@ -85,6 +85,12 @@ class SSFTOptions:
     keep_fraction: float = 0.5
     confidence: float = 0.9
     extra_fraction: float = 0.5  # stage 2 runs this fraction of the iterations on top of stage 1
+    reliability: str = "confidence"  # or agreement: "flips", "rounds" (adaptation/pseudo.py)
+    min_agreement: float = 0.5  # the agreement gates' floor
+
+
+# fields SSFTOptions gained later, at the values the runs recorded before them ran with
+SSFT_LATER_FIELDS = {"reliability": "confidence", "min_agreement": 0.5}
 
 
 @dataclass
@@ -302,8 +308,19 @@ def train(
     if ssft:
         names = {c.name for c in labelled}
         candidates = [(c.name, c.image) for c in pool if c.name not in names]
+        # round 1 of a session starts from the source model: "rounds" compares with it
+        reference = load_model(model_path, card).network if ssft.reliability == "rounds" else None
         _, _, labels = selective_pseudo_labels(
-            network, card, [c.image for c in labelled], candidates, ssft.keep_fraction, ssft.confidence, device
+            network,
+            card,
+            [c.image for c in labelled],
+            candidates,
+            ssft.keep_fraction,
+            ssft.confidence,
+            device,
+            ssft.reliability,
+            ssft.min_agreement,
+            reference,
         )
         by_name = {c.name: c for c in pool}
         pseudo = [Case(n, by_name[n].image, label) for n, label in labels.items()]
@@ -546,6 +563,9 @@ def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
         stored["protocol"].setdefault("fusion", "sum")
         # and before the lower-rate rule was a choice, the loaded tensors of the encoder took it
         stored["protocol"].setdefault("lower_rate_for", "encoder")
+        # and before pseudo-labels had an agreement gate, they were gated by confidence
+        if isinstance(stored["protocol"].get("ssft"), dict):
+            stored["protocol"]["ssft"] = {**SSFT_LATER_FIELDS, **stored["protocol"]["ssft"]}
         # runs recorded before inputs were fingerprinted are taken to be of these inputs
         for key in ("model", "card", "files"):
             if protocol is not None and key in protocol:

@@ -12,7 +12,14 @@ import torch
 
 from ASFDALib.adaptation.loss import IGNORE_INDEX, dice_ce_loss
 from ASFDALib.adaptation.patches import Case
-from ASFDALib.adaptation.pseudo import keep_reliable, pseudo_label, reliability
+from ASFDALib.adaptation.pseudo import (
+    agreed_label,
+    class_agreement,
+    keep_reliable,
+    pseudo_label,
+    reliability,
+    selective_pseudo_labels,
+)
 from ASFDALib.adaptation.recipe import FinetuneConfig, ramp
 from ASFDALib.adaptation.trainer import Trainer
 from ASFDALib.bench.phantoms import domain_config, make_phantom
@@ -74,6 +81,63 @@ def test_reliability_keeps_a_clean_volume_and_rejects_a_corrupted_one(default_mo
     )
     assert scores[0] > scores[1]
     assert keep_reliable(scores, 0.5) == [0]
+
+
+def test_class_agreement_is_the_mean_dice_over_the_foreground_classes_either_map_holds():
+    first, second = np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2])
+    assert class_agreement(first, second) == pytest.approx(2 / 3)  # class 1: 2*1/3, class 2: 2*1/3
+    assert class_agreement(first, np.zeros(4, int)) == 0.0  # foreground one view misses entirely
+    assert class_agreement(np.zeros(4, int), np.zeros(4, int)) == 1.0
+
+
+def test_agreed_label_ignores_the_voxels_where_any_view_disagrees():
+    label, agreement = agreed_label([np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2])])
+    np.testing.assert_array_equal(label, [0, 1, IGNORE_INDEX, 2])
+    assert agreement == pytest.approx(2 / 3)  # the least agreement of the first view with another
+
+
+def _pool(card, count=2):
+    volumes = [Volume(*make_phantom(200 + i)[::2], Path(f"p{i}")) for i in range(count)]
+    return [(v.path.name, preprocess(v, card).numpy()) for v in volumes]
+
+
+def test_a_reference_model_that_agrees_everywhere_keeps_the_top_fraction_labelled_in_full(default_model):
+    network, card = default_model.network, default_model.card
+    pool = _pool(card)
+    kept, scores, labels = selective_pseudo_labels(
+        network, card, [], pool, keep_fraction=0.5, device="cpu", reliability="rounds", reference=network
+    )
+    assert scores == {"p0": 1.0, "p1": 1.0} and kept == ["p0"]
+    assert not np.any(labels["p0"] == IGNORE_INDEX) and labels["p0"].max() > 0
+
+
+def test_a_reference_model_that_finds_no_organ_keeps_no_volume(default_model):
+    """The source model of a new modality: it agrees on no foreground, so round 1 pseudo-labels nothing."""
+    import copy
+
+    network, card = default_model.network, default_model.card
+    blind = copy.deepcopy(network)
+    for parameter in blind.parameters():
+        torch.nn.init.zeros_(parameter)  # every logit 0: argmax background everywhere
+    kept, scores, labels = selective_pseudo_labels(
+        network, card, [], _pool(card), keep_fraction=1.0, device="cpu", reliability="rounds", reference=blind
+    )
+    assert kept == [] and labels == {} and set(scores.values()) == {0.0}
+
+
+def test_flip_agreement_labels_only_where_the_flipped_predictions_agree(default_model):
+    from ASFDALib.inference.predict import predict_label
+
+    network, card = default_model.network, default_model.card
+    pool = _pool(card, 1)
+    kept, scores, labels = selective_pseudo_labels(
+        network, card, [], pool, keep_fraction=1.0, min_agreement=0.0, device="cpu", reliability="flips"
+    )
+    assert kept == ["p0"] and 0.0 < scores["p0"] <= 1.0
+    plain, label = predict_label(network, pool[0][1], card, "cpu"), labels["p0"]
+    agreed = label != IGNORE_INDEX
+    np.testing.assert_array_equal(label[agreed], plain[agreed])
+    assert agreed.mean() > 0.5
 
 
 def _cases(card, count=2, seed=0):
