@@ -73,5 +73,8 @@ def device_for_rank(device: str = "auto") -> str:
 
 
 def shutdown() -> None:
+    """Leave the process group: wait for every rank, then destroy it. A rank that exits while another still
+    holds its connections open makes gloo abort that process (SIGABRT, no traceback), now and then."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

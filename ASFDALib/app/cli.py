@@ -546,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
         done = "finished runs are in results.json" if args.command == "benchmark" else "finished volumes are cached"
         print(f"interrupted; {done} and a re-run resumes from there", file=sys.stderr)
         return 130
+    finally:
+        if "ASFDALib.distributed" in sys.modules:  # loaded by the commands that can run under torchrun
+            sys.modules["ASFDALib.distributed"].shutdown()
 
 
 if __name__ == "__main__":

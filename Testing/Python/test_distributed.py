@@ -144,3 +144,16 @@ def test_sharding_covers_every_volume_once(world, monkeypatch):
         monkeypatch.setattr(distributed, "world", lambda: world)
         shards.append(distributed.shard(items))
     assert sorted(i for s in shards for i in s) == items
+
+
+def test_the_command_line_leaves_the_process_group_it_joined(tmp_path):
+    """Every rank waits for the others and destroys the group before exiting, so none tears down the
+    connections of a rank still using them (gloo then aborted that rank now and then)."""
+    import torch.distributed as dist
+
+    from ASFDALib import distributed  # noqa: F401  (the CLI shuts down what this module joined)
+    from ASFDALib.app.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert main(["phantoms", "--out", str(tmp_path / "p"), "--count", "1"]) == 0
+    assert not dist.is_initialized()
