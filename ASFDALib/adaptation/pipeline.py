@@ -94,6 +94,12 @@ def build_pseudo_labels(
             pool.append((name, preprocess(read_volume(session.image_path(name)), model.card)))
         except VolumeError:
             continue
+    reference = None
+    if config.reliability == "rounds":  # the model this round started from: the source, or the last round's
+        reference = session_model(session, adapted=False).network
+        start = round_start_checkpoint(session)
+        if start is not None:
+            reference.load_state_dict(torch.load(start, map_location="cpu", weights_only=True))
     kept, scores, labels = selective_pseudo_labels(
         model.network,
         model.card,
@@ -102,11 +108,17 @@ def build_pseudo_labels(
         config.keep_fraction,
         config.confidence,
         config.device,
+        config.reliability,
+        config.min_agreement,
+        reference,
     )
     folder.mkdir(parents=True, exist_ok=True)
     for name, label in labels.items():
         atomic_write_npz(folder / f"{case_id(name)}.npz", {"label": label}, compressed=True)
-    atomic_write_json(folder / "pseudo.json", {"kept": kept, "reliability": scores})
+    gate = {"reliability": config.reliability, "keep_fraction": config.keep_fraction}
+    gate.update({"confidence": config.confidence} if config.reliability == "confidence" else {})
+    gate.update({"min_agreement": config.min_agreement} if config.reliability != "confidence" else {})
+    atomic_write_json(folder / "pseudo.json", {"gate": gate, "kept": kept, "reliability": scores})
     return kept, scores
 
 

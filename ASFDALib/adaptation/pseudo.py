@@ -17,10 +17,9 @@ import numpy as np
 import torch
 
 from ASFDALib.adaptation.loss import IGNORE_INDEX
+from ASFDALib.adaptation.recipe import RELIABILITY
 from ASFDALib.query import scoring
 from ASFDALib.query.features import FeatureSummary
-
-RELIABILITY = ("confidence", "flips", "rounds")
 
 
 def reliability(asd: np.ndarray, d_min: np.ndarray) -> np.ndarray:
@@ -114,7 +113,7 @@ def selective_pseudo_labels(
     keep_fraction: float = 0.5,
     confidence: float = 0.9,
     device: str = "auto",
-    reliability: str = "confidence",
+    gate: str = "confidence",
     min_agreement: float = 0.5,
     reference: torch.nn.Module | None = None,
 ) -> tuple[list[str], dict[str, float], dict[str, np.ndarray]]:
@@ -122,17 +121,17 @@ def selective_pseudo_labels(
 
     Returns the kept names (most reliable first), every candidate's reliability, and the pseudo-labels
     (uint8, IGNORE_INDEX where the model is not confident, or where the views disagree) of the kept ones.
-    ``reliability`` is one of RELIABILITY; ``rounds`` needs ``reference``, the model the round started from.
+    ``gate`` is one of RELIABILITY; ``rounds`` needs ``reference``, the model the round started from.
     """
     from ASFDALib.inference.predict import predict_probabilities
     from ASFDALib.inference.sweep import SweepConfig, sweep
 
     if not pool:
         return [], {}, {}
-    if reliability not in RELIABILITY:
-        raise ValueError(f"unknown reliability {reliability!r}; use one of {', '.join(RELIABILITY)}")
-    if reliability != "confidence":
-        if (reliability == "rounds") != (reference is not None):
+    if gate not in RELIABILITY:
+        raise ValueError(f"unknown pseudo-label gate {gate!r}; use one of {', '.join(RELIABILITY)}")
+    if gate != "confidence":
+        if (gate == "rounds") != (reference is not None):
             raise ValueError("reliability 'rounds', and only it, takes the reference model")
         return agreement_pseudo_labels(network, card, pool, keep_fraction, min_agreement, reference, device)
     sweep_config = SweepConfig(device=device)

@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass
 
 LOWER_RATE_FOR = ("encoder", "loaded")
+# How a pseudo-label is judged reliable (adaptation/pseudo.py): the model's confidence, or agreement between
+# two views, the volume flipped or the model the round started from.
+RELIABILITY = ("confidence", "flips", "rounds")
 
 
 @dataclass
@@ -33,7 +36,9 @@ class FinetuneConfig:
     device: str = "auto"
     amp: bool = True
     keep_fraction: float = 0.5
-    confidence: float = 0.9
+    reliability: str = "confidence"
+    confidence: float = 0.9  # the voxel gate of "confidence"
+    min_agreement: float = 0.5  # the volume floor of "flips" and "rounds"
     pseudo_weight: float = 1.0
     ramp_fraction: float = 0.3
     max_pseudo_volumes: int = 20

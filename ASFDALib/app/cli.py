@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ASFDALib.adaptation.recipe import LOWER_RATE_FOR, FinetuneConfig
+from ASFDALib.adaptation.recipe import LOWER_RATE_FOR, RELIABILITY, FinetuneConfig
 from ASFDALib.app import commands
 from ASFDALib.app.arguments import (
     choice_list,
@@ -315,10 +315,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of the unlabeled pool that gets pseudo-labels (default: %(default)s)",
     )
     finetune.add_argument(
+        "--pseudo-gate",
+        dest="reliability",
+        choices=RELIABILITY,
+        default=RECIPE.reliability,
+        help="what makes a pseudo-label reliable (default: %(default)s): confidence, the model's own "
+        "probability; flips, agreement with its predictions of the volume flipped along each axis; rounds, "
+        "agreement with the model this round started from (the source model in round 1)",
+    )
+    finetune.add_argument(
         "--confidence",
         type=probability,
         default=RECIPE.confidence,
-        help="voxels below this probability are ignored in pseudo-labels (default: %(default)s)",
+        help="with --pseudo-gate confidence, voxels below this probability are ignored (default: %(default)s)",
+    )
+    finetune.add_argument(
+        "--min-agreement",
+        type=probability,
+        default=RECIPE.min_agreement,
+        help="with --pseudo-gate flips or rounds, no volume whose two views agree less (class-balanced Dice) "
+        "gets pseudo-labels (default: %(default)s)",
     )
     finetune.add_argument("--seed", type=non_negative_int, default=RECIPE.seed, help="seed of patches and augmentation")
     finetune.add_argument(

@@ -268,6 +268,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         device=args.device,
         keep_fraction=args.keep_fraction,
         confidence=args.confidence,
+        reliability=args.reliability,
+        min_agreement=args.min_agreement,
     )
     bar, progress = training_progress(console)
     distributed.init_from_env(args.device)

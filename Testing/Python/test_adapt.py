@@ -91,6 +91,16 @@ def test_the_session_records_the_round_and_its_pseudo_labels(adapted_session):
     assert set(entry["metrics"]["seconds"]) == {"stage1", "pseudo_labels", "stage2"}
     pseudo = json.loads((session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
     assert pseudo["kept"] == entry["metrics"]["pseudo_labelled"]
+    assert pseudo["gate"] == {"reliability": "confidence", "keep_fraction": 0.5, "confidence": 0.9}
+
+
+def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(labelled_session):
+    """Round 1 starts from the source model: its pseudo-labels are where the stage-1 model agrees with it."""
+    args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--pseudo-gate", "rounds"]
+    assert main(["finetune", str(labelled_session), *args, "--min-agreement", "0"]) == 0
+    pseudo = json.loads((labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
+    assert pseudo["gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 0.0}
+    assert len(pseudo["kept"]) == 2 and all(0.0 <= r <= 1.0 for r in pseudo["reliability"].values())
 
 
 def test_the_run_records_the_learning_rates_the_optimizer_used(adapted_session):

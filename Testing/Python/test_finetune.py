@@ -105,7 +105,7 @@ def test_a_reference_model_that_agrees_everywhere_keeps_the_top_fraction_labelle
     network, card = default_model.network, default_model.card
     pool = _pool(card)
     kept, scores, labels = selective_pseudo_labels(
-        network, card, [], pool, keep_fraction=0.5, device="cpu", reliability="rounds", reference=network
+        network, card, [], pool, keep_fraction=0.5, device="cpu", gate="rounds", reference=network
     )
     assert scores == {"p0": 1.0, "p1": 1.0} and kept == ["p0"]
     assert not np.any(labels["p0"] == IGNORE_INDEX) and labels["p0"].max() > 0
@@ -120,7 +120,7 @@ def test_a_reference_model_that_finds_no_organ_keeps_no_volume(default_model):
     for parameter in blind.parameters():
         torch.nn.init.zeros_(parameter)  # every logit 0: argmax background everywhere
     kept, scores, labels = selective_pseudo_labels(
-        network, card, [], _pool(card), keep_fraction=1.0, device="cpu", reliability="rounds", reference=blind
+        network, card, [], _pool(card), keep_fraction=1.0, device="cpu", gate="rounds", reference=blind
     )
     assert kept == [] and labels == {} and set(scores.values()) == {0.0}
 
@@ -131,7 +131,7 @@ def test_flip_agreement_labels_only_where_the_flipped_predictions_agree(default_
     network, card = default_model.network, default_model.card
     pool = _pool(card, 1)
     kept, scores, labels = selective_pseudo_labels(
-        network, card, [], pool, keep_fraction=1.0, min_agreement=0.0, device="cpu", reliability="flips"
+        network, card, [], pool, keep_fraction=1.0, min_agreement=0.0, device="cpu", gate="flips"
     )
     assert kept == ["p0"] and 0.0 < scores["p0"] <= 1.0
     plain, label = predict_label(network, pool[0][1], card, "cpu"), labels["p0"]
