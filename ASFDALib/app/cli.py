@@ -511,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
         "protocol a results.json resumes with",
     )
     bench.add_argument(
+        "--pseudo-gate",
+        choices=RELIABILITY,
+        help=f"what makes the asfda+ssft row's pseudo-labels reliable (default: {RECIPE.reliability}, as asfda "
+        "finetune; see its --help); part of the protocol a results.json resumes with",
+    )
+    bench.add_argument(
         "--eval-at",
         type=positive_ints,
         help="with a validation set: also score it after these stage-1 iterations (learning curves), e.g. 100,200",

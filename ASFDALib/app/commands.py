@@ -543,6 +543,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                 f"{model_path}: --scenario {args.scenario}'s source model is missing; install ASFDA from its "
                 "source tree or pass --model (benchmarks/train_source_model.py trains it)"
             )
+    if args.pseudo_gate is not None:
+        overrides["ssft"] = replace(config.ssft, reliability=args.pseudo_gate)
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)
     if config.eval_at and not (config.validation or val_dir):
         raise ASFDAError("--eval-at scores the validation set: give --validation DIR (or a phantom count)")

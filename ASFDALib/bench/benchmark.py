@@ -85,8 +85,8 @@ class SSFTOptions:
     keep_fraction: float = 0.5
     confidence: float = 0.9
     extra_fraction: float = 0.5  # stage 2 runs this fraction of the iterations on top of stage 1
-    reliability: str = "confidence"  # or agreement: "flips", "rounds" (adaptation/pseudo.py)
-    min_agreement: float = 0.5  # the agreement gates' floor
+    reliability: str = FinetuneConfig.reliability  # adaptation/pseudo.py: "confidence", "flips", "rounds"
+    min_agreement: float = FinetuneConfig.min_agreement  # the agreement gates' volume floor
 
 
 # fields SSFTOptions gained later, at the values the runs recorded before them ran with

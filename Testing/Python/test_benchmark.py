@@ -168,6 +168,10 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     other = "loaded" if FinetuneConfig.lower_rate_for == "encoder" else "encoder"
     assert main([*argv, "--lower-rate-for", other]) == 1
     assert "results.json: its runs were made with other lower_rate_for" in capsys.readouterr().err
+    # and another pseudo-label gate
+    other = "rounds" if FinetuneConfig.reliability != "rounds" else "flips"
+    assert main([*argv, "--pseudo-gate", other]) == 1
+    assert "results.json: its runs were made with other ssft" in capsys.readouterr().err
 
 
 def _tiny_run(data, out, model=None):
@@ -312,6 +316,21 @@ def test_runs_recorded_before_a_setting_was_a_choice_resume_as_what_ran_then(tmp
     assert _load_runs(path, {**protocol, setting: then}) == []
     with pytest.raises(ASFDAError, match=f"other {setting}"):
         _load_runs(path, {**protocol, setting: other})
+
+
+def test_runs_recorded_before_pseudo_labels_had_an_agreement_gate_resume_as_confidence_gated(tmp_path):
+    from dataclasses import asdict
+
+    from ASFDALib.bench.benchmark import SSFTOptions, _load_runs
+
+    before = {"stage1_fraction": 1.0, "keep_fraction": 0.5, "confidence": 0.9, "extra_fraction": 0.5}
+    path = tmp_path / "results.json"
+    rest = {"iterations": 400, "fusion": "gated", "lower_rate_for": "encoder"}
+    path.write_text(json.dumps({"protocol": {**rest, "ssft": before}, "runs": []}))
+    confidence = asdict(SSFTOptions(reliability="confidence"))
+    assert _load_runs(path, {**rest, "ssft": confidence}) == []
+    with pytest.raises(ASFDAError, match="other ssft"):
+        _load_runs(path, {**rest, "ssft": {**confidence, "reliability": "rounds"}})
 
 
 def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, tmp_path):
