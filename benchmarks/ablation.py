@@ -109,8 +109,8 @@ def _reused(path: Path, config: BenchmarkConfig, validation: Path) -> dict[str, 
         raise SystemExit(f"{path}: made with {made}; this ablation: {mine}")
     if (Path(protocol["validation"]) / "cases.json").read_text() != (validation / "cases.json").read_text():
         raise SystemExit(f"{path}: its validation split holds other cases than {validation}")
-    # the SSFT row is reusable when it ran the default options (the ablation's key names them)
-    ssft = SSFTOptions() if {**SSFT_LATER_FIELDS, **protocol.get("ssft", {})} == asdict(SSFTOptions()) else None
+    # the SSFT row is reusable under the options it ran with (the ablation's key names them)
+    ssft = SSFTOptions(**{**SSFT_LATER_FIELDS, **protocol["ssft"]}) if protocol.get("ssft") else None
     reused = {}
     for run in stored["runs"]:
         if run["row"] == "source" or run["shared_with"] or not run.get("validation"):
