@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.add_argument(
         "--min-agreement",
-        type=probability,
+        type=unit_interval,
         default=RECIPE.min_agreement,
         help="with --pseudo-gate flips or rounds, no volume whose two views agree less (class-balanced Dice) "
         "gets pseudo-labels (default: %(default)s)",

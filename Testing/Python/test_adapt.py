@@ -103,6 +103,16 @@ def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(la
     assert len(pseudo["kept"]) == 2 and all(0.0 <= r <= 1.0 for r in pseudo["reliability"].values())
 
 
+def test_a_round_with_no_reliable_volume_spends_stage_2_on_the_labels_alone(labelled_session, capsys):
+    args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--pseudo-gate", "rounds"]
+    assert main(["finetune", str(labelled_session), *args, "--min-agreement", "1"]) == 0
+    assert "no unlabeled volume passed the rounds gate: stage 2 trains on the labels alone" in capsys.readouterr().out
+    run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
+    assert run["done"] == {"stage1": 4, "stage2": 2}
+    entry = json.loads((labelled_session / "session.json").read_text())["rounds"][0]
+    assert entry["metrics"]["pseudo_labelled"] == []
+
+
 def test_the_run_records_the_learning_rates_the_optimizer_used(adapted_session):
     from ASFDALib.adaptation.recipe import FinetuneConfig
     from ASFDALib.models.defaults import default_model_path

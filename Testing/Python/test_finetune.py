@@ -87,7 +87,7 @@ def test_class_agreement_is_the_mean_dice_over_the_foreground_classes_either_map
     first, second = np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2])
     assert class_agreement(first, second) == pytest.approx(2 / 3)  # class 1: 2*1/3, class 2: 2*1/3
     assert class_agreement(first, np.zeros(4, int)) == 0.0  # foreground one view misses entirely
-    assert class_agreement(np.zeros(4, int), np.zeros(4, int)) == 1.0
+    assert class_agreement(np.zeros(4, int), np.zeros(4, int)) == 0.0  # no organ in either: no evidence
 
 
 def test_agreed_label_ignores_the_voxels_where_any_view_disagrees():
