@@ -136,7 +136,7 @@ def selective_pseudo_labels(
         raise ValueError(f"unknown pseudo-label gate {gate!r}; use one of {', '.join(RELIABILITY)}")
     if gate != "confidence":
         if (gate == "rounds") != (reference is not None):
-            raise ValueError("reliability 'rounds', and only it, takes the reference model")
+            raise ValueError("the 'rounds' gate, and only it, takes the reference model")
         return agreement_pseudo_labels(network, card, pool, keep_fraction, min_agreement, reference, device)
     sweep_config = SweepConfig(device=device)
     results = [sweep(network, torch.as_tensor(image), card, sweep_config) for _, image in pool]
