@@ -72,9 +72,15 @@ def device_for_rank(device: str = "auto") -> str:
     return device
 
 
-def shutdown() -> None:
-    """Leave the process group: wait for every rank, then destroy it. A rank that exits while another still
-    holds its connections open makes gloo abort that process (SIGABRT, no traceback), now and then."""
-    if dist.is_initialized():
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group :func:`init_from_env` joined (a caller's own group is left alone).
+
+    A rank that finished waits for the others first: one that exits while another still holds its
+    connections makes gloo abort that process (SIGABRT, no traceback), now and then. A rank that failed
+    (``wait`` False) leaves at once, so its barrier cannot pair with a collective the others are in.
+    """
+    if not (launched() and dist.is_initialized()):
+        return
+    if wait:
         dist.barrier()
-        dist.destroy_process_group()
+    dist.destroy_process_group()

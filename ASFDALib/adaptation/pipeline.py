@@ -122,6 +122,14 @@ def build_pseudo_labels(
     return kept, scores
 
 
+def pseudo_gate(folder: Path) -> str | None:
+    """The gate a round's stored pseudo-labels were made with (None: none stored yet)."""
+    if not (folder / "pseudo.json").is_file():
+        return None
+    info = json.loads((folder / "pseudo.json").read_text(encoding="utf-8"))
+    return info.get("gate", {}).get("reliability", "confidence")  # stored before the gate was a choice
+
+
 def _load_pseudo(session: Session, model: LoadedModel, folder: Path) -> tuple[list[Case], list[str], dict]:
     info = json.loads((folder / "pseudo.json").read_text(encoding="utf-8"))
     cases = []
@@ -180,6 +188,12 @@ def _check_mode(mode: str, run: dict | None, config: FinetuneConfig, folder: Pat
         raise SessionError(
             f"{folder}: round {index} already has {'a' if state == 'finished' else 'an'} {state} run "
             f"({_done_text(run['done'])}); " + "; ".join(MODE_HELP[c] for c in choices)
+        )
+    made_with = pseudo_gate(folder / "pseudo")
+    if made_with is not None and made_with != config.reliability:
+        raise SessionError(
+            f"{folder}: round {index}'s pseudo-labels were made with the {made_with} gate; --{mode} with "
+            f"--pseudo-gate {made_with}, or --restart the round to use {config.reliability}"
         )
     if mode == "resume" and run["finished"]:
         raise SessionError(f"{folder}: round {index}'s run finished ({_done_text(run['done'])}); {MODE_HELP['extend']}")
@@ -334,7 +348,8 @@ def finetune_session(
             result.seconds["pseudo_labels"] = time.perf_counter() - timer
             if not pseudo_cases:
                 # the iterations asked for still run, on the labels alone, as the benchmark's row does
-                say(f"no unlabeled volume passed the {config.reliability} gate: stage 2 trains on the labels alone")
+                why = f"passed the {config.reliability} gate" if result.reliability else "is left unlabelled"
+                say(f"no unlabeled volume {why}: stage 2 trains on the labels alone")
             timer = time.perf_counter()
             trainer.begin_stage("stage2")
             result.status = trainer.run(cases, targets["stage2"], pseudo_cases or None, cancel, progress, val_cases)

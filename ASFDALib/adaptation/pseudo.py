@@ -104,7 +104,8 @@ def agreement_pseudo_labels(
             views = [predict_label(network, image, card, device), predict_label(reference, image, card, device)]
         agreed[name] = agreed_label(views)
     scores = np.array([agreed[name][1] for name, _ in pool])
-    kept = [i for i in keep_reliable(scores, keep_fraction) if scores[i] >= min_agreement]
+    # no agreement at all (no organ in either view, included) never passes, whatever the floor
+    kept = [i for i in keep_reliable(scores, keep_fraction) if scores[i] >= min_agreement and scores[i] > 0]
     names = [pool[i][0] for i in kept]
     return names, {name: float(s) for (name, _), s in zip(pool, scores)}, {n: agreed[n][0] for n in names}
 

@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="fine-tune the session's model on its labels plus reliable pseudo-labels",
         description="Stage 1 on the labelled volumes; then the most reliable unlabeled volumes get pseudo-labels "
-        "(low-confidence voxels ignored) and stage 2 trains on both. Checkpoints every --checkpoint-every "
+        "(--pseudo-gate: low-confidence voxels ignored, or only voxels where two views agree) and stage 2 trains "
+        "on both, or on the labels alone when no volume passes. Checkpoints every --checkpoint-every "
         "iterations; Ctrl-C keeps the last one. A round that has run already needs a choice: --resume an "
         "interrupted run (same data order), --extend a finished one, or --restart the round. session.json "
         "records the iterations that ran.",
@@ -312,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-fraction",
         type=fraction,
         default=RECIPE.keep_fraction,
-        help="share of the unlabeled pool that gets pseudo-labels (default: %(default)s)",
+        help="at most this share of the unlabeled pool gets pseudo-labels (default: %(default)s)",
     )
     finetune.add_argument(
         "--pseudo-gate",
@@ -333,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-agreement",
         type=unit_interval,
         default=RECIPE.min_agreement,
-        help="with --pseudo-gate flips or rounds, no volume whose two views agree less (class-balanced Dice) "
-        "gets pseudo-labels (default: %(default)s)",
+        help="with --pseudo-gate flips or rounds, no volume whose views agree less (class-balanced Dice; for "
+        "flips the least of the three flipped views; 0 where neither view finds an organ) gets pseudo-labels "
+        "(default: %(default)s)",
     )
     finetune.add_argument("--seed", type=non_negative_int, default=RECIPE.seed, help="seed of patches and augmentation")
     finetune.add_argument(
@@ -557,8 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    code = _run(args)
+    if "ASFDALib.distributed" in sys.modules:  # loaded by the commands that can run under torchrun
+        sys.modules["ASFDALib.distributed"].shutdown(wait=code == 0)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except ASFDAError as exc:
@@ -568,9 +576,6 @@ def main(argv: list[str] | None = None) -> int:
         done = "finished runs are in results.json" if args.command == "benchmark" else "finished volumes are cached"
         print(f"interrupted; {done} and a re-run resumes from there", file=sys.stderr)
         return 130
-    finally:
-        if "ASFDALib.distributed" in sys.modules:  # loaded by the commands that can run under torchrun
-            sys.modules["ASFDALib.distributed"].shutdown()
 
 
 if __name__ == "__main__":

@@ -269,20 +269,23 @@ def provenance(session: Any, model: LoadedModel) -> dict[str, Any]:
 
 
 def _method(rounds: list[dict[str, Any]]) -> str:
-    """What was done, from what the session recorded as run (strategy per round, stage-2 iterations)."""
+    """What was done, from what the session recorded as run (strategy per round, stage 2 and its volumes)."""
     if not rounds:
         return "not fine-tuned: the base model's weights, exported by ASFDA"
     names = sorted({str(r["strategy"].get("name", "asfda")) for r in rounds})
     query = ASFDA_QUERY if names == ["asfda"] else f"chosen by the {'/'.join(names)} strategy"
-    pseudo = any(r["iterations"].get("stage2", 0) for r in rounds)
+    stage2 = any(r["iterations"].get("stage2", 0) for r in rounds)
+    # stage 2 runs on the labels alone when no volume passed the gate: only kept volumes mean pseudo-labels
+    pseudo = any(r["iterations"].get("stage2", 0) and r.get("pseudo_labelled") for r in rounds)
+    if pseudo:
+        then = ", then with selective pseudo-labels of the reliable unlabelled volumes"
+    elif stage2:
+        then = ", then longer on the labels alone (no unlabelled volume passed the pseudo-label gate)"
+    else:
+        then = " (no pseudo-label stage)"
     return (
         f"ASFDA active source-free domain adaptation: target volumes {query}, the queried ones labelled, and the "
-        "model fine-tuned on them"
-        + (
-            ", then with selective pseudo-labels of the reliable unlabelled volumes"
-            if pseudo
-            else " (no pseudo-label stage)"
-        )
+        "model fine-tuned on them" + then
     )
 
 

@@ -111,6 +111,11 @@ def test_a_round_with_no_reliable_volume_spends_stage_2_on_the_labels_alone(labe
     assert run["done"] == {"stage1": 4, "stage2": 2}
     entry = json.loads((labelled_session / "session.json").read_text())["rounds"][0]
     assert entry["metrics"]["pseudo_labelled"] == []
+    # resuming or extending it with another gate would mix two kinds of pseudo-labels: refused, naming both
+    extend = ["--extend", "--pseudo-iterations", "4", "--pseudo-gate", "confidence"]
+    assert main(["finetune", str(labelled_session), *extend]) == 1
+    err = capsys.readouterr().err
+    assert "pseudo-labels were made with the rounds gate; --extend with --pseudo-gate rounds" in err
 
 
 def test_the_run_records_the_learning_rates_the_optimizer_used(adapted_session):

@@ -146,7 +146,7 @@ def test_sharding_covers_every_volume_once(world, monkeypatch):
     assert sorted(i for s in shards for i in s) == items
 
 
-def test_the_command_line_leaves_the_process_group_it_joined(tmp_path):
+def test_the_command_line_leaves_the_process_group_it_joined(tmp_path, monkeypatch):
     """Every rank waits for the others and destroys the group before exiting, so none tears down the
     connections of a rank still using them (gloo then aborted that rank now and then)."""
     import torch.distributed as dist
@@ -154,6 +154,24 @@ def test_the_command_line_leaves_the_process_group_it_joined(tmp_path):
     from ASFDALib import distributed  # noqa: F401  (the CLI shuts down what this module joined)
     from ASFDALib.app.cli import main
 
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the group itself has the one rank here
+    (tmp_path / "empty").mkdir()
+    failing = ["rank", "--images", str(tmp_path / "empty")]  # no volumes: refused in one line
+    for command, code in ((["phantoms", "--count", "1"], 0), (failing, 1)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{code}'}", rank=0, world_size=1)
+        assert main([*command, "--out", str(tmp_path / f"out{code}")]) == code  # a failed rank leaves too
+        assert not dist.is_initialized()
+
+
+def test_the_command_line_leaves_a_callers_own_process_group_alone(tmp_path):
+    import torch.distributed as dist
+
+    from ASFDALib import distributed  # noqa: F401
+    from ASFDALib.app.cli import main
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    assert main(["phantoms", "--out", str(tmp_path / "p"), "--count", "1"]) == 0
-    assert not dist.is_initialized()
+    try:
+        assert main(["phantoms", "--count", "1", "--out", str(tmp_path / "p")]) == 0
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -369,3 +369,12 @@ def test_a_pt2_program_with_device_literals_moves_to_another_device(tmp_path):
         moved = model.network.to("meta")
     with torch.no_grad():
         assert moved(torch.zeros(2, 1, 64, 64, 64, device="meta")).shape == (2, 3, 64, 64, 64)
+
+
+def test_the_export_record_says_pseudo_labels_only_when_a_volume_was_pseudo_labelled():
+    from ASFDALib.models.export import _method
+
+    ran = {"strategy": {"name": "asfda"}, "iterations": {"stage1": 4, "stage2": 2}}
+    assert "with selective pseudo-labels" in _method([{**ran, "pseudo_labelled": ["p0.nii.gz"]}])
+    assert "longer on the labels alone (no unlabelled volume passed" in _method([{**ran, "pseudo_labelled": []}])
+    assert "(no pseudo-label stage)" in _method([{**ran, "iterations": {"stage1": 4}, "pseudo_labelled": []}])

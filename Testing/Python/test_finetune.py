@@ -120,9 +120,25 @@ def test_a_reference_model_that_finds_no_organ_keeps_no_volume(default_model):
     for parameter in blind.parameters():
         torch.nn.init.zeros_(parameter)  # every logit 0: argmax background everywhere
     kept, scores, labels = selective_pseudo_labels(
-        network, card, [], _pool(card), keep_fraction=1.0, device="cpu", gate="rounds", reference=blind
+        network, card, [], _pool(card), 1.0, min_agreement=0.0, device="cpu", gate="rounds", reference=blind
     )
-    assert kept == [] and labels == {} and set(scores.values()) == {0.0}
+    assert kept == [] and labels == {} and set(scores.values()) == {0.0}  # even with no floor at all
+
+
+def test_flipped_views_are_flipped_back_onto_the_volume(default_model):
+    """A voxel-wise network commutes with flips: every view, flipped back, equals the plain prediction."""
+    from ASFDALib.adaptation.pseudo import flipped_views
+
+    card = default_model.card
+    voxelwise = torch.nn.Conv3d(1, card.num_classes, 1)
+    with torch.no_grad():
+        voxelwise.weight.copy_(torch.arange(card.num_classes, dtype=torch.float32).view(-1, 1, 1, 1, 1))
+        voxelwise.bias.copy_(-(torch.arange(card.num_classes, dtype=torch.float32) ** 2) / 2)
+    image = np.random.default_rng(0).uniform(0, card.num_classes, (1, 40, 36, 32)).astype(np.float32)
+    views = flipped_views(voxelwise, image, card, "cpu")
+    assert len(views) == 4 and len(np.unique(views[0])) == card.num_classes  # an asymmetric label map
+    for view in views[1:]:
+        np.testing.assert_array_equal(view, views[0])
 
 
 def test_flip_agreement_labels_only_where_the_flipped_predictions_agree(default_model):
