@@ -54,8 +54,8 @@ def pseudo_label(probs: torch.Tensor | np.ndarray, confidence: float = 0.9) -> n
 def class_agreement(first: np.ndarray, second: np.ndarray) -> float:
     """Mean Dice over the foreground classes either label map holds.
 
-    0.0 when neither holds one: two views that both find no organ are no evidence of a right label. (Scored
-    1.0, such a volume passed the gate on CT -> MRI and taught background everywhere: docs/method.md.)
+    0.0 when neither holds one: two views that both find no organ are no evidence of a right label (scored
+    1.0, such a volume would pass the gate with an all-background label).
     """
     classes = [int(c) for c in np.union1d(np.unique(first), np.unique(second)) if c > 0 and c != IGNORE_INDEX]
     if not classes:
