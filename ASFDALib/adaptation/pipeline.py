@@ -115,9 +115,11 @@ def build_pseudo_labels(
     folder.mkdir(parents=True, exist_ok=True)
     for name, label in labels.items():
         atomic_write_npz(folder / f"{case_id(name)}.npz", {"label": label}, compressed=True)
-    gate = {"reliability": config.reliability, "keep_fraction": config.keep_fraction}
-    gate.update({"confidence": config.confidence} if config.reliability == "confidence" else {})
-    gate.update({"min_agreement": config.min_agreement} if config.reliability != "confidence" else {})
+    gate: dict = {"reliability": config.reliability, "keep_fraction": config.keep_fraction}
+    if config.reliability == "confidence":
+        gate["confidence"] = config.confidence
+    else:
+        gate["min_agreement"] = config.min_agreement
     atomic_write_json(folder / "pseudo.json", {"gate": gate, "kept": kept, "reliability": scores})
     return kept, scores
 
