@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ class AdaptResult:
     seconds: dict[str, float] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
     reliability: dict[str, float] = field(default_factory=dict)
+    gate: dict[str, Any] | None = None  # the gate the pseudo-labels were made with (pseudo.json)
     loss: float | None = None
 
 
@@ -124,12 +126,10 @@ def build_pseudo_labels(
     return kept, scores
 
 
-def pseudo_gate(folder: Path) -> str | None:
-    """The gate a round's stored pseudo-labels were made with (None: none stored yet)."""
-    if not (folder / "pseudo.json").is_file():
-        return None
+def pseudo_gate(folder: Path) -> dict[str, Any]:
+    """The gate a round's stored pseudo-labels were made with (``folder``/pseudo.json must exist)."""
     info = json.loads((folder / "pseudo.json").read_text(encoding="utf-8"))
-    return info.get("gate", {}).get("reliability", "confidence")  # stored before the gate was a choice
+    return info.get("gate", {"reliability": "confidence"})  # stored before the gate was a choice
 
 
 def _load_pseudo(session: Session, model: LoadedModel, folder: Path) -> tuple[list[Case], list[str], dict]:
@@ -190,12 +190,6 @@ def _check_mode(mode: str, run: dict | None, config: FinetuneConfig, folder: Pat
         raise SessionError(
             f"{folder}: round {index} already has {'a' if state == 'finished' else 'an'} {state} run "
             f"({_done_text(run['done'])}); " + "; ".join(MODE_HELP[c] for c in choices)
-        )
-    made_with = pseudo_gate(folder / "pseudo")
-    if made_with is not None and made_with != config.reliability:
-        raise SessionError(
-            f"{folder}: round {index}'s pseudo-labels were made with the {made_with} gate; --{mode} with "
-            f"--pseudo-gate {made_with}, or --restart the round to use {config.reliability}"
         )
     if mode == "resume" and run["finished"]:
         raise SessionError(f"{folder}: round {index}'s run finished ({_done_text(run['done'])}); {MODE_HELP['extend']}")
@@ -347,11 +341,20 @@ def finetune_session(
             distributed.barrier()  # under torchrun, rank 0 writes the pseudo-labels and every rank reads them
             if (folder / "pseudo" / "pseudo.json").is_file():
                 pseudo_cases, result.kept, result.reliability = _load_pseudo(session, model, folder / "pseudo")
+                result.gate = pseudo_gate(folder / "pseudo")
+                if result.gate["reliability"] != config.reliability:  # a resume or extend keeps what was made
+                    say(
+                        f"stage 2 keeps this round's pseudo-labels, made with the {result.gate['reliability']} "
+                        "gate; --restart makes them anew with another"
+                    )
             result.seconds["pseudo_labels"] = time.perf_counter() - timer
+            gate = (result.gate or {}).get("reliability", config.reliability)
             if not pseudo_cases:
                 # the iterations asked for still run, on the labels alone, as the benchmark's row does
-                why = f"passed the {config.reliability} gate" if result.reliability else "is left unlabelled"
+                why = f"passed the {gate} gate" if result.reliability else "is left unlabelled"
                 say(f"no unlabeled volume {why}: stage 2 trains on the labels alone")
+            else:
+                say(f"{len(pseudo_cases)} of {len(result.reliability)} unlabeled volumes passed the {gate} gate")
             timer = time.perf_counter()
             trainer.begin_stage("stage2")
             result.status = trainer.run(cases, targets["stage2"], pseudo_cases or None, cancel, progress, val_cases)
@@ -374,6 +377,7 @@ def finetune_session(
         round_entry["metrics"] = {
             "labelled": sorted(labelled),
             "pseudo_labelled": result.kept,
+            "pseudo_gate": result.gate,
             # every run of the round adds its time: an extend does not erase stage 1's
             "seconds": {
                 k: previous_seconds.get(k, 0.0) + result.seconds.get(k, 0.0)

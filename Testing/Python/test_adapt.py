@@ -111,11 +111,25 @@ def test_a_round_with_no_reliable_volume_spends_stage_2_on_the_labels_alone(labe
     assert run["done"] == {"stage1": 4, "stage2": 2}
     entry = json.loads((labelled_session / "session.json").read_text())["rounds"][0]
     assert entry["metrics"]["pseudo_labelled"] == []
-    # resuming or extending it with another gate would mix two kinds of pseudo-labels: refused, naming both
-    extend = ["--extend", "--pseudo-iterations", "4", "--pseudo-gate", "confidence"]
-    assert main(["finetune", str(labelled_session), *extend]) == 1
-    err = capsys.readouterr().err
-    assert "pseudo-labels were made with the rounds gate; --extend with --pseudo-gate rounds" in err
+    assert entry["metrics"]["pseudo_gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 1.0}
+
+
+def test_an_extend_keeps_the_rounds_pseudo_labels_and_a_restart_makes_them_with_another_gate(labelled_session, capsys):
+    pseudo = labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json"
+    args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1"]
+    assert main(["finetune", str(labelled_session), *args, "--pseudo-gate", "rounds", "--min-agreement", "0"]) == 0
+    made = json.loads(pseudo.read_text())
+    # an extend trains on what the round made, whatever gate the command line names now, and says so
+    extend = ["--extend", "--pseudo-iterations", "4", "--batch-size", "1", "--pseudo-gate", "confidence"]
+    capsys.readouterr()
+    assert main(["finetune", str(labelled_session), *extend]) == 0
+    assert "stage 2 keeps this round's pseudo-labels, made with the rounds gate" in capsys.readouterr().out
+    assert json.loads(pseudo.read_text()) == made
+    # a restart makes them anew, with the gate asked for
+    assert main(["finetune", str(labelled_session), *args, "--restart", "--pseudo-gate", "confidence"]) == 0
+    assert json.loads(pseudo.read_text())["gate"]["reliability"] == "confidence"
+    entry = json.loads((labelled_session / "session.json").read_text())["rounds"][0]
+    assert entry["metrics"]["pseudo_gate"]["reliability"] == "confidence"
 
 
 def test_the_run_records_the_learning_rates_the_optimizer_used(adapted_session):
