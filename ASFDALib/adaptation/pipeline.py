@@ -126,20 +126,18 @@ def build_pseudo_labels(
     return kept, scores
 
 
-def pseudo_gate(folder: Path) -> dict[str, Any]:
-    """The gate a round's stored pseudo-labels were made with (``folder``/pseudo.json must exist)."""
-    info = json.loads((folder / "pseudo.json").read_text(encoding="utf-8"))
-    return info.get("gate", {"reliability": "confidence"})  # stored before the gate was a choice
-
-
-def _load_pseudo(session: Session, model: LoadedModel, folder: Path) -> tuple[list[Case], list[str], dict]:
+def _load_pseudo(
+    session: Session, model: LoadedModel, folder: Path
+) -> tuple[list[Case], list[str], dict[str, float], dict[str, Any]]:
+    """The round's stored pseudo-labels: cases, kept names, every candidate's score, and the gate that made them."""
     info = json.loads((folder / "pseudo.json").read_text(encoding="utf-8"))
     cases = []
     for name in info["kept"]:
         image = preprocess(read_volume(session.image_path(name)), model.card)
         with np.load(folder / f"{case_id(name)}.npz", allow_pickle=False) as data:
             cases.append(Case(name, image.numpy(), data["label"]))
-    return cases, info["kept"], info["reliability"]
+    # pseudo-labels stored before the gate was a choice were gated by confidence
+    return cases, info["kept"], info["reliability"], info.get("gate", {"reliability": "confidence"})
 
 
 FINETUNE_MODES = ("new", "resume", "extend", "restart")
@@ -340,8 +338,8 @@ def finetune_session(
                 build_pseudo_labels(session, model, cases, folder / "pseudo", config)
             distributed.barrier()  # under torchrun, rank 0 writes the pseudo-labels and every rank reads them
             if (folder / "pseudo" / "pseudo.json").is_file():
-                pseudo_cases, result.kept, result.reliability = _load_pseudo(session, model, folder / "pseudo")
-                result.gate = pseudo_gate(folder / "pseudo")
+                stored = _load_pseudo(session, model, folder / "pseudo")
+                pseudo_cases, result.kept, result.reliability, result.gate = stored
                 if result.gate["reliability"] != config.reliability:  # a resume or extend keeps what was made
                     say(
                         f"stage 2 keeps this round's pseudo-labels, made with the {result.gate['reliability']} "
