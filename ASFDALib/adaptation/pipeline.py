@@ -96,12 +96,8 @@ def build_pseudo_labels(
             pool.append((name, preprocess(read_volume(session.image_path(name)), model.card)))
         except VolumeError:
             continue
-    reference = None
-    if config.reliability == "rounds":  # the model this round started from: the source, or the last round's
-        reference = session_model(session, adapted=False).network
-        start = round_start_checkpoint(session)
-        if start is not None:
-            reference.load_state_dict(torch.load(start, map_location="cpu", weights_only=True))
+    # "rounds" compares with the model this round started from: the source, or the last round's
+    reference = round_start_model(session).network if config.reliability == "rounds" else None
     kept, scores, labels = selective_pseudo_labels(
         model.network,
         model.card,
@@ -156,6 +152,15 @@ def round_start_checkpoint(session: Session) -> Path | None:
             if path.is_file():
                 return path
     return None
+
+
+def round_start_model(session: Session) -> LoadedModel:
+    """The session's model with the weights the current round starts from (the previous round's, if any)."""
+    model = session_model(session, adapted=False)
+    start = round_start_checkpoint(session)
+    if start is not None:
+        model.network.load_state_dict(torch.load(start, map_location="cpu", weights_only=True))
+    return model
 
 
 def read_run(folder: Path) -> dict | None:
@@ -247,10 +252,7 @@ def finetune_session(
     mode = _check_mode(mode, run, config, folder, index)
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.
-    model = session_model(session, adapted=False)
-    start = round_start_checkpoint(session)  # a round starts from the previous round's weights
-    if start is not None:
-        model.network.load_state_dict(torch.load(start, map_location="cpu", weights_only=True))
+    model = round_start_model(session)
     trainer = Trainer(model.network, model.card, config, folder, model.load_report)
     say(f"loading {len(labelled)} labelled volumes")
     cases = [load_case(n, session.image_path(n), p, model.card) for n, p in sorted(labelled.items())]
