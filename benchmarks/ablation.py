@@ -66,6 +66,7 @@ QUERY_VARIANTS = {
     "source-statistics file": {**METHOD, "knowledge": "stats"},
 }
 HALVES = SSFTOptions(stage1_fraction=0.5, extra_fraction=0.0)
+COSINE = SSFTOptions(stage2_lr="cosine")
 SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the protocol's)
     "stage 1 only (no pseudo-labels)": (None, 1.0),
     "SSFT in halves of one budget (the first protocol)": (HALVES, 1.0),
@@ -80,13 +81,23 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
     "full stage 1, then 1/2 more, where flips agree": (SSFTOptions(reliability="flips"), 1.0),
     "full stage 1, then 1/2 more, where the source model agrees": (SSFTOptions(reliability="rounds"), 1.0),
     "control: labels only for 1.5x the iterations": (None, 1.5),
+    "full stage 1, then 1/2 more with pseudo-labels, stage 2's rate decaying": (COSINE, 1.0),
+    "full stage 1, then 1/2 more, where the source model agrees, rate decaying": (
+        replace(COSINE, reliability="rounds"),
+        1.0,
+    ),
+    "control: stage 2 on the labels alone, its rate decaying": (COSINE, 1.0),
 }
+# variants whose stage 2 runs without pseudo-labels (the control of a decaying stage 2)
+LABELS_ONLY = {"control: stage 2 on the labels alone, its rate decaying"}
 
 
-def _key(query: list[str], seed: int, ssft: SSFTOptions | None, iterations: int) -> str:
+def _key(query: list[str], seed: int, ssft: SSFTOptions | None, iterations: int, labels_only: bool = False) -> str:
     # a field added later, at the value earlier trainings ran with, is left out so that their keys still match
     later = SSFT_LATER_FIELDS
     options = {k: v for k, v in asdict(ssft).items() if k not in later or v != later[k]} if ssft else None
+    if labels_only and options is not None:
+        options["labels_only"] = True
     return json.dumps([sorted(query), seed, options, iterations])
 
 
@@ -176,9 +187,11 @@ def main() -> None:
     if args.variants and len(variants) != len(args.variants):
         raise SystemExit(f"unknown variant among {args.variants}; choose from {list(QUERY_VARIANTS)}")
 
-    def dice_of(query: list[str], seed: int, ssft: SSFTOptions | None, scale: float = 1.0) -> float:
+    def dice_of(
+        query: list[str], seed: int, ssft: SSFTOptions | None, scale: float = 1.0, labels_only: bool = False
+    ) -> float:
         iterations = round(config.iterations * scale)
-        key = _key(query, seed, ssft, iterations)
+        key = _key(query, seed, ssft, iterations, labels_only)
         if key not in trainings and key in reused:
             trainings[key] = reused[key]
         if key not in trainings:
@@ -186,7 +199,17 @@ def main() -> None:
             labelled = [c for c in pool if c.name in query]
             work = args.out / "work"
             network = train(
-                model_path, model.card, labelled, pool, iterations, seed, "cpu", ssft, work, rates=_rates(config)
+                model_path,
+                model.card,
+                labelled,
+                pool,
+                iterations,
+                seed,
+                "cpu",
+                ssft,
+                work,
+                rates=_rates(config),
+                pseudo_labels=not labels_only,
             )
             trainings[key] = {"dice": evaluate(model, network, val, "cpu"), "seconds": time.perf_counter() - t0}
         atomic_write_json(path, {"iterations": config.iterations, "settings": settings, "trainings": trainings})
@@ -213,7 +236,7 @@ def main() -> None:
     method_query = query_of(METHOD, args.ssft_budget, 0) if args.part != "query" else []
     for name, (ssft, scale) in ssft_variants.items() if args.part != "query" else ():
         for seed in args.seeds:
-            dice = dice_of(method_query, seed, ssft, scale)
+            dice = dice_of(method_query, seed, ssft, scale, name in LABELS_ONLY)
             ssft_rows.append({"variant": name, "seed": seed, "dice": dice})
             print(f"{name:34s} seed {seed}: {dice:5.1f}", flush=True)
 

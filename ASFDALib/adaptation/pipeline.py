@@ -300,6 +300,7 @@ def finetune_session(
         {"group": g["name"], "lr": g["lr"], "tensors": len(g["params"])} for g in trainer.optimizer.param_groups
     ]
     entry["lower_rate_for"] = config.lower_rate_for
+    entry["stage2_lr"] = config.stage2_lr  # how stage 2's rate ran: held, or decayed along a cosine
     say(
         "learning rates: "
         + ", ".join(f"{r['lr']:.1e} for {r['tensors']} {r['group']} tensors" for r in entry["learning_rates"])

@@ -14,6 +14,9 @@ LOWER_RATE_FOR = ("encoder", "loaded")
 # How a pseudo-label is judged reliable (adaptation/pseudo.py): the model's confidence, or agreement between
 # two views, the volume flipped or the model the round started from.
 RELIABILITY = ("confidence", "flips", "rounds")
+# How stage 2's learning rate runs: held, or decayed to zero along a half cosine, so that the model handed
+# over is a settled end point rather than one sample of a walk at a constant rate.
+STAGE2_LR = ("constant", "cosine")
 
 
 @dataclass
@@ -40,6 +43,7 @@ class FinetuneConfig:
     confidence: float = 0.9  # the voxel gate of "confidence"
     min_agreement: float = 0.5  # the volume floor of "flips" and "rounds"
     pseudo_weight: float = 1.0
+    stage2_lr: str = "constant"  # one of STAGE2_LR; stage 1 always runs at a constant rate
     ramp_fraction: float = 0.3
     max_pseudo_volumes: int = 20
     workers: int | None = None  # data-loader processes; None: none on the CPU, up to 4 beside a GPU
@@ -50,3 +54,12 @@ def ramp(iteration: int, total: int, fraction: float) -> float:
     length = max(1.0, total * fraction)
     t = min(1.0, iteration / length)
     return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def lr_factor(schedule: str, iteration: int, total: int) -> float:
+    """The multiple of the base learning rate at step ``iteration`` (0-based) of a stage of ``total`` steps."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(iteration, total) / max(total, 1)))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; use one of {', '.join(STAGE2_LR)}")

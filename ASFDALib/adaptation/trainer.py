@@ -22,7 +22,7 @@ import torch
 from ASFDALib import distributed
 from ASFDALib.adaptation.loss import dice_ce_loss
 from ASFDALib.adaptation.patches import Case, PatchStream
-from ASFDALib.adaptation.recipe import FinetuneConfig, ramp
+from ASFDALib.adaptation.recipe import FinetuneConfig, lr_factor, ramp
 from ASFDALib.atomic import atomic_write
 from ASFDALib.checkpoints import LoadReport, param_groups_from_report
 from ASFDALib.evaluation.metrics import dice_per_class
@@ -106,6 +106,8 @@ class Trainer:
             self.network.to(memory_format=torch.channels_last_3d)
         groups = param_groups(network, config, load_report)
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        # the rates each step scales (a loaded optimizer state holds the last step's, not these)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         torch.manual_seed(config.seed)
         self.model = network
         if distributed.world() > 1:
@@ -205,6 +207,10 @@ class Trainer:
             if cancel is not None and cancel.is_set():
                 self.save()
                 return "cancelled"
+            schedule = self.config.stage2_lr if self.stage == "stage2" else "constant"
+            factor = lr_factor(schedule, self.iteration, iterations)
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * factor
             loss = self._loss(*batch[:2])
             if pseudo:
                 loss = loss + self.config.pseudo_weight * ramp(

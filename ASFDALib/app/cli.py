@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ASFDALib.adaptation.recipe import LOWER_RATE_FOR, RELIABILITY, FinetuneConfig
+from ASFDALib.adaptation.recipe import LOWER_RATE_FOR, RELIABILITY, STAGE2_LR, FinetuneConfig
 from ASFDALib.app import commands
 from ASFDALib.app.arguments import (
     choice_list,
@@ -338,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
         "flips the least of the three flipped views; 0 where neither view finds an organ) gets pseudo-labels "
         "(default: %(default)s)",
     )
+    finetune.add_argument(
+        "--stage2-lr",
+        choices=STAGE2_LR,
+        default=RECIPE.stage2_lr,
+        help="stage 2's learning rate (default: %(default)s): constant, or cosine, decaying to zero over the "
+        "stage so the model handed over is a settled end point; an --extend decays over the new total",
+    )
     finetune.add_argument("--seed", type=non_negative_int, default=RECIPE.seed, help="seed of patches and augmentation")
     finetune.add_argument(
         "--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1"
@@ -517,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=RELIABILITY,
         help=f"what makes the asfda+ssft row's pseudo-labels reliable (default: {RECIPE.reliability}, as asfda "
         "finetune; see its --help); part of the protocol a results.json resumes with",
+    )
+    bench.add_argument(
+        "--stage2-lr",
+        choices=STAGE2_LR,
+        help=f"stage 2's learning rate in the asfda+ssft row (default: {RECIPE.stage2_lr}, as asfda finetune); "
+        "with cosine the ssft-control row runs the same two stages on the labels alone; part of the protocol",
     )
     bench.add_argument(
         "--eval-at",

@@ -270,6 +270,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         reliability=args.reliability,
         min_agreement=args.min_agreement,
+        stage2_lr=args.stage2_lr,
     )
     bar, progress = training_progress(console)
     distributed.init_from_env(args.device)
@@ -545,6 +546,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             )
     if args.pseudo_gate is not None:
         overrides["ssft"] = replace(config.ssft, reliability=args.pseudo_gate)
+    if args.stage2_lr is not None:
+        overrides["ssft"] = replace(overrides.get("ssft", config.ssft), stage2_lr=args.stage2_lr)
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)
     if config.eval_at and not (config.validation or val_dir):
         raise ASFDAError("--eval-at scores the validation set: give --validation DIR (or a phantom count)")

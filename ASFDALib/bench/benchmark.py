@@ -87,10 +87,11 @@ class SSFTOptions:
     extra_fraction: float = 0.5  # stage 2 runs this fraction of the iterations on top of stage 1
     reliability: str = FinetuneConfig.reliability  # adaptation/pseudo.py: "confidence", "flips", "rounds"
     min_agreement: float = FinetuneConfig.min_agreement  # the agreement gates' volume floor
+    stage2_lr: str = FinetuneConfig.stage2_lr  # adaptation/recipe.py STAGE2_LR; the control's last part too
 
 
 # fields SSFTOptions gained later, at the values the runs recorded before them ran with
-SSFT_LATER_FIELDS = {"reliability": "confidence", "min_agreement": 0.5}
+SSFT_LATER_FIELDS = {"reliability": "confidence", "min_agreement": 0.5, "stage2_lr": "constant"}
 
 
 @dataclass
@@ -287,8 +288,11 @@ def train(
     eval_at: tuple[int, ...] = (),
     on_eval: Callable[[int, torch.nn.Module], None] | None = None,
     rates: dict[str, float | str] | None = None,
+    pseudo_labels: bool = True,
 ) -> torch.nn.Module:
     """The same recipe for every row: ``iterations`` on the labels; SSFT adds stage 2 as ``ssft`` says.
+
+    ``pseudo_labels=False`` runs stage 2 on the labels alone: the control of a stage 2 whose rate decays.
 
     ``rates`` overrides the recipe's ``lr`` / ``encoder_lr_scale`` / ``lower_rate_for``.
     ``on_eval(iteration, network)`` is called at each of ``eval_at`` during stage 1 (training continues from
@@ -296,7 +300,8 @@ def train(
     """
     model = load_model(model_path, card)
     network = model.network
-    config = FinetuneConfig(seed=seed, device=device, checkpoint_every=10**9, **(rates or {}))
+    stage2 = {"stage2_lr": ssft.stage2_lr} if ssft else {}
+    config = FinetuneConfig(seed=seed, device=device, checkpoint_every=10**9, **(rates or {}), **stage2)
     # the learning rates the session path uses: by what the checkpoint loaded (one recipe for every row)
     trainer = Trainer(network, card, config, workdir, model.load_report)
     first = round(iterations * ssft.stage1_fraction) if ssft else iterations
@@ -305,7 +310,8 @@ def train(
         if on_eval:
             on_eval(stop, network.eval())
     trainer.run(labelled, first)
-    if ssft:
+    pseudo: list[Case] = []
+    if ssft and pseudo_labels:
         names = {c.name for c in labelled}
         candidates = [(c.name, c.image) for c in pool if c.name not in names]
         # round 1 of a session starts from the source model: "rounds" compares with it
@@ -324,6 +330,7 @@ def train(
         )
         by_name = {c.name: c for c in pool}
         pseudo = [Case(n, by_name[n].image, label) for n, label in labels.items()]
+    if ssft:
         trainer.begin_stage("stage2")
         trainer.run(labelled, iterations - first + round(iterations * ssft.extra_fraction), pseudo or None)
     return network.eval()
@@ -655,6 +662,9 @@ def run_benchmark(
         curve: dict[str, float] = {}
         ssft = config.ssft if row == "asfda+ssft" else None
         iterations = row_iterations(row, config)
+        if row == "ssft-control" and config.ssft.stage2_lr != "constant":
+            # the control follows the SSFT row's two stages and its decaying rate, without pseudo-labels
+            ssft, iterations = config.ssft, config.iterations
 
         def on_eval(iteration: int, network: torch.nn.Module, curve: dict[str, float] = curve) -> None:
             curve[str(iteration)] = 100 * statistics.case_mean(evaluate(model, network, validation, config.device))
@@ -714,6 +724,7 @@ def run_benchmark(
                 config.eval_at if validation else (),
                 on_eval,
                 _rates(config),
+                pseudo_labels=row != "ssft-control",
             )
         per_case = evaluate_cases(model, network, test, config.device)
         val = evaluate(model, network, validation, config.device) if validation else None

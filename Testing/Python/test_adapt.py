@@ -114,6 +114,13 @@ def test_a_round_with_no_reliable_volume_spends_stage_2_on_the_labels_alone(labe
     assert entry["metrics"]["pseudo_gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 1.0}
 
 
+def test_a_round_whose_stage_2_rate_decays_records_that_schedule(labelled_session):
+    args = ["--iterations", "2", "--pseudo-iterations", "2", "--batch-size", "1", "--stage2-lr", "cosine"]
+    assert main(["finetune", str(labelled_session), *args]) == 0
+    run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
+    assert run["history"][0]["stage2_lr"] == "cosine" and run["done"] == {"stage1": 2, "stage2": 2}
+
+
 def test_an_extend_keeps_the_rounds_pseudo_labels_and_a_restart_makes_them_with_another_gate(labelled_session, capsys):
     pseudo = labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json"
     args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1"]
@@ -145,6 +152,7 @@ def test_the_run_records_the_learning_rates_the_optimizer_used(adapted_session):
     lower = recipe.lr * recipe.encoder_lr_scale
     assert rates == {"pretrained": {"group": "pretrained", "lr": lower, "tensors": parameters}}
     assert run["history"][0]["lower_rate_for"] == "loaded"
+    assert run["history"][0]["stage2_lr"] == "constant"
 
 
 def test_predictions_are_in_the_input_grid_and_format(adapted_session, tmp_path):

@@ -172,6 +172,10 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     other = "rounds" if FinetuneConfig.reliability != "rounds" else "flips"
     assert main([*argv, "--pseudo-gate", other]) == 1
     assert "results.json: its runs were made with other ssft" in capsys.readouterr().err
+    # and another schedule of stage 2's rate
+    other = "cosine" if FinetuneConfig.stage2_lr == "constant" else "constant"
+    assert main([*argv, "--stage2-lr", other]) == 1
+    assert "results.json: its runs were made with other ssft" in capsys.readouterr().err
 
 
 def _tiny_run(data, out, model=None):
@@ -346,6 +350,28 @@ def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, t
     train(default_model_path(), model.card, [], [], 1, 0, "cpu", None, tmp_path, rates=_rates(config))
     assert (seen[0].lr, seen[0].encoder_lr_scale, seen[0].lower_rate_for) == (1e-3, 1.0, "loaded")
     assert _rates(BenchmarkConfig()) == {}  # the recipe's own defaults
+
+
+def test_with_a_decaying_stage_2_the_control_runs_both_stages_on_the_labels_alone(monkeypatch, tmp_path):
+    from ASFDALib.adaptation import trainer as trainer_module
+    from ASFDALib.bench import benchmark
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
+
+    seen = []
+
+    def run(self, labelled, iterations, pseudo=None, *rest, **kw):
+        seen.append((self.stage, iterations, pseudo, self.config.stage2_lr))
+
+    def no_pseudo_labels(*args, **kwargs):
+        raise AssertionError("the control makes no pseudo-labels")
+
+    monkeypatch.setattr(trainer_module.Trainer, "run", run)
+    monkeypatch.setattr(benchmark, "selective_pseudo_labels", no_pseudo_labels)
+    card = load_model(default_model_path()).card
+    ssft = benchmark.SSFTOptions(stage2_lr="cosine")
+    benchmark.train(default_model_path(), card, [], [], 400, 0, "cpu", ssft, tmp_path, pseudo_labels=False)
+    assert seen == [("stage1", 400, None, "cosine"), ("stage2", 200, None, "cosine")]
 
 
 def test_the_ssft_control_trains_on_the_labels_as_long_as_ssft_trains_in_all():

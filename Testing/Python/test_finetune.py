@@ -20,7 +20,7 @@ from ASFDALib.adaptation.pseudo import (
     reliability,
     selective_pseudo_labels,
 )
-from ASFDALib.adaptation.recipe import FinetuneConfig, ramp
+from ASFDALib.adaptation.recipe import FinetuneConfig, lr_factor, ramp
 from ASFDALib.adaptation.trainer import Trainer
 from ASFDALib.bench.phantoms import domain_config, make_phantom
 from ASFDALib.data.preprocess import preprocess
@@ -53,6 +53,15 @@ def test_perfect_prediction_has_near_zero_loss():
 def test_pseudo_weight_ramps_up_to_one():
     assert ramp(0, 100, 0.3) == pytest.approx(np.exp(-5))
     assert ramp(30, 100, 0.3) == 1.0 and ramp(90, 100, 0.3) == 1.0
+
+
+def test_a_cosine_stage_2_starts_at_the_base_rate_halves_midway_and_ends_near_zero():
+    assert lr_factor("cosine", 0, 100) == 1.0
+    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)
+    assert lr_factor("cosine", 99, 100) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.99)))
+    assert lr_factor("constant", 99, 100) == 1.0
+    with pytest.raises(ValueError, match="use one of constant, cosine"):
+        lr_factor("step", 1, 100)
 
 
 def test_low_confidence_voxels_become_ignore_not_background():
@@ -185,6 +194,26 @@ def test_a_killed_and_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one
     assert resumed.run(cases, 6) == "done"
     for key, value in straight.network.state_dict().items():
         torch.testing.assert_close(resumed.network.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_stage_2_decays_its_rate_stage_1_holds_it_and_a_resume_picks_up_the_decay(tmp_path, default_model):
+    card, cases = default_model.card, _cases(default_model.card)
+    config = replace(SMALL, stage2_lr="cosine")
+    seen = []
+    trainer = Trainer(_fresh(default_model.path), card, config, tmp_path / "a")
+    base = trainer.base_lrs[0]
+    trainer.run(cases, 2, progress=lambda p: seen.append(trainer.optimizer.param_groups[0]["lr"]))
+    assert seen == [base, base]
+    trainer.begin_stage("stage2")
+    seen.clear()
+    trainer.run(cases, 4, progress=lambda p: seen.append(trainer.optimizer.param_groups[0]["lr"]))
+    assert seen == pytest.approx([base * lr_factor("cosine", i, 4) for i in range(4)])
+    # a new process resumes stage 2 at the rate of the step it is on, not the base rate nor the last one saved
+    resumed = Trainer(_fresh(default_model.path), card, config, tmp_path / "a")
+    assert resumed.load() and (resumed.stage, resumed.iteration) == ("stage2", 4)
+    seen.clear()
+    resumed.run(cases, 6, progress=lambda p: seen.append(resumed.optimizer.param_groups[0]["lr"]))
+    assert seen == pytest.approx([base * lr_factor("cosine", i, 6) for i in (4, 5)])
 
 
 def test_worker_processes_make_the_same_batches_as_the_main_process(tmp_path, default_model):
