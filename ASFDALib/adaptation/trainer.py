@@ -41,6 +41,14 @@ class Progress:
     loss: float
     eta_s: float
     val_dice: float | None = None
+    pseudo: bool = False  # whether this stage trains on pseudo-labels too
+
+    @property
+    def label(self) -> str:
+        """What the stage trains on, for a progress line."""
+        if self.stage == "stage1":
+            return "stage 1 (labels)"
+        return "stage 2 (+ pseudo-labels)" if self.pseudo else "stage 2 (labels alone)"
 
 
 ProgressFn = Callable[[Progress], None]
@@ -238,6 +246,7 @@ class Trainer:
                         float(loss.detach()),
                         rate * (iterations - self.iteration),
                         val_dice,
+                        bool(pseudo),
                     )
                 )
         self.network.eval()

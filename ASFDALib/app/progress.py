@@ -81,10 +81,6 @@ def volume_progress(console, label: str, unit: str = "volumes"):
     return bar, update
 
 
-def _stage_name(stage: str) -> str:
-    return "stage 1 (labels)" if stage == "stage1" else "stage 2 (+ pseudo-labels)"
-
-
 def training_progress(console) -> tuple[AbstractContextManager, Callable]:
     """A progress display for fine-tuning (stage, iteration i/N, loss, ETA) and the callback that drives it:
     a rich bar in a terminal, plain lines elsewhere."""
@@ -93,7 +89,7 @@ def training_progress(console) -> tuple[AbstractContextManager, Callable]:
         outer = PlainProgress(console, "Fine-tuning", "iterations")
 
         def plain_update(p) -> None:
-            stage = _stage_name(p.stage)
+            stage = p.label
             line = plains.setdefault(stage, PlainProgress(console, f"Fine-tuning {stage}", "iterations"))
             line.step(p.iteration, p.total, f"loss {p.loss:.4f}")
 
@@ -112,6 +108,6 @@ def training_progress(console) -> tuple[AbstractContextManager, Callable]:
     task = bar.add_task("finetune", total=None, stage="stage 1", loss=float("nan"))
 
     def progress(p) -> None:
-        bar.update(task, completed=p.iteration, total=p.total, stage=_stage_name(p.stage), loss=p.loss)
+        bar.update(task, completed=p.iteration, total=p.total, stage=p.label, loss=p.loss)
 
     return bar, progress

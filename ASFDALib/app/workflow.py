@@ -601,9 +601,8 @@ class Workflow:
             from ASFDALib.adaptation.session import Session
 
             def progress(p) -> None:
-                stage = "stage 1" if p.stage == "stage1" else "stage 2 (+ pseudo-labels)"
                 val = "" if p.val_dice is None else f", val Dice {p.val_dice:.3f}"
-                text = f"Fine-tuning {stage}: {p.iteration}/{p.total}, loss {p.loss:.4f}{val}, ETA {_eta(p.eta_s)}"
+                text = f"Fine-tuning {p.label}: {p.iteration}/{p.total}, loss {p.loss:.4f}{val}, ETA {_eta(p.eta_s)}"
                 self._events.put(("progress", p.iteration / max(p.total, 1), text))
 
             def status(text: str) -> None:

@@ -216,6 +216,14 @@ def test_stage_2_decays_its_rate_stage_1_holds_it_and_a_resume_picks_up_the_deca
     assert seen == pytest.approx([base * lr_factor("cosine", i, 6) for i in (4, 5)])
 
 
+def test_the_progress_line_says_whether_stage_2_trains_on_pseudo_labels():
+    from ASFDALib.adaptation.trainer import Progress
+
+    assert Progress("stage1", 1, 4, 0.5, 1.0).label == "stage 1 (labels)"
+    assert Progress("stage2", 1, 4, 0.5, 1.0, pseudo=True).label == "stage 2 (+ pseudo-labels)"
+    assert Progress("stage2", 1, 4, 0.5, 1.0).label == "stage 2 (labels alone)"
+
+
 def test_worker_processes_make_the_same_batches_as_the_main_process(tmp_path, default_model):
     """Batch i is seeded by (seed, rank, stage, i): two data-loader workers give the same training run."""
     card, cases = default_model.card, _cases(default_model.card)

@@ -162,7 +162,7 @@ def test_one_session_through_the_panel_buttons(standins, errors, tmp_path):
     ui.iterationsSpinBox.value = 100000
     assert ui.finetuneButton.enabled
     ui.finetuneButton.click()
-    run_until(lambda: ui.finetuneLabel.text.startswith("Fine-tuning stage 1: "))
+    run_until(lambda: ui.finetuneLabel.text.startswith("Fine-tuning stage 1 (labels): "))
     assert ui.finetuneButton.text == "Cancel"
     ui.finetuneButton.click()
     run_until(_idle(widget))

@@ -120,7 +120,7 @@ def test_finetune_apply_export_and_reopen(flow, mri_pool, tmp_path):
         time.sleep(0.02)
     flow.poll()
     assert any("fine-tuning done" in line for line in flow.log), flow.log[-5:]
-    assert "Fine-tuning stage 1" in seen
+    assert "Fine-tuning stage 1 (labels)" in seen and "Fine-tuning stage 2 (+ pseudo-labels)" in seen
     assert flow.check("apply")[0] and flow.check("export")[0] and flow.check("next_round")[0]
     statuses = {r.status for r in flow.rows}
     assert statuses == {"labelled", "pseudo-labelled", "unlabelled"}, statuses
@@ -265,7 +265,7 @@ def test_a_cancelled_run_is_continued_not_restarted(flow, mri_pool):
     flow.settings.iterations = 100000
     _ranked_and_labelled(flow, mri_pool, 1)
     flow.start_finetune(flow.finetune_mode())
-    while flow.busy and not flow.progress_text.startswith("Fine-tuning stage 1: "):
+    while flow.busy and not flow.progress_text.startswith("Fine-tuning stage 1 (labels): "):
         flow.poll()
         time.sleep(0.01)
     flow.cancel()
