@@ -526,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune; see its --help); part of the protocol a results.json resumes with",
     )
     bench.add_argument(
+        "--min-agreement",
+        type=unit_interval,
+        help=f"with --pseudo-gate flips or rounds, the volume floor of agreement (default: {RECIPE.min_agreement}, "
+        "as asfda finetune); part of the protocol",
+    )
+    bench.add_argument(
         "--stage2-lr",
         choices=STAGE2_LR,
         help=f"stage 2's learning rate in the asfda+ssft row (default: {RECIPE.stage2_lr}, as asfda finetune); "

@@ -546,6 +546,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             )
     if args.pseudo_gate is not None:
         overrides["ssft"] = replace(config.ssft, reliability=args.pseudo_gate)
+    if args.min_agreement is not None:
+        overrides["ssft"] = replace(overrides.get("ssft", config.ssft), min_agreement=args.min_agreement)
     if args.stage2_lr is not None:
         overrides["ssft"] = replace(overrides.get("ssft", config.ssft), stage2_lr=args.stage2_lr)
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)

@@ -172,6 +172,9 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     other = "rounds" if FinetuneConfig.reliability != "rounds" else "flips"
     assert main([*argv, "--pseudo-gate", other]) == 1
     assert "results.json: its runs were made with other ssft" in capsys.readouterr().err
+    # and another agreement floor
+    assert main([*argv, "--min-agreement", "0.7"]) == 1
+    assert "results.json: its runs were made with other ssft" in capsys.readouterr().err
     # and another schedule of stage 2's rate
     other = "cosine" if FinetuneConfig.stage2_lr == "constant" else "constant"
     assert main([*argv, "--stage2-lr", other]) == 1
