@@ -210,6 +210,7 @@ def main() -> None:
                 work,
                 rates=_rates(config),
                 pseudo_labels=not labels_only,
+                stage1_cache=args.out / "stage1",
             )
             trainings[key] = {"dice": evaluate(model, network, val, "cpu"), "seconds": time.perf_counter() - t0}
         atomic_write_json(path, {"iterations": config.iterations, "settings": settings, "trainings": trainings})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
 from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.adaptation.trainer import Trainer
-from ASFDALib.atomic import atomic_write_json, atomic_write_text
+from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
 from ASFDALib.bench import statistics
 from ASFDALib.data.labels import validate_label
 from ASFDALib.data.volumes import content_hash, has_image_suffix
@@ -289,10 +290,14 @@ def train(
     on_eval: Callable[[int, torch.nn.Module], None] | None = None,
     rates: dict[str, float | str] | None = None,
     pseudo_labels: bool = True,
+    stage1_cache: Path | None = None,
 ) -> torch.nn.Module:
     """The same recipe for every row: ``iterations`` on the labels; SSFT adds stage 2 as ``ssft`` says.
 
     ``pseudo_labels=False`` runs stage 2 on the labels alone: the control of a stage 2 whose rate decays.
+    ``stage1_cache`` (a folder) keeps each labelled set's stage-1 state (network, optimizer, random state):
+    a later row with the same labels and seed resumes from it, which an exact resume makes the same
+    training as running stage 1 again (the ASFDA row, its SSFT row and their control share one stage 1).
 
     ``rates`` overrides the recipe's ``lr`` / ``encoder_lr_scale`` / ``lower_rate_for``.
     ``on_eval(iteration, network)`` is called at each of ``eval_at`` during stage 1 (training continues from
@@ -305,11 +310,19 @@ def train(
     # the learning rates the session path uses: by what the checkpoint loaded (one recipe for every row)
     trainer = Trainer(network, card, config, workdir, model.load_report)
     first = round(iterations * ssft.stage1_fraction) if ssft else iterations
-    for stop in sorted(i for i in eval_at if 0 < i < first):
+    cached = _stage1_file(stage1_cache, model_path, labelled, config) if stage1_cache else None
+    stops = sorted(i for i in eval_at if 0 < i < first)
+    if cached and cached.is_file() and not stops:
+        if torch.load(cached, map_location="cpu", weights_only=True)["iteration"] <= first:
+            trainer.load(cached)
+    for stop in stops:
         trainer.run(labelled, stop)
         if on_eval:
             on_eval(stop, network.eval())
     trainer.run(labelled, first)
+    if cached and not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cached, lambda tmp: shutil.copyfile(trainer.last_path, tmp))
     pseudo: list[Case] = []
     if ssft and pseudo_labels:
         names = {c.name for c in labelled}
@@ -334,6 +347,14 @@ def train(
         trainer.begin_stage("stage2")
         trainer.run(labelled, iterations - first + round(iterations * ssft.extra_fraction), pseudo or None)
     return network.eval()
+
+
+def _stage1_file(folder: Path, model_path: Path, labelled: list[Case], config: FinetuneConfig) -> Path:
+    """Where ``train`` keeps the stage-1 state of these labels: named for everything stage 1 depends on."""
+    stage1 = ("seed", "batch_size", "lr", "encoder_lr_scale", "lower_rate_for", "weight_decay", "foreground_ratio")
+    recipe = {k: getattr(config, k) for k in (*stage1, "amp")}
+    key = {"model": str(Path(model_path).resolve()), "labels": sorted(c.name for c in labelled), **recipe}
+    return folder / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.pt"
 
 
 def _summary(runs: list[Run], config: BenchmarkConfig) -> dict:
@@ -725,6 +746,7 @@ def run_benchmark(
                 on_eval,
                 _rates(config),
                 pseudo_labels=row != "ssft-control",
+                stage1_cache=out / "stage1",
             )
         per_case = evaluate_cases(model, network, test, config.device)
         val = evaluate(model, network, validation, config.device) if validation else None

@@ -447,3 +447,29 @@ def test_the_cli_lists_the_benchmark_rows_without_loading_torch():
     from ASFDALib.bench.benchmark import ROWS, SCENARIOS
 
     assert BENCH_ROWS == ROWS and BENCH_SCENARIOS == SCENARIOS
+
+
+def test_rows_sharing_labels_and_seed_share_one_stage_1_and_train_as_if_each_ran_it(tmp_path):
+    """The ASFDA row writes its stage 1; a longer row resumes from it: the same weights as a fresh run."""
+    import torch
+
+    from ASFDALib.bench.benchmark import BenchmarkConfig, SSFTOptions, load_cases, train, write_data
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
+
+    model = load_model(default_model_path())
+    data = write_data(tmp_path / "data", BenchmarkConfig(pool=3, test=1, validation=0))
+    pool = load_cases(data / "pool", model.card)
+    cache = tmp_path / "stage1"
+
+    def weights(iterations, folder, ssft=None):
+        args = (default_model_path(), model.card, pool[:1], pool, iterations, 0, "cpu", ssft, tmp_path / "w")
+        return train(*args, pseudo_labels=False, stage1_cache=folder).state_dict()
+
+    weights(3, cache)  # the ASFDA row: stage 1 alone, kept
+    assert len(list(cache.glob("*.pt"))) == 1
+    control = SSFTOptions(stage2_lr="cosine")  # a decaying stage 2 on the labels alone after the same stage 1
+    for iterations, ssft in ((5, None), (3, control)):
+        fresh, shared = weights(iterations, None, ssft), weights(iterations, cache, ssft)
+        for key, value in fresh.items():
+            torch.testing.assert_close(shared[key], value, rtol=0, atol=0)
