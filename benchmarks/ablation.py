@@ -35,8 +35,10 @@ from ASFDALib.bench.benchmark import (
     BenchmarkConfig,
     SSFTOptions,
     _check_scenario,
+    _class_means,
     _rates,
-    evaluate,
+    case_groups,
+    evaluate_cases,
     load_cases,
     lower_rate_rule,
     row_iterations,
@@ -44,6 +46,7 @@ from ASFDALib.bench.benchmark import (
     write_data,
 )
 from ASFDALib.bench.phantoms import write_pool
+from ASFDALib.bench.statistics import case_mean
 from ASFDALib.models.defaults import default_model_path
 from ASFDALib.models.loading import load_model
 from ASFDALib.query.ranking import RankConfig, rank_folder
@@ -187,6 +190,15 @@ def main() -> None:
     if args.variants and len(variants) != len(args.variants):
         raise SystemExit(f"unknown variant among {args.variants}; choose from {list(QUERY_VARIANTS)}")
 
+    site_of = case_groups([val_folder]).get("site", {})
+
+    def by_site(per_case: dict[str, list[float]]) -> dict[str, float]:
+        """Mean validation Dice per site (percent): what forgetting looks like, site by site."""
+        means: dict[str, list[float]] = {}
+        for name, dice in per_case.items():
+            means.setdefault(site_of.get(name, "?"), []).append(case_mean(dice))
+        return {k: 100 * float(np.nanmean(v)) for k, v in sorted(means.items())} if site_of else {}
+
     def dice_of(
         query: list[str], seed: int, ssft: SSFTOptions | None, scale: float = 1.0, labels_only: bool = False
     ) -> float:
@@ -212,7 +224,9 @@ def main() -> None:
                 pseudo_labels=not labels_only,
                 stage1_cache=args.out / "stage1",
             )
-            trainings[key] = {"dice": evaluate(model, network, val, "cpu"), "seconds": time.perf_counter() - t0}
+            per_case = evaluate_cases(model, network, val, "cpu")
+            seconds = time.perf_counter() - t0
+            trainings[key] = {"dice": _class_means(per_case), "sites": by_site(per_case), "seconds": seconds}
         atomic_write_json(path, {"iterations": config.iterations, "settings": settings, "trainings": trainings})
         return 100 * float(np.nanmean(trainings[key]["dice"]))
 
@@ -238,7 +252,9 @@ def main() -> None:
     for name, (ssft, scale) in ssft_variants.items() if args.part != "query" else ():
         for seed in args.seeds:
             dice = dice_of(method_query, seed, ssft, scale, name in LABELS_ONLY)
-            ssft_rows.append({"variant": name, "seed": seed, "dice": dice})
+            key = _key(method_query, seed, ssft, round(config.iterations * scale), name in LABELS_ONLY)
+            sites = trainings[key].get("sites", {})
+            ssft_rows.append({"variant": name, "seed": seed, "dice": dice, "sites": sites})
             print(f"{name:34s} seed {seed}: {dice:5.1f}", flush=True)
 
     lines = [
@@ -258,10 +274,22 @@ def main() -> None:
             picks = sorted({r["sites"] for r in rows})
             cells.append(f"{_cell([r['dice'] for r in rows])} ({', '.join(picks)})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    sites = sorted({s for r in ssft_rows for s in r.get("sites", {})})
     if ssft_rows:
-        lines += ["", f"| fine-tuning variant (ASFDA query, budget {args.ssft_budget}) | Dice |", "|---|---|"]
+        head = f"| fine-tuning variant (ASFDA query, budget {args.ssft_budget}) | Dice |"
+        lines += ["", head + "".join(f" site {s} |" for s in sites), "|---|---|" + "---|" * len(sites)]
+    if ssft_rows and sites:
+        source = trainings.setdefault("source", {})
+        if "sites" not in source:  # the model before adaptation, site by site: the bar for "do no harm"
+            per_case = evaluate_cases(model, model.network, val, "cpu")
+            source.update(dice=_class_means(per_case), sites=by_site(per_case), seconds=0.0)
+            atomic_write_json(path, {"iterations": config.iterations, "settings": settings, "trainings": trainings})
+        cells = "".join(f" {source['sites'][s]:.1f} |" for s in sites)
+        lines.append(f"| source model, no adaptation | {100 * np.nanmean(source['dice']):.1f} |{cells}")
     for name in ssft_variants if ssft_rows else ():
-        lines.append(f"| {name} | {_cell([r['dice'] for r in ssft_rows if r['variant'] == name])} |")
+        rows = [r for r in ssft_rows if r["variant"] == name]
+        cells = "".join(f" {_cell([r['sites'][s] for r in rows if s in r.get('sites', {})])} |" for s in sites)
+        lines.append(f"| {name} | {_cell([r['dice'] for r in rows])} |{cells}")
     table = "\n".join(lines) + "\n"
     atomic_write_text(args.out / "ablation.md", table)
     print("\n" + table)
@@ -273,7 +301,7 @@ def main() -> None:
         "reused_trainings": sum(1 for t in trainings.values() if "from" in t),
         "query": query_rows,
         "ssft": ssft_rows,
-        "trainings": len(trainings),
+        "trainings": sum(1 for k in trainings if k != "source"),
         "training_seconds_total": sum(t["seconds"] for t in trainings.values()),
         "seconds_this_invocation": time.perf_counter() - start,
         "table": table,
