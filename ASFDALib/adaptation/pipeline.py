@@ -295,15 +295,21 @@ def finetune_session(
             run["done"]["stage1"] = targets["stage1"]
     before = dict(run["done"])
     entry = {"mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "running"}
-    # the learning rates the optimizer holds, so the record says what trained how fast
+    # the optimizer's base rates (a loaded checkpoint holds its last step's), so the record says what trained how fast
     entry["learning_rates"] = [
-        {"group": g["name"], "lr": g["lr"], "tensors": len(g["params"])} for g in trainer.optimizer.param_groups
+        {"group": g["name"], "lr": lr, "tensors": len(g["params"])}
+        for g, lr in zip(trainer.optimizer.param_groups, trainer.base_lrs)
     ]
     entry["lower_rate_for"] = config.lower_rate_for
-    entry["stage2_lr"] = config.stage2_lr  # how stage 2's rate ran: held, or decayed along a cosine
+    decays = ""
+    if targets["stage2"] > before["stage2"]:  # how stage 2's rate runs: held, or decayed along a cosine
+        entry["stage2_lr"] = config.stage2_lr
+        if config.stage2_lr == "cosine":
+            decays = f"; stage 2 decays them to zero along a cosine over its {targets['stage2']} iterations"
     say(
         "learning rates: "
         + ", ".join(f"{r['lr']:.1e} for {r['tensors']} {r['group']} tensors" for r in entry["learning_rates"])
+        + decays
     )
     run["history"].append(entry)
 
@@ -343,7 +349,8 @@ def finetune_session(
             if (folder / "pseudo" / "pseudo.json").is_file():
                 stored = _load_pseudo(session, model, folder / "pseudo")
                 pseudo_cases, result.kept, result.reliability, result.gate = stored
-                if result.gate["reliability"] != config.reliability:  # a resume or extend keeps what was made
+                # a resume or extend keeps what was made (the line below names the gate when nothing passed)
+                if result.gate["reliability"] != config.reliability and pseudo_cases:
                     say(
                         f"stage 2 keeps this round's pseudo-labels, made with the {result.gate['reliability']} "
                         "gate; --restart makes them anew with another"

@@ -341,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--stage2-lr",
         choices=STAGE2_LR,
-        default=RECIPE.stage2_lr,
-        help="stage 2's learning rate (default: %(default)s): constant, or cosine, decaying to zero over the "
-        "stage so the model handed over is a settled end point; an --extend decays over the new total",
+        help=f"stage 2's learning rate: constant, or cosine, decaying to zero over the stage so the model "
+        f"handed over is a settled end point (default: {RECIPE.stage2_lr}; --resume and --extend keep the "
+        "run's own, and an extended cosine decays over the new total from where it stands)",
     )
     finetune.add_argument("--seed", type=non_negative_int, default=RECIPE.seed, help="seed of patches and augmentation")
     finetune.add_argument(
@@ -455,8 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
         "adds Dice per site.\n\n"
         "Writes OUT/results.json (every run as it finishes: the same command resumes it; rows, seeds or budgets\n"
         "can be added later), summary.json, benchmark.json, benchmark.md, benchmark.png, benchmark_diff.png\n"
-        "(with --eval-at also curves.json, benchmark_curves.png). It trains seeds x (budgets x budgeted rows +\n"
-        "full) models; rows whose query and seed are the same share one training.",
+        "(with --eval-at also curves.json, benchmark_curves.png), and working files (stage1/, work/, cache/;\n"
+        "deleting them costs only time). It trains seeds x (budgets x budgeted rows + full) models; rows whose\n"
+        "query and seed are the same share one training, and one stage 1.",
         epilog="examples:\n"
         "  asfda benchmark --scenario ct-shift --validation 12 --budgets 2,4 --iterations 400 --lr 1e-3 \\\n"
         "      --rows source,random,typiclust,asfda,full --out bench-ct/   # hours on 2 CPU cores; resumes\n"

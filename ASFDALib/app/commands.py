@@ -248,9 +248,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     recipe = FinetuneConfig()
     iterations = recipe.iterations if args.iterations is None else args.iterations
-    if args.mode == "extend":
+    run = None
+    if args.mode in ("extend", "resume"):
         opened = Session.open(args.session)
         run = read_run(opened.root / "checkpoints" / f"round{opened.rounds[-1]['index']}") if opened.rounds else None
+    # a resume or extend keeps the schedule stage 2 last ran with, unless one is asked for
+    ran = [h["stage2_lr"] for h in (run or {}).get("history", []) if "stage2_lr" in h]
+    stage2_lr = args.stage2_lr or (ran[-1] if ran else recipe.stage2_lr)
+    if args.mode == "extend":
         if run and args.iterations is None:
             iterations = run["done"]["stage1"]  # extending stage 2 only: stage 1 stays as it ran
         elif run and run["done"]["stage2"] > 0 and args.iterations != run["done"]["stage1"]:
@@ -270,7 +275,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         reliability=args.reliability,
         min_agreement=args.min_agreement,
-        stage2_lr=args.stage2_lr,
+        stage2_lr=stage2_lr,
     )
     bar, progress = training_progress(console)
     distributed.init_from_env(args.device)
@@ -547,6 +552,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.pseudo_gate is not None:
         overrides["ssft"] = replace(config.ssft, reliability=args.pseudo_gate)
     if args.min_agreement is not None:
+        if (args.pseudo_gate or config.ssft.reliability) == "confidence":
+            raise ASFDAError(
+                "--min-agreement is the floor of the flips and rounds gates; add --pseudo-gate flips or rounds, "
+                "or leave it out"
+            )
         overrides["ssft"] = replace(overrides.get("ssft", config.ssft), min_agreement=args.min_agreement)
     if args.stage2_lr is not None:
         overrides["ssft"] = replace(overrides.get("ssft", config.ssft), stage2_lr=args.stage2_lr)

@@ -390,6 +390,19 @@ def _no_interval(diff: dict) -> str:
     return f" [{_seeds(len(diff['seeds']))}: no interval below {statistics.MIN_INTERVAL_VALUES}]"
 
 
+def _ssft_note(config: BenchmarkConfig) -> str:
+    """How the SSFT row and its control trained, under the table that reports them."""
+    if "asfda+ssft" not in config.rows and "ssft-control" not in config.rows:
+        return ""
+    o = config.ssft
+    gate = f"{o.reliability} gate" + (f" (floor {o.min_agreement})" if o.reliability != "confidence" else "")
+    control = "a second stage on the labels alone" if o.stage2_lr != "constant" else "one longer stage"
+    return (
+        f"\nASFDA + SSFT: {gate}, at most {o.keep_fraction:.0%} of the pool pseudo-labelled, stage 2's learning "
+        f"rate {o.stage2_lr}; its control trains {control}.\n"
+    )
+
+
 def markdown(summary: list[dict], class_names: list[str]) -> str:
     """The table: mean ± sd over seeds per class and overall, and the paired difference to random."""
     head = "| method | budget | seeds | " + " | ".join(class_names[1:]) + " | mean Dice | Δ vs random [95% CI] |"
@@ -617,6 +630,8 @@ def _changes(stored: dict, current: dict) -> str:
             parts.append(f"data files ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
         elif key in ("model", "card"):
             parts.append(f"{key} file contents")
+        elif isinstance(stored.get(key), dict) and isinstance(current.get(key), dict):
+            parts.append(f"{key} {_changes(stored[key], current[key])}")  # e.g. ssft stage2_lr (…)
         else:
             parts.append(f"{key} ({stored.get(key, 'default')} here, {current.get(key, 'default')} now)")
     return "; ".join(parts)
@@ -867,7 +882,7 @@ def _report(
     named = [{**s, "per_class": dict(zip(class_names[1:], s["per_class"]))} for s in summary]
     atomic_write_json(out / "summary.json", named)
     atomic_write_json(out / "benchmark.json", report)
-    atomic_write_text(out / "benchmark.md", markdown(summary, class_names))
+    atomic_write_text(out / "benchmark.md", markdown(summary, class_names) + _ssft_note(config))
     warnings = []
     for name, draw in (
         ("benchmark.png", lambda path: plot(summary, config, path, pool_size, test_size)),

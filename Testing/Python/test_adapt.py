@@ -114,11 +114,18 @@ def test_a_round_with_no_reliable_volume_spends_stage_2_on_the_labels_alone(labe
     assert entry["metrics"]["pseudo_gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 1.0}
 
 
-def test_a_round_whose_stage_2_rate_decays_records_that_schedule(labelled_session):
+def test_a_round_whose_stage_2_rate_decays_records_it_and_an_extend_keeps_it(labelled_session, capsys):
     args = ["--iterations", "2", "--pseudo-iterations", "2", "--batch-size", "1", "--stage2-lr", "cosine"]
     assert main(["finetune", str(labelled_session), *args]) == 0
+    assert "stage 2 decays them to zero along a cosine over its 2 iterations" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    assert main(["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "4", "--batch-size", "1"]) == 0
     run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
-    assert run["history"][0]["stage2_lr"] == "cosine" and run["done"] == {"stage1": 2, "stage2": 2}
+    first, extend = run["history"]
+    assert first["stage2_lr"] == extend["stage2_lr"] == "cosine" and run["done"] == {"stage1": 2, "stage2": 4}
+    # the base rates, not the decayed rate the checkpoint's optimizer held at its last step
+    assert extend["learning_rates"] == first["learning_rates"]
 
 
 def test_an_extend_keeps_the_rounds_pseudo_labels_and_a_restart_makes_them_with_another_gate(labelled_session, capsys):

@@ -172,13 +172,15 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     other = "rounds" if FinetuneConfig.reliability != "rounds" else "flips"
     assert main([*argv, "--pseudo-gate", other]) == 1
     assert "results.json: its runs were made with other ssft" in capsys.readouterr().err
-    # and another agreement floor
+    # an agreement floor without an agreement gate changes nothing: refused as such, before any work
     assert main([*argv, "--min-agreement", "0.7"]) == 1
-    assert "results.json: its runs were made with other ssft" in capsys.readouterr().err
+    assert "--min-agreement is the floor of the flips and rounds gates" in capsys.readouterr().err
     # and another schedule of stage 2's rate
     other = "cosine" if FinetuneConfig.stage2_lr == "constant" else "constant"
     assert main([*argv, "--stage2-lr", other]) == 1
-    assert "results.json: its runs were made with other ssft" in capsys.readouterr().err
+    assert f"its runs were made with other ssft stage2_lr ({FinetuneConfig.stage2_lr} here, {other} now)" in (
+        capsys.readouterr().err
+    )
 
 
 def _tiny_run(data, out, model=None):
@@ -473,3 +475,16 @@ def test_rows_sharing_labels_and_seed_share_one_stage_1_and_train_as_if_each_ran
         fresh, shared = weights(iterations, None, ssft), weights(iterations, cache, ssft)
         for key, value in fresh.items():
             torch.testing.assert_close(shared[key], value, rtol=0, atol=0)
+
+
+def test_the_table_says_how_the_ssft_row_and_its_control_trained():
+    from ASFDALib.bench.benchmark import BenchmarkConfig, SSFTOptions, _ssft_note
+
+    cosine = BenchmarkConfig(rows=("random", "asfda+ssft", "ssft-control"), ssft=SSFTOptions(stage2_lr="cosine"))
+    assert _ssft_note(cosine) == (
+        "\nASFDA + SSFT: confidence gate, at most 50% of the pool pseudo-labelled, stage 2's learning rate "
+        "cosine; its control trains a second stage on the labels alone.\n"
+    )
+    rounds = BenchmarkConfig(rows=("asfda+ssft",), ssft=SSFTOptions(reliability="rounds", min_agreement=0.7))
+    assert "rounds gate (floor 0.7)" in _ssft_note(rounds) and "one longer stage" in _ssft_note(rounds)
+    assert _ssft_note(BenchmarkConfig(rows=("random", "asfda"))) == ""
