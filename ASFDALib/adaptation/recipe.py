@@ -43,7 +43,8 @@ class FinetuneConfig:
     confidence: float = 0.9  # the voxel gate of "confidence"
     min_agreement: float = 0.5  # the volume floor of "flips" and "rounds"
     pseudo_weight: float = 1.0
-    stage2_lr: str = "constant"  # one of STAGE2_LR; stage 1 always runs at a constant rate
+    # one of STAGE2_LR; stage 1 always runs at a constant rate. docs/method.md "A stage 2 that settles".
+    stage2_lr: str = "cosine"
     ramp_fraction: float = 0.3
     max_pseudo_volumes: int = 20
     workers: int | None = None  # data-loader processes; None: none on the CPU, up to 4 beside a GPU

@@ -114,17 +114,27 @@ def test_a_round_with_no_reliable_volume_spends_stage_2_on_the_labels_alone(labe
     assert entry["metrics"]["pseudo_gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 1.0}
 
 
-def test_a_round_whose_stage_2_rate_decays_records_it_and_an_extend_keeps_it(labelled_session, capsys):
+def test_a_round_says_that_stage_2_decays_its_rate(labelled_session, capsys):
     args = ["--iterations", "2", "--pseudo-iterations", "2", "--batch-size", "1", "--stage2-lr", "cosine"]
     assert main(["finetune", str(labelled_session), *args]) == 0
     assert "stage 2 decays them to zero along a cosine over its 2 iterations" in " ".join(
         capsys.readouterr().out.split()
     )
+    run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
+    assert run["history"][0]["stage2_lr"] == "cosine"
+
+
+def test_an_extend_keeps_the_stage_2_schedule_the_run_had_and_records_the_base_rates(labelled_session):
+    from ASFDALib.adaptation.recipe import STAGE2_LR, FinetuneConfig
+
+    other = next(s for s in STAGE2_LR if s != FinetuneConfig.stage2_lr)  # not the default, so it must be kept
+    args = ["--iterations", "2", "--pseudo-iterations", "2", "--batch-size", "1", "--stage2-lr", other]
+    assert main(["finetune", str(labelled_session), *args]) == 0
     assert main(["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "4", "--batch-size", "1"]) == 0
     run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
     first, extend = run["history"]
-    assert first["stage2_lr"] == extend["stage2_lr"] == "cosine" and run["done"] == {"stage1": 2, "stage2": 4}
-    # the base rates, not the decayed rate the checkpoint's optimizer held at its last step
+    assert first["stage2_lr"] == extend["stage2_lr"] == other and run["done"] == {"stage1": 2, "stage2": 4}
+    # the base rates, not the rate a checkpoint's optimizer held at its last step
     assert extend["learning_rates"] == first["learning_rates"]
 
 
@@ -159,7 +169,7 @@ def test_the_run_records_the_learning_rates_the_optimizer_used(adapted_session):
     lower = recipe.lr * recipe.encoder_lr_scale
     assert rates == {"pretrained": {"group": "pretrained", "lr": lower, "tensors": parameters}}
     assert run["history"][0]["lower_rate_for"] == "loaded"
-    assert run["history"][0]["stage2_lr"] == "constant"
+    assert run["history"][0]["stage2_lr"] == recipe.stage2_lr
 
 
 def test_predictions_are_in_the_input_grid_and_format(adapted_session, tmp_path):

@@ -336,7 +336,7 @@ def test_runs_recorded_before_pseudo_labels_had_an_agreement_gate_resume_as_conf
     path = tmp_path / "results.json"
     rest = {"iterations": 400, "fusion": "gated", "lower_rate_for": "encoder"}
     path.write_text(json.dumps({"protocol": {**rest, "ssft": before}, "runs": []}))
-    confidence = asdict(SSFTOptions(reliability="confidence"))
+    confidence = asdict(SSFTOptions(reliability="confidence", stage2_lr="constant"))
     assert _load_runs(path, {**rest, "ssft": confidence}) == []
     with pytest.raises(ASFDAError, match="other ssft"):
         _load_runs(path, {**rest, "ssft": {**confidence, "reliability": "rounds"}})
@@ -485,6 +485,8 @@ def test_the_table_says_how_the_ssft_row_and_its_control_trained():
         "\nASFDA + SSFT: confidence gate, at most 50% of the pool pseudo-labelled, stage 2's learning rate "
         "cosine; its control trains a second stage on the labels alone.\n"
     )
-    rounds = BenchmarkConfig(rows=("asfda+ssft",), ssft=SSFTOptions(reliability="rounds", min_agreement=0.7))
+    rounds = BenchmarkConfig(
+        rows=("asfda+ssft",), ssft=SSFTOptions(reliability="rounds", min_agreement=0.7, stage2_lr="constant")
+    )
     assert "rounds gate (floor 0.7)" in _ssft_note(rounds) and "one longer stage" in _ssft_note(rounds)
     assert _ssft_note(BenchmarkConfig(rows=("random", "asfda"))) == ""
