@@ -68,8 +68,11 @@ QUERY_VARIANTS = {
     "layers: logits": {**METHOD, "layers": "logits"},
     "source-statistics file": {**METHOD, "knowledge": "stats"},
 }
-HALVES = SSFTOptions(stage1_fraction=0.5, extra_fraction=0.0)
-COSINE = SSFTOptions(stage2_lr="cosine")
+# The variants are pinned, not the recipe's defaults, so a later default leaves their meaning (and the
+# stored trainings they name) alone. CONSTANT is the recipe before the decaying stage 2 (2026-12-05).
+CONSTANT = SSFTOptions(reliability="confidence", min_agreement=0.5, stage2_lr="constant")
+HALVES = replace(CONSTANT, stage1_fraction=0.5, extra_fraction=0.0)
+COSINE = replace(CONSTANT, stage2_lr="cosine")
 SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the protocol's)
     "stage 1 only (no pseudo-labels)": (None, 1.0),
     "SSFT in halves of one budget (the first protocol)": (HALVES, 1.0),
@@ -78,13 +81,13 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
     "halves, keep 100% (no volume gate)": (replace(HALVES, keep_fraction=1.0), 1.0),
     "halves, voxel gate 0.8": (replace(HALVES, confidence=0.8), 1.0),
     "halves, voxel gate 0.97": (replace(HALVES, confidence=0.97), 1.0),
-    "full stage 1, then 1/2 more with pseudo-labels (now the default)": (SSFTOptions(), 1.0),
-    "full stage 1, then 1/2 more, keep 25% of the pool": (SSFTOptions(keep_fraction=0.25), 1.0),
-    "full stage 1, then 1/2 more, voxel gate 0.97": (SSFTOptions(confidence=0.97), 1.0),
-    "full stage 1, then 1/2 more, where flips agree": (SSFTOptions(reliability="flips"), 1.0),
-    "full stage 1, then 1/2 more, where the source model agrees": (SSFTOptions(reliability="rounds"), 1.0),
+    "full stage 1, then 1/2 more with pseudo-labels (constant rate)": (CONSTANT, 1.0),
+    "full stage 1, then 1/2 more, keep 25% of the pool": (replace(CONSTANT, keep_fraction=0.25), 1.0),
+    "full stage 1, then 1/2 more, voxel gate 0.97": (replace(CONSTANT, confidence=0.97), 1.0),
+    "full stage 1, then 1/2 more, where flips agree": (replace(CONSTANT, reliability="flips"), 1.0),
+    "full stage 1, then 1/2 more, where the source model agrees": (replace(CONSTANT, reliability="rounds"), 1.0),
     "control: labels only for 1.5x the iterations": (None, 1.5),
-    "full stage 1, then 1/2 more with pseudo-labels, stage 2's rate decaying": (COSINE, 1.0),
+    "full stage 1, then 1/2 more with pseudo-labels, stage 2's rate decaying (the default)": (COSINE, 1.0),
     "full stage 1, then 1/2 more, where the source model agrees, rate decaying": (
         replace(COSINE, reliability="rounds"),
         1.0,
