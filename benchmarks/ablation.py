@@ -46,7 +46,7 @@ from ASFDALib.bench.benchmark import (
     write_data,
 )
 from ASFDALib.bench.phantoms import write_pool
-from ASFDALib.bench.statistics import case_mean
+from ASFDALib.bench.statistics import case_mean, group_means
 from ASFDALib.models.defaults import default_model_path
 from ASFDALib.models.loading import load_model
 from ASFDALib.query.ranking import RankConfig, rank_folder
@@ -197,10 +197,7 @@ def main() -> None:
 
     def by_site(per_case: dict[str, list[float]]) -> dict[str, float]:
         """Mean validation Dice per site (percent): what forgetting looks like, site by site."""
-        means: dict[str, list[float]] = {}
-        for name, dice in per_case.items():
-            means.setdefault(site_of.get(name, "?"), []).append(case_mean(dice))
-        return {k: 100 * float(np.nanmean(v)) for k, v in sorted(means.items())} if site_of else {}
+        return group_means({n: 100 * case_mean(d) for n, d in per_case.items()}, site_of)
 
     def dice_of(
         query: list[str], seed: int, ssft: SSFTOptions | None, scale: float = 1.0, labels_only: bool = False
