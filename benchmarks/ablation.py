@@ -41,7 +41,7 @@ from ASFDALib.bench.benchmark import (
     evaluate_cases,
     load_cases,
     lower_rate_rule,
-    row_iterations,
+    row_training,
     train,
     write_data,
 )
@@ -126,16 +126,17 @@ def _reused(path: Path, config: BenchmarkConfig, validation: Path) -> dict[str, 
         raise SystemExit(f"{path}: made with {made}; this ablation: {mine}")
     if (Path(protocol["validation"]) / "cases.json").read_text() != (validation / "cases.json").read_text():
         raise SystemExit(f"{path}: its validation split holds other cases than {validation}")
-    # the SSFT row is reusable under the options it ran with (the ablation's key names them)
+    # the SSFT row and its control are reusable under the options they ran with (the ablation's key names them)
     ssft = SSFTOptions(**{**SSFT_LATER_FIELDS, **protocol["ssft"]}) if protocol.get("ssft") else None
+    made = replace(config, ssft=ssft or SSFTOptions(**SSFT_LATER_FIELDS))
     reused = {}
     for run in stored["runs"]:
         if run["row"] == "source" or run["shared_with"] or not run.get("validation"):
             continue
         if run["row"] == "asfda+ssft" and ssft is None:
             continue
-        options = ssft if run["row"] == "asfda+ssft" else None
-        key = _key(run["query"], run["seed"], options, row_iterations(run["row"], config))
+        options, iterations, pseudo_labels = row_training(run["row"], made)
+        key = _key(run["query"], run["seed"], options, iterations, options is not None and not pseudo_labels)
         reused[key] = {"dice": run["validation"], "seconds": run["seconds"], "from": f"{path}: {run['row']}"}
     return reused
 
@@ -199,9 +200,13 @@ def main() -> None:
         """Mean validation Dice per site (percent): what forgetting looks like, site by site."""
         return group_means({n: 100 * case_mean(d) for n, d in per_case.items()}, site_of)
 
-    def dice_of(
+    def save() -> None:
+        atomic_write_json(path, {"iterations": config.iterations, "settings": settings, "trainings": trainings})
+
+    def training_of(
         query: list[str], seed: int, ssft: SSFTOptions | None, scale: float = 1.0, labels_only: bool = False
-    ) -> float:
+    ) -> dict:
+        """The stored training of this variant (validation Dice per class, per site), trained if missing."""
         iterations = round(config.iterations * scale)
         key = _key(query, seed, ssft, iterations, labels_only)
         if key not in trainings and key in reused:
@@ -227,8 +232,12 @@ def main() -> None:
             per_case = evaluate_cases(model, network, val, "cpu")
             seconds = time.perf_counter() - t0
             trainings[key] = {"dice": _class_means(per_case), "sites": by_site(per_case), "seconds": seconds}
-        atomic_write_json(path, {"iterations": config.iterations, "settings": settings, "trainings": trainings})
-        return 100 * float(np.nanmean(trainings[key]["dice"]))
+        save()
+        return trainings[key]
+
+    def percent(training: dict) -> float:
+        """Mean validation Dice over the classes, in percent."""
+        return 100 * float(np.nanmean(training["dice"]))
 
     def query_of(options: dict, budget: int, seed: int) -> list[str]:
         rank = RankConfig(budget=budget, seed=seed, device=config.device, **options)
@@ -240,7 +249,7 @@ def main() -> None:
         for budget in args.budgets:
             for seed in args.seeds:
                 query = query_of(options, budget, seed)
-                dice = dice_of(query, seed, None)
+                dice = percent(training_of(query, seed, None))
                 sites = "".join(sorted(site[q] for q in query))
                 query_rows.append({"variant": name, "budget": budget, "seed": seed, "sites": sites, "dice": dice})
                 print(f"{name:34s} budget {budget} seed {seed}: {dice:5.1f} (sites {sites})", flush=True)
@@ -251,11 +260,10 @@ def main() -> None:
     method_query = query_of(METHOD, args.ssft_budget, 0) if args.part != "query" else []
     for name, (ssft, scale) in ssft_variants.items() if args.part != "query" else ():
         for seed in args.seeds:
-            dice = dice_of(method_query, seed, ssft, scale, name in LABELS_ONLY)
-            key = _key(method_query, seed, ssft, round(config.iterations * scale), name in LABELS_ONLY)
-            sites = trainings[key].get("sites", {})
-            ssft_rows.append({"variant": name, "seed": seed, "dice": dice, "sites": sites})
-            print(f"{name:34s} seed {seed}: {dice:5.1f}", flush=True)
+            training = training_of(method_query, seed, ssft, scale, name in LABELS_ONLY)
+            row = {"variant": name, "seed": seed, "dice": percent(training), "sites": training.get("sites", {})}
+            ssft_rows.append(row)
+            print(f"{name:34s} seed {seed}: {row['dice']:5.1f}", flush=True)
 
     lines = [
         f"Validation Dice (%), mean ± sd over training seeds {args.seeds}; {config.iterations} iterations per run"
@@ -283,7 +291,7 @@ def main() -> None:
         if "sites" not in source:  # the model before adaptation, site by site: the bar for "do no harm"
             per_case = evaluate_cases(model, model.network, val, "cpu")
             source.update(dice=_class_means(per_case), sites=by_site(per_case), seconds=0.0)
-            atomic_write_json(path, {"iterations": config.iterations, "settings": settings, "trainings": trainings})
+            save()
         cells = "".join(f" {source['sites'][s]:.1f} |" for s in sites)
         lines.append(f"| source model, no adaptation | {100 * np.nanmean(source['dice']):.1f} |{cells}")
     for name in ssft_variants if ssft_rows else ():

@@ -696,11 +696,7 @@ def run_benchmark(
         t0 = time.perf_counter()
         query: list[str] = []
         curve: dict[str, float] = {}
-        ssft = config.ssft if row == "asfda+ssft" else None
-        iterations = row_iterations(row, config)
-        if row == "ssft-control" and config.ssft.stage2_lr != "constant":
-            # the control follows the SSFT row's two stages and its decaying rate, without pseudo-labels
-            ssft, iterations = config.ssft, config.iterations
+        ssft, iterations, pseudo_labels = row_training(row, config)
 
         def on_eval(iteration: int, network: torch.nn.Module, curve: dict[str, float] = curve) -> None:
             curve[str(iteration)] = 100 * statistics.case_mean(evaluate(model, network, validation, config.device))
@@ -760,7 +756,7 @@ def run_benchmark(
                 config.eval_at if validation else (),
                 on_eval,
                 _rates(config),
-                pseudo_labels=row != "ssft-control",
+                pseudo_labels=pseudo_labels,
                 stage1_cache=out / "stage1",
             )
         per_case = evaluate_cases(model, network, test, config.device)
@@ -797,14 +793,20 @@ def row_iterations(row: str, config: BenchmarkConfig) -> int:
     return config.iterations + extra
 
 
-def _recipe(row: str, config: BenchmarkConfig) -> tuple[bool, int]:
-    return row == "asfda+ssft", row_iterations(row, config)
+def row_training(row: str, config: BenchmarkConfig) -> tuple[SSFTOptions | None, int, bool]:
+    """How a row trains (``train``'s arguments): its SSFT options (None: one stage on the labels), its
+    iterations, and whether stage 2 gets pseudo-labels. The SSFT control is one longer stage under a
+    constant stage-2 rate, and the SSFT row's own two stages, stage 2 on the labels alone, when it decays."""
+    if row == "ssft-control" and config.ssft.stage2_lr != "constant":
+        return config.ssft, config.iterations, False
+    return (config.ssft if row == "asfda+ssft" else None), row_iterations(row, config), row != "ssft-control"
 
 
 def _twin(runs: list[Run], query: list[str], seed: int, row: str, config: BenchmarkConfig) -> Run | None:
     """An earlier run with the same labelled set, seed and recipe: its training would be repeated exactly."""
+    recipe = row_training(row, config)
     for r in runs:
-        if r.row == "source" or r.shared_with or r.seed != seed or _recipe(r.row, config) != _recipe(row, config):
+        if r.row == "source" or r.shared_with or r.seed != seed or row_training(r.row, config) != recipe:
             continue
         if sorted(r.query) == sorted(query):
             return r

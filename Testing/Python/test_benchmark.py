@@ -490,3 +490,16 @@ def test_the_table_says_how_the_ssft_row_and_its_control_trained():
     )
     assert "rounds gate (floor 0.7)" in _ssft_note(rounds) and "one longer stage" in _ssft_note(rounds)
     assert _ssft_note(BenchmarkConfig(rows=("random", "asfda"))) == ""
+
+
+def test_each_row_trains_as_its_recipe_says_and_the_control_follows_the_ssft_rows_schedule():
+    from dataclasses import replace
+
+    from ASFDALib.bench.benchmark import BenchmarkConfig, SSFTOptions, row_training
+
+    constant = BenchmarkConfig(iterations=400, ssft=SSFTOptions(stage2_lr="constant"))
+    assert row_training("asfda", constant) == (None, 400, True)
+    assert row_training("asfda+ssft", constant) == (constant.ssft, 400, True)  # stage 2 adds its 200
+    assert row_training("ssft-control", constant) == (None, 600, False)  # one longer stage on the labels
+    cosine = replace(constant, ssft=SSFTOptions(stage2_lr="cosine"))
+    assert row_training("ssft-control", cosine) == (cosine.ssft, 400, False)  # the same two stages, no pseudo-labels
