@@ -215,7 +215,7 @@ def main() -> None:
             t0 = time.perf_counter()
             labelled = [c for c in pool if c.name in query]
             work = args.out / "work"
-            network = train(
+            network, kept = train(
                 model_path,
                 model.card,
                 labelled,
@@ -231,7 +231,12 @@ def main() -> None:
             )
             per_case = evaluate_cases(model, network, val, "cpu")
             seconds = time.perf_counter() - t0
-            trainings[key] = {"dice": _class_means(per_case), "sites": by_site(per_case), "seconds": seconds}
+            trainings[key] = {
+                "dice": _class_means(per_case),
+                "sites": by_site(per_case),
+                "seconds": seconds,
+                "pseudo_labelled": kept,
+            }
         save()
         return trainings[key]
 

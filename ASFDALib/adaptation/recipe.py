@@ -39,7 +39,10 @@ class FinetuneConfig:
     device: str = "auto"
     amp: bool = True
     keep_fraction: float = 0.5
-    reliability: str = "confidence"
+    # one of RELIABILITY. "rounds" keeps only what the adapted model still agrees with the round's starting
+    # model on, which guards what the source model did well; docs/method.md "Gates that guard what the
+    # source model did well" has the validation comparison behind the default.
+    reliability: str = "rounds"
     confidence: float = 0.9  # the voxel gate of "confidence"
     min_agreement: float = 0.5  # the volume floor of "flips" and "rounds"
     pseudo_weight: float = 1.0

@@ -132,6 +132,8 @@ class Run:
     validation: list[float] | None = None  # Dice per class on the validation split, when there is one
     curve: dict[str, float] = field(default_factory=dict)  # stage-1 iteration -> mean validation Dice
     shared_with: str = ""  # "row@budget" whose identical training this run reused
+    # the volumes stage 2 pseudo-labelled (an SSFT run; None: another row, or recorded before this was kept)
+    pseudo_labelled: list[str] | None = None
 
 
 @dataclass
@@ -291,8 +293,10 @@ def train(
     rates: dict[str, float | str] | None = None,
     pseudo_labels: bool = True,
     stage1_cache: Path | None = None,
-) -> torch.nn.Module:
+) -> tuple[torch.nn.Module, list[str]]:
     """The same recipe for every row: ``iterations`` on the labels; SSFT adds stage 2 as ``ssft`` says.
+
+    Returns the trained network and the pool volumes stage 2 pseudo-labelled (most reliable first).
 
     ``pseudo_labels=False`` runs stage 2 on the labels alone: the control of a stage 2 whose rate decays.
     ``stage1_cache`` (a folder) keeps each labelled set's stage-1 state (network, optimizer, random state):
@@ -346,7 +350,7 @@ def train(
     if ssft:
         trainer.begin_stage("stage2")
         trainer.run(labelled, iterations - first + round(iterations * ssft.extra_fraction), pseudo or None)
-    return network.eval()
+    return network.eval(), [c.name for c in pseudo]
 
 
 def _stage1_file(folder: Path, model_path: Path, labelled: list[Case], config: FinetuneConfig) -> Path:
@@ -390,16 +394,33 @@ def _no_interval(diff: dict) -> str:
     return f" [{_seeds(len(diff['seeds']))}: no interval below {statistics.MIN_INTERVAL_VALUES}]"
 
 
-def _ssft_note(config: BenchmarkConfig) -> str:
-    """How the SSFT row and its control trained, under the table that reports them."""
+def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
+    """How the SSFT row and its control trained, under the table that reports them, and how many volumes
+    the gate let through at each budget (a gate that keeps none trains the control's model)."""
     if "asfda+ssft" not in config.rows and "ssft-control" not in config.rows:
         return ""
     o = config.ssft
     gate = f"{o.reliability} gate" + (f" (floor {o.min_agreement})" if o.reliability != "confidence" else "")
     control = "a second stage on the labels alone" if o.stage2_lr != "constant" else "one longer stage"
+    kept = []
+    for budget in config.budgets:
+        counts = [
+            len(r.pseudo_labelled)
+            for r in sorted(runs, key=lambda r: r.seed)
+            if r.row == "asfda+ssft" and r.budget == budget and r.pseudo_labelled is not None
+        ]
+        if counts:
+            kept.append(f"{budget} labels: {', '.join(map(str, counts))}")
+    shared = any(r.row == "ssft-control" and r.shared_with.startswith("asfda+ssft@") for r in runs)
     return (
         f"\nASFDA + SSFT: {gate}, at most {o.keep_fraction:.0%} of the pool pseudo-labelled, stage 2's learning "
         f"rate {o.stage2_lr}; its control trains {control}.\n"
+        + (f"Volumes pseudo-labelled per seed: {'; '.join(kept)}.\n" if kept else "")
+        + (
+            "Where the gate kept no volume the SSFT run trained the control's model, and the control shares it.\n"
+            if shared
+            else ""
+        )
     )
 
 
@@ -697,6 +718,7 @@ def run_benchmark(
         query: list[str] = []
         curve: dict[str, float] = {}
         ssft, iterations, pseudo_labels = row_training(row, config)
+        pseudo_labelled: list[str] | None = None  # recorded for a run whose stage 2 takes pseudo-labels
 
         def on_eval(iteration: int, network: torch.nn.Module, curve: dict[str, float] = curve) -> None:
             curve[str(iteration)] = 100 * statistics.case_mean(evaluate(model, network, validation, config.device))
@@ -738,12 +760,13 @@ def run_benchmark(
                         twin.validation,
                         twin.curve,
                         f"{twin.row}@{twin.budget}",
+                        twin.pseudo_labelled if ssft is not None and pseudo_labels else None,
                     )
                 )
                 record()
                 continue
             labelled = [c for c in pool if c.name in query]
-            network = train(
+            network, kept = train(
                 model_path,
                 model_card,
                 labelled,
@@ -759,12 +782,24 @@ def run_benchmark(
                 pseudo_labels=pseudo_labels,
                 stage1_cache=out / "stage1",
             )
+            pseudo_labelled = kept if ssft is not None and pseudo_labels else None
         per_case = evaluate_cases(model, network, test, config.device)
         val = evaluate(model, network, validation, config.device) if validation else None
         if validation and row != "source" and ssft is None and config.eval_at:
             curve[str(iterations)] = 100 * statistics.case_mean(val)
         runs.append(
-            Run(row, budget, seed, _class_means(per_case), query, time.perf_counter() - t0, per_case, val, curve)
+            Run(
+                row,
+                budget,
+                seed,
+                _class_means(per_case),
+                query,
+                time.perf_counter() - t0,
+                per_case,
+                val,
+                curve,
+                pseudo_labelled=pseudo_labelled,
+            )
         )
         record()
     if progress:
@@ -803,10 +838,15 @@ def row_training(row: str, config: BenchmarkConfig) -> tuple[SSFTOptions | None,
 
 
 def _twin(runs: list[Run], query: list[str], seed: int, row: str, config: BenchmarkConfig) -> Run | None:
-    """An earlier run with the same labelled set, seed and recipe: its training would be repeated exactly."""
+    """An earlier run with the same labelled set, seed and recipe: its training would be repeated exactly.
+
+    An SSFT run whose gate kept no volume trained stage 2 on the labels alone, as a decaying stage 2's
+    control does: it is that control's twin."""
     recipe = row_training(row, config)
     for r in runs:
-        if r.row == "source" or r.shared_with or r.seed != seed or row_training(r.row, config) != recipe:
+        ssft, iterations, pseudo = row_training(r.row, config)
+        ran = (ssft, iterations, pseudo and r.pseudo_labelled != [])
+        if r.row == "source" or r.shared_with or r.seed != seed or ran != recipe:
             continue
         if sorted(r.query) == sorted(query):
             return r
@@ -884,7 +924,7 @@ def _report(
     named = [{**s, "per_class": dict(zip(class_names[1:], s["per_class"]))} for s in summary]
     atomic_write_json(out / "summary.json", named)
     atomic_write_json(out / "benchmark.json", report)
-    atomic_write_text(out / "benchmark.md", markdown(summary, class_names) + _ssft_note(config))
+    atomic_write_text(out / "benchmark.md", markdown(summary, class_names) + _ssft_note(config, runs))
     warnings = []
     for name, draw in (
         ("benchmark.png", lambda path: plot(summary, config, path, pool_size, test_size)),

@@ -19,7 +19,12 @@ from ASFDALib.app.cli import main
 
 @pytest.fixture(scope="module")
 def adapted_session(tmp_path_factory, mri_pool):
-    """A session ranked on the MRI pool, its query labelled with ground truth, then fine-tuned briefly."""
+    """A session ranked on the MRI pool, its query labelled with ground truth, then fine-tuned briefly.
+
+    The confidence gate, not the default: the default model segments nothing on these MRI phantoms, so the
+    default rounds gate would keep no volume (see the test of the default below), and this session is the
+    one whose pseudo-labels the later tests record, resume and export.
+    """
     root = tmp_path_factory.mktemp("adapt")
     session = root / "session"
     assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(session), "--budget", "2"]) == 0
@@ -43,6 +48,8 @@ def adapted_session(tmp_path_factory, mri_pool):
                 "2",
                 "--lr",
                 "3e-3",
+                "--pseudo-gate",
+                "confidence",
             ]
         )
         == 0
@@ -101,6 +108,17 @@ def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(la
     pseudo = json.loads((labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
     assert pseudo["gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 0.0}
     assert len(pseudo["kept"]) == 2 and all(0.0 <= r <= 1.0 for r in pseudo["reliability"].values())
+
+
+def test_by_default_no_volume_gets_pseudo_labels_where_the_source_model_found_nothing(labelled_session, capsys):
+    """The default gate is agreement with the round's starting model: the default model segments nothing on
+    MRI phantoms, so no unlabeled volume is reliable and stage 2 trains on the label alone."""
+    args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1"]
+    assert main(["finetune", str(labelled_session), *args]) == 0
+    assert "no unlabeled volume passed the rounds gate" in capsys.readouterr().out
+    pseudo = json.loads((labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
+    assert pseudo["gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 0.5}
+    assert pseudo["kept"] == [] and max(pseudo["reliability"].values()) < 0.5
 
 
 def test_a_round_with_no_reliable_volume_spends_stage_2_on_the_labels_alone(labelled_session, capsys):

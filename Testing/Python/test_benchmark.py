@@ -83,6 +83,8 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
     assert {s["row"] for s in summary} == rows
     assert set(summary[0]["per_group"]) == {"site", "subgroup"}  # the phantom test set carries both
     runs = json.loads((out / "results.json").read_text())["runs"]
+    # what stage 2 pseudo-labelled is recorded for the SSFT runs, and only for them
+    assert all(isinstance(r["pseudo_labelled"], list) == (r["row"] == "asfda+ssft") for r in runs)
     assert main(["benchmark", "--quick", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["runs"] == runs  # nothing was run twice
     (out / "benchmark.md").unlink()
@@ -173,7 +175,7 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     assert main([*argv, "--pseudo-gate", other]) == 1
     assert "results.json: its runs were made with other ssft" in capsys.readouterr().err
     # an agreement floor without an agreement gate changes nothing: refused as such, before any work
-    assert main([*argv, "--min-agreement", "0.7"]) == 1
+    assert main([*argv, "--pseudo-gate", "confidence", "--min-agreement", "0.7"]) == 1
     assert "--min-agreement is the floor of the flips and rounds gates" in capsys.readouterr().err
     # and another schedule of stage 2's rate
     other = "cosine" if FinetuneConfig.stage2_lr == "constant" else "constant"
@@ -466,7 +468,7 @@ def test_rows_sharing_labels_and_seed_share_one_stage_1_and_train_as_if_each_ran
 
     def weights(iterations, folder, ssft=None):
         args = (default_model_path(), model.card, pool[:1], pool, iterations, 0, "cpu", ssft, tmp_path / "w")
-        return train(*args, pseudo_labels=False, stage1_cache=folder).state_dict()
+        return train(*args, pseudo_labels=False, stage1_cache=folder)[0].state_dict()
 
     weights(3, cache)  # the ASFDA row: stage 1 alone, kept
     assert len(list(cache.glob("*.pt"))) == 1
@@ -480,16 +482,55 @@ def test_rows_sharing_labels_and_seed_share_one_stage_1_and_train_as_if_each_ran
 def test_the_table_says_how_the_ssft_row_and_its_control_trained():
     from ASFDALib.bench.benchmark import BenchmarkConfig, SSFTOptions, _ssft_note
 
-    cosine = BenchmarkConfig(rows=("random", "asfda+ssft", "ssft-control"), ssft=SSFTOptions(stage2_lr="cosine"))
-    assert _ssft_note(cosine) == (
+    cosine = BenchmarkConfig(
+        rows=("random", "asfda+ssft", "ssft-control"),
+        budgets=(2, 4),
+        ssft=SSFTOptions(reliability="confidence", stage2_lr="cosine"),
+    )
+    assert _ssft_note(cosine, []) == (
         "\nASFDA + SSFT: confidence gate, at most 50% of the pool pseudo-labelled, stage 2's learning rate "
         "cosine; its control trains a second stage on the labels alone.\n"
     )
     rounds = BenchmarkConfig(
         rows=("asfda+ssft",), ssft=SSFTOptions(reliability="rounds", min_agreement=0.7, stage2_lr="constant")
     )
-    assert "rounds gate (floor 0.7)" in _ssft_note(rounds) and "one longer stage" in _ssft_note(rounds)
-    assert _ssft_note(BenchmarkConfig(rows=("random", "asfda"))) == ""
+    assert "rounds gate (floor 0.7)" in _ssft_note(rounds, []) and "one longer stage" in _ssft_note(rounds, [])
+    assert _ssft_note(BenchmarkConfig(rows=("random", "asfda")), []) == ""
+
+
+def test_the_table_says_how_many_volumes_the_gate_let_through_and_which_controls_shared_a_run():
+    from ASFDALib.bench.benchmark import BenchmarkConfig, Run, _ssft_note
+
+    config = BenchmarkConfig(rows=("asfda+ssft", "ssft-control"), budgets=(2, 4))
+    runs = [
+        Run("asfda+ssft", 2, 1, [], pseudo_labelled=[]),
+        Run("asfda+ssft", 2, 0, [], pseudo_labelled=["a", "b"]),
+        Run("asfda+ssft", 4, 0, [], pseudo_labelled=["c"]),
+        Run("ssft-control", 2, 1, [], shared_with="asfda+ssft@2"),
+    ]
+    note = _ssft_note(config, runs)
+    assert "Volumes pseudo-labelled per seed: 2 labels: 2, 0; 4 labels: 1.\n" in note
+    assert "Where the gate kept no volume the SSFT run trained the control's model" in note
+    assert "Volumes pseudo-labelled" not in _ssft_note(config, runs[3:])  # recorded before counts were kept
+
+
+def test_a_decaying_stage_2s_control_shares_the_training_of_an_ssft_run_that_kept_no_volume():
+    """Such a run trained stage 2 on the labels alone: the control's training, to the decimal."""
+    from dataclasses import replace
+
+    from ASFDALib.bench.benchmark import BenchmarkConfig, Run, SSFTOptions, _twin
+
+    cosine = BenchmarkConfig(ssft=SSFTOptions(stage2_lr="cosine"))
+    kept_none = Run("asfda+ssft", 2, 0, [70.0], query=["a", "b"], pseudo_labelled=[])
+    assert _twin([kept_none], ["b", "a"], 0, "ssft-control", cosine) is kept_none
+    assert _twin([kept_none], ["b", "a"], 1, "ssft-control", cosine) is None  # another seed
+    kept_one = replace(kept_none, pseudo_labelled=["c"])
+    assert _twin([kept_one], ["b", "a"], 0, "ssft-control", cosine) is None
+    # a constant stage 2's control is one longer stage: another training
+    constant = BenchmarkConfig(ssft=SSFTOptions(stage2_lr="constant"))
+    assert _twin([kept_none], ["b", "a"], 0, "ssft-control", constant) is None
+    # an SSFT run is never taken for one that may keep volumes
+    assert _twin([Run("ssft-control", 2, 0, [], query=["a", "b"])], ["a", "b"], 0, "asfda+ssft", cosine) is None
 
 
 def test_each_row_trains_as_its_recipe_says_and_the_control_follows_the_ssft_rows_schedule():

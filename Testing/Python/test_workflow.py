@@ -120,10 +120,13 @@ def test_finetune_apply_export_and_reopen(flow, mri_pool, tmp_path):
         time.sleep(0.02)
     flow.poll()
     assert any("fine-tuning done" in line for line in flow.log), flow.log[-5:]
-    assert "Fine-tuning stage 1 (labels)" in seen and "Fine-tuning stage 2 (+ pseudo-labels)" in seen
+    # the default gate keeps what the model still agrees with its source on; this source model segments
+    # nothing on MRI, so no volume is pseudo-labelled and the log says why
+    assert "Fine-tuning stage 1 (labels)" in seen and "Fine-tuning stage 2 (labels alone)" in seen
+    assert "no unlabeled volume passed the rounds gate: stage 2 trains on the labels alone" in flow.log
     assert flow.check("apply")[0] and flow.check("export")[0] and flow.check("next_round")[0]
     statuses = {r.status for r in flow.rows}
-    assert statuses == {"labelled", "pseudo-labelled", "unlabelled"}, statuses
+    assert statuses == {"labelled", "unlabelled"}, statuses
     bundle = flow.export(tmp_path / "bundle")
     assert (bundle / "configs" / "inference.json").is_file()
 
@@ -137,6 +140,21 @@ def test_finetune_apply_export_and_reopen(flow, mri_pool, tmp_path):
     reopened.wait()
     assert {r.status for r in reopened.rows if r.case in flow.query} == {"labelled"}
     assert not set(reopened.query) & set(flow.query)
+
+
+def test_a_session_fine_tuned_with_pseudo_labels_shows_them_when_reopened(flow, mri_pool):
+    """A researcher fine-tunes from the command line with the confidence gate; the panel shows which
+    volumes stage 2 pseudo-labelled."""
+    from ASFDALib.app.cli import main
+
+    _ranked_and_labelled(flow, mri_pool)
+    args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--pseudo-gate", "confidence"]
+    assert main(["finetune", flow.settings.session, *args]) == 0
+    reopened = Workflow(PanelSettings(session=flow.settings.session))
+    assert reopened.reopen()
+    statuses = {r.case: r.status for r in reopened.rows}
+    pseudo = sorted(name for name, status in statuses.items() if status == "pseudo-labelled")
+    assert len(pseudo) == 2 and not set(pseudo) & set(flow.query)  # half of the four unlabelled volumes
 
 
 def test_worker_errors_reach_the_log(tmp_path):
