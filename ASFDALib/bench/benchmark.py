@@ -425,9 +425,12 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
 
 
 def markdown(summary: list[dict], class_names: list[str]) -> str:
-    """The table: mean ± sd over seeds per class and overall, and the paired difference to random."""
-    head = "| method | budget | seeds | " + " | ".join(class_names[1:]) + " | mean Dice | Δ vs random [95% CI] |"
-    lines = [head, "|" + "---|" * (len(class_names) + 4)]
+    """The table: mean ± sd over seeds per class and overall, and the paired difference to random (a column
+    only when a random row ran: without one there is nothing to pair with, and the table says so)."""
+    paired = any(s.get("diff_vs_random") for s in summary)
+    head = "| method | budget | seeds | " + " | ".join(class_names[1:]) + " | mean Dice |"
+    head += " Δ vs random [95% CI] |" if paired else ""
+    lines = [head, "|" + "---|" * (len(class_names) + 3 + paired)]
     for s in _order(summary):
         budget = "all" if s["row"] == "full" else str(s["budget"])
         cells = [f"{m:.1f}" for m in s["per_class"]]
@@ -439,8 +442,11 @@ def markdown(summary: list[dict], class_names: list[str]) -> str:
         lines.append(
             f"| {LABELS[s['row']]} | {budget} | {len(s['seeds'])} | "
             + " | ".join(cells)
-            + f" | **{s['mean_dice']:.1f} ± {s['sd_dice']:.1f}** | {delta} |"
+            + f" | **{s['mean_dice']:.1f} ± {s['sd_dice']:.1f}** |"
+            + (f" {delta} |" if paired else "")
         )
+    if not paired:
+        lines += ["", "No random row ran, so no difference to random (add `random` to --rows for one)."]
     controlled = [s for s in _order(summary) if s.get("diff_vs_control")]
     if controlled:
         lines += ["", "Paired difference to the row's control (same query, seed and iterations):", ""]
@@ -710,10 +716,10 @@ def run_benchmark(
 
     orders: dict[tuple[str, int, int], list[str]] = {}
     for i, (row, budget, seed) in enumerate(plan):
+        if (row, budget, seed) in done:
+            continue  # a resume reports only the runs it makes
         if progress:
             progress(i, len(plan), f"{row} budget {budget} seed {seed}")
-        if (row, budget, seed) in done:
-            continue
         t0 = time.perf_counter()
         query: list[str] = []
         curve: dict[str, float] = {}

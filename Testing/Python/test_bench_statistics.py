@@ -125,3 +125,11 @@ def test_the_table_lists_the_method_against_each_query_closest_rival_first():
     assert (
         "- budget 2: Core-set +0.0 [2 seeds: no interval below 3]; random +15.0 [2 seeds: no interval below 3]" in text
     )
+
+
+def test_a_table_without_a_random_row_has_no_empty_difference_column_and_says_why():
+    runs = [Run("asfda", 2, 0, [0.6, 0.8]), Run("asfda", 2, 1, [0.7, 0.9])]
+    text = markdown(summarise(runs, ["asfda"], [2]), ["background", "liver", "kidney"])
+    assert text.splitlines()[0] == "| method | budget | seeds | liver | kidney | mean Dice |"
+    assert text.splitlines()[2] == "| ASFDA (DKD + ASD) | 2 | 2 | 65.0 | 85.0 | **75.0 ± 7.1** |"
+    assert "No random row ran, so no difference to random (add `random` to --rows for one)." in text

@@ -152,7 +152,8 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     # the same command again runs nothing and says so
     capsys.readouterr()
     assert main(argv) == 0
-    assert "resuming: 6 of 6 runs are already in" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "resuming: 6 of 6 runs are already in" in said and "Benchmark 0/6" not in said
     assert json.loads((out / "results.json").read_text())["runs"] == runs
     # resuming with other iterations would mix protocols: refused, naming the file
     longer = list(argv)
