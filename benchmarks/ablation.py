@@ -87,9 +87,13 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
     "full stage 1, then 1/2 more, where flips agree": (replace(CONSTANT, reliability="flips"), 1.0),
     "full stage 1, then 1/2 more, where the source model agrees": (replace(CONSTANT, reliability="rounds"), 1.0),
     "control: labels only for 1.5x the iterations": (None, 1.5),
-    "full stage 1, then 1/2 more with pseudo-labels, stage 2's rate decaying (the default)": (COSINE, 1.0),
-    "full stage 1, then 1/2 more, where the source model agrees, rate decaying": (
+    "full stage 1, then 1/2 more with pseudo-labels, stage 2's rate decaying": (COSINE, 1.0),
+    "full stage 1, then 1/2 more, where the source model agrees, rate decaying (the default)": (
         replace(COSINE, reliability="rounds"),
+        1.0,
+    ),
+    "full stage 1, then 1/2 more, where the source model agrees, rate decaying, every agreeing volume": (
+        replace(COSINE, reliability="rounds", keep_fraction=1.0),
         1.0,
     ),
     "control: stage 2 on the labels alone, its rate decaying": (COSINE, 1.0),
