@@ -405,17 +405,17 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
     kept = []
     for budget in config.budgets:
         counts = [
-            len(r.pseudo_labelled)
+            f"{len(r.pseudo_labelled)} (seed {r.seed})"
             for r in sorted(runs, key=lambda r: r.seed)
             if r.row == "asfda+ssft" and r.budget == budget and r.pseudo_labelled is not None
         ]
         if counts:
-            kept.append(f"{budget} labels: {', '.join(map(str, counts))}")
+            kept.append(f"{budget} labels: {', '.join(counts)}")
     shared = any(r.row == "ssft-control" and r.shared_with.startswith("asfda+ssft@") for r in runs)
     return (
         f"\nASFDA + SSFT: {gate}, at most {o.keep_fraction:.0%} of the pool pseudo-labelled, stage 2's learning "
         f"rate {o.stage2_lr}; its control trains {control}.\n"
-        + (f"Volumes pseudo-labelled per seed: {'; '.join(kept)}.\n" if kept else "")
+        + (f"Volumes pseudo-labelled (the runs that recorded it): {'; '.join(kept)}.\n" if kept else "")
         + (
             "Where the gate kept no volume the SSFT run trained the control's model, and the control shares it.\n"
             if shared

@@ -510,9 +510,12 @@ def test_the_table_says_how_many_volumes_the_gate_let_through_and_which_controls
         Run("ssft-control", 2, 1, [], shared_with="asfda+ssft@2"),
     ]
     note = _ssft_note(config, runs)
-    assert "Volumes pseudo-labelled per seed: 2 labels: 2, 0; 4 labels: 1.\n" in note
+    assert (
+        "Volumes pseudo-labelled (the runs that recorded it): 2 labels: 2 (seed 0), 0 (seed 1); 4 labels: 1 (seed 0).\n"
+        in note
+    )
     assert "Where the gate kept no volume the SSFT run trained the control's model" in note
-    assert "Volumes pseudo-labelled" not in _ssft_note(config, runs[3:])  # recorded before counts were kept
+    assert "Volumes pseudo-labelled" not in _ssft_note(config, runs[3:])  # recorded before they were kept
 
 
 def test_a_decaying_stage_2s_control_shares_the_training_of_an_ssft_run_that_kept_no_volume():
