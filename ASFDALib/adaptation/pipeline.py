@@ -122,6 +122,19 @@ def build_pseudo_labels(
     return kept, scores
 
 
+def _why_none(result: AdaptResult) -> str:
+    """Why an agreement gate passed no volume, and the other way to judge: a clause for the line above."""
+    floor = (result.gate or {}).get("min_agreement")
+    if floor is None or not result.reliability:
+        return ""
+    best = max(result.reliability.values())
+    views = "its flipped views" if result.gate["reliability"] == "flips" else "it and the model the round started from"
+    return (
+        f" (on any volume {views} agree at most {best:.2f}, the floor is {floor:g}; "
+        "--pseudo-gate confidence judges by the adapted model's confidence instead)"
+    )
+
+
 def _load_pseudo(
     session: Session, model: LoadedModel, folder: Path
 ) -> tuple[list[Case], list[str], dict[str, float], dict[str, Any]]:
@@ -360,7 +373,7 @@ def finetune_session(
             if not pseudo_cases:
                 # the iterations asked for still run, on the labels alone, as the benchmark's row does
                 why = f"passed the {gate} gate" if result.reliability else "is left unlabelled"
-                say(f"no unlabeled volume {why}: stage 2 trains on the labels alone")
+                say(f"no unlabeled volume {why}: stage 2 trains on the labels alone{_why_none(result)}")
             else:
                 say(f"{len(pseudo_cases)} of {len(result.reliability)} unlabeled volumes passed the {gate} gate")
             timer = time.perf_counter()
