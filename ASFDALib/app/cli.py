@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="fine-tune the session's model on its labels plus reliable pseudo-labels",
         description="Stage 1 on the labelled volumes; then the most reliable unlabeled volumes get pseudo-labels "
-        "(--pseudo-gate: low-confidence voxels ignored, or only voxels where two views agree) and stage 2 trains "
+        "(--pseudo-gate: by default the volumes and voxels where the adapted model agrees with the model the round "
+        "started from; or its confident voxels) and stage 2 trains "
         "on both, or on the labels alone when no volume passes. Checkpoints every --checkpoint-every "
         "iterations; Ctrl-C keeps the last one. A round that has run already needs a choice: --resume an "
         "interrupted run (same data order), --extend a finished one, or --restart the round. session.json "
