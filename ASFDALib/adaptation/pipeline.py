@@ -123,15 +123,37 @@ def build_pseudo_labels(
 
 
 def _why_none(result: AdaptResult) -> str:
-    """Why an agreement gate passed no volume, and the other way to judge: a clause for the line above."""
+    """Why an agreement gate passed no volume, and the other ways on: a clause for the "no volume" line."""
     floor = (result.gate or {}).get("min_agreement")
     if floor is None or not result.reliability:
         return ""
     best = max(result.reliability.values())
-    views = "its flipped views" if result.gate["reliability"] == "flips" else "it and the model the round started from"
+    views = (
+        "the adapted model's flipped views agree"
+        if result.gate["reliability"] == "flips"
+        else "the adapted model agrees with the model the round started from"
+    )
     return (
-        f" (on any volume {views} agree at most {best:.2f}, the floor is {floor:g}; "
-        "--pseudo-gate confidence judges by the adapted model's confidence instead)"
+        f" ({views} at most {best:.2f} on any volume, class-balanced Dice, below the floor of {floor:g} "
+        "(--min-agreement); --restart --pseudo-gate confidence judges by the adapted model's confidence "
+        "instead, --no-pseudo skips stage 2)"
+    )
+
+
+def _passed(result: AdaptResult, kept: int) -> str:
+    """How many volumes the gate let through, and what cut the rest: the floor, or the kept share."""
+    gate = result.gate or {}
+    total = len(result.reliability)
+    share = f"--keep-fraction {gate.get('keep_fraction', 0):g}"
+    floor = gate.get("min_agreement")
+    if floor is None:
+        return (
+            f"{kept} of {total} unlabeled volumes get pseudo-labels: the most reliable by the confidence gate ({share})"
+        )
+    reached = sum(score >= floor and score > 0 for score in result.reliability.values())
+    return (
+        f"{reached} of {total} unlabeled volumes reached the {gate['reliability']} gate's floor ({floor:g}); "
+        f"the {kept} that agree most get pseudo-labels ({share})"
     )
 
 
@@ -355,27 +377,29 @@ def finetune_session(
         pseudo_cases: list[Case] = []
         if targets["stage2"] > 0:
             timer = time.perf_counter()
-            if not (folder / "pseudo" / "pseudo.json").is_file() and distributed.is_main():
+            made = not (folder / "pseudo" / "pseudo.json").is_file()
+            if made and distributed.is_main():
                 say("scoring the unlabeled pool for reliable pseudo-labels")
                 build_pseudo_labels(session, model, cases, folder / "pseudo", config)
             distributed.barrier()  # under torchrun, rank 0 writes the pseudo-labels and every rank reads them
             if (folder / "pseudo" / "pseudo.json").is_file():
                 stored = _load_pseudo(session, model, folder / "pseudo")
                 pseudo_cases, result.kept, result.reliability, result.gate = stored
-                # a resume or extend keeps what was made (the line below names the gate when nothing passed)
-                if result.gate["reliability"] != config.reliability and pseudo_cases:
-                    say(
-                        f"stage 2 keeps this round's pseudo-labels, made with the {result.gate['reliability']} "
-                        "gate; --restart makes them anew with another"
-                    )
             result.seconds["pseudo_labels"] = time.perf_counter() - timer
             gate = (result.gate or {}).get("reliability", config.reliability)
             if not pseudo_cases:
                 # the iterations asked for still run, on the labels alone, as the benchmark's row does
                 why = f"passed the {gate} gate" if result.reliability else "is left unlabelled"
                 say(f"no unlabeled volume {why}: stage 2 trains on the labels alone{_why_none(result)}")
+            elif made:
+                say(_passed(result, len(pseudo_cases)))
             else:
-                say(f"{len(pseudo_cases)} of {len(result.reliability)} unlabeled volumes passed the {gate} gate")
+                # a resume or extend keeps what was made, whatever gate is named now
+                other = "; --restart makes them anew with another" if gate != config.reliability else ""
+                say(
+                    f"stage 2 keeps this round's {len(pseudo_cases)} pseudo-labelled volumes, made by the {gate} "
+                    f"gate{other}"
+                )
             timer = time.perf_counter()
             trainer.begin_stage("stage2")
             result.status = trainer.run(cases, targets["stage2"], pseudo_cases or None, cancel, progress, val_cases)

@@ -320,24 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--pseudo-gate",
         dest="reliability",
         choices=RELIABILITY,
-        default=RECIPE.reliability,
-        help="what makes a pseudo-label reliable (default: %(default)s): confidence, the model's own "
+        help=f"what makes a pseudo-label reliable (default: {RECIPE.reliability}): confidence, the model's own "
         "probability; flips, agreement with its predictions of the volume flipped along each axis; rounds, "
-        "agreement with the model this round started from (the source model in round 1)",
+        "agreement with the model this round started from (the source model in round 1), so stage 2 rehearses "
+        "what that model did well; where it segments nothing (a new modality, say) no volume passes",
     )
     finetune.add_argument(
         "--confidence",
         type=probability,
-        default=RECIPE.confidence,
-        help="with --pseudo-gate confidence, voxels below this probability are ignored (default: %(default)s)",
+        help=f"with --pseudo-gate confidence, voxels below this probability are ignored (default: {RECIPE.confidence})",
     )
     finetune.add_argument(
         "--min-agreement",
         type=unit_interval,
-        default=RECIPE.min_agreement,
         help="with --pseudo-gate flips or rounds, no volume whose views agree less (class-balanced Dice; for "
         "flips the least of the three flipped views; 0 where neither view finds an organ) gets pseudo-labels "
-        "(default: %(default)s)",
+        f"(default: {RECIPE.min_agreement})",
     )
     finetune.add_argument(
         "--stage2-lr",

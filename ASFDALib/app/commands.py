@@ -232,6 +232,20 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def check_gate_options(gate: str, confidence: float | None, min_agreement: float | None) -> None:
+    """Refuse, before any work, a pseudo-label option the chosen gate does not read (it would do nothing)."""
+    if min_agreement is not None and gate == "confidence":
+        raise ASFDAError(
+            "--min-agreement is the floor of the flips and rounds gates; add --pseudo-gate flips or rounds, "
+            "or leave it out"
+        )
+    if confidence is not None and gate != "confidence":
+        raise ASFDAError(
+            f"--confidence is the voxel threshold of the confidence gate, and the gate is {gate}; add "
+            "--pseudo-gate confidence, or leave it out"
+        )
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -247,6 +261,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "--pseudo-iterations N (stage 2), more than the run has done"
         )
     recipe = FinetuneConfig()
+    gate_options = {"--pseudo-gate": args.reliability, "--confidence": args.confidence}
+    gate_options["--min-agreement"] = args.min_agreement
+    given = [name for name, value in gate_options.items() if value is not None]
+    if args.no_pseudo and given:
+        raise ASFDAError(
+            f"--no-pseudo skips stage 2, so {' and '.join(given)} would do nothing; leave out one or the other"
+        )
+    reliability = args.reliability or recipe.reliability
+    check_gate_options(reliability, args.confidence, args.min_agreement)
     iterations = recipe.iterations if args.iterations is None else args.iterations
     run = None
     if args.mode in ("extend", "resume"):
@@ -272,9 +295,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         keep_fraction=args.keep_fraction,
-        confidence=args.confidence,
-        reliability=args.reliability,
-        min_agreement=args.min_agreement,
+        confidence=recipe.confidence if args.confidence is None else args.confidence,
+        reliability=reliability,
+        min_agreement=recipe.min_agreement if args.min_agreement is None else args.min_agreement,
         stage2_lr=stage2_lr,
     )
     bar, progress = training_progress(console)
@@ -552,11 +575,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.pseudo_gate is not None:
         overrides["ssft"] = replace(config.ssft, reliability=args.pseudo_gate)
     if args.min_agreement is not None:
-        if (args.pseudo_gate or config.ssft.reliability) == "confidence":
-            raise ASFDAError(
-                "--min-agreement is the floor of the flips and rounds gates; add --pseudo-gate flips or rounds, "
-                "or leave it out"
-            )
+        check_gate_options(args.pseudo_gate or config.ssft.reliability, None, args.min_agreement)
         overrides["ssft"] = replace(overrides.get("ssft", config.ssft), min_agreement=args.min_agreement)
     if args.stage2_lr is not None:
         overrides["ssft"] = replace(overrides.get("ssft", config.ssft), stage2_lr=args.stage2_lr)

@@ -121,10 +121,45 @@ def test_by_default_no_volume_gets_pseudo_labels_where_the_source_model_found_no
     best = max(pseudo["reliability"].values())
     assert pseudo["kept"] == [] and best < 0.5
     assert (
-        "no unlabeled volume passed the rounds gate: stage 2 trains on the labels alone (on any volume it and the "
-        f"model the round started from agree at most {best:.2f}, the floor is 0.5; --pseudo-gate confidence "
-        "judges by the adapted model's confidence instead)"
+        "no unlabeled volume passed the rounds gate: stage 2 trains on the labels alone (the adapted model agrees "
+        f"with the model the round started from at most {best:.2f} on any volume, class-balanced Dice, below the "
+        "floor of 0.5 (--min-agreement); --restart --pseudo-gate confidence judges by the adapted model's "
+        "confidence instead, --no-pseudo skips stage 2)"
     ) in said
+
+
+def test_a_round_says_how_many_volumes_reached_the_floor_and_how_many_the_kept_share_took(labelled_session, capsys):
+    args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--min-agreement", "0"]
+    assert main(["finetune", str(labelled_session), *args]) == 0
+    pseudo = json.loads((labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
+    reached = sum(score > 0 for score in pseudo["reliability"].values())
+    assert (
+        f"{reached} of 5 unlabeled volumes reached the rounds gate's floor (0); the {len(pseudo['kept'])} that "
+        "agree most get pseudo-labels (--keep-fraction 0.5)"
+    ) in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            ["--no-pseudo", "--pseudo-gate", "confidence"],
+            "--no-pseudo skips stage 2, so --pseudo-gate would do nothing",
+        ),
+        (["--no-pseudo", "--min-agreement", "0.7"], "--no-pseudo skips stage 2, so --min-agreement would do nothing"),
+        (
+            ["--confidence", "0.95"],
+            "--confidence is the voxel threshold of the confidence gate, and the gate is rounds",
+        ),
+        (["--pseudo-gate", "confidence", "--min-agreement", "0.7"], "--min-agreement is the floor of the flips and"),
+    ],
+)
+def test_a_pseudo_label_option_that_would_do_nothing_is_refused_before_any_work(
+    labelled_session, capsys, options, message
+):
+    assert main(["finetune", str(labelled_session), "--iterations", "2", *options]) == 1
+    assert message in capsys.readouterr().err
+    assert not (labelled_session / "checkpoints").exists()
 
 
 def test_a_round_with_no_reliable_volume_spends_stage_2_on_the_labels_alone(labelled_session, capsys):
@@ -171,7 +206,10 @@ def test_an_extend_keeps_the_rounds_pseudo_labels_and_a_restart_makes_them_with_
     extend = ["--extend", "--pseudo-iterations", "4", "--batch-size", "1", "--pseudo-gate", "confidence"]
     capsys.readouterr()
     assert main(["finetune", str(labelled_session), *extend]) == 0
-    assert "stage 2 keeps this round's pseudo-labels, made with the rounds gate" in capsys.readouterr().out
+    said = " ".join(capsys.readouterr().out.split())
+    kept = len(made["kept"])
+    assert f"stage 2 keeps this round's {kept} pseudo-labelled volumes, made by the rounds gate; --restart" in said
+    assert "reached the" not in said  # the gate did not run again
     assert json.loads(pseudo.read_text()) == made
     # a restart makes them anew, with the gate asked for
     assert main(["finetune", str(labelled_session), *args, "--restart", "--pseudo-gate", "confidence"]) == 0

@@ -124,8 +124,10 @@ def test_finetune_apply_export_and_reopen(flow, mri_pool, tmp_path):
     # nothing on MRI, so no volume is pseudo-labelled and the log says why
     assert "Fine-tuning stage 1 (labels)" in seen and "Fine-tuning stage 2 (labels alone)" in seen
     said = next(line for line in flow.log if line.startswith("no unlabeled volume passed the rounds gate"))
-    assert said.startswith("no unlabeled volume passed the rounds gate: stage 2 trains on the labels alone (on any ")
-    assert "the floor is 0.5; --pseudo-gate confidence judges by the adapted model's confidence instead)" in said
+    assert said.startswith(
+        "no unlabeled volume passed the rounds gate: stage 2 trains on the labels alone (the adapted"
+    )
+    assert "below the floor of 0.5 (--min-agreement); --restart --pseudo-gate confidence judges by" in said
     assert flow.check("apply")[0] and flow.check("export")[0] and flow.check("next_round")[0]
     statuses = {r.status for r in flow.rows}
     assert statuses == {"labelled", "unlabelled"}, statuses
