@@ -88,7 +88,10 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
                 sample_images(out / "sample_data")
             distributed.barrier()
             images = out / "sample_data" / "images"
-            console.print(f"No --images given: using the built-in sample MRI-like pool in {images}")
+            console.print(
+                f"No --images given: using the built-in sample MRI-like pool in {images} (its labels, to stand in "
+                f"for a clinician's: {images.parent / 'labels'})"
+            )
 
         def describe(model) -> None:
             adapted = "+" in model.digest
@@ -147,8 +150,10 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
     if not ranking.selected:
         console.print(f"Every volume is labelled: nothing left to query. Next: 'asfda finetune {out}'.")
         return 0
+    sample = out / "sample_data"
+    labels = sample / "labels" if Path(images).resolve() == (sample / "images").resolve() else "LABEL_DIR"
     console.print(
-        f"Next: label the query, then 'asfda labels import {out} --from LABEL_DIR' and 'asfda finetune {out}'."
+        f"Next: label the query, then 'asfda labels import {out} --from {labels}' and 'asfda finetune {out}'."
     )
     return 0
 

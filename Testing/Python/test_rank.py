@@ -29,6 +29,10 @@ def test_rank_on_the_embedded_default_writes_every_output(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "BatchNorm running statistics" in printed
     assert "4 classes: background + liver, kidney, gallbladder" in " ".join(printed.split())
+    # the sample pool's labels stand in for a clinician's: the next step names their folder
+    labels = out / "sample_data" / "labels"
+    assert f"'asfdalabelsimport{out}--from{labels}'" in "".join(printed.split())  # the terminal wraps long paths
+    assert len(list(labels.iterdir())) == 12
     rows = _rows(out)
     assert len(rows) == 12 and all(r["status"] == "scored" for r in rows)
     assert [r["selected"] for r in rows[:4]] == ["True", "True", "True", "False"]
