@@ -403,12 +403,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     inputs = [*discover_volumes(args.pred), *discover_volumes(args.labels)]
     refuse_overwrite([out], inputs, "an input label map", "choose another --out file")
     refuse_inside_session(out, "write the table elsewhere, e.g. --out evaluation.csv")
+    session = Session.open(args.session) if args.session else None
     if args.card:
         names = load_card(args.card).class_names
-    elif args.session:
-        names = list(Session.open(args.session).data["model"]["card"]["class_names"])
+    elif session:
+        names = list(session.data["model"]["card"]["class_names"])
     else:
         names = None
+    # a figure on cases the session's model trained on is not a test figure: they are noted, not averaged
+    trained: dict[str, str] = {}
+    if session:
+        for round_ in session.rounds:
+            trained |= dict.fromkeys((round_.get("metrics") or {}).get("pseudo_labelled", []), "pseudo-labelled")
+        trained |= dict.fromkeys(session.labelled(), "labelled")
     scores = evaluate_folders(args.pred, args.labels, names, parse_mapping(args.map, names))
     console = Console()
     if names is None:
@@ -417,14 +424,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for score in scores:
         if score.foreign:
             console.print(f"[yellow]warning[/yellow] {escape(foreign_warning(score, names))}", soft_wrap=True)
-    rows = summary_rows(scores, names)
+    rows = summary_rows(scores, names, trained)
 
     def cell(value: float) -> str:
         return "" if math.isnan(value) else f"{value:.3f}"
 
     # The terminal stays a few columns wide whatever the class count; the CSV has every case x class.
     mean = rows[-1]
-    classes = Table(title=f"Mean over {len(rows) - 1} cases, per class")
+    held_out = sum(r["case"] not in trained for r in rows[:-1])
+    left = f" (not the {len(rows) - 1 - held_out} the session trained on)" if held_out < len(rows) - 1 else ""
+    classes = Table(title=f"Mean over {held_out} cases{left}, per class")
     for column in ("class", "Dice", "HD95 (mm)"):
         classes.add_column(column)
     for key in (k for k in mean if k.startswith("dice_") and k != "dice_mean"):

@@ -96,10 +96,15 @@ def foreign_warning(score: CaseScore, class_names: list[str]) -> str:
     )
 
 
-def summary_rows(scores: list[CaseScore], class_names: list[str]) -> list[dict]:
+def summary_rows(scores: list[CaseScore], class_names: list[str], trained: dict[str, str] | None = None) -> list[dict]:
+    """One row per case and a MEAN row. ``trained`` maps a case to how the model trained on it ("labelled",
+    "pseudo-labelled"): such a case is noted and left out of the mean, which is then a held-out figure."""
+    trained = trained or {}
     rows = []
     for s in scores:
         note = f"not classes, left out: {value_ranges(s.foreign)}" if s.foreign else ""
+        if s.case in trained:
+            note = "; ".join(filter(None, [f"{trained[s.case]} in the session: trained on, not in the mean", note]))
         row = {"case": s.case, "reason": s.reason or note}
         for i, name in enumerate(class_names[1:]):
             row[f"dice_{name}"] = s.dice[i] if i < len(s.dice) else float("nan")
@@ -108,10 +113,12 @@ def summary_rows(scores: list[CaseScore], class_names: list[str]) -> list[dict]:
         row["dice_mean"] = float(np.mean(finite)) if finite else float("nan")
         rows.append(row)
     if rows:
-        mean = {"case": "MEAN", "reason": ""}
+        held_out = [r for r in rows if r["case"] not in trained]
+        left = len(rows) - len(held_out)
+        mean = {"case": "MEAN", "reason": f"without the {left} cases the session trained on" if left else ""}
         for key in rows[0]:
             if key not in ("case", "reason"):
-                values = [r[key] for r in rows if not math.isnan(r[key])]
+                values = [r[key] for r in held_out if not math.isnan(r[key])]
                 mean[key] = float(np.mean(values)) if values else float("nan")
         rows.append(mean)
     return rows

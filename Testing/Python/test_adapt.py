@@ -88,6 +88,31 @@ def test_fine_tuning_really_improves_target_dice(adapted_session, mri_pool):
     assert adapted > source + 0.2, (source, adapted)
 
 
+def test_evaluating_with_the_session_leaves_the_cases_it_trained_on_out_of_the_mean(
+    adapted_session, mri_pool, tmp_path, capsys
+):
+    import csv
+
+    _, session, query = adapted_session
+    pseudo = json.loads((session / "session.json").read_text())["rounds"][0]["metrics"]["pseudo_labelled"]
+    pred = tmp_path / "pred"
+    assert main(["predict", str(session), "--images", str(mri_pool / "images"), "--out", str(pred)]) == 0
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(mri_pool / "labels"), "--session", str(session)]) == 0
+    assert "Mean over 2 cases (not the 4 the session trained on), per class" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    rows = {r["case"]: r for r in csv.DictReader(open(pred / "evaluation.csv"))}
+    assert {c for c in rows if rows[c]["reason"]} == {*query, *pseudo, "MEAN"}
+    assert rows[query[0]]["reason"] == "labelled in the session: trained on, not in the mean"
+    assert rows[pseudo[0]]["reason"] == "pseudo-labelled in the session: trained on, not in the mean"
+    assert rows["MEAN"]["reason"] == "without the 4 cases the session trained on"
+    held_out = [float(r["dice_mean"]) for c, r in rows.items() if c != "MEAN" and not r["reason"]]
+    assert float(rows["MEAN"]["dice_liver"]) == pytest.approx(
+        np.mean([float(rows[c]["dice_liver"]) for c in rows if c != "MEAN" and not rows[c]["reason"]]), abs=1e-4
+    )
+    assert len(held_out) == 2
+
+
 def test_the_session_records_the_round_and_its_pseudo_labels(adapted_session):
     _, session, query = adapted_session
     data = json.loads((session / "session.json").read_text())
