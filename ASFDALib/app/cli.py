@@ -229,7 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
         "unlabeled volume stays in the pool that fine-tuning pseudo-labels.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    labels.add_argument("words", nargs="+", metavar="[import] SESSION")
+    labels.add_argument(
+        "words",
+        nargs="+",
+        metavar="[import] SESSION",
+        help="a session folder: lists its queried volumes and their labels; 'import SESSION' with --from "
+        "imports label files into it",
+    )
     labels.add_argument(
         "--from",
         dest="source",
@@ -565,14 +571,25 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms = sub.add_parser(
         "phantoms",
         help="generate labelled abdominal phantoms (CT-like source or MRI-like target)",
+        description="Synthetic abdominal volumes (a body with fat, muscle and spine; liver, kidneys, gallbladder) "
+        "with their labels, in the layout rank, labels import, evaluate and benchmark read: the embedded "
+        "model was trained on the CT-like domain, the MRI-like one is a shifted target for it.",
         epilog="example:\n  asfda phantoms --domain mri --count 20 --out pool/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     phantoms.add_argument("--out", type=Path, required=True, help="writes OUT/images and OUT/labels")
-    phantoms.add_argument("--count", type=int, default=10)
-    phantoms.add_argument("--domain", choices=("ct", "mri"), default="mri")
-    phantoms.add_argument("--seed", type=int, default=0)
-    phantoms.add_argument("--no-labels", action="store_true")
+    phantoms.add_argument("--count", type=positive_int, default=10, help="volumes to write (default: %(default)s)")
+    phantoms.add_argument(
+        "--domain",
+        choices=("ct", "mri"),
+        default="mri",
+        help="ct: the embedded model's source domain; mri: T2-like contrasts, bias field, Rician noise "
+        "(default: %(default)s)",
+    )
+    phantoms.add_argument(
+        "--seed", type=int, default=0, help="the same seed writes the same volumes (default: %(default)s)"
+    )
+    phantoms.add_argument("--no-labels", action="store_true", help="write OUT/images only")
     phantoms.set_defaults(func=commands.cmd_phantoms)
     return parser
 
