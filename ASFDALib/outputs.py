@@ -105,3 +105,12 @@ def claim_predictions(out: Path, targets: list[Path], fix: str) -> list[Path]:
     Path(out).mkdir(parents=True, exist_ok=True)
     atomic_write_json(manifest, {"files": sorted(ours | {t.name for t in targets})})
     return replaced
+
+
+def record_predictions(out: Path, written: Iterable[Path], made_by: dict) -> None:
+    """Record in the folder's manifest which model wrote each map of ``written`` (``made_by``: the session,
+    source or adapted, the round and the checkpoint's digest), so a folder says what made it after restarts."""
+    manifest = Path(out) / PREDICTIONS_MANIFEST
+    data = json.loads(manifest.read_text())
+    data.setdefault("made_by", {}).update({Path(p).name: made_by for p in written})
+    atomic_write_json(manifest, data)

@@ -344,9 +344,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from ASFDALib.adaptation.pipeline import predict_folder, prediction_name, session_model
     from ASFDALib.adaptation.session import Session
-    from ASFDALib.data.volumes import discover_volumes
+    from ASFDALib.data.volumes import content_hash, discover_volumes
     from ASFDALib.outputs import (
         claim_predictions,
+        record_predictions,
         refuse_inside_session,
         refuse_overwrite,
         refuse_same_folder,
@@ -374,12 +375,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"('asfda finetune {args.session}' adapts it first)."
         )
     model = session_model(session, adapted=not args.source_model)
+    checkpoint = None if args.source_model else session.adapted_checkpoint()
+    made_by: dict = {"session": str(session.root.resolve()), "model": "adapted" if checkpoint else "source"}
+    if checkpoint:
+        index = next(
+            r["index"] for r in reversed(session.rounds) if r.get("checkpoint") == session.relative(checkpoint)
+        )
+        made_by |= {"round": index, "checkpoint": session.relative(checkpoint), "sha256": content_hash(checkpoint)}
+        which = f"round {index}'s fine-tuned model ({made_by['checkpoint']})"
+    else:
+        made_by["digest"] = session.data["model"]["digest"]
+        which = "the source model"
     bar, update = volume_progress(console, "Predicting")
     with bar:
         written, skipped = predict_folder(model, args.images, args.out, args.device, update)
+    record_predictions(Path(args.out), written, made_by)
     for reason in skipped:
         console.print(f"[yellow]skipped {reason}[/yellow]")
-    console.print(f"Wrote {len(written)} label maps to {args.out}")
+    console.print(f"Wrote {len(written)} label maps to {args.out} with {which}")
     return 0 if written else 1
 
 

@@ -113,6 +113,28 @@ def test_evaluating_with_the_session_leaves_the_cases_it_trained_on_out_of_the_m
     assert len(held_out) == 2
 
 
+def test_a_prediction_folder_records_which_model_made_each_map(adapted_session, mri_pool, tmp_path, capsys):
+    from ASFDALib.data.volumes import content_hash
+
+    _, session, _ = adapted_session
+    images = str(mri_pool / "images")
+    assert main(["predict", str(session), "--images", images, "--out", str(tmp_path / "p")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "Wrote 6 label maps to" in said and "with round 1's fine-tuned model (checkpoints/round1/final.pt)" in said
+    made_by = json.loads((tmp_path / "p" / "asfda_predictions.json").read_text())["made_by"]
+    assert len(made_by) == 6 and made_by["mri_000.nii.gz"] == {
+        "session": str(session.resolve()),
+        "model": "adapted",
+        "round": 1,
+        "checkpoint": "checkpoints/round1/final.pt",
+        "sha256": content_hash(session / "checkpoints" / "round1" / "final.pt"),
+    }
+    assert main(["predict", str(session), "--images", images, "--out", str(tmp_path / "p"), "--source-model"]) == 0
+    assert "with the source model" in " ".join(capsys.readouterr().out.split())
+    made_by = json.loads((tmp_path / "p" / "asfda_predictions.json").read_text())["made_by"]
+    assert made_by["mri_000.nii.gz"]["model"] == "source" and "digest" in made_by["mri_000.nii.gz"]
+
+
 def test_the_session_records_the_round_and_its_pseudo_labels(adapted_session):
     _, session, query = adapted_session
     data = json.loads((session / "session.json").read_text())
