@@ -295,10 +295,10 @@ def finetune_session(
     if mode == "restart" and distributed.is_main():
         aside = _set_aside(folder)
         say(f"training round {index} again from its start; the earlier run is kept in {session.relative(aside)}")
-        replaced = {
-            "folder": session.relative(aside),
-            "iterations": (round_entry.get("metrics") or {}).get("iterations"),
-        }
+        metrics = round_entry.get("metrics") or {}
+        replaced = {"folder": session.relative(aside), "iterations": metrics.get("iterations")}
+        # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
+        replaced |= {k: metrics[k] for k in ("pseudo_gate", "pseudo_labelled") if k in metrics}
         round_entry.setdefault("replaced", []).append(replaced)
         round_entry["checkpoint"], round_entry["metrics"] = None, {}
         session.save()

@@ -263,6 +263,9 @@ def test_an_extend_keeps_the_rounds_pseudo_labels_and_a_restart_makes_them_with_
     assert json.loads(pseudo.read_text())["gate"]["reliability"] == "confidence"
     entry = json.loads((labelled_session / "session.json").read_text())["rounds"][0]
     assert entry["metrics"]["pseudo_gate"]["reliability"] == "confidence"
+    # the set-aside run's record says what its stage 2 trained on
+    aside = entry["replaced"][0]
+    assert aside["pseudo_gate"]["reliability"] == "rounds" and aside["pseudo_labelled"] == made["kept"]
 
 
 def test_the_run_records_the_learning_rates_the_optimizer_used(adapted_session):
