@@ -93,9 +93,10 @@ def claim_predictions(out: Path, targets: list[Path], fix: str) -> list[Path]:
     any is written, so a rerun or a resumed run replaces them. Returns the targets an earlier run wrote."""
     manifest = Path(out) / PREDICTIONS_MANIFEST
     try:
-        ours = set(json.loads(manifest.read_text())["files"]) if manifest.is_file() else set()
-    except (ValueError, KeyError, TypeError):
-        ours = set()  # unreadable: nothing there counts as predict's own
+        data = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        ours = set(data.get("files", []))
+    except (ValueError, AttributeError, TypeError):
+        data, ours = {}, set()  # unreadable: nothing there counts as predict's own
     foreign = [t for t in targets if t.exists() and t.name not in ours]
     if foreign:
         raise ASFDAError(
@@ -103,7 +104,8 @@ def claim_predictions(out: Path, targets: list[Path], fix: str) -> list[Path]:
         )
     replaced = [t for t in targets if t.exists()]
     Path(out).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(manifest, {"files": sorted(ours | {t.name for t in targets})})
+    # the earlier runs' record of which model made their maps stays; record_predictions updates it
+    atomic_write_json(manifest, {**data, "files": sorted(ours | {t.name for t in targets})})
     return replaced
 
 

@@ -266,8 +266,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "--pseudo-iterations N (stage 2), more than the run has done"
         )
     recipe = FinetuneConfig()
-    gate_options = {"--pseudo-gate": args.reliability, "--confidence": args.confidence}
-    gate_options["--min-agreement"] = args.min_agreement
+    gate_options = {
+        "--pseudo-gate": args.reliability,
+        "--confidence": args.confidence,
+        "--min-agreement": args.min_agreement,
+    }
     given = [name for name, value in gate_options.items() if value is not None]
     if args.no_pseudo and given:
         raise ASFDAError(

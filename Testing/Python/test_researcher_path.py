@@ -286,3 +286,20 @@ def test_a_long_class_list_is_shortened_to_one_line():
 
     assert _names(["liver", "kidney"]) == "liver, kidney"
     assert _names([f"c{i}" for i in range(1, 200)]) == "c1, c2, c3, c4, c5, c6, c7, c8 and 191 more"
+
+
+def test_a_second_predict_into_the_folder_keeps_the_record_of_the_maps_it_did_not_replace(ranked, tmp_path):
+    root, session = ranked
+    images = root / "pool" / "images"
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    names = sorted(p.name for p in images.iterdir())
+    for name in names[:2]:
+        shutil.copy(images / name, first / name)
+    shutil.copy(images / names[2], second / names[2])
+    out = tmp_path / "pred"
+    assert main(["predict", str(session), "--images", str(first), "--out", str(out)]) == 0
+    assert main(["predict", str(session), "--images", str(second), "--out", str(out)]) == 0
+    manifest = json.loads((out / "asfda_predictions.json").read_text())
+    assert len(manifest["files"]) == len(manifest["made_by"]) == 3
+    assert {m["model"] for m in manifest["made_by"].values()} == {"source"}  # this session is not fine-tuned
