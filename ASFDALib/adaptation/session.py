@@ -246,14 +246,17 @@ class Session:
             names += [n for n in entry["query"] if n not in names]
         return names
 
+    def adapted_round(self) -> dict[str, Any] | None:
+        """The newest round whose fine-tuned weights are on disk, if any."""
+        for entry in reversed(self.rounds):
+            if entry.get("checkpoint") and self.path(entry["checkpoint"]).is_file():
+                return entry
+        return None
+
     def adapted_checkpoint(self) -> Path | None:
         """The newest fine-tuned weights, if any round has them."""
-        for entry in reversed(self.rounds):
-            if entry.get("checkpoint"):
-                path = self.path(entry["checkpoint"])
-                if path.is_file():
-                    return path
-        return None
+        entry = self.adapted_round()
+        return self.path(entry["checkpoint"]) if entry else None
 
     # --- labels ------------------------------------------------------------------------------------
     def labelled(self) -> dict[str, Path]:

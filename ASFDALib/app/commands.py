@@ -371,21 +371,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     replaced = claim_predictions(Path(args.out), targets, fix)
     if replaced:
         console.print(f"Replacing {len(replaced)} label maps an earlier asfda predict wrote to {args.out}")
-    adapted = session.adapted_checkpoint() is not None
+    adapted = session.adapted_round()
     if not args.source_model and not adapted:
         console.print(
             "This session has not been fine-tuned yet: predicting with the source model "
             f"('asfda finetune {args.session}' adapts it first)."
         )
     model = session_model(session, adapted=not args.source_model)
-    checkpoint = None if args.source_model else session.adapted_checkpoint()
-    made_by: dict = {"session": str(session.root.resolve()), "model": "adapted" if checkpoint else "source"}
-    if checkpoint:
-        index = next(
-            r["index"] for r in reversed(session.rounds) if r.get("checkpoint") == session.relative(checkpoint)
-        )
-        made_by |= {"round": index, "checkpoint": session.relative(checkpoint), "sha256": content_hash(checkpoint)}
-        which = f"round {index}'s fine-tuned model ({made_by['checkpoint']})"
+    adapted = None if args.source_model else adapted  # the round whose weights predict, if any
+    made_by: dict = {"session": str(session.root.resolve()), "model": "adapted" if adapted else "source"}
+    if adapted:
+        checkpoint = adapted["checkpoint"]
+        made_by |= {
+            "round": adapted["index"],
+            "checkpoint": checkpoint,
+            "sha256": content_hash(session.path(checkpoint)),
+        }
+        which = f"round {adapted['index']}'s fine-tuned model ({checkpoint})"
     else:
         made_by["digest"] = session.data["model"]["digest"]
         which = "the source model"
