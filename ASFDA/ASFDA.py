@@ -41,9 +41,11 @@ if not os.path.isdir(os.path.join(_HERE, "ASFDALib")) and _ROOT not in sys.path:
 
 # The combo boxes' items: Slicer's QComboBox connector refills the widget from Choice([...]), in this order.
 # Spelled out here (ASFDALib is imported only after the dependency check); a test checks STRATEGIES against
-# ASFDALib.query.selection.STRATEGIES, and both against the items of the .ui's combo boxes.
+# ASFDALib.query.selection.STRATEGIES, GATES against the engine's, and all against the .ui's combo boxes.
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("asfda", "dkd", "asd", "fg-random", "random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe")
+# What makes a pseudo-label reliable: ASFDALib.adaptation.recipe.RELIABILITY, the default first (a test checks).
+GATES = ("rounds", "confidence", "flips")
 
 
 class ASFDA(ScriptedLoadableModule):
@@ -85,6 +87,7 @@ class ASFDAParameterNode:
     strategy: Annotated[str, Choice(list(STRATEGIES))] = "asfda"
     iterations: Annotated[int, WithinRange(10, 100000)] = 200
     pseudo: bool = True
+    pseudo_gate: Annotated[str, Choice(list(GATES))] = GATES[0]
 
 
 class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -372,6 +375,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("Cancel") if training else _("Fine-tune") if run is None else _("Continue the last run")
         )
         self.ui.finetuneAgainButton.visible = run is not None
+        self.ui.pseudoGateComboBox.enabled = self._parameterNode.pseudo  # the gate only matters with pseudo-labels
         self.ui.finetuneRunLabel.text = flow.run_text()
         if flow.busy:  # progress goes to the section of the job that runs, and stays there when it ends
             self._progressKind = flow.job.kind

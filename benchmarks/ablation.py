@@ -96,6 +96,7 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
         replace(COSINE, reliability="rounds", keep_fraction=1.0),
         1.0,
     ),
+    "full stage 1, then 1/2 more, where flips agree, rate decaying": (replace(COSINE, reliability="flips"), 1.0),
     "control: stage 2 on the labels alone, its rate decaying": (COSINE, 1.0),
 }
 # variants whose stage 2 runs without pseudo-labels (the control of a decaying stage 2)

@@ -25,6 +25,7 @@ FIELDS = (
     "strategy",
     "iterations",
     "pseudo",
+    "pseudo_gate",
 )
 COLUMNS = ("rank", "case", "pick_score", "knowledge_gap", "diversity", "asd", "status")
 SELECTED = len(COLUMNS)  # the "selected" flag rides after the visible columns

@@ -134,9 +134,9 @@ def _why_none(result: AdaptResult) -> str:
         else "the adapted model agrees with the model the round started from"
     )
     return (
-        f" ({views} at most {best:.2f} on any volume, class-balanced Dice, below the floor of {floor:g} "
-        "(--min-agreement); --restart --pseudo-gate confidence judges by the adapted model's confidence "
-        "instead, --no-pseudo skips stage 2)"
+        f" ({views} at most {best:.2f} on any volume, class-balanced Dice, below the floor of {floor:g}, "
+        "--min-agreement). To judge by the adapted model's confidence instead: --restart --pseudo-gate "
+        "confidence (in the panel: Pseudo-label gate confidence, then Train again); --no-pseudo skips stage 2"
     )
 
 
@@ -395,7 +395,11 @@ def finetune_session(
                 say(_passed(result, len(pseudo_cases)))
             else:
                 # a resume or extend keeps what was made, whatever gate is named now
-                other = "; --restart makes them anew with another" if gate != config.reliability else ""
+                other = (
+                    "; --restart (the panel's Train again) makes them anew with another"
+                    if gate != config.reliability
+                    else ""
+                )
                 say(
                     f"stage 2 keeps this round's {len(pseudo_cases)} pseudo-labelled volumes, made by the {gate} "
                     f"gate{other}"

@@ -64,6 +64,7 @@ class PanelSettings:
     iterations: int = FinetuneConfig.iterations
     pseudo_iterations: int = FinetuneConfig.pseudo_iterations
     pseudo: bool = True
+    pseudo_gate: str = FinetuneConfig.reliability  # one of recipe.RELIABILITY
     workers: int | None = None  # DataLoader processes for fine-tuning; the Slicer panel passes 0 (none)
 
 
@@ -289,6 +290,11 @@ class Workflow:
             self.settings.strategy = strategy.get("name", self.settings.strategy)
             # rounds recorded before the fusion was a choice ranked with the summed form
             self.fusion = strategy.get("fusion", "sum")
+            # the gate the session's latest pseudo-labels were made by (the CLI's --pseudo-gate included)
+            gates = [(r.get("metrics") or {}).get("pseudo_gate") or {} for r in session.rounds]
+            self.settings.pseudo_gate = next(
+                (g["reliability"] for g in reversed(gates) if g.get("reliability")), self.settings.pseudo_gate
+            )
         ranking = session.root / "ranking.json"
         if ranking.is_file():
             self._rows_from_report(json.loads(ranking.read_text()))
@@ -611,6 +617,7 @@ class Workflow:
             config = FinetuneConfig(
                 iterations=settings.iterations,
                 pseudo_iterations=settings.pseudo_iterations,
+                reliability=settings.pseudo_gate,
                 device=settings.device,
                 workers=settings.workers,
             )

@@ -170,8 +170,9 @@ def test_by_default_no_volume_gets_pseudo_labels_where_the_source_model_found_no
     assert (
         "no unlabeled volume passed the rounds gate: stage 2 trains on the labels alone (the adapted model agrees "
         f"with the model the round started from at most {best:.2f} on any volume, class-balanced Dice, below the "
-        "floor of 0.5 (--min-agreement); --restart --pseudo-gate confidence judges by the adapted model's "
-        "confidence instead, --no-pseudo skips stage 2)"
+        "floor of 0.5, --min-agreement). To judge by the adapted model's confidence instead: --restart "
+        "--pseudo-gate confidence (in the panel: Pseudo-label gate confidence, then Train again); --no-pseudo "
+        "skips stage 2"
     ) in said
 
 

@@ -420,13 +420,16 @@ def test_the_binding_check_fails_on_the_panel_before_issue_13():
 
 
 def test_combo_box_choices_are_the_engines():
+    from ASFDALib.adaptation.recipe import RELIABILITY, FinetuneConfig
     from ASFDALib.query.selection import STRATEGIES
 
     fields = wrapper_fields()
-    strategy, device = (first(split(fields[n].datatype)[1], Choice) for n in ("strategy", "device"))
-    assert strategy is not None and device is not None, "both combo boxes need Choice([...])"
+    names = ("strategy", "device", "pseudo_gate")
+    strategy, device, gate = (first(split(fields[n].datatype)[1], Choice) for n in names)
+    assert None not in (strategy, device, gate), "every combo box needs Choice([...])"
     assert set(strategy.choices) == set(STRATEGIES)
     assert list(device.choices) == ["auto", "cpu", "cuda"]
+    assert set(gate.choices) == set(RELIABILITY) and fields["pseudo_gate"].default == FinetuneConfig.reliability
 
 
 # --- signals --------------------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ def _parameters(**values):
         strategy="asfda",
         iterations=200,
         pseudo=True,
+        pseudo_gate="rounds",
     )
     return SimpleNamespace(**{**defaults, **values})
 

@@ -99,6 +99,8 @@ def test_one_session_through_the_panel_buttons(standins, errors, tmp_path):
     # --- setup: every field through its widget, into the parameter node --------------------------------
     assert [ui.deviceComboBox.itemText(i) for i in range(ui.deviceComboBox.count)] == ["auto", "cpu", "cuda"]
     assert (ui.iterationsSpinBox.minimum, ui.iterationsSpinBox.maximum) == (10, 100000)
+    gates = [ui.pseudoGateComboBox.itemText(i) for i in range(ui.pseudoGateComboBox.count)]
+    assert gates == ["rounds", "confidence", "flips"] and ui.pseudoGateComboBox.currentText == node.pseudo_gate
     assert not ui.rankButton.enabled and ui.rankButton.toolTip == "choose a session folder"
     assert ui.dependencyLabel.text.startswith("torch ")
     ui.sessionPathLineEdit.currentPath = str(session)
@@ -108,7 +110,9 @@ def test_one_session_through_the_panel_buttons(standins, errors, tmp_path):
     ui.budgetSpinBox.value = 1
     ui.iterationsSpinBox.value = 10
     ui.pseudoCheckBox.checked = False
+    ui.pseudoGateComboBox.currentIndex = ui.pseudoGateComboBox.findText("flips")
     assert (node.images, node.device, node.budget, node.iterations, node.pseudo) == (images, "cpu", 1, 10, False)
+    assert node.pseudo_gate == "flips" and not ui.pseudoGateComboBox.enabled  # no pseudo-labels: no gate
     assert ui.rankButton.enabled and str(node.model) == "."  # the built-in model
 
     # --- rank: a worker thread, polled by the panel's timer ----------------------------------------------

@@ -127,7 +127,8 @@ def test_finetune_apply_export_and_reopen(flow, mri_pool, tmp_path):
     assert said.startswith(
         "no unlabeled volume passed the rounds gate: stage 2 trains on the labels alone (the adapted"
     )
-    assert "below the floor of 0.5 (--min-agreement); --restart --pseudo-gate confidence judges by" in said
+    assert "below the floor of 0.5, --min-agreement). To judge by the adapted model's confidence" in said
+    assert "(in the panel: Pseudo-label gate confidence, then Train again)" in said
     assert flow.check("apply")[0] and flow.check("export")[0] and flow.check("next_round")[0]
     statuses = {r.status for r in flow.rows}
     assert statuses == {"labelled", "unlabelled"}, statuses
@@ -159,6 +160,25 @@ def test_a_session_fine_tuned_with_pseudo_labels_shows_them_when_reopened(flow, 
     statuses = {r.case: r.status for r in reopened.rows}
     pseudo = sorted(name for name, status in statuses.items() if status == "pseudo-labelled")
     assert len(pseudo) == 2 and not set(pseudo) & set(flow.query)  # half of the four unlabelled volumes
+    assert reopened.settings.pseudo_gate == "confidence"  # the panel's gate choice shows what made them
+
+
+def test_the_gate_chosen_in_the_panel_makes_the_pseudo_labels(flow, mri_pool):
+    """The default gate keeps no volume on these MRI phantoms (the source model segments nothing there);
+    choosing the confidence gate in the panel pseudo-labels the most confident half of the pool."""
+    import json
+
+    _ranked_and_labelled(flow, mri_pool)
+    assert flow.settings.pseudo_gate == "rounds"  # the engine's default
+    flow.settings.pseudo_gate = "confidence"
+    flow.start_finetune(flow.finetune_mode())
+    flow.wait()
+    flow.poll()
+    assert any("fine-tuning done" in line for line in flow.log), flow.log[-5:]
+    pseudo = json.loads((Path(flow.settings.session) / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
+    assert pseudo["gate"] == {"reliability": "confidence", "keep_fraction": 0.5, "confidence": 0.9}
+    assert any(line.startswith("2 of 4 unlabeled volumes get pseudo-labels") for line in flow.log), flow.log
+    assert sorted(r.case for r in flow.rows if r.status == "pseudo-labelled") == sorted(pseudo["kept"])
 
 
 def test_worker_errors_reach_the_log(tmp_path):
