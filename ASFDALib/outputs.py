@@ -116,3 +116,13 @@ def record_predictions(out: Path, written: Iterable[Path], made_by: dict) -> Non
     data = json.loads(manifest.read_text())
     data.setdefault("made_by", {}).update({Path(p).name: made_by for p in written})
     atomic_write_json(manifest, data)
+
+
+def predictions_made_by(folder: Path) -> dict[str, dict]:
+    """Which model made each map of a predictions folder, as ``record_predictions`` wrote it; empty when the
+    folder has no (readable) record, e.g. maps from another tool."""
+    try:
+        made_by = json.loads((Path(folder) / PREDICTIONS_MANIFEST).read_text()).get("made_by", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return made_by if isinstance(made_by, dict) else {}

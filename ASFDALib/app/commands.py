@@ -413,7 +413,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ASFDALib.data.volumes import discover_volumes
     from ASFDALib.evaluation.evaluate import evaluate_folders, foreign_warning, summary_rows, write_csv
     from ASFDALib.models.card import load_card
-    from ASFDALib.outputs import refuse_inside_session, refuse_overwrite
+    from ASFDALib.outputs import predictions_made_by, refuse_inside_session, refuse_overwrite
 
     out = args.out or Path(args.pred) / "evaluation.csv"
     if out.is_dir():
@@ -442,7 +442,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for score in scores:
         if score.foreign:
             console.print(f"[yellow]warning[/yellow] {escape(foreign_warning(score, names))}", soft_wrap=True)
-    rows = summary_rows(scores, names, trained)
+    # maps that predict recorded as this session's source model's: it trained on none of the session's cases
+    made_by = predictions_made_by(args.pred).values()
+    root = str(session.root.resolve()) if session else None
+    source = (
+        bool(trained) and bool(made_by) and all((m.get("session"), m.get("model")) == (root, "source") for m in made_by)
+    )
+    rows = summary_rows(scores, names, trained, source)
 
     def cell(value: float) -> str:
         return "" if math.isnan(value) else f"{value:.3f}"
@@ -451,6 +457,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     mean = rows[-1]
     held_out = sum(r["case"] not in trained for r in rows[:-1])
     left = f" (not the {len(rows) - 1 - held_out} the session trained on)" if held_out < len(rows) - 1 else ""
+    if left and source:
+        left = left[:-1] + ", as for the adapted model)"
     classes = Table(title=f"Mean over {held_out} cases{left}, per class")
     for column in ("class", "Dice", "HD95 (mm)"):
         classes.add_column(column)

@@ -96,15 +96,20 @@ def foreign_warning(score: CaseScore, class_names: list[str]) -> str:
     )
 
 
-def summary_rows(scores: list[CaseScore], class_names: list[str], trained: dict[str, str] | None = None) -> list[dict]:
-    """One row per case and a MEAN row. ``trained`` maps a case to how the model trained on it ("labelled",
-    "pseudo-labelled"): such a case is noted and left out of the mean, which is then a held-out figure."""
+def summary_rows(
+    scores: list[CaseScore], class_names: list[str], trained: dict[str, str] | None = None, source: bool = False
+) -> list[dict]:
+    """One row per case and a MEAN row. ``trained`` maps a case to how the session's adapted model trained on
+    it ("labelled", "pseudo-labelled"): such a case is noted and left out of the mean, which is then a held-out
+    figure. ``source``: the maps are the source model's, which did not train on them; they are still left out,
+    so that its mean and the adapted model's are over the same cases."""
     trained = trained or {}
+    why = "not in the mean, as for the adapted model" if source else "trained on, not in the mean"
     rows = []
     for s in scores:
         note = f"not classes, left out: {value_ranges(s.foreign)}" if s.foreign else ""
         if s.case in trained:
-            note = "; ".join(filter(None, [f"{trained[s.case]} in the session: trained on, not in the mean", note]))
+            note = "; ".join(filter(None, [f"{trained[s.case]} in the session: {why}", note]))
         row = {"case": s.case, "reason": s.reason or note}
         for i, name in enumerate(class_names[1:]):
             row[f"dice_{name}"] = s.dice[i] if i < len(s.dice) else float("nan")
@@ -115,7 +120,10 @@ def summary_rows(scores: list[CaseScore], class_names: list[str], trained: dict[
     if rows:
         held_out = [r for r in rows if r["case"] not in trained]
         left = len(rows) - len(held_out)
-        mean = {"case": "MEAN", "reason": f"without the {left} cases the session trained on" if left else ""}
+        reason = f"without the {left} cases the session trained on" if left else ""
+        if left and source:
+            reason += " (the source model did not: left out so the mean compares with the adapted model's)"
+        mean = {"case": "MEAN", "reason": reason}
         for key in rows[0]:
             if key not in ("case", "reason"):
                 values = [r[key] for r in held_out if not math.isnan(r[key])]

@@ -113,6 +113,27 @@ def test_evaluating_with_the_session_leaves_the_cases_it_trained_on_out_of_the_m
     assert len(held_out) == 2
 
 
+def test_the_source_models_maps_are_evaluated_on_the_same_held_out_cases_and_say_why(
+    adapted_session, mri_pool, tmp_path, capsys
+):
+    import csv
+
+    _, session, query = adapted_session
+    pred, labels = tmp_path / "source", str(mri_pool / "labels")
+    assert (
+        main(["predict", str(session), "--images", str(mri_pool / "images"), "--out", str(pred), "--source-model"]) == 0
+    )
+    assert main(["evaluate", "--pred", str(pred), "--labels", labels, "--session", str(session)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "Mean over 2 cases (not the 4 the session trained on, as for the adapted model), per class" in said
+    rows = {r["case"]: r for r in csv.DictReader(open(pred / "evaluation.csv"))}
+    assert rows[query[0]]["reason"] == "labelled in the session: not in the mean, as for the adapted model"
+    assert rows["MEAN"]["reason"] == (
+        "without the 4 cases the session trained on (the source model did not: left out so the mean compares "
+        "with the adapted model's)"
+    )
+
+
 def test_a_prediction_folder_records_which_model_made_each_map(adapted_session, mri_pool, tmp_path, capsys):
     from ASFDALib.data.volumes import content_hash
 
