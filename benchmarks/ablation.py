@@ -70,7 +70,14 @@ QUERY_VARIANTS = {
 }
 # The variants are pinned, not the recipe's defaults, so a later default leaves their meaning (and the
 # stored trainings they name) alone. CONSTANT is the recipe before the decaying stage 2 (2026-12-05).
-CONSTANT = SSFTOptions(reliability="confidence", min_agreement=0.5, stage2_lr="constant")
+CONSTANT = SSFTOptions(
+    reliability="confidence",
+    min_agreement=0.5,
+    stage2_lr="constant",
+    fallback="none",
+    pseudo_augment="weak",
+    teacher="fixed",
+)
 HALVES = replace(CONSTANT, stage1_fraction=0.5, extra_fraction=0.0)
 COSINE = replace(CONSTANT, stage2_lr="cosine")
 SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the protocol's)
@@ -97,6 +104,26 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
         1.0,
     ),
     "full stage 1, then 1/2 more, where flips agree, rate decaying": (replace(COSINE, reliability="flips"), 1.0),
+    "full stage 1, then 1/2 more, confidence gate, rate decaying, strong augmentation of pseudo-labelled patches": (
+        replace(COSINE, pseudo_augment="strong"),
+        1.0,
+    ),
+    "full stage 1, then 1/2 more, where flips agree, rate decaying, strong augmentation": (
+        replace(COSINE, reliability="flips", pseudo_augment="strong"),
+        1.0,
+    ),
+    "full stage 1, then 1/2 more, where the source model agrees, rate decaying, strong augmentation": (
+        replace(COSINE, reliability="rounds", pseudo_augment="strong"),
+        1.0,
+    ),
+    "full stage 1, then 1/2 more, confidence gate, rate decaying, an EMA teacher labels strongly augmented patches": (
+        replace(COSINE, pseudo_augment="strong", teacher="ema"),
+        1.0,
+    ),
+    "full stage 1, then 1/2 more, every volume, rate decaying, an EMA teacher labels strongly augmented patches": (
+        replace(COSINE, pseudo_augment="strong", teacher="ema", keep_fraction=1.0),
+        1.0,
+    ),
     "control: stage 2 on the labels alone, its rate decaying": (COSINE, 1.0),
 }
 # variants whose stage 2 runs without pseudo-labels (the control of a decaying stage 2)

@@ -71,12 +71,30 @@ def _augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
             label = np.flip(label, axis)
     image = image * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)
     if rng.random() < 0.3:
-        low, high = float(image.min()), float(image.max())
-        span = max(high - low, 1e-6)
-        image = ((image - low) / span) ** rng.uniform(0.7, 1.5) * span + low
+        image = _gamma(image, rng.uniform(0.7, 1.5))
     if rng.random() < 0.2:
         image = image + rng.normal(0.0, 0.03, image.shape)
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
+
+
+def _gamma(image: np.ndarray, gamma: float) -> np.ndarray:
+    low, high = float(image.min()), float(image.max())
+    span = max(high - low, 1e-6)
+    return ((image - low) / span) ** gamma * span + low
+
+
+def strong_intensity(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """More intensity change on top of ``_augment``'s, per patch: a wider scale and shift, a gamma every time,
+    more noise. The pseudo-label was made on the unchanged volume, so the student must see through these
+    (the consistency idea of FixMatch); crops, flips and labels are untouched."""
+    out = images.numpy().copy()
+    for k in range(out.shape[0]):
+        patch = out[k] * rng.uniform(0.8, 1.25) + rng.uniform(-0.2, 0.2)
+        patch = _gamma(patch, rng.uniform(0.6, 1.7))
+        if rng.random() < 0.5:
+            patch = patch + rng.normal(0.0, 0.05, patch.shape)
+        out[k] = patch
+    return torch.from_numpy(out)
 
 
 def sample_batch(cases: list[Case], roi, batch_size: int, rng: np.random.Generator, foreground_ratio: float):
@@ -103,5 +121,13 @@ class PatchStream(torch.utils.data.Dataset):
         rng = np.random.default_rng([*self.key, int(i)])
         batch = sample_batch(self.labelled, self.roi, self.config.batch_size, rng, self.config.foreground_ratio)
         if self.pseudo:
-            batch += sample_batch(self.pseudo, self.roi, self.config.batch_size, rng, self.config.foreground_ratio)
+            images, labels = sample_batch(
+                self.pseudo, self.roi, self.config.batch_size, rng, self.config.foreground_ratio
+            )
+            weak = images
+            if self.config.pseudo_augment == "strong":  # its own generator: the weak draws stay as they were
+                images = strong_intensity(images, np.random.default_rng([*self.key, int(i), 1]))
+            batch += (images, labels)
+            if self.config.teacher == "ema":  # the teacher labels the weakly augmented patch
+                batch += (weak,)
         return batch

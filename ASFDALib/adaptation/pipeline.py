@@ -98,7 +98,7 @@ def build_pseudo_labels(
             continue
     # "rounds" compares with the model this round started from: the source, or the last round's
     reference = round_start_model(session).network if config.reliability == "rounds" else None
-    kept, scores, labels = selective_pseudo_labels(
+    made = selective_pseudo_labels(
         model.network,
         model.card,
         [c.image for c in cases],
@@ -109,17 +109,37 @@ def build_pseudo_labels(
         config.reliability,
         config.min_agreement,
         reference,
+        config.fallback,
     )
     folder.mkdir(parents=True, exist_ok=True)
-    for name, label in labels.items():
+    for name, label in made.labels.items():
         atomic_write_npz(folder / f"{case_id(name)}.npz", {"label": label}, compressed=True)
-    gate: dict = {"reliability": config.reliability, "keep_fraction": config.keep_fraction}
-    if config.reliability == "confidence":
+    # the gate that judged; where it stood in for the one asked, which that was and how near it came
+    gate: dict = {"reliability": made.gate, "keep_fraction": config.keep_fraction}
+    if made.gate == "confidence":
         gate["confidence"] = config.confidence
     else:
         gate["min_agreement"] = config.min_agreement
-    atomic_write_json(folder / "pseudo.json", {"gate": gate, "kept": kept, "reliability": scores})
-    return kept, scores
+    if made.asked:
+        gate |= {"asked": made.asked, "asked_best": round(made.asked_best, 4)}
+    atomic_write_json(folder / "pseudo.json", {"gate": gate, "kept": made.kept, "reliability": made.reliability})
+    return made.kept, made.reliability
+
+
+VIEWS = {
+    "flips": "the adapted model's flipped views agree",
+    "rounds": "the adapted model agrees with the model the round started from",
+}
+
+
+def _instead(gate: dict) -> str:
+    """Where the fallback judged: which gate was asked, and how near it came (a clause, or "")."""
+    if not gate.get("asked"):
+        return ""
+    return (
+        f"no volume reached the {gate['asked']} gate's floor ({VIEWS[gate['asked']]} at most "
+        f"{gate['asked_best']:.2f}), so the {gate['reliability']} gate judged instead (--pseudo-fallback): "
+    )
 
 
 def _why_none(result: AdaptResult) -> str:
@@ -128,15 +148,12 @@ def _why_none(result: AdaptResult) -> str:
     if floor is None or not result.reliability:
         return ""
     best = max(result.reliability.values())
-    views = (
-        "the adapted model's flipped views agree"
-        if result.gate["reliability"] == "flips"
-        else "the adapted model agrees with the model the round started from"
-    )
+    asked = f"; {_instead(result.gate)[:-2]}" if result.gate.get("asked") else ""
     return (
-        f" ({views} at most {best:.2f} on any volume, class-balanced Dice, below the floor of {floor:g}, "
-        "--min-agreement). To judge by the adapted model's confidence instead: --restart --pseudo-gate "
-        "confidence (in the panel: Pseudo-label gate confidence, then Train again); --no-pseudo skips stage 2"
+        f" ({VIEWS[result.gate['reliability']]} at most {best:.2f} on any volume, class-balanced Dice, below the "
+        f"floor of {floor:g}, --min-agreement{asked}). To judge by the adapted model's confidence instead: "
+        "--restart --pseudo-gate confidence (in the panel: Pseudo-label gate confidence, then Train again); "
+        "--no-pseudo skips stage 2"
     )
 
 
@@ -152,8 +169,8 @@ def _passed(result: AdaptResult, kept: int) -> str:
         )
     reached = sum(score >= floor and score > 0 for score in result.reliability.values())
     return (
-        f"{reached} of {total} unlabeled volumes reached the {gate['reliability']} gate's floor ({floor:g}); "
-        f"the {kept} that agree most get pseudo-labels ({share})"
+        f"{_instead(gate)}{reached} of {total} unlabeled volumes reached the {gate['reliability']} gate's floor "
+        f"({floor:g}); the {kept} that agree most get pseudo-labels ({share})"
     )
 
 
@@ -339,6 +356,7 @@ def finetune_session(
     decays = ""
     if targets["stage2"] > before["stage2"]:  # how stage 2's rate runs: held, or decayed along a cosine
         entry["stage2_lr"] = config.stage2_lr
+        entry["pseudo_augment"] = config.pseudo_augment
         if config.stage2_lr == "cosine":
             decays = f"; stage 2 decays them to zero along a cosine over its {targets['stage2']} iterations"
     say(

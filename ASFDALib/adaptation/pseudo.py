@@ -9,17 +9,35 @@ overstates: a volume's reliability is how well two views of it agree (class-bala
 voxels where every view agrees are labelled. ``flips`` compares the prediction with those of the volume
 flipped along each axis; ``rounds`` with the prediction of the model the round started from (the source
 model in round 1). Either way the top ``keep_fraction`` of the pool is kept, and none below ``min_agreement``.
+
+A gate that keeps no volume hands over to its ``fallback``: a source model that segments nothing on a new
+modality cannot vouch for any volume, so ``rounds`` then asks the flipped views instead (the default).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ASFDALib.adaptation.loss import IGNORE_INDEX
-from ASFDALib.adaptation.recipe import RELIABILITY
+from ASFDALib.adaptation.recipe import FALLBACKS, RELIABILITY
 from ASFDALib.query import scoring
 from ASFDALib.query.features import FeatureSummary
+
+
+@dataclass
+class PseudoLabels:
+    """What a gate made: the kept names (most reliable first), every candidate's reliability by the gate
+    that judged, the kept volumes' labels, and which gate judged (``asked``'s fallback when it kept none)."""
+
+    kept: list[str]
+    reliability: dict[str, float]
+    labels: dict[str, np.ndarray]
+    gate: str
+    asked: str = ""  # the gate asked for, when its fallback judged instead
+    asked_best: float = 0.0  # the best reliability the asked gate found, below its floor
 
 
 def reliability(asd: np.ndarray, d_min: np.ndarray) -> np.ndarray:
@@ -121,24 +139,51 @@ def selective_pseudo_labels(
     gate: str = "confidence",
     min_agreement: float = 0.5,
     reference: torch.nn.Module | None = None,
-) -> tuple[list[str], dict[str, float], dict[str, np.ndarray]]:
+    fallback: str = "none",
+) -> PseudoLabels:
     """Score ``pool`` (name, model-space image) with the current model, keep the reliable part and label it.
 
-    Returns the kept names (most reliable first), every candidate's reliability, and the pseudo-labels
-    (uint8, IGNORE_INDEX where the model is not confident, or where the views disagree) of the kept ones.
-    ``gate`` is one of RELIABILITY; ``rounds`` needs ``reference``, the model the round started from.
+    The pseudo-labels are uint8, IGNORE_INDEX where the model is not confident, or where the views disagree.
+    ``gate`` is one of RELIABILITY; ``rounds`` needs ``reference``, the model the round started from. Where
+    it keeps no volume, ``fallback`` (a gate, or "none") judges the pool instead.
     """
+    if gate not in RELIABILITY or fallback not in FALLBACKS:
+        raise ValueError(f"unknown pseudo-label gate {gate!r} or fallback {fallback!r}: {RELIABILITY}, {FALLBACKS}")
+    if (gate == "rounds") != (reference is not None):
+        raise ValueError("the 'rounds' gate, and only it, takes the reference model")
+    first = _judge(
+        network, card, labelled_images, pool, keep_fraction, confidence, device, gate, min_agreement, reference
+    )
+    if first.kept or not pool or fallback in ("none", gate):
+        return first
+    then = _judge(network, card, labelled_images, pool, keep_fraction, confidence, device, fallback, min_agreement)
+    then.asked, then.asked_best = gate, max(first.reliability.values())
+    return then
+
+
+def _judge(
+    network: torch.nn.Module,
+    card,
+    labelled_images: list[np.ndarray],
+    pool: list[tuple[str, np.ndarray]],
+    keep_fraction: float,
+    confidence: float,
+    device: str,
+    gate: str,
+    min_agreement: float,
+    reference: torch.nn.Module | None = None,
+) -> PseudoLabels:
+    """One gate's judgement of the pool (``selective_pseudo_labels`` without the fallback)."""
     from ASFDALib.inference.predict import predict_probabilities
     from ASFDALib.inference.sweep import SweepConfig, sweep
 
     if not pool:
-        return [], {}, {}
-    if gate not in RELIABILITY:
-        raise ValueError(f"unknown pseudo-label gate {gate!r}; use one of {', '.join(RELIABILITY)}")
+        return PseudoLabels([], {}, {}, gate)
     if gate != "confidence":
-        if (gate == "rounds") != (reference is not None):
-            raise ValueError("the 'rounds' gate, and only it, takes the reference model")
-        return agreement_pseudo_labels(network, card, pool, keep_fraction, min_agreement, reference, device)
+        kept, scores, labels = agreement_pseudo_labels(
+            network, card, pool, keep_fraction, min_agreement, reference, device
+        )
+        return PseudoLabels(kept, scores, labels, gate)
     sweep_config = SweepConfig(device=device)
     results = [sweep(network, torch.as_tensor(image), card, sweep_config) for _, image in pool]
     labelled = [sweep(network, torch.as_tensor(image), card, sweep_config).summary for image in labelled_images]
@@ -149,4 +194,6 @@ def selective_pseudo_labels(
     labels = {
         pool[i][0]: pseudo_label(predict_probabilities(network, pool[i][1], card, device), confidence) for i in kept
     }
-    return [pool[i][0] for i in kept], {name: float(s) for (name, _), s in zip(pool, scores)}, labels
+    return PseudoLabels(
+        [pool[i][0] for i in kept], {name: float(s) for (name, _), s in zip(pool, scores)}, labels, gate
+    )

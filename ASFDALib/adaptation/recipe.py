@@ -14,9 +14,15 @@ LOWER_RATE_FOR = ("encoder", "loaded")
 # How a pseudo-label is judged reliable (adaptation/pseudo.py): the model's confidence, or agreement between
 # two views, the volume flipped or the model the round started from.
 RELIABILITY = ("confidence", "flips", "rounds")
+# Which gate judges when the asked one keeps no volume ("none": stage 2 then trains on the labels alone).
+# Not "rounds": it needs the round's starting model, and is the gate a fallback stands in for.
+FALLBACKS = ("flips", "confidence", "none")
 # How stage 2's learning rate runs: held, or decayed to zero along a half cosine, so that the model handed
 # over is a settled end point rather than one sample of a walk at a constant rate.
 STAGE2_LR = ("constant", "cosine")
+TEACHERS = ("fixed", "ema")
+# How the pseudo-labelled patches are augmented (adaptation/patches.py).
+AUGMENTS = ("weak", "strong")
 
 
 @dataclass
@@ -43,12 +49,24 @@ class FinetuneConfig:
     # model on, which guards what the source model did well; docs/method.md "Gates that guard what the
     # source model did well" has the validation comparison behind the default.
     reliability: str = "rounds"
+    # one of FALLBACKS: judges the pool when ``reliability`` keeps no volume, as "rounds" does where the
+    # source model segments nothing (docs/method.md "When the source model cannot vouch")
+    fallback: str = "flips"
     confidence: float = 0.9  # the voxel gate of "confidence"
     min_agreement: float = 0.5  # the volume floor of "flips" and "rounds"
     pseudo_weight: float = 1.0
     # one of STAGE2_LR; stage 1 always runs at a constant rate. docs/method.md "A stage 2 that settles".
     stage2_lr: str = "cosine"
     ramp_fraction: float = 0.3
+    # one of AUGMENTS: how the pseudo-labelled patches are augmented: "weak", as the labelled ones; "strong",
+    # more intensity change on top (adaptation/patches.strong_intensity). docs/method.md "When the source
+    # model cannot vouch" has the validation comparison behind the default.
+    pseudo_augment: str = "strong"
+    # who labels the pseudo-labelled patches: "fixed", the stage-1 model once, before stage 2 (the gate's
+    # labels); "ema", an exponential moving average of the student's weights, online, on each patch (its
+    # confident voxels, ``confidence``), so the labels improve as the student does (Mean Teacher)
+    teacher: str = "fixed"
+    ema_decay: float = 0.99
     max_pseudo_volumes: int = 20
     workers: int | None = None  # data-loader processes; None: none on the CPU, up to 4 beside a GPU
 

@@ -7,6 +7,7 @@ same state as an uninterrupted one (torch's generator is stored in every checkpo
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from ASFDALib import distributed
-from ASFDALib.adaptation.loss import dice_ce_loss
+from ASFDALib.adaptation.loss import IGNORE_INDEX, dice_ce_loss
 from ASFDALib.adaptation.patches import Case, PatchStream
 from ASFDALib.adaptation.recipe import FinetuneConfig, lr_factor, ramp
 from ASFDALib.atomic import atomic_write
@@ -125,6 +126,7 @@ class Trainer:
             self.model = DistributedDataParallel(network, device_ids=ids)
         self.stage = "stage1"
         self.iteration = 0
+        self.teacher: torch.nn.Module | None = None  # stage 2's EMA teacher (config.teacher == "ema")
         self.saved: tuple[str, int] | None = None  # (stage, iteration) of the newest checkpoint on disk
         self.amp_dtype = None
         if config.amp and self.device.type == "cuda":
@@ -154,6 +156,8 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
                 "config": json.dumps(asdict(self.config)),
             }
+            if self.teacher is not None:
+                state["teacher"] = {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
             atomic_write(target, lambda tmp: torch.save(state, tmp))
         if target == self.last_path:
             self.saved = (self.stage, self.iteration)
@@ -171,11 +175,38 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.stage, self.iteration = state["stage"], int(state["iteration"])
         torch.set_rng_state(state["torch_rng"])
+        self.teacher = None
+        if "teacher" in state:
+            self._make_teacher().load_state_dict(state["teacher"])
         return True
 
     def begin_stage(self, stage: str) -> None:
         if self.stage != stage:
-            self.stage, self.iteration = stage, 0
+            self.stage, self.iteration, self.teacher = stage, 0, None
+
+    def _make_teacher(self) -> torch.nn.Module:
+        """The EMA teacher, starting from the student's weights (at stage 2's start: the stage-1 model)."""
+        self.teacher = copy.deepcopy(self.network).eval().requires_grad_(False)
+        return self.teacher
+
+    @torch.no_grad()
+    def _teacher_label(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's label of a batch of patches: its confident voxels, IGNORE_INDEX elsewhere."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.teacher(x.to(self.device))
+        if logits.dim() == x.dim() + 1:  # deep supervision in eval mode: the full-size output
+            logits = logits[:, 0]
+        best, label = torch.softmax(logits.float(), dim=1).max(dim=1)
+        label[best < self.config.confidence] = IGNORE_INDEX
+        return label.cpu()
+
+    @torch.no_grad()
+    def _update_teacher(self) -> None:
+        decay = self.config.ema_decay
+        for t, s in zip(self.teacher.parameters(), self.network.parameters()):
+            t.lerp_(s.detach(), 1.0 - decay)
+        for t, s in zip(self.teacher.buffers(), self.network.buffers()):
+            t.copy_(s)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":  # pinned host memory (the loader's), asynchronous copies, channels-last
@@ -209,6 +240,8 @@ class Trainer:
     ) -> str:
         """Train the current stage up to ``iterations``; returns "done" or "cancelled" (checkpoint saved)."""
         self.network.train()
+        if pseudo and self.config.teacher == "ema" and self.teacher is None:
+            self._make_teacher()
         start, first = time.perf_counter(), self.iteration
         val_dice = None
         for batch in self.batches(labelled, pseudo, iterations):
@@ -221,13 +254,18 @@ class Trainer:
                 group["lr"] = base * factor
             loss = self._loss(*batch[:2])
             if pseudo:
+                x, y = batch[2], batch[3]
+                if self.config.teacher == "ema":
+                    y = self._teacher_label(batch[4])
                 loss = loss + self.config.pseudo_weight * ramp(
                     self.iteration, iterations, self.config.ramp_fraction
-                ) * self._loss(*batch[2:])
+                ) * self._loss(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.teacher is not None:
+                self._update_teacher()
             self.iteration += 1
             at_checkpoint = self.iteration % self.config.checkpoint_every == 0 or self.iteration == iterations
             if at_checkpoint:

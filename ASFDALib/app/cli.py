@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ASFDALib.adaptation.recipe import LOWER_RATE_FOR, RELIABILITY, STAGE2_LR, FinetuneConfig
+from ASFDALib.adaptation.recipe import AUGMENTS, FALLBACKS, LOWER_RATE_FOR, RELIABILITY, STAGE2_LR, FinetuneConfig
 from ASFDALib.app import commands
 from ASFDALib.app.arguments import (
     choice_list,
@@ -329,7 +329,23 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"what makes a pseudo-label reliable (default: {RECIPE.reliability}): confidence, the model's own "
         "probability; flips, agreement with its predictions of the volume flipped along each axis; rounds, "
         "agreement with the model this round started from (the source model in round 1), so stage 2 rehearses "
-        "what that model did well; where it segments nothing (a new modality, say) no volume passes",
+        "what that model did well; where it segments nothing (a new modality, say) no volume passes, and "
+        "--pseudo-fallback judges instead",
+    )
+    finetune.add_argument(
+        "--pseudo-fallback",
+        dest="fallback",
+        choices=FALLBACKS,
+        help=f"the gate that judges the pool when --pseudo-gate keeps no volume (default: {RECIPE.fallback}): a "
+        "source model that segments nothing on this data cannot vouch for any volume under rounds, so the "
+        "adapted model's flipped views are asked instead; none: stage 2 then trains on the labels alone",
+    )
+    finetune.add_argument(
+        "--pseudo-augment",
+        choices=AUGMENTS,
+        help=f"how the pseudo-labelled patches are augmented (default: {RECIPE.pseudo_augment}): weak, as the "
+        "labelled ones; strong, with more intensity change (scale, shift, gamma, noise) that the model must see "
+        "through, its pseudo-label made on the unchanged volume; --resume and --extend keep the run's own",
     )
     finetune.add_argument(
         "--confidence",
@@ -530,6 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=RELIABILITY,
         help=f"what makes the asfda+ssft row's pseudo-labels reliable (default: {RECIPE.reliability}, as asfda "
         "finetune; see its --help); part of the protocol a results.json resumes with",
+    )
+    bench.add_argument(
+        "--pseudo-fallback",
+        choices=FALLBACKS,
+        help=f"the gate that judges when --pseudo-gate keeps no volume (default: {RECIPE.fallback}, as asfda "
+        "finetune); part of the protocol",
+    )
+    bench.add_argument(
+        "--pseudo-augment",
+        choices=AUGMENTS,
+        help=f"how the asfda+ssft row augments its pseudo-labelled patches (default: {RECIPE.pseudo_augment}, as "
+        "asfda finetune); part of the protocol",
     )
     bench.add_argument(
         "--min-agreement",

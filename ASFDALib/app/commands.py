@@ -237,8 +237,15 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def check_gate_options(gate: str, confidence: float | None, min_agreement: float | None) -> None:
+def check_gate_options(
+    gate: str, confidence: float | None, min_agreement: float | None, fallback: str | None = None
+) -> None:
     """Refuse, before any work, a pseudo-label option the chosen gate does not read (it would do nothing)."""
+    if fallback not in (None, "none") and gate == "confidence":
+        raise ASFDAError(
+            "--pseudo-fallback judges when the gate keeps no volume, and the confidence gate always keeps some; "
+            "leave it out, or add --pseudo-gate rounds"
+        )
     if min_agreement is not None and gate == "confidence":
         raise ASFDAError(
             "--min-agreement is the floor of the flips and rounds gates; add --pseudo-gate flips or rounds, "
@@ -270,6 +277,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "--pseudo-gate": args.reliability,
         "--confidence": args.confidence,
         "--min-agreement": args.min_agreement,
+        "--pseudo-fallback": args.fallback,
+        "--pseudo-augment": args.pseudo_augment,
     }
     given = [name for name, value in gate_options.items() if value is not None]
     if args.no_pseudo and given:
@@ -277,15 +286,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             f"--no-pseudo skips stage 2, so {' and '.join(given)} would do nothing; leave out one or the other"
         )
     reliability = args.reliability or recipe.reliability
-    check_gate_options(reliability, args.confidence, args.min_agreement)
+    check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback)
     iterations = recipe.iterations if args.iterations is None else args.iterations
     run = None
     if args.mode in ("extend", "resume"):
         opened = Session.open(args.session)
         run = read_run(opened.root / "checkpoints" / f"round{opened.rounds[-1]['index']}") if opened.rounds else None
     # a resume or extend keeps the schedule stage 2 last ran with, unless one is asked for
-    ran = [h["stage2_lr"] for h in (run or {}).get("history", []) if "stage2_lr" in h]
-    stage2_lr = args.stage2_lr or (ran[-1] if ran else recipe.stage2_lr)
+    stage2 = [h for h in (run or {}).get("history", []) if "stage2_lr" in h]
+    stage2_lr = args.stage2_lr or (stage2[-1]["stage2_lr"] if stage2 else recipe.stage2_lr)
+    # stage 2 entries recorded before the augmentation was a choice augmented weakly
+    augment = args.pseudo_augment or (stage2[-1].get("pseudo_augment", "weak") if stage2 else recipe.pseudo_augment)
     if args.mode == "extend":
         if run and args.iterations is None:
             iterations = run["done"]["stage1"]  # extending stage 2 only: stage 1 stays as it ran
@@ -306,7 +317,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         confidence=recipe.confidence if args.confidence is None else args.confidence,
         reliability=reliability,
         min_agreement=recipe.min_agreement if args.min_agreement is None else args.min_agreement,
+        fallback=args.fallback or recipe.fallback,
         stage2_lr=stage2_lr,
+        pseudo_augment=augment,
     )
     bar, progress = training_progress(console)
     distributed.init_from_env(args.device)
@@ -617,8 +630,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.min_agreement is not None:
         check_gate_options(args.pseudo_gate or config.ssft.reliability, None, args.min_agreement)
         overrides["ssft"] = replace(overrides.get("ssft", config.ssft), min_agreement=args.min_agreement)
-    if args.stage2_lr is not None:
-        overrides["ssft"] = replace(overrides.get("ssft", config.ssft), stage2_lr=args.stage2_lr)
+    for name in ("stage2_lr", "pseudo_fallback", "pseudo_augment"):
+        value = getattr(args, name)
+        if value is not None:
+            field = "fallback" if name == "pseudo_fallback" else name
+            overrides["ssft"] = replace(overrides.get("ssft", config.ssft), **{field: value})
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)
     if config.eval_at and not (config.validation or val_dir):
         raise ASFDAError("--eval-at scores the validation set: give --validation DIR (or a phantom count)")

@@ -88,11 +88,21 @@ class SSFTOptions:
     extra_fraction: float = 0.5  # stage 2 runs this fraction of the iterations on top of stage 1
     reliability: str = FinetuneConfig.reliability  # adaptation/pseudo.py: "confidence", "flips", "rounds"
     min_agreement: float = FinetuneConfig.min_agreement  # the agreement gates' volume floor
+    fallback: str = FinetuneConfig.fallback  # the gate that judges when ``reliability`` keeps no volume
     stage2_lr: str = FinetuneConfig.stage2_lr  # adaptation/recipe.py STAGE2_LR; the control's last part too
+    pseudo_augment: str = FinetuneConfig.pseudo_augment  # "weak" or "strong" (adaptation/patches.py)
+    teacher: str = FinetuneConfig.teacher  # adaptation/recipe.py TEACHERS
 
 
 # fields SSFTOptions gained later, at the values the runs recorded before them ran with
-SSFT_LATER_FIELDS = {"reliability": "confidence", "min_agreement": 0.5, "stage2_lr": "constant"}
+SSFT_LATER_FIELDS = {
+    "reliability": "confidence",
+    "min_agreement": 0.5,
+    "stage2_lr": "constant",
+    "pseudo_augment": "weak",
+    "teacher": "fixed",
+    "fallback": "none",
+}
 
 
 @dataclass
@@ -309,7 +319,9 @@ def train(
     """
     model = load_model(model_path, card)
     network = model.network
-    stage2 = {"stage2_lr": ssft.stage2_lr} if ssft else {}
+    stage2 = (
+        {"stage2_lr": ssft.stage2_lr, "pseudo_augment": ssft.pseudo_augment, "teacher": ssft.teacher} if ssft else {}
+    )
     config = FinetuneConfig(seed=seed, device=device, checkpoint_every=10**9, **(rates or {}), **stage2)
     # the learning rates the session path uses: by what the checkpoint loaded (one recipe for every row)
     trainer = Trainer(network, card, config, workdir, model.load_report)
@@ -333,7 +345,7 @@ def train(
         candidates = [(c.name, c.image) for c in pool if c.name not in names]
         # round 1 of a session starts from the source model: "rounds" compares with it
         reference = load_model(model_path, card).network if ssft.reliability == "rounds" else None
-        _, _, labels = selective_pseudo_labels(
+        made = selective_pseudo_labels(
             network,
             card,
             [c.image for c in labelled],
@@ -344,9 +356,10 @@ def train(
             ssft.reliability,
             ssft.min_agreement,
             reference,
+            ssft.fallback,
         )
         by_name = {c.name: c for c in pool}
-        pseudo = [Case(n, by_name[n].image, label) for n, label in labels.items()]
+        pseudo = [Case(n, by_name[n].image, label) for n, label in made.labels.items()]
     if ssft:
         trainer.begin_stage("stage2")
         trainer.run(labelled, iterations - first + round(iterations * ssft.extra_fraction), pseudo or None)

@@ -178,10 +178,48 @@ def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(la
     assert len(pseudo["kept"]) == 2 and all(0.0 <= r <= 1.0 for r in pseudo["reliability"].values())
 
 
-def test_by_default_no_volume_gets_pseudo_labels_where_the_source_model_found_nothing(labelled_session, capsys):
-    """The default gate is agreement with the round's starting model: the default model segments nothing on
-    MRI phantoms, so no unlabeled volume is reliable and stage 2 trains on the label alone."""
+def test_where_the_source_model_vouches_for_no_volume_the_flipped_views_judge_by_default(labelled_session, capsys):
+    """The default gate is agreement with the round's starting model: the default model finds little on MRI
+    phantoms, so no volume reaches the floor, and its fallback, agreement under flips, judges instead (here a
+    model trained for 4 iterations is not consistent enough under flips either)."""
     args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1"]
+    assert main(["finetune", str(labelled_session), *args]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    pseudo = json.loads((labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
+    gate, best = pseudo["gate"], max(pseudo["reliability"].values())
+    assert gate == {"reliability": "flips", "keep_fraction": 0.5, "min_agreement": 0.5} | {
+        "asked": "rounds",
+        "asked_best": gate["asked_best"],
+    }
+    assert 0 < gate["asked_best"] < 0.5 and pseudo["kept"] == [] and best < 0.5
+    assert (
+        "no unlabeled volume passed the flips gate: stage 2 trains on the labels alone (the adapted model's flipped "
+        f"views agree at most {best:.2f} on any volume, class-balanced Dice, below the floor of 0.5, "
+        "--min-agreement; no volume reached the rounds gate's floor (the adapted model agrees with the model the "
+        f"round started from at most {gate['asked_best']:.2f}), so the flips gate judged instead (--pseudo-fallback))"
+    ) in said
+    metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
+    assert metrics["pseudo_gate"] == gate and metrics["pseudo_labelled"] == []
+
+
+def test_a_fallback_that_judged_says_which_gate_was_asked_and_how_near_it_came():
+    from ASFDALib.adaptation.pipeline import AdaptResult, _passed
+
+    result = AdaptResult(status="done", checkpoint=None)
+    result.reliability = {"a": 0.9, "b": 0.7, "c": 0.2}
+    result.gate = {"reliability": "flips", "keep_fraction": 0.5, "min_agreement": 0.5, "asked": "rounds"}
+    result.gate["asked_best"] = 0.12
+    assert _passed(result, 2) == (
+        "no volume reached the rounds gate's floor (the adapted model agrees with the model the round started from "
+        "at most 0.12), so the flips gate judged instead (--pseudo-fallback): 2 of 3 unlabeled volumes reached the "
+        "flips gate's floor (0.5); the 2 that agree most get pseudo-labels (--keep-fraction 0.5)"
+    )
+
+
+def test_without_a_fallback_no_volume_gets_pseudo_labels_where_the_source_model_vouches_for_none(
+    labelled_session, capsys
+):
+    args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--pseudo-fallback", "none"]
     assert main(["finetune", str(labelled_session), *args]) == 0
     said = " ".join(capsys.readouterr().out.split())
     pseudo = json.loads((labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
@@ -233,7 +271,7 @@ def test_a_pseudo_label_option_that_would_do_nothing_is_refused_before_any_work(
 
 def test_a_round_with_no_reliable_volume_spends_stage_2_on_the_labels_alone(labelled_session, capsys):
     args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--pseudo-gate", "rounds"]
-    assert main(["finetune", str(labelled_session), *args, "--min-agreement", "1"]) == 0
+    assert main(["finetune", str(labelled_session), *args, "--min-agreement", "1", "--pseudo-fallback", "none"]) == 0
     assert "no unlabeled volume passed the rounds gate: stage 2 trains on the labels alone" in capsys.readouterr().out
     run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
     assert run["done"] == {"stage1": 4, "stage2": 2}
@@ -249,19 +287,21 @@ def test_a_round_says_that_stage_2_decays_its_rate(labelled_session, capsys):
         capsys.readouterr().out.split()
     )
     run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
-    assert run["history"][0]["stage2_lr"] == "cosine"
+    assert run["history"][0]["stage2_lr"] == "cosine" and run["history"][0]["pseudo_augment"] == "strong"
 
 
 def test_an_extend_keeps_the_stage_2_schedule_the_run_had_and_records_the_base_rates(labelled_session):
-    from ASFDALib.adaptation.recipe import STAGE2_LR, FinetuneConfig
+    from ASFDALib.adaptation.recipe import AUGMENTS, STAGE2_LR, FinetuneConfig
 
     other = next(s for s in STAGE2_LR if s != FinetuneConfig.stage2_lr)  # not the default, so it must be kept
+    augment = next(a for a in AUGMENTS if a != FinetuneConfig.pseudo_augment)  # likewise
     args = ["--iterations", "2", "--pseudo-iterations", "2", "--batch-size", "1", "--stage2-lr", other]
-    assert main(["finetune", str(labelled_session), *args]) == 0
+    assert main(["finetune", str(labelled_session), *args, "--pseudo-augment", augment]) == 0
     assert main(["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "4", "--batch-size", "1"]) == 0
     run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
     first, extend = run["history"]
     assert first["stage2_lr"] == extend["stage2_lr"] == other and run["done"] == {"stage1": 2, "stage2": 4}
+    assert first["pseudo_augment"] == extend["pseudo_augment"] == augment
     # the base rates, not the rate a checkpoint's optimizer held at its last step
     assert extend["learning_rates"] == first["learning_rates"]
 

@@ -113,25 +113,47 @@ def _pool(card, count=2):
 def test_a_reference_model_that_agrees_everywhere_keeps_the_top_fraction_labelled_in_full(default_model):
     network, card = default_model.network, default_model.card
     pool = _pool(card)
-    kept, scores, labels = selective_pseudo_labels(
+    made = selective_pseudo_labels(
         network, card, [], pool, keep_fraction=0.5, device="cpu", gate="rounds", reference=network
     )
-    assert scores == {"p0": 1.0, "p1": 1.0} and kept == ["p0"]
-    assert not np.any(labels["p0"] == IGNORE_INDEX) and labels["p0"].max() > 0
+    assert made.reliability == {"p0": 1.0, "p1": 1.0} and made.kept == ["p0"] and made.gate == "rounds"
+    assert not np.any(made.labels["p0"] == IGNORE_INDEX) and made.labels["p0"].max() > 0
 
 
-def test_a_reference_model_that_finds_no_organ_keeps_no_volume(default_model):
-    """The source model of a new modality: it agrees on no foreground, so round 1 pseudo-labels nothing."""
+def _blind(network):
     import copy
 
-    network, card = default_model.network, default_model.card
     blind = copy.deepcopy(network)
     for parameter in blind.parameters():
         torch.nn.init.zeros_(parameter)  # every logit 0: argmax background everywhere
-    kept, scores, labels = selective_pseudo_labels(
-        network, card, [], _pool(card), 1.0, min_agreement=0.0, device="cpu", gate="rounds", reference=blind
+    return blind
+
+
+def test_a_reference_model_that_finds_no_organ_keeps_no_volume(default_model):
+    """The source model of a new modality: it agrees on no foreground, so the rounds gate keeps nothing."""
+    network, card = default_model.network, default_model.card
+    made = selective_pseudo_labels(
+        network, card, [], _pool(card), 1.0, min_agreement=0.0, device="cpu", gate="rounds", reference=_blind(network)
     )
-    assert kept == [] and labels == {} and set(scores.values()) == {0.0}  # even with no floor at all
+    assert made.kept == [] and made.labels == {} and set(made.reliability.values()) == {0.0}  # even with no floor
+
+
+def test_where_the_reference_model_finds_no_organ_the_fallback_gate_judges_and_the_record_says_so(default_model):
+    network, card = default_model.network, default_model.card
+    pool, blind = _pool(card), _blind(network)
+    made = selective_pseudo_labels(
+        network, card, [], pool, 1.0, min_agreement=0.0, device="cpu", gate="rounds", reference=blind, fallback="flips"
+    )
+    flips = selective_pseudo_labels(network, card, [], pool, 1.0, min_agreement=0.0, device="cpu", gate="flips")
+    assert (made.gate, made.asked, made.asked_best) == ("flips", "rounds", 0.0)
+    assert made.reliability == flips.reliability and made.kept == flips.kept and len(made.kept) == 2
+    for name in made.kept:
+        np.testing.assert_array_equal(made.labels[name], flips.labels[name])
+    # a gate that keeps volumes is not second-guessed
+    kept = selective_pseudo_labels(
+        network, card, [], pool, 0.5, device="cpu", gate="rounds", reference=network, fallback="flips"
+    )
+    assert (kept.gate, kept.asked) == ("rounds", "")
 
 
 def test_flipped_views_are_flipped_back_onto_the_volume(default_model):
@@ -155,11 +177,11 @@ def test_flip_agreement_labels_only_where_the_flipped_predictions_agree(default_
 
     network, card = default_model.network, default_model.card
     pool = _pool(card, 1)
-    kept, scores, labels = selective_pseudo_labels(
+    made = selective_pseudo_labels(
         network, card, [], pool, keep_fraction=1.0, min_agreement=0.0, device="cpu", gate="flips"
     )
-    assert kept == ["p0"] and 0.0 < scores["p0"] <= 1.0
-    plain, label = predict_label(network, pool[0][1], card, "cpu"), labels["p0"]
+    assert made.kept == ["p0"] and 0.0 < made.reliability["p0"] <= 1.0
+    plain, label = predict_label(network, pool[0][1], card, "cpu"), made.labels["p0"]
     agreed = label != IGNORE_INDEX
     np.testing.assert_array_equal(label[agreed], plain[agreed])
     assert agreed.mean() > 0.5
@@ -244,6 +266,70 @@ def test_each_stage_and_rank_draws_its_own_batches(default_model):
     other = PatchStream(cases, None, default_model.card.roi_size, SMALL, "stage2")
     torch.testing.assert_close(one[5][0], again[5][0], rtol=0, atol=0)
     assert not torch.equal(one[5][0], one[6][0]) and not torch.equal(one[5][0], other[5][0])
+
+
+def test_strong_augmentation_changes_only_the_pseudo_labelled_patches_and_keeps_their_labels(default_model):
+    from ASFDALib.adaptation.patches import PatchStream
+
+    labelled, pseudo = _cases(default_model.card, 1), _cases(default_model.card, 1, seed=3)
+    roi = default_model.card.roi_size
+    weak = PatchStream(labelled, pseudo, roi, SMALL, "stage2")[4]
+    strong = PatchStream(labelled, pseudo, roi, replace(SMALL, pseudo_augment="strong"), "stage2")[4]
+    for i in (0, 1, 3):  # the labelled batch and the pseudo-labels: the same draws (crops and flips)
+        torch.testing.assert_close(weak[i], strong[i], rtol=0, atol=0)
+    assert not torch.equal(weak[2], strong[2])  # the pseudo-labelled images: other intensities
+
+
+def test_an_ema_teacher_starts_as_the_stage_1_model_and_follows_the_student_by_its_decay(tmp_path, default_model):
+    card, cases = default_model.card, _cases(default_model.card)
+    config = replace(SMALL, teacher="ema", ema_decay=0.9)
+    trainer = Trainer(_fresh(default_model.path), card, config, tmp_path / "a")
+    trainer.run(cases, 2)
+    assert trainer.teacher is None  # stage 1 trains on labels: no teacher
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    trainer.begin_stage("stage2")
+    trainer.run(cases[:1], 1, pseudo=cases[1:])
+    after = trainer.network.state_dict()
+    for key, value in trainer.teacher.named_parameters():
+        torch.testing.assert_close(value, 0.9 * before[key] + 0.1 * after[key])
+
+
+def test_the_ema_teacher_not_the_stored_pseudo_label_labels_the_patches(tmp_path, default_model):
+    """With no voxel confident enough for the teacher, the pseudo-labelled patches teach nothing, whatever
+    their stored labels say: stage 2 ends where it ends on the labels alone."""
+    card, cases = default_model.card, _cases(default_model.card)
+    ends = []
+    for folder, pseudo in (("a", cases[1:]), ("b", None)):
+        trainer = Trainer(
+            _fresh(default_model.path), card, replace(SMALL, teacher="ema", confidence=1.01), tmp_path / folder
+        )
+        trainer.begin_stage("stage2")
+        trainer.run(cases[:1], 2, pseudo)
+        ends.append(dict(trainer.network.named_parameters()))  # (BatchNorm's running statistics do see them)
+    for key, value in ends[1].items():
+        torch.testing.assert_close(ends[0][key], value, rtol=0, atol=0)
+
+
+def test_a_resumed_stage_2_with_an_ema_teacher_ends_as_an_uninterrupted_one(tmp_path, default_model):
+    card, cases = default_model.card, _cases(default_model.card, 3)
+    config = replace(SMALL, teacher="ema", pseudo_augment="strong", confidence=0.5)
+    runs = []
+    for folder, stop in (("a", None), ("b", 2)):
+        trainer = Trainer(_fresh(default_model.path), card, config, tmp_path / folder)
+        trainer.begin_stage("stage2")
+        cancel = threading.Event()
+        trainer.run(
+            cases[:1], 4, cases[1:], cancel, lambda p, stop=stop, cancel=cancel: p.iteration == stop and cancel.set()
+        )
+        if stop:
+            trainer = Trainer(_fresh(default_model.path), card, config, tmp_path / folder)  # a new process
+            assert trainer.load() and trainer.iteration == stop and trainer.teacher is not None
+            assert trainer.run(cases[:1], 4, cases[1:]) == "done"
+        runs.append(trainer)
+    for model in ("network", "teacher"):
+        resumed = getattr(runs[1], model).state_dict()
+        for key, value in getattr(runs[0], model).state_dict().items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
 
 
 def test_cancel_stops_within_one_iteration_and_leaves_a_usable_checkpoint(tmp_path, default_model):
