@@ -290,10 +290,12 @@ class Workflow:
             self.settings.strategy = strategy.get("name", self.settings.strategy)
             # rounds recorded before the fusion was a choice ranked with the summed form
             self.fusion = strategy.get("fusion", "sum")
-            # the gate the session's latest pseudo-labels were made by (the CLI's --pseudo-gate included)
+            # the gate the session's latest pseudo-labels were asked of (the CLI's --pseudo-gate included; where
+            # its fallback judged, pseudo.json's "reliability" names the fallback and "asked" the gate chosen)
             gates = [(r.get("metrics") or {}).get("pseudo_gate") or {} for r in session.rounds]
             self.settings.pseudo_gate = next(
-                (g["reliability"] for g in reversed(gates) if g.get("reliability")), self.settings.pseudo_gate
+                (g.get("asked") or g["reliability"] for g in reversed(gates) if g.get("reliability")),
+                self.settings.pseudo_gate,
             )
         ranking = session.root / "ranking.json"
         if ranking.is_file():

@@ -138,6 +138,7 @@ def test_finetune_apply_export_and_reopen(flow, mri_pool, tmp_path):
     reopened = Workflow(PanelSettings(session=flow.settings.session))
     assert reopened.reopen()
     assert reopened.settings.images == flow.settings.images
+    assert reopened.settings.pseudo_gate == "rounds"  # the gate chosen, though its fallback judged
     assert reopened.query == flow.query and reopened.phase is Phase.RANKED
     assert {r.case: r.status for r in reopened.rows if r.case in flow.query} == dict.fromkeys(flow.query, "labelled")
 
