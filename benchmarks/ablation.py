@@ -95,7 +95,7 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
     "full stage 1, then 1/2 more, where the source model agrees": (replace(CONSTANT, reliability="rounds"), 1.0),
     "control: labels only for 1.5x the iterations": (None, 1.5),
     "full stage 1, then 1/2 more with pseudo-labels, stage 2's rate decaying": (COSINE, 1.0),
-    "full stage 1, then 1/2 more, where the source model agrees, rate decaying (the default)": (
+    "full stage 1, then 1/2 more, where the source model agrees, rate decaying": (
         replace(COSINE, reliability="rounds"),
         1.0,
     ),
@@ -114,6 +114,11 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
     ),
     "full stage 1, then 1/2 more, where the source model agrees, rate decaying, strong augmentation": (
         replace(COSINE, reliability="rounds", pseudo_augment="strong"),
+        1.0,
+    ),
+    "full stage 1, then 1/2 more, where the source model agrees, else where flips agree, rate decaying, strong "
+    "augmentation (the default)": (
+        replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong"),
         1.0,
     ),
     "full stage 1, then 1/2 more, confidence gate, rate decaying, an EMA teacher labels strongly augmented patches": (
