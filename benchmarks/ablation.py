@@ -252,7 +252,7 @@ def main() -> None:
             t0 = time.perf_counter()
             labelled = [c for c in pool if c.name in query]
             work = args.out / "work"
-            network, kept = train(
+            network, kept, _ = train(
                 model_path,
                 model.card,
                 labelled,

@@ -144,6 +144,8 @@ class Run:
     shared_with: str = ""  # "row@budget" whose identical training this run reused
     # the volumes stage 2 pseudo-labelled (an SSFT run; None: another row, or recorded before this was kept)
     pseudo_labelled: list[str] | None = None
+    # the gate that judged them: the one asked for, or its fallback where that kept no volume
+    pseudo_gate: str = ""
 
 
 @dataclass
@@ -303,10 +305,11 @@ def train(
     rates: dict[str, float | str] | None = None,
     pseudo_labels: bool = True,
     stage1_cache: Path | None = None,
-) -> tuple[torch.nn.Module, list[str]]:
+) -> tuple[torch.nn.Module, list[str], str]:
     """The same recipe for every row: ``iterations`` on the labels; SSFT adds stage 2 as ``ssft`` says.
 
-    Returns the trained network and the pool volumes stage 2 pseudo-labelled (most reliable first).
+    Returns the trained network, the pool volumes stage 2 pseudo-labelled (most reliable first) and the gate
+    that judged them (the fallback where the asked one kept none; "" when stage 2 made no pseudo-labels).
 
     ``pseudo_labels=False`` runs stage 2 on the labels alone: the control of a stage 2 whose rate decays.
     ``stage1_cache`` (a folder) keeps each labelled set's stage-1 state (network, optimizer, random state):
@@ -340,6 +343,7 @@ def train(
         cached.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cached, lambda tmp: shutil.copyfile(trainer.last_path, tmp))
     pseudo: list[Case] = []
+    judged = ""
     if ssft and pseudo_labels:
         names = {c.name for c in labelled}
         candidates = [(c.name, c.image) for c in pool if c.name not in names]
@@ -360,10 +364,11 @@ def train(
         )
         by_name = {c.name: c for c in pool}
         pseudo = [Case(n, by_name[n].image, label) for n, label in made.labels.items()]
+        judged = made.gate
     if ssft:
         trainer.begin_stage("stage2")
         trainer.run(labelled, iterations - first + round(iterations * ssft.extra_fraction), pseudo or None)
-    return network.eval(), [c.name for c in pseudo]
+    return network.eval(), [c.name for c in pseudo], judged
 
 
 def _stage1_file(folder: Path, model_path: Path, labelled: list[Case], config: FinetuneConfig) -> Path:
@@ -414,11 +419,16 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
         return ""
     o = config.ssft
     gate = f"{o.reliability} gate" + (f" (floor {o.min_agreement})" if o.reliability != "confidence" else "")
+    if o.fallback not in ("none", o.reliability) and o.reliability != "confidence":
+        gate += f", the {o.fallback} gate where it keeps no volume"
+    augment = ", strongly augmented" if o.pseudo_augment == "strong" else ""
     control = "a second stage on the labels alone" if o.stage2_lr != "constant" else "one longer stage"
     kept = []
     for budget in config.budgets:
         counts = [
-            f"{len(r.pseudo_labelled)} (seed {r.seed})"
+            f"{len(r.pseudo_labelled)} (seed {r.seed}"
+            + (f", by the {r.pseudo_gate} gate" if r.pseudo_gate and r.pseudo_gate != o.reliability else "")
+            + ")"
             for r in sorted(runs, key=lambda r: r.seed)
             if r.row == "asfda+ssft" and r.budget == budget and r.pseudo_labelled is not None
         ]
@@ -426,8 +436,8 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
             kept.append(f"{budget} labels: {', '.join(counts)}")
     shared = any(r.row == "ssft-control" and r.shared_with.startswith("asfda+ssft@") for r in runs)
     return (
-        f"\nASFDA + SSFT: {gate}, at most {o.keep_fraction:.0%} of the pool pseudo-labelled, stage 2's learning "
-        f"rate {o.stage2_lr}; its control trains {control}.\n"
+        f"\nASFDA + SSFT: {gate}, at most {o.keep_fraction:.0%} of the pool pseudo-labelled{augment}, stage 2's "
+        f"learning rate {o.stage2_lr}; its control trains {control}.\n"
         + (f"Volumes pseudo-labelled (the runs that recorded it): {'; '.join(kept)}.\n" if kept else "")
         + (
             "Where the gate kept no volume the SSFT run trained the control's model, and the control shares it.\n"
@@ -738,6 +748,7 @@ def run_benchmark(
         curve: dict[str, float] = {}
         ssft, iterations, pseudo_labels = row_training(row, config)
         pseudo_labelled: list[str] | None = None  # recorded for a run whose stage 2 takes pseudo-labels
+        pseudo_gate = ""
 
         def on_eval(iteration: int, network: torch.nn.Module, curve: dict[str, float] = curve) -> None:
             curve[str(iteration)] = 100 * statistics.case_mean(evaluate(model, network, validation, config.device))
@@ -780,12 +791,13 @@ def run_benchmark(
                         twin.curve,
                         f"{twin.row}@{twin.budget}",
                         twin.pseudo_labelled if ssft is not None and pseudo_labels else None,
+                        twin.pseudo_gate if ssft is not None and pseudo_labels else "",
                     )
                 )
                 record()
                 continue
             labelled = [c for c in pool if c.name in query]
-            network, kept = train(
+            network, kept, judged = train(
                 model_path,
                 model_card,
                 labelled,
@@ -802,6 +814,7 @@ def run_benchmark(
                 stage1_cache=out / "stage1",
             )
             pseudo_labelled = kept if ssft is not None and pseudo_labels else None
+            pseudo_gate = judged
         per_case = evaluate_cases(model, network, test, config.device)
         val = evaluate(model, network, validation, config.device) if validation else None
         if validation and row != "source" and ssft is None and config.eval_at:
@@ -818,6 +831,7 @@ def run_benchmark(
                 val,
                 curve,
                 pseudo_labelled=pseudo_labelled,
+                pseudo_gate=pseudo_gate,
             )
         )
         record()

@@ -339,8 +339,12 @@ def test_runs_recorded_before_pseudo_labels_had_an_agreement_gate_resume_as_conf
     path = tmp_path / "results.json"
     rest = {"iterations": 400, "fusion": "gated", "lower_rate_for": "encoder"}
     path.write_text(json.dumps({"protocol": {**rest, "ssft": before}, "runs": []}))
-    confidence = asdict(SSFTOptions(reliability="confidence", stage2_lr="constant"))
+    # the options as they were then: each field added since at the value those runs ran with
+    then = {"stage2_lr": "constant", "fallback": "none", "pseudo_augment": "weak", "teacher": "fixed"}
+    confidence = asdict(SSFTOptions(reliability="confidence", **then))
     assert _load_runs(path, {**rest, "ssft": confidence}) == []
+    with pytest.raises(ASFDAError, match=r"pseudo_augment \(weak here, strong now\)"):
+        _load_runs(path, {**rest, "ssft": {**confidence, "pseudo_augment": "strong"}})
     with pytest.raises(ASFDAError, match="other ssft"):
         _load_runs(path, {**rest, "ssft": {**confidence, "reliability": "rounds"}})
 
@@ -486,11 +490,16 @@ def test_the_table_says_how_the_ssft_row_and_its_control_trained():
     cosine = BenchmarkConfig(
         rows=("random", "asfda+ssft", "ssft-control"),
         budgets=(2, 4),
-        ssft=SSFTOptions(reliability="confidence", stage2_lr="cosine"),
+        ssft=SSFTOptions(reliability="confidence", stage2_lr="cosine", pseudo_augment="weak"),
     )
     assert _ssft_note(cosine, []) == (
         "\nASFDA + SSFT: confidence gate, at most 50% of the pool pseudo-labelled, stage 2's learning rate "
         "cosine; its control trains a second stage on the labels alone.\n"
+    )
+    defaults = BenchmarkConfig(rows=("asfda+ssft",), ssft=SSFTOptions())
+    assert _ssft_note(defaults, []).startswith(
+        "\nASFDA + SSFT: rounds gate (floor 0.5), the flips gate where it keeps no volume, at most 50% of the pool "
+        "pseudo-labelled, strongly augmented, stage 2's learning rate cosine;"
     )
     rounds = BenchmarkConfig(
         rows=("asfda+ssft",), ssft=SSFTOptions(reliability="rounds", min_agreement=0.7, stage2_lr="constant")
@@ -506,13 +515,13 @@ def test_the_table_says_how_many_volumes_the_gate_let_through_and_which_controls
     runs = [
         Run("asfda+ssft", 2, 1, [], pseudo_labelled=[]),
         Run("asfda+ssft", 2, 0, [], pseudo_labelled=["a", "b"]),
-        Run("asfda+ssft", 4, 0, [], pseudo_labelled=["c"]),
+        Run("asfda+ssft", 4, 0, [], pseudo_labelled=["c"], pseudo_gate="flips"),
         Run("ssft-control", 2, 1, [], shared_with="asfda+ssft@2"),
     ]
     note = _ssft_note(config, runs)
     assert (
-        "Volumes pseudo-labelled (the runs that recorded it): 2 labels: 2 (seed 0), 0 (seed 1); 4 labels: 1 (seed 0).\n"
-        in note
+        "Volumes pseudo-labelled (the runs that recorded it): 2 labels: 2 (seed 0), 0 (seed 1); 4 labels: 1 (seed 0, "
+        "by the flips gate).\n" in note
     )
     assert "Where the gate kept no volume the SSFT run trained the control's model" in note
     assert "Volumes pseudo-labelled" not in _ssft_note(config, runs[3:])  # recorded before they were kept
