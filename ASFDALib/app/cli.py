@@ -256,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune the session's model on its labels plus reliable pseudo-labels",
         description="Stage 1 on the labelled volumes; then the most reliable unlabeled volumes get pseudo-labels "
         "(--pseudo-gate: by default the volumes and voxels where the adapted model agrees with the model the round "
-        "started from; or its confident voxels) and stage 2 trains "
-        "on both, or on the labels alone when no volume passes. Checkpoints every --checkpoint-every "
+        "started from, or, where that model vouches for none, with its own flipped views; or its confident voxels) "
+        "and stage 2 trains on both, the pseudo-labelled patches strongly augmented, or on the labels alone when "
+        "no volume passes. Checkpoints every --checkpoint-every "
         "iterations; Ctrl-C keeps the last one. A round that has run already needs a choice: --resume an "
         "interrupted run (same data order), --extend a finished one, or --restart the round. session.json "
         "records the iterations that ran.",
