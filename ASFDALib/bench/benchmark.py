@@ -434,7 +434,12 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
         ]
         if counts:
             kept.append(f"{budget} labels: {', '.join(counts)}")
-    shared = any(r.row == "ssft-control" and r.shared_with.startswith("asfda+ssft@") for r in runs)
+    # a control that shares the training of an SSFT run in this table (one merged from other runs may not)
+    empty = {(r.budget, r.seed) for r in runs if r.row == "asfda+ssft" and r.pseudo_labelled == []}
+    shared = any(
+        r.row == "ssft-control" and r.shared_with.startswith("asfda+ssft@") and (r.budget, r.seed) in empty
+        for r in runs
+    )
     return (
         f"\nASFDA + SSFT: {gate}, at most {o.keep_fraction:.0%} of the pool pseudo-labelled{augment}, stage 2's "
         f"learning rate {o.stage2_lr}; its control trains {control}.\n"

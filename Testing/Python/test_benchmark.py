@@ -524,6 +524,9 @@ def test_the_table_says_how_many_volumes_the_gate_let_through_and_which_controls
         "by the flips gate).\n" in note
     )
     assert "Where the gate kept no volume the SSFT run trained the control's model" in note
+    # a table whose SSFT row was run again, with volumes kept, beside the earlier control: nothing shared there
+    rerun = [Run("asfda+ssft", 2, 1, [], pseudo_labelled=["a"]), runs[3]]
+    assert "shares it" not in _ssft_note(config, rerun)
     assert "Volumes pseudo-labelled" not in _ssft_note(config, runs[3:])  # recorded before they were kept
 
 
