@@ -252,7 +252,7 @@ def main() -> None:
             t0 = time.perf_counter()
             labelled = [c for c in pool if c.name in query]
             work = args.out / "work"
-            network, kept, _ = train(
+            network, kept, judged = train(
                 model_path,
                 model.card,
                 labelled,
@@ -273,6 +273,7 @@ def main() -> None:
                 "sites": by_site(per_case),
                 "seconds": seconds,
                 "pseudo_labelled": kept,
+                "pseudo_gate": judged,  # the gate that judged the pool (a fallback, where the asked one kept none)
             }
         save()
         return trainings[key]

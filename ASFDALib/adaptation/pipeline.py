@@ -165,7 +165,8 @@ def _passed(result: AdaptResult, kept: int) -> str:
     floor = gate.get("min_agreement")
     if floor is None:
         return (
-            f"{kept} of {total} unlabeled volumes get pseudo-labels: the most reliable by the confidence gate ({share})"
+            f"{_instead(gate)}{kept} of {total} unlabeled volumes get pseudo-labels: the most reliable by the "
+            f"confidence gate ({share})"
         )
     reached = sum(score >= floor and score > 0 for score in result.reliability.values())
     return (
@@ -223,6 +224,16 @@ def read_run(folder: Path) -> dict | None:
     if (folder / "last.pt").is_file():  # a run from before run records: interrupted, targets unknown
         return {"targets": None, "done": {"stage1": 0, "stage2": 0}, "finished": False, "history": []}
     return None
+
+
+def stage2_recipe(run: dict | None) -> dict[str, str]:
+    """How stage 2 last ran in a round's run (its rate schedule, the pseudo-labelled patches' augmentation),
+    so a resume or an extension goes on as it ran; empty when stage 2 has not run."""
+    stage2 = [h for h in (run or {}).get("history", []) if "stage2_lr" in h]
+    if not stage2:
+        return {}
+    # entries recorded before the augmentation was a choice augmented weakly
+    return {"stage2_lr": stage2[-1]["stage2_lr"], "pseudo_augment": stage2[-1].get("pseudo_augment", "weak")}
 
 
 def _done_text(done: dict) -> str:
@@ -405,6 +416,7 @@ def finetune_session(
                 pseudo_cases, result.kept, result.reliability, result.gate = stored
             result.seconds["pseudo_labels"] = time.perf_counter() - timer
             gate = (result.gate or {}).get("reliability", config.reliability)
+            asked = (result.gate or {}).get("asked") or gate  # the gate chosen, where its fallback judged
             if not pseudo_cases:
                 # the iterations asked for still run, on the labels alone, as the benchmark's row does
                 why = f"passed the {gate} gate" if result.reliability else "is left unlabelled"
@@ -415,7 +427,7 @@ def finetune_session(
                 # a resume or extend keeps what was made, whatever gate is named now
                 other = (
                     "; --restart (the panel's Train again) makes them anew with another"
-                    if gate != config.reliability
+                    if asked != config.reliability
                     else ""
                 )
                 say(

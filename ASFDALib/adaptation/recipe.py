@@ -70,6 +70,20 @@ class FinetuneConfig:
     max_pseudo_volumes: int = 20
     workers: int | None = None  # data-loader processes; None: none on the CPU, up to 4 beside a GPU
 
+    def __post_init__(self) -> None:
+        # a misspelt choice would otherwise run as the other one (the trainer tests == "strong", == "ema")
+        choices = {
+            "lower_rate_for": LOWER_RATE_FOR,
+            "reliability": RELIABILITY,
+            "fallback": FALLBACKS,
+            "stage2_lr": STAGE2_LR,
+            "pseudo_augment": AUGMENTS,
+            "teacher": TEACHERS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"FinetuneConfig.{name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+
 
 def ramp(iteration: int, total: int, fraction: float) -> float:
     """Sigmoid ramp-up of the pseudo-label weight over the first ``fraction`` of stage 2."""

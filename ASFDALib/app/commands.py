@@ -240,21 +240,23 @@ def _split(text: str) -> list[str]:
 def check_gate_options(
     gate: str, confidence: float | None, min_agreement: float | None, fallback: str | None = None
 ) -> None:
-    """Refuse, before any work, a pseudo-label option the chosen gate does not read (it would do nothing)."""
+    """Refuse, before any work, a pseudo-label option the chosen gates do not read (it would do nothing)."""
     if fallback not in (None, "none") and gate == "confidence":
         raise ASFDAError(
             "--pseudo-fallback judges when the gate keeps no volume, and the confidence gate always keeps some; "
             "leave it out, or add --pseudo-gate rounds"
         )
+    if fallback == gate:
+        raise ASFDAError(f"--pseudo-fallback {fallback} is the gate itself; name another, or none")
     if min_agreement is not None and gate == "confidence":
         raise ASFDAError(
             "--min-agreement is the floor of the flips and rounds gates; add --pseudo-gate flips or rounds, "
             "or leave it out"
         )
-    if confidence is not None and gate != "confidence":
+    if confidence is not None and "confidence" not in (gate, fallback):
         raise ASFDAError(
             f"--confidence is the voxel threshold of the confidence gate, and the gate is {gate}; add "
-            "--pseudo-gate confidence, or leave it out"
+            "--pseudo-gate confidence (or --pseudo-fallback confidence), or leave it out"
         )
 
 
@@ -262,7 +264,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ASFDALib import distributed
-    from ASFDALib.adaptation.pipeline import finetune_session, read_run
+    from ASFDALib.adaptation.pipeline import finetune_session, read_run, stage2_recipe
     from ASFDALib.adaptation.recipe import FinetuneConfig
     from ASFDALib.adaptation.session import Session
 
@@ -292,11 +294,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.mode in ("extend", "resume"):
         opened = Session.open(args.session)
         run = read_run(opened.root / "checkpoints" / f"round{opened.rounds[-1]['index']}") if opened.rounds else None
-    # a resume or extend keeps the schedule stage 2 last ran with, unless one is asked for
-    stage2 = [h for h in (run or {}).get("history", []) if "stage2_lr" in h]
-    stage2_lr = args.stage2_lr or (stage2[-1]["stage2_lr"] if stage2 else recipe.stage2_lr)
-    # stage 2 entries recorded before the augmentation was a choice augmented weakly
-    augment = args.pseudo_augment or (stage2[-1].get("pseudo_augment", "weak") if stage2 else recipe.pseudo_augment)
+    # a resume or extend keeps the schedule and augmentation stage 2 last ran with, unless one is asked for
+    ran = stage2_recipe(run)
+    stage2_lr = args.stage2_lr or ran.get("stage2_lr", recipe.stage2_lr)
+    augment = args.pseudo_augment or ran.get("pseudo_augment", recipe.pseudo_augment)
     if args.mode == "extend":
         if run and args.iterations is None:
             iterations = run["done"]["stage1"]  # extending stage 2 only: stage 1 stays as it ran
@@ -424,7 +425,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.labels import parse_mapping
     from ASFDALib.data.volumes import discover_volumes
-    from ASFDALib.evaluation.evaluate import evaluate_folders, foreign_warning, summary_rows, write_csv
+    from ASFDALib.evaluation.evaluate import evaluate_folders, foreign_warning, mean_caption, summary_rows, write_csv
     from ASFDALib.models.card import load_card
     from ASFDALib.outputs import predictions_made_by, refuse_inside_session, refuse_overwrite
 
@@ -468,11 +469,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     # The terminal stays a few columns wide whatever the class count; the CSV has every case x class.
     mean = rows[-1]
-    held_out = sum(r["case"] not in trained for r in rows[:-1])
-    left = f" (not the {len(rows) - 1 - held_out} the session trained on)" if held_out < len(rows) - 1 else ""
-    if left and source:
-        left = left[:-1] + ", as for the adapted model)"
-    classes = Table(title=f"Mean over {held_out} cases{left}, per class")
+    classes = Table(title=mean_caption(rows, trained, source))
     for column in ("class", "Dice", "HD95 (mm)"):
         classes.add_column(column)
     for key in (k for k in mean if k.startswith("dice_") and k != "dice_mean"):
@@ -627,8 +624,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             )
     if args.pseudo_gate is not None:
         overrides["ssft"] = replace(config.ssft, reliability=args.pseudo_gate)
+    check_gate_options(args.pseudo_gate or config.ssft.reliability, None, args.min_agreement, args.pseudo_fallback)
     if args.min_agreement is not None:
-        check_gate_options(args.pseudo_gate or config.ssft.reliability, None, args.min_agreement)
         overrides["ssft"] = replace(overrides.get("ssft", config.ssft), min_agreement=args.min_agreement)
     for name in ("stage2_lr", "pseudo_fallback", "pseudo_augment"):
         value = getattr(args, name)

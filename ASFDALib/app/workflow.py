@@ -600,6 +600,12 @@ class Workflow:
         if not ok:
             raise ASFDAError(why)
         settings = self.settings
+        # a continued run goes on as its stage 2 ran (rate schedule, augmentation), as asfda finetune's does
+        ran = {}
+        if mode in ("resume", "extend"):
+            from ASFDALib.adaptation.pipeline import stage2_recipe
+
+            ran = stage2_recipe(self.finetune_run())
         self.phase = Phase.FINETUNING
         self.last_run = ""
         self.progress, self.progress_text = 0.0, "Fine-tuning…"
@@ -622,6 +628,7 @@ class Workflow:
                 reliability=settings.pseudo_gate,
                 device=settings.device,
                 workers=settings.workers,
+                **ran,
             )
             with Session.open(settings.session) as session:
                 try:

@@ -309,7 +309,8 @@ def train(
     """The same recipe for every row: ``iterations`` on the labels; SSFT adds stage 2 as ``ssft`` says.
 
     Returns the trained network, the pool volumes stage 2 pseudo-labelled (most reliable first) and the gate
-    that judged them (the fallback where the asked one kept none; "" when stage 2 made no pseudo-labels).
+    that judged the pool (the fallback where the asked one kept none, even if it kept none too; "" when no
+    pseudo-labels were asked for).
 
     ``pseudo_labels=False`` runs stage 2 on the labels alone: the control of a stage 2 whose rate decays.
     ``stage1_cache`` (a folder) keeps each labelled set's stage-1 state (network, optimizer, random state):
@@ -322,9 +323,9 @@ def train(
     """
     model = load_model(model_path, card)
     network = model.network
-    stage2 = (
-        {"stage2_lr": ssft.stage2_lr, "pseudo_augment": ssft.pseudo_augment, "teacher": ssft.teacher} if ssft else {}
-    )
+    # what stage 2 reads from the trainer's recipe (an EMA teacher's voxel gate is the options' confidence)
+    read = ("stage2_lr", "pseudo_augment", "teacher", "confidence")
+    stage2 = {k: getattr(ssft, k) for k in read} if ssft else {}
     config = FinetuneConfig(seed=seed, device=device, checkpoint_every=10**9, **(rates or {}), **stage2)
     # the learning rates the session path uses: by what the checkpoint loaded (one recipe for every row)
     trainer = Trainer(network, card, config, workdir, model.load_report)

@@ -96,6 +96,9 @@ def foreign_warning(score: CaseScore, class_names: list[str]) -> str:
     )
 
 
+AS_ADAPTED = "as for the adapted model"  # why the source model's maps leave out the session's training cases
+
+
 def summary_rows(
     scores: list[CaseScore], class_names: list[str], trained: dict[str, str] | None = None, source: bool = False
 ) -> list[dict]:
@@ -104,7 +107,7 @@ def summary_rows(
     figure. ``source``: the maps are the source model's, which did not train on them; they are still left out,
     so that its mean and the adapted model's are over the same cases."""
     trained = trained or {}
-    why = "not in the mean, as for the adapted model" if source else "trained on, not in the mean"
+    why = f"not in the mean, {AS_ADAPTED}" if source else "trained on, not in the mean"
     rows = []
     for s in scores:
         note = f"not classes, left out: {value_ranges(s.foreign)}" if s.foreign else ""
@@ -130,6 +133,14 @@ def summary_rows(
                 mean[key] = float(np.mean(values)) if values else float("nan")
         rows.append(mean)
     return rows
+
+
+def mean_caption(rows: list[dict], trained: dict[str, str], source: bool = False) -> str:
+    """The per-class mean's title for ``summary_rows``' rows: over how many cases, and which it left out."""
+    held_out = sum(r["case"] not in trained for r in rows[:-1])
+    left = len(rows) - 1 - held_out
+    clause = f" (not the {left} the session trained on{', ' + AS_ADAPTED if source else ''})" if left else ""
+    return f"Mean over {held_out} cases{clause}, per class"
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:

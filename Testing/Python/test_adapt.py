@@ -214,6 +214,13 @@ def test_a_fallback_that_judged_says_which_gate_was_asked_and_how_near_it_came()
         "at most 0.12), so the flips gate judged instead (--pseudo-fallback): 2 of 3 unlabeled volumes reached the "
         "flips gate's floor (0.5); the 2 that agree most get pseudo-labels (--keep-fraction 0.5)"
     )
+    result.gate = {"reliability": "confidence", "keep_fraction": 0.5, "confidence": 0.9, "asked": "flips"}
+    result.gate["asked_best"] = 0.3
+    assert _passed(result, 1) == (
+        "no volume reached the flips gate's floor (the adapted model's flipped views agree at most 0.30), so the "
+        "confidence gate judged instead (--pseudo-fallback): 1 of 3 unlabeled volumes get pseudo-labels: the most "
+        "reliable by the confidence gate (--keep-fraction 0.5)"
+    )
 
 
 def test_without_a_fallback_no_volume_gets_pseudo_labels_where_the_source_model_vouches_for_none(
@@ -259,6 +266,15 @@ def test_a_round_says_how_many_volumes_reached_the_floor_and_how_many_the_kept_s
             "--confidence is the voxel threshold of the confidence gate, and the gate is rounds",
         ),
         (["--pseudo-gate", "confidence", "--min-agreement", "0.7"], "--min-agreement is the floor of the flips and"),
+        (
+            ["--no-pseudo", "--pseudo-augment", "weak"],
+            "--no-pseudo skips stage 2, so --pseudo-augment would do nothing",
+        ),
+        (
+            ["--pseudo-gate", "confidence", "--pseudo-fallback", "flips"],
+            "--pseudo-fallback judges when the gate keeps no volume, and the confidence gate always keeps some",
+        ),
+        (["--pseudo-gate", "flips", "--pseudo-fallback", "flips"], "--pseudo-fallback flips is the gate itself"),
     ],
 )
 def test_a_pseudo_label_option_that_would_do_nothing_is_refused_before_any_work(

@@ -85,6 +85,10 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
     runs = json.loads((out / "results.json").read_text())["runs"]
     # what stage 2 pseudo-labelled is recorded for the SSFT runs, and only for them
     assert all(isinstance(r["pseudo_labelled"], list) == (r["row"] == "asfda+ssft") for r in runs)
+    # and which gate judged their pool: rounds, or its flips fallback where rounds kept no volume
+    gates = {r["pseudo_gate"] for r in runs if r["row"] == "asfda+ssft"}
+    assert gates and gates <= {"rounds", "flips"}
+    assert all(r["pseudo_gate"] == "" for r in runs if r["row"] != "asfda+ssft")
     assert main(["benchmark", "--quick", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["runs"] == runs  # nothing was run twice
     (out / "benchmark.md").unlink()
@@ -178,6 +182,13 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     # an agreement floor without an agreement gate changes nothing: refused as such, before any work
     assert main([*argv, "--pseudo-gate", "confidence", "--min-agreement", "0.7"]) == 1
     assert "--min-agreement is the floor of the flips and rounds gates" in capsys.readouterr().err
+    # and a fallback the confidence gate never hands over to
+    assert main([*argv, "--pseudo-gate", "confidence", "--pseudo-fallback", "flips"]) == 1
+    assert "the confidence gate always keeps some" in capsys.readouterr().err
+    # and strong augmentation where the runs had the weak one: another protocol
+    other = "weak" if FinetuneConfig.pseudo_augment == "strong" else "strong"
+    assert main([*argv, "--pseudo-augment", other]) == 1
+    assert "results.json: its runs were made with other ssft pseudo_augment" in capsys.readouterr().err
     # and another schedule of stage 2's rate
     other = "cosine" if FinetuneConfig.stage2_lr == "constant" else "constant"
     assert main([*argv, "--stage2-lr", other]) == 1

@@ -273,7 +273,7 @@ def test_strong_augmentation_changes_only_the_pseudo_labelled_patches_and_keeps_
 
     labelled, pseudo = _cases(default_model.card, 1), _cases(default_model.card, 1, seed=3)
     roi = default_model.card.roi_size
-    weak = PatchStream(labelled, pseudo, roi, SMALL, "stage2")[4]
+    weak = PatchStream(labelled, pseudo, roi, replace(SMALL, pseudo_augment="weak"), "stage2")[4]
     strong = PatchStream(labelled, pseudo, roi, replace(SMALL, pseudo_augment="strong"), "stage2")[4]
     for i in (0, 1, 3):  # the labelled batch and the pseudo-labels: the same draws (crops and flips)
         torch.testing.assert_close(weak[i], strong[i], rtol=0, atol=0)

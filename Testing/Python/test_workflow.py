@@ -182,6 +182,27 @@ def test_the_gate_chosen_in_the_panel_makes_the_pseudo_labels(flow, mri_pool):
     assert sorted(r.case for r in flow.rows if r.status == "pseudo-labelled") == sorted(pseudo["kept"])
 
 
+def test_continuing_a_run_in_the_panel_keeps_how_its_stage_2_ran(flow, mri_pool):
+    """A run started from the command line with a constant, weakly augmented stage 2 goes on that way when
+    the panel continues it, as asfda finetune --extend would."""
+    import json
+
+    from ASFDALib.app.cli import main
+
+    _ranked_and_labelled(flow, mri_pool)
+    args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--stage2-lr", "constant"]
+    assert main(["finetune", flow.settings.session, *args, "--pseudo-augment", "weak"]) == 0
+    flow.settings.iterations, flow.settings.pseudo_iterations = 4, 4
+    assert flow.finetune_mode() == "extend"
+    flow.start_finetune("extend")
+    flow.wait()
+    flow.poll()
+    run = json.loads((Path(flow.settings.session) / "checkpoints" / "round1" / "run.json").read_text())
+    first, extend = run["history"]
+    assert (extend["stage2_lr"], extend["pseudo_augment"]) == (first["stage2_lr"], first["pseudo_augment"])
+    assert (extend["stage2_lr"], extend["pseudo_augment"]) == ("constant", "weak") and run["done"]["stage2"] == 4
+
+
 def test_worker_errors_reach_the_log(tmp_path):
     (tmp_path / "empty").mkdir()
     flow = Workflow(PanelSettings(images=str(tmp_path / "empty"), session=str(tmp_path / "s")))
