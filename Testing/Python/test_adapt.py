@@ -202,25 +202,31 @@ def test_where_the_source_model_vouches_for_no_volume_the_flipped_views_judge_by
     assert metrics["pseudo_gate"] == gate and metrics["pseudo_labelled"] == []
 
 
-def test_a_fallback_that_judged_says_which_gate_was_asked_and_how_near_it_came():
+@pytest.mark.parametrize(
+    "gate, kept, said",
+    [
+        (
+            {"reliability": "flips", "min_agreement": 0.5, "asked": "rounds", "asked_best": 0.12},
+            2,
+            "no volume reached the rounds gate's floor (the adapted model agrees with the model the round started "
+            "from at most 0.12), so the flips gate judged instead (--pseudo-fallback): 2 of 3 unlabeled volumes "
+            "reached the flips gate's floor (0.5); the 2 that agree most get pseudo-labels (--keep-fraction 0.5)",
+        ),
+        (
+            {"reliability": "confidence", "confidence": 0.9, "asked": "flips", "asked_best": 0.3},
+            1,
+            "no volume reached the flips gate's floor (the adapted model's flipped views agree at most 0.30), so "
+            "the confidence gate judged instead (--pseudo-fallback): 1 of 3 unlabeled volumes get pseudo-labels: "
+            "the most reliable by the confidence gate (--keep-fraction 0.5)",
+        ),
+    ],
+)
+def test_a_fallback_that_judged_says_which_gate_was_asked_and_how_near_it_came(gate, kept, said):
     from ASFDALib.adaptation.pipeline import AdaptResult, _passed
 
-    result = AdaptResult(status="done", checkpoint=None)
+    result = AdaptResult(status="done", checkpoint=None, gate={"keep_fraction": 0.5, **gate})
     result.reliability = {"a": 0.9, "b": 0.7, "c": 0.2}
-    result.gate = {"reliability": "flips", "keep_fraction": 0.5, "min_agreement": 0.5, "asked": "rounds"}
-    result.gate["asked_best"] = 0.12
-    assert _passed(result, 2) == (
-        "no volume reached the rounds gate's floor (the adapted model agrees with the model the round started from "
-        "at most 0.12), so the flips gate judged instead (--pseudo-fallback): 2 of 3 unlabeled volumes reached the "
-        "flips gate's floor (0.5); the 2 that agree most get pseudo-labels (--keep-fraction 0.5)"
-    )
-    result.gate = {"reliability": "confidence", "keep_fraction": 0.5, "confidence": 0.9, "asked": "flips"}
-    result.gate["asked_best"] = 0.3
-    assert _passed(result, 1) == (
-        "no volume reached the flips gate's floor (the adapted model's flipped views agree at most 0.30), so the "
-        "confidence gate judged instead (--pseudo-fallback): 1 of 3 unlabeled volumes get pseudo-labels: the most "
-        "reliable by the confidence gate (--keep-fraction 0.5)"
-    )
+    assert _passed(result, kept) == said
 
 
 def test_without_a_fallback_no_volume_gets_pseudo_labels_where_the_source_model_vouches_for_none(
