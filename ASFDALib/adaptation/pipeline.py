@@ -138,7 +138,7 @@ def _instead(gate: dict) -> str:
         return ""
     return (
         f"no volume reached the {gate['asked']} gate's floor ({VIEWS[gate['asked']]} at most "
-        f"{gate['asked_best']:.2f}), so the {gate['reliability']} gate judged instead (--pseudo-fallback): "
+        f"{gate['asked_best']:.2f}), so the {gate['reliability']} gate judged instead (--pseudo-fallback)"
     )
 
 
@@ -148,7 +148,8 @@ def _why_none(result: AdaptResult) -> str:
     if floor is None or not result.reliability:
         return ""
     best = max(result.reliability.values())
-    asked = f"; {_instead(result.gate)[:-2]}" if result.gate.get("asked") else ""
+    instead = _instead(result.gate)
+    asked = f"; {instead}" if instead else ""
     return (
         f" ({VIEWS[result.gate['reliability']]} at most {best:.2f} on any volume, class-balanced Dice, below the "
         f"floor of {floor:g}, --min-agreement{asked}). To judge by the adapted model's confidence instead: "
@@ -163,14 +164,16 @@ def _passed(result: AdaptResult, kept: int) -> str:
     total = len(result.reliability)
     share = f"--keep-fraction {gate.get('keep_fraction', 0):g}"
     floor = gate.get("min_agreement")
+    instead = _instead(gate)
+    lead = f"{instead}: " if instead else ""
     if floor is None:
         return (
-            f"{_instead(gate)}{kept} of {total} unlabeled volumes get pseudo-labels: the most reliable by the "
-            f"confidence gate ({share})"
+            f"{lead}{kept} of {total} unlabeled volumes get pseudo-labels: the most reliable by the confidence gate "
+            f"({share})"
         )
     reached = sum(score >= floor and score > 0 for score in result.reliability.values())
     return (
-        f"{_instead(gate)}{reached} of {total} unlabeled volumes reached the {gate['reliability']} gate's floor "
+        f"{lead}{reached} of {total} unlabeled volumes reached the {gate['reliability']} gate's floor "
         f"({floor:g}); the {kept} that agree most get pseudo-labels ({share})"
     )
 

@@ -20,6 +20,7 @@ FALLBACKS = ("flips", "confidence", "none")
 # How stage 2's learning rate runs: held, or decayed to zero along a half cosine, so that the model handed
 # over is a settled end point rather than one sample of a walk at a constant rate.
 STAGE2_LR = ("constant", "cosine")
+# Who labels the pseudo-labelled patches: the stage-1 model once, or an EMA of the student online (trainer.py).
 TEACHERS = ("fixed", "ema")
 # How the pseudo-labelled patches are augmented (adaptation/patches.py).
 AUGMENTS = ("weak", "strong")

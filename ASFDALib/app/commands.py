@@ -385,14 +385,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     replaced = claim_predictions(Path(args.out), targets, fix)
     if replaced:
         console.print(f"Replacing {len(replaced)} label maps an earlier asfda predict wrote to {args.out}")
-    adapted = session.adapted_round()
-    if not args.source_model and not adapted:
+    latest = session.adapted_round()
+    if not args.source_model and not latest:
         console.print(
             "This session has not been fine-tuned yet: predicting with the source model "
             f"('asfda finetune {args.session}' adapts it first)."
         )
     model = session_model(session, adapted=not args.source_model)
-    adapted = None if args.source_model else adapted  # the round whose weights predict, if any
+    adapted = None if args.source_model else latest  # the round whose weights predict, if any
     made_by: dict = {"session": str(session.root.resolve()), "model": "adapted" if adapted else "source"}
     if adapted:
         checkpoint = adapted["checkpoint"]
@@ -627,10 +627,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     check_gate_options(args.pseudo_gate or config.ssft.reliability, None, args.min_agreement, args.pseudo_fallback)
     if args.min_agreement is not None:
         overrides["ssft"] = replace(overrides.get("ssft", config.ssft), min_agreement=args.min_agreement)
-    for name in ("stage2_lr", "pseudo_fallback", "pseudo_augment"):
+    for name, field in (
+        ("stage2_lr", "stage2_lr"),
+        ("pseudo_fallback", "fallback"),
+        ("pseudo_augment", "pseudo_augment"),
+    ):
         value = getattr(args, name)
         if value is not None:
-            field = "fallback" if name == "pseudo_fallback" else name
             overrides["ssft"] = replace(overrides.get("ssft", config.ssft), **{field: value})
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)
     if config.eval_at and not (config.validation or val_dir):
