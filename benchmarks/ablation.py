@@ -121,6 +121,14 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
         replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong"),
         1.0,
     ),
+    "the default, agreement floor 0.75": (
+        replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong", min_agreement=0.75),
+        1.0,
+    ),
+    "the default, every volume above the agreement floor": (
+        replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong", keep_fraction=1.0),
+        1.0,
+    ),
     "full stage 1, then 1/2 more, confidence gate, rate decaying, an EMA teacher labels strongly augmented patches": (
         replace(COSINE, pseudo_augment="strong", teacher="ema"),
         1.0,
