@@ -122,6 +122,8 @@ def build_pseudo_labels(
         gate["min_agreement"] = config.min_agreement
     if made.asked:
         gate |= {"asked": made.asked, "asked_best": round(made.asked_best, 4)}
+    elif made.gate != "confidence":
+        gate["fallback"] = config.fallback  # what would have judged had this gate kept no volume
     atomic_write_json(folder / "pseudo.json", {"gate": gate, "kept": made.kept, "reliability": made.reliability})
     return made.kept, made.reliability
 
@@ -150,6 +152,8 @@ def _why_none(result: AdaptResult) -> str:
     best = max(result.reliability.values())
     instead = _instead(result.gate)
     asked = f"; {instead}" if instead else ""
+    if result.gate.get("fallback") == "none":
+        asked += "; no fallback gate judged: --pseudo-fallback none"
     return (
         f" ({VIEWS[result.gate['reliability']]} at most {best:.2f} on any volume, class-balanced Dice, below the "
         f"floor of {floor:g}, --min-agreement{asked}). To judge by the adapted model's confidence instead: "
@@ -220,13 +224,29 @@ def round_start_model(session: Session) -> LoadedModel:
 
 
 def read_run(folder: Path) -> dict | None:
-    """This round's run record (targets, iterations done, history), or None when no run started."""
-    path = folder / "run.json"
+    """This round's run record (targets, iterations done, history), or None when no run started.
+
+    An unfinished run's iterations are what its newest checkpoint holds: run.json is rewritten only at a
+    run's start and end, so after a kill it lags behind.
+    """
+    path, last = folder / "run.json", folder / "last.pt"
     if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    if (folder / "last.pt").is_file():  # a run from before run records: interrupted, targets unknown
-        return {"targets": None, "done": {"stage1": 0, "stage2": 0}, "finished": False, "history": []}
-    return None
+        run = json.loads(path.read_text(encoding="utf-8"))
+    elif last.is_file():  # a run from before run records: interrupted, targets unknown
+        run = {"targets": None, "done": {"stage1": 0, "stage2": 0}, "finished": False, "history": []}
+    else:
+        return None
+    if not run["finished"] and last.is_file():
+        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        count_checkpoint(run, state["stage"], state["iteration"])
+    return run
+
+
+def count_checkpoint(run: dict, stage: str, iteration: int) -> None:
+    """Set a run's iterations done to a checkpoint's (a checkpoint in stage 2 means stage 1 reached its target)."""
+    run["done"][stage] = iteration
+    if stage == "stage2" and not run["done"]["stage1"] and run["targets"]:
+        run["done"]["stage1"] = run["targets"]["stage1"]
 
 
 def stage2_recipe(run: dict | None) -> dict[str, str]:
@@ -315,6 +335,9 @@ def finetune_session(
     index = round_entry["index"]
     folder = session.root / "checkpoints" / f"round{index}"
     run = read_run(folder)
+    if run and run["history"] and run["history"][-1]["status"] == "running":
+        # this call holds the session's lock, so that run is not going on: it was killed without a word
+        run["history"][-1]["status"] = "killed"
     mode = _check_mode(mode, run, config, folder, index)
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.
@@ -327,7 +350,9 @@ def finetune_session(
         aside = _set_aside(folder)
         say(f"training round {index} again from its start; the earlier run is kept in {session.relative(aside)}")
         metrics = round_entry.get("metrics") or {}
-        replaced = {"folder": session.relative(aside), "iterations": metrics.get("iterations")}
+        # what ran, finished or not (a killed run's metrics hold no iterations; its checkpoint does)
+        ran = dict(run["done"]) if run else metrics.get("iterations")
+        replaced = {"folder": session.relative(aside), "iterations": ran}
         # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
         replaced |= {k: metrics[k] for k in ("pseudo_gate", "pseudo_labelled") if k in metrics}
         round_entry.setdefault("replaced", []).append(replaced)
@@ -355,10 +380,7 @@ def finetune_session(
         say("the interrupted run saved no checkpoint yet: it starts from the beginning")
         run["done"] = {"stage1": 0, "stage2": 0}
     if mode in ("resume", "extend") and trainer.iteration:
-        # The checkpoint is the truth after a kill: run.json is only rewritten at a run's start and end.
-        run["done"][trainer.stage] = trainer.iteration
-        if trainer.stage == "stage2" and not run["done"]["stage1"]:
-            run["done"]["stage1"] = targets["stage1"]
+        count_checkpoint(run, trainer.stage, trainer.iteration)  # the checkpoint loaded is the truth
     before = dict(run["done"])
     entry = {"mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "running"}
     # the optimizer's base rates (a loaded checkpoint holds its last step's), so the record says what trained how fast
@@ -389,6 +411,10 @@ def finetune_session(
         if distributed.is_main():
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(folder / "run.json", run)
+            if status in ("cancelled", "interrupted", "failed"):
+                # session.json lists the run too; its iterations stay those of the round's finished checkpoint
+                round_entry["metrics"] = (round_entry.get("metrics") or {}) | {"runs": _runs(run)}
+                session.save()
 
     def count() -> None:
         run["done"][trainer.stage] = trainer.iteration
@@ -466,21 +492,22 @@ def finetune_session(
                 for k in {*previous_seconds, *result.seconds}
             },
             "iterations": dict(run["done"]),  # what ran, as counted by the trainer
-            "runs": [
-                {k: v for k, v in h.items() if k != "started"} | {"started": h["started"]} for h in run["history"]
-            ],
+            "runs": _runs(run),
         }
         session.save()
         return result
-    except KeyboardInterrupt:
-        # Ctrl-C: what the newest checkpoint holds is what ran (iterations after it are lost on a resume).
+    except BaseException as exc:
+        # Ctrl-C, SIGTERM (the CLI turns it into Ctrl-C) or an error such as running out of GPU memory: what
+        # the newest checkpoint holds is what ran (iterations after it are lost on a resume).
         if trainer.saved is not None:
-            stage, iteration = trainer.saved
-            run["done"][stage] = iteration
-            if stage == "stage2" and not run["done"]["stage1"]:
-                run["done"]["stage1"] = targets["stage1"]
-        record("interrupted")
+            count_checkpoint(run, *trainer.saved)
+        record("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
+
+
+def _runs(run: dict) -> list[dict]:
+    """The run record's history as session.json lists it (each run's start last)."""
+    return [{k: v for k, v in h.items() if k != "started"} | {"started": h["started"]} for h in run["history"]]
 
 
 def _summary(mode: str, index: int, before: dict, done: dict) -> str:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ASFDALib.adaptation.recipe import AUGMENTS, FALLBACKS, LOWER_RATE_FOR, RELIABILITY, STAGE2_LR, FinetuneConfig
@@ -320,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--keep-fraction",
         type=fraction,
-        default=RECIPE.keep_fraction,
-        help="at most this share of the unlabeled pool gets pseudo-labels (default: %(default)s)",
+        help="at most this share of the unlabeled pool gets pseudo-labels, the most reliable first, whichever "
+        f"gate judges (--pseudo-gate or its fallback; default: {RECIPE.keep_fraction})",
     )
     finetune.add_argument(
         "--pseudo-gate",
@@ -356,9 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--min-agreement",
         type=unit_interval,
-        help="with --pseudo-gate flips or rounds, no volume whose views agree less (class-balanced Dice; for "
-        "flips the least of the three flipped views; 0 where neither view finds an organ) gets pseudo-labels "
-        f"(default: {RECIPE.min_agreement})",
+        help="with --pseudo-gate flips or rounds (or a flips fallback), no volume whose views agree less "
+        "(class-balanced Dice; for flips the least of the three flipped views; 0 where neither view finds an "
+        f"organ) gets pseudo-labels (default: {RECIPE.min_agreement})",
     )
     finetune.add_argument(
         "--stage2-lr",
@@ -624,11 +628,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    code = _run(args)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own usage and help, not the top-level list of commands
+        commands_ = next(a for a in parser._actions if a.dest == "command")
+        commands_.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    with _terminate_as_interrupt():
+        code = _run(args)
     if "ASFDALib.distributed" in sys.modules:  # loaded by the commands that can run under torchrun
         sys.modules["ASFDALib.distributed"].shutdown(wait=code == 0)
     return code
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler's stop, torchrun stopping its workers) takes Ctrl-C's
+    path, so the run is recorded as interrupted and a re-run resumes; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -275,14 +275,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "--pseudo-iterations N (stage 2), more than the run has done"
         )
     recipe = FinetuneConfig()
+    # the options that choose which volumes get pseudo-labels, and the rest of stage 2's
     gate_options = {
         "--pseudo-gate": args.reliability,
         "--confidence": args.confidence,
         "--min-agreement": args.min_agreement,
         "--pseudo-fallback": args.fallback,
-        "--pseudo-augment": args.pseudo_augment,
+        "--keep-fraction": args.keep_fraction,
     }
-    given = [name for name, value in gate_options.items() if value is not None]
+    stage2_options = gate_options | {
+        "--pseudo-augment": args.pseudo_augment,
+        "--pseudo-iterations": args.pseudo_iterations,
+        "--stage2-lr": args.stage2_lr,
+    }
+    given = [name for name, value in stage2_options.items() if value is not None]
     if args.no_pseudo and given:
         raise ASFDAError(
             f"--no-pseudo skips stage 2, so {' and '.join(given)} would do nothing; leave out one or the other"
@@ -293,7 +299,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     run = None
     if args.mode in ("extend", "resume"):
         opened = Session.open(args.session)
-        run = read_run(opened.root / "checkpoints" / f"round{opened.rounds[-1]['index']}") if opened.rounds else None
+        folder = opened.root / "checkpoints" / f"round{opened.rounds[-1]['index']}" if opened.rounds else None
+        run = read_run(folder) if folder else None
+        made = [name for name, value in gate_options.items() if value is not None]
+        if folder and made and (folder / "pseudo" / "pseudo.json").is_file():
+            mode = "--" + args.mode
+            raise ASFDAError(
+                f"{args.session}: round {opened.rounds[-1]['index']}'s pseudo-labels are made, and {mode} keeps "
+                f"them, so {' and '.join(made)} would do nothing; leave {'it' if len(made) == 1 else 'them'} out, "
+                f"or --restart to make them anew"
+            )
     # a resume or extend keeps the schedule and augmentation stage 2 last ran with, unless one is asked for
     ran = stage2_recipe(run)
     stage2_lr = args.stage2_lr or ran.get("stage2_lr", recipe.stage2_lr)
@@ -314,7 +329,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         device=args.device,
-        keep_fraction=args.keep_fraction,
+        keep_fraction=recipe.keep_fraction if args.keep_fraction is None else args.keep_fraction,
         confidence=recipe.confidence if args.confidence is None else args.confidence,
         reliability=reliability,
         min_agreement=recipe.min_agreement if args.min_agreement is None else args.min_agreement,
@@ -356,6 +371,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predictions_folder(images: Path) -> Path:
+    """A folder to suggest for predictions: beside the images, or beside the session folder the images lie in
+    (a session keeps every file inside it, so a suggestion there would be refused too)."""
+    from ASFDALib.outputs import session_folder_of
+
+    folder = session_folder_of(images.parent) or images
+    return folder.with_name(folder.name + "_pred")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -376,7 +400,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     inputs = discover_volumes(args.images)
     if not inputs:
         raise ASFDAError(f"{args.images}: no volumes found; give the folder of scans to segment")
-    fix = "choose another --out folder, e.g. " + str(Path(args.images).with_name(Path(args.images).name + "_pred"))
+    fix = f"choose another --out folder, e.g. {_predictions_folder(Path(args.images))}"
     refuse_same_folder(args.out, args.images, "--images", fix)
     refuse_inside_session(args.out, fix)
     targets = [Path(args.out) / prediction_name(p) for p in inputs]

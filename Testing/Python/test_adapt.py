@@ -174,7 +174,7 @@ def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(la
     args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--pseudo-gate", "rounds"]
     assert main(["finetune", str(labelled_session), *args, "--min-agreement", "0"]) == 0
     pseudo = json.loads((labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
-    assert pseudo["gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 0.0}
+    assert pseudo["gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 0.0, "fallback": "flips"}
     assert len(pseudo["kept"]) == 2 and all(0.0 <= r <= 1.0 for r in pseudo["reliability"].values())
 
 
@@ -236,15 +236,15 @@ def test_without_a_fallback_no_volume_gets_pseudo_labels_where_the_source_model_
     assert main(["finetune", str(labelled_session), *args]) == 0
     said = " ".join(capsys.readouterr().out.split())
     pseudo = json.loads((labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
-    assert pseudo["gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 0.5}
+    assert pseudo["gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 0.5, "fallback": "none"}
     best = max(pseudo["reliability"].values())
     assert pseudo["kept"] == [] and best < 0.5
     assert (
         "no unlabeled volume passed the rounds gate: stage 2 trains on the labels alone (the adapted model agrees "
         f"with the model the round started from at most {best:.2f} on any volume, class-balanced Dice, below the "
-        "floor of 0.5, --min-agreement). To judge by the adapted model's confidence instead: --restart "
-        "--pseudo-gate confidence (in the panel: Pseudo-label gate confidence, then Train again); --no-pseudo "
-        "skips stage 2"
+        "floor of 0.5, --min-agreement; no fallback gate judged: --pseudo-fallback none). To judge by the adapted "
+        "model's confidence instead: --restart --pseudo-gate confidence (in the panel: Pseudo-label gate "
+        "confidence, then Train again); --no-pseudo skips stage 2"
     ) in said
 
 
@@ -281,6 +281,10 @@ def test_a_round_says_how_many_volumes_reached_the_floor_and_how_many_the_kept_s
             "--pseudo-fallback judges when the gate keeps no volume, and the confidence gate always keeps some",
         ),
         (["--pseudo-gate", "flips", "--pseudo-fallback", "flips"], "--pseudo-fallback flips is the gate itself"),
+        (
+            ["--no-pseudo", "--pseudo-iterations", "50", "--keep-fraction", "0.3", "--stage2-lr", "constant"],
+            "--no-pseudo skips stage 2, so --keep-fraction and --pseudo-iterations and --stage2-lr would do nothing",
+        ),
     ],
 )
 def test_a_pseudo_label_option_that_would_do_nothing_is_refused_before_any_work(
@@ -299,7 +303,12 @@ def test_a_round_with_no_reliable_volume_spends_stage_2_on_the_labels_alone(labe
     assert run["done"] == {"stage1": 4, "stage2": 2}
     entry = json.loads((labelled_session / "session.json").read_text())["rounds"][0]
     assert entry["metrics"]["pseudo_labelled"] == []
-    assert entry["metrics"]["pseudo_gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 1.0}
+    assert entry["metrics"]["pseudo_gate"] == {
+        "reliability": "rounds",
+        "keep_fraction": 0.5,
+        "min_agreement": 1.0,
+        "fallback": "none",
+    }
 
 
 def test_a_round_says_that_stage_2_decays_its_rate(labelled_session, capsys):
@@ -333,13 +342,20 @@ def test_an_extend_keeps_the_rounds_pseudo_labels_and_a_restart_makes_them_with_
     args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1"]
     assert main(["finetune", str(labelled_session), *args, "--pseudo-gate", "rounds", "--min-agreement", "0"]) == 0
     made = json.loads(pseudo.read_text())
-    # an extend trains on what the round made, whatever gate the command line names now, and says so
-    extend = ["--extend", "--pseudo-iterations", "4", "--batch-size", "1", "--pseudo-gate", "confidence"]
+    # an extend trains on what the round made: naming a gate for it is refused before any work, naming none
+    # trains on the round's pseudo-labels and says so
+    extend = ["--extend", "--pseudo-iterations", "4", "--batch-size", "1"]
     capsys.readouterr()
+    assert main(["finetune", str(labelled_session), *extend, "--pseudo-gate", "confidence"]) == 1
+    assert (
+        "round 1's pseudo-labels are made, and --extend keeps them, so --pseudo-gate would do nothing; leave it out, "
+        "or --restart to make them anew"
+    ) in " ".join(capsys.readouterr().err.split())
+    assert json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())["done"]["stage2"] == 2
     assert main(["finetune", str(labelled_session), *extend]) == 0
     said = " ".join(capsys.readouterr().out.split())
     kept = len(made["kept"])
-    assert f"stage 2 keeps this round's {kept} pseudo-labelled volumes, made by the rounds gate; --restart" in said
+    assert f"stage 2 keeps this round's {kept} pseudo-labelled volumes, made by the rounds gate" in said
     assert "reached the" not in said  # the gate did not run again
     assert json.loads(pseudo.read_text()) == made
     # a restart makes them anew, with the gate asked for
@@ -570,3 +586,61 @@ def test_session_records_exactly_the_iterations_run_after_any_sequence_of_finetu
         recorded = Session.open(root).rounds[-1]["metrics"]
         if model[2]:
             assert recorded["iterations"] == {"stage1": done, "stage2": 0}
+
+
+def _checkpoint(session) -> tuple[str, int]:
+    state = torch.load(session / "checkpoints" / "round1" / "last.pt", map_location="cpu", weights_only=True)
+    return state["stage"], state["iteration"]
+
+
+def test_a_terminated_finetune_is_recorded_as_interrupted_in_run_json_and_session_json(labelled_session):
+    """SIGTERM (kill, timeout, a batch scheduler) takes Ctrl-C's path: the iterations of the newest checkpoint
+    are recorded, in the run record and in session.json, and the command exits as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "ASFDALib.app.cli", "finetune", str(labelled_session), "--no-pseudo"]
+    command += ["--iterations", "100000", "--checkpoint-every", "2", "--batch-size", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = labelled_session / "checkpoints" / "round1" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not last.is_file() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    job.send_signal(signal.SIGTERM)
+    out, _ = job.communicate(timeout=120)
+    assert job.returncode == 130, out
+    assert "interrupted; the last checkpoint is kept: re-run with --resume to continue" in out
+    stage, iteration = _checkpoint(labelled_session)
+    assert stage == "stage1" and iteration >= 2
+    run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
+    assert run["done"] == {"stage1": iteration, "stage2": 0} and not run["finished"]
+    assert run["history"][-1]["status"] == "interrupted" and run["history"][-1]["stage1"] == [0, iteration]
+    entry = json.loads((labelled_session / "session.json").read_text())["rounds"][-1]
+    assert entry["checkpoint"] is None and "iterations" not in entry["metrics"]  # no finished model yet
+    assert [(r["mode"], r["status"], r["stage1"]) for r in entry["metrics"]["runs"]] == [
+        ("new", "interrupted", [0, iteration])
+    ]
+
+
+def test_a_killed_run_is_counted_from_its_checkpoint_and_recorded_as_killed(labelled_session, capsys):
+    """A run killed without a word (SIGKILL, power loss) leaves run.json as it started: the checkpoint says how
+    far it got, for the refusal as for the resume, and the resume records the dead run as killed."""
+    base = ["finetune", str(labelled_session), "--no-pseudo", "--checkpoint-every", "2", "--batch-size", "1"]
+    assert main([*base, "--iterations", "4"]) == 0
+    path = labelled_session / "checkpoints" / "round1" / "run.json"
+    run = json.loads(path.read_text())
+    # what a kill at the start of a longer run leaves behind: the record of a run that has begun
+    run["targets"], run["done"], run["finished"] = {"stage1": 6, "stage2": 0}, {"stage1": 0, "stage2": 0}, False
+    run["history"][-1]["status"] = "running"
+    del run["history"][-1]["stage1"]
+    path.write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main([*base, "--iterations", "6"]) == 1
+    assert "already has an interrupted run (stage 1: 4 iterations, stage 2: 0)" in capsys.readouterr().err
+    assert main([*base, "--resume"]) == 0
+    assert "Round 1 resumed: stage 1 4 -> 6 iterations" in " ".join(capsys.readouterr().out.split())
+    history = json.loads(path.read_text())["history"]
+    assert [h["status"] for h in history] == ["killed", "done"] and history[-1]["stage1"] == [4, 6]

@@ -44,6 +44,23 @@ def test_predict_into_the_images_folder_is_refused_and_the_scans_stay_as_they_we
     assert _digests(images) == before
 
 
+def test_for_scans_inside_the_session_predict_suggests_a_folder_beside_the_session_that_it_accepts(ranked, capsys):
+    root, session = ranked
+    scans = session / "scans"  # a user keeps the scans to segment inside the session folder
+    shutil.copytree(root / "pool" / "images", scans)
+    try:
+        assert main(["predict", str(session), "--images", str(scans), "--out", str(session / "pred")]) == 1
+        suggested = _one_line_error(capsys).rsplit("e.g. ", 1)[1]
+        assert suggested == str(session.resolve().with_name("session_pred"))
+        assert main(["predict", str(session), "--images", str(scans), "--out", suggested]) == 0
+        assert sorted(p.name for p in (root / "session_pred").glob("*.nii.gz")) == sorted(
+            p.name for p in scans.iterdir()
+        )
+    finally:
+        shutil.rmtree(scans)
+        shutil.rmtree(root / "session_pred", ignore_errors=True)
+
+
 def test_predict_over_a_file_the_session_references_is_refused(ranked, capsys):
     root, session = ranked
     images = root / "pool" / "images"
@@ -191,6 +208,15 @@ def test_the_help_shows_the_workflow_and_every_option_says_what_it_does():
             assert action.help, f"asfda {name} {action.option_strings or action.dest} has no help"
     lr = next(a for a in sub.choices["finetune"]._actions if a.dest == "lr")
     assert lr.default == 3e-3 and "0.3x" in lr.help
+
+
+def test_a_misspelt_option_is_refused_by_its_command_pointing_to_that_commands_help(capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main(["evaluate", "--pred", str(tmp_path), "--labels", str(tmp_path), "--sesion", "s"])
+    assert stop.value.code == 2
+    assert _one_line_error(capsys) == (
+        "asfda evaluate: error: unrecognized arguments: --sesion s (see 'asfda evaluate --help')"
+    )
 
 
 def test_the_ranking_table_explains_each_pick_in_80_columns_without_cutting_a_number(mri_pool, tmp_path):
