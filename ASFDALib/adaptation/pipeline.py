@@ -22,7 +22,7 @@ from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
 from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.adaptation.session import Session, SessionError, case_id
-from ASFDALib.adaptation.trainer import ProgressFn, Trainer
+from ASFDALib.adaptation.trainer import SAVED_FILE, ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_npz
 from ASFDALib.data.preprocess import labels_to_native, preprocess
 from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume, write_volume
@@ -123,7 +123,8 @@ def build_pseudo_labels(
     if made.asked:
         gate |= {"asked": made.asked, "asked_best": round(made.asked_best, 4)}
     elif made.gate != "confidence":
-        gate["fallback"] = config.fallback  # what would have judged had this gate kept no volume
+        # what would have judged had this gate kept no volume (a fallback that is the gate itself never does)
+        gate["fallback"] = "none" if config.fallback == made.gate else config.fallback
     atomic_write_json(folder / "pseudo.json", {"gate": gate, "kept": made.kept, "reliability": made.reliability})
     return made.kept, made.reliability
 
@@ -226,20 +227,33 @@ def round_start_model(session: Session) -> LoadedModel:
 def read_run(folder: Path) -> dict | None:
     """This round's run record (targets, iterations done, history), or None when no run started.
 
-    An unfinished run's iterations are what its newest checkpoint holds: run.json is rewritten only at a
-    run's start and end, so after a kill it lags behind.
+    An unfinished run's iterations are what its newest checkpoint holds (its ``last.json``): run.json is
+    rewritten only at a run's start and end, so after a kill it lags behind.
     """
-    path, last = folder / "run.json", folder / "last.pt"
+    path, saved = folder / "run.json", folder / SAVED_FILE
     if path.is_file():
         run = json.loads(path.read_text(encoding="utf-8"))
-    elif last.is_file():  # a run from before run records: interrupted, targets unknown
+    elif (folder / "last.pt").is_file():  # a run from before run records: interrupted, targets unknown
         run = {"targets": None, "done": {"stage1": 0, "stage2": 0}, "finished": False, "history": []}
     else:
         return None
-    if not run["finished"] and last.is_file():
-        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-        count_checkpoint(run, state["stage"], state["iteration"])
+    if not run["finished"] and saved.is_file():
+        try:
+            state = json.loads(saved.read_text(encoding="utf-8"))
+            count_checkpoint(run, state["stage"], int(state["iteration"]))
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: the run record's own counts stand
     return run
+
+
+def _record_killed(run: dict) -> None:
+    """Mark the run record's last run as killed, with the iterations its checkpoint shows it ran (it started
+    where the run before it ended)."""
+    entry, start = run["history"][-1], {"stage1": 0, "stage2": 0}
+    for earlier in run["history"][:-1]:
+        start |= {stage: earlier[stage][1] for stage in start if stage in earlier}
+    entry["status"] = "killed"
+    entry |= {stage: [start[stage], run["done"][stage]] for stage in start if run["done"][stage] != start[stage]}
 
 
 def count_checkpoint(run: dict, stage: str, iteration: int) -> None:
@@ -337,7 +351,9 @@ def finetune_session(
     run = read_run(folder)
     if run and run["history"] and run["history"][-1]["status"] == "running":
         # this call holds the session's lock, so that run is not going on: it was killed without a word
-        run["history"][-1]["status"] = "killed"
+        _record_killed(run)
+        if distributed.is_main():
+            atomic_write_json(folder / "run.json", run)
     mode = _check_mode(mode, run, config, folder, index)
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.
@@ -350,9 +366,9 @@ def finetune_session(
         aside = _set_aside(folder)
         say(f"training round {index} again from its start; the earlier run is kept in {session.relative(aside)}")
         metrics = round_entry.get("metrics") or {}
-        # what ran, finished or not (a killed run's metrics hold no iterations; its checkpoint does)
-        ran = dict(run["done"]) if run else metrics.get("iterations")
-        replaced = {"folder": session.relative(aside), "iterations": ran}
+        replaced = {"folder": session.relative(aside), "iterations": metrics.get("iterations")}  # its final.pt's
+        if not run["finished"]:  # and how far the unfinished run after it got (its last.pt)
+            replaced |= {"unfinished": dict(run["done"]), "status": run["history"][-1]["status"]}
         # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
         replaced |= {k: metrics[k] for k in ("pseudo_gate", "pseudo_labelled") if k in metrics}
         round_entry.setdefault("replaced", []).append(replaced)
@@ -498,9 +514,11 @@ def finetune_session(
         return result
     except BaseException as exc:
         # Ctrl-C, SIGTERM (the CLI turns it into Ctrl-C) or an error such as running out of GPU memory: what
-        # the newest checkpoint holds is what ran (iterations after it are lost on a resume).
+        # the newest checkpoint holds is what ran (iterations after it are lost on a resume), and the run is
+        # unfinished even if only writing its final model failed (a resume then writes it).
         if trainer.saved is not None:
             count_checkpoint(run, *trainer.saved)
+        run["finished"] = False
         record("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
 

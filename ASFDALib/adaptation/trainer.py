@@ -24,7 +24,7 @@ from ASFDALib import distributed
 from ASFDALib.adaptation.loss import IGNORE_INDEX, dice_ce_loss
 from ASFDALib.adaptation.patches import Case, PatchStream
 from ASFDALib.adaptation.recipe import FinetuneConfig, lr_factor, ramp
-from ASFDALib.atomic import atomic_write
+from ASFDALib.atomic import atomic_write, atomic_write_json
 from ASFDALib.checkpoints import LoadReport, param_groups_from_report
 from ASFDALib.evaluation.metrics import dice_per_class
 from ASFDALib.inference.device import resolve_device
@@ -32,6 +32,8 @@ from ASFDALib.inference.memory import check_training_memory
 from ASFDALib.inference.predict import predict_label
 from ASFDALib.models.card import ModelCard
 from ASFDALib.query.features import encoder_stages
+
+SAVED_FILE = "last.json"  # beside last.pt: the stage and iteration it holds
 
 
 @dataclass
@@ -159,6 +161,10 @@ class Trainer:
             if self.teacher is not None:
                 state["teacher"] = {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
             atomic_write(target, lambda tmp: torch.save(state, tmp))
+            if target == self.last_path:
+                # what last.pt holds, readable without opening it (the panel polls it; Windows cannot replace
+                # a file another reader holds open); written after the checkpoint, so it never says more
+                atomic_write_json(self.checkpoint_dir / SAVED_FILE, {"stage": self.stage, "iteration": self.iteration})
         if target == self.last_path:
             self.saved = (self.stage, self.iteration)
         distributed.barrier()

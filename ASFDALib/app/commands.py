@@ -294,7 +294,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             f"--no-pseudo skips stage 2, so {' and '.join(given)} would do nothing; leave out one or the other"
         )
     reliability = args.reliability or recipe.reliability
-    check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback)
     iterations = recipe.iterations if args.iterations is None else args.iterations
     run = None
     if args.mode in ("extend", "resume"):
@@ -309,6 +308,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 f"them, so {' and '.join(made)} would do nothing; leave {'it' if len(made) == 1 else 'them'} out, "
                 f"or --restart to make them anew"
             )
+    # after the refusal above: its fix (leave the options out) is the one that holds
+    check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback)
     # a resume or extend keeps the schedule and augmentation stage 2 last ran with, unless one is asked for
     ran = stage2_recipe(run)
     stage2_lr = args.stage2_lr or ran.get("stage2_lr", recipe.stage2_lr)

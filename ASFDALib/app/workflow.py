@@ -638,8 +638,9 @@ class Workflow:
                         raise
                     status("GPU out of memory: continuing on the CPU from the last checkpoint")
                     config.device = "cpu"
-                    # The run is now recorded as this round's: an extension goes on extending, the rest resumes.
-                    again = "extend" if mode == "extend" else "resume"
+                    # The failed run is recorded, unfinished, with its own targets (an extension's included),
+                    # so resuming it goes on to them.
+                    again = "resume"
                     result = finetune_session(session, config, settings.pseudo, again, cancel, progress, status)
             if result.status == "cancelled":
                 raise Cancelled

@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.adaptation.session import Session
 from ASFDALib.app.cli import main
 
@@ -369,7 +370,6 @@ def test_an_extend_keeps_the_rounds_pseudo_labels_and_a_restart_makes_them_with_
 
 
 def test_the_run_records_the_learning_rates_the_optimizer_used(adapted_session):
-    from ASFDALib.adaptation.recipe import FinetuneConfig
     from ASFDALib.models.defaults import default_model_path
     from ASFDALib.models.loading import load_model
 
@@ -547,7 +547,6 @@ def test_session_records_exactly_the_iterations_run_after_any_sequence_of_finetu
     import threading
 
     from ASFDALib.adaptation.pipeline import finetune_session, read_run
-    from ASFDALib.adaptation.recipe import FinetuneConfig
     from ASFDALib.adaptation.session import SessionError
 
     root = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
@@ -643,4 +642,58 @@ def test_a_killed_run_is_counted_from_its_checkpoint_and_recorded_as_killed(labe
     assert main([*base, "--resume"]) == 0
     assert "Round 1 resumed: stage 1 4 -> 6 iterations" in " ".join(capsys.readouterr().out.split())
     history = json.loads(path.read_text())["history"]
-    assert [h["status"] for h in history] == ["killed", "done"] and history[-1]["stage1"] == [4, 6]
+    assert [(h["status"], h["stage1"]) for h in history] == [("killed", [0, 4]), ("done", [4, 6])]
+
+
+def test_a_run_that_fails_is_recorded_as_failed_and_resuming_it_reaches_its_own_targets(labelled_session, tmp_path):
+    """An error part-way (a GPU out of memory, say) records the run as failed and unfinished at its newest
+    checkpoint; resuming it goes on to that run's targets, an extension's included (the panel's retry on the
+    CPU); a restart instead lists it under the round's replaced runs with how far it got."""
+    import threading
+
+    from ASFDALib.adaptation.pipeline import finetune_session, read_run
+
+    def config(iterations: int) -> FinetuneConfig:
+        return FinetuneConfig(iterations, 0, batch_size=1, checkpoint_every=2, device="cpu")
+
+    def fail_at(iteration: int):
+        def progress(p) -> None:
+            if p.iteration == iteration:
+                raise RuntimeError("CUDA out of memory")
+
+        return progress
+
+    with Session.open(labelled_session) as session:
+        finetune_session(session, config(2), False, "new", threading.Event(), lambda p: None)
+        with pytest.raises(RuntimeError):
+            finetune_session(session, config(6), False, "extend", threading.Event(), fail_at(5))
+    run = read_run(labelled_session / "checkpoints" / "round1")
+    assert run["done"] == {"stage1": 4, "stage2": 0} and run["targets"]["stage1"] == 6 and not run["finished"]
+    assert (run["history"][-1]["status"], run["history"][-1]["stage1"]) == ("failed", [2, 4])
+    metrics = Session.open(labelled_session).rounds[-1]["metrics"]
+    assert metrics["iterations"] == {"stage1": 2, "stage2": 0}  # what the round's finished model holds
+    assert [r["status"] for r in metrics["runs"]] == ["done", "failed"]
+    copy = tmp_path / "copy"
+    shutil.copytree(labelled_session, copy)
+    with Session.open(labelled_session) as session:
+        assert finetune_session(session, config(6), False, "resume", threading.Event(), lambda p: None).status == "done"
+    assert Session.open(labelled_session).rounds[-1]["metrics"]["iterations"] == {"stage1": 6, "stage2": 0}
+    with Session.open(copy) as session:
+        finetune_session(session, config(2), False, "restart", threading.Event(), lambda p: None)
+    assert Session.open(copy).rounds[-1]["replaced"] == [
+        {
+            "folder": "checkpoints/round1-replaced-1",
+            "iterations": {"stage1": 2, "stage2": 0},
+            "unfinished": {"stage1": 4, "stage2": 0},
+            "status": "failed",
+            "pseudo_gate": None,  # what the finished model's stage 2 trained on: none ran
+            "pseudo_labelled": [],
+        }
+    ]
+
+
+def test_a_flips_gate_records_that_no_other_gate_stands_behind_it(labelled_session):
+    args = ["--iterations", "2", "--pseudo-iterations", "1", "--batch-size", "1", "--pseudo-gate", "flips"]
+    assert main(["finetune", str(labelled_session), *args, "--min-agreement", "0"]) == 0
+    pseudo = json.loads((labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
+    assert pseudo["gate"] == {"reliability": "flips", "keep_fraction": 0.5, "min_agreement": 0.0, "fallback": "none"}
