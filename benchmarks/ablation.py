@@ -125,6 +125,10 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
         replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong", min_agreement=0.75),
         1.0,
     ),
+    "the default, an EMA teacher relabels the kept volumes' strongly augmented patches online": (
+        replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong", teacher="ema"),
+        1.0,
+    ),
     "the default, every volume above the agreement floor": (
         replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong", keep_fraction=1.0),
         1.0,
