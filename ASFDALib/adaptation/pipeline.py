@@ -287,11 +287,13 @@ def _check_mode(mode: str, run: dict | None, config: FinetuneConfig, folder: Pat
         if mode == "extend":
             raise SessionError(f"{folder}: round {index} has not been fine-tuned yet; run without --extend")
         return "new"
-    state = "finished" if run["finished"] else "interrupted"
+    # how an unfinished run ended, as its record says (interrupted, cancelled, failed or killed)
+    ended = (run["history"] or [{}])[-1].get("status")
+    state = "finished" if run["finished"] else ended if ended in ("cancelled", "failed", "killed") else "interrupted"
     if mode == "new":
         choices = ("extend", "restart") if run["finished"] else ("resume", "restart")
         raise SessionError(
-            f"{folder}: round {index} already has {'a' if state == 'finished' else 'an'} {state} run "
+            f"{folder}: round {index} already has {'an' if state == 'interrupted' else 'a'} {state} run "
             f"({_done_text(run['done'])}); " + "; ".join(MODE_HELP[c] for c in choices)
         )
     if mode == "resume" and run["finished"]:

@@ -638,7 +638,7 @@ def test_a_killed_run_is_counted_from_its_checkpoint_and_recorded_as_killed(labe
     path.write_text(json.dumps(run))
     capsys.readouterr()
     assert main([*base, "--iterations", "6"]) == 1
-    assert "already has an interrupted run (stage 1: 4 iterations, stage 2: 0)" in capsys.readouterr().err
+    assert "already has a killed run (stage 1: 4 iterations, stage 2: 0)" in capsys.readouterr().err
     assert main([*base, "--resume"]) == 0
     assert "Round 1 resumed: stage 1 4 -> 6 iterations" in " ".join(capsys.readouterr().out.split())
     history = json.loads(path.read_text())["history"]
