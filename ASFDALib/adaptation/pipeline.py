@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 from ASFDALib import distributed
 from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
-from ASFDALib.adaptation.recipe import FinetuneConfig
+from ASFDALib.adaptation.recipe import FinetuneConfig, stage2_teacher
 from ASFDALib.adaptation.session import Session, SessionError, case_id
 from ASFDALib.adaptation.trainer import SAVED_FILE, ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_npz
@@ -45,6 +45,7 @@ class AdaptResult:
     kept: list[str] = field(default_factory=list)
     reliability: dict[str, float] = field(default_factory=dict)
     gate: dict[str, Any] | None = None  # the gate the pseudo-labels were made with (pseudo.json)
+    teacher: str = ""  # who labelled the pseudo-labelled patches in stage 2 ("fixed" or "ema"; "" for none)
     loss: float | None = None
 
 
@@ -264,13 +265,22 @@ def count_checkpoint(run: dict, stage: str, iteration: int) -> None:
 
 
 def stage2_recipe(run: dict | None) -> dict[str, str]:
-    """How stage 2 last ran in a round's run (its rate schedule, the pseudo-labelled patches' augmentation),
-    so a resume or an extension goes on as it ran; empty when stage 2 has not run."""
-    stage2 = [h for h in (run or {}).get("history", []) if "stage2_lr" in h]
+    """How stage 2 last ran in a round's run (its rate schedule, the pseudo-labelled patches' augmentation
+    and teacher), so a resume or an extension goes on as it ran; empty when stage 2 has not run."""
+    history = (run or {}).get("history", [])
+    stage2 = [h for h in history if "stage2_lr" in h]
     if not stage2:
         return {}
     # entries recorded before the augmentation was a choice augmented weakly
-    return {"stage2_lr": stage2[-1]["stage2_lr"], "pseudo_augment": stage2[-1].get("pseudo_augment", "weak")}
+    recipe = {"stage2_lr": stage2[-1]["stage2_lr"], "pseudo_augment": stage2[-1].get("pseudo_augment", "weak")}
+    # the teacher is recorded once the gate has judged; a stage 2 that trained without one recorded ran
+    # before the teacher was a choice (fixed) or had no pseudo-labels (where no teacher labels anything)
+    taught = [h["teacher"] for h in history if "teacher" in h]
+    if taught:
+        recipe["teacher"] = taught[-1]
+    elif any("stage2" in h for h in history):
+        recipe["teacher"] = "fixed"
+    return recipe
 
 
 def _done_text(done: dict) -> str:
@@ -372,7 +382,7 @@ def finetune_session(
         if not run["finished"]:  # and how far the unfinished run after it got (its last.pt)
             replaced |= {"unfinished": dict(run["done"]), "status": run["history"][-1]["status"]}
         # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
-        replaced |= {k: metrics[k] for k in ("pseudo_gate", "pseudo_labelled") if k in metrics}
+        replaced |= {k: metrics[k] for k in ("pseudo_gate", "pseudo_labelled", "pseudo_teacher") if k in metrics}
         round_entry.setdefault("replaced", []).append(replaced)
         round_entry["checkpoint"], round_entry["metrics"] = None, {}
         session.save()
@@ -481,6 +491,16 @@ def finetune_session(
                     f"stage 2 keeps this round's {len(pseudo_cases)} pseudo-labelled volumes, made by the {gate} "
                     f"gate{other}"
                 )
+            if pseudo_cases:
+                # who labels the patches, now that the gate has judged; recorded at once, so that a resume
+                # after a kill goes on with it
+                fallback_judged = bool((result.gate or {}).get("asked"))
+                result.teacher = entry["teacher"] = stage2_teacher(config.teacher, fallback_judged)
+                trainer.config = replace(config, teacher=result.teacher)
+                record("running")
+                if result.teacher == "ema":
+                    why = "; the fallback gate judged, so the labels improve as the model does" * fallback_judged
+                    say(f"an EMA teacher (the model's moving average) relabels the pseudo-labelled patches online{why}")
             timer = time.perf_counter()
             trainer.begin_stage("stage2")
             result.status = trainer.run(cases, targets["stage2"], pseudo_cases or None, cancel, progress, val_cases)
@@ -504,6 +524,7 @@ def finetune_session(
             "labelled": sorted(labelled),
             "pseudo_labelled": result.kept,
             "pseudo_gate": result.gate,
+            **({"pseudo_teacher": result.teacher} if result.teacher else {}),
             # every run of the round adds its time: an extend does not erase stage 1's
             "seconds": {
                 k: previous_seconds.get(k, 0.0) + result.seconds.get(k, 0.0)

@@ -20,8 +20,10 @@ FALLBACKS = ("flips", "confidence", "none")
 # How stage 2's learning rate runs: held, or decayed to zero along a half cosine, so that the model handed
 # over is a settled end point rather than one sample of a walk at a constant rate.
 STAGE2_LR = ("constant", "cosine")
-# Who labels the pseudo-labelled patches: the stage-1 model once, or an EMA of the student online (trainer.py).
-TEACHERS = ("fixed", "ema")
+# Who labels the pseudo-labelled patches: the stage-1 model once, or an EMA of the student online (trainer.py);
+# "ema-if-fallback" is the EMA teacher where the fallback gate judged, the fixed one where the asked gate did
+# (stage2_teacher resolves it once the gate has judged).
+TEACHERS = ("fixed", "ema", "ema-if-fallback")
 # How the pseudo-labelled patches are augmented (adaptation/patches.py).
 AUGMENTS = ("weak", "strong")
 
@@ -65,8 +67,11 @@ class FinetuneConfig:
     pseudo_augment: str = "strong"
     # who labels the pseudo-labelled patches: "fixed", the stage-1 model once, before stage 2 (the gate's
     # labels); "ema", an exponential moving average of the student's weights, online, on each patch (its
-    # confident voxels, ``confidence``), so the labels improve as the student does (Mean Teacher)
-    teacher: str = "fixed"
+    # confident voxels, ``confidence``), so the labels improve as the student does (Mean Teacher);
+    # "ema-if-fallback", the EMA teacher only where the fallback judged: there the source model could vouch
+    # for no volume and the kept labels hold the stage-1 model's errors, while the asked gate's are labels the
+    # source and adapted models agree on. docs/method.md "Who labels the pseudo-labelled patches".
+    teacher: str = "ema-if-fallback"
     ema_decay: float = 0.99
     max_pseudo_volumes: int = 20
     workers: int | None = None  # data-loader processes; None: none on the CPU, up to 4 beside a GPU
@@ -84,6 +89,16 @@ class FinetuneConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"FinetuneConfig.{name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+
+
+def stage2_teacher(teacher: str, fallback_judged: bool) -> str:
+    """The teacher stage 2 trains with ("fixed" or "ema"), once the gate has judged: ``teacher`` itself,
+    or for "ema-if-fallback" the EMA teacher where the fallback gate judged the pool."""
+    if teacher == "ema-if-fallback":
+        return "ema" if fallback_judged else "fixed"
+    if teacher not in TEACHERS:
+        raise ValueError(f"unknown teacher {teacher!r}; use one of {', '.join(TEACHERS)}")
+    return teacher
 
 
 def ramp(iteration: int, total: int, fraction: float) -> float:

@@ -245,6 +245,8 @@ class Trainer:
         validation: list[Case] | None = None,
     ) -> str:
         """Train the current stage up to ``iterations``; returns "done" or "cancelled" (checkpoint saved)."""
+        if pseudo and self.config.teacher not in ("fixed", "ema"):  # a bug, not a user's error
+            raise ValueError(f"teacher {self.config.teacher!r}: resolve it with recipe.stage2_teacher first")
         self.network.train()
         if pseudo and self.config.teacher == "ema" and self.teacher is None:
             self._make_teacher()

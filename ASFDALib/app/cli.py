@@ -10,7 +10,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ASFDALib.adaptation.recipe import AUGMENTS, FALLBACKS, LOWER_RATE_FOR, RELIABILITY, STAGE2_LR, FinetuneConfig
+from ASFDALib.adaptation.recipe import (
+    AUGMENTS,
+    FALLBACKS,
+    LOWER_RATE_FOR,
+    RELIABILITY,
+    STAGE2_LR,
+    TEACHERS,
+    FinetuneConfig,
+)
 from ASFDALib.app import commands
 from ASFDALib.app.arguments import (
     choice_list,
@@ -353,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
         "through, its pseudo-label made on the unchanged volume; --resume and --extend keep the run's own",
     )
     finetune.add_argument(
+        "--pseudo-teacher",
+        choices=TEACHERS,
+        help=f"who labels the pseudo-labelled patches (default: {RECIPE.teacher}): fixed, the adapted model's "
+        "labels, made once by the gate; ema, a moving average of the model, online, on each patch (its "
+        "confident voxels), so the labels improve as the model does; ema-if-fallback, ema where the fallback "
+        "gate judged (the round's starting model could vouch for no volume, so the labels hold the adapted "
+        "model's errors), fixed where --pseudo-gate did; --resume and --extend keep the run's own",
+    )
+    finetune.add_argument(
         "--confidence",
         type=probability,
         help=f"with --pseudo-gate confidence, voxels below this probability are ignored (default: {RECIPE.confidence})",
@@ -563,6 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=AUGMENTS,
         help=f"how the asfda+ssft row augments its pseudo-labelled patches (default: {RECIPE.pseudo_augment}, as "
         "asfda finetune); part of the protocol",
+    )
+    bench.add_argument(
+        "--pseudo-teacher",
+        choices=TEACHERS,
+        help=f"who labels the asfda+ssft row's pseudo-labelled patches (default: {RECIPE.teacher}, as asfda "
+        "finetune; see its --help); part of the protocol",
     )
     bench.add_argument(
         "--min-agreement",

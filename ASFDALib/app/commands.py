@@ -285,6 +285,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     }
     stage2_options = gate_options | {
         "--pseudo-augment": args.pseudo_augment,
+        "--pseudo-teacher": args.pseudo_teacher,
         "--pseudo-iterations": args.pseudo_iterations,
         "--stage2-lr": args.stage2_lr,
     }
@@ -310,10 +311,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             )
     # after the refusal above: its fix (leave the options out) is the one that holds
     check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback)
-    # a resume or extend keeps the schedule and augmentation stage 2 last ran with, unless one is asked for
+    # a resume or extend keeps the schedule, augmentation and teacher stage 2 last ran with, unless asked
     ran = stage2_recipe(run)
     stage2_lr = args.stage2_lr or ran.get("stage2_lr", recipe.stage2_lr)
     augment = args.pseudo_augment or ran.get("pseudo_augment", recipe.pseudo_augment)
+    teacher = args.pseudo_teacher or ran.get("teacher", recipe.teacher)
     if args.mode == "extend":
         if run and args.iterations is None:
             iterations = run["done"]["stage1"]  # extending stage 2 only: stage 1 stays as it ran
@@ -337,6 +339,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         fallback=args.fallback or recipe.fallback,
         stage2_lr=stage2_lr,
         pseudo_augment=augment,
+        teacher=teacher,
     )
     bar, progress = training_progress(console)
     distributed.init_from_env(args.device)
@@ -656,6 +659,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         ("stage2_lr", "stage2_lr"),
         ("pseudo_fallback", "fallback"),
         ("pseudo_augment", "pseudo_augment"),
+        ("pseudo_teacher", "teacher"),
     ):
         value = getattr(args, name)
         if value is not None:

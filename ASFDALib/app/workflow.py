@@ -600,7 +600,7 @@ class Workflow:
         if not ok:
             raise ASFDAError(why)
         settings = self.settings
-        # a continued run goes on as its stage 2 ran (rate schedule, augmentation), as asfda finetune's does
+        # a continued run goes on as its stage 2 ran (rate schedule, augmentation, teacher), as asfda finetune's does
         ran = {}
         if mode in ("resume", "extend"):
             from ASFDALib.adaptation.pipeline import stage2_recipe

@@ -20,7 +20,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 
 from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
-from ASFDALib.adaptation.recipe import FinetuneConfig
+from ASFDALib.adaptation.recipe import FinetuneConfig, stage2_teacher
 from ASFDALib.adaptation.trainer import Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
 from ASFDALib.bench import statistics
@@ -91,7 +91,7 @@ class SSFTOptions:
     fallback: str = FinetuneConfig.fallback  # the gate that judges when ``reliability`` keeps no volume
     stage2_lr: str = FinetuneConfig.stage2_lr  # adaptation/recipe.py STAGE2_LR; the control's last part too
     pseudo_augment: str = FinetuneConfig.pseudo_augment  # "weak" or "strong" (adaptation/patches.py)
-    teacher: str = FinetuneConfig.teacher  # adaptation/recipe.py TEACHERS
+    teacher: str = FinetuneConfig.teacher  # adaptation/recipe.py TEACHERS (resolved once the gate has judged)
 
 
 # fields SSFTOptions gained later, at the values the runs recorded before them ran with
@@ -366,6 +366,7 @@ def train(
         by_name = {c.name: c for c in pool}
         pseudo = [Case(n, by_name[n].image, label) for n, label in made.labels.items()]
         judged = made.gate
+        trainer.config = replace(config, teacher=stage2_teacher(ssft.teacher, bool(made.asked)))
     if ssft:
         trainer.begin_stage("stage2")
         trainer.run(labelled, iterations - first + round(iterations * ssft.extra_fraction), pseudo or None)
@@ -420,9 +421,12 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
         return ""
     o = config.ssft
     gate = f"{o.reliability} gate" + (f" (floor {o.min_agreement})" if o.reliability != "confidence" else "")
-    if o.fallback not in ("none", o.reliability) and o.reliability != "confidence":
+    fallback = o.fallback not in ("none", o.reliability) and o.reliability != "confidence"
+    if fallback:
         gate += f", the {o.fallback} gate where it keeps no volume"
     augment = ", strongly augmented" if o.pseudo_augment == "strong" else ""
+    if o.teacher == "ema" or (o.teacher == "ema-if-fallback" and fallback):
+        augment += ", an EMA teacher relabelling them online" + " where the fallback judged" * (o.teacher != "ema")
     control = "a second stage on the labels alone" if o.stage2_lr != "constant" else "one longer stage"
     kept = []
     for budget in config.budgets:

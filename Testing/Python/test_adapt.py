@@ -177,6 +177,56 @@ def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(la
     pseudo = json.loads((labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
     assert pseudo["gate"] == {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 0.0, "fallback": "flips"}
     assert len(pseudo["kept"]) == 2 and all(0.0 <= r <= 1.0 for r in pseudo["reliability"].values())
+    # the gate asked for judged, so its labels teach as they are: the fixed teacher
+    run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
+    assert run["history"][0]["teacher"] == "fixed"
+    metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
+    assert metrics["pseudo_teacher"] == "fixed"
+
+
+@pytest.mark.parametrize("asked, teacher", [([], "ema"), (["--pseudo-teacher", "fixed"], "fixed")])
+def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_extend_keeps_it(
+    labelled_session, capsys, asked, teacher
+):
+    """The source model vouches for no MRI phantom, so the fallback judges (the confidence gate here, which
+    always keeps some volumes): by default an EMA teacher then relabels the kept volumes' patches online."""
+    args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--pseudo-fallback", "confidence"]
+    assert main(["finetune", str(labelled_session), *args, *asked]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    folder = labelled_session / "checkpoints" / "round1"
+    pseudo = json.loads((folder / "pseudo" / "pseudo.json").read_text())
+    assert pseudo["gate"]["asked"] == "rounds" and len(pseudo["kept"]) == 2
+    ema = "an EMA teacher (the model's moving average) relabels the pseudo-labelled patches online; the fallback "
+    assert (ema in said) == (teacher == "ema")
+    assert ("teacher" in torch.load(folder / "last.pt", weights_only=True)) == (teacher == "ema")
+    # an extension goes on with the teacher the run had, whatever the default
+    assert main(["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "4", "--batch-size", "1"]) == 0
+    run = json.loads((folder / "run.json").read_text())
+    assert [h["teacher"] for h in run["history"]] == [teacher, teacher] and run["done"]["stage2"] == 4
+    metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
+    assert metrics["pseudo_teacher"] == teacher
+
+
+@pytest.mark.parametrize(
+    "history, recipe",
+    [
+        ([{"mode": "new"}], {}),  # stage 2 never ran
+        ([{"stage2_lr": "cosine", "pseudo_augment": "strong"}], {"stage2_lr": "cosine", "pseudo_augment": "strong"}),
+        (
+            [{"stage2_lr": "cosine", "stage2": [0, 2], "teacher": "ema"}, {"stage2_lr": "constant", "stage2": [2, 4]}],
+            {"stage2_lr": "constant", "pseudo_augment": "weak", "teacher": "ema"},
+        ),
+        # recorded before the teacher was a choice: the fixed one
+        (
+            [{"stage2_lr": "constant", "stage2": [0, 2]}],
+            {"stage2_lr": "constant", "pseudo_augment": "weak", "teacher": "fixed"},
+        ),
+    ],
+)
+def test_a_continued_run_reads_how_its_stage_2_ran_from_the_record(history, recipe):
+    from ASFDALib.adaptation.pipeline import stage2_recipe
+
+    assert stage2_recipe({"history": history}) == recipe
 
 
 def test_where_the_source_model_vouches_for_no_volume_the_flipped_views_judge_by_default(labelled_session, capsys):
@@ -276,6 +326,10 @@ def test_a_round_says_how_many_volumes_reached_the_floor_and_how_many_the_kept_s
         (
             ["--no-pseudo", "--pseudo-augment", "weak"],
             "--no-pseudo skips stage 2, so --pseudo-augment would do nothing",
+        ),
+        (
+            ["--no-pseudo", "--pseudo-teacher", "ema"],
+            "--no-pseudo skips stage 2, so --pseudo-teacher would do nothing",
         ),
         (
             ["--pseudo-gate", "confidence", "--pseudo-fallback", "flips"],

@@ -189,6 +189,10 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     other = "weak" if FinetuneConfig.pseudo_augment == "strong" else "strong"
     assert main([*argv, "--pseudo-augment", other]) == 1
     assert "results.json: its runs were made with other ssft pseudo_augment" in capsys.readouterr().err
+    # and another teacher of the pseudo-labelled patches
+    other = "fixed" if FinetuneConfig.teacher != "fixed" else "ema"
+    assert main([*argv, "--pseudo-teacher", other]) == 1
+    assert f"other ssft teacher ({FinetuneConfig.teacher} here, {other} now)" in capsys.readouterr().err
     # and another schedule of stage 2's rate
     other = "cosine" if FinetuneConfig.stage2_lr == "constant" else "constant"
     assert main([*argv, "--stage2-lr", other]) == 1
@@ -397,6 +401,29 @@ def test_with_a_decaying_stage_2_the_control_runs_both_stages_on_the_labels_alon
     assert seen == [("stage1", 400, None, "cosine"), ("stage2", 200, None, "cosine")]
 
 
+@pytest.mark.parametrize(
+    "teacher, asked, trained",
+    [("ema-if-fallback", "rounds", "ema"), ("ema-if-fallback", "", "fixed"), ("ema", "", "ema")],
+)
+def test_stage_2_of_the_ssft_row_trains_with_the_teacher_the_gate_that_judged_calls_for(
+    monkeypatch, tmp_path, teacher, asked, trained
+):
+    from ASFDALib.adaptation import trainer as trainer_module
+    from ASFDALib.adaptation.pseudo import PseudoLabels
+    from ASFDALib.bench import benchmark
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
+
+    seen = []
+    monkeypatch.setattr(trainer_module.Trainer, "run", lambda self, *a, **k: seen.append((self.stage, self.config)))
+    judged = PseudoLabels([], {}, {}, "flips" if asked else "rounds", asked)
+    monkeypatch.setattr(benchmark, "selective_pseudo_labels", lambda *args: judged)
+    card = load_model(default_model_path()).card
+    ssft = benchmark.SSFTOptions(teacher=teacher)
+    benchmark.train(default_model_path(), card, [], [], 4, 0, "cpu", ssft, tmp_path)
+    assert [(stage, config.teacher) for stage, config in seen] == [("stage1", teacher), ("stage2", trained)]
+
+
 def test_the_ssft_control_trains_on_the_labels_as_long_as_ssft_trains_in_all():
     from ASFDALib.bench.benchmark import BenchmarkConfig, Run, _twin, row_iterations
 
@@ -510,7 +537,8 @@ def test_the_table_says_how_the_ssft_row_and_its_control_trained():
     defaults = BenchmarkConfig(rows=("asfda+ssft",), ssft=SSFTOptions())
     assert _ssft_note(defaults, []).startswith(
         "\nASFDA + SSFT: rounds gate (floor 0.5), the flips gate where it keeps no volume, at most 50% of the pool "
-        "pseudo-labelled, strongly augmented, stage 2's learning rate cosine;"
+        "pseudo-labelled, strongly augmented, an EMA teacher relabelling them online where the fallback judged, "
+        "stage 2's learning rate cosine;"
     )
     rounds = BenchmarkConfig(
         rows=("asfda+ssft",), ssft=SSFTOptions(reliability="rounds", min_agreement=0.7, stage2_lr="constant")

@@ -200,7 +200,8 @@ def _fresh(model_path):
     return load_model(model_path).network
 
 
-SMALL = FinetuneConfig(iterations=6, batch_size=1, checkpoint_every=2, seed=3, device="cpu")
+# the fixed teacher: a Trainer trains as its config says, and "ema-if-fallback" waits for a gate's verdict
+SMALL = FinetuneConfig(iterations=6, batch_size=1, checkpoint_every=2, seed=3, device="cpu", teacher="fixed")
 
 
 def test_a_killed_and_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(tmp_path, default_model):
@@ -308,6 +309,32 @@ def test_the_ema_teacher_not_the_stored_pseudo_label_labels_the_patches(tmp_path
         ends.append(dict(trainer.network.named_parameters()))  # (BatchNorm's running statistics do see them)
     for key, value in ends[1].items():
         torch.testing.assert_close(ends[0][key], value, rtol=0, atol=0)
+
+
+def test_stage_2_refuses_a_teacher_the_gate_has_not_resolved(tmp_path, default_model):
+    card, cases = default_model.card, _cases(default_model.card)
+    trainer = Trainer(_fresh(default_model.path), card, replace(SMALL, teacher="ema-if-fallback"), tmp_path)
+    trainer.begin_stage("stage2")
+    with pytest.raises(ValueError, match="resolve it with recipe.stage2_teacher"):
+        trainer.run(cases[:1], 1, cases[1:])
+    assert trainer.iteration == 0
+
+
+@pytest.mark.parametrize(
+    "teacher, fallback_judged, trains",
+    [
+        ("ema-if-fallback", True, "ema"),
+        ("ema-if-fallback", False, "fixed"),
+        ("fixed", True, "fixed"),
+        ("ema", False, "ema"),
+    ],
+)
+def test_the_ema_teacher_labels_where_the_fallback_judged_and_the_fixed_one_where_the_gate_asked_did(
+    teacher, fallback_judged, trains
+):
+    from ASFDALib.adaptation.recipe import stage2_teacher
+
+    assert stage2_teacher(teacher, fallback_judged) == trains
 
 
 def test_a_resumed_stage_2_with_an_ema_teacher_ends_as_an_uninterrupted_one(tmp_path, default_model):
