@@ -116,6 +116,8 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
         replace(COSINE, reliability="rounds", pseudo_augment="strong"),
         1.0,
     ),
+    # "the default" in these names (result keys, kept as recorded) is the recipe of 2026-12-05's afternoon,
+    # with the fixed teacher; the default since labels with an EMA teacher where the fallback judged
     "full stage 1, then 1/2 more, where the source model agrees, else where flips agree, rate decaying, strong "
     "augmentation (the default)": (
         replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong"),

@@ -267,20 +267,16 @@ def count_checkpoint(run: dict, stage: str, iteration: int) -> None:
 def stage2_recipe(run: dict | None) -> dict[str, str]:
     """How stage 2 last ran in a round's run (its rate schedule, the pseudo-labelled patches' augmentation
     and teacher), so a resume or an extension goes on as it ran; empty when stage 2 has not run."""
-    history = (run or {}).get("history", [])
-    stage2 = [h for h in history if "stage2_lr" in h]
+    stage2 = [h for h in (run or {}).get("history", []) if "stage2_lr" in h]
     if not stage2:
         return {}
-    # entries recorded before the augmentation was a choice augmented weakly
-    recipe = {"stage2_lr": stage2[-1]["stage2_lr"], "pseudo_augment": stage2[-1].get("pseudo_augment", "weak")}
-    # the teacher is recorded once the gate has judged; a stage 2 that trained without one recorded ran
-    # before the teacher was a choice (fixed) or had no pseudo-labels (where no teacher labels anything)
-    taught = [h["teacher"] for h in history if "teacher" in h]
-    if taught:
-        recipe["teacher"] = taught[-1]
-    elif any("stage2" in h for h in history):
-        recipe["teacher"] = "fixed"
-    return recipe
+    # entries recorded before the augmentation, or the teacher, was a choice augmented weakly, or had the
+    # fixed teacher; an entry's teacher is the one asked for until the gate has judged, then the one that ran
+    return {
+        "stage2_lr": stage2[-1]["stage2_lr"],
+        "pseudo_augment": stage2[-1].get("pseudo_augment", "weak"),
+        "teacher": stage2[-1].get("teacher", "fixed"),
+    }
 
 
 def _done_text(done: dict) -> str:
@@ -383,6 +379,8 @@ def finetune_session(
             replaced |= {"unfinished": dict(run["done"]), "status": run["history"][-1]["status"]}
         # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
         replaced |= {k: metrics[k] for k in ("pseudo_gate", "pseudo_labelled", "pseudo_teacher") if k in metrics}
+        if "pseudo_teacher" not in replaced and any("stage2" in h for h in run["history"]):
+            replaced["pseudo_teacher"] = stage2_recipe(run)["teacher"]  # an unfinished run's, or an older one's
         round_entry.setdefault("replaced", []).append(replaced)
         round_entry["checkpoint"], round_entry["metrics"] = None, {}
         session.save()
@@ -421,6 +419,7 @@ def finetune_session(
     if targets["stage2"] > before["stage2"]:  # how stage 2's rate runs: held, or decayed along a cosine
         entry["stage2_lr"] = config.stage2_lr
         entry["pseudo_augment"] = config.pseudo_augment
+        entry["teacher"] = config.teacher  # as asked; the one that labels replaces it once the gate has judged
         if config.stage2_lr == "cosine":
             decays = f"; stage 2 decays them to zero along a cosine over its {targets['stage2']} iterations"
     say(
@@ -492,8 +491,7 @@ def finetune_session(
                     f"gate{other}"
                 )
             if pseudo_cases:
-                # who labels the patches, now that the gate has judged; recorded at once, so that a resume
-                # after a kill goes on with it
+                # who labels the patches, now that the gate has judged; recorded at once
                 fallback_judged = bool((result.gate or {}).get("asked"))
                 result.teacher = entry["teacher"] = stage2_teacher(config.teacher, fallback_judged)
                 trainer.config = replace(config, teacher=result.teacher)

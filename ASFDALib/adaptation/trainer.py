@@ -250,6 +250,8 @@ class Trainer:
         self.network.train()
         if pseudo and self.config.teacher == "ema" and self.teacher is None:
             self._make_teacher()
+        elif self.config.teacher != "ema":  # a loaded checkpoint's teacher, where the run goes on with fixed labels
+            self.teacher = None
         start, first = time.perf_counter(), self.iteration
         val_dice = None
         for batch in self.batches(labelled, pseudo, iterations):

@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"who labels the pseudo-labelled patches (default: {RECIPE.teacher}): fixed, the adapted model's "
         "labels, made once by the gate; ema, a moving average of the model, online, on each patch (its "
         "confident voxels), so the labels improve as the model does; ema-if-fallback, ema where the fallback "
-        "gate judged (the round's starting model could vouch for no volume, so the labels hold the adapted "
-        "model's errors), fixed where --pseudo-gate did; --resume and --extend keep the run's own",
+        "gate judged (--pseudo-gate kept no volume, so the labels are the adapted model's own, errors "
+        "included), fixed where --pseudo-gate did; --resume and --extend keep the run's own",
     )
     finetune.add_argument(
         "--confidence",

@@ -205,21 +205,33 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     assert [h["teacher"] for h in run["history"]] == [teacher, teacher] and run["done"]["stage2"] == 4
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     assert metrics["pseudo_teacher"] == teacher
+    # a restart sets the run aside, and the record still says who taught it
+    assert main(["finetune", str(labelled_session), "--restart", "--iterations", "2", "--no-pseudo"]) == 0
+    replaced = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["replaced"]
+    assert replaced[0]["pseudo_teacher"] == teacher
 
 
 @pytest.mark.parametrize(
     "history, recipe",
     [
         ([{"mode": "new"}], {}),  # stage 2 never ran
-        ([{"stage2_lr": "cosine", "pseudo_augment": "strong"}], {"stage2_lr": "cosine", "pseudo_augment": "strong"}),
-        (
-            [{"stage2_lr": "cosine", "stage2": [0, 2], "teacher": "ema"}, {"stage2_lr": "constant", "stage2": [2, 4]}],
-            {"stage2_lr": "constant", "pseudo_augment": "weak", "teacher": "ema"},
-        ),
-        # recorded before the teacher was a choice: the fixed one
+        # recorded before the augmentation and the teacher were choices: weak, fixed
         (
             [{"stage2_lr": "constant", "stage2": [0, 2]}],
             {"stage2_lr": "constant", "pseudo_augment": "weak", "teacher": "fixed"},
+        ),
+        # killed before the gate judged: the teacher as asked
+        (
+            [{"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "fixed"}],
+            {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "fixed"},
+        ),
+        # an extension after a run whose fallback judged: the teacher that ran
+        (
+            [
+                {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema", "stage2": [0, 2]},
+                {"stage2_lr": "constant", "pseudo_augment": "strong", "teacher": "ema", "stage2": [2, 4]},
+            ],
+            {"stage2_lr": "constant", "pseudo_augment": "strong", "teacher": "ema"},
         ),
     ],
 )

@@ -311,6 +311,18 @@ def test_the_ema_teacher_not_the_stored_pseudo_label_labels_the_patches(tmp_path
         torch.testing.assert_close(ends[0][key], value, rtol=0, atol=0)
 
 
+def test_a_run_that_goes_on_with_fixed_labels_drops_the_checkpoints_ema_teacher(tmp_path, default_model):
+    card, cases = default_model.card, _cases(default_model.card)
+    trainer = Trainer(_fresh(default_model.path), card, replace(SMALL, teacher="ema"), tmp_path)
+    trainer.begin_stage("stage2")
+    trainer.run(cases[:1], 2, cases[1:])
+    assert trainer.teacher is not None
+    fixed = Trainer(_fresh(default_model.path), card, SMALL, tmp_path)
+    assert fixed.load() and fixed.teacher is not None  # the checkpoint holds it
+    fixed.run(cases[:1], 4, cases[1:])
+    assert fixed.teacher is None and "teacher" not in torch.load(fixed.last_path, weights_only=True)
+
+
 def test_stage_2_refuses_a_teacher_the_gate_has_not_resolved(tmp_path, default_model):
     card, cases = default_model.card, _cases(default_model.card)
     trainer = Trainer(_fresh(default_model.path), card, replace(SMALL, teacher="ema-if-fallback"), tmp_path)
