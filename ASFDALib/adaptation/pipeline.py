@@ -270,12 +270,13 @@ def stage2_recipe(run: dict | None) -> dict[str, str]:
     stage2 = [h for h in (run or {}).get("history", []) if "stage2_lr" in h]
     if not stage2:
         return {}
+    last = stage2[-1]
     # entries recorded before the augmentation, or the teacher, was a choice augmented weakly, or had the
-    # fixed teacher; an entry's teacher is the one asked for until the gate has judged, then the one that ran
+    # fixed teacher; the teacher that ran once the gate has judged, else the one asked for
     return {
-        "stage2_lr": stage2[-1]["stage2_lr"],
-        "pseudo_augment": stage2[-1].get("pseudo_augment", "weak"),
-        "teacher": stage2[-1].get("teacher", "fixed"),
+        "stage2_lr": last["stage2_lr"],
+        "pseudo_augment": last.get("pseudo_augment", "weak"),
+        "teacher": last.get("teacher") or last.get("teacher_asked") or "fixed",
     }
 
 
@@ -379,8 +380,9 @@ def finetune_session(
             replaced |= {"unfinished": dict(run["done"]), "status": run["history"][-1]["status"]}
         # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
         replaced |= {k: metrics[k] for k in ("pseudo_gate", "pseudo_labelled", "pseudo_teacher") if k in metrics}
-        if "pseudo_teacher" not in replaced and any("stage2" in h for h in run["history"]):
-            replaced["pseudo_teacher"] = stage2_recipe(run)["teacher"]  # an unfinished run's, or an older one's
+        taught = [h["teacher"] for h in run["history"] if "teacher" in h]  # the teachers that labelled
+        if "pseudo_teacher" not in replaced and taught:  # an unfinished run's
+            replaced["pseudo_teacher"] = taught[-1]
         round_entry.setdefault("replaced", []).append(replaced)
         round_entry["checkpoint"], round_entry["metrics"] = None, {}
         session.save()
@@ -419,7 +421,7 @@ def finetune_session(
     if targets["stage2"] > before["stage2"]:  # how stage 2's rate runs: held, or decayed along a cosine
         entry["stage2_lr"] = config.stage2_lr
         entry["pseudo_augment"] = config.pseudo_augment
-        entry["teacher"] = config.teacher  # as asked; the one that labels replaces it once the gate has judged
+        entry["teacher_asked"] = config.teacher  # "teacher", the one that labels, once the gate has judged
         if config.stage2_lr == "cosine":
             decays = f"; stage 2 decays them to zero along a cosine over its {targets['stage2']} iterations"
     say(
@@ -499,6 +501,8 @@ def finetune_session(
                 if result.teacher == "ema":
                     why = "; the fallback gate judged, so the labels improve as the model does" * fallback_judged
                     say(f"an EMA teacher (the model's moving average) relabels the pseudo-labelled patches online{why}")
+                else:
+                    say("the gate's pseudo-labels teach as they were made (the fixed teacher, --pseudo-teacher)")
             timer = time.perf_counter()
             trainer.begin_stage("stage2")
             result.status = trainer.run(cases, targets["stage2"], pseudo_cases or None, cancel, progress, val_cases)

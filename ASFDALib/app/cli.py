@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=AUGMENTS,
         help=f"how the pseudo-labelled patches are augmented (default: {RECIPE.pseudo_augment}): weak, as the "
         "labelled ones; strong, with more intensity change (scale, shift, gamma, noise) that the model must see "
-        "through, its pseudo-label made on the unchanged volume; --resume and --extend keep the run's own",
+        "through, its pseudo-label made on the unchanged volume; --resume and --extend keep the run's own "
+        "(--resume refuses another; --extend may change it)",
     )
     finetune.add_argument(
         "--pseudo-teacher",
@@ -367,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
         "labels, made once by the gate; ema, a moving average of the model, online, on each patch (its "
         "confident voxels), so the labels improve as the model does; ema-if-fallback, ema where the fallback "
         "gate judged (--pseudo-gate kept no volume, so the labels are the adapted model's own, errors "
-        "included), fixed where --pseudo-gate did; --resume and --extend keep the run's own",
+        "included), fixed where --pseudo-gate did; --resume and --extend keep the run's own (naming another "
+        "is refused: --restart trains the round with it)",
     )
     finetune.add_argument(
         "--confidence",
@@ -386,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=STAGE2_LR,
         help=f"stage 2's learning rate: constant, or cosine, decaying to zero over the stage so the model "
         f"handed over is a settled end point (default: {RECIPE.stage2_lr}; --resume and --extend keep the "
-        "run's own, and an extended cosine decays over the new total from where it stands)",
+        "run's own, --resume refuses another, and an extended cosine decays over the new total from where it "
+        "stands)",
     )
     finetune.add_argument("--seed", type=non_negative_int, default=RECIPE.seed, help="seed of patches and augmentation")
     finetune.add_argument(

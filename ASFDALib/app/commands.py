@@ -7,6 +7,7 @@ once instead of after torch and MONAI have loaded.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import threading
 import time
@@ -260,6 +261,41 @@ def check_gate_options(
         )
 
 
+def refuse_stage2_changes(args: argparse.Namespace, ran: dict[str, str], pseudo: Path | None) -> None:
+    """A resume goes on as its run ran, so it refuses another stage-2 schedule, augmentation or teacher; an
+    extension keeps the round's pseudo-labels, so it refuses another teacher of them (it may change the rest).
+    ``ran``: pipeline.stage2_recipe of the run; ``pseudo``: the round's pseudo.json, if made."""
+    from ASFDALib.adaptation.recipe import stage2_teacher
+
+    if args.mode not in ("resume", "extend"):
+        return
+    named = {"--pseudo-teacher": (args.pseudo_teacher, "teacher")}
+    if args.mode == "resume":
+        named["--stage2-lr"] = (args.stage2_lr, "stage2_lr")
+        named["--pseudo-augment"] = (args.pseudo_augment, "pseudo_augment")
+    changed = []
+    for option, (value, key) in named.items():
+        if value is None or key not in ran:
+            continue
+        now = value
+        if key == "teacher" and pseudo is not None and pseudo.is_file():
+            gate = json.loads(pseudo.read_text(encoding="utf-8")).get("gate", {})
+            now = stage2_teacher(value, bool(gate.get("asked")))  # the teacher it would be with these labels
+        if now != ran[key]:
+            changed.append(f"{option} {value} (it had {ran[key]})")
+    if changed:
+        why = (
+            "--resume continues the run as it ran"
+            if args.mode == "resume"
+            else "--extend keeps the round's pseudo-labels and the teacher that labels them"
+        )
+        them = "it" if len(changed) == 1 else "them"
+        raise ASFDAError(
+            f"{args.session}: {why}, so {' and '.join(changed)} would change it part-way; leave {them} out, or "
+            f"--restart to train the round with {them}"
+        )
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -311,8 +347,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             )
     # after the refusal above: its fix (leave the options out) is the one that holds
     check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback)
-    # a resume or extend keeps the schedule, augmentation and teacher stage 2 last ran with, unless asked
+    # a resume or extend keeps the schedule, augmentation and teacher stage 2 last ran with
     ran = stage2_recipe(run)
+    refuse_stage2_changes(args, ran, folder / "pseudo" / "pseudo.json" if run else None)
     stage2_lr = args.stage2_lr or ran.get("stage2_lr", recipe.stage2_lr)
     augment = args.pseudo_augment or ran.get("pseudo_augment", recipe.pseudo_augment)
     teacher = args.pseudo_teacher or ran.get("teacher", recipe.teacher)

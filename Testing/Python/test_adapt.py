@@ -197,10 +197,19 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     pseudo = json.loads((folder / "pseudo" / "pseudo.json").read_text())
     assert pseudo["gate"]["asked"] == "rounds" and len(pseudo["kept"]) == 2
     ema = "an EMA teacher (the model's moving average) relabels the pseudo-labelled patches online; the fallback "
-    assert (ema in said) == (teacher == "ema")
+    fixed = "the gate's pseudo-labels teach as they were made (the fixed teacher, --pseudo-teacher)"
+    assert (ema in said, fixed in said) == (teacher == "ema", teacher == "fixed")
     assert ("teacher" in torch.load(folder / "last.pt", weights_only=True)) == (teacher == "ema")
-    # an extension goes on with the teacher the run had, whatever the default
-    assert main(["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "4", "--batch-size", "1"]) == 0
+    # an extension keeps the round's pseudo-labels and the teacher that labels them: it refuses another
+    other = "fixed" if teacher == "ema" else "ema"
+    extend = ["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "4", "--batch-size", "1"]
+    assert main([*extend, "--pseudo-teacher", other]) == 1
+    assert (
+        f"--extend keeps the round's pseudo-labels and the teacher that labels them, so --pseudo-teacher {other} "
+        f"(it had {teacher}) would change it part-way; leave it out, or --restart to train the round with it"
+    ) in " ".join(capsys.readouterr().err.split())
+    # and goes on with the teacher the run had, whatever the default
+    assert main(extend) == 0
     run = json.loads((folder / "run.json").read_text())
     assert [h["teacher"] for h in run["history"]] == [teacher, teacher] and run["done"]["stage2"] == 4
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
@@ -209,6 +218,48 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     assert main(["finetune", str(labelled_session), "--restart", "--iterations", "2", "--no-pseudo"]) == 0
     replaced = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["replaced"]
     assert replaced[0]["pseudo_teacher"] == teacher
+
+
+RAN = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema"}
+
+
+@pytest.mark.parametrize(
+    "mode, options, refused",
+    [
+        (
+            "resume",
+            {"stage2_lr": "constant"},
+            "--resume continues the run as it ran, so --stage2-lr constant (it had cosine)",
+        ),
+        (
+            "resume",
+            {"pseudo_teacher": "fixed"},
+            "--resume continues the run as it ran, so --pseudo-teacher fixed (it had ema)",
+        ),
+        ("resume", {"pseudo_teacher": "ema-if-fallback"}, ""),  # the fallback judged: the same teacher
+        ("resume", {"stage2_lr": "cosine", "pseudo_augment": "strong"}, ""),  # the run's own, named
+        ("extend", {"stage2_lr": "constant", "pseudo_augment": "weak"}, ""),  # an extension may change them
+        ("extend", {"pseudo_teacher": "fixed"}, "--extend keeps the round's pseudo-labels and the teacher"),
+        ("new", {"pseudo_teacher": "fixed"}, ""),
+    ],
+)
+def test_a_resume_refuses_another_stage_2_recipe_and_an_extend_another_teacher(tmp_path, mode, options, refused):
+    import argparse
+    import re
+
+    from ASFDALib.app.commands import refuse_stage2_changes
+    from ASFDALib.errors import ASFDAError
+
+    pseudo = tmp_path / "pseudo.json"
+    pseudo.write_text(json.dumps({"gate": {"reliability": "flips", "asked": "rounds"}, "kept": [], "reliability": {}}))
+    args = argparse.Namespace(
+        session="S", mode=mode, **({"stage2_lr": None, "pseudo_augment": None, "pseudo_teacher": None} | options)
+    )
+    if refused:
+        with pytest.raises(ASFDAError, match=re.escape(refused)):
+            refuse_stage2_changes(args, RAN, pseudo)
+    else:
+        refuse_stage2_changes(args, RAN, pseudo)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +273,7 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
         ),
         # killed before the gate judged: the teacher as asked
         (
-            [{"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "fixed"}],
+            [{"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher_asked": "fixed"}],
             {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "fixed"},
         ),
         # an extension after a run whose fallback judged: the teacher that ran
@@ -263,6 +314,10 @@ def test_where_the_source_model_vouches_for_no_volume_the_flipped_views_judge_by
     ) in said
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     assert metrics["pseudo_gate"] == gate and metrics["pseudo_labelled"] == []
+    # no pseudo-label, so no teacher labelled anything: the record keeps only the one asked for
+    run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
+    assert run["history"][0]["teacher_asked"] == "ema-if-fallback" and "teacher" not in run["history"][0]
+    assert "pseudo_teacher" not in metrics
 
 
 @pytest.mark.parametrize(
