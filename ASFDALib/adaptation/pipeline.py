@@ -264,20 +264,25 @@ def count_checkpoint(run: dict, stage: str, iteration: int) -> None:
         run["done"]["stage1"] = run["targets"]["stage1"]
 
 
-def stage2_recipe(run: dict | None) -> dict[str, str]:
+def stage2_recipe(run: dict | None) -> dict[str, Any]:
     """How stage 2 last ran in a round's run (its rate schedule, the pseudo-labelled patches' augmentation
-    and teacher), so a resume or an extension goes on as it ran; empty when stage 2 has not run."""
+    and teacher, an EMA teacher's voxel gate), so a resume or an extension goes on as it ran; empty when
+    stage 2 has not run."""
     stage2 = [h for h in (run or {}).get("history", []) if "stage2_lr" in h]
     if not stage2:
         return {}
     last = stage2[-1]
     # entries recorded before the augmentation, or the teacher, was a choice augmented weakly, or had the
     # fixed teacher; the teacher that ran once the gate has judged, else the one asked for
-    return {
+    recipe = {
         "stage2_lr": last["stage2_lr"],
         "pseudo_augment": last.get("pseudo_augment", "weak"),
         "teacher": last.get("teacher") or last.get("teacher_asked") or "fixed",
     }
+    gates = [h["confidence"] for h in stage2 if "confidence" in h]  # an EMA teacher's voxel gate
+    if gates:
+        recipe["confidence"] = gates[-1]
+    return recipe
 
 
 def _done_text(done: dict) -> str:
@@ -421,7 +426,9 @@ def finetune_session(
     if targets["stage2"] > before["stage2"]:  # how stage 2's rate runs: held, or decayed along a cosine
         entry["stage2_lr"] = config.stage2_lr
         entry["pseudo_augment"] = config.pseudo_augment
-        entry["teacher_asked"] = config.teacher  # "teacher", the one that labels, once the gate has judged
+        # the teacher asked for (a resume's or an extension's: the run's own); "teacher", the one that
+        # labels, once the gate has judged
+        entry["teacher_asked"] = config.teacher
         if config.stage2_lr == "cosine":
             decays = f"; stage 2 decays them to zero along a cosine over its {targets['stage2']} iterations"
     say(
@@ -493,11 +500,15 @@ def finetune_session(
                     f"gate{other}"
                 )
             if pseudo_cases:
-                # who labels the patches, now that the gate has judged; recorded at once
+                # who labels the patches, now that the gate has judged; recorded at once where it will teach
                 fallback_judged = bool((result.gate or {}).get("asked"))
-                result.teacher = entry["teacher"] = stage2_teacher(config.teacher, fallback_judged)
+                result.teacher = stage2_teacher(config.teacher, fallback_judged)
                 trainer.config = replace(config, teacher=result.teacher)
-                record("running")
+                if targets["stage2"] > before["stage2"]:
+                    entry["teacher"] = result.teacher
+                    if result.teacher == "ema":  # its voxel gate, which a resume must keep
+                        entry["confidence"] = config.confidence
+                    record("running")
                 if result.teacher == "ema":
                     why = "; the fallback gate judged, so the labels improve as the model does" * fallback_judged
                     say(f"an EMA teacher (the model's moving average) relabels the pseudo-labelled patches online{why}")

@@ -365,11 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pseudo-teacher",
         choices=TEACHERS,
         help=f"who labels the pseudo-labelled patches (default: {RECIPE.teacher}): fixed, the adapted model's "
-        "labels, made once by the gate; ema, a moving average of the model, online, on each patch (its "
-        "confident voxels), so the labels improve as the model does; ema-if-fallback, ema where the fallback "
-        "gate judged (--pseudo-gate kept no volume, so the labels are the adapted model's own, errors "
-        "included), fixed where --pseudo-gate did; --resume and --extend keep the run's own (naming another "
-        "is refused: --restart trains the round with it)",
+        "labels, made once by the gate; ema, a moving average of the model, online, on each patch (its voxels "
+        f"of probability {RECIPE.confidence} or more), so the labels improve as the model does; ema-if-fallback, "
+        "ema where the fallback gate judged (--pseudo-gate kept no volume, so the labels are the adapted "
+        "model's own, errors included), fixed where --pseudo-gate did; --resume and --extend keep the run's "
+        "own (naming another is refused: --restart trains the round with it)",
     )
     finetune.add_argument(
         "--confidence",

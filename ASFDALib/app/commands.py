@@ -261,7 +261,7 @@ def check_gate_options(
         )
 
 
-def refuse_stage2_changes(args: argparse.Namespace, ran: dict[str, str], pseudo: Path | None) -> None:
+def refuse_stage2_changes(args: argparse.Namespace, ran: dict, pseudo: Path | None) -> None:
     """A resume goes on as its run ran, so it refuses another stage-2 schedule, augmentation or teacher; an
     extension keeps the round's pseudo-labels, so it refuses another teacher of them (it may change the rest).
     ``ran``: pipeline.stage2_recipe of the run; ``pseudo``: the round's pseudo.json, if made."""
@@ -273,15 +273,18 @@ def refuse_stage2_changes(args: argparse.Namespace, ran: dict[str, str], pseudo:
     if args.mode == "resume":
         named["--stage2-lr"] = (args.stage2_lr, "stage2_lr")
         named["--pseudo-augment"] = (args.pseudo_augment, "pseudo_augment")
+    made = json.loads(pseudo.read_text(encoding="utf-8")) if pseudo is not None and pseudo.is_file() else None
     changed = []
     for option, (value, key) in named.items():
         if value is None or key not in ran:
             continue
-        now = value
-        if key == "teacher" and pseudo is not None and pseudo.is_file():
-            gate = json.loads(pseudo.read_text(encoding="utf-8")).get("gate", {})
-            now = stage2_teacher(value, bool(gate.get("asked")))  # the teacher it would be with these labels
-        if now != ran[key]:
+        now, then = value, ran[key]
+        if key == "teacher" and made is not None:
+            if not made["kept"]:
+                continue  # no pseudo-label: no teacher labels anything
+            judged = bool(made.get("gate", {}).get("asked"))
+            now, then = stage2_teacher(value, judged), stage2_teacher(then, judged)  # the teachers they are here
+        if now != then:
             changed.append(f"{option} {value} (it had {ran[key]})")
     if changed:
         why = (
@@ -370,7 +373,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         keep_fraction=recipe.keep_fraction if args.keep_fraction is None else args.keep_fraction,
-        confidence=recipe.confidence if args.confidence is None else args.confidence,
+        # a resume or extend keeps an EMA teacher's voxel gate (gate options are refused once labels exist)
+        confidence=ran.get("confidence", recipe.confidence) if args.confidence is None else args.confidence,
         reliability=reliability,
         min_agreement=recipe.min_agreement if args.min_agreement is None else args.min_agreement,
         fallback=args.fallback or recipe.fallback,

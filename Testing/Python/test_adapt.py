@@ -212,6 +212,8 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     assert main(extend) == 0
     run = json.loads((folder / "run.json").read_text())
     assert [h["teacher"] for h in run["history"]] == [teacher, teacher] and run["done"]["stage2"] == 4
+    # an EMA teacher's voxel gate is recorded with it, and kept
+    assert [h.get("confidence") for h in run["history"]] == [0.9, 0.9] if teacher == "ema" else [None, None]
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     assert metrics["pseudo_teacher"] == teacher
     # a restart sets the run aside, and the record still says who taught it
@@ -251,7 +253,8 @@ def test_a_resume_refuses_another_stage_2_recipe_and_an_extend_another_teacher(t
     from ASFDALib.errors import ASFDAError
 
     pseudo = tmp_path / "pseudo.json"
-    pseudo.write_text(json.dumps({"gate": {"reliability": "flips", "asked": "rounds"}, "kept": [], "reliability": {}}))
+    made = {"gate": {"reliability": "flips", "asked": "rounds"}, "kept": ["a"], "reliability": {"a": 0.6}}
+    pseudo.write_text(json.dumps(made))
     args = argparse.Namespace(
         session="S", mode=mode, **({"stage2_lr": None, "pseudo_augment": None, "pseudo_teacher": None} | options)
     )
@@ -260,6 +263,22 @@ def test_a_resume_refuses_another_stage_2_recipe_and_an_extend_another_teacher(t
             refuse_stage2_changes(args, RAN, pseudo)
     else:
         refuse_stage2_changes(args, RAN, pseudo)
+
+
+def test_a_teacher_named_with_a_resume_is_compared_as_it_would_label_the_rounds_pseudo_labels(tmp_path):
+    import argparse
+
+    from ASFDALib.app.commands import refuse_stage2_changes
+
+    pseudo = tmp_path / "pseudo.json"
+    args = argparse.Namespace(session="S", mode="resume", stage2_lr=None, pseudo_augment=None)
+    asked = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema-if-fallback"}  # killed unresolved
+    pseudo.write_text(json.dumps({"gate": {"reliability": "flips", "asked": "rounds"}, "kept": ["a"]}))
+    refuse_stage2_changes(argparse.Namespace(**vars(args), pseudo_teacher="ema-if-fallback"), asked, pseudo)
+    refuse_stage2_changes(argparse.Namespace(**vars(args), pseudo_teacher="ema"), asked, pseudo)  # the same here
+    # with no volume kept no teacher labels anything, so none named changes the run
+    pseudo.write_text(json.dumps({"gate": {"reliability": "flips", "asked": "rounds"}, "kept": []}))
+    refuse_stage2_changes(argparse.Namespace(**vars(args), pseudo_teacher="fixed"), RAN, pseudo)
 
 
 @pytest.mark.parametrize(
@@ -283,6 +302,14 @@ def test_a_resume_refuses_another_stage_2_recipe_and_an_extend_another_teacher(t
                 {"stage2_lr": "constant", "pseudo_augment": "strong", "teacher": "ema", "stage2": [2, 4]},
             ],
             {"stage2_lr": "constant", "pseudo_augment": "strong", "teacher": "ema"},
+        ),
+        # an EMA teacher's voxel gate, from the run that recorded it
+        (
+            [
+                {"stage2_lr": "cosine", "teacher": "ema", "confidence": 0.8, "stage2": [0, 2]},
+                {"stage2_lr": "cosine", "teacher_asked": "ema"},
+            ],
+            {"stage2_lr": "cosine", "pseudo_augment": "weak", "teacher": "ema", "confidence": 0.8},
         ),
     ],
 )
