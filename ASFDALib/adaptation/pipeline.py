@@ -412,6 +412,13 @@ def finetune_session(
     if mode == "resume" and not trainer.load():
         say("the interrupted run saved no checkpoint yet: it starts from the beginning")
         run["done"] = {"stage1": 0, "stage2": 0}
+    elif mode == "resume":  # how the run ended, and where its newest checkpoint stands
+        ended = (run["history"] or [{}])[-1].get("status", "interrupted")
+        stage = trainer.stage.replace("stage", "stage ")
+        say(
+            f"resuming the {ended} run from its newest checkpoint: {stage}, iteration {trainer.iteration} of "
+            f"{targets[trainer.stage]}"
+        )
     if mode in ("resume", "extend") and trainer.iteration:
         count_checkpoint(run, trainer.stage, trainer.iteration)  # the checkpoint loaded is the truth
     before = dict(run["done"])

@@ -788,7 +788,9 @@ def test_a_killed_run_is_counted_from_its_checkpoint_and_recorded_as_killed(labe
     assert main([*base, "--iterations", "6"]) == 1
     assert "already has a killed run (stage 1: 4 iterations, stage 2: 0)" in capsys.readouterr().err
     assert main([*base, "--resume"]) == 0
-    assert "Round 1 resumed: stage 1 4 -> 6 iterations" in " ".join(capsys.readouterr().out.split())
+    said = " ".join(capsys.readouterr().out.split())
+    assert "resuming the killed run from its newest checkpoint: stage 1, iteration 4 of 6" in said
+    assert "Round 1 resumed: stage 1 4 -> 6 iterations" in said
     history = json.loads(path.read_text())["history"]
     assert [(h["status"], h["stage1"]) for h in history] == [("killed", [0, 4]), ("done", [4, 6])]
 
