@@ -289,6 +289,14 @@ def _done_text(done: dict) -> str:
     return f"stage 1: {done['stage1']} iterations, stage 2: {done['stage2']}"
 
 
+def _how_ended(run: dict) -> str:
+    """How a round's run ended, as its record says: finished, or cancelled, failed, killed or interrupted."""
+    if run["finished"]:
+        return "finished"
+    ended = (run["history"] or [{}])[-1].get("status")
+    return ended if ended in ("cancelled", "failed", "killed") else "interrupted"
+
+
 def _check_mode(mode: str, run: dict | None, config: FinetuneConfig, folder: Path, index: int) -> str:
     """The mode that really applies, or a one-line refusal that names the user's real choices."""
     if mode not in FINETUNE_MODES:
@@ -299,9 +307,7 @@ def _check_mode(mode: str, run: dict | None, config: FinetuneConfig, folder: Pat
         if mode == "extend":
             raise SessionError(f"{folder}: round {index} has not been fine-tuned yet; run without --extend")
         return "new"
-    # how an unfinished run ended, as its record says (interrupted, cancelled, failed or killed)
-    ended = (run["history"] or [{}])[-1].get("status")
-    state = "finished" if run["finished"] else ended if ended in ("cancelled", "failed", "killed") else "interrupted"
+    state = _how_ended(run)
     if mode == "new":
         choices = ("extend", "restart") if run["finished"] else ("resume", "restart")
         raise SessionError(
@@ -413,10 +419,9 @@ def finetune_session(
         say("the interrupted run saved no checkpoint yet: it starts from the beginning")
         run["done"] = {"stage1": 0, "stage2": 0}
     elif mode == "resume":  # how the run ended, and where its newest checkpoint stands
-        ended = (run["history"] or [{}])[-1].get("status", "interrupted")
         stage = trainer.stage.replace("stage", "stage ")
         say(
-            f"resuming the {ended} run from its newest checkpoint: {stage}, iteration {trainer.iteration} of "
+            f"resuming the {_how_ended(run)} run from its newest checkpoint: {stage}, iteration {trainer.iteration} of "
             f"{targets[trainer.stage]}"
         )
     if mode in ("resume", "extend") and trainer.iteration:

@@ -335,13 +335,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     reliability = args.reliability or recipe.reliability
     iterations = recipe.iterations if args.iterations is None else args.iterations
-    run = None
+    run, pseudo_json = None, None
     if args.mode in ("extend", "resume"):
         opened = Session.open(args.session)
         folder = opened.root / "checkpoints" / f"round{opened.rounds[-1]['index']}" if opened.rounds else None
         run = read_run(folder) if folder else None
         made = [name for name, value in gate_options.items() if value is not None]
-        if folder and made and (folder / "pseudo" / "pseudo.json").is_file():
+        pseudo_json = folder / "pseudo" / "pseudo.json" if folder else None
+        if pseudo_json and made and pseudo_json.is_file():
             mode = "--" + args.mode
             raise ASFDAError(
                 f"{args.session}: round {opened.rounds[-1]['index']}'s pseudo-labels are made, and {mode} keeps "
@@ -352,7 +353,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback)
     # a resume or extend keeps the schedule, augmentation and teacher stage 2 last ran with
     ran = stage2_recipe(run)
-    refuse_stage2_changes(args, ran, folder / "pseudo" / "pseudo.json" if run else None)
+    refuse_stage2_changes(args, ran, pseudo_json)
     stage2_lr = args.stage2_lr or ran.get("stage2_lr", recipe.stage2_lr)
     augment = args.pseudo_augment or ran.get("pseudo_augment", recipe.pseudo_augment)
     teacher = args.pseudo_teacher or ran.get("teacher", recipe.teacher)
