@@ -109,20 +109,33 @@ def claim_predictions(out: Path, targets: list[Path], fix: str) -> list[Path]:
     return replaced
 
 
-def record_predictions(out: Path, written: Iterable[Path], made_by: dict) -> None:
+def record_predictions(out: Path, written: Iterable[Path], made_by: dict, made_from: dict[str, str]) -> None:
     """Record in the folder's manifest which model wrote each map of ``written`` (``made_by``: the session,
-    source or adapted, the round and the checkpoint's digest), so a folder says what made it after restarts."""
+    source or adapted, the round and the checkpoint's digest), so a folder says what made it after restarts,
+    and the SHA-256 of the image each map segments (``made_from``, by map name), so that evaluate knows a
+    session's training image by its content whatever the file is called."""
     manifest = Path(out) / PREDICTIONS_MANIFEST
     data = json.loads(manifest.read_text())
     data.setdefault("made_by", {}).update({Path(p).name: made_by for p in written})
+    data.setdefault("made_from", {}).update(made_from)
     atomic_write_json(manifest, data)
 
 
-def predictions_made_by(folder: Path) -> dict[str, dict]:
-    """Which model made each map of a predictions folder, as ``record_predictions`` wrote it; empty when the
-    folder has no (readable) record, e.g. maps from another tool."""
+def _manifest_record(folder: Path, key: str) -> dict:
+    """One record of a predictions folder's manifest; empty when the folder has no (readable) record of it,
+    e.g. maps from another tool or an older asfda."""
     try:
-        made_by = json.loads((Path(folder) / PREDICTIONS_MANIFEST).read_text()).get("made_by", {})
+        record = json.loads((Path(folder) / PREDICTIONS_MANIFEST).read_text()).get(key, {})
     except (OSError, ValueError, AttributeError):
         return {}
-    return made_by if isinstance(made_by, dict) else {}
+    return record if isinstance(record, dict) else {}
+
+
+def predictions_made_by(folder: Path) -> dict[str, dict]:
+    """Which model made each map of a predictions folder, as ``record_predictions`` wrote it."""
+    return _manifest_record(folder, "made_by")
+
+
+def predictions_made_from(folder: Path) -> dict[str, str]:
+    """Map name -> SHA-256 of the image it segments, as ``record_predictions`` wrote it."""
+    return _manifest_record(folder, "made_from")

@@ -77,6 +77,7 @@ CONSTANT = SSFTOptions(
     fallback="none",
     pseudo_augment="weak",
     teacher="fixed",
+    ema_weight=1.0,
 )
 HALVES = replace(CONSTANT, stage1_fraction=0.5, extra_fraction=0.0)
 COSINE = replace(CONSTANT, stage2_lr="cosine")
@@ -144,6 +145,10 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
         1.0,
     ),
     "control: stage 2 on the labels alone, its rate decaying": (COSINE, 1.0),
+    "the default, an EMA teacher, pseudo-labelled patches at half weight": (
+        replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong", teacher="ema", ema_weight=0.5),
+        1.0,
+    ),
 }
 # variants whose stage 2 runs without pseudo-labels (the control of a decaying stage 2)
 LABELS_ONLY = {"control: stage 2 on the labels alone, its rate decaying"}

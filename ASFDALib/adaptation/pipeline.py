@@ -264,9 +264,19 @@ def count_checkpoint(run: dict, stage: str, iteration: int) -> None:
         run["done"]["stage1"] = run["targets"]["stage1"]
 
 
+# what a run's weights depend on beside its targets and stage 2's recipe, recorded when it starts: a resume
+# goes on with them, so that it reaches the weights an uninterrupted run reaches
+RUN_RECIPE = ("batch_size", "lr", "seed")
+
+
+def run_recipe(run: dict | None) -> dict[str, Any]:
+    """The batch size, learning rate and seed a round's run started with (empty for runs recorded before)."""
+    return dict((run or {}).get("recipe") or {})
+
+
 def stage2_recipe(run: dict | None) -> dict[str, Any]:
     """How stage 2 last ran in a round's run (its rate schedule, the pseudo-labelled patches' augmentation
-    and teacher, an EMA teacher's voxel gate), so a resume or an extension goes on as it ran; empty when
+    and teacher, an EMA teacher's voxel gate and weight), so a resume or an extension goes on as it ran; empty when
     stage 2 has not run."""
     stage2 = [h for h in (run or {}).get("history", []) if "stage2_lr" in h]
     if not stage2:
@@ -279,9 +289,9 @@ def stage2_recipe(run: dict | None) -> dict[str, Any]:
         "pseudo_augment": last.get("pseudo_augment", "weak"),
         "teacher": last.get("teacher") or last.get("teacher_asked") or "fixed",
     }
-    gates = [h["confidence"] for h in stage2 if "confidence" in h]  # an EMA teacher's voxel gate
-    if gates:
-        recipe["confidence"] = gates[-1]
+    ema = [h for h in stage2 if "confidence" in h]  # where an EMA teacher labelled: its voxel gate and weight
+    if ema:  # (recorded before its weight was a choice: 1, as the fixed labels')
+        recipe["confidence"], recipe["ema_weight"] = ema[-1]["confidence"], ema[-1].get("ema_weight", 1.0)
     return recipe
 
 
@@ -297,7 +307,21 @@ def _how_ended(run: dict) -> str:
     return ended if ended in ("cancelled", "failed", "killed") else "interrupted"
 
 
-def _check_mode(mode: str, run: dict | None, config: FinetuneConfig, folder: Path, index: int) -> str:
+def unfinished_run(session: Session) -> str:
+    """ "round N's fine-tune was interrupted (stage 1: i iterations, stage 2: j)" when the newest round has a
+    run that did not finish (so its weights are not the session's adapted model), else ""."""
+    if not session.rounds:
+        return ""
+    index = session.rounds[-1]["index"]
+    run = read_run(session.root / "checkpoints" / f"round{index}")
+    if run is None or run["finished"]:
+        return ""
+    return f"round {index}'s fine-tune was {_how_ended(run)} ({_done_text(run['done'])})"
+
+
+def _check_mode(
+    mode: str, run: dict | None, config: FinetuneConfig, folder: Path, index: int, pseudo: bool = True
+) -> str:
     """The mode that really applies, or a one-line refusal that names the user's real choices."""
     if mode not in FINETUNE_MODES:
         raise ValueError(f"unknown fine-tuning mode {mode!r}; choose from {', '.join(FINETUNE_MODES)}")
@@ -316,6 +340,17 @@ def _check_mode(mode: str, run: dict | None, config: FinetuneConfig, folder: Pat
         )
     if mode == "resume" and run["finished"]:
         raise SessionError(f"{folder}: round {index}'s run finished ({_done_text(run['done'])}); {MODE_HELP['extend']}")
+    if mode == "resume":  # it goes on as the run ran (the command line refuses the options by name first)
+        changed = [
+            f"{k} {getattr(config, k)} (it had {v})" for k, v in run_recipe(run).items() if getattr(config, k) != v
+        ]
+        if not pseudo and (run["targets"] or {}).get("stage2"):
+            changed.append("stage 1 only (it has a stage 2 with pseudo-labels)")
+        if changed:
+            raise SessionError(
+                f"{folder}: a resume continues round {index}'s run as it ran, so {' and '.join(changed)} would "
+                f"change it part-way; resume with the run's own, or {MODE_HELP['restart']}"
+            )
     if mode == "extend":
         if not run["finished"]:
             raise SessionError(f"{folder}: round {index}'s run was interrupted; {MODE_HELP['resume']} first")
@@ -374,7 +409,7 @@ def finetune_session(
         _record_killed(run)
         if distributed.is_main():
             atomic_write_json(folder / "run.json", run)
-    mode = _check_mode(mode, run, config, folder, index)
+    mode = _check_mode(mode, run, config, folder, index, pseudo)
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.
     model = round_start_model(session)
@@ -401,13 +436,21 @@ def finetune_session(
     distributed.barrier()
     if mode in ("new", "restart"):
         targets = {"stage1": config.iterations, "stage2": config.pseudo_iterations if pseudo else 0}
-        run = {"targets": targets, "done": {"stage1": 0, "stage2": 0}, "finished": False, "history": []}
+        recipe = {k: getattr(config, k) for k in RUN_RECIPE}
+        run = {
+            "targets": targets,
+            "recipe": recipe,
+            "done": {"stage1": 0, "stage2": 0},
+            "finished": False,
+            "history": [],
+        }
     elif mode == "extend":
         stage2_ran = run["done"]["stage2"] > 0
         run["targets"] = {
             "stage1": run["done"]["stage1"] if stage2_ran else config.iterations,
             "stage2": config.pseudo_iterations if (stage2_ran or pseudo) else 0,
         }
+        run["recipe"] = {k: getattr(config, k) for k in RUN_RECIPE}  # what the extension trains with
     elif run["targets"] is None:  # resuming a run without a record: the targets it was started with are unknown
         run["targets"] = {"stage1": config.iterations, "stage2": config.pseudo_iterations if pseudo else 0}
     targets = run["targets"]
@@ -518,8 +561,8 @@ def finetune_session(
                 trainer.config = replace(config, teacher=result.teacher)
                 if targets["stage2"] > before["stage2"]:
                     entry["teacher"] = result.teacher
-                    if result.teacher == "ema":  # its voxel gate, which a resume must keep
-                        entry["confidence"] = config.confidence
+                    if result.teacher == "ema":  # its voxel gate and its labels' weight, which a resume must keep
+                        entry["confidence"], entry["ema_weight"] = config.confidence, config.ema_weight
                     record("running")
                 if result.teacher == "ema":
                     why = "; the fallback gate judged, so the labels improve as the model does" * fallback_judged

@@ -73,6 +73,10 @@ class FinetuneConfig:
     # source and adapted models agree on. docs/method.md "Who labels the pseudo-labelled patches".
     teacher: str = "ema-if-fallback"
     ema_decay: float = 0.99
+    # the loss weight of the patches an EMA teacher labels, in place of ``pseudo_weight``: its labels are a
+    # consistency target that moves with the student, vouched for by no other model (docs/method.md "How
+    # much the EMA teacher's labels weigh" has the validation comparison behind the default)
+    ema_weight: float = 0.5
     max_pseudo_volumes: int = 20
     workers: int | None = None  # data-loader processes; None: none on the CPU, up to 4 beside a GPU
 

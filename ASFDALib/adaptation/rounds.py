@@ -97,6 +97,11 @@ def record_round(
         labelled = session.labelled()
         kept = [n for n in session.rounds[-1]["query"] if n in labelled]
         query = kept + [n for n in query if n not in kept]
+        if kept:
+            ranking.notes.append(
+                f"round {session.rounds[-1]['index']}'s query keeps its {len(kept)} labelled "
+                f"volume{'s' * (len(kept) != 1)} and adds {len(query) - len(kept)}: {len(query)} in all"
+            )
         session.rounds[-1].update({"query": query, "strategy": strategy, "model_digest": model.digest})
     elif query:  # nothing left to query (every volume labelled): no empty round
         session.add_round(query, strategy, model.digest)
@@ -116,6 +121,14 @@ def rank_round(
     """One round's ranking from start to end: choose the model, score and rank the pool, then (on rank 0
     under torchrun) write ranking.csv/json/png and record the query. Returns the ranking and the files
     written. ``on_model`` hears which model ranks before the long work starts."""
+    from ASFDALib.adaptation.pipeline import unfinished_run
+
+    # that run trains on the round's labels as they were: a new query now would change them under it
+    if unfinished := unfinished_run(session):
+        raise ASFDAError(
+            f"{session.root}: {unfinished}; 'asfda finetune {session.root} --resume' finishes it (the next rank "
+            f"starts a new round), or label more and 'asfda finetune {session.root} --restart' trains the round anew"
+        )
     model, knowledge = ranking_model(session, load_given, given, config.knowledge)
     check_outputs(model.network, model.card, str(model.path), config.device)
     if on_model:

@@ -282,9 +282,20 @@ class Session:
             version += 1
         return folder / f"{stem}.v{version}{suffix}"
 
-    def record_label(self, name: str, path: Path, sha256: str, source: str, mapping: dict | None = None) -> None:
-        """Add a label version; ``mapping`` is how the source file's values became class indices, when not 1:1."""
+    def record_label(
+        self,
+        name: str,
+        path: Path,
+        sha256: str,
+        source: str,
+        mapping: dict | None = None,
+        source_sha256: str | None = None,
+    ) -> None:
+        """Add a label version; ``mapping`` is how the source file's values became class indices, when not 1:1;
+        ``source_sha256`` the hash of the file it was imported from, by which evaluate knows that file again."""
         entry = {"file": self.relative(path), "sha256": sha256, "created": now(), "source": source}
         if mapping:
             entry["map"] = mapping
+        if source_sha256:
+            entry["source_sha256"] = source_sha256
         self.data["labels"].setdefault(name, []).append(entry)

@@ -265,11 +265,10 @@ class Trainer:
             loss = self._loss(*batch[:2])
             if pseudo:
                 x, y = batch[2], batch[3]
+                weight = self.config.pseudo_weight
                 if self.config.teacher == "ema":
-                    y = self._teacher_label(batch[4])
-                loss = loss + self.config.pseudo_weight * ramp(
-                    self.iteration, iterations, self.config.ramp_fraction
-                ) * self._loss(x, y)
+                    y, weight = self._teacher_label(batch[4]), self.config.ema_weight
+                loss = loss + weight * ramp(self.iteration, iterations, self.config.ramp_fraction) * self._loss(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)

@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     labels = sub.add_parser(
         "labels",
         help="show which queried volumes are labelled, or import label files into a session",
+        # argparse would print the one positional as "[import] SESSION [[import] SESSION ...]"
+        usage="asfda labels [-h] SESSION\n       asfda labels import SESSION --from PATH [--map MAP] "
+        "[--all | --cases NAMES]",
         epilog="examples:\n  asfda labels ~/asfda/liver\n"
         "  asfda labels import ~/asfda/liver --from ~/exports/labels --map 7=1,8=2\n"
         "  asfda labels import ~/spine --from derivatives/ --map '41-48=2,49,50=vertebral body,*=0'\n"
@@ -251,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument(
         "--from",
         dest="source",
-        type=Path,
+        type=existing_path,
         help="label file or folder to import; files pair with images by case name: case_seg, case_mask, "
         "case.seg.nrrd for the image case; case for nnU-Net's case_0000; BIDS names by their entities "
         "(the suffix and seg/desc entities ignored); a label that fits no image or several is refused",
@@ -282,12 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--iterations",
         type=positive_int,
-        help=f"stage-1 iterations (default: {RECIPE.iterations}; with --extend: the new total)",
+        help=f"stage-1 iterations (default: {RECIPE.iterations}; with --extend: the new total; --resume keeps "
+        "the run's own)",
     )
     finetune.add_argument(
         "--pseudo-iterations",
         type=non_negative_int,
-        help=f"stage-2 iterations (default: {RECIPE.pseudo_iterations}; with --extend: the new total)",
+        help=f"stage-2 iterations (default: {RECIPE.pseudo_iterations}; with --extend: the new total; --resume "
+        "keeps the run's own)",
     )
     finetune.add_argument("--no-pseudo", action="store_true", help="stage 1 only (no pseudo-labels)")
     again = finetune.add_mutually_exclusive_group()
@@ -314,14 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.set_defaults(mode="new")
     finetune.add_argument(
-        "--batch-size", type=positive_int, default=RECIPE.batch_size, help="patches per step (default: %(default)s)"
+        "--batch-size",
+        type=positive_int,
+        help=f"patches per step (default: {RECIPE.batch_size}; --resume keeps the run's own)",
     )
     finetune.add_argument(
         "--lr",
         type=positive_float,
-        default=RECIPE.lr,
-        help=f"learning rate of new layers (default: %(default)s); tensors loaded from the checkpoint get "
-        f"{RECIPE.encoder_lr_scale:g}x of it",
+        help=f"learning rate of new layers (default: {RECIPE.lr}; --resume keeps the run's own); tensors loaded "
+        f"from the checkpoint get {RECIPE.encoder_lr_scale:g}x of it",
     )
     finetune.add_argument(
         "--checkpoint-every",
@@ -391,7 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run's own, --resume refuses another, and an extended cosine decays over the new total from where it "
         "stands)",
     )
-    finetune.add_argument("--seed", type=non_negative_int, default=RECIPE.seed, help="seed of patches and augmentation")
+    finetune.add_argument(
+        "--seed",
+        type=non_negative_int,
+        help=f"seed of patches and augmentation (default: {RECIPE.seed}; --resume keeps the run's own)",
+    )
     finetune.add_argument(
         "--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1"
     )
@@ -400,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser(
         "predict",
         help="label maps for a folder, in each input's own grid and format",
+        description="Segment a folder with the session's newest fine-tuned model (or the source model:\n"
+        "--source-model), one label map per input in its own grid and format. The folder's manifest records\n"
+        "which model made each map and the image it segments, which evaluate reads.",
         epilog="example:\n  asfda predict ~/asfda/liver --images /data/new --out /data/pred",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -421,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate",
         help="Dice and HD95 per class of predictions against reference labels",
+        description="Dice and HD95 per class and case, and their mean. With --session the cases the session\n"
+        "trained on (labelled or pseudo-labelled, known by content, not by name) are noted and left out of\n"
+        "the mean, so that it is a held-out figure.",
         epilog="examples:\n  asfda evaluate --pred /data/pred --labels /data/gt --session ~/asfda/liver\n"
         "  asfda evaluate --pred pred/ --labels raw_gt/ --card card.json --map '41-48=2,49,50=vertebral body,*=0'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -479,12 +495,28 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--out", type=Path, default=Path("asfda-demo"), help="output folder (default: %(default)s)")
-    demo.add_argument("--scenario", choices=("ct-shift", "mri"), default="ct-shift", help="(default: %(default)s)")
-    demo.add_argument("--pool", type=int, default=24)
-    demo.add_argument("--test", type=int, default=8)
-    demo.add_argument("--budget", type=int, default=4)
-    demo.add_argument("--iterations", type=int, default=200, help="per fine-tuning stage (default: %(default)s)")
-    demo.add_argument("--device", type=device, default="auto")
+    demo.add_argument(
+        "--scenario",
+        choices=("ct-shift", "mri"),
+        default="ct-shift",
+        help="ct-shift: the CT source model on three CT hospitals; mri: the built-in model on MRI-like sites, "
+        "which it does not segment (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--pool", type=positive_int, default=24, help="unlabeled target volumes to rank (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--test", type=positive_int, default=8, help="held-out volumes the Dice is measured on (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--budget", type=positive_int, default=4, help="volumes to label, for ASFDA and random (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--iterations", type=positive_int, default=200, help="per fine-tuning stage (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1"
+    )
     demo.set_defaults(func=commands.cmd_demo)
 
     bench = sub.add_parser(
@@ -589,6 +621,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TEACHERS,
         help=f"who labels the asfda+ssft row's pseudo-labelled patches (default: {RECIPE.teacher}, as asfda "
         "finetune; see its --help); part of the protocol",
+    )
+    bench.add_argument(
+        "--ema-weight",
+        type=positive_float,
+        help=f"the loss weight of the patches an EMA teacher labels in the asfda+ssft row (default: "
+        f"{RECIPE.ema_weight:g}, as asfda finetune; the tables made before 2026-12-05's sixth session ran with 1); "
+        "part of the protocol",
     )
     bench.add_argument(
         "--min-agreement",

@@ -14,7 +14,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from ASFDALib.app.progress import training_progress, volume_progress
+from ASFDALib.app.progress import stage_progress, training_progress, volume_progress
 from ASFDALib.errors import ASFDAError
 
 
@@ -187,6 +187,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from ASFDALib.adaptation.pipeline import unfinished_run
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.labels import import_labels, parse_mapping, resolve_cases
 
@@ -227,9 +228,11 @@ def cmd_labels(args: argparse.Namespace) -> int:
             table.add_row(str(entry["index"]), name, session.relative(path) if path else "[red]missing")
     console.print(table)
     missing = [n for n in queried if n not in labelled]
+    unfinished = unfinished_run(session)
+    ready = f"; {unfinished}: 'asfda finetune {session.root} --resume' finishes it" if unfinished else ""
     console.print(
         f"{len(queried) - len(missing)} of {len(queried)} queried volumes labelled"
-        + (f"; missing: {', '.join(missing)}" if missing else "; ready for 'asfda finetune'")
+        + (f"; missing: {', '.join(missing)}" if missing else ready or "; ready for 'asfda finetune'")
     )
     return 0
 
@@ -261,18 +264,21 @@ def check_gate_options(
         )
 
 
-def refuse_stage2_changes(args: argparse.Namespace, ran: dict, pseudo: Path | None) -> None:
-    """A resume goes on as its run ran, so it refuses another stage-2 schedule, augmentation or teacher; an
-    extension keeps the round's pseudo-labels, so it refuses another teacher of them (it may change the rest).
-    ``ran``: pipeline.stage2_recipe of the run; ``pseudo``: the round's pseudo.json, if made."""
+def refuse_changes_part_way(args: argparse.Namespace, ran: dict, pseudo: Path | None) -> None:
+    """A resume goes on as its run ran, so it refuses another length, batch size, learning rate, seed, stage-2
+    schedule, augmentation or teacher, and --no-pseudo where stage 2 has pseudo-labels; an extension keeps the
+    round's pseudo-labels, so it refuses another teacher of them (it may change the rest). ``ran``: the run's
+    pipeline.stage2_recipe, run_recipe and targets (``iterations``, ``pseudo_iterations``); ``pseudo``: the
+    round's pseudo.json, if made."""
     from ASFDALib.adaptation.recipe import stage2_teacher
 
     if args.mode not in ("resume", "extend"):
         return
     named = {"--pseudo-teacher": (args.pseudo_teacher, "teacher")}
     if args.mode == "resume":
-        named["--stage2-lr"] = (args.stage2_lr, "stage2_lr")
-        named["--pseudo-augment"] = (args.pseudo_augment, "pseudo_augment")
+        for option in ("stage2-lr", "pseudo-augment", "iterations", "pseudo-iterations", "batch-size", "lr", "seed"):
+            key = option.replace("-", "_")
+            named[f"--{option}"] = (getattr(args, key, None), key)
     made = json.loads(pseudo.read_text(encoding="utf-8")) if pseudo is not None and pseudo.is_file() else None
     changed = []
     for option, (value, key) in named.items():
@@ -286,6 +292,8 @@ def refuse_stage2_changes(args: argparse.Namespace, ran: dict, pseudo: Path | No
             now, then = stage2_teacher(value, judged), stage2_teacher(then, judged)  # the teachers they are here
         if now != then:
             changed.append(f"{option} {value} (it had {ran[key]})")
+    if args.mode == "resume" and getattr(args, "no_pseudo", False) and ran.get("pseudo_iterations"):
+        changed.append(f"--no-pseudo (it has a stage 2 of {ran['pseudo_iterations']} iterations)")
     if changed:
         why = (
             "--resume continues the run as it ran"
@@ -303,7 +311,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ASFDALib import distributed
-    from ASFDALib.adaptation.pipeline import finetune_session, read_run, stage2_recipe
+    from ASFDALib.adaptation.pipeline import finetune_session, read_run, run_recipe, stage2_recipe
     from ASFDALib.adaptation.recipe import FinetuneConfig
     from ASFDALib.adaptation.session import Session
 
@@ -351,9 +359,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             )
     # after the refusal above: its fix (leave the options out) is the one that holds
     check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback)
-    # a resume or extend keeps the schedule, augmentation and teacher stage 2 last ran with
-    ran = stage2_recipe(run)
-    refuse_stage2_changes(args, ran, pseudo_json)
+    # a resume or extend keeps the schedule, augmentation and teacher stage 2 last ran with; a resume keeps
+    # the run's length, batch size, learning rate and seed too
+    ran = stage2_recipe(run) | run_recipe(run)
+    if run and run["targets"]:
+        ran |= {"iterations": run["targets"]["stage1"], "pseudo_iterations": run["targets"]["stage2"]}
+    if not (args.mode == "resume" and run and run["finished"]):  # that resume is refused, naming --extend
+        refuse_changes_part_way(args, ran, pseudo_json)
+    kept = run_recipe(run) if args.mode == "resume" else {}
     stage2_lr = args.stage2_lr or ran.get("stage2_lr", recipe.stage2_lr)
     augment = args.pseudo_augment or ran.get("pseudo_augment", recipe.pseudo_augment)
     teacher = args.pseudo_teacher or ran.get("teacher", recipe.teacher)
@@ -368,10 +381,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(
         iterations=iterations,
         pseudo_iterations=recipe.pseudo_iterations if args.pseudo_iterations is None else args.pseudo_iterations,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        batch_size=args.batch_size or kept.get("batch_size", recipe.batch_size),
+        lr=args.lr or kept.get("lr", recipe.lr),
         checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
+        seed=kept.get("seed", recipe.seed) if args.seed is None else args.seed,
         device=args.device,
         keep_fraction=recipe.keep_fraction if args.keep_fraction is None else args.keep_fraction,
         # a resume or extend keeps an EMA teacher's voxel gate (gate options are refused once labels exist)
@@ -382,6 +395,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         stage2_lr=stage2_lr,
         pseudo_augment=augment,
         teacher=teacher,
+        ema_weight=ran.get("ema_weight", recipe.ema_weight),  # a resume or extend keeps the run's own
     )
     bar, progress = training_progress(console)
     distributed.init_from_env(args.device)
@@ -401,7 +415,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 on_status=console.print,
             )
         except KeyboardInterrupt:
-            console.print("interrupted; the last checkpoint is kept: re-run with --resume to continue")
+            index = session.rounds[-1]["index"] if session.rounds else 0
+            done = (read_run(session.root / "checkpoints" / f"round{index}") or {}).get("done")
+            held = f" (stage 1: {done['stage1']} iterations, stage 2: {done['stage2']})" if done else ""
+            console.print(f"interrupted; the newest checkpoint is kept{held}: re-run with --resume to continue")
             return 130
     if result.kept:
         console.print(f"Pseudo-labelled (most reliable first): {', '.join(result.kept)}")
@@ -429,7 +446,7 @@ def _predictions_folder(images: Path) -> Path:
 def cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ASFDALib.adaptation.pipeline import predict_folder, prediction_name, session_model
+    from ASFDALib.adaptation.pipeline import predict_folder, prediction_name, session_model, unfinished_run
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.volumes import content_hash, discover_volumes
     from ASFDALib.outputs import (
@@ -456,7 +473,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if replaced:
         console.print(f"Replacing {len(replaced)} label maps an earlier asfda predict wrote to {args.out}")
     latest = session.adapted_round()
-    if not args.source_model and not latest:
+    unfinished = "" if args.source_model else unfinished_run(session)
+    if unfinished:  # its weights are not the adapted model: say which model predicts instead, and the fix
+        which = f"round {latest['index']}'s model" if latest else "the source model"
+        console.print(
+            f"[yellow]{unfinished[0].upper()}{unfinished[1:]}: predicting with {which} "
+            f"('asfda finetune {args.session} --resume' finishes it).[/yellow]"
+        )
+    elif not args.source_model and not latest:
         console.print(
             "This session has not been fine-tuned yet: predicting with the source model "
             f"('asfda finetune {args.session}' adapts it first)."
@@ -478,7 +502,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     bar, update = volume_progress(console, "Predicting")
     with bar:
         written, skipped = predict_folder(model, args.images, args.out, args.device, update)
-    record_predictions(Path(args.out), written, made_by)
+    scans = {target.name: scan for target, scan in zip(targets, inputs)}
+    made_from = {p.name: content_hash(scans[p.name]) for p in written}
+    record_predictions(Path(args.out), written, made_by, made_from)
     for reason in skipped:
         console.print(f"[yellow]skipped {reason}[/yellow]")
     console.print(f"Wrote {len(written)} label maps to {args.out} with {which}")
@@ -495,9 +521,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.labels import parse_mapping
     from ASFDALib.data.volumes import discover_volumes
-    from ASFDALib.evaluation.evaluate import evaluate_folders, foreign_warning, mean_caption, summary_rows, write_csv
+    from ASFDALib.evaluation.evaluate import (
+        evaluate_folders,
+        foreign_warning,
+        mean_caption,
+        summary_rows,
+        trained_on,
+        write_csv,
+    )
     from ASFDALib.models.card import load_card
-    from ASFDALib.outputs import predictions_made_by, refuse_inside_session, refuse_overwrite
+    from ASFDALib.outputs import predictions_made_by, predictions_made_from, refuse_inside_session, refuse_overwrite
 
     out = args.out or Path(args.pred) / "evaluation.csv"
     if out.is_dir():
@@ -512,13 +545,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         names = list(session.data["model"]["card"]["class_names"])
     else:
         names = None
-    # a figure on cases the session's model trained on is not a test figure: they are noted, not averaged
-    trained: dict[str, str] = {}
-    if session:
-        for round_ in session.rounds:
-            trained |= dict.fromkeys((round_.get("metrics") or {}).get("pseudo_labelled", []), "pseudo-labelled")
-        trained |= dict.fromkeys(session.labelled(), "labelled")
     scores = evaluate_folders(args.pred, args.labels, names, parse_mapping(args.map, names))
+    # a figure on cases the session's model trained on is not a test figure: they are noted, not averaged
+    trained = trained_on(session, scores, args.labels, predictions_made_from(args.pred)) if session else {}
     console = Console()
     if names is None:
         names = ["background", *[f"class{i}" for i in range(1, max(len(s.dice) for s in scores) + 1)]]
@@ -593,7 +622,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ASFDALib.bench.demo import DemoConfig, demo_model_path, run_demo
 
@@ -606,17 +634,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
         scenario=args.scenario,
     )
-    bar = Progress(
-        TextColumn("[bold]Demo"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
-    )
-    task = bar.add_task("starting", total=1.0)
+    bar, update = stage_progress(console, "Demo")
     with bar:
-        report = run_demo(
-            args.out,
-            demo_model_path(config.scenario),
-            config,
-            lambda text, fraction: bar.update(task, completed=fraction, description=text),
-        )
+        report = run_demo(args.out, demo_model_path(config.scenario), config, update)
     console.print((args.out / "demo.md").read_text(encoding="utf-8"))
     gain = 100 * (report["mean_dice"]["asfda"] - report["mean_dice"]["random"])
     console.print(
@@ -702,6 +722,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         ("pseudo_fallback", "fallback"),
         ("pseudo_augment", "pseudo_augment"),
         ("pseudo_teacher", "teacher"),
+        ("ema_weight", "ema_weight"),
     ):
         value = getattr(args, name)
         if value is not None:

@@ -17,19 +17,27 @@ def _clock(seconds: float) -> str:
 
 class PlainProgress(AbstractContextManager):
     """Writes ``label i/N (p%), elapsed, ETA [detail]`` lines through ``console.print``: at the first step,
-    then at most every ``every_s`` seconds, and at the last step."""
+    then at most every ``every_s`` seconds, and at the last step. ``clock`` (seconds) is for tests."""
 
-    def __init__(self, console, label: str, unit: str, every_s: float = PLAIN_EVERY_S) -> None:
-        self.console, self.label, self.unit, self.every_s = console, label, unit, every_s
-        self.start = time.perf_counter()
+    def __init__(
+        self,
+        console,
+        label: str,
+        unit: str,
+        every_s: float = PLAIN_EVERY_S,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.console, self.label, self.unit, self.every_s, self.clock = console, label, unit, every_s, clock
+        self.start = clock()
         self.last = float("-inf")
         self.first_done: int | None = None
+        self.stage_name: str | None = None
 
     def __exit__(self, *exc) -> None:
         return None
 
     def step(self, done: int, total: int | None, detail: str = "") -> None:
-        now = time.perf_counter()
+        now = self.clock()
         if self.first_done is None:
             self.first_done = done
         final = total is not None and done >= total
@@ -45,6 +53,16 @@ class PlainProgress(AbstractContextManager):
         if total and progressed > 0 and not final:
             text += f", ETA {_clock(elapsed / progressed * (total - done))}"
         self.console.print(text + (f" {detail}" if detail else ""), highlight=False, markup=False, soft_wrap=True)
+
+    def stage(self, name: str, fraction: float, detail: str = "") -> None:
+        """Writes ``label p% name[; detail], elapsed``: at once for a new stage (a run has a few, each may
+        last minutes, so none is held back behind the interval), else at most every ``every_s`` seconds."""
+        now = self.clock()
+        if name == self.stage_name and now - self.last < self.every_s and fraction < 1:
+            return
+        self.stage_name, self.last = name, now
+        text = f"{self.label} {100 * fraction:.0f}% {name}" + (f"; {detail}" if detail else "")
+        self.console.print(f"{text}, elapsed {_clock(now - self.start)}", highlight=False, markup=False, soft_wrap=True)
 
 
 def volume_progress(console, label: str, unit: str = "volumes"):
@@ -77,6 +95,30 @@ def volume_progress(console, label: str, unit: str = "volumes"):
 
     def update(done: int, total: int, name: str) -> None:
         bar.update(task, completed=done, total=total, name=name)
+
+    return bar, update
+
+
+def stage_progress(console, label: str) -> tuple[AbstractContextManager, Callable[..., None]]:
+    """A progress display for work in named stages (``label``, p%, the stage, a detail such as i/N within it,
+    elapsed) and the callback ``update(stage, fraction, detail="")`` that drives it: a rich bar in a
+    terminal, plain lines elsewhere."""
+    if not console.is_terminal:
+        plain = PlainProgress(console, label, "")
+        return plain, plain.stage
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        TextColumn("{task.description}", markup=False),  # a stage may name a file, and names may hold [brackets]
+        TimeElapsedColumn(),
+        console=console,
+    )
+    task = bar.add_task("starting", total=1.0)
+
+    def update(stage: str, fraction: float, detail: str = "") -> None:
+        bar.update(task, completed=fraction, description=stage + (f"; {detail}" if detail else ""))
 
     return bar, update
 

@@ -600,12 +600,14 @@ class Workflow:
         if not ok:
             raise ASFDAError(why)
         settings = self.settings
-        # a continued run goes on as its stage 2 ran (rate schedule, augmentation, teacher), as asfda finetune's does
+        # a continued run goes on as its stage 2 ran (rate schedule, augmentation, teacher), as asfda finetune's
+        # does; a resumed one with its batch size, learning rate and seed too
         ran = {}
         if mode in ("resume", "extend"):
-            from ASFDALib.adaptation.pipeline import stage2_recipe
+            from ASFDALib.adaptation.pipeline import run_recipe, stage2_recipe
 
-            ran = stage2_recipe(self.finetune_run())
+            run = self.finetune_run()
+            ran = stage2_recipe(run) | (run_recipe(run) if mode == "resume" else {})
         self.phase = Phase.FINETUNING
         self.last_run = ""
         self.progress, self.progress_text = 0.0, "Fine-tuning…"

@@ -29,7 +29,7 @@ import torch
 from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
 from ASFDALib.adaptation.recipe import FinetuneConfig, stage2_teacher
-from ASFDALib.adaptation.trainer import Trainer
+from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
 from ASFDALib.bench import statistics
 from ASFDALib.data.labels import validate_label
@@ -92,6 +92,7 @@ class SSFTOptions:
     stage2_lr: str = FinetuneConfig.stage2_lr  # adaptation/recipe.py STAGE2_LR; the control's last part too
     pseudo_augment: str = FinetuneConfig.pseudo_augment  # "weak" or "strong" (adaptation/patches.py)
     teacher: str = FinetuneConfig.teacher  # adaptation/recipe.py TEACHERS (resolved once the gate has judged)
+    ema_weight: float = FinetuneConfig.ema_weight  # the loss weight of the patches an EMA teacher labels
 
 
 # fields SSFTOptions gained later, at the values the runs recorded before them ran with
@@ -102,6 +103,7 @@ SSFT_LATER_FIELDS = {
     "pseudo_augment": "weak",
     "teacher": "fixed",
     "fallback": "none",
+    "ema_weight": 1.0,
 }
 
 
@@ -305,6 +307,7 @@ def train(
     rates: dict[str, float | str] | None = None,
     pseudo_labels: bool = True,
     stage1_cache: Path | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[torch.nn.Module, list[str], str]:
     """The same recipe for every row: ``iterations`` on the labels; SSFT adds stage 2 as ``ssft`` says.
 
@@ -317,14 +320,15 @@ def train(
     a later row with the same labels and seed resumes from it, which an exact resume makes the same
     training as running stage 1 again (the ASFDA row, its SSFT row and their control share one stage 1).
 
-    ``rates`` overrides the recipe's ``lr`` / ``encoder_lr_scale`` / ``lower_rate_for``.
+    ``rates`` overrides the recipe's ``lr`` / ``encoder_lr_scale`` / ``lower_rate_for``; ``progress`` hears
+    each step of stage 1 (and of stage 2), as the trainer reports it.
     ``on_eval(iteration, network)`` is called at each of ``eval_at`` during stage 1 (training continues from
     there with the same batches an uninterrupted run draws, so the curve costs only its evaluations).
     """
     model = load_model(model_path, card)
     network = model.network
     # what stage 2 reads from the trainer's recipe (an EMA teacher's voxel gate is the options' confidence)
-    read = ("stage2_lr", "pseudo_augment", "teacher", "confidence")
+    read = ("stage2_lr", "pseudo_augment", "teacher", "confidence", "ema_weight")
     stage2 = {k: getattr(ssft, k) for k in read} if ssft else {}
     config = FinetuneConfig(seed=seed, device=device, checkpoint_every=10**9, **(rates or {}), **stage2)
     # the learning rates the session path uses: by what the checkpoint loaded (one recipe for every row)
@@ -339,7 +343,7 @@ def train(
         trainer.run(labelled, stop)
         if on_eval:
             on_eval(stop, network.eval())
-    trainer.run(labelled, first)
+    trainer.run(labelled, first, progress=progress)
     if cached and not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cached, lambda tmp: shutil.copyfile(trainer.last_path, tmp))
@@ -369,7 +373,9 @@ def train(
         trainer.config = replace(config, teacher=stage2_teacher(ssft.teacher, bool(made.asked)))
     if ssft:
         trainer.begin_stage("stage2")
-        trainer.run(labelled, iterations - first + round(iterations * ssft.extra_fraction), pseudo or None)
+        trainer.run(
+            labelled, iterations - first + round(iterations * ssft.extra_fraction), pseudo or None, progress=progress
+        )
     return network.eval(), [c.name for c in pseudo], judged
 
 
@@ -641,7 +647,7 @@ def _protocol(config: BenchmarkConfig, folders: Folders, inputs: dict) -> dict:
     """What must match for earlier runs in results.json to be reused (``inputs``: :func:`fingerprints`)."""
     return {
         "iterations": config.iterations,
-        "ssft": asdict(config.ssft),
+        "ssft": _ssft_protocol(asdict(config.ssft)),
         "eval_at": list(config.eval_at),
         "scenario": config.scenario,
         "fusion": config.fusion,
@@ -655,6 +661,12 @@ def _protocol(config: BenchmarkConfig, folders: Folders, inputs: dict) -> dict:
     }
 
 
+def _ssft_protocol(ssft: dict) -> dict:
+    """The SSFT options that make a run what it is: with the fixed teacher no patch is an EMA teacher's, so
+    its weight is not one of them (tables made before it was a choice resume under either weight)."""
+    return {k: v for k, v in ssft.items() if not (k == "ema_weight" and ssft.get("teacher") == "fixed")}
+
+
 def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
     if not results_path.is_file():
         return []
@@ -666,7 +678,7 @@ def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
         stored["protocol"].setdefault("lower_rate_for", "encoder")
         # and before pseudo-labels had an agreement gate, they were gated by confidence
         if isinstance(stored["protocol"].get("ssft"), dict):
-            stored["protocol"]["ssft"] = {**SSFT_LATER_FIELDS, **stored["protocol"]["ssft"]}
+            stored["protocol"]["ssft"] = _ssft_protocol({**SSFT_LATER_FIELDS, **stored["protocol"]["ssft"]})
         # runs recorded before inputs were fingerprinted are taken to be of these inputs
         for key in ("model", "card", "files"):
             if protocol is not None and key in protocol:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from ASFDALib.adaptation.pipeline import finetune_session, session_model
 from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.adaptation.rounds import record_round
 from ASFDALib.adaptation.session import Session
+from ASFDALib.adaptation.trainer import Progress as TrainingProgress
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.bench.benchmark import SCENARIO_MODELS, evaluate, load_cases, train
 from ASFDALib.bench.phantoms import write_pool
@@ -32,7 +33,11 @@ from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
 from ASFDALib.query.ranking import RankConfig, Ranking, rank_folder
 from ASFDALib.query.report import write_ranking
 
-Step = Callable[[str, float], None]
+
+class Step(Protocol):
+    """Told of the demo's progress: the stage, the fraction of the demo done, and where within the stage."""
+
+    def __call__(self, stage: str, fraction: float, detail: str = "") -> None: ...
 
 
 SCENARIO_LR = {"ct-shift": 1e-3, "mri": None}  # the recipe chosen on each scenario's validation split
@@ -60,7 +65,7 @@ def demo_model_path(scenario: str) -> Path:
 
 def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None = None) -> dict:
     """Run the demo into ``out`` and return its report (also in demo.json / demo.md / demo.png)."""
-    say = step or (lambda _text, _fraction: None)
+    say = step or (lambda _stage, _fraction, _detail="": None)
     out = Path(out)
     start = time.perf_counter()
     data = out / "data"
@@ -81,13 +86,15 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
     session_dir = out / "session"
     if session_dir.exists():
         shutil.rmtree(session_dir)
-    say("ranking the pool by DKD + ASD (one pass per volume)", 0.1)
+    ranking_stage = "ranking the pool by DKD + ASD (one pass per volume)"
+    say(ranking_stage, 0.1)
     with Session.open(session_dir, create=True) as session:
         ranking: Ranking = rank_folder(
             data / "pool" / "images",
             model,
             session_dir / "cache",
             RankConfig(budget=config.budget, device=config.device),
+            progress=lambda done, total, _name: say(ranking_stage, 0.1 + 0.1 * done / total, f"volume {done}/{total}"),
         )
         ranking_outputs = write_ranking(ranking, session_dir)
         record_round(
@@ -106,7 +113,13 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
             shutil.copy(data / "pool" / "labels" / name, gt / name)
         import_labels(session, gt, model.card.class_names)
         session.save()
-        say("fine-tuning: stage 1 on the labels, reliable pseudo-labels, stage 2", 0.3)
+        finetune_stage = "fine-tuning: stage 1 on the labels, reliable pseudo-labels, stage 2"
+        say(finetune_stage, 0.3)
+
+        def trained(p: TrainingProgress) -> None:  # each stage counts its own iterations: 0.3-0.5, then 0.5-0.7
+            done = 0.3 + 0.2 * (p.stage == "stage2") + 0.2 * p.iteration / p.total
+            say(finetune_stage, done, f"{p.label} {p.iteration}/{p.total}, loss {p.loss:.4f}")
+
         ft = FinetuneConfig(
             iterations=config.iterations,
             pseudo_iterations=config.iterations,
@@ -114,9 +127,10 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
             device=config.device,
             **rates,
         )
-        result = finetune_session(session, ft)
+        result = finetune_session(session, ft, progress=trained)
         adapted = session_model(session, adapted=True)
-    say("random selection with the same budget, fine-tuned for as many iterations", 0.7)
+    random_stage = "random selection with the same budget, fine-tuned for as many iterations"
+    say(random_stage, 0.7)
     pool_cases = load_cases(data / "pool", model.card)
     rng = np.random.default_rng(config.seed)
     random_query = [pool_cases[i].name for i in rng.permutation(len(pool_cases))[: config.budget]]
@@ -131,6 +145,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
         None,
         out / "work",
         rates=rates,
+        progress=lambda p: say(random_stage, 0.7 + 0.2 * p.iteration / p.total, f"{p.iteration}/{p.total}"),
     )
     say("evaluating on the test set", 0.9)
     test_cases = load_cases(data / "test", model.card)

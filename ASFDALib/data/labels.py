@@ -233,13 +233,22 @@ def validate_label(
     lut_values = {int(v): mapping.target(int(v)) for v in present}
     unknown = sorted(v for v, target in lut_values.items() if not 0 <= target < len(class_names))
     if unknown:
-        example = ",".join(f"{r}=1" for r in value_ranges(unknown).split(",")[:3])
-        if mapping.default is None and all(v in unknown for v in lut_values if v):
-            example += ",*=0"  # every foreground value is foreign: the rest can safely go to background
+        ranges = value_ranges(unknown).split(",")[:3]
+        if all(v in unknown for v in lut_values if v):
+            # every foreground value is foreign: the file numbers the structures its own way, so they are
+            # classes under other numbers, and the rest can safely go to background
+            example = ",".join(f"{r}=1" for r in ranges) + (",*=0" if mapping.default is None else "")
+            fix = f"give a mapping, e.g. --map {example}"
+        else:
+            # beside the model's own classes: most likely a structure the model does not segment, and
+            # merging it into an organ would teach the model that organ's shape wrong
+            example = ",".join(f"{r}=0" for r in ranges)
+            organ = f"{ranges[0]}=1 if they are {class_names[1]}"
+            fix = f"give a mapping, e.g. --map {example} to make them background, or {organ}"
         raise LabelError(
             label_path,
             f"label values [{value_ranges(unknown)}] are not classes of the model ({_class_list(class_names)})",
-            f"give a mapping, e.g. --map {example}",
+            fix,
         )
     out = np.zeros(values.shape, np.uint8)
     for value, target in lut_values.items():
@@ -446,7 +455,7 @@ def import_labels(
 
     ``cases`` are the image names asked for; None means the volumes queried so far (every round), so that a
     folder holding labels of the whole pool does not silently empty the pseudo-label pool. Labels of other
-    volumes are still checked (a broken file is reported either way) and listed as skipped. With a single
+    volumes are still checked (a broken file's problem is reported either way) and listed as skipped. With a single
     label file and a single case, the two are paired whatever their names. Nothing already in the session
     is overwritten.
     """
@@ -463,14 +472,17 @@ def import_labels(
     for name, label_name in sorted(pairing.pairs.items()):
         label_path = Path(label_name)
         notes: list[str] = []
+        flaw = ""
         try:
             label, affine = validate_label(label_path, session.image_path(name), class_names, mapping, notes)
         except VolumeError as exc:
-            report.refused.append(str(exc))
-            continue
+            if name in asked:
+                report.refused.append(str(exc))
+                continue
+            flaw = f"; as it is, it would be refused: {exc.reason}"  # checked all the same, so it is fixed in time
         if name not in asked:
             why = "no round has queried it" if cases is None else "not among --cases"
-            report.skipped.append(f"{label_path}: image {name} was not asked for ({why}); import it with --cases")
+            report.skipped.append(f"{label_path}: image {name} was not asked for ({why}); import it with --cases{flaw}")
             continue
         current = stored.get(name)
         if current is not None and _same_label(current, label, affine):
@@ -478,7 +490,14 @@ def import_labels(
             continue
         target = session.next_label_path(name)
         write_nifti(target, label, affine)
-        session.record_label(name, target, content_hash(target), f"import:{label_path}", _mapping_record(mapping))
+        session.record_label(
+            name,
+            target,
+            content_hash(target),
+            f"import:{label_path}",
+            _mapping_record(mapping),
+            source_sha256=content_hash(label_path),
+        )
         report.imported[name], report.sources[name] = target, label_path
         if notes:
             report.notes[name] = notes

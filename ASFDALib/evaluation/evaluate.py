@@ -11,14 +11,18 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ASFDALib.atomic import atomic_write_text
 from ASFDALib.data.labels import LabelMap, align_to_image, pair_names, value_ranges
-from ASFDALib.data.volumes import discover_volumes, read_volume
+from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume
 from ASFDALib.errors import VolumeError
 from ASFDALib.evaluation.metrics import score_case
+
+if TYPE_CHECKING:
+    from ASFDALib.adaptation.session import Session
 
 
 @dataclass
@@ -28,6 +32,7 @@ class CaseScore:
     hd95: list[float]
     reason: str = ""
     foreign: list[int] = field(default_factory=list)  # reference values (after the map) that are not classes
+    prediction: str = ""  # the map's file name, which the predictions folder's manifest is keyed by
 
 
 def _predicted_classes(paths: list[Path]) -> int:
@@ -81,9 +86,9 @@ def evaluate_folders(
                 pred_array = np.where(np.isin(ref_array, foreign), 0, pred_array)
             spacing = np.linalg.norm(ref.affine[:3, :3], axis=0)
             dice, distance = score_case(pred_array, mapped, spacing, num_classes)
-            scores.append(CaseScore(name, dice, distance, foreign=foreign))
+            scores.append(CaseScore(name, dice, distance, foreign=foreign, prediction=pred_path.name))
         except VolumeError as exc:
-            scores.append(CaseScore(name, [], [], exc.reason))
+            scores.append(CaseScore(name, [], [], exc.reason, prediction=pred_path.name))
     return scores
 
 
@@ -99,20 +104,59 @@ def foreign_warning(score: CaseScore, class_names: list[str]) -> str:
 AS_ADAPTED = "as for the adapted model"  # why the source model's maps leave out the session's training cases
 
 
+def trained_on(session: Session, scores: list[CaseScore], label_dir: Path, made_from: dict[str, str]) -> dict[str, str]:
+    """The evaluated cases the session's model trained on, each with how it trained on it and which rule told.
+
+    By content, never by name alone: a test folder's ``mri_002`` is not the pool's ``mri_002`` unless it is
+    the same image, and a renamed copy of a training image still is one. The image a map was made from
+    (``made_from``: map name -> SHA-256, as asfda predict records it) is looked up among the hashes of the
+    pool's labelled and pseudo-labelled images. A map without that record (another tool's) is matched by its
+    reference label file: the same bytes as a label the session imported or stored. A pseudo-labelled image
+    has no label in the session to compare, so there only its name can tell; it is still left out, since a
+    held-out mean must not hold a training case, and the note says it was by name.
+    """
+    how: dict[str, str] = {}
+    for round_ in session.rounds:
+        how |= dict.fromkeys((round_.get("metrics") or {}).get("pseudo_labelled", []), "pseudo-labelled")
+    labelled = session.labelled()
+    how |= dict.fromkeys(labelled, "labelled")
+    images: dict[str, list[str]] = {}
+    for entry in (session.data.get("images") or {}).get("files", []):
+        images.setdefault(entry["sha256"], []).append(entry["name"])
+    labels = {
+        digest: name
+        for name in labelled
+        for version in session.data["labels"][name]
+        for digest in (version.get("sha256"), version.get("source_sha256"))
+        if digest
+    }
+    found = {}
+    for score in scores:
+        if score.prediction in made_from:
+            same = [name for name in images.get(made_from[score.prediction], []) if name in how]
+            if same:
+                found[score.case] = f"{how[same[0]]} in the session (same image as its {same[0]})"
+        elif (name := labels.get(content_hash(Path(label_dir) / score.case))) is not None:
+            found[score.case] = f"labelled in the session (same label file as its {name})"
+        elif how.get(score.case) == "pseudo-labelled":
+            found[score.case] = "pseudo-labelled in the session (by name: its map records no image to compare)"
+    return found
+
+
 def summary_rows(
     scores: list[CaseScore], class_names: list[str], trained: dict[str, str] | None = None, source: bool = False
 ) -> list[dict]:
     """One row per case and a MEAN row. ``trained`` maps a case to how the session's adapted model trained on
-    it ("labelled", "pseudo-labelled"): such a case is noted and left out of the mean, which is then a held-out
-    figure. ``source``: the maps are the source model's, which did not train on them; they are still left out,
-    so that its mean and the adapted model's are over the same cases."""
+    it and which rule told (see :func:`trained_on`): such a case is noted and left out of the mean, which is
+    then a held-out figure. ``source``: the maps are the source model's, which did not train on them; they are
+    still left out, so that its mean and the adapted model's are over the same cases."""
     trained = trained or {}
     why = f"not in the mean, {AS_ADAPTED}" if source else "trained on, not in the mean"
     rows = []
     for s in scores:
         note = f"not classes, left out: {value_ranges(s.foreign)}" if s.foreign else ""
         if s.case in trained:
-            note = "; ".join(filter(None, [f"{trained[s.case]} in the session: {why}", note]))
+            note = "; ".join(filter(None, [f"{trained[s.case]}: {why}", note]))
         row = {"case": s.case, "reason": s.reason or note}
         for i, name in enumerate(class_names[1:]):
             row[f"dice_{name}"] = s.dice[i] if i < len(s.dice) else float("nan")
@@ -123,7 +167,7 @@ def summary_rows(
     if rows:
         held_out = [r for r in rows if r["case"] not in trained]
         left = len(rows) - len(held_out)
-        reason = f"without the {left} cases the session trained on" if left else ""
+        reason = f"without the {left} case{'s' * (left != 1)} the session trained on" if left else ""
         if left and source:
             reason += " (the source model did not: left out so the mean compares with the adapted model's)"
         mean = {"case": "MEAN", "reason": reason}

@@ -8,11 +8,15 @@ import math
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
 from ASFDALib.query.columns import COLUMN_LEGEND
 from ASFDALib.query.ranking import Ranking, RankRow
+
+if TYPE_CHECKING:  # rich is imported where a table is drawn, not with the module
+    from rich.console import Group
 
 COLUMNS = [f.name for f in fields(RankRow)]
 
@@ -120,13 +124,17 @@ SCORE_CAPTIONS = {
 }
 
 
-def ranking_table(ranking: Ranking, limit: int = 30):
-    """A rich Table of the ranking (the query first), skipped files at the end with their reason.
+def ranking_table(ranking: Ranking, limit: int = 30) -> Group:
+    """The ranking for a terminal: a rich Table (the query first), then a line per skipped file with why.
 
     Each pick is explained by the terms it was made by: its score, the knowledge gap s_src, the diversity
     s_div to the volumes labelled or picked before it, and ASD. It fits 80 columns: numbers never wrap or
-    shrink; a long file name is cut with an ellipsis instead (ranking.csv has it whole)."""
+    shrink; a long file name folds onto more lines instead, whole. Skipped files are listed below the
+    table, not in it: a reason (an error message naming a path) in a cell would widen the table past 80
+    columns and squeeze every other column to nothing."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(
         title=f"ASFDA ranking ({ranking.strategy}, alpha={ranking.alpha}, K_s: {ranking.knowledge.kind})",
@@ -134,7 +142,8 @@ def ranking_table(ranking: Ranking, limit: int = 30):
         "percentiles among the volumes left at that pick; every column in ranking.csv",
         padding=(0, 1),
     )
-    # (name, justify, width the values need): numbers are never cut; the file name takes what is left
+    # (name, justify, width the values need): numbers are never cut; the file name takes what is left,
+    # folding onto more lines where it is longer (the only column rich may narrow: it never narrows a no_wrap one)
     for name, justify, width in (
         ("rank", "right", 4),
         ("file", "left", None),
@@ -148,8 +157,8 @@ def ranking_table(ranking: Ranking, limit: int = 30):
         table.add_column(
             name,
             justify=justify,
-            no_wrap=True,
-            overflow="ellipsis" if name == "file" else "fold",
+            no_wrap=name != "file",
+            overflow="fold",
             min_width=width,
             ratio=1 if name == "file" else None,
         )
@@ -176,6 +185,5 @@ def ranking_table(ranking: Ranking, limit: int = 30):
     for row in ranking.rows:
         if row.status == "labelled":
             table.add_row("-", row.file, *[""] * 5, "labelled", style="green")
-    for row in ranking.skipped:
-        table.add_row("-", row.file, *[""] * 5, f"skipped: {row.reason}", style="yellow")
-    return table
+    skipped = [Text(f"skipped {row.file}: {row.reason}", style="yellow") for row in ranking.skipped]
+    return Group(table, *skipped)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.adaptation.session import Session
 from ASFDALib.app.cli import main
+from ASFDALib.data.volumes import content_hash
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +105,13 @@ def test_evaluating_with_the_session_leaves_the_cases_it_trained_on_out_of_the_m
     )
     rows = {r["case"]: r for r in csv.DictReader(open(pred / "evaluation.csv"))}
     assert {c for c in rows if rows[c]["reason"]} == {*query, *pseudo, "MEAN"}
-    assert rows[query[0]]["reason"] == "labelled in the session: trained on, not in the mean"
-    assert rows[pseudo[0]]["reason"] == "pseudo-labelled in the session: trained on, not in the mean"
+    assert (
+        rows[query[0]]["reason"]
+        == f"labelled in the session (same image as its {query[0]}): trained on, not in the mean"
+    )
+    assert rows[pseudo[0]]["reason"] == (
+        f"pseudo-labelled in the session (same image as its {pseudo[0]}): trained on, not in the mean"
+    )
     assert rows["MEAN"]["reason"] == "without the 4 cases the session trained on"
     held_out = [float(r["dice_mean"]) for c, r in rows.items() if c != "MEAN" and not r["reason"]]
     assert float(rows["MEAN"]["dice_liver"]) == pytest.approx(
@@ -128,7 +134,9 @@ def test_the_source_models_maps_are_evaluated_on_the_same_held_out_cases_and_say
     said = " ".join(capsys.readouterr().out.split())
     assert "Mean over 2 cases (not the 4 the session trained on, as for the adapted model), per class" in said
     rows = {r["case"]: r for r in csv.DictReader(open(pred / "evaluation.csv"))}
-    assert rows[query[0]]["reason"] == "labelled in the session: not in the mean, as for the adapted model"
+    assert rows[query[0]]["reason"] == (
+        f"labelled in the session (same image as its {query[0]}): not in the mean, as for the adapted model"
+    )
     assert rows["MEAN"]["reason"] == (
         "without the 4 cases the session trained on (the source model did not: left out so the mean compares "
         "with the adapted model's)"
@@ -136,8 +144,6 @@ def test_the_source_models_maps_are_evaluated_on_the_same_held_out_cases_and_say
 
 
 def test_a_prediction_folder_records_which_model_made_each_map(adapted_session, mri_pool, tmp_path, capsys):
-    from ASFDALib.data.volumes import content_hash
-
     _, session, _ = adapted_session
     images = str(mri_pool / "images")
     assert main(["predict", str(session), "--images", images, "--out", str(tmp_path / "p")]) == 0
@@ -155,6 +161,87 @@ def test_a_prediction_folder_records_which_model_made_each_map(adapted_session, 
     assert "with the source model" in " ".join(capsys.readouterr().out.split())
     made_by = json.loads((tmp_path / "p" / "asfda_predictions.json").read_text())["made_by"]
     assert made_by["mri_000.nii.gz"]["model"] == "source" and "digest" in made_by["mri_000.nii.gz"]
+    made_from = json.loads((tmp_path / "p" / "asfda_predictions.json").read_text())["made_from"]
+    assert made_from == {p.name: content_hash(p) for p in sorted((mri_pool / "images").iterdir())}
+
+
+@pytest.fixture
+def test_set(adapted_session, mri_pool, tmp_path):
+    """A test folder beside the session's pool (images/ and labels/): a new volume under the name of a volume
+    the session labelled, a labelled and a pseudo-labelled volume of the pool renamed, and a pseudo-labelled
+    one under its own name; and the adapted model's maps of it (pred/)."""
+    from ASFDALib.bench.phantoms import write_phantoms
+
+    _, session, query = adapted_session
+    pseudo = json.loads((session / "session.json").read_text())["rounds"][0]["metrics"]["pseudo_labelled"]
+    new = tmp_path / "new"
+    write_phantoms(new, 1, "mri", seed=11, prefix="new")
+    sources = {  # name in the test folder -> the folder (images/ and labels/ below it) and name copied
+        query[0]: (new, "new_000.nii.gz"),
+        "renamed_labelled.nii.gz": (mri_pool, query[1]),
+        "renamed_pseudo.nii.gz": (mri_pool, pseudo[0]),
+        pseudo[1]: (mri_pool, pseudo[1]),
+    }
+    for kind in ("images", "labels"):
+        (tmp_path / "test" / kind).mkdir(parents=True)
+        for name, (root, source) in sources.items():
+            shutil.copy(root / kind / source, tmp_path / "test" / kind / name)
+    pred = tmp_path / "pred"
+    assert main(["predict", str(session), "--images", str(tmp_path / "test" / "images"), "--out", str(pred)]) == 0
+    return tmp_path / "test", pred, query, pseudo
+
+
+def _evaluation(session, pred, labels) -> dict[str, dict]:
+    import csv
+
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--session", str(session)]) == 0
+    with open(pred / "evaluation.csv", newline="") as handle:
+        return {r["case"]: r for r in csv.DictReader(handle)}
+
+
+def test_evaluate_knows_the_sessions_training_volumes_by_the_image_a_map_was_made_from_not_by_name(
+    adapted_session, test_set, capsys
+):
+    _, session, _ = adapted_session
+    test, pred, query, pseudo = test_set
+    rows = _evaluation(session, pred, test / "labels")
+    assert rows[query[0]]["reason"] == ""  # the pool's name, another volume: a test case
+    assert rows["renamed_labelled.nii.gz"]["reason"] == (
+        f"labelled in the session (same image as its {query[1]}): trained on, not in the mean"
+    )
+    assert rows["renamed_pseudo.nii.gz"]["reason"] == (
+        f"pseudo-labelled in the session (same image as its {pseudo[0]}): trained on, not in the mean"
+    )
+    assert rows[pseudo[1]]["reason"] == (
+        f"pseudo-labelled in the session (same image as its {pseudo[1]}): trained on, not in the mean"
+    )
+    assert rows["MEAN"]["dice_mean"] == rows[query[0]]["dice_mean"]
+    assert "Mean over 1 cases (not the 3 the session trained on), per class" in " ".join(
+        capsys.readouterr().out.split()
+    )
+
+
+def test_another_tools_maps_are_known_by_their_reference_label_file_and_pseudo_labelled_ones_by_name(
+    adapted_session, test_set
+):
+    """Without asfda predict's record of the images, the reference label is the content to compare: the same
+    file as one the session imported. A pseudo-labelled volume has no label in the session, so only its name
+    can tell it; the note says so."""
+    _, session, _ = adapted_session
+    test, pred, query, pseudo = test_set
+    other = pred.parent / "other_tool"
+    other.mkdir()
+    for name in (query[0], "renamed_labelled.nii.gz", pseudo[1]):
+        shutil.copy(pred / name, other / name)
+    rows = _evaluation(session, other, test / "labels")
+    assert rows[query[0]]["reason"] == ""  # its label is not the one the session imported for its name
+    assert rows["renamed_labelled.nii.gz"]["reason"] == (
+        f"labelled in the session (same label file as its {query[1]}): trained on, not in the mean"
+    )
+    assert rows[pseudo[1]]["reason"] == (
+        "pseudo-labelled in the session (by name: its map records no image to compare): trained on, not in the mean"
+    )
+    assert rows["MEAN"]["dice_mean"] == rows[query[0]]["dice_mean"]
 
 
 def test_the_session_records_the_round_and_its_pseudo_labels(adapted_session):
@@ -223,6 +310,8 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
 
 
 RAN = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema"}
+# what a resume also keeps: the run's targets and the batch size, learning rate and seed it started with
+STARTED = {"iterations": 6, "pseudo_iterations": 4, "batch_size": 2, "lr": 0.001, "seed": 3}
 
 
 @pytest.mark.parametrize(
@@ -243,13 +332,22 @@ RAN = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema"}
         ("extend", {"stage2_lr": "constant", "pseudo_augment": "weak"}, ""),  # an extension may change them
         ("extend", {"pseudo_teacher": "fixed"}, "--extend keeps the round's pseudo-labels and the teacher"),
         ("new", {"pseudo_teacher": "fixed"}, ""),
+        ("resume", {"lr": 0.1, "batch_size": 1}, "so --batch-size 1 (it had 2) and --lr 0.1 (it had 0.001)"),
+        ("resume", {"iterations": 8}, "so --iterations 8 (it had 6) would change it part-way"),
+        ("resume", {"pseudo_iterations": 2}, "so --pseudo-iterations 2 (it had 4)"),
+        ("resume", {"seed": 0}, "so --seed 0 (it had 3)"),
+        ("resume", {"no_pseudo": True}, "so --no-pseudo (it has a stage 2 of 4 iterations) would change it"),
+        ("resume", {"iterations": 6, "lr": 0.001, "seed": 3}, ""),  # the run's own, named
+        ("extend", {"lr": 0.1, "iterations": 8}, ""),  # an extension trains on with what it is given
     ],
 )
-def test_a_resume_refuses_another_stage_2_recipe_and_an_extend_another_teacher(tmp_path, mode, options, refused):
+def test_a_resume_refuses_another_length_rate_seed_or_stage_2_recipe_and_an_extend_another_teacher(
+    tmp_path, mode, options, refused
+):
     import argparse
     import re
 
-    from ASFDALib.app.commands import refuse_stage2_changes
+    from ASFDALib.app.commands import refuse_changes_part_way
     from ASFDALib.errors import ASFDAError
 
     pseudo = tmp_path / "pseudo.json"
@@ -260,25 +358,25 @@ def test_a_resume_refuses_another_stage_2_recipe_and_an_extend_another_teacher(t
     )
     if refused:
         with pytest.raises(ASFDAError, match=re.escape(refused)):
-            refuse_stage2_changes(args, RAN, pseudo)
+            refuse_changes_part_way(args, RAN | STARTED, pseudo)
     else:
-        refuse_stage2_changes(args, RAN, pseudo)
+        refuse_changes_part_way(args, RAN | STARTED, pseudo)
 
 
 def test_a_teacher_named_with_a_resume_is_compared_as_it_would_label_the_rounds_pseudo_labels(tmp_path):
     import argparse
 
-    from ASFDALib.app.commands import refuse_stage2_changes
+    from ASFDALib.app.commands import refuse_changes_part_way
 
     pseudo = tmp_path / "pseudo.json"
     args = argparse.Namespace(session="S", mode="resume", stage2_lr=None, pseudo_augment=None)
     asked = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema-if-fallback"}  # killed unresolved
     pseudo.write_text(json.dumps({"gate": {"reliability": "flips", "asked": "rounds"}, "kept": ["a"]}))
-    refuse_stage2_changes(argparse.Namespace(**vars(args), pseudo_teacher="ema-if-fallback"), asked, pseudo)
-    refuse_stage2_changes(argparse.Namespace(**vars(args), pseudo_teacher="ema"), asked, pseudo)  # the same here
+    refuse_changes_part_way(argparse.Namespace(**vars(args), pseudo_teacher="ema-if-fallback"), asked, pseudo)
+    refuse_changes_part_way(argparse.Namespace(**vars(args), pseudo_teacher="ema"), asked, pseudo)  # the same here
     # with no volume kept no teacher labels anything, so none named changes the run
     pseudo.write_text(json.dumps({"gate": {"reliability": "flips", "asked": "rounds"}, "kept": []}))
-    refuse_stage2_changes(argparse.Namespace(**vars(args), pseudo_teacher="fixed"), RAN, pseudo)
+    refuse_changes_part_way(argparse.Namespace(**vars(args), pseudo_teacher="fixed"), RAN, pseudo)
 
 
 @pytest.mark.parametrize(
@@ -303,13 +401,18 @@ def test_a_teacher_named_with_a_resume_is_compared_as_it_would_label_the_rounds_
             ],
             {"stage2_lr": "constant", "pseudo_augment": "strong", "teacher": "ema"},
         ),
-        # an EMA teacher's voxel gate, from the run that recorded it
+        # an EMA teacher's voxel gate, from the run that recorded it; recorded before its weight was a choice: 1
         (
             [
                 {"stage2_lr": "cosine", "teacher": "ema", "confidence": 0.8, "stage2": [0, 2]},
                 {"stage2_lr": "cosine", "teacher_asked": "ema"},
             ],
-            {"stage2_lr": "cosine", "pseudo_augment": "weak", "teacher": "ema", "confidence": 0.8},
+            {"stage2_lr": "cosine", "pseudo_augment": "weak", "teacher": "ema", "confidence": 0.8, "ema_weight": 1.0},
+        ),
+        # and its weight, once recorded
+        (
+            [{"stage2_lr": "cosine", "teacher": "ema", "confidence": 0.9, "ema_weight": 0.5, "stage2": [0, 2]}],
+            {"stage2_lr": "cosine", "pseudo_augment": "weak", "teacher": "ema", "confidence": 0.9, "ema_weight": 0.5},
         ),
     ],
 )
@@ -759,8 +862,9 @@ def test_a_terminated_finetune_is_recorded_as_interrupted_in_run_json_and_sessio
     job.send_signal(signal.SIGTERM)
     out, _ = job.communicate(timeout=120)
     assert job.returncode == 130, out
-    assert "interrupted; the last checkpoint is kept: re-run with --resume to continue" in out
     stage, iteration = _checkpoint(labelled_session)
+    said = f"interrupted; the newest checkpoint is kept (stage 1: {iteration} iterations, stage 2: 0): re-run with"
+    assert said in " ".join(out.split())
     assert stage == "stage1" and iteration >= 2
     run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
     assert run["done"] == {"stage1": iteration, "stage2": 0} and not run["finished"]
@@ -793,6 +897,85 @@ def test_a_killed_run_is_counted_from_its_checkpoint_and_recorded_as_killed(labe
     assert "Round 1 resumed: stage 1 4 -> 6 iterations" in said
     history = json.loads(path.read_text())["history"]
     assert [(h["status"], h["stage1"]) for h in history] == [("killed", [0, 4]), ("done", [4, 6])]
+
+
+def test_a_resume_goes_on_with_the_runs_own_batch_size_rate_and_seed_and_refuses_others(labelled_session, capsys):
+    """What the run started with is recorded; a resume that names none of it trains with it, one that names
+    another is refused before any work, and so is the engine asked to resume with another (the panel's path)."""
+    from ASFDALib.adaptation.pipeline import finetune_session
+    from ASFDALib.adaptation.recipe import FinetuneConfig
+    from ASFDALib.adaptation.session import Session, SessionError
+
+    base = ["finetune", str(labelled_session), "--no-pseudo", "--checkpoint-every", "2"]
+    assert main([*base, "--iterations", "4", "--batch-size", "1", "--lr", "0.002", "--seed", "3"]) == 0
+    path = labelled_session / "checkpoints" / "round1" / "run.json"
+    run = json.loads(path.read_text())
+    assert run["recipe"] == {"batch_size": 1, "lr": 0.002, "seed": 3}
+    run["targets"], run["finished"] = {"stage1": 6, "stage2": 0}, False  # as if killed on the way to 6
+    path.write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main([*base, "--resume", "--lr", "0.1"]) == 1
+    assert "so --lr 0.1 (it had 0.002) would change it part-way" in " ".join(capsys.readouterr().err.split())
+    with Session.open(labelled_session) as session, pytest.raises(SessionError, match=r"lr 0.0003 \(it had 0.002\)"):
+        finetune_session(session, FinetuneConfig(lr=3e-4, batch_size=1, seed=3), pseudo=False, mode="resume")
+    assert main([*base, "--resume"]) == 0
+    history = json.loads(path.read_text())["history"]
+    assert history[-1]["learning_rates"] == history[0]["learning_rates"]  # the run's own rate, not the default
+    assert history[-1]["stage1"] == [4, 6]
+
+
+def test_predict_and_the_labels_status_during_an_unfinished_fine_tune_name_it_and_the_fix(
+    labelled_session, mri_pool, tmp_path, capsys
+):
+    base = ["finetune", str(labelled_session), "--no-pseudo", "--checkpoint-every", "2", "--batch-size", "1"]
+    assert main([*base, "--iterations", "4"]) == 0
+    # what a kill on the way to 6 iterations of the round's first run leaves: no adapted weights yet
+    path = labelled_session / "checkpoints" / "round1" / "run.json"
+    run = json.loads(path.read_text())
+    run["targets"], run["finished"] = {"stage1": 6, "stage2": 0}, False
+    run["history"][-1]["status"] = "running"
+    path.write_text(json.dumps(run))
+    data = json.loads((labelled_session / "session.json").read_text())
+    data["rounds"][-1]["checkpoint"] = None
+    (labelled_session / "session.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    args = ["predict", str(labelled_session), "--images", str(mri_pool / "images"), "--out", str(tmp_path / "p")]
+    assert main(args) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        "Round 1's fine-tune was interrupted (stage 1: 4 iterations, stage 2: 0): predicting with the source model "
+        f"('asfda finetune {labelled_session} --resume' finishes it)" in said
+    )
+    assert said.endswith(f"Wrote 6 label maps to {tmp_path / 'p'} with the source model")
+    assert main(["labels", str(labelled_session)]) == 0  # and the labels' status names the fix, not a new run
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        "1 of 1 queried volumes labelled; round 1's fine-tune was interrupted (stage 1: 4 iterations, stage 2: 0): "
+        f"'asfda finetune {labelled_session} --resume' finishes it" in said
+    )
+
+
+def test_a_re_rank_before_fine_tuning_says_the_query_grows_and_one_during_an_unfinished_run_is_refused(
+    labelled_session, mri_pool, capsys
+):
+    rank = ["rank", "--images", str(mri_pool / "images"), "--out", str(labelled_session), "--budget", "1"]
+    capsys.readouterr()
+    assert main(rank) == 0
+    assert "round 1's query keeps its 1 labelled volume and adds 1: 2 in all" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    assert len(json.loads((labelled_session / "session.json").read_text())["rounds"][-1]["query"]) == 2
+    assert main(["finetune", str(labelled_session), "--no-pseudo", "--iterations", "2", "--batch-size", "1"]) == 0
+    path = labelled_session / "checkpoints" / "round1" / "run.json"
+    run = json.loads(path.read_text())
+    run["targets"], run["finished"] = {"stage1": 4, "stage2": 0}, False  # on its way to 4 when it stopped
+    path.write_text(json.dumps(run))
+    before = (labelled_session / "session.json").read_text()
+    capsys.readouterr()
+    assert main(rank) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "round 1's fine-tune was interrupted (stage 1: 2 iterations, stage 2: 0)" in err and "--resume" in err
+    assert (labelled_session / "session.json").read_text() == before
 
 
 def test_a_run_that_fails_is_recorded_as_failed_and_resuming_it_reaches_its_own_targets(labelled_session, tmp_path):

@@ -106,7 +106,10 @@ def test_demo_runs_end_to_end_in_either_scenario(tmp_path, capsys, scenario, cla
     assert set(report["dice"]) == {"source", "random", "asfda"} and len(report["query"]) == 2
     assert report["config"]["scenario"] == scenario and len(report["class_names"]) == classes
     assert (out / "demo.png").is_file() and (out / "session" / "ranking.png").is_file()
-    assert "ASFDA vs random selection" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ASFDA vs random selection" in printed
+    # captured output is no terminal: the progress is plain lines, the first and the last stage among them
+    assert printed.startswith("Demo 0% generating a 3-site") and "\nDemo 100% done, elapsed" in printed
 
 
 def _user_folders(root):
@@ -348,7 +351,7 @@ def test_runs_recorded_before_a_setting_was_a_choice_resume_as_what_ran_then(tmp
 def test_runs_recorded_before_pseudo_labels_had_an_agreement_gate_resume_as_confidence_gated(tmp_path):
     from dataclasses import asdict
 
-    from ASFDALib.bench.benchmark import SSFTOptions, _load_runs
+    from ASFDALib.bench.benchmark import SSFTOptions, _load_runs, _ssft_protocol
 
     before = {"stage1_fraction": 1.0, "keep_fraction": 0.5, "confidence": 0.9, "extra_fraction": 0.5}
     path = tmp_path / "results.json"
@@ -356,12 +359,30 @@ def test_runs_recorded_before_pseudo_labels_had_an_agreement_gate_resume_as_conf
     path.write_text(json.dumps({"protocol": {**rest, "ssft": before}, "runs": []}))
     # the options as they were then: each field added since at the value those runs ran with
     then = {"stage2_lr": "constant", "fallback": "none", "pseudo_augment": "weak", "teacher": "fixed"}
-    confidence = asdict(SSFTOptions(reliability="confidence", **then))
+    confidence = _ssft_protocol(asdict(SSFTOptions(reliability="confidence", **then)))
     assert _load_runs(path, {**rest, "ssft": confidence}) == []
     with pytest.raises(ASFDAError, match=r"pseudo_augment \(weak here, strong now\)"):
         _load_runs(path, {**rest, "ssft": {**confidence, "pseudo_augment": "strong"}})
     with pytest.raises(ASFDAError, match="other ssft"):
         _load_runs(path, {**rest, "ssft": {**confidence, "reliability": "rounds"}})
+
+
+def test_the_ema_teachers_weight_is_part_of_the_protocol_only_where_an_ema_teacher_can_label(tmp_path):
+    from dataclasses import asdict
+
+    from ASFDALib.bench.benchmark import SSFTOptions, _load_runs, _ssft_protocol
+
+    rest = {"iterations": 400, "fusion": "gated", "lower_rate_for": "encoder"}
+    path = tmp_path / "results.json"
+    for teacher, refused in (("fixed", False), ("ema-if-fallback", True)):
+        before = {k: v for k, v in asdict(SSFTOptions(teacher=teacher)).items() if k != "ema_weight"}  # ran at 1
+        path.write_text(json.dumps({"protocol": {**rest, "ssft": before}, "runs": []}))
+        now = {**rest, "ssft": _ssft_protocol(asdict(SSFTOptions(teacher=teacher, ema_weight=0.5)))}
+        if refused:
+            with pytest.raises(ASFDAError, match=r"ema_weight \(1.0 here, 0.5 now\)"):
+                _load_runs(path, now)
+        else:
+            assert _load_runs(path, now) == []
 
 
 def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, tmp_path):

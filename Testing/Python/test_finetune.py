@@ -311,6 +311,33 @@ def test_the_ema_teacher_not_the_stored_pseudo_label_labels_the_patches(tmp_path
         torch.testing.assert_close(ends[0][key], value, rtol=0, atol=0)
 
 
+def test_the_ema_teachers_patches_weigh_ema_weight_and_the_fixed_labels_pseudo_weight(tmp_path, default_model):
+    """One step's loss is the labelled patches' plus the pseudo-labelled ones' at their weight: the EMA
+    teacher's at ``ema_weight`` (a consistency target that moves with the student), fixed labels at
+    ``pseudo_weight``; with no ramp the weights are whole from the first step."""
+    card, cases = default_model.card, _cases(default_model.card)
+    losses = {}
+    for name, config in {
+        "ema 0.5": replace(SMALL, teacher="ema", ema_weight=0.5, ramp_fraction=0.0, confidence=0.0),
+        "ema 0.0": replace(SMALL, teacher="ema", ema_weight=0.0, ramp_fraction=0.0, confidence=0.0),
+        "ema 1.0, fixed 0.5": replace(
+            SMALL, teacher="ema", ema_weight=1.0, pseudo_weight=0.5, ramp_fraction=0.0, confidence=0.0
+        ),
+        "fixed 0.0": replace(SMALL, pseudo_weight=0.0, ramp_fraction=0.0),
+        "fixed 1.0": replace(SMALL, ramp_fraction=0.0),
+    }.items():
+        trainer = Trainer(_fresh(default_model.path), card, config, tmp_path / name)
+        trainer.begin_stage("stage2")
+        seen: list[float] = []
+        trainer.run(cases[:1], 1, cases[1:], progress=lambda p, seen=seen: seen.append(p.loss))
+        losses[name] = seen[0]
+    # the same labelled batch and the same first teacher (the stage-1 model): the pseudo term scales
+    pseudo_half = losses["ema 0.5"] - losses["ema 0.0"]
+    assert pseudo_half > 0
+    assert losses["ema 1.0, fixed 0.5"] == pytest.approx(losses["ema 0.0"] + 2 * pseudo_half, rel=1e-4)
+    assert losses["fixed 1.0"] > losses["fixed 0.0"]
+
+
 def test_a_run_that_goes_on_with_fixed_labels_drops_the_checkpoints_ema_teacher(tmp_path, default_model):
     card, cases = default_model.card, _cases(default_model.card)
     trainer = Trainer(_fresh(default_model.path), card, replace(SMALL, teacher="ema"), tmp_path)

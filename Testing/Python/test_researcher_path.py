@@ -3,6 +3,7 @@ arguments, a card that does not fit, an unadapted session, a log file instead of
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -150,6 +151,51 @@ def test_a_wrong_argument_is_one_line_before_any_work(args, message, tmp_path, c
     assert not (tmp_path / "s").exists()  # nothing was started
 
 
+def test_labels_from_a_missing_folder_is_an_argument_error_naming_the_labels(ranked, capsys):
+    _, session = ranked
+    with pytest.raises(SystemExit) as exc:
+        main(["labels", "import", str(session), "--from", "/no/such/labels"])
+    assert exc.value.code == 2
+    err = _one_line_error(capsys)
+    assert "argument --from: /no/such/labels does not exist (see 'asfda labels --help')" in err
+
+
+def test_labels_of_volumes_not_asked_for_are_skipped_and_a_class_the_model_lacks_is_mapped_to_background(
+    ranked, tmp_path, capsys
+):
+    """All six pool labels carry a value (4) that is no class of the card; two volumes were queried: those two
+    are refused, the other four skipped, with the problem they would have when asked for."""
+    from ASFDALib.data.volumes import read_volume, write_nifti
+
+    root, template = ranked
+    session = tmp_path / "s"
+    shutil.copytree(template, session)
+    query = json.loads((session / "ranking.json").read_text())["selected"]
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for label in sorted((root / "pool" / "labels").iterdir()):
+        volume = read_volume(label, allow_constant=True)
+        values = volume.array.copy()
+        values[0, 0, 0] = 4
+        write_nifti(gt / label.name, values, volume.affine)
+    assert main(["labels", "import", str(session), "--from", str(gt)]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Imported 0 of 2 queried volumes; skipped 4 (not asked for), refused 2." in out
+    unknown = "label values [4] are not classes of the model (0=background, 1=liver, 2=kidney, 3=gallbladder)"
+    for name in query:
+        assert (
+            f"refused {gt / name}: {unknown} (give a mapping, e.g. --map 4=0 to make them background, "
+            "or 4=1 if they are liver)" in out
+        )
+    for name in sorted({p.name for p in gt.iterdir()} - set(query)):
+        assert (
+            f"skipped {gt / name}: image {name} was not asked for (no round has queried it); import it with "
+            f"--cases; as it is, it would be refused: {unknown}" in out
+        )
+    assert main(["labels", "import", str(session), "--from", str(gt), "--map", "4=0"]) == 0
+    assert "Imported 2 of 2 queried volumes; skipped 4 (not asked for), refused 0." in capsys.readouterr().out
+
+
 def test_a_card_that_does_not_fit_the_model_is_refused_before_scoring_and_leaves_no_session(
     default_model, mri_pool, tmp_path, capsys
 ):
@@ -196,6 +242,48 @@ def test_long_commands_print_plain_progress_lines_when_stdout_is_not_a_terminal(
     assert lines[-1].startswith("Scoring 6/6 volumes (100%), elapsed")
 
 
+def test_staged_work_logs_each_new_stage_at_once_and_within_a_stage_a_line_at_most_every_10_s():
+    from rich.console import Console
+
+    from ASFDALib.app.progress import PlainProgress
+
+    log, now = io.StringIO(), [0.0]
+    plain = PlainProgress(Console(file=log, width=200), "Demo", "", clock=lambda: now[0])
+    for t, stage, fraction, detail in (
+        (0.0, "generating", 0.0, ""),
+        (2.0, "ranking", 0.1, ""),  # a new stage 2 s later: printed
+        (3.0, "ranking", 0.12, "volume 1/6"),  # the same stage within 10 s: held back
+        (12.5, "ranking", 0.18, "volume 5/6"),
+        (13.0, "fine-tuning", 0.3, ""),
+        (14.0, "done", 1.0, ""),
+    ):
+        now[0] = t
+        plain.stage(stage, fraction, detail)
+    assert log.getvalue().splitlines() == [
+        "Demo 0% generating, elapsed 0:00:00",
+        "Demo 10% ranking, elapsed 0:00:02",
+        "Demo 18% ranking; volume 5/6, elapsed 0:00:12",
+        "Demo 30% fine-tuning, elapsed 0:00:13",
+        "Demo 100% done, elapsed 0:00:14",
+    ]
+
+
+def test_the_demo_progress_is_plain_lines_in_a_log_file_and_a_live_bar_in_a_terminal():
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from ASFDALib.app.progress import PlainProgress, stage_progress
+
+    log = io.StringIO()
+    display, update = stage_progress(Console(file=log, width=200), "Demo")
+    with display:
+        update("ranking the pool", 0.1, "volume 0/6")
+    assert isinstance(display, PlainProgress)
+    assert log.getvalue() == "Demo 10% ranking the pool; volume 0/6, elapsed 0:00:00\n"
+    display, _ = stage_progress(Console(file=io.StringIO(), force_terminal=True), "Demo")
+    assert isinstance(display, Progress)
+
+
 def test_the_help_shows_the_workflow_and_every_option_says_what_it_does():
     parser = build_parser()
     text = parser.format_help()
@@ -237,6 +325,55 @@ def test_the_ranking_table_explains_each_pick_in_80_columns_without_cutting_a_nu
             assert f"{value:.3f}" in text
         assert f"{row.foreground_ml:.1f}" in text
     assert "the first pick's DKD (gap x div)" in " ".join(text.split())  # the default gap-first fusion
+
+
+def _ranked_table_at_80_columns(images, cache):
+    """The ranking of ``images`` and its table as an 80-column terminal without colour shows it."""
+    from rich.console import Console
+
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
+    from ASFDALib.query.ranking import RankConfig, rank_folder
+    from ASFDALib.query.report import ranking_table
+
+    ranking = rank_folder(images, load_model(default_model_path()), cache, RankConfig())
+    console = Console(width=80, record=True, color_system=None)
+    console.print(ranking_table(ranking))
+    return ranking, console.export_text()
+
+
+def test_skipped_files_are_listed_below_the_ranking_table_which_keeps_names_and_numbers_whole(mri_pool, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(mri_pool / "images", images)
+    whole = (images / "mri_000.nii.gz").read_bytes()
+    (images / "mri_truncated_in_transfer.nii.gz").write_bytes(whole[: len(whole) // 10])
+    (images / "notes.nii.gz").write_text("not a volume")
+    ranking, text = _ranked_table_at_80_columns(images, tmp_path / "c")
+    assert {r.file for r in ranking.skipped} == {"mri_truncated_in_transfer.nii.gz", "notes.nii.gz"}
+    assert max(len(line) for line in text.splitlines()) <= 80
+    table, below = text.split("every column in ranking.csv")
+    for row in ranking.rows:
+        if row.status == "scored":
+            assert f" {row.file} " in table
+            for value in (row.pick_score, row.knowledge_gap, row.diversity, row.asd):
+                assert f" {value:.3f} " in table
+    flat = " ".join(below.split())
+    assert "skipped mri_truncated_in_transfer.nii.gz: unreadable or corrupt" in flat
+    assert "skipped notes.nii.gz: unreadable or corrupt" in flat
+    assert "skipped" not in table
+
+
+def test_a_file_name_too_long_for_80_columns_folds_onto_more_lines_whole(mri_pool, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(mri_pool / "images", images)
+    long_name = "sub-0001_ses-01_T1w_abdomen_axial_fat_suppressed.nii.gz"
+    (images / "mri_000.nii.gz").rename(images / long_name)
+    ranking, text = _ranked_table_at_80_columns(images, tmp_path / "c")
+    assert max(len(line) for line in text.splitlines()) <= 80
+    file_cells = [line.split("│")[2].strip() for line in text.splitlines() if line.count("│") == 9]
+    assert long_name in "".join(file_cells)
+    row = next(r for r in ranking.rows if r.file == long_name)
+    assert f" {row.pick_score:.3f} " in text and f" {row.foreground_ml:.1f} " in text
 
 
 def test_outputs_inside_a_session_folder_or_over_an_existing_export_are_refused_before_work(ranked, capsys, tmp_path):
