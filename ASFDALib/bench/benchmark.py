@@ -433,6 +433,7 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
     augment = ", strongly augmented" if o.pseudo_augment == "strong" else ""
     if o.teacher == "ema" or (o.teacher == "ema-if-fallback" and fallback):
         augment += ", an EMA teacher relabelling them online" + " where the fallback judged" * (o.teacher != "ema")
+        augment += f", at weight {o.ema_weight:g}" if o.ema_weight != 1 else ""
     control = "a second stage on the labels alone" if o.stage2_lr != "constant" else "one longer stage"
     kept = []
     for budget in config.budgets:
