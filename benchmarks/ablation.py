@@ -145,6 +145,12 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
         1.0,
     ),
     "control: stage 2 on the labels alone, its rate decaying": (COSINE, 1.0),
+    "the default, an EMA teacher, pseudo-labelled patches at a quarter weight": (
+        replace(
+            COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong", teacher="ema", ema_weight=0.25
+        ),
+        1.0,
+    ),
     "the default, an EMA teacher, pseudo-labelled patches at half weight": (
         replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong", teacher="ema", ema_weight=0.5),
         1.0,

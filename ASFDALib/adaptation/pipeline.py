@@ -21,8 +21,19 @@ from ASFDALib import distributed
 from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
 from ASFDALib.adaptation.recipe import FinetuneConfig, stage2_teacher
+from ASFDALib.adaptation.runs import (
+    FINETUNE_MODES,
+    MODE_HELP,
+    RUN_RECIPE,
+    count_checkpoint,
+    done_text,
+    how_ended,
+    read_run,
+    record_killed,
+    run_recipe,
+)
 from ASFDALib.adaptation.session import Session, SessionError, case_id
-from ASFDALib.adaptation.trainer import SAVED_FILE, ProgressFn, Trainer
+from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_npz
 from ASFDALib.data.preprocess import labels_to_native, preprocess
 from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume, write_volume
@@ -198,14 +209,6 @@ def _load_pseudo(
     return cases, info["kept"], info["reliability"], info.get("gate", {"reliability": "confidence"})
 
 
-FINETUNE_MODES = ("new", "resume", "extend", "restart")
-MODE_HELP = {
-    "resume": "--resume continues an interrupted run to its own targets",
-    "extend": "--extend trains a finished run further, to the iteration counts you give",
-    "restart": "--restart trains this round again from its start (the earlier run is kept aside)",
-}
-
-
 def round_start_checkpoint(session: Session) -> Path | None:
     """The weights the current round starts from: the newest adapted checkpoint of an earlier round."""
     for entry in reversed(session.rounds[:-1]):
@@ -225,100 +228,6 @@ def round_start_model(session: Session) -> LoadedModel:
     return model
 
 
-def read_run(folder: Path) -> dict | None:
-    """This round's run record (targets, iterations done, history), or None when no run started.
-
-    An unfinished run's iterations are what its newest checkpoint holds (its ``last.json``): run.json is
-    rewritten only at a run's start and end, so after a kill it lags behind.
-    """
-    path, saved = folder / "run.json", folder / SAVED_FILE
-    if path.is_file():
-        run = json.loads(path.read_text(encoding="utf-8"))
-    elif (folder / "last.pt").is_file():  # a run from before run records: interrupted, targets unknown
-        run = {"targets": None, "done": {"stage1": 0, "stage2": 0}, "finished": False, "history": []}
-    else:
-        return None
-    if not run["finished"] and saved.is_file():
-        try:
-            state = json.loads(saved.read_text(encoding="utf-8"))
-            count_checkpoint(run, state["stage"], int(state["iteration"]))
-        except (ValueError, KeyError, TypeError):
-            pass  # unreadable: the run record's own counts stand
-    return run
-
-
-def _record_killed(run: dict) -> None:
-    """Mark the run record's last run as killed, with the iterations its checkpoint shows it ran (it started
-    where the run before it ended)."""
-    entry, start = run["history"][-1], {"stage1": 0, "stage2": 0}
-    for earlier in run["history"][:-1]:
-        start |= {stage: earlier[stage][1] for stage in start if stage in earlier}
-    entry["status"] = "killed"
-    entry |= {stage: [start[stage], run["done"][stage]] for stage in start if run["done"][stage] != start[stage]}
-
-
-def count_checkpoint(run: dict, stage: str, iteration: int) -> None:
-    """Set a run's iterations done to a checkpoint's (a checkpoint in stage 2 means stage 1 reached its target)."""
-    run["done"][stage] = iteration
-    if stage == "stage2" and not run["done"]["stage1"] and run["targets"]:
-        run["done"]["stage1"] = run["targets"]["stage1"]
-
-
-# what a run's weights depend on beside its targets and stage 2's recipe, recorded when it starts: a resume
-# goes on with them, so that it reaches the weights an uninterrupted run reaches
-RUN_RECIPE = ("batch_size", "lr", "seed")
-
-
-def run_recipe(run: dict | None) -> dict[str, Any]:
-    """The batch size, learning rate and seed a round's run started with (empty for runs recorded before)."""
-    return dict((run or {}).get("recipe") or {})
-
-
-def stage2_recipe(run: dict | None) -> dict[str, Any]:
-    """How stage 2 last ran in a round's run (its rate schedule, the pseudo-labelled patches' augmentation
-    and teacher, an EMA teacher's voxel gate and weight), so a resume or an extension goes on as it ran; empty when
-    stage 2 has not run."""
-    stage2 = [h for h in (run or {}).get("history", []) if "stage2_lr" in h]
-    if not stage2:
-        return {}
-    last = stage2[-1]
-    # entries recorded before the augmentation, or the teacher, was a choice augmented weakly, or had the
-    # fixed teacher; the teacher that ran once the gate has judged, else the one asked for
-    recipe = {
-        "stage2_lr": last["stage2_lr"],
-        "pseudo_augment": last.get("pseudo_augment", "weak"),
-        "teacher": last.get("teacher") or last.get("teacher_asked") or "fixed",
-    }
-    ema = [h for h in stage2 if "confidence" in h]  # where an EMA teacher labelled: its voxel gate and weight
-    if ema:  # (recorded before its weight was a choice: 1, as the fixed labels')
-        recipe["confidence"], recipe["ema_weight"] = ema[-1]["confidence"], ema[-1].get("ema_weight", 1.0)
-    return recipe
-
-
-def _done_text(done: dict) -> str:
-    return f"stage 1: {done['stage1']} iterations, stage 2: {done['stage2']}"
-
-
-def _how_ended(run: dict) -> str:
-    """How a round's run ended, as its record says: finished, or cancelled, failed, killed or interrupted."""
-    if run["finished"]:
-        return "finished"
-    ended = (run["history"] or [{}])[-1].get("status")
-    return ended if ended in ("cancelled", "failed", "killed") else "interrupted"
-
-
-def unfinished_run(session: Session) -> str:
-    """ "round N's fine-tune was interrupted (stage 1: i iterations, stage 2: j)" when the newest round has a
-    run that did not finish (so its weights are not the session's adapted model), else ""."""
-    if not session.rounds:
-        return ""
-    index = session.rounds[-1]["index"]
-    run = read_run(session.root / "checkpoints" / f"round{index}")
-    if run is None or run["finished"]:
-        return ""
-    return f"round {index}'s fine-tune was {_how_ended(run)} ({_done_text(run['done'])})"
-
-
 def _check_mode(
     mode: str, run: dict | None, config: FinetuneConfig, folder: Path, index: int, pseudo: bool = True
 ) -> str:
@@ -331,15 +240,15 @@ def _check_mode(
         if mode == "extend":
             raise SessionError(f"{folder}: round {index} has not been fine-tuned yet; run without --extend")
         return "new"
-    state = _how_ended(run)
+    state = how_ended(run)
     if mode == "new":
         choices = ("extend", "restart") if run["finished"] else ("resume", "restart")
         raise SessionError(
             f"{folder}: round {index} already has {'an' if state == 'interrupted' else 'a'} {state} run "
-            f"({_done_text(run['done'])}); " + "; ".join(MODE_HELP[c] for c in choices)
+            f"({done_text(run['done'])}); " + "; ".join(MODE_HELP[c] for c in choices)
         )
     if mode == "resume" and run["finished"]:
-        raise SessionError(f"{folder}: round {index}'s run finished ({_done_text(run['done'])}); {MODE_HELP['extend']}")
+        raise SessionError(f"{folder}: round {index}'s run finished ({done_text(run['done'])}); {MODE_HELP['extend']}")
     if mode == "resume":  # it goes on as the run ran (the command line refuses the options by name first)
         changed = [
             f"{k} {getattr(config, k)} (it had {v})" for k, v in run_recipe(run).items() if getattr(config, k) != v
@@ -406,7 +315,7 @@ def finetune_session(
     run = read_run(folder)
     if run and run["history"] and run["history"][-1]["status"] == "running":
         # this call holds the session's lock, so that run is not going on: it was killed without a word
-        _record_killed(run)
+        record_killed(run)
         if distributed.is_main():
             atomic_write_json(folder / "run.json", run)
     mode = _check_mode(mode, run, config, folder, index, pseudo)
@@ -436,21 +345,13 @@ def finetune_session(
     distributed.barrier()
     if mode in ("new", "restart"):
         targets = {"stage1": config.iterations, "stage2": config.pseudo_iterations if pseudo else 0}
-        recipe = {k: getattr(config, k) for k in RUN_RECIPE}
-        run = {
-            "targets": targets,
-            "recipe": recipe,
-            "done": {"stage1": 0, "stage2": 0},
-            "finished": False,
-            "history": [],
-        }
+        run = {"targets": targets, "done": {"stage1": 0, "stage2": 0}, "finished": False, "history": []}
     elif mode == "extend":
         stage2_ran = run["done"]["stage2"] > 0
         run["targets"] = {
             "stage1": run["done"]["stage1"] if stage2_ran else config.iterations,
             "stage2": config.pseudo_iterations if (stage2_ran or pseudo) else 0,
         }
-        run["recipe"] = {k: getattr(config, k) for k in RUN_RECIPE}  # what the extension trains with
     elif run["targets"] is None:  # resuming a run without a record: the targets it was started with are unknown
         run["targets"] = {"stage1": config.iterations, "stage2": config.pseudo_iterations if pseudo else 0}
     targets = run["targets"]
@@ -464,7 +365,7 @@ def finetune_session(
     elif mode == "resume":  # how the run ended, and where its newest checkpoint stands
         stage = trainer.stage.replace("stage", "stage ")
         say(
-            f"resuming the {_how_ended(run)} run from its newest checkpoint: {stage}, iteration {trainer.iteration} of "
+            f"resuming the {how_ended(run)} run from its newest checkpoint: {stage}, iteration {trainer.iteration} of "
             f"{targets[trainer.stage]}"
         )
     if mode in ("resume", "extend") and trainer.iteration:
@@ -477,6 +378,10 @@ def finetune_session(
         for g, lr in zip(trainer.optimizer.param_groups, trainer.base_lrs)
     ]
     entry["lower_rate_for"] = config.lower_rate_for
+    # what this run trains with; the run's own is the newest start's or extension's, which a resume keeps
+    entry["recipe"] = {k: getattr(config, k) for k in RUN_RECIPE}
+    if mode != "resume":
+        run["recipe"] = entry["recipe"]
     decays = ""
     if targets["stage2"] > before["stage2"]:  # how stage 2's rate runs: held, or decayed along a cosine
         entry["stage2_lr"] = config.stage2_lr

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ASFDALib import distributed
+from ASFDALib.adaptation.runs import unfinished_run
 from ASFDALib.adaptation.session import Session
 from ASFDALib.errors import ASFDAError
 from ASFDALib.inference.predict import check_outputs
@@ -97,11 +98,6 @@ def record_round(
         labelled = session.labelled()
         kept = [n for n in session.rounds[-1]["query"] if n in labelled]
         query = kept + [n for n in query if n not in kept]
-        if kept:
-            ranking.notes.append(
-                f"round {session.rounds[-1]['index']}'s query keeps its {len(kept)} labelled "
-                f"volume{'s' * (len(kept) != 1)} and adds {len(query) - len(kept)}: {len(query)} in all"
-            )
         session.rounds[-1].update({"query": query, "strategy": strategy, "model_digest": model.digest})
     elif query:  # nothing left to query (every volume labelled): no empty round
         session.add_round(query, strategy, model.digest)
@@ -121,8 +117,6 @@ def rank_round(
     """One round's ranking from start to end: choose the model, score and rank the pool, then (on rank 0
     under torchrun) write ranking.csv/json/png and record the query. Returns the ranking and the files
     written. ``on_model`` hears which model ranks before the long work starts."""
-    from ASFDALib.adaptation.pipeline import unfinished_run
-
     # that run trains on the round's labels as they were: a new query now would change them under it
     if unfinished := unfinished_run(session):
         raise ASFDAError(
@@ -136,6 +130,14 @@ def rank_round(
     config, notes = round_config(session, model, config)
     labelled = set(session.labelled())
     ranking = rank_folder(Path(images), model, session.root / "cache", config, progress, labelled, knowledge)
+    if session.rounds and not session.rounds[-1].get("checkpoint"):  # a re-rank before fine-tuning
+        kept = [n for n in session.rounds[-1]["query"] if n in labelled]  # record_round keeps them queried
+        if kept:
+            notes.append(
+                f"round {session.rounds[-1]['index']}'s query keeps its {len(kept)} labelled "
+                f"volume{'s' * (len(kept) != 1)} and adds {len(ranking.selected)}: "
+                f"{len(kept) + len(ranking.selected)} in all"
+            )
     ranking.notes = notes
     ranking.load_report = model.load_report.to_dict() if model.load_report is not None else None
     if not distributed.is_main():

@@ -24,6 +24,7 @@ from ASFDALib import distributed
 from ASFDALib.adaptation.loss import IGNORE_INDEX, dice_ce_loss
 from ASFDALib.adaptation.patches import Case, PatchStream
 from ASFDALib.adaptation.recipe import FinetuneConfig, lr_factor, ramp
+from ASFDALib.adaptation.runs import SAVED_FILE
 from ASFDALib.atomic import atomic_write, atomic_write_json
 from ASFDALib.checkpoints import LoadReport, param_groups_from_report
 from ASFDALib.evaluation.metrics import dice_per_class
@@ -32,8 +33,6 @@ from ASFDALib.inference.memory import check_training_memory
 from ASFDALib.inference.predict import predict_label
 from ASFDALib.models.card import ModelCard
 from ASFDALib.query.features import encoder_stages
-
-SAVED_FILE = "last.json"  # beside last.pt: the stage and iteration it holds
 
 
 @dataclass

@@ -187,7 +187,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ASFDALib.adaptation.pipeline import unfinished_run
+    from ASFDALib.adaptation.runs import unfinished_run
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.labels import import_labels, parse_mapping, resolve_cases
 
@@ -264,11 +264,29 @@ def check_gate_options(
         )
 
 
+# what a resume keeps of its run (option: the argument's and the record's name): the targets, what the run
+# started with (runs.RUN_RECIPE) and how its stage 2 ran (runs.stage2_recipe)
+RESUME_KEEPS = {
+    "--iterations": "iterations",
+    "--pseudo-iterations": "pseudo_iterations",
+    "--batch-size": "batch_size",
+    "--lr": "lr",
+    "--seed": "seed",
+    "--pseudo-gate": "reliability",
+    "--keep-fraction": "keep_fraction",
+    "--confidence": "confidence",
+    "--min-agreement": "min_agreement",
+    "--pseudo-fallback": "fallback",
+    "--stage2-lr": "stage2_lr",
+    "--pseudo-augment": "pseudo_augment",
+}
+
+
 def refuse_changes_part_way(args: argparse.Namespace, ran: dict, pseudo: Path | None) -> None:
-    """A resume goes on as its run ran, so it refuses another length, batch size, learning rate, seed, stage-2
-    schedule, augmentation or teacher, and --no-pseudo where stage 2 has pseudo-labels; an extension keeps the
+    """A resume goes on as its run ran, so it refuses another length, batch size, learning rate, seed, gate,
+    stage-2 schedule, augmentation or teacher, and --no-pseudo where stage 2 has pseudo-labels; an extension keeps the
     round's pseudo-labels, so it refuses another teacher of them (it may change the rest). ``ran``: the run's
-    pipeline.stage2_recipe, run_recipe and targets (``iterations``, ``pseudo_iterations``); ``pseudo``: the
+    runs.stage2_recipe, run_recipe and targets (``iterations``, ``pseudo_iterations``); ``pseudo``: the
     round's pseudo.json, if made."""
     from ASFDALib.adaptation.recipe import stage2_teacher
 
@@ -276,9 +294,7 @@ def refuse_changes_part_way(args: argparse.Namespace, ran: dict, pseudo: Path | 
         return
     named = {"--pseudo-teacher": (args.pseudo_teacher, "teacher")}
     if args.mode == "resume":
-        for option in ("stage2-lr", "pseudo-augment", "iterations", "pseudo-iterations", "batch-size", "lr", "seed"):
-            key = option.replace("-", "_")
-            named[f"--{option}"] = (getattr(args, key, None), key)
+        named |= {option: (getattr(args, key, None), key) for option, key in RESUME_KEEPS.items()}
     made = json.loads(pseudo.read_text(encoding="utf-8")) if pseudo is not None and pseudo.is_file() else None
     changed = []
     for option, (value, key) in named.items():
@@ -311,8 +327,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ASFDALib import distributed
-    from ASFDALib.adaptation.pipeline import finetune_session, read_run, run_recipe, stage2_recipe
+    from ASFDALib.adaptation.pipeline import finetune_session
     from ASFDALib.adaptation.recipe import FinetuneConfig
+    from ASFDALib.adaptation.runs import read_run, run_recipe, stage2_recipe
     from ASFDALib.adaptation.session import Session
 
     console = Console()
@@ -341,7 +358,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ASFDAError(
             f"--no-pseudo skips stage 2, so {' and '.join(given)} would do nothing; leave out one or the other"
         )
-    reliability = args.reliability or recipe.reliability
     iterations = recipe.iterations if args.iterations is None else args.iterations
     run, pseudo_json = None, None
     if args.mode in ("extend", "resume"):
@@ -357,6 +373,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 f"them, so {' and '.join(made)} would do nothing; leave {'it' if len(made) == 1 else 'them'} out, "
                 f"or --restart to make them anew"
             )
+    # a resume or an extension goes on with what its run started with, where not named (a resume refuses
+    # another, below; an extension may take one)
+    kept = run_recipe(run)
+
+    def own(value, key: str):
+        return kept.get(key, getattr(recipe, key)) if value is None else value
+
+    reliability = own(args.reliability, "reliability")
     # after the refusal above: its fix (leave the options out) is the one that holds
     check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback)
     # a resume or extend keeps the schedule, augmentation and teacher stage 2 last ran with; a resume keeps
@@ -366,7 +390,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         ran |= {"iterations": run["targets"]["stage1"], "pseudo_iterations": run["targets"]["stage2"]}
     if not (args.mode == "resume" and run and run["finished"]):  # that resume is refused, naming --extend
         refuse_changes_part_way(args, ran, pseudo_json)
-    kept = run_recipe(run) if args.mode == "resume" else {}
     stage2_lr = args.stage2_lr or ran.get("stage2_lr", recipe.stage2_lr)
     augment = args.pseudo_augment or ran.get("pseudo_augment", recipe.pseudo_augment)
     teacher = args.pseudo_teacher or ran.get("teacher", recipe.teacher)
@@ -381,17 +404,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(
         iterations=iterations,
         pseudo_iterations=recipe.pseudo_iterations if args.pseudo_iterations is None else args.pseudo_iterations,
-        batch_size=args.batch_size or kept.get("batch_size", recipe.batch_size),
-        lr=args.lr or kept.get("lr", recipe.lr),
+        batch_size=own(args.batch_size, "batch_size"),
+        lr=own(args.lr, "lr"),
         checkpoint_every=args.checkpoint_every,
-        seed=kept.get("seed", recipe.seed) if args.seed is None else args.seed,
+        seed=own(args.seed, "seed"),
         device=args.device,
-        keep_fraction=recipe.keep_fraction if args.keep_fraction is None else args.keep_fraction,
+        keep_fraction=own(args.keep_fraction, "keep_fraction"),
         # a resume or extend keeps an EMA teacher's voxel gate (gate options are refused once labels exist)
         confidence=ran.get("confidence", recipe.confidence) if args.confidence is None else args.confidence,
         reliability=reliability,
-        min_agreement=recipe.min_agreement if args.min_agreement is None else args.min_agreement,
-        fallback=args.fallback or recipe.fallback,
+        min_agreement=own(args.min_agreement, "min_agreement"),
+        fallback=own(args.fallback, "fallback"),
         stage2_lr=stage2_lr,
         pseudo_augment=augment,
         teacher=teacher,
@@ -417,8 +440,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             index = session.rounds[-1]["index"] if session.rounds else 0
             done = (read_run(session.root / "checkpoints" / f"round{index}") or {}).get("done")
-            held = f" (stage 1: {done['stage1']} iterations, stage 2: {done['stage2']})" if done else ""
-            console.print(f"interrupted; the newest checkpoint is kept{held}: re-run with --resume to continue")
+            if done and any(done.values()):
+                kept = (
+                    f"the newest checkpoint is kept (stage 1: {done['stage1']} iterations, stage 2: {done['stage2']})"
+                )
+            else:
+                kept = "no checkpoint was saved yet"
+            console.print(f"interrupted; {kept}: re-run with --resume to continue")
             return 130
     if result.kept:
         console.print(f"Pseudo-labelled (most reliable first): {', '.join(result.kept)}")
@@ -446,7 +474,8 @@ def _predictions_folder(images: Path) -> Path:
 def cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ASFDALib.adaptation.pipeline import predict_folder, prediction_name, session_model, unfinished_run
+    from ASFDALib.adaptation.pipeline import predict_folder, prediction_name, session_model
+    from ASFDALib.adaptation.runs import unfinished_run
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.volumes import content_hash, discover_volumes
     from ASFDALib.outputs import (
@@ -475,7 +504,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     latest = session.adapted_round()
     unfinished = "" if args.source_model else unfinished_run(session)
     if unfinished:  # its weights are not the adapted model: say which model predicts instead, and the fix
-        which = f"round {latest['index']}'s model" if latest else "the source model"
+        which = "the source model"
+        if latest:  # an interrupted extension of the newest round: its weights as they finished before it
+            before = " as it finished before this run" if latest is session.rounds[-1] else ""
+            which = f"round {latest['index']}'s model{before}"
         console.print(
             f"[yellow]{unfinished[0].upper()}{unfinished[1:]}: predicting with {which} "
             f"('asfda finetune {args.session} --resume' finishes it).[/yellow]"

@@ -178,6 +178,10 @@ class Workflow:
             return False, f"wait for {self.job.kind} to finish, or cancel it"
         if not self.settings.session:
             return False, "choose a session folder"
+        # that run trains on the round's labels as they were: no new query under it (the engine refuses one too)
+        unfinished = action in ("rank", "next_round") and (run := self.finetune_run()) and not run["finished"]
+        if unfinished:
+            return False, "this round's fine-tune is unfinished: Continue the last run first"
         if action == "rank":
             if not self.settings.images and not self._session_has_images():
                 return False, "choose the folder of target volumes"
@@ -235,10 +239,8 @@ class Workflow:
         session = self._open_session()
         if session is None or not session.rounds:
             return None
-        try:  # the engine's reader imports torch: not before the panel has installed the dependencies
-            from ASFDALib.adaptation.pipeline import read_run
-        except ImportError:
-            return None
+        from ASFDALib.adaptation.runs import read_run  # torch-free: safe before the dependencies are installed
+
         return read_run(session.root / "checkpoints" / f"round{session.rounds[-1]['index']}")
 
     def finetune_mode(self, again: bool = False) -> str:
@@ -600,14 +602,14 @@ class Workflow:
         if not ok:
             raise ASFDAError(why)
         settings = self.settings
-        # a continued run goes on as its stage 2 ran (rate schedule, augmentation, teacher), as asfda finetune's
-        # does; a resumed one with its batch size, learning rate and seed too
+        # a continued run goes on as it ran (batch size, rate, seed, gate; stage 2's schedule, augmentation and
+        # teacher), as asfda finetune's does
         ran = {}
         if mode in ("resume", "extend"):
-            from ASFDALib.adaptation.pipeline import run_recipe, stage2_recipe
+            from ASFDALib.adaptation.runs import run_recipe, stage2_recipe
 
             run = self.finetune_run()
-            ran = stage2_recipe(run) | (run_recipe(run) if mode == "resume" else {})
+            ran = stage2_recipe(run) | run_recipe(run)
         self.phase = Phase.FINETUNING
         self.last_run = ""
         self.progress, self.progress_text = 0.0, "Fine-tuning…"
@@ -624,14 +626,9 @@ class Workflow:
             def status(text: str) -> None:
                 self._events.put(("message", text))
 
-            config = FinetuneConfig(
-                iterations=settings.iterations,
-                pseudo_iterations=settings.pseudo_iterations,
-                reliability=settings.pseudo_gate,
-                device=settings.device,
-                workers=settings.workers,
-                **ran,
-            )
+            panel = {"iterations": settings.iterations, "pseudo_iterations": settings.pseudo_iterations}
+            panel |= {"reliability": settings.pseudo_gate, "device": settings.device, "workers": settings.workers}
+            config = FinetuneConfig(**(panel | ran))  # the run's own where it has them
             with Session.open(settings.session) as session:
                 try:
                     result = finetune_session(session, config, settings.pseudo, mode, cancel, progress, status)

@@ -427,11 +427,11 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
         return ""
     o = config.ssft
     gate = f"{o.reliability} gate" + (f" (floor {o.min_agreement})" if o.reliability != "confidence" else "")
-    fallback = o.fallback not in ("none", o.reliability) and o.reliability != "confidence"
+    fallback = _falls_back(o.reliability, o.fallback)
     if fallback:
         gate += f", the {o.fallback} gate where it keeps no volume"
     augment = ", strongly augmented" if o.pseudo_augment == "strong" else ""
-    if o.teacher == "ema" or (o.teacher == "ema-if-fallback" and fallback):
+    if _ema_labels(o.teacher, o.reliability, o.fallback):
         augment += ", an EMA teacher relabelling them online" + " where the fallback judged" * (o.teacher != "ema")
         augment += f", at weight {o.ema_weight:g}" if o.ema_weight != 1 else ""
     control = "a second stage on the labels alone" if o.stage2_lr != "constant" else "one longer stage"
@@ -663,9 +663,21 @@ def _protocol(config: BenchmarkConfig, folders: Folders, inputs: dict) -> dict:
 
 
 def _ssft_protocol(ssft: dict) -> dict:
-    """The SSFT options that make a run what it is: with the fixed teacher no patch is an EMA teacher's, so
-    its weight is not one of them (tables made before it was a choice resume under either weight)."""
-    return {k: v for k, v in ssft.items() if not (k == "ema_weight" and ssft.get("teacher") == "fixed")}
+    """The SSFT options that make a run what it is: where no EMA teacher can label (the fixed teacher; an
+    EMA teacher only where a fallback judges, and none can) its weight is not one of them, so tables made
+    before it was a choice resume under either weight."""
+    ema = _ema_labels(ssft.get("teacher", "fixed"), ssft.get("reliability", "confidence"), ssft.get("fallback", "none"))
+    return {k: v for k, v in ssft.items() if k != "ema_weight" or ema}
+
+
+def _falls_back(reliability: str, fallback: str) -> bool:
+    """Whether a fallback gate can judge: the confidence gate always keeps some volume."""
+    return fallback not in ("none", reliability) and reliability != "confidence"
+
+
+def _ema_labels(teacher: str, reliability: str, fallback: str) -> bool:
+    """Whether an EMA teacher can label the SSFT row's patches under these options."""
+    return teacher == "ema" or (teacher == "ema-if-fallback" and _falls_back(reliability, fallback))
 
 
 def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:

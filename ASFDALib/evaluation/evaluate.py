@@ -111,9 +111,10 @@ def trained_on(session: Session, scores: list[CaseScore], label_dir: Path, made_
     the same image, and a renamed copy of a training image still is one. The image a map was made from
     (``made_from``: map name -> SHA-256, as asfda predict records it) is looked up among the hashes of the
     pool's labelled and pseudo-labelled images. A map without that record (another tool's) is matched by its
-    reference label file: the same bytes as a label the session imported or stored. A pseudo-labelled image
-    has no label in the session to compare, so there only its name can tell; it is still left out, since a
-    held-out mean must not hold a training case, and the note says it was by name.
+    reference label file: the same bytes as a label the session imported or stored. Where neither can tell
+    (another tool's maps of a pseudo-labelled image, which has no label in the session; labels imported or
+    saved before their source was recorded) the name decides: such a case is still left out, since a held-out
+    mean must not hold a training case, and the note says it was by name.
     """
     how: dict[str, str] = {}
     for round_ in session.rounds:
@@ -130,17 +131,27 @@ def trained_on(session: Session, scores: list[CaseScore], label_dir: Path, made_
         for digest in (version.get("sha256"), version.get("source_sha256"))
         if digest
     }
+    # labelled names whose import recorded the source file: a reference label with other bytes is another case
+    comparable = {n for n in labelled if any(v.get("source_sha256") for v in session.data["labels"][n])}
     found = {}
     for score in scores:
         if score.prediction in made_from:
             same = [name for name in images.get(made_from[score.prediction], []) if name in how]
             if same:
                 found[score.case] = f"{how[same[0]]} in the session (same image as its {same[0]})"
-        elif (name := labels.get(content_hash(Path(label_dir) / score.case))) is not None:
+        elif (name := labels.get(_hash_or_none(Path(label_dir) / score.case))) is not None:
             found[score.case] = f"labelled in the session (same label file as its {name})"
-        elif how.get(score.case) == "pseudo-labelled":
-            found[score.case] = "pseudo-labelled in the session (by name: its map records no image to compare)"
+        elif score.case in how and score.case not in comparable:
+            found[score.case] = f"{how[score.case]} in the session (by name: nothing recorded to compare contents)"
     return found
+
+
+def _hash_or_none(path: Path) -> str | None:
+    """The file's SHA-256, or None where it cannot be read (its score already says why)."""
+    try:
+        return content_hash(path)
+    except OSError:
+        return None
 
 
 def summary_rows(

@@ -225,8 +225,8 @@ def test_another_tools_maps_are_known_by_their_reference_label_file_and_pseudo_l
     adapted_session, test_set
 ):
     """Without asfda predict's record of the images, the reference label is the content to compare: the same
-    file as one the session imported. A pseudo-labelled volume has no label in the session, so only its name
-    can tell it; the note says so."""
+    file as one the session imported. A pseudo-labelled volume has no label in the session, nor has a label
+    imported before its source was recorded, so there only the name can tell; the note says so."""
     _, session, _ = adapted_session
     test, pred, query, pseudo = test_set
     other = pred.parent / "other_tool"
@@ -239,9 +239,19 @@ def test_another_tools_maps_are_known_by_their_reference_label_file_and_pseudo_l
         f"labelled in the session (same label file as its {query[1]}): trained on, not in the mean"
     )
     assert rows[pseudo[1]]["reason"] == (
-        "pseudo-labelled in the session (by name: its map records no image to compare): trained on, not in the mean"
+        "pseudo-labelled in the session (by name: nothing recorded to compare contents): trained on, not in the mean"
     )
     assert rows["MEAN"]["dice_mean"] == rows[query[0]]["dice_mean"]
+    # a session whose labels were imported before their source was recorded: there the name decides
+    data = json.loads((session / "session.json").read_text())
+    for versions in data["labels"].values():
+        for version in versions:
+            version.pop("source_sha256", None)
+    (session / "session.json").write_text(json.dumps(data))
+    rows = _evaluation(session, other, test / "labels")
+    assert rows[query[0]]["reason"] == (
+        "labelled in the session (by name: nothing recorded to compare contents): trained on, not in the mean"
+    )
 
 
 def test_the_session_records_the_round_and_its_pseudo_labels(adapted_session):
@@ -311,7 +321,7 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
 
 RAN = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema"}
 # what a resume also keeps: the run's targets and the batch size, learning rate and seed it started with
-STARTED = {"iterations": 6, "pseudo_iterations": 4, "batch_size": 2, "lr": 0.001, "seed": 3}
+STARTED = {"iterations": 6, "pseudo_iterations": 4, "batch_size": 2, "lr": 0.001, "seed": 3, "reliability": "rounds"}
 
 
 @pytest.mark.parametrize(
@@ -336,6 +346,7 @@ STARTED = {"iterations": 6, "pseudo_iterations": 4, "batch_size": 2, "lr": 0.001
         ("resume", {"iterations": 8}, "so --iterations 8 (it had 6) would change it part-way"),
         ("resume", {"pseudo_iterations": 2}, "so --pseudo-iterations 2 (it had 4)"),
         ("resume", {"seed": 0}, "so --seed 0 (it had 3)"),
+        ("resume", {"reliability": "flips"}, "so --pseudo-gate flips (it had rounds)"),  # killed before it judged
         ("resume", {"no_pseudo": True}, "so --no-pseudo (it has a stage 2 of 4 iterations) would change it"),
         ("resume", {"iterations": 6, "lr": 0.001, "seed": 3}, ""),  # the run's own, named
         ("extend", {"lr": 0.1, "iterations": 8}, ""),  # an extension trains on with what it is given
@@ -417,7 +428,7 @@ def test_a_teacher_named_with_a_resume_is_compared_as_it_would_label_the_rounds_
     ],
 )
 def test_a_continued_run_reads_how_its_stage_2_ran_from_the_record(history, recipe):
-    from ASFDALib.adaptation.pipeline import stage2_recipe
+    from ASFDALib.adaptation.runs import stage2_recipe
 
     assert stage2_recipe({"history": history}) == recipe
 
@@ -797,7 +808,8 @@ def test_session_records_exactly_the_iterations_run_after_any_sequence_of_finetu
     run.json and session.json say how many iterations the round's model has really been trained for."""
     import threading
 
-    from ASFDALib.adaptation.pipeline import finetune_session, read_run
+    from ASFDALib.adaptation.pipeline import finetune_session
+    from ASFDALib.adaptation.runs import read_run
     from ASFDALib.adaptation.session import SessionError
 
     root = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
@@ -910,7 +922,8 @@ def test_a_resume_goes_on_with_the_runs_own_batch_size_rate_and_seed_and_refuses
     assert main([*base, "--iterations", "4", "--batch-size", "1", "--lr", "0.002", "--seed", "3"]) == 0
     path = labelled_session / "checkpoints" / "round1" / "run.json"
     run = json.loads(path.read_text())
-    assert run["recipe"] == {"batch_size": 1, "lr": 0.002, "seed": 3}
+    assert {k: run["recipe"][k] for k in ("batch_size", "lr", "seed")} == {"batch_size": 1, "lr": 0.002, "seed": 3}
+    assert run["recipe"]["reliability"] == "rounds" and run["history"][0]["recipe"] == run["recipe"]
     run["targets"], run["finished"] = {"stage1": 6, "stage2": 0}, False  # as if killed on the way to 6
     path.write_text(json.dumps(run))
     capsys.readouterr()
@@ -922,6 +935,8 @@ def test_a_resume_goes_on_with_the_runs_own_batch_size_rate_and_seed_and_refuses
     history = json.loads(path.read_text())["history"]
     assert history[-1]["learning_rates"] == history[0]["learning_rates"]  # the run's own rate, not the default
     assert history[-1]["stage1"] == [4, 6]
+    assert main([*base, "--extend", "--iterations", "8"]) == 0  # an extension, too, goes on with them
+    assert json.loads(path.read_text())["history"][-1]["recipe"] == run["recipe"]
 
 
 def test_predict_and_the_labels_status_during_an_unfinished_fine_tune_name_it_and_the_fix(
@@ -961,9 +976,9 @@ def test_a_re_rank_before_fine_tuning_says_the_query_grows_and_one_during_an_unf
     rank = ["rank", "--images", str(mri_pool / "images"), "--out", str(labelled_session), "--budget", "1"]
     capsys.readouterr()
     assert main(rank) == 0
-    assert "round 1's query keeps its 1 labelled volume and adds 1: 2 in all" in " ".join(
-        capsys.readouterr().out.split()
-    )
+    note = "round 1's query keeps its 1 labelled volume and adds 1: 2 in all"
+    assert note in " ".join(capsys.readouterr().out.split())
+    assert note in json.loads((labelled_session / "ranking.json").read_text())["notes"]  # the record says so too
     assert len(json.loads((labelled_session / "session.json").read_text())["rounds"][-1]["query"]) == 2
     assert main(["finetune", str(labelled_session), "--no-pseudo", "--iterations", "2", "--batch-size", "1"]) == 0
     path = labelled_session / "checkpoints" / "round1" / "run.json"
@@ -984,7 +999,8 @@ def test_a_run_that_fails_is_recorded_as_failed_and_resuming_it_reaches_its_own_
     CPU); a restart instead lists it under the round's replaced runs with how far it got."""
     import threading
 
-    from ASFDALib.adaptation.pipeline import finetune_session, read_run
+    from ASFDALib.adaptation.pipeline import finetune_session
+    from ASFDALib.adaptation.runs import read_run
 
     def config(iterations: int) -> FinetuneConfig:
         return FinetuneConfig(iterations, 0, batch_size=1, checkpoint_every=2, device="cpu")

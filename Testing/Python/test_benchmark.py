@@ -374,10 +374,16 @@ def test_the_ema_teachers_weight_is_part_of_the_protocol_only_where_an_ema_teach
 
     rest = {"iterations": 400, "fusion": "gated", "lower_rate_for": "encoder"}
     path = tmp_path / "results.json"
-    for teacher, refused in (("fixed", False), ("ema-if-fallback", True)):
-        before = {k: v for k, v in asdict(SSFTOptions(teacher=teacher)).items() if k != "ema_weight"}  # ran at 1
+    for options, refused in (
+        ({"teacher": "fixed"}, False),
+        ({"teacher": "ema-if-fallback", "fallback": "none"}, False),  # no fallback judges: no EMA teacher labels
+        ({"teacher": "ema-if-fallback", "reliability": "confidence"}, False),  # it always keeps some volume
+        ({"teacher": "ema-if-fallback"}, True),
+        ({"teacher": "ema", "reliability": "confidence"}, True),
+    ):
+        before = {k: v for k, v in asdict(SSFTOptions(**options)).items() if k != "ema_weight"}  # ran at 1
         path.write_text(json.dumps({"protocol": {**rest, "ssft": before}, "runs": []}))
-        now = {**rest, "ssft": _ssft_protocol(asdict(SSFTOptions(teacher=teacher, ema_weight=0.5)))}
+        now = {**rest, "ssft": _ssft_protocol(asdict(SSFTOptions(**options, ema_weight=0.5)))}
         if refused:
             with pytest.raises(ASFDAError, match=r"ema_weight \(1.0 here, 0.5 now\)"):
                 _load_runs(path, now)

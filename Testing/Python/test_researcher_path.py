@@ -409,8 +409,9 @@ def test_a_refused_restart_changes_nothing_and_ctrl_c_records_what_the_checkpoin
     run records the iterations its newest checkpoint holds, as an interrupted run that --resume continues."""
     import threading
 
-    from ASFDALib.adaptation.pipeline import finetune_session, read_run
+    from ASFDALib.adaptation.pipeline import finetune_session
     from ASFDALib.adaptation.recipe import FinetuneConfig
+    from ASFDALib.adaptation.runs import read_run
     from ASFDALib.adaptation.session import Session
 
     root, template = ranked

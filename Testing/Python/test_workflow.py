@@ -324,7 +324,7 @@ def test_fine_tuning_again_is_an_explicit_choice_and_says_what_ran(flow, mri_poo
     assert (Path(flow.settings.session) / "checkpoints" / "round1-replaced-1" / "run.json").is_file()
 
 
-def test_a_cancelled_run_is_continued_not_restarted(flow, mri_pool):
+def test_a_cancelled_run_is_continued_not_restarted_and_ranking_waits_for_it(flow, mri_pool):
     flow.settings.pseudo = False
     flow.settings.iterations = 100000
     _ranked_and_labelled(flow, mri_pool, 1)
@@ -338,6 +338,8 @@ def test_a_cancelled_run_is_continued_not_restarted(flow, mri_pool):
     run = flow.finetune_run()
     assert run is not None and not run["finished"] and flow.finetune_mode() == "resume"
     assert flow.check("finetune")[1].startswith("continue the interrupted run (stage 1: ")
+    # no new query under the unfinished run: it trains on the round's labels as they were
+    assert flow.check("rank") == (False, "this round's fine-tune is unfinished: Continue the last run first")
 
 
 @pytest.mark.parametrize("recorded, restored", [("sum", "sum"), (None, None), ("absent", "sum")])

@@ -1,0 +1,118 @@
+"""A round's run record (``checkpoints/roundN/run.json``): reading it, how the run ended, what it started
+with and how its stage 2 ran, so that a resume or an extension goes on as the run ran.
+
+Torch-free on purpose: ``asfda labels``, ``asfda rank`` and the Slicer panel read a run's state without
+importing the training engine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ASFDALib.adaptation.session import Session
+
+SAVED_FILE = "last.json"  # beside last.pt: the stage and iteration it holds
+
+FINETUNE_MODES = ("new", "resume", "extend", "restart")
+MODE_HELP = {
+    "resume": "--resume continues an interrupted run to its own targets",
+    "extend": "--extend trains a finished run further, to the iteration counts you give",
+    "restart": "--restart trains this round again from its start (the earlier run is kept aside)",
+}
+
+
+def read_run(folder: Path) -> dict | None:
+    """This round's run record (targets, iterations done, history), or None when no run started.
+
+    An unfinished run's iterations are what its newest checkpoint holds (its ``last.json``): run.json is
+    rewritten only at a run's start and end, so after a kill it lags behind.
+    """
+    path, saved = folder / "run.json", folder / SAVED_FILE
+    if path.is_file():
+        run = json.loads(path.read_text(encoding="utf-8"))
+    elif (folder / "last.pt").is_file():  # a run from before run records: interrupted, targets unknown
+        run = {"targets": None, "done": {"stage1": 0, "stage2": 0}, "finished": False, "history": []}
+    else:
+        return None
+    if not run["finished"] and saved.is_file():
+        try:
+            state = json.loads(saved.read_text(encoding="utf-8"))
+            count_checkpoint(run, state["stage"], int(state["iteration"]))
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: the run record's own counts stand
+    return run
+
+
+def record_killed(run: dict) -> None:
+    """Mark the run record's last run as killed, with the iterations its checkpoint shows it ran (it started
+    where the run before it ended)."""
+    entry, start = run["history"][-1], {"stage1": 0, "stage2": 0}
+    for earlier in run["history"][:-1]:
+        start |= {stage: earlier[stage][1] for stage in start if stage in earlier}
+    entry["status"] = "killed"
+    entry |= {stage: [start[stage], run["done"][stage]] for stage in start if run["done"][stage] != start[stage]}
+
+
+def count_checkpoint(run: dict, stage: str, iteration: int) -> None:
+    """Set a run's iterations done to a checkpoint's (a checkpoint in stage 2 means stage 1 reached its target)."""
+    run["done"][stage] = iteration
+    if stage == "stage2" and not run["done"]["stage1"] and run["targets"]:
+        run["done"]["stage1"] = run["targets"]["stage1"]
+
+
+# what a run's weights depend on beside its targets and stage 2's recipe, recorded when it starts: a resume
+# goes on with them, so that it reaches the weights an uninterrupted run reaches
+RUN_RECIPE = ("batch_size", "lr", "seed", "reliability", "keep_fraction", "confidence", "min_agreement", "fallback")
+
+
+def run_recipe(run: dict | None) -> dict[str, Any]:
+    """The batch size, learning rate, seed and pseudo-label gate a round's run last started or was extended
+    with (empty for runs recorded before); each entry of its history has the one it ran with."""
+    return dict((run or {}).get("recipe") or {})
+
+
+def stage2_recipe(run: dict | None) -> dict[str, Any]:
+    """How stage 2 last ran in a round's run (its rate schedule, the pseudo-labelled patches' augmentation
+    and teacher, an EMA teacher's voxel gate and weight), so a resume or an extension goes on as it ran; empty when
+    stage 2 has not run."""
+    stage2 = [h for h in (run or {}).get("history", []) if "stage2_lr" in h]
+    if not stage2:
+        return {}
+    last = stage2[-1]
+    # entries recorded before the augmentation, or the teacher, was a choice augmented weakly, or had the
+    # fixed teacher; the teacher that ran once the gate has judged, else the one asked for
+    recipe = {
+        "stage2_lr": last["stage2_lr"],
+        "pseudo_augment": last.get("pseudo_augment", "weak"),
+        "teacher": last.get("teacher") or last.get("teacher_asked") or "fixed",
+    }
+    ema = [h for h in stage2 if "confidence" in h]  # where an EMA teacher labelled: its voxel gate and weight
+    if ema:  # (recorded before its weight was a choice: 1, as the fixed labels')
+        recipe["confidence"], recipe["ema_weight"] = ema[-1]["confidence"], ema[-1].get("ema_weight", 1.0)
+    return recipe
+
+
+def done_text(done: dict) -> str:
+    return f"stage 1: {done['stage1']} iterations, stage 2: {done['stage2']}"
+
+
+def how_ended(run: dict) -> str:
+    """How a round's run ended, as its record says: finished, or cancelled, failed, killed or interrupted."""
+    if run["finished"]:
+        return "finished"
+    ended = (run["history"] or [{}])[-1].get("status")
+    return ended if ended in ("cancelled", "failed", "killed") else "interrupted"
+
+
+def unfinished_run(session: Session) -> str:
+    """ "round N's fine-tune was interrupted (stage 1: i iterations, stage 2: j)" when the newest round has a
+    run that did not finish (so its weights are not the session's adapted model), else ""."""
+    if not session.rounds:
+        return ""
+    index = session.rounds[-1]["index"]
+    run = read_run(session.root / "checkpoints" / f"round{index}")
+    if run is None or run["finished"]:
+        return ""
+    return f"round {index}'s fine-tune was {how_ended(run)} ({done_text(run['done'])})"
