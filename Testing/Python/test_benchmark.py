@@ -195,7 +195,7 @@ def test_benchmark_on_the_users_own_folders_writes_results_summary_table_and_plo
     # and another teacher of the pseudo-labelled patches
     other = "fixed" if FinetuneConfig.teacher != "fixed" else "ema"
     assert main([*argv, "--pseudo-teacher", other]) == 1
-    assert f"other ssft teacher ({FinetuneConfig.teacher} here, {other} now)" in capsys.readouterr().err
+    assert f"teacher ({FinetuneConfig.teacher} here, {other} now)" in capsys.readouterr().err
     # and another schedule of stage 2's rate
     other = "cosine" if FinetuneConfig.stage2_lr == "constant" else "constant"
     assert main([*argv, "--stage2-lr", other]) == 1
