@@ -142,6 +142,7 @@ BENCH_SCENARIOS = ("mri", "ct-shift", "mri-rich")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ASFDALib.query.ranking import RankConfig
     from ASFDALib.query.selection import DEFAULT_FUSION, FUSIONS, STRATEGIES
 
     parser = Parser(
@@ -174,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("asfda-session"),
         help="session folder for ranking.csv/json/png and the score cache (default: %(default)s)",
     )
-    rank.add_argument("--budget", type=positive_int, default=4, help="how many volumes to query (default: %(default)s)")
+    rank.add_argument(
+        "--budget",
+        type=positive_int,
+        help=f"how many volumes to query (default: the session's last round's, else {RankConfig.budget})",
+    )
     rank.add_argument(
         "--alpha",
         type=unit_interval,
@@ -254,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument(
         "--from",
         dest="source",
+        metavar="PATH",
         type=existing_path,
         help="label file or folder to import; files pair with images by case name: case_seg, case_mask, "
         "case.seg.nrrd for the image case; case for nnU-Net's case_0000; BIDS names by their entities "
@@ -262,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--map", help=MAP_HELP)
     labels.add_argument("--all", action="store_true", help="import labels of every volume, not only the queried ones")
     labels.add_argument(
-        "--cases", help="comma-separated images to import labels for (default: the volumes queried so far)"
+        "--cases",
+        metavar="NAMES",
+        help="comma-separated images to import labels for (default: the volumes queried so far)",
     )
     labels.set_defaults(func=commands.cmd_labels)
 

@@ -104,8 +104,10 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
             if model.load_report is not None:  # what the checkpoint gave: loaded, newly initialised, ignored
                 console.print(f"Weights: {model.load_report.summary}", markup=False, highlight=False, soft_wrap=True)
 
+        # a re-rank (another alpha, say) queries as many as the session's last round did, unless told
+        budget = args.budget or ((session.rounds[-1].get("strategy") or {}).get("budget") if session.rounds else None)
         config = RankConfig(
-            budget=args.budget,
+            budget=budget or RankConfig.budget,
             alpha=args.alpha,
             fusion=args.fusion,
             strategy=args.strategy,
@@ -193,8 +195,10 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
     words = list(args.words)
     action = words.pop(0) if words and words[0] in ("import", "status") and len(words) > 1 else "status"
-    if len(words) != 1:
+    if len(words) != 1 or words == ["import"]:
         raise ASFDAError("usage: asfda labels SESSION | asfda labels import SESSION --from DIR_OR_FILE")
+    if action == "status" and (args.source is not None or args.all or args.cases or args.map):
+        raise ASFDAError(f"--from, --map, --all and --cases are for importing: 'asfda labels import {words[0]} ...'")
     console = Console()
     if action == "import":
         if args.source is None:

@@ -970,10 +970,10 @@ def test_predict_and_the_labels_status_during_an_unfinished_fine_tune_name_it_an
     )
 
 
-def test_a_re_rank_before_fine_tuning_says_the_query_grows_and_one_during_an_unfinished_run_is_refused(
+def test_a_re_rank_keeps_the_sessions_budget_says_the_query_grows_and_is_refused_during_an_unfinished_run(
     labelled_session, mri_pool, capsys
 ):
-    rank = ["rank", "--images", str(mri_pool / "images"), "--out", str(labelled_session), "--budget", "1"]
+    rank = ["rank", "--images", str(mri_pool / "images"), "--out", str(labelled_session)]  # its budget: 1
     capsys.readouterr()
     assert main(rank) == 0
     note = "round 1's query keeps its 1 labelled volume and adds 1: 2 in all"

@@ -160,6 +160,16 @@ def test_labels_from_a_missing_folder_is_an_argument_error_naming_the_labels(ran
     assert "argument --from: /no/such/labels does not exist (see 'asfda labels --help')" in err
 
 
+def test_labels_without_a_session_or_with_import_options_but_no_import_say_how_it_is_used(ranked, capsys):
+    root, session = ranked
+    assert main(["labels", "import"]) == 1
+    assert "usage: asfda labels SESSION | asfda labels import SESSION --from DIR_OR_FILE" in _one_line_error(capsys)
+    before = (session / "session.json").read_text()
+    assert main(["labels", str(session), "--from", str(root / "pool" / "labels")]) == 1  # "import" forgotten
+    assert f"are for importing: 'asfda labels import {session} ...'" in _one_line_error(capsys)
+    assert (session / "session.json").read_text() == before
+
+
 def test_labels_of_volumes_not_asked_for_are_skipped_and_a_class_the_model_lacks_is_mapped_to_background(
     ranked, tmp_path, capsys
 ):
