@@ -60,6 +60,9 @@ class AdaptResult:
     loss: float | None = None
 
 
+PROGRESS_EVERY_S = 10.0  # at most this often a line on long work, as the command line's progress does
+
+
 def session_model(session: Session, adapted: bool = True) -> LoadedModel:
     """The session's model, with the newest fine-tuned weights when ``adapted`` and there are some.
 
@@ -99,9 +102,25 @@ def _pseudo_pool(session: Session, labelled: set[str], limit: int) -> list[str]:
 
 
 def build_pseudo_labels(
-    session: Session, model: LoadedModel, cases: list[Case], folder: Path, config: FinetuneConfig
+    session: Session,
+    model: LoadedModel,
+    cases: list[Case],
+    folder: Path,
+    config: FinetuneConfig,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[list[str], dict[str, float]]:
-    """Score the unlabeled pool with the stage-1 model, keep the reliable part and store its pseudo-labels."""
+    """Score the unlabeled pool with the stage-1 model, keep the reliable part and store its pseudo-labels.
+    ``say`` hears how far each gate has got: at its first and last volume and at most every 10 s between
+    (a gate over a pool of real volumes takes minutes)."""
+    last = float("-inf")
+
+    def progress(gate: str, done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if say and (done in (1, total) or now - last >= PROGRESS_EVERY_S):
+            last = now
+            say(f"the {gate} gate: {done} of {total} unlabeled volumes judged")
+
     pool = []
     for name in _pseudo_pool(session, {c.name for c in cases}, config.max_pseudo_volumes):
         try:
@@ -122,6 +141,7 @@ def build_pseudo_labels(
         config.min_agreement,
         reference,
         config.fallback,
+        progress,
     )
     folder.mkdir(parents=True, exist_ok=True)
     for name, label in made.labels.items():
@@ -434,7 +454,7 @@ def finetune_session(
             made = not (folder / "pseudo" / "pseudo.json").is_file()
             if made and distributed.is_main():
                 say("scoring the unlabeled pool for reliable pseudo-labels")
-                build_pseudo_labels(session, model, cases, folder / "pseudo", config)
+                build_pseudo_labels(session, model, cases, folder / "pseudo", config, say)
             distributed.barrier()  # under torchrun, rank 0 writes the pseudo-labels and every rank reads them
             if (folder / "pseudo" / "pseudo.json").is_file():
                 stored = _load_pseudo(session, model, folder / "pseudo")

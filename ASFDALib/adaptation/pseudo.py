@@ -16,6 +16,7 @@ modality cannot vouch for any volume, so ``rounds`` then asks the flipped views 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,8 @@ from ASFDALib.adaptation.loss import IGNORE_INDEX
 from ASFDALib.adaptation.recipe import FALLBACKS, RELIABILITY
 from ASFDALib.query import scoring
 from ASFDALib.query.features import FeatureSummary
+
+Scored = Callable[[int, int], None]  # told (volumes judged, volumes in the pool) as a gate goes
 
 
 @dataclass
@@ -110,17 +113,21 @@ def agreement_pseudo_labels(
     min_agreement: float,
     reference: torch.nn.Module | None = None,
     device: str = "auto",
+    scored: Scored | None = None,
 ) -> tuple[list[str], dict[str, float], dict[str, np.ndarray]]:
-    """Pseudo-labels where two views agree: the flipped volume's (``reference`` None) or ``reference``'s."""
+    """Pseudo-labels where two views agree: the flipped volume's (``reference`` None) or ``reference``'s.
+    ``scored(done, total)`` hears each volume judged."""
     from ASFDALib.inference.predict import predict_label
 
     agreed = {}
-    for name, image in pool:
+    for done, (name, image) in enumerate(pool, 1):
         if reference is None:
             views = flipped_views(network, image, card, device)
         else:
             views = [predict_label(network, image, card, device), predict_label(reference, image, card, device)]
         agreed[name] = agreed_label(views)
+        if scored:
+            scored(done, len(pool))
     scores = np.array([agreed[name][1] for name, _ in pool])
     # no agreement at all (no organ in either view, included) never passes, whatever the floor
     kept = [i for i in keep_reliable(scores, keep_fraction) if scores[i] >= min_agreement and scores[i] > 0]
@@ -140,23 +147,51 @@ def selective_pseudo_labels(
     min_agreement: float = 0.5,
     reference: torch.nn.Module | None = None,
     fallback: str = "none",
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> PseudoLabels:
     """Score ``pool`` (name, model-space image) with the current model, keep the reliable part and label it.
 
     The pseudo-labels are uint8, IGNORE_INDEX where the model is not confident, or where the views disagree.
     ``gate`` is one of RELIABILITY; ``rounds`` needs ``reference``, the model the round started from. Where
-    it keeps no volume, ``fallback`` (a gate, or "none") judges the pool instead.
+    it keeps no volume, ``fallback`` (a gate, or "none") judges the pool instead. ``progress(gate, done,
+    total)`` hears each volume a gate has judged.
     """
     if gate not in RELIABILITY or fallback not in FALLBACKS:
         raise ValueError(f"unknown pseudo-label gate {gate!r} or fallback {fallback!r}: {RELIABILITY}, {FALLBACKS}")
     if (gate == "rounds") != (reference is not None):
         raise ValueError("the 'rounds' gate, and only it, takes the reference model")
+
+    def heard(name: str) -> Scored | None:
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
     first = _judge(
-        network, card, labelled_images, pool, keep_fraction, confidence, device, gate, min_agreement, reference
+        network,
+        card,
+        labelled_images,
+        pool,
+        keep_fraction,
+        confidence,
+        device,
+        gate,
+        min_agreement,
+        reference,
+        heard(gate),
     )
     if first.kept or not pool or fallback in ("none", gate):
         return first
-    then = _judge(network, card, labelled_images, pool, keep_fraction, confidence, device, fallback, min_agreement)
+    then = _judge(
+        network,
+        card,
+        labelled_images,
+        pool,
+        keep_fraction,
+        confidence,
+        device,
+        fallback,
+        min_agreement,
+        None,
+        heard(fallback),
+    )
     then.asked, then.asked_best = gate, max(first.reliability.values())
     return then
 
@@ -172,6 +207,7 @@ def _judge(
     gate: str,
     min_agreement: float,
     reference: torch.nn.Module | None = None,
+    scored: Scored | None = None,
 ) -> PseudoLabels:
     """One gate's judgement of the pool (``selective_pseudo_labels`` without the fallback)."""
     from ASFDALib.inference.predict import predict_probabilities
@@ -181,11 +217,15 @@ def _judge(
         return PseudoLabels([], {}, {}, gate)
     if gate != "confidence":
         kept, scores, labels = agreement_pseudo_labels(
-            network, card, pool, keep_fraction, min_agreement, reference, device
+            network, card, pool, keep_fraction, min_agreement, reference, device, scored
         )
         return PseudoLabels(kept, scores, labels, gate)
     sweep_config = SweepConfig(device=device)
-    results = [sweep(network, torch.as_tensor(image), card, sweep_config) for _, image in pool]
+    results = []
+    for done, (_, image) in enumerate(pool, 1):
+        results.append(sweep(network, torch.as_tensor(image), card, sweep_config))
+        if scored:
+            scored(done, len(pool))
     labelled = [sweep(network, torch.as_tensor(image), card, sweep_config).summary for image in labelled_images]
     scores = reliability(
         np.array([r.asd for r in results]), distance_to_labelled([r.summary for r in results], labelled)

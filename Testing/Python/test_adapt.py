@@ -447,6 +447,9 @@ def test_where_the_source_model_vouches_for_no_volume_the_flipped_views_judge_by
         "asked_best": gate["asked_best"],
     }
     assert 0 < gate["asked_best"] < 0.5 and pseudo["kept"] == [] and best < 0.5
+    n = len(pseudo["reliability"])  # how far each gate got: its first and last volume at least
+    for told in ("the rounds gate: 1 of", f"the rounds gate: {n} of {n}", f"the flips gate: {n} of {n}"):
+        assert told in said
     assert (
         "no unlabeled volume passed the flips gate: stage 2 trains on the labels alone (the adapted model's flipped "
         f"views agree at most {best:.2f} on any volume, class-balanced Dice, below the floor of 0.5, "

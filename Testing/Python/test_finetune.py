@@ -139,11 +139,16 @@ def test_a_reference_model_that_finds_no_organ_keeps_no_volume(default_model):
 
 
 def test_where_the_reference_model_finds_no_organ_the_fallback_gate_judges_and_the_record_says_so(default_model):
+    """A gate that keeps no volume hands over to its fallback and the record says so; each gate tells of every
+    volume it judges, so that long scoring shows progress."""
     network, card = default_model.network, default_model.card
     pool, blind = _pool(card), _blind(network)
+    heard = []
     made = selective_pseudo_labels(
-        network, card, [], pool, 1.0, min_agreement=0.0, device="cpu", gate="rounds", reference=blind, fallback="flips"
+        network, card, [], pool, 1.0, 0.9, "cpu", "rounds", 0.0, blind, "flips", lambda *told: heard.append(told)
     )
+    n = len(pool)  # each gate that judged told of every volume, in turn
+    assert heard == [("rounds", i, n) for i in range(1, n + 1)] + [("flips", i, n) for i in range(1, n + 1)]
     flips = selective_pseudo_labels(network, card, [], pool, 1.0, min_agreement=0.0, device="cpu", gate="flips")
     assert (made.gate, made.asked, made.asked_best) == ("flips", "rounds", 0.0)
     assert made.reliability == flips.reliability and made.kept == flips.kept and len(made.kept) == 2
