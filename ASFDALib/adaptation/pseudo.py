@@ -161,37 +161,26 @@ def selective_pseudo_labels(
     if (gate == "rounds") != (reference is not None):
         raise ValueError("the 'rounds' gate, and only it, takes the reference model")
 
-    def heard(name: str) -> Scored | None:
-        return (lambda done, total: progress(name, done, total)) if progress else None
+    def judge(name: str, against: torch.nn.Module | None) -> PseudoLabels:
+        scored = (lambda done, total: progress(name, done, total)) if progress else None
+        return _judge(
+            network,
+            card,
+            labelled_images,
+            pool,
+            keep_fraction,
+            confidence,
+            device,
+            name,
+            min_agreement,
+            against,
+            scored,
+        )
 
-    first = _judge(
-        network,
-        card,
-        labelled_images,
-        pool,
-        keep_fraction,
-        confidence,
-        device,
-        gate,
-        min_agreement,
-        reference,
-        heard(gate),
-    )
+    first = judge(gate, reference)
     if first.kept or not pool or fallback in ("none", gate):
         return first
-    then = _judge(
-        network,
-        card,
-        labelled_images,
-        pool,
-        keep_fraction,
-        confidence,
-        device,
-        fallback,
-        min_agreement,
-        None,
-        heard(fallback),
-    )
+    then = judge(fallback, None)
     then.asked, then.asked_best = gate, max(first.reliability.values())
     return then
 

@@ -106,13 +106,17 @@ def how_ended(run: dict) -> str:
     return ended if ended in ("cancelled", "failed", "killed") else "interrupted"
 
 
+def newest_run(session: Session) -> dict | None:
+    """The run record of the session's newest round (``read_run``), or None when no round has run."""
+    if not session.rounds:
+        return None
+    return read_run(session.root / "checkpoints" / f"round{session.rounds[-1]['index']}")
+
+
 def unfinished_run(session: Session) -> str:
     """ "round N's fine-tune was interrupted (stage 1: i iterations, stage 2: j)" when the newest round has a
     run that did not finish (so its weights are not the session's adapted model), else ""."""
-    if not session.rounds:
-        return ""
-    index = session.rounds[-1]["index"]
-    run = read_run(session.root / "checkpoints" / f"round{index}")
+    run = newest_run(session)
     if run is None or run["finished"]:
         return ""
-    return f"round {index}'s fine-tune was {how_ended(run)} ({done_text(run['done'])})"
+    return f"round {session.rounds[-1]['index']}'s fine-tune was {how_ended(run)} ({done_text(run['done'])})"

@@ -333,7 +333,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ASFDALib import distributed
     from ASFDALib.adaptation.pipeline import finetune_session
     from ASFDALib.adaptation.recipe import FinetuneConfig
-    from ASFDALib.adaptation.runs import read_run, run_recipe, stage2_recipe
+    from ASFDALib.adaptation.runs import done_text, newest_run, read_run, run_recipe, stage2_recipe
     from ASFDALib.adaptation.session import Session
 
     console = Console()
@@ -377,26 +377,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 f"them, so {' and '.join(made)} would do nothing; leave {'it' if len(made) == 1 else 'them'} out, "
                 f"or --restart to make them anew"
             )
-    # a resume or an extension goes on with what its run started with, where not named (a resume refuses
-    # another, below; an extension may take one)
-    kept = run_recipe(run)
+    # a resume or an extension goes on as its run ran where not told otherwise (a resume refuses another,
+    # below; an extension may take one): what it started with and how its stage 2 ran
+    ran = stage2_recipe(run) | run_recipe(run)
 
     def own(value, key: str):
-        return kept.get(key, getattr(recipe, key)) if value is None else value
+        return ran.get(key, getattr(recipe, key)) if value is None else value
 
     reliability = own(args.reliability, "reliability")
     # after the refusal above: its fix (leave the options out) is the one that holds
     check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback)
-    # a resume or extend keeps the schedule, augmentation and teacher stage 2 last ran with; a resume keeps
-    # the run's length, batch size, learning rate and seed too
-    ran = stage2_recipe(run) | run_recipe(run)
-    if run and run["targets"]:
+    if run and run["targets"]:  # a resume keeps the run's length too
         ran |= {"iterations": run["targets"]["stage1"], "pseudo_iterations": run["targets"]["stage2"]}
     if not (args.mode == "resume" and run and run["finished"]):  # that resume is refused, naming --extend
         refuse_changes_part_way(args, ran, pseudo_json)
-    stage2_lr = args.stage2_lr or ran.get("stage2_lr", recipe.stage2_lr)
-    augment = args.pseudo_augment or ran.get("pseudo_augment", recipe.pseudo_augment)
-    teacher = args.pseudo_teacher or ran.get("teacher", recipe.teacher)
     if args.mode == "extend":
         if run and args.iterations is None:
             iterations = run["done"]["stage1"]  # extending stage 2 only: stage 1 stays as it ran
@@ -415,14 +409,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         device=args.device,
         keep_fraction=own(args.keep_fraction, "keep_fraction"),
         # a resume or extend keeps an EMA teacher's voxel gate (gate options are refused once labels exist)
-        confidence=ran.get("confidence", recipe.confidence) if args.confidence is None else args.confidence,
+        confidence=own(args.confidence, "confidence"),
         reliability=reliability,
         min_agreement=own(args.min_agreement, "min_agreement"),
         fallback=own(args.fallback, "fallback"),
-        stage2_lr=stage2_lr,
-        pseudo_augment=augment,
-        teacher=teacher,
-        ema_weight=ran.get("ema_weight", recipe.ema_weight),  # a resume or extend keeps the run's own
+        stage2_lr=own(args.stage2_lr, "stage2_lr"),
+        pseudo_augment=own(args.pseudo_augment, "pseudo_augment"),
+        teacher=own(args.pseudo_teacher, "teacher"),
+        ema_weight=own(None, "ema_weight"),
     )
     bar, progress = training_progress(console)
     distributed.init_from_env(args.device)
@@ -442,15 +436,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 on_status=console.print,
             )
         except KeyboardInterrupt:
-            index = session.rounds[-1]["index"] if session.rounds else 0
-            done = (read_run(session.root / "checkpoints" / f"round{index}") or {}).get("done")
-            if done and any(done.values()):
-                kept = (
-                    f"the newest checkpoint is kept (stage 1: {done['stage1']} iterations, stage 2: {done['stage2']})"
-                )
-            else:
-                kept = "no checkpoint was saved yet"
-            console.print(f"interrupted; {kept}: re-run with --resume to continue")
+            done = (newest_run(session) or {}).get("done")
+            held = f"the newest checkpoint is kept ({done_text(done)})" if done and any(done.values()) else ""
+            console.print(f"interrupted; {held or 'no checkpoint was saved yet'}: re-run with --resume to continue")
             return 130
     if result.kept:
         console.print(f"Pseudo-labelled (most reliable first): {', '.join(result.kept)}")

@@ -237,11 +237,11 @@ class Workflow:
     def finetune_run(self) -> dict | None:
         """This round's fine-tuning record (targets, iterations done, finished), or None when none ran."""
         session = self._open_session()
-        if session is None or not session.rounds:
+        if session is None:
             return None
-        from ASFDALib.adaptation.runs import read_run  # torch-free: safe before the dependencies are installed
+        from ASFDALib.adaptation.runs import newest_run  # torch-free: safe before the dependencies are installed
 
-        return read_run(session.root / "checkpoints" / f"round{session.rounds[-1]['index']}")
+        return newest_run(session)
 
     def finetune_mode(self, again: bool = False) -> str:
         """The engine's mode for the panel's two explicit choices: never a silent resume of a finished run."""
