@@ -28,3 +28,13 @@ class ModelError(ASFDAError):
 
 class TrustRequiredError(ModelError):
     """Loading this file would execute code from it; the user must say they trust it."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM raised where the program stands, so it takes every Ctrl-C path (recorded as interrupted, resumable)
+    and still exits as terminated: shells, ``timeout`` and batch schedulers read 143, not Ctrl-C's 130."""
+
+
+def interrupted_exit_code(exc: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process the signal stopped."""
+    return 143 if isinstance(exc, Terminated) else 130

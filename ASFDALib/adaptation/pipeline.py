@@ -31,6 +31,8 @@ from ASFDALib.adaptation.runs import (
     read_run,
     record_killed,
     run_recipe,
+    same_teacher,
+    stage2_recipe,
 )
 from ASFDALib.adaptation.session import Session, SessionError, case_id
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
@@ -248,10 +250,33 @@ def round_start_model(session: Session) -> LoadedModel:
     return model
 
 
+def _labels_change(before: dict[str, str], now: dict[str, str]) -> str:
+    """What became of a run's labelled set: volumes labelled since, no longer labelled, relabelled."""
+    parts = [
+        (what, sorted(names))
+        for what, names in (
+            ("labelled", now.keys() - before.keys()),
+            ("no longer labelled", before.keys() - now.keys()),
+            ("relabelled", {n for n in before.keys() & now.keys() if before[n] != now[n]}),
+        )
+        if names
+    ]
+    return "; ".join(f"{', '.join(names)} {what}" for what, names in parts)
+
+
 def _check_mode(
-    mode: str, run: dict | None, config: FinetuneConfig, folder: Path, index: int, pseudo: bool = True
+    mode: str,
+    run: dict | None,
+    config: FinetuneConfig,
+    folder: Path,
+    index: int,
+    pseudo: bool = True,
+    labels: dict[str, str] | None = None,
+    world: int = 1,
 ) -> str:
-    """The mode that really applies, or a one-line refusal that names the user's real choices."""
+    """The mode that really applies, or a one-line refusal that names the user's real choices. ``labels``
+    (image name -> label file, relative to the session) and ``world`` (processes) are this call's, which a
+    resume must share with the run it continues."""
     if mode not in FINETUNE_MODES:
         raise ValueError(f"unknown fine-tuning mode {mode!r}; choose from {', '.join(FINETUNE_MODES)}")
     if run is None:
@@ -270,11 +295,20 @@ def _check_mode(
     if mode == "resume" and run["finished"]:
         raise SessionError(f"{folder}: round {index}'s run finished ({done_text(run['done'])}); {MODE_HELP['extend']}")
     if mode == "resume":  # it goes on as the run ran (the command line refuses the options by name first)
+        ran = run_recipe(run) | stage2_recipe(run)
+        pseudo_json = folder / "pseudo" / "pseudo.json"
         changed = [
-            f"{k} {getattr(config, k)} (it had {v})" for k, v in run_recipe(run).items() if getattr(config, k) != v
+            f"{k} {getattr(config, k)} (it had {v})"
+            for k, v in ran.items()
+            if not (same_teacher(config.teacher, v, pseudo_json) if k == "teacher" else getattr(config, k) == v)
         ]
         if not pseudo and (run["targets"] or {}).get("stage2"):
             changed.append("stage 1 only (it has a stage 2 with pseudo-labels)")
+        last = run["history"][-1] if run["history"] else {}
+        if labels is not None and "labels" in last and last["labels"] != labels:
+            changed.append(f"the labels ({_labels_change(last['labels'], labels)} since it ran)")
+        if last.get("world_size", world) != world:  # each process draws its own batch: another total batch
+            changed.append(f"{world} process{'es' * (world != 1)} (it ran on {last['world_size']})")
         if changed:
             raise SessionError(
                 f"{folder}: a resume continues round {index}'s run as it ran, so {' and '.join(changed)} would "
@@ -338,7 +372,8 @@ def finetune_session(
         record_killed(run)
         if distributed.is_main():
             atomic_write_json(folder / "run.json", run)
-    mode = _check_mode(mode, run, config, folder, index, pseudo)
+    labels = {name: session.relative(path) for name, path in sorted(labelled.items())}
+    mode = _check_mode(mode, run, config, folder, index, pseudo, labels, distributed.world())
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.
     model = round_start_model(session)
@@ -402,6 +437,7 @@ def finetune_session(
     entry["recipe"] = {k: getattr(config, k) for k in RUN_RECIPE}
     if mode != "resume":
         run["recipe"] = entry["recipe"]
+    entry["labels"], entry["world_size"] = labels, distributed.world()  # what it trains on, on how many processes
     decays = ""
     if targets["stage2"] > before["stage2"]:  # how stage 2's rate runs: held, or decayed along a cosine
         entry["stage2_lr"] = config.stage2_lr

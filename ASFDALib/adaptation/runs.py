@@ -94,6 +94,21 @@ def stage2_recipe(run: dict | None) -> dict[str, Any]:
     return recipe
 
 
+def same_teacher(now: str, then: str, pseudo: Path | None) -> bool:
+    """Whether two teachers asked for label the round's pseudo-labelled patches alike: once the round's
+    pseudo-labels are made (``pseudo``: its pseudo.json), as the teachers they resolve to there, and any two
+    when none was kept (no teacher labels anything)."""
+    from ASFDALib.adaptation.recipe import stage2_teacher
+
+    made = json.loads(pseudo.read_text(encoding="utf-8")) if pseudo is not None and pseudo.is_file() else None
+    if made is None:
+        return now == then
+    if not made["kept"]:
+        return True
+    judged = bool(made.get("gate", {}).get("asked"))  # the fallback judged the pool
+    return stage2_teacher(now, judged) == stage2_teacher(then, judged)
+
+
 def done_text(done: dict) -> str:
     return f"stage 1: {done['stage1']} iterations, stage 2: {done['stage2']}"
 

@@ -35,7 +35,7 @@ from ASFDALib.app.arguments import (
     seed_list,
     unit_interval,
 )
-from ASFDALib.errors import ASFDAError
+from ASFDALib.errors import ASFDAError, Terminated, interrupted_exit_code
 
 RANK_EXAMPLES = """
 examples:
@@ -716,13 +716,14 @@ def main(argv: list[str] | None = None) -> int:
 @contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (``kill``, ``timeout``, a batch scheduler's stop, torchrun stopping its workers) takes Ctrl-C's
-    path, so the run is recorded as interrupted and a re-run resumes; the previous handler comes back after."""
+    path, so the run is recorded as interrupted and a re-run resumes, and exits 143 as terminated; the previous
+    handler comes back after."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
 
     def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
@@ -737,10 +738,10 @@ def _run(args: argparse.Namespace) -> int:
     except ASFDAError as exc:
         print(f"asfda {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         done = "finished runs are in results.json" if args.command == "benchmark" else "finished volumes are cached"
         print(f"interrupted; {done} and a re-run resumes from there", file=sys.stderr)
-        return 130
+        return interrupted_exit_code(exc)
 
 
 if __name__ == "__main__":

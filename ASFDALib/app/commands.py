@@ -7,15 +7,18 @@ once instead of after torch and MONAI have loaded.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ASFDALib.app.progress import stage_progress, training_progress, volume_progress
-from ASFDALib.errors import ASFDAError
+from ASFDALib.errors import ASFDAError, interrupted_exit_code
+
+if TYPE_CHECKING:  # the benchmark imports torch: only the commands that run it load it
+    from ASFDALib.bench.benchmark import BenchmarkConfig, Folders
 
 
 def load_model_from_args(args: argparse.Namespace):
@@ -137,17 +140,19 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
         console.print(f"[yellow]{note}[/yellow]")
     for note in ranking.notes:  # e.g. a new head: round 1 ranks by DKD alone
         console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
-    scored = sum(r.status == "scored" for r in ranking.rows)
-    cached = sum(r.cached for r in ranking.records)
+    scored = {r.file for r in ranking.rows if r.status == "scored"}
+    labelled = sum(r.status == "labelled" for r in ranking.rows)
+    cached = sum(r.cached for r in ranking.records if r.name in scored)
     console.print(
-        f"Source knowledge: {ranking.knowledge.describe()}. {scored} scored ({cached} from cache), "
-        f"{len(ranking.skipped)} skipped, {time.perf_counter() - start:.1f} s."
+        f"Source knowledge: {ranking.knowledge.describe()}. {len(scored)} scored ({cached} from cache), "
+        + (f"{labelled} labelled, " if labelled else "")
+        + f"{len(ranking.skipped)} skipped, {time.perf_counter() - start:.1f} s."
     )
     console.print("Query: " + ", ".join(r.file for r in ranking.selected))
     console.print("Wrote " + ", ".join(str(p) for p in written.values()))
     for warning in written.warnings:  # e.g. no ranking.png: matplotlib missing; the ranking itself is written
         console.print(warning, style="yellow", markup=False, highlight=False, soft_wrap=True)
-    if scored == 0 and not any(r.status == "labelled" for r in ranking.rows):
+    if not scored and not labelled:
         console.print("[red]No volume could be scored; see the reasons above.[/red]")
         return 1
     if not ranking.selected:
@@ -219,7 +224,9 @@ def cmd_labels(args: argparse.Namespace) -> int:
             session.save()
         for line in report.lines(queried_only=cases is None):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
-        return 0 if report.imported or report.unchanged or not (report.refused or report.skipped) else 1
+        # A refused label is an error even beside imported ones (a script must not go on to fine-tune without
+        # it); files not asked for are not, unless nothing else was found.
+        return 1 if report.refused or (report.skipped and not (report.imported or report.unchanged)) else 0
     session = Session.open(words[0])
     labelled = session.labelled()
     table = Table(title=f"Labels in {session.root}")
@@ -292,26 +299,20 @@ def refuse_changes_part_way(args: argparse.Namespace, ran: dict, pseudo: Path | 
     round's pseudo-labels, so it refuses another teacher of them (it may change the rest). ``ran``: the run's
     runs.stage2_recipe, run_recipe and targets (``iterations``, ``pseudo_iterations``); ``pseudo``: the
     round's pseudo.json, if made."""
-    from ASFDALib.adaptation.recipe import stage2_teacher
+    from ASFDALib.adaptation.runs import same_teacher
 
     if args.mode not in ("resume", "extend"):
         return
     named = {"--pseudo-teacher": (args.pseudo_teacher, "teacher")}
     if args.mode == "resume":
         named |= {option: (getattr(args, key, None), key) for option, key in RESUME_KEEPS.items()}
-    made = json.loads(pseudo.read_text(encoding="utf-8")) if pseudo is not None and pseudo.is_file() else None
     changed = []
     for option, (value, key) in named.items():
         if value is None or key not in ran:
             continue
-        now, then = value, ran[key]
-        if key == "teacher" and made is not None:
-            if not made["kept"]:
-                continue  # no pseudo-label: no teacher labels anything
-            judged = bool(made.get("gate", {}).get("asked"))
-            now, then = stage2_teacher(value, judged), stage2_teacher(then, judged)  # the teachers they are here
-        if now != then:
-            changed.append(f"{option} {value} (it had {ran[key]})")
+        if same_teacher(value, ran[key], pseudo) if key == "teacher" else value == ran[key]:
+            continue
+        changed.append(f"{option} {value} (it had {ran[key]})")
     if args.mode == "resume" and getattr(args, "no_pseudo", False) and ran.get("pseudo_iterations"):
         changed.append(f"--no-pseudo (it has a stage 2 of {ran['pseudo_iterations']} iterations)")
     if changed:
@@ -435,11 +436,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 progress=progress,
                 on_status=console.print,
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             done = (newest_run(session) or {}).get("done")
             held = f"the newest checkpoint is kept ({done_text(done)})" if done and any(done.values()) else ""
             console.print(f"interrupted; {held or 'no checkpoint was saved yet'}: re-run with --resume to continue")
-            return 130
+            return interrupted_exit_code(exc)
     if result.kept:
         console.print(f"Pseudo-labelled (most reliable first): {', '.join(result.kept)}")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
@@ -682,15 +683,14 @@ def _count_or_folder(text: str | None) -> tuple[int | None, Path | None]:
     return None, Path(text)
 
 
-def cmd_benchmark(args: argparse.Namespace) -> int:
+def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders | None, Path | None]:
+    """What ``asfda benchmark`` runs for these arguments: its config, the user's folders (None: phantoms) and
+    the model (None: the built-in one); refuses, in one line, arguments that do not fit together."""
     from dataclasses import replace
 
-    from rich.console import Console
+    from ASFDALib.bench.benchmark import SCENARIO_MODELS, BenchmarkConfig, Folders
+    from ASFDALib.models.defaults import resources_dir
 
-    from ASFDALib.bench.benchmark import SCENARIO_MODELS, BenchmarkConfig, Folders, run_benchmark
-    from ASFDALib.models.defaults import default_model_path, resources_dir
-
-    console = Console()
     config = BenchmarkConfig.quick() if args.quick else BenchmarkConfig()
     pool_count, pool_dir = _count_or_folder(args.pool)
     test_count, test_dir = _count_or_folder(args.test)
@@ -754,6 +754,17 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)
     if config.eval_at and not (config.validation or val_dir):
         raise ASFDAError("--eval-at scores the validation set: give --validation DIR (or a phantom count)")
+    return config, folders, model_path
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ASFDALib.bench.benchmark import run_benchmark
+    from ASFDALib.models.defaults import default_model_path
+
+    console = Console()
+    config, folders, model_path = benchmark_config(args)
     bar, update = volume_progress(console, "Benchmark", "runs")
     with bar:
         report = run_benchmark(

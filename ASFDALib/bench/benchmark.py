@@ -644,8 +644,8 @@ def _plan(config: BenchmarkConfig) -> list[tuple[str, int, int]]:
     return plan
 
 
-def _protocol(config: BenchmarkConfig, folders: Folders, inputs: dict) -> dict:
-    """What must match for earlier runs in results.json to be reused (``inputs``: :func:`fingerprints`)."""
+def options_protocol(config: BenchmarkConfig) -> dict:
+    """The part of the protocol the command's options make (the rest names the data and the model)."""
     return {
         "iterations": config.iterations,
         "ssft": _ssft_protocol(asdict(config.ssft)),
@@ -655,6 +655,13 @@ def _protocol(config: BenchmarkConfig, folders: Folders, inputs: dict) -> dict:
         **_rates(config),
         # which loaded tensors took the lower rate: recorded always, as the recipe's default may change
         "lower_rate_for": lower_rate_rule(config),
+    }
+
+
+def _protocol(config: BenchmarkConfig, folders: Folders, inputs: dict) -> dict:
+    """What must match for earlier runs in results.json to be reused (``inputs``: :func:`fingerprints`)."""
+    return {
+        **options_protocol(config),
         "pool": str(folders.pool.resolve()),
         "test": str(folders.test.resolve()),
         "validation": str(folders.validation.resolve()) if folders.validation else None,
@@ -680,18 +687,25 @@ def _ema_labels(teacher: str, reliability: str, fallback: str) -> bool:
     return teacher == "ema" or (teacher == "ema-if-fallback" and _falls_back(reliability, fallback))
 
 
+def stored_protocol(protocol: dict) -> dict:
+    """A results.json protocol in today's terms: the options recorded before they were choices, as they ran."""
+    protocol = dict(protocol)
+    # runs recorded before the fusion was a choice combined DKD and ASD by the summed ranks
+    protocol.setdefault("fusion", "sum")
+    # and before the lower-rate rule was a choice, the loaded tensors of the encoder took it
+    protocol.setdefault("lower_rate_for", "encoder")
+    # and before pseudo-labels had an agreement gate, they were gated by confidence (SSFT_LATER_FIELDS)
+    if isinstance(protocol.get("ssft"), dict):
+        protocol["ssft"] = _ssft_protocol({**SSFT_LATER_FIELDS, **protocol["ssft"]})
+    return protocol
+
+
 def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
     if not results_path.is_file():
         return []
     stored = json.loads(results_path.read_text())
     if stored.get("protocol") is not None:
-        # runs recorded before the fusion was a choice combined DKD and ASD by the summed ranks
-        stored["protocol"].setdefault("fusion", "sum")
-        # and before the lower-rate rule was a choice, the loaded tensors of the encoder took it
-        stored["protocol"].setdefault("lower_rate_for", "encoder")
-        # and before pseudo-labels had an agreement gate, they were gated by confidence
-        if isinstance(stored["protocol"].get("ssft"), dict):
-            stored["protocol"]["ssft"] = _ssft_protocol({**SSFT_LATER_FIELDS, **stored["protocol"]["ssft"]})
+        stored["protocol"] = stored_protocol(stored["protocol"])
         # runs recorded before inputs were fingerprinted are taken to be of these inputs
         for key in ("model", "card", "files"):
             if protocol is not None and key in protocol:

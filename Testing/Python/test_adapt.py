@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -372,6 +373,39 @@ def test_a_resume_refuses_another_length_rate_seed_or_stage_2_recipe_and_an_exte
             refuse_changes_part_way(args, RAN | STARTED, pseudo)
     else:
         refuse_changes_part_way(args, RAN | STARTED, pseudo)
+
+
+@pytest.mark.parametrize(
+    "change, refused",
+    [
+        ({"stage2_lr": "constant"}, "stage2_lr constant (it had cosine)"),
+        ({"pseudo_augment": "weak"}, "pseudo_augment weak (it had strong)"),
+        ({"teacher": "fixed"}, "teacher fixed (it had ema)"),
+        ({"ema_weight": 1.0}, "ema_weight 1.0 (it had 0.5)"),
+        ({"teacher": "ema-if-fallback"}, ""),  # the fallback judged: the same teacher labels
+        ({}, ""),
+    ],
+)
+def test_the_engine_refuses_a_resume_with_another_stage_2_recipe_as_the_command_line_does(tmp_path, change, refused):
+    """API and panel callers pass a config, not options: the engine holds a resume to stage 2's own recipe."""
+    from dataclasses import replace
+
+    from ASFDALib.adaptation.pipeline import _check_mode
+    from ASFDALib.adaptation.recipe import FinetuneConfig
+    from ASFDALib.adaptation.session import SessionError
+
+    (tmp_path / "pseudo").mkdir()
+    made = {"gate": {"reliability": "flips", "asked": "rounds"}, "kept": ["a"]}
+    (tmp_path / "pseudo" / "pseudo.json").write_text(json.dumps(made))
+    ran = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema", "confidence": 0.9, "ema_weight": 0.5}
+    run = {"finished": False, "done": {"stage1": 6, "stage2": 2}, "targets": {"stage1": 6, "stage2": 4}}
+    run["history"] = [{"mode": "new", "status": "interrupted", **ran}]
+    config = replace(FinetuneConfig(), **({k: v for k, v in ran.items() if k != "teacher"} | change))
+    if refused:
+        with pytest.raises(SessionError, match=re.escape(refused)):
+            _check_mode("resume", run, config, tmp_path, 1)
+    else:
+        assert _check_mode("resume", run, config, tmp_path, 1) == "resume"
 
 
 def test_a_teacher_named_with_a_resume_is_compared_as_it_would_label_the_rounds_pseudo_labels(tmp_path):
@@ -749,6 +783,30 @@ def test_a_refused_label_import_keeps_the_session_intact(tmp_path, mri_pool, cap
     assert not (tmp_path / "s" / "labels").exists() or not list((tmp_path / "s" / "labels").iterdir())
 
 
+def test_a_re_rank_counts_the_cache_among_the_volumes_it_scored_not_the_labelled_ones(labelled_session, capsys):
+    capsys.readouterr()
+    assert main(["rank", "--out", str(labelled_session)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "5 scored (5 from cache), 1 labelled, 0 skipped" in out
+
+
+def test_a_label_import_with_some_labels_refused_exits_1_and_keeps_the_good_ones(tmp_path, mri_pool, capsys):
+    """A script that imports then fine-tunes must not go on as if every label had come in."""
+    from ASFDALib.data.volumes import write_nifti
+
+    session = tmp_path / "s"
+    assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(session), "--budget", "2"]) == 0
+    good, bad = json.loads((session / "ranking.json").read_text())["selected"]
+    (tmp_path / "gt").mkdir()
+    shutil.copy(mri_pool / "labels" / good, tmp_path / "gt" / good)
+    write_nifti(tmp_path / "gt" / bad, np.zeros((5, 5, 5), np.uint8), np.eye(4))
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"imported {good}" in out and f"refused {tmp_path / 'gt' / bad}" in out
+    assert "Imported 1 of 2 queried volumes; skipped 0 (not asked for), refused 1." in out
+    assert list(json.loads((session / "session.json").read_text())["labels"]) == [good]
+
+
 def _iterations(session) -> dict:
     return json.loads((session / "session.json").read_text())["rounds"][-1]["metrics"]["iterations"]
 
@@ -860,7 +918,8 @@ def _checkpoint(session) -> tuple[str, int]:
 
 def test_a_terminated_finetune_is_recorded_as_interrupted_in_run_json_and_session_json(labelled_session):
     """SIGTERM (kill, timeout, a batch scheduler) takes Ctrl-C's path: the iterations of the newest checkpoint
-    are recorded, in the run record and in session.json, and the command exits as Ctrl-C does."""
+    are recorded, in the run record and in session.json; the command exits 143 (128 + SIGTERM), as shells,
+    ``timeout`` and schedulers expect of a terminated process (Ctrl-C exits 130)."""
     import signal
     import subprocess
     import sys
@@ -876,7 +935,7 @@ def test_a_terminated_finetune_is_recorded_as_interrupted_in_run_json_and_sessio
         time.sleep(0.5)
     job.send_signal(signal.SIGTERM)
     out, _ = job.communicate(timeout=120)
-    assert job.returncode == 130, out
+    assert job.returncode == 143, out
     stage, iteration = _checkpoint(labelled_session)
     said = f"interrupted; the newest checkpoint is kept (stage 1: {iteration} iterations, stage 2: 0): re-run with"
     assert said in " ".join(out.split())
@@ -940,6 +999,35 @@ def test_a_resume_goes_on_with_the_runs_own_batch_size_rate_and_seed_and_refuses
     assert history[-1]["stage1"] == [4, 6]
     assert main([*base, "--extend", "--iterations", "8"]) == 0  # an extension, too, goes on with them
     assert json.loads(path.read_text())["history"][-1]["recipe"] == run["recipe"]
+
+
+def test_a_resume_refuses_labels_changed_since_the_run_and_names_them(labelled_session, mri_pool, tmp_path, capsys):
+    """A resume continues to the weights the interrupted run would have reached, so a label imported since (or
+    another torchrun process count: each process draws its own batch) is refused by name, before any work."""
+    base = ["finetune", str(labelled_session), "--no-pseudo", "--checkpoint-every", "2", "--batch-size", "1"]
+    assert main([*base, "--iterations", "4"]) == 0
+    path = labelled_session / "checkpoints" / "round1" / "run.json"
+    run = json.loads(path.read_text())
+    (first,) = run["history"][0]["labels"]
+    assert run["history"][0]["labels"][first].startswith("labels/") and run["history"][0]["world_size"] == 1
+    run["targets"], run["finished"] = {"stage1": 6, "stage2": 0}, False  # as if killed on the way to 6
+    path.write_text(json.dumps(run))
+    other = next(p.name for p in sorted((mri_pool / "labels").iterdir()) if p.name != first)
+    (tmp_path / "more").mkdir()
+    shutil.copy(mri_pool / "labels" / other, tmp_path / "more" / other)
+    assert main(["labels", "import", str(labelled_session), "--from", str(tmp_path / "more"), "--cases", other]) == 0
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"so the labels ({other} labelled since it ran) would change it part-way" in said
+    assert json.loads(path.read_text()) == run  # refused before any work
+    run["history"][-1]["world_size"] = 2
+    run["history"][-1]["labels"][other] = json.loads((labelled_session / "session.json").read_text())["labels"][other][
+        -1
+    ]["file"]
+    path.write_text(json.dumps(run))
+    assert main([*base, "--resume"]) == 1
+    assert "so 1 process (it ran on 2) would change it part-way" in " ".join(capsys.readouterr().err.split())
 
 
 def test_predict_and_the_labels_status_during_an_unfinished_fine_tune_name_it_and_the_fix(

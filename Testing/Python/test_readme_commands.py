@@ -1,0 +1,87 @@
+"""The benchmark commands the README prints made the results it cites: each command, as `asfda benchmark`
+parses it, asks for the protocol (options, model, data counts) stored in the results folder its table comes
+from, and every row, budget and seed it names is there. A default changed since, or a command edited without
+its results, fails here instead of misleading a reader who re-runs it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from ASFDALib.app.cli import build_parser
+from ASFDALib.app.commands import benchmark_config
+from ASFDALib.bench.benchmark import options_protocol, stored_protocol
+from ASFDALib.data.volumes import content_hash
+from ASFDALib.models.defaults import default_model_path
+
+ROOT = Path(__file__).resolve().parents[2]
+# each printed command's --out, and the folder under benchmarks/results/ its table was made in
+RESULTS = {
+    "bench-ct": "ct_shift/main",
+    "bench-ct-defaults": "ct_shift/defaults",
+    "bench-ct-fallback": "ct_shift/fallback",
+    "bench-ct-in": "ct_shift/instance",
+    "bench-mri": "mri_rich/main",
+    "bench-mri-defaults": "mri_rich/defaults",
+    "bench-mri-fallback": "mri_rich/fallback",
+    "bench-mri-ema": "mri_rich/ema",
+    "bench-mri-ema-half": "mri_rich/ema-half",
+}
+
+
+def readme_benchmark_commands() -> list[list[str]]:
+    """Every `asfda benchmark` command in the README's code blocks, as arguments; a line that starts
+    `asfda benchmark ...` repeats its block's first command with the options it adds (argparse: last wins)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M):
+        first: list[str] | None = None
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split("#")[0])
+            if words[:2] != ["asfda", "benchmark"] or "--out" not in words:
+                continue
+            if words[2] == "...":
+                assert first is not None, f"README: {line!r} repeats no command"
+                words = first + words[3:]
+            elif first is None:
+                first = words
+            commands.append(words[2:])
+    return commands
+
+
+COMMANDS = [c for c in readme_benchmark_commands() if c[c.index("--out") + 1] in RESULTS]
+
+
+def test_every_results_folder_the_readme_cites_has_its_command():
+    outs = {c[c.index("--out") + 1] for c in COMMANDS}
+    assert outs == set(RESULTS)
+    for args in readme_benchmark_commands():  # the rest is a template for the user's own data
+        assert args[args.index("--out") + 1] in RESULTS or "my_model.pt" in args
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[c[c.index("--out") + 1] + f"-{i}" for i, c in enumerate(COMMANDS)])
+def test_a_readme_benchmark_command_asks_for_the_protocol_its_results_were_made_with(command):
+    args = build_parser().parse_args(["benchmark", *command])
+    config, folders, model = benchmark_config(args)
+    stored = json.loads((ROOT / "benchmarks" / "results" / RESULTS[str(args.out)] / "results.json").read_text())
+    protocol = stored_protocol(stored["protocol"])
+    asked = options_protocol(config)
+    assert {k: protocol.get(k) for k in asked} == asked
+    if "model" in protocol:  # recorded since inputs were fingerprinted
+        assert content_hash(ROOT / model if model else default_model_path()) == protocol["model"]
+    assert folders is None and {k: stored["config"][k] for k in ("pool", "test", "validation")} == {
+        "pool": config.pool,
+        "test": config.test,
+        "validation": config.validation,
+    }
+    ran = {(r["row"], r["budget"], r["seed"]) for r in stored["runs"]}
+    for row in config.rows:
+        if row in ("source", "full"):  # no labels chosen: one run stands for every budget
+            assert any(r == row for r, _, _ in ran), row
+            continue
+        missing = [(b, s) for b in config.budgets for s in config.seeds if (row, b, s) not in ran]
+        assert not missing, f"{row}: no run at (budget, seed) {missing}"
