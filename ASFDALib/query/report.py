@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
+from collections.abc import Iterator
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +18,9 @@ from ASFDALib.query.columns import COLUMN_LEGEND
 from ASFDALib.query.ranking import Ranking, RankRow
 
 if TYPE_CHECKING:  # rich is imported where a table is drawn, not with the module
-    from rich.console import Group
+    from rich.console import Console, ConsoleOptions, Group
+    from rich.measure import Measurement
+    from rich.text import Text
 
 COLUMNS = [f.name for f in fields(RankRow)]
 
@@ -115,6 +119,34 @@ def write_ranking(ranking: Ranking, folder: Path) -> RankingOutputs:
     return RankingOutputs(written, [why] if why else [])
 
 
+class FileName:
+    """A file name in a narrow table cell: it folds after a '_', '-' or '.' where it can, and inside a part
+    only where that part is wider than the cell, so a BIDS-like name reads whole (rich folds at the edge)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.parts = re.findall(r"[^_.-]*[_.-]|[^_.-]+$", name)
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        from rich.measure import Measurement
+
+        return Measurement(min(max(map(len, self.parts)), options.max_width), len(self.name))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Text]:
+        from rich.text import Text
+
+        width, lines, line = max(1, options.max_width), [], ""
+        for part in self.parts:
+            if line and len(line) + len(part) > width:
+                lines.append(line)
+                line = ""
+            line += part
+            while len(line) > width:
+                lines.append(line[:width])
+                line = line[width:]
+        yield Text("\n".join([*lines, line]))
+
+
 # How the terminal table's score column was computed, by fusion (None: a strategy without DKD and ASD).
 SCORE_CAPTIONS = {
     "gap-first": "score: the first pick's DKD (gap x div), then div x (a*pct(gap) + (1-a)*pct(ASD))",
@@ -129,9 +161,9 @@ def ranking_table(ranking: Ranking, limit: int = 30) -> Group:
 
     Each pick is explained by the terms it was made by: its score, the knowledge gap s_src, the diversity
     s_div to the volumes labelled or picked before it, and ASD. It fits 80 columns: numbers never wrap or
-    shrink; a long file name folds onto more lines instead, whole. Skipped files are listed below the
-    table, not in it: a reason (an error message naming a path) in a cell would widen the table past 80
-    columns and squeeze every other column to nothing."""
+    shrink; a long file name folds onto more lines instead (:class:`FileName`). Skipped files are listed
+    below the table, not in it: a reason (an error message naming a path) in a cell would widen the table
+    past 80 columns and squeeze every other column to nothing."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -171,7 +203,7 @@ def ranking_table(ranking: Ranking, limit: int = 30) -> Group:
         style = "bold red" if row.selected else None
         table.add_row(
             str(row.rank),
-            row.file,
+            FileName(row.file),
             num(row.pick_score),
             num(row.knowledge_gap),
             num(row.diversity),
@@ -184,6 +216,6 @@ def ranking_table(ranking: Ranking, limit: int = 30) -> Group:
         table.add_row("…", f"{len(scored) - limit} more in ranking.csv", *[""] * 6)
     for row in ranking.rows:
         if row.status == "labelled":
-            table.add_row("-", row.file, *[""] * 5, "labelled", style="green")
+            table.add_row("-", FileName(row.file), *[""] * 5, "labelled", style="green")
     skipped = [Text(f"skipped {row.file}: {row.reason}", style="yellow") for row in ranking.skipped]
     return Group(table, *skipped)

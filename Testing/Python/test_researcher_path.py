@@ -373,7 +373,7 @@ def test_skipped_files_are_listed_below_the_ranking_table_which_keeps_names_and_
     assert "skipped" not in table
 
 
-def test_a_file_name_too_long_for_80_columns_folds_onto_more_lines_whole(mri_pool, tmp_path):
+def test_a_file_name_too_long_for_80_columns_folds_whole_after_its_separators(mri_pool, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(mri_pool / "images", images)
     long_name = "sub-0001_ses-01_T1w_abdomen_axial_fat_suppressed.nii.gz"
@@ -382,6 +382,11 @@ def test_a_file_name_too_long_for_80_columns_folds_onto_more_lines_whole(mri_poo
     assert max(len(line) for line in text.splitlines()) <= 80
     file_cells = [line.split("│")[2].strip() for line in text.splitlines() if line.count("│") == 9]
     assert long_name in "".join(file_cells)
+    start = next(i for i, cell in enumerate(file_cells) if cell.startswith("sub-"))
+    folded = []
+    while "".join(folded) != long_name:
+        folded.append(file_cells[start + len(folded)])
+    assert len(folded) > 1 and all(line[-1] in "_-." for line in folded[:-1])  # never mid-word: each part fits
     row = next(r for r in ranking.rows if r.file == long_name)
     assert f" {row.pick_score:.3f} " in text and f" {row.foreground_ml:.1f} " in text
 
