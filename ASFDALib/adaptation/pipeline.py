@@ -28,10 +28,12 @@ from ASFDALib.adaptation.runs import (
     count_checkpoint,
     done_text,
     how_ended,
+    labels_change,
     read_run,
     record_killed,
     run_recipe,
     same_teacher,
+    session_labels,
     stage2_recipe,
 )
 from ASFDALib.adaptation.session import Session, SessionError, case_id
@@ -250,20 +252,6 @@ def round_start_model(session: Session) -> LoadedModel:
     return model
 
 
-def _labels_change(before: dict[str, str], now: dict[str, str]) -> str:
-    """What became of a run's labelled set: volumes labelled since, no longer labelled, relabelled."""
-    parts = [
-        (what, sorted(names))
-        for what, names in (
-            ("labelled", now.keys() - before.keys()),
-            ("no longer labelled", before.keys() - now.keys()),
-            ("relabelled", {n for n in before.keys() & now.keys() if before[n] != now[n]}),
-        )
-        if names
-    ]
-    return "; ".join(f"{', '.join(names)} {what}" for what, names in parts)
-
-
 def _check_mode(
     mode: str,
     run: dict | None,
@@ -306,7 +294,7 @@ def _check_mode(
             changed.append("stage 1 only (it has a stage 2 with pseudo-labels)")
         last = run["history"][-1] if run["history"] else {}
         if labels is not None and "labels" in last and last["labels"] != labels:
-            changed.append(f"the labels ({_labels_change(last['labels'], labels)} since it ran)")
+            changed.append(f"the labels ({labels_change(last['labels'], labels)} since it ran)")
         if last.get("world_size", world) != world:  # each process draws its own batch: another total batch
             changed.append(f"{world} process{'es' * (world != 1)} (it ran on {last['world_size']})")
         if changed:
@@ -372,7 +360,7 @@ def finetune_session(
         record_killed(run)
         if distributed.is_main():
             atomic_write_json(folder / "run.json", run)
-    labels = {name: session.relative(path) for name, path in sorted(labelled.items())}
+    labels = session_labels(session)
     mode = _check_mode(mode, run, config, folder, index, pseudo, labels, distributed.world())
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.

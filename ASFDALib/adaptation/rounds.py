@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ASFDALib import distributed
-from ASFDALib.adaptation.runs import unfinished_run
+from ASFDALib.adaptation.runs import finish_hint, unfinished_run
 from ASFDALib.adaptation.session import Session
 from ASFDALib.errors import ASFDAError
 from ASFDALib.inference.predict import check_outputs
@@ -119,10 +119,13 @@ def rank_round(
     written. ``on_model`` hears which model ranks before the long work starts."""
     # that run trains on the round's labels as they were: a new query now would change them under it
     if unfinished := unfinished_run(session):
-        raise ASFDAError(
-            f"{session.root}: {unfinished}; 'asfda finetune {session.root} --resume' finishes it (the next rank "
-            f"starts a new round), or label more and 'asfda finetune {session.root} --restart' trains the round anew"
+        hint = finish_hint(session)
+        anew = (
+            ""
+            if "--restart" in hint
+            else f", or label more and 'asfda finetune {session.root} --restart' trains the round anew"
         )
+        raise ASFDAError(f"{session.root}: {unfinished}; {hint} (the next rank starts a new round){anew}")
     model, knowledge = ranking_model(session, load_given, given, config.knowledge)
     check_outputs(model.network, model.card, str(model.path), config.device)
     if on_model:

@@ -128,6 +128,42 @@ def newest_run(session: Session) -> dict | None:
     return read_run(session.root / "checkpoints" / f"round{session.rounds[-1]['index']}")
 
 
+def session_labels(session: Session) -> dict[str, str]:
+    """Image name -> its newest label file, relative to the session: what a fine-tune now trains on (each run
+    records its own, ``labels``, so a resume can tell a label imported or replaced since)."""
+    return {name: session.relative(path) for name, path in sorted(session.labelled().items())}
+
+
+def labels_change(before: dict[str, str], now: dict[str, str]) -> str:
+    """What became of a run's labelled set, "" if nothing: volumes labelled since, no longer, relabelled."""
+    parts = [
+        (what, sorted(names))
+        for what, names in (
+            ("labelled", now.keys() - before.keys()),
+            ("no longer labelled", before.keys() - now.keys()),
+            ("relabelled", {n for n in before.keys() & now.keys() if before[n] != now[n]}),
+        )
+        if names
+    ]
+    return "; ".join(f"{', '.join(names)} {what}" for what, names in parts)
+
+
+def labels_changed_since(session: Session, run: dict | None) -> str:
+    """How the session's labels changed since a round's run last trained ("" if not, or not recorded)."""
+    last = run["history"][-1] if run and run["history"] else {}
+    return labels_change(last["labels"], session_labels(session)) if "labels" in last else ""
+
+
+def finish_hint(session: Session, name: str | Path | None = None) -> str:
+    """How the newest round's unfinished run is finished, as a command (``name``: the session as the user
+    typed it): a resume, or where its labels changed since it ran (a resume refuses them), a restart."""
+    changed = labels_changed_since(session, newest_run(session))
+    command = f"'asfda finetune {name or session.root}"
+    if changed:
+        return f"its labels changed since ({changed}): {command} --restart' trains the round on them"
+    return f"{command} --resume' finishes it"
+
+
 def unfinished_run(session: Session) -> str:
     """ "round N's fine-tune was interrupted (stage 1: i iterations, stage 2: j)" when the newest round has a
     run that did not finish (so its weights are not the session's adapted model), else ""."""

@@ -194,7 +194,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ASFDALib.adaptation.runs import unfinished_run
+    from ASFDALib.adaptation.runs import finish_hint, unfinished_run
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.labels import import_labels, parse_mapping, resolve_cases
 
@@ -240,7 +240,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     console.print(table)
     missing = [n for n in queried if n not in labelled]
     unfinished = unfinished_run(session)
-    ready = f"; {unfinished}: 'asfda finetune {session.root} --resume' finishes it" if unfinished else ""
+    ready = f"; {unfinished}: {finish_hint(session)}" if unfinished else ""
     console.print(
         f"{len(queried) - len(missing)} of {len(queried)} queried volumes labelled"
         + (f"; missing: {', '.join(missing)}" if missing else ready or "; ready for 'asfda finetune'")
@@ -468,7 +468,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ASFDALib.adaptation.pipeline import predict_folder, prediction_name, session_model
-    from ASFDALib.adaptation.runs import unfinished_run
+    from ASFDALib.adaptation.runs import finish_hint, unfinished_run
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.volumes import content_hash, discover_volumes
     from ASFDALib.outputs import (
@@ -503,7 +503,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             which = f"round {latest['index']}'s model{before}"
         console.print(
             f"[yellow]{unfinished[0].upper()}{unfinished[1:]}: predicting with {which} "
-            f"('asfda finetune {args.session} --resume' finishes it).[/yellow]"
+            f"({finish_hint(session, args.session)}).[/yellow]"
         )
     elif not args.source_model and not latest:
         console.print(

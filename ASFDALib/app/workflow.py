@@ -181,6 +181,8 @@ class Workflow:
         # that run trains on the round's labels as they were: no new query under it (the engine refuses one too)
         unfinished = action in ("rank", "next_round") and (run := self.finetune_run()) and not run["finished"]
         if unfinished:
+            if self._labels_changed(run):
+                return False, "this round's fine-tune is unfinished and its labels changed since: train it again first"
             return False, "this round's fine-tune is unfinished: Continue the last run first"
         if action == "rank":
             if not self.settings.images and not self._session_has_images():
@@ -220,6 +222,8 @@ class Workflow:
         if run is None:
             return True, "fine-tune on the labels"
         if not run["finished"]:
+            if changed := self._labels_changed(run):  # a resume goes on as the run ran: the engine refuses it
+                return False, f"the labels changed since the interrupted run ({changed}): train again from the start"
             return True, f"continue the interrupted run ({_done(run)})"
         done = run["done"]
         # As the engine's extend: a run that reached stage 2 goes on in stage 2, else in stage 1.
@@ -242,6 +246,12 @@ class Workflow:
         from ASFDALib.adaptation.runs import newest_run  # torch-free: safe before the dependencies are installed
 
         return newest_run(session)
+
+    def _labels_changed(self, run: dict) -> str:
+        from ASFDALib.adaptation.runs import labels_changed_since  # torch-free
+
+        session = self._open_session()
+        return labels_changed_since(session, run) if session is not None else ""
 
     def finetune_mode(self, again: bool = False) -> str:
         """The engine's mode for the panel's two explicit choices: never a silent resume of a finished run."""

@@ -1021,6 +1021,12 @@ def test_a_resume_refuses_labels_changed_since_the_run_and_names_them(labelled_s
     said = " ".join(capsys.readouterr().err.split())
     assert f"so the labels ({other} labelled since it ran) would change it part-way" in said
     assert json.loads(path.read_text()) == run  # refused before any work
+    # and what names the unfinished run names the command that works now
+    restart = f"its labels changed since ({other} labelled): 'asfda finetune {labelled_session} --restart' trains"
+    assert main(["labels", str(labelled_session)]) == 0
+    assert restart in " ".join(capsys.readouterr().out.split())
+    assert main(["rank", "--out", str(labelled_session)]) == 1
+    assert restart in " ".join(capsys.readouterr().err.split())
     run["history"][-1]["world_size"] = 2
     run["history"][-1]["labels"][other] = json.loads((labelled_session / "session.json").read_text())["labels"][other][
         -1

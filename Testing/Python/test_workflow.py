@@ -340,6 +340,20 @@ def test_a_cancelled_run_is_continued_not_restarted_and_ranking_waits_for_it(flo
     assert flow.check("finetune")[1].startswith("continue the interrupted run (stage 1: ")
     # no new query under the unfinished run: it trains on the round's labels as they were
     assert flow.check("rank") == (False, "this round's fine-tune is unfinished: Continue the last run first")
+    # a label saved since: continuing would train on other labels part-way (the engine refuses), so only
+    # training again is offered, and the ranking waits for that
+    name = flow.query[1]
+    truth = _truth(mri_pool, name)
+    flow.save_label(name, truth.array, truth.affine)
+    assert flow.check("finetune") == (
+        False,
+        f"the labels changed since the interrupted run ({name} labelled): train again from the start",
+    )
+    assert flow.check("finetune_again")[0]
+    assert flow.check("rank") == (
+        False,
+        "this round's fine-tune is unfinished and its labels changed since: train it again first",
+    )
 
 
 @pytest.mark.parametrize("recorded, restored", [("sum", "sum"), (None, None), ("absent", "sum")])
