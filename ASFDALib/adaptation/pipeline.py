@@ -31,10 +31,9 @@ from ASFDALib.adaptation.runs import (
     labels_change,
     read_run,
     record_killed,
-    run_recipe,
+    resume_recipe,
     same_teacher,
     session_labels,
-    stage2_recipe,
 )
 from ASFDALib.adaptation.session import Session, SessionError, case_id
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
@@ -260,11 +259,10 @@ def _check_mode(
     index: int,
     pseudo: bool = True,
     labels: dict[str, str] | None = None,
-    world: int = 1,
 ) -> str:
     """The mode that really applies, or a one-line refusal that names the user's real choices. ``labels``
-    (image name -> label file, relative to the session) and ``world`` (processes) are this call's, which a
-    resume must share with the run it continues."""
+    (image name -> label content hash, runs.session_labels) are this call's, which a resume must share with
+    the run it continues."""
     if mode not in FINETUNE_MODES:
         raise ValueError(f"unknown fine-tuning mode {mode!r}; choose from {', '.join(FINETUNE_MODES)}")
     if run is None:
@@ -283,7 +281,7 @@ def _check_mode(
     if mode == "resume" and run["finished"]:
         raise SessionError(f"{folder}: round {index}'s run finished ({done_text(run['done'])}); {MODE_HELP['extend']}")
     if mode == "resume":  # it goes on as the run ran (the command line refuses the options by name first)
-        ran = run_recipe(run) | stage2_recipe(run)
+        ran = resume_recipe(run)
         pseudo_json = folder / "pseudo" / "pseudo.json"
         changed = [
             f"{k} {getattr(config, k)} (it had {v})"
@@ -293,14 +291,14 @@ def _check_mode(
         if not pseudo and (run["targets"] or {}).get("stage2"):
             changed.append("stage 1 only (it has a stage 2 with pseudo-labels)")
         last = run["history"][-1] if run["history"] else {}
-        if labels is not None and "labels" in last and last["labels"] != labels:
+        relabelled = labels is not None and "labels" in last and last["labels"] != labels
+        if relabelled:  # nothing un-imports a label: only a restart trains on the labels as they are now
             changed.append(f"the labels ({labels_change(last['labels'], labels)} since it ran)")
-        if last.get("world_size", world) != world:  # each process draws its own batch: another total batch
-            changed.append(f"{world} process{'es' * (world != 1)} (it ran on {last['world_size']})")
         if changed:
+            own = "" if relabelled else "resume with the run's own, or "
             raise SessionError(
                 f"{folder}: a resume continues round {index}'s run as it ran, so {' and '.join(changed)} would "
-                f"change it part-way; resume with the run's own, or {MODE_HELP['restart']}"
+                f"change it part-way; {own}{MODE_HELP['restart']}"
             )
     if mode == "extend":
         if not run["finished"]:
@@ -361,7 +359,7 @@ def finetune_session(
         if distributed.is_main():
             atomic_write_json(folder / "run.json", run)
     labels = session_labels(session)
-    mode = _check_mode(mode, run, config, folder, index, pseudo, labels, distributed.world())
+    mode = _check_mode(mode, run, config, folder, index, pseudo, labels)
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.
     model = round_start_model(session)
@@ -426,6 +424,13 @@ def finetune_session(
     if mode != "resume":
         run["recipe"] = entry["recipe"]
     entry["labels"], entry["world_size"] = labels, distributed.world()  # what it trains on, on how many processes
+    ran_on = run["history"][-1].get("world_size") if mode == "resume" and run["history"] else None
+    if ran_on not in (None, entry["world_size"]):  # a lost node: go on, and say what it changes
+        now, size = entry["world_size"], config.batch_size
+        say(
+            f"the run trained on {ran_on} processes and resumes on {now}: each process draws its own batch of "
+            f"{size}, so the batch of a step is now {now * size}, not {ran_on * size}"
+        )
     decays = ""
     if targets["stage2"] > before["stage2"]:  # how stage 2's rate runs: held, or decayed along a cosine
         entry["stage2_lr"] = config.stage2_lr

@@ -129,9 +129,10 @@ def newest_run(session: Session) -> dict | None:
 
 
 def session_labels(session: Session) -> dict[str, str]:
-    """Image name -> its newest label file, relative to the session: what a fine-tune now trains on (each run
-    records its own, ``labels``, so a resume can tell a label imported or replaced since)."""
-    return {name: session.relative(path) for name, path in sorted(session.labelled().items())}
+    """Image name -> the content hash of its newest label file: what a fine-tune now trains on. Each run
+    records its own (``labels``), so a resume tells a label imported, replaced or removed since; by content,
+    so a label saved again unchanged, or a session moved to another system, is the same."""
+    return {name: entry["sha256"] for name, entry in sorted(session.label_versions().items())}
 
 
 def labels_change(before: dict[str, str], now: dict[str, str]) -> str:
@@ -146,6 +147,12 @@ def labels_change(before: dict[str, str], now: dict[str, str]) -> str:
         if names
     ]
     return "; ".join(f"{', '.join(names)} {what}" for what, names in parts)
+
+
+def resume_recipe(run: dict | None) -> dict[str, Any]:
+    """Everything a resume goes on with, by the record's names: what the run started with, and how its stage 2
+    ran (stage 2's record wins where both name a setting: it says what ran)."""
+    return run_recipe(run) | stage2_recipe(run)
 
 
 def labels_changed_since(session: Session, run: dict | None) -> str:

@@ -261,12 +261,15 @@ class Session:
     # --- labels ------------------------------------------------------------------------------------
     def labelled(self) -> dict[str, Path]:
         """Image name -> newest label file, for every image that has one on disk."""
+        return {name: self.path(entry["file"]) for name, entry in self.label_versions().items()}
+
+    def label_versions(self) -> dict[str, dict]:
+        """Image name -> the session.json entry (file, sha256, source) of its newest label file on disk."""
         out = {}
         for name, versions in self.data["labels"].items():
             for entry in reversed(versions):
-                path = self.path(entry["file"])
-                if path.is_file():
-                    out[name] = path
+                if self.path(entry["file"]).is_file():
+                    out[name] = entry
                     break
         return out
 

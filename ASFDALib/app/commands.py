@@ -224,9 +224,14 @@ def cmd_labels(args: argparse.Namespace) -> int:
             session.save()
         for line in report.lines(queried_only=cases is None):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
-        # A refused label is an error even beside imported ones (a script must not go on to fine-tune without
-        # it); files not asked for are not, unless nothing else was found.
-        return 1 if report.refused or (report.skipped and not (report.imported or report.unchanged)) else 0
+        if report.imported and (unfinished := unfinished_run(session)):  # the import may have changed its fix
+            console.print(
+                f"{unfinished[0].upper()}{unfinished[1:]}: {finish_hint(session)}", markup=False, soft_wrap=True
+            )
+        # An asked-for volume's label refused is an error even beside imported ones (a script must not go on to
+        # fine-tune without it); a file of no asked-for volume is not, unless nothing else was found.
+        found = report.imported or report.unchanged
+        return 1 if report.failed or ((report.refused or report.skipped) and not found) else 0
     session = Session.open(words[0])
     labelled = session.labelled()
     table = Table(title=f"Labels in {session.root}")
@@ -334,7 +339,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ASFDALib import distributed
     from ASFDALib.adaptation.pipeline import finetune_session
     from ASFDALib.adaptation.recipe import FinetuneConfig
-    from ASFDALib.adaptation.runs import done_text, newest_run, read_run, run_recipe, stage2_recipe
+    from ASFDALib.adaptation.runs import done_text, newest_run, read_run, resume_recipe
     from ASFDALib.adaptation.session import Session
 
     console = Console()
@@ -380,7 +385,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             )
     # a resume or an extension goes on as its run ran where not told otherwise (a resume refuses another,
     # below; an extension may take one): what it started with and how its stage 2 ran
-    ran = stage2_recipe(run) | run_recipe(run)
+    ran = resume_recipe(run)
 
     def own(value, key: str):
         return ran.get(key, getattr(recipe, key)) if value is None else value

@@ -616,10 +616,9 @@ class Workflow:
         # teacher), as asfda finetune's does
         ran = {}
         if mode in ("resume", "extend"):
-            from ASFDALib.adaptation.runs import run_recipe, stage2_recipe
+            from ASFDALib.adaptation.runs import resume_recipe
 
-            run = self.finetune_run()
-            ran = stage2_recipe(run) | run_recipe(run)
+            ran = resume_recipe(self.finetune_run())
         self.phase = Phase.FINETUNING
         self.last_run = ""
         self.progress, self.progress_text = 0.0, "Fine-tuning…"

@@ -293,6 +293,7 @@ class Pairing:
 
     pairs: dict[str, str] = field(default_factory=dict)  # image name -> label name
     problems: dict[str, str] = field(default_factory=dict)  # label name -> why it has no image
+    contested: set[str] = field(default_factory=set)  # images left unpaired because several labels fit them
 
 
 def _expected_image(label_name: str) -> str:
@@ -325,6 +326,7 @@ def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
         if len(candidates) == 1:
             claims.setdefault(candidates[0], []).append(label)
         elif candidates:
+            result.contested.update(candidates)
             result.problems[label] = (
                 f"fits several images ({', '.join(sorted(candidates))}); import it alone with --from FILE --cases IMAGE"
             )
@@ -339,6 +341,7 @@ def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
         if len(labels) == 1:
             result.pairs[image] = labels[0]
             continue
+        result.contested.add(image)
         for label in labels:
             others = ", ".join(Path(other).name for other in labels if other != label)
             result.problems[label] = (
@@ -364,6 +367,7 @@ class ImportReport:
     unchanged: dict[str, Path] = field(default_factory=dict)  # image name -> its current version, same content
     skipped: list[str] = field(default_factory=list)  # valid labels of volumes that were not asked for
     refused: list[str] = field(default_factory=list)  # files that cannot be used, with the fix
+    failed: list[str] = field(default_factory=list)  # asked-for images whose label file was refused
     missing: list[str] = field(default_factory=list)  # asked-for volumes with no label file in the source
     asked: list[str] = field(default_factory=list)
     unlabeled: int = 0  # volumes of the pool without a label afterwards: the pseudo-label pool
@@ -478,6 +482,7 @@ def import_labels(
         except VolumeError as exc:
             if name in asked:
                 report.refused.append(str(exc))
+                report.failed.append(name)
                 continue
             flaw = f"; as it is, it would be refused: {exc.reason}"  # checked all the same, so it is fixed in time
         if name not in asked:
@@ -501,6 +506,7 @@ def import_labels(
         report.imported[name], report.sources[name] = target, label_path
         if notes:
             report.notes[name] = notes
+    report.failed = sorted({*report.failed, *(n for n in asked if n in pairing.contested)})
     labelled = session.labelled()
     report.missing = [n for n in asked if n not in labelled and n not in pairing.pairs]
     report.unlabeled = sum(1 for n in session.image_names() if n not in labelled)

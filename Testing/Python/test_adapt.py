@@ -383,7 +383,7 @@ def test_a_resume_refuses_another_length_rate_seed_or_stage_2_recipe_and_an_exte
         ({"teacher": "fixed"}, "teacher fixed (it had ema)"),
         ({"ema_weight": 1.0}, "ema_weight 1.0 (it had 0.5)"),
         ({"teacher": "ema-if-fallback"}, ""),  # the fallback judged: the same teacher labels
-        ({}, ""),
+        ({"teacher": "ema"}, ""),
     ],
 )
 def test_the_engine_refuses_a_resume_with_another_stage_2_recipe_as_the_command_line_does(tmp_path, change, refused):
@@ -805,6 +805,14 @@ def test_a_label_import_with_some_labels_refused_exits_1_and_keeps_the_good_ones
     assert f"imported {good}" in out and f"refused {tmp_path / 'gt' / bad}" in out
     assert "Imported 1 of 2 queried volumes; skipped 0 (not asked for), refused 1." in out
     assert list(json.loads((session / "session.json").read_text())["labels"]) == [good]
+    # a file of no volume in the pool (a folder holding more cases than the session) is said, not an error
+    (tmp_path / "gt" / bad).unlink()
+    shutil.copy(mri_pool / "labels" / bad, tmp_path / "gt" / bad)
+    shutil.copy(mri_pool / "labels" / good, tmp_path / "gt" / "case_from_another_study.nii.gz")
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "refused" in out and "case_from_another_study.nii.gz: no image has this case name" in out
+    assert f"imported {bad}" in out and f"unchanged {good}" in out
 
 
 def _iterations(session) -> dict:
@@ -1002,38 +1010,42 @@ def test_a_resume_goes_on_with_the_runs_own_batch_size_rate_and_seed_and_refuses
 
 
 def test_a_resume_refuses_labels_changed_since_the_run_and_names_them(labelled_session, mri_pool, tmp_path, capsys):
-    """A resume continues to the weights the interrupted run would have reached, so a label imported since (or
-    another torchrun process count: each process draws its own batch) is refused by name, before any work."""
+    """A resume continues to the weights the interrupted run would have reached, so a label imported since is
+    refused by name, before any work, and what names the unfinished run offers the restart that works. Another
+    process count (a torchrun job that lost a node) goes on, and says what it changes."""
     base = ["finetune", str(labelled_session), "--no-pseudo", "--checkpoint-every", "2", "--batch-size", "1"]
     assert main([*base, "--iterations", "4"]) == 0
     path = labelled_session / "checkpoints" / "round1" / "run.json"
     run = json.loads(path.read_text())
-    (first,) = run["history"][0]["labels"]
-    assert run["history"][0]["labels"][first].startswith("labels/") and run["history"][0]["world_size"] == 1
+    recorded = json.loads((labelled_session / "session.json").read_text())["labels"]
+    (first,) = recorded
+    assert run["history"][0]["labels"] == {first: recorded[first][-1]["sha256"]}  # by content
+    assert run["history"][0]["world_size"] == 1
     run["targets"], run["finished"] = {"stage1": 6, "stage2": 0}, False  # as if killed on the way to 6
+    run["history"][-1]["world_size"] = 2  # under torchrun on two processes
+    path.write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "the run trained on 2 processes and resumes on 1: each process draws its own batch of 1, so the " in said
+    assert json.loads(path.read_text())["history"][-1]["world_size"] == 1  # the record says what ran
+    run = json.loads(path.read_text())
+    run["targets"], run["finished"] = {"stage1": 8, "stage2": 0}, False
     path.write_text(json.dumps(run))
     other = next(p.name for p in sorted((mri_pool / "labels").iterdir()) if p.name != first)
     (tmp_path / "more").mkdir()
     shutil.copy(mri_pool / "labels" / other, tmp_path / "more" / other)
     assert main(["labels", "import", str(labelled_session), "--from", str(tmp_path / "more"), "--cases", other]) == 0
-    capsys.readouterr()
+    restart = f"its labels changed since ({other} labelled): 'asfda finetune {labelled_session} --restart' trains"
+    assert restart in " ".join(capsys.readouterr().out.split())  # the import says what it did to the run
     assert main([*base, "--resume"]) == 1
     said = " ".join(capsys.readouterr().err.split())
-    assert f"so the labels ({other} labelled since it ran) would change it part-way" in said
+    assert f"so the labels ({other} labelled since it ran) would change it part-way; --restart trains" in said
     assert json.loads(path.read_text()) == run  # refused before any work
-    # and what names the unfinished run names the command that works now
-    restart = f"its labels changed since ({other} labelled): 'asfda finetune {labelled_session} --restart' trains"
     assert main(["labels", str(labelled_session)]) == 0
     assert restart in " ".join(capsys.readouterr().out.split())
     assert main(["rank", "--out", str(labelled_session)]) == 1
     assert restart in " ".join(capsys.readouterr().err.split())
-    run["history"][-1]["world_size"] = 2
-    run["history"][-1]["labels"][other] = json.loads((labelled_session / "session.json").read_text())["labels"][other][
-        -1
-    ]["file"]
-    path.write_text(json.dumps(run))
-    assert main([*base, "--resume"]) == 1
-    assert "so 1 process (it ran on 2) would change it part-way" in " ".join(capsys.readouterr().err.split())
 
 
 def test_predict_and_the_labels_status_during_an_unfinished_fine_tune_name_it_and_the_fix(

@@ -340,6 +340,10 @@ def test_a_cancelled_run_is_continued_not_restarted_and_ranking_waits_for_it(flo
     assert flow.check("finetune")[1].startswith("continue the interrupted run (stage 1: ")
     # no new query under the unfinished run: it trains on the round's labels as they were
     assert flow.check("rank") == (False, "this round's fine-tune is unfinished: Continue the last run first")
+    # the same label saved again changes nothing: a label is known by its content
+    truth = _truth(mri_pool, flow.query[0])
+    flow.save_label(flow.query[0], truth.array, truth.affine)
+    assert flow.check("finetune")[0]
     # a label saved since: continuing would train on other labels part-way (the engine refuses), so only
     # training again is offered, and the ranking waits for that
     name = flow.query[1]
