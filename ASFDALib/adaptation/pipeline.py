@@ -251,7 +251,7 @@ def round_start_model(session: Session) -> LoadedModel:
     return model
 
 
-def _check_mode(
+def check_mode(
     mode: str,
     run: dict | None,
     config: FinetuneConfig,
@@ -359,7 +359,7 @@ def finetune_session(
         if distributed.is_main():
             atomic_write_json(folder / "run.json", run)
     labels = session_labels(session)
-    mode = _check_mode(mode, run, config, folder, index, pseudo, labels)
+    mode = check_mode(mode, run, config, folder, index, pseudo, labels)
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.
     model = round_start_model(session)

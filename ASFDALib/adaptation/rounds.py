@@ -132,15 +132,21 @@ def rank_round(
         on_model(model)
     config, notes = round_config(session, model, config)
     labelled = set(session.labelled())
-    ranking = rank_folder(Path(images), model, session.root / "cache", config, progress, labelled, knowledge)
+    budget, kept = config.budget, []
     if session.rounds and not session.rounds[-1].get("checkpoint"):  # a re-rank before fine-tuning
         kept = [n for n in session.rounds[-1]["query"] if n in labelled]  # record_round keeps them queried
-        if kept:
-            notes.append(
-                f"round {session.rounds[-1]['index']}'s query keeps its {len(kept)} labelled "
-                f"volume{'s' * (len(kept) != 1)} and adds {len(ranking.selected)}: "
-                f"{len(kept) + len(ranking.selected)} in all"
-            )
+        # the budget is the round's query: what is labelled of it counts, so re-ranking to look adds nothing
+        config = replace(config, budget=max(0, budget - len(kept)))
+    ranking = rank_folder(Path(images), model, session.root / "cache", config, progress, labelled, knowledge)
+    ranking.budget = budget
+    if kept:
+        added = len(ranking.selected)
+        more = "" if added else f"; --budget above {len(kept)} queries more"
+        notes.append(
+            f"round {session.rounds[-1]['index']}'s query keeps its {len(kept)} labelled "
+            f"volume{'s' * (len(kept) != 1)} and adds {added}: {len(kept) + added} in all, its budget of {budget}"
+            f"{more}"
+        )
     ranking.notes = notes
     ranking.load_report = model.load_report.to_dict() if model.load_report is not None else None
     if not distributed.is_main():
@@ -150,7 +156,7 @@ def rank_round(
         "name": config.strategy,
         "alpha": config.alpha,
         "fusion": ranking.fusion,
-        "budget": config.budget,
+        "budget": budget,
         "seed": config.seed,
     }
     if notes:

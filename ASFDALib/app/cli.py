@@ -246,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
         "  asfda labels import ~/spine --from derivatives/ --map '41-48=2,49,50=vertebral body,*=0'\n"
         "  asfda labels import ~/asfda/liver --from late_labels/ --cases case12.nii.gz   # one not queried\n\n"
         "Only the labels of queried volumes are imported unless --all or --cases says otherwise: every other\n"
-        "unlabeled volume stays in the pool that fine-tuning pseudo-labels.",
+        "unlabeled volume stays in the pool that fine-tuning pseudo-labels.\n\n"
+        "exit status of import: 0 when every label file of an asked-for volume came in (a file of no volume\n"
+        "in the pool is listed, not an error); 1 when one was refused, even if others came in (the output\n"
+        "says which, and why), or when nothing could be imported; 2 for arguments that do not parse.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     labels.add_argument(

@@ -148,15 +148,28 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
         + (f"{labelled} labelled, " if labelled else "")
         + f"{len(ranking.skipped)} skipped, {time.perf_counter() - start:.1f} s."
     )
-    console.print("Query: " + ", ".join(r.file for r in ranking.selected))
+    added = [r.file for r in ranking.selected]
+    kept = [n for n in (session.rounds[-1]["query"] if session.rounds else []) if n not in added]
+    console.print(
+        "Query: " + (", ".join(added) or "nothing new") + (f" (labelled already: {', '.join(kept)})" if kept else ""),
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     console.print("Wrote " + ", ".join(str(p) for p in written.values()))
     for warning in written.warnings:  # e.g. no ranking.png: matplotlib missing; the ranking itself is written
         console.print(warning, style="yellow", markup=False, highlight=False, soft_wrap=True)
     if not scored and not labelled:
         console.print("[red]No volume could be scored; see the reasons above.[/red]")
         return 1
-    if not ranking.selected:
+    if not scored:
         console.print(f"Every volume is labelled: nothing left to query. Next: 'asfda finetune {out}'.")
+        return 0
+    if not added:
+        console.print(
+            f"The round's query of {len(kept)} is labelled. Next: 'asfda finetune {out}', or a re-rank with "
+            f"--budget above {len(kept)} to query more."
+        )
         return 0
     sample = out / "sample_data"
     labels = sample / "labels" if Path(images).resolve() == (sample / "images").resolve() else "LABEL_DIR"
@@ -337,16 +350,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ASFDALib import distributed
-    from ASFDALib.adaptation.pipeline import finetune_session
+    from ASFDALib.adaptation.pipeline import check_mode, finetune_session
     from ASFDALib.adaptation.recipe import FinetuneConfig
     from ASFDALib.adaptation.runs import done_text, newest_run, read_run, resume_recipe
     from ASFDALib.adaptation.session import Session
 
     console = Console()
     if args.mode == "extend" and args.iterations is None and args.pseudo_iterations is None:
+        opened = Session.open(args.session)
+        run, index = newest_run(opened), opened.rounds[-1]["index"] if opened.rounds else 1
+        # first what the run's state refuses (none yet, or an interrupted one: --resume), as the engine would
+        unbounded = FinetuneConfig(iterations=1 << 30, pseudo_iterations=1 << 30)
+        check_mode("extend", run, unbounded, opened.root / "checkpoints" / f"round{index}", index)
         raise ASFDAError(
-            "--extend needs the new length: --iterations N (stage 1, when only stage 1 ran) or "
-            "--pseudo-iterations N (stage 2), more than the run has done"
+            f"--extend needs the new length: --iterations N (stage 1, when only stage 1 ran) or "
+            f"--pseudo-iterations N (stage 2), more than the run has done ({done_text(run['done'])})"
         )
     recipe = FinetuneConfig()
     # the options that choose which volumes get pseudo-labels, and the rest of stage 2's

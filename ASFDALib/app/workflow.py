@@ -460,7 +460,9 @@ class Workflow:
                 row.status = self._status(row.case, done, pseudo, predicted)
 
     def _rows_from_report(self, report: dict) -> None:
-        self.query = list(report["selected"])
+        # the round's query: what this ranking selected and what a re-rank kept of it, labelled already
+        session = self._open_session()
+        self.query = list(session.rounds[-1]["query"]) if session and session.rounds else list(report["selected"])
         done, pseudo, predicted = self.labelled(), self._pseudo_labelled(), self.predictions()
         rows = []
         for row in report["rows"]:

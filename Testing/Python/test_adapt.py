@@ -390,7 +390,7 @@ def test_the_engine_refuses_a_resume_with_another_stage_2_recipe_as_the_command_
     """API and panel callers pass a config, not options: the engine holds a resume to stage 2's own recipe."""
     from dataclasses import replace
 
-    from ASFDALib.adaptation.pipeline import _check_mode
+    from ASFDALib.adaptation.pipeline import check_mode
     from ASFDALib.adaptation.recipe import FinetuneConfig
     from ASFDALib.adaptation.session import SessionError
 
@@ -403,9 +403,9 @@ def test_the_engine_refuses_a_resume_with_another_stage_2_recipe_as_the_command_
     config = replace(FinetuneConfig(), **({k: v for k, v in ran.items() if k != "teacher"} | change))
     if refused:
         with pytest.raises(SessionError, match=re.escape(refused)):
-            _check_mode("resume", run, config, tmp_path, 1)
+            check_mode("resume", run, config, tmp_path, 1)
     else:
-        assert _check_mode("resume", run, config, tmp_path, 1) == "resume"
+        assert check_mode("resume", run, config, tmp_path, 1) == "resume"
 
 
 def test_a_teacher_named_with_a_resume_is_compared_as_it_would_label_the_rounds_pseudo_labels(tmp_path):
@@ -832,6 +832,8 @@ def test_finetuning_again_offers_the_real_choices_and_records_what_ran(labelled_
     assert "already has a finished run" in err and "--extend" in err and "--restart" in err
     assert main([*base, "--iterations", "4", "--resume"]) == 1
     assert "--extend trains a finished run further" in " ".join(capsys.readouterr().err.split())
+    assert main([*base, "--extend"]) == 1
+    assert "more than the run has done (stage 1: 2 iterations, stage 2: 0)" in " ".join(capsys.readouterr().err.split())
     assert main([*base, "--iterations", "4", "--extend"]) == 0
     assert "Round 1 extended: stage 1 2 -> 4 iterations" in " ".join(capsys.readouterr().out.split())
     assert _iterations(session) == {"stage1": 4, "stage2": 0}
@@ -1025,6 +1027,8 @@ def test_a_resume_refuses_labels_changed_since_the_run_and_names_them(labelled_s
     run["history"][-1]["world_size"] = 2  # under torchrun on two processes
     path.write_text(json.dumps(run))
     capsys.readouterr()
+    assert main([*base, "--extend"]) == 1  # the run's state first, not the length an extension would need
+    assert "round 1's run was interrupted; --resume continues" in " ".join(capsys.readouterr().err.split())
     assert main([*base, "--resume"]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "the run trained on 2 processes and resumes on 1: each process draws its own batch of 1, so the " in said
@@ -1079,13 +1083,22 @@ def test_predict_and_the_labels_status_during_an_unfinished_fine_tune_name_it_an
     )
 
 
-def test_a_re_rank_keeps_the_sessions_budget_says_the_query_grows_and_is_refused_during_an_unfinished_run(
+def test_a_re_rank_keeps_the_sessions_budget_counts_its_labels_in_it_and_is_refused_during_an_unfinished_run(
     labelled_session, mri_pool, capsys
 ):
+    """The budget is the round's query: a re-rank to look at the table (another alpha, say) adds nothing to a
+    labelled query; a larger --budget adds the difference, and the output and ranking.json say so."""
     rank = ["rank", "--images", str(mri_pool / "images"), "--out", str(labelled_session)]  # its budget: 1
+    (labelled,) = json.loads((labelled_session / "session.json").read_text())["rounds"][-1]["query"]
     capsys.readouterr()
-    assert main(rank) == 0
-    note = "round 1's query keeps its 1 labelled volume and adds 1: 2 in all"
+    assert main([*rank, "--alpha", "0.8"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "round 1's query keeps its 1 labelled volume and adds 0: 1 in all, its budget of 1; --budget above 1" in said
+    assert f"Query: nothing new (labelled already: {labelled})" in said
+    assert "The round's query of 1 is labelled. Next: 'asfda finetune" in said
+    assert json.loads((labelled_session / "session.json").read_text())["rounds"][-1]["query"] == [labelled]
+    assert main([*rank, "--budget", "2"]) == 0
+    note = "round 1's query keeps its 1 labelled volume and adds 1: 2 in all, its budget of 2"
     assert note in " ".join(capsys.readouterr().out.split())
     assert note in json.loads((labelled_session / "ranking.json").read_text())["notes"]  # the record says so too
     assert len(json.loads((labelled_session / "session.json").read_text())["rounds"][-1]["query"]) == 2

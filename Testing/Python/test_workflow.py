@@ -324,6 +324,18 @@ def test_fine_tuning_again_is_an_explicit_choice_and_says_what_ran(flow, mri_poo
     assert (Path(flow.settings.session) / "checkpoints" / "round1-replaced-1" / "run.json").is_file()
 
 
+def test_ranking_again_before_fine_tuning_keeps_a_labelled_query_as_it_is(flow, mri_pool):
+    """Rank again to look (another alpha): the labelled query is the round's budget, so nothing is added and
+    the panel still knows the query, all of it labelled."""
+    _ranked_and_labelled(flow, mri_pool)
+    query = list(flow.query)
+    flow.settings.alpha = 0.8
+    flow.start_rank()
+    flow.wait()
+    assert flow.query == query and not flow.missing_labels()
+    assert flow.next_case() is None and flow.check("finetune")[0]
+
+
 def test_a_cancelled_run_is_continued_not_restarted_and_ranking_waits_for_it(flow, mri_pool):
     flow.settings.pseudo = False
     flow.settings.iterations = 100000
