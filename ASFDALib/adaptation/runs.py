@@ -161,20 +161,34 @@ def labels_changed_since(session: Session, run: dict | None) -> str:
     return labels_change(last["labels"], session_labels(session)) if "labels" in last else ""
 
 
+def run_state(session: Session, run: dict) -> str:
+    """How a round's run stands now: as its record ended (:func:`how_ended`), except that one recorded as
+    running is running where another process holds the session, and was killed where none does."""
+    if not run["finished"] and run["history"] and run["history"][-1].get("status") == "running":
+        return "running" if session.in_use() else "killed"
+    return how_ended(run)
+
+
 def finish_hint(session: Session, name: str | Path | None = None) -> str:
     """How the newest round's unfinished run is finished, as a command (``name``: the session as the user
-    typed it): a resume, or where its labels changed since it ran (a resume refuses them), a restart."""
-    changed = labels_changed_since(session, newest_run(session))
+    typed it): a resume, or where its labels changed since it ran (a resume refuses them), a restart; for a
+    run still going, to wait for it."""
+    run = newest_run(session)
     command = f"'asfda finetune {name or session.root}"
-    if changed:
+    if run is not None and run_state(session, run) == "running":
+        return f"wait for it to finish ({session.in_use()}), or stop it and {command} --resume' continues it"
+    if changed := labels_changed_since(session, run):
         return f"its labels changed since ({changed}): {command} --restart' trains the round on them"
     return f"{command} --resume' finishes it"
 
 
 def unfinished_run(session: Session) -> str:
     """ "round N's fine-tune was interrupted (stage 1: i iterations, stage 2: j)" when the newest round has a
-    run that did not finish (so its weights are not the session's adapted model), else ""."""
+    run that did not finish (so its weights are not the session's adapted model), else ""; "is running" while
+    another process trains it."""
     run = newest_run(session)
     if run is None or run["finished"]:
         return ""
-    return f"round {session.rounds[-1]['index']}'s fine-tune was {how_ended(run)} ({done_text(run['done'])})"
+    state = run_state(session, run)
+    verb = "is" if state == "running" else "was"
+    return f"round {session.rounds[-1]['index']}'s fine-tune {verb} {state} ({done_text(run['done'])})"

@@ -138,6 +138,23 @@ class Session:
         self._clear_scratch()
         return self
 
+    def in_use(self) -> str:
+        """Who holds the session's write lock ("pid N on HOST since T"), or "" when nobody else does: a probe
+        that takes and drops the lock, so a holder that died (the OS released its lock) counts as nobody."""
+        if self._lock_handle is not None:
+            return ""
+        probe = FileLock(str(self.root / LOCK_FILE), timeout=0, thread_local=False)
+        try:
+            probe.acquire()
+        except Timeout:
+            holder = self._lock_holder()
+            ours = f"pid {os.getpid()} on {socket.gethostname()} "
+            return "" if holder.startswith(ours) else holder  # another Session object of this process
+        except OSError:  # a folder this user cannot write: nobody can train in it either
+            return ""
+        probe.release()
+        return ""
+
     def _lock_holder(self) -> str:
         try:
             return (self.root / HOLDER_FILE).read_text(encoding="utf-8").strip() or "another process"

@@ -142,11 +142,11 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
         console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
     scored = {r.file for r in ranking.rows if r.status == "scored"}
     labelled = sum(r.status == "labelled" for r in ranking.rows)
-    cached = sum(r.cached for r in ranking.records if r.name in scored)
+    swept = [r for r in ranking.records if r.ok]  # the labelled volumes are swept too: diversity is to them
     console.print(
-        f"Source knowledge: {ranking.knowledge.describe()}. {len(scored)} scored ({cached} from cache), "
-        + (f"{labelled} labelled, " if labelled else "")
-        + f"{len(ranking.skipped)} skipped, {time.perf_counter() - start:.1f} s."
+        f"Source knowledge: {ranking.knowledge.describe()}. {len(swept)} volumes swept "
+        f"({sum(r.cached for r in swept)} from cache): {len(scored)} ranked, {labelled} labelled; "
+        f"{len(ranking.skipped)} skipped; {time.perf_counter() - start:.1f} s."
     )
     added = [r.file for r in ranking.selected]
     kept = [n for n in (session.rounds[-1]["query"] if session.rounds else []) if n not in added]

@@ -783,11 +783,13 @@ def test_a_refused_label_import_keeps_the_session_intact(tmp_path, mri_pool, cap
     assert not (tmp_path / "s" / "labels").exists() or not list((tmp_path / "s" / "labels").iterdir())
 
 
-def test_a_re_rank_counts_the_cache_among_the_volumes_it_scored_not_the_labelled_ones(labelled_session, capsys):
+def test_a_re_rank_counts_what_it_swept_as_its_progress_does_then_what_it_ranked_and_what_is_labelled(
+    labelled_session, capsys
+):
     capsys.readouterr()
     assert main(["rank", "--out", str(labelled_session)]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "5 scored (5 from cache), 1 labelled, 0 skipped" in out
+    assert "6 volumes swept (6 from cache): 5 ranked, 1 labelled; 0 skipped;" in out
 
 
 def test_a_label_import_with_some_labels_refused_exits_1_and_keeps_the_good_ones(tmp_path, mri_pool, capsys):
@@ -1070,17 +1072,43 @@ def test_predict_and_the_labels_status_during_an_unfinished_fine_tune_name_it_an
     args = ["predict", str(labelled_session), "--images", str(mri_pool / "images"), "--out", str(tmp_path / "p")]
     assert main(args) == 0
     said = " ".join(capsys.readouterr().out.split())
-    assert (
-        "Round 1's fine-tune was interrupted (stage 1: 4 iterations, stage 2: 0): predicting with the source model "
+    assert (  # recorded as running while nobody holds the session: it was killed
+        "Round 1's fine-tune was killed (stage 1: 4 iterations, stage 2: 0): predicting with the source model "
         f"('asfda finetune {labelled_session} --resume' finishes it)" in said
     )
     assert said.endswith(f"Wrote 6 label maps to {tmp_path / 'p'} with the source model")
     assert main(["labels", str(labelled_session)]) == 0  # and the labels' status names the fix, not a new run
     said = " ".join(capsys.readouterr().out.split())
     assert (
-        "1 of 1 queried volumes labelled; round 1's fine-tune was interrupted (stage 1: 4 iterations, stage 2: 0): "
+        "1 of 1 queried volumes labelled; round 1's fine-tune was killed (stage 1: 4 iterations, stage 2: 0): "
         f"'asfda finetune {labelled_session} --resume' finishes it" in said
     )
+
+
+def test_the_labels_status_tells_a_run_still_going_in_another_process_from_a_killed_one(labelled_session, capsys):
+    import subprocess
+    import sys
+
+    assert main(["finetune", str(labelled_session), "--no-pseudo", "--iterations", "2", "--batch-size", "1"]) == 0
+    path = labelled_session / "checkpoints" / "round1" / "run.json"
+    run = json.loads(path.read_text())
+    run["targets"], run["finished"] = {"stage1": 6, "stage2": 0}, False
+    run["history"][-1]["status"] = "running"
+    path.write_text(json.dumps(run))
+    hold = f"from ASFDALib.adaptation.session import Session; s = Session.open({str(labelled_session)!r}).lock()"
+    holder = subprocess.Popen([sys.executable, "-c", hold + "; print('held', flush=True); input()"], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(["labels", str(labelled_session)]) == 0
+        said = " ".join(capsys.readouterr().out.split())
+        assert "round 1's fine-tune is running (stage 1: 2 iterations, stage 2: 0): wait for it to finish (pid " in said
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["labels", str(labelled_session)]) == 0  # its lock died with it: killed
+    assert "round 1's fine-tune was killed (stage 1: 2 iterations" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_re_rank_keeps_the_sessions_budget_counts_its_labels_in_it_and_is_refused_during_an_unfinished_run(
