@@ -259,7 +259,7 @@ def validate_label(
 
 # Name suffixes that mark a file as the label of an image (longest first: '_labels' before '_label').
 LABEL_SUFFIXES = ("_segmentation", "_labels", "-labels", "_label", "-label", "_seg", "-seg", ".seg")
-LABEL_SUFFIXES += ("_mask", "-mask", "_msk", "_gt")
+LABEL_SUFFIXES += ("_mask", "-mask", "_msk", "_dseg", "_gt")
 NNUNET_CHANNEL = re.compile(r"_\d{4}$")
 BIDS_ENTITY = re.compile(r"[a-z0-9]+-[a-z0-9]+")
 # Entities that say which segmentation/derivative a file is, not which scan: seg-vert, desc-brain, space-orig.
@@ -273,16 +273,23 @@ def name_key(name: str) -> tuple[str, bool]:
     BIDS ``sub-mri_label-6_T2w`` and ``sub-mri_seg-subreg_label-6_msk`` -> 'sub-mri_label-6': the suffix
     (modality or msk/dseg) and the derivative entities (seg-, desc-, ...) dropped, the rest kept in order.
     """
-    stem = case_id(Path(name).name).lower()
+    case, bids = _case_name(name)
+    return case.lower(), bids
+
+
+def _case_name(name: str) -> tuple[str, bool]:
+    """:func:`name_key` with the name's own upper and lower case, as a message shows it."""
+    stem = case_id(Path(name).name)
     for suffix in LABEL_SUFFIXES:
-        if stem.endswith(suffix) and len(stem) > len(suffix):
+        if stem.lower().endswith(suffix) and len(stem) > len(suffix):
             stem = stem[: -len(suffix)]
             break
     stem = NNUNET_CHANNEL.sub("", stem)
     tokens = stem.split("_")
-    if len(tokens) > 1 and tokens[0].startswith("sub-") and all(BIDS_ENTITY.fullmatch(t) for t in tokens[:-1]):
-        entities = tokens if BIDS_ENTITY.fullmatch(tokens[-1]) else tokens[:-1]
-        kept = [t for t in entities if t.split("-", 1)[0] not in BIDS_DERIVATIVE_ENTITIES]
+    lower = [t.lower() for t in tokens]
+    if len(tokens) > 1 and lower[0].startswith("sub-") and all(BIDS_ENTITY.fullmatch(t) for t in lower[:-1]):
+        count = len(tokens) if BIDS_ENTITY.fullmatch(lower[-1]) else len(tokens) - 1
+        kept = [t for t, low in zip(tokens[:count], lower) if low.split("-", 1)[0] not in BIDS_DERIVATIVE_ENTITIES]
         return "_".join(kept), True
     return stem, False
 
@@ -297,7 +304,7 @@ class Pairing:
 
 
 def _expected_image(label_name: str) -> str:
-    key, bids = name_key(label_name)
+    key, bids = _case_name(label_name)
     lower = Path(label_name).name.lower()
     extension = next(
         (e for e in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd") if lower.endswith(e)), ""
@@ -331,7 +338,10 @@ def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
                 f"fits several images ({', '.join(sorted(candidates))}); import it alone with --from FILE --cases IMAGE"
             )
         else:
-            close = difflib.get_close_matches(name_key(label)[0], list(keyed), n=3, cutoff=0.5)
+            key = name_key(label)[0]
+            # a scan named by more than the label names (sub-1_ses-1 for sub-1_ses-1_T1w_fatsat) comes first
+            longer = [k for k in keyed if k.startswith(key + "_") or key.startswith(k + "_")]
+            close = longer[:3] or difflib.get_close_matches(key, list(keyed), n=3, cutoff=0.5)
             nearest = [keyed[k][0] for k in close]
             closest = (
                 f"closest: {', '.join(nearest)}" if nearest else f"no similar name among {len(image_names)} images"

@@ -120,6 +120,8 @@ def test_bad_mapping_text_is_explained():
         ("sub-01_ses-2_desc-tumor_dseg.nii.gz", "sub-01_ses-2"),
         ("sub-01_ses-2_run-1_T1w.nii.gz", "sub-01_ses-2_run-1"),
         ("sub-mri_label-6_T2w_seg.nii.gz", "sub-mri_label-6"),  # an asfda prediction of a BIDS scan
+        # BIDS-like but not BIDS (free words after the entities): the segmentation suffix still goes
+        ("sub-0001_ses-01_T1w_fat_suppressed_dseg.nii.gz", "sub-0001_ses-01_t1w_fat_suppressed"),
     ],
 )
 def test_a_file_name_reduces_to_its_case(name, key):
@@ -165,6 +167,16 @@ def test_an_unpaired_label_names_the_expected_scan_and_the_closest_ones():
         "closest: liver_21.nii.gz, liver_13.nii.gz)"  # difflib's order, best first
     )
     assert pairing.problems["zzz.nrrd"].endswith("no similar name among 3 images)")
+
+
+def test_an_unpaired_label_shows_the_name_it_expected_in_its_own_case_and_a_scan_its_name_is_part_of():
+    images = ["sub-0001_ses-01_T1w_fat_suppressed.nii.gz", "sub-0002_ses-01_T1w.nii.gz", "Liver_13.nii.gz"]
+    pairing = pair_names(["sub-0001_ses-01_dseg.nii.gz", "Liver_12_SEG.nii.gz"], images)
+    assert pairing.problems["sub-0001_ses-01_dseg.nii.gz"] == (
+        "no image has this case name (expected 'sub-0001_ses-01_<modality>.nii.gz'; "
+        "closest: sub-0001_ses-01_T1w_fat_suppressed.nii.gz)"  # not sub-0002's, which is one letter off
+    )
+    assert "expected 'Liver_12.nii.gz' (or 'Liver_12_0000.nii.gz')" in pairing.problems["Liver_12_SEG.nii.gz"]
 
 
 # --- --map ----------------------------------------------------------------------------------------------------
