@@ -572,6 +572,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ASFDALib.evaluation.evaluate import (
         evaluate_folders,
         foreign_warning,
+        left_out,
         mean_caption,
         summary_rows,
         trained_on,
@@ -603,6 +604,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for score in scores:
         if score.foreign:
             console.print(f"[yellow]warning[/yellow] {escape(foreign_warning(score, names))}", soft_wrap=True)
+    for line in left_out(args.pred, args.labels, scores):
+        console.print(line, style="yellow", markup=False, highlight=False, soft_wrap=True)
     # maps that predict recorded as this session's source model's: it trained on none of the session's cases
     made_by = predictions_made_by(args.pred).values()
     root = str(session.root.resolve()) if session else None

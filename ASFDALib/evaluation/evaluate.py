@@ -92,6 +92,23 @@ def evaluate_folders(
     return scores
 
 
+def left_out(pred_dir: Path, label_dir: Path, scores: list[CaseScore]) -> list[str]:
+    """One line each for the predictions with no reference of their case and the references with no
+    prediction: they are in no mean, and a reader must know the mean is over fewer cases than the folders."""
+    used = {s.prediction for s in scores}
+    lines = []
+    for folder, names, what, other in (
+        (pred_dir, [p.name for p in discover_volumes(pred_dir) if p.name not in used], "prediction", "reference"),
+        (label_dir, [p.name for p in discover_volumes(label_dir) if p.name not in {s.case for s in scores}],
+         "reference", "prediction"),
+    ):  # fmt: skip
+        if names:
+            shown = ", ".join(sorted(names)[:5]) + (f", … ({len(names) - 5} more)" if len(names) > 5 else "")
+            has = f"{what}s have" if len(names) > 1 else f"{what} has"
+            lines.append(f"{len(names)} {has} no {other} of the same case in {folder}, left out: {shown}")
+    return lines
+
+
 def foreign_warning(score: CaseScore, class_names: list[str]) -> str:
     """One line for a case whose reference holds values that are not classes."""
     classes = ", ".join(f"{i}={n}" for i, n in enumerate(class_names))

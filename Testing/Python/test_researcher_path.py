@@ -90,6 +90,24 @@ def test_predict_refuses_to_write_over_reference_labels_it_did_not_write_and_rep
     assert f"Replacing {len(before)} label maps an earlier asfda predict wrote" in capsys.readouterr().out
 
 
+def test_evaluate_names_the_predictions_and_references_no_mean_includes(mri_pool, tmp_path, capsys):
+    """A mean over 3 of 6 cases says which were left out and why, not only "Mean over 3 cases"."""
+    names = sorted(p.name for p in (mri_pool / "labels").iterdir())
+    (tmp_path / "gt").mkdir()
+    for name in names[:3]:
+        shutil.copy(mri_pool / "labels" / name, tmp_path / "gt" / name)
+    (tmp_path / "pred").mkdir()
+    for name in names[1:]:
+        shutil.copy(mri_pool / "labels" / name, tmp_path / "pred" / name)
+    card = "Resources/Model/asfda_default.card.json"
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "gt"), "--card", card]
+    assert main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"3 predictions have no reference of the same case in {tmp_path / 'pred'}, left out: " in out
+    assert ", ".join(names[3:]) in out
+    assert f"1 reference has no prediction of the same case in {tmp_path / 'gt'}, left out: {names[0]}" in out
+
+
 def test_evaluate_stats_and_rank_refuse_to_write_over_their_inputs(ranked, capsys, tmp_path):
     root, session = ranked
     pool = root / "pool"
