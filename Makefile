@@ -29,3 +29,4 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/bench_scoring.py --json benchmarks/results/scoring.json
 	$(BIN)/python benchmarks/bench_finetune.py --json benchmarks/results/finetune.json
+	$(BIN)/python benchmarks/bench_threads.py --json benchmarks/results/threads.json
