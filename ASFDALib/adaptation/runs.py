@@ -132,7 +132,8 @@ def session_labels(session: Session) -> dict[str, str]:
     """Image name -> the content hash of its newest label file: what a fine-tune now trains on. Each run
     records its own (``labels``), so a resume tells a label imported, replaced or removed since; by content,
     so a label saved again unchanged, or a session moved to another system, is the same."""
-    return {name: entry["sha256"] for name, entry in sorted(session.label_versions().items())}
+    # an entry written by hand, or by a tool before hashes were kept, is known by its file instead
+    return {name: entry.get("sha256") or entry["file"] for name, entry in sorted(session.label_versions().items())}
 
 
 def labels_change(before: dict[str, str], now: dict[str, str]) -> str:
