@@ -434,6 +434,8 @@ class Workflow:
         self.phase = Phase.RANKED
         self.progress, self.progress_text = 1.0, f"Ranked {len(ranking.rows)} volumes; query: {len(self.query)}"
         self.message(self.progress_text)
+        for note in ranking.notes:  # as the command line says them: a new head ranks by DKD alone, a re-rank's query
+            self.message(note)
 
     def _pseudo_labelled(self) -> set[str]:
         session = self._open_session()

@@ -334,6 +334,9 @@ def test_ranking_again_before_fine_tuning_keeps_a_labelled_query_as_it_is(flow, 
     flow.wait()
     assert flow.query == query and not flow.missing_labels()
     assert flow.next_case() is None and flow.check("finetune")[0]
+    assert any(
+        line.startswith("round 1's query keeps its 2 labelled volumes and adds 0: 2 in all") for line in flow.log
+    )
 
 
 def test_a_cancelled_run_is_continued_not_restarted_and_ranking_waits_for_it(flow, mri_pool):
