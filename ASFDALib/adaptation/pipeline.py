@@ -302,7 +302,7 @@ def check_mode(
             )
     if mode == "extend":
         if not run["finished"]:
-            raise SessionError(f"{folder}: round {index}'s run was interrupted; {MODE_HELP['resume']} first")
+            raise SessionError(f"{folder}: round {index}'s run was {how_ended(run)}; {MODE_HELP['resume']} first")
         done = run["done"]
         if done["stage2"] > 0:
             if config.pseudo_iterations <= done["stage2"]:
@@ -358,6 +358,9 @@ def finetune_session(
         record_killed(run)
         if distributed.is_main():
             atomic_write_json(folder / "run.json", run)
+            # session.json lists it at once, whatever this call does next (a refusal included)
+            round_entry["metrics"] = (round_entry.get("metrics") or {}) | {"runs": _runs(run)}
+            session.save()
     labels = session_labels(session)
     mode = check_mode(mode, run, config, folder, index, pseudo, labels)
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:

@@ -139,9 +139,15 @@ def rank_round(
         config = replace(config, budget=max(0, budget - len(kept)))
     ranking = rank_folder(Path(images), model, session.root / "cache", config, progress, labelled, knowledge)
     ranking.budget = budget
+    left = sum(r.status == "scored" for r in ranking.rows)  # unlabelled volumes that could be queried
+    if 0 < left < config.budget:
+        are = "is" if left == 1 else "are"
+        notes.append(
+            f"the budget asks for {config.budget} volumes and only {left} {are} left to query: the query takes all"
+        )
     if kept:
         added = len(ranking.selected)
-        more = "" if added else f"; --budget above {len(kept)} queries more"
+        more = "" if added or not left else f"; --budget above {len(kept)} queries more"
         notes.append(
             f"round {session.rounds[-1]['index']}'s query keeps its {len(kept)} labelled "
             f"volume{'s' * (len(kept) != 1)} and adds {added}: {len(kept) + added} in all, its budget of {budget}"

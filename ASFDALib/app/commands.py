@@ -249,20 +249,33 @@ def cmd_labels(args: argparse.Namespace) -> int:
     labelled = session.labelled()
     table = Table(title=f"Labels in {session.root}")
     for column in ("round", "image", "label file"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a name is never cut: its version is at its end
     queried = session.queried()
     for entry in session.rounds:
         for name in entry["query"]:
             path = labelled.get(name)
             table.add_row(str(entry["index"]), name, session.relative(path) if path else "[red]missing")
+    extra = sorted(n for n in labelled if n not in queried)  # imported with --cases or --all: trained on too
+    for name in extra:
+        table.add_row("-", name, session.relative(labelled[name]))
     console.print(table)
     missing = [n for n in queried if n not in labelled]
     unfinished = unfinished_run(session)
-    ready = f"; {unfinished}: {finish_hint(session)}" if unfinished else ""
-    console.print(
-        f"{len(queried) - len(missing)} of {len(queried)} queried volumes labelled"
-        + (f"; missing: {', '.join(missing)}" if missing else ready or "; ready for 'asfda finetune'")
-    )
+    newest = session.rounds[-1] if session.rounds else None
+    if missing:
+        then = f"; missing: {', '.join(missing)}"
+    elif unfinished:
+        then = f"; {unfinished}: {finish_hint(session)}"
+    elif newest is not None and newest.get("checkpoint"):  # its run finished: what comes next is not a fine-tune
+        then = (
+            f"; round {newest['index']} is fine-tuned: 'asfda predict {session.root} --images DIR --out DIR', "
+            f"'asfda rank --out {session.root}' for the next round, or 'asfda finetune {session.root} --extend' "
+            "to train it further"
+        )
+    else:
+        then = "; ready for 'asfda finetune'"
+    also = f" (and {len(extra)} not queried, imported with --cases or --all)" if extra else ""
+    console.print(f"{len(queried) - len(missing)} of {len(queried)} queried volumes labelled{also}{then}")
     return 0
 
 

@@ -97,15 +97,16 @@ def left_out(pred_dir: Path, label_dir: Path, scores: list[CaseScore]) -> list[s
     prediction: they are in no mean, and a reader must know the mean is over fewer cases than the folders."""
     used = {s.prediction for s in scores}
     lines = []
-    for folder, names, what, other in (
-        (pred_dir, [p.name for p in discover_volumes(pred_dir) if p.name not in used], "prediction", "reference"),
+    for folder, names, what, other, searched in (
+        (pred_dir, [p.name for p in discover_volumes(pred_dir) if p.name not in used], "prediction", "reference",
+         label_dir),
         (label_dir, [p.name for p in discover_volumes(label_dir) if p.name not in {s.case for s in scores}],
-         "reference", "prediction"),
+         "reference", "prediction", pred_dir),
     ):  # fmt: skip
         if names:
             shown = ", ".join(sorted(names)[:5]) + (f", … ({len(names) - 5} more)" if len(names) > 5 else "")
-            has = f"{what}s have" if len(names) > 1 else f"{what} has"
-            lines.append(f"{len(names)} {has} no {other} of the same case in {folder}, left out: {shown}")
+            has = f"{what}s in {folder} have" if len(names) > 1 else f"{what} in {folder} has"
+            lines.append(f"{len(names)} {has} no {other} of the same case in {searched}, left out: {shown}")
     return lines
 
 

@@ -168,9 +168,12 @@ def ranking_table(ranking: Ranking, limit: int = 30) -> Group:
     from rich.table import Table
     from rich.text import Text
 
+    fusion = ranking.fusion
+    if fusion == "gap-first" and (ranking.alpha == 0 or any(r.status == "labelled" for r in ranking.rows)):
+        fusion = "gated"  # DKD alone only for a first pick with nothing labelled (selection.greedy_dkd_asd)
     table = Table(
         title=f"ASFDA ranking ({ranking.strategy}, alpha={ranking.alpha}, K_s: {ranking.knowledge.kind})",
-        caption=f"rank 1 = label first; {SCORE_CAPTIONS.get(ranking.fusion, SCORE_CAPTIONS[None])}, "
+        caption=f"rank 1 = label first; {SCORE_CAPTIONS.get(fusion, SCORE_CAPTIONS[None])}, "
         "percentiles among the volumes left at that pick; every column in ranking.csv",
         padding=(0, 1),
     )

@@ -977,6 +977,11 @@ def test_a_killed_run_is_counted_from_its_checkpoint_and_recorded_as_killed(labe
     capsys.readouterr()
     assert main([*base, "--iterations", "6"]) == 1
     assert "already has a killed run (stage 1: 4 iterations, stage 2: 0)" in capsys.readouterr().err
+    # the refusal's record holds in session.json too, and an extension names it as killed
+    runs = json.loads((labelled_session / "session.json").read_text())["rounds"][-1]["metrics"]["runs"]
+    assert [(r["status"], r["stage1"]) for r in runs] == [("killed", [0, 4])]
+    assert main([*base, "--extend", "--iterations", "8"]) == 1
+    assert "round 1's run was killed; --resume continues" in " ".join(capsys.readouterr().err.split())
     assert main([*base, "--resume"]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "resuming the killed run from its newest checkpoint: stage 1, iteration 4 of 6" in said
@@ -1085,6 +1090,25 @@ def test_predict_and_the_labels_status_during_an_unfinished_fine_tune_name_it_an
     )
 
 
+def test_the_labels_status_lists_labels_imported_beyond_the_query_and_what_follows_a_finished_round(
+    labelled_session, mri_pool, tmp_path, capsys
+):
+    assert main(["finetune", str(labelled_session), "--no-pseudo", "--iterations", "2", "--batch-size", "1"]) == 0
+    (queried,) = json.loads((labelled_session / "session.json").read_text())["rounds"][-1]["query"]
+    other = next(p.name for p in sorted((mri_pool / "labels").iterdir()) if p.name != queried)
+    (tmp_path / "more").mkdir()
+    shutil.copy(mri_pool / "labels" / other, tmp_path / "more" / other)
+    assert main(["labels", "import", str(labelled_session), "--from", str(tmp_path / "more"), "--cases", other]) == 0
+    capsys.readouterr()
+    assert main(["labels", str(labelled_session)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"│ - │ {other} │ labels/" in said  # trained on too, so listed
+    assert (
+        "1 of 1 queried volumes labelled (and 1 not queried, imported with --cases or --all); round 1 is "
+        f"fine-tuned: 'asfda predict {labelled_session} --images DIR --out DIR'"
+    ) in said
+
+
 def test_the_labels_status_tells_a_run_still_going_in_another_process_from_a_killed_one(labelled_session, capsys):
     import subprocess
     import sys
@@ -1125,6 +1149,10 @@ def test_a_re_rank_keeps_the_sessions_budget_counts_its_labels_in_it_and_is_refu
     assert f"Query: nothing new (labelled already: {labelled})" in said
     assert "The round's query of 1 is labelled. Next: 'asfda finetune" in said
     assert json.loads((labelled_session / "session.json").read_text())["rounds"][-1]["query"] == [labelled]
+    assert main([*rank, "--budget", "7"]) == 0  # more than the pool holds: said, and the query takes all
+    said = " ".join(capsys.readouterr().out.split())
+    assert "the budget asks for 6 volumes and only 5 are left to query: the query takes all" in said
+    assert "adds 5: 6 in all, its budget of 7" in said and "--budget above" not in said
     assert main([*rank, "--budget", "2"]) == 0
     note = "round 1's query keeps its 1 labelled volume and adds 1: 2 in all, its budget of 2"
     assert note in " ".join(capsys.readouterr().out.split())

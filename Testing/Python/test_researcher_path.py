@@ -103,9 +103,10 @@ def test_evaluate_names_the_predictions_and_references_no_mean_includes(mri_pool
     args = ["evaluate", "--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "gt"), "--card", card]
     assert main(args) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert f"3 predictions have no reference of the same case in {tmp_path / 'pred'}, left out: " in out
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    assert f"3 predictions in {pred} have no reference of the same case in {gt}, left out: " in out
     assert ", ".join(names[3:]) in out
-    assert f"1 reference has no prediction of the same case in {tmp_path / 'gt'}, left out: {names[0]}" in out
+    assert f"1 reference in {gt} has no prediction of the same case in {pred}, left out: {names[0]}" in out
 
 
 def test_evaluate_stats_and_rank_refuse_to_write_over_their_inputs(ranked, capsys, tmp_path):
@@ -353,6 +354,13 @@ def test_the_ranking_table_explains_each_pick_in_80_columns_without_cutting_a_nu
             assert f"{value:.3f}" in text
         assert f"{row.foreground_ml:.1f}" in text
     assert "the first pick's DKD (gap x div)" in " ".join(text.split())  # the default gap-first fusion
+    # with a volume labelled, gap-first gates every pick, the first too: the caption says that formula
+    labelled = {ranking.rows[0].file}
+    again = rank_folder(mri_pool / "images", load_model(default_model_path()), tmp_path / "c", RankConfig(), None,
+                        labelled)  # fmt: skip
+    console.print(ranking_table(again))
+    text = " ".join(console.export_text().split())
+    assert "score = div x (a*pct(gap) + (1-a)*pct(ASD))" in text and "first pick's DKD" not in text
 
 
 def _ranked_table_at_80_columns(images, cache):
