@@ -25,6 +25,7 @@ from ASFDALib.adaptation.runs import (
     FINETUNE_MODES,
     MODE_HELP,
     RUN_RECIPE,
+    RUN_TRAINING,
     count_checkpoint,
     done_text,
     how_ended,
@@ -423,7 +424,7 @@ def finetune_session(
     ]
     entry["lower_rate_for"] = config.lower_rate_for
     # what this run trains with; the run's own is the newest start's or extension's, which a resume keeps
-    entry["recipe"] = {k: getattr(config, k) for k in RUN_RECIPE}
+    entry["recipe"] = {k: getattr(config, k) for k in (RUN_RECIPE if targets["stage2"] else RUN_TRAINING)}
     if mode != "resume":
         run["recipe"] = entry["recipe"]
     entry["labels"], entry["world_size"] = labels, distributed.world()  # what it trains on, on how many processes

@@ -64,7 +64,9 @@ def count_checkpoint(run: dict, stage: str, iteration: int) -> None:
 
 # what a run's weights depend on beside its targets and stage 2's recipe, recorded when it starts: a resume
 # goes on with them, so that it reaches the weights an uninterrupted run reaches
-RUN_RECIPE = ("batch_size", "lr", "seed", "reliability", "keep_fraction", "confidence", "min_agreement", "fallback")
+RUN_TRAINING = ("batch_size", "lr", "seed")
+RUN_GATE = ("reliability", "keep_fraction", "confidence", "min_agreement", "fallback")  # recorded where stage 2 runs
+RUN_RECIPE = RUN_TRAINING + RUN_GATE
 
 
 def run_recipe(run: dict | None) -> dict[str, Any]:

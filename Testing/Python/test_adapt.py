@@ -278,6 +278,8 @@ def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(la
     # the gate asked for judged, so its labels teach as they are: the fixed teacher
     run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
     assert run["history"][0]["teacher"] == "fixed"
+    gate = {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 0.0, "fallback": "flips"}
+    assert gate.items() <= run["recipe"].items()  # with a stage 2, the run's recipe holds its gate
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     assert metrics["pseudo_teacher"] == "fixed"
 
@@ -1002,7 +1004,7 @@ def test_a_resume_goes_on_with_the_runs_own_batch_size_rate_and_seed_and_refuses
     path = labelled_session / "checkpoints" / "round1" / "run.json"
     run = json.loads(path.read_text())
     assert {k: run["recipe"][k] for k in ("batch_size", "lr", "seed")} == {"batch_size": 1, "lr": 0.002, "seed": 3}
-    assert run["recipe"]["reliability"] == "rounds" and run["history"][0]["recipe"] == run["recipe"]
+    assert "reliability" not in run["recipe"] and run["history"][0]["recipe"] == run["recipe"]  # no stage 2: no gate
     run["targets"], run["finished"] = {"stage1": 6, "stage2": 0}, False  # as if killed on the way to 6
     path.write_text(json.dumps(run))
     capsys.readouterr()
