@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument(
         "--budget",
         type=positive_int,
-        help=f"how many volumes to query (default: the session's last round's, else {RankConfig.budget})",
+        help=f"how many volumes the round queries (default: the session's last round's, else {RankConfig.budget}); "
+        "a re-rank before fine-tuning counts the round's labelled volumes in it",
     )
     rank.add_argument(
         "--alpha",
