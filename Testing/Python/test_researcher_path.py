@@ -124,6 +124,14 @@ def test_evaluate_stats_and_rank_refuse_to_write_over_their_inputs(ranked, capsy
     assert main(["stats", "--images", str(pool / "images"), "--out", str(scan)]) == 1
     assert "would write over an input" in _one_line_error(capsys)
     assert content_hash(scan) == before
+    # nor over the model's card, given with --card (a card written over with npz data loses the model's classes)
+    card = tmp_path / "card.json"
+    shutil.copy("Resources/Model/asfda_default.card.json", card)
+    before = content_hash(card)
+    args = ["stats", "--card", str(card), "--images", str(pool / "images"), "--out", str(card)]
+    assert main(args) == 1
+    assert "would write over an input" in _one_line_error(capsys)
+    assert content_hash(card) == before
     assert main(["rank", "--images", str(pool / "images"), "--out", str(pool / "images")]) == 1
     assert "--images folder itself" in _one_line_error(capsys)
     assert not (pool / "images" / "session.json").exists()
