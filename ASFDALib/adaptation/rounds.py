@@ -16,6 +16,7 @@ from typing import Any
 from ASFDALib import distributed
 from ASFDALib.adaptation.runs import finish_hint, unfinished_run
 from ASFDALib.adaptation.session import Session
+from ASFDALib.data.volumes import content_hash
 from ASFDALib.errors import ASFDAError
 from ASFDALib.inference.predict import check_outputs
 from ASFDALib.models.loading import LoadedModel
@@ -104,6 +105,26 @@ def record_round(
     session.save()
 
 
+def pool_change(session: Session, images: Path) -> str:
+    """A session ranks one pool, its labels and runs recorded by image name: another ``images`` folder is
+    refused where a labelled volume's image is missing there or differs (a folder moved or copied passes).
+    Returns the note that says the folder changed ("" if it did not)."""
+    recorded = session.data.get("images")
+    if not recorded or Path(images).resolve() == Path(recorded["root"]).resolve():
+        return ""
+    hashes = {f["name"]: f["sha256"] for f in recorded["files"]}
+    for name in sorted(session.labelled()):
+        path = Path(images) / name
+        if not path.is_file() or content_hash(path) != hashes.get(name):
+            why = "is not in it" if not path.is_file() else "differs there from the image that was labelled"
+            raise ASFDAError(
+                f"{images}: session {session.root} ranks {recorded['root']}, and its labelled volume {name} {why}; "
+                "rank this folder into another session (--out), or leave out --images to rank the session's own pool"
+            )
+    now = Path(images).resolve()
+    return f"the pool's folder is now {now} (it was {recorded['root']}); its labelled volumes are the same"
+
+
 def rank_round(
     session: Session,
     images: Path,
@@ -126,11 +147,13 @@ def rank_round(
             else f", or label more and 'asfda finetune {session.root} --restart' trains the round anew"
         )
         raise ASFDAError(f"{session.root}: {unfinished}; {hint} (the next rank starts a new round){anew}")
+    moved = pool_change(session, Path(images))  # before any long work
     model, knowledge = ranking_model(session, load_given, given, config.knowledge)
     check_outputs(model.network, model.card, str(model.path), config.device)
     if on_model:
         on_model(model)
     config, notes = round_config(session, model, config)
+    notes += [moved] if moved else []
     labelled = set(session.labelled())
     budget, kept = config.budget, []
     if session.rounds and not session.rounds[-1].get("checkpoint"):  # a re-rank before fine-tuning

@@ -1137,6 +1137,30 @@ def test_the_labels_status_tells_a_run_still_going_in_another_process_from_a_kil
     assert "round 1's fine-tune was killed (stage 1: 2 iterations" in " ".join(capsys.readouterr().out.split())
 
 
+def test_a_re_rank_on_another_folder_is_refused_where_a_labelled_image_differs_and_follows_a_moved_pool(
+    labelled_session, mri_pool, tmp_path, capsys
+):
+    """Labels and runs are recorded by image name: a folder whose image of that name is another scan would
+    put the label on it. A copy of the pool (a moved disk) is the same pool."""
+    (labelled,) = json.loads((labelled_session / "session.json").read_text())["labels"]
+    other = tmp_path / "other"
+    shutil.copytree(mri_pool / "images", other)
+    stranger = next(p for p in sorted(other.iterdir()) if p.name != labelled)
+    shutil.copy(stranger, other / labelled)  # another scan under the labelled one's name
+    before = (labelled_session / "session.json").read_text()
+    capsys.readouterr()
+    assert main(["rank", "--images", str(other), "--out", str(labelled_session)]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"its labelled volume {labelled} differs there from the image that was labelled" in said
+    assert (labelled_session / "session.json").read_text() == before
+    moved = tmp_path / "moved"
+    shutil.copytree(mri_pool / "images", moved)
+    assert main(["rank", "--images", str(moved), "--out", str(labelled_session)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"the pool's folder is now {moved.resolve()}" in said and "its labelled volumes are the same" in said
+    assert json.loads((labelled_session / "session.json").read_text())["images"]["root"] == str(moved.resolve())
+
+
 def test_a_re_rank_keeps_the_sessions_budget_counts_its_labels_in_it_and_is_refused_during_an_unfinished_run(
     labelled_session, mri_pool, capsys
 ):
