@@ -39,11 +39,23 @@ def ranking_model(
     recorded = session.data.get("model")
     if not recorded:
         return load_given(), None
-    if given and load_given().digest != recorded["digest"]:
-        raise ASFDAError(f"{session.root} was started with {recorded['path']}; use another session for a new model")
+    if given and (named := load_given()).digest != recorded["digest"]:
+        raise ASFDAError(f"{session.root}: {_model_change(named, recorded)}; use another session for another model")
     model = session_model(session, adapted=True)
     base = session_model(session, adapted=False) if session.adapted_checkpoint() else model
     return model, choose_knowledge(base, knowledge)
+
+
+def _model_change(named: LoadedModel, recorded: dict) -> str:
+    """What differs between the model named and the one the session started with, as the user can check it."""
+    if Path(recorded["path"]).resolve() != named.path.resolve():
+        return f"it was started with {recorded['path']}"
+    changes = []
+    if named.card.to_dict() != recorded["card"]:
+        changes.append("the card differs from the one it started with")
+    if named.class_map != recorded.get("class_map"):
+        changes.append(f"--class-map {named.class_map} differs (it had {recorded.get('class_map')})")
+    return " and ".join(changes) or f"{named.path}'s weights changed since it started"
 
 
 NEW_HEAD_NOTE = "the model's head is new: round 1 ranks by DKD alone; ASD joins after the first fine-tune"

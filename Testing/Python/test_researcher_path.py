@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -88,6 +89,27 @@ def test_predict_refuses_to_write_over_reference_labels_it_did_not_write_and_rep
     capsys.readouterr()
     assert main(["predict", str(session), "--images", str(images), "--out", str(out)]) == 0
     assert f"Replacing {len(before)} label maps an earlier asfda predict wrote" in capsys.readouterr().out
+
+
+def test_another_model_for_a_session_is_refused_naming_what_changed(mri_pool, tmp_path, capsys):
+    """The same checkpoint path with another card, or the file's weights replaced, is named as such."""
+    model = tmp_path / "model.pt"
+    shutil.copy("Resources/Model/asfda_default.pt", model)
+    card = json.loads(Path("Resources/Model/asfda_default.card.json").read_text())
+    card.pop("source_stats", None)
+    (tmp_path / "model.card.json").write_text(json.dumps(card))
+    session = tmp_path / "s"
+    rank = ["rank", "--model", str(model), "--images", str(mri_pool / "images"), "--out", str(session)]
+    assert main(rank) == 0
+    (tmp_path / "other.card.json").write_text(json.dumps({**card, "name": "renamed"}))
+    assert main([*rank, "--card", str(tmp_path / "other.card.json")]) == 1
+    assert "the card differs from the one it started with; use another session" in _one_line_error(capsys)
+    import torch
+
+    state = torch.load(model, weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, model)
+    assert main(rank) == 1
+    assert f"{model}'s weights changed since it started; use another session" in _one_line_error(capsys)
 
 
 def test_evaluate_names_the_predictions_and_references_no_mean_includes(mri_pool, tmp_path, capsys):
