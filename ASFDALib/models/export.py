@@ -410,9 +410,11 @@ def export_bundle(
     if model.spec is None and model.kind == "bundle" and model.path.is_dir():
         return _reexport_bundle(model, folder, record)
     if model.spec is None or model.scripted:
+        # the format that does take it: a TorchScript or torch.export program is re-exported only as itself
+        other = {"torchscript": "torchscript", "pt2": "pt2"}.get(model.kind, "pt2")
         raise ModelError(
             f"{model.path}: a bundle needs a MONAI network by name ({model.kind} model); "
-            "export this model with --format pt2"
+            f"export this model with --format {other}"
         )
     card = model.card
     network_def = {"_target_": f"monai.networks.nets.{model.spec.name}", **model.spec.args}

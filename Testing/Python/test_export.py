@@ -320,6 +320,18 @@ def test_a_pt2_program_is_a_model_form_asfda_ranks_with(adapted, tmp_path):
     assert len(report["selected"]) == 1
 
 
+def test_a_scripted_model_asked_for_as_a_bundle_is_pointed_to_its_own_format(adapted, tmp_path, capsys):
+    """A TorchScript model is not a MONAI network by name: the refusal names the format that takes it."""
+    from ASFDALib.errors import ModelError
+    from ASFDALib.models.export import export_bundle
+    from ASFDALib.models.loading import load_model
+
+    _, session, _ = adapted
+    assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
+    with pytest.raises(ModelError, match="export this model with --format torchscript"):
+        export_bundle(load_model(tmp_path / "m.ts", trust=True), tmp_path / "bundle")
+
+
 def test_pt2_needs_trust_because_torch_export_load_runs_pickled_code(tmp_path):
     """A crafted archive: torch.export.load runs its payload; ASFDA refuses it before reading a byte."""
     from ASFDALib.errors import TrustRequiredError
