@@ -718,11 +718,16 @@ def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
     return [Run(**r) for r in stored["runs"]]
 
 
-def _changes(stored: dict, current: dict) -> str:
+def _changes(stored: dict, current: dict, nested: bool = False) -> str:
     """What differs between two protocols, as a reader needs it: options with both values, files by name."""
     parts = []
-    # a key in only one of them counts too: a rate given on one run and left to the default on the other
-    for key in sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k)):
+    # a key in only one of them counts too: a rate given on one run and left to the default on the other;
+    # inside the SSFT options a one-sided key follows from the others (the EMA teacher's weight is part of the
+    # protocol only where one can label), so it is named only when nothing else differs
+    differ = [k for k in set(stored) | set(current) if stored.get(k) != current.get(k)]
+    if nested and any(k in stored and k in current for k in differ):
+        differ = [k for k in differ if k in stored and k in current]
+    for key in sorted(differ):
         if key == "files":
             before, now = stored.get(key) or {}, current.get(key) or {}
             names = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
@@ -730,7 +735,7 @@ def _changes(stored: dict, current: dict) -> str:
         elif key in ("model", "card"):
             parts.append(f"{key} file contents")
         elif isinstance(stored.get(key), dict) and isinstance(current.get(key), dict):
-            parts.append(f"{key} {_changes(stored[key], current[key])}")  # e.g. ssft stage2_lr (…)
+            parts.append(f"{key} {_changes(stored[key], current[key], nested=True)}")  # e.g. ssft stage2_lr (…)
         else:
             parts.append(f"{key} ({stored.get(key, 'default')} here, {current.get(key, 'default')} now)")
     return "; ".join(parts)
