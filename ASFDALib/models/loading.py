@@ -132,9 +132,19 @@ def load_weights(path: Path, trust: bool = False) -> Any:
     """The object stored in a ``.pt``/``.pth``/``.ckpt`` file, read with ``torch.load(weights_only=True)``;
     a pickle that needs more (a whole module) only with ``trust``. Unwrapping is the checkpoint reader's job."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as handle:
+            head = handle.read(4)
     except FileNotFoundError:
         raise ModelError(f"{path}: weights file not found") from None
+    # torch.save writes a zip archive (a pickle stream before PyTorch 1.6): anything else is not a checkpoint,
+    # and --trust would not make it one
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ModelError(
+            f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with {head!r}); "
+            "is it the model's weights file?"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - weights_only refusal or corrupt file
         if not trust:
             raise TrustRequiredError(

@@ -70,6 +70,16 @@ def test_pickled_checkpoint_needs_trust(tmp_path, unet, card):
     assert _same_output(model.network, unet)
 
 
+@pytest.mark.parametrize("content", [b"model weights: see the README\n", b"\x5c\x01\x00\x00" + bytes(344)])
+def test_a_file_that_is_no_checkpoint_is_named_so_not_sent_to_trust(tmp_path, card, content):
+    """A text file or a NIfTI header given as --model: --trust would not make either a checkpoint."""
+    (tmp_path / "model.pt").write_bytes(content)
+    for trust in (False, True):
+        with pytest.raises(ModelError, match="not a PyTorch checkpoint") as refused:
+            load_model(tmp_path / "model.pt", card, NetworkSpec("UNet", UNET_ARGS), trust=trust)
+        assert not isinstance(refused.value, TrustRequiredError) and "--trust" not in str(refused.value)
+
+
 def test_torchscript_needs_trust_and_then_loads(tmp_path, unet, card):
     torch.jit.script(unet).save(str(tmp_path / "net.ts"))
     with pytest.raises(TrustRequiredError, match="TorchScript runs code"):
