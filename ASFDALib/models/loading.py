@@ -249,7 +249,10 @@ def load_model(
         return LoadedModel(net.eval(), loaded_card, "torchscript", path, digest)
     spec = network or loaded_card.network
     if spec is None:
-        raise ModelError(f"{path}: a state dict needs a network; add 'network' to the card or pass --network")
+        raise ModelError(
+            f"{path}: a state dict needs a network; add 'network' (name and args) to the card, or pass --network "
+            "and --network-args where the command takes them (rank, stats; benchmark reads the card only)"
+        )
     spec = spec_for_classes(spec, loaded_card.num_classes)
     net = build_network(spec, seed=0)
     _check_inputs(net, path)
