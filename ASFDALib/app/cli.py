@@ -467,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export",
         help="write the adapted model as a MONAI bundle, a torch.export program (.pt2) or TorchScript",
+        description="Write the session's adapted model (the source model with --source-model) in a form other\n"
+        "tools load: a MONAI bundle (configs, weights, card and how it was adapted; runs with MONAI's own runner),\n"
+        "a torch.export program or TorchScript (both load back only with --trust: they run stored code).\n"
+        "It never writes over an existing export or into the base model's folder.",
         epilog="examples:\n  asfda export ~/asfda/liver --format bundle --out liver_bundle/\n"
         "  python -m monai.bundle run --config_file liver_bundle/configs/inference.json \\\n"
         "      --meta_file liver_bundle/configs/metadata.json --bundle_root liver_bundle \\\n"

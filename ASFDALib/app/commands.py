@@ -284,6 +284,11 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(seconds: float) -> str:
+    """Seconds under a minute, else minutes: a run of seconds is not '0.0 min'."""
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -710,7 +715,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     gain = 100 * (report["mean_dice"]["asfda"] - report["mean_dice"]["random"])
     console.print(
         f"ASFDA vs random selection with the same {config.budget} labels: {gain:+.1f} Dice points. "
-        f"{report['seconds'] / 60:.1f} min."
+        f"{_duration(report['seconds'])}."
     )
     console.print(f"Plots: {args.out}/demo.png, {args.out}/session/ranking.png. Session: {args.out}/session")
     for warning in report["warnings"]:  # a plot that could not be drawn (e.g. matplotlib missing)
@@ -824,7 +829,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     console.print((args.out / "benchmark.md").read_text(encoding="utf-8"))
     curves = ", curves.json, benchmark_curves.png" if (args.out / "curves.json").is_file() else ""
     console.print(
-        f"{report['wall_seconds'] / 60:.1f} min; wrote {args.out}/results.json, summary.json, benchmark.json, "
+        f"{_duration(report['wall_seconds'])}; wrote {args.out}/results.json, summary.json, benchmark.json, "
         f"benchmark.md, benchmark.png, benchmark_diff.png{curves}"
     )
     for warning in report["warnings"]:  # a plot that could not be drawn (e.g. matplotlib missing)
