@@ -126,9 +126,15 @@ def pool_change(session: Session, images: Path) -> str:
         return ""
     hashes = {f["name"]: f["sha256"] for f in recorded["files"]}
     for name in sorted(session.labelled()):
-        path = Path(images) / name
-        if not path.is_file() or content_hash(path) != hashes.get(name):
-            why = "is not in it" if not path.is_file() else "differs there from the image that was labelled"
+        path = Path(images) / name  # a file, or a DICOM series' folder
+        if not path.exists() or hashes.get(name) is None or content_hash(path) != hashes[name]:
+            why = (
+                "is not in it"
+                if not path.exists()
+                else "has no recorded content to compare with"
+                if hashes.get(name) is None
+                else "differs there from the image that was labelled"
+            )
             raise ASFDAError(
                 f"{images}: session {session.root} ranks {recorded['root']}, and its labelled volume {name} {why}; "
                 "rank this folder into another session (--out), or leave out --images to rank the session's own pool"
@@ -177,8 +183,10 @@ def rank_round(
     left = sum(r.status == "scored" for r in ranking.rows)  # unlabelled volumes that could be queried
     if 0 < left < config.budget:
         are = "is" if left == 1 else "are"
+        more = " more" if kept else ""
         notes.append(
-            f"the budget asks for {config.budget} volumes and only {left} {are} left to query: the query takes all"
+            f"the budget asks for {config.budget}{more} volumes and only {left} {are} left to query: "
+            "the query takes all"
         )
     if kept:
         added = len(ranking.selected)

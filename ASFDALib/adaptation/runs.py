@@ -164,11 +164,12 @@ def labels_changed_since(session: Session, run: dict | None) -> str:
     return labels_change(last["labels"], session_labels(session)) if "labels" in last else ""
 
 
-def run_state(session: Session, run: dict) -> str:
+def run_state(session: Session, run: dict, holder: str | None = None) -> str:
     """How a round's run stands now: as its record ended (:func:`how_ended`), except that one recorded as
-    running is running where another process holds the session, and was killed where none does."""
+    running is running where another process holds the session (``holder``: Session.in_use, if known), and
+    was killed where none does."""
     if not run["finished"] and run["history"] and run["history"][-1].get("status") == "running":
-        return "running" if session.in_use() else "killed"
+        return "running" if (session.in_use() if holder is None else holder) else "killed"
     return how_ended(run)
 
 
@@ -178,8 +179,9 @@ def finish_hint(session: Session, name: str | Path | None = None) -> str:
     run still going, to wait for it."""
     run = newest_run(session)
     command = f"'asfda finetune {name or session.root}"
-    if run is not None and run_state(session, run) == "running":
-        return f"wait for it to finish ({session.in_use()}), or stop it and {command} --resume' continues it"
+    holder = session.in_use()  # probed once: the run may end in between
+    if run is not None and run_state(session, run, holder) == "running":
+        return f"wait for it to finish ({holder}), or stop it and {command} --resume' continues it"
     if changed := labels_changed_since(session, run):
         return f"its labels changed since ({changed}): {command} --restart' trains the round on them"
     return f"{command} --resume' finishes it"

@@ -119,10 +119,11 @@ class Session:
                 raise SessionError(f"{path}: labels of {name!r} must be a list of {{'file': ...}} entries")
 
     def lock(self) -> Session:
-        """Take the write lock (non-blocking); a clear error when another process holds it."""
+        """Take the write lock (waiting at most a second); a clear error when another process holds it."""
         self.root.mkdir(parents=True, exist_ok=True)
         # thread_local=False: the panel may take the lock on one thread and release it on another.
-        handle = FileLock(str(self.root / LOCK_FILE), timeout=0, thread_local=False)
+        # a second's grace: a status command's probe (in_use) holds the lock for an instant, never longer
+        handle = FileLock(str(self.root / LOCK_FILE), timeout=1.0, thread_local=False)
         try:
             handle.acquire()
         except Timeout:
@@ -141,7 +142,8 @@ class Session:
     def in_use(self) -> str:
         """Who holds the session's write lock ("pid N on HOST since T"), or "" when nobody else does: a probe
         that takes and drops the lock, so a holder that died (the OS released its lock) counts as nobody."""
-        if self._lock_handle is not None:
+        # a torchrun worker other than rank 0 does not probe: rank 0 holds the lock for the job, or probes it
+        if self._lock_handle is not None or os.environ.get("RANK", "0") != "0":
             return ""
         probe = FileLock(str(self.root / LOCK_FILE), timeout=0, thread_local=False)
         try:

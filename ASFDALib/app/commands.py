@@ -375,13 +375,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ASFDALib import distributed
     from ASFDALib.adaptation.pipeline import check_mode, finetune_session
     from ASFDALib.adaptation.recipe import FinetuneConfig
-    from ASFDALib.adaptation.runs import done_text, newest_run, read_run, resume_recipe
+    from ASFDALib.adaptation.runs import done_text, newest_run, read_run, record_killed, resume_recipe, run_state
     from ASFDALib.adaptation.session import Session
 
     console = Console()
     if args.mode == "extend" and args.iterations is None and args.pseudo_iterations is None:
         opened = Session.open(args.session)
         run, index = newest_run(opened), opened.rounds[-1]["index"] if opened.rounds else 1
+        if run is not None and run_state(opened, run) == "killed":
+            record_killed(run)  # a copy, as the engine will record it: so the refusal calls it killed too
         # first what the run's state refuses (none yet, or an interrupted one: --resume), as the engine would
         unbounded = FinetuneConfig(iterations=1 << 30, pseudo_iterations=1 << 30)
         check_mode("extend", run, unbounded, opened.root / "checkpoints" / f"round{index}", index)
@@ -627,7 +629,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for score in scores:
         if score.foreign:
             console.print(f"[yellow]warning[/yellow] {escape(foreign_warning(score, names))}", soft_wrap=True)
-    for line in left_out(args.pred, args.labels, scores):
+    for line in left_out(args.pred, args.labels):
         console.print(line, style="yellow", markup=False, highlight=False, soft_wrap=True)
     # maps that predict recorded as this session's source model's: it trained on none of the session's cases
     made_by = predictions_made_by(args.pred).values()

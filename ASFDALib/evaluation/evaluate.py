@@ -92,21 +92,28 @@ def evaluate_folders(
     return scores
 
 
-def left_out(pred_dir: Path, label_dir: Path, scores: list[CaseScore]) -> list[str]:
-    """One line each for the predictions with no reference of their case and the references with no
-    prediction: they are in no mean, and a reader must know the mean is over fewer cases than the folders."""
-    used = {s.prediction for s in scores}
+def left_out(pred_dir: Path, label_dir: Path) -> list[str]:
+    """What no mean includes, one line each, as the pairing by case name left it: predictions of no reference's
+    case, references no prediction claimed, and predictions set aside for a reason (two for one case)."""
+    refs = [str(p) for p in discover_volumes(label_dir)]
+    pairing = pair_names([str(p) for p in discover_volumes(pred_dir)], refs)
+    alone = [Path(p).name for p, why in pairing.problems.items() if why.startswith("no image has this case name")]
+    orphans = [Path(r).name for r in refs if r not in pairing.pairs and r not in pairing.contested]
     lines = []
     for folder, names, what, other, searched in (
-        (pred_dir, [p.name for p in discover_volumes(pred_dir) if p.name not in used], "prediction", "reference",
-         label_dir),
-        (label_dir, [p.name for p in discover_volumes(label_dir) if p.name not in {s.case for s in scores}],
-         "reference", "prediction", pred_dir),
-    ):  # fmt: skip
+        (pred_dir, alone, "prediction", "reference", label_dir),
+        (label_dir, orphans, "reference", "prediction", pred_dir),
+    ):
         if names:
             shown = ", ".join(sorted(names)[:5]) + (f", … ({len(names) - 5} more)" if len(names) > 5 else "")
             has = f"{what}s in {folder} have" if len(names) > 1 else f"{what} in {folder} has"
             lines.append(f"{len(names)} {has} no {other} of the same case in {searched}, left out: {shown}")
+    torn = sorted(Path(p).name for p in pairing.problems if Path(p).name not in alone)
+    if torn:
+        lines.append(
+            f"{len(torn)} predictions in {pred_dir} fit the same reference as another, or several references, "
+            f"left out: {', '.join(torn)} (keep one prediction per case)"
+        )
     return lines
 
 

@@ -411,7 +411,7 @@ def export_bundle(
         return _reexport_bundle(model, folder, record)
     if model.spec is None or model.scripted:
         # the format that does take it: a TorchScript or torch.export program is re-exported only as itself
-        other = {"torchscript": "torchscript", "pt2": "pt2"}.get(model.kind, "pt2")
+        other = "torchscript" if isinstance(model.network, torch.jit.ScriptModule) else "pt2"
         raise ModelError(
             f"{model.path}: a bundle needs a MONAI network by name ({model.kind} model); "
             f"export this model with --format {other}"

@@ -136,6 +136,8 @@ def load_weights(path: Path, trust: bool = False) -> Any:
             head = handle.read(4)
     except FileNotFoundError:
         raise ModelError(f"{path}: weights file not found") from None
+    except OSError as exc:  # no permission, a folder, a broken mount
+        raise ModelError(f"{path}: cannot read the weights file ({exc.strerror or exc})") from None
     # torch.save writes a zip archive (a pickle stream before PyTorch 1.6): anything else is not a checkpoint,
     # and --trust would not make it one
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):

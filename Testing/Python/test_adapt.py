@@ -1177,7 +1177,7 @@ def test_a_re_rank_keeps_the_sessions_budget_counts_its_labels_in_it_and_is_refu
     assert json.loads((labelled_session / "session.json").read_text())["rounds"][-1]["query"] == [labelled]
     assert main([*rank, "--budget", "7"]) == 0  # more than the pool holds: said, and the query takes all
     said = " ".join(capsys.readouterr().out.split())
-    assert "the budget asks for 6 volumes and only 5 are left to query: the query takes all" in said
+    assert "the budget asks for 6 more volumes and only 5 are left to query: the query takes all" in said
     assert "adds 5: 6 in all, its budget of 7" in said and "--budget above" not in said
     assert main([*rank, "--budget", "2"]) == 0
     note = "round 1's query keeps its 1 labelled volume and adds 1: 2 in all, its budget of 2"

@@ -129,6 +129,13 @@ def test_evaluate_names_the_predictions_and_references_no_mean_includes(mri_pool
     assert f"3 predictions in {pred} have no reference of the same case in {gt}, left out: " in out
     assert ", ".join(names[3:]) in out
     assert f"1 reference in {gt} has no prediction of the same case in {pred}, left out: {names[0]}" in out
+    # two predictions of one case: neither is scored, and they are not said to have no reference
+    shutil.copy(pred / names[1], pred / names[1].replace(".nii.gz", "_seg.nii.gz"))
+    assert main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"2 predictions in {pred} fit the same reference as another, or several references, left out: " in out
+    assert f"1 reference in {gt} has no prediction" in out and "no prediction of the same case" in out
+    assert f"left out: {names[0]}" in out
 
 
 def test_evaluate_stats_and_rank_refuse_to_write_over_their_inputs(ranked, capsys, tmp_path):
