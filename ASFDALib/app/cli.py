@@ -711,9 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    commands_ = next(a for a in parser._actions if a.dest == "command")
     if unknown:  # the command's own usage and help, not the top-level list of commands
-        commands_ = next(a for a in parser._actions if a.dest == "command")
         commands_.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "network_args", None) and not getattr(args, "network", None):  # an argument error: exit 2
+        commands_.choices[args.command].error("--network-args needs --network NAME (the MONAI network they build)")
     with _terminate_as_interrupt():
         code = _run(args)
     if "ASFDALib.distributed" in sys.modules:  # loaded by the commands that can run under torchrun

@@ -26,8 +26,6 @@ def load_model_from_args(args: argparse.Namespace):
     from ASFDALib.models.defaults import default_model_path
     from ASFDALib.models.loading import load_model
 
-    if args.network_args and not args.network:
-        raise ASFDAError("--network-args needs --network NAME (the MONAI network those arguments build)")
     spec = NetworkSpec(args.network, args.network_args) if args.network else None  # args parsed as JSON
     class_map = getattr(args, "class_map", None)
     return load_model(args.model or default_model_path(), args.card, spec, args.trust, class_map)

@@ -475,10 +475,13 @@ def test_outputs_inside_a_session_folder_or_over_an_existing_export_are_refused_
     assert (existing / "keep.txt").read_text() == "someone's work"
 
 
-def test_network_args_without_a_network_is_refused(mri_pool, tmp_path, capsys):
-    args = ["rank", "--images", str(mri_pool / "images"), "--out", str(tmp_path / "s"), "--network-args", "{}"]
-    assert main([*args[:-1], '{"channels": [8]}']) == 1
-    assert "--network-args needs --network NAME" in _one_line_error(capsys)
+def test_network_args_without_a_network_is_an_argument_error(mri_pool, tmp_path, capsys):
+    """Exit 2, as every argument that does not parse (README: 'malformed --network-args: one line, exit 2')."""
+    args = ["rank", "--images", str(mri_pool / "images"), "--out", str(tmp_path / "s")]
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--network-args", '{"channels": [8]}'])
+    assert exited.value.code == 2
+    assert "asfda rank: error: --network-args needs --network NAME" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
 
