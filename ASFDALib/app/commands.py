@@ -579,6 +579,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for reason in skipped:
         console.print(f"[yellow]skipped {reason}[/yellow]")
     console.print(f"Wrote {len(written)} label maps to {args.out} with {which}")
+    stale = Path(args.out) / "evaluation.csv"  # evaluate's default table: it scored the maps written over
+    if replaced and stale.is_file():
+        console.print(
+            f"{stale} scores the label maps replaced: 'asfda evaluate --pred {args.out} --labels DIR' again",
+            style="yellow",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     return 0 if written else 1
 
 

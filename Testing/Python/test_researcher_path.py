@@ -86,9 +86,12 @@ def test_predict_refuses_to_write_over_reference_labels_it_did_not_write_and_rep
     # its own earlier output is replaced on a second run, and says so
     out = root / "pred"
     assert main(["predict", str(session), "--images", str(images), "--out", str(out)]) == 0
+    assert main(["evaluate", "--pred", str(out), "--labels", str(labels)]) == 0  # its table lands beside the maps
     capsys.readouterr()
     assert main(["predict", str(session), "--images", str(images), "--out", str(out)]) == 0
-    assert f"Replacing {len(before)} label maps an earlier asfda predict wrote" in capsys.readouterr().out
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"Replacing {len(before)} label maps an earlier asfda predict wrote" in said
+    assert f"{out / 'evaluation.csv'} scores the label maps replaced: 'asfda evaluate --pred {out}" in said
 
 
 def test_another_model_for_a_session_is_refused_naming_what_changed(mri_pool, tmp_path, capsys):
