@@ -209,7 +209,9 @@ class LoadReport:
         if self.mapped_classes:
             pairs = ", ".join(self._pair(t, s) for t, s in sorted(self.mapped_classes.items()))
             parts.append(f"pre-trained rows copied for classes {pairs}")
-        parts.append(f"{len(self.new)} newly initialised, {len(self.ignored)} checkpoint tensors ignored")
+        seeded = [n for n in self.new if n in self.head] if self.mapped_classes else []
+        rows = f" (the head's {len(seeded)} among them, with the rows above copied in)" if seeded else ""
+        parts.append(f"{len(self.new)} newly initialised{rows}, {len(self.ignored)} checkpoint tensors ignored")
         beyond = [n for n in self.ignored if n not in self.head]  # a pre-training head, or tensors of no layer here
         if beyond:
             parts.append(f"ignored outside the head: {_names(beyond)}")

@@ -187,6 +187,7 @@ def test_a_published_checkpoint_with_another_label_set_runs_every_command(key, p
     assert "output head re-initialised for 4 classes (checkpoint has 14)" in out
     copied = "background<-background, liver<-liver, kidney<-right kidney, gallbladder<-gallbladder"
     assert f"pre-trained rows copied for classes {copied}" in out
+    assert "newly initialised (the head's " in " ".join(out.split())  # the head's tensors, rows copied in
     assert NEW_HEAD_NOTE not in out  # liver and kidney keep what the head knew: ASD ranks from round 1
 
     recorded = json.loads((session / "session.json").read_text())["model"]
