@@ -155,6 +155,30 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
         replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong", teacher="ema", ema_weight=0.5),
         1.0,
     ),
+    "the default at half weight, the EMA teacher's voxel gate 0.8": (
+        replace(
+            COSINE,
+            reliability="rounds",
+            fallback="flips",
+            pseudo_augment="strong",
+            teacher="ema",
+            ema_weight=0.5,
+            confidence=0.8,
+        ),
+        1.0,
+    ),
+    "the default at half weight, the EMA teacher's voxel gate 0.95": (
+        replace(
+            COSINE,
+            reliability="rounds",
+            fallback="flips",
+            pseudo_augment="strong",
+            teacher="ema",
+            ema_weight=0.5,
+            confidence=0.95,
+        ),
+        1.0,
+    ),
 }
 # variants whose stage 2 runs without pseudo-labels (the control of a decaying stage 2)
 LABELS_ONLY = {"control: stage 2 on the labels alone, its rate decaying"}
