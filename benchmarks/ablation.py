@@ -81,6 +81,8 @@ CONSTANT = SSFTOptions(
 )
 HALVES = replace(CONSTANT, stage1_fraction=0.5, extra_fraction=0.0)
 COSINE = replace(CONSTANT, stage2_lr="cosine")
+# the sixth session's default: an EMA teacher where the fallback judged, its patches at half weight
+HALF = replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong", teacher="ema", ema_weight=0.5)
 SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the protocol's)
     "stage 1 only (no pseudo-labels)": (None, 1.0),
     "SSFT in halves of one budget (the first protocol)": (HALVES, 1.0),
@@ -151,34 +153,9 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
         ),
         1.0,
     ),
-    "the default, an EMA teacher, pseudo-labelled patches at half weight": (
-        replace(COSINE, reliability="rounds", fallback="flips", pseudo_augment="strong", teacher="ema", ema_weight=0.5),
-        1.0,
-    ),
-    "the default at half weight, the EMA teacher's voxel gate 0.8": (
-        replace(
-            COSINE,
-            reliability="rounds",
-            fallback="flips",
-            pseudo_augment="strong",
-            teacher="ema",
-            ema_weight=0.5,
-            confidence=0.8,
-        ),
-        1.0,
-    ),
-    "the default at half weight, the EMA teacher's voxel gate 0.95": (
-        replace(
-            COSINE,
-            reliability="rounds",
-            fallback="flips",
-            pseudo_augment="strong",
-            teacher="ema",
-            ema_weight=0.5,
-            confidence=0.95,
-        ),
-        1.0,
-    ),
+    "the default, an EMA teacher, pseudo-labelled patches at half weight": (HALF, 1.0),
+    "the default at half weight, the EMA teacher's voxel gate 0.8": (replace(HALF, confidence=0.8), 1.0),
+    "the default at half weight, the EMA teacher's voxel gate 0.95": (replace(HALF, confidence=0.95), 1.0),
 }
 # variants whose stage 2 runs without pseudo-labels (the control of a decaying stage 2)
 LABELS_ONLY = {"control: stage 2 on the labels alone, its rate decaying"}

@@ -29,7 +29,7 @@ from ASFDALib.adaptation.runs import (
     count_checkpoint,
     done_text,
     how_ended,
-    labels_change,
+    labels_changed_since,
     read_run,
     record_killed,
     resume_recipe,
@@ -291,10 +291,9 @@ def check_mode(
         ]
         if not pseudo and (run["targets"] or {}).get("stage2"):
             changed.append("stage 1 only (it has a stage 2 with pseudo-labels)")
-        last = run["history"][-1] if run["history"] else {}
-        relabelled = labels is not None and "labels" in last and last["labels"] != labels
+        relabelled = labels_changed_since(run, labels) if labels is not None else ""
         if relabelled:  # nothing un-imports a label: only a restart trains on the labels as they are now
-            changed.append(f"the labels ({labels_change(last['labels'], labels)} since it ran)")
+            changed.append(f"the labels ({relabelled} since it ran)")
         if changed:
             own = "" if relabelled else "resume with the run's own, or "
             raise SessionError(

@@ -158,10 +158,11 @@ def resume_recipe(run: dict | None) -> dict[str, Any]:
     return run_recipe(run) | stage2_recipe(run)
 
 
-def labels_changed_since(session: Session, run: dict | None) -> str:
-    """How the session's labels changed since a round's run last trained ("" if not, or not recorded)."""
+def labels_changed_since(run: dict | None, labels: dict[str, str]) -> str:
+    """How ``labels`` (:func:`session_labels`) differ from those a round's run last trained on ("" if they do
+    not, or the run did not record them)."""
     last = run["history"][-1] if run and run["history"] else {}
-    return labels_change(last["labels"], session_labels(session)) if "labels" in last else ""
+    return labels_change(last["labels"], labels) if "labels" in last else ""
 
 
 def run_state(session: Session, run: dict, holder: str | None = None) -> str:
@@ -182,7 +183,7 @@ def finish_hint(session: Session, name: str | Path | None = None) -> str:
     holder = session.in_use()  # probed once: the run may end in between
     if run is not None and run_state(session, run, holder) == "running":
         return f"wait for it to finish ({holder}), or stop it and {command} --resume' continues it"
-    if changed := labels_changed_since(session, run):
+    if changed := labels_changed_since(run, session_labels(session)):
         return f"its labels changed since ({changed}): {command} --restart' trains the round on them"
     return f"{command} --resume' finishes it"
 

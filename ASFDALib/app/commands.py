@@ -377,18 +377,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.session import Session
 
     console = Console()
-    if args.mode == "extend" and args.iterations is None and args.pseudo_iterations is None:
-        opened = Session.open(args.session)
-        run, index = newest_run(opened), opened.rounds[-1]["index"] if opened.rounds else 1
-        if run is not None and run_state(opened, run) == "killed":
-            record_killed(run)  # a copy, as the engine will record it: so the refusal calls it killed too
-        # first what the run's state refuses (none yet, or an interrupted one: --resume), as the engine would
-        unbounded = FinetuneConfig(iterations=1 << 30, pseudo_iterations=1 << 30)
-        check_mode("extend", run, unbounded, opened.root / "checkpoints" / f"round{index}", index)
-        raise ASFDAError(
-            f"--extend needs the new length: --iterations N (stage 1, when only stage 1 ran) or "
-            f"--pseudo-iterations N (stage 2), more than the run has done ({done_text(run['done'])})"
-        )
     recipe = FinetuneConfig()
     # the options that choose which volumes get pseudo-labels, and the rest of stage 2's
     gate_options = {
@@ -413,8 +401,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     run, pseudo_json = None, None
     if args.mode in ("extend", "resume"):
         opened = Session.open(args.session)
-        folder = opened.root / "checkpoints" / f"round{opened.rounds[-1]['index']}" if opened.rounds else None
+        index = opened.rounds[-1]["index"] if opened.rounds else 1
+        folder = opened.root / "checkpoints" / f"round{index}" if opened.rounds else None
         run = read_run(folder) if folder else None
+        if args.mode == "extend" and args.iterations is None and args.pseudo_iterations is None:
+            if run is not None and run_state(opened, run) == "killed":
+                record_killed(run)  # as the engine will record it, so the refusal calls it killed too
+            # first what the run's state refuses (none yet, or an interrupted one: --resume), as the engine would
+            unbounded = FinetuneConfig(iterations=1 << 30, pseudo_iterations=1 << 30)
+            check_mode("extend", run, unbounded, opened.root / "checkpoints" / f"round{index}", index)
+            raise ASFDAError(
+                f"--extend needs the new length: --iterations N (stage 1, when only stage 1 ran) or "
+                f"--pseudo-iterations N (stage 2), more than the run has done ({done_text(run['done'])})"
+            )
         made = [name for name, value in gate_options.items() if value is not None]
         pseudo_json = folder / "pseudo" / "pseudo.json" if folder else None
         if pseudo_json and made and pseudo_json.is_file():

@@ -248,10 +248,10 @@ class Workflow:
         return newest_run(session)
 
     def _labels_changed(self, run: dict) -> str:
-        from ASFDALib.adaptation.runs import labels_changed_since  # torch-free
+        from ASFDALib.adaptation.runs import labels_changed_since, session_labels  # torch-free
 
         session = self._open_session()
-        return labels_changed_since(session, run) if session is not None else ""
+        return labels_changed_since(run, session_labels(session)) if session is not None else ""
 
     def finetune_mode(self, again: bool = False) -> str:
         """The engine's mode for the panel's two explicit choices: never a silent resume of a finished run."""
