@@ -156,6 +156,10 @@ SSFT_VARIANTS = {  # (fine-tuning options, iterations as a multiple of the proto
     "the default, an EMA teacher, pseudo-labelled patches at half weight": (HALF, 1.0),
     "the default at half weight, the EMA teacher's voxel gate 0.8": (replace(HALF, confidence=0.8), 1.0),
     "the default at half weight, the EMA teacher's voxel gate 0.95": (replace(HALF, confidence=0.95), 1.0),
+    "the default at half weight, pseudo-labelled patches through random intensity curves": (
+        replace(HALF, pseudo_augment="remap"),
+        1.0,
+    ),
 }
 # variants whose stage 2 runs without pseudo-labels (the control of a decaying stage 2)
 LABELS_ONLY = {"control: stage 2 on the labels alone, its rate decaying"}

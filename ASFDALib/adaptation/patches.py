@@ -97,6 +97,24 @@ def strong_intensity(images: torch.Tensor, rng: np.random.Generator) -> torch.Te
     return torch.from_numpy(out)
 
 
+def remap_intensity(images: torch.Tensor, rng: np.random.Generator, points: int = 5) -> torch.Tensor:
+    """Half the patches through a random, not necessarily monotonic, intensity curve: a piecewise-linear
+    map through ``points`` random levels over the patch's range, blended with the patch by a random
+    weight (the global intensity randomisation of single-source domain generalisation, e.g. GIN). Tissues
+    may swap brightness, as they do between CT and MRI sequences; the labels are untouched."""
+    out = images.numpy().copy()
+    for k in range(out.shape[0]):
+        if rng.random() < 0.5:
+            continue
+        low, high = float(out[k].min()), float(out[k].max())
+        span = max(high - low, 1e-6)
+        levels = rng.uniform(0.0, 1.0, points)
+        curve = np.interp((out[k] - low) / span, np.linspace(0.0, 1.0, points), levels) * span + low
+        blend = rng.uniform(0.5, 1.0)
+        out[k] = blend * curve + (1.0 - blend) * out[k]
+    return torch.from_numpy(out)
+
+
 def sample_batch(cases: list[Case], roi, batch_size: int, rng: np.random.Generator, foreground_ratio: float):
     images, labels = [], []
     for _ in range(batch_size):
@@ -125,8 +143,10 @@ class PatchStream(torch.utils.data.Dataset):
                 self.pseudo, self.roi, self.config.batch_size, rng, self.config.foreground_ratio
             )
             weak = images
-            if self.config.pseudo_augment == "strong":  # its own generator: the weak draws stay as they were
+            if self.config.pseudo_augment in ("strong", "remap"):  # own generators: the weak draws stay as they were
                 images = strong_intensity(images, np.random.default_rng([*self.key, int(i), 1]))
+            if self.config.pseudo_augment == "remap":
+                images = remap_intensity(images, np.random.default_rng([*self.key, int(i), 2]))
             batch += (images, labels)
             if self.config.teacher == "ema":  # the teacher labels the weakly augmented patch
                 batch += (weak,)

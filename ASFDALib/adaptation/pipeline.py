@@ -64,7 +64,7 @@ class AdaptResult:
     loss: float | None = None
 
 
-PROGRESS_EVERY_S = 10.0  # at most this often a line on long work, as the command line's progress does
+PROGRESS_EVERY_S = 10.0  # seconds between plain progress lines: often enough to show life, rarely enough to read
 
 
 def session_model(session: Session, adapted: bool = True) -> LoadedModel:

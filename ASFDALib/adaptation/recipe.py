@@ -25,7 +25,7 @@ STAGE2_LR = ("constant", "cosine")
 # (stage2_teacher resolves it once the gate has judged).
 TEACHERS = ("fixed", "ema", "ema-if-fallback")
 # How the pseudo-labelled patches are augmented (adaptation/patches.py).
-AUGMENTS = ("weak", "strong")
+AUGMENTS = ("weak", "strong", "remap")
 
 
 @dataclass
@@ -62,8 +62,9 @@ class FinetuneConfig:
     stage2_lr: str = "cosine"
     ramp_fraction: float = 0.3
     # one of AUGMENTS: how the pseudo-labelled patches are augmented: "weak", as the labelled ones; "strong",
-    # more intensity change on top (adaptation/patches.strong_intensity). docs/method.md "When the source
-    # model cannot vouch" has the validation comparison behind the default.
+    # more intensity change on top (adaptation/patches.strong_intensity); "remap", strong and then random
+    # intensity curves (patches.remap_intensity). docs/method.md "When the source model cannot vouch" has the
+    # validation comparison behind the default.
     pseudo_augment: str = "strong"
     # who labels the pseudo-labelled patches: "fixed", the stage-1 model once, before stage 2 (the gate's
     # labels); "ema", an exponential moving average of the student's weights, online, on each patch (its

@@ -376,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=AUGMENTS,
         help=f"how the pseudo-labelled patches are augmented (default: {RECIPE.pseudo_augment}): weak, as the "
         "labelled ones; strong, with more intensity change (scale, shift, gamma, noise) that the model must see "
-        "through, its pseudo-label made on the unchanged volume; --resume and --extend keep the run's own "
+        "through, its pseudo-label made on the unchanged volume; remap, strong and then half the patches through "
+        "a random intensity curve that may swap tissues' brightness, as another sequence or modality does; "
+        "--resume and --extend keep the run's own "
         "(--resume refuses another; --extend may change it)",
     )
     finetune.add_argument(

@@ -836,9 +836,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         )
     console.print((args.out / "benchmark.md").read_text(encoding="utf-8"))
     curves = ", curves.json, benchmark_curves.png" if (args.out / "curves.json").is_file() else ""
+    # a resumed benchmark's command is short; the trainings' own times are the record of what they cost
     console.print(
-        f"{_duration(report['wall_seconds'])}; wrote {args.out}/results.json, summary.json, benchmark.json, "
-        f"benchmark.md, benchmark.png, benchmark_diff.png{curves}"
+        f"{_duration(report['wall_seconds'])} this time ({report['runs']} trainings, "
+        f"{_duration(report['run_seconds'])} of training in all); wrote {args.out}/results.json, summary.json, "
+        f"benchmark.json, benchmark.md, benchmark.png, benchmark_diff.png{curves}"
     )
     for warning in report["warnings"]:  # a plot that could not be drawn (e.g. matplotlib missing)
         console.print(warning, style="yellow", markup=False, highlight=False, soft_wrap=True)

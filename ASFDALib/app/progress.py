@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-PLAIN_EVERY_S = 10.0  # seconds between plain progress lines: often enough to show life, rarely enough to read
+# one pace for every plain progress line, the engine's own (the pseudo-label gates') included
+from ASFDALib.adaptation.pipeline import PROGRESS_EVERY_S
 
 
 def _clock(seconds: float) -> str:
@@ -24,7 +25,7 @@ class PlainProgress(AbstractContextManager):
         console,
         label: str,
         unit: str,
-        every_s: float = PLAIN_EVERY_S,
+        every_s: float = PROGRESS_EVERY_S,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.console, self.label, self.unit, self.every_s, self.clock = console, label, unit, every_s, clock

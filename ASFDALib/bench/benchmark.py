@@ -90,7 +90,7 @@ class SSFTOptions:
     min_agreement: float = FinetuneConfig.min_agreement  # the agreement gates' volume floor
     fallback: str = FinetuneConfig.fallback  # the gate that judges when ``reliability`` keeps no volume
     stage2_lr: str = FinetuneConfig.stage2_lr  # adaptation/recipe.py STAGE2_LR; the control's last part too
-    pseudo_augment: str = FinetuneConfig.pseudo_augment  # "weak" or "strong" (adaptation/patches.py)
+    pseudo_augment: str = FinetuneConfig.pseudo_augment  # one of AUGMENTS (adaptation/patches.py)
     teacher: str = FinetuneConfig.teacher  # adaptation/recipe.py TEACHERS (resolved once the gate has judged)
     ema_weight: float = FinetuneConfig.ema_weight  # the loss weight of the patches an EMA teacher labels
 
@@ -430,7 +430,10 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
     fallback = _falls_back(o.reliability, o.fallback)
     if fallback:
         gate += f", the {o.fallback} gate where it keeps no volume"
-    augment = ", strongly augmented" if o.pseudo_augment == "strong" else ""
+    augment = {
+        "strong": ", strongly augmented",
+        "remap": ", strongly augmented and through random intensity curves",
+    }.get(o.pseudo_augment, "")
     if _ema_labels(o.teacher, o.reliability, o.fallback):
         augment += ", an EMA teacher relabelling them online" + " where the fallback judged" * (o.teacher != "ema")
         augment += f", at weight {o.ema_weight:g}" if o.ema_weight != 1 else ""

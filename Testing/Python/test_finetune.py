@@ -286,6 +286,37 @@ def test_strong_augmentation_changes_only_the_pseudo_labelled_patches_and_keeps_
     assert not torch.equal(weak[2], strong[2])  # the pseudo-labelled images: other intensities
 
 
+def test_intensity_curves_come_on_top_of_the_strong_augmentation_and_keep_crops_and_labels(default_model):
+    from ASFDALib.adaptation.patches import PatchStream
+
+    labelled, pseudo = _cases(default_model.card, 1), _cases(default_model.card, 1, seed=3)
+    roi, config = default_model.card.roi_size, replace(SMALL, batch_size=8)
+    strong = PatchStream(labelled, pseudo, roi, replace(config, pseudo_augment="strong"), "stage2")[4]
+    remap = PatchStream(labelled, pseudo, roi, replace(config, pseudo_augment="remap"), "stage2")[4]
+    for i in (0, 1, 3):
+        torch.testing.assert_close(strong[i], remap[i], rtol=0, atol=0)
+    changed = [not torch.equal(a, b) for a, b in zip(strong[2], remap[2])]
+    assert 0 < sum(changed) < len(changed)  # about half the patches go through a curve, the rest as they were
+
+
+def test_an_intensity_curve_maps_each_level_through_random_levels_and_stays_in_the_patch_range():
+    from ASFDALib.adaptation.patches import remap_intensity
+
+    ramp = torch.linspace(10.0, 20.0, 5).reshape(1, 1, 5, 1, 1).repeat(16, 1, 1, 1, 1)
+    out = remap_intensity(ramp, np.random.default_rng(0))
+    assert float(out.min()) >= 10.0 and float(out.max()) <= 20.0
+    # replaying the generator: a changed patch is blend * curve + (1 - blend) * patch, the curve through
+    # its five levels at the five control points (the ramp's own values here)
+    rng = np.random.default_rng(0)
+    for k in range(16):
+        if rng.random() < 0.5:
+            torch.testing.assert_close(out[k], ramp[k])
+            continue
+        levels, blend = rng.uniform(0.0, 1.0, 5), rng.uniform(0.5, 1.0)
+        expected = blend * (levels * 10.0 + 10.0) + (1.0 - blend) * np.linspace(10.0, 20.0, 5)
+        np.testing.assert_allclose(out[k].flatten().numpy(), expected, rtol=1e-5)
+
+
 def test_an_ema_teacher_starts_as_the_stage_1_model_and_follows_the_student_by_its_decay(tmp_path, default_model):
     card, cases = default_model.card, _cases(default_model.card)
     config = replace(SMALL, teacher="ema", ema_decay=0.9)
