@@ -194,11 +194,16 @@ class LoadReport:
     # class names of the target task and of the checkpoint's head, when the card gives them (for the summary)
     class_names: list[str] = field(default_factory=list)
     source_class_names: list[str] = field(default_factory=list)
+    # distinct tensors loaded: a network that registers a module twice (DynUNet's skip_layers) lists a shared
+    # tensor under each name in ``loaded`` (None in reports recorded before it was counted)
+    loaded_distinct: int | None = None
 
     @property
     def summary(self) -> str:
         """One line for logs, the ranking output and the panel."""
-        parts = [f"{self.source}: loaded {len(self.loaded)} tensors"]
+        distinct = self.loaded_distinct if self.loaded_distinct is not None else len(self.loaded)
+        names = f" (under {len(self.loaded)} names: the network shares them)" if distinct != len(self.loaded) else ""
+        parts = [f"{self.source}: loaded {distinct} tensors{names}"]
         if self.encoder_only:
             parts.append(f"encoder-only checkpoint into {self.encoder!r}; decoder and head newly initialised")
         elif self.head_reinitialised:
@@ -379,7 +384,8 @@ def load_pretrained(
     if not matched:
         raise ModelError(
             f"{source}: no tensor of the checkpoint matches a tensor of {type(network).__name__} "
-            f"(checkpoint keys look like {_names(sorted(ckpt))}); check the card's network"
+            f"(checkpoint keys look like {_names(sorted(ckpt))}); check the network: --network, or the card's "
+            "network"
         )
     tops = {n.split(".", 1)[0] for n in matched}
     encoder = next(iter(tops)) if len(tops) == 1 and next(iter(tops)) in modules else None
@@ -410,8 +416,8 @@ def load_pretrained(
             if part
         )
         raise ModelError(
-            f"{source}: tensors of the {what} do not load: {detail}; check that the card's network and its "
-            "arguments are the ones the checkpoint was trained with"
+            f"{source}: tensors of the {what} do not load: {detail}; check that the network and its arguments "
+            "(--network and --network-args, or the card's network) are the ones the checkpoint was trained with"
         )
 
     # The head: kept when every class-sized tensor fits and no remapping was asked for.
@@ -468,6 +474,7 @@ def load_pretrained(
                     used |= keys
     report.mapped_classes = dict(pairs)
     report.loaded = sorted(n for n in own if id(own_vars[n]) in loaded_ids)
+    report.loaded_distinct = len(loaded_ids)
     report.new = sorted(n for n in own if id(own_vars[n]) not in loaded_ids)
     # Named as they map onto the network when they do (the pre-trained head), else as in the checkpoint.
     report.ignored = sorted(mapping[k] if mapping.get(k) in own else k for k in ckpt if k not in used)
@@ -500,6 +507,10 @@ def class_map_from_names(
         items = [part.split("=", 1) for part in spec.split(",") if part.strip()]
         if any(len(item) != 2 for item in items):
             raise ModelError(f"class map {spec!r}: write it as target=source pairs separated by commas")
+        seen = [key(t) for t, _ in items]
+        twice = next((t.strip() for t, _ in items if seen.count(key(t)) > 1), None)
+        if twice is not None:  # a dict would keep the last pair silently
+            raise ModelError(f"class map {spec!r} pairs {twice!r} twice; keep one pair per class")
         spec = {t: s for t, s in items}
 
     def named(kind: str, name: str, known: list[str]) -> str:

@@ -40,7 +40,7 @@ from ASFDALib.adaptation.session import Session, SessionError, case_id
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_npz
 from ASFDALib.data.preprocess import labels_to_native, preprocess
-from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume, write_volume
+from ASFDALib.data.volumes import content_hash, discover_volumes, read_scan, read_volume, write_volume
 from ASFDALib.errors import VolumeError
 from ASFDALib.inference.predict import predict_label
 from ASFDALib.models.card import NetworkSpec, card_from_dict
@@ -128,7 +128,8 @@ def build_pseudo_labels(
     pool = []
     for name in _pseudo_pool(session, {c.name for c in cases}, config.max_pseudo_volumes):
         try:
-            pool.append((name, preprocess(read_volume(session.image_path(name)), model.card)))
+            # the session lists the skipped volumes too: a label map among them is no scan to pseudo-label
+            pool.append((name, preprocess(read_scan(session.image_path(name)), model.card)))
         except VolumeError:
             continue
     # "rounds" compares with the model this round started from: the source, or the last round's
@@ -171,13 +172,23 @@ VIEWS = {
 }
 
 
+def below(value: float, floor: float | None) -> str:
+    """``value`` to as few decimals (2 to 6) as show it below ``floor``: 0.498 is not "0.50, below 0.5"."""
+    for digits in (2, 3, 4, 6):
+        text = f"{value:.{digits}f}"
+        if floor is None or value >= floor or float(text) < floor:
+            return text
+    return text
+
+
 def _instead(gate: dict) -> str:
     """Where the fallback judged: which gate was asked, and how near it came (a clause, or "")."""
     if not gate.get("asked"):
         return ""
     return (
         f"no volume reached the {gate['asked']} gate's floor ({VIEWS[gate['asked']]} at most "
-        f"{gate['asked_best']:.2f}), so the {gate['reliability']} gate judged instead (--pseudo-fallback)"
+        f"{below(gate['asked_best'], gate.get('min_agreement'))}), so the {gate['reliability']} gate judged instead "
+        "(--pseudo-fallback)"
     )
 
 
@@ -192,8 +203,8 @@ def _why_none(result: AdaptResult) -> str:
     if result.gate.get("fallback") == "none":
         asked += "; no fallback gate judged: --pseudo-fallback none"
     return (
-        f" ({VIEWS[result.gate['reliability']]} at most {best:.2f} on any volume, class-balanced Dice, below the "
-        f"floor of {floor:g}, --min-agreement{asked}). To judge by the adapted model's confidence instead: "
+        f" ({VIEWS[result.gate['reliability']]} at most {below(best, floor)} on any volume, class-balanced Dice, "
+        f"below the floor of {floor:g}, --min-agreement{asked}). To judge by the adapted model's confidence instead: "
         "--restart --pseudo-gate confidence (in the panel: Pseudo-label gate confidence, then Train again); "
         "--no-pseudo skips stage 2"
     )
@@ -445,7 +456,7 @@ def finetune_session(
             decays = f"; stage 2 decays them to zero along a cosine over its {targets['stage2']} iterations"
     say(
         "learning rates: "
-        + ", ".join(f"{r['lr']:.1e} for {r['tensors']} {r['group']} tensors" for r in entry["learning_rates"])
+        + ", ".join(f"{r['lr']:.1e} for {r['tensors']} {r['group']} parameter tensors" for r in entry["learning_rates"])
         + decays
     )
     run["history"].append(entry)

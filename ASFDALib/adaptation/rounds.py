@@ -178,7 +178,10 @@ def rank_round(
         kept = [n for n in session.rounds[-1]["query"] if n in labelled]  # record_round keeps them queried
         # the budget is the round's query: what is labelled of it counts, so re-ranking to look adds nothing
         config = replace(config, budget=max(0, budget - len(kept)))
-    ranking = rank_folder(Path(images), model, session.root / "cache", config, progress, labelled, knowledge)
+    # the session folder may sit inside the pool (--out images/sess): its labels and predictions are not scans
+    ranking = rank_folder(
+        Path(images), model, session.root / "cache", config, progress, labelled, knowledge, exclude=(session.root,)
+    )
     ranking.budget = budget
     left = sum(r.status == "scored" for r in ranking.rows)  # unlabelled volumes that could be queried
     if 0 < left < config.budget:

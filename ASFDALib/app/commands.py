@@ -81,6 +81,17 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
     from ASFDALib.query.report import ranking_table
 
     session = Session.open(out, create=True)
+    recorded = session.data.get("model")
+    described = [
+        o for o, v in (("--card", args.card), ("--class-map", args.class_map), ("--network", args.network)) if v
+    ]
+    if recorded and described and args.model is None:
+        # they describe the model a session starts with; without --model they would silently do nothing
+        raise ASFDAError(
+            f"{out}: {' and '.join(described)} describe the model a session starts with, and this session keeps "
+            f"{recorded['path']}'s; leave them out, or give them with --model {recorded['path']} to check they match "
+            "(another model, card or class map needs another session: --out)"
+        )
     with session if main_rank else nullcontext(session):  # only rank 0 writes the session
         images = args.images
         if images is None and session.data.get("images"):
@@ -97,11 +108,13 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
 
         def describe(model) -> None:
             adapted = "+" in model.digest
+            name = model.card.name if model.card.name != "model" else model.path.name  # "model": the card named none
             console.print(
-                f"Model: {model.card.name} ({model.kind}{', adapted in this session' if adapted else ''}, "
+                f"Model: {name} ({model.kind}{', adapted in this session' if adapted else ''}, "
                 f"{model.card.num_classes} classes: background + {_names(model.card.class_names[1:])})"
                 + (f"; {distributed.world()} processes" if distributed.world() > 1 else "")
             )
+            console.print(f"Input: {model.card.describe_input()}", markup=False, highlight=False, soft_wrap=True)
             if model.load_report is not None:  # what the checkpoint gave: loaded, newly initialised, ignored
                 console.print(f"Weights: {model.load_report.summary}", markup=False, highlight=False, soft_wrap=True)
 
@@ -598,7 +611,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ASFDALib.adaptation.session import Session
-    from ASFDALib.data.labels import parse_mapping
+    from ASFDALib.data.labels import mapping_text, parse_mapping
     from ASFDALib.data.volumes import discover_volumes
     from ASFDALib.evaluation.evaluate import (
         evaluate_folders,
@@ -632,9 +645,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if names is None:
         names = ["background", *[f"class{i}" for i in range(1, max(len(s.dice) for s in scores) + 1)]]
         console.print("no class names: give --session or --card (classes taken from the predictions' values)")
+    # one map for every label the session imported with a map: offered in place of an example
+    imported = {mapping_text(e["map"]) for e in session.label_versions().values() if e.get("map")} if session else set()
+    imported_with = next(iter(imported)) if len(imported) == 1 else ""
     for score in scores:
         if score.foreign:
-            console.print(f"[yellow]warning[/yellow] {escape(foreign_warning(score, names))}", soft_wrap=True)
+            warning = foreign_warning(score, names, imported_with)
+            console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
     for line in left_out(args.pred, args.labels):
         console.print(line, style="yellow", markup=False, highlight=False, soft_wrap=True)
     # maps that predict recorded as this session's source model's: it trained on none of the session's cases

@@ -19,7 +19,14 @@ import numpy as np
 from nibabel import orientations
 
 from ASFDALib.adaptation.session import Session, case_id
-from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume, write_nifti
+from ASFDALib.data.volumes import (
+    LABEL_FILE_MAX_VALUES,
+    content_hash,
+    discover_volumes,
+    looks_like_label_map,
+    read_volume,
+    write_nifti,
+)
 from ASFDALib.errors import ASFDAError, VolumeError
 
 AFFINE_TOLERANCE_MM = 0.01
@@ -222,6 +229,7 @@ def validate_label(
     values, note = align_to_image(np.asarray(label.array), label.affine, image.array.shape, image.affine, label_path)
     if note and notes is not None:
         notes.append(note)
+    refuse_intensity_image(values, label_path, image.array, image_path.name)
     if values.dtype.kind == "f":
         if not np.all(np.isfinite(values)):
             raise LabelError(label_path, "label has NaN/Inf voxels", "labels must be whole class numbers")
@@ -255,6 +263,30 @@ def validate_label(
         if target:
             out[values == value] = target
     return out, image.affine
+
+
+def refuse_intensity_image(
+    values: np.ndarray,
+    path: Path,
+    image: np.ndarray | None = None,
+    image_name: str = "",
+    fix: str = "give the case's label map, its segmentation file, e.g. the one in the labels/ folder",
+) -> None:
+    """Refuse, as an intensity image, a file offered as a label map with more distinct values than a label map has
+    (:data:`LABEL_FILE_MAX_VALUES`), saying so when its voxels are ``image``'s (the case's own scan). Before the
+    value-by-value checks: their advice (a --map of hundreds of values to background) would make a scan a label."""
+    if looks_like_label_map(values, LABEL_FILE_MAX_VALUES):
+        return
+    count = int(np.unique(values).size)
+    if count <= LABEL_FILE_MAX_VALUES:  # a few fractional values: no scan; the caller's own checks judge them
+        return
+    same = image is not None and values.shape == image.shape and np.array_equal(values, image)
+    raise LabelError(
+        path,
+        f"holds {count} distinct values and looks like an intensity image, not a label map"
+        + (f": it is the session's image {image_name} itself" if same else ""),
+        fix,
+    )
 
 
 # Name suffixes that mark a file as the label of an image (longest first: '_labels' before '_label').
@@ -443,6 +475,17 @@ def _mapping_record(mapping: LabelMap | dict[int, int] | None) -> dict | None:
     else:
         values, default = mapping, None
     return {"values": {str(k): int(v) for k, v in sorted(values.items())}, "default": default}
+
+
+def mapping_text(record: dict) -> str:
+    """A recorded map (:func:`_mapping_record`) as a ``--map`` text again: {3: 0, 4: 0, 7: 1} -> '3-4=0,7=1'."""
+    by_target: dict[int, list[int]] = {}
+    for value, target in record["values"].items():
+        by_target.setdefault(int(target), []).append(int(value))
+    terms = [f"{value_ranges(values)}={target}" for target, values in sorted(by_target.items())]
+    if record.get("default") is not None:
+        terms.append(f"*={record['default']}")
+    return ",".join(terms)
 
 
 def _same_label(stored: Path, label: np.ndarray, affine: np.ndarray) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,20 @@ from ASFDALib.errors import ASFDAError, VolumeError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# A volume of a scan pool with at most this many distinct whole values is a label map: one value per structure.
+# A scan in integer units has far more (CT in HU thousands, MRI in scanner units hundreds), so none is skipped.
+LABEL_MAP_MAX_VALUES = 32
+# Where a label map is expected (a label to import, a prediction to score), only more values than this say "an
+# intensity image": atlases label over 32 structures (TotalSegmentator 117, FreeSurfer aparc+aseg about 110).
+LABEL_FILE_MAX_VALUES = 256
+_SAMPLE_VOXELS = 1 << 18  # enough to see a scan's many values; a 512x512x400 CT is 400 times larger
+_CHUNK_VOXELS = 1 << 22  # the whole-array confirmation works in chunks of this size: no full-size temporaries
+# Sub-folder names datasets give their scans (images, imagesTr, imagesTs of MSD/nnU-Net, scans)
+SCAN_FOLDER_NAME = re.compile(r"(images?|scans?)(tr|ts|val)?", re.IGNORECASE)
+
+
+class NotAScanError(VolumeError):
+    """A volume of a scan pool that is a label map (see :func:`looks_like_label_map`); skipped with its reason."""
 
 
 @dataclass
@@ -55,18 +71,20 @@ def _is_dicom_dir(folder: Path, files: list[str]) -> bool:
     return any(_is_dicom_file(folder / name) for name in sorted(files)[:3] if not name.startswith("."))
 
 
-def discover_volumes(folder: Path | str, recursive: bool = False) -> list[Path]:
+def discover_volumes(folder: Path | str, recursive: bool = False, exclude: Collection[Path] = ()) -> list[Path]:
     """Image files and DICOM series folders under ``folder``, sorted; a DICOM folder counts as one volume.
 
-    Symbolic links to folders are not followed, so a link loop cannot trap the scan.
+    Symbolic links to folders are not followed, so a link loop cannot trap the scan. Sub-folders in ``exclude``
+    (a session folder kept inside the pool: its labels and predictions are not scans) are not searched.
     """
     root = Path(folder)
     if not root.is_dir():
         raise ASFDAError(f"{root}: not a folder (give the folder that holds the target volumes)")
+    excluded = {Path(p).resolve() for p in exclude}
     found: list[Path] = []
     for current, dirs, files in os.walk(root, followlinks=False):
         here = Path(current)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() not in excluded)
         if here != root and _is_dicom_dir(here, files):
             found.append(here)
             dirs[:] = []
@@ -88,6 +106,63 @@ def discover_volumes(folder: Path | str, recursive: bool = False) -> list[Path]:
                     found.append(sub)
             dirs[:] = []
     return sorted(set(found))
+
+
+def scan_folders(folder: Path | str, besides: Path | str | None = None) -> list[Path]:
+    """Direct sub-folders of ``folder`` named as datasets name their scans (images, imagesTr, imagesTs, ...) that
+    hold volumes, other than ``besides``: where to point --images when ``folder`` holds none itself, or holds the
+    labels. Unreadable sub-folders are left out: this only words a hint."""
+    root, other = Path(folder), Path(besides).resolve() if besides is not None else None
+    try:
+        subs = sorted(p for p in root.iterdir() if p.is_dir() and SCAN_FOLDER_NAME.fullmatch(p.name))
+    except OSError:
+        return []
+    found = []
+    for sub in subs:
+        try:
+            if sub.resolve() != other and discover_volumes(sub):
+                found.append(sub)
+        except (OSError, ASFDAError):
+            continue
+    return found
+
+
+def _distinct_whole(values: np.ndarray, max_values: int) -> np.ndarray | None:
+    """The distinct values, or None where one is not a whole number or there are more than ``max_values``."""
+    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):  # NaN fails too
+        return None
+    distinct = np.unique(values)
+    return distinct if distinct.size <= max_values else None
+
+
+def looks_like_label_map(array: np.ndarray, max_values: int = LABEL_MAP_MAX_VALUES) -> bool:
+    """Whether ``array`` is a label map rather than a scan: whole values only, at most ``max_values`` distinct.
+
+    A constant array is a label map (all background). The rule is decided on a fixed random subsample first, so a
+    large CT costs milliseconds: a fractional value or more than ``max_values`` values there settle it. A sample
+    that looks like a label map is confirmed over the whole array, a chunk at a time, since a small structure's
+    value may be missing from the sample. ``LABEL_MAP_MAX_VALUES`` (32) decides what a scan pool skips;
+    ``LABEL_FILE_MAX_VALUES`` (256) what is refused as an intensity image where a label map is expected.
+    """
+    flat = np.ravel(array, order="K")  # a view for C- or Fortran-ordered arrays (NIfTI reads Fortran-ordered)
+    if flat.dtype.kind == "b":
+        return True
+    if flat.dtype.kind not in "iuf" or flat.size == 0:
+        return False
+    if flat.size <= _SAMPLE_VOXELS:
+        return _distinct_whole(flat, max_values) is not None
+    picks = np.random.default_rng(0).integers(0, flat.size, _SAMPLE_VOXELS)
+    seen = _distinct_whole(flat[picks], max_values)
+    if seen is None:
+        return False
+    for start in range(0, flat.size, _CHUNK_VOXELS):
+        chunk = flat[start : start + _CHUNK_VOXELS]
+        new = chunk[~np.isin(chunk, seen)]
+        if new.size:
+            seen = _distinct_whole(np.concatenate([seen, new]), max_values)
+            if seen is None:
+                return False
+    return True
 
 
 def content_hash(path: Path | str) -> str:
@@ -238,6 +313,22 @@ def read_volume(path: Path | str, allow_constant: bool = False) -> Volume:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise VolumeError(path, "invalid geometry (singular or non-finite affine)", "fix the header spacing/direction")
     return Volume(array=array, affine=affine, path=path)
+
+
+def read_scan(path: Path | str) -> Volume:
+    """:func:`read_volume` for a volume of a scan pool (ranking, source statistics, pseudo-labels): a label map
+    there is refused with a :class:`NotAScanError`, so a folder scan skips it with its reason like an unreadable
+    file, and a run on a labels folder does not rank label maps as scans."""
+    volume = read_volume(path)
+    if looks_like_label_map(volume.array):
+        values = np.unique(volume.array)
+        raise NotAScanError(
+            path,
+            f"looks like a label map, not a scan ({values.size} distinct whole values, {values[0]:g} to "
+            f"{values[-1]:g})",
+            "give --images the scans' folder, e.g. images/ rather than labels/",
+        )
+    return volume
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:

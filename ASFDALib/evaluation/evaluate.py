@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ASFDALib.atomic import atomic_write_text
-from ASFDALib.data.labels import LabelMap, align_to_image, pair_names, value_ranges
+from ASFDALib.data.labels import LabelMap, align_to_image, pair_names, refuse_intensity_image, value_ranges
 from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume
 from ASFDALib.errors import VolumeError
 from ASFDALib.evaluation.metrics import score_case
@@ -35,14 +35,20 @@ class CaseScore:
     prediction: str = ""  # the map's file name, which the predictions folder's manifest is keyed by
 
 
-def _predicted_classes(paths: list[Path]) -> int:
-    """Without class names: the class count the predictions show (they are model output, so classes)."""
+def _check_predictions(paths: list[Path]) -> int:
+    """Refuse a prediction that looks like an intensity image (a scan given as --pred) before any case is scored,
+    so no table of Dice 0 is written; return the class count the predictions show (they are model output, so
+    classes), for when no class names are given. An unreadable prediction is left to its case's row."""
     highest = 1
     for path in paths:
         try:
-            highest = max(highest, int(read_volume(path, allow_constant=True).array.max()))
+            array = read_volume(path, allow_constant=True).array
         except VolumeError:
             continue
+        refuse_intensity_image(
+            array, path, fix="give --pred the folder of predicted label maps, as asfda predict --out writes"
+        )
+        highest = max(highest, int(array.max()))
     return highest + 1
 
 
@@ -66,7 +72,8 @@ def evaluate_folders(
     mapping = mapping or LabelMap()
     pairs = {Path(ref).name: Path(pred) for ref, pred in pairing.pairs.items()}
     reference = {p.name: p for p in labels}
-    num_classes = len(class_names) if class_names else _predicted_classes(list(pairs.values()))
+    shown = _check_predictions(sorted(pairs.values()))  # before any case is scored
+    num_classes = len(class_names) if class_names else shown
     scores = []
     for name, pred_path in sorted(pairs.items()):
         try:
@@ -117,12 +124,18 @@ def left_out(pred_dir: Path, label_dir: Path) -> list[str]:
     return lines
 
 
-def foreign_warning(score: CaseScore, class_names: list[str]) -> str:
-    """One line for a case whose reference holds values that are not classes."""
+def foreign_warning(score: CaseScore, class_names: list[str], imported_with: str = "") -> str:
+    """One line for a case whose reference holds values that are not classes; ``imported_with``: the ``--map``
+    the session's labels were imported with, the likelier fix than an example."""
     classes = ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
+    fix = (
+        f"--map {imported_with}, as the session's labels were imported"
+        if imported_with
+        else f"--map, e.g. --map {value_ranges(score.foreign).split(',')[0]}=1"
+    )
     return (
         f"{score.case}: reference values [{value_ranges(score.foreign)}] are not classes ({classes}); their voxels "
-        f"are left out of the scores. Map them with --map, e.g. --map {value_ranges(score.foreign).split(',')[0]}=1"
+        f"are left out of the scores. Map them with {fix}"
     )
 
 

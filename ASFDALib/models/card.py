@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,15 @@ class IntensityConfig:
         if self.mode not in INTENSITY_MODES:
             raise ModelError(f"intensity mode {self.mode!r} unknown; use one of {', '.join(INTENSITY_MODES)}")
 
+    def describe(self) -> str:
+        """The normalisation in words, as the user checks it against the model's training."""
+        to = f"{self.b_min:g}..{self.b_max:g}"
+        if self.mode == "ct":
+            return f"CT window {self.a_min:g}..{self.a_max:g} HU to {to}"
+        if self.mode == "percentile":
+            return f"percentiles {self.lower:g}..{self.upper:g} of each volume to {to}"
+        return "z-score over non-zero voxels" if self.mode == "zscore" else "as stored"
+
 
 @dataclass
 class NetworkSpec:
@@ -77,6 +87,7 @@ class ModelCard:
     def __post_init__(self) -> None:
         if len(self.class_names) < 2:
             raise ModelError("model card: class_names needs the background and at least one class")
+        _check_background_first(self.class_names, self.source_classes)
         if len(self.class_names) > MAX_CLASSES:
             raise ModelError(
                 f"model card: {len(self.class_names)} classes; ASFDA supports up to {MAX_CLASSES - 1} foreground "
@@ -106,11 +117,35 @@ class ModelCard:
             del data["source_classes"]
         return data
 
+    def describe_input(self) -> str:
+        """What the network is given, in one line: spacing, window and intensity (defaults included, which a
+        card that leaves a key out takes silently otherwise)."""
+        spacing = " x ".join(f"{s:g}" for s in self.spacing)
+        roi = " x ".join(str(r) for r in self.roi_size)
+        return f"{spacing} mm voxels, {roi} windows, {self.intensity.describe()}"
+
     def preprocessing_key(self) -> str:
         """The part of the card that changes the network input; part of every cache key."""
         return json.dumps(
             {"spacing": self.spacing, "roi": self.roi_size, "intensity": asdict(self.intensity), "ov": self.overlap},
             sort_keys=True,
+        )
+
+
+BACKGROUND_NAMES = ("background", "bg", "_background_", "clear label")
+
+
+def _check_background_first(class_names: list[str], source_classes: list[str] | None) -> None:
+    """Channel 0 is the background in every label map and loss here; a card that starts with an organ would
+    train that organ as background. Refused where it shows: a background name later in the list, or a first
+    name that is one of the checkpoint head's foreground classes."""
+    named = [i for i, n in enumerate(class_names) if str(n).strip().lower() in BACKGROUND_NAMES]
+    foreground = {str(n).strip().lower() for n in (source_classes or [])[1:]}
+    first = str(class_names[0]).strip().lower()
+    if (named and named[0] > 0) or (first not in BACKGROUND_NAMES and first in foreground):
+        raise ModelError(
+            f"model card: class_names starts with {class_names[0]!r}; the first class is the background, "
+            f"e.g. {['background', *[n for n in class_names if str(n).strip().lower() not in BACKGROUND_NAMES]]}"
         )
 
 
@@ -125,13 +160,20 @@ def card_from_dict(data: dict[str, Any], source: str = "model card") -> ModelCar
     known = set(ModelCard.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ModelError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
+        guesses = [f"{k} (did you mean {close[0]}?)" for k in unknown if (close := get_close_matches(k, known, 1))]
+        raise ModelError(
+            f"{source}: unknown keys {unknown}; "
+            + (f"{', '.join(guesses)}; " if guesses else "")
+            + f"known keys are {sorted(known)}"
+        )
     if "class_names" not in data:
         raise ModelError(f"{source}: 'class_names' is required (background first)")
     try:
         return ModelCard(**data)
     except TypeError as exc:
         raise ModelError(f"{source}: {exc}") from None
+    except ModelError as exc:  # a field's own check: name the file it came from
+        raise ModelError(f"{source}: {str(exc).removeprefix('model card: ')}") from None
 
 
 def load_card(path: Path | str) -> ModelCard:

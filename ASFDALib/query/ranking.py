@@ -15,7 +15,14 @@ import torch
 from ASFDALib import distributed
 from ASFDALib.checkpoints import normalisation_info
 from ASFDALib.data.preprocess import compact, preprocess
-from ASFDALib.data.volumes import discover_volumes, read_volume
+from ASFDALib.data.volumes import (
+    LABEL_MAP_MAX_VALUES,
+    NotAScanError,
+    discover_volumes,
+    read_scan,
+    read_volume,
+    scan_folders,
+)
 from ASFDALib.errors import ASFDAError, ModelError, VolumeError
 from ASFDALib.inference.epistemic import epistemic_score
 from ASFDALib.inference.memory import check_scoring_memory
@@ -60,6 +67,7 @@ class VolumeRecord:
     class_entropy: np.ndarray | None = None  # ClaSP PE's scores (ASFDALib.query.class_entropy)
     sha256: str = ""
     notes: list[str] = field(default_factory=list)
+    label_map: bool = False  # skipped because it is a label map (volumes.read_scan), not an unusable scan
 
     @property
     def ok(self) -> bool:
@@ -165,7 +173,7 @@ def score_volume(
     """Read, check and sweep one volume. On CUDA out-of-memory: a smaller window batch, then the CPU."""
 
     check_scoring_memory(path, model.card.spacing)
-    volume = read_volume(path)
+    volume = read_scan(path)
     image = compact(preprocess(volume, model.card))
     del volume
     attempts = [sweep_config, replace(sweep_config, sw_batch_size=1), replace(sweep_config, device="cpu")]
@@ -236,6 +244,7 @@ def score_volumes(
                     class_entropy.store(cache.folder, ckey, record.class_entropy)
         except VolumeError as exc:
             record.result, record.reason = None, exc.reason + (f" ({exc.fix})" if exc.fix else "")
+            record.label_map = isinstance(exc, NotAScanError)
         except (ModelError, KeyboardInterrupt):
             raise
         except MemoryError:
@@ -330,17 +339,24 @@ def rank_folder(
     progress: Progress | None = None,
     labelled_names: set[str] | None = None,
     knowledge: Knowledge | None = None,
+    exclude: tuple[Path, ...] = (),
 ) -> Ranking:
-    """Discover, score and rank every volume under ``images``.
+    """Discover, score and rank every volume under ``images``, except in the ``exclude`` folders (the session's).
 
     ``knowledge`` overrides the model's own source knowledge: an adapted model's BatchNorm statistics
     describe the target by now, so later rounds pass the base model's.
     """
-    paths = discover_volumes(images, config.recursive)
+    paths = discover_volumes(images, config.recursive, exclude)
     if not paths:
+        # a dataset folder (images/ beside labels/): --recursive would rank its label maps too, so name the scans
+        scans = scan_folders(images)
+        hint = "" if config.recursive else "; add --recursive to search sub-folders"
+        if scans:
+            others = f" (or {', '.join(map(str, scans[1:]))})" if scans[1:] else ""
+            hint = f"; the scans look to be in a sub-folder: give --images {scans[0]}{others}"
         raise ASFDAError(
             f"{images}: no volumes found (looked for .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd and DICOM folders"
-            + ("" if config.recursive else "; add --recursive to search sub-folders")
+            + hint
             + ")"
         )
     knowledge = knowledge or choose_knowledge(model, config.knowledge)
@@ -357,4 +373,16 @@ def rank_folder(
     )
     by_path = {r.path: r for part in distributed.gather(local) for r in part}
     records = [by_path[p] for p in paths]
+    if all(r.label_map for r in records):  # nothing left to rank, and all for one reason: name the fix
+        raise ASFDAError(no_scans_message(Path(images), records))
     return rank_records(records, knowledge, config, model.card.name, labelled_names)
+
+
+def no_scans_message(images: Path, records: list[VolumeRecord]) -> str:
+    """One line for a pool whose every volume is a label map: the folder, an example and the scans' folder."""
+    scans = scan_folders(images.parent, besides=images)
+    where = f", e.g. --images {scans[0]}" if scans else ""
+    return (
+        f"{images}: all {len(records)} volumes look like label maps, not scans (whole values, at most "
+        f"{LABEL_MAP_MAX_VALUES} distinct; e.g. {records[0].name}); give --images the folder of the scans{where}"
+    )

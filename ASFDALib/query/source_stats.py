@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ASFDALib.data.preprocess import preprocess
-from ASFDALib.data.volumes import discover_volumes, read_volume
+from ASFDALib.data.volumes import discover_volumes, read_scan
 from ASFDALib.errors import ASFDAError, VolumeError
 from ASFDALib.inference.sweep import SweepConfig, sweep
 from ASFDALib.models.loading import LoadedModel
@@ -34,7 +34,7 @@ def compute_source_stats(
         if progress:
             progress(i, len(paths), path.name)
         try:
-            image = preprocess(read_volume(path), model.card)
+            image = preprocess(read_scan(path), model.card)  # a label map in the folder is skipped
             summaries.append(sweep(model.network, image, model.card, SweepConfig(device=device)).summary)
         except VolumeError as exc:
             skipped.append(str(exc))

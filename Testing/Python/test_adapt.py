@@ -1250,3 +1250,13 @@ def test_a_flips_gate_records_that_no_other_gate_stands_behind_it(labelled_sessi
     assert main(["finetune", str(labelled_session), *args, "--min-agreement", "0"]) == 0
     pseudo = json.loads((labelled_session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
     assert pseudo["gate"] == {"reliability": "flips", "keep_fraction": 0.5, "min_agreement": 0.0, "fallback": "none"}
+
+
+@pytest.mark.parametrize(
+    "value, floor, said",
+    [(0.498, 0.5, "0.498"), (0.43, 0.5, "0.43"), (0.49996, 0.5, "0.499960"), (0.7, 0.5, "0.70"), (0.498, None, "0.50")],
+)
+def test_an_agreement_below_the_floor_is_shown_with_the_decimals_that_keep_it_below(value, floor, said):
+    from ASFDALib.adaptation.pipeline import below
+
+    assert below(value, floor) == said

@@ -415,6 +415,11 @@ def test_class_map_option_adds_to_and_overrides_the_name_pairs():
     assert class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "liver=spleen") == {0: 0, 1: 1, 2: 2}
 
 
+def test_a_class_map_that_pairs_one_class_twice_is_refused_not_resolved_silently():
+    with pytest.raises(ModelError, match=r"pairs 'kidney' twice; keep one pair per class"):
+        class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "kidney=gallbladder, Kidney =spleen")
+
+
 def test_class_map_entry_without_a_source_leaves_that_class_newly_initialised():
     assert class_map_from_names(TARGET_NAMES, SOURCE_NAMES, "kidney=") == {0: 0, 1: 4}
 
@@ -505,3 +510,14 @@ def test_batchnorm_that_ignores_running_statistics_is_detected_without_changing_
     assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
     only_batch = torch.nn.Sequential(BatchStatsBatchNorm3d(4))
     assert not normalisation_info(only_batch).uses_running_statistics
+
+
+def test_the_report_counts_a_tensor_the_network_shares_under_two_names_once():
+    source, target = dynunet(4), dynunet(4)
+    report = load_pretrained(target, source.state_dict(), num_classes=4)
+    distinct = {id(t) for t in target.state_dict(keep_vars=True).values()}
+    assert report.loaded_distinct == len(distinct) < len(report.loaded)  # skip_layers name them again
+    assert report.loaded_distinct == len(list(target.named_parameters()))  # InstanceNorm: no buffers
+    assert report.summary.startswith(
+        f"checkpoint: loaded {len(distinct)} tensors (under {len(report.loaded)} names: the network shares them)"
+    )

@@ -18,6 +18,7 @@ import pytest
 from conftest import DATA, REPO
 
 from ASFDALib.app.cli import main
+from ASFDALib.data.labels import parse_mapping
 from ASFDALib.data.volumes import read_volume, write_nifti
 
 TPTBOX = DATA / "tptbox"
@@ -266,6 +267,19 @@ def test_evaluate_on_raw_references_warns_and_keeps_to_the_models_classes(sessio
     dice_columns = [c for c in rows[0] if c.startswith("dice_")]
     assert dice_columns == ["dice_vertebral body", "dice_posterior elements", "dice_disc", "dice_mean"]
     assert rows[0]["reason"] == "not classes, left out: 41-50"
+
+
+def test_evaluate_offers_the_map_the_sessions_labels_were_imported_with(session, tmp_path, capsys):
+    gt = _folder(tmp_path, MRI_SUBREG)
+    assert main(["labels", "import", str(session), "--from", str(gt), "--map", SPINE_MAP]) == 0
+    images = Path(json.loads((session / "session.json").read_text())["images"]["root"])
+    assert main(["predict", str(session), "--images", str(images), "--out", str(tmp_path / "pred")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--labels", str(gt), "--session", str(session)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    offered = "49-50=1,41-48=2,100=3,*=0"  # SPINE_MAP as session.json records it, by class index
+    assert f"Map them with --map {offered}, as the session's labels were imported" in out
+    assert parse_mapping(offered) == parse_mapping(SPINE_MAP, SPINE)
 
 
 def test_evaluate_with_the_map_scores_a_perfect_prediction_as_one(session, tmp_path, capsys):

@@ -138,6 +138,48 @@ def test_card_errors_are_specific(tmp_path):
         load_card(tmp_path / "d.json")
 
 
+def test_a_misspelt_card_key_is_named_with_the_key_it_likely_meant(tmp_path):
+    (tmp_path / "c.json").write_text('{"class_names": ["background", "a"], "roi_sise": [32, 32, 32]}')
+    with pytest.raises(ModelError, match=r"c\.json: unknown keys \['roi_sise'\]; roi_sise \(did you mean roi_size\?\)"):
+        load_card(tmp_path / "c.json")
+
+
+def test_a_card_fields_own_error_names_the_card_file(tmp_path):
+    (tmp_path / "c.json").write_text('{"class_names": ["background", "a"], "intensity": {"mode": "CT"}}')
+    with pytest.raises(ModelError, match=r"c\.json: intensity mode 'CT' unknown; use one of ct, "):
+        load_card(tmp_path / "c.json")
+    (tmp_path / "d.json").write_text('{"class_names": ["background", "a"], "spacing": [1, 0, 1]}')
+    with pytest.raises(ModelError, match=r"d\.json: spacing must be three positive numbers"):
+        load_card(tmp_path / "d.json")
+
+
+@pytest.mark.parametrize(
+    "classes, source",
+    [
+        (["liver", "kidney"], ["background", "spleen", "liver", "kidney"]),  # an organ of the head first
+        (["liver", "background", "kidney"], None),  # the background named, but not first
+    ],
+)
+def test_a_card_that_does_not_start_with_the_background_is_refused(classes, source):
+    with pytest.raises(ModelError, match=r"class_names starts with 'liver'; the first class is the background"):
+        ModelCard(class_names=classes, source_classes=source)
+
+
+def test_the_background_may_take_another_common_name():
+    assert ModelCard(class_names=["Background", "liver"]).num_classes == 2
+    assert ModelCard(class_names=["clear label", "liver"], source_classes=["clear label", "liver"]).num_classes == 2
+
+
+def test_a_card_says_what_the_network_is_given_defaults_included():
+    card = ModelCard(class_names=["background", "liver"], intensity={"mode": "ct"})
+    assert card.describe_input() == "1.5 x 1.5 x 1.5 mm voxels, 96 x 96 x 96 windows, CT window -1000..1000 HU to 0..1"
+    mri = ModelCard(class_names=["background", "liver"], spacing=(2, 2, 3), roi_size=(48, 48, 32))
+    assert (
+        mri.describe_input()
+        == "2 x 2 x 3 mm voxels, 48 x 48 x 32 windows, percentiles 0.5..99.5 of each volume to 0..1"
+    )
+
+
 def _write_bundle(folder: Path, network_def: dict, unet: torch.nn.Module) -> Path:
     (folder / "configs").mkdir(parents=True)
     (folder / "models").mkdir()

@@ -87,3 +87,23 @@ def test_a_readme_benchmark_command_asks_for_the_protocol_its_results_were_made_
             continue
         missing = [(b, s) for b in config.budgets for s in config.seeds if (row, b, s) not in ran]
         assert not missing, f"{row}: no run at (budget, seed) {missing}"
+
+
+def test_the_readmes_python_example_runs_as_printed(mri_pool, tmp_path, monkeypatch, capsys):
+    """The "From Python" block, verbatim, in a folder holding the pool and a ranked, labelled session."""
+    from ASFDALib.app.cli import main
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"### From Python\n.*?```python\n(.*?)^```", text, re.S | re.M).group(1)
+    (tmp_path / "pool").symlink_to(mri_pool, target_is_directory=True)
+    (tmp_path / "Resources").symlink_to(ROOT / "Resources", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["rank", "--images", "pool/images", "--out", "session", "--budget", "2"]) == 0
+    assert main(["labels", "import", "session", "--from", "pool/labels"]) == 0
+    capsys.readouterr()
+    exec(compile(block, "README.md (From Python)", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    queried = json.loads(Path("session/session.json").read_text())["rounds"][0]["query"]
+    assert [line.split()[:2] for line in printed[:2]] == [["1", queried[0]], ["2", queried[1]]]
+    assert all(re.fullmatch(r"\d \S+ DKD \d\.\d{3} ASD \d\.\d{3}", line) for line in printed[:2])
+    assert printed[2] == "done {'stage1': 100, 'stage2': 50} session/checkpoints/round1/final.pt"

@@ -115,6 +115,19 @@ def test_another_model_for_a_session_is_refused_naming_what_changed(mri_pool, tm
     assert f"{model}'s weights changed since it started; use another session" in _one_line_error(capsys)
 
 
+def test_a_card_or_class_map_without_the_model_on_a_re_rank_is_refused_not_ignored(ranked, capsys):
+    """They describe the model a session starts with: alone they would do nothing, so they are refused."""
+    root, session = ranked
+    for option, value in (("--card", CARD), ("--class-map", "liver=liver")):
+        assert main(["rank", "--out", str(session), option, value]) == 1
+        err = _one_line_error(capsys)
+        assert f"{option} describe the model a session starts with" in err
+        assert "asfda_default.pt's; leave them out, or give them with --model" in err
+    # given with the session's own model, an unchanged card checks out and the re-rank runs
+    recorded = json.loads((session / "session.json").read_text())["model"]["path"]
+    assert main(["rank", "--out", str(session), "--model", recorded, "--card", CARD]) == 0
+
+
 def test_evaluate_names_the_predictions_and_references_no_mean_includes(mri_pool, tmp_path, capsys):
     """A mean over 3 of 6 cases says which were left out and why, not only "Mean over 3 cases"."""
     names = sorted(p.name for p in (mri_pool / "labels").iterdir())

@@ -1,0 +1,249 @@
+"""Label maps and scans are not taken for each other: a scan pool skips label maps with the reason and names the
+scans' folder, a session inside the pool is not scanned, and a scan offered as a label or a prediction is refused.
+
+One rule decides it (volumes.looks_like_label_map): whole values, few of them. Real scans must never meet it: CT in
+integer HU and the MRI phantoms of every site are checked here too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from ASFDALib.app.cli import main
+from ASFDALib.bench.phantoms import domain_config, make_phantom, site_config, write_phantoms
+from ASFDALib.data.labels import LabelError, validate_label
+from ASFDALib.data.volumes import LABEL_MAP_MAX_VALUES, looks_like_label_map, read_scan, read_volume, write_nifti
+from ASFDALib.errors import VolumeError
+from ASFDALib.query.ranking import RankConfig, rank_folder
+from ASFDALib.query.source_stats import compute_source_stats
+
+CARD = REPO / "Resources" / "Model" / "asfda_default.card.json"
+CLASSES = ["background", "liver", "kidney", "gallbladder"]
+
+
+def _scan_and_label(seed: int, domain: str = "mri") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A phantom as its files hold it: the scan rounded to integers (int16 HU for CT, uint16 for MRI), the label."""
+    image, label, affine = make_phantom(seed, domain_config(domain))
+    return np.round(image).astype(np.int16 if domain == "ct" else np.uint16), label, affine
+
+
+def _pool(tmp_path: Path, count: int = 2) -> Path:
+    """What 'asfda phantoms --out pool' writes: pool/images and pool/labels."""
+    write_phantoms(tmp_path / "pool", count, "mri", seed=5)
+    return tmp_path / "pool"
+
+
+# --- the rule ------------------------------------------------------------------------------------------------------
+
+
+def test_phantom_label_maps_look_like_label_maps_as_integers_floats_and_all_background():
+    _, label, _ = _scan_and_label(0)
+    assert sorted(np.unique(label).tolist()) == [0, 1, 2, 3]
+    assert looks_like_label_map(label)
+    assert looks_like_label_map(label.astype(np.float32))  # some tools store labels as whole-valued floats
+    assert looks_like_label_map(np.zeros((8, 8, 8), np.uint8))
+
+
+def test_ct_in_integer_hu_is_not_a_label_map():
+    scan, _, _ = _scan_and_label(0, "ct")
+    assert scan.dtype == np.int16 and np.unique(scan).size > 1000  # thousands of HU values
+    assert not looks_like_label_map(scan)
+    # a clinical-size CT goes through the subsample (2**18 voxels): noise in HU is never a few values
+    big = np.clip(np.random.default_rng(0).normal(40, 300, (256, 256, 96)), -1024, 3071).astype(np.int16)
+    assert not looks_like_label_map(big)
+
+
+@pytest.mark.parametrize("site", ["A", "B", "C"])
+def test_mri_phantoms_of_every_site_are_not_label_maps(site):
+    image, _, _ = make_phantom(1, site_config(site))
+    scan = np.round(image).astype(np.uint16)
+    assert np.unique(scan).size > 500
+    assert not looks_like_label_map(scan)
+
+
+def test_values_the_subsample_misses_are_counted_over_the_whole_array():
+    # 256 x 256 x 64 = 4 M voxels, 16 times the subsample (2**18 voxels at fixed random places)
+    label = np.zeros((256, 256, 64), np.uint8, order="F")  # NIfTI arrays read Fortran-ordered
+    for value in range(1, LABEL_MAP_MAX_VALUES):
+        label[value * 8 : value * 8 + 8, :, :] = value  # 32 values in wide slabs: all in the sample
+    assert looks_like_label_map(label)
+    label[10, 20, 30] = 200  # a one-voxel 33rd value at a place the subsample does not look
+    assert not looks_like_label_map(label)
+    assert looks_like_label_map(label, max_values=33)
+
+
+def test_fractional_values_are_not_a_label_map():
+    values = np.zeros((8, 8, 8), np.float32)
+    values[2:4, 2:4, 2:4] = 0.5  # a label resampled with linear interpolation, or a probability map
+    assert not looks_like_label_map(values)
+
+
+def test_reading_a_label_map_as_a_scan_is_refused_with_the_reason(tmp_path):
+    _, label, affine = _scan_and_label(0)
+    path = write_nifti(tmp_path / "mri_000.nii.gz", label, affine)
+    with pytest.raises(VolumeError) as caught:
+        read_scan(path)
+    assert caught.value.reason == "looks like a label map, not a scan (4 distinct whole values, 0 to 3)"
+    assert "images/ rather than labels/" in caught.value.fix
+    assert read_volume(path).array.shape == label.shape  # as a label it still reads
+
+
+# --- asfda rank and stats ------------------------------------------------------------------------------------------
+
+
+def test_rank_on_a_dataset_folder_names_its_images_sub_folder_not_recursive(tmp_path, capsys):
+    pool = _pool(tmp_path)
+    assert main(["rank", "--images", str(pool), "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert f"give --images {pool / 'images'})" in err and "--recursive" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_rank_on_a_folder_of_imagestr_and_imagests_names_both(tmp_path, capsys):
+    pool = _pool(tmp_path)
+    (pool / "images").rename(pool / "imagesTr")
+    shutil.copytree(pool / "imagesTr", pool / "imagesTs")
+    (pool / "labels").rename(pool / "labelsTr")
+    assert main(["rank", "--images", str(pool), "--out", str(tmp_path / "s")]) == 1
+    assert f"give --images {pool / 'imagesTr'} (or {pool / 'imagesTs'})" in capsys.readouterr().err
+
+
+def test_rank_on_a_labels_folder_fails_in_one_line_naming_the_scans_folder(tmp_path, capsys):
+    pool = _pool(tmp_path)
+    out = tmp_path / "s"
+    assert main(["rank", "--images", str(pool / "labels"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"asfda rank: error: {pool / 'labels'}: all 2 volumes look like label maps, not scans (whole values, at most "
+        f"32 distinct; e.g. mri_000.nii.gz); give --images the folder of the scans, e.g. --images {pool / 'images'}"
+    )
+    assert not out.exists()  # a failed first rank leaves no session behind
+
+
+def test_label_maps_among_scans_are_skipped_with_their_reason_and_the_scans_ranked(tmp_path, default_model, mri_pool):
+    ranking = rank_folder(mri_pool, default_model, tmp_path / "cache", RankConfig(recursive=True, budget=2))
+    scored = sorted(r.file for r in ranking.rows if r.status == "scored")
+    assert scored == sorted(f"images/{p.name}" for p in (mri_pool / "images").iterdir())  # MRI scans all kept
+    skipped = {r.file: r.reason for r in ranking.skipped}
+    assert sorted(skipped) == sorted(f"labels/{p.name}" for p in (mri_pool / "labels").iterdir())
+    assert all(reason.startswith("looks like a label map, not a scan (4 distinct") for reason in skipped.values())
+    assert all(not f.startswith("labels/") for f in (r.file for r in ranking.selected))
+
+
+def test_ct_scans_in_integer_hu_are_ranked_not_skipped(tmp_path, default_model):
+    write_phantoms(tmp_path / "ct", 2, "ct", seed=4, labels=False)
+    assert read_volume(tmp_path / "ct" / "images" / "ct_000.nii.gz").array.dtype == np.int16
+    ranking = rank_folder(tmp_path / "ct" / "images", default_model, tmp_path / "cache", RankConfig(budget=1))
+    assert [r.status for r in ranking.rows] == ["scored", "scored"]
+
+
+def test_a_session_inside_the_images_folder_is_never_scanned(tmp_path, mri_pool):
+    images = tmp_path / "images"
+    shutil.copytree(mri_pool / "images", images)
+    out = images / "sess"
+    assert main(["rank", "--images", str(images), "--out", str(out), "--budget", "1"]) == 0
+    (query,) = json.loads((out / "ranking.json").read_text())["selected"]
+    assert main(["labels", "import", str(out), "--from", str(mri_pool / "labels")]) == 0
+    assert (out / "labels" / query.replace(".nii.gz", ".v1.nii.gz")).is_file()
+    assert main(["rank", "--images", str(images), "--out", str(out), "--recursive", "--budget", "2"]) == 0
+    report = json.loads((out / "ranking.json").read_text())
+    files = [r["file"] for r in report["rows"]]  # scored, labelled and skipped alike
+    assert sorted(files) == sorted(p.name for p in (mri_pool / "images").iterdir())  # not even listed as skipped
+
+
+def test_stats_skips_label_maps_in_its_folder_with_the_reason(tmp_path, default_model):
+    scan, label, affine = _scan_and_label(2, "ct")
+    write_nifti(tmp_path / "source" / "ct_000.nii.gz", scan, affine)
+    write_nifti(tmp_path / "source" / "ct_000_seg.nii.gz", label, affine)
+    pooled, skipped = compute_source_stats(default_model, tmp_path / "source", tmp_path / "stats.npz")
+    assert skipped == [
+        f"{tmp_path / 'source' / 'ct_000_seg.nii.gz'}: looks like a label map, not a scan (4 distinct whole values, "
+        "0 to 3) (give --images the scans' folder, e.g. images/ rather than labels/)"
+    ]
+    assert pooled.layers and (tmp_path / "stats.npz").is_file()
+
+
+# --- asfda labels import -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory, mri_pool) -> Path:
+    """The MRI pool ranked with budget 1."""
+    out = tmp_path_factory.mktemp("ranked") / "session"
+    assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(out), "--budget", "1"]) == 0
+    return out
+
+
+@pytest.fixture
+def session(ranked, tmp_path) -> Path:
+    """A fresh copy of the ranked session for each test (imports change it)."""
+    shutil.copytree(ranked, tmp_path / "session")
+    return tmp_path / "session"
+
+
+def test_importing_the_scan_itself_as_its_label_is_refused_in_one_line(session, mri_pool, capsys):
+    name = "mri_000.nii.gz"
+    scan = mri_pool / "images" / name
+    assert main(["labels", "import", str(session), "--from", str(scan), "--cases", name]) == 1
+    count = np.unique(read_volume(scan).array).size
+    refused = [line for line in capsys.readouterr().out.splitlines() if line.startswith("refused")]
+    assert refused == [
+        f"refused {scan}: holds {count} distinct values and looks like an intensity image, not a label map: it is "
+        f"the session's image {name} itself (give the case's label map, its segmentation file, e.g. the one in the "
+        "labels/ folder)"
+    ]
+    assert not (session / "labels").exists()
+
+
+def test_importing_another_scan_as_a_label_is_refused_as_an_intensity_image(session, mri_pool, capsys):
+    other = mri_pool / "images" / "mri_001.nii.gz"
+    assert main(["labels", "import", str(session), "--from", str(other), "--cases", "mri_000.nii.gz"]) == 1
+    count = np.unique(read_volume(other).array).size
+    printed = capsys.readouterr().out
+    assert f"holds {count} distinct values and looks like an intensity image, not a label map (give" in printed
+    assert "itself" not in printed and "--map" not in printed
+
+
+def test_a_label_map_of_forty_structures_is_not_taken_for_a_scan(tmp_path):
+    # atlases label more structures than a scan pool's rule allows (32): importing them must still work
+    scan, _, affine = _scan_and_label(0)
+    values = np.zeros(scan.shape, np.uint8)
+    for value in range(1, 41):
+        values[value, :, :] = value
+    image = write_nifti(tmp_path / "case.nii.gz", scan, affine)
+    label = write_nifti(tmp_path / "case_seg.nii.gz", values, affine)
+    with pytest.raises(LabelError, match=r"label values \[4-40\] are not classes"):
+        validate_label(label, image, CLASSES)
+
+
+# --- asfda evaluate ------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_refuses_scans_given_as_predictions_and_writes_nothing(tmp_path, capsys):
+    pool = _pool(tmp_path)
+    args = ["evaluate", "--pred", str(pool / "images"), "--labels", str(pool / "labels"), "--card", str(CARD)]
+    assert main(args) == 1
+    first = pool / "images" / "mri_000.nii.gz"
+    count = np.unique(read_volume(first).array).size
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        f"asfda evaluate: error: {first}: holds {count} distinct values and looks like an intensity image, not a "
+        "label map (give --pred the folder of predicted label maps, as asfda predict --out writes)"
+    )
+    assert captured.out == ""  # refused before any case was scored
+    assert sorted(p.name for p in (pool / "images").iterdir()) == ["mri_000.nii.gz", "mri_001.nii.gz"]
+
+
+def test_evaluate_still_scores_label_maps_given_as_predictions(tmp_path, capsys):
+    pool = _pool(tmp_path)
+    out = tmp_path / "evaluation.csv"
+    args = ["evaluate", "--pred", str(pool / "labels"), "--labels", str(pool / "labels"), "--card", str(CARD)]
+    assert main([*args, "--out", str(out)]) == 0
+    mean = out.read_text().splitlines()[-1].split(",")
+    assert mean[0] == "MEAN" and mean[-1] == "1.0000"  # each label against itself
