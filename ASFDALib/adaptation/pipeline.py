@@ -616,7 +616,7 @@ def predict_folder(
         if progress:
             progress(i, len(paths), path.name)
         try:
-            volume = read_volume(path)
+            volume = read_scan(path)  # a label map in the folder is skipped with its reason, not segmented
         except VolumeError as exc:
             skipped.append(str(exc))
             continue

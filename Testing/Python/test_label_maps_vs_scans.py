@@ -136,6 +136,17 @@ def test_label_maps_among_scans_are_skipped_with_their_reason_and_the_scans_rank
     assert all(not f.startswith("labels/") for f in (r.file for r in ranking.selected))
 
 
+def test_predict_segments_the_scans_of_a_folder_and_skips_its_label_maps_with_the_reason(tmp_path, default_model):
+    from ASFDALib.adaptation.pipeline import predict_folder
+
+    folder = tmp_path / "mixed"
+    write_phantoms(folder, 1, "mri", seed=3)
+    shutil.copy(folder / "labels" / "mri_000.nii.gz", folder / "images" / "mri_000_seg.nii.gz")
+    written, skipped = predict_folder(default_model, folder / "images", tmp_path / "pred", "cpu")
+    assert [p.name for p in written] == ["mri_000.nii.gz"]
+    assert len(skipped) == 1 and "mri_000_seg.nii.gz" in skipped[0] and "looks like a label map" in skipped[0]
+
+
 def test_ct_scans_in_integer_hu_are_ranked_not_skipped(tmp_path, default_model):
     write_phantoms(tmp_path / "ct", 2, "ct", seed=4, labels=False)
     assert read_volume(tmp_path / "ct" / "images" / "ct_000.nii.gz").array.dtype == np.int16
