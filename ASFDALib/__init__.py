@@ -6,3 +6,8 @@ from models loaded safely (:mod:`ASFDALib.models.loading`) and volumes read from
 """
 
 __version__ = "0.1.0"
+
+# seconds between plain progress lines, the command line's and the engine's own (the pseudo-label gates'): often
+# enough to show life, rarely enough to read. Here, not in the engine, so the command line can read it without
+# importing torch (``asfda --help`` answers at once).
+PROGRESS_EVERY_S = 10.0

@@ -194,16 +194,17 @@ class LoadReport:
     # class names of the target task and of the checkpoint's head, when the card gives them (for the summary)
     class_names: list[str] = field(default_factory=list)
     source_class_names: list[str] = field(default_factory=list)
-    # distinct tensors loaded: a network that registers a module twice (DynUNet's skip_layers) lists a shared
-    # tensor under each name in ``loaded`` (None in reports recorded before it was counted)
-    loaded_distinct: int | None = None
+    # distinct tensors loaded and new: a network that registers a module twice (DynUNet's skip_layers) lists a
+    # shared tensor under each of its names in ``loaded`` and ``new``
+    loaded_distinct: int = 0
+    new_distinct: int = 0
 
     @property
     def summary(self) -> str:
         """One line for logs, the ranking output and the panel."""
-        distinct = self.loaded_distinct if self.loaded_distinct is not None else len(self.loaded)
-        names = f" (under {len(self.loaded)} names: the network shares them)" if distinct != len(self.loaded) else ""
-        parts = [f"{self.source}: loaded {distinct} tensors{names}"]
+        shared = len(self.loaded) != self.loaded_distinct or len(self.new) != self.new_distinct
+        names = f" (under {len(self.loaded)} names: the network shares tensors)" if shared else ""
+        parts = [f"{self.source}: loaded {self.loaded_distinct} tensors{names}"]
         if self.encoder_only:
             parts.append(f"encoder-only checkpoint into {self.encoder!r}; decoder and head newly initialised")
         elif self.head_reinitialised:
@@ -216,7 +217,7 @@ class LoadReport:
             parts.append(f"pre-trained rows copied for classes {pairs}")
         seeded = [n for n in self.new if n in self.head] if self.mapped_classes else []
         rows = f" (the head's {len(seeded)} among them, with the rows above copied in)" if seeded else ""
-        parts.append(f"{len(self.new)} newly initialised{rows}, {len(self.ignored)} checkpoint tensors ignored")
+        parts.append(f"{self.new_distinct} newly initialised{rows}, {len(self.ignored)} checkpoint tensors ignored")
         beyond = [n for n in self.ignored if n not in self.head]  # a pre-training head, or tensors of no layer here
         if beyond:
             parts.append(f"ignored outside the head: {_names(beyond)}")
@@ -476,6 +477,7 @@ def load_pretrained(
     report.loaded = sorted(n for n in own if id(own_vars[n]) in loaded_ids)
     report.loaded_distinct = len(loaded_ids)
     report.new = sorted(n for n in own if id(own_vars[n]) not in loaded_ids)
+    report.new_distinct = len({id(own_vars[n]) for n in report.new})
     # Named as they map onto the network when they do (the pre-trained head), else as in the checkpoint.
     report.ignored = sorted(mapping[k] if mapping.get(k) in own else k for k in ckpt if k not in used)
     return report

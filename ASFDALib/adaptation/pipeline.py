@@ -7,6 +7,7 @@ This is what ``asfda finetune`` / ``asfda predict`` and the Slicer panel call.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ASFDALib import distributed
+from ASFDALib import PROGRESS_EVERY_S, distributed
 from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
 from ASFDALib.adaptation.recipe import FinetuneConfig, stage2_teacher
@@ -62,9 +63,6 @@ class AdaptResult:
     gate: dict[str, Any] | None = None  # the gate the pseudo-labels were made with (pseudo.json)
     teacher: str = ""  # who labelled the pseudo-labelled patches in stage 2 ("fixed" or "ema"; "" for none)
     loss: float | None = None
-
-
-PROGRESS_EVERY_S = 10.0  # seconds between plain progress lines: often enough to show life, rarely enough to read
 
 
 def session_model(session: Session, adapted: bool = True) -> LoadedModel:
@@ -158,7 +156,8 @@ def build_pseudo_labels(
     else:
         gate["min_agreement"] = config.min_agreement
     if made.asked:
-        gate |= {"asked": made.asked, "asked_best": round(made.asked_best, 4)}
+        # the asked gate's floor too: a confidence fallback records none of its own
+        gate |= {"asked": made.asked, "asked_best": round(made.asked_best, 6), "asked_floor": config.min_agreement}
     elif made.gate != "confidence":
         # what would have judged had this gate kept no volume (a fallback that is the gate itself never does)
         gate["fallback"] = "none" if config.fallback == made.gate else config.fallback
@@ -173,22 +172,23 @@ VIEWS = {
 
 
 def below(value: float, floor: float | None) -> str:
-    """``value`` to as few decimals (2 to 6) as show it below ``floor``: 0.498 is not "0.50, below 0.5"."""
-    for digits in (2, 3, 4, 6):
+    """``value`` to as few decimals (2 to 4) as show it below ``floor``: 0.498 is not "0.50, below 0.5". Past 4
+    decimals it is cut, not rounded, so the number shown never reaches the floor it fell short of."""
+    for digits in (2, 3, 4):
         text = f"{value:.{digits}f}"
         if floor is None or value >= floor or float(text) < floor:
             return text
-    return text
+    return f"{math.floor(value * 1e4) / 1e4:.4f}"
 
 
 def _instead(gate: dict) -> str:
     """Where the fallback judged: which gate was asked, and how near it came (a clause, or "")."""
     if not gate.get("asked"):
         return ""
+    best = below(gate["asked_best"], gate.get("asked_floor", gate.get("min_agreement")))  # older records: no floor
     return (
-        f"no volume reached the {gate['asked']} gate's floor ({VIEWS[gate['asked']]} at most "
-        f"{below(gate['asked_best'], gate.get('min_agreement'))}), so the {gate['reliability']} gate judged instead "
-        "(--pseudo-fallback)"
+        f"no volume reached the {gate['asked']} gate's floor ({VIEWS[gate['asked']]} at most {best}), so the "
+        f"{gate['reliability']} gate judged instead (--pseudo-fallback)"
     )
 
 

@@ -612,7 +612,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.labels import mapping_text, parse_mapping
-    from ASFDALib.data.volumes import discover_volumes
+    from ASFDALib.data.volumes import content_hash, discover_volumes
     from ASFDALib.evaluation.evaluate import (
         evaluate_folders,
         foreign_warning,
@@ -645,11 +645,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if names is None:
         names = ["background", *[f"class{i}" for i in range(1, max(len(s.dice) for s in scores) + 1)]]
         console.print("no class names: give --session or --card (classes taken from the predictions' values)")
-    # one map for every label the session imported with a map: offered in place of an example
-    imported = {mapping_text(e["map"]) for e in session.label_versions().values() if e.get("map")} if session else set()
-    imported_with = next(iter(imported)) if len(imported) == 1 else ""
+    # a reference file the session imported with a map (known by its content): that map, not an example
+    versions = session.label_versions().values() if session else []
+    imported = {e["source_sha256"]: mapping_text(e["map"]) for e in versions if e.get("map") and e.get("source_sha256")}
     for score in scores:
         if score.foreign:
+            imported_with = imported.get(content_hash(Path(args.labels) / score.case), "") if imported else ""
             warning = foreign_warning(score, names, imported_with)
             console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
     for line in left_out(args.pred, args.labels):
@@ -853,10 +854,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         )
     console.print((args.out / "benchmark.md").read_text(encoding="utf-8"))
     curves = ", curves.json, benchmark_curves.png" if (args.out / "curves.json").is_file() else ""
-    # a resumed benchmark's command is short; the trainings' own times are the record of what they cost
+    # a resumed benchmark's command is short; the runs' own times (training, ranking, scoring) say what they cost
     console.print(
-        f"{_duration(report['wall_seconds'])} this time ({report['runs']} trainings, "
-        f"{_duration(report['run_seconds'])} of training in all); wrote {args.out}/results.json, summary.json, "
+        f"{_duration(report['wall_seconds'])} this time ({report['runs']} runs, "
+        f"{_duration(report['run_seconds'])} in all); wrote {args.out}/results.json, summary.json, "
         f"benchmark.json, benchmark.md, benchmark.png, benchmark_diff.png{curves}"
     )
     for warning in report["warnings"]:  # a plot that could not be drawn (e.g. matplotlib missing)

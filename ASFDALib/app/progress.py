@@ -7,8 +7,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-# one pace for every plain progress line, the engine's own (the pseudo-label gates') included
-from ASFDALib.adaptation.pipeline import PROGRESS_EVERY_S
+from ASFDALib import PROGRESS_EVERY_S
 
 
 def _clock(seconds: float) -> str:

@@ -234,7 +234,11 @@ def validate_label(
         if not np.all(np.isfinite(values)):
             raise LabelError(label_path, "label has NaN/Inf voxels", "labels must be whole class numbers")
         if np.any(values != np.round(values)):
-            raise LabelError(label_path, "label has fractional values", "labels must be whole class numbers")
+            raise LabelError(
+                label_path,
+                "label has fractional values",
+                "labels must be whole class numbers: resample label maps with nearest-neighbour interpolation",
+            )
     values = values.astype(np.int64)
     present = np.unique(values)
     mapping = mapping if isinstance(mapping, LabelMap) else LabelMap(dict(mapping or {}))
@@ -272,21 +276,26 @@ def refuse_intensity_image(
     image_name: str = "",
     fix: str = "give the case's label map, its segmentation file, e.g. the one in the labels/ folder",
 ) -> None:
-    """Refuse, as an intensity image, a file offered as a label map with more distinct values than a label map has
-    (:data:`LABEL_FILE_MAX_VALUES`), saying so when its voxels are ``image``'s (the case's own scan). Before the
-    value-by-value checks: their advice (a --map of hundreds of values to background) would make a scan a label."""
+    """Refuse, as an intensity image, a file offered as a label map that is ``image`` itself (the case's own
+    scan, whatever its bit depth) or has more distinct values than a label map has (:data:`LABEL_FILE_MAX_VALUES`).
+    Before the value-by-value checks: their advice (a --map of hundreds of values to background) would make a
+    scan a label. A label resampled with linear interpolation (mostly whole values, few of them) is left to the
+    fractional-values check, which names the cause."""
+    if image is not None and values.shape == image.shape and np.array_equal(values, image):
+        raise LabelError(
+            path,
+            f"is the session's image {image_name} itself ({np.unique(values).size} distinct values), not a label map",
+            fix,
+        )
     if looks_like_label_map(values, LABEL_FILE_MAX_VALUES):
+        return
+    whole = values[values == np.round(values)] if values.dtype.kind == "f" else values
+    if 2 * whole.size >= values.size and looks_like_label_map(whole, LABEL_FILE_MAX_VALUES):
         return
     count = int(np.unique(values).size)
     if count <= LABEL_FILE_MAX_VALUES:  # a few fractional values: no scan; the caller's own checks judge them
         return
-    same = image is not None and values.shape == image.shape and np.array_equal(values, image)
-    raise LabelError(
-        path,
-        f"holds {count} distinct values and looks like an intensity image, not a label map"
-        + (f": it is the session's image {image_name} itself" if same else ""),
-        fix,
-    )
+    raise LabelError(path, f"holds {count} distinct values and looks like an intensity image, not a label map", fix)
 
 
 # Name suffixes that mark a file as the label of an image (longest first: '_labels' before '_label').

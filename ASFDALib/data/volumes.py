@@ -155,12 +155,17 @@ def looks_like_label_map(array: np.ndarray, max_values: int = LABEL_MAP_MAX_VALU
     seen = _distinct_whole(flat[picks], max_values)
     if seen is None:
         return False
+    seen = seen.astype(np.int64)  # whole values: integer comparisons are several times faster than float ones
     for start in range(0, flat.size, _CHUNK_VOXELS):
         chunk = flat[start : start + _CHUNK_VOXELS]
+        if chunk.dtype.kind == "f":
+            if not np.array_equal(chunk, np.round(chunk)):  # NaN fails too
+                return False
+            chunk = chunk.astype(np.int64)
         new = chunk[~np.isin(chunk, seen)]
         if new.size:
-            seen = _distinct_whole(np.concatenate([seen, new]), max_values)
-            if seen is None:
+            seen = np.unique(np.concatenate([seen, new]))
+            if seen.size > max_values:
                 return False
     return True
 

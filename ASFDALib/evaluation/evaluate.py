@@ -18,7 +18,7 @@ import numpy as np
 from ASFDALib.atomic import atomic_write_text
 from ASFDALib.data.labels import LabelMap, align_to_image, pair_names, refuse_intensity_image, value_ranges
 from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume
-from ASFDALib.errors import VolumeError
+from ASFDALib.errors import ASFDAError, VolumeError
 from ASFDALib.evaluation.metrics import score_case
 
 if TYPE_CHECKING:
@@ -35,19 +35,30 @@ class CaseScore:
     prediction: str = ""  # the map's file name, which the predictions folder's manifest is keyed by
 
 
-def _check_predictions(paths: list[Path]) -> int:
-    """Refuse a prediction that looks like an intensity image (a scan given as --pred) before any case is scored,
-    so no table of Dice 0 is written; return the class count the predictions show (they are model output, so
-    classes), for when no class names are given. An unreadable prediction is left to its case's row."""
+PRED_FIX = "give --pred the folder of predicted label maps, as asfda predict --out writes"
+
+
+class NotAPrediction(ASFDAError):
+    """A --pred file that is an intensity image (a scan): the whole evaluation is refused, not one row."""
+
+
+def _refuse_scan(array: np.ndarray, path: Path) -> None:
+    try:
+        refuse_intensity_image(array, path, fix=PRED_FIX)
+    except VolumeError as exc:  # out of the per-case rows' handler: a folder of scans is no evaluation
+        raise NotAPrediction(str(exc)) from None
+
+
+def _predicted_classes(paths: list[Path]) -> int:
+    """Without class names: the class count the predictions show (they are model output, so classes); a scan
+    among them is refused here already, before any case is scored."""
     highest = 1
     for path in paths:
         try:
             array = read_volume(path, allow_constant=True).array
         except VolumeError:
-            continue
-        refuse_intensity_image(
-            array, path, fix="give --pred the folder of predicted label maps, as asfda predict --out writes"
-        )
+            continue  # an unreadable prediction is left to its case's row
+        _refuse_scan(array, path)
         highest = max(highest, int(array.max()))
     return highest + 1
 
@@ -72,13 +83,13 @@ def evaluate_folders(
     mapping = mapping or LabelMap()
     pairs = {Path(ref).name: Path(pred) for ref, pred in pairing.pairs.items()}
     reference = {p.name: p for p in labels}
-    shown = _check_predictions(sorted(pairs.values()))  # before any case is scored
-    num_classes = len(class_names) if class_names else shown
+    num_classes = len(class_names) if class_names else _predicted_classes(sorted(pairs.values()))
     scores = []
     for name, pred_path in sorted(pairs.items()):
         try:
             ref = read_volume(reference[name], allow_constant=True)
             pred = read_volume(pred_path, allow_constant=True)
+            _refuse_scan(pred.array, pred_path)  # nothing is written before every case is scored
             pred_array, _ = align_to_image(np.asarray(pred.array), pred.affine, ref.array.shape, ref.affine, pred_path)
             ref_array = np.asarray(ref.array).astype(np.int64)
             present = [int(v) for v in np.unique(ref_array)]
@@ -126,7 +137,7 @@ def left_out(pred_dir: Path, label_dir: Path) -> list[str]:
 
 def foreign_warning(score: CaseScore, class_names: list[str], imported_with: str = "") -> str:
     """One line for a case whose reference holds values that are not classes; ``imported_with``: the ``--map``
-    the session's labels were imported with, the likelier fix than an example."""
+    the session imported this very reference file with, the likelier fix than an example."""
     classes = ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
     fix = (
         f"--map {imported_with}, as the session's labels were imported"

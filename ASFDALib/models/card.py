@@ -87,7 +87,6 @@ class ModelCard:
     def __post_init__(self) -> None:
         if len(self.class_names) < 2:
             raise ModelError("model card: class_names needs the background and at least one class")
-        _check_background_first(self.class_names, self.source_classes)
         if len(self.class_names) > MAX_CLASSES:
             raise ModelError(
                 f"model card: {len(self.class_names)} classes; ASFDA supports up to {MAX_CLASSES - 1} foreground "
@@ -104,6 +103,7 @@ class ModelCard:
             if isinstance(self.source_classes, str) or not all(isinstance(n, str) for n in self.source_classes):
                 raise ModelError("model card: source_classes must be a list of class names (the checkpoint's head)")
             self.source_classes = list(self.source_classes)
+        _check_background_first(self.class_names, self.source_classes)
 
     @property
     def num_classes(self) -> int:

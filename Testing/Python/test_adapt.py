@@ -481,6 +481,7 @@ def test_where_the_source_model_vouches_for_no_volume_the_flipped_views_judge_by
     assert gate == {"reliability": "flips", "keep_fraction": 0.5, "min_agreement": 0.5} | {
         "asked": "rounds",
         "asked_best": gate["asked_best"],
+        "asked_floor": 0.5,
     }
     assert 0 < gate["asked_best"] < 0.5 and pseudo["kept"] == [] and best < 0.5
     n = len(pseudo["reliability"])  # how far each gate got: its first and last volume at least
@@ -510,10 +511,10 @@ def test_where_the_source_model_vouches_for_no_volume_the_flipped_views_judge_by
             "from at most 0.12), so the flips gate judged instead (--pseudo-fallback): 2 of 3 unlabeled volumes "
             "reached the flips gate's floor (0.5); the 2 that agree most get pseudo-labels (--keep-fraction 0.5)",
         ),
-        (
-            {"reliability": "confidence", "confidence": 0.9, "asked": "flips", "asked_best": 0.3},
+        (  # a confidence fallback has no floor of its own: the asked gate's is recorded beside it
+            {"reliability": "confidence", "confidence": 0.9, "asked": "flips", "asked_best": 0.498, "asked_floor": 0.5},
             1,
-            "no volume reached the flips gate's floor (the adapted model's flipped views agree at most 0.30), so "
+            "no volume reached the flips gate's floor (the adapted model's flipped views agree at most 0.498), so "
             "the confidence gate judged instead (--pseudo-fallback): 1 of 3 unlabeled volumes get pseudo-labels: "
             "the most reliable by the confidence gate (--keep-fraction 0.5)",
         ),
@@ -1254,7 +1255,7 @@ def test_a_flips_gate_records_that_no_other_gate_stands_behind_it(labelled_sessi
 
 @pytest.mark.parametrize(
     "value, floor, said",
-    [(0.498, 0.5, "0.498"), (0.43, 0.5, "0.43"), (0.49996, 0.5, "0.499960"), (0.7, 0.5, "0.70"), (0.498, None, "0.50")],
+    [(0.498, 0.5, "0.498"), (0.43, 0.5, "0.43"), (0.49996, 0.5, "0.4999"), (0.7, 0.5, "0.70"), (0.498, None, "0.50")],
 )
 def test_an_agreement_below_the_floor_is_shown_with_the_decimals_that_keep_it_below(value, floor, said):
     from ASFDALib.adaptation.pipeline import below

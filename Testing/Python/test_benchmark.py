@@ -92,11 +92,11 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["benchmark", "--quick", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["runs"] == runs  # nothing was run twice
-    # a resume's own time is short: the trainings' time is said beside it, from their records
-    trained = sum(r["seconds"] for r in runs)
+    # a resume's own time is short: the runs' time is said beside it, from their records
+    spent = sum(r["seconds"] for r in runs)
     said = " ".join(capsys.readouterr().out.split())
-    assert f"this time ({len(runs)} trainings, {trained:.0f} s of training in all)" in said or (
-        f"this time ({len(runs)} trainings, {trained / 60:.1f} min of training in all)" in said
+    assert f"this time ({len(runs)} runs, {spent:.0f} s in all)" in said or (
+        f"this time ({len(runs)} runs, {spent / 60:.1f} min in all)" in said
     )
     (out / "benchmark.md").unlink()
     assert main(["benchmark", "--quick", "--out", str(out), "--report-only"]) == 0

@@ -519,5 +519,11 @@ def test_the_report_counts_a_tensor_the_network_shares_under_two_names_once():
     assert report.loaded_distinct == len(distinct) < len(report.loaded)  # skip_layers name them again
     assert report.loaded_distinct == len(list(target.named_parameters()))  # InstanceNorm: no buffers
     assert report.summary.startswith(
-        f"checkpoint: loaded {len(distinct)} tensors (under {len(report.loaded)} names: the network shares them)"
+        f"checkpoint: loaded {len(distinct)} tensors (under {len(report.loaded)} names: the network shares tensors)"
     )
+    # the head re-initialised for other classes: its new tensors are counted once too, as loaded ones are
+    target = dynunet(3)
+    report = load_pretrained(target, source.state_dict(), num_classes=3)
+    new = {id(t) for n, t in target.state_dict(keep_vars=True).items() if n in report.new}
+    assert report.new_distinct == len(new) < len(report.new)  # the deep-supervision head is shared too
+    assert f"; {len(new)} newly initialised" in report.summary

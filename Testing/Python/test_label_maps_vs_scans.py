@@ -205,11 +205,31 @@ def test_importing_the_scan_itself_as_its_label_is_refused_in_one_line(session, 
     count = np.unique(read_volume(scan).array).size
     refused = [line for line in capsys.readouterr().out.splitlines() if line.startswith("refused")]
     assert refused == [
-        f"refused {scan}: holds {count} distinct values and looks like an intensity image, not a label map: it is "
-        f"the session's image {name} itself (give the case's label map, its segmentation file, e.g. the one in the "
-        "labels/ folder)"
+        f"refused {scan}: is the session's image {name} itself ({count} distinct values), not a label map (give "
+        "the case's label map, its segmentation file, e.g. the one in the labels/ folder)"
     ]
     assert not (session / "labels").exists()
+
+
+def test_an_8_bit_scan_offered_as_its_own_label_is_named_as_the_scan(tmp_path):
+    # 256 values at most: as many as a label map may hold, so only the voxels being the scan's tell
+    scan, _, affine = _scan_and_label(0)
+    eight_bit = np.clip(scan / scan.max() * 255, 0, 255).astype(np.uint8)
+    image = write_nifti(tmp_path / "scan.nii.gz", eight_bit, affine)
+    with pytest.raises(LabelError, match=r"is the session's image scan\.nii\.gz itself \(\d+ distinct values\)"):
+        validate_label(image, image, ["background", "liver", "kidney", "gallbladder"])
+
+
+def test_a_label_resampled_with_linear_interpolation_is_told_its_fractional_values_not_called_a_scan(tmp_path):
+    scan, label, affine = _scan_and_label(0)
+    blurred = label.astype(np.float32)
+    blurred[1:] = 0.5 * (blurred[1:] + blurred[:-1])  # linear interpolation across one axis: edges go fractional
+    blurred += np.where(blurred % 1, np.random.default_rng(0).uniform(-0.1, 0.1, blurred.shape), 0).astype(np.float32)
+    assert np.unique(blurred).size > 256 and np.mean(blurred == np.round(blurred)) > 0.5
+    image = write_nifti(tmp_path / "scan.nii.gz", scan, affine)
+    path = write_nifti(tmp_path / "label.nii.gz", blurred, affine)
+    with pytest.raises(LabelError, match="fractional values.*nearest-neighbour"):
+        validate_label(path, image, ["background", "liver", "kidney", "gallbladder"])
 
 
 def test_importing_another_scan_as_a_label_is_refused_as_an_intensity_image(session, mri_pool, capsys):

@@ -269,9 +269,22 @@ def test_evaluate_on_raw_references_warns_and_keeps_to_the_models_classes(sessio
     assert rows[0]["reason"] == "not classes, left out: 41-50"
 
 
-def test_evaluate_offers_the_map_the_sessions_labels_were_imported_with(session, tmp_path, capsys):
-    gt = _folder(tmp_path, MRI_SUBREG)
-    assert main(["labels", "import", str(session), "--from", str(gt), "--map", SPINE_MAP]) == 0
+def test_evaluate_offers_the_map_the_session_imported_a_reference_file_with(session, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "labels",
+                "import",
+                str(session),
+                "--from",
+                str(_folder(tmp_path, MRI_SUBREG, sub="imported")),
+                "--map",
+                SPINE_MAP,
+            ]
+        )
+        == 0
+    )
+    gt = _folder(tmp_path, MRI_SUBREG, CT_SUBREG)  # the CT reference was never imported: no map to offer
     images = Path(json.loads((session / "session.json").read_text())["images"]["root"])
     assert main(["predict", str(session), "--images", str(images), "--out", str(tmp_path / "pred")]) == 0
     capsys.readouterr()
@@ -279,6 +292,7 @@ def test_evaluate_offers_the_map_the_sessions_labels_were_imported_with(session,
     out = " ".join(capsys.readouterr().out.split())
     offered = "49-50=1,41-48=2,100=3,*=0"  # SPINE_MAP as session.json records it, by class index
     assert f"Map them with --map {offered}, as the session's labels were imported" in out
+    assert f"{CT_SUBREG}: reference values [41-50] are not classes" in out and "e.g. --map 41-50=1" in out
     assert parse_mapping(offered) == parse_mapping(SPINE_MAP, SPINE)
 
 

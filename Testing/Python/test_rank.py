@@ -209,6 +209,16 @@ def test_help_teaches_with_examples(capsys):
         assert phrase in text
 
 
+def test_the_command_line_answers_help_without_loading_torch():
+    """Engine modules are imported inside each command: `asfda --help` must not wait seconds for torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, ASFDALib.app.cli; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
 def test_asked_for_prototypes_an_instancenorm_network_ranks_by_them_and_caches_them(tmp_path, mri_pool, capsys):
     """nnU-Net's layout (DynUNet, InstanceNorm, 1x1x1 head) with its own classes: no BatchNorm statistics
     and no statistics file, so the knowledge gap is the misalignment with the head's weight rows; a second
