@@ -21,7 +21,7 @@ import torch
 from ASFDALib import PROGRESS_EVERY_S, distributed
 from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
-from ASFDALib.adaptation.recipe import FinetuneConfig, stage2_teacher
+from ASFDALib.adaptation.recipe import FinetuneConfig, stage2_augment, stage2_teacher
 from ASFDALib.adaptation.runs import (
     FINETUNE_MODES,
     MODE_HELP,
@@ -34,7 +34,7 @@ from ASFDALib.adaptation.runs import (
     read_run,
     record_killed,
     resume_recipe,
-    same_teacher,
+    same_in_effect,
     session_labels,
 )
 from ASFDALib.adaptation.session import Session, SessionError, case_id
@@ -62,6 +62,7 @@ class AdaptResult:
     reliability: dict[str, float] = field(default_factory=dict)
     gate: dict[str, Any] | None = None  # the gate the pseudo-labels were made with (pseudo.json)
     teacher: str = ""  # who labelled the pseudo-labelled patches in stage 2 ("fixed" or "ema"; "" for none)
+    augment: str = ""  # how stage 2 augmented them ("weak", "strong" or "remap"; "" for none)
     loss: float | None = None
 
 
@@ -298,7 +299,7 @@ def check_mode(
         changed = [
             f"{k} {getattr(config, k)} (it had {v})"
             for k, v in ran.items()
-            if not (same_teacher(config.teacher, v, pseudo_json) if k == "teacher" else getattr(config, k) == v)
+            if not same_in_effect(k, getattr(config, k), v, pseudo_json)
         ]
         if not pseudo and (run["targets"] or {}).get("stage2"):
             changed.append("stage 1 only (it has a stage 2 with pseudo-labels)")
@@ -389,10 +390,12 @@ def finetune_session(
         if not run["finished"]:  # and how far the unfinished run after it got (its last.pt)
             replaced |= {"unfinished": dict(run["done"]), "status": run["history"][-1]["status"]}
         # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
-        replaced |= {k: metrics[k] for k in ("pseudo_gate", "pseudo_labelled", "pseudo_teacher") if k in metrics}
-        taught = [h["teacher"] for h in run["history"] if "teacher" in h]  # the teachers that labelled
-        if "pseudo_teacher" not in replaced and taught:  # an unfinished run's
-            replaced["pseudo_teacher"] = taught[-1]
+        kept = ("pseudo_gate", "pseudo_labelled", "pseudo_teacher", "pseudo_augment")
+        replaced |= {k: metrics[k] for k in kept if k in metrics}
+        for key, field_ in (("pseudo_teacher", "teacher"), ("pseudo_augment", "pseudo_augment")):
+            ran = [h[field_] for h in run["history"] if field_ in h and "stage2_lr" in h]  # what stage 2 ran with
+            if key not in replaced and ran:  # an unfinished run's
+                replaced[key] = ran[-1]
         round_entry.setdefault("replaced", []).append(replaced)
         round_entry["checkpoint"], round_entry["metrics"] = None, {}
         session.save()
@@ -448,9 +451,9 @@ def finetune_session(
     decays = ""
     if targets["stage2"] > before["stage2"]:  # how stage 2's rate runs: held, or decayed along a cosine
         entry["stage2_lr"] = config.stage2_lr
-        entry["pseudo_augment"] = config.pseudo_augment
-        # the teacher asked for (a resume's or an extension's: the run's own); "teacher", the one that
-        # labels, once the gate has judged
+        # the augmentation and teacher asked for (a resume's or an extension's: the run's own);
+        # "pseudo_augment" and "teacher", the ones that ran, once the gate has judged
+        entry["pseudo_augment_asked"] = config.pseudo_augment
         entry["teacher_asked"] = config.teacher
         if config.stage2_lr == "cosine":
             decays = f"; stage 2 decays them to zero along a cosine over its {targets['stage2']} iterations"
@@ -526,9 +529,10 @@ def finetune_session(
                 # who labels the patches, now that the gate has judged; recorded at once where it will teach
                 fallback_judged = bool((result.gate or {}).get("asked"))
                 result.teacher = stage2_teacher(config.teacher, fallback_judged)
-                trainer.config = replace(config, teacher=result.teacher)
+                result.augment = stage2_augment(config.pseudo_augment, fallback_judged)
+                trainer.config = replace(config, teacher=result.teacher, pseudo_augment=result.augment)
                 if targets["stage2"] > before["stage2"]:
-                    entry["teacher"] = result.teacher
+                    entry["teacher"], entry["pseudo_augment"] = result.teacher, result.augment
                     if result.teacher == "ema":  # its voxel gate and its labels' weight, which a resume must keep
                         entry["confidence"], entry["ema_weight"] = config.confidence, config.ema_weight
                     record("running")
@@ -537,6 +541,9 @@ def finetune_session(
                     say(f"an EMA teacher (the model's moving average) relabels the pseudo-labelled patches online{why}")
                 else:
                     say("the gate's pseudo-labels teach as they were made (the fixed teacher, --pseudo-teacher)")
+                if result.augment == "remap":
+                    why = ": the fallback gate judged, so contrast may be what changed" * fallback_judged
+                    say(f"half the pseudo-labelled patches go through random intensity curves (--pseudo-augment){why}")
             timer = time.perf_counter()
             trainer.begin_stage("stage2")
             result.status = trainer.run(cases, targets["stage2"], pseudo_cases or None, cancel, progress, val_cases)
@@ -560,7 +567,7 @@ def finetune_session(
             "labelled": sorted(labelled),
             "pseudo_labelled": result.kept,
             "pseudo_gate": result.gate,
-            **({"pseudo_teacher": result.teacher} if result.teacher else {}),
+            **({"pseudo_teacher": result.teacher, "pseudo_augment": result.augment} if result.teacher else {}),
             # every run of the round adds its time: an extend does not erase stage 1's
             "seconds": {
                 k: previous_seconds.get(k, 0.0) + result.seconds.get(k, 0.0)

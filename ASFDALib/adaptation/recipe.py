@@ -24,8 +24,9 @@ STAGE2_LR = ("constant", "cosine")
 # "ema-if-fallback" is the EMA teacher where the fallback gate judged, the fixed one where the asked gate did
 # (stage2_teacher resolves it once the gate has judged).
 TEACHERS = ("fixed", "ema", "ema-if-fallback")
-# How the pseudo-labelled patches are augmented (adaptation/patches.py).
-AUGMENTS = ("weak", "strong", "remap")
+# How the pseudo-labelled patches are augmented (adaptation/patches.py); "remap-if-fallback" is "remap" where the
+# fallback gate judged, "strong" where the asked gate did (stage2_augment resolves it once the gate has judged).
+AUGMENTS = ("weak", "strong", "remap", "remap-if-fallback")
 
 
 @dataclass
@@ -63,9 +64,12 @@ class FinetuneConfig:
     ramp_fraction: float = 0.3
     # one of AUGMENTS: how the pseudo-labelled patches are augmented: "weak", as the labelled ones; "strong",
     # more intensity change on top (adaptation/patches.strong_intensity); "remap", strong and then random
-    # intensity curves (patches.remap_intensity). docs/method.md "When the source model cannot vouch" has the
-    # validation comparison behind the default.
-    pseudo_augment: str = "strong"
+    # intensity curves that may swap tissues' brightness (patches.remap_intensity); "remap-if-fallback", the
+    # curves only where the fallback judged: the source model could vouch for no volume, as across modalities,
+    # where contrast is what changed, while within a modality they cost what the gate's labels teach.
+    # docs/method.md "When the source model cannot vouch" and "Intensity curves where the source model cannot
+    # vouch" have the validation comparisons behind the default.
+    pseudo_augment: str = "remap-if-fallback"
     # who labels the pseudo-labelled patches: "fixed", the stage-1 model once, before stage 2 (the gate's
     # labels); "ema", an exponential moving average of the student's weights, online, on each patch (its
     # confident voxels, ``confidence``), so the labels improve as the student does (Mean Teacher);
@@ -104,6 +108,16 @@ def stage2_teacher(teacher: str, fallback_judged: bool) -> str:
     if teacher not in TEACHERS:
         raise ValueError(f"unknown teacher {teacher!r}; use one of {', '.join(TEACHERS)}")
     return teacher
+
+
+def stage2_augment(augment: str, fallback_judged: bool) -> str:
+    """How stage 2 augments the pseudo-labelled patches ("weak", "strong" or "remap"), once the gate has judged:
+    ``augment`` itself, or for "remap-if-fallback" the intensity curves where the fallback gate judged the pool."""
+    if augment == "remap-if-fallback":
+        return "remap" if fallback_judged else "strong"
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augmentation {augment!r}; use one of {', '.join(AUGMENTS)}")
+    return augment
 
 
 def ramp(iteration: int, total: int, fraction: float) -> float:

@@ -84,10 +84,10 @@ def stage2_recipe(run: dict | None) -> dict[str, Any]:
         return {}
     last = stage2[-1]
     # entries recorded before the augmentation, or the teacher, was a choice augmented weakly, or had the
-    # fixed teacher; the teacher that ran once the gate has judged, else the one asked for
+    # fixed teacher; the augmentation and teacher that ran once the gate has judged, else the ones asked for
     recipe = {
         "stage2_lr": last["stage2_lr"],
-        "pseudo_augment": last.get("pseudo_augment", "weak"),
+        "pseudo_augment": last.get("pseudo_augment") or last.get("pseudo_augment_asked") or "weak",
         "teacher": last.get("teacher") or last.get("teacher_asked") or "fixed",
     }
     ema = [h for h in stage2 if "confidence" in h]  # where an EMA teacher labelled: its voxel gate and weight
@@ -96,19 +96,21 @@ def stage2_recipe(run: dict | None) -> dict[str, Any]:
     return recipe
 
 
-def same_teacher(now: str, then: str, pseudo: Path | None) -> bool:
-    """Whether two teachers asked for label the round's pseudo-labelled patches alike: once the round's
-    pseudo-labels are made (``pseudo``: its pseudo.json), as the teachers they resolve to there, and any two
-    when none was kept (no teacher labels anything)."""
-    from ASFDALib.adaptation.recipe import stage2_teacher
+def same_in_effect(key: str, now: Any, then: Any, pseudo: Path | None) -> bool:
+    """Whether a stage-2 choice asked for now does what the run's did. The teacher and the augmentation of the
+    pseudo-labelled patches ("ema-if-fallback", "remap-if-fallback") are compared as they resolve once the
+    round's pseudo-labels are made (``pseudo``: its pseudo.json), and any two alike when none was kept (nothing
+    was labelled or augmented); every other choice as given."""
+    from ASFDALib.adaptation.recipe import stage2_augment, stage2_teacher
 
+    resolve = {"teacher": stage2_teacher, "pseudo_augment": stage2_augment}.get(key)
     made = json.loads(pseudo.read_text(encoding="utf-8")) if pseudo is not None and pseudo.is_file() else None
-    if made is None:
+    if resolve is None or made is None:
         return now == then
     if not made["kept"]:
         return True
     judged = bool(made.get("gate", {}).get("asked"))  # the fallback judged the pool
-    return stage2_teacher(now, judged) == stage2_teacher(then, judged)
+    return resolve(now, judged) == resolve(then, judged)
 
 
 def done_text(done: dict) -> str:

@@ -246,6 +246,10 @@ class Trainer:
         """Train the current stage up to ``iterations``; returns "done" or "cancelled" (checkpoint saved)."""
         if pseudo and self.config.teacher not in ("fixed", "ema"):  # a bug, not a user's error
             raise ValueError(f"teacher {self.config.teacher!r}: resolve it with recipe.stage2_teacher first")
+        if pseudo and self.config.pseudo_augment not in ("weak", "strong", "remap"):
+            raise ValueError(
+                f"pseudo_augment {self.config.pseudo_augment!r}: resolve it with recipe.stage2_augment first"
+            )
         self.network.train()
         if pseudo and self.config.teacher == "ema" and self.teacher is None:
             self._make_teacher()

@@ -284,11 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stage 1 on the labelled volumes; then the most reliable unlabeled volumes get pseudo-labels "
         "(--pseudo-gate: by default the volumes and voxels where the adapted model agrees with the model the round "
         "started from, or, where that model vouches for none, with its own flipped views; or its confident voxels) "
-        "and stage 2 trains on both, the pseudo-labelled patches strongly augmented, or on the labels alone when "
-        "no volume passes. Checkpoints every --checkpoint-every "
-        "iterations; Ctrl-C keeps the last one. A round that has run already needs a choice: --resume an "
-        "interrupted run (same data order), --extend a finished one, or --restart the round. session.json "
-        "records the iterations that ran.",
+        "and stage 2 trains on both, the pseudo-labelled patches strongly augmented (where the fallback judged, "
+        "also through random intensity curves), or on the labels alone when no volume passes. Checkpoints every "
+        "--checkpoint-every iterations; Ctrl-C keeps the last one. A round that has run already needs a choice: "
+        "--resume an interrupted run (same data order), --extend a finished one, or --restart the round. "
+        "session.json records the iterations that ran.",
         epilog="examples:\n  asfda finetune ~/asfda/liver\n  asfda finetune ~/asfda/liver --resume"
         "\n  asfda finetune ~/asfda/liver --extend --pseudo-iterations 400",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -378,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
         "labelled ones; strong, with more intensity change (scale, shift, gamma, noise) that the model must see "
         "through, its pseudo-label made on the unchanged volume; remap, strong and then half the patches through "
         "a random intensity curve that may swap tissues' brightness, as another sequence or modality does; "
-        "--resume and --extend keep the run's own "
+        "remap-if-fallback, the curves only where the fallback gate judged (the source model vouched for no "
+        "volume: contrast may be what changed), strong where the asked gate did; --resume and --extend keep the "
+        "run's own "
         "(--resume refuses another; --extend may change it)",
     )
     finetune.add_argument(

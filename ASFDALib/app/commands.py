@@ -351,7 +351,7 @@ def refuse_changes_part_way(args: argparse.Namespace, ran: dict, pseudo: Path | 
     round's pseudo-labels, so it refuses another teacher of them (it may change the rest). ``ran``: the run's
     runs.stage2_recipe, run_recipe and targets (``iterations``, ``pseudo_iterations``); ``pseudo``: the
     round's pseudo.json, if made."""
-    from ASFDALib.adaptation.runs import same_teacher
+    from ASFDALib.adaptation.runs import same_in_effect
 
     if args.mode not in ("resume", "extend"):
         return
@@ -362,7 +362,7 @@ def refuse_changes_part_way(args: argparse.Namespace, ran: dict, pseudo: Path | 
     for option, (value, key) in named.items():
         if value is None or key not in ran:
             continue
-        if same_teacher(value, ran[key], pseudo) if key == "teacher" else value == ran[key]:
+        if same_in_effect(key, value, ran[key], pseudo):
             continue
         changed.append(f"{option} {value} (it had {ran[key]})")
     if args.mode == "resume" and getattr(args, "no_pseudo", False) and ran.get("pseudo_iterations"):

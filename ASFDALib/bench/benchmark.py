@@ -28,7 +28,7 @@ import torch
 
 from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
-from ASFDALib.adaptation.recipe import FinetuneConfig, stage2_teacher
+from ASFDALib.adaptation.recipe import FinetuneConfig, stage2_augment, stage2_teacher
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
 from ASFDALib.bench import statistics
@@ -370,7 +370,11 @@ def train(
         by_name = {c.name: c for c in pool}
         pseudo = [Case(n, by_name[n].image, label) for n, label in made.labels.items()]
         judged = made.gate
-        trainer.config = replace(config, teacher=stage2_teacher(ssft.teacher, bool(made.asked)))
+        trainer.config = replace(
+            config,
+            teacher=stage2_teacher(ssft.teacher, bool(made.asked)),
+            pseudo_augment=stage2_augment(ssft.pseudo_augment, bool(made.asked)),
+        )
     if ssft:
         trainer.begin_stage("stage2")
         trainer.run(
@@ -433,6 +437,7 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
     augment = {
         "strong": ", strongly augmented",
         "remap": ", strongly augmented and through random intensity curves",
+        "remap-if-fallback": ", strongly augmented (and through random intensity curves where the fallback judged)",
     }.get(o.pseudo_augment, "")
     if _ema_labels(o.teacher, o.reliability, o.fallback):
         augment += ", an EMA teacher relabelling them online" + " where the fallback judged" * (o.teacher != "ema")

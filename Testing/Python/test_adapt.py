@@ -278,10 +278,15 @@ def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(la
     # the gate asked for judged, so its labels teach as they are: the fixed teacher
     run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
     assert run["history"][0]["teacher"] == "fixed"
+    # and its patches are strongly augmented without intensity curves: what was asked, and what ran
+    assert (run["history"][0]["pseudo_augment_asked"], run["history"][0]["pseudo_augment"]) == (
+        "remap-if-fallback",
+        "strong",
+    )
     gate = {"reliability": "rounds", "keep_fraction": 0.5, "min_agreement": 0.0, "fallback": "flips"}
     assert gate.items() <= run["recipe"].items()  # with a stage 2, the run's recipe holds its gate
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
-    assert metrics["pseudo_teacher"] == "fixed"
+    assert (metrics["pseudo_teacher"], metrics["pseudo_augment"]) == ("fixed", "strong")
 
 
 @pytest.mark.parametrize("asked, teacher", [([], "ema"), (["--pseudo-teacher", "fixed"], "fixed")])
@@ -300,6 +305,9 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     fixed = "the gate's pseudo-labels teach as they were made (the fixed teacher, --pseudo-teacher)"
     assert (ema in said, fixed in said) == (teacher == "ema", teacher == "fixed")
     assert ("teacher" in torch.load(folder / "last.pt", weights_only=True)) == (teacher == "ema")
+    # the fallback judged: contrast may be what changed, so half the patches go through intensity curves
+    curves = "half the pseudo-labelled patches go through random intensity curves (--pseudo-augment): the fallback"
+    assert curves in said
     # an extension keeps the round's pseudo-labels and the teacher that labels them: it refuses another
     other = "fixed" if teacher == "ema" else "ema"
     extend = ["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "4", "--batch-size", "1"]
@@ -312,14 +320,15 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     assert main(extend) == 0
     run = json.loads((folder / "run.json").read_text())
     assert [h["teacher"] for h in run["history"]] == [teacher, teacher] and run["done"]["stage2"] == 4
+    assert [h["pseudo_augment"] for h in run["history"]] == ["remap", "remap"]
     # an EMA teacher's voxel gate is recorded with it, and kept
     assert [h.get("confidence") for h in run["history"]] == [0.9, 0.9] if teacher == "ema" else [None, None]
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
-    assert metrics["pseudo_teacher"] == teacher
-    # a restart sets the run aside, and the record still says who taught it
+    assert (metrics["pseudo_teacher"], metrics["pseudo_augment"]) == (teacher, "remap")
+    # a restart sets the run aside, and the record still says who taught it and how its patches were augmented
     assert main(["finetune", str(labelled_session), "--restart", "--iterations", "2", "--no-pseudo"]) == 0
     replaced = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["replaced"]
-    assert replaced[0]["pseudo_teacher"] == teacher
+    assert (replaced[0]["pseudo_teacher"], replaced[0]["pseudo_augment"]) == (teacher, "remap")
 
 
 RAN = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema"}
@@ -1261,3 +1270,30 @@ def test_an_agreement_below_the_floor_is_shown_with_the_decimals_that_keep_it_be
     from ASFDALib.adaptation.pipeline import below
 
     assert below(value, floor) == said
+
+
+@pytest.mark.parametrize(
+    "asked, fallback_judged, ran",
+    [
+        ("remap-if-fallback", True, "remap"),
+        ("remap-if-fallback", False, "strong"),
+        ("remap", False, "remap"),
+        ("weak", True, "weak"),
+    ],
+)
+def test_intensity_curves_go_where_the_fallback_judged_unless_asked_for_everywhere(asked, fallback_judged, ran):
+    from ASFDALib.adaptation.recipe import stage2_augment
+
+    assert stage2_augment(asked, fallback_judged) == ran
+
+
+def test_a_resume_that_names_the_augmentation_the_run_resolved_to_is_the_same(tmp_path):
+    from ASFDALib.adaptation.runs import same_in_effect
+
+    pseudo = tmp_path / "pseudo.json"
+    pseudo.write_text(json.dumps({"kept": ["a"], "gate": {"reliability": "flips", "asked": "rounds"}}))
+    assert same_in_effect("pseudo_augment", "remap-if-fallback", "remap", pseudo)
+    assert not same_in_effect("pseudo_augment", "strong", "remap", pseudo)
+    pseudo.write_text(json.dumps({"kept": ["a"], "gate": {"reliability": "rounds"}}))  # the asked gate judged
+    assert same_in_effect("pseudo_augment", "remap-if-fallback", "strong", pseudo)
+    assert not same_in_effect("stage2_lr", "cosine", "constant", pseudo)  # others as given

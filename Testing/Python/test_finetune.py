@@ -205,8 +205,11 @@ def _fresh(model_path):
     return load_model(model_path).network
 
 
-# the fixed teacher: a Trainer trains as its config says, and "ema-if-fallback" waits for a gate's verdict
-SMALL = FinetuneConfig(iterations=6, batch_size=1, checkpoint_every=2, seed=3, device="cpu", teacher="fixed")
+# the fixed teacher, strong augmentation: a Trainer trains as its config says, and the defaults
+# ("ema-if-fallback", "remap-if-fallback") wait for a gate's verdict (recipe.stage2_teacher, stage2_augment)
+SMALL = FinetuneConfig(
+    iterations=6, batch_size=1, checkpoint_every=2, seed=3, device="cpu", teacher="fixed", pseudo_augment="strong"
+)
 
 
 def test_a_killed_and_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(tmp_path, default_model):
