@@ -575,8 +575,8 @@ def test_the_table_says_how_the_ssft_row_and_its_control_trained():
     defaults = BenchmarkConfig(rows=("asfda+ssft",), ssft=SSFTOptions())
     assert _ssft_note(defaults, []).startswith(
         "\nASFDA + SSFT: rounds gate (floor 0.5), the flips gate where it keeps no volume, at most 50% of the pool "
-        "pseudo-labelled, strongly augmented, an EMA teacher relabelling them online where the fallback judged, "
-        "at weight 0.5, stage 2's learning rate cosine;"
+        "pseudo-labelled, strongly augmented (and through random intensity curves where the fallback judged), an EMA "
+        "teacher relabelling them online where the fallback judged, at weight 0.5, stage 2's learning rate cosine;"
     )
     rounds = BenchmarkConfig(
         rows=("asfda+ssft",), ssft=SSFTOptions(reliability="rounds", min_agreement=0.7, stage2_lr="constant")

@@ -199,8 +199,8 @@ def test_continuing_a_run_in_the_panel_keeps_how_its_stage_2_ran(flow, mri_pool)
     flow.poll()
     run = json.loads((Path(flow.settings.session) / "checkpoints" / "round1" / "run.json").read_text())
     first, extend = run["history"]
-    assert (extend["stage2_lr"], extend["pseudo_augment"]) == (first["stage2_lr"], first["pseudo_augment"])
-    assert (extend["stage2_lr"], extend["pseudo_augment"]) == ("constant", "weak") and run["done"]["stage2"] == 4
+    assert (extend["stage2_lr"], extend["pseudo_augment_asked"]) == (first["stage2_lr"], first["pseudo_augment_asked"])
+    assert (extend["stage2_lr"], extend["pseudo_augment_asked"]) == ("constant", "weak") and run["done"]["stage2"] == 4
 
 
 def test_worker_errors_reach_the_log(tmp_path):
