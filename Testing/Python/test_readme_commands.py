@@ -31,6 +31,7 @@ RESULTS = {
     "bench-mri-fallback": "mri_rich/fallback",
     "bench-mri-ema": "mri_rich/ema",
     "bench-mri-ema-half": "mri_rich/ema-half",
+    "bench-mri-remap": "mri_rich/remap",
 }
 
 
