@@ -36,6 +36,7 @@ from ASFDALib.adaptation.runs import (
     resume_recipe,
     same_in_effect,
     session_labels,
+    stage2_recipe,
 )
 from ASFDALib.adaptation.session import Session, SessionError, case_id
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
@@ -170,6 +171,21 @@ VIEWS = {
     "flips": "the adapted model's flipped views agree",
     "rounds": "the adapted model agrees with the model the round started from",
 }
+
+
+def augment_line(ran: str, asked: str, fallback_judged: bool) -> str:
+    """What stage 2 does to the pseudo-labelled patches, said once the gate has judged, and for the default that
+    resolves by the gate (remap-if-fallback) why it resolved so."""
+    line = {
+        "weak": "the pseudo-labelled patches are augmented as the labelled ones (--pseudo-augment weak)",
+        "strong": "the pseudo-labelled patches get more intensity change than the labelled ones (--pseudo-augment)",
+        "remap": "half the pseudo-labelled patches go through random intensity curves (--pseudo-augment)",
+    }[ran]
+    if asked != "remap-if-fallback":
+        return line
+    if fallback_judged:
+        return line + ": the fallback gate judged, so contrast may be what changed"
+    return line + ", no intensity curves: the gate asked for judged, so the contrast is the source model's"
 
 
 def below(value: float, floor: float | None) -> str:
@@ -314,7 +330,11 @@ def check_mode(
             )
     if mode == "extend":
         if not run["finished"]:
-            raise SessionError(f"{folder}: round {index}'s run was {how_ended(run)}; {MODE_HELP['resume']} first")
+            ended = how_ended(run)
+            raise SessionError(
+                f"{folder}: round {index}'s run {'failed' if ended == 'failed' else 'was ' + ended}; "
+                f"{MODE_HELP['resume']} first"
+            )
         done = run["done"]
         if done["stage2"] > 0:
             if config.pseudo_iterations <= done["stage2"]:
@@ -375,6 +395,14 @@ def finetune_session(
             session.save()
     labels = session_labels(session)
     mode = check_mode(mode, run, config, folder, index, pseudo, labels)
+    query = round_entry.get("query") or []
+    if mode in ("new", "restart") and index > 1 and query and not any(n in labelled for n in query):
+        # the earlier rounds' labels alone: the round's query, the reason it exists, would teach nothing
+        raise SessionError(
+            f"{session.root}: round {index}'s query ({', '.join(query)}) has no label yet, so this would train on "
+            f"the earlier rounds' labels only; label it first ('asfda labels {session.root}' lists it, 'asfda "
+            f"labels import {session.root} --from DIR' imports it)"
+        )
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.
     model = round_start_model(session)
@@ -462,6 +490,7 @@ def finetune_session(
         + ", ".join(f"{r['lr']:.1e} for {r['tensors']} {r['group']} parameter tensors" for r in entry["learning_rates"])
         + decays
     )
+    augmented = stage2_recipe(run).get("pseudo_augment") if mode == "extend" else None  # before this extension
     run["history"].append(entry)
 
     def record(status: str) -> None:
@@ -541,9 +570,12 @@ def finetune_session(
                     say(f"an EMA teacher (the model's moving average) relabels the pseudo-labelled patches online{why}")
                 else:
                     say("the gate's pseudo-labels teach as they were made (the fixed teacher, --pseudo-teacher)")
-                if result.augment == "remap":
-                    why = ": the fallback gate judged, so contrast may be what changed" * fallback_judged
-                    say(f"half the pseudo-labelled patches go through random intensity curves (--pseudo-augment){why}")
+                say(augment_line(result.augment, config.pseudo_augment, fallback_judged))
+                if augmented and augmented != result.augment and targets["stage2"] > before["stage2"]:
+                    say(
+                        f"the extension augments them as {result.augment}, where the run's stage 2 had {augmented}; "
+                        "run.json lists both, session.json the newest"
+                    )
             timer = time.perf_counter()
             trainer.begin_stage("stage2")
             result.status = trainer.run(cases, targets["stage2"], pseudo_cases or None, cancel, progress, val_cases)
@@ -585,6 +617,8 @@ def finetune_session(
         if trainer.saved is not None:
             count_checkpoint(run, *trainer.saved)
         run["finished"] = False
+        if not isinstance(exc, KeyboardInterrupt):  # why it failed, in the record (a closed terminal, say)
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
         record("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
 

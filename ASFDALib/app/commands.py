@@ -117,6 +117,10 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
             console.print(f"Input: {model.card.describe_input()}", markup=False, highlight=False, soft_wrap=True)
             if model.load_report is not None:  # what the checkpoint gave: loaded, newly initialised, ignored
                 console.print(f"Weights: {model.load_report.summary}", markup=False, highlight=False, soft_wrap=True)
+            if adapted:  # the load report is the pre-trained checkpoint's: name the weights that rank now
+                console.print(
+                    f"Fine-tuned weights: {session.adapted_checkpoint()}", markup=False, highlight=False, soft_wrap=True
+                )
 
         # a re-rank (another alpha, say) queries as many as the session's last round did, unless told
         budget = args.budget or ((session.rounds[-1].get("strategy") or {}).get("budget") if session.rounds else None)

@@ -268,7 +268,7 @@ def test_the_session_records_the_round_and_its_pseudo_labels(adapted_session):
     assert pseudo["gate"] == {"reliability": "confidence", "keep_fraction": 0.5, "confidence": 0.9}
 
 
-def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(labelled_session):
+def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(labelled_session, capsys):
     """Round 1 starts from the source model: its pseudo-labels are where the stage-1 model agrees with it."""
     args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--pseudo-gate", "rounds"]
     assert main(["finetune", str(labelled_session), *args, "--min-agreement", "0"]) == 0
@@ -287,6 +287,11 @@ def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(la
     assert gate.items() <= run["recipe"].items()  # with a stage 2, the run's recipe holds its gate
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     assert (metrics["pseudo_teacher"], metrics["pseudo_augment"]) == ("fixed", "strong")
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        "the pseudo-labelled patches get more intensity change than the labelled ones (--pseudo-augment), no "
+        "intensity curves: the gate asked for judged, so the contrast is the source model's"
+    ) in said
 
 
 @pytest.mark.parametrize("asked, teacher", [([], "ema"), (["--pseudo-teacher", "fixed"], "fixed")])
@@ -325,10 +330,16 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     assert [h.get("confidence") for h in run["history"]] == [0.9, 0.9] if teacher == "ema" else [None, None]
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     assert (metrics["pseudo_teacher"], metrics["pseudo_augment"]) == (teacher, "remap")
+    # an extension may augment otherwise, and says so
+    capsys.readouterr()
+    more = ["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "6", "--batch-size", "1"]
+    assert main([*more, "--pseudo-augment", "strong"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "the extension augments them as strong, where the run's stage 2 had remap; run.json lists both" in said
     # a restart sets the run aside, and the record still says who taught it and how its patches were augmented
     assert main(["finetune", str(labelled_session), "--restart", "--iterations", "2", "--no-pseudo"]) == 0
     replaced = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["replaced"]
-    assert (replaced[0]["pseudo_teacher"], replaced[0]["pseudo_augment"]) == (teacher, "remap")
+    assert (replaced[0]["pseudo_teacher"], replaced[0]["pseudo_augment"]) == (teacher, "strong")
 
 
 RAN = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema"}
@@ -1233,6 +1244,7 @@ def test_a_run_that_fails_is_recorded_as_failed_and_resuming_it_reaches_its_own_
     run = read_run(labelled_session / "checkpoints" / "round1")
     assert run["done"] == {"stage1": 4, "stage2": 0} and run["targets"]["stage1"] == 6 and not run["finished"]
     assert (run["history"][-1]["status"], run["history"][-1]["stage1"]) == ("failed", [2, 4])
+    assert run["history"][-1]["error"] == "RuntimeError: CUDA out of memory"  # why, in the record
     metrics = Session.open(labelled_session).rounds[-1]["metrics"]
     assert metrics["iterations"] == {"stage1": 2, "stage2": 0}  # what the round's finished model holds
     assert [r["status"] for r in metrics["runs"]] == ["done", "failed"]
@@ -1297,3 +1309,23 @@ def test_a_resume_that_names_the_augmentation_the_run_resolved_to_is_the_same(tm
     pseudo.write_text(json.dumps({"kept": ["a"], "gate": {"reliability": "rounds"}}))  # the asked gate judged
     assert same_in_effect("pseudo_augment", "remap-if-fallback", "strong", pseudo)
     assert not same_in_effect("stage2_lr", "cosine", "constant", pseudo)  # others as given
+
+
+def test_a_new_rounds_fine_tune_waits_for_a_label_of_its_query(labelled_session, mri_pool, capsys):
+    """Round 2 exists for its query: fine-tuning before any of it is labelled would retrain on round 1's labels."""
+    tiny = ["--iterations", "2", "--pseudo-iterations", "0", "--batch-size", "1"]
+    assert main(["finetune", str(labelled_session), *tiny]) == 0
+    capsys.readouterr()
+    assert main(["rank", "--out", str(labelled_session), "--budget", "1"]) == 0
+    (query,) = json.loads((labelled_session / "session.json").read_text())["rounds"][1]["query"]
+    said = " ".join(capsys.readouterr().out.split())  # round 2 ranks with the fine-tuned weights, named
+    assert f"Fine-tuned weights: {labelled_session / 'checkpoints' / 'round1' / 'final.pt'}" in said
+    assert main(["finetune", str(labelled_session), *tiny]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"round 2's query ({query}) has no label yet, so this would train on the earlier rounds' labels only" in err
+    assert not (labelled_session / "checkpoints" / "round2").exists()
+    gt = labelled_session.parent / "gt2"
+    gt.mkdir()
+    shutil.copy(mri_pool / "labels" / query, gt / query)
+    assert main(["labels", "import", str(labelled_session), "--from", str(gt)]) == 0
+    assert main(["finetune", str(labelled_session), *tiny]) == 0  # labelled: round 2 trains
