@@ -211,6 +211,8 @@ def test_one_session_through_the_panel_buttons(standins, errors, tmp_path):
     (second,) = widget.logic.flow.query
     assert second != case and _rows(ui.resultsTable)[case] == "labelled"
     assert ui.finetuneButton.text == "Fine-tune" and not ui.finetuneAgainButton.visible  # round 2 has no run
+    # and waits for a label of its query, as asfda finetune does
+    assert not ui.finetuneButton.enabled and ui.finetuneButton.toolTip.startswith("label a case of this round's query")
 
     # --- File -> Close Scene: settings carried, the editor keeps working ----------------------------------
     slicer.mrmlScene.Clear(0)
