@@ -143,10 +143,6 @@ class PatchStream(torch.utils.data.Dataset):
                 self.pseudo, self.roi, self.config.batch_size, rng, self.config.foreground_ratio
             )
             weak = images
-            if self.config.pseudo_augment not in ("weak", "strong", "remap"):
-                raise ValueError(
-                    f"pseudo_augment {self.config.pseudo_augment!r}: resolve it with recipe.stage2_augment"
-                )
             if self.config.pseudo_augment in ("strong", "remap"):  # own generators: the weak draws stay as they were
                 images = strong_intensity(images, np.random.default_rng([*self.key, int(i), 1]))
             if self.config.pseudo_augment == "remap":

@@ -37,6 +37,7 @@ from ASFDALib.adaptation.runs import (
     same_in_effect,
     session_labels,
     stage2_recipe,
+    unlabelled_new_query,
 )
 from ASFDALib.adaptation.session import Session, SessionError, case_id
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
@@ -395,9 +396,8 @@ def finetune_session(
             session.save()
     labels = session_labels(session)
     mode = check_mode(mode, run, config, folder, index, pseudo, labels)
-    query = round_entry.get("query") or []
-    if mode in ("new", "restart") and index > 1 and query and not any(n in labelled for n in query):
-        # the earlier rounds' labels alone: the round's query, the reason it exists, would teach nothing
+    query = unlabelled_new_query(session, labelled) if mode in ("new", "restart") else []
+    if query:  # the earlier rounds' labels alone: the round's query, the reason it exists, would teach nothing
         raise SessionError(
             f"{session.root}: round {index}'s query ({', '.join(query)}) has no label yet, so this would train on "
             f"the earlier rounds' labels only; label it first ('asfda labels {session.root}' lists it, 'asfda "

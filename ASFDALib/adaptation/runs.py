@@ -8,6 +8,7 @@ importing the training engine.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,14 @@ def same_in_effect(key: str, now: Any, then: Any, pseudo: Path | None) -> bool:
         return True
     judged = bool(made.get("gate", {}).get("asked"))  # the fallback judged the pool
     return resolve(now, judged) == resolve(then, judged)
+
+
+def unlabelled_new_query(session: Session, labelled: Collection[str]) -> list[str]:
+    """The newest round's query when it is a later round's and none of it is in ``labelled``: a run that starts
+    then would train on the earlier rounds' labels only, and the round exists for its query ([] otherwise)."""
+    latest = session.rounds[-1] if session.rounds else {}
+    query = latest.get("query") or []
+    return query if latest.get("index", 1) > 1 and not any(n in labelled for n in query) else []
 
 
 def done_text(done: dict) -> str:

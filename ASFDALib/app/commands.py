@@ -198,16 +198,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ASFDALib.data.volumes import discover_volumes
-    from ASFDALib.models.loading import CARD_NAMES
+    from ASFDALib.models.loading import card_candidates
     from ASFDALib.outputs import refuse_inside_session, refuse_overwrite
     from ASFDALib.query.source_stats import compute_source_stats
 
     console = Console()
     model = load_model_from_args(args)
     # the model, its card (given, or found beside it) and the scans: the summary goes beside them, never over one
-    beside = model.path if model.path.is_dir() else model.path.parent
-    cards = [Path(args.card)] if args.card else []
-    cards += [model.path.with_name(model.path.name.split(".")[0] + ".card.json"), *(beside / n for n in CARD_NAMES)]
+    cards = ([Path(args.card)] if args.card else []) + card_candidates(model.path)
     protected = [*discover_volumes(args.images, args.recursive), model.path, *(c for c in cards if c.is_file())]
     refuse_overwrite([args.out], protected, "an input", "choose another --out file (.npz)")
     refuse_inside_session(args.out, "choose another --out file (.npz)")

@@ -197,13 +197,13 @@ class Workflow:
         if action == "open":
             return (True, "load the case to label") if self._open_session() else (False, "rank first")
         if action in ("finetune", "finetune_again"):
+            from ASFDALib.adaptation.runs import unlabelled_new_query  # torch-free
+
             labelled = self.labelled()
             if not labelled:
                 return False, "save at least one label first"
-            session = self._open_session()
-            latest = session.rounds[-1] if session and session.rounds else {}
             starts = action == "finetune_again" or self.finetune_run() is None  # a run that starts, as the engine's
-            if starts and latest.get("index", 1) > 1 and not any(n in labelled for n in latest.get("query") or []):
+            if starts and unlabelled_new_query(self._open_session(), labelled):
                 return False, "label a case of this round's query first: the earlier rounds' labels trained it already"
             return self._check_finetune(action == "finetune_again")
         if action in ("apply", "export", "next_round"):

@@ -205,6 +205,14 @@ def _check_inputs(network: torch.nn.Module, path: Path) -> None:
         )
 
 
+def card_candidates(path: Path) -> list[Path]:
+    """Where a model's card is looked for when none is given, first found first: beside a weights file as
+    ``<name>.card.json`` or one of CARD_NAMES; in a bundle folder, or its configs/, as one of CARD_NAMES."""
+    if path.is_dir():
+        return [path / n for n in CARD_NAMES] + [path / "configs" / n for n in CARD_NAMES]
+    return [path.with_name(path.name.split(".")[0] + ".card.json")] + [path.parent / n for n in CARD_NAMES]
+
+
 def _find_card(candidates: list[Path], explicit: Path | None) -> ModelCard:
     if explicit is not None:
         return load_card(explicit)
@@ -234,13 +242,7 @@ def load_model(
         raise ModelError(f"{path}: model not found")
     if path.is_dir():
         return _load_bundle(path, card if isinstance(card, ModelCard) else None, explicit, trust, class_map)
-    loaded_card = (
-        card
-        if isinstance(card, ModelCard)
-        else _find_card(
-            [path.with_name(path.name.split(".")[0] + ".card.json")] + [path.parent / n for n in CARD_NAMES], explicit
-        )
-    )
+    loaded_card = card if isinstance(card, ModelCard) else _find_card(card_candidates(path), explicit)
     digest = _file_digest(path, *_digest_parts(loaded_card, class_map))
     if path.suffix.lower() == ".pt2":
         return _load_exported_program(path, loaded_card, digest, trust)
@@ -379,11 +381,11 @@ def _load_bundle(
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{config_path}: cannot parse bundle config ({exc})") from None
     if card is None:
-        card_files = [folder / n for n in CARD_NAMES] + [folder / "configs" / n for n in CARD_NAMES]
         card = (
             load_card(explicit)
             if explicit
-            else next((load_card(c) for c in card_files if c.is_file()), None) or _card_from_bundle(folder, config)
+            else next((load_card(c) for c in card_candidates(folder) if c.is_file()), None)
+            or _card_from_bundle(folder, config)
         )
     weights = [folder / "models" / n for n in ("model.pt", "model.pth", "model.ts")]
     weight_path = next((w for w in weights if w.is_file()), None)

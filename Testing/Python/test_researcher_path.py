@@ -177,6 +177,15 @@ def test_evaluate_stats_and_rank_refuse_to_write_over_their_inputs(ranked, capsy
     assert main(args) == 1
     assert "would write over an input" in _one_line_error(capsys)
     assert content_hash(card) == before
+    # nor over the card the loader found beside the model (the same places it looks: models.loading.card_candidates)
+    shutil.copy("Resources/Model/asfda_default.pt", tmp_path / "net.pt")
+    beside = tmp_path / "net.card.json"
+    shutil.copy("Resources/Model/asfda_default.card.json", beside)
+    before = content_hash(beside)
+    args = ["stats", "--model", str(tmp_path / "net.pt"), "--images", str(pool / "images"), "--out", str(beside)]
+    assert main(args) == 1
+    assert "would write over an input" in _one_line_error(capsys)
+    assert content_hash(beside) == before
     assert main(["rank", "--images", str(pool / "images"), "--out", str(pool / "images")]) == 1
     assert "--images folder itself" in _one_line_error(capsys)
     assert not (pool / "images" / "session.json").exists()
