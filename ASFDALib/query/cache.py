@@ -19,7 +19,8 @@ from ASFDALib.data.volumes import content_hash
 from ASFDALib.inference.sweep import SweepResult
 from ASFDALib.query.features import FeatureSummary
 
-SCORING_VERSION = "1"
+# "2": scans only; a "1" entry may hold the sweep of a label map scored before pools told them apart
+SCORING_VERSION = "2"
 
 
 @dataclass

@@ -136,6 +136,21 @@ def test_label_maps_among_scans_are_skipped_with_their_reason_and_the_scans_rank
     assert all(not f.startswith("labels/") for f in (r.file for r in ranking.selected))
 
 
+def test_label_maps_scored_into_a_cache_before_pools_told_them_apart_are_skipped_on_re_rank(
+    tmp_path, default_model, mri_pool, monkeypatch
+):
+    from ASFDALib.query import cache, ranking
+
+    config = RankConfig(recursive=True, budget=2)
+    with monkeypatch.context() as before:  # a cache filled by the release that read label maps as scans
+        before.setattr(cache, "SCORING_VERSION", "1")
+        before.setattr(ranking, "read_scan", read_volume)
+        earlier = rank_folder(mri_pool, default_model, tmp_path / "cache", config)
+    assert not earlier.skipped  # the label maps were scored, and their sweeps cached
+    again = rank_folder(mri_pool, default_model, tmp_path / "cache", config)
+    assert sorted(r.file for r in again.skipped) == sorted(f"labels/{p.name}" for p in (mri_pool / "labels").iterdir())
+
+
 def test_predict_segments_the_scans_of_a_folder_and_skips_its_label_maps_with_the_reason(tmp_path, default_model):
     from ASFDALib.adaptation.pipeline import predict_folder
 
