@@ -78,6 +78,7 @@ CONSTANT = SSFTOptions(
     pseudo_augment="weak",
     teacher="fixed",
     ema_weight=1.0,
+    blend_start=0.0,
 )
 HALVES = replace(CONSTANT, stage1_fraction=0.5, extra_fraction=0.0)
 COSINE = replace(CONSTANT, stage2_lr="cosine")
@@ -282,7 +283,7 @@ def main() -> None:
             t0 = time.perf_counter()
             labelled = [c for c in pool if c.name in query]
             work = args.out / "work"
-            network, kept, judged = train(
+            network, kept, judged, blend = train(
                 model_path,
                 model.card,
                 labelled,
@@ -304,6 +305,7 @@ def main() -> None:
                 "seconds": seconds,
                 "pseudo_labelled": kept,
                 "pseudo_gate": judged,  # the gate that judged the pool (a fallback, where the asked one kept none)
+                "blend": blend,  # the starting weights' share of the model handed over
             }
         save()
         return trainings[key]

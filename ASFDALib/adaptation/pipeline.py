@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from ASFDALib import PROGRESS_EVERY_S, distributed
+from ASFDALib.adaptation.blend import blend_state
 from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
-from ASFDALib.adaptation.recipe import FinetuneConfig, stage2_augment, stage2_teacher
+from ASFDALib.adaptation.recipe import FinetuneConfig, handover_share, stage2_augment, stage2_teacher
 from ASFDALib.adaptation.runs import (
     FINETUNE_MODES,
     MODE_HELP,
@@ -65,6 +66,7 @@ class AdaptResult:
     gate: dict[str, Any] | None = None  # the gate the pseudo-labels were made with (pseudo.json)
     teacher: str = ""  # who labelled the pseudo-labelled patches in stage 2 ("fixed" or "ema"; "" for none)
     augment: str = ""  # how stage 2 augmented them ("weak", "strong" or "remap"; "" for none)
+    blend: float = 0.0  # the round's starting weights' share of the model handed over (adaptation/blend.py)
     loss: float | None = None
 
 
@@ -406,6 +408,10 @@ def finetune_session(
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.
     model = round_start_model(session)
+    # what the round starts from, for the blend it may hand over; a fresh head or decoder (round 1's new
+    # tensors) starts from a random initialisation, which no blend should bring back
+    start_state = {k: v.detach().clone() for k, v in model.network.state_dict().items()}
+    fresh = model.load_report.new if model.load_report and round_start_checkpoint(session) is None else []
     trainer = Trainer(model.network, model.card, config, folder, model.load_report)
     say(f"loading {len(labelled)} labelled volumes")
     cases = [load_case(n, session.image_path(n), p, model.card) for n, p in sorted(labelled.items())]
@@ -584,6 +590,20 @@ def finetune_session(
             if result.status == "cancelled":
                 record("cancelled")
                 return result
+        if targets["stage2"] > 0:  # the handover: a blend with the start where it vouched for the pool
+            gate = (result.gate or {}).get("reliability", "")
+            result.blend = handover_share(config.blend_start, gate, len(pseudo_cases))
+            if result.blend:
+                tuned = model.network.state_dict()
+                model.network.load_state_dict(blend_state(tuned, start_state, result.blend, fresh))
+                say(
+                    f"handing over the tuned weights blended with {result.blend:.0%} of the round's starting "
+                    "weights, which vouched for the pseudo-labelled volumes (--blend-start; last.pt keeps the "
+                    "tuned ones)"
+                )
+            elif config.blend_start:
+                say(f"handing over the tuned weights as they are: {_why_no_blend(gate, len(pseudo_cases))}")
+            entry["blend_start"] = result.blend
         run["finished"] = True
         record("done")
         result.iterations = dict(run["done"])
@@ -600,6 +620,7 @@ def finetune_session(
             "pseudo_labelled": result.kept,
             "pseudo_gate": result.gate,
             **({"pseudo_teacher": result.teacher, "pseudo_augment": result.augment} if result.teacher else {}),
+            "blend_start": result.blend,  # the starting weights' share of final.pt
             # every run of the round adds its time: an extend does not erase stage 1's
             "seconds": {
                 k: previous_seconds.get(k, 0.0) + result.seconds.get(k, 0.0)
@@ -621,6 +642,15 @@ def finetune_session(
             entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
         record("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
+
+
+def _why_no_blend(gate: str, kept: int) -> str:
+    """Why a round hands over its tuned weights unblended (``FinetuneConfig.blend_start`` > 0)."""
+    if gate == "rounds":
+        return "the round's starting model vouched for no unlabeled volume"
+    if gate:
+        return f"the {gate} gate judged the pool, not the round's starting model (the rounds gate)"
+    return "no pseudo-labels were made"
 
 
 def _runs(run: dict) -> list[dict]:

@@ -83,6 +83,11 @@ class FinetuneConfig:
     # much the EMA teacher's labels weigh" has the validation comparison behind the default)
     ema_weight: float = 0.5
     max_pseudo_volumes: int = 20
+    # the share of the round's starting weights in the model a round hands over (adaptation/blend.py), where
+    # the starting model vouched for the pool: the "rounds" gate kept volumes it agrees on. Elsewhere (a
+    # fallback judged, as across modalities, where the start segments nothing) the tuned weights go as they
+    # are. 0 turns it off. docs/method.md "Handing over a blend with the start" has the validation comparison.
+    blend_start: float = 0.2
     workers: int | None = None  # data-loader processes; None: none on the CPU, up to 4 beside a GPU
 
     def __post_init__(self) -> None:
@@ -98,6 +103,8 @@ class FinetuneConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"FinetuneConfig.{name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if not 0.0 <= self.blend_start < 1.0:  # 1 would hand over the start itself: nothing fine-tuned
+            raise ValueError(f"FinetuneConfig.blend_start {self.blend_start}: use a share in [0, 1)")
 
 
 def stage2_teacher(teacher: str, fallback_judged: bool) -> str:
@@ -118,6 +125,12 @@ def stage2_augment(augment: str, fallback_judged: bool) -> str:
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augmentation {augment!r}; use one of {', '.join(AUGMENTS)}")
     return augment
+
+
+def handover_share(share: float, gate: str, kept: int) -> float:
+    """The starting weights' share of the model a round hands over, once its gate has judged: ``share`` where the
+    ``rounds`` gate kept ``kept`` > 0 volumes (the round's starting model vouched for them), else 0."""
+    return share if gate == "rounds" and kept > 0 else 0.0
 
 
 def ramp(iteration: int, total: int, fraction: float) -> float:

@@ -394,6 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
         "own (naming another is refused: --restart trains the round with it)",
     )
     finetune.add_argument(
+        "--blend-start",
+        type=probability,
+        metavar="SHARE",
+        help=f"hand over the round's model as (1 - SHARE) x its tuned weights + SHARE x the weights the round "
+        f"started from (default: {RECIPE.blend_start:g}), where the rounds gate kept volumes: the starting model "
+        "vouched for part of the pool, so keeping some of it keeps what it did well on sites the labels left "
+        "out; elsewhere (a fallback judged, as across modalities) the tuned weights go as they are; 0: never. "
+        "last.pt keeps the tuned weights, so --extend goes on from them",
+    )
+    finetune.add_argument(
         "--confidence",
         type=probability,
         help=f"with --pseudo-gate confidence, voxels below this probability are ignored (default: {RECIPE.confidence})",
@@ -641,6 +651,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TEACHERS,
         help=f"who labels the asfda+ssft row's pseudo-labelled patches (default: {RECIPE.teacher}, as asfda "
         "finetune; see its --help); part of the protocol",
+    )
+    bench.add_argument(
+        "--blend-start",
+        type=probability,
+        metavar="SHARE",
+        help=f"the starting weights' share of the asfda+ssft row's handed-over model where the rounds gate kept "
+        f"volumes (default: {RECIPE.blend_start:g}, as asfda finetune; its control blends where the gate would "
+        "have; the tables made before 2026-12-05's ninth session ran with 0); part of the protocol",
     )
     bench.add_argument(
         "--ema-weight",

@@ -406,6 +406,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "--pseudo-teacher": args.pseudo_teacher,
         "--pseudo-iterations": args.pseudo_iterations,
         "--stage2-lr": args.stage2_lr,
+        "--blend-start": args.blend_start,
     }
     given = [name for name, value in stage2_options.items() if value is not None]
     if args.no_pseudo and given:
@@ -478,6 +479,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         pseudo_augment=own(args.pseudo_augment, "pseudo_augment"),
         teacher=own(args.pseudo_teacher, "teacher"),
         ema_weight=own(None, "ema_weight"),
+        blend_start=recipe.blend_start if args.blend_start is None else args.blend_start,
     )
     bar, progress = training_progress(console)
     distributed.init_from_env(args.device)
@@ -824,6 +826,7 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
         ("pseudo_augment", "pseudo_augment"),
         ("pseudo_teacher", "teacher"),
         ("ema_weight", "ema_weight"),
+        ("blend_start", "blend_start"),
     ):
         value = getattr(args, name)
         if value is not None:

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ASFDALib.adaptation.blend import blend_state
 from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
-from ASFDALib.adaptation.recipe import FinetuneConfig, stage2_augment, stage2_teacher
+from ASFDALib.adaptation.recipe import FinetuneConfig, handover_share, stage2_augment, stage2_teacher
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
 from ASFDALib.bench import statistics
@@ -93,6 +94,7 @@ class SSFTOptions:
     pseudo_augment: str = FinetuneConfig.pseudo_augment  # one of AUGMENTS (adaptation/patches.py)
     teacher: str = FinetuneConfig.teacher  # adaptation/recipe.py TEACHERS (resolved once the gate has judged)
     ema_weight: float = FinetuneConfig.ema_weight  # the loss weight of the patches an EMA teacher labels
+    blend_start: float = FinetuneConfig.blend_start  # the start's share of the model handed over (adaptation/blend.py)
 
 
 # fields SSFTOptions gained later, at the values the runs recorded before them ran with
@@ -104,6 +106,7 @@ SSFT_LATER_FIELDS = {
     "teacher": "fixed",
     "fallback": "none",
     "ema_weight": 1.0,
+    "blend_start": 0.0,
 }
 
 
@@ -148,6 +151,8 @@ class Run:
     pseudo_labelled: list[str] | None = None
     # the gate that judged them: the one asked for, or its fallback where that kept no volume
     pseudo_gate: str = ""
+    # the starting weights' share of the model handed over (SSFT and control runs; None: recorded before it was kept)
+    blend: float | None = None
 
 
 @dataclass
@@ -308,12 +313,14 @@ def train(
     pseudo_labels: bool = True,
     stage1_cache: Path | None = None,
     progress: ProgressFn | None = None,
-) -> tuple[torch.nn.Module, list[str], str]:
+) -> tuple[torch.nn.Module, list[str], str, float]:
     """The same recipe for every row: ``iterations`` on the labels; SSFT adds stage 2 as ``ssft`` says.
 
-    Returns the trained network, the pool volumes stage 2 pseudo-labelled (most reliable first) and the gate
+    Returns the trained network, the pool volumes stage 2 pseudo-labelled (most reliable first), the gate
     that judged the pool (the fallback where the asked one kept none, even if it kept none too; "" when no
-    pseudo-labels were asked for).
+    pseudo-labels were asked for) and the starting weights' share of the network handed over: ``ssft``'s
+    ``blend_start`` where the ``rounds`` gate kept volumes, as in a session; the control blends where its SSFT
+    twin does (the gate judges its pool too, its labels unused), so the two differ only by the pseudo-labels.
 
     ``pseudo_labels=False`` runs stage 2 on the labels alone: the control of a stage 2 whose rate decays.
     ``stage1_cache`` (a folder) keeps each labelled set's stage-1 state (network, optimizer, random state):
@@ -327,6 +334,7 @@ def train(
     """
     model = load_model(model_path, card)
     network = model.network
+    start_state = {k: v.detach().clone() for k, v in network.state_dict().items()}  # for the handover's blend
     # what stage 2 reads from the trainer's recipe (an EMA teacher's voxel gate is the options' confidence)
     read = ("stage2_lr", "pseudo_augment", "teacher", "confidence", "ema_weight")
     stage2 = {k: getattr(ssft, k) for k in read} if ssft else {}
@@ -349,7 +357,9 @@ def train(
         atomic_write(cached, lambda tmp: shutil.copyfile(trainer.last_path, tmp))
     pseudo: list[Case] = []
     judged = ""
-    if ssft and pseudo_labels:
+    blends = ssft is not None and ssft.blend_start > 0 and ssft.reliability == "rounds"
+    made = None
+    if ssft and (pseudo_labels or blends):
         names = {c.name for c in labelled}
         candidates = [(c.name, c.image) for c in pool if c.name not in names]
         # round 1 of a session starts from the source model: "rounds" compares with it
@@ -365,8 +375,9 @@ def train(
             ssft.reliability,
             ssft.min_agreement,
             reference,
-            ssft.fallback,
+            ssft.fallback if pseudo_labels else "none",  # the control asks only whether the start vouched
         )
+    if ssft and made is not None and pseudo_labels:
         by_name = {c.name: c for c in pool}
         pseudo = [Case(n, by_name[n].image, label) for n, label in made.labels.items()]
         judged = made.gate
@@ -380,7 +391,11 @@ def train(
         trainer.run(
             labelled, iterations - first + round(iterations * ssft.extra_fraction), pseudo or None, progress=progress
         )
-    return network.eval(), [c.name for c in pseudo], judged
+    blend = handover_share(ssft.blend_start, made.gate, len(made.kept)) if blends and made is not None else 0.0
+    if blend:
+        fresh = model.load_report.new if model.load_report else []
+        network.load_state_dict(blend_state(network.state_dict(), start_state, blend, fresh))
+    return network.eval(), [c.name for c in pseudo], judged, blend
 
 
 def _stage1_file(folder: Path, model_path: Path, labelled: list[Case], config: FinetuneConfig) -> Path:
@@ -679,10 +694,13 @@ def _protocol(config: BenchmarkConfig, folders: Folders, inputs: dict) -> dict:
 
 def _ssft_protocol(ssft: dict) -> dict:
     """The SSFT options that make a run what it is: where no EMA teacher can label (the fixed teacher; an
-    EMA teacher only where a fallback judges, and none can) its weight is not one of them, so tables made
-    before it was a choice resume under either weight."""
-    ema = _ema_labels(ssft.get("teacher", "fixed"), ssft.get("reliability", "confidence"), ssft.get("fallback", "none"))
-    return {k: v for k, v in ssft.items() if k != "ema_weight" or ema}
+    EMA teacher only where a fallback judges, and none can) its weight is not one of them, and where the
+    ``rounds`` gate is not asked no start vouches, so no blend share is, and tables made before either was a
+    choice resume under any value."""
+    reliability = ssft.get("reliability", "confidence")
+    ema = _ema_labels(ssft.get("teacher", "fixed"), reliability, ssft.get("fallback", "none"))
+    unused = ({"ema_weight"} if not ema else set()) | ({"blend_start"} if reliability != "rounds" else set())
+    return {k: v for k, v in ssft.items() if k not in unused}
 
 
 def _falls_back(reliability: str, fallback: str) -> bool:
@@ -811,6 +829,7 @@ def run_benchmark(
         ssft, iterations, pseudo_labels = row_training(row, config)
         pseudo_labelled: list[str] | None = None  # recorded for a run whose stage 2 takes pseudo-labels
         pseudo_gate = ""
+        blended: float | None = None  # the start's share of the handed-over model (SSFT and control runs)
 
         def on_eval(iteration: int, network: torch.nn.Module, curve: dict[str, float] = curve) -> None:
             curve[str(iteration)] = 100 * statistics.case_mean(evaluate(model, network, validation, config.device))
@@ -854,12 +873,13 @@ def run_benchmark(
                         f"{twin.row}@{twin.budget}",
                         twin.pseudo_labelled if ssft is not None and pseudo_labels else None,
                         twin.pseudo_gate if ssft is not None and pseudo_labels else "",
+                        twin.blend if ssft is not None else None,
                     )
                 )
                 record()
                 continue
             labelled = [c for c in pool if c.name in query]
-            network, kept, judged = train(
+            network, kept, judged, blend = train(
                 model_path,
                 model_card,
                 labelled,
@@ -877,6 +897,7 @@ def run_benchmark(
             )
             pseudo_labelled = kept if ssft is not None and pseudo_labels else None
             pseudo_gate = judged
+            blended = blend if ssft is not None else None
         per_case = evaluate_cases(model, network, test, config.device)
         val = evaluate(model, network, validation, config.device) if validation else None
         if validation and row != "source" and ssft is None and config.eval_at:
@@ -894,6 +915,7 @@ def run_benchmark(
                 curve,
                 pseudo_labelled=pseudo_labelled,
                 pseudo_gate=pseudo_gate,
+                blend=blended,
             )
         )
         record()

@@ -134,7 +134,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
     pool_cases = load_cases(data / "pool", model.card)
     rng = np.random.default_rng(config.seed)
     random_query = [pool_cases[i].name for i in rng.permutation(len(pool_cases))[: config.budget]]
-    random_net, _, _ = train(
+    random_net, *_ = train(
         model_path,
         model.card,
         [c for c in pool_cases if c.name in random_query],

@@ -294,6 +294,49 @@ def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(la
     ) in said
 
 
+def test_a_round_its_starting_model_vouched_for_hands_over_a_blend_and_last_pt_keeps_the_tuned_weights(
+    labelled_session, capsys
+):
+    """The rounds gate kept volumes, so final.pt is 0.8 x the tuned weights + 0.2 x the round's start (the
+    source model), every loaded tensor; an extension goes on from last.pt's tuned weights and blends again."""
+    from ASFDALib.adaptation.blend import blend_state
+    from ASFDALib.adaptation.pipeline import session_model
+
+    args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--min-agreement", "0"]
+    assert main(["finetune", str(labelled_session), *args]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "handing over the tuned weights blended with 20% of the round's starting weights" in said
+    folder = labelled_session / "checkpoints" / "round1"
+    source = session_model(Session.open(labelled_session), adapted=False)
+    start, fresh = source.network.state_dict(), source.load_report.new
+
+    def handed_over_blend() -> None:
+        tuned = torch.load(folder / "last.pt", weights_only=True)["network"]
+        final = torch.load(folder / "final.pt", weights_only=True)
+        expected = blend_state(tuned, start, 0.2, fresh)
+        assert all(torch.allclose(final[k].float(), expected[k].float(), atol=1e-6) for k in final)
+        moved = [k for k in final if final[k].is_floating_point() and not torch.equal(final[k], tuned[k])]
+        assert moved and not any(k in fresh for k in moved)  # blended, a fresh head never
+
+    handed_over_blend()
+    run = json.loads((folder / "run.json").read_text())
+    assert run["history"][0]["blend_start"] == 0.2
+    assert json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]["blend_start"] == 0.2
+    assert main(["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "4", "--batch-size", "1"]) == 0
+    assert json.loads((folder / "run.json").read_text())["done"]["stage2"] == 4
+    handed_over_blend()
+    # asked for none, the tuned weights go as they are
+    assert main(["finetune", str(labelled_session), "--restart", *args, "--blend-start", "0"]) == 0
+    final, tuned = torch.load(folder / "final.pt", weights_only=True), torch.load(folder / "last.pt", weights_only=True)
+    assert all(torch.equal(final[k], tuned["network"][k]) for k in final)
+    assert json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]["blend_start"] == 0.0
+
+
+def test_no_pseudo_refuses_a_blend_share_it_would_not_use(labelled_session, capsys):
+    assert main(["finetune", str(labelled_session), "--no-pseudo", "--blend-start", "0.3"]) == 1
+    assert "--no-pseudo skips stage 2, so --blend-start would do nothing" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("asked, teacher", [([], "ema"), (["--pseudo-teacher", "fixed"], "fixed")])
 def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_extend_keeps_it(
     labelled_session, capsys, asked, teacher
@@ -313,6 +356,10 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     # the fallback judged: contrast may be what changed, so half the patches go through intensity curves
     curves = "half the pseudo-labelled patches go through random intensity curves (--pseudo-augment): the fallback"
     assert curves in said
+    # and the round's starting model vouched for none of it: the tuned weights are handed over unblended
+    assert "handing over the tuned weights as they are: the confidence gate judged the pool, not the round's" in said
+    final, last = torch.load(folder / "final.pt", weights_only=True), torch.load(folder / "last.pt", weights_only=True)
+    assert all(torch.equal(final[k], last["network"][k]) for k in final)
     # an extension keeps the round's pseudo-labels and the teacher that labels them: it refuses another
     other = "fixed" if teacher == "ema" else "ema"
     extend = ["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "4", "--batch-size", "1"]

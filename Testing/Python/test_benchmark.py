@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -419,24 +420,35 @@ def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, t
 
 def test_with_a_decaying_stage_2_the_control_runs_both_stages_on_the_labels_alone(monkeypatch, tmp_path):
     from ASFDALib.adaptation import trainer as trainer_module
+    from ASFDALib.adaptation.pseudo import PseudoLabels
     from ASFDALib.bench import benchmark
     from ASFDALib.models.defaults import default_model_path
     from ASFDALib.models.loading import load_model
 
-    seen = []
+    seen, asked = [], []
 
     def run(self, labelled, iterations, pseudo=None, *rest, **kw):
         seen.append((self.stage, iterations, pseudo, self.config.stage2_lr))
 
-    def no_pseudo_labels(*args, **kwargs):
-        raise AssertionError("the control makes no pseudo-labels")
+    def gate(*args):  # the rounds gate keeps a volume: its SSFT twin would hand over a blend
+        asked.append((args[7], args[10]))  # the gate asked for, and its fallback
+        return PseudoLabels(["p"], {"p": 0.9}, {"p": np.zeros((2, 2, 2), np.uint8)}, "rounds")
 
     monkeypatch.setattr(trainer_module.Trainer, "run", run)
-    monkeypatch.setattr(benchmark, "selective_pseudo_labels", no_pseudo_labels)
+    monkeypatch.setattr(benchmark, "selective_pseudo_labels", gate)
     card = load_model(default_model_path()).card
     ssft = benchmark.SSFTOptions(stage2_lr="cosine")
-    benchmark.train(default_model_path(), card, [], [], 400, 0, "cpu", ssft, tmp_path, pseudo_labels=False)
-    assert seen == [("stage1", 400, None, "cosine"), ("stage2", 200, None, "cosine")]
+    _, kept, judged, blend = benchmark.train(
+        default_model_path(), card, [], [], 400, 0, "cpu", ssft, tmp_path, pseudo_labels=False
+    )
+    assert seen == [("stage1", 400, None, "cosine"), ("stage2", 200, None, "cosine")]  # no pseudo-labels taught
+    # the gate judged only whether the start vouched (no fallback asked), and the control blends as its twin
+    assert asked == [("rounds", "none")] and (kept, judged, blend) == ([], "", 0.2)
+    # with no blend to decide, the control asks no gate at all
+    monkeypatch.setattr(benchmark, "selective_pseudo_labels", lambda *a: pytest.fail("the gate was asked"))
+    none = replace(ssft, blend_start=0.0)
+    control = benchmark.train(default_model_path(), card, [], [], 400, 0, "cpu", none, tmp_path, pseudo_labels=False)
+    assert control[3] == 0.0
 
 
 @pytest.mark.parametrize(

@@ -504,3 +504,51 @@ def test_lower_rate_for_loaded_puts_every_checkpoint_tensor_at_the_lower_rate_an
     # The encoder rule lets a loaded decoder adapt at the full rate: fewer tensors take the lower rate.
     encoder = {g["name"]: g for g in param_groups(target, FinetuneConfig(lr=1e-3, lower_rate_for="encoder"), report)}
     assert 0 < len(encoder["pretrained"]["params"]) < len(groups["pretrained"]["params"])
+
+
+# --- the handover's blend with the start (adaptation/blend.py) --------------------------------------------------
+
+
+def test_a_blend_mixes_the_starts_share_into_every_floating_tensor():
+    from ASFDALib.adaptation.blend import blend_state
+
+    tuned = {"w": torch.tensor([1.0, 2.0]), "half": torch.tensor([4.0], dtype=torch.float16)}
+    start = {"w": torch.tensor([3.0, -2.0]), "half": torch.tensor([0.0], dtype=torch.float16)}
+    blended = blend_state(tuned, start, 0.25)
+    assert blended["w"].tolist() == [1.5, 1.0]  # 0.75 x tuned + 0.25 x start
+    assert blended["half"].dtype == torch.float16 and blended["half"].tolist() == [3.0]
+
+
+def test_a_blend_leaves_fresh_tensors_and_counters_as_tuned():
+    from ASFDALib.adaptation.blend import blend_state
+
+    tuned = {"head": torch.tensor([1.0]), "bn.num_batches_tracked": torch.tensor(7), "w": torch.tensor([2.0])}
+    start = {"head": torch.tensor([-9.0]), "bn.num_batches_tracked": torch.tensor(0), "w": torch.tensor([0.0])}
+    blended = blend_state(tuned, start, 0.5, fresh=["head"])
+    assert (blended["head"].item(), blended["bn.num_batches_tracked"].item(), blended["w"].item()) == (1.0, 7, 1.0)
+    assert blend_state(tuned, start, 0.0) == tuned
+
+
+def test_a_blend_refuses_a_share_outside_zero_to_one_and_unlike_states():
+    from ASFDALib.adaptation.blend import blend_state
+
+    with pytest.raises(ValueError, match="share of the blend must lie in"):
+        blend_state({"w": torch.zeros(1)}, {"w": torch.zeros(1)}, 1.5)
+    with pytest.raises(ValueError, match="different tensors"):
+        blend_state({"w": torch.zeros(1)}, {"v": torch.zeros(1)}, 0.2)
+
+
+@pytest.mark.parametrize(
+    "gate, kept, share", [("rounds", 3, 0.2), ("rounds", 0, 0.0), ("flips", 3, 0.0), ("confidence", 3, 0.0)]
+)
+def test_only_a_start_that_vouched_for_kept_volumes_gets_a_share_of_the_handover(gate, kept, share):
+    from ASFDALib.adaptation.recipe import handover_share
+
+    assert handover_share(0.2, gate, kept) == share
+
+
+def test_a_blend_share_of_one_or_more_is_refused_by_the_recipe():
+    from ASFDALib.adaptation.recipe import FinetuneConfig
+
+    with pytest.raises(ValueError, match=r"blend_start 1.0: use a share in \[0, 1\)"):
+        FinetuneConfig(blend_start=1.0)
