@@ -29,6 +29,7 @@ def blend_state(
         if share == 0.0 or name in fresh or not value.is_floating_point():
             blended[name] = value
             continue
-        mixed = torch.lerp(value.float(), start[name].to(value.device).float(), share)  # value + share·(start − value)
+        wide = torch.promote_types(value.dtype, torch.float32)  # float16 mixes in float32, float64 stays
+        mixed = torch.lerp(value.to(wide), start[name].to(value.device, wide), share)  # value + share·(start − value)
         blended[name] = mixed.to(value.dtype)
     return blended

@@ -424,7 +424,7 @@ def finetune_session(
         if not run["finished"]:  # and how far the unfinished run after it got (its last.pt)
             replaced |= {"unfinished": dict(run["done"]), "status": run["history"][-1]["status"]}
         # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
-        kept = ("pseudo_gate", "pseudo_labelled", "pseudo_teacher", "pseudo_augment")
+        kept = ("pseudo_gate", "pseudo_labelled", "pseudo_teacher", "pseudo_augment", "blend_start")
         replaced |= {k: metrics[k] for k in kept if k in metrics}
         for key, field_ in (("pseudo_teacher", "teacher"), ("pseudo_augment", "pseudo_augment")):
             ran = [h[field_] for h in run["history"] if field_ in h and "stage2_lr" in h]  # what stage 2 ran with

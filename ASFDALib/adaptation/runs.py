@@ -66,7 +66,8 @@ def count_checkpoint(run: dict, stage: str, iteration: int) -> None:
 # what a run's weights depend on beside its targets and stage 2's recipe, recorded when it starts: a resume
 # goes on with them, so that it reaches the weights an uninterrupted run reaches
 RUN_TRAINING = ("batch_size", "lr", "seed")
-RUN_GATE = ("reliability", "keep_fraction", "confidence", "min_agreement", "fallback")  # recorded where stage 2 runs
+# recorded where stage 2 runs: the gate, and the share of the start the handover may blend in (recipe.handover_share)
+RUN_GATE = ("reliability", "keep_fraction", "confidence", "min_agreement", "fallback", "blend_start")
 RUN_RECIPE = RUN_TRAINING + RUN_GATE
 
 

@@ -307,9 +307,18 @@ def _split(text: str) -> list[str]:
 
 
 def check_gate_options(
-    gate: str, confidence: float | None, min_agreement: float | None, fallback: str | None = None
+    gate: str,
+    confidence: float | None,
+    min_agreement: float | None,
+    fallback: str | None = None,
+    blend_start: float | None = None,
 ) -> None:
     """Refuse, before any work, a pseudo-label option the chosen gates do not read (it would do nothing)."""
+    if blend_start and gate != "rounds":
+        raise ASFDAError(
+            f"--blend-start blends the start in where the rounds gate keeps volumes (the start vouched for them), "
+            f"and the gate is {gate}; leave it out, or add --pseudo-gate rounds"
+        )
     if fallback not in (None, "none") and gate == "confidence":
         raise ASFDAError(
             "--pseudo-fallback judges when the gate keeps no volume, and the confidence gate always keeps some; "
@@ -344,6 +353,7 @@ RESUME_KEEPS = {
     "--pseudo-fallback": "fallback",
     "--stage2-lr": "stage2_lr",
     "--pseudo-augment": "pseudo_augment",
+    "--blend-start": "blend_start",
 }
 
 
@@ -448,7 +458,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     reliability = own(args.reliability, "reliability")
     # after the refusal above: its fix (leave the options out) is the one that holds
-    check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback)
+    check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback, args.blend_start)
+    if args.blend_start and args.pseudo_iterations == 0:
+        raise ASFDAError("--pseudo-iterations 0 skips stage 2, and the blend follows it; leave one of them out")
     if run and run["targets"]:  # a resume keeps the run's length too
         ran |= {"iterations": run["targets"]["stage1"], "pseudo_iterations": run["targets"]["stage2"]}
     if not (args.mode == "resume" and run and run["finished"]):  # that resume is refused, naming --extend
@@ -479,7 +491,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         pseudo_augment=own(args.pseudo_augment, "pseudo_augment"),
         teacher=own(args.pseudo_teacher, "teacher"),
         ema_weight=own(None, "ema_weight"),
-        blend_start=recipe.blend_start if args.blend_start is None else args.blend_start,
+        blend_start=own(args.blend_start, "blend_start"),
     )
     bar, progress = training_progress(console)
     distributed.init_from_env(args.device)
@@ -817,7 +829,8 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
             )
     if args.pseudo_gate is not None:
         overrides["ssft"] = replace(config.ssft, reliability=args.pseudo_gate)
-    check_gate_options(args.pseudo_gate or config.ssft.reliability, None, args.min_agreement, args.pseudo_fallback)
+    gate = args.pseudo_gate or config.ssft.reliability
+    check_gate_options(gate, None, args.min_agreement, args.pseudo_fallback, args.blend_start)
     if args.min_agreement is not None:
         overrides["ssft"] = replace(overrides.get("ssft", config.ssft), min_agreement=args.min_agreement)
     for name, field in (
@@ -832,6 +845,13 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
         if value is not None:
             overrides["ssft"] = replace(overrides.get("ssft", config.ssft), **{field: value})
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)
+    ssft = config.ssft
+    blends = ssft.reliability == "rounds" and ssft.blend_start > 0
+    if blends and ssft.stage2_lr == "constant" and "ssft-control" in config.rows:
+        raise ASFDAError(
+            "with --stage2-lr constant the ssft-control row trains one longer stage, which no gate judges, so only "
+            "the asfda+ssft row would be handed over blended; add --blend-start 0, or --stage2-lr cosine"
+        )
     if config.eval_at and not (config.validation or val_dir):
         raise ASFDAError("--eval-at scores the validation set: give --validation DIR (or a phantom count)")
     return config, folders, model_path

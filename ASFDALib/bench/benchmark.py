@@ -475,9 +475,18 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
         r.row == "ssft-control" and r.shared_with.startswith("asfda+ssft@") and (r.budget, r.seed) in empty
         for r in runs
     )
+    blended = [r for r in runs if r.row in ("asfda+ssft", "ssft-control") and r.blend is not None]
+    blend = (
+        f"Handed over as (1 - s) x tuned + s x starting weights, s = {o.blend_start:g} where the rounds gate kept "
+        f"volumes (the control where its twin's did): {sum(1 for r in blended if r.blend)} of {len(blended)} "
+        "runs blended.\n"
+        if o.reliability == "rounds" and o.blend_start
+        else ""
+    )
     return (
         f"\nASFDA + SSFT: {gate}, at most {o.keep_fraction:.0%} of the pool pseudo-labelled{augment}, stage 2's "
         f"learning rate {o.stage2_lr}; its control trains {control}.\n"
+        + blend
         + (f"Volumes pseudo-labelled (the runs that recorded it): {'; '.join(kept)}.\n" if kept else "")
         + (
             "Where the gate kept no volume the SSFT run trained the control's model, and the control shares it.\n"

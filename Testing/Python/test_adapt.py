@@ -298,7 +298,8 @@ def test_a_round_its_starting_model_vouched_for_hands_over_a_blend_and_last_pt_k
     labelled_session, capsys
 ):
     """The rounds gate kept volumes, so final.pt is 0.8 x the tuned weights + 0.2 x the round's start (the
-    source model), every loaded tensor; an extension goes on from last.pt's tuned weights and blends again."""
+    source model), every loaded tensor; an extension goes on from last.pt's tuned weights and blends again,
+    with the run's own share."""
     from ASFDALib.adaptation.blend import blend_state
     from ASFDALib.adaptation.pipeline import session_model
 
@@ -310,10 +311,10 @@ def test_a_round_its_starting_model_vouched_for_hands_over_a_blend_and_last_pt_k
     source = session_model(Session.open(labelled_session), adapted=False)
     start, fresh = source.network.state_dict(), source.load_report.new
 
-    def handed_over_blend() -> None:
+    def handed_over_blend(share: float = 0.2) -> None:
         tuned = torch.load(folder / "last.pt", weights_only=True)["network"]
         final = torch.load(folder / "final.pt", weights_only=True)
-        expected = blend_state(tuned, start, 0.2, fresh)
+        expected = blend_state(tuned, start, share, fresh)
         assert all(torch.allclose(final[k].float(), expected[k].float(), atol=1e-6) for k in final)
         moved = [k for k in final if final[k].is_floating_point() and not torch.equal(final[k], tuned[k])]
         assert moved and not any(k in fresh for k in moved)  # blended, a fresh head never
@@ -322,9 +323,12 @@ def test_a_round_its_starting_model_vouched_for_hands_over_a_blend_and_last_pt_k
     run = json.loads((folder / "run.json").read_text())
     assert run["history"][0]["blend_start"] == 0.2
     assert json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]["blend_start"] == 0.2
-    assert main(["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "4", "--batch-size", "1"]) == 0
-    assert json.loads((folder / "run.json").read_text())["done"]["stage2"] == 4
-    handed_over_blend()
+    extend = ["finetune", str(labelled_session), "--extend", "--batch-size", "1"]
+    assert main([*extend, "--pseudo-iterations", "4", "--blend-start", "0.3"]) == 0  # an extension may change it
+    handed_over_blend(0.3)
+    assert main([*extend, "--pseudo-iterations", "5"]) == 0  # and the next goes on with the run's own
+    assert json.loads((folder / "run.json").read_text())["done"]["stage2"] == 5
+    handed_over_blend(0.3)
     # asked for none, the tuned weights go as they are
     assert main(["finetune", str(labelled_session), "--restart", *args, "--blend-start", "0"]) == 0
     final, tuned = torch.load(folder / "final.pt", weights_only=True), torch.load(folder / "last.pt", weights_only=True)
@@ -332,9 +336,18 @@ def test_a_round_its_starting_model_vouched_for_hands_over_a_blend_and_last_pt_k
     assert json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]["blend_start"] == 0.0
 
 
-def test_no_pseudo_refuses_a_blend_share_it_would_not_use(labelled_session, capsys):
-    assert main(["finetune", str(labelled_session), "--no-pseudo", "--blend-start", "0.3"]) == 1
-    assert "--no-pseudo skips stage 2, so --blend-start would do nothing" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "options, refused",
+    [
+        (["--no-pseudo"], "--no-pseudo skips stage 2, so --blend-start would do nothing"),
+        (["--pseudo-iterations", "0"], "--pseudo-iterations 0 skips stage 2, and the blend follows it"),
+        (["--pseudo-gate", "flips"], "where the rounds gate keeps volumes (the start vouched for them), and the gate"),
+    ],
+)
+def test_a_blend_share_the_run_would_not_use_is_refused_before_any_work(labelled_session, capsys, options, refused):
+    assert main(["finetune", str(labelled_session), *options, "--blend-start", "0.3"]) == 1
+    assert refused in " ".join(capsys.readouterr().err.split())
+    assert not (labelled_session / "checkpoints" / "round1").exists()
 
 
 @pytest.mark.parametrize("asked, teacher", [([], "ema"), (["--pseudo-teacher", "fixed"], "fixed")])
@@ -391,7 +404,15 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
 
 RAN = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema"}
 # what a resume also keeps: the run's targets and the batch size, learning rate and seed it started with
-STARTED = {"iterations": 6, "pseudo_iterations": 4, "batch_size": 2, "lr": 0.001, "seed": 3, "reliability": "rounds"}
+STARTED = {
+    "iterations": 6,
+    "pseudo_iterations": 4,
+    "batch_size": 2,
+    "lr": 0.001,
+    "seed": 3,
+    "reliability": "rounds",
+    "blend_start": 0.2,
+}
 
 
 @pytest.mark.parametrize(
@@ -420,6 +441,8 @@ STARTED = {"iterations": 6, "pseudo_iterations": 4, "batch_size": 2, "lr": 0.001
         ("resume", {"no_pseudo": True}, "so --no-pseudo (it has a stage 2 of 4 iterations) would change it"),
         ("resume", {"iterations": 6, "lr": 0.001, "seed": 3}, ""),  # the run's own, named
         ("extend", {"lr": 0.1, "iterations": 8}, ""),  # an extension trains on with what it is given
+        ("resume", {"blend_start": 0.5}, "so --blend-start 0.5 (it had 0.2)"),
+        ("extend", {"blend_start": 0.0}, ""),  # an extension may hand over otherwise
     ],
 )
 def test_a_resume_refuses_another_length_rate_seed_or_stage_2_recipe_and_an_extend_another_teacher(

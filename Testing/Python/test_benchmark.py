@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.app.cli import main
@@ -429,6 +430,9 @@ def test_with_a_decaying_stage_2_the_control_runs_both_stages_on_the_labels_alon
 
     def run(self, labelled, iterations, pseudo=None, *rest, **kw):
         seen.append((self.stage, iterations, pseudo, self.config.stage2_lr))
+        with torch.no_grad():  # "training" moves every weight by one
+            for p in self.network.parameters():
+                p.add_(1.0)
 
     def gate(*args):  # the rounds gate keeps a volume: its SSFT twin would hand over a blend
         asked.append((args[7], args[10]))  # the gate asked for, and its fallback
@@ -438,9 +442,13 @@ def test_with_a_decaying_stage_2_the_control_runs_both_stages_on_the_labels_alon
     monkeypatch.setattr(benchmark, "selective_pseudo_labels", gate)
     card = load_model(default_model_path()).card
     ssft = benchmark.SSFTOptions(stage2_lr="cosine")
-    _, kept, judged, blend = benchmark.train(
+    network, kept, judged, blend = benchmark.train(
         default_model_path(), card, [], [], 400, 0, "cpu", ssft, tmp_path, pseudo_labels=False
     )
+    start = load_model(default_model_path()).network.state_dict()
+    moved = {k: v - start[k] for k, v in network.state_dict().items() if v.is_floating_point()}
+    weights = [k for k, _ in network.named_parameters()]
+    assert all(torch.allclose(moved[k], torch.full_like(moved[k], 1.6)) for k in weights)  # 0.8 x the 2 moved
     assert seen == [("stage1", 400, None, "cosine"), ("stage2", 200, None, "cosine")]  # no pseudo-labels taught
     # the gate judged only whether the start vouched (no fallback asked), and the control blends as its twin
     assert asked == [("rounds", "none")] and (kept, judged, blend) == ([], "", 0.2)
@@ -449,6 +457,13 @@ def test_with_a_decaying_stage_2_the_control_runs_both_stages_on_the_labels_alon
     none = replace(ssft, blend_start=0.0)
     control = benchmark.train(default_model_path(), card, [], [], 400, 0, "cpu", none, tmp_path, pseudo_labels=False)
     assert control[3] == 0.0
+
+
+def test_a_constant_stage_2_with_a_blend_is_refused_since_its_control_would_not_blend(tmp_path, capsys):
+    args = ["benchmark", "--quick", "--pseudo-gate", "rounds", "--stage2-lr", "constant", "--out", str(tmp_path / "b")]
+    assert main(args) == 1
+    assert "only the asfda+ssft row would be handed over blended; add --blend-start 0" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize(
