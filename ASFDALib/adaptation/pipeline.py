@@ -486,7 +486,7 @@ def finetune_session(
     if targets["stage2"] > before["stage2"]:  # how stage 2's rate runs: held, or decayed along a cosine
         entry["stage2_lr"] = config.stage2_lr
         # the augmentation and teacher asked for (a resume's or an extension's: the run's own);
-        # "pseudo_augment" and "teacher", the ones that ran, once the gate has judged
+        # "pseudo_augment" and "teacher", the ones that ran, once the gate has judged ("none": nothing passed)
         entry["pseudo_augment_asked"] = config.pseudo_augment
         entry["teacher_asked"] = config.teacher
         if config.stage2_lr == "cosine":
@@ -544,6 +544,8 @@ def finetune_session(
             gate = (result.gate or {}).get("reliability", config.reliability)
             asked = (result.gate or {}).get("asked") or gate  # the gate chosen, where its fallback judged
             if not pseudo_cases:
+                if targets["stage2"] > before["stage2"]:  # no teacher and no augmentation of pseudo-labels ran
+                    entry["teacher"] = entry["pseudo_augment"] = "none"
                 # the iterations asked for still run, on the labels alone, as the benchmark's row does
                 why = f"passed the {gate} gate" if result.reliability else "is left unlabelled"
                 say(f"no unlabeled volume {why}: stage 2 trains on the labels alone{_why_none(result)}")

@@ -85,12 +85,17 @@ def stage2_recipe(run: dict | None) -> dict[str, Any]:
     if not stage2:
         return {}
     last = stage2[-1]
+
     # entries recorded before the augmentation, or the teacher, was a choice augmented weakly, or had the
-    # fixed teacher; the augmentation and teacher that ran once the gate has judged, else the ones asked for
+    # fixed teacher; the augmentation and teacher that ran once the gate has judged, else (none ran: nothing
+    # was pseudo-labelled) the ones asked for
+    def ran(key: str) -> str | None:
+        return last.get(key) if last.get(key) != "none" else None
+
     recipe = {
         "stage2_lr": last["stage2_lr"],
-        "pseudo_augment": last.get("pseudo_augment") or last.get("pseudo_augment_asked") or "weak",
-        "teacher": last.get("teacher") or last.get("teacher_asked") or "fixed",
+        "pseudo_augment": ran("pseudo_augment") or last.get("pseudo_augment_asked") or "weak",
+        "teacher": ran("teacher") or last.get("teacher_asked") or "fixed",
     }
     ema = [h for h in stage2 if "confidence" in h]  # where an EMA teacher labelled: its voxel gate and weight
     if ema:  # (recorded before its weight was a choice: 1, as the fixed labels')

@@ -538,6 +538,20 @@ def test_a_teacher_named_with_a_resume_is_compared_as_it_would_label_the_rounds_
             ],
             {"stage2_lr": "constant", "pseudo_augment": "strong", "teacher": "ema"},
         ),
+        # nothing passed the gate, so none ran: a continued run goes on with the ones asked for
+        (
+            [
+                {
+                    "stage2_lr": "cosine",
+                    "pseudo_augment": "none",
+                    "pseudo_augment_asked": "remap-if-fallback",
+                    "teacher": "none",
+                    "teacher_asked": "ema-if-fallback",
+                    "stage2": [0, 2],
+                }
+            ],
+            {"stage2_lr": "cosine", "pseudo_augment": "remap-if-fallback", "teacher": "ema-if-fallback"},
+        ),
         # an EMA teacher's voxel gate, from the run that recorded it; recorded before its weight was a choice: 1
         (
             [
@@ -585,10 +599,16 @@ def test_where_the_source_model_vouches_for_no_volume_the_flipped_views_judge_by
     ) in said
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     assert metrics["pseudo_gate"] == gate and metrics["pseudo_labelled"] == []
-    # no pseudo-label, so no teacher labelled anything: the record keeps only the one asked for
+    # no pseudo-label, so no teacher labelled anything and nothing was augmented: the record says none ran
     run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
-    assert run["history"][0]["teacher_asked"] == "ema-if-fallback" and "teacher" not in run["history"][0]
-    assert "pseudo_teacher" not in metrics
+    ran = {k: run["history"][0][k] for k in ("teacher_asked", "teacher", "pseudo_augment_asked", "pseudo_augment")}
+    assert ran == {
+        "teacher_asked": "ema-if-fallback",
+        "teacher": "none",
+        "pseudo_augment_asked": "remap-if-fallback",
+        "pseudo_augment": "none",
+    }
+    assert "pseudo_teacher" not in metrics and metrics["blend_start"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -1333,6 +1353,7 @@ def test_a_run_that_fails_is_recorded_as_failed_and_resuming_it_reaches_its_own_
             "status": "failed",
             "pseudo_gate": None,  # what the finished model's stage 2 trained on: none ran
             "pseudo_labelled": [],
+            "blend_start": 0.0,  # and its final.pt was handed over unblended
         }
     ]
 
