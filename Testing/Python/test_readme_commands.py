@@ -26,6 +26,7 @@ RESULTS = {
     "bench-ct-defaults": "ct_shift/defaults",
     "bench-ct-fallback": "ct_shift/fallback",
     "bench-ct-in": "ct_shift/instance",
+    "bench-ct-in-blend": "ct_shift/instance-blend",
     "bench-mri": "mri_rich/main",
     "bench-mri-defaults": "mri_rich/defaults",
     "bench-mri-fallback": "mri_rich/fallback",
