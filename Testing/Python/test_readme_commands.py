@@ -25,6 +25,7 @@ RESULTS = {
     "bench-ct": "ct_shift/main",
     "bench-ct-defaults": "ct_shift/defaults",
     "bench-ct-fallback": "ct_shift/fallback",
+    "bench-ct-blend": "ct_shift/blend",
     "bench-ct-in": "ct_shift/instance",
     "bench-ct-in-blend": "ct_shift/instance-blend",
     "bench-mri": "mri_rich/main",
