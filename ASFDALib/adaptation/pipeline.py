@@ -315,10 +315,11 @@ def check_mode(
     if mode == "resume":  # it goes on as the run ran (the command line refuses the options by name first)
         ran = resume_recipe(run)
         pseudo_json = folder / "pseudo" / "pseudo.json"
+        # the blend share acts at the handover, after the training: a resume may take another
         changed = [
             f"{k} {getattr(config, k)} (it had {v})"
             for k, v in ran.items()
-            if not same_in_effect(k, getattr(config, k), v, pseudo_json)
+            if k != "blend_start" and not same_in_effect(k, getattr(config, k), v, pseudo_json)
         ]
         if not pseudo and (run["targets"] or {}).get("stage2"):
             changed.append("stage 1 only (it has a stage 2 with pseudo-labels)")
@@ -424,7 +425,7 @@ def finetune_session(
         if not run["finished"]:  # and how far the unfinished run after it got (its last.pt)
             replaced |= {"unfinished": dict(run["done"]), "status": run["history"][-1]["status"]}
         # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
-        kept = ("pseudo_gate", "pseudo_labelled", "pseudo_teacher", "pseudo_augment", "blend_start")
+        kept = ("pseudo_gate", "pseudo_labelled", "pseudo_teacher", "pseudo_augment", "handover_blend")
         replaced |= {k: metrics[k] for k in kept if k in metrics}
         for key, field_ in (("pseudo_teacher", "teacher"), ("pseudo_augment", "pseudo_augment")):
             ran = [h[field_] for h in run["history"] if field_ in h and "stage2_lr" in h]  # what stage 2 ran with
@@ -605,7 +606,9 @@ def finetune_session(
                 )
             elif config.blend_start:
                 say(f"handing over the tuned weights as they are: {_why_no_blend(gate, len(pseudo_cases))}")
-            entry["blend_start"] = result.blend
+            else:
+                say("handing over the tuned weights as they are (--blend-start 0)")
+            entry["handover_blend"] = result.blend  # the share applied ("recipe" holds the one asked for)
         run["finished"] = True
         record("done")
         result.iterations = dict(run["done"])
@@ -622,7 +625,7 @@ def finetune_session(
             "pseudo_labelled": result.kept,
             "pseudo_gate": result.gate,
             **({"pseudo_teacher": result.teacher, "pseudo_augment": result.augment} if result.teacher else {}),
-            "blend_start": result.blend,  # the starting weights' share of final.pt
+            "handover_blend": result.blend,  # the starting weights' share of final.pt, as applied
             # every run of the round adds its time: an extend does not erase stage 1's
             "seconds": {
                 k: previous_seconds.get(k, 0.0) + result.seconds.get(k, 0.0)

@@ -400,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"hand over the round's model as (1 - SHARE) x its tuned weights + SHARE x the weights the round "
         f"started from (default: {RECIPE.blend_start:g}), where the rounds gate kept volumes: the starting model "
         "vouched for part of the pool, so keeping some of it keeps what it did well on sites the labels left "
-        "out; elsewhere (a fallback judged, as across modalities) the tuned weights go as they are; 0: never. "
-        "last.pt keeps the tuned weights, so --extend goes on from them",
+        "out; elsewhere (a fallback judged, as across modalities) the tuned weights go as they are; 0: never; "
+        "0 <= SHARE < 1. last.pt keeps the tuned weights, so --extend goes on from them; --resume and --extend "
+        "keep the run's share unless given another (it acts at the handover, after the training)",
     )
     finetune.add_argument(
         "--confidence",

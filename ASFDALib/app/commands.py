@@ -353,7 +353,6 @@ RESUME_KEEPS = {
     "--pseudo-fallback": "fallback",
     "--stage2-lr": "stage2_lr",
     "--pseudo-augment": "pseudo_augment",
-    "--blend-start": "blend_start",
 }
 
 

@@ -321,8 +321,9 @@ def test_a_round_its_starting_model_vouched_for_hands_over_a_blend_and_last_pt_k
 
     handed_over_blend()
     run = json.loads((folder / "run.json").read_text())
-    assert run["history"][0]["blend_start"] == 0.2
-    assert json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]["blend_start"] == 0.2
+    # the share applied beside the one asked for (the run's recipe, which a resume and an extension go on with)
+    assert (run["history"][0]["handover_blend"], run["recipe"]["blend_start"]) == (0.2, 0.2)
+    assert json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]["handover_blend"] == 0.2
     extend = ["finetune", str(labelled_session), "--extend", "--batch-size", "1"]
     assert main([*extend, "--pseudo-iterations", "4", "--blend-start", "0.3"]) == 0  # an extension may change it
     handed_over_blend(0.3)
@@ -333,7 +334,8 @@ def test_a_round_its_starting_model_vouched_for_hands_over_a_blend_and_last_pt_k
     assert main(["finetune", str(labelled_session), "--restart", *args, "--blend-start", "0"]) == 0
     final, tuned = torch.load(folder / "final.pt", weights_only=True), torch.load(folder / "last.pt", weights_only=True)
     assert all(torch.equal(final[k], tuned["network"][k]) for k in final)
-    assert json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]["blend_start"] == 0.0
+    assert json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]["handover_blend"] == 0.0
+    assert "handing over the tuned weights as they are (--blend-start 0)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -441,8 +443,8 @@ STARTED = {
         ("resume", {"no_pseudo": True}, "so --no-pseudo (it has a stage 2 of 4 iterations) would change it"),
         ("resume", {"iterations": 6, "lr": 0.001, "seed": 3}, ""),  # the run's own, named
         ("extend", {"lr": 0.1, "iterations": 8}, ""),  # an extension trains on with what it is given
-        ("resume", {"blend_start": 0.5}, "so --blend-start 0.5 (it had 0.2)"),
-        ("extend", {"blend_start": 0.0}, ""),  # an extension may hand over otherwise
+        ("resume", {"blend_start": 0.5}, ""),  # the share acts at the handover: a resume may take another
+        ("extend", {"blend_start": 0.0}, ""),
     ],
 )
 def test_a_resume_refuses_another_length_rate_seed_or_stage_2_recipe_and_an_extend_another_teacher(
@@ -476,6 +478,7 @@ def test_a_resume_refuses_another_length_rate_seed_or_stage_2_recipe_and_an_exte
         ({"ema_weight": 1.0}, "ema_weight 1.0 (it had 0.5)"),
         ({"teacher": "ema-if-fallback"}, ""),  # the fallback judged: the same teacher labels
         ({"teacher": "ema"}, ""),
+        ({"blend_start": 0.5}, ""),  # the blend acts at the handover, after the training
     ],
 )
 def test_the_engine_refuses_a_resume_with_another_stage_2_recipe_as_the_command_line_does(tmp_path, change, refused):
@@ -608,7 +611,8 @@ def test_where_the_source_model_vouches_for_no_volume_the_flipped_views_judge_by
         "pseudo_augment_asked": "remap-if-fallback",
         "pseudo_augment": "none",
     }
-    assert "pseudo_teacher" not in metrics and metrics["blend_start"] == 0.0
+    assert "pseudo_teacher" not in metrics and metrics["handover_blend"] == 0.0  # the share applied: none
+    assert run["recipe"]["blend_start"] == 0.2  # though asked for
 
 
 @pytest.mark.parametrize(
@@ -1353,7 +1357,7 @@ def test_a_run_that_fails_is_recorded_as_failed_and_resuming_it_reaches_its_own_
             "status": "failed",
             "pseudo_gate": None,  # what the finished model's stage 2 trained on: none ran
             "pseudo_labelled": [],
-            "blend_start": 0.0,  # and its final.pt was handed over unblended
+            "handover_blend": 0.0,  # and its final.pt was handed over unblended
         }
     ]
 
