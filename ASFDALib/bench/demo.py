@@ -159,6 +159,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
         "query": query,
         "random_query": random_query,
         "pseudo_labelled": result.kept,
+        "handover_blend": result.blend,  # the source weights' share of the adapted model (adaptation/blend.py)
         "class_names": model.card.class_names,
         "dice": dice,
         "mean_dice": {k: float(np.nanmean(v)) for k, v in dice.items()},

@@ -114,6 +114,8 @@ def test_demo_runs_end_to_end_in_either_scenario(tmp_path, capsys, scenario, cla
     report = json.loads((out / "demo.json").read_text())
     assert set(report["dice"]) == {"source", "random", "asfda"} and len(report["query"]) == 2
     assert report["config"]["scenario"] == scenario and len(report["class_names"]) == classes
+    # the adapted model's share of source weights: none where the fallback judged (the MRI-like pool)
+    assert report["handover_blend"] in ((0.0,) if scenario == "mri" else (0.0, 0.2))
     assert (out / "demo.png").is_file() and (out / "session" / "ranking.png").is_file()
     printed = capsys.readouterr().out
     assert "ASFDA vs random selection" in printed
