@@ -409,9 +409,11 @@ def finetune_session(
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.
     model = round_start_model(session)
-    # what the round starts from, for the blend it may hand over; a fresh head or decoder (round 1's new
-    # tensors) starts from a random initialisation, which no blend should bring back
-    start_state = {k: v.detach().clone() for k, v in model.network.state_dict().items()}
+    # what the round starts from, for the blend it may hand over (a copy of the weights: only where one may);
+    # a fresh head or decoder (round 1's new tensors) starts from a random initialisation, which no blend
+    # should bring back
+    may_blend = pseudo and config.blend_start > 0
+    start_state = {k: v.detach().clone() for k, v in model.network.state_dict().items()} if may_blend else {}
     fresh = model.load_report.new if model.load_report and round_start_checkpoint(session) is None else []
     trainer = Trainer(model.network, model.card, config, folder, model.load_report)
     say(f"loading {len(labelled)} labelled volumes")
@@ -595,7 +597,7 @@ def finetune_session(
                 return result
         if targets["stage2"] > 0:  # the handover: a blend with the start where it vouched for the pool
             gate = (result.gate or {}).get("reliability", "")
-            result.blend = handover_share(config.blend_start, gate, len(pseudo_cases))
+            result.blend = handover_share(config.blend_start, gate, len(pseudo_cases)) if may_blend else 0.0
             if result.blend:
                 tuned = model.network.state_dict()
                 model.network.load_state_dict(blend_state(tuned, start_state, result.blend, fresh))
@@ -605,7 +607,7 @@ def finetune_session(
                     "tuned ones)"
                 )
             elif config.blend_start:
-                say(f"handing over the tuned weights as they are: {_why_no_blend(gate, len(pseudo_cases))}")
+                say(f"handing over the tuned weights as they are: {_why_no_blend(gate)}")
             else:
                 say("handing over the tuned weights as they are (--blend-start 0)")
             entry["handover_blend"] = result.blend  # the share applied ("recipe" holds the one asked for)
@@ -649,7 +651,7 @@ def finetune_session(
         raise
 
 
-def _why_no_blend(gate: str, kept: int) -> str:
+def _why_no_blend(gate: str) -> str:
     """Why a round hands over its tuned weights unblended (``FinetuneConfig.blend_start`` > 0)."""
     if gate == "rounds":
         return "the round's starting model vouched for no unlabeled volume"

@@ -127,6 +127,12 @@ def stage2_augment(augment: str, fallback_judged: bool) -> str:
     return augment
 
 
+def may_blend(share: float, reliability: str) -> bool:
+    """Whether a recipe can hand over a blend at all: a share, and the ``rounds`` gate asked for (only it asks
+    the round's starting model to vouch; :func:`handover_share` decides once it has judged)."""
+    return share > 0 and reliability == "rounds"
+
+
 def handover_share(share: float, gate: str, kept: int) -> float:
     """The starting weights' share of the model a round hands over, once its gate has judged: ``share`` where the
     ``rounds`` gate kept ``kept`` > 0 volumes (the round's starting model vouched for them), else 0."""

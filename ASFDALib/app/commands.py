@@ -778,6 +778,7 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
     the model (None: the built-in one); refuses, in one line, arguments that do not fit together."""
     from dataclasses import replace
 
+    from ASFDALib.adaptation.recipe import may_blend
     from ASFDALib.bench.benchmark import SCENARIO_MODELS, BenchmarkConfig, Folders
     from ASFDALib.models.defaults import resources_dir
 
@@ -845,8 +846,7 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
             overrides["ssft"] = replace(overrides.get("ssft", config.ssft), **{field: value})
     config = replace(config, device=args.device, scenario=args.scenario, **overrides)
     ssft = config.ssft
-    blends = ssft.reliability == "rounds" and ssft.blend_start > 0
-    if blends and ssft.stage2_lr == "constant" and "ssft-control" in config.rows:
+    if may_blend(ssft.blend_start, ssft.reliability) and ssft.stage2_lr == "constant" and "ssft-control" in config.rows:
         raise ASFDAError(
             "with --stage2-lr constant the ssft-control row trains one longer stage, which no gate judges, so only "
             "the asfda+ssft row would be handed over blended; add --blend-start 0, or --stage2-lr cosine"

@@ -29,7 +29,7 @@ import torch
 from ASFDALib.adaptation.blend import blend_state
 from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
-from ASFDALib.adaptation.recipe import FinetuneConfig, handover_share, stage2_augment, stage2_teacher
+from ASFDALib.adaptation.recipe import FinetuneConfig, handover_share, may_blend, stage2_augment, stage2_teacher
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
 from ASFDALib.bench import statistics
@@ -334,7 +334,9 @@ def train(
     """
     model = load_model(model_path, card)
     network = model.network
-    start_state = {k: v.detach().clone() for k, v in network.state_dict().items()}  # for the handover's blend
+    blends = ssft is not None and may_blend(ssft.blend_start, ssft.reliability)
+    # a copy of the starting weights for the handover's blend, only where one may apply
+    start_state = {k: v.detach().clone() for k, v in network.state_dict().items()} if blends else {}
     # what stage 2 reads from the trainer's recipe (an EMA teacher's voxel gate is the options' confidence)
     read = ("stage2_lr", "pseudo_augment", "teacher", "confidence", "ema_weight")
     stage2 = {k: getattr(ssft, k) for k in read} if ssft else {}
@@ -357,7 +359,6 @@ def train(
         atomic_write(cached, lambda tmp: shutil.copyfile(trainer.last_path, tmp))
     pseudo: list[Case] = []
     judged = ""
-    blends = ssft is not None and ssft.blend_start > 0 and ssft.reliability == "rounds"
     made = None
     if ssft and (pseudo_labels or blends):
         names = {c.name for c in labelled}
@@ -377,7 +378,7 @@ def train(
             reference,
             ssft.fallback if pseudo_labels else "none",  # the control asks only whether the start vouched
         )
-    if ssft and made is not None and pseudo_labels:
+    if made is not None and pseudo_labels:
         by_name = {c.name: c for c in pool}
         pseudo = [Case(n, by_name[n].image, label) for n, label in made.labels.items()]
         judged = made.gate
@@ -391,7 +392,7 @@ def train(
         trainer.run(
             labelled, iterations - first + round(iterations * ssft.extra_fraction), pseudo or None, progress=progress
         )
-    blend = handover_share(ssft.blend_start, made.gate, len(made.kept)) if blends and made is not None else 0.0
+    blend = handover_share(ssft.blend_start, made.gate, len(made.kept)) if blends else 0.0
     if blend:
         fresh = model.load_report.new if model.load_report else []
         network.load_state_dict(blend_state(network.state_dict(), start_state, blend, fresh))
@@ -480,7 +481,7 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
         f"Handed over as (1 - s) x tuned + s x starting weights, s = {o.blend_start:g} where the rounds gate kept "
         f"volumes (the control where its twin's did): {sum(1 for r in blended if r.blend)} of {len(blended)} "
         "runs blended.\n"
-        if o.reliability == "rounds" and o.blend_start
+        if may_blend(o.blend_start, o.reliability)
         else ""
     )
     return (
