@@ -341,10 +341,13 @@ def check_mode(
             )
         done = run["done"]
         if done["stage2"] > 0:
-            if config.pseudo_iterations <= done["stage2"]:
+            # the same length with another share of the start: the tuned weights handed over anew, untrained
+            rehandover = config.pseudo_iterations == done["stage2"] and new_share(run, config)
+            if config.pseudo_iterations <= done["stage2"] and not rehandover:
                 raise SessionError(
                     f"{folder}: stage 2 already ran {done['stage2']} iterations; ask for more with "
-                    f"--pseudo-iterations N (N > {done['stage2']}), or --restart"
+                    f"--pseudo-iterations N (N > {done['stage2']}), hand the tuned weights over with another "
+                    f"--blend-start, or --restart"
                 )
         elif config.iterations <= done["stage1"] and config.pseudo_iterations <= 0:
             raise SessionError(
@@ -352,6 +355,11 @@ def check_mode(
                 f"(N > {done['stage1']}), or --restart"
             )
     return mode
+
+
+def new_share(run: dict, config: FinetuneConfig) -> bool:
+    """Whether ``config`` hands a finished round over with another share of its start than its run did."""
+    return config.blend_start != resume_recipe(run).get("blend_start", 0.0)
 
 
 def _set_aside(folder: Path) -> Path:
@@ -494,11 +502,14 @@ def finetune_session(
         entry["teacher_asked"] = config.teacher
         if config.stage2_lr == "cosine":
             decays = f"; stage 2 decays them to zero along a cosine over its {targets['stage2']} iterations"
-    say(
-        "learning rates: "
-        + ", ".join(f"{r['lr']:.1e} for {r['tensors']} {r['group']} parameter tensors" for r in entry["learning_rates"])
-        + decays
-    )
+    if any(targets[s] > before[s] for s in targets):  # not for a handover anew, which trains nothing
+        say(
+            "learning rates: "
+            + ", ".join(
+                f"{r['lr']:.1e} for {r['tensors']} {r['group']} parameter tensors" for r in entry["learning_rates"]
+            )
+            + decays
+        )
     augmented = stage2_recipe(run).get("pseudo_augment") if mode == "extend" else None  # before this extension
     run["history"].append(entry)
 
@@ -533,6 +544,7 @@ def finetune_session(
             if distributed.is_main():
                 atomic_write(folder / "stage1.pt", lambda tmp: torch.save(model.network.state_dict(), tmp))
         pseudo_cases: list[Case] = []
+        trains = targets["stage2"] > before["stage2"]  # not where an extension asks only for another share
         if targets["stage2"] > 0:
             timer = time.perf_counter()
             made = not (folder / "pseudo" / "pseudo.json").is_file()
@@ -547,13 +559,18 @@ def finetune_session(
             gate = (result.gate or {}).get("reliability", config.reliability)
             asked = (result.gate or {}).get("asked") or gate  # the gate chosen, where its fallback judged
             if not pseudo_cases:
-                if targets["stage2"] > before["stage2"]:  # no teacher and no augmentation of pseudo-labels ran
+                if trains:  # no teacher and no augmentation of pseudo-labels ran
                     entry["teacher"] = entry["pseudo_augment"] = "none"
                 # the iterations asked for still run, on the labels alone, as the benchmark's row does
                 why = f"passed the {gate} gate" if result.reliability else "is left unlabelled"
                 say(f"no unlabeled volume {why}: stage 2 trains on the labels alone{_why_none(result)}")
             elif made:
                 say(_passed(result, len(pseudo_cases)))
+            elif not trains:  # an extension to the same length: only the handover's share is new
+                say(
+                    f"stage 2 has run its {targets['stage2']} iterations: nothing to train; the tuned weights "
+                    f"(last.pt) are handed over anew"
+                )
             else:
                 # a resume or extend keeps what was made, whatever gate is named now
                 other = (
@@ -571,25 +588,26 @@ def finetune_session(
                 result.teacher = stage2_teacher(config.teacher, fallback_judged)
                 result.augment = stage2_augment(config.pseudo_augment, fallback_judged)
                 trainer.config = replace(config, teacher=result.teacher, pseudo_augment=result.augment)
-                if targets["stage2"] > before["stage2"]:
-                    entry["teacher"], entry["pseudo_augment"] = result.teacher, result.augment
-                    if result.teacher == "ema":  # its voxel gate and its labels' weight, which a resume must keep
-                        entry["confidence"], entry["ema_weight"] = config.confidence, config.ema_weight
-                    record("running")
+            if pseudo_cases and trains:
+                entry["teacher"], entry["pseudo_augment"] = result.teacher, result.augment
+                if result.teacher == "ema":  # its voxel gate and its labels' weight, which a resume must keep
+                    entry["confidence"], entry["ema_weight"] = config.confidence, config.ema_weight
+                record("running")
                 if result.teacher == "ema":
                     why = "; the fallback gate judged, so the labels improve as the model does" * fallback_judged
                     say(f"an EMA teacher (the model's moving average) relabels the pseudo-labelled patches online{why}")
                 else:
                     say("the gate's pseudo-labels teach as they were made (the fixed teacher, --pseudo-teacher)")
                 say(augment_line(result.augment, config.pseudo_augment, fallback_judged))
-                if augmented and augmented != result.augment and targets["stage2"] > before["stage2"]:
+                if augmented and augmented != result.augment:
                     say(
                         f"the extension augments them as {result.augment}, where the run's stage 2 had {augmented}; "
                         "run.json lists both, session.json the newest"
                     )
             timer = time.perf_counter()
             trainer.begin_stage("stage2")
-            result.status = trainer.run(cases, targets["stage2"], pseudo_cases or None, cancel, progress, val_cases)
+            if trains:
+                result.status = trainer.run(cases, targets["stage2"], pseudo_cases or None, cancel, progress, val_cases)
             count()
             result.seconds["stage2"] = time.perf_counter() - timer
             if result.status == "cancelled":
@@ -672,6 +690,8 @@ def _summary(mode: str, index: int, before: dict, done: dict) -> str:
         for s in ("stage1", "stage2")
         if done[s] != before[s]
     ]
+    if not parts and mode == "extend":  # only the handover's share was new
+        return f"round {index} handed over anew, no iteration run"
     return f"round {index} {verb}: " + (", ".join(parts) + " iterations" if parts else "nothing left to run")
 
 

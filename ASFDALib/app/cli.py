@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
         "vouched for part of the pool, so keeping some of it keeps what it did well on sites the labels left "
         "out; elsewhere (a fallback judged, as across modalities) the tuned weights go as they are; 0: never; "
         "0 <= SHARE < 1. last.pt keeps the tuned weights, so --extend goes on from them; --resume and --extend "
-        "keep the run's share unless given another (it acts at the handover, after the training)",
+        "keep the run's share unless given another (it acts at the handover, after the training); --extend with "
+        "only --blend-start hands a finished stage 2 over anew at that share, training nothing",
     )
     finetune.add_argument(
         "--confidence",

@@ -429,7 +429,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         index = opened.rounds[-1]["index"] if opened.rounds else 1
         folder = opened.root / "checkpoints" / f"round{index}" if opened.rounds else None
         run = read_run(folder) if folder else None
-        if args.mode == "extend" and args.iterations is None and args.pseudo_iterations is None:
+        # --blend-start alone hands a finished stage 2 over with another share, training nothing (the engine
+        # refuses it where stage 2 has not run, or the share is the run's)
+        rehandover = args.blend_start is not None and run is not None and run["done"]["stage2"] > 0
+        if args.mode == "extend" and args.iterations is None and args.pseudo_iterations is None and not rehandover:
             if run is not None and run_state(opened, run) == "killed":
                 record_killed(run)  # as the engine will record it, so the refusal calls it killed too
             # first what the run's state refuses (none yet, or an interrupted one: --resume), as the engine would
@@ -438,6 +441,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             raise ASFDAError(
                 f"--extend needs the new length: --iterations N (stage 1, when only stage 1 ran) or "
                 f"--pseudo-iterations N (stage 2), more than the run has done ({done_text(run['done'])})"
+                + ("; or, stage 2 having run, --blend-start S to hand it over anew" if run["done"]["stage2"] else "")
             )
         made = [name for name, value in gate_options.items() if value is not None]
         pseudo_json = folder / "pseudo" / "pseudo.json" if folder else None
@@ -464,7 +468,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         ran |= {"iterations": run["targets"]["stage1"], "pseudo_iterations": run["targets"]["stage2"]}
     if not (args.mode == "resume" and run and run["finished"]):  # that resume is refused, naming --extend
         refuse_changes_part_way(args, ran, pseudo_json)
+    pseudo_iterations = recipe.pseudo_iterations if args.pseudo_iterations is None else args.pseudo_iterations
     if args.mode == "extend":
+        if run and args.pseudo_iterations is None and run["done"]["stage2"]:
+            pseudo_iterations = run["done"]["stage2"]  # --blend-start alone: stage 2 stays as it ran
         if run and args.iterations is None:
             iterations = run["done"]["stage1"]  # extending stage 2 only: stage 1 stays as it ran
         elif run and run["done"]["stage2"] > 0 and args.iterations != run["done"]["stage1"]:
@@ -474,7 +481,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             )
     config = FinetuneConfig(
         iterations=iterations,
-        pseudo_iterations=recipe.pseudo_iterations if args.pseudo_iterations is None else args.pseudo_iterations,
+        pseudo_iterations=pseudo_iterations,
         batch_size=own(args.batch_size, "batch_size"),
         lr=own(args.lr, "lr"),
         checkpoint_every=args.checkpoint_every,

@@ -338,6 +338,42 @@ def test_a_round_its_starting_model_vouched_for_hands_over_a_blend_and_last_pt_k
     assert "handing over the tuned weights as they are (--blend-start 0)" in capsys.readouterr().out
 
 
+def test_an_extend_with_only_another_share_hands_the_tuned_weights_over_anew_without_training(labelled_session, capsys):
+    """The share acts after training, so trying another needs no more iterations: last.pt is untouched,
+    final.pt is its blend at the new share, and the records say no iteration ran and which share applies."""
+    from ASFDALib.adaptation.blend import blend_state
+    from ASFDALib.adaptation.pipeline import session_model
+
+    args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--min-agreement", "0"]
+    assert main(["finetune", str(labelled_session), *args]) == 0
+    folder = labelled_session / "checkpoints" / "round1"
+    last = (folder / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["finetune", str(labelled_session), "--extend", "--blend-start", "0.4"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "stage 2 has run its 2 iterations: nothing to train; the tuned weights (last.pt) are handed over" in said
+    assert "handing over the tuned weights blended with 40% of the round's starting weights" in said
+    assert "Round 1 handed over anew, no iteration run" in said and "learning rates" not in said
+    assert (folder / "last.pt").read_bytes() == last  # nothing trained
+    source = session_model(Session.open(labelled_session), adapted=False)
+    tuned = torch.load(folder / "last.pt", weights_only=True)["network"]
+    expected = blend_state(tuned, source.network.state_dict(), 0.4, source.load_report.new)
+    final = torch.load(folder / "final.pt", weights_only=True)
+    assert all(torch.allclose(final[k].float(), expected[k].float(), atol=1e-6) for k in final)
+    run = json.loads((folder / "run.json").read_text())
+    assert run["done"] == {"stage1": 4, "stage2": 2} and run["finished"]
+    assert (run["history"][-1]["mode"], run["history"][-1]["handover_blend"]) == ("extend", 0.4)
+    assert "stage2" not in run["history"][-1] and run["recipe"]["blend_start"] == 0.4  # no iteration ran
+    metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
+    assert (metrics["handover_blend"], metrics["iterations"]) == (0.4, {"stage1": 4, "stage2": 2})
+    assert (metrics["pseudo_teacher"], metrics["pseudo_augment"]) == ("fixed", "strong")  # what trained it, still
+    # the run's own share again trains nothing new and hands over nothing new: refused, naming the choices
+    assert main(["finetune", str(labelled_session), "--extend", "--blend-start", "0.4"]) == 1
+    assert "hand the tuned weights over with another --blend-start" in " ".join(capsys.readouterr().err.split())
+    assert main(["finetune", str(labelled_session), "--extend"]) == 1
+    assert "or, stage 2 having run, --blend-start S to hand it over anew" in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.parametrize(
     "options, refused",
     [
