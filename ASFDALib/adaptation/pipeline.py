@@ -341,13 +341,14 @@ def check_mode(
             )
         done = run["done"]
         if done["stage2"] > 0:
-            # the same length with another share of the start: the tuned weights handed over anew, untrained
-            rehandover = config.pseudo_iterations == done["stage2"] and new_share(run, config)
-            if config.pseudo_iterations <= done["stage2"] and not rehandover:
+            # the same length with a share that blends otherwise: handed over anew, training nothing
+            same_length = config.pseudo_iterations == done["stage2"]
+            anew = handover_anew(run, folder, config.blend_start) if same_length else None
+            if config.pseudo_iterations <= done["stage2"] and anew is None:
+                other = ", hand the tuned weights over with another --blend-start" if can_blend(folder) else ""
                 raise SessionError(
                     f"{folder}: stage 2 already ran {done['stage2']} iterations; ask for more with "
-                    f"--pseudo-iterations N (N > {done['stage2']}), hand the tuned weights over with another "
-                    f"--blend-start, or --restart"
+                    f"--pseudo-iterations N (N > {done['stage2']}){other}, or --restart"
                 )
         elif config.iterations <= done["stage1"] and config.pseudo_iterations <= 0:
             raise SessionError(
@@ -357,9 +358,68 @@ def check_mode(
     return mode
 
 
-def new_share(run: dict, config: FinetuneConfig) -> bool:
-    """Whether ``config`` hands a finished round over with another share of its start than its run did."""
-    return config.blend_start != resume_recipe(run).get("blend_start", 0.0)
+def _stored_gate(folder: Path) -> tuple[str, int]:
+    """The gate that made a round's pseudo-labels and how many volumes it kept ("", 0 where none were made)."""
+    path = folder / "pseudo" / "pseudo.json"
+    if not path.is_file():
+        return "", 0
+    info = json.loads(path.read_text(encoding="utf-8"))
+    # pseudo-labels stored before the gate was a choice were gated by confidence
+    return info.get("gate", {"reliability": "confidence"})["reliability"], len(info["kept"])
+
+
+def can_blend(folder: Path) -> bool:
+    """Whether a round's pseudo-labels let its handover blend in the start (the rounds gate kept volumes)."""
+    return handover_share(0.5, *_stored_gate(folder)) > 0
+
+
+def handover_anew(run: dict, folder: Path, share: float) -> float | None:
+    """The share of its start a finished round's stage 2 handed over anew at ``share`` would hold
+    (recipe.handover_share, as its pseudo-labels were gated); None where that is what its final.pt holds."""
+    held = next((h["handover_blend"] for h in reversed(run["history"]) if "handover_blend" in h), 0.0)
+    applied = handover_share(share, *_stored_gate(folder))
+    return applied if applied != held else None
+
+
+def _hand_over_anew(
+    session: Session, round_entry: dict, run: dict, folder: Path, share: float, say: Callable[[str], None]
+) -> AdaptResult:
+    """A finished stage 2 handed over at another share of the round's start, training nothing (``--extend``
+    with only ``--blend-start``): final.pt becomes last.pt's tuned weights blended anew; run.json records an
+    extension of no iterations, its recipe the new share; session.json the share applied."""
+    timer = time.perf_counter()
+    last = folder / "last.pt"
+    if not last.is_file():
+        raise SessionError(f"{last}: the run's checkpoint is missing; {MODE_HELP['restart']}")
+    model = round_start_model(session)
+    fresh = model.load_report.new if model.load_report and round_start_checkpoint(session) is None else []
+    tuned = torch.load(last, map_location="cpu", weights_only=True)["network"]
+    result = AdaptResult("done", folder / "final.pt", mode="extend", iterations=dict(run["done"]))
+    result.blend = handover_anew(run, folder, share) or 0.0
+    say(
+        f"stage 2 has run its {run['done']['stage2']} iterations, so nothing trains: the tuned weights (last.pt) "
+        + (
+            f"are handed over blended with {result.blend:.0%} of the round's starting weights"
+            if result.blend
+            else "are handed over as they are (--blend-start 0)"
+        )
+    )
+    entry = {"mode": "extend", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "done"}
+    entry["recipe"] = run["recipe"] = (run.get("recipe") or {}) | {"blend_start": share}
+    entry["handover_blend"] = result.blend  # the share applied; no iteration ran, so no stage is listed
+    run["history"].append(entry)
+    if distributed.is_main():
+        atomic_write_json(folder / "run.json", run)
+        blended = blend_state(tuned, model.network.state_dict(), result.blend, fresh)
+        atomic_write(result.checkpoint, lambda tmp: torch.save(blended, tmp))
+        metrics = round_entry.get("metrics") or {}
+        seconds = metrics.get("seconds") or {}
+        seconds["handover"] = seconds.get("handover", 0.0) + time.perf_counter() - timer
+        round_entry["metrics"] = metrics | {"handover_blend": result.blend, "seconds": seconds, "runs": _runs(run)}
+        session.save()
+    result.seconds = {"handover": time.perf_counter() - timer}
+    result.summary = f"round {round_entry['index']} handed over anew, no iteration run"
+    return result
 
 
 def _set_aside(folder: Path) -> Path:
@@ -384,7 +444,8 @@ def finetune_session(
     """Fine-tune the session's model on its labels (stage 1), then with selective pseudo-labels (stage 2).
 
     ``mode``: ``new`` (the round's first run), ``resume`` (an interrupted run, to its own targets),
-    ``extend`` (a finished run, further, to ``config``'s iteration counts) or ``restart`` (the round
+    ``extend`` (a finished run, further, to ``config``'s iteration counts; at the length stage 2 ran, only
+    handed over anew at ``config.blend_start``) or ``restart`` (the round
     again from its start). session.json records the iterations that ran, never the ones asked for.
     """
     say = on_status or (lambda _msg: None)
@@ -407,6 +468,8 @@ def finetune_session(
             session.save()
     labels = session_labels(session)
     mode = check_mode(mode, run, config, folder, index, pseudo, labels)
+    if mode == "extend" and 0 < run["done"]["stage2"] == config.pseudo_iterations:  # only the share is new
+        return _hand_over_anew(session, round_entry, run, folder, config.blend_start, say)
     query = unlabelled_new_query(session, labelled) if mode in ("new", "restart") else []
     if query:  # the earlier rounds' labels alone: the round's query, the reason it exists, would teach nothing
         raise SessionError(
@@ -502,14 +565,11 @@ def finetune_session(
         entry["teacher_asked"] = config.teacher
         if config.stage2_lr == "cosine":
             decays = f"; stage 2 decays them to zero along a cosine over its {targets['stage2']} iterations"
-    if any(targets[s] > before[s] for s in targets):  # not for a handover anew, which trains nothing
-        say(
-            "learning rates: "
-            + ", ".join(
-                f"{r['lr']:.1e} for {r['tensors']} {r['group']} parameter tensors" for r in entry["learning_rates"]
-            )
-            + decays
-        )
+    say(
+        "learning rates: "
+        + ", ".join(f"{r['lr']:.1e} for {r['tensors']} {r['group']} parameter tensors" for r in entry["learning_rates"])
+        + decays
+    )
     augmented = stage2_recipe(run).get("pseudo_augment") if mode == "extend" else None  # before this extension
     run["history"].append(entry)
 
@@ -544,7 +604,6 @@ def finetune_session(
             if distributed.is_main():
                 atomic_write(folder / "stage1.pt", lambda tmp: torch.save(model.network.state_dict(), tmp))
         pseudo_cases: list[Case] = []
-        trains = targets["stage2"] > before["stage2"]  # not where an extension asks only for another share
         if targets["stage2"] > 0:
             timer = time.perf_counter()
             made = not (folder / "pseudo" / "pseudo.json").is_file()
@@ -559,18 +618,13 @@ def finetune_session(
             gate = (result.gate or {}).get("reliability", config.reliability)
             asked = (result.gate or {}).get("asked") or gate  # the gate chosen, where its fallback judged
             if not pseudo_cases:
-                if trains:  # no teacher and no augmentation of pseudo-labels ran
+                if targets["stage2"] > before["stage2"]:  # no teacher and no augmentation of pseudo-labels ran
                     entry["teacher"] = entry["pseudo_augment"] = "none"
                 # the iterations asked for still run, on the labels alone, as the benchmark's row does
                 why = f"passed the {gate} gate" if result.reliability else "is left unlabelled"
                 say(f"no unlabeled volume {why}: stage 2 trains on the labels alone{_why_none(result)}")
             elif made:
                 say(_passed(result, len(pseudo_cases)))
-            elif not trains:  # an extension to the same length: only the handover's share is new
-                say(
-                    f"stage 2 has run its {targets['stage2']} iterations: nothing to train; the tuned weights "
-                    f"(last.pt) are handed over anew"
-                )
             else:
                 # a resume or extend keeps what was made, whatever gate is named now
                 other = (
@@ -588,26 +642,25 @@ def finetune_session(
                 result.teacher = stage2_teacher(config.teacher, fallback_judged)
                 result.augment = stage2_augment(config.pseudo_augment, fallback_judged)
                 trainer.config = replace(config, teacher=result.teacher, pseudo_augment=result.augment)
-            if pseudo_cases and trains:
-                entry["teacher"], entry["pseudo_augment"] = result.teacher, result.augment
-                if result.teacher == "ema":  # its voxel gate and its labels' weight, which a resume must keep
-                    entry["confidence"], entry["ema_weight"] = config.confidence, config.ema_weight
-                record("running")
+                if targets["stage2"] > before["stage2"]:
+                    entry["teacher"], entry["pseudo_augment"] = result.teacher, result.augment
+                    if result.teacher == "ema":  # its voxel gate and its labels' weight, which a resume must keep
+                        entry["confidence"], entry["ema_weight"] = config.confidence, config.ema_weight
+                    record("running")
                 if result.teacher == "ema":
                     why = "; the fallback gate judged, so the labels improve as the model does" * fallback_judged
                     say(f"an EMA teacher (the model's moving average) relabels the pseudo-labelled patches online{why}")
                 else:
                     say("the gate's pseudo-labels teach as they were made (the fixed teacher, --pseudo-teacher)")
                 say(augment_line(result.augment, config.pseudo_augment, fallback_judged))
-                if augmented and augmented != result.augment:
+                if augmented and augmented != result.augment and targets["stage2"] > before["stage2"]:
                     say(
                         f"the extension augments them as {result.augment}, where the run's stage 2 had {augmented}; "
                         "run.json lists both, session.json the newest"
                     )
             timer = time.perf_counter()
             trainer.begin_stage("stage2")
-            if trains:
-                result.status = trainer.run(cases, targets["stage2"], pseudo_cases or None, cancel, progress, val_cases)
+            result.status = trainer.run(cases, targets["stage2"], pseudo_cases or None, cancel, progress, val_cases)
             count()
             result.seconds["stage2"] = time.perf_counter() - timer
             if result.status == "cancelled":
@@ -690,8 +743,6 @@ def _summary(mode: str, index: int, before: dict, done: dict) -> str:
         for s in ("stage1", "stage2")
         if done[s] != before[s]
     ]
-    if not parts and mode == "extend":  # only the handover's share was new
-        return f"round {index} handed over anew, no iteration run"
     return f"round {index} {verb}: " + (", ".join(parts) + " iterations" if parts else "nothing left to run")
 
 

@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume an interrupted run (same data order), --extend a finished one, or --restart the round. "
         "session.json records the iterations that ran.",
         epilog="examples:\n  asfda finetune ~/asfda/liver\n  asfda finetune ~/asfda/liver --resume"
-        "\n  asfda finetune ~/asfda/liver --extend --pseudo-iterations 400",
+        "\n  asfda finetune ~/asfda/liver --extend --pseudo-iterations 400"
+        "\n  asfda finetune ~/asfda/liver --extend --blend-start 0.3   # hand over anew, training nothing",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     finetune.add_argument("session", type=existing_dir, help="session folder with imported labels")
@@ -320,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="mode",
         action="store_const",
         const="extend",
-        help="train a finished run further, to the --iterations / --pseudo-iterations you give",
+        help="train a finished run further, to the --iterations / --pseudo-iterations you give (with only "
+        "--blend-start: hand its stage 2 over anew at that share, training nothing)",
     )
     again.add_argument(
         "--restart",

@@ -395,7 +395,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ASFDALib import distributed
-    from ASFDALib.adaptation.pipeline import check_mode, finetune_session
+    from ASFDALib.adaptation.pipeline import can_blend, check_mode, finetune_session
     from ASFDALib.adaptation.recipe import FinetuneConfig
     from ASFDALib.adaptation.runs import done_text, newest_run, read_run, record_killed, resume_recipe, run_state
     from ASFDALib.adaptation.session import Session
@@ -430,9 +430,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         folder = opened.root / "checkpoints" / f"round{index}" if opened.rounds else None
         run = read_run(folder) if folder else None
         # --blend-start alone hands a finished stage 2 over with another share, training nothing (the engine
-        # refuses it where stage 2 has not run, or the share is the run's)
-        rehandover = args.blend_start is not None and run is not None and run["done"]["stage2"] > 0
-        if args.mode == "extend" and args.iterations is None and args.pseudo_iterations is None and not rehandover:
+        # refuses it where stage 2 has not run, or the share would blend as final.pt does)
+        no_length = args.mode == "extend" and args.iterations is None and args.pseudo_iterations is None
+        if no_length and args.blend_start is not None and run is not None and run["done"]["stage2"] > 0:
+            training = {
+                "--lr": args.lr,
+                "--batch-size": args.batch_size,
+                "--seed": args.seed,
+                "--pseudo-augment": args.pseudo_augment,
+                "--pseudo-teacher": args.pseudo_teacher,
+                "--stage2-lr": args.stage2_lr,
+            }
+            given = [name for name, value in training.items() if value is not None]
+            if given:
+                raise ASFDAError(
+                    f"--extend with only --blend-start trains nothing, so {' and '.join(given)} would do nothing; "
+                    f"leave {'it' if len(given) == 1 else 'them'} out, or give --pseudo-iterations N (N > "
+                    f"{run['done']['stage2']}) to train further"
+                )
+        elif no_length:
             if run is not None and run_state(opened, run) == "killed":
                 record_killed(run)  # as the engine will record it, so the refusal calls it killed too
             # first what the run's state refuses (none yet, or an interrupted one: --resume), as the engine would
@@ -441,7 +457,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             raise ASFDAError(
                 f"--extend needs the new length: --iterations N (stage 1, when only stage 1 ran) or "
                 f"--pseudo-iterations N (stage 2), more than the run has done ({done_text(run['done'])})"
-                + ("; or, stage 2 having run, --blend-start S to hand it over anew" if run["done"]["stage2"] else "")
+                + ("; or --blend-start S to hand its stage 2 over anew" if folder and can_blend(folder) else "")
             )
         made = [name for name, value in gate_options.items() if value is not None]
         pseudo_json = folder / "pseudo" / "pseudo.json" if folder else None

@@ -348,11 +348,14 @@ def test_an_extend_with_only_another_share_hands_the_tuned_weights_over_anew_wit
     assert main(["finetune", str(labelled_session), *args]) == 0
     folder = labelled_session / "checkpoints" / "round1"
     last = (folder / "last.pt").read_bytes()
+    before = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     capsys.readouterr()
     assert main(["finetune", str(labelled_session), "--extend", "--blend-start", "0.4"]) == 0
     said = " ".join(capsys.readouterr().out.split())
-    assert "stage 2 has run its 2 iterations: nothing to train; the tuned weights (last.pt) are handed over" in said
-    assert "handing over the tuned weights blended with 40% of the round's starting weights" in said
+    assert (
+        "stage 2 has run its 2 iterations, so nothing trains: the tuned weights (last.pt) are handed over blended "
+        "with 40% of the round's starting weights"
+    ) in said
     assert "Round 1 handed over anew, no iteration run" in said and "learning rates" not in said
     assert (folder / "last.pt").read_bytes() == last  # nothing trained
     source = session_model(Session.open(labelled_session), adapted=False)
@@ -363,15 +366,24 @@ def test_an_extend_with_only_another_share_hands_the_tuned_weights_over_anew_wit
     run = json.loads((folder / "run.json").read_text())
     assert run["done"] == {"stage1": 4, "stage2": 2} and run["finished"]
     assert (run["history"][-1]["mode"], run["history"][-1]["handover_blend"]) == ("extend", 0.4)
-    assert "stage2" not in run["history"][-1] and run["recipe"]["blend_start"] == 0.4  # no iteration ran
+    assert "stage2" not in run["history"][-1]  # no iteration ran
+    # the run's recipe is what trained it, with the new share (which a later extension goes on with)
+    assert run["recipe"] == run["history"][0]["recipe"] | {"blend_start": 0.4}
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     assert (metrics["handover_blend"], metrics["iterations"]) == (0.4, {"stage1": 4, "stage2": 2})
-    assert (metrics["pseudo_teacher"], metrics["pseudo_augment"]) == ("fixed", "strong")  # what trained it, still
-    # the run's own share again trains nothing new and hands over nothing new: refused, naming the choices
+    kept = ("pseudo_teacher", "pseudo_augment", "pseudo_labelled", "pseudo_gate", "labelled")
+    assert all(metrics[k] == before[k] for k in kept)  # what trained it, still
+    # the share final.pt holds again hands over nothing new: refused, naming the choices
     assert main(["finetune", str(labelled_session), "--extend", "--blend-start", "0.4"]) == 1
     assert "hand the tuned weights over with another --blend-start" in " ".join(capsys.readouterr().err.split())
     assert main(["finetune", str(labelled_session), "--extend"]) == 1
-    assert "or, stage 2 having run, --blend-start S to hand it over anew" in " ".join(capsys.readouterr().err.split())
+    assert "or --blend-start S to hand its stage 2 over anew" in " ".join(capsys.readouterr().err.split())
+    # training options with it would do nothing
+    assert main(["finetune", str(labelled_session), "--extend", "--blend-start", "0.1", "--lr", "1e-3"]) == 1
+    assert "--extend with only --blend-start trains nothing, so --lr would do nothing" in capsys.readouterr().err
+    # none at all: the tuned weights as they are
+    assert main(["finetune", str(labelled_session), "--extend", "--blend-start", "0"]) == 0
+    assert all(torch.equal(v, tuned[k]) for k, v in torch.load(folder / "final.pt", weights_only=True).items())
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ RESULTS = {
     "bench-ct-blend": "ct_shift/blend",
     "bench-ct-in": "ct_shift/instance",
     "bench-ct-in-blend": "ct_shift/instance-blend",
+    "bench-ct-in4-blend": "ct_shift/instance-4labels-blend",
     "bench-mri": "mri_rich/main",
     "bench-mri-defaults": "mri_rich/defaults",
     "bench-mri-fallback": "mri_rich/fallback",
