@@ -311,7 +311,10 @@ def check_mode(
             f"({done_text(run['done'])}); " + "; ".join(MODE_HELP[c] for c in choices)
         )
     if mode == "resume" and run["finished"]:
-        raise SessionError(f"{folder}: round {index}'s run finished ({done_text(run['done'])}); {MODE_HELP['extend']}")
+        anew = " (with only --blend-start S: handed over anew at that share)" if can_blend(folder) else ""
+        raise SessionError(
+            f"{folder}: round {index}'s run finished ({done_text(run['done'])}); {MODE_HELP['extend']}{anew}"
+        )
     if mode == "resume":  # it goes on as the run ran (the command line refuses the options by name first)
         ran = resume_recipe(run)
         pseudo_json = folder / "pseudo" / "pseudo.json"
@@ -345,10 +348,9 @@ def check_mode(
             same_length = config.pseudo_iterations == done["stage2"]
             anew = handover_anew(run, folder, config.blend_start) if same_length else None
             if config.pseudo_iterations <= done["stage2"] and anew is None:
-                other = ", hand the tuned weights over with another --blend-start" if can_blend(folder) else ""
                 raise SessionError(
                     f"{folder}: stage 2 already ran {done['stage2']} iterations; ask for more with "
-                    f"--pseudo-iterations N (N > {done['stage2']}){other}, or --restart"
+                    f"--pseudo-iterations N (N > {done['stage2']}), or --restart{_handover_hint(run, folder, config)}"
                 )
         elif config.iterations <= done["stage1"] and config.pseudo_iterations <= 0:
             raise SessionError(
@@ -366,6 +368,18 @@ def _stored_gate(folder: Path) -> tuple[str, int]:
     info = json.loads(path.read_text(encoding="utf-8"))
     # pseudo-labels stored before the gate was a choice were gated by confidence
     return info.get("gate", {"reliability": "confidence"})["reliability"], len(info["kept"])
+
+
+def _handover_hint(run: dict, folder: Path, config: FinetuneConfig) -> str:
+    """What a handover anew could do for a finished round whose extension asks for no more iterations: the
+    share its final.pt already holds, why no share applies, or that --blend-start alone does it."""
+    asked_another = config.blend_start != resume_recipe(run).get("blend_start", 0.0)
+    if not can_blend(folder):
+        return f" (no --blend-start applies to this round: {_why_no_blend(_stored_gate(folder)[0])})" * asked_another
+    if config.pseudo_iterations != run["done"]["stage2"]:
+        return "; --blend-start S without --pseudo-iterations hands it over anew"
+    held = next((h["handover_blend"] for h in reversed(run["history"]) if "handover_blend" in h), 0.0)
+    return f"; its final.pt already holds {held:.0%} of the round's start, another --blend-start hands it over anew"
 
 
 def can_blend(folder: Path) -> bool:
@@ -404,7 +418,7 @@ def _hand_over_anew(
             else "are handed over as they are (--blend-start 0)"
         )
     )
-    entry = {"mode": "extend", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "done"}
+    entry = {"mode": "extend", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "done", "handover_anew": True}
     entry["recipe"] = run["recipe"] = (run.get("recipe") or {}) | {"blend_start": share}
     entry["handover_blend"] = result.blend  # the share applied; no iteration ran, so no stage is listed
     run["history"].append(entry)
@@ -548,6 +562,8 @@ def finetune_session(
     entry["recipe"] = {k: getattr(config, k) for k in (RUN_RECIPE if targets["stage2"] else RUN_TRAINING)}
     if mode != "resume":
         run["recipe"] = entry["recipe"]
+    elif run.get("recipe") and "blend_start" in entry["recipe"]:  # a resume may take another share: it is kept
+        run["recipe"]["blend_start"] = config.blend_start
     entry["labels"], entry["world_size"] = labels, distributed.world()  # what it trains on, on how many processes
     ran_on = run["history"][-1].get("world_size") if mode == "resume" and run["history"] else None
     if ran_on not in (None, entry["world_size"]):  # a lost node: go on, and say what it changes

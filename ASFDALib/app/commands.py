@@ -312,12 +312,16 @@ def check_gate_options(
     min_agreement: float | None,
     fallback: str | None = None,
     blend_start: float | None = None,
+    runs_gate: bool = False,
 ) -> None:
-    """Refuse, before any work, a pseudo-label option the chosen gates do not read (it would do nothing)."""
+    """Refuse, before any work, a pseudo-label option the chosen gates do not read (it would do nothing).
+    ``runs_gate``: ``gate`` is a run's own, which a resume or an extension keeps."""
     if blend_start and gate != "rounds":
+        fix = "--restart --pseudo-gate rounds to make its pseudo-labels anew" if runs_gate else "--pseudo-gate rounds"
+        whose = "this round's" if runs_gate else "the"
         raise ASFDAError(
             f"--blend-start blends the start in where the rounds gate keeps volumes (the start vouched for them), "
-            f"and the gate is {gate}; leave it out, or add --pseudo-gate rounds"
+            f"and {whose} gate is {gate}; leave it out, or add {fix}"
         )
     if fallback not in (None, "none") and gate == "confidence":
         raise ASFDAError(
@@ -458,6 +462,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 f"--extend needs the new length: --iterations N (stage 1, when only stage 1 ran) or "
                 f"--pseudo-iterations N (stage 2), more than the run has done ({done_text(run['done'])})"
                 + ("; or --blend-start S to hand its stage 2 over anew" if folder and can_blend(folder) else "")
+                + (" (--blend-start acts on a stage 2, which this run did not have)" * (args.blend_start is not None))
             )
         made = [name for name, value in gate_options.items() if value is not None]
         pseudo_json = folder / "pseudo" / "pseudo.json" if folder else None
@@ -477,7 +482,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     reliability = own(args.reliability, "reliability")
     # after the refusal above: its fix (leave the options out) is the one that holds
-    check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback, args.blend_start)
+    runs_gate = run is not None and args.reliability is None  # a resume's or an extension's: the run's own
+    check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback, args.blend_start, runs_gate)
     if args.blend_start and args.pseudo_iterations == 0:
         raise ASFDAError("--pseudo-iterations 0 skips stage 2, and the blend follows it; leave one of them out")
     if run and run["targets"]:  # a resume keeps the run's length too

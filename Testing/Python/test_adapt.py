@@ -366,6 +366,7 @@ def test_an_extend_with_only_another_share_hands_the_tuned_weights_over_anew_wit
     run = json.loads((folder / "run.json").read_text())
     assert run["done"] == {"stage1": 4, "stage2": 2} and run["finished"]
     assert (run["history"][-1]["mode"], run["history"][-1]["handover_blend"]) == ("extend", 0.4)
+    assert run["history"][-1]["handover_anew"]
     assert "stage2" not in run["history"][-1]  # no iteration ran
     # the run's recipe is what trained it, with the new share (which a later extension goes on with)
     assert run["recipe"] == run["history"][0]["recipe"] | {"blend_start": 0.4}
@@ -375,7 +376,8 @@ def test_an_extend_with_only_another_share_hands_the_tuned_weights_over_anew_wit
     assert all(metrics[k] == before[k] for k in kept)  # what trained it, still
     # the share final.pt holds again hands over nothing new: refused, naming the choices
     assert main(["finetune", str(labelled_session), "--extend", "--blend-start", "0.4"]) == 1
-    assert "hand the tuned weights over with another --blend-start" in " ".join(capsys.readouterr().err.split())
+    said = " ".join(capsys.readouterr().err.split())
+    assert "its final.pt already holds 40% of the round's start, another --blend-start hands it over anew" in said
     assert main(["finetune", str(labelled_session), "--extend"]) == 1
     assert "or --blend-start S to hand its stage 2 over anew" in " ".join(capsys.readouterr().err.split())
     # training options with it would do nothing
@@ -384,6 +386,61 @@ def test_an_extend_with_only_another_share_hands_the_tuned_weights_over_anew_wit
     # none at all: the tuned weights as they are
     assert main(["finetune", str(labelled_session), "--extend", "--blend-start", "0"]) == 0
     assert all(torch.equal(v, tuned[k]) for k, v in torch.load(folder / "final.pt", weights_only=True).items())
+
+
+def test_a_resume_with_another_share_hands_over_with_it_and_keeps_it_for_the_next_extension(labelled_session, capsys):
+    base = ["finetune", str(labelled_session), "--batch-size", "1", "--min-agreement", "0", "--checkpoint-every", "1"]
+    assert main([*base, "--iterations", "4", "--pseudo-iterations", "2"]) == 0
+    path = labelled_session / "checkpoints" / "round1" / "run.json"
+    run = json.loads(path.read_text())
+    run["targets"]["stage2"], run["finished"] = 3, False  # as if killed on the way to 3
+    path.write_text(json.dumps(run))
+    assert main(["finetune", str(labelled_session), "--resume", "--blend-start", "0.4"]) == 0
+    run = json.loads(path.read_text())
+    assert (run["history"][-1]["handover_blend"], run["recipe"]["blend_start"]) == (0.4, 0.4)
+    capsys.readouterr()
+    assert main(["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "4"]) == 0
+    assert "blended with 40% of the round's starting weights" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    "gate, asked, pseudo_iterations, hint",
+    [
+        ("rounds", 0.2, 2, "; its final.pt already holds 20% of the round's start, another --blend-start hands it"),
+        ("rounds", 0.3, 1, "; --blend-start S without --pseudo-iterations hands it over anew"),
+        ("flips", 0.4, 2, "(no --blend-start applies to this round: the flips gate judged the pool, not the round's"),
+        ("flips", 0.2, 2, "or --restart"),  # the run's own share, not asked for: nothing said of it
+    ],
+)
+def test_an_extension_refused_for_no_new_iterations_says_what_a_handover_anew_could_do(
+    tmp_path, gate, asked, pseudo_iterations, hint
+):
+    from dataclasses import replace
+
+    from ASFDALib.adaptation.pipeline import check_mode
+    from ASFDALib.adaptation.session import SessionError
+
+    (tmp_path / "pseudo").mkdir()
+    (tmp_path / "pseudo" / "pseudo.json").write_text(json.dumps({"gate": {"reliability": gate}, "kept": ["a"]}))
+    run = {"finished": True, "done": {"stage1": 4, "stage2": 2}, "targets": {"stage1": 4, "stage2": 2}}
+    held = 0.2 if gate == "rounds" else 0.0
+    run["recipe"] = {"blend_start": 0.2}
+    run["history"] = [{"mode": "new", "status": "done", "stage2_lr": "cosine", "handover_blend": held}]
+    config = replace(FinetuneConfig(), iterations=4, pseudo_iterations=pseudo_iterations, blend_start=asked)
+    with pytest.raises(SessionError) as refused:
+        check_mode("extend", run, config, tmp_path, 1)
+    said = str(refused.value)
+    assert hint in said and ("applies" in hint or "no --blend-start applies" not in said)
+
+
+def test_a_blend_asked_of_a_round_another_gate_made_points_to_a_restart():
+    from ASFDALib.app.commands import check_gate_options
+    from ASFDALib.errors import ASFDAError
+
+    with pytest.raises(
+        ASFDAError, match="this round.s gate is flips; leave it out, or add --restart --pseudo-gate rounds"
+    ):
+        check_gate_options("flips", None, None, None, 0.4, runs_gate=True)
 
 
 @pytest.mark.parametrize(
