@@ -254,14 +254,20 @@ def _load_pseudo(
     session: Session, model: LoadedModel, folder: Path
 ) -> tuple[list[Case], list[str], dict[str, float], dict[str, Any]]:
     """The round's stored pseudo-labels: cases, kept names, every candidate's score, and the gate that made them."""
-    info = json.loads((folder / "pseudo.json").read_text(encoding="utf-8"))
+    info = _pseudo_record(folder)
     cases = []
     for name in info["kept"]:
         image = preprocess(read_volume(session.image_path(name)), model.card)
         with np.load(folder / f"{case_id(name)}.npz", allow_pickle=False) as data:
             cases.append(Case(name, image.numpy(), data["label"]))
-    # pseudo-labels stored before the gate was a choice were gated by confidence
-    return cases, info["kept"], info["reliability"], info.get("gate", {"reliability": "confidence"})
+    return cases, info["kept"], info["reliability"], info["gate"]
+
+
+def _pseudo_record(folder: Path) -> dict[str, Any]:
+    """A round's pseudo.json (in ``folder``): the gate, the volumes kept and every candidate's score."""
+    info = json.loads((folder / "pseudo.json").read_text(encoding="utf-8"))
+    info.setdefault("gate", {"reliability": "confidence"})  # stored before the gate was a choice: confidence
+    return info
 
 
 def round_start_checkpoint(session: Session) -> Path | None:
@@ -362,12 +368,10 @@ def check_mode(
 
 def _stored_gate(folder: Path) -> tuple[str, int]:
     """The gate that made a round's pseudo-labels and how many volumes it kept ("", 0 where none were made)."""
-    path = folder / "pseudo" / "pseudo.json"
-    if not path.is_file():
+    if not (folder / "pseudo" / "pseudo.json").is_file():
         return "", 0
-    info = json.loads(path.read_text(encoding="utf-8"))
-    # pseudo-labels stored before the gate was a choice were gated by confidence
-    return info.get("gate", {"reliability": "confidence"})["reliability"], len(info["kept"])
+    info = _pseudo_record(folder / "pseudo")
+    return info["gate"]["reliability"], len(info["kept"])
 
 
 def _handover_hint(run: dict, folder: Path, config: FinetuneConfig) -> str:
@@ -378,7 +382,7 @@ def _handover_hint(run: dict, folder: Path, config: FinetuneConfig) -> str:
         return f" (no --blend-start applies to this round: {_why_no_blend(_stored_gate(folder)[0])})" * asked_another
     if config.pseudo_iterations != run["done"]["stage2"]:
         return "; --blend-start S without --pseudo-iterations hands it over anew"
-    held = next((h["handover_blend"] for h in reversed(run["history"]) if "handover_blend" in h), 0.0)
+    held = _held_share(run)
     return f"; its final.pt already holds {held:.0%} of the round's start, another --blend-start hands it over anew"
 
 
@@ -390,9 +394,19 @@ def can_blend(folder: Path) -> bool:
 def handover_anew(run: dict, folder: Path, share: float) -> float | None:
     """The share of its start a finished round's stage 2 handed over anew at ``share`` would hold
     (recipe.handover_share, as its pseudo-labels were gated); None where that is what its final.pt holds."""
-    held = next((h["handover_blend"] for h in reversed(run["history"]) if "handover_blend" in h), 0.0)
     applied = handover_share(share, *_stored_gate(folder))
-    return applied if applied != held else None
+    return applied if applied != _held_share(run) else None
+
+
+def _held_share(run: dict) -> float:
+    """The share of its start a finished round's final.pt holds: its newest handover's (0 before the blend)."""
+    return next((h["handover_blend"] for h in reversed(run["history"]) if "handover_blend" in h), 0.0)
+
+
+def _fresh_tensors(session: Session, model: LoadedModel) -> list[str]:
+    """The tensors a round starts from a random initialisation (round 1's new head or decoder), which no blend
+    with the start should bring back; none in later rounds, which start from the previous round's weights."""
+    return model.load_report.new if model.load_report and round_start_checkpoint(session) is None else []
 
 
 def _hand_over_anew(
@@ -406,7 +420,7 @@ def _hand_over_anew(
     if not last.is_file():
         raise SessionError(f"{last}: the run's checkpoint is missing; {MODE_HELP['restart']}")
     model = round_start_model(session)
-    fresh = model.load_report.new if model.load_report and round_start_checkpoint(session) is None else []
+    fresh = _fresh_tensors(session, model)
     tuned = torch.load(last, map_location="cpu", weights_only=True)["network"]
     result = AdaptResult("done", folder / "final.pt", mode="extend", iterations=dict(run["done"]))
     result.blend = handover_anew(run, folder, share) or 0.0
@@ -494,12 +508,10 @@ def finetune_session(
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.
     model = round_start_model(session)
-    # what the round starts from, for the blend it may hand over (a copy of the weights: only where one may);
-    # a fresh head or decoder (round 1's new tensors) starts from a random initialisation, which no blend
-    # should bring back
+    # what the round starts from, for the blend it may hand over (a copy of the weights: only where one may)
     may_blend = pseudo and config.blend_start > 0
     start_state = {k: v.detach().clone() for k, v in model.network.state_dict().items()} if may_blend else {}
-    fresh = model.load_report.new if model.load_report and round_start_checkpoint(session) is None else []
+    fresh = _fresh_tensors(session, model)
     trainer = Trainer(model.network, model.card, config, folder, model.load_report)
     say(f"loading {len(labelled)} labelled volumes")
     cases = [load_case(n, session.image_path(n), p, model.card) for n, p in sorted(labelled.items())]
