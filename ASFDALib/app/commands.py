@@ -399,7 +399,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ASFDALib import distributed
-    from ASFDALib.adaptation.pipeline import can_blend, check_mode, finetune_session
+    from ASFDALib.adaptation.pipeline import can_blend, check_mode, finetune_session, handover_anew
     from ASFDALib.adaptation.recipe import FinetuneConfig
     from ASFDALib.adaptation.runs import done_text, newest_run, read_run, record_killed, resume_recipe, run_state
     from ASFDALib.adaptation.session import Session
@@ -452,6 +452,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                     f"leave {'it' if len(given) == 1 else 'them'} out, or give --pseudo-iterations N (N > "
                     f"{run['done']['stage2']}) to train further"
                 )
+            if run["finished"] and can_blend(folder) and handover_anew(run, folder, args.blend_start) is None:
+                # the same share again: as the command asks already, so it succeeds and records nothing
+                console.print(
+                    f"{folder / 'final.pt'} already holds {args.blend_start:.0%} of round {index}'s start "
+                    f"(--blend-start {args.blend_start:g}): nothing to do"
+                )
+                return 0
         elif no_length:
             if run is not None and run_state(opened, run) == "killed":
                 record_killed(run)  # as the engine will record it, so the refusal calls it killed too

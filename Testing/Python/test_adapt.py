@@ -374,10 +374,12 @@ def test_an_extend_with_only_another_share_hands_the_tuned_weights_over_anew_wit
     assert (metrics["handover_blend"], metrics["iterations"]) == (0.4, {"stage1": 4, "stage2": 2})
     kept = ("pseudo_teacher", "pseudo_augment", "pseudo_labelled", "pseudo_gate", "labelled")
     assert all(metrics[k] == before[k] for k in kept)  # what trained it, still
-    # the share final.pt holds again hands over nothing new: refused, naming the choices
-    assert main(["finetune", str(labelled_session), "--extend", "--blend-start", "0.4"]) == 1
-    said = " ".join(capsys.readouterr().err.split())
-    assert "its final.pt already holds 40% of the round's start, another --blend-start hands it over anew" in said
+    # the share final.pt holds again: already as asked, so it succeeds, writing and recording nothing
+    files = {p: p.read_bytes() for p in (folder / "final.pt", folder / "run.json", labelled_session / "session.json")}
+    assert main(["finetune", str(labelled_session), "--extend", "--blend-start", "0.4"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "final.pt already holds 40% of round 1's start (--blend-start 0.4): nothing to do" in said
+    assert all(p.read_bytes() == content for p, content in files.items())
     assert main(["finetune", str(labelled_session), "--extend"]) == 1
     assert "or --blend-start S to hand its stage 2 over anew" in " ".join(capsys.readouterr().err.split())
     # training options with it would do nothing
