@@ -25,7 +25,7 @@ import numpy as np
 from ablation import METHOD
 
 from ASFDALib.adaptation.blend import blend_state
-from ASFDALib.adaptation.recipe import LOWER_RATE_FOR
+from ASFDALib.adaptation.recipe import AUGMENTS, LOWER_RATE_FOR, TEACHERS
 from ASFDALib.atomic import atomic_write_json
 from ASFDALib.bench.benchmark import (
     BenchmarkConfig,
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0])
     parser.add_argument("--control", action="store_true", help="the labels-only control instead of the SSFT row")
+    parser.add_argument("--pseudo-teacher", choices=TEACHERS, help="who labels the pseudo-labelled patches")
+    parser.add_argument("--pseudo-augment", choices=AUGMENTS, help="their augmentation (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=Path("bench-blend"))
     args = parser.parse_args()
     config = BenchmarkConfig(
@@ -75,7 +77,8 @@ def main() -> None:
     stored = json.loads(path.read_text()) if path.is_file() else {"query": query, "runs": {}}
     row = "ssft-control" if args.control else "asfda+ssft"
     for seed in args.seeds:
-        key = f"{row} seed {seed}"
+        asked = {"teacher": args.pseudo_teacher, "augment": args.pseudo_augment}
+        key = " ".join([row, *(f"{k} {v}" for k, v in asked.items() if v), f"seed {seed}"])
         if key not in stored["runs"]:
             network, kept, judged, _ = train(
                 args.model,
@@ -85,7 +88,7 @@ def main() -> None:
                 args.iterations,
                 seed,
                 "cpu",
-                replace(SSFTOptions(), blend_start=0.0),  # handed over unblended: the sweep blends
+                sweep_options(args),
                 args.out / "work",
                 rates=_rates(config),
                 pseudo_labels=not args.control,
@@ -105,6 +108,12 @@ def main() -> None:
         for share, result in stored["runs"][key]["shares"].items():
             sites = ", ".join(f"{s} {v:.1f}" for s, v in result["sites"].items())
             print(f"  start's share {share:>4}: {result['dice']:5.1f}  ({sites})")
+
+
+def sweep_options(args: argparse.Namespace) -> SSFTOptions:
+    """Today's SSFT recipe with the stage-2 choices asked for, handed over unblended: the sweep blends."""
+    asked = {"teacher": args.pseudo_teacher, "pseudo_augment": args.pseudo_augment}
+    return replace(SSFTOptions(), blend_start=0.0, **{k: v for k, v in asked.items() if v is not None})
 
 
 if __name__ == "__main__":

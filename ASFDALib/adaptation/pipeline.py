@@ -498,6 +498,7 @@ def finetune_session(
     mode = check_mode(mode, run, config, folder, index, pseudo, labels)
     if mode == "extend" and 0 < run["done"]["stage2"] == config.pseudo_iterations:  # only the share is new
         return _hand_over_anew(session, round_entry, run, folder, config.blend_start, say)
+    session.refuse_image_changes()  # before any long work: a label must fit the voxels it trains with
     query = unlabelled_new_query(session, labelled) if mode in ("new", "restart") else []
     if query:  # the earlier rounds' labels alone: the round's query, the reason it exists, would teach nothing
         raise SessionError(

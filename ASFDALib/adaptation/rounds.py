@@ -119,10 +119,14 @@ def record_round(
 
 def pool_change(session: Session, images: Path) -> str:
     """A session ranks one pool, its labels and runs recorded by image name: another ``images`` folder is
-    refused where a labelled volume's image is missing there or differs (a folder moved or copied passes).
-    Returns the note that says the folder changed ("" if it did not)."""
+    refused where a labelled volume's image is missing there or differs (a folder moved or copied passes), and
+    the session's own folder where a labelled volume's image changed since it was labelled. Returns the note
+    that says the folder changed ("" if it did not)."""
     recorded = session.data.get("images")
-    if not recorded or Path(images).resolve() == Path(recorded["root"]).resolve():
+    if not recorded:
+        return ""
+    if Path(images).resolve() == Path(recorded["root"]).resolve():
+        session.refuse_image_changes()  # its own pool, changed under a label: never re-recorded quietly
         return ""
     hashes = {f["name"]: f["sha256"] for f in recorded["files"]}
     for name in sorted(session.labelled()):

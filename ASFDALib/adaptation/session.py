@@ -292,6 +292,37 @@ class Session:
                     break
         return out
 
+    def labelled_image_sha256(self, name: str) -> str | None:
+        """The hash of the image the newest label of ``name`` was drawn on: recorded with the label, or, for labels
+        recorded before that was kept, the pool's at its last rank."""
+        pool = {f["name"]: f["sha256"] for f in (self.data.get("images") or {}).get("files", [])}
+        return self.label_versions().get(name, {}).get("image_sha256") or pool.get(name)
+
+    def image_changes(self) -> list[str]:
+        """The labelled volumes whose image is gone or no longer holds what was labelled, one phrase each: by the
+        image's hash recorded with its label (for labels recorded before that was kept, the pool's at its last
+        rank). A label drawn on other voxels than the image now holds would teach the wrong anatomy."""
+        from ASFDALib.data.volumes import content_hash
+
+        changes = []
+        for name in sorted(self.label_versions()):
+            path = self.image_path(name)
+            recorded = self.labelled_image_sha256(name)
+            if not path.exists():
+                changes.append(f"{name} is gone from {self.image_root}")
+            elif recorded and content_hash(path) != recorded:
+                changes.append(f"{name} in {self.image_root} changed since it was labelled")
+        return changes
+
+    def refuse_image_changes(self) -> None:
+        """Refuse, in one line naming the volumes and the fixes, where a labelled volume's image changed."""
+        if changes := self.image_changes():
+            raise SessionError(
+                f"{self.root}: {'; '.join(changes)}; put the scan back as it was labelled, import a label drawn on "
+                f"it as it is now ('asfda labels import {self.root} --from FILE --cases NAME'), or rank the pool "
+                "as it is now into a new session (--out NEW)"
+            )
+
     def next_label_path(self, name: str, suffix: str = ".nii.gz") -> Path:
         """labels/<case>.v<N><suffix> with N one past every version on disk or recorded: never overwrites."""
         folder = self.root / "labels"
@@ -312,10 +343,14 @@ class Session:
         source: str,
         mapping: dict | None = None,
         source_sha256: str | None = None,
+        image_sha256: str | None = None,
     ) -> None:
         """Add a label version; ``mapping`` is how the source file's values became class indices, when not 1:1;
-        ``source_sha256`` the hash of the file it was imported from, by which evaluate knows that file again."""
+        ``source_sha256`` the hash of the file it was imported from, by which evaluate knows that file again;
+        ``image_sha256`` the hash of the image it was drawn on (``image_changes`` compares with it)."""
         entry = {"file": self.relative(path), "sha256": sha256, "created": now(), "source": source}
+        if image_sha256:
+            entry["image_sha256"] = image_sha256
         if mapping:
             entry["map"] = mapping
         if source_sha256:

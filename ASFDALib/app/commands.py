@@ -280,7 +280,9 @@ def cmd_labels(args: argparse.Namespace) -> int:
     missing = [n for n in queried if n not in labelled]
     unfinished = unfinished_run(session)
     newest = session.rounds[-1] if session.rounds else None
-    if missing:
+    if changes := session.image_changes():  # what a rank and a fine-tune refuse, said before they are run
+        then = f"; {'; '.join(changes)}: put it back, or import a label drawn on it now (rank and finetune refuse)"
+    elif missing:
         then = f"; missing: {', '.join(missing)}"
     elif unfinished:
         then = f"; {unfinished}: {finish_hint(session)}"

@@ -606,7 +606,8 @@ class Workflow:
             write_nifti(nifti, label.astype(np.uint8), volume.affine)
             if write_seg:
                 write_seg(seg)
-            session.record_label(name, nifti, content_hash(nifti), "slicer")
+            image = content_hash(session.image_path(name))
+            session.record_label(name, nifti, content_hash(nifti), "slicer", image_sha256=image)
             session.save()
         for row in self.rows:
             if row.case == name:

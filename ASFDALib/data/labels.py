@@ -552,7 +552,10 @@ def import_labels(
             report.skipped.append(f"{label_path}: image {name} was not asked for ({why}); import it with --cases{flaw}")
             continue
         current = stored.get(name)
-        if current is not None and _same_label(current, label, affine):
+        image_sha256 = content_hash(session.image_path(name))
+        # the same voxels on the same image add no version; on an image that changed, they record what it is now
+        same_image = session.labelled_image_sha256(name) in (None, image_sha256)
+        if current is not None and same_image and _same_label(current, label, affine):
             report.unchanged[name] = current  # a second import of the same file adds no version
             continue
         target = session.next_label_path(name)
@@ -564,6 +567,7 @@ def import_labels(
             f"import:{label_path}",
             _mapping_record(mapping),
             source_sha256=content_hash(label_path),
+            image_sha256=image_sha256,
         )
         report.imported[name], report.sources[name] = target, label_path
         if notes:

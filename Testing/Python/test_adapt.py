@@ -1383,6 +1383,47 @@ def test_a_re_rank_on_another_folder_is_refused_where_a_labelled_image_differs_a
     assert json.loads((labelled_session / "session.json").read_text())["images"]["root"] == str(moved.resolve())
 
 
+def test_a_labelled_scan_replaced_in_the_sessions_own_pool_is_refused_by_rank_and_finetune_until_put_right(
+    mri_pool, tmp_path, capsys
+):
+    """A label is drawn on one scan's voxels: where the pool's file of that name now holds another scan, a re-rank
+    must not record the new content under the old label, nor a fine-tune train on the pair. Put back, or
+    labelled anew on the scan as it is now, the session goes on."""
+    pool, session = tmp_path / "pool", tmp_path / "session"
+    shutil.copytree(mri_pool / "images", pool)
+    assert main(["rank", "--images", str(pool), "--out", str(session), "--budget", "1"]) == 0
+    (labelled,) = json.loads((session / "ranking.json").read_text())["selected"]
+    (tmp_path / "gt").mkdir()
+    shutil.copy(mri_pool / "labels" / labelled, tmp_path / "gt" / labelled)
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
+    record = json.loads((session / "session.json").read_text())["labels"][labelled][-1]
+    assert record["image_sha256"] == content_hash(pool / labelled)  # the image the label was drawn on
+    original = (pool / labelled).read_bytes()
+    shutil.copy(next(p for p in sorted(pool.iterdir()) if p.name != labelled), pool / labelled)  # replaced in place
+    before = (session / "session.json").read_text()
+    capsys.readouterr()
+    finetune = ["finetune", str(session), "--iterations", "2", "--pseudo-iterations", "1", "--batch-size", "1"]
+    for command in (["rank", "--out", str(session)], finetune):
+        assert main(command) == 1
+        said = " ".join(capsys.readouterr().err.split())
+        assert f"{labelled} in {pool.resolve()} changed since it was labelled; put the scan back as it was" in said
+        assert f"'asfda labels import {session} --from FILE --cases NAME'" in said
+        assert (session / "session.json").read_text() == before  # the hashes recorded at labelling stay
+    assert not (session / "checkpoints").exists()
+    assert main(["labels", str(session)]) == 0  # the listing says so before either is run
+    assert f"{labelled} in {pool.resolve()} changed since it was labelled: put it back" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    (pool / labelled).write_bytes(original)  # put back: the session goes on
+    assert main(["rank", "--out", str(session)]) == 0
+    shutil.copy(next(p for p in sorted(pool.iterdir()) if p.name != labelled), pool / labelled)
+    # the same label file imported again for the scan as it is now: a new version, on the new image
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt"), "--cases", labelled]) == 0
+    versions = json.loads((session / "session.json").read_text())["labels"][labelled]
+    assert len(versions) == 2 and versions[-1]["image_sha256"] == content_hash(pool / labelled)
+    assert main(finetune) == 0
+
+
 def test_a_re_rank_keeps_the_sessions_budget_counts_its_labels_in_it_and_is_refused_during_an_unfinished_run(
     labelled_session, mri_pool, capsys
 ):
