@@ -429,7 +429,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             f"--no-pseudo skips stage 2, so {' and '.join(given)} would do nothing; leave out one or the other"
         )
     iterations = recipe.iterations if args.iterations is None else args.iterations
-    run, pseudo_json = None, None
+    run, pseudo_json, same_share = None, None, False
     if args.mode in ("extend", "resume"):
         opened = Session.open(args.session)
         index = opened.rounds[-1]["index"] if opened.rounds else 1
@@ -454,13 +454,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                     f"leave {'it' if len(given) == 1 else 'them'} out, or give --pseudo-iterations N (N > "
                     f"{run['done']['stage2']}) to train further"
                 )
-            if run["finished"] and can_blend(folder) and handover_anew(run, folder, args.blend_start) is None:
-                # the same share again: as the command asks already, so it succeeds and records nothing
-                console.print(
-                    f"{folder / 'final.pt'} already holds {args.blend_start:.0%} of round {index}'s start "
-                    f"(--blend-start {args.blend_start:g}): nothing to do"
-                )
-                return 0
+            # the same share again: as the command asks already, so it succeeds, recording nothing (below, once
+            # the options it refuses whatever the share are refused)
+            same_share = run["finished"] and can_blend(folder) and handover_anew(run, folder, args.blend_start) is None
         elif no_length:
             if run is not None and run_state(opened, run) == "killed":
                 record_killed(run)  # as the engine will record it, so the refusal calls it killed too
@@ -482,6 +478,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 f"them, so {' and '.join(made)} would do nothing; leave {'it' if len(made) == 1 else 'them'} out, "
                 f"or --restart to make them anew"
             )
+        if same_share:
+            console.print(
+                f"{folder / 'final.pt'} already holds {args.blend_start:.0%} of round {index}'s start "
+                f"(--blend-start {args.blend_start:g}): nothing to do"
+            )
+            return 0
     # a resume or an extension goes on as its run ran where not told otherwise (a resume refuses another,
     # below; an extension may take one): what it started with and how its stage 2 ran
     ran = resume_recipe(run)

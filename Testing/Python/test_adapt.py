@@ -380,6 +380,10 @@ def test_an_extend_with_only_another_share_hands_the_tuned_weights_over_anew_wit
     said = " ".join(capsys.readouterr().out.split())
     assert "final.pt already holds 40% of round 1's start (--blend-start 0.4): nothing to do" in said
     assert all(p.read_bytes() == content for p, content in files.items())
+    # but options it would ignore are refused whatever the share, as with another
+    for option in (["--pseudo-gate", "flips"], ["--keep-fraction", "0.1"], ["--lr", "1e-3"]):
+        assert main(["finetune", str(labelled_session), "--extend", "--blend-start", "0.4", *option]) == 1
+        assert f"so {option[0]} would do nothing" in " ".join(capsys.readouterr().err.split())
     assert main(["finetune", str(labelled_session), "--extend"]) == 1
     assert "or --blend-start S to hand its stage 2 over anew" in " ".join(capsys.readouterr().err.split())
     # training options with it would do nothing
