@@ -80,6 +80,12 @@ def refuse_inside_session(target: Path, fix: str) -> None:
         raise ASFDAError(f"{target}: is inside the session folder {folder}, whose files the session keeps; {fix}")
 
 
+def refuse_folder_as_file(out: Path, example: Path) -> None:
+    """Refuse a folder given where a file is written (it could only fail at the end, after the long work)."""
+    if Path(out).is_dir():
+        raise ASFDAError(f"{out}: is a folder; give --out a file name, e.g. {example}")
+
+
 def refuse_existing(target: Path, what: str, fix: str) -> None:
     """Refuse an output that already exists (a file, or a folder with files in it): never replace it."""
     path = Path(target)

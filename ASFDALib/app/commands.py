@@ -199,10 +199,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     from ASFDALib.data.volumes import discover_volumes
     from ASFDALib.models.loading import card_candidates
-    from ASFDALib.outputs import refuse_inside_session, refuse_overwrite
+    from ASFDALib.outputs import refuse_folder_as_file, refuse_inside_session, refuse_overwrite
     from ASFDALib.query.source_stats import compute_source_stats
 
     console = Console()
+    # before the model loads and the pool is summarised; the example beside it, never among the scans
+    refuse_folder_as_file(args.out, Path(args.out).parent / "source_stats.npz")
     model = load_model_from_args(args)
     # the model, its card (given, or found beside it) and the scans: the summary goes beside them, never over one
     cards = ([Path(args.card)] if args.card else []) + card_candidates(model.path)
@@ -678,11 +680,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_csv,
     )
     from ASFDALib.models.card import load_card
-    from ASFDALib.outputs import predictions_made_by, predictions_made_from, refuse_inside_session, refuse_overwrite
+    from ASFDALib.outputs import (
+        predictions_made_by,
+        predictions_made_from,
+        refuse_folder_as_file,
+        refuse_inside_session,
+        refuse_overwrite,
+    )
 
     out = args.out or Path(args.pred) / "evaluation.csv"
-    if out.is_dir():
-        raise ASFDAError(f"{out}: is a folder; give --out a file name, e.g. {out / 'evaluation.csv'}")
+    refuse_folder_as_file(out, out / "evaluation.csv")
     inputs = [*discover_volumes(args.pred), *discover_volumes(args.labels)]
     refuse_overwrite([out], inputs, "an input label map", "choose another --out file")
     refuse_inside_session(out, "write the table elsewhere, e.g. --out evaluation.csv")

@@ -169,6 +169,10 @@ def test_evaluate_stats_and_rank_refuse_to_write_over_their_inputs(ranked, capsy
     assert main(["stats", "--images", str(pool / "images"), "--out", str(scan)]) == 1
     assert "would write over an input" in _one_line_error(capsys)
     assert content_hash(scan) == before
+    # a folder where the summary file goes: refused at once, not after the whole pass
+    assert main(["stats", "--images", str(pool / "images"), "--out", str(pool / "images")]) == 1
+    said = _one_line_error(capsys)
+    assert f"{pool / 'images'}: is a folder; give --out a file name, e.g. {pool / 'source_stats.npz'}" in said
     # nor over the model's card, given with --card (a card written over with npz data loses the model's classes)
     card = tmp_path / "card.json"
     shutil.copy("Resources/Model/asfda_default.card.json", card)
