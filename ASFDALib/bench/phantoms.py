@@ -254,6 +254,11 @@ def write_pool(
     return cases
 
 
+def phantom_names(count: int, domain: str, prefix: str | None = None) -> list[str]:
+    """The file names ``write_phantoms`` gives its volumes (and their labels)."""
+    return [f"{prefix or domain}_{i:03d}.nii.gz" for i in range(count)]
+
+
 def write_phantoms(
     folder: Path, count: int, domain: str = "ct", seed: int = 0, labels: bool = True, prefix: str | None = None
 ) -> list[Path]:
@@ -264,9 +269,8 @@ def write_phantoms(
     config = domain_config(domain)
     dtype = np.int16 if domain == "ct" else np.uint16
     paths = []
-    for i in range(count):
+    for i, name in enumerate(phantom_names(count, domain, prefix)):
         image, label, affine = make_phantom(seed * 100_003 + i, config)
-        name = f"{prefix or domain}_{i:03d}.nii.gz"
         paths.append(write_nifti(folder / "images" / name, np.round(image).astype(dtype), affine))
         if labels:
             write_nifti(folder / "labels" / name, label, affine)

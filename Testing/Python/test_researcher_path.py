@@ -577,3 +577,15 @@ def test_a_second_predict_into_the_folder_keeps_the_record_of_the_maps_it_did_no
     manifest = json.loads((out / "asfda_predictions.json").read_text())
     assert len(manifest["files"]) == len(manifest["made_by"]) == 3
     assert {m["model"] for m in manifest["made_by"].values()} == {"source"}  # this session is not fine-tuned
+
+
+def test_phantoms_never_replace_a_volume_and_say_so_before_writing_any(tmp_path, capsys):
+    """A pool a session ranks may be where phantoms are asked for: a second run into it is refused, whole."""
+    assert main(["phantoms", "--count", "2", "--out", str(tmp_path)]) == 0
+    before = {p: content_hash(p) for p in tmp_path.rglob("*.nii.gz")}
+    assert main(["phantoms", "--count", "3", "--seed", "5", "--out", str(tmp_path)]) == 1
+    said = _one_line_error(capsys)
+    assert f"{tmp_path / 'images' / 'mri_000.nii.gz'}: already exists (4 of the files to write do)" in said
+    assert "choose a new --out folder" in said
+    assert {p: content_hash(p) for p in tmp_path.rglob("*.nii.gz")} == before  # not even mri_002 was added
+    assert main(["phantoms", "--domain", "ct", "--count", "1", "--out", str(tmp_path)]) == 0  # other names: beside
