@@ -41,6 +41,17 @@ class SessionError(ASFDAError):
     """The session folder or its file cannot be used as it is."""
 
 
+def _how_to_make(root: Path) -> str:
+    """The fix for a folder that is no session: a folder of scans (or a dataset's, with images/) is ranked into
+    one; otherwise a session is the folder 'asfda rank --out' made."""
+    from ASFDALib.data.volumes import discover_volumes
+
+    scans = next((f for f in (root / "images", root) if f.is_dir() and discover_volumes(f)), None)
+    if scans is not None:
+        return f"it holds scans: rank them into a session first, 'asfda rank --images {scans} --out SESSION'"
+    return f"give the folder 'asfda rank --out' made, or make one: 'asfda rank --images SCANS --out {root}'"
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -80,7 +91,7 @@ class Session:
         path = root / SESSION_FILE
         if not path.is_file():
             if not create:
-                raise SessionError(f"{root}: not an ASFDA session (no {SESSION_FILE}); run 'asfda rank --out {root}'")
+                raise SessionError(f"{root}: not an ASFDA session (no {SESSION_FILE}); {_how_to_make(root)}")
             root.mkdir(parents=True, exist_ok=True)
             return cls(root, cls._new_data())
         try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ASFDALib.adaptation.session import SESSION_FILE, Session, SessionError, case_id, safe_path
+from ASFDALib.bench.phantoms import write_phantoms
 
 
 def test_new_session_is_saved_atomically_with_a_schema_version(tmp_path):
@@ -25,8 +26,18 @@ def test_new_session_is_saved_atomically_with_a_schema_version(tmp_path):
 
 
 def test_opening_a_folder_that_is_not_a_session_says_what_to_run(tmp_path):
-    with pytest.raises(SessionError, match="asfda rank --out"):
+    with pytest.raises(SessionError) as refused:
         Session.open(tmp_path)
+    assert f"give the folder 'asfda rank --out' made, or make one: 'asfda rank --images SCANS --out {tmp_path}'" in str(
+        refused.value
+    )
+    # a folder of scans (here a dataset's, with images/) is ranked into a session, never made one
+    write_phantoms(tmp_path / "pool", 1)
+    for folder in (tmp_path / "pool", tmp_path / "pool" / "images"):
+        with pytest.raises(SessionError) as refused:
+            Session.open(folder)
+        hint = f"it holds scans: rank them into a session first, 'asfda rank --images {tmp_path / 'pool' / 'images'}"
+        assert hint in str(refused.value)
 
 
 @pytest.mark.parametrize(
