@@ -651,7 +651,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     stale = Path(args.out) / "evaluation.csv"  # evaluate's default table: it scored the maps written over
     if replaced and stale.is_file():
         console.print(
-            f"{stale} scores the label maps replaced: 'asfda evaluate --pred {args.out} --labels DIR' again",
+            f"{stale} scores the label maps replaced: 'asfda evaluate --pred {args.out} --labels DIR --session "
+            f"{args.session}' again",
             style="yellow",
             markup=False,
             highlight=False,
@@ -693,7 +694,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     inputs = [*discover_volumes(args.pred), *discover_volumes(args.labels)]
     refuse_overwrite([out], inputs, "an input label map", "choose another --out file")
     refuse_inside_session(out, "write the table elsewhere, e.g. --out evaluation.csv")
+    console = Console()
     session = Session.open(args.session) if args.session else None
+    # the session that made the maps (predict's record): held-out cases are judged by its labels, not another's
+    makers = {m["session"] for m in predictions_made_by(args.pred).values() if m.get("session")}
+    maker = next(iter(makers)) if len(makers) == 1 else None
+    if session is None and maker and (Path(maker) / "session.json").is_file():
+        session = Session.open(maker)
+        console.print(f"session {maker}: the one that made these label maps (--session names another)", markup=False)
+    elif session is not None and makers and str(session.root.resolve()) not in makers:
+        console.print(
+            f"[yellow]warning[/yellow] {escape(', '.join(sorted(makers)))} made these label maps, not "
+            f"{escape(str(session.root))}: the cases left out of the mean are those {escape(str(session.root))} "
+            "trained on",
+            soft_wrap=True,
+        )
     if args.card:
         names = load_card(args.card).class_names
     elif session:
@@ -703,7 +718,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     scores = evaluate_folders(args.pred, args.labels, names, parse_mapping(args.map, names))
     # a figure on cases the session's model trained on is not a test figure: they are noted, not averaged
     trained = trained_on(session, scores, args.labels, predictions_made_from(args.pred)) if session else {}
-    console = Console()
     if names is None:
         names = ["background", *[f"class{i}" for i in range(1, max(len(s.dice) for s in scores) + 1)]]
         console.print("no class names: give --session or --card (classes taken from the predictions' values)")

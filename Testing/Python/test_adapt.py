@@ -121,6 +121,30 @@ def test_evaluating_with_the_session_leaves_the_cases_it_trained_on_out_of_the_m
     assert len(held_out) == 2
 
 
+def test_evaluate_takes_the_session_that_made_the_maps_and_warns_where_another_is_named(
+    adapted_session, labelled_session, mri_pool, tmp_path, capsys
+):
+    """Predict records which session made a folder's maps: without --session evaluate judges the held-out cases by
+    that session's labels; naming another is said, since its trained cases are not the ones that made the maps."""
+    _, session, _ = adapted_session
+    pred, labels = tmp_path / "pred", str(mri_pool / "labels")
+    assert main(["predict", str(session), "--images", str(mri_pool / "images"), "--out", str(pred)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(pred), "--labels", labels, "--out", str(tmp_path / "a.csv")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"session {session.resolve()}: the one that made these label maps (--session names another)" in said
+    assert "Mean over 2 cases (not the 4 the session trained on)" in said and "no class names" not in said
+    other = ["--session", str(labelled_session), "--out", str(tmp_path / "b.csv")]
+    assert main(["evaluate", "--pred", str(pred), "--labels", labels, *other]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"warning {session.resolve()} made these label maps, not {labelled_session}" in said
+    # and predict's hint, after replacing maps an evaluation scored, names the session
+    assert main(["evaluate", "--pred", str(pred), "--labels", labels]) == 0
+    assert main(["predict", str(session), "--images", str(mri_pool / "images"), "--out", str(pred)]) == 0
+    hint = f"'asfda evaluate --pred {pred} --labels DIR --session {session}' again"
+    assert hint in " ".join(capsys.readouterr().out.split())
+
+
 def test_the_source_models_maps_are_evaluated_on_the_same_held_out_cases_and_say_why(
     adapted_session, mri_pool, tmp_path, capsys
 ):
