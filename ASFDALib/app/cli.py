@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -770,7 +771,13 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a pipe's reader that left shows here, not after the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        # the reader of the output left (`| head`): stop quietly, as a Unix tool stopped by SIGPIPE does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
     except ASFDAError as exc:
         print(f"asfda {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -589,3 +589,15 @@ def test_phantoms_never_replace_a_volume_and_say_so_before_writing_any(tmp_path,
     assert "choose a new --out folder" in said
     assert {p: content_hash(p) for p in tmp_path.rglob("*.nii.gz")} == before  # not even mri_002 was added
     assert main(["phantoms", "--domain", "ct", "--count", "1", "--out", str(tmp_path)]) == 0  # other names: beside
+
+
+def test_a_command_whose_output_reader_left_stops_quietly_as_a_unix_tool_does(tmp_path):
+    """`asfda evaluate ... | head -1`: the reader closes the pipe; no traceback, the SIGPIPE status (141)."""
+    import subprocess
+    import sys
+
+    code = f"import sys; from ASFDALib.app.cli import main; sys.exit(main(['phantoms', '--out', {str(tmp_path)!r}]))"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader leaves before a line is written
+    assert process.wait(timeout=120) == 141
+    assert process.stderr.read().decode() == ""
