@@ -136,6 +136,7 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
             mc_passes=args.mc_passes,
         )
         start = time.perf_counter()
+        ranked_before = {r["index"] for r in session.rounds}  # so the output says which round it made or replaced
         bar, update = volume_progress(console, "Scoring")
         with bar:
             ranking, written = rank_round(
@@ -165,8 +166,12 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
     )
     added = [r.file for r in ranking.selected]
     kept = [n for n in (session.rounds[-1]["query"] if session.rounds else []) if n not in added]
+    index = session.rounds[-1]["index"] if session.rounds else 1
+    which = f"Round {index}'s query" + (" (ranked anew)" if index in ranked_before and added else "")
     console.print(
-        "Query: " + (", ".join(added) or "nothing new") + (f" (labelled already: {', '.join(kept)})" if kept else ""),
+        f"{which}: "
+        + (", ".join(added) or "nothing new")
+        + (f" (labelled already: {', '.join(kept)})" if kept else ""),
         markup=False,
         highlight=False,
         soft_wrap=True,

@@ -1463,7 +1463,7 @@ def test_a_re_rank_keeps_the_sessions_budget_counts_its_labels_in_it_and_is_refu
     assert main([*rank, "--alpha", "0.8"]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "round 1's query keeps its 1 labelled volume and adds 0: 1 in all, its budget of 1; --budget above 1" in said
-    assert f"Query: nothing new (labelled already: {labelled})" in said
+    assert f"Round 1's query: nothing new (labelled already: {labelled})" in said
     assert "The round's query of 1 is labelled. Next: 'asfda finetune" in said
     assert json.loads((labelled_session / "session.json").read_text())["rounds"][-1]["query"] == [labelled]
     assert main([*rank, "--budget", "7"]) == 0  # more than the pool holds: said, and the query takes all
@@ -1472,7 +1472,8 @@ def test_a_re_rank_keeps_the_sessions_budget_counts_its_labels_in_it_and_is_refu
     assert "adds 5: 6 in all, its budget of 7" in said and "--budget above" not in said
     assert main([*rank, "--budget", "2"]) == 0
     note = "round 1's query keeps its 1 labelled volume and adds 1: 2 in all, its budget of 2"
-    assert note in " ".join(capsys.readouterr().out.split())
+    said = " ".join(capsys.readouterr().out.split())
+    assert note in said and "Round 1's query (ranked anew): " in said
     assert note in json.loads((labelled_session / "ranking.json").read_text())["notes"]  # the record says so too
     assert len(json.loads((labelled_session / "session.json").read_text())["rounds"][-1]["query"]) == 2
     assert main(["finetune", str(labelled_session), "--no-pseudo", "--iterations", "2", "--batch-size", "1"]) == 0
@@ -1591,6 +1592,7 @@ def test_a_new_rounds_fine_tune_waits_for_a_label_of_its_query(labelled_session,
     (query,) = json.loads((labelled_session / "session.json").read_text())["rounds"][1]["query"]
     said = " ".join(capsys.readouterr().out.split())  # round 2 ranks with the fine-tuned weights, named
     assert f"Fine-tuned weights: {labelled_session / 'checkpoints' / 'round1' / 'final.pt'}" in said
+    assert f"Round 2's query: {query}" in said  # which round the rank made
     assert main(["finetune", str(labelled_session), *tiny]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert f"round 2's query ({query}) has no label yet, so this would train on the earlier rounds' labels only" in err
