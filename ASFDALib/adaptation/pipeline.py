@@ -188,7 +188,7 @@ def augment_line(ran: str, asked: str, fallback_judged: bool) -> str:
         return line
     if fallback_judged:
         return line + ": the fallback gate judged, so contrast may be what changed"
-    return line + ", no intensity curves: the gate asked for judged, so the contrast is the source model's"
+    return line + ", no intensity curves: the gate asked for judged, so the contrast is the round's starting model's"
 
 
 def below(value: float, floor: float | None) -> str:

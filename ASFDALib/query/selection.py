@@ -54,7 +54,7 @@ class Knowledge:
 
     def describe(self) -> str:
         text = {
-            "bn": "BatchNorm running statistics in the weights",
+            "bn": "the source model's BatchNorm running statistics (in its weights), in every round",
             "stats": "source-statistics file",
             "prototype": "the pre-trained head's class prototypes (feature alignment with its weight rows)",
             "energy": "free-energy fallback (no feature statistics available)",

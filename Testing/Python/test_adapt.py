@@ -314,7 +314,7 @@ def test_a_round_gated_by_agreement_with_its_starting_model_records_that_gate(la
     said = " ".join(capsys.readouterr().out.split())
     assert (
         "the pseudo-labelled patches get more intensity change than the labelled ones (--pseudo-augment), no "
-        "intensity curves: the gate asked for judged, so the contrast is the source model's"
+        "intensity curves: the gate asked for judged, so the contrast is the round's starting model's"
     ) in said
 
 
