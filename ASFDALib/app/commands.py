@@ -771,6 +771,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.pipeline import session_model
     from ASFDALib.adaptation.session import Session
     from ASFDALib.models.export import DEFAULT_NAMES, export_session
+    from ASFDALib.models.loading import card_beside
     from ASFDALib.outputs import (
         refuse_existing,
         refuse_folder_holding,
@@ -795,9 +796,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         target = args.out if args.out.suffix else args.out / DEFAULT_NAMES[args.format]
         refuse_overwrite([target], protected, "a file the session references", fix)
         refuse_existing(target, "the file", "choose a new file name")
+        refuse_existing(card_beside(target), "the card written beside the export", "choose a new file name")
     refuse_inside_session(target, fix)
     path = export_session(session, session_model(session, adapted=not args.source_model), args.out, args.format)
-    print(f"Exported {args.format} to {path}")
+    card = "" if args.format == "bundle" else f", its card to {card_beside(path)}"
+    print(f"Exported {args.format} to {path}{card}")
     return 0
 
 

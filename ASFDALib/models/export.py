@@ -34,7 +34,7 @@ import torch
 from ASFDALib.atomic import atomic_write, atomic_write_json
 from ASFDALib.errors import ModelError
 from ASFDALib.models.card import ModelCard
-from ASFDALib.models.loading import LoadedModel
+from ASFDALib.models.loading import LoadedModel, card_beside
 
 UNKNOWN = "unknown: see the base model"
 ASFDA_QUERY = (
@@ -389,7 +389,7 @@ def _refuse_overwriting_the_base(model: LoadedModel, written: list[Path]) -> Non
     base = model.path.resolve()
     protected = {base}
     if base.is_file():
-        protected |= {base.with_name(base.name.split(".")[0] + ".card.json")} | {base.parent / n for n in CARD_NAMES}
+        protected |= {card_beside(base)} | {base.parent / n for n in CARD_NAMES}
     for path in written:
         target = Path(path).resolve()
         if target in protected or base in target.parents:
@@ -483,7 +483,7 @@ def export_torchscript(model: LoadedModel, path: Path) -> Path:
         scripted = torch.jit.trace(network, torch.zeros(1, 1, *model.card.roi_size))
     path = Path(path)
     atomic_write(path, lambda tmp: scripted.save(str(tmp)))
-    atomic_write_json(path.with_name(path.name.split(".")[0] + ".card.json"), _exported_card(model.card))
+    atomic_write_json(card_beside(path), _exported_card(model.card))
     return path
 
 
@@ -503,10 +503,10 @@ def export_pt2(model: LoadedModel, path: Path, record: dict[str, Any] | None = N
     path = Path(path)
     if path.suffix.lower() != ".pt2":
         raise ModelError(f"{path}: a torch.export program is loaded by its .pt2 suffix; name the file *.pt2")
-    _refuse_overwriting_the_base(model, [path, path.with_name(path.name.split(".")[0] + ".card.json")])
+    _refuse_overwriting_the_base(model, [path, card_beside(path)])
     metadata = bundle_metadata(model.card, "0.1.0", record)
     export_program(model.network, model.card.roi_size, path, metadata)
-    atomic_write_json(path.with_name(path.name.split(".")[0] + ".card.json"), _exported_card(model.card))
+    atomic_write_json(card_beside(path), _exported_card(model.card))
     return path
 
 

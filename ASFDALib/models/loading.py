@@ -205,12 +205,18 @@ def _check_inputs(network: torch.nn.Module, path: Path) -> None:
         )
 
 
+def card_beside(path: Path) -> Path:
+    """The card named for a weights file, beside it: ``model.ts`` -> ``model.card.json`` (exports write it there)."""
+    path = Path(path)
+    return path.with_name(path.name.split(".")[0] + ".card.json")
+
+
 def card_candidates(path: Path) -> list[Path]:
     """Where a model's card is looked for when none is given, first found first: beside a weights file as
     ``<name>.card.json`` or one of CARD_NAMES; in a bundle folder, or its configs/, as one of CARD_NAMES."""
     if path.is_dir():
         return [path / n for n in CARD_NAMES] + [path / "configs" / n for n in CARD_NAMES]
-    return [path.with_name(path.name.split(".")[0] + ".card.json")] + [path.parent / n for n in CARD_NAMES]
+    return [card_beside(path)] + [path.parent / n for n in CARD_NAMES]
 
 
 def _find_card(candidates: list[Path], explicit: Path | None) -> ModelCard:

@@ -310,9 +310,11 @@ def test_a_pt2_program_round_trips_and_predicts_the_session_models_labels(adapte
     assert json.loads(extra[METADATA_ENTRY])["asfda"]["rounds"] == 1  # the provenance travels inside the program
 
 
-def test_a_pt2_program_is_a_model_form_asfda_ranks_with(adapted, tmp_path):
+def test_a_pt2_program_is_a_model_form_asfda_ranks_with(adapted, tmp_path, capsys):
     _, session, inputs = adapted
     assert main(["export", str(session), "--format", "pt2", "--out", str(tmp_path / "net.pt2")]) == 0
+    said = " ".join(capsys.readouterr().out.split())  # both files written are named
+    assert f"Exported pt2 to {tmp_path / 'net.pt2'}, its card to {tmp_path / 'net.card.json'}" in said
     command = ["rank", "--model", str(tmp_path / "net.pt2"), "--trust", "--images", str(inputs)]
     assert main([*command, "--out", str(tmp_path / "s"), "--budget", "1"]) == 0
     report = json.loads((tmp_path / "s" / "ranking.json").read_text())
@@ -330,6 +332,15 @@ def test_a_scripted_model_asked_for_as_a_bundle_is_pointed_to_its_own_format(ada
     assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
     with pytest.raises(ModelError, match="export this model with --format torchscript"):
         export_bundle(load_model(tmp_path / "m.ts", trust=True), tmp_path / "bundle")
+
+
+def test_a_single_file_export_never_writes_over_a_card_where_its_own_would_go(adapted, tmp_path, capsys):
+    """model.ts comes with model.card.json beside it: an existing one (another model's) is refused first."""
+    _, session, _ = adapted
+    (tmp_path / "k.card.json").write_text("{}")
+    assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / "k.ts")]) == 1
+    assert "k.card.json: the card written beside the export already exists" in " ".join(capsys.readouterr().err.split())
+    assert (tmp_path / "k.card.json").read_text() == "{}" and not (tmp_path / "k.ts").exists()
 
 
 def test_pt2_needs_trust_because_torch_export_load_runs_pickled_code(tmp_path):
