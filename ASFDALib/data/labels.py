@@ -548,8 +548,12 @@ def import_labels(
                 continue
             flaw = f"; as it is, it would be refused: {exc.reason}"  # checked all the same, so it is fixed in time
         if name not in asked:
-            why = "no round has queried it" if cases is None else "not among --cases"
-            report.skipped.append(f"{label_path}: image {name} was not asked for ({why}); import it with --cases{flaw}")
+            why, fix = (
+                ("no round has queried it", "import it with --cases")
+                if cases is None
+                else ("not among --cases", "add it to --cases")
+            )
+            report.skipped.append(f"{label_path}: image {name} was not asked for ({why}); {fix}{flaw}")
             continue
         current = stored.get(name)
         image_sha256 = content_hash(session.image_path(name))

@@ -289,6 +289,10 @@ def test_labels_of_volumes_not_asked_for_are_skipped_and_a_class_the_model_lacks
         )
     assert main(["labels", "import", str(session), "--from", str(gt), "--map", "4=0"]) == 0
     assert "Imported 2 of 2 queried volumes; skipped 4 (not asked for), refused 0." in capsys.readouterr().out
+    other = sorted({p.name for p in gt.iterdir()} - set(query))
+    assert main(["labels", "import", str(session), "--from", str(gt), "--map", "4=0", "--cases", other[0]]) == 0
+    hint = f"skipped {gt / other[1]}: image {other[1]} was not asked for (not among --cases); add it to --cases"
+    assert hint in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_card_that_does_not_fit_the_model_is_refused_before_scoring_and_leaves_no_session(
