@@ -752,9 +752,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     classes = Table(title=mean_caption(rows, trained, source))
     for column in ("class", "Dice", "HD95 (mm)"):
         classes.add_column(column)
+    held_out = [r for r in rows[:-1] if r["case"] not in trained]
+    partial = False  # an HD95 mean over fewer cases than the Dice's: a class missed has no surface distance
     for key in (k for k in mean if k.startswith("dice_") and k != "dice_mean"):
         name = key.removeprefix("dice_")
-        classes.add_row(name, cell(mean[key]), cell(mean[f"hd95_{name}"]))
+        measured = sum(not math.isnan(r[f"hd95_{name}"]) for r in held_out)
+        count = f" ({measured} of {len(held_out)})" if 0 < measured < len(held_out) else ""
+        partial |= bool(count)
+        classes.add_row(name, cell(mean[key]), cell(mean[f"hd95_{name}"]) + count)
     classes.add_row("mean", cell(mean["dice_mean"]), "")
     cases = Table(title="Per case")
     for column in ("case", "mean Dice", "note"):
@@ -762,6 +767,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for row in rows[:-1]:
         cases.add_row(str(row["case"]), cell(row["dice_mean"]), str(row["reason"]))
     console.print(classes)
+    if partial:
+        console.print(
+            "HD95 (n of N): over the n cases where both the map and the reference hold the class; where the map "
+            "misses it there is no surface distance (its Dice there is 0)",
+            markup=False,
+            soft_wrap=True,
+        )
     console.print(cases)
     print(f"Wrote {write_csv(rows, out)} (Dice and HD95 of every case and class)")
     return 0

@@ -605,3 +605,24 @@ def test_a_command_whose_output_reader_left_stops_quietly_as_a_unix_tool_does(tm
     process.stdout.close()  # the reader leaves before a line is written
     assert process.wait(timeout=120) == 141
     assert process.stderr.read().decode() == ""
+
+
+def test_an_hd95_mean_over_fewer_cases_than_the_dice_says_over_how_many(tmp_path, capsys):
+    """A class the map misses in a case has no surface distance: its HD95 mean is over the other cases, and the
+    table says so rather than passing one case's distance off as the mean of all."""
+    import numpy as np
+
+    from ASFDALib.data.volumes import write_nifti
+
+    (tmp_path / "pred").mkdir(), (tmp_path / "ref").mkdir()
+    reference = np.zeros((16, 16, 16), np.uint8)
+    reference[4:12, 4:12, 4:12] = 1  # liver in both cases
+    for case, found in (("a.nii.gz", True), ("b.nii.gz", False)):
+        write_nifti(tmp_path / "ref" / case, reference, np.eye(4))
+        write_nifti(tmp_path / "pred" / case, reference if found else np.zeros_like(reference), np.eye(4))
+    card = "Resources/Model/asfda_default.card.json"
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "ref"), "--card", card]
+    assert main(args) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "│ liver │ 0.500 │ 0.000 (1 of 2) │" in said
+    assert "HD95 (n of N): over the n cases where both the map and the reference hold the class" in said
