@@ -646,6 +646,9 @@ def finetune_session(
             result.seconds["pseudo_labels"] = time.perf_counter() - timer
             gate = (result.gate or {}).get("reliability", config.reliability)
             asked = (result.gate or {}).get("asked") or gate  # the gate chosen, where its fallback judged
+            if targets["stage2"] > before["stage2"]:  # what this stage 2 trains on: the gate that judged (the
+                # recipe holds the one asked for) and the volumes it kept, most reliable first
+                entry["pseudo_gate"], entry["pseudo_labelled"] = gate, list(result.kept)
             if not pseudo_cases:
                 if targets["stage2"] > before["stage2"]:  # no teacher and no augmentation of pseudo-labels ran
                     entry["teacher"] = entry["pseudo_augment"] = "none"

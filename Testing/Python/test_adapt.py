@@ -347,6 +347,10 @@ def test_a_round_its_starting_model_vouched_for_hands_over_a_blend_and_last_pt_k
     run = json.loads((folder / "run.json").read_text())
     # the share applied beside the one asked for (the run's recipe, which a resume and an extension go on with)
     assert (run["history"][0]["handover_blend"], run["recipe"]["blend_start"]) == (0.2, 0.2)
+    # and what its stage 2 trained on: the gate that judged and the volumes it kept, as session.json has them
+    metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
+    assert run["history"][0]["pseudo_gate"] == metrics["pseudo_gate"]["reliability"] == "rounds"
+    assert run["history"][0]["pseudo_labelled"] == metrics["pseudo_labelled"] != []
     assert json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]["handover_blend"] == 0.2
     extend = ["finetune", str(labelled_session), "--extend", "--batch-size", "1"]
     assert main([*extend, "--pseudo-iterations", "4", "--blend-start", "0.3"]) == 0  # an extension may change it
@@ -499,6 +503,12 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     folder = labelled_session / "checkpoints" / "round1"
     pseudo = json.loads((folder / "pseudo" / "pseudo.json").read_text())
     assert pseudo["gate"]["asked"] == "rounds" and len(pseudo["kept"]) == 2
+    stage2 = json.loads((folder / "run.json").read_text())["history"][0]  # the gate that judged, not the one asked
+    assert (stage2["pseudo_gate"], stage2["pseudo_labelled"], stage2["recipe"]["reliability"]) == (
+        "confidence",
+        pseudo["kept"],
+        "rounds",
+    )
     ema = "an EMA teacher (the model's moving average) relabels the pseudo-labelled patches online; the fallback "
     fixed = "the gate's pseudo-labels teach as they were made (the fixed teacher, --pseudo-teacher)"
     assert (ema in said, fixed in said) == (teacher == "ema", teacher == "fixed")
