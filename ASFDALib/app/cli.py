@@ -143,8 +143,7 @@ BENCH_SCENARIOS = ("mri", "ct-shift", "mri-rich")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ASFDALib.query.ranking import RankConfig
-    from ASFDALib.query.selection import DEFAULT_FUSION, FUSIONS, STRATEGIES
+    from ASFDALib.query.config import DEFAULT_FUSION, FUSIONS, STRATEGIES, RankConfig
 
     parser = Parser(
         prog="asfda",

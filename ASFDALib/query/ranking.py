@@ -29,29 +29,11 @@ from ASFDALib.inference.memory import check_scoring_memory
 from ASFDALib.inference.sweep import SweepConfig, SweepResult, sweep
 from ASFDALib.models.loading import LoadedModel
 from ASFDALib.query.cache import ScoreCache
+from ASFDALib.query.config import RankConfig
 from ASFDALib.query.features import FeatureSummary, batchnorm_knowledge, pointwise_head
 from ASFDALib.query.selection import DEFAULT_FUSION, Knowledge, Pool, select
 
 Progress = Callable[[int, int, str], None]
-
-
-@dataclass
-class RankConfig:
-    """Options of one ranking: the query (budget, alpha, strategy) and how to compute it."""
-
-    budget: int = 4
-    alpha: float = 0.5
-    strategy: str = "asfda"
-    knowledge: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    recursive: bool = False
-    mc_passes: int = 5
-    # The method's ablation switches (selection.select); the defaults are the method.
-    layers: str = "auto"
-    dynamic_temperature: bool = True
-    diversity: bool = True
-    fusion: str = DEFAULT_FUSION
 
 
 @dataclass

@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ASFDALib.query import scoring
+from ASFDALib.query.config import DEFAULT_FUSION, FUSIONS, STRATEGIES
 from ASFDALib.query.features import BN_PREFIX, LOGITS, STAGE_PREFIX, FeatureSummary
 
-STRATEGIES = ("asfda", "dkd", "asd", "random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe")
-FUSIONS = ("sum", "gated", "gap-first")  # how DKD and ASD are combined (greedy_dkd_asd)
-DEFAULT_FUSION = "gap-first"  # chosen on validation (docs/method.md "How DKD and ASD are combined")
 KNOWLEDGE = ("bn", "stats", "prototype", "energy")
 LAYER_CHOICES = ("auto", "bn", "stages", "logits", "all")
 DUPLICATE_EPS = 1e-9

@@ -626,3 +626,17 @@ def test_an_hd95_mean_over_fewer_cases_than_the_dice_says_over_how_many(tmp_path
     said = " ".join(capsys.readouterr().out.split())
     assert "│ liver │ 0.500 │ 0.000 (1 of 2) │" in said
     assert "HD95 (n of N): over the n cases where both the map and the reference hold the class" in said
+
+
+def test_the_command_line_parses_and_teaches_without_loading_the_network_libraries():
+    """`asfda --help`, a subcommand's help and an argument error answer at once: building the parser reads only
+    the light modules of defaults and choices, never torch or MONAI (which take seconds to load)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ASFDALib.app.cli import build_parser; build_parser(); "
+        "print(' '.join(m for m in ('torch', 'monai', 'nibabel', 'numpy') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == ""
