@@ -249,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Only the labels of queried volumes are imported unless --all or --cases says otherwise: every other\n"
         "unlabeled volume stays in the pool that fine-tuning pseudo-labels.\n\n"
         "exit status of import: 0 when every label file of an asked-for volume came in (a file of no volume\n"
-        "in the pool is listed, not an error); 1 when one was refused, even if others came in (the output\n"
-        "says which, and why), or when nothing could be imported; 2 for arguments that do not parse.",
+        "in the pool is skipped, not an error); 1 when one was refused, even if others came in (the output\n"
+        "says which, and why), when nothing could be imported, or when --map does not read against the\n"
+        "model's classes; 2 for arguments the command line cannot parse.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     labels.add_argument(

@@ -32,6 +32,7 @@ from ASFDALib.errors import ASFDAError, VolumeError
 AFFINE_TOLERANCE_MM = 0.01
 MAP_EXAMPLE = '--map "41-48=2,49,50=vertebral body,*=0"'
 MAX_RANGE = 65536  # a label range wider than any integer label type in practice: a typo, not a request
+NO_IMAGE = "no image has this case name"  # a pairing problem that is no error where other files pair (import)
 
 
 class LabelError(VolumeError):
@@ -387,7 +388,7 @@ def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
             closest = (
                 f"closest: {', '.join(nearest)}" if nearest else f"no similar name among {len(image_names)} images"
             )
-            result.problems[label] = f"no image has this case name (expected {_expected_image(label)}; {closest})"
+            result.problems[label] = f"{NO_IMAGE} (expected {_expected_image(label)}; {closest})"
     for image, labels in claims.items():
         if len(labels) == 1:
             result.pairs[image] = labels[0]
@@ -449,7 +450,7 @@ class ImportReport:
         out.append(
             f"Imported {len(self.imported)} of {len(self.asked)} {asked}"
             + (f" ({len(self.unchanged)} unchanged: already in the session)" if self.unchanged else "")
-            + f"; skipped {len(self.skipped)} (not asked for), refused {len(self.refused)}. {left}."
+            + f"; skipped {len(self.skipped)} (not asked for, or of no image), refused {len(self.refused)}. {left}."
         )
         return out
 
@@ -533,7 +534,8 @@ def import_labels(
         pairing = Pairing({asked[0]: str(source)})
     else:
         pairing = pair_names([str(p) for p in files], session.image_names())
-    report.refused += [f"{label}: {reason}" for label, reason in pairing.problems.items()]
+    for label, reason in pairing.problems.items():  # a file of no image in the pool is skipped, not an error
+        (report.skipped if reason.startswith(NO_IMAGE) else report.refused).append(f"{label}: {reason}")
     stored = session.labelled()  # each image pairs with one file: its current version does not move below
     for name, label_name in sorted(pairing.pairs.items()):
         label_path = Path(label_name)

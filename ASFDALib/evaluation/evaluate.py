@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ASFDALib.atomic import atomic_write_text
-from ASFDALib.data.labels import LabelMap, align_to_image, pair_names, refuse_intensity_image, value_ranges
+from ASFDALib.data.labels import (
+    NO_IMAGE,
+    LabelMap,
+    align_to_image,
+    pair_names,
+    refuse_intensity_image,
+    value_ranges,
+)
 from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume
 from ASFDALib.errors import ASFDAError, VolumeError
 from ASFDALib.evaluation.metrics import score_case
@@ -115,7 +122,7 @@ def left_out(pred_dir: Path, label_dir: Path) -> list[str]:
     case, references no prediction claimed, and predictions set aside for a reason (two for one case)."""
     refs = [str(p) for p in discover_volumes(label_dir)]
     pairing = pair_names([str(p) for p in discover_volumes(pred_dir)], refs)
-    alone = [Path(p).name for p, why in pairing.problems.items() if why.startswith("no image has this case name")]
+    alone = [Path(p).name for p, why in pairing.problems.items() if why.startswith(NO_IMAGE)]
     orphans = [Path(r).name for r in refs if r not in pairing.pairs and r not in pairing.contested]
     lines = []
     for folder, names, what, other, searched in (
