@@ -779,8 +779,15 @@ def _summary(mode: str, index: int, before: dict, done: dict) -> str:
 
 
 def prediction_name(path: Path) -> str:
-    """The file a prediction of ``path`` is written to: the input's name and format (DICOM -> NIfTI)."""
-    return path.name if path.is_file() else f"{path.name}.nii.gz"
+    """The file a prediction of ``path`` is written to: the input's name and format (DICOM -> NIfTI; a header
+    with its data beside it, .nhdr or .mhd, -> the one-file form of its format, .nrrd or .mha, as
+    volumes.write_volume writes it, so that no map depends on a second file)."""
+    if not path.is_file():
+        return f"{path.name}.nii.gz"
+    for detached, whole in ((".nhdr", ".nrrd"), (".mhd", ".mha")):
+        if path.name.lower().endswith(detached):
+            return path.name[: -len(detached)] + whole
+    return path.name
 
 
 def predict_folder(

@@ -963,6 +963,16 @@ def test_predictions_are_in_the_input_grid_and_format(adapted_session, tmp_path)
     assert pred.array.shape == src.array.shape
     np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
     assert set(np.unique(pred.array)) <= {0, 1, 2, 3} and pred.array.any()
+    # a header with its data in a second file (.nhdr, .mhd): the map is the one-file form, and the record knows it
+    (tmp_path / "detached").mkdir()
+    sitk.WriteImage(nrrd, str(tmp_path / "detached" / "case 4.nhdr"))
+    sitk.WriteImage(nrrd, str(tmp_path / "detached" / "y.mhd"))
+    out = tmp_path / "out2"
+    assert main(["predict", str(session), "--images", str(tmp_path / "detached"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["asfda_predictions.json", "case 4.nrrd", "y.mha"]
+    record = json.loads((out / "asfda_predictions.json").read_text())
+    assert set(record["made_from"]) == {"case 4.nrrd", "y.mha"} and set(record["made_by"]) == {"case 4.nrrd", "y.mha"}
+    assert read_volume(out / "y.mha").array.shape == src.array.shape
 
 
 def test_exported_bundle_loads_through_monai_and_predicts_the_same_labels(adapted_session, mri_pool, tmp_path):
