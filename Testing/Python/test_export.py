@@ -334,6 +334,20 @@ def test_a_scripted_model_asked_for_as_a_bundle_is_pointed_to_its_own_format(ada
         export_bundle(load_model(tmp_path / "m.ts", trust=True), tmp_path / "bundle")
 
 
+def test_a_session_on_a_torchscript_model_fine_tunes_with_its_pseudo_labels(adapted, small_pool, tmp_path):
+    """A TorchScript model takes no forward hooks: the memory check measures what autograd saves instead, and
+    the two stages train its parameters as any network's."""
+    _, session, _ = adapted
+    assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
+    root = tmp_path / "ts"
+    root.mkdir()
+    new = _adapt(root, small_pool / "images", small_pool / "labels", ["--model", str(tmp_path / "m.ts"), "--trust"])
+    finetune = ["finetune", str(new), "--restart", "--iterations", "2", "--pseudo-iterations", "1", "--batch-size", "1"]
+    assert main([*finetune, "--min-agreement", "0"]) == 0
+    run = json.loads((new / "checkpoints" / "round1" / "run.json").read_text())
+    assert run["done"] == {"stage1": 2, "stage2": 1} and run["finished"]
+
+
 def test_a_single_file_export_never_writes_over_a_card_where_its_own_would_go(adapted, tmp_path, capsys):
     """model.ts comes with model.card.json beside it: an existing one (another model's) is refused first."""
     _, session, _ = adapted
