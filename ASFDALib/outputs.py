@@ -17,7 +17,11 @@ PREDICTIONS_MANIFEST = "asfda_predictions.json"  # the label maps asfda predict 
 
 
 def _resolved(path: Path | str) -> Path:
-    return Path(path).expanduser().resolve()
+    """The path with its links followed; a link that loops (no file to write over) as it is named."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError):  # a symlink loop: RuntimeError up to Python 3.12, OSError from 3.13
+        return Path(path).expanduser().absolute()
 
 
 def session_files(session) -> set[Path]:

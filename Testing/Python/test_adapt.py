@@ -975,6 +975,19 @@ def test_predictions_are_in_the_input_grid_and_format(adapted_session, tmp_path)
     assert read_volume(out / "y.mha").array.shape == src.array.shape
 
 
+def test_predict_skips_a_link_that_loops_with_its_reason_as_rank_does(adapted_session, mri_pool, tmp_path, capsys):
+    _, session, _ = adapted_session
+    (tmp_path / "in").mkdir()
+    shutil.copy(sorted((mri_pool / "images").iterdir())[0], tmp_path / "in" / "a.nii.gz")
+    os.symlink(tmp_path / "in" / "loop b.nii.gz", tmp_path / "in" / "loop a.nii.gz")
+    os.symlink(tmp_path / "in" / "loop a.nii.gz", tmp_path / "in" / "loop b.nii.gz")
+    capsys.readouterr()
+    assert main(["predict", str(session), "--images", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "Wrote 1 label maps" in said and "skipped" in said and "loop a.nii.gz" in said
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "asfda_predictions.json"]
+
+
 def test_exported_bundle_loads_through_monai_and_predicts_the_same_labels(adapted_session, mri_pool, tmp_path):
     from monai.bundle import ConfigParser
 
