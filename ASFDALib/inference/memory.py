@@ -66,6 +66,8 @@ def check_scoring_memory(path: Path, model_spacing, available: int | None = None
     if geometry is None or available is None:
         return
     shape, spacing, itemsize = geometry
+    if len(shape) < 3 or len(spacing) < 3:  # no volume: reading it says so, with the fix
+        return
     needed = scoring_bytes(shape, spacing, itemsize, model_spacing)
     if needed > available:
         raise VolumeError(

@@ -15,6 +15,7 @@ from conftest import DATA, write_dicom_series
 
 from ASFDALib.app.cli import main
 from ASFDALib.bench.phantoms import domain_config, make_phantom
+from ASFDALib.data.volumes import write_nifti
 from ASFDALib.query.ranking import RankConfig, rank_folder
 
 
@@ -136,12 +137,14 @@ def test_rank_fails_only_when_nothing_could_be_scored(tmp_path, capsys):
     images.mkdir()
     (images / "a.nii.gz").write_bytes(b"")
     (images / "b.nii").write_text("nope")
+    write_nifti(images / "c.nii.gz", np.arange(72 * 72, dtype=np.int16).reshape(72, 72), np.eye(4))  # one slice
     assert main(["rank", "--images", str(images), "--out", str(tmp_path / "s")]) == 1
     assert "No volume could be scored" in capsys.readouterr().out
     rows = _rows(tmp_path / "s")
     assert {r["file"]: r["reason"].split(" (")[0] for r in rows} == {
         "a.nii.gz": "empty file",
         "b.nii": "unreadable or corrupt",
+        "c.nii.gz": "2D image of shape",  # (72, 72): not a scoring failure
     }
 
 
