@@ -28,6 +28,7 @@ from ASFDALib.bench.benchmark import SCENARIO_MODELS, evaluate, load_cases, trai
 from ASFDALib.bench.phantoms import write_pool
 from ASFDALib.bench.scenarios import write_target_split
 from ASFDALib.data.labels import import_labels
+from ASFDALib.errors import ASFDAError
 from ASFDALib.models.loading import load_model
 from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
 from ASFDALib.query.ranking import RankConfig, Ranking, rank_folder
@@ -67,16 +68,24 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
     """Run the demo into ``out`` and return its report (also in demo.json / demo.md / demo.png)."""
     say = step or (lambda _stage, _fraction, _detail="": None)
     out = Path(out)
+    if not 0 < config.budget < config.pool:  # else ASFDA and random would label the same volumes: no comparison
+        raise ASFDAError(f"--budget {config.budget} must be below --pool {config.pool} (and above 0)")
     start = time.perf_counter()
     data = out / "data"
+    marker = data / "scenario.json"  # what the demo's data was made for: the folder is a demo's
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        raise ASFDAError(
+            f"{out}: holds files of no demo (no {marker.relative_to(out)}), and the demo replaces its own folders "
+            "there (data, session); choose a new --out"
+        )
     ct = config.scenario == "ct-shift"
     say(f"generating a 3-site {'CT' if ct else 'MRI-like'} target pool and a test set", 0.0)
     write = write_target_split if ct else write_pool
-    marker = data / "scenario.json"
-    if data.exists() and (not marker.is_file() or json.loads(marker.read_text()).get("scenario") != config.scenario):
-        shutil.rmtree(data)  # another scenario's volumes (the demo's own data, regenerated deterministically)
+    made_for = {"scenario": config.scenario, "pool": config.pool, "test": config.test, "seed": config.seed}
+    if marker.is_file() and json.loads(marker.read_text()) != made_for:
+        shutil.rmtree(data)  # the demo's own data for another setting (regenerated deterministically)
     data.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, {"scenario": config.scenario})
+    atomic_write_json(marker, made_for)
     for part, size, seed in (("pool", config.pool, config.seed + 10), ("test", config.test, config.seed + 11)):
         if not (data / part / "cases.json").is_file():
             write(data / part, size, seed=seed, prefix=part)

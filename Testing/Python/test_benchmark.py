@@ -123,6 +123,29 @@ def test_demo_runs_end_to_end_in_either_scenario(tmp_path, capsys, scenario, cla
     assert printed.startswith("Demo 0% generating a 3-site") and "\nDemo 100% done, elapsed" in printed
 
 
+def test_the_demo_refuses_a_budget_the_pool_cannot_hold_and_a_folder_that_is_not_a_demos(tmp_path, capsys):
+    """A budget of the whole pool makes ASFDA and random label the same volumes; a folder of other files could
+    lose its data/ and session/ to the demo's: each refused before any work, in one line."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--pool", "4", "--budget", "4"]) == 1
+    assert "--budget 4 must be below --pool 4" in capsys.readouterr().err
+    mine = tmp_path / "home"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "thesis.txt").write_text("keep me")
+    assert main(["demo", "--out", str(mine), "--pool", "6", "--budget", "2", "--iterations", "2"]) == 1
+    assert "holds files of no demo (no data/scenario.json)" in " ".join(capsys.readouterr().err.split())
+    assert (mine / "data" / "thesis.txt").read_text() == "keep me"
+
+
+def test_a_demo_run_again_with_another_pool_makes_its_data_anew_and_records_what_ran(tmp_path):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--test", "2", "--budget", "2", "--iterations", "2", "--scenario", "mri"]
+    assert main([*argv, "--pool", "5"]) == 0
+    assert main([*argv, "--pool", "4"]) == 0
+    assert len(list((out / "data" / "pool" / "images").iterdir())) == 4
+    assert json.loads((out / "demo.json").read_text())["config"]["pool"] == 4
+
+
 def _user_folders(root):
     """The layout `asfda phantoms` writes, as a research group would hand it over (with a site file)."""
     write_pool(root / "pool", 4, seed=21, prefix="p")
