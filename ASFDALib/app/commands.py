@@ -204,7 +204,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     from ASFDALib.data.volumes import discover_volumes
     from ASFDALib.models.loading import card_candidates
-    from ASFDALib.outputs import refuse_folder_as_file, refuse_inside_session, refuse_overwrite
+    from ASFDALib.outputs import refuse_existing, refuse_folder_as_file, refuse_inside_session, refuse_overwrite
     from ASFDALib.query.source_stats import compute_source_stats
 
     console = Console()
@@ -216,6 +216,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     protected = [*discover_volumes(args.images, args.recursive), model.path, *(c for c in cards if c.is_file())]
     refuse_overwrite([args.out], protected, "an input", "choose another --out file (.npz)")
     refuse_inside_session(args.out, "choose another --out file (.npz)")
+    # never over earlier statistics: a card may name them (the model's own source knowledge)
+    refuse_existing(args.out, "the file", "choose a new --out file (.npz), or remove the old one first")
     bar, update = volume_progress(console, "Summarising")
     with bar:
         pooled, skipped = compute_source_stats(model, args.images, args.out, args.device, args.recursive, update)

@@ -183,6 +183,9 @@ def test_source_statistics_file_is_computed_and_used(tmp_path, default_model, mr
     stats = tmp_path / "stats.npz"
     assert main(["stats", "--images", str(tmp_path / "source" / "images"), "--out", str(stats)]) == 0
     assert stats.is_file()
+    before = stats.read_bytes()  # a card may name them: never written over, even by another summary
+    assert main(["stats", "--images", str(mri_pool / "images"), "--out", str(stats)]) == 1
+    assert stats.read_bytes() == before
     ranking = rank_folder(mri_pool / "images", default_model, tmp_path / "cache", RankConfig(knowledge="stats"))
     assert ranking.knowledge.kind == "stats"
     assert all(np.isfinite(r.knowledge_gap) for r in ranking.rows)
