@@ -653,7 +653,7 @@ def finetune_session(
                 if targets["stage2"] > before["stage2"]:  # no teacher and no augmentation of pseudo-labels ran
                     entry["teacher"] = entry["pseudo_augment"] = "none"
                 # the iterations asked for still run, on the labels alone, as the benchmark's row does
-                why = f"passed the {gate} gate" if result.reliability else "is left unlabelled"
+                why = f"passed the {gate} gate" if result.reliability else "is left in the pool"
                 say(f"no unlabeled volume {why}: stage 2 trains on the labels alone{_why_none(result)}")
             elif made:
                 say(_passed(result, len(pseudo_cases)))

@@ -41,6 +41,14 @@ class SessionError(ASFDAError):
     """The session folder or its file cannot be used as it is."""
 
 
+def _restore_hint(path: Path) -> str:
+    """The fix for a session file that cannot be read: the version before its last change, where one is kept."""
+    backup = path.with_name(SESSION_FILE + ".bak")
+    if backup.is_file():
+        return f"restore it from {backup.name} (the version before its last change)"
+    return "no earlier version is kept (session.json.bak); rank the pool into a new session (asfda rank --out NEW)"
+
+
 def _how_to_make(root: Path) -> str:
     """The fix for a folder that is no session: a folder of scans (or a dataset's, with images/) is ranked into
     one; otherwise a session is the folder 'asfda rank --out' made."""
@@ -97,7 +105,7 @@ class Session:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise SessionError(f"{path}: unreadable session file ({exc}); restore it from session.json.bak") from None
+            raise SessionError(f"{path}: unreadable session file ({exc}); {_restore_hint(path)}") from None
         cls._validate(data, path)
         return cls(root, data)
 
@@ -117,17 +125,19 @@ class Session:
     @staticmethod
     def _validate(data: Any, path: Path) -> None:
         if not isinstance(data, dict):
-            raise SessionError(f"{path}: the session file must hold a JSON object")
+            raise SessionError(f"{path}: the session file must hold a JSON object; {_restore_hint(path)}")
         schema = data.get("schema")
         if schema != SCHEMA_VERSION:
             raise SessionError(f"{path}: schema version {schema!r}, this ASFDA reads version {SCHEMA_VERSION}")
         expected = {"rounds": list, "labels": dict}
         for key, kind in expected.items():
             if not isinstance(data.get(key), kind):
-                raise SessionError(f"{path}: '{key}' must be a {kind.__name__}")
+                raise SessionError(f"{path}: '{key}' must be a {kind.__name__}; {_restore_hint(path)}")
         for name, versions in data["labels"].items():
             if not isinstance(versions, list) or not all(isinstance(v, dict) and "file" in v for v in versions):
-                raise SessionError(f"{path}: labels of {name!r} must be a list of {{'file': ...}} entries")
+                raise SessionError(
+                    f"{path}: labels of {name!r} must be a list of {{'file': ...}} entries; {_restore_hint(path)}"
+                )
 
     def lock(self) -> Session:
         """Take the write lock (waiting at most a second); a clear error when another process holds it."""

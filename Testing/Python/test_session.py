@@ -52,8 +52,13 @@ def test_opening_a_folder_that_is_not_a_session_says_what_to_run(tmp_path):
 )
 def test_a_session_file_edited_into_nonsense_is_refused_clearly(tmp_path, content, message):
     (tmp_path / SESSION_FILE).write_text(content)
-    with pytest.raises(SessionError, match=message):
+    with pytest.raises(SessionError, match=message) as refused:
         Session.open(tmp_path)
+    if "schema" not in message:  # the fix named is one that exists: the backup where kept, else a new session
+        assert "no earlier version is kept (session.json.bak); rank the pool into a new session" in str(refused.value)
+        (tmp_path / (SESSION_FILE + ".bak")).write_text("{}")
+        with pytest.raises(SessionError, match="restore it from session.json.bak"):
+            Session.open(tmp_path)
 
 
 @pytest.mark.parametrize("bad", ["../outside.nii.gz", "/etc/passwd", "labels/../../x", ""])
