@@ -238,8 +238,8 @@ def _check_slice_positions(folder: Path, names) -> None:
             if not np.allclose(np.asarray(geo[index], dtype=np.float64), first, rtol=1e-3, atol=1e-4):
                 raise VolumeError(
                     folder,
-                    f"inconsistent {what} across slices ({Path(names[0]).name}: {tuple(first.round(4))}, "
-                    f"{Path(name).name}: {tuple(np.round(geo[index], 4))}): two series mixed in one folder?",
+                    f"inconsistent {what} across slices ({Path(names[0]).name}: {_numbers(first)}, "
+                    f"{Path(name).name}: {_numbers(geo[index])}): two series mixed in one folder?",
                     "re-export the series, or put each acquisition in its own folder",
                 )
     steps = np.linalg.norm(np.diff(np.stack(positions), axis=0), axis=1)
@@ -257,6 +257,21 @@ def _check_slice_positions(folder: Path, names) -> None:
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     return _sitk_to_ras(sitk.ReadImage(str(path)))
+
+
+def _numbers(values) -> str:
+    """A vector as a reader writes it: (1, 0, 0), not numpy's (np.float64(1.0), ...)."""
+    return "(" + ", ".join(f"{float(v):.4g}" for v in np.asarray(values, dtype=np.float64).ravel()) + ")"
+
+
+def _reader_detail(exc: Exception) -> str:
+    """What a reader said went wrong, in one line: ITK's messages start at its source location and end at the
+    cause ("... itkNrrdImageIO.cxx:410:" ... "[nrrd] _nrrdReadNrrdParse_sizes: parsed 2 values, but dimension
+    is 3"), so theirs is the last line; other readers' the first."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if lines[0].startswith("Exception thrown in") else lines[0]
 
 
 def validate_array(array: np.ndarray, path: Path, allow_constant: bool = False) -> np.ndarray:
@@ -312,7 +327,7 @@ def read_volume(path: Path | str, allow_constant: bool = False) -> Volume:
     except MemoryError:
         raise VolumeError(path, "volume does not fit in memory", "crop or downsample it first") from None
     except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable file
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = _reader_detail(exc)
         raise VolumeError(path, f"unreadable or corrupt ({detail[:160]})", "re-export or re-copy the file") from None
     array = validate_array(array, path, allow_constant)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:

@@ -189,7 +189,7 @@ def _series(tmp_path: Path) -> Path:
     [
         ({"ImagePositionPatient": [0.0, 0.0, 4.0]}, "uneven slice spacing .*duplicated slice"),
         ({"ImagePositionPatient": [0.0, 0.0, 7.0]}, "uneven slice spacing .*mixed slice thickness"),
-        ({"PixelSpacing": [0.5, 0.5]}, "inconsistent pixel spacing .*slice_003.dcm"),
+        ({"PixelSpacing": [0.5, 0.5]}, r"inconsistent pixel spacing .*slice_003.dcm: \(0.5, 0.5\)\)"),
         ({"ImageOrientationPatient": [1, 0, 0, 0, 0.9848, 0.1736]}, "inconsistent slice orientation"),
     ],
     ids=["duplicated-position", "mixed-thickness", "pixel-spacing", "orientation"],

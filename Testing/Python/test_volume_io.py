@@ -136,6 +136,10 @@ BAD_INPUTS = {
         lambda: b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4 4\nencoding: raw\n\n" + b"\0" * 10,
         "unreadable or corrupt",
     ),
+    "sizes.nrrd": (  # ITK's cause, its last line, not the first (its source file and line)
+        lambda: b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4\nencoding: raw\n\n",
+        "unreadable or corrupt .*_nrrdReadNrrdParse_sizes: parsed 2 values, but dimension is 3",
+    ),
 }
 
 
