@@ -5,6 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def as_arg(value: Path | str) -> str:
+    """A path as a command in a message must give it to be copied and run: in double quotes where it holds a
+    space or a character a shell would read (the same on Windows' cmd and PowerShell as on a Unix shell)."""
+    text = str(value)
+    if text and not any(c.isspace() or c in "\"'$`&|;<>()*?[]{}!#~" for c in text):
+        return text
+    return '"' + text.replace('"', '\\"') + '"'
+
+
 class ASFDAError(Exception):
     """Base class: a problem the user can act on (bad input, missing trust, wrong card)."""
 

@@ -45,7 +45,7 @@ from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_npz
 from ASFDALib.data.preprocess import labels_to_native, preprocess
 from ASFDALib.data.volumes import content_hash, discover_volumes, read_scan, read_volume, write_volume
-from ASFDALib.errors import VolumeError
+from ASFDALib.errors import VolumeError, as_arg
 from ASFDALib.inference.predict import predict_label
 from ASFDALib.models.card import NetworkSpec, card_from_dict
 from ASFDALib.models.loading import LoadedModel, load_model
@@ -79,7 +79,7 @@ def session_model(session: Session, adapted: bool = True) -> LoadedModel:
     """
     info = session.data.get("model")
     if not info:
-        raise SessionError(f"{session.root}: no model recorded; run 'asfda rank --out {session.root}' first")
+        raise SessionError(f"{session.root}: no model recorded; run 'asfda rank --out {as_arg(session.root)}' first")
     network = NetworkSpec(**info["network"]) if info.get("network") else None
     model = load_model(
         info["path"],
@@ -503,8 +503,8 @@ def finetune_session(
     if query:  # the earlier rounds' labels alone: the round's query, the reason it exists, would teach nothing
         raise SessionError(
             f"{session.root}: round {index}'s query ({', '.join(query)}) has no label yet, so this would train on "
-            f"the earlier rounds' labels only; label it first ('asfda labels {session.root}' lists it, 'asfda "
-            f"labels import {session.root} --from DIR' imports it)"
+            f"the earlier rounds' labels only; label it first ('asfda labels {as_arg(session.root)}' lists it, 'asfda "
+            f"labels import {as_arg(session.root)} --from DIR' imports it)"
         )
     # Everything that can refuse (the model, the memory estimate, the labels) comes before anything changes:
     # a refused --restart must leave the finished run where it was.

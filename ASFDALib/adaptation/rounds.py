@@ -17,7 +17,7 @@ from ASFDALib import distributed
 from ASFDALib.adaptation.runs import finish_hint, unfinished_run
 from ASFDALib.adaptation.session import Session
 from ASFDALib.data.volumes import content_hash
-from ASFDALib.errors import ASFDAError
+from ASFDALib.errors import ASFDAError, as_arg
 from ASFDALib.inference.predict import check_outputs
 from ASFDALib.models.loading import LoadedModel
 from ASFDALib.query.ranking import Progress, RankConfig, Ranking, choose_knowledge, rank_folder
@@ -166,7 +166,7 @@ def rank_round(
         anew = (
             ""
             if "--restart" in hint
-            else f", or label more and 'asfda finetune {session.root} --restart' trains the round anew"
+            else f", or label more and 'asfda finetune {as_arg(session.root)} --restart' trains the round anew"
         )
         raise ASFDAError(f"{session.root}: {unfinished}; {hint} (the next rank starts a new round){anew}")
     moved = pool_change(session, Path(images))  # before any long work

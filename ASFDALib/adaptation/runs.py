@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ASFDALib.adaptation.session import Session
+from ASFDALib.errors import as_arg
 
 SAVED_FILE = "last.json"  # beside last.pt: the stage and iteration it holds
 
@@ -196,7 +197,7 @@ def finish_hint(session: Session, name: str | Path | None = None) -> str:
     typed it): a resume, or where its labels changed since it ran (a resume refuses them), a restart; for a
     run still going, to wait for it."""
     run = newest_run(session)
-    command = f"'asfda finetune {name or session.root}"
+    command = f"'asfda finetune {as_arg(name or session.root)}"
     holder = session.in_use()  # probed once: the run may end in between
     if run is not None and run_state(session, run, holder) == "running":
         return f"wait for it to finish ({holder}), or stop it and {command} --resume' continues it"

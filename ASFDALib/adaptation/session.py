@@ -27,7 +27,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
-from ASFDALib.errors import ASFDAError
+from ASFDALib.errors import ASFDAError, as_arg
 
 SCHEMA_VERSION = 1
 SESSION_FILE = "session.json"
@@ -56,8 +56,8 @@ def _how_to_make(root: Path) -> str:
 
     scans = next((f for f in (root / "images", root) if f.is_dir() and discover_volumes(f)), None)
     if scans is not None:
-        return f"it holds scans: rank them into a session first, 'asfda rank --images {scans} --out SESSION'"
-    return f"give the folder 'asfda rank --out' made, or make one: 'asfda rank --images SCANS --out {root}'"
+        return f"it holds scans: rank them into a session first, 'asfda rank --images {as_arg(scans)} --out SESSION'"
+    return f"give the folder 'asfda rank --out' made, or make one: 'asfda rank --images SCANS --out {as_arg(root)}'"
 
 
 def now() -> str:
@@ -252,7 +252,7 @@ class Session:
     def image_root(self) -> Path:
         if not self.data.get("images"):
             raise SessionError(
-                f"{self.root}: no image folder recorded; run 'asfda rank --images DIR --out {self.root}'"
+                f"{self.root}: no image folder recorded; run 'asfda rank --images DIR --out {as_arg(self.root)}'"
             )
         return Path(self.data["images"]["root"])
 
@@ -340,8 +340,8 @@ class Session:
         if changes := self.image_changes():
             raise SessionError(
                 f"{self.root}: {'; '.join(changes)}; put the scan back as it was labelled, import a label drawn on "
-                f"it as it is now ('asfda labels import {self.root} --from FILE --cases NAME'), or rank the pool "
-                "as it is now into a new session (--out NEW)"
+                f"it as it is now ('asfda labels import {as_arg(self.root)} --from FILE --cases NAME'), or rank "
+                "the pool as it is now into a new session (--out NEW)"
             )
 
     def next_label_path(self, name: str, suffix: str = ".nii.gz") -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ASFDALib.app.progress import stage_progress, training_progress, volume_progress
-from ASFDALib.errors import ASFDAError, interrupted_exit_code
+from ASFDALib.errors import ASFDAError, as_arg, interrupted_exit_code
 
 if TYPE_CHECKING:  # the benchmark imports torch: only the commands that run it load it
     from ASFDALib.bench.benchmark import BenchmarkConfig, Folders
@@ -183,18 +183,19 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
         console.print("[red]No volume could be scored; see the reasons above.[/red]")
         return 1
     if not scored:
-        console.print(f"Every volume is labelled: nothing left to query. Next: 'asfda finetune {out}'.")
+        console.print(f"Every volume is labelled: nothing left to query. Next: 'asfda finetune {as_arg(out)}'.")
         return 0
     if not added:
         console.print(
-            f"The round's query of {len(kept)} is labelled. Next: 'asfda finetune {out}', or a re-rank with "
+            f"The round's query of {len(kept)} is labelled. Next: 'asfda finetune {as_arg(out)}', or a re-rank with "
             f"--budget above {len(kept)} to query more."
         )
         return 0
     sample = out / "sample_data"
     labels = sample / "labels" if Path(images).resolve() == (sample / "images").resolve() else "LABEL_DIR"
     console.print(
-        f"Next: label the query, then 'asfda labels import {out} --from {labels}' and 'asfda finetune {out}'."
+        f"Next: label the query, then 'asfda labels import {as_arg(out)} --from {as_arg(labels)}' and "
+        f"'asfda finetune {as_arg(out)}'."
     )
     return 0
 
@@ -243,7 +244,9 @@ def cmd_labels(args: argparse.Namespace) -> int:
     if len(words) != 1 or words == ["import"]:
         raise ASFDAError("usage: asfda labels SESSION | asfda labels import SESSION --from DIR_OR_FILE")
     if action == "status" and (args.source is not None or args.all or args.cases or args.map):
-        raise ASFDAError(f"--from, --map, --all and --cases are for importing: 'asfda labels import {words[0]} ...'")
+        raise ASFDAError(
+            f"--from, --map, --all and --cases are for importing: 'asfda labels import {as_arg(words[0])} ...'"
+        )
     console = Console()
     if action == "import":
         if args.source is None:
@@ -297,9 +300,9 @@ def cmd_labels(args: argparse.Namespace) -> int:
         then = f"; {unfinished}: {finish_hint(session)}"
     elif newest is not None and newest.get("checkpoint"):  # its run finished: what comes next is not a fine-tune
         then = (
-            f"; round {newest['index']} is fine-tuned: 'asfda predict {session.root} --images DIR --out DIR', "
-            f"'asfda rank --out {session.root}' for the next round, or 'asfda finetune {session.root} --extend' "
-            "to train it further"
+            f"; round {newest['index']} is fine-tuned: 'asfda predict {as_arg(session.root)} --images DIR --out DIR', "
+            f"'asfda rank --out {as_arg(session.root)}' for the next round, or "
+            f"'asfda finetune {as_arg(session.root)} --extend' to train it further"
         )
     else:
         then = "; ready for 'asfda finetune'"
@@ -567,12 +570,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         console.print(f"Pseudo-labelled (most reliable first): {', '.join(result.kept)}")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     if result.status == "cancelled":
-        console.print(f"Fine-tuning cancelled ({times}); 'asfda finetune {args.session} --resume' continues it")
+        console.print(f"Fine-tuning cancelled ({times}); 'asfda finetune {as_arg(args.session)} --resume' continues it")
         return 130
     console.print(f"{result.summary[0].upper()}{result.summary[1:]} ({times}). Adapted weights: {result.checkpoint}")
     console.print(
-        f"Next: 'asfda predict {args.session} --images DIR --out DIR', or 'asfda rank --out "
-        f"{args.session}' for the next round."
+        f"Next: 'asfda predict {as_arg(args.session)} --images DIR --out DIR', or 'asfda rank --out "
+        f"{as_arg(args.session)}' for the next round."
     )
     return 0
 
@@ -630,7 +633,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     elif not args.source_model and not latest:
         console.print(
             "This session has not been fine-tuned yet: predicting with the source model "
-            f"('asfda finetune {args.session}' adapts it first)."
+            f"('asfda finetune {as_arg(args.session)}' adapts it first)."
         )
     model = session_model(session, adapted=not args.source_model)
     adapted = None if args.source_model else latest  # the round whose weights predict, if any
@@ -658,8 +661,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     stale = Path(args.out) / "evaluation.csv"  # evaluate's default table: it scored the maps written over
     if replaced and stale.is_file():
         console.print(
-            f"{stale} scores the label maps replaced: 'asfda evaluate --pred {args.out} --labels DIR --session "
-            f"{args.session}' again",
+            f"{stale} scores the label maps replaced: 'asfda evaluate --pred {as_arg(args.out)} --labels DIR --session "
+            f"{as_arg(args.session)}' again",
             style="yellow",
             markup=False,
             highlight=False,
@@ -798,7 +801,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if session.adapted_checkpoint() is None and not args.source_model:
         raise ASFDAError(
             f"{args.session}: not fine-tuned yet, so there is no adapted model to export; run "
-            f"'asfda finetune {args.session}' first, or pass --source-model to export the model as it came"
+            f"'asfda finetune {as_arg(args.session)}' first, or pass --source-model to export the model as it came"
         )
     protected = session_files(session) | {session.root / "session.json"}
     fix = "choose a new folder for the export"

@@ -27,7 +27,7 @@ from ASFDALib.data.volumes import (
     read_volume,
     write_nifti,
 )
-from ASFDALib.errors import ASFDAError, VolumeError
+from ASFDALib.errors import ASFDAError, VolumeError, as_arg
 
 AFFINE_TOLERANCE_MM = 0.01
 MAP_EXAMPLE = '--map "41-48=2,49,50=vertebral body,*=0"'
@@ -470,7 +470,11 @@ def resolve_cases(session: Session, cases: list[str]) -> list[str]:
             what = f"fits {len(hits)} images" if hits else "is not an image of the session"
             raise ASFDAError(
                 f"--cases {given!r} {what}; give the file name"
-                + (f" (closest: {', '.join(close)})" if close else f" ('asfda labels {session.root}' lists them)")
+                + (
+                    f" (closest: {', '.join(close)})"
+                    if close
+                    else f" ('asfda labels {as_arg(session.root)}' lists them)"
+                )
             )
         out += [n for n in hits if n not in out]
     return out

@@ -641,3 +641,19 @@ def test_the_command_line_parses_and_teaches_without_loading_the_network_librari
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == ""
+
+
+def test_a_command_a_message_suggests_for_a_path_with_a_space_runs_as_copied(tmp_path, capsys):
+    """'asfda labels import my session --from ...' would be two arguments: the path goes in double quotes."""
+    import shlex
+
+    from ASFDALib.errors import as_arg
+
+    assert (as_arg("/data/pool"), as_arg("my session"), as_arg('a"b c')) == ("/data/pool", '"my session"', '"a\\"b c"')
+    assert shlex.split(f"asfda finetune {as_arg(tmp_path / 'my session')}")[2] == str(tmp_path / "my session")
+    assert main(["phantoms", "--count", "2", "--out", str(tmp_path / "my scans")]) == 0
+    session = tmp_path / "my session"
+    images = tmp_path / "my scans" / "images"
+    assert main(["rank", "--images", str(images), "--out", str(session), "--budget", "1"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"'asfda labels import \"{session}\" --from LABEL_DIR' and 'asfda finetune \"{session}\"'" in said
