@@ -483,15 +483,19 @@ def export_torchscript(model: LoadedModel, path: Path) -> Path:
         scripted = torch.jit.trace(network, torch.zeros(1, 1, *model.card.roi_size))
     path = Path(path)
     atomic_write(path, lambda tmp: scripted.save(str(tmp)))
-    atomic_write_json(card_beside(path), _exported_card(model.card))
+    atomic_write_json(card_beside(path), _exported_card(model.card, program=True))
     return path
 
 
-def _exported_card(card: ModelCard) -> dict:
+def _exported_card(card: ModelCard, program: bool = False) -> dict:
     """The card of the exported model: its head is the target's now, so the pre-trained head's
-    ``source_classes`` no longer describe it (kept, they would re-map the adapted head when loaded)."""
+    ``source_classes`` no longer describe it (kept, they would re-map the adapted head when loaded). A program
+    (TorchScript, torch.export) has no layer to tap, so source statistics cannot serve it: its card names none
+    (a bundle's copies them beside it)."""
     data = card.to_dict()
     data.pop("source_classes", None)
+    if program:
+        data.pop("source_stats", None)
     return data
 
 
@@ -506,7 +510,7 @@ def export_pt2(model: LoadedModel, path: Path, record: dict[str, Any] | None = N
     _refuse_overwriting_the_base(model, [path, card_beside(path)])
     metadata = bundle_metadata(model.card, "0.1.0", record)
     export_program(model.network, model.card.roi_size, path, metadata)
-    atomic_write_json(card_beside(path), _exported_card(model.card))
+    atomic_write_json(card_beside(path), _exported_card(model.card, program=True))
     return path
 
 
