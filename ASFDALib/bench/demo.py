@@ -73,7 +73,9 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
     start = time.perf_counter()
     data = out / "data"
     marker = data / "scenario.json"  # what the demo's data was made for: the folder is a demo's
-    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+    # a demo's folder: its marker, or what a demo made before the marker was written (demo.json, its pool)
+    made_by_a_demo = any(p.is_file() for p in (marker, out / "demo.json", data / "pool" / "cases.json"))
+    if out.is_dir() and any(out.iterdir()) and not made_by_a_demo:
         raise ASFDAError(
             f"{out}: holds files of no demo (no {marker.relative_to(out)}), and the demo replaces its own folders "
             "there (data, session); choose a new --out"
@@ -82,7 +84,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
     say(f"generating a 3-site {'CT' if ct else 'MRI-like'} target pool and a test set", 0.0)
     write = write_target_split if ct else write_pool
     made_for = {"scenario": config.scenario, "pool": config.pool, "test": config.test, "seed": config.seed}
-    if marker.is_file() and json.loads(marker.read_text()) != made_for:
+    if data.is_dir() and (not marker.is_file() or json.loads(marker.read_text()) != made_for):
         shutil.rmtree(data)  # the demo's own data for another setting (regenerated deterministically)
     data.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, made_for)

@@ -144,6 +144,8 @@ def test_a_demo_run_again_with_another_pool_makes_its_data_anew_and_records_what
     assert main([*argv, "--pool", "4"]) == 0
     assert len(list((out / "data" / "pool" / "images").iterdir())) == 4
     assert json.loads((out / "demo.json").read_text())["config"]["pool"] == 4
+    (out / "data" / "scenario.json").unlink()  # a demo folder made before the marker was written: still a demo's
+    assert main([*argv, "--pool", "4"]) == 0
 
 
 def _user_folders(root):
