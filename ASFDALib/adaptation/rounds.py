@@ -128,7 +128,7 @@ def pool_change(session: Session, images: Path) -> str:
     if Path(images).resolve() == Path(recorded["root"]).resolve():
         session.refuse_image_changes()  # its own pool, changed under a label: never re-recorded quietly
         return ""
-    hashes = {f["name"]: f["sha256"] for f in recorded["files"]}
+    hashes = {name: known["sha256"] for name, known in session.labelled_images().items()}  # as each was labelled
     for name in sorted(session.labelled()):
         path = Path(images) / name  # a file, or a DICOM series' folder
         if not path.exists() or hashes.get(name) is None or content_hash(path) != hashes[name]:

@@ -313,35 +313,43 @@ class Session:
                     break
         return out
 
-    def labelled_image_sha256(self, name: str) -> str | None:
-        """The hash of the image the newest label of ``name`` was drawn on: recorded with the label, or, for labels
-        recorded before that was kept, the pool's at its last rank."""
+    def labelled_images(self) -> dict[str, dict]:
+        """Image name -> what is known of the image its newest label was drawn on: ``sha256`` (recorded with the
+        label, or, for labels recorded before that was kept, the pool's at its last rank) and, where recorded,
+        its ``stamp`` (volumes.content_stamp) then."""
         pool = {f["name"]: f["sha256"] for f in (self.data.get("images") or {}).get("files", [])}
-        return self.label_versions().get(name, {}).get("image_sha256") or pool.get(name)
+        return {
+            name: {"sha256": entry.get("image_sha256") or pool.get(name), "stamp": entry.get("image_stamp")}
+            for name, entry in self.label_versions().items()
+        }
 
     def image_changes(self) -> list[str]:
-        """The labelled volumes whose image is gone or no longer holds what was labelled, one phrase each: by the
-        image's hash recorded with its label (for labels recorded before that was kept, the pool's at its last
-        rank). A label drawn on other voxels than the image now holds would teach the wrong anatomy."""
-        from ASFDALib.data.volumes import content_hash
+        """The labelled volumes whose image is gone or no longer holds what was labelled, one phrase each (by its
+        hash, read again only where its size or modification time moved). A label drawn on other voxels than
+        the image now holds would teach the wrong anatomy."""
+        from ASFDALib.data.volumes import content_hash, content_stamp
 
         changes = []
-        for name in sorted(self.label_versions()):
+        for name, known in sorted(self.labelled_images().items()):
             path = self.image_path(name)
-            recorded = self.labelled_image_sha256(name)
             if not path.exists():
                 changes.append(f"{name} is gone from {self.image_root}")
-            elif recorded and content_hash(path) != recorded:
+            elif known["sha256"] and known["stamp"] != content_stamp(path) and content_hash(path) != known["sha256"]:
                 changes.append(f"{name} in {self.image_root} changed since it was labelled")
         return changes
 
     def refuse_image_changes(self) -> None:
         """Refuse, in one line naming the volumes and the fixes, where a labelled volume's image changed."""
         if changes := self.image_changes():
+            moved = (
+                f"; if the pool moved, 'asfda rank --images NEW_FOLDER --out {as_arg(self.root)}' records where it is"
+                if any(" is gone from " in c for c in changes)
+                else ""
+            )
             raise SessionError(
                 f"{self.root}: {'; '.join(changes)}; put the scan back as it was labelled, import a label drawn on "
                 f"it as it is now ('asfda labels import {as_arg(self.root)} --from FILE --cases NAME'), or rank "
-                "the pool as it is now into a new session (--out NEW)"
+                f"the pool as it is now into a new session (--out NEW){moved}"
             )
 
     def next_label_path(self, name: str, suffix: str = ".nii.gz") -> Path:
@@ -365,13 +373,17 @@ class Session:
         mapping: dict | None = None,
         source_sha256: str | None = None,
         image_sha256: str | None = None,
+        image_stamp: list[int] | None = None,
     ) -> None:
         """Add a label version; ``mapping`` is how the source file's values became class indices, when not 1:1;
         ``source_sha256`` the hash of the file it was imported from, by which evaluate knows that file again;
-        ``image_sha256`` the hash of the image it was drawn on (``image_changes`` compares with it)."""
+        ``image_sha256`` the hash of the image it was drawn on and ``image_stamp`` its size and time then
+        (``image_changes`` compares with them)."""
         entry = {"file": self.relative(path), "sha256": sha256, "created": now(), "source": source}
         if image_sha256:
             entry["image_sha256"] = image_sha256
+        if image_stamp:
+            entry["image_stamp"] = image_stamp
         if mapping:
             entry["map"] = mapping
         if source_sha256:

@@ -293,7 +293,8 @@ def cmd_labels(args: argparse.Namespace) -> int:
     unfinished = unfinished_run(session)
     newest = session.rounds[-1] if session.rounds else None
     if changes := session.image_changes():  # what a rank and a fine-tune refuse, said before they are run
-        then = f"; {'; '.join(changes)}: put it back, or import a label drawn on it now (rank and finetune refuse)"
+        moved = " or the moved pool ranked from where it is now (--images)" if " is gone from " in changes[0] else ""
+        then = f"; {'; '.join(changes)}: fine-tuning refuses until it is put back, labelled anew{moved}"
     elif missing:
         then = f"; missing: {', '.join(missing)}"
     elif unfinished:

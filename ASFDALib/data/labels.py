@@ -22,6 +22,7 @@ from ASFDALib.adaptation.session import Session, case_id
 from ASFDALib.data.volumes import (
     LABEL_FILE_MAX_VALUES,
     content_hash,
+    content_stamp,
     discover_volumes,
     looks_like_label_map,
     read_volume,
@@ -541,6 +542,7 @@ def import_labels(
     for label, reason in pairing.problems.items():  # a file of no image in the pool is skipped, not an error
         (report.skipped if reason.startswith(NO_IMAGE) else report.refused).append(f"{label}: {reason}")
     stored = session.labelled()  # each image pairs with one file: its current version does not move below
+    drawn_on = session.labelled_images()  # once, not per file: a pool may hold thousands
     for name, label_name in sorted(pairing.pairs.items()):
         label_path = Path(label_name)
         notes: list[str] = []
@@ -562,9 +564,9 @@ def import_labels(
             report.skipped.append(f"{label_path}: image {name} was not asked for ({why}); {fix}{flaw}")
             continue
         current = stored.get(name)
-        image_sha256 = content_hash(session.image_path(name))
+        image_sha256, image_stamp = content_hash(session.image_path(name)), content_stamp(session.image_path(name))
         # the same voxels on the same image add no version; on an image that changed, they record what it is now
-        same_image = session.labelled_image_sha256(name) in (None, image_sha256)
+        same_image = drawn_on.get(name, {}).get("sha256") in (None, image_sha256)
         if current is not None and same_image and _same_label(current, label, affine):
             report.unchanged[name] = current  # a second import of the same file adds no version
             continue
@@ -578,6 +580,7 @@ def import_labels(
             _mapping_record(mapping),
             source_sha256=content_hash(label_path),
             image_sha256=image_sha256,
+            image_stamp=image_stamp,
         )
         report.imported[name], report.sources[name] = target, label_path
         if notes:

@@ -170,11 +170,22 @@ def looks_like_label_map(array: np.ndarray, max_values: int = LABEL_MAP_MAX_VALU
     return True
 
 
+OS_FILES = frozenset({"thumbs.db", "desktop.ini"})  # what Windows Explorer writes into a folder it shows
+
+
+def _series_files(folder: Path) -> list[Path]:
+    """A DICOM folder's files, without the hidden ones and those a file browser writes (.DS_Store, Thumbs.db):
+    opening the folder in Finder or Explorer changes no scan."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.lower() not in OS_FILES
+    )
+
+
 def content_hash(path: Path | str) -> str:
-    """SHA-256 of a file's bytes, or of every file (name and bytes) in a DICOM folder."""
+    """SHA-256 of a file's bytes, or of every file (name and bytes) of a DICOM folder's series."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    files = _series_files(path) if path.is_dir() else [path]
     for file in files:
         if path.is_dir():
             digest.update(file.name.encode())
@@ -182,6 +193,17 @@ def content_hash(path: Path | str) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def content_stamp(path: Path | str) -> list[int]:
+    """Size and modification time of a file (a DICOM folder: its series' file count and newest modification):
+    while they hold, its content_hash is taken to hold too, so a check need not read the bytes again."""
+    path = Path(path)
+    if path.is_dir():
+        files = _series_files(path)
+        return [len(files), max((f.stat().st_mtime_ns for f in files), default=0)]
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:

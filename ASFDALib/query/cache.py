@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ASFDALib.atomic import atomic_write_json, atomic_write_npz
-from ASFDALib.data.volumes import content_hash
+from ASFDALib.data.volumes import content_hash, content_stamp
 from ASFDALib.inference.sweep import SweepResult
 from ASFDALib.query.features import FeatureSummary
 
@@ -38,8 +38,7 @@ class ScoreCache:
 
     def file_hash(self, path: Path) -> str:
         """Content hash of ``path``, reused while its size and modification time are unchanged."""
-        stat = path.stat()
-        stamp = [stat.st_size, stat.st_mtime_ns] if path.is_file() else [len(list(path.iterdir())), stat.st_mtime_ns]
+        stamp = content_stamp(path)
         entry = self._index.get(str(path.resolve()))
         if entry and entry["stamp"] == stamp:
             return entry["sha256"]

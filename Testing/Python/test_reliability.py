@@ -373,3 +373,15 @@ def test_label_validation_accepts_exactly_the_model_classes(tmp_path, values):
     else:
         with pytest.raises(LabelError, match="not classes of the model"):
             validate_label(path, image, classes)
+
+
+def test_a_file_browser_opening_a_dicom_folder_changes_no_scan(tmp_path):
+    """Finder writes .DS_Store, Explorer Thumbs.db: neither is part of the series, so its hash (by which a
+    session knows the image a label was drawn on) and its stamp stay."""
+    from ASFDALib.data.volumes import content_hash, content_stamp
+
+    folder = _series(tmp_path)
+    before = content_hash(folder), content_stamp(folder)
+    (folder / ".DS_Store").write_bytes(b"finder")
+    (folder / "Thumbs.db").write_bytes(b"explorer")
+    assert (content_hash(folder), content_stamp(folder)) == before
