@@ -615,6 +615,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     refuse_same_folder(args.out, args.images, "--images", fix)
     refuse_inside_session(args.out, fix)
     targets = [Path(args.out) / prediction_name(p) for p in inputs]
+    seen: dict[Path, Path] = {}
+    for target, scan in zip(targets, inputs):  # a.nhdr and a.nrrd both make a.nrrd: the second map would replace
+        if (first := seen.setdefault(target, scan)) != scan:
+            raise ASFDAError(
+                f"{scan}: its label map would be {target.name}, as {first.name}'s is; rename one of the two scans"
+            )
     refuse_overwrite(targets, inputs, "the input scan", fix)
     refuse_overwrite(targets, session_files(session), "a file the session references", fix)
     replaced = claim_predictions(Path(args.out), targets, fix)

@@ -973,6 +973,9 @@ def test_predictions_are_in_the_input_grid_and_format(adapted_session, tmp_path)
     record = json.loads((out / "asfda_predictions.json").read_text())
     assert set(record["made_from"]) == {"case 4.nrrd", "y.mha"} and set(record["made_by"]) == {"case 4.nrrd", "y.mha"}
     assert read_volume(out / "y.mha").array.shape == src.array.shape
+    sitk.WriteImage(nrrd, str(tmp_path / "detached" / "y.mha"))  # y.mhd's map would be y.mha's too: refused first
+    assert main(["predict", str(session), "--images", str(tmp_path / "detached"), "--out", str(tmp_path / "o3")]) == 1
+    assert not (tmp_path / "o3").exists()
 
 
 def test_predict_skips_a_link_that_loops_with_its_reason_as_rank_does(adapted_session, mri_pool, tmp_path, capsys):
