@@ -769,7 +769,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for key in (k for k in mean if k.startswith("dice_") and k != "dice_mean"):
         name = key.removeprefix("dice_")
         measured = sum(not math.isnan(r[f"hd95_{name}"]) for r in held_out)
-        count = f" ({measured} of {len(held_out)})" if 0 < measured < len(held_out) else ""
+        scored = sum(not math.isnan(r[key]) for r in held_out)  # the Dice's cases: the class in map or reference
+        count = f" ({measured} of {scored})" if 0 < measured < scored else ""
         partial |= bool(count)
         classes.add_row(name, cell(mean[key]), cell(mean[f"hd95_{name}"]) + count)
     classes.add_row("mean", cell(mean["dice_mean"]), "")

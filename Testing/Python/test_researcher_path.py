@@ -621,11 +621,14 @@ def test_an_hd95_mean_over_fewer_cases_than_the_dice_says_over_how_many(tmp_path
     for case, found in (("a.nii.gz", True), ("b.nii.gz", False)):
         write_nifti(tmp_path / "ref" / case, reference, np.eye(4))
         write_nifti(tmp_path / "pred" / case, reference if found else np.zeros_like(reference), np.eye(4))
+    for folder in ("ref", "pred"):  # a case without the organ at all: in neither mean, so not in the count
+        write_nifti(tmp_path / folder / "c.nii.gz", np.zeros_like(reference), np.eye(4))
     card = "Resources/Model/asfda_default.card.json"
     args = ["evaluate", "--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "ref"), "--card", card]
     assert main(args) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "│ liver │ 0.500 │ 0.000 (1 of 2) │" in said
+    assert "│ kidney │ │ │" in said  # in no case: neither a Dice nor a distance, and no count
     assert "HD95 (n of N): over the n cases where both the map and the reference hold the class" in said
 
 
