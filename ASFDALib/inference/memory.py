@@ -117,12 +117,18 @@ def activation_bytes_per_voxel(network, roi: tuple[int, int, int]) -> float:
 
 def _saved_bytes(network, probe: tuple[int, ...]) -> int:
     """Bytes autograd keeps for the backward pass of one probe patch (a TorchScript model's measure: it takes no
-    forward hooks; about 0.7 of the leaf outputs' sum on MONAI's UNet, where both can be measured)."""
+    forward hooks; about 0.7 of the leaf outputs' sum on MONAI's UNet, where both can be measured). The weights
+    it keeps are counted once elsewhere (training_bytes' fixed part), and a tensor two operations keep, once."""
+    weights = {p.data_ptr() for p in network.parameters()}
+    seen: set[tuple[int, int]] = set()
     total = 0
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        total += tensor.numel() * tensor.element_size()
+        key = (tensor.data_ptr(), tensor.numel())
+        if tensor.data_ptr() not in weights and key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
         return tensor
 
     device = next((p.device for p in network.parameters()), torch.device("cpu"))

@@ -385,3 +385,17 @@ def test_a_file_browser_opening_a_dicom_folder_changes_no_scan(tmp_path):
     (folder / ".DS_Store").write_bytes(b"finder")
     (folder / "Thumbs.db").write_bytes(b"explorer")
     assert (content_hash(folder), content_stamp(folder)) == before
+
+
+def test_a_torchscript_models_training_memory_is_measured_as_its_eager_twins_without_its_weights():
+    """A ScriptModule takes no forward hooks, so what autograd saves is measured instead: its weights are not
+    activations (they are the fixed part), so the estimate stays near the eager network's, not 10x above it."""
+    import torch
+    from monai.networks.nets import UNet
+
+    from ASFDALib.inference.memory import activation_bytes_per_voxel
+
+    network = UNet(3, 1, 4, (64, 128, 256), (2, 2), num_res_units=1)
+    eager = activation_bytes_per_voxel(network, (32, 32, 32))
+    scripted = activation_bytes_per_voxel(torch.jit.script(network), (32, 32, 32))
+    assert 0.5 * eager < scripted <= eager
