@@ -769,6 +769,17 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_PIPE_GONE = 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1  # the shell's status for SIGPIPE
+
+
+def _stdout_is_null() -> bool:
+    """Whether stdout now writes to the null device (where a closed pipe's output was sent)."""
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (an embedding host's stream), or no stat
+        return False
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         code = args.func(args)
@@ -777,7 +788,12 @@ def _run(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         # the reader of the output left (`| head`): stop quietly, as a Unix tool stopped by SIGPIPE does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
+        return _PIPE_GONE
+    except SystemExit as exc:
+        # rich's console meets the same (Console.on_broken_pipe): it points stdout at the null device and exits 1
+        if exc.code == 1 and _stdout_is_null():
+            return _PIPE_GONE
+        raise
     except ASFDAError as exc:
         print(f"asfda {args.command}: error: {exc}", file=sys.stderr)
         return 1

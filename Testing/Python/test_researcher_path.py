@@ -596,12 +596,21 @@ def test_phantoms_never_replace_a_volume_and_say_so_before_writing_any(tmp_path,
     assert main(["phantoms", "--domain", "ct", "--count", "1", "--out", str(tmp_path)]) == 0  # other names: beside
 
 
-def test_a_command_whose_output_reader_left_stops_quietly_as_a_unix_tool_does(tmp_path):
-    """`asfda evaluate ... | head -1`: the reader closes the pipe; no traceback, the SIGPIPE status (141)."""
+@pytest.mark.parametrize("printer", ["plain print", "rich console"])
+def test_a_command_whose_output_reader_left_stops_quietly_as_a_unix_tool_does(tmp_path, printer):
+    """`asfda evaluate ... | head -1`: the reader closes the pipe; no traceback, the SIGPIPE status (141), whether
+    the command prints plainly (phantoms) or through rich's console (evaluate), which handles it its own way."""
     import subprocess
     import sys
 
-    code = f"import sys; from ASFDALib.app.cli import main; sys.exit(main(['phantoms', '--out', {str(tmp_path)!r}]))"
+    if printer == "plain print":
+        argv = ["phantoms", "--out", str(tmp_path / "p")]
+    else:
+        assert main(["phantoms", "--count", "1", "--out", str(tmp_path / "p")]) == 0
+        labels = str(tmp_path / "p" / "labels")
+        card = "Resources/Model/asfda_default.card.json"
+        argv = ["evaluate", "--pred", labels, "--labels", labels, "--card", card, "--out", str(tmp_path / "e.csv")]
+    code = f"import sys; from ASFDALib.app.cli import main; sys.exit(main({argv!r}))"
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.close()  # the reader leaves before a line is written
     assert process.wait(timeout=120) == 141
