@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from pathlib import Path
 
 
 def as_arg(value: Path | str) -> str:
-    """A path as a command in a message must give it to be copied and run: in double quotes where it holds a
-    space or a character a shell would read (the same on Windows' cmd and PowerShell as on a Unix shell)."""
+    """A path as a command in a message must give it to be copied and run: as it is where no shell would read
+    anything in it, else quoted for this system's shell (single quotes on Unix, which leave $ and ` inert;
+    double quotes on Windows, where cmd and PowerShell read no single quotes)."""
     text = str(value)
-    if text and not any(c.isspace() or c in "\"'$`&|;<>()*?[]{}!#~" for c in text):
+    if text and not any(c.isspace() or c in "\"'$`&|;<>()*?[]{}!#~%^" for c in text):
         return text
-    return '"' + text.replace('"', '\\"') + '"'
+    if os.name == "nt":
+        return '"' + text.replace('"', '\\"') + '"'
+    return shlex.quote(text)
 
 
 class ASFDAError(Exception):

@@ -661,11 +661,12 @@ def test_a_command_a_message_suggests_for_a_path_with_a_space_runs_as_copied(tmp
 
     from ASFDALib.errors import as_arg
 
-    assert (as_arg("/data/pool"), as_arg("my session"), as_arg('a"b c')) == ("/data/pool", '"my session"', '"a\\"b c"')
-    assert shlex.split(f"asfda finetune {as_arg(tmp_path / 'my session')}")[2] == str(tmp_path / "my session")
+    assert as_arg("/data/pool") == "/data/pool"  # nothing a shell reads: as it is
+    for path in ("my session", 'a"b c', "/data/run$1/s", "it's here"):  # each comes back whole through a shell
+        assert shlex.split(f"asfda finetune {as_arg(path)}")[2] == path
     assert main(["phantoms", "--count", "2", "--out", str(tmp_path / "my scans")]) == 0
     session = tmp_path / "my session"
     images = tmp_path / "my scans" / "images"
     assert main(["rank", "--images", str(images), "--out", str(session), "--budget", "1"]) == 0
     said = " ".join(capsys.readouterr().out.split())
-    assert f"'asfda labels import \"{session}\" --from LABEL_DIR' and 'asfda finetune \"{session}\"'" in said
+    assert f"'asfda labels import {as_arg(session)} --from LABEL_DIR' and 'asfda finetune {as_arg(session)}'" in said
