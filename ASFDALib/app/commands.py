@@ -717,8 +717,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     makers = {m["session"] for m in predictions_made_by(args.pred).values() if m.get("session")}
     maker = next(iter(makers)) if len(makers) == 1 else None
     if session is None and maker and (Path(maker) / "session.json").is_file():
-        session = Session.open(maker)
-        console.print(f"session {maker}: the one that made these label maps (--session names another)", markup=False)
+        try:
+            session = Session.open(maker)
+            said = f"session {maker}: the one that made these label maps (--session names another)"
+            console.print(said, markup=False)
+        except ASFDAError as exc:  # asked for no session: one that cannot be read is noted, not a failure
+            console.print(f"[yellow]note[/yellow] {escape(str(exc))}; evaluating without it", soft_wrap=True)
     elif session is not None and makers and str(session.root.resolve()) not in makers:
         console.print(
             f"[yellow]warning[/yellow] {escape(', '.join(sorted(makers)))} made these label maps, not "

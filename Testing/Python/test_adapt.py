@@ -138,6 +138,14 @@ def test_evaluate_takes_the_session_that_made_the_maps_and_warns_where_another_i
     assert main(["evaluate", "--pred", str(pred), "--labels", labels, *other]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert f"warning {session.resolve()} made these label maps, not {labelled_session}" in said
+    # a maker's session file that cannot be read is noted, and the maps are evaluated without it
+    (session / "session.json").rename(session / "session.json.aside")
+    (session / "session.json").write_text("{oops")
+    try:
+        assert main(["evaluate", "--pred", str(pred), "--labels", labels, "--out", str(tmp_path / "c.csv")]) == 0
+        assert "unreadable session file" in " ".join(capsys.readouterr().out.split())
+    finally:
+        (session / "session.json.aside").replace(session / "session.json")
     # and predict's hint, after replacing maps an evaluation scored, names the session
     assert main(["evaluate", "--pred", str(pred), "--labels", labels]) == 0
     assert main(["predict", str(session), "--images", str(mri_pool / "images"), "--out", str(pred)]) == 0
