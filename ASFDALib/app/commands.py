@@ -991,7 +991,8 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     from ASFDALib.bench.phantoms import phantom_names, write_phantoms
 
     # never over a volume (a pool a session ranks may be there), refused before any is written
-    targets = [args.out / folder / n for n in phantom_names(args.count, args.domain) for folder in ("images", "labels")]
+    folders = ("images",) if args.no_labels else ("images", "labels")
+    targets = [args.out / folder / n for n in phantom_names(args.count, args.domain) for folder in folders]
     there = [p for p in targets if p.exists()]
     if there:
         raise ASFDAError(
