@@ -181,11 +181,29 @@ def _series_files(folder: Path) -> list[Path]:
     )
 
 
+def _detached_data(header: Path) -> list[Path]:
+    """The data file a detached header (.mhd, .nhdr) names beside it, where it exists: a scan replaced there
+    changes its content, not its header."""
+    if not header.name.lower().endswith((".mhd", ".nhdr")):
+        return []
+    try:
+        lines = header.read_text(encoding="latin-1", errors="replace").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        key, sep, value = line.partition("=" if header.name.lower().endswith(".mhd") else ":")
+        if sep and key.strip().lower().replace(" ", "") in ("elementdatafile", "datafile"):
+            data = header.parent / value.strip()
+            return [data] if value.strip() and data.is_file() else []
+    return []
+
+
 def content_hash(path: Path | str) -> str:
-    """SHA-256 of a file's bytes, or of every file (name and bytes) of a DICOM folder's series."""
+    """SHA-256 of a file's bytes (with the data file of a detached header), or of every file (name and bytes)
+    of a DICOM folder's series."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = _series_files(path) if path.is_dir() else [path]
+    files = _series_files(path) if path.is_dir() else [path, *_detached_data(path)]
     for file in files:
         if path.is_dir():
             digest.update(file.name.encode())
@@ -202,8 +220,8 @@ def content_stamp(path: Path | str) -> list[int]:
     if path.is_dir():
         files = _series_files(path)
         return [len(files), max((f.stat().st_mtime_ns for f in files), default=0)]
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
+    stats = [f.stat() for f in (path, *_detached_data(path))]
+    return [sum(st.st_size for st in stats), max(st.st_mtime_ns for st in stats)]
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:

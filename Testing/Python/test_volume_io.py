@@ -194,3 +194,16 @@ def test_unicode_and_spaces_in_names(tmp_path):
     path = write_nifti(tmp_path / "Patient Ä 01 – scan.nii.gz", _array(), np.eye(4))
     assert discover_volumes(tmp_path) == [path]
     assert read_volume(path).array.shape == (10, 12, 8)
+
+
+@pytest.mark.parametrize("header", ["scan.mhd", "scan.nhdr"])
+def test_a_detached_headers_hash_holds_its_data_file_so_a_replaced_scan_shows(tmp_path, header):
+    """The voxels of a .mhd or .nhdr are in the file its header names: replacing them changes the scan's hash,
+    by which a session knows the image a label was drawn on."""
+    from ASFDALib.data.volumes import content_hash
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(64, dtype=np.int16).reshape(4, 4, 4)), str(tmp_path / header))
+    before = content_hash(tmp_path / header)
+    data = tmp_path / "scan.raw"
+    data.write_bytes(bytes(reversed(data.read_bytes())))
+    assert content_hash(tmp_path / header) != before
