@@ -9,12 +9,12 @@ from pathlib import Path
 
 def as_arg(value: Path | str) -> str:
     """A path as a command in a message must give it to be copied and run: as it is where no shell would read
-    anything in it, else quoted for this system's shell (single quotes on Unix, which leave $ and ` inert;
-    double quotes on Windows, where cmd and PowerShell read no single quotes)."""
+    anything in it, else in double quotes (as cmd and PowerShell read them; messages set commands in single
+    quotes), or on Unix, where a double-quoted $, `, \\ or ! would still be read, in single quotes."""
     text = str(value)
     if text and not any(c.isspace() or c in "\"'$`&|;<>()*?[]{}!#~%^" for c in text):
         return text
-    if os.name == "nt":
+    if os.name == "nt" or not any(c in text for c in '"$`\\!'):  # double quotes read nothing else in it
         return '"' + text.replace('"', '\\"') + '"'
     return shlex.quote(text)
 

@@ -341,15 +341,16 @@ class Session:
     def refuse_image_changes(self) -> None:
         """Refuse, in one line naming the volumes and the fixes, where a labelled volume's image changed."""
         if changes := self.image_changes():
-            moved = (
-                f"; if the pool moved, 'asfda rank --images NEW_FOLDER --out {as_arg(self.root)}' records where it is"
-                if any(" is gone from " in c for c in changes)
-                else ""
-            )
+            if any(" is gone from " in c for c in changes):  # the pool moved, or scans left it
+                raise SessionError(
+                    f"{self.root}: {'; '.join(changes)}; move the pool back to {self.image_root}, or (after this "
+                    f"round) 'asfda rank --images NEW_FOLDER --out {as_arg(self.root)}' ranks the next round from "
+                    "where it is now"
+                )
             raise SessionError(
                 f"{self.root}: {'; '.join(changes)}; put the scan back as it was labelled, import a label drawn on "
                 f"it as it is now ('asfda labels import {as_arg(self.root)} --from FILE --cases NAME'), or rank "
-                f"the pool as it is now into a new session (--out NEW){moved}"
+                f"the pool as it is now into a new session (--out NEW)"
             )
 
     def next_label_path(self, name: str, suffix: str = ".nii.gz") -> Path:

@@ -21,6 +21,10 @@ if TYPE_CHECKING:  # the benchmark imports torch: only the commands that run it 
     from ASFDALib.bench.benchmark import BenchmarkConfig, Folders
 
 
+# a line holding a command to copy: never wrapped at the terminal's width, nor coloured in parts by rich
+WHOLE_LINE = {"soft_wrap": True, "markup": False, "highlight": False}
+
+
 def load_model_from_args(args: argparse.Namespace):
     from ASFDALib.models.card import NetworkSpec
     from ASFDALib.models.defaults import default_model_path
@@ -183,19 +187,23 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
         console.print("[red]No volume could be scored; see the reasons above.[/red]")
         return 1
     if not scored:
-        console.print(f"Every volume is labelled: nothing left to query. Next: 'asfda finetune {as_arg(out)}'.")
+        console.print(
+            f"Every volume is labelled: nothing left to query. Next: 'asfda finetune {as_arg(out)}'.", **WHOLE_LINE
+        )
         return 0
     if not added:
         console.print(
             f"The round's query of {len(kept)} is labelled. Next: 'asfda finetune {as_arg(out)}', or a re-rank with "
-            f"--budget above {len(kept)} to query more."
+            f"--budget above {len(kept)} to query more.",
+            **WHOLE_LINE,
         )
         return 0
     sample = out / "sample_data"
     labels = sample / "labels" if Path(images).resolve() == (sample / "images").resolve() else "LABEL_DIR"
     console.print(
         f"Next: label the query, then 'asfda labels import {as_arg(out)} --from {as_arg(labels)}' and "
-        f"'asfda finetune {as_arg(out)}'."
+        f"'asfda finetune {as_arg(out)}'.",
+        **WHOLE_LINE,
     )
     return 0
 
@@ -293,8 +301,9 @@ def cmd_labels(args: argparse.Namespace) -> int:
     unfinished = unfinished_run(session)
     newest = session.rounds[-1] if session.rounds else None
     if changes := session.image_changes():  # what a rank and a fine-tune refuse, said before they are run
-        moved = " or the moved pool ranked from where it is now (--images)" if " is gone from " in changes[0] else ""
-        then = f"; {'; '.join(changes)}: fine-tuning refuses until it is put back, labelled anew{moved}"
+        gone = any(" is gone from " in c for c in changes)
+        fix = "the pool is moved back" if gone else "it is put back or labelled anew"
+        then = f"; {'; '.join(changes)}: fine-tuning refuses until {fix}"
     elif missing:
         then = f"; missing: {', '.join(missing)}"
     elif unfinished:
@@ -308,7 +317,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     else:
         then = "; ready for 'asfda finetune'"
     also = f" (and {len(extra)} not queried, imported with --cases or --all)" if extra else ""
-    console.print(f"{len(queried) - len(missing)} of {len(queried)} queried volumes labelled{also}{then}")
+    console.print(f"{len(queried) - len(missing)} of {len(queried)} queried volumes labelled{also}{then}", **WHOLE_LINE)
     return 0
 
 
@@ -576,7 +585,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     console.print(f"{result.summary[0].upper()}{result.summary[1:]} ({times}). Adapted weights: {result.checkpoint}")
     console.print(
         f"Next: 'asfda predict {as_arg(args.session)} --images DIR --out DIR', or 'asfda rank --out "
-        f"{as_arg(args.session)}' for the next round."
+        f"{as_arg(args.session)}' for the next round.",
+        **WHOLE_LINE,
     )
     return 0
 
@@ -783,6 +793,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cases.add_column(column)
     for row in rows[:-1]:
         cases.add_row(str(row["case"]), cell(row["dice_mean"]), str(row["reason"]))
+    written = write_csv(rows, out)  # the command's own output, before the terminal's (which a closed pipe stops)
     console.print(classes)
     if partial:
         console.print(
@@ -792,7 +803,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             soft_wrap=True,
         )
     console.print(cases)
-    print(f"Wrote {write_csv(rows, out)} (Dice and HD95 of every case and class)")
+    print(f"Wrote {written} (Dice and HD95 of every case and class)")
     return 0
 
 
@@ -847,6 +858,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
         scenario=args.scenario,
     )
+    if (args.out / "demo.json").is_file() or (args.out / "session").is_dir():  # the demo's own, said before it goes
+        console.print(f"Replacing the earlier demo in {args.out} (its data/, session/ and results)", **WHOLE_LINE)
     bar, update = stage_progress(console, "Demo")
     with bar:
         report = run_demo(args.out, demo_model_path(config.scenario), config, update)

@@ -180,6 +180,9 @@ def trained_on(session: Session, scores: list[CaseScore], label_dir: Path, made_
     images: dict[str, list[str]] = {}
     for entry in (session.data.get("images") or {}).get("files", []):
         images.setdefault(entry["sha256"], []).append(entry["name"])
+    for name, known in session.labelled_images().items():  # a scan labelled anew since the pool was last ranked
+        if known["sha256"] and name not in images.get(known["sha256"], []):
+            images.setdefault(known["sha256"], []).append(name)
     labels = {
         digest: name
         for name in labelled

@@ -1484,9 +1484,8 @@ def test_a_labelled_scan_replaced_in_the_sessions_own_pool_is_refused_by_rank_an
         assert (session / "session.json").read_text() == before  # the hashes recorded at labelling stay
     assert not (session / "checkpoints").exists()
     assert main(["labels", str(session)]) == 0  # the listing says so before either is run
-    assert f"{labelled} in {pool.resolve()} changed since it was labelled: fine-tuning refuses until" in " ".join(
-        capsys.readouterr().out.split()
-    )
+    listed = " ".join(capsys.readouterr().out.split())
+    assert f"{labelled} in {pool.resolve()} changed since it was labelled: fine-tuning refuses until it is" in listed
     (pool / labelled).write_bytes(original)  # put back: the session goes on
     assert main(["rank", "--out", str(session)]) == 0
     shutil.copy(next(p for p in sorted(pool.iterdir()) if p.name != labelled), pool / labelled)
@@ -1495,14 +1494,20 @@ def test_a_labelled_scan_replaced_in_the_sessions_own_pool_is_refused_by_rank_an
     versions = json.loads((session / "session.json").read_text())["labels"][labelled]
     assert len(versions) == 2 and versions[-1]["image_sha256"] == content_hash(pool / labelled)
     assert main(finetune) == 0
+    # that scan, trained on now, is known as such by evaluate before any rank records the pool's new hash
+    (tmp_path / "one").mkdir()
+    shutil.copy(pool / labelled, tmp_path / "one" / labelled)
+    assert main(["predict", str(session), "--images", str(tmp_path / "one"), "--out", str(tmp_path / "p")]) == 0
+    assert main(["evaluate", "--pred", str(tmp_path / "p"), "--labels", str(tmp_path / "gt")]) == 0
+    assert f"labelled in the session (same image as its {labelled})" in (tmp_path / "p" / "evaluation.csv").read_text()
     # the pool moved: the refusal names the rank that records where it is now, which passes (the labelled image
     # known by the hash recorded with its newest label, not the pool's from before)
     moved = pool.rename(tmp_path / "moved")
     assert main([*finetune[:2], "--restart", *finetune[2:]]) == 1
     said = " ".join(capsys.readouterr().err.split())
-    assert f"{labelled} is gone from {pool.resolve()}" in said
-    assert f"if the pool moved, 'asfda rank --images NEW_FOLDER --out {session}' records where it is" in said
-    assert main(["rank", "--images", str(moved), "--out", str(session)]) == 0
+    assert f"{labelled} is gone from {pool.resolve()}; move the pool back to {pool.resolve()}, or (after" in said
+    assert f"'asfda rank --images NEW_FOLDER --out {session}' ranks the next round from where it is now" in said
+    assert main(["rank", "--images", str(moved), "--out", str(session)]) == 0  # which it does
 
 
 def test_a_re_rank_keeps_the_sessions_budget_counts_its_labels_in_it_and_is_refused_during_an_unfinished_run(

@@ -137,11 +137,12 @@ def test_the_demo_refuses_a_budget_the_pool_cannot_hold_and_a_folder_that_is_not
     assert (mine / "data" / "thesis.txt").read_text() == "keep me"
 
 
-def test_a_demo_run_again_with_another_pool_makes_its_data_anew_and_records_what_ran(tmp_path):
+def test_a_demo_run_again_with_another_pool_makes_its_data_anew_and_records_what_ran(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--test", "2", "--budget", "2", "--iterations", "2", "--scenario", "mri"]
     assert main([*argv, "--pool", "5"]) == 0
     assert main([*argv, "--pool", "4"]) == 0
+    assert "Replacing the earlier demo in" in " ".join(capsys.readouterr().out.split())
     assert len(list((out / "data" / "pool" / "images").iterdir())) == 4
     assert json.loads((out / "demo.json").read_text())["config"]["pool"] == 4
     (out / "data" / "scenario.json").unlink()  # a demo folder made before the marker was written: still a demo's

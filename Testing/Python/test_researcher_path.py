@@ -615,6 +615,8 @@ def test_a_command_whose_output_reader_left_stops_quietly_as_a_unix_tool_does(tm
     process.stdout.close()  # the reader leaves before a line is written
     assert process.wait(timeout=120) == 141
     assert process.stderr.read().decode() == ""
+    if printer == "rich console":  # its table file is written before the terminal's output, which the pipe cut
+        assert (tmp_path / "e.csv").is_file()
 
 
 def test_an_hd95_mean_over_fewer_cases_than_the_dice_says_over_how_many(tmp_path, capsys):
