@@ -323,35 +323,46 @@ class Session:
             for name, entry in self.label_versions().items()
         }
 
-    def image_changes(self) -> list[str]:
-        """The labelled volumes whose image is gone or no longer holds what was labelled, one phrase each (by its
-        hash, read again only where its size or modification time moved). A label drawn on other voxels than
-        the image now holds would teach the wrong anatomy."""
+    def image_changes(self) -> dict[str, bool]:
+        """The labelled volumes whose image no longer holds what was labelled, each True where it is gone (the pool
+        moved, or the scan left it), False where it changed (by its hash, read again only where its size or
+        modification time moved). A label drawn on other voxels than the image now holds would teach the wrong
+        anatomy."""
         from ASFDALib.data.volumes import content_hash, content_stamp
 
-        changes = []
+        changes = {}
         for name, known in sorted(self.labelled_images().items()):
             path = self.image_path(name)
             if not path.exists():
-                changes.append(f"{name} is gone from {self.image_root}")
+                changes[name] = True
             elif known["sha256"] and known["stamp"] != content_stamp(path) and content_hash(path) != known["sha256"]:
-                changes.append(f"{name} in {self.image_root} changed since it was labelled")
+                changes[name] = False
         return changes
+
+    def describe_image_changes(self, changes: dict[str, bool]) -> str:
+        """``image_changes`` as one clause a message can hold."""
+        return "; ".join(
+            f"{name} is gone from {self.image_root}"
+            if gone
+            else f"{name} in {self.image_root} changed since it was labelled"
+            for name, gone in changes.items()
+        )
 
     def refuse_image_changes(self) -> None:
         """Refuse, in one line naming the volumes and the fixes, where a labelled volume's image changed."""
-        if changes := self.image_changes():
-            if any(" is gone from " in c for c in changes):  # the pool moved, or scans left it
-                raise SessionError(
-                    f"{self.root}: {'; '.join(changes)}; move the pool back to {self.image_root}, or (after this "
-                    f"round) 'asfda rank --images NEW_FOLDER --out {as_arg(self.root)}' ranks the next round from "
-                    "where it is now"
-                )
+        if not (changes := self.image_changes()):
+            return
+        said = self.describe_image_changes(changes)
+        if any(changes.values()):  # the pool moved, or scans left it
             raise SessionError(
-                f"{self.root}: {'; '.join(changes)}; put the scan back as it was labelled, import a label drawn on "
-                f"it as it is now ('asfda labels import {as_arg(self.root)} --from FILE --cases NAME'), or rank "
-                f"the pool as it is now into a new session (--out NEW)"
+                f"{self.root}: {said}; move the pool back to {self.image_root}, or (after this round) 'asfda rank "
+                f"--images NEW_FOLDER --out {as_arg(self.root)}' ranks the next round from where it is now"
             )
+        raise SessionError(
+            f"{self.root}: {said}; put the scan back as it was labelled, import a label drawn on it as it is now "
+            f"('asfda labels import {as_arg(self.root)} --from FILE --cases NAME'), or rank the pool as it is now "
+            "into a new session (--out NEW)"
+        )
 
     def next_label_path(self, name: str, suffix: str = ".nii.gz") -> Path:
         """labels/<case>.v<N><suffix> with N one past every version on disk or recorded: never overwrites."""

@@ -301,9 +301,8 @@ def cmd_labels(args: argparse.Namespace) -> int:
     unfinished = unfinished_run(session)
     newest = session.rounds[-1] if session.rounds else None
     if changes := session.image_changes():  # what a rank and a fine-tune refuse, said before they are run
-        gone = any(" is gone from " in c for c in changes)
-        fix = "the pool is moved back" if gone else "it is put back or labelled anew"
-        then = f"; {'; '.join(changes)}: fine-tuning refuses until {fix}"
+        fix = "the pool is moved back" if any(changes.values()) else "it is put back or labelled anew"
+        then = f"; {session.describe_image_changes(changes)}: fine-tuning refuses until {fix}"
     elif missing:
         then = f"; missing: {', '.join(missing)}"
     elif unfinished:
