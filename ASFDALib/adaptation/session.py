@@ -355,8 +355,8 @@ class Session:
         said = self.describe_image_changes(changes)
         if any(changes.values()):  # the pool moved, or scans left it
             raise SessionError(
-                f"{self.root}: {said}; move the pool back to {self.image_root}, or (after this round) 'asfda rank "
-                f"--images NEW_FOLDER --out {as_arg(self.root)}' ranks the next round from where it is now"
+                f"{self.root}: {said}; move the pool back to {self.image_root}, or name where it is now with "
+                "--images NEW_FOLDER (asfda finetune and asfda rank take it)"
             )
         raise SessionError(
             f"{self.root}: {said}; put the scan back as it was labelled, import a label drawn on it as it is now "

@@ -309,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         "keeps the run's own)",
     )
     finetune.add_argument("--no-pseudo", action="store_true", help="stage 1 only (no pseudo-labels)")
+    finetune.add_argument(
+        "--images",
+        type=existing_dir,
+        help="the pool's folder where it has moved since the session ranked it (another disk or drive letter); "
+        "its labelled volumes must be the same scans, and the session records the new place",
+    )
     again = finetune.add_mutually_exclusive_group()
     again.add_argument(
         "--resume",

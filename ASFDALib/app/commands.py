@@ -301,7 +301,8 @@ def cmd_labels(args: argparse.Namespace) -> int:
     unfinished = unfinished_run(session)
     newest = session.rounds[-1] if session.rounds else None
     if changes := session.image_changes():  # what a rank and a fine-tune refuse, said before they are run
-        fix = "the pool is moved back" if any(changes.values()) else "it is put back or labelled anew"
+        moved = any(changes.values())
+        fix = "the pool is moved back or named with --images" if moved else "it is put back or labelled anew"
         then = f"; {session.describe_image_changes(changes)}: fine-tuning refuses until {fix}"
     elif missing:
         then = f"; missing: {', '.join(missing)}"
@@ -557,6 +558,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     distributed.init_from_env(args.device)
     if not distributed.is_main():
         console.quiet = True
+    if args.images is not None:  # where the pool is now, recorded by rank 0 before anything trains
+        from ASFDALib.adaptation.rounds import pool_change
+
+        if distributed.is_main():
+            with Session.open(args.session) as moving:
+                if note := pool_change(moving, args.images):  # refused where a labelled volume differs there
+                    moving.data["images"]["root"] = str(Path(args.images).resolve())
+                    moving.save()
+                    console.print(note, **WHOLE_LINE)
+        distributed.barrier()
     cancel = threading.Event()
     session = Session.open(args.session)
     with session if distributed.is_main() else nullcontext(session), bar:

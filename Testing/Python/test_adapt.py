@@ -1505,9 +1505,14 @@ def test_a_labelled_scan_replaced_in_the_sessions_own_pool_is_refused_by_rank_an
     moved = pool.rename(tmp_path / "moved")
     assert main([*finetune[:2], "--restart", *finetune[2:]]) == 1
     said = " ".join(capsys.readouterr().err.split())
-    assert f"{labelled} is gone from {pool.resolve()}; move the pool back to {pool.resolve()}, or (after" in said
-    assert f"'asfda rank --images NEW_FOLDER --out {session}' ranks the next round from where it is now" in said
-    assert main(["rank", "--images", str(moved), "--out", str(session)]) == 0  # which it does
+    assert f"{labelled} is gone from {pool.resolve()}; move the pool back to {pool.resolve()}, or name" in said
+    assert "where it is now with --images NEW_FOLDER (asfda finetune and asfda rank take it)" in said
+    rounds = len(json.loads((session / "session.json").read_text())["rounds"])
+    assert main([*finetune[:2], "--restart", "--images", str(moved), *finetune[2:]]) == 0  # no new round for it
+    assert f"the pool's folder is now {moved.resolve()}" in " ".join(capsys.readouterr().out.split())
+    recorded = json.loads((session / "session.json").read_text())
+    assert recorded["images"]["root"] == str(moved.resolve()) and len(recorded["rounds"]) == rounds
+    assert main(["rank", "--images", str(moved), "--out", str(session)]) == 0  # and rank takes it too
 
 
 def test_a_re_rank_keeps_the_sessions_budget_counts_its_labels_in_it_and_is_refused_during_an_unfinished_run(
