@@ -44,7 +44,14 @@ from ASFDALib.adaptation.session import Session, SessionError, case_id
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_npz
 from ASFDALib.data.preprocess import labels_to_native, preprocess
-from ASFDALib.data.volumes import content_hash, discover_volumes, read_scan, read_volume, write_volume
+from ASFDALib.data.volumes import (
+    content_hash,
+    content_stamp,
+    discover_volumes,
+    read_scan,
+    read_volume,
+    write_volume,
+)
 from ASFDALib.errors import VolumeError, as_arg
 from ASFDALib.inference.predict import predict_label
 from ASFDALib.models.card import NetworkSpec, card_from_dict
@@ -166,8 +173,16 @@ def build_pseudo_labels(
     elif made.gate != "confidence":
         # what would have judged had this gate kept no volume (a fallback that is the gate itself never does)
         gate["fallback"] = "none" if config.fallback == made.gate else config.fallback
-    atomic_write_json(folder / "pseudo.json", {"gate": gate, "kept": made.kept, "reliability": made.reliability})
+    # the scans they were made from, by which a resume or an extension knows a scan replaced since
+    drawn_on = {n: _image_record(session.image_path(n)) for n in made.kept}
+    record = {"gate": gate, "kept": made.kept, "reliability": made.reliability, "images": drawn_on}
+    atomic_write_json(folder / "pseudo.json", record)
     return made.kept, made.reliability
+
+
+def _image_record(path: Path) -> dict[str, Any]:
+    """A scan's hash and stamp (volumes.content_stamp), as a label records the image it was drawn on."""
+    return {"sha256": content_hash(path), "stamp": content_stamp(path)}
 
 
 VIEWS = {
@@ -261,6 +276,21 @@ def _load_pseudo(
         with np.load(folder / f"{case_id(name)}.npz", allow_pickle=False) as data:
             cases.append(Case(name, image.numpy(), data["label"]))
     return cases, info["kept"], info["reliability"], info["gate"]
+
+
+def _refuse_changed_pseudo_scans(session: Session, folder: Path) -> None:
+    """Refuse going on with a round's stored pseudo-labels (in ``folder``) where a scan they were made from is gone
+    or changed since (their record holds its hash and stamp; records made before 2026-12-06 hold none)."""
+    info = _pseudo_record(folder)
+    for name, made_from in info.get("images", {}).items():
+        path = session.image_path(name)
+        if not path.exists() or (
+            made_from["stamp"] != content_stamp(path) and content_hash(path) != made_from["sha256"]
+        ):
+            raise SessionError(
+                f"{path}: pseudo-labelled as it was when this round's pseudo-labels were made, and it is gone or "
+                "changed since; --restart makes them anew from the pool as it is (or put the scan back)"
+            )
 
 
 def _pseudo_record(folder: Path) -> dict[str, Any]:
@@ -499,6 +529,8 @@ def finetune_session(
     if mode == "extend" and 0 < run["done"]["stage2"] == config.pseudo_iterations:  # only the share is new
         return _hand_over_anew(session, round_entry, run, folder, config.blend_start, say)
     session.refuse_image_changes()  # before any long work: a label must fit the voxels it trains with
+    if mode in ("resume", "extend") and (folder / "pseudo" / "pseudo.json").is_file():  # and a stored pseudo-label
+        _refuse_changed_pseudo_scans(session, folder / "pseudo")
     query = unlabelled_new_query(session, labelled) if mode in ("new", "restart") else []
     if query:  # the earlier rounds' labels alone: the round's query, the reason it exists, would teach nothing
         raise SessionError(

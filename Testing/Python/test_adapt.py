@@ -1512,6 +1512,17 @@ def test_a_labelled_scan_replaced_in_the_sessions_own_pool_is_refused_by_rank_an
     assert f"the pool's folder is now {moved.resolve()}" in " ".join(capsys.readouterr().out.split())
     recorded = json.loads((session / "session.json").read_text())
     assert recorded["images"]["root"] == str(moved.resolve()) and len(recorded["rounds"]) == rounds
+    # a scan the round pseudo-labelled, replaced since: going on with its stored pseudo-label is refused too
+    pseudo = json.loads((session / "checkpoints" / "round1" / "pseudo" / "pseudo.json").read_text())
+    kept = pseudo["kept"][0]
+    assert set(pseudo["images"]) == set(pseudo["kept"])  # each kept scan's hash and stamp
+    before = (moved / kept).read_bytes()
+    shutil.copy(moved / labelled, moved / kept)
+    assert main(["finetune", str(session), "--extend", "--pseudo-iterations", "2", "--batch-size", "1"]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"{moved.resolve() / kept}: pseudo-labelled as it was when this round's pseudo-labels were made" in said
+    assert "--restart makes them anew from the pool as it is" in said
+    (moved / kept).write_bytes(before)
     assert main(["rank", "--images", str(moved), "--out", str(session)]) == 0  # and rank takes it too
 
 
