@@ -45,8 +45,9 @@ from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_npz
 from ASFDALib.data.preprocess import labels_to_native, preprocess
 from ASFDALib.data.volumes import (
+    content_changed,
     content_hash,
-    content_stamp,
+    content_record,
     discover_volumes,
     read_scan,
     read_volume,
@@ -174,15 +175,10 @@ def build_pseudo_labels(
         # what would have judged had this gate kept no volume (a fallback that is the gate itself never does)
         gate["fallback"] = "none" if config.fallback == made.gate else config.fallback
     # the scans they were made from, by which a resume or an extension knows a scan replaced since
-    drawn_on = {n: _image_record(session.image_path(n)) for n in made.kept}
+    drawn_on = {n: content_record(session.image_path(n)) for n in made.kept}
     record = {"gate": gate, "kept": made.kept, "reliability": made.reliability, "images": drawn_on}
     atomic_write_json(folder / "pseudo.json", record)
     return made.kept, made.reliability
-
-
-def _image_record(path: Path) -> dict[str, Any]:
-    """A scan's hash and stamp (volumes.content_stamp), as a label records the image it was drawn on."""
-    return {"sha256": content_hash(path), "stamp": content_stamp(path)}
 
 
 VIEWS = {
@@ -284,9 +280,7 @@ def _refuse_changed_pseudo_scans(session: Session, folder: Path) -> None:
     info = _pseudo_record(folder)
     for name, made_from in info.get("images", {}).items():
         path = session.image_path(name)
-        if not path.exists() or (
-            made_from["stamp"] != content_stamp(path) and content_hash(path) != made_from["sha256"]
-        ):
+        if not path.exists() or content_changed(path, made_from["sha256"], made_from["stamp"]):
             raise SessionError(
                 f"{path}: pseudo-labelled as it was when this round's pseudo-labels were made, and it is gone or "
                 "changed since; --restart makes them anew from the pool as it is (or put the scan back)"

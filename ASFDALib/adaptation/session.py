@@ -328,14 +328,14 @@ class Session:
         moved, or the scan left it), False where it changed (by its hash, read again only where its size or
         modification time moved). A label drawn on other voxels than the image now holds would teach the wrong
         anatomy."""
-        from ASFDALib.data.volumes import content_hash, content_stamp
+        from ASFDALib.data.volumes import content_changed
 
         changes = {}
         for name, known in sorted(self.labelled_images().items()):
             path = self.image_path(name)
             if not path.exists():
                 changes[name] = True
-            elif known["sha256"] and known["stamp"] != content_stamp(path) and content_hash(path) != known["sha256"]:
+            elif known["sha256"] and content_changed(path, known["sha256"], known["stamp"]):
                 changes[name] = False
         return changes
 

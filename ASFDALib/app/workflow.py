@@ -593,7 +593,7 @@ class Workflow:
     ) -> tuple[Path, Path | None]:
         """Write the label as a new version (NIfTI, and .seg.nrrd through ``write_seg``), checked first."""
         from ASFDALib.data.labels import check_grid
-        from ASFDALib.data.volumes import content_hash, content_stamp, write_nifti
+        from ASFDALib.data.volumes import content_hash, content_record, write_nifti
 
         volume = self.case_volume(name)
         check_grid(label.shape, affine, volume.array.shape, volume.affine, Path(name))
@@ -606,14 +606,9 @@ class Workflow:
             write_nifti(nifti, label.astype(np.uint8), volume.affine)
             if write_seg:
                 write_seg(seg)
-            image = session.image_path(name)
+            image = content_record(session.image_path(name))
             session.record_label(
-                name,
-                nifti,
-                content_hash(nifti),
-                "slicer",
-                image_sha256=content_hash(image),
-                image_stamp=content_stamp(image),
+                name, nifti, content_hash(nifti), "slicer", image_sha256=image["sha256"], image_stamp=image["stamp"]
             )
             session.save()
         for row in self.rows:

@@ -22,7 +22,7 @@ from ASFDALib.adaptation.session import Session, case_id
 from ASFDALib.data.volumes import (
     LABEL_FILE_MAX_VALUES,
     content_hash,
-    content_stamp,
+    content_record,
     discover_volumes,
     looks_like_label_map,
     read_volume,
@@ -564,9 +564,9 @@ def import_labels(
             report.skipped.append(f"{label_path}: image {name} was not asked for ({why}); {fix}{flaw}")
             continue
         current = stored.get(name)
-        image_sha256, image_stamp = content_hash(session.image_path(name)), content_stamp(session.image_path(name))
+        image = content_record(session.image_path(name))
         # the same voxels on the same image add no version; on an image that changed, they record what it is now
-        same_image = drawn_on.get(name, {}).get("sha256") in (None, image_sha256)
+        same_image = drawn_on.get(name, {}).get("sha256") in (None, image["sha256"])
         if current is not None and same_image and _same_label(current, label, affine):
             report.unchanged[name] = current  # a second import of the same file adds no version
             continue
@@ -579,8 +579,8 @@ def import_labels(
             f"import:{label_path}",
             _mapping_record(mapping),
             source_sha256=content_hash(label_path),
-            image_sha256=image_sha256,
-            image_stamp=image_stamp,
+            image_sha256=image["sha256"],
+            image_stamp=image["stamp"],
         )
         report.imported[name], report.sources[name] = target, label_path
         if notes:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -222,6 +223,17 @@ def content_stamp(path: Path | str) -> list[int]:
         return [len(files), max((f.stat().st_mtime_ns for f in files), default=0)]
     stats = [f.stat() for f in (path, *_detached_data(path))]
     return [sum(st.st_size for st in stats), max(st.st_mtime_ns for st in stats)]
+
+
+def content_record(path: Path | str) -> dict[str, Any]:
+    """What identifies a scan's content later: its hash and its stamp."""
+    return {"sha256": content_hash(path), "stamp": content_stamp(path)}
+
+
+def content_changed(path: Path | str, sha256: str, stamp: list[int] | None) -> bool:
+    """Whether ``path`` no longer holds the content recorded as ``sha256`` (at ``stamp``): the bytes are read
+    again only where the stamp moved."""
+    return stamp != content_stamp(path) and content_hash(path) != sha256
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
