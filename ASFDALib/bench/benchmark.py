@@ -772,8 +772,12 @@ def _changes(stored: dict, current: dict, nested: bool = False) -> str:
             parts.append(f"{key} file contents")
         elif isinstance(stored.get(key), dict) and isinstance(current.get(key), dict):
             parts.append(f"{key} {_changes(stored[key], current[key], nested=True)}")  # e.g. ssft stage2_lr (…)
+        elif key not in stored:  # the default then may not be the default now, so the two are other runs
+            parts.append(f"{key} (left to the default when these runs were made, {current[key]} now: leave it out)")
+        elif key not in current:
+            parts.append(f"{key} ({stored[key]} here, the default now: give it again)")
         else:
-            parts.append(f"{key} ({stored.get(key, 'default')} here, {current.get(key, 'default')} now)")
+            parts.append(f"{key} ({stored[key]} here, {current[key]} now)")
     return "; ".join(parts)
 
 
@@ -1047,8 +1051,16 @@ def _report(
         f"({statistics.BOOTSTRAP_RESAMPLES} resamples, RNG seed {statistics.BOOTSTRAP_SEED}); "
         "ASFDALib/bench/statistics.py",
     }
-    # per class by name in the file (the table and plots read the list, in the card's order)
-    named = [{**s, "per_class": dict(zip(class_names[1:], s["per_class"]))} for s in summary]
+    # per class by name in the file (the table and plots read the list, in the card's order); `labelled`:
+    # how many volumes the row trained on (`budget` is the key the rows share: 0 for source and full alike)
+    named = [
+        {
+            **s,
+            "labelled": pool_size if s["row"] == "full" else s["budget"],
+            "per_class": dict(zip(class_names[1:], s["per_class"])),
+        }
+        for s in summary
+    ]
     atomic_write_json(out / "summary.json", named)
     atomic_write_json(out / "benchmark.json", report)
     atomic_write_text(out / "benchmark.md", markdown(summary, class_names) + _ssft_note(config, runs))

@@ -384,12 +384,12 @@ def _write_card(model: LoadedModel, path: Path) -> Path:
 
 def _refuse_overwriting_the_base(model: LoadedModel, written: list[Path]) -> None:
     """Never write over the base model, its card or anything inside a base bundle: the session refers to them."""
-    from ASFDALib.models.loading import CARD_NAMES
+    from ASFDALib.models.loading import card_candidates
 
     base = model.path.resolve()
     protected = {base}
     if base.is_file():
-        protected |= {card_beside(base)} | {base.parent / n for n in CARD_NAMES}
+        protected |= set(card_candidates(base))
     for path in written:
         target = Path(path).resolve()
         if target in protected or base in target.parents:

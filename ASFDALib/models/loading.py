@@ -206,8 +206,16 @@ def _check_inputs(network: torch.nn.Module, path: Path) -> None:
 
 
 def card_beside(path: Path) -> Path:
-    """The card named for a weights file, beside it: ``model.ts`` -> ``model.card.json`` (exports write it there)."""
+    """The card named for a weights file, beside it: ``model.ts`` -> ``model.card.json``,
+    ``adapted.r2.ts`` -> ``adapted.r2.card.json`` (exports write it there; only the last suffix goes, so two
+    rounds' exports side by side keep a card each)."""
     path = Path(path)
+    return path.with_name(path.with_suffix("").name + ".card.json")
+
+
+def _card_before_the_first_dot(path: Path) -> Path:
+    """Where exports before 2026-12-06 wrote the card of a name with dots (``adapted.r2.ts`` ->
+    ``adapted.card.json``): still read, after the card named for the whole stem."""
     return path.with_name(path.name.split(".")[0] + ".card.json")
 
 
@@ -216,7 +224,8 @@ def card_candidates(path: Path) -> list[Path]:
     ``<name>.card.json`` or one of CARD_NAMES; in a bundle folder, or its configs/, as one of CARD_NAMES."""
     if path.is_dir():
         return [path / n for n in CARD_NAMES] + [path / "configs" / n for n in CARD_NAMES]
-    return [card_beside(path)] + [path.parent / n for n in CARD_NAMES]
+    named = list(dict.fromkeys([card_beside(path), _card_before_the_first_dot(path)]))
+    return named + [path.parent / n for n in CARD_NAMES]
 
 
 def _find_card(candidates: list[Path], explicit: Path | None) -> ModelCard:

@@ -83,6 +83,9 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
     assert "| ASFDA (DKD + ASD) | 2 |" in (out / "benchmark.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert {s["row"] for s in summary} == rows
+    # how many volumes each row trained on: the budget, the whole pool for the upper bound, none for the source
+    labelled = {s["row"]: s["labelled"] for s in summary if s["budget"] in (0, 2)}
+    assert (labelled["source"], labelled["asfda"], labelled["full"]) == (0, 2, report["config"]["pool"])
     assert set(summary[0]["per_group"]) == {"site", "subgroup"}  # the phantom test set carries both
     runs = json.loads((out / "results.json").read_text())["runs"]
     # what stage 2 pseudo-labelled is recorded for the SSFT runs, and only for them
@@ -289,7 +292,17 @@ def test_a_resume_without_a_rate_the_runs_were_given_is_refused_naming_it(tmp_pa
     assert main([*_tiny_run(data, out), "--lr", "1e-3"]) == 0
     # the same command without --lr would train at the recipe's default rate: other runs, said so
     assert main(_tiny_run(data, out)) == 1
-    assert "its runs were made with other lr (0.001 here, default now)" in capsys.readouterr().err
+    assert "its runs were made with other lr (0.001 here, the default now: give it again)" in capsys.readouterr().err
+
+
+def test_a_resume_given_a_rate_the_runs_left_to_the_default_is_refused_saying_to_leave_it_out(tmp_path, capsys):
+    """The recipe's default then need not be today's, so naming today's default is another run: said how to resume."""
+    data = _user_folders(tmp_path / "data")
+    out = tmp_path / "bench"
+    assert main(_tiny_run(data, out)) == 0
+    assert main([*_tiny_run(data, out), "--lr", "3e-3"]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert "other lr (left to the default when these runs were made, 0.003 now: leave it out)" in said
 
 
 def _shifted_label(d):

@@ -359,6 +359,23 @@ def test_a_single_file_export_never_writes_over_a_card_where_its_own_would_go(ad
     assert (tmp_path / "k.card.json").read_text() == "{}" and not (tmp_path / "k.ts").exists()
 
 
+def test_two_exports_whose_names_differ_after_the_first_dot_keep_a_card_each(adapted, tmp_path):
+    """adapted.r1.ts and adapted.r2.ts side by side: adapted.r1.card.json and adapted.r2.card.json."""
+    _, session, _ = adapted
+    for name in ("adapted.r1.ts", "adapted.r2.ts"):
+        assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / name)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.card.json")) == ["adapted.r1.card.json", "adapted.r2.card.json"]
+
+
+def test_a_card_an_earlier_export_named_before_the_first_dot_is_still_found(tmp_path):
+    """Exports before 2026-12-06 wrote adapted.card.json beside adapted.r1.ts: it is read after adapted.r1.card.json."""
+    from ASFDALib.models.loading import card_candidates
+
+    weights = tmp_path / "adapted.r1.ts"
+    assert card_candidates(weights)[:2] == [tmp_path / "adapted.r1.card.json", tmp_path / "adapted.card.json"]
+    assert card_candidates(tmp_path / "model.ts")[0] == tmp_path / "model.card.json"
+
+
 def test_pt2_needs_trust_because_torch_export_load_runs_pickled_code(tmp_path):
     """A crafted archive: torch.export.load runs its payload; ASFDA refuses it before reading a byte."""
     from ASFDALib.errors import TrustRequiredError
