@@ -566,8 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Every query strategy fine-tuned with the same recipe, budgets x seeds, Dice on a disjoint\n"
         "labelled test set; per row the paired difference to random (same seed) with a 95% bootstrap interval\n"
         "(3 seeds at least; 5 or more to tell a few points apart), and ASFDA paired against every other query.\n\n"
-        "Phantoms (no folders): --scenario ct-shift (hospital shift within CT) or mri-rich (CT -> MRI), each\n"
-        "fine-tuning its shipped source model; the default, mri, is the earlier protocol, kept for the record.\n\n"
+        "Phantoms (no folders): --scenario ct-shift (hospital shift within CT; the default) or mri-rich (CT ->\n"
+        "MRI), each fine-tuning its shipped source model; mri is the earlier protocol, kept for the record.\n\n"
         "Your data: --pool DIR --test DIR [--validation DIR], each with images/ and labels/ holding the same\n"
         "file names (the layout `asfda phantoms` writes). Every pool volume needs its label: the benchmark plays\n"
         'the clinician. An optional cases.json in the test folder, {"cases": [{"name", "site", "subgroup"}]},\n'
@@ -698,11 +698,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--scenario",
         choices=BENCH_SCENARIOS,
-        default="mri",
         help="phantom data: ct-shift (hospital shift within CT; --model Resources/BenchmarkModels/"
         "ct_source_batch.pt), mri-rich (CT -> three MRI-like sites, deformed five-organ anatomy; --model "
         "Resources/BenchmarkModels/ct_source_batch_percentile.pt), mri (the built-in model on ellipsoid organs: "
-        "the earlier protocol, kept for the record) (default: %(default)s)",
+        "the earlier protocol, kept for the record) (default: ct-shift; none with your own --pool and --test)",
     )
     bench.add_argument(
         "--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1"

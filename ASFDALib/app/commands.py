@@ -917,6 +917,11 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
             raise ASFDAError(
                 "benchmark on your own data needs --model (the model to adapt) and, if not beside it, --card"
             )
+        if args.scenario is not None:
+            raise ASFDAError(
+                f"--scenario {args.scenario} picks phantom data, and --pool/--test name your own folders; "
+                "leave --scenario out"
+            )
         folders = Folders(pool_dir, test_dir, val_dir)
     for option, count in (("--pool", pool_count), ("--test", test_count)):
         if count == 0:
@@ -939,13 +944,14 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
         )
         if v is not None
     }
+    scenario = args.scenario or config.scenario
     model_path = args.model
-    if model_path is None and folders is None and args.scenario in SCENARIO_MODELS:
+    if model_path is None and folders is None and scenario in SCENARIO_MODELS:
         # each five-class scenario has its own shipped source model; the earlier mri protocol the built-in one
-        model_path = resources_dir() / "BenchmarkModels" / SCENARIO_MODELS[args.scenario]
+        model_path = resources_dir() / "BenchmarkModels" / SCENARIO_MODELS[scenario]
         if not model_path.is_file():
             raise ASFDAError(
-                f"{model_path}: --scenario {args.scenario}'s source model is missing; install ASFDA from its "
+                f"{model_path}: --scenario {scenario}'s source model is missing; install ASFDA from its "
                 "source tree or pass --model (benchmarks/train_source_model.py trains it)"
             )
     if args.pseudo_gate is not None:
@@ -965,7 +971,7 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
         value = getattr(args, name)
         if value is not None:
             overrides["ssft"] = replace(overrides.get("ssft", config.ssft), **{field: value})
-    config = replace(config, device=args.device, scenario=args.scenario, **overrides)
+    config = replace(config, device=args.device, scenario=scenario, **overrides)
     ssft = config.ssft
     if may_blend(ssft.blend_start, ssft.reliability) and ssft.stage2_lr == "constant" and "ssft-control" in config.rows:
         raise ASFDAError(

@@ -123,7 +123,7 @@ class BenchmarkConfig:
     ssft: SSFTOptions = field(default_factory=SSFTOptions)
     validation: int = 0  # phantom validation volumes (0: none); the user's mode takes a folder instead
     eval_at: tuple[int, ...] = ()  # stage-1 iterations at which validation Dice is recorded (learning curves)
-    scenario: str = "mri"  # phantom data: see SCENARIOS and write_data
+    scenario: str = "ct-shift"  # phantom data: see SCENARIOS and write_data (on the user's folders none applies)
     # The recipe's learning rates (None: adaptation/recipe.py's defaults), to choose them on validation.
     lr: float | None = None
     encoder_lr_scale: float | None = None
@@ -691,10 +691,14 @@ def options_protocol(config: BenchmarkConfig) -> dict:
     }
 
 
-def _protocol(config: BenchmarkConfig, folders: Folders, inputs: dict) -> dict:
-    """What must match for earlier runs in results.json to be reused (``inputs``: :func:`fingerprints`)."""
+def _protocol(config: BenchmarkConfig, folders: Folders, inputs: dict, user_data: bool) -> dict:
+    """What must match for earlier runs in results.json to be reused (``inputs``: :func:`fingerprints`); on
+    the user's folders the data is theirs, so no phantom scenario is part of it."""
+    options = options_protocol(config)
+    if user_data:
+        options.pop("scenario")
     return {
-        **options_protocol(config),
+        **options,
         "pool": str(folders.pool.resolve()),
         "test": str(folders.test.resolve()),
         "validation": str(folders.validation.resolve()) if folders.validation else None,
@@ -746,6 +750,9 @@ def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
         for key in ("model", "card", "files"):
             if protocol is not None and key in protocol:
                 stored["protocol"].setdefault(key, protocol[key])
+        # and runs on the user's folders recorded the scenario then default, which their data never used
+        if protocol is not None and "scenario" not in protocol:
+            stored["protocol"].pop("scenario", None)
     if protocol is not None and stored.get("protocol") not in (None, protocol):
         raise ASFDAError(
             f"{results_path}: its runs were made with other {_changes(stored['protocol'], protocol)}; "
@@ -818,7 +825,7 @@ def run_benchmark(
         _check_scenario(out / "data", config)
         write_data(out / "data", config)
         folders = _phantom_folders(out / "data", config)
-    protocol = _protocol(config, folders, fingerprints(Path(model_path), model_card, folders))
+    protocol = _protocol(config, folders, fingerprints(Path(model_path), model_card, folders), user_data)
     runs = _load_runs(results_path, protocol)
     done = {(r.row, r.budget, r.seed) for r in runs}
     plan = _plan(config)
@@ -1005,15 +1012,12 @@ def _results(config: BenchmarkConfig, protocol: dict, runs: list[Run], class_nam
 def _check_scenario(data: Path, config: BenchmarkConfig) -> None:
     """Phantom data already under OUT/data must be the scenario asked for (it is reused, not rewritten)."""
     marker = data / "scenario.json"
-    if marker.is_file():
-        made = json.loads(marker.read_text()).get("scenario")
-        if made != config.scenario:
-            raise ASFDAError(
-                f"{data}: holds the {made} scenario's data; use another --out for --scenario {config.scenario}"
-            )
-    elif (data / "pool").is_dir() and config.scenario != "mri":
+    # data written before the marker was the only scenario there was then: mri
+    made = json.loads(marker.read_text()).get("scenario") if marker.is_file() else "mri"
+    if made != config.scenario and (marker.is_file() or (data / "pool").is_dir()):
         raise ASFDAError(
-            f"{data}: holds data of an earlier benchmark; use another --out for --scenario {config.scenario}"
+            f"{data}: holds the {made} scenario's data; give --scenario {made} to resume that benchmark, "
+            f"or another --out for --scenario {config.scenario}"
         )
     data.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, {"scenario": config.scenario})

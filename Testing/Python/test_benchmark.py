@@ -83,6 +83,7 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
     assert "| ASFDA (DKD + ASD) | 2 |" in (out / "benchmark.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert {s["row"] for s in summary} == rows
+    assert json.loads((out / "data" / "scenario.json").read_text()) == {"scenario": "ct-shift"}  # the default
     # how many volumes each row trained on: the budget, the whole pool for the upper bound, none for the source
     labelled = {s["row"]: s["labelled"] for s in summary if s["budget"] in (0, 2)}
     assert (labelled["source"], labelled["asfda"], labelled["full"]) == (0, 2, report["config"]["pool"])
@@ -257,6 +258,33 @@ def _tiny_run(data, out, model=None):
         "--test", str(data / "test"), "--budgets", "1", "--seeds", "1", "--rows", "random", "--iterations", "1",
         "--device", "cpu", "--out", str(out),
     ]  # fmt: skip
+
+
+def test_a_scenario_beside_your_own_folders_is_refused_and_none_is_part_of_their_protocol(tmp_path, capsys):
+    """--scenario picks phantom data; on the user's folders it would be ignored, so it is refused. Runs recorded
+    when the default scenario was part of every protocol (mri) still resume."""
+    data = _user_folders(tmp_path / "data")
+    out = tmp_path / "bench"
+    assert main([*_tiny_run(data, out), "--scenario", "ct-shift"]) == 1
+    assert "--scenario ct-shift picks phantom data" in " ".join(capsys.readouterr().err.split())
+    assert not out.exists()
+    assert main(_tiny_run(data, out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "scenario" not in results["protocol"]
+    results["protocol"]["scenario"] = "mri"  # as recorded before 2026-12-06
+    (out / "results.json").write_text(json.dumps(results))
+    capsys.readouterr()
+    assert main(_tiny_run(data, out)) == 0
+    assert "resuming: 1 of 1 runs are already in" in " ".join(capsys.readouterr().out.split())
+
+
+def test_phantom_data_of_the_earlier_default_scenario_is_named_with_the_option_that_resumes_it(tmp_path, capsys):
+    """Before 2026-12-06 a benchmark without --scenario ran mri (and its first data carried no marker)."""
+    out = tmp_path / "bench"
+    (out / "data" / "pool").mkdir(parents=True)
+    assert main(["benchmark", "--quick", "--out", str(out)]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert "holds the mri scenario's data; give --scenario mri to resume that benchmark, or another --out" in said
 
 
 def test_a_resume_after_the_model_or_a_label_changed_is_refused_naming_what_changed(tmp_path, capsys):
@@ -611,7 +639,7 @@ def test_rows_sharing_labels_and_seed_share_one_stage_1_and_train_as_if_each_ran
     from ASFDALib.models.loading import load_model
 
     model = load_model(default_model_path())
-    data = write_data(tmp_path / "data", BenchmarkConfig(pool=3, test=1, validation=0))
+    data = write_data(tmp_path / "data", BenchmarkConfig(pool=3, test=1, validation=0, scenario="mri"))
     pool = load_cases(data / "pool", model.card)
     cache = tmp_path / "stage1"
 
