@@ -10,7 +10,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from ASFDALib.data.volumes import (
     read_volume,
     write_volume,
 )
-from ASFDALib.errors import VolumeError, as_arg
+from ASFDALib.errors import ASFDAError, VolumeError, as_arg
 from ASFDALib.inference.predict import predict_label
 from ASFDALib.models.card import NetworkSpec, card_from_dict
 from ASFDALib.models.loading import LoadedModel, load_model
@@ -498,8 +498,23 @@ def finetune_session(
     ``mode``: ``new`` (the round's first run), ``resume`` (an interrupted run, to its own targets),
     ``extend`` (a finished run, further, to ``config``'s iteration counts; at the length stage 2 ran, only
     handed over anew at ``config.blend_start``) or ``restart`` (the round
-    again from its start). session.json records the iterations that ran, never the ones asked for.
+    again from its start). session.json records the iterations that ran, never the ones asked for. The
+    session's lock is held for the call (taken here unless held already), so no other run trains it meanwhile.
     """
+    with session.held():
+        return _finetune_session(session, config, pseudo, mode, cancel, progress, on_status, validation)
+
+
+def _finetune_session(
+    session: Session,
+    config: FinetuneConfig,
+    pseudo: bool,
+    mode: str,
+    cancel: threading.Event | None,
+    progress: ProgressFn | None,
+    on_status: Callable[[str], None] | None,
+    validation: list[tuple[Path, Path]] | None,
+) -> AdaptResult:
     say = on_status or (lambda _msg: None)
     labelled = session.labelled()
     if not labelled:
@@ -816,19 +831,76 @@ def prediction_name(path: Path) -> str:
     return path.name
 
 
+def predictions_folder_for(images: Path) -> Path:
+    """A folder to suggest for predictions: beside the images, or beside the session folder the images lie in
+    (a session keeps every file inside it, so a suggestion there would be refused too)."""
+    from ASFDALib.outputs import session_folder_of
+
+    folder = session_folder_of(Path(images).parent) or Path(images)
+    return folder.with_name(folder.name + "_pred")
+
+
+@dataclass(frozen=True)
+class PredictionPlan:
+    """What a prediction run will read and write, checked before any map is: ``scans`` under the images
+    folder, ``targets`` their label maps under ``out`` (in the same order), ``replaced`` the targets an
+    earlier prediction run wrote, which this one replaces."""
+
+    scans: list[Path]
+    targets: list[Path]
+    replaced: list[Path]
+
+
+def plan_predictions(images: Path, out: Path, protected: Iterable[Path] = (), fix: str | None = None) -> PredictionPlan:
+    """Refuse, before anything is written, a prediction run that would lose a file: ``out`` being the images
+    folder or inside a session folder, a map landing on a scan, on a file of ``protected`` (a session's) or on
+    a file no prediction run wrote (e.g. reference labels), two scans sharing a map's name; then claim the
+    targets in ``out``'s manifest, so a rerun or a resumed run replaces them. ``fix``: the remedy the refusals
+    name (default: another output folder, beside the images)."""
+    from ASFDALib.outputs import claim_predictions, refuse_inside_session, refuse_overwrite, refuse_same_folder
+
+    images, out = Path(images), Path(out)
+    scans = discover_volumes(images)
+    if not scans:
+        raise ASFDAError(f"{images}: no volumes found; give the folder of scans to segment")
+    fix = fix or f"choose another output folder, e.g. {predictions_folder_for(images)}"
+    refuse_same_folder(out, images, "images", fix)
+    refuse_inside_session(out, fix)
+    targets = [out / prediction_name(p) for p in scans]
+    seen: dict[Path, Path] = {}
+    for target, scan in zip(targets, scans):  # a.nhdr and a.nrrd both make a.nrrd: the second map would replace
+        if (first := seen.setdefault(target, scan)) != scan:
+            raise ASFDAError(
+                f"{scan}: its label map would be {target.name}, as {first.name}'s is; rename one of the two scans"
+            )
+    refuse_overwrite(targets, scans, "the input scan", fix)
+    refuse_overwrite(targets, protected, "a file the session references", fix)
+    return PredictionPlan(scans, targets, claim_predictions(out, targets, fix))
+
+
 def predict_folder(
     model: LoadedModel,
     images: Path,
     out: Path,
     device: str = "auto",
     progress: Callable[[int, int, str], None] | None = None,
+    made_by: dict | None = None,
+    protected: Iterable[Path] = (),
+    fix: str | None = None,
 ) -> tuple[list[Path], list[str]]:
-    """Label maps for every volume under ``images`` in the input's own grid and format (DICOM -> NIfTI)."""
+    """Label maps for every volume under ``images`` in the input's own grid and format (DICOM -> NIfTI),
+    written to ``out``; returns (maps written, reasons for the files skipped). Refused first, writing nothing,
+    where a map would land on a scan or another file it must not replace (:func:`plan_predictions`; a
+    session's files in ``protected``). ``out``'s manifest records which model wrote each map (``made_by``;
+    default: the model file and its digest) and the SHA-256 of the scan it segments."""
+    from ASFDALib.outputs import record_predictions
+
+    plan = plan_predictions(images, out, protected, fix)
+    made_by = made_by or {"model": str(Path(model.path).resolve()), "digest": model.digest}
     written, skipped = [], []
-    paths = discover_volumes(images)
-    for i, path in enumerate(paths):
+    for i, path in enumerate(plan.scans):
         if progress:
-            progress(i, len(paths), path.name)
+            progress(i, len(plan.scans), path.name)
         try:
             volume = read_scan(path)  # a label map in the folder is skipped with its reason, not segmented
         except VolumeError as exc:
@@ -839,5 +911,7 @@ def predict_folder(
         native = labels_to_native(label, image.affine.numpy(), volume.array.shape, volume.affine)
         written.append(write_volume(Path(out) / prediction_name(path), native, volume.affine))
     if progress:
-        progress(len(paths), len(paths), "")
+        progress(len(plan.scans), len(plan.scans), "")
+    scans = {target.name: scan for target, scan in zip(plan.targets, plan.scans)}
+    record_predictions(Path(out), written, made_by, {p.name: content_hash(scans[p.name]) for p in written})
     return written, skipped

@@ -19,6 +19,8 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,6 +97,9 @@ class Session:
     # --- opening and locking -----------------------------------------------------------------------
     @classmethod
     def open(cls, root: Path | str, create: bool = False) -> Session:
+        """The session in ``root`` as its file holds it now (a new, unsaved one with ``create``). Reading
+        needs no lock; to write, hold it (``with session:``), which reads the file again once it is held, so
+        nothing another process saved in between is lost."""
         root = Path(root)
         path = root / SESSION_FILE
         if not path.is_file():
@@ -102,12 +107,16 @@ class Session:
                 raise SessionError(f"{root}: not an ASFDA session (no {SESSION_FILE}); {_how_to_make(root)}")
             root.mkdir(parents=True, exist_ok=True)
             return cls(root, cls._new_data())
+        return cls(root, cls._read(path))
+
+    @classmethod
+    def _read(cls, path: Path) -> dict[str, Any]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise SessionError(f"{path}: unreadable session file ({exc}); {_restore_hint(path)}") from None
         cls._validate(data, path)
-        return cls(root, data)
+        return data
 
     @staticmethod
     def _new_data() -> dict[str, Any]:
@@ -157,8 +166,24 @@ class Session:
             handle.release()
             raise
         self._lock_handle = handle
+        try:
+            if (self.root / SESSION_FILE).is_file():  # what another writer saved since this object read it
+                self.data = self._read(self.root / SESSION_FILE)
+        except BaseException:
+            self.unlock()
+            raise
         self._clear_scratch()
         return self
+
+    @contextmanager
+    def held(self) -> Iterator[Session]:
+        """The write lock for a block of work: taken here unless this object holds it already, or this is a
+        torchrun worker other than rank 0 (rank 0 holds it for the job, and only rank 0 writes)."""
+        if self._lock_handle is not None or os.environ.get("RANK", "0") != "0":
+            yield self
+            return
+        with self:
+            yield self
 
     def in_use(self) -> str:
         """Who holds the session's write lock ("pid N on HOST since T"), or "" when nobody else does: a probe

@@ -740,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SCALES_OUT = ("rank", "finetune")  # the commands that shard their work across torchrun's processes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -748,6 +751,15 @@ def main(argv: list[str] | None = None) -> int:
         commands_.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "network_args", None) and not getattr(args, "network", None):  # an argument error: exit 2
         commands_.choices[args.command].error("--network-args needs --network NAME (the MONAI network they build)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in SCALES_OUT:
+        # every process would do the whole job, and write the same files
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"asfda {args.command}: error: runs in one process; run it without torchrun "
+                f"(only {' and '.join(SCALES_OUT)} scale out)",
+                file=sys.stderr,
+            )
+        return 1
     with _terminate_as_interrupt():
         code = _run(args)
     if "ASFDALib.distributed" in sys.modules:  # loaded by the commands that can run under torchrun

@@ -601,49 +601,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predictions_folder(images: Path) -> Path:
-    """A folder to suggest for predictions: beside the images, or beside the session folder the images lie in
-    (a session keeps every file inside it, so a suggestion there would be refused too)."""
-    from ASFDALib.outputs import session_folder_of
-
-    folder = session_folder_of(images.parent) or images
-    return folder.with_name(folder.name + "_pred")
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ASFDALib.adaptation.pipeline import predict_folder, prediction_name, session_model
+    from ASFDALib.adaptation.pipeline import plan_predictions, predict_folder, predictions_folder_for, session_model
     from ASFDALib.adaptation.runs import finish_hint, unfinished_run
     from ASFDALib.adaptation.session import Session
-    from ASFDALib.data.volumes import content_hash, discover_volumes
-    from ASFDALib.outputs import (
-        claim_predictions,
-        record_predictions,
-        refuse_inside_session,
-        refuse_overwrite,
-        refuse_same_folder,
-        session_files,
-    )
+    from ASFDALib.data.volumes import content_hash
+    from ASFDALib.outputs import session_files
 
     console = Console()
     session = Session.open(args.session)
-    inputs = discover_volumes(args.images)
-    if not inputs:
-        raise ASFDAError(f"{args.images}: no volumes found; give the folder of scans to segment")
-    fix = f"choose another --out folder, e.g. {_predictions_folder(Path(args.images))}"
-    refuse_same_folder(args.out, args.images, "--images", fix)
-    refuse_inside_session(args.out, fix)
-    targets = [Path(args.out) / prediction_name(p) for p in inputs]
-    seen: dict[Path, Path] = {}
-    for target, scan in zip(targets, inputs):  # a.nhdr and a.nrrd both make a.nrrd: the second map would replace
-        if (first := seen.setdefault(target, scan)) != scan:
-            raise ASFDAError(
-                f"{scan}: its label map would be {target.name}, as {first.name}'s is; rename one of the two scans"
-            )
-    refuse_overwrite(targets, inputs, "the input scan", fix)
-    refuse_overwrite(targets, session_files(session), "a file the session references", fix)
-    replaced = claim_predictions(Path(args.out), targets, fix)
+    fix = f"choose another --out folder, e.g. {predictions_folder_for(Path(args.images))}"
+    # every refusal before the model loads; predict_folder checks again (the same plan) as it starts
+    replaced = plan_predictions(args.images, args.out, session_files(session), fix).replaced
     if replaced:
         console.print(f"Replacing {len(replaced)} label maps an earlier asfda predict wrote to {args.out}")
     latest = session.adapted_round()
@@ -678,10 +649,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         which = "the source model"
     bar, update = volume_progress(console, "Predicting")
     with bar:
-        written, skipped = predict_folder(model, args.images, args.out, args.device, update)
-    scans = {target.name: scan for target, scan in zip(targets, inputs)}
-    made_from = {p.name: content_hash(scans[p.name]) for p in written}
-    record_predictions(Path(args.out), written, made_by, made_from)
+        written, skipped = predict_folder(
+            model, args.images, args.out, args.device, update, made_by, session_files(session), fix
+        )
     for reason in skipped:
         console.print(f"[yellow]skipped {reason}[/yellow]")
     console.print(f"Wrote {len(written)} label maps to {args.out} with {which}")

@@ -519,19 +519,41 @@ def _same_label(stored: Path, label: np.ndarray, affine: np.ndarray) -> bool:
 def import_labels(
     session: Session,
     source: Path,
-    class_names: list[str],
+    class_names: list[str] | None = None,
     mapping: LabelMap | dict[int, int] | None = None,
     cases: Collection[str] | None = None,
 ) -> ImportReport:
-    """Validate label files against their images and copy the asked-for ones into ``labels/`` as new versions.
+    """Validate label files against their images and copy the asked-for ones into ``labels/`` as new versions,
+    recorded in session.json (saved here, under the session's lock: taken for the call unless held).
 
+    ``class_names``: the classes a label's values are checked against (default: the session model's card's).
     ``cases`` are the image names asked for; None means the volumes queried so far (every round), so that a
     folder holding labels of the whole pool does not silently empty the pseudo-label pool. Labels of other
     volumes are still checked (a broken file's problem is reported either way) and listed as skipped. With a single
     label file and a single case, the two are paired whatever their names. Nothing already in the session
     is overwritten.
     """
-    source = Path(source)
+    with session.held():
+        if class_names is None:
+            if not session.data.get("model"):
+                raise ASFDAError(
+                    f"{session.root}: no model is recorded, so no classes to check labels against; rank a pool "
+                    f"into it first: 'asfda rank --images SCANS --out {as_arg(session.root)}'"
+                )
+            class_names = list(session.data["model"]["card"]["class_names"])
+        report = _import_labels(session, Path(source), class_names, mapping, cases)
+        if report.imported:
+            session.save()
+        return report
+
+
+def _import_labels(
+    session: Session,
+    source: Path,
+    class_names: list[str],
+    mapping: LabelMap | dict[int, int] | None,
+    cases: Collection[str] | None,
+) -> ImportReport:
     files = [source] if source.is_file() else discover_volumes(source)
     asked = list(session.queried() if cases is None else cases)
     report = ImportReport(asked=asked, pool=len(session.image_names()))

@@ -154,10 +154,12 @@ def test_the_command_line_leaves_the_process_group_it_joined(tmp_path, monkeypat
     from ASFDALib import distributed  # noqa: F401  (the CLI shuts down what this module joined)
     from ASFDALib.app.cli import main
 
+    assert main(["phantoms", "--count", "2", "--out", str(tmp_path / "pool")]) == 0
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the group itself has the one rank here
     (tmp_path / "empty").mkdir()
+    ranking = ["rank", "--images", str(tmp_path / "pool" / "images"), "--budget", "1"]
     failing = ["rank", "--images", str(tmp_path / "empty")]  # no volumes: refused in one line
-    for command, code in ((["phantoms", "--count", "1"], 0), (failing, 1)):
+    for command, code in ((ranking, 0), (failing, 1)):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{code}'}", rank=0, world_size=1)
         assert main([*command, "--out", str(tmp_path / f"out{code}")]) == code  # a failed rank leaves too
         assert not dist.is_initialized()
@@ -175,3 +177,25 @@ def test_the_command_line_leaves_a_callers_own_process_group_alone(tmp_path):
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "command", [["predict", "s", "--images", "i", "--out", "o"], ["labels", "s"], ["export", "s", "--out", "m.ts"]]
+)
+def test_a_command_that_does_not_scale_out_refuses_torchrun_before_any_process_writes(
+    command, monkeypatch, tmp_path, capsys
+):
+    """Under torchrun every process would do the whole job and write the same files: refused, once (rank 0)."""
+    from ASFDALib.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("s", "i"):  # the arguments are checked first, as ever
+        (tmp_path / folder).mkdir()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", f"asfda {command[0]}: error: runs in one process; run it without torchrun"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(command) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert said in err and (said or not err)
+        assert "only rank and finetune scale out" in err or rank == "1"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["i", "s"]

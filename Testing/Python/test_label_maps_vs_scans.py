@@ -162,6 +162,30 @@ def test_predict_segments_the_scans_of_a_folder_and_skips_its_label_maps_with_th
     assert len(skipped) == 1 and "mri_000_seg.nii.gz" in skipped[0] and "looks like a label map" in skipped[0]
 
 
+def test_the_python_predict_refuses_to_write_over_its_scans_or_reference_labels_before_writing(tmp_path, default_model):
+    """predict_folder itself guards, as `asfda predict` does: the images folder as out, a folder of reference
+    labels, a session's folder are refused with nothing written; its maps say which model made them."""
+    from ASFDALib.adaptation.pipeline import predict_folder
+    from ASFDALib.errors import ASFDAError
+    from ASFDALib.outputs import predictions_made_by, predictions_made_from
+
+    folder = tmp_path / "pool"
+    write_phantoms(folder, 1, "mri", seed=3)
+    before = {p: p.read_bytes() for p in folder.rglob("*.nii.gz")}
+    with pytest.raises(
+        ASFDAError, match="is the images folder itself; choose another output folder, e.g. .*images_pred"
+    ):
+        predict_folder(default_model, folder / "images", folder / "images", "cpu")
+    with pytest.raises(ASFDAError, match="mri_000.nii.gz: exists and was not written by asfda predict"):
+        predict_folder(default_model, folder / "images", folder / "labels", "cpu")
+    assert {p: p.read_bytes() for p in folder.rglob("*.nii.gz")} == before
+    written, _ = predict_folder(default_model, folder / "images", tmp_path / "pred", "cpu")
+    assert predictions_made_by(tmp_path / "pred")["mri_000.nii.gz"]["digest"] == default_model.digest
+    assert set(predictions_made_from(tmp_path / "pred")) == {"mri_000.nii.gz"}
+    again, _ = predict_folder(default_model, folder / "images", tmp_path / "pred", "cpu")  # its own maps: replaced
+    assert again == written
+
+
 def test_ct_scans_in_integer_hu_are_ranked_not_skipped(tmp_path, default_model):
     write_phantoms(tmp_path / "ct", 2, "ct", seed=4, labels=False)
     assert read_volume(tmp_path / "ct" / "images" / "ct_000.nii.gz").array.dtype == np.int16

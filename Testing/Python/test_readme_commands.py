@@ -104,17 +104,23 @@ def test_the_readmes_python_example_runs_as_printed(mri_pool, tmp_path, monkeypa
     shutil.copytree(ROOT / "Resources" / "Model", tmp_path / "Resources" / "Model")
     monkeypatch.chdir(tmp_path)
     assert main(["rank", "--images", "pool/images", "--out", "session", "--budget", "2"]) == 0
-    assert main(["labels", "import", "session", "--from", "pool/labels"]) == 0
     capsys.readouterr()
     exec(compile(block, "README.md (From Python)", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
-    queried = json.loads(Path("session/session.json").read_text())["rounds"][0]["query"]
+    session = json.loads(Path("session/session.json").read_text())
+    queried = session["rounds"][0]["query"]
     assert [line.split()[:2] for line in printed[:2]] == [["1", queried[0]], ["2", queried[1]]]
     assert all(re.fullmatch(r"\d \S+ DKD \d\.\d{3} ASD \d\.\d{3}", line) for line in printed[:2])
-    status, rest = printed[2].split(" ", 1)
+    assert sorted(session["labels"]) == sorted(queried)  # the import is recorded without a save of the caller's
+    imported, rest = printed[2].split("] ", 1)
+    assert imported == str(sorted(queried))[:-1]
+    status, rest = rest.split(" ", 1)
     iterations, checkpoint = rest.rsplit(" ", 1)
     assert (status, iterations, Path(checkpoint)) == (
         "done",
         "{'stage1': 100, 'stage2': 50}",
         Path("session", "checkpoints", "round1", "final.pt"),
     )
+    count, dice = re.fullmatch(r"(\d+) maps, mean Dice (\S+)", printed[3]).groups()
+    assert int(count) == len(list(Path("pool/images").iterdir())) and 0 < float(dice) <= 1
+    assert json.loads(Path("pool_pred/asfda_predictions.json").read_text())["made_by"]

@@ -42,7 +42,7 @@ def test_predict_into_the_images_folder_is_refused_and_the_scans_stay_as_they_we
     before = _digests(images)
     assert main(["predict", str(session), "--images", str(images), "--out", str(images)]) == 1
     err = _one_line_error(capsys)
-    assert "--images folder itself" in err and "images_pred" in err
+    assert "is the images folder itself" in err and "images_pred" in err
     assert _digests(images) == before
 
 

@@ -189,3 +189,31 @@ def test_taking_the_lock_clears_checkpoint_scratch_and_only_stale_cache_scratch(
     with Session.open(tmp_path):
         assert not list((tmp_path / "checkpoints").rglob("*.tmp"))
         assert not old.exists() and fresh.exists()
+
+
+def test_taking_the_lock_reads_the_session_again_so_what_another_writer_saved_is_kept(tmp_path):
+    """Opened, then locked after another writer saved: the write starts from the file, not the stale read."""
+    first = Session.open(tmp_path, create=True)
+    first.save()
+    stale = Session.open(tmp_path)
+    with first:
+        first.add_round(["a.nii.gz"], {"name": "asfda"}, "digest")
+        first.save()
+    with stale:
+        assert [r["query"] for r in stale.rounds] == [["a.nii.gz"]]
+        stale.add_round(["b.nii.gz"], {"name": "asfda"}, "digest")
+        stale.save()
+    assert [r["query"] for r in Session.open(tmp_path).rounds] == [["a.nii.gz"], ["b.nii.gz"]]
+
+
+def test_a_python_fine_tune_of_a_session_another_run_holds_is_refused_before_it_reads_anything(tmp_path):
+    """finetune_session takes the session's lock itself when its caller did not."""
+    from ASFDALib.adaptation.pipeline import finetune_session
+    from ASFDALib.adaptation.recipe import FinetuneConfig
+
+    Session.open(tmp_path, create=True).save()
+    with Session.open(tmp_path):
+        with pytest.raises(SessionError, match=f"session is in use by pid {os.getpid()} on "):
+            finetune_session(Session.open(tmp_path), FinetuneConfig(iterations=1))
+    with pytest.raises(SessionError, match="no labels yet"):  # free again: it goes on to what it needs
+        finetune_session(Session.open(tmp_path), FinetuneConfig(iterations=1))
