@@ -105,6 +105,29 @@ class FinetuneConfig:
                 raise ValueError(f"FinetuneConfig.{name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
         if not 0.0 <= self.blend_start < 1.0:  # 1 would hand over the start itself: nothing fine-tuned
             raise ValueError(f"FinetuneConfig.blend_start {self.blend_start}: use a share in [0, 1)")
+        # the command line's checks, so a script's wrong number fails here, not as a run recorded as done
+        ranges = {
+            "iterations": (self.iterations >= 0, "0 or more"),
+            "pseudo_iterations": (self.pseudo_iterations >= 0, "0 or more (0 skips stage 2)"),
+            "batch_size": (self.batch_size >= 1, "1 or more"),
+            "lr": (self.lr > 0, "above 0"),
+            "encoder_lr_scale": (self.encoder_lr_scale >= 0, "0 or more"),
+            "weight_decay": (self.weight_decay >= 0, "0 or more"),
+            "foreground_ratio": (0 <= self.foreground_ratio <= 1, "in [0, 1]"),
+            "checkpoint_every": (self.checkpoint_every >= 1, "1 or more"),
+            "keep_fraction": (0 < self.keep_fraction <= 1, "in (0, 1]"),
+            "confidence": (0 <= self.confidence < 1, "in [0, 1)"),
+            "min_agreement": (0 <= self.min_agreement <= 1, "in [0, 1]"),
+            "pseudo_weight": (self.pseudo_weight >= 0, "0 or more"),
+            "ramp_fraction": (0 <= self.ramp_fraction <= 1, "in [0, 1]"),
+            "ema_decay": (0 <= self.ema_decay < 1, "in [0, 1)"),
+            "ema_weight": (self.ema_weight >= 0, "0 or more"),
+            "max_pseudo_volumes": (self.max_pseudo_volumes >= 0, "0 or more"),
+            "workers": (self.workers is None or self.workers >= 0, "0 or more, or None"),
+        }
+        for name, (ok, allowed) in ranges.items():
+            if not ok:
+                raise ValueError(f"FinetuneConfig.{name} {getattr(self, name)!r}: use a value {allowed}")
 
 
 def stage2_teacher(teacher: str, fallback_judged: bool) -> str:

@@ -143,7 +143,7 @@ BENCH_SCENARIOS = ("mri", "ct-shift", "mri-rich")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ASFDALib.query.config import DEFAULT_FUSION, FUSIONS, STRATEGIES, RankConfig
+    from ASFDALib.query.config import DEFAULT_FUSION, FUSIONS, KNOWLEDGE_CHOICES, STRATEGIES, RankConfig
 
     parser = Parser(
         prog="asfda",
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rank.add_argument(
         "--knowledge",
-        choices=("auto", "bn", "stats", "prototype", "energy"),
+        choices=KNOWLEDGE_CHOICES,
         default="auto",
         help="source knowledge for DKD: BatchNorm statistics, the card's source-statistics file, or free "
         "energy, auto picks the first available; prototype (the pointwise head's class prototypes) only when "

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 STRATEGIES = ("asfda", "dkd", "asd", "random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe")
 FUSIONS = ("sum", "gated", "gap-first")  # how DKD and ASD are combined (selection.greedy_dkd_asd)
 DEFAULT_FUSION = "gap-first"  # chosen on validation (docs/method.md "How DKD and ASD are combined")
+KNOWLEDGE_CHOICES = ("auto", "bn", "stats", "prototype", "energy")  # "auto": selection.KNOWLEDGE's first available
 
 
 @dataclass
@@ -27,3 +28,20 @@ class RankConfig:
     dynamic_temperature: bool = True
     diversity: bool = True
     fusion: str = DEFAULT_FUSION
+
+    def __post_init__(self) -> None:
+        # the command line's checks, so a script's wrong value fails here, not as a ranking that selects nothing
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"RankConfig.strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"RankConfig.fusion {self.fusion!r}: use one of {', '.join(FUSIONS)}")
+        if self.knowledge not in KNOWLEDGE_CHOICES:
+            raise ValueError(f"RankConfig.knowledge {self.knowledge!r}: use one of {', '.join(KNOWLEDGE_CHOICES)}")
+        for name, ok, allowed in (
+            ("budget", self.budget >= 1, "1 or more"),
+            ("alpha", 0 <= self.alpha <= 1, "in [0, 1]"),
+            ("mc_passes", self.mc_passes >= 1, "1 or more"),
+            ("seed", self.seed >= 0, "0 or more"),
+        ):
+            if not ok:
+                raise ValueError(f"RankConfig.{name} {getattr(self, name)!r}: use a value {allowed}")

@@ -338,11 +338,11 @@ def test_the_ema_teacher_not_the_stored_pseudo_label_labels_the_patches(tmp_path
     """With no voxel confident enough for the teacher, the pseudo-labelled patches teach nothing, whatever
     their stored labels say: stage 2 ends where it ends on the labels alone."""
     card, cases = default_model.card, _cases(default_model.card)
+    config = replace(SMALL, teacher="ema")
+    config.confidence = 1.01  # above every probability, so no voxel passes (a value the recipe refuses from users)
     ends = []
     for folder, pseudo in (("a", cases[1:]), ("b", None)):
-        trainer = Trainer(
-            _fresh(default_model.path), card, replace(SMALL, teacher="ema", confidence=1.01), tmp_path / folder
-        )
+        trainer = Trainer(_fresh(default_model.path), card, config, tmp_path / folder)
         trainer.begin_stage("stage2")
         trainer.run(cases[:1], 2, pseudo)
         ends.append(dict(trainer.network.named_parameters()))  # (BatchNorm's running statistics do see them)
@@ -552,3 +552,22 @@ def test_a_blend_share_of_one_or_more_is_refused_by_the_recipe():
 
     with pytest.raises(ValueError, match=r"blend_start 1.0: use a share in \[0, 1\)"):
         FinetuneConfig(blend_start=1.0)
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("iterations", -1, "0 or more"),
+        ("batch_size", 0, "1 or more"),
+        ("lr", -1.0, "above 0"),
+        ("keep_fraction", 2.0, r"in \(0, 1\]"),
+        ("checkpoint_every", 0, "1 or more"),
+        ("confidence", 1.0, r"in \[0, 1\)"),
+    ],
+)
+def test_a_scripts_value_out_of_range_is_refused_when_the_recipe_is_made(field, value, allowed):
+    """As the command line's checks do: not a run that trains at a negative rate, or fails late and is recorded."""
+    from ASFDALib.adaptation.recipe import FinetuneConfig
+
+    with pytest.raises(ValueError, match=f"FinetuneConfig.{field} {value!r}: use a value {allowed}"):
+        FinetuneConfig(**{field: value})

@@ -267,3 +267,19 @@ def test_asked_for_prototypes_an_instancenorm_network_ranks_by_them_and_caches_t
     assert all(r.cached for r in rankings[1].records)
     gaps = [[r.result.prototype_gap for r in ranking.records] for ranking in rankings]
     assert np.isfinite(gaps[0]).all() and gaps[1] == gaps[0]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"budget": 0}, "RankConfig.budget 0: use a value 1 or more"),
+        ({"alpha": 3}, r"RankConfig.alpha 3: use a value in \[0, 1\]"),
+        ({"strategy": "asdfa"}, "RankConfig.strategy 'asdfa': use one of asfda, dkd"),
+        ({"knowledge": "batchnorm"}, "RankConfig.knowledge 'batchnorm': use one of auto, bn"),
+    ],
+)
+def test_a_scripts_ranking_option_out_of_range_is_refused_when_the_config_is_made(options, message):
+    from ASFDALib.query.config import RankConfig
+
+    with pytest.raises(ValueError, match=message):
+        RankConfig(**options)
