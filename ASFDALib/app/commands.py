@@ -987,17 +987,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
-    from ASFDALib.bench.phantoms import phantom_names, write_phantoms
+    from ASFDALib.bench.phantoms import write_phantoms
 
-    # never over a volume (a pool a session ranks may be there), refused before any is written
-    folders = ("images",) if args.no_labels else ("images", "labels")
-    targets = [args.out / folder / n for n in phantom_names(args.count, args.domain) for folder in folders]
-    there = [p for p in targets if p.exists()]
-    if there:
-        raise ASFDAError(
-            f"{there[0]}: already exists ({len(there)} of the files to write do); phantoms never replace a volume: "
-            "choose a new --out folder"
-        )
+    # never over a volume (a pool a session ranks may be there): write_phantoms refuses before writing any
     paths = write_phantoms(args.out, args.count, args.domain, args.seed, labels=not args.no_labels)
     print(
         f"Wrote {len(paths)} {args.domain} phantoms to {args.out / 'images'}"

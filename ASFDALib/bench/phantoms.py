@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ASFDALib.errors import ASFDAError
+
 CLASS_NAMES = ["background", "liver", "kidney", "gallbladder"]
 TISSUES = ("air", "fat", "muscle", "bone", "liver", "kidney", "gallbladder")
 CONTRASTS = {
@@ -260,12 +262,30 @@ def phantom_names(count: int, domain: str, prefix: str | None = None) -> list[st
 
 
 def write_phantoms(
-    folder: Path, count: int, domain: str = "ct", seed: int = 0, labels: bool = True, prefix: str | None = None
+    folder: Path,
+    count: int,
+    domain: str = "ct",
+    seed: int = 0,
+    labels: bool = True,
+    prefix: str | None = None,
+    replace: bool = False,
 ) -> list[Path]:
-    """Write ``count`` phantoms as NIfTI into ``folder/images`` (and ``folder/labels``); returns image paths."""
+    """Write ``count`` phantoms as NIfTI into ``folder/images`` (and ``folder/labels``); returns image paths.
+
+    Refused, before any is written, where a file to write exists (a pool a session ranks may be there), unless
+    ``replace`` (a folder of the caller's own phantoms, made again)."""
     from ASFDALib.data.volumes import write_nifti
 
     folder = Path(folder)
+    targets = [
+        folder / sub / n for n in phantom_names(count, domain, prefix) for sub in ("images", "labels")[: 1 + labels]
+    ]
+    there = [p for p in targets if p.exists()]
+    if there and not replace:
+        raise ASFDAError(
+            f"{there[0]}: already exists ({len(there)} of the files to write do); phantoms never replace a volume: "
+            "choose a new folder"
+        )
     config = domain_config(domain)
     dtype = np.int16 if domain == "ct" else np.uint16
     paths = []

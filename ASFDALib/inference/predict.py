@@ -20,8 +20,16 @@ def predict_probabilities(
 ) -> torch.Tensor:
     """Softmax probabilities (C, X, Y, Z) at model spacing, float32 on the CPU, with gradients off.
 
-    The network runs in eval mode, unless ``keep_mode`` leaves the caller's (MC dropout turns dropout on).
+    ``image``: (1, X, Y, Z), at the model's spacing and intensity scale, as
+    ``data.preprocess.preprocess(volume, card)`` returns it (raw intensities give another, wrong, segmentation;
+    ``adaptation.pipeline.predict_folder`` does it all, file to file). The network runs in eval mode, unless
+    ``keep_mode`` leaves the caller's (MC dropout turns dropout on).
     """
+    if tuple(image.shape[:1]) != (1,) or len(image.shape) != 4:
+        raise ValueError(
+            f"an image of shape {tuple(image.shape)}: give (1, X, Y, Z), as data.preprocess.preprocess(volume, card) "
+            "returns it (one channel, at the model's spacing and intensity scale)"
+        )
     dev = resolve_device(device)
     network = network.to(dev)
     if not keep_mode:
@@ -41,7 +49,8 @@ def predict_probabilities(
 def predict_label(
     network: torch.nn.Module, image: np.ndarray | torch.Tensor, card: ModelCard, device: str = "auto"
 ) -> np.ndarray:
-    """The label map (X, Y, Z) at model spacing: the argmax of :func:`predict_probabilities`."""
+    """The label map (X, Y, Z) at model spacing: the argmax of :func:`predict_probabilities` (``image``: (1, X, Y,
+    Z), preprocessed as it says)."""
     label = predict_probabilities(network, image, card, device).argmax(0).numpy()
     return label.astype(np.uint8)  # the card allows at most 256 classes
 

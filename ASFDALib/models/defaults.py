@@ -31,5 +31,5 @@ def sample_images(folder: Path) -> Path:
 
     images = Path(folder) / "images"
     if not images.is_dir() or len(list(images.glob("*.nii.gz"))) < SAMPLE_COUNT:
-        write_phantoms(Path(folder), SAMPLE_COUNT, "mri", seed=SAMPLE_SEED, labels=True, prefix="sample")
+        write_phantoms(Path(folder), SAMPLE_COUNT, "mri", seed=SAMPLE_SEED, labels=True, prefix="sample", replace=True)
     return images

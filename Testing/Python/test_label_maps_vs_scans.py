@@ -317,3 +317,22 @@ def test_evaluate_still_scores_label_maps_given_as_predictions(tmp_path, capsys)
     assert main([*args, "--out", str(out)]) == 0
     mean = out.read_text().splitlines()[-1].split(",")
     assert mean[0] == "MEAN" and mean[-1] == "1.0000"  # each label against itself
+
+
+def test_predicting_an_array_without_its_channel_axis_says_the_shape_it_takes(default_model):
+    """A script passing a volume's (X, Y, Z) array: one line naming the (1, X, Y, Z) shape and preprocess."""
+    from ASFDALib.inference.predict import predict_label
+
+    with pytest.raises(ValueError, match=r"an image of shape \(8, 8, 8\): give \(1, X, Y, Z\), as data.preprocess"):
+        predict_label(default_model.network, np.zeros((8, 8, 8), np.float32), default_model.card, "cpu")
+
+
+def test_phantoms_written_from_python_never_replace_a_volume(tmp_path):
+    """As `asfda phantoms`: a pool (perhaps one a session ranks) is refused before any file is written."""
+    from ASFDALib.errors import ASFDAError
+
+    write_phantoms(tmp_path, 2, "mri", seed=1)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.nii.gz")}
+    with pytest.raises(ASFDAError, match="mri_000.nii.gz: already exists .*phantoms never replace a volume"):
+        write_phantoms(tmp_path, 3, "mri", seed=2)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.nii.gz")} == before
