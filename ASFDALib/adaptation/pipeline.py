@@ -656,6 +656,9 @@ def _finetune_session(
                 # session.json lists the run too; its iterations stay those of the round's finished checkpoint
                 round_entry["metrics"] = (round_entry.get("metrics") or {}) | {"runs": _runs(run)}
                 session.save()
+        if status == "cancelled":  # the caller's result says what ran too, as the records do
+            result.iterations = dict(run["done"])
+            result.summary = _summary(mode, index, before, run["done"]) + " before it was cancelled"
 
     def count() -> None:
         run["done"][trainer.stage] = trainer.iteration

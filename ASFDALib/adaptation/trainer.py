@@ -191,7 +191,10 @@ class Trainer:
 
     def _make_teacher(self) -> torch.nn.Module:
         """The EMA teacher, starting from the student's weights (at stage 2's start: the stage-1 model)."""
-        self.teacher = copy.deepcopy(self.network).eval().requires_grad_(False)
+        with torch.no_grad():  # a TorchScript module's copy clones its tensors: outside autograd, they are leaves
+            self.teacher = copy.deepcopy(self.network).eval()
+        for parameter in self.teacher.parameters():  # one by one: a TorchScript module has no requires_grad_()
+            parameter.requires_grad_(False)
         return self.teacher
 
     @torch.no_grad()

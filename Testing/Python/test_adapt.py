@@ -1215,6 +1215,8 @@ def test_session_records_exactly_the_iterations_run_after_any_sequence_of_finetu
         run = read_run(root / "checkpoints" / "round1")
         assert run["done"]["stage1"] == done, (ops, run)
         assert run["finished"] == model[2]
+        if result.status == "cancelled":  # the caller's result says what ran, as the record does
+            assert result.iterations == run["done"] and result.summary.endswith("before it was cancelled")
         recorded = Session.open(root).rounds[-1]["metrics"]
         if model[2]:
             assert recorded["iterations"] == {"stage1": done, "stage2": 0}

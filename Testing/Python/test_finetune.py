@@ -571,3 +571,15 @@ def test_a_scripts_value_out_of_range_is_refused_when_the_recipe_is_made(field, 
 
     with pytest.raises(ValueError, match=f"FinetuneConfig.{field} {value!r}: use a value {allowed}"):
         FinetuneConfig(**{field: value})
+
+
+def test_a_torchscript_network_trains_stage_2_with_an_ema_teacher(tmp_path, default_model):
+    """The teacher is a copy whose parameters are frozen one by one (a ScriptModule has no requires_grad_)."""
+    import torch
+
+    card, cases = default_model.card, _cases(default_model.card)
+    scripted = torch.jit.script(_fresh(default_model.path))
+    trainer = Trainer(scripted, card, replace(SMALL, teacher="ema"), tmp_path / "ts")
+    trainer.begin_stage("stage2")
+    assert trainer.run(cases[:1], 2, pseudo=cases[1:]) == "done"
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
