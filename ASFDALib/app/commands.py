@@ -681,8 +681,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ASFDALib.evaluation.evaluate import (
         evaluate_folders,
         foreign_warning,
+        is_evaluation_table,
         left_out,
         mean_caption,
+        refuse_swapped_folders,
         summary_rows,
         trained_on,
         write_csv,
@@ -698,9 +700,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = args.out or Path(args.pred) / "evaluation.csv"
     refuse_folder_as_file(out, out / "evaluation.csv")
+    refuse_swapped_folders(args.pred, args.labels)  # before its table would go into the reference labels
     inputs = [*discover_volumes(args.pred), *discover_volumes(args.labels)]
     refuse_overwrite([out], inputs, "an input label map", "choose another --out file")
     refuse_inside_session(out, "write the table elsewhere, e.g. --out evaluation.csv")
+    if Path(out).is_file() and not is_evaluation_table(Path(out)):  # a card, a script: never replaced
+        raise ASFDAError(f"{out}: exists and is not a table asfda evaluate wrote; choose another --out file (.csv)")
     console = Console()
     session = Session.open(args.session) if args.session else None
     # the session that made the maps (predict's record): held-out cases are judged by its labels, not another's

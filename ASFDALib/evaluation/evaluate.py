@@ -49,11 +49,27 @@ class NotAPrediction(ASFDAError):
     """A --pred file that is an intensity image (a scan): the whole evaluation is refused, not one row."""
 
 
-def _refuse_scan(array: np.ndarray, path: Path) -> None:
+LABELS_FIX = "give --labels the folder of reference label maps (a clinician's or a dataset's), not the scans"
+
+
+def _refuse_scan(array: np.ndarray, path: Path, fix: str = PRED_FIX) -> None:
     try:
-        refuse_intensity_image(array, path, fix=PRED_FIX)
+        refuse_intensity_image(array, path, fix=fix)
     except VolumeError as exc:  # out of the per-case rows' handler: a folder of scans is no evaluation
         raise NotAPrediction(str(exc)) from None
+
+
+def refuse_swapped_folders(pred_dir: Path, label_dir: Path) -> None:
+    """Refuse, before any case is read, reference labels that are a predictions folder (asfda predict's record
+    is in it): the two folders were given the wrong way round, or twice the predictions."""
+    from ASFDALib.outputs import PREDICTIONS_MANIFEST
+
+    if (Path(label_dir) / PREDICTIONS_MANIFEST).is_file():
+        same = Path(label_dir).resolve() == Path(pred_dir).resolve()
+        fix = "give the reference labels as --labels" if same else "swap --pred and --labels"
+        raise ASFDAError(
+            f"{label_dir}: holds label maps asfda predict wrote ({PREDICTIONS_MANIFEST}), not reference labels; {fix}"
+        )
 
 
 def _predicted_classes(paths: list[Path]) -> int:
@@ -79,6 +95,7 @@ def evaluate_folders(
     without names of what the predictions contain) are listed in ``CaseScore.foreign`` and their voxels
     are left out of every class's score.
     """
+    refuse_swapped_folders(pred_dir, label_dir)
     labels = discover_volumes(label_dir)
     pairing = pair_names([str(p) for p in discover_volumes(pred_dir)], [str(p) for p in labels])
     if not pairing.pairs:
@@ -97,6 +114,7 @@ def evaluate_folders(
             ref = read_volume(reference[name], allow_constant=True)
             pred = read_volume(pred_path, allow_constant=True)
             _refuse_scan(pred.array, pred_path)  # nothing is written before every case is scored
+            _refuse_scan(ref.array, reference[name], LABELS_FIX)  # scans as references would score 0, "mapped"
             pred_array, _ = align_to_image(np.asarray(pred.array), pred.affine, ref.array.shape, ref.affine, pred_path)
             ref_array = np.asarray(ref.array).astype(np.int64)
             present = [int(v) for v in np.unique(ref_array)]
@@ -255,6 +273,16 @@ def mean_caption(rows: list[dict], trained: dict[str, str], source: bool = False
     left = len(rows) - 1 - held_out
     clause = f" (not the {left} the session trained on{', ' + AS_ADAPTED if source else ''})" if left else ""
     return f"Mean over {held_out} cases{clause}, per class"
+
+
+def is_evaluation_table(path: Path) -> bool:
+    """Whether ``path`` is a table :func:`write_csv` wrote (its header starts ``case,reason``), which a new
+    evaluation may replace; any other file is never written over."""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            return handle.readline().startswith("case,reason,")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:

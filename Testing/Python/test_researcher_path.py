@@ -195,6 +195,38 @@ def test_evaluate_stats_and_rank_refuse_to_write_over_their_inputs(ranked, capsy
     assert not (pool / "images" / "session.json").exists()
 
 
+def test_evaluate_never_writes_over_a_file_it_did_not_write_and_replaces_its_own_table(ranked, capsys, tmp_path):
+    """A card, a script given as --out: refused; the table an earlier evaluation wrote: replaced."""
+    root, _ = ranked
+    pool = root / "pool"
+    card = tmp_path / "card.json"
+    card.write_text('{"class_names": ["background", "liver"]}')
+    args = ["evaluate", "--pred", str(pool / "labels"), "--labels", str(pool / "labels")]
+    assert main([*args, "--out", str(card)]) == 1
+    assert f"{card}: exists and is not a table asfda evaluate wrote; choose another --out file" in _one_line_error(
+        capsys
+    )
+    assert card.read_text() == '{"class_names": ["background", "liver"]}'
+    table = tmp_path / "evaluation.csv"
+    assert main([*args, "--out", str(table)]) == 0
+    assert main([*args, "--out", str(table)]) == 0 and table.read_text().startswith("case,reason,")
+
+
+def test_evaluate_refuses_folders_given_the_wrong_way_round_or_scans_as_references(ranked, capsys, tmp_path):
+    root, session = ranked
+    pool = root / "pool"
+    pred = tmp_path / "pred"
+    assert main(["predict", str(session), "--images", str(pool / "images"), "--out", str(pred)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(pool / "labels"), "--labels", str(pred)]) == 1
+    said = _one_line_error(capsys)
+    assert f"{pred}: holds label maps asfda predict wrote (asfda_predictions.json), not reference labels" in said
+    assert "swap --pred and --labels" in said and not (pool / "labels" / "evaluation.csv").exists()
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(pool / "images")]) == 1
+    assert "give --labels the folder of reference label maps" in _one_line_error(capsys)
+    assert not (pred / "evaluation.csv").exists()
+
+
 def test_an_unadapted_session_says_so_on_predict_and_refuses_export_unless_asked(ranked, capsys, tmp_path):
     root, session = ranked
     assert main(["predict", str(session), "--images", str(root / "pool" / "images"), "--out", str(tmp_path / "p")]) == 0
