@@ -559,7 +559,10 @@ def _finetune_session(
     cases = [load_case(n, session.image_path(n), p, model.card) for n, p in sorted(labelled.items())]
     val_cases = [load_case(case_id(i.name), i, lab, model.card) for i, lab in validation or []]
     if mode == "restart" and distributed.is_main():
+        previous = session.path(round_entry["checkpoint"]) if round_entry.get("checkpoint") else None
         aside = _set_aside(folder)
+        if previous is not None and previous.is_relative_to(folder.resolve()):  # it moved with the folder
+            previous = aside.resolve() / previous.relative_to(folder.resolve())
         say(f"training round {index} again from its start; the earlier run is kept in {session.relative(aside)}")
         metrics = round_entry.get("metrics") or {}
         replaced = {"folder": session.relative(aside), "iterations": metrics.get("iterations")}  # its final.pt's
@@ -573,7 +576,12 @@ def _finetune_session(
             if key not in replaced and ran:  # an unfinished run's
                 replaced[key] = ran[-1]
         round_entry.setdefault("replaced", []).append(replaced)
-        round_entry["checkpoint"], round_entry["metrics"] = None, {}
+        # until the new run finishes, the round's model stays the finished one set aside (predict and export
+        # use it, and say so), with what trained it; an interrupted restart then loses nothing
+        if previous is not None and previous.is_file():
+            round_entry["checkpoint"] = session.relative(previous)
+        else:
+            round_entry["checkpoint"], round_entry["metrics"] = None, {}
         session.save()
         run = None
     distributed.barrier()

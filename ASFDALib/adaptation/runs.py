@@ -214,5 +214,5 @@ def unfinished_run(session: Session) -> str:
     if run is None or run["finished"]:
         return ""
     state = run_state(session, run)
-    verb = "is" if state == "running" else "was"
-    return f"round {session.rounds[-1]['index']}'s fine-tune {verb} {state} ({done_text(run['done'])})"
+    how = {"running": "is running", "failed": "failed"}.get(state, f"was {state}")
+    return f"round {session.rounds[-1]['index']}'s fine-tune {how} ({done_text(run['done'])})"

@@ -1678,3 +1678,30 @@ def test_a_new_rounds_fine_tune_waits_for_a_label_of_its_query(labelled_session,
     shutil.copy(mri_pool / "labels" / query, gt / query)
     assert main(["labels", "import", str(labelled_session), "--from", str(gt)]) == 0
     assert main(["finetune", str(labelled_session), *tiny]) == 0  # labelled: round 2 trains
+
+
+def test_a_restart_cancelled_part_way_leaves_the_finished_model_the_rounds_own(labelled_session, mri_pool, capsys):
+    """Until the new run finishes, predict and export use the model the restart set aside, with its record."""
+    import threading
+
+    from ASFDALib.adaptation.pipeline import finetune_session
+
+    config = FinetuneConfig(iterations=2, pseudo_iterations=0, batch_size=1, device="cpu")
+    with Session.open(labelled_session) as session:
+        finetune_session(session, config, pseudo=False)
+    cancel = threading.Event()
+    longer = FinetuneConfig(iterations=50, pseudo_iterations=0, batch_size=1, checkpoint_every=1, device="cpu")
+    with Session.open(labelled_session) as session:
+        result = finetune_session(session, longer, False, "restart", cancel, lambda p: cancel.set())
+    assert result.status == "cancelled"
+    session = Session.open(labelled_session)
+    aside = labelled_session / "checkpoints" / "round1-replaced-1" / "final.pt"
+    assert session.adapted_checkpoint() == aside.resolve()
+    assert session.rounds[-1]["metrics"]["iterations"] == {"stage1": 2, "stage2": 0}  # what trained that model
+    assert main(["predict", str(labelled_session), "--images", str(mri_pool / "images"), "--out",
+                 str(labelled_session.parent / "pred")]) == 0  # fmt: skip
+    said = " ".join(capsys.readouterr().out.split())
+    assert "predicting with round 1's model as it finished before this run" in said
+    with Session.open(labelled_session) as session:  # a finished restart makes its own model the round's
+        assert finetune_session(session, longer, False, "resume").status == "done"
+    assert Session.open(labelled_session).adapted_checkpoint().parent.name == "round1"
