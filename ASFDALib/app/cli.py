@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the session's adapted model (the source model with --source-model) in a form other\n"
         "tools load: a MONAI bundle (configs, weights, card and how it was adapted; runs with MONAI's own runner),\n"
         "a torch.export program or TorchScript (both load back only with --trust: they run stored code).\n"
-        "It never writes over an existing export or into the base model's folder.",
+        "It never writes over an existing export, the base model or its card, or into a base bundle's folder.",
         epilog="examples:\n  asfda export ~/asfda/liver --format bundle --out liver_bundle/\n"
         "  python -m monai.bundle run --config_file liver_bundle/configs/inference.json \\\n"
         "      --meta_file liver_bundle/configs/metadata.json --bundle_root liver_bundle \\\n"

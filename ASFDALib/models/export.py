@@ -476,12 +476,13 @@ def _reexport_bundle(model: LoadedModel, folder: Path, record: dict[str, Any] | 
 
 def export_torchscript(model: LoadedModel, path: Path) -> Path:
     """``model.ts`` (scripted, or traced when scripting fails) plus ``model.card.json`` beside it."""
+    path = Path(path)
+    _refuse_overwriting_the_base(model, [path, card_beside(path)])
     network = model.network.cpu().eval()
     try:
         scripted = torch.jit.script(network)
     except Exception:  # noqa: BLE001 - some MONAI networks only trace
         scripted = torch.jit.trace(network, torch.zeros(1, 1, *model.card.roi_size))
-    path = Path(path)
     atomic_write(path, lambda tmp: scripted.save(str(tmp)))
     atomic_write_json(card_beside(path), _exported_card(model.card, program=True))
     return path

@@ -277,6 +277,10 @@ def test_export_never_writes_into_the_base_model(tmp_path, small_pool, capsys):
     assert main([*rank, "--out", str(tmp_path / "s")]) == 0
     assert main(["export", str(tmp_path / "s"), "--out", str(base / "adapted"), "--source-model"]) == 1
     assert "would overwrite the base model" in capsys.readouterr().err
+    for fmt in ("torchscript", "pt2"):  # nor a program and its card into the bundle's models/
+        export = ["export", str(tmp_path / "s"), "--format", fmt, "--out", str(base / "models"), "--source-model"]
+        assert main(export) == 1
+        assert "would overwrite the base model" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
 
 
