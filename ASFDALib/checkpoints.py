@@ -399,6 +399,7 @@ def load_pretrained(
     required = [n for n in body if n.split(".", 1)[0] == encoder] if encoder_only else body
 
     missing, wrong = [], []
+    stray = _stray_tensors(ckpt, mapping, own, modules)
     for name in sorted(required):
         key = source_of(name)
         if key is None:
@@ -406,13 +407,14 @@ def load_pretrained(
                 missing.append(name)
         elif ckpt[key].shape != own_vars[name].shape:
             wrong.append(f"{name} (checkpoint {tuple(ckpt[key].shape)}, network {tuple(own_vars[name].shape)})")
-    if missing or wrong:
+    if missing or wrong or stray:
         what = "encoder " + repr(encoder) if encoder_only else "network (outside the output head)"
         detail = "; ".join(
             part
             for part in (
                 f"wrong shape: {_names(wrong)}" if wrong else "",
                 f"missing from the checkpoint: {_names(missing)}" if missing else "",
+                f"in the checkpoint but not in the network: {_names(stray)}" if stray else "",
             )
             if part
         )
@@ -481,6 +483,30 @@ def load_pretrained(
     # Named as they map onto the network when they do (the pre-trained head), else as in the checkpoint.
     report.ignored = sorted(mapping[k] if mapping.get(k) in own else k for k in ckpt if k not in used)
     return report
+
+
+def _stray_tensors(
+    ckpt: Mapping[str, torch.Tensor], mapping: Mapping[str, str], own: set[str], modules: dict[str, torch.nn.Module]
+) -> list[str]:
+    """Checkpoint tensors that would land inside one of the network's modules where it has no such tensor: a
+    block, layer or unit the network lacks (``num_res_units`` 2 against 1, say), so the network is not the one
+    trained. Tensors of other sub-modules of a training checkpoint (a loss's weights, a Lightning module's
+    metrics: nothing of theirs is a module here) and a module's own non-persistent buffers (kept by older
+    releases) are not."""
+    stray = []
+    for key in ckpt:
+        name = mapping.get(key, key)
+        if name in own:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        if parent in modules:
+            if parent and not hasattr(modules[parent], leaf):
+                stray.append(name)
+            continue
+        ancestors = [parent.rsplit(".", i)[0] for i in range(1, parent.count(".") + 1)]
+        if any(a in modules and a for a in ancestors):
+            stray.append(name)
+    return sorted(stray)
 
 
 # --- class maps --------------------------------------------------------------------------------------------

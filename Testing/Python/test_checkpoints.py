@@ -234,6 +234,15 @@ def test_segresnet_lightning_layout_ignores_other_module_tensors(tmp_path):
     assert torch.equal(w[[1, 2]], source.state_dict()["conv_final.2.conv.weight"][[1, 3]])
 
 
+def test_a_checkpoint_with_units_the_network_lacks_is_refused_naming_them(tmp_path):
+    """Trained with two residual units, built with one: the second unit's tensors land in the network's own
+    blocks, where it has none, so the network is not the one trained (not 'ignored', as a loss's weights are)."""
+    trained = UNet(3, 1, SOURCE_CLASSES, channels=(8, 16, 32), strides=(2, 2), num_res_units=2, norm="batch")
+    ckpt = save_and_read({"model": {f"module.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "m.pt")
+    with pytest.raises(ModelError, match=r"in the checkpoint but not in the network: model\.0\.conv\.unit1\."):
+        load_pretrained(unet_batch(TARGET_CLASSES), ckpt, num_classes=TARGET_CLASSES)
+
+
 def test_swinunetr_supreme_layout_loads_all_but_head(tmp_path):
     source, target = pair(swin)
     ckpt = save_and_read({"net": torch.nn.DataParallel(Universal(source)).state_dict()}, tmp_path / "supreme_swin.pth")
