@@ -740,11 +740,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # a reference file the session imported with a map (known by its content): that map, not an example
     versions = session.label_versions().values() if session else []
     imported = {e["source_sha256"]: mapping_text(e["map"]) for e in versions if e.get("map") and e.get("source_sha256")}
+    maps_of: dict[str, str] = {}  # reference case -> the map the session imported its file with
+    if imported:
+        for score in scores:
+            if text := imported.get(content_hash(Path(args.labels) / score.case)):
+                maps_of[score.case] = text
     for score in scores:
         if score.foreign:
-            imported_with = imported.get(content_hash(Path(args.labels) / score.case), "") if imported else ""
-            warning = foreign_warning(score, names, imported_with)
+            warning = foreign_warning(score, names, maps_of.get(score.case, ""))
             console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
+    unmapped = sorted({text for case, text in maps_of.items() if not next(s for s in scores if s.case == case).foreign})
+    if unmapped and not args.map:  # values that are classes' indices all the same, but of other classes
+        cases = [c for c, text in maps_of.items() if text in unmapped]
+        console.print(
+            f"[yellow]warning[/yellow] {len(cases)} reference file(s) here ({escape(', '.join(sorted(cases)[:3]))}) "
+            f"were imported into {escape(str(session.root))} with --map {escape(as_arg(unmapped[0]))}: their values "
+            f"are not this model's class indices, so without it the Dice compares other classes; run again with "
+            f"--map {escape(as_arg(unmapped[0]))}",
+            soft_wrap=True,
+        )
     for line in left_out(args.pred, args.labels):
         console.print(line, style="yellow", markup=False, highlight=False, soft_wrap=True)
     # maps that predict recorded as this session's source model's: it trained on none of the session's cases

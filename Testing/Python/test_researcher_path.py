@@ -287,6 +287,31 @@ def test_labels_without_a_session_or_with_import_options_but_no_import_say_how_i
     assert (session / "session.json").read_text() == before
 
 
+def test_evaluate_names_the_map_the_session_imported_these_references_with_when_none_is_given(ranked, tmp_path, capsys):
+    """Labels whose values are the model's indices, but of other classes (liver and kidney swapped), imported with
+    --map: evaluating against the same files without it compares other classes, and is said so, with the map."""
+    from ASFDALib.data.volumes import read_volume, write_nifti
+
+    root, template = ranked
+    session = tmp_path / "s"
+    shutil.copytree(template, session)
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for label in sorted((root / "pool" / "labels").iterdir()):
+        volume = read_volume(label, allow_constant=True)
+        swapped = volume.array.copy()
+        swapped[volume.array == 1], swapped[volume.array == 2] = 2, 1
+        write_nifti(gt / label.name, swapped, volume.affine)
+    assert main(["labels", "import", str(session), "--from", str(gt), "--map", "1=2,2=1"]) == 0
+    capsys.readouterr()
+    args = ["evaluate", "--pred", str(root / "pool" / "labels"), "--labels", str(gt), "--session", str(session)]
+    assert main([*args, "--out", str(tmp_path / "e.csv")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "2 reference file(s) here" in said and "with --map 2=1,1=2: their values are not this model's" in said
+    assert main([*args, "--out", str(tmp_path / "e2.csv"), "--map", "1=2,2=1"]) == 0
+    assert "reference file(s) here" not in " ".join(capsys.readouterr().out.split())
+
+
 def test_labels_of_volumes_not_asked_for_are_skipped_and_a_class_the_model_lacks_is_mapped_to_background(
     ranked, tmp_path, capsys
 ):
