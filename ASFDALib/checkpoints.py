@@ -198,6 +198,7 @@ class LoadReport:
     # shared tensor under each of its names in ``loaded`` and ``new``
     loaded_distinct: int = 0
     new_distinct: int = 0
+    hint: str = ""  # what would keep more of the pre-trained head (models.loading fills it where it can tell)
 
     @property
     def summary(self) -> str:
@@ -223,6 +224,8 @@ class LoadReport:
             parts.append(f"ignored outside the head: {_names(beyond)}")
         if self.key_mapping:
             parts.append(f"keys mapped {self.key_mapping}")
+        if self.hint:
+            parts.append(self.hint)
         return "; ".join(parts)
 
     def _pair(self, target: int, source: int) -> str:

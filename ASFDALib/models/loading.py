@@ -182,8 +182,10 @@ def _apply_weights(
     card: ModelCard,
     class_map: str | Mapping[str, str] | None,
     path: Path,
+    source_names: list[str] | None = None,
 ) -> LoadReport:
-    """Load a checkpoint object into a network built for the card's classes; refuses tensors that do not fit."""
+    """Load a checkpoint object into a network built for the card's classes; refuses tensors that do not fit.
+    ``source_names``: the classes a bundle's metadata names, for the hint where no pre-trained row is kept."""
     report = load_pretrained(
         network, obj, num_classes=card.num_classes, class_map=resolve_class_map(card, class_map, path), source=str(path)
     )
@@ -193,6 +195,17 @@ def _apply_weights(
             f"{report.source_classes} classes; fix source_classes in the card"
         )
     report.class_names, report.source_class_names = list(card.class_names), list(card.source_classes or [])
+    if report.head_reinitialised and not report.mapped_classes and not report.encoder_only and not class_map:
+        if report.source_classes and not card.source_classes:  # nothing says which of its classes are which
+            named = (
+                f" (its metadata names them: {', '.join(source_names)})"
+                if source_names and len(source_names) == report.source_classes
+                else ""
+            )
+            report.hint = (
+                f"to keep the pre-trained rows of the classes the two share, list the checkpoint's "
+                f"{report.source_classes} classes in the card's source_classes{named}, or give --class-map"
+            )
     return report
 
 
@@ -345,14 +358,24 @@ def _safe_network_spec(network_def: Any) -> NetworkSpec | None:
     return NetworkSpec(name, args) if _is_literal(args) else None
 
 
+def _bundle_class_names(folder: Path) -> list[str]:
+    """The classes a bundle's metadata.json names for its output (channel_def, in channel order); [] if none."""
+    meta_path = folder / "configs" / "metadata.json"
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
+        return [str(channels[k]) for k in sorted(channels, key=int)]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+
+
 def _card_from_bundle(folder: Path, config: dict[str, Any]) -> ModelCard:
     """Derive a card from the bundle's metadata.json and literal transform settings."""
     meta_path = folder / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
-    if not channels:
+    class_names = _bundle_class_names(folder)
+    if not class_names:
         raise ModelError(f"{folder}: bundle has no class names (metadata channel_def); add asfda_card.json")
-    class_names = [channels[k] for k in sorted(channels, key=int)]
     data: dict[str, Any] = {"class_names": class_names, "name": meta.get("name", folder.name)}
     for transform in _walk_dicts(config.get("preprocessing", config)):
         target = str(transform.get("_target_", "")).rsplit(".", 1)[-1]
@@ -431,5 +454,7 @@ def _load_bundle(
             torch.manual_seed(0)
             net = parser.get_parsed_content("network_def")
     _check_inputs(net, folder)
-    report = _apply_weights(net, load_weights(weight_path, trust), card, class_map, weight_path)
+    report = _apply_weights(
+        net, load_weights(weight_path, trust), card, class_map, weight_path, _bundle_class_names(folder)
+    )
     return LoadedModel(net.eval(), card, "bundle", folder, digest, spec, report, class_map)

@@ -238,6 +238,24 @@ def test_bundle_card_file_overrides_metadata(tmp_path, unet, card):
     assert load_model(folder).card.name == "custom"
 
 
+def test_a_target_card_that_keeps_no_pre_trained_row_names_the_classes_the_bundle_knows(tmp_path, unet):
+    """A card for other classes (no source_classes) beside a bundle: its head starts anew, and the load report
+    says how to keep the rows of the classes the two share, naming the bundle's own classes."""
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet)
+    target = ModelCard(class_names=["background", "liver", "spleen"], spacing=(2, 2, 2), roi_size=(32, 32, 32))
+    save_card(target, tmp_path / "target.card.json")
+    report = load_model(folder, tmp_path / "target.card.json").load_report
+    assert report.head_reinitialised and not report.mapped_classes
+    assert (
+        "list the checkpoint's 4 classes in the card's source_classes (its metadata names them: "
+        f"{', '.join(CLASSES)}), or give --class-map" in report.summary
+    )
+    named = replace(target, source_classes=list(CLASSES))
+    save_card(named, tmp_path / "named.card.json")
+    report = load_model(folder, tmp_path / "named.card.json").load_report
+    assert report.mapped_classes == {0: 0, 1: 1} and "source_classes" not in report.summary
+
+
 def test_bundle_without_weights_is_explained(tmp_path, unet):
     folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet)
     shutil.rmtree(folder / "models")
