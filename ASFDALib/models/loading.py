@@ -103,6 +103,17 @@ def build_network(spec: NetworkSpec, seed: int | None = None) -> torch.nn.Module
             torch.manual_seed(seed)
             return cls(**spec.args)
     except TypeError as exc:
+        import re
+
+        import monai
+
+        if unknown := re.search(r"unexpected keyword argument '(\w+)'", str(exc)):
+            # configs written for an older MONAI keep arguments it dropped since (SwinUNETR's img_size, 1.5)
+            raise ModelError(
+                f"network {cls.__name__}: MONAI {monai.__version__} takes no argument {unknown.group(1)!r} (an "
+                "older MONAI's, dropped or renamed since); remove it from the network's arguments (a bundle's "
+                "configs network_def, the card's network or --network-args)"
+            ) from None
         raise ModelError(f"network {cls.__name__}: bad arguments {spec.args} ({exc})") from None
 
 
@@ -346,8 +357,34 @@ def _is_literal(value: Any) -> bool:
     return True
 
 
-def _safe_network_spec(network_def: Any) -> NetworkSpec | None:
-    """A MONAI network with literal arguments can be built without running the config."""
+def _resolve_references(value: Any, config: dict[str, Any], depth: int = 0) -> Any:
+    """``value`` with MONAI's ``@id`` references (``@num_classes``, ``@net::channels`` or ``#`` between levels)
+    replaced by the config's values they name, where those hold no code themselves; anything else unchanged
+    (an expression stays one, and needs trust)."""
+    if depth > 8:
+        return value
+    if isinstance(value, str) and value.startswith("@") and len(value) > 1:
+        node: Any = config
+        for part in value[1:].replace("::", "#").split("#"):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return value
+        return _resolve_references(node, config, depth + 1)
+    if isinstance(value, dict):
+        return {k: _resolve_references(v, config, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_references(v, config, depth + 1) for v in value]
+    return value
+
+
+def _safe_network_spec(network_def: Any, config: dict[str, Any] | None = None) -> NetworkSpec | None:
+    """A MONAI network with literal arguments can be built without running the config (arguments that refer to
+    literal values elsewhere in the config, ``"@num_classes"``, are literal too)."""
+    if isinstance(network_def, dict) and config is not None:
+        network_def = {k: v if k == "_target_" else _resolve_references(v, config) for k, v in network_def.items()}
     if not isinstance(network_def, dict) or not isinstance(network_def.get("_target_"), str):
         return None
     target = network_def["_target_"]
@@ -413,7 +450,10 @@ def _load_bundle(
     configs = [folder / "configs" / n for n in ("inference.json", "inference.yaml", "inference.yml")]
     config_path = next((c for c in configs if c.is_file()), None)
     if config_path is None:
-        raise ModelError(f"{folder}: not a MONAI bundle (no configs/inference.json)")
+        raise ModelError(
+            f"{folder}: not a MONAI bundle (no configs/inference.json): add the bundle's inference config, or give "
+            "the weights file itself (--model FOLDER/models/model.pt) with a card that names its network (--card)"
+        )
     try:
         config = _read_config(config_path)
     except Exception as exc:  # noqa: BLE001
@@ -435,7 +475,7 @@ def _load_bundle(
             raise TrustRequiredError(f"{weight_path}: TorchScript runs code stored in the file; {_TRUST_HINT}")
         net = torch.jit.load(str(weight_path), map_location="cpu")
         return LoadedModel(net.eval(), card, "bundle", folder, digest)
-    spec = _safe_network_spec(config.get("network_def"))
+    spec = _safe_network_spec(config.get("network_def"), config)
     if spec is not None:
         spec = spec_for_classes(spec, card.num_classes)
         net = build_network(spec, seed=0)

@@ -232,6 +232,20 @@ def test_bundle_with_code_in_its_config_needs_trust(tmp_path, unet):
     assert _same_output(model.network, unet)
 
 
+def test_a_bundle_whose_network_refers_to_literal_values_of_its_config_loads_without_trust(tmp_path, unet):
+    """MONAI's "@num_classes" is a reference to a value, not code: resolved, the network is a plain one."""
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS, "out_channels": "@num_classes"}, unet)
+    config = json.loads((folder / "configs" / "inference.json").read_text())
+    (folder / "configs" / "inference.json").write_text(json.dumps({**config, "num_classes": 4}))
+    assert _same_output(load_model(folder).network, unet)
+
+
+def test_an_argument_an_older_monai_took_is_named_with_where_to_remove_it(tmp_path, unet):
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS, "img_size": [32, 32, 32]}, unet)
+    with pytest.raises(ModelError, match=r"network UNet: MONAI \S+ takes no argument 'img_size' .* network_def"):
+        load_model(folder)
+
+
 def test_bundle_card_file_overrides_metadata(tmp_path, unet, card):
     folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet)
     save_card(replace(card, name="custom"), folder / "asfda_card.json")
