@@ -56,6 +56,8 @@ def _how_to_make(root: Path) -> str:
     one; otherwise a session is the folder 'asfda rank --out' made."""
     from ASFDALib.data.volumes import discover_volumes
 
+    if (root / "configs").is_dir() and (root / "models").is_dir():
+        return "it is a MONAI bundle (a model), not a session: give the folder 'asfda rank --out' made"
     scans = next((f for f in (root / "images", root) if f.is_dir() and discover_volumes(f)), None)
     if scans is not None:
         return f"it holds scans: rank them into a session first, 'asfda rank --images {as_arg(scans)} --out SESSION'"

@@ -747,7 +747,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     commands_ = next(a for a in parser._actions if a.dest == "command")
+    if args.command == "labels":  # `labels import --from DIR SESSION`: the session after the option is still its
+        args.words += [u for u in unknown if not u.startswith("-")]
+        unknown = [u for u in unknown if u.startswith("-")]
     if unknown:  # the command's own usage and help, not the top-level list of commands
+        folder = next((u for u in unknown if not u.startswith("-") and Path(u).is_dir()), None)
+        takes = {a.dest for a in commands_.choices[args.command]._actions}
+        if folder is not None and "images" in takes and getattr(args, "images", None) is None:
+            commands_.choices[args.command].error(f"unrecognized argument {folder}: give scans as --images {folder}")
         commands_.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "network_args", None) and not getattr(args, "network", None):  # an argument error: exit 2
         commands_.choices[args.command].error("--network-args needs --network NAME (the MONAI network they build)")

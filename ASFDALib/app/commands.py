@@ -259,6 +259,11 @@ def cmd_labels(args: argparse.Namespace) -> int:
     if action == "import":
         if args.source is None:
             raise ASFDAError("asfda labels import needs --from DIR_OR_FILE")
+        if (Path(args.source) / "session.json").is_file() and not (Path(words[0]) / "session.json").is_file():
+            raise ASFDAError(
+                f"{args.source} is the session and {words[0]} the labels, the wrong way round: "
+                f"'asfda labels import {as_arg(args.source)} --from {as_arg(words[0])}'"
+            )
         if args.all and args.cases:
             raise ASFDAError("give --all or --cases, not both")
         with Session.open(words[0]) as session:

@@ -287,6 +287,29 @@ def test_labels_without_a_session_or_with_import_options_but_no_import_say_how_i
     assert (session / "session.json").read_text() == before
 
 
+def test_arguments_in_another_order_are_taken_or_named_with_the_order_that_works(ranked, tmp_path, capsys):
+    root, template = ranked
+    session = tmp_path / "s"
+    shutil.copytree(template, session)
+    labels = root / "pool" / "labels"
+    assert main(["labels", "import", "--from", str(labels), str(session)]) == 0  # the session after the option
+    assert main(["labels", "import", str(labels), "--from", str(session)]) == 1
+    said = _one_line_error(capsys)
+    assert (
+        f"{session} is the session and {labels} the labels, the wrong way round: 'asfda labels import {session}" in said
+    )
+    with pytest.raises(SystemExit):
+        main(["rank", str(root / "pool" / "images")])
+    assert f"give scans as --images {root / 'pool' / 'images'}" in capsys.readouterr().err
+
+
+def test_a_bundle_given_where_a_session_goes_is_named_as_a_model(tmp_path, capsys):
+    (tmp_path / "bundle" / "configs").mkdir(parents=True)
+    (tmp_path / "bundle" / "models").mkdir()
+    assert main(["export", str(tmp_path / "bundle"), "--out", str(tmp_path / "x.ts"), "--format", "torchscript"]) == 1
+    assert "it is a MONAI bundle (a model), not a session" in _one_line_error(capsys)
+
+
 def test_evaluate_names_the_map_the_session_imported_these_references_with_when_none_is_given(ranked, tmp_path, capsys):
     """Labels whose values are the model's indices, but of other classes (liver and kidney swapped), imported with
     --map: evaluating against the same files without it compares other classes, and is said so, with the map."""
