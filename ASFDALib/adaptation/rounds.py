@@ -8,6 +8,7 @@ DKD alone and ASD joins once a fine-tune has trained the head."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from ASFDALib import distributed
 from ASFDALib.adaptation.runs import finish_hint, unfinished_run
 from ASFDALib.adaptation.session import Session
+from ASFDALib.atomic import atomic_write
 from ASFDALib.data.volumes import content_hash
 from ASFDALib.errors import ASFDAError, as_arg
 from ASFDALib.inference.predict import check_outputs
@@ -218,4 +220,13 @@ def rank_round(
     if notes:
         strategy["notes"] = notes
     record_round(session, model, ranking, Path(images), strategy, trust, config.recursive)
+    # ranking.* at the top are the newest round's; each round keeps its own under rankings/ (a re-rank of a
+    # round not yet fine-tuned replaces that round's, as its query does)
+    kept = session.root / "rankings" / f"round{session.rounds[-1]['index']}"
+    kept.mkdir(parents=True, exist_ok=True)
+    for old in kept.glob("ranking.*"):
+        if old.name not in {Path(p).name for p in written.values()}:
+            old.unlink()
+    for path in written.values():
+        atomic_write(kept / Path(path).name, lambda tmp, path=path: shutil.copyfile(path, tmp))
     return ranking, written

@@ -1051,6 +1051,10 @@ def test_next_round_ranks_with_the_adapted_model_and_counts_labels_in_diversity(
     assert report["knowledge"] == "bn"  # the base model's BatchNorm statistics, not the adapted ones
     rounds = json.loads((session / "session.json").read_text())["rounds"]
     assert len(rounds) == 2 and rounds[1]["query"] == report["selected"]
+    # ranking.* are round 2's now; each round keeps its own
+    kept = {i: json.loads((session / "rankings" / f"round{i}" / "ranking.json").read_text()) for i in (1, 2)}
+    assert kept[1]["selected"] == rounds[0]["query"] and kept[2] == report
+    assert (session / "rankings" / "round1" / "ranking.csv").is_file()
 
 
 def test_labels_status_lists_missing_labels(adapted_session, capsys):
