@@ -620,6 +620,7 @@ def _finetune_session(
         for g, lr in zip(trainer.optimizer.param_groups, trainer.base_lrs)
     ]
     entry["lower_rate_for"] = config.lower_rate_for
+    entry["checkpoint_every"] = config.checkpoint_every  # how much a kill can cost; a resume keeps it
     # what this run trains with; the run's own is the newest start's or extension's, which a resume keeps
     entry["recipe"] = {k: getattr(config, k) for k in (RUN_RECIPE if targets["stage2"] else RUN_TRAINING)}
     if mode != "resume":

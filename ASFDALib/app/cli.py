@@ -353,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--checkpoint-every",
         type=positive_int,
-        default=RECIPE.checkpoint_every,
-        help="iterations between checkpoints (default: %(default)s)",
+        help=f"iterations between checkpoints (default: {RECIPE.checkpoint_every}; --resume and --extend keep the "
+        "run's own)",
     )
     finetune.add_argument(
         "--keep-fraction",

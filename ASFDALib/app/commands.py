@@ -518,6 +518,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     def own(value, key: str):
         return ran.get(key, getattr(recipe, key)) if value is None else value
 
+    history = (run or {}).get("history", [])
+    ran_every = next((h["checkpoint_every"] for h in reversed(history) if "checkpoint_every" in h), None)
+
     reliability = own(args.reliability, "reliability")
     # after the refusal above: its fix (leave the options out) is the one that holds
     runs_gate = run is not None and args.reliability is None  # a resume's or an extension's: the run's own
@@ -544,7 +547,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         pseudo_iterations=pseudo_iterations,
         batch_size=own(args.batch_size, "batch_size"),
         lr=own(args.lr, "lr"),
-        checkpoint_every=args.checkpoint_every,
+        # a resume or an extension checkpoints as its run did unless told (a kill costs what it cost before)
+        checkpoint_every=args.checkpoint_every
+        or (ran_every if args.mode in ("resume", "extend") else None)
+        or recipe.checkpoint_every,
         seed=own(args.seed, "seed"),
         device=args.device,
         keep_fraction=own(args.keep_fraction, "keep_fraction"),

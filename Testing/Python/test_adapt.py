@@ -1709,3 +1709,17 @@ def test_a_restart_cancelled_part_way_leaves_the_finished_model_the_rounds_own(l
     with Session.open(labelled_session) as session:  # a finished restart makes its own model the round's
         assert finetune_session(session, longer, False, "resume").status == "done"
     assert Session.open(labelled_session).adapted_checkpoint().parent.name == "round1"
+
+
+def test_an_extension_checkpoints_as_its_run_did_unless_told(labelled_session):
+    """A run checkpointing every iteration, extended without --checkpoint-every, still does (a kill then costs
+    what it cost before); each run's record says how often it checkpointed."""
+    from ASFDALib.adaptation.runs import read_run
+
+    tiny = ["--no-pseudo", "--batch-size", "1", "--device", "cpu"]
+    assert main(["finetune", str(labelled_session), "--iterations", "2", "--checkpoint-every", "1", *tiny]) == 0
+    assert main(["finetune", str(labelled_session), "--extend", "--iterations", "3", *tiny]) == 0
+    history = read_run(labelled_session / "checkpoints" / "round1")["history"]
+    assert [h["checkpoint_every"] for h in history] == [1, 1]
+    assert main(["finetune", str(labelled_session), "--restart", "--iterations", "2", *tiny]) == 0  # a new run
+    assert read_run(labelled_session / "checkpoints" / "round1")["history"][-1]["checkpoint_every"] == 50
