@@ -424,9 +424,15 @@ def _card_from_bundle(folder: Path, config: dict[str, Any]) -> ModelCard:
                 data["intensity"] = IntensityConfig("ct", **{k: float(transform[k]) for k in keys})
         elif target in ("NormalizeIntensityd", "NormalizeIntensity"):
             data["intensity"] = IntensityConfig("zscore")
-    inferer = config.get("inferer", {})
-    if isinstance(inferer, dict) and _is_literal(inferer.get("roi_size")) and inferer.get("roi_size"):
-        data["roi_size"] = inferer["roi_size"]
+    # the sliding window the bundle infers with (MONAI Label's way too): its size, overlap and batch
+    inferer = _resolve_references(config.get("inferer", {}), config)
+    if isinstance(inferer, dict):
+        if inferer.get("roi_size") and _is_literal(inferer["roi_size"]):
+            data["roi_size"] = inferer["roi_size"]
+        if isinstance(inferer.get("overlap"), (int, float)) and 0 <= inferer["overlap"] < 1:
+            data["overlap"] = float(inferer["overlap"])
+        if isinstance(inferer.get("sw_batch_size"), int) and inferer["sw_batch_size"] >= 1:
+            data["sw_batch_size"] = inferer["sw_batch_size"]
     return card_from_dict(data, str(meta_path))
 
 

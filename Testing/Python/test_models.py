@@ -201,7 +201,7 @@ def _write_bundle(folder: Path, network_def: dict, unet: torch.nn.Module) -> Pat
                 },
             ],
         },
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 32], "sw_batch_size": 2},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 32], "sw_batch_size": 4, "overlap": 0.5},
     }
     (folder / "configs" / "inference.json").write_text(json.dumps(config))
     meta = {
@@ -219,6 +219,7 @@ def test_bundle_with_a_plain_monai_network_loads_without_trust(tmp_path, unet):
     assert model.card.class_names == CLASSES
     assert model.card.spacing == (1.5, 1.5, 2.0)
     assert model.card.roi_size == (32, 32, 32)
+    assert (model.card.overlap, model.card.sw_batch_size) == (0.5, 4)  # the window the bundle infers with
     assert model.card.intensity.mode == "ct" and model.card.intensity.a_min == -57
     assert _same_output(model.network, unet)
 
