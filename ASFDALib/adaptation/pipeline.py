@@ -801,9 +801,14 @@ def _finetune_session(
         if trainer.saved is not None:
             count_checkpoint(run, *trainer.saved)
         run["finished"] = False
-        if not isinstance(exc, KeyboardInterrupt):  # why it failed, in the record (a closed terminal, say)
+        # a stop is not a failure: Ctrl-C, or the reader of the output gone (`| head`: a broken pipe, which
+        # rich's console turns into SystemExit) stops the run as SIGPIPE would, resumable like an interruption
+        stopped = isinstance(exc, (KeyboardInterrupt, BrokenPipeError, SystemExit))
+        if isinstance(exc, (BrokenPipeError, SystemExit)):
+            entry["stopped"] = "the output's reader left (a closed pipe)"
+        elif not stopped:  # why it failed, in the record (out of memory, say)
             entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        record("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        record("interrupted" if stopped else "failed")
         raise
 
 

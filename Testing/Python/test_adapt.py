@@ -1723,3 +1723,19 @@ def test_an_extension_checkpoints_as_its_run_did_unless_told(labelled_session):
     assert [h["checkpoint_every"] for h in history] == [1, 1]
     assert main(["finetune", str(labelled_session), "--restart", "--iterations", "2", *tiny]) == 0  # a new run
     assert read_run(labelled_session / "checkpoints" / "round1")["history"][-1]["checkpoint_every"] == 50
+
+
+def test_a_fine_tune_whose_output_reader_left_is_recorded_as_interrupted_not_failed(labelled_session):
+    """`asfda finetune S | head`: the closed pipe stops the run, which a resume finishes, as after Ctrl-C."""
+    from ASFDALib.adaptation.pipeline import finetune_session
+    from ASFDALib.adaptation.runs import read_run
+
+    def progress(p):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    config = FinetuneConfig(iterations=3, pseudo_iterations=0, batch_size=1, checkpoint_every=1, device="cpu")
+    with pytest.raises(BrokenPipeError), Session.open(labelled_session) as session:
+        finetune_session(session, config, False, progress=progress)
+    last = read_run(labelled_session / "checkpoints" / "round1")["history"][-1]
+    assert last["status"] == "interrupted" and "error" not in last
+    assert last["stopped"] == "the output's reader left (a closed pipe)"
