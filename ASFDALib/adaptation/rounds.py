@@ -22,6 +22,7 @@ from ASFDALib.data.volumes import content_hash
 from ASFDALib.errors import ASFDAError, as_arg
 from ASFDALib.inference.predict import check_outputs
 from ASFDALib.models.loading import LoadedModel
+from ASFDALib.outputs import refuse_same_folder
 from ASFDALib.query.ranking import Progress, RankConfig, Ranking, choose_knowledge, rank_folder
 from ASFDALib.query.report import RankingOutputs, write_ranking
 from ASFDALib.query.selection import Knowledge
@@ -171,6 +172,8 @@ def rank_round(
             else f", or label more and 'asfda finetune {as_arg(session.root)} --restart' trains the round anew"
         )
         raise ASFDAError(f"{session.root}: {unfinished}; {hint} (the next rank starts a new round){anew}")
+    # the session's files would mix with the scans it ranks (the command line refuses it first, naming --out)
+    refuse_same_folder(session.root, images, "images", "give the session a folder of its own")
     moved = pool_change(session, Path(images))  # before any long work
     model, knowledge = ranking_model(session, load_given, given, config.knowledge)
     check_outputs(model.network, model.card, str(model.path), config.device)

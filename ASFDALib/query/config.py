@@ -38,7 +38,7 @@ class RankConfig:
         if self.knowledge not in KNOWLEDGE_CHOICES:
             raise ValueError(f"RankConfig.knowledge {self.knowledge!r}: use one of {', '.join(KNOWLEDGE_CHOICES)}")
         for name, ok, allowed in (
-            ("budget", self.budget >= 1, "1 or more"),
+            ("budget", self.budget >= 0, "0 or more (0 scores and ranks, selecting none)"),
             ("alpha", 0 <= self.alpha <= 1, "in [0, 1]"),
             ("mc_passes", self.mc_passes >= 1, "1 or more"),
             ("seed", self.seed >= 0, "0 or more"),

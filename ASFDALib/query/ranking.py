@@ -28,6 +28,7 @@ from ASFDALib.inference.epistemic import epistemic_score
 from ASFDALib.inference.memory import check_scoring_memory
 from ASFDALib.inference.sweep import SweepConfig, SweepResult, sweep
 from ASFDALib.models.loading import LoadedModel
+from ASFDALib.outputs import refuse_same_folder
 from ASFDALib.query.cache import ScoreCache
 from ASFDALib.query.config import RankConfig
 from ASFDALib.query.features import FeatureSummary, batchnorm_knowledge, pointwise_head
@@ -328,6 +329,8 @@ def rank_folder(
     ``knowledge`` overrides the model's own source knowledge: an adapted model's BatchNorm statistics
     describe the target by now, so later rounds pass the base model's.
     """
+    # the cache's files would mix with the scans (and a recursive rank would meet them)
+    refuse_same_folder(cache_folder, images, "images", "give the score cache a folder of its own")
     paths = discover_volumes(images, config.recursive, exclude)
     if not paths:
         # a dataset folder (images/ beside labels/): --recursive would rank its label maps too, so name the scans

@@ -336,3 +336,19 @@ def test_phantoms_written_from_python_never_replace_a_volume(tmp_path):
     with pytest.raises(ASFDAError, match="mri_000.nii.gz: already exists .*phantoms never replace a volume"):
         write_phantoms(tmp_path, 3, "mri", seed=2)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*.nii.gz")} == before
+
+
+def test_a_python_ranking_never_writes_its_cache_or_session_among_the_scans(tmp_path, mri_pool, default_model):
+    """As `asfda rank` refuses --out equal to --images: the engine refuses it too, before scoring."""
+    from ASFDALib.adaptation.rounds import rank_round
+    from ASFDALib.adaptation.session import Session
+    from ASFDALib.errors import ASFDAError
+
+    images = tmp_path / "images"
+    shutil.copytree(mri_pool / "images", images)
+    with pytest.raises(ASFDAError, match="is the images folder itself; give the score cache a folder of its own"):
+        rank_folder(images, default_model, images, RankConfig(budget=1))
+    session = Session.open(images, create=True)
+    with pytest.raises(ASFDAError, match="is the images folder itself; give the session a folder of its own"):
+        rank_round(session, images, lambda: default_model, True, RankConfig(budget=1), False)
+    assert sorted(p.name for p in images.iterdir()) == sorted(p.name for p in (mri_pool / "images").iterdir())

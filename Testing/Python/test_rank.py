@@ -272,7 +272,7 @@ def test_asked_for_prototypes_an_instancenorm_network_ranks_by_them_and_caches_t
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"budget": 0}, "RankConfig.budget 0: use a value 1 or more"),
+        ({"budget": -1}, r"RankConfig.budget -1: use a value 0 or more \(0 scores and ranks, selecting none\)"),
         ({"alpha": 3}, r"RankConfig.alpha 3: use a value in \[0, 1\]"),
         ({"strategy": "asdfa"}, "RankConfig.strategy 'asdfa': use one of asfda, dkd"),
         ({"knowledge": "batchnorm"}, "RankConfig.knowledge 'batchnorm': use one of auto, bn"),
