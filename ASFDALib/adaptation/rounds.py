@@ -225,6 +225,8 @@ def rank_round(
     record_round(session, model, ranking, Path(images), strategy, trust, config.recursive)
     # ranking.* at the top are the newest round's; each round keeps its own under rankings/ (a re-rank of a
     # round not yet fine-tuned replaces that round's, as its query does)
+    if not session.rounds:  # nothing could be scored: no round was recorded
+        return ranking, written
     kept = session.root / "rankings" / f"round{session.rounds[-1]['index']}"
     kept.mkdir(parents=True, exist_ok=True)
     for old in kept.glob("ranking.*"):
