@@ -199,6 +199,8 @@ class LoadReport:
     loaded_distinct: int = 0
     new_distinct: int = 0
     hint: str = ""  # what would keep more of the pre-trained head (models.loading fills it where it can tell)
+    # ignored tensors that land in the network's own blocks where it has none (_stray_tensors)
+    stray: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
@@ -222,6 +224,12 @@ class LoadReport:
         beyond = [n for n in self.ignored if n not in self.head]  # a pre-training head, or tensors of no layer here
         if beyond:
             parts.append(f"ignored outside the head: {_names(beyond)}")
+        if self.stray:
+            parts.append(
+                f"{len(self.stray)} of them inside the network's own blocks, where it has no such tensor "
+                f"({_names(self.stray)}): if the network's arguments differ from the training's (--network-args, "
+                "the card's network), the model is not the one trained"
+            )
         if self.key_mapping:
             parts.append(f"keys mapped {self.key_mapping}")
         if self.hint:
@@ -350,6 +358,7 @@ def load_pretrained(
     own_vars = network.state_dict(keep_vars=True)
     own = set(own_vars)
     mapping, component, module = _best_mapping(list(ckpt), network, own)
+    mapped_into = module  # the network's module a key prefix was mapped into ("" for none)
     key_mapping = f"'{component}.' -> '{module}.'".replace("'.'", "''") if (component or module) else ""
     by_name = {name: key for key, name in mapping.items() if name in own}
 
@@ -402,7 +411,6 @@ def load_pretrained(
     required = [n for n in body if n.split(".", 1)[0] == encoder] if encoder_only else body
 
     missing, wrong = [], []
-    stray = _stray_tensors(ckpt, mapping, own, modules)
     for name in sorted(required):
         key = source_of(name)
         if key is None:
@@ -410,14 +418,13 @@ def load_pretrained(
                 missing.append(name)
         elif ckpt[key].shape != own_vars[name].shape:
             wrong.append(f"{name} (checkpoint {tuple(ckpt[key].shape)}, network {tuple(own_vars[name].shape)})")
-    if missing or wrong or stray:
+    if missing or wrong:
         what = "encoder " + repr(encoder) if encoder_only else "network (outside the output head)"
         detail = "; ".join(
             part
             for part in (
                 f"wrong shape: {_names(wrong)}" if wrong else "",
                 f"missing from the checkpoint: {_names(missing)}" if missing else "",
-                f"in the checkpoint but not in the network: {_names(stray)}" if stray else "",
             )
             if part
         )
@@ -485,30 +492,40 @@ def load_pretrained(
     report.new_distinct = len({id(own_vars[n]) for n in report.new})
     # Named as they map onto the network when they do (the pre-trained head), else as in the checkpoint.
     report.ignored = sorted(mapping[k] if mapping.get(k) in own else k for k in ckpt if k not in used)
+    report.stray = _stray_tensors(ckpt, mapping, own, modules, used, mapped_into)
     return report
 
 
 def _stray_tensors(
-    ckpt: Mapping[str, torch.Tensor], mapping: Mapping[str, str], own: set[str], modules: dict[str, torch.nn.Module]
+    ckpt: Mapping[str, torch.Tensor],
+    mapping: Mapping[str, str],
+    own: set[str],
+    modules: dict[str, torch.nn.Module],
+    used: set[str],
+    prefix: str,
 ) -> list[str]:
-    """Checkpoint tensors that would land inside one of the network's modules where it has no such tensor: a
-    block, layer or unit the network lacks (``num_res_units`` 2 against 1, say), so the network is not the one
-    trained. Tensors of other sub-modules of a training checkpoint (a loss's weights, a Lightning module's
-    metrics: nothing of theirs is a module here) and a module's own non-persistent buffers (kept by older
-    releases) are not."""
+    """Ignored checkpoint tensors that land inside one of the network's own modules where it has no such tensor:
+    a unit or block the network lacks (``num_res_units`` 2 against 1, say: then the network is not the one
+    trained), but also what published checkpoints carry and inference does not use (an older MONAI's UNETR
+    ``cls_token``, a DynUNet's deep-supervision heads, a self-supervised encoder's pretext heads). Named apart in
+    the load report, so a user can tell; never refused. Not counted: a training checkpoint's other sub-modules
+    (a loss's weights: nothing of theirs is a module here), a module's own non-persistent buffers, a tensor
+    stored under a second name of one that loaded (DynUNet's aliases), and heads that land only in the
+    top-level module a key prefix was mapped into."""
+    loaded = {ckpt[k].untyped_storage().data_ptr() for k in used if k in ckpt}
     stray = []
-    for key in ckpt:
+    for key, tensor in ckpt.items():
         name = mapping.get(key, key)
-        if name in own:
+        if key in used or name in own or tensor.untyped_storage().data_ptr() in loaded:
             continue
         parent, _, leaf = name.rpartition(".")
-        if parent in modules:
-            if parent and not hasattr(modules[parent], leaf):
-                stray.append(name)
+        ancestors = [parent.rsplit(".", i)[0] for i in range(0, parent.count(".") + 1)] if parent else []
+        inside = next((a for a in ancestors if a in modules), None)
+        if inside is None or inside == prefix:
             continue
-        ancestors = [parent.rsplit(".", i)[0] for i in range(1, parent.count(".") + 1)]
-        if any(a in modules and a for a in ancestors):
-            stray.append(name)
+        if inside == parent and hasattr(modules[parent], leaf):
+            continue
+        stray.append(name)
     return sorted(stray)
 
 

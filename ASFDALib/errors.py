@@ -23,6 +23,11 @@ class ASFDAError(Exception):
     """Base class: a problem the user can act on (bad input, missing trust, wrong card)."""
 
 
+class ValueOutOfRange(ASFDAError, ValueError):
+    """A value a script passed that the command line's own checks would refuse (a config's field, an array's
+    shape): an ASFDAError like every refusal, and a ValueError as Python's own checks raise."""
+
+
 class VolumeError(ASFDAError):
     """A volume that cannot be read or scored; ranking skips it and reports ``reason``."""
 

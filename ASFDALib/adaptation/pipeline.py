@@ -560,17 +560,21 @@ def _finetune_session(
     val_cases = [load_case(case_id(i.name), i, lab, model.card) for i, lab in validation or []]
     if mode == "restart" and distributed.is_main():
         previous = session.path(round_entry["checkpoint"]) if round_entry.get("checkpoint") else None
+        # whether the round's model is this folder's (else an earlier restart set it aside already)
+        owned = previous is not None and previous.is_relative_to(folder.resolve())
         aside = _set_aside(folder)
-        if previous is not None and previous.is_relative_to(folder.resolve()):  # it moved with the folder
+        if owned:  # it moved with the folder
             previous = aside.resolve() / previous.relative_to(folder.resolve())
         say(f"training round {index} again from its start; the earlier run is kept in {session.relative(aside)}")
+        # the round's metrics describe its model: this folder's final.pt, or one an earlier restart set aside
         metrics = round_entry.get("metrics") or {}
-        replaced = {"folder": session.relative(aside), "iterations": metrics.get("iterations")}  # its final.pt's
+        mine = metrics if owned else {}
+        replaced = {"folder": session.relative(aside), "iterations": mine.get("iterations")}  # its final.pt's
         if not run["finished"]:  # and how far the unfinished run after it got (its last.pt)
             replaced |= {"unfinished": dict(run["done"]), "status": run["history"][-1]["status"]}
         # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
-        kept = ("pseudo_gate", "pseudo_labelled", "pseudo_teacher", "pseudo_augment", "handover_blend")
-        replaced |= {k: metrics[k] for k in kept if k in metrics}
+        kept = ("pseudo_gate", "pseudo_labelled", "pseudo_teacher", "pseudo_augment", "handover_blend", "seconds")
+        replaced |= {k: mine[k] for k in kept if k in mine}
         for key, field_ in (("pseudo_teacher", "teacher"), ("pseudo_augment", "pseudo_augment")):
             ran = [h[field_] for h in run["history"] if field_ in h and "stage2_lr" in h]  # what stage 2 ran with
             if key not in replaced and ran:  # an unfinished run's
@@ -580,6 +584,8 @@ def _finetune_session(
         # use it, and say so), with what trained it; an interrupted restart then loses nothing
         if previous is not None and previous.is_file():
             round_entry["checkpoint"] = session.relative(previous)
+            # its time stays in the replaced record: the new run's own time starts from none
+            round_entry["metrics"] = {k: v for k, v in metrics.items() if k != "seconds"}
         else:
             round_entry["checkpoint"], round_entry["metrics"] = None, {}
         session.save()
@@ -804,8 +810,10 @@ def _finetune_session(
         # a stop is not a failure: Ctrl-C, or the reader of the output gone (`| head`: a broken pipe, which
         # rich's console turns into SystemExit) stops the run as SIGPIPE would, resumable like an interruption
         stopped = isinstance(exc, (KeyboardInterrupt, BrokenPipeError, SystemExit))
-        if isinstance(exc, (BrokenPipeError, SystemExit)):
+        if isinstance(exc, BrokenPipeError):
             entry["stopped"] = "the output's reader left (a closed pipe)"
+        elif isinstance(exc, SystemExit):  # rich's console exits so where the output's reader left
+            entry["stopped"] = f"the process was told to exit (SystemExit {exc.code}), e.g. the output's reader left"
         elif not stopped:  # why it failed, in the record (out of memory, say)
             entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
         record("interrupted" if stopped else "failed")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ASFDALib.errors import ValueOutOfRange
+
 LOWER_RATE_FOR = ("encoder", "loaded")
 # How a pseudo-label is judged reliable (adaptation/pseudo.py): the model's confidence, or agreement between
 # two views, the volume flipped or the model the round started from.
@@ -102,9 +104,9 @@ class FinetuneConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"FinetuneConfig.{name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+                raise ValueOutOfRange(f"FinetuneConfig.{name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
         if not 0.0 <= self.blend_start < 1.0:  # 1 would hand over the start itself: nothing fine-tuned
-            raise ValueError(f"FinetuneConfig.blend_start {self.blend_start}: use a share in [0, 1)")
+            raise ValueOutOfRange(f"FinetuneConfig.blend_start {self.blend_start}: use a share in [0, 1)")
         # the command line's checks, so a script's wrong number fails here, not as a run recorded as done
         ranges = {
             "iterations": (self.iterations >= 0, "0 or more"),
@@ -127,7 +129,7 @@ class FinetuneConfig:
         }
         for name, (ok, allowed) in ranges.items():
             if not ok:
-                raise ValueError(f"FinetuneConfig.{name} {getattr(self, name)!r}: use a value {allowed}")
+                raise ValueOutOfRange(f"FinetuneConfig.{name} {getattr(self, name)!r}: use a value {allowed}")
 
 
 def stage2_teacher(teacher: str, fallback_judged: bool) -> str:

@@ -101,7 +101,8 @@ class Session:
     def open(cls, root: Path | str, create: bool = False) -> Session:
         """The session in ``root`` as its file holds it now (a new, unsaved one with ``create``). Reading
         needs no lock; to write, hold it (``with session:``), which reads the file again once it is held, so
-        nothing another process saved in between is lost."""
+        nothing another process saved in between is lost (and a change made to ``data`` before is replaced:
+        take the lock first, then change and save)."""
         root = Path(root)
         path = root / SESSION_FILE
         if not path.is_file():

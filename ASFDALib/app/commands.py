@@ -751,6 +751,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # a reference file the session imported with a map (known by its content): that map, not an example
     versions = session.label_versions().values() if session else []
     imported = {e["source_sha256"]: mapping_text(e["map"]) for e in versions if e.get("map") and e.get("source_sha256")}
+    # a map that keeps every value as it is changes no class: nothing to warn of without it
+    identity = {
+        mapping_text(e["map"])
+        for e in versions
+        if e.get("map")
+        and e["map"].get("default") is None
+        and all(int(k) == int(v) for k, v in e["map"]["values"].items())
+    }
     maps_of: dict[str, str] = {}  # reference case -> the map the session imported its file with
     if imported:
         for score in scores:
@@ -760,7 +768,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if score.foreign:
             warning = foreign_warning(score, names, maps_of.get(score.case, ""))
             console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
-    unmapped = sorted({text for case, text in maps_of.items() if not next(s for s in scores if s.case == case).foreign})
+    unmapped = sorted(
+        {text for case, text in maps_of.items() if not next(s for s in scores if s.case == case).foreign} - identity
+    )
     if unmapped and not args.map:  # values that are classes' indices all the same, but of other classes
         cases = [c for c, text in maps_of.items() if text in unmapped]
         console.print(

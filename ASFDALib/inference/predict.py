@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ASFDALib.errors import ModelError
+from ASFDALib.errors import ModelError, ValueOutOfRange
 from ASFDALib.inference.device import resolve_device
 from ASFDALib.inference.windows import run_windows
 from ASFDALib.models.card import ModelCard
@@ -26,7 +26,7 @@ def predict_probabilities(
     ``keep_mode`` leaves the caller's (MC dropout turns dropout on).
     """
     if tuple(image.shape[:1]) != (1,) or len(image.shape) != 4:
-        raise ValueError(
+        raise ValueOutOfRange(
             f"an image of shape {tuple(image.shape)}: give (1, X, Y, Z), as data.preprocess.preprocess(volume, card) "
             "returns it (one channel, at the model's spacing and intensity scale)"
         )

@@ -89,6 +89,10 @@ def _network_class(spec: NetworkSpec) -> type[torch.nn.Module]:
     return cls
 
 
+# arguments published configs still pass that the MONAI this runs on no longer takes
+DROPPED_ARGUMENTS = {"SwinUNETR": ("img_size",)}
+
+
 def build_network(spec: NetworkSpec, seed: int | None = None) -> torch.nn.Module:
     """Instantiate ``monai.networks.nets.<name>(**args)``; only MONAI classes, so no foreign code runs.
 
@@ -108,11 +112,13 @@ def build_network(spec: NetworkSpec, seed: int | None = None) -> torch.nn.Module
         import monai
 
         if unknown := re.search(r"unexpected keyword argument '(\w+)'", str(exc)):
-            # configs written for an older MONAI keep arguments it dropped since (SwinUNETR's img_size, 1.5)
+            name = unknown.group(1)
+            # configs written for an older MONAI keep arguments it dropped since
+            why = " (an older MONAI's, dropped since)" if name in DROPPED_ARGUMENTS.get(cls.__name__, ()) else ""
             raise ModelError(
-                f"network {cls.__name__}: MONAI {monai.__version__} takes no argument {unknown.group(1)!r} (an "
-                "older MONAI's, dropped or renamed since); remove it from the network's arguments (a bundle's "
-                "configs network_def, the card's network or --network-args)"
+                f"network {cls.__name__}: MONAI {monai.__version__} takes no argument {name!r}{why}; remove or "
+                f"correct it in the network's arguments (a bundle's configs network_def, the card's network or "
+                f"--network-args; monai.networks.nets.{cls.__name__} lists those it takes)"
             ) from None
         raise ModelError(f"network {cls.__name__}: bad arguments {spec.args} ({exc})") from None
 
@@ -424,15 +430,9 @@ def _card_from_bundle(folder: Path, config: dict[str, Any]) -> ModelCard:
                 data["intensity"] = IntensityConfig("ct", **{k: float(transform[k]) for k in keys})
         elif target in ("NormalizeIntensityd", "NormalizeIntensity"):
             data["intensity"] = IntensityConfig("zscore")
-    # the sliding window the bundle infers with (MONAI Label's way too): its size, overlap and batch
-    inferer = _resolve_references(config.get("inferer", {}), config)
-    if isinstance(inferer, dict):
-        if inferer.get("roi_size") and _is_literal(inferer["roi_size"]):
-            data["roi_size"] = inferer["roi_size"]
-        if isinstance(inferer.get("overlap"), (int, float)) and 0 <= inferer["overlap"] < 1:
-            data["overlap"] = float(inferer["overlap"])
-        if isinstance(inferer.get("sw_batch_size"), int) and inferer["sw_batch_size"] >= 1:
-            data["sw_batch_size"] = inferer["sw_batch_size"]
+    inferer = config.get("inferer", {})
+    if isinstance(inferer, dict) and _is_literal(inferer.get("roi_size")) and inferer.get("roi_size"):
+        data["roi_size"] = inferer["roi_size"]
     return card_from_dict(data, str(meta_path))
 
 

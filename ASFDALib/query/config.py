@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ASFDALib.errors import ValueOutOfRange
+
 STRATEGIES = ("asfda", "dkd", "asd", "random", "fg-random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe")
 FUSIONS = ("sum", "gated", "gap-first")  # how DKD and ASD are combined (selection.greedy_dkd_asd)
 DEFAULT_FUSION = "gap-first"  # chosen on validation (docs/method.md "How DKD and ASD are combined")
@@ -32,11 +34,11 @@ class RankConfig:
     def __post_init__(self) -> None:
         # the command line's checks, so a script's wrong value fails here, not as a ranking that selects nothing
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"RankConfig.strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+            raise ValueOutOfRange(f"RankConfig.strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
         if self.fusion not in FUSIONS:
-            raise ValueError(f"RankConfig.fusion {self.fusion!r}: use one of {', '.join(FUSIONS)}")
+            raise ValueOutOfRange(f"RankConfig.fusion {self.fusion!r}: use one of {', '.join(FUSIONS)}")
         if self.knowledge not in KNOWLEDGE_CHOICES:
-            raise ValueError(f"RankConfig.knowledge {self.knowledge!r}: use one of {', '.join(KNOWLEDGE_CHOICES)}")
+            raise ValueOutOfRange(f"RankConfig.knowledge {self.knowledge!r}: use one of {', '.join(KNOWLEDGE_CHOICES)}")
         for name, ok, allowed in (
             ("budget", self.budget >= 0, "0 or more (0 scores and ranks, selecting none)"),
             ("alpha", 0 <= self.alpha <= 1, "in [0, 1]"),
@@ -44,4 +46,4 @@ class RankConfig:
             ("seed", self.seed >= 0, "0 or more"),
         ):
             if not ok:
-                raise ValueError(f"RankConfig.{name} {getattr(self, name)!r}: use a value {allowed}")
+                raise ValueOutOfRange(f"RankConfig.{name} {getattr(self, name)!r}: use a value {allowed}")

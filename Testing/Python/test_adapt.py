@@ -1739,3 +1739,30 @@ def test_a_fine_tune_whose_output_reader_left_is_recorded_as_interrupted_not_fai
     last = read_run(labelled_session / "checkpoints" / "round1")["history"][-1]
     assert last["status"] == "interrupted" and "error" not in last
     assert last["stopped"] == "the output's reader left (a closed pipe)"
+
+
+def test_a_second_restart_records_what_each_set_aside_run_was_and_no_time_twice(labelled_session):
+    """Finished run A, a restart B cancelled part-way, a restart C: B's folder is recorded without A's model's
+    figures, A's record keeps A's time, and the round's time is C's alone."""
+    import threading
+
+    from ASFDALib.adaptation.pipeline import finetune_session
+
+    short = FinetuneConfig(iterations=2, pseudo_iterations=0, batch_size=1, device="cpu")
+    longer = FinetuneConfig(iterations=50, pseudo_iterations=0, batch_size=1, checkpoint_every=1, device="cpu")
+    cancel = threading.Event()
+    with Session.open(labelled_session) as session:
+        finetune_session(session, short, pseudo=False)
+        first_seconds = session.rounds[-1]["metrics"]["seconds"]
+        finetune_session(session, longer, False, "restart", cancel, lambda p: cancel.set())
+        assert "seconds" not in session.rounds[-1]["metrics"]  # the kept model's time is in its replaced record
+        finetune_session(session, short, False, "restart")
+    entry = Session.open(labelled_session).rounds[-1]
+    a, b = entry["replaced"]
+    assert a["folder"].endswith("round1-replaced-1") and a["iterations"] == {"stage1": 2, "stage2": 0}
+    assert a["seconds"] == first_seconds
+    assert b["folder"].endswith("round1-replaced-2") and b["iterations"] is None and "seconds" not in b
+    assert b["status"] == "cancelled" and b["unfinished"]["stage1"] >= 1
+    assert entry["metrics"]["iterations"] == {"stage1": 2, "stage2": 0} and entry["checkpoint"].endswith(
+        "round1/final.pt"
+    )

@@ -234,13 +234,27 @@ def test_segresnet_lightning_layout_ignores_other_module_tensors(tmp_path):
     assert torch.equal(w[[1, 2]], source.state_dict()["conv_final.2.conv.weight"][[1, 3]])
 
 
-def test_a_checkpoint_with_units_the_network_lacks_is_refused_naming_them(tmp_path):
+def test_checkpoint_tensors_inside_the_networks_own_blocks_are_named_apart_not_refused(tmp_path):
     """Trained with two residual units, built with one: the second unit's tensors land in the network's own
-    blocks, where it has none, so the network is not the one trained (not 'ignored', as a loss's weights are)."""
+    blocks where it has none, which the report names apart (the network's arguments may differ from the
+    training's); published checkpoints carry such tensors too, so it loads. A loss's weights are not among them."""
     trained = UNet(3, 1, SOURCE_CLASSES, channels=(8, 16, 32), strides=(2, 2), num_res_units=2, norm="batch")
-    ckpt = save_and_read({"model": {f"module.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "m.pt")
-    with pytest.raises(ModelError, match=r"in the checkpoint but not in the network: model\.0\.conv\.unit1\."):
-        load_pretrained(unet_batch(TARGET_CLASSES), ckpt, num_classes=TARGET_CLASSES)
+    state = {f"module.{k}": v for k, v in trained.state_dict().items()} | {"module.loss.weight": torch.ones(3)}
+    ckpt = save_and_read({"model": state}, tmp_path / "m.pt")
+    report = load_pretrained(unet_batch(TARGET_CLASSES), ckpt, num_classes=TARGET_CLASSES)
+    assert report.stray and all(".unit1." in n for n in report.stray) and "loss.weight" not in report.stray
+    assert "inside the network's own blocks, where it has no such tensor (model.0.conv.unit1." in report.summary
+    assert "the model is not the one trained" in report.summary
+
+
+def test_a_dynunet_trained_with_deep_supervision_loads_into_one_built_without(tmp_path):
+    """The usual way to run inference: the deep-supervision heads are left out, named, never refused."""
+    args = dict(spatial_dims=3, in_channels=1, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2])
+    trained = DynUNet(out_channels=TARGET_CLASSES, deep_supervision=True, deep_supr_num=1, **args)
+    ckpt = save_and_read(trained.state_dict(), tmp_path / "dyn.pt")
+    target = DynUNet(out_channels=TARGET_CLASSES, deep_supervision=False, **args)
+    report = load_pretrained(target, ckpt, num_classes=TARGET_CLASSES)
+    assert not report.head_reinitialised and report.ignored
 
 
 def test_swinunetr_supreme_layout_loads_all_but_head(tmp_path):
