@@ -49,6 +49,8 @@ examples:
       a plain state dict plus the MONAI network it belongs to
   asfda rank --out ~/asfda/liver --alpha 0.8
       re-rank with more weight on DKD: instant, every volume's sweep is cached in the session folder
+  torchrun --nproc_per_node 4 -m ASFDALib.app.cli rank --images /data/pool --out ~/asfda/liver
+      the volumes shared among 4 processes (GPUs), ranked as one process would
 
 What is computed: one sliding-window pass per volume gives DKD (knowledge gap to the source model x
 diversity against the query and labelled volumes, temperature-scaled) and ASD (class-balanced entropy
@@ -292,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         "session.json records the iterations that ran.",
         epilog="examples:\n  asfda finetune ~/asfda/liver\n  asfda finetune ~/asfda/liver --resume"
         "\n  asfda finetune ~/asfda/liver --extend --pseudo-iterations 400"
-        "\n  asfda finetune ~/asfda/liver --extend --blend-start 0.3   # hand over anew, training nothing",
+        "\n  asfda finetune ~/asfda/liver --extend --blend-start 0.3   # hand over anew, training nothing"
+        "\n  torchrun --nproc_per_node 4 -m ASFDALib.app.cli finetune ~/asfda/liver   # DistributedDataParallel",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     finetune.add_argument("session", type=existing_dir, help="session folder with imported labels")

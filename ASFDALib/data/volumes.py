@@ -80,7 +80,7 @@ def discover_volumes(folder: Path | str, recursive: bool = False, exclude: Colle
     """
     root = Path(folder)
     if not root.is_dir():
-        raise ASFDAError(f"{root}: not a folder (give the folder that holds the target volumes)")
+        raise ASFDAError(f"{root}: not a folder (give the folder that holds the volumes)")
     excluded = {Path(p).resolve() for p in exclude}
     found: list[Path] = []
     for current, dirs, files in os.walk(root, followlinks=False):

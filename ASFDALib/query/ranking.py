@@ -80,6 +80,16 @@ class RankRow:
 
 @dataclass
 class Ranking:
+    """One ranking of a pool, as ranking.csv and ranking.json write it.
+
+    ``rows``: one :class:`RankRow` per volume, the ranked ones first in rank order; a row's ``status`` is
+    ``scored`` (ranked; ``selected`` for the query), ``labelled`` (labelled already, so not queried) or
+    ``skipped`` (could not be scored; ``reason`` says why). ``selected`` and ``skipped`` list those rows.
+    ``knowledge``: the source knowledge DKD compared with; ``strategy``, ``alpha``, ``budget`` and ``fusion``:
+    how the query was chosen; ``model``: the model's name; ``records``: each volume's sweep result (or why it
+    was skipped), for re-ranking without a pass; ``notes``: lines about the ranking as a whole (e.g. ASD left
+    out of round 1 for a new head); ``load_report``: what loading the model's weights reported."""
+
     rows: list[RankRow]
     knowledge: Knowledge
     strategy: str
@@ -87,8 +97,6 @@ class Ranking:
     budget: int
     model: str
     records: list[VolumeRecord] = field(default_factory=list)
-    # Lines about the ranking as a whole (e.g. ASD left out of round 1 for a new head), and what loading the
-    # model's weights reported (LoadReport.to_dict()), both written to ranking.json.
     notes: list[str] = field(default_factory=list)
     load_report: dict | None = None
     fusion: str | None = DEFAULT_FUSION  # how DKD and ASD were combined (selection.FUSIONS); None: not combined
