@@ -176,6 +176,13 @@ def resume_recipe(run: dict | None) -> dict[str, Any]:
     return run_recipe(run) | stage2_recipe(run)
 
 
+def checkpoint_every_of(run: dict | None) -> int | None:
+    """How often a round's run last checkpointed (None for runs recorded before it was), which a resume or an
+    extension keeps unless told otherwise: a kill then costs what it cost before."""
+    history = (run or {}).get("history", [])
+    return next((h["checkpoint_every"] for h in reversed(history) if "checkpoint_every" in h), None)
+
+
 def labels_changed_since(run: dict | None, labels: dict[str, str]) -> str:
     """How ``labels`` (:func:`session_labels`) differ from those a round's run last trained on ("" if they do
     not, or the run did not record them)."""

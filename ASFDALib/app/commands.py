@@ -430,7 +430,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ASFDALib import distributed
     from ASFDALib.adaptation.pipeline import can_blend, check_mode, finetune_session, handover_anew
     from ASFDALib.adaptation.recipe import FinetuneConfig
-    from ASFDALib.adaptation.runs import done_text, newest_run, read_run, record_killed, resume_recipe, run_state
+    from ASFDALib.adaptation.runs import (
+        checkpoint_every_of,
+        done_text,
+        newest_run,
+        read_run,
+        record_killed,
+        resume_recipe,
+        run_state,
+    )
     from ASFDALib.adaptation.session import Session
 
     console = Console()
@@ -518,9 +526,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     def own(value, key: str):
         return ran.get(key, getattr(recipe, key)) if value is None else value
 
-    history = (run or {}).get("history", [])
-    ran_every = next((h["checkpoint_every"] for h in reversed(history) if "checkpoint_every" in h), None)
-
     reliability = own(args.reliability, "reliability")
     # after the refusal above: its fix (leave the options out) is the one that holds
     runs_gate = run is not None and args.reliability is None  # a resume's or an extension's: the run's own
@@ -549,7 +554,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         lr=own(args.lr, "lr"),
         # a resume or an extension checkpoints as its run did unless told (a kill costs what it cost before)
         checkpoint_every=args.checkpoint_every
-        or (ran_every if args.mode in ("resume", "extend") else None)
+        or (checkpoint_every_of(run) if args.mode in ("resume", "extend") else None)
         or recipe.checkpoint_every,
         seed=own(args.seed, "seed"),
         device=args.device,

@@ -629,9 +629,12 @@ class Workflow:
         # teacher), as asfda finetune's does
         ran = {}
         if mode in ("resume", "extend"):
-            from ASFDALib.adaptation.runs import resume_recipe
+            from ASFDALib.adaptation.runs import checkpoint_every_of, resume_recipe
 
-            ran = resume_recipe(self.finetune_run())
+            run = self.finetune_run()
+            ran = resume_recipe(run)
+            if every := checkpoint_every_of(run):  # checkpointing as the run did
+                ran["checkpoint_every"] = every
         self.phase = Phase.FINETUNING
         self.last_run = ""
         self.progress, self.progress_text = 0.0, "Fine-tuning…"
