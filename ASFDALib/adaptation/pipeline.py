@@ -890,6 +890,8 @@ def plan_predictions(images: Path, out: Path, protected: Iterable[Path] = (), fi
         raise ASFDAError(f"{images}: no volumes found; give the folder of scans to segment")
     fix = fix or f"choose another output folder, e.g. {predictions_folder_for(images)}"
     refuse_same_folder(out, images, "images", fix)
+    if out.resolve().is_relative_to(images.resolve()):  # maps among the scans: a recursive rank would meet them
+        raise ASFDAError(f"{out}: is inside the images folder {images}, where the maps would mix with the scans; {fix}")
     refuse_inside_session(out, fix)
     targets = [out / prediction_name(p) for p in scans]
     seen: dict[Path, Path] = {}

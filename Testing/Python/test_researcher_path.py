@@ -43,7 +43,10 @@ def test_predict_into_the_images_folder_is_refused_and_the_scans_stay_as_they_we
     assert main(["predict", str(session), "--images", str(images), "--out", str(images)]) == 1
     err = _one_line_error(capsys)
     assert "is the images folder itself" in err and "images_pred" in err
-    assert _digests(images) == before
+    # nor a folder inside it: the maps would mix with the scans, and a recursive rank would meet them
+    assert main(["predict", str(session), "--images", str(images), "--out", str(images / "pred")]) == 1
+    assert f"is inside the images folder {images}, where the maps would mix with the scans" in _one_line_error(capsys)
+    assert _digests(images) == before and not (images / "pred").exists()
 
 
 def test_for_scans_inside_the_session_predict_suggests_a_folder_beside_the_session_that_it_accepts(ranked, capsys):
