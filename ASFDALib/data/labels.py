@@ -425,6 +425,8 @@ class ImportReport:
     asked: list[str] = field(default_factory=list)
     unlabeled: int = 0  # volumes of the pool without a label afterwards: the pseudo-label pool
     pool: int = 0
+    classes: dict[int, str] = field(default_factory=dict)  # the classes the imported labels hold, by index
+    mapped: bool = False  # whether a --map turned the files' values into class indices
 
     def lines(self, queried_only: bool = True) -> list[str]:
         """The report as the user reads it: one line per file, then what is left for pseudo-labels."""
@@ -442,6 +444,10 @@ class ImportReport:
             out.append(f"no label file for {', '.join(self.missing)}")
         if not self.asked:
             out.append("no volume has been queried yet: run 'asfda rank' first, or import with --all")
+        if self.imported and self.classes:  # what the numbers were read as: a label numbered otherwise shows here
+            read = ", ".join(f"{i}={name}" for i, name in sorted(self.classes.items()))
+            how = "after --map" if self.mapped else "give --map if the files number them otherwise"
+            out.append(f"label values read as the model's classes: {read} ({how})")
         left = (
             f"{self.unlabeled} of {self.pool} volumes stay unlabeled for pseudo-labels"
             if self.unlabeled
@@ -556,7 +562,7 @@ def _import_labels(
 ) -> ImportReport:
     files = [source] if source.is_file() else discover_volumes(source)
     asked = list(session.queried() if cases is None else cases)
-    report = ImportReport(asked=asked, pool=len(session.image_names()))
+    report = ImportReport(asked=asked, pool=len(session.image_names()), mapped=bool(mapping))
     if source.is_file() and len(asked) == 1 and cases is not None:
         pairing = Pairing({asked[0]: str(source)})
     else:
@@ -605,6 +611,7 @@ def _import_labels(
             image_stamp=image["stamp"],
         )
         report.imported[name], report.sources[name] = target, label_path
+        report.classes |= {int(v): class_names[int(v)] for v in np.unique(label) if 0 < int(v) < len(class_names)}
         if notes:
             report.notes[name] = notes
     report.failed = sorted({*report.failed, *(n for n in asked if n in pairing.contested)})

@@ -373,6 +373,8 @@ def test_labels_of_volumes_not_asked_for_are_skipped_and_a_class_the_model_lacks
     assert main(["labels", "import", str(session), "--from", str(gt), "--map", "4=0"]) == 0
     said = capsys.readouterr().out
     assert "Imported 2 of 2 queried volumes; skipped 4 (not asked for, or of no image), refused 0." in said
+    # what the numbers were read as, so a label set numbered otherwise shows at once
+    assert "label values read as the model's classes: 1=liver, 2=kidney, 3=gallbladder (after --map)" in said
     other = sorted({p.name for p in gt.iterdir()} - set(query))
     assert main(["labels", "import", str(session), "--from", str(gt), "--map", "4=0", "--cases", other[0]]) == 0
     hint = f"skipped {gt / other[1]}: image {other[1]} was not asked for (not among --cases); add it to --cases"
