@@ -98,37 +98,62 @@ def refuse_existing(target: Path, what: str, fix: str) -> None:
 
 
 def claim_predictions(out: Path, targets: list[Path], fix: str) -> list[Path]:
-    """Refuse, naming the first, label maps about to be written over that an earlier ``asfda predict`` did not
-    write (a folder of reference labels given as ``--out``); then record the targets as predict's own before
-    any is written, so a rerun or a resumed run replaces them. Returns the targets an earlier run wrote."""
+    """Refuse, naming the first, label maps about to be written over that ``asfda predict`` did not write as
+    they are now: a file it never wrote (a folder of reference labels given as ``--out``; a name an earlier run
+    claimed but skipped), or one changed since it wrote it (a map corrected in place). Then record the targets
+    as predict's own before any is written, so a rerun or a resumed run replaces them. Returns the targets an
+    earlier run wrote."""
+    from ASFDALib.data.volumes import content_hash
+
     manifest = Path(out) / PREDICTIONS_MANIFEST
     try:
         data = json.loads(manifest.read_text()) if manifest.is_file() else {}
         ours = set(data.get("files", []))
+        maps = data.get("maps")  # name -> SHA-256 of the map as written; manifests before 2026-12-06 hold none
     except (ValueError, AttributeError, TypeError):
-        data, ours = {}, set()  # unreadable: nothing there counts as predict's own
-    foreign = [t for t in targets if t.exists() and t.name not in ours]
+        data, ours, maps = {}, set(), None  # unreadable: nothing there counts as predict's own
+    if maps is None:  # a manifest from before maps were hashed: its files, as they are, count as written so
+        maps = {n: content_hash(Path(out) / n) for n in ours if (Path(out) / n).is_file()}
+    existing = [t for t in targets if t.exists()]
+    foreign = [t for t in existing if t.name not in ours or t.name not in maps]
     if foreign:
         raise ASFDAError(
             f"{foreign[0]}: exists and was not written by asfda predict ({len(foreign)} such file(s) in {out}); {fix}"
         )
-    replaced = [t for t in targets if t.exists()]
+    changed = [t for t in existing if content_hash(t) != maps[t.name]]
+    if changed:
+        raise ASFDAError(
+            f"{changed[0]}: was changed since asfda predict wrote it (a corrected map?; {len(changed)} such file(s) "
+            f"in {out}); {fix}, or move the changed maps away first"
+        )
     Path(out).mkdir(parents=True, exist_ok=True)
     # the earlier runs' record of which model made their maps stays; record_predictions updates it
-    atomic_write_json(manifest, {**data, "files": sorted(ours | {t.name for t in targets})})
-    return replaced
+    atomic_write_json(manifest, {**data, "files": sorted(ours | {t.name for t in targets}), "maps": maps})
+    return existing
 
 
 def record_predictions(out: Path, written: Iterable[Path], made_by: dict, made_from: dict[str, str]) -> None:
     """Record in the folder's manifest which model wrote each map of ``written`` (``made_by``: the session,
-    source or adapted, the round and the checkpoint's digest), so a folder says what made it after restarts,
-    and the SHA-256 of the image each map segments (``made_from``, by map name), so that evaluate knows a
-    session's training image by its content whatever the file is called."""
+    source or adapted, the round and the checkpoint's digest), so a folder says what made it after restarts;
+    the SHA-256 of each map as written (``maps``), by which a map changed since is never written over; and the
+    SHA-256 of the image each map segments (``made_from``, by map name), so that evaluate knows a session's
+    training image by its content whatever the file is called."""
+    from ASFDALib.data.volumes import content_hash
+
     manifest = Path(out) / PREDICTIONS_MANIFEST
     data = json.loads(manifest.read_text())
     data.setdefault("made_by", {}).update({Path(p).name: made_by for p in written})
+    data.setdefault("maps", {}).update({Path(p).name: content_hash(p) for p in written})
     data.setdefault("made_from", {}).update(made_from)
     atomic_write_json(manifest, data)
+
+
+def prediction_unchanged(path: Path) -> bool:
+    """Whether ``path`` is a map ``asfda predict`` wrote, unchanged since (its folder's manifest records it)."""
+    from ASFDALib.data.volumes import content_hash
+
+    maps = _manifest_record(Path(path).parent, "maps")
+    return Path(path).name in maps and Path(path).is_file() and content_hash(path) == maps[Path(path).name]
 
 
 def _manifest_record(folder: Path, key: str) -> dict:

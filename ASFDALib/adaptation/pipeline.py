@@ -937,8 +937,8 @@ def predict_folder(
         label = predict_label(model.network, image, model.card, device).astype(np.uint8)
         native = labels_to_native(label, image.affine.numpy(), volume.array.shape, volume.affine)
         written.append(write_volume(Path(out) / prediction_name(path), native, volume.affine))
+        # each map recorded as it is written: an interrupted run's maps are its own to replace on a rerun
+        record_predictions(Path(out), written[-1:], made_by, {written[-1].name: content_hash(path)})
     if progress:
         progress(len(plan.scans), len(plan.scans), "")
-    scans = {target.name: scan for target, scan in zip(plan.targets, plan.scans)}
-    record_predictions(Path(out), written, made_by, {p.name: content_hash(scans[p.name]) for p in written})
     return written, skipped

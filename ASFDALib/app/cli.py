@@ -825,8 +825,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"asfda {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        done = "finished runs are in results.json" if args.command == "benchmark" else "finished volumes are cached"
-        print(f"interrupted; {done} and a re-run resumes from there", file=sys.stderr)
+        kept = {
+            "rank": "finished volumes are cached and a re-run resumes from there",
+            "benchmark": "finished runs are in results.json and a re-run resumes from there",
+            "demo": "a re-run makes what is missing",
+            "finetune": "'--resume' goes on from the newest checkpoint, if one was written",
+            "predict": "the maps written are kept and a re-run replaces them",
+        }.get(args.command, "nothing half-written is kept; run it again")
+        print(f"interrupted; {kept}", file=sys.stderr)
         return interrupted_exit_code(exc)
 
 

@@ -29,6 +29,7 @@ from ASFDALib.data.volumes import (
     write_nifti,
 )
 from ASFDALib.errors import ASFDAError, VolumeError, as_arg
+from ASFDALib.outputs import prediction_unchanged
 
 AFFINE_TOLERANCE_MM = 0.01
 MAP_EXAMPLE = '--map "41-48=2,49,50=vertebral body,*=0"'
@@ -576,6 +577,12 @@ def _import_labels(
         notes: list[str] = []
         flaw = ""
         try:
+            if prediction_unchanged(label_path):  # the model's own map would teach it its own errors
+                raise VolumeError(
+                    label_path,
+                    "is a map asfda predict wrote, unchanged since: the model's own prediction, not a label",
+                    "correct it first, or import a clinician's label",
+                )
             label, affine = validate_label(label_path, session.image_path(name), class_names, mapping, notes)
         except VolumeError as exc:
             if name in asked:

@@ -64,6 +64,10 @@ def refuse_swapped_folders(pred_dir: Path, label_dir: Path) -> None:
     is in it): the two folders were given the wrong way round, or twice the predictions."""
     from ASFDALib.outputs import PREDICTIONS_MANIFEST
 
+    if Path(label_dir).resolve() == Path(pred_dir).resolve() and not (Path(label_dir) / PREDICTIONS_MANIFEST).is_file():
+        raise ASFDAError(
+            f"{label_dir}: given as both --pred and --labels (every Dice would be 1); give each its folder"
+        )
     if (Path(label_dir) / PREDICTIONS_MANIFEST).is_file():
         same = Path(label_dir).resolve() == Path(pred_dir).resolve()
         fix = "give the reference labels as --labels" if same else "swap --pred and --labels"

@@ -313,7 +313,8 @@ def test_evaluate_refuses_scans_given_as_predictions_and_writes_nothing(tmp_path
 def test_evaluate_still_scores_label_maps_given_as_predictions(tmp_path, capsys):
     pool = _pool(tmp_path)
     out = tmp_path / "evaluation.csv"
-    args = ["evaluate", "--pred", str(pool / "labels"), "--labels", str(pool / "labels"), "--card", str(CARD)]
+    shutil.copytree(pool / "labels", tmp_path / "as_pred")  # the same maps in a folder of their own
+    args = ["evaluate", "--pred", str(tmp_path / "as_pred"), "--labels", str(pool / "labels"), "--card", str(CARD)]
     assert main([*args, "--out", str(out)]) == 0
     mean = out.read_text().splitlines()[-1].split(",")
     assert mean[0] == "MEAN" and mean[-1] == "1.0000"  # each label against itself
@@ -352,3 +353,11 @@ def test_a_python_ranking_never_writes_its_cache_or_session_among_the_scans(tmp_
     with pytest.raises(ASFDAError, match="is the images folder itself; give the session a folder of its own"):
         rank_round(session, images, lambda: default_model, True, RankConfig(budget=1), False)
     assert sorted(p.name for p in images.iterdir()) == sorted(p.name for p in (mri_pool / "images").iterdir())
+
+
+def test_evaluate_refuses_one_folder_given_as_both_predictions_and_references(tmp_path, capsys):
+    pool = _pool(tmp_path)
+    assert (
+        main(["evaluate", "--pred", str(pool / "labels"), "--labels", str(pool / "labels"), "--card", str(CARD)]) == 1
+    )
+    assert "given as both --pred and --labels (every Dice would be 1)" in capsys.readouterr().err

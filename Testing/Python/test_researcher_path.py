@@ -97,6 +97,54 @@ def test_predict_refuses_to_write_over_reference_labels_it_did_not_write_and_rep
     assert f"{out / 'evaluation.csv'} scores the label maps replaced: 'asfda evaluate --pred {out}" in said
 
 
+def test_predict_never_writes_over_a_map_it_skipped_or_one_corrected_since(ranked, tmp_path, capsys):
+    """Its manifest holds each map's hash as written: a file under a name it claimed but never wrote (a label
+    copied in) and a map changed since (corrected in place) are refused, not replaced."""
+    from ASFDALib.data.volumes import read_volume, write_nifti
+
+    root, session = ranked
+    pool = root / "pool"
+    out = tmp_path / "pred"
+    assert main(["predict", str(session), "--images", str(pool / "labels"), "--out", str(out)]) == 1  # all skipped
+    first = sorted((pool / "labels").iterdir())[0]
+    shutil.copy(first, out / first.name)  # a reference label put where a map would go
+    capsys.readouterr()
+    assert main(["predict", str(session), "--images", str(pool / "images"), "--out", str(out)]) == 1
+    assert f"{out / first.name}: exists and was not written by asfda predict" in _one_line_error(capsys)
+    (out / first.name).unlink()
+    assert main(["predict", str(session), "--images", str(pool / "images"), "--out", str(out)]) == 0
+    volume = read_volume(out / first.name, allow_constant=True)
+    corrected = volume.array.copy()
+    corrected[0, 0, 0] = 1
+    write_nifti(out / first.name, corrected, volume.affine)
+    before = (out / first.name).read_bytes()
+    capsys.readouterr()
+    assert main(["predict", str(session), "--images", str(pool / "images"), "--out", str(out)]) == 1
+    assert "was changed since asfda predict wrote it (a corrected map?" in _one_line_error(capsys)
+    assert (out / first.name).read_bytes() == before
+
+
+def test_a_map_predict_wrote_is_imported_as_a_label_only_once_corrected(ranked, tmp_path, capsys):
+    """The model's own prediction, unchanged, would teach it its own errors: refused; corrected, imported."""
+    from ASFDALib.data.volumes import read_volume, write_nifti
+
+    root, template = ranked
+    session = tmp_path / "s"
+    shutil.copytree(template, session)
+    query = json.loads((session / "ranking.json").read_text())["selected"]
+    out = tmp_path / "pred"
+    assert main(["predict", str(session), "--images", str(root / "pool" / "images"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["labels", "import", str(session), "--from", str(out)]) == 1
+    said = " ".join(capsys.readouterr().out.split())
+    assert "is a map asfda predict wrote, unchanged since: the model's own prediction, not a label" in said
+    volume = read_volume(out / query[0], allow_constant=True)
+    corrected = volume.array.copy()
+    corrected[0, 0, 0] = 1
+    write_nifti(out / query[0], corrected, volume.affine)
+    assert main(["labels", "import", str(session), "--from", str(out), "--cases", query[0]]) == 0
+
+
 def test_another_model_for_a_session_is_refused_naming_what_changed(mri_pool, tmp_path, capsys):
     """The same checkpoint path with another card, or the file's weights replaced, is named as such."""
     model = tmp_path / "model.pt"
@@ -162,8 +210,10 @@ def test_evaluate_stats_and_rank_refuse_to_write_over_their_inputs(ranked, capsy
     pool = root / "pool"
     label = sorted((pool / "labels").iterdir())[0]
     before = content_hash(label)
+    shutil.copytree(pool / "labels", tmp_path / "as_pred")
     assert (
-        main(["evaluate", "--pred", str(pool / "labels"), "--labels", str(pool / "labels"), "--out", str(label)]) == 1
+        main(["evaluate", "--pred", str(tmp_path / "as_pred"), "--labels", str(pool / "labels"), "--out", str(label)])
+        == 1
     )
     assert "would write over an input label map" in _one_line_error(capsys)
     assert content_hash(label) == before
@@ -204,7 +254,8 @@ def test_evaluate_never_writes_over_a_file_it_did_not_write_and_replaces_its_own
     pool = root / "pool"
     card = tmp_path / "card.json"
     card.write_text('{"class_names": ["background", "liver"]}')
-    args = ["evaluate", "--pred", str(pool / "labels"), "--labels", str(pool / "labels")]
+    shutil.copytree(pool / "labels", tmp_path / "as_pred")
+    args = ["evaluate", "--pred", str(tmp_path / "as_pred"), "--labels", str(pool / "labels")]
     assert main([*args, "--out", str(card)]) == 1
     assert f"{card}: exists and is not a table asfda evaluate wrote; choose another --out file" in _one_line_error(
         capsys
