@@ -35,6 +35,10 @@ def load_model_from_args(args: argparse.Namespace):
     return load_model(args.model or default_model_path(), args.card, spec, args.trust, class_map)
 
 
+# what a new session writes into its folder (session.json itself aside)
+SESSION_WRITES = ("ranking.csv", "ranking.json", "ranking.png", "rankings", "labels", "cache", "checkpoints")
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -48,6 +52,14 @@ def cmd_rank(args: argparse.Namespace) -> int:
     if args.images is not None:
         refuse_same_folder(out, args.images, "--images", "give the session its own folder, e.g. --out asfda-session")
     first_rank = not (out / "session.json").is_file()
+    # a new session writes these into --out: in a folder that is no session they would be someone else's
+    # (a file of notes, or a dataset's labels/ that the session's label versions would land among)
+    clash = [n for n in SESSION_WRITES if first_rank and (out / n).exists()]
+    if clash:
+        raise ASFDAError(
+            f"{out / clash[0]}: exists, and {out} is no session: a new session would write there; "
+            "give --out a new folder (or the session folder 'asfda rank --out' made)"
+        )
     before = set(out.iterdir()) if out.is_dir() else None
     try:
         return _rank(args, out, console, main_rank)

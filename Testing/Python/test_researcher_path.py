@@ -808,3 +808,16 @@ def test_a_command_a_message_suggests_for_a_path_with_a_space_runs_as_copied(tmp
     assert main(["rank", "--images", str(images), "--out", str(session), "--budget", "1"]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert f"'asfda labels import {as_arg(session)} --from LABEL_DIR' and 'asfda finetune {as_arg(session)}'" in said
+
+
+def test_a_first_rank_never_writes_into_a_folder_holding_files_a_session_would_write(ranked, tmp_path, capsys):
+    """A folder of notes named ranking.csv, or a dataset whose labels/ the session's label versions would join."""
+    root, _ = ranked
+    notes = tmp_path / "u"
+    notes.mkdir()
+    (notes / "ranking.csv").write_text("my notes")
+    assert main(["rank", "--images", str(root / "pool" / "images"), "--out", str(notes), "--budget", "1"]) == 1
+    assert f"{notes / 'ranking.csv'}: exists, and {notes} is no session" in _one_line_error(capsys)
+    assert (notes / "ranking.csv").read_text() == "my notes" and not (notes / "session.json").exists()
+    assert main(["rank", "--images", str(root / "pool" / "images"), "--out", str(root / "pool"), "--budget", "1"]) == 1
+    assert f"{root / 'pool' / 'labels'}: exists" in _one_line_error(capsys)
