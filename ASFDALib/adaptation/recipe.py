@@ -8,6 +8,7 @@ docs/method.md, "Fine-tuning recipe", records how the defaults were chosen.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from ASFDALib.errors import ValueOutOfRange
@@ -108,6 +109,10 @@ class FinetuneConfig:
         if not 0.0 <= self.blend_start < 1.0:  # 1 would hand over the start itself: nothing fine-tuned
             raise ValueOutOfRange(f"FinetuneConfig.blend_start {self.blend_start}: use a share in [0, 1)")
         # the command line's checks, so a script's wrong number fails here, not as a run recorded as done
+        counts = ("iterations", "pseudo_iterations", "batch_size", "checkpoint_every", "seed", "max_pseudo_volumes")
+        for name in counts:
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), numbers.Integral):
+                raise ValueOutOfRange(f"FinetuneConfig.{name} {getattr(self, name)!r}: use a whole number")
         ranges = {
             "iterations": (self.iterations >= 0, "0 or more"),
             "pseudo_iterations": (self.pseudo_iterations >= 0, "0 or more (0 skips stage 2)"),

@@ -781,9 +781,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for score in scores:
             if text := imported.get(content_hash(Path(args.labels) / score.case)):
                 maps_of[score.case] = text
+    # references the session did not import are likely numbered as those it did: the one map they took, if one
+    only = next(iter(set(imported.values()))) if len(set(imported.values())) == 1 else ""
     for score in scores:
         if score.foreign:
-            warning = foreign_warning(score, names, maps_of.get(score.case, ""))
+            warning = foreign_warning(score, names, maps_of.get(score.case, only))
             console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
     unmapped = sorted(
         {text for case, text in maps_of.items() if not next(s for s in scores if s.case == case).foreign} - identity
@@ -846,6 +848,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.pipeline import session_model
+    from ASFDALib.adaptation.runs import unfinished_run
     from ASFDALib.adaptation.session import Session
     from ASFDALib.models.export import DEFAULT_NAMES, export_session
     from ASFDALib.models.loading import card_beside
@@ -871,13 +874,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         target = args.out
     else:
         target = args.out if args.out.suffix else args.out / DEFAULT_NAMES[args.format]
+        # a folder given: name a file the next export there can take (model.ts and model.pt2 share model.card.json)
+        name = "" if args.out.suffix else f", e.g. --out {as_arg(target.with_name('model2' + target.suffix))}"
         refuse_overwrite([target], protected, "a file the session references", fix)
-        refuse_existing(target, "the file", "choose a new file name")
-        refuse_existing(card_beside(target), "the card written beside the export", "choose a new file name")
+        refuse_existing(target, "the file", f"choose a new file name{name}")
+        refuse_existing(card_beside(target), "the card written beside the export", f"choose a new file name{name}")
     refuse_inside_session(target, fix)
+    latest = None if args.source_model else session.adapted_round()
+    which = f"round {latest['index']}'s fine-tuned model ({latest['checkpoint']})" if latest else "the source model"
+    if latest and (unfinished := unfinished_run(session)):  # its weights are the model as it finished before
+        which += f"; {unfinished}, so this is the model as it finished before"
     path = export_session(session, session_model(session, adapted=not args.source_model), args.out, args.format)
     card = "" if args.format == "bundle" else f", its card to {card_beside(path)}"
-    print(f"Exported {args.format} to {path}{card}")
+    print(f"Exported {args.format} to {path}{card}: {which}")
     return 0
 
 

@@ -1706,6 +1706,19 @@ def test_a_restart_cancelled_part_way_leaves_the_finished_model_the_rounds_own(l
                  str(labelled_session.parent / "pred")]) == 0  # fmt: skip
     said = " ".join(capsys.readouterr().out.split())
     assert "predicting with round 1's model as it finished before this run" in said
+    export = [
+        "export",
+        str(labelled_session),
+        "--format",
+        "torchscript",
+        "--out",
+        str(labelled_session.parent / "m.ts"),
+    ]
+    assert main(export) == 0  # and export says which model it wrote
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        "round 1's fine-tuned model (checkpoints/round1-replaced-1/final.pt); round 1's fine-tune was cancelled" in said
+    )
     with Session.open(labelled_session) as session:  # a finished restart makes its own model the round's
         assert finetune_session(session, longer, False, "resume").status == "done"
     assert Session.open(labelled_session).adapted_checkpoint().parent.name == "round1"

@@ -583,3 +583,10 @@ def test_a_torchscript_network_trains_stage_2_with_an_ema_teacher(tmp_path, defa
     trainer.begin_stage("stage2")
     assert trainer.run(cases[:1], 2, pseudo=cases[1:]) == "done"
     assert not any(p.requires_grad for p in trainer.teacher.parameters())
+
+
+def test_a_scripts_fractional_count_is_refused_when_the_recipe_is_made():
+    from ASFDALib.adaptation.recipe import FinetuneConfig
+
+    with pytest.raises(ValueError, match="FinetuneConfig.iterations 2.5: use a whole number"):
+        FinetuneConfig(iterations=2.5)
