@@ -914,15 +914,17 @@ def predict_folder(
     made_by: dict | None = None,
     protected: Iterable[Path] = (),
     fix: str | None = None,
+    plan: PredictionPlan | None = None,
 ) -> tuple[list[Path], list[str]]:
     """Label maps for every volume under ``images`` in the input's own grid and format (DICOM -> NIfTI),
     written to ``out``; returns (maps written, reasons for the files skipped). Refused first, writing nothing,
     where a map would land on a scan or another file it must not replace (:func:`plan_predictions`; a
     session's files in ``protected``). ``out``'s manifest records which model wrote each map (``made_by``;
-    default: the model file and its digest) and the SHA-256 of the scan it segments."""
+    default: the model file and its digest) and the SHA-256 of the scan it segments. ``plan``: one a caller
+    made already (to say what it replaces before the model loads), so its checks are not made twice."""
     from ASFDALib.outputs import record_predictions
 
-    plan = plan_predictions(images, out, protected, fix)
+    plan = plan or plan_predictions(images, out, protected, fix)
     made_by = made_by or {"model": str(Path(model.path).resolve()), "digest": model.digest}
     written, skipped = [], []
     for i, path in enumerate(plan.scans):

@@ -641,8 +641,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     console = Console()
     session = Session.open(args.session)
     fix = f"choose another --out folder, e.g. {predictions_folder_for(Path(args.images))}"
-    # every refusal before the model loads; predict_folder checks again (the same plan) as it starts
-    replaced = plan_predictions(args.images, args.out, session_files(session), fix).replaced
+    # every refusal before the model loads; predict_folder then works to this plan
+    plan = plan_predictions(args.images, args.out, session_files(session), fix)
+    replaced = plan.replaced
     if replaced:
         console.print(f"Replacing {len(replaced)} label maps an earlier asfda predict wrote to {args.out}")
     latest = session.adapted_round()
@@ -677,9 +678,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         which = "the source model"
     bar, update = volume_progress(console, "Predicting")
     with bar:
-        written, skipped = predict_folder(
-            model, args.images, args.out, args.device, update, made_by, session_files(session), fix
-        )
+        written, skipped = predict_folder(model, args.images, args.out, args.device, update, made_by, plan=plan)
     for reason in skipped:
         console.print(f"[yellow]skipped {reason}[/yellow]")
     console.print(f"Wrote {len(written)} label maps to {args.out} with {which}")
