@@ -780,11 +780,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for score in scores:
             if text := imported.get(content_hash(Path(args.labels) / score.case)):
                 maps_of[score.case] = text
-    # references the session did not import are likely numbered as those it did: the one map they took, if one
-    only = next(iter(set(imported.values()))) if len(set(imported.values())) == 1 else ""
     for score in scores:
         if score.foreign:
-            warning = foreign_warning(score, names, maps_of.get(score.case, only))
+            warning = foreign_warning(score, names, maps_of.get(score.case, ""))
             console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
     unmapped = sorted(
         {text for case, text in maps_of.items() if not next(s for s in scores if s.case == case).foreign} - identity

@@ -166,8 +166,7 @@ def left_out(pred_dir: Path, label_dir: Path) -> list[str]:
 
 def foreign_warning(score: CaseScore, class_names: list[str], imported_with: str = "") -> str:
     """One line for a case whose reference holds values that are not classes; ``imported_with``: the ``--map``
-    the session imported this very reference file with (or the one map all its imports took), the likelier fix
-    than an example."""
+    the session imported this very reference file with, the likelier fix than an example."""
     classes = ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
     fix = (
         f"--map {imported_with}, as the session's labels were imported"

@@ -630,12 +630,14 @@ def test_outputs_inside_a_session_folder_or_over_an_existing_export_are_refused_
     assert main(["predict", str(session), "--images", str(images), "--out", str(session / "labels")]) == 1
     assert "is inside the session folder" in _one_line_error(capsys)
     labels = root / "pool" / "labels"
+    shutil.copytree(labels, tmp_path / "as_pred")
+    pred = tmp_path / "as_pred"
     out = session / "session.json"
     before = content_hash(out)
-    assert main(["evaluate", "--pred", str(labels), "--labels", str(labels), "--out", str(out)]) == 1
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--out", str(out)]) == 1
     assert "is inside the session folder" in _one_line_error(capsys)
     assert content_hash(out) == before
-    assert main(["evaluate", "--pred", str(labels), "--labels", str(labels), "--out", str(images)]) == 1
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--out", str(images)]) == 1
     assert "is a folder; give --out a file name" in _one_line_error(capsys)
     existing = tmp_path / "existing_bundle"
     existing.mkdir()
@@ -744,8 +746,10 @@ def test_a_command_whose_output_reader_left_stops_quietly_as_a_unix_tool_does(tm
     else:
         assert main(["phantoms", "--count", "1", "--out", str(tmp_path / "p")]) == 0
         labels = str(tmp_path / "p" / "labels")
+        shutil.copytree(labels, tmp_path / "as_pred")  # the labels as predictions, in a folder of their own
         card = "Resources/Model/asfda_default.card.json"
-        argv = ["evaluate", "--pred", labels, "--labels", labels, "--card", card, "--out", str(tmp_path / "e.csv")]
+        pred = str(tmp_path / "as_pred")
+        argv = ["evaluate", "--pred", pred, "--labels", labels, "--card", card, "--out", str(tmp_path / "e.csv")]
     code = f"import sys; from ASFDALib.app.cli import main; sys.exit(main({argv!r}))"
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.close()  # the reader leaves before a line is written
