@@ -757,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = next((u for u in unknown if not u.startswith("-") and Path(u).is_dir()), None)
         takes = {a.dest for a in commands_.choices[args.command]._actions}
         if folder is not None and "images" in takes and getattr(args, "images", None) is None:
-            commands_.choices[args.command].error(f"unrecognized argument {folder}: give scans as --images {folder}")
+            scans = Path(folder) / "images" if (Path(folder) / "images").is_dir() else Path(folder)  # a dataset's
+            commands_.choices[args.command].error(f"unrecognized argument {folder}: give scans as --images {scans}")
         commands_.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "network_args", None) and not getattr(args, "network", None):  # an argument error: exit 2
         commands_.choices[args.command].error("--network-args needs --network NAME (the MONAI network they build)")

@@ -942,6 +942,11 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
     val_count, val_dir = _count_or_folder(args.validation)
     folders = None
     if pool_dir or test_dir or val_dir:
+        if args.scenario is not None:  # first: the other fixes would not make the two go together
+            raise ASFDAError(
+                f"--scenario {args.scenario} picks phantom data, and --pool/--test name your own folders; "
+                "leave --scenario out"
+            )
         if not (pool_dir and test_dir):
             raise ASFDAError(
                 "benchmark on your own data needs both --pool DIR and --test DIR (--validation DIR optional)"
@@ -949,11 +954,6 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
         if args.model is None:
             raise ASFDAError(
                 "benchmark on your own data needs --model (the model to adapt) and, if not beside it, --card"
-            )
-        if args.scenario is not None:
-            raise ASFDAError(
-                f"--scenario {args.scenario} picks phantom data, and --pool/--test name your own folders; "
-                "leave --scenario out"
             )
         folders = Folders(pool_dir, test_dir, val_dir)
     for option, count in (("--pool", pool_count), ("--test", test_count)):

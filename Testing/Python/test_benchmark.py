@@ -267,6 +267,9 @@ def test_a_scenario_beside_your_own_folders_is_refused_and_none_is_part_of_their
     out = tmp_path / "bench"
     assert main([*_tiny_run(data, out), "--scenario", "ct-shift"]) == 1
     assert "--scenario ct-shift picks phantom data" in " ".join(capsys.readouterr().err.split())
+    folders = ["--pool", str(data / "pool"), "--test", str(data / "test")]  # said first, before --model is asked for
+    assert main(["benchmark", *folders, "--scenario", "mri", "--out", str(out)]) == 1
+    assert "--scenario mri picks phantom data" in " ".join(capsys.readouterr().err.split())
     assert not out.exists()
     assert main(_tiny_run(data, out)) == 0
     results = json.loads((out / "results.json").read_text())

@@ -352,9 +352,10 @@ def test_arguments_in_another_order_are_taken_or_named_with_the_order_that_works
     assert (
         f"{session} is the session and {labels} the labels, the wrong way round: 'asfda labels import {session}" in said
     )
-    with pytest.raises(SystemExit):
-        main(["rank", str(root / "pool" / "images")])
-    assert f"give scans as --images {root / 'pool' / 'images'}" in capsys.readouterr().err
+    for given in (root / "pool" / "images", root / "pool"):  # a dataset folder: its images/ is named
+        with pytest.raises(SystemExit):
+            main(["rank", str(given)])
+        assert f"give scans as --images {root / 'pool' / 'images'}" in capsys.readouterr().err
 
 
 def test_a_bundle_given_where_a_session_goes_is_named_as_a_model(tmp_path, capsys):
