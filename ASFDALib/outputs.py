@@ -148,12 +148,14 @@ def record_predictions(out: Path, written: Iterable[Path], made_by: dict, made_f
     atomic_write_json(manifest, data)
 
 
-def prediction_unchanged(path: Path) -> bool:
-    """Whether ``path`` is a map ``asfda predict`` wrote, unchanged since (its folder's manifest records it)."""
+def unchanged_predictions(paths: Iterable[Path]) -> set[Path]:
+    """Those of ``paths`` that are maps ``asfda predict`` wrote, unchanged since (their folder's manifest records
+    each map's hash); each folder's manifest is read once, and only the files it names are hashed."""
     from ASFDALib.data.volumes import content_hash
 
-    maps = _manifest_record(Path(path).parent, "maps")
-    return Path(path).name in maps and Path(path).is_file() and content_hash(path) == maps[Path(path).name]
+    paths = [Path(p) for p in paths]
+    maps = {folder: _manifest_record(folder, "maps") for folder in {p.parent for p in paths}}
+    return {p for p in paths if p.name in maps[p.parent] and p.is_file() and content_hash(p) == maps[p.parent][p.name]}
 
 
 def _manifest_record(folder: Path, key: str) -> dict:

@@ -229,8 +229,9 @@ def rank_round(
         return ranking, written
     kept = session.root / "rankings" / f"round{session.rounds[-1]['index']}"
     kept.mkdir(parents=True, exist_ok=True)
+    names = {Path(p).name for p in written.values()}
     for old in kept.glob("ranking.*"):
-        if old.name not in {Path(p).name for p in written.values()}:
+        if old.name not in names:  # e.g. an earlier picture, where this ranking has none
             old.unlink()
     for path in written.values():
         atomic_write(kept / Path(path).name, lambda tmp, path=path: shutil.copyfile(path, tmp))

@@ -29,7 +29,7 @@ from ASFDALib.data.volumes import (
     write_nifti,
 )
 from ASFDALib.errors import ASFDAError, VolumeError, as_arg
-from ASFDALib.outputs import prediction_unchanged
+from ASFDALib.outputs import unchanged_predictions
 
 AFFINE_TOLERANCE_MM = 0.01
 MAP_EXAMPLE = '--map "41-48=2,49,50=vertebral body,*=0"'
@@ -570,6 +570,7 @@ def _import_labels(
         pairing = pair_names([str(p) for p in files], session.image_names())
     for label, reason in pairing.problems.items():  # a file of no image in the pool is skipped, not an error
         (report.skipped if reason.startswith(NO_IMAGE) else report.refused).append(f"{label}: {reason}")
+    predicted = unchanged_predictions(Path(p) for p in pairing.pairs.values())  # one manifest read a folder
     stored = session.labelled()  # each image pairs with one file: its current version does not move below
     drawn_on = session.labelled_images()  # once, not per file: a pool may hold thousands
     for name, label_name in sorted(pairing.pairs.items()):
@@ -577,7 +578,7 @@ def _import_labels(
         notes: list[str] = []
         flaw = ""
         try:
-            if prediction_unchanged(label_path):  # the model's own map would teach it its own errors
+            if label_path in predicted:  # the model's own map would teach it its own errors
                 raise VolumeError(
                     label_path,
                     "is a map asfda predict wrote, unchanged since: the model's own prediction, not a label",
