@@ -289,6 +289,28 @@ def _method(rounds: list[dict[str, Any]]) -> str:
     )
 
 
+def _adaptation(record: dict[str, Any]) -> str:
+    """What the session did to the base model's weights, in a phrase (from :func:`provenance`'s record)."""
+    asfda = record.get("asfda", {})
+    if asfda.get("adapted"):
+        target = record.get("target_domain", {})
+        return (
+            f"adapted with ASFDA {asfda.get('version')} to {target.get('description', 'a target domain')}: "
+            f"{asfda.get('rounds', 0)} round(s), {asfda.get('labelled_count', 0)} labelled volume(s)"
+        )
+    # an unadapted session exported with --source-model: the base model's own weights
+    return f"not adapted: the base model's weights, exported by ASFDA {asfda.get('version', '')}".strip()
+
+
+def exported_description(card: ModelCard, record: dict[str, Any] | None) -> str:
+    """The exported model's description: the base model's name, what the session did to it, then the base
+    card's own description (which alone would present the adapted weights as the base model's)."""
+    if record is None:
+        return card.description
+    base = record.get("base_model", {})
+    return f"{base.get('name', card.name)}, {_adaptation(record)}. {card.description}".strip()
+
+
 def bundle_metadata(card: ModelCard, version: str, record: dict[str, Any] | None) -> dict[str, Any]:
     """``configs/metadata.json``: MONAI's metadata fields plus ASFDA's adaptation record."""
     import monai
@@ -296,17 +318,9 @@ def bundle_metadata(card: ModelCard, version: str, record: dict[str, Any] | None
 
     record = record or {}
     base = record.get("base_model", {})
-    asfda = record.get("asfda", {})
     target = record.get("target_domain", {})
     classes = ", ".join(card.class_names[1:])
     value_range = [card.intensity.b_min, card.intensity.b_max] if card.intensity.mode in ("ct", "percentile") else None
-    if asfda.get("adapted"):
-        adapted = (
-            f"adapted with ASFDA {asfda.get('version')} to {target.get('description', 'a target domain')}: "
-            f"{asfda.get('rounds', 0)} round(s), {asfda.get('labelled_count', 0)} labelled volume(s)"
-        )
-    else:  # an unadapted session exported with --source-model: the base model's own weights
-        adapted = f"not adapted: the base model's weights, exported by ASFDA {asfda.get('version', '')}".strip()
     image = {
         "type": "image",
         "format": card.intensity.mode,
@@ -322,7 +336,7 @@ def bundle_metadata(card: ModelCard, version: str, record: dict[str, Any] | None
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
         "meta_schema_20220324.json",
         "version": version,
-        "changelog": {version: adapted},
+        "changelog": {version: _adaptation(record)},
         "name": card.name,
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
@@ -332,7 +346,7 @@ def bundle_metadata(card: ModelCard, version: str, record: dict[str, Any] | None
             "pytorch-ignite": _package_version("pytorch-ignite", "0.4.11"),  # MONAI's evaluator needs it
         },
         "task": f"Segmentation of {classes}",
-        "description": f"{base.get('name', card.name)}, {adapted}. {card.description}".strip(),
+        "description": exported_description(card, record),
         "authors": base.get("authors", UNKNOWN),
         "copyright": base.get("copyright", UNKNOWN),
         "license": base.get("license", UNKNOWN),
@@ -375,8 +389,8 @@ def _write_weights(network: torch.nn.Module, path: Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def _write_card(model: LoadedModel, path: Path) -> Path:
-    card_data = _exported_card(model.card)
+def _write_card(model: LoadedModel, path: Path, record: dict[str, Any] | None) -> Path:
+    card_data = _exported_card(model.card, record)
     if model.spec is not None:
         card_data["network"] = {"name": model.spec.name, "args": model.spec.args}
     return atomic_write_json(path, card_data)
@@ -421,7 +435,7 @@ def export_bundle(
     atomic_write_json(folder / "configs" / "inference.json", inference_config(card, network_def))
     atomic_write_json(folder / "configs" / "metadata.json", bundle_metadata(card, version, record))
     _write_weights(model.network, folder / "models" / "model.pt")
-    _write_card(model, folder / "asfda_card.json")
+    _write_card(model, folder / "asfda_card.json", record)
     stats = model.source_stats_path()
     if stats is not None and stats.is_file():  # the base model's source knowledge, where the card says it is
         (folder / model.card.source_stats).parent.mkdir(parents=True, exist_ok=True)
@@ -470,11 +484,11 @@ def _reexport_bundle(model: LoadedModel, folder: Path, record: dict[str, Any] | 
     ]["outputs"]["pred"]["channel_def"]
     merged["changelog"] = {**ours["changelog"], **(meta.get("changelog") or {})}
     atomic_write_json(folder / "configs" / "metadata.json", merged)
-    _write_card(model, folder / "asfda_card.json")
+    _write_card(model, folder / "asfda_card.json", record)
     return folder
 
 
-def export_torchscript(model: LoadedModel, path: Path) -> Path:
+def export_torchscript(model: LoadedModel, path: Path, record: dict[str, Any] | None = None) -> Path:
     """``model.ts`` (scripted, or traced when scripting fails) plus ``model.card.json`` beside it."""
     path = Path(path)
     _refuse_overwriting_the_base(model, [path, card_beside(path)])
@@ -484,16 +498,17 @@ def export_torchscript(model: LoadedModel, path: Path) -> Path:
     except Exception:  # noqa: BLE001 - some MONAI networks only trace
         scripted = torch.jit.trace(network, torch.zeros(1, 1, *model.card.roi_size))
     atomic_write(path, lambda tmp: scripted.save(str(tmp)))
-    atomic_write_json(card_beside(path), _exported_card(model.card, program=True))
+    atomic_write_json(card_beside(path), _exported_card(model.card, record, program=True))
     return path
 
 
-def _exported_card(card: ModelCard, program: bool = False) -> dict:
+def _exported_card(card: ModelCard, record: dict[str, Any] | None, program: bool = False) -> dict:
     """The card of the exported model: its head is the target's now, so the pre-trained head's
     ``source_classes`` no longer describe it (kept, they would re-map the adapted head when loaded). A program
     (TorchScript, torch.export) has no layer to tap, so source statistics cannot serve it: its card names none
     (a bundle's copies them beside it)."""
     data = card.to_dict()
+    data["description"] = exported_description(card, record)
     data.pop("source_classes", None)
     if program:
         data.pop("source_stats", None)
@@ -511,7 +526,7 @@ def export_pt2(model: LoadedModel, path: Path, record: dict[str, Any] | None = N
     _refuse_overwriting_the_base(model, [path, card_beside(path)])
     metadata = bundle_metadata(model.card, "0.1.0", record)
     export_program(model.network, model.card.roi_size, path, metadata)
-    atomic_write_json(card_beside(path), _exported_card(model.card, program=True))
+    atomic_write_json(card_beside(path), _exported_card(model.card, record, program=True))
     return path
 
 
@@ -529,5 +544,5 @@ def export_session(session: Any, model: LoadedModel, out: Path, fmt: str = "bund
     if fmt == "pt2":
         return export_pt2(model, target, record)
     if fmt == "torchscript":
-        return export_torchscript(model, target)
+        return export_torchscript(model, target, record)
     raise ModelError(f"export format {fmt!r} unknown; use one of {', '.join(FORMATS)}")

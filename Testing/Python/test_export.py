@@ -201,6 +201,28 @@ def test_bundle_metadata_describes_the_adapted_model(adapted, tmp_path, small_po
     assert "adapted with ASFDA" in meta["description"] and "1 labelled volume" in meta["changelog"]["0.1.0"]
 
 
+def test_every_exported_card_says_what_the_session_did_to_the_base_model(adapted, tmp_path):
+    """A card that kept the base model's description alone would present the adapted weights as the base's."""
+    from ASFDALib.models.defaults import default_model_path
+    from ASFDALib.models.loading import load_model
+
+    _, session, _ = adapted
+    base = load_model(default_model_path()).card.description
+    cards = {}
+    for fmt, out, card in (
+        ("bundle", "bundle", "bundle/asfda_card.json"),
+        ("torchscript", "adapted.ts", "adapted.card.json"),
+        ("pt2", "adapted.pt2", "adapted.card.json"),
+    ):
+        if fmt == "pt2":
+            (tmp_path / "adapted.card.json").unlink()  # the TorchScript export's card
+        assert main(["export", str(session), "--format", fmt, "--out", str(tmp_path / out)]) == 0
+        cards[fmt] = json.loads((tmp_path / card).read_text())["description"]
+    for fmt, description in cards.items():
+        assert description.startswith("asfda-default-unet, adapted with ASFDA "), fmt
+        assert "1 round(s), 1 labelled volume(s)" in description and description.endswith(base), fmt
+
+
 def _trusted_bundle(folder: Path) -> Path:
     """A bundle whose network_def holds an expression (so it needs --trust), with its own licence,
     metadata and a docs folder, built from the built-in model's weights."""
