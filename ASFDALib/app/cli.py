@@ -746,10 +746,33 @@ def build_parser() -> argparse.ArgumentParser:
 SCALES_OUT = ("rank", "finetune")  # the commands that shard their work across torchrun's processes
 
 
+def _scans_given_without_images(argv: list[str]) -> str | None:
+    """For ``predict``/``stats`` given a folder of scans without ``--images`` (``asfda predict SCANS``): the
+    hint that names the option, which argparse's "required: --images" would not; None otherwise."""
+    if len(argv) < 2 or argv[0] not in ("predict", "stats") or {"--images", "-h", "--help"} & set(argv):
+        return None
+    from ASFDALib.data.volumes import has_image_suffix
+
+    for word in (w for w in argv[1:] if not w.startswith("-")):
+        folder = Path(word)
+        if not folder.is_dir() or (folder / "session.json").is_file():
+            continue
+        scans = folder / "images" if (folder / "images").is_dir() else folder  # a dataset's images/
+        if not any(has_image_suffix(p) for p in scans.iterdir()):
+            continue
+        if argv[0] == "stats":
+            return f"{word}: give the source-domain scans as --images {scans}"
+        return f"{word} holds scans, not a session: asfda predict SESSION --images {scans} --out PRED"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
     commands_ = next(a for a in parser._actions if a.dest == "command")
+    hint = _scans_given_without_images(sys.argv[1:] if argv is None else argv)
+    if hint:
+        commands_.choices[(sys.argv[1:] if argv is None else argv)[0]].error(hint)
+    args, unknown = parser.parse_known_args(argv)
     if args.command == "labels":  # `labels import --from DIR SESSION`: the session after the option is still its
         args.words += [u for u in unknown if not u.startswith("-")]
         unknown = [u for u in unknown if u.startswith("-")]

@@ -356,6 +356,20 @@ def test_arguments_in_another_order_are_taken_or_named_with_the_order_that_works
         with pytest.raises(SystemExit):
             main(["rank", str(given)])
         assert f"give scans as --images {root / 'pool' / 'images'}" in capsys.readouterr().err
+    pool = root / "pool"
+    for argv, said in (
+        (
+            ["predict", str(pool)],
+            f"{pool} holds scans, not a session: asfda predict SESSION --images {pool / 'images'}",
+        ),
+        (
+            ["stats", str(pool / "images"), "--out", "s.npz"],
+            f"give the source-domain scans as --images {pool / 'images'}",
+        ),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)  # argparse alone would say "required: --images", with no word of the folder given
+        assert said in " ".join(capsys.readouterr().err.split())
 
 
 def test_a_bundle_given_where_a_session_goes_is_named_as_a_model(tmp_path, capsys):
