@@ -263,6 +263,7 @@ def test_evaluate_on_raw_references_warns_and_keeps_to_the_models_classes(sessio
     out = capsys.readouterr().out
     assert f"warning {MRI_SUBREG}: reference values [41-49,60-62,100] are not classes (0=background, " in out
     assert f"warning {CT_SUBREG}: reference values [41-50] are not classes" in out
+    assert "e.g. --map 41-49=1,60-62=2,100=3 (VALUE=CLASS" in " ".join(out.split())  # every range, each to a class
     rows = _csv(tmp_path / "pred" / "evaluation.csv")
     dice_columns = [c for c in rows[0] if c.startswith("dice_")]
     assert dice_columns == ["dice_vertebral body", "dice_posterior elements", "dice_disc", "dice_mean"]
