@@ -284,7 +284,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSaveLabel(self):
         with slicer.util.tryWithErrorDisplay(_("The label could not be saved"), waitCursor=True):
-            nifti, seg = self.logic.saveCurrentLabel()
+            nifti, seg = self.logic.saveCurrentLabel(self.ui.segmentEditorWidget.segmentationNode())
             self.ui.labelStatusLabel.text = _("Saved {a} and {b}").format(a=nifti.name, b=seg.name)
         self.refresh()
 
@@ -552,14 +552,33 @@ class ASFDALogic(ScriptedLoadableModuleLogic):
         self.current = None
         self.loaded = {}
 
-    def saveCurrentLabel(self):
+    def saveCurrentLabel(self, shown=None):
+        """Save the case whose segmentation the Segment Editor shows (``shown``; the last opened one when not
+        given): the user may have picked another of our cases, or none, in the editor's own selectors."""
         from ASFDALib.app import mrml
 
+        if shown is not None:
+            name = next((n for n, (_v, s) in self.loaded.items() if s is shown), None)
+            if name is None:
+                raise RuntimeError(
+                    _("The Segment Editor shows {seg}, which is no case of this session: open one with Next case").format(
+                        seg=shown.GetName()
+                    )
+                )
+            self.current = (name, *self.loaded[name])
         if self.current is None:
             raise RuntimeError(_("Open a case first (Next case)"))
         name, volumeNode, segmentation = self.current
+        if volumeNode.GetScene() is None or segmentation.GetScene() is None:
+            self.loaded.pop(name, None)
+            self.current = None
+            raise RuntimeError(
+                _("{name}'s volume or segmentation was deleted: open the case again (double-click its row)").format(
+                    name=name
+                )
+            )
         label = mrml.segmentation_to_labelmap(segmentation, volumeNode, self.flow.class_names())
-        _array, affine = mrml.node_to_volume(volumeNode)
+        affine = mrml.volume_affine(volumeNode)
         return self.flow.save_label(name, label, affine, lambda path: mrml.save_segmentation(segmentation, path))
 
 

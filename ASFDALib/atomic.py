@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,22 @@ from typing import Any
 import numpy as np
 
 from ASFDALib.errors import ASFDAError
+
+REPLACE_TRIES = 20  # x 50 ms: a reader's open handle or a virus scanner's is gone well within a second
+
+
+def _replace(tmp: Path, path: Path, tries: int = REPLACE_TRIES, pause_s: float = 0.05) -> None:
+    """``os.replace``, tried again for a moment where Windows refuses it (PermissionError): there a file
+    another process or thread holds open (the panel polling a run's progress file, a virus scanner) cannot
+    be replaced until it is closed, which is a matter of milliseconds."""
+    for attempt in range(tries):
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(pause_s)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -32,7 +49,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; session files are meant to be shared
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except OSError as exc:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

@@ -79,9 +79,7 @@ def node_to_volume(node) -> tuple[np.ndarray, np.ndarray]:
     dims = image.GetDimensions()
     flat = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     array = flat.reshape(dims[2], dims[1], dims[0]).transpose(2, 1, 0).copy()
-    matrix = _vtk().vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    return array, matrix_to_affine(matrix)
+    return array, volume_affine(node)
 
 
 def color_table(scene, class_names: list[str], colors: list[tuple[float, float, float]] | None = None):
@@ -94,6 +92,16 @@ def color_table(scene, class_names: list[str], colors: list[tuple[float, float, 
         r, g, b = colors[index % len(colors)]
         table.SetColor(index, name, r, g, b, 0.0 if index == 0 else 1.0)
     return table
+
+
+def _remove_with_display(scene, node) -> None:
+    """Remove a helper node and the display nodes made for it: left behind, each shows in the Data module and
+    in the Save dialog (Slicer makes color tables visible to editors so that they can be saved)."""
+    for index in range(node.GetNumberOfDisplayNodes()):
+        display = node.GetNthDisplayNode(index)
+        if display is not None:
+            scene.RemoveNode(display)
+    scene.RemoveNode(node)
 
 
 def labelmap_to_segmentation(
@@ -121,31 +129,89 @@ def labelmap_to_segmentation(
         if not segmentation.GetSegmentIdBySegmentName(class_name):
             r, g, b = DEFAULT_COLORS[index % len(DEFAULT_COLORS)]
             segmentation.AddEmptySegment(class_name, class_name, [r, g, b])
-    scene.RemoveNode(labelmap)
+    _remove_with_display(scene, labelmap)
     scene.RemoveNode(table)
     return seg
 
 
+class SegmentNameError(ValueError):
+    """A segment whose name is no class of the model: saved without it, the label would lose what it holds."""
+
+
+def segment_classes(seg, class_names: list[str]) -> dict[str, int]:
+    """Segment ID -> class index, by the segment's name (case aside: choosing a terminology entry in the
+    Segment Editor renames "liver" to "Liver"). A segment of no class, or two of one class, is refused:
+    the label saved must hold every voxel the clinician painted, each as one class."""
+    index_of = {name.casefold(): i for i, name in enumerate(class_names) if i > 0}
+    segmentation = seg.GetSegmentation()
+    found: dict[str, int] = {}
+    foreign, twice = [], {}
+    for n in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(n)
+        name = segmentation.GetSegment(segment_id).GetName()
+        index = index_of.get(name.casefold())
+        if index is None:
+            foreign.append(name)
+        elif index in found.values():
+            twice.setdefault(class_names[index], []).append(name)
+        else:
+            found[segment_id] = index
+    classes = ", ".join(class_names[1:])
+    if foreign:
+        raise SegmentNameError(
+            f"segments {', '.join(repr(f) for f in foreign)} are no class of the model ({classes}): rename each to "
+            "the class it is, or delete it (the label would be saved without it)"
+        )
+    if twice:
+        name, names = next(iter(twice.items()))
+        raise SegmentNameError(f"two segments are {name} (the second named {names[0]!r}): merge them into one")
+    return found
+
+
 def segmentation_to_labelmap(seg, reference_volume, class_names: list[str]) -> np.ndarray:
-    """[i, j, k] labels on the reference volume's grid; each segment's value comes from its class name."""
+    """[i, j, k] labels on the reference volume's grid; each segment's value comes from its class name
+    (:func:`segment_classes`), in one export through a color table of the classes."""
     slicer = _slicer()
     vtk = _vtk()
     scene = seg.GetScene()
-    reference, _ = node_to_volume(reference_volume)
-    out = np.zeros(reference.shape, np.uint8)
+    dims = reference_volume.GetImageData().GetDimensions()
+    classes = segment_classes(seg, class_names)
+    if not classes:
+        return np.zeros(dims, np.uint8)
+    # The table names each class as its segment is named, so Slicer gives each segment its class's value
+    # (vtkSlicerSegmentationsModuleLogic::GetLabelValuesFromColorNode matches by name); set on the labelmap's
+    # display first, so the export adds no color table of its own to the scene.
     segmentation = seg.GetSegmentation()
-    for index, class_name in enumerate(class_names[1:], start=1):
-        segment_id = segmentation.GetSegmentIdBySegmentName(class_name)
-        if not segment_id:
-            continue
-        ids = vtk.vtkStringArray()
+    names = list(class_names)
+    for segment_id, index in classes.items():
+        names[index] = segmentation.GetSegment(segment_id).GetName()
+    table = color_table(scene, names)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__asfda_export__")
+    labelmap.CreateDefaultDisplayNodes()
+    labelmap.GetDisplayNode().SetAndObserveColorNodeID(table.GetID())
+    ids = vtk.vtkStringArray()
+    for segment_id in sorted(classes, key=classes.get):  # class order: where segments overlap, the later wins
         ids.InsertNextValue(segment_id)
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__asfda_export__")
-        slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(seg, ids, labelmap, reference_volume)
-        mask, _ = node_to_volume(labelmap)
-        out[mask > 0] = index
-        scene.RemoveNode(labelmap)
-    return out
+    try:
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            seg, ids, labelmap, reference_volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, table
+        )
+        if not ok or labelmap.GetImageData() is None:
+            raise RuntimeError(f"{seg.GetName()}: Slicer could not export the segments to a label map")
+        out, _ = node_to_volume(labelmap)
+    finally:
+        _remove_with_display(scene, labelmap)
+        scene.RemoveNode(table)
+    if out.shape != tuple(dims):
+        raise RuntimeError(f"{seg.GetName()}: exported on a {out.shape} grid, not the volume's {tuple(dims)}")
+    return out.astype(np.uint8)
+
+
+def volume_affine(node) -> np.ndarray:
+    """The node's IJK-to-RAS affine, without copying its voxels."""
+    matrix = _vtk().vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return matrix_to_affine(matrix)
 
 
 def save_segmentation(seg, path: Path) -> Path:

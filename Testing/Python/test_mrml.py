@@ -60,6 +60,45 @@ def test_labelmap_to_segmentation_keeps_names_and_values(scene):
     np.testing.assert_array_equal(back, label)
 
 
+def _segmentation(scene):
+    label = np.zeros((10, 10, 10), np.uint8)
+    label[1:4, 1:4, 1:4] = 1
+    label[6:9, 6:9, 6:9] = 3
+    volume = mrml.volume_to_node(scene, np.zeros((10, 10, 10), np.float32), _oblique_affine())
+    return label, volume, mrml.labelmap_to_segmentation(scene, label, _oblique_affine(), CLASSES, volume)
+
+
+def test_a_round_trip_leaves_no_helper_node_in_the_scene(scene):
+    """Left behind, Slicer's export color tables and display nodes show in the Data module and the Save dialog."""
+    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)  # the application's scenes always hold one
+    _, volume, seg = _segmentation(scene)
+    before = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+    for _ in range(3):
+        mrml.segmentation_to_labelmap(seg, volume, CLASSES)
+    assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == before
+    assert scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == 0
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
+
+
+def test_a_segment_renamed_by_a_terminology_entry_keeps_its_class(scene):
+    """Choosing "Liver" from Slicer's terminology list renames the segment; its voxels are still class 1."""
+    label, volume, seg = _segmentation(scene)
+    segmentation = seg.GetSegmentation()
+    segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("liver")).SetName("Liver")
+    np.testing.assert_array_equal(mrml.segmentation_to_labelmap(seg, volume, CLASSES), label)
+
+
+def test_a_segment_of_no_class_is_refused_not_dropped_from_the_label(scene):
+    _, volume, seg = _segmentation(scene)
+    seg.GetSegmentation().AddEmptySegment("tumour", "tumour", [1.0, 0.0, 0.0])
+    with pytest.raises(mrml.SegmentNameError, match=r"segments 'tumour' are no class of the model \(liver, kidney"):
+        mrml.segmentation_to_labelmap(seg, volume, CLASSES)
+    seg.GetSegmentation().AddEmptySegment("Kidney", "Kidney", [1.0, 0.0, 0.0])
+    seg.GetSegmentation().RemoveSegment("tumour")
+    with pytest.raises(mrml.SegmentNameError, match="two segments are kidney .*'Kidney'.*merge them"):
+        mrml.segmentation_to_labelmap(seg, volume, CLASSES)
+
+
 def test_seg_nrrd_is_written_and_read_back(scene, tmp_path):
     label = np.zeros((8, 9, 10), np.uint8)
     label[2:5, 2:6, 3:7] = 2

@@ -37,6 +37,35 @@ def test_an_injected_disk_full_error_is_clear_and_keeps_the_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["session.json"]
 
 
+def test_a_write_windows_refuses_for_a_moment_is_tried_again(tmp_path, monkeypatch):
+    """Windows cannot replace a file another reader holds open (the panel polling a run's progress file, a
+    virus scanner): os.replace raises PermissionError until the reader closes it, milliseconds later."""
+    import os
+
+    from ASFDALib import atomic
+
+    target = atomic_write_json(tmp_path / "last.json", {"iteration": 1})
+    real, refusals = os.replace, []
+
+    def held_open_twice(src, dst):
+        if len(refusals) < 2:
+            refusals.append(dst)
+            raise PermissionError(13, "The process cannot access the file because it is being used")
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", held_open_twice)
+    atomic_write_json(target, {"iteration": 2})
+    assert len(refusals) == 2 and json.loads(target.read_text()) == {"iteration": 2}
+
+    def held_open(src, dst):
+        raise PermissionError(13, "The process cannot access the file because it is being used")
+
+    monkeypatch.setattr(atomic.os, "replace", held_open)  # held for good: the error, after a second of tries
+    with pytest.raises(PermissionError):
+        atomic_write_json(target, {"iteration": 3})
+    assert json.loads(target.read_text()) == {"iteration": 2} and [p.name for p in tmp_path.iterdir()] == ["last.json"]
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     mount = tmp_path / "tiny"
