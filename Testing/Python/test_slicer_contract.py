@@ -436,7 +436,7 @@ def test_combo_box_choices_are_the_engines():
 # Signals per class, normalised as Qt does (no spaces, no const/&), from the Qt 5 class references
 # (doc.qt.io/qt-5/<class>.html#signals, inherited ones included through BASES) and the CTK/Slicer headers
 # (ctkPathLineEdit.h, ctkSliderWidget.h, ctkCollapsibleButton.h, ctkDirectoryButton.h, qMRMLWidget.h,
-# qMRMLSegmentEditorWidget.h, qMRMLNodeComboBox.h).
+# qMRMLSegmentEditorWidget.h, qMRMLNodeComboBox.h, qSlicerSegmentEditorEffectFactory.h).
 SIGNALS: dict[str, set[str]] = {
     "QObject": {"destroyed()", "destroyed(QObject*)", "objectNameChanged(QString)"},
     "QTimer": {"timeout()"},
@@ -516,6 +516,7 @@ SIGNALS: dict[str, set[str]] = {
         "masterVolumeNodeChanged(vtkMRMLVolumeNode*)",
         "currentSegmentIDChanged(QString)",
     },
+    "qSlicerSegmentEditorEffectFactory": {"effectRegistered(QString)"},
 }
 BASES = {
     "QTimer": "QObject",
@@ -540,6 +541,7 @@ BASES = {
     "ctkSliderWidget": "QWidget",
     "qMRMLWidget": "QWidget",
     "qMRMLSegmentEditorWidget": "qMRMLWidget",
+    "qSlicerSegmentEditorEffectFactory": "QObject",
 }
 SLOTS = {"qMRMLWidget": {"setMRMLScene(vtkMRMLScene*)"}}
 
@@ -577,6 +579,8 @@ def connections(source: str | None = None, ui_text: str | None = None) -> list[t
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
             func = node.value.func
             cls = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if cls == "instance" and isinstance(func.value, ast.Attribute):  # a singleton: X.instance()
+                cls = func.value.attr
             for target in node.targets:
                 if (
                     isinstance(target, ast.Attribute)

@@ -296,3 +296,131 @@ def test_the_module_self_test_runs_with_the_panel_logic(standins):
     result = unittest.TextTestRunner(verbosity=0).run(module.ASFDATest("runTest"))
     assert result.wasSuccessful(), result.errors + result.failures
     slicer.mrmlScene.Clear(0)
+
+
+def _session_on(folder, images, trust: bool = False):
+    """A session folder as a first rank leaves it, as far as reopening it reads: its model and images."""
+    from ASFDALib.adaptation.session import Session
+
+    with Session.open(folder, create=True) as session:
+        session.set_images(images, {}, False)
+        session.data["model"] = {"path": str(images.parent / "model.pt"), "trust": trust}
+        session.save()
+    return folder
+
+
+def test_typing_a_new_session_path_past_an_existing_session_keeps_the_users_settings(standins, errors, tmp_path):
+    """Typing D:/s/liver2 passes through D:/s/liver (the field reports every keystroke): were that a session,
+    its images folder would stay for the new session, which would rank the wrong scans."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    theirs.mkdir()
+    _session_on(tmp_path / "s" / "liver", theirs)
+    widget = _open_panel(slicer_standins.load_panel())
+    ui, node = widget.ui, widget._parameterNode
+    ui.imagesPathLineEdit.currentPath = str(ours)
+    ui.budgetSpinBox.value = 3
+    ui.sessionPathLineEdit.typePath(str(tmp_path / "s" / "liver2"))
+    assert node.session == tmp_path / "s" / "liver2"
+    assert node.images == ours and ui.imagesPathLineEdit.currentPath == str(ours) and node.budget == 3
+    # what the user changes while a session is open stays theirs when the path moves on
+    ui.sessionPathLineEdit.currentPath = str(tmp_path / "s" / "liver")
+    assert node.images == theirs
+    ui.budgetSpinBox.value = 2
+    ui.sessionPathLineEdit.typePath("3", append=True)
+    assert (node.images, node.budget) == (ours, 2)
+    widget.cleanup()
+    assert errors == []
+
+
+def test_a_loaded_scene_does_not_bring_trust_in_its_model_file(standins, errors, tmp_path):
+    """A shared .mrb saves the parameter node: its "trust" would let Rank run a pickled or TorchScript model
+    the user never chose to trust."""
+    widget = _open_panel(slicer_standins.load_panel())
+    node = widget._parameterNode
+    node.trust = True
+    slicer.mrmlScene.StartState(slicer.mrmlScene.ImportState)  # File -> Load Scene: the saved node comes in
+    slicer.mrmlScene.EndState(slicer.mrmlScene.ImportState)
+    assert node.trust is False and not widget.ui.trustCheckBox.checked
+    widget.cleanup()
+    assert errors == []
+
+
+def test_effects_registered_after_the_panel_are_listed_in_its_editor(standins, errors):
+    """ASFDA as the startup module: an extension's effects register after its Segment Editor was made."""
+    widget = _open_panel(slicer_standins.load_panel())
+    factory = slicer.qSlicerSegmentEditorEffectFactory.instance()
+    factory.registerEffect("Local Threshold")
+    assert "Local Threshold" in widget.ui.segmentEditorWidget.effects
+    widget.cleanup()
+    factory.registerEffect("Smoothing")  # a closed (reloaded) panel's editor is no longer told
+    assert "Smoothing" not in widget.ui.segmentEditorWidget.effects
+    assert errors == []
+
+
+def test_save_label_saves_the_case_the_editor_shows_and_refuses_one_of_no_case(standins, errors, tmp_path):
+    """The embedded editor's own selectors can show another case, or a segmentation of the user's: Save must
+    write what is shown, never the case opened last."""
+    from ASFDALib.bench.phantoms import write_phantoms
+    from ASFDALib.data.volumes import read_volume
+
+    write_phantoms(tmp_path / "pool", 3, "mri", seed=3)
+    widget = _open_panel(slicer_standins.load_panel())
+    ui = widget.ui
+    ui.sessionPathLineEdit.currentPath = str(tmp_path / "session")
+    ui.imagesPathLineEdit.currentPath = str(tmp_path / "pool" / "images")
+    ui.deviceComboBox.currentIndex = ui.deviceComboBox.findText("cpu")
+    ui.budgetSpinBox.value = 2
+    ui.rankButton.click()
+    run_until(_idle(widget))
+    first, second = widget.logic.flow.query
+    for case in (first, second):
+        ui.nextCaseButton.click() if case == first else _double_click(ui.resultsTable, case)
+        run_until(lambda case=case: widget.logic.current is not None and widget.logic.current[0] == case)
+        run_until(_idle(widget))
+    first_segmentation = widget.logic.loaded[first][1]
+    ui.segmentEditorWidget.setSegmentationNode(first_segmentation)  # back to the first, in the editor itself
+    ui.saveLabelButton.click()
+    labels = tmp_path / "session" / "labels"
+    assert sorted(p.name for p in labels.glob("*.nii.gz")) == [f"{first.removesuffix('.nii.gz')}.v1.nii.gz"]
+    assert read_volume(next(labels.glob("*.nii.gz"))).array.any()
+    mine = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my notes")
+    ui.segmentEditorWidget.setSegmentationNode(mine)
+    ui.saveLabelButton.click()  # Slicer shows the error (under --testing, raises it to the event loop)
+    assert [str(e) for e in errors] == [
+        "The Segment Editor shows my notes, which is no case of this session: open one with Next case"
+    ]
+    assert len(list(labels.glob("*.nii.gz"))) == 1
+    widget.cleanup()
+
+
+def test_closing_the_panel_cancels_its_running_job(standins, errors, tmp_path):
+    """Reload or quitting Slicer: a job left running would keep the session locked by Slicer's own process."""
+    from ASFDALib.bench.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "pool", 6, "mri", seed=4)
+    widget = _open_panel(slicer_standins.load_panel())
+    ui = widget.ui
+    ui.sessionPathLineEdit.currentPath = str(tmp_path / "session")
+    ui.imagesPathLineEdit.currentPath = str(tmp_path / "pool" / "images")
+    ui.deviceComboBox.currentIndex = ui.deviceComboBox.findText("cpu")
+    ui.rankButton.click()
+    job = widget.logic.flow.job
+    assert widget.logic.flow.busy and job.thread.is_alive()
+    widget.cleanup()
+    assert not widget.logic.flow.busy and not job.thread.is_alive()
+    assert any("cancelled" in line for line in widget.logic.flow.log), widget.logic.flow.log[-3:]
+    assert errors == []
+
+
+def test_the_self_test_says_what_is_missing_instead_of_failing_in_the_worker(standins, monkeypatch):
+    """The factory's Slicer has no torch or MONAI until asked (pip_ensure installs nothing under --testing)."""
+    import unittest
+
+    module = slicer_standins.load_panel()
+    from ASFDAPanelLib import dependencies
+
+    monkeypatch.setattr(dependencies, "unmet", lambda *a, **k: ["monai>=1.3"])
+    result = unittest.TextTestRunner(verbosity=0).run(module.ASFDATest("runTest"))
+    assert result.wasSuccessful() and len(result.skipped) == 1
+    assert "ASFDA needs monai>=1.3: press Check / install" in result.skipped[0][1]

@@ -22,7 +22,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 MODULE = REPO / "ASFDA" / "ASFDA.py"
 _MODULES = ("qt", "ctk", "slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper", "ASFDA")
-_ATTRIBUTES = ("app", "mrmlScene", "ScriptedLoadableModule", "parameterNodeWrapper", "qMRMLWidget")
+_ATTRIBUTES = (
+    "app",
+    "mrmlScene",
+    "ScriptedLoadableModule",
+    "parameterNodeWrapper",
+    "qMRMLWidget",
+    "qSlicerSegmentEditorEffectFactory",
+)
 
 
 @dataclass
@@ -94,6 +101,7 @@ def install() -> Installed:
     slicer.ScriptedLoadableModule = scripted_module
     slicer.parameterNodeWrapper = parameter_node
     slicer.qMRMLWidget = mrml_widgets.qMRMLWidget
+    slicer.qSlicerSegmentEditorEffectFactory = mrml_widgets.qSlicerSegmentEditorEffectFactory
     installed.segmentations = segmentations
     # Slicer puts a scripted module's folder on sys.path (ASFDA.py imports ASFDAPanelLib beside it).
     sys.path.insert(0, str(MODULE.parent))

@@ -30,6 +30,15 @@ class ctkPathLineEdit(PythonQtObject, QWidget):  # noqa: N801 - the CTK class na
             self._path = path
             self.currentPathChanged.emit(path)
 
+    def typePath(self, text: str, append: bool = False) -> None:  # noqa: N802 - not CTK's: a user's typing
+        """Type ``text`` over the field's text (selected first), or after it, a key at a time: ctkPathLineEdit
+        emits currentPathChanged at every keystroke (ctkPathLineEdit.cpp: editTextChanged ->
+        updateHasValidInput -> currentPathChanged)."""
+        typed = self._path if append else ""
+        for char in text:
+            typed += char
+            self.setCurrentPath(typed)
+
     def _get_filters(self) -> int:
         return self._filters
 

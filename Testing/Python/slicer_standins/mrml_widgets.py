@@ -1,15 +1,16 @@
 """Stands in for Slicer's MRML widgets used by ASFDA.ui and the module panel: ``qMRMLWidget``,
-``qMRMLSegmentEditorWidget`` and the ``qSlicerScriptedLoadableModuleWidget`` a module widget lives in.
+``qMRMLSegmentEditorWidget``, the effect factory it lists effects from, and the
+``qSlicerScriptedLoadableModuleWidget`` a module widget lives in.
 
 The segment editor keeps no state of its own: like the real one it reads and writes the segment editor
 node (real MRML from slicer-core), and it refuses what the real one refuses with an error in Slicer's
-log (a node from another scene, no editor node), so a panel that loses its editor node after File ->
-Close Scene fails here. No views, no effects, no drawing.
+log (a node from another scene, no editor node, a source volume before a segmentation), so a panel that
+loses its editor node after File -> Close Scene fails here. Effects are names only: no views, no drawing.
 """
 
 from __future__ import annotations
 
-from PySide6.QtCore import Property, Signal
+from PySide6.QtCore import Property, QObject, Signal
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
 from .qt import PythonQtObject
@@ -33,6 +34,28 @@ class qMRMLWidget(PythonQtObject, QWidget):  # noqa: N801 - the Slicer class nam
         return self._scene
 
 
+class qSlicerSegmentEditorEffectFactory(PythonQtObject, QObject):  # noqa: N801
+    """``slicer.qSlicerSegmentEditorEffectFactory``: the singleton effects are registered with, emitting
+    ``effectRegistered(QString)`` for each (an editor made before then does not list it by itself)."""
+
+    effectRegistered = Signal(str)  # noqa: N815
+    _instance = None
+
+    def __init__(self):
+        super().__init__()
+        self.registered = ["Paint", "Draw", "Erase", "Threshold"]  # Slicer's built-in effects, in part
+
+    @classmethod
+    def instance(cls):
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def registerEffect(self, name: str) -> None:  # noqa: N802 - takes an effect object in Slicer
+        self.registered.append(name)
+        self.effectRegistered.emit(name)
+
+
 class qMRMLSegmentEditorWidget(qMRMLWidget):  # noqa: N801
     """The embedded Segment Editor: segmentation and source volume live in its segment editor node."""
 
@@ -46,6 +69,7 @@ class qMRMLSegmentEditorWidget(qMRMLWidget):  # noqa: N801
         self._editorNode = None
         self.activeEffect = None
         self.shortcutsInstalled = False
+        self.effects = list(qSlicerSegmentEditorEffectFactory.instance().registered)
 
     def setMRMLSegmentEditorNode(self, node) -> None:  # noqa: N802
         self._editorNode = node
@@ -74,9 +98,17 @@ class qMRMLSegmentEditorWidget(qMRMLWidget):  # noqa: N801
         return self._editorNode.GetSegmentationNode() if self._editorNode is not None else None
 
     def setSourceVolumeNode(self, node) -> None:  # noqa: N802
+        """As vtkSlicerSegmentEditorLogic::SetSourceVolumeNode: nothing (an error in the log) before a
+        segmentation is set, and only a scalar volume (any other node sets none)."""
+        import slicer
+
         self._check_scene(node, "setSourceVolumeNode")
-        self._node("setSourceVolumeNode").SetAndObserveSourceVolumeNode(node)
-        self.sourceVolumeNodeChanged.emit(node)
+        editor = self._node("setSourceVolumeNode")
+        if editor.GetSegmentationNode() is None:
+            return  # "need to set segment editor and segmentation nodes first"
+        volume = node if isinstance(node, slicer.vtkMRMLScalarVolumeNode) else None
+        editor.SetAndObserveSourceVolumeNode(volume)
+        self.sourceVolumeNodeChanged.emit(volume)
 
     def sourceVolumeNode(self):  # noqa: N802
         return self._editorNode.GetSourceVolumeNode() if self._editorNode is not None else None
@@ -92,6 +124,10 @@ class qMRMLSegmentEditorWidget(qMRMLWidget):  # noqa: N801
 
     def removeViewObservations(self) -> None:  # noqa: N802
         pass  # no views here
+
+    def updateEffectList(self) -> None:  # noqa: N802
+        """The real widget lists the effects registered by then; later ones only once this is called."""
+        self.effects = list(qSlicerSegmentEditorEffectFactory.instance().registered)
 
     def updateWidgetFromMRML(self) -> None:  # noqa: N802
         if self._editorNode is not None:

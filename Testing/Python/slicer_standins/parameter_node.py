@@ -11,7 +11,6 @@ widget -> node on the widget's signal, node -> widgets on the node's ModifiedEve
 
 from __future__ import annotations
 
-import pathlib
 import typing
 from typing import Any
 
@@ -142,7 +141,7 @@ def _default(unannotated):
 
 def _check_type(name: str, unannotated, value) -> None:
     if unannotated in PATH_TYPES:
-        ok = isinstance(value, pathlib.PurePath)
+        ok = isinstance(value, unannotated)  # Slicer's PathSerializer: IsInstance(type_), so no PureWindowsPath
     elif unannotated is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif unannotated is int:

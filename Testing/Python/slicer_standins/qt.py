@@ -60,6 +60,8 @@ class PythonQtObject:
                 return QtCore.QObject.objectName(self)
             if name == "connect":  # PySide's own QObject.connect would win over a mixin method
                 return types.MethodType(PythonQtObject.pythonqt_connect, self)
+            if name == "disconnect":
+                return types.MethodType(PythonQtObject.pythonqt_disconnect, self)
         return super().__getattribute__(name)
 
     def __setattr__(self, name, value):
@@ -97,7 +99,23 @@ class PythonQtObject:
             bound = bound[tuple({"int": int, "double": float, "bool": bool, "QString": str}[t] for t in wanted)]
         except (KeyError, IndexError, TypeError):
             pass  # not overloaded by these types: the default overload is the one
-        bound.connect(lambda *args: slot(*args[:count]))
+
+        def call(*args):
+            return slot(*args[:count])
+
+        bound.connect(call)
+        connections = self.__dict__.setdefault("_pythonqt_connections", {})
+        connections.setdefault((normal, slot), []).append((bound, call))
+        return True
+
+    def pythonqt_disconnect(self, signal: str, slot) -> bool:
+        """PythonQt's ``disconnect("signal(args)", callable)``: undoes a ``connect`` of the same pair."""
+        normal = bytes(QtCore.QMetaObject.normalizedSignature(signal)).decode()
+        made = self.__dict__.get("_pythonqt_connections", {}).get((normal, slot))
+        if not made:
+            return False
+        bound, call = made.pop()
+        bound.disconnect(call)
         return True
 
 
