@@ -285,6 +285,9 @@ def load_model(
     explicit = Path(card) if isinstance(card, (str, Path)) else None
     if not path.exists():
         raise ModelError(f"{path}: model not found")
+    bundle = _bundle_holding(path)
+    if bundle is not None and card is None and not any(c.is_file() for c in card_candidates(path)):
+        path = bundle  # a bundle's weights or config picked in a file dialog (the panel's browses files): the bundle
     if path.is_dir():
         return _load_bundle(path, card if isinstance(card, ModelCard) else None, explicit, trust, class_map)
     loaded_card = card if isinstance(card, ModelCard) else _find_card(card_candidates(path), explicit)
@@ -307,6 +310,15 @@ def load_model(
     _check_inputs(net, path)
     report = _apply_weights(net, load_weights(path, trust), loaded_card, class_map, path)
     return LoadedModel(net.eval(), loaded_card, "state_dict", path, digest, spec, report, class_map)
+
+
+def _bundle_holding(path: Path) -> Path | None:
+    """The MONAI bundle folder a file sits in as its weights (models/) or config (configs/), else None."""
+    if path.is_dir() or path.parent.name not in ("models", "configs"):
+        return None
+    folder = path.parent.parent
+    configs = folder / "configs"
+    return folder if any((configs / f"inference{s}").is_file() for s in (".json", ".yaml", ".yml")) else None
 
 
 def _digest_parts(card: ModelCard, class_map: str | Mapping[str, str] | None) -> list[bytes]:

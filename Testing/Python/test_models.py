@@ -225,6 +225,18 @@ def test_bundle_with_a_plain_monai_network_loads_without_trust(tmp_path, unet):
     assert _same_output(model.network, unet)
 
 
+def test_a_bundles_weights_or_config_file_given_as_the_model_loads_the_bundle(tmp_path, unet):
+    """A file dialog (the panel's model field) picks files: a bundle's models/model.pt or configs/inference.json."""
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet)
+    for picked in (folder / "models" / "model.pt", folder / "configs" / "inference.json"):
+        model = load_model(picked)
+        assert (model.kind, model.path, model.card.class_names) == ("bundle", folder, CLASSES)
+    # a card beside the weights says the file is meant on its own: it is read as the state dict it is
+    (folder / "models" / "model.card.json").write_text(json.dumps({"class_names": CLASSES}))
+    with pytest.raises(ModelError, match="model.pt: a state dict needs a network"):
+        load_model(folder / "models" / "model.pt")
+
+
 def test_bundle_with_code_in_its_config_needs_trust(tmp_path, unet):
     expression = {"_target_": "monai.networks.nets.UNet", **UNET_ARGS, "channels": "$[4, 8, 16]"}
     folder = _write_bundle(tmp_path / "bundle", expression, unet)
