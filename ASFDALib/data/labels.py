@@ -21,11 +21,15 @@ from nibabel import orientations
 from ASFDALib.adaptation.session import Session, case_id
 from ASFDALib.data.volumes import (
     LABEL_FILE_MAX_VALUES,
+    Volume,
     content_hash,
     content_record,
     discover_volumes,
+    header_fields,
     looks_like_label_map,
+    read_components,
     read_volume,
+    validate_array,
     write_nifti,
 )
 from ASFDALib.errors import ASFDAError, VolumeError, as_arg
@@ -216,6 +220,78 @@ def align_to_image(
     return np.ascontiguousarray(moved), note
 
 
+def _segments(path: Path) -> list[tuple[str, int, int]]:
+    """A Slicer segmentation's segments as (name, layer, label value), from its NRRD header (``Segment0_Name``
+    ...); [] for any other file. Files from before Slicer 4.11 hold one segment per layer, at value 1."""
+    if not path.name.lower().endswith((".nrrd", ".nhdr")):
+        return []
+    try:
+        fields = header_fields(path)
+    except Exception:  # noqa: BLE001 - an unreadable header: read_volume names the file and the fault
+        return []
+    segments = []
+    for index in itertools.count():
+        name = fields.get(f"Segment{index}_Name")
+        if name is None:
+            return segments
+        layer = int(fields.get(f"Segment{index}_Layer", index))
+        segments.append((name, layer, int(fields.get(f"Segment{index}_LabelValue", 1))))
+
+
+def read_label(path: Path) -> tuple[Volume, dict[int, str]]:
+    """A label map and, for a Slicer segmentation (``.seg.nrrd``), each value's segment name.
+
+    Slicer numbers segments in the order they were made (Gallbladder may be 1 and Liver 2): their values say
+    nothing of the classes, their names do (:func:`classes_by_segment_name`). Segments that overlap are
+    stored in layers (a 4D file): the layers are merged, segment k as value k + 1, where no voxel is in two
+    segments; overlapping ones are refused, naming them."""
+    segments = _segments(path)
+    if not segments:
+        return read_volume(path, allow_constant=True), {}
+    if len({layer for _, layer, _ in segments}) == 1:
+        return read_volume(path, allow_constant=True), {value: name for name, _, value in segments}
+    try:
+        array, affine = read_components(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable file
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:160]
+        raise VolumeError(path, f"unreadable segmentation ({detail})", "save it again from Slicer") from None
+    if array.ndim == 3:
+        array = array[..., None]
+    merged = np.zeros(array.shape[:3], np.int32)
+    owner: dict[int, str] = {}
+    for number, (name, layer, value) in enumerate(segments, start=1):
+        mask = array[..., layer] == value
+        clash = mask & (merged > 0)
+        if clash.any():
+            other = owner[int(np.bincount(merged[clash]).argmax())]
+            raise LabelError(
+                path,
+                f"segments {other!r} and {name!r} overlap ({int(clash.sum())} voxels)",
+                "a voxel can be one class only: remove the overlap in Slicer's Segment Editor (e.g. Logical "
+                "operators, Subtract), then save again",
+            )
+        merged[mask] = number
+        owner[number] = name
+    return Volume(validate_array(merged, path, allow_constant=True), affine, path), owner
+
+
+def classes_by_segment_name(names: dict[int, str], class_names: list[str], path: Path) -> LabelMap:
+    """File value -> class by each segment's name (case aside: Slicer's terminology writes "Liver"); a
+    segment of no class is refused, naming it, the classes and a --map that would read the file."""
+    index_of = {n.casefold(): i for i, n in enumerate(class_names)}
+    foreign = {v: n for v, n in names.items() if n.casefold() not in index_of}
+    if foreign:
+        shown = ", ".join(f"{n!r} (value {v})" for v, n in sorted(foreign.items()))
+        example = ",".join(f"{v}={i % (len(class_names) - 1) + 1}" for i, v in enumerate(sorted(foreign)))
+        raise LabelError(
+            path,
+            f"segments {shown} are no class of the model ({_class_list(class_names)})",
+            f"rename each to its class in Slicer's Segment Editor, or give --map VALUE=CLASS, e.g. --map {example} "
+            "(a segment that is no class: VALUE=0)",
+        )
+    return LabelMap({v: index_of[n.casefold()] for v, n in names.items()})
+
+
 def validate_label(
     label_path: Path,
     image_path: Path,
@@ -227,7 +303,18 @@ def validate_label(
 
     What was changed on the way (a reorientation) is appended to ``notes``.
     """
-    label = read_volume(label_path, allow_constant=True)
+    label, segment_names = read_label(label_path)
+    if segment_names and not mapping:  # a Slicer segmentation: its segments' names say which class each is
+        mapping = classes_by_segment_name(segment_names, class_names, label_path)
+        if notes is not None:
+            read = ", ".join(f"{n}={mapping.target(v)}" for v, n in sorted(segment_names.items()))
+            notes.append(f"segments read by name: {read}")
+    elif len({layer for _, layer, _ in _segments(label_path)}) > 1 and mapping:
+        raise LabelError(
+            label_path,
+            "a segmentation in layers (overlapping segments) with --map: its values repeat across layers",
+            "leave out --map: the segments' names say their classes",
+        )
     image = read_volume(image_path)
     values, note = align_to_image(np.asarray(label.array), label.affine, image.array.shape, image.affine, label_path)
     if note and notes is not None:

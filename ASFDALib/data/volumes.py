@@ -306,6 +306,21 @@ def _check_slice_positions(folder: Path, names) -> None:
         )
 
 
+def read_components(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An ITK-readable file's voxels as (i, j, k[, component]) with its RAS affine, components kept (a Slicer
+    segmentation's layers); :func:`read_volume` is the checked 3D reader."""
+    return _read_itk(Path(path))
+
+
+def header_fields(path: Path) -> dict[str, str]:
+    """An ITK-readable file's header key/value fields (NRRD's ``key:=value`` lines), read without its voxels."""
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
+
+
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     return _sitk_to_ras(sitk.ReadImage(str(path)))

@@ -20,7 +20,9 @@ from ASFDALib.data.labels import (
     NO_IMAGE,
     LabelMap,
     align_to_image,
+    classes_by_segment_name,
     pair_names,
+    read_label,
     refuse_intensity_image,
     value_ranges,
 )
@@ -115,14 +117,17 @@ def evaluate_folders(
     scores = []
     for name, pred_path in sorted(pairs.items()):
         try:
-            ref = read_volume(reference[name], allow_constant=True)
+            ref, segment_names = read_label(reference[name])
+            case_map = mapping
+            if segment_names and class_names and not mapping:  # a Slicer segmentation: its names say the classes
+                case_map = classes_by_segment_name(segment_names, class_names, reference[name])
             pred = read_volume(pred_path, allow_constant=True)
             _refuse_scan(pred.array, pred_path)  # nothing is written before every case is scored
             _refuse_scan(ref.array, reference[name], LABELS_FIX)  # scans as references would score 0, "mapped"
             pred_array, _ = align_to_image(np.asarray(pred.array), pred.affine, ref.array.shape, ref.affine, pred_path)
             ref_array = np.asarray(ref.array).astype(np.int64)
             present = [int(v) for v in np.unique(ref_array)]
-            lut = {v: mapping.target(v) for v in present}
+            lut = {v: case_map.target(v) for v in present}
             foreign = sorted(v for v, target in lut.items() if not 0 <= target < num_classes)
             mapped = np.zeros(ref_array.shape, np.int64)
             for value, target in lut.items():
