@@ -54,7 +54,16 @@ def cmd_rank(args: argparse.Namespace) -> int:
     first_rank = not (out / "session.json").is_file()
     # a new session writes these into --out: in a folder that is no session they would be someone else's
     # (a file of notes, or a dataset's labels/ that the session's label versions would land among)
-    clash = [n for n in SESSION_WRITES if first_rank and (out / n).exists()]
+    # (a score cache alone is an interrupted first rank's: the same command resumes from it)
+    clash = [n for n in SESSION_WRITES if first_rank and (out / n).exists() and not _resumable(out / n)]
+    volumes = _volume_files(out) if first_rank else []
+    if volumes:  # the scans' (or labels') own folder: the demo's sample data or a session would mix with them
+        images = f"--images {as_arg(out)} " if args.images is None else ""
+        example = as_arg(out.parent / "asfda-session")
+        raise ASFDAError(
+            f"{out}: holds {len(volumes)} volume file(s) ({volumes[0].name}, ...), and is no session: a session "
+            f"needs a folder of its own; give {images}--out a new folder, e.g. --out {example}"
+        )
     if clash:
         raise ASFDAError(
             f"{out / clash[0]}: exists, and {out} is no session: a new session would write there; "
@@ -67,6 +76,18 @@ def cmd_rank(args: argparse.Namespace) -> int:
         if first_rank and main_rank:  # a failed first rank leaves no half-made session behind
             _remove_new(out, before)
         raise
+
+
+def _volume_files(folder: Path) -> list[Path]:
+    from ASFDALib.data.volumes import has_image_suffix
+
+    return sorted(p for p in folder.iterdir() if p.is_file() and has_image_suffix(p)) if folder.is_dir() else []
+
+
+def _resumable(path: Path) -> bool:
+    from ASFDALib.query.cache import is_score_cache
+
+    return path.name == "cache" and is_score_cache(path)
 
 
 def _names(names: list[str], shown: int = 8) -> str:

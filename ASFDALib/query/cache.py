@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,15 @@ from ASFDALib.query.features import FeatureSummary
 
 # "2": scans only; a "1" entry may hold the sweep of a label map scored before pools told them apart
 SCORING_VERSION = "2"
+
+
+_ENTRY = re.compile(r"^[0-9a-f]{32}\.npz$|^index\.json$|^\..+\.tmp$")  # entries, the index, unfinished writes
+
+
+def is_score_cache(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but a score cache (what an interrupted first rank leaves behind)."""
+    folder = Path(folder)
+    return folder.is_dir() and all(p.is_file() and _ENTRY.match(p.name) for p in folder.iterdir())
 
 
 @dataclass

@@ -829,6 +829,45 @@ def test_a_command_a_message_suggests_for_a_path_with_a_space_runs_as_copied(tmp
     assert f"'asfda labels import {as_arg(session)} --from LABEL_DIR' and 'asfda finetune {as_arg(session)}'" in said
 
 
+def test_an_interrupted_first_rank_resumes_with_the_same_command(ranked, tmp_path, monkeypatch, capsys):
+    """Ctrl-C, a scheduler's time limit or `| head` during the first rank leaves the score cache and no
+    session.json: the same command goes on from the cache, as its interruption message says."""
+    from ASFDALib.app import commands
+
+    root, _ = ranked
+    session, argv = tmp_path / "s", ["rank", "--images", str(root / "pool" / "images"), "--budget", "1"]
+    made = commands.volume_progress
+
+    def stopped_at_the_third(console, label, unit="volumes"):
+        bar, update = made(console, label, unit)
+
+        def stop(done, total, name):
+            if done == 3:
+                raise KeyboardInterrupt
+            update(done, total, name)
+
+        return bar, stop
+
+    monkeypatch.setattr(commands, "volume_progress", stopped_at_the_third)
+    assert main([*argv, "--out", str(session)]) == 130
+    assert "finished volumes are cached and a re-run resumes" in capsys.readouterr().err
+    assert not (session / "session.json").exists() and len(list((session / "cache").glob("*.npz"))) == 3
+    monkeypatch.setattr(commands, "volume_progress", made)
+    assert main([*argv, "--out", str(session)]) == 0
+    assert "6 volumes swept (3 from cache)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_first_rank_into_the_scans_own_folder_is_refused(ranked, tmp_path, capsys):
+    """`asfda rank --out scans` (--images forgotten) wrote the demo's sample data and a session among the scans."""
+    root, _ = ranked
+    scans = root / "pool" / "images"
+    before = sorted(p.name for p in scans.iterdir())
+    assert main(["rank", "--out", str(scans)]) == 1
+    said = _one_line_error(capsys)
+    assert f"{scans}: holds 6 volume file(s)" in said and f"give --images {scans} --out a new folder" in said
+    assert sorted(p.name for p in scans.iterdir()) == before
+
+
 def test_a_first_rank_never_writes_into_a_folder_holding_files_a_session_would_write(ranked, tmp_path, capsys):
     """A folder of notes named ranking.csv, or a dataset whose labels/ the session's label versions would join."""
     root, _ = ranked
