@@ -161,6 +161,15 @@ def value_ranges(values: list[int]) -> str:
     return ",".join(parts)
 
 
+def example_map(values: list[int], class_names: list[str]) -> str:
+    """A --map that reads ``values`` (a file's own numbers) as classes, to show its form: each value to a
+    class of its own where there are no more values than classes (7=1,8=2,9=3: 7-9=1 would merge three
+    organs into one), else each range of values (up to three) to one."""
+    foreground = max(1, len(class_names) - 1)
+    terms = [str(v) for v in sorted(values)] if len(values) <= foreground else value_ranges(values).split(",")[:3]
+    return ",".join(f"{term}={1 + i % foreground}" for i, term in enumerate(terms))
+
+
 def _corners(shape) -> np.ndarray:
     """Homogeneous voxel indices of the grid's 8 corners, (4, 8)."""
     corners = np.array(list(itertools.product(*[(0, max(int(n) - 1, 0)) for n in shape[:3]])), dtype=np.float64)
@@ -339,8 +348,8 @@ def validate_label(
         if all(v in unknown for v in lut_values if v):
             # every foreground value is foreign: the file numbers the structures its own way, so they are
             # classes under other numbers, and the rest can safely go to background
-            example = ",".join(f"{r}=1" for r in ranges) + (",*=0" if mapping.default is None else "")
-            fix = f"give a mapping, e.g. --map {example}"
+            example = example_map(unknown, class_names) + (",*=0" if mapping.default is None else "")
+            fix = f"give a mapping, e.g. --map {example} (VALUE=CLASS, with the class each is)"
         else:
             # beside the model's own classes: most likely a structure the model does not segment, and
             # merging it into an organ would teach the model that organ's shape wrong

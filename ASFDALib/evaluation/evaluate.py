@@ -21,6 +21,7 @@ from ASFDALib.data.labels import (
     LabelMap,
     align_to_image,
     classes_by_segment_name,
+    example_map,
     pair_names,
     read_label,
     refuse_intensity_image,
@@ -173,10 +174,7 @@ def foreign_warning(score: CaseScore, class_names: list[str], imported_with: str
     """One line for a case whose reference holds values that are not classes; ``imported_with``: the ``--map``
     the session imported this very reference file with, the likelier fix than an example."""
     classes = ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
-    # an example names each range of foreign values (up to three), each to a class, so that no range is missed
-    ranges = value_ranges(score.foreign).split(",")[:3]
-    foreground = max(1, len(class_names) - 1)
-    example = ",".join(f"{r}={1 + i % foreground}" for i, r in enumerate(ranges))
+    example = example_map(score.foreign, class_names)
     fix = (
         f"--map {imported_with}, as the session's labels were imported"
         if imported_with

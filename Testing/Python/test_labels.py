@@ -230,7 +230,16 @@ def test_a_label_of_foreign_values_suggests_a_map_with_ranges(tmp_path, image):
     path, affine = image
     values = np.zeros((10, 12, 8), np.uint8)
     values[0, 0, :4] = [41, 42, 43, 100]
-    with pytest.raises(LabelError, match=r"values \[41-43,100\] are not classes .*--map 41-43=1,100=1,\*=0\)"):
+    with pytest.raises(LabelError, match=r"values \[41-43,100\] are not classes .*--map 41-43=1,100=2,\*=0 \("):
+        validate_label(_label(tmp_path, values, affine), path, CLASSES)
+
+
+def test_as_many_foreign_values_as_classes_are_suggested_one_class_each(tmp_path, image):
+    """7, 8 and 9 for three organs: 7-9=1 would merge all three into liver."""
+    path, affine = image
+    values = np.zeros((10, 12, 8), np.uint8)
+    values[0, 0, :3] = [7, 8, 9]
+    with pytest.raises(LabelError, match=r"--map 7=1,8=2,9=3,\*=0 \(VALUE=CLASS"):
         validate_label(_label(tmp_path, values, affine), path, CLASSES)
 
 
