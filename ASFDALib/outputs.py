@@ -114,6 +114,20 @@ def claim_predictions(out: Path, targets: list[Path], fix: str) -> list[Path]:
         data, ours, maps = {}, set(), None  # unreadable: nothing there counts as predict's own
     if maps is None:  # a manifest from before maps were hashed: its files, as they are, count as written so
         maps = {n: content_hash(Path(out) / n) for n in ours if (Path(out) / n).is_file()}
+    # volumes of other names it did not write (a folder of reference labels named case_seg): the maps would mix
+    # with them, and evaluate and labels import could no longer tell which is which
+    from ASFDALib.data.volumes import has_image_suffix
+
+    others = sorted(
+        p.name
+        for p in (Path(out).iterdir() if Path(out).is_dir() else ())
+        if has_image_suffix(p) and p.name not in ours and p not in targets
+    )
+    if others:
+        raise ASFDAError(
+            f"{out}: holds {len(others)} volume file(s) asfda predict did not write ({others[0]}, ...), with which "
+            f"the maps would mix; {fix}"
+        )
     existing = [t for t in targets if t.exists()]
     foreign = [t for t in existing if t.name not in ours or t.name not in maps]
     if foreign:

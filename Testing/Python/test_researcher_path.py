@@ -97,6 +97,21 @@ def test_predict_refuses_to_write_over_reference_labels_it_did_not_write_and_rep
     assert f"{out / 'evaluation.csv'} scores the label maps replaced: 'asfda evaluate --pred {out}" in said
 
 
+def test_predict_refuses_a_folder_of_reference_labels_whose_names_would_not_collide(ranked, tmp_path, capsys):
+    """Labels named case_seg.nii.gz beside maps named case.nii.gz: evaluate and labels import could no longer
+    tell them apart (every reference would fit two files)."""
+    root, session = ranked
+    refs = tmp_path / "gt"
+    refs.mkdir()
+    for label in sorted((root / "pool" / "labels").iterdir()):
+        shutil.copy(label, refs / label.name.replace(".nii.gz", "_seg.nii.gz"))
+    before = _digests(refs)
+    assert main(["predict", str(session), "--images", str(root / "pool" / "images"), "--out", str(refs)]) == 1
+    said = _one_line_error(capsys)
+    assert f"{refs}: holds 6 volume file(s) asfda predict did not write (mri_000_seg.nii.gz, ...)" in said
+    assert _digests(refs) == before and sorted(p.name for p in refs.iterdir()) == sorted(before)
+
+
 def test_predict_never_writes_over_a_map_it_skipped_or_one_corrected_since(ranked, tmp_path, capsys):
     """Its manifest holds each map's hash as written: a file under a name it claimed but never wrote (a label
     copied in) and a map changed since (corrected in place) are refused, not replaced."""
