@@ -147,7 +147,14 @@ def pool_change(session: Session, images: Path) -> str:
                 "rank this folder into another session (--out), or leave out --images to rank the session's own pool"
             )
     now = Path(images).resolve()
-    return f"the pool's folder is now {now} (it was {recorded['root']}); its labelled volumes are the same"
+    labelled = len(session.labelled())
+    known = [f["name"] for f in recorded.get("files", [])]
+    shared = sum((now / name).exists() for name in known)
+    same = f"its {labelled} labelled volume(s) are the same" if labelled else "no volume was labelled"
+    return (
+        f"the pool's folder is now {now} (it was {recorded['root']}); {same}, and it holds {shared} of the "
+        f"{len(known)} scans recorded"
+    )
 
 
 def rank_round(

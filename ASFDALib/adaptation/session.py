@@ -14,12 +14,13 @@ records the holder's pid and host and is reclaimed when that pid is gone on the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -78,14 +79,28 @@ def safe_path(root: Path, relative: str) -> Path:
     return resolved
 
 
-def case_id(name: str) -> str:
-    """A file-system-safe identifier for an image (its name without image suffixes)."""
-    stem = name
+def _without_suffix(name: str) -> str:
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd"):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "case"
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def case_id(name: str) -> str:
+    """A file-system-safe identifier for an image (its name without image suffixes): letters of any script,
+    digits and ``._-`` kept, anything else (spaces, a recursive pool's folder separators) as ``_``. Used to
+    pair files by name; :func:`storage_stem` is the one a stored file is named by."""
+    return re.sub(r"[^\w.-]+", "_", _without_suffix(name)).strip("._") or "case"
+
+
+def storage_stem(name: str, pool: Iterable[str] = ()) -> str:
+    """The stem a file stored for an image of ``pool`` is named by: its :func:`case_id`, with a short hash of
+    the name added where another image of the pool has the same case id ("a b" and "a_b", "PAT08/scan" and
+    "PAT08_scan"), so two images never share a stored file, nor look like two versions of one case."""
+    stem = case_id(name)
+    if not any(other != name and case_id(other) == stem for other in pool):
+        return stem
+    return f"{stem}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]}"
 
 
 @dataclass
@@ -396,7 +411,7 @@ class Session:
         """labels/<case>.v<N><suffix> with N one past every version on disk or recorded: never overwrites."""
         folder = self.root / "labels"
         folder.mkdir(parents=True, exist_ok=True)
-        stem = case_id(name)
+        stem = storage_stem(name, self.image_names())
         taken = {p.name for p in folder.iterdir()}
         taken |= {Path(v["file"]).name for v in self.data["labels"].get(name, [])}
         version = 1

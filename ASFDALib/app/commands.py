@@ -35,6 +35,8 @@ def load_model_from_args(args: argparse.Namespace):
     return load_model(args.model or default_model_path(), args.card, spec, args.trust, class_map)
 
 
+NOTHING_SCORED = -1  # _rank's result where no volume could be scored (the command exits 1)
+
 # what a new session writes into its folder (session.json itself aside)
 SESSION_WRITES = ("ranking.csv", "ranking.json", "ranking.png", "rankings", "labels", "cache", "checkpoints")
 
@@ -71,11 +73,15 @@ def cmd_rank(args: argparse.Namespace) -> int:
         )
     before = set(out.iterdir()) if out.is_dir() else None
     try:
-        return _rank(args, out, console, main_rank)
+        code = _rank(args, out, console, main_rank, first_rank)
     except ASFDAError:
         if first_rank and main_rank:  # a failed first rank leaves no half-made session behind
             _remove_new(out, before)
         raise
+    if code == NOTHING_SCORED and first_rank and main_rank:  # nor one where no volume could be scored
+        _remove_new(out, before)
+        console.print(f"Nothing kept in {out}: fix the files above and run the same command again.")
+    return 1 if code == NOTHING_SCORED else code
 
 
 def _volume_files(folder: Path) -> list[Path]:
@@ -109,7 +115,7 @@ def _remove_new(folder: Path, before: set[Path] | None) -> None:
             path.unlink(missing_ok=True)
 
 
-def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
+def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool, first_rank: bool) -> int:
     from ASFDALib import distributed
     from ASFDALib.adaptation.rounds import rank_round
     from ASFDALib.adaptation.session import Session
@@ -213,6 +219,9 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool) -> int:
         highlight=False,
         soft_wrap=True,
     )
+    if not scored and not labelled and first_rank:  # cmd_rank removes what it wrote
+        console.print("[red]No volume could be scored; see the reasons above.[/red]")
+        return NOTHING_SCORED
     console.print("Wrote " + ", ".join(str(p) for p in written.values()))
     for warning in written.warnings:  # e.g. no ranking.png: matplotlib missing; the ranking itself is written
         console.print(warning, style="yellow", markup=False, highlight=False, soft_wrap=True)
@@ -898,6 +907,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         refuse_existing(target, "the file", f"choose a new file name{name}")
         refuse_existing(card_beside(target), "the card written beside the export", f"choose a new file name{name}")
     refuse_inside_session(target, fix)
+    images = (session.data.get("images") or {}).get("root")
+    if images and Path(target).resolve().is_relative_to(Path(images).resolve()):  # a model among the scans
+        raise ASFDAError(f"{target}: is inside the session's images folder {images}; {fix} outside it")
     latest = None if args.source_model else session.adapted_round()
     which = f"round {latest['index']}'s fine-tuned model ({latest['checkpoint']})" if latest else "the source model"
     if latest and (unfinished := unfinished_run(session)):  # its weights are the model as it finished before

@@ -715,7 +715,7 @@ class Workflow:
         self.progress, self.progress_text = 0.0, "Predicting…"
 
         def work(cancel: threading.Event) -> None:
-            from ASFDALib.adaptation.session import Session, case_id
+            from ASFDALib.adaptation.session import Session, storage_stem
             from ASFDALib.atomic import atomic_write_json
             from ASFDALib.data.volumes import write_nifti
 
@@ -732,7 +732,8 @@ class Workflow:
                     eta = f" — ETA {_eta((time.perf_counter() - start) / i * (len(todo) - i))}" if i else ""
                     self._events.put(("progress", i / max(len(todo), 1), f"Predicting {i}/{len(todo)} — {name}{eta}"))
                     volume = self.case_volume(name)
-                    path = write_nifti(folder / f"{case_id(name)}.nii.gz", self.prefill(name, volume), volume.affine)
+                    target = folder / f"{storage_stem(name, session.image_names())}.nii.gz"
+                    path = write_nifti(target, self.prefill(name, volume), volume.affine)
                     info["files"][name] = session.relative(path)
                     atomic_write_json(manifest, info)  # after each volume: a cancel keeps what is written
                     self._events.put(("predicted", name, path))

@@ -14,9 +14,10 @@ COLUMN_LEGEND = {
     "left then; a first pick with nothing labelled: its DKD (--fusion gated: the formula for it too; --fusion sum: "
     "alpha*pct(DKD) + (1-alpha)*pct(ASD))",
     "dkd": "DKD = knowledge gap x diversity",
-    "knowledge_gap": "s_src: how far the volume is from what the source model knows (0..1)",
-    "diversity": "s_div: how far it is from the labelled and already picked volumes (0..1)",
-    "source_divergence": "d_src: the raw divergence behind knowledge_gap",
+    "knowledge_gap": "s_src: how far the volume is from what the source model knows (0..1), scaled among the "
+    "volumes left at its pick (the temperature is recomputed at each pick: compare rows by source_divergence)",
+    "diversity": "s_div: how far it is from the labelled and already picked volumes (0..1), at its pick",
+    "source_divergence": "d_src: the raw divergence behind knowledge_gap, the same scale for every row",
     "asd": "ASD: class-balanced entropy in the adaptive foreground (0..1)",
     "entropy": "whole-volume mean normalised entropy (0..1)",
     "foreground_ml": "predicted foreground volume in mL",

@@ -344,7 +344,9 @@ def rank_folder(
         # a dataset folder (images/ beside labels/): --recursive would rank its label maps too, so name the scans
         scans = scan_folders(images)
         hint = "" if config.recursive else "; add --recursive to search sub-folders"
-        if scans:
+        if (Path(images) / "session.json").is_file():  # a session folder given for the scans' one
+            hint = "; it is an ASFDA session: give --images the scans' folder (the session is --out)"
+        elif scans:
             others = f" (or {', '.join(map(str, scans[1:]))})" if scans[1:] else ""
             hint = f"; the scans look to be in a sub-folder: give --images {scans[0]}{others}"
         raise ASFDAError(

@@ -1458,7 +1458,8 @@ def test_a_re_rank_on_another_folder_is_refused_where_a_labelled_image_differs_a
     shutil.copytree(mri_pool / "images", moved)
     assert main(["rank", "--images", str(moved), "--out", str(labelled_session)]) == 0
     said = " ".join(capsys.readouterr().out.split())
-    assert f"the pool's folder is now {moved.resolve()}" in said and "its labelled volumes are the same" in said
+    assert f"the pool's folder is now {moved.resolve()}" in said
+    assert "its 1 labelled volume(s) are the same, and it holds 6 of the 6 scans recorded" in said
     assert json.loads((labelled_session / "session.json").read_text())["images"]["root"] == str(moved.resolve())
 
 

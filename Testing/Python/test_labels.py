@@ -222,6 +222,14 @@ def test_class_names_need_the_card():
         parse_mapping("7=liver")
 
 
+def test_names_that_differ_only_in_letters_beyond_ascii_pair_with_their_own_images():
+    images = ["Patient 07 Müller.nii.gz", "Patient 07 Möller.nii.gz"]
+    labels = ["Patient 07 Möller.nii.gz", "Patient 07 Müller_seg.nii.gz"]
+    pairing = pair_names(labels, images)
+    assert pairing.problems == {}
+    assert pairing.pairs == {images[0]: labels[1], images[1]: labels[0]}
+
+
 def test_value_ranges_are_written_as_a_user_would():
     assert value_ranges([100, 41, 42, 43, 45, 60, 61]) == "41-43,45,60-61,100"
 

@@ -872,6 +872,33 @@ def test_an_interrupted_first_rank_resumes_with_the_same_command(ranked, tmp_pat
     assert "6 volumes swept (3 from cache)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_a_first_rank_where_no_volume_scores_leaves_nothing_behind(tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "empty.nii.gz").write_bytes(b"")
+    (scans / "notes.nii.gz").write_text("not an image")
+    assert main(["rank", "--images", str(scans), "--out", str(tmp_path / "s")]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "No volume could be scored" in out and "Nothing kept in" in out and "Wrote" not in out
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_session_folder_given_as_the_scans_is_named_as_one(ranked, capsys):
+    root, session = ranked
+    assert main(["rank", "--images", str(session), "--out", str(root / "elsewhere")]) == 1
+    assert "it is an ASFDA session: give --images the scans' folder" in _one_line_error(capsys)
+
+
+def test_export_never_writes_among_the_sessions_scans(ranked, capsys):
+    root, session = ranked
+    images = root / "pool" / "images"
+    before = _digests(images)
+    target = images / "model.pt2"
+    assert main(["export", str(session), "--source-model", "--format", "pt2", "--out", str(target)]) == 1
+    assert f"{target}: is inside the session's images folder" in _one_line_error(capsys)
+    assert _digests(images) == before
+
+
 def test_a_first_rank_into_the_scans_own_folder_is_refused(ranked, tmp_path, capsys):
     """`asfda rank --out scans` (--images forgotten) wrote the demo's sample data and a session among the scans."""
     root, _ = ranked

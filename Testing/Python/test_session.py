@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ASFDALib.adaptation.session import SESSION_FILE, Session, SessionError, case_id, safe_path
+from ASFDALib.adaptation.session import SESSION_FILE, Session, SessionError, case_id, safe_path, storage_stem
 from ASFDALib.bench.phantoms import write_phantoms
 
 
@@ -158,9 +158,29 @@ def test_label_versions_never_overwrite(tmp_path):
     assert first.read_bytes() == b"v1"
 
 
-def test_case_ids_are_file_system_safe():
-    assert case_id("Patient Ä/01.nii.gz") == "Patient_01"
+def test_case_ids_are_file_system_safe_and_keep_letters_of_any_script():
+    assert case_id("Patient Ä/01.nii.gz") == "Patient_Ä_01"
     assert case_id("ct.seg.nrrd") == "ct.seg"
+    assert case_id("Patient 07 Müller.nii.gz") != case_id("Patient 07 Möller.nii.gz")
+
+
+def test_two_images_never_share_a_stored_file_name(tmp_path):
+    """ "a b" and "a_b" have one case id: their stored labels (and pseudo-labels, predictions) must not look
+    like two versions of one case, nor replace each other."""
+    pool = ["a b.nii.gz", "a_b.nii.gz", "case 1.nii.gz", "PAT08/scan", "PAT08_scan"]
+    assert storage_stem("case 1.nii.gz", pool) == "case_1"  # no other image has its case id: kept as it is
+    assert storage_stem("a b.nii.gz", pool) != storage_stem("a_b.nii.gz", pool)
+    assert storage_stem("a b.nii.gz", pool).startswith("a_b-")
+    assert storage_stem("PAT08/scan", pool) != storage_stem("PAT08_scan", pool)
+    session = Session.open(tmp_path, create=True)
+    session.set_images(tmp_path, {n: "h" for n in pool}, recursive=True)
+    for name in ("a b.nii.gz", "a_b.nii.gz"):
+        path = session.next_label_path(name)
+        path.write_bytes(b"label")
+        session.record_label(name, path, "h", "test")
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == sorted(
+        [f"{storage_stem('a b.nii.gz', pool)}.v1.nii.gz", f"{storage_stem('a_b.nii.gz', pool)}.v1.nii.gz"]
+    )
 
 
 def test_taking_the_lock_clears_scratch_files_of_a_killed_writer(tmp_path):
