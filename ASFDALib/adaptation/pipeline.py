@@ -710,6 +710,8 @@ def _finetune_session(
             result.seconds["pseudo_labels"] = time.perf_counter() - timer
             gate = (result.gate or {}).get("reliability", config.reliability)
             asked = (result.gate or {}).get("asked") or gate  # the gate chosen, where its fallback judged
+            if not result.reliability:  # no unlabeled volume to judge: no gate ran, and the records say none
+                gate, result.gate = None, None
             if targets["stage2"] > before["stage2"]:  # what this stage 2 trains on: the gate that judged (the
                 # recipe holds the one asked for) and the volumes it kept, most reliable first
                 entry["pseudo_gate"], entry["pseudo_labelled"] = gate, list(result.kept)

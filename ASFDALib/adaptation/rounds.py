@@ -105,7 +105,8 @@ def record_round(
     """Keep the model, the pool and this query in session.json (re-ranking before fine-tuning replaces it)."""
     if not session.data.get("model"):
         session.set_model(model.path, model.digest, model.kind, model.card.to_dict(), trust, model_record(model))
-    session.set_images(images, {r.name: r.sha256 for r in ranking.records if r.sha256}, recursive)
+    unreadable = [r.name for r in ranking.records if r.sha256 and not r.ok]
+    session.set_images(images, {r.name: r.sha256 for r in ranking.records if r.sha256}, recursive, unreadable)
     strategy = {**strategy, "knowledge": ranking.knowledge.kind}
     query = [r.file for r in ranking.selected]
     if session.rounds and not session.rounds[-1].get("checkpoint"):

@@ -284,12 +284,18 @@ class Session:
             **(extra or {}),
         }
 
-    def set_images(self, root: Path, files: dict[str, str], recursive: bool) -> None:
+    def set_images(self, root: Path, files: dict[str, str], recursive: bool, unreadable: Iterable[str] = ()) -> None:
+        """The pool: every file found (``files``: name -> SHA-256) and those of them ranking could not read."""
         self.data["images"] = {
             "root": str(Path(root).resolve()),
             "recursive": recursive,
             "files": [{"name": n, "sha256": h} for n, h in sorted(files.items())],
+            "unreadable": sorted(unreadable),
         }
+
+    def unreadable_images(self) -> set[str]:
+        """The pool's files its last ranking could not read (empty, 4D, corrupt): no pseudo-label can come of them."""
+        return set((self.data.get("images") or {}).get("unreadable", []))
 
     @property
     def image_root(self) -> Path:

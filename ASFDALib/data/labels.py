@@ -520,7 +520,8 @@ class ImportReport:
     failed: list[str] = field(default_factory=list)  # asked-for images whose label file was refused
     missing: list[str] = field(default_factory=list)  # asked-for volumes with no label file in the source
     asked: list[str] = field(default_factory=list)
-    unlabeled: int = 0  # volumes of the pool without a label afterwards: the pseudo-label pool
+    unlabeled: int = 0  # readable volumes of the pool without a label afterwards: the pseudo-label pool
+    unreadable: int = 0  # files of the pool ranking could not read: in no pool
     pool: int = 0
     classes: dict[int, str] = field(default_factory=dict)  # the classes the imported labels hold, by index
     mapped: bool = False  # whether a --map turned the files' values into class indices
@@ -550,6 +551,8 @@ class ImportReport:
             if self.unlabeled
             else "No unlabeled volume is left for pseudo-labels; 'asfda finetune' will train on the labels only"
         )
+        if self.unreadable:
+            left += f" ({self.unreadable} unreadable left out: see 'asfda rank')"
         asked = "queried volumes" if queried_only else "asked-for volumes"
         out.append(
             f"Imported {len(self.imported)} of {len(self.asked)} {asked}"
@@ -721,5 +724,7 @@ def _import_labels(
     report.failed = sorted({*report.failed, *(n for n in asked if n in pairing.contested)})
     labelled = session.labelled()
     report.missing = [n for n in asked if n not in labelled and n not in pairing.pairs]
-    report.unlabeled = sum(1 for n in session.image_names() if n not in labelled)
+    unreadable = session.unreadable_images()
+    report.unlabeled = sum(1 for n in session.image_names() if n not in labelled and n not in unreadable)
+    report.unreadable = len(unreadable - set(labelled))
     return report

@@ -1782,3 +1782,16 @@ def test_a_second_restart_records_what_each_set_aside_run_was_and_no_time_twice(
     assert entry["metrics"]["iterations"] == {"stage1": 2, "stage2": 0} and entry["checkpoint"].endswith(
         "round1/final.pt"
     )
+
+
+def test_with_every_volume_labelled_the_records_name_no_pseudo_label_gate(labelled_session, mri_pool, capsys):
+    """No unlabeled volume was judged: run.json and session.json say no gate ran, not the one the recipe names."""
+    assert main(["labels", "import", str(labelled_session), "--from", str(mri_pool / "labels"), "--all"]) == 0
+    assert main(["finetune", str(labelled_session), "--iterations", "4", "--pseudo-iterations", "2"]) == 0
+    assert "no unlabeled volume is left in the pool: stage 2 trains on the labels alone" in capsys.readouterr().out
+    run = json.loads((labelled_session / "checkpoints" / "round1" / "run.json").read_text())
+    (entry,) = run["history"]
+    assert (entry["pseudo_gate"], entry["pseudo_labelled"], entry["teacher"]) == (None, [], "none")
+    assert run["recipe"]["reliability"] == "rounds"  # what was asked stays in the recipe
+    metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
+    assert metrics["pseudo_gate"] is None and metrics["pseudo_labelled"] == []

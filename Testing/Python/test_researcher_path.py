@@ -921,3 +921,18 @@ def test_a_first_rank_never_writes_into_a_folder_holding_files_a_session_would_w
     assert (notes / "ranking.csv").read_text() == "my notes" and not (notes / "session.json").exists()
     assert main(["rank", "--images", str(root / "pool" / "images"), "--out", str(root / "pool"), "--budget", "1"]) == 1
     assert f"{root / 'pool' / 'labels'}: exists" in _one_line_error(capsys)
+
+
+def test_labels_import_counts_only_readable_volumes_as_left_for_pseudo_labels(tmp_path, capsys):
+    """An empty or 4D file of the pool can never be pseudo-labelled: counted, it promised volumes finetune lacked."""
+    from ASFDALib.bench.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "pool", 3, "mri", seed=2)
+    (tmp_path / "pool" / "images" / "empty.nii.gz").write_bytes(b"")
+    session = tmp_path / "s"
+    assert main(["rank", "--images", str(tmp_path / "pool" / "images"), "--out", str(session), "--budget", "1"]) == 0
+    assert json.loads((session / "session.json").read_text())["images"]["unreadable"] == ["empty.nii.gz"]
+    capsys.readouterr()
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "pool" / "labels")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "2 of 4 volumes stay unlabeled for pseudo-labels (1 unreadable left out: see 'asfda rank')" in said
