@@ -38,6 +38,10 @@ def test_opening_a_folder_that_is_not_a_session_says_what_to_run(tmp_path):
             Session.open(folder)
         hint = f"it holds scans: rank them into a session first, 'asfda rank --images {tmp_path / 'pool' / 'images'}"
         assert hint in str(refused.value)
+    with pytest.raises(SessionError) as refused:  # a clinician's labels: they are imported into a session
+        Session.open(tmp_path / "pool" / "labels")
+    hint = "it holds label maps: give the session folder ('asfda rank --out' made it); labels come in with 'asfda"
+    assert hint in str(refused.value) and f"--from {tmp_path / 'pool' / 'labels'}'" in str(refused.value)
 
 
 @pytest.mark.parametrize(
