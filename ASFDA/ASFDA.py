@@ -102,6 +102,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._session = None  # the session path last acted on, to notice a change in the parameter node
         self._carried = None  # settings kept across File -> Close Scene: the session lives on disk
         self._reopened = None  # (settings before, settings after) reopening a session, until the path leaves it
+        self._trustBeforeImport = False  # whether the user trusted the model file before a scene was imported
         self._shownRows = {}  # case -> cells now in the results table
         self._shownLog = None
         self._progressKind = None  # the kind of the job whose progress the panel shows
@@ -136,6 +137,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # truth, and its ModifiedEvent (observed in setParameterNode) comes after the binding wrote the path.
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartImportEvent, self.onSceneStartImport)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.initializeParameterNode()
         self.ui.dependencyLabel.text = self.logic.dependencyReport(install=False)
@@ -189,10 +191,14 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode(bind=self.parent.isEntered)
         self.refresh()
 
+    def onSceneStartImport(self, caller, event):
+        self._trustBeforeImport = self._parameterNode is not None and self._parameterNode.trust
+
     def onSceneEndImport(self, caller, event):
         # A scene saves the parameter node with it: a shared .mrb must not bring "trust this file" with it,
         # or pressing Rank would run the pickled or TorchScript code of a model the user never chose to trust.
-        if self._parameterNode is not None and self._parameterNode.trust:
+        # What the user ticked themselves before the import stays.
+        if self._parameterNode is not None and self._parameterNode.trust and not self._trustBeforeImport:
             self._parameterNode.trust = False
             if self.logic.flow is not None:
                 self.logic.flow.message(

@@ -116,17 +116,15 @@ def claim_predictions(out: Path, targets: list[Path], fix: str) -> list[Path]:
         maps = {n: content_hash(Path(out) / n) for n in ours if (Path(out) / n).is_file()}
     # volumes of other names it did not write (a folder of reference labels named case_seg): the maps would mix
     # with them, and evaluate and labels import could no longer tell which is which
-    from ASFDALib.data.volumes import has_image_suffix
+    from ASFDALib.data.volumes import discover_volumes
 
-    others = sorted(
-        p.name
-        for p in (Path(out).iterdir() if Path(out).is_dir() else ())
-        if has_image_suffix(p) and p.name not in ours and p not in targets
-    )
+    found = discover_volumes(out) if Path(out).is_dir() else []
+    others = sorted(p.name for p in found if p.name not in ours and p not in targets)
     if others:
+        before = "" if manifest.is_file() else " (maps an older asfda predict wrote, without a manifest, count too)"
         raise ASFDAError(
-            f"{out}: holds {len(others)} volume file(s) asfda predict did not write ({others[0]}, ...), with which "
-            f"the maps would mix; {fix}"
+            f"{out}: holds {len(others)} volume file(s) asfda predict did not write ({others[0]}, ...){before}, with "
+            f"which the maps would mix; {fix}"
         )
     existing = [t for t in targets if t.exists()]
     foreign = [t for t in existing if t.name not in ours or t.name not in maps]

@@ -40,7 +40,7 @@ from ASFDALib.adaptation.runs import (
     stage2_recipe,
     unlabelled_new_query,
 )
-from ASFDALib.adaptation.session import Session, SessionError, case_id, storage_stem
+from ASFDALib.adaptation.session import Session, SessionError, ascii_case_id, case_id, storage_stems
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_npz
 from ASFDALib.data.preprocess import labels_to_native, preprocess
@@ -160,9 +160,9 @@ def build_pseudo_labels(
         progress,
     )
     folder.mkdir(parents=True, exist_ok=True)
-    names = session.image_names()
+    stems = storage_stems({*session.image_names(), *made.labels})
     for name, label in made.labels.items():
-        atomic_write_npz(folder / f"{storage_stem(name, names)}.npz", {"label": label}, compressed=True)
+        atomic_write_npz(folder / f"{stems[name]}.npz", {"label": label}, compressed=True)
     # the gate that judged; where it stood in for the one asked, which that was and how near it came
     gate: dict = {"reliability": made.gate, "keep_fraction": config.keep_fraction}
     if made.gate == "confidence":
@@ -268,12 +268,12 @@ def _load_pseudo(
     """The round's stored pseudo-labels: cases, kept names, every candidate's score, and the gate that made them."""
     info = _pseudo_record(folder)
     cases = []
-    names = session.image_names()
+    stems = storage_stems({*session.image_names(), *info["kept"]})
     for name in info["kept"]:
         image = preprocess(read_volume(session.image_path(name)), model.card)
-        stored = folder / f"{storage_stem(name, names)}.npz"
-        if not stored.is_file():  # stored before 2026-12-06, by the case id alone
-            stored = folder / f"{case_id(name)}.npz"
+        # stored before 2026-12-06 by the case id alone, of ASCII letters only
+        candidates = [folder / f"{stem}.npz" for stem in (stems[name], case_id(name), ascii_case_id(name))]
+        stored = next((p for p in candidates if p.is_file()), candidates[0])
         with np.load(stored, allow_pickle=False) as data:
             cases.append(Case(name, image.numpy(), data["label"]))
     return cases, info["kept"], info["reliability"], info["gate"]

@@ -20,6 +20,8 @@ import os
 import re
 import socket
 import time
+import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,20 +98,31 @@ def _without_suffix(name: str) -> str:
 
 
 def case_id(name: str) -> str:
-    """A file-system-safe identifier for an image (its name without image suffixes): letters of any script,
-    digits and ``._-`` kept, anything else (spaces, a recursive pool's folder separators) as ``_``. Used to
-    pair files by name; :func:`storage_stem` is the one a stored file is named by."""
-    return re.sub(r"[^\w.-]+", "_", _without_suffix(name)).strip("._") or "case"
+    """A file-system-safe identifier for an image (its name without image suffixes): letters of any script
+    (composed, as macOS's decomposed "Mu\u0308ller" is the same name as "Müller"), digits and ``._-`` kept,
+    anything else (spaces, a recursive pool's folder separators) as ``_``. Used to pair files by name;
+    :func:`storage_stems` are what stored files are named by."""
+    stem = unicodedata.normalize("NFC", _without_suffix(name))
+    return re.sub(r"[^\w.-]+", "_", stem).strip("._") or "case"
 
 
-def storage_stem(name: str, pool: Iterable[str] = ()) -> str:
-    """The stem a file stored for an image of ``pool`` is named by: its :func:`case_id`, with a short hash of
-    the name added where another image of the pool has the same case id ("a b" and "a_b", "PAT08/scan" and
-    "PAT08_scan"), so two images never share a stored file, nor look like two versions of one case."""
-    stem = case_id(name)
-    if not any(other != name and case_id(other) == stem for other in pool):
-        return stem
-    return f"{stem}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]}"
+def ascii_case_id(name: str) -> str:
+    """The case id of sessions before 2026-12-06 (ASCII letters only: "Müller" was "M_ller"), by which
+    their stored pseudo-labels are still found."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", _without_suffix(name)).strip("._") or "case"
+
+
+def storage_stems(names: Iterable[str]) -> dict[str, str]:
+    """The stem each image's stored files (labels, pseudo-labels, predictions) are named by: its
+    :func:`case_id`, with a short hash of the name added where another image of ``names`` (the pool) has the
+    same case id ("a b" and "a_b", "PAT08/scan" and "PAT08_scan"), so two images never share a stored file,
+    nor look like two versions of one case."""
+    ids = {name: case_id(name) for name in names}
+    taken = Counter(ids.values())
+    return {
+        name: stem if taken[stem] == 1 else f"{stem}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]}"
+        for name, stem in ids.items()
+    }
 
 
 @dataclass
@@ -426,7 +439,7 @@ class Session:
         """labels/<case>.v<N><suffix> with N one past every version on disk or recorded: never overwrites."""
         folder = self.root / "labels"
         folder.mkdir(parents=True, exist_ok=True)
-        stem = storage_stem(name, self.image_names())
+        stem = storage_stems({*self.image_names(), name})[name]
         taken = {p.name for p in folder.iterdir()}
         taken |= {Path(v["file"]).name for v in self.data["labels"].get(name, [])}
         version = 1

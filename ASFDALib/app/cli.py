@@ -88,7 +88,11 @@ RECIPE = FinetuneConfig()  # the one recipe: the help shows its defaults
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the message and where to read more, not the whole usage block."""
 
+    argv: list[str] = []  # the command line, for hints that name what was given (main sets it)
+
     def error(self, message: str):
+        if "arguments are required" in message and "--images" in message:  # a folder of scans, but no --images?
+            message = _scans_given_without_images(self.argv) or message
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -748,8 +752,9 @@ SCALES_OUT = ("rank", "finetune")  # the commands that shard their work across t
 
 def _scans_given_without_images(argv: list[str]) -> str | None:
     """For ``predict``/``stats`` given a folder of scans without ``--images`` (``asfda predict SCANS``): the
-    hint that names the option, which argparse's "required: --images" would not; None otherwise."""
-    if len(argv) < 2 or argv[0] not in ("predict", "stats") or {"--images", "-h", "--help"} & set(argv):
+    hint that names the option, which argparse's "required: --images" would not; None otherwise. Asked only
+    once argparse found --images missing (``--images=DIR`` and abbreviations are its to read)."""
+    if len(argv) < 2 or argv[0] not in ("predict", "stats"):
         return None
     from ASFDALib.data.volumes import has_image_suffix
 
@@ -769,9 +774,8 @@ def _scans_given_without_images(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     commands_ = next(a for a in parser._actions if a.dest == "command")
-    hint = _scans_given_without_images(sys.argv[1:] if argv is None else argv)
-    if hint:
-        commands_.choices[(sys.argv[1:] if argv is None else argv)[0]].error(hint)
+    for command in commands_.choices.values():
+        command.argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = parser.parse_known_args(argv)
     if args.command == "labels":  # `labels import --from DIR SESSION`: the session after the option is still its
         args.words += [u for u in unknown if not u.startswith("-")]

@@ -85,9 +85,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def _volume_files(folder: Path) -> list[Path]:
-    from ASFDALib.data.volumes import has_image_suffix
+    from ASFDALib.data.volumes import discover_volumes
 
-    return sorted(p for p in folder.iterdir() if p.is_file() and has_image_suffix(p)) if folder.is_dir() else []
+    return discover_volumes(folder) if folder.is_dir() else []
 
 
 def _resumable(path: Path) -> bool:
@@ -907,9 +907,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         refuse_existing(target, "the file", f"choose a new file name{name}")
         refuse_existing(card_beside(target), "the card written beside the export", f"choose a new file name{name}")
     refuse_inside_session(target, fix)
-    images = (session.data.get("images") or {}).get("root")
-    if images and Path(target).resolve().is_relative_to(Path(images).resolve()):  # a model among the scans
-        raise ASFDAError(f"{target}: is inside the session's images folder {images}; {fix} outside it")
+    # a model among the scans (anywhere under them where the pool is searched recursively)
+    pool = session.data.get("images") or {}
+    if pool.get("root"):
+        root, where = Path(pool["root"]).resolve(), Path(target).resolve()
+        if where.parent == root or (pool.get("recursive") and where.is_relative_to(root)):
+            raise ASFDAError(f"{target}: is inside the session's images folder {root}; {fix} outside it")
     latest = None if args.source_model else session.adapted_round()
     which = f"round {latest['index']}'s fine-tuned model ({latest['checkpoint']})" if latest else "the source model"
     if latest and (unfinished := unfinished_run(session)):  # its weights are the model as it finished before

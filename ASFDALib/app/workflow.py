@@ -135,6 +135,9 @@ class Workflow:
         self._events: queue.Queue = queue.Queue()
         self._model = None
         self.opened: OpenedCase | None = None  # a case the worker prepared, until the panel takes it
+        # each opened case's grid (shape, affine) as read: Save label checks against it without reading the
+        # scan again on the GUI thread (seconds for a CT)
+        self._grids: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
         # How DKD and ASD are combined: a reopened session keeps the fusion its rounds ranked with (not a panel
         # setting; `asfda rank --fusion` chooses it)
         self.fusion: str | None = None  # None: RankConfig's default
@@ -575,6 +578,7 @@ class Workflow:
             if label is None:
                 self._events.put(("progress", 0.5, f"Opening {name}: the model predicts it…"))
                 label = self.prefill(name, volume)
+            self._grids[name] = (volume.array.shape, volume.affine)
             self._events.put(("opened", OpenedCase(name, volume.array, volume.affine, label, source)))
             self._events.put(("progress", 1.0, f"Opened {name} ({source})"))
 
@@ -595,15 +599,18 @@ class Workflow:
         from ASFDALib.data.labels import check_grid
         from ASFDALib.data.volumes import content_hash, content_record, write_nifti
 
-        volume = self.case_volume(name)
-        check_grid(label.shape, affine, volume.array.shape, volume.affine, Path(name))
+        if name not in self._grids:  # saved without opening it here (a script): read its grid
+            volume = self.case_volume(name)
+            self._grids[name] = (volume.array.shape, volume.affine)
+        shape, image_affine = self._grids[name]
+        check_grid(label.shape, affine, shape, image_affine, Path(name))
         values = np.unique(label)
         if values.max(initial=0) >= len(self.class_names()):
             raise ASFDAError(f"{name}: label value {int(values.max())} is not a class of the model")
         with self._session() as session:
             nifti = session.next_label_path(name, ".nii.gz")
             seg = nifti.with_name(nifti.name.replace(".nii.gz", ".seg.nrrd")) if write_seg else None
-            write_nifti(nifti, label.astype(np.uint8), volume.affine)
+            write_nifti(nifti, label.astype(np.uint8), image_affine)
             if write_seg:
                 write_seg(seg)
             image = content_record(session.image_path(name))
@@ -715,7 +722,7 @@ class Workflow:
         self.progress, self.progress_text = 0.0, "Predicting…"
 
         def work(cancel: threading.Event) -> None:
-            from ASFDALib.adaptation.session import Session, storage_stem
+            from ASFDALib.adaptation.session import Session, storage_stems
             from ASFDALib.atomic import atomic_write_json
             from ASFDALib.data.volumes import write_nifti
 
@@ -726,13 +733,14 @@ class Workflow:
                 info = {"model": self._model_key(session), "files": {}}
                 if manifest.is_file():
                     info = json.loads(manifest.read_text(encoding="utf-8"))
+                stems = storage_stems({*session.image_names(), *todo})
                 for i, name in enumerate(todo):
                     if cancel.is_set():
                         raise Cancelled
                     eta = f" — ETA {_eta((time.perf_counter() - start) / i * (len(todo) - i))}" if i else ""
                     self._events.put(("progress", i / max(len(todo), 1), f"Predicting {i}/{len(todo)} — {name}{eta}"))
                     volume = self.case_volume(name)
-                    target = folder / f"{storage_stem(name, session.image_names())}.nii.gz"
+                    target = folder / f"{stems[name]}.nii.gz"
                     path = write_nifti(target, self.prefill(name, volume), volume.affine)
                     info["files"][name] = session.relative(path)
                     atomic_write_json(manifest, info)  # after each volume: a cancel keeps what is written

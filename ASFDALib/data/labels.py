@@ -252,8 +252,8 @@ def read_label(path: Path) -> tuple[Volume, dict[int, str]]:
 
     Slicer numbers segments in the order they were made (Gallbladder may be 1 and Liver 2): their values say
     nothing of the classes, their names do (:func:`classes_by_segment_name`). Segments that overlap are
-    stored in layers (a 4D file): the layers are merged, segment k as value k + 1, where no voxel is in two
-    segments; overlapping ones are refused, naming them."""
+    stored in layers (a 4D file): the layers are merged, the k-th segment (from 0) as value k + 1 (the values
+    a --map for the file reads), where no voxel is in two segments; overlapping ones are refused, naming them."""
     segments = _segments(path)
     if not segments:
         return read_volume(path, allow_constant=True), {}
@@ -291,7 +291,7 @@ def classes_by_segment_name(names: dict[int, str], class_names: list[str], path:
     foreign = {v: n for v, n in names.items() if n.casefold() not in index_of}
     if foreign:
         shown = ", ".join(f"{n!r} (value {v})" for v, n in sorted(foreign.items()))
-        example = ",".join(f"{v}={i % (len(class_names) - 1) + 1}" for i, v in enumerate(sorted(foreign)))
+        example = example_map(sorted(foreign), class_names)
         raise LabelError(
             path,
             f"segments {shown} are no class of the model ({_class_list(class_names)})",
@@ -318,12 +318,6 @@ def validate_label(
         if notes is not None:
             read = ", ".join(f"{n}={mapping.target(v)}" for v, n in sorted(segment_names.items()))
             notes.append(f"segments read by name: {read}")
-    elif len({layer for _, layer, _ in _segments(label_path)}) > 1 and mapping:
-        raise LabelError(
-            label_path,
-            "a segmentation in layers (overlapping segments) with --map: its values repeat across layers",
-            "leave out --map: the segments' names say their classes",
-        )
     image = read_volume(image_path)
     values, note = align_to_image(np.asarray(label.array), label.affine, image.array.shape, image.affine, label_path)
     if note and notes is not None:

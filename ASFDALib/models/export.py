@@ -34,7 +34,7 @@ import torch
 from ASFDALib.atomic import atomic_write, atomic_write_json
 from ASFDALib.errors import ModelError
 from ASFDALib.models.card import ModelCard
-from ASFDALib.models.loading import LoadedModel, card_beside
+from ASFDALib.models.loading import WEIGHT_NAMES, LoadedModel, card_beside
 
 UNKNOWN = "unknown: see the base model"
 ASFDA_QUERY = (
@@ -42,7 +42,6 @@ ASFDA_QUERY = (
     "(segmentation difficulty)"
 )
 BUILTIN_LICENCE = "Apache-2.0 (ASFDA's built-in model, trained by the ASFDA project on synthetic phantoms)"
-WEIGHT_NAMES = ("model.pt", "model.pth", "model.ts")  # the order ASFDA's bundle loader looks for them
 
 
 def _preprocessing(card: ModelCard) -> list[dict]:

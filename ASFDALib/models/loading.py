@@ -290,7 +290,16 @@ def load_model(
         path = bundle  # a bundle's weights or config picked in a file dialog (the panel's browses files): the bundle
     if path.is_dir():
         return _load_bundle(path, card if isinstance(card, ModelCard) else None, explicit, trust, class_map)
-    loaded_card = card if isinstance(card, ModelCard) else _find_card(card_candidates(path), explicit)
+    try:
+        loaded_card = card if isinstance(card, ModelCard) else _find_card(card_candidates(path), explicit)
+    except ModelError as exc:
+        folder = path.parent.parent
+        if path.parent.name == "models" and any((folder / "configs" / n).is_file() for n in INFERENCE_CONFIGS):
+            raise ModelError(  # another checkpoint of a bundle: the bundle describes its network and classes
+                f"{path}: {exc}. It sits in the MONAI bundle {folder}: --model {folder} loads the bundle's own "
+                "weights; for this checkpoint, give a --card (the bundle's asfda_card.json, if it holds one)"
+            ) from None
+        raise
     digest = _file_digest(path, *_digest_parts(loaded_card, class_map))
     if path.suffix.lower() == ".pt2":
         return _load_exported_program(path, loaded_card, digest, trust)
@@ -312,13 +321,24 @@ def load_model(
     return LoadedModel(net.eval(), loaded_card, "state_dict", path, digest, spec, report, class_map)
 
 
+WEIGHT_NAMES = ("model.pt", "model.pth", "model.ts")  # a bundle's weights in models/, the first found loaded
+INFERENCE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
+
+
+def _bundle_weights(folder: Path) -> Path | None:
+    return next((w for w in (folder / "models" / n for n in WEIGHT_NAMES) if w.is_file()), None)
+
+
 def _bundle_holding(path: Path) -> Path | None:
-    """The MONAI bundle folder a file sits in as its weights (models/) or config (configs/), else None."""
+    """The MONAI bundle folder whose weights (the file the bundle loads: models/model.pt, ...) or inference
+    config ``path`` is, else None: another checkpoint in models/ (model_best_epoch90.pt) is its own model."""
     if path.is_dir() or path.parent.name not in ("models", "configs"):
         return None
     folder = path.parent.parent
-    configs = folder / "configs"
-    return folder if any((configs / f"inference{s}").is_file() for s in (".json", ".yaml", ".yml")) else None
+    configs = [folder / "configs" / n for n in INFERENCE_CONFIGS]
+    if not any(c.is_file() for c in configs):
+        return None
+    return folder if path in (_bundle_weights(folder), *configs) else None
 
 
 def _digest_parts(card: ModelCard, class_map: str | Mapping[str, str] | None) -> list[bytes]:
@@ -465,7 +485,7 @@ def _load_bundle(
     trust: bool,
     class_map: str | Mapping[str, str] | None = None,
 ) -> LoadedModel:
-    configs = [folder / "configs" / n for n in ("inference.json", "inference.yaml", "inference.yml")]
+    configs = [folder / "configs" / n for n in INFERENCE_CONFIGS]
     config_path = next((c for c in configs if c.is_file()), None)
     if config_path is None:
         raise ModelError(
@@ -483,8 +503,7 @@ def _load_bundle(
             else next((load_card(c) for c in card_candidates(folder) if c.is_file()), None)
             or _card_from_bundle(folder, config)
         )
-    weights = [folder / "models" / n for n in ("model.pt", "model.pth", "model.ts")]
-    weight_path = next((w for w in weights if w.is_file()), None)
+    weight_path = _bundle_weights(folder)
     if weight_path is None:
         raise ModelError(f"{folder}: bundle has no weights (models/model.pt or models/model.ts)")
     digest = _file_digest(config_path, weight_path, *_digest_parts(card, class_map))

@@ -24,7 +24,8 @@ from ASFDALib.query.features import FeatureSummary
 SCORING_VERSION = "2"
 
 
-_ENTRY = re.compile(r"^[0-9a-f]{32}\.npz$|^index\.json$|^\..+\.tmp$")  # entries, the index, unfinished writes
+# entries (sweeps .npz; scalars and class entropies .json), the index, unfinished writes
+_ENTRY = re.compile(r"^[0-9a-f]{32}\.(npz|json)$|^index\.json$|^\..+\.tmp$")
 
 
 def is_score_cache(folder: Path) -> bool:

@@ -231,6 +231,10 @@ def test_a_bundles_weights_or_config_file_given_as_the_model_loads_the_bundle(tm
     for picked in (folder / "models" / "model.pt", folder / "configs" / "inference.json"):
         model = load_model(picked)
         assert (model.kind, model.path, model.card.class_names) == ("bundle", folder, CLASSES)
+    # another checkpoint beside the bundle's weights is a model of its own, never the bundle's weights instead
+    torch.save(unet.state_dict(), folder / "models" / "model_best_epoch90.pt")
+    with pytest.raises(ModelError, match="model_best_epoch90.pt: no model card found .* sits in the MONAI bundle"):
+        load_model(folder / "models" / "model_best_epoch90.pt")
     # a card beside the weights says the file is meant on its own: it is read as the state dict it is
     (folder / "models" / "model.card.json").write_text(json.dumps({"class_names": CLASSES}))
     with pytest.raises(ModelError, match="model.pt: a state dict needs a network"):

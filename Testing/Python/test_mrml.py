@@ -84,7 +84,14 @@ def test_a_segment_renamed_by_a_terminology_entry_keeps_its_class(scene):
     """Choosing "Liver" from Slicer's terminology list renames the segment; its voxels are still class 1."""
     label, volume, seg = _segmentation(scene)
     segmentation = seg.GetSegmentation()
-    segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("liver")).SetName("Liver")
+    liver = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("liver"))
+    liver.SetName("Liver")
+    # the entry the Segment Editor's terminology dialog writes (Slicer tries it before the name)
+    liver.SetTerminology(
+        "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+        "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"
+    )
+    assert liver.HasTerminology()
     np.testing.assert_array_equal(mrml.segmentation_to_labelmap(seg, volume, CLASSES), label)
 
 

@@ -88,6 +88,21 @@ def test_interrupted_ranking_resumes_where_it_stopped(tmp_path, default_model, m
     assert not list((tmp_path / "cache").glob(".*tmp"))  # no half-written entries
 
 
+def test_a_folder_is_a_score_cache_only_when_it_holds_nothing_else(tmp_path):
+    """What an interrupted first rank leaves (any strategy's entries) lets the same command resume; a folder
+    named cache holding someone's files does not."""
+    from ASFDALib.query.cache import is_score_cache
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in ("0123456789abcdef0123456789abcdef.npz", "fedcba9876543210fedcba9876543210.json", "index.json"):
+        (cache / name).write_bytes(b"{}")  # sweeps; epistemic and ClaSP PE scalars; the index
+    (cache / ".index.json.x1y2.tmp").write_bytes(b"{")  # a write the interruption cut short
+    assert is_score_cache(cache)
+    (cache / "notes.txt").write_text("mine")
+    assert not is_score_cache(cache)
+
+
 def test_changed_file_content_is_rescored(tmp_path, default_model, mri_pool):
     from ASFDALib.data.volumes import write_nifti
 

@@ -385,6 +385,8 @@ def test_arguments_in_another_order_are_taken_or_named_with_the_order_that_works
         with pytest.raises(SystemExit):
             main(argv)  # argparse alone would say "required: --images", with no word of the folder given
         assert said in " ".join(capsys.readouterr().err.split())
+    # asked only where argparse found --images missing: its own forms of it are taken as they always were
+    assert main(["predict", str(template), f"--images={pool / 'images'}", "--out", str(tmp_path / "p")]) == 0
 
 
 def test_a_bundle_given_where_a_session_goes_is_named_as_a_model(tmp_path, capsys):

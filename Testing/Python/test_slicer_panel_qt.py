@@ -338,10 +338,15 @@ def test_a_loaded_scene_does_not_bring_trust_in_its_model_file(standins, errors,
     the user never chose to trust."""
     widget = _open_panel(slicer_standins.load_panel())
     node = widget._parameterNode
-    node.trust = True
     slicer.mrmlScene.StartState(slicer.mrmlScene.ImportState)  # File -> Load Scene: the saved node comes in
+    node.trust = True  # what the scene's parameter node held
     slicer.mrmlScene.EndState(slicer.mrmlScene.ImportState)
     assert node.trust is False and not widget.ui.trustCheckBox.checked
+    # what the user ticked themselves stays through an import that does not touch it (Add Data of a scene)
+    widget.ui.trustCheckBox.checked = True
+    slicer.mrmlScene.StartState(slicer.mrmlScene.ImportState)
+    slicer.mrmlScene.EndState(slicer.mrmlScene.ImportState)
+    assert node.trust is True
     widget.cleanup()
     assert errors == []
 

@@ -80,8 +80,8 @@ def test_overlapping_segments_in_layers_are_refused_naming_both(tmp_path, scan):
         validate_label(path, scan, CLASSES)
 
 
-def test_a_segmentation_in_layers_without_overlap_is_merged(tmp_path, scan):
-    """Slicer before 4.11 kept each segment in its own layer (a 4D file, each at value 1)."""
+def _layered(path: Path, names: list[str]) -> Path:
+    """A segmentation as Slicer before 4.11 kept it: each segment in its own layer (a 4D file, each at value 1)."""
     import SimpleITK as sitk
 
     layers = np.zeros((*SHAPE, len(BOXES)), np.uint8)
@@ -90,11 +90,23 @@ def test_a_segmentation_in_layers_without_overlap_is_merged(tmp_path, scan):
     image = sitk.GetImageFromArray(layers.transpose(2, 1, 0, 3), isVector=True)  # (k, j, i, layer)
     image.SetSpacing((1.5, 1.5, 2.0))
     image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # LPS on disk: the scan's RAS axes
-    for index, name in enumerate(BOXES):
+    for index, name in enumerate(names):
         image.SetMetaData(f"Segment{index}_Name", name)
-    path = tmp_path / "case.seg.nrrd"
     sitk.WriteImage(image, str(path))
-    label, _ = validate_label(path, scan, CLASSES)
+    return path
+
+
+def test_a_segmentation_in_layers_without_overlap_is_merged(tmp_path, scan):
+    label, _ = validate_label(_layered(tmp_path / "case.seg.nrrd", list(BOXES)), scan, CLASSES)
+    np.testing.assert_array_equal(label, _expected())
+
+
+def test_segments_named_as_no_class_are_read_with_the_map_the_refusal_shows(tmp_path, scan):
+    """Slicer's default names (Segment_1, ...): the refusal's values are the ones a --map for the file reads."""
+    path = _layered(tmp_path / "case.seg.nrrd", ["Segment_1", "Segment_2", "Segment_3"])
+    with pytest.raises(LabelError, match=r"'Segment_1' \(value 1\), 'Segment_2' \(value 2\).*--map 1=1,2=2,3=3"):
+        validate_label(path, scan, CLASSES)
+    label, _ = validate_label(path, scan, CLASSES, parse_mapping("1=gallbladder,2=liver,3=kidney", CLASSES))
     np.testing.assert_array_equal(label, _expected())
 
 
