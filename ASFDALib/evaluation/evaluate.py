@@ -73,7 +73,9 @@ def refuse_swapped_folders(pred_dir: Path, label_dir: Path) -> None:
         )
     if (Path(label_dir) / PREDICTIONS_MANIFEST).is_file():
         same = Path(label_dir).resolve() == Path(pred_dir).resolve()
-        fix = "give the reference labels as --labels" if same else "swap --pred and --labels"
+        # both written by predict: swapping would only move the refusal to the other folder
+        both = same or (Path(pred_dir) / PREDICTIONS_MANIFEST).is_file()
+        fix = "give the reference labels as --labels" if both else "swap --pred and --labels"
         raise ASFDAError(
             f"{label_dir}: holds label maps asfda predict wrote ({PREDICTIONS_MANIFEST}), not reference labels; {fix}"
         )

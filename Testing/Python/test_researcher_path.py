@@ -291,6 +291,9 @@ def test_evaluate_refuses_folders_given_the_wrong_way_round_or_scans_as_referenc
     said = _one_line_error(capsys)
     assert f"{pred}: holds label maps asfda predict wrote (asfda_predictions.json), not reference labels" in said
     assert "swap --pred and --labels" in said and not (pool / "labels" / "evaluation.csv").exists()
+    shutil.copytree(pred, tmp_path / "pred2")  # two predictions folders: a swap would only move the refusal
+    assert main(["evaluate", "--pred", str(tmp_path / "pred2"), "--labels", str(pred)]) == 1
+    assert "not reference labels; give the reference labels as --labels" in _one_line_error(capsys)
     assert main(["evaluate", "--pred", str(pred), "--labels", str(pool / "images")]) == 1
     assert "give --labels the folder of reference label maps" in _one_line_error(capsys)
     assert not (pred / "evaluation.csv").exists()
