@@ -90,7 +90,7 @@ def session_model(session: Session, adapted: bool = True) -> LoadedModel:
         raise SessionError(f"{session.root}: no model recorded; run 'asfda rank --out {as_arg(session.root)}' first")
     network = NetworkSpec(**info["network"]) if info.get("network") else None
     model = load_model(
-        info["path"],
+        model_location(session),
         card_from_dict(info["card"]),
         network,
         trust=bool(info.get("trust")),
@@ -107,6 +107,24 @@ def session_model(session: Session, adapted: bool = True) -> LoadedModel:
         model.digest = f"{model.digest}+{content_hash(checkpoint)[:16]}"
         model.network.eval()
     return model
+
+
+def model_location(session: Session) -> Path:
+    """Where the session's model file is now: where it was recorded, or for the built-in model, where this
+    install keeps it (a reinstall, a new environment, a colleague's copy of the session). Another model that
+    moved is named with the one command that records its new place (its content is checked)."""
+    from ASFDALib.models.defaults import DEFAULT_MODEL_NAME, default_model_path
+
+    recorded = Path(session.data["model"]["path"])
+    if recorded.exists():
+        return recorded
+    if recorded.name == DEFAULT_MODEL_NAME:
+        return default_model_path()  # the digest check below still holds it to the same weights and card
+    raise SessionError(
+        f"{recorded}: the model this session started with is not there (moved, or another machine); give its new "
+        f"place once, 'asfda rank --out {as_arg(session.root)} --model NEW_PATH' (the same file: its content is "
+        "checked), and every command uses it from then on"
+    )
 
 
 def _pseudo_pool(session: Session, labelled: set[str], limit: int) -> list[str]:

@@ -44,6 +44,8 @@ def ranking_model(
         return load_given(), None
     if given and (named := load_given()).digest != recorded["digest"]:
         raise ASFDAError(f"{session.root}: {_model_change(named, recorded)}; use another session for another model")
+    if given and not Path(recorded["path"]).exists():  # the same model, moved: the session records its new place
+        recorded["path"] = str(named.path.resolve())
     model = session_model(session, adapted=True)
     base = session_model(session, adapted=False) if session.adapted_checkpoint() else model
     return model, choose_knowledge(base, knowledge)

@@ -299,7 +299,13 @@ class Workflow:
             return False
         info = session.data
         if info.get("model") and not self.settings.model:
-            self.settings.model = info["model"]["path"]
+            from ASFDALib.models.defaults import DEFAULT_MODEL_NAME
+
+            recorded = Path(info["model"]["path"])
+            # the built-in model wherever this install keeps it (empty: the built-in one); another model shown
+            # where it was, for the user to point at its new place if it moved
+            builtin = recorded.name == DEFAULT_MODEL_NAME and not recorded.exists()
+            self.settings.model = "" if builtin else str(recorded)
             self.settings.trust = bool(info["model"].get("trust"))
         if info.get("images"):
             self.settings.images = info["images"]["root"]

@@ -941,3 +941,35 @@ def test_labels_import_counts_only_readable_volumes_as_left_for_pseudo_labels(tm
     assert main(["labels", "import", str(session), "--from", str(tmp_path / "pool" / "labels")]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "2 of 4 volumes stay unlabeled for pseudo-labels (1 unreadable left out: see 'asfda rank')" in said
+
+
+def test_a_session_follows_its_model_to_another_install_or_folder(ranked, tmp_path, capsys):
+    """A colleague's copy, a reinstall, a renamed models folder: the same model file at another path."""
+    from ASFDALib.models.defaults import default_model_path
+
+    root, template = ranked
+    images = root / "pool" / "images"
+    session = tmp_path / "s"
+    shutil.copytree(template, session)
+    data = json.loads((session / "session.json").read_text())
+    data["model"]["path"] = "/old/install/Resources/Model/asfda_default.pt"  # the built-in model, installed elsewhere
+    (session / "session.json").write_text(json.dumps(data))
+    assert main(["predict", str(session), "--images", str(images), "--out", str(tmp_path / "p1")]) == 0
+    # a model of one's own, whose folder was renamed after the session started
+    models = tmp_path / "models"
+    models.mkdir()
+    for part in default_model_path().parent.iterdir():
+        shutil.copy(part, models / part.name.replace("asfda_default", "mine"))
+    own = tmp_path / "own"
+    argv = ["rank", "--images", str(images), "--budget", "1", "--model", str(models / "mine.pt")]
+    assert main([*argv, "--out", str(own)]) == 0
+    models.rename(tmp_path / "models2")
+    capsys.readouterr()
+    assert main(["rank", "--out", str(own)]) == 1
+    said = _one_line_error(capsys)
+    assert f"{models / 'mine.pt'}: the model this session started with is not there" in said
+    assert f"'asfda rank --out {own} --model NEW_PATH'" in said
+    assert main(["rank", "--out", str(own), "--model", str(tmp_path / "models2" / "mine.pt")]) == 0
+    recorded = json.loads((own / "session.json").read_text())["model"]["path"]
+    assert recorded == str((tmp_path / "models2" / "mine.pt").resolve())
+    assert main(["predict", str(own), "--images", str(images), "--out", str(tmp_path / "p2")]) == 0
