@@ -539,6 +539,7 @@ def _finetune_session(
     validation: list[tuple[Path, Path]] | None,
 ) -> AdaptResult:
     say = on_status or (lambda _msg: None)
+    session.refuse_missing_labels()
     labelled = session.labelled()
     if not labelled:
         raise SessionError(f"{session.root}: no labels yet; label the queried volumes or 'asfda labels import'")

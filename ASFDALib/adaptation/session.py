@@ -370,6 +370,26 @@ class Session:
         return self.path(entry["checkpoint"]) if entry else None
 
     # --- labels ------------------------------------------------------------------------------------
+    def missing_label_files(self) -> dict[str, Path]:
+        """Image name -> its newest recorded label file, where that file is gone from disk (deleted or moved
+        by hand): training without it, or on an older version, would not be what the session records."""
+        out = {}
+        for name, versions in self.data["labels"].items():
+            if versions and not self.path(versions[-1]["file"]).is_file():
+                out[name] = self.path(versions[-1]["file"])
+        return out
+
+    def refuse_missing_labels(self) -> None:
+        """Refuse, naming the first, newest label files the session records that are gone from disk."""
+        missing = self.missing_label_files()
+        if missing:
+            name, path = next(iter(sorted(missing.items())))
+            raise SessionError(
+                f"{path}: {name}'s label, recorded in {SESSION_FILE}, is missing ({len(missing)} such file(s)); "
+                f"restore it, or import the label again: 'asfda labels import {as_arg(self.root)} --from DIR "
+                f"--cases {as_arg(name)}'"
+            )
+
     def labelled(self) -> dict[str, Path]:
         """Image name -> newest label file, for every image that has one on disk."""
         return {name: self.path(entry["file"]) for name, entry in self.label_versions().items()}

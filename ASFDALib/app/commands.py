@@ -347,7 +347,15 @@ def cmd_labels(args: argparse.Namespace) -> int:
     missing = [n for n in queried if n not in labelled]
     unfinished = unfinished_run(session)
     newest = session.rounds[-1] if session.rounds else None
-    if changes := session.image_changes():  # what a rank and a fine-tune refuse, said before they are run
+    gone = session.missing_label_files()  # deleted by hand: fine-tuning refuses until restored or re-imported
+    if gone:
+        name, path = next(iter(sorted(gone.items())))
+        then = (
+            f"; {session.relative(path)} ({name}'s label, recorded in session.json) is missing: fine-tuning refuses "
+            f"until it is restored or imported again ('asfda labels import {as_arg(session.root)} --from DIR "
+            f"--cases {as_arg(name)}')"
+        )
+    elif changes := session.image_changes():  # what a rank and a fine-tune refuse, said before they are run
         moved = any(changes.values())
         fix = "the pool is moved back or named with --images" if moved else "it is put back or labelled anew"
         then = f"; {session.describe_image_changes(changes)}: fine-tuning refuses until {fix}"

@@ -206,7 +206,7 @@ def trained_on(session: Session, scores: list[CaseScore], label_dir: Path, made_
     how: dict[str, str] = {}
     for round_ in session.rounds:
         how |= dict.fromkeys((round_.get("metrics") or {}).get("pseudo_labelled", []), "pseudo-labelled")
-    labelled = session.labelled()
+    labelled = list(session.data["labels"])  # what the session recorded, a label file deleted since included
     how |= dict.fromkeys(labelled, "labelled")
     images: dict[str, list[str]] = {}
     for entry in (session.data.get("images") or {}).get("files", []):

@@ -973,3 +973,24 @@ def test_a_session_follows_its_model_to_another_install_or_folder(ranked, tmp_pa
     recorded = json.loads((own / "session.json").read_text())["model"]["path"]
     assert recorded == str((tmp_path / "models2" / "mine.pt").resolve())
     assert main(["predict", str(own), "--images", str(images), "--out", str(tmp_path / "p2")]) == 0
+
+
+def test_a_label_file_deleted_by_hand_is_named_and_training_waits_for_it(ranked, tmp_path, capsys):
+    """Training without it (or on an older version) would not be what session.json records."""
+    root, template = ranked
+    session = tmp_path / "s"
+    shutil.copytree(template, session)
+    assert main(["labels", "import", str(session), "--from", str(root / "pool" / "labels")]) == 0
+    labels = json.loads((session / "session.json").read_text())["labels"]
+    name = sorted(labels)[0]
+    stored = session / labels[name][-1]["file"]
+    stored.unlink()
+    capsys.readouterr()
+    assert main(["labels", str(session)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"labels/{stored.name} ({name}'s label, recorded in session.json) is missing: fine-tuning refuses" in said
+    assert main(["finetune", str(session), "--iterations", "2"]) == 1
+    refused = _one_line_error(capsys)
+    assert f"{stored}: {name}'s label, recorded in session.json, is missing" in refused and f"--cases {name}" in refused
+    assert main(["labels", "import", str(session), "--from", str(root / "pool" / "labels"), "--cases", name]) == 0
+    assert main(["labels", str(session)]) == 0 and "ready for 'asfda finetune'" in capsys.readouterr().out
