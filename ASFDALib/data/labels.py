@@ -654,6 +654,13 @@ def _import_labels(
     mapping: LabelMap | dict[int, int] | None,
     cases: Collection[str] | None,
 ) -> ImportReport:
+    if not session.image_root.is_dir():  # every label would be refused as if its scan were corrupt
+        raise VolumeError(
+            session.image_root,
+            "the session's pool folder is gone (moved, or another machine)",
+            f"rank the pool where it is now once, 'asfda rank --out {as_arg(session.root)} --images NEW_FOLDER', "
+            "then import again",
+        )
     files = [source] if source.is_file() else discover_volumes(source)
     asked = list(session.queried() if cases is None else cases)
     report = ImportReport(asked=asked, pool=len(session.image_names()), mapped=bool(mapping))

@@ -994,3 +994,17 @@ def test_a_label_file_deleted_by_hand_is_named_and_training_waits_for_it(ranked,
     assert f"{stored}: {name}'s label, recorded in session.json, is missing" in refused and f"--cases {name}" in refused
     assert main(["labels", "import", str(session), "--from", str(root / "pool" / "labels"), "--cases", name]) == 0
     assert main(["labels", str(session)]) == 0 and "ready for 'asfda finetune'" in capsys.readouterr().out
+
+
+def test_labels_import_after_the_pool_moved_names_the_rank_that_follows_it(ranked, tmp_path, capsys):
+    """A colleague's copy of the session: every label was refused as if its scan were corrupt."""
+    root, template = ranked
+    session = tmp_path / "s"
+    shutil.copytree(template, session)
+    data = json.loads((session / "session.json").read_text())
+    data["images"]["root"] = str(tmp_path / "where the pool was")
+    (session / "session.json").write_text(json.dumps(data))
+    assert main(["labels", "import", str(session), "--from", str(root / "pool" / "labels")]) == 1
+    said = _one_line_error(capsys)
+    assert "the session's pool folder is gone (moved, or another machine)" in said
+    assert f"'asfda rank --out {session} --images NEW_FOLDER', then import again" in said
