@@ -176,17 +176,42 @@ class Session:
         if not isinstance(data, dict):
             raise SessionError(f"{path}: the session file must hold a JSON object; {_restore_hint(path)}")
         schema = data.get("schema")
+        if schema is None:
+            raise SessionError(f"{path}: no 'schema' version (edited by hand?); {_restore_hint(path)}")
         if schema != SCHEMA_VERSION:
-            raise SessionError(f"{path}: schema version {schema!r}, this ASFDA reads version {SCHEMA_VERSION}")
+            raise SessionError(
+                f"{path}: schema version {schema!r}, this ASFDA reads version {SCHEMA_VERSION}; use the ASFDA "
+                "version that wrote it"
+            )
         expected = {"rounds": list, "labels": dict}
         for key, kind in expected.items():
             if not isinstance(data.get(key), kind):
                 raise SessionError(f"{path}: '{key}' must be a {kind.__name__}; {_restore_hint(path)}")
+        # the model and pool a rank records, whole: a part missing would fail later as a KeyError
+        for key, fields in {"model": ("path", "digest", "card"), "images": ("root", "files")}.items():
+            entry = data.get(key)
+            lost = [f for f in fields if f not in entry] if isinstance(entry, dict) else []
+            if lost:
+                raise SessionError(f"{path}: '{key}.{lost[0]}' is missing (edited by hand?); {_restore_hint(path)}")
+        for round_ in data["rounds"]:
+            if not isinstance(round_, dict) or not all(k in round_ for k in ("index", "query")):
+                raise SessionError(
+                    f"{path}: a round without its 'index' or 'query' (edited by hand?); {_restore_hint(path)}"
+                )
         for name, versions in data["labels"].items():
             if not isinstance(versions, list) or not all(isinstance(v, dict) and "file" in v for v in versions):
                 raise SessionError(
                     f"{path}: labels of {name!r} must be a list of {{'file': ...}} entries; {_restore_hint(path)}"
                 )
+
+    def refuse_lost_records(self) -> None:
+        """A session that has ranked without its model or pool record (session.json edited by hand): a command
+        would rank the built-in model or the sample pool and record it as the session's."""
+        if self.rounds:
+            for key in ("model", "images"):
+                if not self.data.get(key):
+                    path = self.root / SESSION_FILE
+                    raise SessionError(f"{path}: '{key}' is missing (edited by hand?); {_restore_hint(path)}")
 
     def lock(self) -> Session:
         """Take the write lock (waiting at most a second); a clear error when another process holds it."""

@@ -1008,3 +1008,17 @@ def test_labels_import_after_the_pool_moved_names_the_rank_that_follows_it(ranke
     said = _one_line_error(capsys)
     assert "the session's pool folder is gone (moved, or another machine)" in said
     assert f"'asfda rank --out {session} --images NEW_FOLDER', then import again" in said
+
+
+@pytest.mark.parametrize("lost", ["images", "model"])
+def test_a_session_whose_model_or_pool_record_was_deleted_is_refused_not_refilled(ranked, tmp_path, capsys, lost):
+    """Without them rank fell back to the sample pool or the built-in model and recorded it as the session's."""
+    _, template = ranked
+    session = tmp_path / "s"
+    shutil.copytree(template, session)
+    data = json.loads((session / "session.json").read_text())
+    del data[lost]
+    (session / "session.json").write_text(json.dumps(data))
+    assert main(["rank", "--out", str(session)]) == 1
+    assert f"session.json: '{lost}' is missing (edited by hand?); no earlier version is kept" in _one_line_error(capsys)
+    assert not (session / "sample_data").exists()

@@ -44,6 +44,11 @@ def test_opening_a_folder_that_is_not_a_session_says_what_to_run(tmp_path):
     assert hint in str(refused.value) and f"--from {tmp_path / 'pool' / 'labels'}'" in str(refused.value)
 
 
+ROUND = {"index": 1, "query": ["a.nii.gz"]}
+IMAGES = {"root": "/data", "files": []}
+MODEL = {"path": "m.pt", "digest": "d", "card": {}}
+
+
 @pytest.mark.parametrize(
     "content,message",
     [
@@ -52,13 +57,22 @@ def test_opening_a_folder_that_is_not_a_session_says_what_to_run(tmp_path):
         ('{"schema": 99, "rounds": [], "labels": {}}', "schema version 99"),
         ('{"schema": 1, "rounds": {}, "labels": {}}', "'rounds' must be a list"),
         ('{"schema": 1, "rounds": [], "labels": {"a": "x"}}', "labels of 'a'"),
+        ('{"rounds": [], "labels": {}}', "no 'schema' version"),
+        (
+            json.dumps({"schema": 1, "rounds": [ROUND], "labels": {}, "images": IMAGES, "model": {"path": "m.pt"}}),
+            "'model.digest' is missing",
+        ),
+        (
+            json.dumps({"schema": 1, "rounds": [{"index": 1}], "labels": {}, "images": IMAGES, "model": MODEL}),
+            "a round without its 'index' or 'query'",
+        ),
     ],
 )
 def test_a_session_file_edited_into_nonsense_is_refused_clearly(tmp_path, content, message):
     (tmp_path / SESSION_FILE).write_text(content)
     with pytest.raises(SessionError, match=message) as refused:
         Session.open(tmp_path)
-    if "schema" not in message:  # the fix named is one that exists: the backup where kept, else a new session
+    if "schema version" not in message:  # the fix named is one that exists: the backup where kept, else a new session
         assert "no earlier version is kept (session.json.bak); rank the pool into a new session" in str(refused.value)
         (tmp_path / (SESSION_FILE + ".bak")).write_text("{}")
         with pytest.raises(SessionError, match="restore it from session.json.bak"):
@@ -218,6 +232,8 @@ def test_taking_the_lock_clears_checkpoint_scratch_and_only_stale_cache_scratch(
 def test_taking_the_lock_reads_the_session_again_so_what_another_writer_saved_is_kept(tmp_path):
     """Opened, then locked after another writer saved: the write starts from the file, not the stale read."""
     first = Session.open(tmp_path, create=True)
+    first.set_model(tmp_path / "m.pt", "digest", "state_dict", {}, False)  # as a first rank records them
+    first.set_images(tmp_path, {"a.nii.gz": "h", "b.nii.gz": "h"}, False)
     first.save()
     stale = Session.open(tmp_path)
     with first:
