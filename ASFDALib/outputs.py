@@ -97,7 +97,27 @@ def refuse_existing(target: Path, what: str, fix: str) -> None:
         raise ASFDAError(f"{target}: {what} already exists; {fix}")
 
 
-def claim_predictions(out: Path, targets: list[Path], fix: str) -> list[Path]:
+PREDICT_LOCK = ".asfda_predict.lock"
+
+
+def hold_predictions(out: Path):
+    """Hold ``out`` for one prediction run, from its claim to its last map (the returned lock: ``release()``
+    it): a second run into the same folder (another model's, say) is refused rather than interleaving its maps
+    and manifest updates with the first's. An OS lock, released by the OS when its holder ends however it ends."""
+    from filelock import FileLock, Timeout
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(Path(out) / PREDICT_LOCK), timeout=0.5, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ASFDAError(
+            f"{out}: another asfda predict is writing into this folder; wait for it to end, or give another --out"
+        ) from None
+    return lock
+
+
+def claim_predictions(out: Path, targets: list[Path], fix: str, check_only: bool = False) -> list[Path]:
     """Refuse, naming the first, label maps about to be written over that ``asfda predict`` did not write as
     they are now: a file it never wrote (a folder of reference labels given as ``--out``; a name an earlier run
     claimed but skipped), or one changed since it wrote it (a map corrected in place). Then record the targets
@@ -138,6 +158,8 @@ def claim_predictions(out: Path, targets: list[Path], fix: str) -> list[Path]:
             f"{changed[0]}: was changed since asfda predict wrote it (a corrected map?; {len(changed)} such file(s) "
             f"in {out}); {fix}, or move the changed maps away first"
         )
+    if check_only:  # the refusals alone, writing nothing (not even the folder)
+        return existing
     Path(out).mkdir(parents=True, exist_ok=True)
     # the earlier runs' record of which model made their maps stays; record_predictions updates it
     atomic_write_json(manifest, {**data, "files": sorted(ours | {t.name for t in targets}), "maps": maps})

@@ -900,6 +900,12 @@ class PredictionPlan:
     scans: list[Path]
     targets: list[Path]
     replaced: list[Path]
+    hold: Any = None  # the output folder's lock (outputs.hold_predictions), from the claim to the last map
+
+    def release(self) -> None:
+        """Free the output folder for another run (predict_folder does at its end; the OS at the process's)."""
+        if self.hold is not None and self.hold.is_locked:
+            self.hold.release()
 
 
 def plan_predictions(images: Path, out: Path, protected: Iterable[Path] = (), fix: str | None = None) -> PredictionPlan:
@@ -908,7 +914,13 @@ def plan_predictions(images: Path, out: Path, protected: Iterable[Path] = (), fi
     a file no prediction run wrote (e.g. reference labels), two scans sharing a map's name; then claim the
     targets in ``out``'s manifest, so a rerun or a resumed run replaces them. ``fix``: the remedy the refusals
     name (default: another output folder, beside the images)."""
-    from ASFDALib.outputs import claim_predictions, refuse_inside_session, refuse_overwrite, refuse_same_folder
+    from ASFDALib.outputs import (
+        claim_predictions,
+        hold_predictions,
+        refuse_inside_session,
+        refuse_overwrite,
+        refuse_same_folder,
+    )
 
     images, out = Path(images), Path(out)
     scans = discover_volumes(images)
@@ -928,7 +940,13 @@ def plan_predictions(images: Path, out: Path, protected: Iterable[Path] = (), fi
             )
     refuse_overwrite(targets, scans, "the input scan", fix)
     refuse_overwrite(targets, protected, "a file the session references", fix)
-    return PredictionPlan(scans, targets, claim_predictions(out, targets, fix))
+    claim_predictions(out, targets, fix, check_only=True)  # refused before the folder is touched
+    hold = hold_predictions(out)  # the claim and every map after it are this run's alone
+    try:
+        return PredictionPlan(scans, targets, claim_predictions(out, targets, fix), hold)
+    except BaseException:
+        hold.release()
+        raise
 
 
 def predict_folder(
@@ -953,20 +971,23 @@ def predict_folder(
     plan = plan or plan_predictions(images, out, protected, fix)
     made_by = made_by or {"model": str(Path(model.path).resolve()), "digest": model.digest}
     written, skipped = [], []
-    for i, path in enumerate(plan.scans):
-        if progress:
-            progress(i, len(plan.scans), path.name)
-        try:
-            volume = read_scan(path)  # a label map in the folder is skipped with its reason, not segmented
-        except VolumeError as exc:
-            skipped.append(str(exc))
-            continue
-        image = preprocess(volume, model.card)
-        label = predict_label(model.network, image, model.card, device).astype(np.uint8)
-        native = labels_to_native(label, image.affine.numpy(), volume.array.shape, volume.affine)
-        written.append(write_volume(Path(out) / prediction_name(path), native, volume.affine))
-        # each map recorded as it is written: an interrupted run's maps are its own to replace on a rerun
-        record_predictions(Path(out), written[-1:], made_by, {written[-1].name: content_hash(path)})
+    try:
+        for i, path in enumerate(plan.scans):
+            if progress:
+                progress(i, len(plan.scans), path.name)
+            try:
+                volume = read_scan(path)  # a label map in the folder is skipped with its reason, not segmented
+            except VolumeError as exc:
+                skipped.append(str(exc))
+                continue
+            image = preprocess(volume, model.card)
+            label = predict_label(model.network, image, model.card, device).astype(np.uint8)
+            native = labels_to_native(label, image.affine.numpy(), volume.array.shape, volume.affine)
+            written.append(write_volume(Path(out) / prediction_name(path), native, volume.affine))
+            # each map recorded as it is written: an interrupted run's maps are its own to replace on a rerun
+            record_predictions(Path(out), written[-1:], made_by, {written[-1].name: content_hash(path)})
+    finally:
+        plan.release()
     if progress:
         progress(len(plan.scans), len(plan.scans), "")
     return written, skipped

@@ -671,10 +671,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ASFDALib.adaptation.pipeline import plan_predictions, predict_folder, predictions_folder_for, session_model
-    from ASFDALib.adaptation.runs import finish_hint, unfinished_run
+    from ASFDALib.adaptation.pipeline import plan_predictions, predictions_folder_for
     from ASFDALib.adaptation.session import Session
-    from ASFDALib.data.volumes import content_hash
     from ASFDALib.outputs import session_files
 
     console = Console()
@@ -682,6 +680,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     fix = f"choose another --out folder, e.g. {predictions_folder_for(Path(args.images))}"
     # every refusal before the model loads; predict_folder then works to this plan
     plan = plan_predictions(args.images, args.out, session_files(session), fix)
+    try:  # the plan holds --out until its last map is written, or until this command fails on the way
+        return _predict(args, console, session, plan)
+    finally:
+        plan.release()
+
+
+def _predict(args: argparse.Namespace, console, session, plan) -> int:
+    from ASFDALib.adaptation.pipeline import predict_folder, session_model
+    from ASFDALib.adaptation.runs import finish_hint, unfinished_run
+    from ASFDALib.data.volumes import content_hash
+
     replaced = plan.replaced
     if replaced:
         console.print(f"Replacing {len(replaced)} label maps an earlier asfda predict wrote to {args.out}")

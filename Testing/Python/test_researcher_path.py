@@ -1022,3 +1022,28 @@ def test_a_session_whose_model_or_pool_record_was_deleted_is_refused_not_refille
     assert main(["rank", "--out", str(session)]) == 1
     assert f"session.json: '{lost}' is missing (edited by hand?); no earlier version is kept" in _one_line_error(capsys)
     assert not (session / "sample_data").exists()
+
+
+def test_a_second_predict_into_a_folder_another_is_writing_is_refused(ranked, tmp_path, capsys):
+    """Two runs at once (the adapted and the source model) interleaved their maps under one manifest."""
+    import subprocess
+    import sys
+
+    root, session = ranked
+    out = tmp_path / "pred"
+    out.mkdir()
+    holder = subprocess.Popen(  # another asfda predict, holding the folder as plan_predictions does
+        [sys.executable, "-c", "import sys, time; from ASFDALib.outputs import hold_predictions; "
+         "held = hold_predictions(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["predict", str(session), "--images", str(root / "pool" / "images"), "--out", str(out)]
+        assert main(argv) == 1
+        assert f"{out}: another asfda predict is writing into this folder" in _one_line_error(capsys)
+        assert not list(out.glob("*.nii.gz"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(argv) == 0  # free once the other run ends, however it ended
