@@ -907,6 +907,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     session = Session.open(args.session)
     if session.adapted_checkpoint() is None and not args.source_model:
+        if holder := session.in_use():  # a first fine-tune is running: its model comes when it ends
+            raise ASFDAError(
+                f"{args.session}: not fine-tuned yet, and in use by {holder} (a fine-tune running?); export when "
+                "it ends, or pass --source-model to export the model as it came"
+            )
         raise ASFDAError(
             f"{args.session}: not fine-tuned yet, so there is no adapted model to export; run "
             f"'asfda finetune {as_arg(args.session)}' first, or pass --source-model to export the model as it came"

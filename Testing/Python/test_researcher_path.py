@@ -1047,3 +1047,24 @@ def test_a_second_predict_into_a_folder_another_is_writing_is_refused(ranked, tm
         holder.kill()
         holder.wait()
     assert main(argv) == 0  # free once the other run ends, however it ended
+
+
+def test_export_during_a_first_fine_tune_says_it_is_running(ranked, tmp_path, capsys):
+    """ "Not fine-tuned yet: run asfda finetune first" was wrong advice while that very fine-tune ran."""
+    import subprocess
+    import sys
+
+    _, session = ranked
+    holder = subprocess.Popen(  # the fine-tune's process, holding the session's lock
+        [sys.executable, "-c", "import sys, time; from ASFDALib.adaptation.session import Session; "
+         "s = Session.open(sys.argv[1]).lock(); print('held', flush=True); time.sleep(60)", str(session)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["export", str(session), "--out", str(tmp_path / "b")]) == 1
+        said = _one_line_error(capsys)
+        assert "not fine-tuned yet, and in use by pid" in said and "export when it ends" in said
+    finally:
+        holder.kill()
+        holder.wait()
