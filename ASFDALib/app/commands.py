@@ -743,6 +743,20 @@ def _predict(args: argparse.Namespace, console, session, plan) -> int:
     return 0 if written else 1
 
 
+def _same_weights(session, made_by) -> bool:
+    """Whether ``session`` holds the very checkpoint every map was made with (predict's record: its path in
+    the session and SHA-256): a copy or a moved folder of the session that made them."""
+    from ASFDALib.data.volumes import content_hash
+
+    adapted = [m for m in made_by if m.get("sha256") and m.get("checkpoint")]
+    if not adapted or len(adapted) != len(list(made_by)):
+        return False
+    try:
+        return all(content_hash(session.path(m["checkpoint"])) == m["sha256"] for m in adapted)
+    except (OSError, ASFDAError):
+        return False
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import math
 
@@ -793,7 +807,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             console.print(said, markup=False)
         except ASFDAError as exc:  # asked for no session: one that cannot be read is noted, not a failure
             console.print(f"[yellow]note[/yellow] {escape(str(exc))}; evaluating without it", soft_wrap=True)
-    elif session is not None and makers and str(session.root.resolve()) not in makers:
+    elif session is None and maker:  # the session that made them is not where it was: its training cases count
+        console.print(
+            f"[yellow]warning[/yellow] {escape(maker)} made these label maps and is gone from there (moved, or "
+            "another machine): the mean includes any case it trained on; give --session with its new place",
+            soft_wrap=True,
+        )
+    elif (
+        session is not None
+        and makers
+        and str(session.root.resolve()) not in makers
+        and not _same_weights(session, predictions_made_by(args.pred).values())
+    ):
         console.print(
             f"[yellow]warning[/yellow] {escape(', '.join(sorted(makers)))} made these label maps, not "
             f"{escape(str(session.root))}: the cases left out of the mean are those {escape(str(session.root))} "

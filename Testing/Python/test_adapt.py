@@ -1795,3 +1795,23 @@ def test_with_every_volume_labelled_the_records_name_no_pseudo_label_gate(labell
     assert run["recipe"]["reliability"] == "rounds"  # what was asked stays in the recipe
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     assert metrics["pseudo_gate"] is None and metrics["pseudo_labelled"] == []
+
+
+def test_evaluate_follows_a_moved_session_by_its_weights_and_warns_where_it_is_gone(
+    adapted_session, mri_pool, tmp_path, capsys
+):
+    """A session moved after it predicted: evaluate cannot find it by the path predict recorded."""
+    first = tmp_path / "first"
+    shutil.copytree(adapted_session[1], first)
+    pred = tmp_path / "pred"
+    assert main(["predict", str(first), "--images", str(mri_pool / "images"), "--out", str(pred)]) == 0
+    moved = first.rename(tmp_path / "moved")
+    capsys.readouterr()
+    labels = ["--pred", str(pred), "--labels", str(mri_pool / "labels")]
+    assert main(["evaluate", *labels, "--out", str(tmp_path / "a.csv")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"{first.resolve()} made these label maps and is gone from there (moved, or another machine)" in said
+    assert main(["evaluate", *labels, "--session", str(moved), "--out", str(tmp_path / "b.csv")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "made these label maps, not" not in said, said
+    assert "not the 4 the session trained on" in said  # 2 labelled, 2 pseudo-labelled
