@@ -906,6 +906,7 @@ class PredictionPlan:
         """Free the output folder for another run (predict_folder does at its end; the OS at the process's)."""
         if self.hold is not None and self.hold.is_locked:
             self.hold.release()
+            Path(self.hold.lock_file).unlink(missing_ok=True)  # no lock file left among the maps
 
 
 def plan_predictions(images: Path, out: Path, protected: Iterable[Path] = (), fix: str | None = None) -> PredictionPlan:

@@ -294,8 +294,15 @@ class Workflow:
         """Restore settings, query and table from an existing session folder; False if there is none."""
         import json
 
-        session = self._open_session()
-        if session is None:
+        from ASFDALib.adaptation.session import SESSION_FILE, Session, SessionError
+
+        path = self.session_path()
+        if path is None or not (path / SESSION_FILE).is_file():
+            return False
+        try:
+            session = Session.open(path)
+        except SessionError as exc:  # a session file that cannot be read: said, not passed over as no session
+            self.message(str(exc))
             return False
         info = session.data
         if info.get("model") and not self.settings.model:

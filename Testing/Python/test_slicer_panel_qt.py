@@ -304,7 +304,7 @@ def _session_on(folder, images, trust: bool = False):
 
     with Session.open(folder, create=True) as session:
         session.set_images(images, {}, False)
-        session.data["model"] = {"path": str(images.parent / "model.pt"), "trust": trust}
+        session.set_model(images.parent / "model.pt", "digest", "state_dict", {}, trust)
         session.save()
     return folder
 

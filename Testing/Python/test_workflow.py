@@ -392,3 +392,12 @@ def test_reopening_a_session_keeps_the_fusion_its_rounds_ranked_with(tmp_path, r
     assert flow.reopen()
     assert flow.fusion == restored
     assert json.loads((tmp_path / "s" / "session.json").read_text())["rounds"][0]["strategy"] == strategy
+
+
+def test_reopening_a_session_file_that_cannot_be_read_says_why(tmp_path):
+    """Passed over as "no session", the panel would start a new one in its folder."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "session.json").write_text('{"schema": 1, "rounds": [], "labels": {}, "model": {"path": "m"}}')
+    flow = Workflow(PanelSettings(session=str(tmp_path / "s")))
+    assert not flow.reopen()
+    assert "session.json: 'model.digest' is missing (edited by hand?)" in flow.log[-1]
