@@ -30,7 +30,7 @@ def session_files(session) -> set[Path]:
     files: set[Path] = set()
     data = session.data
     if data.get("images"):
-        root = Path(data["images"]["root"])
+        root = session.image_root
         files |= {_resolved(root / f["name"]) for f in data["images"].get("files", [])}
     if data.get("model"):
         files.add(_resolved(data["model"]["path"]))

@@ -131,7 +131,7 @@ def pool_change(session: Session, images: Path) -> str:
     recorded = session.data.get("images")
     if not recorded:
         return ""
-    if Path(images).resolve() == Path(recorded["root"]).resolve():
+    if Path(images).resolve() == session.image_root.resolve():
         session.refuse_image_changes()  # its own pool, changed under a label: never re-recorded quietly
         return ""
     hashes = {name: known["sha256"] for name, known in session.labelled_images().items()}  # as each was labelled

@@ -334,11 +334,20 @@ class Session:
     def set_images(self, root: Path, files: dict[str, str], recursive: bool, unreadable: Iterable[str] = ()) -> None:
         """The pool: every file found (``files``: name -> SHA-256) and those of them ranking could not read."""
         self.data["images"] = {
-            "root": str(Path(root).resolve()),
             "recursive": recursive,
             "files": [{"name": n, "sha256": h} for n, h in sorted(files.items())],
             "unreadable": sorted(unreadable),
         }
+        self.move_images(root)
+
+    def move_images(self, root: Path) -> None:
+        """Record where the pool is: its absolute path, and where it lies inside the session folder (the demo's
+        sample_data) that path relative to it, which the session keeps when the folder is moved or copied."""
+        root = Path(root).resolve()
+        self.data["images"]["root"] = str(root)
+        self.data["images"].pop("in_session", None)
+        if root.is_relative_to(self.root.resolve()):
+            self.data["images"]["in_session"] = root.relative_to(self.root.resolve()).as_posix()
 
     def unreadable_images(self) -> set[str]:
         """The pool's files its last ranking could not read (empty, 4D, corrupt): no pseudo-label can come of them."""
@@ -350,7 +359,8 @@ class Session:
             raise SessionError(
                 f"{self.root}: no image folder recorded; run 'asfda rank --images DIR --out {as_arg(self.root)}'"
             )
-        return Path(self.data["images"]["root"])
+        inside = self.data["images"].get("in_session")
+        return self.path(inside) if inside is not None else Path(self.data["images"]["root"])
 
     def image_path(self, name: str) -> Path:
         """An image of the pool by its recorded name; it must stay inside the recorded image folder."""

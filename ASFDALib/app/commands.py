@@ -631,7 +631,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if distributed.is_main():
             with Session.open(args.session) as moving:
                 if note := pool_change(moving, args.images):  # refused where a labelled volume differs there
-                    moving.data["images"]["root"] = str(Path(args.images).resolve())
+                    moving.move_images(Path(args.images))
                     moving.save()
                     console.print(note, **WHOLE_LINE)
         distributed.barrier()
@@ -957,8 +957,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     refuse_inside_session(target, fix)
     # a model among the scans (anywhere under them where the pool is searched recursively)
     pool = session.data.get("images") or {}
-    if pool.get("root"):
-        root, where = Path(pool["root"]).resolve(), Path(target).resolve()
+    if pool:
+        root, where = session.image_root.resolve(), Path(target).resolve()
         if where.parent == root or (pool.get("recursive") and where.is_relative_to(root)):
             raise ASFDAError(f"{target}: is inside the session's images folder {root}; {fix} outside it")
     latest = None if args.source_model else session.adapted_round()

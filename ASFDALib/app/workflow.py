@@ -315,7 +315,7 @@ class Workflow:
             self.settings.model = "" if builtin else str(recorded)
             self.settings.trust = bool(info["model"].get("trust"))
         if info.get("images"):
-            self.settings.images = info["images"]["root"]
+            self.settings.images = str(session.image_root)
         if session.rounds:
             self.query = list(session.rounds[-1]["query"])
             strategy = session.rounds[-1].get("strategy") or {}

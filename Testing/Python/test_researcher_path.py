@@ -1068,3 +1068,22 @@ def test_export_during_a_first_fine_tune_says_it_is_running(ranked, tmp_path, ca
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_session_holding_its_pool_keeps_it_when_moved_or_copied(tmp_path, capsys):
+    """The demo's sample_data lies inside the session: a plain mv lost it, a cp -r kept ranking the original."""
+    session = tmp_path / "demo"
+    assert main(["rank", "--out", str(session), "--budget", "1"]) == 0  # the sample pool, inside the session
+    assert json.loads((session / "session.json").read_text())["images"]["in_session"] == "sample_data/images"
+    moved = session.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["rank", "--out", str(moved)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "pool's folder is now" not in said and "volumes swept (12 from cache)" in said
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy)
+    shutil.rmtree(moved / "sample_data")  # the original's scans gone: the copy ranks its own
+    assert main(["rank", "--out", str(copy)]) == 0
+    from ASFDALib.adaptation.session import Session
+
+    assert Session.open(copy).image_root == copy / "sample_data" / "images"
