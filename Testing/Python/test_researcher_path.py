@@ -3,9 +3,12 @@ arguments, a card that does not fit, an unadapted session, a log file instead of
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -773,9 +776,6 @@ def test_phantoms_never_replace_a_volume_and_say_so_before_writing_any(tmp_path,
 def test_a_command_whose_output_reader_left_stops_quietly_as_a_unix_tool_does(tmp_path, printer):
     """`asfda evaluate ... | head -1`: the reader closes the pipe; no traceback, the SIGPIPE status (141), whether
     the command prints plainly (phantoms) or through rich's console (evaluate), which handles it its own way."""
-    import subprocess
-    import sys
-
     if printer == "plain print":
         argv = ["phantoms", "--out", str(tmp_path / "p")]
     else:
@@ -821,8 +821,6 @@ def test_an_hd95_mean_over_fewer_cases_than_the_dice_says_over_how_many(tmp_path
 def test_the_command_line_parses_and_teaches_without_loading_the_network_libraries():
     """`asfda --help`, a subcommand's help and an argument error answer at once: building the parser reads only
     the light modules of defaults and choices, never torch or MONAI (which take seconds to load)."""
-    import subprocess
-    import sys
 
     code = (
         "import sys; from ASFDALib.app.cli import build_parser; build_parser(); "
@@ -1024,50 +1022,41 @@ def test_a_session_whose_model_or_pool_record_was_deleted_is_refused_not_refille
     assert not (session / "sample_data").exists()
 
 
-def test_a_second_predict_into_a_folder_another_is_writing_is_refused(ranked, tmp_path, capsys):
-    """Two runs at once (the adapted and the source model) interleaved their maps under one manifest."""
-    import subprocess
-    import sys
-
-    root, session = ranked
-    out = tmp_path / "pred"
-    out.mkdir()
-    holder = subprocess.Popen(  # another asfda predict, holding the folder as plan_predictions does
-        [sys.executable, "-c", "import sys, time; from ASFDALib.outputs import hold_predictions; "
-         "held = hold_predictions(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(out)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+@contextlib.contextmanager
+def _held_by_another_process(setup: str, path):
+    """Another process that runs ``setup`` (defining ``hold``), holds ``hold(path)`` until the block ends, then
+    dies without releasing it (the OS does)."""
+    code = f"import sys, time; {setup}; held = hold(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        argv = ["predict", str(session), "--images", str(root / "pool" / "images"), "--out", str(out)]
-        assert main(argv) == 1
-        assert f"{out}: another asfda predict is writing into this folder" in _one_line_error(capsys)
-        assert not list(out.glob("*.nii.gz"))
+        yield
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_second_predict_into_a_folder_another_is_writing_is_refused(ranked, tmp_path, capsys):
+    """Two runs at once (the adapted and the source model) interleaved their maps under one manifest."""
+    root, session = ranked
+    out = tmp_path / "pred"
+    out.mkdir()
+    argv = ["predict", str(session), "--images", str(root / "pool" / "images"), "--out", str(out)]
+    with _held_by_another_process("from ASFDALib.outputs import hold_predictions as hold", out):  # as predict does
+        assert main(argv) == 1
+        assert f"{out}: another asfda predict is writing into this folder" in _one_line_error(capsys)
+        assert not list(out.glob("*.nii.gz"))
     assert main(argv) == 0  # free once the other run ends, however it ended
 
 
 def test_export_during_a_first_fine_tune_says_it_is_running(ranked, tmp_path, capsys):
     """ "Not fine-tuned yet: run asfda finetune first" was wrong advice while that very fine-tune ran."""
-    import subprocess
-    import sys
-
     _, session = ranked
-    holder = subprocess.Popen(  # the fine-tune's process, holding the session's lock
-        [sys.executable, "-c", "import sys, time; from ASFDALib.adaptation.session import Session; "
-         "s = Session.open(sys.argv[1]).lock(); print('held', flush=True); time.sleep(60)", str(session)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    fine_tune = "from ASFDALib.adaptation.session import Session; hold = lambda p: Session.open(p).lock()"
+    with _held_by_another_process(fine_tune, session):  # the fine-tune's process, holding the session's lock
         assert main(["export", str(session), "--out", str(tmp_path / "b")]) == 1
         said = _one_line_error(capsys)
         assert "not fine-tuned yet, and in use by pid" in said and "export when it ends" in said
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_session_holding_its_pool_keeps_it_when_moved_or_copied(tmp_path, capsys):

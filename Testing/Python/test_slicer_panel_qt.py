@@ -363,18 +363,25 @@ def test_effects_registered_after_the_panel_are_listed_in_its_editor(standins, e
     assert errors == []
 
 
+def _panel_on_a_new_pool(tmp_path, count: int):
+    """A fresh panel set to rank ``count`` MRI phantoms into a new session, on the CPU."""
+    from ASFDALib.bench.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "pool", count, "mri", seed=count)
+    widget = _open_panel(slicer_standins.load_panel())
+    widget.ui.sessionPathLineEdit.currentPath = str(tmp_path / "session")
+    widget.ui.imagesPathLineEdit.currentPath = str(tmp_path / "pool" / "images")
+    widget.ui.deviceComboBox.currentIndex = widget.ui.deviceComboBox.findText("cpu")
+    return widget
+
+
 def test_save_label_saves_the_case_the_editor_shows_and_refuses_one_of_no_case(standins, errors, tmp_path):
     """The embedded editor's own selectors can show another case, or a segmentation of the user's: Save must
     write what is shown, never the case opened last."""
-    from ASFDALib.bench.phantoms import write_phantoms
     from ASFDALib.data.volumes import read_volume
 
-    write_phantoms(tmp_path / "pool", 3, "mri", seed=3)
-    widget = _open_panel(slicer_standins.load_panel())
+    widget = _panel_on_a_new_pool(tmp_path, 3)
     ui = widget.ui
-    ui.sessionPathLineEdit.currentPath = str(tmp_path / "session")
-    ui.imagesPathLineEdit.currentPath = str(tmp_path / "pool" / "images")
-    ui.deviceComboBox.currentIndex = ui.deviceComboBox.findText("cpu")
     ui.budgetSpinBox.value = 2
     ui.rankButton.click()
     run_until(_idle(widget))
@@ -401,14 +408,8 @@ def test_save_label_saves_the_case_the_editor_shows_and_refuses_one_of_no_case(s
 
 def test_closing_the_panel_cancels_its_running_job(standins, errors, tmp_path):
     """Reload or quitting Slicer: a job left running would keep the session locked by Slicer's own process."""
-    from ASFDALib.bench.phantoms import write_phantoms
-
-    write_phantoms(tmp_path / "pool", 6, "mri", seed=4)
-    widget = _open_panel(slicer_standins.load_panel())
+    widget = _panel_on_a_new_pool(tmp_path, 6)
     ui = widget.ui
-    ui.sessionPathLineEdit.currentPath = str(tmp_path / "session")
-    ui.imagesPathLineEdit.currentPath = str(tmp_path / "pool" / "images")
-    ui.deviceComboBox.currentIndex = ui.deviceComboBox.findText("cpu")
     ui.rankButton.click()
     job = widget.logic.flow.job
     assert widget.logic.flow.busy and job.thread.is_alive()
