@@ -286,7 +286,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ASFDALib.adaptation.runs import finish_hint, unfinished_run
+    from ASFDALib.adaptation.runs import finish_hint, labels_changed_since, newest_run, session_labels, unfinished_run
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.labels import import_labels, parse_mapping, resolve_cases
 
@@ -364,6 +364,15 @@ def cmd_labels(args: argparse.Namespace) -> int:
         then = f"; missing: {', '.join(missing)}"
     elif unfinished:
         then = f"; {unfinished}: {finish_hint(session)}"
+    elif (
+        newest is not None
+        and newest.get("checkpoint")
+        and (changed := labels_changed_since(newest_run(session), session_labels(session)))
+    ):  # a label corrected since the round trained: its model does not know it yet
+        then = (
+            f"; round {newest['index']} is fine-tuned, but on other labels than now ({changed}): "
+            f"'asfda finetune {as_arg(session.root)} --extend' trains on them, '--restart' trains the round anew"
+        )
     elif newest is not None and newest.get("checkpoint"):  # its run finished: what comes next is not a fine-tune
         then = (
             f"; round {newest['index']} is fine-tuned: 'asfda predict {as_arg(session.root)} --images DIR --out DIR', "

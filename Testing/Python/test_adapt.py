@@ -1815,3 +1815,22 @@ def test_evaluate_follows_a_moved_session_by_its_weights_and_warns_where_it_is_g
     said = " ".join(capsys.readouterr().out.split())
     assert "made these label maps, not" not in said, said
     assert "not the 4 the session trained on" in said  # 2 labelled, 2 pseudo-labelled
+
+
+def test_labels_says_when_a_label_was_corrected_since_the_round_trained(adapted_session, tmp_path, capsys):
+    """ "Round 1 is fine-tuned" alone hid that its model trained on the label before the correction."""
+    from ASFDALib.data.volumes import read_volume, write_nifti
+
+    session = tmp_path / "s"
+    shutil.copytree(adapted_session[1], session)
+    name = sorted(json.loads((session / "session.json").read_text())["labels"])[0]
+    stored = read_volume(session / json.loads((session / "session.json").read_text())["labels"][name][-1]["file"])
+    corrected = np.asarray(stored.array).copy()
+    corrected[corrected == 1] = 0  # the clinician removes a structure
+    (tmp_path / "fixed").mkdir()
+    write_nifti(tmp_path / "fixed" / name, corrected, stored.affine)
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "fixed"), "--cases", name]) == 0
+    capsys.readouterr()
+    assert main(["labels", str(session)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "round 1 is fine-tuned, but on other labels than now (" in said and "--extend' trains on them" in said
