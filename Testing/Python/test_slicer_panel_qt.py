@@ -430,3 +430,9 @@ def test_the_self_test_says_what_is_missing_instead_of_failing_in_the_worker(sta
     result = unittest.TextTestRunner(verbosity=0).run(module.ASFDATest("runTest"))
     assert result.wasSuccessful() and len(result.skipped) == 1
     assert "ASFDA needs monai>=1.3: press Check / install" in result.skipped[0][1]
+    # Reload and Test (no --testing) calls runTest itself: a SkipTest would show as "Reload and Test failed"
+    shown = []
+    monkeypatch.setattr(slicer.app, "testingEnabled", lambda: False)
+    monkeypatch.setattr(slicer.util, "warningDisplay", lambda text, **kwargs: shown.append(text))
+    module.ASFDATest("runTest").runTest()
+    assert shown == ["ASFDA self-test skipped: ASFDA needs monai>=1.3: press Check / install in the ASFDA module"]
