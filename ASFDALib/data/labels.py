@@ -284,21 +284,27 @@ def read_label(path: Path) -> tuple[Volume, dict[int, str]]:
     return Volume(validate_array(merged, path, allow_constant=True), affine, path), owner
 
 
-def classes_by_segment_name(names: dict[int, str], class_names: list[str], path: Path) -> LabelMap:
-    """File value -> class by each segment's name (case aside: Slicer's terminology writes "Liver"); a
-    segment of no class is refused, naming it, the classes and a --map that would read the file."""
+def classes_by_segment_name(
+    names: dict[int, str], class_names: list[str], path: Path, given: LabelMap | None = None
+) -> LabelMap:
+    """File value -> class by each segment's name (case aside: Slicer's terminology writes "Liver"), where a
+    ``--map`` (``given``) names no value of its own: its VALUE=CLASS terms come first (a segment that is no
+    class: ``3=0``), then the names, then its default (``*=0``) for segments named as no class. A segment of
+    no class that nothing maps is refused, naming it, the classes and a --map term that reads it."""
+    given = given or LabelMap()
     index_of = {n.casefold(): i for i, n in enumerate(class_names)}
-    foreign = {v: n for v, n in names.items() if n.casefold() not in index_of}
-    if foreign:
+    by_name = {v: index_of[n.casefold()] for v, n in names.items() if n.casefold() in index_of}
+    foreign = {v: n for v, n in names.items() if v not in by_name and v not in given.values}
+    if foreign and given.default is None:
         shown = ", ".join(f"{n!r} (value {v})" for v, n in sorted(foreign.items()))
         example = example_map(sorted(foreign), class_names)
         raise LabelError(
             path,
             f"segments {shown} are no class of the model ({_class_list(class_names)})",
-            f"rename each to its class in Slicer's Segment Editor, or give --map VALUE=CLASS, e.g. --map {example} "
-            "(a segment that is no class: VALUE=0)",
+            f"rename each to its class in Slicer's Segment Editor, or give --map VALUE=CLASS for it, e.g. --map "
+            f"{example} (a segment that is no class: VALUE=0; the other segments keep their names' classes)",
         )
-    return LabelMap({v: index_of[n.casefold()] for v, n in names.items()})
+    return LabelMap({**by_name, **given.values}, given.default)
 
 
 def validate_label(
@@ -313,11 +319,12 @@ def validate_label(
     What was changed on the way (a reorientation) is appended to ``notes``.
     """
     label, segment_names = read_label(label_path)
-    if segment_names and not mapping:  # a Slicer segmentation: its segments' names say which class each is
-        mapping = classes_by_segment_name(segment_names, class_names, label_path)
+    if segment_names:  # a Slicer segmentation: its segments' names say which class each is, --map terms first
+        given = mapping if isinstance(mapping, LabelMap) else LabelMap(dict(mapping or {}))
+        mapping = classes_by_segment_name(segment_names, class_names, label_path, given)
         if notes is not None:
             read = ", ".join(f"{n}={mapping.target(v)}" for v, n in sorted(segment_names.items()))
-            notes.append(f"segments read by name: {read}")
+            notes.append(f"segments read by name{' and --map' if given else ''}: {read}")
     image = read_volume(image_path)
     values, note = align_to_image(np.asarray(label.array), label.affine, image.array.shape, image.affine, label_path)
     if note and notes is not None:
@@ -519,6 +526,7 @@ class ImportReport:
     pool: int = 0
     classes: dict[int, str] = field(default_factory=dict)  # the classes the imported labels hold, by index
     mapped: bool = False  # whether a --map turned the files' values into class indices
+    by_name: bool = False  # whether a Slicer segmentation was read by its segments' names
 
     def lines(self, queried_only: bool = True) -> list[str]:
         """The report as the user reads it: one line per file, then what is left for pseudo-labels."""
@@ -538,7 +546,13 @@ class ImportReport:
             out.append("no volume has been queried yet: run 'asfda rank' first, or import with --all")
         if self.imported and self.classes:  # what the numbers were read as: a label numbered otherwise shows here
             read = ", ".join(f"{i}={name}" for i, name in sorted(self.classes.items()))
-            how = "after --map" if self.mapped else "give --map if the files number them otherwise"
+            how = (
+                "after --map"
+                if self.mapped
+                else "Slicer segmentations by their segments' names; give --map if other files number them otherwise"
+                if self.by_name
+                else "give --map if the files number them otherwise"
+            )
             out.append(f"label values read as the model's classes: {read} ({how})")
         left = (
             f"{self.unlabeled} of {self.pool} volumes stay unlabeled for pseudo-labels"
@@ -719,6 +733,7 @@ def _import_labels(
             image_stamp=image["stamp"],
         )
         report.imported[name], report.sources[name] = target, label_path
+        report.by_name |= any(n.startswith("segments read by name") for n in notes)
         report.classes |= {int(v): class_names[int(v)] for v in np.unique(label) if 0 < int(v) < len(class_names)}
         if notes:
             report.notes[name] = notes

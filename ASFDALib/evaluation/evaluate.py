@@ -122,8 +122,8 @@ def evaluate_folders(
         try:
             ref, segment_names = read_label(reference[name])
             case_map = mapping
-            if segment_names and class_names and not mapping:  # a Slicer segmentation: its names say the classes
-                case_map = classes_by_segment_name(segment_names, class_names, reference[name])
+            if segment_names and class_names:  # a Slicer segmentation: its names say the classes, --map terms first
+                case_map = classes_by_segment_name(segment_names, class_names, reference[name], mapping)
             pred = read_volume(pred_path, allow_constant=True)
             _refuse_scan(pred.array, pred_path)  # nothing is written before every case is scored
             _refuse_scan(ref.array, reference[name], LABELS_FIX)  # scans as references would score 0, "mapped"

@@ -62,7 +62,7 @@ def test_a_slicer_segmentation_is_read_by_its_segment_names_not_their_order(tmp_
     label, _ = validate_label(path, scan, CLASSES, notes=notes)
     np.testing.assert_array_equal(label, _expected())  # gallbladder is class 3, not 1
     assert notes == ["segments read by name: Gallbladder=3, Liver=1, kidney=2"]
-    # a --map given for the file is the user's word on its values, as for any label file
+    # a --map given for the file's values is the user's word on them, before the names
     label, _ = validate_label(path, scan, CLASSES, parse_mapping("1=3,2=1,3=2"))
     np.testing.assert_array_equal(label, _expected())
 
@@ -71,6 +71,15 @@ def test_a_segment_of_no_class_is_refused_naming_it_and_the_classes(tmp_path, sc
     path = _segmentation(tmp_path / "case.seg.nrrd", {**BOXES, "tumour": np.s_[9:11, 1:3, 1:3]})
     with pytest.raises(LabelError, match=r"segments 'tumour' \(value 4\) are no class of the model .*--map 4=1"):
         validate_label(path, scan, CLASSES)
+    # the term the refusal names maps that segment; the others keep their names' classes
+    for given in ("4=0", "*=0"):
+        label, _ = validate_label(path, scan, CLASSES, parse_mapping(given))
+        np.testing.assert_array_equal(label, _expected())
+    # a --map meant for another folder's files (values 7-9) leaves a named segmentation to its names
+    label, _ = validate_label(
+        _segmentation(tmp_path / "b.seg.nrrd", BOXES), scan, CLASSES, parse_mapping("7=1,8=2,*=0")
+    )
+    np.testing.assert_array_equal(label, _expected())
 
 
 def test_overlapping_segments_in_layers_are_refused_naming_both(tmp_path, scan):
@@ -113,7 +122,7 @@ def test_segments_named_as_no_class_are_read_with_the_map_the_refusal_shows(tmp_
 def test_evaluate_reads_a_slicer_segmentation_reference_by_its_names(tmp_path):
     (tmp_path / "gt").mkdir()
     (tmp_path / "pred").mkdir()
-    _segmentation(tmp_path / "gt" / "case.seg.nrrd", BOXES)
+    _segmentation(tmp_path / "gt" / "case.seg.nrrd", {**BOXES, "tumour": np.s_[9:11, 1:3, 1:3]})
     write_nifti(tmp_path / "pred" / "case.nii.gz", _expected(), AFFINE)
-    (score,) = evaluate_folders(tmp_path / "pred", tmp_path / "gt", CLASSES)
+    (score,) = evaluate_folders(tmp_path / "pred", tmp_path / "gt", CLASSES, parse_mapping("4=0"))
     assert score.reason == "" and score.dice == [1.0, 1.0, 1.0]
