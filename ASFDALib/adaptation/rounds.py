@@ -173,7 +173,6 @@ def rank_round(
     """One round's ranking from start to end: choose the model, score and rank the pool, then (on rank 0
     under torchrun) write ranking.csv/json/png and record the query. Returns the ranking and the files
     written. ``on_model`` hears which model ranks before the long work starts."""
-    session.refuse_lost_records()
     # that run trains on the round's labels as they were: a new query now would change them under it
     if unfinished := unfinished_run(session):
         hint = finish_hint(session)

@@ -194,24 +194,20 @@ class Session:
             if lost:
                 raise SessionError(f"{path}: '{key}.{lost[0]}' is missing (edited by hand?); {_restore_hint(path)}")
         for round_ in data["rounds"]:
-            if not isinstance(round_, dict) or not all(k in round_ for k in ("index", "query")):
+            if not isinstance(round_, dict) or "index" not in round_ or not isinstance(round_.get("query"), list):
                 raise SessionError(
-                    f"{path}: a round without its 'index' or 'query' (edited by hand?); {_restore_hint(path)}"
+                    f"{path}: a round without its 'index' or its 'query' list (edited by hand?); {_restore_hint(path)}"
                 )
+        # a session that has ranked without its model or pool record: a command would fail on it, or rank the
+        # built-in model or the sample pool and record it as the session's
+        lost = [key for key in ("model", "images") if data["rounds"] and not data.get(key)]
+        if lost:
+            raise SessionError(f"{path}: '{lost[0]}' is missing (edited by hand?); {_restore_hint(path)}")
         for name, versions in data["labels"].items():
             if not isinstance(versions, list) or not all(isinstance(v, dict) and "file" in v for v in versions):
                 raise SessionError(
                     f"{path}: labels of {name!r} must be a list of {{'file': ...}} entries; {_restore_hint(path)}"
                 )
-
-    def refuse_lost_records(self) -> None:
-        """A session that has ranked without its model or pool record (session.json edited by hand): a command
-        would rank the built-in model or the sample pool and record it as the session's."""
-        if self.rounds:
-            for key in ("model", "images"):
-                if not self.data.get(key):
-                    path = self.root / SESSION_FILE
-                    raise SessionError(f"{path}: '{key}' is missing (edited by hand?); {_restore_hint(path)}")
 
     def lock(self) -> Session:
         """Take the write lock (waiting at most a second); a clear error when another process holds it."""

@@ -124,7 +124,6 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool, first_r
     from ASFDALib.query.report import ranking_table
 
     session = Session.open(out, create=True)
-    session.refuse_lost_records()
     recorded = session.data.get("model")
     described = [
         o for o, v in (("--card", args.card), ("--class-map", args.class_map), ("--network", args.network)) if v

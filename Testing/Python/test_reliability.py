@@ -79,6 +79,8 @@ def tiny_disk(tmp_path):
 
 def test_a_real_full_disk_leaves_the_session_intact(tiny_disk):
     session = Session.open(tiny_disk / "s", create=True)
+    session.set_model(tiny_disk / "m.pt", "d", "state_dict", {}, False)  # as a first rank records them
+    session.set_images(tiny_disk, {}, False)
     session.add_round(["a.nii.gz"], {"name": "asfda"}, "d")
     session.save()
     before = (tiny_disk / "s" / "session.json").read_text()
@@ -268,6 +270,7 @@ def test_killing_session_writes_at_random_points_never_leaves_a_broken_file(tmp_
     code = (
         "import sys; from ASFDALib.adaptation.session import Session\n"
         "s = Session.open(sys.argv[1], create=True)\n"
+        "s.set_model('m.pt', 'd', 'state_dict', {}, False); s.set_images(sys.argv[1], {}, False)\n"
         "i = 0\n"
         "while True:\n"
         "    i += 1; s.add_round([f'case{i}.nii.gz'] * 50, {'i': i}, 'd'); s.save()\n"

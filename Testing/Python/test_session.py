@@ -64,8 +64,14 @@ MODEL = {"path": "m.pt", "digest": "d", "card": {}}
         ),
         (
             json.dumps({"schema": 1, "rounds": [{"index": 1}], "labels": {}, "images": IMAGES, "model": MODEL}),
-            "a round without its 'index' or 'query'",
+            "a round without its 'index' or its 'query' list",
         ),
+        (
+            json.dumps({"schema": 1, "rounds": [{"index": 1, "query": "a.nii.gz"}], "labels": {}, "images": IMAGES}),
+            "a round without its 'index' or its 'query' list",
+        ),
+        (json.dumps({"schema": 1, "rounds": [ROUND], "labels": {}, "images": IMAGES}), "'model' is missing"),
+        (json.dumps({"schema": 1, "rounds": [ROUND], "labels": {}, "model": MODEL}), "'images' is missing"),
     ],
 )
 def test_a_session_file_edited_into_nonsense_is_refused_clearly(tmp_path, content, message):

@@ -383,6 +383,8 @@ def test_reopening_a_session_keeps_the_fusion_its_rounds_ranked_with(tmp_path, r
     from ASFDALib.adaptation.session import Session
 
     with Session.open(tmp_path / "s", create=True) as session:
+        session.set_model(tmp_path / "m.pt", "digest", "state_dict", {}, False)  # as a first rank records them
+        session.set_images(tmp_path, {"a.nii.gz": "h"}, False)
         strategy = {"name": "asfda", "alpha": 0.5, "budget": 2}
         if recorded != "absent":
             strategy["fusion"] = recorded
