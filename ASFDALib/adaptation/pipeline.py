@@ -909,12 +909,15 @@ class PredictionPlan:
             Path(self.hold.lock_file).unlink(missing_ok=True)  # no lock file left among the maps
 
 
-def plan_predictions(images: Path, out: Path, protected: Iterable[Path] = (), fix: str | None = None) -> PredictionPlan:
+def plan_predictions(
+    images: Path, out: Path, protected: Iterable[Path] = (), fix: str | None = None, claim: bool = True
+) -> PredictionPlan:
     """Refuse, before anything is written, a prediction run that would lose a file: ``out`` being the images
     folder or inside a session folder, a map landing on a scan, on a file of ``protected`` (a session's) or on
     a file no prediction run wrote (e.g. reference labels), two scans sharing a map's name; then claim the
     targets in ``out``'s manifest, so a rerun or a resumed run replaces them. ``fix``: the remedy the refusals
-    name (default: another output folder, beside the images)."""
+    name (default: another output folder, beside the images). ``claim=False``: the refusals alone, writing
+    nothing (a caller that loads the model in between claims after)."""
     from ASFDALib.outputs import (
         claim_predictions,
         hold_predictions,
@@ -941,7 +944,9 @@ def plan_predictions(images: Path, out: Path, protected: Iterable[Path] = (), fi
             )
     refuse_overwrite(targets, scans, "the input scan", fix)
     refuse_overwrite(targets, protected, "a file the session references", fix)
-    claim_predictions(out, targets, fix, check_only=True)  # refused before the folder is touched
+    existing = claim_predictions(out, targets, fix, check_only=True)  # refused before the folder is touched
+    if not claim:  # the refusals alone (a caller that loads the model next, then claims)
+        return PredictionPlan(scans, targets, existing)
     hold = hold_predictions(out)  # the claim and every map after it are this run's alone
     try:
         return PredictionPlan(scans, targets, claim_predictions(out, targets, fix), hold)

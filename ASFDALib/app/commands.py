@@ -679,23 +679,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ASFDALib.adaptation.pipeline import plan_predictions, predictions_folder_for
+    from ASFDALib.adaptation.pipeline import plan_predictions, predictions_folder_for, session_model
     from ASFDALib.adaptation.session import Session
     from ASFDALib.outputs import session_files
 
     console = Console()
     session = Session.open(args.session)
     fix = f"choose another --out folder, e.g. {predictions_folder_for(Path(args.images))}"
-    # every refusal before the model loads; predict_folder then works to this plan
+    # every refusal before the model loads, writing nothing; the claim (and --out itself) once it has loaded
+    plan_predictions(args.images, args.out, session_files(session), fix, claim=False)
+    model = session_model(session, adapted=not args.source_model)
     plan = plan_predictions(args.images, args.out, session_files(session), fix)
     try:  # the plan holds --out until its last map is written, or until this command fails on the way
-        return _predict(args, console, session, plan)
+        return _predict(args, console, session, plan, model)
     finally:
         plan.release()
 
 
-def _predict(args: argparse.Namespace, console, session, plan) -> int:
-    from ASFDALib.adaptation.pipeline import predict_folder, session_model
+def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
+    from ASFDALib.adaptation.pipeline import predict_folder
     from ASFDALib.adaptation.runs import finish_hint, unfinished_run
     from ASFDALib.data.volumes import content_hash
 
@@ -718,7 +720,6 @@ def _predict(args: argparse.Namespace, console, session, plan) -> int:
             "This session has not been fine-tuned yet: predicting with the source model "
             f"('asfda finetune {as_arg(args.session)}' adapts it first)."
         )
-    model = session_model(session, adapted=not args.source_model)
     adapted = None if args.source_model else latest  # the round whose weights predict, if any
     made_by: dict = {"session": str(session.root.resolve()), "model": "adapted" if adapted else "source"}
     if adapted:

@@ -967,6 +967,10 @@ def test_a_session_follows_its_model_to_another_install_or_folder(ranked, tmp_pa
     said = _one_line_error(capsys)
     assert f"{models / 'mine.pt'}: the model this session started with is not there" in said
     assert f"'asfda rank --out {own} --model NEW_PATH'" in said
+    # a predict refused as the model loads leaves no --out behind (its claim waits for the model)
+    assert main(["predict", str(own), "--images", str(images), "--out", str(tmp_path / "never")]) == 1
+    assert "the model this session started with is not there" in _one_line_error(capsys)
+    assert not (tmp_path / "never").exists()
     assert main(["rank", "--out", str(own), "--model", str(tmp_path / "models2" / "mine.pt")]) == 0
     recorded = json.loads((own / "session.json").read_text())["model"]["path"]
     assert recorded == str((tmp_path / "models2" / "mine.pt").resolve())
