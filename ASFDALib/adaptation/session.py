@@ -57,17 +57,13 @@ def _restore_hint(path: Path) -> str:
 def _how_to_make(root: Path) -> str:
     """The fix for a folder that is no session: a folder of scans (or a dataset's, with images/) is ranked into
     one; otherwise a session is the folder 'asfda rank --out' made."""
-    from ASFDALib.data.volumes import discover_volumes, looks_like_label_map, read_volume
+    from ASFDALib.data.volumes import discover_volumes, holds_label_maps
 
     if (root / "configs").is_dir() and (root / "models").is_dir():
         return "it is a MONAI bundle (a model), not a session: give the folder 'asfda rank --out' made"
     scans = next((f for f in (root / "images", root) if f.is_dir() and discover_volumes(f)), None)
     if scans is not None:
-        try:  # a folder of label maps (a clinician's labels) is no folder of scans to rank
-            labels = looks_like_label_map(read_volume(discover_volumes(scans)[0], allow_constant=True).array)
-        except ASFDAError:
-            labels = False
-        if labels:
+        if holds_label_maps(discover_volumes(scans)):  # a clinician's labels are no scans to rank
             return (
                 "it holds label maps: give the session folder ('asfda rank --out' made it); labels come in with "
                 f"'asfda labels import SESSION --from {as_arg(scans)}'"

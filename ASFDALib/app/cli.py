@@ -857,7 +857,8 @@ def _run(args: argparse.Namespace) -> int:
             "rank": "finished volumes are cached and a re-run resumes from there",
             "benchmark": "finished runs are in results.json and a re-run resumes from there",
             "demo": "a re-run makes what is missing",
-            "phantoms": "the volumes written are kept; run it again with a new --out, or remove that folder first",
+            "phantoms": f"the volumes written are kept in {getattr(args, 'out', '--out')}; run it again with a "
+            "new --out, or remove that folder first",
             "finetune": "'--resume' goes on from the newest checkpoint, if one was written",
             "predict": "the maps written are kept and a re-run replaces them",
         }.get(args.command, "nothing half-written is kept; run it again")

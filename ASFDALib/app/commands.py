@@ -60,11 +60,16 @@ def cmd_rank(args: argparse.Namespace) -> int:
     clash = [n for n in SESSION_WRITES if first_rank and (out / n).exists() and not _resumable(out / n)]
     volumes = _volume_files(out) if first_rank else []
     if volumes:  # the scans' (or labels') own folder: the demo's sample data or a session would mix with them
-        images = f"--images {as_arg(out)} " if args.images is None else ""
+        from ASFDALib.data.volumes import holds_label_maps
+
+        # a labels folder is no folder of scans: --images is named only for scans
+        labels = holds_label_maps(volumes)
+        images = f"--images {as_arg(out)} " if args.images is None and not labels else ""
         example = as_arg(out.parent / "asfda-session")
         raise ASFDAError(
-            f"{out}: holds {len(volumes)} volume file(s) ({volumes[0].name}, ...), and is no session: a session "
-            f"needs a folder of its own; give {images}--out a new folder, e.g. --out {example}"
+            f"{out}: holds {len(volumes)} {'label map' if labels else 'volume file'}(s) ({volumes[0].name}, ...), "
+            f"and is no session: a session needs a folder of its own; give {images}--out a new folder, e.g. "
+            f"--out {example}"
         )
     if clash:
         raise ASFDAError(
@@ -363,21 +368,21 @@ def cmd_labels(args: argparse.Namespace) -> int:
         then = f"; missing: {', '.join(missing)}"
     elif unfinished:
         then = f"; {unfinished}: {finish_hint(session)}"
-    elif (
-        newest is not None
-        and newest.get("checkpoint")
-        and (changed := labels_changed_since(newest_run(session), session_labels(session)))
-    ):  # a label corrected since the round trained: its model does not know it yet
-        then = (
-            f"; round {newest['index']} is fine-tuned, but on other labels than now ({changed}): "
-            f"'asfda finetune {as_arg(session.root)} --extend' trains on them, '--restart' trains the round anew"
-        )
     elif newest is not None and newest.get("checkpoint"):  # its run finished: what comes next is not a fine-tune
-        then = (
-            f"; round {newest['index']} is fine-tuned: 'asfda predict {as_arg(session.root)} --images DIR --out DIR', "
-            f"'asfda rank --out {as_arg(session.root)}' for the next round, or "
-            f"'asfda finetune {as_arg(session.root)} --extend' to train it further"
-        )
+        run = newest_run(session)
+        # --extend takes the new length, above what the run trained (its refusal says so otherwise)
+        stage1 = ((run or {}).get("targets") or {}).get("stage1", 0)
+        extend = f"'asfda finetune {as_arg(session.root)} --extend --iterations N' (N above {stage1})"
+        if changed := labels_changed_since(run, session_labels(session)):  # its model does not know them yet
+            then = (
+                f"; round {newest['index']} is fine-tuned, but on other labels than now ({changed}): {extend} "
+                f"trains on them, or 'asfda finetune {as_arg(session.root)} --restart' trains the round anew"
+            )
+        else:
+            then = (
+                f"; round {newest['index']} is fine-tuned: 'asfda predict {as_arg(session.root)} --images DIR --out "
+                f"DIR', 'asfda rank --out {as_arg(session.root)}' for the next round, or {extend} to train it further"
+            )
     else:
         then = "; ready for 'asfda finetune'"
     also = f" (and {len(extra)} not queried, imported with --cases or --all)" if extra else ""
@@ -927,7 +932,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.pipeline import session_model
-    from ASFDALib.adaptation.runs import unfinished_run
+    from ASFDALib.adaptation.runs import finish_hint, unfinished_run
     from ASFDALib.adaptation.session import Session
     from ASFDALib.models.export import DEFAULT_NAMES, export_session
     from ASFDALib.models.loading import card_beside
@@ -945,6 +950,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ASFDAError(
                 f"{args.session}: not fine-tuned yet, and in use by {holder} (a fine-tune running?); export when "
                 "it ends, or pass --source-model to export the model as it came"
+            )
+        if unfinished := unfinished_run(session):  # a first fine-tune interrupted: finishing it is the way on
+            raise ASFDAError(
+                f"{args.session}: not fine-tuned yet: {unfinished}; {finish_hint(session, args.session)}, or pass "
+                "--source-model to export the model as it came"
             )
         raise ASFDAError(
             f"{args.session}: not fine-tuned yet, so there is no adapted model to export; run "

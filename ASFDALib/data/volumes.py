@@ -367,6 +367,17 @@ def validate_array(array: np.ndarray, path: Path, allow_constant: bool = False) 
     return array
 
 
+def holds_label_maps(volumes: list[Path]) -> bool:
+    """Whether a folder's volumes (``discover_volumes``) are label maps, judged by its first readable one: a
+    clinician's labels folder given where scans or a session go."""
+    for path in volumes[:3]:
+        try:
+            return looks_like_label_map(read_volume(path, allow_constant=True).array)
+        except VolumeError:
+            continue
+    return False
+
+
 def read_volume(path: Path | str, allow_constant: bool = False) -> Volume:
     """Read one volume to an (i, j, k) array with its RAS affine, or raise :class:`VolumeError`.
 

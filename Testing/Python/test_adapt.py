@@ -1231,7 +1231,7 @@ def _checkpoint(session) -> tuple[str, int]:
     return state["stage"], state["iteration"]
 
 
-def test_a_terminated_finetune_is_recorded_as_interrupted_in_run_json_and_session_json(labelled_session):
+def test_a_terminated_finetune_is_recorded_as_interrupted_in_run_json_and_session_json(labelled_session, capsys):
     """SIGTERM (kill, timeout, a batch scheduler) takes Ctrl-C's path: the iterations of the newest checkpoint
     are recorded, in the run record and in session.json; the command exits 143 (128 + SIGTERM), as shells,
     ``timeout`` and schedulers expect of a terminated process (Ctrl-C exits 130)."""
@@ -1260,6 +1260,11 @@ def test_a_terminated_finetune_is_recorded_as_interrupted_in_run_json_and_sessio
     assert run["history"][-1]["status"] == "interrupted" and run["history"][-1]["stage1"] == [0, iteration]
     entry = json.loads((labelled_session / "session.json").read_text())["rounds"][-1]
     assert entry["checkpoint"] is None and "iterations" not in entry["metrics"]  # no finished model yet
+    # export names the way on, finishing that run ("run 'asfda finetune' first" would be refused as it stands)
+    capsys.readouterr()
+    assert main(["export", str(labelled_session), "--out", str(labelled_session.parent / "bundle")]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert "not fine-tuned yet: round 1's fine-tune was interrupted" in said and "--resume' finishes it" in said
     assert [(r["mode"], r["status"], r["stage1"]) for r in entry["metrics"]["runs"]] == [
         ("new", "interrupted", [0, iteration])
     ]
@@ -1411,12 +1416,13 @@ def test_the_labels_status_lists_labels_imported_beyond_the_query_and_what_follo
         "1 of 1 queried volumes labelled (and 1 not queried, imported with --cases or --all); round 1 is "
         "fine-tuned, but on other labels than now (" in said
     )
-    assert f"'asfda finetune {labelled_session} --extend' trains on them, '--restart' trains the round anew" in said
+    assert f"'asfda finetune {labelled_session} --extend --iterations N' (N above 2) trains on them" in said
     assert main(["finetune", str(labelled_session), "--extend", "--iterations", "3", "--batch-size", "1"]) == 0
     capsys.readouterr()
     assert main(["labels", str(labelled_session)]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert f"round 1 is fine-tuned: 'asfda predict {labelled_session} --images DIR --out DIR'" in said
+    assert f"'asfda finetune {labelled_session} --extend --iterations N' (N above 3) to train it further" in said
 
 
 def test_the_labels_status_tells_a_run_still_going_in_another_process_from_a_killed_one(labelled_session, capsys):

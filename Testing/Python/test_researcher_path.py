@@ -911,6 +911,10 @@ def test_a_first_rank_into_the_scans_own_folder_is_refused(ranked, tmp_path, cap
     said = _one_line_error(capsys)
     assert f"{scans}: holds 6 volume file(s)" in said and f"give --images {scans} --out a new folder" in said
     assert sorted(p.name for p in scans.iterdir()) == before
+    labels = root / "pool" / "labels"  # a clinician's labels: no scans to name as --images
+    assert main(["rank", "--out", str(labels)]) == 1
+    said = _one_line_error(capsys)
+    assert f"{labels}: holds 6 label map(s)" in said and "; give --out a new folder" in said
 
 
 def test_a_first_rank_never_writes_into_a_folder_holding_files_a_session_would_write(ranked, tmp_path, capsys):
