@@ -50,7 +50,11 @@ def _restore_hint(path: Path) -> str:
     """The fix for a session file that cannot be read: the version before its last change, where one is kept."""
     backup = path.with_name(SESSION_FILE + ".bak")
     if backup.is_file():
-        return f"restore it from {backup.name} (the version before its last change)"
+        try:  # when that version was saved: work recorded after it (a fine-tune's end) is not in it
+            saved = f", saved {json.loads(backup.read_text(encoding='utf-8'))['updated']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            saved = ""
+        return f"restore it from {backup.name} (the version before its last change{saved})"
     return "no earlier version is kept (session.json.bak); rank the pool into a new session (asfda rank --out NEW)"
 
 

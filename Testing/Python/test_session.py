@@ -83,6 +83,9 @@ def test_a_session_file_edited_into_nonsense_is_refused_clearly(tmp_path, conten
         (tmp_path / (SESSION_FILE + ".bak")).write_text("{}")
         with pytest.raises(SessionError, match="restore it from session.json.bak"):
             Session.open(tmp_path)
+        (tmp_path / (SESSION_FILE + ".bak")).write_text('{"updated": "2026-12-06T05:16:43+00:00"}')
+        with pytest.raises(SessionError, match=r"before its last change, saved 2026-12-06T05:16:43\+00:00\)"):
+            Session.open(tmp_path)
 
 
 @pytest.mark.parametrize("bad", ["../outside.nii.gz", "/etc/passwd", "labels/../../x", ""])
