@@ -901,6 +901,20 @@ class PredictionPlan:
     targets: list[Path]
     replaced: list[Path]
     hold: Any = None  # the output folder's lock (outputs.hold_predictions), from the claim to the last map
+    out: Path | None = None
+    fix: str = ""
+
+    def claim(self) -> PredictionPlan:
+        """This plan with ``out`` held and its targets claimed in the manifest (the checks made again under
+        the hold: another run may have written there since the plan was made)."""
+        from ASFDALib.outputs import claim_predictions, hold_predictions
+
+        hold = hold_predictions(self.out)  # the claim and every map after it are this run's alone
+        try:
+            return replace(self, replaced=claim_predictions(self.out, self.targets, self.fix), hold=hold)
+        except BaseException:
+            hold.release()
+            raise
 
     def release(self) -> None:
         """Free the output folder for another run (predict_folder does at its end; the OS at the process's)."""
@@ -917,14 +931,8 @@ def plan_predictions(
     a file no prediction run wrote (e.g. reference labels), two scans sharing a map's name; then claim the
     targets in ``out``'s manifest, so a rerun or a resumed run replaces them. ``fix``: the remedy the refusals
     name (default: another output folder, beside the images). ``claim=False``: the refusals alone, writing
-    nothing (a caller that loads the model in between claims after)."""
-    from ASFDALib.outputs import (
-        claim_predictions,
-        hold_predictions,
-        refuse_inside_session,
-        refuse_overwrite,
-        refuse_same_folder,
-    )
+    nothing (a caller that loads the model in between calls :meth:`PredictionPlan.claim` after)."""
+    from ASFDALib.outputs import claim_predictions, refuse_inside_session, refuse_overwrite, refuse_same_folder
 
     images, out = Path(images), Path(out)
     scans = discover_volumes(images)
@@ -945,14 +953,8 @@ def plan_predictions(
     refuse_overwrite(targets, scans, "the input scan", fix)
     refuse_overwrite(targets, protected, "a file the session references", fix)
     existing = claim_predictions(out, targets, fix, check_only=True)  # refused before the folder is touched
-    if not claim:  # the refusals alone (a caller that loads the model next, then claims)
-        return PredictionPlan(scans, targets, existing)
-    hold = hold_predictions(out)  # the claim and every map after it are this run's alone
-    try:
-        return PredictionPlan(scans, targets, claim_predictions(out, targets, fix), hold)
-    except BaseException:
-        hold.release()
-        raise
+    plan = PredictionPlan(scans, targets, existing, out=out, fix=fix)
+    return plan.claim() if claim else plan
 
 
 def predict_folder(

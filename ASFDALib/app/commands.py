@@ -692,9 +692,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     session = Session.open(args.session)
     fix = f"choose another --out folder, e.g. {predictions_folder_for(Path(args.images))}"
     # every refusal before the model loads, writing nothing; the claim (and --out itself) once it has loaded
-    plan_predictions(args.images, args.out, session_files(session), fix, claim=False)
+    plan = plan_predictions(args.images, args.out, session_files(session), fix, claim=False)
     model = session_model(session, adapted=not args.source_model)
-    plan = plan_predictions(args.images, args.out, session_files(session), fix)
+    plan = plan.claim()
     try:  # the plan holds --out until its last map is written, or until this command fails on the way
         return _predict(args, console, session, plan, model)
     finally:
@@ -812,7 +812,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     console = Console()
     session = Session.open(args.session) if args.session else None
     # the session that made the maps (predict's record): held-out cases are judged by its labels, not another's
-    makers = {m["session"] for m in predictions_made_by(args.pred).values() if m.get("session")}
+    made_by = predictions_made_by(args.pred).values()  # predict's record of each map (read once)
+    makers = {m["session"] for m in made_by if m.get("session")}
     maker = next(iter(makers)) if len(makers) == 1 else None
     if session is None and maker and (Path(maker) / "session.json").is_file():
         try:
@@ -831,7 +832,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         session is not None
         and makers
         and str(session.root.resolve()) not in makers
-        and not _same_weights(session, predictions_made_by(args.pred).values())
+        and not _same_weights(session, made_by)
     ):
         console.print(
             f"[yellow]warning[/yellow] {escape(', '.join(sorted(makers)))} made these label maps, not "
@@ -886,7 +887,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for line in left_out(args.pred, args.labels):
         console.print(line, style="yellow", markup=False, highlight=False, soft_wrap=True)
     # maps that predict recorded as this session's source model's: it trained on none of the session's cases
-    made_by = predictions_made_by(args.pred).values()
     root = str(session.root.resolve()) if session else None
     source = (
         bool(trained) and bool(made_by) and all((m.get("session"), m.get("model")) == (root, "source") for m in made_by)

@@ -293,8 +293,7 @@ def load_model(
     try:
         loaded_card = card if isinstance(card, ModelCard) else _find_card(card_candidates(path), explicit)
     except ModelError as exc:
-        folder = path.parent.parent
-        if path.parent.name == "models" and any((folder / "configs" / n).is_file() for n in INFERENCE_CONFIGS):
+        if (folder := _bundle_of(path)) is not None and path.parent.name == "models":
             raise ModelError(  # another checkpoint of a bundle: the bundle describes its network and classes
                 f"{path}: {exc}. It sits in the MONAI bundle {folder}: --model {folder} loads the bundle's own "
                 "weights; for this checkpoint, give a --card (the bundle's asfda_card.json, if it holds one)"
@@ -329,16 +328,20 @@ def _bundle_weights(folder: Path) -> Path | None:
     return next((w for w in (folder / "models" / n for n in WEIGHT_NAMES) if w.is_file()), None)
 
 
+def _bundle_of(path: Path) -> Path | None:
+    """The MONAI bundle folder (one with an inference config) whose models/ or configs/ ``path`` is in."""
+    folder = path.parent.parent
+    inside = not path.is_dir() and path.parent.name in ("models", "configs")
+    return folder if inside and any((folder / "configs" / n).is_file() for n in INFERENCE_CONFIGS) else None
+
+
 def _bundle_holding(path: Path) -> Path | None:
     """The MONAI bundle folder whose weights (the file the bundle loads: models/model.pt, ...) or inference
     config ``path`` is, else None: another checkpoint in models/ (model_best_epoch90.pt) is its own model."""
-    if path.is_dir() or path.parent.name not in ("models", "configs"):
+    folder = _bundle_of(path)
+    if folder is None:
         return None
-    folder = path.parent.parent
-    configs = [folder / "configs" / n for n in INFERENCE_CONFIGS]
-    if not any(c.is_file() for c in configs):
-        return None
-    return folder if path in (_bundle_weights(folder), *configs) else None
+    return folder if path in (_bundle_weights(folder), *(folder / "configs" / n for n in INFERENCE_CONFIGS)) else None
 
 
 def _digest_parts(card: ModelCard, class_map: str | Mapping[str, str] | None) -> list[bytes]:
