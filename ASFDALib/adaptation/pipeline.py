@@ -49,6 +49,8 @@ from ASFDALib.data.volumes import (
     content_hash,
     content_record,
     discover_volumes,
+    passed_over,
+    passed_over_summary,
     read_scan,
     read_volume,
     write_volume,
@@ -937,7 +939,10 @@ def plan_predictions(
     images, out = Path(images), Path(out)
     scans = discover_volumes(images)
     if not scans:
-        raise ASFDAError(f"{images}: no volumes found; give the folder of scans to segment")
+        found = ""
+        if others := passed_over(images):  # .mgz, PNG slices: say what was there
+            found = f" (found files of other types only: {passed_over_summary(others)}; convert the scans)"
+        raise ASFDAError(f"{images}: no volumes found{found}; give the folder of scans to segment")
     fix = fix or f"choose another output folder, e.g. {predictions_folder_for(images)}"
     refuse_same_folder(out, images, "images", fix)
     if out.resolve().is_relative_to(images.resolve()):  # maps among the scans: a recursive rank would meet them

@@ -218,7 +218,7 @@ def rank_round(
             f"volume{'s' * (len(kept) != 1)} and adds {added}: {len(kept) + added} in all, its budget of {budget}"
             f"{more}"
         )
-    ranking.notes = notes
+    ranking.notes = notes + ranking.notes  # the pool's own (files passed over) after the round's
     ranking.load_report = model.load_report.to_dict() if model.load_report is not None else None
     if not distributed.is_main():
         return ranking, RankingOutputs({}, [])

@@ -704,7 +704,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
     from ASFDALib.adaptation.pipeline import predict_folder
     from ASFDALib.adaptation.runs import finish_hint, unfinished_run
-    from ASFDALib.data.volumes import content_hash
+    from ASFDALib.data.volumes import content_hash, passed_over, passed_over_line
 
     replaced = plan.replaced
     if replaced:
@@ -743,6 +743,8 @@ def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
         written, skipped = predict_folder(model, args.images, args.out, args.device, update, made_by, plan=plan)
     for reason in skipped:
         console.print(f"[yellow]skipped {reason}[/yellow]")
+    if others := passed_over(args.images):
+        console.print(passed_over_line(args.images, others, "segment"), style="yellow", markup=False, highlight=False)
     console.print(f"Wrote {len(written)} label maps to {args.out} with {which}")
     stale = Path(args.out) / "evaluation.csv"  # evaluate's default table: it scored the maps written over
     if replaced and stale.is_file():

@@ -94,6 +94,17 @@ class OpenedCase:
     source: str  # "label <file>", "prediction <file>" or "model prediction"
 
 
+@dataclass(frozen=True)
+class CaseGrid:
+    """A case's scan as it was read to open it: the grid Save label checks a label against, and the scan's
+    content record (hash and stamp) the label is recorded as drawn on. Taken in the worker when the case opens, so
+    Save label neither reads nor hashes the scan on the GUI thread (seconds for a CT)."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    image: dict  # volumes.content_record of the scan
+
+
 class Cancelled(Exception):
     """Raised inside a worker when the user pressed Cancel."""
 
@@ -135,9 +146,7 @@ class Workflow:
         self._events: queue.Queue = queue.Queue()
         self._model = None
         self.opened: OpenedCase | None = None  # a case the worker prepared, until the panel takes it
-        # each opened case's grid (shape, affine) as read: Save label checks against it without reading the
-        # scan again on the GUI thread (seconds for a CT)
-        self._grids: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
+        self._grids: dict[str, CaseGrid] = {}  # each opened case's scan as read
         # How DKD and ASD are combined: a reopened session keeps the fusion its rounds ranked with (not a panel
         # setting; `asfda rank --fusion` chooses it)
         self.fusion: str | None = None  # None: RankConfig's default
@@ -549,6 +558,13 @@ class Workflow:
 
         return read_volume(self._session().image_path(name))
 
+    def _case_grid(self, name: str, volume=None) -> CaseGrid:
+        """``name``'s :class:`CaseGrid` (``volume``: the scan as just read; else it is read here)."""
+        from ASFDALib.data.volumes import content_record
+
+        volume = volume if volume is not None else self.case_volume(name)
+        return CaseGrid(volume.array.shape, volume.affine, content_record(self._session().image_path(name)))
+
     def prefill(self, name: str, volume=None) -> np.ndarray:
         """The model's prediction for ``name`` on the volume's own grid: the label to start from.
 
@@ -591,7 +607,7 @@ class Workflow:
             if label is None:
                 self._events.put(("progress", 0.5, f"Opening {name}: the model predicts it…"))
                 label = self.prefill(name, volume)
-            self._grids[name] = (volume.array.shape, volume.affine)
+            self._grids[name] = self._case_grid(name, volume)
             self._events.put(("opened", OpenedCase(name, volume.array, volume.affine, label, source)))
             self._events.put(("progress", 1.0, f"Opened {name} ({source})"))
 
@@ -610,23 +626,23 @@ class Workflow:
     ) -> tuple[Path, Path | None]:
         """Write the label as a new version (NIfTI, and .seg.nrrd through ``write_seg``), checked first."""
         from ASFDALib.data.labels import check_grid
-        from ASFDALib.data.volumes import content_hash, content_record, write_nifti
+        from ASFDALib.data.volumes import content_hash, write_nifti
 
-        if name not in self._grids:  # saved without opening it here (a script): read its grid
-            volume = self.case_volume(name)
-            self._grids[name] = (volume.array.shape, volume.affine)
-        shape, image_affine = self._grids[name]
-        check_grid(label.shape, affine, shape, image_affine, Path(name))
+        if name not in self._grids:  # saved without opening it here (a script): read its scan now
+            self._grids[name] = self._case_grid(name)
+        grid = self._grids[name]
+        check_grid(label.shape, affine, grid.shape, grid.affine, Path(name))
         values = np.unique(label)
         if values.max(initial=0) >= len(self.class_names()):
             raise ASFDAError(f"{name}: label value {int(values.max())} is not a class of the model")
         with self._session() as session:
             nifti = session.next_label_path(name, ".nii.gz")
             seg = nifti.with_name(nifti.name.replace(".nii.gz", ".seg.nrrd")) if write_seg else None
-            write_nifti(nifti, label.astype(np.uint8), image_affine)
+            write_nifti(nifti, label.astype(np.uint8), grid.affine)
             if write_seg:
                 write_seg(seg)
-            image = content_record(session.image_path(name))
+            # drawn on the scan as opened: were it changed since, the label's record shows it (image_changes)
+            image = grid.image
             session.record_label(
                 name, nifti, content_hash(nifti), "slicer", image_sha256=image["sha256"], image_stamp=image["stamp"]
             )

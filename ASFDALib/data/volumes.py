@@ -78,11 +78,51 @@ def discover_volumes(folder: Path | str, recursive: bool = False, exclude: Colle
     Symbolic links to folders are not followed, so a link loop cannot trap the scan. Sub-folders in ``exclude``
     (a session folder kept inside the pool: its labels and predictions are not scans) are not searched.
     """
+    return _walk(folder, recursive, exclude)[0]
+
+
+def passed_over(folder: Path | str, recursive: bool = False, exclude: Collection[Path] = ()) -> list[Path]:
+    """The files :func:`discover_volumes` looks at and takes for no volume, sorted: other types (a FreeSurfer .mgz,
+    an Analyze .hdr/.img pair, PNG slices, a zipped series, a BIDS sidecar). Not listed: hidden files and those a file
+    browser writes, files of a DICOM folder, the data file a detached header names and a volume's sidecars (its
+    name with another type: BIDS .json, .bval, .bvec)."""
+    volumes, others = _walk(folder, recursive, exclude)
+    parts = {data.resolve() for v in volumes for data in _detached_data(v)}
+    stems = {(v.parent, _volume_stem(v.name)) for v in volumes}
+    return [p for p in others if p.resolve() not in parts and (p.parent, p.name.rsplit(".", 1)[0]) not in stems]
+
+
+def _volume_stem(name: str) -> str:
+    return next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), name)
+
+
+def passed_over_summary(files: list[Path]) -> str:
+    """``.mgz 2, .txt 1: e.g. sub1.mgz``: how many files of each type, the most common first, and one of those."""
+    by_type: dict[str, list[Path]] = {}
+    for path in files:
+        suffix = "".join(path.suffixes[-2:]).lower() if path.name.lower().endswith(".gz") else path.suffix.lower()
+        by_type.setdefault(suffix or path.name, []).append(path)
+    ordered = sorted(by_type.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return ", ".join(f"{s} {len(p)}" for s, p in ordered) + f": e.g. {ordered[0][1][0].name}"
+
+
+def passed_over_line(folder: Path | str, files: list[Path], doing: str) -> str:
+    """The line a command says about the files of ``folder`` it passed over (``doing``: "rank", "segment")."""
+    return (
+        f"Passed over {len(files)} file{'s' * (len(files) != 1)} in {folder} of no volume type "
+        f"({passed_over_summary(files)}); to {doing} a scan among them, convert it to NIfTI, NRRD or MetaImage"
+    )
+
+
+def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> tuple[list[Path], list[Path]]:
+    """(volumes, the other files looked at) under ``folder``: one walk for :func:`discover_volumes` and
+    :func:`passed_over`, so the two cannot disagree on where they looked."""
     root = Path(folder)
     if not root.is_dir():
         raise ASFDAError(f"{root}: not a folder (give the folder that holds the volumes)")
     excluded = {Path(p).resolve() for p in exclude}
     found: list[Path] = []
+    others: list[Path] = []
     for current, dirs, files in os.walk(root, followlinks=False):
         here = Path(current)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() not in excluded)
@@ -90,10 +130,15 @@ def discover_volumes(folder: Path | str, recursive: bool = False, exclude: Colle
             found.append(here)
             dirs[:] = []
             continue
+        dicom_here = here == root and _is_dicom_dir(here, files)
         for name in sorted(files):
-            if not name.startswith(".") and has_image_suffix(here / name):
+            if name.startswith(".") or name.lower() in OS_FILES:
+                continue
+            if has_image_suffix(here / name):
                 found.append(here / name)
-        if here == root and _is_dicom_dir(here, files):
+            elif not dicom_here:
+                others.append(here / name)
+        if dicom_here:
             found.append(here)
         if not recursive:
             # Direct sub-folders may still be DICOM series; look only one level down for those.
@@ -106,7 +151,7 @@ def discover_volumes(folder: Path | str, recursive: bool = False, exclude: Colle
                 if _is_dicom_dir(sub, sub_files):
                     found.append(sub)
             dirs[:] = []
-    return sorted(set(found))
+    return sorted(set(found)), sorted(others)
 
 
 def scan_folders(folder: Path | str, besides: Path | str | None = None) -> list[Path]:

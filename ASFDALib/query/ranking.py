@@ -19,6 +19,9 @@ from ASFDALib.data.volumes import (
     LABEL_MAP_MAX_VALUES,
     NotAScanError,
     discover_volumes,
+    passed_over,
+    passed_over_line,
+    passed_over_summary,
     read_scan,
     read_volume,
     scan_folders,
@@ -347,8 +350,10 @@ def rank_folder(
         if (Path(images) / "session.json").is_file():  # a session folder given for the scans' one
             hint = "; it is an ASFDA session: give --images the scans' folder (the session is --out)"
         elif scans:
-            others = f" (or {', '.join(map(str, scans[1:]))})" if scans[1:] else ""
-            hint = f"; the scans look to be in a sub-folder: give --images {scans[0]}{others}"
+            more = f" (or {', '.join(map(str, scans[1:]))})" if scans[1:] else ""
+            hint = f"; the scans look to be in a sub-folder: give --images {scans[0]}{more}"
+        elif others := passed_over(images, config.recursive, exclude):  # .mgz, PNG slices: say what was there
+            hint = f"; found files of other types only ({passed_over_summary(others)}): convert the scans" + hint
         raise ASFDAError(
             f"{images}: no volumes found (looked for .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd and DICOM folders"
             + hint
@@ -370,7 +375,11 @@ def rank_folder(
     records = [by_path[p] for p in paths]
     if all(r.label_map for r in records):  # nothing left to rank, and all for one reason: name the fix
         raise ASFDAError(no_scans_message(Path(images), records))
-    return rank_records(records, knowledge, config, model.card.name, labelled_names)
+    ranking = rank_records(records, knowledge, config, model.card.name, labelled_names)
+    others = passed_over(images, config.recursive, exclude)
+    if others:  # a scan in a format not read (.mgz, .hdr/.img) would otherwise be missing from the ranking unsaid
+        ranking.notes.append(passed_over_line(images, others, "rank"))
+    return ranking
 
 
 def no_scans_message(images: Path, records: list[VolumeRecord]) -> str:

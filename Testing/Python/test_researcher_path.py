@@ -1084,3 +1084,34 @@ def test_a_session_holding_its_pool_keeps_it_when_moved_or_copied(tmp_path, caps
     from ASFDALib.adaptation.session import Session
 
     assert Session.open(copy).image_root == copy / "sample_data" / "images"
+
+
+def test_rank_and_predict_say_which_files_of_the_folder_are_no_volume_and_how_to_include_them(ranked, tmp_path, capsys):
+    root, session = ranked
+    shutil.copytree(root / "pool" / "images", tmp_path / "scans")
+    first = sorted((tmp_path / "scans").iterdir())[0]
+    (tmp_path / "scans" / "brain.mgz").write_bytes(b"FreeSurfer")  # a scan in a format not read
+    first.with_name(first.name.replace(".nii.gz", ".json")).write_text("{}")  # a BIDS sidecar: no scan
+    capsys.readouterr()
+    assert main(["rank", "--images", str(tmp_path / "scans"), "--out", str(tmp_path / "s"), "--budget", "1"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    line = f"Passed over 1 file in {tmp_path / 'scans'} of no volume type (.mgz 1: e.g. brain.mgz); to rank a scan"
+    assert line in said and "convert it to NIfTI, NRRD or MetaImage" in said
+    assert any("brain.mgz" in n for n in json.loads((tmp_path / "s" / "ranking.json").read_text())["notes"])
+    assert main(["predict", str(session), "--images", str(tmp_path / "scans"), "--out", str(tmp_path / "maps")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "(.mgz 1: e.g. brain.mgz); to segment a scan among them" in said
+    assert not (tmp_path / "maps" / "brain.mgz").exists()
+
+
+def test_a_folder_of_scans_in_formats_not_read_is_answered_with_what_it_holds(ranked, tmp_path, capsys):
+    _, session = ranked
+    (tmp_path / "fs").mkdir()
+    for name in ("sub1.mgz", "sub2.mgz", "notes.txt"):
+        (tmp_path / "fs" / name).write_bytes(b"x")
+    assert main(["rank", "--images", str(tmp_path / "fs"), "--out", str(tmp_path / "s")]) == 1
+    err = _one_line_error(capsys)
+    assert "no volumes found" in err and "found files of other types only (.mgz 2, .txt 1: e.g. sub1.mgz)" in err
+    assert main(["predict", str(session), "--images", str(tmp_path / "fs"), "--out", str(tmp_path / "o")]) == 1
+    assert "found files of other types only: .mgz 2, .txt 1: e.g. sub1.mgz" in _one_line_error(capsys)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()

@@ -11,7 +11,14 @@ import pytest
 import SimpleITK as sitk
 from conftest import DATA, write_dicom_series
 
-from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume, write_nifti
+from ASFDALib.data.volumes import (
+    content_hash,
+    discover_volumes,
+    passed_over,
+    passed_over_summary,
+    read_volume,
+    write_nifti,
+)
 from ASFDALib.errors import ASFDAError, VolumeError
 
 
@@ -81,6 +88,27 @@ def test_discovery_finds_each_format_sorted_and_skips_hidden(tmp_path):
     (tmp_path / "sub" / "d.nii").write_bytes(b"x")
     assert [p.name for p in discover_volumes(tmp_path)] == ["a.nrrd", "b.nii.gz", "c.mha"]
     assert [p.name for p in discover_volumes(tmp_path, recursive=True)] == ["a.nrrd", "b.nii.gz", "c.mha", "d.nii"]
+
+
+def test_discovery_names_the_files_it_passes_over_but_not_sidecars_header_data_or_browser_files(tmp_path):
+    for name in (
+        "a.nii.gz",
+        "a.json",
+        "b.mhd",
+        "b.raw",
+        "c.bval",
+        "brain.mgz",
+        "x.png",
+        "y.png",
+        "Thumbs.db",
+        ".DS_Store",
+    ):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "b.mhd").write_text("ObjectType = Image\nElementDataFile = b.raw\n")
+    others = passed_over(tmp_path)
+    # a.json is a.nii.gz's sidecar, b.raw b.mhd's data; c.bval is the sidecar of no volume here
+    assert [p.name for p in others] == ["brain.mgz", "c.bval", "x.png", "y.png"]
+    assert passed_over_summary(others) == ".png 2, .bval 1, .mgz 1: e.g. x.png"
 
 
 def test_discovery_survives_a_symlink_loop(tmp_path):

@@ -245,6 +245,30 @@ def test_opening_a_case_predicts_in_the_worker_and_reopening_starts_from_the_sav
     np.testing.assert_array_equal(again.label, truth.array)
 
 
+def test_save_label_records_the_scan_as_opened_without_reading_or_hashing_it_on_the_gui_thread(
+    flow, mri_pool, monkeypatch
+):
+    import json
+
+    from ASFDALib.data import volumes
+
+    flow.start_rank()
+    flow.wait()
+    name = flow.query[0]
+    flow.start_open(name)
+    flow.wait()
+    scan = flow._session().image_path(name)
+    opened_hash = content_hash(scan)
+    hashed, real_hash = [], volumes.content_hash
+    monkeypatch.setattr(volumes, "content_hash", lambda path: hashed.append(Path(path)) or real_hash(path))
+    monkeypatch.setattr(volumes, "read_volume", lambda *a, **k: pytest.fail("Save label read a volume"))
+    truth = _truth(mri_pool, name)
+    nifti, _ = flow.save_label(name, truth.array, truth.affine)
+    assert hashed == [nifti]  # the label's hash only: the scan's was taken as it opened, in the worker
+    entry = json.loads((Path(flow.settings.session) / "session.json").read_text())["labels"][name][-1]
+    assert entry["image_sha256"] == opened_hash and entry["image_stamp"] == volumes.content_stamp(scan)
+
+
 def test_predict_remaining_writes_files_in_the_session_and_opening_one_loads_it(flow, mri_pool):
     flow.settings.pseudo = False
     _ranked_and_labelled(flow, mri_pool)
