@@ -81,9 +81,13 @@ def now() -> str:
 
 
 def safe_path(root: Path, relative: str) -> Path:
-    """``root / relative``, refusing absolute paths and anything that resolves outside ``root``."""
+    """``root / relative``, refusing absolute paths and anything that resolves outside ``root``. A session
+    records its paths with ``/``; one written on Windows before that (``labels\\a_v1.nii.gz``) is read with its
+    backslashes as separators where no file has that very name: a clinician's session trains on a Linux server."""
     if not isinstance(relative, str) or not relative or Path(relative).is_absolute() or "\x00" in relative:
         raise SessionError(f"{root / SESSION_FILE}: path {relative!r} must be relative to the session folder")
+    if "\\" in relative and not (root / relative).exists():
+        relative = relative.replace("\\", "/")
     resolved = (root / relative).resolve()
     if not resolved.is_relative_to(root.resolve()):
         raise SessionError(f"{root / SESSION_FILE}: path {relative!r} points outside the session folder; refused")
@@ -311,7 +315,8 @@ class Session:
         return safe_path(self.root, relative)
 
     def relative(self, path: Path) -> str:
-        return str(Path(path).resolve().relative_to(self.root.resolve()))
+        # with / on every system: the session opens on another (labelled on Windows, trained on Linux)
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
 
     # --- model, images, rounds ---------------------------------------------------------------------
     def set_model(

@@ -201,7 +201,8 @@ def score_volumes(
     preprocessing = model.card.preprocessing_key() + ":compact"  # the sweep reads a float16 volume
     records: list[VolumeRecord] = []
     for i, path in enumerate(paths):
-        name = str(path.relative_to(root)) if root and path.is_relative_to(root) else path.name
+        # with / on every system, as the session records it: a recursive pool's names match across systems
+        name = path.relative_to(root).as_posix() if root and path.is_relative_to(root) else path.name
         if progress:
             progress(i, len(paths), name)
         record = VolumeRecord(path, name)

@@ -88,7 +88,7 @@ def test_a_session_file_edited_into_nonsense_is_refused_clearly(tmp_path, conten
             Session.open(tmp_path)
 
 
-@pytest.mark.parametrize("bad", ["../outside.nii.gz", "/etc/passwd", "labels/../../x", ""])
+@pytest.mark.parametrize("bad", ["../outside.nii.gz", "/etc/passwd", "labels/../../x", "", "labels\\..\\..\\x"])
 def test_paths_from_the_session_file_cannot_escape_it(tmp_path, bad):
     with pytest.raises(SessionError):
         safe_path(tmp_path, bad)
@@ -183,6 +183,19 @@ def test_label_versions_never_overwrite(tmp_path):
     session.record_label("case 1.nii.gz", second, "h2", "test")
     assert session.labelled() == {"case 1.nii.gz": second.resolve()}
     assert first.read_bytes() == b"v1"
+
+
+def test_recorded_paths_use_slashes_and_a_windows_written_session_opens_on_linux(tmp_path):
+    """A clinician labels on Windows, the fine-tune runs on a Linux server: the session's paths must read there."""
+    session = Session.open(tmp_path, create=True)
+    label = session.next_label_path("case 1.nii.gz")
+    label.write_bytes(b"v1")
+    session.record_label("case 1.nii.gz", label, "h1", "test")
+    assert session.data["labels"]["case 1.nii.gz"][0]["file"] == "labels/case_1.v1.nii.gz"
+    session.data["labels"]["case 1.nii.gz"][0]["file"] = "labels\\case_1.v1.nii.gz"  # as Windows wrote it before
+    assert session.labelled() == {"case 1.nii.gz": label.resolve()}
+    (tmp_path / "odd\\name.nii.gz").write_bytes(b"x")  # a file whose very name has a backslash is still itself
+    assert safe_path(tmp_path, "odd\\name.nii.gz") == (tmp_path / "odd\\name.nii.gz").resolve()
 
 
 def test_case_ids_are_file_system_safe_and_keep_letters_of_any_script():
