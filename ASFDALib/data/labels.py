@@ -27,6 +27,8 @@ from ASFDALib.data.volumes import (
     discover_volumes,
     header_fields,
     looks_like_label_map,
+    passed_over,
+    passed_over_line,
     read_components,
     read_volume,
     validate_array,
@@ -527,6 +529,7 @@ class ImportReport:
     classes: dict[int, str] = field(default_factory=dict)  # the classes the imported labels hold, by index
     mapped: bool = False  # whether a --map turned the files' values into class indices
     by_name: bool = False  # whether a Slicer segmentation was read by its segments' names
+    passed_over: str = ""  # where a queried volume has no label file: the source's files of other types, if any
 
     def lines(self, queried_only: bool = True) -> list[str]:
         """The report as the user reads it: one line per file, then what is left for pseudo-labels."""
@@ -542,6 +545,7 @@ class ImportReport:
         out += [f"refused {reason}" for reason in self.refused]
         if self.missing:
             out.append(f"no label file for {', '.join(self.missing)}")
+            out += [self.passed_over] if self.passed_over else []
         if not self.asked:
             out.append("no volume has been queried yet: run 'asfda rank' first, or import with --all")
         if self.imported and self.classes:  # what the numbers were read as: a label numbered otherwise shows here
@@ -740,6 +744,8 @@ def _import_labels(
     report.failed = sorted({*report.failed, *(n for n in asked if n in pairing.contested)})
     labelled = session.labelled()
     report.missing = [n for n in asked if n not in labelled and n not in pairing.pairs]
+    if report.missing and source.is_dir() and (others := passed_over(source)):  # a label saved as .mgz, say
+        report.passed_over = passed_over_line(source, others, "import")
     unreadable = session.unreadable_images()
     report.unlabeled = sum(1 for n in session.image_names() if n not in labelled and n not in unreadable)
     report.unreadable = len(unreadable - set(labelled))

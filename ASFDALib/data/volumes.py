@@ -107,10 +107,10 @@ def passed_over_summary(files: list[Path]) -> str:
 
 
 def passed_over_line(folder: Path | str, files: list[Path], doing: str) -> str:
-    """The line a command says about the files of ``folder`` it passed over (``doing``: "rank", "segment")."""
+    """The line a command says about the files of ``folder`` it passed over (``doing``: "rank", "import")."""
     return (
         f"Passed over {len(files)} file{'s' * (len(files) != 1)} in {folder} of no volume type "
-        f"({passed_over_summary(files)}); to {doing} a scan among them, convert it to NIfTI, NRRD or MetaImage"
+        f"({passed_over_summary(files)}); to {doing} one of them, convert it to NIfTI, NRRD or MetaImage"
     )
 
 

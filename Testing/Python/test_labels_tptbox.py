@@ -122,6 +122,15 @@ def test_a_label_with_no_matching_scan_names_the_expected_scan_and_the_closest(s
     assert _labels(session) == {}
 
 
+def test_a_label_in_a_format_not_read_is_named_beside_the_scan_still_waiting_for_it(session, tmp_path, capsys):
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "gt" / "sub-mri_label-6_msk.mgz").write_bytes(b"FreeSurfer")  # saved by another tool
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"no label file for {MRI} Passed over 1 file in {tmp_path / 'gt'} of no volume type" in out
+    assert "(.mgz 1: e.g. sub-mri_label-6_msk.mgz); to import one of them, convert it to NIfTI" in out
+
+
 def test_two_segmentations_of_one_scan_are_refused_until_one_is_chosen(session, tmp_path, capsys):
     gt = _folder(tmp_path, MRI_SUBREG, "sub-mri_seg-vert_label-6_msk.nii.gz")
     assert main(["labels", "import", str(session), "--from", str(gt), "--map", SPINE_MAP]) == 1

@@ -1095,12 +1095,12 @@ def test_rank_and_predict_say_which_files_of_the_folder_are_no_volume_and_how_to
     capsys.readouterr()
     assert main(["rank", "--images", str(tmp_path / "scans"), "--out", str(tmp_path / "s"), "--budget", "1"]) == 0
     said = " ".join(capsys.readouterr().out.split())
-    line = f"Passed over 1 file in {tmp_path / 'scans'} of no volume type (.mgz 1: e.g. brain.mgz); to rank a scan"
+    line = f"Passed over 1 file in {tmp_path / 'scans'} of no volume type (.mgz 1: e.g. brain.mgz); to rank one"
     assert line in said and "convert it to NIfTI, NRRD or MetaImage" in said
     assert any("brain.mgz" in n for n in json.loads((tmp_path / "s" / "ranking.json").read_text())["notes"])
     assert main(["predict", str(session), "--images", str(tmp_path / "scans"), "--out", str(tmp_path / "maps")]) == 0
     said = " ".join(capsys.readouterr().out.split())
-    assert "(.mgz 1: e.g. brain.mgz); to segment a scan among them" in said
+    assert "(.mgz 1: e.g. brain.mgz); to segment one of them" in said
     assert not (tmp_path / "maps" / "brain.mgz").exists()
 
 
