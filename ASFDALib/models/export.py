@@ -41,6 +41,14 @@ ASFDA_QUERY = (
     "ranked by DKD (distance from the pre-trained model's source knowledge, times diversity) + ASD "
     "(segmentation difficulty)"
 )
+# How asfda predict stitches windows, for anyone running the exported network with another inferer
+SLIDING_WINDOW_NOTE = (
+    "asfda predict runs windows of {roi} voxels at the card's spacing, overlapping by {overlap}, and takes each voxel "
+    "from the window whose centre is nearest it. A MONAI SlidingWindowInferer blends windows instead: the exported "
+    "bundle's, with centre weights (mode gaussian, sigma_scale 0.125), agrees with asfda predict on most voxels, not "
+    "all (where the model is unsure, which window decides matters); MONAI's default plain average (mode constant) "
+    "lets a voxel's border views outvote its central one and differs more"
+)
 BUILTIN_LICENCE = "Apache-2.0 (ASFDA's built-in model, trained by the ASFDA project on synthetic phantoms)"
 
 
@@ -319,18 +327,18 @@ def bundle_metadata(card: ModelCard, version: str, record: dict[str, Any] | None
     base = record.get("base_model", {})
     target = record.get("target_domain", {})
     classes = ", ".join(card.class_names[1:])
-    value_range = [card.intensity.b_min, card.intensity.b_max] if card.intensity.mode in ("ct", "percentile") else None
+    # MONAI's schema requires a value range; [] where there is none (z-scored input, logits out)
+    value_range = [card.intensity.b_min, card.intensity.b_max] if card.intensity.mode in ("ct", "percentile") else []
     image = {
         "type": "image",
-        "format": card.intensity.mode,
+        "format": "hounsfield" if card.intensity.mode == "ct" else "magnitude",  # the model zoo's two formats
         "num_channels": 1,
         "spatial_shape": list(card.roi_size),
         "dtype": "float32",
+        "value_range": value_range,
         "is_patch_data": True,
         "channel_def": {"0": "image"},
     }
-    if value_range:
-        image["value_range"] = value_range
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
         "meta_schema_20220324.json",
@@ -353,8 +361,10 @@ def bundle_metadata(card: ModelCard, version: str, record: dict[str, Any] | None
         "data_type": "nibabel",
         "image_classes": f"single channel image, intensity normalised ({card.intensity.mode}) as the model card says",
         "label_classes": f"single channel label map: {_class_list(card)}",
-        "pred_classes": f"{card.num_classes} channels of class scores: {_class_list(card)}",
+        "pred_classes": f"{card.num_classes} channels of logits, one per class (softmax gives probabilities, the "
+        f"argmax the label map): {_class_list(card)}",
         "intended_use": "Research. Adapted from few labels: check it on your own labelled cases before relying on it.",
+        "sliding_window": SLIDING_WINDOW_NOTE.format(roi=list(card.roi_size), overlap=card.overlap),
         "network_data_format": {
             "inputs": {"image": image},
             "outputs": {
@@ -364,7 +374,7 @@ def bundle_metadata(card: ModelCard, version: str, record: dict[str, Any] | None
                     "num_channels": card.num_classes,
                     "spatial_shape": list(card.roi_size),
                     "dtype": "float32",
-                    "value_range": [0, 1],
+                    "value_range": [],  # logits: unbounded
                     "is_patch_data": True,
                     "channel_def": {str(i): n for i, n in enumerate(card.class_names)},
                 }

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from ASFDALib.app.cli import main
+from ASFDALib.models.loading import load_model
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_MRI = REPO / "Testing" / "Data" / "tptbox" / "sub-mri_label-6_T2w.nii.gz"  # stored P-I-R, 1.5 mm
@@ -152,7 +153,6 @@ def test_the_bundle_has_monais_inference_properties_and_asfda_reads_it_back_with
 
     from ASFDALib.adaptation.pipeline import session_model
     from ASFDALib.adaptation.session import Session
-    from ASFDALib.models.loading import load_model
 
     _, session, _ = adapted
     bundle = tmp_path / "bundle"
@@ -177,6 +177,27 @@ def test_the_bundle_has_monais_inference_properties_and_asfda_reads_it_back_with
     assert dataclasses.replace(back.card, description=adapted_model.card.description) == adapted_model.card
     for key, value in adapted_model.network.state_dict().items():
         assert torch.equal(back.network.state_dict()[key], value), key
+
+
+# The fields MONAI's metadata schema (meta_schema_20220324, as MONAI's tests/testing_data/schema.json) requires
+MONAI_REQUIRED_IO = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range")
+
+
+def test_bundle_metadata_keeps_monais_schema_and_says_the_outputs_are_logits(adapted, tmp_path):
+    _, session, _ = adapted
+    assert main(["export", str(session), "--out", str(tmp_path / "bundle")]) == 0
+    meta = json.loads((tmp_path / "bundle" / "configs" / "metadata.json").read_text())
+    image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
+    for field in MONAI_REQUIRED_IO:
+        assert field in image and field in pred, field
+    assert all(isinstance(v, (int, float)) for v in image["value_range"] + pred["value_range"])
+    assert image["format"] == "magnitude" and image["value_range"] == [0.0, 1.0]  # MRI percentiles scaled to 0..1
+    assert pred["value_range"] == [] and "logits" in meta["pred_classes"]  # the network ends before softmax
+    model = load_model(tmp_path / "bundle")
+    with torch.no_grad():
+        out = model.network(torch.rand(1, 1, *pred["spatial_shape"]))
+    assert out.shape[1] == pred["num_channels"] and (out.min() < 0 or out.max() > 1)
+    assert "nearest" in meta["sliding_window"] and "gaussian" in meta["sliding_window"]
 
 
 def test_bundle_metadata_describes_the_adapted_model(adapted, tmp_path, small_pool):
@@ -207,7 +228,6 @@ def test_bundle_metadata_describes_the_adapted_model(adapted, tmp_path, small_po
 def test_every_exported_card_says_what_the_session_did_to_the_base_model(adapted, tmp_path):
     """A card that kept the base model's description alone would present the adapted weights as the base's."""
     from ASFDALib.models.defaults import default_model_path
-    from ASFDALib.models.loading import load_model
 
     _, session, _ = adapted
     base = load_model(default_model_path()).card.description
@@ -231,7 +251,6 @@ def _trusted_bundle(folder: Path) -> Path:
     metadata and a docs folder, built from the built-in model's weights."""
     from ASFDALib.models.defaults import default_model_path
     from ASFDALib.models.export import inference_config
-    from ASFDALib.models.loading import load_model
 
     base = load_model(default_model_path())
     network_def = {"_target_": "UNet", **base.spec.args, "channels": "$[8, 16, 32, 64]"}
@@ -262,7 +281,6 @@ def test_a_trusted_bundle_is_re_exported_as_the_same_bundle_with_the_adapted_wei
     from ASFDALib.adaptation.pipeline import session_model
     from ASFDALib.adaptation.session import Session
     from ASFDALib.errors import TrustRequiredError
-    from ASFDALib.models.loading import load_model
 
     _needs_ignite()
     base = _trusted_bundle(tmp_path / "base_bundle")
@@ -316,7 +334,6 @@ def test_a_pt2_program_round_trips_and_predicts_the_session_models_labels(adapte
     from ASFDALib.data.volumes import read_volume
     from ASFDALib.errors import TrustRequiredError
     from ASFDALib.inference.predict import predict_label
-    from ASFDALib.models.loading import load_model
     from ASFDALib.models.program import METADATA_ENTRY
 
     _, session, inputs = adapted
@@ -357,7 +374,6 @@ def test_a_scripted_model_asked_for_as_a_bundle_is_pointed_to_its_own_format(ada
     """A TorchScript model is not a MONAI network by name: the refusal names the format that takes it."""
     from ASFDALib.errors import ModelError
     from ASFDALib.models.export import export_bundle
-    from ASFDALib.models.loading import load_model
 
     _, session, _ = adapted
     assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
@@ -408,7 +424,6 @@ def test_a_card_an_earlier_export_named_before_the_first_dot_is_still_found(tmp_
 def test_pt2_needs_trust_because_torch_export_load_runs_pickled_code(tmp_path):
     """A crafted archive: torch.export.load runs its payload; ASFDA refuses it before reading a byte."""
     from ASFDALib.errors import TrustRequiredError
-    from ASFDALib.models.loading import load_model
 
     marker = tmp_path / "payload_ran"
 
@@ -442,7 +457,6 @@ def test_a_pt2_program_with_device_literals_moves_to_another_device(tmp_path):
     from monai.networks.nets import SwinUNETR
 
     from ASFDALib.models.card import ModelCard
-    from ASFDALib.models.loading import load_model
     from ASFDALib.models.program import export_program
 
     network = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, depths=(1, 1, 1, 1), spatial_dims=3)
