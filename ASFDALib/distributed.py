@@ -34,6 +34,18 @@ def init_from_env(device: str = "auto") -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+# What gloo and NCCL raise in this process when another process of the job is gone mid-collective (killed,
+# stopped by its scheduler, crashed): the run here did not fail, it lost a peer
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "communicator was aborted", "broken pipe")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says another process of this torchrun job left (not an error of this one's work)."""
+    if not launched() or not isinstance(exc, RuntimeError):
+        return False
+    return isinstance(exc, getattr(dist, "DistNetworkError", ())) or any(m in str(exc).lower() for m in _PEER_LOST)
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -837,8 +837,11 @@ def _finetune_session(
         run["finished"] = False
         # a stop is not a failure: Ctrl-C, or the reader of the output gone (`| head`: a broken pipe, which
         # rich's console turns into SystemExit) stops the run as SIGPIPE would, resumable like an interruption
-        stopped = isinstance(exc, (KeyboardInterrupt, BrokenPipeError, SystemExit))
-        if isinstance(exc, BrokenPipeError):
+        lost = distributed.peer_lost(exc)  # another torchrun process left: torchrun stops this one next
+        stopped = lost or isinstance(exc, (KeyboardInterrupt, BrokenPipeError, SystemExit))
+        if lost:
+            entry["stopped"] = f"another process of the torchrun job left ({str(exc).strip()[:200]})"
+        elif isinstance(exc, BrokenPipeError):
             entry["stopped"] = "the output's reader left (a closed pipe)"
         elif isinstance(exc, SystemExit):  # rich's console exits so where the output's reader left
             entry["stopped"] = f"the process was told to exit (SystemExit {exc.code}), e.g. the output's reader left"

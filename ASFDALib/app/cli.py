@@ -853,17 +853,31 @@ def _run(args: argparse.Namespace) -> int:
         print(f"asfda {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        kept = {
-            "rank": "finished volumes are cached and a re-run resumes from there",
-            "benchmark": "finished runs are in results.json and a re-run resumes from there",
-            "demo": "a re-run makes what is missing",
-            "phantoms": f"the volumes written are kept in {getattr(args, 'out', '--out')}; run it again with a "
-            "new --out, or remove that folder first",
-            "finetune": "'--resume' goes on from the newest checkpoint, if one was written",
-            "predict": "the maps written are kept and a re-run replaces them",
-        }.get(args.command, "nothing half-written is kept; run it again")
-        print(f"interrupted; {kept}", file=sys.stderr)
+        print(f"interrupted; {_what_is_kept(args)}", file=sys.stderr)
         return interrupted_exit_code(exc)
+    except RuntimeError as exc:
+        if "ASFDALib.distributed" not in sys.modules or not sys.modules["ASFDALib.distributed"].peer_lost(exc):
+            raise
+        # not this process's error: torchrun stops it next, and the job goes on as after an interruption
+        why = str(exc).strip().splitlines()[0][:200]
+        print(
+            f"asfda {args.command}: stopped: another process of the torchrun job left ({why}); {_what_is_kept(args)}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _what_is_kept(args: argparse.Namespace) -> str:
+    """What a stopped command leaves, and how to go on."""
+    return {
+        "rank": "finished volumes are cached and a re-run resumes from there",
+        "benchmark": "finished runs are in results.json and a re-run resumes from there",
+        "demo": "a re-run makes what is missing",
+        "phantoms": f"the volumes written are kept in {getattr(args, 'out', '--out')}; run it again with a "
+        "new --out, or remove that folder first",
+        "finetune": "'--resume' goes on from the newest checkpoint, if one was written",
+        "predict": "the maps written are kept and a re-run replaces them",
+    }.get(args.command, "nothing half-written is kept; run it again")
 
 
 if __name__ == "__main__":

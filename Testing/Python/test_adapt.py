@@ -1635,6 +1635,49 @@ def test_a_run_that_fails_is_recorded_as_failed_and_resuming_it_reaches_its_own_
     ]
 
 
+GLOO_PEER_GONE = "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:4242"
+
+
+def test_a_torchrun_peer_that_left_is_recorded_as_an_interruption_not_a_failure(
+    labelled_session, tmp_path, monkeypatch, capsys
+):
+    """Another rank killed (its scheduler, an out-of-memory kill) breaks this rank's collective with gloo's
+    error: this run did not fail, torchrun stops it next, and --resume goes on as after Ctrl-C."""
+    import threading
+
+    from ASFDALib import distributed
+    from ASFDALib.adaptation import pipeline
+    from ASFDALib.adaptation.runs import read_run
+
+    copy = tmp_path / "copy"
+    shutil.copytree(labelled_session, copy)
+    monkeypatch.setattr(distributed, "launched", lambda: True)  # a two-process job, as torchrun's env says
+
+    def peer_gone(p) -> None:
+        if p.iteration == 3:
+            raise RuntimeError(GLOO_PEER_GONE)
+
+    config = FinetuneConfig(4, 0, batch_size=1, checkpoint_every=2, device="cpu")
+    with Session.open(copy) as session, pytest.raises(RuntimeError):
+        pipeline.finetune_session(session, config, False, "new", threading.Event(), peer_gone)
+    last = read_run(copy / "checkpoints" / "round1")["history"][-1]
+    assert last["status"] == "interrupted" and "error" not in last and last["stage1"] == [0, 2]
+    assert last["stopped"] == f"another process of the torchrun job left ({GLOO_PEER_GONE})"
+    assert not distributed.peer_lost(RuntimeError("CUDA out of memory"))  # this process's own error stays one
+
+    monkeypatch.setattr(distributed, "init_from_env", lambda device: None)
+    monkeypatch.setattr(
+        pipeline, "finetune_session", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(GLOO_PEER_GONE))
+    )
+    capsys.readouterr()
+    assert main(["finetune", str(labelled_session), "--iterations", "4", "--no-pseudo"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"asfda finetune: stopped: another process of the torchrun job left ({GLOO_PEER_GONE}); "
+        "'--resume' goes on from the newest checkpoint, if one was written"
+    )
+
+
 def test_a_flips_gate_records_that_no_other_gate_stands_behind_it(labelled_session):
     args = ["--iterations", "2", "--pseudo-iterations", "1", "--batch-size", "1", "--pseudo-gate", "flips"]
     assert main(["finetune", str(labelled_session), *args, "--min-agreement", "0"]) == 0
