@@ -16,6 +16,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import pickle
+import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,34 +149,105 @@ def _file_digest(*parts: Path | bytes) -> str:
 
 
 def load_weights(path: Path, trust: bool = False) -> Any:
-    """The object stored in a ``.pt``/``.pth``/``.ckpt`` file, read with ``torch.load(weights_only=True)``;
-    a pickle that needs more (a whole module) only with ``trust``. Unwrapping is the checkpoint reader's job."""
+    """The object stored in a ``.pt``/``.pth``/``.ckpt`` file, read with ``torch.load(weights_only=True)`` (numpy
+    scalars and arrays allowed: training logs keep them, and they hold no code), or a ``.safetensors`` file's
+    tensors; a pickle that needs more (a whole module, a config class) only with ``trust``. Unwrapping is the
+    checkpoint reader's job."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(4)
+            head = handle.read(9)
     except FileNotFoundError:
         raise ModelError(f"{path}: weights file not found") from None
     except OSError as exc:  # no permission, a folder, a broken mount
         raise ModelError(f"{path}: cannot read the weights file ({exc.strerror or exc})") from None
+    if head[8:9] == b"{" and head[:1] != b"\x80":  # safetensors: an 8-byte header length, then the JSON header
+        return read_safetensors(path)
     # torch.save writes a zip archive (a pickle stream before PyTorch 1.6): anything else is not a checkpoint,
     # and --trust would not make it one
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise ModelError(
-            f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with {head!r}); "
-            "is it the model's weights file?"
+            f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive, safetensors a JSON header; this file "
+            f"starts with {head[:4]!r}); is it the model's weights file?"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - weights_only refusal or corrupt file
+        with torch.serialization.safe_globals(_numpy_data_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # a global weights_only does not allow: objects that may run code
         if not trust:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            holds = f"it holds {found.group(1)}" if found else type(exc).__name__
             raise TrustRequiredError(
                 f"{path}: not a plain weights file; loading it would unpickle arbitrary objects, which can run "
-                f"code ({type(exc).__name__}). Re-save it as a state dict, or {_TRUST_HINT}"
+                f"code ({holds}). Re-save its state dict where it was made, or {_TRUST_HINT}"
             ) from None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc2:  # noqa: BLE001
-            raise ModelError(f"{path}: cannot read weights ({exc2})") from None
+    except Exception as exc:  # noqa: BLE001 - torch's reader on a damaged archive (a download cut short)
+        raise ModelError(
+            f"{path}: cannot read weights ({_first_line(exc)}); the file looks damaged or incomplete: "
+            "download or save it again"
+        ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError) as exc:  # a class of the training code, not importable here
+        raise ModelError(
+            f"{path}: cannot read weights ({exc}): the file holds objects of its training code; re-save its state "
+            "dict where that code is (torch.save(model.state_dict(), ...)), or install that code here"
+        ) from None
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{path}: cannot read weights ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _numpy_data_globals() -> list:
+    """What a pickled numpy scalar or array needs: data, no code (nnU-Net's and Lightning's logs keep them)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = {type(np.dtype(t)) for t in "?bBhHiIlLqQefdgFDGSUV"}
+    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors (Hugging Face's format: a JSON header of names, dtypes, shapes and byte
+    ranges, then the raw little-endian data). Data only, so no trust is needed; read here without the package."""
+    data = Path(path).read_bytes()
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+        body = memoryview(data)[8 + size :]
+        tensors = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            flat = (
+                torch.frombuffer(bytearray(body[begin:end]), dtype=dtype)
+                if end > begin
+                else torch.empty(0, dtype=dtype)
+            )
+            tensors[name] = flat.reshape(entry["shape"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ModelError(
+            f"{path}: cannot read it as safetensors ({type(exc).__name__}: {exc}); the file looks damaged or incomplete"
+        ) from None
+    return tensors
 
 
 def resolve_class_map(
@@ -221,7 +295,8 @@ def _apply_weights(
             )
             report.hint = (
                 f"to keep the pre-trained rows of the classes the two share, list the checkpoint's "
-                f"{report.source_classes} classes in the card's source_classes{named}, or give --class-map"
+                f"{report.source_classes} classes in the card's source_classes{named} (then --class-map pairs "
+                "those named otherwise)"
             )
     return report
 
@@ -268,9 +343,22 @@ def _find_card(candidates: list[Path], explicit: Path | None) -> ModelCard:
     raise ModelError(f"no model card found (looked for {names}); write one or pass --card")
 
 
+def _refuse_nnunet(path: Path) -> None:
+    """An nnU-Net v2 training output (``checkpoint_final.pth`` in ``fold_N/``, ``plans.json`` above it) is refused
+    in one line before anything else: its network is built from the plans by nnU-Net's own classes."""
+    plans = next((f / "plans.json" for f in (path.parent, path.parent.parent) if (f / "plans.json").is_file()), None)
+    if path.is_file() and path.name.startswith("checkpoint_") and plans is not None:
+        raise ModelError(
+            f"{path}: an nnU-Net checkpoint (its plans: {plans}). nnU-Net builds its network from the plans with "
+            "its own classes (PlainConvUNet, ResidualEncoderUNet), which ASFDA does not build, and no MONAI network "
+            "has its tensor names (MONAI's DynUNet follows the same design under other names): ASFDA cannot "
+            "adapt it yet. Models saved as MONAI networks (bundles, state dicts with a card) load"
+        )
+
+
 def load_model(
     path: Path | str,
-    card: Path | str | ModelCard | None = None,
+    card: Path | str | ModelCard | Mapping[str, Any] | None = None,
     network: NetworkSpec | None = None,
     trust: bool = False,
     class_map: str | Mapping[str, str] | None = None,
@@ -282,9 +370,12 @@ def load_model(
     says which pre-trained head rows to copy. The report of what loaded is ``LoadedModel.load_report``.
     """
     path = Path(path)
+    if isinstance(card, Mapping):  # a card written in Python, as the card file would hold it
+        card = card_from_dict(dict(card), source="the card given")
     explicit = Path(card) if isinstance(card, (str, Path)) else None
     if not path.exists():
         raise ModelError(f"{path}: model not found")
+    _refuse_nnunet(path)
     bundle = _bundle_holding(path)
     if bundle is not None and card is None and not any(c.is_file() for c in card_candidates(path)):
         path = bundle  # a bundle's weights or config picked in a file dialog (the panel's browses files): the bundle
@@ -310,8 +401,8 @@ def load_model(
     spec = network or loaded_card.network
     if spec is None:
         raise ModelError(
-            f"{path}: a state dict needs a network; add 'network' (name and args) to the card, or pass --network "
-            "and --network-args where the command takes them (rank, stats; benchmark reads the card only)"
+            f"{path}: weights need a network to load into; add 'network' (name and args) to the card, or pass "
+            "--network and --network-args where the command takes them (rank, stats; benchmark reads the card only)"
         )
     spec = spec_for_classes(spec, loaded_card.num_classes)
     net = build_network(spec, seed=0)
@@ -530,9 +621,16 @@ def _load_bundle(
         parser = ConfigParser()
         parser.read_config(str(config_path))
         parser["bundle_root"] = str(folder)
-        with torch.random.fork_rng(devices=[]):  # a new head is the same every time the model is rebuilt
-            torch.manual_seed(0)
-            net = parser.get_parsed_content("network_def")
+        # the bundle's own code (scripts/ beside configs/) imports as MONAI's runner makes it: the root on the path
+        sys.path.insert(1, str(folder))
+        try:
+            with torch.random.fork_rng(devices=[]):  # a new head is the same every time the model is rebuilt
+                torch.manual_seed(0)
+                net = parser.get_parsed_content("network_def")
+        except Exception as exc:  # noqa: BLE001 - the bundle's own code: any error it raises, in one line
+            raise ModelError(f"{config_path}: cannot build network_def ({_first_line(exc)})") from None
+        finally:
+            sys.path.remove(str(folder))
     _check_inputs(net, folder)
     report = _apply_weights(
         net, load_weights(weight_path, trust), card, class_map, weight_path, _bundle_class_names(folder)

@@ -8,7 +8,9 @@ pre-trained for 14 classes (random weights here) and saved in a published layout
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -23,6 +25,7 @@ from ASFDALib.adaptation.session import Session
 from ASFDALib.adaptation.trainer import param_groups
 from ASFDALib.app.cli import main
 from ASFDALib.bench.phantoms import CLASS_NAMES
+from ASFDALib.errors import ModelError, TrustRequiredError
 from ASFDALib.models.card import NetworkSpec
 from ASFDALib.models.loading import build_network, load_model
 
@@ -314,3 +317,125 @@ def test_round_one_ranks_by_dkd_alone_whenever_no_foreground_class_keeps_its_hea
     )
     assert round_config(session, unmapped, RankConfig(strategy="dkd")) == (RankConfig(strategy="dkd"), [])
     assert round_config(session, by_name, RankConfig(alpha=0.3)) == (RankConfig(alpha=0.3), [])
+
+
+def _safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Hugging Face's safetensors layout, written by hand: u64 header length, JSON header, raw little-endian data."""
+    names = {torch.float32: "F32", torch.int64: "I64"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, tensor in tensors.items():
+        blob = tensor.contiguous().numpy().tobytes()
+        header[name] = {
+            "dtype": names[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def test_a_safetensors_file_loads_as_its_state_dict_without_trust(pool, tmp_path):
+    _, source = _publish("unet-instance", tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(_safetensors(source))
+    model = load_model(tmp_path / "model.safetensors", pool / "card.json", NetworkSpec(*NETWORKS["unet-instance"]))
+    own = model.network.state_dict()
+    body = [k for k in source if not k.startswith("model.2")]  # the output block is the 4-class head now
+    assert body and all(torch.equal(own[k], source[k]) for k in body)
+    (tmp_path / "cut.safetensors").write_bytes(_safetensors(source)[:-100])
+    with pytest.raises(ModelError, match="cut.safetensors: cannot read it as safetensors .*damaged or incomplete"):
+        load_model(tmp_path / "cut.safetensors", pool / "card.json", NetworkSpec(*NETWORKS["unet-instance"]))
+
+
+def test_numpy_values_of_a_training_log_load_without_trust(pool, tmp_path):
+    """nnU-Net's and Lightning's checkpoints keep numpy scalars and arrays beside the weights: data, no code."""
+    path, source = _publish("unet-instance", tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["logging"] = {"mean_fg_dice": [np.float64(0.5)], "ema": np.float32(0.4), "curve": np.arange(3.0)}
+    torch.save(ckpt, path)
+    model = load_model(path, pool / "card.json", NetworkSpec(*NETWORKS["unet-instance"]))
+    assert model.load_report.loaded
+
+
+class TrainConfig:  # a training script's own class, pickled into its checkpoint
+    lr = 1e-3
+
+
+def test_a_cut_short_checkpoint_is_called_damaged_and_code_in_one_names_what_it_holds(pool, tmp_path, capsys):
+    path, _ = _publish("unet-instance", tmp_path)
+    data = path.read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])  # a download cut short
+    spec = NetworkSpec(*NETWORKS["unet-instance"])
+    with pytest.raises(
+        ModelError, match="cut.pth: cannot read weights .*damaged or incomplete: download or save"
+    ) as cut:
+        load_model(tmp_path / "cut.pth", pool / "card.json", spec)
+    assert not isinstance(cut.value, TrustRequiredError) and "--trust" not in str(cut.value)
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "config": TrainConfig()}, tmp_path / "config.pth")
+    with pytest.raises(TrustRequiredError, match=r"\(it holds test_foundation_models.TrainConfig\)"):
+        load_model(tmp_path / "config.pth", pool / "card.json", spec)
+    assert load_model(tmp_path / "config.pth", pool / "card.json", spec, trust=True).load_report.loaded
+    # where the training code is not importable, trust cannot help: say where to re-save
+    (tmp_path / "lab_training_code.py").write_text("class RunConfig:\n    lr = 1e-3\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        torch.save({**ckpt, "config": importlib.import_module("lab_training_code").RunConfig()}, tmp_path / "x.pth")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("lab_training_code")
+    (tmp_path / "lab_training_code.py").unlink()
+    (tmp_path / "x.pth").rename(tmp_path / "elsewhere.pth")
+    with pytest.raises(ModelError, match="holds objects of its training code; re-save its state dict where that code"):
+        load_model(tmp_path / "elsewhere.pth", pool / "card.json", spec, trust=True)
+
+
+def test_an_nnunet_training_output_is_refused_in_one_line_before_any_work(pool, tmp_path, capsys):
+    trained = tmp_path / "Dataset001_Liver" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (trained / "fold_0").mkdir(parents=True)
+    (trained / "plans.json").write_text("{}")
+    torch.save(
+        {"network_weights": {"encoder.stages.0.0.convs.0.conv.weight": torch.zeros(2, 1, 3, 3, 3)}},
+        trained / "fold_0" / "checkpoint_final.pth",
+    )
+    session = tmp_path / "s"
+    args = ["rank", "--model", str(trained / "fold_0" / "checkpoint_final.pth"), "--images", str(pool / "images")]
+    assert main([*args, "--out", str(session)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"an nnU-Net checkpoint (its plans: {trained / 'plans.json'})" in err
+    assert "ASFDA cannot adapt it yet" in err and not session.exists()
+
+
+def test_a_trusted_bundle_builds_its_network_from_its_own_scripts(pool, tmp_path):
+    """A bundle whose network_def is its own class in scripts/ (as model-zoo bundles ship custom networks):
+    refused without trust, built with it as MONAI's runner builds it (the bundle root importable)."""
+    name, args = NETWORKS["unet-instance"]
+    bundle = tmp_path / "custom_bundle"
+    for sub in ("configs", "models", "scripts"):
+        (bundle / sub).mkdir(parents=True)
+    (bundle / "scripts" / "__init__.py").write_text("")
+    (bundle / "scripts" / "lab_net.py").write_text(
+        "from monai.networks.nets import UNet\n\nclass LabUNet(UNet):\n    pass\n"
+    )
+    config = {"network_def": {"_target_": "scripts.lab_net.LabUNet", **{**args, "out_channels": 4}}}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    torch.manual_seed(2)
+    net = build_network(NetworkSpec(name, {**args, "out_channels": 4}))
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    with pytest.raises(TrustRequiredError):
+        load_model(bundle, pool / "plain.json")
+    model = load_model(bundle, pool / "plain.json", trust=True)
+    assert type(model.network).__name__ == "LabUNet" and str(bundle) not in __import__("sys").path
+    assert all(torch.equal(model.network.state_dict()[k], v) for k, v in net.state_dict().items())
+    config["network_def"]["_target_"] = "scripts.missing.Net"
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"inference.json: cannot build network_def \("):
+        load_model(bundle, pool / "plain.json", trust=True)
+
+
+def test_a_card_given_in_python_as_a_dict_is_the_card(pool, tmp_path):
+    path, _ = _publish("unet-instance", tmp_path)
+    card = json.loads((pool / "plain.json").read_text())
+    model = load_model(path, card, NetworkSpec(*NETWORKS["unet-instance"]))
+    assert model.card.class_names == CLASS_NAMES and model.card.roi_size == (32, 32, 32)

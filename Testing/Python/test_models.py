@@ -237,7 +237,7 @@ def test_a_bundles_weights_or_config_file_given_as_the_model_loads_the_bundle(tm
         load_model(folder / "models" / "model_best_epoch90.pt")
     # a card beside the weights says the file is meant on its own: it is read as the state dict it is
     (folder / "models" / "model.card.json").write_text(json.dumps({"class_names": CLASSES}))
-    with pytest.raises(ModelError, match="model.pt: a state dict needs a network"):
+    with pytest.raises(ModelError, match="model.pt: weights need a network to load into"):
         load_model(folder / "models" / "model.pt")
 
 
@@ -284,7 +284,7 @@ def test_a_target_card_that_keeps_no_pre_trained_row_names_the_classes_the_bundl
     assert report.head_reinitialised and not report.mapped_classes
     assert (
         "list the checkpoint's 4 classes in the card's source_classes (its metadata names them: "
-        f"{', '.join(CLASSES)}), or give --class-map" in report.summary
+        f"{', '.join(CLASSES)}) (then --class-map pairs those named otherwise)" in report.summary
     )
     named = replace(target, source_classes=list(CLASSES))
     save_card(named, tmp_path / "named.card.json")
