@@ -62,11 +62,19 @@ _SHOW = 5  # tensor names listed in an error before "... and N more"
 # --- unwrapping ------------------------------------------------------------------------------------------
 
 
+_PLAIN = (int, float, str, bool, type(None))  # what a state dict may carry beside its tensors (a "version": 1)
+
+
 def _is_tensor_mapping(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+    """Tensors by name, plain values aside: Lightning and others keep a version number among them."""
+    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return False
+    return all(isinstance(v, (torch.Tensor, *_PLAIN)) for v in obj.values())
 
 
-def state_dict_from(obj: Any, network: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+def state_dict_from(
+    obj: Any, network: torch.nn.Module | None = None, source: str = "this checkpoint"
+) -> dict[str, torch.Tensor]:
     """The tensor mapping inside a loaded checkpoint, with wrapper prefixes shared by all keys removed.
 
     Unwraps nested containers (``net``, ``state_dict``, ``model``, ``network_weights``, ``model_state_dict``,
@@ -94,9 +102,9 @@ def state_dict_from(obj: Any, network: torch.nn.Module | None = None) -> dict[st
         top = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__
         inside = f" under {'/'.join(path)}" if path else ""
         raise ModelError(
-            f"no state dict (a mapping of names to tensors) found in this checkpoint{inside}; top-level keys: {top}"
+            f"{source}: no state dict (a mapping of names to tensors) found{inside}; top-level keys: {top}"
         )
-    state = dict(node)
+    state = {k: v for k, v in node.items() if isinstance(v, torch.Tensor)}
     own = set(network.state_dict()) if network is not None else None
     while True:
         prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
@@ -348,7 +356,7 @@ def load_pretrained(
     encoder-only checkpoint) is missing from the checkpoint or has another shape, when the network has no
     ``num_classes``-channel output layer, or when ``class_map`` points outside either head.
     """
-    ckpt = state_dict_from(state, network)
+    ckpt = state_dict_from(state, network, source)
     out = getattr(network, "out_channels", None)
     if isinstance(out, int) and out != num_classes:
         raise ModelError(

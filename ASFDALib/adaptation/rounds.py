@@ -59,7 +59,8 @@ def _model_change(named: LoadedModel, recorded: dict) -> str:
     if named.card.to_dict() != recorded["card"]:
         changes.append("the card differs from the one it started with")
     if named.class_map != recorded.get("class_map"):
-        changes.append(f"--class-map {named.class_map} differs (it had {recorded.get('class_map')})")
+        had = recorded.get("class_map") or "none"
+        changes.append(f"--class-map {named.class_map or 'none'} differs (it had {had})")
     return " and ".join(changes) or f"{named.path}'s weights changed since it started"
 
 

@@ -108,7 +108,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
         "--model",
         type=existing_path,
         required=required,
-        help="MONAI bundle folder, TorchScript file, or state dict (.pt/.pth); default: the built-in small model",
+        help="MONAI bundle folder, state dict or checkpoint (.pt, .pth, .ckpt, .safetensors), TorchScript (.ts) or "
+        "torch.export program (.pt2); default: the built-in small model",
     )
     group.add_argument(
         "--card",
@@ -133,8 +134,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
     group.add_argument(
         "--trust",
         action="store_true",
-        help="allow formats that run code from the file (TorchScript, pickled checkpoints, bundle configs with "
-        "custom _target_); only for files from people you trust",
+        help="allow formats that run code from the file (TorchScript, torch.export programs, pickled objects in "
+        "checkpoints, bundle configs with $ expressions or custom _target_, the bundle's own scripts/); only for "
+        "files from people you trust",
     )
     group.add_argument(
         "--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1"

@@ -137,7 +137,14 @@ def choose_knowledge(model: LoadedModel, requested: str = "auto") -> Knowledge:
     if requested in ("auto", "stats") and has_stats and not model.scripted:
         return Knowledge("stats", FeatureSummary.load(stats_path))
     if requested == "stats":
-        raise ModelError(f"{model.path}: no source-statistics file (set 'source_stats' in the card; see asfda stats)")
+        if stats_path is not None:
+            why = f"the card's source_stats, {stats_path}, is not there"
+        else:  # a session ranks with the card it was started with: a file named in the card later is not in it
+            why = (
+                "the card names none (set 'source_stats' in it, see asfda stats; a session keeps the card of its "
+                "first rank, so name the file before a session's first rank)"
+            )
+        raise ModelError(f"{model.path}: no source-statistics file: {why}")
     note = "" if norm is None else f"the network normalises with {kinds}: no BatchNorm statistics to compare with"
     if model.head_is_new:  # energy and prototypes read a head that has learnt nothing yet
         if requested in ("energy", "prototype"):

@@ -148,9 +148,17 @@ def test_plain_monai_unet_state_dict_loads_without_key_mapping():
     assert_loaded_bitwise(target, report, source.state_dict())
 
 
-def test_state_dict_from_refuses_a_file_without_tensors_naming_its_keys():
-    with pytest.raises(ModelError, match=r"no state dict.*\['epoch', 'optimizer'\]"):
-        state_dict_from({"epoch": 3, "optimizer": {"lr": 0.1}})
+def test_state_dict_from_refuses_a_file_without_tensors_naming_it_and_its_keys():
+    with pytest.raises(ModelError, match=r"lab.ckpt: no state dict.*\['epoch', 'optimizer'\]"):
+        state_dict_from({"epoch": 3, "optimizer": {"lr": 0.1}}, source="lab.ckpt")
+
+
+def test_a_state_dict_with_a_version_number_among_its_tensors_is_still_one():
+    sd = segresnet(4).state_dict()
+    state = state_dict_from(
+        {"state_dict": {**{f"model.{k}": v for k, v in sd.items()}, "model.version": 1}, "epoch": 1}
+    )
+    assert set(state) == set(sd)
 
 
 # --- output heads ----------------------------------------------------------------------------------------

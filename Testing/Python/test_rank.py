@@ -208,6 +208,20 @@ def test_source_statistics_file_is_computed_and_used(tmp_path, default_model, mr
     assert all(np.isfinite(r.knowledge_gap) for r in ranking.rows)
 
 
+def test_asking_for_source_statistics_the_card_does_not_name_says_how_a_session_gets_them(default_model, tmp_path):
+    from dataclasses import replace
+
+    from ASFDALib.errors import ModelError
+    from ASFDALib.query.ranking import choose_knowledge
+
+    unnamed = replace(default_model, card=replace(default_model.card, source_stats=None))
+    with pytest.raises(ModelError, match="the card names none .*name the file before a session's first rank"):
+        choose_knowledge(unnamed, "stats")
+    missing = replace(default_model, card=replace(default_model.card, source_stats="gone.npz"))
+    with pytest.raises(ModelError, match="the card's source_stats, .*gone.npz, is not there"):
+        choose_knowledge(missing, "stats")
+
+
 @pytest.mark.parametrize("strategy", ["random", "fg-random", "entropy", "coreset", "dkd", "asd"])
 def test_baseline_strategies_rank_the_whole_pool(tmp_path, default_model, mri_pool, strategy):
     ranking = rank_folder(
