@@ -104,10 +104,20 @@ def session_model(session: Session, adapted: bool = True) -> LoadedModel:
             f"{info['digest']}); start a new session for a new model"
         )
     checkpoint = session.adapted_checkpoint() if adapted else None
+    model.made_by = {"session": str(session.root.resolve()), "model": "source", "digest": info["digest"]}
     if checkpoint is not None:
         model.network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-        model.digest = f"{model.digest}+{content_hash(checkpoint)[:16]}"
+        sha256 = content_hash(checkpoint)
+        model.digest = f"{model.digest}+{sha256[:16]}"
         model.network.eval()
+        latest = session.adapted_round()
+        model.made_by = {
+            "session": model.made_by["session"],
+            "model": "adapted",
+            "round": latest["index"],
+            "checkpoint": latest["checkpoint"],
+            "sha256": sha256,
+        }
     return model
 
 
@@ -980,12 +990,13 @@ def predict_folder(
     written to ``out``; returns (maps written, reasons for the files skipped). Refused first, writing nothing,
     where a map would land on a scan or another file it must not replace (:func:`plan_predictions`; a
     session's files in ``protected``). ``out``'s manifest records which model wrote each map (``made_by``;
-    default: the model file and its digest) and the SHA-256 of the scan it segments. ``plan``: one a caller
+    default: a session's model as :func:`session_model` loaded it, else the model file and its digest) and the
+    SHA-256 of the scan it segments. ``plan``: one a caller
     made already (to say what it replaces before the model loads), so its checks are not made twice."""
     from ASFDALib.outputs import record_predictions
 
     plan = plan or plan_predictions(images, out, protected, fix)
-    made_by = made_by or {"model": str(Path(model.path).resolve()), "digest": model.digest}
+    made_by = made_by or model.made_by or {"model": str(Path(model.path).resolve()), "digest": model.digest}
     written, skipped = [], []
     try:
         for i, path in enumerate(plan.scans):

@@ -704,7 +704,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
     from ASFDALib.adaptation.pipeline import predict_folder
     from ASFDALib.adaptation.runs import finish_hint, unfinished_run
-    from ASFDALib.data.volumes import content_hash, passed_over, passed_over_line
+    from ASFDALib.data.volumes import passed_over, passed_over_line
 
     replaced = plan.replaced
     if replaced:
@@ -725,18 +725,10 @@ def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
             "This session has not been fine-tuned yet: predicting with the source model "
             f"('asfda finetune {as_arg(args.session)}' adapts it first)."
         )
-    adapted = None if args.source_model else latest  # the round whose weights predict, if any
-    made_by: dict = {"session": str(session.root.resolve()), "model": "adapted" if adapted else "source"}
-    if adapted:
-        checkpoint = adapted["checkpoint"]
-        made_by |= {
-            "round": adapted["index"],
-            "checkpoint": checkpoint,
-            "sha256": content_hash(session.path(checkpoint)),
-        }
-        which = f"round {adapted['index']}'s fine-tuned model ({checkpoint})"
+    made_by = model.made_by  # which model predicts, as session_model loaded it
+    if made_by["model"] == "adapted":
+        which = f"round {made_by['round']}'s fine-tuned model ({made_by['checkpoint']})"
     else:
-        made_by["digest"] = session.data["model"]["digest"]
         which = "the source model"
     bar, update = volume_progress(console, "Predicting")
     with bar:

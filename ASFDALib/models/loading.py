@@ -47,6 +47,9 @@ class LoadedModel:
     # What the weights loader did (None for TorchScript), and the --class-map it was given (names, as typed).
     load_report: LoadReport | None = None
     class_map: str | dict[str, str] | None = None
+    # A session's model: which one it is (the session, source or adapted, the round and its checkpoint's hash),
+    # as a prediction's manifest records it; None for a model loaded from its file
+    made_by: dict | None = None
 
     @property
     def scripted(self) -> bool:

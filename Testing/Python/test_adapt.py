@@ -198,6 +198,23 @@ def test_a_prediction_folder_records_which_model_made_each_map(adapted_session, 
     assert made_from == {p.name: content_hash(p) for p in sorted((mri_pool / "images").iterdir())}
 
 
+def test_maps_predicted_from_python_record_the_sessions_model_as_the_command_does(adapted_session, mri_pool, tmp_path):
+    """The README's Python path (predict_folder on session_model) names the adapted checkpoint that ran, so
+    evaluate finds the session and its training cases by itself."""
+    from ASFDALib.adaptation.pipeline import predict_folder, session_model
+
+    _, session, _ = adapted_session
+    predict_folder(session_model(Session.open(session)), mri_pool / "images", tmp_path / "py", "cpu")
+    made_by = json.loads((tmp_path / "py" / "asfda_predictions.json").read_text())["made_by"]["mri_000.nii.gz"]
+    assert made_by == {
+        "session": str(session.resolve()),
+        "model": "adapted",
+        "round": 1,
+        "checkpoint": "checkpoints/round1/final.pt",
+        "sha256": content_hash(session / "checkpoints" / "round1" / "final.pt"),
+    }
+
+
 @pytest.fixture
 def test_set(adapted_session, mri_pool, tmp_path):
     """A test folder beside the session's pool (images/ and labels/): a new volume under the name of a volume
