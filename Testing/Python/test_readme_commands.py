@@ -95,16 +95,12 @@ def test_a_readme_benchmark_command_asks_for_the_protocol_its_results_were_made_
 
 
 def test_the_readmes_python_example_runs_as_printed(mri_pool, tmp_path, monkeypatch, capsys):
-    """The "From Python" block, verbatim, in a folder holding the pool and a ranked, labelled session."""
-    from ASFDALib.app.cli import main
-
+    """The "From Python" block, verbatim, in a folder holding the pool (it ranks the session itself)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = re.search(r"### From Python\n.*?```python\n(.*?)^```", text, re.S | re.M).group(1)
     shutil.copytree(mri_pool, tmp_path / "pool")
     shutil.copytree(ROOT / "Resources" / "Model", tmp_path / "Resources" / "Model")
     monkeypatch.chdir(tmp_path)
-    assert main(["rank", "--images", "pool/images", "--out", "session", "--budget", "2"]) == 0
-    capsys.readouterr()
     exec(compile(block, "README.md (From Python)", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     session = json.loads(Path("session/session.json").read_text())
@@ -121,6 +117,8 @@ def test_the_readmes_python_example_runs_as_printed(mri_pool, tmp_path, monkeypa
         "{'stage1': 100, 'stage2': 50}",
         Path("session", "checkpoints", "round1", "final.pt"),
     )
-    count, dice = re.fullmatch(r"(\d+) maps, mean Dice (\S+)", printed[3]).groups()
+    count, held_out, dice = re.fullmatch(r"(\d+) maps, (\d+) held out, mean Dice (\S+)", printed[3]).groups()
     assert int(count) == len(list(Path("pool/images").iterdir())) and 0 < float(dice) <= 1
-    assert json.loads(Path("pool_pred/asfda_predictions.json").read_text())["made_by"]
+    assert int(held_out) == int(count) - len(queried)  # the two labelled cases are left out
+    made_by = json.loads(Path("pool_pred/asfda_predictions.json").read_text())["made_by"]
+    assert {m["model"] for m in made_by.values()} == {"adapted"}
