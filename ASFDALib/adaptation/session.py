@@ -222,8 +222,15 @@ class Session:
         try:
             handle.acquire()
         except Timeout:
+            holder = self._lock_holder()
+            if holder.startswith(f"pid {os.getpid()} on {socket.gethostname()} "):  # a notebook's earlier cell
+                raise SessionError(
+                    f"{self.root}: session is held by another Session object of this very process ({holder}): "
+                    "an earlier notebook cell's (leave its 'with' block, or call its unlock(), first) or a job of "
+                    "this program still running (wait for it)"
+                ) from None
             raise SessionError(
-                f"{self.root}: session is in use by {self._lock_holder()}; wait for it to finish or stop it"
+                f"{self.root}: session is in use by {holder}; wait for it to finish or stop it"
             ) from None
         try:
             atomic_write_text(self.root / HOLDER_FILE, f"pid {os.getpid()} on {socket.gethostname()} since {now()}")

@@ -102,10 +102,11 @@ def test_a_symlink_pointing_outside_is_refused(tmp_path):
     assert safe_path(tmp_path / "s", "labels/a.nii.gz") == (tmp_path / "s" / "labels" / "a.nii.gz").resolve()
 
 
-def test_a_second_writer_is_refused_with_a_clear_message(tmp_path):
+def test_a_second_writer_in_this_process_is_told_to_leave_the_first_ones_with_block(tmp_path):
+    """Two Session objects in one notebook: "stop pid N" would mean killing the notebook itself."""
     first = Session.open(tmp_path, create=True).lock()
     try:
-        with pytest.raises(SessionError, match=r"in use by pid \d+"):
+        with pytest.raises(SessionError, match=r"held by another Session object of this very process .*'with' block"):
             Session.open(tmp_path, create=True).lock()
     finally:
         first.unlock()
@@ -275,7 +276,9 @@ def test_a_python_fine_tune_of_a_session_another_run_holds_is_refused_before_it_
 
     Session.open(tmp_path, create=True).save()
     with Session.open(tmp_path):
-        with pytest.raises(SessionError, match=f"session is in use by pid {os.getpid()} on "):
+        with pytest.raises(
+            SessionError, match=f"held by another Session object of this very process \\(pid {os.getpid()} on "
+        ):
             finetune_session(Session.open(tmp_path), FinetuneConfig(iterations=1))
     with pytest.raises(SessionError, match="no labels yet"):  # free again: it goes on to what it needs
         finetune_session(Session.open(tmp_path), FinetuneConfig(iterations=1))
