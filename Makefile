@@ -11,11 +11,14 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# nnU-Net's own network, the reference the nnU-Net conversion is tested against; without its dependencies
+	# (timm and torchvision serve other architectures, and would replace this torch)
+	$(BIN)/python -m pip install --quiet --no-deps "dynamic-network-architectures==0.4.4"
 	touch $@
 
 run: install

@@ -108,8 +108,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
         "--model",
         type=existing_path,
         required=required,
-        help="MONAI bundle folder, state dict or checkpoint (.pt, .pth, .ckpt, .safetensors), TorchScript (.ts) or "
-        "torch.export program (.pt2); default: the built-in small model",
+        help="MONAI bundle folder, state dict or checkpoint (.pt, .pth, .ckpt, .safetensors), TorchScript (.ts), "
+        "torch.export program (.pt2) or nnU-Net v2 fold_N/checkpoint_final.pth; default: the built-in small model",
     )
     group.add_argument(
         "--card",

@@ -29,6 +29,7 @@ import torch
 from ASFDALib.checkpoints import LoadReport, class_map_from_names, load_pretrained
 from ASFDALib.errors import ModelError, TrustRequiredError
 from ASFDALib.models.card import IntensityConfig, ModelCard, NetworkSpec, card_from_dict, load_card
+from ASFDALib.models.nnunet import nnunet_plans
 
 CARD_NAMES = ("asfda_card.json", "asfda_card.yaml", "model_card.json", "model_card.yaml")
 _TRUST_HINT = "pass --trust (trust=True) only if you trust whoever made this file"
@@ -346,17 +347,35 @@ def _find_card(candidates: list[Path], explicit: Path | None) -> ModelCard:
     raise ModelError(f"no model card found (looked for {names}); write one or pass --card")
 
 
-def _refuse_nnunet(path: Path) -> None:
-    """An nnU-Net v2 training output (``checkpoint_final.pth`` in ``fold_N/``, ``plans.json`` above it) is refused
-    in one line before anything else: its network is built from the plans by nnU-Net's own classes."""
-    plans = next((f / "plans.json" for f in (path.parent, path.parent.parent) if (f / "plans.json").is_file()), None)
-    if path.is_file() and path.name.startswith("checkpoint_") and plans is not None:
-        raise ModelError(
-            f"{path}: an nnU-Net checkpoint (its plans: {plans}). nnU-Net builds its network from the plans with "
-            "its own classes (PlainConvUNet, ResidualEncoderUNet), which ASFDA does not build, and no MONAI network "
-            "has its tensor names (MONAI's DynUNet follows the same design under other names): ASFDA cannot "
-            "adapt it yet. Models saved as MONAI networks (bundles, state dicts with a card) load"
-        )
+def _load_nnunet(
+    path: Path,
+    plans: Path,
+    card: ModelCard | None,
+    explicit: Path | None,
+    network: NetworkSpec | None,
+    trust: bool,
+    class_map: str | Mapping[str, str] | None,
+) -> LoadedModel:
+    """An nnU-Net training output as MONAI's DynUNet (:mod:`ASFDALib.models.nnunet`): the network and, unless a
+    card is given, the card from its plans; a given card's pre-trained classes are the checkpoint's own."""
+    from dataclasses import replace
+
+    from ASFDALib.models.nnunet import CONVERTED_NOTE, read_nnunet
+
+    spec, own, state = read_nnunet(path, plans, load_weights(path, trust))
+    if card is None and explicit is not None:
+        card = load_card(explicit)
+    if card is not None and not card.source_classes:  # the checkpoint's head is known: dataset.json names it
+        card = replace(card, source_classes=list(own.class_names))
+    card = card or own
+    spec = spec_for_classes(spec, card.num_classes)
+    if network is not None and network != spec:
+        raise ModelError(f"{path}: an nnU-Net model's network comes from its plans ({plans}); leave --network out")
+    net = build_network(spec, seed=0)
+    report = _apply_weights(net, state, card, class_map, path)
+    report.key_mapping = CONVERTED_NOTE
+    digest = _file_digest(path, *_digest_parts(card, class_map))
+    return LoadedModel(net.eval(), card, "state_dict", path, digest, spec, report, class_map)
 
 
 def load_model(
@@ -378,7 +397,10 @@ def load_model(
     explicit = Path(card) if isinstance(card, (str, Path)) else None
     if not path.exists():
         raise ModelError(f"{path}: model not found")
-    _refuse_nnunet(path)
+    if (plans := nnunet_plans(path)) is not None:  # nnU-Net's own training output: the plans say the network
+        return _load_nnunet(
+            path, plans, card if isinstance(card, ModelCard) else None, explicit, network, trust, class_map
+        )
     bundle = _bundle_holding(path)
     if bundle is not None and card is None and not any(c.is_file() for c in card_candidates(path)):
         path = bundle  # a bundle's weights or config picked in a file dialog (the panel's browses files): the bundle

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -391,20 +392,150 @@ def test_a_cut_short_checkpoint_is_called_damaged_and_code_in_one_names_what_it_
         load_model(tmp_path / "elsewhere.pth", pool / "card.json", spec, trust=True)
 
 
-def test_an_nnunet_training_output_is_refused_in_one_line_before_any_work(pool, tmp_path, capsys):
-    trained = tmp_path / "Dataset001_Liver" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    (trained / "fold_0").mkdir(parents=True)
-    (trained / "plans.json").write_text("{}")
-    torch.save(
-        {"network_weights": {"encoder.stages.0.0.convs.0.conv.weight": torch.zeros(2, 1, 3, 3, 3)}},
-        trained / "fold_0" / "checkpoint_final.pth",
+# An nnU-Net v2 training output as nnU-Net writes one: anisotropic strides and a transpose_forward, so a wrong axis
+# order or a misplaced kernel shows; CT normalisation from the dataset's foreground intensities.
+NNUNET_ARCH = {
+    "n_stages": 4,
+    "features_per_stage": [8, 16, 32, 64],
+    "conv_op": "torch.nn.modules.conv.Conv3d",
+    "kernel_sizes": [[3, 3, 3]] * 4,
+    "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 1]],
+    "n_conv_per_stage": [2, 2, 2, 2],
+    "n_conv_per_stage_decoder": [2, 2, 2],
+    "conv_bias": True,
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+    "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+    "dropout_op": None,
+    "dropout_op_kwargs": None,
+    "nonlin": "torch.nn.LeakyReLU",
+    "nonlin_kwargs": {"inplace": True},
+}
+NNUNET_LABELS = {"background": 0, "liver": 1, "right kidney": 2, "gallbladder": 3, "spleen": 4}
+
+
+def _nnunet_output(root: Path, arch: dict | None = None) -> tuple[Path, torch.nn.Module]:
+    """fold_0/checkpoint_final.pth with plans.json and dataset.json above it, and the PlainConvUNet it holds."""
+    plain = pytest.importorskip("dynamic_network_architectures.architectures.unet", reason="make install installs it")
+    arch = arch or NNUNET_ARCH
+    torch.manual_seed(3)
+    net = plain.PlainConvUNet(
+        1,
+        4,
+        arch["features_per_stage"],
+        torch.nn.Conv3d,
+        arch["kernel_sizes"],
+        arch["strides"],
+        2,
+        len(NNUNET_LABELS),
+        2,
+        conv_bias=True,
+        norm_op=torch.nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=torch.nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+        deep_supervision=False,
     )
-    session = tmp_path / "s"
-    args = ["rank", "--model", str(trained / "fold_0" / "checkpoint_final.pth"), "--images", str(pool / "images")]
-    assert main([*args, "--out", str(session)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"an nnU-Net checkpoint (its plans: {trained / 'plans.json'})" in err
-    assert "ASFDA cannot adapt it yet" in err and not session.exists()
+    for module in net.modules():  # trained-looking affine norms and biases, so a wrong mapping shows
+        if isinstance(module, torch.nn.InstanceNorm3d):
+            torch.nn.init.normal_(module.weight, 1.0, 0.2)
+            torch.nn.init.normal_(module.bias, 0.0, 0.2)
+        elif isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+            torch.nn.init.normal_(module.bias, 0.0, 0.5)
+    plans = {
+        "dataset_name": "Dataset017_Abdomen",
+        "plans_name": "nnUNetPlans",
+        "transpose_forward": [1, 0, 2],
+        "transpose_backward": [1, 0, 2],
+        "foreground_intensity_properties_per_channel": {
+            "0": {"percentile_00_5": -200.0, "percentile_99_5": 300.0, "mean": 50.0, "std": 100.0}
+        },
+        "configurations": {
+            "3d_fullres": {
+                "patch_size": [32, 16, 32],
+                "spacing": [4.0, 5.0, 4.0],
+                "normalization_schemes": ["CTNormalization"],
+                "architecture": {
+                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                    "arch_kwargs": arch,
+                    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+                },
+            }
+        },
+    }
+    dataset = {"channel_names": {"0": "CT"}, "labels": NNUNET_LABELS, "numTraining": 40, "file_ending": ".nii.gz"}
+    fold = root / "Dataset017_Abdomen" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0"
+    fold.mkdir(parents=True)
+    (fold.parent / "plans.json").write_text(json.dumps(plans))
+    (fold.parent / "dataset.json").write_text(json.dumps(dataset))
+    checkpoint = {
+        "network_weights": net.state_dict(),
+        "optimizer_state": {},
+        "grad_scaler_state": None,
+        "logging": {"mean_fg_dice": [np.float64(0.81)], "ema_fg_dice": [np.float64(0.8)]},
+        "_best_ema": np.float64(0.8),
+        "current_epoch": 1000,
+        "init_args": {
+            "plans": plans,
+            "configuration": "3d_fullres",
+            "fold": 0,
+            "dataset_json": dataset,
+            "device": torch.device("cpu"),
+        },
+        "trainer_name": "nnUNetTrainer",
+        "inference_allowed_mirroring_axes": (0, 1, 2),
+    }
+    torch.save(checkpoint, fold / "checkpoint_final.pth")
+    return fold / "checkpoint_final.pth", net.eval()
+
+
+def test_an_nnunet_training_output_loads_as_a_dynunet_computing_what_nnunets_own_network_computes(tmp_path):
+    path, plain = _nnunet_output(tmp_path)
+    model = load_model(path)  # no card, no --network: the plans and dataset.json say both
+    card = model.card
+    assert card.class_names == list(NNUNET_LABELS) and card.source_classes == list(NNUNET_LABELS)
+    # nnU-Net's array is the file's (S, A, R), permuted by transpose_forward [1, 0, 2] to (A, S, R): RAS order back
+    assert card.spacing == (4.0, 4.0, 5.0) and card.roi_size == (32, 32, 16)
+    assert (card.intensity.mode, card.intensity.a_min, card.intensity.a_max) == ("ct", -200.0, 300.0)
+    assert (card.intensity.b_min, card.intensity.b_max) == (-2.5, 2.5)  # clip, then z-score with mean 50, std 100
+    assert model.spec.name == "DynUNet" and "PlainConvUNet to MONAI's DynUNet" in model.load_report.summary
+    torch.manual_seed(0)
+    sar = torch.randn(1, 1, 16, 32, 32)  # a RAS-stored image as nnU-Net reads it: (S, A, R)
+    with torch.no_grad():
+        theirs = plain(sar.permute(0, 1, 3, 2, 4))  # transpose_forward
+        ours = model.network(sar.permute(0, 1, 4, 3, 2))  # ASFDA's (R, A, S)
+    theirs = theirs.permute(0, 1, 3, 2, 4).permute(0, 1, 4, 3, 2)  # both back to (R, A, S)
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+
+def test_an_nnunet_model_adapts_to_a_target_task_through_every_command(pool, tmp_path, capsys):
+    path, _ = _nnunet_output(tmp_path)
+    session = tmp_path / "session"
+    args = ["rank", "--model", str(path), "--card", str(pool / "plain.json"), "--images", str(pool / "images")]
+    assert main([*args, "--out", str(session), "--budget", "1", "--class-map", "kidney=right kidney"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "liver<-liver, kidney<-right kidney, gallbladder<-gallbladder" in said
+    query = json.loads((session / "ranking.json").read_text())["selected"]
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "gt" / query[0]).write_bytes((pool / "labels" / query[0]).read_bytes())
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
+    assert main(_finetune(session)) == 0
+    assert main(["predict", str(session), "--images", str(pool / "images"), "--out", str(tmp_path / "maps")]) == 0
+    assert main(["rank", "--out", str(session)]) == 0  # the session rebuilds the converted model by itself
+    recorded = json.loads((session / "session.json").read_text())["model"]
+    assert recorded["network"]["name"] == "DynUNet" and recorded["card"]["source_classes"] == list(NNUNET_LABELS)
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * 3}, "its kernels differ by stage"),
+        ({"n_conv_per_stage_decoder": [1, 1, 1]}, "its stages have [1, 2] convolutions"),
+    ],
+)
+def test_an_nnunet_model_dynunet_cannot_build_is_refused_naming_why(tmp_path, change, why, capsys):
+    path, _ = _nnunet_output(tmp_path, {**NNUNET_ARCH, **change})
+    with pytest.raises(ModelError, match=f"cannot be built as MONAI's DynUNet: {re.escape(why)}"):
+        load_model(path)
 
 
 def test_a_trusted_bundle_builds_its_network_from_its_own_scripts(pool, tmp_path):

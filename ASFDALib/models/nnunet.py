@@ -1,0 +1,226 @@
+"""nnU-Net v2 training outputs (``fold_N/checkpoint_final.pth`` beside ``plans.json`` and ``dataset.json``, as
+TotalSegmentator and most nnU-Net models ship) as MONAI's DynUNet, the network nnU-Net's design was rebuilt in.
+
+nnU-Net builds a ``PlainConvUNet`` from its plans; a DynUNet with the plans' stages, features, kernels and
+strides, instance norm and leaky ReLU computes the same function once the weights are renamed, with three
+differences this module takes care of or states:
+
+- Axes. nnU-Net feeds the network the file's voxel array as SimpleITK reads it (slowest axis first), permuted by
+  the plans' ``transpose_forward``; ASFDA feeds it in RAS order (fastest first). Every kernel, stride, the patch
+  and the spacing are permuted to match, which is exact for a model trained on RAS-stored images (TotalSegmentator
+  reorients to RAS before nnU-Net). A model trained on images stored otherwise sees mirrored scans: nnU-Net's
+  mirroring augmentation makes most models indifferent to that, left/right classes are not.
+- Biases. nnU-Net's convolutions carry biases, DynUNet's not: an instance norm follows every one, which removes a
+  per-channel constant, so dropping a convolution's bias is exact. The transposed convolutions keep theirs
+  (DynUNet's ``trans_bias``): the next convolution's zero padding would not let them cancel.
+- Decoder kernels. DynUNet's decoder block uses the kernel of the stage below it, nnU-Net's that of its own
+  stage: plans whose kernels differ by stage (anisotropic data) are refused, naming them.
+
+The card comes from the plans and dataset.json: the classes (``labels``), the configuration's spacing and patch
+size, and its normalisation (``CTNormalization``'s clip-then-z-score is a CT window mapped to the same values).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ASFDALib.errors import ModelError
+from ASFDALib.models.card import IntensityConfig, ModelCard, NetworkSpec
+
+PLANS = "plans.json"
+DATASET = "dataset.json"
+
+
+def nnunet_plans(path: Path) -> Path | None:
+    """The plans of an nnU-Net training output (``checkpoint_*.pth`` in a fold folder), or None."""
+    if not (path.is_file() and path.name.startswith("checkpoint_") and path.suffix == ".pth"):
+        return None
+    return next((f / PLANS for f in (path.parent, path.parent.parent) if (f / PLANS).is_file()), None)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read it ({exc})") from None
+
+
+def _configuration(plans: dict, name: str, plans_path: Path) -> dict:
+    """The named configuration with what it inherits (nnU-Net's ``inherits_from``)."""
+    configurations = plans.get("configurations", {})
+    if name not in configurations:
+        raise ModelError(f"{plans_path}: no configuration {name!r} (it has {', '.join(configurations) or 'none'})")
+    config = dict(configurations[name])
+    while parent := config.pop("inherits_from", None):
+        config = {**configurations[parent], **config}
+    return config
+
+
+def _architecture(config: dict, plans_path: Path) -> dict[str, Any]:
+    """Stages, features, kernels, strides and convolutions per stage, from either plans format."""
+    if "architecture" in config:  # nnU-Net >= 2.4
+        arch = config["architecture"]
+        kwargs = arch["arch_kwargs"]
+        return {
+            "class": arch["network_class_name"].rsplit(".", 1)[-1],
+            "features": list(kwargs["features_per_stage"]),
+            "kernels": [list(k) for k in kwargs["kernel_sizes"]],
+            "strides": [list(s) for s in kwargs["strides"]],
+            "convs": [*_listed(kwargs["n_conv_per_stage"]), *_listed(kwargs["n_conv_per_stage_decoder"])],
+            "norm": kwargs.get("norm_op", ""),
+            "nonlin": kwargs.get("nonlin", ""),
+            "slope": (kwargs.get("nonlin_kwargs") or {}).get("negative_slope", 0.01),
+        }
+    if "UNet_class_name" in config:  # the first nnU-Net v2 plans
+        kernels = [list(k) for k in config["conv_kernel_sizes"]]
+        base, most = config["UNet_base_num_features"], config.get("unet_max_num_features", 320)
+        return {
+            "class": config["UNet_class_name"],
+            "features": [min(base * 2**i, most) for i in range(len(kernels))],
+            "kernels": kernels,
+            "strides": [list(s) for s in config["pool_op_kernel_sizes"]],
+            "convs": [*config["n_conv_per_stage_encoder"], *config["n_conv_per_stage_decoder"]],
+            "norm": "InstanceNorm",
+            "nonlin": "LeakyReLU",
+            "slope": 0.01,
+        }
+    raise ModelError(f"{plans_path}: no network architecture in the configuration (an nnU-Net v2 plans file?)")
+
+
+def _listed(value: int | list[int]) -> list[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _refuse_unbuildable(arch: dict, plans_path: Path) -> None:
+    why = []
+    if arch["class"] != "PlainConvUNet":
+        why.append(f"its network is {arch['class']} (a residual encoder: no MONAI network has it)")
+    if "InstanceNorm" not in str(arch["norm"]) or "LeakyReLU" not in str(arch["nonlin"]):
+        why.append(f"it normalises with {arch['norm']} and activates with {arch['nonlin']}")
+    if any(n != 2 for n in arch["convs"]):
+        why.append(f"its stages have {sorted(set(arch['convs']))} convolutions (DynUNet's have 2)")
+    if any(k != arch["kernels"][0] for k in arch["kernels"]) or len(arch["kernels"][0]) != 3:
+        why.append(f"its kernels differ by stage or are not 3D ({arch['kernels']}; DynUNet's decoder needs them alike)")
+    if why:
+        raise ModelError(f"{plans_path}: this nnU-Net model cannot be built as MONAI's DynUNet: {'; '.join(why)}")
+
+
+def _card(plans: dict, config: dict, dataset: dict, name: str, axes: list[int], where: Path) -> ModelCard:
+    labels = dataset.get("labels", {})
+    if not labels or any(not isinstance(v, int) for v in labels.values()):
+        raise ModelError(f"{where}: dataset.json's labels are not one value per class (region-based training?)")
+    by_value = sorted(labels.items(), key=lambda kv: kv[1])
+    if [v for _, v in by_value] != list(range(len(by_value))):
+        raise ModelError(f"{where}: dataset.json's label values are not 0..{len(by_value) - 1}")
+    classes = [k for k, _ in by_value]
+    channels = dataset.get("channel_names") or dataset.get("modality") or {"0": ""}
+    if len(channels) != 1:
+        raise ModelError(f"{where}: the model takes {len(channels)} channels ({channels}); ASFDA gives it one scan")
+    scheme = (config.get("normalization_schemes") or ["ZScoreNormalization"])[0]
+    if scheme == "CTNormalization":  # clip to the 0.5..99.5 percentiles, then z-score: a linear CT window
+        props = plans["foreground_intensity_properties_per_channel"]["0"]
+        low, high, mean, std = (float(props[k]) for k in ("percentile_00_5", "percentile_99_5", "mean", "std"))
+        std = max(std, 1e-8)
+        intensity = IntensityConfig("ct", a_min=low, a_max=high, b_min=(low - mean) / std, b_max=(high - mean) / std)
+    elif scheme == "ZScoreNormalization":
+        intensity = IntensityConfig("zscore")
+    elif scheme == "RescaleTo01Normalization":
+        intensity = IntensityConfig("percentile", lower=0.0, upper=100.0)
+    elif scheme == "NoNormalization":
+        intensity = IntensityConfig("none")
+    else:
+        raise ModelError(f"{where}: normalisation {scheme} has no counterpart in a model card")
+    return ModelCard(
+        class_names=classes,
+        spacing=tuple(float(config["spacing"][a]) for a in axes),
+        roi_size=tuple(int(config["patch_size"][a]) for a in axes),
+        intensity=intensity,
+        name=f"{plans.get('dataset_name', 'nnU-Net')} {name}",
+        description=f"nnU-Net model of {plans.get('dataset_name', 'its dataset')}, configuration {name}",
+        source_classes=list(classes),
+    )
+
+
+def ras_axes(transpose_forward: list[int]) -> list[int]:
+    """For each RAS axis, the network axis of nnU-Net's array that holds it: the array is the file's, slowest
+    axis first (S, A, R for a RAS-stored image), then permuted by ``transpose_forward``."""
+    return [list(transpose_forward).index(2 - axis) for axis in range(3)]
+
+
+def read_nnunet(path: Path, plans_path: Path, weights: Any) -> tuple[NetworkSpec, ModelCard, dict[str, torch.Tensor]]:
+    """The DynUNet spec, the card and the renamed weights of an nnU-Net training output (``weights``: the loaded
+    checkpoint)."""
+    if not isinstance(weights, dict) or "network_weights" not in weights:
+        raise ModelError(f"{path}: no network_weights in it (an nnU-Net v2 checkpoint holds them)")
+    init = weights.get("init_args") or {}
+    plans = init.get("plans") or _read_json(plans_path)
+    dataset_path = plans_path.with_name(DATASET)
+    dataset = init.get("dataset_json") or (_read_json(dataset_path) if dataset_path.is_file() else {})
+    # the fold folder's parent is Trainer__Plans__configuration
+    name = init.get("configuration") or path.parent.parent.name.rsplit("__", 1)[-1]
+    config = _configuration(plans, name, plans_path)
+    arch = _architecture(config, plans_path)
+    _refuse_unbuildable(arch, plans_path)
+    axes = ras_axes(plans.get("transpose_forward", [0, 1, 2]))
+    card = _card(plans, config, dataset, name, axes, dataset_path if dataset else plans_path)
+    strides = [[s[a] for a in axes] for s in arch["strides"]]
+    spec = NetworkSpec(
+        "DynUNet",
+        {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": len(card.class_names),
+            "kernel_size": [[k[a] for a in axes] for k in arch["kernels"]],
+            "strides": strides,
+            "upsample_kernel_size": strides[1:],
+            "filters": arch["features"],
+            "norm_name": ["INSTANCE", {"affine": True, "eps": 1e-5}],
+            "act_name": ["leakyrelu", {"negative_slope": arch["slope"], "inplace": True}],
+            "trans_bias": True,
+        },
+    )
+    return spec, card, dynunet_state(weights["network_weights"], len(arch["features"]), axes)
+
+
+def dynunet_state(state: dict[str, torch.Tensor], stages: int, axes: list[int]) -> dict[str, torch.Tensor]:
+    """nnU-Net's PlainConvUNet weights under DynUNet's names, kernels permuted to RAS axis order. Left out:
+    convolution biases (an instance norm follows each), the deep-supervision heads of the lower resolutions, and
+    the decoder's copy of the encoder."""
+    perm = [0, 1, *(2 + a for a in axes)]
+
+    def block(source: str, target: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for k in range(2):
+            conv = f"{source}.convs.{k}"
+            out[f"{target}.conv{k + 1}.conv.weight"] = state[f"{conv}.conv.weight"].permute(perm).contiguous()
+            out[f"{target}.norm{k + 1}.weight"] = state[f"{conv}.norm.weight"]
+            out[f"{target}.norm{k + 1}.bias"] = state[f"{conv}.norm.bias"]
+        return out
+
+    try:
+        out: dict[str, torch.Tensor] = {}
+        for s in range(stages):
+            target = "input_block" if s == 0 else "bottleneck" if s == stages - 1 else f"downsamples.{s - 1}"
+            out |= block(f"encoder.stages.{s}.0", target)
+        for i in range(stages - 1):
+            out[f"upsamples.{i}.transp_conv.conv.weight"] = (
+                state[f"decoder.transpconvs.{i}.weight"].permute(perm).contiguous()
+            )
+            out[f"upsamples.{i}.transp_conv.conv.bias"] = state[f"decoder.transpconvs.{i}.bias"]
+            out |= block(f"decoder.stages.{i}", f"upsamples.{i}.conv_block")
+        head = f"decoder.seg_layers.{stages - 2}"
+        out["output_block.conv.conv.weight"] = state[f"{head}.weight"].permute(perm).contiguous()
+        out["output_block.conv.conv.bias"] = state[f"{head}.bias"]
+    except KeyError as exc:
+        raise ModelError(f"nnU-Net weights lack {exc.args[0]}: not a PlainConvUNet of these plans") from None
+    return out
+
+
+CONVERTED_NOTE = (
+    "from nnU-Net's PlainConvUNet to MONAI's DynUNet (kernels in RAS axis order, as for RAS-stored training images; "
+    "convolution biases left out, each cancelled by the instance norm after it)"
+)
