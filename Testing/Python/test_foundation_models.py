@@ -525,6 +525,26 @@ def test_an_nnunet_model_adapts_to_a_target_task_through_every_command(pool, tmp
     assert recorded["network"]["name"] == "DynUNet" and recorded["card"]["source_classes"] == list(NNUNET_LABELS)
 
 
+def test_the_first_nnunet_v2_plans_format_describes_the_same_network():
+    """nnU-Net before 2.4 wrote the architecture as UNet_* keys; TotalSegmentator's older models carry them."""
+    from ASFDALib.models.nnunet import _architecture
+
+    old = {
+        "UNet_class_name": "PlainConvUNet",
+        "UNet_base_num_features": 8,
+        "unet_max_num_features": 64,
+        "conv_kernel_sizes": NNUNET_ARCH["kernel_sizes"],
+        "pool_op_kernel_sizes": NNUNET_ARCH["strides"],
+        "n_conv_per_stage_encoder": [2, 2, 2, 2],
+        "n_conv_per_stage_decoder": [2, 2, 2],
+    }
+    new = {"architecture": {"network_class_name": "x.PlainConvUNet", "arch_kwargs": NNUNET_ARCH}}
+    assert _architecture(old, Path("plans.json")) == _architecture(new, Path("plans.json")) | {
+        "norm": "InstanceNorm",
+        "nonlin": "LeakyReLU",
+    }
+
+
 @pytest.mark.parametrize(
     ("change", "why"),
     [
