@@ -81,6 +81,11 @@ def device(text: str) -> str:
     """auto, cpu, cuda, cuda:N (or mps)."""
     if not DEVICE.match(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if text.startswith("cuda"):  # checked while parsing, before any command writes a thing (torch only then)
+        from ASFDALib.inference.device import cuda_problem
+
+        if problem := cuda_problem(text):
+            raise argparse.ArgumentTypeError(problem)
     return text
 
 

@@ -1115,3 +1115,17 @@ def test_a_folder_of_scans_in_formats_not_read_is_answered_with_what_it_holds(ra
     assert main(["predict", str(session), "--images", str(tmp_path / "fs"), "--out", str(tmp_path / "o")]) == 1
     assert "found files of other types only: .mgz 2, .txt 1: e.g. sub1.mgz" in _one_line_error(capsys)
     assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine with CUDA runs it")
+@pytest.mark.parametrize("command", [["rank", "--out"], ["demo", "--out"]])
+def test_a_gpu_asked_for_on_a_machine_without_one_is_one_line_before_anything_is_written(tmp_path, capsys, command):
+    from ASFDALib.errors import ASFDAError
+    from ASFDALib.inference.device import resolve_device
+
+    with pytest.raises(SystemExit) as stop:
+        main([*command, str(tmp_path / "s"), "--device", "cuda"])
+    assert stop.value.code == 2 and not (tmp_path / "s").exists()
+    assert "argument --device: cuda was asked for, but this machine has no CUDA device" in _one_line_error(capsys)
+    with pytest.raises(ASFDAError, match="use --device cpu or auto"):  # from Python (the panel's setting) alike
+        resolve_device("cuda:1")
