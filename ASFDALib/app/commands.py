@@ -370,9 +370,11 @@ def cmd_labels(args: argparse.Namespace) -> int:
         then = f"; {unfinished}: {finish_hint(session)}"
     elif newest is not None and newest.get("checkpoint"):  # its run finished: what comes next is not a fine-tune
         run = newest_run(session)
-        # --extend takes the new length, above what the run trained (its refusal says so otherwise)
-        stage1 = ((run or {}).get("targets") or {}).get("stage1", 0)
-        extend = f"'asfda finetune {as_arg(session.root)} --extend --iterations N' (N above {stage1})"
+        # --extend takes the new length, above what the run trained (its refusal says so otherwise); once stage 2
+        # has run, only stage 2 goes further
+        done = (run or {}).get("done") or {}
+        option, stage = ("--pseudo-iterations", "stage2") if done.get("stage2") else ("--iterations", "stage1")
+        extend = f"'asfda finetune {as_arg(session.root)} --extend {option} N' (N above {done.get(stage, 0)})"
         if changed := labels_changed_since(run, session_labels(session)):  # its model does not know them yet
             then = (
                 f"; round {newest['index']} is fine-tuned, but on other labels than now ({changed}): {extend} "

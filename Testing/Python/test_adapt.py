@@ -1439,7 +1439,16 @@ def test_the_labels_status_lists_labels_imported_beyond_the_query_and_what_follo
     assert main(["labels", str(labelled_session)]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert f"round 1 is fine-tuned: 'asfda predict {labelled_session} --images DIR --out DIR'" in said
-    assert f"'asfda finetune {labelled_session} --extend --iterations N' (N above 3) to train it further" in said
+    # that extension ran stage 2 too (200 iterations): only stage 2 goes further now
+    assert f"'asfda finetune {labelled_session} --extend --pseudo-iterations N' (N above 200) to train it" in said
+    # once stage 2 has run, only stage 2 goes further: the hint names its option and length, and works as typed
+    two_stages = ["--iterations", "2", "--pseudo-iterations", "1", "--batch-size", "1"]
+    assert main(["finetune", str(labelled_session), "--restart", *two_stages]) == 0
+    capsys.readouterr()
+    assert main(["labels", str(labelled_session)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"'asfda finetune {labelled_session} --extend --pseudo-iterations N' (N above 1) to train it" in said
+    assert main(["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "2", "--batch-size", "1"]) == 0
 
 
 def test_the_labels_status_tells_a_run_still_going_in_another_process_from_a_killed_one(labelled_session, capsys):
