@@ -811,6 +811,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     made_by = predictions_made_by(args.pred).values()  # predict's record of each map (read once)
     makers = {m["session"] for m in made_by if m.get("session")}
     maker = next(iter(makers)) if len(makers) == 1 else None
+    # --session names a copy or a moved folder of the session that made them (the very checkpoint)
+    copy = session is not None and str(session.root.resolve()) not in makers and _same_weights(session, made_by)
     if session is None and maker and (Path(maker) / "session.json").is_file():
         try:
             session = Session.open(maker)
@@ -824,12 +826,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "another machine): the mean includes any case it trained on; give --session with its new place",
             soft_wrap=True,
         )
-    elif (
-        session is not None
-        and makers
-        and str(session.root.resolve()) not in makers
-        and not _same_weights(session, made_by)
-    ):
+    elif session is not None and makers and str(session.root.resolve()) not in makers and not copy:
         console.print(
             f"[yellow]warning[/yellow] {escape(', '.join(sorted(makers)))} made these label maps, not "
             f"{escape(str(session.root))}: the cases left out of the mean are those {escape(str(session.root))} "
@@ -844,7 +841,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         names = None
     scores = evaluate_folders(args.pred, args.labels, names, parse_mapping(args.map, names))
     # a figure on cases the session's model trained on is not a test figure: they are noted, not averaged
-    trained = trained_on(session, scores, args.labels, predictions_made_from(args.pred)) if session else {}
+    # maps of one round's adapted model: what later rounds labelled, it never trained on
+    rounds = {m.get("round") for m in made_by if m.get("model") == "adapted"}
+    one_round = next(iter(rounds)) if len(rounds) == 1 and all(m.get("model") == "adapted" for m in made_by) else None
+    made_here = session is not None and (str(session.root.resolve()) in makers or copy)
+    up_to = one_round if made_here and isinstance(one_round, int) else None
+    trained = trained_on(session, scores, args.labels, predictions_made_from(args.pred), up_to) if session else {}
     if names is None:
         names = ["background", *[f"class{i}" for i in range(1, max(len(s.dice) for s in scores) + 1)]]
         console.print("no class names: give --session or --card (classes taken from the predictions' values)")

@@ -191,8 +191,18 @@ def foreign_warning(score: CaseScore, class_names: list[str], imported_with: str
 AS_ADAPTED = "as for the adapted model"  # why the source model's maps leave out the session's training cases
 
 
-def trained_on(session: Session, scores: list[CaseScore], label_dir: Path, made_from: dict[str, str]) -> dict[str, str]:
+def trained_on(
+    session: Session,
+    scores: list[CaseScore],
+    label_dir: Path,
+    made_from: dict[str, str],
+    up_to_round: int | None = None,
+) -> dict[str, str]:
     """The evaluated cases the session's model trained on, each with how it trained on it and which rule told.
+
+    ``up_to_round``: the round whose adapted model made the maps; what later rounds labelled it never saw, so
+    those cases count as held out. Without it (the source model's maps, or maps of no one round) every case the
+    session labelled or pseudo-labelled is left out.
 
     By content, never by name alone: a test folder's ``mri_002`` is not the pool's ``mri_002`` unless it is
     the same image, and a renamed copy of a training image still is one. The image a map was made from
@@ -204,9 +214,13 @@ def trained_on(session: Session, scores: list[CaseScore], label_dir: Path, made_
     mean must not hold a training case, and the note says it was by name.
     """
     how: dict[str, str] = {}
-    for round_ in session.rounds:
+    rounds = [r for r in session.rounds if up_to_round is None or r["index"] <= up_to_round]
+    for round_ in rounds:
         how |= dict.fromkeys((round_.get("metrics") or {}).get("pseudo_labelled", []), "pseudo-labelled")
-    labelled = list(session.data["labels"])  # what the session recorded, a label file deleted since included
+    if up_to_round is None:
+        labelled = list(session.data["labels"])  # what the session recorded, a label file deleted since included
+    else:  # what those rounds trained on, as each finished run recorded it
+        labelled = sorted({n for r in rounds for n in (r.get("metrics") or {}).get("labelled", [])})
     how |= dict.fromkeys(labelled, "labelled")
     images: dict[str, list[str]] = {}
     for entry in (session.data.get("images") or {}).get("files", []):
@@ -217,12 +231,12 @@ def trained_on(session: Session, scores: list[CaseScore], label_dir: Path, made_
     labels = {
         digest: name
         for name in labelled
-        for version in session.data["labels"][name]
+        for version in session.data["labels"].get(name, [])
         for digest in (version.get("sha256"), version.get("source_sha256"))
         if digest
     }
     # labelled names whose import recorded the source file: a reference label with other bytes is another case
-    comparable = {n for n in labelled if any(v.get("source_sha256") for v in session.data["labels"][n])}
+    comparable = {n for n in labelled if any(v.get("source_sha256") for v in session.data["labels"].get(n, []))}
     found = {}
     for score in scores:
         if score.prediction in made_from:

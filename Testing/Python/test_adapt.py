@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +120,33 @@ def test_evaluating_with_the_session_leaves_the_cases_it_trained_on_out_of_the_m
         np.mean([float(rows[c]["dice_liver"]) for c in rows if c != "MEAN" and not rows[c]["reason"]]), abs=1e-4
     )
     assert len(held_out) == 2
+
+
+def test_cases_labelled_after_the_round_that_made_the_maps_stay_held_out_for_them(
+    adapted_session, mri_pool, tmp_path, capsys
+):
+    """Round 1's maps, evaluated after a later label came in: round 1's model never trained on that case."""
+    import csv
+
+    _, original, _ = adapted_session
+    session = tmp_path / "session"
+    shutil.copytree(original, session)
+    pred = tmp_path / "pred"
+    assert main(["predict", str(session), "--images", str(mri_pool / "images"), "--out", str(pred)]) == 0
+    rows = {r["case"]: r for r in csv.DictReader(open(_evaluate(pred, mri_pool, session, capsys)))}
+    later = next(c for c, r in rows.items() if c != "MEAN" and not r["reason"])  # held out from round 1
+    (tmp_path / "more").mkdir()
+    shutil.copy(mri_pool / "labels" / later, tmp_path / "more" / later)
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "more"), "--cases", later]) == 0
+    rows = {r["case"]: r for r in csv.DictReader(open(_evaluate(pred, mri_pool, session, capsys)))}
+    assert not rows[later]["reason"] and rows["MEAN"]["reason"] == "without the 4 cases the session trained on"
+
+
+def _evaluate(pred: Path, pool: Path, session: Path, capsys) -> Path:
+    args = ["evaluate", "--pred", str(pred), "--labels", str(pool / "labels"), "--session", str(session)]
+    assert main([*args, "--out", str(pred.parent / "evaluation.csv")]) == 0
+    capsys.readouterr()
+    return pred.parent / "evaluation.csv"
 
 
 def test_evaluate_takes_the_session_that_made_the_maps_and_warns_where_another_is_named(
