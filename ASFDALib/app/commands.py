@@ -1014,6 +1014,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{_duration(report['seconds'])}."
     )
     console.print(f"Plots: {args.out}/demo.png, {args.out}/session/ranking.png. Session: {args.out}/session")
+    session = as_arg(args.out / "session")
+    console.print(  # going on from the demo: the next round's query has its reference labels beside the pool
+        f"Next round: 'asfda rank --out {session}', then 'asfda labels import {session} --from "
+        f"{as_arg(args.out / 'data' / 'pool' / 'labels')}' (the pool's reference labels stand in for a clinician's)"
+    )
     for warning in report["warnings"]:  # a plot that could not be drawn (e.g. matplotlib missing)
         console.print(warning, style="yellow", markup=False, highlight=False, soft_wrap=True)
     return 0

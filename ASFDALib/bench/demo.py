@@ -64,6 +64,27 @@ def demo_model_path(scenario: str) -> Path:
     return resources_dir() / "BenchmarkModels" / SCENARIO_MODELS["ct-shift"]
 
 
+def _beyond_the_demo(session_dir: Path) -> str:
+    """What a user did in the demo's session after the demo (a later round, labels of their own), in words; ""
+    when it holds only what the demo made (one round, its query's labels from clinician_labels/)."""
+    try:
+        data = json.loads((session_dir / "session.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    rounds = data.get("rounds") or []
+    if len(rounds) > 1:
+        return f"{len(rounds)} rounds"
+    if rounds and len((rounds[0].get("metrics") or {}).get("runs", [])) > 1:
+        return "fine-tune runs of its own"
+    own = [
+        name
+        for name, versions in (data.get("labels") or {}).items()
+        for version in versions
+        if not str(version.get("source", "")).startswith("import:") or "clinician_labels" not in version["source"]
+    ]
+    return f"labels of its own: {', '.join(sorted(set(own))[:3])}" if own else ""
+
+
 def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None = None) -> dict:
     """Run the demo into ``out`` and return its report (also in demo.json / demo.md / demo.png)."""
     say = step or (lambda _stage, _fraction, _detail="": None)
@@ -79,6 +100,11 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
         raise ASFDAError(
             f"{out}: holds files of no demo (no {marker.relative_to(out)}), and the demo replaces its own folders "
             "there (data, session); choose a new --out"
+        )
+    if beyond := _beyond_the_demo(out / "session"):  # the README invites going on from the demo's session
+        raise ASFDAError(
+            f"{out / 'session'}: holds work the demo did not do ({beyond}), and the demo replaces its session; "
+            f"choose a new --out, or move that session elsewhere first"
         )
     ct = config.scenario == "ct-shift"
     say(f"generating a 3-site {'CT' if ct else 'MRI-like'} target pool and a test set", 0.0)
@@ -97,6 +123,8 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
     session_dir = out / "session"
     if session_dir.exists():
         shutil.rmtree(session_dir)
+    for report_file in ("demo.json", "demo.md", "demo.png"):  # the earlier report describes the session just gone
+        (out / report_file).unlink(missing_ok=True)
     ranking_stage = "ranking the pool by DKD + ASD (one pass per volume)"
     say(ranking_stage, 0.1)
     with Session.open(session_dir, create=True) as session:

@@ -151,6 +151,17 @@ def test_a_demo_run_again_with_another_pool_makes_its_data_anew_and_records_what
     assert json.loads((out / "demo.json").read_text())["config"]["pool"] == 4
     (out / "data" / "scenario.json").unlink()  # a demo folder made before the marker was written: still a demo's
     assert main([*argv, "--pool", "4"]) == 0
+    # the README invites going on from the demo's session: what the user did there is not replaced
+    said = " ".join(capsys.readouterr().out.split())
+    labels = out / "data" / "pool" / "labels"
+    assert f"Next round: 'asfda rank --out {out / 'session'}', then 'asfda labels import" in said
+    assert main(["rank", "--out", str(out / "session")]) == 0  # round 2, as the demo's last line says
+    assert main(["labels", "import", str(out / "session"), "--from", str(labels)]) == 0
+    before = (out / "session" / "session.json").read_bytes()
+    assert main([*argv, "--pool", "4"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{out / 'session'}: holds work the demo did not do (2 rounds), and the demo replaces its session" in err
+    assert (out / "session" / "session.json").read_bytes() == before and (out / "demo.json").is_file()
 
 
 def _user_folders(root):
