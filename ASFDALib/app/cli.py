@@ -782,6 +782,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "labels":  # `labels import --from DIR SESSION`: the session after the option is still its
         args.words += [u for u in unknown if not u.startswith("-")]
         unknown = [u for u in unknown if u.startswith("-")]
+        if not unknown and (problem := commands.labels_argument_problem(args)):
+            commands_.choices["labels"].error(problem)
     if unknown:  # the command's own usage and help, not the top-level list of commands
         folder = next((u for u in unknown if not u.startswith("-") and Path(u).is_dir()), None)
         takes = {a.dest for a in commands_.choices[args.command]._actions}

@@ -286,6 +286,31 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def labels_action(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """``asfda labels``'s action (status or import) and the words left (the session)."""
+    words = list(args.words)
+    action = words.pop(0) if words and words[0] in ("import", "status") and len(words) > 1 else "status"
+    return action, words
+
+
+def labels_argument_problem(args: argparse.Namespace) -> str:
+    """What is wrong with the shape of an ``asfda labels`` command line, in a line ("" when nothing is): an
+    argument error, which the parser answers with exit 2 before any session is opened."""
+    action, words = labels_action(args)
+    usage = "usage: asfda labels SESSION | asfda labels import SESSION --from DIR_OR_FILE"
+    if len(words) == 2 and words[1] in ("import", "status"):  # the action after the session
+        return f"'{words[1]}' comes first: 'asfda labels {words[1]} {as_arg(words[0])} ...' ({usage})"
+    if len(words) != 1 or words == ["import"]:
+        return usage
+    if action == "status" and (args.source is not None or args.all or args.cases or args.map):
+        return f"--from, --map, --all and --cases are for importing: 'asfda labels import {as_arg(words[0])} ...'"
+    if action == "import" and args.source is None:
+        return "asfda labels import needs --from DIR_OR_FILE"
+    if args.all and args.cases:
+        return "give --all or --cases, not both"
+    return ""
+
+
 def cmd_labels(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -294,25 +319,14 @@ def cmd_labels(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.labels import import_labels, parse_mapping, resolve_cases
 
-    words = list(args.words)
-    action = words.pop(0) if words and words[0] in ("import", "status") and len(words) > 1 else "status"
-    if len(words) != 1 or words == ["import"]:
-        raise ASFDAError("usage: asfda labels SESSION | asfda labels import SESSION --from DIR_OR_FILE")
-    if action == "status" and (args.source is not None or args.all or args.cases or args.map):
-        raise ASFDAError(
-            f"--from, --map, --all and --cases are for importing: 'asfda labels import {as_arg(words[0])} ...'"
-        )
+    action, words = labels_action(args)  # labels_argument_problem has refused every other shape while parsing
     console = Console()
     if action == "import":
-        if args.source is None:
-            raise ASFDAError("asfda labels import needs --from DIR_OR_FILE")
         if (Path(args.source) / "session.json").is_file() and not (Path(words[0]) / "session.json").is_file():
             raise ASFDAError(
                 f"{args.source} is the session and {words[0]} the labels, the wrong way round: "
                 f"'asfda labels import {as_arg(args.source)} --from {as_arg(words[0])}'"
             )
-        if args.all and args.cases:
-            raise ASFDAError("give --all or --cases, not both")
         with Session.open(words[0]) as session:
             class_names = session.data["model"]["card"]["class_names"]
             mapping = parse_mapping(args.map, class_names)
@@ -1157,8 +1171,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
     from ASFDALib.bench.phantoms import write_phantoms
+    from ASFDALib.outputs import refuse_inside_session, session_folder_of
 
-    # never over a volume (a pool a session ranks may be there): write_phantoms refuses before writing any
+    # not into a session (its labels/ is the session's versioned record), nor over a volume (a pool a session
+    # ranks may be there): both refused before writing any
+    if (session := session_folder_of(args.out)) is not None:
+        refuse_inside_session(args.out, f"choose a folder outside it, e.g. {session.parent / 'phantoms'}")
     paths = write_phantoms(args.out, args.count, args.domain, args.seed, labels=not args.no_labels)
     print(
         f"Wrote {len(paths)} {args.domain} phantoms to {args.out / 'images'}"

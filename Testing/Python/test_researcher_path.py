@@ -352,13 +352,28 @@ def test_labels_from_a_missing_folder_is_an_argument_error_naming_the_labels(ran
     assert "argument --from: /no/such/labels does not exist (see 'asfda labels --help')" in err
 
 
+def _usage_error(argv: list[str], capsys) -> str:
+    """An argument error: exit 2 and one line, as the help's exit status says, before any session opens."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return _one_line_error(capsys)
+
+
 def test_labels_without_a_session_or_with_import_options_but_no_import_say_how_it_is_used(ranked, capsys):
     root, session = ranked
-    assert main(["labels", "import"]) == 1
-    assert "usage: asfda labels SESSION | asfda labels import SESSION --from DIR_OR_FILE" in _one_line_error(capsys)
+    labels = str(root / "pool" / "labels")
+    usage = "usage: asfda labels SESSION | asfda labels import SESSION --from DIR_OR_FILE"
+    assert usage in _usage_error(["labels", "import"], capsys)
     before = (session / "session.json").read_text()
-    assert main(["labels", str(session), "--from", str(root / "pool" / "labels")]) == 1  # "import" forgotten
-    assert f"are for importing: 'asfda labels import {session} ...'" in _one_line_error(capsys)
+    err = _usage_error(["labels", str(session), "--from", labels], capsys)  # "import" forgotten
+    assert f"are for importing: 'asfda labels import {session} ...'" in err
+    assert "needs --from DIR_OR_FILE" in _usage_error(["labels", "import", str(session)], capsys)
+    err = _usage_error(["labels", str(session), "import", "--from", labels], capsys)  # the action after the session
+    assert f"'import' comes first: 'asfda labels import {session} ...'" in err
+    assert "give --all or --cases, not both" in _usage_error(
+        ["labels", "import", str(session), "--from", labels, "--all", "--cases", "a"], capsys
+    )
     assert (session / "session.json").read_text() == before
 
 
@@ -1129,3 +1144,15 @@ def test_a_gpu_asked_for_on_a_machine_without_one_is_one_line_before_anything_is
     assert "argument --device: cuda was asked for, but this machine has no CUDA device" in _one_line_error(capsys)
     with pytest.raises(ASFDAError, match="use --device cpu or auto"):  # from Python (the panel's setting) alike
         resolve_device("cuda:1")
+
+
+def test_phantoms_are_not_written_into_a_session(ranked, capsys):
+    _, session = ranked
+    before = sorted(p.relative_to(session) for p in session.rglob("*"))
+    assert main(["phantoms", "--out", str(session), "--count", "1"]) == 1
+    err = _one_line_error(capsys)
+    assert (
+        f"is inside the session folder {session.resolve()}" in err
+        and f"e.g. {session.resolve().parent / 'phantoms'}" in err
+    )
+    assert sorted(p.relative_to(session) for p in session.rglob("*")) == before
