@@ -103,6 +103,8 @@ class Ranking:
     notes: list[str] = field(default_factory=list)
     load_report: dict | None = None
     fusion: str | None = DEFAULT_FUSION  # how DKD and ASD were combined (selection.FUSIONS); None: not combined
+    # which weights ranked, for a session's model: the source model, or a round's fine-tuned checkpoint and its hash
+    weights: dict | None = None
 
     @property
     def selected(self) -> list[RankRow]:

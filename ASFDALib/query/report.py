@@ -47,6 +47,7 @@ def ranking_dict(ranking: Ranking) -> dict:
         "rows": [{k: _clean(v) for k, v in asdict(r).items()} for r in ranking.rows],
         "notes": list(ranking.notes),
         "model_load": ranking.load_report,
+        "weights": ranking.weights,
     }
 
 

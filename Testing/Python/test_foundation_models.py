@@ -514,13 +514,17 @@ def test_an_nnunet_model_adapts_to_a_target_task_through_every_command(pool, tmp
     assert main([*args, "--out", str(session), "--budget", "1", "--class-map", "kidney=right kidney"]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "liver<-liver, kidney<-right kidney, gallbladder<-gallbladder" in said
-    query = json.loads((session / "ranking.json").read_text())["selected"]
+    first = json.loads((session / "ranking.json").read_text())
+    query = first["selected"]
+    assert first["weights"]["model"] == "source"
     (tmp_path / "gt").mkdir()
     (tmp_path / "gt" / query[0]).write_bytes((pool / "labels" / query[0]).read_bytes())
     assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
     assert main(_finetune(session)) == 0
     assert main(["predict", str(session), "--images", str(pool / "images"), "--out", str(tmp_path / "maps")]) == 0
     assert main(["rank", "--out", str(session)]) == 0  # the session rebuilds the converted model by itself
+    weights = json.loads((session / "ranking.json").read_text())["weights"]  # round 2 ranked with round 1's model
+    assert (weights["model"], weights["round"], weights["checkpoint"]) == ("adapted", 1, "checkpoints/round1/final.pt")
     recorded = json.loads((session / "session.json").read_text())["model"]
     assert recorded["network"]["name"] == "DynUNet" and recorded["card"]["source_classes"] == list(NNUNET_LABELS)
 
