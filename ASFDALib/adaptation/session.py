@@ -147,6 +147,9 @@ class Session:
         root = Path(root)
         path = root / SESSION_FILE
         if not path.is_file():
+            stripped = root.with_name(root.name.strip()) if root.name.strip() else root
+            if not create and stripped != root and (stripped / SESSION_FILE).is_file():  # a path pasted with a space
+                raise SessionError(f"{as_arg(root)}: not an ASFDA session, but {as_arg(stripped)} is: give that")
             if not create:
                 raise SessionError(f"{root}: not an ASFDA session (no {SESSION_FILE}); {_how_to_make(root)}")
             root.mkdir(parents=True, exist_ok=True)

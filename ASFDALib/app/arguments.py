@@ -65,7 +65,8 @@ def existing_dir(text: str) -> Path:
     """A folder that exists."""
     path = Path(text).expanduser()
     if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} is not a folder" + (" (it is a file)" if path.is_file() else ""))
+        why = " (it is a file)" if path.is_file() else _spaced(text)
+        raise argparse.ArgumentTypeError(f"{path} is not a folder{why}")
     return path
 
 
@@ -73,8 +74,32 @@ def existing_path(text: str) -> Path:
     """A file or folder that exists (a model, a card, labels to import)."""
     path = Path(text).expanduser()
     if not path.exists():
-        raise argparse.ArgumentTypeError(f"{path} does not exist")
+        raise argparse.ArgumentTypeError(f"{path} does not exist{_spaced(text)}")
     return path
+
+
+def new_path(text: str) -> Path:
+    """A file or folder a command writes (an --out): one that exists already is taken as it is, a new one whose
+    name begins or ends with a space (a path pasted with one) is refused, since it would be another folder than
+    the one meant, and Windows cannot keep a name ending with a space."""
+    path = Path(text).expanduser()
+    name = path.name
+    if not path.exists() and name != name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: the name {_edge_space(name)} (a pasted path?); give it without")
+    return path
+
+
+def _edge_space(name: str) -> str:
+    return "ends with a space" if name != name.rstrip() else "begins with a space"
+
+
+def _spaced(text: str) -> str:
+    """Where ``text`` has a space at an end of its name and the name without it exists: say so."""
+    path = Path(text).expanduser()
+    stripped = path.with_name(path.name.strip()) if path.name.strip() else path
+    if stripped != path and stripped.exists():
+        return f"; its name {_edge_space(path.name)}, and {stripped} exists: give that"
+    return ""
 
 
 def device(text: str) -> str:

@@ -28,6 +28,7 @@ from ASFDALib.app.arguments import (
     existing_path,
     fraction,
     json_object,
+    new_path,
     non_negative_int,
     positive_float,
     positive_int,
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--recursive", action="store_true", help="also search sub-folders")
     rank.add_argument(
         "--out",
-        type=Path,
+        type=new_path,
         default=Path("asfda-session"),
         help="session folder for ranking.csv/json/png and the score cache (default: %(default)s)",
     )
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_arguments(stats)
     stats.add_argument("--images", type=existing_dir, required=True, help="folder of source-domain volumes")
-    stats.add_argument("--out", type=Path, required=True, help="output .npz file")
+    stats.add_argument("--out", type=new_path, required=True, help="output .npz file")
     stats.add_argument("--recursive", action="store_true", help="also search sub-folders")
     stats.set_defaults(func=commands.cmd_stats)
 
@@ -466,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--images", type=existing_dir, required=True, help="folder of volumes to segment")
     predict.add_argument(
         "--out",
-        type=Path,
+        type=new_path,
         required=True,
         help="folder for the label maps (one per input, same name and format; DICOM series -> NIfTI); "
         "never the --images folder, and never over a file the session uses",
@@ -495,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     classes.add_argument("--session", type=Path, help="session folder: class names from its model card")
     classes.add_argument("--card", type=existing_path, help="model card, for class names")
     evaluate.add_argument("--map", help="for the reference labels: " + MAP_HELP)
-    evaluate.add_argument("--out", type=Path, help="CSV path (default: PRED/evaluation.csv)")
+    evaluate.add_argument("--out", type=new_path, help="CSV path (default: PRED/evaluation.csv)")
     evaluate.set_defaults(func=commands.cmd_evaluate)
 
     export = sub.add_parser(
@@ -522,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--out",
-        type=Path,
+        type=new_path,
         required=True,
         help="a new or empty folder (bundle) or a new file (pt2, torchscript; or a folder for it)",
     )
@@ -544,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  asfda demo --out asfda-demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--out", type=Path, default=Path("asfda-demo"), help="output folder (default: %(default)s)")
+    demo.add_argument("--out", type=new_path, default=Path("asfda-demo"), help="output folder (default: %(default)s)")
     demo.add_argument(
         "--scenario",
         choices=("ct-shift", "mri"),
@@ -596,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument(
-        "--out", type=Path, required=True, help="the benchmark's folder (not inside an input folder); it resumes"
+        "--out", type=new_path, required=True, help="the benchmark's folder (not inside an input folder); it resumes"
     )
     bench.add_argument("--quick", action="store_true", help="1 seed, budget 2, a few iterations: checks that it runs")
     bench.add_argument(
@@ -732,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  asfda phantoms --domain mri --count 20 --out pool/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    phantoms.add_argument("--out", type=Path, required=True, help="writes OUT/images and OUT/labels")
+    phantoms.add_argument("--out", type=new_path, required=True, help="writes OUT/images and OUT/labels")
     phantoms.add_argument("--count", type=positive_int, default=10, help="volumes to write (default: %(default)s)")
     phantoms.add_argument(
         "--domain",

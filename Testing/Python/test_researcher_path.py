@@ -1156,3 +1156,15 @@ def test_phantoms_are_not_written_into_a_session(ranked, capsys):
         and f"e.g. {session.resolve().parent / 'phantoms'}" in err
     )
     assert sorted(p.relative_to(session) for p in session.rglob("*")) == before
+
+
+def test_a_path_pasted_with_a_space_at_its_end_is_named_not_made_anew(ranked, tmp_path, capsys, monkeypatch):
+    _, session = ranked
+    monkeypatch.chdir(session.parent)
+    spaced = f"{session.name} "
+    err = _usage_error(["rank", "--out", f"new {spaced}"], capsys)  # a new session: a name no one meant
+    assert "the name ends with a space (a pasted path?); give it without" in err and not Path(f"new {spaced}").exists()
+    err = _usage_error(["finetune", spaced], capsys)
+    assert f"its name ends with a space, and {session.name} exists: give that" in err
+    assert main(["labels", spaced]) == 1
+    assert f'"{spaced}": not an ASFDA session, but {session.name} is: give that' in _one_line_error(capsys)
