@@ -232,6 +232,7 @@ def rank_round(
         "fusion": ranking.fusion,
         "budget": budget,
         "seed": config.seed,
+        **({"mc_passes": config.mc_passes} if config.strategy == "epistemic" else {}),
     }
     if notes:
         strategy["notes"] = notes

@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "energy, auto picks the first available; prototype (the pointwise head's class prototypes) only when "
         "asked (default: %(default)s)",
     )
-    rank.add_argument("--mc-passes", type=positive_int, default=5, help="MC-dropout passes for --strategy epistemic")
+    rank.add_argument("--mc-passes", type=positive_int, help="MC-dropout passes for --strategy epistemic (default: 5)")
     rank.add_argument(
         "--seed", type=non_negative_int, default=0, help="seed of the random baselines (default: %(default)s)"
     )
@@ -792,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
             scans = Path(folder) / "images" if (Path(folder) / "images").is_dir() else Path(folder)  # a dataset's
             commands_.choices[args.command].error(f"unrecognized argument {folder}: give scans as --images {scans}")
         commands_.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "mc_passes", None) and args.strategy != "epistemic":  # the other strategies make one pass
+        commands_.choices[args.command].error("--mc-passes is for --strategy epistemic (MC dropout); leave it out")
     if getattr(args, "network_args", None) and not getattr(args, "network", None):  # an argument error: exit 2
         commands_.choices[args.command].error("--network-args needs --network NAME (the MONAI network they build)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in SCALES_OUT:

@@ -181,7 +181,7 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool, first_r
             device=distributed.device_for_rank(args.device),
             seed=args.seed,
             recursive=args.recursive,
-            mc_passes=args.mc_passes,
+            mc_passes=args.mc_passes or RankConfig.mc_passes,
         )
         start = time.perf_counter()
         ranked_before = {r["index"] for r in session.rounds}  # so the output says which round it made or replaced

@@ -1168,3 +1168,9 @@ def test_a_path_pasted_with_a_space_at_its_end_is_named_not_made_anew(ranked, tm
     assert f"its name ends with a space, and {session.name} exists: give that" in err
     assert main(["labels", spaced]) == 1
     assert f'"{spaced}": not an ASFDA session, but {session.name} is: give that' in _one_line_error(capsys)
+
+
+def test_mc_passes_without_the_epistemic_strategy_is_refused_not_ignored(ranked, capsys):
+    _, session = ranked
+    err = _usage_error(["rank", "--out", str(session), "--mc-passes", "3"], capsys)
+    assert "--mc-passes is for --strategy epistemic (MC dropout); leave it out" in err
