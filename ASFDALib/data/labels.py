@@ -50,9 +50,18 @@ class LabelError(VolumeError):
 class LabelMapError(ASFDAError, ValueError):
     """A ``--map`` text that cannot be read; the message names the bad term and shows an example."""
 
-    def __init__(self, term: str, problem: str) -> None:
-        self.term = term
-        super().__init__(f"--map term {term!r}: {problem} (example: {MAP_EXAMPLE})")
+    def __init__(self, term: str, problem: str, example: str = MAP_EXAMPLE) -> None:
+        self.term, self.problem = term, problem
+        super().__init__(f"--map term {term!r}: {problem} (example: {example})")
+
+
+def map_example(class_names: list[str] | None) -> str:
+    """A --map written with the model's own classes (the generic example names classes a model may not have)."""
+    if not class_names or len(class_names) < 2:
+        return MAP_EXAMPLE
+    if len(class_names) == 2:
+        return f'--map "7-9={class_names[1]},*=0"'
+    return f'--map "7={class_names[1]},8,9={class_names[2]},*=0"'
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,13 @@ def parse_mapping(text: str | None, class_names: list[str] | None = None) -> Lab
     is an index or, with ``class_names``, a name from the card (case, spaces and underscores do not matter).
     A value given two different classes is refused rather than resolved by order.
     """
+    try:
+        return _parse_mapping(text, class_names)
+    except LabelMapError as exc:  # its example in this model's classes, not in classes it may not have
+        raise LabelMapError(exc.term, exc.problem, map_example(class_names)) from None
+
+
+def _parse_mapping(text: str | None, class_names: list[str] | None) -> LabelMap:
     values: dict[int, int] = {}
     default: int | None = None
     pending: list[tuple[str, list[int] | None]] = []

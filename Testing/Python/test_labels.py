@@ -213,7 +213,7 @@ def test_a_malformed_map_names_the_term_and_shows_an_example(text, message):
     with pytest.raises(LabelMapError) as caught:
         parse_mapping(text, ["background", "liver"])
     assert message in str(caught.value)
-    assert str(caught.value).endswith('(example: --map "41-48=2,49,50=vertebral body,*=0")')
+    assert str(caught.value).endswith('(example: --map "7-9=liver,*=0")')  # in the model's own classes
     assert "\n" not in str(caught.value)
 
 

@@ -175,7 +175,7 @@ def test_a_malformed_map_is_one_line_naming_the_term_with_an_example(session, tm
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in captured.err
     assert lines[0].startswith(f"asfda labels: error: --map term {term}: ")
-    assert lines[0].endswith('(example: --map "41-48=2,49,50=vertebral body,*=0")')
+    assert lines[0].endswith('(example: --map "7=vertebral body,8,9=posterior elements,*=0")')  # its classes
     assert _labels(session) == {}
 
 
