@@ -222,7 +222,8 @@ def rank_round(
     ranking.notes = notes + ranking.notes  # the pool's own (files passed over) after the round's
     ranking.load_report = model.load_report.to_dict() if model.load_report is not None else None
     # a later round ranks with the newest fine-tuned checkpoint: which one (the first, with the source model)
-    ranking.weights = model.made_by or {"model": "source", "digest": model.digest}
+    first = {"session": str(session.root.resolve()), "model": "source", "digest": model.digest}
+    ranking.weights = model.made_by or first
     if not distributed.is_main():
         return ranking, RankingOutputs({}, [])
     written = write_ranking(ranking, session.root)

@@ -115,7 +115,7 @@ def passed_over_line(folder: Path | str, files: list[Path], doing: str) -> str:
 
 
 def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> tuple[list[Path], list[Path]]:
-    """(volumes, the other files looked at) under ``folder``: one walk for :func:`discover_volumes` and
+    """(volumes, the other files looked at) under ``folder``: one way of walking for :func:`discover_volumes` and
     :func:`passed_over`, so the two cannot disagree on where they looked."""
     root = Path(folder)
     if not root.is_dir():

@@ -13,13 +13,14 @@ classes (re-initialised, rows copied for mapped classes) or none (encoder-only),
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import pickle
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,8 +174,10 @@ def load_weights(path: Path, trust: bool = False) -> Any:
             f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive, safetensors a JSON header; this file "
             f"starts with {head[:4]!r}); is it the model's weights file?"
         )
+    # torch before 2.5 has no safe_globals: numpy values there still need trust, nothing else changes
+    allow = getattr(torch.serialization, "safe_globals", None)
     try:
-        with torch.serialization.safe_globals(_numpy_data_globals()):
+        with allow(_numpy_data_globals()) if allow else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # a global weights_only does not allow: objects that may run code
         if not trust:
@@ -205,12 +208,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _numpy_data_globals() -> list:
-    """What a pickled numpy scalar or array needs: data, no code (nnU-Net's and Lightning's logs keep them)."""
+    """What a pickled numpy scalar or array needs: data, no code (nnU-Net's and Lightning's logs keep them), under
+    numpy 2's names and numpy 1's (``numpy.core``: checkpoints saved before numpy 2, most published ones)."""
     import numpy as np
 
     core = getattr(np, "_core", None) or np.core
     dtypes = {type(np.dtype(t)) for t in "?bBhHiIlLqQefdgFDGSUV"}
-    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+    makers = [core.multiarray.scalar, core.multiarray._reconstruct]
+    return [*makers, np.ndarray, np.dtype, *dtypes, *((f, f"numpy.core.multiarray.{f.__name__}") for f in makers)]
 
 
 _SAFETENSORS_DTYPES = {
@@ -240,6 +245,11 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             if name == "__metadata__":
                 continue
             begin, end = entry["data_offsets"]
+            if entry["dtype"] not in _SAFETENSORS_DTYPES:  # readable, just not a type a network here stores
+                raise ModelError(
+                    f"{path}: tensor {name} is of safetensors dtype {entry['dtype']}, which ASFDA does not read "
+                    f"({', '.join(_SAFETENSORS_DTYPES)}); save the weights in one of those"
+                )
             dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
             flat = (
                 torch.frombuffer(bytearray(body[begin:end]), dtype=dtype)
@@ -360,9 +370,9 @@ def _load_nnunet(
     card is given, the card from its plans; a given card's pre-trained classes are the checkpoint's own."""
     from dataclasses import replace
 
-    from ASFDALib.models.nnunet import CONVERTED_NOTE, read_nnunet
+    from ASFDALib.models.nnunet import read_nnunet
 
-    spec, own, state = read_nnunet(path, plans, load_weights(path, trust))
+    spec, own, state, converted = read_nnunet(path, plans, load_weights(path, trust))
     if card is None and explicit is not None:
         card = load_card(explicit)
     if card is not None and not card.source_classes:  # the checkpoint's head is known: dataset.json names it
@@ -373,7 +383,7 @@ def _load_nnunet(
         raise ModelError(f"{path}: an nnU-Net model's network comes from its plans ({plans}); leave --network out")
     net = build_network(spec, seed=0)
     report = _apply_weights(net, state, card, class_map, path)
-    report.key_mapping = CONVERTED_NOTE
+    report.key_mapping = converted
     digest = _file_digest(path, *_digest_parts(card, class_map))
     return LoadedModel(net.eval(), card, "state_dict", path, digest, spec, report, class_map)
 
@@ -438,6 +448,31 @@ def load_model(
 
 WEIGHT_NAMES = ("model.pt", "model.pth", "model.ts")  # a bundle's weights in models/, the first found loaded
 INFERENCE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
+
+
+@contextlib.contextmanager
+def _bundle_code_importable(folder: Path) -> Iterator[None]:
+    """The bundle's own code (``scripts/`` beside ``configs/``) importable as MONAI's runner makes it, the bundle
+    root on the path, for the time it takes to build its network; its modules are forgotten after, so another
+    bundle's ``scripts`` in the same process (the Slicer panel, a benchmark) is its own and not this one's."""
+    root = folder.resolve()
+
+    def modules_of(where: Path) -> list[str]:
+        return [
+            name
+            for name, module in list(sys.modules.items())
+            if (file := getattr(module, "__file__", None)) and Path(file).resolve().is_relative_to(where)
+        ]
+
+    for name in [n for n in list(sys.modules) if n == "scripts" or n.startswith("scripts.")]:
+        sys.modules.pop(name, None)  # another bundle's scripts package would answer this one's imports
+    sys.path.insert(1, str(root))
+    try:
+        yield
+    finally:
+        del sys.path[sys.path.index(str(root))]
+        for name in modules_of(root):
+            sys.modules.pop(name, None)
 
 
 def _bundle_weights(folder: Path) -> Path | None:
@@ -646,16 +681,13 @@ def _load_bundle(
         parser = ConfigParser()
         parser.read_config(str(config_path))
         parser["bundle_root"] = str(folder)
-        # the bundle's own code (scripts/ beside configs/) imports as MONAI's runner makes it: the root on the path
-        sys.path.insert(1, str(folder))
-        try:
-            with torch.random.fork_rng(devices=[]):  # a new head is the same every time the model is rebuilt
-                torch.manual_seed(0)
-                net = parser.get_parsed_content("network_def")
-        except Exception as exc:  # noqa: BLE001 - the bundle's own code: any error it raises, in one line
-            raise ModelError(f"{config_path}: cannot build network_def ({_first_line(exc)})") from None
-        finally:
-            sys.path.remove(str(folder))
+        with _bundle_code_importable(folder):
+            try:
+                with torch.random.fork_rng(devices=[]):  # a new head is the same every time the model is rebuilt
+                    torch.manual_seed(0)
+                    net = parser.get_parsed_content("network_def")
+            except Exception as exc:  # noqa: BLE001 - the bundle's own code: any error it raises, in one line
+                raise ModelError(f"{config_path}: cannot build network_def ({_first_line(exc)})") from None
     _check_inputs(net, folder)
     report = _apply_weights(
         net, load_weights(weight_path, trust), card, class_map, weight_path, _bundle_class_names(folder)

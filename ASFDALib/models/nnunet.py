@@ -54,8 +54,11 @@ def _configuration(plans: dict, name: str, plans_path: Path) -> dict:
     configurations = plans.get("configurations", {})
     if name not in configurations:
         raise ModelError(f"{plans_path}: no configuration {name!r} (it has {', '.join(configurations) or 'none'})")
-    config = dict(configurations[name])
+    config, seen = dict(configurations[name]), {name}
     while parent := config.pop("inherits_from", None):
+        if parent in seen or parent not in configurations:
+            raise ModelError(f"{plans_path}: configuration {name!r} inherits from {parent!r}, which cannot be read")
+        seen.add(parent)
         config = {**configurations[parent], **config}
     return config
 
@@ -74,6 +77,8 @@ def _architecture(config: dict, plans_path: Path) -> dict[str, Any]:
             "norm": kwargs.get("norm_op", ""),
             "nonlin": kwargs.get("nonlin", ""),
             "slope": (kwargs.get("nonlin_kwargs") or {}).get("negative_slope", 0.01),
+            "bias": kwargs.get("conv_bias", True),
+            "norm_args": kwargs.get("norm_op_kwargs") or {"eps": 1e-5, "affine": True},
         }
     if "UNet_class_name" in config:  # the first nnU-Net v2 plans
         kernels = [list(k) for k in config["conv_kernel_sizes"]]
@@ -87,6 +92,8 @@ def _architecture(config: dict, plans_path: Path) -> dict[str, Any]:
             "norm": "InstanceNorm",
             "nonlin": "LeakyReLU",
             "slope": 0.01,
+            "bias": True,
+            "norm_args": {"eps": 1e-5, "affine": True},
         }
     raise ModelError(f"{plans_path}: no network architecture in the configuration (an nnU-Net v2 plans file?)")
 
@@ -103,6 +110,8 @@ def _refuse_unbuildable(arch: dict, plans_path: Path) -> None:
         why.append(f"it normalises with {arch['norm']} and activates with {arch['nonlin']}")
     if any(n != 2 for n in arch["convs"]):
         why.append(f"its stages have {sorted(set(arch['convs']))} convolutions (DynUNet's have 2)")
+    if not arch["bias"] or not arch["norm_args"].get("affine", False):  # DynUNet's transposed bias, affine norms
+        why.append(f"its convolutions have conv_bias {arch['bias']} and norms affine {arch['norm_args'].get('affine')}")
     if any(k != arch["kernels"][0] for k in arch["kernels"]) or len(arch["kernels"][0]) != 3:
         why.append(f"its kernels differ by stage or are not 3D ({arch['kernels']}; DynUNet's decoder needs them alike)")
     if why:
@@ -110,7 +119,8 @@ def _refuse_unbuildable(arch: dict, plans_path: Path) -> None:
 
 
 def _card(plans: dict, config: dict, dataset: dict, name: str, axes: list[int], where: Path) -> ModelCard:
-    labels = dataset.get("labels", {})
+    # an "ignore" label (sparse annotation; nnU-Net makes it the highest value) is no output channel
+    labels = {k: v for k, v in dataset.get("labels", {}).items() if k != "ignore"}
     if not labels or any(not isinstance(v, int) for v in labels.values()):
         raise ModelError(f"{where}: dataset.json's labels are not one value per class (region-based training?)")
     by_value = sorted(labels.items(), key=lambda kv: kv[1])
@@ -126,8 +136,8 @@ def _card(plans: dict, config: dict, dataset: dict, name: str, axes: list[int], 
         low, high, mean, std = (float(props[k]) for k in ("percentile_00_5", "percentile_99_5", "mean", "std"))
         std = max(std, 1e-8)
         intensity = IntensityConfig("ct", a_min=low, a_max=high, b_min=(low - mean) / std, b_max=(high - mean) / std)
-    elif scheme == "ZScoreNormalization":
-        intensity = IntensityConfig("zscore")
+    elif scheme == "ZScoreNormalization":  # the card's z-score is over non-zero voxels (nnU-Net's mask): see
+        intensity = IntensityConfig("zscore")  # ZSCORE_NOTE where the plans z-score every voxel
     elif scheme == "RescaleTo01Normalization":
         intensity = IntensityConfig("percentile", lower=0.0, upper=100.0)
     elif scheme == "NoNormalization":
@@ -151,15 +161,18 @@ def ras_axes(transpose_forward: list[int]) -> list[int]:
     return [list(transpose_forward).index(2 - axis) for axis in range(3)]
 
 
-def read_nnunet(path: Path, plans_path: Path, weights: Any) -> tuple[NetworkSpec, ModelCard, dict[str, torch.Tensor]]:
-    """The DynUNet spec, the card and the renamed weights of an nnU-Net training output (``weights``: the loaded
-    checkpoint)."""
+def read_nnunet(
+    path: Path, plans_path: Path, weights: Any
+) -> tuple[NetworkSpec, ModelCard, dict[str, torch.Tensor], str]:
+    """The DynUNet spec, the card, the renamed weights of an nnU-Net training output (``weights``: the loaded
+    checkpoint) and what the conversion did, in words for the loading report."""
     if not isinstance(weights, dict) or "network_weights" not in weights:
         raise ModelError(f"{path}: no network_weights in it (an nnU-Net v2 checkpoint holds them)")
     init = weights.get("init_args") or {}
-    plans = init.get("plans") or _read_json(plans_path)
+    # as nnU-Net's own predictor: the model folder's plans and dataset.json, the checkpoint's copies otherwise
+    plans = _read_json(plans_path)
     dataset_path = plans_path.with_name(DATASET)
-    dataset = init.get("dataset_json") or (_read_json(dataset_path) if dataset_path.is_file() else {})
+    dataset = _read_json(dataset_path) if dataset_path.is_file() else init.get("dataset_json") or {}
     # the fold folder's parent is Trainer__Plans__configuration
     name = init.get("configuration") or path.parent.parent.name.rsplit("__", 1)[-1]
     config = _configuration(plans, name, plans_path)
@@ -178,12 +191,16 @@ def read_nnunet(path: Path, plans_path: Path, weights: Any) -> tuple[NetworkSpec
             "strides": strides,
             "upsample_kernel_size": strides[1:],
             "filters": arch["features"],
-            "norm_name": ["INSTANCE", {"affine": True, "eps": 1e-5}],
+            "norm_name": ["INSTANCE", {"affine": True, "eps": float(arch["norm_args"].get("eps", 1e-5))}],
             "act_name": ["leakyrelu", {"negative_slope": arch["slope"], "inplace": True}],
             "trans_bias": True,
         },
     )
-    return spec, card, dynunet_state(weights["network_weights"], len(arch["features"]), axes)
+    notes = [CONVERTED_NOTE]
+    masked = (config.get("use_mask_for_norm") or [False])[0]
+    if card.intensity.mode == "zscore" and not masked:
+        notes.append(ZSCORE_NOTE)
+    return spec, card, dynunet_state(weights["network_weights"], len(arch["features"]), axes), "; ".join(notes)
 
 
 def dynunet_state(state: dict[str, torch.Tensor], stages: int, axes: list[int]) -> dict[str, torch.Tensor]:
@@ -223,4 +240,8 @@ def dynunet_state(state: dict[str, torch.Tensor], stages: int, axes: list[int]) 
 CONVERTED_NOTE = (
     "from nnU-Net's PlainConvUNet to MONAI's DynUNet (kernels in RAS axis order, as for RAS-stored training images; "
     "convolution biases left out, each cancelled by the instance norm after it)"
+)
+ZSCORE_NOTE = (
+    "the plans z-score every voxel (use_mask_for_norm false), the card over the non-zero ones: where a scan's "
+    "background is exactly 0 the two differ"
 )

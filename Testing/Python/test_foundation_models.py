@@ -359,6 +359,28 @@ def test_numpy_values_of_a_training_log_load_without_trust(pool, tmp_path):
     assert model.load_report.loaded
 
 
+def test_numpy_values_pickled_under_numpy_1_load_without_trust_too(pool, tmp_path):
+    """Checkpoints saved before numpy 2 (most published ones) name numpy.core, not numpy._core."""
+    import zipfile
+
+    path, _ = _publish("unet-instance", tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "_best_ema": np.float64(0.8), "curve": np.arange(3.0)}, tmp_path / "new.pth")
+    with zipfile.ZipFile(tmp_path / "new.pth") as new, zipfile.ZipFile(tmp_path / "old.pth", "w") as old:
+        for name in new.namelist():
+            data = new.read(name)
+            old.writestr(name, data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert b"numpy.core.multiarray" in zipfile.ZipFile(tmp_path / "old.pth").read("new/data.pkl")
+    assert load_model(tmp_path / "old.pth", pool / "card.json", NetworkSpec(*NETWORKS["unet-instance"])).load_report
+
+
+def test_a_safetensors_tensor_of_a_type_not_read_is_named_not_called_damaged(pool, tmp_path):
+    body = json.dumps({"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}).encode()
+    (tmp_path / "fp8.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + b"\0\0")
+    with pytest.raises(ModelError, match="tensor w is of safetensors dtype F8_E4M3, which ASFDA does not read"):
+        load_model(tmp_path / "fp8.safetensors", pool / "card.json", NetworkSpec(*NETWORKS["unet-instance"]))
+
+
 class TrainConfig:  # a training script's own class, pickled into its checkpoint
     lr = 1e-3
 
@@ -444,8 +466,8 @@ def _nnunet_output(root: Path, arch: dict | None = None) -> tuple[Path, torch.nn
     plans = {
         "dataset_name": "Dataset017_Abdomen",
         "plans_name": "nnUNetPlans",
-        "transpose_forward": [1, 0, 2],
-        "transpose_backward": [1, 0, 2],
+        "transpose_forward": [2, 0, 1],  # a 3-cycle: not its own inverse, so forward and backward differ
+        "transpose_backward": [1, 2, 0],
         "foreground_intensity_properties_per_channel": {
             "0": {"percentile_00_5": -200.0, "percentile_99_5": 300.0, "mean": 50.0, "std": 100.0}
         },
@@ -493,7 +515,7 @@ def test_an_nnunet_training_output_loads_as_a_dynunet_computing_what_nnunets_own
     model = load_model(path)  # no card, no --network: the plans and dataset.json say both
     card = model.card
     assert card.class_names == list(NNUNET_LABELS) and card.source_classes == list(NNUNET_LABELS)
-    # nnU-Net's array is the file's (S, A, R), permuted by transpose_forward [1, 0, 2] to (A, S, R): RAS order back
+    # nnU-Net's array is the file's (S, A, R), permuted by transpose_forward [2, 0, 1] to (R, S, A): RAS order back
     assert card.spacing == (4.0, 4.0, 5.0) and card.roi_size == (32, 32, 16)
     assert (card.intensity.mode, card.intensity.a_min, card.intensity.a_max) == ("ct", -200.0, 300.0)
     assert (card.intensity.b_min, card.intensity.b_max) == (-2.5, 2.5)  # clip, then z-score with mean 50, std 100
@@ -501,9 +523,9 @@ def test_an_nnunet_training_output_loads_as_a_dynunet_computing_what_nnunets_own
     torch.manual_seed(0)
     sar = torch.randn(1, 1, 16, 32, 32)  # a RAS-stored image as nnU-Net reads it: (S, A, R)
     with torch.no_grad():
-        theirs = plain(sar.permute(0, 1, 3, 2, 4))  # transpose_forward
+        theirs = plain(sar.permute(0, 1, 4, 2, 3))  # transpose_forward [2, 0, 1]: (R, S, A)
         ours = model.network(sar.permute(0, 1, 4, 3, 2))  # ASFDA's (R, A, S)
-    theirs = theirs.permute(0, 1, 3, 2, 4).permute(0, 1, 4, 3, 2)  # both back to (R, A, S)
+    theirs = theirs.permute(0, 1, 2, 4, 3)  # (R, S, A) -> (R, A, S)
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
 
@@ -549,11 +571,21 @@ def test_the_first_nnunet_v2_plans_format_describes_the_same_network():
     }
 
 
+def test_an_nnunet_ignore_label_is_no_class_of_the_card(tmp_path):
+    """nnU-Net v2's sparse-annotation label "ignore" (the highest value) has no output channel."""
+    path, _ = _nnunet_output(tmp_path)
+    dataset = path.parent.parent / "dataset.json"
+    data = json.loads(dataset.read_text())
+    dataset.write_text(json.dumps({**data, "labels": {**NNUNET_LABELS, "ignore": len(NNUNET_LABELS)}}))
+    assert load_model(path).card.class_names == list(NNUNET_LABELS)  # the folder's dataset.json, as nnU-Net reads
+
+
 @pytest.mark.parametrize(
     ("change", "why"),
     [
         ({"kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * 3}, "its kernels differ by stage"),
         ({"n_conv_per_stage_decoder": [1, 1, 1]}, "its stages have [1, 2] convolutions"),
+        ({"conv_bias": False}, "its convolutions have conv_bias False"),
     ],
 )
 def test_an_nnunet_model_dynunet_cannot_build_is_refused_naming_why(tmp_path, change, why, capsys):
@@ -587,6 +619,28 @@ def test_a_trusted_bundle_builds_its_network_from_its_own_scripts(pool, tmp_path
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match=r"inference.json: cannot build network_def \("):
         load_model(bundle, pool / "plain.json", trust=True)
+
+
+def test_two_trusted_bundles_with_scripts_of_the_same_name_each_build_their_own_network(pool, tmp_path):
+    """The Slicer panel and a benchmark load bundle after bundle in one process: scripts.net of one is not the
+    other's."""
+    name, args = NETWORKS["unet-instance"]
+    built = {}
+    for lab in ("first", "second"):
+        bundle = tmp_path / lab
+        for sub in ("configs", "models", "scripts"):
+            (bundle / sub).mkdir(parents=True)
+        (bundle / "scripts" / "__init__.py").write_text("")
+        code = f"from monai.networks.nets import UNet\n\nclass Net(UNet):\n    lab = {lab!r}\n"
+        (bundle / "scripts" / "net.py").write_text(code)
+        config = {"network_def": {"_target_": "scripts.net.Net", **{**args, "out_channels": 4}}}
+        (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+        torch.save(
+            build_network(NetworkSpec(name, {**args, "out_channels": 4})).state_dict(), bundle / "models" / "model.pt"
+        )
+        built[lab] = load_model(bundle, pool / "plain.json", trust=True).network
+    assert (built["first"].lab, built["second"].lab) == ("first", "second")
+    assert not any(m == "scripts" or m.startswith("scripts.") for m in sys.modules)
 
 
 def test_a_card_given_in_python_as_a_dict_is_the_card(pool, tmp_path):
