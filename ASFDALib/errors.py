@@ -7,6 +7,14 @@ import shlex
 from pathlib import Path
 
 
+def brief(exc: BaseException | str, limit: int = 200) -> str:
+    """Another library's error in a line of ours: its first line, cut at a word before ``limit`` characters."""
+    text = (str(exc).strip().splitlines() or [""])[0] or (type(exc).__name__ if isinstance(exc, BaseException) else "")
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+
+
 def as_arg(value: Path | str) -> str:
     """A path as a command in a message must give it to be copied and run: as it is where no shell would read
     anything in it, else in double quotes (as cmd and PowerShell read them; messages set commands in single

@@ -55,7 +55,7 @@ from ASFDALib.data.volumes import (
     read_volume,
     write_volume,
 )
-from ASFDALib.errors import ASFDAError, VolumeError, as_arg
+from ASFDALib.errors import ASFDAError, VolumeError, as_arg, brief
 from ASFDALib.inference.predict import predict_label
 from ASFDALib.models.card import NetworkSpec, card_from_dict
 from ASFDALib.models.loading import LoadedModel, load_model
@@ -850,7 +850,7 @@ def _finetune_session(
         lost = distributed.peer_lost(exc)  # another torchrun process left: torchrun stops this one next
         stopped = lost or isinstance(exc, (KeyboardInterrupt, BrokenPipeError, SystemExit))
         if lost:
-            entry["stopped"] = f"another process of the torchrun job left ({str(exc).strip()[:200]})"
+            entry["stopped"] = f"another process of the torchrun job left ({brief(exc)})"
         elif isinstance(exc, BrokenPipeError):
             entry["stopped"] = "the output's reader left (a closed pipe)"
         elif isinstance(exc, SystemExit):  # rich's console exits so where the output's reader left

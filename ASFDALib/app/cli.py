@@ -37,7 +37,7 @@ from ASFDALib.app.arguments import (
     seed_list,
     unit_interval,
 )
-from ASFDALib.errors import ASFDAError, Terminated, interrupted_exit_code
+from ASFDALib.errors import ASFDAError, Terminated, brief, interrupted_exit_code
 
 RANK_EXAMPLES = """
 examples:
@@ -866,7 +866,7 @@ def _run(args: argparse.Namespace) -> int:
         if "ASFDALib.distributed" not in sys.modules or not sys.modules["ASFDALib.distributed"].peer_lost(exc):
             raise
         # not this process's error: torchrun stops it next, and the job goes on as after an interruption
-        why = str(exc).strip().splitlines()[0][:200]
+        why = brief(exc)
         print(
             f"asfda {args.command}: stopped: another process of the torchrun job left ({why}); {_what_is_kept(args)}",
             file=sys.stderr,

@@ -1005,7 +1005,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ASFDALib.bench.demo import DemoConfig, demo_model_path, run_demo
+    from ASFDALib.bench.demo import DemoConfig, demo_model_path, refuse_replacing, run_demo
 
     console = Console()
     config = DemoConfig(
@@ -1016,6 +1016,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
         scenario=args.scenario,
     )
+    refuse_replacing(args.out)  # before anything says "replacing"
     if (args.out / "demo.json").is_file() or (args.out / "session").is_dir():  # the demo's own, said before it goes
         console.print(f"Replacing the earlier demo in {args.out} (its data/, session/ and results)", **WHOLE_LINE)
     bar, update = stage_progress(console, "Demo")

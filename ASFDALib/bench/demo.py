@@ -85,6 +85,24 @@ def _beyond_the_demo(session_dir: Path) -> str:
     return f"labels of its own: {', '.join(sorted(set(own))[:3])}" if own else ""
 
 
+def refuse_replacing(out: Path) -> None:
+    """Refuse an ``out`` whose data and session the demo must not replace: a folder of other files, or the demo's
+    session gone on with (the README invites it). Run again before anything says "replacing"."""
+    marker = out / "data" / "scenario.json"
+    # a demo's folder: its marker, or what a demo made before the marker was written (demo.json, its pool)
+    made_by_a_demo = any(p.is_file() for p in (marker, out / "demo.json", out / "data" / "pool" / "cases.json"))
+    if out.is_dir() and any(out.iterdir()) and not made_by_a_demo:
+        raise ASFDAError(
+            f"{out}: holds files of no demo (no {marker.relative_to(out)}), and the demo replaces its own folders "
+            "there (data, session); choose a new --out"
+        )
+    if beyond := _beyond_the_demo(out / "session"):
+        raise ASFDAError(
+            f"{out / 'session'}: holds work the demo did not do ({beyond}), and the demo replaces its session; "
+            f"choose a new --out, or move that session elsewhere first"
+        )
+
+
 def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None = None) -> dict:
     """Run the demo into ``out`` and return its report (also in demo.json / demo.md / demo.png)."""
     say = step or (lambda _stage, _fraction, _detail="": None)
@@ -94,18 +112,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
     start = time.perf_counter()
     data = out / "data"
     marker = data / "scenario.json"  # what the demo's data was made for: the folder is a demo's
-    # a demo's folder: its marker, or what a demo made before the marker was written (demo.json, its pool)
-    made_by_a_demo = any(p.is_file() for p in (marker, out / "demo.json", data / "pool" / "cases.json"))
-    if out.is_dir() and any(out.iterdir()) and not made_by_a_demo:
-        raise ASFDAError(
-            f"{out}: holds files of no demo (no {marker.relative_to(out)}), and the demo replaces its own folders "
-            "there (data, session); choose a new --out"
-        )
-    if beyond := _beyond_the_demo(out / "session"):  # the README invites going on from the demo's session
-        raise ASFDAError(
-            f"{out / 'session'}: holds work the demo did not do ({beyond}), and the demo replaces its session; "
-            f"choose a new --out, or move that session elsewhere first"
-        )
+    refuse_replacing(out)
     ct = config.scenario == "ct-shift"
     say(f"generating a 3-site {'CT' if ct else 'MRI-like'} target pool and a test set", 0.0)
     write = write_target_split if ct else write_pool

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ASFDALib.errors import ModelError, ValueOutOfRange
+from ASFDALib.errors import ModelError, ValueOutOfRange, brief
 from ASFDALib.inference.device import resolve_device
 from ASFDALib.inference.windows import run_windows
 from ASFDALib.models.card import ModelCard
@@ -71,7 +71,7 @@ def check_outputs(network: torch.nn.Module, card: ModelCard, model_path: str, de
     except (RuntimeError, ValueError) as exc:  # a window the network's layers cannot take
         if "memory" in str(exc).lower() or "cuda" in str(exc).lower():
             raise  # out of memory or a device fault: not the window's shape
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc)
         raise ModelError(
             f"{model_path}: a window of the card's roi_size {list(card.roi_size)} does not run through the network "
             f"({reason}); give a roi_size the network takes (SwinUNETR: a multiple of 32 and at least 64 per axis; "

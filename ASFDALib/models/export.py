@@ -498,7 +498,8 @@ def _reexport_bundle(model: LoadedModel, folder: Path, record: dict[str, Any] | 
 
 
 def export_torchscript(model: LoadedModel, path: Path, record: dict[str, Any] | None = None) -> Path:
-    """``model.ts`` (scripted, or traced when scripting fails) plus ``model.card.json`` beside it."""
+    """``model.ts`` (scripted, or traced when scripting fails; the metadata inside it as ``metadata.json``, which
+    ``torch.jit.load(path, _extra_files={"metadata.json": ""})`` reads) plus ``model.card.json`` beside it."""
     path = Path(path)
     _refuse_overwriting_the_base(model, [path, card_beside(path)])
     network = model.network.cpu().eval()
@@ -506,7 +507,8 @@ def export_torchscript(model: LoadedModel, path: Path, record: dict[str, Any] | 
         scripted = torch.jit.script(network)
     except Exception:  # noqa: BLE001 - some MONAI networks only trace
         scripted = torch.jit.trace(network, torch.zeros(1, 1, *model.card.roi_size))
-    atomic_write(path, lambda tmp: scripted.save(str(tmp)))
+    metadata = json.dumps(bundle_metadata(model.card, "0.1.0", record), indent=2)
+    atomic_write(path, lambda tmp: scripted.save(str(tmp), _extra_files={"metadata.json": metadata}))
     atomic_write_json(card_beside(path), _exported_card(model.card, record, program=True))
     return path
 

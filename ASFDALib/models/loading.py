@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ASFDALib.checkpoints import LoadReport, class_map_from_names, load_pretrained
-from ASFDALib.errors import ModelError, TrustRequiredError
+from ASFDALib.errors import ModelError, TrustRequiredError, brief
 from ASFDALib.models.card import IntensityConfig, ModelCard, NetworkSpec, card_from_dict, load_card
 from ASFDALib.models.nnunet import nnunet_plans
 
@@ -189,7 +189,7 @@ def load_weights(path: Path, trust: bool = False) -> Any:
             ) from None
     except Exception as exc:  # noqa: BLE001 - torch's reader on a damaged archive (a download cut short)
         raise ModelError(
-            f"{path}: cannot read weights ({_first_line(exc)}); the file looks damaged or incomplete: "
+            f"{path}: cannot read weights ({brief(exc, 300)}); the file looks damaged or incomplete: "
             "download or save it again"
         ) from None
     try:
@@ -200,11 +200,7 @@ def load_weights(path: Path, trust: bool = False) -> Any:
             "dict where that code is (torch.save(model.state_dict(), ...)), or install that code here"
         ) from None
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"{path}: cannot read weights ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelError(f"{path}: cannot read weights ({brief(exc, 300)})") from None
 
 
 def _numpy_data_globals() -> list:
@@ -687,7 +683,7 @@ def _load_bundle(
                     torch.manual_seed(0)
                     net = parser.get_parsed_content("network_def")
             except Exception as exc:  # noqa: BLE001 - the bundle's own code: any error it raises, in one line
-                raise ModelError(f"{config_path}: cannot build network_def ({_first_line(exc)})") from None
+                raise ModelError(f"{config_path}: cannot build network_def ({brief(exc, 300)})") from None
     _check_inputs(net, folder)
     report = _apply_weights(
         net, load_weights(weight_path, trust), card, class_map, weight_path, _bundle_class_names(folder)

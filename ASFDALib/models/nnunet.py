@@ -64,7 +64,20 @@ def _configuration(plans: dict, name: str, plans_path: Path) -> dict:
 
 
 def _architecture(config: dict, plans_path: Path) -> dict[str, Any]:
-    """Stages, features, kernels, strides and convolutions per stage, from either plans format."""
+    """Stages, features, kernels, strides and convolutions per stage, from either plans format. A plans file that
+    lacks what a PlainConvUNet needs (a residual encoder has n_blocks_per_stage) is refused naming its network."""
+    name = str((config.get("architecture") or {}).get("network_class_name") or config.get("UNet_class_name"))
+    name = name.rsplit(".", 1)[-1]
+    unbuildable = f"{plans_path}: this nnU-Net model cannot be built as MONAI's DynUNet: its network is {name}"
+    if name != "PlainConvUNet":
+        raise ModelError(f"{unbuildable} (no MONAI network has its blocks; nnU-Net's PlainConvUNet models load)")
+    try:
+        return _read_architecture(config, plans_path)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{unbuildable}, but its plans lack {exc}") from None
+
+
+def _read_architecture(config: dict, plans_path: Path) -> dict[str, Any]:
     if "architecture" in config:  # nnU-Net >= 2.4
         arch = config["architecture"]
         kwargs = arch["arch_kwargs"]
@@ -104,8 +117,6 @@ def _listed(value: int | list[int]) -> list[int]:
 
 def _refuse_unbuildable(arch: dict, plans_path: Path) -> None:
     why = []
-    if arch["class"] != "PlainConvUNet":
-        why.append(f"its network is {arch['class']} (a residual encoder: no MONAI network has it)")
     if "InstanceNorm" not in str(arch["norm"]) or "LeakyReLU" not in str(arch["nonlin"]):
         why.append(f"it normalises with {arch['norm']} and activates with {arch['nonlin']}")
     if any(n != 2 for n in arch["convs"]):

@@ -356,7 +356,8 @@ def rank_folder(
     if not paths:
         # a dataset folder (images/ beside labels/): --recursive would rank its label maps too, so name the scans
         scans = scan_folders(images)
-        hint = "" if config.recursive else "; add --recursive to search sub-folders"
+        has_subfolders = any(p.is_dir() and not p.name.startswith(".") for p in Path(images).iterdir())
+        hint = "; add --recursive to search sub-folders" if has_subfolders and not config.recursive else ""
         if (Path(images) / "session.json").is_file():  # a session folder given for the scans' one
             hint = "; it is an ASFDA session: give --images the scans' folder (the session is --out)"
         elif scans:

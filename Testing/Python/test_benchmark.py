@@ -159,8 +159,10 @@ def test_a_demo_run_again_with_another_pool_makes_its_data_anew_and_records_what
     assert main(["labels", "import", str(out / "session"), "--from", str(labels)]) == 0
     before = (out / "session" / "session.json").read_bytes()
     assert main([*argv, "--pool", "4"]) == 1
-    err = " ".join(capsys.readouterr().err.split())
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())
     assert f"{out / 'session'}: holds work the demo did not do (2 rounds), and the demo replaces its session" in err
+    assert "Replacing" not in captured.out  # refused before anything says it replaces
     assert (out / "session" / "session.json").read_bytes() == before and (out / "demo.json").is_file()
 
 

@@ -244,6 +244,11 @@ def test_every_exported_card_says_what_the_session_did_to_the_base_model(adapted
     for fmt, description in cards.items():
         assert description.startswith("asfda-default-unet, adapted with ASFDA "), fmt
         assert "1 round(s), 1 labelled volume(s)" in description and description.endswith(base), fmt
+    # the TorchScript file carries the metadata inside it, as the pt2 program does: logits, how windows stitch
+    extra = {"metadata.json": ""}
+    torch.jit.load(str(tmp_path / "adapted.ts"), _extra_files=extra)
+    meta = json.loads(extra["metadata.json"])
+    assert "logits" in meta["pred_classes"] and "nearest" in meta["sliding_window"] and meta["asfda"]["adapted"]
 
 
 def _trusted_bundle(folder: Path) -> Path:

@@ -435,7 +435,9 @@ NNUNET_ARCH = {
 NNUNET_LABELS = {"background": 0, "liver": 1, "right kidney": 2, "gallbladder": 3, "spleen": 4}
 
 
-def _nnunet_output(root: Path, arch: dict | None = None) -> tuple[Path, torch.nn.Module]:
+def _nnunet_output(
+    root: Path, arch: dict | None = None, network: str = "PlainConvUNet"
+) -> tuple[Path, torch.nn.Module]:
     """fold_0/checkpoint_final.pth with plans.json and dataset.json above it, and the PlainConvUNet it holds."""
     plain = pytest.importorskip("dynamic_network_architectures.architectures.unet", reason="make install installs it")
     arch = arch or NNUNET_ARCH
@@ -477,7 +479,7 @@ def _nnunet_output(root: Path, arch: dict | None = None) -> tuple[Path, torch.nn
                 "spacing": [4.0, 5.0, 4.0],
                 "normalization_schemes": ["CTNormalization"],
                 "architecture": {
-                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                    "network_class_name": f"dynamic_network_architectures.architectures.unet.{network}",
                     "arch_kwargs": arch,
                     "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
                 },
@@ -569,6 +571,17 @@ def test_the_first_nnunet_v2_plans_format_describes_the_same_network():
         "norm": "InstanceNorm",
         "nonlin": "LeakyReLU",
     }
+
+
+def test_an_nnunet_residual_encoder_is_refused_in_one_line_leaving_no_session(pool, tmp_path, capsys):
+    """nnU-Net's ResEnc presets describe their encoder with n_blocks_per_stage: no PlainConvUNet to convert."""
+    arch = {k: v for k, v in NNUNET_ARCH.items() if k != "n_conv_per_stage"} | {"n_blocks_per_stage": [1, 3, 4, 6]}
+    path, _ = _nnunet_output(tmp_path, arch, network="ResidualEncoderUNet")
+    args = ["rank", "--model", str(path), "--images", str(pool / "images"), "--out", str(tmp_path / "s")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "its network is ResidualEncoderUNet (no MONAI network has its blocks" in err
+    assert not (tmp_path / "s").exists()
 
 
 def test_an_nnunet_ignore_label_is_no_class_of_the_card(tmp_path):

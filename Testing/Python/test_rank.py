@@ -169,7 +169,10 @@ def test_empty_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["rank", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "s")]) == 1
     err = capsys.readouterr().err
-    assert "no volumes found" in err and "--recursive" in err
+    assert "no volumes found" in err and "--recursive" not in err  # no sub-folder to search
+    (tmp_path / "empty" / "site1").mkdir()
+    assert main(["rank", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "s")]) == 1
+    assert "add --recursive to search sub-folders" in capsys.readouterr().err
 
 
 def test_torchscript_model_uses_the_energy_fallback_and_says_so(tmp_path, default_model, mri_pool, capsys):

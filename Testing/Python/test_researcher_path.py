@@ -1174,3 +1174,13 @@ def test_mc_passes_without_the_epistemic_strategy_is_refused_not_ignored(ranked,
     _, session = ranked
     err = _usage_error(["rank", "--out", str(session), "--mc-passes", "3"], capsys)
     assert "--mc-passes is for --strategy epistemic (MC dropout); leave it out" in err
+
+
+def test_another_librarys_error_is_quoted_in_a_line_cut_at_a_word():
+    from ASFDALib.errors import brief
+
+    gloo = RuntimeError("Read error [127.0.0.1]:4242: Connection reset by peer. " + "This is typically caused " * 12)
+    cut = brief(gloo, 80)
+    assert cut.startswith("Read error [127.0.0.1]:4242: Connection reset by peer.") and cut.endswith(" …")
+    assert len(cut) <= 82 and not cut[:-2].endswith(("caus", "typicall"))  # a whole word before the ellipsis
+    assert brief(RuntimeError("first line\nsecond")) == "first line" and brief(KeyError()) == "KeyError"
