@@ -856,8 +856,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     scores = evaluate_folders(args.pred, args.labels, names, parse_mapping(args.map, names))
     # a figure on cases the session's model trained on is not a test figure: they are noted, not averaged
     # maps of one round's adapted model: what later rounds labelled, it never trained on
-    rounds = {m.get("round") for m in made_by if m.get("model") == "adapted"}
-    one_round = next(iter(rounds)) if len(rounds) == 1 and all(m.get("model") == "adapted" for m in made_by) else None
+    rounds = {m.get("round") if m.get("model") == "adapted" else None for m in made_by}  # None: the source model's
+    one_round = next(iter(rounds)) if len(rounds) == 1 else None
     made_here = session is not None and (str(session.root.resolve()) in makers or copy)
     up_to = one_round if made_here and isinstance(one_round, int) else None
     trained = trained_on(session, scores, args.labels, predictions_made_from(args.pred), up_to) if session else {}

@@ -217,10 +217,11 @@ def trained_on(
     rounds = [r for r in session.rounds if up_to_round is None or r["index"] <= up_to_round]
     for round_ in rounds:
         how |= dict.fromkeys((round_.get("metrics") or {}).get("pseudo_labelled", []), "pseudo-labelled")
-    if up_to_round is None:
+    recorded = [(r.get("metrics") or {}).get("labelled") for r in rounds if r.get("checkpoint")]
+    if up_to_round is None or not recorded or None in recorded:  # a round that kept no list: every label counts
         labelled = list(session.data["labels"])  # what the session recorded, a label file deleted since included
     else:  # what those rounds trained on, as each finished run recorded it
-        labelled = sorted({n for r in rounds for n in (r.get("metrics") or {}).get("labelled", [])})
+        labelled = sorted({n for names in recorded for n in names})
     how |= dict.fromkeys(labelled, "labelled")
     images: dict[str, list[str]] = {}
     for entry in (session.data.get("images") or {}).get("files", []):

@@ -452,23 +452,17 @@ def _bundle_code_importable(folder: Path) -> Iterator[None]:
     root on the path, for the time it takes to build its network; its modules are forgotten after, so another
     bundle's ``scripts`` in the same process (the Slicer panel, a benchmark) is its own and not this one's."""
     root = folder.resolve()
-
-    def modules_of(where: Path) -> list[str]:
-        return [
-            name
-            for name, module in list(sys.modules.items())
-            if (file := getattr(module, "__file__", None)) and Path(file).resolve().is_relative_to(where)
-        ]
-
     for name in [n for n in list(sys.modules) if n == "scripts" or n.startswith("scripts.")]:
         sys.modules.pop(name, None)  # another bundle's scripts package would answer this one's imports
     sys.path.insert(1, str(root))
     try:
         yield
     finally:
-        del sys.path[sys.path.index(str(root))]
-        for name in modules_of(root):
-            sys.modules.pop(name, None)
+        # the entry put there, not an equal one the path held before
+        del sys.path[1 if sys.path[1:2] == [str(root)] else sys.path.index(str(root))]
+        for name, module in list(sys.modules.items()):
+            if (file := getattr(module, "__file__", None)) and Path(file).resolve().is_relative_to(root):
+                del sys.modules[name]
 
 
 def _bundle_weights(folder: Path) -> Path | None:

@@ -189,8 +189,11 @@ def read_nnunet(
     config = _configuration(plans, name, plans_path)
     arch = _architecture(config, plans_path)
     _refuse_unbuildable(arch, plans_path)
-    axes = ras_axes(plans.get("transpose_forward", [0, 1, 2]))
-    card = _card(plans, config, dataset, name, axes, dataset_path if dataset else plans_path)
+    try:  # a plans file edited by hand, or of a version that words them otherwise: one line, not a traceback
+        axes = ras_axes(plans.get("transpose_forward", [0, 1, 2]))
+        card = _card(plans, config, dataset, name, axes, dataset_path if dataset else plans_path)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ModelError(f"{plans_path}: cannot read the model's {name} configuration from it ({exc!r})") from None
     strides = [[s[a] for a in axes] for s in arch["strides"]]
     spec = NetworkSpec(
         "DynUNet",
