@@ -955,6 +955,11 @@ def plan_predictions(
         found = ""
         if others := passed_over(images):  # .mgz, PNG slices: say what was there
             found = f" (found files of other types only: {passed_over_summary(others)}; convert the scans)"
+        elif subs := [d for d in discover_volumes(images, recursive=True) if d.parent != images]:
+            # a pool ranked with --recursive (site1/, site2/): predict reads one folder, its maps in one --out
+            folders = sorted({d.parent for d in subs})
+            named = ", ".join(str(f) for f in folders[:3]) + (", ..." if len(folders) > 3 else "")
+            found = f" directly in it, only in {len(folders)} sub-folder(s) ({named}): run predict once for each"
         raise ASFDAError(f"{images}: no volumes found{found}; give the folder of scans to segment")
     fix = fix or f"choose another output folder, e.g. {predictions_folder_for(images)}"
     refuse_same_folder(out, images, "images", fix)

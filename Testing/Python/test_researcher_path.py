@@ -1184,3 +1184,16 @@ def test_another_librarys_error_is_quoted_in_a_line_cut_at_a_word():
     assert cut.startswith("Read error [127.0.0.1]:4242: Connection reset by peer.") and cut.endswith(" …")
     assert len(cut) <= 82 and not cut[:-2].endswith(("caus", "typicall"))  # a whole word before the ellipsis
     assert brief(RuntimeError("first line\nsecond")) == "first line" and brief(KeyError()) == "KeyError"
+
+
+def test_predict_on_a_pool_of_sub_folders_names_them(ranked, tmp_path, capsys):
+    """A pool ranked with --recursive (one folder a site): predict reads one folder and says which to give."""
+    root, session = ranked
+    scans = sorted((root / "pool" / "images").iterdir())
+    for site, scan in (("site1", scans[0]), ("site2", scans[1])):
+        (tmp_path / "pool" / site).mkdir(parents=True)
+        shutil.copy(scan, tmp_path / "pool" / site / scan.name)
+    assert main(["predict", str(session), "--images", str(tmp_path / "pool"), "--out", str(tmp_path / "o")]) == 1
+    err = _one_line_error(capsys)
+    assert f"no volumes found directly in it, only in 2 sub-folder(s) ({tmp_path / 'pool' / 'site1'}, " in err
+    assert "run predict once for each" in err and not (tmp_path / "o").exists()
