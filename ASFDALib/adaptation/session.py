@@ -80,6 +80,28 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _posix_names(data: dict[str, Any]) -> dict[str, Any]:
+    """A session whose recursive pool was ranked on Windows before names were recorded with ``/``
+    (``site1\\a.nii.gz``): its pool's names, wherever the session records them (labels, queries, rounds), as
+    every system names them now (``site1/a.nii.gz``). Only strings that are such a name change."""
+    images = data.get("images") or {}
+    names = {f.get("name") for f in images.get("files", []) if isinstance(f, dict)} | set(data.get("labels") or {})
+    old = {n for n in names if isinstance(n, str) and "\\" in n}
+    if not old or not images.get("recursive"):
+        return data
+
+    def posix(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("\\", "/") if value in old else value
+        if isinstance(value, list):
+            return [posix(v) for v in value]
+        if isinstance(value, dict):
+            return {posix(k): posix(v) for k, v in value.items()}
+        return value
+
+    return posix(data)
+
+
 def safe_path(root: Path, relative: str) -> Path:
     """``root / relative``, refusing absolute paths and anything that resolves outside ``root``. A session
     records its paths with ``/``; one written on Windows before that (``labels\\a_v1.nii.gz``) is read with its
@@ -163,7 +185,7 @@ class Session:
         except (OSError, ValueError) as exc:
             raise SessionError(f"{path}: unreadable session file ({exc}); {_restore_hint(path)}") from None
         cls._validate(data, path)
-        return data
+        return _posix_names(data)
 
     @staticmethod
     def _new_data() -> dict[str, Any]:
@@ -352,8 +374,8 @@ class Session:
         self.move_images(root)
 
     def move_images(self, root: Path) -> None:
-        """Record where the pool is: its absolute path, and where it lies inside the session folder (the demo's
-        sample_data) that path relative to it, which the session keeps when the folder is moved or copied."""
+        """Record where the pool is: its absolute path, and where it lies inside the session folder (sample_data,
+        the built-in pool) that path relative to it, which the session keeps when the folder is moved or copied."""
         root = Path(root).resolve()
         self.data["images"]["root"] = str(root)
         self.data["images"].pop("in_session", None)

@@ -199,6 +199,28 @@ def test_recorded_paths_use_slashes_and_a_windows_written_session_opens_on_linux
     assert safe_path(tmp_path, "odd\\name.nii.gz") == (tmp_path / "odd\\name.nii.gz").resolve()
 
 
+def test_a_recursive_pools_names_recorded_on_windows_read_as_every_system_names_them(tmp_path):
+    """Before names were recorded with /, a recursive pool ranked on Windows named its scans site1\\a.nii.gz."""
+    import json
+
+    session = Session.open(tmp_path / "s", create=True)
+    session.set_model(tmp_path / "m.pt", "digest", "state_dict", {"class_names": ["background", "liver"]}, False)
+    (tmp_path / "pool" / "site1").mkdir(parents=True)
+    session.set_images(tmp_path / "pool", {"site1/a.nii.gz": "h1", "site1/b.nii.gz": "h2"}, recursive=True)
+    label = session.next_label_path("site1/a.nii.gz")
+    label.write_bytes(b"v1")
+    session.record_label("site1/a.nii.gz", label, "h3", "test")
+    session.add_round(["site1/a.nii.gz"], {"name": "asfda"}, "digest")
+    session.save()
+    path = tmp_path / "s" / "session.json"
+    path.write_text(path.read_text().replace("site1/", "site1\\\\"))  # as Windows wrote it then
+    assert '"site1\\\\a.nii.gz"' in path.read_text()
+    reopened = Session.open(tmp_path / "s")
+    assert reopened.image_names() == ["site1/a.nii.gz", "site1/b.nii.gz"]
+    assert reopened.labelled() == {"site1/a.nii.gz": label.resolve()} and reopened.queried() == ["site1/a.nii.gz"]
+    assert json.loads(path.read_text())["labels"]["site1\\a.nii.gz"]  # the file itself changes only when saved
+
+
 def test_case_ids_are_file_system_safe_and_keep_letters_of_any_script():
     assert case_id("Patient Ä/01.nii.gz") == "Patient_Ä_01"
     assert case_id("ct.seg.nrrd") == "ct.seg"
