@@ -48,8 +48,8 @@ from ASFDALib.data.volumes import (
     content_changed,
     content_hash,
     content_record,
+    discover,
     discover_volumes,
-    passed_over,
     passed_over_summary,
     read_scan,
     read_volume,
@@ -918,6 +918,7 @@ class PredictionPlan:
     hold: Any = None  # the output folder's lock (outputs.hold_predictions), from the claim to the last map
     out: Path | None = None
     fix: str = ""
+    passed_over: list[Path] = field(default_factory=list)  # files of the images folder that are no volume
 
     def claim(self) -> PredictionPlan:
         """This plan with ``out`` held and its targets claimed in the manifest (the checks made again under
@@ -950,10 +951,10 @@ def plan_predictions(
     from ASFDALib.outputs import claim_predictions, refuse_inside_session, refuse_overwrite, refuse_same_folder
 
     images, out = Path(images), Path(out)
-    scans = discover_volumes(images)
+    scans, others = discover(images)  # one walk: the scans and what is no scan
     if not scans:
         found = ""
-        if others := passed_over(images):  # .mgz, PNG slices: say what was there
+        if others:  # .mgz, PNG slices: say what was there
             found = f" (found files of other types only: {passed_over_summary(others)}; convert the scans)"
         elif subs := [d for d in discover_volumes(images, recursive=True) if d.parent != images]:
             # a pool ranked with --recursive (site1/, site2/): predict reads one folder, its maps in one --out
@@ -976,7 +977,7 @@ def plan_predictions(
     refuse_overwrite(targets, scans, "the input scan", fix)
     refuse_overwrite(targets, protected, "a file the session references", fix)
     existing = claim_predictions(out, targets, fix, check_only=True)  # refused before the folder is touched
-    plan = PredictionPlan(scans, targets, existing, out=out, fix=fix)
+    plan = PredictionPlan(scans, targets, existing, out=out, fix=fix, passed_over=others)
     return plan.claim() if claim else plan
 
 

@@ -720,7 +720,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
     from ASFDALib.adaptation.pipeline import predict_folder
     from ASFDALib.adaptation.runs import finish_hint, unfinished_run
-    from ASFDALib.data.volumes import passed_over, passed_over_line
+    from ASFDALib.data.volumes import passed_over_line
 
     replaced = plan.replaced
     if replaced:
@@ -751,8 +751,9 @@ def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
         written, skipped = predict_folder(model, args.images, args.out, args.device, update, made_by, plan=plan)
     for reason in skipped:
         console.print(f"[yellow]skipped {reason}[/yellow]")
-    if others := passed_over(args.images):
-        console.print(passed_over_line(args.images, others, "segment"), style="yellow", markup=False, highlight=False)
+    if plan.passed_over:
+        line = passed_over_line(args.images, plan.passed_over, "segment")
+        console.print(line, style="yellow", markup=False, highlight=False)
     console.print(f"Wrote {len(written)} label maps to {args.out} with {which}")
     stale = Path(args.out) / "evaluation.csv"  # evaluate's default table: it scored the maps written over
     if replaced and stale.is_file():

@@ -82,14 +82,23 @@ def discover_volumes(folder: Path | str, recursive: bool = False, exclude: Colle
 
 
 def passed_over(folder: Path | str, recursive: bool = False, exclude: Collection[Path] = ()) -> list[Path]:
-    """The files :func:`discover_volumes` looks at and takes for no volume, sorted: other types (a FreeSurfer .mgz,
-    an Analyze .hdr/.img pair, PNG slices, a zipped series, a BIDS sidecar). Not listed: hidden files and those a file
-    browser writes, files of a DICOM folder, the data file a detached header names and a volume's sidecars (its
-    name with another type: BIDS .json, .bval, .bvec)."""
+    """The files :func:`discover_volumes` looks at and takes for no volume (see :func:`discover`)."""
+    return discover(folder, recursive, exclude)[1]
+
+
+def discover(
+    folder: Path | str, recursive: bool = False, exclude: Collection[Path] = ()
+) -> tuple[list[Path], list[Path]]:
+    """In one walk, what :func:`discover_volumes` finds and the files it passes over, each sorted: other types (a
+    FreeSurfer .mgz, an Analyze .hdr/.img pair, PNG slices, a zipped series). Not passed over: hidden files and
+    those a file browser writes, files of a DICOM folder, the data file a detached header names and a volume's
+    sidecars (its name with another type: BIDS .json, .bval, .bvec)."""
     volumes, others = _walk(folder, recursive, exclude)
     parts = {data.resolve() for v in volumes for data in _detached_data(v)}
     stems = {(v.parent, _volume_stem(v.name)) for v in volumes}
-    return [p for p in others if p.resolve() not in parts and (p.parent, p.name.rsplit(".", 1)[0]) not in stems]
+    return volumes, [
+        p for p in others if p.resolve() not in parts and (p.parent, p.name.rsplit(".", 1)[0]) not in stems
+    ]
 
 
 def _volume_stem(name: str) -> str:
@@ -115,8 +124,8 @@ def passed_over_line(folder: Path | str, files: list[Path], doing: str) -> str:
 
 
 def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> tuple[list[Path], list[Path]]:
-    """(volumes, the other files looked at) under ``folder``: one way of walking for :func:`discover_volumes` and
-    :func:`passed_over`, so the two cannot disagree on where they looked."""
+    """(volumes, the other files looked at) under ``folder``: the one walk behind :func:`discover`, so what it
+    finds and what it passes over cannot disagree on where it looked."""
     root = Path(folder)
     if not root.is_dir():
         raise ASFDAError(f"{root}: not a folder (give the folder that holds the volumes)")

@@ -18,8 +18,7 @@ from ASFDALib.data.preprocess import compact, preprocess
 from ASFDALib.data.volumes import (
     LABEL_MAP_MAX_VALUES,
     NotAScanError,
-    discover_volumes,
-    passed_over,
+    discover,
     passed_over_line,
     passed_over_summary,
     read_scan,
@@ -352,7 +351,7 @@ def rank_folder(
     """
     # the cache's files would mix with the scans (and a recursive rank would meet them)
     refuse_same_folder(cache_folder, images, "images", "give the score cache a folder of its own")
-    paths = discover_volumes(images, config.recursive, exclude)
+    paths, others = discover(images, config.recursive, exclude)  # one walk: the scans and what is no scan
     if not paths:
         # a dataset folder (images/ beside labels/): --recursive would rank its label maps too, so name the scans
         scans = scan_folders(images)
@@ -363,7 +362,7 @@ def rank_folder(
         elif scans:
             more = f" (or {', '.join(map(str, scans[1:]))})" if scans[1:] else ""
             hint = f"; the scans look to be in a sub-folder: give --images {scans[0]}{more}"
-        elif others := passed_over(images, config.recursive, exclude):  # .mgz, PNG slices: say what was there
+        elif others:  # .mgz, PNG slices: say what was there
             hint = f"; found files of other types only ({passed_over_summary(others)}): convert the scans" + hint
         raise ASFDAError(
             f"{images}: no volumes found (looked for .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd and DICOM folders"
@@ -387,7 +386,6 @@ def rank_folder(
     if all(r.label_map for r in records):  # nothing left to rank, and all for one reason: name the fix
         raise ASFDAError(no_scans_message(Path(images), records))
     ranking = rank_records(records, knowledge, config, model.card.name, labelled_names)
-    others = passed_over(images, config.recursive, exclude)
     if others:  # a scan in a format not read (.mgz, .hdr/.img) would otherwise be missing from the ranking unsaid
         ranking.notes.append(passed_over_line(images, others, "rank"))
     return ranking
