@@ -28,7 +28,7 @@ def intensity_transform(config: IntensityConfig):
     if config.mode == "percentile":
         return ScaleIntensityRangePercentiles(config.lower, config.upper, config.b_min, config.b_max, clip=True)
     if config.mode == "zscore":
-        return NormalizeIntensity(nonzero=True)
+        return NormalizeIntensity(nonzero=config.nonzero)
     return Identity()
 
 

@@ -36,7 +36,8 @@ class IntensityConfig:
 
     ``ct``: clip to the window [a_min, a_max] and scale to [b_min, b_max];
     ``percentile``: map the [lower, upper] percentiles of each volume to [b_min, b_max] (MRI);
-    ``zscore``: zero mean, unit variance over non-zero voxels; ``none``: as stored.
+    ``zscore``: zero mean, unit variance over the non-zero voxels, or over every voxel where ``nonzero`` is false
+    (MONAI's ``NormalizeIntensity(nonzero=...)``; nnU-Net's ``use_mask_for_norm``); ``none``: as stored.
     """
 
     mode: str = "percentile"
@@ -46,10 +47,23 @@ class IntensityConfig:
     upper: float = 99.5
     b_min: float = 0.0
     b_max: float = 1.0
+    nonzero: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in INTENSITY_MODES:
             raise ModelError(f"intensity mode {self.mode!r} unknown; use one of {', '.join(INTENSITY_MODES)}")
+        if not isinstance(self.nonzero, bool):
+            raise ModelError(f"intensity nonzero {self.nonzero!r}: true or false")
+        if not self.nonzero and self.mode != "zscore":
+            raise ModelError(f"intensity nonzero false is a z-score's choice; mode {self.mode!r} has none")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As a card stores it; ``nonzero`` only where it is false, so cards (and model digests and cache keys)
+        written before it existed stay as they were."""
+        data = asdict(self)
+        if self.nonzero:
+            del data["nonzero"]
+        return data
 
     def describe(self) -> str:
         """The normalisation in words, as the user checks it against the model's training."""
@@ -58,7 +72,9 @@ class IntensityConfig:
             return f"CT window {self.a_min:g}..{self.a_max:g} HU to {to}"
         if self.mode == "percentile":
             return f"percentiles {self.lower:g}..{self.upper:g} of each volume to {to}"
-        return "z-score over non-zero voxels" if self.mode == "zscore" else "as stored"
+        if self.mode == "zscore":
+            return f"z-score over {'non-zero voxels' if self.nonzero else 'every voxel'}"
+        return "as stored"
 
 
 @dataclass
@@ -111,6 +127,7 @@ class ModelCard:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["intensity"] = self.intensity.to_dict()
         data["spacing"] = list(self.spacing)
         data["roi_size"] = list(self.roi_size)
         if self.source_classes is None:  # absent rather than null: cards (and model digests) stay as they were
@@ -127,7 +144,7 @@ class ModelCard:
     def preprocessing_key(self) -> str:
         """The part of the card that changes the network input; part of every cache key."""
         return json.dumps(
-            {"spacing": self.spacing, "roi": self.roi_size, "intensity": asdict(self.intensity), "ov": self.overlap},
+            {"spacing": self.spacing, "roi": self.roi_size, "intensity": self.intensity.to_dict(), "ov": self.overlap},
             sort_keys=True,
         )
 

@@ -75,7 +75,7 @@ def _preprocessing(card: ModelCard) -> list[dict]:
             "clip": True,
         }
     elif intensity.mode == "zscore":
-        scale = {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True}
+        scale = {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": intensity.nonzero}
     else:
         scale = {"_target_": "Identityd", "keys": "image"}
     # The same transforms, with the same arguments, as ASFDALib.data.preprocess (float32 resampling too).

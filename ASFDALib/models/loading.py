@@ -604,8 +604,10 @@ def _card_from_bundle(folder: Path, config: dict[str, Any]) -> ModelCard:
             keys = ("a_min", "a_max", "b_min", "b_max")
             if all(_is_literal(transform.get(k)) and k in transform for k in keys):
                 data["intensity"] = IntensityConfig("ct", **{k: float(transform[k]) for k in keys})
-        elif target in ("NormalizeIntensityd", "NormalizeIntensity"):
-            data["intensity"] = IntensityConfig("zscore")
+        elif target in ("NormalizeIntensityd", "NormalizeIntensity") and isinstance(
+            transform.get("nonzero", False), bool
+        ):
+            data["intensity"] = IntensityConfig("zscore", nonzero=transform.get("nonzero", False))  # MONAI's default
     inferer = config.get("inferer", {})
     if isinstance(inferer, dict) and _is_literal(inferer.get("roi_size")) and inferer.get("roi_size"):
         data["roi_size"] = inferer["roi_size"]

@@ -147,8 +147,10 @@ def _card(plans: dict, config: dict, dataset: dict, name: str, axes: list[int], 
         low, high, mean, std = (float(props[k]) for k in ("percentile_00_5", "percentile_99_5", "mean", "std"))
         std = max(std, 1e-8)
         intensity = IntensityConfig("ct", a_min=low, a_max=high, b_min=(low - mean) / std, b_max=(high - mean) / std)
-    elif scheme == "ZScoreNormalization":  # the card's z-score is over non-zero voxels (nnU-Net's mask): see
-        intensity = IntensityConfig("zscore")  # ZSCORE_NOTE where the plans z-score every voxel
+    elif scheme == "ZScoreNormalization":  # over the non-zero voxels where the plans mask (use_mask_for_norm), or
+        # every voxel (nnU-Net's, of the scan cropped to its non-zero box: outer zero padding aside, the same)
+        masked = bool((config.get("use_mask_for_norm") or [False])[0])
+        intensity = IntensityConfig("zscore", nonzero=masked)
     elif scheme == "RescaleTo01Normalization":
         intensity = IntensityConfig("percentile", lower=0.0, upper=100.0)
     elif scheme == "NoNormalization":
@@ -210,11 +212,7 @@ def read_nnunet(
             "trans_bias": True,
         },
     )
-    notes = [CONVERTED_NOTE]
-    masked = (config.get("use_mask_for_norm") or [False])[0]
-    if card.intensity.mode == "zscore" and not masked:
-        notes.append(ZSCORE_NOTE)
-    return spec, card, dynunet_state(weights["network_weights"], len(arch["features"]), axes), "; ".join(notes)
+    return spec, card, dynunet_state(weights["network_weights"], len(arch["features"]), axes), CONVERTED_NOTE
 
 
 def dynunet_state(state: dict[str, torch.Tensor], stages: int, axes: list[int]) -> dict[str, torch.Tensor]:
@@ -254,8 +252,4 @@ def dynunet_state(state: dict[str, torch.Tensor], stages: int, axes: list[int]) 
 CONVERTED_NOTE = (
     "from nnU-Net's PlainConvUNet to MONAI's DynUNet (kernels in RAS axis order, as for RAS-stored training images; "
     "convolution biases left out, each cancelled by the instance norm after it)"
-)
-ZSCORE_NOTE = (
-    "the plans z-score every voxel (use_mask_for_norm false), the card over the non-zero ones: where a scan's "
-    "background is exactly 0 the two differ"
 )

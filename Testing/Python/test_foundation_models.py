@@ -436,7 +436,7 @@ NNUNET_LABELS = {"background": 0, "liver": 1, "right kidney": 2, "gallbladder": 
 
 
 def _nnunet_output(
-    root: Path, arch: dict | None = None, network: str = "PlainConvUNet"
+    root: Path, arch: dict | None = None, network: str = "PlainConvUNet", configuration: dict | None = None
 ) -> tuple[Path, torch.nn.Module]:
     """fold_0/checkpoint_final.pth with plans.json and dataset.json above it, and the PlainConvUNet it holds."""
     plain = pytest.importorskip("dynamic_network_architectures.architectures.unet", reason="make install installs it")
@@ -483,6 +483,7 @@ def _nnunet_output(
                     "arch_kwargs": arch,
                     "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
                 },
+                **(configuration or {}),
             }
         },
     }
@@ -582,6 +583,16 @@ def test_an_nnunet_residual_encoder_is_refused_in_one_line_leaving_no_session(po
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "its network is ResidualEncoderUNet (no MONAI network has its blocks" in err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_an_nnunet_zscore_model_normalises_over_the_voxels_its_plans_say(tmp_path, masked):
+    """nnU-Net's ZScoreNormalization z-scores every voxel unless use_mask_for_norm (its non-zero mask) is set."""
+    zscore = {"normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [masked]}
+    path, _ = _nnunet_output(tmp_path, configuration=zscore)
+    intensity = load_model(path).card.intensity
+    assert (intensity.mode, intensity.nonzero) == ("zscore", masked)
+    assert intensity.describe() == f"z-score over {'non-zero voxels' if masked else 'every voxel'}"
 
 
 def test_an_nnunet_ignore_label_is_no_class_of_the_card(tmp_path):

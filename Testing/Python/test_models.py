@@ -180,6 +180,31 @@ def test_a_card_says_what_the_network_is_given_defaults_included():
     )
 
 
+def test_a_zscore_over_every_voxel_is_a_card_choice_kept_only_where_chosen(tmp_path):
+    """MONAI's NormalizeIntensity and nnU-Net z-score every voxel unless told to mask; the card keeps
+    ``nonzero`` only where it is false, so cards, model digests and cache keys written before stay as they were."""
+    import numpy as np
+
+    from ASFDALib.data.preprocess import intensity_transform
+
+    masked = ModelCard(class_names=["background", "liver"], intensity={"mode": "zscore"})
+    every = ModelCard(class_names=["background", "liver"], intensity={"mode": "zscore", "nonzero": False})
+    assert "nonzero" not in masked.to_dict()["intensity"] and "nonzero" not in masked.preprocessing_key()
+    assert every.to_dict()["intensity"]["nonzero"] is False and every.preprocessing_key() != masked.preprocessing_key()
+    assert every.describe_input().endswith("z-score over every voxel")
+    assert masked.describe_input().endswith("z-score over non-zero voxels")
+    save_card(every, tmp_path / "every.card.json")
+    assert load_card(tmp_path / "every.card.json").intensity.nonzero is False
+    # a scan with an air-free zero background: the two differ exactly there
+    image = torch.tensor(np.r_[np.zeros(6), np.arange(1.0, 7.0)], dtype=torch.float32)[None]
+    over_every = intensity_transform(every.intensity)(image)
+    assert abs(float(over_every.mean())) < 1e-6 and abs(float(over_every.std(unbiased=False)) - 1) < 1e-5
+    over_nonzero = intensity_transform(masked.intensity)(image)
+    assert float(over_nonzero[0, 0]) == 0.0 and abs(float(over_nonzero[0, 6:].mean())) < 1e-6
+    with pytest.raises(ModelError, match="nonzero false is a z-score's choice; mode 'ct' has none"):
+        ModelCard(class_names=["background", "liver"], intensity={"mode": "ct", "nonzero": False})
+
+
 def _write_bundle(folder: Path, network_def: dict, unet: torch.nn.Module) -> Path:
     (folder / "configs").mkdir(parents=True)
     (folder / "models").mkdir()
@@ -223,6 +248,16 @@ def test_bundle_with_a_plain_monai_network_loads_without_trust(tmp_path, unet):
     assert (model.card.overlap, model.card.sw_batch_size) == (0.25, 2)
     assert model.card.intensity.mode == "ct" and model.card.intensity.a_min == -57
     assert _same_output(model.network, unet)
+
+
+@pytest.mark.parametrize("arguments, nonzero", [({}, False), ({"nonzero": True}, True), ({"nonzero": False}, False)])
+def test_a_bundles_normalize_intensity_is_read_with_monais_default_over_every_voxel(tmp_path, unet, arguments, nonzero):
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet)
+    config = json.loads((folder / "configs" / "inference.json").read_text())
+    config["preprocessing"]["transforms"][1] = {"_target_": "NormalizeIntensityd", "keys": "image", **arguments}
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    intensity = load_model(folder).card.intensity
+    assert (intensity.mode, intensity.nonzero) == ("zscore", nonzero)
 
 
 def test_a_bundles_weights_or_config_file_given_as_the_model_loads_the_bundle(tmp_path, unet):
