@@ -171,11 +171,13 @@ def record_predictions(out: Path, written: Iterable[Path], made_by: dict, made_f
     source or adapted, the round and the checkpoint's digest), so a folder says what made it after restarts;
     the SHA-256 of each map as written (``maps``), by which a map changed since is never written over; and the
     SHA-256 of the image each map segments (``made_from``, by map name), so that evaluate knows a session's
-    training image by its content whatever the file is called."""
+    training image by its content whatever the file is called. The manifest is made where there is none yet
+    (the panel's Predict remaining writes into a folder of its own, without :func:`claim_predictions`)."""
     from ASFDALib.data.volumes import content_hash
 
     manifest = Path(out) / PREDICTIONS_MANIFEST
-    data = json.loads(manifest.read_text())
+    data = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    data["files"] = sorted({*data.get("files", []), *(Path(p).name for p in written)})
     data.setdefault("made_by", {}).update({Path(p).name: made_by for p in written})
     data.setdefault("maps", {}).update({Path(p).name: content_hash(p) for p in written})
     data.setdefault("made_from", {}).update(made_from)

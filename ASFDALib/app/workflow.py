@@ -753,7 +753,8 @@ class Workflow:
         def work(cancel: threading.Event) -> None:
             from ASFDALib.adaptation.session import Session, storage_stems
             from ASFDALib.atomic import atomic_write_json
-            from ASFDALib.data.volumes import write_nifti
+            from ASFDALib.data.volumes import content_hash, write_nifti
+            from ASFDALib.outputs import record_predictions
 
             start = time.perf_counter()
             with Session.open(self.settings.session) as session:
@@ -771,6 +772,10 @@ class Workflow:
                     volume = self.case_volume(name)
                     target = folder / f"{stems[name]}.nii.gz"
                     path = write_nifti(target, self.prefill(name, volume), volume.affine)
+                    # as asfda predict records its maps: which model made each, from which scan, so that
+                    # asfda evaluate on this folder knows the session and leaves out what it trained on
+                    scan = content_hash(session.image_path(name))
+                    record_predictions(folder, [path], self.model().made_by, {path.name: scan})
                     info["files"][name] = session.relative(path)
                     atomic_write_json(manifest, info)  # after each volume: a cancel keeps what is written
                     self._events.put(("predicted", name, path))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ASFDALib.app.cli import main
 from ASFDALib.app.workflow import PanelSettings, Phase, Workflow
 from ASFDALib.data.volumes import content_hash, read_volume
+from ASFDALib.outputs import predictions_made_by
 
 
 @pytest.fixture
@@ -269,7 +272,7 @@ def test_save_label_records_the_scan_as_opened_without_reading_or_hashing_it_on_
     assert entry["image_sha256"] == opened_hash and entry["image_stamp"] == volumes.content_stamp(scan)
 
 
-def test_predict_remaining_writes_files_in_the_session_and_opening_one_loads_it(flow, mri_pool):
+def test_predict_remaining_writes_files_in_the_session_and_opening_one_loads_it(flow, mri_pool, capsys):
     flow.settings.pseudo = False
     _ranked_and_labelled(flow, mri_pool)
     flow.start_finetune()
@@ -308,6 +311,15 @@ def test_predict_remaining_writes_files_in_the_session_and_opening_one_loads_it(
     opened = flow.take_opened()
     assert opened.source == f"prediction {predicted[remaining[1]].name}"
     np.testing.assert_array_equal(opened.label, read_volume(predicted[remaining[1]]).array)
+    # the folder says which model made its maps, as asfda predict's do: evaluate finds the session from it
+    folder = predicted[remaining[0]].parent
+    made_by = set(map(json.dumps, predictions_made_by(folder).values()))
+    assert len(made_by) == 1 and json.loads(made_by.pop())["model"] == "adapted"
+    capsys.readouterr()
+    table = session.parent / "evaluation.csv"
+    assert main(["evaluate", "--pred", str(folder), "--labels", str(mri_pool / "labels"), "--out", str(table)]) == 0
+    said = capsys.readouterr().out
+    assert f"session {session.resolve()}: the one that made these label maps" in " ".join(said.split())
 
     # Training the round again makes new weights: the earlier predictions are no longer this model's.
     flow.start_finetune(flow.finetune_mode(again=True))
