@@ -228,25 +228,22 @@ def save_segmentation(seg, path: Path) -> Path:
 
 
 def load_segmentation(scene, path: Path, name: str | None = None):
-    slicer = _slicer()
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or Path(path).name)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    if not storage.ReadData(seg):
-        raise OSError(f"{path}: Slicer could not read the segmentation")
-    scene.RemoveNode(storage)
-    return seg
+    return _read_node(scene, "vtkMRMLSegmentationNode", "vtkMRMLSegmentationStorageNode", path, name, "segmentation")
 
 
 def load_volume(scene, path: Path, name: str | None = None):
     """Read a volume file with Slicer's own reader (ITK: NIfTI, NRRD, ...), as Slicer would."""
+    return _read_node(scene, "vtkMRMLScalarVolumeNode", "vtkMRMLVolumeArchetypeStorageNode", path, name, "volume")
+
+
+def _read_node(scene, node_class: str, storage_class: str, path: Path, name: str | None, what: str):
+    """A new ``node_class`` node read from ``path`` by a transient ``storage_class`` storage node."""
     slicer = _slicer()
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or Path(path).name)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    node = scene.AddNewNodeByClass(node_class, name or Path(path).name)
+    storage = getattr(slicer, storage_class)()
     scene.AddNode(storage)
     storage.SetFileName(str(path))
     if not storage.ReadData(node):
-        raise OSError(f"{path}: Slicer could not read the volume")
+        raise OSError(f"{path}: Slicer could not read the {what}")
     scene.RemoveNode(storage)
     return node
