@@ -17,7 +17,7 @@ from typing import Callable, Optional
 TORCH_FLOOR = "2.3"
 TORCH_REQUIREMENT = f">={TORCH_FLOOR}"  # the form PyTorchUtils' installTorch(torchVersionRequirement=) takes
 
-# Everything ASFDALib imports that a stock Slicer lacks (Slicer ships numpy and SimpleITK). matplotlib
+# Everything ASFDALib imports that a stock Slicer lacks (Slicer ships numpy, SimpleITK and pydicom). matplotlib
 # draws ranking.png; it is installed here so a rank never fails at its last step.
 REQUIREMENTS = (
     "monai>=1.4",

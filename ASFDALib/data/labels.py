@@ -472,19 +472,32 @@ def _expected_image(label_name: str) -> str:
     return f"'{key}_<modality>{extension}'" if bids else f"'{key}{extension}' (or '{key}_0000{extension}')"
 
 
+def _nested(image: str) -> bool:
+    """Whether ``image`` is a recursive pool's name of a scan in a sub-folder (``a/b/c``), not a file's path."""
+    return "/" in image and not Path(image).is_absolute()
+
+
+def _names_of(image: str) -> list[str]:
+    """The names an image pairs by: its file or folder name, and a recursive pool's whole name, / as _."""
+    return [Path(image).name, image.replace("/", "_")] if _nested(image) else [Path(image).name]
+
+
 def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
     """Pair label file names with image names; ambiguous pairs are refused, never guessed.
 
     A label pairs with the image of the same case name, else with the one image of the same
-    :func:`name_key`. A label that fits several images, or an image that several labels fit (``seg-vert``
+    :func:`name_key`; an image in a sub-folder of a recursive pool (``PT0/ST0/SE0``, a DICOM export's series)
+    also goes by its whole name with ``_`` for ``/`` (``PT0_ST0_SE0``), as its folder's name is often every
+    series'. A label that fits several images, or an image that several labels fit (``seg-vert``
     and ``seg-subreg`` of one scan), is refused with the names involved. An unpaired label's reason names
     the image name it expected and the closest image names (difflib).
     """
     exact: dict[str, list[str]] = {}
     keyed: dict[str, list[str]] = {}
     for image in image_names:
-        exact.setdefault(case_id(Path(image).name).lower(), []).append(image)
-        keyed.setdefault(name_key(image)[0], []).append(image)
+        for name in _names_of(image):
+            exact.setdefault(case_id(name).lower(), []).append(image)
+            keyed.setdefault(name_key(name)[0], []).append(image)
     result = Pairing()
     claims: dict[str, list[str]] = {}
     for label in label_names:
@@ -493,18 +506,22 @@ def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
             claims.setdefault(candidates[0], []).append(label)
         elif candidates:
             result.contested.update(candidates)
+            named = sorted(candidates)
+            by_path = f", or name it by its scan's path, / as _ ({case_id(named[0])})" if _nested(named[0]) else ""
             result.problems[label] = (
-                f"fits several images ({', '.join(sorted(candidates))}); import it alone with --from FILE --cases IMAGE"
+                f"fits several images ({', '.join(named)}); import it alone with --from FILE --cases IMAGE{by_path}"
             )
         else:
             key = name_key(label)[0]
             # a scan named by more than the label names (sub-1_ses-1 for sub-1_ses-1_T1w_fatsat) comes first
             longer = [k for k in keyed if k.startswith(key + "_") or key.startswith(k + "_")]
             close = longer[:3] or difflib.get_close_matches(key, list(keyed), n=3, cutoff=0.5)
-            nearest = [keyed[k][0] for k in close]
+            nearest = list(dict.fromkeys(keyed[k][0] for k in close))
             closest = (
                 f"closest: {', '.join(nearest)}" if nearest else f"no similar name among {len(image_names)} images"
             )
+            if any(_nested(image) for image in nearest):
+                closest += f" (a scan in a sub-folder pairs with its path, / as _: {case_id(nearest[0])})"
             result.problems[label] = f"{NO_IMAGE} (expected {_expected_image(label)}; {closest})"
     for image, labels in claims.items():
         if len(labels) == 1:

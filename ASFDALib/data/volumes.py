@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ASFDALib.atomic import atomic_write, atomic_write_bytes
+from ASFDALib.data.dicom import DICOMDIR, is_dicom_file, read_series
 from ASFDALib.errors import ASFDAError, VolumeError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -57,19 +58,8 @@ def has_image_suffix(path: Path) -> bool:
     return path.name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def _is_dicom_dir(folder: Path, files: list[str]) -> bool:
-    return any(_is_dicom_file(folder / name) for name in sorted(files)[:3] if not name.startswith("."))
+    return any(is_dicom_file(folder / name) for name in sorted(files)[:3] if not name.startswith("."))
 
 
 def discover_volumes(folder: Path | str, recursive: bool = False, exclude: Collection[Path] = ()) -> list[Path]:
@@ -141,7 +131,7 @@ def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> tup
             continue
         dicom_here = here == root and _is_dicom_dir(here, files)
         for name in sorted(files):
-            if name.startswith(".") or name.lower() in OS_FILES:
+            if name.startswith(".") or name.lower() in OS_FILES or name.lower() == DICOMDIR:
                 continue
             if has_image_suffix(here / name):
                 found.append(here / name)
@@ -311,53 +301,7 @@ def _sitk_to_ras(image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise VolumeError(folder, "no readable DICOM series in this folder", "check that it holds image slices")
-    if len(series) > 1:
-        raise VolumeError(folder, f"{len(series)} DICOM series in one folder", "put each series in its own folder")
-    names = reader.GetGDCMSeriesFileNames(str(folder), series[0])
-    if len(names) < 2:
-        raise VolumeError(folder, "DICOM series has a single slice", "ASFDA needs a 3D series")
-    _check_slice_positions(folder, names)
-    reader.SetFileNames(names)
-    return _sitk_to_ras(reader.Execute())
-
-
-def _check_slice_positions(folder: Path, names) -> None:
-    """Refuse a series whose slices disagree: uneven positions (a missing, duplicated or mixed-thickness
-    slice), or another pixel spacing, orientation or matrix size on some slices (SimpleITK would silently
-    take the first slice's geometry for all of them)."""
-
-    positions, geometry = [], []
-    for name in names:
-        info = sitk.ImageFileReader()
-        info.SetFileName(name)
-        info.ReadImageInformation()
-        positions.append(np.asarray(info.GetOrigin(), dtype=np.float64))
-        geometry.append((info.GetSpacing()[:2], info.GetDirection(), info.GetSize()[:2]))
-    for what, index in (("pixel spacing", 0), ("slice orientation", 1), ("matrix size", 2)):
-        first = np.asarray(geometry[0][index], dtype=np.float64)
-        for name, geo in zip(names[1:], geometry[1:]):
-            if not np.allclose(np.asarray(geo[index], dtype=np.float64), first, rtol=1e-3, atol=1e-4):
-                raise VolumeError(
-                    folder,
-                    f"inconsistent {what} across slices ({Path(names[0]).name}: {_numbers(first)}, "
-                    f"{Path(name).name}: {_numbers(geo[index])}): two series mixed in one folder?",
-                    "re-export the series, or put each acquisition in its own folder",
-                )
-    steps = np.linalg.norm(np.diff(np.stack(positions), axis=0), axis=1)
-    if steps.size and (steps.min() <= 1e-6 or steps.max() - steps.min() > 0.01 * max(steps.max(), 1e-6)):
-        worst = int(np.argmax(np.abs(steps - np.median(steps))))
-        kind = "a duplicated slice" if steps.min() <= 1e-6 else "a missing slice or mixed slice thickness"
-        raise VolumeError(
-            folder,
-            f"uneven slice spacing ({steps.min():.2f} to {steps.max():.2f} mm; between "
-            f"{Path(names[worst]).name} and {Path(names[worst + 1]).name}): {kind}?",
-            "re-export the complete series",
-        )
+    return _sitk_to_ras(read_series(folder, _series_files(folder)))
 
 
 def read_components(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -378,11 +322,6 @@ def header_fields(path: Path) -> dict[str, str]:
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     return _sitk_to_ras(sitk.ReadImage(str(path)))
-
-
-def _numbers(values) -> str:
-    """A vector as a reader writes it: (1, 0, 0), not numpy's (np.float64(1.0), ...)."""
-    return "(" + ", ".join(f"{float(v):.4g}" for v in np.asarray(values, dtype=np.float64).ravel()) + ")"
 
 
 def _reader_detail(exc: Exception) -> str:

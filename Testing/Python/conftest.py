@@ -73,3 +73,32 @@ def edit_dicom_slice(folder: Path, index: int, **tags) -> Path:
         setattr(ds, keyword, value)
     ds.save_as(path)
     return path
+
+
+def copy_dicom_series(
+    folder: Path, source: str = "MR_small.dcm", count: int = 6, step: float = 2.0, name: str = "IM{:06d}", **tags
+) -> list[Path]:
+    """``count`` slices copied from one of pydicom's shipped files (or a file's absolute path), its transfer syntax
+    and pixel encoding kept:
+    one series UID, positions ``step`` mm apart along the slices' normal, one file per slice named as a PACS
+    export names them (no extension). ``tags`` (pydicom keywords) are set on every slice; a callable is called
+    with the slice's index for its value."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series = generate_uid()
+    paths = []
+    for k in range(count):
+        ds = pydicom.dcmread(source if Path(source).is_absolute() else get_testdata_file(source))
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k + 1
+        x, y, z = (float(v) for v in ds.get("ImagePositionPatient", [0.0, 0.0, 0.0]))
+        ds.ImagePositionPatient = [x, y, z + k * step]
+        for keyword, value in tags.items():
+            setattr(ds, keyword, value(k) if callable(value) else value)
+        paths.append(folder / name.format(k))
+        ds.save_as(paths[-1])
+    return paths

@@ -280,3 +280,20 @@ def test_a_flipped_and_transposed_label_comes_back_in_the_images_order(tmp_path)
     back, note = align_to_image(np.asarray(ras.dataobj), ras.affine, values.shape, image_affine, tmp_path / "l.nii")
     np.testing.assert_array_equal(back, values)
     assert note == "reoriented from RAS to the image's PIR storage order"
+
+
+def test_a_label_named_by_a_nested_series_path_pairs_with_it_where_the_series_folders_share_a_name():
+    """A CD export's series are PT000000/ST000000/SE000000, PT000000/ST000001/SE000000, ...: by folder name
+    every label fitted every series. The whole name, / as _, pairs; the shared name is refused with that fix."""
+    images = ["PT000000/ST000000/SE000000", "PT000000/ST000001/SE000000", "b/ct.nii.gz"]
+    pairing = pair_names(["PT000000_ST000001_SE000000_seg.nii.gz", "SE000000.nii.gz", "b_ct.nii.gz"], images)
+    assert pairing.pairs == {
+        "PT000000/ST000001/SE000000": "PT000000_ST000001_SE000000_seg.nii.gz",
+        "b/ct.nii.gz": "b_ct.nii.gz",
+    }
+    assert pairing.problems["SE000000.nii.gz"] == (
+        "fits several images (PT000000/ST000000/SE000000, PT000000/ST000001/SE000000); import it alone with "
+        "--from FILE --cases IMAGE, or name it by its scan's path, / as _ (PT000000_ST000000_SE000000)"
+    )
+    unpaired = pair_names(["PT000000_ST000001.nii.gz"], images).problems["PT000000_ST000001.nii.gz"]  # no series
+    assert unpaired.endswith("(a scan in a sub-folder pairs with its path, / as _: PT000000_ST000001_SE000000))")

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import DATA, write_dicom_series
+from conftest import DATA, copy_dicom_series, write_dicom_series
 
 from ASFDALib.data.volumes import (
     content_hash,
@@ -235,3 +235,299 @@ def test_a_detached_headers_hash_holds_its_data_file_so_a_replaced_scan_shows(tm
     data = tmp_path / "scan.raw"
     data.write_bytes(bytes(reversed(data.read_bytes())))
     assert content_hash(tmp_path / header) != before
+
+
+# --- DICOM as a PACS or CD export hands it over ------------------------------------------------------------
+def _slices(paths) -> list:
+    """pydicom's own reading of a series: its datasets ordered along z (the truth the tests compare with)."""
+    import pydicom
+
+    return sorted((pydicom.dcmread(p) for p in paths), key=lambda ds: float(ds.ImagePositionPatient[2]))
+
+
+def _hounsfield(paths) -> np.ndarray:
+    """pydicom's pixel_array * slope + intercept of each slice, as an (i, j, k) array."""
+    return np.stack(
+        [
+            ds.pixel_array.T * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+            for ds in _slices(paths)
+        ],
+        axis=2,
+    )
+
+
+def test_a_cd_export_is_found_below_its_dicomdir_and_the_dicomdir_is_no_series(tmp_path):
+    """A CD or PACS export: DICOMDIR at the top, DICOM/ST000000/SE000000/IM000000..., no file extensions. The
+    DICOMDIR (a DICOM file itself) made the top folder a series that read as nothing; now the series are
+    found below it with --recursive, and without it nothing is found and nothing passed over."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    from ASFDALib.data.volumes import discover
+
+    fileset = FileSet()
+    for series in ("a", "b"):
+        for path in copy_dicom_series(tmp_path / "src" / series, count=4):
+            fileset.add(pydicom.dcmread(path))
+    fileset.write(tmp_path / "cd")
+    assert (tmp_path / "cd" / "DICOMDIR").is_file()
+    assert discover(tmp_path / "cd") == ([], [])
+    found, passed = discover(tmp_path / "cd", recursive=True)
+    assert len(found) == 2 and passed == []
+    assert all(not p.name.lower().endswith(".dcm") for series in found for p in series.iterdir())
+    volume = read_volume(found[0])
+    np.testing.assert_array_equal(volume.array, _hounsfield(list(found[0].iterdir())))
+
+
+def _jpeg_lossless_source(folder) -> str:
+    """MR_small.dcm's pixels and header in JPEG Lossless (process 14, 1.2.840.10008.1.2.4.70), which pydicom
+    ships no file of: SimpleITK writes the pixels so, pydicom puts the header's tags back."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    original = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    writer = sitk.ImageFileWriter()
+    writer.SetUseCompression(True)
+    writer.SetCompressor("JPEG")
+    writer.SetFileName(str(folder / "jpeg_lossless.dcm"))
+    writer.Execute(sitk.GetImageFromArray(original.pixel_array[None]))
+    encoded = pydicom.dcmread(folder / "jpeg_lossless.dcm")
+    assert encoded.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    original.file_meta.TransferSyntaxUID = encoded.file_meta.TransferSyntaxUID
+    original.PixelData = encoded.PixelData
+    original["PixelData"].VR = "OB"
+    original["PixelData"].is_undefined_length = True
+    original.save_as(folder / "jpeg_lossless.dcm")
+    return str(folder / "jpeg_lossless.dcm")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_jp2klossless.dcm",
+        "jpeg-lossless",
+    ],
+)
+def test_a_compressed_or_big_endian_series_reads_the_values_of_the_uncompressed_one(tmp_path, source):
+    """The transfer syntaxes a PACS exports in: SimpleITK's GDCM decodes each, JPEG-LS too, which pydicom
+    cannot without plugins; the values are MR_small.dcm's, slice for slice."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    if source == "jpeg-lossless":
+        source = _jpeg_lossless_source(tmp_path)
+    copy_dicom_series(tmp_path / "series", source, count=4)
+    volume = read_volume(tmp_path / "series")
+    expected = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.T
+    assert volume.array.shape == (64, 64, 4)
+    for k in range(4):
+        np.testing.assert_array_equal(volume.array[:, :, k], expected)
+
+
+def test_a_localizer_in_the_axial_series_folder_is_refused_naming_both_series_and_their_files(tmp_path):
+    """Two series in one folder are refused, each named by number, description and files, so the user knows
+    which files to move (GDCM's own refusal named neither)."""
+    folder = tmp_path / "study"
+    copy_dicom_series(folder, count=5, SeriesDescription="AX T2", SeriesNumber=2)
+    copy_dicom_series(folder, count=3, step=20, name="SC{:04d}", SeriesDescription="LOCALIZER", SeriesNumber=1)
+    with pytest.raises(VolumeError) as error:
+        read_volume(folder)
+    assert error.value.reason.startswith("2 image series in one folder: ")
+    assert "series 2 'AX T2' (5 files: IM000000 ... IM000004)" in error.value.reason
+    assert "series 1 'LOCALIZER' (3 files: SC0000 ... SC0002)" in error.value.reason
+    assert "a folder of its own" in error.value.fix
+
+
+def _non_image(path, modality: str, sop_class: str) -> None:
+    """A minimal DICOM object with no pixels (a presentation state, say), as a viewer saves one into a study."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality, ds.SeriesInstanceUID = modality, generate_uid()
+    ds.preamble = b"\0" * 128
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_structures_segmentations_reports_and_dose_beside_a_series_are_left_out_of_it(tmp_path):
+    """RTSTRUCT, SEG, SR, a presentation state, RT plan and dose in the series' folder (pydicom's own files; the
+    SEG and the dose have pixels): the scan is read without them. A folder holding only such objects is
+    refused, saying what it holds."""
+    import shutil
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    paths = copy_dicom_series(tmp_path / "series", count=5)
+    others = tmp_path / "others"
+    others.mkdir()
+    for name in ("rtstruct.dcm", "liver_1frame.dcm", "test-SR.dcm", "rtplan.dcm", "rtdose.dcm"):
+        # as an export writes them: Part 10 files (pydicom's rtstruct.dcm has no preamble), no extension
+        pydicom.dcmread(get_testdata_file(name), force=True).save_as(
+            others / name.replace(".dcm", ""), enforce_file_format=True
+        )
+    _non_image(others / "PR000001", "PR", "1.2.840.10008.5.1.4.1.1.11.1")
+    for path in others.iterdir():
+        shutil.copy(path, tmp_path / "series" / path.name)
+    np.testing.assert_array_equal(read_volume(tmp_path / "series").array, _hounsfield(paths))
+    with pytest.raises(VolumeError) as error:
+        read_volume(others)
+    assert error.value.reason == (
+        "no DICOM image series in this folder: only PR (1), RTDOSE (1), RTPLAN (1), RTSTRUCT (1), SEG (1), SR (1)"
+    )
+
+
+def test_slices_in_random_file_order_are_stacked_by_their_position(tmp_path):
+    import pydicom
+
+    order = [4, 0, 5, 2, 1, 3]  # the k-th file written lies at position order[k]: names say nothing
+    paths = copy_dicom_series(
+        tmp_path / "series", count=6, step=0, ImagePositionPatient=lambda k: [0.0, 0.0, 3.0 * order[k]]
+    )
+    for path, k in zip(paths, order):
+        ds = pydicom.dcmread(path)
+        ds.PixelData = (ds.pixel_array + 100 * k).astype(np.int16).tobytes()
+        ds.save_as(path)
+    volume = read_volume(tmp_path / "series")
+    np.testing.assert_array_equal(volume.array, _hounsfield(paths))
+    assert [int(volume.array[0, 0, k] - volume.array[0, 0, 0]) for k in range(6)] == [0, 100, 200, 300, 400, 500]
+    np.testing.assert_allclose(volume.affine[:3, 2], [0, 0, 3.0])
+
+
+def test_a_slope_and_intercept_that_change_from_slice_to_slice_give_each_slice_its_own_hounsfield_units(tmp_path):
+    """SimpleITK casts every slice to the first one's pixel type: with slope 1 there, a later slice's slope 0.25
+    lost its fractions (up to 0.75 HU off). Every value is pydicom's pixel_array * slope + intercept."""
+    paths = copy_dicom_series(
+        tmp_path / "series",
+        "CT_small.dcm",
+        count=4,
+        RescaleSlope=lambda k: 1.0 if k == 0 else 0.25,
+        RescaleIntercept=lambda k: -1024.0 if k == 0 else -1000.5,
+    )
+    volume = read_volume(tmp_path / "series")
+    expected = _hounsfield(paths)
+    assert expected[:, :, 1:].ravel().tolist() != np.round(expected[:, :, 1:]).ravel().tolist()  # fractions to lose
+    np.testing.assert_array_equal(volume.array, expected)
+
+
+def test_a_gantry_tilted_series_is_refused_naming_the_tilt(tmp_path):
+    """Slices whose positions drift across their plane were stacked square to it (the anatomy shifted by the
+    drift, the spacing the oblique distance): now refused, with the angle and the way to resample."""
+    tilt = np.tan(np.radians(20.0))
+    copy_dicom_series(
+        tmp_path / "series", count=6, step=0, ImagePositionPatient=lambda k: [0.0, 2.0 * k * tilt, 2.0 * k]
+    )
+    with pytest.raises(VolumeError, match=r"slices tilted by 20.0 degrees \(gantry tilt: IM000005 lies 3.6 mm"):
+        read_volume(tmp_path / "series")
+
+
+def test_a_sagittal_series_of_oblong_pixels_lands_where_its_headers_say(tmp_path):
+    """Columns along the row direction at the second PixelSpacing value, rows along the column direction at the
+    first, slices along the normal: the RAS affine computed by hand from the tags."""
+    paths = copy_dicom_series(
+        tmp_path / "series",
+        count=4,
+        step=0,
+        ImageOrientationPatient=[0, 1, 0, 0, 0, -1],
+        PixelSpacing=[0.5, 0.8],
+        ImagePositionPatient=lambda k: [10.0 + 3.0 * k, -20.0, 30.0],
+    )
+    volume = read_volume(tmp_path / "series")
+    # the normal, row x column, is -x (LPS): the volume runs from the last file to the first, 3 mm apart
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = [0, 0.8, 0], [0, 0, -0.5], [-3.0, 0, 0], [19.0, -20.0, 30.0]
+    np.testing.assert_allclose(volume.affine, np.diag([-1, -1, 1, 1]) @ lps, atol=1e-6)
+    for path, ds in zip(paths, _slices(paths)):  # each file's first pixel lies at its ImagePositionPatient
+        ras = np.diag([-1, -1, 1]) @ np.asarray(ds.ImagePositionPatient, dtype=float)
+        i, j, k = np.round(np.linalg.solve(volume.affine[:3, :3], ras - volume.affine[:3, 3])).astype(int)
+        assert (i, j) == (0, 0), path
+        np.testing.assert_array_equal(volume.array[:, :, k], ds.pixel_array.T)
+
+
+def _enhanced_mr(path, positions, rescales) -> np.ndarray:
+    """An Enhanced MR file (one file, one frame per position, stored in the given order) made of MR_small.dcm's
+    pixels, each frame's own position and slope/intercept in its functional groups; returns the frames' stored
+    values in file order."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    frames = np.stack([ds.pixel_array + 10 * k for k in range(len(positions))]).astype(np.int16)
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+    ds.NumberOfFrames = len(positions)
+    shared = Dataset()
+    shared.PlaneOrientationSequence = Sequence([Dataset()])
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PixelMeasuresSequence = Sequence([Dataset()])
+    shared.PixelMeasuresSequence[0].PixelSpacing = [0.3125, 0.3125]
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = Sequence()
+    for position, (slope, intercept) in zip(positions, rescales):
+        item = Dataset()
+        item.PlanePositionSequence = Sequence([Dataset()])
+        item.PlanePositionSequence[0].ImagePositionPatient = position
+        item.PixelValueTransformationSequence = Sequence([Dataset()])
+        item.PixelValueTransformationSequence[0].RescaleSlope = slope
+        item.PixelValueTransformationSequence[0].RescaleIntercept = intercept
+        item.PixelValueTransformationSequence[0].RescaleType = "US"
+        ds.PerFrameFunctionalGroupsSequence.append(item)
+    ds.PixelData = frames.tobytes()
+    ds.save_as(path)
+    return frames
+
+
+def test_an_enhanced_multiframe_file_is_one_volume_its_frames_placed_and_scaled_by_their_own_groups(tmp_path):
+    """One file, four frames stored top to bottom, each with its own slope: it was refused as 'a single slice';
+    GDCM alone applies the first frame's slope to all. The volume runs bottom to top, each frame in its units."""
+    (tmp_path / "enhanced").mkdir()
+    positions = [[-83.9, -91.2, 10.0 - 2.5 * k] for k in range(4)]
+    rescales = [(1.0 + k, -5.0 * k) for k in range(4)]
+    frames = _enhanced_mr(tmp_path / "enhanced" / "IM000000", positions, rescales)
+    volume = read_volume(tmp_path / "enhanced")
+    for k in range(4):  # the volume's slice k is the file's frame 3 - k
+        slope, intercept = rescales[3 - k]
+        np.testing.assert_allclose(volume.array[:, :, k], frames[3 - k].T * slope + intercept)
+    np.testing.assert_allclose(volume.affine[:3, 2:], [[0, 83.9], [0, 91.2], [2.5, 2.5]], atol=1e-6)
+
+
+def test_a_slice_that_cannot_be_decoded_is_named(tmp_path):
+    paths = copy_dicom_series(tmp_path / "series", count=5)
+    paths[2].write_bytes(paths[2].read_bytes()[:5000])  # a copy cut short: header whole, pixels not
+    with pytest.raises(VolumeError, match="IM000002 could not be decoded: damaged or cut short"):
+        read_volume(tmp_path / "series")
+
+
+def test_a_missing_slice_is_named_by_the_slices_around_it_even_in_a_three_slice_series(tmp_path):
+    copy_dicom_series(tmp_path / "series", count=4)[1].unlink()
+    with pytest.raises(VolumeError, match=r"uneven slice spacing \(2.00 to 4.00 mm; between IM000000 and IM000002\)"):
+        read_volume(tmp_path / "series")
+
+
+def test_a_colour_capture_beside_a_series_is_left_out_and_alone_is_named_as_no_scan(tmp_path):
+    """A CT dose report is a screenshot (RGB) saved into the study: beside the slices it is no second series;
+    alone it is refused as what it is (it read as a '4D image' to split into 3D volumes)."""
+    paths = copy_dicom_series(tmp_path / "series", count=3)
+    copy_dicom_series(tmp_path / "series", "SC_rgb_rle_16bit.dcm", count=1, name="DOSE{:02d}")
+    np.testing.assert_array_equal(read_volume(tmp_path / "series").array, _hounsfield(paths))
+    copy_dicom_series(tmp_path / "captures", "SC_rgb_rle_16bit.dcm", count=3)
+    with pytest.raises(VolumeError) as error:
+        read_volume(tmp_path / "captures")
+    assert error.value.reason == "no DICOM image series in this folder: only colour screen capture or photo (3)"
+
+
+def test_a_series_in_folders_and_files_named_with_spaces_and_umlauts_is_read(tmp_path):
+    paths = copy_dicom_series(tmp_path / "Patient Müller" / "CT Thorax ä", count=4, name="Bild {:03d} ß.dcm")
+    assert discover_volumes(tmp_path, recursive=True) == [tmp_path / "Patient Müller" / "CT Thorax ä"]
+    np.testing.assert_array_equal(read_volume(paths[0].parent).array, _hounsfield(paths))
