@@ -22,11 +22,11 @@ from ASFDALib.models.card import IntensityConfig, ModelCard
 
 
 def intensity_transform(config: IntensityConfig):
-
+    """The card's intensity normalisation, as the MONAI transform an exported bundle names for it."""
     if config.mode == "ct":
-        return ScaleIntensityRange(config.a_min, config.a_max, config.b_min, config.b_max, clip=True)
+        return ScaleIntensityRange(config.a_min, config.a_max, config.b_min, config.b_max, clip=config.clip)
     if config.mode == "percentile":
-        return ScaleIntensityRangePercentiles(config.lower, config.upper, config.b_min, config.b_max, clip=True)
+        return ScaleIntensityRangePercentiles(config.lower, config.upper, config.b_min, config.b_max, clip=config.clip)
     if config.mode == "zscore":
         return NormalizeIntensity(nonzero=config.nonzero)
     return Identity()

@@ -28,6 +28,8 @@ from ASFDALib.errors import ModelError
 
 INTENSITY_MODES = ("ct", "percentile", "zscore", "none")
 MAX_CLASSES = 256  # background + 255: what an 8-bit label map holds
+# Intensity settings true unless a card says false: the modes each is a choice of, in words and by name
+CHOICES = {"nonzero": ("a z-score's", ("zscore",)), "clip": ("a window's", ("ct", "percentile"))}
 
 
 @dataclass
@@ -36,6 +38,8 @@ class IntensityConfig:
 
     ``ct``: clip to the window [a_min, a_max] and scale to [b_min, b_max];
     ``percentile``: map the [lower, upper] percentiles of each volume to [b_min, b_max] (MRI);
+    both map linearly without clipping where ``clip`` is false (MONAI's ``ScaleIntensityRange[Percentiles]``
+    default, as a bundle may leave it);
     ``zscore``: zero mean, unit variance over the non-zero voxels, or over every voxel where ``nonzero`` is false
     (MONAI's ``NormalizeIntensity(nonzero=...)``; nnU-Net's ``use_mask_for_norm``); ``none``: as stored.
     """
@@ -48,26 +52,30 @@ class IntensityConfig:
     b_min: float = 0.0
     b_max: float = 1.0
     nonzero: bool = True
+    clip: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in INTENSITY_MODES:
             raise ModelError(f"intensity mode {self.mode!r} unknown; use one of {', '.join(INTENSITY_MODES)}")
-        if not isinstance(self.nonzero, bool):
-            raise ModelError(f"intensity nonzero {self.nonzero!r}: true or false")
-        if not self.nonzero and self.mode != "zscore":
-            raise ModelError(f"intensity nonzero false is a z-score's choice; mode {self.mode!r} has none")
+        for name, (whose, modes) in CHOICES.items():
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ModelError(f"intensity {name} {value!r}: true or false")
+            if not value and self.mode not in modes:
+                raise ModelError(f"intensity {name} false is {whose} choice; mode {self.mode!r} has none")
 
     def to_dict(self) -> dict[str, Any]:
-        """As a card stores it; ``nonzero`` only where it is false, so cards (and model digests and cache keys)
-        written before it existed stay as they were."""
+        """As a card stores it; ``nonzero`` and ``clip`` only where they are false, so cards (and model digests and
+        cache keys) written before they existed stay as they were."""
         data = asdict(self)
-        if self.nonzero:
-            del data["nonzero"]
+        for name in CHOICES:
+            if data[name]:
+                del data[name]
         return data
 
     def describe(self) -> str:
         """The normalisation in words, as the user checks it against the model's training."""
-        to = f"{self.b_min:g}..{self.b_max:g}"
+        to = f"{self.b_min:g}..{self.b_max:g}" + ("" if self.clip else ", not clipped")
         if self.mode == "ct":
             return f"CT window {self.a_min:g}..{self.a_max:g} HU to {to}"
         if self.mode == "percentile":

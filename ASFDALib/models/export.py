@@ -62,7 +62,7 @@ def _preprocessing(card: ModelCard) -> list[dict]:
             "a_max": intensity.a_max,
             "b_min": intensity.b_min,
             "b_max": intensity.b_max,
-            "clip": True,
+            "clip": intensity.clip,
         }
     elif intensity.mode == "percentile":
         scale = {
@@ -72,7 +72,7 @@ def _preprocessing(card: ModelCard) -> list[dict]:
             "upper": intensity.upper,
             "b_min": intensity.b_min,
             "b_max": intensity.b_max,
-            "clip": True,
+            "clip": intensity.clip,
         }
     elif intensity.mode == "zscore":
         scale = {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": intensity.nonzero}
@@ -328,7 +328,8 @@ def bundle_metadata(card: ModelCard, version: str, record: dict[str, Any] | None
     target = record.get("target_domain", {})
     classes = ", ".join(card.class_names[1:])
     # MONAI's schema requires a value range; [] where there is none (z-scored input, logits out)
-    value_range = [card.intensity.b_min, card.intensity.b_max] if card.intensity.mode in ("ct", "percentile") else []
+    windowed = card.intensity.mode in ("ct", "percentile") and card.intensity.clip  # unclipped: no bounds
+    value_range = [card.intensity.b_min, card.intensity.b_max] if windowed else []
     image = {
         "type": "image",
         "format": "hounsfield" if card.intensity.mode == "ct" else "magnitude",  # the model zoo's two formats

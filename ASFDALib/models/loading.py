@@ -19,8 +19,7 @@ import inspect
 import json
 import pickle
 import re
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,16 @@ import torch
 
 from ASFDALib.checkpoints import LoadReport, class_map_from_names, load_pretrained
 from ASFDALib.errors import ModelError, TrustRequiredError, brief
-from ASFDALib.models.card import IntensityConfig, ModelCard, NetworkSpec, card_from_dict, load_card
+from ASFDALib.models.bundle import (
+    bundle_class_names,
+    bundle_code_importable,
+    card_from_bundle,
+    is_literal,
+    monai_parser,
+    read_config,
+    resolve_references,
+)
+from ASFDALib.models.card import ModelCard, NetworkSpec, card_from_dict, load_card
 from ASFDALib.models.nnunet import nnunet_plans
 
 CARD_NAMES = ("asfda_card.json", "asfda_card.yaml", "model_card.json", "model_card.yaml")
@@ -446,25 +454,6 @@ WEIGHT_NAMES = ("model.pt", "model.pth", "model.ts")  # a bundle's weights in mo
 INFERENCE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
 
 
-@contextlib.contextmanager
-def _bundle_code_importable(folder: Path) -> Iterator[None]:
-    """The bundle's own code (``scripts/`` beside ``configs/``) importable as MONAI's runner makes it, the bundle
-    root on the path, for the time it takes to build its network; its modules are forgotten after, so another
-    bundle's ``scripts`` in the same process (the Slicer panel, a benchmark) is its own and not this one's."""
-    root = folder.resolve()
-    for name in [n for n in list(sys.modules) if n == "scripts" or n.startswith("scripts.")]:
-        sys.modules.pop(name, None)  # another bundle's scripts package would answer this one's imports
-    sys.path.insert(1, str(root))
-    try:
-        yield
-    finally:
-        # the entry put there, not an equal one the path held before
-        del sys.path[1 if sys.path[1:2] == [str(root)] else sys.path.index(str(root))]
-        for name, module in list(sys.modules.items()):
-            if (file := getattr(module, "__file__", None)) and Path(file).resolve().is_relative_to(root):
-                del sys.modules[name]
-
-
 def _bundle_weights(folder: Path) -> Path | None:
     return next((w for w in (folder / "models" / n for n in WEIGHT_NAMES) if w.is_file()), None)
 
@@ -520,53 +509,11 @@ def _is_torchscript(path: Path) -> bool:
 # --- MONAI bundles -----------------------------------------------------------------------------------
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
-
-
-def _is_literal(value: Any) -> bool:
-    if isinstance(value, str):
-        return not value.startswith(("@", "$", "%", "#"))
-    if isinstance(value, dict):
-        return "_target_" not in value and all(_is_literal(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return all(_is_literal(v) for v in value)
-    return True
-
-
-def _resolve_references(value: Any, config: dict[str, Any], depth: int = 0) -> Any:
-    """``value`` with MONAI's ``@id`` references (``@num_classes``, ``@net::channels`` or ``#`` between levels)
-    replaced by the config's values they name, where those hold no code themselves; anything else unchanged
-    (an expression stays one, and needs trust)."""
-    if depth > 8:
-        return value
-    if isinstance(value, str) and value.startswith("@") and len(value) > 1:
-        node: Any = config
-        for part in value[1:].replace("::", "#").split("#"):
-            if isinstance(node, dict) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            else:
-                return value
-        return _resolve_references(node, config, depth + 1)
-    if isinstance(value, dict):
-        return {k: _resolve_references(v, config, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_resolve_references(v, config, depth + 1) for v in value]
-    return value
-
-
 def _safe_network_spec(network_def: Any, config: dict[str, Any] | None = None) -> NetworkSpec | None:
     """A MONAI network with literal arguments can be built without running the config (arguments that refer to
     literal values elsewhere in the config, ``"@num_classes"``, are literal too)."""
     if isinstance(network_def, dict) and config is not None:
-        network_def = {k: v if k == "_target_" else _resolve_references(v, config) for k, v in network_def.items()}
+        network_def = {k: v if k == "_target_" else resolve_references(v, config) for k, v in network_def.items()}
     if not isinstance(network_def, dict) or not isinstance(network_def.get("_target_"), str):
         return None
     target = network_def["_target_"]
@@ -574,54 +521,7 @@ def _safe_network_spec(network_def: Any, config: dict[str, Any] | None = None) -
     if target not in (name, f"monai.networks.nets.{name}") or name not in monai_network_names():
         return None
     args = {k: v for k, v in network_def.items() if k != "_target_"}
-    return NetworkSpec(name, args) if _is_literal(args) else None
-
-
-def _bundle_class_names(folder: Path) -> list[str]:
-    """The classes a bundle's metadata.json names for its output (channel_def, in channel order); [] if none."""
-    meta_path = folder / "configs" / "metadata.json"
-    try:
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
-        return [str(channels[k]) for k in sorted(channels, key=int)]
-    except (OSError, ValueError, AttributeError, TypeError):
-        return []
-
-
-def _card_from_bundle(folder: Path, config: dict[str, Any]) -> ModelCard:
-    """Derive a card from the bundle's metadata.json and literal transform settings."""
-    meta_path = folder / "configs" / "metadata.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    class_names = _bundle_class_names(folder)
-    if not class_names:
-        raise ModelError(f"{folder}: bundle has no class names (metadata channel_def); add asfda_card.json")
-    data: dict[str, Any] = {"class_names": class_names, "name": meta.get("name", folder.name)}
-    for transform in _walk_dicts(config.get("preprocessing", config)):
-        target = str(transform.get("_target_", "")).rsplit(".", 1)[-1]
-        if target in ("Spacingd", "Spacing") and _is_literal(transform.get("pixdim")):
-            data["spacing"] = transform["pixdim"]
-        elif target in ("ScaleIntensityRanged", "ScaleIntensityRange"):
-            keys = ("a_min", "a_max", "b_min", "b_max")
-            if all(_is_literal(transform.get(k)) and k in transform for k in keys):
-                data["intensity"] = IntensityConfig("ct", **{k: float(transform[k]) for k in keys})
-        elif target in ("NormalizeIntensityd", "NormalizeIntensity") and isinstance(
-            transform.get("nonzero", False), bool
-        ):
-            data["intensity"] = IntensityConfig("zscore", nonzero=transform.get("nonzero", False))  # MONAI's default
-    inferer = config.get("inferer", {})
-    if isinstance(inferer, dict) and _is_literal(inferer.get("roi_size")) and inferer.get("roi_size"):
-        data["roi_size"] = inferer["roi_size"]
-    return card_from_dict(data, str(meta_path))
-
-
-def _walk_dicts(node: Any):
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _walk_dicts(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _walk_dicts(value)
+    return NetworkSpec(name, args) if is_literal(args) else None
 
 
 def _load_bundle(
@@ -639,16 +539,16 @@ def _load_bundle(
             "the weights file itself (--model FOLDER/models/model.pt) with a card that names its network (--card)"
         )
     try:
-        config = _read_config(config_path)
+        config = read_config(config_path)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{config_path}: cannot parse bundle config ({exc})") from None
+    notes: list[str] = []  # what MONAI's run of the bundle does that the card derived from it cannot say
+    if card is None and explicit:
+        card = load_card(explicit)
     if card is None:
-        card = (
-            load_card(explicit)
-            if explicit
-            else next((load_card(c) for c in card_candidates(folder) if c.is_file()), None)
-            or _card_from_bundle(folder, config)
-        )
+        card = next((load_card(c) for c in card_candidates(folder) if c.is_file()), None)
+    if card is None:
+        card, notes = card_from_bundle(folder, config, config_path, trust)
     weight_path = _bundle_weights(folder)
     if weight_path is None:
         raise ModelError(f"{folder}: bundle has no weights (models/model.pt or models/model.ts)")
@@ -668,12 +568,8 @@ def _load_bundle(
             f"code named in the config; {_TRUST_HINT}"
         )
     else:
-        from monai.bundle import ConfigParser
-
-        parser = ConfigParser()
-        parser.read_config(str(config_path))
-        parser["bundle_root"] = str(folder)
-        with _bundle_code_importable(folder):
+        parser = monai_parser(config_path, folder)
+        with bundle_code_importable(folder):
             try:
                 with torch.random.fork_rng(devices=[]):  # a new head is the same every time the model is rebuilt
                     torch.manual_seed(0)
@@ -682,6 +578,7 @@ def _load_bundle(
                 raise ModelError(f"{config_path}: cannot build network_def ({brief(exc, 300)})") from None
     _check_inputs(net, folder)
     report = _apply_weights(
-        net, load_weights(weight_path, trust), card, class_map, weight_path, _bundle_class_names(folder)
+        net, load_weights(weight_path, trust), card, class_map, weight_path, bundle_class_names(folder)
     )
+    report.card_notes = notes
     return LoadedModel(net.eval(), card, "bundle", folder, digest, spec, report, class_map)

@@ -205,36 +205,40 @@ def test_a_zscore_over_every_voxel_is_a_card_choice_kept_only_where_chosen(tmp_p
         ModelCard(class_names=["background", "liver"], intensity={"mode": "ct", "nonzero": False})
 
 
-def _write_bundle(folder: Path, network_def: dict, unet: torch.nn.Module) -> Path:
+def _write_bundle(
+    folder: Path, network_def: dict, unet: torch.nn.Module, sections: dict | None = None, pred: dict | None = None
+) -> Path:
+    """A bundle of ``unet``'s weights; ``sections``: the config's preprocessing, inferer and the values they refer
+    to (a spleen-like one by default); ``pred``: metadata's outputs.pred (CLASSES as channel_def by default)."""
     (folder / "configs").mkdir(parents=True)
     (folder / "models").mkdir()
     torch.save(unet.state_dict(), folder / "models" / "model.pt")
-    config = {
-        "network_def": network_def,
-        "preprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0]},
-                {
-                    "_target_": "ScaleIntensityRanged",
-                    "keys": "image",
-                    "a_min": -57,
-                    "a_max": 164,
-                    "b_min": 0.0,
-                    "b_max": 1.0,
-                    "clip": True,
-                },
-            ],
-        },
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 32], "sw_batch_size": 4, "overlap": 0.5},
-    }
+    config = {"network_def": network_def, **(sections or SPLEEN_LIKE)}
     (folder / "configs" / "inference.json").write_text(json.dumps(config))
-    meta = {
-        "name": "test bundle",
-        "network_data_format": {"outputs": {"pred": {"channel_def": {str(i): name for i, name in enumerate(CLASSES)}}}},
-    }
+    pred = pred or {"channel_def": {str(i): name for i, name in enumerate(CLASSES)}}
+    meta = {"name": "test bundle", "network_data_format": {"outputs": {"pred": pred}}}
     (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
     return folder
+
+
+SPLEEN_LIKE = {
+    "preprocessing": {
+        "_target_": "Compose",
+        "transforms": [
+            {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0]},
+            {
+                "_target_": "ScaleIntensityRanged",
+                "keys": "image",
+                "a_min": -57,
+                "a_max": 164,
+                "b_min": 0.0,
+                "b_max": 1.0,
+                "clip": True,
+            },
+        ],
+    },
+    "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 32], "sw_batch_size": 4, "overlap": 0.5},
+}
 
 
 def test_bundle_with_a_plain_monai_network_loads_without_trust(tmp_path, unet):
@@ -250,14 +254,357 @@ def test_bundle_with_a_plain_monai_network_loads_without_trust(tmp_path, unet):
     assert _same_output(model.network, unet)
 
 
-@pytest.mark.parametrize("arguments, nonzero", [({}, False), ({"nonzero": True}, True), ({"nonzero": False}, False)])
+# wholeBrainSeg_Large_UNEST_segmentation writes "nonzero": "True"; MONAI tests `if self.nonzero`
+@pytest.mark.parametrize(
+    "arguments, nonzero",
+    [({}, False), ({"nonzero": True}, True), ({"nonzero": False}, False), ({"nonzero": "True"}, True)],
+)
 def test_a_bundles_normalize_intensity_is_read_with_monais_default_over_every_voxel(tmp_path, unet, arguments, nonzero):
-    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet)
-    config = json.loads((folder / "configs" / "inference.json").read_text())
-    config["preprocessing"]["transforms"][1] = {"_target_": "NormalizeIntensityd", "keys": "image", **arguments}
-    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    transform = {"_target_": "NormalizeIntensityd", "keys": "image", **arguments}
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet, _spleen_like_with(transform))
     intensity = load_model(folder).card.intensity
     assert (intensity.mode, intensity.nonzero) == ("zscore", nonzero)
+    _assert_intensity_as_monai_gives_it([transform], intensity)
+
+
+def _spleen_like_with(*intensity: dict) -> dict:
+    """SPLEEN_LIKE with other intensity transforms in place of its ScaleIntensityRanged."""
+    transforms = [SPLEEN_LIKE["preprocessing"]["transforms"][0], *intensity]
+    return {**SPLEEN_LIKE, "preprocessing": {"_target_": "Compose", "transforms": transforms}}
+
+
+# A CT-like scan: air, the soft-tissue window and bone beyond it, and voxels exactly 0 (water) among them
+CT_SCAN = torch.cat([torch.linspace(-1024.0, 1800.0, 990), torch.zeros(10)]).reshape(1, 10, 10, 10)
+
+
+def _monai_intensity(transforms: list[dict], image: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """What MONAI's own transforms, built from a bundle config by MONAI's parser, make of the image."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({**(config or {}), "_intensity": {"_target_": "Compose", "transforms": transforms}})
+    return parser.get_parsed_content("_intensity")({"image": image.clone()})["image"].as_tensor()
+
+
+def _assert_intensity_as_monai_gives_it(transforms: list[dict], intensity, config: dict | None = None) -> None:
+    from ASFDALib.data.preprocess import intensity_transform
+
+    ours = intensity_transform(intensity)(CT_SCAN.clone()).as_tensor()
+    assert torch.allclose(ours, _monai_intensity(transforms, CT_SCAN, config), atol=1e-5)
+
+
+@pytest.mark.parametrize("clip", [None, True, False])
+def test_a_bundles_ct_window_clips_only_where_it_says_so_as_in_monai(tmp_path, unet, clip):
+    """MONAI's ScaleIntensityRange(d) clips only with clip true (its default is false): a bundle that leaves clip
+    out gives the network bone and air beyond 0..1, and so does its card."""
+    window = {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -57, "a_max": 164, "b_min": 0, "b_max": 1}
+    transform = window if clip is None else {**window, "clip": clip}
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet, _spleen_like_with(transform))
+    card = load_model(folder).card
+    assert (card.intensity.mode, card.intensity.a_min, card.intensity.a_max, card.intensity.clip) == (
+        "ct",
+        -57.0,
+        164.0,
+        bool(clip),
+    )
+    assert card.describe_input().endswith("CT window -57..164 HU to 0..1" + ("" if clip else ", not clipped"))
+    _assert_intensity_as_monai_gives_it([transform], card.intensity)
+
+
+@pytest.mark.parametrize(
+    "transform, expected",
+    [
+        # ScaleIntensityRangePercentilesd: clip false by default; relative narrows b_min..b_max to 1%..99% of it
+        (
+            {"_target_": "ScaleIntensityRangePercentilesd", "lower": 1, "upper": 99, "b_min": 0.0, "b_max": 1.0},
+            {"mode": "percentile", "lower": 1.0, "upper": 99.0, "clip": False},
+        ),
+        (
+            {
+                "_target_": "ScaleIntensityRangePercentilesd",
+                "lower": 1,
+                "upper": 99,
+                "b_min": 0,
+                "b_max": 10,
+                "clip": True,
+                "relative": True,
+            },
+            {"mode": "percentile", "lower": 1.0, "upper": 99.0, "b_min": 0.1, "b_max": 9.9},
+        ),
+        # ScaleIntensityd: each scan's min..max to minv..maxv (0..1 by default)
+        ({"_target_": "ScaleIntensityd"}, {"mode": "percentile", "lower": 0.0, "upper": 100.0}),
+        # NormalizeIntensityd with a fixed subtrahend and divisor: (x - 40) / 400, unclipped
+        (
+            {"_target_": "NormalizeIntensityd", "subtrahend": 40, "divisor": 400},
+            {"mode": "ct", "a_min": 40.0, "a_max": 440.0, "clip": False},
+        ),
+        # ScaleIntensityRanged without b_min, b_max: MONAI leaves (x - a_min) / (a_max - a_min)
+        (
+            {"_target_": "ScaleIntensityRanged", "a_min": -100, "a_max": 300},
+            {"mode": "ct", "a_min": -100.0, "a_max": 300.0, "clip": False},
+        ),
+    ],
+)
+def test_a_bundles_intensity_transform_becomes_the_card_setting_that_gives_what_monai_gives(
+    tmp_path, unet, transform, expected
+):
+    from ASFDALib.models.card import IntensityConfig
+
+    transform = {**transform, "keys": "image"}
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet, _spleen_like_with(transform))
+    intensity = load_model(folder).card.intensity
+    assert intensity == IntensityConfig(**expected)
+    _assert_intensity_as_monai_gives_it([transform], intensity)
+
+
+def _zoo_preprocessing(*transforms: dict) -> dict:
+    return {"_target_": "Compose", "transforms": list(transforms)}
+
+
+ZOO_INFERER = {"_target_": "SlidingWindowInferer", "roi_size": [96, 96, 96], "sw_batch_size": 4, "overlap": 0.5}
+# Model-zoo bundles' own preprocessing (Project-MONAI/model-zoo, models/<name>/configs/inference.json), as written
+MODEL_ZOO = {
+    "spleen_ct_segmentation": {
+        "image_key": "image",
+        "preprocessing": _zoo_preprocessing(
+            {"_target_": "LoadImaged", "keys": "@image_key"},
+            {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
+            {"_target_": "Orientationd", "keys": "@image_key", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "@image_key", "pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"},
+            {
+                "_target_": "ScaleIntensityRanged",
+                "keys": "@image_key",
+                "a_min": -57,
+                "a_max": 164,
+                "b_min": 0,
+                "b_max": 1,
+                "clip": True,
+            },
+            {"_target_": "EnsureTyped", "keys": "@image_key"},
+        ),
+        "inferer": ZOO_INFERER,
+    },
+    "prostate_mri_anatomy": {
+        "preprocessing": _zoo_preprocessing(
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": [0.5, 0.5, 0.5], "mode": "bilinear"},
+            {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0, "maxv": 1},
+            {"_target_": "NormalizeIntensityd", "keys": "image"},
+            {"_target_": "EnsureTyped", "keys": "image"},
+        ),
+        "inferer": ZOO_INFERER,
+    },
+    "wholeBody_ct_segmentation": {
+        "image_key": "image",
+        "displayable_configs": {"highres": True, "sw_overlap": 0.25, "sw_batch_size": 1},
+        "pixdim": "$[1.5, 1.5, 1.5] if @displayable_configs#highres else [3.0, 3.0, 3.0]",
+        "preprocessing": _zoo_preprocessing(
+            {"_target_": "LoadImaged", "keys": "@image_key"},
+            {"_target_": "EnsureTyped", "keys": "@image_key"},
+            {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
+            {"_target_": "Orientationd", "keys": "@image_key", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "@image_key", "pixdim": "@pixdim", "mode": "bilinear"},
+            {"_target_": "NormalizeIntensityd", "keys": "@image_key", "nonzero": True},
+            {"_target_": "ScaleIntensityd", "keys": "@image_key", "minv": -1.0, "maxv": 1.0},
+        ),
+        "inferer": {**ZOO_INFERER, "sw_batch_size": "@displayable_configs#sw_batch_size", "mode": "gaussian"},
+    },
+    "pediatric_abdominal_ct_segmentation": {
+        "image_key": "image",
+        "preprocessing": _zoo_preprocessing(
+            {"_target_": "LoadImaged", "keys": "@image_key", "reader": "ITKReader"},
+            {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": ["@image_key"], "pixdim": [1.5, 1.5, 3.0], "mode": ["bilinear"]},
+            {
+                "_target_": "ScaleIntensityRanged",
+                "keys": "@image_key",
+                "a_min": -250,
+                "a_max": 400,
+                "b_min": 0,
+                "b_max": 1,
+                "clip": True,
+            },
+            {"_target_": "CropForegroundd", "keys": ["@image_key"], "source_key": "@image_key", "mode": ["minimum"]},
+            {"_target_": "EnsureTyped", "keys": "image"},
+            {"_target_": "CastToTyped", "keys": "@image_key", "dtype": "$torch.float32"},
+        ),
+        "inferer": ZOO_INFERER,
+    },
+}
+ZOO_CARDS = {  # spacing, intensity and the load report's notes of what MONAI runs
+    "spleen_ct_segmentation": ((1.5, 1.5, 2.0), {"mode": "ct", "a_min": -57, "a_max": 164}, []),
+    "prostate_mri_anatomy": ((0.5, 0.5, 0.5), {"mode": "zscore", "nonzero": False}, []),
+    "wholeBody_ct_segmentation": (
+        (1.5, 1.5, 1.5),
+        {"mode": "percentile", "lower": 0, "upper": 100, "b_min": -1, "b_max": 1},
+        [
+            "configs/inference.json: NormalizeIntensityd leaves voxels exactly 0 at 0 before ScaleIntensityd, which "
+            "the card's percentiles 0..100 of each volume to -1..1 cannot: the two differ where a scan has voxels "
+            "exactly 0"
+        ],
+    ),
+    "pediatric_abdominal_ct_segmentation": (
+        (1.5, 1.5, 3.0),
+        {"mode": "ct", "a_min": -250, "a_max": 400},
+        [
+            "configs/inference.json: CropForegroundd: MONAI runs the network on each scan's foreground box only, "
+            "ASFDA on the whole scan"
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_ZOO))
+def test_a_model_zoo_bundles_card_is_what_monai_runs_the_bundle_with(tmp_path, unet, name):
+    """The zoo's own preprocessing blocks: the card gives the network the spacing, window and intensity MONAI gives
+    it (MONAI's transforms, built by its parser from the same config, on the same CT values), and the load report
+    names what no card can say."""
+    from ASFDALib.models.card import IntensityConfig
+
+    sections = MODEL_ZOO[name]
+    # pediatric_abdominal_ct_segmentation's metadata names its classes in label_def
+    pred = {"label_def": {"0": "background", "1": "liver", "2": "spleen", "3": "pancreas"}}
+    folder = _write_bundle(tmp_path / name, {"_target_": "UNet", **UNET_ARGS}, unet, sections, pred)
+    model = load_model(folder, trust=True)  # wholeBody_ct_segmentation's pixdim is code MONAI evaluates
+    spacing, intensity, notes = ZOO_CARDS[name]
+    assert (model.card.spacing, model.card.roi_size) == (spacing, (96, 96, 96))
+    assert model.card.intensity == IntensityConfig(**intensity)
+    assert model.card.class_names == ["background", "liver", "spleen", "pancreas"]
+    assert model.load_report.card_notes == notes and all(n in model.load_report.summary for n in notes)
+    from ASFDALib.data.preprocess import intensity_transform
+
+    ours = intensity_transform(model.card.intensity)(CT_SCAN.clone()).as_tensor()
+    intensity_steps = [t for t in sections["preprocessing"]["transforms"] if "Intensity" in t["_target_"]]
+    monais = _monai_intensity(intensity_steps, CT_SCAN, sections)
+    zero = CT_SCAN == 0  # where MONAI's z-score over the non-zero voxels leaves them, and the note says so
+    exact = ~zero if notes and "exactly 0" in notes[0] else torch.ones_like(zero)
+    assert torch.allclose(ours[exact], monais[exact], atol=1e-5)
+    assert exact.all() or not torch.allclose(ours[~exact], monais[~exact], atol=1e-2)
+
+
+def test_a_bundle_setting_in_code_is_read_only_with_trust_and_a_native_grid_is_refused(tmp_path, unet):
+    """wholeBody_ct_segmentation's pixdim is a Python expression: MONAI evaluates it, ASFDA lets it only with
+    --trust; wholeBrainSeg_Large_UNEST_segmentation resamples nothing (no Spacingd): no card spacing is its."""
+    network = {"_target_": "UNet", **UNET_ARGS}
+    folder = _write_bundle(tmp_path / "whole_body", network, unet, MODEL_ZOO["wholeBody_ct_segmentation"])
+    with pytest.raises(
+        TrustRequiredError,
+        match=r"inference.json: preprocessing#transforms#4#pixdim is code \(\$\[1.5, 1.5, 1.5\] if "
+        r"@displayable_configs#highres else .*only with --trust .*or give --card",
+    ):
+        load_model(folder)
+    whole_brain = {
+        "preprocessing": _zoo_preprocessing(
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
+            {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": "True", "channel_wise": "True"},
+            {"_target_": "EnsureTyped", "keys": "image"},
+        ),
+        "inferer": {**ZOO_INFERER, "overlap": 0.7},
+    }
+    folder = _write_bundle(tmp_path / "whole_brain", network, unet, whole_brain)
+    with pytest.raises(ModelError, match=r"inference.json: no Spacingd on the image: .* give --card with the spacing"):
+        load_model(folder, trust=True)
+
+
+def test_what_no_card_can_say_is_in_the_load_report_and_other_keys_transforms_are_not_the_images(tmp_path, unet):
+    """An orientation other than RAS, a transform ASFDA does not run: named in the load report's summary (the
+    rank command's Weights line); a label's transforms and a disabled one (MONAI's _disabled_) set nothing."""
+    sections = {
+        "skip_zscore": True,
+        "preprocessing": _zoo_preprocessing(
+            {"_target_": "LoadImaged", "keys": ["image", "label"]},
+            {"_target_": "Orientationd", "keys": ["image", "label"], "axcodes": "LPS"},
+            {"_target_": "Spacingd", "keys": ["image", "label"], "pixdim": [0.8], "mode": ["bilinear", "nearest"]},
+            {
+                "_target_": "ScaleIntensityRanged",
+                "keys": "image",
+                "a_min": -100,
+                "a_max": 200,
+                "b_min": 0,
+                "b_max": 1,
+                "clip": True,
+            },
+            {"_target_": "ScaleIntensityRanged", "keys": "label", "a_min": 0, "a_max": 3, "b_min": 0, "b_max": 1},
+            {"_target_": "NormalizeIntensityd", "keys": "image", "_disabled_": "@skip_zscore"},
+            {"_target_": "ThresholdIntensityd", "keys": "image", "threshold": -100, "above": True, "cval": -100},
+        ),
+        "inferer": ZOO_INFERER,
+    }
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet, sections)
+    model = load_model(folder)
+    assert model.card.spacing == (0.8, 0.8, 0.8)  # MONAI pads a short pixdim with its last value
+    assert (model.card.intensity.mode, model.card.intensity.a_min, model.card.intensity.clip) == ("ct", -100.0, True)
+    notes = [
+        "configs/inference.json: Orientationd orients scans to LPS; ASFDA gives the network RAS, so it sees each scan "
+        "mirrored left-right and front-back against its training",
+        "configs/inference.json: ASFDA does not run ThresholdIntensityd on the image; where they change it, the "
+        "network is given other input than MONAI gives it",
+    ]
+    assert model.load_report.card_notes == notes
+    assert model.load_report.summary.endswith("; ".join(notes))
+
+
+def test_an_intensity_chain_no_card_setting_gives_is_refused_naming_the_config_and_card(tmp_path, unet):
+    """A CT window clipped, then each scan's min..max: no one card setting gives that (unlike prostate_mri_anatomy's
+    min..max then z-score, which is the z-score)."""
+    window = {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -100, "a_max": 200, "clip": True}
+    sections = _spleen_like_with(window, {"_target_": "ScaleIntensityd", "keys": "image"})
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet, sections)
+    with pytest.raises(
+        ModelError,
+        match=r"inference.json: ScaleIntensityd \(preprocessing#transforms#2\) after ScaleIntensityRanged, which no "
+        "card intensity reproduces; give --card with the intensity",
+    ):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "intensity",
+    [
+        {"mode": "ct", "a_min": -57, "a_max": 164, "clip": False},
+        {"mode": "ct", "a_min": -57, "a_max": 164},
+        {"mode": "percentile", "lower": 1, "upper": 99, "b_min": -1},
+        {"mode": "zscore", "nonzero": False},
+        {"mode": "zscore"},
+        {"mode": "none"},
+    ],
+)
+def test_an_exported_bundle_read_without_its_card_gives_the_card_it_was_exported_with(tmp_path, unet, intensity):
+    """The bundle ASFDA exports says in its own transforms what the card said: read back without asfda_card.json
+    (a user who kept the configs only), the card is the same."""
+    from ASFDALib.models.export import export_bundle
+
+    card = ModelCard(CLASSES, spacing=(2, 1.5, 3), roi_size=(32, 32, 48), intensity=intensity, name="lab-unet")
+    torch.save(unet.state_dict(), tmp_path / "net.pt")
+    model = load_model(tmp_path / "net.pt", replace(card, network=NetworkSpec("UNet", UNET_ARGS)))
+    folder = export_bundle(model, tmp_path / "bundle")
+    (folder / "asfda_card.json").unlink()
+    back = load_model(folder)
+    assert (back.card.class_names, back.card.name, back.card.spacing, back.card.roi_size, back.card.intensity) == (
+        CLASSES,
+        "lab-unet",
+        (2.0, 1.5, 3.0),
+        (32, 32, 48),
+        card.intensity,
+    )
+    assert back.load_report.card_notes == []
+
+
+def test_an_unclipped_window_is_a_card_choice_kept_only_where_chosen(tmp_path):
+    """``clip`` is stored only where it is false, so cards, model digests and cache keys written before it
+    existed stay as they were."""
+    clipped = ModelCard(class_names=["background", "liver"], intensity={"mode": "ct", "a_min": -57, "a_max": 164})
+    unclipped = replace(clipped, intensity=replace(clipped.intensity, clip=False))
+    assert "clip" not in clipped.to_dict()["intensity"] and "clip" not in clipped.preprocessing_key()
+    assert unclipped.to_dict()["intensity"]["clip"] is False
+    assert unclipped.preprocessing_key() != clipped.preprocessing_key()
+    save_card(unclipped, tmp_path / "unclipped.card.json")
+    assert load_card(tmp_path / "unclipped.card.json").intensity.clip is False
+    with pytest.raises(ModelError, match="intensity clip false is a window's choice; mode 'zscore' has none"):
+        ModelCard(class_names=["background", "liver"], intensity={"mode": "zscore", "clip": False})
 
 
 def test_a_bundles_weights_or_config_file_given_as_the_model_loads_the_bundle(tmp_path, unet):
