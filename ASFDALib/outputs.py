@@ -24,6 +24,21 @@ def _resolved(path: Path | str) -> Path:
         return Path(path).expanduser().absolute()
 
 
+def path_inside(root: Path, relative: str, record: Path, folder: str, fix: str = "refused") -> Path:
+    """``root / relative``, resolved, refusing an absolute path and one that resolves outside ``root`` (``..``, a
+    sub-folder linked elsewhere); ``record`` names the file the name came from and ``folder`` what ``root`` is,
+    for the refusal. A name written on Windows (``site1\\a.nii.gz``) is read with its backslashes as separators
+    where no file has that very name: a folder written there is read on a Linux server."""
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute() or "\x00" in relative:
+        raise ASFDAError(f"{record}: path {relative!r} must be relative to {folder}")
+    if "\\" in relative and not (root / relative).exists():
+        relative = relative.replace("\\", "/")
+    resolved = (root / relative).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ASFDAError(f"{record}: path {relative!r} points outside {folder}; {fix}")
+    return resolved
+
+
 def session_files(session) -> set[Path]:
     """Every file ``session`` (an :class:`ASFDALib.adaptation.session.Session`) refers to: its pool of
     images, the model it was started with, its label versions and its round checkpoints."""
@@ -122,48 +137,53 @@ def claim_predictions(out: Path, targets: list[Path], fix: str, check_only: bool
     they are now: a file it never wrote (a folder of reference labels given as ``--out``; a name an earlier run
     claimed but skipped), or one changed since it wrote it (a map corrected in place). Then record the targets
     as predict's own before any is written, so a rerun or a resumed run replaces them. Returns the targets an
-    earlier run wrote."""
-    from ASFDALib.data.volumes import content_hash
+    earlier run wrote. Maps are named by their path under ``out`` (``site1/a.nii.gz`` for a recursive pool's)."""
+    from ASFDALib.data.volumes import content_hash, discover_volumes, relative_name
 
-    manifest = Path(out) / PREDICTIONS_MANIFEST
+    out = Path(out)
+    manifest = out / PREDICTIONS_MANIFEST
     try:
         data = json.loads(manifest.read_text()) if manifest.is_file() else {}
         ours = set(data.get("files", []))
         maps = data.get("maps")  # name -> SHA-256 of the map as written; manifests before 2026-12-06 hold none
     except (ValueError, AttributeError, TypeError):
         data, ours, maps = {}, set(), None  # unreadable: nothing there counts as predict's own
+    inside = f"the predictions folder {out}"
+    for name in sorted(ours | set(maps or {}), key=str):  # no name predict writes leaves the folder (an edited one)
+        path_inside(out, name, manifest, inside, f"remove that name from it, or {fix}")
     if maps is None:  # a manifest from before maps were hashed: its files, as they are, count as written so
-        maps = {n: content_hash(Path(out) / n) for n in ours if (Path(out) / n).is_file()}
+        maps = {n: content_hash(out / n) for n in ours if (out / n).is_file()}
+    names = {relative_name(t, out): t for t in targets}
     # volumes of other names it did not write (a folder of reference labels named case_seg): the maps would mix
-    # with them, and evaluate and labels import could no longer tell which is which
-    from ASFDALib.data.volumes import discover_volumes
-
-    found = discover_volumes(out) if Path(out).is_dir() else []
-    others = sorted(p.name for p in found if p.name not in ours and p not in targets)
+    # with them, and evaluate and labels import could no longer tell which is which; in its sub-folders too
+    # where maps go there (a recursive pool's)
+    nested = any("/" in n for n in (*names, *ours))
+    found = discover_volumes(out, recursive=nested) if out.is_dir() else []
+    others = sorted(n for n in (relative_name(p, out) for p in found) if n not in ours and n not in names)
     if others:
         before = "" if manifest.is_file() else " (maps an older asfda predict wrote, without a manifest, count too)"
         raise ASFDAError(
             f"{out}: holds {len(others)} volume file(s) asfda predict did not write ({others[0]}, ...){before}, with "
             f"which the maps would mix; {fix}"
         )
-    existing = [t for t in targets if t.exists()]
-    foreign = [t for t in existing if t.name not in ours or t.name not in maps]
+    existing = {n: t for n, t in names.items() if t.exists()}
+    foreign = [t for n, t in existing.items() if n not in ours or n not in maps]
     if foreign:
         raise ASFDAError(
             f"{foreign[0]}: exists and was not written by asfda predict ({len(foreign)} such file(s) in {out}); {fix}"
         )
-    changed = [t for t in existing if content_hash(t) != maps[t.name]]
+    changed = [t for n, t in existing.items() if content_hash(t) != maps[n]]
     if changed:
         raise ASFDAError(
             f"{changed[0]}: was changed since asfda predict wrote it (a corrected map?; {len(changed)} such file(s) "
             f"in {out}); {fix}, or move the changed maps away first"
         )
     if check_only:  # the refusals alone, writing nothing (not even the folder)
-        return existing
-    Path(out).mkdir(parents=True, exist_ok=True)
+        return list(existing.values())
+    out.mkdir(parents=True, exist_ok=True)
     # the earlier runs' record of which model made their maps stays; record_predictions updates it
-    atomic_write_json(manifest, {**data, "files": sorted(ours | {t.name for t in targets}), "maps": maps})
-    return existing
+    atomic_write_json(manifest, {**data, "files": sorted(ours | set(names)), "maps": maps})
+    return list(existing.values())
 
 
 def record_predictions(out: Path, written: Iterable[Path], made_by: dict, made_from: dict[str, str]) -> None:
@@ -171,27 +191,48 @@ def record_predictions(out: Path, written: Iterable[Path], made_by: dict, made_f
     source or adapted, the round and the checkpoint's digest), so a folder says what made it after restarts;
     the SHA-256 of each map as written (``maps``), by which a map changed since is never written over; and the
     SHA-256 of the image each map segments (``made_from``, by map name), so that evaluate knows a session's
-    training image by its content whatever the file is called. The manifest is made where there is none yet
-    (the panel's Predict remaining writes into a folder of its own, without :func:`claim_predictions`)."""
-    from ASFDALib.data.volumes import content_hash
+    training image by its content whatever the file is called. A map's name is its path under ``out``. The
+    manifest is made where there is none yet (the panel's Predict remaining writes into a folder of its own,
+    without :func:`claim_predictions`)."""
+    from ASFDALib.data.volumes import content_hash, relative_name
 
     manifest = Path(out) / PREDICTIONS_MANIFEST
     data = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    data["files"] = sorted({*data.get("files", []), *(Path(p).name for p in written)})
-    data.setdefault("made_by", {}).update({Path(p).name: made_by for p in written})
-    data.setdefault("maps", {}).update({Path(p).name: content_hash(p) for p in written})
+    names = {relative_name(p, out): Path(p) for p in written}
+    data["files"] = sorted({*data.get("files", []), *names})
+    data.setdefault("made_by", {}).update(dict.fromkeys(names, made_by))
+    data.setdefault("maps", {}).update({n: content_hash(p) for n, p in names.items()})
     data.setdefault("made_from", {}).update(made_from)
     atomic_write_json(manifest, data)
 
 
 def unchanged_predictions(paths: Iterable[Path]) -> set[Path]:
-    """Those of ``paths`` that are maps ``asfda predict`` wrote, unchanged since (their folder's manifest records
-    each map's hash); each folder's manifest is read once, and only the files it names are hashed."""
-    from ASFDALib.data.volumes import content_hash
+    """Those of ``paths`` that are maps ``asfda predict`` wrote, unchanged since: the manifest of the predictions
+    folder they lie in (their own folder's, or for a recursive pool's maps one above it) records each map's hash.
+    Each manifest is read once, and only the files it names are hashed."""
+    from ASFDALib.data.volumes import content_hash, relative_name
 
-    paths = [Path(p) for p in paths]
-    maps = {folder: _manifest_record(folder, "maps") for folder in {p.parent for p in paths}}
-    return {p for p in paths if p.name in maps[p.parent] and p.is_file() and content_hash(p) == maps[p.parent][p.name]}
+    paths = {Path(p): Path(p).absolute() for p in paths}  # each as given (the caller's key), and where it is
+    homes = {folder: _predictions_home(folder) for folder in {p.parent for p in paths.values()}}
+    maps = {home: _manifest_record(home, "maps") for home in set(homes.values()) if home is not None}
+    unchanged = set()
+    for given, path in paths.items():
+        home = homes[path.parent]
+        recorded = maps[home].get(relative_name(path, home)) if home is not None else None
+        if recorded and path.is_file() and content_hash(path) == recorded:
+            unchanged.add(given)
+    return unchanged
+
+
+def _predictions_home(folder: Path) -> Path | None:
+    """The nearest of ``folder`` and the folders above it that holds a predictions manifest, if any."""
+    return next((f for f in (folder, *folder.parents) if (f / PREDICTIONS_MANIFEST).is_file()), None)
+
+
+def nested_predictions(folder: Path) -> bool:
+    """Whether a predictions folder's manifest records maps in its sub-folders (``asfda predict --recursive``
+    wrote them): evaluate then looks for maps, and their references, in sub-folders too."""
+    return any("/" in name for name in _manifest_record(folder, "maps"))
 
 
 def _manifest_record(folder: Path, key: str) -> dict:

@@ -53,6 +53,7 @@ from ASFDALib.data.volumes import (
     passed_over_summary,
     read_scan,
     read_volume,
+    relative_name,
     write_volume,
 )
 from ASFDALib.errors import ASFDAError, VolumeError, as_arg, brief
@@ -885,16 +886,17 @@ def _summary(mode: str, index: int, before: dict, done: dict) -> str:
     return f"round {index} {verb}: " + (", ".join(parts) + " iterations" if parts else "nothing left to run")
 
 
-def prediction_name(path: Path) -> str:
+def prediction_name(path: Path, root: Path | None = None) -> str:
     """The file a prediction of ``path`` is written to: the input's name and format (DICOM -> NIfTI; a header
     with its data beside it, .nhdr or .mhd, -> the one-file form of its format, .nrrd or .mha, as
-    volumes.write_volume writes it, so that no map depends on a second file)."""
-    if not path.is_file():
-        return f"{path.name}.nii.gz"
+    volumes.write_volume writes it, so that no map depends on a second file). Given the ``root`` of a pool
+    searched recursively, under the sub-folder the input lies in there (``site1/a.nii.gz``, with ``/``)."""
+    name = path.name if path.is_file() else f"{path.name}.nii.gz"
     for detached, whole in ((".nhdr", ".nrrd"), (".mhd", ".mha")):
-        if path.name.lower().endswith(detached):
-            return path.name[: -len(detached)] + whole
-    return path.name
+        if name.lower().endswith(detached):
+            name = name[: -len(detached)] + whole
+    folder = relative_name(path.parent, root) if root is not None else "."
+    return name if folder == "." else f"{folder}/{name}"
 
 
 def predictions_folder_for(images: Path) -> Path:
@@ -909,12 +911,14 @@ def predictions_folder_for(images: Path) -> Path:
 @dataclass(frozen=True)
 class PredictionPlan:
     """What a prediction run will read and write, checked before any map is: ``scans`` under the images
-    folder, ``targets`` their label maps under ``out`` (in the same order), ``replaced`` the targets an
-    earlier prediction run wrote, which this one replaces."""
+    folder, ``targets`` their label maps under ``out`` (in the same order, at the same paths under it as the
+    scans under the images folder), ``replaced`` the targets an earlier prediction run wrote, which this one
+    replaces; ``names`` the scans' names under the images folder (``site1/a.nii.gz`` in a recursive pool)."""
 
     scans: list[Path]
     targets: list[Path]
     replaced: list[Path]
+    names: list[str] = field(default_factory=list)
     hold: Any = None  # the output folder's lock (outputs.hold_predictions), from the claim to the last map
     out: Path | None = None
     fix: str = ""
@@ -940,45 +944,76 @@ class PredictionPlan:
 
 
 def plan_predictions(
-    images: Path, out: Path, protected: Iterable[Path] = (), fix: str | None = None, claim: bool = True
+    images: Path,
+    out: Path,
+    protected: Iterable[Path] = (),
+    fix: str | None = None,
+    claim: bool = True,
+    recursive: bool = False,
+    exclude: Iterable[Path] = (),
 ) -> PredictionPlan:
     """Refuse, before anything is written, a prediction run that would lose a file: ``out`` being the images
-    folder or inside a session folder, a map landing on a scan, on a file of ``protected`` (a session's) or on
-    a file no prediction run wrote (e.g. reference labels), two scans sharing a map's name; then claim the
-    targets in ``out``'s manifest, so a rerun or a resumed run replaces them. ``fix``: the remedy the refusals
-    name (default: another output folder, beside the images). ``claim=False``: the refusals alone, writing
-    nothing (a caller that loads the model in between calls :meth:`PredictionPlan.claim` after)."""
-    from ASFDALib.outputs import claim_predictions, refuse_inside_session, refuse_overwrite, refuse_same_folder
+    folder or inside it or a session folder, a map landing on a scan, on a file of ``protected`` (a session's),
+    on a file no prediction run wrote (e.g. reference labels) or outside ``out`` (through a sub-folder linked
+    elsewhere), two scans sharing a map's name; then claim the targets in ``out``'s manifest, so a rerun or a
+    resumed run replaces them. ``fix``: the remedy the refusals name (default: another output folder, beside
+    the images). ``claim=False``: the refusals alone, writing nothing (a caller that loads the model in between
+    calls :meth:`PredictionPlan.claim` after). ``recursive``: the scans of sub-folders too, as ``asfda rank
+    --recursive`` finds them (but in ``exclude``: a session folder kept in the pool), each map at its scan's path
+    under ``out`` (``out/site1/a.nii.gz``)."""
+    from ASFDALib.outputs import (
+        claim_predictions,
+        path_inside,
+        refuse_inside_session,
+        refuse_overwrite,
+        refuse_same_folder,
+    )
 
     images, out = Path(images), Path(out)
-    scans, others = discover(images)  # one walk: the scans and what is no scan
+    scans, others = discover(images, recursive, tuple(exclude))  # one walk: the scans and what is no scan
     if not scans:
-        found = ""
-        if others:  # .mgz, PNG slices: say what was there
-            found = f" (found files of other types only: {passed_over_summary(others)}; convert the scans)"
-        elif subs := [d for d in discover_volumes(images, recursive=True) if d.parent != images]:
-            # a pool ranked with --recursive (site1/, site2/): predict reads one folder, its maps in one --out
-            folders = sorted({d.parent for d in subs})
-            named = ", ".join(str(f) for f in folders[:3]) + (", ..." if len(folders) > 3 else "")
-            found = f" directly in it, only in {len(folders)} sub-folder(s) ({named}): run predict once for each"
+        found = _none_found(images, others, recursive)
         raise ASFDAError(f"{images}: no volumes found{found}; give the folder of scans to segment")
     fix = fix or f"choose another output folder, e.g. {predictions_folder_for(images)}"
     refuse_same_folder(out, images, "images", fix)
     if out.resolve().is_relative_to(images.resolve()):  # maps among the scans: a recursive rank would meet them
         raise ASFDAError(f"{out}: is inside the images folder {images}, where the maps would mix with the scans; {fix}")
     refuse_inside_session(out, fix)
-    targets = [out / prediction_name(p) for p in scans]
+    root = images if recursive else None
+    targets = [out / prediction_name(p, root) for p in scans]
     seen: dict[Path, Path] = {}
     for target, scan in zip(targets, scans):  # a.nhdr and a.nrrd both make a.nrrd: the second map would replace
         if (first := seen.setdefault(target, scan)) != scan:
             raise ASFDAError(
-                f"{scan}: its label map would be {target.name}, as {first.name}'s is; rename one of the two scans"
+                f"{scan}: its label map would be {relative_name(target, out)}, as {first.name}'s is; rename one of "
+                "the two scans"
             )
+        # a sub-folder of out that links elsewhere would put the map there, perhaps over a file no check saw
+        path_inside(out, relative_name(target, out), scan, f"the output folder {out}", fix)
     refuse_overwrite(targets, scans, "the input scan", fix)
     refuse_overwrite(targets, protected, "a file the session references", fix)
     existing = claim_predictions(out, targets, fix, check_only=True)  # refused before the folder is touched
-    plan = PredictionPlan(scans, targets, existing, out=out, fix=fix, passed_over=others)
+    names = [relative_name(p, images) for p in scans]
+    plan = PredictionPlan(scans, targets, existing, names, out=out, fix=fix, passed_over=others)
     return plan.claim() if claim else plan
+
+
+def _none_found(images: Path, others: list[Path], recursive: bool) -> str:
+    """What a folder without volumes holds instead, for the refusal: files of other types, or volumes only in
+    sub-folders (a pool ranked with --recursive: site1/, site2/), which --recursive segments."""
+    if others:  # .mgz, PNG slices: say what was there
+        return f" (found files of other types only: {passed_over_summary(others)}; convert the scans)"
+    if recursive:
+        return ""
+    subs = [d for d in discover_volumes(images, recursive=True) if d.parent != images]
+    if not subs:
+        return ""
+    folders = sorted({d.parent for d in subs})
+    named = ", ".join(str(f) for f in folders[:3]) + (", ..." if len(folders) > 3 else "")
+    return (
+        f" directly in it, only in {len(folders)} sub-folder(s) ({named}): add --recursive to segment them, each map "
+        "in the same sub-folder of the output folder"
+    )
 
 
 def predict_folder(
@@ -991,6 +1026,7 @@ def predict_folder(
     protected: Iterable[Path] = (),
     fix: str | None = None,
     plan: PredictionPlan | None = None,
+    recursive: bool = False,
 ) -> tuple[list[Path], list[str]]:
     """Label maps for every volume under ``images`` in the input's own grid and format (DICOM -> NIfTI),
     written to ``out``; returns (maps written, reasons for the files skipped). Refused first, writing nothing,
@@ -998,16 +1034,18 @@ def predict_folder(
     session's files in ``protected``). ``out``'s manifest records which model wrote each map (``made_by``;
     default: a session's model as :func:`session_model` loaded it, else the model file and its digest) and the
     SHA-256 of the scan it segments. ``plan``: one a caller
-    made already (to say what it replaces before the model loads), so its checks are not made twice."""
+    made already (to say what it replaces before the model loads), so its checks are not made twice.
+    ``recursive``: the volumes of sub-folders too, each map at its scan's path under ``out``
+    (``images/site1/a.nii.gz`` -> ``out/site1/a.nii.gz``), as ``asfda predict --recursive``."""
     from ASFDALib.outputs import record_predictions
 
-    plan = plan or plan_predictions(images, out, protected, fix)
+    plan = plan or plan_predictions(images, out, protected, fix, recursive=recursive)
     made_by = made_by or model.made_by or {"model": str(Path(model.path).resolve()), "digest": model.digest}
     written, skipped = [], []
     try:
-        for i, path in enumerate(plan.scans):
+        for i, (path, target, name) in enumerate(zip(plan.scans, plan.targets, plan.names)):
             if progress:
-                progress(i, len(plan.scans), path.name)
+                progress(i, len(plan.scans), name)
             try:
                 volume = read_scan(path)  # a label map in the folder is skipped with its reason, not segmented
             except VolumeError as exc:
@@ -1016,9 +1054,10 @@ def predict_folder(
             image = preprocess(volume, model.card)
             label = predict_label(model.network, image, model.card, device).astype(np.uint8)
             native = labels_to_native(label, image.affine.numpy(), volume.array.shape, volume.affine)
-            written.append(write_volume(Path(out) / prediction_name(path), native, volume.affine))
+            written.append(write_volume(target, native, volume.affine))
             # each map recorded as it is written: an interrupted run's maps are its own to replace on a rerun
-            record_predictions(Path(out), written[-1:], made_by, {written[-1].name: content_hash(path)})
+            made_from = {relative_name(target, plan.out): content_hash(path)}
+            record_predictions(plan.out, written[-1:], made_by, made_from)
     finally:
         plan.release()
     if progress:

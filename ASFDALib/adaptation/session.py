@@ -33,6 +33,7 @@ from filelock import FileLock, Timeout
 
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.errors import ASFDAError, as_arg
+from ASFDALib.outputs import path_inside
 
 SCHEMA_VERSION = 1
 SESSION_FILE = "session.json"
@@ -106,14 +107,10 @@ def safe_path(root: Path, relative: str) -> Path:
     """``root / relative``, refusing absolute paths and anything that resolves outside ``root``. A session
     records its paths with ``/``; one written on Windows before that (``labels\\a_v1.nii.gz``) is read with its
     backslashes as separators where no file has that very name: a clinician's session trains on a Linux server."""
-    if not isinstance(relative, str) or not relative or Path(relative).is_absolute() or "\x00" in relative:
-        raise SessionError(f"{root / SESSION_FILE}: path {relative!r} must be relative to the session folder")
-    if "\\" in relative and not (root / relative).exists():
-        relative = relative.replace("\\", "/")
-    resolved = (root / relative).resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        raise SessionError(f"{root / SESSION_FILE}: path {relative!r} points outside the session folder; refused")
-    return resolved
+    try:
+        return path_inside(root, relative, root / SESSION_FILE, "the session folder")
+    except ASFDAError as exc:
+        raise SessionError(str(exc)) from None
 
 
 def _without_suffix(name: str) -> str:

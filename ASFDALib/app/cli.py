@@ -460,11 +460,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment a folder with the session's newest fine-tuned model (or the source model:\n"
         "--source-model), one label map per input in its own grid and format. The folder's manifest records\n"
         "which model made each map and the image it segments, which evaluate reads.",
-        epilog="example:\n  asfda predict ~/asfda/liver --images /data/new --out /data/pred",
+        epilog="examples:\n  asfda predict ~/asfda/liver --images /data/new --out /data/pred\n"
+        "  asfda predict ~/asfda/liver --images /data/pool --recursive --out /data/pred\n"
+        "      a pool of sub-folders (site1/a.nii.gz, sub-01/anat/sub-01_T1w.nii.gz), as rank --recursive reads it:\n"
+        "      each map at its scan's path under --out (/data/pred/site1/a.nii.gz), which evaluate pairs with a\n"
+        "      reference folder of the same sub-folders (or a flat one, by file name)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     predict.add_argument("session", type=existing_dir, help="session folder (its adapted model is used)")
     predict.add_argument("--images", type=existing_dir, required=True, help="folder of volumes to segment")
+    predict.add_argument(
+        "--recursive",
+        action="store_true",
+        help="also search sub-folders, as rank --recursive does; each map goes to the same sub-folder of --out",
+    )
     predict.add_argument(
         "--out",
         type=new_path,

@@ -708,7 +708,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     session = Session.open(args.session)
     fix = f"choose another --out folder, e.g. {predictions_folder_for(Path(args.images))}"
     # every refusal before the model loads, writing nothing; the claim (and --out itself) once it has loaded
-    plan = plan_predictions(args.images, args.out, session_files(session), fix, claim=False)
+    # a session kept in the pool is no scan, as rank leaves it out: its labels and cache are the session's
+    protected = session_files(session)
+    plan = plan_predictions(
+        args.images, args.out, protected, fix, claim=False, recursive=args.recursive, exclude=[session.root]
+    )
     model = session_model(session, adapted=not args.source_model)
     plan = plan.claim()
     try:  # the plan holds --out until its last map is written, or until this command fails on the way
@@ -791,8 +795,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from ASFDALib.adaptation.session import Session
     from ASFDALib.data.labels import mapping_text, parse_mapping
-    from ASFDALib.data.volumes import content_hash, discover_volumes
+    from ASFDALib.data.volumes import content_hash
     from ASFDALib.evaluation.evaluate import (
+        case_files,
         evaluate_folders,
         foreign_warning,
         is_evaluation_table,
@@ -815,7 +820,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or Path(args.pred) / "evaluation.csv"
     refuse_folder_as_file(out, out / "evaluation.csv")
     refuse_swapped_folders(args.pred, args.labels)  # before its table would go into the reference labels
-    inputs = [*discover_volumes(args.pred), *discover_volumes(args.labels)]
+    inputs = [p for files in case_files(args.pred, args.labels) for p in files]
     refuse_overwrite([out], inputs, "an input label map", "choose another --out file")
     refuse_inside_session(out, "write the table elsewhere, e.g. --out evaluation.csv")
     if Path(out).is_file() and not is_evaluation_table(Path(out)):  # a card, a script: never replaced

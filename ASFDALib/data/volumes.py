@@ -95,6 +95,12 @@ def _volume_stem(name: str) -> str:
     return next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), name)
 
 
+def relative_name(path: Path | str, root: Path | str) -> str:
+    """A file's name under ``root`` as sessions and manifests record it: relative, with ``/`` on every system
+    (a recursive pool's ``site1/a.nii.gz``), so that names recorded on one system match on another."""
+    return Path(path).relative_to(root).as_posix()
+
+
 def passed_over_summary(files: list[Path]) -> str:
     """``.mgz 2, .txt 1: e.g. sub1.mgz``: how many files of each type, the most common first, and one of those."""
     by_type: dict[str, list[Path]] = {}

@@ -19,6 +19,7 @@ from ASFDALib.atomic import atomic_write_text
 from ASFDALib.data.labels import (
     NO_IMAGE,
     LabelMap,
+    Pairing,
     align_to_image,
     classes_by_segment_name,
     example_map,
@@ -27,7 +28,7 @@ from ASFDALib.data.labels import (
     refuse_intensity_image,
     value_ranges,
 )
-from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume
+from ASFDALib.data.volumes import content_hash, discover_volumes, read_volume, relative_name
 from ASFDALib.errors import ASFDAError, VolumeError
 from ASFDALib.evaluation.metrics import score_case
 
@@ -42,7 +43,7 @@ class CaseScore:
     hd95: list[float]
     reason: str = ""
     foreign: list[int] = field(default_factory=list)  # reference values (after the map) that are not classes
-    prediction: str = ""  # the map's file name, which the predictions folder's manifest is keyed by
+    prediction: str = ""  # the map's name under its folder (site1/a.nii.gz), which the folder's manifest is keyed by
 
 
 PRED_FIX = "give --pred the folder of predicted label maps, as asfda predict --out writes"
@@ -95,6 +96,42 @@ def _predicted_classes(paths: list[Path]) -> int:
     return highest + 1
 
 
+def case_files(pred_dir: Path, label_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The predicted maps and the reference labels to pair: each folder's volumes, and those of its sub-folders
+    where asfda predict --recursive wrote the maps there (its manifest names them ``site1/a.nii.gz``)."""
+    from ASFDALib.outputs import nested_predictions
+
+    nested = nested_predictions(pred_dir)
+    return discover_volumes(pred_dir, recursive=nested), discover_volumes(label_dir, recursive=nested)
+
+
+def _folder(name: str) -> str:
+    """The sub-folder part of a case's name under its folder: ``site1`` of ``site1/a.nii.gz``, "" at the top."""
+    return name.rpartition("/")[0]
+
+
+def pair_cases(pred_dir: Path, label_dir: Path) -> tuple[Pairing, dict[str, Path], dict[str, Path]]:
+    """Predictions paired with references by case name (:func:`pair_names`), each known by its name under its
+    folder (``site1/a.nii.gz`` where predict wrote nested maps, as the manifest records it); also those names'
+    files, predictions' then references'. A reference folder of sub-folders mirrors the pool: a map pairs with a
+    reference of its own sub-folder (``site1/a`` with ``site1/a_seg``, never ``site2/a``); a flat one pairs with
+    maps wherever they lie, by file name alone, two that fit one reference being refused as always."""
+    preds, refs = case_files(pred_dir, label_dir)
+    predictions = {relative_name(p, pred_dir): p for p in preds}
+    references = {relative_name(p, label_dir): p for p in refs}
+    if all("/" not in name for name in references):
+        return pair_names(list(predictions), list(references)), predictions, references
+    pairing = Pairing()
+    for folder in sorted({_folder(n) for n in (*predictions, *references)}):
+        part = pair_names(
+            [n for n in predictions if _folder(n) == folder], [n for n in references if _folder(n) == folder]
+        )
+        pairing.pairs |= part.pairs
+        pairing.problems |= part.problems
+        pairing.contested |= part.contested
+    return pairing, predictions, references
+
+
 def evaluate_folders(
     pred_dir: Path, label_dir: Path, class_names: list[str] | None = None, mapping: LabelMap | None = None
 ) -> list[CaseScore]:
@@ -105,20 +142,19 @@ def evaluate_folders(
     are left out of every class's score.
     """
     refuse_swapped_folders(pred_dir, label_dir)
-    labels = discover_volumes(label_dir)
-    pairing = pair_names([str(p) for p in discover_volumes(pred_dir)], [str(p) for p in labels])
+    pairing, predictions, reference = pair_cases(pred_dir, label_dir)
     if not pairing.pairs:
         first = next(iter(pairing.problems.items()), None)
-        detail = f" ({Path(first[0]).name}: {first[1]})" if first else ""
+        detail = f" ({first[0]}: {first[1]})" if first else ""
         raise VolumeError(
             pred_dir, f"no prediction matches a reference label by case name{detail}", "use the same names"
         )
     mapping = mapping or LabelMap()
-    pairs = {Path(ref).name: Path(pred) for ref, pred in pairing.pairs.items()}
-    reference = {p.name: p for p in labels}
-    num_classes = len(class_names) if class_names else _predicted_classes(sorted(pairs.values()))
+    paired = sorted(predictions[p] for p in pairing.pairs.values())
+    num_classes = len(class_names) if class_names else _predicted_classes(paired)
     scores = []
-    for name, pred_path in sorted(pairs.items()):
+    for name, prediction in sorted(pairing.pairs.items()):
+        pred_path = predictions[prediction]
         try:
             ref, segment_names = read_label(reference[name])
             case_map = mapping
@@ -141,19 +177,18 @@ def evaluate_folders(
                 pred_array = np.where(np.isin(ref_array, foreign), 0, pred_array)
             spacing = np.linalg.norm(ref.affine[:3, :3], axis=0)
             dice, distance = score_case(pred_array, mapped, spacing, num_classes)
-            scores.append(CaseScore(name, dice, distance, foreign=foreign, prediction=pred_path.name))
+            scores.append(CaseScore(name, dice, distance, foreign=foreign, prediction=prediction))
         except VolumeError as exc:
-            scores.append(CaseScore(name, [], [], exc.reason, prediction=pred_path.name))
+            scores.append(CaseScore(name, [], [], exc.reason, prediction=prediction))
     return scores
 
 
 def left_out(pred_dir: Path, label_dir: Path) -> list[str]:
     """What no mean includes, one line each, as the pairing by case name left it: predictions of no reference's
     case, references no prediction claimed, and predictions set aside for a reason (two for one case)."""
-    refs = [str(p) for p in discover_volumes(label_dir)]
-    pairing = pair_names([str(p) for p in discover_volumes(pred_dir)], refs)
-    alone = [Path(p).name for p, why in pairing.problems.items() if why.startswith(NO_IMAGE)]
-    orphans = [Path(r).name for r in refs if r not in pairing.pairs and r not in pairing.contested]
+    pairing, _, references = pair_cases(pred_dir, label_dir)
+    alone = [p for p, why in pairing.problems.items() if why.startswith(NO_IMAGE)]
+    orphans = [r for r in references if r not in pairing.pairs and r not in pairing.contested]
     lines = []
     for folder, names, what, other, searched in (
         (pred_dir, alone, "prediction", "reference", label_dir),
@@ -163,7 +198,7 @@ def left_out(pred_dir: Path, label_dir: Path) -> list[str]:
             shown = ", ".join(sorted(names)[:5]) + (f", … ({len(names) - 5} more)" if len(names) > 5 else "")
             has = f"{what}s in {folder} have" if len(names) > 1 else f"{what} in {folder} has"
             lines.append(f"{len(names)} {has} no {other} of the same case in {searched}, left out: {shown}")
-    torn = sorted(Path(p).name for p in pairing.problems if Path(p).name not in alone)
+    torn = sorted(p for p in pairing.problems if p not in alone)
     if torn:
         lines.append(
             f"{len(torn)} predictions in {pred_dir} fit the same reference as another, or several references, "

@@ -23,6 +23,7 @@ from ASFDALib.data.volumes import (
     passed_over_summary,
     read_scan,
     read_volume,
+    relative_name,
     scan_folders,
 )
 from ASFDALib.errors import ASFDAError, ModelError, VolumeError
@@ -210,7 +211,7 @@ def score_volumes(
     records: list[VolumeRecord] = []
     for i, path in enumerate(paths):
         # with / on every system, as the session records it: a recursive pool's names match across systems
-        name = path.relative_to(root).as_posix() if root and path.is_relative_to(root) else path.name
+        name = relative_name(path, root) if root and path.is_relative_to(root) else path.name
         if progress:
             progress(i, len(paths), name)
         record = VolumeRecord(path, name)

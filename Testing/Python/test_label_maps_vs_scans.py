@@ -186,6 +186,35 @@ def test_the_python_predict_refuses_to_write_over_its_scans_or_reference_labels_
     assert again == written
 
 
+def test_the_python_predict_takes_recursive_and_a_run_stopped_midway_is_finished_by_the_next(tmp_path, default_model):
+    """predict_folder(recursive=True), as asfda predict --recursive: each map at its scan's path under out, the
+    manifest naming it so; a run stopped after its first map leaves that map its own, and the next writes all."""
+    from ASFDALib.adaptation.pipeline import predict_folder
+    from ASFDALib.data.volumes import content_hash
+    from ASFDALib.outputs import predictions_made_from, unchanged_predictions
+
+    scans = sorted((_pool(tmp_path) / "images").iterdir())
+    nested, out = tmp_path / "nested", tmp_path / "pred"
+    names = [f"site{i}/anat/{scan.name}" for i, scan in enumerate(scans, 1)]
+    for name, scan in zip(names, scans):
+        (nested / name).parent.mkdir(parents=True)
+        shutil.copy(scan, nested / name)
+
+    def stop_at_the_second(done: int, total: int, name: str) -> None:
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        predict_folder(default_model, nested, out, "cpu", stop_at_the_second, recursive=True)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz")) == names[:1]
+    written, skipped = predict_folder(default_model, nested, out, "cpu", recursive=True)
+    assert [p.relative_to(out).as_posix() for p in written] == names and skipped == []
+    assert predictions_made_from(out) == {name: content_hash(nested / name) for name in names}
+    # labels import knows an unchanged map from the manifest above its sub-folder: no model output as a label
+    assert unchanged_predictions([out / names[0], nested / names[0]]) == {out / names[0]}
+    assert not list(out.rglob(".asfda_predict.lock"))
+
+
 def test_ct_scans_in_integer_hu_are_ranked_not_skipped(tmp_path, default_model):
     write_phantoms(tmp_path / "ct", 2, "ct", seed=4, labels=False)
     assert read_volume(tmp_path / "ct" / "images" / "ct_000.nii.gz").array.dtype == np.int16

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ASFDALib.app.cli import build_parser, main
@@ -1186,14 +1187,141 @@ def test_another_librarys_error_is_quoted_in_a_line_cut_at_a_word():
     assert brief(RuntimeError("first line\nsecond")) == "first line" and brief(KeyError()) == "KeyError"
 
 
-def test_predict_on_a_pool_of_sub_folders_names_them(ranked, tmp_path, capsys):
-    """A pool ranked with --recursive (one folder a site): predict reads one folder and says which to give."""
+def test_predict_on_a_pool_of_sub_folders_names_them_and_suggests_recursive(ranked, tmp_path, capsys):
+    """A pool ranked with --recursive (one folder a site): predict without it names the sub-folders and the option."""
     root, session = ranked
     scans = sorted((root / "pool" / "images").iterdir())
     for site, scan in (("site1", scans[0]), ("site2", scans[1])):
         (tmp_path / "pool" / site).mkdir(parents=True)
         shutil.copy(scan, tmp_path / "pool" / site / scan.name)
-    assert main(["predict", str(session), "--images", str(tmp_path / "pool"), "--out", str(tmp_path / "o")]) == 1
+    argv = ["predict", str(session), "--images", str(tmp_path / "pool"), "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
     err = _one_line_error(capsys)
     assert f"no volumes found directly in it, only in 2 sub-folder(s) ({tmp_path / 'pool' / 'site1'}, " in err
-    assert "run predict once for each" in err and not (tmp_path / "o").exists()
+    assert "add --recursive to segment them, each map in the same sub-folder of the output folder" in err
+    assert not (tmp_path / "o").exists()
+    assert main([*argv, "--recursive"]) == 0  # as it says
+    assert sorted(p.relative_to(tmp_path / "o").as_posix() for p in (tmp_path / "o").rglob("*.nii.gz")) == [
+        f"site1/{scans[0].name}",
+        f"site2/{scans[1].name}",
+    ]
+
+
+def _nested_pool(ranked, folder: Path) -> dict[str, Path]:
+    """A pool of sub-folders as sites and BIDS lay scans out, one scan of ``ranked``'s pool each, two of them of
+    one file name (site1/a, site2/anat/a) and one in NRRD: name under the pool -> the scan it copies."""
+    from ASFDALib.data.volumes import read_volume, write_volume
+
+    scans = sorted((ranked[0] / "pool" / "images").iterdir())
+    names = {"site1/a.nii.gz": scans[0], "site2/anat/a.nrrd": scans[1], "top.nii.gz": scans[2]}
+    for name, scan in names.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        volume = read_volume(scan)
+        write_volume(folder / name, volume.array, volume.affine)
+    return names
+
+
+def test_predict_recursive_writes_each_map_at_its_scans_path_in_its_own_grid_and_format(ranked, tmp_path, capsys):
+    """A nested pool, ranked with --recursive into a session kept inside it: predict --recursive walks it as rank
+    did (the session's own files are no scans), each map at its scan's path under --out, named so in the
+    manifest; a second run replaces its own maps and says so."""
+    from ASFDALib.data.volumes import read_volume
+
+    pool, out = tmp_path / "pool", tmp_path / "pred"
+    names = _nested_pool(ranked, pool)
+    session = pool / "sess"  # rank leaves the session out of the pool; so must predict
+    assert main(["rank", "--images", str(pool), "--recursive", "--out", str(session), "--budget", "1"]) == 0
+    argv = ["predict", str(session), "--images", str(pool), "--recursive", "--out", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "Passed over" not in capsys.readouterr().out  # the session's cache and records: not looked at
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["asfda_predictions.json", *sorted(names)]
+    for name in names:  # each in its scan's own grid and format
+        scan, label = read_volume(pool / name), read_volume(out / name, allow_constant=True)
+        assert label.array.shape == scan.array.shape and np.allclose(label.affine, scan.affine, atol=1e-4)
+        assert set(np.unique(label.array)) <= {0, 1, 2, 3}
+    manifest = json.loads((out / "asfda_predictions.json").read_text())
+    assert manifest["files"] == sorted(manifest["maps"]) == sorted(manifest["made_from"]) == sorted(names)
+    assert manifest["made_from"] == {name: content_hash(pool / name) for name in names}
+    assert manifest["maps"] == {name: content_hash(out / name) for name in names}
+    capsys.readouterr()
+    assert main(argv) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"Replacing 3 label maps an earlier asfda predict wrote to {out}" in said and "Wrote 3 label maps" in said
+
+
+@pytest.mark.parametrize("escaping", ["../outside.nii.gz", "site1\\..\\..\\outside.nii.gz"])
+def test_predict_recursive_never_writes_outside_its_output_folder_nor_among_the_scans(
+    ranked, tmp_path, capsys, escaping
+):
+    """An output folder inside the pool, a sub-folder of the output folder linked elsewhere, a manifest naming a
+    map outside its folder (by .., or as Windows would write it): refused in one line, nothing written."""
+    _, session = ranked
+    pool, out, elsewhere = tmp_path / "pool", tmp_path / "pred", tmp_path / "elsewhere"
+    _nested_pool(ranked, pool)
+    before = {p: content_hash(p) for p in pool.rglob("*") if p.is_file()}
+    argv = ["predict", str(session), "--images", str(pool), "--recursive", "--out"]
+    assert main([*argv, str(pool / "site1" / "pred")]) == 1
+    assert f"is inside the images folder {pool}, where the maps would mix with the scans" in _one_line_error(capsys)
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "site1").symlink_to(elsewhere, target_is_directory=True)
+    assert main([*argv, str(out)]) == 1
+    err = _one_line_error(capsys)
+    assert f"{pool / 'site1' / 'a.nii.gz'}: path 'site1/a.nii.gz' points outside the output folder {out}" in err
+    (out / "site1").unlink()
+    manifest = {"files": [escaping], "maps": {escaping: "0" * 64}}
+    (out / "asfda_predictions.json").write_text(json.dumps(manifest))
+    assert main([*argv, str(out)]) == 1
+    err = _one_line_error(capsys)
+    named = escaping.replace("\\", "/")  # a name written on Windows, read as every system names it
+    assert f"{out / 'asfda_predictions.json'}: path '{named}' points outside the predictions folder {out}" in err
+    assert "remove that name from it, or choose another --out folder" in err
+    assert not list(elsewhere.iterdir()) and sorted(p.name for p in out.iterdir()) == ["asfda_predictions.json"]
+    assert {p: content_hash(p) for p in pool.rglob("*") if p.is_file()} == before
+
+
+def test_evaluate_pairs_nested_maps_with_the_references_of_their_own_sub_folder(ranked, tmp_path, capsys):
+    """Maps of a nested pool against a reference folder mirroring it: site1/a and site2/anat/a pair each with its
+    own sub-folder's reference (a _seg one too), cases named as the pool names them; a flat reference folder pairs
+    by file name, and refuses the two maps one reference would fit."""
+    import csv
+
+    _, session = ranked
+    pool, out, refs, flat = tmp_path / "pool", tmp_path / "pred", tmp_path / "refs", tmp_path / "flat"
+    _nested_pool(ranked, pool)
+    assert main(["predict", str(session), "--images", str(pool), "--recursive", "--out", str(out)]) == 0
+    # each reference is its case's map itself: a map paired with another case's reference would score below 1
+    for name, ref in (("site1/a.nii.gz", "site1/a.nii.gz"), ("site2/anat/a.nrrd", "site2/anat/a_seg.nrrd")):
+        (refs / ref).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / name, refs / ref)
+    shutil.copy(out / "top.nii.gz", refs / "top.nii.gz")
+    assert main(["evaluate", "--pred", str(out), "--labels", str(refs), "--card", CARD]) == 0
+    with open(out / "evaluation.csv", newline="") as handle:
+        rows = {row["case"]: row for row in csv.DictReader(handle)}
+    assert sorted(rows) == ["MEAN", "site1/a.nii.gz", "site2/anat/a_seg.nrrd", "top.nii.gz"]
+    assert all(float(row["dice_mean"]) == 1.0 for row in rows.values())
+    flat.mkdir()
+    shutil.copy(out / "site1" / "a.nii.gz", flat / "a.nii.gz")
+    shutil.copy(out / "top.nii.gz", flat / "top.nii.gz")
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(out),
+                "--labels",
+                str(flat),
+                "--card",
+                CARD,
+                "--out",
+                str(flat.with_suffix(".csv")),
+            ]
+        )
+        == 0
+    )
+    said = " ".join(capsys.readouterr().out.split())
+    assert "2 predictions in" in said and "fit the same reference as another" in said
+    assert "left out: site1/a.nii.gz, site2/anat/a.nrrd (keep one prediction per case)" in said
