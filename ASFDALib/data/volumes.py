@@ -101,6 +101,24 @@ def relative_name(path: Path | str, root: Path | str) -> str:
     return Path(path).relative_to(root).as_posix()
 
 
+def deeper_series(folder: Path | str, volumes: Collection[Path], exclude: Collection[Path] = ()) -> list[Path]:
+    """Direct sub-folders of ``folder`` that hold DICOM series further down, where others among them are series
+    themselves (patient folders of a CD export beside series folders): a walk without --recursive finds the
+    series one level down only, so these would be left out unsaid. Empty where no sub-folder is a series."""
+    root = Path(folder)
+    found = {Path(v) for v in volumes}
+    if not any(v.is_dir() and v.parent == root for v in found):
+        return []
+    excluded = {Path(p).resolve() for p in exclude}
+    subs = [
+        d
+        for d in sorted(root.iterdir())
+        if d.is_dir() and not d.is_symlink() and not d.name.startswith(".") and d not in found
+        if d.resolve() not in excluded
+    ]
+    return [d for d in subs if any(p.is_dir() for p in discover_volumes(d, True, exclude))]
+
+
 def passed_over_summary(files: list[Path]) -> str:
     """``.mgz 2, .txt 1: e.g. sub1.mgz``: how many files of each type, the most common first, and one of those."""
     by_type: dict[str, list[Path]] = {}

@@ -18,6 +18,7 @@ from ASFDALib.data.preprocess import compact, preprocess
 from ASFDALib.data.volumes import (
     LABEL_MAP_MAX_VALUES,
     NotAScanError,
+    deeper_series,
     discover,
     passed_over_line,
     passed_over_summary,
@@ -353,6 +354,11 @@ def rank_folder(
     # the cache's files would mix with the scans (and a recursive rank would meet them)
     refuse_same_folder(cache_folder, images, "images", "give the score cache a folder of its own")
     paths, others = discover(images, config.recursive, exclude)  # one walk: the scans and what is no scan
+    if Path(images) in paths:  # named "." in the session, no label could pair with it
+        raise ASFDAError(
+            f"{images}: is one DICOM series (a scan), not a pool of them; give --images the folder that holds the "
+            f"pool's series, each in a sub-folder of its own (e.g. {Path(images).parent})"
+        )
     if not paths:
         # a dataset folder (images/ beside labels/): --recursive would rank its label maps too, so name the scans
         scans = scan_folders(images)
@@ -389,6 +395,11 @@ def rank_folder(
     ranking = rank_records(records, knowledge, config, model.card.name, labelled_names)
     if others:  # a scan in a format not read (.mgz, .hdr/.img) would otherwise be missing from the ranking unsaid
         ranking.notes.append(passed_over_line(images, others, "rank"))
+    if not config.recursive and (deeper := deeper_series(images, paths, exclude)):
+        named = ", ".join(d.name for d in deeper[:3]) + (f" and {len(deeper) - 3} more" if len(deeper) > 3 else "")
+        ranking.notes.append(
+            f"Not ranked: DICOM series deeper than one sub-folder, in {named}; add --recursive to rank them too"
+        )
     return ranking
 
 

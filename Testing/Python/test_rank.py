@@ -16,6 +16,7 @@ from conftest import DATA, write_dicom_series
 from ASFDALib.app.cli import main
 from ASFDALib.bench.phantoms import domain_config, make_phantom
 from ASFDALib.data.volumes import write_nifti
+from ASFDALib.errors import ASFDAError
 from ASFDALib.query.ranking import RankConfig, rank_folder
 
 
@@ -317,3 +318,24 @@ def test_a_scripts_ranking_option_out_of_range_is_refused_when_the_config_is_mad
 
     with pytest.raises(ValueError, match=message):
         RankConfig(**options)
+
+
+def test_series_deeper_than_one_sub_folder_are_named_and_a_series_given_as_the_pool_is_refused(tmp_path, default_model):
+    """A CD export's patient folders beside series folders: without --recursive only the series one level down
+    are found, so the others are named with the fix; a series folder given as the pool would be named '.'."""
+    image, _, _ = make_phantom(11, domain_config("mri"))
+    series = np.round(image[:, :, ::2]).astype(np.int16)
+    pool = tmp_path / "pool"
+    write_dicom_series(pool / "pat1", series, spacing=(2.0, 2.0, 4.0))
+    write_dicom_series(pool / "pat2" / "ST000000" / "SE000000", series, spacing=(2.0, 2.0, 4.0))
+    (pool / "notes").mkdir()  # a folder of no series says nothing
+    flat = rank_folder(pool, default_model, tmp_path / "cache", RankConfig(budget=1))
+    assert [r.name for r in flat.records] == ["pat1"]
+    assert "Not ranked: DICOM series deeper than one sub-folder, in pat2; add --recursive to rank them too" in (
+        flat.notes
+    )
+    deep = rank_folder(pool, default_model, tmp_path / "cache", RankConfig(budget=1, recursive=True))
+    assert [r.name for r in deep.records] == ["pat1", "pat2/ST000000/SE000000"]
+    assert not any(n.startswith("Not ranked") for n in deep.notes)
+    with pytest.raises(ASFDAError, match=r"pat1: is one DICOM series \(a scan\), not a pool of them; give --images"):
+        rank_folder(pool / "pat1", default_model, tmp_path / "cache", RankConfig())
