@@ -1,4 +1,4 @@
-"""Network input from a volume, as the model card says: RAS orientation, model spacing, intensity
+"""Network input from a volume, as the model card says: its axis order (RAS unless it says), model spacing, intensity
 normalisation, composed from MONAI transforms.
 """
 
@@ -36,12 +36,12 @@ def spatial_transform(card: ModelCard, mode: str = "bilinear"):
 
     # float32 resampling: MONAI's default float64 would briefly need 3x the native volume's memory.
     return Compose(
-        [Orientation(axcodes="RAS", labels=None), Spacing(pixdim=card.spacing, mode=mode, dtype=torch.float32)]
+        [Orientation(axcodes=card.axcodes, labels=None), Spacing(pixdim=card.spacing, mode=mode, dtype=torch.float32)]
     )
 
 
 def preprocess(volume: Volume, card: ModelCard):
-    """A (1, X, Y, Z) float32 MetaTensor at the model's spacing and intensity scale, RAS-oriented."""
+    """A (1, X, Y, Z) float32 MetaTensor at the model's spacing, axis order and intensity scale."""
 
     array = np.asarray(volume.array, dtype=np.float32)
     image = MetaTensor(torch.from_numpy(array)[None], affine=torch.as_tensor(volume.affine, dtype=torch.float64))

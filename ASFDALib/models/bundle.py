@@ -14,7 +14,7 @@ order, with each transform's MONAI defaults for what the config leaves out:
 
 What a card would say but the config does not let ASFDA read (code without trust, a native grid, an intensity
 chain no card setting reproduces) is refused in one line naming the config and ``--card``; what no card can say
-(an orientation other than RAS, transforms ASFDA does not run) is named in the load report's ``card_notes``.
+(a scan's stored axis order, transforms ASFDA does not run) is named in the load report's ``card_notes``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ UNCHANGING = frozenset(
 )
 # intensity transforms that take their values from the scan (its percentiles, min..max, mean)
 STATISTICAL = frozenset({"ScaleIntensityRangePercentiles", "ScaleIntensity", "NormalizeIntensity"})
-RAS_AXES = (("L", "left-right"), ("P", "front-back"), ("I", "head-foot"))  # each RAS axis's other end
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -395,27 +394,19 @@ def spacing(values: ConfigValues, transforms: list[Transform]) -> tuple[list[flo
     return dims, [note] if kept else []
 
 
-def orientation_notes(values: ConfigValues, transforms: list[Transform]) -> list[str]:
-    """ASFDA gives the network RAS-ordered scans; what a bundle trained on another order sees."""
+def orientation(values: ConfigValues, transforms: list[Transform]) -> tuple[str, list[str]]:
+    """The axis order the network is given (the card's ``axcodes``: the last ``Orientationd``'s), and a note where
+    the bundle gives none (MONAI then passes each scan in its stored order, ASFDA in the card's)."""
     orientations = [t for t in transforms if t.name == "Orientation"]
     if not orientations:
-        return [
+        return "RAS", [
             f"{values.name}: no Orientationd on the image: MONAI gives the network each scan in its stored axis "
             "order, ASFDA in RAS order (the same for scans stored RAS)"
         ]
     last = orientations[-1]
     if bool(argument(values, last, "as_closest_canonical", False)):
-        return []
-    codes = str(argument(values, last, "axcodes", "RAS")).upper()
-    if codes == "RAS":
-        return []
-    flipped = [name for (back, name), code in zip(RAS_AXES, codes) if code == back]
-    same_axes = all(code in (to, back) for to, (back, _), code in zip("RAS", RAS_AXES, codes))
-    seen = f"mirrored {' and '.join(flipped)}" if same_axes else "with its axes in another order"
-    return [
-        f"{values.name}: {last.target} orients scans to {codes}; ASFDA gives the network RAS, so it sees each scan "
-        f"{seen} against its training"
-    ]
+        return "RAS", []
+    return str(argument(values, last, "axcodes", "RAS")).upper(), []
 
 
 def other_notes(values: ConfigValues, transforms: list[Transform]) -> list[str]:
@@ -474,17 +465,19 @@ def card_from_bundle(
     transforms = image_transforms(values)
     spacing_mm, spacing_notes = spacing(values, transforms)
     setting, intensity_notes = intensity(values, transforms)
+    axcodes, orientation_notes = orientation(values, transforms)
     window, inferer = roi_size(values)
     data: dict[str, Any] = {
         "class_names": class_names,
         "name": meta.get("name", folder.name),
         "spacing": spacing_mm,
         "intensity": setting,
+        "axcodes": axcodes,
     }
     if window is not None:
         data["roi_size"] = list(window) if isinstance(window, (list, tuple)) else window
     card = card_from_dict(data, str(config_path.parent))
-    notes = orientation_notes(values, transforms) + spacing_notes + intensity_notes + other_notes(values, transforms)
+    notes = orientation_notes + spacing_notes + intensity_notes + other_notes(values, transforms)
     if window is None:
         windows = " x ".join(str(r) for r in card.roi_size)
         notes.append(f"{values.name}: its inferer ({inferer}) has no roi_size; ASFDA runs {windows} windows")

@@ -107,8 +107,11 @@ class ModelCard:
     sw_batch_size: int = 2
     description: str = ""
     source_classes: list[str] | None = None
+    # the voxel order the network was trained on (MONAI's Orientation axcodes: the direction each axis runs to)
+    axcodes: str = "RAS"
 
     def __post_init__(self) -> None:
+        self.axcodes = _check_axcodes(self.axcodes)
         if len(self.class_names) < 2:
             raise ModelError("model card: class_names needs the background and at least one class")
         if len(self.class_names) > MAX_CLASSES:
@@ -140,6 +143,8 @@ class ModelCard:
         data["roi_size"] = list(self.roi_size)
         if self.source_classes is None:  # absent rather than null: cards (and model digests) stay as they were
             del data["source_classes"]
+        if self.axcodes == "RAS":  # the same for axcodes, where it is the order every card had before it
+            del data["axcodes"]
         return data
 
     def describe_input(self) -> str:
@@ -147,14 +152,25 @@ class ModelCard:
         card that leaves a key out takes silently otherwise)."""
         spacing = " x ".join(f"{s:g}" for s in self.spacing)
         roi = " x ".join(str(r) for r in self.roi_size)
-        return f"{spacing} mm voxels, {roi} windows, {self.intensity.describe()}"
+        order = "" if self.axcodes == "RAS" else f" (axes to {self.axcodes})"
+        return f"{spacing} mm voxels{order}, {roi} windows, {self.intensity.describe()}"
 
     def preprocessing_key(self) -> str:
         """The part of the card that changes the network input; part of every cache key."""
         return json.dumps(
-            {"spacing": self.spacing, "roi": self.roi_size, "intensity": self.intensity.to_dict(), "ov": self.overlap},
+            {"spacing": self.spacing, "roi": self.roi_size, "intensity": self.intensity.to_dict(), "ov": self.overlap}
+            | ({} if self.axcodes == "RAS" else {"axcodes": self.axcodes}),
             sort_keys=True,
         )
+
+
+def _check_axcodes(codes: Any) -> str:
+    """Three letters, one of L/R, P/A, I/S each (MONAI's axcodes: where each voxel axis runs to)."""
+    text = str(codes).upper() if isinstance(codes, str) else ""
+    pairs = ["".join(sorted(p)) for p in ("LR", "AP", "IS")]
+    if len(text) != 3 or sorted("".join(sorted(p)) for c in text for p in pairs if c in p) != sorted(pairs):
+        raise ModelError(f"model card: axcodes {codes!r}: three letters, one of L/R, A/P, S/I each (e.g. RAS, LPS)")
+    return text
 
 
 BACKGROUND_NAMES = ("background", "bg", "_background_", "clear label")

@@ -82,7 +82,7 @@ def _preprocessing(card: ModelCard) -> list[dict]:
     return [
         {"_target_": "LoadImaged", "keys": "image"},
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
-        {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": None},
+        {"_target_": "Orientationd", "keys": "image", "axcodes": card.axcodes, "labels": None},
         {"_target_": "Spacingd", "keys": "image", "pixdim": list(card.spacing), "mode": "bilinear", "dtype": "float32"},
         scale,
         {"_target_": "EnsureTyped", "keys": "image", "dtype": "float32"},

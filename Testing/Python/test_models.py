@@ -205,6 +205,30 @@ def test_a_zscore_over_every_voxel_is_a_card_choice_kept_only_where_chosen(tmp_p
         ModelCard(class_names=["background", "liver"], intensity={"mode": "ct", "nonzero": False})
 
 
+def test_a_card_orients_scans_to_its_axcodes_and_label_maps_come_back_on_the_scans_grid():
+    """A network trained on LPS-ordered input (MONAI's Orientationd axcodes LPS) is given LPS; the card stores
+    axcodes only where it is not RAS, so every card before it keeps its digest and cache keys."""
+    import numpy as np
+
+    from ASFDALib.data.preprocess import labels_to_native, preprocess
+    from ASFDALib.data.volumes import Volume
+
+    ras = ModelCard(class_names=["background", "liver"], spacing=(1, 1, 1))
+    lps = ModelCard(class_names=["background", "liver"], spacing=(1, 1, 1), axcodes="lps")
+    assert "axcodes" not in ras.to_dict() and "axcodes" not in ras.preprocessing_key()
+    assert lps.to_dict()["axcodes"] == "LPS" and lps.preprocessing_key() != ras.preprocessing_key()
+    assert lps.describe_input().startswith("1 x 1 x 1 mm voxels (axes to LPS), ")
+    array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    volume = Volume(array, np.eye(4), Path("scan.nii.gz"))  # stored RAS
+    given = preprocess(volume, replace(lps, intensity={"mode": "none"}))
+    np.testing.assert_array_equal(given[0].numpy(), array[::-1, ::-1, :])  # left and back first
+    label = (given[0].numpy() % 2).astype(np.uint8)  # a map in the network's grid goes back to the scan's
+    back = labels_to_native(label, given.affine.numpy(), array.shape, volume.affine)
+    np.testing.assert_array_equal(back, (array % 2).astype(np.uint8))
+    with pytest.raises(ModelError, match="axcodes 'RRS': three letters, one of L/R, A/P, S/I each"):
+        ModelCard(class_names=["background", "liver"], axcodes="RRS")
+
+
 def _write_bundle(
     folder: Path, network_def: dict, unet: torch.nn.Module, sections: dict | None = None, pred: dict | None = None
 ) -> Path:
@@ -510,8 +534,8 @@ def test_a_bundle_setting_in_code_is_read_only_with_trust_and_a_native_grid_is_r
 
 
 def test_what_no_card_can_say_is_in_the_load_report_and_other_keys_transforms_are_not_the_images(tmp_path, unet):
-    """An orientation other than RAS, a transform ASFDA does not run: named in the load report's summary (the
-    rank command's Weights line); a label's transforms and a disabled one (MONAI's _disabled_) set nothing."""
+    """A transform ASFDA does not run: named in the load report's summary (the rank command's Weights line); the
+    orientation is the card's axcodes; a label's transforms and a disabled one (MONAI's _disabled_) set nothing."""
     sections = {
         "skip_zscore": True,
         "preprocessing": _zoo_preprocessing(
@@ -537,9 +561,8 @@ def test_what_no_card_can_say_is_in_the_load_report_and_other_keys_transforms_ar
     model = load_model(folder)
     assert model.card.spacing == (0.8, 0.8, 0.8)  # MONAI pads a short pixdim with its last value
     assert (model.card.intensity.mode, model.card.intensity.a_min, model.card.intensity.clip) == ("ct", -100.0, True)
+    assert model.card.axcodes == "LPS"  # as MONAI orients its input: the network sees the order it trained on
     notes = [
-        "configs/inference.json: Orientationd orients scans to LPS; ASFDA gives the network RAS, so it sees each scan "
-        "mirrored left-right and front-back against its training",
         "configs/inference.json: ASFDA does not run ThresholdIntensityd on the image; where they change it, the "
         "network is given other input than MONAI gives it",
     ]
@@ -562,22 +585,26 @@ def test_an_intensity_chain_no_card_setting_gives_is_refused_naming_the_config_a
 
 
 @pytest.mark.parametrize(
-    "intensity",
+    "intensity, axcodes",
     [
-        {"mode": "ct", "a_min": -57, "a_max": 164, "clip": False},
-        {"mode": "ct", "a_min": -57, "a_max": 164},
-        {"mode": "percentile", "lower": 1, "upper": 99, "b_min": -1},
-        {"mode": "zscore", "nonzero": False},
-        {"mode": "zscore"},
-        {"mode": "none"},
+        ({"mode": "ct", "a_min": -57, "a_max": 164, "clip": False}, "RAS"),
+        ({"mode": "ct", "a_min": -57, "a_max": 164}, "LPS"),
+        ({"mode": "percentile", "lower": 1, "upper": 99, "b_min": -1}, "RAS"),
+        ({"mode": "zscore", "nonzero": False}, "RAS"),
+        ({"mode": "zscore"}, "RAS"),
+        ({"mode": "none"}, "RAS"),
     ],
 )
-def test_an_exported_bundle_read_without_its_card_gives_the_card_it_was_exported_with(tmp_path, unet, intensity):
+def test_an_exported_bundle_read_without_its_card_gives_the_card_it_was_exported_with(
+    tmp_path, unet, intensity, axcodes
+):
     """The bundle ASFDA exports says in its own transforms what the card said: read back without asfda_card.json
     (a user who kept the configs only), the card is the same."""
     from ASFDALib.models.export import export_bundle
 
-    card = ModelCard(CLASSES, spacing=(2, 1.5, 3), roi_size=(32, 32, 48), intensity=intensity, name="lab-unet")
+    card = ModelCard(
+        CLASSES, spacing=(2, 1.5, 3), roi_size=(32, 32, 48), intensity=intensity, name="lab-unet", axcodes=axcodes
+    )
     torch.save(unet.state_dict(), tmp_path / "net.pt")
     model = load_model(tmp_path / "net.pt", replace(card, network=NetworkSpec("UNet", UNET_ARGS)))
     folder = export_bundle(model, tmp_path / "bundle")
@@ -590,7 +617,7 @@ def test_an_exported_bundle_read_without_its_card_gives_the_card_it_was_exported
         (32, 32, 48),
         card.intensity,
     )
-    assert back.load_report.card_notes == []
+    assert back.card.axcodes == axcodes and back.load_report.card_notes == []
 
 
 def test_an_unclipped_window_is_a_card_choice_kept_only_where_chosen(tmp_path):
