@@ -91,14 +91,7 @@ def session_model(session: Session, adapted: bool = True) -> LoadedModel:
     info = session.data.get("model")
     if not info:
         raise SessionError(f"{session.root}: no model recorded; run 'asfda rank --out {as_arg(session.root)}' first")
-    network = NetworkSpec(**info["network"]) if info.get("network") else None
-    model = load_model(
-        model_location(session),
-        card_from_dict(info["card"]),
-        network,
-        trust=bool(info.get("trust")),
-        class_map=info.get("class_map"),
-    )
+    model = load_as_recorded(session, model_location(session))
     if model.digest != info["digest"]:
         raise SessionError(
             f"{info['path']}: the model changed since this session was started (digest {model.digest} vs "
@@ -120,6 +113,15 @@ def session_model(session: Session, adapted: bool = True) -> LoadedModel:
             "sha256": sha256,
         }
     return model
+
+
+def load_as_recorded(session: Session, path: Path) -> LoadedModel:
+    """The model file at ``path`` loaded as the session recorded its model at the first rank: its card, network,
+    trust and class map (its digest then says whether these are the session's weights)."""
+    info = session.data["model"]
+    network = NetworkSpec(**info["network"]) if info.get("network") else None
+    card = card_from_dict(info["card"])
+    return load_model(path, card, network, trust=bool(info.get("trust")), class_map=info.get("class_map"))
 
 
 def model_location(session: Session) -> Path:

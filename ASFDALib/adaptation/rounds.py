@@ -21,6 +21,7 @@ from ASFDALib.atomic import atomic_write
 from ASFDALib.data.volumes import content_hash
 from ASFDALib.errors import ASFDAError, as_arg
 from ASFDALib.inference.predict import check_outputs
+from ASFDALib.models.card import card_from_dict
 from ASFDALib.models.loading import LoadedModel
 from ASFDALib.outputs import refuse_same_folder
 from ASFDALib.query.ranking import Progress, RankConfig, Ranking, choose_knowledge, rank_folder
@@ -29,26 +30,51 @@ from ASFDALib.query.selection import Knowledge
 
 
 def ranking_model(
-    session: Session, load_given: Callable[[], LoadedModel], given: bool, knowledge: str = "auto"
-) -> tuple[LoadedModel, Knowledge | None]:
-    """The model to rank with, and the source knowledge to use (None: the model's own).
+    session: Session,
+    load_given: Callable[[], LoadedModel],
+    given: bool,
+    knowledge: str = "auto",
+    card_given: bool = False,
+) -> tuple[LoadedModel, Knowledge | None, list[str]]:
+    """The model to rank with, the source knowledge to use (None: the model's own), and notes.
 
     ``load_given()`` loads the model the user named (or the built-in default); ``given`` says whether the
-    user named one. A session that already has a model keeps it, adapted weights included, and keeps the
-    original model's source knowledge; naming a different model for it is refused.
+    user named one, ``card_given`` whether with a card of their own. A session that already has a model keeps
+    it, adapted weights included, and keeps the original model's source knowledge; naming a different model
+    for it is refused. The same weights whose card, read from the model itself, differs from the one the
+    session recorded (a later ASFDA reads a bundle's transforms or nnU-Net's plans more closely) keep the
+    session's card, and a note says so.
     """
     from ASFDALib.adaptation.pipeline import session_model
 
     recorded = session.data.get("model")
     if not recorded:
-        return load_given(), None
+        return load_given(), None, []
+    notes = []
     if given and (named := load_given()).digest != recorded["digest"]:
-        raise ASFDAError(f"{session.root}: {_model_change(named, recorded)}; use another session for another model")
+        derived = not card_given and named.card.to_dict() != recorded["card"]
+        if not (derived and _same_weights(session, named.path)):
+            raise ASFDAError(f"{session.root}: {_model_change(named, recorded)}; use another session for another model")
+        notes.append(
+            f"{named.path}: its card as read now ({named.card.describe_input()}) differs from this session's, "
+            f"which it keeps ({card_from_dict(recorded['card']).describe_input()})"
+        )
     if given and not Path(recorded["path"]).exists():  # the same model, moved: the session records its new place
         recorded["path"] = str(named.path.resolve())
     model = session_model(session, adapted=True)
     base = session_model(session, adapted=False) if session.adapted_checkpoint() else model
-    return model, choose_knowledge(base, knowledge)
+    return model, choose_knowledge(base, knowledge), notes
+
+
+def _same_weights(session: Session, path: Path) -> bool:
+    """Whether the model file at ``path``, loaded with the session's card, network and class map, is the one the
+    session started with (its digest)."""
+    from ASFDALib.adaptation.pipeline import load_as_recorded
+
+    try:
+        return load_as_recorded(session, path).digest == session.data["model"]["digest"]
+    except ASFDAError:  # weights that do not fit the session's network: another model
+        return False
 
 
 def _model_change(named: LoadedModel, recorded: dict) -> str:
@@ -170,6 +196,7 @@ def rank_round(
     trust: bool,
     progress: Progress | None = None,
     on_model: Callable[[LoadedModel], None] | None = None,
+    card_given: bool = False,
 ) -> tuple[Ranking, RankingOutputs]:
     """One round's ranking from start to end: choose the model, score and rank the pool, then (on rank 0
     under torchrun) write ranking.csv/json/png and record the query. Returns the ranking and the files
@@ -186,12 +213,12 @@ def rank_round(
     # the session's files would mix with the scans it ranks (the command line refuses it first, naming --out)
     refuse_same_folder(session.root, images, "images", "give the session a folder of its own")
     moved = pool_change(session, Path(images))  # before any long work
-    model, knowledge = ranking_model(session, load_given, given, config.knowledge)
+    model, knowledge, kept_card = ranking_model(session, load_given, given, config.knowledge, card_given)
     check_outputs(model.network, model.card, str(model.path), config.device)
     if on_model:
         on_model(model)
     config, notes = round_config(session, model, config)
-    notes += [moved] if moved else []
+    notes += ([moved] if moved else []) + kept_card
     labelled = set(session.labelled())
     budget, kept = config.budget, []
     if session.rounds and not session.rounds[-1].get("checkpoint"):  # a re-rank before fine-tuning

@@ -196,6 +196,7 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool, first_r
                 bool(args.trust),
                 update,
                 describe,
+                card_given=args.card is not None,
             )
         if not main_rank:
             return 0

@@ -450,7 +450,14 @@ class Workflow:
             with Session.open(settings.session, create=True) as session:
                 images = Path(settings.images) if settings.images else session.image_root
                 ranking, written = rank_round(
-                    session, images, load_given, bool(settings.model), config, settings.trust, progress
+                    session,
+                    images,
+                    load_given,
+                    bool(settings.model),
+                    config,
+                    settings.trust,
+                    progress,
+                    card_given=bool(settings.card),
                 )
             for warning in written.warnings:  # e.g. no plot: matplotlib missing; the ranking itself is written
                 self._events.put(("message", warning))

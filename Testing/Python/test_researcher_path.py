@@ -185,6 +185,32 @@ def test_another_model_for_a_session_is_refused_naming_what_changed(mri_pool, tm
     assert f"{model}'s weights changed since it started; use another session" in _one_line_error(capsys)
 
 
+def test_the_same_weights_whose_card_reads_otherwise_now_keep_the_sessions_card_and_say_so(mri_pool, tmp_path, capsys):
+    """A card ASFDA reads from the model itself (beside it, or from a bundle's transforms and nnU-Net's plans,
+    which a later ASFDA reads more closely) that differs from the session's: the same weights rank on with the
+    session's card, and the ranking says so; a card the user gives that differs is still refused."""
+    model = tmp_path / "model.pt"
+    shutil.copy("Resources/Model/asfda_default.pt", model)
+    card = json.loads(Path("Resources/Model/asfda_default.card.json").read_text())
+    card.pop("source_stats", None)
+    (tmp_path / "model.card.json").write_text(json.dumps(card))
+    session = tmp_path / "s"
+    rank = ["rank", "--model", str(model), "--images", str(mri_pool / "images"), "--out", str(session)]
+    assert main(rank) == 0
+    recorded = json.loads((session / "session.json").read_text())["model"]
+    (tmp_path / "model.card.json").write_text(json.dumps({**card, "intensity": {"mode": "zscore", "nonzero": False}}))
+    capsys.readouterr()
+    assert main(rank) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        f"{model}: its card as read now (" in said and "z-score over every voxel) differs from this session's" in said
+    )
+    assert json.loads((session / "session.json").read_text())["model"] == recorded  # the card it keeps, unchanged
+    (tmp_path / "other.card.json").write_text(json.dumps({**card, "intensity": {"mode": "zscore"}}))
+    assert main([*rank, "--card", str(tmp_path / "other.card.json")]) == 1
+    assert "the card differs from the one it started with; use another session" in _one_line_error(capsys)
+
+
 def test_a_card_or_class_map_without_the_model_on_a_re_rank_is_refused_not_ignored(ranked, capsys):
     """They describe the model a session starts with: alone they would do nothing, so they are refused."""
     root, session = ranked
