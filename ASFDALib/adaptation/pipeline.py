@@ -897,7 +897,9 @@ def prediction_name(path: Path, root: Path | None = None) -> str:
     for detached, whole in ((".nhdr", ".nrrd"), (".mhd", ".mha")):
         if name.lower().endswith(detached):
             name = name[: -len(detached)] + whole
-    folder = relative_name(path.parent, root) if root is not None else "."
+    # a DICOM series given as the images folder itself lies at the top of it, not in a sub-folder
+    inside = root is not None and Path(path).parent.is_relative_to(root)
+    folder = relative_name(path.parent, root) if inside else "."
     return name if folder == "." else f"{folder}/{name}"
 
 
@@ -995,7 +997,7 @@ def plan_predictions(
     refuse_overwrite(targets, scans, "the input scan", fix)
     refuse_overwrite(targets, protected, "a file the session references", fix)
     existing = claim_predictions(out, targets, fix, check_only=True)  # refused before the folder is touched
-    names = [relative_name(p, images) for p in scans]
+    names = [p.name if p == images else relative_name(p, images) for p in scans]  # a series given itself
     plan = PredictionPlan(scans, targets, existing, names, out=out, fix=fix, passed_over=others)
     return plan.claim() if claim else plan
 

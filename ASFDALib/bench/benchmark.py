@@ -247,7 +247,9 @@ def fingerprints(model_path: Path, card, folders: Folders) -> dict:
         for name in _pairs(folder)
         for sub in ("images", "labels")
     }
-    card_text = json.dumps(asdict(card), sort_keys=True, default=str)
+    # the intensity as cards store it (nonzero and clip only where false), so runs fingerprinted before those
+    # settings existed resume with the same card
+    card_text = json.dumps({**asdict(card), "intensity": card.intensity.to_dict()}, sort_keys=True, default=str)
     return {
         "model": content_hash(model_path),
         "card": hashlib.sha256(card_text.encode()).hexdigest(),

@@ -749,3 +749,22 @@ def test_each_row_trains_as_its_recipe_says_and_the_control_follows_the_ssft_row
     assert row_training("ssft-control", constant) == (None, 600, False)  # one longer stage on the labels
     cosine = replace(constant, ssft=SSFTOptions(stage2_lr="cosine"))
     assert row_training("ssft-control", cosine) == (cosine.ssft, 400, False)  # the same two stages, no pseudo-labels
+
+
+def test_a_cards_fingerprint_is_the_one_runs_recorded_before_intensity_had_nonzero_and_clip(tmp_path):
+    """A card that does not choose nonzero or clip has the fingerprint it had before they existed (its intensity
+    as cards store it), so a benchmark's earlier runs still resume; one that chooses them has another."""
+    from ASFDALib.bench.benchmark import Folders, fingerprints
+    from ASFDALib.models.card import IntensityConfig, ModelCard
+
+    for folder in ("pool", "test"):
+        (tmp_path / folder / "images").mkdir(parents=True)
+        (tmp_path / folder / "labels").mkdir(parents=True)
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    folders = Folders(tmp_path / "pool", tmp_path / "test")
+    card = ModelCard(class_names=["background", "liver"])
+    # the fingerprint of this card as asfda 4cb28e7 (before nonzero and clip) computed it
+    recorded = "609b85346833f941"
+    assert fingerprints(tmp_path / "model.pt", card, folders)["card"].startswith(recorded)
+    chosen = ModelCard(class_names=["background", "liver"], intensity=IntensityConfig("zscore", nonzero=False))
+    assert not fingerprints(tmp_path / "model.pt", chosen, folders)["card"].startswith(recorded)

@@ -531,3 +531,15 @@ def test_a_series_in_folders_and_files_named_with_spaces_and_umlauts_is_read(tmp
     paths = copy_dicom_series(tmp_path / "Patient Müller" / "CT Thorax ä", count=4, name="Bild {:03d} ß.dcm")
     assert discover_volumes(tmp_path, recursive=True) == [tmp_path / "Patient Müller" / "CT Thorax ä"]
     np.testing.assert_array_equal(read_volume(paths[0].parent).array, _hounsfield(paths))
+
+
+@pytest.mark.parametrize("recursive", [False, True])
+def test_a_dicom_series_given_as_the_images_folder_itself_is_planned_as_one_map_named_by_it(tmp_path, recursive):
+    """predict --images SERIES (--recursive or not): the series is the images folder itself, at the top of it, so
+    its map is SERIES.nii.gz under --out and its name is the series folder's, not a ValueError's traceback."""
+    from ASFDALib.adaptation.pipeline import plan_predictions
+
+    copy_dicom_series(tmp_path / "series", count=4)
+    plan = plan_predictions(tmp_path / "series", tmp_path / "out", claim=False, recursive=recursive)
+    assert plan.targets == [tmp_path / "out" / "series.nii.gz"]
+    assert plan.names == ["series"]
