@@ -478,7 +478,8 @@ def _nested(image: str) -> bool:
 
 
 def _names_of(image: str) -> list[str]:
-    """The names an image pairs by: its file or folder name, and a recursive pool's whole name, / as _."""
+    """The names an image (or evaluate's nested map) pairs by: its file or folder name, and a recursive pool's
+    whole name, / as _."""
     return [Path(image).name, image.replace("/", "_")] if _nested(image) else [Path(image).name]
 
 
@@ -501,7 +502,9 @@ def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
     result = Pairing()
     claims: dict[str, list[str]] = {}
     for label in label_names:
-        candidates = exact.get(case_id(Path(label).name).lower()) or keyed.get(name_key(label)[0], [])
+        # a nested label (evaluate's maps at a recursive pool's paths) by its whole path first, / as _, then its file
+        exact_fits = (exact.get(case_id(name).lower()) for name in reversed(_names_of(label)))
+        candidates = next((c for c in exact_fits if c), None) or keyed.get(name_key(label)[0], [])
         if len(candidates) == 1:
             claims.setdefault(candidates[0], []).append(label)
         elif candidates:

@@ -1351,3 +1351,19 @@ def test_evaluate_pairs_nested_maps_with_the_references_of_their_own_sub_folder(
     said = " ".join(capsys.readouterr().out.split())
     assert "2 predictions in" in said and "fit the same reference as another" in said
     assert "left out: site1/a.nii.gz, site2/anat/a.nrrd (keep one prediction per case)" in said
+
+
+def test_evaluate_pairs_nested_maps_with_flat_references_named_by_their_path(ranked, tmp_path):
+    """A flat reference folder named as labels import names a recursive pool's scans (the path, / as _, as a CD's
+    PT0/ST0/SE0 series must be): each nested map pairs with its own reference, not by its file name alone."""
+    from ASFDALib.evaluation.evaluate import pair_cases
+
+    _, session = ranked
+    pool, out, flat = tmp_path / "pool", tmp_path / "pred", tmp_path / "flat"
+    _nested_pool(ranked, pool)
+    assert main(["predict", str(session), "--images", str(pool), "--recursive", "--out", str(out)]) == 0
+    flat.mkdir()
+    shutil.copy(out / "site1" / "a.nii.gz", flat / "site1_a.nii.gz")
+    shutil.copy(out / "site2" / "anat" / "a.nrrd", flat / "site2_anat_a.nrrd")
+    pairing, _, _ = pair_cases(out, flat)
+    assert pairing.pairs == {"site1_a.nii.gz": "site1/a.nii.gz", "site2_anat_a.nrrd": "site2/anat/a.nrrd"}
