@@ -922,7 +922,7 @@ class PredictionPlan:
     scans: list[Path]
     targets: list[Path]
     replaced: list[Path]
-    names: list[str] = field(default_factory=list)
+    names: list[str]
     hold: Any = None  # the output folder's lock (outputs.hold_predictions), from the claim to the last map
     out: Path | None = None
     fix: str = ""
@@ -1031,6 +1031,7 @@ def predict_folder(
     fix: str | None = None,
     plan: PredictionPlan | None = None,
     recursive: bool = False,
+    exclude: Iterable[Path] = (),
 ) -> tuple[list[Path], list[str]]:
     """Label maps for every volume under ``images`` in the input's own grid and format (DICOM -> NIfTI),
     written to ``out``; returns (maps written, reasons for the files skipped). Refused first, writing nothing,
@@ -1040,10 +1041,15 @@ def predict_folder(
     SHA-256 of the scan it segments. ``plan``: one a caller
     made already (to say what it replaces before the model loads), so its checks are not made twice.
     ``recursive``: the volumes of sub-folders too, each map at its scan's path under ``out``
-    (``images/site1/a.nii.gz`` -> ``out/site1/a.nii.gz``), as ``asfda predict --recursive``."""
+    (``images/site1/a.nii.gz`` -> ``out/site1/a.nii.gz``), as ``asfda predict --recursive``; ``exclude``:
+    sub-folders that hold no scans, and always the session a session's model comes from, as the command leaves
+    it out (a session kept in the pool: its labels and cache are the session's)."""
     from ASFDALib.outputs import record_predictions
 
-    plan = plan or plan_predictions(images, out, protected, fix, recursive=recursive)
+    if plan is None:
+        own = (model.made_by or {}).get("session")
+        exclude = [*exclude, Path(own)] if own else list(exclude)
+        plan = plan_predictions(images, out, protected, fix, recursive=recursive, exclude=exclude)
     made_by = made_by or model.made_by or {"model": str(Path(model.path).resolve()), "digest": model.digest}
     written, skipped = [], []
     try:

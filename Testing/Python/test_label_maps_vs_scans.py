@@ -215,6 +215,25 @@ def test_the_python_predict_takes_recursive_and_a_run_stopped_midway_is_finished
     assert not list(out.rglob(".asfda_predict.lock"))
 
 
+def test_the_python_predict_leaves_out_the_session_its_model_comes_from_as_the_command_does(tmp_path, default_model):
+    """A session kept inside a recursive pool holds labels and copies that are no scans: predict_folder with a
+    session's model leaves that session out, as asfda predict does."""
+    from dataclasses import replace
+
+    from ASFDALib.adaptation.pipeline import predict_folder
+
+    scans = sorted((_pool(tmp_path) / "images").iterdir())[:2]
+    pool, out = tmp_path / "nested", tmp_path / "pred"
+    (pool / "site1").mkdir(parents=True)
+    for scan in scans:
+        shutil.copy(scan, pool / "site1" / scan.name)
+    (pool / "session" / "labels").mkdir(parents=True)
+    shutil.copy(scans[0], pool / "session" / "labels" / "kept.nii.gz")
+    model = replace(default_model, made_by={"session": str((pool / "session").resolve()), "model": "source"})
+    written, _ = predict_folder(model, pool, out, "cpu", recursive=True)
+    assert [p.relative_to(out).as_posix() for p in written] == [f"site1/{scan.name}" for scan in scans]
+
+
 def test_ct_scans_in_integer_hu_are_ranked_not_skipped(tmp_path, default_model):
     write_phantoms(tmp_path / "ct", 2, "ct", seed=4, labels=False)
     assert read_volume(tmp_path / "ct" / "images" / "ct_000.nii.gz").array.dtype == np.int16
