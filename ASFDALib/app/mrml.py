@@ -243,7 +243,9 @@ def _read_node(scene, node_class: str, storage_class: str, path: Path, name: str
     storage = getattr(slicer, storage_class)()
     scene.AddNode(storage)
     storage.SetFileName(str(path))
-    if not storage.ReadData(node):
-        raise OSError(f"{path}: Slicer could not read the {what}")
+    read = storage.ReadData(node)
     scene.RemoveNode(storage)
+    if not read:  # no empty node left in the scene
+        scene.RemoveNode(node)
+        raise OSError(f"{path}: Slicer could not read the {what}")
     return node

@@ -457,7 +457,10 @@ def card_from_bundle(
     """The card MONAI's run of the bundle implies (metadata.json's classes and name, the image's transforms, the
     inferer's window), and the notes of what it does that no card can say."""
     meta_path = folder / "configs" / "metadata.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{meta_path}: cannot be read ({brief(exc)}); correct it, or give --card") from None
     class_names = bundle_class_names(folder)
     if not class_names:
         raise ModelError(f"{folder}: bundle has no class names (metadata channel_def); add asfda_card.json")

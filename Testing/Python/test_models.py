@@ -712,3 +712,10 @@ def test_missing_card_lists_where_it_looked(tmp_path, unet):
     torch.save(unet.state_dict(), tmp_path / "net.pt")
     with pytest.raises(ModelError, match="no model card found .*net.card.json"):
         load_model(tmp_path / "net.pt")
+
+
+def test_a_bundles_malformed_metadata_is_named_in_one_line(tmp_path, unet):
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet)
+    (folder / "configs" / "metadata.json").write_text('{"name": "test bundle",')
+    with pytest.raises(ModelError, match=r"metadata.json: cannot be read \(.*\); correct it, or give --card"):
+        load_model(folder)
