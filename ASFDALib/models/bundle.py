@@ -23,7 +23,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -347,10 +347,36 @@ INTENSITY = {
 KNOWN = frozenset({*INTENSITY, "Spacing", "Orientation", "CropForeground"})
 
 
+def _then_fixed_map(before: Step, after: Step) -> Step | None:
+    """``before`` followed by ``after`` as one step, where ``after`` is a fixed increasing linear map (a
+    ScaleIntensityRange, a NormalizeIntensity by a given subtrahend and divisor) and ``before`` ends in an output
+    range (a window, percentiles, min..max): the map moves that range, clipped or not (spleen_ct_segmentation's
+    window to 0..1, clipped, then 0..1 to -1..1). ``after``'s own clip must change nothing: ``before`` clips into
+    its window. None where the two are no one setting."""
+    first, then = before.config, after.config
+    if first.mode not in ("ct", "percentile") or then.mode != "ct":
+        return None
+    if not (then.a_max > then.a_min and then.b_max > then.b_min and first.b_max > first.b_min):
+        return None
+    if then.clip and not (first.clip and then.a_min <= first.b_min and first.b_max <= then.a_max):
+        return None
+    scale = (then.b_max - then.b_min) / (then.a_max - then.a_min)
+    moved = [then.b_min + (v - then.a_min) * scale for v in (first.b_min, first.b_max)]
+    return replace(before, config=replace(first, b_min=moved[0], b_max=moved[1]))
+
+
 def intensity(values: ConfigValues, transforms: list[Transform]) -> tuple[IntensityConfig, list[str]]:
     """The one card setting that gives what the image's intensity transforms give in turn, and a note where it
     does so but for the voxels exactly 0; none at all: as stored."""
-    steps = [(t, INTENSITY[t.name](values, t)) for t in transforms if t.name in INTENSITY]
+    steps: list[tuple[Transform, Step]] = []
+    for transform in transforms:
+        if transform.name not in INTENSITY:
+            continue
+        step = INTENSITY[transform.name](values, transform)
+        if steps and (joined := _then_fixed_map(steps[-1][1], step)) is not None:
+            steps[-1] = (steps[-1][0], joined)  # a fixed map after a range: the range moved
+        else:
+            steps.append((transform, step))
     if not steps:
         return IntensityConfig("none"), []
     *before, (last, step) = steps

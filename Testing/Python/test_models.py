@@ -570,6 +570,50 @@ def test_what_no_card_can_say_is_in_the_load_report_and_other_keys_transforms_ar
     assert model.load_report.summary.endswith("; ".join(notes))
 
 
+@pytest.mark.parametrize(
+    "then, expected",
+    [
+        # spleen_ct_segmentation's window, clipped to 0..1, then 0..1 to -1..1 unclipped: the window to -1..1, clipped
+        (
+            {"_target_": "ScaleIntensityRanged", "a_min": 0, "a_max": 1, "b_min": -1, "b_max": 1},
+            {"mode": "ct", "a_min": -57, "a_max": 164, "b_min": -1, "b_max": 1},
+        ),
+        # a clip that changes nothing (the window's 0..1 is inside its 0..2), and a fixed subtrahend and divisor
+        (
+            {"_target_": "ScaleIntensityRanged", "a_min": 0, "a_max": 2, "b_min": 0, "b_max": 4, "clip": True},
+            {"mode": "ct", "a_min": -57, "a_max": 164, "b_min": 0, "b_max": 2},
+        ),
+        (
+            {"_target_": "NormalizeIntensityd", "subtrahend": 0.5, "divisor": 0.25},
+            {"mode": "ct", "a_min": -57, "a_max": 164, "b_min": -2, "b_max": 2},
+        ),
+    ],
+)
+def test_a_fixed_map_after_a_window_is_the_window_to_another_range_as_monai_gives_it(tmp_path, unet, then, expected):
+    """A clipped CT window then a fixed linear map (a second ScaleIntensityRanged, as bundles chain them) is one
+    card setting: the window to the range the map moves 0..1 to (was refused as a chain no card reproduces)."""
+    from ASFDALib.models.card import IntensityConfig
+
+    window = {**SPLEEN_LIKE["preprocessing"]["transforms"][1]}
+    chain = [window, {**then, "keys": "image"}]
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet, _spleen_like_with(*chain))
+    intensity = load_model(folder).card.intensity
+    assert intensity == IntensityConfig(**expected)
+    _assert_intensity_as_monai_gives_it(chain, intensity)
+
+
+def test_a_fixed_map_whose_clip_cuts_the_window_is_refused(tmp_path, unet):
+    """The second map clips inside the first's range (0.2..0.8 of 0..1): no one window gives that."""
+    window = {**SPLEEN_LIKE["preprocessing"]["transforms"][1]}
+    cut = {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.2, "a_max": 0.8, "b_min": 0, "b_max": 1}
+    sections = _spleen_like_with(window, {**cut, "clip": True})
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet, sections)
+    with pytest.raises(
+        ModelError, match=r"ScaleIntensityRanged \(preprocessing#transforms#2\) after ScaleIntensityRanged"
+    ):
+        load_model(folder)
+
+
 def test_an_intensity_chain_no_card_setting_gives_is_refused_naming_the_config_and_card(tmp_path, unet):
     """A CT window clipped, then each scan's min..max: no one card setting gives that (unlike prostate_mri_anatomy's
     min..max then z-score, which is the z-score)."""
