@@ -54,7 +54,7 @@ def ranking_model(
     if given and (named := load_given()).digest != recorded["digest"]:
         derived = not card_given and named.card.to_dict() != recorded["card"]
         if not (derived and _same_weights(session, named.path)):
-            raise ASFDAError(f"{session.root}: {_model_change(named, recorded)}; use another session for another model")
+            raise ASFDAError(f"{session.root}: {_model_change(named, recorded, card_given)}")
         notes.append(
             f"{named.path}: its card as read now ({named.card.describe_input()}) differs from this session's, "
             f"which it keeps ({card_from_dict(recorded['card']).describe_input()})"
@@ -77,17 +77,28 @@ def _same_weights(session: Session, path: Path) -> bool:
         return False
 
 
-def _model_change(named: LoadedModel, recorded: dict) -> str:
-    """What differs between the model named and the one the session started with, as the user can check it."""
+def _model_change(named: LoadedModel, recorded: dict, card_given: bool = False) -> str:
+    """What differs between the model named and the one the session started with, as the user can check it, and
+    the fix."""
+    another = "use another session for another model"
     if Path(recorded["path"]).resolve() != named.path.resolve():
-        return f"it was started with {recorded['path']}"
-    changes = []
-    if named.card.to_dict() != recorded["card"]:
-        changes.append("the card differs from the one it started with")
+        return f"it was started with {recorded['path']}; {another}"
+    changes, given = [], []
+    now, was = named.card.to_dict(), recorded["card"]
+    if now != was:
+        fields = ", ".join(k for k in dict.fromkeys([*was, *now]) if now.get(k) != was.get(k))
+        whose = "the card given with --card" if card_given else "the card"
+        changes.append(f"{whose} differs from the one it started with (in {fields})")
+        given += ["--card"] if card_given else []
     if named.class_map != recorded.get("class_map"):
         had = recorded.get("class_map") or "none"
         changes.append(f"--class-map {named.class_map or 'none'} differs (it had {had})")
-    return " and ".join(changes) or f"{named.path}'s weights changed since it started"
+        given += ["--class-map"] if named.class_map else []
+    if not changes:
+        return f"{named.path}'s weights changed since it started; {another}"
+    keep = " and ".join(given)
+    fix = f"leave {keep} out to rank on with the session's, or rank into another session (--out)" if keep else another
+    return f"{' and '.join(changes)}; {fix}"
 
 
 NEW_HEAD_NOTE = "the model's head is new: round 1 ranks by DKD alone; ASD joins after the first fine-tune"

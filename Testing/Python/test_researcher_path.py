@@ -176,7 +176,10 @@ def test_another_model_for_a_session_is_refused_naming_what_changed(mri_pool, tm
     assert main(rank) == 0
     (tmp_path / "other.card.json").write_text(json.dumps({**card, "name": "renamed"}))
     assert main([*rank, "--card", str(tmp_path / "other.card.json")]) == 1
-    assert "the card differs from the one it started with; use another session" in _one_line_error(capsys)
+    assert (
+        "s: the card given with --card differs from the one it started with (in name); leave --card out to rank on "
+        "with the session's, or rank into another session (--out)" in _one_line_error(capsys)
+    )
     import torch
 
     state = torch.load(model, weights_only=True)
@@ -208,7 +211,9 @@ def test_the_same_weights_whose_card_reads_otherwise_now_keep_the_sessions_card_
     assert json.loads((session / "session.json").read_text())["model"] == recorded  # the card it keeps, unchanged
     (tmp_path / "other.card.json").write_text(json.dumps({**card, "intensity": {"mode": "zscore"}}))
     assert main([*rank, "--card", str(tmp_path / "other.card.json")]) == 1
-    assert "the card differs from the one it started with; use another session" in _one_line_error(capsys)
+    assert "the card given with --card differs from the one it started with (in intensity); leave --card out" in (
+        _one_line_error(capsys)
+    )
 
 
 def test_a_card_or_class_map_without_the_model_on_a_re_rank_is_refused_not_ignored(ranked, capsys):
