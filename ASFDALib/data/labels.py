@@ -31,6 +31,7 @@ from ASFDALib.data.volumes import (
     passed_over_line,
     read_components,
     read_volume,
+    relative_name,
     validate_array,
     write_nifti,
 )
@@ -670,6 +671,16 @@ def _same_label(stored: Path, label: np.ndarray, affine: np.ndarray) -> bool:
     )
 
 
+def _label_files(session: Session, source: Path) -> dict[str, Path]:
+    """A label folder's files by the name each pairs by: its path as given, and where the session's pool is
+    recursive also those in sub-folders, by their path under ``source`` with ``_`` for ``/`` (a folder that
+    mirrors the pool, as ``asfda predict --recursive`` writes its maps: ``site1/a.nii.gz`` pairs with the scan
+    ``site1/a.nii.gz`` only, never with ``site2/a.nii.gz``)."""
+    recursive = bool((session.data.get("images") or {}).get("recursive"))
+    files = discover_volumes(source, recursive, exclude=[session.root])
+    return {str(p) if p.parent == source else relative_name(p, source).replace("/", "_"): p for p in files}
+
+
 def import_labels(
     session: Session,
     source: Path,
@@ -715,13 +726,16 @@ def _import_labels(
             f"rank the pool where it is now once, 'asfda rank --out {as_arg(session.root)} --images NEW_FOLDER', "
             "then import again",
         )
-    files = [source] if source.is_file() else discover_volumes(source)
+    files = {str(source): source} if source.is_file() else _label_files(session, source)
     asked = list(session.queried() if cases is None else cases)
     report = ImportReport(asked=asked, pool=len(session.image_names()), mapped=bool(mapping))
     if source.is_file() and len(asked) == 1 and cases is not None:
         pairing = Pairing({asked[0]: str(source)})
     else:
-        pairing = pair_names([str(p) for p in files], session.image_names())
+        pairing = pair_names(list(files), session.image_names())
+        # a label in a sub-folder went by its path, / as _: named by that path again in what is said
+        pairing.pairs = {name: str(files[label]) for name, label in pairing.pairs.items()}
+        pairing.problems = {str(files[label]): reason for label, reason in pairing.problems.items()}
     for label, reason in pairing.problems.items():  # a file of no image in the pool is skipped, not an error
         (report.skipped if reason.startswith(NO_IMAGE) else report.refused).append(f"{label}: {reason}")
     predicted = unchanged_predictions(Path(p) for p in pairing.pairs.values())  # one manifest read a folder

@@ -1282,6 +1282,37 @@ def test_predict_recursive_writes_each_map_at_its_scans_path_in_its_own_grid_and
     assert f"Replacing 3 label maps an earlier asfda predict wrote to {out}" in said and "Wrote 3 label maps" in said
 
 
+def test_labels_import_pairs_a_folder_that_mirrors_a_recursive_pool_by_each_files_path(ranked, tmp_path, capsys):
+    """A label folder laid out as the recursive pool (as predict --recursive writes its maps, for a clinician to
+    correct): each label pairs with the scan at its own path (site1/a with site1/a, never site2/anat/a), and such
+    maps unchanged are refused as the model's own; before, sub-folders were not searched: 'no label file'."""
+    from ASFDALib.data.volumes import read_volume, write_volume
+
+    pool, labels, pred = tmp_path / "pool", tmp_path / "labels", tmp_path / "pred"
+    names = _nested_pool(ranked, pool)
+    session = pool / "sess"
+    assert main(["rank", "--images", str(pool), "--recursive", "--out", str(session), "--budget", "1"]) == 0
+    assert main(["predict", str(session), "--images", str(pool), "--recursive", "--out", str(pred)]) == 0
+    capsys.readouterr()
+    assert main(["labels", "import", str(session), "--from", str(pred), "--all"]) == 1
+    said = " ".join(capsys.readouterr().out.split())
+    assert said.count("is a map asfda predict wrote, unchanged since") == 3, said
+    for name, scan in names.items():  # each scan's own reference, at its path
+        reference = read_volume(ranked[0] / "pool" / "labels" / scan.name, allow_constant=True)
+        (labels / name).parent.mkdir(parents=True, exist_ok=True)
+        write_volume(labels / name, reference.array, reference.affine)
+    assert main(["labels", "import", str(session), "--from", str(labels), "--all"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"imported site1/a.nii.gz <- {labels / 'site1' / 'a.nii.gz'}" in said
+    assert f"imported site2/anat/a.nrrd <- {labels / 'site2' / 'anat' / 'a.nrrd'}" in said
+    recorded = json.loads((session / "session.json").read_text())["labels"]
+    assert sorted(recorded) == sorted(names)
+    for name, scan in names.items():
+        stored = read_volume(session / recorded[name][-1]["file"], allow_constant=True).array
+        reference = read_volume(ranked[0] / "pool" / "labels" / scan.name, allow_constant=True).array
+        assert np.array_equal(stored, reference)
+
+
 @pytest.mark.parametrize("escaping", ["../outside.nii.gz", "site1\\..\\..\\outside.nii.gz"])
 def test_predict_recursive_never_writes_outside_its_output_folder_nor_among_the_scans(
     ranked, tmp_path, capsys, escaping
