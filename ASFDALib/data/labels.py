@@ -567,6 +567,7 @@ class ImportReport:
     mapped: bool = False  # whether a --map turned the files' values into class indices
     by_name: bool = False  # whether a Slicer segmentation was read by its segments' names
     passed_over: str = ""  # where a queried volume has no label file: the source's files of other types, if any
+    source: str = ""  # the file or folder the labels were imported from
 
     def lines(self, queried_only: bool = True) -> list[str]:
         """The report as the user reads it: one line per file, then what is left for pseudo-labels."""
@@ -581,7 +582,12 @@ class ImportReport:
         out += [f"skipped {reason}" for reason in self.skipped]
         out += [f"refused {reason}" for reason in self.refused]
         if self.missing:
-            out.append(f"no label file for {', '.join(self.missing)}")
+            where = f" in {self.source}" if self.source else ""
+            case = case_id(self.missing[0])
+            out.append(
+                f"no label file for {', '.join(self.missing)}{where} (a label is named by its scan's case name: "
+                f"e.g. {case}.nii.gz, {case}_seg.nii.gz or {case}.seg.nrrd)"
+            )
             out += [self.passed_over] if self.passed_over else []
         if not self.asked:
             out.append("no volume has been queried yet: run 'asfda rank' first, or import with --all")
@@ -728,7 +734,7 @@ def _import_labels(
         )
     files = {str(source): source} if source.is_file() else _label_files(session, source)
     asked = list(session.queried() if cases is None else cases)
-    report = ImportReport(asked=asked, pool=len(session.image_names()), mapped=bool(mapping))
+    report = ImportReport(asked=asked, pool=len(session.image_names()), mapped=bool(mapping), source=str(source))
     if source.is_file() and len(asked) == 1 and cases is not None:
         pairing = Pairing({asked[0]: str(source)})
     else:

@@ -118,7 +118,11 @@ def test_a_label_with_no_matching_scan_names_the_expected_scan_and_the_closest(s
         "sub-mri_seg-subreg_label-7_msk.nii.gz: no image has this case name "
         f"(expected 'sub-mri_label-7_<modality>.nii.gz'; closest: {MRI}"
     ) in out
-    assert f"no label file for {MRI}" in out  # the queried scan is still waiting for its label
+    # the queried scan is still waiting for its label, and the line says where and how to name it
+    said = " ".join(out.split())
+    case = MRI.removesuffix(".nii.gz")
+    assert f"no label file for {MRI} in {tmp_path / 'gt'} (a label is named by its scan's case name: e.g. " in said
+    assert f"{case}_seg.nii.gz" in said
     assert _labels(session) == {}
 
 
@@ -127,7 +131,8 @@ def test_a_label_in_a_format_not_read_is_named_beside_the_scan_still_waiting_for
     (tmp_path / "gt" / "sub-mri_label-6_msk.mgz").write_bytes(b"FreeSurfer")  # saved by another tool
     assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert f"no label file for {MRI} Passed over 1 file in {tmp_path / 'gt'} of no volume type" in out
+    assert f"no label file for {MRI} in {tmp_path / 'gt'} (a label is named by" in out
+    assert f".seg.nrrd) Passed over 1 file in {tmp_path / 'gt'} of no volume type" in out
     assert "(.mgz 1: e.g. sub-mri_label-6_msk.mgz); to import one of them, convert it to NIfTI" in out
 
 
