@@ -48,6 +48,7 @@ from ASFDALib.data.volumes import (
     content_changed,
     content_hash,
     content_record,
+    deeper_series,
     discover,
     discover_volumes,
     passed_over_summary,
@@ -927,6 +928,8 @@ class PredictionPlan:
     out: Path | None = None
     fix: str = ""
     passed_over: list[Path] = field(default_factory=list)  # files of the images folder that are no volume
+    # sub-folders holding DICOM series deeper than a walk without --recursive looks (a CD's patient folders)
+    deeper: list[Path] = field(default_factory=list)
 
     def claim(self) -> PredictionPlan:
         """This plan with ``out`` held and its targets claimed in the manifest (the checks made again under
@@ -974,9 +977,10 @@ def plan_predictions(
     )
 
     images, out = Path(images), Path(out)
-    scans, others = discover(images, recursive, tuple(exclude))  # one walk: the scans and what is no scan
+    exclude = tuple(exclude)
+    scans, others = discover(images, recursive, exclude)  # one walk: the scans and what is no scan
     if not scans:
-        found = _none_found(images, others, recursive)
+        found = _none_found(images, others, recursive, exclude)
         raise ASFDAError(f"{images}: no volumes found{found}; give the folder of scans to segment")
     fix = fix or f"choose another output folder, e.g. {predictions_folder_for(images)}"
     refuse_same_folder(out, images, "images", fix)
@@ -998,18 +1002,20 @@ def plan_predictions(
     refuse_overwrite(targets, protected, "a file the session references", fix)
     existing = claim_predictions(out, targets, fix, check_only=True)  # refused before the folder is touched
     names = [p.name if p == images else relative_name(p, images) for p in scans]  # a series given itself
-    plan = PredictionPlan(scans, targets, existing, names, out=out, fix=fix, passed_over=others)
+    deeper = [] if recursive else deeper_series(images, scans, exclude)  # left out unsaid otherwise, as rank names them
+    plan = PredictionPlan(scans, targets, existing, names, out=out, fix=fix, passed_over=others, deeper=deeper)
     return plan.claim() if claim else plan
 
 
-def _none_found(images: Path, others: list[Path], recursive: bool) -> str:
+def _none_found(images: Path, others: list[Path], recursive: bool, exclude: tuple[Path, ...] = ()) -> str:
     """What a folder without volumes holds instead, for the refusal: files of other types, or volumes only in
-    sub-folders (a pool ranked with --recursive: site1/, site2/), which --recursive segments."""
+    sub-folders (a pool ranked with --recursive: site1/, site2/; a session kept there is none), which --recursive
+    segments."""
     if others:  # .mgz, PNG slices: say what was there
         return f" (found files of other types only: {passed_over_summary(others)}; convert the scans)"
     if recursive:
         return ""
-    subs = [d for d in discover_volumes(images, recursive=True) if d.parent != images]
+    subs = [d for d in discover_volumes(images, recursive=True, exclude=exclude) if d.parent != images]
     if not subs:
         return ""
     folders = sorted({d.parent for d in subs})

@@ -759,6 +759,16 @@ def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
     if plan.passed_over:
         line = passed_over_line(args.images, plan.passed_over, "segment")
         console.print(line, style="yellow", markup=False, highlight=False)
+    if plan.deeper:  # a CD's patient folders beside a series: named as rank names them
+        named = ", ".join(d.name for d in plan.deeper[:3]) + (
+            f" and {len(plan.deeper) - 3} more" * (len(plan.deeper) > 3)
+        )
+        console.print(
+            f"Not segmented: DICOM series deeper than one sub-folder, in {named}; add --recursive to segment them too "
+            "(each map at its series' path under the output folder)",
+            style="yellow",
+            **WHOLE_LINE,
+        )
     console.print(f"Wrote {len(written)} label maps to {args.out} with {which}")
     stale = Path(args.out) / "evaluation.csv"  # evaluate's default table: it scored the maps written over
     if replaced and stale.is_file():

@@ -1238,6 +1238,39 @@ def test_predict_on_a_pool_of_sub_folders_names_them_and_suggests_recursive(rank
     ]
 
 
+def test_predict_without_recursive_names_what_it_left_out_and_never_a_session_kept_in_the_pool(
+    ranked, tmp_path, capsys
+):
+    """A CD's patient folders beside a series folder: predict without --recursive segments the series one level
+    down and names the others with the option, as rank does (it left them out unsaid); a pool of sub-folders with
+    a session kept in it: the hint names the scans' sub-folders, not the session's labels."""
+    from conftest import write_dicom_series
+
+    from ASFDALib.bench.phantoms import domain_config, make_phantom
+
+    root, session = ranked
+    image, _, _ = make_phantom(11, domain_config("mri"))
+    series = np.round(image[:, :, ::2]).astype(np.int16)
+    cd = tmp_path / "cd"
+    write_dicom_series(cd / "PT000002", series, spacing=(2.0, 2.0, 4.0))
+    write_dicom_series(cd / "PT000000" / "ST000000" / "SE000000", series, spacing=(2.0, 2.0, 4.0))
+    assert main(["predict", str(session), "--images", str(cd), "--out", str(tmp_path / "o")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "Not segmented: DICOM series deeper than one sub-folder, in PT000000; add --recursive to segment" in said
+    assert main(["predict", str(session), "--images", str(cd), "--recursive", "--out", str(tmp_path / "r")]) == 0
+    assert "Not segmented" not in capsys.readouterr().out
+    pool, kept = tmp_path / "pool", tmp_path / "pool" / "sess"
+    scans = sorted((root / "pool" / "images").iterdir())
+    (pool / "site1").mkdir(parents=True)
+    shutil.copy(scans[0], pool / "site1" / scans[0].name)
+    shutil.copytree(session, kept)
+    (kept / "labels").mkdir(exist_ok=True)
+    shutil.copy(root / "pool" / "labels" / scans[0].name, kept / "labels" / "stand-in.v1.nii.gz")
+    assert main(["predict", str(kept), "--images", str(pool), "--out", str(tmp_path / "o2")]) == 1
+    err = _one_line_error(capsys)
+    assert f"only in 1 sub-folder(s) ({pool / 'site1'}): add --recursive" in err and "sess" not in err
+
+
 def _nested_pool(ranked, folder: Path) -> dict[str, Path]:
     """A pool of sub-folders as sites and BIDS lay scans out, one scan of ``ranked``'s pool each, two of them of
     one file name (site1/a, site2/anat/a) and one in NRRD: name under the pool -> the scan it copies."""
