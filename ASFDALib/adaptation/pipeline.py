@@ -30,9 +30,12 @@ from ASFDALib.adaptation.runs import (
     RUN_TRAINING,
     count_checkpoint,
     done_text,
+    handover_pending,
     how_ended,
     labels_changed_since,
+    listed_runs,
     read_run,
+    record_handover,
     record_killed,
     resume_recipe,
     same_in_effect,
@@ -500,17 +503,41 @@ def _hand_over_anew(
     entry["handover_blend"] = result.blend  # the share applied; no iteration ran, so no stage is listed
     run["history"].append(entry)
     if distributed.is_main():
-        atomic_write_json(folder / "run.json", run)
         blended = blend_state(tuned, model.network.state_dict(), result.blend, fresh)
         atomic_write(result.checkpoint, lambda tmp: torch.save(blended, tmp))
-        metrics = round_entry.get("metrics") or {}
+        metrics = {k: v for k, v in (round_entry.get("metrics") or {}).items() if k != "runs"}
         seconds = metrics.get("seconds") or {}
         seconds["handover"] = seconds.get("handover", 0.0) + time.perf_counter() - timer
-        round_entry["metrics"] = metrics | {"handover_blend": result.blend, "seconds": seconds, "runs": _runs(run)}
-        session.save()
+        metrics |= {"handover_blend": result.blend, "seconds": seconds}
+        _finish_record(session, run, folder, session.relative(result.checkpoint), metrics)
     result.seconds = {"handover": time.perf_counter() - timer}
     result.summary = f"round {round_entry['index']} handed over anew, no iteration run"
     return result
+
+
+def _finish_record(session: Session, run: dict, folder: Path, checkpoint: str, metrics: dict[str, Any]) -> None:
+    """Record a finished run whose model (``checkpoint``) is on disk: run.json first, with what session.json's
+    round is to say of it (``handover``), then session.json; a process stopped between the two leaves run.json
+    holding it, and the next fine-tune records it (:func:`_record_stopped_handover`)."""
+    run["finished"] = True
+    run["handover"] = {"checkpoint": checkpoint, "metrics": metrics}
+    atomic_write_json(folder / "run.json", run)
+    record_handover(session, run)
+    session.save()
+
+
+def _record_stopped_handover(session: Session, run: dict | None, mode: str, say: Callable[[str], None]) -> bool:
+    """Where the newest round's run finished and its process was stopped before session.json recorded it, record
+    it now and say so. True where that was all a fine-tune of ``mode`` (a first run or a resume: the run's
+    own) had left to do."""
+    if not handover_pending(session, run):
+        return False
+    index = session.rounds[-1]["index"]
+    if distributed.is_main():
+        record_handover(session, run)
+        session.save()
+    say(f"round {index}'s run had finished ({done_text(run['done'])}); session.json records its model now")
+    return mode in ("new", "resume")
 
 
 def _set_aside(folder: Path) -> Path:
@@ -571,8 +598,11 @@ def _finetune_session(
         if distributed.is_main():
             atomic_write_json(folder / "run.json", run)
             # session.json lists it at once, whatever this call does next (a refusal included)
-            round_entry["metrics"] = (round_entry.get("metrics") or {}) | {"runs": _runs(run)}
+            round_entry["metrics"] = (round_entry.get("metrics") or {}) | {"runs": listed_runs(run)}
             session.save()
+    if _record_stopped_handover(session, run, mode, say):
+        summary = f"round {index}'s run had finished: nothing left to run"
+        return AdaptResult("done", folder / "final.pt", mode, dict(run["done"]), summary)
     labels = session_labels(session)
     mode = check_mode(mode, run, config, folder, index, pseudo, labels)
     if mode == "extend" and 0 < run["done"]["stage2"] == config.pseudo_iterations:  # only the share is new
@@ -698,18 +728,22 @@ def _finetune_session(
     augmented = stage2_recipe(run).get("pseudo_augment") if mode == "extend" else None  # before this extension
     run["history"].append(entry)
 
-    def record(status: str) -> None:
-        """What ran, as the trainer counted it, written before anything else can go wrong."""
+    def note(status: str) -> None:
+        """How this run stands and what it ran, as the trainer counted it, in its entry of the run record."""
         entry["status"] = status
         for stage in ("stage1", "stage2"):
             if run["done"][stage] != before[stage]:
                 entry[stage] = [before[stage], run["done"][stage]]
+
+    def record(status: str) -> None:
+        """What ran, written before anything else can go wrong (a finished run's: :func:`_finish_record`)."""
+        note(status)
         if distributed.is_main():
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(folder / "run.json", run)
             if status in ("cancelled", "interrupted", "failed"):
                 # session.json lists the run too; its iterations stay those of the round's finished checkpoint
-                round_entry["metrics"] = (round_entry.get("metrics") or {}) | {"runs": _runs(run)}
+                round_entry["metrics"] = (round_entry.get("metrics") or {}) | {"runs": listed_runs(run)}
                 session.save()
         if status == "cancelled":  # the caller's result says what ran too, as the records do
             result.iterations = dict(run["done"])
@@ -815,18 +849,17 @@ def _finetune_session(
             else:
                 say("handing over the tuned weights as they are (--blend-start 0)")
             entry["handover_blend"] = result.blend  # the share applied ("recipe" holds the one asked for)
-        run["finished"] = True
-        record("done")
+        note("done")
         result.iterations = dict(run["done"])
         result.summary = _summary(mode, index, before, run["done"])
         final = folder / "final.pt"
         result.checkpoint = final
         if not distributed.is_main():
             return result
+        # the model first: run.json calls the run finished only once its model is on disk
         atomic_write(final, lambda tmp: torch.save(model.network.state_dict(), tmp))
-        round_entry["checkpoint"] = session.relative(final)
         previous_seconds = (round_entry.get("metrics") or {}).get("seconds") or {}
-        round_entry["metrics"] = {
+        metrics = {
             "labelled": sorted(labelled),
             "pseudo_labelled": result.kept,
             "pseudo_gate": result.gate,
@@ -838,9 +871,8 @@ def _finetune_session(
                 for k in {*previous_seconds, *result.seconds}
             },
             "iterations": dict(run["done"]),  # what ran, as counted by the trainer
-            "runs": _runs(run),
         }
-        session.save()
+        _finish_record(session, run, folder, session.relative(final), metrics)
         return result
     except BaseException as exc:
         # Ctrl-C, SIGTERM (the CLI turns it into Ctrl-C) or an error such as running out of GPU memory: what
@@ -872,11 +904,6 @@ def _why_no_blend(gate: str) -> str:
     if gate:
         return f"the {gate} gate judged the pool, not the round's starting model (the rounds gate)"
     return "no pseudo-labels were made"
-
-
-def _runs(run: dict) -> list[dict]:
-    """The run record's history as session.json lists it (each run's start last)."""
-    return [{k: v for k, v in h.items() if k != "started"} | {"started": h["started"]} for h in run["history"]]
 
 
 def _summary(mode: str, index: int, before: dict, done: dict) -> str:

@@ -129,6 +129,34 @@ def unlabelled_new_query(session: Session, labelled: Collection[str]) -> list[st
     return query if latest.get("index", 1) > 1 and not any(n in labelled for n in query) else []
 
 
+def listed_runs(run: dict) -> list[dict]:
+    """The run record's history as session.json lists it in the round's ``metrics.runs`` (each run's start last)."""
+    return [{k: v for k, v in h.items() if k != "started"} | {"started": h["started"]} for h in run["history"]]
+
+
+def handed_over(run: dict | None) -> dict | None:
+    """What session.json's round records of a finished run: its ``checkpoint`` and ``metrics``, as run.json's
+    ``handover`` holds them (written before session.json, so a process stopped between the two leaves them
+    there); None where the run has not finished, or finished before run.json kept them."""
+    handover = (run or {}).get("handover") if (run or {}).get("finished") else None
+    if not handover:
+        return None
+    return {"checkpoint": handover["checkpoint"], "metrics": handover["metrics"] | {"runs": listed_runs(run)}}
+
+
+def handover_pending(session: Session, run: dict | None) -> bool:
+    """Whether the newest round's ``run`` finished and session.json does not record it yet: the process was
+    stopped (SIGKILL, a power cut) between writing run.json and session.json."""
+    record = handed_over(run)
+    latest = session.rounds[-1] if session.rounds else {}
+    return record is not None and {key: latest.get(key) for key in record} != record
+
+
+def record_handover(session: Session, run: dict) -> None:
+    """Record a finished run's model and metrics in the newest round of session.json (not saved here)."""
+    session.rounds[-1].update(handed_over(run) or {})
+
+
 def done_text(done: dict) -> str:
     return f"stage 1: {done['stage1']} iterations, stage 2: {done['stage2']}"
 
@@ -205,6 +233,8 @@ def finish_hint(session: Session, name: str | Path | None = None) -> str:
     run still going, to wait for it."""
     run = newest_run(session)
     command = f"'asfda finetune {as_arg(name or session.root)}"
+    if handover_pending(session, run):
+        return f"{command} --resume' records it"
     holder = session.in_use()  # probed once: the run may end in between
     if run is not None and run_state(session, run, holder) == "running":
         return f"wait for it to finish ({holder}), or stop it and {command} --resume' continues it"
@@ -216,10 +246,15 @@ def finish_hint(session: Session, name: str | Path | None = None) -> str:
 def unfinished_run(session: Session) -> str:
     """ "round N's fine-tune was interrupted (stage 1: i iterations, stage 2: j)" when the newest round has a
     run that did not finish (so its weights are not the session's adapted model), else ""; "is running" while
-    another process trains it."""
+    another process trains it; "finished, but session.json does not record its model yet" where the process
+    was stopped before it could (:func:`handover_pending`)."""
     run = newest_run(session)
+    index = session.rounds[-1]["index"] if session.rounds else 1
+    if handover_pending(session, run):
+        done = done_text(run["done"])
+        return f"round {index}'s fine-tune finished, but session.json does not record its model yet ({done})"
     if run is None or run["finished"]:
         return ""
     state = run_state(session, run)
     how = {"running": "is running", "failed": "failed"}.get(state, f"was {state}")
-    return f"round {session.rounds[-1]['index']}'s fine-tune {how} ({done_text(run['done'])})"
+    return f"round {index}'s fine-tune {how} ({done_text(run['done'])})"

@@ -689,7 +689,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if result.status == "cancelled":
         console.print(f"Fine-tuning cancelled ({times}); 'asfda finetune {as_arg(args.session)} --resume' continues it")
         return 130
-    console.print(f"{result.summary[0].upper()}{result.summary[1:]} ({times}). Adapted weights: {result.checkpoint}")
+    spent = f" ({times})" if times else ""  # none where nothing ran (a finished run recorded after a kill)
+    console.print(f"{result.summary[0].upper()}{result.summary[1:]}{spent}. Adapted weights: {result.checkpoint}")
     console.print(
         f"Next: 'asfda predict {as_arg(args.session)} --images DIR --out DIR', or 'asfda rank --out "
         f"{as_arg(args.session)}' for the next round.",
@@ -724,7 +725,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
     from ASFDALib.adaptation.pipeline import predict_folder
-    from ASFDALib.adaptation.runs import finish_hint, unfinished_run
+    from ASFDALib.adaptation.runs import finish_hint, handover_pending, newest_run, unfinished_run
     from ASFDALib.data.volumes import passed_over_line
 
     replaced = plan.replaced
@@ -735,7 +736,8 @@ def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
     if unfinished:  # its weights are not the adapted model: say which model predicts instead, and the fix
         which = "the source model"
         if latest:  # an interrupted extension of the newest round: its weights as they finished before it
-            before = " as it finished before this run" if latest is session.rounds[-1] else ""
+            newest = latest is session.rounds[-1] and not handover_pending(session, newest_run(session))
+            before = " as it finished before this run" if newest else ""
             which = f"round {latest['index']}'s model{before}"
         console.print(
             f"[yellow]{unfinished[0].upper()}{unfinished[1:]}: predicting with {which} "
@@ -961,7 +963,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.pipeline import session_model
-    from ASFDALib.adaptation.runs import finish_hint, unfinished_run
+    from ASFDALib.adaptation.runs import finish_hint, handover_pending, newest_run, unfinished_run
     from ASFDALib.adaptation.session import Session
     from ASFDALib.models.export import DEFAULT_NAMES, export_session
     from ASFDALib.models.loading import card_beside
@@ -974,6 +976,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
 
     session = Session.open(args.session)
+    if not args.source_model and handover_pending(session, newest_run(session)):  # its record is not its model's
+        hint = finish_hint(session, args.session)
+        raise ASFDAError(f"{args.session}: {unfinished_run(session)}; {hint}, then export")
     if session.adapted_checkpoint() is None and not args.source_model:
         if holder := session.in_use():  # a first fine-tune is running: its model comes when it ends
             raise ASFDAError(

@@ -1343,6 +1343,50 @@ def test_a_killed_run_is_counted_from_its_checkpoint_and_recorded_as_killed(labe
     assert [(h["status"], h["stage1"]) for h in history] == [("killed", [0, 4]), ("done", [4, 6])]
 
 
+def test_a_run_killed_between_its_record_and_session_json_is_recorded_by_the_next_finetune(labelled_session, capsys):
+    """A kill after run.json records a finished run and before session.json does (final.pt on disk) leaves the
+    round's model unrecorded: labels and rank name the fix, export refuses, and the resume records the run as it
+    finished (iterations, runs, checkpoint), training nothing; a plain rerun of a first run does the same."""
+    base = ["finetune", str(labelled_session), "--no-pseudo", "--checkpoint-every", "2", "--batch-size", "1"]
+    folder = labelled_session / "checkpoints" / "round1"
+    before = (labelled_session / "session.json").read_bytes()
+    assert main([*base, "--iterations", "2"]) == 0
+    (labelled_session / "session.json").write_bytes(before)  # what the kill leaves: session.json as the run began
+    capsys.readouterr()
+    assert main([*base, "--iterations", "2"]) == 0  # the same command again
+    said = " ".join(capsys.readouterr().out.split())
+    assert "round 1's run had finished (stage 1: 2 iterations, stage 2: 0); session.json records its model now" in said
+    entry = json.loads((labelled_session / "session.json").read_text())["rounds"][-1]
+    assert entry["checkpoint"] == "checkpoints/round1/final.pt" and entry["metrics"]["iterations"]["stage1"] == 2
+
+    before = (labelled_session / "session.json").read_bytes()
+    assert main([*base, "--extend", "--iterations", "4"]) == 0
+    final = (folder / "final.pt").read_bytes()
+    (labelled_session / "session.json").write_bytes(before)  # the extension's kill: session.json still says 2
+    capsys.readouterr()
+    assert main(["labels", str(labelled_session)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    pending = "round 1's fine-tune finished, but session.json does not record its model yet (stage 1: 4 iterations"
+    assert pending in said and f"'asfda finetune {labelled_session} --resume' records it" in said
+    assert main(["rank", "--out", str(labelled_session)]) == 1
+    assert pending in " ".join(capsys.readouterr().err.split())
+    assert main(["export", str(labelled_session), "--out", str(labelled_session.parent / "bundle")]) == 1
+    assert pending in " ".join(capsys.readouterr().err.split())
+    assert not (labelled_session.parent / "bundle").exists()
+    assert main([*base, "--resume"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "session.json records its model now" in said and "nothing left to run" in said
+    assert (folder / "final.pt").read_bytes() == final  # nothing trained again
+    entry = json.loads((labelled_session / "session.json").read_text())["rounds"][-1]
+    assert entry["metrics"]["iterations"] == {"stage1": 4, "stage2": 0}
+    assert [(r["mode"], r["status"], r["stage1"]) for r in entry["metrics"]["runs"]] == [
+        ("new", "done", [0, 2]),
+        ("extend", "done", [2, 4]),
+    ]
+    assert main([*base, "--resume"]) == 1  # recorded: the run is finished, as any other
+    assert "round 1's run finished (stage 1: 4 iterations, stage 2: 0)" in capsys.readouterr().err
+
+
 def test_a_resume_goes_on_with_the_runs_own_batch_size_rate_and_seed_and_refuses_others(labelled_session, capsys):
     """What the run started with is recorded; a resume that names none of it trains with it, one that names
     another is refused before any work, and so is the engine asked to resume with another (the panel's path)."""
