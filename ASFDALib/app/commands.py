@@ -96,9 +96,15 @@ def _volume_files(folder: Path) -> list[Path]:
 
 
 def _resumable(path: Path) -> bool:
+    """Whether ``path``, in a folder without session.json, is what an interrupted first rank there left, from
+    which the same command goes on: its score cache, or its ranking files (written just before session.json)
+    beside the session's lock file, which only a rank into this very folder makes."""
+    from ASFDALib.adaptation.session import LOCK_FILE
     from ASFDALib.query.cache import is_score_cache
 
-    return path.name == "cache" and is_score_cache(path)
+    if path.name == "cache":
+        return is_score_cache(path)
+    return path.name.startswith("ranking.") and path.is_file() and (path.parent / LOCK_FILE).is_file()
 
 
 def _names(names: list[str], shown: int = 8) -> str:
@@ -109,15 +115,26 @@ def _names(names: list[str], shown: int = 8) -> str:
 
 
 def _remove_new(folder: Path, before: set[Path] | None) -> None:
-    """Remove what a failed first rank created in ``folder`` (all of it when the folder itself is new)."""
-    if before is None:
-        shutil.rmtree(folder, ignore_errors=True)
+    """Remove what a failed first rank created in ``folder`` (all of it when the folder itself is new), holding
+    the session's lock: where another process holds it (a rank started beside this one, whose lock refused this
+    one), what is new there is that process's, and stays."""
+    from ASFDALib.adaptation.session import Session, SessionError
+
+    try:
+        held = Session(folder).lock()
+    except SessionError:
         return
-    for path in set(folder.iterdir()) - before:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    try:
+        if before is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        for path in set(folder.iterdir()) - before:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    finally:
+        held.unlock()
 
 
 def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool, first_rank: bool) -> int:

@@ -922,6 +922,65 @@ def test_an_interrupted_first_rank_resumes_with_the_same_command(ranked, tmp_pat
     assert "6 volumes swept (3 from cache)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_a_first_rank_stopped_after_its_ranking_files_resumes_with_the_same_command(
+    ranked, tmp_path, monkeypatch, capsys
+):
+    """Stopped between writing ranking.csv/json and session.json (Ctrl-C, SIGKILL), a first rank leaves its
+    ranking files beside its cache: the same command goes on from them, as its message says, not refusing them
+    as another's files."""
+    from ASFDALib.adaptation import rounds
+
+    root, _ = ranked
+    session, argv = tmp_path / "s", ["rank", "--images", str(root / "pool" / "images"), "--budget", "1"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rounds, "record_round", stopped)
+    assert main([*argv, "--out", str(session)]) == 130
+    assert "a re-run resumes from there" in capsys.readouterr().err
+    assert (session / "ranking.csv").is_file() and not (session / "session.json").exists()
+    monkeypatch.undo()
+    assert main([*argv, "--out", str(session)]) == 0
+    assert "6 volumes swept (6 from cache)" in " ".join(capsys.readouterr().out.split())
+    assert json.loads((session / "session.json").read_text())["rounds"][0]["query"]
+    (tmp_path / "notes").mkdir()  # a ranking.csv of someone's own, in a folder no rank has been into, stays refused
+    (tmp_path / "notes" / "ranking.csv").write_text("mine")
+    assert main([*argv, "--out", str(tmp_path / "notes")]) == 1
+    assert "ranking.csv: exists" in _one_line_error(capsys)
+
+
+def test_a_first_rank_refused_by_a_rank_beside_it_leaves_that_ranks_folder_and_lock(
+    ranked, tmp_path, monkeypatch, capsys
+):
+    """Two first ranks into one new folder: the one the lock refuses removes nothing (it made nothing there): the
+    other's score cache and lock file stay, so a third command is refused too, not let in beside it."""
+    from ASFDALib.adaptation.session import LOCK_FILE, Session
+    from ASFDALib.app import commands
+
+    root, _ = ranked
+    session = tmp_path / "s"
+    other = Session(session)
+    made = commands._rank
+
+    def beside(*args, **kwargs):  # the other rank starts after this one looked at the folder (none yet)
+        other.lock()
+        (session / "cache").mkdir()
+        (session / "cache" / "index.json").write_text("{}")
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(commands, "_rank", beside)
+    try:
+        assert main(["rank", "--images", str(root / "pool" / "images"), "--out", str(session)]) == 1
+        assert "session is held by another Session object of this very process" in _one_line_error(capsys)
+        assert (session / LOCK_FILE).is_file() and (session / "cache" / "index.json").is_file()
+        monkeypatch.undo()
+        assert main(["rank", "--images", str(root / "pool" / "images"), "--out", str(session)]) == 1
+        assert "session is held by" in _one_line_error(capsys)
+    finally:
+        other.unlock()
+
+
 def test_a_first_rank_where_no_volume_scores_leaves_nothing_behind(tmp_path, capsys):
     scans = tmp_path / "scans"
     scans.mkdir()
