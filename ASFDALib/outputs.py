@@ -167,12 +167,14 @@ def claim_predictions(out: Path, targets: list[Path], fix: str, check_only: bool
             f"which the maps would mix; {fix}"
         )
     existing = {n: t for n, t in names.items() if t.exists()}
-    foreign = [t for n, t in existing.items() if n not in ours or n not in maps]
+    # the map a run was stopped writing, before its hash was recorded (mark_writing): predict's own, either way
+    stopped = data.get("writing")
+    foreign = [t for n, t in existing.items() if n != stopped and (n not in ours or n not in maps)]
     if foreign:
         raise ASFDAError(
             f"{foreign[0]}: exists and was not written by asfda predict ({len(foreign)} such file(s) in {out}); {fix}"
         )
-    changed = [t for n, t in existing.items() if content_hash(t) != maps[n]]
+    changed = [t for n, t in existing.items() if n != stopped and content_hash(t) != maps[n]]
     if changed:
         raise ASFDAError(
             f"{changed[0]}: was changed since asfda predict wrote it (a corrected map?; {len(changed)} such file(s) "
@@ -184,6 +186,16 @@ def claim_predictions(out: Path, targets: list[Path], fix: str, check_only: bool
     # the earlier runs' record of which model made their maps stays; record_predictions updates it
     atomic_write_json(manifest, {**data, "files": sorted(ours | set(names)), "maps": maps})
     return list(existing.values())
+
+
+def mark_writing(out: Path, name: str) -> None:
+    """Record in ``out``'s manifest the map about to be written (``name``: its path under ``out``) until
+    :func:`record_predictions` records it: a run stopped in between (SIGKILL, a power cut) leaves a map of that
+    name, old or new, that the manifest holds no hash of, and a rerun replaces it as predict's own instead of
+    refusing it as another's file."""
+    manifest = Path(out) / PREDICTIONS_MANIFEST
+    data = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    atomic_write_json(manifest, data | {"writing": name})
 
 
 def record_predictions(out: Path, written: Iterable[Path], made_by: dict, made_from: dict[str, str]) -> None:
@@ -203,6 +215,7 @@ def record_predictions(out: Path, written: Iterable[Path], made_by: dict, made_f
     data.setdefault("made_by", {}).update(dict.fromkeys(names, made_by))
     data.setdefault("maps", {}).update({n: content_hash(p) for n, p in names.items()})
     data.setdefault("made_from", {}).update(made_from)
+    data.pop("writing", None)  # recorded now (mark_writing)
     atomic_write_json(manifest, data)
 
 

@@ -1077,7 +1077,7 @@ def predict_folder(
     (``images/site1/a.nii.gz`` -> ``out/site1/a.nii.gz``), as ``asfda predict --recursive``; ``exclude``:
     sub-folders that hold no scans, and always the session a session's model comes from, as the command leaves
     it out (a session kept in the pool: its labels and cache are the session's)."""
-    from ASFDALib.outputs import record_predictions
+    from ASFDALib.outputs import mark_writing, record_predictions
 
     if plan is None:
         own = (model.made_by or {}).get("session")
@@ -1097,6 +1097,7 @@ def predict_folder(
             image = preprocess(volume, model.card)
             label = predict_label(model.network, image, model.card, device).astype(np.uint8)
             native = labels_to_native(label, image.affine.numpy(), volume.array.shape, volume.affine)
+            mark_writing(plan.out, relative_name(target, plan.out))
             written.append(write_volume(target, native, volume.affine))
             # each map recorded as it is written: an interrupted run's maps are its own to replace on a rerun
             made_from = {relative_name(target, plan.out): content_hash(path)}

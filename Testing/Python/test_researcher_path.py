@@ -143,6 +143,36 @@ def test_predict_never_writes_over_a_map_it_skipped_or_one_corrected_since(ranke
     assert (out / first.name).read_bytes() == before
 
 
+def test_a_predict_killed_between_writing_a_map_and_recording_it_is_replaced_by_the_same_command(
+    ranked, tmp_path, monkeypatch, capsys
+):
+    """A map on disk whose hash the manifest does not hold yet (the process killed between the two writes) is
+    predict's own: the same command replaces it and records every map, rather than refusing it as another's."""
+    from ASFDALib import outputs
+
+    root, session = ranked
+    images, out = root / "pool" / "images", tmp_path / "pred"
+    recorded = outputs.record_predictions
+
+    def killed_at_the_second(folder, written, *args):
+        if len(outputs.predictions_made_by(folder)) == 1:
+            raise SystemExit(137)  # no record of the second map, as after SIGKILL
+        recorded(folder, written, *args)
+
+    monkeypatch.setattr(outputs, "record_predictions", killed_at_the_second)
+    with pytest.raises(SystemExit):
+        main(["predict", str(session), "--images", str(images), "--out", str(out)])
+    second = sorted(images.iterdir())[1].name
+    assert (out / second).is_file() and second not in outputs.predictions_made_by(out)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["predict", str(session), "--images", str(images), "--out", str(out)]) == 0
+    assert "Replacing 2 label maps an earlier asfda predict wrote" in " ".join(capsys.readouterr().out.split())
+    manifest = json.loads((out / outputs.PREDICTIONS_MANIFEST).read_text())
+    assert sorted(manifest["maps"]) == sorted(p.name for p in images.iterdir()) and "writing" not in manifest
+    assert all(content_hash(out / name) == digest for name, digest in manifest["maps"].items())
+
+
 def test_a_map_predict_wrote_is_imported_as_a_label_only_once_corrected(ranked, tmp_path, capsys):
     """The model's own prediction, unchanged, would teach it its own errors: refused; corrected, imported."""
     from ASFDALib.data.volumes import read_volume, write_nifti
