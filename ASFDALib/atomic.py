@@ -9,9 +9,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
             tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A folder written whole or not at all: the block fills a scratch folder beside ``path`` (hidden), which then
+    takes its place (``path`` absent or empty); a block stopped part-way leaves no ``path`` to be taken for the
+    whole (a SIGKILL leaves the scratch folder, named ``.<name>.*.tmp``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(stage, 0o755)  # mkdtemp makes 0700 folders; an export is meant to be shared
+        yield stage
+        if path.is_dir() and not any(path.iterdir()):  # an empty folder made for it: taken over
+            path.rmdir()
+        os.rename(stage, path)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:

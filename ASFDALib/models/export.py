@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ASFDALib.atomic import atomic_write, atomic_write_json
+from ASFDALib.atomic import atomic_folder, atomic_write, atomic_write_json
 from ASFDALib.errors import ModelError
 from ASFDALib.models.card import ModelCard
 from ASFDALib.models.loading import WEIGHT_NAMES, LoadedModel, card_beside
@@ -426,20 +426,30 @@ def export_bundle(
     """A runnable MONAI bundle: configs/{inference,metadata}.json, models/model.pt, asfda_card.json.
 
     ``record`` (from :func:`provenance`) goes into the metadata. A trusted bundle (network built by its own
-    config) is copied with the adapted weights instead.
+    config) is copied with the adapted weights instead. Written whole or not at all (:func:`atomic_folder`): an
+    export stopped part-way leaves no half bundle that MONAI would load, nor a folder its rerun refuses.
     """
     folder = Path(folder)
     written = [folder / "configs" / "inference.json", folder / "configs" / "metadata.json", folder / "asfda_card.json"]
     _refuse_overwriting_the_base(model, [*written, *(folder / "models" / n for n in WEIGHT_NAMES)])
-    if model.spec is None and model.kind == "bundle" and model.path.is_dir():
-        return _reexport_bundle(model, folder, record)
-    if model.spec is None or model.scripted:
+    again = model.spec is None and model.kind == "bundle" and model.path.is_dir()
+    if not again and (model.spec is None or model.scripted):
         # the format that does take it: a TorchScript or torch.export program is re-exported only as itself
         other = "torchscript" if isinstance(model.network, torch.jit.ScriptModule) else "pt2"
         raise ModelError(
             f"{model.path}: a bundle needs a MONAI network by name ({model.kind} model); "
             f"export this model with --format {other}"
         )
+    with atomic_folder(folder) as stage:
+        if again:
+            _reexport_bundle(model, stage, record)
+        else:
+            _write_bundle(model, stage, version, record)
+    return folder
+
+
+def _write_bundle(model: LoadedModel, folder: Path, version: str, record: dict[str, Any] | None) -> None:
+    """A bundle of the model's MONAI network into ``folder``: its configs, weights, card and source statistics."""
     card = model.card
     network_def = {"_target_": f"monai.networks.nets.{model.spec.name}", **model.spec.args}
     atomic_write_json(folder / "configs" / "inference.json", inference_config(card, network_def))
@@ -454,10 +464,9 @@ def export_bundle(
         for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
             if (model.path / name).is_file():
                 shutil.copy2(model.path / name, folder / name)
-    return folder
 
 
-def _reexport_bundle(model: LoadedModel, folder: Path, record: dict[str, Any] | None) -> Path:
+def _reexport_bundle(model: LoadedModel, folder: Path, record: dict[str, Any] | None) -> None:
     """The base bundle as it was (configs, scripts, docs), with the adapted weights and merged metadata."""
     source = model.path
     weight = next((source / "models" / n for n in WEIGHT_NAMES if (source / "models" / n).is_file()), None)
@@ -495,7 +504,6 @@ def _reexport_bundle(model: LoadedModel, folder: Path, record: dict[str, Any] | 
     merged["changelog"] = {**ours["changelog"], **(meta.get("changelog") or {})}
     atomic_write_json(folder / "configs" / "metadata.json", merged)
     _write_card(model, folder / "asfda_card.json", record)
-    return folder
 
 
 def export_torchscript(model: LoadedModel, path: Path, record: dict[str, Any] | None = None) -> Path:

@@ -179,6 +179,36 @@ def test_the_bundle_has_monais_inference_properties_and_asfda_reads_it_back_with
         assert torch.equal(back.network.state_dict()[key], value), key
 
 
+def test_a_bundle_export_stopped_part_way_leaves_no_half_bundle_and_the_same_command_then_writes_it(
+    adapted, tmp_path, monkeypatch, capsys
+):
+    """Stopped after its configs and before its weights (Ctrl-C, a kill), an export leaves no folder MONAI would
+    load as the model, nor one its rerun refuses as existing: the rerun writes the whole bundle."""
+    from ASFDALib.models import export
+
+    _, session, _ = adapted
+    bundle = tmp_path / "bundle"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_write_weights", stopped)
+    assert main(["export", str(session), "--out", str(bundle)]) == 130
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its scratch folder
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["export", str(session), "--out", str(bundle)]) == 0
+    assert f"Exported bundle to {bundle}" in capsys.readouterr().out
+    files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+    assert files[:4] == [
+        "asfda_card.json",
+        "asfda_default_source_stats.npz",
+        "configs/inference.json",
+        "configs/metadata.json",
+    ]
+    assert "models/model.pt" in files and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 # The fields MONAI's metadata schema (meta_schema_20220324, as MONAI's tests/testing_data/schema.json) requires
 MONAI_REQUIRED_IO = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range")
 
