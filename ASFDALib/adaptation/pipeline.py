@@ -549,6 +549,50 @@ def _set_aside(folder: Path) -> Path:
     return aside
 
 
+def _record_aside(session: Session, round_entry: dict, run: dict | None, folder: Path, aside: Path) -> None:
+    """Record in the round (not saved here) that its run in ``folder`` (``run``: its record) now lies in ``aside``:
+    what it was, under the round's ``replaced``, and the round's model until a new run finishes."""
+    previous = session.path(round_entry["checkpoint"]) if round_entry.get("checkpoint") else None
+    # whether the round's model is this folder's (else an earlier restart set it aside already)
+    owned = previous is not None and previous.is_relative_to(folder.resolve())
+    if owned:  # it moved with the folder
+        previous = aside.resolve() / previous.relative_to(folder.resolve())
+    # the round's metrics describe its model: this folder's final.pt, or one an earlier restart set aside
+    metrics = round_entry.get("metrics") or {}
+    mine = metrics if owned else {}
+    replaced = {"folder": session.relative(aside), "iterations": mine.get("iterations")}  # its final.pt's
+    if run is not None and not run["finished"]:  # and how far the unfinished run after it got (its last.pt)
+        replaced |= {"unfinished": dict(run["done"]), "status": (run["history"] or [{}])[-1].get("status")}
+    # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
+    kept = ("pseudo_gate", "pseudo_labelled", "pseudo_teacher", "pseudo_augment", "handover_blend", "seconds")
+    replaced |= {k: mine[k] for k in kept if k in mine}
+    for key, field_ in (("pseudo_teacher", "teacher"), ("pseudo_augment", "pseudo_augment")):
+        ran = [h[field_] for h in (run or {}).get("history", []) if field_ in h and "stage2_lr" in h]
+        if key not in replaced and ran:  # an unfinished run's (what its stage 2 ran with)
+            replaced[key] = ran[-1]
+    round_entry.setdefault("replaced", []).append(replaced)
+    # until the new run finishes, the round's model stays the finished one set aside (predict and export
+    # use it, and say so), with what trained it; an interrupted restart then loses nothing
+    if previous is not None and previous.is_file():
+        round_entry["checkpoint"] = session.relative(previous)
+        # its time stays in the replaced record: the new run's own time starts from none
+        round_entry["metrics"] = {k: v for k, v in metrics.items() if k != "seconds"}
+    else:
+        round_entry["checkpoint"], round_entry["metrics"] = None, {}
+
+
+def _record_stopped_aside(session: Session, round_entry: dict, folder: Path, say: Callable[[str], None]) -> None:
+    """A restart stopped (SIGKILL, a power cut) between setting the round's earlier run aside and recording it:
+    session.json still names the run's model where it was. Recorded now, as the restart would have."""
+    listed = {entry["folder"] for entry in round_entry.get("replaced", [])}
+    found = folder.parent.glob(f"{folder.name}-replaced-*")
+    for aside in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]) if p.name[-1].isdigit() else 0):
+        if aside.is_dir() and session.relative(aside) not in listed:
+            _record_aside(session, round_entry, read_run(aside), folder, aside)
+            session.save()
+            say(f"round {round_entry['index']}'s earlier run, set aside in {session.relative(aside)}, is recorded now")
+
+
 def finetune_session(
     session: Session,
     config: FinetuneConfig,
@@ -591,6 +635,8 @@ def _finetune_session(
     round_entry = session.rounds[-1]
     index = round_entry["index"]
     folder = session.root / "checkpoints" / f"round{index}"
+    if distributed.is_main():
+        _record_stopped_aside(session, round_entry, folder, say)
     run = read_run(folder)
     if run and run["history"] and run["history"][-1]["status"] == "running":
         # this call holds the session's lock, so that run is not going on: it was killed without a word
@@ -629,35 +675,9 @@ def _finetune_session(
     cases = [load_case(n, session.image_path(n), p, model.card) for n, p in sorted(labelled.items())]
     val_cases = [load_case(case_id(i.name), i, lab, model.card) for i, lab in validation or []]
     if mode == "restart" and distributed.is_main():
-        previous = session.path(round_entry["checkpoint"]) if round_entry.get("checkpoint") else None
-        # whether the round's model is this folder's (else an earlier restart set it aside already)
-        owned = previous is not None and previous.is_relative_to(folder.resolve())
         aside = _set_aside(folder)
-        if owned:  # it moved with the folder
-            previous = aside.resolve() / previous.relative_to(folder.resolve())
         say(f"training round {index} again from its start; the earlier run is kept in {session.relative(aside)}")
-        # the round's metrics describe its model: this folder's final.pt, or one an earlier restart set aside
-        metrics = round_entry.get("metrics") or {}
-        mine = metrics if owned else {}
-        replaced = {"folder": session.relative(aside), "iterations": mine.get("iterations")}  # its final.pt's
-        if not run["finished"]:  # and how far the unfinished run after it got (its last.pt)
-            replaced |= {"unfinished": dict(run["done"]), "status": run["history"][-1]["status"]}
-        # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
-        kept = ("pseudo_gate", "pseudo_labelled", "pseudo_teacher", "pseudo_augment", "handover_blend", "seconds")
-        replaced |= {k: mine[k] for k in kept if k in mine}
-        for key, field_ in (("pseudo_teacher", "teacher"), ("pseudo_augment", "pseudo_augment")):
-            ran = [h[field_] for h in run["history"] if field_ in h and "stage2_lr" in h]  # what stage 2 ran with
-            if key not in replaced and ran:  # an unfinished run's
-                replaced[key] = ran[-1]
-        round_entry.setdefault("replaced", []).append(replaced)
-        # until the new run finishes, the round's model stays the finished one set aside (predict and export
-        # use it, and say so), with what trained it; an interrupted restart then loses nothing
-        if previous is not None and previous.is_file():
-            round_entry["checkpoint"] = session.relative(previous)
-            # its time stays in the replaced record: the new run's own time starts from none
-            round_entry["metrics"] = {k: v for k, v in metrics.items() if k != "seconds"}
-        else:
-            round_entry["checkpoint"], round_entry["metrics"] = None, {}
+        _record_aside(session, round_entry, run, folder, aside)
         session.save()
         run = None
     distributed.barrier()

@@ -1387,6 +1387,25 @@ def test_a_run_killed_between_its_record_and_session_json_is_recorded_by_the_nex
     assert "round 1's run finished (stage 1: 4 iterations, stage 2: 0)" in capsys.readouterr().err
 
 
+def test_a_restart_killed_after_setting_the_earlier_run_aside_is_recorded_by_the_same_command(labelled_session, capsys):
+    """A restart killed between moving the round's run aside and recording it leaves session.json naming a model
+    where it no longer is: the same command records the run set aside (once) before it trains the round again."""
+    base = ["finetune", str(labelled_session), "--no-pseudo", "--checkpoint-every", "2", "--batch-size", "1"]
+    assert main([*base, "--iterations", "2"]) == 0
+    checkpoints = labelled_session / "checkpoints"
+    (checkpoints / "round1").rename(checkpoints / "round1-replaced-1")  # what the kill leaves
+    capsys.readouterr()
+    assert main([*base, "--restart", "--iterations", "3"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "round 1's earlier run, set aside in checkpoints/round1-replaced-1, is recorded now" in said
+    entry = json.loads((labelled_session / "session.json").read_text())["rounds"][-1]
+    assert [(r["folder"], r["iterations"]) for r in entry["replaced"]] == [
+        ("checkpoints/round1-replaced-1", {"stage1": 2, "stage2": 0})
+    ]
+    assert entry["checkpoint"] == "checkpoints/round1/final.pt" and entry["metrics"]["iterations"]["stage1"] == 3
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["round1", "round1-replaced-1"]
+
+
 def test_a_resume_goes_on_with_the_runs_own_batch_size_rate_and_seed_and_refuses_others(labelled_session, capsys):
     """What the run started with is recorded; a resume that names none of it trains with it, one that names
     another is refused before any work, and so is the engine asked to resume with another (the panel's path)."""
