@@ -586,7 +586,7 @@ def _record_stopped_aside(session: Session, round_entry: dict, folder: Path, say
     session.json still names the run's model where it was. Recorded now, as the restart would have."""
     listed = {entry["folder"] for entry in round_entry.get("replaced", [])}
     found = folder.parent.glob(f"{folder.name}-replaced-*")
-    for aside in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]) if p.name[-1].isdigit() else 0):
+    for aside in sorted(found, key=lambda p: (len(p.name), p.name)):  # in the order set aside: -2 before -10
         if aside.is_dir() and session.relative(aside) not in listed:
             _record_aside(session, round_entry, read_run(aside), folder, aside)
             session.save()
