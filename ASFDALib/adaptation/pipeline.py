@@ -29,6 +29,7 @@ from ASFDALib.adaptation.runs import (
     RUN_RECIPE,
     RUN_TRAINING,
     count_checkpoint,
+    count_last,
     done_text,
     handover_pending,
     how_ended,
@@ -708,6 +709,8 @@ def _finetune_session(
         )
     if mode in ("resume", "extend") and trainer.iteration:
         count_checkpoint(run, trainer.stage, trainer.iteration)  # the checkpoint loaded is the truth
+        if mode == "resume" and run["history"]:  # of the stopped run too, stopped after last.pt and before last.json
+            count_last(run)
     before = dict(run["done"])
     entry = {"mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "running"}
     # the optimizer's base rates (a loaded checkpoint holds its last step's), so the record says what trained how fast

@@ -48,12 +48,17 @@ def read_run(folder: Path) -> dict | None:
 
 
 def record_killed(run: dict) -> None:
-    """Mark the run record's last run as killed, with the iterations its checkpoint shows it ran (it started
-    where the run before it ended)."""
+    """Mark the run record's last run as killed, with the iterations its checkpoint shows it ran."""
+    run["history"][-1]["status"] = "killed"
+    count_last(run)
+
+
+def count_last(run: dict) -> None:
+    """The iterations of the run record's last run, in its history entry: from where the run before it ended (it
+    started there) to the record's ``done``."""
     entry, start = run["history"][-1], {"stage1": 0, "stage2": 0}
     for earlier in run["history"][:-1]:
         start |= {stage: earlier[stage][1] for stage in start if stage in earlier}
-    entry["status"] = "killed"
     entry |= {stage: [start[stage], run["done"][stage]] for stage in start if run["done"][stage] != start[stage]}
 
 

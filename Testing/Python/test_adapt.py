@@ -1343,6 +1343,29 @@ def test_a_killed_run_is_counted_from_its_checkpoint_and_recorded_as_killed(labe
     assert [(h["status"], h["stage1"]) for h in history] == [("killed", [0, 4]), ("done", [4, 6])]
 
 
+def test_a_run_killed_between_its_checkpoint_and_last_json_is_recorded_with_what_the_checkpoint_holds(
+    labelled_session, capsys
+):
+    """Killed after last.pt and before last.json (which says what it holds), a run's record lags one checkpoint:
+    the resume loads last.pt and records the killed run as far as it got, so the runs add up to what ran."""
+    base = ["finetune", str(labelled_session), "--no-pseudo", "--checkpoint-every", "2", "--batch-size", "1"]
+    assert main([*base, "--iterations", "4"]) == 0
+    folder = labelled_session / "checkpoints" / "round1"
+    run = json.loads((folder / "run.json").read_text())
+    # the record of a run to 6 iterations killed at 4: last.pt holds 4, last.json still says 2
+    run["targets"], run["done"], run["finished"] = {"stage1": 6, "stage2": 0}, {"stage1": 0, "stage2": 0}, False
+    run["history"][-1]["status"] = "running"
+    del run["history"][-1]["stage1"], run["handover"]
+    (folder / "run.json").write_text(json.dumps(run))
+    (folder / "last.json").write_text(json.dumps({"stage": "stage1", "iteration": 2}))
+    assert main([*base, "--resume"]) == 0
+    assert "resuming the killed run from its newest checkpoint: stage 1, iteration 4 of 6" in capsys.readouterr().out
+    history = json.loads((folder / "run.json").read_text())["history"]
+    assert [(h["status"], h["stage1"]) for h in history] == [("killed", [0, 4]), ("done", [4, 6])]
+    runs = json.loads((labelled_session / "session.json").read_text())["rounds"][-1]["metrics"]["runs"]
+    assert [(r["status"], r["stage1"]) for r in runs] == [("killed", [0, 4]), ("done", [4, 6])]
+
+
 def test_a_run_killed_between_its_record_and_session_json_is_recorded_by_the_next_finetune(labelled_session, capsys):
     """A kill after run.json records a finished run and before session.json does (final.pt on disk) leaves the
     round's model unrecorded: labels and rank name the fix, export refuses, and the resume records the run as it
