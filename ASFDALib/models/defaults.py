@@ -26,10 +26,11 @@ def default_model_path() -> Path:
 
 
 def sample_images(folder: Path) -> Path:
-    """The sample MRI-like target pool (phantoms), generated once into ``folder`` with a fixed seed."""
+    """The sample MRI-like target pool (phantoms), generated once into ``folder`` with a fixed seed; again where a
+    rank stopped part-way left it short of a volume or of a label (the same bytes: its scans are unchanged)."""
     from ASFDALib.bench.phantoms import write_phantoms
 
     images = Path(folder) / "images"
-    if not images.is_dir() or len(list(images.glob("*.nii.gz"))) < SAMPLE_COUNT:
+    if any(len(list((Path(folder) / sub).glob("*.nii.gz"))) < SAMPLE_COUNT for sub in ("images", "labels")):
         write_phantoms(Path(folder), SAMPLE_COUNT, "mri", seed=SAMPLE_SEED, labels=True, prefix="sample", replace=True)
     return images

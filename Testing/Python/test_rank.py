@@ -25,6 +25,21 @@ def _rows(out: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def test_a_sample_pool_a_rank_stopped_short_of_a_label_is_completed_with_its_scans_unchanged(tmp_path, monkeypatch):
+    """Stopped between a sample volume and its label, the sample pool is made again where it lacks either, so the
+    next step's label folder holds every label; its scans come back byte for byte, as a session hashed them."""
+    from ASFDALib.models import defaults
+
+    monkeypatch.setattr(defaults, "SAMPLE_COUNT", 2)
+    images = defaults.sample_images(tmp_path / "sample_data")
+    scans = {p.name: p.read_bytes() for p in images.iterdir()}
+    last = sorted(scans)[-1]
+    (tmp_path / "sample_data" / "labels" / last).unlink()  # what the stop leaves
+    defaults.sample_images(tmp_path / "sample_data")
+    assert (tmp_path / "sample_data" / "labels" / last).is_file()
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == scans
+
+
 def test_rank_on_the_embedded_default_writes_every_output(tmp_path, capsys):
     out = tmp_path / "session"
     assert main(["rank", "--out", str(out), "--budget", "3"]) == 0
