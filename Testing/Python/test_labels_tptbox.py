@@ -129,7 +129,7 @@ def test_a_label_with_no_matching_scan_names_the_expected_scan_and_the_closest(s
 def test_a_label_in_a_format_not_read_is_named_beside_the_scan_still_waiting_for_it(session, tmp_path, capsys):
     (tmp_path / "gt").mkdir()
     (tmp_path / "gt" / "sub-mri_label-6_msk.mgz").write_bytes(b"FreeSurfer")  # saved by another tool
-    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 1  # nothing could be imported
     out = " ".join(capsys.readouterr().out.split())
     assert f"no label file for {MRI} in {tmp_path / 'gt'} (a label is named by" in out
     assert f".seg.nrrd) Passed over 1 file in {tmp_path / 'gt'} of no volume type" in out
