@@ -247,9 +247,9 @@ def fingerprints(model_path: Path, card, folders: Folders) -> dict:
         for name in _pairs(folder)
         for sub in ("images", "labels")
     }
-    # the intensity as cards store it (nonzero and clip only where false), so runs fingerprinted before those
-    # settings existed resume with the same card
-    card_text = json.dumps({**asdict(card), "intensity": card.intensity.to_dict()}, sort_keys=True, default=str)
+    # the card as cards store it (nonzero, clip and axcodes only where they differ from before), so runs
+    # fingerprinted before those settings existed resume with the same card; source_classes as it always was
+    card_text = json.dumps({**card.to_dict(), "source_classes": card.source_classes}, sort_keys=True, default=str)
     return {
         "model": content_hash(model_path),
         "card": hashlib.sha256(card_text.encode()).hexdigest(),

@@ -194,8 +194,8 @@ def test_a_map_predict_wrote_is_imported_as_a_label_only_once_corrected(ranked, 
     assert main(["labels", "import", str(session), "--from", str(out), "--cases", query[0]]) == 0
 
 
-def test_another_model_for_a_session_is_refused_naming_what_changed(mri_pool, tmp_path, capsys):
-    """The same checkpoint path with another card, or the file's weights replaced, is named as such."""
+def _ranked_with_a_model_of_its_own(mri_pool: Path, tmp_path: Path) -> tuple[Path, dict, Path, list[str]]:
+    """The default model copied with its card beside it, a session ranked with it, and that rank command."""
     model = tmp_path / "model.pt"
     shutil.copy("Resources/Model/asfda_default.pt", model)
     card = json.loads(Path("Resources/Model/asfda_default.card.json").read_text())
@@ -204,6 +204,12 @@ def test_another_model_for_a_session_is_refused_naming_what_changed(mri_pool, tm
     session = tmp_path / "s"
     rank = ["rank", "--model", str(model), "--images", str(mri_pool / "images"), "--out", str(session)]
     assert main(rank) == 0
+    return model, card, session, rank
+
+
+def test_another_model_for_a_session_is_refused_naming_what_changed(mri_pool, tmp_path, capsys):
+    """The same checkpoint path with another card, or the file's weights replaced, is named as such."""
+    model, card, session, rank = _ranked_with_a_model_of_its_own(mri_pool, tmp_path)
     (tmp_path / "other.card.json").write_text(json.dumps({**card, "name": "renamed"}))
     assert main([*rank, "--card", str(tmp_path / "other.card.json")]) == 1
     assert (
@@ -222,14 +228,7 @@ def test_the_same_weights_whose_card_reads_otherwise_now_keep_the_sessions_card_
     """A card ASFDA reads from the model itself (beside it, or from a bundle's transforms and nnU-Net's plans,
     which a later ASFDA reads more closely) that differs from the session's: the same weights rank on with the
     session's card, and the ranking says so; a card the user gives that differs is still refused."""
-    model = tmp_path / "model.pt"
-    shutil.copy("Resources/Model/asfda_default.pt", model)
-    card = json.loads(Path("Resources/Model/asfda_default.card.json").read_text())
-    card.pop("source_stats", None)
-    (tmp_path / "model.card.json").write_text(json.dumps(card))
-    session = tmp_path / "s"
-    rank = ["rank", "--model", str(model), "--images", str(mri_pool / "images"), "--out", str(session)]
-    assert main(rank) == 0
+    model, card, session, rank = _ranked_with_a_model_of_its_own(mri_pool, tmp_path)
     recorded = json.loads((session / "session.json").read_text())["model"]
     (tmp_path / "model.card.json").write_text(json.dumps({**card, "intensity": {"mode": "zscore", "nonzero": False}}))
     capsys.readouterr()
