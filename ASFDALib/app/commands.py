@@ -743,7 +743,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
     from ASFDALib.adaptation.pipeline import predict_folder
     from ASFDALib.adaptation.runs import finish_hint, handover_pending, newest_run, unfinished_run
-    from ASFDALib.data.volumes import passed_over_line
+    from ASFDALib.data.volumes import deeper_series_line, passed_over_line
 
     replaced = plan.replaced
     if replaced:
@@ -779,12 +779,9 @@ def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
         line = passed_over_line(args.images, plan.passed_over, "segment")
         console.print(line, style="yellow", markup=False, highlight=False)
     if plan.deeper:  # a CD's patient folders beside a series: named as rank names them
-        named = ", ".join(d.name for d in plan.deeper[:3]) + (
-            f" and {len(plan.deeper) - 3} more" * (len(plan.deeper) > 3)
-        )
         console.print(
-            f"Not segmented: DICOM series deeper than one sub-folder, in {named}; add --recursive to segment them too "
-            "(each map at its series' path under the output folder)",
+            deeper_series_line(plan.deeper, "segmented", "segment")
+            + " (each map at its series' path under the output folder)",
             style="yellow",
             **WHOLE_LINE,
         )

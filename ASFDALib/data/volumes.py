@@ -119,6 +119,13 @@ def deeper_series(folder: Path | str, volumes: Collection[Path], exclude: Collec
     return [d for d in subs if any(p.is_dir() for p in discover_volumes(d, True, exclude))]
 
 
+def deeper_series_line(deeper: list[Path], done: str, doing: str) -> str:
+    """The line a command says about the series :func:`deeper_series` found it left out (``done``: "ranked",
+    "segmented"; ``doing``: "rank", "segment")."""
+    named = ", ".join(d.name for d in deeper[:3]) + (f" and {len(deeper) - 3} more" if len(deeper) > 3 else "")
+    return f"Not {done}: DICOM series deeper than one sub-folder, in {named}; add --recursive to {doing} them too"
+
+
 def passed_over_summary(files: list[Path]) -> str:
     """``.mgz 2, .txt 1: e.g. sub1.mgz``: how many files of each type, the most common first, and one of those."""
     by_type: dict[str, list[Path]] = {}

@@ -19,6 +19,7 @@ from ASFDALib.data.volumes import (
     LABEL_MAP_MAX_VALUES,
     NotAScanError,
     deeper_series,
+    deeper_series_line,
     discover,
     passed_over_line,
     passed_over_summary,
@@ -396,10 +397,7 @@ def rank_folder(
     if others:  # a scan in a format not read (.mgz, .hdr/.img) would otherwise be missing from the ranking unsaid
         ranking.notes.append(passed_over_line(images, others, "rank"))
     if not config.recursive and (deeper := deeper_series(images, paths, exclude)):
-        named = ", ".join(d.name for d in deeper[:3]) + (f" and {len(deeper) - 3} more" if len(deeper) > 3 else "")
-        ranking.notes.append(
-            f"Not ranked: DICOM series deeper than one sub-folder, in {named}; add --recursive to rank them too"
-        )
+        ranking.notes.append(deeper_series_line(deeper, "ranked", "rank"))
     return ranking
 
 
