@@ -469,11 +469,18 @@ def bundle_class_names(folder: Path) -> list[str]:
     ``label_def`` as some model-zoo bundles write it); [] if none."""
     meta_path = folder / "configs" / "metadata.json"
     try:
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return _class_names(json.loads(meta_path.read_text()) if meta_path.is_file() else {})
+    except (OSError, ValueError):
+        return []
+
+
+def _class_names(meta: Any) -> list[str]:
+    """The output classes metadata.json's ``channel_def`` (or ``label_def``) names, in channel order; [] if none."""
+    try:
         pred = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {})
         channels = pred.get("channel_def") or pred.get("label_def") or {}
         return [str(channels[k]) for k in sorted(channels, key=int)]
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError):
         return []
 
 
@@ -487,7 +494,7 @@ def card_from_bundle(
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     except (OSError, ValueError) as exc:
         raise ModelError(f"{meta_path}: cannot be read ({brief(exc)}); correct it, or give --card") from None
-    class_names = bundle_class_names(folder)
+    class_names = _class_names(meta)  # the file as read just above, not read again
     if not class_names:
         raise ModelError(f"{folder}: bundle has no class names (metadata channel_def); add asfda_card.json")
     values = ConfigValues(config, config_path, folder, trust)
