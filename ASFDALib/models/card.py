@@ -87,7 +87,8 @@ class IntensityConfig:
 
 @dataclass
 class NetworkSpec:
-    """A MONAI network by class name (``monai.networks.nets.<name>``) and its constructor arguments."""
+    """A network by class name and its constructor arguments: a MONAI network (``monai.networks.nets.<name>``),
+    or one ASFDA builds itself (``ASFDALib.models.loading.ASFDA_NETWORKS``: nnU-Net's ResidualEncoderUNet)."""
 
     name: str
     args: dict[str, Any] = field(default_factory=dict)

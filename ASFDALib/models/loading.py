@@ -39,7 +39,10 @@ from ASFDALib.models.bundle import (
 )
 from ASFDALib.models.card import ModelCard, NetworkSpec, card_from_dict, load_card
 from ASFDALib.models.nnunet import nnunet_plans
+from ASFDALib.models.resenc import ResidualEncoderUNet
 
+# Networks ASFDA builds itself, by the name a NetworkSpec gives: those of published models no MONAI network has
+ASFDA_NETWORKS: dict[str, type[torch.nn.Module]] = {"ResidualEncoderUNet": ResidualEncoderUNet}
 CARD_NAMES = ("asfda_card.json", "asfda_card.yaml", "model_card.json", "model_card.yaml")
 _TRUST_HINT = "pass --trust (trust=True) only if you trust whoever made this file"
 
@@ -96,11 +99,13 @@ def _network_class(spec: NetworkSpec) -> type[torch.nn.Module]:
     import monai.networks.nets as nets
 
     name = spec.name.rsplit(".", 1)[-1]
-    cls = getattr(nets, name, None)
+    cls = ASFDA_NETWORKS.get(name) or getattr(nets, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, torch.nn.Module)):
-        close = [n for n in monai_network_names() if n.lower().startswith(name.lower()[:3])]
+        known = [*monai_network_names(), *ASFDA_NETWORKS]
+        close = [n for n in known if n.lower().startswith(name.lower()[:3])]
         raise ModelError(
-            f"network {spec.name!r} is not a MONAI network" + (f"; did you mean {close}?" if close else "")
+            f"network {spec.name!r} is not a MONAI network nor one of ASFDA's ({', '.join(ASFDA_NETWORKS)})"
+            + (f"; did you mean {close}?" if close else "")
         )
     return cls
 
@@ -110,7 +115,8 @@ DROPPED_ARGUMENTS = {"SwinUNETR": ("img_size",)}
 
 
 def build_network(spec: NetworkSpec, seed: int | None = None) -> torch.nn.Module:
-    """Instantiate ``monai.networks.nets.<name>(**args)``; only MONAI classes, so no foreign code runs.
+    """Instantiate ``monai.networks.nets.<name>(**args)``, or one of :data:`ASFDA_NETWORKS`; only those classes,
+    so no foreign code runs.
 
     With ``seed``, the initialisation is drawn from that seed without touching the caller's random state, so
     tensors a checkpoint does not provide (a new head) are the same every time the model is rebuilt.
