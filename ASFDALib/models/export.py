@@ -34,7 +34,7 @@ import torch
 from ASFDALib.atomic import atomic_folder, atomic_write, atomic_write_json
 from ASFDALib.errors import ModelError
 from ASFDALib.models.card import ModelCard
-from ASFDALib.models.loading import WEIGHT_NAMES, LoadedModel, card_beside
+from ASFDALib.models.loading import ASFDA_NETWORKS, WEIGHT_NAMES, LoadedModel, card_beside
 
 UNKNOWN = "unknown: see the base model"
 ASFDA_QUERY = (
@@ -439,6 +439,13 @@ def export_bundle(
         raise ModelError(
             f"{model.path}: a bundle needs a MONAI network by name ({model.kind} model); "
             f"export this model with --format {other}"
+        )
+    if not again and model.spec.name in ASFDA_NETWORKS:
+        # a bundle's network_def is built by MONAI's runner, which has no such class (and ASFDA reads back only
+        # MONAI networks without --trust): the programs carry the network with them
+        raise ModelError(
+            f"{model.path}: a bundle needs a MONAI network by name, and {model.spec.name} is ASFDA's own (an nnU-Net "
+            "network MONAI does not have); export this model with --format pt2 (or torchscript)"
         )
     with atomic_folder(folder) as stage:
         if again:

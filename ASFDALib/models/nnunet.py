@@ -1,20 +1,25 @@
 """nnU-Net v2 training outputs (``fold_N/checkpoint_final.pth`` beside ``plans.json`` and ``dataset.json``, as
-TotalSegmentator and most nnU-Net models ship) as MONAI's DynUNet, the network nnU-Net's design was rebuilt in.
+TotalSegmentator and most nnU-Net models ship) as a network built here: the spec, weights and card they describe.
 
-nnU-Net builds a ``PlainConvUNet`` from its plans; a DynUNet with the plans' stages, features, kernels and
-strides, instance norm and leaky ReLU computes the same function once the weights are renamed, with three
-differences this module takes care of or states:
+nnU-Net builds a ``PlainConvUNet`` or, for its residual-encoder presets (nnUNetResEncUNetM/L/XLPlans), a
+``ResidualEncoderUNet`` from its plans. A PlainConvUNet becomes MONAI's DynUNet (the network nnU-Net's design
+was rebuilt in): with the plans' stages, features, kernels and strides, instance norm and leaky ReLU it computes
+the same function once the weights are renamed. A ResidualEncoderUNet becomes ASFDA's own rebuild of it
+(:mod:`ASFDALib.models.resenc`, no MONAI network has its blocks), which takes nnU-Net's weights under their own
+names and every per-stage kernel. The differences this module takes care of or states:
 
 - Axes. nnU-Net feeds the network the file's voxel array as SimpleITK reads it (slowest axis first), permuted by
   the plans' ``transpose_forward``; ASFDA feeds it in RAS order (fastest first). Every kernel, stride, the patch
   and the spacing are permuted to match, which is exact for a model trained on RAS-stored images (TotalSegmentator
   reorients to RAS before nnU-Net). A model trained on images stored otherwise sees mirrored scans: nnU-Net's
   mirroring augmentation makes most models indifferent to that, left/right classes are not.
-- Biases. nnU-Net's convolutions carry biases, DynUNet's not: an instance norm follows every one, which removes a
-  per-channel constant, so dropping a convolution's bias is exact. The transposed convolutions keep theirs
-  (DynUNet's ``trans_bias``): the next convolution's zero padding would not let them cancel.
-- Decoder kernels. DynUNet's decoder block uses the kernel of the stage below it, nnU-Net's that of its own
-  stage: plans whose kernels differ by stage (anisotropic data) are refused, naming them.
+- Biases (DynUNet). nnU-Net's convolutions carry biases, DynUNet's not: an instance norm follows every one,
+  which removes a per-channel constant, so dropping a convolution's bias is exact. The transposed convolutions
+  keep theirs (DynUNet's ``trans_bias``): the next convolution's zero padding would not let them cancel.
+- Decoder kernels (DynUNet). DynUNet's decoder block uses the kernel of the stage below it, nnU-Net's that of its own
+  stage: PlainConvUNet plans whose kernels differ by stage (anisotropic data) are refused, naming them.
+- Blocks (ResidualEncoderUNet). The rebuild has nnU-Net's basic residual block, instance norm and leaky ReLU:
+  plans with bottleneck blocks, other norms or activations, or dropout are refused, naming them.
 
 The card comes from the plans and dataset.json: the classes (``labels``), the configuration's spacing and patch
 size, and its normalisation (``CTNormalization``'s clip-then-z-score is a CT window mapped to the same values).
@@ -33,6 +38,11 @@ from ASFDALib.models.card import IntensityConfig, ModelCard, NetworkSpec
 
 PLANS = "plans.json"
 DATASET = "dataset.json"
+NETWORKS = ("PlainConvUNet", "ResidualEncoderUNet")  # the nnU-Net networks a model here is built as
+# where a layout cannot be rebuilt here: the network runs as TorchScript made where nnU-Net runs
+TRACE_HINT = (
+    "trace it to TorchScript where nnU-Net runs (torch.jit.trace on a patch) and load that with --card and --trust"
+)
 
 
 def nnunet_plans(path: Path) -> Path | None:
@@ -64,13 +74,14 @@ def _configuration(plans: dict, name: str, plans_path: Path) -> dict:
 
 
 def _architecture(config: dict, plans_path: Path) -> dict[str, Any]:
-    """Stages, features, kernels, strides and convolutions per stage, from either plans format. A plans file that
-    lacks what a PlainConvUNet needs (a residual encoder has n_blocks_per_stage) is refused naming its network."""
+    """Stages, features, kernels, strides and convolutions (residual blocks, for a residual encoder) per stage,
+    from either plans format. A network other than those of NETWORKS, or plans that lack what it needs, are
+    refused naming it."""
     name = str((config.get("architecture") or {}).get("network_class_name") or config.get("UNet_class_name"))
     name = name.rsplit(".", 1)[-1]
-    unbuildable = f"{plans_path}: this nnU-Net model cannot be built as MONAI's DynUNet: its network is {name}"
-    if name != "PlainConvUNet":
-        raise ModelError(f"{unbuildable} (no MONAI network has its blocks; nnU-Net's PlainConvUNet models load)")
+    unbuildable = f"{plans_path}: this nnU-Net model cannot be built here: its network is {name}"
+    if name not in NETWORKS:
+        raise ModelError(f"{unbuildable} (nnU-Net's {' and '.join(NETWORKS)} models load); {TRACE_HINT}")
     try:
         return _read_architecture(config, plans_path)
     except (KeyError, TypeError, AttributeError) as exc:
@@ -81,17 +92,25 @@ def _read_architecture(config: dict, plans_path: Path) -> dict[str, Any]:
     if "architecture" in config:  # nnU-Net >= 2.4
         arch = config["architecture"]
         kwargs = arch["arch_kwargs"]
+        name = arch["network_class_name"].rsplit(".", 1)[-1]
+        # a residual encoder counts blocks (of two convolutions each) where a plain one counts convolutions
+        encoder = kwargs["n_blocks_per_stage" if name == "ResidualEncoderUNet" else "n_conv_per_stage"]
+        stages = len(kwargs["features_per_stage"])
         return {
-            "class": arch["network_class_name"].rsplit(".", 1)[-1],
+            "class": name,
             "features": list(kwargs["features_per_stage"]),
             "kernels": [list(k) for k in kwargs["kernel_sizes"]],
             "strides": [list(s) for s in kwargs["strides"]],
-            "convs": [*_listed(kwargs["n_conv_per_stage"]), *_listed(kwargs["n_conv_per_stage_decoder"])],
+            "encoder": _listed(encoder, stages),
+            "decoder": _listed(kwargs["n_conv_per_stage_decoder"], stages - 1),
             "norm": kwargs.get("norm_op", ""),
             "nonlin": kwargs.get("nonlin", ""),
             "slope": (kwargs.get("nonlin_kwargs") or {}).get("negative_slope", 0.01),
             "bias": kwargs.get("conv_bias", True),
             "norm_args": kwargs.get("norm_op_kwargs") or {"eps": 1e-5, "affine": True},
+            "dropout": kwargs.get("dropout_op"),
+            "block": str(kwargs.get("block") or "BasicBlockD").rsplit(".", 1)[-1],
+            "stem": kwargs.get("stem_channels"),
         }
     if "UNet_class_name" in config:  # the first nnU-Net v2 plans
         kernels = [list(k) for k in config["conv_kernel_sizes"]]
@@ -101,26 +120,46 @@ def _read_architecture(config: dict, plans_path: Path) -> dict[str, Any]:
             "features": [min(base * 2**i, most) for i in range(len(kernels))],
             "kernels": kernels,
             "strides": [list(s) for s in config["pool_op_kernel_sizes"]],
-            "convs": [*config["n_conv_per_stage_encoder"], *config["n_conv_per_stage_decoder"]],
+            # nnU-Net read a ResidualEncoderUNet's blocks per stage from n_conv_per_stage_encoder then
+            "encoder": list(config["n_conv_per_stage_encoder"]),
+            "decoder": list(config["n_conv_per_stage_decoder"]),
             "norm": "InstanceNorm",
             "nonlin": "LeakyReLU",
             "slope": 0.01,
             "bias": True,
             "norm_args": {"eps": 1e-5, "affine": True},
+            "dropout": None,
+            "block": "BasicBlockD",
+            "stem": None,
         }
     raise ModelError(f"{plans_path}: no network architecture in the configuration (an nnU-Net v2 plans file?)")
 
 
-def _listed(value: int | list[int]) -> list[int]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def _listed(value: int | list[int], count: int) -> list[int]:
+    """A per-stage count as a list: nnU-Net takes one number for every stage too."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * count
 
 
 def _refuse_unbuildable(arch: dict, plans_path: Path) -> None:
     why = []
     if "InstanceNorm" not in str(arch["norm"]) or "LeakyReLU" not in str(arch["nonlin"]):
         why.append(f"it normalises with {arch['norm']} and activates with {arch['nonlin']}")
-    if any(n != 2 for n in arch["convs"]):
-        why.append(f"its stages have {sorted(set(arch['convs']))} convolutions (DynUNet's have 2)")
+    if arch["class"] == "ResidualEncoderUNet":
+        if arch["block"] != "BasicBlockD":
+            why.append(f"its residual blocks are {arch['block']} (nnU-Net's presets' BasicBlockD are rebuilt)")
+        if arch["dropout"]:  # inference would agree, fine-tuning not: the rebuild has no dropout to train with
+            why.append(f"it trains with dropout ({arch['dropout']})")
+        if any(len(k) != 3 for k in arch["kernels"]):
+            why.append(f"its kernels are not 3D ({arch['kernels']})")
+        if why:
+            raise ModelError(
+                f"{plans_path}: this nnU-Net model cannot be built as ASFDA's ResidualEncoderUNet: {'; '.join(why)}; "
+                + TRACE_HINT
+            )
+        return
+    convs = [*arch["encoder"], *arch["decoder"]]
+    if any(n != 2 for n in convs):
+        why.append(f"its stages have {sorted(set(convs))} convolutions (DynUNet's have 2)")
     if not arch["bias"] or not arch["norm_args"].get("affine", False):  # DynUNet's transposed bias, affine norms
         why.append(f"its convolutions have conv_bias {arch['bias']} and norms affine {arch['norm_args'].get('affine')}")
     if any(k != arch["kernels"][0] for k in arch["kernels"]) or len(arch["kernels"][0]) != 3:
@@ -177,8 +216,9 @@ def ras_axes(transpose_forward: list[int]) -> list[int]:
 def read_nnunet(
     path: Path, plans_path: Path, weights: Any
 ) -> tuple[NetworkSpec, ModelCard, dict[str, torch.Tensor], str]:
-    """The DynUNet spec, the card, the renamed weights of an nnU-Net training output (``weights``: the loaded
-    checkpoint) and what the conversion did, in words for the loading report."""
+    """The network spec (DynUNet or ResidualEncoderUNet), the card, the weights under the network's names of an
+    nnU-Net training output (``weights``: the loaded checkpoint) and what the conversion did, in words for the
+    loading report."""
     if not isinstance(weights, dict) or "network_weights" not in weights:
         raise ModelError(f"{path}: no network_weights in it (an nnU-Net v2 checkpoint holds them)")
     init = weights.get("init_args") or {}
@@ -196,14 +236,32 @@ def read_nnunet(
         card = _card(plans, config, dataset, name, axes, dataset_path if dataset else plans_path)
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise ModelError(f"{plans_path}: cannot read the model's {name} configuration from it ({exc!r})") from None
+    kernels = [[k[a] for a in axes] for k in arch["kernels"]]
     strides = [[s[a] for a in axes] for s in arch["strides"]]
+    stages = len(arch["features"])
+    if arch["class"] == "ResidualEncoderUNet":
+        args = {
+            "in_channels": 1,
+            "out_channels": len(card.class_names),
+            "features_per_stage": arch["features"],
+            "kernel_sizes": kernels,
+            "strides": strides,
+            "n_blocks_per_stage": arch["encoder"],
+            "n_conv_per_stage_decoder": arch["decoder"],
+            "conv_bias": bool(arch["bias"]),
+            "norm_eps": float(arch["norm_args"].get("eps", 1e-5)),
+            "norm_affine": bool(arch["norm_args"].get("affine", False)),  # torch's InstanceNorm3d default
+            "negative_slope": float(arch["slope"]),
+        } | ({"stem_channels": int(arch["stem"])} if arch["stem"] else {})
+        spec = NetworkSpec("ResidualEncoderUNet", args)
+        return spec, card, resenc_state(weights["network_weights"], stages, axes), RESENC_NOTE
     spec = NetworkSpec(
         "DynUNet",
         {
             "spatial_dims": 3,
             "in_channels": 1,
             "out_channels": len(card.class_names),
-            "kernel_size": [[k[a] for a in axes] for k in arch["kernels"]],
+            "kernel_size": kernels,
             "strides": strides,
             "upsample_kernel_size": strides[1:],
             "filters": arch["features"],
@@ -212,14 +270,41 @@ def read_nnunet(
             "trans_bias": True,
         },
     )
-    return spec, card, dynunet_state(weights["network_weights"], len(arch["features"]), axes), CONVERTED_NOTE
+    return spec, card, dynunet_state(weights["network_weights"], stages, axes), CONVERTED_NOTE
+
+
+def _kernel_order(axes: list[int]) -> list[int]:
+    """The permutation of a 3D convolution's weight (out, in, *kernel; in, out, *kernel transposed) that puts its
+    kernel in RAS axis order."""
+    return [0, 1, *(2 + a for a in axes)]
+
+
+def resenc_state(state: dict[str, torch.Tensor], stages: int, axes: list[int]) -> dict[str, torch.Tensor]:
+    """nnU-Net's ResidualEncoderUNet weights for :class:`ASFDALib.models.resenc.ResidualEncoderUNet`, which
+    names its modules as nnU-Net does, kernels permuted to RAS axis order. Left out: the second name nnU-Net
+    registers every convolution and norm under (``all_modules``), the decoder's copy of the encoder, and the
+    deep-supervision heads of the lower resolutions; the full-resolution one is ``decoder.head``."""
+    perm = _kernel_order(axes)
+    head = f"decoder.seg_layers.{stages - 2}."
+    if head + "weight" not in state:
+        raise ModelError(f"nnU-Net weights lack {head}weight: not a ResidualEncoderUNet of these plans")
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if ".all_modules." in name or name.startswith("decoder.encoder."):
+            continue
+        if name.startswith("decoder.seg_layers."):
+            if not name.startswith(head):
+                continue
+            name = "decoder.head." + name.removeprefix(head)
+        out[name] = tensor.permute(perm).contiguous() if tensor.dim() == 5 else tensor
+    return out
 
 
 def dynunet_state(state: dict[str, torch.Tensor], stages: int, axes: list[int]) -> dict[str, torch.Tensor]:
     """nnU-Net's PlainConvUNet weights under DynUNet's names, kernels permuted to RAS axis order. Left out:
     convolution biases (an instance norm follows each), the deep-supervision heads of the lower resolutions, and
     the decoder's copy of the encoder."""
-    perm = [0, 1, *(2 + a for a in axes)]
+    perm = _kernel_order(axes)
 
     def block(source: str, target: str) -> dict[str, torch.Tensor]:
         out = {}
@@ -249,6 +334,10 @@ def dynunet_state(state: dict[str, torch.Tensor], stages: int, axes: list[int]) 
     return out
 
 
+RESENC_NOTE = (
+    "from nnU-Net's ResidualEncoderUNet to ASFDA's rebuild of it (ASFDALib/models/resenc.py; kernels in RAS axis "
+    "order, as for RAS-stored training images)"
+)
 CONVERTED_NOTE = (
     "from nnU-Net's PlainConvUNet to MONAI's DynUNet (kernels in RAS axis order, as for RAS-stored training images; "
     "convolution biases left out, each cancelled by the instance norm after it)"

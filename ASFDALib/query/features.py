@@ -209,7 +209,7 @@ def batchnorm_knowledge(network: torch.nn.Module, names: list[str] | None = None
 
 
 def encoder_stages(network: torch.nn.Module) -> list[str]:
-    """Module names of the encoder stages of common MONAI networks; a generic guess otherwise."""
+    """Module names of the encoder stages of common MONAI networks and ASFDA's own; a generic guess otherwise."""
     names = dict(network.named_modules())
     cls = type(network).__name__
     if cls == "UNet" and "model" in names:
@@ -233,6 +233,8 @@ def encoder_stages(network: torch.nn.Module) -> list[str]:
         ],
         "BasicUNet": ["conv_0", "down_1", "down_2", "down_3", "down_4"],
         "BasicUNetPlusPlus": ["conv_0_0", "conv_1_0", "conv_2_0", "conv_3_0", "conv_4_0"],
+        # nnU-Net's residual encoder (ASFDALib.models.resenc): each resolution's output, as DynUNet's
+        "ResidualEncoderUNet": [n for n in names if n.count(".") == 2 and n.startswith("encoder.stages.")],
     }
     if cls in known:
         return [n for n in known[cls] if n in names]

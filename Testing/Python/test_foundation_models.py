@@ -433,37 +433,50 @@ NNUNET_ARCH = {
     "nonlin_kwargs": {"inplace": True},
 }
 NNUNET_LABELS = {"background": 0, "liver": 1, "right kidney": 2, "gallbladder": 3, "spleen": 4}
+# nnU-Net's residual-encoder presets (nnUNetResEncUNet{M,L,XL}Plans) as their plans word them, smaller: blocks per
+# encoder stage, one convolution per decoder stage; kernels that differ by stage and axis (anisotropic data)
+RESENC_ARCH = {k: v for k, v in NNUNET_ARCH.items() if k != "n_conv_per_stage"} | {
+    "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 1, 3], [3, 3, 3]],
+    "n_blocks_per_stage": [1, 2, 2, 2],
+    "n_conv_per_stage_decoder": [1, 1, 1],
+}
 
 
 def _nnunet_output(
     root: Path, arch: dict | None = None, network: str = "PlainConvUNet", configuration: dict | None = None
 ) -> tuple[Path, torch.nn.Module]:
-    """fold_0/checkpoint_final.pth with plans.json and dataset.json above it, and the PlainConvUNet it holds."""
-    plain = pytest.importorskip("dynamic_network_architectures.architectures.unet", reason="make install installs it")
+    """fold_0/checkpoint_final.pth with plans.json and dataset.json above it, and the network it holds: nnU-Net's
+    PlainConvUNet, or its ResidualEncoderUNet of ``arch``'s stages, blocks, kernels, biases and stem (the plans
+    say ``network``; any other name gets a PlainConvUNet, which the plans' name refuses first)."""
+    unet = pytest.importorskip("dynamic_network_architectures.architectures.unet", reason="make install installs it")
     arch = arch or NNUNET_ARCH
     torch.manual_seed(3)
-    net = plain.PlainConvUNet(
-        1,
-        4,
-        arch["features_per_stage"],
-        torch.nn.Conv3d,
-        arch["kernel_sizes"],
-        arch["strides"],
-        2,
-        len(NNUNET_LABELS),
-        2,
-        conv_bias=True,
-        norm_op=torch.nn.InstanceNorm3d,
-        norm_op_kwargs={"eps": 1e-5, "affine": True},
-        nonlin=torch.nn.LeakyReLU,
-        nonlin_kwargs={"inplace": True},
-        deep_supervision=False,
-    )
+    common = {
+        "norm_op": torch.nn.InstanceNorm3d,
+        "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "nonlin": torch.nn.LeakyReLU,
+        "nonlin_kwargs": {"inplace": True},
+        "deep_supervision": False,
+    }
+    shape = (1, 4, arch["features_per_stage"], torch.nn.Conv3d, arch["kernel_sizes"], arch["strides"])
+    if network == "ResidualEncoderUNet":
+        blocks, decoder = arch["n_blocks_per_stage"], arch["n_conv_per_stage_decoder"]
+        net = unet.ResidualEncoderUNet(
+            *shape,
+            blocks,
+            len(NNUNET_LABELS),
+            decoder,
+            arch["conv_bias"],
+            stem_channels=arch.get("stem_channels"),
+            **common,
+        )
+    else:
+        net = unet.PlainConvUNet(*shape, 2, len(NNUNET_LABELS), 2, conv_bias=True, **common)
     for module in net.modules():  # trained-looking affine norms and biases, so a wrong mapping shows
         if isinstance(module, torch.nn.InstanceNorm3d):
             torch.nn.init.normal_(module.weight, 1.0, 0.2)
             torch.nn.init.normal_(module.bias, 0.0, 0.2)
-        elif isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+        elif isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) and module.bias is not None:
             torch.nn.init.normal_(module.bias, 0.0, 0.5)
     plans = {
         "dataset_name": "Dataset017_Abdomen",
@@ -554,35 +567,140 @@ def test_an_nnunet_model_adapts_to_a_target_task_through_every_command(pool, tmp
     assert recorded["network"]["name"] == "DynUNet" and recorded["card"]["source_classes"] == list(NNUNET_LABELS)
 
 
-def test_the_first_nnunet_v2_plans_format_describes_the_same_network():
-    """nnU-Net before 2.4 wrote the architecture as UNet_* keys; TotalSegmentator's older models carry them."""
+@pytest.mark.parametrize(
+    ("network", "arch", "encoder"),
+    [("PlainConvUNet", NNUNET_ARCH, "n_conv_per_stage"), ("ResidualEncoderUNet", RESENC_ARCH, "n_blocks_per_stage")],
+)
+def test_the_first_nnunet_v2_plans_format_describes_the_same_network(network, arch, encoder):
+    """nnU-Net before 2.4 wrote the architecture as UNet_* keys (a residual encoder's blocks per stage as
+    n_conv_per_stage_encoder); TotalSegmentator's older models carry them."""
     from ASFDALib.models.nnunet import _architecture
 
     old = {
-        "UNet_class_name": "PlainConvUNet",
+        "UNet_class_name": network,
         "UNet_base_num_features": 8,
         "unet_max_num_features": 64,
-        "conv_kernel_sizes": NNUNET_ARCH["kernel_sizes"],
-        "pool_op_kernel_sizes": NNUNET_ARCH["strides"],
-        "n_conv_per_stage_encoder": [2, 2, 2, 2],
-        "n_conv_per_stage_decoder": [2, 2, 2],
+        "conv_kernel_sizes": arch["kernel_sizes"],
+        "pool_op_kernel_sizes": arch["strides"],
+        "n_conv_per_stage_encoder": arch[encoder],
+        "n_conv_per_stage_decoder": arch["n_conv_per_stage_decoder"],
     }
-    new = {"architecture": {"network_class_name": "x.PlainConvUNet", "arch_kwargs": NNUNET_ARCH}}
+    new = {"architecture": {"network_class_name": f"x.{network}", "arch_kwargs": arch}}
     assert _architecture(old, Path("plans.json")) == _architecture(new, Path("plans.json")) | {
         "norm": "InstanceNorm",
         "nonlin": "LeakyReLU",
     }
 
 
-def test_an_nnunet_residual_encoder_is_refused_in_one_line_leaving_no_session(pool, tmp_path, capsys):
-    """nnU-Net's ResEnc presets describe their encoder with n_blocks_per_stage: no PlainConvUNet to convert."""
-    arch = {k: v for k, v in NNUNET_ARCH.items() if k != "n_conv_per_stage"} | {"n_blocks_per_stage": [1, 3, 4, 6]}
-    path, _ = _nnunet_output(tmp_path, arch, network="ResidualEncoderUNet")
+def test_an_nnunet_network_no_model_here_rebuilds_is_refused_in_one_line_leaving_no_session(pool, tmp_path, capsys):
+    """nnU-Net's ResidualUNet (residual decoder too) is neither of the networks a model here is built as."""
+    path, _ = _nnunet_output(tmp_path, network="ResidualUNet")
     args = ["rank", "--model", str(path), "--images", str(pool / "images"), "--out", str(tmp_path / "s")]
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "its network is ResidualEncoderUNet (no MONAI network has its blocks" in err
+    assert "\n" not in err and "plans.json: this nnU-Net model cannot be built here: its network is ResidualUNet" in err
+    assert "(nnU-Net's PlainConvUNet and ResidualEncoderUNet models load); trace it to TorchScript" in err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},  # the presets' own: conv_bias, nnU-Net's stem of the first stage's width
+        # nnU-Net takes one number for every decoder stage too
+        {"kernel_sizes": [[3, 3, 3]] * 4, "conv_bias": False, "stem_channels": 6, "n_conv_per_stage_decoder": 2},
+    ],
+    ids=["anisotropic-kernels", "bias-free-own-stem-one-count"],
+)
+def test_an_nnunet_residual_encoder_loads_computing_what_nnunets_own_network_computes(tmp_path, variant):
+    path, resenc = _nnunet_output(tmp_path, RESENC_ARCH | variant, network="ResidualEncoderUNet")
+    model = load_model(path)  # no card, no --network: the plans and dataset.json say both
+    assert model.card.class_names == list(NNUNET_LABELS) and model.card.roi_size == (32, 32, 16)
+    assert type(model.network).__module__ == "ASFDALib.models.resenc"  # not nnU-Net's package
+    assert model.spec.name == "ResidualEncoderUNet" and "ResidualEncoderUNet to ASFDA's" in model.load_report.summary
+    kernels = (RESENC_ARCH | variant)["kernel_sizes"]  # nnU-Net's (R, S, A) order -> ASFDA's (R, A, S)
+    assert model.spec.args["kernel_sizes"] == [[k[0], k[2], k[1]] for k in kernels]
+    assert model.spec.args["strides"] == [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 1, 2]]
+    assert not model.load_report.new and len(model.load_report.loaded) == len(model.network.state_dict())
+    torch.manual_seed(0)
+    sar = torch.randn(1, 1, 16, 32, 32)  # a RAS-stored image as nnU-Net reads it: (S, A, R)
+    with torch.no_grad():
+        theirs = resenc(sar.permute(0, 1, 4, 2, 3)).permute(0, 1, 2, 4, 3)  # (R, S, A) -> (R, A, S)
+        ours = model.network(sar.permute(0, 1, 4, 3, 2))  # ASFDA's (R, A, S)
+    assert ours.shape == (1, len(NNUNET_LABELS), 32, 32, 16)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    assert theirs.std() > 0.1  # trained-looking norms and biases: a wrong kernel order or skip would show
+
+
+def test_an_nnunet_residual_encoder_model_ranks_fine_tunes_and_predicts(pool, tmp_path, capsys):
+    path, _ = _nnunet_output(tmp_path, RESENC_ARCH, network="ResidualEncoderUNet")
+    session = tmp_path / "session"
+    args = ["rank", "--model", str(path), "--card", str(pool / "plain.json"), "--images", str(pool / "images")]
+    assert main([*args, "--out", str(session), "--budget", "1", "--class-map", "kidney=right kidney"]) == 0
+    assert "liver<-liver, kidney<-right kidney" in " ".join(capsys.readouterr().out.split())
+    query = json.loads((session / "ranking.json").read_text())["selected"]
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "gt" / query[0]).write_bytes((pool / "labels" / query[0]).read_bytes())
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
+    assert main(_finetune(session)) == 0
+    # the session rebuilds the network by its name, as a card would name it
+    recorded = json.loads((session / "session.json").read_text())["model"]["network"]
+    assert recorded["name"] == "ResidualEncoderUNet" and recorded["args"]["n_blocks_per_stage"] == [1, 2, 2, 2]
+    assert main(["predict", str(session), "--images", str(pool / "images"), "--out", str(tmp_path / "maps")]) == 0
+    maps = sorted((tmp_path / "maps").glob("*.nii.gz"))
+    assert len(maps) == 3 and set(np.unique(nib.load(maps[0]).get_fdata())) <= {0, 1, 2, 3}
+    capsys.readouterr()
+    # MONAI's bundle runner has no such network: refused in one line naming the formats that carry it
+    assert main(["export", str(session), "--out", str(tmp_path / "bundle")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "ResidualEncoderUNet is ASFDA's own" in err and "--format pt2 (or torchscript)" in err
+    assert not (tmp_path / "bundle").exists()
+    assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
+    assert load_model(tmp_path / "m.ts", trust=True).network(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
+
+
+def test_the_ranking_taps_each_residual_stage_of_an_nnunet_residual_encoder(tmp_path):
+    """The feature moments DKD compares come from every resolution of the encoder, as DynUNet's stages."""
+    from ASFDALib.query.features import encoder_stages
+
+    path, _ = _nnunet_output(tmp_path, RESENC_ARCH, network="ResidualEncoderUNet")
+    assert encoder_stages(load_model(path).network) == [f"encoder.stages.{s}" for s in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (
+            {"block": "dynamic_network_architectures.building_blocks.residual.BottleneckD"},
+            "its residual blocks are BottleneckD",
+        ),
+        ({"norm_op": "torch.nn.modules.batchnorm.BatchNorm3d"}, "it normalises with torch.nn.modules.batchnorm."),
+        ({"dropout_op": "torch.nn.modules.dropout.Dropout3d"}, "it trains with dropout"),
+    ],
+    ids=["bottleneck-blocks", "batchnorm", "dropout"],
+)
+def test_an_nnunet_residual_encoder_the_rebuild_lacks_is_refused_naming_why_and_the_way_round(tmp_path, change, why):
+    path, _ = _nnunet_output(tmp_path, RESENC_ARCH | change, network="ResidualEncoderUNet")
+    with pytest.raises(ModelError, match=re.escape(why)) as refused:
+        load_model(path)
+    said = str(refused.value)
+    assert "\n" not in said and "plans.json: this nnU-Net model cannot be built as ASFDA's ResidualEncoderUNet" in said
+    assert said.endswith(
+        "trace it to TorchScript where nnU-Net runs (torch.jit.trace on a patch) and load that with --card and --trust"
+    )
+
+
+def test_a_residual_encoder_unet_named_with_stages_that_disagree_is_refused_in_one_line():
+    args = {k: RESENC_ARCH[k] for k in ("features_per_stage", "kernel_sizes", "strides", "n_blocks_per_stage")}
+    spec = NetworkSpec(
+        "ResidualEncoderUNet", {**args, "in_channels": 1, "out_channels": 3, "n_conv_per_stage_decoder": [1, 1]}
+    )
+    with pytest.raises(
+        ModelError,
+        match=r"network ResidualEncoderUNet: 4 stages in features_per_stage, but "
+        r"n_conv_per_stage_decoder has 2 \(one fewer is needed\)",
+    ):
+        build_network(spec)
 
 
 @pytest.mark.parametrize("masked", [False, True])
