@@ -655,8 +655,11 @@ def test_an_nnunet_residual_encoder_model_ranks_fine_tunes_and_predicts(pool, tm
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "ResidualEncoderUNet is ASFDA's own" in err and "--format pt2 (or torchscript)" in err
     assert not (tmp_path / "bundle").exists()
-    assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
-    assert load_model(tmp_path / "m.ts", trust=True).network(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
+    assert main(["export", str(session), "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 0
+    exported, adapted = load_model(tmp_path / "m.pt2", trust=True), session_model(Session.open(session))
+    window = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(exported.network(window), adapted.network(window), atol=1e-5)
 
 
 def test_the_ranking_taps_each_residual_stage_of_an_nnunet_residual_encoder(tmp_path):
