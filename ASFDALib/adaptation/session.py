@@ -521,15 +521,17 @@ class Session:
         )
 
     def next_label_path(self, name: str, suffix: str = ".nii.gz") -> Path:
-        """labels/<case>.v<N><suffix> with N one past every version on disk or recorded: never overwrites."""
+        """labels/<case>.v<N><suffix> with N one past every version session.json records: a recorded label is
+        never overwritten. A file of that name on disk that no version records is what a label write stopped
+        before its record left (Ctrl-C or a kill between an import's label files and its one save of
+        session.json): the write takes its place, so no unrecorded version stays behind beside the new one."""
         folder = self.root / "labels"
         folder.mkdir(parents=True, exist_ok=True)
         stem = storage_stems({*self.image_names(), name})[name]
-        taken = {p.name for p in folder.iterdir()}
-        taken |= {Path(v["file"]).name for v in self.data["labels"].get(name, [])}
-        version = 1
-        while any(t.startswith(f"{stem}.v{version}.") for t in taken):
-            version += 1
+        # every image's: a version recorded under an older stem scheme keeps its name
+        taken = {Path(v["file"]).name for versions in self.data["labels"].values() for v in versions}
+        versions = (re.match(rf"{re.escape(stem)}\.v(\d+)\.", t) for t in taken)
+        version = 1 + max((int(m[1]) for m in versions if m), default=0)
         return folder / f"{stem}.v{version}{suffix}"
 
     def record_label(

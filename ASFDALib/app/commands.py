@@ -355,8 +355,8 @@ def cmd_labels(args: argparse.Namespace) -> int:
                 if args.cases
                 else None
             )
+            # import_labels saves session.json once, where it imported: its .bak is the session before the command
             report = import_labels(session, args.source, class_names, mapping, cases)
-            session.save()
         for line in report.lines(queried_only=cases is None):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
         if report.imported and (unfinished := unfinished_run(session)):  # the import may have changed its fix

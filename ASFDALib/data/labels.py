@@ -781,11 +781,17 @@ def _import_labels(
             report.unchanged[name] = current  # a second import of the same file adds no version
             continue
         target = session.next_label_path(name)
+        # an import stopped between its label files and its save of session.json left this version unrecorded
+        left = content_hash(target) if target.is_file() else None
         write_nifti(target, label, affine)
+        written = content_hash(target)
+        if left is not None:
+            kept = "held this very label" if left == written else "is replaced"
+            notes.append(f"{target.name}, left unrecorded by an import stopped before its record, {kept}")
         session.record_label(
             name,
             target,
-            content_hash(target),
+            written,
             f"import:{label_path}",
             _mapping_record(mapping),
             source_sha256=content_hash(label_path),

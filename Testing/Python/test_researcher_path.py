@@ -194,6 +194,73 @@ def test_a_map_predict_wrote_is_imported_as_a_label_only_once_corrected(ranked, 
     assert main(["labels", "import", str(session), "--from", str(out), "--cases", query[0]]) == 0
 
 
+def _stop_at_the_save(monkeypatch) -> None:
+    """Ctrl-C after a label import wrote its label files and before its save of session.json."""
+    from ASFDALib.adaptation.session import Session
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Session, "save", stopped)
+
+
+def test_a_label_import_stopped_before_its_save_is_recorded_by_the_same_command_with_one_save(
+    ranked, tmp_path, monkeypatch, capsys
+):
+    """Its label files are on disk and session.json records none: the same command records them, each once at the
+    version it holds (no second version beside an unrecorded one), and saves session.json once, so its .bak is the
+    session as it was before the command."""
+    root, template = ranked
+    session = tmp_path / "s"
+    shutil.copytree(template, session)
+    before = json.loads((session / "session.json").read_text())
+    query = before["rounds"][0]["query"]
+    argv = ["labels", "import", str(session), "--from", str(root / "pool" / "labels")]
+    _stop_at_the_save(monkeypatch)
+    assert main(argv) == 130
+    left = {p.name: content_hash(p) for p in (session / "labels").iterdir()}
+    assert len(left) == len(query) and json.loads((session / "session.json").read_text())["labels"] == {}
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "left unrecorded by an import stopped before its record, held this very label" in capsys.readouterr().out
+    data = json.loads((session / "session.json").read_text())
+    assert {p.name: content_hash(p) for p in (session / "labels").iterdir()} == left  # nothing beside them
+    recorded = {Path(v["file"]).name: v["sha256"] for name in query for v in data["labels"][name]}
+    assert recorded == left
+    assert json.loads((session / "session.json.bak").read_text()) == before
+
+
+def test_an_unrecorded_label_an_import_stopped_before_its_save_is_replaced_by_another_import_of_its_case(
+    ranked, tmp_path, monkeypatch, capsys
+):
+    """A label imported anew for the case (corrected meanwhile) takes the unrecorded version's place and is recorded
+    with its own hash: no stray version is left, and none the session records is written over."""
+    from ASFDALib.data.volumes import read_volume, write_nifti
+
+    root, template = ranked
+    session = tmp_path / "s"
+    shutil.copytree(template, session)
+    case = json.loads((session / "session.json").read_text())["rounds"][0]["query"][0]
+    argv = ["labels", "import", str(session), "--cases", case, "--from"]
+    _stop_at_the_save(monkeypatch)
+    assert main([*argv, str(root / "pool" / "labels" / case)]) == 130
+    (stray,) = (session / "labels").iterdir()
+    monkeypatch.undo()
+    volume = read_volume(root / "pool" / "labels" / case, allow_constant=True)
+    corrected = volume.array.copy()
+    corrected[0, 0, 0] = 1
+    write_nifti(tmp_path / "corrected.nii.gz", corrected, volume.affine)
+    capsys.readouterr()
+    assert main([*argv, str(tmp_path / "corrected.nii.gz")]) == 0
+    assert f"{stray.name}, left unrecorded by an import stopped before its record, is replaced" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    (entry,) = json.loads((session / "session.json").read_text())["labels"][case]
+    assert list((session / "labels").iterdir()) == [stray] and entry["file"] == f"labels/{stray.name}"
+    assert entry["sha256"] == content_hash(stray) and read_volume(stray, allow_constant=True).array[0, 0, 0] == 1
+
+
 def _ranked_with_a_model_of_its_own(mri_pool: Path, tmp_path: Path) -> tuple[Path, dict, Path, list[str]]:
     """The default model copied with its card beside it, a session ranked with it, and that rank command."""
     model = tmp_path / "model.pt"
