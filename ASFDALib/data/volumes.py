@@ -481,8 +481,14 @@ def write_volume(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     suffix = ".nrrd" if path.name.lower().endswith((".nrrd", ".nhdr")) else ".mha"
 
     def write(tmp: Path) -> None:
+        # SimpleITK picks its writer by the suffix, so it writes a name of its own beside atomic_write's, which
+        # removes only its own on a failure: this one goes too, whatever stops the write (Ctrl-C, a full disk)
         staged = tmp.with_name(tmp.name + suffix)
-        sitk.WriteImage(image, str(staged), useCompression=True)
-        os.replace(staged, tmp)
+        try:
+            sitk.WriteImage(image, str(staged), useCompression=True)
+            os.replace(staged, tmp)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
 
     return atomic_write(path.with_suffix(suffix) if path.suffix.lower() in (".nhdr", ".mhd") else path, write)

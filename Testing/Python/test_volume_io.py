@@ -18,6 +18,7 @@ from ASFDALib.data.volumes import (
     passed_over_summary,
     read_volume,
     write_nifti,
+    write_volume,
 )
 from ASFDALib.errors import ASFDAError, VolumeError
 
@@ -47,6 +48,25 @@ def test_nrrd_and_mha_are_converted_from_lps_to_ras(tmp_path):
         np.testing.assert_array_equal(volume.array, array)
         np.testing.assert_allclose(volume.affine[:3, 3], [-10.0, -20.0, 30.0])  # LPS origin -> RAS
         np.testing.assert_allclose(np.diag(volume.affine)[:3], [-1.5, -2.0, 3.0])
+
+
+@pytest.mark.parametrize("name", ["map.nrrd", "map.mha"])
+def test_a_label_map_write_stopped_by_ctrl_c_leaves_no_scratch_file_and_the_earlier_map(tmp_path, monkeypatch, name):
+    """Ctrl-C while SimpleITK writes an NRRD or MetaImage map (predict's outputs): the earlier map of that name is
+    as it was, and neither atomic_write's scratch file nor SimpleITK's (named with the format's suffix) is left."""
+    affine = np.diag([1.5, 2.0, 3.0, 1.0])
+    write_volume(tmp_path / name, _array(), affine)
+    before = content_hash(tmp_path / name)
+    written = sitk.WriteImage
+
+    def stopped(image, path, *args, **kwargs):
+        written(image, path, *args, **kwargs)  # the file is on disk when Ctrl-C comes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sitk, "WriteImage", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_volume(tmp_path / name, _array() + 1, affine)
+    assert [p.name for p in tmp_path.iterdir()] == [name] and content_hash(tmp_path / name) == before
 
 
 def test_nifti_and_nrrd_of_one_image_agree_in_world_space(tmp_path):
