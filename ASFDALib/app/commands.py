@@ -979,7 +979,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ASFDALib.adaptation.pipeline import session_model
     from ASFDALib.adaptation.runs import finish_hint, handover_pending, newest_run, unfinished_run
     from ASFDALib.adaptation.session import Session
-    from ASFDALib.models.export import DEFAULT_NAMES, export_session
+    from ASFDALib.models.export import DEFAULT_NAMES, export_session, staged_program
     from ASFDALib.models.loading import card_beside
     from ASFDALib.outputs import (
         refuse_existing,
@@ -1020,7 +1020,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         name = "" if args.out.suffix else f", e.g. --out {as_arg(target.with_name('model2' + target.suffix))}"
         refuse_overwrite([target], protected, "a file the session references", fix)
         refuse_existing(target, "the file", f"choose a new file name{name}")
-        refuse_existing(card_beside(target), "the card written beside the export", f"choose a new file name{name}")
+        if not staged_program(target).is_file():  # else the card is an export's stopped before its model moved in
+            refuse_existing(card_beside(target), "the card written beside the export", f"choose a new file name{name}")
     refuse_inside_session(target, fix)
     # a model among the scans (anywhere under them where the pool is searched recursively)
     pool = session.data.get("images") or {}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -513,6 +514,22 @@ def _reexport_bundle(model: LoadedModel, folder: Path, record: dict[str, Any] | 
     _write_card(model, folder / "asfda_card.json", record)
 
 
+def staged_program(path: Path) -> Path:
+    """Where a single-file export (TorchScript, ``torch.export``) is written whole before its card: hidden beside
+    ``path`` (``.<name>.partial``), which it becomes last. A run stopped after its card (Ctrl-C, a kill) leaves the
+    card beside this file, never beside the model file: a rerun knows that card as its own, and completes it."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def _card_then_program(staged: Path, path: Path, card: dict[str, Any]) -> Path:
+    """The card beside ``path``, then the program written whole to ``staged`` (:func:`staged_program`) moved to
+    ``path``: the model file appears only with its card, and a file at ``path`` is never one this export left
+    part-done (a rerun refuses it as finished, or as the user's)."""
+    atomic_write_json(card_beside(path), card)
+    os.replace(staged, path)
+    return path
+
+
 def export_torchscript(model: LoadedModel, path: Path, record: dict[str, Any] | None = None) -> Path:
     """``model.ts`` (scripted, or traced when scripting fails; the metadata inside it as ``metadata.json``, which
     ``torch.jit.load(path, _extra_files={"metadata.json": ""})`` reads) plus ``model.card.json`` beside it."""
@@ -524,9 +541,10 @@ def export_torchscript(model: LoadedModel, path: Path, record: dict[str, Any] | 
     except Exception:  # noqa: BLE001 - some MONAI networks only trace
         scripted = torch.jit.trace(network, torch.zeros(1, 1, *model.card.roi_size))
     metadata = json.dumps(bundle_metadata(model.card, "0.1.0", record), indent=2)
-    atomic_write(path, lambda tmp: scripted.save(str(tmp), _extra_files={"metadata.json": metadata}))
-    atomic_write_json(card_beside(path), _exported_card(model.card, record, program=True))
-    return path
+    staged = atomic_write(
+        staged_program(path), lambda tmp: scripted.save(str(tmp), _extra_files={"metadata.json": metadata})
+    )
+    return _card_then_program(staged, path, _exported_card(model.card, record, program=True))
 
 
 def _exported_card(card: ModelCard, record: dict[str, Any] | None, program: bool = False) -> dict:
@@ -552,9 +570,8 @@ def export_pt2(model: LoadedModel, path: Path, record: dict[str, Any] | None = N
         raise ModelError(f"{path}: a torch.export program is loaded by its .pt2 suffix; name the file *.pt2")
     _refuse_overwriting_the_base(model, [path, card_beside(path)])
     metadata = bundle_metadata(model.card, "0.1.0", record)
-    export_program(model.network, model.card.roi_size, path, metadata)
-    atomic_write_json(card_beside(path), _exported_card(model.card, record, program=True))
-    return path
+    staged = export_program(model.network, model.card.roi_size, staged_program(path), metadata)
+    return _card_then_program(staged, path, _exported_card(model.card, record, program=True))
 
 
 FORMATS = ("bundle", "pt2", "torchscript")

@@ -439,6 +439,39 @@ def test_a_single_file_export_never_writes_over_a_card_where_its_own_would_go(ad
     assert (tmp_path / "k.card.json").read_text() == "{}" and not (tmp_path / "k.ts").exists()
 
 
+@pytest.mark.parametrize("fmt, name", [("torchscript", "k.ts"), ("pt2", "k.pt2")])
+def test_a_single_file_export_stopped_after_its_card_is_completed_by_the_same_command(
+    adapted, tmp_path, monkeypatch, capsys, fmt, name
+):
+    """Ctrl-C (or a kill) after the card is written and before the model file: no model file that loads without
+    its card, and the rerun knows the card as its own export's (its model beside it, hidden), not a user's file."""
+    from ASFDALib.models import export
+
+    _, session, _ = adapted
+    argv = ["export", str(session), "--format", fmt, "--out", str(tmp_path / name)]
+    written = export.atomic_write_json
+
+    def stopped(path, obj):
+        written(path, obj)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "atomic_write_json", stopped)
+    assert main(argv) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{name}.partial", "k.card.json"]
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert f"its card to {tmp_path / 'k.card.json'}" in " ".join(capsys.readouterr().out.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.card.json", name]  # the hidden model moved in
+    clean = tmp_path / "clean"
+    assert main(["export", str(session), "--format", fmt, "--out", str(clean / name)]) == 0
+    card = json.loads((tmp_path / "k.card.json").read_text())
+    assert card == json.loads((clean / "k.card.json").read_text()) and "adapted with ASFDA" in card["description"]
+    assert load_model(tmp_path / name, trust=True).card.class_names == card["class_names"]  # loads with its card
+    assert main(argv) == 1  # finished: the same command now refuses to write over it
+    assert f"{tmp_path / name}: the file already exists" in " ".join(capsys.readouterr().err.split())
+
+
 def test_two_exports_whose_names_differ_after_the_first_dot_keep_a_card_each(adapted, tmp_path):
     """adapted.r1.ts and adapted.r2.ts side by side: adapted.r1.card.json and adapted.r2.card.json."""
     _, session, _ = adapted
