@@ -43,6 +43,11 @@ LOCK_FILE = ".asfda.lock"
 HOLDER_FILE = ".asfda.lock.holder"
 
 
+# what a rank writes at the top of the session folder, in the order it writes them: ranking.json first, so a rank
+# stopped before it finished them leaves a ranking.json of its own whenever any of them is new
+RANKING_FILES = ("ranking.json", "ranking.csv", "ranking.png")
+
+
 class SessionError(ASFDAError):
     """The session folder or its file cannot be used as it is."""
 
@@ -559,3 +564,36 @@ class Session:
         if source_sha256:
             entry["source_sha256"] = source_sha256
         self.data["labels"].setdefault(name, []).append(entry)
+
+
+def unrecorded_query(root: Path | str, session: Session | None = None) -> list[str] | None:
+    """The query shown by the ranking files at the top of session folder ``root`` where session.json does not record
+    it, or None where they are the session's own (or there are none). A rank writes them just before it saves
+    session.json, so one stopped in between (Ctrl-C, a kill) leaves them ahead of the session: the same rank command
+    goes on from them and records their query; until then it is no round's. A first rank's are known by the
+    session's lock file beside them (only a rank into this very folder makes it; [] where no ranking.json names the
+    picks); a later one's by a ranking.json whose picks the session's last round does not end with (a round records
+    a rank's picks after what a re-rank kept of its query, labelled already). ``session``: the one open on ``root``,
+    read from its file where not given; a session file that cannot be read has no query to compare with (None):
+    the commands refuse it themselves."""
+    root = Path(root)
+    if not any((root / name).is_file() for name in RANKING_FILES):
+        return None
+    try:
+        shown = json.loads((root / "ranking.json").read_text(encoding="utf-8"))["selected"]
+    except (OSError, ValueError, KeyError, TypeError):
+        shown = None
+    shown = shown if isinstance(shown, list) and all(isinstance(n, str) for n in shown) else None
+    if not (root / SESSION_FILE).is_file():
+        return (shown or []) if (root / LOCK_FILE).is_file() else None
+    if shown is None:  # no ranking.json to compare (an unreadable one, or ranking files of a version before it)
+        return None
+    try:
+        session = session or Session.open(root)
+    except SessionError:
+        return None
+    if (session.data.get("images") or {}).get("recursive"):  # as _posix_names reads the session's own names
+        shown = [n.replace("\\", "/") for n in shown]
+    recorded = session.rounds[-1]["query"] if session.rounds else []
+    ends_with = len(shown) <= len(recorded) and recorded[len(recorded) - len(shown) :] == shown
+    return None if ends_with else shown

@@ -97,14 +97,14 @@ def _volume_files(folder: Path) -> list[Path]:
 
 def _resumable(path: Path) -> bool:
     """Whether ``path``, in a folder without session.json, is what an interrupted first rank there left, from
-    which the same command goes on: its score cache, or its ranking files (written just before session.json)
-    beside the session's lock file, which only a rank into this very folder makes."""
-    from ASFDALib.adaptation.session import LOCK_FILE
+    which the same command goes on: its score cache, or its ranking files (written just before session.json),
+    which session.unrecorded_query knows as a rank's as it knows a later round's."""
+    from ASFDALib.adaptation.session import unrecorded_query
     from ASFDALib.query.cache import is_score_cache
 
     if path.name == "cache":
         return is_score_cache(path)
-    return path.name.startswith("ranking.") and path.is_file() and (path.parent / LOCK_FILE).is_file()
+    return path.name.startswith("ranking.") and path.is_file() and unrecorded_query(path.parent) is not None
 
 
 def _names(names: list[str], shown: int = 8) -> str:
@@ -334,7 +334,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ASFDALib.adaptation.runs import finish_hint, labels_changed_since, newest_run, session_labels, unfinished_run
-    from ASFDALib.adaptation.session import Session
+    from ASFDALib.adaptation.session import Session, unrecorded_query
     from ASFDALib.data.labels import import_labels, parse_mapping, resolve_cases
 
     action, words = labels_action(args)  # labels_argument_problem has refused every other shape while parsing
@@ -419,6 +419,12 @@ def cmd_labels(args: argparse.Namespace) -> int:
             )
     else:
         then = "; ready for 'asfda finetune'"
+    if (shown := unrecorded_query(session.root, session)) is not None:  # a rank stopped before it recorded them
+        console.print(
+            f"ranking.json shows a query session.json does not record ({', '.join(shown) or 'none'}): a rank "
+            f"stopped before recording it; running that 'asfda rank --out {as_arg(session.root)}' again records it",
+            **WHOLE_LINE,
+        )
     also = f" (and {len(extra)} not queried, imported with --cases or --all)" if extra else ""
     console.print(f"{len(queried) - len(missing)} of {len(queried)} queried volumes labelled{also}{then}", **WHOLE_LINE)
     return 0

@@ -303,7 +303,7 @@ class Workflow:
         """Restore settings, query and table from an existing session folder; False if there is none."""
         import json
 
-        from ASFDALib.adaptation.session import SESSION_FILE, Session, SessionError
+        from ASFDALib.adaptation.session import SESSION_FILE, Session, SessionError, unrecorded_query
 
         path = self.session_path()
         if path is None or not (path / SESSION_FILE).is_file():
@@ -341,6 +341,15 @@ class Workflow:
                 self.settings.pseudo_gate,
             )
         ranking = session.root / "ranking.json"
+        if unrecorded_query(session.root, session) is not None:  # a rank stopped before recording it: no round's query
+            # the session's last round as its rank left it (kept under rankings/ once recorded), if it has one
+            last = session.rounds[-1]["index"] if session.rounds else None
+            ranking = session.root / "rankings" / f"round{last}" / "ranking.json"
+            self.message(
+                "ranking.json shows a query session.json does not record (a rank stopped before recording it): "
+                + (f"showing round {last}'s ranking; " if ranking.is_file() else "")
+                + "rank again to record it"
+            )
         if ranking.is_file():
             self._rows_from_report(json.loads(ranking.read_text()))
             self.phase = Phase.RANKED

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from nibabel import orientations
 
-from ASFDALib.adaptation.session import Session, case_id
+from ASFDALib.adaptation.session import Session, case_id, unrecorded_query
 from ASFDALib.data.volumes import (
     LABEL_FILE_MAX_VALUES,
     Volume,
@@ -747,6 +747,7 @@ def _import_labels(
     predicted = unchanged_predictions(Path(p) for p in pairing.pairs.values())  # one manifest read a folder
     stored = session.labelled()  # each image pairs with one file: its current version does not move below
     drawn_on = session.labelled_images()  # once, not per file: a pool may hold thousands
+    stopped = unrecorded_query(session.root, session) or []  # no round's until its rank is run again
     for name, label_name in sorted(pairing.pairs.items()):
         label_path = Path(label_name)
         notes: list[str] = []
@@ -767,7 +768,12 @@ def _import_labels(
             flaw = f"; as it is, it would be refused: {exc.reason}"  # checked all the same, so it is fixed in time
         if name not in asked:
             why, fix = (
-                ("no round has queried it", "import it with --cases")
+                (
+                    "a rank stopped before session.json recorded its query, which ranking.json shows",
+                    f"run that 'asfda rank --out {as_arg(session.root)}' again, or import it with --cases",
+                )
+                if cases is None and name in stopped
+                else ("no round has queried it", "import it with --cases")
                 if cases is None
                 else ("not among --cases", "add it to --cases")
             )

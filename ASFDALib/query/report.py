@@ -108,10 +108,9 @@ def write_ranking(ranking: Ranking, folder: Path) -> RankingOutputs:
     """ranking.csv and ranking.json, then the plot, which may fail (no matplotlib) without costing them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = {
-        "csv": write_csv(ranking, folder / "ranking.csv"),
-        "json": atomic_write_json(folder / "ranking.json", ranking_dict(ranking)),
-    }
+    # ranking.json first: a rank stopped before the others leaves it new, which says they are (unrecorded_query)
+    written_json = atomic_write_json(folder / "ranking.json", ranking_dict(ranking))
+    written = {"csv": write_csv(ranking, folder / "ranking.csv"), "json": written_json}
     plot, why = draw_or_explain(folder / "ranking.png", lambda path: write_scatter(ranking, path))
     if plot:
         written["png"] = plot

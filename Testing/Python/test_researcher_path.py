@@ -1046,6 +1046,60 @@ def test_a_first_rank_stopped_after_its_ranking_files_resumes_with_the_same_comm
     assert "ranking.csv: exists" in _one_line_error(capsys)
 
 
+def test_a_later_round_rank_stopped_after_its_ranking_files_is_not_the_sessions_query_until_the_same_command_records_it(
+    ranked, tmp_path, monkeypatch, capsys
+):
+    """Round 2's rank stopped between its ranking files and session.json (Ctrl-C, SIGKILL): the labels status, a
+    labels import and the panel hold to the query session.json records, saying how to go on; the same command then
+    records the round its files show, and keeps a copy of them as that round's."""
+    from ASFDALib.adaptation import rounds
+    from ASFDALib.app.workflow import PanelSettings, Workflow
+
+    root, template = ranked
+    session = tmp_path / "s"
+    shutil.copytree(template, session)
+    first = json.loads((session / "session.json").read_text())["rounds"][0]["query"]
+    assert main(["labels", "import", str(session), "--from", str(root / "pool" / "labels")]) == 0
+    finetune = ["finetune", str(session), "--iterations", "2", "--no-pseudo", "--batch-size", "1"]
+    assert main(finetune) == 0
+    argv = ["rank", "--out", str(session), "--budget", "2"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rounds, "record_round", stopped)
+    assert main(argv) == 130
+    monkeypatch.undo()
+    shown = json.loads((session / "ranking.json").read_text())["selected"]
+    recorded = json.loads((session / "session.json").read_text())["rounds"]
+    assert len(shown) == 2 and not set(shown) & set(first) and [r["query"] for r in recorded] == [first]
+    capsys.readouterr()
+    assert main(["labels", str(session)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"ranking.json shows a query session.json does not record ({', '.join(shown)})" in said
+    assert f"'asfda rank --out {session}' again records it" in said
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    shutil.copy(root / "pool" / "labels" / shown[0], gt / shown[0])
+    assert main(["labels", "import", str(session), "--from", str(gt)]) == 1
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"image {shown[0]} was not asked for (a rank stopped before session.json recorded its query" in said
+    assert shown[0] not in json.loads((session / "session.json").read_text())["labels"]
+    panel = Workflow(PanelSettings(session=str(session)))
+    assert panel.reopen()
+    assert panel.query == first and {r.case for r in panel.rows if r.selected} == set(first)  # round 1's own
+    assert main(argv) == 0
+    data = json.loads((session / "session.json").read_text())
+    assert [r["query"] for r in data["rounds"]] == [first, shown]
+    assert json.loads((session / "ranking.json").read_text())["selected"] == shown
+    for name in ("ranking.csv", "ranking.json"):
+        assert content_hash(session / "rankings" / "round2" / name) == content_hash(session / name)
+    assert json.loads((session / "rankings" / "round1" / "ranking.json").read_text())["selected"] == first
+    capsys.readouterr()
+    assert main(["labels", str(session)]) == 0
+    assert "does not record" not in capsys.readouterr().out
+
+
 def test_a_first_rank_refused_by_a_rank_beside_it_leaves_that_ranks_folder_and_lock(
     ranked, tmp_path, monkeypatch, capsys
 ):
