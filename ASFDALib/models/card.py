@@ -76,13 +76,27 @@ class IntensityConfig:
     def describe(self) -> str:
         """The normalisation in words, as the user checks it against the model's training."""
         to = f"{self.b_min:g}..{self.b_max:g}" + ("" if self.clip else ", not clipped")
-        if self.mode == "ct":
+        if self.mode == "ct" and not self.clip and self.a_max != self.a_min and self.b_max != self.b_min:
+            # unclipped, "ct" is a linear map of any scan's values, however it was written (a bundle's
+            # NormalizeIntensityd by a fixed subtrahend and divisor, an MR model's ScaleIntensityRanged): no window,
+            # and no HU unless the scans are CT, so it is said as the map it is
+            return _linear_map(self.a_min, (self.a_max - self.a_min) / (self.b_max - self.b_min), self.b_min)
+        if self.mode == "ct":  # clipped: a window, in the HU that "ct" cards are written in
             return f"CT window {self.a_min:g}..{self.a_max:g} HU to {to}"
         if self.mode == "percentile":
             return f"percentiles {self.lower:g}..{self.upper:g} of each volume to {to}"
         if self.mode == "zscore":
             return f"z-score over {'non-zero voxels' if self.nonzero else 'every voxel'}"
         return "as stored"
+
+
+def _linear_map(a_min: float, scale: float, b_min: float) -> str:
+    """``b_min + (x - a_min) / scale`` written as ``(x - shift) / scale``: ``(x - 40) / 400``, ``(x + 57) / 221``,
+    ``x / 1000``."""
+    shift = a_min - b_min * scale
+    if abs(shift) <= 1e-9 * abs(scale):  # a window centred on 0 to -1..1, say: rounding leaves a trace
+        return f"x / {scale:g}"
+    return f"(x {'-' if shift > 0 else '+'} {abs(shift):g}) / {scale:g}"
 
 
 @dataclass

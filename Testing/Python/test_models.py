@@ -330,7 +330,33 @@ def test_a_bundles_ct_window_clips_only_where_it_says_so_as_in_monai(tmp_path, u
         164.0,
         bool(clip),
     )
-    assert card.describe_input().endswith("CT window -57..164 HU to 0..1" + ("" if clip else ", not clipped"))
+    # unclipped it is no window: the map it is, (x - a_min) / (a_max - a_min)
+    assert card.describe_input().endswith("CT window -57..164 HU to 0..1" if clip else ", (x + 57) / 221")
+    _assert_intensity_as_monai_gives_it([transform], card.intensity)
+
+
+@pytest.mark.parametrize(
+    "transform, described",
+    [
+        # an MR bundle's fixed z-score by its training set's mean and standard deviation
+        ({"_target_": "NormalizeIntensityd", "subtrahend": 310.5, "divisor": 120}, "(x - 310.5) / 120"),
+        ({"_target_": "NormalizeIntensityd", "subtrahend": -20, "divisor": 250}, "(x + 20) / 250"),
+        # a range to -1..1 centred on 0, unclipped
+        (
+            {"_target_": "ScaleIntensityRanged", "a_min": -500, "a_max": 500, "b_min": -1, "b_max": 1},
+            "x / 500",
+        ),
+    ],
+)
+def test_a_bundles_fixed_subtrahend_and_divisor_is_described_as_the_map_it_is_not_as_a_ct_window(
+    tmp_path, unet, transform, described
+):
+    """NormalizeIntensityd by a given subtrahend and divisor (MR bundles normalise so) is stored as an unclipped
+    "ct" card; the Input line says the map, in no unit, where it said "CT window ... HU"."""
+    transform = {**transform, "keys": "image"}
+    folder = _write_bundle(tmp_path / "bundle", {"_target_": "UNet", **UNET_ARGS}, unet, _spleen_like_with(transform))
+    card = load_model(folder).card
+    assert card.describe_input() == f"1.5 x 1.5 x 2 mm voxels, 32 x 32 x 32 windows, {described}"
     _assert_intensity_as_monai_gives_it([transform], card.intensity)
 
 
