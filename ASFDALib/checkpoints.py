@@ -209,9 +209,6 @@ class LoadReport:
     hint: str = ""  # what would keep more of the pre-trained head (models.loading fills it where it can tell)
     # ignored tensors that land in the network's own blocks where it has none (_stray_tensors)
     stray: list[str] = field(default_factory=list)
-    # where the card derived from a model's own config gives the network other input than that config's runner
-    # would (a MONAI bundle's transforms a card cannot say: models.bundle fills it), one sentence each
-    card_notes: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
@@ -243,7 +240,6 @@ class LoadReport:
             )
         if self.key_mapping:
             parts.append(f"keys mapped {self.key_mapping}")
-        parts.extend(self.card_notes)
         if self.hint:
             parts.append(self.hint)
         return "; ".join(parts)

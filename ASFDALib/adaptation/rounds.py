@@ -229,7 +229,9 @@ def rank_round(
     if on_model:
         on_model(model)
     config, notes = round_config(session, model, config)
-    notes += ([moved] if moved else []) + kept_card
+    # what the card read from the model's own config cannot say (a bundle's crop, say): only where it was read so,
+    # at the session's first rank (later ones load the model with the card the session recorded)
+    notes += ([moved] if moved else []) + kept_card + model.card_notes
     labelled = set(session.labelled())
     budget, kept = config.budget, []
     if session.rounds and not session.rounds[-1].get("checkpoint"):  # a re-rank before fine-tuning

@@ -14,7 +14,8 @@ order, with each transform's MONAI defaults for what the config leaves out:
 
 What a card would say but the config does not let ASFDA read (code without trust, a native grid, an intensity
 chain no card setting reproduces) is refused in one line naming the config and ``--card``; what no card can say
-(a scan's stored axis order, transforms ASFDA does not run) is named in the load report's ``card_notes``.
+(a scan's stored axis order, transforms ASFDA does not run) is named in the loaded model's ``card_notes``, which
+``rank`` says among its notes.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import json
 import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,10 @@ class LoadedModel:
     # A session's model: which one it is (the session, source or adapted, the round and its checkpoint's hash),
     # as a prediction's manifest records it; None for a model loaded from its file
     made_by: dict | None = None
+    # where the card derived from the model's own config (a MONAI bundle's transforms: models.bundle) gives the
+    # network other input than that config's runner would, one sentence each; kept here, not in the load report,
+    # as a TorchScript bundle has the card and its notes but no report (rank says them among its notes)
+    card_notes: list[str] = field(default_factory=list)
 
     @property
     def scripted(self) -> bool:
@@ -563,7 +567,7 @@ def _load_bundle(
         if not trust:
             raise TrustRequiredError(f"{weight_path}: TorchScript runs code stored in the file; {_TRUST_HINT}")
         net = torch.jit.load(str(weight_path), map_location="cpu")
-        return LoadedModel(net.eval(), card, "bundle", folder, digest)
+        return LoadedModel(net.eval(), card, "bundle", folder, digest, card_notes=notes)
     spec = _safe_network_spec(config.get("network_def"), config)
     if spec is not None:
         spec = spec_for_classes(spec, card.num_classes)
@@ -586,5 +590,4 @@ def _load_bundle(
     report = _apply_weights(
         net, load_weights(weight_path, trust), card, class_map, weight_path, bundle_class_names(folder)
     )
-    report.card_notes = notes
-    return LoadedModel(net.eval(), card, "bundle", folder, digest, spec, report, class_map)
+    return LoadedModel(net.eval(), card, "bundle", folder, digest, spec, report, class_map, card_notes=notes)

@@ -483,7 +483,7 @@ MODEL_ZOO = {
         "inferer": ZOO_INFERER,
     },
 }
-ZOO_CARDS = {  # spacing, intensity and the load report's notes of what MONAI runs
+ZOO_CARDS = {  # spacing, intensity and the card notes of what MONAI runs that the card cannot say
     "spleen_ct_segmentation": ((1.5, 1.5, 2.0), {"mode": "ct", "a_min": -57, "a_max": 164}, []),
     "prostate_mri_anatomy": ((0.5, 0.5, 0.5), {"mode": "zscore", "nonzero": False}, []),
     "wholeBody_ct_segmentation": (
@@ -509,8 +509,8 @@ ZOO_CARDS = {  # spacing, intensity and the load report's notes of what MONAI ru
 @pytest.mark.parametrize("name", sorted(MODEL_ZOO))
 def test_a_model_zoo_bundles_card_is_what_monai_runs_the_bundle_with(tmp_path, unet, name):
     """The zoo's own preprocessing blocks: the card gives the network the spacing, window and intensity MONAI gives
-    it (MONAI's transforms, built by its parser from the same config, on the same CT values), and the load report
-    names what no card can say."""
+    it (MONAI's transforms, built by its parser from the same config, on the same CT values), and its card notes
+    name what no card can say."""
     from ASFDALib.models.card import IntensityConfig
 
     sections = MODEL_ZOO[name]
@@ -522,7 +522,7 @@ def test_a_model_zoo_bundles_card_is_what_monai_runs_the_bundle_with(tmp_path, u
     assert (model.card.spacing, model.card.roi_size) == (spacing, (96, 96, 96))
     assert model.card.intensity == IntensityConfig(**intensity)
     assert model.card.class_names == ["background", "liver", "spleen", "pancreas"]
-    assert model.load_report.card_notes == notes and all(n in model.load_report.summary for n in notes)
+    assert model.card_notes == notes
     from ASFDALib.data.preprocess import intensity_transform
 
     ours = intensity_transform(model.card.intensity)(CT_SCAN.clone()).as_tensor()
@@ -559,8 +559,8 @@ def test_a_bundle_setting_in_code_is_read_only_with_trust_and_a_native_grid_is_r
         load_model(folder, trust=True)
 
 
-def test_what_no_card_can_say_is_in_the_load_report_and_other_keys_transforms_are_not_the_images(tmp_path, unet):
-    """A transform ASFDA does not run: named in the load report's summary (the rank command's Weights line); the
+def test_what_no_card_can_say_is_in_the_models_card_notes_and_other_keys_transforms_are_not_the_images(tmp_path, unet):
+    """A transform ASFDA does not run: named in the loaded model's card notes (rank's notes); the
     orientation is the card's axcodes; a label's transforms and a disabled one (MONAI's _disabled_) set nothing."""
     sections = {
         "skip_zscore": True,
@@ -592,8 +592,7 @@ def test_what_no_card_can_say_is_in_the_load_report_and_other_keys_transforms_ar
         "configs/inference.json: ASFDA does not run ThresholdIntensityd on the image; where they change it, the "
         "network is given other input than MONAI gives it",
     ]
-    assert model.load_report.card_notes == notes
-    assert model.load_report.summary.endswith("; ".join(notes))
+    assert model.card_notes == notes
 
 
 @pytest.mark.parametrize(
@@ -687,7 +686,7 @@ def test_an_exported_bundle_read_without_its_card_gives_the_card_it_was_exported
         (32, 32, 48),
         card.intensity,
     )
-    assert back.card.axcodes == axcodes and back.load_report.card_notes == []
+    assert back.card.axcodes == axcodes and back.card_notes == []
 
 
 def test_an_unclipped_window_is_a_card_choice_kept_only_where_chosen(tmp_path):

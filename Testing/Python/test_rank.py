@@ -212,6 +212,66 @@ def test_torchscript_model_uses_the_energy_fallback_and_says_so(tmp_path, defaul
     assert json.loads((tmp_path / "s" / "ranking.json").read_text())["knowledge"] == "energy"
 
 
+def _default_model_as_bundle(folder: Path, model, weights: str) -> Path:
+    """The default model as a MONAI bundle of ``models/<weights>`` (its state dict, or TorchScript for ``.ts``),
+    whose transforms crop each scan to its foreground and orient nothing: what its card cannot say."""
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    if weights.endswith(".ts"):
+        torch.jit.script(model.network.cpu()).save(str(folder / "models" / weights))
+    else:
+        torch.save(model.network.state_dict(), folder / "models" / weights)
+    card = model.card
+    steps = [
+        {"_target_": "LoadImaged", "keys": "image"},
+        {"_target_": "EnsureChannelFirstd", "keys": "image"},
+        {"_target_": "Spacingd", "keys": "image", "pixdim": list(card.spacing)},
+        {"_target_": "CropForegroundd", "keys": "image", "source_key": "image"},
+        {
+            "_target_": "ScaleIntensityRangePercentilesd",
+            "keys": "image",
+            "lower": 0.5,
+            "upper": 99.5,
+            "b_min": 0.0,
+            "b_max": 1.0,
+            "clip": True,
+        },
+    ]
+    config = {
+        "network_def": {"_target_": card.network.name, **card.network.args},
+        "preprocessing": {"_target_": "Compose", "transforms": steps},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(card.roi_size), "sw_batch_size": 1},
+    }
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    pred = {"channel_def": dict(enumerate(card.class_names))}
+    meta = {"name": "default as a bundle", "network_data_format": {"outputs": {"pred": pred}}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("weights", ["model.pt", "model.ts"])
+def test_a_bundles_card_notes_reach_the_user_for_state_dict_and_torchscript_bundles_alike(
+    tmp_path, default_model, mri_pool, capsys, weights
+):
+    """What the card derived from a bundle's configs cannot say is among rank's notes, once, printed and in
+    ranking.json, whether the bundle's weights are a state dict (with a load report) or TorchScript (none)."""
+    bundle = _default_model_as_bundle(tmp_path / "bundle", default_model, weights)
+    out = tmp_path / "s"
+    args = ["rank", "--model", str(bundle), "--images", str(mri_pool / "images"), "--out", str(out), "--trust"]
+    assert main(args) == 0
+    notes = [
+        "configs/inference.json: no Orientationd on the image: MONAI gives the network each scan in its stored axis "
+        "order, ASFDA in RAS order (the same for scans stored RAS)",
+        "configs/inference.json: CropForegroundd: MONAI runs the network on each scan's foreground box only, ASFDA "
+        "on the whole scan (and ScaleIntensityRangePercentilesd takes its statistics over the box)",
+    ]
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert all(printed.count(note) == 1 for note in notes)  # not also in the Weights line of a model.pt bundle
+    ranking = json.loads((out / "ranking.json").read_text())
+    assert [n for n in ranking["notes"] if n.startswith("configs/")] == notes
+    assert (ranking["model_load"] is None) == weights.endswith(".ts")
+
+
 def test_source_statistics_file_is_computed_and_used(tmp_path, default_model, mri_pool):
     from ASFDALib.bench.phantoms import write_phantoms
 
