@@ -177,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of volumes (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, "
         "DICOM series folders); default: a built-in sample pool",
     )
-    rank.add_argument("--recursive", action="store_true", help="also search sub-folders")
+    rank.add_argument(
+        "--recursive",
+        action="store_true",
+        help="also search sub-folders (a BIDS dataset's derivatives/, sourcedata/ and code/ hold no scans: left out)",
+    )
     rank.add_argument(
         "--out",
         type=new_path,
@@ -277,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=existing_path,
         help="label file or folder to import; files pair with images by case name: case_seg, case_mask, "
         "case.seg.nrrd for the image case; case for nnU-Net's case_0000; BIDS names by their entities "
-        "(the suffix and seg/desc entities ignored); a label that fits no image or several is refused",
+        "(the suffix and seg/desc entities ignored; a derivative's label entity too where nothing else fits; "
+        "sub-01_T1w_desc-x_dseg only for the T1w); a recursive pool's labels in sub-folders that mirror it "
+        "(a BIDS derivatives/PIPELINE tree) pair with the scans of their own sub-folder; a label that fits no image "
+        "or several is refused",
     )
     labels.add_argument("--map", help=MAP_HELP)
     labels.add_argument("--all", action="store_true", help="import labels of every volume, not only the queried ones")

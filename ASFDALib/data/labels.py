@@ -431,7 +431,10 @@ def name_key(name: str) -> tuple[str, bool]:
 
     ``case_0000.nii.gz`` (nnU-Net channel), ``case_seg.nrrd``, ``case-label.nii``, ``case.seg.nrrd`` -> 'case';
     BIDS ``sub-mri_label-6_T2w`` and ``sub-mri_seg-subreg_label-6_msk`` -> 'sub-mri_label-6': the suffix
-    (modality or msk/dseg) and the derivative entities (seg-, desc-, ...) dropped, the rest kept in order.
+    (modality or msk/dseg) and the derivative entities (seg-, desc-, ...) dropped, the rest kept in order; a
+    derivative named after its source file, suffix included (``sub-01_T1w_desc-brain_dseg``,
+    ``sub-01_T1w_label-GM_mask``), is the source's case ('sub-01'): entities after that suffix are the
+    derivative's own.
     """
     case, bids = _case_name(name)
     return case.lower(), bids
@@ -439,6 +442,14 @@ def name_key(name: str) -> tuple[str, bool]:
 
 def _case_name(name: str) -> tuple[str, bool]:
     """:func:`name_key` with the name's own upper and lower case, as a message shows it."""
+    case, bids, _ = _read_name(name)
+    return case, bids
+
+
+def _read_name(name: str) -> tuple[str, bool, str]:
+    """:func:`_case_name`, and for a BIDS name with a suffix the source file's name it implies, entities and
+    suffix (``sub-01_T1w`` of ``sub-01_T1w_desc-brain_dseg``; "" for none): which of a subject's scans
+    (T1w, T2w) a derivative named so segments."""
     stem = case_id(Path(name).name)
     for suffix in LABEL_SUFFIXES:
         if stem.lower().endswith(suffix) and len(stem) > len(suffix):
@@ -447,11 +458,22 @@ def _case_name(name: str) -> tuple[str, bool]:
     stem = NNUNET_CHANNEL.sub("", stem)
     tokens = stem.split("_")
     lower = [t.lower() for t in tokens]
-    if len(tokens) > 1 and lower[0].startswith("sub-") and all(BIDS_ENTITY.fullmatch(t) for t in lower[:-1]):
-        count = len(tokens) if BIDS_ENTITY.fullmatch(lower[-1]) else len(tokens) - 1
+    bare = [i for i, low in enumerate(lower) if not BIDS_ENTITY.fullmatch(low)]  # suffixes: T1w, not key-value
+    if len(tokens) > 1 and lower[0].startswith("sub-") and len(bare) <= 1:
+        count = bare[0] if bare else len(tokens)  # the source's entities: those before its suffix
         kept = [t for t, low in zip(tokens[:count], lower) if low.split("-", 1)[0] not in BIDS_DERIVATIVE_ENTITIES]
-        return "_".join(kept), True
-    return stem, False
+        return "_".join(kept), True, "_".join([*kept, tokens[bare[0]]]) if bare and bare[0] > 0 else ""
+    return stem, False, ""
+
+
+def _keys(name: str) -> list[str]:
+    """The :func:`name_key` a file pairs by, then for a BIDS name with a ``label-`` entity the key without it:
+    a derivative mask names its structure so (``sub-01_label-GM_mask`` of ``sub-01_T1w``), where some datasets'
+    scans carry one of their own (TPTBox's ``sub-mri_label-6_T2w``), which is why it is kept first."""
+    key, bids = name_key(name)
+    tokens = key.split("_")
+    kept = [t for t in tokens if not t.startswith("label-")]
+    return [key, "_".join(kept)] if bids and len(kept) < len(tokens) else [key]
 
 
 @dataclass
@@ -496,6 +518,7 @@ def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
     """
     exact: dict[str, list[str]] = {}
     keyed: dict[str, list[str]] = {}
+    sources = {image: _read_name(image)[2].lower() for image in image_names}  # by the file's name
     for image in image_names:
         for name in _names_of(image):
             exact.setdefault(case_id(name).lower(), []).append(image)
@@ -505,7 +528,14 @@ def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
     for label in label_names:
         # a nested label (evaluate's maps at a recursive pool's paths) by its whole path first, / as _, then its file
         exact_fits = (exact.get(case_id(name).lower()) for name in reversed(_names_of(label)))
-        candidates = next((c for c in exact_fits if c), None) or keyed.get(name_key(label)[0], [])
+        # BIDS names that both say their source's suffix are of one scan only if it is the same: a derivative
+        # sub-01_T1w_desc-brain_dseg is sub-01_T1w's, not sub-01_T2w's (nor a map of the T2w a T1w's reference)
+        source = _read_name(label)[2].lower()
+        key_fits = (
+            [i for i in keyed.get(key, []) if not (source and sources[i]) or sources[i] == source]
+            for key in _keys(label)
+        )
+        candidates = next((c for c in itertools.chain(exact_fits, key_fits) if c), [])
         if len(candidates) == 1:
             claims.setdefault(candidates[0], []).append(label)
         elif candidates:
@@ -527,17 +557,53 @@ def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
             if any(_nested(image) for image in nearest):
                 closest += f" (a scan in a sub-folder pairs with its path, / as _: {case_id(nearest[0])})"
             result.problems[label] = f"{NO_IMAGE} (expected {_expected_image(label)}; {closest})"
+    _settle(claims, result)
+    return result
+
+
+def _settle(claims: dict[str, list[str]], result: Pairing) -> None:
+    """Each image's one label into ``result.pairs``; an image several labels claim is refused, each label naming
+    the others (by file name, and a nested one by its path under its folder: two folders may hold the same)."""
     for image, labels in claims.items():
         if len(labels) == 1:
             result.pairs[image] = labels[0]
             continue
         result.contested.add(image)
         for label in labels:
-            others = ", ".join(Path(other).name for other in labels if other != label)
+            others = ", ".join(other if _nested(other) else Path(other).name for other in labels if other != label)
             result.problems[label] = (
                 f"several label files fit image {image} (also {others}); keep one in the folder or "
                 "import one with --from FILE"
             )
+
+
+def _folder(name: str) -> str:
+    """The sub-folder part of a name under its folder: ``site1`` of ``site1/a.nii.gz``, "" at the top."""
+    return name.rpartition("/")[0] if _nested(name) else ""
+
+
+def pair_mirrored(label_names: list[str], image_names: list[str]) -> Pairing:
+    """:func:`pair_names` where the labels' sub-folders mirror the images' (a recursive pool's, the maps
+    ``asfda predict --recursive`` writes, a BIDS ``derivatives/<pipeline>`` tree): a label in a sub-folder pairs
+    with the images of the same sub-folder only (``site1/a_seg`` with ``site1/a``, never ``site2/a``; a BIDS
+    ``sub-01/anat/sub-01_T1w_desc-brain_dseg`` with ``sub-01/anat/sub-01_T1w``), one at the top with any image.
+    Images all at the top: every label pairs by name wherever it lies. Two labels of one image from different
+    folders are refused like two from one."""
+    if not any(_nested(image) for image in image_names):
+        return pair_names(label_names, image_names)
+    groups: dict[str, list[str]] = {}
+    for label in label_names:
+        groups.setdefault(_folder(label), []).append(label)
+    result = Pairing()
+    claims: dict[str, list[str]] = {}
+    for folder, labels in sorted(groups.items()):
+        images = image_names if not folder else [i for i in image_names if _folder(i) == folder]
+        part = pair_names(labels, images)
+        result.problems |= part.problems
+        result.contested |= part.contested
+        for image, label in part.pairs.items():
+            claims.setdefault(image, []).append(label)
+    _settle(claims, result)
     return result
 
 
@@ -678,13 +744,12 @@ def _same_label(stored: Path, label: np.ndarray, affine: np.ndarray) -> bool:
 
 
 def _label_files(session: Session, source: Path) -> dict[str, Path]:
-    """A label folder's files by the name each pairs by: its path as given, and where the session's pool is
-    recursive also those in sub-folders, by their path under ``source`` with ``_`` for ``/`` (a folder that
-    mirrors the pool, as ``asfda predict --recursive`` writes its maps: ``site1/a.nii.gz`` pairs with the scan
-    ``site1/a.nii.gz`` only, never with ``site2/a.nii.gz``)."""
+    """A label folder's files by the name each pairs by (:func:`pair_mirrored`): their path under ``source``,
+    where the session's pool is recursive also those in sub-folders (a folder that mirrors the pool, as
+    ``asfda predict --recursive`` writes its maps or a BIDS ``derivatives/<pipeline>`` holds its labels)."""
     recursive = bool((session.data.get("images") or {}).get("recursive"))
     files = discover_volumes(source, recursive, exclude=[session.root])
-    return {str(p) if p.parent == source else relative_name(p, source).replace("/", "_"): p for p in files}
+    return {relative_name(p, source): p for p in files}
 
 
 def import_labels(
@@ -732,14 +797,14 @@ def _import_labels(
             f"rank the pool where it is now once, 'asfda rank --out {as_arg(session.root)} --images NEW_FOLDER', "
             "then import again",
         )
-    files = {str(source): source} if source.is_file() else _label_files(session, source)
+    files = {source.name: source} if source.is_file() else _label_files(session, source)
     asked = list(session.queried() if cases is None else cases)
     report = ImportReport(asked=asked, pool=len(session.image_names()), mapped=bool(mapping), source=str(source))
     if source.is_file() and len(asked) == 1 and cases is not None:
         pairing = Pairing({asked[0]: str(source)})
     else:
-        pairing = pair_names(list(files), session.image_names())
-        # a label in a sub-folder went by its path, / as _: named by that path again in what is said
+        pairing = pair_mirrored(list(files), session.image_names())
+        # a label went by its name under the folder: named by its whole path again in what is said
         pairing.pairs = {name: str(files[label]) for name, label in pairing.pairs.items()}
         pairing.problems = {str(files[label]): reason for label, reason in pairing.problems.items()}
     for label, reason in pairing.problems.items():  # a file of no image in the pool is skipped, not an error

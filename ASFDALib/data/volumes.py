@@ -156,6 +156,8 @@ def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> tup
     for current, dirs, files in os.walk(root, followlinks=False):
         here = Path(current)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() not in excluded)
+        if BIDS_DESCRIPTION in files:  # a BIDS dataset: its derived maps (labels), raw sources and code are no scans
+            dirs[:] = [d for d in dirs if d not in BIDS_NOT_SCANS]
         if here != root and _is_dicom_dir(here, files):
             found.append(here)
             dirs[:] = []
@@ -246,6 +248,11 @@ def looks_like_label_map(array: np.ndarray, max_values: int = LABEL_MAP_MAX_VALU
     return True
 
 
+# A BIDS dataset's root (and a derivative dataset's) holds its description; the folders the BIDS specification
+# keeps for what is not its scans: derivatives/<pipeline>/ (segmentations: the labels), sourcedata/ (the DICOM
+# converted from), code/
+BIDS_DESCRIPTION = "dataset_description.json"
+BIDS_NOT_SCANS = frozenset({"derivatives", "sourcedata", "code"})
 OS_FILES = frozenset({"thumbs.db", "desktop.ini"})  # what Windows Explorer writes into a folder it shows
 
 

@@ -23,7 +23,7 @@ from ASFDALib.data.labels import (
     align_to_image,
     classes_by_segment_name,
     example_map,
-    pair_names,
+    pair_mirrored,
     read_label,
     refuse_intensity_image,
     value_ranges,
@@ -105,31 +105,17 @@ def case_files(pred_dir: Path, label_dir: Path) -> tuple[list[Path], list[Path]]
     return discover_volumes(pred_dir, recursive=nested), discover_volumes(label_dir, recursive=nested)
 
 
-def _folder(name: str) -> str:
-    """The sub-folder part of a case's name under its folder: ``site1`` of ``site1/a.nii.gz``, "" at the top."""
-    return name.rpartition("/")[0]
-
-
 def pair_cases(pred_dir: Path, label_dir: Path) -> tuple[Pairing, dict[str, Path], dict[str, Path]]:
-    """Predictions paired with references by case name (:func:`pair_names`), each known by its name under its
+    """Predictions paired with references by case name (:func:`pair_mirrored`), each known by its name under its
     folder (``site1/a.nii.gz`` where predict wrote nested maps, as the manifest records it); also those names'
-    files, predictions' then references'. A reference folder of sub-folders mirrors the pool: a map pairs with a
-    reference of its own sub-folder (``site1/a`` with ``site1/a_seg``, never ``site2/a``); a flat one pairs with
-    maps wherever they lie, by file name alone, two that fit one reference being refused as always."""
+    files, predictions' then references'. A reference folder of sub-folders mirrors the pool (a BIDS
+    ``derivatives/<pipeline>`` tree, say): a map pairs with a reference of its own sub-folder (``site1/a`` with
+    ``site1/a_seg``, never ``site2/a``); a flat one pairs with maps wherever they lie, by file name alone, two
+    that fit one reference being refused as always."""
     preds, refs = case_files(pred_dir, label_dir)
     predictions = {relative_name(p, pred_dir): p for p in preds}
     references = {relative_name(p, label_dir): p for p in refs}
-    if all("/" not in name for name in references):
-        return pair_names(list(predictions), list(references)), predictions, references
-    pairing = Pairing()
-    for folder in sorted({_folder(n) for n in (*predictions, *references)}):
-        part = pair_names(
-            [n for n in predictions if _folder(n) == folder], [n for n in references if _folder(n) == folder]
-        )
-        pairing.pairs |= part.pairs
-        pairing.problems |= part.problems
-        pairing.contested |= part.contested
-    return pairing, predictions, references
+    return pair_mirrored(list(predictions), list(references)), predictions, references
 
 
 def evaluate_folders(

@@ -16,6 +16,7 @@ from ASFDALib.data.labels import (
     check_grid,
     match_labels,
     name_key,
+    pair_mirrored,
     pair_names,
     parse_mapping,
     validate_label,
@@ -122,6 +123,11 @@ def test_bad_mapping_text_is_explained():
         ("sub-mri_label-6_T2w_seg.nii.gz", "sub-mri_label-6"),  # an asfda prediction of a BIDS scan
         # BIDS-like but not BIDS (free words after the entities): the segmentation suffix still goes
         ("sub-0001_ses-01_T1w_fat_suppressed_dseg.nii.gz", "sub-0001_ses-01_t1w_fat_suppressed"),
+        # a BIDS derivative named after its source file: the entities after the source's suffix are its own
+        ("sub-01_ses-1_T1w_desc-brain_dseg.nii.gz", "sub-01_ses-1"),
+        ("sub-01_T1w_label-GM_mask.nii.gz", "sub-01"),
+        # as the specification names a mask: label- kept (a TPTBox scan's own), dropped only where nothing fits
+        ("sub-01_ses-1_label-GM_mask.nii.gz", "sub-01_ses-1_label-gm"),
     ],
 )
 def test_a_file_name_reduces_to_its_case(name, key):
@@ -297,3 +303,50 @@ def test_a_label_named_by_a_nested_series_path_pairs_with_it_where_the_series_fo
     )
     unpaired = pair_names(["PT000000_ST000001.nii.gz"], images).problems["PT000000_ST000001.nii.gz"]  # no series
     assert unpaired.endswith("(a scan in a sub-folder pairs with its path, / as _: PT000000_ST000001_SE000000))")
+
+
+BIDS_SCANS = ["sub-01/anat/sub-01_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz", "sub-02/anat/sub-02_T2w.nii.gz"]
+
+
+def test_bids_derivatives_pair_with_the_scan_of_their_own_sub_folder_by_entities_and_source_suffix():
+    """A derivatives/<pipeline> tree mirrors the dataset: _dseg, desc- and label- (a mask's structure) are the
+    derivative's; a label naming its source's suffix is that scan's (sub-02's T1w, not the T2w beside it); a
+    file under another subject's folder pairs with nothing there."""
+    labels = [
+        "sub-01/anat/sub-01_label-liver_mask.nii.gz",
+        "sub-02/anat/sub-02_T1w_desc-tumor_dseg.nii.gz",
+        "sub-02/anat/sub-01_T1w_dseg.nii.gz",
+    ]
+    pairing = pair_mirrored(labels, BIDS_SCANS)
+    assert pairing.pairs == {
+        "sub-01/anat/sub-01_T1w.nii.gz": "sub-01/anat/sub-01_label-liver_mask.nii.gz",
+        "sub-02/anat/sub-02_T1w.nii.gz": "sub-02/anat/sub-02_T1w_desc-tumor_dseg.nii.gz",
+    }
+    assert pairing.problems == {
+        "sub-02/anat/sub-01_T1w_dseg.nii.gz": "no image has this case name (expected 'sub-01_<modality>.nii.gz'; "
+        "closest: sub-02/anat/sub-02_T1w.nii.gz (a scan in a sub-folder pairs with its path, / as _: "
+        "sub-02_anat_sub-02_T1w))"
+    }
+
+
+def test_a_bids_derivative_that_fits_two_scans_or_two_derivatives_of_one_scan_are_refused_naming_the_files():
+    """A derivative named by entities alone (the specification's sub-02_desc-tumor_dseg) fits both of sub-02's
+    scans; two derivatives of sub-01's one scan (a dseg and a mask) fit it both: each refused in one line naming
+    the files, nothing guessed."""
+    labels = [
+        "sub-02/anat/sub-02_desc-tumor_dseg.nii.gz",
+        "sub-01/anat/sub-01_T1w_dseg.nii.gz",
+        "sub-01/anat/sub-01_label-liver_mask.nii.gz",
+    ]
+    pairing = pair_mirrored(labels, BIDS_SCANS)
+    assert pairing.pairs == {}
+    assert pairing.problems == {
+        "sub-02/anat/sub-02_desc-tumor_dseg.nii.gz": "fits several images (sub-02/anat/sub-02_T1w.nii.gz, "
+        "sub-02/anat/sub-02_T2w.nii.gz); import it alone with --from FILE --cases IMAGE, or name it by its scan's "
+        "path, / as _ (sub-02_anat_sub-02_T1w)",
+        "sub-01/anat/sub-01_T1w_dseg.nii.gz": "several label files fit image sub-01/anat/sub-01_T1w.nii.gz (also "
+        "sub-01/anat/sub-01_label-liver_mask.nii.gz); keep one in the folder or import one with --from FILE",
+        "sub-01/anat/sub-01_label-liver_mask.nii.gz": "several label files fit image sub-01/anat/sub-01_T1w.nii.gz "
+        "(also sub-01/anat/sub-01_T1w_dseg.nii.gz); keep one in the folder or import one with --from FILE",
+    }
+    assert pairing.contested == set(BIDS_SCANS)

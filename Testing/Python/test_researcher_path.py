@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ASFDALib.app.cli import build_parser, main
-from ASFDALib.data.volumes import content_hash
+from ASFDALib.data.volumes import content_hash, relative_name
 
 CARD = "Resources/Model/asfda_default.card.json"
 
@@ -1629,6 +1629,78 @@ def test_evaluate_pairs_nested_maps_with_the_references_of_their_own_sub_folder(
     said = " ".join(capsys.readouterr().out.split())
     assert "2 predictions in" in said and "fit the same reference as another" in said
     assert "left out: site1/a.nii.gz, site2/anat/a.nrrd (keep one prediction per case)" in said
+
+
+# A BIDS derivatives tree's names for each scan's label: the source's name then dseg, with a desc- entity, and a
+# mask named by its structure (label-) as the specification writes a derivative: the source's entities, no suffix
+BIDS_LABELS = {
+    "sub-01/anat/sub-01_T1w.nii.gz": "sub-01/anat/sub-01_T1w_dseg.nii.gz",
+    "sub-02/anat/sub-02_T1w.nii.gz": "sub-02/anat/sub-02_T1w_desc-tumor_dseg.nii.gz",
+    "sub-03/anat/sub-03_T1w.nii.gz": "sub-03/anat/sub-03_label-liver_mask.nii.gz",
+}
+
+
+def _bids_dataset(ranked, folder: Path) -> Path:
+    """A BIDS dataset of ``ranked``'s scans (sub-0N/anat/sub-0N_T1w) with a sub-02 T2w beside its T1w, and the
+    scans' reference labels in derivatives/manual under BIDS_LABELS' names."""
+    from ASFDALib.data.volumes import read_volume, write_volume
+
+    scans = sorted((ranked[0] / "pool" / "images").iterdir())
+    for (scan, label), source in zip(BIDS_LABELS.items(), scans):
+        volume = read_volume(source)
+        write_volume(folder / scan, volume.array, volume.affine)
+        reference = read_volume(ranked[0] / "pool" / "labels" / source.name, allow_constant=True)
+        write_volume(folder / "derivatives" / "manual" / label, reference.array, reference.affine)
+    t2 = read_volume(scans[3])
+    write_volume(folder / "sub-02" / "anat" / "sub-02_T2w.nii.gz", t2.array, t2.affine)
+    (folder / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.9.0"}))
+    return folder / "derivatives" / "manual"
+
+
+def test_labels_import_pairs_a_bids_derivatives_tree_with_the_scans_of_its_own_sub_folders(ranked, tmp_path, capsys):
+    """A BIDS dataset ranked from its root with --recursive: derivatives/ holds no scans (BIDS keeps it for derived
+    maps), and its labels pair each with the scan of its own sub-folder by the BIDS entities (_dseg, desc-,
+    label-): sub-02's tumour label with its T1w, not the T2w beside it."""
+    from ASFDALib.data.volumes import read_volume
+
+    bids, session = tmp_path / "bids", tmp_path / "sess"
+    derivatives = _bids_dataset(ranked, bids)
+    assert main(["rank", "--images", str(bids), "--recursive", "--out", str(session), "--budget", "1"]) == 0
+    recorded = json.loads((session / "session.json").read_text())
+    assert sorted(f["name"] for f in recorded["images"]["files"]) == sorted(
+        [*BIDS_LABELS, "sub-02/anat/sub-02_T2w.nii.gz"]
+    )
+    capsys.readouterr()
+    assert main(["labels", "import", str(session), "--from", str(derivatives), "--cases", ",".join(BIDS_LABELS)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    for scan, label in BIDS_LABELS.items():
+        assert f"imported {scan} <- {derivatives / label}" in said
+    labels = json.loads((session / "session.json").read_text())["labels"]
+    assert sorted(labels) == sorted(BIDS_LABELS)
+    for scan, label in BIDS_LABELS.items():
+        stored = read_volume(session / labels[scan][-1]["file"], allow_constant=True).array
+        assert np.array_equal(stored, read_volume(derivatives / label, allow_constant=True).array)
+
+
+def test_evaluate_pairs_maps_of_a_bids_dataset_with_its_derivatives_references(ranked, tmp_path):
+    """predict --recursive over a BIDS root writes no map for derivatives/; evaluate pairs each map with the
+    reference of its own sub-folder in derivatives/<pipeline> by its BIDS name (each reference is the case's map
+    itself, so a map paired with another case's would score below 1)."""
+    import csv
+
+    _, session = ranked
+    bids, out = tmp_path / "bids", tmp_path / "pred"
+    derivatives = _bids_dataset(ranked, bids)
+    assert main(["predict", str(session), "--images", str(bids), "--recursive", "--out", str(out)]) == 0
+    maps = sorted(relative_name(p, out) for p in out.rglob("*.nii.gz"))
+    assert maps == sorted([*BIDS_LABELS, "sub-02/anat/sub-02_T2w.nii.gz"])
+    for scan, label in BIDS_LABELS.items():
+        shutil.copy(out / scan, derivatives / label)
+    assert main(["evaluate", "--pred", str(out), "--labels", str(derivatives), "--card", CARD]) == 0
+    with open(out / "evaluation.csv", newline="") as handle:
+        rows = {row["case"]: row for row in csv.DictReader(handle)}
+    assert sorted(rows) == sorted(["MEAN", *BIDS_LABELS.values()])
+    assert all(float(row["dice_mean"]) == 1.0 for row in rows.values())
 
 
 def test_evaluate_pairs_nested_maps_with_flat_references_named_by_their_path(ranked, tmp_path):
