@@ -63,6 +63,20 @@ def write_dicom_series(folder: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0),
     return folder
 
 
+def save_part10(ds, path: Path) -> Path:
+    """Write ``ds`` as a DICOM Part 10 file (128-byte preamble, DICM, file meta), as an export writes it, under
+    pydicom 2.x and 3.x alike: 3.0 renamed 2.x's ``write_like_original=False`` to ``enforce_file_format=True``
+    (and 4.0 drops the old name), and 3D Slicer brings either, so the fixtures run under the floor pyproject
+    states."""
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.save_as(path, write_like_original=False)
+    return path
+
+
 def edit_dicom_slice(folder: Path, index: int, **tags) -> Path:
     """Overwrite DICOM attributes (pydicom keywords) of the ``index``-th slice file of a series folder."""
     import pydicom

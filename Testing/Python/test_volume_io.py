@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import DATA, copy_dicom_series, write_dicom_series
+from conftest import DATA, copy_dicom_series, save_part10, write_dicom_series
 
 from ASFDALib.data.volumes import (
     content_hash,
@@ -374,7 +374,7 @@ def _non_image(path, modality: str, sop_class: str) -> None:
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.Modality, ds.SeriesInstanceUID = modality, generate_uid()
     ds.preamble = b"\0" * 128
-    ds.save_as(path, enforce_file_format=True)
+    save_part10(ds, path)
 
 
 def test_structures_segmentations_reports_and_dose_beside_a_series_are_left_out_of_it(tmp_path):
@@ -391,9 +391,7 @@ def test_structures_segmentations_reports_and_dose_beside_a_series_are_left_out_
     others.mkdir()
     for name in ("rtstruct.dcm", "liver_1frame.dcm", "test-SR.dcm", "rtplan.dcm", "rtdose.dcm"):
         # as an export writes them: Part 10 files (pydicom's rtstruct.dcm has no preamble), no extension
-        pydicom.dcmread(get_testdata_file(name), force=True).save_as(
-            others / name.replace(".dcm", ""), enforce_file_format=True
-        )
+        save_part10(pydicom.dcmread(get_testdata_file(name), force=True), others / name.replace(".dcm", ""))
     _non_image(others / "PR000001", "PR", "1.2.840.10008.5.1.4.1.1.11.1")
     for path in others.iterdir():
         shutil.copy(path, tmp_path / "series" / path.name)
