@@ -7,6 +7,7 @@ half-written file.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -66,6 +67,16 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
             tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_scratch(path: Path) -> None:
+    """Remove what writes of ``path`` killed mid-write left beside it: :func:`atomic_write`'s ``.<name>.*.tmp``
+    and the suffixed ``.<name>.*.tmp.<ext>`` a writer that picks its format by suffix makes from it (SimpleITK's
+    NRRD, MetaImage). Only for a caller that alone writes ``path`` (it holds the lock guarding it)."""
+    path = Path(path)
+    for scratch in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        if scratch.is_file() and (scratch.name.endswith(".tmp") or ".tmp." in scratch.name):
+            scratch.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from ASFDALib.atomic import atomic_write_json
+from ASFDALib.atomic import atomic_write_json, remove_scratch
 from ASFDALib.errors import ASFDAError
 
 PREDICTIONS_MANIFEST = "asfda_predictions.json"  # the label maps asfda predict wrote into a folder
@@ -183,6 +183,8 @@ def claim_predictions(out: Path, targets: list[Path], fix: str, check_only: bool
     if check_only:  # the refusals alone, writing nothing (not even the folder)
         return list(existing.values())
     out.mkdir(parents=True, exist_ok=True)
+    for target in targets:  # what a run killed mid-write left (the lock makes these writes this run's alone)
+        remove_scratch(target)
     # the earlier runs' record of which model made their maps stays; record_predictions updates it
     atomic_write_json(manifest, {**data, "files": sorted(ours | set(names)), "maps": maps})
     return list(existing.values())

@@ -1,6 +1,6 @@
 """nnU-Net's residual-encoder U-Net (``ResidualEncoderUNet``: the ResEnc M/L/XL presets, and models nnU-Net
-fine-tuned from self-supervised encoders pre-trained for them) built from torch layers, so that such a checkpoint loads, ranks,
-fine-tunes and predicts without nnU-Net's ``dynamic_network_architectures`` installed.
+fine-tuned from self-supervised encoders pre-trained for them) built from torch layers, so that such a checkpoint
+loads, ranks, fine-tunes and predicts without nnU-Net's ``dynamic_network_architectures`` installed.
 
 It computes nnU-Net's function for 3D inputs at inference (deep supervision off):
 

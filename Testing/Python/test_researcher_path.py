@@ -173,6 +173,22 @@ def test_a_predict_killed_between_writing_a_map_and_recording_it_is_replaced_by_
     assert all(content_hash(out / name) == digest for name, digest in manifest["maps"].items())
 
 
+def test_a_predict_run_again_removes_the_scratch_files_a_killed_write_of_its_maps_left(ranked, tmp_path):
+    """SIGKILL mid-write leaves a map's hidden scratch file (atomic_write's, and SimpleITK's suffixed one for
+    NRRD): the next run into the folder, holding its lock, removes those of the maps it writes, nothing else."""
+    root, session = ranked
+    images, out = root / "pool" / "images", tmp_path / "pred"
+    first = sorted(images.iterdir())[0].name
+    out.mkdir()
+    left = [out / f".{first}.k2j4x.tmp", out / f".{first}.q8w1z.tmp.nrrd"]
+    kept = out / ".notes.tmp"  # not a map's: another program's
+    for path in (*left, kept):
+        path.write_bytes(b"half a map")
+    assert main(["predict", str(session), "--images", str(images), "--out", str(out)]) == 0
+    assert not any(path.exists() for path in left) and kept.read_bytes() == b"half a map"
+    assert (out / first).is_file()
+
+
 def test_a_map_predict_wrote_is_imported_as_a_label_only_once_corrected(ranked, tmp_path, capsys):
     """The model's own prediction, unchanged, would teach it its own errors: refused; corrected, imported."""
     from ASFDALib.data.volumes import read_volume, write_nifti
