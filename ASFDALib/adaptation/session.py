@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from filelock import FileLock, Timeout
@@ -525,19 +525,33 @@ class Session:
             "into a new session (--out NEW)"
         )
 
-    def next_label_path(self, name: str, suffix: str = ".nii.gz") -> Path:
-        """labels/<case>.v<N><suffix> with N one past every version session.json records: a recorded label is
-        never overwritten. A file of that name on disk that no version records is what a label write stopped
-        before its record left (Ctrl-C or a kill between an import's label files and its one save of
-        session.json): the write takes its place, so no unrecorded version stays behind beside the new one."""
+    def _label_versions(self, name: str) -> tuple[str, set[str], set[str]]:
+        """The case's storage stem, the names of the label files session.json records (every image's: a version
+        recorded under an older stem scheme keeps its name; ``\\`` as written on Windows) and those in labels/."""
         folder = self.root / "labels"
         folder.mkdir(parents=True, exist_ok=True)
         stem = storage_stems({*self.image_names(), name})[name]
-        # every image's: a version recorded under an older stem scheme keeps its name
-        taken = {Path(v["file"]).name for versions in self.data["labels"].values() for v in versions}
-        versions = (re.match(rf"{re.escape(stem)}\.v(\d+)\.", t) for t in taken)
-        version = 1 + max((int(m[1]) for m in versions if m), default=0)
-        return folder / f"{stem}.v{version}{suffix}"
+        recorded = {PurePosixPath(v["file"].replace("\\", "/")).name for vs in self.data["labels"].values() for v in vs}
+        return stem, recorded, {p.name for p in folder.iterdir()}
+
+    def next_label_path(self, name: str, suffix: str = ".nii.gz") -> Path:
+        """labels/<case>.v<N><suffix> with N one past every version on disk or recorded: never overwrites (a file
+        no version records may be a label someone still needs: a session.json restored from its .bak forgets the
+        versions saved after it)."""
+        stem, recorded, on_disk = self._label_versions(name)
+        taken = recorded | on_disk
+        version = 1
+        while any(t.startswith(f"{stem}.v{version}.") for t in taken):  # a .seg.nrrd companion takes its number
+            version += 1
+        return self.root / "labels" / f"{stem}.v{version}{suffix}"
+
+    def unrecorded_labels(self, name: str) -> list[Path]:
+        """The case's label files in labels/ that no version records: what a label write stopped before its record
+        left (Ctrl-C or a kill between an import's label files and its one save of session.json), or versions a
+        session.json restored from its .bak forgets. Kept, never written over."""
+        stem, recorded, on_disk = self._label_versions(name)
+        version = re.compile(rf"{re.escape(stem)}\.v\d+\.nii\.gz$")
+        return [self.root / "labels" / n for n in sorted(on_disk - recorded) if version.match(n)]
 
     def record_label(
         self,

@@ -9,6 +9,7 @@ a label stored in another axis order on the image's grid is reoriented (:func:`a
 from __future__ import annotations
 
 import difflib
+import hashlib
 import itertools
 import re
 from collections.abc import Collection
@@ -19,6 +20,7 @@ import numpy as np
 from nibabel import orientations
 
 from ASFDALib.adaptation.session import Session, case_id, unrecorded_query
+from ASFDALib.atomic import atomic_write_bytes
 from ASFDALib.data.volumes import (
     LABEL_FILE_MAX_VALUES,
     Volume,
@@ -27,13 +29,13 @@ from ASFDALib.data.volumes import (
     discover_volumes,
     header_fields,
     looks_like_label_map,
+    nifti_bytes,
     passed_over,
     passed_over_line,
     read_components,
     read_volume,
     relative_name,
     validate_array,
-    write_nifti,
 )
 from ASFDALib.errors import ASFDAError, VolumeError, as_arg
 from ASFDALib.outputs import unchanged_predictions
@@ -851,14 +853,24 @@ def _import_labels(
         if current is not None and same_image and _same_label(current, label, affine):
             report.unchanged[name] = current  # a second import of the same file adds no version
             continue
-        target = session.next_label_path(name)
-        # an import stopped between its label files and its save of session.json left this version unrecorded
-        left = content_hash(target) if target.is_file() else None
-        write_nifti(target, label, affine)
-        written = content_hash(target)
-        if left is not None:
-            kept = "held this very label" if left == written else "is replaced"
-            notes.append(f"{target.name}, left unrecorded by an import stopped before its record, {kept}")
+        data = nifti_bytes(label, affine)
+        written = hashlib.sha256(data).hexdigest()
+        # label files no version records: an import stopped before its save of session.json left them, or a
+        # session.json restored from its .bak forgot them. The one that holds this very label is recorded as it
+        # is; the others are kept (a label someone may still need), never written over, and named.
+        unrecorded = session.unrecorded_labels(name)
+        same = next((p for p in unrecorded if content_hash(p) == written), None)
+        if same is not None:
+            target = same
+            notes.append(f"{target.name}, on disk and recorded by no version, holds this very label: recorded as it is")
+        else:
+            target = session.next_label_path(name)
+            atomic_write_bytes(target, data)
+            notes.extend(
+                f"{p.name} is on disk and recorded by no version (an import stopped before its record, or a "
+                f"session.json restored from its .bak); kept, this label is {target.name}"
+                for p in unrecorded
+            )
         session.record_label(
             name,
             target,

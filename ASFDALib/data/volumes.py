@@ -460,17 +460,20 @@ def read_scan(path: Path | str) -> Volume:
     return volume
 
 
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
-    """Write an (i, j, k) array with a RAS affine as NIfTI (gzipped for ``.nii.gz``), atomically."""
-
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, gzipped: bool = True) -> bytes:
+    """The bytes :func:`write_nifti` writes: the same array gives the same bytes (gzip without a time stamp), so
+    their hash says before any write whether a file already holds them."""
     if array.dtype == np.int64:  # NIfTI readers widely reject int64; label maps fit in int32
         array = array.astype(np.int32)
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm")
     data = image.to_bytes()
-    if Path(path).name.lower().endswith(".gz"):
-        data = gzip.compress(data, compresslevel=6, mtime=0)
-    return atomic_write_bytes(Path(path), data)
+    return gzip.compress(data, compresslevel=6, mtime=0) if gzipped else data
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write an (i, j, k) array with a RAS affine as NIfTI (gzipped for ``.nii.gz``), atomically."""
+    return atomic_write_bytes(Path(path), nifti_bytes(array, affine, Path(path).name.lower().endswith(".gz")))
 
 
 def write_volume(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:

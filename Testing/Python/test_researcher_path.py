@@ -239,7 +239,9 @@ def test_a_label_import_stopped_before_its_save_is_recorded_by_the_same_command_
     monkeypatch.undo()
     capsys.readouterr()
     assert main(argv) == 0
-    assert "left unrecorded by an import stopped before its record, held this very label" in capsys.readouterr().out
+    assert "on disk and recorded by no version, holds this very label: recorded as it is" in " ".join(
+        capsys.readouterr().out.split()
+    )
     data = json.loads((session / "session.json").read_text())
     assert {p.name: content_hash(p) for p in (session / "labels").iterdir()} == left  # nothing beside them
     recorded = {Path(v["file"]).name: v["sha256"] for name in query for v in data["labels"][name]}
@@ -247,11 +249,12 @@ def test_a_label_import_stopped_before_its_save_is_recorded_by_the_same_command_
     assert json.loads((session / "session.json.bak").read_text()) == before
 
 
-def test_an_unrecorded_label_an_import_stopped_before_its_save_is_replaced_by_another_import_of_its_case(
+def test_an_unrecorded_label_is_kept_and_named_when_another_label_of_its_case_is_imported(
     ranked, tmp_path, monkeypatch, capsys
 ):
-    """A label imported anew for the case (corrected meanwhile) takes the unrecorded version's place and is recorded
-    with its own hash: no stray version is left, and none the session records is written over."""
+    """A label file session.json does not record may be the only copy of someone's label (a session.json restored
+    from its .bak forgets the versions saved after it): a different label imported for the case goes past it as a
+    new version, and the import names the file it kept."""
     from ASFDALib.data.volumes import read_volume, write_nifti
 
     root, template = ranked
@@ -262,6 +265,7 @@ def test_an_unrecorded_label_an_import_stopped_before_its_save_is_replaced_by_an
     _stop_at_the_save(monkeypatch)
     assert main([*argv, str(root / "pool" / "labels" / case)]) == 130
     (stray,) = (session / "labels").iterdir()
+    kept = content_hash(stray)
     monkeypatch.undo()
     volume = read_volume(root / "pool" / "labels" / case, allow_constant=True)
     corrected = volume.array.copy()
@@ -269,12 +273,12 @@ def test_an_unrecorded_label_an_import_stopped_before_its_save_is_replaced_by_an
     write_nifti(tmp_path / "corrected.nii.gz", corrected, volume.affine)
     capsys.readouterr()
     assert main([*argv, str(tmp_path / "corrected.nii.gz")]) == 0
-    assert f"{stray.name}, left unrecorded by an import stopped before its record, is replaced" in " ".join(
-        capsys.readouterr().out.split()
-    )
     (entry,) = json.loads((session / "session.json").read_text())["labels"][case]
-    assert list((session / "labels").iterdir()) == [stray] and entry["file"] == f"labels/{stray.name}"
-    assert entry["sha256"] == content_hash(stray) and read_volume(stray, allow_constant=True).array[0, 0, 0] == 1
+    new = session / entry["file"]
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"{stray.name} is on disk and recorded by no version" in said and f"kept, this label is {new.name}" in said
+    assert content_hash(stray) == kept and new != stray and new.name.replace(".v2.", ".v1.") == stray.name
+    assert entry["sha256"] == content_hash(new) and read_volume(new, allow_constant=True).array[0, 0, 0] == 1
 
 
 def _ranked_with_a_model_of_its_own(mri_pool: Path, tmp_path: Path) -> tuple[Path, dict, Path, list[str]]:

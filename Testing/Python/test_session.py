@@ -186,6 +186,22 @@ def test_label_versions_never_overwrite(tmp_path):
     assert first.read_bytes() == b"v1"
 
 
+def test_a_new_label_version_passes_files_no_version_records_and_versions_recorded_with_backslashes(tmp_path):
+    """A label file on disk that session.json does not record (its .bak restored, an import stopped before its
+    save), the panel's .seg.nrrd companion of one, and a version recorded as Windows wrote it (``labels\\...``)
+    each keep their number: the next version is past all of them, and the unrecorded ones are named."""
+    session = Session.open(tmp_path, create=True)
+    first = session.next_label_path("case 1.nii.gz")
+    first.write_bytes(b"v1")
+    session.record_label("case 1.nii.gz", first, "h1", "test")
+    session.data["labels"]["case 1.nii.gz"][0]["file"] = "labels\\case_1.v1.nii.gz"
+    assert session.next_label_path("case 1.nii.gz").name == "case_1.v2.nii.gz"
+    (tmp_path / "labels" / "case_1.v2.nii.gz").write_bytes(b"drawn, forgotten by a restored session.json")
+    (tmp_path / "labels" / "case_1.v3.seg.nrrd").write_bytes(b"a companion whose NIfTI never came")
+    assert session.next_label_path("case 1.nii.gz").name == "case_1.v4.nii.gz"
+    assert session.unrecorded_labels("case 1.nii.gz") == [tmp_path / "labels" / "case_1.v2.nii.gz"]
+
+
 def test_recorded_paths_use_slashes_and_a_windows_written_session_opens_on_linux(tmp_path):
     """A clinician labels on Windows, the fine-tune runs on a Linux server: the session's paths must read there."""
     session = Session.open(tmp_path, create=True)
