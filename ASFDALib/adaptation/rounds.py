@@ -229,8 +229,8 @@ def rank_round(
     if on_model:
         on_model(model)
     config, notes = round_config(session, model, config)
-    # what the card read from the model's own config cannot say (a bundle's crop, say): only where it was read so,
-    # at the session's first rank (later ones load the model with the card the session recorded)
+    # what the card read from the model's own config cannot say (a bundle's crop, say): the loader gives notes only
+    # where it read the card so, not where a card was given (later ranks give the one the session recorded)
     notes += ([moved] if moved else []) + kept_card + model.card_notes
     labelled = set(session.labelled())
     budget, kept = config.budget, []

@@ -141,10 +141,13 @@ def build_network(spec: NetworkSpec, seed: int | None = None) -> torch.nn.Module
             name = unknown.group(1)
             # configs written for an older MONAI keep arguments it dropped since
             why = " (an older MONAI's, dropped since)" if name in DROPPED_ARGUMENTS.get(cls.__name__, ()) else ""
+            ours = cls.__name__ in ASFDA_NETWORKS
+            taker = f"ASFDA's {cls.__name__}" if ours else f"MONAI {monai.__version__}"
+            where = f"{cls.__module__}.{cls.__name__}" if ours else f"monai.networks.nets.{cls.__name__}"
             raise ModelError(
-                f"network {cls.__name__}: MONAI {monai.__version__} takes no argument {name!r}{why}; remove or "
-                f"correct it in the network's arguments (a bundle's configs network_def, the card's network or "
-                f"--network-args; monai.networks.nets.{cls.__name__} lists those it takes)"
+                f"network {cls.__name__}: {taker} takes no argument {name!r}{why}; remove or correct it in the "
+                f"network's arguments (a bundle's configs network_def, the card's network or --network-args; "
+                f"{where} lists those it takes)"
             ) from None
         raise ModelError(f"network {cls.__name__}: bad arguments {spec.args} ({exc})") from None
 

@@ -207,9 +207,12 @@ class UNetDecoder(nn.Module):
 class ResidualEncoderUNet(nn.Module):
     """nnU-Net's ``ResidualEncoderUNet`` (3D, BasicBlockD, instance norm, leaky ReLU) at inference.
 
-    Arguments as nnU-Net's plans name them (``arch_kwargs``), kernels and strides per stage in the network's
-    axis order; ``norm_eps``/``norm_affine`` are ``norm_op_kwargs``, ``negative_slope`` the leaky ReLU's
-    (``nonlin_kwargs``); ``stem_channels`` defaults to the first stage's features, as nnU-Net's does.
+    The per-stage arguments as nnU-Net's plans name them in ``arch_kwargs`` (``features_per_stage``,
+    ``kernel_sizes``, ``strides``, ``n_blocks_per_stage``, ``n_conv_per_stage_decoder``, ``conv_bias``,
+    ``stem_channels``), kernels and strides in the network's axis order; the rest as plain values where the plans
+    give classes and dicts: ``in_channels``/``out_channels`` (nnU-Net's input and output channels), ``norm_eps``
+    and ``norm_affine`` (``norm_op_kwargs``), ``negative_slope`` (``nonlin_kwargs``). ``stem_channels`` defaults
+    to the first stage's features, as nnU-Net's does.
     """
 
     def __init__(

@@ -706,6 +706,22 @@ def test_a_residual_encoder_unet_named_with_stages_that_disagree_is_refused_in_o
         build_network(spec)
 
 
+def test_a_residual_encoder_unet_given_an_argument_it_does_not_take_names_asfdas_class_not_monais():
+    """nnU-Net's class-valued arch_kwargs (n_stages, conv_op, norm_op_kwargs...) are not the rebuild's arguments:
+    the refusal names the class that lists them, which is ASFDA's, not a MONAI network that does not exist."""
+    args = {k: RESENC_ARCH[k] for k in ("features_per_stage", "kernel_sizes", "strides", "n_blocks_per_stage")}
+    spec = NetworkSpec(
+        "ResidualEncoderUNet",
+        {**args, "in_channels": 1, "out_channels": 3, "n_conv_per_stage_decoder": [1, 1, 1], "n_stages": 4},
+    )
+    with pytest.raises(
+        ModelError,
+        match=r"network ResidualEncoderUNet: ASFDA's ResidualEncoderUNet takes no argument 'n_stages'; .*"
+        r"ASFDALib\.models\.resenc\.ResidualEncoderUNet lists those it takes\)$",
+    ):
+        build_network(spec)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_an_nnunet_zscore_model_normalises_over_the_voxels_its_plans_say(tmp_path, masked):
     """nnU-Net's ZScoreNormalization z-scores every voxel unless use_mask_for_norm (its non-zero mask) is set."""
