@@ -70,12 +70,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 def remove_scratch(path: Path) -> None:
-    """Remove what writes of ``path`` killed mid-write left beside it: :func:`atomic_write`'s ``.<name>.*.tmp``
-    and the suffixed ``.<name>.*.tmp.<ext>`` a writer that picks its format by suffix makes from it (SimpleITK's
-    NRRD, MetaImage). Only for a caller that alone writes ``path`` (it holds the lock guarding it)."""
+    """Remove what writes of ``path`` killed mid-write (SIGKILL, a power cut) left beside it: :func:`atomic_write`'s
+    ``.<name>.*.tmp``, the suffixed ``.<name>.*.tmp.<ext>`` a writer that picks its format by suffix makes from it
+    (SimpleITK's NRRD, MetaImage), and :func:`atomic_folder`'s scratch folder. Only for a caller that alone writes
+    ``path`` now (it holds the lock guarding it, or the path is its own output)."""
     path = Path(path)
     for scratch in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
-        if scratch.is_file() and (scratch.name.endswith(".tmp") or ".tmp." in scratch.name):
+        if not (scratch.name.endswith(".tmp") or ".tmp." in scratch.name):
+            continue
+        if scratch.is_dir() and not scratch.is_symlink():
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
             scratch.unlink(missing_ok=True)
 
 

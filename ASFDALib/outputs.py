@@ -183,7 +183,7 @@ def claim_predictions(out: Path, targets: list[Path], fix: str, check_only: bool
     if check_only:  # the refusals alone, writing nothing (not even the folder)
         return list(existing.values())
     out.mkdir(parents=True, exist_ok=True)
-    for target in targets:  # what a run killed mid-write left (the lock makes these writes this run's alone)
+    for target in (*targets, manifest):  # what a run killed mid-write left (the lock makes them this run's alone)
         remove_scratch(target)
     # the earlier runs' record of which model made their maps stays; record_predictions updates it
     atomic_write_json(manifest, {**data, "files": sorted(ours | set(names)), "maps": maps})

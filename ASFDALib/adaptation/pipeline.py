@@ -960,6 +960,8 @@ def predictions_folder_for(images: Path) -> Path:
     from ASFDALib.outputs import session_folder_of
 
     folder = session_folder_of(Path(images).parent) or Path(images)
+    if folder.name in ("", ".."):  # '.' or '..' given: the folder they name has the name to go beside
+        folder = folder.absolute().resolve()
     return folder.with_name(folder.name + "_pred")
 
 

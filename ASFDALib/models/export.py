@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ASFDALib.atomic import atomic_folder, atomic_write, atomic_write_json
+from ASFDALib.atomic import atomic_folder, atomic_write, atomic_write_json, remove_scratch
 from ASFDALib.errors import ModelError
 from ASFDALib.models.card import ModelCard
 from ASFDALib.models.loading import ASFDA_NETWORKS, WEIGHT_NAMES, LoadedModel, card_beside
@@ -448,6 +448,7 @@ def export_bundle(
             f"{model.path}: a bundle needs a MONAI network by name, and {model.spec.name} is ASFDA's own (an nnU-Net "
             "network MONAI does not have); export this model with --format pt2 (or torchscript)"
         )
+    remove_scratch(folder)  # an export killed part-way left its scratch folder
     with atomic_folder(folder) as stage:
         if again:
             _reexport_bundle(model, stage, record)
@@ -521,6 +522,13 @@ def staged_program(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+def _remove_killed_writes(path: Path) -> None:
+    """The scratch files a single-file export killed mid-write left (of its staged program, of its card): the rerun's
+    own outputs, so nobody else's."""
+    for written in (staged_program(path), card_beside(path)):
+        remove_scratch(written)
+
+
 def _card_then_program(staged: Path, path: Path, card: dict[str, Any]) -> Path:
     """The card beside ``path``, then the program written whole to ``staged`` (:func:`staged_program`) moved to
     ``path``: the model file appears only with its card, and a file at ``path`` is never one this export left
@@ -535,6 +543,7 @@ def export_torchscript(model: LoadedModel, path: Path, record: dict[str, Any] | 
     ``torch.jit.load(path, _extra_files={"metadata.json": ""})`` reads) plus ``model.card.json`` beside it."""
     path = Path(path)
     _refuse_overwriting_the_base(model, [path, card_beside(path)])
+    _remove_killed_writes(path)
     network = model.network.cpu().eval()
     try:
         scripted = torch.jit.script(network)
@@ -569,6 +578,7 @@ def export_pt2(model: LoadedModel, path: Path, record: dict[str, Any] | None = N
     if path.suffix.lower() != ".pt2":
         raise ModelError(f"{path}: a torch.export program is loaded by its .pt2 suffix; name the file *.pt2")
     _refuse_overwriting_the_base(model, [path, card_beside(path)])
+    _remove_killed_writes(path)
     metadata = bundle_metadata(model.card, "0.1.0", record)
     staged = export_program(model.network, model.card.roi_size, staged_program(path), metadata)
     return _card_then_program(staged, path, _exported_card(model.card, record, program=True))

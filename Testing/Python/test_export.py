@@ -472,6 +472,23 @@ def test_a_single_file_export_stopped_after_its_card_is_completed_by_the_same_co
     assert f"{tmp_path / name}: the file already exists" in " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.parametrize("fmt, name", [("torchscript", "k.ts"), ("pt2", "k.pt2"), ("bundle", "kb")])
+def test_an_export_run_again_removes_the_scratch_a_killed_export_left(adapted, tmp_path, fmt, name):
+    """SIGKILL mid-write leaves hidden scratch (the staged program's, the card's, a bundle's scratch folder): the
+    rerun, whose outputs they were, removes them; another program's hidden file beside them stays."""
+    _, session, _ = adapted
+    left = [tmp_path / f"..{name}.partial.k2j4x.tmp", tmp_path / ".k.card.json.q8w1z.tmp"]
+    for path in (*left, tmp_path / ".notes.tmp"):
+        path.write_bytes(b"half written")
+    (tmp_path / f".{name}.z7y6x.tmp" / "configs").mkdir(parents=True)
+    left.append(tmp_path / f".{name}.z7y6x.tmp")
+    assert main(["export", str(session), "--format", fmt, "--out", str(tmp_path / name)]) == 0
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    expected = [".notes.tmp"] if fmt == "bundle" else [".notes.tmp", f".{name}.z7y6x.tmp"]
+    expected += [p.name for p in left[:2]] if fmt == "bundle" else []
+    assert hidden == sorted(expected)
+
+
 def test_two_exports_whose_names_differ_after_the_first_dot_keep_a_card_each(adapted, tmp_path):
     """adapted.r1.ts and adapted.r2.ts side by side: adapted.r1.card.json and adapted.r2.card.json."""
     _, session, _ = adapted

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,14 @@ def test_a_predict_killed_between_writing_a_map_and_recording_it_is_replaced_by_
     assert all(content_hash(out / name) == digest for name, digest in manifest["maps"].items())
 
 
+def test_predict_segments_the_folder_it_is_run_in_given_as_a_dot(ranked, tmp_path, monkeypatch):
+    """``--images .`` from inside the pool: its suggested other --out is built from the folder's own name."""
+    root, session = ranked
+    monkeypatch.chdir(root / "pool" / "images")
+    assert main(["predict", str(session), "--images", ".", "--out", str(tmp_path / "pred")]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*.nii.gz")) == sorted(os.listdir("."))
+
+
 def test_a_predict_run_again_removes_the_scratch_files_a_killed_write_of_its_maps_left(ranked, tmp_path):
     """SIGKILL mid-write leaves a map's hidden scratch file (atomic_write's, and SimpleITK's suffixed one for
     NRRD): the next run into the folder, holding its lock, removes those of the maps it writes, nothing else."""
@@ -180,7 +189,7 @@ def test_a_predict_run_again_removes_the_scratch_files_a_killed_write_of_its_map
     images, out = root / "pool" / "images", tmp_path / "pred"
     first = sorted(images.iterdir())[0].name
     out.mkdir()
-    left = [out / f".{first}.k2j4x.tmp", out / f".{first}.q8w1z.tmp.nrrd"]
+    left = [out / f".{first}.k2j4x.tmp", out / f".{first}.q8w1z.tmp.nrrd", out / ".asfda_predictions.json.e2f.tmp"]
     kept = out / ".notes.tmp"  # not a map's: another program's
     for path in (*left, kept):
         path.write_bytes(b"half a map")
