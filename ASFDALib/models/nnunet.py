@@ -142,8 +142,11 @@ def _listed(value: int | list[int], count: int) -> list[int]:
 
 def _refuse_unbuildable(arch: dict, plans_path: Path) -> None:
     why = []
-    if "InstanceNorm" not in str(arch["norm"]) or "LeakyReLU" not in str(arch["nonlin"]):
-        why.append(f"it normalises with {arch['norm']} and activates with {arch['nonlin']}")
+    # only what differs from what the rebuilds have (instance norm, leaky ReLU)
+    if "InstanceNorm" not in str(arch["norm"]):
+        why.append(f"it normalises with {arch['norm']} (the rebuild's norm is instance norm)")
+    if "LeakyReLU" not in str(arch["nonlin"]):
+        why.append(f"it activates with {arch['nonlin']} (the rebuild's is leaky ReLU)")
     if arch["class"] == "ResidualEncoderUNet":
         if arch["block"] != "BasicBlockD":
             why.append(f"its residual blocks are {arch['block']} (nnU-Net's presets' BasicBlockD are rebuilt)")

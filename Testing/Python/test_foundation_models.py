@@ -677,10 +677,17 @@ def test_the_ranking_taps_each_residual_stage_of_an_nnunet_residual_encoder(tmp_
             {"block": "dynamic_network_architectures.building_blocks.residual.BottleneckD"},
             "its residual blocks are BottleneckD",
         ),
-        ({"norm_op": "torch.nn.modules.batchnorm.BatchNorm3d"}, "it normalises with torch.nn.modules.batchnorm."),
+        (
+            {"norm_op": "torch.nn.modules.batchnorm.BatchNorm3d"},
+            "it normalises with torch.nn.modules.batchnorm.BatchNorm3d (the rebuild's norm is instance norm); trace",
+        ),
+        (
+            {"nonlin": "torch.nn.ReLU"},
+            "it activates with torch.nn.ReLU (the rebuild's is leaky ReLU); trace",
+        ),
         ({"dropout_op": "torch.nn.modules.dropout.Dropout3d"}, "it trains with dropout"),
     ],
-    ids=["bottleneck-blocks", "batchnorm", "dropout"],
+    ids=["bottleneck-blocks", "batchnorm", "relu", "dropout"],
 )
 def test_an_nnunet_residual_encoder_the_rebuild_lacks_is_refused_naming_why_and_the_way_round(tmp_path, change, why):
     path, _ = _nnunet_output(tmp_path, RESENC_ARCH | change, network="ResidualEncoderUNet")
