@@ -153,11 +153,15 @@ def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> tup
     excluded = {Path(p).resolve() for p in exclude}
     found: list[Path] = []
     others: list[Path] = []
+    bids = False
     for current, dirs, files in os.walk(root, followlinks=False):
         here = Path(current)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() not in excluded)
         if BIDS_DESCRIPTION in files:  # a BIDS dataset: its derived maps (labels), raw sources and code are no scans
             dirs[:] = [d for d in dirs if d not in BIDS_NOT_SCANS]
+            bids = True
+        if bids:  # its metadata (dataset_description.json, participants.tsv, README) is no scan to convert
+            files = [f for f in files if not _bids_metadata(f)]
         if here != root and _is_dicom_dir(here, files):
             found.append(here)
             dirs[:] = []
@@ -184,6 +188,12 @@ def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> tup
                     found.append(sub)
             dirs[:] = []
     return sorted(set(found)), sorted(others)
+
+
+def _bids_metadata(name: str) -> bool:
+    """A BIDS dataset's metadata file: JSON and TSV tables, its README, CHANGES, LICENSE and CITATION.cff."""
+    lower = name.lower()
+    return lower.endswith((".json", ".tsv", ".cff")) or lower.split(".")[0] in BIDS_TEXT_FILES
 
 
 def scan_folders(folder: Path | str, besides: Path | str | None = None) -> list[Path]:
@@ -253,6 +263,7 @@ def looks_like_label_map(array: np.ndarray, max_values: int = LABEL_MAP_MAX_VALU
 # converted from), code/
 BIDS_DESCRIPTION = "dataset_description.json"
 BIDS_NOT_SCANS = frozenset({"derivatives", "sourcedata", "code"})
+BIDS_TEXT_FILES = frozenset({"readme", "changes", "license"})
 OS_FILES = frozenset({"thumbs.db", "desktop.ini"})  # what Windows Explorer writes into a folder it shows
 
 

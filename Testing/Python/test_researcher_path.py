@@ -1711,6 +1711,26 @@ def test_labels_import_pairs_a_bids_derivatives_tree_with_the_scans_of_its_own_s
         assert np.array_equal(stored, read_volume(derivatives / label, allow_constant=True).array)
 
 
+def test_a_bids_roots_metadata_is_no_file_to_convert_and_its_subject_folders_are_named_with_recursive(
+    ranked, tmp_path, capsys
+):
+    """dataset_description.json, participants.tsv, a README and a subject's scans.tsv are BIDS' metadata, not scans
+    of a type to convert: predict on the root without --recursive names the sub-folders that hold the scans and
+    the option, as rank does, and a recursive rank passes over none of them."""
+    _, session = ranked
+    bids = tmp_path / "bids"
+    _bids_dataset(ranked, bids)
+    (bids / "participants.tsv").write_text("participant_id\nsub-01\n")
+    (bids / "README").write_text("a dataset")
+    (bids / "sub-01" / "sub-01_scans.tsv").write_text("filename\n")
+    capsys.readouterr()
+    assert main(["predict", str(session), "--images", str(bids), "--out", str(tmp_path / "pred")]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert "add --recursive to segment them" in said and ".json" not in said and "convert" not in said
+    assert main(["rank", "--images", str(bids), "--recursive", "--out", str(tmp_path / "s"), "--budget", "1"]) == 0
+    assert "Passed over" not in capsys.readouterr().out
+
+
 def test_evaluate_pairs_maps_of_a_bids_dataset_with_its_derivatives_references(ranked, tmp_path):
     """predict --recursive over a BIDS root writes no map for derivatives/; evaluate pairs each map with the
     reference of its own sub-folder in derivatives/<pipeline> by its BIDS name (each reference is the case's map
