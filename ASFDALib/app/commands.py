@@ -364,8 +364,9 @@ def cmd_labels(args: argparse.Namespace) -> int:
                 f"{unfinished[0].upper()}{unfinished[1:]}: {finish_hint(session)}", markup=False, soft_wrap=True
             )
         # An asked-for volume's label refused is an error even beside imported ones (a script must not go on to
-        # fine-tune without it); a file of no asked-for volume is not, but finding nothing at all is, as --help says
-        found = report.imported or report.unchanged
+        # fine-tune without it); a file of no asked-for volume is not, but finding nothing at all is, as --help says,
+        # unless every asked-for volume is labelled already (a second import from a folder of the others' labels)
+        found = report.imported or report.unchanged or report.nothing_left
         return 1 if report.failed or not found else 0
     session = Session.open(words[0])
     labelled = session.labelled()

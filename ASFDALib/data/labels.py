@@ -637,6 +637,11 @@ class ImportReport:
     passed_over: str = ""  # where a queried volume has no label file: the source's files of other types, if any
     source: str = ""  # the file or folder the labels were imported from
 
+    @property
+    def nothing_left(self) -> bool:
+        """Every asked-for volume was labelled before this import, which found nothing new for any of them."""
+        return bool(self.asked) and not (self.imported or self.unchanged or self.missing or self.failed)
+
     def lines(self, queried_only: bool = True) -> list[str]:
         """The report as the user reads it: one line per file, then what is left for pseudo-labels."""
         out = []
@@ -659,6 +664,10 @@ class ImportReport:
             out += [self.passed_over] if self.passed_over else []
         if not self.asked:
             out.append("no volume has been queried yet: run 'asfda rank' first, or import with --all")
+        elif self.nothing_left:
+            asked = "queried" if queried_only else "asked-for"
+            count = len(self.asked)
+            out.append(f"every {asked} volume ({count}) is labelled already: none of theirs is left to import")
         if self.imported and self.classes:  # what the numbers were read as: a label numbered otherwise shows here
             read = ", ".join(f"{i}={name}" for i, name in sorted(self.classes.items()))
             how = (

@@ -1137,6 +1137,25 @@ def test_a_re_rank_counts_what_it_swept_as_its_progress_does_then_what_it_ranked
     assert "6 volumes swept (6 from cache): 5 ranked, 1 labelled; 0 skipped;" in out
 
 
+def test_a_label_import_of_only_unqueried_labels_once_the_query_is_labelled_says_so_and_succeeds(
+    tmp_path, mri_pool, capsys
+):
+    """Every queried volume labelled already, a second folder holding only other cases' labels: nothing of the
+    query is left to import, which is said (the other files are named as not asked for) and no failure."""
+    session = tmp_path / "s"
+    assert main(["rank", "--images", str(mri_pool / "images"), "--out", str(session), "--budget", "2"]) == 0
+    query = json.loads((session / "ranking.json").read_text())["selected"]
+    assert main(["labels", "import", str(session), "--from", str(mri_pool / "labels")]) == 0
+    other = next(p for p in sorted((mri_pool / "labels").iterdir()) if p.name not in query)
+    (tmp_path / "more").mkdir()
+    shutil.copy(other, tmp_path / "more" / other.name)
+    capsys.readouterr()
+    assert main(["labels", "import", str(session), "--from", str(tmp_path / "more")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "every queried volume (2) is labelled already: none of theirs is left to import" in out
+    assert f"skipped {tmp_path / 'more' / other.name}: image {other.name} was not asked for" in out
+
+
 def test_a_label_import_with_some_labels_refused_exits_1_and_keeps_the_good_ones(tmp_path, mri_pool, capsys):
     """A script that imports then fine-tunes must not go on as if every label had come in."""
     from ASFDALib.data.volumes import write_nifti
