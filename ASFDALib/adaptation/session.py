@@ -529,15 +529,15 @@ class Session:
         """The case's storage stem, the names of the label files session.json records (every image's: a version
         recorded under an older stem scheme keeps its name; ``\\`` as written on Windows) and those in labels/."""
         folder = self.root / "labels"
-        folder.mkdir(parents=True, exist_ok=True)
         stem = storage_stems({*self.image_names(), name})[name]
         recorded = {PurePosixPath(v["file"].replace("\\", "/")).name for vs in self.data["labels"].values() for v in vs}
-        return stem, recorded, {p.name for p in folder.iterdir()}
+        return stem, recorded, {p.name for p in folder.iterdir()} if folder.is_dir() else set()
 
     def next_label_path(self, name: str, suffix: str = ".nii.gz") -> Path:
         """labels/<case>.v<N><suffix> with N one past every version on disk or recorded: never overwrites (a file
         no version records may be a label someone still needs: a session.json restored from its .bak forgets the
         versions saved after it)."""
+        (self.root / "labels").mkdir(parents=True, exist_ok=True)
         stem, recorded, on_disk = self._label_versions(name)
         taken = recorded | on_disk
         version = 1

@@ -426,6 +426,15 @@ def cmd_labels(args: argparse.Namespace) -> int:
             f"stopped before recording it; running that 'asfda rank --out {as_arg(session.root)}' again records it",
             **WHOLE_LINE,
         )
+    unrecorded = [p for name in session.image_names() for p in session.unrecorded_labels(name)]
+    if unrecorded:  # kept, never written over: an import stopped before its record, or a restored session.json
+        console.print(
+            f"{len(unrecorded)} label file(s) in {session.root / 'labels'} recorded by no version ("
+            f"{', '.join(p.name for p in unrecorded[:3])}{', ...' if len(unrecorded) > 3 else ''}): an import "
+            "stopped before its record, or a session.json restored from its .bak; importing the same label again "
+            "records it",
+            **WHOLE_LINE,
+        )
     also = f" (and {len(extra)} not queried, imported with --cases or --all)" if extra else ""
     console.print(f"{len(queried) - len(missing)} of {len(queried)} queried volumes labelled{also}{then}", **WHOLE_LINE)
     return 0

@@ -247,6 +247,10 @@ def test_a_label_import_stopped_before_its_save_is_recorded_by_the_same_command_
     assert len(left) == len(query) and json.loads((session / "session.json").read_text())["labels"] == {}
     monkeypatch.undo()
     capsys.readouterr()
+    assert main(["labels", str(session)]) == 0
+    assert f"{len(query)} label file(s) in {session / 'labels'} recorded by no version" in " ".join(
+        capsys.readouterr().out.split()
+    )
     assert main(argv) == 0
     assert "on disk and recorded by no version, holds this very label: recorded as it is" in " ".join(
         capsys.readouterr().out.split()
