@@ -7,6 +7,7 @@ once instead of after torch and MONAI have loaded.
 from __future__ import annotations
 
 import argparse
+import glob
 import shutil
 import threading
 import time
@@ -1037,7 +1038,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         refuse_overwrite([target], protected, "a file the session references", fix)
         refuse_existing(target, "the file", f"choose a new file name{name}")
         if not staged_program(target).is_file():  # else the card is an export's stopped before its model moved in
-            refuse_existing(card_beside(target), "the card written beside the export", f"choose a new file name{name}")
+            card = card_beside(target)
+            # a model of another format beside it, named alike (m.pt2 beside m.ts): the card is named by the stem
+            twins = sorted(p.name for p in card.parent.glob(f"{glob.escape(target.stem)}.*") if p != card)
+            shared = f" (it is {twins[0]}'s: a card is named by the file's stem)" if twins else ""
+            if twins and not name:
+                name = f", e.g. --out {as_arg(target.with_name(f'{target.stem}_{target.suffix[1:]}{target.suffix}'))}"
+            refuse_existing(card, f"the card written beside the export{shared}", f"choose a new file name{name}")
     refuse_inside_session(target, fix)
     # a model among the scans (anywhere under them where the pool is searched recursively)
     pool = session.data.get("images") or {}

@@ -439,6 +439,20 @@ def test_a_single_file_export_never_writes_over_a_card_where_its_own_would_go(ad
     assert (tmp_path / "k.card.json").read_text() == "{}" and not (tmp_path / "k.ts").exists()
 
 
+def test_a_second_format_exported_under_the_first_ones_name_is_told_the_card_is_the_others_and_a_name(
+    adapted, tmp_path, capsys
+):
+    """m.pt2 and m.ts would share m.card.json: the refusal says whose card it is and names a file that works."""
+    _, session, _ = adapted
+    assert main(["export", str(session), "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert "m.card.json: the card written beside the export (it is m.pt2's: a card is named by the file's stem)" in said
+    assert said.endswith(f"choose a new file name, e.g. --out {tmp_path / 'm_ts.ts'}")
+    assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / "m_ts.ts")]) == 0
+
+
 @pytest.mark.parametrize("fmt, name", [("torchscript", "k.ts"), ("pt2", "k.pt2")])
 def test_a_single_file_export_stopped_after_its_card_is_completed_by_the_same_command(
     adapted, tmp_path, monkeypatch, capsys, fmt, name
