@@ -487,13 +487,16 @@ class Pairing:
     contested: set[str] = field(default_factory=set)  # images left unpaired because several labels fit them
 
 
-def _expected_image(label_name: str) -> str:
-    key, bids = _case_name(label_name)
+def _expected_image(label_name: str, source: bool = False) -> str:
+    """The image name a label expects, quoted: ``source``, the one its BIDS name says (suffix included)."""
+    key, bids, named = _read_name(label_name)
     lower = Path(label_name).name.lower()
     extension = next(
         (e for e in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd") if lower.endswith(e)), ""
     )
     extension = ".nrrd" if extension == ".seg.nrrd" else extension
+    if source and named:
+        return f"'{named}{extension}'"
     return f"'{key}_<modality>{extension}'" if bids else f"'{key}{extension}' (or '{key}_0000{extension}')"
 
 
@@ -508,23 +511,56 @@ def _names_of(image: str) -> list[str]:
     return [Path(image).name, image.replace("/", "_")] if _nested(image) else [Path(image).name]
 
 
-def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
+def _is_label_name(name: str) -> bool:
+    """Whether a file name ends in a label's suffix (``_seg``, ``_mask``, ``_dseg``...), not as a scan's does."""
+    stem = case_id(Path(name).name).lower()
+    return any(stem.endswith(suffix) and len(stem) > len(suffix) for suffix in LABEL_SUFFIXES)
+
+
+def _suffixes(names: Collection[str]) -> frozenset[str]:
+    """The BIDS suffixes (T1w, FLAIR, a dataset's own) that scans' names end in: those of the names with no
+    label's suffix, a pool's scans or the maps predict names after them. A word after ``sub-01_`` in a label's
+    name says which scan it is of only where some scan is named so; ``brain`` of ``sub-01_brain_mask`` is no
+    scan's where none is named ``sub-01_brain``."""
+    sources = (_read_name(name)[2].lower() for name in names if not _is_label_name(name))
+    return frozenset(source.rpartition("_")[2] for source in sources if source)
+
+
+def _index(image_names: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Image names by the case name and by the :func:`name_key` of each name they pair by (:func:`_names_of`)."""
+    exact: dict[str, list[str]] = {}
+    keyed: dict[str, list[str]] = {}
+    for image in image_names:
+        for name in _names_of(image):
+            exact.setdefault(case_id(name).lower(), []).append(image)
+            keyed.setdefault(name_key(name)[0], []).append(image)
+    return exact, keyed
+
+
+def _source(name: str, suffixes: Collection[str]) -> str:
+    """The source scan a BIDS name says (``sub-01_t1w`` of ``sub-01_T1w_desc-x_dseg`` and of ``sub-01_T1w``,
+    lower-case) where its suffix is one of ``suffixes`` (:func:`_suffixes`); "" where not: ``sub-01_brain_mask``
+    and ``sub-01_lesion_seg`` are named by a free word, not by the scan they segment."""
+    source = _read_name(name)[2].lower()
+    return source if source.rpartition("_")[2] in suffixes else ""
+
+
+def pair_names(label_names: list[str], image_names: list[str], suffixes: Collection[str] | None = None) -> Pairing:
     """Pair label file names with image names; ambiguous pairs are refused, never guessed.
 
     A label pairs with the image of the same case name, else with the one image of the same
     :func:`name_key`; an image in a sub-folder of a recursive pool (``PT0/ST0/SE0``, a DICOM export's series)
     also goes by its whole name with ``_`` for ``/`` (``PT0_ST0_SE0``), as its folder's name is often every
-    series'. A label that fits several images, or an image that several labels fit (``seg-vert``
-    and ``seg-subreg`` of one scan), is refused with the names involved. An unpaired label's reason names
-    the image name it expected and the closest image names (difflib).
+    series'. A BIDS label that names its source's suffix (``sub-01_T1w_dseg``) pairs only with the scan of that
+    suffix where some scan's name ends in it (``suffixes``, :func:`_suffixes`: of these names, or of all that
+    :func:`pair_mirrored` pairs); a free word there (``sub-01_brain_mask``) is no suffix. A label that fits
+    several images, or an image that several labels fit (``seg-vert`` and ``seg-subreg`` of one scan), is
+    refused with the names involved. An unpaired label's reason names the image name it expected and the
+    closest image names (difflib).
     """
-    exact: dict[str, list[str]] = {}
-    keyed: dict[str, list[str]] = {}
-    sources = {image: _read_name(image)[2].lower() for image in image_names}  # by the file's name
-    for image in image_names:
-        for name in _names_of(image):
-            exact.setdefault(case_id(name).lower(), []).append(image)
-            keyed.setdefault(name_key(name)[0], []).append(image)
+    exact, keyed = _index(image_names)
+    suffixes = _suffixes([*label_names, *image_names]) if suffixes is None else suffixes
+    sources = {image: _source(image, suffixes) for image in image_names}  # by the file's name
     result = Pairing()
     claims: dict[str, list[str]] = {}
     for label in label_names:
@@ -532,7 +568,7 @@ def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
         exact_fits = (exact.get(case_id(name).lower()) for name in reversed(_names_of(label)))
         # BIDS names that both say their source's suffix are of one scan only if it is the same: a derivative
         # sub-01_T1w_desc-brain_dseg is sub-01_T1w's, not sub-01_T2w's (nor a map of the T2w a T1w's reference)
-        source = _read_name(label)[2].lower()
+        source = _source(label, suffixes)
         key_fits = (
             [i for i in keyed.get(key, []) if not (source and sources[i]) or sources[i] == source]
             for key in _keys(label)
@@ -548,6 +584,14 @@ def pair_names(label_names: list[str], image_names: list[str]) -> Pairing:
                 f"fits several images ({', '.join(named)}); import it alone with --from FILE --cases IMAGE{by_path}"
             )
         else:
+            others = list(dict.fromkeys(i for key in _keys(label) for i in keyed.get(key, [])))
+            if others:  # scans of its case, of another suffix than the one its name says
+                suffix = _read_name(label)[2].rpartition("_")[2]
+                result.problems[label] = (
+                    f"{NO_IMAGE} (expected {_expected_image(label, source=True)}: its name says its scan's suffix "
+                    f"{suffix}; {', '.join(sorted(others))} {'is' if len(others) == 1 else 'are'} of another)"
+                )
+                continue
             key = name_key(label)[0]
             # a scan named by more than the label names (sub-1_ses-1 for sub-1_ses-1_T1w_fatsat) comes first
             longer = [k for k in keyed if k.startswith(key + "_") or key.startswith(k + "_")]
@@ -587,26 +631,80 @@ def _folder(name: str) -> str:
 def pair_mirrored(label_names: list[str], image_names: list[str]) -> Pairing:
     """:func:`pair_names` where the labels' sub-folders mirror the images' (a recursive pool's, the maps
     ``asfda predict --recursive`` writes, a BIDS ``derivatives/<pipeline>`` tree): a label in a sub-folder pairs
-    with the images of the same sub-folder only (``site1/a_seg`` with ``site1/a``, never ``site2/a``; a BIDS
+    with the images of the same sub-folder (``site1/a_seg`` with ``site1/a``, never ``site2/a``; a BIDS
     ``sub-01/anat/sub-01_T1w_desc-brain_dseg`` with ``sub-01/anat/sub-01_T1w``), one at the top with any image.
-    Images all at the top: every label pairs by name wherever it lies. Two labels of one image from different
-    folders are refused like two from one."""
+    A label whose sub-folder holds no image of its case pairs with the one image of its case at the pool's top, as
+    a label anywhere does with a pool all at the top (an image there has no folder to mirror); two such images
+    are refused as always. Images all at the top: every label pairs by name wherever it lies. Two labels of one
+    image from different folders are refused like two from one. A label left unpaired in its sub-folder says so
+    in one line, naming the folder and the closest images of the whole pool."""
     if not any(_nested(image) for image in image_names):
         return pair_names(label_names, image_names)
+    suffixes = _suffixes([*label_names, *image_names])  # all: sub-02's T2w says a T2w map is not sub-01's T1w's
+    top = [image for image in image_names if not _nested(image)]
     groups: dict[str, list[str]] = {}
     for label in label_names:
         groups.setdefault(_folder(label), []).append(label)
     result = Pairing()
     claims: dict[str, list[str]] = {}
+    keyed: dict[str, list[str]] = {}  # the whole pool's, for an unpaired label's closest names
     for folder, labels in sorted(groups.items()):
         images = image_names if not folder else [i for i in image_names if _folder(i) == folder]
-        part = pair_names(labels, images)
+        part = pair_names(labels, images, suffixes)
+        # of no image of its case in its sub-folder (not one of its case with another suffix than its name says)
+        here = _index(images)[1] if folder else {}
+        lost = [
+            label
+            for label, why in part.problems.items()
+            if folder and why.startswith(NO_IMAGE) and not any(key in here for key in _keys(label))
+        ]
+        if lost and top:  # none of its case in its sub-folder: the one at the top, as where the pool is flat
+            above = pair_names(lost, top, suffixes)
+            for label in lost:
+                del part.problems[label]
+            part.pairs |= above.pairs
+            part.problems |= above.problems
+            part.contested |= above.contested
+        for label in lost:
+            if part.problems.get(label, "").startswith(NO_IMAGE):
+                keyed = keyed or _index(image_names)[1]
+                part.problems[label] = _unmirrored(label, folder, keyed)
         result.problems |= part.problems
         result.contested |= part.contested
         for image, label in part.pairs.items():
             claims.setdefault(image, []).append(label)
     _settle(claims, result)
     return result
+
+
+def _unmirrored(label: str, folder: str, keyed: dict[str, list[str]]) -> str:
+    """Why a label in ``folder`` pairs with no image, in one line: the pool's ``folder`` holds none of its case
+    (or the pool has no such folder) and a sub-folder's label pairs with its own folder's images; the closest
+    images of the whole pool (``keyed``, :func:`_index`), those of its very case name first, wherever they lie."""
+    names = _names_of(label)  # its file name, then its path with / as _ (case01_seg of case01/seg.nii.gz)
+    keys = [name_key(name)[0] for name in names]
+    tries = itertools.chain(
+        ([key for name in names for key in _keys(name) if key in keyed],),  # its very case, in other folders
+        ([k for k in keyed if k.startswith(key + "_") or key.startswith(k + "_")] for key in keys),
+        (difflib.get_close_matches(key, list(keyed), n=3, cutoff=0.5) for key in keys),
+    )
+    close = next((c for c in tries if c), [])[:3]
+    nearest = list(dict.fromkeys(image for k in close for image in keyed[k]))[:3]
+    closest = f"closest in the whole pool: {', '.join(nearest)}" if nearest else "no similar name in the pool"
+    folders = sorted({_folder(image) for images in keyed.values() for image in images} - {""})
+    rule = "a label in a sub-folder pairs with the scans of the same sub-folder or of the pool's top"
+    if folder in folders:
+        return f"{NO_IMAGE} in the pool's sub-folder {folder}/, and {rule}; {closest}"
+    within = max((f for f in folders if folder.endswith("/" + f)), key=len, default="")
+    if within:  # a folder above the one that mirrors the pool: derivatives/ for derivatives/manual
+        return (
+            f"{NO_IMAGE}: its sub-folder {folder}/ does not mirror the pool's sub-folders but ends in the pool's "
+            f"{within}/: give its folder {folder[: -len(within)]} (under the one given) instead, as {rule}; {closest}"
+        )
+    shown = ", ".join(f + "/" for f in folders[:3]) + (", …" if len(folders) > 3 else "")
+    return (
+        f"{NO_IMAGE}: its sub-folder {folder}/ does not mirror the pool's sub-folders ({shown}), and {rule}; {closest}"
+    )
 
 
 def match_labels(label_paths: list[Path], image_names: list[str]) -> dict[str, Path]:

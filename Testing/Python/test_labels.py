@@ -322,10 +322,10 @@ def test_bids_derivatives_pair_with_the_scan_of_their_own_sub_folder_by_entities
         "sub-01/anat/sub-01_T1w.nii.gz": "sub-01/anat/sub-01_label-liver_mask.nii.gz",
         "sub-02/anat/sub-02_T1w.nii.gz": "sub-02/anat/sub-02_T1w_desc-tumor_dseg.nii.gz",
     }
-    assert pairing.problems == {
-        "sub-02/anat/sub-01_T1w_dseg.nii.gz": "no image has this case name (expected 'sub-01_<modality>.nii.gz'; "
-        "closest: sub-02/anat/sub-02_T1w.nii.gz (a scan in a sub-folder pairs with its path, / as _: "
-        "sub-02_anat_sub-02_T1w))"
+    assert pairing.problems == {  # its folder named, the scan of its case shown wherever it lies
+        "sub-02/anat/sub-01_T1w_dseg.nii.gz": "no image has this case name in the pool's sub-folder sub-02/anat/, "
+        "and a label in a sub-folder pairs with the scans of the same sub-folder or of the pool's top; closest in "
+        "the whole pool: sub-01/anat/sub-01_T1w.nii.gz"
     }
 
 
@@ -350,3 +350,96 @@ def test_a_bids_derivative_that_fits_two_scans_or_two_derivatives_of_one_scan_ar
         "(also sub-01/anat/sub-01_T1w_dseg.nii.gz); keep one in the folder or import one with --from FILE",
     }
     assert pairing.contested == set(BIDS_SCANS)
+
+
+@pytest.mark.parametrize(
+    ("label", "images", "image"),
+    [
+        ("sub-01_brain_mask.nii.gz", ["sub-01_T1w.nii.gz"], "sub-01_T1w.nii.gz"),
+        ("sub-01_lesion_seg.nii.gz", ["sub-01_FLAIR.nii.gz"], "sub-01_FLAIR.nii.gz"),
+        ("sub-01_lesion-mask.nii.gz", ["sub-01_FLAIR.nii.gz"], "sub-01_FLAIR.nii.gz"),
+        # the word is a suffix where a scan is named by it: the brain's mask, not the T1w's
+        ("sub-01_brain_mask.nii.gz", ["sub-01_T1w.nii.gz", "sub-01_brain.nii.gz"], "sub-01_brain.nii.gz"),
+        ("sub-01_brain_mask.nii.gz", ["sub-01_brain.nii.gz"], "sub-01_brain.nii.gz"),
+        # evaluate's way round: a map named as its scan, the reference by a free word
+        ("sub-01_T1w.nii.gz", ["sub-01_brain_mask.nii.gz"], "sub-01_brain_mask.nii.gz"),
+        # in a BIDS tree's sub-folder alike
+        ("sub-01/anat/sub-01_brain_mask.nii.gz", ["sub-01/anat/sub-01_T1w.nii.gz"], "sub-01/anat/sub-01_T1w.nii.gz"),
+    ],
+)
+def test_a_free_word_after_sub_xx_that_no_scan_is_named_by_is_no_source_suffix_and_the_label_pairs(
+    label, images, image
+):
+    """sub-01_brain_mask, sub-01_lesion_seg: a word no scan of the pool ends in is the label's own, not the suffix
+    of the scan it segments (a T1w, a FLAIR), as before BIDS derivatives paired by their source's suffix."""
+    pairing = pair_mirrored([label], images)
+    assert pairing.pairs == {image: label}
+    assert pairing.problems == {}
+
+
+def test_a_derivative_naming_a_suffix_the_pool_has_is_refused_for_another_scan_of_its_case_naming_both():
+    """A T2w's derivative is no T1w's label where the pool has T2w scans (sub-02's), even where sub-01 has only a
+    T1w: the reason names the scan its name says and the one of its case it is not."""
+    reason = (
+        "no image has this case name (expected 'sub-01_T2w.nii.gz': its name says its scan's suffix T2w; "
+        "sub-01_T1w.nii.gz is of another)"
+    )
+    pairing = pair_names(["sub-01_T2w_dseg.nii.gz"], ["sub-01_T1w.nii.gz", "sub-02_T2w.nii.gz"])
+    assert (pairing.pairs, pairing.problems) == ({}, {"sub-01_T2w_dseg.nii.gz": reason})
+    nested = pair_mirrored(["sub-01/anat/sub-01_T2w_dseg.nii.gz"], BIDS_SCANS)  # sub-02's T2w: the pool's suffix
+    assert nested.pairs == {}
+    assert nested.problems == {
+        "sub-01/anat/sub-01_T2w_dseg.nii.gz": reason.replace("sub-01_T1w.nii.gz", "sub-01/anat/sub-01_T1w.nii.gz")
+    }
+
+
+def test_a_label_in_a_sub_folder_the_pool_lacks_says_its_folder_does_not_mirror_the_pools_and_the_closest_scans():
+    """labels/case01_seg is compared with no scan of labels/ (the pool has none); its one line names the folder,
+    the pool's folders and the scans of its case wherever they lie, not 'no similar name among 0 images'; a
+    folder above the mirroring one (derivatives/ for derivatives/manual) is named as such."""
+    pairing = pair_mirrored(["labels/case01_seg.nii.gz"], ["site1/case01.nii.gz", "site2/case02.nii.gz"])
+    assert pairing.pairs == {}
+    assert pairing.problems == {
+        "labels/case01_seg.nii.gz": "no image has this case name: its sub-folder labels/ does not mirror the pool's "
+        "sub-folders (site1/, site2/), and a label in a sub-folder pairs with the scans of the same sub-folder "
+        "or of the pool's top; closest in the whole pool: site1/case01.nii.gz"
+    }
+    above = pair_mirrored(["manual/sub-01/anat/sub-01_T1w_dseg.nii.gz"], BIDS_SCANS)
+    assert above.pairs == {}
+    assert above.problems == {
+        "manual/sub-01/anat/sub-01_T1w_dseg.nii.gz": "no image has this case name: its sub-folder "
+        "manual/sub-01/anat/ does not mirror the pool's sub-folders but ends in the pool's sub-01/anat/: give its "
+        "folder manual/ (under the one given) instead, as a label in a sub-folder pairs with the scans of the same "
+        "sub-folder or of the pool's top; closest in the whole pool: sub-01/anat/sub-01_T1w.nii.gz"
+    }
+
+
+def test_a_label_whose_sub_folder_lacks_its_scan_pairs_with_the_one_of_its_case_at_the_pools_top_never_two():
+    """site1/case01_seg where site1/ holds case02 only and case01 lies at the pool's top: that scan, the one of its
+    case with no folder to mirror (as any label pairs with a pool all at the top); a scan of its case in another
+    sub-folder never, two at the top or a second label for it refused, naming the files."""
+    images = ["case01.nii.gz", "site1/case02.nii.gz", "site2/case03.nii.gz"]
+    pairing = pair_mirrored(["site1/case01_seg.nii.gz", "site1/case02_seg.nii.gz"], images)
+    assert pairing.pairs == {
+        "case01.nii.gz": "site1/case01_seg.nii.gz",
+        "site1/case02.nii.gz": "site1/case02_seg.nii.gz",
+    }
+    assert pairing.problems == {}
+    assert pair_mirrored(["site1/case03_seg.nii.gz"], images).problems == {
+        "site1/case03_seg.nii.gz": "no image has this case name in the pool's sub-folder site1/, and a label in a "
+        "sub-folder pairs with the scans of the same sub-folder or of the pool's top; closest in the whole pool: "
+        "site2/case03.nii.gz"
+    }
+    twice = pair_mirrored(
+        ["site1/sub-01_mask.nii.gz", "site1/case01_seg.nii.gz", "case01_seg.nii.gz"],
+        ["sub-01_T1w.nii.gz", "sub-01_T2w.nii.gz", *images],
+    )
+    assert twice.pairs == {}
+    assert twice.problems == {
+        "site1/sub-01_mask.nii.gz": "fits several images (sub-01_T1w.nii.gz, sub-01_T2w.nii.gz); import it alone "
+        "with --from FILE --cases IMAGE",
+        "site1/case01_seg.nii.gz": "several label files fit image case01.nii.gz (also case01_seg.nii.gz); keep one "
+        "in the folder or import one with --from FILE",
+        "case01_seg.nii.gz": "several label files fit image case01.nii.gz (also site1/case01_seg.nii.gz); keep one "
+        "in the folder or import one with --from FILE",
+    }
