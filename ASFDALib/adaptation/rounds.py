@@ -24,7 +24,7 @@ from ASFDALib.inference.predict import check_outputs
 from ASFDALib.models.card import card_from_dict
 from ASFDALib.models.loading import LoadedModel
 from ASFDALib.outputs import refuse_same_folder
-from ASFDALib.query.ranking import Progress, RankConfig, Ranking, choose_knowledge, rank_folder
+from ASFDALib.query.ranking import Progress, RankConfig, Ranking, choose_knowledge, pool_volumes, rank_folder
 from ASFDALib.query.report import RankingOutputs, write_ranking
 from ASFDALib.query.selection import Knowledge
 
@@ -224,6 +224,7 @@ def rank_round(
     # the session's files would mix with the scans it ranks (the command line refuses it first, naming --out)
     refuse_same_folder(session.root, images, "images", "give the session a folder of its own")
     moved = pool_change(session, Path(images))  # before any long work
+    pool_volumes(Path(images), config.recursive, (session.root,))  # a folder of no scans, refused before the model
     model, knowledge, kept_card = ranking_model(session, load_given, given, config.knowledge, card_given)
     check_outputs(model.network, model.card, str(model.path), config.device)
     if on_model:

@@ -787,6 +787,7 @@ class ImportReport:
         out.append(
             f"Imported {len(self.imported)} of {len(self.asked)} {asked}"
             + (f" ({len(self.unchanged)} unchanged: already in the session)" if self.unchanged else "")
+            + (" (each labelled already)" if self.nothing_left else "")
             + f"; skipped {len(self.skipped)} (not asked for, or of no image), refused {len(self.refused)}. {left}."
         )
         return out
@@ -975,7 +976,7 @@ def _import_labels(
             atomic_write_bytes(target, data)
             notes.extend(
                 f"{p.name} is on disk and recorded by no version (an import stopped before its record, or a "
-                f"session.json restored from its .bak); kept, this label is {target.name}"
+                f"session.json restored from its .bak); kept beside this label"
                 for p in unrecorded
             )
         session.record_label(

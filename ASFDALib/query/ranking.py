@@ -337,6 +337,36 @@ def rank_records(
     return Ranking(rows, knowledge, config.strategy, config.alpha, config.budget, model_name, records, fusion=fusion)
 
 
+def pool_volumes(images: Path, recursive: bool, exclude: tuple[Path, ...] = ()) -> tuple[list[Path], list[Path]]:
+    """The volumes of a pool to rank and the files it passes over (one walk: the scans and what is no scan), or
+    a refusal in one line saying what the folder holds instead and where the scans look to be; called before the
+    model loads too, so a wrong folder costs no model load."""
+    paths, others = discover(images, recursive, exclude)
+    if Path(images) in paths:  # named "." in the session, no label could pair with it
+        raise ASFDAError(
+            f"{images}: is one DICOM series (a scan), not a pool of them; give --images the folder that holds the "
+            f"pool's series, each in a sub-folder of its own (e.g. {Path(images).parent})"
+        )
+    if not paths:
+        # a dataset folder (images/ beside labels/): --recursive would rank its label maps too, so name the scans
+        scans = scan_folders(images)
+        has_subfolders = any(p.is_dir() and not p.name.startswith(".") for p in Path(images).iterdir())
+        hint = "; add --recursive to search sub-folders" if has_subfolders and not recursive else ""
+        if (Path(images) / "session.json").is_file():  # a session folder given for the scans' one
+            hint = "; it is an ASFDA session: give --images the scans' folder (the session is --out)"
+        elif scans:
+            more = f" (or {', '.join(map(str, scans[1:]))})" if scans[1:] else ""
+            hint = f"; the scans look to be in a sub-folder: give --images {scans[0]}{more}"
+        elif others:  # .mgz, PNG slices: say what was there
+            hint = f"; found files of other types only ({passed_over_summary(others)}): convert the scans" + hint
+        raise ASFDAError(
+            f"{images}: no volumes found (looked for .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd and DICOM folders"
+            + hint
+            + ")"
+        )
+    return paths, others
+
+
 def rank_folder(
     images: Path,
     model: LoadedModel,
@@ -354,29 +384,7 @@ def rank_folder(
     """
     # the cache's files would mix with the scans (and a recursive rank would meet them)
     refuse_same_folder(cache_folder, images, "images", "give the score cache a folder of its own")
-    paths, others = discover(images, config.recursive, exclude)  # one walk: the scans and what is no scan
-    if Path(images) in paths:  # named "." in the session, no label could pair with it
-        raise ASFDAError(
-            f"{images}: is one DICOM series (a scan), not a pool of them; give --images the folder that holds the "
-            f"pool's series, each in a sub-folder of its own (e.g. {Path(images).parent})"
-        )
-    if not paths:
-        # a dataset folder (images/ beside labels/): --recursive would rank its label maps too, so name the scans
-        scans = scan_folders(images)
-        has_subfolders = any(p.is_dir() and not p.name.startswith(".") for p in Path(images).iterdir())
-        hint = "; add --recursive to search sub-folders" if has_subfolders and not config.recursive else ""
-        if (Path(images) / "session.json").is_file():  # a session folder given for the scans' one
-            hint = "; it is an ASFDA session: give --images the scans' folder (the session is --out)"
-        elif scans:
-            more = f" (or {', '.join(map(str, scans[1:]))})" if scans[1:] else ""
-            hint = f"; the scans look to be in a sub-folder: give --images {scans[0]}{more}"
-        elif others:  # .mgz, PNG slices: say what was there
-            hint = f"; found files of other types only ({passed_over_summary(others)}): convert the scans" + hint
-        raise ASFDAError(
-            f"{images}: no volumes found (looked for .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd and DICOM folders"
-            + hint
-            + ")"
-        )
+    paths, others = pool_volumes(images, config.recursive, exclude)
     knowledge = knowledge or choose_knowledge(model, config.knowledge)
     # Under torchrun each rank scores its share; every rank then ranks the same gathered pool.
     mine = distributed.shard(paths)

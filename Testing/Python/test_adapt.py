@@ -1153,6 +1153,7 @@ def test_a_label_import_of_only_unqueried_labels_once_the_query_is_labelled_says
     assert main(["labels", "import", str(session), "--from", str(tmp_path / "more")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "every queried volume (2) is labelled already: none of theirs is left to import" in out
+    assert "Imported 0 of 2 queried volumes (each labelled already); skipped 1" in out
     assert f"skipped {tmp_path / 'more' / other.name}: image {other.name} was not asked for" in out
 
 

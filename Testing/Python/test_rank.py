@@ -188,7 +188,9 @@ def test_empty_folder_is_a_clear_error(tmp_path, capsys):
     assert "no volumes found" in err and "--recursive" not in err  # no sub-folder to search
     (tmp_path / "empty" / "site1").mkdir()
     assert main(["rank", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "s")]) == 1
-    assert "add --recursive to search sub-folders" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "add --recursive to search sub-folders" in said.err
+    assert "Weights" not in said.out  # refused before the model loads: a wrong folder costs no model load
 
 
 def test_torchscript_model_uses_the_energy_fallback_and_says_so(tmp_path, default_model, mri_pool, capsys):

@@ -289,7 +289,8 @@ def test_an_unrecorded_label_is_kept_and_named_when_another_label_of_its_case_is
     (entry,) = json.loads((session / "session.json").read_text())["labels"][case]
     new = session / entry["file"]
     said = " ".join(capsys.readouterr().out.split())
-    assert f"{stray.name} is on disk and recorded by no version" in said and f"kept, this label is {new.name}" in said
+    assert f"{stray.name} is on disk and recorded by no version" in said
+    assert f"kept beside this label) as labels/{new.name}" in said
     assert content_hash(stray) == kept and new != stray and new.name.replace(".v2.", ".v1.") == stray.name
     assert entry["sha256"] == content_hash(new) and read_volume(new, allow_constant=True).array[0, 0, 0] == 1
 
