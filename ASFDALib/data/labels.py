@@ -725,6 +725,8 @@ class ImportReport:
     refused: list[str] = field(default_factory=list)  # files that cannot be used, with the fix
     failed: list[str] = field(default_factory=list)  # asked-for images whose label file was refused
     missing: list[str] = field(default_factory=list)  # asked-for volumes with no label file in the source
+    # labels of the picks a rank stopped before recording: asked for by the user, if not yet by the session
+    unrecorded_picks: list[str] = field(default_factory=list)
     asked: list[str] = field(default_factory=list)
     unlabeled: int = 0  # readable volumes of the pool without a label afterwards: the pseudo-label pool
     unreadable: int = 0  # files of the pool ranking could not read: in no pool
@@ -737,8 +739,10 @@ class ImportReport:
 
     @property
     def nothing_left(self) -> bool:
-        """Every asked-for volume was labelled before this import, which found nothing new for any of them."""
-        return bool(self.asked) and not (self.imported or self.unchanged or self.missing or self.failed)
+        """Every asked-for volume was labelled before this import, which found nothing new for any of them (nor
+        labels of picks a stopped rank showed, which the user meant to import: rank again first)."""
+        done = self.imported or self.unchanged or self.missing or self.failed or self.unrecorded_picks
+        return bool(self.asked) and not done
 
     def lines(self, queried_only: bool = True) -> list[str]:
         """The report as the user reads it: one line per file, then what is left for pseudo-labels."""
@@ -953,6 +957,8 @@ def _import_labels(
                 else ("not among --cases", "add it to --cases")
             )
             report.skipped.append(f"{label_path}: image {name} was not asked for ({why}); {fix}{flaw}")
+            if cases is None and name in stopped:
+                report.unrecorded_picks.append(name)
             continue
         current = stored.get(name)
         image = content_record(session.image_path(name))
