@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         "unlabeled volume stays in the pool that fine-tuning pseudo-labels.\n\n"
         "exit status of import: 0 when every label file of an asked-for volume came in (a file of no volume\n"
         "in the pool is skipped, not an error); 1 when one was refused, even if others came in (the output\n"
-        "says which, and why), when nothing could be imported, or when --map does not read against the\n"
-        "model's classes; 2 for arguments the command line cannot parse.",
+        "says which, and why), when nothing could be imported (0 where every asked-for volume is labelled\n"
+        "already), or when --map does not read against the model's classes; 2 for arguments the command line\n"
+        "cannot parse.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     labels.add_argument(
