@@ -48,6 +48,10 @@ HOLDER_FILE = ".asfda.lock.holder"
 RANKING_FILES = ("ranking.json", "ranking.csv", "ranking.png")
 
 
+# a label version's file as next_label_path names it: <case stem>.v<N>.nii.gz
+LABEL_VERSION = re.compile(r"(.+)\.v\d+\.nii\.gz")
+
+
 class SessionError(ASFDAError):
     """The session folder or its file cannot be used as it is."""
 
@@ -525,33 +529,34 @@ class Session:
             "into a new session (--out NEW)"
         )
 
-    def _label_versions(self, name: str) -> tuple[str, set[str], set[str]]:
-        """The case's storage stem, the names of the label files session.json records (every image's: a version
-        recorded under an older stem scheme keeps its name; ``\\`` as written on Windows) and those in labels/."""
+    def _label_files(self) -> tuple[set[str], set[str]]:
+        """The names of the label files session.json records (every image's: a version recorded under an older stem
+        scheme keeps its name; ``\\`` as written on Windows) and those in labels/."""
         folder = self.root / "labels"
-        stem = storage_stems({*self.image_names(), name})[name]
         recorded = {PurePosixPath(v["file"].replace("\\", "/")).name for vs in self.data["labels"].values() for v in vs}
-        return stem, recorded, {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        return recorded, {p.name for p in folder.iterdir()} if folder.is_dir() else set()
 
     def next_label_path(self, name: str, suffix: str = ".nii.gz") -> Path:
         """labels/<case>.v<N><suffix> with N one past every version on disk or recorded: never overwrites (a file
         no version records may be a label someone still needs: a session.json restored from its .bak forgets the
         versions saved after it)."""
         (self.root / "labels").mkdir(parents=True, exist_ok=True)
-        stem, recorded, on_disk = self._label_versions(name)
-        taken = recorded | on_disk
+        stem = storage_stems({*self.image_names(), name})[name]
+        taken = set().union(*self._label_files())
         version = 1
         while any(t.startswith(f"{stem}.v{version}.") for t in taken):  # a .seg.nrrd companion takes its number
             version += 1
         return self.root / "labels" / f"{stem}.v{version}{suffix}"
 
-    def unrecorded_labels(self, name: str) -> list[Path]:
-        """The case's label files in labels/ that no version records: what a label write stopped before its record
-        left (Ctrl-C or a kill between an import's label files and its one save of session.json), or versions a
-        session.json restored from its .bak forgets. Kept, never written over."""
-        stem, recorded, on_disk = self._label_versions(name)
-        version = re.compile(rf"{re.escape(stem)}\.v\d+\.nii\.gz$")
-        return [self.root / "labels" / n for n in sorted(on_disk - recorded) if version.match(n)]
+    def unrecorded_labels(self, name: str | None = None) -> list[Path]:
+        """The label files in labels/ that no version records, of case ``name`` or of every case: what a label write
+        stopped before its record left (Ctrl-C or a kill between an import's label files and its one save of
+        session.json), or versions a session.json restored from its .bak forgets. Kept, never written over."""
+        stems = storage_stems({*self.image_names(), *([name] if name else [])})
+        wanted = {stems[name]} if name else set(stems.values())
+        recorded, on_disk = self._label_files()
+        versions = (LABEL_VERSION.fullmatch(n) for n in sorted(on_disk - recorded))
+        return [self.root / "labels" / m[0] for m in versions if m and m[1] in wanted]
 
     def record_label(
         self,

@@ -427,7 +427,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
             f"stopped before recording it; running that 'asfda rank --out {as_arg(session.root)}' again records it",
             **WHOLE_LINE,
         )
-    unrecorded = [p for name in session.image_names() for p in session.unrecorded_labels(name)]
+    unrecorded = session.unrecorded_labels()
     if unrecorded:  # kept, never written over: an import stopped before its record, or a restored session.json
         console.print(
             f"{len(unrecorded)} label file(s) in {session.root / 'labels'} recorded by no version ("
