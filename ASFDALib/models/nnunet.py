@@ -20,6 +20,9 @@ names and every per-stage kernel. The differences this module takes care of or s
   stage: PlainConvUNet plans whose kernels differ by stage (anisotropic data) are refused, naming them.
 - Blocks (ResidualEncoderUNet). The rebuild has nnU-Net's basic residual block, instance norm and leaky ReLU:
   plans with bottleneck blocks, other norms or activations, or dropout are refused, naming them.
+- Cascades. The second stage of nnU-Net's cascade (``3d_cascade_fullres``, ``previous_stage`` in its configuration)
+  takes the scan plus the first stage's segmentation as one-hot channels, which no panel or command gives it: it
+  is refused, naming the first stage's model, which loads on its own.
 
 The card comes from the plans and dataset.json: the classes (``labels``), the configuration's spacing and patch
 size, and its normalisation (``CTNormalization``'s clip-then-z-score is a CT window mapped to the same values).
@@ -232,6 +235,8 @@ def read_nnunet(
     # the fold folder's parent is Trainer__Plans__configuration
     name = init.get("configuration") or path.parent.parent.name.rsplit("__", 1)[-1]
     config = _configuration(plans, name, plans_path)
+    if previous := config.get("previous_stage"):
+        raise ModelError(_cascade_refusal(path, name, previous, dataset))
     arch = _architecture(config, plans_path)
     _refuse_unbuildable(arch, plans_path)
     try:  # a plans file edited by hand, or of a version that words them otherwise: one line, not a traceback
@@ -274,6 +279,20 @@ def read_nnunet(
         },
     )
     return spec, card, dynunet_state(weights["network_weights"], stages, axes), CONVERTED_NOTE
+
+
+def _cascade_refusal(path: Path, name: str, previous: str, dataset: dict) -> str:
+    """Why the second stage of nnU-Net's cascade does not load, and the stand-alone model of the same training."""
+    # nnU-Net's determine_num_input_channels: the scan's channels, then one per foreground label
+    labels = [k for k, v in dataset.get("labels", {}).items() if k != "ignore" and v != 0]
+    folder = path.parent.parent
+    first = folder.with_name(folder.name.rsplit("__", 1)[0] + f"__{previous}") / path.parent.name / path.name
+    return (
+        f"{path}: this nnU-Net model is the second stage of a cascade (configuration {name}, previous_stage "
+        f"{previous}): its network takes the scan plus the {previous} model's segmentation as {len(labels)} one-hot "
+        f"channels, which ASFDA cannot give it (it feeds one scan per volume, from the panel or the command line); "
+        f"load the {previous} model of the same training ({first}), or a 3d_fullres one"
+    )
 
 
 def _kernel_order(axes: list[int]) -> list[int]:

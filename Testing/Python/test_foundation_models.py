@@ -28,7 +28,7 @@ from ASFDALib.app.cli import main
 from ASFDALib.bench.phantoms import CLASS_NAMES
 from ASFDALib.errors import ModelError, TrustRequiredError
 from ASFDALib.models.card import NetworkSpec
-from ASFDALib.models.loading import build_network, load_model
+from ASFDALib.models.loading import build_network, load_model, load_weights
 
 SOURCE_CLASSES = [
     "background",
@@ -760,6 +760,39 @@ def test_an_nnunet_model_dynunet_cannot_build_is_refused_naming_why(tmp_path, ch
     path, _ = _nnunet_output(tmp_path, {**NNUNET_ARCH, **change})
     with pytest.raises(ModelError, match=f"cannot be built as MONAI's DynUNet: {re.escape(why)}"):
         load_model(path)
+
+
+def test_an_nnunet_cascade_stage_is_refused_in_one_line_naming_the_channels_it_needs(pool, tmp_path, capsys):
+    """3d_cascade_fullres (previous_stage in its configuration) takes the scan plus 3d_lowres's segmentation, one-hot
+    per foreground label (nnU-Net's determine_num_input_channels): its stem has 1 + 4 input channels."""
+    path, _ = _nnunet_output(tmp_path, configuration={"previous_stage": "3d_lowres"})
+    trainer = path.parent.parent
+    cascade = trainer.with_name("nnUNetTrainer__nnUNetPlans__3d_cascade_fullres")
+    trainer.rename(cascade)
+    plans = json.loads((cascade / "plans.json").read_text())
+    plans["configurations"] = {
+        "3d_fullres": {k: v for k, v in plans["configurations"]["3d_fullres"].items() if k != "previous_stage"},
+        "3d_lowres": plans["configurations"]["3d_fullres"],
+        "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"},
+    }
+    (cascade / "plans.json").write_text(json.dumps(plans))
+    path = cascade / "fold_0" / "checkpoint_final.pth"
+    checkpoint = load_weights(path)  # nnU-Net's training log keeps numpy values
+    checkpoint["init_args"]["configuration"] = "3d_cascade_fullres"
+    stem = "encoder.stages.0.0.convs.0.conv.weight"
+    checkpoint["network_weights"][stem] = checkpoint["network_weights"][stem].repeat(1, 5, 1, 1, 1)
+    torch.save(checkpoint, path)
+    args = ["rank", "--model", str(path), "--images", str(pool / "images"), "--out", str(tmp_path / "s")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith(
+        f"{path}: this nnU-Net model is the second stage of a cascade (configuration 3d_cascade_fullres, "
+        "previous_stage 3d_lowres): its network takes the scan plus the 3d_lowres model's segmentation as 4 one-hot "
+        "channels, which ASFDA cannot give it (it feeds one scan per volume, from the panel or the command line); "
+        f"load the 3d_lowres model of the same training ({trainer.with_name('nnUNetTrainer__nnUNetPlans__3d_lowres')}"
+        "/fold_0/checkpoint_final.pth), or a 3d_fullres one"
+    )
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_trusted_bundle_builds_its_network_from_its_own_scripts(pool, tmp_path):
