@@ -233,6 +233,12 @@ def card_from_dict(data: dict[str, Any], source: str = "model card") -> ModelCar
 
 
 def load_card(path: Path | str) -> ModelCard:
+    return card_from_dict(read_card_data(path), str(path))
+
+
+def read_card_data(path: Path | str) -> dict[str, Any]:
+    """A card file's keys as written, before defaults fill in what it leaves out (a model that records its own
+    spacing or intensity takes them where the card is silent)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -246,7 +252,7 @@ def load_card(path: Path | str) -> ModelCard:
         raise ModelError(f"{path}: model card is not valid JSON/YAML ({exc})") from None
     if not isinstance(data, dict):
         raise ModelError(f"{path}: model card must be a mapping of keys to values")
-    return card_from_dict(data, str(path))
+    return data
 
 
 def save_card(card: ModelCard, path: Path) -> Path:

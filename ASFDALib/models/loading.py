@@ -1,5 +1,7 @@
 """Loading a Med-VFM in one of its real forms: a MONAI bundle folder, a TorchScript file, a ``torch.export``
-program (``.pt2``), or a state dict plus a MONAI network name.
+program (``.pt2``), a state dict plus a MONAI network name, or a checkpoint whose own files describe its network
+(an nnU-Net training output: :mod:`ASFDALib.models.nnunet`; an nnssl pre-training checkpoint:
+:mod:`ASFDALib.models.nnssl`).
 
 Safe by default: weights load with ``torch.load(weights_only=True)``. Formats that run code from the
 file (pickled checkpoints, TorchScript, ``.pt2`` programs, bundle configs whose ``_target_`` is not a plain
@@ -37,7 +39,8 @@ from ASFDALib.models.bundle import (
     read_config,
     resolve_references,
 )
-from ASFDALib.models.card import ModelCard, NetworkSpec, card_from_dict, load_card
+from ASFDALib.models.card import ModelCard, NetworkSpec, card_from_dict, load_card, read_card_data
+from ASFDALib.models.nnssl import is_nnssl_checkpoint
 from ASFDALib.models.nnunet import nnunet_plans
 from ASFDALib.models.resenc import ResidualEncoderUNet
 
@@ -405,6 +408,43 @@ def _load_nnunet(
     return LoadedModel(net.eval(), card, "state_dict", path, digest, spec, report, class_map)
 
 
+def _load_nnssl(
+    path: Path,
+    card: ModelCard | Mapping[str, Any] | None,
+    explicit: Path | None,
+    network: NetworkSpec | None,
+    trust: bool,
+    class_map: str | Mapping[str, str] | None,
+) -> LoadedModel:
+    """An nnssl pre-training checkpoint (:mod:`ASFDALib.models.nnssl`): the network its adaptation plan describes,
+    built for the card's classes, its stem and encoder loaded, decoder and head new; the card's keys as written,
+    the pre-training plan's spacing, window and intensity where it leaves them out."""
+    from ASFDALib.models.nnssl import read_nnssl
+
+    if class_map:
+        raise ModelError(
+            f"{path}: an nnssl pre-training checkpoint has no segmentation head to pair classes with; "
+            "leave --class-map out"
+        )
+    if isinstance(card, ModelCard):  # a session's card: whole
+        given, source = card.to_dict(), "the card given"
+    elif card is not None:  # one written in Python, as written
+        given, source = dict(card), "the card given"
+    else:
+        found = explicit or next((c for c in card_candidates(path) if c.is_file()), None)
+        given, source = (read_card_data(found), str(found)) if found else ({}, "the card")
+    nnssl = read_nnssl(path, load_weights(path, trust), given, source)
+    spec = nnssl.spec
+    if network is not None and network != spec:
+        raise ModelError(f"{path}: an nnssl checkpoint's network comes from its adaptation plan; leave --network out")
+    net = build_network(spec, seed=0)
+    report = _apply_weights(net, nnssl.state, nnssl.card, None, path)
+    report.key_mapping = nnssl.note
+    report.ignored = sorted([*report.ignored, *nnssl.ignored])
+    digest = _file_digest(path, *_digest_parts(nnssl.card, None))
+    return LoadedModel(net.eval(), nnssl.card, "state_dict", path, digest, spec, report)
+
+
 def load_model(
     path: Path | str,
     card: Path | str | ModelCard | Mapping[str, Any] | None = None,
@@ -419,11 +459,16 @@ def load_model(
     says which pre-trained head rows to copy. The report of what loaded is ``LoadedModel.load_report``.
     """
     path = Path(path)
+    written = dict(card) if isinstance(card, Mapping) else None  # what it leaves out an nnssl checkpoint may say
     if isinstance(card, Mapping):  # a card written in Python, as the card file would hold it
         card = card_from_dict(dict(card), source="the card given")
     explicit = Path(card) if isinstance(card, (str, Path)) else None
     if not path.exists():
         raise ModelError(f"{path}: model not found")
+    # before nnU-Net's: nnssl writes plans.json above its fold folders too, plans of no segmentation network
+    if path.is_file() and is_nnssl_checkpoint(path):
+        given = written if written is not None else card if isinstance(card, ModelCard) else None
+        return _load_nnssl(path, given, explicit, network, trust, class_map)
     if (plans := nnunet_plans(path)) is not None:  # nnU-Net's own training output: the plans say the network
         return _load_nnunet(
             path, plans, card if isinstance(card, ModelCard) else None, explicit, network, trust, class_map

@@ -76,7 +76,7 @@ def _configuration(plans: dict, name: str, plans_path: Path) -> dict:
     return config
 
 
-def _architecture(config: dict, plans_path: Path) -> dict[str, Any]:
+def plans_architecture(config: dict, plans_path: Path) -> dict[str, Any]:
     """Stages, features, kernels, strides and convolutions (residual blocks, for a residual encoder) per stage,
     from either plans format. A network other than those of NETWORKS, or plans that lack what it needs, are
     refused naming it."""
@@ -143,7 +143,8 @@ def _listed(value: int | list[int], count: int) -> list[int]:
     return list(value) if isinstance(value, (list, tuple)) else [value] * count
 
 
-def _refuse_unbuildable(arch: dict, plans_path: Path) -> None:
+def refuse_unbuildable(arch: dict, where: Path, what: str = "this nnU-Net model") -> None:
+    """Refuses, naming why and the way round, an architecture (``plans_architecture``'s dict) the rebuilds lack."""
     why = []
     # only what differs from what the rebuilds have (instance norm, leaky ReLU)
     if "InstanceNorm" not in str(arch["norm"]):
@@ -159,8 +160,7 @@ def _refuse_unbuildable(arch: dict, plans_path: Path) -> None:
             why.append(f"its kernels are not 3D ({arch['kernels']})")
         if why:
             raise ModelError(
-                f"{plans_path}: this nnU-Net model cannot be built as ASFDA's ResidualEncoderUNet: {'; '.join(why)}; "
-                + TRACE_HINT
+                f"{where}: {what} cannot be built as ASFDA's ResidualEncoderUNet: {'; '.join(why)}; " + TRACE_HINT
             )
         return
     convs = [*arch["encoder"], *arch["decoder"]]
@@ -171,7 +171,7 @@ def _refuse_unbuildable(arch: dict, plans_path: Path) -> None:
     if any(k != arch["kernels"][0] for k in arch["kernels"]) or len(arch["kernels"][0]) != 3:
         why.append(f"its kernels differ by stage or are not 3D ({arch['kernels']}; DynUNet's decoder needs them alike)")
     if why:
-        raise ModelError(f"{plans_path}: this nnU-Net model cannot be built as MONAI's DynUNet: {'; '.join(why)}")
+        raise ModelError(f"{where}: {what} cannot be built as MONAI's DynUNet: {'; '.join(why)}")
 
 
 def _card(plans: dict, config: dict, dataset: dict, name: str, axes: list[int], where: Path) -> ModelCard:
@@ -186,21 +186,9 @@ def _card(plans: dict, config: dict, dataset: dict, name: str, axes: list[int], 
     channels = dataset.get("channel_names") or dataset.get("modality") or {"0": ""}
     if len(channels) != 1:
         raise ModelError(f"{where}: the model takes {len(channels)} channels ({channels}); ASFDA gives it one scan")
-    scheme = (config.get("normalization_schemes") or ["ZScoreNormalization"])[0]
-    if scheme == "CTNormalization":  # clip to the 0.5..99.5 percentiles, then z-score: a linear CT window
-        props = plans["foreground_intensity_properties_per_channel"]["0"]
-        low, high, mean, std = (float(props[k]) for k in ("percentile_00_5", "percentile_99_5", "mean", "std"))
-        std = max(std, 1e-8)
-        intensity = IntensityConfig("ct", a_min=low, a_max=high, b_min=(low - mean) / std, b_max=(high - mean) / std)
-    elif scheme == "ZScoreNormalization":  # over the non-zero voxels where the plans mask (use_mask_for_norm), or
-        # every voxel (nnU-Net's, of the scan cropped to its non-zero box: outer zero padding aside, the same)
-        masked = bool((config.get("use_mask_for_norm") or [False])[0])
-        intensity = IntensityConfig("zscore", nonzero=masked)
-    elif scheme == "RescaleTo01Normalization":
-        intensity = IntensityConfig("percentile", lower=0.0, upper=100.0)
-    elif scheme == "NoNormalization":
-        intensity = IntensityConfig("none")
-    else:
+    scheme = normalisation_scheme(config)
+    intensity = intensity_of(scheme, config, plans.get("foreground_intensity_properties_per_channel"))
+    if intensity is None:
         raise ModelError(f"{where}: normalisation {scheme} has no counterpart in a model card")
     return ModelCard(
         class_names=classes,
@@ -211,6 +199,29 @@ def _card(plans: dict, config: dict, dataset: dict, name: str, axes: list[int], 
         description=f"nnU-Net model of {plans.get('dataset_name', 'its dataset')}, configuration {name}",
         source_classes=list(classes),
     )
+
+
+def normalisation_scheme(config: dict) -> str:
+    """The first channel's normalisation of an nnU-Net (or nnssl) configuration; nnU-Net's default where none."""
+    return str((config.get("normalization_schemes") or ["ZScoreNormalization"])[0])
+
+
+def intensity_of(scheme: str, config: dict, properties: dict | None) -> IntensityConfig | None:
+    """nnU-Net's (and nnssl's) normalisation ``scheme`` of a configuration as a card's intensity, or None where no
+    card setting is it (CT normalisation without the plans' foreground intensity ``properties``, say)."""
+    if scheme == "CTNormalization" and properties:  # clip to the 0.5..99.5 percentiles, then z-score: a CT window
+        props = properties["0"]
+        low, high, mean, std = (float(props[k]) for k in ("percentile_00_5", "percentile_99_5", "mean", "std"))
+        std = max(std, 1e-8)
+        return IntensityConfig("ct", a_min=low, a_max=high, b_min=(low - mean) / std, b_max=(high - mean) / std)
+    if scheme == "ZScoreNormalization":  # over the non-zero voxels where the plans mask (use_mask_for_norm), or
+        # every voxel (nnU-Net's, of the scan cropped to its non-zero box: outer zero padding aside, the same)
+        return IntensityConfig("zscore", nonzero=bool((config.get("use_mask_for_norm") or [False])[0]))
+    if scheme in ("RescaleTo01Normalization", "RescaleTo01"):  # nnssl's name for it is the shorter
+        return IntensityConfig("percentile", lower=0.0, upper=100.0)
+    if scheme == "NoNormalization":
+        return IntensityConfig("none")
+    return None
 
 
 def ras_axes(transpose_forward: list[int]) -> list[int]:
@@ -237,32 +248,19 @@ def read_nnunet(
     config = _configuration(plans, name, plans_path)
     if previous := config.get("previous_stage"):
         raise ModelError(_cascade_refusal(path, name, previous, dataset))
-    arch = _architecture(config, plans_path)
-    _refuse_unbuildable(arch, plans_path)
+    arch = plans_architecture(config, plans_path)
+    refuse_unbuildable(arch, plans_path)
     try:  # a plans file edited by hand, or of a version that words them otherwise: one line, not a traceback
         axes = ras_axes(plans.get("transpose_forward", [0, 1, 2]))
         card = _card(plans, config, dataset, name, axes, dataset_path if dataset else plans_path)
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise ModelError(f"{plans_path}: cannot read the model's {name} configuration from it ({exc!r})") from None
-    kernels = [[k[a] for a in axes] for k in arch["kernels"]]
-    strides = [[s[a] for a in axes] for s in arch["strides"]]
     stages = len(arch["features"])
     if arch["class"] == "ResidualEncoderUNet":
-        args = {
-            "in_channels": 1,
-            "out_channels": len(card.class_names),
-            "features_per_stage": arch["features"],
-            "kernel_sizes": kernels,
-            "strides": strides,
-            "n_blocks_per_stage": arch["encoder"],
-            "n_conv_per_stage_decoder": arch["decoder"],
-            "conv_bias": bool(arch["bias"]),
-            "norm_eps": float(arch["norm_args"].get("eps", 1e-5)),
-            "norm_affine": bool(arch["norm_args"].get("affine", False)),  # torch's InstanceNorm3d default
-            "negative_slope": float(arch["slope"]),
-        } | ({"stem_channels": int(arch["stem"])} if arch["stem"] else {})
-        spec = NetworkSpec("ResidualEncoderUNet", args)
+        spec = resenc_spec(arch, axes, len(card.class_names))
         return spec, card, resenc_state(weights["network_weights"], stages, axes), RESENC_NOTE
+    kernels = [[k[a] for a in axes] for k in arch["kernels"]]
+    strides = [[s[a] for a in axes] for s in arch["strides"]]
     spec = NetworkSpec(
         "DynUNet",
         {
@@ -295,7 +293,26 @@ def _cascade_refusal(path: Path, name: str, previous: str, dataset: dict) -> str
     )
 
 
-def _kernel_order(axes: list[int]) -> list[int]:
+def resenc_spec(arch: dict[str, Any], axes: list[int], num_classes: int) -> NetworkSpec:
+    """ASFDA's ResidualEncoderUNet for an architecture as ``plans_architecture`` reads it, kernels and strides in RAS
+    axis order (``axes``: :func:`ras_axes`), one input channel, ``num_classes`` outputs."""
+    args = {
+        "in_channels": 1,
+        "out_channels": num_classes,
+        "features_per_stage": arch["features"],
+        "kernel_sizes": [[k[a] for a in axes] for k in arch["kernels"]],
+        "strides": [[s[a] for a in axes] for s in arch["strides"]],
+        "n_blocks_per_stage": arch["encoder"],
+        "n_conv_per_stage_decoder": arch["decoder"],
+        "conv_bias": bool(arch["bias"]),
+        "norm_eps": float(arch["norm_args"].get("eps", 1e-5)),
+        "norm_affine": bool(arch["norm_args"].get("affine", False)),  # torch's InstanceNorm3d default
+        "negative_slope": float(arch["slope"]),
+    } | ({"stem_channels": int(arch["stem"])} if arch["stem"] else {})
+    return NetworkSpec("ResidualEncoderUNet", args)
+
+
+def kernel_order(axes: list[int]) -> list[int]:
     """The permutation of a 3D convolution's weight (out, in, *kernel; in, out, *kernel transposed) that puts its
     kernel in RAS axis order."""
     return [0, 1, *(2 + a for a in axes)]
@@ -306,7 +323,7 @@ def resenc_state(state: dict[str, torch.Tensor], stages: int, axes: list[int]) -
     names its modules as nnU-Net does, kernels permuted to RAS axis order. Left out: the second name nnU-Net
     registers every convolution and norm under (``all_modules``), the decoder's copy of the encoder, and the
     deep-supervision heads of the lower resolutions; the full-resolution one is ``decoder.head``."""
-    perm = _kernel_order(axes)
+    perm = kernel_order(axes)
     head = f"decoder.seg_layers.{stages - 2}."
     if head + "weight" not in state:
         raise ModelError(f"nnU-Net weights lack {head}weight: not a ResidualEncoderUNet of these plans")
@@ -326,7 +343,7 @@ def dynunet_state(state: dict[str, torch.Tensor], stages: int, axes: list[int]) 
     """nnU-Net's PlainConvUNet weights under DynUNet's names, kernels permuted to RAS axis order. Left out:
     convolution biases (an instance norm follows each), the deep-supervision heads of the lower resolutions, and
     the decoder's copy of the encoder."""
-    perm = _kernel_order(axes)
+    perm = kernel_order(axes)
 
     def block(source: str, target: str) -> dict[str, torch.Tensor]:
         out = {}

@@ -574,7 +574,7 @@ def test_an_nnunet_model_adapts_to_a_target_task_through_every_command(pool, tmp
 def test_the_first_nnunet_v2_plans_format_describes_the_same_network(network, arch, encoder):
     """nnU-Net before 2.4 wrote the architecture as UNet_* keys (a residual encoder's blocks per stage as
     n_conv_per_stage_encoder); TotalSegmentator's older models carry them."""
-    from ASFDALib.models.nnunet import _architecture
+    from ASFDALib.models.nnunet import plans_architecture
 
     old = {
         "UNet_class_name": network,
@@ -586,7 +586,7 @@ def test_the_first_nnunet_v2_plans_format_describes_the_same_network(network, ar
         "n_conv_per_stage_decoder": arch["n_conv_per_stage_decoder"],
     }
     new = {"architecture": {"network_class_name": f"x.{network}", "arch_kwargs": arch}}
-    assert _architecture(old, Path("plans.json")) == _architecture(new, Path("plans.json")) | {
+    assert plans_architecture(old, Path("plans.json")) == plans_architecture(new, Path("plans.json")) | {
         "norm": "InstanceNorm",
         "nonlin": "LeakyReLU",
     }
@@ -793,6 +793,279 @@ def test_an_nnunet_cascade_stage_is_refused_in_one_line_naming_the_channels_it_n
         "/fold_0/checkpoint_final.pth), or a 3d_fullres one"
     )
     assert not (tmp_path / "s").exists()
+
+
+# --- nnssl self-supervised pre-training checkpoints -------------------------------------------------------------
+
+# the pre-training plan nnssl's trainer keeps in the checkpoint (adaptation_planning/adaptation_plan.py, as the
+# OpenMind checkpoints' adaptation_plan.json words it); spacing and patch in nnssl's array order, not RAS
+NNSSL_PLAN = {
+    "architecture_plans": {
+        "arch_class_name": "ResidualEncoderUNet",
+        "arch_kwargs": RESENC_ARCH,
+        "arch_kwargs_requiring_import": ["conv_op", "norm_op", "nonlin"],
+    },
+    "pretrain_plan": {
+        "dataset_name": "Dataset745_OpenNeuro_v2",
+        "plans_name": "nnsslPlans",
+        "original_median_spacing_after_transp": [1, 1, 1],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {
+            "onemmiso": {
+                "data_identifier": "nnsslPlans_3d_fullres",
+                "preprocessor_name": "DefaultPreprocessor",
+                "spacing_style": "onemmiso",
+                "normalization_schemes": ["ZScoreNormalization"],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_mask": "resample_data_or_seg_to_shape",
+                "resampling_fn_mask_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+                "spacing": [1.0, 1.5, 2.0],
+                "patch_size": [160, 160, 160],
+            }
+        },
+        "experiment_planner_used": "FixedResEncUNetPlanner",
+    },
+    "pretrain_num_input_channels": 1,
+    "recommended_downstream_patchsize": [32, 48, 64],
+    "key_to_encoder": "encoder.stages",
+    "key_to_stem": "encoder.stem",
+    "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],
+    "key_to_lpe": None,
+}
+
+
+def _as_nnssl_saves(state: dict[str, torch.Tensor], features: list[int]) -> dict[str, torch.Tensor]:
+    """The rebuild's state dict under the names nnssl's MAE saves its ResidualEncoderUNet with
+    (dynamic_network_architectures'): every convolution and norm of a conv-norm block also as all_modules.0/1, the
+    decoder's copy of the encoder, and a 1x1x1 reconstruction layer per decoder stage, the last at full resolution."""
+    stages = len(features)
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name.startswith("decoder.head."):
+            out[f"decoder.seg_layers.{stages - 2}.{name.rsplit('.', 1)[1]}"] = tensor
+            continue
+        out[name] = tensor
+        if block := re.fullmatch(r"(.+)\.(conv|norm)\.(weight|bias)", name):
+            out[f"{block[1]}.all_modules.{0 if block[2] == 'conv' else 1}.{block[3]}"] = tensor
+    out |= {f"decoder.{k}": v for k, v in out.items() if k.startswith("encoder.")}
+    for s in range(stages - 2):  # the lower resolutions' (deep supervision's) layers
+        out[f"decoder.seg_layers.{s}.weight"] = torch.randn(1, features[-(s + 2)], 1, 1, 1)
+        out[f"decoder.seg_layers.{s}.bias"] = torch.randn(1)
+    return out
+
+
+def _nnssl_checkpoint(folder: Path, **plan: object) -> tuple[Path, torch.nn.Module]:
+    """checkpoint_final.pth as nnssl's BaseMAETrainer saves it (AbstractBaseTrainer.save_checkpoint) and the
+    Hugging Face repositories ship it, adaptation_plan.json beside it; and the pretext network it holds (a
+    ResidualEncoderUNet reconstructing the one input channel, in nnssl's array order). ``plan`` overrides keys of
+    the adaptation plan."""
+    adaptation = {**NNSSL_PLAN, **plan}
+    torch.manual_seed(5)
+    args = {k: RESENC_ARCH[k] for k in ("features_per_stage", "kernel_sizes", "strides", "n_blocks_per_stage")}
+    pretext = build_network(
+        NetworkSpec(
+            "ResidualEncoderUNet", {**args, "in_channels": 1, "out_channels": 1, "n_conv_per_stage_decoder": [1] * 3}
+        )
+    )
+    for module in pretext.modules():  # trained-looking norms, so a wrong mapping shows
+        if isinstance(module, torch.nn.InstanceNorm3d):
+            torch.nn.init.normal_(module.weight, 1.0, 0.2)
+            torch.nn.init.normal_(module.bias, 0.0, 0.2)
+    checkpoint = {
+        "network_weights": _as_nnssl_saves(pretext.state_dict(), RESENC_ARCH["features_per_stage"]),
+        "optimizer_state": {},
+        "grad_scaler_state": None,
+        "logging": {"train_losses": [0.9, 0.4]},
+        "_best_ema": None,
+        "current_epoch": 1000,
+        "init_args": {
+            "plan": adaptation["pretrain_plan"],
+            "configuration_name": "onemmiso",
+            "fold": 0,
+            "pretrain_json": {"collection_name": "OpenMind"},
+            "device": torch.device("cpu"),
+        },
+        "trainer_name": "BaseMAETrainer",
+        "nnssl_adaptation_plan": adaptation,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, folder / "checkpoint_final.pth")
+    (folder / "adaptation_plan.json").write_text(json.dumps(adaptation))
+    return folder / "checkpoint_final.pth", pretext.eval()
+
+
+def test_nnssls_checkpoint_layout_here_is_what_dynamic_network_architectures_names(tmp_path):
+    """The test checkpoints' names and shapes are those of nnU-Net's own ResidualEncoderUNet, which nnssl saves."""
+    unet = pytest.importorskip("dynamic_network_architectures.architectures.unet", reason="make install installs it")
+    arch = RESENC_ARCH
+    theirs = unet.ResidualEncoderUNet(
+        1,
+        4,
+        arch["features_per_stage"],
+        torch.nn.Conv3d,
+        arch["kernel_sizes"],
+        arch["strides"],
+        arch["n_blocks_per_stage"],
+        1,
+        arch["n_conv_per_stage_decoder"],
+        True,
+        torch.nn.InstanceNorm3d,
+        {"eps": 1e-5, "affine": True},
+        nonlin=torch.nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+    ).state_dict()
+    ours = torch.load(_nnssl_checkpoint(tmp_path)[0], weights_only=True)["network_weights"]
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+
+def test_an_nnssl_pretraining_checkpoint_loads_its_encoder_into_a_network_for_the_cards_classes(tmp_path):
+    path, pretext = _nnssl_checkpoint(tmp_path / "ResEncL-OpenMind-MAE")
+    model = load_model(path, {"class_names": CLASS_NAMES})  # the classes only: the rest is the checkpoint's
+    card = model.card
+    assert card.class_names == CLASS_NAMES and card.source_classes is None
+    # nnssl's array order (S, A, R for a RAS-stored image) reversed: RAS
+    assert card.spacing == (2.0, 1.5, 1.0) and card.roi_size == (64, 48, 32)
+    assert (card.intensity.mode, card.intensity.nonzero) == ("zscore", False)
+    assert model.spec.name == "ResidualEncoderUNet" and model.spec.args["out_channels"] == len(CLASS_NAMES)
+    assert model.spec.args["kernel_sizes"] == [k[::-1] for k in RESENC_ARCH["kernel_sizes"]]
+    report, file = model.load_report, torch.load(path, weights_only=True)["network_weights"]
+    own = model.network.state_dict()
+    assert report.encoder_only and report.loaded == sorted(k for k in own if k.startswith("encoder."))
+    for name in report.loaded:  # the file's tensors, kernels in RAS order
+        want = file[name].permute(0, 1, 4, 3, 2) if file[name].dim() == 5 else file[name]
+        assert torch.equal(own[name], want), name
+    assert report.new == sorted(k for k in own if k.startswith("decoder."))  # the decoder and the head: new
+    # the MAE's decoder and reconstruction layers are ignored and named; second names of loaded tensors are not
+    assert report.ignored == sorted(
+        k for k in file if k.startswith(("decoder.stages", "decoder.transp", "decoder.seg"))
+    )
+    assert "encoder-only checkpoint into 'encoder'; decoder and head newly initialised" in report.summary
+    assert "keys mapped from nnssl's ResidualEncoderUNet pre-training (BaseMAETrainer): its stem and encoder" in (
+        report.summary
+    )
+    torch.manual_seed(0)
+    sar = torch.randn(1, 1, 32, 32, 32)  # as nnssl's reader gives a RAS-stored image: (S, A, R)
+    with torch.no_grad():
+        theirs, ours = pretext.encoder(sar), model.network.encoder(sar.permute(0, 1, 4, 3, 2))
+    for stage, (a, b) in enumerate(zip(ours, theirs)):  # the pre-trained encoder computes what it did
+        assert torch.allclose(a, b.permute(0, 1, 4, 3, 2), atol=1e-4), stage
+
+
+def test_an_nnssl_training_output_loads_as_nnssl_though_plans_json_lies_above_it_as_for_nnunet(tmp_path):
+    """nnssl's trainer writes its plans.json above the fold folders, as nnU-Net does: plans of no segmentation
+    network, so the checkpoint's own adaptation plan decides."""
+    trainer = tmp_path / "Dataset745_OpenNeuro_v2" / "BaseMAETrainer__nnsslPlans__onemmiso"
+    path, _ = _nnssl_checkpoint(trainer / "fold_all")
+    (trainer / "plans.json").write_text(json.dumps(NNSSL_PLAN["pretrain_plan"]))
+    model = load_model(path, {"class_names": CLASS_NAMES})
+    assert model.spec.name == "ResidualEncoderUNet" and model.load_report.encoder_only
+
+
+def test_an_nnssl_checkpoint_ranks_a_pool_with_a_card_of_the_target_classes(pool, tmp_path, capsys):
+    path, _ = _nnssl_checkpoint(tmp_path / "mae")
+    session = tmp_path / "session"
+    args = ["rank", "--model", str(path), "--card", str(pool / "plain.json"), "--images", str(pool / "images")]
+    assert main([*args, "--out", str(session), "--budget", "1"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "encoder-only checkpoint into 'encoder'; decoder and head newly initialised" in said
+    assert "ignored outside the head: decoder.seg_layers.0.bias" in said and NEW_HEAD_NOTE in said
+    ranking = json.loads((session / "ranking.json").read_text())
+    assert ranking["model_load"]["encoder_only"] and len(ranking["selected"]) == 1
+    recorded = json.loads((session / "session.json").read_text())["model"]
+    assert recorded["network"]["name"] == "ResidualEncoderUNet"
+    # the card's spacing and window; the checkpoint's intensity, which the card leaves out
+    assert recorded["card"]["spacing"] == [4.0, 4.0, 4.0] and recorded["card"]["intensity"]["mode"] == "zscore"
+    base = session_model(Session.open(session), adapted=False)  # rebuilt from the session alone: same digest
+    groups = {g["name"]: g for g in param_groups(base.network, FinetuneConfig(lr=1e-3), base.load_report)}
+    assert {id(p) for p in groups["pretrained"]["params"]} == {id(p) for p in base.network.encoder.parameters()}
+    assert {id(p) for p in groups["full"]["params"]} == {id(p) for p in base.network.decoder.parameters()}
+
+
+def test_an_nnssl_checkpoint_without_a_card_is_refused_naming_card_and_the_classes_it_must_give(pool, tmp_path, capsys):
+    path, _ = _nnssl_checkpoint(tmp_path / "mae")
+    args = ["rank", "--model", str(path), "--images", str(pool / "images"), "--out", str(tmp_path / "s")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith(
+        f"{path}: this nnssl pre-training checkpoint needs --card with class_names (the target task's classes, "
+        "background first: the checkpoint has no segmentation head)"
+    )
+    assert not (tmp_path / "s").exists()
+
+
+def test_what_an_nnssl_pretraining_plan_does_not_record_the_card_must_give(tmp_path):
+    """nnssl's noresample plans keep no spacing; an intensity scheme with no card counterpart neither counts."""
+    config = NNSSL_PLAN["pretrain_plan"]["configurations"]["onemmiso"]
+    pretrain = {
+        **NNSSL_PLAN["pretrain_plan"],
+        "configurations": {
+            "noresample": {
+                **config,
+                "spacing_style": "noresample",
+                "spacing": None,
+                "normalization_schemes": ["RGBTo01"],
+            }
+        },
+    }
+    path, _ = _nnssl_checkpoint(tmp_path / "noresample", pretrain_plan=pretrain)
+    with pytest.raises(ModelError) as refused:
+        load_model(path, {"class_names": CLASS_NAMES})
+    assert str(refused.value) == (
+        f"{path}: this nnssl pre-training checkpoint needs --card with spacing (the pre-training plan records none: "
+        "nnssl's noresample), intensity (the pre-training normalisation RGBTo01 has no card counterpart)"
+    )
+    given = {"class_names": CLASS_NAMES, "spacing": [1, 1, 1], "intensity": {"mode": "none"}}
+    assert load_model(path, given).card.describe_input() == "1 x 1 x 1 mm voxels, 64 x 48 x 32 windows, as stored"
+
+
+@pytest.mark.parametrize(
+    ("architecture", "kind", "way"),
+    [
+        ("PrimusM", " (a transformer)", "use the ResEnc-L checkpoint of the same pre-training"),
+        ("PlainConvUNet", "", "fine-tune it with nnssl's segmentation adaptation (its nnU-Net fork) and load that"),
+    ],
+)
+def test_an_nnssl_checkpoint_of_a_network_asfda_does_not_build_is_refused_naming_the_way_round(
+    tmp_path, architecture, kind, way
+):
+    plans = {"arch_class_name": architecture, "arch_kwargs": None, "arch_kwargs_requiring_import": None}
+    path, _ = _nnssl_checkpoint(tmp_path / architecture, architecture_plans=plans)
+    with pytest.raises(ModelError) as refused:
+        load_model(path, {"class_names": CLASS_NAMES})
+    said = str(refused.value)
+    assert "\n" not in said and said.startswith(
+        f"{path}: an nnssl pre-training checkpoint of {architecture}{kind}, which ASFDA does not build (it builds "
+        f"nnssl's ResEnc-L and ResidualEncoderUNet encoders); {way}"
+    )
+
+
+def test_nnssls_resenc_l_is_built_as_its_architecture_registry_builds_it(tmp_path):
+    """arch_class_name ResEncL carries no arch_kwargs: the network is nnssl's get_res_enc_l, checked here by its
+    arguments (building its 100M parameters would take the test's time)."""
+    from ASFDALib.models.nnssl import _architecture
+    from ASFDALib.models.nnunet import resenc_spec
+
+    name, arch = _architecture(tmp_path / "c.pth", {"architecture_plans": {"arch_class_name": "ResEncL"}})
+    args = resenc_spec(arch, [2, 1, 0], 4).args
+    assert name == "ResEncL" and args["features_per_stage"] == [32, 64, 128, 256, 320, 320]
+    assert args["n_blocks_per_stage"] == [1, 3, 4, 6, 6, 6] and args["n_conv_per_stage_decoder"] == [1] * 5
+    assert args["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 5 and args["kernel_sizes"] == [[3, 3, 3]] * 6
+    assert (args["conv_bias"], args["norm_eps"], args["norm_affine"], args["negative_slope"]) == (
+        True,
+        1e-5,
+        True,
+        0.01,
+    )
+
+
+def test_a_class_map_for_an_nnssl_checkpoint_is_refused_as_it_has_no_head(tmp_path):
+    path, _ = _nnssl_checkpoint(tmp_path / "mae")
+    with pytest.raises(ModelError, match=r"has no segmentation head to pair classes with; leave --class-map out$"):
+        load_model(path, {"class_names": CLASS_NAMES}, class_map="kidney=right kidney")
 
 
 def test_a_trusted_bundle_builds_its_network_from_its_own_scripts(pool, tmp_path):

@@ -1,0 +1,230 @@
+"""nnssl self-supervised pre-training checkpoints (github.com/MIC-DKFZ/nnssl; the OpenMind benchmark's published
+ResEnc-L encoders) as a segmentation network for the card's classes: the network the checkpoint describes, its
+pre-trained stem and encoder, a new decoder and head.
+
+nnssl's trainer saves (``AbstractBaseTrainer.save_checkpoint``; Hugging Face repositories ship it as
+``checkpoint_final.pth`` beside ``adaptation_plan.json``) ``{"network_weights": the pretext network's state dict,
+"nnssl_adaptation_plan": {...}, "optimizer_state", "init_args", "trainer_name", ...}``. The adaptation plan
+(``adaptation_planning/adaptation_plan.py``) holds:
+
+- ``architecture_plans``: ``arch_class_name`` ``ResEncL`` (nnssl's fixed ResEnc-L, ``arch_kwargs`` null: see
+  :data:`RESENC_L`), ``ResidualEncoderUNet`` or ``PlainConvUNet`` with nnU-Net's ``arch_kwargs``, or
+  ``PrimusS/B/M/L`` (transformers); ResEnc-L and ResidualEncoderUNet are built here as
+  :class:`ASFDALib.models.resenc.ResidualEncoderUNet`, the others are refused naming the way round;
+- ``key_to_stem`` / ``key_to_encoder``: where the stem and the encoder's stages are in ``network_weights``
+  (``encoder.stem``, ``encoder.stages``, under nnU-Net's module names whichever pretext network holds the encoder:
+  MAE's whole U-Net with its reconstruction decoder, VoCo's and SimCLR's projector, SwinUNETR's pretext heads);
+- ``pretrain_plan``: nnssl's plans, with ``transpose_forward`` and one configuration's ``spacing``,
+  ``normalization_schemes`` and ``use_mask_for_norm``; ``recommended_downstream_patchsize``;
+  ``pretrain_num_input_channels``.
+
+What loads follows nnssl's segmentation adaptation (its nnU-Net fork's
+``PretrainedTrainer.load_pretrained_weights``): the tensors under ``key_to_stem`` and ``key_to_encoder``, into the
+segmentation network's stem and stages; its decoder and head start anew, even where the pretext network had a
+decoder of the same shape (MAE's, trained to reconstruct intensities). The checkpoint's other tensors are
+ignored and named. Axes as for nnU-Net's models (:func:`ASFDALib.models.nnunet.ras_axes`): kernels permuted from
+nnssl's array order to RAS, exact for RAS-stored pre-training images.
+
+The checkpoint names no classes: the card gives them. Spacing, window and intensity come from the pre-training
+plan (its spacing, the recommended downstream patch, its normalisation) where the card leaves them out.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ASFDALib.errors import ModelError
+from ASFDALib.models.card import ModelCard, NetworkSpec, card_from_dict
+from ASFDALib.models.nnunet import (
+    intensity_of,
+    kernel_order,
+    normalisation_scheme,
+    plans_architecture,
+    ras_axes,
+    refuse_unbuildable,
+    resenc_spec,
+)
+
+PLAN_KEY = "nnssl_adaptation_plan"
+# nnssl's ResEnc-L (architectures/architecture_registry.get_res_enc_l), worded as nnU-Net's plans' arch_kwargs
+RESENC_L = {
+    "features_per_stage": [32, 64, 128, 256, 320, 320],
+    "kernel_sizes": [[3, 3, 3]] * 6,
+    "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
+    "n_blocks_per_stage": [1, 3, 4, 6, 6, 6],
+    "n_conv_per_stage_decoder": [1, 1, 1, 1, 1],
+    "conv_bias": True,
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+    "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+    "dropout_op": None,
+    "nonlin": "torch.nn.modules.activation.LeakyReLU",
+    "nonlin_kwargs": {"inplace": True},  # torch's default slope, 0.01
+}
+PRESETS = {"ResEncL": RESENC_L}
+# the rebuild's own stem and stages, where nnssl's adaptation loads the checkpoint's (dynamic_network_architectures'
+# ResidualEncoderUNet names them so: its key_to_stem and key_to_encoder)
+STEM, STAGES = "encoder.stem", "encoder.stages"
+
+
+@dataclass
+class NnsslModel:
+    """What an nnssl checkpoint gives: the network for the card's classes, the card, the stem and encoder tensors
+    under the network's names, the checkpoint tensors not loaded, and the mapping in words for the report."""
+
+    spec: NetworkSpec
+    card: ModelCard
+    state: dict[str, torch.Tensor]
+    ignored: list[str]
+    note: str
+
+
+def is_nnssl_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.save`` archive whose pickle holds nnssl's adaptation plan. Only the archive's
+    pickle is read (tensors lie in entries of their own), so other checkpoints are not loaded twice."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            pickle = next((n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")), None)
+            return pickle is not None and PLAN_KEY.encode() in archive.read(pickle)
+    except (OSError, zipfile.BadZipFile):  # unreadable: the weights reader says why
+        return False
+
+
+def read_nnssl(path: Path, checkpoint: Any, given: Mapping[str, Any], card_source: str) -> NnsslModel:
+    """The network, card and weights of an nnssl checkpoint (``checkpoint``: the loaded object). ``given``: the
+    card's keys as written (``card_source`` names where), which win over what the pre-training plan records."""
+    plan = checkpoint.get(PLAN_KEY) if isinstance(checkpoint, Mapping) else None
+    weights = checkpoint.get("network_weights") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(plan, Mapping) or not isinstance(weights, Mapping):
+        raise ModelError(f"{path}: no {PLAN_KEY} and network_weights in it (nnssl's trainer saves both)")
+    try:  # a plan of another nnssl version, or edited by hand: one line, not a traceback
+        name, arch = _architecture(path, plan)
+        pretrain = plan.get("pretrain_plan") or {}
+        axes = ras_axes(pretrain.get("transpose_forward") or [0, 1, 2])
+        config = next(iter((pretrain.get("configurations") or {}).values()), {})
+        channels = int(plan.get("pretrain_num_input_channels") or 1)
+        recorded = _recorded_input(plan, config, axes)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelError(f"{path}: cannot read its nnssl adaptation plan ({exc!r})") from None
+    if channels != 1:
+        raise ModelError(
+            f"{path}: the encoder was pre-trained on {channels} input channels; ASFDA feeds one scan per volume"
+        )
+    card = _card(path, name, checkpoint, config, recorded, given, card_source)
+    state, ignored, keys = _encoder_state(weights, plan, axes)
+    trainer = checkpoint.get("trainer_name") or "nnssl"
+    note = (
+        f"from nnssl's {name} pre-training ({trainer}): its stem and encoder ({keys}) into ASFDA's "
+        "ResidualEncoderUNet (kernels in RAS axis order, as for RAS-stored images); decoder and head new, as nnssl's "
+        "segmentation adaptation starts them"
+    )
+    return NnsslModel(resenc_spec(arch, axes, card.num_classes), card, state, ignored, note)
+
+
+def _architecture(path: Path, plan: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The architecture's name and its stages as :func:`~ASFDALib.models.nnunet.plans_architecture` reads them;
+    one ASFDA does not build is refused naming the way round."""
+    plans = plan["architecture_plans"]
+    name = str(plans.get("arch_class_name")).rsplit(".", 1)[-1]
+    if name not in (*PRESETS, "ResidualEncoderUNet"):
+        transformer = name.startswith("Primus")
+        kind = " (a transformer)" if transformer else ""
+        way = (
+            "use the ResEnc-L checkpoint of the same pre-training (the OpenMind benchmark publishes both), or "
+            "fine-tune this one with nnssl's segmentation adaptation (its nnU-Net fork) and load that network traced "
+            "to TorchScript with --card and --trust"
+            if transformer
+            else "fine-tune it with nnssl's segmentation adaptation (its nnU-Net fork) and load that training output "
+            "(fold_N/checkpoint_final.pth with its plans), or its TorchScript trace with --card and --trust"
+        )
+        raise ModelError(
+            f"{path}: an nnssl pre-training checkpoint of {name}{kind}, which ASFDA does not build (it builds nnssl's "
+            f"ResEnc-L and ResidualEncoderUNet encoders); {way}"
+        )
+    kwargs = PRESETS.get(name) or plans["arch_kwargs"]
+    config = {"architecture": {"network_class_name": "ResidualEncoderUNet", "arch_kwargs": kwargs}}
+    arch = plans_architecture(config, path)
+    refuse_unbuildable(arch, path, "this nnssl pre-training checkpoint")
+    return name, arch
+
+
+def _recorded_input(plan: Mapping[str, Any], config: Mapping[str, Any], axes: list[int]) -> dict[str, Any]:
+    """The card keys the pre-training plan records, in RAS axis order: its spacing (none for nnssl's
+    ``noresample``), the downstream patch it recommends (else its own), its normalisation where a card has it."""
+    recorded: dict[str, Any] = {}
+    if config.get("spacing") is not None:
+        recorded["spacing"] = [float(config["spacing"][a]) for a in axes]
+    patch = plan.get("recommended_downstream_patchsize") or config.get("patch_size")
+    if patch is not None:
+        recorded["roi_size"] = [int(patch[a]) for a in axes]
+    # nnssl's plans keep no intensity statistics: CT normalisation has no window here
+    intensity = intensity_of(normalisation_scheme(config), config, None)
+    if intensity is not None:
+        recorded["intensity"] = intensity.to_dict()
+    return recorded
+
+
+# what a card gives where the checkpoint does not, in words for the refusal
+_NEEDED = {
+    "class_names": "class_names (the target task's classes, background first: the checkpoint has no segmentation head)",
+    "spacing": "spacing (the pre-training plan records none: nnssl's noresample)",
+    "roi_size": "roi_size (the pre-training plan records no patch size)",
+    "intensity": "intensity (the pre-training normalisation {scheme} has no card counterpart)",
+}
+
+
+def _card(
+    path: Path,
+    name: str,
+    checkpoint: Mapping[str, Any],
+    config: Mapping[str, Any],
+    recorded: dict[str, Any],
+    given: Mapping[str, Any],
+    card_source: str,
+) -> ModelCard:
+    missing = [key for key in _NEEDED if key not in given and key not in recorded]
+    if missing:
+        needed = ", ".join(_NEEDED[k].format(scheme=normalisation_scheme(config)) for k in missing)
+        raise ModelError(f"{path}: this nnssl pre-training checkpoint needs --card with {needed}")
+    if given.get("network"):
+        raise ModelError(
+            f"{card_source}: an nnssl checkpoint's network comes from its adaptation plan; leave 'network' out of "
+            "the card"
+        )
+    own = {
+        "name": f"nnssl {name}",
+        "description": f"nnssl {name} encoder pre-trained by {checkpoint.get('trainer_name') or 'nnssl'}; decoder "
+        "and head new",
+    }
+    return card_from_dict({**own, **recorded, **given}, card_source)
+
+
+def _encoder_state(
+    weights: Mapping[str, torch.Tensor], plan: Mapping[str, Any], axes: list[int]
+) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """The tensors under the plan's ``key_to_stem`` and ``key_to_encoder``, under the rebuild's stem and stages,
+    kernels in RAS order; the checkpoint's tensors not taken (second names of a taken tensor aside: nnU-Net's
+    ``all_modules``, a decoder's copy of the encoder); the two keys, for the report."""
+    perm = kernel_order(axes)
+    sources = {str(plan.get("key_to_stem") or STEM): STEM, str(plan.get("key_to_encoder") or STAGES): STAGES}
+    state: dict[str, torch.Tensor] = {}
+    taken: set[int] = set()
+    for key, tensor in weights.items():
+        source = next((s for s in sources if key.startswith(s + ".")), None)
+        if source is None or ".all_modules." in key or not isinstance(tensor, torch.Tensor):
+            continue
+        state[sources[source] + key[len(source) :]] = tensor.permute(perm).contiguous() if tensor.dim() == 5 else tensor
+        taken.add(tensor.untyped_storage().data_ptr())
+    ignored = sorted(
+        key
+        for key, tensor in weights.items()
+        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in taken
+    )
+    return state, ignored, ", ".join(sources)
