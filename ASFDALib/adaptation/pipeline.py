@@ -54,8 +54,7 @@ from ASFDALib.data.volumes import (
     content_record,
     deeper_series,
     discover,
-    discover_volumes,
-    passed_over_summary,
+    no_volumes_message,
     read_scan,
     read_volume,
     relative_name,
@@ -1032,8 +1031,7 @@ def plan_predictions(
     exclude = tuple(exclude)
     scans, others = discover(images, recursive, exclude)  # one walk: the scans and what is no scan
     if not scans:
-        found = _none_found(images, others, recursive, exclude)
-        raise ASFDAError(f"{images}: no volumes found{found}; give the folder of scans to segment")
+        raise ASFDAError(no_volumes_message(images, others, recursive, "segment", exclude))
     fix = fix or f"choose another output folder, e.g. {predictions_folder_for(images)}"
     refuse_same_folder(out, images, "images", fix)
     if out.resolve().is_relative_to(images.resolve()):  # maps among the scans: a recursive rank would meet them
@@ -1057,25 +1055,6 @@ def plan_predictions(
     deeper = [] if recursive else deeper_series(images, scans, exclude)  # left out unsaid otherwise, as rank names them
     plan = PredictionPlan(scans, targets, existing, names, out=out, fix=fix, passed_over=others, deeper=deeper)
     return plan.claim() if claim else plan
-
-
-def _none_found(images: Path, others: list[Path], recursive: bool, exclude: tuple[Path, ...] = ()) -> str:
-    """What a folder without volumes holds instead, for the refusal: files of other types, or volumes only in
-    sub-folders (a pool ranked with --recursive: site1/, site2/; a session kept there is none), which --recursive
-    segments."""
-    if others:  # .mgz, PNG slices: say what was there
-        return f" (found files of other types only: {passed_over_summary(others)}; convert the scans)"
-    if recursive:
-        return ""
-    subs = [d for d in discover_volumes(images, recursive=True, exclude=exclude) if d.parent != images]
-    if not subs:
-        return ""
-    folders = sorted({d.parent for d in subs})
-    named = ", ".join(str(f) for f in folders[:3]) + (", ..." if len(folders) > 3 else "")
-    return (
-        f" directly in it, only in {len(folders)} sub-folder(s) ({named}): add --recursive to segment them, each map "
-        "in the same sub-folder of the output folder"
-    )
 
 
 def predict_folder(

@@ -277,7 +277,7 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool, first_r
 def cmd_stats(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ASFDALib.data.volumes import discover_volumes
+    from ASFDALib.data.volumes import discover, no_volumes_message
     from ASFDALib.models.loading import card_candidates
     from ASFDALib.outputs import refuse_existing, refuse_folder_as_file, refuse_inside_session, refuse_overwrite
     from ASFDALib.query.source_stats import compute_source_stats
@@ -285,10 +285,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     console = Console()
     # before the model loads and the pool is summarised; the example beside it, never among the scans
     refuse_folder_as_file(args.out, Path(args.out).parent / "source_stats.npz")
+    scans, others = discover(args.images, args.recursive)
+    if not scans:  # as rank and predict refuse it: a wrong folder costs no model load
+        raise ASFDAError(no_volumes_message(args.images, others, args.recursive, "summarise"))
     model = load_model_from_args(args)
     # the model, its card (given, or found beside it) and the scans: the summary goes beside them, never over one
     cards = ([Path(args.card)] if args.card else []) + card_candidates(model.path)
-    protected = [*discover_volumes(args.images, args.recursive), model.path, *(c for c in cards if c.is_file())]
+    protected = [*scans, model.path, *(c for c in cards if c.is_file())]
     refuse_overwrite([args.out], protected, "an input", "choose another --out file (.npz)")
     refuse_inside_session(args.out, "choose another --out file (.npz)")
     # never over earlier statistics: a card may name them (the model's own source knowledge)

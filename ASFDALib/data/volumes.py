@@ -22,6 +22,7 @@ import SimpleITK as sitk
 from ASFDALib.atomic import atomic_write, atomic_write_bytes
 from ASFDALib.data.dicom import DICOMDIR, is_dicom_file, read_series
 from ASFDALib.errors import ASFDAError, VolumeError
+from ASFDALib.outputs import session_folder_of
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -142,6 +143,45 @@ def passed_over_line(folder: Path | str, files: list[Path], doing: str) -> str:
         f"Passed over {len(files)} file{'s' * (len(files) != 1)} in {folder} of no volume type "
         f"({passed_over_summary(files)}); to {doing} one of them, convert it to NIfTI, NRRD or MetaImage"
     )
+
+
+def no_volumes_message(
+    folder: Path | str, others: list[Path], recursive: bool, doing: str, exclude: Collection[Path] = ()
+) -> str:
+    """The one line refusing ``folder`` where :func:`discover` found no volume (``others``: the files it passed
+    over; ``doing``: "rank", "segment"): what it looked for, what the folder holds instead, and the fix. An ASFDA
+    session, or a dataset folder whose scans are in images/ beside its labels (where --recursive would meet the
+    label maps too), is named as such; otherwise the volumes its sub-folders hold where the walk was not
+    recursive (a pool of one folder a site, a BIDS dataset's sub-*/anat), and the files of other types."""
+    root = Path(folder)
+    said = f"{root}: no volumes found (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM folders)"
+    if session_folder_of(root) == root.resolve():
+        return f"{said}; it is an ASFDA session: give --images the scans' folder"
+    if scans := scan_folders(root):
+        more = f" (or {', '.join(map(str, scans[1:]))})" if scans[1:] else ""
+        return f"{said}; the scans look to be in a sub-folder: give --images {scans[0]}{more}"
+    # one walk of the sub-folders too, where the command's own did not look there
+    below, others_below = ([], others) if recursive else discover(root, True, exclude)
+    if below:
+        folders = sorted({relative_name(v.parent, root) for v in below})
+        named = ", ".join(folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
+        also = f", and files of other types in it ({passed_over_summary(others)})" if others else ""
+        count = f"{len(folders)} sub-folder{'s' * (len(folders) != 1)}"
+        return f"{said}; found volumes only in {count} ({named}){also}: add --recursive to {doing} them"
+    if others_below:  # .mgz, PNG slices: say what was there
+        deeper = not recursive and any(p.parent != root for p in others_below)
+        return (
+            f"{said}; found files of other types only ({passed_over_summary(others_below)}): convert the scans to "
+            f"NIfTI, NRRD or MetaImage{' and add --recursive' if deeper else ''}"
+        )
+    visible = [p for p in root.iterdir() if not p.name.startswith(".")]
+    if not visible:
+        held = "; it is empty:"
+    elif any(p.is_dir() for p in visible):  # --recursive would find nothing there either
+        held = "; its sub-folders hold none either:"
+    else:  # only what is no file to convert: a BIDS root's metadata, Thumbs.db
+        held = ";"
+    return f"{said}{held} give --images the folder that holds the scans to {doing}"
 
 
 def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> tuple[list[Path], list[Path]]:

@@ -21,8 +21,8 @@ from ASFDALib.data.volumes import (
     deeper_series,
     deeper_series_line,
     discover,
+    no_volumes_message,
     passed_over_line,
-    passed_over_summary,
     read_scan,
     read_volume,
     relative_name,
@@ -339,8 +339,8 @@ def rank_records(
 
 def pool_volumes(images: Path, recursive: bool, exclude: tuple[Path, ...] = ()) -> tuple[list[Path], list[Path]]:
     """The volumes of a pool to rank and the files it passes over (one walk: the scans and what is no scan), or
-    a refusal in one line saying what the folder holds instead and where the scans look to be; called before the
-    model loads too, so a wrong folder costs no model load."""
+    a refusal in one line (:func:`~ASFDALib.data.volumes.no_volumes_message`: what the folder holds instead, and
+    the fix); called before the model loads too, so a wrong folder costs no model load."""
     paths, others = discover(images, recursive, exclude)
     if Path(images) in paths:  # named "." in the session, no label could pair with it
         raise ASFDAError(
@@ -348,22 +348,7 @@ def pool_volumes(images: Path, recursive: bool, exclude: tuple[Path, ...] = ()) 
             f"pool's series, each in a sub-folder of its own (e.g. {Path(images).parent})"
         )
     if not paths:
-        # a dataset folder (images/ beside labels/): --recursive would rank its label maps too, so name the scans
-        scans = scan_folders(images)
-        has_subfolders = any(p.is_dir() and not p.name.startswith(".") for p in Path(images).iterdir())
-        hint = "; add --recursive to search sub-folders" if has_subfolders and not recursive else ""
-        if (Path(images) / "session.json").is_file():  # a session folder given for the scans' one
-            hint = "; it is an ASFDA session: give --images the scans' folder (the session is --out)"
-        elif scans:
-            more = f" (or {', '.join(map(str, scans[1:]))})" if scans[1:] else ""
-            hint = f"; the scans look to be in a sub-folder: give --images {scans[0]}{more}"
-        elif others:  # .mgz, PNG slices: say what was there
-            hint = f"; found files of other types only ({passed_over_summary(others)}): convert the scans" + hint
-        raise ASFDAError(
-            f"{images}: no volumes found (looked for .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd and DICOM folders"
-            + hint
-            + ")"
-        )
+        raise ASFDAError(no_volumes_message(images, others, recursive, "rank", exclude))
     return paths, others
 
 

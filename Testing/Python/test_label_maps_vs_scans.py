@@ -101,7 +101,8 @@ def test_rank_on_a_dataset_folder_names_its_images_sub_folder_not_recursive(tmp_
     pool = _pool(tmp_path)
     assert main(["rank", "--images", str(pool), "--out", str(tmp_path / "s")]) == 1
     err = capsys.readouterr().err
-    assert f"give --images {pool / 'images'})" in err and "--recursive" not in err
+    assert err.rstrip().endswith(f"the scans look to be in a sub-folder: give --images {pool / 'images'}")
+    assert "--recursive" not in err
     assert len(err.strip().splitlines()) == 1
 
 

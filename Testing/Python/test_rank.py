@@ -185,11 +185,21 @@ def test_empty_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["rank", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "s")]) == 1
     err = capsys.readouterr().err
-    assert "no volumes found" in err and "--recursive" not in err  # no sub-folder to search
-    (tmp_path / "empty" / "site1").mkdir()
+    assert (
+        f"{tmp_path / 'empty'}: no volumes found (looked for .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd and DICOM" in err
+    )
+    assert "; it is empty: give --images the folder that holds the scans to rank" in err and "--recursive" not in err
+    (tmp_path / "empty" / "site1").mkdir()  # --recursive would find nothing there either: not suggested
     assert main(["rank", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert "; its sub-folders hold none either: give --images the folder" in err and "--recursive" not in err
+
+
+def test_a_pool_of_sub_folders_ranked_without_recursive_is_answered_with_them_before_the_model_loads(tmp_path, capsys):
+    write_nifti(tmp_path / "pool" / "site1" / "a.nii.gz", np.arange(512, dtype=np.float32).reshape(8, 8, 8), np.eye(4))
+    assert main(["rank", "--images", str(tmp_path / "pool"), "--out", str(tmp_path / "s")]) == 1
     said = capsys.readouterr()
-    assert "add --recursive to search sub-folders" in said.err
+    assert "; found volumes only in 1 sub-folder (site1): add --recursive to rank them" in said.err
     assert "Weights" not in said.out  # refused before the model loads: a wrong folder costs no model load
 
 
@@ -287,6 +297,19 @@ def test_source_statistics_file_is_computed_and_used(tmp_path, default_model, mr
     ranking = rank_folder(mri_pool / "images", default_model, tmp_path / "cache", RankConfig(knowledge="stats"))
     assert ranking.knowledge.kind == "stats"
     assert all(np.isfinite(r.knowledge_gap) for r in ranking.rows)
+
+
+def test_stats_on_a_folder_of_no_scans_is_refused_as_rank_refuses_it_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    args = ["--images", str(tmp_path / "empty"), "--model", str(tmp_path / "broken.pt")]
+    assert main(["stats", *args, "--out", str(tmp_path / "stats.npz")]) == 1
+    err = capsys.readouterr().err.strip()  # about the folder, not the broken model: that loads after
+    assert err.endswith(
+        f"{tmp_path / 'empty'}: no volumes found (looked for .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd "
+        "and DICOM folders); it is empty: give --images the folder that holds the scans to summarise"
+    )
+    assert not (tmp_path / "stats.npz").exists()
 
 
 def test_asking_for_source_statistics_the_card_does_not_name_says_how_a_session_gets_them(default_model, tmp_path):
