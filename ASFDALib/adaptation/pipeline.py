@@ -121,11 +121,14 @@ def session_model(session: Session, adapted: bool = True) -> LoadedModel:
 
 def load_as_recorded(session: Session, path: Path) -> LoadedModel:
     """The model file at ``path`` loaded as the session recorded its model at the first rank: its card, network,
-    trust and class map (its digest then says whether these are the session's weights)."""
+    trust and class map (its digest then says whether these are the session's weights), with the card's notes
+    recorded then (the card given here is read from nothing that could say them again)."""
     info = session.data["model"]
     network = NetworkSpec(**info["network"]) if info.get("network") else None
     card = card_from_dict(info["card"])
-    return load_model(path, card, network, trust=bool(info.get("trust")), class_map=info.get("class_map"))
+    model = load_model(path, card, network, trust=bool(info.get("trust")), class_map=info.get("class_map"))
+    model.card_notes = list(info.get("card_notes") or [])  # absent from sessions started before they were kept
+    return model
 
 
 def model_location(session: Session) -> Path:

@@ -110,11 +110,14 @@ NEW_HEAD_ASD_NOTE = (
 
 def model_record(model: LoadedModel) -> dict[str, Any]:
     """What session.json keeps beside path, card and trust so that later commands rebuild the same model from
-    the session alone: the MONAI network and its arguments, the class map, and what loading reported."""
+    the session alone: the MONAI network and its arguments, the class map, what loading reported, and the card's
+    notes (read with the card from the model's own config, which later commands no longer read: every round's
+    ranking says them)."""
     return {
         "network": asdict(model.spec) if model.spec is not None else None,
         "class_map": model.class_map,
         "load_report": model.load_report.to_dict() if model.load_report is not None else None,
+        "card_notes": list(model.card_notes),
     }
 
 
@@ -230,8 +233,8 @@ def rank_round(
     if on_model:
         on_model(model)
     config, notes = round_config(session, model, config)
-    # what the card read from the model's own config cannot say (a bundle's crop, say): the loader gives notes only
-    # where it read the card so, not where a card was given (later ranks give the one the session recorded)
+    # what the card read from the model's own config cannot say (a bundle's crop, say): the loader gives notes where
+    # it read the card so, and a later rank's model (given the card the session recorded) those the session kept
     notes += ([moved] if moved else []) + kept_card + model.card_notes
     labelled = set(session.labelled())
     budget, kept = config.budget, []

@@ -284,6 +284,32 @@ def test_a_bundles_card_notes_reach_the_user_for_state_dict_and_torchscript_bund
     assert (ranking["model_load"] is None) == weights.endswith(".ts")
 
 
+def test_a_bundles_card_notes_are_in_a_later_rounds_ranking_too(tmp_path, default_model, mri_pool, capsys):
+    """A later rank loads the model with the card the session recorded, from which no note can be read again: the
+    session keeps the first rank's notes, and round 2's ranking says them as round 1's did (printed, ranking.json
+    and its copy under rankings/round2)."""
+    bundle = _default_model_as_bundle(tmp_path / "bundle", default_model, "model.pt")
+    pool, out = tmp_path / "pool", tmp_path / "s"
+    for folder in ("images", "labels"):  # two scans: a round to label one, a second to rank the other
+        (pool / folder).mkdir(parents=True)
+        for name in ("mri_000.nii.gz", "mri_001.nii.gz"):
+            shutil.copy(mri_pool / folder / name, pool / folder / name)
+    rank = ["rank", "--out", str(out), "--budget", "1"]
+    assert main([*rank, "--model", str(bundle), "--images", str(pool / "images"), "--trust"]) == 0
+    notes = [n for n in json.loads((out / "ranking.json").read_text())["notes"] if n.startswith("configs/")]
+    assert len(notes) == 2 and "no Orientationd" in notes[0] and "CropForegroundd" in notes[1]
+    assert main(["labels", "import", str(out), "--from", str(pool / "labels")]) == 0
+    assert main(["finetune", str(out), "--iterations", "2", "--no-pseudo"]) == 0
+    capsys.readouterr()
+    assert main(rank) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert all(printed.count(note) == 1 for note in notes)
+    for ranking in (out / "ranking.json", out / "rankings" / "round2" / "ranking.json"):
+        said = json.loads(ranking.read_text())
+        assert said["weights"]["model"] == "adapted" and said["weights"]["round"] == 1  # round 1's fine-tuned model
+        assert [n for n in said["notes"] if n.startswith("configs/")] == notes
+
+
 def test_source_statistics_file_is_computed_and_used(tmp_path, default_model, mri_pool):
     from ASFDALib.bench.phantoms import write_phantoms
 
