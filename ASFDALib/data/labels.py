@@ -707,6 +707,26 @@ def _unmirrored(label: str, folder: str, keyed: dict[str, list[str]]) -> str:
     )
 
 
+def label_example(image: str, folder: Path | str, label_names: Collection[str]) -> str:
+    """How the label of ``image`` (a pool's name) is named in ``folder`` to pair with it, for the line saying it has
+    none there (``label_names``: the folder's files by their path under it). A scan of a recursive BIDS pool (a
+    BIDS name in a sub-folder, ``sub-02/anat/sub-02_T2w.nii.gz``) by the path its derivative has in a
+    ``derivatives/<pipeline>`` folder that mirrors the pool (``sub-02/anat/sub-02_T2w_dseg.nii.gz``, the source's
+    suffix kept: sub-02 may have a T1w too), and by that file name at the folder's top only where its labels lie
+    flat; any other scan by its case name (a nested one's path, / as _)."""
+    case = case_id(image)
+    if not (_nested(image) and name_key(Path(image).name)[1]):
+        return f"a label is named by its scan's case name: e.g. {case}.nii.gz, {case}_seg.nii.gz or {case}.seg.nrrd"
+    derivative = f"{case_id(Path(image).name)}_dseg.nii.gz"
+    said = (
+        "a BIDS derivative lies at its scan's path in the labels folder, named after the scan: e.g. "
+        f"{Path(folder) / _folder(image) / derivative}"
+    )
+    if label_names and not any(_nested(name) for name in label_names):  # a flat folder pairs by the file's name
+        said += f", or at the folder's top as its labels lie, {derivative}"
+    return said
+
+
 def match_labels(label_paths: list[Path], image_names: list[str]) -> dict[str, Path]:
     """Pair label files with images by case name (see :func:`pair_names`); unpaired files are left out."""
     by_name = {str(p): p for p in label_paths}
@@ -735,6 +755,7 @@ class ImportReport:
     mapped: bool = False  # whether a --map turned the files' values into class indices
     by_name: bool = False  # whether a Slicer segmentation was read by its segments' names
     passed_over: str = ""  # where a queried volume has no label file: the source's files of other types, if any
+    example: str = ""  # how the first of ``missing`` would be named to pair (label_example)
     source: str = ""  # the file or folder the labels were imported from
 
     @property
@@ -758,11 +779,7 @@ class ImportReport:
         out += [f"refused {reason}" for reason in self.refused]
         if self.missing:
             where = f" in {self.source}" if self.source else ""
-            case = case_id(self.missing[0])
-            out.append(
-                f"no label file for {', '.join(self.missing)}{where} (a label is named by its scan's case name: "
-                f"e.g. {case}.nii.gz, {case}_seg.nii.gz or {case}.seg.nrrd)"
-            )
+            out.append(f"no label file for {', '.join(self.missing)}{where} ({self.example})")
             out += [self.passed_over] if self.passed_over else []
         if not self.asked:
             out.append("no volume has been queried yet: run 'asfda rank' first, or import with --all")
@@ -1003,6 +1020,8 @@ def _import_labels(
     report.failed = sorted({*report.failed, *(n for n in asked if n in pairing.contested)})
     labelled = session.labelled()
     report.missing = [n for n in asked if n not in labelled and n not in pairing.pairs]
+    if report.missing:
+        report.example = label_example(report.missing[0], source if source.is_dir() else source.parent, list(files))
     if report.missing and source.is_dir() and (others := passed_over(source)):  # a label saved as .mgz, say
         report.passed_over = passed_over_line(source, others, "import")
     unreadable = session.unreadable_images()

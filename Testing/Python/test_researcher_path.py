@@ -1723,6 +1723,72 @@ def test_labels_import_pairs_a_bids_derivatives_tree_with_the_scans_of_its_own_s
         assert np.array_equal(stored, read_volume(derivatives / label, allow_constant=True).array)
 
 
+@pytest.fixture(scope="module")
+def bids_ranked(ranked, tmp_path_factory) -> tuple[Path, Path]:
+    """A BIDS dataset (:func:`_bids_dataset`) ranked from its root with --recursive, each of its 4 scans queried:
+    its derivatives/manual folder (no label for sub-02's T2w) and the session."""
+    root = tmp_path_factory.mktemp("bids")
+    derivatives = _bids_dataset(ranked, root / "bids")
+    args = ["rank", "--images", str(root / "bids"), "--recursive", "--out", str(root / "session"), "--budget", "4"]
+    assert main(args) == 0
+    return derivatives, root / "session"
+
+
+def _t2w_label(ranked, path: Path) -> None:
+    """The reference label of _bids_dataset's sub-02 T2w (the MRI pool's fourth scan), written at ``path``."""
+    label = sorted((ranked[0] / "pool" / "labels").iterdir())[3]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(label, path)
+
+
+T2W = "sub-02/anat/sub-02_T2w.nii.gz"
+
+
+def test_a_bids_pools_missing_label_is_named_by_its_derivatives_path_where_it_then_pairs(
+    ranked, bids_ranked, tmp_path, capsys
+):
+    """A labels folder that mirrors a BIDS dataset (derivatives/<pipeline>): the scan left without a label is
+    named with the path its derivative would have there, not a flat name of its path with / as _."""
+    derivatives, ranked_session = bids_ranked
+    session = shutil.copytree(ranked_session, tmp_path / "session")
+    labels = shutil.copytree(derivatives, tmp_path / "derivatives" / "manual")
+    main(["labels", "import", str(session), "--from", str(labels)])
+    said = " ".join(capsys.readouterr().out.split())
+    expected = labels / "sub-02" / "anat" / "sub-02_T2w_dseg.nii.gz"
+    assert (
+        f"no label file for {T2W} in {labels} (a BIDS derivative lies at its scan's path in the labels folder, named "
+        f"after the scan: e.g. {expected})"
+    ) in said
+    hint = said.partition("no label file for ")[2].partition(")")[0]
+    assert "_anat_" not in hint and "at the folder's top" not in hint  # the folder's labels lie in sub-folders
+    _t2w_label(ranked, expected)
+    assert main(["labels", "import", str(session), "--from", str(labels)]) == 0
+    assert f"imported {T2W} <- {expected}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_bids_pools_missing_label_in_a_flat_labels_folder_is_named_by_its_flat_name_too(
+    ranked, bids_ranked, tmp_path, capsys
+):
+    """A flat labels folder for a recursive BIDS pool (each label at its top, by its file name): the derivative's
+    path is named, and the flat name beside it, by which it then pairs."""
+    derivatives, ranked_session = bids_ranked
+    session = shutil.copytree(ranked_session, tmp_path / "session")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for label in derivatives.rglob("*.nii.gz"):
+        shutil.copy(label, flat / label.name)
+    main(["labels", "import", str(session), "--from", str(flat)])
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        f"no label file for {T2W} in {flat} (a BIDS derivative lies at its scan's path in the labels folder, named "
+        f"after the scan: e.g. {flat / 'sub-02' / 'anat' / 'sub-02_T2w_dseg.nii.gz'}, or at the folder's top as its "
+        "labels lie, sub-02_T2w_dseg.nii.gz)"
+    ) in said
+    _t2w_label(ranked, flat / "sub-02_T2w_dseg.nii.gz")
+    assert main(["labels", "import", str(session), "--from", str(flat)]) == 0
+    assert f"imported {T2W} <- {flat / 'sub-02_T2w_dseg.nii.gz'}" in " ".join(capsys.readouterr().out.split())
+
+
 def test_a_bids_roots_metadata_is_no_file_to_convert_and_its_subject_folders_are_named_with_recursive(
     ranked, tmp_path, capsys
 ):
