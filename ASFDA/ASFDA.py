@@ -378,8 +378,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = qt.QFileDialog.getExistingDirectory(None, _("Export the adapted model as a MONAI bundle"))
         if folder:
             with slicer.util.tryWithErrorDisplay(_("Export failed"), waitCursor=True):
-                path = self.logic.flow.export(folder)
-                slicer.util.infoDisplay(_("MONAI bundle written to {path}").format(path=path))
+                slicer.util.infoDisplay(self.logic.flow.export(folder, "bundle").message)
 
     def onInstall(self):
         with slicer.util.tryWithErrorDisplay(_("Dependencies could not be installed"), waitCursor=True):

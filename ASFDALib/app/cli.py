@@ -38,6 +38,7 @@ from ASFDALib.app.arguments import (
     unit_interval,
 )
 from ASFDALib.errors import ASFDAError, Terminated, brief, interrupted_exit_code
+from ASFDALib.models.formats import FORMATS
 
 RANK_EXAMPLES = """
 examples:
@@ -533,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("session", type=existing_dir, help="session folder (its adapted model is exported)")
     export.add_argument(
         "--format",
-        choices=("bundle", "pt2", "torchscript"),
+        choices=FORMATS,
         default="bundle",
         help="bundle: runs with MONAI's bundle runner, metadata records the adaptation (default); pt2: a "
         "torch.export program, TorchScript's successor; torchscript: deprecated by torch",

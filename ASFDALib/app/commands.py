@@ -7,7 +7,6 @@ once instead of after torch and MONAI have loaded.
 from __future__ import annotations
 
 import argparse
-import glob
 import shutil
 import threading
 import time
@@ -996,72 +995,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ASFDALib.adaptation.pipeline import session_model
-    from ASFDALib.adaptation.runs import finish_hint, handover_pending, newest_run, unfinished_run
     from ASFDALib.adaptation.session import Session
-    from ASFDALib.models.export import DEFAULT_NAMES, export_session, staged_program
-    from ASFDALib.models.loading import card_beside
-    from ASFDALib.outputs import (
-        refuse_existing,
-        refuse_folder_holding,
-        refuse_inside_session,
-        refuse_overwrite,
-        session_files,
-    )
+    from ASFDALib.models.export import export_session_model
 
     session = Session.open(args.session)
-    if not args.source_model and handover_pending(session, newest_run(session)):  # its record is not its model's
-        hint = finish_hint(session, args.session)
-        raise ASFDAError(f"{args.session}: {unfinished_run(session)}; {hint}, then export")
-    if session.adapted_checkpoint() is None and not args.source_model:
-        if holder := session.in_use():  # a first fine-tune is running: its model comes when it ends
-            raise ASFDAError(
-                f"{args.session}: not fine-tuned yet, and in use by {holder} (a fine-tune running?); export when "
-                "it ends, or pass --source-model to export the model as it came"
-            )
-        if unfinished := unfinished_run(session):  # a first fine-tune interrupted: finishing it is the way on
-            raise ASFDAError(
-                f"{args.session}: not fine-tuned yet: {unfinished}; {finish_hint(session, args.session)}, or pass "
-                "--source-model to export the model as it came"
-            )
-        raise ASFDAError(
-            f"{args.session}: not fine-tuned yet, so there is no adapted model to export; run "
-            f"'asfda finetune {as_arg(args.session)}' first, or pass --source-model to export the model as it came"
-        )
-    protected = session_files(session) | {session.root / "session.json"}
-    fix = "choose a new folder for the export"
-    if args.format == "bundle":
-        refuse_folder_holding(args.out, protected, "a file the session references", fix)
-        refuse_existing(args.out, "a folder with files in it", fix)
-        target = args.out
-    else:
-        target = args.out if args.out.suffix else args.out / DEFAULT_NAMES[args.format]
-        # a folder given: name a file the next export there can take (model.ts and model.pt2 share model.card.json)
-        name = "" if args.out.suffix else f", e.g. --out {as_arg(target.with_name('model2' + target.suffix))}"
-        refuse_overwrite([target], protected, "a file the session references", fix)
-        refuse_existing(target, "the file", f"choose a new file name{name}")
-        if not staged_program(target).is_file():  # else the card is an export's stopped before its model moved in
-            card = card_beside(target)
-            # a model of another format beside it, named alike (m.pt2 beside m.ts): the card is named by the stem
-            twins = sorted(p.name for p in card.parent.glob(f"{glob.escape(target.stem)}.*") if p != card)
-            shared = f" (it is {twins[0]}'s: a card is named by the file's stem)" if twins else ""
-            if twins and not name:
-                name = f", e.g. --out {as_arg(target.with_name(f'{target.stem}_{target.suffix[1:]}{target.suffix}'))}"
-            refuse_existing(card, f"the card written beside the export{shared}", f"choose a new file name{name}")
-    refuse_inside_session(target, fix)
-    # a model among the scans (anywhere under them where the pool is searched recursively)
-    pool = session.data.get("images") or {}
-    if pool:
-        root, where = session.image_root.resolve(), Path(target).resolve()
-        if where.parent == root or (pool.get("recursive") and where.is_relative_to(root)):
-            raise ASFDAError(f"{target}: is inside the session's images folder {root}; {fix} outside it")
-    latest = None if args.source_model else session.adapted_round()
-    which = f"round {latest['index']}'s fine-tuned model ({latest['checkpoint']})" if latest else "the source model"
-    if latest and (unfinished := unfinished_run(session)):  # its weights are the model as it finished before
-        which += f"; {unfinished}, so this is the model as it finished before"
-    path = export_session(session, session_model(session, adapted=not args.source_model), args.out, args.format)
-    card = "" if args.format == "bundle" else f", its card to {card_beside(path)}"
-    print(f"Exported {args.format} to {path}{card}: {which}")
+    exported = export_session_model(session, args.out, args.format, source_model=args.source_model, name=args.session)
+    print(exported.message)
     return 0
 
 

@@ -8,6 +8,7 @@ into here.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import queue
 import threading
@@ -16,11 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.errors import ASFDAError
+
+if TYPE_CHECKING:
+    from ASFDALib.models.export import Exported
 
 LOG_LIMIT = 500
 # The panel's buttons (object names in Resources/UI/ASFDA.ui) and the workflow action each one runs.
@@ -225,7 +230,7 @@ class Workflow:
                 return False, "every remaining volume has a prediction from this model: double-click a row to open it"
             return True, {
                 "apply": "predict the remaining volumes",
-                "export": "write a MONAI bundle",
+                "export": "write the adapted model in the format chosen beside this button",
                 "next_round": "re-rank the rest with the adapted model",
             }[action]
         raise ValueError(f"unknown action {action!r}")
@@ -806,8 +811,41 @@ class Workflow:
             raise ASFDAError(why)
         self.start_rank()
 
-    def export(self, folder: Path) -> Path:
-        """The adapted model as a runnable MONAI bundle whose metadata records the adaptation."""
-        from ASFDALib.models.export import export_session
+    def export_format(self) -> str:
+        """The format Export offers for the session's model: a MONAI bundle, or where a bundle cannot carry it (an
+        nnU-Net residual encoder, a TorchScript model, a program), the one that does. Read from session.json, so
+        torch-free: the panel asks it on every refresh."""
+        from ASFDALib.models.formats import default_format, recorded_network
 
-        return export_session(self._session(), self.model(), folder, "bundle")
+        session = self._open_session()
+        recorded = session.data.get("model") if session is not None else None
+        return default_format(*recorded_network(recorded)) if recorded else "bundle"
+
+    def export_suggestion(self, fmt: str) -> Path:
+        """Where the Export dialog starts: beside the session folder (an export never goes inside it); for a
+        program, a file named after the session that neither an export nor its card takes yet."""
+        from ASFDALib.models.formats import DEFAULT_NAMES
+        from ASFDALib.models.loading import card_beside
+
+        session = Path(self.settings.session)
+        if fmt == "bundle":
+            return session.parent
+        suffix = Path(DEFAULT_NAMES[fmt]).suffix
+        names = (session.parent / f"{session.name}{f'_{n}' if n > 1 else ''}{suffix}" for n in itertools.count(1))
+        return next(p for p in names if not p.exists() and not card_beside(p).exists())
+
+    def export(self, target: Path, fmt: str | None = None) -> Exported:
+        """The session's fine-tuned model in ``fmt`` (:meth:`export_format` when not given) at ``target``: the
+        bundle's folder, or the program's file (a name without a suffix gets the format's, as a save dialog's
+        default suffix does). Every check ``asfda export`` makes, by the same function; the
+        :class:`ASFDALib.models.export.Exported` it returns says what was written and how to load it back."""
+        from ASFDALib.models.export import export_session_model
+        from ASFDALib.models.formats import DEFAULT_NAMES
+
+        if self.busy:  # the panel's own fine-tune holds the session's lock in this process, which in_use() allows
+            raise ASFDAError(f"wait for {self.job.kind} to finish, or cancel it")
+        fmt = fmt or self.export_format()
+        target = Path(target)
+        if fmt in DEFAULT_NAMES and not target.suffix:
+            target = target.with_name(target.name + Path(DEFAULT_NAMES[fmt]).suffix)
+        return export_session_model(self._session(), target, fmt, cli=False)

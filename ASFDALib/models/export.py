@@ -23,19 +23,29 @@ the adapted weights in place of its own, so it keeps running the way its authors
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ASFDALib.atomic import atomic_folder, atomic_write, atomic_write_json, remove_scratch
-from ASFDALib.errors import ModelError
+from ASFDALib.errors import ASFDAError, ModelError, as_arg
 from ASFDALib.models.card import ModelCard
-from ASFDALib.models.loading import ASFDA_NETWORKS, WEIGHT_NAMES, LoadedModel, card_beside
+from ASFDALib.models.formats import DEFAULT_NAMES, FORMATS, formats_without_bundle, recorded_network
+from ASFDALib.models.loading import WEIGHT_NAMES, LoadedModel, card_beside
+from ASFDALib.outputs import (
+    refuse_existing,
+    refuse_folder_holding,
+    refuse_inside_session,
+    refuse_overwrite,
+    session_files,
+)
 
 UNKNOWN = "unknown: see the base model"
 ASFDA_QUERY = (
@@ -433,21 +443,9 @@ def export_bundle(
     folder = Path(folder)
     written = [folder / "configs" / "inference.json", folder / "configs" / "metadata.json", folder / "asfda_card.json"]
     _refuse_overwriting_the_base(model, [*written, *(folder / "models" / n for n in WEIGHT_NAMES)])
-    again = model.spec is None and model.kind == "bundle" and model.path.is_dir()
-    if not again and (model.spec is None or model.scripted):
-        # the format that does take it: a TorchScript or torch.export program is re-exported only as itself
-        other = "torchscript" if isinstance(model.network, torch.jit.ScriptModule) else "pt2"
-        raise ModelError(
-            f"{model.path}: a bundle needs a MONAI network by name ({model.kind} model); "
-            f"export this model with --format {other}"
-        )
-    if not again and model.spec.name in ASFDA_NETWORKS:
-        # a bundle's network_def is built by MONAI's runner, which has no such class (and ASFDA reads back only
-        # MONAI networks without --trust): the programs carry the network with them
-        raise ModelError(
-            f"{model.path}: a bundle needs a MONAI network by name, and {model.spec.name} is ASFDA's own (an nnU-Net "
-            "network MONAI does not have); export this model with --format pt2 (or torchscript)"
-        )
+    if refusal := bundle_refusal(f"{model.path}: this model", model.kind, model.spec.name if model.spec else None):
+        raise ModelError(refusal)
+    again = model.spec is None  # a bundle built by its own config (the only network without a name a bundle takes)
     remove_scratch(folder)  # an export killed part-way left its scratch folder
     with atomic_folder(folder) as stage:
         if again:
@@ -584,12 +582,28 @@ def export_pt2(model: LoadedModel, path: Path, record: dict[str, Any] | None = N
     return _card_then_program(staged, path, _exported_card(model.card, record, program=True))
 
 
-FORMATS = ("bundle", "pt2", "torchscript")
-DEFAULT_NAMES = {"pt2": "model.pt2", "torchscript": "model.ts"}
+def bundle_refusal(what: str, kind: str, network: str | None, cli: bool = True) -> str:
+    """Why a MONAI bundle cannot carry the model ``what`` names (as the user knows it: the session's fine-tuned
+    model, a file) and the formats that can, in a line; "" where a bundle can (:func:`formats_without_bundle`).
+    ``cli``: the formats as ``--format`` options, else by name as the panel lists them."""
+    formats = formats_without_bundle(kind, network)
+    if not formats:
+        return ""
+    if network is not None:
+        # a bundle's network_def is built by MONAI's runner, which has no such class (and ASFDA reads back only
+        # MONAI networks without --trust): the programs carry the network with them
+        why = f"a {network} (ASFDA's rebuild of an nnU-Net network), which MONAI's bundle runner cannot build"
+    else:
+        program = "TorchScript model" if kind == "torchscript" else "torch.export program"
+        why = f"a {program}, with no MONAI network by name"
+    first, *others = (f"--format {f}" if cli else f for f in formats)
+    how = f"with {first}" if cli else f"as {first}"
+    return f"{what} is {why}, so it cannot be a MONAI bundle; export it {how}" + "".join(f" (or {o})" for o in others)
 
 
 def export_session(session: Any, model: LoadedModel, out: Path, fmt: str = "bundle") -> Path:
-    """Export the session's model (``model``, usually its adapted one) in ``fmt``, with its provenance."""
+    """Export the session's model (``model``, usually its adapted one) in ``fmt``, with its provenance. Checks
+    nothing of the session's: :func:`export_session_model` is the export with every check."""
     out = Path(out)
     record = provenance(session, model)
     if fmt == "bundle":
@@ -600,3 +614,127 @@ def export_session(session: Any, model: LoadedModel, out: Path, fmt: str = "bund
     if fmt == "torchscript":
         return export_torchscript(model, target, record)
     raise ModelError(f"export format {fmt!r} unknown; use one of {', '.join(FORMATS)}")
+
+
+# --- a session's export, every check first: asfda export and the panel's Export ------------------------------
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What an export wrote: ``path`` (the bundle's folder, or the program's file, its card beside it), and the
+    line that names what it wrote, which model it holds and how to load it back."""
+
+    path: Path
+    message: str
+
+
+def _which(session: Any, source_model: bool) -> str:
+    """The model an export of the session holds, as the user knows it."""
+    latest = None if source_model else session.adapted_round()
+    return f"round {latest['index']}'s fine-tuned model ({latest['checkpoint']})" if latest else "the source model"
+
+
+def _refuse_unadapted(session: Any, name: str, cli: bool) -> None:
+    """A session whose fine-tuned model is not there to export: why, and the way on (to finish its run, to wait
+    for it, to fine-tune; where the command has ``--source-model``, to export the model as it came)."""
+    from ASFDALib.adaptation.runs import finish_hint, handover_pending, newest_run, unfinished_run
+
+    if handover_pending(session, newest_run(session)):  # its record is not its model's
+        raise ASFDAError(f"{name}: {unfinished_run(session)}; {finish_hint(session, name)}, then export")
+    if session.adapted_checkpoint() is not None:
+        return
+    source = ", or pass --source-model to export the model as it came" if cli else ""
+    if holder := session.in_use():  # a first fine-tune is running: its model comes when it ends
+        raise ASFDAError(
+            f"{name}: not fine-tuned yet, and in use by {holder} (a fine-tune running?); export when it ends{source}"
+        )
+    if unfinished := unfinished_run(session):  # a first fine-tune interrupted: finishing it is the way on
+        raise ASFDAError(f"{name}: not fine-tuned yet: {unfinished}; {finish_hint(session, name)}{source}")
+    way = f"run 'asfda finetune {as_arg(name)}' first" if cli else "fine-tune it first"
+    raise ASFDAError(f"{name}: not fine-tuned yet, so there is no adapted model to export; {way}{source}")
+
+
+def _refuse_target(session: Any, out: Path, fmt: str, cli: bool) -> None:
+    """Refuse where the export goes (``out``, or for a program given a folder, its default name there) if it would
+    write over an export, a file the session references or a card of another model, or into the session or among
+    its scans. A program's card left by an export stopped before its model moved in is its own: not refused (the
+    export completes it)."""
+    protected = session_files(session) | {session.root / "session.json"}
+    fix = "choose a new folder for the export"
+    option = "--out " if cli else ""
+    if fmt == "bundle":
+        refuse_folder_holding(out, protected, "a file the session references", fix)
+        refuse_existing(out, "a folder with files in it", fix)
+        target = out
+    else:
+        target = out if out.suffix else out / DEFAULT_NAMES[fmt]
+        # a folder given: name a file the next export there can take (model.ts and model.pt2 share model.card.json)
+        name = "" if out.suffix else f", e.g. {option}{as_arg(target.with_name('model2' + target.suffix))}"
+        refuse_overwrite([target], protected, "a file the session references", fix)
+        refuse_existing(target, "the file", f"choose a new file name{name}")
+        if not staged_program(target).is_file():  # else the card is an export's stopped before its model moved in
+            card = card_beside(target)
+            # a model of another format beside it, named alike (m.pt2 beside m.ts): the card is named by the stem
+            twins = sorted(p.name for p in card.parent.glob(f"{glob.escape(target.stem)}.*") if p != card)
+            shared = f" (it is {twins[0]}'s: a card is named by the file's stem)" if twins else ""
+            if twins and not name:
+                other = target.with_name(f"{target.stem}_{target.suffix[1:]}{target.suffix}")
+                name = f", e.g. {option}{as_arg(other)}"
+            refuse_existing(card, f"the card written beside the export{shared}", f"choose a new file name{name}")
+    refuse_inside_session(target, fix)
+    # a model among the scans (anywhere under them where the pool is searched recursively)
+    pool = session.data.get("images") or {}
+    if pool:
+        root, where = session.image_root.resolve(), Path(target).resolve()
+        if where.parent == root or (pool.get("recursive") and where.is_relative_to(root)):
+            raise ASFDAError(f"{target}: is inside the session's images folder {root}; {fix} outside it")
+
+
+def load_back(fmt: str, path: Path, cli: bool = True) -> str:
+    """How the exported model is loaded back into ASFDA: a program only with trust (it runs code stored in it)."""
+    if fmt == "bundle":
+        if cli:
+            return f"Load it back with --model {as_arg(path)}; MONAI's bundle runner runs it (asfda export --help)"
+        return "Load it back as the Setup's model; MONAI Label and MONAI's bundle runner run it too"
+    if cli:
+        return f"Load it back with --model {as_arg(path)} --trust (it runs code stored in the file)"
+    return "Load it back as the Setup's model with Trust this file ticked (it runs code stored in the file)"
+
+
+def export_session_model(
+    session: Any,
+    out: Path,
+    fmt: str = "bundle",
+    *,
+    source_model: bool = False,
+    name: str | Path | None = None,
+    cli: bool = True,
+) -> Exported:
+    """Export the session's fine-tuned model (``source_model``: the model as it came) in ``fmt`` to ``out`` (a new
+    or empty folder for a bundle; a new file for a program, or a folder for its default name), after every check,
+    before the model loads: never over an existing export, a file the session references, the base model or its
+    card, nor into the session or among its scans; a session whose fine-tuned model is not there (never
+    fine-tuned, a first fine-tune running or interrupted, a finished one not recorded yet) is refused, naming the
+    way on; and so is a bundle of a model that a bundle cannot carry, naming the formats that can. The command
+    and the panel both export through this. ``name``: the session as the user gave it, for the messages; ``cli``:
+    the messages name ``asfda export``'s options (the panel has none)."""
+    from ASFDALib.adaptation.pipeline import session_model
+    from ASFDALib.adaptation.runs import unfinished_run
+
+    if fmt not in FORMATS:
+        raise ModelError(f"export format {fmt!r} unknown; use one of {', '.join(FORMATS)}")
+    name = str(name or session.root)
+    out = Path(out)
+    if not source_model:
+        _refuse_unadapted(session, name, cli)
+    which = _which(session, source_model)
+    recorded = session.data.get("model")
+    if fmt == "bundle" and recorded:  # known from what session.json records: said before the model loads
+        if refusal := bundle_refusal(f"{name}: {which}", *recorded_network(recorded), cli=cli):
+            raise ModelError(refusal)
+    _refuse_target(session, out, fmt, cli)
+    if not source_model and (unfinished := unfinished_run(session)):  # its weights are the model as it finished
+        which += f"; {unfinished}, so this is the model as it finished before"
+    path = export_session(session, session_model(session, adapted=not source_model), out, fmt)
+    card = "" if fmt == "bundle" else f", its card to {card_beside(path)}"
+    return Exported(path, f"Exported {fmt} to {path}{card}: {which}. {load_back(fmt, path, cli)}")

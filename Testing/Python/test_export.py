@@ -412,8 +412,111 @@ def test_a_scripted_model_asked_for_as_a_bundle_is_pointed_to_its_own_format(ada
 
     _, session, _ = adapted
     assert main(["export", str(session), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
-    with pytest.raises(ModelError, match="export this model with --format torchscript"):
+    with pytest.raises(ModelError) as refused:
         export_bundle(load_model(tmp_path / "m.ts", trust=True), tmp_path / "bundle")
+    assert str(refused.value) == (
+        f"{tmp_path / 'm.ts'}: this model is a TorchScript model, with no MONAI network by name, so it cannot be a "
+        "MONAI bundle; export it with --format torchscript"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "chosen", "written", "load_back"),
+    [
+        ("bundle", "bundle", "bundle", "Load it back as the Setup's model; MONAI Label and MONAI's bundle runner"),
+        ("pt2", "net", "net.pt2", "Load it back as the Setup's model with Trust this file ticked"),
+        ("torchscript", "net.ts", "net.ts", "Load it back as the Setup's model with Trust this file ticked"),
+    ],
+)
+def test_the_panel_exports_the_sessions_model_in_each_format_and_says_how_to_load_it_back(
+    adapted, tmp_path, fmt, chosen, written, load_back
+):
+    """Export in the panel writes what asfda export writes, to the name chosen in its dialog (a file named without
+    a suffix gets the format's), and the message names the files, the model and how it loads back."""
+    from ASFDALib.adaptation.pipeline import session_model
+    from ASFDALib.adaptation.session import Session
+    from ASFDALib.app.workflow import PanelSettings, Workflow
+    from ASFDALib.errors import TrustRequiredError
+
+    _, session, _ = adapted
+    flow = Workflow(PanelSettings(session=str(session)))
+    assert flow.export_format() == "bundle"  # a MONAI network: a bundle carries it
+    exported = flow.export(tmp_path / chosen, fmt)
+    path = tmp_path / written
+    card = "" if fmt == "bundle" else f", its card to {path.with_suffix('.card.json')}"
+    assert exported.path == path and exported.message.startswith(
+        f"Exported {fmt} to {path}{card}: round 1's fine-tuned model (checkpoints/round1/final.pt). {load_back}"
+    )
+    assert "--" not in exported.message  # the panel has no options to name
+    if fmt != "bundle":
+        with pytest.raises(TrustRequiredError):
+            load_model(path)
+    loaded, model = load_model(path, trust=fmt != "bundle"), session_model(Session.open(session))
+    assert loaded.card.class_names == model.card.class_names
+    window = torch.randn(1, 1, *model.card.roi_size)
+    with torch.no_grad():
+        assert torch.allclose(loaded.network(window), model.network(window), atol=1e-5)
+
+
+def test_the_panel_export_refuses_what_asfda_export_refuses_and_names_a_file_it_takes(adapted, tmp_path):
+    """One set of checks for the command and the panel: an existing export, a card another export wrote (m.pt2 and
+    m.ts share m.card.json), a folder with files, the session folder; nothing is written over."""
+    from ASFDALib.app.workflow import PanelSettings, Workflow
+    from ASFDALib.errors import ASFDAError
+
+    _, session, _ = adapted
+    flow = Workflow(PanelSettings(session=str(session)))
+    flow.export(tmp_path / "m.pt2", "pt2")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    refusals = [
+        ("m.pt2", "pt2", f"{tmp_path / 'm.pt2'}: the file already exists; choose a new file name"),
+        (
+            "m",
+            "torchscript",
+            f"{tmp_path / 'm.card.json'}: the card written beside the export (it is m.pt2's: a card is named by the "
+            f"file's stem) already exists; choose a new file name, e.g. {tmp_path / 'm_ts.ts'}",
+        ),
+        (".", "bundle", f"{tmp_path}: a folder with files in it already exists; choose a new folder for the export"),
+    ]
+    for chosen, fmt, said in refusals:
+        with pytest.raises(ASFDAError) as refused:
+            flow.export(tmp_path / chosen, fmt)
+        assert str(refused.value) == said
+    with pytest.raises(ASFDAError, match="is inside the session folder"):
+        flow.export(session / "m.pt2", "pt2")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before and not (session / "m.pt2").exists()
+
+
+def test_the_panels_export_completes_a_program_whose_export_stopped_after_its_card(adapted, tmp_path, monkeypatch):
+    """Slicer closed after the card was written: the same Export again finishes the program, as the command does."""
+    from ASFDALib.app.workflow import PanelSettings, Workflow
+    from ASFDALib.models import export
+
+    _, session, _ = adapted
+    flow = Workflow(PanelSettings(session=str(session)))
+    written = export.atomic_write_json
+
+    def stopped(path, obj):
+        written(path, obj)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "atomic_write_json", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        flow.export(tmp_path / "k.ts", "torchscript")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".k.ts.partial", "k.card.json"]
+    assert flow.export(tmp_path / "k.ts", "torchscript").path == tmp_path / "k.ts"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.card.json", "k.ts"]
+
+
+def test_the_networks_the_panel_knows_no_bundle_carries_are_those_asfda_builds_itself():
+    """The panel offers a format from session.json without importing torch: its list is the loader's."""
+    from ASFDALib.models.formats import OWN_NETWORKS, default_format
+    from ASFDALib.models.loading import ASFDA_NETWORKS
+
+    assert set(OWN_NETWORKS) == set(ASFDA_NETWORKS)
+    assert [default_format(kind, None) for kind in ("bundle", "torchscript", "pt2")] == ["bundle", "torchscript", "pt2"]
+    assert default_format("state_dict", "UNet") == "bundle"
 
 
 def test_a_session_on_a_torchscript_model_fine_tunes_with_its_pseudo_labels(adapted, small_pool, tmp_path):

@@ -632,17 +632,29 @@ def test_an_nnunet_residual_encoder_loads_computing_what_nnunets_own_network_com
     assert theirs.std() > 0.1  # trained-looking norms and biases: a wrong kernel order or skip would show
 
 
-def test_an_nnunet_residual_encoder_model_ranks_fine_tunes_and_predicts(pool, tmp_path, capsys):
-    path, _ = _nnunet_output(tmp_path, RESENC_ARCH, network="ResidualEncoderUNet")
-    session = tmp_path / "session"
+@pytest.fixture(scope="module")
+def resenc_session(pool, tmp_path_factory) -> tuple[Path, str]:
+    """A session on an nnU-Net residual-encoder model, fine-tuned on one label; what its rank printed."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("resenc")
+    path, _ = _nnunet_output(root, RESENC_ARCH, network="ResidualEncoderUNet")
+    session = root / "session"
     args = ["rank", "--model", str(path), "--card", str(pool / "plain.json"), "--images", str(pool / "images")]
-    assert main([*args, "--out", str(session), "--budget", "1", "--class-map", "kidney=right kidney"]) == 0
-    assert "liver<-liver, kidney<-right kidney" in " ".join(capsys.readouterr().out.split())
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        assert main([*args, "--out", str(session), "--budget", "1", "--class-map", "kidney=right kidney"]) == 0
     query = json.loads((session / "ranking.json").read_text())["selected"]
-    (tmp_path / "gt").mkdir()
-    (tmp_path / "gt" / query[0]).write_bytes((pool / "labels" / query[0]).read_bytes())
-    assert main(["labels", "import", str(session), "--from", str(tmp_path / "gt")]) == 0
+    (root / "gt").mkdir()
+    (root / "gt" / query[0]).write_bytes((pool / "labels" / query[0]).read_bytes())
+    assert main(["labels", "import", str(session), "--from", str(root / "gt")]) == 0
     assert main(_finetune(session)) == 0
+    return session, said.getvalue()
+
+
+def test_an_nnunet_residual_encoder_model_ranks_fine_tunes_and_predicts(resenc_session, pool, tmp_path, capsys):
+    session, ranked = resenc_session
+    assert "liver<-liver, kidney<-right kidney" in " ".join(ranked.split())
     # the session rebuilds the network by its name, as a card would name it
     recorded = json.loads((session / "session.json").read_text())["model"]["network"]
     assert recorded["name"] == "ResidualEncoderUNet" and recorded["args"]["n_blocks_per_stage"] == [1, 2, 2, 2]
@@ -650,16 +662,51 @@ def test_an_nnunet_residual_encoder_model_ranks_fine_tunes_and_predicts(pool, tm
     maps = sorted((tmp_path / "maps").glob("*.nii.gz"))
     assert len(maps) == 3 and set(np.unique(nib.load(maps[0]).get_fdata())) <= {0, 1, 2, 3}
     capsys.readouterr()
-    # MONAI's bundle runner has no such network: refused in one line naming the formats that carry it
+    # MONAI's bundle runner has no such network: refused in one line naming the model and the formats that carry it
     assert main(["export", str(session), "--out", str(tmp_path / "bundle")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "ResidualEncoderUNet is ASFDA's own" in err and "--format pt2 (or torchscript)" in err
+    err = " ".join(capsys.readouterr().err.split())
+    assert err == (
+        f"asfda export: error: {session}: round 1's fine-tuned model (checkpoints/round1/final.pt) is a "
+        "ResidualEncoderUNet (ASFDA's rebuild of an nnU-Net network), which MONAI's bundle runner cannot build, so it "
+        "cannot be a MONAI bundle; "
+        "export it with --format pt2 (or --format torchscript)"
+    )
     assert not (tmp_path / "bundle").exists()
     assert main(["export", str(session), "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 0
     exported, adapted = load_model(tmp_path / "m.pt2", trust=True), session_model(Session.open(session))
     window = torch.randn(2, 1, 32, 32, 32)
     with torch.no_grad():
         assert torch.allclose(exported.network(window), adapted.network(window), atol=1e-5)
+
+
+def test_the_panel_exports_a_residual_encoder_session_as_pt2_and_names_its_model_where_a_bundle_is_asked(
+    resenc_session, tmp_path
+):
+    """No bundle carries an nnU-Net ResEnc network: the panel offers pt2, and a bundle asked for anyway is refused,
+    naming the session's fine-tuned model (not the base checkpoint it started from) and the formats that work."""
+    from ASFDALib.app.workflow import PanelSettings, Workflow
+
+    session, _ = resenc_session
+    flow = Workflow(PanelSettings(session=str(session)))
+    assert flow.export_format() == "pt2"
+    with pytest.raises(ModelError) as refused:
+        flow.export(tmp_path / "bundle", "bundle")
+    assert str(refused.value) == (
+        f"{session}: round 1's fine-tuned model (checkpoints/round1/final.pt) is a ResidualEncoderUNet (ASFDA's "
+        "rebuild of an nnU-Net network), which MONAI's bundle runner cannot build, so it cannot be a MONAI bundle; "
+        "export it as pt2 (or torchscript)"
+    )
+    assert not (tmp_path / "bundle").exists()
+    exported = flow.export(tmp_path / "liver")  # the format offered, its suffix added as a save dialog adds it
+    assert exported.path == tmp_path / "liver.pt2" and (tmp_path / "liver.card.json").is_file()
+    assert exported.message.endswith(
+        "round 1's fine-tuned model (checkpoints/round1/final.pt). Load it back as the Setup's model with Trust this "
+        "file ticked (it runs code stored in the file)"
+    )
+    program, adapted = load_model(exported.path, trust=True), session_model(Session.open(session))
+    window = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(program.network(window), adapted.network(window), atol=1e-5)
 
 
 def test_the_ranking_taps_each_residual_stage_of_an_nnunet_residual_encoder(tmp_path):

@@ -1361,6 +1361,26 @@ def test_export_during_a_first_fine_tune_says_it_is_running(ranked, tmp_path, ca
         assert "not fine-tuned yet, and in use by pid" in said and "export when it ends" in said
 
 
+def test_the_panels_export_of_a_session_without_a_fine_tuned_model_says_why_as_asfda_export_does(ranked, tmp_path):
+    """The panel's Export runs the command's checks (its button can be stale: a fine-tune started elsewhere), worded
+    for the panel: it has no --source-model."""
+    from ASFDALib.app.workflow import PanelSettings, Workflow
+    from ASFDALib.errors import ASFDAError
+
+    _, session = ranked
+    flow = Workflow(PanelSettings(session=str(session)))
+    with pytest.raises(ASFDAError) as refused:
+        flow.export(tmp_path / "m.pt2", "pt2")
+    said = str(refused.value)
+    assert said == f"{session}: not fine-tuned yet, so there is no adapted model to export; fine-tune it first"
+    fine_tune = "from ASFDALib.adaptation.session import Session; hold = lambda p: Session.open(p).lock()"
+    with _held_by_another_process(fine_tune, session), pytest.raises(ASFDAError) as refused:
+        flow.export(tmp_path / "m.pt2", "pt2")
+    said = str(refused.value)
+    assert "not fine-tuned yet, and in use by pid" in said and said.endswith("running?); export when it ends")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_session_holding_its_pool_keeps_it_when_moved_or_copied(tmp_path, capsys):
     """The demo's sample_data lies inside the session: a plain mv lost it, a cp -r kept ranking the original."""
     session = tmp_path / "demo"

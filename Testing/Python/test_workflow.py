@@ -135,7 +135,7 @@ def test_finetune_apply_export_and_reopen(flow, mri_pool, tmp_path):
     assert flow.check("apply")[0] and flow.check("export")[0] and flow.check("next_round")[0]
     statuses = {r.status for r in flow.rows}
     assert statuses == {"labelled", "unlabelled"}, statuses
-    bundle = flow.export(tmp_path / "bundle")
+    bundle = flow.export(tmp_path / "bundle").path  # the format offered for a MONAI network's session
     assert (bundle / "configs" / "inference.json").is_file()
 
     reopened = Workflow(PanelSettings(session=flow.settings.session))
@@ -439,3 +439,24 @@ def test_reopening_a_session_file_that_cannot_be_read_says_why(tmp_path):
     flow = Workflow(PanelSettings(session=str(tmp_path / "s")))
     assert not flow.reopen()
     assert "session.json: 'model.digest' is missing (edited by hand?)" in flow.log[-1]
+
+
+def test_the_format_export_offers_and_every_buttons_state_come_without_importing_torch(tmp_path):
+    """The panel asks them on every refresh, before its dependencies may be installed; a session on nnU-Net's
+    residual encoder, which no bundle carries, is offered pt2."""
+    import subprocess
+    import sys
+
+    from ASFDALib.adaptation.session import Session
+
+    with Session.open(tmp_path / "s", create=True) as session:  # as a first rank records the model
+        network = {"name": "ResidualEncoderUNet", "args": {}}
+        session.set_model(tmp_path / "m.pth", "digest", "state_dict", {}, False, {"network": network})
+        session.save()
+    code = (
+        "import sys; from ASFDALib.app.workflow import BUTTON_ACTIONS, PanelSettings, Workflow; "
+        "flow = Workflow(PanelSettings(session=sys.argv[1])); [flow.check(a) for a in BUTTON_ACTIONS.values()]; "
+        "print(flow.export_format(), 'torch' in sys.modules)"
+    )
+    ran = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True, check=True)
+    assert ran.stdout.split() == ["pt2", "False"]
