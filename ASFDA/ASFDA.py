@@ -46,6 +46,10 @@ DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("asfda", "dkd", "asd", "fg-random", "random", "entropy", "epistemic", "coreset", "typiclust", "clasp-pe")
 # What makes a pseudo-label reliable: ASFDALib.adaptation.recipe.RELIABILITY, the default first (a test checks).
 GATES = ("rounds", "confidence", "flips")
+# What Export writes: ASFDALib.models.formats.FORMATS, asfda export's --format (a test checks); the file dialog's
+# name filter for each single-file format
+EXPORT_FORMATS = ("bundle", "pt2", "torchscript")
+EXPORT_FILTERS = {"pt2": "torch.export program (*.pt2)", "torchscript": "TorchScript (*.ts)"}
 
 
 class ASFDA(ScriptedLoadableModule):
@@ -88,6 +92,8 @@ class ASFDAParameterNode:
     iterations: Annotated[int, WithinRange(10, 100000)] = 200
     pseudo: bool = True
     pseudo_gate: Annotated[str, Choice(list(GATES))] = GATES[0]
+    # not a session setting (ASFDAPanelLib.state.FIELDS): the panel offers the format that carries the session's model
+    export_format: Annotated[str, Choice(list(EXPORT_FORMATS))] = EXPORT_FORMATS[0]
 
 
 class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -106,6 +112,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownRows = {}  # case -> cells now in the results table
         self._shownLog = None
         self._progressKind = None  # the kind of the job whose progress the panel shows
+        self._exportOffered = None  # (session, format) last offered for Export: what the user picks after stays
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
 
@@ -222,6 +229,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node = self._parameterNode.parameterNode
             self.removeObserver(node, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
         self._parameterNode = parameterNode
+        self._exportOffered = None  # a new node (a new scene) is offered the session's format again
         if parameterNode is not None:
             self.addObserver(parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
 
@@ -375,10 +383,22 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refresh()
 
     def onExport(self):
-        folder = qt.QFileDialog.getExistingDirectory(None, _("Export the adapted model as a MONAI bundle"))
-        if folder:
-            with slicer.util.tryWithErrorDisplay(_("Export failed"), waitCursor=True):
-                slicer.util.infoDisplay(self.logic.flow.export(folder, "bundle").message)
+        """Export in the format chosen beside the button: a bundle into a new or empty folder, a program (.pt2,
+        TorchScript) to a new file; the workflow refuses what asfda export refuses, before the model loads."""
+        with slicer.util.tryWithErrorDisplay(_("Export failed")):
+            flow = self.logic.workflow(self._settings())
+            fmt = self._parameterNode.export_format
+            start = str(flow.export_suggestion(fmt))
+            if fmt == "bundle":
+                caption = _("Export the adapted model as a MONAI bundle: choose a new or empty folder")
+                target = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), caption, start)
+            else:
+                caption = _("Export the adapted model as {format}").format(format=EXPORT_FILTERS[fmt])
+                target = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), caption, start, EXPORT_FILTERS[fmt])
+            if target:
+                with slicer.util.WaitCursor():
+                    exported = flow.export(target, fmt)
+                slicer.util.infoDisplay(exported.message, windowTitle=_("Model exported"))
 
     def onInstall(self):
         with slicer.util.tryWithErrorDisplay(_("Dependencies could not be installed"), waitCursor=True):
@@ -407,6 +427,12 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is None:  # between scene close and its re-creation
             return
         flow = self.logic.workflow(self._settings())
+        # Export offers the format that carries the session's model (pt2 for an nnU-Net residual encoder, which no
+        # bundle carries), once per session and model: a format the user picks after that stays
+        offered = (self._session, flow.export_format())
+        if offered != self._exportOffered:
+            self._exportOffered = offered
+            self._parameterNode.export_format = offered[1]
         for name, action in BUTTON_ACTIONS.items():
             enabled, why = flow.check(action)
             getattr(self.ui, name).enabled = enabled

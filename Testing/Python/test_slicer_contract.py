@@ -432,6 +432,18 @@ def test_combo_box_choices_are_the_engines():
     assert set(gate.choices) == set(RELIABILITY) and fields["pseudo_gate"].default == FinetuneConfig.reliability
 
 
+def test_export_formats_are_asfda_exports_and_each_dialog_filter_names_the_suffix_written():
+    from ASFDALib.models.formats import DEFAULT_NAMES, FORMATS
+
+    fields = wrapper_fields()
+    export = first(split(fields["export_format"].datatype)[1], Choice)
+    assert list(export.choices) == list(FORMATS) and fields["export_format"].default == "bundle"
+    filters = _namespace(_module_tree())["EXPORT_FILTERS"]
+    assert {fmt: re.search(r"\(\*(\.\w+)\)$", f).group(1) for fmt, f in filters.items()} == {
+        fmt: pathlib.Path(name).suffix for fmt, name in DEFAULT_NAMES.items()
+    }
+
+
 # --- signals --------------------------------------------------------------------------------------------
 # Signals per class, normalised as Qt does (no spaces, no const/&), from the Qt 5 class references
 # (doc.qt.io/qt-5/<class>.html#signals, inherited ones included through BASES) and the CTK/Slicer headers

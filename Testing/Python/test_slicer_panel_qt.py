@@ -83,7 +83,7 @@ def _volume_nodes() -> int:
     return slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
 
 
-def test_one_session_through_the_panel_buttons(standins, errors, tmp_path):
+def test_one_session_through_the_panel_buttons(standins, errors, tmp_path, monkeypatch):
     from PySide6 import QtCore
 
     from ASFDALib.app import mrml
@@ -205,6 +205,48 @@ def test_one_session_through_the_panel_buttons(standins, errors, tmp_path):
     assert ui.labelStatusLabel.text.startswith(f"Labelling {case} (from its open segmentation, edits kept)")
     assert ui.segmentEditorWidget.mrmlSegmentEditorNode().GetSegmentationNode() is segmentation
 
+    # --- export: in the format offered for the session's model, or another picked, where the dialog says ------
+    import qt
+
+    assert [ui.exportFormatComboBox.itemText(i) for i in range(ui.exportFormatComboBox.count)] == [
+        "bundle",
+        "pt2",
+        "torchscript",
+    ]
+    assert ui.exportFormatComboBox.currentText == "bundle" and ui.exportButton.enabled  # a MONAI network: a bundle
+    asked, shown = [], []
+
+    def folder_dialog(parent, caption, start):  # PythonQt's getExistingDirectory: the folder, "" if cancelled
+        asked.append((caption, start))
+        (tmp_path / "bundle").mkdir()  # made in the dialog, with its New Folder button
+        return str(tmp_path / "bundle")
+
+    def save_dialog(parent, caption, start, name_filter):  # PythonQt's getSaveFileName: the file name alone
+        asked.append((name_filter, start))
+        return str(tmp_path / "adapted")  # typed without a suffix
+
+    monkeypatch.setattr(qt.QFileDialog, "getExistingDirectory", staticmethod(folder_dialog))
+    monkeypatch.setattr(qt.QFileDialog, "getSaveFileName", staticmethod(save_dialog))
+    monkeypatch.setattr(slicer.util, "infoDisplay", lambda text, **kwargs: shown.append(" ".join(text.split())))
+    ui.exportButton.click()
+    assert asked.pop() == ("Export the adapted model as a MONAI bundle: choose a new or empty folder", str(tmp_path))
+    assert (tmp_path / "bundle" / "configs" / "inference.json").is_file()
+    assert shown.pop().startswith(f"Exported bundle to {tmp_path / 'bundle'}: round 1's fine-tuned model")
+    ui.exportFormatComboBox.currentIndex = ui.exportFormatComboBox.findText("torchscript")
+    assert node.export_format == "torchscript"
+    ui.exportButton.click()  # a save dialog beside the session, named after it; the name typed gets the suffix
+    assert asked.pop() == ("TorchScript (*.ts)", str(tmp_path / "session.ts"))
+    assert (tmp_path / "adapted.ts").is_file() and (tmp_path / "adapted.card.json").is_file()
+    said = shown.pop()
+    assert said.startswith(f"Exported torchscript to {tmp_path / 'adapted.ts'}, its card to ")
+    assert said.endswith("model with Trust this file ticked (it runs code stored in the file)")
+    written = (tmp_path / "adapted.ts").read_bytes()
+    ui.exportButton.click()  # the same name again: refused as asfda export refuses it (Slicer shows the error)
+    assert [str(e) for e in errors] == [f"{tmp_path / 'adapted.ts'}: the file already exists; choose a new file name"]
+    errors.clear()
+    assert not shown and (tmp_path / "adapted.ts").read_bytes() == written
+    assert node.export_format == "torchscript"  # the user's pick stays
+
     # --- next round: re-rank the rest with the adapted model ----------------------------------------------
     ui.nextRoundButton.click()
     run_until(_idle(widget))
@@ -298,15 +340,39 @@ def test_the_module_self_test_runs_with_the_panel_logic(standins):
     slicer.mrmlScene.Clear(0)
 
 
-def _session_on(folder, images, trust: bool = False):
-    """A session folder as a first rank leaves it, as far as reopening it reads: its model and images."""
+def _session_on(folder, images, trust: bool = False, network: str | None = None):
+    """A session folder as a first rank leaves it, as far as reopening it reads: its model (built by ``network``'s
+    name, if given) and images."""
     from ASFDALib.adaptation.session import Session
 
+    extra = {"network": {"name": network, "args": {}}} if network else None
     with Session.open(folder, create=True) as session:
         session.set_images(images, {}, False)
-        session.set_model(images.parent / "model.pt", "digest", "state_dict", {}, trust)
+        session.set_model(images.parent / "model.pt", "digest", "state_dict", {}, trust, extra)
         session.save()
     return folder
+
+
+def test_export_offers_the_format_that_carries_the_sessions_model_and_keeps_the_one_picked(standins, errors, tmp_path):
+    """No MONAI bundle carries nnU-Net's residual encoder: its session is offered pt2, a UNet's a bundle."""
+    images = tmp_path / "images"
+    images.mkdir()
+    _session_on(tmp_path / "resenc", images, network="ResidualEncoderUNet")
+    _session_on(tmp_path / "unet", images, network="UNet")
+    widget = _open_panel(slicer_standins.load_panel())
+    ui = widget.ui
+    ui.sessionPathLineEdit.currentPath = str(tmp_path / "resenc")
+    assert widget._parameterNode.export_format == "pt2" and ui.exportFormatComboBox.currentText == "pt2"
+    ui.exportFormatComboBox.currentIndex = ui.exportFormatComboBox.findText("torchscript")
+    widget.refresh()
+    assert widget._parameterNode.export_format == "torchscript"  # picked: it stays
+    slicer.mrmlScene.Clear(0)  # File -> Close Scene: a new parameter node, offered the session's format again
+    assert widget._parameterNode.export_format == "pt2" and ui.exportFormatComboBox.currentText == "pt2"
+    ui.sessionPathLineEdit.currentPath = str(tmp_path / "unet")
+    assert widget._parameterNode.export_format == "bundle" and ui.exportFormatComboBox.currentText == "bundle"
+    widget.cleanup()
+    slicer.mrmlScene.Clear(0)  # the next panel is not to reopen these sessions from the scene's parameter node
+    assert errors == []
 
 
 def test_typing_a_new_session_path_past_an_existing_session_keeps_the_users_settings(standins, errors, tmp_path):

@@ -2,8 +2,9 @@
 ``slicer.app`` (qSlicerApplication), with only what a module's widget, logic and test use: the module
 panel's layout and resource path, the logic's singleton parameter node (real MRML, made as Slicer makes
 it), ``testingEnabled()`` (on, as under ``Slicer --testing``: message boxes are logged, not shown), the
-override cursor, and ``coreIOManager()`` writing volumes as Slicer's VolumeFile writer does (ITK through
-vtkMRMLVolumeArchetypeStorageNode), for ``slicer.util.saveNode`` in the module's self-test.
+override cursor, the top-level widgets (none of them a main window), and ``coreIOManager()`` writing volumes
+as Slicer's VolumeFile writer does (ITK through vtkMRMLVolumeArchetypeStorageNode), for ``slicer.util.saveNode``
+in the module's self-test.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class SlicerApplication:
 
     def layoutManager(self):  # noqa: N802
         return None
+
+    def topLevelWidgets(self) -> list:  # noqa: N802 - slicer.util.mainWindow() looks among them
+        return QtWidgets.QApplication.topLevelWidgets()
 
     def coreIOManager(self):  # noqa: N802
         return CoreIOManager()
