@@ -115,6 +115,33 @@ def remap_intensity(images: torch.Tensor, rng: np.random.Generator, points: int 
     return torch.from_numpy(out)
 
 
+def copy_paste(
+    labelled_images: torch.Tensor,
+    labelled_labels: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pseudo-labelled patch (``images`` (B, C, X, Y, Z), ``labels`` (B, X, Y, Z)) mixed with the labelled
+    patch of the same batch position: a cuboid of two thirds of each side, at a random place, from one pasted
+    into the other, either way with probability 0.5, the labels following their voxels (bidirectional
+    copy-paste, Bai et al. 2023). Returns the mixed patches in place of the pseudo-labelled ones; the labelled
+    ones are not changed."""
+    mixed_images, mixed_labels = images.clone(), labels.clone()
+    shape = labels.shape[1:]
+    size = [max(1, round(s * 2 / 3)) for s in shape]
+    for k in range(images.shape[0]):
+        start = [int(rng.integers(0, s - c + 1)) for s, c in zip(shape, size)]
+        inside = torch.zeros(shape, dtype=torch.bool)
+        inside[tuple(slice(a, a + c) for a, c in zip(start, size))] = True
+        labelled, pseudo = (labelled_images[k], labelled_labels[k]), (images[k], labels[k])
+        # the labelled anatomy in the pool's context, or the pool's in the labels'
+        inner, outer = (labelled, pseudo) if rng.random() < 0.5 else (pseudo, labelled)
+        mixed_images[k] = torch.where(inside, inner[0], outer[0])
+        mixed_labels[k] = torch.where(inside, inner[1], outer[1])
+    return mixed_images, mixed_labels
+
+
 def sample_batch(cases: list[Case], roi, batch_size: int, rng: np.random.Generator, foreground_ratio: float):
     images, labels = [], []
     for _ in range(batch_size):
@@ -147,6 +174,8 @@ class PatchStream(torch.utils.data.Dataset):
                 images = strong_intensity(images, np.random.default_rng([*self.key, int(i), 1]))
             if self.config.pseudo_augment == "remap":
                 images = remap_intensity(images, np.random.default_rng([*self.key, int(i), 2]))
+            if self.config.pseudo_mix == "copy-paste":  # the fixed teacher's labels (recipe.stage2_mix)
+                images, labels = copy_paste(*batch, images, labels, np.random.default_rng([*self.key, int(i), 3]))
             batch += (images, labels)
             if self.config.teacher == "ema":  # the teacher labels the weakly augmented patch
                 batch += (weak,)

@@ -30,6 +30,9 @@ TEACHERS = ("fixed", "ema", "ema-if-fallback")
 # How the pseudo-labelled patches are augmented (adaptation/patches.py); "remap-if-fallback" is "remap" where the
 # fallback gate judged, "strong" where the asked gate did (stage2_augment resolves it once the gate has judged).
 AUGMENTS = ("weak", "strong", "remap", "remap-if-fallback")
+# What the pseudo-labelled patches are mixed with (adaptation/patches.copy_paste): nothing, or a labelled patch
+# (bidirectional copy-paste); only the fixed teacher's labels can be mixed (stage2_mix resolves it).
+MIXES = ("none", "copy-paste")
 
 
 @dataclass
@@ -80,6 +83,12 @@ class FinetuneConfig:
     # for no volume and the kept labels hold the stage-1 model's errors, while the asked gate's are labels the
     # source and adapted models agree on. docs/method.md "Who labels the pseudo-labelled patches".
     teacher: str = "ema-if-fallback"
+    # one of MIXES: "copy-paste" mixes each pseudo-labelled patch with the batch's labelled one, a cuboid of two
+    # thirds of each side pasted one way or the other, the labels following (bidirectional copy-paste, Bai et
+    # al. 2023), so the pool's volumes are not learnt apart from the labelled ones: the labels' anatomy in the
+    # pool's context and the pool's in the labels'. Only with the fixed teacher (the gate's labels, made before
+    # stage 2): an EMA teacher labels each patch online as it is (stage2_mix resolves it to "none" there).
+    pseudo_mix: str = "none"
     ema_decay: float = 0.99
     # the loss weight of the patches an EMA teacher labels, in place of ``pseudo_weight``: its labels are a
     # consistency target that moves with the student, vouched for by no other model (docs/method.md "How
@@ -102,6 +111,7 @@ class FinetuneConfig:
             "stage2_lr": STAGE2_LR,
             "pseudo_augment": AUGMENTS,
             "teacher": TEACHERS,
+            "pseudo_mix": MIXES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -155,6 +165,17 @@ def stage2_augment(augment: str, fallback_judged: bool) -> str:
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augmentation {augment!r}; use one of {', '.join(AUGMENTS)}")
     return augment
+
+
+def stage2_mix(mix: str, teacher: str) -> str:
+    """What stage 2 mixes the pseudo-labelled patches with ("none" or "copy-paste"), once the teacher is resolved
+    (:func:`stage2_teacher`): ``mix`` itself under the fixed teacher, whose labels are made before stage 2 and so
+    can be cut and pasted with their patches; nothing under an EMA teacher, which labels each patch online."""
+    if mix not in MIXES:
+        raise ValueError(f"unknown mix {mix!r}; use one of {', '.join(MIXES)}")
+    if teacher not in ("fixed", "ema"):
+        raise ValueError(f"teacher {teacher!r}: resolve it with stage2_teacher first")
+    return mix if teacher == "fixed" else "none"
 
 
 def may_blend(share: float, reliability: str) -> bool:

@@ -253,6 +253,12 @@ class Trainer:
             raise ValueError(
                 f"pseudo_augment {self.config.pseudo_augment!r}: resolve it with recipe.stage2_augment first"
             )
+        # an EMA teacher labels each patch online as it was drawn: only the fixed teacher's labels are mixed
+        if pseudo and self.config.pseudo_mix != "none" and self.config.teacher != "fixed":
+            raise ValueError(
+                f"pseudo_mix {self.config.pseudo_mix!r} with the {self.config.teacher} teacher: resolve it with "
+                "recipe.stage2_mix first"
+            )
         self.network.train()
         if pseudo and self.config.teacher == "ema" and self.teacher is None:
             self._make_teacher()

@@ -302,6 +302,67 @@ def test_intensity_curves_come_on_top_of_the_strong_augmentation_and_keep_crops_
     assert 0 < sum(changed) < len(changed)  # about half the patches go through a curve, the rest as they were
 
 
+def test_copy_paste_swaps_a_cuboid_of_two_thirds_of_each_side_either_way_and_the_labels_follow_their_voxels():
+    from ASFDALib.adaptation.patches import copy_paste
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (16, 1, 9, 12, 6)  # a cuboid of 6 x 8 x 4 voxels
+    labelled_images, images = torch.rand(shape, generator=gen), torch.rand(shape, generator=gen) + 2.0
+    labelled_labels = torch.randint(0, 3, shape[:1] + shape[2:], generator=gen)
+    labels = torch.randint(3, 6, shape[:1] + shape[2:], generator=gen)
+    before = labelled_images.clone(), labelled_labels.clone()
+    mixed, mixed_labels = copy_paste(labelled_images, labelled_labels, images, labels, np.random.default_rng(7))
+    torch.testing.assert_close((labelled_images, labelled_labels), before, rtol=0, atol=0)  # untouched
+    directions = set()
+    for k in range(shape[0]):
+        from_labelled = mixed[k, 0] < 2.0  # each voxel is one patch's or the other's, never a blend
+        torch.testing.assert_close(mixed[k, 0], torch.where(from_labelled, labelled_images[k, 0], images[k, 0]))
+        torch.testing.assert_close(mixed_labels[k], torch.where(from_labelled, labelled_labels[k], labels[k]))
+        # the pasted part is the cuboid: the labelled one in the pool's patch, or the pool's in the labelled
+        pasted_labelled = int(from_labelled.sum()) == 6 * 8 * 4
+        directions.add(pasted_labelled)
+        cuboid = from_labelled if pasted_labelled else ~from_labelled
+        corner = [int(i.min()) for i in torch.nonzero(cuboid, as_tuple=True)]
+        box = tuple(slice(a, a + c) for a, c in zip(corner, (6, 8, 4)))
+        assert int(cuboid.sum()) == 6 * 8 * 4 and bool(cuboid[box].all())
+    assert directions == {True, False}
+    again = copy_paste(labelled_images, labelled_labels, images, labels, np.random.default_rng(7))
+    torch.testing.assert_close(again, (mixed, mixed_labels), rtol=0, atol=0)
+
+
+def test_a_copy_paste_mix_replaces_the_pseudo_labelled_batch_and_keeps_every_other_draw(default_model):
+    from ASFDALib.adaptation.patches import PatchStream, copy_paste
+
+    labelled, pseudo = _cases(default_model.card, 1), _cases(default_model.card, 1, seed=3)
+    roi, config = default_model.card.roi_size, replace(SMALL, batch_size=2)
+    plain = PatchStream(labelled, pseudo, roi, config, "stage2")
+    stream = PatchStream(labelled, pseudo, roi, replace(config, pseudo_mix="copy-paste"), "stage2")
+    mixed = stream[4]
+    torch.testing.assert_close(mixed[:2], plain[4][:2], rtol=0, atol=0)  # the labelled batch as it was
+    # the mix of the very patches drawn without it, from batch 4's own generator: a resume draws it again
+    expected = copy_paste(*plain[4], np.random.default_rng([*stream.key, 4, 3]))
+    torch.testing.assert_close(mixed[2:], expected, rtol=0, atol=0)
+    torch.testing.assert_close(stream[4], mixed, rtol=0, atol=0)
+    assert not torch.equal(mixed[3], plain[4][3])
+
+
+def test_a_resumed_stage_2_that_mixes_its_patches_ends_as_an_uninterrupted_one(tmp_path, default_model):
+    card, cases = default_model.card, _cases(default_model.card)
+    config = replace(SMALL, pseudo_mix="copy-paste")
+    straight = Trainer(_fresh(default_model.path), card, config, tmp_path / "a")
+    straight.begin_stage("stage2")
+    assert straight.run(cases[:1], 3, cases[1:]) == "done"
+    cancel = threading.Event()
+    first = Trainer(_fresh(default_model.path), card, config, tmp_path / "b")
+    first.begin_stage("stage2")
+    first.run(cases[:1], 3, cases[1:], cancel, lambda p: p.iteration == 2 and cancel.set())
+    resumed = Trainer(_fresh(default_model.path), card, config, tmp_path / "b")  # a new process, in effect
+    assert resumed.load() and resumed.iteration == 2
+    assert resumed.run(cases[:1], 3, cases[1:]) == "done"
+    for key, value in straight.network.state_dict().items():
+        torch.testing.assert_close(resumed.network.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_an_intensity_curve_maps_each_level_through_random_levels_and_stays_in_the_patch_range():
     from ASFDALib.adaptation.patches import remap_intensity
 
@@ -413,6 +474,38 @@ def test_the_ema_teacher_labels_where_the_fallback_judged_and_the_fixed_one_wher
     from ASFDALib.adaptation.recipe import stage2_teacher
 
     assert stage2_teacher(teacher, fallback_judged) == trains
+
+
+def test_stage_2_refuses_a_mix_with_an_ema_teacher_that_was_not_resolved(tmp_path, default_model):
+    card, cases = default_model.card, _cases(default_model.card)
+    config = replace(SMALL, teacher="ema", pseudo_mix="copy-paste")
+    trainer = Trainer(_fresh(default_model.path), card, config, tmp_path)
+    trainer.begin_stage("stage2")
+    with pytest.raises(ValueError, match="resolve it with recipe.stage2_mix"):
+        trainer.run(cases[:1], 1, cases[1:])
+    assert trainer.iteration == 0
+
+
+@pytest.mark.parametrize(
+    "mix, teacher, ran",
+    [("copy-paste", "fixed", "copy-paste"), ("copy-paste", "ema", "none"), ("none", "fixed", "none")],
+)
+def test_the_pseudo_labelled_patches_are_mixed_only_where_the_fixed_teacher_labels_them(mix, teacher, ran):
+    from ASFDALib.adaptation.recipe import stage2_mix
+
+    assert stage2_mix(mix, teacher) == ran
+
+
+def test_a_mix_waits_for_the_teacher_to_be_resolved():
+    from ASFDALib.adaptation.recipe import stage2_mix
+
+    with pytest.raises(ValueError, match="resolve it with stage2_teacher first"):
+        stage2_mix("copy-paste", "ema-if-fallback")
+
+
+def test_a_misspelt_mix_is_refused_when_the_recipe_is_made():
+    with pytest.raises(ValueError, match="FinetuneConfig.pseudo_mix 'cutmix': use one of none, copy-paste"):
+        FinetuneConfig(pseudo_mix="cutmix")
 
 
 def test_a_resumed_stage_2_with_an_ema_teacher_ends_as_an_uninterrupted_one(tmp_path, default_model):
