@@ -22,7 +22,7 @@ from ASFDALib import PROGRESS_EVERY_S, distributed
 from ASFDALib.adaptation.blend import blend_state
 from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
-from ASFDALib.adaptation.recipe import FinetuneConfig, handover_share, stage2_augment, stage2_teacher
+from ASFDALib.adaptation.recipe import FinetuneConfig, handover_share, stage2_augment, stage2_mix, stage2_teacher
 from ASFDALib.adaptation.runs import (
     FINETUNE_MODES,
     MODE_HELP,
@@ -81,6 +81,7 @@ class AdaptResult:
     gate: dict[str, Any] | None = None  # the gate the pseudo-labels were made with (pseudo.json)
     teacher: str = ""  # who labelled the pseudo-labelled patches in stage 2 ("fixed" or "ema"; "" for none)
     augment: str = ""  # how stage 2 augmented them ("weak", "strong" or "remap"; "" for none)
+    mix: str = ""  # what stage 2 mixed them with ("none" or "copy-paste"; "" where none was pseudo-labelled)
     blend: float = 0.0  # the round's starting weights' share of the model handed over (adaptation/blend.py)
     loss: float | None = None
 
@@ -225,6 +226,15 @@ def build_pseudo_labels(
 VIEWS = {
     "flips": "the adapted model's flipped views agree",
     "rounds": "the adapted model agrees with the model the round started from",
+}
+
+
+# what stage 2 said it mixes the pseudo-labelled patches with, where a mix was asked for
+MIX_LINES = {
+    "copy-paste": "each pseudo-labelled patch is mixed with a labelled one, a cuboid of two thirds of each side "
+    "pasted one way or the other, the labels following (--pseudo-mix copy-paste)",
+    "none": "the pseudo-labelled patches are not mixed (--pseudo-mix copy-paste): the EMA teacher labels each "
+    "patch online as it is drawn, and only the fixed teacher's labels can be mixed",
 }
 
 
@@ -397,7 +407,7 @@ def check_mode(
         changed = [
             f"{k} {getattr(config, k)} (it had {v})"
             for k, v in ran.items()
-            if k != "blend_start" and not same_in_effect(k, getattr(config, k), v, pseudo_json)
+            if k != "blend_start" and not same_in_effect(k, getattr(config, k), v, pseudo_json, ran.get("teacher"))
         ]
         if not pseudo and (run["targets"] or {}).get("stage2"):
             changed.append("stage 1 only (it has a stage 2 with pseudo-labels)")
@@ -567,9 +577,14 @@ def _record_aside(session: Session, round_entry: dict, run: dict | None, folder:
     if run is not None and not run["finished"]:  # and how far the unfinished run after it got (its last.pt)
         replaced |= {"unfinished": dict(run["done"]), "status": (run["history"] or [{}])[-1].get("status")}
     # what the set-aside run's stage 2 trained on, so the record alone tells the runs apart
-    kept = ("pseudo_gate", "pseudo_labelled", "pseudo_teacher", "pseudo_augment", "handover_blend", "seconds")
+    stage2 = ("pseudo_gate", "pseudo_labelled", "pseudo_teacher", "pseudo_augment", "pseudo_mix", "handover_blend")
+    kept = (*stage2, "seconds")
     replaced |= {k: mine[k] for k in kept if k in mine}
-    for key, field_ in (("pseudo_teacher", "teacher"), ("pseudo_augment", "pseudo_augment")):
+    for key, field_ in (
+        ("pseudo_teacher", "teacher"),
+        ("pseudo_augment", "pseudo_augment"),
+        ("pseudo_mix", "pseudo_mix"),
+    ):
         ran = [h[field_] for h in (run or {}).get("history", []) if field_ in h and "stage2_lr" in h]
         if key not in replaced and ran:  # an unfinished run's (what its stage 2 ran with)
             replaced[key] = ran[-1]
@@ -739,10 +754,11 @@ def _finetune_session(
     decays = ""
     if targets["stage2"] > before["stage2"]:  # how stage 2's rate runs: held, or decayed along a cosine
         entry["stage2_lr"] = config.stage2_lr
-        # the augmentation and teacher asked for (a resume's or an extension's: the run's own);
-        # "pseudo_augment" and "teacher", the ones that ran, once the gate has judged ("none": nothing passed)
+        # the augmentation, teacher and mix asked for (a resume's or an extension's: the run's own); "pseudo_augment",
+        # "teacher" and "pseudo_mix", the ones that ran, once the gate has judged ("none": nothing passed)
         entry["pseudo_augment_asked"] = config.pseudo_augment
         entry["teacher_asked"] = config.teacher
+        entry["pseudo_mix_asked"] = config.pseudo_mix
         if config.stage2_lr == "cosine":
             decays = f"; stage 2 decays them to zero along a cosine over its {targets['stage2']} iterations"
     say(
@@ -750,7 +766,7 @@ def _finetune_session(
         + ", ".join(f"{r['lr']:.1e} for {r['tensors']} {r['group']} parameter tensors" for r in entry["learning_rates"])
         + decays
     )
-    augmented = stage2_recipe(run).get("pseudo_augment") if mode == "extend" else None  # before this extension
+    before_stage2 = stage2_recipe(run) if mode == "extend" else {}  # how stage 2 ran before this extension
     run["history"].append(entry)
 
     def note(status: str) -> None:
@@ -810,8 +826,8 @@ def _finetune_session(
                 # recipe holds the one asked for) and the volumes it kept, most reliable first
                 entry["pseudo_gate"], entry["pseudo_labelled"] = gate, list(result.kept)
             if not pseudo_cases:
-                if targets["stage2"] > before["stage2"]:  # no teacher and no augmentation of pseudo-labels ran
-                    entry["teacher"] = entry["pseudo_augment"] = "none"
+                if targets["stage2"] > before["stage2"]:  # no teacher, augmentation or mix of pseudo-labels ran
+                    entry["teacher"] = entry["pseudo_augment"] = entry["pseudo_mix"] = "none"
                 # the iterations asked for still run, on the labels alone, as the benchmark's row does
                 why = f"passed the {gate} gate" if result.reliability else "is left in the pool"
                 say(f"no unlabeled volume {why}: stage 2 trains on the labels alone{_why_none(result)}")
@@ -833,9 +849,13 @@ def _finetune_session(
                 fallback_judged = bool((result.gate or {}).get("asked"))
                 result.teacher = stage2_teacher(config.teacher, fallback_judged)
                 result.augment = stage2_augment(config.pseudo_augment, fallback_judged)
-                trainer.config = replace(config, teacher=result.teacher, pseudo_augment=result.augment)
+                result.mix = stage2_mix(config.pseudo_mix, result.teacher)
+                trainer.config = replace(
+                    config, teacher=result.teacher, pseudo_augment=result.augment, pseudo_mix=result.mix
+                )
                 if targets["stage2"] > before["stage2"]:
                     entry["teacher"], entry["pseudo_augment"] = result.teacher, result.augment
+                    entry["pseudo_mix"] = result.mix
                     if result.teacher == "ema":  # its voxel gate and its labels' weight, which a resume must keep
                         entry["confidence"], entry["ema_weight"] = config.confidence, config.ema_weight
                     record("running")
@@ -845,11 +865,22 @@ def _finetune_session(
                 else:
                     say("the gate's pseudo-labels teach as they were made (the fixed teacher, --pseudo-teacher)")
                 say(augment_line(result.augment, config.pseudo_augment, fallback_judged))
-                if augmented and augmented != result.augment and targets["stage2"] > before["stage2"]:
-                    say(
-                        f"the extension augments them as {result.augment}, where the run's stage 2 had {augmented}; "
-                        "run.json lists both, session.json the newest"
-                    )
+                if config.pseudo_mix != "none":
+                    say(MIX_LINES[result.mix])
+                augmented = before_stage2.get("pseudo_augment")
+                # the run's mix as it ran: an extension keeps the teacher
+                mixed = stage2_mix(before_stage2["pseudo_mix"], result.teacher) if before_stage2 else None
+                if targets["stage2"] > before["stage2"]:
+                    if augmented and augmented != result.augment:
+                        say(
+                            f"the extension augments them as {result.augment}, where the run's stage 2 had "
+                            f"{augmented}; run.json lists both, session.json the newest"
+                        )
+                    if mixed and mixed != result.mix:
+                        say(
+                            f"the extension's mix of them is {result.mix}, where the run's stage 2 had {mixed}; "
+                            "run.json lists both, session.json the newest"
+                        )
             timer = time.perf_counter()
             trainer.begin_stage("stage2")
             result.status = trainer.run(cases, targets["stage2"], pseudo_cases or None, cancel, progress, val_cases)
@@ -888,7 +919,11 @@ def _finetune_session(
             "labelled": sorted(labelled),
             "pseudo_labelled": result.kept,
             "pseudo_gate": result.gate,
-            **({"pseudo_teacher": result.teacher, "pseudo_augment": result.augment} if result.teacher else {}),
+            **(
+                {"pseudo_teacher": result.teacher, "pseudo_augment": result.augment, "pseudo_mix": result.mix}
+                if result.teacher
+                else {}
+            ),
             "handover_blend": result.blend,  # the starting weights' share of final.pt, as applied
             # every run of the round adds its time: an extend does not erase stage 1's
             "seconds": {

@@ -84,7 +84,7 @@ def run_recipe(run: dict | None) -> dict[str, Any]:
 
 
 def stage2_recipe(run: dict | None) -> dict[str, Any]:
-    """How stage 2 last ran in a round's run (its rate schedule, the pseudo-labelled patches' augmentation
+    """How stage 2 last ran in a round's run (its rate schedule, the pseudo-labelled patches' augmentation, mix
     and teacher, an EMA teacher's voxel gate and weight), so a resume or an extension goes on as it ran; empty when
     stage 2 has not run."""
     stage2 = [h for h in (run or {}).get("history", []) if "stage2_lr" in h]
@@ -102,6 +102,8 @@ def stage2_recipe(run: dict | None) -> dict[str, Any]:
         "stage2_lr": last["stage2_lr"],
         "pseudo_augment": ran("pseudo_augment") or last.get("pseudo_augment_asked") or "weak",
         "teacher": ran("teacher") or last.get("teacher_asked") or "fixed",
+        # the mix asked for, which resolves by that teacher as it did (recipe.stage2_mix); none before it was a choice
+        "pseudo_mix": last.get("pseudo_mix_asked", "none"),
     }
     ema = [h for h in stage2 if "confidence" in h]  # where an EMA teacher labelled: its voxel gate and weight
     if ema:  # (recorded before its weight was a choice: 1, as the fixed labels')
@@ -109,14 +111,18 @@ def stage2_recipe(run: dict | None) -> dict[str, Any]:
     return recipe
 
 
-def same_in_effect(key: str, now: Any, then: Any, pseudo: Path | None) -> bool:
+def same_in_effect(key: str, now: Any, then: Any, pseudo: Path | None, teacher: str | None = None) -> bool:
     """Whether a stage-2 choice asked for now does what the run's did. The teacher and the augmentation of the
     pseudo-labelled patches ("ema-if-fallback", "remap-if-fallback") are compared as they resolve once the
-    round's pseudo-labels are made (``pseudo``: its pseudo.json), and any two alike when none was kept (nothing
-    was labelled or augmented); every other choice as given."""
-    from ASFDALib.adaptation.recipe import stage2_augment, stage2_teacher
+    round's pseudo-labels are made (``pseudo``: its pseudo.json), the mix as it resolves under the run's
+    ``teacher`` then (none under an EMA teacher), and any two alike when none was kept (nothing was labelled,
+    augmented or mixed); every other choice as given."""
+    from ASFDALib.adaptation.recipe import stage2_augment, stage2_mix, stage2_teacher
 
-    resolve = {"teacher": stage2_teacher, "pseudo_augment": stage2_augment}.get(key)
+    resolvers = {"teacher": stage2_teacher, "pseudo_augment": stage2_augment}
+    if teacher is not None:  # the mix, as it resolves under the run's teacher
+        resolvers["pseudo_mix"] = lambda asked, judged: stage2_mix(asked, stage2_teacher(teacher, judged))
+    resolve = resolvers.get(key)
     made = json.loads(pseudo.read_text(encoding="utf-8")) if pseudo is not None and pseudo.is_file() else None
     if resolve is None or made is None:
         return now == then

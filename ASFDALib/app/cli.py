@@ -15,6 +15,7 @@ from ASFDALib.adaptation.recipe import (
     AUGMENTS,
     FALLBACKS,
     LOWER_RATE_FOR,
+    MIXES,
     RELIABILITY,
     STAGE2_LR,
     TEACHERS,
@@ -420,6 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
         "ema where the fallback gate judged (--pseudo-gate kept no volume, so the labels are the adapted "
         "model's own, errors included), fixed where --pseudo-gate did; --resume and --extend keep the run's "
         "own (naming another is refused: --restart trains the round with it)",
+    )
+    finetune.add_argument(
+        "--pseudo-mix",
+        choices=MIXES,
+        help=f"what each pseudo-labelled patch is mixed with (default: {RECIPE.pseudo_mix}): copy-paste, the "
+        "labelled patch of its batch, a cuboid of two thirds of each side pasted one way or the other, the labels "
+        "following (bidirectional copy-paste), so the pool's volumes are not learnt apart from the labelled ones; "
+        "only the fixed teacher's labels are mixed (an EMA teacher labels each patch as it is drawn); --resume "
+        "and --extend keep the run's own (--resume refuses another; --extend may change it)",
     )
     finetune.add_argument(
         "--blend-start",

@@ -503,14 +503,15 @@ RESUME_KEEPS = {
     "--pseudo-fallback": "fallback",
     "--stage2-lr": "stage2_lr",
     "--pseudo-augment": "pseudo_augment",
+    "--pseudo-mix": "pseudo_mix",
 }
 
 
 def refuse_changes_part_way(args: argparse.Namespace, ran: dict, pseudo: Path | None) -> None:
     """A resume goes on as its run ran, so it refuses another length, batch size, learning rate, seed, gate,
-    stage-2 schedule, augmentation or teacher, and --no-pseudo where stage 2 has pseudo-labels; an extension keeps the
-    round's pseudo-labels, so it refuses another teacher of them (it may change the rest). ``ran``: the run's
-    runs.stage2_recipe, run_recipe and targets (``iterations``, ``pseudo_iterations``); ``pseudo``: the
+    stage-2 schedule, augmentation, mix or teacher, and --no-pseudo where stage 2 has pseudo-labels; an extension
+    keeps the round's pseudo-labels, so it refuses another teacher of them (it may change the rest). ``ran``: the
+    run's runs.stage2_recipe, run_recipe and targets (``iterations``, ``pseudo_iterations``); ``pseudo``: the
     round's pseudo.json, if made."""
     from ASFDALib.adaptation.runs import same_in_effect
 
@@ -523,7 +524,7 @@ def refuse_changes_part_way(args: argparse.Namespace, ran: dict, pseudo: Path | 
     for option, (value, key) in named.items():
         if value is None or key not in ran:
             continue
-        if same_in_effect(key, value, ran[key], pseudo):
+        if same_in_effect(key, value, ran[key], pseudo, ran.get("teacher")):
             continue
         changed.append(f"{option} {value} (it had {ran[key]})")
     if args.mode == "resume" and getattr(args, "no_pseudo", False) and ran.get("pseudo_iterations"):
@@ -570,6 +571,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     }
     stage2_options = gate_options | {
         "--pseudo-augment": args.pseudo_augment,
+        "--pseudo-mix": args.pseudo_mix,
         "--pseudo-teacher": args.pseudo_teacher,
         "--pseudo-iterations": args.pseudo_iterations,
         "--stage2-lr": args.stage2_lr,
@@ -596,6 +598,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 "--batch-size": args.batch_size,
                 "--seed": args.seed,
                 "--pseudo-augment": args.pseudo_augment,
+                "--pseudo-mix": args.pseudo_mix,
                 "--pseudo-teacher": args.pseudo_teacher,
                 "--stage2-lr": args.stage2_lr,
             }
@@ -683,6 +686,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         fallback=own(args.fallback, "fallback"),
         stage2_lr=own(args.stage2_lr, "stage2_lr"),
         pseudo_augment=own(args.pseudo_augment, "pseudo_augment"),
+        pseudo_mix=own(args.pseudo_mix, "pseudo_mix"),
         teacher=own(args.pseudo_teacher, "teacher"),
         ema_weight=own(None, "ema_weight"),
         blend_start=own(args.blend_start, "blend_start"),

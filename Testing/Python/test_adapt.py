@@ -549,7 +549,10 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     labelled_session, capsys, asked, teacher
 ):
     """The source model vouches for no MRI phantom, so the fallback judges (the confidence gate here, which
-    always keeps some volumes): by default an EMA teacher then relabels the kept volumes' patches online."""
+    always keeps some volumes): by default an EMA teacher then relabels the kept volumes' patches online, and
+    a copy-paste mix asked for later mixes only the fixed teacher's labels."""
+    from ASFDALib.adaptation.pipeline import MIX_LINES
+
     args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--pseudo-fallback", "confidence"]
     assert main(["finetune", str(labelled_session), *args, *asked]) == 0
     said = " ".join(capsys.readouterr().out.split())
@@ -590,16 +593,31 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     assert [h.get("confidence") for h in run["history"]] == [0.9, 0.9] if teacher == "ema" else [None, None]
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     assert (metrics["pseudo_teacher"], metrics["pseudo_augment"]) == (teacher, "remap")
-    # an extension may augment otherwise, and says so
+    # an extension may augment and mix otherwise, and says so; only the fixed teacher's labels are mixed
     capsys.readouterr()
     more = ["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "6", "--batch-size", "1"]
-    assert main([*more, "--pseudo-augment", "strong"]) == 0
+    assert main([*more, "--pseudo-augment", "strong", "--pseudo-mix", "copy-paste"]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "the extension augments them as strong, where the run's stage 2 had remap; run.json lists both" in said
+    mixed = "copy-paste" if teacher == "fixed" else "none"
+    assert MIX_LINES[mixed] in said
+    changed = "the extension's mix of them is copy-paste, where the run's stage 2 had none; run.json lists both"
+    assert (changed in said) == (teacher == "fixed")
+    metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
+    assert metrics["pseudo_mix"] == mixed
+    # and the next extension goes on with that mix, whatever the default
+    assert main([*more[:-4], "--pseudo-iterations", "8", "--batch-size", "1"]) == 0
+    run = json.loads((folder / "run.json").read_text())
+    assert [(h["pseudo_mix_asked"], h["pseudo_mix"]) for h in run["history"][1:]] == [
+        ("none", "none"),
+        ("copy-paste", mixed),
+        ("copy-paste", mixed),
+    ]
     # a restart sets the run aside, and the record still says who taught it and how its patches were augmented
     assert main(["finetune", str(labelled_session), "--restart", "--iterations", "2", "--no-pseudo"]) == 0
     replaced = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["replaced"]
     assert (replaced[0]["pseudo_teacher"], replaced[0]["pseudo_augment"]) == (teacher, "strong")
+    assert replaced[0]["pseudo_mix"] == mixed
 
 
 RAN = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema"}
@@ -629,6 +647,8 @@ STARTED = {
             "--resume continues the run as it ran, so --pseudo-teacher fixed (it had ema)",
         ),
         ("resume", {"pseudo_teacher": "ema-if-fallback"}, ""),  # the fallback judged: the same teacher
+        ("resume", {"pseudo_mix": "copy-paste"}, ""),  # the EMA teacher labels online: nothing is mixed either way
+        ("extend", {"pseudo_mix": "copy-paste"}, ""),  # an extension may change it
         ("resume", {"stage2_lr": "cosine", "pseudo_augment": "strong"}, ""),  # the run's own, named
         ("extend", {"stage2_lr": "constant", "pseudo_augment": "weak"}, ""),  # an extension may change them
         ("extend", {"pseudo_teacher": "fixed"}, "--extend keeps the round's pseudo-labels and the teacher"),
@@ -676,6 +696,7 @@ def test_a_resume_refuses_another_length_rate_seed_or_stage_2_recipe_and_an_exte
         ({"ema_weight": 1.0}, "ema_weight 1.0 (it had 0.5)"),
         ({"teacher": "ema-if-fallback"}, ""),  # the fallback judged: the same teacher labels
         ({"teacher": "ema"}, ""),
+        ({"pseudo_mix": "copy-paste"}, ""),  # the EMA teacher labels online: nothing is mixed either way
         ({"blend_start": 0.5}, ""),  # the blend acts at the handover, after the training
     ],
 )
@@ -721,15 +742,15 @@ def test_a_teacher_named_with_a_resume_is_compared_as_it_would_label_the_rounds_
     "history, recipe",
     [
         ([{"mode": "new"}], {}),  # stage 2 never ran
-        # recorded before the augmentation and the teacher were choices: weak, fixed
+        # recorded before the augmentation, the teacher and the mix were choices: weak, fixed, none
         (
             [{"stage2_lr": "constant", "stage2": [0, 2]}],
-            {"stage2_lr": "constant", "pseudo_augment": "weak", "teacher": "fixed"},
+            {"stage2_lr": "constant", "pseudo_augment": "weak", "teacher": "fixed", "pseudo_mix": "none"},
         ),
         # killed before the gate judged: the teacher as asked
         (
             [{"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher_asked": "fixed"}],
-            {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "fixed"},
+            {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "fixed", "pseudo_mix": "none"},
         ),
         # an extension after a run whose fallback judged: the teacher that ran
         (
@@ -737,7 +758,7 @@ def test_a_teacher_named_with_a_resume_is_compared_as_it_would_label_the_rounds_
                 {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema", "stage2": [0, 2]},
                 {"stage2_lr": "constant", "pseudo_augment": "strong", "teacher": "ema", "stage2": [2, 4]},
             ],
-            {"stage2_lr": "constant", "pseudo_augment": "strong", "teacher": "ema"},
+            {"stage2_lr": "constant", "pseudo_augment": "strong", "teacher": "ema", "pseudo_mix": "none"},
         ),
         # nothing passed the gate, so none ran: a continued run goes on with the ones asked for
         (
@@ -748,10 +769,22 @@ def test_a_teacher_named_with_a_resume_is_compared_as_it_would_label_the_rounds_
                     "pseudo_augment_asked": "remap-if-fallback",
                     "teacher": "none",
                     "teacher_asked": "ema-if-fallback",
+                    "pseudo_mix": "none",
+                    "pseudo_mix_asked": "copy-paste",
                     "stage2": [0, 2],
                 }
             ],
-            {"stage2_lr": "cosine", "pseudo_augment": "remap-if-fallback", "teacher": "ema-if-fallback"},
+            {
+                "stage2_lr": "cosine",
+                "pseudo_augment": "remap-if-fallback",
+                "teacher": "ema-if-fallback",
+                "pseudo_mix": "copy-paste",
+            },
+        ),
+        # the mix asked for, which resolves by the teacher (here the EMA one, so none ran)
+        (
+            [{"stage2_lr": "cosine", "teacher": "ema", "pseudo_mix": "none", "pseudo_mix_asked": "copy-paste"}],
+            {"stage2_lr": "cosine", "pseudo_augment": "weak", "teacher": "ema", "pseudo_mix": "copy-paste"},
         ),
         # an EMA teacher's voxel gate, from the run that recorded it; recorded before its weight was a choice: 1
         (
@@ -759,12 +792,14 @@ def test_a_teacher_named_with_a_resume_is_compared_as_it_would_label_the_rounds_
                 {"stage2_lr": "cosine", "teacher": "ema", "confidence": 0.8, "stage2": [0, 2]},
                 {"stage2_lr": "cosine", "teacher_asked": "ema"},
             ],
-            {"stage2_lr": "cosine", "pseudo_augment": "weak", "teacher": "ema", "confidence": 0.8, "ema_weight": 1.0},
+            {"stage2_lr": "cosine", "pseudo_augment": "weak", "teacher": "ema", "pseudo_mix": "none"}
+            | {"confidence": 0.8, "ema_weight": 1.0},
         ),
         # and its weight, once recorded
         (
             [{"stage2_lr": "cosine", "teacher": "ema", "confidence": 0.9, "ema_weight": 0.5, "stage2": [0, 2]}],
-            {"stage2_lr": "cosine", "pseudo_augment": "weak", "teacher": "ema", "confidence": 0.9, "ema_weight": 0.5},
+            {"stage2_lr": "cosine", "pseudo_augment": "weak", "teacher": "ema", "pseudo_mix": "none"}
+            | {"confidence": 0.9, "ema_weight": 0.5},
         ),
     ],
 )
@@ -888,8 +923,8 @@ def test_a_round_says_how_many_volumes_reached_the_floor_and_how_many_the_kept_s
             "--no-pseudo skips stage 2, so --pseudo-augment would do nothing",
         ),
         (
-            ["--no-pseudo", "--pseudo-teacher", "ema"],
-            "--no-pseudo skips stage 2, so --pseudo-teacher would do nothing",
+            ["--no-pseudo", "--pseudo-teacher", "ema", "--pseudo-mix", "copy-paste"],
+            "--no-pseudo skips stage 2, so --pseudo-mix and --pseudo-teacher would do nothing",
         ),
         (
             ["--pseudo-gate", "confidence", "--pseudo-fallback", "flips"],
@@ -1880,6 +1915,25 @@ def test_a_resume_that_names_the_augmentation_the_run_resolved_to_is_the_same(tm
     pseudo.write_text(json.dumps({"kept": ["a"], "gate": {"reliability": "rounds"}}))  # the asked gate judged
     assert same_in_effect("pseudo_augment", "remap-if-fallback", "strong", pseudo)
     assert not same_in_effect("stage2_lr", "cosine", "constant", pseudo)  # others as given
+
+
+def test_a_mix_named_with_a_resume_is_compared_as_it_resolves_under_the_runs_teacher(tmp_path):
+    import argparse
+
+    from ASFDALib.adaptation.runs import same_in_effect
+    from ASFDALib.app.commands import refuse_changes_part_way
+    from ASFDALib.errors import ASFDAError
+
+    pseudo = tmp_path / "pseudo.json"
+    pseudo.write_text(json.dumps({"kept": ["a"], "gate": {"reliability": "flips", "asked": "rounds"}}))
+    assert not same_in_effect("pseudo_mix", "copy-paste", "none", pseudo, "fixed")
+    assert same_in_effect("pseudo_mix", "copy-paste", "none", pseudo, "ema-if-fallback")  # the fallback judged: EMA
+    pseudo.write_text(json.dumps({"kept": ["a"], "gate": {"reliability": "rounds"}}))  # the asked gate judged
+    assert not same_in_effect("pseudo_mix", "copy-paste", "none", pseudo, "ema-if-fallback")
+    args = argparse.Namespace(session="S", mode="resume", pseudo_teacher=None, pseudo_mix="copy-paste")
+    ran = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "fixed", "pseudo_mix": "none"}
+    with pytest.raises(ASFDAError, match=re.escape("so --pseudo-mix copy-paste (it had none) would change it")):
+        refuse_changes_part_way(args, ran, pseudo)
 
 
 def test_a_new_rounds_fine_tune_waits_for_a_label_of_its_query(labelled_session, mri_pool, capsys):
