@@ -702,6 +702,12 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune; see its --help); part of the protocol",
     )
     bench.add_argument(
+        "--pseudo-mix",
+        choices=MIXES,
+        help=f"what the asfda+ssft row mixes its pseudo-labelled patches with, where the fixed teacher labels them "
+        f"(default: {RECIPE.pseudo_mix}, as asfda finetune; see its --help); part of the protocol",
+    )
+    bench.add_argument(
         "--blend-start",
         type=probability,
         metavar="SHARE",

@@ -1124,6 +1124,7 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
         ("stage2_lr", "stage2_lr"),
         ("pseudo_fallback", "fallback"),
         ("pseudo_augment", "pseudo_augment"),
+        ("pseudo_mix", "pseudo_mix"),
         ("pseudo_teacher", "teacher"),
         ("ema_weight", "ema_weight"),
         ("blend_start", "blend_start"),

@@ -29,7 +29,14 @@ import torch
 from ASFDALib.adaptation.blend import blend_state
 from ASFDALib.adaptation.patches import Case, load_case
 from ASFDALib.adaptation.pseudo import selective_pseudo_labels
-from ASFDALib.adaptation.recipe import FinetuneConfig, handover_share, may_blend, stage2_augment, stage2_teacher
+from ASFDALib.adaptation.recipe import (
+    FinetuneConfig,
+    handover_share,
+    may_blend,
+    stage2_augment,
+    stage2_mix,
+    stage2_teacher,
+)
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
 from ASFDALib.bench import statistics
@@ -93,6 +100,7 @@ class SSFTOptions:
     stage2_lr: str = FinetuneConfig.stage2_lr  # adaptation/recipe.py STAGE2_LR; the control's last part too
     pseudo_augment: str = FinetuneConfig.pseudo_augment  # one of AUGMENTS (adaptation/patches.py)
     teacher: str = FinetuneConfig.teacher  # adaptation/recipe.py TEACHERS (resolved once the gate has judged)
+    pseudo_mix: str = FinetuneConfig.pseudo_mix  # adaptation/recipe.py MIXES (where the fixed teacher labels)
     ema_weight: float = FinetuneConfig.ema_weight  # the loss weight of the patches an EMA teacher labels
     blend_start: float = FinetuneConfig.blend_start  # the start's share of the model handed over (adaptation/blend.py)
 
@@ -104,6 +112,7 @@ SSFT_LATER_FIELDS = {
     "stage2_lr": "constant",
     "pseudo_augment": "weak",
     "teacher": "fixed",
+    "pseudo_mix": "none",
     "fallback": "none",
     "ema_weight": 1.0,
     "blend_start": 0.0,
@@ -340,7 +349,7 @@ def train(
     # a copy of the starting weights for the handover's blend, only where one may apply
     start_state = {k: v.detach().clone() for k, v in network.state_dict().items()} if blends else {}
     # what stage 2 reads from the trainer's recipe (an EMA teacher's voxel gate is the options' confidence)
-    read = ("stage2_lr", "pseudo_augment", "teacher", "confidence", "ema_weight")
+    read = ("stage2_lr", "pseudo_augment", "teacher", "pseudo_mix", "confidence", "ema_weight")
     stage2 = {k: getattr(ssft, k) for k in read} if ssft else {}
     config = FinetuneConfig(seed=seed, device=device, checkpoint_every=10**9, **(rates or {}), **stage2)
     # the learning rates the session path uses: by what the checkpoint loaded (one recipe for every row)
@@ -384,10 +393,12 @@ def train(
         by_name = {c.name: c for c in pool}
         pseudo = [Case(n, by_name[n].image, label) for n, label in made.labels.items()]
         judged = made.gate
+        teacher = stage2_teacher(ssft.teacher, bool(made.asked))
         trainer.config = replace(
             config,
-            teacher=stage2_teacher(ssft.teacher, bool(made.asked)),
+            teacher=teacher,
             pseudo_augment=stage2_augment(ssft.pseudo_augment, bool(made.asked)),
+            pseudo_mix=stage2_mix(ssft.pseudo_mix, teacher),
         )
     if ssft:
         trainer.begin_stage("stage2")
@@ -457,9 +468,14 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
         "remap": ", strongly augmented and through random intensity curves",
         "remap-if-fallback": ", strongly augmented (and through random intensity curves where the fallback judged)",
     }.get(o.pseudo_augment, "")
-    if _ema_labels(o.teacher, o.reliability, o.fallback):
+    ema = _ema_labels(o.teacher, o.reliability, o.fallback)
+    if ema:
         augment += ", an EMA teacher relabelling them online" + " where the fallback judged" * (o.teacher != "ema")
         augment += f", at weight {o.ema_weight:g}" if o.ema_weight != 1 else ""
+    if o.pseudo_mix == "copy-paste" and o.teacher != "ema":
+        augment += (
+            ", mixed with the labelled patches (bidirectional copy-paste)" + " where the fixed teacher labels" * ema
+        )
     control = "a second stage on the labels alone" if o.stage2_lr != "constant" else "one longer stage"
     kept = []
     for budget in config.budgets:
@@ -710,12 +726,13 @@ def _protocol(config: BenchmarkConfig, folders: Folders, inputs: dict, user_data
 
 def _ssft_protocol(ssft: dict) -> dict:
     """The SSFT options that make a run what it is: where no EMA teacher can label (the fixed teacher; an
-    EMA teacher only where a fallback judges, and none can) its weight is not one of them, and where the
-    ``rounds`` gate is not asked no start vouches, so no blend share is, and tables made before either was a
-    choice resume under any value."""
+    EMA teacher only where a fallback judges, and none can) its weight is not one of them, where only an EMA
+    teacher labels no mix is, and where the ``rounds`` gate is not asked no start vouches, so no blend share is,
+    and tables made before any of them was a choice resume under any value."""
     reliability = ssft.get("reliability", "confidence")
     ema = _ema_labels(ssft.get("teacher", "fixed"), reliability, ssft.get("fallback", "none"))
     unused = ({"ema_weight"} if not ema else set()) | ({"blend_start"} if reliability != "rounds" else set())
+    unused |= {"pseudo_mix"} if ssft.get("teacher") == "ema" else set()
     return {k: v for k, v in ssft.items() if k not in unused}
 
 

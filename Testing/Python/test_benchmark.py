@@ -461,6 +461,8 @@ def test_runs_recorded_before_pseudo_labels_had_an_agreement_gate_resume_as_conf
     assert _load_runs(path, {**rest, "ssft": confidence}) == []
     with pytest.raises(ASFDAError, match=r"pseudo_augment \(weak here, strong now\)"):
         _load_runs(path, {**rest, "ssft": {**confidence, "pseudo_augment": "strong"}})
+    with pytest.raises(ASFDAError, match=r"pseudo_mix \(none here, copy-paste now\)"):
+        _load_runs(path, {**rest, "ssft": {**confidence, "pseudo_mix": "copy-paste"}})
     with pytest.raises(ASFDAError, match="other ssft"):
         _load_runs(path, {**rest, "ssft": {**confidence, "reliability": "rounds"}})
 
@@ -487,6 +489,34 @@ def test_the_ema_teachers_weight_is_part_of_the_protocol_only_where_an_ema_teach
                 _load_runs(path, now)
         else:
             assert _load_runs(path, now) == []
+
+
+def test_the_mix_is_part_of_the_protocol_only_where_the_fixed_teacher_can_label(tmp_path):
+    from dataclasses import asdict
+
+    from ASFDALib.bench.benchmark import SSFTOptions, _load_runs, _ssft_protocol
+
+    rest = {"iterations": 400, "fusion": "gated", "lower_rate_for": "encoder"}
+    path = tmp_path / "results.json"
+    for teacher, refused in (("fixed", True), ("ema-if-fallback", True), ("ema", False)):
+        before = _ssft_protocol(asdict(SSFTOptions(teacher=teacher)))
+        path.write_text(json.dumps({"protocol": {**rest, "ssft": before}, "runs": []}))
+        now = {**rest, "ssft": _ssft_protocol(asdict(SSFTOptions(teacher=teacher, pseudo_mix="copy-paste")))}
+        if refused:
+            with pytest.raises(ASFDAError, match=r"pseudo_mix \(none here, copy-paste now\)"):
+                _load_runs(path, now)
+        else:
+            assert _load_runs(path, now) == []
+
+
+def test_the_benchmark_command_mixes_the_ssft_rows_patches_as_asked(tmp_path):
+    from ASFDALib.app.cli import build_parser
+    from ASFDALib.app.commands import benchmark_config
+
+    args = build_parser().parse_args(["benchmark", "--pseudo-mix", "copy-paste", "--out", str(tmp_path / "b")])
+    assert benchmark_config(args)[0].ssft.pseudo_mix == "copy-paste"
+    args = build_parser().parse_args(["benchmark", "--out", str(tmp_path / "b")])
+    assert benchmark_config(args)[0].ssft.pseudo_mix == FinetuneConfig.pseudo_mix
 
 
 def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, tmp_path):
@@ -555,7 +585,7 @@ def test_a_constant_stage_2_with_a_blend_is_refused_since_its_control_would_not_
     "teacher, asked, trained",
     [("ema-if-fallback", "rounds", "ema"), ("ema-if-fallback", "", "fixed"), ("ema", "", "ema")],
 )
-def test_stage_2_of_the_ssft_row_trains_with_the_teacher_the_gate_that_judged_calls_for(
+def test_stage_2_of_the_ssft_row_trains_with_the_teacher_the_gate_that_judged_calls_for_and_mixes_fixed_labels(
     monkeypatch, tmp_path, teacher, asked, trained
 ):
     from ASFDALib.adaptation import trainer as trainer_module
@@ -569,9 +599,11 @@ def test_stage_2_of_the_ssft_row_trains_with_the_teacher_the_gate_that_judged_ca
     judged = PseudoLabels([], {}, {}, "flips" if asked else "rounds", asked)
     monkeypatch.setattr(benchmark, "selective_pseudo_labels", lambda *args: judged)
     card = load_model(default_model_path()).card
-    ssft = benchmark.SSFTOptions(teacher=teacher)
+    ssft = benchmark.SSFTOptions(teacher=teacher, pseudo_mix="copy-paste")
     benchmark.train(default_model_path(), card, [], [], 4, 0, "cpu", ssft, tmp_path)
     assert [(stage, config.teacher) for stage, config in seen] == [("stage1", teacher), ("stage2", trained)]
+    # only the fixed teacher's labels are mixed with the labelled patches
+    assert seen[1][1].pseudo_mix == ("copy-paste" if trained == "fixed" else "none")
 
 
 def test_the_ssft_control_trains_on_the_labels_as_long_as_ssft_trains_in_all():
@@ -694,6 +726,10 @@ def test_the_table_says_how_the_ssft_row_and_its_control_trained():
         rows=("asfda+ssft",), ssft=SSFTOptions(reliability="rounds", min_agreement=0.7, stage2_lr="constant")
     )
     assert "rounds gate (floor 0.7)" in _ssft_note(rounds, []) and "one longer stage" in _ssft_note(rounds, [])
+    mixed = BenchmarkConfig(rows=("asfda+ssft",), ssft=SSFTOptions(teacher="fixed", pseudo_mix="copy-paste"))
+    assert ", mixed with the labelled patches (bidirectional copy-paste), stage 2's" in _ssft_note(mixed, [])
+    fallback = BenchmarkConfig(rows=("asfda+ssft",), ssft=SSFTOptions(pseudo_mix="copy-paste"))  # EMA where it judged
+    assert "(bidirectional copy-paste) where the fixed teacher labels" in _ssft_note(fallback, [])
     assert _ssft_note(BenchmarkConfig(rows=("random", "asfda")), []) == ""
 
 
