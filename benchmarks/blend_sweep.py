@@ -25,7 +25,7 @@ import numpy as np
 from ablation import METHOD
 
 from ASFDALib.adaptation.blend import blend_state
-from ASFDALib.adaptation.recipe import AUGMENTS, LOWER_RATE_FOR, TEACHERS
+from ASFDALib.adaptation.recipe import AUGMENTS, LOWER_RATE_FOR, MIXES, TEACHERS
 from ASFDALib.atomic import atomic_write_json
 from ASFDALib.bench.benchmark import (
     BenchmarkConfig,
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--control", action="store_true", help="the labels-only control instead of the SSFT row")
     parser.add_argument("--pseudo-teacher", choices=TEACHERS, help="who labels the pseudo-labelled patches")
     parser.add_argument("--pseudo-augment", choices=AUGMENTS, help="their augmentation (default: the recipe's)")
+    parser.add_argument("--pseudo-mix", choices=MIXES, help="their mix with labelled patches (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=Path("bench-blend"))
     args = parser.parse_args()
     config = BenchmarkConfig(
@@ -77,7 +78,7 @@ def main() -> None:
     stored = json.loads(path.read_text()) if path.is_file() else {"query": query, "runs": {}}
     row = "ssft-control" if args.control else "asfda+ssft"
     for seed in args.seeds:
-        asked = {"teacher": args.pseudo_teacher, "augment": args.pseudo_augment}
+        asked = {"teacher": args.pseudo_teacher, "augment": args.pseudo_augment, "mix": args.pseudo_mix}
         key = " ".join([row, *(f"{k} {v}" for k, v in asked.items() if v), f"seed {seed}"])
         if key not in stored["runs"]:
             network, kept, judged, _ = train(
@@ -112,7 +113,7 @@ def main() -> None:
 
 def sweep_options(args: argparse.Namespace) -> SSFTOptions:
     """Today's SSFT recipe with the stage-2 choices asked for, handed over unblended: the sweep blends."""
-    asked = {"teacher": args.pseudo_teacher, "pseudo_augment": args.pseudo_augment}
+    asked = {"teacher": args.pseudo_teacher, "pseudo_augment": args.pseudo_augment, "pseudo_mix": args.pseudo_mix}
     return replace(SSFTOptions(), blend_start=0.0, **{k: v for k, v in asked.items() if v is not None})
 
 
