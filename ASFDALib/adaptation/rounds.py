@@ -19,7 +19,7 @@ from ASFDALib.adaptation.runs import finish_hint, unfinished_run
 from ASFDALib.adaptation.session import Session
 from ASFDALib.atomic import atomic_write
 from ASFDALib.data.volumes import content_hash
-from ASFDALib.errors import ASFDAError, as_arg
+from ASFDALib.errors import ASFDAError, ModelError, as_arg
 from ASFDALib.inference.predict import check_outputs
 from ASFDALib.models.card import card_from_dict
 from ASFDALib.models.loading import LoadedModel
@@ -32,15 +32,15 @@ from ASFDALib.query.selection import Knowledge
 def ranking_model(
     session: Session,
     load_given: Callable[[], LoadedModel],
-    given: bool,
+    given: Path | str | None,
     knowledge: str = "auto",
     card_given: bool = False,
 ) -> tuple[LoadedModel, Knowledge | None, list[str]]:
     """The model to rank with, the source knowledge to use (None: the model's own), and notes.
 
-    ``load_given()`` loads the model the user named (or the built-in default); ``given`` says whether the
-    user named one, ``card_given`` whether with a card of their own. A session that already has a model keeps
-    it, adapted weights included, and keeps the original model's source knowledge; naming a different model
+    ``load_given()`` loads the model the user named (or the built-in default); ``given`` is the path the
+    user named (None: none), ``card_given`` whether with a card of their own. A session that already has a model
+    keeps it, adapted weights included, and keeps the original model's source knowledge; naming a different model
     for it is refused. The same weights whose card, read from the model itself, differs from the one the
     session recorded (a later ASFDA reads a bundle's transforms or nnU-Net's plans more closely) keep the
     session's card, and a note says so.
@@ -51,7 +51,7 @@ def ranking_model(
     if not recorded:
         return load_given(), None, []
     notes = []
-    if given and (named := load_given()).digest != recorded["digest"]:
+    if given and (named := _load_named(session, load_given, Path(given), card_given)).digest != recorded["digest"]:
         derived = not card_given and named.card.to_dict() != recorded["card"]
         if not (derived and _same_weights(session, named.path)):
             raise ASFDAError(f"{session.root}: {_model_change(named, recorded, card_given)}")
@@ -64,6 +64,24 @@ def ranking_model(
     model = session_model(session, adapted=True)
     base = session_model(session, adapted=False) if session.adapted_checkpoint() else model
     return model, choose_knowledge(base, knowledge), notes
+
+
+def _load_named(session: Session, load_given: Callable[[], LoadedModel], path: Path, card_given: bool) -> LoadedModel:
+    """The model the user named for a session that has one. One that loads only with what the first rank gave
+    with it (an nnssl checkpoint's card, a state dict's network), named alone as a moved model's place is
+    ('--model NEW_PATH'), loads as the session recorded it; the digest then says whether it is the session's.
+    Never so where the session trusts its model: a file named alone is not trusted to run code."""
+    from ASFDALib.adaptation.pipeline import load_as_recorded
+
+    try:
+        return load_given()
+    except ModelError as refused:
+        if card_given or session.data["model"].get("trust"):
+            raise
+        try:
+            return load_as_recorded(session, path)
+        except ASFDAError:  # not loadable as the session's model either: the first refusal says why
+            raise refused from None
 
 
 def _same_weights(session: Session, path: Path) -> bool:
@@ -205,7 +223,7 @@ def rank_round(
     session: Session,
     images: Path,
     load_given: Callable[[], LoadedModel],
-    given: bool,
+    given: Path | str | None,
     config: RankConfig,
     trust: bool,
     progress: Progress | None = None,

@@ -208,7 +208,7 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool, first_r
                 session,
                 Path(images),
                 lambda: load_model_from_args(args),
-                args.model is not None,
+                args.model,
                 config,
                 bool(args.trust),
                 update,

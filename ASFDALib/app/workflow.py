@@ -467,7 +467,7 @@ class Workflow:
                     session,
                     images,
                     load_given,
-                    bool(settings.model),
+                    settings.model or None,
                     config,
                     settings.trust,
                     progress,

@@ -21,7 +21,7 @@ import torch
 
 from ASFDALib.adaptation.pipeline import session_model
 from ASFDALib.adaptation.recipe import FinetuneConfig
-from ASFDALib.adaptation.rounds import NEW_HEAD_NOTE
+from ASFDALib.adaptation.rounds import NEW_HEAD_NOTE, ranking_model
 from ASFDALib.adaptation.session import Session
 from ASFDALib.adaptation.trainer import param_groups
 from ASFDALib.app.cli import main
@@ -1030,6 +1030,27 @@ def test_an_nnssl_checkpoint_ranks_a_pool_with_a_card_of_the_target_classes(pool
     groups = {g["name"]: g for g in param_groups(base.network, FinetuneConfig(lr=1e-3), base.load_report)}
     assert {id(p) for p in groups["pretrained"]["params"]} == {id(p) for p in base.network.encoder.parameters()}
     assert {id(p) for p in groups["full"]["params"]} == {id(p) for p in base.network.decoder.parameters()}
+
+
+def test_an_nnssl_checkpoint_named_alone_for_its_session_loads_with_the_card_the_session_recorded(pool, tmp_path):
+    """A moved model's new place is given as 'asfda rank --out S --model NEW_PATH', with no --card: an nnssl
+    checkpoint, which names no classes, then loads with the session's card (its digest says it is the same file);
+    not where the session trusts its model, as a file named alone is not trusted to run code."""
+    path, _ = _nnssl_checkpoint(tmp_path / "mae")
+    session = tmp_path / "session"
+    args = ["rank", "--model", str(path), "--card", str(pool / "plain.json"), "--images", str(pool / "images")]
+    assert main([*args, "--out", str(session), "--budget", "1"]) == 0
+    moved = path.parent.rename(tmp_path / "moved") / path.name
+    with pytest.raises(ModelError, match="needs --card with class_names"):  # on its own it names no classes
+        load_model(moved)
+    model, _, notes = ranking_model(Session.open(session), lambda: load_model(moved), moved)
+    recorded = json.loads((session / "session.json").read_text())["model"]
+    assert model.digest == recorded["digest"] and notes == []
+    assert model.card.class_names == CLASS_NAMES and model.card.spacing == (4.0, 4.0, 4.0)
+    trusted = Session.open(session)
+    trusted.data["model"]["trust"] = True
+    with pytest.raises(ModelError, match="needs --card with class_names"):
+        ranking_model(trusted, lambda: load_model(moved), moved)
 
 
 def test_an_nnssl_checkpoint_without_a_card_is_refused_naming_card_and_the_classes_it_must_give(pool, tmp_path, capsys):

@@ -400,7 +400,7 @@ def test_a_python_ranking_never_writes_its_cache_or_session_among_the_scans(tmp_
         rank_folder(images, default_model, images, RankConfig(budget=1))
     session = Session.open(images, create=True)
     with pytest.raises(ASFDAError, match="is the images folder itself; give the session a folder of its own"):
-        rank_round(session, images, lambda: default_model, True, RankConfig(budget=1), False)
+        rank_round(session, images, lambda: default_model, default_model.path, RankConfig(budget=1), False)
     assert sorted(p.name for p in images.iterdir()) == sorted(p.name for p in (mri_pool / "images").iterdir())
 
 
