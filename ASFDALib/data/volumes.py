@@ -160,8 +160,10 @@ def no_volumes_message(
     if scans := scan_folders(root):
         more = f" (or {', '.join(map(str, scans[1:]))})" if scans[1:] else ""
         return f"{said}; the scans look to be in a sub-folder: give --images {scans[0]}{more}"
-    # one walk of the sub-folders too, where the command's own did not look there
+    # one walk of the sub-folders too, where the command's own did not look there; an ASFDA session kept among
+    # them (its label versions, its records) holds no scans to point at
     below, others_below = ([], others) if recursive else discover(root, True, exclude)
+    below, others_below, sessions = _outside_sessions(root, below, others_below)
     if below:
         folders = sorted({relative_name(v.parent, root) for v in below})
         named = ", ".join(folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
@@ -177,11 +179,33 @@ def no_volumes_message(
     visible = [p for p in root.iterdir() if not p.name.startswith(".")]
     if not visible:
         held = "; it is empty:"
+    elif sessions:
+        named = ", ".join(sessions[:3]) + (f" and {len(sessions) - 3} more" if len(sessions) > 3 else "")
+        held = f"; its sub-folders hold none but ASFDA sessions' files ({named}):"
     elif any(p.is_dir() for p in visible):  # --recursive would find nothing there either
         held = "; its sub-folders hold none either:"
     else:  # only what is no file to convert: a BIDS root's metadata, Thumbs.db
         held = ";"
     return f"{said}{held} give --images the folder that holds the scans to {doing}"
+
+
+def _outside_sessions(root: Path, volumes: list[Path], others: list[Path]) -> tuple[list[Path], list[Path], list[str]]:
+    """``volumes`` and ``others`` found under ``root`` less those in an ASFDA session below it (other than the one
+    ``root`` lies in), and those sessions' folders under ``root``."""
+    own = session_folder_of(root)
+    sessions: set[Path] = set()
+    kept: dict[Path, bool] = {}  # by folder: one look up the tree each
+
+    def outside(path: Path) -> bool:
+        if path.parent not in kept:
+            folder = session_folder_of(path.parent)
+            kept[path.parent] = folder == own
+            if folder != own and folder is not None:
+                sessions.add(folder)
+        return kept[path.parent]
+
+    volumes, others = [v for v in volumes if outside(v)], [o for o in others if outside(o)]
+    return volumes, others, sorted(relative_name(s, root.resolve()) for s in sessions)
 
 
 def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> tuple[list[Path], list[Path]]:

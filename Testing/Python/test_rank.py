@@ -261,6 +261,26 @@ def _default_model_as_bundle(folder: Path, model, weights: str) -> Path:
     return folder
 
 
+def test_a_session_kept_among_the_sub_folders_is_no_volumes_to_rank_with_recursive(tmp_path, capsys):
+    """A folder holding only an ASFDA session (its label versions, its records): --recursive would rank the
+    session's label maps, so it is not suggested, and the session's records are no files to convert."""
+    from ASFDALib.adaptation.session import Session
+
+    with Session.open(tmp_path / "folder" / "sess", create=True) as session:
+        session.save()
+    labels = np.zeros((8, 8, 8), dtype=np.uint8)
+    labels[2:5, 2:5, 2:5] = 1
+    write_nifti(tmp_path / "folder" / "sess" / "labels" / "a.v1.nii.gz", labels, np.eye(4))
+    (tmp_path / "folder" / "sess" / "ranking.csv").write_text("rank,file\n")
+    assert main(["rank", "--images", str(tmp_path / "folder"), "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        f"{tmp_path / 'folder'}: no volumes found (looked for .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd and DICOM "
+        "folders); its sub-folders hold none but ASFDA sessions' files (sess): give --images the folder that holds "
+        "the scans to rank"
+    )
+
+
 @pytest.mark.parametrize("weights", ["model.pt", "model.ts"])
 def test_a_bundles_card_notes_reach_the_user_for_state_dict_and_torchscript_bundles_alike(
     tmp_path, default_model, mri_pool, capsys, weights
