@@ -7,9 +7,9 @@ nnssl's trainer saves (``AbstractBaseTrainer.save_checkpoint``; Hugging Face rep
 "nnssl_adaptation_plan": {...}, "optimizer_state", "init_args", "trainer_name", ...}``. The adaptation plan
 (``adaptation_planning/adaptation_plan.py``) holds:
 
-- ``architecture_plans``: ``arch_class_name`` ``ResEncL`` (nnssl's fixed ResEnc-L, ``arch_kwargs`` null: see
-  :data:`RESENC_L`), ``ResidualEncoderUNet`` or ``PlainConvUNet`` with nnU-Net's ``arch_kwargs``, or
-  ``PrimusS/B/M/L`` (transformers); ResEnc-L and ResidualEncoderUNet are built here as
+- ``architecture_plans``: ``arch_class_name`` ``ResEncL`` or ``NoSkipResEncL`` (nnssl's fixed ResEnc-L, of one
+  encoder, ``arch_kwargs`` null: see :data:`PRESETS`), ``ResidualEncoderUNet`` or ``PlainConvUNet`` with nnU-Net's
+  ``arch_kwargs``, or ``PrimusS/B/M/L`` (transformers); ResEnc-L and ResidualEncoderUNet are built here as
   :class:`ASFDALib.models.resenc.ResidualEncoderUNet`, the others are refused naming the way round;
 - ``key_to_stem`` / ``key_to_encoder``: where the stem and the encoder's stages are in ``network_weights``
   (``encoder.stem``, ``encoder.stages``, under nnU-Net's module names whichever pretext network holds the encoder:
@@ -42,6 +42,7 @@ import torch
 from ASFDALib.errors import ModelError
 from ASFDALib.models.card import ModelCard, NetworkSpec, card_from_dict
 from ASFDALib.models.nnunet import (
+    RESENC_L,
     intensity_of,
     kernel_order,
     normalisation_scheme,
@@ -52,21 +53,9 @@ from ASFDALib.models.nnunet import (
 )
 
 PLAN_KEY = "nnssl_adaptation_plan"
-# nnssl's ResEnc-L (architectures/architecture_registry.get_res_enc_l), worded as nnU-Net's plans' arch_kwargs
-RESENC_L = {
-    "features_per_stage": [32, 64, 128, 256, 320, 320],
-    "kernel_sizes": [[3, 3, 3]] * 6,
-    "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
-    "n_blocks_per_stage": [1, 3, 4, 6, 6, 6],
-    "n_conv_per_stage_decoder": [1, 1, 1, 1, 1],
-    "conv_bias": True,
-    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-    "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-    "dropout_op": None,
-    "nonlin": "torch.nn.modules.activation.LeakyReLU",
-    "nonlin_kwargs": {"inplace": True},  # torch's default slope, 0.01
-}
-PRESETS = {"ResEncL": RESENC_L}
+# the presets nnssl names without arch_kwargs, as nnU-Net's plans' arch_kwargs: NoSkipResEncL (PCLRv2's pretext
+# network) has ResEnc-L's encoder, and only its decoder, which starts anew here, lacks the skips
+PRESETS = {"ResEncL": RESENC_L, "NoSkipResEncL": RESENC_L}
 # the rebuild's own stem and stages, where nnssl's adaptation loads the checkpoint's (dynamic_network_architectures'
 # ResidualEncoderUNet names them so: its key_to_stem and key_to_encoder)
 STEM, STAGES = "encoder.stem", "encoder.stages"
@@ -141,12 +130,12 @@ def _architecture(path: Path, plan: Mapping[str, Any]) -> tuple[str, dict[str, A
             "fine-tune this one with nnssl's segmentation adaptation (its nnU-Net fork) and load that network traced "
             "to TorchScript with --card and --trust"
             if transformer
-            else "fine-tune it with nnssl's segmentation adaptation (its nnU-Net fork) and load that training output "
-            "(fold_N/checkpoint_final.pth with its plans), or its TorchScript trace with --card and --trust"
+            else "fine-tune it with nnssl's segmentation adaptation (its nnU-Net fork) and load that network traced to "
+            "TorchScript with --card and --trust"
         )
         raise ModelError(
             f"{path}: an nnssl pre-training checkpoint of {name}{kind}, which ASFDA does not build (it builds nnssl's "
-            f"ResEnc-L and ResidualEncoderUNet encoders); {way}"
+            f"ResEnc-L, NoSkipResEncL and ResidualEncoderUNet encoders); {way}"
         )
     kwargs = PRESETS.get(name) or plans["arch_kwargs"]
     config = {"architecture": {"network_class_name": "ResidualEncoderUNet", "arch_kwargs": kwargs}}

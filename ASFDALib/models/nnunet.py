@@ -6,7 +6,9 @@ nnU-Net builds a ``PlainConvUNet`` or, for its residual-encoder presets (nnUNetR
 was rebuilt in): with the plans' stages, features, kernels and strides, instance norm and leaky ReLU it computes
 the same function once the weights are renamed. A ResidualEncoderUNet becomes ASFDA's own rebuild of it
 (:mod:`ASFDALib.models.resenc`, no MONAI network has its blocks), which takes nnU-Net's weights under their own
-names and every per-stage kernel. The differences this module takes care of or states:
+names and every per-stage kernel; so does nnssl's ResEnc-L (:data:`RESENC_L`), which the plans of nnssl's nnU-Net
+fork name ``ResEncL`` without arguments where they fine-tune its pre-training. The differences this module takes
+care of or states:
 
 - Axes. nnU-Net feeds the network the file's voxel array as SimpleITK reads it (slowest axis first), permuted by
   the plans' ``transpose_forward``; ASFDA feeds it in RAS order (fastest first). Every kernel, stride, the patch
@@ -42,6 +44,22 @@ from ASFDALib.models.card import IntensityConfig, ModelCard, NetworkSpec
 PLANS = "plans.json"
 DATASET = "dataset.json"
 NETWORKS = ("PlainConvUNet", "ResidualEncoderUNet")  # the nnU-Net networks a model here is built as
+# nnssl's ResEnc-L (architectures/architecture_registry.get_res_enc_l), worded as nnU-Net's plans' arch_kwargs: nnssl's
+# checkpoints name it "ResEncL" without arguments, and so do the plans of its nnU-Net fork's fine-tuning of them
+RESENC_L = {
+    "features_per_stage": [32, 64, 128, 256, 320, 320],
+    "kernel_sizes": [[3, 3, 3]] * 6,
+    "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
+    "n_blocks_per_stage": [1, 3, 4, 6, 6, 6],
+    "n_conv_per_stage_decoder": [1, 1, 1, 1, 1],
+    "conv_bias": True,
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+    "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+    "dropout_op": None,
+    "nonlin": "torch.nn.modules.activation.LeakyReLU",
+    "nonlin_kwargs": {"inplace": True},  # torch's default slope, 0.01
+}
+PRESETS = {"ResEncL": RESENC_L}  # a ResidualEncoderUNet named by a preset's name, its arch_kwargs left out
 # where a layout cannot be rebuilt here: the network runs as TorchScript made where nnU-Net runs
 TRACE_HINT = (
     "trace it to TorchScript where nnU-Net runs (torch.jit.trace on a patch) and load that with --card and --trust"
@@ -78,10 +96,13 @@ def _configuration(plans: dict, name: str, plans_path: Path) -> dict:
 
 def plans_architecture(config: dict, plans_path: Path) -> dict[str, Any]:
     """Stages, features, kernels, strides and convolutions (residual blocks, for a residual encoder) per stage,
-    from either plans format. A network other than those of NETWORKS, or plans that lack what it needs, are
-    refused naming it."""
-    name = str((config.get("architecture") or {}).get("network_class_name") or config.get("UNet_class_name"))
-    name = name.rsplit(".", 1)[-1]
+    from either plans format (a preset of PRESETS named without arguments: its arguments). A network other than
+    those of NETWORKS, or plans that lack what it needs, are refused naming it."""
+    architecture = config.get("architecture") or {}
+    name = str(architecture.get("network_class_name") or config.get("UNet_class_name")).rsplit(".", 1)[-1]
+    if name in PRESETS and not architecture.get("arch_kwargs"):  # the nnssl fork's plans of a preset
+        config = {"architecture": {"network_class_name": "ResidualEncoderUNet", "arch_kwargs": PRESETS[name]}}
+        name = "ResidualEncoderUNet"
     unbuildable = f"{plans_path}: this nnU-Net model cannot be built here: its network is {name}"
     if name not in NETWORKS:
         raise ModelError(f"{unbuildable} (nnU-Net's {' and '.join(NETWORKS)} models load); {TRACE_HINT}")

@@ -1094,7 +1094,12 @@ def test_what_an_nnssl_pretraining_plan_does_not_record_the_card_must_give(tmp_p
     ("architecture", "kind", "way"),
     [
         ("PrimusM", " (a transformer)", "use the ResEnc-L checkpoint of the same pre-training"),
-        ("PlainConvUNet", "", "fine-tune it with nnssl's segmentation adaptation (its nnU-Net fork) and load that"),
+        (
+            "PlainConvUNet",
+            "",
+            "fine-tune it with nnssl's segmentation adaptation (its nnU-Net fork) and load that network traced to "
+            "TorchScript with --card and --trust",
+        ),
     ],
 )
 def test_an_nnssl_checkpoint_of_a_network_asfda_does_not_build_is_refused_naming_the_way_round(
@@ -1107,19 +1112,21 @@ def test_an_nnssl_checkpoint_of_a_network_asfda_does_not_build_is_refused_naming
     said = str(refused.value)
     assert "\n" not in said and said.startswith(
         f"{path}: an nnssl pre-training checkpoint of {architecture}{kind}, which ASFDA does not build (it builds "
-        f"nnssl's ResEnc-L and ResidualEncoderUNet encoders); {way}"
+        f"nnssl's ResEnc-L, NoSkipResEncL and ResidualEncoderUNet encoders); {way}"
     )
 
 
-def test_nnssls_resenc_l_is_built_as_its_architecture_registry_builds_it(tmp_path):
+@pytest.mark.parametrize("preset", ["ResEncL", "NoSkipResEncL"])
+def test_nnssls_resenc_l_is_built_as_its_architecture_registry_builds_it(tmp_path, preset):
     """arch_class_name ResEncL carries no arch_kwargs: the network is nnssl's get_res_enc_l, checked here by its
-    arguments (building its 100M parameters would take the test's time)."""
+    arguments (building its 100M parameters would take the test's time). NoSkipResEncL (PCLRv2's pretext network)
+    has the same encoder, only its decoder, which is new here, lacks the skips."""
     from ASFDALib.models.nnssl import _architecture
     from ASFDALib.models.nnunet import resenc_spec
 
-    name, arch = _architecture(tmp_path / "c.pth", {"architecture_plans": {"arch_class_name": "ResEncL"}})
+    name, arch = _architecture(tmp_path / "c.pth", {"architecture_plans": {"arch_class_name": preset}})
     args = resenc_spec(arch, [2, 1, 0], 4).args
-    assert name == "ResEncL" and args["features_per_stage"] == [32, 64, 128, 256, 320, 320]
+    assert name == preset and args["features_per_stage"] == [32, 64, 128, 256, 320, 320]
     assert args["n_blocks_per_stage"] == [1, 3, 4, 6, 6, 6] and args["n_conv_per_stage_decoder"] == [1] * 5
     assert args["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 5 and args["kernel_sizes"] == [[3, 3, 3]] * 6
     assert (args["conv_bias"], args["norm_eps"], args["norm_affine"], args["negative_slope"]) == (
@@ -1127,6 +1134,28 @@ def test_nnssls_resenc_l_is_built_as_its_architecture_registry_builds_it(tmp_pat
         1e-5,
         True,
         0.01,
+    )
+
+
+def test_the_nnssl_forks_fine_tuning_plans_naming_resenc_l_describe_nnssls_resenc_l():
+    """nnssl's nnU-Net fork (nnUNetv2_preprocess_like_nnssl) writes the pre-training's arch_class_name into the
+    fine-tuning plans as network_class_name, arch_kwargs null for a preset: its fold_N/checkpoint_final.pth is
+    nnU-Net's ResidualEncoderUNet of nnssl's ResEnc-L, and loads as one."""
+    from ASFDALib.models.nnunet import plans_architecture
+
+    fork = {"architecture": {"arch_kwargs": None, "_kw_requires_import": None, "network_class_name": "ResEncL"}}
+    arch = plans_architecture(fork, Path("ptPlans__OpenMind-MAE__nnUNetResEncUNetLPlans.json"))
+    assert (arch["class"], arch["features"], arch["encoder"]) == (
+        "ResidualEncoderUNet",
+        [32, 64, 128, 256, 320, 320],
+        [1, 3, 4, 6, 6, 6],
+    )
+    assert arch["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 5 and arch["kernels"] == [[3, 3, 3]] * 6
+    assert (arch["bias"], arch["norm_args"], arch["slope"], arch["stem"]) == (
+        True,
+        {"eps": 1e-5, "affine": True},
+        0.01,
+        None,
     )
 
 
