@@ -187,6 +187,11 @@ def _card(
             f"{card_source}: an nnssl checkpoint's network comes from its adaptation plan; leave 'network' out of "
             "the card"
         )
+    if given.get("source_classes"):  # they would pair the card's classes with head rows it does not have
+        raise ModelError(
+            f"{card_source}: an nnssl pre-training checkpoint has no segmentation head whose classes source_classes "
+            "could name; leave 'source_classes' out of the card"
+        )
     own = {
         "name": f"nnssl {name}",
         "description": f"nnssl {name} encoder pre-trained by {checkpoint.get('trainer_name') or 'nnssl'}; decoder "

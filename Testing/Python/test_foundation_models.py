@@ -1165,6 +1165,18 @@ def test_a_class_map_for_an_nnssl_checkpoint_is_refused_as_it_has_no_head(tmp_pa
         load_model(path, {"class_names": CLASS_NAMES}, class_map="kidney=right kidney")
 
 
+def test_a_card_naming_source_classes_for_an_nnssl_checkpoint_is_refused_naming_the_key_not_a_class_map(pool, tmp_path):
+    """A card written for a model with a head (the pool's card.json lists its 14 source classes): no --class-map
+    was given, so the line names the card's key."""
+    path, _ = _nnssl_checkpoint(tmp_path / "mae")
+    with pytest.raises(ModelError) as refused:
+        load_model(path, pool / "card.json")
+    assert str(refused.value) == (
+        f"{pool / 'card.json'}: an nnssl pre-training checkpoint has no segmentation head whose classes "
+        "source_classes could name; leave 'source_classes' out of the card"
+    )
+
+
 def test_a_trusted_bundle_builds_its_network_from_its_own_scripts(pool, tmp_path):
     """A bundle whose network_def is its own class in scripts/ (as model-zoo bundles ship custom networks):
     refused without trust, built with it as MONAI's runner builds it (the bundle root importable)."""
