@@ -545,9 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--format",
         choices=FORMATS,
-        default="bundle",
-        help="bundle: runs with MONAI's bundle runner, metadata records the adaptation (default); pt2: a "
-        "torch.export program, TorchScript's successor; torchscript: deprecated by torch",
+        help="bundle: runs with MONAI's bundle runner, metadata records the adaptation; pt2: a torch.export program, "
+        "TorchScript's successor; torchscript: deprecated by torch. Default: the format that carries the session's "
+        "model, as the panel offers it: bundle, or pt2 where no bundle can (an nnU-Net ResidualEncoderUNet, a .pt2 "
+        "model; a TorchScript model: torchscript)",
     )
     export.add_argument(
         "--out",

@@ -814,12 +814,11 @@ class Workflow:
     def export_format(self) -> str:
         """The format Export offers for the session's model: a MONAI bundle, or where a bundle cannot carry it (an
         nnU-Net residual encoder, a TorchScript model, a program), the one that does. Read from session.json, so
-        torch-free: the panel asks it on every refresh."""
-        from ASFDALib.models.formats import default_format, recorded_network
+        torch-free: the panel asks it on every refresh. ``asfda export`` without ``--format`` exports in the same."""
+        from ASFDALib.models.formats import session_format
 
         session = self._open_session()
-        recorded = session.data.get("model") if session is not None else None
-        return default_format(*recorded_network(recorded)) if recorded else "bundle"
+        return session_format(session.data.get("model") if session is not None else None)
 
     def export_suggestion(self, fmt: str) -> Path:
         """Where the Export dialog starts: beside the session folder (an export never goes inside it); for a

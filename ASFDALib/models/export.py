@@ -37,7 +37,7 @@ import torch
 from ASFDALib.atomic import atomic_folder, atomic_write, atomic_write_json, remove_scratch
 from ASFDALib.errors import ASFDAError, ModelError, as_arg
 from ASFDALib.models.card import ModelCard
-from ASFDALib.models.formats import DEFAULT_NAMES, FORMATS, formats_without_bundle, recorded_network
+from ASFDALib.models.formats import DEFAULT_NAMES, FORMATS, formats_without_bundle, recorded_network, session_format
 from ASFDALib.models.loading import WEIGHT_NAMES, LoadedModel, card_beside
 from ASFDALib.outputs import (
     refuse_existing,
@@ -704,23 +704,26 @@ def load_back(fmt: str, path: Path, cli: bool = True) -> str:
 def export_session_model(
     session: Any,
     out: Path,
-    fmt: str = "bundle",
+    fmt: str | None = None,
     *,
     source_model: bool = False,
     name: str | Path | None = None,
     cli: bool = True,
 ) -> Exported:
-    """Export the session's fine-tuned model (``source_model``: the model as it came) in ``fmt`` to ``out`` (a new
-    or empty folder for a bundle; a new file for a program, or a folder for its default name), after every check,
-    before the model loads: never over an existing export, a file the session references, the base model or its
-    card, nor into the session or among its scans; a session whose fine-tuned model is not there (never
-    fine-tuned, a first fine-tune running or interrupted, a finished one not recorded yet) is refused, naming the
-    way on; and so is a bundle of a model that a bundle cannot carry, naming the formats that can. The command
-    and the panel both export through this. ``name``: the session as the user gave it, for the messages; ``cli``:
-    the messages name ``asfda export``'s options (the panel has none)."""
+    """Export the session's fine-tuned model (``source_model``: the model as it came) in ``fmt`` (None: the session's
+    own, :func:`ASFDALib.models.formats.session_format`) to ``out`` (a new or empty folder for a bundle; a new file
+    for a program, or a folder for its default name), after every check, before the model loads: never over an
+    existing export, a file the session references, the base model or its card, nor into the session or among its
+    scans; a session whose fine-tuned model is not there (never fine-tuned, a first fine-tune running or
+    interrupted, a finished one not recorded yet) is refused, naming the way on; and so is a bundle of a model that
+    a bundle cannot carry, naming the formats that can. The command and the panel both export through this.
+    ``name``: the session as the user gave it, for the messages; ``cli``: the messages name ``asfda export``'s
+    options (the panel has none)."""
     from ASFDALib.adaptation.pipeline import session_model
     from ASFDALib.adaptation.runs import unfinished_run
 
+    recorded = session.data.get("model")
+    fmt = fmt or session_format(recorded)
     if fmt not in FORMATS:
         raise ModelError(f"export format {fmt!r} unknown; use one of {', '.join(FORMATS)}")
     name = str(name or session.root)
@@ -728,7 +731,6 @@ def export_session_model(
     if not source_model:
         _refuse_unadapted(session, name, cli)
     which = _which(session, source_model)
-    recorded = session.data.get("model")
     if fmt == "bundle" and recorded:  # known from what session.json records: said before the model loads
         if refusal := bundle_refusal(f"{name}: {which}", *recorded_network(recorded), cli=cli):
             raise ModelError(refusal)

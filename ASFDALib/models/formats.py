@@ -35,3 +35,10 @@ def recorded_network(record: dict) -> tuple[str, str | None]:
 def default_format(kind: str, network: str | None) -> str:
     """The format a model is exported in unless the user picks another: a bundle where one carries it."""
     return (formats_without_bundle(kind, network) or ("bundle",))[0]
+
+
+def session_format(record: dict | None) -> str:
+    """The format a session's model is exported in unless the user picks another (``asfda export`` without
+    ``--format``, and the one the panel's Export offers): :func:`default_format` of the model session.json records
+    (``record``, its ``model``); a bundle before any model is recorded."""
+    return default_format(*recorded_network(record)) if record else "bundle"

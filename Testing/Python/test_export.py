@@ -156,7 +156,7 @@ def test_the_bundle_has_monais_inference_properties_and_asfda_reads_it_back_with
 
     _, session, _ = adapted
     bundle = tmp_path / "bundle"
-    assert main(["export", str(session), "--out", str(bundle)]) == 0
+    assert main(["export", str(session), "--out", str(bundle)]) == 0  # no --format: a MONAI network's is a bundle
     workflow = ConfigWorkflow(
         config_file=str(bundle / "configs" / "inference.json"),
         meta_file=str(bundle / "configs" / "metadata.json"),

@@ -663,7 +663,7 @@ def test_an_nnunet_residual_encoder_model_ranks_fine_tunes_and_predicts(resenc_s
     assert len(maps) == 3 and set(np.unique(nib.load(maps[0]).get_fdata())) <= {0, 1, 2, 3}
     capsys.readouterr()
     # MONAI's bundle runner has no such network: refused in one line naming the model and the formats that carry it
-    assert main(["export", str(session), "--out", str(tmp_path / "bundle")]) == 1
+    assert main(["export", str(session), "--format", "bundle", "--out", str(tmp_path / "bundle")]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert err == (
         f"asfda export: error: {session}: round 1's fine-tuned model (checkpoints/round1/final.pt) is a "
@@ -677,6 +677,20 @@ def test_an_nnunet_residual_encoder_model_ranks_fine_tunes_and_predicts(resenc_s
     window = torch.randn(2, 1, 32, 32, 32)
     with torch.no_grad():
         assert torch.allclose(exported.network(window), adapted.network(window), atol=1e-5)
+
+
+def test_asfda_export_without_a_format_writes_a_residual_encoder_session_as_pt2(resenc_session, tmp_path, capsys):
+    """The default is the format that carries the session's model, the one the panel offers: no bundle carries a
+    ResEnc, so the command does what the user asked (export the model) instead of refusing a format never asked for."""
+    session, _ = resenc_session
+    capsys.readouterr()
+    assert main(["export", str(session), "--out", str(tmp_path / "liver.pt2")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert said.startswith(
+        f"Exported pt2 to {tmp_path / 'liver.pt2'}, its card to {tmp_path / 'liver.card.json'}: round 1's fine-tuned "
+        f"model (checkpoints/round1/final.pt). Load it back with --model {tmp_path / 'liver.pt2'} --trust"
+    )
+    assert load_model(tmp_path / "liver.pt2", trust=True).kind == "pt2"
 
 
 def test_the_panel_exports_a_residual_encoder_session_as_pt2_and_names_its_model_where_a_bundle_is_asked(
