@@ -161,7 +161,8 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.effectFactory = None
         # Reload or quitting Slicer: a job left running would hold the session's lock (a reloaded panel would
         # find the session in use by its own process) or be killed inside torch. Cancel it; what it
-        # finished is kept, as with the Cancel button.
+        # finished is kept, as with the Cancel button. An export has no Cancel: it is waited for, and were it
+        # stopped anyway, it leaves nothing half-written under the chosen name (Workflow.start_export).
         flow = self.logic.flow if self.logic is not None else None
         if flow is not None and flow.busy:
             flow.cancel()
@@ -384,8 +385,9 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExport(self):
         """Export in the format chosen beside the button: a bundle into a new or empty folder, a program (.pt2,
-        TorchScript) to a new file; the workflow refuses what asfda export refuses, before the model loads."""
-        with slicer.util.tryWithErrorDisplay(_("Export failed")):
+        TorchScript) to a new file. It runs in the worker (tracing a large network takes minutes) and onPoll shows
+        what it wrote, or what asfda export would refuse, which the workflow refuses before the model loads."""
+        with slicer.util.tryWithErrorDisplay(_("Export could not start")):
             flow = self.logic.workflow(self._settings())
             fmt = self._parameterNode.export_format
             start = str(flow.export_suggestion(fmt))
@@ -396,9 +398,9 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 caption = _("Export the adapted model as {format}").format(format=EXPORT_FILTERS[fmt])
                 target = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), caption, start, EXPORT_FILTERS[fmt])
             if target:
-                with slicer.util.WaitCursor():
-                    exported = flow.export(target, fmt)
-                slicer.util.infoDisplay(exported.message, windowTitle=_("Model exported"))
+                flow.start_export(target, fmt)
+                self.timer.start()
+        self.refresh()
 
     def onInstall(self):
         with slicer.util.tryWithErrorDisplay(_("Dependencies could not be installed"), waitCursor=True):
@@ -420,6 +422,13 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not flow.busy:
             self.timer.stop()
         self.refresh()
+        ended = flow.take_export()  # shown last: the message box's own event loop runs the timer meanwhile
+        if ended is not None:
+            exported, error = ended
+            if exported is not None:
+                slicer.util.infoDisplay(exported.message, windowTitle=_("Model exported"))
+            else:
+                slicer.util.errorDisplay(error, windowTitle=_("Export failed"))
 
     def refresh(self):
         from ASFDALib.app.workflow import BUTTON_ACTIONS
@@ -440,10 +449,12 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ranking = flow.busy and flow.job.kind == "ranking"
         training = flow.busy and flow.job.kind == "fine-tuning"
         predicting = flow.busy and flow.job.kind == "predicting"
+        exporting = flow.busy and flow.job.kind == "exporting"
         self.ui.rankButton.enabled = True if ranking else self.ui.rankButton.enabled
         self.ui.rankButton.text = _("Cancel") if ranking else _("Rank volumes")
         self.ui.applyButton.enabled = True if predicting else self.ui.applyButton.enabled
         self.ui.applyButton.text = _("Cancel") if predicting else _("Predict remaining")
+        self.ui.exportButton.text = _("Exporting…") if exporting else _("Export model")  # no Cancel: see start_export
         # With a run in this round the two choices are explicit: continue it, or train again from the start.
         run = flow.finetune_run()
         self.ui.finetuneButton.enabled = True if training else self.ui.finetuneButton.enabled
@@ -460,6 +471,7 @@ class ASFDAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._progressKind == "fine-tuning"
             else (self.ui.progressBar, self.ui.progressLabel)
         )
+        bar.maximum = 0 if exporting else 100  # a busy bar: an export has no steps to count
         bar.value = int(100 * flow.progress)
         label.text = flow.progress_text
         log = "\n".join(flow.log[-200:])

@@ -1,6 +1,6 @@
 """The Slicer panel's behaviour as a pure-Python object: what each step does, which actions are enabled
 and why, table rows, progress text. Long work (ranking, a case's prediction, predicting the remaining
-volumes, fine-tuning) runs in a worker thread that reports through a queue; the panel (or a test) calls
+volumes, fine-tuning, exporting) runs in a worker thread that reports through a queue; the panel (or a test) calls
 :meth:`Workflow.poll` to apply the reports on its own thread. No Qt, no MRML: only arrays and paths cross
 into here.
 """
@@ -48,6 +48,7 @@ class Phase(str, Enum):
     FINETUNING = "finetuning"
     OPENING = "opening"
     PREDICTING = "predicting"
+    EXPORTING = "exporting"
 
 
 PREDICTIONS = "predictions"  # the session's subfolder for "Predict remaining": never beside the inputs
@@ -120,6 +121,7 @@ class Job:
     thread: threading.Thread
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.perf_counter)
+    cancellable: bool = True  # whether the job looks at ``cancel`` while it runs
 
 
 def _fmt(value: float) -> str:
@@ -156,6 +158,8 @@ class Workflow:
         # setting; `asfda rank --fusion` chooses it)
         self.fusion: str | None = None  # None: RankConfig's default
         self.last_run = ""  # what the last fine-tuning did (AdaptResult.summary), shown under its button
+        # how the last export in the worker ended, until the panel takes it: what it wrote, or why not
+        self.export_ended: tuple[Exported | None, str] | None = None
 
     # --- state the panel shows ---------------------------------------------------------------------
     def message(self, text: str) -> None:
@@ -190,9 +194,11 @@ class Workflow:
     def check(self, action: str) -> tuple[bool, str]:
         """Whether ``action`` is possible now, and if not, the reason shown as the button's tooltip."""
         if action == "cancel":
+            if self.busy and not self.job.cancellable:
+                return False, f"{self.job.kind} cannot be stopped part-way"
             return (True, "stop the running job") if self.busy else (False, "nothing is running")
         if self.busy:
-            return False, f"wait for {self.job.kind} to finish, or cancel it"
+            return False, f"wait for {self.job.kind} to finish" + (", or cancel it" if self.job.cancellable else "")
         if not self.settings.session:
             return False, "choose a session folder"
         # that run trains on the round's labels as they were: no new query under it (the engine refuses one too)
@@ -362,7 +368,7 @@ class Workflow:
         return True
 
     # --- workers -----------------------------------------------------------------------------------
-    def _start(self, kind: str, target: Callable[[threading.Event], None]) -> None:
+    def _start(self, kind: str, target: Callable[[threading.Event], None], cancellable: bool = True) -> None:
         if self.busy:
             raise ASFDAError(f"{self.job.kind} is still running")
         cancel = threading.Event()
@@ -378,11 +384,11 @@ class Workflow:
                 self._events.put(("finished", kind))
 
         thread = threading.Thread(target=run, name=f"asfda-{kind}", daemon=True)
-        self.job = Job(kind, thread, cancel)
+        self.job = Job(kind, thread, cancel, cancellable=cancellable)
         thread.start()
 
     def cancel(self) -> None:
-        if self.job:
+        if self.job and self.job.cancellable:
             self.job.cancel.set()
             self.message(f"cancelling {self.job.kind}…")
 
@@ -417,10 +423,12 @@ class Workflow:
                 self._set_status(payload[0], "predicted")
             elif kind == "finetuned":
                 self.last_run = self.progress_text = payload[0]
+            elif kind == "export_ended":
+                self.export_ended = (payload[0], payload[1])
             elif kind == "finished":
                 self.job = None
                 self.refresh_statuses()
-                if self.phase in (Phase.RANKING, Phase.FINETUNING, Phase.OPENING, Phase.PREDICTING):
+                if self.phase in (Phase.RANKING, Phase.FINETUNING, Phase.OPENING, Phase.PREDICTING, Phase.EXPORTING):
                     self.phase = Phase.RANKED if self.rows else Phase.SETUP
 
     # --- rank --------------------------------------------------------------------------------------
@@ -837,14 +845,58 @@ class Workflow:
         """The session's fine-tuned model in ``fmt`` (:meth:`export_format` when not given) at ``target``: the
         bundle's folder, or the program's file (a name without a suffix gets the format's, as a save dialog's
         default suffix does). Every check ``asfda export`` makes, by the same function; the
-        :class:`ASFDALib.models.export.Exported` it returns says what was written and how to load it back."""
-        from ASFDALib.models.export import export_session_model
+        :class:`ASFDALib.models.export.Exported` it returns says what was written and how to load it back. Here, on
+        the caller's thread (scripts); the panel exports in the worker (:meth:`start_export`)."""
+        if self.busy:  # the panel's own fine-tune holds the session's lock in this process, which in_use() allows
+            raise ASFDAError(self.check("export")[1])
+        return self._export(*self._export_target(target, fmt))
+
+    def _export_target(self, target: Path, fmt: str | None) -> tuple[Path, str]:
+        """Where an export named ``target`` is written, and in which format (None: :meth:`export_format`)."""
         from ASFDALib.models.formats import DEFAULT_NAMES
 
-        if self.busy:  # the panel's own fine-tune holds the session's lock in this process, which in_use() allows
-            raise ASFDAError(f"wait for {self.job.kind} to finish, or cancel it")
         fmt = fmt or self.export_format()
         target = Path(target)
         if fmt in DEFAULT_NAMES and not target.suffix:
             target = target.with_name(target.name + Path(DEFAULT_NAMES[fmt]).suffix)
+        return target, fmt
+
+    def _export(self, target: Path, fmt: str) -> Exported:
+        from ASFDALib.models.export import export_session_model
+
         return export_session_model(self._session(), target, fmt, cli=False)
+
+    def start_export(self, target: Path, fmt: str | None = None) -> None:
+        """:meth:`export` in the worker: tracing a large network for a program (``torch.export``, TorchScript) takes
+        minutes, which on the panel's thread would freeze Slicer. :meth:`take_export` then gives what it wrote, or
+        why it refused (its checks come first, before the model loads).
+
+        It cannot be cancelled: the long step, the trace, runs inside torch with no point to stop at, so a Cancel
+        would wait for it anyway. Slicer quit part-way is safe all the same: a program is written whole beside its
+        name (``.NAME.partial``) and a bundle's folder appears whole, so nothing half-written takes the chosen name,
+        and the same Export again completes the program or writes the bundle."""
+        ok, why = self.check("export")
+        if not ok:
+            raise ASFDAError(why)
+        target, fmt = self._export_target(target, fmt)
+        self.phase = Phase.EXPORTING
+        self.export_ended = None
+        self.progress, self.progress_text = 0.0, f"Exporting {fmt} to {target.name}…"
+
+        def work(cancel: threading.Event) -> None:
+            try:
+                exported = self._export(target, fmt)
+            except Exception as exc:  # said in the panel's message box, and in the log by _start
+                self._events.put(("progress", 0.0, "Export failed: see the message"))
+                self._events.put(("export_ended", None, str(exc)))
+                raise
+            self._events.put(("progress", 1.0, f"Exported {fmt} to {exported.path.name}"))
+            self._events.put(("message", exported.message))
+            self._events.put(("export_ended", exported, ""))
+
+        self._start("exporting", work, cancellable=False)
+
+    def take_export(self) -> tuple[Exported | None, str] | None:
+        """How the last :meth:`start_export` ended, once (the panel shows it): what it wrote, or None and why not."""
+        ended, self.export_ended = self.export_ended, None
+        return ended

@@ -509,6 +509,44 @@ def test_the_panels_export_completes_a_program_whose_export_stopped_after_its_ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.card.json", "k.ts"]
 
 
+def test_the_panels_export_runs_in_the_worker_and_gives_what_it_wrote_when_it_ends(adapted, tmp_path):
+    """A program's trace takes minutes for a large network: in the worker, Slicer stays responsive. Nothing else
+    starts meanwhile, and it has no Cancel (the trace has no point to stop at); what it wrote is given once."""
+    from ASFDALib.app.workflow import PanelSettings, Workflow
+    from ASFDALib.errors import ASFDAError
+
+    _, session, _ = adapted
+    flow = Workflow(PanelSettings(session=str(session)))
+    flow.start_export(tmp_path / "net", "pt2")
+    assert flow.busy and flow.progress_text == "Exporting pt2 to net.pt2…"
+    assert flow.check("next_round") == (False, "wait for exporting to finish")
+    assert flow.check("cancel") == (False, "exporting cannot be stopped part-way")
+    with pytest.raises(ASFDAError, match="^wait for exporting to finish$"):
+        flow.export(tmp_path / "other.pt2", "pt2")
+    flow.cancel()  # Slicer closing the panel cancels its job: an export goes on to its end
+    flow.wait()
+    exported, error = flow.take_export()
+    assert error == "" and exported.path == tmp_path / "net.pt2" and (tmp_path / "net.card.json").is_file()
+    assert flow.log[-1] == exported.message and flow.progress_text == "Exported pt2 to net.pt2"
+    assert flow.take_export() is None and not flow.busy and flow.check("export")[0]
+    assert load_model(exported.path, trust=True).kind == "pt2"
+
+
+def test_an_export_the_worker_refuses_gives_why_when_it_ends(adapted, tmp_path):
+    """asfda export's refusals come before the model loads, in the worker too, and reach the panel's message box."""
+    from ASFDALib.app.workflow import PanelSettings, Workflow
+
+    _, session, _ = adapted
+    (tmp_path / "taken.ts").write_bytes(b"the user's file")
+    flow = Workflow(PanelSettings(session=str(session)))
+    flow.start_export(tmp_path / "taken.ts", "torchscript")
+    flow.wait()
+    refusal = f"{tmp_path / 'taken.ts'}: the file already exists; choose a new file name"
+    assert flow.take_export() == (None, refusal)
+    assert flow.log[-1] == f"exporting failed: {refusal}" and flow.progress_text == "Export failed: see the message"
+    assert (tmp_path / "taken.ts").read_bytes() == b"the user's file" and not flow.busy
+
+
 def test_the_networks_the_panel_knows_no_bundle_carries_are_those_asfda_builds_itself():
     """The panel offers a format from session.json without importing torch: its list is the loader's."""
     from ASFDALib.models.formats import OWN_NETWORKS, default_format

@@ -206,7 +206,12 @@ def test_one_session_through_the_panel_buttons(standins, errors, tmp_path, monke
     assert ui.segmentEditorWidget.mrmlSegmentEditorNode().GetSegmentationNode() is segmentation
 
     # --- export: in the format offered for the session's model, or another picked, where the dialog says ------
+    import threading
+
     import qt
+
+    from ASFDALib.app.workflow import BUTTON_ACTIONS
+    from ASFDALib.models import export
 
     assert [ui.exportFormatComboBox.itemText(i) for i in range(ui.exportFormatComboBox.count)] == [
         "bundle",
@@ -228,23 +233,50 @@ def test_one_session_through_the_panel_buttons(standins, errors, tmp_path, monke
     monkeypatch.setattr(qt.QFileDialog, "getExistingDirectory", staticmethod(folder_dialog))
     monkeypatch.setattr(qt.QFileDialog, "getSaveFileName", staticmethod(save_dialog))
     monkeypatch.setattr(slicer.util, "infoDisplay", lambda text, **kwargs: shown.append(" ".join(text.split())))
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: shown.append(f"error: {text}"))
+    # the export held in the worker until released, as a long torch.export trace holds it: Slicer's loop goes on
+    release, exporting = threading.Event(), export.export_session_model
+
+    def held(*args, **kwargs):
+        release.wait(60)
+        return exporting(*args, **kwargs)
+
+    monkeypatch.setattr(export, "export_session_model", held)
     ui.exportButton.click()
     assert asked.pop() == ("Export the adapted model as a MONAI bundle: choose a new or empty folder", str(tmp_path))
+    assert ui.exportButton.text == "Exporting…" and ui.progressLabel.text == "Exporting bundle to bundle…"
+    polls: list[int] = []
+    polled = widget.logic.flow.poll
+
+    def counted() -> int:
+        polls.append(1)
+        return polled()
+
+    monkeypatch.setattr(widget.logic.flow, "poll", counted)
+    run_until(lambda: len(polls) >= 3)  # the panel's timer polls the running export: the GUI thread is free
+    assert not any(getattr(ui, b).enabled for b in BUTTON_ACTIONS) and ui.progressBar.maximum == 0  # a busy bar
+    assert ui.exportButton.toolTip == "wait for exporting to finish"  # no Cancel: see Workflow.start_export
+    release.set()
+    run_until(_idle(widget))
     assert (tmp_path / "bundle" / "configs" / "inference.json").is_file()
     assert shown.pop().startswith(f"Exported bundle to {tmp_path / 'bundle'}: round 1's fine-tuned model")
+    assert ui.exportButton.text == "Export model" and ui.exportButton.enabled and ui.progressBar.maximum == 100
+    assert ui.progressLabel.text == "Exported bundle to bundle"
     ui.exportFormatComboBox.currentIndex = ui.exportFormatComboBox.findText("torchscript")
     assert node.export_format == "torchscript"
     ui.exportButton.click()  # a save dialog beside the session, named after it; the name typed gets the suffix
     assert asked.pop() == ("TorchScript (*.ts)", str(tmp_path / "session.ts"))
+    run_until(_idle(widget))
     assert (tmp_path / "adapted.ts").is_file() and (tmp_path / "adapted.card.json").is_file()
     said = shown.pop()
     assert said.startswith(f"Exported torchscript to {tmp_path / 'adapted.ts'}, its card to ")
     assert said.endswith("model with Trust this file ticked (it runs code stored in the file)")
     written = (tmp_path / "adapted.ts").read_bytes()
-    ui.exportButton.click()  # the same name again: refused as asfda export refuses it (Slicer shows the error)
-    assert [str(e) for e in errors] == [f"{tmp_path / 'adapted.ts'}: the file already exists; choose a new file name"]
-    errors.clear()
-    assert not shown and (tmp_path / "adapted.ts").read_bytes() == written
+    ui.exportButton.click()  # the same name again: refused as asfda export refuses it, shown when the job ends
+    run_until(_idle(widget))
+    assert shown == [f"error: {tmp_path / 'adapted.ts'}: the file already exists; choose a new file name"]
+    assert ui.progressLabel.text == "Export failed: see the message" and errors == []
+    assert (tmp_path / "adapted.ts").read_bytes() == written
     assert node.export_format == "torchscript"  # the user's pick stays
 
     # --- next round: re-rank the rest with the adapted model ----------------------------------------------
