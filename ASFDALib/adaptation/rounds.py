@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ASFDALib import distributed
-from ASFDALib.adaptation.runs import finish_hint, unfinished_run
+from ASFDALib.adaptation.runs import finish_hint, finish_ways, unfinished_run
 from ASFDALib.adaptation.session import Session
 from ASFDALib.atomic import atomic_write
 from ASFDALib.data.volumes import content_hash
-from ASFDALib.errors import ASFDAError, ModelError, as_arg
+from ASFDALib.errors import ASFDAError, ModelError
 from ASFDALib.inference.predict import check_outputs
 from ASFDALib.models.card import card_from_dict
 from ASFDALib.models.loading import LoadedModel
@@ -229,18 +229,18 @@ def rank_round(
     progress: Progress | None = None,
     on_model: Callable[[LoadedModel], None] | None = None,
     card_given: bool = False,
+    cli: bool = True,
 ) -> tuple[Ranking, RankingOutputs]:
     """One round's ranking from start to end: choose the model, score and rank the pool, then (on rank 0
     under torchrun) write ranking.csv/json/png and record the query. Returns the ranking and the files
-    written. ``on_model`` hears which model ranks before the long work starts."""
+    written. ``on_model`` hears which model ranks before the long work starts. ``cli``: a refusal names
+    ``asfda finetune``'s commands, else the panel's buttons."""
     # that run trains on the round's labels as they were: a new query now would change them under it
     if unfinished := unfinished_run(session):
-        hint = finish_hint(session)
-        anew = (
-            ""
-            if "--restart" in hint
-            else f", or label more and 'asfda finetune {as_arg(session.root)} --restart' trains the round anew"
-        )
+        hint = finish_hint(session, cli=cli)
+        _, restart = finish_ways(session, cli=cli)
+        anew = f"{restart} trains the round anew" if cli else f"press {restart} to train the round anew"
+        anew = "" if restart in hint else f", or label more and {anew}"
         raise ASFDAError(f"{session.root}: {unfinished}; {hint} (the next rank starts a new round){anew}")
     # the session's files would mix with the scans it ranks (the command line refuses it first, naming --out)
     refuse_same_folder(session.root, images, "images", "give the session a folder of its own")

@@ -238,20 +238,36 @@ def run_state(session: Session, run: dict, holder: str | None = None) -> str:
     return how_ended(run)
 
 
-def finish_hint(session: Session, name: str | Path | None = None) -> str:
-    """How the newest round's unfinished run is finished, as a command (``name``: the session as the user
-    typed it): a resume, or where its labels changed since it ran (a resume refuses them), a restart; for a
-    run still going, to wait for it."""
-    run = newest_run(session)
+# The panel's Fine-tune buttons for the engine's resume and restart (Resources/UI/ASFDA.ui: finetuneButton once the
+# round has a run, finetuneAgainButton)
+PANEL_RESUME, PANEL_RESTART = "Continue the last run", "Train again from the round's start"
+
+
+def finish_ways(session: Session, name: str | Path | None = None, cli: bool = True) -> tuple[str, str]:
+    """How the newest round's run is resumed and trained anew: ``asfda finetune``'s commands (``name``: the session
+    as the user typed it), or with ``cli`` False the panel's buttons that run them."""
+    if not cli:
+        return PANEL_RESUME, PANEL_RESTART
     command = f"'asfda finetune {as_arg(name or session.root)}"
+    return f"{command} --resume'", f"{command} --restart'"
+
+
+def finish_hint(session: Session, name: str | Path | None = None, cli: bool = True) -> str:
+    """How the newest round's unfinished run is finished, as a command (``name``: the session as the user
+    typed it), or with ``cli`` False as what to press in the panel: a resume, or where its labels changed since it
+    ran (a resume refuses them), a restart; for a run still going, to wait for it."""
+    run = newest_run(session)
+    resume, restart = finish_ways(session, name, cli)
     if handover_pending(session, run):
-        return f"{command} --resume' records it"
+        return f"{resume} records it" if cli else f"press {resume} to record it"
     holder = session.in_use()  # probed once: the run may end in between
     if run is not None and run_state(session, run, holder) == "running":
-        return f"wait for it to finish ({holder}), or stop it and {command} --resume' continues it"
+        then = f"{resume} continues it" if cli else f"press {resume} to continue it"
+        return f"wait for it to finish ({holder}), or stop it and {then}"
     if changed := labels_changed_since(run, session_labels(session)):
-        return f"its labels changed since ({changed}): {command} --restart' trains the round on them"
-    return f"{command} --resume' finishes it"
+        how = f"{restart} trains the round on them" if cli else f"press {restart} to train the round on them"
+        return f"its labels changed since ({changed}): {how}"
+    return f"{resume} finishes it" if cli else f"press {resume} to finish it"
 
 
 def unfinished_run(session: Session) -> str:

@@ -250,6 +250,8 @@ class Workflow:
             return True, "train this round again from its start (the last run is kept aside in the session)"
         if run is None:
             return True, "fine-tune on the labels"
+        if self._handover_pending(run):  # the engine's resume records it, training nothing
+            return True, "record the finished run's model, which session.json does not yet (its process was stopped)"
         if not run["finished"]:
             if changed := self._labels_changed(run):  # a resume goes on as the run ran: the engine refuses it
                 return False, f"the labels changed since the interrupted run ({changed}): train again from the start"
@@ -276,6 +278,12 @@ class Workflow:
 
         return newest_run(session)
 
+    def _handover_pending(self, run: dict) -> bool:
+        from ASFDALib.adaptation.runs import handover_pending  # torch-free
+
+        session = self._open_session()
+        return session is not None and handover_pending(session, run)
+
     def _labels_changed(self, run: dict) -> str:
         from ASFDALib.adaptation.runs import labels_changed_since, session_labels  # torch-free
 
@@ -283,13 +291,14 @@ class Workflow:
         return labels_changed_since(run, session_labels(session)) if session is not None else ""
 
     def finetune_mode(self, again: bool = False) -> str:
-        """The engine's mode for the panel's two explicit choices: never a silent resume of a finished run."""
+        """The engine's mode for the panel's two explicit choices: never a silent resume of a finished run (one
+        session.json does not record yet is resumed: the engine records it, training nothing)."""
         if again:
             return "restart"
         run = self.finetune_run()
         if run is None:
             return "new"
-        return "extend" if run["finished"] else "resume"
+        return "extend" if run["finished"] and not self._handover_pending(run) else "resume"
 
     def run_text(self) -> str:
         """One line on the round's run for the Fine-tune section: what the two choices would act on."""
@@ -480,6 +489,7 @@ class Workflow:
                     settings.trust,
                     progress,
                     card_given=bool(settings.card),
+                    cli=False,
                 )
             for warning in written.warnings:  # e.g. no plot: matplotlib missing; the ranking itself is written
                 self._events.put(("message", warning))

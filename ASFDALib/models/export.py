@@ -640,7 +640,7 @@ def _refuse_unadapted(session: Any, name: str, cli: bool) -> None:
     from ASFDALib.adaptation.runs import finish_hint, handover_pending, newest_run, unfinished_run
 
     if handover_pending(session, newest_run(session)):  # its record is not its model's
-        raise ASFDAError(f"{name}: {unfinished_run(session)}; {finish_hint(session, name)}, then export")
+        raise ASFDAError(f"{name}: {unfinished_run(session)}; {finish_hint(session, name, cli)}, then export")
     if session.adapted_checkpoint() is not None:
         return
     source = ", or pass --source-model to export the model as it came" if cli else ""
@@ -649,7 +649,7 @@ def _refuse_unadapted(session: Any, name: str, cli: bool) -> None:
             f"{name}: not fine-tuned yet, and in use by {holder} (a fine-tune running?); export when it ends{source}"
         )
     if unfinished := unfinished_run(session):  # a first fine-tune interrupted: finishing it is the way on
-        raise ASFDAError(f"{name}: not fine-tuned yet: {unfinished}; {finish_hint(session, name)}{source}")
+        raise ASFDAError(f"{name}: not fine-tuned yet: {unfinished}; {finish_hint(session, name, cli)}{source}")
     way = f"run 'asfda finetune {as_arg(name)}' first" if cli else "fine-tune it first"
     raise ASFDAError(f"{name}: not fine-tuned yet, so there is no adapted model to export; {way}{source}")
 
@@ -718,7 +718,7 @@ def export_session_model(
     interrupted, a finished one not recorded yet) is refused, naming the way on; and so is a bundle of a model that
     a bundle cannot carry, naming the formats that can. The command and the panel both export through this.
     ``name``: the session as the user gave it, for the messages; ``cli``: the messages name ``asfda export``'s
-    options (the panel has none)."""
+    options and ``asfda finetune``'s commands (the panel has neither: they name its buttons)."""
     from ASFDALib.adaptation.pipeline import session_model
     from ASFDALib.adaptation.runs import unfinished_run
 

@@ -547,6 +547,43 @@ def test_an_export_the_worker_refuses_gives_why_when_it_ends(adapted, tmp_path):
     assert (tmp_path / "taken.ts").read_bytes() == b"the user's file" and not flow.busy
 
 
+def test_the_panel_says_which_button_records_a_finished_run_session_json_missed(adapted, tmp_path):
+    """Slicer killed between run.json and session.json of an extension: the panel's Export and Rank say what to
+    press (not an asfda command), and that button (Continue the last run) records the run, training nothing."""
+    from ASFDALib.app.workflow import PanelSettings, Workflow
+    from ASFDALib.errors import ASFDAError
+
+    session = shutil.copytree(adapted[1], tmp_path / "session")
+    before = (session / "session.json").read_bytes()
+    extend = ["finetune", str(session), "--extend", "--iterations", "6", "--no-pseudo", "--batch-size", "1"]
+    assert main(extend) == 0
+    final = (session / "checkpoints" / "round1" / "final.pt").read_bytes()
+    (session / "session.json").write_bytes(before)  # what the kill leaves: session.json as the extension began
+    flow = Workflow(PanelSettings(session=str(session)))
+    pending = (
+        f"{session}: round 1's fine-tune finished, but session.json does not record its model yet (stage 1: 6 "
+        "iterations, stage 2: 0); press Continue the last run to record it"
+    )
+    with pytest.raises(ASFDAError) as refused:
+        flow.export(tmp_path / "m.pt2", "pt2")
+    assert str(refused.value) == f"{pending}, then export"
+    flow.start_rank()
+    flow.wait()
+    assert flow.log[-1] == (
+        f"ranking failed: {pending} (the next rank starts a new round), or label more and press Train again from the "
+        "round's start to train the round anew"
+    )
+    assert flow.finetune_mode() == "resume" and flow.check("finetune") == (
+        True,
+        "record the finished run's model, which session.json does not yet (its process was stopped)",
+    )
+    flow.start_finetune(flow.finetune_mode())
+    flow.wait()
+    assert flow.last_run == "round 1's run had finished: nothing left to run"
+    assert (session / "checkpoints" / "round1" / "final.pt").read_bytes() == final  # nothing trained again
+    assert flow.export(tmp_path / "m.pt2", "pt2").message.startswith(f"Exported pt2 to {tmp_path / 'm.pt2'}")
+
+
 def test_the_networks_the_panel_knows_no_bundle_carries_are_those_asfda_builds_itself():
     """The panel offers a format from session.json without importing torch: its list is the loader's."""
     from ASFDALib.models.formats import OWN_NETWORKS, default_format

@@ -19,6 +19,8 @@ slicer = pytest.importorskip("slicer", reason="slicer-core gives the panel real 
 
 import slicer_standins  # noqa: E402
 
+from ASFDALib.adaptation.runs import PANEL_RESTART, PANEL_RESUME  # noqa: E402
+
 STATUS = 6  # the results table's Status column (ASFDAPanelLib.state.COLUMNS)
 CAUGHT: list[BaseException] = []  # exceptions raised in the panel's slots, for failure messages
 
@@ -159,6 +161,8 @@ def test_one_session_through_the_panel_buttons(standins, errors, tmp_path, monke
     run_until(_idle(widget))
     assert ui.finetuneLabel.text == "round 1 trained: stage 1 10 iterations", widget.logic.flow.log[-3:]
     assert ui.finetuneButton.text == "Continue the last run" and ui.finetuneAgainButton.visible
+    # the buttons the engine's messages name when they are shown in the panel
+    assert (ui.finetuneButton.text, ui.finetuneAgainButton.text) == (PANEL_RESUME, PANEL_RESTART)
     assert ui.finetuneRunLabel.text.endswith("Round 1 has a finished run (stage 1: 10 iterations, stage 2: 0).")
     assert not ui.finetuneButton.enabled and "set the iterations above 10" in ui.finetuneButton.toolTip
 
