@@ -3,18 +3,26 @@
     pip install PySide6-Essentials && python scripts/render_panel.py [--session DIR] [--out PNG]
 
 Slicer's own widgets (ctk*, qMRML*) are not available outside Slicer; each is replaced by the Qt class
-it derives from or looks like, so the layout, texts and table read as they do in Slicer.
+it derives from or looks like, so the layout, texts and table read as they do in Slicer. The table's cells,
+the buttons' states and the format Export offers come from the panel's own helpers (ASFDAPanelLib.state,
+the workflow), so the picture cannot drift from the panel.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PySide6.QtWidgets import QWidget
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "ASFDA"))  # the panel's pure helpers (ASFDAPanelLib), as Slicer finds them
 STAND_INS = {
     "qMRMLWidget": "QWidget",
     "ctkCollapsibleButton": "QGroupBox",
@@ -61,17 +69,16 @@ def sample_session() -> Path:
     return folder
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--session", type=Path, help="a ranked session to show (default: rank the sample pool)")
-    parser.add_argument("--out", type=Path, default=REPO / "Resources" / "Screenshots" / "panel.png")
-    args = parser.parse_args()
+def render(session: Path, out: Path) -> QWidget:
+    """Draw the panel for the ranked ``session`` into ``out`` (PNG); returns the panel widget."""
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    from PySide6.QtCore import QBuffer, QByteArray, QIODevice
+    from ASFDAPanelLib import dependencies, state
+    from PySide6.QtCore import QBuffer, QByteArray, QIODevice, Qt
     from PySide6.QtGui import QColor
     from PySide6.QtUiTools import QUiLoader
     from PySide6.QtWidgets import (
         QApplication,
+        QComboBox,
         QLabel,
         QLineEdit,
         QPlainTextEdit,
@@ -89,7 +96,6 @@ def main() -> None:
     buffer = QBuffer(data)
     buffer.open(QIODevice.ReadOnly)
     panel = QUiLoader().load(buffer)
-    session = args.session or sample_session()
     flow = Workflow(PanelSettings(session=str(session)))
     flow.reopen()
     find = panel.findChild
@@ -97,17 +103,19 @@ def main() -> None:
     find(QLineEdit, "sessionPathLineEdit").setText(str(session))
     find(QLineEdit, "modelPathLineEdit").setPlaceholderText("built-in small model (or a MONAI bundle / .ts / .pt)")
     find(QSpinBox, "budgetSpinBox").setValue(flow.settings.budget)
+    find(QComboBox, "exportFormatComboBox").setCurrentText(flow.export_format())
     find(QPlainTextEdit, "logTextEdit").setPlainText("\n".join(flow.log))
-    find(QLabel, "deviceInfoLabel").setText("CPU only (no CUDA device)")
-    find(QLabel, "dependencyLabel").setText("torch 2.13.0, monai 1.6.1, nibabel 5.4.2")
+    find(QLabel, "dependencyLabel").setText(f"{dependencies.report()} — CPU only")  # the panel's line, on a CPU
     find(QProgressBar, "progressBar").setValue(100)
     find(QLabel, "progressLabel").setText(f"Ranked {len(flow.rows)} volumes; query: {len(flow.query)}")
     table = find(QTableWidget, "resultsTable")
     table.setRowCount(len(flow.rows))
     for r, row in enumerate(flow.rows):
-        for c, value in enumerate((row.rank, row.case, row.priority, row.dkd, row.asd, row.status)):
-            item = QTableWidgetItem(value)
-            if row.selected:
+        cells = state.row_cells(row)
+        for c in range(len(state.COLUMNS)):
+            item = QTableWidgetItem()
+            item.setData(Qt.DisplayRole, state.display_value(c, cells[c]))
+            if cells[state.SELECTED]:
                 item.setBackground(QColor(255, 236, 200))
             table.setItem(r, c, item)
     table.resizeColumnsToContents()
@@ -118,11 +126,25 @@ def main() -> None:
         button.setEnabled(enabled)
         button.setToolTip(why)
     find(QLabel, "labelStatusLabel").setText(f"Next case: {flow.next_case()} — the model's prediction is pre-filled.")
-    panel.resize(460, 1040)
+    panel.resize(640, 1100)
     panel.show()
     app.processEvents()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    panel.grab().save(str(args.out))
+    # a word-wrapped label in a row of the form gets one line's height offscreen: give it the lines it wraps to
+    for label in panel.findChildren(QLabel):
+        if label.wordWrap():
+            label.setMinimumHeight(label.heightForWidth(label.width()))
+    app.processEvents()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    panel.grab().save(str(out))
+    return panel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--session", type=Path, help="a ranked session to show (default: rank the sample pool)")
+    parser.add_argument("--out", type=Path, default=REPO / "Resources" / "Screenshots" / "panel.png")
+    args = parser.parse_args()
+    render(args.session or sample_session(), args.out)
     print(f"wrote {args.out}")
 
 

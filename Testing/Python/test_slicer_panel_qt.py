@@ -538,3 +538,33 @@ def test_the_self_test_says_what_is_missing_instead_of_failing_in_the_worker(sta
     monkeypatch.setattr(slicer.util, "warningDisplay", lambda text, **kwargs: shown.append(text))
     module.ASFDATest("runTest").runTest()
     assert shown == ["ASFDA self-test skipped: ASFDA needs monai>=1.3: press Check / install in the ASFDA module"]
+
+
+def test_the_readmes_panel_screenshot_is_drawn_from_the_ui_and_a_real_ranking(tmp_path):
+    """scripts/render_panel.py draws Resources/Screenshots/panel.png: the table's cells, the buttons' states and the
+    format Export offers come from the panel's own helpers, so a change to the panel cannot leave it broken."""
+    import importlib.util
+
+    from PySide6.QtWidgets import QComboBox, QPushButton, QTableWidget
+
+    from ASFDALib.app.cli import main
+    from ASFDALib.bench.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "pool", 2, "mri", seed=3)
+    session = tmp_path / "session"
+    assert main(["rank", "--images", str(tmp_path / "pool" / "images"), "--out", str(session), "--budget", "1"]) == 0
+    script = slicer_standins.REPO / "scripts" / "render_panel.py"
+    spec = importlib.util.spec_from_file_location("render_panel", script)
+    render_panel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_panel)
+    panel = render_panel.render(session, tmp_path / "panel.png")
+    table = panel.findChild(QTableWidget, "resultsTable")
+    rows = [[table.item(r, c).text() for c in (0, 1, 6)] for r in range(table.rowCount())]
+    assert sorted(rank for rank, _, _ in rows) == ["1", "2"]
+    cases = {case: status for _, case, status in rows}
+    assert cases == {"mri_000.nii.gz": "unlabelled", "mri_001.nii.gz": "unlabelled"}
+    assert all(0.0 <= float(table.item(r, c).text()) for r in range(2) for c in (2, 3, 4, 5))
+    assert panel.findChild(QComboBox, "exportFormatComboBox").currentText() == "bundle"
+    export = panel.findChild(QPushButton, "exportButton")
+    assert not export.isEnabled() and export.toolTip() == "fine-tune first"
+    assert (tmp_path / "panel.png").read_bytes().startswith(b"\x89PNG")
