@@ -14,6 +14,7 @@ from ASFDALib.atomic import atomic_write_json, remove_scratch
 from ASFDALib.errors import ASFDAError
 
 PREDICTIONS_MANIFEST = "asfda_predictions.json"  # the label maps asfda predict wrote into a folder
+SESSION_FILE = "session.json"  # what makes a folder an ASFDA session (ASFDALib.adaptation.session writes it)
 
 
 def _resolved(path: Path | str) -> Path:
@@ -83,13 +84,15 @@ def refuse_folder_holding(folder: Path, protected: Iterable[Path], what: str, fi
             raise ASFDAError(f"{folder}: holds {what} {path}; {fix}")
 
 
+def is_session_folder(folder: Path | str) -> bool:
+    """Whether ``folder`` is an ASFDA session: it holds the session file."""
+    return (Path(folder) / SESSION_FILE).is_file()
+
+
 def session_folder_of(path: Path) -> Path | None:
-    """The session folder ``path`` lies in (a folder holding session.json, ``path`` itself or above it)."""
+    """The session folder ``path`` lies in (:func:`is_session_folder`, ``path`` itself or above it)."""
     resolved = _resolved(path)
-    for folder in (resolved, *resolved.parents):
-        if (folder / "session.json").is_file():
-            return folder
-    return None
+    return next((folder for folder in (resolved, *resolved.parents) if is_session_folder(folder)), None)
 
 
 def refuse_inside_session(target: Path, fix: str) -> None:

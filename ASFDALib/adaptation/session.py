@@ -33,10 +33,9 @@ from filelock import FileLock, Timeout
 
 from ASFDALib.atomic import atomic_write_json, atomic_write_text
 from ASFDALib.errors import ASFDAError, as_arg
-from ASFDALib.outputs import path_inside
+from ASFDALib.outputs import SESSION_FILE, is_session_folder, path_inside
 
 SCHEMA_VERSION = 1
-SESSION_FILE = "session.json"
 LOCK_FILE = ".asfda.lock"
 # Who holds the lock, beside the lock file: a Windows lock makes the locked file unreadable to others, and
 # the soft-lock fallback owns the lock file's content.
@@ -176,7 +175,7 @@ class Session:
         path = root / SESSION_FILE
         if not path.is_file():
             stripped = root.with_name(root.name.strip()) if root.name.strip() else root
-            if not create and stripped != root and (stripped / SESSION_FILE).is_file():  # a path pasted with a space
+            if not create and stripped != root and is_session_folder(stripped):  # a path pasted with a space
                 raise SessionError(f"{as_arg(root)}: not an ASFDA session, but {as_arg(stripped)} is: give that")
             if not create:
                 raise SessionError(f"{root}: not an ASFDA session (no {SESSION_FILE}); {_how_to_make(root)}")
@@ -270,7 +269,7 @@ class Session:
             raise
         self._lock_handle = handle
         try:
-            if (self.root / SESSION_FILE).is_file():  # what another writer saved since this object read it
+            if is_session_folder(self.root):  # what another writer saved since this object read it
                 self.data = self._read(self.root / SESSION_FILE)
         except BaseException:
             self.unlock()
@@ -603,7 +602,7 @@ def unrecorded_query(root: Path | str, session: Session | None = None) -> list[s
     except (OSError, ValueError, KeyError, TypeError):
         shown = None
     shown = shown if isinstance(shown, list) and all(isinstance(n, str) for n in shown) else None
-    if not (root / SESSION_FILE).is_file():
+    if not is_session_folder(root):
         return (shown or []) if (root / LOCK_FILE).is_file() else None
     if shown is None:  # no ranking.json to compare (an unreadable one, or ranking files of a version before it)
         return None

@@ -40,6 +40,7 @@ from ASFDALib.app.arguments import (
 )
 from ASFDALib.errors import ASFDAError, Terminated, brief, interrupted_exit_code
 from ASFDALib.models.formats import FORMATS
+from ASFDALib.outputs import is_session_folder
 
 RANK_EXAMPLES = """
 examples:
@@ -798,7 +799,7 @@ def _scans_given_without_images(argv: list[str]) -> str | None:
 
     for word in (w for w in argv[1:] if not w.startswith("-")):
         folder = Path(word)
-        if not folder.is_dir() or (folder / "session.json").is_file():
+        if not folder.is_dir() or is_session_folder(folder):
             continue
         scans = folder / "images" if (folder / "images").is_dir() else folder  # a dataset's images/
         if not any(has_image_suffix(p) for p in scans.iterdir()):

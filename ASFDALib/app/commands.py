@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ASFDALib.app.progress import stage_progress, training_progress, volume_progress
 from ASFDALib.errors import ASFDAError, as_arg, interrupted_exit_code
+from ASFDALib.outputs import is_session_folder
 
 if TYPE_CHECKING:  # the benchmark imports torch: only the commands that run it load it
     from ASFDALib.bench.benchmark import BenchmarkConfig, Folders
@@ -53,7 +54,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.images is not None:
         refuse_same_folder(out, args.images, "--images", "give the session its own folder, e.g. --out asfda-session")
-    first_rank = not (out / "session.json").is_file()
+    first_rank = not is_session_folder(out)
     # a new session writes these into --out: in a folder that is no session they would be someone else's
     # (a file of notes, or a dataset's labels/ that the session's label versions would land among)
     # (a score cache alone is an interrupted first rank's: the same command resumes from it)
@@ -343,7 +344,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     action, words = labels_action(args)  # labels_argument_problem has refused every other shape while parsing
     console = Console()
     if action == "import":
-        if (Path(args.source) / "session.json").is_file() and not (Path(words[0]) / "session.json").is_file():
+        if is_session_folder(args.source) and not is_session_folder(words[0]):
             raise ASFDAError(
                 f"{args.source} is the session and {words[0]} the labels, the wrong way round: "
                 f"'asfda labels import {as_arg(args.source)} --from {as_arg(words[0])}'"
@@ -883,7 +884,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     maker = next(iter(makers)) if len(makers) == 1 else None
     # --session names a copy or a moved folder of the session that made them (the very checkpoint)
     copy = session is not None and str(session.root.resolve()) not in makers and _same_weights(session, made_by)
-    if session is None and maker and (Path(maker) / "session.json").is_file():
+    if session is None and maker and is_session_folder(maker):
         try:
             session = Session.open(maker)
             said = f"session {maker}: the one that made these label maps (--session names another)"

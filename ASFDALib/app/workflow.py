@@ -23,6 +23,7 @@ import numpy as np
 
 from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.errors import ASFDAError
+from ASFDALib.outputs import is_session_folder
 
 if TYPE_CHECKING:
     from ASFDALib.models.export import Exported
@@ -323,10 +324,10 @@ class Workflow:
         """Restore settings, query and table from an existing session folder; False if there is none."""
         import json
 
-        from ASFDALib.adaptation.session import SESSION_FILE, Session, SessionError, unrecorded_query
+        from ASFDALib.adaptation.session import Session, SessionError, unrecorded_query
 
         path = self.session_path()
-        if path is None or not (path / SESSION_FILE).is_file():
+        if path is None or not is_session_folder(path):
             return False
         try:
             session = Session.open(path)

@@ -30,6 +30,7 @@ from ASFDALib.bench.scenarios import write_target_split
 from ASFDALib.data.labels import import_labels
 from ASFDALib.errors import ASFDAError
 from ASFDALib.models.loading import load_model
+from ASFDALib.outputs import SESSION_FILE
 from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
 from ASFDALib.query.ranking import RankConfig, Ranking, rank_folder
 from ASFDALib.query.report import write_ranking
@@ -68,7 +69,7 @@ def _beyond_the_demo(session_dir: Path) -> str:
     """What a user did in the demo's session after the demo (a later round, labels of their own), in words; ""
     when it holds only what the demo made (one round, its query's labels from clinician_labels/)."""
     try:
-        data = json.loads((session_dir / "session.json").read_text(encoding="utf-8"))
+        data = json.loads((session_dir / SESSION_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return ""
     rounds = data.get("rounds") or []

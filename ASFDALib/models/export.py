@@ -40,6 +40,7 @@ from ASFDALib.models.card import ModelCard
 from ASFDALib.models.formats import DEFAULT_NAMES, FORMATS, formats_without_bundle, recorded_network, session_format
 from ASFDALib.models.loading import WEIGHT_NAMES, LoadedModel, card_beside
 from ASFDALib.outputs import (
+    SESSION_FILE,
     refuse_existing,
     refuse_folder_holding,
     refuse_inside_session,
@@ -659,7 +660,7 @@ def _refuse_target(session: Any, out: Path, fmt: str, cli: bool) -> None:
     write over an export, a file the session references or a card of another model, or into the session or among
     its scans. A program's card left by an export stopped before its model moved in is its own: not refused (the
     export completes it)."""
-    protected = session_files(session) | {session.root / "session.json"}
+    protected = session_files(session) | {session.root / SESSION_FILE}
     fix = "choose a new folder for the export"
     option = "--out " if cli else ""
     if fmt == "bundle":
