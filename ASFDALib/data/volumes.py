@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from ASFDALib.atomic import atomic_write, atomic_write_bytes
 from ASFDALib.data.dicom import DICOMDIR, is_dicom_file, read_series
 from ASFDALib.errors import ASFDAError, VolumeError
-from ASFDALib.outputs import session_folder_of
+from ASFDALib.outputs import SESSION_FILE, is_session_folder, session_folder_of
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -40,6 +40,16 @@ SCAN_FOLDER_NAME = re.compile(r"(images?|scans?)(tr|ts|val)?", re.IGNORECASE)
 
 class NotAScanError(VolumeError):
     """A volume of a scan pool that is a label map (see :func:`looks_like_label_map`); skipped with its reason."""
+
+
+@dataclass
+class _Walked:
+    """What one walk of a folder found: volumes, the other files it looked at and the ASFDA session folders below
+    it that it kept out."""
+
+    volumes: list[Path]
+    others: list[Path]
+    sessions: list[Path]
 
 
 @dataclass
@@ -66,10 +76,11 @@ def _is_dicom_dir(folder: Path, files: list[str]) -> bool:
 def discover_volumes(folder: Path | str, recursive: bool = False, exclude: Collection[Path] = ()) -> list[Path]:
     """Image files and DICOM series folders under ``folder``, sorted; a DICOM folder counts as one volume.
 
-    Symbolic links to folders are not followed, so a link loop cannot trap the scan. Sub-folders in ``exclude``
-    (a session folder kept inside the pool: its labels and predictions are not scans) are not searched.
+    Symbolic links to folders are not followed, so a link loop cannot trap the scan. An ASFDA session kept
+    below ``folder`` (its label versions and predictions are no scans) is not searched, nor are sub-folders in
+    ``exclude`` (the session being made, which holds no session file yet).
     """
-    return _walk(folder, recursive, exclude)[0]
+    return _walk(folder, recursive, exclude).volumes
 
 
 def passed_over(folder: Path | str, recursive: bool = False, exclude: Collection[Path] = ()) -> list[Path]:
@@ -84,12 +95,19 @@ def discover(
     FreeSurfer .mgz, an Analyze .hdr/.img pair, PNG slices, a zipped series). Not passed over: hidden files and
     those a file browser writes, files of a DICOM folder, the data file a detached header names and a volume's
     sidecars (its name with another type: BIDS .json, .bval, .bvec)."""
-    volumes, others = _walk(folder, recursive, exclude)
-    parts = {data.resolve() for v in volumes for data in _detached_data(v)}
-    stems = {(v.parent, _volume_stem(v.name)) for v in volumes}
-    return volumes, [
-        p for p in others if p.resolve() not in parts and (p.parent, p.name.rsplit(".", 1)[0]) not in stems
+    walked = _discover(folder, recursive, exclude)
+    return walked.volumes, walked.others
+
+
+def _discover(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> _Walked:
+    """:func:`discover`'s walk with its other files less a volume's sidecars and data files."""
+    walked = _walk(folder, recursive, exclude)
+    parts = {data.resolve() for v in walked.volumes for data in _detached_data(v)}
+    stems = {(v.parent, _volume_stem(v.name)) for v in walked.volumes}
+    walked.others = [
+        p for p in walked.others if p.resolve() not in parts and (p.parent, p.name.rsplit(".", 1)[0]) not in stems
     ]
+    return walked
 
 
 def _volume_stem(name: str) -> str:
@@ -115,7 +133,7 @@ def deeper_series(folder: Path | str, volumes: Collection[Path], exclude: Collec
         d
         for d in sorted(root.iterdir())
         if d.is_dir() and not d.is_symlink() and not d.name.startswith(".") and d not in found
-        if d.resolve() not in excluded
+        if d.resolve() not in excluded and not is_session_folder(d)
     ]
     return [d for d in subs if any(p.is_dir() for p in discover_volumes(d, True, exclude))]
 
@@ -160,12 +178,13 @@ def no_volumes_message(
     if scans := scan_folders(root):
         more = f" (or {', '.join(map(str, scans[1:]))})" if scans[1:] else ""
         return f"{said}; the scans look to be in a sub-folder: give --images {scans[0]}{more}"
-    # one walk of the sub-folders too, where the command's own did not look there; an ASFDA session kept among
-    # them (its label versions, its records) holds no scans to point at
-    below, others_below = ([], others) if recursive else discover(root, True, exclude)
-    below, others_below, sessions = _outside_sessions(root, below, others_below)
-    if below:
-        folders = sorted({relative_name(v.parent, root) for v in below})
+    # one walk of the sub-folders too (where the command's own did not look there, and for the ASFDA sessions a
+    # walk keeps out: their label versions and records are no scans to point at)
+    below = _discover(root, True, exclude)
+    others_below = others if recursive else below.others
+    sessions = [relative_name(s, root) for s in below.sessions]
+    if below.volumes:
+        folders = sorted({relative_name(v.parent, root) for v in below.volumes})
         named = ", ".join(folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
         also = f", and files of other types in it ({passed_over_summary(others)})" if others else ""
         count = f"{len(folders)} sub-folder{'s' * (len(folders) != 1)}"
@@ -189,37 +208,22 @@ def no_volumes_message(
     return f"{said}{held} give --images the folder that holds the scans to {doing}"
 
 
-def _outside_sessions(root: Path, volumes: list[Path], others: list[Path]) -> tuple[list[Path], list[Path], list[str]]:
-    """``volumes`` and ``others`` found under ``root`` less those in an ASFDA session below it (other than the one
-    ``root`` lies in), and those sessions' folders under ``root``."""
-    own = session_folder_of(root)
-    sessions: set[Path] = set()
-    kept: dict[Path, bool] = {}  # by folder: one look up the tree each
-
-    def outside(path: Path) -> bool:
-        if path.parent not in kept:
-            folder = session_folder_of(path.parent)
-            kept[path.parent] = folder == own
-            if folder != own and folder is not None:
-                sessions.add(folder)
-        return kept[path.parent]
-
-    volumes, others = [v for v in volumes if outside(v)], [o for o in others if outside(o)]
-    return volumes, others, sorted(relative_name(s, root.resolve()) for s in sessions)
-
-
-def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> tuple[list[Path], list[Path]]:
-    """(volumes, the other files looked at) under ``folder``: the one walk behind :func:`discover`, so what it
-    finds and what it passes over cannot disagree on where it looked."""
+def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> _Walked:
+    """What one walk under ``folder`` finds: the one walk behind :func:`discover`, so what it finds and what it
+    passes over cannot disagree on where it looked."""
     root = Path(folder)
     if not root.is_dir():
         raise ASFDAError(f"{root}: not a folder (give the folder that holds the volumes)")
     excluded = {Path(p).resolve() for p in exclude}
-    found: list[Path] = []
-    others: list[Path] = []
+    walked = _Walked([], [], [])
+    found, others = walked.volumes, walked.others
     bids = False
     for current, dirs, files in os.walk(root, followlinks=False):
         here = Path(current)
+        if here != root and SESSION_FILE in files:  # an ASFDA session kept in the pool: its files are no scans
+            walked.sessions.append(here)
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() not in excluded)
         if BIDS_DESCRIPTION in files:  # a BIDS dataset: its derived maps (labels), raw sources and code are no scans
             dirs[:] = [d for d in dirs if d not in BIDS_NOT_SCANS]
@@ -251,7 +255,8 @@ def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> tup
                 if _is_dicom_dir(sub, sub_files):
                     found.append(sub)
             dirs[:] = []
-    return sorted(set(found)), sorted(others)
+    walked.volumes, walked.others, walked.sessions = sorted(set(found)), sorted(others), sorted(walked.sessions)
+    return walked
 
 
 def _bids_metadata(name: str) -> bool:

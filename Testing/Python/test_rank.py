@@ -281,6 +281,25 @@ def test_a_session_kept_among_the_sub_folders_is_no_volumes_to_rank_with_recursi
     )
 
 
+def test_a_recursive_rank_leaves_out_a_session_kept_in_the_pool(tmp_path, mri_pool, capsys):
+    """A session made inside the pool folder: --recursive ranks the scans, not the session's label versions (which
+    it used to score and then skip as label maps)."""
+    from ASFDALib.adaptation.session import Session
+
+    scans = sorted((mri_pool / "images").iterdir())[:2]
+    (tmp_path / "pool" / "site1").mkdir(parents=True)
+    for scan in scans:
+        shutil.copy(scan, tmp_path / "pool" / "site1" / scan.name)
+    with Session.open(tmp_path / "pool" / "sess", create=True) as session:
+        session.save()
+    (tmp_path / "pool" / "sess" / "labels").mkdir()
+    shutil.copy(mri_pool / "labels" / scans[0].name, tmp_path / "pool" / "sess" / "labels" / "a.v1.nii.gz")
+    argv = ["rank", "--images", str(tmp_path / "pool"), "--recursive", "--out", str(tmp_path / "s"), "--budget", "1"]
+    assert main(argv) == 0
+    assert "label map" not in capsys.readouterr().out
+    assert sorted(r["file"] for r in _rows(tmp_path / "s")) == [f"site1/{scan.name}" for scan in scans]
+
+
 @pytest.mark.parametrize("weights", ["model.pt", "model.ts"])
 def test_a_bundles_card_notes_reach_the_user_for_state_dict_and_torchscript_bundles_alike(
     tmp_path, default_model, mri_pool, capsys, weights

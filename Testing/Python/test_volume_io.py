@@ -138,6 +138,20 @@ def test_discovery_survives_a_symlink_loop(tmp_path):
     assert [p.name for p in discover_volumes(tmp_path, recursive=True)] == ["a.nii"]
 
 
+def test_a_walk_keeps_out_an_asfda_session_kept_in_the_pool(tmp_path):
+    """A session folder (it holds session.json) among the pool's sub-folders: its label versions are no scans, its
+    records no files to convert, with or without --recursive; the session given as the folder itself is walked."""
+    from ASFDALib.data.volumes import discover
+
+    for name in ("a.nii.gz", "site1/b.nii.gz", "sess/labels/a.v1.nii.gz", "sess/ranking.csv"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sess" / "session.json").write_text("{}")
+    assert discover(tmp_path, recursive=True) == ([tmp_path / "a.nii.gz", tmp_path / "site1" / "b.nii.gz"], [])
+    assert discover(tmp_path) == ([tmp_path / "a.nii.gz"], [])
+    assert discover_volumes(tmp_path / "sess", recursive=True) == [tmp_path / "sess" / "labels" / "a.v1.nii.gz"]
+
+
 def test_discovery_of_a_missing_folder_says_so(tmp_path):
     with pytest.raises(ASFDAError, match="not a folder"):
         discover_volumes(tmp_path / "nope")
