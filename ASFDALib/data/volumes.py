@@ -36,6 +36,12 @@ _SAMPLE_VOXELS = 1 << 18  # enough to see a scan's many values; a 512x512x400 CT
 _CHUNK_VOXELS = 1 << 22  # the whole-array confirmation works in chunks of this size: no full-size temporaries
 # Sub-folder names datasets give their scans (images, imagesTr, imagesTs of MSD/nnU-Net, scans)
 SCAN_FOLDER_NAME = re.compile(r"(images?|scans?)(tr|ts|val)?", re.IGNORECASE)
+# How far the no-volumes refusal looks below a folder given without --recursive, only to word its fix (given a
+# home folder, a whole-tree walk could take minutes before refusing): folders this deep (a BIDS dataset's
+# sub-*/ses-*/anat is 3), at most this many, and no further once volumes are found in more folders than it names
+_HINT_DEPTH = 4
+_HINT_FOLDERS = 2000
+_HINT_NAMED = 3
 
 
 class NotAScanError(VolumeError):
@@ -44,12 +50,13 @@ class NotAScanError(VolumeError):
 
 @dataclass
 class _Walked:
-    """What one walk of a folder found: volumes, the other files it looked at and the ASFDA session folders below
-    it that it kept out."""
+    """What one walk of a folder found: volumes, the other files it looked at, the ASFDA session folders below
+    it that it kept out, and whether it stopped short of the whole tree (``bounded``)."""
 
     volumes: list[Path]
     others: list[Path]
     sessions: list[Path]
+    cut: bool = False
 
 
 @dataclass
@@ -99,9 +106,9 @@ def discover(
     return walked.volumes, walked.others
 
 
-def _discover(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> _Walked:
+def _discover(folder: Path | str, recursive: bool, exclude: Collection[Path], bounded: bool = False) -> _Walked:
     """:func:`discover`'s walk with its other files less a volume's sidecars and data files."""
-    walked = _walk(folder, recursive, exclude)
+    walked = _walk(folder, recursive, exclude, bounded)
     parts = {data.resolve() for v in walked.volumes for data in _detached_data(v)}
     stems = {(v.parent, _volume_stem(v.name)) for v in walked.volumes}
     walked.others = [
@@ -178,17 +185,20 @@ def no_volumes_message(
     if scans := scan_folders(root):
         more = f" (or {', '.join(map(str, scans[1:]))})" if scans[1:] else ""
         return f"{said}; the scans look to be in a sub-folder: give --images {scans[0]}{more}"
-    # one walk of the sub-folders too (where the command's own did not look there, and for the ASFDA sessions a
-    # walk keeps out: their label versions and records are no scans to point at)
-    below = _discover(root, True, exclude)
+    # a short look at the sub-folders (where the command's own walk did not look there, and for the ASFDA
+    # sessions a walk keeps out: their label versions and records are no scans to point at), to word the fix
+    below = _discover(root, True, exclude, bounded=True)
     others_below = others if recursive else below.others
     sessions = [relative_name(s, root) for s in below.sessions]
     if below.volumes:
         folders = sorted({relative_name(v.parent, root) for v in below.volumes})
-        named = ", ".join(folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
         also = f", and files of other types in it ({passed_over_summary(others)})" if others else ""
-        count = f"{len(folders)} sub-folder{'s' * (len(folders) != 1)}"
-        return f"{said}; found volumes only in {count} ({named}){also}: add --recursive to {doing} them"
+        if below.cut:  # it stopped at the first few: there may be more than it saw
+            where = f"sub-folders such as {', '.join(folders[:_HINT_NAMED])}"
+        else:
+            more = f" and {len(folders) - _HINT_NAMED} more" if len(folders) > _HINT_NAMED else ""
+            where = f"{len(folders)} sub-folder{'s' * (len(folders) != 1)} ({', '.join(folders[:_HINT_NAMED])}{more})"
+        return f"{said}; found volumes only in {where}{also}: add --recursive to {doing} them"
     if others_below:  # .mgz, PNG slices: say what was there
         deeper = not recursive and any(p.parent != root for p in others_below)
         return (
@@ -201,6 +211,8 @@ def no_volumes_message(
     elif sessions:
         named = ", ".join(sessions[:3]) + (f" and {len(sessions) - 3} more" if len(sessions) > 3 else "")
         held = f"; its sub-folders hold none but ASFDA sessions' files ({named}):"
+    elif below.cut and not recursive:  # the short look saw none: the whole walk may yet find some
+        held = "; its sub-folders hold none near the top either (add --recursive to search them all), or"
     elif any(p.is_dir() for p in visible):  # --recursive would find nothing there either
         held = "; its sub-folders hold none either:"
     else:  # only what is no file to convert: a BIDS root's metadata, Thumbs.db
@@ -208,9 +220,11 @@ def no_volumes_message(
     return f"{said}{held} give --images the folder that holds the scans to {doing}"
 
 
-def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> _Walked:
+def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path], bounded: bool = False) -> _Walked:
     """What one walk under ``folder`` finds: the one walk behind :func:`discover`, so what it finds and what it
-    passes over cannot disagree on where it looked."""
+    passes over cannot disagree on where it looked. ``bounded`` (the no-volumes refusal's look below a folder)
+    stops at :data:`_HINT_DEPTH` levels, :data:`_HINT_FOLDERS` folders, or volumes in more than
+    :data:`_HINT_NAMED` folders."""
     root = Path(folder)
     if not root.is_dir():
         raise ASFDAError(f"{root}: not a folder (give the folder that holds the volumes)")
@@ -218,13 +232,19 @@ def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path]) -> _Wa
     walked = _Walked([], [], [])
     found, others = walked.volumes, walked.others
     bids = False
-    for current, dirs, files in os.walk(root, followlinks=False):
+    for visited, (current, dirs, files) in enumerate(os.walk(root, followlinks=False)):
         here = Path(current)
+        if bounded and (visited == _HINT_FOLDERS or len({v.parent for v in found}) > _HINT_NAMED):
+            walked.cut = True
+            break
         if here != root and SESSION_FILE in files:  # an ASFDA session kept in the pool: its files are no scans
             walked.sessions.append(here)
             dirs[:] = []
             continue
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() not in excluded)
+        if bounded and dirs and len(here.relative_to(root).parts) == _HINT_DEPTH:
+            walked.cut = True
+            dirs[:] = []
         if BIDS_DESCRIPTION in files:  # a BIDS dataset: its derived maps (labels), raw sources and code are no scans
             dirs[:] = [d for d in dirs if d not in BIDS_NOT_SCANS]
             bids = True

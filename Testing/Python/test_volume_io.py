@@ -152,6 +152,41 @@ def test_a_walk_keeps_out_an_asfda_session_kept_in_the_pool(tmp_path):
     assert discover_volumes(tmp_path / "sess", recursive=True) == [tmp_path / "sess" / "labels" / "a.v1.nii.gz"]
 
 
+def test_the_no_volumes_refusal_names_the_first_sub_folders_with_volumes_without_walking_the_whole_tree(tmp_path):
+    """Given a large tree (a home folder) without --recursive, the refusal stops at the first few sub-folders
+    holding volumes and says "such as"; a small tree is walked whole and counted, as before."""
+    from ASFDALib.data.volumes import no_volumes_message
+
+    for site in ("site1", "site2", "site3", "site4", "site5"):
+        (tmp_path / "big" / site).mkdir(parents=True)
+        (tmp_path / "big" / site / "a.nii.gz").write_bytes(b"x")
+    (tmp_path / "small" / "site1").mkdir(parents=True)
+    (tmp_path / "small" / "site1" / "a.nii.gz").write_bytes(b"x")
+    said = "no volumes found (looked for .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd and DICOM folders)"
+    assert no_volumes_message(tmp_path / "big", [], False, "rank") == (
+        f"{tmp_path / 'big'}: {said}; found volumes only in sub-folders such as site1, site2, site3: add "
+        "--recursive to rank them"
+    )
+    assert no_volumes_message(tmp_path / "small", [], False, "rank") == (
+        f"{tmp_path / 'small'}: {said}; found volumes only in 1 sub-folder (site1): add --recursive to rank them"
+    )
+
+
+def test_the_no_volumes_refusal_looks_only_a_few_levels_down_and_then_points_at_recursive(tmp_path):
+    """A volume deeper than the refusal's short look: it says it saw none near the top, and that --recursive
+    searches them all (which finds it)."""
+    from ASFDALib.data.volumes import no_volumes_message
+
+    deep = tmp_path / "top" / "a" / "b" / "c" / "d" / "e"
+    deep.mkdir(parents=True)
+    (deep / "scan.nii.gz").write_bytes(b"x")
+    assert no_volumes_message(tmp_path / "top", [], False, "segment").endswith(
+        "; its sub-folders hold none near the top either (add --recursive to search them all), or give --images "
+        "the folder that holds the scans to segment"
+    )
+    assert discover_volumes(tmp_path / "top", recursive=True) == [deep / "scan.nii.gz"]
+
+
 def test_discovery_of_a_missing_folder_says_so(tmp_path):
     with pytest.raises(ASFDAError, match="not a folder"):
         discover_volumes(tmp_path / "nope")
