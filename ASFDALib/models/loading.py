@@ -441,7 +441,9 @@ def _load_nnssl(
     report = _apply_weights(net, nnssl.state, nnssl.card, None, path)
     report.key_mapping = nnssl.note
     report.ignored = sorted([*report.ignored, *nnssl.ignored])
-    digest = _file_digest(path, *_digest_parts(nnssl.card, None))
+    # a plan read beside the checkpoint describes the network as the checkpoint's own would: a changed plan, a model
+    plan = [nnssl.plan_file] if nnssl.plan_file else []
+    digest = _file_digest(path, *plan, *_digest_parts(nnssl.card, None))
     return LoadedModel(net.eval(), nnssl.card, "state_dict", path, digest, spec, report)
 
 

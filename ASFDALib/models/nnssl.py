@@ -4,8 +4,11 @@ pre-trained stem and encoder, a new decoder and head.
 
 nnssl's trainer saves (``AbstractBaseTrainer.save_checkpoint``; Hugging Face repositories ship it as
 ``checkpoint_final.pth`` beside ``adaptation_plan.json``) ``{"network_weights": the pretext network's state dict,
-"nnssl_adaptation_plan": {...}, "optimizer_state", "init_args", "trainer_name", ...}``. The adaptation plan
-(``adaptation_planning/adaptation_plan.py``) holds:
+"nnssl_adaptation_plan": {...}, "optimizer_state", "init_args", "trainer_name", ...}``. Some trainers (SparkTrainer)
+save no plan in it: their plan is the ``adaptation_plan.json`` the trainer writes in its output folder (above
+``fold_N``) from the start, read here beside the checkpoint or in the folder above; where neither holds one, nnssl's
+``add_adaptation_plan`` adds it. The adaptation plan (``adaptation_planning/adaptation_plan.py``; the JSON file is
+its ``serialize()``, with ``trainer_name`` where ``add_adaptation_plan`` wrote it) holds:
 
 - ``architecture_plans``: ``arch_class_name`` ``ResEncL`` or ``NoSkipResEncL`` (nnssl's fixed ResEnc-L, of one
   encoder, ``arch_kwargs`` null: see :data:`PRESETS`), ``ResidualEncoderUNet`` or ``PlainConvUNet`` with nnU-Net's
@@ -31,6 +34,7 @@ plan (its spacing, the recommended downstream patch, its normalisation) where th
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,6 +57,10 @@ from ASFDALib.models.nnunet import (
 )
 
 PLAN_KEY = "nnssl_adaptation_plan"
+PLAN_FILE = "adaptation_plan.json"
+# an init argument of nnssl's trainers alone (AbstractBaseTrainer's pretrain_json; nnU-Net's trainer has
+# dataset_json): every nnssl checkpoint's init_args name it, with or without the plan
+TRAINER_MARK = "pretrain_json"
 # the presets nnssl names without arch_kwargs, as nnU-Net's plans' arch_kwargs: NoSkipResEncL (PCLRv2's pretext
 # network) has ResEnc-L's encoder, and only its decoder, which starts anew here, lacks the skips
 PRESETS = {"ResEncL": RESENC_L, "NoSkipResEncL": RESENC_L}
@@ -71,28 +79,58 @@ class NnsslModel:
     state: dict[str, torch.Tensor]
     ignored: list[str]
     note: str
+    plan_file: Path | None = None  # the adaptation_plan.json read, where the checkpoint holds no plan
 
 
 def is_nnssl_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a ``torch.save`` archive whose pickle holds nnssl's adaptation plan. Only the archive's
-    pickle is read (tensors lie in entries of their own), so other checkpoints are not loaded twice."""
+    """Whether ``path`` is a ``torch.save`` archive of nnssl's trainer: its pickle holds the adaptation plan, or the
+    init arguments only nnssl's trainers save (:data:`TRAINER_MARK`; the plan may then lie beside it). Only the
+    archive's pickle is read (tensors lie in entries of their own), so other checkpoints are not loaded twice."""
     try:
         if not zipfile.is_zipfile(path):
             return False
         with zipfile.ZipFile(path) as archive:
             pickle = next((n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")), None)
-            return pickle is not None and PLAN_KEY.encode() in archive.read(pickle)
+            held = archive.read(pickle) if pickle is not None else b""
+            return PLAN_KEY.encode() in held or TRAINER_MARK.encode() in held
     except (OSError, zipfile.BadZipFile):  # unreadable: the weights reader says why
         return False
+
+
+def plan_file_of(path: Path) -> Path | None:
+    """The ``adaptation_plan.json`` of checkpoint ``path``: beside it (a Hugging Face repository), else in the
+    folder above (nnssl's trainer output, ``fold_N`` below it); None where neither holds one."""
+    return next((f / PLAN_FILE for f in (path.parent, path.parent.parent) if (f / PLAN_FILE).is_file()), None)
+
+
+def _adaptation_plan(path: Path, checkpoint: Mapping[str, Any]) -> tuple[Any, Path | None]:
+    """The checkpoint's adaptation plan, else its :func:`plan_file_of`'s (with that file); refused naming nnssl's
+    way to add one where neither exists."""
+    if PLAN_KEY in checkpoint:
+        return checkpoint[PLAN_KEY], None
+    file = plan_file_of(path)
+    if file is None:
+        trainer = checkpoint.get("trainer_name") or "nnssl's trainer"
+        raise ModelError(
+            f"{path}: an nnssl pre-training checkpoint ({trainer}) that holds no adaptation plan, and no {PLAN_FILE} "
+            f"lies beside it or in the folder above; copy its training output's {PLAN_FILE} beside it, or add the plan "
+            "to it with nnssl's add_adaptation_plan (nnssl/utilities/add_adaptation_plan.py)"
+        )
+    try:
+        return json.loads(file.read_text(encoding="utf-8")), file
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{file}: cannot read it as nnssl's adaptation plan ({exc})") from None
 
 
 def read_nnssl(path: Path, checkpoint: Any, given: Mapping[str, Any], card_source: str) -> NnsslModel:
     """The network, card and weights of an nnssl checkpoint (``checkpoint``: the loaded object). ``given``: the
     card's keys as written (``card_source`` names where), which win over what the pre-training plan records."""
-    plan = checkpoint.get(PLAN_KEY) if isinstance(checkpoint, Mapping) else None
     weights = checkpoint.get("network_weights") if isinstance(checkpoint, Mapping) else None
-    if not isinstance(plan, Mapping) or not isinstance(weights, Mapping):
-        raise ModelError(f"{path}: no {PLAN_KEY} and network_weights in it (nnssl's trainer saves both)")
+    if not isinstance(weights, Mapping):
+        raise ModelError(f"{path}: no network_weights in it (nnssl's trainer saves them)")
+    plan, plan_file = _adaptation_plan(path, checkpoint)
+    if not isinstance(plan, Mapping):
+        raise ModelError(f"{plan_file or path}: its nnssl adaptation plan is no mapping of the plan's keys")
     try:  # a plan of another nnssl version, or edited by hand: one line, not a traceback
         name, arch = _architecture(path, plan)
         pretrain = plan.get("pretrain_plan") or {}
@@ -114,7 +152,7 @@ def read_nnssl(path: Path, checkpoint: Any, given: Mapping[str, Any], card_sourc
         "ResidualEncoderUNet (kernels in RAS axis order, as for RAS-stored images); decoder and head new, as nnssl's "
         "segmentation adaptation starts them"
     )
-    return NnsslModel(resenc_spec(arch, axes, card.num_classes), card, state, ignored, note)
+    return NnsslModel(resenc_spec(arch, axes, card.num_classes), card, state, ignored, note, plan_file)
 
 
 def _architecture(path: Path, plan: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

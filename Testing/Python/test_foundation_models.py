@@ -1026,6 +1026,45 @@ def test_an_nnssl_training_output_loads_as_nnssl_though_plans_json_lies_above_it
     assert model.spec.name == "ResidualEncoderUNet" and model.load_report.encoder_only
 
 
+def _as_spark_saves(path: Path) -> None:
+    """Re-save an nnssl checkpoint as nnssl's SparkTrainer saves it: without the adaptation plan, with its sparse
+    pretext network's weights beside the architecture's."""
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["nnssl_adaptation_plan"]
+    checkpoint["spark_weights"] = {"architecture.encoder.stem.convs.0.conv.weight": torch.zeros(1)}
+    checkpoint["trainer_name"] = "SparkTrainer"
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("layout", ["beside", "above"])
+def test_an_nnssl_checkpoint_saved_without_its_plan_loads_with_the_adaptation_plan_json_of_its_folder(tmp_path, layout):
+    """SparkTrainer saves no plan in the checkpoint: the plan is adaptation_plan.json, beside it as Hugging Face
+    repositories ship it, or in the folder above as nnssl's trainer writes it (with plans.json, above fold_N)."""
+    path, _ = _nnssl_checkpoint(tmp_path / "Spark")
+    _as_spark_saves(path)
+    if layout == "above":
+        (tmp_path / "Spark" / "plans.json").write_text(json.dumps(NNSSL_PLAN["pretrain_plan"]))
+        (tmp_path / "Spark" / "fold_all").mkdir()
+        path = path.rename(tmp_path / "Spark" / "fold_all" / path.name)
+    model = load_model(path, {"class_names": CLASS_NAMES})
+    assert model.spec.name == "ResidualEncoderUNet" and model.load_report.encoder_only
+    assert model.card.spacing == (2.0, 1.5, 1.0) and model.card.roi_size == (64, 48, 32)  # the plan's, in RAS
+    assert "from nnssl's ResidualEncoderUNet pre-training (SparkTrainer)" in model.load_report.summary
+
+
+def test_an_nnssl_checkpoint_without_a_plan_in_it_or_beside_it_is_refused_naming_nnssls_add_adaptation_plan(tmp_path):
+    path, _ = _nnssl_checkpoint(tmp_path / "Spark")
+    _as_spark_saves(path)
+    (tmp_path / "Spark" / "adaptation_plan.json").unlink()
+    with pytest.raises(ModelError) as refused:
+        load_model(path, {"class_names": CLASS_NAMES})
+    assert str(refused.value) == (
+        f"{path}: an nnssl pre-training checkpoint (SparkTrainer) that holds no adaptation plan, and no "
+        "adaptation_plan.json lies beside it or in the folder above; copy its training output's adaptation_plan.json "
+        "beside it, or add the plan to it with nnssl's add_adaptation_plan (nnssl/utilities/add_adaptation_plan.py)"
+    )
+
+
 def test_an_nnssl_checkpoint_ranks_a_pool_with_a_card_of_the_target_classes(pool, tmp_path, capsys):
     path, _ = _nnssl_checkpoint(tmp_path / "mae")
     session = tmp_path / "session"
