@@ -145,7 +145,7 @@ def read_nnssl(path: Path, checkpoint: Any, given: Mapping[str, Any], card_sourc
             f"{path}: the encoder was pre-trained on {channels} input channels; ASFDA feeds one scan per volume"
         )
     card = _card(path, name, checkpoint, config, recorded, given, card_source)
-    state, ignored, keys = _encoder_state(weights, plan, axes)
+    state, ignored, keys = _encoder_state(path, weights, plan, axes)
     trainer = checkpoint.get("trainer_name") or "nnssl"
     note = (
         f"from nnssl's {name} pre-training ({trainer}): its stem and encoder ({keys}) into ASFDA's "
@@ -176,8 +176,13 @@ def _architecture(path: Path, plan: Mapping[str, Any]) -> tuple[str, dict[str, A
             f"ResEnc-L, NoSkipResEncL and ResidualEncoderUNet encoders); {way}"
         )
     kwargs = PRESETS.get(name) or plans["arch_kwargs"]
+    if not isinstance(kwargs, Mapping):
+        raise ModelError(
+            f"{path}: its nnssl adaptation plan names {name} without arch_kwargs (its stages, features and kernels), "
+            f"which only nnssl's presets ({', '.join(PRESETS)}) go without"
+        )
     config = {"architecture": {"network_class_name": "ResidualEncoderUNet", "arch_kwargs": kwargs}}
-    arch = plans_architecture(config, path)
+    arch = plans_architecture(config, path, "this nnssl pre-training checkpoint", "its adaptation plan's arch_kwargs")
     refuse_unbuildable(arch, path, "this nnssl pre-training checkpoint")
     return name, arch
 
@@ -239,24 +244,47 @@ def _card(
 
 
 def _encoder_state(
-    weights: Mapping[str, torch.Tensor], plan: Mapping[str, Any], axes: list[int]
+    path: Path, weights: Mapping[str, torch.Tensor], plan: Mapping[str, Any], axes: list[int]
 ) -> tuple[dict[str, torch.Tensor], list[str], str]:
     """The tensors under the plan's ``key_to_stem`` and ``key_to_encoder``, under the rebuild's stem and stages,
     kernels in RAS order; the checkpoint's tensors not taken (second names of a taken tensor aside: nnU-Net's
-    ``all_modules``, a decoder's copy of the encoder); the two keys, for the report."""
+    ``all_modules``, a decoder's copy of the encoder); the two keys, for the report. A key that names no tensor
+    (a plan written for other weights) is refused naming it and what the checkpoint holds."""
     perm = kernel_order(axes)
-    sources = {str(plan.get("key_to_stem") or STEM): STEM, str(plan.get("key_to_encoder") or STAGES): STAGES}
+    keys = {name: str(plan.get(name) or own) for name, own in (("key_to_stem", STEM), ("key_to_encoder", STAGES))}
+    sources = {keys["key_to_stem"]: STEM, keys["key_to_encoder"]: STAGES}
     state: dict[str, torch.Tensor] = {}
     taken: set[int] = set()
+    matched: set[str] = set()
     for key, tensor in weights.items():
         source = next((s for s in sources if key.startswith(s + ".")), None)
         if source is None or ".all_modules." in key or not isinstance(tensor, torch.Tensor):
             continue
         state[sources[source] + key[len(source) :]] = tensor.permute(perm).contiguous() if tensor.dim() == 5 else tensor
         taken.add(tensor.untyped_storage().data_ptr())
+        matched.add(source)
+    if unmatched := [f"{name} {key!r}" for name, key in keys.items() if key not in matched]:
+        raise ModelError(
+            f"{path}: its nnssl adaptation plan's {' and '.join(unmatched)} name{'s' * (len(unmatched) == 1)} no "
+            f"tensor of its network_weights, which hold {_held(weights)}; the plan was written for other weights: give "
+            "the checkpoint its own pre-training's plan"
+        )
     ignored = sorted(
         key
         for key, tensor in weights.items()
         if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in taken
     )
     return state, ignored, ", ".join(sources)
+
+
+def _held(weights: Mapping[str, Any]) -> str:
+    """What a state dict holds, in words: how many tensors under each of their names' first two parts, the first
+    six (``encoder.stages (120), encoder.stem (3)``)."""
+    counts: dict[str, int] = {}
+    for key in weights:
+        prefix = ".".join(str(key).split(".")[:2])
+        counts[prefix] = counts.get(prefix, 0) + 1
+    if not counts:
+        return "no tensors"
+    shown = ", ".join(f"{prefix} ({n})" for prefix, n in sorted(counts.items())[:6])
+    return shown + (f" and {len(counts) - 6} more" if len(counts) > 6 else "")

@@ -94,22 +94,25 @@ def _configuration(plans: dict, name: str, plans_path: Path) -> dict:
     return config
 
 
-def plans_architecture(config: dict, plans_path: Path) -> dict[str, Any]:
+def plans_architecture(
+    config: dict, plans_path: Path, what: str = "this nnU-Net model", plans: str = "its plans"
+) -> dict[str, Any]:
     """Stages, features, kernels, strides and convolutions (residual blocks, for a residual encoder) per stage,
     from either plans format (a preset of PRESETS named without arguments: its arguments). A network other than
-    those of NETWORKS, or plans that lack what it needs, are refused naming it."""
+    those of NETWORKS, or plans that lack what it needs, are refused naming it (``what``: the model, ``plans``: where
+    its architecture is written, as the refusal words them)."""
     architecture = config.get("architecture") or {}
     name = str(architecture.get("network_class_name") or config.get("UNet_class_name")).rsplit(".", 1)[-1]
     if name in PRESETS and not architecture.get("arch_kwargs"):  # the nnssl fork's plans of a preset
         config = {"architecture": {"network_class_name": "ResidualEncoderUNet", "arch_kwargs": PRESETS[name]}}
         name = "ResidualEncoderUNet"
-    unbuildable = f"{plans_path}: this nnU-Net model cannot be built here: its network is {name}"
+    unbuildable = f"{plans_path}: {what} cannot be built here: its network is {name}"
     if name not in NETWORKS:
         raise ModelError(f"{unbuildable} (nnU-Net's {' and '.join(NETWORKS)} models load); {TRACE_HINT}")
     try:
         return _read_architecture(config, plans_path)
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ModelError(f"{unbuildable}, but its plans lack {exc}") from None
+        raise ModelError(f"{unbuildable}, but {plans} lack {exc}") from None
 
 
 def _read_architecture(config: dict, plans_path: Path) -> dict[str, Any]:

@@ -1065,6 +1065,40 @@ def test_an_nnssl_checkpoint_without_a_plan_in_it_or_beside_it_is_refused_naming
     )
 
 
+def test_an_nnssl_plan_whose_keys_name_no_tensor_is_refused_naming_them_and_what_the_checkpoint_holds(tmp_path):
+    """A plan of other weights (SparkTrainer's sparse pretext network names its encoder under architecture.):
+    refused before any load, naming the plan's keys and the checkpoint's tensors, not as a state dict of none."""
+    plan = {"key_to_stem": "architecture.encoder.stem", "key_to_encoder": "architecture.encoder.stages"}
+    path, _ = _nnssl_checkpoint(tmp_path / "mae", **plan)
+    with pytest.raises(ModelError) as refused:
+        load_model(path, {"class_names": CLASS_NAMES})
+    assert str(refused.value) == (
+        f"{path}: its nnssl adaptation plan's key_to_stem 'architecture.encoder.stem' and key_to_encoder "
+        "'architecture.encoder.stages' name no tensor of its network_weights, which hold decoder.encoder (138), "
+        "decoder.seg_layers (6), decoder.stages (24), decoder.transpconvs (6), encoder.stages (130), encoder.stem (8); "
+        "the plan was written for other weights: give the checkpoint its own pre-training's plan"
+    )
+
+
+def test_an_nnssl_plan_lacking_architecture_arguments_is_refused_as_nnssls_plan_not_nnunets(tmp_path):
+    arch_kwargs = {k: v for k, v in RESENC_ARCH.items() if k != "features_per_stage"}
+    plans = {"arch_class_name": "ResidualEncoderUNet", "arch_kwargs": arch_kwargs}
+    path, _ = _nnssl_checkpoint(tmp_path / "mae", architecture_plans=plans)
+    with pytest.raises(ModelError) as refused:
+        load_model(path, {"class_names": CLASS_NAMES})
+    assert str(refused.value) == (
+        f"{path}: this nnssl pre-training checkpoint cannot be built here: its network is ResidualEncoderUNet, but "
+        "its adaptation plan's arch_kwargs lack 'features_per_stage'"
+    )
+    path, _ = _nnssl_checkpoint(tmp_path / "bare", architecture_plans={**plans, "arch_kwargs": None})
+    with pytest.raises(ModelError) as refused:
+        load_model(path, {"class_names": CLASS_NAMES})
+    assert str(refused.value) == (
+        f"{path}: its nnssl adaptation plan names ResidualEncoderUNet without arch_kwargs (its stages, features and "
+        "kernels), which only nnssl's presets (ResEncL, NoSkipResEncL) go without"
+    )
+
+
 def test_an_nnssl_checkpoint_ranks_a_pool_with_a_card_of_the_target_classes(pool, tmp_path, capsys):
     path, _ = _nnssl_checkpoint(tmp_path / "mae")
     session = tmp_path / "session"
