@@ -367,14 +367,28 @@ def card_candidates(path: Path) -> list[Path]:
     return named + [path.parent / n for n in CARD_NAMES]
 
 
+def _card_file(candidates: list[Path], explicit: Path | None) -> Path | None:
+    """The card file to read: the one given (``--card``), else the first of ``candidates`` that exists."""
+    return explicit if explicit is not None else next((c for c in candidates if c.is_file()), None)
+
+
 def _find_card(candidates: list[Path], explicit: Path | None) -> ModelCard:
-    if explicit is not None:
-        return load_card(explicit)
-    for candidate in candidates:
-        if candidate.is_file():
-            return load_card(candidate)
+    if (found := _card_file(candidates, explicit)) is not None:
+        return load_card(found)
     names = ", ".join(str(c) for c in candidates)
     raise ModelError(f"no model card found (looked for {names}); write one or pass --card")
+
+
+def _card_as_written(path: Path, card: Path | str | ModelCard | Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """The keys of the card for the model at ``path`` as written (a card's defaults left out, so a model that
+    describes its own input fills what it leaves out), and where they come from for a refusal: a card object's
+    (a session's, whole), a mapping's (written in Python), a card file's (given, or beside the model), or none."""
+    if isinstance(card, ModelCard):
+        return card.to_dict(), "the card given"
+    if isinstance(card, Mapping):
+        return dict(card), "the card given"
+    found = _card_file(card_candidates(path), Path(card) if card is not None else None)
+    return (read_card_data(found), str(found)) if found else ({}, "the card")
 
 
 def _load_nnunet(
@@ -410,8 +424,7 @@ def _load_nnunet(
 
 def _load_nnssl(
     path: Path,
-    card: ModelCard | Mapping[str, Any] | None,
-    explicit: Path | None,
+    card: Path | str | ModelCard | Mapping[str, Any] | None,
     network: NetworkSpec | None,
     trust: bool,
     class_map: str | Mapping[str, str] | None,
@@ -426,13 +439,7 @@ def _load_nnssl(
             f"{path}: an nnssl pre-training checkpoint has no segmentation head to pair classes with; "
             "leave --class-map out"
         )
-    if isinstance(card, ModelCard):  # a session's card: whole
-        given, source = card.to_dict(), "the card given"
-    elif card is not None:  # one written in Python, as written
-        given, source = dict(card), "the card given"
-    else:
-        found = explicit or next((c for c in card_candidates(path) if c.is_file()), None)
-        given, source = (read_card_data(found), str(found)) if found else ({}, "the card")
+    given, source = _card_as_written(path, card)
     nnssl = read_nnssl(path, load_weights(path, trust), given, source)
     spec = nnssl.spec
     if network is not None and network != spec:
@@ -461,16 +468,15 @@ def load_model(
     says which pre-trained head rows to copy. The report of what loaded is ``LoadedModel.load_report``.
     """
     path = Path(path)
-    written = dict(card) if isinstance(card, Mapping) else None  # what it leaves out an nnssl checkpoint may say
+    if not path.exists():
+        raise ModelError(f"{path}: model not found")
+    # before nnU-Net's: nnssl writes plans.json above its fold folders too, plans of no segmentation network; and
+    # before the card is read whole, as the card's keys as written are what the checkpoint's plan does not fill
+    if path.is_file() and is_nnssl_checkpoint(path):
+        return _load_nnssl(path, card, network, trust, class_map)
     if isinstance(card, Mapping):  # a card written in Python, as the card file would hold it
         card = card_from_dict(dict(card), source="the card given")
     explicit = Path(card) if isinstance(card, (str, Path)) else None
-    if not path.exists():
-        raise ModelError(f"{path}: model not found")
-    # before nnU-Net's: nnssl writes plans.json above its fold folders too, plans of no segmentation network
-    if path.is_file() and is_nnssl_checkpoint(path):
-        given = written if written is not None else card if isinstance(card, ModelCard) else None
-        return _load_nnssl(path, given, explicit, network, trust, class_map)
     if (plans := nnunet_plans(path)) is not None:  # nnU-Net's own training output: the plans say the network
         return _load_nnunet(
             path, plans, card if isinstance(card, ModelCard) else None, explicit, network, trust, class_map
@@ -603,10 +609,8 @@ def _load_bundle(
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{config_path}: cannot parse bundle config ({exc})") from None
     notes: list[str] = []  # what MONAI's run of the bundle does that the card derived from it cannot say
-    if card is None and explicit:
-        card = load_card(explicit)
-    if card is None:
-        card = next((load_card(c) for c in card_candidates(folder) if c.is_file()), None)
+    if card is None and (found := _card_file(card_candidates(folder), explicit)) is not None:
+        card = load_card(found)
     if card is None:
         card, notes = card_from_bundle(folder, config, config_path, trust)
     weight_path = _bundle_weights(folder)

@@ -1016,6 +1016,17 @@ def test_an_nnssl_pretraining_checkpoint_loads_its_encoder_into_a_network_for_th
         assert torch.allclose(a, b.permute(0, 1, 4, 3, 2), atol=1e-4), stage
 
 
+def test_an_nnssl_checkpoints_card_beside_it_is_read_as_written_as_a_card_given_is(tmp_path):
+    """A card found beside the checkpoint, as one given with --card: its keys as written, the plan's spacing and
+    patch where it leaves them out (not the card defaults' 1 mm and 96 voxels)."""
+    path, _ = _nnssl_checkpoint(tmp_path / "mae")
+    path.with_name("checkpoint_final.card.json").write_text(json.dumps({"class_names": CLASS_NAMES}))
+    for card in (None, path.with_name("checkpoint_final.card.json")):
+        model = load_model(path, card)
+        assert model.card.class_names == CLASS_NAMES
+        assert model.card.spacing == (2.0, 1.5, 1.0) and model.card.roi_size == (64, 48, 32)
+
+
 def test_an_nnssl_training_output_loads_as_nnssl_though_plans_json_lies_above_it_as_for_nnunet(tmp_path):
     """nnssl's trainer writes its plans.json above the fold folders, as nnU-Net does: plans of no segmentation
     network, so the checkpoint's own adaptation plan decides."""
