@@ -198,7 +198,10 @@ def refuse_unbuildable(arch: dict, where: Path, what: str = "this nnU-Net model"
         raise ModelError(f"{where}: {what} cannot be built as MONAI's DynUNet: {'; '.join(why)}")
 
 
-def _card(plans: dict, config: dict, dataset: dict, name: str, axes: list[int], where: Path) -> ModelCard:
+def _classes(dataset: dict, where: Path) -> list[str]:
+    """dataset.json's classes in the order of their values, background first; refused where a label names several
+    values (nnU-Net's region-based training: overlapping regions, not one class per voxel) or the values are not
+    0..n-1."""
     # an "ignore" label (sparse annotation; nnU-Net makes it the highest value) is no output channel
     labels = {k: v for k, v in dataset.get("labels", {}).items() if k != "ignore"}
     if not labels or any(not isinstance(v, int) for v in labels.values()):
@@ -206,7 +209,11 @@ def _card(plans: dict, config: dict, dataset: dict, name: str, axes: list[int], 
     by_value = sorted(labels.items(), key=lambda kv: kv[1])
     if [v for _, v in by_value] != list(range(len(by_value))):
         raise ModelError(f"{where}: dataset.json's label values are not 0..{len(by_value) - 1}")
-    classes = [k for k, _ in by_value]
+    return [k for k, _ in by_value]
+
+
+def _card(plans: dict, config: dict, dataset: dict, name: str, axes: list[int], where: Path) -> ModelCard:
+    classes = _classes(dataset, where)
     channels = dataset.get("channel_names") or dataset.get("modality") or {"0": ""}
     if len(channels) != 1:
         raise ModelError(f"{where}: the model takes {len(channels)} channels ({channels}); ASFDA gives it one scan")
@@ -270,13 +277,14 @@ def read_nnunet(
     # the fold folder's parent is Trainer__Plans__configuration
     name = init.get("configuration") or path.parent.parent.name.rsplit("__", 1)[-1]
     config = _configuration(plans, name, plans_path)
-    if previous := config.get("previous_stage"):
-        raise ModelError(_cascade_refusal(path, name, previous, dataset))
+    where = dataset_path if dataset else plans_path
+    if previous := config.get("previous_stage"):  # its one-hot channels are one per class: read them first
+        raise ModelError(_cascade_refusal(path, name, previous, _classes(dataset, where)))
     arch = plans_architecture(config, plans_path)
     refuse_unbuildable(arch, plans_path)
     try:  # a plans file edited by hand, or of a version that words them otherwise: one line, not a traceback
         axes = ras_axes(plans.get("transpose_forward", [0, 1, 2]))
-        card = _card(plans, config, dataset, name, axes, dataset_path if dataset else plans_path)
+        card = _card(plans, config, dataset, name, axes, where)
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise ModelError(f"{plans_path}: cannot read the model's {name} configuration from it ({exc!r})") from None
     stages = len(arch["features"])
@@ -303,10 +311,10 @@ def read_nnunet(
     return spec, card, dynunet_state(weights["network_weights"], stages, axes), CONVERTED_NOTE
 
 
-def _cascade_refusal(path: Path, name: str, previous: str, dataset: dict) -> str:
+def _cascade_refusal(path: Path, name: str, previous: str, classes: list[str]) -> str:
     """Why the second stage of nnU-Net's cascade does not load, and the stand-alone model of the same training."""
     # nnU-Net's determine_num_input_channels: the scan's channels, then one per foreground label
-    labels = [k for k, v in dataset.get("labels", {}).items() if k != "ignore" and v != 0]
+    labels = classes[1:]
     folder = path.parent.parent
     first = folder.with_name(folder.name.rsplit("__", 1)[0] + f"__{previous}") / path.parent.name / path.name
     return (

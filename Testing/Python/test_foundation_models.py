@@ -823,9 +823,10 @@ def test_an_nnunet_model_dynunet_cannot_build_is_refused_naming_why(tmp_path, ch
         load_model(path)
 
 
-def test_an_nnunet_cascade_stage_is_refused_in_one_line_naming_the_channels_it_needs(pool, tmp_path, capsys):
-    """3d_cascade_fullres (previous_stage in its configuration) takes the scan plus 3d_lowres's segmentation, one-hot
-    per foreground label (nnU-Net's determine_num_input_channels): its stem has 1 + 4 input channels."""
+def _cascade_output(tmp_path: Path) -> tuple[Path, Path]:
+    """The second stage of nnU-Net's cascade (3d_cascade_fullres, previous_stage 3d_lowres): its checkpoint, whose
+    stem takes the scan plus 3d_lowres's segmentation one-hot per foreground label (nnU-Net's
+    determine_num_input_channels: 1 + 4 input channels), and the 3d_fullres trainer folder it was made from."""
     path, _ = _nnunet_output(tmp_path, configuration={"previous_stage": "3d_lowres"})
     trainer = path.parent.parent
     cascade = trainer.with_name("nnUNetTrainer__nnUNetPlans__3d_cascade_fullres")
@@ -843,6 +844,11 @@ def test_an_nnunet_cascade_stage_is_refused_in_one_line_naming_the_channels_it_n
     stem = "encoder.stages.0.0.convs.0.conv.weight"
     checkpoint["network_weights"][stem] = checkpoint["network_weights"][stem].repeat(1, 5, 1, 1, 1)
     torch.save(checkpoint, path)
+    return path, trainer
+
+
+def test_an_nnunet_cascade_stage_is_refused_in_one_line_naming_the_channels_it_needs(pool, tmp_path, capsys):
+    path, trainer = _cascade_output(tmp_path)
     args = ["rank", "--model", str(path), "--images", str(pool / "images"), "--out", str(tmp_path / "s")]
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
@@ -854,6 +860,22 @@ def test_an_nnunet_cascade_stage_is_refused_in_one_line_naming_the_channels_it_n
         "/fold_0/checkpoint_final.pth), or a 3d_fullres one"
     )
     assert not (tmp_path / "s").exists()
+
+
+def test_a_region_based_nnunet_cascade_stage_is_refused_as_region_based_not_counted_as_channels(tmp_path):
+    """Region-based training (BraTS: labels of several values each, regions_class_order) is refused before the
+    cascade's refusal, which counts one one-hot channel per class."""
+    path, _ = _cascade_output(tmp_path)
+    dataset = path.parent.parent / "dataset.json"
+    regions = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
+    dataset.write_text(
+        json.dumps({**json.loads(dataset.read_text()), "labels": regions, "regions_class_order": [1, 2, 3]})
+    )
+    with pytest.raises(ModelError) as refused:
+        load_model(path)
+    assert (
+        str(refused.value) == f"{dataset}: dataset.json's labels are not one value per class (region-based training?)"
+    )
 
 
 # --- nnssl self-supervised pre-training checkpoints -------------------------------------------------------------
