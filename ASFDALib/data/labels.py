@@ -710,20 +710,21 @@ def _unmirrored(label: str, folder: str, keyed: dict[str, list[str]]) -> str:
 def label_example(image: str, folder: Path | str, label_names: Collection[str]) -> str:
     """How the label of ``image`` (a pool's name) is named in ``folder`` to pair with it, for the line saying it has
     none there (``label_names``: the folder's files by their path under it). A scan of a recursive BIDS pool (a
-    BIDS name in a sub-folder, ``sub-02/anat/sub-02_T2w.nii.gz``) by the path its derivative has in a
-    ``derivatives/<pipeline>`` folder that mirrors the pool (``sub-02/anat/sub-02_T2w_dseg.nii.gz``, the source's
-    suffix kept: sub-02 may have a T1w too), and by that file name at the folder's top only where its labels lie
-    flat; any other scan by its case name (a nested one's path, / as _)."""
+    BIDS name in a sub-folder, ``sub-02/anat/sub-02_T2w.nii.gz``) by its path in a ``derivatives/<pipeline>``
+    folder that mirrors the pool, named as ASFDA pairs it: the scan's name plus ``_dseg``
+    (``sub-02/anat/sub-02_T2w_dseg.nii.gz``; BIDS' own segmentation name drops the scan's suffix, which would not
+    tell it from sub-02's T1w), and by that file name at the folder's top only where its labels lie flat; any other
+    scan by its case name (a nested one's path, / as _)."""
     case = case_id(image)
     if not (_nested(image) and name_key(Path(image).name)[1]):
         return f"a label is named by its scan's case name: e.g. {case}.nii.gz, {case}_seg.nii.gz or {case}.seg.nrrd"
-    derivative = f"{case_id(Path(image).name)}_dseg.nii.gz"
+    label = f"{case_id(Path(image).name)}_dseg.nii.gz"
     said = (
-        "a BIDS derivative lies at its scan's path in the labels folder, named after the scan: e.g. "
-        f"{Path(folder) / _folder(image) / derivative}"
+        "a label lies at its scan's path in the labels folder, named as the scan plus _dseg: e.g. "
+        f"{Path(folder) / _folder(image) / label}"
     )
     if label_names and not any(_nested(name) for name in label_names):  # a flat folder pairs by the file's name
-        said += f", or at the folder's top as its labels lie, {derivative}"
+        said += f", or at the folder's top as its labels lie, {label}"
     return said
 
 

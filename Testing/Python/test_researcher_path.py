@@ -1776,8 +1776,8 @@ def test_a_bids_pools_missing_label_is_named_by_its_derivatives_path_where_it_th
     said = " ".join(capsys.readouterr().out.split())
     expected = labels / "sub-02" / "anat" / "sub-02_T2w_dseg.nii.gz"
     assert (
-        f"no label file for {T2W} in {labels} (a BIDS derivative lies at its scan's path in the labels folder, named "
-        f"after the scan: e.g. {expected})"
+        f"no label file for {T2W} in {labels} (a label lies at its scan's path in the labels folder, named as the "
+        f"scan plus _dseg: e.g. {expected})"
     ) in said
     hint = said.partition("no label file for ")[2].partition(")")[0]
     assert "_anat_" not in hint and "at the folder's top" not in hint  # the folder's labels lie in sub-folders
@@ -1800,8 +1800,8 @@ def test_a_bids_pools_missing_label_in_a_flat_labels_folder_is_named_by_its_flat
     main(["labels", "import", str(session), "--from", str(flat)])
     said = " ".join(capsys.readouterr().out.split())
     assert (
-        f"no label file for {T2W} in {flat} (a BIDS derivative lies at its scan's path in the labels folder, named "
-        f"after the scan: e.g. {flat / 'sub-02' / 'anat' / 'sub-02_T2w_dseg.nii.gz'}, or at the folder's top as its "
+        f"no label file for {T2W} in {flat} (a label lies at its scan's path in the labels folder, named as the "
+        f"scan plus _dseg: e.g. {flat / 'sub-02' / 'anat' / 'sub-02_T2w_dseg.nii.gz'}, or at the folder's top as its "
         "labels lie, sub-02_T2w_dseg.nii.gz)"
     ) in said
     _t2w_label(ranked, flat / "sub-02_T2w_dseg.nii.gz")
