@@ -101,7 +101,11 @@ def discover(
     """In one walk, what :func:`discover_volumes` finds and the files it passes over, each sorted: other types (a
     FreeSurfer .mgz, an Analyze .hdr/.img pair, PNG slices, a zipped series). Not passed over: hidden files and
     those a file browser writes, files of a DICOM folder, the data file a detached header names and a volume's
-    sidecars (its name with another type: BIDS .json, .bval, .bvec)."""
+    sidecars (its name with another type: BIDS .json, .bval, .bvec). An ASFDA session given as the folder itself
+    holds no scans, with or without ``recursive`` (its label versions are no scans to rank or segment): nothing is
+    found, so the commands' refusal (:func:`no_volumes_message`) names it as a session before any model loads."""
+    if is_session_folder(folder):
+        return [], []
     walked = _discover(folder, recursive, exclude)
     return walked.volumes, walked.others
 

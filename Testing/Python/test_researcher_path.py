@@ -1176,14 +1176,21 @@ def test_a_first_rank_where_no_volume_scores_leaves_nothing_behind(tmp_path, cap
     assert not (tmp_path / "s").exists()
 
 
-def test_a_session_folder_given_as_the_scans_is_named_as_one(ranked, capsys):
-    root, session = ranked
-    assert main(["rank", "--images", str(session), "--out", str(root / "elsewhere")]) == 1
+@pytest.mark.parametrize("recursive", [[], ["--recursive"]])
+def test_a_session_folder_given_as_the_scans_is_named_as_one(ranked, tmp_path, capsys, recursive):
+    """With --recursive too: the walk would reach the session's label versions, which rank refused only after
+    scoring them as label maps and predict answered with an empty manifest."""
+    pool, root, session = ranked[0] / "pool", tmp_path, tmp_path / "session"
+    shutil.copytree(ranked[1], session)
+    assert main(["labels", "import", str(session), "--from", str(pool / "labels")]) == 0
+    assert list((session / "labels").iterdir())
+    assert main(["rank", "--images", str(session), *recursive, "--out", str(root / "elsewhere")]) == 1
     err = _one_line_error(capsys)
     assert err.endswith("DICOM folders); it is an ASFDA session: give --images the scans' folder")
-    assert main(["predict", str(session), "--images", str(session), "--out", str(root / "maps")]) == 1
+    assert main(["predict", str(session), "--images", str(session), *recursive, "--out", str(root / "maps")]) == 1
     # predict's refusal is the same line (volumes.no_volumes_message), after its own command's name
     assert _one_line_error(capsys) == err.replace("asfda rank:", "asfda predict:")
+    assert not (root / "elsewhere").exists() and not (root / "maps").exists()
 
 
 def test_export_never_writes_among_the_sessions_scans(ranked, capsys):
