@@ -453,6 +453,13 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+# --pseudo-mix with a teacher that never lets it act (recipe.stage2_mix): refused, as other idle options are
+MIX_WITH_EMA = (
+    "--pseudo-mix copy-paste mixes the labels a fixed teacher made before stage 2, and the EMA teacher labels each "
+    "patch online, so it would do nothing; leave it out, or add --pseudo-teacher fixed (or ema-if-fallback)"
+)
+
+
 def check_gate_options(
     gate: str,
     confidence: float | None,
@@ -653,6 +660,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_gate_options(reliability, args.confidence, args.min_agreement, args.fallback, args.blend_start, runs_gate)
     if args.blend_start and args.pseudo_iterations == 0:
         raise ASFDAError("--pseudo-iterations 0 skips stage 2, and the blend follows it; leave one of them out")
+    if args.pseudo_mix == "copy-paste" and own(args.pseudo_teacher, "teacher") == "ema":
+        raise ASFDAError(MIX_WITH_EMA)
     if run and run["targets"]:  # a resume keeps the run's length too
         ran |= {"iterations": run["targets"]["stage1"], "pseudo_iterations": run["targets"]["stage2"]}
     if not (args.mode == "resume" and run and run["finished"]):  # that resume is refused, naming --extend
@@ -1119,6 +1128,8 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
         overrides["ssft"] = replace(config.ssft, reliability=args.pseudo_gate)
     gate = args.pseudo_gate or config.ssft.reliability
     check_gate_options(gate, None, args.min_agreement, args.pseudo_fallback, args.blend_start)
+    if args.pseudo_mix == "copy-paste" and (args.pseudo_teacher or config.ssft.teacher) == "ema":
+        raise ASFDAError(MIX_WITH_EMA)
     if args.min_agreement is not None:
         overrides["ssft"] = replace(overrides.get("ssft", config.ssft), min_agreement=args.min_agreement)
     for name, field in (

@@ -695,10 +695,16 @@ def load_back(fmt: str, path: Path, cli: bool = True) -> str:
     """How the exported model is loaded back into ASFDA: a program only with trust (it runs code stored in it)."""
     if fmt == "bundle":
         if cli:
-            return f"Load it back with --model {as_arg(path)}; MONAI's bundle runner runs it (asfda export --help)"
+            return (
+                f"Load it back with asfda rank --model {as_arg(path)} --images SCANS --out NEW_SESSION; MONAI's "
+                "bundle runner runs it (asfda export --help)"
+            )
         return "Load it back as the Setup's model; MONAI Label and MONAI's bundle runner run it too"
     if cli:
-        return f"Load it back with --model {as_arg(path)} --trust (it runs code stored in the file)"
+        return (
+            f"Load it back with asfda rank --model {as_arg(path)} --trust --images SCANS --out NEW_SESSION (it runs "
+            "code stored in the file)"
+        )
     return "Load it back as the Setup's model with Trust this file ticked (it runs code stored in the file)"
 
 

@@ -932,6 +932,10 @@ def test_a_round_says_how_many_volumes_reached_the_floor_and_how_many_the_kept_s
         ),
         (["--pseudo-gate", "flips", "--pseudo-fallback", "flips"], "--pseudo-fallback flips is the gate itself"),
         (
+            ["--pseudo-teacher", "ema", "--pseudo-mix", "copy-paste"],
+            "--pseudo-mix copy-paste mixes the labels a fixed teacher made before stage 2, and the EMA teacher labels",
+        ),
+        (
             ["--no-pseudo", "--pseudo-iterations", "50", "--keep-fraction", "0.3", "--stage2-lr", "constant"],
             "--no-pseudo skips stage 2, so --keep-fraction and --pseudo-iterations and --stage2-lr would do nothing",
         ),

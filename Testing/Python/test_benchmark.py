@@ -517,6 +517,11 @@ def test_the_benchmark_command_mixes_the_ssft_rows_patches_as_asked(tmp_path):
     assert benchmark_config(args)[0].ssft.pseudo_mix == "copy-paste"
     args = build_parser().parse_args(["benchmark", "--out", str(tmp_path / "b")])
     assert benchmark_config(args)[0].ssft.pseudo_mix == FinetuneConfig.pseudo_mix
+    args = build_parser().parse_args(
+        ["benchmark", "--pseudo-mix", "copy-paste", "--pseudo-teacher", "ema", "--out", str(tmp_path / "b")]
+    )
+    with pytest.raises(ASFDAError, match="the EMA teacher labels each patch online, so it would do nothing"):
+        benchmark_config(args)
 
 
 def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, tmp_path):

@@ -688,7 +688,8 @@ def test_asfda_export_without_a_format_writes_a_residual_encoder_session_as_pt2(
     said = " ".join(capsys.readouterr().out.split())
     assert said.startswith(
         f"Exported pt2 to {tmp_path / 'liver.pt2'}, its card to {tmp_path / 'liver.card.json'}: round 1's fine-tuned "
-        f"model (checkpoints/round1/final.pt). Load it back with --model {tmp_path / 'liver.pt2'} --trust"
+        f"model (checkpoints/round1/final.pt). Load it back with asfda rank --model {tmp_path / 'liver.pt2'} --trust "
+        "--images SCANS --out NEW_SESSION"
     )
     assert load_model(tmp_path / "liver.pt2", trust=True).kind == "pt2"
 
