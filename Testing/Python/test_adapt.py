@@ -550,8 +550,9 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
 ):
     """The source model vouches for no MRI phantom, so the fallback judges (the confidence gate here, which
     always keeps some volumes): by default an EMA teacher then relabels the kept volumes' patches online, and
-    a copy-paste mix asked for later mixes only the fixed teacher's labels."""
+    a copy-paste mix asked for later mixes only the fixed teacher's labels (under the EMA teacher it is refused)."""
     from ASFDALib.adaptation.pipeline import MIX_LINES
+    from ASFDALib.app.commands import MIX_WITH_EMA
 
     args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--pseudo-fallback", "confidence"]
     assert main(["finetune", str(labelled_session), *args, *asked]) == 0
@@ -593,14 +594,18 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     assert [h.get("confidence") for h in run["history"]] == [0.9, 0.9] if teacher == "ema" else [None, None]
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     assert (metrics["pseudo_teacher"], metrics["pseudo_augment"]) == (teacher, "remap")
-    # an extension may augment and mix otherwise, and says so; only the fixed teacher's labels are mixed
+    # an extension may augment and mix otherwise, and says so; only the fixed teacher's labels are mixed, so
+    # under the run's EMA teacher a mix would do nothing and is refused before any work
     capsys.readouterr()
     more = ["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "6", "--batch-size", "1"]
-    assert main([*more, "--pseudo-augment", "strong", "--pseudo-mix", "copy-paste"]) == 0
+    if teacher == "ema":
+        assert main([*more, "--pseudo-mix", "copy-paste"]) == 1
+        assert MIX_WITH_EMA in " ".join(capsys.readouterr().err.split())
+    mixed = "copy-paste" if teacher == "fixed" else "none"
+    assert main([*more, "--pseudo-augment", "strong", *(["--pseudo-mix", "copy-paste"] * (teacher == "fixed"))]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "the extension augments them as strong, where the run's stage 2 had remap; run.json lists both" in said
-    mixed = "copy-paste" if teacher == "fixed" else "none"
-    assert MIX_LINES[mixed] in said
+    assert (MIX_LINES["copy-paste"] in said) == (teacher == "fixed")
     changed = "the extension's mix of them is copy-paste, where the run's stage 2 had none; run.json lists both"
     assert (changed in said) == (teacher == "fixed")
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
@@ -610,8 +615,8 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     run = json.loads((folder / "run.json").read_text())
     assert [(h["pseudo_mix_asked"], h["pseudo_mix"]) for h in run["history"][1:]] == [
         ("none", "none"),
-        ("copy-paste", mixed),
-        ("copy-paste", mixed),
+        (mixed, mixed),
+        (mixed, mixed),
     ]
     # a restart sets the run aside, and the record still says who taught it and how its patches were augmented
     assert main(["finetune", str(labelled_session), "--restart", "--iterations", "2", "--no-pseudo"]) == 0
