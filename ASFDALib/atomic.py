@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ASFDALib.errors import ASFDAError
 
 REPLACE_TRIES = 20  # x 50 ms: a reader's open handle or a virus scanner's is gone well within a second
@@ -117,6 +115,7 @@ def atomic_write_json(path: Path, obj: Any) -> Path:
 
 def atomic_write_npz(path: Path, arrays: dict[str, Any], compressed: bool = False) -> Path:
     """Arrays as ``.npz`` (no pickles, so ``np.load(allow_pickle=False)`` reads it back), atomically."""
+    import numpy as np  # here: the command line's parser imports this module and must not load numpy
 
     save = np.savez_compressed if compressed else np.savez
 
