@@ -744,6 +744,14 @@ def export_session_model(
     _refuse_target(session, out, fmt, cli)
     if not source_model and (unfinished := unfinished_run(session)):  # its weights are the model as it finished
         which += f"; {unfinished}, so this is the model as it finished before"
-    path = export_session(session, session_model(session, adapted=not source_model), out, fmt)
+    model = session_model(session, adapted=not source_model)
+    path = export_session(session, model, out, fmt)
     card = "" if fmt == "bundle" else f", its card to {card_beside(path)}"
-    return Exported(path, f"Exported {fmt} to {path}{card}: {which}. {load_back(fmt, path, cli)}")
+    left = ""
+    if fmt != "bundle" and model.card.source_stats:  # _exported_card drops them: a program has no layer to tap
+        keep = "" if formats_without_bundle(*recorded_network(recorded or {})) else "; a bundle keeps them"
+        left = (
+            ". Its source statistics stay behind (a program has no layer to tap), so a session started from it ranks "
+            f"the knowledge gap by the head's free energy{keep}"
+        )
+    return Exported(path, f"Exported {fmt} to {path}{card}: {which}. {load_back(fmt, path, cli)}{left}")

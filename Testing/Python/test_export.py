@@ -396,8 +396,10 @@ def test_a_pt2_program_is_a_model_form_asfda_ranks_with(adapted, tmp_path, capsy
     assert main(["export", str(session), "--format", "pt2", "--out", str(tmp_path / "net.pt2")]) == 0
     said = " ".join(capsys.readouterr().out.split())  # both files written are named
     assert f"Exported pt2 to {tmp_path / 'net.pt2'}, its card to {tmp_path / 'net.card.json'}" in said
-    # no source statistics named: a program's layers cannot be tapped, so none could serve it
+    # no source statistics named: a program's layers cannot be tapped, so none could serve it; the export says so
     assert "source_stats" not in json.loads((tmp_path / "net.card.json").read_text())
+    assert "Its source statistics stay behind (a program has no layer to tap)" in said
+    assert "by the head's free energy; a bundle keeps them" in said  # the built-in model exports as a bundle too
     command = ["rank", "--model", str(tmp_path / "net.pt2"), "--trust", "--images", str(inputs)]
     assert main([*command, "--out", str(tmp_path / "s"), "--budget", "1"]) == 0
     report = json.loads((tmp_path / "s" / "ranking.json").read_text())
