@@ -203,8 +203,13 @@ class Workflow:
         if not self.settings.session:
             return False, "choose a session folder"
         # that run trains on the round's labels as they were: no new query under it (the engine refuses one too)
-        unfinished = action in ("rank", "next_round") and (run := self.finetune_run()) and not run["finished"]
-        if unfinished:
+        run = self.finetune_run() if action in ("rank", "next_round") else None
+        if run and run["finished"] and self._handover_pending(run):  # the engine refuses a rank until it is recorded
+            return False, (
+                "this round's fine-tune finished but session.json does not record its model yet: Continue the last "
+                "run first (or Train again from the round's start)"
+            )
+        if run and not run["finished"]:
             if self._labels_changed(run):
                 return False, "this round's fine-tune is unfinished and its labels changed since: train it again first"
             return False, "this round's fine-tune is unfinished: Continue the last run first"

@@ -550,8 +550,9 @@ def test_an_export_the_worker_refuses_gives_why_when_it_ends(adapted, tmp_path):
 
 
 def test_the_panel_says_which_button_records_a_finished_run_session_json_missed(adapted, tmp_path):
-    """Slicer killed between run.json and session.json of an extension: the panel's Export and Rank say what to
-    press (not an asfda command), and that button (Continue the last run) records the run, training nothing."""
+    """Slicer killed between run.json and session.json of an extension: the panel's Export says what to press
+    (not an asfda command), Rank and Next round are disabled saying so, and that button (Continue the last run)
+    records the run, training nothing."""
     from ASFDALib.app.workflow import PanelSettings, Workflow
     from ASFDALib.errors import ASFDAError
 
@@ -569,11 +570,14 @@ def test_the_panel_says_which_button_records_a_finished_run_session_json_missed(
     with pytest.raises(ASFDAError) as refused:
         flow.export(tmp_path / "m.pt2", "pt2")
     assert str(refused.value) == f"{pending}, then export"
-    flow.start_rank()
-    flow.wait()
-    assert flow.log[-1] == (
-        f"ranking failed: {pending} (the next rank starts a new round), or label more and press Train again from the "
-        "round's start to train the round anew"
+    assert (
+        flow.check("rank")
+        == flow.check("next_round")
+        == (  # refused by the engine too: the button says why
+            False,
+            "this round's fine-tune finished but session.json does not record its model yet: Continue the last run first "
+            "(or Train again from the round's start)",
+        )
     )
     assert flow.finetune_mode() == "resume" and flow.check("finetune") == (
         True,
