@@ -245,7 +245,7 @@ def rank_round(
     # the session's files would mix with the scans it ranks (the command line refuses it first, naming --out)
     refuse_same_folder(session.root, images, "images", "give the session a folder of its own")
     moved = pool_change(session, Path(images))  # before any long work
-    pool_volumes(Path(images), config.recursive, (session.root,))  # a folder of no scans, refused before the model
+    pool = pool_volumes(Path(images), config.recursive, (session.root,))  # a folder of no scans: before the model
     model, knowledge, kept_card = ranking_model(session, load_given, given, config.knowledge, card_given)
     check_outputs(model.network, model.card, str(model.path), config.device)
     if on_model:
@@ -262,7 +262,7 @@ def rank_round(
         config = replace(config, budget=max(0, budget - len(kept)))
     # the session folder may sit inside the pool (--out images/sess): its labels and predictions are not scans
     ranking = rank_folder(
-        Path(images), model, session.root / "cache", config, progress, labelled, knowledge, exclude=(session.root,)
+        Path(images), model, session.root / "cache", config, progress, labelled, knowledge, (session.root,), pool
     )
     ranking.budget = budget
     left = sum(r.status == "scored" for r in ranking.rows)  # unlabelled volumes that could be queried

@@ -361,15 +361,17 @@ def rank_folder(
     labelled_names: set[str] | None = None,
     knowledge: Knowledge | None = None,
     exclude: tuple[Path, ...] = (),
+    pool: tuple[list[Path], list[Path]] | None = None,
 ) -> Ranking:
     """Discover, score and rank every volume under ``images``, except in the ``exclude`` folders (the session's).
 
     ``knowledge`` overrides the model's own source knowledge: an adapted model's BatchNorm statistics
-    describe the target by now, so later rounds pass the base model's.
+    describe the target by now, so later rounds pass the base model's. ``pool``: what :func:`pool_volumes` found
+    there already (checked before the model loaded), so the pool is walked once.
     """
     # the cache's files would mix with the scans (and a recursive rank would meet them)
     refuse_same_folder(cache_folder, images, "images", "give the score cache a folder of its own")
-    paths, others = pool_volumes(images, config.recursive, exclude)
+    paths, others = pool or pool_volumes(images, config.recursive, exclude)
     knowledge = knowledge or choose_knowledge(model, config.knowledge)
     # Under torchrun each rank scores its share; every rank then ranks the same gathered pool.
     mine = distributed.shard(paths)

@@ -570,15 +570,11 @@ def test_the_panel_says_which_button_records_a_finished_run_session_json_missed(
     with pytest.raises(ASFDAError) as refused:
         flow.export(tmp_path / "m.pt2", "pt2")
     assert str(refused.value) == f"{pending}, then export"
-    assert (
-        flow.check("rank")
-        == flow.check("next_round")
-        == (  # refused by the engine too: the button says why
-            False,
-            "this round's fine-tune finished but session.json does not record its model yet: Continue the last run first "
-            "(or Train again from the round's start)",
-        )
+    disabled = (  # the engine refuses that rank too: the buttons say why and what to press
+        "this round's fine-tune finished but session.json does not record its model yet: Continue the last run "
+        "first (or Train again from the round's start)"
     )
+    assert flow.check("rank") == flow.check("next_round") == (False, disabled)
     assert flow.finetune_mode() == "resume" and flow.check("finetune") == (
         True,
         "record the finished run's model, which session.json does not yet (its process was stopped)",
