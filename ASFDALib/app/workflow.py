@@ -847,13 +847,13 @@ class Workflow:
     def export_suggestion(self, fmt: str) -> Path:
         """Where the Export dialog starts: beside the session folder (an export never goes inside it); for a
         program, a file named after the session that neither an export nor its card takes yet."""
-        from ASFDALib.models.formats import DEFAULT_NAMES
+        from ASFDALib.models.formats import SUFFIXES
         from ASFDALib.models.loading import card_beside
 
         session = Path(self.settings.session)
         if fmt == "bundle":
             return session.parent
-        suffix = Path(DEFAULT_NAMES[fmt]).suffix
+        suffix = SUFFIXES[fmt]
         names = (session.parent / f"{session.name}{f'_{n}' if n > 1 else ''}{suffix}" for n in itertools.count(1))
         return next(p for p in names if not p.exists() and not card_beside(p).exists())
 
@@ -869,12 +869,12 @@ class Workflow:
 
     def _export_target(self, target: Path, fmt: str | None) -> tuple[Path, str]:
         """Where an export named ``target`` is written, and in which format (None: :meth:`export_format`)."""
-        from ASFDALib.models.formats import DEFAULT_NAMES
+        from ASFDALib.models.formats import SUFFIXES
 
         fmt = fmt or self.export_format()
         target = Path(target)
-        if fmt in DEFAULT_NAMES and not target.suffix:
-            target = target.with_name(target.name + Path(DEFAULT_NAMES[fmt]).suffix)
+        if fmt in SUFFIXES and not target.suffix:
+            target = target.with_name(target.name + SUFFIXES[fmt])
         return target, fmt
 
     def _export(self, target: Path, fmt: str) -> Exported:

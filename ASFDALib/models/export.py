@@ -37,7 +37,13 @@ import torch
 from ASFDALib.atomic import atomic_folder, atomic_write, atomic_write_json, remove_scratch
 from ASFDALib.errors import ASFDAError, ModelError, as_arg
 from ASFDALib.models.card import ModelCard
-from ASFDALib.models.formats import DEFAULT_NAMES, FORMATS, formats_without_bundle, recorded_network, session_format
+from ASFDALib.models.formats import (
+    FORMATS,
+    formats_without_bundle,
+    program_file,
+    recorded_network,
+    session_format,
+)
 from ASFDALib.models.loading import WEIGHT_NAMES, LoadedModel, card_beside
 from ASFDALib.outputs import (
     SESSION_FILE,
@@ -609,7 +615,7 @@ def export_session(session: Any, model: LoadedModel, out: Path, fmt: str = "bund
     record = provenance(session, model)
     if fmt == "bundle":
         return export_bundle(model, out, record=record)
-    target = out if out.suffix else out / DEFAULT_NAMES[fmt]
+    target = program_file(out, fmt)
     if fmt == "pt2":
         return export_pt2(model, target, record)
     if fmt == "torchscript":
@@ -668,7 +674,7 @@ def _refuse_target(session: Any, out: Path, fmt: str, cli: bool) -> None:
         refuse_existing(out, "a folder with files in it", fix)
         target = out
     else:
-        target = out if out.suffix else out / DEFAULT_NAMES[fmt]
+        target = program_file(out, fmt)
         # a folder given: name a file the next export there can take (model.ts and model.pt2 share model.card.json)
         name = "" if out.suffix else f", e.g. {option}{as_arg(target.with_name('model2' + target.suffix))}"
         refuse_overwrite([target], protected, "a file the session references", fix)

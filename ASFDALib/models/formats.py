@@ -9,11 +9,20 @@ not have, carried by the programs, which hold the network with them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 FORMATS = ("bundle", "pt2", "torchscript")
 DEFAULT_NAMES = {"pt2": "model.pt2", "torchscript": "model.ts"}
+SUFFIXES = {fmt: Path(name).suffix for fmt, name in DEFAULT_NAMES.items()}  # a program's file type
 # The networks ASFDA builds itself (ASFDALib.models.loading.ASFDA_NETWORKS, which imports torch; a test checks
 # that the two name the same networks)
 OWN_NETWORKS = ("ResidualEncoderUNet",)
+
+
+def program_file(out: Path, fmt: str) -> Path:
+    """The file a program export given ``out`` writes: ``out`` where it names a file (has a suffix), else the
+    format's default name in that folder."""
+    return out if out.suffix else out / DEFAULT_NAMES[fmt]
 
 
 def formats_without_bundle(kind: str, network: str | None) -> tuple[str, ...]:

@@ -433,15 +433,13 @@ def test_combo_box_choices_are_the_engines():
 
 
 def test_export_formats_are_asfda_exports_and_each_dialog_filter_names_the_suffix_written():
-    from ASFDALib.models.formats import DEFAULT_NAMES, FORMATS
+    from ASFDALib.models.formats import FORMATS, SUFFIXES
 
     fields = wrapper_fields()
     export = first(split(fields["export_format"].datatype)[1], Choice)
     assert list(export.choices) == list(FORMATS) and fields["export_format"].default == "bundle"
     filters = _namespace(_module_tree())["EXPORT_FILTERS"]
-    assert {fmt: re.search(r"\(\*(\.\w+)\)$", f).group(1) for fmt, f in filters.items()} == {
-        fmt: pathlib.Path(name).suffix for fmt, name in DEFAULT_NAMES.items()
-    }
+    assert {fmt: re.search(r"\(\*(\.\w+)\)$", f).group(1) for fmt, f in filters.items()} == SUFFIXES
 
 
 # --- signals --------------------------------------------------------------------------------------------
