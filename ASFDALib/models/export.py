@@ -520,6 +520,18 @@ def _reexport_bundle(model: LoadedModel, folder: Path, record: dict[str, Any] | 
     _write_card(model, folder / "asfda_card.json", record)
 
 
+def _refuse_program_name(path: Path, fmt: str) -> None:
+    """Refuse a single-file export (``fmt``: "pt2", "torchscript") whose name would not load back as it is: ASFDA
+    reads a ``.pt2`` file as a ``torch.export`` program by its suffix (TorchScript by its content, under any name)."""
+    if fmt == "pt2" and path.suffix.lower() != ".pt2":
+        raise ModelError(f"{path}: a torch.export program is loaded by its .pt2 suffix; name the file *.pt2")
+    if fmt == "torchscript" and path.suffix.lower() == ".pt2":
+        raise ModelError(
+            f"{path}: a .pt2 file is loaded as a torch.export program, so TorchScript named so would not load back; "
+            "name the file *.ts"
+        )
+
+
 def staged_program(path: Path) -> Path:
     """Where a single-file export (TorchScript, ``torch.export``) is written whole before its card: hidden beside
     ``path`` (``.<name>.partial``), which it becomes last. A run stopped after its card (Ctrl-C, a kill) leaves the
@@ -547,6 +559,7 @@ def export_torchscript(model: LoadedModel, path: Path, record: dict[str, Any] | 
     """``model.ts`` (scripted, or traced when scripting fails; the metadata inside it as ``metadata.json``, which
     ``torch.jit.load(path, _extra_files={"metadata.json": ""})`` reads) plus ``model.card.json`` beside it."""
     path = Path(path)
+    _refuse_program_name(path, "torchscript")
     _refuse_overwriting_the_base(model, [path, card_beside(path)])
     _remove_killed_writes(path)
     network = model.network.cpu().eval()
@@ -580,8 +593,7 @@ def export_pt2(model: LoadedModel, path: Path, record: dict[str, Any] | None = N
     from ASFDALib.models.program import export_program
 
     path = Path(path)
-    if path.suffix.lower() != ".pt2":
-        raise ModelError(f"{path}: a torch.export program is loaded by its .pt2 suffix; name the file *.pt2")
+    _refuse_program_name(path, "pt2")
     _refuse_overwriting_the_base(model, [path, card_beside(path)])
     _remove_killed_writes(path)
     metadata = bundle_metadata(model.card, "0.1.0", record)
@@ -675,6 +687,7 @@ def _refuse_target(session: Any, out: Path, fmt: str, cli: bool) -> None:
         target = out
     else:
         target = program_file(out, fmt)
+        _refuse_program_name(target, fmt)
         # a folder given: name a file the next export there can take (model.ts and model.pt2 share model.card.json)
         name = "" if out.suffix else f", e.g. {option}{as_arg(target.with_name('model2' + target.suffix))}"
         refuse_overwrite([target], protected, "a file the session references", fix)

@@ -683,6 +683,31 @@ def test_an_export_run_again_removes_the_scratch_a_killed_export_left(adapted, t
     assert hidden == sorted(expected)
 
 
+@pytest.mark.parametrize(
+    "fmt, name, said",
+    [
+        ("torchscript", "m.pt2", "a .pt2 file is loaded as a torch.export program, so TorchScript named so would not"),
+        ("pt2", "m.ts", "a torch.export program is loaded by its .pt2 suffix; name the file *.pt2"),
+    ],
+)
+def test_a_program_named_with_the_other_formats_suffix_is_refused_before_the_model_loads(
+    adapted, tmp_path, monkeypatch, capsys, fmt, name, said
+):
+    """ASFDA reads a .pt2 file as a torch.export program: TorchScript written as m.pt2 would not load back (the
+    line would still say to load it so), and a program named m.ts would not either; refused before any work."""
+    from ASFDALib.adaptation import pipeline
+
+    _, session, _ = adapted
+
+    def loaded(*_args, **_kwargs):
+        raise AssertionError("the model loaded before the refusal")
+
+    monkeypatch.setattr(pipeline, "session_model", loaded)
+    assert main(["export", str(session), "--format", fmt, "--out", str(tmp_path / name)]) == 1
+    assert f"{tmp_path / name}: {said}" in " ".join(capsys.readouterr().err.split())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_two_exports_whose_names_differ_after_the_first_dot_keep_a_card_each(adapted, tmp_path):
     """adapted.r1.ts and adapted.r2.ts side by side: adapted.r1.card.json and adapted.r2.card.json."""
     _, session, _ = adapted
