@@ -661,6 +661,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.blend_start and args.pseudo_iterations == 0:
         raise ASFDAError("--pseudo-iterations 0 skips stage 2, and the blend follows it; leave one of them out")
     if args.pseudo_mix == "copy-paste" and own(args.pseudo_teacher, "teacher") == "ema":
+        if args.mode in ("resume", "extend") and ran.get("teacher") == "ema":  # the run's, which it keeps
+            raise ASFDAError(
+                f"{args.session}: the run's stage 2 has the EMA teacher, which --{args.mode} keeps, and it labels each "
+                "patch online, so --pseudo-mix copy-paste would do nothing; leave it out, or --restart with "
+                "--pseudo-teacher fixed to mix the fixed teacher's labels"
+            )
         raise ASFDAError(MIX_WITH_EMA)
     if run and run["targets"]:  # a resume keeps the run's length too
         ran |= {"iterations": run["targets"]["stage1"], "pseudo_iterations": run["targets"]["stage2"]}

@@ -552,7 +552,6 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     always keeps some volumes): by default an EMA teacher then relabels the kept volumes' patches online, and
     a copy-paste mix asked for later mixes only the fixed teacher's labels (under the EMA teacher it is refused)."""
     from ASFDALib.adaptation.pipeline import MIX_LINES
-    from ASFDALib.app.commands import MIX_WITH_EMA
 
     args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--pseudo-fallback", "confidence"]
     assert main(["finetune", str(labelled_session), *args, *asked]) == 0
@@ -598,9 +597,13 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     # under the run's EMA teacher a mix would do nothing and is refused before any work
     capsys.readouterr()
     more = ["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "6", "--batch-size", "1"]
-    if teacher == "ema":
+    if teacher == "ema":  # the way on it names is a restart: the extension refuses another teacher
         assert main([*more, "--pseudo-mix", "copy-paste"]) == 1
-        assert MIX_WITH_EMA in " ".join(capsys.readouterr().err.split())
+        assert (
+            f"{labelled_session}: the run's stage 2 has the EMA teacher, which --extend keeps, and it labels each "
+            "patch online, so --pseudo-mix copy-paste would do nothing; leave it out, or --restart with "
+            "--pseudo-teacher fixed to mix the fixed teacher's labels"
+        ) in " ".join(capsys.readouterr().err.split())
     mixed = "copy-paste" if teacher == "fixed" else "none"
     assert main([*more, "--pseudo-augment", "strong", *(["--pseudo-mix", "copy-paste"] * (teacher == "fixed"))]) == 0
     said = " ".join(capsys.readouterr().out.split())
