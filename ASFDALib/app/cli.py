@@ -547,9 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=FORMATS,
         help="bundle: runs with MONAI's bundle runner, metadata records the adaptation; pt2: a torch.export program, "
-        "TorchScript's successor; torchscript: deprecated by torch. Default: the format that carries the session's "
-        "model, as the panel offers it: bundle, or pt2 where no bundle can (an nnU-Net ResidualEncoderUNet, a .pt2 "
-        "model; a TorchScript model: torchscript)",
+        "TorchScript's successor; torchscript: deprecated by torch. Default: the one --out's suffix names (.pt2, .ts), "
+        "else the format that carries the session's model, as the panel offers it: bundle, or pt2 where no bundle "
+        "can (an nnU-Net ResidualEncoderUNet, a .pt2 model; a TorchScript model: torchscript)",
     )
     export.add_argument(
         "--out",

@@ -39,6 +39,7 @@ from ASFDALib.errors import ASFDAError, ModelError, as_arg
 from ASFDALib.models.card import ModelCard
 from ASFDALib.models.formats import (
     FORMATS,
+    format_named_by,
     formats_without_bundle,
     program_file,
     recorded_network,
@@ -736,9 +737,10 @@ def export_session_model(
     name: str | Path | None = None,
     cli: bool = True,
 ) -> Exported:
-    """Export the session's fine-tuned model (``source_model``: the model as it came) in ``fmt`` (None: the session's
-    own, :func:`ASFDALib.models.formats.session_format`) to ``out`` (a new or empty folder for a bundle; a new file
-    for a program, or a folder for its default name), after every check, before the model loads: never over an
+    """Export the session's fine-tuned model (``source_model``: the model as it came) in ``fmt`` (None: the one
+    ``out``'s suffix names, ``.pt2`` or ``.ts``, else the session's own,
+    :func:`ASFDALib.models.formats.session_format`) to ``out`` (a new or empty folder for a bundle; a new file for a
+    program, or a folder for its default name), after every check, before the model loads: never over an
     existing export, a file the session references, the base model or its card, nor into the session or among its
     scans; a session whose fine-tuned model is not there (never fine-tuned, a first fine-tune running or
     interrupted, a finished one not recorded yet) is refused, naming the way on; and so is a bundle of a model that
@@ -749,7 +751,7 @@ def export_session_model(
     from ASFDALib.adaptation.runs import unfinished_run
 
     recorded = session.data.get("model")
-    fmt = fmt or session_format(recorded)
+    fmt = fmt or format_named_by(Path(out)) or session_format(recorded)  # m.pt2 is no bundle folder's name
     if fmt not in FORMATS:
         raise ModelError(f"export format {fmt!r} unknown; use one of {', '.join(FORMATS)}")
     name = str(name or session.root)

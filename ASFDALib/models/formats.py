@@ -19,6 +19,11 @@ SUFFIXES = {fmt: Path(name).suffix for fmt, name in DEFAULT_NAMES.items()}  # a 
 OWN_NETWORKS = ("ResidualEncoderUNet",)
 
 
+def format_named_by(out: Path) -> str | None:
+    """The program format an export's file name asks for by its suffix (``m.pt2``, ``m.ts``), else None."""
+    return next((fmt for fmt, suffix in SUFFIXES.items() if Path(out).suffix.lower() == suffix), None)
+
+
 def program_file(out: Path, fmt: str) -> Path:
     """The file a program export given ``out`` writes: ``out`` where it names a file (has a suffix), else the
     format's default name in that folder."""

@@ -407,6 +407,16 @@ def test_a_pt2_program_is_a_model_form_asfda_ranks_with(adapted, tmp_path, capsy
     assert len(report["selected"]) == 1
 
 
+def test_an_export_named_m_pt2_or_m_ts_without_format_is_written_in_the_format_its_name_says(adapted, tmp_path):
+    """Without --format a name's suffix chooses the program (a bundle folder named m.pt2 would not load as one)."""
+    _, session, _ = adapted
+    for name, kind in (("m.pt2", "pt2"), ("m.ts", "torchscript")):
+        assert main(["export", str(session), "--out", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).is_file() and load_model(tmp_path / name, trust=True).kind == kind
+        assert (tmp_path / "m.card.json").is_file()
+        (tmp_path / "m.card.json").unlink()  # the two programs would share it
+
+
 def test_a_scripted_model_asked_for_as_a_bundle_is_pointed_to_its_own_format(adapted, tmp_path, capsys):
     """A TorchScript model is not a MONAI network by name: the refusal names the format that takes it."""
     from ASFDALib.errors import ModelError
