@@ -88,7 +88,8 @@ class FinetuneConfig:
     # al. 2023), so the pool's volumes are not learnt apart from the labelled ones: the labels' anatomy in the
     # pool's context and the pool's in the labels'. Only with the fixed teacher (the gate's labels, made before
     # stage 2): an EMA teacher labels each patch online as it is (stage2_mix resolves it to "none" there).
-    pseudo_mix: str = "none"
+    # docs/method.md "Mixing pseudo-labelled patches with labelled ones" has the validation comparison.
+    pseudo_mix: str = "copy-paste"
     ema_decay: float = 0.99
     # the loss weight of the patches an EMA teacher labels, in place of ``pseudo_weight``: its labels are a
     # consistency target that moves with the student, vouched for by no other model (docs/method.md "How

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from ASFDALib import distributed
 from ASFDALib.adaptation.loss import IGNORE_INDEX, dice_ce_loss
 from ASFDALib.adaptation.patches import Case, PatchStream
-from ASFDALib.adaptation.recipe import FinetuneConfig, lr_factor, ramp
+from ASFDALib.adaptation.recipe import FinetuneConfig, lr_factor, ramp, stage2_mix
 from ASFDALib.adaptation.runs import SAVED_FILE
 from ASFDALib.atomic import atomic_write, atomic_write_json
 from ASFDALib.checkpoints import LoadReport, param_groups_from_report
@@ -106,6 +106,12 @@ class Trainer:
     ):
         self.network = network
         self.card = card
+        # the mix follows the teacher: an EMA teacher labels each patch online as it is drawn, so it is not mixed
+        if (
+            config.teacher in ("fixed", "ema")
+            and (mix := stage2_mix(config.pseudo_mix, config.teacher)) != config.pseudo_mix
+        ):
+            config = replace(config, pseudo_mix=mix)
         self.config = config
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = resolve_device(distributed.device_for_rank(config.device))
@@ -252,12 +258,6 @@ class Trainer:
         if pseudo and self.config.pseudo_augment not in ("weak", "strong", "remap"):
             raise ValueError(
                 f"pseudo_augment {self.config.pseudo_augment!r}: resolve it with recipe.stage2_augment first"
-            )
-        # an EMA teacher labels each patch online as it was drawn: only the fixed teacher's labels are mixed
-        if pseudo and self.config.pseudo_mix != "none" and self.config.teacher != "fixed":
-            raise ValueError(
-                f"pseudo_mix {self.config.pseudo_mix!r} with the {self.config.teacher} teacher: resolve it with "
-                "recipe.stage2_mix first"
             )
         self.network.train()
         if pseudo and self.config.teacher == "ema" and self.teacher is None:

@@ -550,7 +550,8 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
 ):
     """The source model vouches for no MRI phantom, so the fallback judges (the confidence gate here, which
     always keeps some volumes): by default an EMA teacher then relabels the kept volumes' patches online, and
-    a copy-paste mix asked for later mixes only the fixed teacher's labels (under the EMA teacher it is refused)."""
+    the default copy-paste mix mixes only the fixed teacher's labels (named on an extension of an EMA teacher's
+    run, it is refused)."""
     from ASFDALib.adaptation.pipeline import MIX_LINES
 
     args = ["--iterations", "4", "--pseudo-iterations", "2", "--batch-size", "1", "--pseudo-fallback", "confidence"]
@@ -593,8 +594,11 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
     assert [h.get("confidence") for h in run["history"]] == [0.9, 0.9] if teacher == "ema" else [None, None]
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
     assert (metrics["pseudo_teacher"], metrics["pseudo_augment"]) == (teacher, "remap")
-    # an extension may augment and mix otherwise, and says so; only the fixed teacher's labels are mixed, so
-    # under the run's EMA teacher a mix would do nothing and is refused before any work
+    # the default mix (copy-paste) mixes only the fixed teacher's labels: the EMA teacher's patches are not mixed
+    assert metrics["pseudo_mix"] == ("copy-paste" if teacher == "fixed" else "none")
+    assert (MIX_LINES["copy-paste"] in said, MIX_LINES["none"] in said) == (teacher == "fixed", teacher == "ema")
+    # an extension may augment and mix otherwise, and says so; under the run's EMA teacher a mix named would do
+    # nothing and is refused before any work
     capsys.readouterr()
     more = ["finetune", str(labelled_session), "--extend", "--pseudo-iterations", "6", "--batch-size", "1"]
     if teacher == "ema":  # the way on it names is a restart: the extension refuses another teacher
@@ -604,28 +608,28 @@ def test_where_the_fallback_judged_an_ema_teacher_labels_the_patches_and_an_exte
             "patch online, so --pseudo-mix copy-paste would do nothing; leave it out, or --restart with "
             "--pseudo-teacher fixed to mix the fixed teacher's labels"
         ) in " ".join(capsys.readouterr().err.split())
-    mixed = "copy-paste" if teacher == "fixed" else "none"
-    assert main([*more, "--pseudo-augment", "strong", *(["--pseudo-mix", "copy-paste"] * (teacher == "fixed"))]) == 0
+    assert main([*more, "--pseudo-augment", "strong", *(["--pseudo-mix", "none"] * (teacher == "fixed"))]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "the extension augments them as strong, where the run's stage 2 had remap; run.json lists both" in said
-    assert (MIX_LINES["copy-paste"] in said) == (teacher == "fixed")
-    changed = "the extension's mix of them is copy-paste, where the run's stage 2 had none; run.json lists both"
+    assert MIX_LINES["copy-paste"] not in said
+    changed = "the extension's mix of them is none, where the run's stage 2 had copy-paste; run.json lists both"
     assert (changed in said) == (teacher == "fixed")
     metrics = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["metrics"]
-    assert metrics["pseudo_mix"] == mixed
+    assert metrics["pseudo_mix"] == "none"
     # and the next extension goes on with that mix, whatever the default
     assert main([*more[:-4], "--pseudo-iterations", "8", "--batch-size", "1"]) == 0
     run = json.loads((folder / "run.json").read_text())
+    ran = ("copy-paste", "none") if teacher == "ema" else ("none", "none")  # asked, and what ran
     assert [(h["pseudo_mix_asked"], h["pseudo_mix"]) for h in run["history"][1:]] == [
-        ("none", "none"),
-        (mixed, mixed),
-        (mixed, mixed),
+        ("copy-paste", "copy-paste" if teacher == "fixed" else "none"),
+        ran,
+        ran,
     ]
     # a restart sets the run aside, and the record still says who taught it and how its patches were augmented
     assert main(["finetune", str(labelled_session), "--restart", "--iterations", "2", "--no-pseudo"]) == 0
     replaced = json.loads((labelled_session / "session.json").read_text())["rounds"][0]["replaced"]
     assert (replaced[0]["pseudo_teacher"], replaced[0]["pseudo_augment"]) == (teacher, "strong")
-    assert replaced[0]["pseudo_mix"] == mixed
+    assert replaced[0]["pseudo_mix"] == "none"
 
 
 RAN = {"stage2_lr": "cosine", "pseudo_augment": "strong", "teacher": "ema"}

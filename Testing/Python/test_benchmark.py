@@ -456,7 +456,13 @@ def test_runs_recorded_before_pseudo_labels_had_an_agreement_gate_resume_as_conf
     rest = {"iterations": 400, "fusion": "gated", "lower_rate_for": "encoder"}
     path.write_text(json.dumps({"protocol": {**rest, "ssft": before}, "runs": []}))
     # the options as they were then: each field added since at the value those runs ran with
-    then = {"stage2_lr": "constant", "fallback": "none", "pseudo_augment": "weak", "teacher": "fixed"}
+    then = {
+        "stage2_lr": "constant",
+        "fallback": "none",
+        "pseudo_augment": "weak",
+        "teacher": "fixed",
+        "pseudo_mix": "none",
+    }
     confidence = _ssft_protocol(asdict(SSFTOptions(reliability="confidence", **then)))
     assert _load_runs(path, {**rest, "ssft": confidence}) == []
     with pytest.raises(ASFDAError, match=r"pseudo_augment \(weak here, strong now\)"):
@@ -499,7 +505,7 @@ def test_the_mix_is_part_of_the_protocol_only_where_the_fixed_teacher_can_label(
     rest = {"iterations": 400, "fusion": "gated", "lower_rate_for": "encoder"}
     path = tmp_path / "results.json"
     for teacher, refused in (("fixed", True), ("ema-if-fallback", True), ("ema", False)):
-        before = _ssft_protocol(asdict(SSFTOptions(teacher=teacher)))
+        before = _ssft_protocol(asdict(SSFTOptions(teacher=teacher, pseudo_mix="none")))
         path.write_text(json.dumps({"protocol": {**rest, "ssft": before}, "runs": []}))
         now = {**rest, "ssft": _ssft_protocol(asdict(SSFTOptions(teacher=teacher, pseudo_mix="copy-paste")))}
         if refused:
@@ -725,7 +731,8 @@ def test_the_table_says_how_the_ssft_row_and_its_control_trained():
     assert _ssft_note(defaults, []).startswith(
         "\nASFDA + SSFT: rounds gate (floor 0.5), the flips gate where it keeps no volume, at most 50% of the pool "
         "pseudo-labelled, strongly augmented (and through random intensity curves where the fallback judged), an EMA "
-        "teacher relabelling them online where the fallback judged, at weight 0.5, stage 2's learning rate cosine;"
+        "teacher relabelling them online where the fallback judged, at weight 0.5, mixed with the labelled patches "
+        "(bidirectional copy-paste) where the fixed teacher labels, stage 2's learning rate cosine;"
     )
     rounds = BenchmarkConfig(
         rows=("asfda+ssft",), ssft=SSFTOptions(reliability="rounds", min_agreement=0.7, stage2_lr="constant")

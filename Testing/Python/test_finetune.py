@@ -335,7 +335,7 @@ def test_a_copy_paste_mix_replaces_the_pseudo_labelled_batch_and_keeps_every_oth
 
     labelled, pseudo = _cases(default_model.card, 1), _cases(default_model.card, 1, seed=3)
     roi, config = default_model.card.roi_size, replace(SMALL, batch_size=2)
-    plain = PatchStream(labelled, pseudo, roi, config, "stage2")
+    plain = PatchStream(labelled, pseudo, roi, replace(config, pseudo_mix="none"), "stage2")
     stream = PatchStream(labelled, pseudo, roi, replace(config, pseudo_mix="copy-paste"), "stage2")
     mixed = stream[4]
     torch.testing.assert_close(mixed[:2], plain[4][:2], rtol=0, atol=0)  # the labelled batch as it was
@@ -399,7 +399,7 @@ def test_the_ema_teacher_not_the_stored_pseudo_label_labels_the_patches(tmp_path
     """With no voxel confident enough for the teacher, the pseudo-labelled patches teach nothing, whatever
     their stored labels say: stage 2 ends where it ends on the labels alone."""
     card, cases = default_model.card, _cases(default_model.card)
-    config = replace(SMALL, teacher="ema")
+    config = replace(SMALL, teacher="ema", pseudo_mix="none")
     config.confidence = 1.01  # above every probability, so no voxel passes (a value the recipe refuses from users)
     ends = []
     for folder, pseudo in (("a", cases[1:]), ("b", None)):
@@ -476,14 +476,20 @@ def test_the_ema_teacher_labels_where_the_fallback_judged_and_the_fixed_one_wher
     assert stage2_teacher(teacher, fallback_judged) == trains
 
 
-def test_stage_2_refuses_a_mix_with_an_ema_teacher_that_was_not_resolved(tmp_path, default_model):
+def test_a_trainer_with_an_ema_teacher_mixes_no_patch_whatever_mix_is_asked(tmp_path, default_model):
+    """The default mix (copy-paste) is the fixed teacher's: an EMA teacher labels each patch online as it is
+    drawn, so its trainer draws the patches unmixed, and its checkpoint records the mix that ran."""
     card, cases = default_model.card, _cases(default_model.card)
-    config = replace(SMALL, teacher="ema", pseudo_mix="copy-paste")
-    trainer = Trainer(_fresh(default_model.path), card, config, tmp_path)
-    trainer.begin_stage("stage2")
-    with pytest.raises(ValueError, match="resolve it with recipe.stage2_mix"):
-        trainer.run(cases[:1], 1, cases[1:])
-    assert trainer.iteration == 0
+    asked = replace(SMALL, teacher="ema")
+    assert asked.pseudo_mix == "copy-paste"
+    trainer = Trainer(_fresh(default_model.path), card, asked, tmp_path / "a")
+    assert trainer.config.pseudo_mix == "none"
+    plain = Trainer(_fresh(default_model.path), card, replace(asked, pseudo_mix="none"), tmp_path / "b")
+    for t in (trainer, plain):
+        t.begin_stage("stage2")
+        assert t.run(cases[:1], 2, cases[1:]) == "done"
+    for key, value in plain.network.state_dict().items():
+        torch.testing.assert_close(trainer.network.state_dict()[key], value, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
