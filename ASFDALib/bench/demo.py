@@ -206,6 +206,10 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
         "query": query,
         "random_query": random_query,
         "pseudo_labelled": result.kept,
+        # how stage 2 ran, as run.json records it ("" where no volume was pseudo-labelled)
+        "pseudo_teacher": result.teacher,
+        "pseudo_augment": result.augment,
+        "pseudo_mix": result.mix,
         "handover_blend": result.blend,  # the source weights' share of the adapted model (adaptation/blend.py)
         "class_names": model.card.class_names,
         "dice": dice,

@@ -120,6 +120,10 @@ def test_demo_runs_end_to_end_in_either_scenario(tmp_path, capsys, scenario, cla
     assert report["config"]["scenario"] == scenario and len(report["class_names"]) == classes
     # the adapted model's share of source weights: none where the fallback judged (the MRI-like pool)
     assert report["handover_blend"] in ((0.0,) if scenario == "mri" else (0.0, 0.2))
+    # and how stage 2 ran: the fixed teacher's patches mixed with the labelled ones where the rounds gate kept
+    # volumes; an EMA teacher's (a fallback judged) unmixed; nothing where no volume was pseudo-labelled
+    stage2 = (report["pseudo_teacher"], report["pseudo_mix"])
+    assert stage2 == ("", "") if not report["pseudo_labelled"] else stage2 in (("fixed", "copy-paste"), ("ema", "none"))
     assert (out / "demo.png").is_file() and (out / "session" / "ranking.png").is_file()
     printed = capsys.readouterr().out
     assert "ASFDA vs random selection" in printed
