@@ -502,10 +502,23 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
         if may_blend(o.blend_start, o.reliability)
         else ""
     )
+    # where the mix hangs on which gate judged (an EMA teacher's patches are not mixed), which runs it reached
+    judged = [r for r in runs if r.row == "asfda+ssft" and r.pseudo_labelled and r.pseudo_gate]
+    mixed = [
+        r
+        for r in judged
+        if stage2_mix(o.pseudo_mix, stage2_teacher(o.teacher, r.pseudo_gate != o.reliability)) != "none"
+    ]
+    mixes = (
+        f"Pseudo-labelled patches mixed (copy-paste) in {len(mixed)} of {len(judged)} SSFT runs that kept volumes.\n"
+        if o.pseudo_mix != "none" and o.teacher == "ema-if-fallback" and judged
+        else ""
+    )
     return (
         f"\nASFDA + SSFT: {gate}, at most {o.keep_fraction:.0%} of the pool pseudo-labelled{augment}, stage 2's "
         f"learning rate {o.stage2_lr}; its control trains {control}.\n"
         + blend
+        + mixes
         + (f"Volumes pseudo-labelled (the runs that recorded it): {'; '.join(kept)}.\n" if kept else "")
         + (
             "Where the gate kept no volume the SSFT run trained the control's model, and the control shares it.\n"

@@ -720,7 +720,7 @@ def test_rows_sharing_labels_and_seed_share_one_stage_1_and_train_as_if_each_ran
 
 
 def test_the_table_says_how_the_ssft_row_and_its_control_trained():
-    from ASFDALib.bench.benchmark import BenchmarkConfig, SSFTOptions, _ssft_note
+    from ASFDALib.bench.benchmark import BenchmarkConfig, Run, SSFTOptions, _ssft_note
 
     cosine = BenchmarkConfig(
         rows=("random", "asfda+ssft", "ssft-control"),
@@ -728,8 +728,9 @@ def test_the_table_says_how_the_ssft_row_and_its_control_trained():
         ssft=SSFTOptions(reliability="confidence", stage2_lr="cosine", pseudo_augment="weak"),
     )
     assert _ssft_note(cosine, []) == (
-        "\nASFDA + SSFT: confidence gate, at most 50% of the pool pseudo-labelled, stage 2's learning rate "
-        "cosine; its control trains a second stage on the labels alone.\n"
+        "\nASFDA + SSFT: confidence gate, at most 50% of the pool pseudo-labelled, mixed with the labelled patches "
+        "(bidirectional copy-paste), stage 2's learning rate cosine; its control trains a second stage on the labels "
+        "alone.\n"
     )
     defaults = BenchmarkConfig(rows=("asfda+ssft",), ssft=SSFTOptions())
     assert _ssft_note(defaults, []).startswith(
@@ -746,6 +747,16 @@ def test_the_table_says_how_the_ssft_row_and_its_control_trained():
     assert ", mixed with the labelled patches (bidirectional copy-paste), stage 2's" in _ssft_note(mixed, [])
     fallback = BenchmarkConfig(rows=("asfda+ssft",), ssft=SSFTOptions(pseudo_mix="copy-paste"))  # EMA where it judged
     assert "(bidirectional copy-paste) where the fixed teacher labels" in _ssft_note(fallback, [])
+    # and which runs that reached: those the asked gate judged (the fixed teacher), not the fallback's (EMA)
+    judged = [
+        Run("asfda+ssft", 2, 0, [], pseudo_labelled=["a"], pseudo_gate="rounds"),
+        Run("asfda+ssft", 2, 1, [], pseudo_labelled=["b"], pseudo_gate="flips"),
+        Run("asfda+ssft", 2, 2, [], pseudo_labelled=[], pseudo_gate="rounds"),  # nothing kept, nothing to mix
+    ]
+    assert "Pseudo-labelled patches mixed (copy-paste) in 1 of 2 SSFT runs that kept volumes.\n" in _ssft_note(
+        fallback, judged
+    )
+    assert "mixed (copy-paste) in" not in _ssft_note(mixed, judged)  # the fixed teacher mixes every run's
     assert _ssft_note(BenchmarkConfig(rows=("random", "asfda")), []) == ""
 
 
