@@ -233,8 +233,8 @@ VIEWS = {
 MIX_LINES = {
     "copy-paste": "each pseudo-labelled patch is mixed with a labelled one, a cuboid of two thirds of each side "
     "pasted one way or the other, the labels following (--pseudo-mix copy-paste)",
-    "none": "the pseudo-labelled patches are not mixed (--pseudo-mix copy-paste): the EMA teacher labels each "
-    "patch online as it is drawn, and only the fixed teacher's labels can be mixed",
+    "none": "the pseudo-labelled patches are not mixed: the EMA teacher labels each patch online as it is drawn, "
+    "and --pseudo-mix copy-paste mixes only the fixed teacher's labels",
 }
 
 
