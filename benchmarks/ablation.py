@@ -77,6 +77,7 @@ CONSTANT = SSFTOptions(
     fallback="none",
     pseudo_augment="weak",
     teacher="fixed",
+    pseudo_mix="none",
     ema_weight=1.0,
     blend_start=0.0,
 )

@@ -78,7 +78,10 @@ def main() -> None:
     stored = json.loads(path.read_text()) if path.is_file() else {"query": query, "runs": {}}
     row = "ssft-control" if args.control else "asfda+ssft"
     for seed in args.seeds:
-        asked = {"teacher": args.pseudo_teacher, "augment": args.pseudo_augment, "mix": args.pseudo_mix}
+        # the mix as resolved, not as asked: runs stored before copy-paste became the default are unmixed and
+        # keyed without it, and must not pass for today's default
+        mix = sweep_options(args).pseudo_mix
+        asked = {"teacher": args.pseudo_teacher, "augment": args.pseudo_augment, "mix": mix if mix != "none" else None}
         key = " ".join([row, *(f"{k} {v}" for k, v in asked.items() if v), f"seed {seed}"])
         if key not in stored["runs"]:
             network, kept, judged, _ = train(

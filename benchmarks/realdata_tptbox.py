@@ -84,8 +84,9 @@ def dice(network, case: Case) -> list[float]:
 def train(
     network, cases: list[Case], iterations: int, workdir: Path, pseudo: list[Case] | None = None, stage="", **config
 ):
-    # the pseudo-labels here are made without a fallback gate: the fixed teacher (the recorded runs' own)
-    recipe = FinetuneConfig(device="cpu", checkpoint_every=10**9, **({"teacher": "fixed"} | config))
+    # the pseudo-labels here are made without a fallback gate: the fixed teacher, unmixed (the recorded runs' own)
+    recorded = {"teacher": "fixed", "pseudo_mix": "none"}
+    recipe = FinetuneConfig(device="cpu", checkpoint_every=10**9, **(recorded | config))
     trainer = Trainer(network, CARD, recipe, workdir)
     if stage:  # a later stage draws batches of its own, not stage 1's again
         trainer.begin_stage(stage)

@@ -174,7 +174,8 @@ class PatchStream(torch.utils.data.Dataset):
                 images = strong_intensity(images, np.random.default_rng([*self.key, int(i), 1]))
             if self.config.pseudo_augment == "remap":
                 images = remap_intensity(images, np.random.default_rng([*self.key, int(i), 2]))
-            if self.config.pseudo_mix == "copy-paste":  # the fixed teacher's labels (recipe.stage2_mix)
+            # only the fixed teacher's labels (recipe.stage2_mix): the EMA teacher labels the unmixed weak patch
+            if self.config.pseudo_mix == "copy-paste" and self.config.teacher != "ema":
                 images, labels = copy_paste(*batch, images, labels, np.random.default_rng([*self.key, int(i), 3]))
             batch += (images, labels)
             if self.config.teacher == "ema":  # the teacher labels the weakly augmented patch

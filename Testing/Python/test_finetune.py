@@ -346,6 +346,20 @@ def test_a_copy_paste_mix_replaces_the_pseudo_labelled_batch_and_keeps_every_oth
     assert not torch.equal(mixed[3], plain[4][3])
 
 
+def test_a_patch_stream_under_the_ema_teacher_draws_its_pseudo_labelled_patches_unmixed(default_model):
+    """The EMA teacher labels the weak patch online, so a mixed image would no longer match its label: the stream
+    leaves the patches unmixed whatever mix its config names (the trainer resolves the mix too)."""
+    from ASFDALib.adaptation.patches import PatchStream
+
+    labelled, pseudo = _cases(default_model.card, 1), _cases(default_model.card, 1, seed=3)
+    roi, config = default_model.card.roi_size, replace(SMALL, batch_size=2, teacher="ema")
+    plain = PatchStream(labelled, pseudo, roi, replace(config, pseudo_mix="none"), "stage2")[4]
+    asked = PatchStream(labelled, pseudo, roi, replace(config, pseudo_mix="copy-paste"), "stage2")[4]
+    assert len(asked) == len(plain) == 5  # the labelled pair, the pseudo-labelled pair, the weak patch
+    for a, b in zip(asked, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_a_resumed_stage_2_that_mixes_its_patches_ends_as_an_uninterrupted_one(tmp_path, default_model):
     card, cases = default_model.card, _cases(default_model.card)
     config = replace(SMALL, pseudo_mix="copy-paste")
