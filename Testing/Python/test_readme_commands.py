@@ -30,6 +30,8 @@ RESULTS = {
     "bench-ct-in": "ct_shift/instance",
     "bench-ct-in-blend": "ct_shift/instance-blend",
     "bench-ct-in4-blend": "ct_shift/instance-4labels-blend",
+    "bench-ct-in-mix": "ct_shift/instance-copy-paste",
+    "bench-ct-in4-mix": "ct_shift/instance-4labels-copy-paste",
     "bench-mri": "mri_rich/main",
     "bench-mri-defaults": "mri_rich/defaults",
     "bench-mri-fallback": "mri_rich/fallback",
