@@ -706,8 +706,8 @@ class Workflow:
         if not ok:
             raise ASFDAError(why)
         settings = self.settings
-        # a continued run goes on as it ran (batch size, rate, seed, gate; stage 2's schedule, augmentation and
-        # teacher), as asfda finetune's does
+        # a continued run goes on as it ran (batch size, rate, seed, gate; stage 2's schedule, augmentation,
+        # teacher and mix), as asfda finetune's does
         ran = {}
         if mode in ("resume", "extend"):
             from ASFDALib.adaptation.runs import checkpoint_every_of, resume_recipe
