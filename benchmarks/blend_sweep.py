@@ -58,6 +58,12 @@ def main() -> None:
     parser.add_argument("--pseudo-teacher", choices=TEACHERS, help="who labels the pseudo-labelled patches")
     parser.add_argument("--pseudo-augment", choices=AUGMENTS, help="their augmentation (default: the recipe's)")
     parser.add_argument("--pseudo-mix", choices=MIXES, help="their mix with labelled patches (default: the recipe's)")
+    parser.add_argument(
+        "--extra-fraction",
+        type=float,
+        default=SSFTOptions.extra_fraction,
+        help="stage 2's length as a fraction of --iterations (default: the benchmark's); the control's alike",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-blend"))
     args = parser.parse_args()
     config = BenchmarkConfig(
@@ -82,6 +88,8 @@ def main() -> None:
         # keyed without it, and must not pass for today's default
         mix = sweep_options(args).pseudo_mix
         asked = {"teacher": args.pseudo_teacher, "augment": args.pseudo_augment, "mix": mix if mix != "none" else None}
+        if args.extra_fraction != SSFTOptions.extra_fraction:  # keyed only when not the benchmark's stage 2
+            asked["stage 2 x"] = f"{args.extra_fraction:g}"
         key = " ".join([row, *(f"{k} {v}" for k, v in asked.items() if v), f"seed {seed}"])
         if key not in stored["runs"]:
             network, kept, judged, _ = train(
@@ -117,7 +125,8 @@ def main() -> None:
 def sweep_options(args: argparse.Namespace) -> SSFTOptions:
     """Today's SSFT recipe with the stage-2 choices asked for, handed over unblended: the sweep blends."""
     asked = {"teacher": args.pseudo_teacher, "pseudo_augment": args.pseudo_augment, "pseudo_mix": args.pseudo_mix}
-    return replace(SSFTOptions(), blend_start=0.0, **{k: v for k, v in asked.items() if v is not None})
+    chosen = {k: v for k, v in asked.items() if v is not None}
+    return replace(SSFTOptions(), blend_start=0.0, extra_fraction=args.extra_fraction, **chosen)
 
 
 if __name__ == "__main__":

@@ -83,13 +83,20 @@ def run_recipe(run: dict | None) -> dict[str, Any]:
     return dict((run or {}).get("recipe") or {})
 
 
+# how stage 2 ran before run records said (the values a resume of such a run goes on with)
+STAGE2_BEFORE_RECORDED = {"stage2_lr": "constant", "pseudo_augment": "weak", "teacher": "fixed", "pseudo_mix": "none"}
+
+
 def stage2_recipe(run: dict | None) -> dict[str, Any]:
     """How stage 2 last ran in a round's run (its rate schedule, the pseudo-labelled patches' augmentation, mix
     and teacher, an EMA teacher's voxel gate and weight), so a resume or an extension goes on as it ran; empty when
     stage 2 has not run."""
     stage2 = [h for h in (run or {}).get("history", []) if "stage2_lr" in h]
     if not stage2:
-        return {}
+        # stage 2 ran before its recipe was recorded (before 2026-12-04): a held rate, weakly augmented patches the
+        # fixed teacher labelled, unmixed (recipe.py's defaults then), which a resume must not swap for today's
+        ran_unrecorded = ((run or {}).get("done") or {}).get("stage2", 0) > 0
+        return dict(STAGE2_BEFORE_RECORDED) if ran_unrecorded else {}
     last = stage2[-1]
 
     # entries recorded before the augmentation, or the teacher, was a choice augmented weakly, or had the

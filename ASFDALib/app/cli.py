@@ -659,6 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tuning iterations per run (default 300; asfda+ssft and ssft-control train 1.5x as long)",
     )
     bench.add_argument(
+        "--full-iterations",
+        type=positive_int,
+        help="the upper bound's (full row's) iterations (default: --iterations): the whole pool converges "
+        "later than a few labels; choose them on the validation curves (--rows full --eval-at 400,800,1600); "
+        "part of the protocol",
+    )
+    bench.add_argument(
         "--lr", type=positive_float, help=f"the recipe's learning rate (default {RECIPE.lr:g}, asfda finetune's)"
     )
     bench.add_argument(

@@ -1109,6 +1109,7 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
             ("test", test_count),
             ("validation", val_count),
             ("iterations", args.iterations),
+            ("full_iterations", args.full_iterations),
             ("budgets", args.budgets),
             ("seeds", args.seeds),
             ("rows", args.rows),

@@ -78,6 +78,7 @@ PER_BUDGET = ("typiclust",)
 SCENARIOS = ("mri", "ct-shift", "mri-rich")
 # the source model each five-class scenario was built for (shipped in Resources/BenchmarkModels)
 SCENARIO_MODELS = {"ct-shift": "ct_source_batch.pt", "mri-rich": "ct_source_batch_percentile.pt"}
+HEADROOM = 1.0  # Dice points an upper bound should clear every budgeted row by (benchmark.md warns below it)
 LAYOUT_FIX = "each folder needs images/ and labels/ with the same file names (the layout `asfda phantoms` writes)"
 
 
@@ -126,6 +127,9 @@ class BenchmarkConfig:
     budgets: tuple[int, ...] = (2, 4, 8)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     iterations: int = 300
+    # The upper bound's iterations (None: ``iterations``): the whole pool converges later than a few labels do,
+    # and an upper bound short of convergence cannot tell how far the budgeted rows are from it.
+    full_iterations: int | None = None
     rows: tuple[str, ...] = ROWS
     device: str = "auto"
     data_seed: int = 1000
@@ -528,6 +532,29 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
     )
 
 
+def _upper_bound_note(config: BenchmarkConfig, summary: list[dict]) -> str:
+    """How long the upper bound trained, where not as long as the budgeted rows, and whether it is one: a
+    whole-pool model within ``HEADROOM`` of a budgeted row has likely not converged, and "x% of the upper
+    bound" then says little."""
+    full = next((s for s in summary if s["row"] == "full"), None)
+    if full is None:
+        return ""
+    note = ""
+    if _upper_bound_differs(config):
+        n = row_iterations("full", config)
+        note += f"\nThe upper bound trained {n} iterations, the other rows {config.iterations}.\n"
+    budgeted = [s for s in summary if s["row"] not in ("source", "full")]
+    best = max(budgeted, key=lambda s: s["mean_dice"], default=None)
+    if best is not None and full["mean_dice"] - best["mean_dice"] < HEADROOM:
+        note += (
+            f"\nThe upper bound ({full['mean_dice']:.1f}) is not clearly above every budgeted row "
+            f"({LABELS[best['row']]}, budget {best['budget']}: {best['mean_dice']:.1f}): it may not have converged. "
+            "Train it longer with --full-iterations, chosen on the validation curves "
+            "(--rows full --eval-at ...).\n"
+        )
+    return note
+
+
 def markdown(summary: list[dict], class_names: list[str]) -> str:
     """The table: mean ± sd over seeds per class and overall, and the paired difference to random (a column
     only when a random row ran: without one there is nothing to pair with, and the table says so)."""
@@ -712,6 +739,8 @@ def options_protocol(config: BenchmarkConfig) -> dict:
     """The part of the protocol the command's options make (the rest names the data and the model)."""
     return {
         "iterations": config.iterations,
+        # only where it differs: the tables made before the option resume
+        **({"full_iterations": row_iterations("full", config)} if _upper_bound_differs(config) else {}),
         "ssft": _ssft_protocol(asdict(config.ssft)),
         "eval_at": list(config.eval_at),
         "scenario": config.scenario,
@@ -992,10 +1021,17 @@ def lower_rate_rule(config: BenchmarkConfig) -> str:
 
 
 def row_iterations(row: str, config: BenchmarkConfig) -> int:
-    """Training iterations of a row: the protocol's, except the SSFT control, which trains on the labels as
-    long as ASFDA + SSFT trains in all (stage 1 + stage 2), so the pseudo-labels are the only difference."""
+    """Training iterations of a row: the protocol's, except the upper bound, which trains ``full_iterations``
+    where they are set, and the SSFT control, which trains on the labels as long as ASFDA + SSFT trains in all
+    (stage 1 + stage 2), so the pseudo-labels are the only difference."""
+    if row == "full" and config.full_iterations is not None:
+        return config.full_iterations
     extra = round(config.iterations * config.ssft.extra_fraction) if row == "ssft-control" else 0
     return config.iterations + extra
+
+
+def _upper_bound_differs(config: BenchmarkConfig) -> bool:
+    return row_iterations("full", config) != config.iterations
 
 
 def row_training(row: str, config: BenchmarkConfig) -> tuple[SSFTOptions | None, int, bool]:
@@ -1099,7 +1135,10 @@ def _report(
     ]
     atomic_write_json(out / "summary.json", named)
     atomic_write_json(out / "benchmark.json", report)
-    atomic_write_text(out / "benchmark.md", markdown(summary, class_names) + _ssft_note(config, runs))
+    atomic_write_text(
+        out / "benchmark.md",
+        markdown(summary, class_names) + _ssft_note(config, runs) + _upper_bound_note(config, summary),
+    )
     warnings = []
     for name, draw in (
         ("benchmark.png", lambda path: plot(summary, config, path, pool_size, test_size)),

@@ -821,6 +821,22 @@ def test_a_continued_run_reads_how_its_stage_2_ran_from_the_record(history, reci
     assert stage2_recipe({"history": history}) == recipe
 
 
+def test_a_run_whose_stage_2_ran_before_its_recipe_was_recorded_goes_on_as_it_ran_then():
+    """Records made before 2026-12-04 name no stage-2 recipe: such a run's stage 2 held its rate and trained on
+    weakly augmented, unmixed patches the fixed teacher labelled, and a resume or extension keeps that."""
+    from ASFDALib.adaptation.runs import stage2_recipe
+
+    history = [{"mode": "new", "status": "done", "stage1": [0, 200], "stage2": [0, 200]}]
+    assert stage2_recipe({"history": history, "done": {"stage1": 200, "stage2": 200}}) == {
+        "stage2_lr": "constant",
+        "pseudo_augment": "weak",
+        "teacher": "fixed",
+        "pseudo_mix": "none",
+    }
+    # stage 2 never ran: nothing to keep, today's defaults apply
+    assert stage2_recipe({"history": history[:1], "done": {"stage1": 200, "stage2": 0}}) == {}
+
+
 def test_where_the_source_model_vouches_for_no_volume_the_flipped_views_judge_by_default(labelled_session, capsys):
     """The default gate is agreement with the round's starting model: the default model finds little on MRI
     phantoms, so no volume reaches the floor, and its fallback, agreement under flips, judges instead (here a

@@ -633,6 +633,49 @@ def test_the_ssft_control_trains_on_the_labels_as_long_as_ssft_trains_in_all():
     assert _twin([asfda], ["b", "a"], 0, "dkd", config) is asfda
 
 
+def test_the_upper_bound_trains_its_own_iterations_and_they_are_part_of_the_protocol_only_when_they_differ(
+    tmp_path,
+):
+    from ASFDALib.app.cli import build_parser
+    from ASFDALib.app.commands import benchmark_config
+    from ASFDALib.bench.benchmark import BenchmarkConfig, _load_runs, options_protocol, row_iterations
+
+    args = build_parser().parse_args(
+        ["benchmark", "--iterations", "400", "--full-iterations", "1600", "--out", str(tmp_path / "b")]
+    )
+    config = benchmark_config(args)[0]
+    assert row_iterations("full", config) == 1600
+    assert row_iterations("random", config) == 400  # the budgeted rows keep theirs
+    assert row_iterations("ssft-control", config) == 600
+    assert options_protocol(config)["full_iterations"] == 1600
+    # as long as the other rows (asked or not): the protocol of every table made before the option
+    assert "full_iterations" not in options_protocol(BenchmarkConfig(iterations=400, full_iterations=400))
+    before = {"iterations": 400, "scenario": "ct-shift", "fusion": "gap-first", "lower_rate_for": "encoder"}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"protocol": before, "runs": []}))
+    with pytest.raises(ASFDAError, match="full_iterations .left to the default when these runs were made, 1600"):
+        _load_runs(path, {**before, "full_iterations": 1600})
+
+
+def _summary_row(row: str, budget: int, mean: float) -> dict:
+    return {"row": row, "budget": budget, "mean_dice": mean}
+
+
+def test_the_report_says_when_the_upper_bound_is_not_clearly_above_a_budgeted_row():
+    from ASFDALib.bench.benchmark import BenchmarkConfig, _upper_bound_note
+
+    config = BenchmarkConfig(iterations=400)
+    close = [_summary_row("random", 4, 74.4), _summary_row("asfda+ssft", 4, 77.5), _summary_row("full", 0, 77.6)]
+    note = _upper_bound_note(config, close)
+    assert "The upper bound (77.6) is not clearly above every budgeted row" in note
+    assert "budget 4: 77.5" in note and "--full-iterations" in note
+    clear = [_summary_row("random", 4, 74.4), _summary_row("asfda+ssft", 4, 77.5), _summary_row("full", 0, 79.9)]
+    assert _upper_bound_note(config, clear) == ""
+    longer = _upper_bound_note(BenchmarkConfig(iterations=400, full_iterations=1600), clear)
+    assert longer.strip() == "The upper bound trained 1600 iterations, the other rows 400."
+    assert _upper_bound_note(config, clear[:2]) == ""  # no upper bound ran: nothing to say
+
+
 def _no_test_labels(d):
     shutil.rmtree(d / "test" / "labels")
 
