@@ -619,11 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
         "query and seed are the same share one training, and one stage 1.",
         epilog="examples:\n"
         "  asfda benchmark --scenario ct-shift --validation 12 --budgets 2,4 --iterations 400 --lr 1e-3 \\\n"
-        "      --rows source,random,typiclust,asfda,full --out bench-ct/   # hours on 2 CPU cores; resumes\n"
+        "      --full-iterations 2400 --rows source,random,typiclust,asfda,full --out bench-ct/   # hours on 2 cores\n"
         "  asfda benchmark --quick --out /tmp/b    # a smoke run (seconds)\n"
         "  asfda benchmark --model unet.pt --card card.json --pool data/pool --test data/test \\\n"
         "      --validation data/val --budgets 2,4 --seeds 0,1,2 --rows random,typiclust,asfda --out my-bench/\n"
-        "  (choose --iterations and --lr on the validation curves first: --rows random,full --eval-at 100,200,400)",
+        "  (choose --iterations, --full-iterations and --lr on the validation curves first:\n"
+        "   --rows random,full --eval-at 100,200,400, and the whole pool's further, --rows full --eval-at 800,1600)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument(
