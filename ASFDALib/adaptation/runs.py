@@ -95,8 +95,10 @@ def stage2_recipe(run: dict | None) -> dict[str, Any]:
     if not stage2:
         # stage 2 ran before its recipe was recorded (before 2026-12-04): a held rate, weakly augmented patches the
         # fixed teacher labelled, unmixed (recipe.py's defaults then), which a resume must not swap for today's
-        ran_unrecorded = ((run or {}).get("done") or {}).get("stage2", 0) > 0
-        return dict(STAGE2_BEFORE_RECORDED) if ran_unrecorded else {}
+        # (every run since records it as its stage 2 starts; a kill may leave ``done`` behind, so a planned
+        # stage 2 counts too)
+        planned = any(((run or {}).get(key) or {}).get("stage2", 0) > 0 for key in ("done", "targets"))
+        return dict(STAGE2_BEFORE_RECORDED) if planned else {}
     last = stage2[-1]
 
     # entries recorded before the augmentation, or the teacher, was a choice augmented weakly, or had the

@@ -624,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  asfda benchmark --model unet.pt --card card.json --pool data/pool --test data/test \\\n"
         "      --validation data/val --budgets 2,4 --seeds 0,1,2 --rows random,typiclust,asfda --out my-bench/\n"
         "  (choose --iterations, --full-iterations and --lr on the validation curves first:\n"
-        "   --rows random,full --eval-at 100,200,400, and the whole pool's further, --rows full --eval-at 800,1600)",
+        "   --rows random,full --eval-at 100,200,400; the whole pool's further: --rows full --full-iterations 3200\n"
+        "   --eval-at 400,800,1600,2400)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument(
@@ -663,8 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--full-iterations",
         type=positive_int,
         help="the upper bound's (full row's) iterations (default: --iterations): the whole pool converges "
-        "later than a few labels; choose them on the validation curves (--rows full --eval-at 400,800,1600); "
-        "part of the protocol",
+        "later than a few labels; choose them on the validation curves (--rows full --full-iterations 3200 "
+        "--eval-at 400,800,1600,2400); part of the protocol",
     )
     bench.add_argument(
         "--lr", type=positive_float, help=f"the recipe's learning rate (default {RECIPE.lr:g}, asfda finetune's)"

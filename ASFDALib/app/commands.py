@@ -1076,7 +1076,7 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
     from dataclasses import replace
 
     from ASFDALib.adaptation.recipe import may_blend
-    from ASFDALib.bench.benchmark import SCENARIO_MODELS, BenchmarkConfig, Folders
+    from ASFDALib.bench.benchmark import SCENARIO_MODELS, BenchmarkConfig, Folders, row_training
     from ASFDALib.models.defaults import resources_dir
 
     config = BenchmarkConfig.quick() if args.quick else BenchmarkConfig()
@@ -1160,6 +1160,12 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
         )
     if config.eval_at and not (config.validation or val_dir):
         raise ASFDAError("--eval-at scores the validation set: give --validation DIR (or a phantom count)")
+    longest = max((row_training(r, config)[1] for r in config.rows if r != "source"), default=0)
+    if beyond := [str(i) for i in config.eval_at if i > longest]:
+        raise ASFDAError(
+            f"--eval-at {','.join(beyond)}: no row trains past {longest} iterations, so nothing would be scored "
+            "there; give --iterations (for the upper bound, --full-iterations) at least as many"
+        )
     return config, folders, model_path
 
 

@@ -20,7 +20,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -542,7 +542,10 @@ def _upper_bound_note(config: BenchmarkConfig, summary: list[dict]) -> str:
     note = ""
     if _upper_bound_differs(config):
         n = row_iterations("full", config)
-        note += f"\nThe upper bound trained {n} iterations, the other rows {config.iterations}.\n"
+        note += (
+            f"\nThe upper bound trained {n} iterations, the budgeted rows {config.iterations} "
+            "(ASFDA + SSFT and its control half as many again).\n"
+        )
     budgeted = [s for s in summary if s["row"] not in ("source", "full")]
     best = max(budgeted, key=lambda s: s["mean_dice"], default=None)
     if best is not None and full["mean_dice"] - best["mean_dice"] < HEADROOM:
@@ -550,7 +553,7 @@ def _upper_bound_note(config: BenchmarkConfig, summary: list[dict]) -> str:
             f"\nThe upper bound ({full['mean_dice']:.1f}) is not clearly above every budgeted row "
             f"({LABELS[best['row']]}, budget {best['budget']}: {best['mean_dice']:.1f}): it may not have converged. "
             "Train it longer with --full-iterations, chosen on the validation curves "
-            "(--rows full --eval-at ...).\n"
+            "(--rows full --full-iterations 3200 --eval-at 400,800,1600,2400).\n"
         )
     return note
 
@@ -878,6 +881,8 @@ def run_benchmark(
         runs = _load_runs(results_path, None)
         names = _stored_class_names(results_path) or model_card.class_names
         data = folders or _phantom_folders(out / "data", config)
+        recorded = json.loads(results_path.read_text()).get("protocol") if results_path.is_file() else None
+        config = as_run(config, recorded) if recorded else config  # the notes state what ran, not what is typed
         return _report(out, config, runs, names, start, Path(model_path), data, user_data=folders is not None)
     user_data = folders is not None
     if folders is not None:
@@ -1059,9 +1064,20 @@ def _twin(runs: list[Run], query: list[str], seed: int, row: str, config: Benchm
     return None
 
 
+def as_run(config: BenchmarkConfig, protocol: dict) -> BenchmarkConfig:
+    """The command's config with the iterations and SSFT options a results.json's runs were made with (its
+    ``protocol``): what a report of those runs (``--report-only``) states, whatever options were typed."""
+    stored = stored_protocol(protocol)
+    names = {f.name for f in fields(SSFTOptions)}
+    ssft = replace(config.ssft, **{k: v for k, v in (stored.get("ssft") or {}).items() if k in names})
+    iterations = stored.get("iterations", config.iterations)
+    return replace(config, iterations=iterations, full_iterations=stored.get("full_iterations"), ssft=ssft)
+
+
 def _config_record(config: BenchmarkConfig, user_data: bool) -> dict:
-    """The config as run: on the user's folders, without the phantom-only settings (counts, data seed)."""
-    record = asdict(config)
+    """The config as run: on the user's folders, without the phantom-only settings (counts, data seed); the
+    upper bound's iterations as it trains them."""
+    record = asdict(config) | {"full_iterations": row_iterations("full", config)}
     if user_data:
         for key in ("pool", "test", "validation", "data_seed", "scenario"):
             record.pop(key)

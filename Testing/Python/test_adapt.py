@@ -833,7 +833,10 @@ def test_a_run_whose_stage_2_ran_before_its_recipe_was_recorded_goes_on_as_it_ra
         "teacher": "fixed",
         "pseudo_mix": "none",
     }
-    # stage 2 never ran: nothing to keep, today's defaults apply
+    # killed in stage 1 or early in stage 2 (``done`` behind): the stage 2 it planned is the one it would have run
+    killed = {"history": history, "done": {"stage1": 200, "stage2": 0}, "targets": {"stage1": 200, "stage2": 200}}
+    assert stage2_recipe(killed)["pseudo_mix"] == "none"
+    # no stage 2 planned or run: nothing to keep, today's defaults apply
     assert stage2_recipe({"history": history[:1], "done": {"stage1": 200, "stage2": 0}}) == {}
 
 

@@ -657,6 +657,29 @@ def test_the_upper_bound_trains_its_own_iterations_and_they_are_part_of_the_prot
         _load_runs(path, {**before, "full_iterations": 1600})
 
 
+def test_a_report_of_stored_runs_states_the_iterations_and_recipe_they_ran_with_not_the_ones_typed():
+    from ASFDALib.bench.benchmark import BenchmarkConfig, _config_record, as_run, options_protocol
+
+    ran = BenchmarkConfig(iterations=400, full_iterations=2400)
+    ran.ssft.pseudo_mix = "none"
+    typed = BenchmarkConfig(iterations=300)  # --report-only with the defaults
+    reported = as_run(typed, options_protocol(ran))
+    assert (reported.iterations, reported.full_iterations, reported.ssft.pseudo_mix) == (400, 2400, "none")
+    # and benchmark.json's config names the upper bound's iterations as it trained them, set or not
+    assert _config_record(BenchmarkConfig(iterations=400), user_data=False)["full_iterations"] == 400
+
+
+def test_curve_points_no_row_trains_to_are_refused_before_any_work(tmp_path):
+    from ASFDALib.app.cli import build_parser
+    from ASFDALib.app.commands import benchmark_config
+
+    asked = ["benchmark", "--validation", "2", "--rows", "full", "--iterations", "400", "--out", str(tmp_path / "b")]
+    with pytest.raises(ASFDAError, match="--eval-at 1600: no row trains past 400 iterations"):
+        benchmark_config(build_parser().parse_args([*asked, "--eval-at", "400,1600"]))
+    longer = benchmark_config(build_parser().parse_args([*asked, "--eval-at", "400,1600", "--full-iterations", "3200"]))
+    assert longer[0].eval_at == (400, 1600)
+
+
 def _summary_row(row: str, budget: int, mean: float) -> dict:
     return {"row": row, "budget": budget, "mean_dice": mean}
 
@@ -672,7 +695,10 @@ def test_the_report_says_when_the_upper_bound_is_not_clearly_above_a_budgeted_ro
     clear = [_summary_row("random", 4, 74.4), _summary_row("asfda+ssft", 4, 77.5), _summary_row("full", 0, 79.9)]
     assert _upper_bound_note(config, clear) == ""
     longer = _upper_bound_note(BenchmarkConfig(iterations=400, full_iterations=1600), clear)
-    assert longer.strip() == "The upper bound trained 1600 iterations, the other rows 400."
+    assert longer.strip() == (
+        "The upper bound trained 1600 iterations, the budgeted rows 400 (ASFDA + SSFT and its control half as many "
+        "again)."
+    )
     assert _upper_bound_note(config, clear[:2]) == ""  # no upper bound ran: nothing to say
 
 
