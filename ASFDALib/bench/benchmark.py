@@ -580,7 +580,10 @@ def markdown(summary: list[dict], class_names: list[str]) -> str:
             + (f" {delta} |" if paired else "")
         )
     if not paired:
-        lines += ["", "No random row ran, so no difference to random (add `random` to --rows for one)."]
+        if any(s["row"] == "random" for s in summary):  # random alone, or beside rows without a budget
+            lines += ["", "No query row ran beside random, so no difference to random."]
+        else:
+            lines += ["", "No random row ran, so no difference to random (add `random` to --rows for one)."]
     controlled = [s for s in _order(summary) if s.get("diff_vs_control")]
     if controlled:
         lines += ["", "Paired difference to the row's control (same query, seed and iterations):", ""]

@@ -133,3 +133,8 @@ def test_a_table_without_a_random_row_has_no_empty_difference_column_and_says_wh
     assert text.splitlines()[0] == "| method | budget | seeds | liver | kidney | mean Dice |"
     assert text.splitlines()[2] == "| ASFDA (DKD + ASD) | 2 | 2 | 65.0 | 85.0 | **75.0 ± 7.1** |"
     assert "No random row ran, so no difference to random (add `random` to --rows for one)." in text
+    # random beside the upper bound alone: it ran, there is just nothing to pair with it
+    runs = [Run("random", 2, 0, [0.6, 0.8]), Run("full", 0, 0, [0.8, 0.9])]
+    text = markdown(summarise(runs, ["random", "full"], [2]), ["background", "liver", "kidney"])
+    assert "No query row ran beside random, so no difference to random." in text
+    assert "No random row ran" not in text
