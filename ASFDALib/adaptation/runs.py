@@ -83,7 +83,8 @@ def run_recipe(run: dict | None) -> dict[str, Any]:
     return dict((run or {}).get("recipe") or {})
 
 
-# how stage 2 ran before run records said (the values a resume of such a run goes on with)
+# how stage 2 ran before run records said, or before each of these was a choice (the values a resume of such a
+# run goes on with; the benchmark's SSFT_LATER_FIELDS take them too)
 STAGE2_BEFORE_RECORDED = {"stage2_lr": "constant", "pseudo_augment": "weak", "teacher": "fixed", "pseudo_mix": "none"}
 
 
@@ -109,10 +110,12 @@ def stage2_recipe(run: dict | None) -> dict[str, Any]:
 
     recipe = {
         "stage2_lr": last["stage2_lr"],
-        "pseudo_augment": ran("pseudo_augment") or last.get("pseudo_augment_asked") or "weak",
-        "teacher": ran("teacher") or last.get("teacher_asked") or "fixed",
+        "pseudo_augment": ran("pseudo_augment")
+        or last.get("pseudo_augment_asked")
+        or STAGE2_BEFORE_RECORDED["pseudo_augment"],
+        "teacher": ran("teacher") or last.get("teacher_asked") or STAGE2_BEFORE_RECORDED["teacher"],
         # the mix asked for, which resolves by that teacher as it did (recipe.stage2_mix); none before it was a choice
-        "pseudo_mix": last.get("pseudo_mix_asked", "none"),
+        "pseudo_mix": last.get("pseudo_mix_asked", STAGE2_BEFORE_RECORDED["pseudo_mix"]),
     }
     ema = [h for h in stage2 if "confidence" in h]  # where an EMA teacher labelled: its voxel gate and weight
     if ema:  # (recorded before its weight was a choice: 1, as the fixed labels')

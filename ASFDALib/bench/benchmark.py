@@ -37,6 +37,7 @@ from ASFDALib.adaptation.recipe import (
     stage2_mix,
     stage2_teacher,
 )
+from ASFDALib.adaptation.runs import STAGE2_BEFORE_RECORDED
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
 from ASFDALib.bench import statistics
@@ -108,12 +109,9 @@ class SSFTOptions:
 
 # fields SSFTOptions gained later, at the values the runs recorded before them ran with
 SSFT_LATER_FIELDS = {
+    **STAGE2_BEFORE_RECORDED,  # stage 2's rate, augmentation, teacher and mix, as the session records take them
     "reliability": "confidence",
     "min_agreement": 0.5,
-    "stage2_lr": "constant",
-    "pseudo_augment": "weak",
-    "teacher": "fixed",
-    "pseudo_mix": "none",
     "fallback": "none",
     "ema_weight": 1.0,
     "blend_start": 0.0,
@@ -855,10 +853,6 @@ def _changes(stored: dict, current: dict, nested: bool = False) -> str:
     return "; ".join(parts)
 
 
-def _stored_class_names(results_path: Path) -> list[str] | None:
-    return json.loads(results_path.read_text()).get("class_names") if results_path.is_file() else None
-
-
 def run_benchmark(
     out: Path,
     config: BenchmarkConfig,
@@ -882,10 +876,11 @@ def run_benchmark(
     model_card = model.card
     if not run:
         runs = _load_runs(results_path, None)
-        names = _stored_class_names(results_path) or model_card.class_names
+        stored = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        names = stored.get("class_names") or model_card.class_names
         data = folders or _phantom_folders(out / "data", config)
-        recorded = json.loads(results_path.read_text()).get("protocol") if results_path.is_file() else None
-        config = as_run(config, recorded) if recorded else config  # the notes state what ran, not what is typed
+        # the notes state what ran, not what is typed
+        config = as_run(config, stored["protocol"]) if stored.get("protocol") else config
         return _report(out, config, runs, names, start, Path(model_path), data, user_data=folders is not None)
     user_data = folders is not None
     if folders is not None:
