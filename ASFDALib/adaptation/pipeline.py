@@ -53,11 +53,11 @@ from ASFDALib.data.volumes import (
     content_hash,
     content_record,
     deeper_series,
-    discover,
     no_volumes_message,
     read_scan,
     read_volume,
     relative_name,
+    walk_pool,
     write_volume,
 )
 from ASFDALib.errors import ASFDAError, VolumeError, as_arg, brief
@@ -1019,6 +1019,7 @@ class PredictionPlan:
     passed_over: list[Path] = field(default_factory=list)  # files of the images folder that are no volume
     # sub-folders holding DICOM series deeper than a walk without --recursive looks (a CD's patient folders)
     deeper: list[Path] = field(default_factory=list)
+    kept_out: list[Path] = field(default_factory=list)  # ASFDA sessions a recursive walk met in the images folder
 
     def claim(self) -> PredictionPlan:
         """This plan with ``out`` held and its targets claimed in the manifest (the checks made again under
@@ -1067,7 +1068,8 @@ def plan_predictions(
 
     images, out = Path(images), Path(out)
     exclude = tuple(exclude)
-    scans, others = discover(images, recursive, exclude)  # one walk: the scans and what is no scan
+    walked = walk_pool(images, recursive, exclude)  # one walk: the scans, what is no scan, the sessions kept out
+    scans, others = walked.volumes, walked.others
     if not scans:
         raise ASFDAError(no_volumes_message(images, others, recursive, "segment", exclude))
     fix = fix or f"choose another output folder, e.g. {predictions_folder_for(images)}"
@@ -1091,7 +1093,9 @@ def plan_predictions(
     existing = claim_predictions(out, targets, fix, check_only=True)  # refused before the folder is touched
     names = [p.name if p == images else relative_name(p, images) for p in scans]  # a series given itself
     deeper = [] if recursive else deeper_series(images, scans, exclude)  # left out unsaid otherwise, as rank names them
-    plan = PredictionPlan(scans, targets, existing, names, out=out, fix=fix, passed_over=others, deeper=deeper)
+    plan = PredictionPlan(
+        scans, targets, existing, names, out=out, fix=fix, passed_over=others, deeper=deeper, kept_out=walked.sessions
+    )
     return plan.claim() if claim else plan
 
 

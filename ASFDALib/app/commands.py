@@ -782,7 +782,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
     from ASFDALib.adaptation.pipeline import predict_folder
     from ASFDALib.adaptation.runs import finish_hint, handover_pending, newest_run, unfinished_run
-    from ASFDALib.data.volumes import deeper_series_line, passed_over_line
+    from ASFDALib.data.volumes import deeper_series_line, kept_out_line, passed_over_line
 
     replaced = plan.replaced
     if replaced:
@@ -824,6 +824,8 @@ def _predict(args: argparse.Namespace, console, session, plan, model) -> int:
             style="yellow",
             **WHOLE_LINE,
         )
+    if plan.kept_out:
+        console.print(kept_out_line(args.images, plan.kept_out, "segment"), style="yellow", **WHOLE_LINE)
     console.print(f"Wrote {len(written)} label maps to {args.out} with {which}")
     stale = Path(args.out) / "evaluation.csv"  # evaluate's default table: it scored the maps written over
     if replaced and stale.is_file():

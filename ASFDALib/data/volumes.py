@@ -49,7 +49,7 @@ class NotAScanError(VolumeError):
 
 
 @dataclass
-class _Walked:
+class Walked:
     """What one walk of a folder found: volumes, the other files it looked at, the ASFDA session folders below
     it that it kept out, and whether it stopped short of the whole tree (``bounded``)."""
 
@@ -104,13 +104,20 @@ def discover(
     sidecars (its name with another type: BIDS .json, .bval, .bvec). An ASFDA session given as the folder itself
     holds no scans, with or without ``recursive`` (its label versions are no scans to rank or segment): nothing is
     found, so the commands' refusal (:func:`no_volumes_message`) names it as a session before any model loads."""
-    if is_session_folder(folder):
-        return [], []
-    walked = _discover(folder, recursive, exclude)
+    walked = walk_pool(folder, recursive, exclude)
     return walked.volumes, walked.others
 
 
-def _discover(folder: Path | str, recursive: bool, exclude: Collection[Path], bounded: bool = False) -> _Walked:
+def walk_pool(folder: Path | str, recursive: bool = False, exclude: Collection[Path] = ()) -> Walked:
+    """:func:`discover`'s one walk, with the ASFDA sessions below ``folder`` it kept out (``sessions``; a
+    recursive walk meets them): a command names them (:func:`kept_out_line`), so a session's files left out of a
+    pool are not left out unsaid."""
+    if is_session_folder(folder):
+        return Walked([], [], [])
+    return _discover(folder, recursive, exclude)
+
+
+def _discover(folder: Path | str, recursive: bool, exclude: Collection[Path], bounded: bool = False) -> Walked:
     """:func:`discover`'s walk with its other files less a volume's sidecars and data files."""
     walked = _walk(folder, recursive, exclude, bounded)
     parts = {data.resolve() for v in walked.volumes for data in _detached_data(v)}
@@ -154,6 +161,17 @@ def deeper_series_line(deeper: list[Path], done: str, doing: str) -> str:
     "segmented"; ``doing``: "rank", "segment")."""
     named = ", ".join(d.name for d in deeper[:3]) + (f" and {len(deeper) - 3} more" if len(deeper) > 3 else "")
     return f"Not {done}: DICOM series deeper than one sub-folder, in {named}; add --recursive to {doing} them too"
+
+
+def kept_out_line(folder: Path | str, sessions: list[Path], doing: str) -> str:
+    """The line a command says about the ASFDA sessions it met in ``folder`` and left out (``doing``: "rank",
+    "segment"): their label versions, predictions and cache are no scans."""
+    named = ", ".join(relative_name(s, folder) for s in sessions[:3])
+    more = f" and {len(sessions) - 3} more" if len(sessions) > 3 else ""
+    return (
+        f"Left out {len(sessions)} ASFDA session folder{'s' * (len(sessions) != 1)} in {folder} ({named}{more}): "
+        f"their label versions and predictions are no scans to {doing}"
+    )
 
 
 def passed_over_summary(files: list[Path]) -> str:
@@ -224,7 +242,7 @@ def no_volumes_message(
     return f"{said}{held} give --images the folder that holds the scans to {doing}"
 
 
-def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path], bounded: bool = False) -> _Walked:
+def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path], bounded: bool = False) -> Walked:
     """What one walk under ``folder`` finds: the one walk behind :func:`discover`, so what it finds and what it
     passes over cannot disagree on where it looked. ``bounded`` (the no-volumes refusal's look below a folder)
     stops at :data:`_HINT_DEPTH` levels, :data:`_HINT_FOLDERS` folders, or volumes in more than
@@ -233,7 +251,7 @@ def _walk(folder: Path | str, recursive: bool, exclude: Collection[Path], bounde
     if not root.is_dir():
         raise ASFDAError(f"{root}: not a folder (give the folder that holds the volumes)")
     excluded = {Path(p).resolve() for p in exclude}
-    walked = _Walked([], [], [])
+    walked = Walked([], [], [])
     found, others = walked.volumes, walked.others
     bids = False
     for visited, (current, dirs, files) in enumerate(os.walk(root, followlinks=False)):

@@ -18,15 +18,17 @@ from ASFDALib.data.preprocess import compact, preprocess
 from ASFDALib.data.volumes import (
     LABEL_MAP_MAX_VALUES,
     NotAScanError,
+    Walked,
     deeper_series,
     deeper_series_line,
-    discover,
+    kept_out_line,
     no_volumes_message,
     passed_over_line,
     read_scan,
     read_volume,
     relative_name,
     scan_folders,
+    walk_pool,
 )
 from ASFDALib.errors import ASFDAError, ModelError, VolumeError
 from ASFDALib.inference.epistemic import epistemic_score
@@ -337,11 +339,12 @@ def rank_records(
     return Ranking(rows, knowledge, config.strategy, config.alpha, config.budget, model_name, records, fusion=fusion)
 
 
-def pool_volumes(images: Path, recursive: bool, exclude: tuple[Path, ...] = ()) -> tuple[list[Path], list[Path]]:
-    """The volumes of a pool to rank and the files it passes over (one walk: the scans and what is no scan), or
-    a refusal in one line (:func:`~ASFDALib.data.volumes.no_volumes_message`: what the folder holds instead, and
+def pool_volumes(images: Path, recursive: bool, exclude: tuple[Path, ...] = ()) -> Walked:
+    """The volumes of a pool to rank, the files it passes over and the sessions it keeps out (one walk), or a
+    refusal in one line (:func:`~ASFDALib.data.volumes.no_volumes_message`: what the folder holds instead, and
     the fix); called before the model loads too, so a wrong folder costs no model load."""
-    paths, others = discover(images, recursive, exclude)
+    pool = walk_pool(images, recursive, exclude)
+    paths, others = pool.volumes, pool.others
     if Path(images) in paths:  # named "." in the session, no label could pair with it
         raise ASFDAError(
             f"{images}: is one DICOM series (a scan), not a pool of them; give --images the folder that holds the "
@@ -349,7 +352,7 @@ def pool_volumes(images: Path, recursive: bool, exclude: tuple[Path, ...] = ()) 
         )
     if not paths:
         raise ASFDAError(no_volumes_message(images, others, recursive, "rank", exclude))
-    return paths, others
+    return pool
 
 
 def rank_folder(
@@ -361,7 +364,7 @@ def rank_folder(
     labelled_names: set[str] | None = None,
     knowledge: Knowledge | None = None,
     exclude: tuple[Path, ...] = (),
-    pool: tuple[list[Path], list[Path]] | None = None,
+    pool: Walked | None = None,
 ) -> Ranking:
     """Discover, score and rank every volume under ``images``, except in the ``exclude`` folders (the session's).
 
@@ -371,7 +374,8 @@ def rank_folder(
     """
     # the cache's files would mix with the scans (and a recursive rank would meet them)
     refuse_same_folder(cache_folder, images, "images", "give the score cache a folder of its own")
-    paths, others = pool or pool_volumes(images, config.recursive, exclude)
+    pool = pool or pool_volumes(images, config.recursive, exclude)
+    paths, others = pool.volumes, pool.others
     knowledge = knowledge or choose_knowledge(model, config.knowledge)
     # Under torchrun each rank scores its share; every rank then ranks the same gathered pool.
     mine = distributed.shard(paths)
@@ -393,6 +397,8 @@ def rank_folder(
         ranking.notes.append(passed_over_line(images, others, "rank"))
     if not config.recursive and (deeper := deeper_series(images, paths, exclude)):
         ranking.notes.append(deeper_series_line(deeper, "ranked", "rank"))
+    if pool.sessions:  # another session kept in the pool: its label versions were met and left out
+        ranking.notes.append(kept_out_line(images, pool.sessions, "rank"))
     return ranking
 
 

@@ -281,7 +281,7 @@ def test_a_session_kept_among_the_sub_folders_is_no_volumes_to_rank_with_recursi
     )
 
 
-def test_a_recursive_rank_leaves_out_a_session_kept_in_the_pool(tmp_path, mri_pool, capsys):
+def test_a_recursive_rank_leaves_out_a_session_kept_in_the_pool_and_says_so(tmp_path, mri_pool, capsys):
     """A session made inside the pool folder: --recursive ranks the scans, not the session's label versions (which
     it used to score and then skip as label maps)."""
     from ASFDALib.adaptation.session import Session
@@ -296,8 +296,16 @@ def test_a_recursive_rank_leaves_out_a_session_kept_in_the_pool(tmp_path, mri_po
     shutil.copy(mri_pool / "labels" / scans[0].name, tmp_path / "pool" / "sess" / "labels" / "a.v1.nii.gz")
     argv = ["rank", "--images", str(tmp_path / "pool"), "--recursive", "--out", str(tmp_path / "s"), "--budget", "1"]
     assert main(argv) == 0
-    assert "label map" not in capsys.readouterr().out
+    said = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "label map" not in said
     assert sorted(r["file"] for r in _rows(tmp_path / "s")) == [f"site1/{scan.name}" for scan in scans]
+    # left out, but not unsaid: printed and among ranking.json's notes
+    line = (
+        f"Left out 1 ASFDA session folder in {tmp_path / 'pool'} (sess): their label versions and predictions are "
+        "no scans to rank"
+    )
+    assert line in said
+    assert line in json.loads((tmp_path / "s" / "ranking.json").read_text())["notes"]
 
 
 @pytest.mark.parametrize("weights", ["model.pt", "model.ts"])

@@ -1546,6 +1546,15 @@ def test_predict_without_recursive_names_what_it_left_out_and_never_a_session_ke
     assert main(["predict", str(kept), "--images", str(pool), "--out", str(tmp_path / "o2")]) == 1
     err = _one_line_error(capsys)
     assert err.endswith("; found volumes only in 1 sub-folder (site1): add --recursive to segment them")
+    # --recursive: another session met in the pool is left out and named; the predicting session's own, unsaid
+    assert main(["predict", str(session), "--images", str(pool), "--recursive", "--out", str(tmp_path / "o3")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"Left out 1 ASFDA session folder in {pool} (sess): their label versions and predictions are no " in said
+    assert sorted(p.relative_to(tmp_path / "o3").as_posix() for p in (tmp_path / "o3").rglob("*.nii.gz")) == [
+        f"site1/{scans[0].name}"
+    ]
+    assert main(["predict", str(kept), "--images", str(pool), "--recursive", "--out", str(tmp_path / "o4")]) == 0
+    assert "Left out" not in capsys.readouterr().out
 
 
 def _nested_pool(ranked, folder: Path) -> dict[str, Path]:
