@@ -48,7 +48,7 @@ from ASFDALib.bench.benchmark import (
 from ASFDALib.bench.phantoms import write_pool
 from ASFDALib.bench.statistics import case_mean, group_means
 from ASFDALib.models.defaults import default_model_path
-from ASFDALib.models.loading import load_model
+from ASFDALib.models.loading import ModelSource
 from ASFDALib.query.ranking import RankConfig, rank_folder
 
 METHOD = {"strategy": "asfda"}
@@ -240,7 +240,8 @@ def main() -> None:
         validation=0 if mri else args.validation,
     )
     model_path = args.model or default_model_path()
-    model = load_model(model_path)
+    source = ModelSource(model_path)
+    model = source.load()
     _check_scenario(args.out / "data", config)  # another scenario's data under --out is refused, not reused
     data = write_data(args.out / "data", config)
     val_folder = data / ("val" if mri else "validation")
@@ -285,8 +286,7 @@ def main() -> None:
             labelled = [c for c in pool if c.name in query]
             work = args.out / "work"
             network, kept, judged, blend = train(
-                model_path,
-                model.card,
+                source,
                 labelled,
                 pool,
                 iterations,

@@ -39,7 +39,7 @@ from ASFDALib.bench.benchmark import (
     write_data,
 )
 from ASFDALib.bench.statistics import case_mean, group_means
-from ASFDALib.models.loading import load_model
+from ASFDALib.models.loading import ModelSource
 from ASFDALib.query.ranking import RankConfig, rank_folder
 
 
@@ -73,7 +73,8 @@ def main() -> None:
         lower_rate_for=args.lower_rate_for,
         validation=args.validation,
     )
-    model = load_model(args.model)
+    source = ModelSource(args.model)
+    model = source.load()
     data = write_data(args.out / "data", config)
     pool, val = load_cases(data / "pool", model.card), load_cases(data / "validation", model.card)
     site_of = case_groups([data / "validation"]).get("site", {})
@@ -93,8 +94,7 @@ def main() -> None:
         key = " ".join([row, *(f"{k} {v}" for k, v in asked.items() if v), f"seed {seed}"])
         if key not in stored["runs"]:
             network, kept, judged, _ = train(
-                args.model,
-                model.card,
+                source,
                 [c for c in pool if c.name in query],
                 pool,
                 args.iterations,

@@ -121,6 +121,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
         help="model card (JSON/YAML: class_names, spacing, roi_size, intensity); "
         "default: <model>.card.json or asfda_card.json / model_card.json beside the model",
     )
+    _add_loading_arguments(group)
+    group.add_argument(
+        "--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1"
+    )
+
+
+def _add_loading_arguments(group) -> None:
+    """How a model file is read beyond its card: the network of a state dict, the head's class map, trust."""
     group.add_argument("--network", help="MONAI network class for a state dict, e.g. UNet, SegResNet, SwinUNETR")
     group.add_argument(
         "--network-args",
@@ -141,9 +149,6 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
         help="allow formats that run code from the file (TorchScript, torch.export programs, pickled objects in "
         "checkpoints, bundle configs with $ expressions or custom _target_, the bundle's own scripts/); only for "
         "files from people you trust",
-    )
-    group.add_argument(
-        "--device", type=device, default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1"
     )
 
 
@@ -638,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model to adapt (required with your own folders; default: the scenario's shipped source model)",
     )
     bench.add_argument("--card", type=Path, help="its model card (default: found beside the model)")
+    _add_loading_arguments(bench.add_argument_group("model loading (as asfda rank reads the model)"))
     bench.add_argument("--pool", help="folder of the unlabelled pool (images/ + labels/), or a phantom count")
     bench.add_argument("--test", help="folder of the test set, or a phantom count")
     bench.add_argument(

@@ -26,14 +26,19 @@ if TYPE_CHECKING:  # the benchmark imports torch: only the commands that run it 
 WHOLE_LINE = {"soft_wrap": True, "markup": False, "highlight": False}
 
 
-def load_model_from_args(args: argparse.Namespace):
+def model_source(args: argparse.Namespace, default: Path | None = None):
+    """The model the model options name (``default``: where --model is not given; else the built-in one)."""
     from ASFDALib.models.card import NetworkSpec
     from ASFDALib.models.defaults import default_model_path
-    from ASFDALib.models.loading import load_model
+    from ASFDALib.models.loading import ModelSource
 
     spec = NetworkSpec(args.network, args.network_args) if args.network else None  # args parsed as JSON
-    class_map = getattr(args, "class_map", None)
-    return load_model(args.model or default_model_path(), args.card, spec, args.trust, class_map)
+    path = Path(args.model or default or default_model_path())
+    return ModelSource(path, args.card, spec, args.trust, getattr(args, "class_map", None))
+
+
+def load_model_from_args(args: argparse.Namespace):
+    return model_source(args).load()
 
 
 NOTHING_SCORED = -1  # _rank's result where no volume could be scored (the command exits 1)
@@ -1175,21 +1180,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ASFDALib.bench.benchmark import run_benchmark
-    from ASFDALib.models.defaults import default_model_path
 
     console = Console()
     config, folders, model_path = benchmark_config(args)
+    source = model_source(args, model_path)
     bar, update = volume_progress(console, "Benchmark", "runs")
     with bar:
         report = run_benchmark(
-            args.out,
-            config,
-            model_path or default_model_path(),
-            update,
-            not args.report_only,
-            folders=folders,
-            card=args.card,
-            say=console.print,
+            args.out, config, source, update, not args.report_only, folders=folders, say=console.print
         )
     console.print((args.out / "benchmark.md").read_text(encoding="utf-8"))
     curves = ", curves.json, benchmark_curves.png" if (args.out / "curves.json").is_file() else ""

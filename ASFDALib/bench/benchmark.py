@@ -46,7 +46,7 @@ from ASFDALib.data.volumes import content_hash, has_image_suffix
 from ASFDALib.errors import ASFDAError
 from ASFDALib.evaluation.metrics import dice_per_class
 from ASFDALib.inference.predict import predict_label
-from ASFDALib.models.loading import LoadedModel, load_model
+from ASFDALib.models.loading import LoadedModel, ModelSource
 from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
 from ASFDALib.query.ranking import RankConfig, rank_folder
 from ASFDALib.query.selection import DEFAULT_FUSION
@@ -245,8 +245,9 @@ def load_cases(folder: Path, card) -> list[Case]:
     return [load_case(n, folder / "images" / n, folder / "labels" / n, card) for n in _pairs(folder)]
 
 
-def fingerprints(model_path: Path, card, folders: Folders) -> dict:
-    """What the runs were made from, by content: the model file, its card and every image and label file.
+def fingerprints(source: ModelSource, card, folders: Folders) -> dict:
+    """What the runs were made from, by content: the model file, its card (as loaded: a ``--network`` is in it),
+    the class map where one was given, and every image and label file.
 
     Part of the protocol, so a resume after a new model, an edited card or a corrected label is refused
     (naming what changed) instead of reusing runs of the old inputs.
@@ -261,9 +262,12 @@ def fingerprints(model_path: Path, card, folders: Folders) -> dict:
     # the card as cards store it (nonzero, clip and axcodes only where they differ from before), so runs
     # fingerprinted before those settings existed resume with the same card; source_classes as it always was
     card_text = json.dumps({**card.to_dict(), "source_classes": card.source_classes}, sort_keys=True, default=str)
+    # which pre-trained head rows the classes start from; absent where none is given, as before it was a choice
+    mapped = {"class_map": source.class_map} if source.class_map else {}
     return {
-        "model": content_hash(model_path),
+        "model": content_hash(source.path),
         "card": hashlib.sha256(card_text.encode()).hexdigest(),
+        **mapped,
         "files": files,
     }
 
@@ -311,8 +315,7 @@ def evaluate(model: LoadedModel, network: torch.nn.Module, cases: list[Case], de
 
 
 def train(
-    model_path: Path,
-    card,
+    source: ModelSource,
     labelled: list[Case],
     pool: list[Case],
     iterations: int,
@@ -345,8 +348,8 @@ def train(
     ``on_eval(iteration, network)`` is called at each of ``eval_at`` during stage 1 (training continues from
     there with the same batches an uninterrupted run draws, so the curve costs only its evaluations).
     """
-    model = load_model(model_path, card)
-    network = model.network
+    model = source.load()
+    network, card = model.network, model.card
     blends = ssft is not None and may_blend(ssft.blend_start, ssft.reliability)
     # a copy of the starting weights for the handover's blend, only where one may apply
     start_state = {k: v.detach().clone() for k, v in network.state_dict().items()} if blends else {}
@@ -357,7 +360,7 @@ def train(
     # the learning rates the session path uses: by what the checkpoint loaded (one recipe for every row)
     trainer = Trainer(network, card, config, workdir, model.load_report)
     first = round(iterations * ssft.stage1_fraction) if ssft else iterations
-    cached = _stage1_file(stage1_cache, model_path, labelled, config) if stage1_cache else None
+    cached = _stage1_file(stage1_cache, source, labelled, config) if stage1_cache else None
     stops = sorted(i for i in eval_at if 0 < i < first)
     if cached and cached.is_file() and not stops:
         if torch.load(cached, map_location="cpu", weights_only=True)["iteration"] <= first:
@@ -377,7 +380,7 @@ def train(
         names = {c.name for c in labelled}
         candidates = [(c.name, c.image) for c in pool if c.name not in names]
         # round 1 of a session starts from the source model: "rounds" compares with it
-        reference = load_model(model_path, card).network if ssft.reliability == "rounds" else None
+        reference = source.load().network if ssft.reliability == "rounds" else None
         made = selective_pseudo_labels(
             network,
             card,
@@ -414,11 +417,14 @@ def train(
     return network.eval(), [c.name for c in pseudo], judged, blend
 
 
-def _stage1_file(folder: Path, model_path: Path, labelled: list[Case], config: FinetuneConfig) -> Path:
+def _stage1_file(folder: Path, source: ModelSource, labelled: list[Case], config: FinetuneConfig) -> Path:
     """Where ``train`` keeps the stage-1 state of these labels: named for everything stage 1 depends on."""
     stage1 = ("seed", "batch_size", "lr", "encoder_lr_scale", "lower_rate_for", "weight_decay", "foreground_ratio")
     recipe = {k: getattr(config, k) for k in (*stage1, "amp")}
-    key = {"model": str(Path(model_path).resolve()), "labels": sorted(c.name for c in labelled), **recipe}
+    # the network built and the head rows kept, where given (absent otherwise: earlier caches keep their names)
+    built = {"network": repr(source.network)} if source.network else {}
+    built |= {"class_map": source.class_map} if source.class_map else {}
+    key = {"model": str(source.path.resolve()), "labels": sorted(c.name for c in labelled), **recipe, **built}
     return folder / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.pt"
 
 
@@ -856,11 +862,10 @@ def _changes(stored: dict, current: dict, nested: bool = False) -> str:
 def run_benchmark(
     out: Path,
     config: BenchmarkConfig,
-    model_path: Path,
+    source: ModelSource,
     progress: Callable[[int, int, str], None] | None = None,
     run: bool = True,
     folders: Folders | None = None,
-    card: Path | None = None,
     say: Callable[[str], None] | None = None,
 ) -> dict:
     """Run (or resume) the protocol into ``out``; returns the report written to ``benchmark.json``.
@@ -872,7 +877,7 @@ def run_benchmark(
     out = Path(out)
     start = time.perf_counter()
     results_path = out / "results.json"
-    model = load_model(model_path, card)
+    model = source.load()
     model_card = model.card
     if not run:
         runs = _load_runs(results_path, None)
@@ -881,7 +886,7 @@ def run_benchmark(
         data = folders or _phantom_folders(out / "data", config)
         # the notes state what ran, not what is typed
         config = as_run(config, stored["protocol"]) if stored.get("protocol") else config
-        return _report(out, config, runs, names, start, Path(model_path), data, user_data=folders is not None)
+        return _report(out, config, runs, names, start, source.path, data, user_data=folders is not None)
     user_data = folders is not None
     if folders is not None:
         validate_folders(folders, config.budgets, model_card.class_names, out)
@@ -889,7 +894,7 @@ def run_benchmark(
         _check_scenario(out / "data", config)
         write_data(out / "data", config)
         folders = _phantom_folders(out / "data", config)
-    protocol = _protocol(config, folders, fingerprints(Path(model_path), model_card, folders), user_data)
+    protocol = _protocol(config, folders, fingerprints(source, model_card, folders), user_data)
     runs = _load_runs(results_path, protocol)
     done = {(r.row, r.budget, r.seed) for r in runs}
     plan = _plan(config)
@@ -965,8 +970,7 @@ def run_benchmark(
                 continue
             labelled = [c for c in pool if c.name in query]
             network, kept, judged, blend = train(
-                model_path,
-                model_card,
+                source,
                 labelled,
                 pool,
                 iterations,
@@ -1006,7 +1010,7 @@ def run_benchmark(
         record()
     if progress:
         progress(len(plan), len(plan), "")
-    return _report(out, config, runs, model_card.class_names, start, Path(model_path), folders, user_data)
+    return _report(out, config, runs, model_card.class_names, start, source.path, folders, user_data)
 
 
 def _rates(config: BenchmarkConfig) -> dict[str, float | str]:

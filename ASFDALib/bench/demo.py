@@ -29,7 +29,7 @@ from ASFDALib.bench.phantoms import write_pool
 from ASFDALib.bench.scenarios import write_target_split
 from ASFDALib.data.labels import import_labels
 from ASFDALib.errors import ASFDAError
-from ASFDALib.models.loading import load_model
+from ASFDALib.models.loading import ModelSource
 from ASFDALib.outputs import SESSION_FILE
 from ASFDALib.plotting import draw_or_explain, new_figure, save_figure
 from ASFDALib.query.ranking import RankConfig, Ranking, rank_folder
@@ -127,7 +127,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
             write(data / part, size, seed=seed, prefix=part)
     lr = SCENARIO_LR[config.scenario]
     rates = {"lr": lr} if lr else {}
-    model = load_model(model_path)
+    model = ModelSource(model_path).load()
     session_dir = out / "session"
     if session_dir.exists():
         shutil.rmtree(session_dir)
@@ -182,8 +182,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
     rng = np.random.default_rng(config.seed)
     random_query = [pool_cases[i].name for i in rng.permutation(len(pool_cases))[: config.budget]]
     random_net, *_ = train(
-        model_path,
-        model.card,
+        ModelSource(model_path),
         [c for c in pool_cases if c.name in random_query],
         pool_cases,
         2 * config.iterations,

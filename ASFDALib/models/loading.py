@@ -454,6 +454,21 @@ def _load_nnssl(
     return LoadedModel(net.eval(), nnssl.card, "state_dict", path, digest, spec, report)
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as the user named it (``--model``, ``--card``, ``--network``, ``--trust``, ``--class-map``), to
+    load as often as a caller needs the same starting weights again (every benchmark training starts from them)."""
+
+    path: Path
+    card: Path | None = None
+    network: NetworkSpec | None = None
+    trust: bool = False
+    class_map: str | None = None
+
+    def load(self) -> LoadedModel:
+        return load_model(self.path, self.card, self.network, self.trust, self.class_map)
+
+
 def load_model(
     path: Path | str,
     card: Path | str | ModelCard | Mapping[str, Any] | None = None,

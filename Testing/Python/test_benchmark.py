@@ -15,6 +15,7 @@ from ASFDALib.adaptation.recipe import FinetuneConfig
 from ASFDALib.app.cli import main
 from ASFDALib.bench.phantoms import SITES, make_phantom, site_config, write_pool
 from ASFDALib.errors import ASFDAError
+from ASFDALib.models.loading import ModelSource
 from ASFDALib.query.selection import DEFAULT_FUSION
 
 
@@ -538,13 +539,11 @@ def test_the_benchmark_trains_with_the_learning_rates_it_is_given(monkeypatch, t
     from ASFDALib.adaptation import trainer as trainer_module
     from ASFDALib.bench.benchmark import BenchmarkConfig, _rates, train
     from ASFDALib.models.defaults import default_model_path
-    from ASFDALib.models.loading import load_model
 
     seen = []
     monkeypatch.setattr(trainer_module.Trainer, "run", lambda self, *a, **k: seen.append(self.config))
-    model = load_model(default_model_path())
     config = BenchmarkConfig(lr=1e-3, encoder_lr_scale=1.0, lower_rate_for="loaded")
-    train(default_model_path(), model.card, [], [], 1, 0, "cpu", None, tmp_path, rates=_rates(config))
+    train(ModelSource(default_model_path()), [], [], 1, 0, "cpu", None, tmp_path, rates=_rates(config))
     assert (seen[0].lr, seen[0].encoder_lr_scale, seen[0].lower_rate_for) == (1e-3, 1.0, "loaded")
     assert _rates(BenchmarkConfig()) == {}  # the recipe's own defaults
 
@@ -570,10 +569,9 @@ def test_with_a_decaying_stage_2_the_control_runs_both_stages_on_the_labels_alon
 
     monkeypatch.setattr(trainer_module.Trainer, "run", run)
     monkeypatch.setattr(benchmark, "selective_pseudo_labels", gate)
-    card = load_model(default_model_path()).card
     ssft = benchmark.SSFTOptions(stage2_lr="cosine")
     network, kept, judged, blend = benchmark.train(
-        default_model_path(), card, [], [], 400, 0, "cpu", ssft, tmp_path, pseudo_labels=False
+        ModelSource(default_model_path()), [], [], 400, 0, "cpu", ssft, tmp_path, pseudo_labels=False
     )
     start = load_model(default_model_path()).network.state_dict()
     moved = {k: v - start[k] for k, v in network.state_dict().items() if v.is_floating_point()}
@@ -585,7 +583,8 @@ def test_with_a_decaying_stage_2_the_control_runs_both_stages_on_the_labels_alon
     # with no blend to decide, the control asks no gate at all
     monkeypatch.setattr(benchmark, "selective_pseudo_labels", lambda *a: pytest.fail("the gate was asked"))
     none = replace(ssft, blend_start=0.0)
-    control = benchmark.train(default_model_path(), card, [], [], 400, 0, "cpu", none, tmp_path, pseudo_labels=False)
+    source = ModelSource(default_model_path())
+    control = benchmark.train(source, [], [], 400, 0, "cpu", none, tmp_path, pseudo_labels=False)
     assert control[3] == 0.0
 
 
@@ -607,15 +606,13 @@ def test_stage_2_of_the_ssft_row_trains_with_the_teacher_the_gate_that_judged_ca
     from ASFDALib.adaptation.pseudo import PseudoLabels
     from ASFDALib.bench import benchmark
     from ASFDALib.models.defaults import default_model_path
-    from ASFDALib.models.loading import load_model
 
     seen = []
     monkeypatch.setattr(trainer_module.Trainer, "run", lambda self, *a, **k: seen.append((self.stage, self.config)))
     judged = PseudoLabels([], {}, {}, "flips" if asked else "rounds", asked)
     monkeypatch.setattr(benchmark, "selective_pseudo_labels", lambda *args: judged)
-    card = load_model(default_model_path()).card
     ssft = benchmark.SSFTOptions(teacher=teacher, pseudo_mix="copy-paste")
-    benchmark.train(default_model_path(), card, [], [], 4, 0, "cpu", ssft, tmp_path)
+    benchmark.train(ModelSource(default_model_path()), [], [], 4, 0, "cpu", ssft, tmp_path)
     assert [(stage, config.teacher) for stage, config in seen] == [("stage1", teacher), ("stage2", trained)]
     # only the fixed teacher's labels are mixed with the labelled patches
     assert seen[1][1].pseudo_mix == ("copy-paste" if trained == "fixed" else "none")
@@ -776,7 +773,7 @@ def test_rows_sharing_labels_and_seed_share_one_stage_1_and_train_as_if_each_ran
     cache = tmp_path / "stage1"
 
     def weights(iterations, folder, ssft=None):
-        args = (default_model_path(), model.card, pool[:1], pool, iterations, 0, "cpu", ssft, tmp_path / "w")
+        args = (ModelSource(default_model_path()), pool[:1], pool, iterations, 0, "cpu", ssft, tmp_path / "w")
         return train(*args, pseudo_labels=False, stage1_cache=folder)[0].state_dict()
 
     weights(3, cache)  # the ASFDA row: stage 1 alone, kept
@@ -897,6 +894,6 @@ def test_a_cards_fingerprint_is_the_one_runs_recorded_before_intensity_had_nonze
     card = ModelCard(class_names=["background", "liver"])
     # the fingerprint of this card as asfda 4cb28e7 (before nonzero and clip) computed it
     recorded = "609b85346833f941"
-    assert fingerprints(tmp_path / "model.pt", card, folders)["card"].startswith(recorded)
+    assert fingerprints(ModelSource(tmp_path / "model.pt"), card, folders)["card"].startswith(recorded)
     chosen = ModelCard(class_names=["background", "liver"], intensity=IntensityConfig("zscore", nonzero=False))
-    assert not fingerprints(tmp_path / "model.pt", chosen, folders)["card"].startswith(recorded)
+    assert not fingerprints(ModelSource(tmp_path / "model.pt"), chosen, folders)["card"].startswith(recorded)

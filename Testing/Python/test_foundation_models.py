@@ -233,6 +233,47 @@ def test_a_published_checkpoint_with_another_label_set_runs_every_command(key, p
         assert torch.allclose(exported.network.eval()(x), adapted.network.eval()(x), atol=1e-5)
 
 
+def test_a_published_checkpoint_with_another_label_set_is_benchmarked_as_rank_reads_it(pool, tmp_path, capsys):
+    """A researcher's check before a clinician's time is spent: the 14-class state dict, its network named by
+    --network and the target's classes paired by --class-map, benchmarked on labelled folders; every row starts
+    from the model rank would load, and the class map is part of the protocol, so a resume under another is
+    refused."""
+    import shutil
+
+    from ASFDALib.bench.benchmark import evaluate_cases, load_cases
+    from ASFDALib.models.loading import ModelSource
+
+    model_path, _ = _publish("unet-instance", tmp_path)
+    scans = sorted(p.name for p in (pool / "images").iterdir())
+    for folder, names in (("pool", scans[:2]), ("test", scans[2:])):
+        for sub in ("images", "labels"):
+            (tmp_path / folder / sub).mkdir(parents=True)
+            for name in names:
+                shutil.copy(pool / sub / name, tmp_path / folder / sub / name)
+    name, args = NETWORKS["unet-instance"]
+    out = tmp_path / "bench"
+    argv = [
+        "benchmark", "--model", str(model_path), "--card", str(pool / "card.json"), "--network", name,
+        "--network-args", json.dumps(args), "--pool", str(tmp_path / "pool"), "--test", str(tmp_path / "test"),
+        "--budgets", "1", "--seeds", "0,", "--rows", "source,random", "--iterations", "1", "--device", "cpu",
+        "--out", str(out),
+    ]  # fmt: skip
+    assert main([*argv, "--class-map", CLASS_MAP]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"]["class_map"] == CLASS_MAP and results["class_names"] == CLASS_NAMES
+    # the source row is the model as rank loads it with these options: the mapped rows, scored on the test set
+    mapped = ModelSource(model_path, pool / "card.json", NetworkSpec(name, args), class_map=CLASS_MAP).load()
+    cases = evaluate_cases(mapped, mapped.network, load_cases(tmp_path / "test", mapped.card), "cpu")
+    source = next(r for r in results["runs"] if r["row"] == "source")
+    assert list(source["cases"]) == list(cases)
+    assert all(source["cases"][k] == pytest.approx(list(v), nan_ok=True) for k, v in cases.items())
+    capsys.readouterr()
+    assert main(argv) == 1  # the same runs under the card's name pairs alone would be other runs
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"its runs were made with other class_map ({CLASS_MAP} here, the default now: give it again)" in err
+    assert main([*argv, "--class-map", CLASS_MAP, "--report-only"]) == 0
+
+
 def test_an_encoder_only_checkpoint_ranks_by_dkd_alone_until_the_first_finetune(pool, tmp_path, capsys):
     name, args = NETWORKS["swinunetr"]
     torch.manual_seed(2)
