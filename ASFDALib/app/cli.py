@@ -639,10 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="1 seed, budget 2, a few iterations: checks that it runs")
     bench.add_argument(
         "--model",
-        type=Path,
+        type=existing_path,
         help="model to adapt (required with your own folders; default: the scenario's shipped source model)",
     )
-    bench.add_argument("--card", type=Path, help="its model card (default: found beside the model)")
+    bench.add_argument("--card", type=existing_path, help="its model card (default: found beside the model)")
     _add_loading_arguments(bench.add_argument_group("model loading (as asfda rank reads the model)"))
     bench.add_argument("--pool", help="folder of the unlabelled pool (images/ + labels/), or a phantom count")
     bench.add_argument("--test", help="folder of the test set, or a phantom count")
@@ -770,8 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--report-only",
         action="store_true",
-        help="summarise the runs already in OUT/results.json (e.g. of an unfinished benchmark); give the "
-        "--budgets and --rows to report, and with your own data --model, --pool and --test again",
+        help="summarise the runs already in OUT/results.json (e.g. of an unfinished benchmark): the rows and "
+        "budgets that ran, or those of them --rows and --budgets name; with your own data give --model, --pool "
+        "and --test again",
     )
     bench.set_defaults(func=commands.cmd_benchmark)
 

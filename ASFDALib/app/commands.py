@@ -1117,7 +1117,8 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
             ("validation", val_count),
             ("iterations", args.iterations),
             ("full_iterations", args.full_iterations),
-            ("budgets", args.budgets),
+            # a report without --budgets reports every budget that ran (benchmark.as_run)
+            ("budgets", () if args.budgets is None and args.report_only else args.budgets),
             ("seeds", args.seeds),
             ("rows", args.rows),
             ("eval_at", args.eval_at),

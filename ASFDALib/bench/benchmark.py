@@ -41,6 +41,7 @@ from ASFDALib.adaptation.runs import STAGE2_BEFORE_RECORDED
 from ASFDALib.adaptation.trainer import ProgressFn, Trainer
 from ASFDALib.atomic import atomic_write, atomic_write_json, atomic_write_text
 from ASFDALib.bench import statistics
+from ASFDALib.checkpoints import class_map_from_names
 from ASFDALib.data.labels import validate_label
 from ASFDALib.data.volumes import content_hash, has_image_suffix
 from ASFDALib.errors import ASFDAError
@@ -185,6 +186,13 @@ def _named(folders: Folders) -> list[tuple[str, Path]]:
     return named + ([("--validation", folders.validation)] if folders.validation is not None else [])
 
 
+def refuse_out_inside(out: Path, folders: Folders) -> None:
+    """Refuse an output folder inside an input one (its files would be among the cases), before any is written."""
+    for option, folder in _named(folders):
+        if Path(out).resolve().is_relative_to(folder.resolve()):
+            raise ASFDAError(f"{out}: --out is inside the {option} folder {folder}; write the results elsewhere")
+
+
 def validate_folders(
     folders: Folders, budgets: tuple[int, ...], class_names: list[str] | None = None, out: Path | None = None
 ) -> None:
@@ -193,6 +201,8 @@ def validate_folders(
     With ``class_names`` every label is checked as ``asfda labels import`` checks it (the image's grid in
     world space, values that are the model's classes); with ``out``, an output folder inside an input one.
     """
+    if out is not None:
+        refuse_out_inside(out, folders)
     named = _named(folders)
     for option, folder in named:
         if not folder.is_dir():
@@ -200,8 +210,6 @@ def validate_folders(
         for sub in ("images", "labels"):
             if not (folder / sub).is_dir():
                 raise ASFDAError(f"{folder}: no {sub}/ folder; {LAYOUT_FIX}")
-        if out is not None and Path(out).resolve().is_relative_to(folder.resolve()):
-            raise ASFDAError(f"{out}: --out is inside the {option} folder {folder}; write the results elsewhere")
         images = set(_pairs(folder))
         labels = {p.name for p in (folder / "labels").iterdir() if not p.name.startswith(".") and has_image_suffix(p)}
         if not images:
@@ -262,14 +270,31 @@ def fingerprints(source: ModelSource, card, folders: Folders) -> dict:
     # the card as cards store it (nonzero, clip and axcodes only where they differ from before), so runs
     # fingerprinted before those settings existed resume with the same card; source_classes as it always was
     card_text = json.dumps({**card.to_dict(), "source_classes": card.source_classes}, sort_keys=True, default=str)
-    # which pre-trained head rows the classes start from; absent where none is given, as before it was a choice
-    mapped = {"class_map": source.class_map} if source.class_map else {}
+    # the network a state dict is built as (--network: its card need not name it), and the head rows the classes
+    # start from where a class map changes them; each absent otherwise, as before either was a choice
+    built = {"network": {"name": source.network.name, "args": source.network.args}} if source.network else {}
+    if changed := _mapped_otherwise(card, source.class_map):
+        built["class_map"] = changed
     return {
         "model": content_hash(source.path),
         "card": hashlib.sha256(card_text.encode()).hexdigest(),
-        **mapped,
+        **built,
         "files": files,
     }
+
+
+def _mapped_otherwise(card, class_map: str | None) -> str:
+    """The pairs ``class_map`` changes from the card's name pairs, ``target=source`` (``target=``: started anew)
+    in class order: what two spellings of one map have in common ("" where it changes none)."""
+    if not class_map or not card.source_classes:
+        return ""
+    by_name = class_map_from_names(card.class_names, card.source_classes)
+    given = class_map_from_names(card.class_names, card.source_classes, class_map)
+    return ",".join(
+        f"{name}={card.source_classes[given[i]] if i in given else ''}"
+        for i, name in enumerate(card.class_names)
+        if given.get(i) != by_name.get(i)
+    )
 
 
 def case_groups(folders: list[Path]) -> dict[str, dict[str, str]]:
@@ -877,16 +902,26 @@ def run_benchmark(
     out = Path(out)
     start = time.perf_counter()
     results_path = out / "results.json"
-    model = source.load()
-    model_card = model.card
+    if folders is not None:  # a report too: its files would be among the cases
+        refuse_out_inside(out, folders)
     if not run:
+        if not results_path.is_file():
+            raise ASFDAError(
+                f"{results_path}: not found, so there are no runs to report; give the --out a benchmark wrote, or "
+                "run the benchmark without --report-only"
+            )
         runs = _load_runs(results_path, None)
-        stored = json.loads(results_path.read_text()) if results_path.is_file() else {}
-        names = stored.get("class_names") or model_card.class_names
+        stored = json.loads(results_path.read_text())
+        # the class names the runs were scored with (the model is loaded only for results.json written without)
+        names = stored.get("class_names") or source.load().card.class_names
         data = folders or _phantom_folders(out / "data", config)
         # the notes state what ran, not what is typed
-        config = as_run(config, stored["protocol"]) if stored.get("protocol") else config
+        config = as_run(config, stored.get("protocol") or {}, runs)
         return _report(out, config, runs, names, start, source.path, data, user_data=folders is not None)
+    model = source.load()
+    model_card = model.card
+    if say and model.load_report is not None:  # what the checkpoint gave every row: as asfda rank says it
+        say(f"Weights: {model.load_report.summary}")
     user_data = folders is not None
     if folders is not None:
         validate_folders(folders, config.budgets, model_card.class_names, out)
@@ -905,7 +940,7 @@ def run_benchmark(
     validation = load_cases(folders.validation, model_card) if folders.validation else []
 
     def record() -> None:
-        atomic_write_json(results_path, _results(config, protocol, runs, model_card.class_names, user_data))
+        atomic_write_json(results_path, _results(config, protocol, runs, model, user_data))
 
     orders: dict[tuple[str, int, int], list[str]] = {}
     for i, (row, budget, seed) in enumerate(plan):
@@ -1066,14 +1101,19 @@ def _twin(runs: list[Run], query: list[str], seed: int, row: str, config: Benchm
     return None
 
 
-def as_run(config: BenchmarkConfig, protocol: dict) -> BenchmarkConfig:
+def as_run(config: BenchmarkConfig, protocol: dict, runs: list[Run]) -> BenchmarkConfig:
     """The command's config with the iterations and SSFT options a results.json's runs were made with (its
-    ``protocol``): what a report of those runs (``--report-only``) states, whatever options were typed."""
+    ``protocol``), and of the rows and budgets asked for those that ran (``runs``): what a report of those runs
+    (``--report-only``) states, whatever options were typed or left to their defaults."""
     stored = stored_protocol(protocol)
     names = {f.name for f in fields(SSFTOptions)}
     ssft = replace(config.ssft, **{k: v for k, v in (stored.get("ssft") or {}).items() if k in names})
     iterations = stored.get("iterations", config.iterations)
-    return replace(config, iterations=iterations, full_iterations=stored.get("full_iterations"), ssft=ssft)
+    rows = tuple(r for r in config.rows if any(run.row == r for run in runs)) or config.rows
+    ran = sorted({run.budget for run in runs if run.budget})  # source and full train at budget 0
+    budgets = tuple(b for b in config.budgets or ran if b in ran) or config.budgets or BenchmarkConfig.budgets
+    full = stored.get("full_iterations")
+    return replace(config, iterations=iterations, full_iterations=full, ssft=ssft, rows=rows, budgets=budgets)
 
 
 def _config_record(config: BenchmarkConfig, user_data: bool) -> dict:
@@ -1086,11 +1126,15 @@ def _config_record(config: BenchmarkConfig, user_data: bool) -> dict:
     return record
 
 
-def _results(config: BenchmarkConfig, protocol: dict, runs: list[Run], class_names: list[str], user_data: bool) -> dict:
+def _results(config: BenchmarkConfig, protocol: dict, runs: list[Run], model: LoadedModel, user_data: bool) -> dict:
+    """results.json: the config, the protocol a resume must match, the class names, what the checkpoint gave
+    every row (``weights``: the load report's summary, where the model has one) and the runs."""
+    weights = {"weights": model.load_report.summary} if model.load_report is not None else {}
     return {
         "config": _config_record(config, user_data),
         "protocol": protocol,
-        "class_names": class_names,
+        "class_names": model.card.class_names,
+        **weights,
         "runs": [asdict(r) for r in runs],
     }
 

@@ -522,7 +522,7 @@ def load_model(
     if spec is None:
         raise ModelError(
             f"{path}: weights need a network to load into; add 'network' (name and args) to the card, or pass "
-            "--network and --network-args where the command takes them (rank, stats; benchmark reads the card only)"
+            "--network and --network-args where the command takes them (rank, stats, benchmark)"
         )
     spec = spec_for_classes(spec, loaded_card.num_classes)
     net = build_network(spec, seed=0)

@@ -111,6 +111,20 @@ def test_quick_benchmark_runs_every_row_and_resumes(tmp_path, capsys):
     assert (out / "benchmark.md").is_file()
 
 
+def test_a_report_of_a_folder_no_benchmark_wrote_is_refused_and_writes_nothing(tmp_path, capsys):
+    """--report-only where no results.json is (a mistyped --out): refused in one line, no folder made; nor
+    does a report write into an input folder, as a run may not."""
+    data = _user_folders(tmp_path / "data")
+    assert main(["benchmark", "--out", str(tmp_path / "nosuch"), "--report-only"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{tmp_path / 'nosuch' / 'results.json'}: not found, so there are no runs to report" in err
+    assert not (tmp_path / "nosuch").exists()
+    inside = data / "pool" / "report"
+    assert main([*_tiny_run(data, inside), "--report-only"]) == 1
+    assert "--out is inside the --pool folder" in " ".join(capsys.readouterr().err.split())
+    assert not inside.exists()
+
+
 @pytest.mark.parametrize("scenario, classes", [("ct-shift", 6), ("mri", 4)])
 def test_demo_runs_end_to_end_in_either_scenario(tmp_path, capsys, scenario, classes):
     out = tmp_path / "demo"
@@ -654,14 +668,20 @@ def test_the_upper_bound_trains_its_own_iterations_and_they_are_part_of_the_prot
         _load_runs(path, {**before, "full_iterations": 1600})
 
 
-def test_a_report_of_stored_runs_states_the_iterations_and_recipe_they_ran_with_not_the_ones_typed():
-    from ASFDALib.bench.benchmark import BenchmarkConfig, _config_record, as_run, options_protocol
+def test_a_report_of_stored_runs_states_the_iterations_recipe_rows_and_budgets_they_ran_with_not_those_typed():
+    from ASFDALib.bench.benchmark import BenchmarkConfig, Run, _config_record, as_run, options_protocol
 
     ran = BenchmarkConfig(iterations=400, full_iterations=2400)
     ran.ssft.pseudo_mix = "none"
-    typed = BenchmarkConfig(iterations=300)  # --report-only with the defaults
-    reported = as_run(typed, options_protocol(ran))
+    runs = [Run(row, budget, 0, [0.5]) for row, budget in (("source", 0), ("random", 1), ("asfda", 1), ("asfda", 8))]
+    typed = BenchmarkConfig(iterations=300, budgets=())  # --report-only with the defaults
+    reported = as_run(typed, options_protocol(ran), runs)
     assert (reported.iterations, reported.full_iterations, reported.ssft.pseudo_mix) == (400, 2400, "none")
+    # the rows and budgets that ran (no SSFT row: no note on how one trained), in the table's order
+    assert reported.rows == ("source", "random", "asfda") and reported.budgets == (1, 8)
+    # of those typed, the ones that ran
+    narrowed = as_run(BenchmarkConfig(rows=("asfda", "full"), budgets=(8, 4)), options_protocol(ran), runs)
+    assert (narrowed.rows, narrowed.budgets) == (("asfda",), (8,))
     # and benchmark.json's config names the upper bound's iterations as it trained them, set or not
     assert _config_record(BenchmarkConfig(iterations=400), user_data=False)["full_iterations"] == 400
 
@@ -748,8 +768,13 @@ def test_unusable_folders_are_refused_in_one_line_before_any_work(tmp_path, caps
 def test_own_data_needs_a_model_and_both_folders(tmp_path, capsys):
     assert main(["benchmark", "--pool", str(tmp_path), "--test", str(tmp_path), "--out", str(tmp_path / "b")]) == 1
     assert "needs --model" in capsys.readouterr().err
-    assert main(["benchmark", "--model", "m.pt", "--pool", str(tmp_path), "--out", str(tmp_path / "b")]) == 1
+    (tmp_path / "m.pt").write_bytes(b"")
+    model = str(tmp_path / "m.pt")
+    assert main(["benchmark", "--model", model, "--pool", str(tmp_path), "--out", str(tmp_path / "b")]) == 1
     assert "needs both --pool DIR and --test DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a model that is not there: an argument error, before any work
+        main(["benchmark", "--model", str(tmp_path / "no.pt"), "--out", str(tmp_path / "b")])
+    assert exit_.value.code == 2 and "no.pt does not exist" in capsys.readouterr().err
 
 
 def test_the_cli_lists_the_benchmark_rows_without_loading_torch():

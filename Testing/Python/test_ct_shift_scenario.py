@@ -88,7 +88,8 @@ def test_the_ct_to_mri_source_model_is_named_apart_and_checked_on_the_mri_sites(
 def test_a_rich_scenario_without_a_model_fine_tunes_its_shipped_source_model(tmp_path, scenario, stem):
     out = tmp_path / "bench"
     argv = [
-        "benchmark", "--scenario", scenario, "--report-only", "--budgets", "2", "--rows", "random", "--out", str(out),
+        "benchmark", "--scenario", scenario, "--rows", "source", "--pool", "3", "--test", "1", "--seeds", "0,",
+        "--device", "cpu", "--out", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "benchmark.json").read_text())

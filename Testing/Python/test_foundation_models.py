@@ -259,8 +259,11 @@ def test_a_published_checkpoint_with_another_label_set_is_benchmarked_as_rank_re
         "--out", str(out),
     ]  # fmt: skip
     assert main([*argv, "--class-map", CLASS_MAP]) == 0
+    copied = "background<-background, liver<-liver, kidney<-right kidney, gallbladder<-gallbladder"
+    assert f"pre-trained rows copied for classes {copied}" in " ".join(capsys.readouterr().out.split())
     results = json.loads((out / "results.json").read_text())
     assert results["protocol"]["class_map"] == CLASS_MAP and results["class_names"] == CLASS_NAMES
+    assert results["protocol"]["network"] == {"name": name, "args": args} and copied in results["weights"]
     # the source row is the model as rank loads it with these options: the mapped rows, scored on the test set
     mapped = ModelSource(model_path, pool / "card.json", NetworkSpec(name, args), class_map=CLASS_MAP).load()
     cases = evaluate_cases(mapped, mapped.network, load_cases(tmp_path / "test", mapped.card), "cpu")
@@ -271,7 +274,16 @@ def test_a_published_checkpoint_with_another_label_set_is_benchmarked_as_rank_re
     assert main(argv) == 1  # the same runs under the card's name pairs alone would be other runs
     err = " ".join(capsys.readouterr().err.split())
     assert f"its runs were made with other class_map ({CLASS_MAP} here, the default now: give it again)" in err
-    assert main([*argv, "--class-map", CLASS_MAP, "--report-only"]) == 0
+    # another spelling of the same pairs resumes them; another network (a dropout) does not
+    assert main([*argv, "--class-map", "Liver=liver, kidney = right kidney"]) == 0
+    assert "resuming: 2 of 2 runs" in capsys.readouterr().out
+    other = argv[: argv.index("--network-args") + 1] + [json.dumps({**args, "dropout": 0.5})]
+    assert main([*other, *argv[argv.index("--network-args") + 2 :], "--class-map", CLASS_MAP]) == 1
+    assert "its runs were made with other network" in " ".join(capsys.readouterr().err.split())
+    # a report reads the class names from results.json: no card or network options needed
+    report = [a for a in argv if a not in (name, json.dumps(args), "--network", "--network-args", "--card")]
+    report.remove(str(pool / "card.json"))
+    assert main([*report, "--report-only"]) == 0
 
 
 def test_an_encoder_only_checkpoint_ranks_by_dkd_alone_until_the_first_finetune(pool, tmp_path, capsys):
