@@ -782,7 +782,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Synthetic abdominal volumes (a body with fat, muscle and spine; liver, kidneys, gallbladder) "
         "with their labels, in the layout rank, labels import, evaluate and benchmark read: the embedded "
         "model was trained on the CT-like domain, the MRI-like one is a shifted target for it.",
-        epilog="example:\n  asfda phantoms --domain mri --count 20 --out pool/",
+        epilog="examples:\n  asfda phantoms --domain mri --count 20 --out pool/\n"
+        "  asfda phantoms --domain mri --count 5 --seed 1 --out test/   # another seed: other volumes (a test set)\n"
+        "label values: 1 liver, 2 kidney, 3 gallbladder (a card's class_names: background, liver, kidney, "
+        "gallbladder)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     phantoms.add_argument("--out", type=new_path, required=True, help="writes OUT/images and OUT/labels")
@@ -795,7 +798,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     phantoms.add_argument(
-        "--seed", type=int, default=0, help="the same seed writes the same volumes (default: %(default)s)"
+        "--seed",
+        type=int,
+        default=0,
+        help="the same seed writes the same volumes, so a test set beside a pool needs another (default: %(default)s)",
     )
     phantoms.add_argument("--no-labels", action="store_true", help="write OUT/images only")
     phantoms.set_defaults(func=commands.cmd_phantoms)

@@ -1204,7 +1204,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
-    from ASFDALib.bench.phantoms import write_phantoms
+    from ASFDALib.bench.phantoms import CLASS_NAMES, write_phantoms
     from ASFDALib.outputs import refuse_inside_session, session_folder_of
 
     # not into a session (its labels/ is the session's versioned record), nor over a volume (a pool a session
@@ -1212,8 +1212,9 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     if (session := session_folder_of(args.out)) is not None:
         refuse_inside_session(args.out, f"choose a folder outside it, e.g. {session.parent / 'phantoms'}")
     paths = write_phantoms(args.out, args.count, args.domain, args.seed, labels=not args.no_labels)
+    classes = ", ".join(f"{i} {name}" for i, name in enumerate(CLASS_NAMES) if i)
     print(
         f"Wrote {len(paths)} {args.domain} phantoms to {args.out / 'images'}"
-        + ("" if args.no_labels else f" and labels to {args.out / 'labels'}")
+        + ("" if args.no_labels else f" and labels to {args.out / 'labels'} ({classes})")
     )
     return 0

@@ -940,6 +940,8 @@ def test_a_second_predict_into_the_folder_keeps_the_record_of_the_maps_it_did_no
 def test_phantoms_never_replace_a_volume_and_say_so_before_writing_any(tmp_path, capsys):
     """A pool a session ranks may be where phantoms are asked for: a second run into it is refused, whole."""
     assert main(["phantoms", "--count", "2", "--out", str(tmp_path)]) == 0
+    # what the label values are, for the card a benchmark on these folders needs
+    assert "(1 liver, 2 kidney, 3 gallbladder)" in capsys.readouterr().out
     before = {p: content_hash(p) for p in tmp_path.rglob("*.nii.gz")}
     assert main(["phantoms", "--count", "3", "--seed", "5", "--out", str(tmp_path)]) == 1
     said = _one_line_error(capsys)
