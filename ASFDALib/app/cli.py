@@ -752,6 +752,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with cosine the ssft-control row runs the same two stages on the labels alone; part of the protocol",
     )
     bench.add_argument(
+        "--pseudo-iterations",
+        type=positive_int,
+        help="stage 2's iterations in the asfda+ssft row, after --iterations of stage 1 (default: half as many, "
+        "as asfda finetune's 200 after 400); its control trains as long in all; part of the protocol",
+    )
+    bench.add_argument(
         "--eval-at",
         type=positive_ints,
         help="with a validation set: also score it after these stage-1 iterations (learning curves), e.g. 100,200",

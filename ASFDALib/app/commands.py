@@ -1159,6 +1159,9 @@ def benchmark_config(args: argparse.Namespace) -> tuple[BenchmarkConfig, Folders
         value = getattr(args, name)
         if value is not None:
             overrides["ssft"] = replace(overrides.get("ssft", config.ssft), **{field: value})
+    if args.pseudo_iterations is not None:  # stage 2's length as the fraction of stage 1's the runs record
+        fraction = args.pseudo_iterations / overrides.get("iterations", config.iterations)
+        overrides["ssft"] = replace(overrides.get("ssft", config.ssft), extra_fraction=fraction)
     config = replace(config, device=args.device, scenario=scenario, **overrides)
     ssft = config.ssft
     if may_blend(ssft.blend_start, ssft.reliability) and ssft.stage2_lr == "constant" and "ssft-control" in config.rows:

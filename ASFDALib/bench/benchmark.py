@@ -510,6 +510,9 @@ def _ssft_note(config: BenchmarkConfig, runs: list[Run]) -> str:
             ", mixed with the labelled patches (bidirectional copy-paste)" + " where the fixed teacher labels" * ema
         )
     control = "a second stage on the labels alone" if o.stage2_lr != "constant" else "one longer stage"
+    if o.extra_fraction != SSFTOptions.extra_fraction:  # said where not the default, which the tables ran
+        second = round(config.iterations * o.extra_fraction)
+        augment += f", {second} stage-2 iterations after stage 1's {config.iterations}"
     kept = []
     for budget in config.budgets:
         counts = [

@@ -697,6 +697,24 @@ def test_curve_points_no_row_trains_to_are_refused_before_any_work(tmp_path):
     assert longer[0].eval_at == (400, 1600)
 
 
+def test_stage_2_of_the_ssft_row_trains_the_pseudo_iterations_asked_and_the_table_says_so(tmp_path):
+    """--pseudo-iterations sets stage 2's length as asfda finetune's option does: the SSFT row and its control
+    train that much longer in all, the protocol records it (another length is other runs), the note says it."""
+    from ASFDALib.app.cli import build_parser
+    from ASFDALib.app.commands import benchmark_config
+    from ASFDALib.bench.benchmark import _ssft_note, options_protocol, row_iterations
+
+    asked = ["benchmark", "--rows", "asfda+ssft,ssft-control", "--iterations", "400", "--out", str(tmp_path / "b")]
+    default = benchmark_config(build_parser().parse_args(asked))[0]
+    longer = benchmark_config(build_parser().parse_args([*asked, "--pseudo-iterations", "1200"]))[0]
+    assert (row_iterations("ssft-control", default), row_iterations("ssft-control", longer)) == (600, 1600)
+    assert (
+        options_protocol(longer)["ssft"]["extra_fraction"] == 3.0 != options_protocol(default)["ssft"]["extra_fraction"]
+    )
+    assert "1200 stage-2 iterations after stage 1's 400" in _ssft_note(longer, [])
+    assert "stage-2 iterations" not in _ssft_note(default, [])  # the tables' own length goes unsaid, as before
+
+
 def _summary_row(row: str, budget: int, mean: float) -> dict:
     return {"row": row, "budget": budget, "mean_dice": mean}
 
