@@ -7,7 +7,9 @@ once instead of after torch and MONAI have loaded.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -1031,6 +1033,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def invoked_as() -> str:
+    """How to run this command line again: ``asfda`` where that name finds it, else the path it was started by
+    (``.venv/bin/asfda`` after ``make run``, which installs into an environment that is not activated)."""
+    started = Path(sys.argv[0])
+    if started.name != "asfda" or ((found := shutil.which("asfda")) and Path(found).resolve() == started.resolve()):
+        return "asfda"
+    try:
+        return as_arg(os.path.relpath(started))
+    except ValueError:  # on another drive than the working folder (Windows): the whole path
+        return as_arg(started)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -1054,13 +1068,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print((args.out / "demo.md").read_text(encoding="utf-8"))
     gain = 100 * (report["mean_dice"]["asfda"] - report["mean_dice"]["random"])
     console.print(
-        f"ASFDA vs random selection with the same {config.budget} labels: {gain:+.1f} Dice points. "
-        f"{_duration(report['seconds'])}."
+        f"ASFDA (its query, then selective pseudo-labels) vs random selection (labels only), the same "
+        f"{config.budget} labels and iterations: {gain:+.1f} Dice points on this one pool and seed "
+        f"(the benchmark measures it over seeds). {_duration(report['seconds'])}."
     )
     console.print(f"Plots: {args.out}/demo.png, {args.out}/session/ranking.png. Session: {args.out}/session")
-    session = as_arg(args.out / "session")
+    session, asfda = as_arg(args.out / "session"), invoked_as()
     console.print(  # going on from the demo: the next round's query has its reference labels beside the pool
-        f"Next round: 'asfda rank --out {session}', then 'asfda labels import {session} --from "
+        f"Next round: '{asfda} rank --out {session}', then '{asfda} labels import {session} --from "
         f"{as_arg(args.out / 'data' / 'pool' / 'labels')}' (the pool's reference labels stand in for a clinician's)"
     )
     for warning in report["warnings"]:  # a plot that could not be drawn (e.g. matplotlib missing)

@@ -226,15 +226,22 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
 
 def demo_markdown(report: dict) -> str:
     names = report["class_names"][1:]
+    budget = report["config"]["budget"]
     rows = [
         ("source model (no labels)", "source"),
-        (f"random {report['config']['budget']} labels", "random"),
-        (f"ASFDA {report['config']['budget']} labels + pseudo-labels", "asfda"),
+        (f"random selection, {budget} labels", "random"),
+        (f"ASFDA query, {budget} labels + selective pseudo-labels", "asfda"),
     ]
     lines = ["| model | " + " | ".join(names) + " | mean |", "|" + "---|" * (len(names) + 2)]
     for title, key in rows:
         cells = [f"{100 * v:.1f}" for v in report["dice"][key]]
         lines.append(f"| {title} | " + " | ".join(cells) + f" | **{100 * report['mean_dice'][key]:.1f}** |")
+    # one draw of pool and training: what it can and cannot show, where the reader looks at the figures
+    lines.append(
+        f"\nOne pool and one training seed ({report['config']['seed']}), the same iterations for both queries; "
+        "one volume more or less of a site moves such a figure by several points. The measurement is `asfda "
+        f"benchmark --scenario {report['config']['scenario']}` (5 seeds, paired intervals, a labels-only control)."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -254,7 +261,10 @@ def demo_plot(report: dict, path: Path) -> Path:
     ax.set_xticks(np.arange(len(names)), names)
     ax.set_ylabel("Dice on the test set (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{report['config']['budget']} labelled volumes of {report['config']['pool']}")
+    ax.set_title(
+        f"{report['config']['budget']} labelled volumes of {report['config']['pool']} "
+        f"(one pool, seed {report['config']['seed']})"
+    )
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)

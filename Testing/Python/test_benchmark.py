@@ -141,9 +141,31 @@ def test_demo_runs_end_to_end_in_either_scenario(tmp_path, capsys, scenario, cla
     assert stage2 == ("", "") if not report["pseudo_labelled"] else stage2 in (("fixed", "copy-paste"), ("ema", "none"))
     assert (out / "demo.png").is_file() and (out / "session" / "ranking.png").is_file()
     printed = capsys.readouterr().out
-    assert "ASFDA vs random selection" in printed
+    said = " ".join(printed.split())
+    # what is compared, and that it is one draw: the table's note and the last lines say so
+    assert "ASFDA (its query, then selective pseudo-labels) vs random selection (labels only), the same 2" in said
+    assert "on this one pool and seed (the benchmark measures it over seeds)" in said
+    assert "One pool and one training seed (0), the same iterations for both queries" in said
+    assert f"The measurement is `asfda benchmark --scenario {scenario}`" in said
     # captured output is no terminal: the progress is plain lines, the first and the last stage among them
     assert printed.startswith("Demo 0% generating a 3-site") and "\nDemo 100% done, elapsed" in printed
+
+
+def test_the_demos_next_steps_name_the_command_as_it_was_started(tmp_path, monkeypatch):
+    """After `make run` the environment is not activated: the next round's commands name .venv/bin/asfda,
+    and plain `asfda` where that name finds the same program."""
+    from ASFDALib.app.commands import invoked_as
+
+    program = tmp_path / ".venv" / "bin" / "asfda"
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", [str(program), "demo"])
+    monkeypatch.setenv("PATH", "/usr/bin")
+    assert invoked_as() == ".venv/bin/asfda"
+    monkeypatch.setenv("PATH", str(program.parent))
+    assert invoked_as() == "asfda"
 
 
 def test_the_demo_refuses_a_budget_the_pool_cannot_hold_and_a_folder_that_is_not_a_demos(tmp_path, capsys):
