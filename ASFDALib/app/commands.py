@@ -284,7 +284,7 @@ def _rank(args: argparse.Namespace, out: Path, console, main_rank: bool, first_r
 def cmd_stats(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ASFDALib.data.volumes import discover, no_volumes_message
+    from ASFDALib.data.volumes import kept_out_line, no_volumes_message, walk_pool
     from ASFDALib.models.loading import card_candidates
     from ASFDALib.outputs import refuse_existing, refuse_folder_as_file, refuse_inside_session, refuse_overwrite
     from ASFDALib.query.source_stats import compute_source_stats
@@ -292,9 +292,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     console = Console()
     # before the model loads and the pool is summarised; the example beside it, never among the scans
     refuse_folder_as_file(args.out, Path(args.out).parent / "source_stats.npz")
-    scans, others = discover(args.images, args.recursive)
+    walked = walk_pool(args.images, args.recursive)
+    scans, others = walked.volumes, walked.others
     if not scans:  # as rank and predict refuse it: a wrong folder costs no model load
         raise ASFDAError(no_volumes_message(args.images, others, args.recursive, "summarise"))
+    if walked.sessions:  # their label versions are no scans of the source domain
+        console.print(kept_out_line(args.images, walked.sessions, "summarise"), style="yellow", **WHOLE_LINE)
     model = load_model_from_args(args)
     # the model, its card (given, or found beside it) and the scans: the summary goes beside them, never over one
     cards = ([Path(args.card)] if args.card else []) + card_candidates(model.path)
@@ -1037,12 +1040,18 @@ def invoked_as() -> str:
     """How to run this command line again: ``asfda`` where that name finds it, else the path it was started by
     (``.venv/bin/asfda`` after ``make run``, which installs into an environment that is not activated)."""
     started = Path(sys.argv[0])
-    if started.name != "asfda" or ((found := shutil.which("asfda")) and Path(found).resolve() == started.resolve()):
+    if started.stem.lower() != "asfda":  # not started by its launcher (a test, python -m)
+        return "asfda"
+    found = shutil.which("asfda")  # the launcher that name finds (asfda.EXE on Windows, for an argv[0] of asfda)
+    if found and Path(found).resolve().parent == started.resolve().parent:
         return "asfda"
     try:
-        return as_arg(os.path.relpath(started))
+        shown = os.path.relpath(started)
     except ValueError:  # on another drive than the working folder (Windows): the whole path
-        return as_arg(started)
+        shown = str(started)
+    if Path(shown).name == shown:  # started in its own folder (./asfda): a bare name would not find it
+        shown = os.path.join(os.curdir, shown)
+    return as_arg(shown)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

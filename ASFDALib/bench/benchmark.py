@@ -66,10 +66,18 @@ LABELS = {
     "dkd": "DKD only",
     "asd": "ASD only",
     "asfda": "ASFDA (DKD + ASD)",
-    "asfda+ssft": "ASFDA + selective semi-supervised fine-tuning (stage 2: +50% iterations)",
+    "asfda+ssft": "ASFDA + selective semi-supervised fine-tuning (stage 2: +{extra:.0%} iterations)",
     "ssft-control": "ASFDA, labels only, as many iterations as ASFDA + SSFT (the pseudo-labels' control)",
     "full": "fully supervised, whole pool (upper bound)",
 }
+
+
+def row_labels(extra_fraction: float = 0.5) -> dict[str, str]:
+    """Each row's name in tables and plots, the SSFT row's with stage 2's length as it ran (``extra_fraction``
+    of the iterations on top of stage 1: :attr:`SSFTOptions.extra_fraction`)."""
+    return {**LABELS, "asfda+ssft": LABELS["asfda+ssft"].format(extra=extra_fraction)}
+
+
 # Strategies whose query changes with the seed (so each seed ranks anew) and those whose query depends on
 # the budget (ranked once per budget instead of one ranking cut at every budget).
 SEEDED = ("random", "fg-random", "typiclust", "clasp-pe")
@@ -254,8 +262,8 @@ def load_cases(folder: Path, card) -> list[Case]:
 
 
 def fingerprints(source: ModelSource, card, folders: Folders) -> dict:
-    """What the runs were made from, by content: the model file, its card (as loaded: a ``--network`` is in it),
-    the class map where one was given, and every image and label file.
+    """What the runs were made from, by content: the model file, its card, the ``--network`` and the pairs a
+    class map changes where given, and every image and label file.
 
     Part of the protocol, so a resume after a new model, an edited card or a corrected label is refused
     (naming what changed) instead of reusing runs of the old inputs.
@@ -267,9 +275,6 @@ def fingerprints(source: ModelSource, card, folders: Folders) -> dict:
         for name in _pairs(folder)
         for sub in ("images", "labels")
     }
-    # the card as cards store it (nonzero, clip and axcodes only where they differ from before), so runs
-    # fingerprinted before those settings existed resume with the same card; source_classes as it always was
-    card_text = json.dumps({**card.to_dict(), "source_classes": card.source_classes}, sort_keys=True, default=str)
     # the network a state dict is built as (--network: its card need not name it), and the head rows the classes
     # start from where a class map changes them; each absent otherwise, as before either was a choice
     built = {"network": {"name": source.network.name, "args": source.network.args}} if source.network else {}
@@ -277,10 +282,17 @@ def fingerprints(source: ModelSource, card, folders: Folders) -> dict:
         built["class_map"] = changed
     return {
         "model": content_hash(source.path),
-        "card": hashlib.sha256(card_text.encode()).hexdigest(),
+        "card": card_digest(card),
         **built,
         "files": files,
     }
+
+
+def card_digest(card) -> str:
+    """The card's SHA-256 as cards store it (nonzero, clip and axcodes only where they differ from before), so
+    runs fingerprinted before those settings existed resume with the same card; source_classes as it always was."""
+    text = json.dumps({**card.to_dict(), "source_classes": card.source_classes}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _mapped_otherwise(card, class_map: str | None) -> str:
@@ -385,7 +397,7 @@ def train(
     # the learning rates the session path uses: by what the checkpoint loaded (one recipe for every row)
     trainer = Trainer(network, card, config, workdir, model.load_report)
     first = round(iterations * ssft.stage1_fraction) if ssft else iterations
-    cached = _stage1_file(stage1_cache, source, labelled, config) if stage1_cache else None
+    cached = _stage1_file(stage1_cache, source, card, labelled, config) if stage1_cache else None
     stops = sorted(i for i in eval_at if 0 < i < first)
     if cached and cached.is_file() and not stops:
         if torch.load(cached, map_location="cpu", weights_only=True)["iteration"] <= first:
@@ -442,14 +454,16 @@ def train(
     return network.eval(), [c.name for c in pseudo], judged, blend
 
 
-def _stage1_file(folder: Path, source: ModelSource, labelled: list[Case], config: FinetuneConfig) -> Path:
-    """Where ``train`` keeps the stage-1 state of these labels: named for everything stage 1 depends on."""
+def _stage1_file(folder: Path, source: ModelSource, card, labelled: list[Case], config: FinetuneConfig) -> Path:
+    """Where ``train`` keeps the stage-1 state of these labels: named for everything stage 1 depends on (the
+    model file, its card, the network a state dict is built as, the head rows a class map changes, the recipe)."""
     stage1 = ("seed", "batch_size", "lr", "encoder_lr_scale", "lower_rate_for", "weight_decay", "foreground_ratio")
     recipe = {k: getattr(config, k) for k in (*stage1, "amp")}
-    # the network built and the head rows kept, where given (absent otherwise: earlier caches keep their names)
     built = {"network": repr(source.network)} if source.network else {}
-    built |= {"class_map": source.class_map} if source.class_map else {}
-    key = {"model": str(source.path.resolve()), "labels": sorted(c.name for c in labelled), **recipe, **built}
+    if mapped := _mapped_otherwise(card, source.class_map):
+        built["class_map"] = mapped
+    key = {"model": str(source.path.resolve()), "card": card_digest(card), **built}
+    key |= {"labels": sorted(c.name for c in labelled), **recipe}
     return folder / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.pt"
 
 
@@ -568,6 +582,7 @@ def _upper_bound_note(config: BenchmarkConfig, summary: list[dict]) -> str:
     """How long the upper bound trained, where not as long as the budgeted rows, and whether it is one: a
     whole-pool model within ``HEADROOM`` of a budgeted row has likely not converged, and "x% of the upper
     bound" then says little."""
+    labels = row_labels(config.ssft.extra_fraction)
     full = next((s for s in summary if s["row"] == "full"), None)
     if full is None:
         return ""
@@ -583,16 +598,17 @@ def _upper_bound_note(config: BenchmarkConfig, summary: list[dict]) -> str:
     if best is not None and full["mean_dice"] - best["mean_dice"] < HEADROOM:
         note += (
             f"\nThe upper bound ({full['mean_dice']:.1f}) is not clearly above every budgeted row "
-            f"({LABELS[best['row']]}, budget {best['budget']}: {best['mean_dice']:.1f}): it may not have converged. "
+            f"({labels[best['row']]}, budget {best['budget']}: {best['mean_dice']:.1f}): it may not have converged. "
             "Train it longer with --full-iterations, chosen on the validation curves "
             "(--rows full --full-iterations 3200 --eval-at 400,800,1600,2400).\n"
         )
     return note
 
 
-def markdown(summary: list[dict], class_names: list[str]) -> str:
+def markdown(summary: list[dict], class_names: list[str], labels: dict[str, str] | None = None) -> str:
     """The table: mean ± sd over seeds per class and overall, and the paired difference to random (a column
     only when a random row ran: without one there is nothing to pair with, and the table says so)."""
+    labels = labels or row_labels()
     paired = any(s.get("diff_vs_random") for s in summary)
     head = "| method | budget | seeds | " + " | ".join(class_names[1:]) + " | mean Dice |"
     head += " Δ vs random [95% CI] |" if paired else ""
@@ -606,7 +622,7 @@ def markdown(summary: list[dict], class_names: list[str]) -> str:
             ci = diff["ci95"]
             delta = f"{diff['mean']:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else _no_interval(diff))
         lines.append(
-            f"| {LABELS[s['row']]} | {budget} | {len(s['seeds'])} | "
+            f"| {labels[s['row']]} | {budget} | {len(s['seeds'])} | "
             + " | ".join(cells)
             + f" | **{s['mean_dice']:.1f} ± {s['sd_dice']:.1f}** |"
             + (f" {delta} |" if paired else "")
@@ -623,7 +639,7 @@ def markdown(summary: list[dict], class_names: list[str]) -> str:
             d = s["diff_vs_control"]
             ci = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else _no_interval(d)
             lines.append(
-                f"- {LABELS[s['row']]}, budget {s['budget']}: {d['mean']:+.1f}{ci} vs {LABELS[d['row']]}"
+                f"- {labels[s['row']]}, budget {s['budget']}: {d['mean']:+.1f}{ci} vs {labels[d['row']]}"
                 f" ({_seeds(len(d['seeds']))})"
             )
     challenged = [s for s in _order(summary) if s.get("diff_vs_queries")]
@@ -633,7 +649,7 @@ def markdown(summary: list[dict], class_names: list[str]) -> str:
             pairs = []
             for other, d in sorted(s["diff_vs_queries"].items(), key=lambda kv: kv[1]["mean"]):
                 ci = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else _no_interval(d)
-                pairs.append(f"{LABELS[other]} {d['mean']:+.1f}{ci}")
+                pairs.append(f"{labels[other]} {d['mean']:+.1f}{ci}")
             lines.append(f"- budget {s['budget']}: " + "; ".join(pairs))
     groups = [
         (kind, sorted({g for s in summary for g in s.get("per_group", {}).get(kind, {})}))
@@ -649,12 +665,13 @@ def markdown(summary: list[dict], class_names: list[str]) -> str:
             per = s.get("per_group", {})
             cells = [f"{per[k][g]['mean']:.1f}" if g in per.get(k, {}) else "" for k, g in cols]
             budget = "all" if s["row"] == "full" else str(s["budget"])
-            lines.append(f"| {LABELS[s['row']]} | {budget} | " + " | ".join(cells) + " |")
+            lines.append(f"| {labels[s['row']]} | {budget} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: list[dict], config: BenchmarkConfig, path: Path, pool_size: int, test_size: int) -> Path:
     """Mean Dice (± sd over seeds) against the budget, one line per query row; source and upper bound flat."""
+    labels = row_labels(config.ssft.extra_fraction)
     fig, ax = new_figure(7.5, 5)
     budgets = list(config.budgets)
     by_key = {(s["row"], s["budget"]): s for s in summary}
@@ -666,7 +683,7 @@ def plot(summary: list[dict], config: BenchmarkConfig, path: Path, pool_size: in
                     s["mean_dice"],
                     ls="--" if row == "full" else ":",
                     color="k" if row == "full" else "grey",
-                    label=LABELS[row],
+                    label=labels[row],
                 )
             continue
         points = [by_key.get((row, b)) for b in budgets]
@@ -676,7 +693,15 @@ def plot(summary: list[dict], config: BenchmarkConfig, path: Path, pool_size: in
         ys = [p["mean_dice"] for p in points if p]
         es = [p["sd_dice"] for p in points if p]
         bold = row.startswith("asfda")
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, lw=2.5 if bold else 1.2, label=LABELS[row])
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=es,
+            marker="o",
+            capsize=3,
+            lw=2.5 if bold else 1.2,
+            label=labels[row],
+        )
     ax.set_xlabel(f"labelled volumes (of a pool of {pool_size})")
     ax.set_ylabel(f"mean Dice on {test_size} test volumes (%)")
     ax.set_xticks(budgets)
@@ -687,6 +712,7 @@ def plot(summary: list[dict], config: BenchmarkConfig, path: Path, pool_size: in
 
 def plot_differences(summary: list[dict], config: BenchmarkConfig, path: Path) -> Path:
     """Paired difference to random with its 95% bootstrap interval, per row and budget."""
+    labels = row_labels(config.ssft.extra_fraction)
     fig, ax = new_figure(7.5, 5)
     rows = [r for r in config.rows if r not in ("source", "full", "random")]
     width = 0.8 / max(len(rows), 1)
@@ -705,7 +731,7 @@ def plot_differences(summary: list[dict], config: BenchmarkConfig, path: Path) -
             lo.append(d["mean"] - ci[0])
             hi.append(ci[1] - d["mean"])
         if xs:
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=LABELS[row])
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=labels[row])
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(range(len(config.budgets)), [str(b) for b in config.budgets])
     ax.set_xlabel("labelled volumes")
@@ -725,7 +751,7 @@ def plot_curves(runs: list[Run], path: Path) -> Path:
         curves = [r.curve for r in runs if (r.row, r.budget) == (row, budget) and r.curve]
         steps = sorted({int(i) for c in curves for i in c})
         values = [[c[str(i)] for c in curves if str(i) in c] for i in steps]
-        label = LABELS[row] + ("" if row == "full" else f", {budget} labelled")
+        label = row_labels()[row] + ("" if row == "full" else f", {budget} labelled")
         ax.errorbar(
             steps, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], marker="o", capsize=3, label=label
         )
@@ -876,6 +902,10 @@ def _changes(stored: dict, current: dict, nested: bool = False) -> str:
             parts.append(f"data files ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
         elif key in ("model", "card"):
             parts.append(f"{key} file contents")
+        elif key == "extra_fraction" and nested and key in stored and key in current:  # as --pseudo-iterations
+            parts.append(
+                f"stage 2 length (--pseudo-iterations: {stored[key]:g} x --iterations here, {current[key]:g} x now)"
+            )
         elif isinstance(stored.get(key), dict) and isinstance(current.get(key), dict):
             parts.append(f"{key} {_changes(stored[key], current[key], nested=True)}")  # e.g. ssft stage2_lr (…)
         elif key not in stored:  # the default then may not be the default now, so the two are other runs
@@ -915,11 +945,23 @@ def run_benchmark(
             )
         runs = _load_runs(results_path, None)
         stored = json.loads(results_path.read_text())
+        recorded = (stored.get("protocol") or {}).get("model")
+        if recorded and source.path.is_file() and content_hash(source.path) != recorded:  # the report names it
+            raise ASFDAError(
+                f"{source.path}: not the model the runs in {results_path} were made with; give that one as --model"
+            )
         # the class names the runs were scored with (the model is loaded only for results.json written without)
         names = stored.get("class_names") or source.load().card.class_names
         data = folders or _phantom_folders(out / "data", config)
         # the notes state what ran, not what is typed
+        asked = config.rows
         config = as_run(config, stored.get("protocol") or {}, runs)
+        if not config.rows:
+            ran = ", ".join(r for r in ROWS if any(run.row == r for run in runs))
+            raise ASFDAError(
+                f"{results_path}: none of the rows asked for ran ({', '.join(asked)}); it holds {ran}: give --rows "
+                "among those, or leave --rows out"
+            )
         return _report(out, config, runs, names, start, source.path, data, user_data=folders is not None)
     model = source.load()
     model_card = model.card
@@ -1112,9 +1154,9 @@ def as_run(config: BenchmarkConfig, protocol: dict, runs: list[Run]) -> Benchmar
     names = {f.name for f in fields(SSFTOptions)}
     ssft = replace(config.ssft, **{k: v for k, v in (stored.get("ssft") or {}).items() if k in names})
     iterations = stored.get("iterations", config.iterations)
-    rows = tuple(r for r in config.rows if any(run.row == r for run in runs)) or config.rows
+    rows = tuple(r for r in config.rows if any(run.row == r for run in runs))
     ran = sorted({run.budget for run in runs if run.budget})  # source and full train at budget 0
-    budgets = tuple(b for b in config.budgets or ran if b in ran) or config.budgets or BenchmarkConfig.budgets
+    budgets = tuple(b for b in config.budgets or ran if b in ran)
     full = stored.get("full_iterations")
     return replace(config, iterations=iterations, full_iterations=full, ssft=ssft, rows=rows, budgets=budgets)
 
@@ -1202,7 +1244,9 @@ def _report(
     atomic_write_json(out / "benchmark.json", report)
     atomic_write_text(
         out / "benchmark.md",
-        markdown(summary, class_names) + _ssft_note(config, runs) + _upper_bound_note(config, summary),
+        markdown(summary, class_names, row_labels(config.ssft.extra_fraction))
+        + _ssft_note(config, runs)
+        + _upper_bound_note(config, summary),
     )
     warnings = []
     for name, draw in (

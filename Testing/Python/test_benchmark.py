@@ -123,6 +123,19 @@ def test_a_report_of_a_folder_no_benchmark_wrote_is_refused_and_writes_nothing(t
     assert main([*_tiny_run(data, inside), "--report-only"]) == 1
     assert "--out is inside the --pool folder" in " ".join(capsys.readouterr().err.split())
     assert not inside.exists()
+    # a report of rows none of which ran, or by another model than the runs': refused, naming what is there
+    out = tmp_path / "bench"
+    assert main(_tiny_run(data, out)) == 0
+    capsys.readouterr()
+    args = _tiny_run(data, out)
+    args[args.index("--rows") + 1] = "asfda+ssft"
+    assert main([*args, "--report-only"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "none of the rows asked for ran (asfda+ssft); it holds random: give --rows among those" in err
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"not the weights the runs were made with")
+    assert main([*_tiny_run(data, out, other), "--report-only"]) == 1
+    assert f"{other}: not the model the runs in {out / 'results.json'} were made with" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("scenario, classes", [("ct-shift", 6), ("mri", 4)])
@@ -164,6 +177,8 @@ def test_the_demos_next_steps_name_the_command_as_it_was_started(tmp_path, monke
     monkeypatch.setattr("sys.argv", [str(program), "demo"])
     monkeypatch.setenv("PATH", "/usr/bin")
     assert invoked_as() == ".venv/bin/asfda"
+    monkeypatch.chdir(program.parent)  # ./asfda in its own folder: the bare name would not find it
+    assert invoked_as() == "./asfda"
     monkeypatch.setenv("PATH", str(program.parent))
     assert invoked_as() == "asfda"
 
@@ -724,7 +739,7 @@ def test_stage_2_of_the_ssft_row_trains_the_pseudo_iterations_asked_and_the_tabl
     train that much longer in all, the protocol records it (another length is other runs), the note says it."""
     from ASFDALib.app.cli import build_parser
     from ASFDALib.app.commands import benchmark_config
-    from ASFDALib.bench.benchmark import _ssft_note, options_protocol, row_iterations
+    from ASFDALib.bench.benchmark import _changes, _ssft_note, options_protocol, row_iterations, row_labels
 
     asked = ["benchmark", "--rows", "asfda+ssft,ssft-control", "--iterations", "400", "--out", str(tmp_path / "b")]
     default = benchmark_config(build_parser().parse_args(asked))[0]
@@ -735,6 +750,12 @@ def test_stage_2_of_the_ssft_row_trains_the_pseudo_iterations_asked_and_the_tabl
     )
     assert "1200 stage-2 iterations after stage 1's 400" in _ssft_note(longer, [])
     assert "stage-2 iterations" not in _ssft_note(default, [])  # the tables' own length goes unsaid, as before
+    # the row's name in tables and plots says the length that ran
+    assert row_labels(longer.ssft.extra_fraction)["asfda+ssft"].endswith("(stage 2: +300% iterations)")
+    assert row_labels()["asfda+ssft"].endswith("(stage 2: +50% iterations)")  # as the stored tables name it
+    # a resume under another length names the option, not the fraction it is stored as
+    changed = _changes(options_protocol(longer), options_protocol(default))
+    assert changed == "ssft stage 2 length (--pseudo-iterations: 3 x --iterations here, 0.5 x now)"
 
 
 def _summary_row(row: str, budget: int, mean: float) -> dict:

@@ -306,6 +306,9 @@ def test_a_recursive_rank_leaves_out_a_session_kept_in_the_pool_and_says_so(tmp_
     )
     assert line in said
     assert line in json.loads((tmp_path / "s" / "ranking.json").read_text())["notes"]
+    # and stats, summarising the pool as a source domain, says the same
+    assert main(["stats", "--images", str(tmp_path / "pool"), "--recursive", "--out", str(tmp_path / "st.npz")]) == 0
+    assert line.replace("to rank", "to summarise") in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("weights", ["model.pt", "model.ts"])
