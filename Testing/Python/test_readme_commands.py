@@ -28,6 +28,7 @@ RESULTS = {
     "bench-ct-blend": "ct_shift/blend",
     "bench-ct-mix": "ct_shift/copy-paste",
     "bench-ct-full": "ct_shift/upper-bound",
+    "bench-ct-s2long": "ct_shift/stage2-long",
     "bench-ct-in": "ct_shift/instance",
     "bench-ct-in-blend": "ct_shift/instance-blend",
     "bench-ct-in4-blend": "ct_shift/instance-4labels-blend",
