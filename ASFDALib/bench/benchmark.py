@@ -72,12 +72,6 @@ LABELS = {
 }
 
 
-def row_labels(extra_fraction: float = 0.5) -> dict[str, str]:
-    """Each row's name in tables and plots, the SSFT row's with stage 2's length as it ran (``extra_fraction``
-    of the iterations on top of stage 1: :attr:`SSFTOptions.extra_fraction`)."""
-    return {**LABELS, "asfda+ssft": LABELS["asfda+ssft"].format(extra=extra_fraction)}
-
-
 # Strategies whose query changes with the seed (so each seed ranks anew) and those whose query depends on
 # the budget (ranked once per budget instead of one ranking cut at every budget).
 SEEDED = ("random", "fg-random", "typiclust", "clasp-pe")
@@ -114,6 +108,12 @@ class SSFTOptions:
     pseudo_mix: str = FinetuneConfig.pseudo_mix  # adaptation/recipe.py MIXES (where the fixed teacher labels)
     ema_weight: float = FinetuneConfig.ema_weight  # the loss weight of the patches an EMA teacher labels
     blend_start: float = FinetuneConfig.blend_start  # the start's share of the model handed over (adaptation/blend.py)
+
+
+def row_labels(extra_fraction: float = SSFTOptions.extra_fraction) -> dict[str, str]:
+    """Each row's name in tables and plots, the SSFT row's with stage 2's length as it ran (``extra_fraction``
+    of the iterations on top of stage 1: :attr:`SSFTOptions.extra_fraction`)."""
+    return {**LABELS, "asfda+ssft": LABELS["asfda+ssft"].format(extra=extra_fraction)}
 
 
 # fields SSFTOptions gained later, at the values the runs recorded before them ran with
@@ -201,16 +201,12 @@ def refuse_out_inside(out: Path, folders: Folders) -> None:
             raise ASFDAError(f"{out}: --out is inside the {option} folder {folder}; write the results elsewhere")
 
 
-def validate_folders(
-    folders: Folders, budgets: tuple[int, ...], class_names: list[str] | None = None, out: Path | None = None
-) -> None:
+def validate_folders(folders: Folders, budgets: tuple[int, ...], class_names: list[str] | None = None) -> None:
     """Refuse, before any work, folders the protocol cannot use; one line naming the folder and the fix.
 
     With ``class_names`` every label is checked as ``asfda labels import`` checks it (the image's grid in
-    world space, values that are the model's classes); with ``out``, an output folder inside an input one.
+    world space, values that are the model's classes). An output folder inside them: :func:`refuse_out_inside`.
     """
-    if out is not None:
-        refuse_out_inside(out, folders)
     named = _named(folders)
     for option, folder in named:
         if not folder.is_dir():
@@ -275,15 +271,10 @@ def fingerprints(source: ModelSource, card, folders: Folders) -> dict:
         for name in _pairs(folder)
         for sub in ("images", "labels")
     }
-    # the network a state dict is built as (--network: its card need not name it), and the head rows the classes
-    # start from where a class map changes them; each absent otherwise, as before either was a choice
-    built = {"network": {"name": source.network.name, "args": source.network.args}} if source.network else {}
-    if changed := _mapped_otherwise(card, source.class_map):
-        built["class_map"] = changed
     return {
         "model": content_hash(source.path),
         "card": card_digest(card),
-        **built,
+        **_built_as(source, card),
         "files": files,
     }
 
@@ -293,6 +284,16 @@ def card_digest(card) -> str:
     runs fingerprinted before those settings existed resume with the same card; source_classes as it always was."""
     text = json.dumps({**card.to_dict(), "source_classes": card.source_classes}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _built_as(source: ModelSource, card) -> dict:
+    """What of the model the options chose beyond its file and card: the network a state dict is built as
+    (``--network``: its card need not name it) and the head rows the classes start from where a class map changes
+    them (:func:`_mapped_otherwise`); each absent where not given, as before either was a choice."""
+    built: dict = {"network": {"name": source.network.name, "args": source.network.args}} if source.network else {}
+    if changed := _mapped_otherwise(card, source.class_map):
+        built["class_map"] = changed
+    return built
 
 
 def _mapped_otherwise(card, class_map: str | None) -> str:
@@ -459,10 +460,7 @@ def _stage1_file(folder: Path, source: ModelSource, card, labelled: list[Case], 
     model file, its card, the network a state dict is built as, the head rows a class map changes, the recipe)."""
     stage1 = ("seed", "batch_size", "lr", "encoder_lr_scale", "lower_rate_for", "weight_decay", "foreground_ratio")
     recipe = {k: getattr(config, k) for k in (*stage1, "amp")}
-    built = {"network": repr(source.network)} if source.network else {}
-    if mapped := _mapped_otherwise(card, source.class_map):
-        built["class_map"] = mapped
-    key = {"model": str(source.path.resolve()), "card": card_digest(card), **built}
+    key = {"model": str(source.path.resolve()), "card": card_digest(card), **_built_as(source, card)}
     key |= {"labels": sorted(c.name for c in labelled), **recipe}
     return folder / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.pt"
 
@@ -693,15 +691,7 @@ def plot(summary: list[dict], config: BenchmarkConfig, path: Path, pool_size: in
         ys = [p["mean_dice"] for p in points if p]
         es = [p["sd_dice"] for p in points if p]
         bold = row.startswith("asfda")
-        ax.errorbar(
-            xs,
-            ys,
-            yerr=es,
-            marker="o",
-            capsize=3,
-            lw=2.5 if bold else 1.2,
-            label=labels[row],
-        )
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, lw=2.5 if bold else 1.2, label=labels[row])
     ax.set_xlabel(f"labelled volumes (of a pool of {pool_size})")
     ax.set_ylabel(f"mean Dice on {test_size} test volumes (%)")
     ax.set_xticks(budgets)
@@ -865,7 +855,9 @@ def stored_protocol(protocol: dict) -> dict:
     return protocol
 
 
-def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
+def _load_runs(results_path: Path, protocol: dict) -> list[Run]:
+    """The runs of ``results_path`` (none where it is not there yet), refused in one line where they were made
+    under another ``protocol`` (naming what changed)."""
     if not results_path.is_file():
         return []
     stored = json.loads(results_path.read_text())
@@ -873,12 +865,12 @@ def _load_runs(results_path: Path, protocol: dict | None) -> list[Run]:
         stored["protocol"] = stored_protocol(stored["protocol"])
         # runs recorded before inputs were fingerprinted are taken to be of these inputs
         for key in ("model", "card", "files"):
-            if protocol is not None and key in protocol:
+            if key in protocol:
                 stored["protocol"].setdefault(key, protocol[key])
         # and runs on the user's folders recorded the scenario then default, which their data never used
-        if protocol is not None and "scenario" not in protocol:
+        if "scenario" not in protocol:
             stored["protocol"].pop("scenario", None)
-    if protocol is not None and stored.get("protocol") not in (None, protocol):
+    if stored.get("protocol") not in (None, protocol):
         raise ASFDAError(
             f"{results_path}: its runs were made with other {_changes(stored['protocol'], protocol)}; "
             "use another --out, or the options and inputs of that run to resume it"
@@ -935,7 +927,7 @@ def run_benchmark(
     out = Path(out)
     start = time.perf_counter()
     results_path = out / "results.json"
-    if folders is not None:  # a report too: its files would be among the cases
+    if folders is not None:  # before any work, a report's too: its files would be among the cases
         refuse_out_inside(out, folders)
     if not run:
         if not results_path.is_file():
@@ -943,8 +935,8 @@ def run_benchmark(
                 f"{results_path}: not found, so there are no runs to report; give the --out a benchmark wrote, or "
                 "run the benchmark without --report-only"
             )
-        runs = _load_runs(results_path, None)
         stored = json.loads(results_path.read_text())
+        runs = [Run(**r) for r in stored["runs"]]
         recorded = (stored.get("protocol") or {}).get("model")
         if recorded and source.path.is_file() and content_hash(source.path) != recorded:  # the report names it
             raise ASFDAError(
@@ -969,7 +961,7 @@ def run_benchmark(
         say(f"Weights: {model.load_report.summary}")
     user_data = folders is not None
     if folders is not None:
-        validate_folders(folders, config.budgets, model_card.class_names, out)
+        validate_folders(folders, config.budgets, model_card.class_names)
     else:
         _check_scenario(out / "data", config)
         write_data(out / "data", config)

@@ -127,7 +127,8 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
             write(data / part, size, seed=seed, prefix=part)
     lr = SCENARIO_LR[config.scenario]
     rates = {"lr": lr} if lr else {}
-    model = ModelSource(model_path).load()
+    source = ModelSource(model_path)
+    model = source.load()
     session_dir = out / "session"
     if session_dir.exists():
         shutil.rmtree(session_dir)
@@ -182,7 +183,7 @@ def run_demo(out: Path, model_path: Path, config: DemoConfig, step: Step | None 
     rng = np.random.default_rng(config.seed)
     random_query = [pool_cases[i].name for i in rng.permutation(len(pool_cases))[: config.budget]]
     random_net, *_ = train(
-        ModelSource(model_path),
+        source,
         [c for c in pool_cases if c.name in random_query],
         pool_cases,
         2 * config.iterations,
